@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Runs the Sealpost load scenarios against fresh local brokers and prints the figures.
+#
+# Each scenario gets its own broker on 127.0.0.1 with a fresh `mktemp -d` data dir, which is
+# killed and removed afterwards. Everything is bounded in time. Usage:
+#
+#   loadtest/run.sh                      # all scenarios
+#   SCENARIOS="e2e idle" loadtest/run.sh # a subset
+#   DURATION=30s RATE=5000 loadtest/run.sh
+#
+# Knobs (environment, with defaults):
+#   SCENARIOS="appends-gc appends-nogc e2e idle"
+#   DURATION=10s WARMUP=1s SIZE=256
+#   SENDERS=64 RECIPIENTS=100 PIPELINE=32         (appends)
+#   DEVICES=1000 RATE=0 E2E_PIPELINE=             (e2e; RATE=0 is closed loop)
+#   CONNECTIONS=10000 DEVICES_PER_ACCOUNT=1 HOLD=5s (idle)
+#   SCENARIO_TIMEOUT=600   seconds before a scenario is killed
+#   BROKER_ARGS=""         extra flags for `sealpost serve`
+#   SKIP_BUILD=1           use the binaries already in target/release
+#   KEEP=1                 keep data dirs and logs
+#   BROKER=..., LOADTEST=...  binaries to use (default target/release/...)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+SCENARIOS=${SCENARIOS:-"appends-gc appends-nogc e2e idle"}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-1s}
+SIZE=${SIZE:-256}
+SENDERS=${SENDERS:-64}
+RECIPIENTS=${RECIPIENTS:-100}
+PIPELINE=${PIPELINE:-32}
+DEVICES=${DEVICES:-1000}
+RATE=${RATE:-0}
+E2E_PIPELINE=${E2E_PIPELINE:-}
+CONNECTIONS=${CONNECTIONS:-10000}
+DEVICES_PER_ACCOUNT=${DEVICES_PER_ACCOUNT:-1}
+HOLD=${HOLD:-5s}
+SCENARIO_TIMEOUT=${SCENARIO_TIMEOUT:-600}
+BROKER_ARGS=${BROKER_ARGS:-}
+
+BROKER=${BROKER:-target/release/sealpost}
+LOADTEST=${LOADTEST:-target/release/sealpost-loadtest}
+
+# 10,000 connections need more than the usual 1024 descriptors, in the broker and here. Both
+# inherit this shell's limit.
+if ! ulimit -n 65536 2>/dev/null; then
+    hard=$(ulimit -Hn)
+    ulimit -n "$hard" || true
+    echo "warning: could not raise the open-files limit to 65536; it is $(ulimit -n)" >&2
+fi
+
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    cargo build --release -p sealpost -p sealpost-loadtest
+fi
+
+LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-logs.XXXXXX")
+SUMMARY="$LOGDIR/summary.txt"
+: >"$SUMMARY"
+broker_pid=""
+data_dir=""
+failed=0
+
+stop_broker() {
+    if [[ -n $broker_pid ]]; then
+        kill -TERM "$broker_pid" 2>/dev/null || true
+        for _ in $(seq 100); do
+            kill -0 "$broker_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$broker_pid" 2>/dev/null || true
+        wait "$broker_pid" 2>/dev/null || true
+        broker_pid=""
+    fi
+    if [[ -n $data_dir && -z ${KEEP:-} ]]; then
+        rm -rf "$data_dir"
+    fi
+    data_dir=""
+}
+
+cleanup() {
+    stop_broker
+    if [[ -z ${KEEP:-} ]]; then
+        rm -rf "$LOGDIR"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_broker NAME [extra serve flags...]: sets broker_pid, data_dir and URL.
+start_broker() {
+    local name=$1
+    shift
+    data_dir=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-data.XXXXXX")
+    local out="$LOGDIR/$name.broker.out" err="$LOGDIR/$name.broker.err"
+    # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
+    "$BROKER" serve --listen 127.0.0.1:0 --data-dir "$data_dir" --domain localhost \
+        --registration open --ip-rate 0 --device-rate 0 "$@" $BROKER_ARGS >"$out" 2>"$err" &
+    broker_pid=$!
+    local addr=""
+    for _ in $(seq 300); do
+        addr=$(sed -n 's/^listening on \(127\.0\.0\.1:[0-9][0-9]*\)$/\1/p' "$out" | head -n1)
+        [[ -n $addr ]] && break
+        if ! kill -0 "$broker_pid" 2>/dev/null; then
+            echo "broker exited before listening; stderr:" >&2
+            tail -n 20 "$err" >&2
+            broker_pid=""
+            return 1
+        fi
+        sleep 0.1
+    done
+    if [[ -z $addr ]]; then
+        echo "broker did not print 'listening on 127.0.0.1:PORT' within 30s" >&2
+        return 1
+    fi
+    URL="http://$addr"
+    echo "broker pid $broker_pid listening on $URL (data $data_dir)"
+}
+
+# run_scenario LABEL [BROKER_FLAGS...] -- LOADTEST_ARGS... (@BROKER_PID@ is replaced by the pid)
+run_scenario() {
+    local label=$1
+    shift
+    local broker_flags=()
+    while [[ $1 != -- ]]; do
+        broker_flags+=("$1")
+        shift
+    done
+    shift
+    echo
+    echo "=== $label ==="
+    if ! start_broker "$label" "${broker_flags[@]}"; then
+        echo -e "$label\tFAILED: broker did not start" >>"$SUMMARY"
+        failed=1
+        stop_broker
+        return
+    fi
+    local args=() arg
+    for arg in "$@"; do
+        args+=("${arg//@BROKER_PID@/$broker_pid}")
+    done
+    local log="$LOGDIR/$label.out" status=0
+    timeout --kill-after=10 "$SCENARIO_TIMEOUT" "$LOADTEST" "${args[@]}" --url "$URL" 2>&1 \
+        | tee "$log" || status=${PIPESTATUS[0]}
+    if [[ $status -eq 0 ]]; then
+        local json
+        json=$(grep '^{"scenario"' "$log" | tail -n1 || true)
+        echo -e "$label\t${json:-no JSON line}" >>"$SUMMARY"
+    else
+        [[ $status -eq 124 ]] && status="timed out after ${SCENARIO_TIMEOUT}s"
+        echo -e "$label\tFAILED ($status)" >>"$SUMMARY"
+        echo "broker stderr (last lines):"
+        tail -n 20 "$LOGDIR/$label.broker.err" || true
+        failed=1
+    fi
+    if ! kill -0 "$broker_pid" 2>/dev/null; then
+        echo "warning: the broker died during $label" >&2
+        echo -e "$label\tWARNING: broker died during the run" >>"$SUMMARY"
+        failed=1
+    fi
+    stop_broker
+}
+
+e2e_flags=(--devices "$DEVICES" --size "$SIZE" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP")
+[[ -n $E2E_PIPELINE ]] && e2e_flags+=(--pipeline "$E2E_PIPELINE")
+appends_flags=(--senders "$SENDERS" --recipients "$RECIPIENTS" --pipeline "$PIPELINE"
+    --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP")
+
+for scenario in $SCENARIOS; do
+    case $scenario in
+        appends-gc)
+            run_scenario appends-gc -- appends "${appends_flags[@]}" ;;
+        appends-nogc)
+            run_scenario appends-nogc --group-commit false -- appends "${appends_flags[@]}" ;;
+        e2e)
+            run_scenario e2e -- e2e "${e2e_flags[@]}" ;;
+        idle)
+            run_scenario idle -- idle --connections "$CONNECTIONS" \
+                --devices-per-account "$DEVICES_PER_ACCOUNT" --hold "$HOLD" \
+                --broker-pid @BROKER_PID@ ;;
+        *)
+            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e idle)" >&2
+            failed=1
+            ;;
+    esac
+done
+
+echo
+echo "=== summary ==="
+cat "$SUMMARY"
+if [[ -n ${KEEP:-} ]]; then
+    echo "logs kept in $LOGDIR"
+fi
+exit "$failed"

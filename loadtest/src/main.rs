@@ -1,0 +1,252 @@
+//! `sealpost-loadtest`: load generator for the Sealpost broker.
+//!
+//! Scenarios (see `loadtest/README.md`):
+//! - `appends`: pipelined senders to recipients that never connect — durable appends/s.
+//! - `e2e`: N connected devices send to each other and ack — send→deliver latency.
+//! - `idle`: N authenticated idle connections — broker RSS per connection.
+//!
+//! Every scenario prints human-readable lines and, last, one JSON line `{"scenario":...}`.
+//! Only loopback targets are accepted.
+
+#![allow(clippy::print_stdout)]
+
+mod api;
+mod client;
+mod idle;
+mod scenarios;
+mod traffic;
+mod util;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::util::{Target, json_line, parse_duration};
+
+/// Load generator for the Sealpost broker (loopback targets only).
+#[derive(Parser)]
+#[command(name = "sealpost-loadtest", version)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Pipelined senders to recipients that never connect: durable appends/s and
+    /// send→send_result latency.
+    Appends(AppendsArgs),
+    /// Connected devices send to random other accounts and ack what they receive:
+    /// send→deliver and send→send_result latency.
+    E2e(E2eArgs),
+    /// Many authenticated idle connections: broker RSS per connection.
+    Idle(IdleArgs),
+}
+
+// Options every scenario takes. (Plain comments on flattened structs: clap would take a doc
+// comment as the subcommand's description.)
+#[derive(Args, Clone)]
+struct Common {
+    /// The broker's base URL, e.g. http://127.0.0.1:8080 (loopback only).
+    #[arg(long, env = "SEALPOST_URL")]
+    url: String,
+    /// Domain of the generated handles (the broker's --domain).
+    #[arg(long, default_value = "localhost")]
+    domain: String,
+    /// Concurrent account registrations.
+    #[arg(long, default_value_t = 32)]
+    register_concurrency: usize,
+    /// Concurrent WebSocket connects (connect + auth + backlog each).
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Upper bound for one connect + auth + backlog drain.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Worker threads of the load generator (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl Common {
+    fn target(&self) -> Result<Target> {
+        Target::parse(&self.url)
+    }
+}
+
+// Options of the scenarios that send traffic.
+#[derive(Args, Clone)]
+struct TrafficArgs {
+    /// How long the measured window lasts.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Sending before the measured window; its sends count in no figure.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// After sending stops, wait at most this long for outstanding results and deliveries.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Time-to-live of the durable envelopes, in seconds.
+    #[arg(long = "ttl", default_value_t = 3600)]
+    ttl_secs: u32,
+    /// Ack as soon as this many deliveries are pending...
+    #[arg(long, default_value_t = 64)]
+    ack_batch: usize,
+    /// ...or when the oldest pending delivery has waited this long.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    ack_delay: Duration,
+}
+
+#[derive(Args, Clone)]
+struct AppendsArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    traffic: TrafficArgs,
+    /// Sender accounts, one connection each.
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+    /// Recipient accounts (never connected); each send picks one at random. Many recipients
+    /// keep queues below their quota.
+    #[arg(long, default_value_t = 1)]
+    recipients: usize,
+    /// Sends outstanding per connection.
+    #[arg(long, default_value_t = 32)]
+    pipeline: usize,
+    /// Ciphertext bytes per envelope (at least 8).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+}
+
+#[derive(Args, Clone)]
+struct E2eArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    traffic: TrafficArgs,
+    /// Accounts, one device and one connection each.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Ciphertext bytes per envelope (at least 8; the first 8 carry the send timestamp).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Total sends per second, spread evenly over the devices (open loop); 0: closed loop,
+    /// as fast as the pipeline allows.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Sends outstanding per device [default: 1 in closed loop, 64 (a cap) in open loop].
+    #[arg(long)]
+    pipeline: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Idle authenticated connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// The broker's process id, to read its VmRSS from /proc/PID/status.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Devices per account (connections are spread over connections/this accounts).
+    #[arg(long, default_value_t = 1)]
+    devices_per_account: usize,
+    /// Bound on waiting for the broker's RSS to stop changing (before and after connecting).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    settle_timeout: Duration,
+    /// Keep the connections open this long after RSS settled, then check they are still open.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    hold: Duration,
+}
+
+fn main() -> Result<()> {
+    util::init_clock();
+    let cli = Cli::parse();
+    let threads = match &cli.scenario {
+        Scenario::Appends(a) => a.common.threads,
+        Scenario::E2e(a) => a.common.threads,
+        Scenario::Idle(a) => a.common.threads,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder.build().context("starting the tokio runtime")?;
+    let (name, fields) = runtime.block_on(async {
+        match &cli.scenario {
+            Scenario::Appends(a) => {
+                Ok::<_, anyhow::Error>(("appends", scenarios::appends(a).await?))
+            }
+            Scenario::E2e(a) => Ok(("e2e", scenarios::e2e(a).await?)),
+            Scenario::Idle(a) => Ok(("idle", idle::idle(a).await?)),
+        }
+    })?;
+    println!("{}", json_line(name, fields));
+    // Connections still closing must not hold the process up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cli_parses_the_documented_invocations() {
+        let url = "--url=http://127.0.0.1:1";
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "appends",
+            url,
+            "--senders",
+            "64",
+            "--duration",
+            "10s",
+            "--size",
+            "256",
+            "--pipeline",
+            "32",
+            "--recipients",
+            "100",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario, Scenario::Appends(ref a) if a.recipients == 100));
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "e2e",
+            url,
+            "--devices",
+            "1000",
+            "--size",
+            "256",
+            "--duration",
+            "10s",
+            "--rate",
+            "5000",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.scenario, Scenario::E2e(ref a) if a.rate == 5000 && a.pipeline.is_none())
+        );
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "idle",
+            url,
+            "--connections",
+            "10000",
+            "--broker-pid",
+            "42",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario, Scenario::Idle(ref a) if a.broker_pid == Some(42)));
+    }
+}

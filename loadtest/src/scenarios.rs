@@ -1,0 +1,318 @@
+//! The `appends` and `e2e` scenarios.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Result, bail, ensure};
+use sealpost_proto::limits::{MAX_ACKS_PER_FRAME, MAX_CIPHERTEXT_BYTES, MAX_DURABLE_TTL_SECS};
+use serde_json::{Value, json};
+
+use crate::{
+    AppendsArgs, Common, E2eArgs, TrafficArgs,
+    api::{Api, register_many},
+    client::{ConnectOptions, connect_all},
+    traffic::{self, Outcome, Plan, Recipient, Stats},
+    util::{check_nofile, fmt_duration, latency_json, latency_line, per_sec, run_tag},
+};
+
+/// Read buffer for connections that carry traffic.
+const BUSY_READ_BUFFER: usize = 64 * 1024;
+
+fn check_size(size: usize) -> Result<()> {
+    ensure!(
+        size >= 8,
+        "--size must be at least 8 (the send timestamp takes 8 bytes)"
+    );
+    ensure!(
+        size <= MAX_CIPHERTEXT_BYTES,
+        "--size must be at most {MAX_CIPHERTEXT_BYTES}"
+    );
+    Ok(())
+}
+
+fn check_traffic(t: &TrafficArgs) -> Result<()> {
+    ensure!(
+        (1..=MAX_ACKS_PER_FRAME).contains(&t.ack_batch),
+        "--ack-batch must be 1..={MAX_ACKS_PER_FRAME}"
+    );
+    ensure!(
+        (1..=MAX_DURABLE_TTL_SECS).contains(&t.ttl_secs),
+        "--ttl must be 1..={MAX_DURABLE_TTL_SECS}"
+    );
+    ensure!(!t.duration.is_zero(), "--duration must be > 0");
+    Ok(())
+}
+
+fn connect_options(common: &Common) -> ConnectOptions {
+    ConnectOptions {
+        read_buffer: BUSY_READ_BUFFER,
+        timeout: common.connect_timeout,
+    }
+}
+
+/// N senders, pipelined, to recipients that never connect: how fast the broker makes
+/// envelopes durable.
+pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
+    let (common, t) = (&args.common, &args.traffic);
+    check_size(args.size)?;
+    check_traffic(t)?;
+    ensure!(
+        args.senders > 0 && args.recipients > 0,
+        "--senders and --recipients must be > 0"
+    );
+    ensure!(args.pipeline > 0, "--pipeline must be > 0");
+    check_nofile(u64::try_from(args.senders).unwrap_or(u64::MAX) + 256)?;
+    let target = common.target()?;
+    let api = Api::new(&target.http)?;
+    let tag = run_tag();
+    println!(
+        "appends: {} senders -> {} recipient(s), {} B ciphertext, pipeline {}, warm-up {}, \
+         duration {} (run {tag})",
+        args.senders,
+        args.recipients,
+        args.size,
+        args.pipeline,
+        fmt_duration(t.warmup),
+        fmt_duration(t.duration),
+    );
+
+    let recipient_handles = (0..args.recipients)
+        .map(|i| format!("lt-{tag}-r{i}@{}", common.domain))
+        .collect();
+    let recipients = register_many(&api, recipient_handles, 1, common.register_concurrency).await?;
+    let sender_handles = (0..args.senders)
+        .map(|i| format!("lt-{tag}-s{i}@{}", common.domain))
+        .collect();
+    let senders = register_many(&api, sender_handles, 1, common.register_concurrency).await?;
+    let senders: Vec<_> = senders.into_iter().flatten().collect();
+    let conns = connect_all(
+        &target.ws,
+        &senders,
+        connect_options(common),
+        common.connect_concurrency,
+    )
+    .await?;
+
+    let plan = Arc::new(Plan {
+        recipients: recipients
+            .iter()
+            .map(|devs| Recipient {
+                handle: devs[0].handle.clone(),
+                devices: devs.iter().map(|d| d.device).collect(),
+            })
+            .collect(),
+        size: args.size,
+        ttl_secs: t.ttl_secs,
+        pipeline: args.pipeline,
+        interval: None,
+        ack_batch: t.ack_batch,
+        ack_delay: t.ack_delay,
+        warmup: t.warmup,
+        duration: t.duration,
+        drain_timeout: t.drain_timeout,
+        wait_for_delivery: false,
+    });
+    let stats = Arc::new(Stats::new());
+    let self_index = vec![None; conns.len()];
+    let out = traffic::run(conns, self_index, plan, Arc::clone(&stats)).await;
+
+    let (result_hist, _) = stats.histograms();
+    let rejected = stats.rejected.by_name();
+    let w = out.window;
+    println!("results:");
+    println!(
+        "  sent {}  accepted {} (duplicates {})  rejected {} {:?}",
+        out.total.sent,
+        out.total.accepted,
+        stats.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        stats.rejected.total(),
+        rejected,
+    );
+    println!(
+        "  durable appends/s: {}  (send_results/s {}, sends/s {}) over {}",
+        per_sec(w.accepted, out.window_len),
+        per_sec(w.results, out.window_len),
+        per_sec(w.sent, out.window_len),
+        fmt_duration(out.window_len),
+    );
+    println!("{}", latency_line("send->send_result", &result_hist));
+    print_health(&stats, &out);
+
+    Ok(json!({
+        "senders": args.senders,
+        "recipients": args.recipients,
+        "size": args.size,
+        "pipeline": args.pipeline,
+        "duration_s": out.window_len.as_secs_f64(),
+        "warmup_s": t.warmup.as_secs_f64(),
+        "sent": out.total.sent,
+        "accepted": out.total.accepted,
+        "rejected": rejected,
+        "durable_per_s": per_sec(w.accepted, out.window_len),
+        "results_per_s": per_sec(w.results, out.window_len),
+        "send_result_latency": latency_json(&result_hist),
+        "drained": out.drained,
+        "server_errors": stats.server_errors.by_name(),
+        "closed_early": stats.closes(),
+    }))
+}
+
+/// Every device sends to random other accounts and acks what it receives: end-to-end latency.
+pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
+    let (common, t) = (&args.common, &args.traffic);
+    check_size(args.size)?;
+    check_traffic(t)?;
+    ensure!(args.devices >= 2, "--devices must be at least 2");
+    check_nofile(u64::try_from(args.devices).unwrap_or(u64::MAX) + 256)?;
+    let target = common.target()?;
+    let api = Api::new(&target.http)?;
+    let tag = run_tag();
+    let open_loop = args.rate > 0;
+    let pipeline = args.pipeline.unwrap_or(if open_loop { 64 } else { 1 });
+    ensure!(pipeline > 0, "--pipeline must be > 0");
+    // Open loop: the total rate is spread evenly over the connections.
+    let interval = open_loop.then(|| {
+        #[allow(clippy::cast_precision_loss)]
+        let secs = args.devices as f64 / args.rate as f64;
+        Duration::from_secs_f64(secs)
+    });
+    let mode = if open_loop {
+        format!(
+            "open loop at {} msg/s total (cap {pipeline} outstanding per device)",
+            args.rate
+        )
+    } else {
+        format!("closed loop, pipeline {pipeline} per device")
+    };
+    println!(
+        "e2e: {} devices, {} B ciphertext, {mode}, warm-up {}, duration {} (run {tag})",
+        args.devices,
+        args.size,
+        fmt_duration(t.warmup),
+        fmt_duration(t.duration),
+    );
+
+    let handles = (0..args.devices)
+        .map(|i| format!("lt-{tag}-d{i}@{}", common.domain))
+        .collect();
+    let accounts = register_many(&api, handles, 1, common.register_concurrency).await?;
+    let devices: Vec<_> = accounts.iter().map(|a| a[0].clone()).collect();
+    let conns = connect_all(
+        &target.ws,
+        &devices,
+        connect_options(common),
+        common.connect_concurrency,
+    )
+    .await?;
+    if conns.len() != devices.len() {
+        bail!(
+            "only {} of {} devices connected",
+            conns.len(),
+            devices.len()
+        );
+    }
+
+    let plan = Arc::new(Plan {
+        recipients: accounts
+            .iter()
+            .map(|devs| Recipient {
+                handle: devs[0].handle.clone(),
+                devices: devs.iter().map(|d| d.device).collect(),
+            })
+            .collect(),
+        size: args.size,
+        ttl_secs: t.ttl_secs,
+        pipeline,
+        interval,
+        ack_batch: t.ack_batch,
+        ack_delay: t.ack_delay,
+        warmup: t.warmup,
+        duration: t.duration,
+        drain_timeout: t.drain_timeout,
+        wait_for_delivery: true,
+    });
+    let stats = Arc::new(Stats::new());
+    let self_index = (0..conns.len()).map(Some).collect();
+    let out = traffic::run(conns, self_index, plan, Arc::clone(&stats)).await;
+
+    let (result_hist, deliver_hist) = stats.histograms();
+    let rejected = stats.rejected.by_name();
+    let late = stats.late_sends.load(std::sync::atomic::Ordering::Relaxed);
+    let w = out.window;
+    println!("results:");
+    println!(
+        "  sent {}  durable {}  rejected {} {:?}  delivered {}  undelivered {}",
+        out.total.sent,
+        out.total.accepted,
+        stats.rejected.total(),
+        rejected,
+        out.total.delivered,
+        out.total.accepted.saturating_sub(out.total.delivered),
+    );
+    println!(
+        "  per second over {}: sent {}  durable {}  delivered {}",
+        fmt_duration(out.window_len),
+        per_sec(w.sent, out.window_len),
+        per_sec(w.accepted, out.window_len),
+        per_sec(w.delivered, out.window_len),
+    );
+    if open_loop {
+        println!(
+            "  target {} msg/s; sends more than 5 ms behind schedule: {late}",
+            args.rate
+        );
+    }
+    println!("{}", latency_line("send->deliver", &deliver_hist));
+    println!("{}", latency_line("send->send_result", &result_hist));
+    print_health(&stats, &out);
+
+    Ok(json!({
+        "devices": args.devices,
+        "size": args.size,
+        "rate": args.rate,
+        "pipeline": pipeline,
+        "duration_s": out.window_len.as_secs_f64(),
+        "warmup_s": t.warmup.as_secs_f64(),
+        "sent": out.total.sent,
+        "durable": out.total.accepted,
+        "rejected": rejected,
+        "delivered": out.total.delivered,
+        "sent_per_s": per_sec(w.sent, out.window_len),
+        "durable_per_s": per_sec(w.accepted, out.window_len),
+        "delivered_per_s": per_sec(w.delivered, out.window_len),
+        "late_sends": late,
+        "deliver_latency": latency_json(&deliver_hist),
+        "send_result_latency": latency_json(&result_hist),
+        "drained": out.drained,
+        "server_errors": stats.server_errors.by_name(),
+        "closed_early": stats.closes(),
+    }))
+}
+
+fn print_health(stats: &Stats, out: &Outcome) {
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "  drain: {} in {:.2}s",
+        if out.drained {
+            "complete"
+        } else {
+            "TIMED OUT (counts above are partial)"
+        },
+        out.drain_time.as_secs_f64()
+    );
+    let errors = stats.server_errors.by_name();
+    if !errors.is_empty() {
+        println!("  server error frames: {errors:?}");
+    }
+    let notices = stats.notices.load(Relaxed);
+    if notices > 0 {
+        println!("  notices (mailbox_full): {notices}");
+    }
+    let decode_errors = stats.decode_errors.load(Relaxed);
+    if decode_errors > 0 {
+        println!("  undecodable frames: {decode_errors}");
+    }
+    let closes = stats.closes();
+    if !closes.is_empty() {
+        println!("  connections closed before the end: {closes:?}");
+    }
+}

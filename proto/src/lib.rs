@@ -1,0 +1,25 @@
+//! Sealpost wire protocol: a pure codec shared by the broker, the clients and the fuzzers.
+//!
+//! # Layout
+//!
+//! - [`ids`]: validated identifiers — account [`Handle`]s, [`DeviceId`]s, [`EnvelopeId`]s.
+//! - [`frame`]: the device protocol spoken over WebSocket binary messages: [`ClientFrame`]
+//!   (device → broker) and [`ServerFrame`] (broker → device), with their byte layout.
+//! - [`limits`]: sizes and counts both sides enforce.
+//! - [`error`]: decode errors and the stable [`ErrorCode`]s and [`CloseCode`]s the broker sends.
+//!
+//! This crate knows nothing of actix, tokio or sled. Ciphertext is opaque bytes everywhere:
+//! there is no type here that could hold a plaintext message or a sender identity.
+
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod frame;
+pub mod ids;
+pub mod limits;
+
+pub use error::{CloseCode, DecodeError, ErrorCode};
+pub use frame::{
+    Class, ClientFrame, Copy, Envelope, Notice, PROTOCOL_VERSION, SendOutcome, ServerFrame,
+};
+pub use ids::{DeviceId, EnvelopeId, Handle, HandleError};

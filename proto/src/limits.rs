@@ -1,0 +1,29 @@
+//! Limits both sides enforce. The broker rejects anything larger with a stable error code;
+//! clients use the same numbers to avoid building frames the broker would refuse.
+
+/// Largest WebSocket message the broker accepts from a device, in bytes.
+pub const MAX_FRAME_BYTES: usize = 512 * 1024;
+
+/// Largest ciphertext of a single copy (one recipient device) of an envelope, in bytes.
+pub const MAX_CIPHERTEXT_BYTES: usize = 64 * 1024;
+
+/// Most devices one account may have; also the most copies a single send may carry.
+pub const MAX_DEVICES_PER_USER: usize = 16;
+
+/// Most sequence numbers one `ack` frame may carry.
+pub const MAX_ACKS_PER_FRAME: usize = 4096;
+
+/// Longest time-to-live a durable envelope may ask for: 30 days.
+pub const MAX_DURABLE_TTL_SECS: u32 = 30 * 24 * 3600;
+
+/// Longest time-to-live an urgent envelope (call ringing) may ask for: 5 minutes.
+pub const MAX_URGENT_TTL_SECS: u32 = 300;
+
+/// Longest account handle, `name@domain`, in bytes.
+pub const MAX_HANDLE_BYTES: usize = 254;
+
+/// Longest local part (before the `@`) of a handle, in bytes.
+pub const MAX_HANDLE_NAME_BYTES: usize = 64;
+
+/// Length of a device auth token, in bytes (256 bits).
+pub const TOKEN_BYTES: usize = 32;

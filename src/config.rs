@@ -1,0 +1,275 @@
+//! Configuration: defaults ← TOML file ← `SEALPOST_*` environment variables ← flags.
+//!
+//! Every key is declared once, in the [`settings!`] table below, which generates both the
+//! TOML-facing [`Settings`] (with defaults) and the flags of `sealpost serve` (each with its
+//! environment variable), so `sealpost serve --help` documents every key.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+/// How accounts may be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Registration {
+    /// Anyone may register any free handle on a served domain (self-hosted domains, tests).
+    Open,
+    /// A registration token signed by the platform key must attest the handle.
+    Platform,
+    /// No new accounts.
+    Closed,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+macro_rules! settings {
+    ($($(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal;)*) => {
+        /// Validated broker settings. See `sealpost serve --help` for each key.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Settings {
+            $($(#[doc = $doc])* pub $name: $ty,)*
+        }
+
+        impl Default for Settings {
+            fn default() -> Self {
+                Settings { $($name: $default,)* }
+            }
+        }
+
+        /// Flags of `sealpost serve`. Each overrides the same key of the config file and is
+        /// itself overridden by nothing; each can also be given as an environment variable.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct ServeArgs {
+            /// TOML config file; its keys are the flag names with `_` for `-`.
+            #[arg(long, env = "SEALPOST_CONFIG")]
+            pub config: Option<PathBuf>,
+            $($(#[doc = $doc])* #[arg(long, env = $env)] pub $name: Option<$ty>,)*
+        }
+
+        impl ServeArgs {
+            fn apply(self, s: &mut Settings) {
+                $(if let Some(v) = self.$name { s.$name = v; })*
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address to listen on (HTTP API, WebSocket, health and metrics).
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)), "SEALPOST_LISTEN";
+    /// Data directory (embedded sled store and the server secret).
+    data_dir: PathBuf = PathBuf::from("sealpost-data"), "SEALPOST_DATA_DIR";
+    /// Domain whose accounts this broker serves.
+    domain: String = "localhost".into(), "SEALPOST_DOMAIN";
+    /// Account creation: open, platform (token signed by platform_public_key) or closed.
+    registration: Registration = Registration::Open, "SEALPOST_REGISTRATION";
+    /// Ed25519 public key (base64) of the host platform, for registration = platform.
+    platform_public_key: String = String::new(), "SEALPOST_PLATFORM_PUBLIC_KEY";
+    /// HTTP worker threads (0 = one per core).
+    workers: usize = 0, "SEALPOST_WORKERS";
+    /// Threads running mailbox actors (0 = one per core).
+    mailbox_threads: usize = 0, "SEALPOST_MAILBOX_THREADS";
+    /// Log format: text or json.
+    log_format: LogFormat = LogFormat::Text, "SEALPOST_LOG_FORMAT";
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "sealpost=debug".
+    log_level: String = "info".into(), "SEALPOST_LOG_LEVEL";
+    /// Share one flush among concurrent appends (group commit).
+    group_commit: bool = true, "SEALPOST_GROUP_COMMIT";
+    /// fsync the data file on every commit (sled's own flush is only sync_file_range).
+    fsync: bool = true, "SEALPOST_FSYNC";
+    /// sled page cache, in MiB.
+    cache_mb: u64 = 256, "SEALPOST_CACHE_MB";
+    /// Most envelopes one device queue may hold; further sends get mailbox_full.
+    queue_quota: u64 = 50_000, "SEALPOST_QUEUE_QUOTA";
+    /// Most ciphertext bytes one device queue may hold.
+    queue_quota_bytes: u64 = 256 * 1024 * 1024, "SEALPOST_QUEUE_QUOTA_BYTES";
+    /// Unacknowledged deliveries in flight per connected device.
+    delivery_window: usize = 256, "SEALPOST_DELIVERY_WINDOW";
+    /// Sends one connection may have awaiting their results.
+    max_pending_sends: usize = 64, "SEALPOST_MAX_PENDING_SENDS";
+    /// Interval of WebSocket pings, ms.
+    heartbeat_ms: u64 = 15_000, "SEALPOST_HEARTBEAT_MS";
+    /// A connection silent this long (no frame, no pong) is closed, ms.
+    client_timeout_ms: u64 = 45_000, "SEALPOST_CLIENT_TIMEOUT_MS";
+    /// Time a new connection has to authenticate, ms.
+    auth_timeout_ms: u64 = 10_000, "SEALPOST_AUTH_TIMEOUT_MS";
+    /// A device that leaves a full window unacknowledged this long is a slow consumer and is
+    /// disconnected, ms.
+    ack_timeout_ms: u64 = 60_000, "SEALPOST_ACK_TIMEOUT_MS";
+    /// A mailbox actor with no connected device stops after this long without traffic, ms.
+    mailbox_idle_ms: u64 = 60_000, "SEALPOST_MAILBOX_IDLE_MS";
+    /// Interval of the expiry sweep, ms.
+    expiry_sweep_ms: u64 = 10_000, "SEALPOST_EXPIRY_SWEEP_MS";
+    /// Minimum time a send id is remembered for deduplication, s.
+    dedup_secs: u64 = 24 * 3600, "SEALPOST_DEDUP_SECS";
+    /// Sessions close over this window on shutdown, with random jitter, ms.
+    shutdown_drain_ms: u64 = 2_000, "SEALPOST_SHUTDOWN_DRAIN_MS";
+    /// Frames per second one device may send (0 = unlimited).
+    device_rate: u32 = 200, "SEALPOST_DEVICE_RATE";
+    /// Burst of frames above device_rate.
+    device_burst: u32 = 400, "SEALPOST_DEVICE_BURST";
+    /// HTTP requests and new connections per second from one IP (0 = unlimited).
+    ip_rate: u32 = 50, "SEALPOST_IP_RATE";
+    /// Burst above ip_rate.
+    ip_burst: u32 = 200, "SEALPOST_IP_BURST";
+    /// Rate-limit violations after which a connection is closed.
+    max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
+    /// Most concurrent connections per HTTP worker.
+    max_connections: usize = 50_000, "SEALPOST_MAX_CONNECTIONS";
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Resolves the settings of `sealpost serve`: defaults, then the config file, then the
+    /// environment and flags (clap has already merged those two).
+    pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
+        let mut s = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Settings::default(),
+        };
+        args.apply(&mut s);
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks ranges and cross-key rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if sealpost_proto::Handle::parse(&format!("x@{}", self.domain)).is_err() {
+            return invalid("domain", "not a lower-case DNS name");
+        }
+        if self.registration == Registration::Platform
+            && crate::crypto::parse_platform_key(&self.platform_public_key).is_none()
+        {
+            return invalid(
+                "platform_public_key",
+                "registration = platform needs a base64 Ed25519 public key",
+            );
+        }
+        if self.delivery_window == 0 || self.delivery_window > 65_536 {
+            return invalid("delivery_window", "must be 1..=65536");
+        }
+        if self.max_pending_sends == 0 || self.max_pending_sends > 4096 {
+            return invalid("max_pending_sends", "must be 1..=4096");
+        }
+        if self.queue_quota == 0 {
+            return invalid("queue_quota", "must be at least 1");
+        }
+        for (key, v) in [
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("client_timeout_ms", self.client_timeout_ms),
+            ("auth_timeout_ms", self.auth_timeout_ms),
+            ("ack_timeout_ms", self.ack_timeout_ms),
+            ("mailbox_idle_ms", self.mailbox_idle_ms),
+            ("expiry_sweep_ms", self.expiry_sweep_ms),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be above 0");
+            }
+        }
+        if self.client_timeout_ms <= self.heartbeat_ms {
+            return invalid("client_timeout_ms", "must exceed heartbeat_ms");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "domain = \"a.example\"\nqueue_quota = 7\ngroup_commit = false\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            queue_quota: Some(9),
+            ..Default::default()
+        };
+        let s = Settings::load(args).unwrap();
+        assert_eq!(s.domain, "a.example");
+        assert_eq!(s.queue_quota, 9);
+        assert!(!s.group_commit);
+        assert_eq!(s.delivery_window, 256);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        let err = Settings::load(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        });
+        assert!(matches!(err, Err(ConfigError::Parse { .. })));
+        let args = ServeArgs {
+            registration: Some(Registration::Platform),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Settings::load(args),
+            Err(ConfigError::Invalid {
+                key: "platform_public_key",
+                ..
+            })
+        ));
+    }
+}

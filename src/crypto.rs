@@ -1,0 +1,227 @@
+//! The broker's only cryptography: device auth tokens (random, stored as keyed BLAKE3
+//! hashes, compared in constant time) and platform registration tokens (Ed25519).
+//!
+//! The broker holds no key that opens an envelope.
+
+use std::{io::Write, path::Path};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rand::RngCore;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+/// BLAKE3 `derive_key` context for the token-hashing key: hardcoded, globally unique,
+/// application-specific.
+const TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 device auth token hash v1";
+
+/// Domain separation prefix of what the platform signs.
+const REGISTRATION_CONTEXT: &[u8] = b"sealpost-registration-v1:";
+
+/// A device's 256-bit auth token. Handed to the device once; never stored, logged or printed.
+pub struct DeviceToken(Zeroizing<[u8; 32]>);
+
+impl DeviceToken {
+    /// A fresh random token.
+    pub fn generate() -> Self {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        DeviceToken(bytes)
+    }
+
+    /// A token received from a device; `None` if it is not 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(DeviceToken(Zeroizing::new(arr)))
+    }
+
+    /// A token in its text form (unpadded base64url).
+    pub fn from_text(text: &str) -> Option<Self> {
+        let bytes = Zeroizing::new(URL_SAFE_NO_PAD.decode(text).ok()?);
+        Self::from_bytes(&bytes)
+    }
+
+    /// The text form handed to the device. The returned string is not zeroized.
+    pub fn to_text(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0.as_ref())
+    }
+}
+
+/// Hashes device tokens under a key derived from the server secret (`server.key` in the data
+/// directory), so a stolen database alone does not let anyone check token guesses offline.
+pub struct TokenHasher {
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl TokenHasher {
+    /// Loads the server secret from `dir/server.key`, creating it (mode 0600) if absent.
+    pub fn load_or_create(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join("server.key");
+        let secret = match std::fs::read(&path) {
+            Ok(bytes) => Zeroizing::new(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut fresh = Zeroizing::new(vec![0u8; 32]);
+                rand::rngs::OsRng.fill_bytes(&mut fresh);
+                let tmp = dir.join("server.key.tmp");
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let mut f = opts.open(&tmp)?;
+                f.write_all(&fresh)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(dir)?.sync_all()?;
+                fresh
+            }
+            Err(e) => return Err(e),
+        };
+        if secret.len() != 32 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "server.key is not 32 bytes",
+            ));
+        }
+        Ok(TokenHasher {
+            key: Zeroizing::new(blake3::derive_key(TOKEN_HASH_CONTEXT, &secret)),
+        })
+    }
+
+    /// The stored form of a token.
+    pub fn hash(&self, token: &DeviceToken) -> [u8; 32] {
+        *blake3::keyed_hash(&self.key, token.0.as_ref()).as_bytes()
+    }
+
+    /// Whether `token` matches `stored`, in constant time.
+    pub fn verify(&self, token: &DeviceToken, stored: &[u8; 32]) -> bool {
+        self.hash(token).ct_eq(stored).into()
+    }
+}
+
+/// Short BLAKE3 digest of bytes, for logs: identifies an envelope without revealing it.
+pub fn digest(bytes: &[u8]) -> String {
+    let h = blake3::hash(bytes);
+    h.to_hex()[..16].to_owned()
+}
+
+/// Why a platform registration token was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistrationTokenError {
+    /// Not `payload.signature` in base64url, or the payload is not the documented JSON.
+    #[error("malformed registration token")]
+    Malformed,
+    /// The signature does not verify under the platform key.
+    #[error("registration token signature is invalid")]
+    BadSignature,
+    /// The token is for another handle.
+    #[error("registration token is for another handle")]
+    WrongHandle,
+    /// The token has expired.
+    #[error("registration token has expired")]
+    Expired,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RegistrationClaims {
+    handle: String,
+    /// Expiry, seconds since the Unix epoch.
+    exp: u64,
+}
+
+/// Parses an Ed25519 public key given as base64 (standard or url-safe) of 32 bytes.
+pub fn parse_platform_key(text: &str) -> Option<VerifyingKey> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim()))
+        .ok()?;
+    VerifyingKey::from_bytes(&bytes.try_into().ok()?).ok()
+}
+
+/// Checks a registration token minted by the host platform:
+/// `base64url(json {"handle","exp"}) "." base64url(ed25519 signature)`, where the signature
+/// covers `"sealpost-registration-v1:" || json`.
+pub fn verify_registration_token(
+    key: &VerifyingKey,
+    token: &str,
+    handle: &str,
+    now_secs: u64,
+) -> Result<(), RegistrationTokenError> {
+    use RegistrationTokenError::*;
+    let (payload, sig) = token.split_once('.').ok_or(Malformed)?;
+    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| Malformed)?;
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| Malformed)?;
+    let sig = Signature::from_slice(&sig).map_err(|_| Malformed)?;
+    let mut signed = REGISTRATION_CONTEXT.to_vec();
+    signed.extend_from_slice(&payload);
+    key.verify_strict(&signed, &sig).map_err(|_| BadSignature)?;
+    let claims: RegistrationClaims = serde_json::from_slice(&payload).map_err(|_| Malformed)?;
+    if claims.handle != handle {
+        return Err(WrongHandle);
+    }
+    if claims.exp <= now_secs {
+        return Err(Expired);
+    }
+    Ok(())
+}
+
+/// Mints a registration token (what the host platform does; used by the `mint-token`
+/// command and tests).
+pub fn mint_registration_token(key: &SigningKey, handle: &str, exp_secs: u64) -> String {
+    let payload = serde_json::to_vec(&RegistrationClaims {
+        handle: handle.to_owned(),
+        exp: exp_secs,
+    })
+    .expect("claims serialize");
+    let mut signed = REGISTRATION_CONTEXT.to_vec();
+    signed.extend_from_slice(&payload);
+    let sig = key.sign(&signed);
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(&payload),
+        URL_SAFE_NO_PAD.encode(sig.to_bytes())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_hash_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = TokenHasher::load_or_create(dir.path()).unwrap();
+        let t = DeviceToken::generate();
+        let stored = h.hash(&t);
+        assert!(h.verify(&DeviceToken::from_text(&t.to_text()).unwrap(), &stored));
+        assert!(!h.verify(&DeviceToken::generate(), &stored));
+        // Same secret after reload.
+        let h2 = TokenHasher::load_or_create(dir.path()).unwrap();
+        assert!(h2.verify(&t, &stored));
+        assert!(DeviceToken::from_bytes(&[0; 31]).is_none());
+    }
+
+    #[test]
+    fn registration_tokens() {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let vk = key.verifying_key();
+        let t = mint_registration_token(&key, "a@x", 100);
+        assert_eq!(verify_registration_token(&vk, &t, "a@x", 99), Ok(()));
+        assert_eq!(
+            verify_registration_token(&vk, &t, "b@x", 99),
+            Err(RegistrationTokenError::WrongHandle)
+        );
+        assert_eq!(
+            verify_registration_token(&vk, &t, "a@x", 100),
+            Err(RegistrationTokenError::Expired)
+        );
+        let other = SigningKey::generate(&mut rand::rngs::OsRng).verifying_key();
+        assert_eq!(
+            verify_registration_token(&other, &t, "a@x", 1),
+            Err(RegistrationTokenError::BadSignature)
+        );
+        assert_eq!(
+            verify_registration_token(&vk, "garbage", "a@x", 1),
+            Err(RegistrationTokenError::Malformed)
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! HTTP API errors: a stable code, a message without user content, and a status.
+
+use actix_web::{HttpResponse, ResponseError, http::StatusCode};
+
+/// An HTTP API error. The JSON body is `{"error": code, "message": text}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or wrong credentials.
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    /// Registration is not allowed, or the registration token is wrong.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such account or device.
+    #[error("not found")]
+    NotFound,
+    /// The handle is taken.
+    #[error("handle already registered")]
+    Conflict,
+    /// Too many requests from this address.
+    #[error("rate limited")]
+    RateLimited,
+    /// The broker is shutting down or its store failed.
+    #[error("service unavailable")]
+    Unavailable,
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound => "not_found",
+            ApiError::Conflict => "conflict",
+            ApiError::RateLimited => "rate_limited",
+            ApiError::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Conflict => StatusCode::CONFLICT,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        crate::telemetry::reject(self.code());
+        HttpResponse::build(self.status_code())
+            .json(serde_json::json!({ "error": self.code(), "message": self.to_string() }))
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::AccountExists => ApiError::Conflict,
+            StoreError::NotFound => ApiError::NotFound,
+            StoreError::TooManyDevices => ApiError::BadRequest("too many devices".into()),
+            StoreError::Io(_) | StoreError::Corruption(_) => {
+                tracing::warn!(error = %e, "store failed during an API call");
+                ApiError::Unavailable
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! HTTP endpoints.
+//!
+//! | method | path | auth | what |
+//! |---|---|---|---|
+//! | POST | `/v1/accounts` | registration policy | create an account with its first device |
+//! | GET | `/v1/accounts/{handle}/devices` | none | the device list (ids + identity keys) |
+//! | POST | `/v1/accounts/{handle}/devices` | a device of the account | add a device |
+//! | DELETE | `/v1/accounts/{handle}/devices/{id}` | a device of the account | remove a device |
+//! | GET | `/v1/ws` | first frame | device WebSocket ([`super::session`]) |
+//! | GET | `/healthz`, `/readyz`, `/metrics` | none | operations |
+//!
+//! Device credentials are sent as `Authorization: Bearer <device_id>.<token>`.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use sealpost_proto::{DeviceId, Handle};
+use serde::{Deserialize, Serialize};
+
+use super::{AppState, error::ApiError};
+use crate::{
+    clock::now_ms,
+    config::Registration,
+    crypto::{DeviceToken, verify_registration_token},
+    mailbox::messages::{AddDevice, RemoveDevice},
+    store::{DeviceRecord, records::RECORD_VERSION},
+};
+
+/// Largest identity-key blob a device may publish.
+const MAX_IDENTITY_KEYS: usize = 4096;
+
+type State = web::Data<Arc<AppState>>;
+
+/// Registers the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(16 * 1024)
+            .error_handler(|err, _| {
+                ApiError::BadRequest(format!("invalid JSON body: {err}")).into()
+            }),
+    )
+    .route("/v1/accounts", web::post().to(register))
+    .route("/v1/accounts/{handle}/devices", web::get().to(list_devices))
+    .route("/v1/accounts/{handle}/devices", web::post().to(add_device))
+    .route(
+        "/v1/accounts/{handle}/devices/{id}",
+        web::delete().to(remove_device),
+    )
+    .route("/v1/ws", web::get().to(super::session::upgrade))
+    .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(readyz))
+    .route("/metrics", web::get().to(metrics));
+}
+
+#[derive(Deserialize)]
+struct RegisterRequest {
+    handle: String,
+    /// The first device's public identity keys, base64.
+    identity_keys: String,
+    /// Platform attestation, when registration = platform.
+    #[serde(default)]
+    registration_token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct NewDevice {
+    handle: String,
+    device_id: u32,
+    /// The device's auth token: shown once, stored by the broker only as a keyed hash.
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct AddDeviceRequest {
+    identity_keys: String,
+}
+
+#[derive(Serialize)]
+struct DeviceList {
+    handle: String,
+    devices: Vec<DeviceEntry>,
+}
+
+#[derive(Serialize)]
+struct DeviceEntry {
+    device_id: u32,
+    identity_keys: String,
+}
+
+fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable);
+    }
+    match req.peer_addr() {
+        Some(addr) if !state.limits.allow_ip(addr.ip()) => Err(ApiError::RateLimited),
+        _ => Ok(()),
+    }
+}
+
+fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiError> {
+    let handle = Handle::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if handle.domain() != state.settings.domain {
+        return Err(ApiError::NotFound);
+    }
+    Ok(handle)
+}
+
+fn identity_keys(b64: &str) -> Result<Vec<u8>, ApiError> {
+    let bytes = STANDARD
+        .decode(b64)
+        .map_err(|_| ApiError::BadRequest("identity_keys is not base64".into()))?;
+    if bytes.is_empty() || bytes.len() > MAX_IDENTITY_KEYS {
+        return Err(ApiError::BadRequest(format!(
+            "identity_keys must be 1..={MAX_IDENTITY_KEYS} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`.
+fn authenticate(
+    state: &AppState,
+    req: &HttpRequest,
+    handle: &Handle,
+) -> Result<DeviceId, ApiError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized)?;
+    let cred = header
+        .strip_prefix("Bearer ")
+        .ok_or(ApiError::Unauthorized)?;
+    let (device, token) = cred.split_once('.').ok_or(ApiError::Unauthorized)?;
+    let device: u32 = device.parse().map_err(|_| ApiError::Unauthorized)?;
+    let token = DeviceToken::from_text(token).ok_or(ApiError::Unauthorized)?;
+    let record = state
+        .store
+        .device(handle.as_str(), device)?
+        .ok_or(ApiError::Unauthorized)?;
+    if !state.hasher.verify(&token, &record.token_hash) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(DeviceId(device))
+}
+
+async fn register(
+    state: State,
+    req: HttpRequest,
+    body: web::Json<RegisterRequest>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let body = body.into_inner();
+    let handle = Handle::parse(&body.handle).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if handle.domain() != state.settings.domain {
+        return Err(ApiError::BadRequest(format!(
+            "this broker serves accounts on {}",
+            state.settings.domain
+        )));
+    }
+    match state.settings.registration {
+        Registration::Open => {}
+        Registration::Closed => return Err(ApiError::Forbidden("registration is closed".into())),
+        Registration::Platform => {
+            let key = state.platform_key.as_ref().ok_or(ApiError::Unavailable)?;
+            let token = body.registration_token.as_deref().ok_or_else(|| {
+                ApiError::Forbidden("a platform registration token is required".into())
+            })?;
+            verify_registration_token(key, token, handle.as_str(), now_ms() / 1000)
+                .map_err(|e| ApiError::Forbidden(e.to_string()))?;
+        }
+    }
+    let keys = identity_keys(&body.identity_keys)?;
+    let token = DeviceToken::generate();
+    let record = DeviceRecord {
+        version: RECORD_VERSION,
+        token_hash: state.hasher.hash(&token),
+        identity_keys: keys,
+        created_ms: now_ms(),
+    };
+    let device = state
+        .store
+        .create_account(handle.as_str(), now_ms(), record)?;
+    state.store.sync().await?;
+    tracing::info!("account registered");
+    Ok(HttpResponse::Created().json(NewDevice {
+        handle: handle.to_string(),
+        device_id: device,
+        token: token.to_text(),
+    }))
+}
+
+async fn list_devices(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let handle = local_handle(&state, &path)?;
+    if state.store.account(handle.as_str())?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let devices = state
+        .store
+        .devices(handle.as_str())?
+        .into_iter()
+        .map(|(id, d)| DeviceEntry {
+            device_id: id,
+            identity_keys: STANDARD.encode(d.identity_keys),
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(DeviceList {
+        handle: handle.to_string(),
+        devices,
+    }))
+}
+
+async fn add_device(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<AddDeviceRequest>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let handle = local_handle(&state, &path)?;
+    authenticate(&state, &req, &handle)?;
+    let keys = identity_keys(&body.identity_keys)?;
+    let token = DeviceToken::generate();
+    let record = DeviceRecord {
+        version: RECORD_VERSION,
+        token_hash: state.hasher.hash(&token),
+        identity_keys: keys,
+        created_ms: now_ms(),
+    };
+    let msg = AddDevice {
+        record,
+        max_devices: sealpost_proto::limits::MAX_DEVICES_PER_USER,
+    };
+    let device = state
+        .registry
+        .call_once(handle.as_str(), msg)
+        .await
+        .map_err(|_| ApiError::Unavailable)??;
+    tracing::info!(device = device.0, "device added");
+    Ok(HttpResponse::Created().json(NewDevice {
+        handle: handle.to_string(),
+        device_id: device.0,
+        token: token.to_text(),
+    }))
+}
+
+async fn remove_device(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, u32)>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let (raw, device) = path.into_inner();
+    let handle = local_handle(&state, &raw)?;
+    authenticate(&state, &req, &handle)?;
+    state
+        .registry
+        .call_once(
+            handle.as_str(),
+            RemoveDevice {
+                device: DeviceId(device),
+            },
+        )
+        .await
+        .map_err(|_| ApiError::Unavailable)??;
+    tracing::info!(device, "device removed");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(state: State) -> HttpResponse {
+    let ready = !state.shutting_down.load(Ordering::Relaxed) && state.store.size_on_disk().is_ok();
+    if ready {
+        HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body("not ready\n")
+    }
+}
+
+async fn metrics(state: State) -> HttpResponse {
+    match &state.metrics {
+        Some(handle) => {
+            handle.run_upkeep();
+            metrics::gauge!("sealpost_mailboxes_registered").set(state.registry.len() as f64);
+            HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4")
+                .body(handle.render())
+        }
+        None => HttpResponse::ServiceUnavailable().body("metrics recorder not installed\n"),
+    }
+}

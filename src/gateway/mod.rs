@@ -1,0 +1,49 @@
+//! The gateway: HTTP routes and WebSocket device sessions. It translates wire frames and
+//! HTTP requests into mailbox messages and their answers back into frames, close codes and
+//! status codes. It never touches the store's queues directly.
+//!
+//! - [`http`]: account and device endpoints, health, readiness, metrics.
+//! - [`session`]: one task per WebSocket connection (actix-ws).
+//! - [`error`]: API errors and their status codes.
+//! - [`limits`]: per-IP and per-device rate limits.
+
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod session;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, AtomicUsize},
+};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::{config::Settings, crypto::TokenHasher, mailbox::Registry, store::Store};
+
+/// State shared by every route and session.
+pub struct AppState {
+    /// Validated settings.
+    pub settings: Settings,
+    /// The durable store (accounts and devices are read here; queues go through mailboxes).
+    pub store: Arc<dyn Store>,
+    /// Mailbox directory.
+    pub registry: Arc<Registry>,
+    /// Device token hashing.
+    pub hasher: TokenHasher,
+    /// Rate limits.
+    pub limits: limits::Limits,
+    /// Prometheus renderer (absent when another recorder was installed first).
+    pub metrics: Option<PrometheusHandle>,
+    /// Set once shutdown begins: readiness fails and new connections are refused.
+    pub shutting_down: AtomicBool,
+    /// Flips to true when sessions must close.
+    pub shutdown: watch::Receiver<bool>,
+    /// WebSocket sessions running (authenticated or not); shutdown waits for them.
+    pub open_sessions: AtomicUsize,
+    /// Source of connection ids.
+    pub next_conn: AtomicU64,
+    /// Platform key for registration tokens.
+    pub platform_key: Option<ed25519_dalek::VerifyingKey>,
+}

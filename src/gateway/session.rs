@@ -1,0 +1,526 @@
+//! One WebSocket device session: authenticate, attach to the mailbox, then relay frames.
+//!
+//! ```text
+//! socket ──frames──▶ decode ─▶ auth ─▶ Attach(mailbox) ──▶ loop:
+//!                                        incoming: send ─▶ Submit(recipient mailbox), answered when durable
+//!                                                  ack  ─▶ Ack(own mailbox)
+//!                                        outgoing: deliveries pushed by the mailbox (bounded channel)
+//!                                        timers:   ping every heartbeat, close when silent
+//! ```
+//!
+//! Protocol violations (undecodable frames, text frames, unsupported versions) get an `error`
+//! frame and a close with a reason; request-level problems (unknown recipient, bad ttl, ...)
+//! get an error answer and the connection carries on.
+
+use std::{
+    net::IpAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use rand::Rng;
+use sealpost_proto::{
+    Class, ClientFrame, CloseCode, DecodeError, DeviceId, EnvelopeId, ErrorCode, Handle,
+    SendOutcome, ServerFrame,
+    limits::{
+        MAX_ACKS_PER_FRAME, MAX_CIPHERTEXT_BYTES, MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS,
+        MAX_FRAME_BYTES, MAX_URGENT_TTL_SECS,
+    },
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use super::{AppState, error::ApiError};
+use crate::{
+    clock::now_ms,
+    crypto::DeviceToken,
+    mailbox::{
+        Conn,
+        messages::{Ack, Attach, Detach, Submit},
+    },
+    telemetry,
+};
+
+type PendingSend = Pin<Box<dyn Future<Output = (EnvelopeId, SendOutcome)>>>;
+
+/// `GET /v1/ws`: upgrades and spawns the session task.
+pub async fn upgrade(
+    state: web::Data<Arc<AppState>>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable.into());
+    }
+    let ip = req.peer_addr().map(|a| a.ip());
+    if let Some(ip) = ip
+        && !state.limits.allow_ip(ip)
+    {
+        return Err(ApiError::RateLimited.into());
+    }
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream
+        .max_frame_size(MAX_FRAME_BYTES)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_FRAME_BYTES);
+    let state: Arc<AppState> = Arc::clone(state.get_ref());
+    actix_web::rt::spawn(async move {
+        run(state, session, stream, ip).await;
+    });
+    Ok(response)
+}
+
+fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) -> Bytes {
+    telemetry::reject(code.as_str());
+    Bytes::from(
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            seq,
+        }
+        .encode(),
+    )
+}
+
+async fn close(session: Session, code: CloseCode, description: Option<String>) {
+    metrics::counter!("sealpost_disconnects_total", "reason" => code.as_str()).increment(1);
+    let reason = CloseReason {
+        code: actix_ws::CloseCode::Other(code.as_u16()),
+        description: Some(description.unwrap_or_else(|| code.as_str().to_owned())),
+    };
+    let _ = session.close(Some(reason)).await;
+}
+
+/// What authentication established.
+struct Authed {
+    user: Handle,
+    device: DeviceId,
+}
+
+/// The result of one step of reading: a frame, or the connection should end with a close.
+enum Incoming {
+    Frame(Bytes),
+    Control,
+    End(Option<(CloseCode, String)>),
+}
+
+async fn next_incoming(session: &mut Session, stream: &mut AggregatedMessageStream) -> Incoming {
+    match stream.recv().await {
+        Some(Ok(AggregatedMessage::Binary(bytes))) => Incoming::Frame(bytes),
+        Some(Ok(AggregatedMessage::Ping(p))) => {
+            let _ = session.pong(&p).await;
+            Incoming::Control
+        }
+        Some(Ok(AggregatedMessage::Pong(_))) => Incoming::Control,
+        Some(Ok(AggregatedMessage::Text(_))) => Incoming::End(Some((
+            CloseCode::ProtocolError,
+            "frames are binary MessagePack, not text".into(),
+        ))),
+        Some(Ok(AggregatedMessage::Close(_))) | None => Incoming::End(None),
+        Some(Err(actix_ws::ProtocolError::Overflow)) => Incoming::End(Some((
+            CloseCode::TooBig,
+            format!("frames are limited to {MAX_FRAME_BYTES} bytes"),
+        ))),
+        Some(Err(e)) => Incoming::End(Some((CloseCode::ProtocolError, e.to_string()))),
+    }
+}
+
+/// Reads frames until `auth` arrives and verifies it.
+async fn authenticate(
+    state: &AppState,
+    session: &mut Session,
+    stream: &mut AggregatedMessageStream,
+) -> Result<Authed, Option<(CloseCode, String)>> {
+    let deadline = tokio::time::sleep(Duration::from_millis(state.settings.auth_timeout_ms));
+    tokio::pin!(deadline);
+    let bytes = loop {
+        tokio::select! {
+            () = &mut deadline => {
+                return Err(Some((CloseCode::AuthFailed, "no auth frame in time".into())));
+            }
+            incoming = next_incoming(session, stream) => match incoming {
+                Incoming::Frame(bytes) => break bytes,
+                Incoming::Control => continue,
+                Incoming::End(reason) => return Err(reason),
+            },
+        }
+    };
+    let refuse = |code: ErrorCode, msg: &str| {
+        telemetry::reject(code.as_str());
+        Err(Some((CloseCode::AuthFailed, msg.to_owned())))
+    };
+    let (user, device, token) = match ClientFrame::decode(&bytes) {
+        Ok(ClientFrame::Auth {
+            user,
+            device,
+            token,
+        }) => (user, device, token),
+        Ok(_) => return refuse(ErrorCode::NotAuthenticated, "the first frame must be auth"),
+        Err(e) => return Err(Some(decode_close(&e))),
+    };
+    let Ok(user) = Handle::parse(&user) else {
+        return refuse(ErrorCode::BadToken, "bad credentials");
+    };
+    let Some(token) = DeviceToken::from_bytes(&token) else {
+        return refuse(ErrorCode::BadToken, "bad credentials");
+    };
+    let record = match state.store.device(user.as_str(), device.0) {
+        Ok(r) => r,
+        Err(_) => return refuse(ErrorCode::StoreUnavailable, "store unavailable"),
+    };
+    // Unknown device and wrong token look the same to the client.
+    let ok = record.is_some_and(|r| state.hasher.verify(&token, &r.token_hash));
+    if !ok {
+        let _ = session
+            .binary(error_frame(ErrorCode::BadToken, "bad credentials", None))
+            .await;
+        return Err(Some((CloseCode::AuthFailed, "bad credentials".into())));
+    }
+    Ok(Authed { user, device })
+}
+
+fn decode_close(e: &DecodeError) -> (CloseCode, String) {
+    telemetry::reject(e.code().as_str());
+    match e {
+        DecodeError::TooLarge(_) => (CloseCode::TooBig, e.to_string()),
+        _ => (CloseCode::ProtocolError, e.to_string()),
+    }
+}
+
+/// Runs one connection to its end.
+async fn run(
+    state: Arc<AppState>,
+    mut session: Session,
+    mut stream: AggregatedMessageStream,
+    _ip: Option<IpAddr>,
+) {
+    state.open_sessions.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(&state);
+    let authed = match authenticate(&state, &mut session, &mut stream).await {
+        Ok(a) => a,
+        Err(reason) => {
+            if let Some((code, text)) = reason {
+                close(session, code, Some(text)).await;
+            }
+            return;
+        }
+    };
+    let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
+    let capacity = state.settings.delivery_window * 2 + 16;
+    let (tx, mut rx) = mpsc::channel::<Bytes>(capacity);
+    let (kick_tx, mut kick_rx) = oneshot::channel();
+    let attach = Attach {
+        device: authed.device,
+        conn: Conn {
+            id: conn_id,
+            tx,
+            kick: kick_tx,
+        },
+    };
+    match state.registry.call_once(authed.user.as_str(), attach).await {
+        Ok(Ok(())) => {}
+        _ => {
+            close(
+                session,
+                CloseCode::AuthFailed,
+                Some("device unavailable".into()),
+            )
+            .await;
+            return;
+        }
+    }
+    let hello = ServerFrame::AuthOk {
+        user: authed.user.to_string(),
+        device: authed.device,
+        server_time_ms: now_ms(),
+    };
+    if session.binary(hello.encode()).await.is_err() {
+        detach(&state, &authed, conn_id);
+        return;
+    }
+    debug!(device = authed.device.0, "device connected");
+
+    let mut s = Live {
+        state: &state,
+        authed: &authed,
+        conn_id,
+        violations: 0,
+    };
+    let end = s
+        .relay(&mut session, &mut stream, &mut rx, &mut kick_rx)
+        .await;
+    detach(&state, &authed, conn_id);
+    if let Some((code, text)) = end {
+        close(session, code, Some(text)).await;
+    }
+}
+
+/// Counts a session as open until dropped.
+struct OpenGuard<'a>(&'a AppState);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn detach(state: &AppState, authed: &Authed, conn: u64) {
+    if let Some(addr) = state.registry.get(authed.user.as_str()) {
+        addr.do_send(Detach {
+            device: authed.device,
+            conn,
+        });
+    }
+}
+
+/// The authenticated part of a session.
+struct Live<'a> {
+    state: &'a Arc<AppState>,
+    authed: &'a Authed,
+    conn_id: u64,
+    /// Rate-limit violations so far; past the configured maximum the connection is closed.
+    violations: u32,
+}
+
+impl Live<'_> {
+    /// Relays until the connection ends; returns the close to send, if any.
+    async fn relay(
+        &mut self,
+        session: &mut Session,
+        stream: &mut AggregatedMessageStream,
+        rx: &mut mpsc::Receiver<Bytes>,
+        kick_rx: &mut oneshot::Receiver<CloseCode>,
+    ) -> Option<(CloseCode, String)> {
+        let settings = &self.state.settings;
+        let mut pending: FuturesUnordered<PendingSend> = FuturesUnordered::new();
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
+        heartbeat.tick().await;
+        let client_timeout = Duration::from_millis(settings.client_timeout_ms);
+        let mut last_heard = Instant::now();
+        let mut shutdown = self.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                reason = &mut *kick_rx => {
+                    // A dropped sender means the mailbox stopped (shutdown).
+                    let code = reason.unwrap_or(CloseCode::GoingAway);
+                    return Some((code, code.as_str().to_owned()));
+                }
+                _ = shutdown.changed() => {
+                    return self.drain_for_shutdown(session, &mut pending).await;
+                }
+                frame = rx.recv() => match frame {
+                    Some(frame) => if session.binary(frame).await.is_err() { return None },
+                    None => return Some((CloseCode::GoingAway, "mailbox stopped".into())),
+                },
+                Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
+                    let frame = ServerFrame::SendResult { id, outcome }.encode();
+                    if session.binary(frame).await.is_err() { return None }
+                }
+                incoming = next_incoming(session, stream), if pending.len() < settings.max_pending_sends => {
+                    last_heard = Instant::now();
+                    match incoming {
+                        Incoming::Frame(bytes) => {
+                            if let Some(end) = self.on_frame(session, &bytes, &mut pending).await {
+                                return Some(end);
+                            }
+                        }
+                        Incoming::Control => {}
+                        Incoming::End(reason) => return reason,
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > client_timeout {
+                        return Some((CloseCode::IdleTimeout, "no traffic within the client timeout".into()));
+                    }
+                    if session.ping(b"").await.is_err() { return None }
+                }
+            }
+        }
+    }
+
+    /// On shutdown: stop reading, answer sends already accepted, then close after a jitter so
+    /// that clients do not all reconnect at once.
+    async fn drain_for_shutdown(
+        &self,
+        session: &mut Session,
+        pending: &mut FuturesUnordered<PendingSend>,
+    ) -> Option<(CloseCode, String)> {
+        while let Some((id, outcome)) = pending.next().await {
+            let _ = session
+                .binary(ServerFrame::SendResult { id, outcome }.encode())
+                .await;
+        }
+        let window = self.state.settings.shutdown_drain_ms.max(1);
+        let jitter = rand::thread_rng().gen_range(0..window);
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        Some((CloseCode::GoingAway, "server shutting down".into()))
+    }
+
+    /// Handles one binary frame; returns a close if the protocol was violated.
+    async fn on_frame(
+        &mut self,
+        session: &mut Session,
+        bytes: &[u8],
+        pending: &mut FuturesUnordered<PendingSend>,
+    ) -> Option<(CloseCode, String)> {
+        let frame = match ClientFrame::decode(bytes) {
+            Ok(frame) => frame,
+            Err(DecodeError::UnknownFrameType(kind)) => {
+                // Possibly a newer client: refuse the frame, keep the connection.
+                let msg = format!("unknown frame type {kind:#04x}");
+                let _ = session
+                    .binary(error_frame(ErrorCode::UnknownFrameType, msg, None))
+                    .await;
+                return None;
+            }
+            Err(e) => {
+                let _ = session
+                    .binary(error_frame(e.code(), e.to_string(), None))
+                    .await;
+                return Some(decode_close(&e));
+            }
+        };
+        if !self
+            .state
+            .limits
+            .allow_device(self.authed.user.as_str(), self.authed.device.0)
+        {
+            self.violations += 1;
+            if self.violations > self.state.settings.max_violations {
+                return Some((CloseCode::RateLimited, "too many frames".into()));
+            }
+            let answer = match &frame {
+                ClientFrame::Send { id, .. } => ServerFrame::SendResult {
+                    id: *id,
+                    outcome: SendOutcome::Rejected {
+                        code: ErrorCode::RateLimited,
+                        current_devices: Vec::new(),
+                    },
+                }
+                .encode()
+                .into(),
+                _ => error_frame(ErrorCode::RateLimited, "slow down", None),
+            };
+            telemetry::reject(ErrorCode::RateLimited.as_str());
+            let _ = session.binary(answer).await;
+            return None;
+        }
+        match frame {
+            ClientFrame::Auth { .. } => {
+                let frame = error_frame(
+                    ErrorCode::AlreadyAuthenticated,
+                    "already authenticated",
+                    None,
+                );
+                let _ = session.binary(frame).await;
+            }
+            ClientFrame::Send {
+                id,
+                to,
+                class,
+                ttl_secs,
+                copies,
+            } => match self.validate_send(&to, class, ttl_secs, &copies) {
+                Err(code) => {
+                    telemetry::reject(code.as_str());
+                    let outcome = SendOutcome::Rejected {
+                        code,
+                        current_devices: Vec::new(),
+                    };
+                    let frame = ServerFrame::SendResult { id, outcome }.encode();
+                    let _ = session.binary(frame).await;
+                }
+                Ok(to) => {
+                    let registry = self.state.registry.clone();
+                    let msg = Submit {
+                        id,
+                        class,
+                        ttl_secs,
+                        copies: Arc::new(copies),
+                    };
+                    pending.push(Box::pin(async move {
+                        let outcome = registry.call(to.as_str(), msg).await.unwrap_or_else(|_| {
+                            SendOutcome::Rejected {
+                                code: ErrorCode::Internal,
+                                current_devices: Vec::new(),
+                            }
+                        });
+                        (id, outcome)
+                    }));
+                }
+            },
+            ClientFrame::Ack { seqs } => {
+                if seqs.len() > MAX_ACKS_PER_FRAME {
+                    let msg = format!("at most {MAX_ACKS_PER_FRAME} seqs per ack");
+                    let _ = session
+                        .binary(error_frame(ErrorCode::MalformedFrame, msg, None))
+                        .await;
+                    return None;
+                }
+                let ack = Ack {
+                    device: self.authed.device,
+                    conn: self.conn_id,
+                    seqs,
+                };
+                let unknown = self
+                    .state
+                    .registry
+                    .call_once(self.authed.user.as_str(), ack)
+                    .await
+                    .unwrap_or_default();
+                // Report a few; a client acking garbage learns enough from those.
+                for seq in unknown.into_iter().take(8) {
+                    let frame = error_frame(ErrorCode::UnknownSeq, "not outstanding", Some(seq));
+                    let _ = session.binary(frame).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Checks a send's fields before it reaches a mailbox.
+    fn validate_send(
+        &self,
+        to: &str,
+        class: Class,
+        ttl_secs: u32,
+        copies: &[sealpost_proto::Copy],
+    ) -> Result<Handle, ErrorCode> {
+        let to = Handle::parse(to).map_err(|_| ErrorCode::InvalidHandle)?;
+        if to.domain() != self.state.settings.domain {
+            return Err(ErrorCode::UnknownDomain);
+        }
+        let max_ttl = match class {
+            Class::Durable => MAX_DURABLE_TTL_SECS,
+            Class::Urgent | Class::Ephemeral => MAX_URGENT_TTL_SECS,
+        };
+        if ttl_secs == 0 || ttl_secs > max_ttl {
+            return Err(ErrorCode::InvalidTtl);
+        }
+        if copies.is_empty() || copies.len() > MAX_DEVICES_PER_USER {
+            return Err(ErrorCode::InvalidCopies);
+        }
+        let mut devices: Vec<u32> = copies.iter().map(|c| c.device.0).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        if devices.len() != copies.len() {
+            return Err(ErrorCode::InvalidCopies);
+        }
+        if copies
+            .iter()
+            .any(|c| c.ciphertext.len() > MAX_CIPHERTEXT_BYTES)
+        {
+            return Err(ErrorCode::EnvelopeTooLarge);
+        }
+        match self.state.store.account(to.as_str()) {
+            Ok(Some(_)) => Ok(to),
+            Ok(None) => Err(ErrorCode::UnknownRecipient),
+            Err(_) => Err(ErrorCode::StoreUnavailable),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Sealpost: a broker for end-to-end encrypted direct messages and call signaling.
+//!
+//! The broker stores and forwards sealed envelopes. It never holds a key that opens one, and
+//! no type in it can hold a plaintext message: ciphertext is opaque bytes end to end.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from defaults, TOML file, environment and flags.
+//! - [`server`]: wires the store, the mailboxes and the gateway together; start and shutdown.
+//! - [`gateway`]: HTTP routes and WebSocket device sessions (actix-web, actix-ws).
+//! - [`mailbox`]: one actor per user, the single writer of its device queues.
+//! - [`store`]: durable state behind the [`store::Store`] trait; the only importer of sled.
+//! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
+//! - [`telemetry`]: tracing and Prometheus metrics.
+//!
+//! Wire frames live in the `sealpost-proto` crate, shared with clients.
+//!
+//! # Dependency rules
+//!
+//! `main → server → gateway → mailbox → {store, proto}`. The gateway reads accounts and
+//! devices from the store but reaches queues only through mailboxes. The store never sees a
+//! wire type; mailboxes convert between stored records and frames.
+
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod gateway;
+pub mod mailbox;
+pub mod server;
+pub mod store;
+pub mod telemetry;

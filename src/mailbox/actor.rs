@@ -1,0 +1,744 @@
+//! The mailbox actor.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use actix_web::web::Bytes;
+use sealpost_proto::{
+    Class, CloseCode, DeviceId, Envelope, EnvelopeId, ErrorCode, Notice, SendOutcome, ServerFrame,
+};
+use tracing::{debug, warn};
+
+use super::{
+    messages::{
+        Ack, AddDevice, Attach, AttachError, Conn, CurrentDevices, Detach, Expire, KickAll,
+        RemoveDevice, Submit,
+    },
+    registry::Registry,
+};
+use crate::{
+    clock::now_ms,
+    store::{DedupRecord, EnvelopeRecord, Expired, HeadRecord, QueueOp, QueueWrite, Store},
+    telemetry,
+};
+
+/// Tunables of every mailbox, from the broker settings.
+#[derive(Debug, Clone)]
+pub struct MailboxConfig {
+    /// Most envelopes per device queue.
+    pub queue_quota: u64,
+    /// Most ciphertext bytes per device queue.
+    pub queue_quota_bytes: u64,
+    /// Unacknowledged deliveries in flight per connected device.
+    pub window: usize,
+    /// A device whose in-flight deliveries see no ack for this long is disconnected.
+    pub ack_timeout: Duration,
+    /// A mailbox with no connection and no traffic for this long stops.
+    pub idle: Duration,
+    /// Minimum time a send id is remembered.
+    pub dedup_secs: u64,
+}
+
+/// Live state of one device queue. Not what is stored: the stored part is `head`.
+struct DeviceQueue {
+    /// The stored head (next sequence number, count, bytes).
+    head: HeadRecord,
+    /// Sequence numbers below this are durable and may be pushed.
+    durable_next: u64,
+    /// Highest sequence number ever pushed by this mailbox (redelivery accounting).
+    pushed_hwm: u64,
+    /// The connected session, if any.
+    conn: Option<Live>,
+}
+
+/// A connected device.
+struct Live {
+    conn: Conn,
+    /// Next sequence number to consider pushing.
+    cursor: u64,
+    /// Pushed, not yet acknowledged: seq → (expires_ms, ciphertext len, expired meanwhile).
+    in_flight: BTreeMap<u64, (u64, u64, bool)>,
+    /// `queue_empty` is sent once the cursor passes this (the queue's end at attach time).
+    backlog_end: Option<u64>,
+    /// Last time this device made progress (attached or acknowledged).
+    last_progress: Instant,
+}
+
+/// The single writer of one user's device queues.
+pub struct Mailbox {
+    user: String,
+    /// Identifies this incarnation in the registry (a successor may replace it).
+    incarnation: u64,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    config: Arc<MailboxConfig>,
+    devices: BTreeMap<DeviceId, DeviceQueue>,
+    /// Sends in progress (between write and durable), by envelope id; a concurrent retry
+    /// of one of them waits for durability like the original.
+    pending: HashSet<EnvelopeId>,
+    /// Outstanding durability waits; the mailbox does not stop while any are running.
+    inflight_syncs: usize,
+    last_activity: Instant,
+}
+
+impl Mailbox {
+    /// A mailbox for `user`; its state is loaded when it starts.
+    pub fn new(
+        user: String,
+        incarnation: u64,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        config: Arc<MailboxConfig>,
+    ) -> Self {
+        Mailbox {
+            user,
+            incarnation,
+            store,
+            registry,
+            config,
+            devices: BTreeMap::new(),
+            pending: HashSet::new(),
+            inflight_syncs: 0,
+            last_activity: Instant::now(),
+        }
+    }
+
+    /// Loads the user's devices and queue heads: a few keys, never the queued envelopes.
+    fn load(&mut self) -> crate::store::Result<()> {
+        let heads: BTreeMap<u32, HeadRecord> = self.store.heads(&self.user)?.into_iter().collect();
+        for (id, _) in self.store.devices(&self.user)? {
+            let head = heads.get(&id).copied().unwrap_or_else(empty_head);
+            self.devices.insert(DeviceId(id), DeviceQueue::new(head));
+        }
+        Ok(())
+    }
+
+    fn device_ids(&self) -> Vec<DeviceId> {
+        self.devices.keys().copied().collect()
+    }
+
+    fn kick(&mut self, device: DeviceId, reason: CloseCode) {
+        if let Some(live) = self.devices.get_mut(&device).and_then(|q| q.conn.take()) {
+            let _ = live.conn.kick.send(reason);
+            metrics::counter!("sealpost_disconnects_total", "reason" => reason.as_str())
+                .increment(1);
+            metrics::gauge!("sealpost_connections").decrement(1.0);
+            debug!(
+                device = device.0,
+                reason = reason.as_str(),
+                "device disconnected"
+            );
+        }
+    }
+
+    /// Pushes what the device's window allows, from the store, in sequence order.
+    fn pump(&mut self, device: DeviceId) {
+        let window = self.config.window;
+        let Some(q) = self.devices.get_mut(&device) else {
+            return;
+        };
+        let Some(live) = q.conn.as_mut() else { return };
+        let mut slow = false;
+        while live.in_flight.len() < window && live.cursor < q.durable_next {
+            let want = window - live.in_flight.len();
+            let batch = match self.store.read(&self.user, device.0, live.cursor, want) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "reading a device queue failed");
+                    break;
+                }
+            };
+            let mut next = q.durable_next;
+            let fetched = batch.len();
+            for (seq, rec) in batch {
+                if seq >= q.durable_next {
+                    next = seq;
+                    break;
+                }
+                let envelope = Envelope {
+                    id: EnvelopeId(rec.id),
+                    class: class_of(rec.class),
+                    accepted_ms: rec.accepted_ms,
+                    expires_ms: rec.expires_ms,
+                    ciphertext: rec.ciphertext,
+                };
+                let frame = ServerFrame::encode_deliver(seq, &envelope);
+                if live.conn.tx.try_send(Bytes::from(frame)).is_err() {
+                    slow = true;
+                    next = seq;
+                    break;
+                }
+                let len = envelope.ciphertext.len() as u64;
+                live.in_flight
+                    .insert(seq, (envelope.expires_ms, len, false));
+                metrics::counter!("sealpost_deliveries_total").increment(1);
+                if seq <= q.pushed_hwm {
+                    metrics::counter!("sealpost_redeliveries_total").increment(1);
+                }
+                q.pushed_hwm = q.pushed_hwm.max(seq);
+                next = seq + 1;
+            }
+            live.cursor = next;
+            if slow || fetched < want {
+                // Short read: nothing else stored below durable_next.
+                if !slow {
+                    live.cursor = live.cursor.max(q.durable_next);
+                }
+                break;
+            }
+        }
+        if slow {
+            self.kick(device, CloseCode::SlowConsumer);
+            return;
+        }
+        if let Some(end) = live.backlog_end
+            && live.cursor >= end
+        {
+            live.backlog_end = None;
+            if live
+                .conn
+                .tx
+                .try_send(Bytes::from(ServerFrame::QueueEmpty.encode()))
+                .is_err()
+            {
+                self.kick(device, CloseCode::SlowConsumer);
+            }
+        }
+    }
+
+    fn notify_full(&mut self, device: DeviceId) {
+        if let Some(live) = self.devices.get(&device).and_then(|q| q.conn.as_ref()) {
+            let frame = ServerFrame::Notice {
+                notice: Notice::MailboxFull,
+                device,
+            };
+            let _ = live.conn.tx.try_send(Bytes::from(frame.encode()));
+        }
+    }
+
+    /// Pushes an ephemeral envelope to connected devices; never stored.
+    fn push_ephemeral(&mut self, msg: &Submit) -> SendOutcome {
+        let now = now_ms();
+        for copy in msg.copies.iter() {
+            let Some(live) = self.devices.get(&copy.device).and_then(|q| q.conn.as_ref()) else {
+                continue;
+            };
+            // Never let ephemeral traffic eat the room durable deliveries need.
+            if live.conn.tx.capacity() <= self.config.window {
+                continue;
+            }
+            let frame = ServerFrame::DeliverEphemeral {
+                envelope: Envelope {
+                    id: msg.id,
+                    class: Class::Ephemeral,
+                    accepted_ms: now,
+                    expires_ms: now + u64::from(msg.ttl_secs) * 1000,
+                    ciphertext: copy.ciphertext.clone(),
+                },
+            };
+            if live.conn.tx.try_send(Bytes::from(frame.encode())).is_ok() {
+                metrics::counter!("sealpost_ephemeral_total").increment(1);
+            }
+        }
+        SendOutcome::Accepted { duplicate: false }
+    }
+
+    fn remove_queue_ops(
+        &self,
+        device: DeviceId,
+        ops: &mut Vec<QueueOp>,
+    ) -> crate::store::Result<()> {
+        for (seq, expires_ms) in self.store.seqs(&self.user, device.0)? {
+            ops.push(QueueOp::Remove {
+                user: self.user.clone(),
+                device: device.0,
+                seq,
+                expires_ms,
+            });
+        }
+        ops.push(QueueOp::DropHead {
+            user: self.user.clone(),
+            device: device.0,
+        });
+        Ok(())
+    }
+}
+
+impl DeviceQueue {
+    fn new(head: HeadRecord) -> Self {
+        DeviceQueue {
+            durable_next: head.next_seq,
+            head,
+            pushed_hwm: 0,
+            conn: None,
+        }
+    }
+}
+
+fn empty_head() -> HeadRecord {
+    HeadRecord {
+        version: crate::store::records::RECORD_VERSION,
+        next_seq: 1,
+        count: 0,
+        bytes: 0,
+    }
+}
+
+fn class_of(v: u8) -> Class {
+    match v {
+        1 => Class::Ephemeral,
+        2 => Class::Urgent,
+        _ => Class::Durable,
+    }
+}
+
+fn rejected(code: ErrorCode) -> SendOutcome {
+    telemetry::reject(code.as_str());
+    SendOutcome::Rejected {
+        code,
+        current_devices: Vec::new(),
+    }
+}
+
+impl Actor for Mailbox {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1024);
+        if let Err(e) = self.load() {
+            warn!(error = %e, "mailbox could not load its state; stopping");
+            self.registry.forget(&self.user, self.incarnation);
+            ctx.stop();
+            return;
+        }
+        metrics::gauge!("sealpost_mailboxes").increment(1.0);
+        let tick = (self.config.idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        ctx.run_interval(tick, |act, ctx| {
+            let now = Instant::now();
+            let timeout = act.config.ack_timeout;
+            let stuck: Vec<DeviceId> = act
+                .devices
+                .iter()
+                .filter_map(|(id, q)| {
+                    let live = q.conn.as_ref()?;
+                    (!live.in_flight.is_empty() && now - live.last_progress > timeout)
+                        .then_some(*id)
+                })
+                .collect();
+            for device in stuck {
+                act.kick(device, CloseCode::SlowConsumer);
+            }
+            let connected = act.devices.values().any(|q| q.conn.is_some());
+            if !connected && act.inflight_syncs == 0 && now - act.last_activity > act.config.idle {
+                act.registry.forget(&act.user, act.incarnation);
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        metrics::gauge!("sealpost_mailboxes").decrement(1.0);
+        let devices: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for device in devices {
+            self.kick(device, CloseCode::GoingAway);
+        }
+    }
+}
+
+impl Handler<Attach> for Mailbox {
+    type Result = Result<(), AttachError>;
+
+    fn handle(&mut self, msg: Attach, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        if !self.devices.contains_key(&msg.device) {
+            return Err(AttachError::UnknownDevice);
+        }
+        self.kick(msg.device, CloseCode::Displaced);
+        let first = match self.store.first_seq(&self.user, msg.device.0) {
+            Ok(first) => first,
+            Err(e) => {
+                warn!(error = %e, "reading a device queue failed");
+                None
+            }
+        };
+        let q = self
+            .devices
+            .get_mut(&msg.device)
+            .ok_or(AttachError::UnknownDevice)?;
+        let cursor = first.unwrap_or(q.durable_next).min(q.durable_next);
+        q.conn = Some(Live {
+            conn: msg.conn,
+            cursor,
+            in_flight: BTreeMap::new(),
+            backlog_end: Some(q.durable_next),
+            last_progress: Instant::now(),
+        });
+        metrics::gauge!("sealpost_connections").increment(1.0);
+        self.pump(msg.device);
+        Ok(())
+    }
+}
+
+impl Handler<Detach> for Mailbox {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, _ctx: &mut Self::Context) {
+        self.last_activity = Instant::now();
+        if let Some(q) = self.devices.get_mut(&msg.device)
+            && q.conn.as_ref().is_some_and(|l| l.conn.id == msg.conn)
+        {
+            q.conn = None;
+            metrics::gauge!("sealpost_connections").decrement(1.0);
+        }
+    }
+}
+
+impl Handler<Submit> for Mailbox {
+    type Result = ResponseActFuture<Self, SendOutcome>;
+
+    fn handle(&mut self, msg: Submit, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let started = Instant::now();
+        let writes = match self.submit(&msg) {
+            Ok(writes) => writes,
+            Err(answer) => return Box::pin(actix::fut::ready(answer)),
+        };
+        self.inflight_syncs += 1;
+        let duplicate = writes.is_empty();
+        Box::pin(
+            self.store
+                .sync()
+                .into_actor(self)
+                .map(move |result, act, _ctx| {
+                    act.inflight_syncs -= 1;
+                    act.pending.remove(&msg.id);
+                    act.last_activity = Instant::now();
+                    match result {
+                        Ok(()) => {
+                            for (device, next) in writes {
+                                if let Some(q) = act.devices.get_mut(&device) {
+                                    q.durable_next = q.durable_next.max(next);
+                                }
+                                act.pump(device);
+                            }
+                            metrics::histogram!("sealpost_append_seconds")
+                                .record(started.elapsed());
+                            SendOutcome::Accepted { duplicate }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "commit failed; send refused");
+                            rejected(ErrorCode::StoreUnavailable)
+                        }
+                    }
+                }),
+        )
+    }
+}
+
+impl Mailbox {
+    /// Validates and applies a send. Returns the (device, next seq) pairs that become durable
+    /// with the next sync — empty for a duplicate of an accepted send — or the answer, when
+    /// the send is answered at once (refused, or ephemeral).
+    fn submit(&mut self, msg: &Submit) -> Result<Vec<(DeviceId, u64)>, SendOutcome> {
+        // Device set: exactly the current devices, each once.
+        let mut named: Vec<DeviceId> = msg.copies.iter().map(|c| c.device).collect();
+        named.sort_unstable();
+        let current = self.device_ids();
+        if named != current {
+            telemetry::reject(ErrorCode::StaleDevices.as_str());
+            return Err(SendOutcome::Rejected {
+                code: ErrorCode::StaleDevices,
+                current_devices: current,
+            });
+        }
+        if msg.class == Class::Ephemeral {
+            let outcome = self.push_ephemeral(msg);
+            return Err(outcome);
+        }
+        // Idempotency: a retry gets the first answer and stores nothing.
+        if self.pending.contains(&msg.id) {
+            return Ok(Vec::new());
+        }
+        match self.store.dedup(&self.user, msg.id.as_bytes()) {
+            Ok(Some(_)) => return Ok(Vec::new()),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "dedup lookup failed");
+                return Err(rejected(ErrorCode::StoreUnavailable));
+            }
+        }
+        // Quota, checked for every device before anything is written.
+        let mut full = Vec::new();
+        for copy in msg.copies.iter() {
+            let q = &self.devices[&copy.device];
+            let len = copy.ciphertext.len() as u64;
+            if q.head.count >= self.config.queue_quota
+                || q.head.bytes + len > self.config.queue_quota_bytes
+            {
+                full.push(copy.device);
+            }
+        }
+        if !full.is_empty() {
+            for device in full {
+                self.notify_full(device);
+            }
+            return Err(rejected(ErrorCode::MailboxFull));
+        }
+        let now = now_ms();
+        let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
+        let mut write = QueueWrite::default();
+        let mut heads = Vec::with_capacity(msg.copies.len());
+        let mut stored = Vec::with_capacity(msg.copies.len());
+        for copy in msg.copies.iter() {
+            let mut head = self.devices[&copy.device].head;
+            let seq = head.next_seq;
+            head.next_seq += 1;
+            head.count += 1;
+            head.bytes += copy.ciphertext.len() as u64;
+            write.ops.push(QueueOp::Append {
+                user: self.user.clone(),
+                device: copy.device.0,
+                seq,
+                record: EnvelopeRecord {
+                    version: crate::store::records::RECORD_VERSION,
+                    id: msg.id.0,
+                    class: msg.class as u8,
+                    accepted_ms: now,
+                    expires_ms,
+                    ciphertext: copy.ciphertext.clone(),
+                },
+            });
+            write.ops.push(QueueOp::Head {
+                user: self.user.clone(),
+                device: copy.device.0,
+                head,
+            });
+            heads.push((copy.device, head));
+            stored.push((copy.device.0, seq));
+        }
+        let dedup_expires = expires_ms.max(now + self.config.dedup_secs * 1000);
+        write.ops.push(QueueOp::Dedup {
+            user: self.user.clone(),
+            id: msg.id.0,
+            record: DedupRecord {
+                version: crate::store::records::RECORD_VERSION,
+                expires_ms: dedup_expires,
+                stored,
+            },
+        });
+        if let Err(e) = self.store.write(write) {
+            warn!(error = %e, "append failed; send refused");
+            return Err(rejected(ErrorCode::StoreUnavailable));
+        }
+        let mut durable = Vec::with_capacity(heads.len());
+        for (device, head) in heads {
+            if let Some(q) = self.devices.get_mut(&device) {
+                q.head = head;
+                metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
+            }
+            durable.push((device, head.next_seq));
+        }
+        metrics::counter!("sealpost_appends_total").increment(durable.len() as u64);
+        self.pending.insert(msg.id);
+        Ok(durable)
+    }
+}
+
+impl Handler<Ack> for Mailbox {
+    type Result = MessageResult<Ack>;
+
+    fn handle(&mut self, msg: Ack, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let mut unknown = Vec::new();
+        let Some(q) = self.devices.get_mut(&msg.device) else {
+            return MessageResult(msg.seqs);
+        };
+        let Some(live) = q.conn.as_mut().filter(|l| l.conn.id == msg.conn) else {
+            return MessageResult(msg.seqs);
+        };
+        let mut write = QueueWrite::default();
+        let mut head = q.head;
+        let mut acked = 0u64;
+        for seq in msg.seqs {
+            match live.in_flight.remove(&seq) {
+                Some((_, _, true)) => {} // expired meanwhile: already deleted
+                Some((expires_ms, len, false)) => {
+                    write.ops.push(QueueOp::Remove {
+                        user: self.user.clone(),
+                        device: msg.device.0,
+                        seq,
+                        expires_ms,
+                    });
+                    head.count = head.count.saturating_sub(1);
+                    head.bytes = head.bytes.saturating_sub(len);
+                    acked += 1;
+                }
+                None => unknown.push(seq),
+            }
+        }
+        if acked > 0 {
+            live.last_progress = Instant::now();
+            write.ops.push(QueueOp::Head {
+                user: self.user.clone(),
+                device: msg.device.0,
+                head,
+            });
+            // Deletions need not wait for a flush: if one is lost in a crash the envelope is
+            // delivered again and the client drops it by id (at-least-once).
+            match self.store.write(write) {
+                Ok(()) => {
+                    q.head = head;
+                    metrics::counter!("sealpost_acks_total").increment(acked);
+                }
+                Err(e) => warn!(error = %e, "deleting acknowledged envelopes failed"),
+            }
+        }
+        self.pump(msg.device);
+        MessageResult(unknown)
+    }
+}
+
+impl Handler<Expire> for Mailbox {
+    type Result = ();
+
+    fn handle(&mut self, msg: Expire, _ctx: &mut Self::Context) {
+        let now = now_ms();
+        let mut write = QueueWrite::default();
+        let mut expired = 0u64;
+        let mut new_heads: BTreeMap<DeviceId, HeadRecord> = BTreeMap::new();
+        for entry in msg.due {
+            match entry {
+                Expired::Envelope {
+                    device,
+                    seq,
+                    expires_ms,
+                    ..
+                } => {
+                    let device = DeviceId(device);
+                    let len = match self.store.read(&self.user, device.0, seq, 1) {
+                        Ok(v) => v
+                            .first()
+                            .filter(|(s, r)| *s == seq && r.expires_ms <= now)
+                            .map(|(_, r)| r.ciphertext.len() as u64),
+                        Err(_) => None,
+                    };
+                    write.ops.push(QueueOp::Remove {
+                        user: self.user.clone(),
+                        device: device.0,
+                        seq,
+                        expires_ms,
+                    });
+                    let (Some(len), Some(q)) = (len, self.devices.get_mut(&device)) else {
+                        continue; // index entry without envelope: just drop the entry
+                    };
+                    let head = new_heads.entry(device).or_insert(q.head);
+                    head.count = head.count.saturating_sub(1);
+                    head.bytes = head.bytes.saturating_sub(len);
+                    if let Some(f) = q.conn.as_mut().and_then(|l| l.in_flight.get_mut(&seq)) {
+                        f.2 = true;
+                    }
+                    expired += 1;
+                }
+                Expired::Dedup { id, expires_ms, .. } => {
+                    if self.pending.contains(&EnvelopeId(id)) {
+                        continue;
+                    }
+                    write.ops.push(QueueOp::ForgetDedup {
+                        user: self.user.clone(),
+                        id,
+                        expires_ms,
+                    });
+                }
+            }
+        }
+        for (device, head) in &new_heads {
+            write.ops.push(QueueOp::Head {
+                user: self.user.clone(),
+                device: device.0,
+                head: *head,
+            });
+        }
+        if write.is_empty() {
+            return;
+        }
+        match self.store.write(write) {
+            Ok(()) => {
+                for (device, head) in new_heads {
+                    if let Some(q) = self.devices.get_mut(&device) {
+                        q.head = head;
+                    }
+                }
+                metrics::counter!("sealpost_expirations_total").increment(expired);
+            }
+            Err(e) => warn!(error = %e, "expiry failed"),
+        }
+    }
+}
+
+impl Handler<AddDevice> for Mailbox {
+    type Result = ResponseActFuture<Self, Result<DeviceId, crate::store::StoreError>>;
+
+    fn handle(&mut self, msg: AddDevice, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let added = self
+            .store
+            .add_device(&self.user, msg.record, msg.max_devices);
+        let id = match added {
+            Ok(id) => DeviceId(id),
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        self.devices.insert(id, DeviceQueue::new(empty_head()));
+        self.inflight_syncs += 1;
+        Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
+            act.inflight_syncs -= 1;
+            r.map(|()| id)
+        }))
+    }
+}
+
+impl Handler<RemoveDevice> for Mailbox {
+    type Result = ResponseActFuture<Self, Result<(), crate::store::StoreError>>;
+
+    fn handle(&mut self, msg: RemoveDevice, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let result = (|| {
+            self.store.remove_device(&self.user, msg.device.0)?;
+            let mut write = QueueWrite::default();
+            self.remove_queue_ops(msg.device, &mut write.ops)?;
+            self.store.write(write)
+        })();
+        if let Err(e) = result {
+            return Box::pin(actix::fut::ready(Err(e)));
+        }
+        self.kick(msg.device, CloseCode::DeviceRevoked);
+        self.devices.remove(&msg.device);
+        self.inflight_syncs += 1;
+        Box::pin(self.store.sync().into_actor(self).map(|r, act, _| {
+            act.inflight_syncs -= 1;
+            r
+        }))
+    }
+}
+
+impl Handler<CurrentDevices> for Mailbox {
+    type Result = MessageResult<CurrentDevices>;
+
+    fn handle(&mut self, _msg: CurrentDevices, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.device_ids())
+    }
+}
+
+impl Handler<KickAll> for Mailbox {
+    type Result = ();
+
+    fn handle(&mut self, msg: KickAll, _ctx: &mut Self::Context) {
+        let devices: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for device in devices {
+            self.kick(device, msg.reason);
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Messages a mailbox handles. Each is answered by the mailbox actor alone, so their effects
+//! on a user's queues are serialized.
+
+use std::sync::Arc;
+
+use actix::Message;
+use actix_web::web::Bytes;
+use sealpost_proto::{Class, CloseCode, Copy, DeviceId, EnvelopeId, SendOutcome};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{DeviceRecord, Expired, StoreError};
+
+/// Identifies one connection of a device, to tell a displaced connection from its successor.
+pub type ConnId = u64;
+
+/// A connected device session, as seen by its mailbox.
+pub struct Conn {
+    /// Unique per connection.
+    pub id: ConnId,
+    /// Encoded frames to write to the socket. Bounded: the mailbox uses `try_send`, and a full
+    /// channel means a slow consumer, which is disconnected and resumes from the store.
+    pub tx: mpsc::Sender<Bytes>,
+    /// Tells the session to close with a reason (displaced, revoked, slow consumer).
+    pub kick: oneshot::Sender<CloseCode>,
+}
+
+/// Attach a connected, authenticated device; its backlog starts flowing.
+#[derive(Message)]
+#[rtype(result = "Result<(), AttachError>")]
+pub struct Attach {
+    /// The device.
+    pub device: DeviceId,
+    /// Its connection.
+    pub conn: Conn,
+}
+
+/// Why a device could not attach.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The device was removed after authenticating.
+    #[error("device was removed")]
+    UnknownDevice,
+}
+
+/// A connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detach {
+    /// The device.
+    pub device: DeviceId,
+    /// The connection that ended (ignored if the device has since reconnected).
+    pub conn: ConnId,
+}
+
+/// Store an envelope for every device of this mailbox's user. Answered once durable.
+#[derive(Message, Clone)]
+#[rtype(result = "SendOutcome")]
+pub struct Submit {
+    /// Client envelope id.
+    pub id: EnvelopeId,
+    /// Delivery class.
+    pub class: Class,
+    /// Time-to-live, already validated against the class limits.
+    pub ttl_secs: u32,
+    /// One ciphertext per recipient device.
+    pub copies: Arc<Vec<Copy>>,
+}
+
+/// A device acknowledges deliveries.
+#[derive(Message)]
+#[rtype(result = "Vec<u64>")]
+pub struct Ack {
+    /// The device.
+    pub device: DeviceId,
+    /// The connection the acks came on.
+    pub conn: ConnId,
+    /// Acknowledged sequence numbers. The answer lists those that were not outstanding.
+    pub seqs: Vec<u64>,
+}
+
+/// Add a device to the account.
+#[derive(Message)]
+#[rtype(result = "Result<DeviceId, StoreError>")]
+pub struct AddDevice {
+    /// Its record.
+    pub record: DeviceRecord,
+    /// Per-account device limit.
+    pub max_devices: usize,
+}
+
+/// Remove a device: its queue is deleted and its connection closed.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct RemoveDevice {
+    /// The device.
+    pub device: DeviceId,
+}
+
+/// Delete entries whose time-to-live has passed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Expire {
+    /// Due entries of this user, from the expiry index.
+    pub due: Vec<Expired>,
+}
+
+/// Current device ids, for the device list endpoint and stale-set checks.
+#[derive(Message)]
+#[rtype(result = "Vec<DeviceId>")]
+pub struct CurrentDevices;
+
+/// Close every connection with a reason (shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KickAll {
+    /// The reason.
+    pub reason: CloseCode,
+}

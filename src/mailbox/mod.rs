@@ -1,0 +1,15 @@
+//! Mailboxes: one actor per user, the single writer of that user's device queues.
+//!
+//! - [`messages`]: what the gateway asks of a mailbox.
+//! - [`actor`]: the [`Mailbox`] actor — idempotent append, group-committed durability,
+//!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
+//! - [`registry`]: finds or spawns the mailbox of a user, spreads them over threads, and
+//!   forgets them when they stop idle.
+
+pub mod actor;
+pub mod messages;
+pub mod registry;
+
+pub use actor::{Mailbox, MailboxConfig};
+pub use messages::{Conn, ConnId};
+pub use registry::{Registry, RegistryError};

@@ -1,0 +1,79 @@
+//! The `sealpost` binary: `sealpost serve` runs a broker.
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+use sealpost::config::{ServeArgs, Settings};
+
+/// Sealpost: a federated broker for end-to-end encrypted messages and call signaling.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (defaults: 127.0.0.1:8080, ./sealpost-data, open registration).
+    Serve(Box<ServeArgs>),
+    /// Generate a platform Ed25519 key pair for registration = platform (prints both keys).
+    PlatformKeygen,
+    /// Mint a registration token for a handle, as the host platform would.
+    MintToken {
+        /// The platform's secret key, base64 (from `platform-keygen`).
+        #[arg(long, env = "SEALPOST_PLATFORM_SECRET_KEY")]
+        secret_key: String,
+        /// The handle the token attests.
+        #[arg(long)]
+        handle: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 600)]
+        ttl_secs: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = Settings::load(*args)?;
+            sealpost::telemetry::init_tracing(&settings.log_level, settings.log_format);
+            actix_web::rt::System::new().block_on(sealpost::server::run(settings, |addr| {
+                // The one line on stdout: tests and scripts read the bound port from it.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "listening on {addr}");
+                let _ = out.flush();
+            }))
+        }
+        Command::PlatformKeygen => {
+            use base64::{Engine, engine::general_purpose::STANDARD};
+            let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "secret_key = {}", STANDARD.encode(key.to_bytes()))?;
+            writeln!(
+                out,
+                "public_key = {}",
+                STANDARD.encode(key.verifying_key().to_bytes())
+            )?;
+            Ok(())
+        }
+        Command::MintToken {
+            secret_key,
+            handle,
+            ttl_secs,
+        } => {
+            use base64::{Engine, engine::general_purpose::STANDARD};
+            let bytes = zeroize::Zeroizing::new(STANDARD.decode(secret_key.trim())?);
+            let arr: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("secret key must be 32 bytes"))?;
+            let key = ed25519_dalek::SigningKey::from_bytes(&arr);
+            let exp = sealpost::clock::now_ms() / 1000 + ttl_secs;
+            let token = sealpost::crypto::mint_registration_token(&key, &handle, exp);
+            writeln!(std::io::stdout().lock(), "{token}")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Starting and stopping a broker.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use actix::Arbiter;
+use actix_web::{App, HttpServer, web};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    clock::now_ms,
+    config::Settings,
+    crypto::{TokenHasher, parse_platform_key},
+    gateway::{AppState, limits::Limits},
+    mailbox::{MailboxConfig, Registry, messages::Expire},
+    store::{SledStore, Store, StoreOptions},
+};
+
+/// Runs a broker until SIGTERM or SIGINT, then shuts down gracefully. `on_listen` is called
+/// with the bound address once the broker accepts connections.
+pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let opened = Instant::now();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&StoreOptions {
+        dir: settings.data_dir.clone(),
+        group_commit: settings.group_commit,
+        fsync: settings.fsync,
+        cache_bytes: settings.cache_mb * 1024 * 1024,
+    })?);
+    info!(
+        elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "store opened"
+    );
+    let hasher = TokenHasher::load_or_create(&settings.data_dir)?;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mailbox_threads = if settings.mailbox_threads == 0 {
+        cores
+    } else {
+        settings.mailbox_threads
+    };
+    let arbiters: Vec<Arbiter> = (0..mailbox_threads).map(|_| Arbiter::new()).collect();
+    let registry = Registry::new(
+        arbiters.iter().map(|a| a.handle()).collect(),
+        store.clone(),
+        MailboxConfig {
+            queue_quota: settings.queue_quota,
+            queue_quota_bytes: settings.queue_quota_bytes,
+            window: settings.delivery_window,
+            ack_timeout: Duration::from_millis(settings.ack_timeout_ms),
+            idle: Duration::from_millis(settings.mailbox_idle_ms),
+            dedup_secs: settings.dedup_secs,
+        },
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(AppState {
+        limits: Limits::new(
+            settings.ip_rate,
+            settings.ip_burst,
+            settings.device_rate,
+            settings.device_burst,
+        ),
+        platform_key: parse_platform_key(&settings.platform_public_key),
+        metrics: crate::telemetry::init_metrics(),
+        store: store.clone(),
+        registry: registry.clone(),
+        hasher,
+        shutting_down: AtomicBool::new(false),
+        shutdown: shutdown_rx,
+        next_conn: AtomicU64::new(1),
+        open_sessions: AtomicUsize::new(0),
+        settings: settings.clone(),
+    });
+
+    let workers = if settings.workers == 0 {
+        cores
+    } else {
+        settings.workers
+    };
+    let data = web::Data::new(state.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(crate::gateway::http::routes)
+    })
+    .workers(workers)
+    .max_connections(settings.max_connections)
+    .backlog(4096)
+    .disable_signals()
+    .shutdown_timeout(settings.shutdown_drain_ms.div_ceil(1000) + 5)
+    .bind(settings.listen)?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
+    let server = server.run();
+    let handle = server.handle();
+    let sweeper = actix_web::rt::spawn(sweep(state.clone()));
+    info!(%addr, domain = %settings.domain, "listening");
+    on_listen(addr);
+
+    let serving = actix_web::rt::spawn(server);
+    wait_for_signal().await;
+
+    info!("shutting down: refusing new connections, closing sessions");
+    state.shutting_down.store(true, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    // Sessions answer in-flight sends, then close with jitter inside the drain window.
+    let drain = Duration::from_millis(settings.shutdown_drain_ms + 500);
+    let deadline = Instant::now() + drain;
+    while Instant::now() < deadline && state.open_sessions.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    registry.kick_all(sealpost_proto::CloseCode::GoingAway);
+    handle.stop(true).await;
+    let _ = serving.await;
+    sweeper.abort();
+    if let Err(e) = store.sync().await {
+        warn!(error = %e, "final flush failed");
+    }
+    for a in arbiters {
+        a.stop();
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            warn!("cannot install signal handlers; running until killed");
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Periodically hands due expiry-index entries to their mailboxes.
+async fn sweep(state: Arc<AppState>) {
+    let period = Duration::from_millis(state.settings.expiry_sweep_ms);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        state.limits.housekeep();
+        const BATCH: usize = 10_000;
+        loop {
+            let due = match state.store.expired(now_ms(), BATCH) {
+                Ok(due) => due,
+                Err(e) => {
+                    warn!(error = %e, "expiry scan failed");
+                    break;
+                }
+            };
+            let full = due.len() >= BATCH;
+            let mut by_user: BTreeMap<String, Vec<_>> = BTreeMap::new();
+            for entry in due {
+                by_user
+                    .entry(entry.user().to_owned())
+                    .or_default()
+                    .push(entry);
+            }
+            for (user, due) in by_user {
+                let _ = state.registry.call_once(&user, Expire { due }).await;
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Group commit: one thread turns many durability requests into one flush + fsync.
+//!
+//! sled 0.34's `flush()` writes its log with `sync_file_range`, which does not flush the
+//! drive's write cache nor file metadata; after it we `fsync` the data file (and any blob
+//! files) ourselves. Requests that arrive while a flush is running wait for the next one, so
+//! under load one flush covers many appends.
+
+use std::{fs::File, path::PathBuf, sync::mpsc, time::Instant};
+
+use tokio::sync::oneshot;
+
+use super::{Result, StoreError};
+
+type Waiter = oneshot::Sender<Result<()>>;
+
+/// Handle to the commit thread; dropping it stops the thread after it drains.
+pub(crate) struct Committer {
+    tx: mpsc::Sender<Waiter>,
+}
+
+impl Committer {
+    /// Starts the commit thread for `db`, stored in `dir`.
+    pub(crate) fn start(
+        db: sled::Db,
+        dir: PathBuf,
+        group: bool,
+        fsync: bool,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let data_file = File::open(dir.join("db"))?;
+        std::thread::Builder::new()
+            .name("sealpost-commit".into())
+            .spawn(move || {
+                let flush = || -> Result<()> {
+                    db.flush().map_err(StoreError::from)?;
+                    if fsync {
+                        data_file
+                            .sync_data()
+                            .map_err(|e| StoreError::Io(e.to_string()))?;
+                        sync_blobs(&dir).map_err(|e| StoreError::Io(e.to_string()))?;
+                    }
+                    Ok(())
+                };
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    if group {
+                        waiters.extend(rx.try_iter());
+                    }
+                    let started = Instant::now();
+                    let result = if failpoint_active() {
+                        Err(StoreError::Io("failpoint store.sync".into()))
+                    } else {
+                        flush()
+                    };
+                    metrics::histogram!("sealpost_flush_seconds").record(started.elapsed());
+                    metrics::histogram!("sealpost_flush_batch_size").record(waiters.len() as f64);
+                    if result.is_err() {
+                        metrics::counter!("sealpost_flush_failures_total").increment(1);
+                    }
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            })?;
+        Ok(Committer { tx })
+    }
+
+    /// Asks for a flush covering everything written so far.
+    pub(crate) fn request(&self) -> oneshot::Receiver<Result<()>> {
+        let (tx, rx) = oneshot::channel();
+        // If the thread is gone the receiver resolves to an error, reported by the caller.
+        let _ = self.tx.send(tx);
+        rx
+    }
+}
+
+/// sled writes values too large for its log into `blobs/`, and never syncs them.
+fn sync_blobs(dir: &std::path::Path) -> std::io::Result<()> {
+    let blobs = dir.join("blobs");
+    let mut any = false;
+    for entry in std::fs::read_dir(&blobs)? {
+        File::open(entry?.path())?.sync_data()?;
+        any = true;
+    }
+    if any {
+        File::open(&blobs)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Test-only failpoint (debug builds): while the file named by `SEALPOST_FAILPOINT_SYNC`
+/// exists, every flush fails as if the disk were full.
+fn failpoint_active() -> bool {
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    std::env::var_os("SEALPOST_FAILPOINT_SYNC").is_some_and(|p| std::path::Path::new(&p).exists())
+}

@@ -1,0 +1,209 @@
+//! Durable state: accounts, devices and per-device envelope queues.
+//!
+//! This is the only module that imports sled. Everything above it talks to the [`Store`]
+//! trait, which is shaped so that a replicated backend (NATS JetStream) can implement it:
+//! writes are applied with [`Store::write`] and become durable when the future returned by
+//! [`Store::sync`] resolves; callers acknowledge nothing before that.
+//!
+//! Key layouts live in [`keys`], record types in [`records`].
+
+mod committer;
+pub mod keys;
+pub mod records;
+mod sled_store;
+
+use std::{future::Future, pin::Pin};
+
+pub use records::{AccountRecord, DedupRecord, DeviceRecord, EnvelopeRecord, HeadRecord};
+pub use sled_store::{SledStore, StoreOptions};
+
+/// Errors of the store, sorted by source.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The storage engine or the file system failed (disk full, I/O error). Nothing written
+    /// in the failed operation may be assumed durable.
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    /// A stored record could not be decoded: the data directory is damaged or was written by
+    /// an incompatible version.
+    #[error("stored data is corrupt: {0}")]
+    Corruption(String),
+    /// The account already exists.
+    #[error("account already exists")]
+    AccountExists,
+    /// The account or device does not exist.
+    #[error("no such account or device")]
+    NotFound,
+    /// The account has the maximum number of devices.
+    #[error("too many devices")]
+    TooManyDevices,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Corruption(e.to_string()),
+            other => StoreError::Io(other.to_string()),
+        }
+    }
+}
+
+/// Result alias of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Resolves when everything written before [`Store::sync`] was called is durable.
+pub type Durable = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// One write operation of a [`QueueWrite`] batch.
+#[derive(Debug)]
+pub enum QueueOp {
+    /// Store an envelope at `seq` of a device queue (and index its expiry).
+    Append {
+        /// Account handle.
+        user: String,
+        /// Device id.
+        device: u32,
+        /// Sequence number.
+        seq: u64,
+        /// The envelope.
+        record: EnvelopeRecord,
+    },
+    /// Delete an envelope (and its expiry index entry).
+    Remove {
+        /// Account handle.
+        user: String,
+        /// Device id.
+        device: u32,
+        /// Sequence number.
+        seq: u64,
+        /// Its expiry, to find the index entry.
+        expires_ms: u64,
+    },
+    /// Set a device queue's head.
+    Head {
+        /// Account handle.
+        user: String,
+        /// Device id.
+        device: u32,
+        /// New head.
+        head: HeadRecord,
+    },
+    /// Delete a device queue's head (the device was removed).
+    DropHead {
+        /// Account handle.
+        user: String,
+        /// Device id.
+        device: u32,
+    },
+    /// Remember an accepted send for deduplication (and index its expiry).
+    Dedup {
+        /// Account handle.
+        user: String,
+        /// Envelope id.
+        id: [u8; 16],
+        /// The record.
+        record: DedupRecord,
+    },
+    /// Forget a dedup record.
+    ForgetDedup {
+        /// Account handle.
+        user: String,
+        /// Envelope id.
+        id: [u8; 16],
+        /// Its expiry, to find the index entry.
+        expires_ms: u64,
+    },
+}
+
+/// Queue writes applied atomically: all or none survive a crash.
+#[derive(Debug, Default)]
+pub struct QueueWrite {
+    /// The operations, applied in order.
+    pub ops: Vec<QueueOp>,
+}
+
+impl QueueWrite {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Something due for expiry, found through the expiry index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expired {
+    /// An envelope copy.
+    Envelope {
+        /// Account handle.
+        user: String,
+        /// Device id.
+        device: u32,
+        /// Sequence number.
+        seq: u64,
+        /// Its expiry.
+        expires_ms: u64,
+    },
+    /// A dedup record.
+    Dedup {
+        /// Account handle.
+        user: String,
+        /// Envelope id.
+        id: [u8; 16],
+        /// Its expiry.
+        expires_ms: u64,
+    },
+}
+
+impl Expired {
+    /// The account this entry belongs to.
+    pub fn user(&self) -> &str {
+        match self {
+            Expired::Envelope { user, .. } | Expired::Dedup { user, .. } => user,
+        }
+    }
+}
+
+/// The broker's durable state. `Ok(None)` means "nothing stored"; `Err` means the store
+/// failed.
+///
+/// Concurrency contract: each account's queue keys are written by one writer at a time (its
+/// mailbox actor); account and device records are written under the store's own lock.
+pub trait Store: Send + Sync + 'static {
+    /// The account record of `user`.
+    fn account(&self, user: &str) -> Result<Option<AccountRecord>>;
+    /// Creates `user` with its first device; fails with `AccountExists` if taken.
+    fn create_account(&self, user: &str, created_ms: u64, first: DeviceRecord) -> Result<u32>;
+    /// Adds a device to `user`, returning its id.
+    fn add_device(&self, user: &str, device: DeviceRecord, max_devices: usize) -> Result<u32>;
+    /// Removes a device record (its queue is dropped by the caller with [`Store::write`]).
+    fn remove_device(&self, user: &str, device: u32) -> Result<()>;
+    /// One device record.
+    fn device(&self, user: &str, device: u32) -> Result<Option<DeviceRecord>>;
+    /// All devices of `user`, ordered by id.
+    fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>>;
+
+    /// All queue heads of `user`.
+    fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>>;
+    /// The lowest stored sequence number of a device queue.
+    fn first_seq(&self, user: &str, device: u32) -> Result<Option<u64>>;
+    /// Up to `limit` envelopes of a device queue with `seq >= from`, in order.
+    fn read(
+        &self,
+        user: &str,
+        device: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, EnvelopeRecord)>>;
+    /// All stored sequence numbers of a device queue (used when a device is removed).
+    fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>>;
+    /// The dedup record of a send.
+    fn dedup(&self, user: &str, id: &[u8; 16]) -> Result<Option<DedupRecord>>;
+    /// Applies a batch atomically (not yet durable).
+    fn write(&self, batch: QueueWrite) -> Result<()>;
+    /// Resolves once everything written so far is durable. Many calls share one flush.
+    fn sync(&self) -> Durable;
+    /// Up to `limit` index entries due at or before `now_ms`.
+    fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Expired>>;
+    /// Approximate bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64>;
+}

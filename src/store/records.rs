@@ -1,0 +1,137 @@
+//! Stored records: versioned, separate from live actor state and from wire types.
+//!
+//! Each record is MessagePack, a positional array whose first element is the record version.
+//! Decoding rejects versions this build does not know (a future migration reads old ones).
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::StoreError;
+
+/// Version written by this build for every record type.
+pub(crate) const RECORD_VERSION: u8 = 1;
+
+/// An account. The handle is the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// Record version.
+    pub version: u8,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The next device id to hand out; ids are never reused, so an old token can never
+    /// authenticate a newer device.
+    pub next_device: u32,
+}
+
+/// A device of an account.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Record version.
+    pub version: u8,
+    /// Keyed BLAKE3 hash of the device's auth token (never the token itself).
+    pub token_hash: [u8; 32],
+    /// The device's public identity keys, opaque to the broker, published with the device list.
+    #[serde(with = "serde_bytes")]
+    pub identity_keys: Vec<u8>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+impl std::fmt::Debug for DeviceRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRecord")
+            .field("created_ms", &self.created_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The persistent state of one device queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HeadRecord {
+    /// Record version.
+    pub version: u8,
+    /// Sequence number the next appended envelope gets. Starts at 1; never goes back, even
+    /// when the queue is empty, so a device never sees a sequence number reused.
+    pub next_seq: u64,
+    /// Envelopes currently stored in the queue.
+    pub count: u64,
+    /// Ciphertext bytes currently stored in the queue.
+    pub bytes: u64,
+}
+
+/// One stored envelope copy in a device queue.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeRecord {
+    /// Record version.
+    pub version: u8,
+    /// The client's envelope id.
+    #[serde(with = "serde_bytes")]
+    pub id: [u8; 16],
+    /// Delivery class (wire value).
+    pub class: u8,
+    /// When the broker accepted it, ms since the Unix epoch.
+    pub accepted_ms: u64,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// Opaque ciphertext.
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for EnvelopeRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeRecord")
+            .field("expires_ms", &self.expires_ms)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an accepted send stored, kept so a retry with the same id returns the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    /// Record version.
+    pub version: u8,
+    /// When this record may be forgotten, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// The (device, seq) pairs the send was stored at.
+    pub stored: Vec<(u32, u64)>,
+}
+
+pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    rmp_serde::to_vec(record).expect("store records always serialize")
+}
+
+pub(crate) fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, StoreError> {
+    let record: T = rmp_serde::from_slice(bytes)
+        .map_err(|e| StoreError::Corruption(format!("undecodable record: {e}")))?;
+    if record.version() != RECORD_VERSION {
+        return Err(StoreError::Corruption(format!(
+            "unknown record version {}",
+            record.version()
+        )));
+    }
+    Ok(record)
+}
+
+/// Records that carry a version.
+pub(crate) trait Versioned {
+    fn version(&self) -> u8;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn version(&self) -> u8 {
+                self.version
+            }
+        }
+    )*};
+}
+
+versioned!(
+    AccountRecord,
+    DeviceRecord,
+    HeadRecord,
+    EnvelopeRecord,
+    DedupRecord
+);

@@ -1,0 +1,427 @@
+//! The embedded default backend: sled 0.34.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use super::{
+    AccountRecord, DedupRecord, DeviceRecord, Durable, EnvelopeRecord, Expired, HeadRecord,
+    QueueOp, QueueWrite, Result, Store, StoreError,
+    committer::Committer,
+    keys,
+    records::{self, RECORD_VERSION},
+};
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Directory of the sled database.
+    pub dir: PathBuf,
+    /// Share one flush among all appends waiting for it (group commit). Off: one flush per
+    /// append, for comparison.
+    pub group_commit: bool,
+    /// fsync the data file after sled's flush (on by default; off only for benchmarks).
+    pub fsync: bool,
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+}
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    accounts: sled::Tree,
+    queues: sled::Tree,
+    committer: Committer,
+    /// Serializes account and device changes (rare; keeps read-modify-write simple).
+    account_lock: Mutex<()>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `options.dir`. Start-up cost does not grow with the
+    /// number of queued envelopes beyond sled's own log recovery.
+    pub fn open(options: &StoreOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        let db = sled::Config::new()
+            .path(&options.dir)
+            .cache_capacity(options.cache_bytes)
+            // Values above segment_size/4 go to unsynced blob files; a larger segment keeps
+            // every envelope (<= 64 KiB) and most pages in the synced log.
+            .segment_size(8 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()?;
+        let accounts = db.open_tree("accounts")?;
+        let queues = db.open_tree("queues")?;
+        let committer = Committer::start(
+            db.clone(),
+            options.dir.clone(),
+            options.group_commit,
+            options.fsync,
+        )
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(SledStore {
+            db,
+            accounts,
+            queues,
+            committer,
+            account_lock: Mutex::new(()),
+        })
+    }
+
+    /// The data directory layout sled uses; for tests that inspect files.
+    pub fn data_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A poisoned lock only means another thread panicked mid-update of an account; each
+        // update is a single atomic sled batch, so the data is consistent: keep going.
+        self.account_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put_device(&self, batch: &mut sled::Batch, user: &str, id: u32, d: &DeviceRecord) {
+        batch.insert(keys::device(user, id), records::encode(d));
+    }
+}
+
+impl Store for SledStore {
+    fn account(&self, user: &str) -> Result<Option<AccountRecord>> {
+        self.accounts
+            .get(keys::account(user))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    fn create_account(&self, user: &str, created_ms: u64, first: DeviceRecord) -> Result<u32> {
+        let _guard = self.lock();
+        if self.accounts.contains_key(keys::account(user))? {
+            return Err(StoreError::AccountExists);
+        }
+        let account = AccountRecord {
+            version: RECORD_VERSION,
+            created_ms,
+            next_device: 2,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::account(user), records::encode(&account));
+        self.put_device(&mut batch, user, 1, &first);
+        self.accounts.apply_batch(batch)?;
+        Ok(1)
+    }
+
+    fn add_device(&self, user: &str, device: DeviceRecord, max_devices: usize) -> Result<u32> {
+        let _guard = self.lock();
+        let mut account = self.account(user)?.ok_or(StoreError::NotFound)?;
+        if self.accounts.scan_prefix(keys::device_prefix(user)).count() >= max_devices {
+            return Err(StoreError::TooManyDevices);
+        }
+        let id = account.next_device;
+        account.next_device = id.checked_add(1).ok_or(StoreError::TooManyDevices)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::account(user), records::encode(&account));
+        self.put_device(&mut batch, user, id, &device);
+        self.accounts.apply_batch(batch)?;
+        Ok(id)
+    }
+
+    fn remove_device(&self, user: &str, device: u32) -> Result<()> {
+        let _guard = self.lock();
+        match self.accounts.remove(keys::device(user, device))? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    fn device(&self, user: &str, device: u32) -> Result<Option<DeviceRecord>> {
+        self.accounts
+            .get(keys::device(user, device))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>> {
+        let prefix = keys::device_prefix(user);
+        self.accounts
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = device_suffix(&k[prefix.len()..])?;
+                Ok((id, records::decode(&v)?))
+            })
+            .collect()
+    }
+
+    fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>> {
+        let prefix = keys::head_prefix(user);
+        self.queues
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = device_suffix(&k[prefix.len()..])?;
+                Ok((id, records::decode(&v)?))
+            })
+            .collect()
+    }
+
+    fn first_seq(&self, user: &str, device: u32) -> Result<Option<u64>> {
+        match self
+            .queues
+            .scan_prefix(keys::envelope_prefix(user, device))
+            .next()
+        {
+            Some(kv) => Ok(keys::envelope_seq(&kv?.0)),
+            None => Ok(None),
+        }
+    }
+
+    fn read(
+        &self,
+        user: &str,
+        device: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, EnvelopeRecord)>> {
+        let start = keys::envelope(user, device, from);
+        let end = keys::envelope(user, device, u64::MAX);
+        let mut out = Vec::new();
+        for kv in self.queues.range(start..=end).take(limit) {
+            let (k, v) = kv?;
+            let seq = keys::envelope_seq(&k)
+                .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
+            out.push((seq, records::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>> {
+        self.queues
+            .scan_prefix(keys::envelope_prefix(user, device))
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = keys::envelope_seq(&k)
+                    .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
+                let rec: EnvelopeRecord = records::decode(&v)?;
+                Ok((seq, rec.expires_ms))
+            })
+            .collect()
+    }
+
+    fn dedup(&self, user: &str, id: &[u8; 16]) -> Result<Option<DedupRecord>> {
+        self.queues
+            .get(keys::dedup(user, id))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    fn write(&self, write: QueueWrite) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for op in write.ops {
+            match op {
+                QueueOp::Append {
+                    user,
+                    device,
+                    seq,
+                    record,
+                } => {
+                    batch.insert(
+                        keys::expiry_envelope(record.expires_ms, &user, device, seq),
+                        &[][..],
+                    );
+                    batch.insert(keys::envelope(&user, device, seq), records::encode(&record));
+                }
+                QueueOp::Remove {
+                    user,
+                    device,
+                    seq,
+                    expires_ms,
+                } => {
+                    batch.remove(keys::envelope(&user, device, seq));
+                    batch.remove(keys::expiry_envelope(expires_ms, &user, device, seq));
+                }
+                QueueOp::Head { user, device, head } => {
+                    batch.insert(keys::head(&user, device), records::encode(&head));
+                }
+                QueueOp::DropHead { user, device } => batch.remove(keys::head(&user, device)),
+                QueueOp::Dedup { user, id, record } => {
+                    batch.insert(keys::expiry_dedup(record.expires_ms, &user, &id), &[][..]);
+                    batch.insert(keys::dedup(&user, &id), records::encode(&record));
+                }
+                QueueOp::ForgetDedup {
+                    user,
+                    id,
+                    expires_ms,
+                } => {
+                    batch.remove(keys::dedup(&user, &id));
+                    batch.remove(keys::expiry_dedup(expires_ms, &user, &id));
+                }
+            }
+        }
+        Ok(self.queues.apply_batch(batch)?)
+    }
+
+    fn sync(&self) -> Durable {
+        let rx = self.committer.request();
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError::Io("commit thread stopped".into())))
+        })
+    }
+
+    fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Expired>> {
+        let mut out = Vec::new();
+        for tag in [keys::EXPIRY_ENVELOPE, keys::EXPIRY_DEDUP] {
+            let range = vec![tag]..keys::expiry_until(tag, now_ms);
+            for kv in self
+                .queues
+                .range(range)
+                .take(limit.saturating_sub(out.len()))
+            {
+                let (k, _) = kv?;
+                let bad = || StoreError::Corruption("bad expiry key".into());
+                let (expires_ms, user, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
+                let user = user.to_owned();
+                out.push(if tag == keys::EXPIRY_ENVELOPE {
+                    let device = u32::from_be_bytes(
+                        rest.get(..4)
+                            .ok_or_else(bad)?
+                            .try_into()
+                            .map_err(|_| bad())?,
+                    );
+                    let seq = u64::from_be_bytes(
+                        rest.get(4..12)
+                            .ok_or_else(bad)?
+                            .try_into()
+                            .map_err(|_| bad())?,
+                    );
+                    Expired::Envelope {
+                        user,
+                        device,
+                        seq,
+                        expires_ms,
+                    }
+                } else {
+                    let id: [u8; 16] = rest.try_into().map_err(|_| bad())?;
+                    Expired::Dedup {
+                        user,
+                        id,
+                        expires_ms,
+                    }
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+fn device_suffix(rest: &[u8]) -> Result<u32> {
+    let bytes: [u8; 4] = rest
+        .try_into()
+        .map_err(|_| StoreError::Corruption("bad device key".into()))?;
+    Ok(u32::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> SledStore {
+        SledStore::open(&StoreOptions {
+            dir: dir.to_path_buf(),
+            group_commit: true,
+            fsync: true,
+            cache_bytes: 16 << 20,
+        })
+        .unwrap()
+    }
+
+    fn device() -> DeviceRecord {
+        DeviceRecord {
+            version: 1,
+            token_hash: [1; 32],
+            identity_keys: vec![2],
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn accounts_and_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        assert_eq!(s.create_account("a@x", 1, device()).unwrap(), 1);
+        assert!(matches!(
+            s.create_account("a@x", 1, device()),
+            Err(StoreError::AccountExists)
+        ));
+        assert_eq!(s.add_device("a@x", device(), 16).unwrap(), 2);
+        s.remove_device("a@x", 1).unwrap();
+        assert_eq!(
+            s.add_device("a@x", device(), 16).unwrap(),
+            3,
+            "ids are never reused"
+        );
+        let ids: Vec<u32> = s
+            .devices("a@x")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![2, 3]);
+        assert!(matches!(
+            s.add_device("b@x", device(), 16),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            s.add_device("a@x", device(), 2),
+            Err(StoreError::TooManyDevices)
+        ));
+    }
+
+    #[test]
+    fn expiry_index_finds_due_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let rec = |expires_ms| EnvelopeRecord {
+            version: 1,
+            id: [0; 16],
+            class: 0,
+            accepted_ms: 0,
+            expires_ms,
+            ciphertext: vec![],
+        };
+        let mut w = QueueWrite::default();
+        for (seq, exp) in [(1, 100), (2, 200), (3, 300)] {
+            w.ops.push(QueueOp::Append {
+                user: "a@x".into(),
+                device: 1,
+                seq,
+                record: rec(exp),
+            });
+        }
+        s.write(w).unwrap();
+        let due = s.expired(200, 10).unwrap();
+        assert_eq!(due.len(), 2);
+        assert!(matches!(due[1], Expired::Envelope { seq: 2, .. }));
+        assert_eq!(s.read("a@x", 1, 2, 10).unwrap().len(), 2);
+        assert_eq!(s.first_seq("a@x", 1).unwrap(), Some(1));
+    }
+}

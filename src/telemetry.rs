@@ -1,0 +1,82 @@
+//! Logs and metrics.
+//!
+//! Logs carry metadata only — sizes, counts, digests, device ids of the authenticated
+//! connection — never ciphertext, tokens, keys or who sent what to whom.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber (stderr).
+pub fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    // Already installed (tests starting several brokers in one process): keep the first.
+    let _ = result;
+}
+
+/// Installs the global Prometheus recorder and describes every metric.
+pub fn init_metrics() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_quantiles(&[0.5, 0.9, 0.99, 0.999, 1.0])
+        .ok()?
+        .install_recorder()
+        .ok()?;
+    describe();
+    Some(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("sealpost_connections", "Authenticated device connections");
+    describe_gauge!("sealpost_mailboxes", "Live mailbox actors");
+    describe_histogram!(
+        "sealpost_queue_depth",
+        "Per-device queue depth after each append"
+    );
+    describe_histogram!(
+        "sealpost_append_seconds",
+        Unit::Seconds,
+        "Send received to durable"
+    );
+    describe_histogram!("sealpost_flush_seconds", Unit::Seconds, "One flush + fsync");
+    describe_histogram!(
+        "sealpost_flush_batch_size",
+        "Durability requests served by one flush"
+    );
+    describe_counter!("sealpost_appends_total", "Envelope copies made durable");
+    describe_counter!("sealpost_deliveries_total", "Envelopes pushed to devices");
+    describe_counter!(
+        "sealpost_redeliveries_total",
+        "Pushes of envelopes pushed before"
+    );
+    describe_counter!("sealpost_acks_total", "Envelopes acknowledged and deleted");
+    describe_counter!(
+        "sealpost_expirations_total",
+        "Envelopes deleted by TTL expiry"
+    );
+    describe_counter!(
+        "sealpost_ephemeral_total",
+        "Ephemeral envelopes pushed (never stored)"
+    );
+    describe_counter!("sealpost_rejects_total", "Refused requests, by reason");
+    describe_counter!(
+        "sealpost_disconnects_total",
+        "Connections closed by the broker, by reason"
+    );
+    describe_counter!("sealpost_flush_failures_total", "Flushes that failed");
+}
+
+/// Counts a refused request; `reason` is a stable error-code name.
+pub fn reject(reason: &'static str) {
+    metrics::counter!("sealpost_rejects_total", "reason" => reason).increment(1);
+}

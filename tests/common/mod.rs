@@ -1,0 +1,421 @@
+//! Test harness: spawns the real `sealpost` binary on 127.0.0.1:0 with a temp data dir, and
+//! speaks real HTTP and WebSocket frames to it.
+
+#![allow(dead_code, unreachable_pub, clippy::cast_possible_truncation)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use futures_util::{SinkExt, StreamExt};
+use sealpost_proto::{Class, ClientFrame, Copy, DeviceId, EnvelopeId, SendOutcome, ServerFrame};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+/// How long any single wait in a test may take before the test fails. Generous: the machine is
+/// shared; tests wait on conditions, this is only the give-up point.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A broker process.
+pub struct Broker {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    child: Child,
+    args: Vec<String>,
+    /// Everything the broker wrote to stderr (its logs), for privacy scans.
+    pub logs: Arc<Mutex<Vec<u8>>>,
+    pub log_path: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker with test-friendly defaults plus `args`.
+    pub fn start(args: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let log_path = dir.path().join("broker.log");
+        let (child, addr, logs) = spawn(dir.path(), &args, &log_path, None);
+        Broker {
+            dir,
+            addr,
+            child,
+            args,
+            logs,
+            log_path,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status success.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Starts the broker again on the same data dir and port.
+    pub fn restart(&mut self) {
+        let (child, addr, logs) =
+            spawn(self.dir.path(), &self.args, &self.log_path, Some(self.addr));
+        self.child = child;
+        self.addr = addr;
+        self.logs = logs;
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until `metric` reaches at least `value`.
+    pub async fn wait_metric(&self, name: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.metric(name).await >= value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metric {name} never reached {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(
+    dir: &Path,
+    args: &[String],
+    log_path: &Path,
+    addr: Option<SocketAddr>,
+) -> (Child, SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listen = addr.map_or("127.0.0.1:0".to_string(), |a| a.to_string());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+        .arg("serve")
+        .args(["--listen", &listen])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--domain", "test.example", "--log-level", "debug"])
+        .args(["--ip-rate", "0", "--device-rate", "0"])
+        .args(["--shutdown-drain-ms", "200"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn sealpost");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listen line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}; see {}", log_path.display()))
+        .parse()
+        .expect("address");
+    (child, addr, Arc::new(Mutex::new(Vec::new())))
+}
+
+/// Credentials of a registered device.
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub user: String,
+    pub device: DeviceId,
+    pub token: Vec<u8>,
+}
+
+impl Creds {
+    pub fn bearer(&self) -> String {
+        format!(
+            "Bearer {}.{}",
+            self.device.0,
+            URL_SAFE_NO_PAD.encode(&self.token)
+        )
+    }
+}
+
+/// Registers `user` (open registration) and returns its first device.
+pub async fn register(broker: &Broker, user: &str) -> Creds {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/accounts", broker.http()))
+        .json(&serde_json::json!({ "handle": user, "identity_keys": STANDARD.encode(b"keys") }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(
+        resp.status(),
+        201,
+        "register {user}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    creds(resp.json().await.expect("json"))
+}
+
+fn creds(v: serde_json::Value) -> Creds {
+    Creds {
+        user: v["handle"].as_str().expect("handle").to_owned(),
+        device: DeviceId(v["device_id"].as_u64().expect("device_id") as u32),
+        token: URL_SAFE_NO_PAD
+            .decode(v["token"].as_str().expect("token"))
+            .expect("b64"),
+    }
+}
+
+/// Adds a device to the account of `by`.
+pub async fn add_device(broker: &Broker, by: &Creds) -> Creds {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/accounts/{}/devices", broker.http(), by.user))
+        .header("authorization", by.bearer())
+        .json(&serde_json::json!({ "identity_keys": STANDARD.encode(b"keys2") }))
+        .send()
+        .await
+        .expect("add device");
+    assert_eq!(resp.status(), 201);
+    creds(resp.json().await.expect("json"))
+}
+
+pub async fn remove_device(broker: &Broker, by: &Creds, device: DeviceId) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .delete(format!(
+            "{}/v1/accounts/{}/devices/{}",
+            broker.http(),
+            by.user,
+            device.0
+        ))
+        .header("authorization", by.bearer())
+        .send()
+        .await
+        .expect("remove device")
+        .status()
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A device connection speaking raw frames.
+pub struct Device {
+    pub creds: Creds,
+    pub ws: Ws,
+}
+
+/// A raw WebSocket connection to the broker.
+pub async fn connect_raw(broker: &Broker) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(broker.ws_url())
+        .await
+        .expect("connect");
+    ws
+}
+
+/// What came out of the socket.
+#[derive(Debug)]
+pub enum Event {
+    Frame(ServerFrame),
+    Closed(Option<(u16, String)>),
+}
+
+/// Next event: a decoded frame or the close (with code and reason).
+pub async fn next_event(ws: &mut Ws) -> Event {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out waiting for a frame");
+        match msg {
+            Some(Ok(Message::Binary(b))) => {
+                return Event::Frame(ServerFrame::decode(&b).expect("broker frame decodes"));
+            }
+            Some(Ok(Message::Close(c))) => {
+                return Event::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Event::Closed(None),
+        }
+    }
+}
+
+impl Device {
+    pub async fn connect(broker: &Broker, creds: &Creds) -> Device {
+        let mut ws = connect_raw(broker).await;
+        let auth = ClientFrame::Auth {
+            user: creds.user.clone(),
+            device: creds.device,
+            token: creds.token.clone(),
+        };
+        ws.send(Message::Binary(auth.encode().into()))
+            .await
+            .expect("send auth");
+        match next_event(&mut ws).await {
+            Event::Frame(ServerFrame::AuthOk { device, .. }) => assert_eq!(device, creds.device),
+            other => panic!("expected auth_ok, got {other:?}"),
+        }
+        Device {
+            creds: creds.clone(),
+            ws,
+        }
+    }
+
+    pub async fn send_frame(&mut self, frame: &ClientFrame) {
+        self.ws
+            .send(Message::Binary(frame.encode().into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(bytes.into()))
+            .await
+            .expect("send raw");
+    }
+
+    pub async fn next(&mut self) -> Event {
+        next_event(&mut self.ws).await
+    }
+
+    pub async fn frame(&mut self) -> ServerFrame {
+        match self.next().await {
+            Event::Frame(f) => f,
+            Event::Closed(c) => panic!("connection closed: {c:?}"),
+        }
+    }
+
+    /// Sends one envelope to `to` with a copy per device in `devices`.
+    pub async fn send_to(
+        &mut self,
+        id: EnvelopeId,
+        to: &str,
+        devices: &[DeviceId],
+        class: Class,
+        ttl_secs: u32,
+        body: &[u8],
+    ) {
+        let copies = devices
+            .iter()
+            .map(|d| Copy {
+                device: *d,
+                ciphertext: body.to_vec(),
+            })
+            .collect();
+        self.send_frame(&ClientFrame::Send {
+            id,
+            to: to.to_owned(),
+            class,
+            ttl_secs,
+            copies,
+        })
+        .await;
+    }
+
+    /// Reads frames until the send result for `id`, returning it and any other frames seen.
+    pub async fn result_for(&mut self, id: EnvelopeId) -> (SendOutcome, Vec<ServerFrame>) {
+        let mut others = Vec::new();
+        loop {
+            match self.frame().await {
+                ServerFrame::SendResult { id: got, outcome } if got == id => {
+                    return (outcome, others);
+                }
+                other => others.push(other),
+            }
+        }
+    }
+
+    /// Sends and waits for the result.
+    pub async fn send_and_wait(
+        &mut self,
+        id: EnvelopeId,
+        to: &str,
+        devices: &[DeviceId],
+        body: &[u8],
+    ) -> SendOutcome {
+        self.send_to(id, to, devices, Class::Durable, 3600, body)
+            .await;
+        self.result_for(id).await.0
+    }
+
+    pub async fn ack(&mut self, seqs: Vec<u64>) {
+        self.send_frame(&ClientFrame::Ack { seqs }).await;
+    }
+
+    /// Collects deliveries until `queue_empty`, acking nothing.
+    pub async fn backlog(&mut self) -> Vec<(u64, sealpost_proto::Envelope)> {
+        let mut out = Vec::new();
+        loop {
+            match self.frame().await {
+                ServerFrame::Deliver { seq, envelope } => out.push((seq, envelope)),
+                ServerFrame::QueueEmpty => return out,
+                other => panic!("unexpected frame in backlog: {other:?}"),
+            }
+        }
+    }
+
+    /// The next delivery (skipping nothing else).
+    pub async fn deliver(&mut self) -> (u64, sealpost_proto::Envelope) {
+        match self.frame().await {
+            ServerFrame::Deliver { seq, envelope } => (seq, envelope),
+            other => panic!("expected deliver, got {other:?}"),
+        }
+    }
+}
+
+/// A fresh random envelope id.
+pub fn eid() -> EnvelopeId {
+    EnvelopeId(rand::random())
+}
+
+/// Whether any file under `dir` contains `needle`.
+pub fn dir_contains(dir: &Path, needle: &[u8]) -> bool {
+    sealpost::store::SledStore::data_files(dir).iter().any(|p| {
+        std::fs::read(p).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+    })
+}

@@ -1,0 +1,294 @@
+#![allow(clippy::cast_possible_truncation)]
+//! Delivery contract against a real broker process: online fan-out, offline backlog,
+//! idempotent retries, displacement, quota, TTL, stale device sets, ephemeral class.
+
+mod common;
+
+use common::*;
+use sealpost_proto::{Class, CloseCode, DeviceId, ErrorCode, Notice, SendOutcome, ServerFrame};
+
+#[tokio::test]
+async fn online_delivery_reaches_every_device_in_order() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob1 = register(&broker, "bob@test.example").await;
+    let bob2 = add_device(&broker, &bob1).await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let mut b1 = Device::connect(&broker, &bob1).await;
+    let mut b2 = Device::connect(&broker, &bob2).await;
+    assert!(b1.backlog().await.is_empty());
+    assert!(b2.backlog().await.is_empty());
+    let devices = [bob1.device, bob2.device];
+    let mut ids = Vec::new();
+    for i in 0..20u8 {
+        let id = eid();
+        ids.push(id);
+        assert_eq!(
+            a.send_and_wait(id, &bob1.user, &devices, &[i; 32]).await,
+            SendOutcome::Accepted { duplicate: false }
+        );
+    }
+    for dev in [&mut b1, &mut b2] {
+        let mut seqs = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (seq, env) = dev.deliver().await;
+            assert_eq!(env.id, *id);
+            assert_eq!(env.ciphertext, vec![i as u8; 32]);
+            seqs.push(seq);
+        }
+        assert_eq!(
+            seqs,
+            (1..=20).collect::<Vec<u64>>(),
+            "gap-free per-device sequence"
+        );
+        dev.ack(seqs).await;
+    }
+    broker.wait_metric("sealpost_acks_total", 40.0).await;
+}
+
+#[tokio::test]
+async fn offline_backlog_then_queue_empty_and_acked_not_redelivered() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    for i in 0..10u8 {
+        let outcome = a.send_and_wait(eid(), &bob.user, &[bob.device], &[i]).await;
+        assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    }
+    let mut b = Device::connect(&broker, &bob).await;
+    let backlog = b.backlog().await;
+    assert_eq!(backlog.len(), 10);
+    let bodies: Vec<u8> = backlog.iter().map(|(_, e)| e.ciphertext[0]).collect();
+    assert_eq!(bodies, (0..10).collect::<Vec<u8>>());
+    // Ack the first half, reconnect: only the second half comes back, same seqs.
+    b.ack(backlog[..5].iter().map(|(s, _)| *s).collect()).await;
+    broker.wait_metric("sealpost_acks_total", 5.0).await;
+    drop(b);
+    let mut b = Device::connect(&broker, &bob).await;
+    let again = b.backlog().await;
+    let seqs: Vec<u64> = again.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        backlog[5..].iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_retried_send_is_stored_once() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let id = eid();
+    assert_eq!(
+        a.send_and_wait(id, &bob.user, &[bob.device], b"x").await,
+        SendOutcome::Accepted { duplicate: false }
+    );
+    assert_eq!(
+        a.send_and_wait(id, &bob.user, &[bob.device], b"x").await,
+        SendOutcome::Accepted { duplicate: true }
+    );
+    let mut b = Device::connect(&broker, &bob).await;
+    assert_eq!(b.backlog().await.len(), 1);
+    assert_eq!(broker.metric("sealpost_appends_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_second_connection_displaces_the_first() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let mut first = Device::connect(&broker, &bob).await;
+    assert!(first.backlog().await.is_empty());
+    let mut second = Device::connect(&broker, &bob).await;
+    assert!(second.backlog().await.is_empty());
+    match first.next().await {
+        Event::Closed(Some((code, reason))) => {
+            assert_eq!(code, CloseCode::Displaced.as_u16());
+            assert_eq!(reason, "displaced");
+        }
+        other => panic!("expected displaced close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn quota_refuses_with_mailbox_full_and_notifies_the_recipient() {
+    let broker = Broker::start(&["--queue-quota", "3"]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let mut b = Device::connect(&broker, &bob).await;
+    assert!(b.backlog().await.is_empty());
+    for _ in 0..3 {
+        let outcome = a.send_and_wait(eid(), &bob.user, &[bob.device], b"m").await;
+        assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    }
+    let outcome = a.send_and_wait(eid(), &bob.user, &[bob.device], b"m").await;
+    assert_eq!(
+        outcome,
+        SendOutcome::Rejected {
+            code: ErrorCode::MailboxFull,
+            current_devices: vec![]
+        }
+    );
+    // The recipient sees its 3 envelopes, then the notice; nothing was dropped.
+    let mut seqs = Vec::new();
+    loop {
+        match b.frame().await {
+            ServerFrame::Deliver { seq, .. } => seqs.push(seq),
+            ServerFrame::Notice {
+                notice: Notice::MailboxFull,
+                device,
+            } => {
+                assert_eq!(device, bob.device);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs, vec![1, 2, 3]);
+    // Draining makes room again.
+    b.ack(seqs).await;
+    broker.wait_metric("sealpost_acks_total", 3.0).await;
+    let outcome = a.send_and_wait(eid(), &bob.user, &[bob.device], b"m").await;
+    assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+}
+
+#[tokio::test]
+async fn expired_envelopes_are_deleted() {
+    let broker = Broker::start(&["--expiry-sweep-ms", "50"]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let ring = eid();
+    a.send_to(ring, &bob.user, &[bob.device], Class::Urgent, 1, b"ring")
+        .await;
+    assert_eq!(
+        a.result_for(ring).await.0,
+        SendOutcome::Accepted { duplicate: false }
+    );
+    let keep = eid();
+    a.send_to(
+        keep,
+        &bob.user,
+        &[bob.device],
+        Class::Durable,
+        3600,
+        b"keep",
+    )
+    .await;
+    assert_eq!(
+        a.result_for(keep).await.0,
+        SendOutcome::Accepted { duplicate: false }
+    );
+    broker.wait_metric("sealpost_expirations_total", 1.0).await;
+    let mut b = Device::connect(&broker, &bob).await;
+    let backlog = b.backlog().await;
+    assert_eq!(backlog.len(), 1);
+    assert_eq!(backlog[0].1.id, keep);
+    assert_eq!(
+        backlog[0].0, 2,
+        "sequence numbers are not reused after expiry"
+    );
+}
+
+#[tokio::test]
+async fn stale_device_set_is_refused_with_the_current_list() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob1 = register(&broker, "bob@test.example").await;
+    let bob2 = add_device(&broker, &bob1).await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let outcome = a
+        .send_and_wait(eid(), &bob1.user, &[bob1.device], b"x")
+        .await;
+    assert_eq!(
+        outcome,
+        SendOutcome::Rejected {
+            code: ErrorCode::StaleDevices,
+            current_devices: vec![bob1.device, bob2.device]
+        }
+    );
+    // A device named that does not exist is also stale.
+    let outcome = a
+        .send_and_wait(
+            eid(),
+            &bob1.user,
+            &[bob1.device, bob2.device, DeviceId(9)],
+            b"x",
+        )
+        .await;
+    assert!(matches!(
+        outcome,
+        SendOutcome::Rejected {
+            code: ErrorCode::StaleDevices,
+            ..
+        }
+    ));
+    // After removing a device the list shrinks and its token stops working.
+    assert_eq!(remove_device(&broker, &bob1, bob2.device).await, 204);
+    let outcome = a
+        .send_and_wait(eid(), &bob1.user, &[bob1.device], b"x")
+        .await;
+    assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    let mut raw = connect_raw(&broker).await;
+    let auth = sealpost_proto::ClientFrame::Auth {
+        user: bob2.user.clone(),
+        device: bob2.device,
+        token: bob2.token.clone(),
+    };
+    futures_util::SinkExt::send(&mut raw, auth.encode().into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut raw).await,
+        Event::Frame(ServerFrame::Error {
+            code: ErrorCode::BadToken,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn ephemeral_reaches_connected_devices_and_never_touches_disk() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob1 = register(&broker, "bob@test.example").await;
+    let bob2 = add_device(&broker, &bob1).await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let mut b1 = Device::connect(&broker, &bob1).await;
+    assert!(b1.backlog().await.is_empty());
+    let canary = b"EPHEMERAL-CANARY-7f3a9c1e-typing";
+    let id = eid();
+    a.send_to(
+        id,
+        &bob1.user,
+        &[bob1.device, bob2.device],
+        Class::Ephemeral,
+        10,
+        canary,
+    )
+    .await;
+    assert_eq!(
+        a.result_for(id).await.0,
+        SendOutcome::Accepted { duplicate: false }
+    );
+    match b1.frame().await {
+        ServerFrame::DeliverEphemeral { envelope } => assert_eq!(envelope.ciphertext, canary),
+        other => panic!("expected ephemeral delivery, got {other:?}"),
+    }
+    // A durable send afterwards forces a flush; the ephemeral bytes are still nowhere on disk.
+    let durable = a
+        .send_and_wait(eid(), &bob1.user, &[bob1.device, bob2.device], b"d")
+        .await;
+    assert_eq!(durable, SendOutcome::Accepted { duplicate: false });
+    // The offline device gets only the durable one.
+    let mut b2 = Device::connect(&broker, &bob2).await;
+    let backlog = b2.backlog().await;
+    assert_eq!(backlog.len(), 1);
+    assert_eq!(backlog[0].1.ciphertext, b"d");
+    assert!(
+        !dir_contains(&broker.data_dir(), canary),
+        "ephemeral envelope written to disk"
+    );
+}
