@@ -443,12 +443,17 @@ impl Live<'_> {
                         ttl_secs,
                         copies: Arc::new(copies),
                     };
+                    // Enqueue now, so a connection's sends reach the mailbox in the order they
+                    // were sent; only a retry (the mailbox stopped meanwhile) goes later.
+                    let first = registry.get_or_spawn(to.as_str()).send(msg.clone());
                     pending.push(Box::pin(async move {
-                        let outcome = registry.call(to.as_str(), msg).await.unwrap_or_else(|_| {
-                            SendOutcome::Rejected {
-                                code: ErrorCode::Internal,
-                                current_devices: Vec::new(),
-                            }
+                        let outcome = match first.await {
+                            Ok(outcome) => Ok(outcome),
+                            Err(_) => registry.call(to.as_str(), msg).await,
+                        };
+                        let outcome = outcome.unwrap_or_else(|_| SendOutcome::Rejected {
+                            code: ErrorCode::Internal,
+                            current_devices: Vec::new(),
                         });
                         (id, outcome)
                     }));

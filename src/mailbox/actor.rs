@@ -587,12 +587,18 @@ impl Handler<Ack> for Mailbox {
                 device: msg.device.0,
                 head,
             });
-            // Deletions need not wait for a flush: if one is lost in a crash the envelope is
-            // delivered again and the client drops it by id (at-least-once).
+            // Nobody waits for deletions to be durable, but they ride the next group commit,
+            // so an acknowledged envelope is not delivered again after a later crash.
             match self.store.write(write) {
                 Ok(()) => {
                     q.head = head;
                     metrics::counter!("sealpost_acks_total").increment(acked);
+                    let durable = self.store.sync();
+                    actix::spawn(async move {
+                        if let Err(e) = durable.await {
+                            warn!(error = %e, "flushing acknowledged deletions failed");
+                        }
+                    });
                 }
                 Err(e) => warn!(error = %e, "deleting acknowledged envelopes failed"),
             }

@@ -10,6 +10,9 @@ pub mod actor;
 pub mod messages;
 pub mod registry;
 
+#[cfg(test)]
+mod model_tests;
+
 pub use actor::{Mailbox, MailboxConfig};
 pub use messages::{Conn, ConnId};
 pub use registry::{Registry, RegistryError};

@@ -141,6 +141,11 @@ impl Registry {
             .map_err(|_| RegistryError::Unavailable)
     }
 
+    /// The store mailboxes write to.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     /// Number of live mailboxes.
     pub fn len(&self) -> usize {
         self.lock().len()

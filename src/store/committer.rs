@@ -15,7 +15,18 @@ type Waiter = oneshot::Sender<Result<()>>;
 
 /// Handle to the commit thread; dropping it stops the thread after it drains.
 pub(crate) struct Committer {
-    tx: mpsc::Sender<Waiter>,
+    tx: Option<mpsc::Sender<Waiter>>,
+    /// Joined on drop, so that the database is closed when the store is dropped.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Committer {
@@ -28,7 +39,7 @@ impl Committer {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let data_file = File::open(dir.join("db"))?;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("sealpost-commit".into())
             .spawn(move || {
                 let flush = || -> Result<()> {
@@ -62,14 +73,19 @@ impl Committer {
                     }
                 }
             })?;
-        Ok(Committer { tx })
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Asks for a flush covering everything written so far.
     pub(crate) fn request(&self) -> oneshot::Receiver<Result<()>> {
         let (tx, rx) = oneshot::channel();
         // If the thread is gone the receiver resolves to an error, reported by the caller.
-        let _ = self.tx.send(tx);
+        if let Some(sender) = &self.tx {
+            let _ = sender.send(tx);
+        }
         rx
     }
 }

@@ -1,0 +1,313 @@
+//! Property test: a mailbox (real actor, real sled store) against an in-memory model of
+//! per-device queues, across restarts.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use actix::{Arbiter, System};
+use actix_web::web::Bytes;
+use proptest::prelude::*;
+use sealpost_proto::{Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    MailboxConfig, Registry,
+    messages::{Ack, Attach, Detach, Submit},
+};
+use crate::store::{DeviceRecord, SledStore, Store, StoreOptions};
+
+const USER: &str = "bob@test.example";
+const DEVICES: [DeviceId; 2] = [DeviceId(1), DeviceId(2)];
+const WINDOW: usize = 3;
+const QUOTA: u64 = 6;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A new send (fresh id).
+    Send,
+    /// A retry of the n-th earlier send id.
+    Retry(usize),
+    /// A send naming only the first device (stale set).
+    Stale,
+    Connect(usize),
+    Disconnect(usize),
+    /// Ack the first n in-flight deliveries of a device.
+    Ack(usize, usize),
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => Just(Op::Send),
+        1 => (0usize..8).prop_map(Op::Retry),
+        1 => Just(Op::Stale),
+        2 => (0usize..2).prop_map(Op::Connect),
+        1 => (0usize..2).prop_map(Op::Disconnect),
+        3 => (0usize..2, 1usize..4).prop_map(|(d, n)| Op::Ack(d, n)),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// The model of one device queue and its connection.
+#[derive(Default)]
+struct ModelDevice {
+    /// Stored, unacknowledged: (seq, id).
+    queue: VecDeque<(u64, EnvelopeId)>,
+    next_seq: u64,
+    conn: Option<ModelConn>,
+}
+
+struct ModelConn {
+    id: u64,
+    rx: mpsc::Receiver<Bytes>,
+    _kick: oneshot::Receiver<sealpost_proto::CloseCode>,
+    /// Delivered on this connection, not yet acked, in order.
+    in_flight: VecDeque<(u64, EnvelopeId)>,
+    /// Index into the queue of the next expected delivery.
+    expect: usize,
+    queue_empty_due: bool,
+}
+
+struct Broker {
+    registry: Arc<Registry>,
+    arbiter: Arbiter,
+}
+
+fn open(dir: &std::path::Path) -> Broker {
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&StoreOptions {
+            dir: dir.to_path_buf(),
+            group_commit: true,
+            fsync: false,
+            cache_bytes: 4 << 20,
+        })
+        .expect("open store"),
+    );
+    let arbiter = Arbiter::new();
+    let registry = Registry::new(
+        vec![arbiter.handle()],
+        store,
+        MailboxConfig {
+            queue_quota: QUOTA,
+            queue_quota_bytes: u64::MAX,
+            window: WINDOW,
+            ack_timeout: Duration::from_secs(3600),
+            idle: Duration::from_secs(3600),
+            dedup_secs: 3600,
+        },
+    );
+    Broker { registry, arbiter }
+}
+
+fn close(b: Broker) {
+    b.arbiter.stop();
+    b.arbiter.join().expect("arbiter joins");
+    drop(b.registry);
+}
+
+/// Reads every frame already pushed to a connection and checks it against the model.
+fn check_pushes(m: &mut ModelDevice) {
+    let Some(conn) = m.conn.as_mut() else { return };
+    while let Ok(bytes) = conn.rx.try_recv() {
+        match ServerFrame::decode(&bytes).expect("frame") {
+            ServerFrame::Deliver { seq, envelope } => {
+                let expected = m.queue.get(conn.expect).copied();
+                assert_eq!(
+                    Some((seq, envelope.id)),
+                    expected,
+                    "delivery out of model order"
+                );
+                conn.expect += 1;
+                conn.in_flight.push_back((seq, envelope.id));
+                assert!(conn.in_flight.len() <= WINDOW, "window exceeded");
+            }
+            ServerFrame::QueueEmpty => {
+                assert!(conn.queue_empty_due, "queue_empty twice");
+                conn.queue_empty_due = false;
+            }
+            ServerFrame::Notice { .. } => {}
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
+    // The window is full, or everything stored has been pushed.
+    assert!(conn.in_flight.len() == WINDOW || conn.expect == m.queue.len());
+    assert!(!conn.queue_empty_due || conn.expect < m.queue.len());
+}
+
+async fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = open(dir.path());
+    // Seed the account through the registry's store.
+    let record = DeviceRecord {
+        version: 1,
+        token_hash: [0; 32],
+        identity_keys: vec![1],
+        created_ms: 0,
+    };
+    seed(&broker, record).await;
+    let mut model: Vec<ModelDevice> = (0..2)
+        .map(|_| ModelDevice {
+            next_seq: 1,
+            ..Default::default()
+        })
+        .collect();
+    let mut ids: Vec<EnvelopeId> = Vec::new();
+    let mut conn_ids = 1u64;
+    for op in ops {
+        match op {
+            Op::Send | Op::Retry(_) | Op::Stale => {
+                let (id, fresh) = match op {
+                    Op::Retry(n) if !ids.is_empty() => (ids[n % ids.len()], false),
+                    _ => (EnvelopeId(rand::random()), true),
+                };
+                let devices: &[DeviceId] = if matches!(op, Op::Stale) {
+                    &DEVICES[..1]
+                } else {
+                    &DEVICES
+                };
+                let copies = devices
+                    .iter()
+                    .map(|d| Copy {
+                        device: *d,
+                        ciphertext: id.0.to_vec(),
+                    })
+                    .collect();
+                let msg = Submit {
+                    id,
+                    class: Class::Durable,
+                    ttl_secs: 3600,
+                    copies: Arc::new(copies),
+                };
+                let outcome = broker.registry.call(USER, msg).await.expect("mailbox");
+                let full = model.iter().any(|m| m.queue.len() as u64 >= QUOTA);
+                let expected = if matches!(op, Op::Stale) {
+                    SendOutcome::Rejected {
+                        code: ErrorCode::StaleDevices,
+                        current_devices: DEVICES.to_vec(),
+                    }
+                } else if !fresh {
+                    SendOutcome::Accepted { duplicate: true }
+                } else if full {
+                    SendOutcome::Rejected {
+                        code: ErrorCode::MailboxFull,
+                        current_devices: vec![],
+                    }
+                } else {
+                    SendOutcome::Accepted { duplicate: false }
+                };
+                assert_eq!(outcome, expected);
+                if expected == (SendOutcome::Accepted { duplicate: false }) {
+                    ids.push(id);
+                    for m in &mut model {
+                        m.queue.push_back((m.next_seq, id));
+                        m.next_seq += 1;
+                    }
+                }
+            }
+            Op::Connect(d) => {
+                let (tx, rx) = mpsc::channel(64);
+                let (kick, kick_rx) = oneshot::channel();
+                conn_ids += 1;
+                let conn = super::Conn {
+                    id: conn_ids,
+                    tx,
+                    kick,
+                };
+                broker
+                    .registry
+                    .call_once(
+                        USER,
+                        Attach {
+                            device: DEVICES[d],
+                            conn,
+                        },
+                    )
+                    .await
+                    .expect("mailbox")
+                    .expect("attach");
+                let m = &mut model[d];
+                m.conn = Some(ModelConn {
+                    id: conn_ids,
+                    rx,
+                    _kick: kick_rx,
+                    in_flight: VecDeque::new(),
+                    expect: 0,
+                    queue_empty_due: true,
+                });
+            }
+            Op::Disconnect(d) => {
+                if let Some(conn) = model[d].conn.take() {
+                    broker
+                        .registry
+                        .call_once(
+                            USER,
+                            Detach {
+                                device: DEVICES[d],
+                                conn: conn.id,
+                            },
+                        )
+                        .await
+                        .expect("mailbox");
+                }
+            }
+            Op::Ack(d, n) => {
+                let m = &mut model[d];
+                let Some(conn) = m.conn.as_mut() else {
+                    continue;
+                };
+                let acked: Vec<(u64, EnvelopeId)> = (0..n.min(conn.in_flight.len()))
+                    .filter_map(|_| conn.in_flight.pop_front())
+                    .collect();
+                let seqs = acked.iter().map(|(s, _)| *s).collect();
+                let unknown = broker
+                    .registry
+                    .call_once(
+                        USER,
+                        Ack {
+                            device: DEVICES[d],
+                            conn: conn.id,
+                            seqs,
+                        },
+                    )
+                    .await
+                    .expect("mailbox");
+                assert!(unknown.is_empty());
+                for a in acked {
+                    assert_eq!(
+                        m.queue.pop_front(),
+                        Some(a),
+                        "acked out of order in the model"
+                    );
+                    conn.expect -= 1;
+                }
+            }
+            Op::Restart => {
+                for m in &mut model {
+                    m.conn = None;
+                }
+                close(broker);
+                broker = open(dir.path());
+            }
+        }
+        for m in &mut model {
+            check_pushes(m);
+        }
+    }
+    close(broker);
+}
+
+async fn seed(broker: &Broker, record: DeviceRecord) {
+    let store = broker.registry.store();
+    store
+        .create_account(USER, 0, record.clone())
+        .expect("create");
+    store.add_device(USER, record, 16).expect("add");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mailbox_matches_model_across_restarts(ops in proptest::collection::vec(op(), 1..60)) {
+        System::new().block_on(run(ops));
+    }
+}
