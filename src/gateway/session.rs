@@ -88,6 +88,11 @@ fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) ->
 
 async fn close(session: Session, code: CloseCode, description: Option<String>) {
     metrics::counter!("sealpost_disconnects_total", "reason" => code.as_str()).increment(1);
+    send_close(session, code, description).await;
+}
+
+/// Closes without counting: for kicks, which the mailbox counted when it kicked.
+async fn send_close(session: Session, code: CloseCode, description: Option<String>) {
     let reason = CloseReason {
         code: actix_ws::CloseCode::Other(code.as_u16()),
         description: Some(description.unwrap_or_else(|| code.as_str().to_owned())),
@@ -149,42 +154,55 @@ async fn authenticate(
             },
         }
     };
-    let refuse = |code: ErrorCode, msg: &str| {
-        telemetry::reject(code.as_str());
-        Err(Some((CloseCode::AuthFailed, msg.to_owned())))
-    };
     let (user, device, token) = match ClientFrame::decode(&bytes) {
         Ok(ClientFrame::Auth {
             user,
             device,
             token,
         }) => (user, device, token),
-        Ok(_) => return refuse(ErrorCode::NotAuthenticated, "the first frame must be auth"),
-        Err(e) => return Err(Some(decode_close(&e))),
+        Ok(_) => {
+            let msg = "the first frame must be auth";
+            return refuse(session, ErrorCode::NotAuthenticated, msg).await;
+        }
+        Err(e) => {
+            let _ = session
+                .binary(error_frame(e.code(), e.to_string(), None))
+                .await;
+            return Err(Some(decode_close(&e)));
+        }
     };
+    // Malformed handle, malformed token, unknown user, unknown device and wrong token all look
+    // the same to the client.
     let Ok(user) = Handle::parse(&user) else {
-        return refuse(ErrorCode::BadToken, "bad credentials");
+        return refuse(session, ErrorCode::BadToken, "bad credentials").await;
     };
     let Some(token) = DeviceToken::from_bytes(&token) else {
-        return refuse(ErrorCode::BadToken, "bad credentials");
+        return refuse(session, ErrorCode::BadToken, "bad credentials").await;
     };
     let record = match state.store.device(user.as_str(), device.0) {
         Ok(r) => r,
-        Err(_) => return refuse(ErrorCode::StoreUnavailable, "store unavailable"),
+        Err(_) => return refuse(session, ErrorCode::StoreUnavailable, "store unavailable").await,
     };
-    // Unknown device and wrong token look the same to the client.
     let ok = record.is_some_and(|r| state.hasher.verify(&token, &r.token_hash));
     if !ok {
-        let _ = session
-            .binary(error_frame(ErrorCode::BadToken, "bad credentials", None))
-            .await;
-        return Err(Some((CloseCode::AuthFailed, "bad credentials".into())));
+        return refuse(session, ErrorCode::BadToken, "bad credentials").await;
     }
     Ok(Authed { user, device })
 }
 
+/// Refuses authentication: an `error` frame saying why, then a close with `auth_failed`.
+async fn refuse(
+    session: &mut Session,
+    code: ErrorCode,
+    msg: &str,
+) -> Result<Authed, Option<(CloseCode, String)>> {
+    let _ = session.binary(error_frame(code, msg, None)).await;
+    Err(Some((CloseCode::AuthFailed, msg.to_owned())))
+}
+
+/// The close for a frame that does not decode. The caller has already sent (and counted) the
+/// `error` frame.
 fn decode_close(e: &DecodeError) -> (CloseCode, String) {
-    telemetry::reject(e.code().as_str());
     match e {
         DecodeError::TooLarge(_) => (CloseCode::TooBig, e.to_string()),
         _ => (CloseCode::ProtocolError, e.to_string()),
@@ -249,13 +267,18 @@ async fn run(
         authed: &authed,
         conn_id,
         violations: 0,
+        kicked: false,
     };
     let end = s
         .relay(&mut session, &mut stream, &mut rx, &mut kick_rx)
         .await;
     detach(&state, &authed, conn_id);
     if let Some((code, text)) = end {
-        close(session, code, Some(text)).await;
+        if s.kicked {
+            send_close(session, code, Some(text)).await;
+        } else {
+            close(session, code, Some(text)).await;
+        }
     }
 }
 
@@ -284,6 +307,8 @@ struct Live<'a> {
     conn_id: u64,
     /// Rate-limit violations so far; past the configured maximum the connection is closed.
     violations: u32,
+    /// Whether the mailbox kicked this connection (and already counted the disconnect).
+    kicked: bool,
 }
 
 impl Live<'_> {
@@ -307,6 +332,7 @@ impl Live<'_> {
                 biased;
                 reason = &mut *kick_rx => {
                     // A dropped sender means the mailbox stopped (shutdown).
+                    self.kicked = reason.is_ok();
                     let code = reason.unwrap_or(CloseCode::GoingAway);
                     return Some((code, code.as_str().to_owned()));
                 }
@@ -394,19 +420,22 @@ impl Live<'_> {
             if self.violations > self.state.settings.max_violations {
                 return Some((CloseCode::RateLimited, "too many frames".into()));
             }
+            // Counted once: `error_frame` counts the refusals it builds.
             let answer = match &frame {
-                ClientFrame::Send { id, .. } => ServerFrame::SendResult {
-                    id: *id,
-                    outcome: SendOutcome::Rejected {
-                        code: ErrorCode::RateLimited,
-                        current_devices: Vec::new(),
-                    },
+                ClientFrame::Send { id, .. } => {
+                    telemetry::reject(ErrorCode::RateLimited.as_str());
+                    ServerFrame::SendResult {
+                        id: *id,
+                        outcome: SendOutcome::Rejected {
+                            code: ErrorCode::RateLimited,
+                            current_devices: Vec::new(),
+                        },
+                    }
+                    .encode()
+                    .into()
                 }
-                .encode()
-                .into(),
                 _ => error_frame(ErrorCode::RateLimited, "slow down", None),
             };
-            telemetry::reject(ErrorCode::RateLimited.as_str());
             let _ = session.binary(answer).await;
             return None;
         }

@@ -77,10 +77,20 @@ impl Broker {
 
     /// SIGTERM and wait for exit; returns the exit status success.
     pub fn terminate(&mut self) -> bool {
+        self.signal_term();
+        self.wait_exit()
+    }
+
+    /// Sends SIGTERM without waiting: graceful shutdown begins.
+    pub fn signal_term(&self) {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
+    }
+
+    /// Waits (blocking) for the process to exit; returns the exit status success.
+    pub fn wait_exit(&mut self) -> bool {
         self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
@@ -107,6 +117,41 @@ impl Broker {
             .sum()
     }
 
+    /// Sum of the series of `name` whose labels contain `label` (e.g. `reason="idle_timeout"`).
+    pub async fn metric_labeled(&self, name: &str, label: &str) -> f64 {
+        let body = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('{'))
+                    .and_then(|rest| rest.split_once('}'))
+                    .is_some_and(|(labels, _)| labels.contains(label))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until the series of `name` with `label` reaches at least `value`.
+    pub async fn wait_metric_labeled(&self, name: &str, label: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.metric_labeled(name, label).await >= value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metric {name}{{{label}}} never reached {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `metric` reaches at least `value`.
     pub async fn wait_metric(&self, name: &str, value: f64) {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -130,6 +175,27 @@ impl Drop for Broker {
     }
 }
 
+/// Test-friendly defaults, each left out when `args` sets the same flag (clap refuses a flag
+/// given twice).
+fn defaults_not_in(args: &[String]) -> Vec<&'static str> {
+    const DEFAULTS: [(&str, &str); 5] = [
+        ("--domain", "test.example"),
+        ("--log-level", "debug"),
+        ("--ip-rate", "0"),
+        ("--device-rate", "0"),
+        ("--shutdown-drain-ms", "200"),
+    ];
+    DEFAULTS
+        .iter()
+        .filter(|(flag, _)| {
+            !args
+                .iter()
+                .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+        })
+        .flat_map(|(flag, value)| [*flag, *value])
+        .collect()
+}
+
 fn spawn(
     dir: &Path,
     args: &[String],
@@ -147,9 +213,7 @@ fn spawn(
         .args(["--listen", &listen])
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .args(["--domain", "test.example", "--log-level", "debug"])
-        .args(["--ip-rate", "0", "--device-rate", "0"])
-        .args(["--shutdown-drain-ms", "200"])
+        .args(defaults_not_in(args))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(log)
@@ -204,7 +268,8 @@ pub async fn register(broker: &Broker, user: &str) -> Creds {
     creds(resp.json().await.expect("json"))
 }
 
-fn creds(v: serde_json::Value) -> Creds {
+/// Credentials from a `201` answer of a registration or device creation.
+pub fn creds(v: serde_json::Value) -> Creds {
     Creds {
         user: v["handle"].as_str().expect("handle").to_owned(),
         device: DeviceId(v["device_id"].as_u64().expect("device_id") as u32),
@@ -284,9 +349,25 @@ pub async fn next_event(ws: &mut Ws) -> Event {
     }
 }
 
+/// Reads until the connection ends; returns the frames seen before, and the close code and
+/// reason (`None` when the connection ended without a close frame).
+pub async fn until_close(ws: &mut Ws) -> (Vec<ServerFrame>, Option<(u16, String)>) {
+    let mut frames = Vec::new();
+    loop {
+        match next_event(ws).await {
+            Event::Frame(f) => frames.push(f),
+            Event::Closed(c) => return (frames, c),
+        }
+    }
+}
+
 impl Device {
     pub async fn connect(broker: &Broker, creds: &Creds) -> Device {
-        let mut ws = connect_raw(broker).await;
+        Device::authenticate(connect_raw(broker).await, creds).await
+    }
+
+    /// Authenticates an open connection as `creds` and waits for `auth_ok`.
+    pub async fn authenticate(mut ws: Ws, creds: &Creds) -> Device {
         let auth = ClientFrame::Auth {
             user: creds.user.clone(),
             device: creds.device,
@@ -406,6 +487,53 @@ impl Device {
             other => panic!("expected deliver, got {other:?}"),
         }
     }
+}
+
+/// Two healthy devices of two accounts, connected with an empty backlog, used to prove that
+/// one client's bad input leaves everybody else unaffected.
+pub struct Pair {
+    pub a: Device,
+    pub b: Device,
+}
+
+impl Pair {
+    /// Registers `a` and `b` (open registration) and connects one device of each.
+    pub async fn connect(broker: &Broker, a: &str, b: &str) -> Pair {
+        let a = register(broker, a).await;
+        let b = register(broker, b).await;
+        Pair::connect_creds(broker, &a, &b).await
+    }
+
+    /// Connects already registered devices and drains their (empty) backlogs.
+    pub async fn connect_creds(broker: &Broker, a: &Creds, b: &Creds) -> Pair {
+        let mut a = Device::connect(broker, a).await;
+        let mut b = Device::connect(broker, b).await;
+        assert!(a.backlog().await.is_empty());
+        assert!(b.backlog().await.is_empty());
+        Pair { a, b }
+    }
+
+    /// A durable send a → b and one b → a, each accepted, delivered intact and acked.
+    pub async fn round_trip(&mut self) {
+        one_way(&mut self.a, &mut self.b).await;
+        one_way(&mut self.b, &mut self.a).await;
+    }
+}
+
+/// `from` sends one envelope to `to`'s device, which receives it and acks it.
+pub async fn one_way(from: &mut Device, to: &mut Device) {
+    let id = eid();
+    let body = id.0.to_vec();
+    let (user, device) = (to.creds.user.clone(), to.creds.device);
+    assert_eq!(
+        from.send_and_wait(id, &user, &[device], &body).await,
+        SendOutcome::Accepted { duplicate: false },
+        "healthy send refused"
+    );
+    let (seq, envelope) = to.deliver().await;
+    assert_eq!(envelope.id, id);
+    assert_eq!(envelope.ciphertext, body);
+    to.ack(vec![seq]).await;
 }
 
 /// A fresh random envelope id.
