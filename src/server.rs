@@ -33,6 +33,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         group_commit: settings.group_commit,
         fsync: settings.fsync,
         cache_bytes: settings.cache_mb * 1024 * 1024,
+        commit_delay: Duration::from_micros(settings.commit_delay_us),
     })?);
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),

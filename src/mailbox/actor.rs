@@ -111,7 +111,15 @@ impl Mailbox {
     fn load(&mut self) -> crate::store::Result<()> {
         let heads: BTreeMap<u32, HeadRecord> = self.store.heads(&self.user)?.into_iter().collect();
         for (id, _) in self.store.devices(&self.user)? {
-            let head = heads.get(&id).copied().unwrap_or_else(empty_head);
+            let mut head = heads.get(&id).copied().unwrap_or_else(empty_head);
+            // Writes survive a crash as a prefix: envelopes may have outlived the head update
+            // that followed them. Never reuse their sequence numbers.
+            if let Some(last) = self.store.last_seq(&self.user, id)?
+                && last >= head.next_seq
+            {
+                head.count += last + 1 - head.next_seq;
+                head.next_seq = last + 1;
+            }
             self.devices.insert(DeviceId(id), DeviceQueue::new(head));
         }
         Ok(())

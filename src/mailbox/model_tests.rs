@@ -79,6 +79,7 @@ fn open(dir: &std::path::Path) -> Broker {
             group_commit: true,
             fsync: false,
             cache_bytes: 4 << 20,
+            commit_delay: Duration::ZERO,
         })
         .expect("open store"),
     );

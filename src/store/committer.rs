@@ -36,6 +36,7 @@ impl Committer {
         dir: PathBuf,
         group: bool,
         fsync: bool,
+        delay: std::time::Duration,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let data_file = File::open(dir.join("db"))?;
@@ -52,11 +53,19 @@ impl Committer {
                     }
                     Ok(())
                 };
+                let mut last_batch = 0usize;
                 while let Ok(first) = rx.recv() {
                     let mut waiters = vec![first];
                     if group {
                         waiters.extend(rx.try_iter());
+                        // Under concurrent load (the last flush served several appends), linger
+                        // briefly so this flush serves more: fewer, larger flushes.
+                        if last_batch > 1 && !delay.is_zero() {
+                            std::thread::sleep(delay);
+                            waiters.extend(rx.try_iter());
+                        }
                     }
+                    last_batch = waiters.len();
                     let started = Instant::now();
                     let result = if failpoint_active() {
                         Err(StoreError::Io("failpoint store.sync".into()))

@@ -115,7 +115,7 @@ pub enum QueueOp {
     },
 }
 
-/// Queue writes applied atomically: all or none survive a crash.
+/// Queue writes, applied in order; after a crash a prefix of them survives.
 #[derive(Debug, Default)]
 pub struct QueueWrite {
     /// The operations, applied in order.
@@ -184,6 +184,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// All queue heads of `user`.
     fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>>;
+    /// The highest stored sequence number of a device queue.
+    fn last_seq(&self, user: &str, device: u32) -> Result<Option<u64>>;
     /// The lowest stored sequence number of a device queue.
     fn first_seq(&self, user: &str, device: u32) -> Result<Option<u64>>;
     /// Up to `limit` envelopes of a device queue with `seq >= from`, in order.
@@ -198,7 +200,9 @@ pub trait Store: Send + Sync + 'static {
     fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>>;
     /// The dedup record of a send.
     fn dedup(&self, user: &str, id: &[u8; 16]) -> Result<Option<DedupRecord>>;
-    /// Applies a batch atomically (not yet durable).
+    /// Applies the writes in order (not yet durable). After a crash, a prefix of the writes
+    /// not yet synced survives; callers order their writes so that every prefix is
+    /// consistent or repairable.
     fn write(&self, batch: QueueWrite) -> Result<()>;
     /// Resolves once everything written so far is durable. Many calls share one flush.
     fn sync(&self) -> Durable;
