@@ -26,7 +26,7 @@ fn open(dir: &std::path::Path, group_commit: bool, fsync: bool) -> SledStore {
     let delay_us = std::env::var("SEALPOST_BENCH_COMMIT_DELAY_US")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
+        .unwrap_or(0);
     SledStore::open(&StoreOptions {
         dir: dir.to_path_buf(),
         group_commit,

@@ -87,7 +87,7 @@ settings! {
     /// fsync the data file on every commit (sled's own flush is only sync_file_range).
     fsync: bool = true, "SEALPOST_FSYNC";
     /// Under concurrent load, microseconds a flush lingers for more appends to join it.
-    commit_delay_us: u64 = 500, "SEALPOST_COMMIT_DELAY_US";
+    commit_delay_us: u64 = 0, "SEALPOST_COMMIT_DELAY_US";
     /// sled page cache, in MiB.
     cache_mb: u64 = 256, "SEALPOST_CACHE_MB";
     /// Most envelopes one device queue may hold; further sends get mailbox_full.

@@ -5,6 +5,11 @@ use std::io::Write;
 use clap::{Parser, Subcommand};
 use sealpost::config::{ServeArgs, Settings};
 
+/// mimalloc: the broker allocates many small, short-lived buffers (frames, sled nodes) across
+/// threads; measured faster than the system allocator on the e2e load test.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sealpost: a federated broker for end-to-end encrypted messages and call signaling.
 #[derive(Parser)]
 #[command(version, about)]

@@ -551,6 +551,10 @@ impl Live<'_> {
         {
             return Err(ErrorCode::EnvelopeTooLarge);
         }
+        // A live mailbox means the account exists (mailboxes are spawned only for accounts).
+        if self.state.registry.get(to.as_str()).is_some() {
+            return Ok(to);
+        }
         match self.state.store.account(to.as_str()) {
             Ok(Some(_)) => Ok(to),
             Ok(None) => Err(ErrorCode::UnknownRecipient),

@@ -1,7 +1,7 @@
 //! The mailbox actor.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashSet, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -66,6 +66,10 @@ struct Live {
     backlog_end: Option<u64>,
     /// Last time this device made progress (attached or acknowledged).
     last_progress: Instant,
+    /// Encoded `deliver` frames of envelopes appended while the device is connected, so the
+    /// live tail is pushed without reading the store back: (seq, frame, expires_ms, len).
+    /// Contiguous, bounded by twice the window; anything else is read from the store.
+    hot: VecDeque<(u64, Bytes, u64, u64)>,
 }
 
 /// The single writer of one user's device queues.
@@ -143,7 +147,8 @@ impl Mailbox {
         }
     }
 
-    /// Pushes what the device's window allows, from the store, in sequence order.
+    /// Pushes what the device's window allows, in sequence order: the live tail from memory,
+    /// anything older from the store.
     fn pump(&mut self, device: DeviceId) {
         let window = self.config.window;
         let Some(q) = self.devices.get_mut(&device) else {
@@ -152,7 +157,24 @@ impl Mailbox {
         let Some(live) = q.conn.as_mut() else { return };
         let mut slow = false;
         while live.in_flight.len() < window && live.cursor < q.durable_next {
-            let want = window - live.in_flight.len();
+            while live.hot.front().is_some_and(|h| h.0 < live.cursor) {
+                live.hot.pop_front();
+            }
+            if let Some(&(seq, _, _, _)) = live.hot.front()
+                && seq == live.cursor
+            {
+                let (seq, frame, expires_ms, len) = live.hot.pop_front().expect("front exists");
+                if !live.push(&mut q.pushed_hwm, seq, frame, expires_ms, len) {
+                    slow = true;
+                    break;
+                }
+                live.cursor = seq + 1;
+                continue;
+            }
+            // Read up to the hot tail (or the window) from the store.
+            let limit = live.hot.front().map_or(q.durable_next, |h| h.0);
+            let want = (window - live.in_flight.len())
+                .min(usize::try_from(limit - live.cursor).unwrap_or(usize::MAX));
             let batch = match self.store.read(&self.user, device.0, live.cursor, want) {
                 Ok(b) => b,
                 Err(e) => {
@@ -160,10 +182,10 @@ impl Mailbox {
                     break;
                 }
             };
-            let mut next = q.durable_next;
             let fetched = batch.len();
+            let mut next = limit;
             for (seq, rec) in batch {
-                if seq >= q.durable_next {
+                if seq >= limit {
                     next = seq;
                     break;
                 }
@@ -174,29 +196,22 @@ impl Mailbox {
                     expires_ms: rec.expires_ms,
                     ciphertext: rec.ciphertext,
                 };
-                let frame = ServerFrame::encode_deliver(seq, &envelope);
-                if live.conn.tx.try_send(Bytes::from(frame)).is_err() {
+                let frame = Bytes::from(ServerFrame::encode_deliver(seq, &envelope));
+                let len = envelope.ciphertext.len() as u64;
+                if !live.push(&mut q.pushed_hwm, seq, frame, envelope.expires_ms, len) {
                     slow = true;
                     next = seq;
                     break;
                 }
-                let len = envelope.ciphertext.len() as u64;
-                live.in_flight
-                    .insert(seq, (envelope.expires_ms, len, false));
-                metrics::counter!("sealpost_deliveries_total").increment(1);
-                if seq <= q.pushed_hwm {
-                    metrics::counter!("sealpost_redeliveries_total").increment(1);
-                }
-                q.pushed_hwm = q.pushed_hwm.max(seq);
                 next = seq + 1;
             }
             live.cursor = next;
-            if slow || fetched < want {
-                // Short read: nothing else stored below durable_next.
-                if !slow {
-                    live.cursor = live.cursor.max(q.durable_next);
-                }
+            if slow {
                 break;
+            }
+            if fetched < want {
+                // Short read: nothing else is stored below the limit.
+                live.cursor = live.cursor.max(limit);
             }
         }
         if slow {
@@ -273,6 +288,29 @@ impl Mailbox {
             device: device.0,
         });
         Ok(())
+    }
+}
+
+impl Live {
+    /// Hands one `deliver` frame to the session; false if its channel is full (slow consumer).
+    fn push(
+        &mut self,
+        pushed_hwm: &mut u64,
+        seq: u64,
+        frame: Bytes,
+        expires_ms: u64,
+        len: u64,
+    ) -> bool {
+        if self.conn.tx.try_send(frame).is_err() {
+            return false;
+        }
+        self.in_flight.insert(seq, (expires_ms, len, false));
+        metrics::counter!("sealpost_deliveries_total").increment(1);
+        if seq <= *pushed_hwm {
+            metrics::counter!("sealpost_redeliveries_total").increment(1);
+        }
+        *pushed_hwm = (*pushed_hwm).max(seq);
+        true
     }
 }
 
@@ -384,6 +422,7 @@ impl Handler<Attach> for Mailbox {
             in_flight: BTreeMap::new(),
             backlog_end: Some(q.durable_next),
             last_progress: Instant::now(),
+            hot: VecDeque::new(),
         });
         metrics::gauge!("sealpost_connections").increment(1.0);
         self.pump(msg.device);
@@ -543,10 +582,27 @@ impl Mailbox {
             return Err(rejected(ErrorCode::StoreUnavailable));
         }
         let mut durable = Vec::with_capacity(heads.len());
-        for (device, head) in heads {
+        let hot_limit = self.config.window * 2;
+        for ((device, head), copy) in heads.into_iter().zip(msg.copies.iter()) {
             if let Some(q) = self.devices.get_mut(&device) {
                 q.head = head;
                 metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
+                let seq = head.next_seq - 1;
+                if let Some(live) = q.conn.as_mut()
+                    && live.hot.len() < hot_limit
+                    && live.hot.back().is_none_or(|h| h.0 + 1 == seq)
+                {
+                    let envelope = Envelope {
+                        id: msg.id,
+                        class: msg.class,
+                        accepted_ms: now,
+                        expires_ms,
+                        ciphertext: copy.ciphertext.clone(),
+                    };
+                    let frame = Bytes::from(ServerFrame::encode_deliver(seq, &envelope));
+                    let len = copy.ciphertext.len() as u64;
+                    live.hot.push_back((seq, frame, expires_ms, len));
+                }
             }
             durable.push((device, head.next_seq));
         }
