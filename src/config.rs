@@ -123,6 +123,11 @@ settings! {
     ip_rate: u32 = 50, "SEALPOST_IP_RATE";
     /// Burst above ip_rate.
     ip_burst: u32 = 200, "SEALPOST_IP_BURST";
+    /// Sealed sends without a delivery token, and anonymous key claims, per second from one IP
+    /// (0 = unlimited).
+    stranger_rate: u32 = 5, "SEALPOST_STRANGER_RATE";
+    /// Key claims per second for one target device (0 = unlimited).
+    claim_rate: u32 = 5, "SEALPOST_CLAIM_RATE";
     /// Rate-limit violations after which a connection is closed.
     max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
     /// Most concurrent connections per HTTP worker.

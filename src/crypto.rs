@@ -15,6 +15,9 @@ use zeroize::Zeroizing;
 /// application-specific.
 const TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 device auth token hash v1";
 
+/// BLAKE3 `derive_key` context for the delivery-token hashing key.
+const DELIVERY_TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 delivery token hash v1";
+
 /// Domain separation prefix of what the platform signs.
 const REGISTRATION_CONTEXT: &[u8] = b"sealpost-registration-v1:";
 
@@ -51,6 +54,7 @@ impl DeviceToken {
 /// directory), so a stolen database alone does not let anyone check token guesses offline.
 pub struct TokenHasher {
     key: Zeroizing<[u8; 32]>,
+    delivery_key: Zeroizing<[u8; 32]>,
 }
 
 impl TokenHasher {
@@ -84,6 +88,7 @@ impl TokenHasher {
         }
         Ok(TokenHasher {
             key: Zeroizing::new(blake3::derive_key(TOKEN_HASH_CONTEXT, &secret)),
+            delivery_key: Zeroizing::new(blake3::derive_key(DELIVERY_TOKEN_HASH_CONTEXT, &secret)),
         })
     }
 
@@ -95,6 +100,21 @@ impl TokenHasher {
     /// Whether `token` matches `stored`, in constant time.
     pub fn verify(&self, token: &DeviceToken, stored: &[u8; 32]) -> bool {
         self.hash(token).ct_eq(stored).into()
+    }
+
+    /// The stored form of a delivery token (any length; clients use 32 random bytes).
+    pub fn hash_delivery_token(&self, token: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.delivery_key, token).as_bytes()
+    }
+
+    /// Whether a delivery token matches `stored`, in constant time.
+    pub fn verify_delivery_token(&self, token: &[u8], stored: &[u8; 32]) -> bool {
+        self.hash_delivery_token(token).ct_eq(stored).into()
+    }
+
+    /// The stored form of a link code.
+    pub fn hash_link_code(&self, code: &str) -> [u8; 32] {
+        blake3::keyed_hash(&self.key, code.as_bytes()).into()
     }
 }
 

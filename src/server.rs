@@ -66,6 +66,8 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
             settings.ip_burst,
             settings.device_rate,
             settings.device_burst,
+            settings.stranger_rate,
+            settings.claim_rate,
         ),
         platform_key: parse_platform_key(&settings.platform_public_key),
         metrics: crate::telemetry::init_metrics(),

@@ -122,6 +122,11 @@ wire_enum! {
         ShuttingDown = 19 => "shutting_down",
         /// The recipient's domain is not served by this broker (federation comes later).
         UnknownDomain = 20 => "unknown_domain",
+        /// A sealed send or key claim lacks a valid delivery token for the recipient.
+        BadDeliveryToken = 21 => "bad_delivery_token",
+        /// The frame is not accepted on this endpoint (the anonymous endpoint takes only
+        /// `sealed_send`).
+        WrongEndpoint = 22 => "wrong_endpoint",
     }
 }
 

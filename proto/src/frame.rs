@@ -21,13 +21,18 @@
 //! | 0x01 | `auth`           | user (str), device (u32), token (bin 32)                |
 //! | 0x02 | `send`           | id (bin 16), to (str), class (u8), ttl_secs (u32), copies ([[device u32, ciphertext bin]]) |
 //! | 0x03 | `ack`            | seqs ([u64])                                            |
+//! | 0x04 | `sealed_send`    | as `send`, then delivery_token (bin 32 or nil)          |
 //! | 0x81 | `auth_ok`        | user (str), device (u32), server_time_ms (u64)          |
 //! | 0x82 | `send_result`    | id (bin 16), code (u16, 0 = accepted), duplicate (bool), current_devices ([u32]) |
 //! | 0x83 | `deliver`        | seq (u64), envelope [id bin 16, class u8, accepted_ms u64, expires_ms u64, ciphertext bin] |
 //! | 0x84 | `deliver_ephemeral` | envelope (as in `deliver`)                           |
 //! | 0x85 | `queue_empty`    | (empty array)                                           |
-//! | 0x86 | `notice`         | kind (u16), device (u32)                                |
+//! | 0x86 | `notice`         | kind (u16: 1 mailbox_full, 2 keys_low), device (u32)    |
 //! | 0x87 | `error`          | code (u16), message (str), seq (u64 or nil)             |
+//!
+//! `sealed_send` is the only frame accepted on the anonymous endpoint (`/v1/sealed`): it is not
+//! tied to any account, and the recipient's delivery token (or its choice to accept sealed
+//! envelopes from anyone) is what admits it.
 //!
 //! Keep-alive uses WebSocket ping/pong control frames, not protocol frames.
 //!
@@ -152,6 +157,22 @@ pub enum ClientFrame {
         /// One ciphertext per recipient device.
         copies: Vec<Copy>,
     },
+    /// Send a sealed envelope over an anonymous connection: nothing in it names the sender.
+    SealedSend {
+        /// Client-chosen id; a retry with the same id returns the first result.
+        id: EnvelopeId,
+        /// Recipient account handle.
+        to: String,
+        /// Delivery class.
+        class: Class,
+        /// Time-to-live in seconds.
+        ttl_secs: u32,
+        /// One sealed ciphertext per recipient device.
+        copies: Vec<Copy>,
+        /// The recipient's delivery token, as handed to its contacts; `None` for recipients
+        /// that accept sealed envelopes from anyone.
+        delivery_token: Option<Vec<u8>>,
+    },
     /// Acknowledge delivered envelopes by sequence number; the broker deletes them.
     Ack {
         /// Sequence numbers of this device's queue.
@@ -175,6 +196,19 @@ impl std::fmt::Debug for ClientFrame {
                 ..
             } => f
                 .debug_struct("Send")
+                .field("id", id)
+                .field("class", class)
+                .field("ttl_secs", ttl_secs)
+                .field("copies", copies)
+                .finish_non_exhaustive(),
+            ClientFrame::SealedSend {
+                id,
+                class,
+                ttl_secs,
+                copies,
+                ..
+            } => f
+                .debug_struct("SealedSend")
                 .field("id", id)
                 .field("class", class)
                 .field("ttl_secs", ttl_secs)
@@ -209,6 +243,8 @@ pub enum SendOutcome {
 pub enum Notice {
     /// A sender was refused because this device's queue is at its quota: drain it.
     MailboxFull = 1,
+    /// This device's one-time keys are running low: upload more.
+    KeysLow = 2,
 }
 
 /// A frame from the broker to a device.
@@ -266,6 +302,7 @@ pub enum ServerFrame {
 const AUTH: u8 = 0x01;
 const SEND: u8 = 0x02;
 const ACK: u8 = 0x03;
+const SEALED_SEND: u8 = 0x04;
 const AUTH_OK: u8 = 0x81;
 const SEND_RESULT: u8 = 0x82;
 const DELIVER: u8 = 0x83;
@@ -281,6 +318,9 @@ struct AuthBody(String, DeviceId, ByteBuf);
 
 #[derive(Serialize, Deserialize)]
 struct SendBody(EnvelopeId, String, Class, u32, Vec<Copy>);
+
+#[derive(Serialize, Deserialize)]
+struct SealedSendBody(EnvelopeId, String, Class, u32, Vec<Copy>, Option<ByteBuf>);
 
 #[derive(Serialize, Deserialize)]
 struct AckBody {
@@ -362,6 +402,24 @@ impl ClientFrame {
                 SEND,
                 &SendBody(*id, to.clone(), *class, *ttl_secs, copies.clone()),
             ),
+            ClientFrame::SealedSend {
+                id,
+                to,
+                class,
+                ttl_secs,
+                copies,
+                delivery_token,
+            } => encode(
+                SEALED_SEND,
+                &SealedSendBody(
+                    *id,
+                    to.clone(),
+                    *class,
+                    *ttl_secs,
+                    copies.clone(),
+                    delivery_token.clone().map(ByteBuf::from),
+                ),
+            ),
             ClientFrame::Ack { seqs } => encode(ACK, &AckBody { seqs: seqs.clone() }),
         }
     }
@@ -386,6 +444,17 @@ impl ClientFrame {
                     class,
                     ttl_secs,
                     copies,
+                }
+            }
+            SEALED_SEND => {
+                let SealedSendBody(id, to, class, ttl_secs, copies, token) = body(rest)?;
+                ClientFrame::SealedSend {
+                    id,
+                    to,
+                    class,
+                    ttl_secs,
+                    copies,
+                    delivery_token: token.map(ByteBuf::into_vec),
                 }
             }
             ACK => {
@@ -486,6 +555,7 @@ impl ServerFrame {
                 let NoticeBody(notice, device) = body(rest)?;
                 let notice = match notice {
                     1 => Notice::MailboxFull,
+                    2 => Notice::KeysLow,
                     other => {
                         return Err(DecodeError::Malformed(format!("unknown notice {other}")));
                     }

@@ -49,6 +49,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::delete().to(remove_device),
     )
     .route("/v1/ws", web::get().to(super::session::upgrade))
+    .route("/v1/sealed", web::get().to(super::sealed::upgrade))
+    .configure(super::keys::routes)
     .route("/healthz", web::get().to(healthz))
     .route("/readyz", web::get().to(readyz))
     .route("/metrics", web::get().to(metrics));
@@ -75,6 +77,9 @@ struct NewDevice {
 #[derive(Deserialize)]
 struct AddDeviceRequest {
     identity_keys: String,
+    /// A link code from an existing device, instead of that device's credentials.
+    #[serde(default)]
+    link_code: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -89,7 +94,7 @@ struct DeviceEntry {
     identity_keys: String,
 }
 
-fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+pub(crate) fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable);
     }
@@ -99,7 +104,7 @@ fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
-fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiError> {
+pub(crate) fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiError> {
     let handle = Handle::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if handle.domain() != state.settings.domain {
         return Err(ApiError::NotFound);
@@ -120,7 +125,7 @@ fn identity_keys(b64: &str) -> Result<Vec<u8>, ApiError> {
 }
 
 /// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`.
-fn authenticate(
+pub(crate) fn authenticate(
     state: &AppState,
     req: &HttpRequest,
     handle: &Handle,
@@ -225,7 +230,26 @@ async fn add_device(
 ) -> Result<HttpResponse, ApiError> {
     rate_limit(&state, &req)?;
     let handle = local_handle(&state, &path)?;
-    authenticate(&state, &req, &handle)?;
+    match &body.link_code {
+        // A new device joining with a code an existing device created (single use).
+        Some(code)
+            if req
+                .headers()
+                .get(actix_web::http::header::AUTHORIZATION)
+                .is_none() =>
+        {
+            let hash = state.hasher.hash_link_code(code);
+            if !state
+                .store
+                .take_link_code(handle.as_str(), &hash, now_ms())?
+            {
+                return Err(ApiError::Unauthorized);
+            }
+        }
+        _ => {
+            authenticate(&state, &req, &handle)?;
+        }
+    }
     let keys = identity_keys(&body.identity_keys)?;
     let token = DeviceToken::generate();
     let record = DeviceRecord {

@@ -3,14 +3,19 @@
 //! status codes. It never touches the store's queues directly.
 //!
 //! - [`http`]: account and device endpoints, health, readiness, metrics.
+//! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
 //! - [`session`]: one task per WebSocket connection (actix-ws).
 //! - [`error`]: API errors and their status codes.
 //! - [`limits`]: per-IP and per-device rate limits.
+//! - [`sealed`]: the anonymous endpoint for sealed sends (no account, no deliveries).
 
 pub mod error;
 pub mod http;
+pub mod keys;
 pub mod limits;
+pub mod sealed;
 pub mod session;
+pub(crate) mod submit;
 
 use std::sync::{
     Arc,

@@ -14,7 +14,6 @@
 
 use std::{
     net::IpAddr,
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -24,28 +23,27 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session}
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use rand::Rng;
 use sealpost_proto::{
-    Class, ClientFrame, CloseCode, DecodeError, DeviceId, EnvelopeId, ErrorCode, Handle,
-    SendOutcome, ServerFrame,
-    limits::{
-        MAX_ACKS_PER_FRAME, MAX_CIPHERTEXT_BYTES, MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS,
-        MAX_FRAME_BYTES, MAX_URGENT_TTL_SECS,
-    },
+    ClientFrame, CloseCode, DecodeError, DeviceId, EnvelopeId, ErrorCode, Handle, SendOutcome,
+    ServerFrame,
+    limits::{MAX_ACKS_PER_FRAME, MAX_FRAME_BYTES},
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use super::{AppState, error::ApiError};
+use super::{
+    AppState,
+    error::ApiError,
+    submit::{PendingSend, admit_sealed, submit, validate_send},
+};
 use crate::{
     clock::now_ms,
     crypto::DeviceToken,
     mailbox::{
         Conn,
-        messages::{Ack, Attach, Detach, Submit},
+        messages::{Ack, Attach, Detach},
     },
     telemetry,
 };
-
-type PendingSend = Pin<Box<dyn Future<Output = (EnvelopeId, SendOutcome)>>>;
 
 /// `GET /v1/ws`: upgrades and spawns the session task.
 pub async fn upgrade(
@@ -74,7 +72,7 @@ pub async fn upgrade(
     Ok(response)
 }
 
-fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) -> Bytes {
+pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) -> Bytes {
     telemetry::reject(code.as_str());
     Bytes::from(
         ServerFrame::Error {
@@ -86,7 +84,7 @@ fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) ->
     )
 }
 
-async fn close(session: Session, code: CloseCode, description: Option<String>) {
+pub(crate) async fn close(session: Session, code: CloseCode, description: Option<String>) {
     metrics::counter!("sealpost_disconnects_total", "reason" => code.as_str()).increment(1);
     send_close(session, code, description).await;
 }
@@ -107,13 +105,16 @@ struct Authed {
 }
 
 /// The result of one step of reading: a frame, or the connection should end with a close.
-enum Incoming {
+pub(crate) enum Incoming {
     Frame(Bytes),
     Control,
     End(Option<(CloseCode, String)>),
 }
 
-async fn next_incoming(session: &mut Session, stream: &mut AggregatedMessageStream) -> Incoming {
+pub(crate) async fn next_incoming(
+    session: &mut Session,
+    stream: &mut AggregatedMessageStream,
+) -> Incoming {
     match stream.recv().await {
         Some(Ok(AggregatedMessage::Binary(bytes))) => Incoming::Frame(bytes),
         Some(Ok(AggregatedMessage::Ping(p))) => {
@@ -202,7 +203,19 @@ async fn refuse(
 
 /// The close for a frame that does not decode. The caller has already sent (and counted) the
 /// `error` frame.
-fn decode_close(e: &DecodeError) -> (CloseCode, String) {
+/// Answers a refused send.
+pub(crate) async fn reject_send(session: &mut Session, id: EnvelopeId, code: ErrorCode) {
+    telemetry::reject(code.as_str());
+    let outcome = SendOutcome::Rejected {
+        code,
+        current_devices: Vec::new(),
+    };
+    let _ = session
+        .binary(ServerFrame::SendResult { id, outcome }.encode())
+        .await;
+}
+
+pub(crate) fn decode_close(e: &DecodeError) -> (CloseCode, String) {
     match e {
         DecodeError::TooLarge(_) => (CloseCode::TooBig, e.to_string()),
         _ => (CloseCode::ProtocolError, e.to_string()),
@@ -214,7 +227,7 @@ async fn run(
     state: Arc<AppState>,
     mut session: Session,
     mut stream: AggregatedMessageStream,
-    _ip: Option<IpAddr>,
+    ip: Option<IpAddr>,
 ) {
     state.open_sessions.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&state);
@@ -266,6 +279,7 @@ async fn run(
         state: &state,
         authed: &authed,
         conn_id,
+        ip,
         violations: 0,
         kicked: false,
     };
@@ -305,6 +319,8 @@ struct Live<'a> {
     state: &'a Arc<AppState>,
     authed: &'a Authed,
     conn_id: u64,
+    /// Source address, for per-IP limits on sealed sends to strangers.
+    ip: Option<IpAddr>,
     /// Rate-limit violations so far; past the configured maximum the connection is closed.
     violations: u32,
     /// Whether the mailbox kicked this connection (and already counted the disconnect).
@@ -422,7 +438,7 @@ impl Live<'_> {
             }
             // Counted once: `error_frame` counts the refusals it builds.
             let answer = match &frame {
-                ClientFrame::Send { id, .. } => {
+                ClientFrame::Send { id, .. } | ClientFrame::SealedSend { id, .. } => {
                     telemetry::reject(ErrorCode::RateLimited.as_str());
                     ServerFrame::SendResult {
                         id: *id,
@@ -454,40 +470,28 @@ impl Live<'_> {
                 class,
                 ttl_secs,
                 copies,
-            } => match self.validate_send(&to, class, ttl_secs, &copies) {
-                Err(code) => {
-                    telemetry::reject(code.as_str());
-                    let outcome = SendOutcome::Rejected {
-                        code,
-                        current_devices: Vec::new(),
-                    };
-                    let frame = ServerFrame::SendResult { id, outcome }.encode();
-                    let _ = session.binary(frame).await;
-                }
-                Ok(to) => {
-                    let registry = self.state.registry.clone();
-                    let msg = Submit {
-                        id,
-                        class,
-                        ttl_secs,
-                        copies: Arc::new(copies),
-                    };
-                    // Enqueue now, so a connection's sends reach the mailbox in the order they
-                    // were sent; only a retry (the mailbox stopped meanwhile) goes later.
-                    let first = registry.get_or_spawn(to.as_str()).send(msg.clone());
-                    pending.push(Box::pin(async move {
-                        let outcome = match first.await {
-                            Ok(outcome) => Ok(outcome),
-                            Err(_) => registry.call(to.as_str(), msg).await,
-                        };
-                        let outcome = outcome.unwrap_or_else(|_| SendOutcome::Rejected {
-                            code: ErrorCode::Internal,
-                            current_devices: Vec::new(),
-                        });
-                        (id, outcome)
-                    }));
-                }
+            } => match validate_send(self.state, &to, class, ttl_secs, &copies) {
+                Ok(to) => pending.push(submit(self.state, to, id, class, ttl_secs, copies)),
+                Err(code) => reject_send(session, id, code).await,
             },
+            ClientFrame::SealedSend {
+                id,
+                to,
+                class,
+                ttl_secs,
+                copies,
+                delivery_token,
+            } => {
+                let admitted =
+                    validate_send(self.state, &to, class, ttl_secs, &copies).and_then(|to| {
+                        admit_sealed(self.state, &to, delivery_token.as_deref(), self.ip)
+                            .map(|()| to)
+                    });
+                match admitted {
+                    Ok(to) => pending.push(submit(self.state, to, id, class, ttl_secs, copies)),
+                    Err(code) => reject_send(session, id, code).await,
+                }
+            }
             ClientFrame::Ack { seqs } => {
                 if seqs.len() > MAX_ACKS_PER_FRAME {
                     let msg = format!("at most {MAX_ACKS_PER_FRAME} seqs per ack");
@@ -515,50 +519,5 @@ impl Live<'_> {
             }
         }
         None
-    }
-
-    /// Checks a send's fields before it reaches a mailbox.
-    fn validate_send(
-        &self,
-        to: &str,
-        class: Class,
-        ttl_secs: u32,
-        copies: &[sealpost_proto::Copy],
-    ) -> Result<Handle, ErrorCode> {
-        let to = Handle::parse(to).map_err(|_| ErrorCode::InvalidHandle)?;
-        if to.domain() != self.state.settings.domain {
-            return Err(ErrorCode::UnknownDomain);
-        }
-        let max_ttl = match class {
-            Class::Durable => MAX_DURABLE_TTL_SECS,
-            Class::Urgent | Class::Ephemeral => MAX_URGENT_TTL_SECS,
-        };
-        if ttl_secs == 0 || ttl_secs > max_ttl {
-            return Err(ErrorCode::InvalidTtl);
-        }
-        if copies.is_empty() || copies.len() > MAX_DEVICES_PER_USER {
-            return Err(ErrorCode::InvalidCopies);
-        }
-        let mut devices: Vec<u32> = copies.iter().map(|c| c.device.0).collect();
-        devices.sort_unstable();
-        devices.dedup();
-        if devices.len() != copies.len() {
-            return Err(ErrorCode::InvalidCopies);
-        }
-        if copies
-            .iter()
-            .any(|c| c.ciphertext.len() > MAX_CIPHERTEXT_BYTES)
-        {
-            return Err(ErrorCode::EnvelopeTooLarge);
-        }
-        // A live mailbox means the account exists (mailboxes are spawned only for accounts).
-        if self.state.registry.get(to.as_str()).is_some() {
-            return Ok(to);
-        }
-        match self.state.store.account(to.as_str()) {
-            Ok(Some(_)) => Ok(to),
-            Ok(None) => Err(ErrorCode::UnknownRecipient),
-            Err(_) => Err(ErrorCode::StoreUnavailable),
-        }
     }
 }

@@ -15,8 +15,8 @@ use tracing::{debug, warn};
 
 use super::{
     messages::{
-        Ack, AddDevice, Attach, AttachError, Conn, CurrentDevices, Detach, Expire, KickAll,
-        RemoveDevice, Submit,
+        Ack, AddDevice, Attach, AttachError, ClaimKey, ClaimedKey, Conn, CurrentDevices, Detach,
+        Expire, KickAll, RemoveDevice, Submit, UploadKeys,
     },
     registry::Registry,
 };
@@ -777,6 +777,7 @@ impl Handler<RemoveDevice> for Mailbox {
         self.last_activity = Instant::now();
         let result = (|| {
             self.store.remove_device(&self.user, msg.device.0)?;
+            self.store.drop_device_keys(&self.user, msg.device.0)?;
             let mut write = QueueWrite::default();
             self.remove_queue_ops(msg.device, &mut write.ops)?;
             self.store.write(write)
@@ -791,6 +792,89 @@ impl Handler<RemoveDevice> for Mailbox {
             act.inflight_syncs -= 1;
             r
         }))
+    }
+}
+
+/// Below this many one-time keys a device is told to upload more.
+const KEYS_LOW: u64 = 10;
+
+impl Handler<UploadKeys> for Mailbox {
+    type Result = ResponseActFuture<Self, Result<u64, crate::store::StoreError>>;
+
+    fn handle(&mut self, msg: UploadKeys, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let result = (|| {
+            if let Some((key_id, key)) = msg.fallback {
+                let record = crate::store::FallbackKeyRecord {
+                    version: crate::store::records::RECORD_VERSION,
+                    key_id,
+                    key,
+                };
+                self.store
+                    .set_fallback_key(&self.user, msg.device.0, record)?;
+            }
+            self.store
+                .put_one_time_keys(&self.user, msg.device.0, msg.one_time)
+        })();
+        let count = match result {
+            Ok(count) => count,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        self.inflight_syncs += 1;
+        Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
+            act.inflight_syncs -= 1;
+            r.map(|()| count)
+        }))
+    }
+}
+
+impl Handler<ClaimKey> for Mailbox {
+    type Result = ResponseActFuture<Self, Result<Option<ClaimedKey>, crate::store::StoreError>>;
+
+    fn handle(&mut self, msg: ClaimKey, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        // The mailbox is the only writer of its user's keys, so a key is taken once.
+        let result = (|| {
+            if !self.devices.contains_key(&msg.device) {
+                return Ok(None);
+            }
+            if let Some((key_id, key)) = self.store.take_one_time_key(&self.user, msg.device.0)? {
+                let (left, _) = self.store.key_count(&self.user, msg.device.0)?;
+                if left < KEYS_LOW
+                    && let Some(live) = self.devices.get(&msg.device).and_then(|q| q.conn.as_ref())
+                {
+                    let frame = ServerFrame::Notice {
+                        notice: Notice::KeysLow,
+                        device: msg.device,
+                    };
+                    let _ = live.conn.tx.try_send(Bytes::from(frame.encode()));
+                }
+                return Ok(Some(ClaimedKey {
+                    key_id,
+                    key,
+                    fallback: false,
+                }));
+            }
+            Ok(self
+                .store
+                .fallback_key(&self.user, msg.device.0)?
+                .map(|f| ClaimedKey {
+                    key_id: f.key_id,
+                    key: f.key,
+                    fallback: true,
+                }))
+        })();
+        match result {
+            Ok(Some(claimed)) if !claimed.fallback => {
+                // The key must stay consumed across a crash, or it could be handed out twice.
+                self.inflight_syncs += 1;
+                Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
+                    act.inflight_syncs -= 1;
+                    r.map(|()| Some(claimed))
+                }))
+            }
+            other => Box::pin(actix::fut::ready(other)),
+        }
     }
 }
 

@@ -104,6 +104,38 @@ pub struct Expire {
     pub due: Vec<Expired>,
 }
 
+/// A device uploads one-time keys and, optionally, a new fallback key.
+#[derive(Message)]
+#[rtype(result = "Result<u64, StoreError>")]
+pub struct UploadKeys {
+    /// The uploading device.
+    pub device: DeviceId,
+    /// (key id, key) pairs, opaque to the broker.
+    pub one_time: Vec<(u64, Vec<u8>)>,
+    /// A new fallback key (key id, key).
+    pub fallback: Option<(u64, Vec<u8>)>,
+}
+
+/// Claim a key of a device to start a session with it: a one-time key (consumed) or, when
+/// none are left, the fallback key.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<Option<ClaimedKey>, StoreError>")]
+pub struct ClaimKey {
+    /// The device whose key is claimed.
+    pub device: DeviceId,
+}
+
+/// A claimed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKey {
+    /// Key id.
+    pub key_id: u64,
+    /// The key, opaque.
+    pub key: Vec<u8>,
+    /// True when this is the fallback key (the device had no one-time key left).
+    pub fallback: bool,
+}
+
 /// Current device ids, for the device list endpoint and stale-set checks.
 #[derive(Message)]
 #[rtype(result = "Vec<DeviceId>")]

@@ -7,6 +7,11 @@
 //! ```text
 //! userhandle_account     b'u' handle                     -> AccountRecord
 //! userdevice_device      b'v' handle 0xff device:u32     -> DeviceRecord
+//! userdevicekey_otk      b'o' handle 0xff device:u32 key_id:u64 -> one-time key (opaque)
+//! userdevice_fallback    b'f' handle 0xff device:u32     -> FallbackKeyRecord
+//! user_devicelist        b'l' handle                     -> signed device list (opaque)
+//! user_deliverytoken     b't' handle                     -> DeliveryTokenRecord
+//! usercode_link          b'c' handle 0xff code_hash:[32] -> LinkCodeRecord
 //! ```
 //!
 //! Tree `queues` (one tree, so that a send's writes commit in one atomic batch):
@@ -23,6 +28,11 @@
 
 pub(crate) const ACCOUNT: u8 = b'u';
 pub(crate) const DEVICE: u8 = b'v';
+pub(crate) const ONE_TIME_KEY: u8 = b'o';
+pub(crate) const FALLBACK_KEY: u8 = b'f';
+pub(crate) const DEVICE_LIST: u8 = b'l';
+pub(crate) const DELIVERY_TOKEN: u8 = b't';
+pub(crate) const LINK_CODE: u8 = b'c';
 pub(crate) const HEAD: u8 = b'h';
 pub(crate) const ENVELOPE: u8 = b'e';
 pub(crate) const DEDUP: u8 = b'd';
@@ -51,6 +61,42 @@ pub(crate) fn device(user: &str, device: u32) -> Vec<u8> {
 pub(crate) fn device_prefix(user: &str) -> Vec<u8> {
     let mut k = key(DEVICE, user, 5);
     k.push(SEP);
+    k
+}
+
+/// Prefix of one device's one-time keys.
+pub(crate) fn one_time_key_prefix(user: &str, device: u32) -> Vec<u8> {
+    let mut k = key(ONE_TIME_KEY, user, 13);
+    k.push(SEP);
+    k.extend_from_slice(&device.to_be_bytes());
+    k
+}
+
+pub(crate) fn one_time_key(user: &str, device: u32, key_id: u64) -> Vec<u8> {
+    let mut k = one_time_key_prefix(user, device);
+    k.extend_from_slice(&key_id.to_be_bytes());
+    k
+}
+
+pub(crate) fn fallback_key(user: &str, device: u32) -> Vec<u8> {
+    let mut k = key(FALLBACK_KEY, user, 5);
+    k.push(SEP);
+    k.extend_from_slice(&device.to_be_bytes());
+    k
+}
+
+pub(crate) fn device_list(user: &str) -> Vec<u8> {
+    key(DEVICE_LIST, user, 0)
+}
+
+pub(crate) fn delivery_token(user: &str) -> Vec<u8> {
+    key(DELIVERY_TOKEN, user, 0)
+}
+
+pub(crate) fn link_code(user: &str, code_hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = key(LINK_CODE, user, 33);
+    k.push(SEP);
+    k.extend_from_slice(code_hash);
     k
 }
 

@@ -14,7 +14,10 @@ mod sled_store;
 
 use std::{future::Future, pin::Pin};
 
-pub use records::{AccountRecord, DedupRecord, DeviceRecord, EnvelopeRecord, HeadRecord};
+pub use records::{
+    AccountRecord, DedupRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord,
+    FallbackKeyRecord, HeadRecord, LinkCodeRecord,
+};
 pub use sled_store::{SledStore, StoreOptions};
 
 /// Errors of the store, sorted by source.
@@ -181,6 +184,34 @@ pub trait Store: Send + Sync + 'static {
     fn device(&self, user: &str, device: u32) -> Result<Option<DeviceRecord>>;
     /// All devices of `user`, ordered by id.
     fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>>;
+
+    /// Adds one-time keys to a device (replacing keys with the same ids); returns how many the
+    /// device now has. Called by the user's mailbox, the single writer of its keys.
+    fn put_one_time_keys(&self, user: &str, device: u32, keys: Vec<(u64, Vec<u8>)>) -> Result<u64>;
+    /// Sets a device's fallback key.
+    fn set_fallback_key(&self, user: &str, device: u32, key: FallbackKeyRecord) -> Result<()>;
+    /// One-time key count and whether a fallback key is set.
+    fn key_count(&self, user: &str, device: u32) -> Result<(u64, bool)>;
+    /// Removes and returns the device's lowest one-time key. Called only by the user's mailbox,
+    /// so two claims never get the same key.
+    fn take_one_time_key(&self, user: &str, device: u32) -> Result<Option<(u64, Vec<u8>)>>;
+    /// The device's fallback key.
+    fn fallback_key(&self, user: &str, device: u32) -> Result<Option<FallbackKeyRecord>>;
+    /// Deletes all keys of a removed device.
+    fn drop_device_keys(&self, user: &str, device: u32) -> Result<()>;
+    /// The account's signed device list, opaque.
+    fn device_list(&self, user: &str) -> Result<Option<Vec<u8>>>;
+    /// Replaces the account's signed device list.
+    fn set_device_list(&self, user: &str, signed: Vec<u8>) -> Result<()>;
+    /// The account's sealed-sender admission record.
+    fn delivery_token(&self, user: &str) -> Result<Option<DeliveryTokenRecord>>;
+    /// Replaces the account's sealed-sender admission record.
+    fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> Result<()>;
+    /// Stores a link code (by hash).
+    fn put_link_code(&self, user: &str, code_hash: &[u8; 32], record: LinkCodeRecord)
+    -> Result<()>;
+    /// Consumes a link code: true if it existed and had not expired at `now_ms`.
+    fn take_link_code(&self, user: &str, code_hash: &[u8; 32], now_ms: u64) -> Result<bool>;
 
     /// All queue heads of `user`.
     fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>>;

@@ -97,6 +97,39 @@ pub struct DedupRecord {
     pub stored: Vec<(u32, u64)>,
 }
 
+/// A device's fallback key: handed out when its one-time keys run out, and not consumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FallbackKeyRecord {
+    /// Record version.
+    pub version: u8,
+    /// Client-chosen key id.
+    pub key_id: u64,
+    /// The key, opaque to the broker (signed by the device).
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+}
+
+/// Admission of sealed envelopes to an account: the keyed hash of the delivery token the user
+/// hands to its contacts, and whether envelopes from anyone (no token) are accepted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryTokenRecord {
+    /// Record version.
+    pub version: u8,
+    /// Keyed BLAKE3 hash of the token, if one is set.
+    pub token_hash: Option<[u8; 32]>,
+    /// Accept sealed envelopes without a token (rate-limited).
+    pub unrestricted: bool,
+}
+
+/// A pending link code: lets one new device join the account once, before it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkCodeRecord {
+    /// Record version.
+    pub version: u8,
+    /// Expiry, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
 pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     rmp_serde::to_vec(record).expect("store records always serialize")
 }
@@ -133,5 +166,8 @@ versioned!(
     DeviceRecord,
     HeadRecord,
     EnvelopeRecord,
-    DedupRecord
+    DedupRecord,
+    FallbackKeyRecord,
+    DeliveryTokenRecord,
+    LinkCodeRecord
 );

@@ -6,8 +6,9 @@ use std::{
 };
 
 use super::{
-    AccountRecord, DedupRecord, DeviceRecord, Durable, EnvelopeRecord, Expired, HeadRecord,
-    QueueOp, QueueWrite, Result, Store, StoreError,
+    AccountRecord, DedupRecord, DeliveryTokenRecord, DeviceRecord, Durable, EnvelopeRecord,
+    Expired, FallbackKeyRecord, HeadRecord, LinkCodeRecord, QueueOp, QueueWrite, Result, Store,
+    StoreError,
     committer::Committer,
     keys,
     records::{self, RECORD_VERSION},
@@ -168,6 +169,106 @@ impl Store for SledStore {
                 Ok((id, records::decode(&v)?))
             })
             .collect()
+    }
+
+    fn put_one_time_keys(&self, user: &str, device: u32, keys: Vec<(u64, Vec<u8>)>) -> Result<u64> {
+        for (id, key) in keys {
+            self.accounts
+                .insert(keys::one_time_key(user, device, id), key)?;
+        }
+        Ok(self.key_count(user, device)?.0)
+    }
+
+    fn set_fallback_key(&self, user: &str, device: u32, key: FallbackKeyRecord) -> Result<()> {
+        self.accounts
+            .insert(keys::fallback_key(user, device), records::encode(&key))?;
+        Ok(())
+    }
+
+    fn key_count(&self, user: &str, device: u32) -> Result<(u64, bool)> {
+        let count = self
+            .accounts
+            .scan_prefix(keys::one_time_key_prefix(user, device))
+            .count();
+        let fallback = self
+            .accounts
+            .contains_key(keys::fallback_key(user, device))?;
+        Ok((count as u64, fallback))
+    }
+
+    fn take_one_time_key(&self, user: &str, device: u32) -> Result<Option<(u64, Vec<u8>)>> {
+        let prefix = keys::one_time_key_prefix(user, device);
+        let Some(kv) = self.accounts.scan_prefix(&prefix).next() else {
+            return Ok(None);
+        };
+        let (k, v) = kv?;
+        let id =
+            keys::envelope_seq(&k).ok_or_else(|| StoreError::Corruption("bad key id".into()))?;
+        self.accounts.remove(&k)?;
+        Ok(Some((id, v.to_vec())))
+    }
+
+    fn fallback_key(&self, user: &str, device: u32) -> Result<Option<FallbackKeyRecord>> {
+        self.accounts
+            .get(keys::fallback_key(user, device))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    fn drop_device_keys(&self, user: &str, device: u32) -> Result<()> {
+        for kv in self
+            .accounts
+            .scan_prefix(keys::one_time_key_prefix(user, device))
+        {
+            self.accounts.remove(kv?.0)?;
+        }
+        self.accounts.remove(keys::fallback_key(user, device))?;
+        Ok(())
+    }
+
+    fn device_list(&self, user: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .accounts
+            .get(keys::device_list(user))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn set_device_list(&self, user: &str, signed: Vec<u8>) -> Result<()> {
+        self.accounts.insert(keys::device_list(user), signed)?;
+        Ok(())
+    }
+
+    fn delivery_token(&self, user: &str) -> Result<Option<DeliveryTokenRecord>> {
+        self.accounts
+            .get(keys::delivery_token(user))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> Result<()> {
+        self.accounts
+            .insert(keys::delivery_token(user), records::encode(&record))?;
+        Ok(())
+    }
+
+    fn put_link_code(
+        &self,
+        user: &str,
+        code_hash: &[u8; 32],
+        record: LinkCodeRecord,
+    ) -> Result<()> {
+        self.accounts
+            .insert(keys::link_code(user, code_hash), records::encode(&record))?;
+        Ok(())
+    }
+
+    fn take_link_code(&self, user: &str, code_hash: &[u8; 32], now_ms: u64) -> Result<bool> {
+        let _guard = self.lock();
+        let Some(v) = self.accounts.remove(keys::link_code(user, code_hash))? else {
+            return Ok(false);
+        };
+        let record: LinkCodeRecord = records::decode(&v)?;
+        Ok(record.expires_ms > now_ms)
     }
 
     fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>> {

@@ -178,11 +178,13 @@ impl Drop for Broker {
 /// Test-friendly defaults, each left out when `args` sets the same flag (clap refuses a flag
 /// given twice).
 fn defaults_not_in(args: &[String]) -> Vec<&'static str> {
-    const DEFAULTS: [(&str, &str); 5] = [
+    const DEFAULTS: [(&str, &str); 7] = [
         ("--domain", "test.example"),
         ("--log-level", "debug"),
         ("--ip-rate", "0"),
         ("--device-rate", "0"),
+        ("--stranger-rate", "0"),
+        ("--claim-rate", "0"),
         ("--shutdown-drain-ms", "200"),
     ];
     DEFAULTS

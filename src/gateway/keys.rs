@@ -1,0 +1,376 @@
+//! The key directory and the other per-account public records clients need to encrypt:
+//!
+//! | method | path | auth | what |
+//! |---|---|---|---|
+//! | PUT | `/v1/accounts/{h}/devices/{id}/keys` | that device | upload one-time keys and a fallback key |
+//! | GET | `/v1/accounts/{h}/devices/{id}/keys` | that device | `{one_time, fallback}` counts |
+//! | POST | `/v1/accounts/{h}/devices/{id}/keys/claim` | delivery token, any local device, or open | claim one key |
+//! | GET | `/v1/accounts/{h}/device-list` | none | the signed device list (opaque to the broker) |
+//! | PUT | `/v1/accounts/{h}/device-list` | a device of `h` | replace it |
+//! | PUT | `/v1/accounts/{h}/delivery-token` | a device of `h` | set the sealed-sender admission |
+//! | POST | `/v1/accounts/{h}/link-codes` | a device of `h` | a single-use code to add a device |
+//!
+//! Keys and device lists are opaque bytes signed by clients; clients verify them, the broker
+//! does not. A claim consumes a one-time key atomically (the account's mailbox is the only
+//! writer of its keys) and falls back to the fallback key. Claims are admitted like sealed
+//! sends, by the target's delivery token, so a claim does not name the claimant either.
+
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use rand::RngCore;
+use sealpost_proto::{DeviceId, ErrorCode, Handle};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AppState,
+    error::ApiError,
+    http::{authenticate, local_handle, rate_limit},
+    submit::admit_sealed,
+};
+use crate::{
+    clock::now_ms,
+    mailbox::messages::{ClaimKey, UploadKeys},
+    store::{DeliveryTokenRecord, LinkCodeRecord, records::RECORD_VERSION},
+};
+
+type State = web::Data<Arc<AppState>>;
+
+/// Most one-time keys one upload may carry.
+const MAX_KEYS_PER_UPLOAD: usize = 200;
+/// Most one-time keys a device may hold.
+const MAX_KEYS_PER_DEVICE: u64 = 1000;
+/// Largest key, in bytes.
+const MAX_KEY_BYTES: usize = 512;
+/// Largest signed device list, in bytes.
+const MAX_DEVICE_LIST_BYTES: usize = 64 * 1024;
+/// How long a link code is valid.
+const LINK_CODE_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Registers the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/v1/accounts/{handle}/devices/{id}/keys",
+        web::put().to(upload_keys),
+    )
+    .route(
+        "/v1/accounts/{handle}/devices/{id}/keys",
+        web::get().to(key_count),
+    )
+    .route(
+        "/v1/accounts/{handle}/devices/{id}/keys/claim",
+        web::post().to(claim_key),
+    )
+    .route(
+        "/v1/accounts/{handle}/device-list",
+        web::get().to(get_device_list),
+    )
+    .route(
+        "/v1/accounts/{handle}/device-list",
+        web::put().to(put_device_list),
+    )
+    .route(
+        "/v1/accounts/{handle}/delivery-token",
+        web::put().to(put_delivery_token),
+    )
+    .route(
+        "/v1/accounts/{handle}/link-codes",
+        web::post().to(new_link_code),
+    );
+}
+
+#[derive(Deserialize, Serialize)]
+struct Key {
+    key_id: u64,
+    /// base64
+    key: String,
+}
+
+#[derive(Deserialize)]
+struct UploadRequest {
+    #[serde(default)]
+    one_time_keys: Vec<Key>,
+    #[serde(default)]
+    fallback_key: Option<Key>,
+}
+
+#[derive(Serialize)]
+struct KeyCount {
+    one_time: u64,
+    fallback: bool,
+}
+
+#[derive(Serialize)]
+struct Claimed {
+    key_id: u64,
+    key: String,
+    fallback: bool,
+}
+
+#[derive(Deserialize, Serialize)]
+struct SignedList {
+    /// base64 of the signed device list.
+    signed: String,
+}
+
+#[derive(Deserialize)]
+struct DeliveryTokenRequest {
+    /// base64url of the token; absent or null to remove it.
+    #[serde(default)]
+    token: Option<String>,
+    /// Accept sealed envelopes without a token (rate-limited per source).
+    #[serde(default)]
+    unrestricted: bool,
+}
+
+#[derive(Serialize)]
+struct LinkCode {
+    code: String,
+    expires_ms: u64,
+}
+
+fn decode_key(k: &Key) -> Result<(u64, Vec<u8>), ApiError> {
+    let bytes = STANDARD
+        .decode(&k.key)
+        .map_err(|_| ApiError::BadRequest("key is not base64".into()))?;
+    if bytes.is_empty() || bytes.len() > MAX_KEY_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "keys must be 1..={MAX_KEY_BYTES} bytes"
+        )));
+    }
+    Ok((k.key_id, bytes))
+}
+
+/// Authenticates the device named in the path itself.
+fn authenticate_self(
+    state: &AppState,
+    req: &HttpRequest,
+    handle: &Handle,
+    device: u32,
+) -> Result<(), ApiError> {
+    if authenticate(state, req, handle)? != DeviceId(device) {
+        return Err(ApiError::Forbidden(
+            "only the device itself manages its keys".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn upload_keys(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, u32)>,
+    body: web::Json<UploadRequest>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let (raw, device) = path.into_inner();
+    let handle = local_handle(&state, &raw)?;
+    authenticate_self(&state, &req, &handle, device)?;
+    if body.one_time_keys.len() > MAX_KEYS_PER_UPLOAD {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_KEYS_PER_UPLOAD} keys per upload"
+        )));
+    }
+    let one_time = body
+        .one_time_keys
+        .iter()
+        .map(decode_key)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (have, _) = state.store.key_count(handle.as_str(), device)?;
+    if have + one_time.len() as u64 > MAX_KEYS_PER_DEVICE {
+        return Err(ApiError::BadRequest(format!(
+            "a device holds at most {MAX_KEYS_PER_DEVICE} one-time keys"
+        )));
+    }
+    let fallback = body.fallback_key.as_ref().map(decode_key).transpose()?;
+    let msg = UploadKeys {
+        device: DeviceId(device),
+        one_time,
+        fallback,
+    };
+    let count = state
+        .registry
+        .call_once(handle.as_str(), msg)
+        .await
+        .map_err(|_| ApiError::Unavailable)??;
+    let (_, fallback) = state.store.key_count(handle.as_str(), device)?;
+    Ok(HttpResponse::Ok().json(KeyCount {
+        one_time: count,
+        fallback,
+    }))
+}
+
+async fn key_count(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, u32)>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let (raw, device) = path.into_inner();
+    let handle = local_handle(&state, &raw)?;
+    authenticate_self(&state, &req, &handle, device)?;
+    let (one_time, fallback) = state.store.key_count(handle.as_str(), device)?;
+    Ok(HttpResponse::Ok().json(KeyCount { one_time, fallback }))
+}
+
+/// Admits a claim: the target's delivery token (`Sealpost-Delivery-Token`, base64url), an
+/// authenticated device of any local account (`Sealpost-Account` + `Authorization`), or no
+/// credential for a target that accepts anyone.
+fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(), ApiError> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(account) = header("sealpost-account") {
+        let claimant = local_handle(state, account)?;
+        authenticate(state, req, &claimant)?;
+        return Ok(());
+    }
+    let token = match header("sealpost-delivery-token") {
+        Some(t) => Some(
+            URL_SAFE_NO_PAD
+                .decode(t)
+                .map_err(|_| ApiError::BadRequest("delivery token is not base64url".into()))?,
+        ),
+        None => None,
+    };
+    let ip = req.peer_addr().map(|a| a.ip());
+    match admit_sealed(state, target, token.as_deref(), ip) {
+        Ok(()) => Ok(()),
+        Err(ErrorCode::RateLimited) => Err(ApiError::RateLimited),
+        Err(ErrorCode::StoreUnavailable) => Err(ApiError::Unavailable),
+        Err(_) => Err(ApiError::Unauthorized),
+    }
+}
+
+async fn claim_key(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, u32)>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let (raw, device) = path.into_inner();
+    let handle = local_handle(&state, &raw)?;
+    admit_claim(&state, &req, &handle)?;
+    if !state.limits.allow_claim(handle.as_str(), device) {
+        return Err(ApiError::RateLimited);
+    }
+    if state.store.account(handle.as_str())?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let claimed = state
+        .registry
+        .call(
+            handle.as_str(),
+            ClaimKey {
+                device: DeviceId(device),
+            },
+        )
+        .await
+        .map_err(|_| ApiError::Unavailable)??
+        .ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(Claimed {
+        key_id: claimed.key_id,
+        key: STANDARD.encode(&claimed.key),
+        fallback: claimed.fallback,
+    }))
+}
+
+async fn get_device_list(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let handle = local_handle(&state, &path)?;
+    let signed = state
+        .store
+        .device_list(handle.as_str())?
+        .ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(SignedList {
+        signed: STANDARD.encode(signed),
+    }))
+}
+
+async fn put_device_list(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<SignedList>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let handle = local_handle(&state, &path)?;
+    authenticate(&state, &req, &handle)?;
+    let signed = STANDARD
+        .decode(&body.signed)
+        .map_err(|_| ApiError::BadRequest("signed is not base64".into()))?;
+    if signed.is_empty() || signed.len() > MAX_DEVICE_LIST_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "a signed device list is 1..={MAX_DEVICE_LIST_BYTES} bytes"
+        )));
+    }
+    state.store.set_device_list(handle.as_str(), signed)?;
+    state.store.sync().await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn put_delivery_token(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<DeliveryTokenRequest>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let handle = local_handle(&state, &path)?;
+    authenticate(&state, &req, &handle)?;
+    let token_hash = match &body.token {
+        Some(t) => {
+            let bytes = zeroize::Zeroizing::new(
+                URL_SAFE_NO_PAD
+                    .decode(t)
+                    .map_err(|_| ApiError::BadRequest("token is not base64url".into()))?,
+            );
+            if bytes.len() < 16 || bytes.len() > 64 {
+                return Err(ApiError::BadRequest(
+                    "a delivery token is 16..=64 bytes".into(),
+                ));
+            }
+            Some(state.hasher.hash_delivery_token(&bytes))
+        }
+        None => None,
+    };
+    let record = DeliveryTokenRecord {
+        version: RECORD_VERSION,
+        token_hash,
+        unrestricted: body.unrestricted,
+    };
+    state.store.set_delivery_token(handle.as_str(), record)?;
+    state.store.sync().await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn new_link_code(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    rate_limit(&state, &req)?;
+    let handle = local_handle(&state, &path)?;
+    authenticate(&state, &req, &handle)?;
+    let mut raw = zeroize::Zeroizing::new([0u8; 16]);
+    rand::rngs::OsRng.fill_bytes(raw.as_mut());
+    let code = URL_SAFE_NO_PAD.encode(raw.as_ref());
+    let expires_ms = now_ms() + LINK_CODE_TTL_MS;
+    let hash = state.hasher.hash_link_code(&code);
+    state.store.put_link_code(
+        handle.as_str(),
+        &hash,
+        LinkCodeRecord {
+            version: RECORD_VERSION,
+            expires_ms,
+        },
+    )?;
+    state.store.sync().await?;
+    Ok(HttpResponse::Created().json(LinkCode { code, expires_ms }))
+}

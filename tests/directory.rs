@@ -1,0 +1,340 @@
+//! Key directory, signed device lists, delivery tokens with the anonymous sealed-send
+//! endpoint, and link codes — against a real broker process.
+
+mod common;
+
+use std::collections::HashSet;
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use common::*;
+use futures_util::SinkExt;
+use sealpost_proto::{Class, ClientFrame, Copy, ErrorCode, Notice, SendOutcome, ServerFrame};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn upload(broker: &Broker, c: &Creds, ids: std::ops::Range<u64>, fallback: bool) -> Value {
+    let keys: Vec<Value> = ids
+        .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
+        .collect();
+    let mut body = json!({ "one_time_keys": keys });
+    if fallback {
+        body["fallback_key"] = json!({ "key_id": 9999, "key": STANDARD.encode("fallback") });
+    }
+    let resp = client()
+        .put(format!(
+            "{}/v1/accounts/{}/devices/{}/keys",
+            broker.http(),
+            c.user,
+            c.device.0
+        ))
+        .header("authorization", c.bearer())
+        .json(&body)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    resp.json().await.expect("json")
+}
+
+async fn claim(broker: &Broker, target: &Creds, by: &Creds) -> reqwest::Response {
+    client()
+        .post(format!(
+            "{}/v1/accounts/{}/devices/{}/keys/claim",
+            broker.http(),
+            target.user,
+            target.device.0
+        ))
+        .header("sealpost-account", &by.user)
+        .header("authorization", by.bearer())
+        .send()
+        .await
+        .expect("claim")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_never_share_a_key_and_fall_back() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let alice = register(&broker, "alice@test.example").await;
+    let count = upload(&broker, &bob, 0..30, true).await;
+    assert_eq!(count, json!({ "one_time": 30, "fallback": true }));
+
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (b, a) = (bob.clone(), alice.clone());
+        let url = broker.http();
+        tasks.push(tokio::spawn(async move {
+            let resp = client()
+                .post(format!(
+                    "{url}/v1/accounts/{}/devices/{}/keys/claim",
+                    b.user, b.device.0
+                ))
+                .header("sealpost-account", &a.user)
+                .header("authorization", a.bearer())
+                .send()
+                .await
+                .expect("claim");
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.expect("json")
+        }));
+    }
+    let mut one_time = HashSet::new();
+    let mut fallbacks = 0;
+    for t in tasks {
+        let v = t.await.expect("task");
+        if v["fallback"] == json!(true) {
+            assert_eq!(v["key_id"], json!(9999));
+            fallbacks += 1;
+        } else {
+            assert!(
+                one_time.insert(v["key_id"].as_u64().expect("id")),
+                "a key was handed out twice"
+            );
+        }
+    }
+    assert_eq!(one_time.len(), 30);
+    assert_eq!(fallbacks, 10);
+    // Only the device itself may read its count.
+    let resp = client()
+        .get(format!(
+            "{}/v1/accounts/{}/devices/{}/keys",
+            broker.http(),
+            bob.user,
+            bob.device.0
+        ))
+        .header("authorization", bob.bearer())
+        .send()
+        .await
+        .expect("count");
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({ "one_time": 0, "fallback": true })
+    );
+    let resp = client()
+        .get(format!(
+            "{}/v1/accounts/{}/devices/{}/keys",
+            broker.http(),
+            bob.user,
+            bob.device.0
+        ))
+        .header("authorization", alice.bearer())
+        .send()
+        .await
+        .expect("count");
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn a_connected_device_is_told_when_its_keys_run_low() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let alice = register(&broker, "alice@test.example").await;
+    upload(&broker, &bob, 0..11, false).await;
+    let mut b = Device::connect(&broker, &bob).await;
+    assert!(b.backlog().await.is_empty());
+    assert_eq!(claim(&broker, &bob, &alice).await.status(), 200);
+    assert_eq!(claim(&broker, &bob, &alice).await.status(), 200);
+    match b.frame().await {
+        ServerFrame::Notice {
+            notice: Notice::KeysLow,
+            device,
+        } => assert_eq!(device, bob.device),
+        other => panic!("expected keys_low, got {other:?}"),
+    }
+    // Without any credential, a claim for a user who does not accept strangers is refused.
+    let resp = client()
+        .post(format!(
+            "{}/v1/accounts/{}/devices/{}/keys/claim",
+            broker.http(),
+            bob.user,
+            bob.device.0
+        ))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn signed_device_lists_are_stored_opaquely_and_only_by_the_account() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let alice = register(&broker, "alice@test.example").await;
+    let url = format!("{}/v1/accounts/{}/device-list", broker.http(), bob.user);
+    assert_eq!(client().get(&url).send().await.expect("get").status(), 404);
+    let signed = STANDARD.encode(b"opaque signed list bytes");
+    let put = |who: &Creds| {
+        client()
+            .put(&url)
+            .header("authorization", who.bearer())
+            .json(&json!({ "signed": signed }))
+    };
+    assert_eq!(put(&alice).send().await.expect("put").status(), 401);
+    assert_eq!(put(&bob).send().await.expect("put").status(), 204);
+    let got: Value = client()
+        .get(&url)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(got["signed"], json!(signed));
+}
+
+async fn sealed_send(ws: &mut Ws, to: &Creds, token: Option<Vec<u8>>, body: &[u8]) -> SendOutcome {
+    let id = eid();
+    let frame = ClientFrame::SealedSend {
+        id,
+        to: to.user.clone(),
+        class: Class::Durable,
+        ttl_secs: 60,
+        copies: vec![Copy {
+            device: to.device,
+            ciphertext: body.to_vec(),
+        }],
+        delivery_token: token,
+    };
+    ws.send(Message::Binary(frame.encode().into()))
+        .await
+        .expect("send");
+    loop {
+        match next_event(ws).await {
+            Event::Frame(ServerFrame::SendResult { id: got, outcome }) if got == id => {
+                return outcome;
+            }
+            Event::Frame(_) => continue,
+            Event::Closed(c) => panic!("closed: {c:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sealed_sends_need_the_delivery_token_on_the_anonymous_endpoint() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let token = b"0123456789abcdef0123456789abcdef".to_vec();
+    let set = |body: Value| {
+        client()
+            .put(format!(
+                "{}/v1/accounts/{}/delivery-token",
+                broker.http(),
+                bob.user
+            ))
+            .header("authorization", bob.bearer())
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        set(json!({ "token": URL_SAFE_NO_PAD.encode(&token) }))
+            .await
+            .expect("set")
+            .status(),
+        204
+    );
+
+    let (mut anon, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/sealed", broker.addr))
+        .await
+        .expect("connect sealed");
+    let refused = SendOutcome::Rejected {
+        code: ErrorCode::BadDeliveryToken,
+        current_devices: vec![],
+    };
+    assert_eq!(
+        sealed_send(&mut anon, &bob, None, b"no token").await,
+        refused
+    );
+    assert_eq!(
+        sealed_send(
+            &mut anon,
+            &bob,
+            Some(b"wrong-token-wrong-token!".to_vec()),
+            b"x"
+        )
+        .await,
+        refused
+    );
+    let ok = SendOutcome::Accepted { duplicate: false };
+    assert_eq!(
+        sealed_send(&mut anon, &bob, Some(token.clone()), b"sealed-1").await,
+        ok
+    );
+    // Other frames are refused on this endpoint, which stays usable.
+    anon.send(Message::Binary(
+        ClientFrame::Ack { seqs: vec![1] }.encode().into(),
+    ))
+    .await
+    .expect("send");
+    match next_event(&mut anon).await {
+        Event::Frame(ServerFrame::Error { code, .. }) => assert_eq!(code, ErrorCode::WrongEndpoint),
+        other => panic!("expected wrong_endpoint, got {other:?}"),
+    }
+    // Accept-from-anyone admits tokenless sealed sends.
+    assert_eq!(
+        set(json!({ "unrestricted": true }))
+            .await
+            .expect("set")
+            .status(),
+        204
+    );
+    assert_eq!(sealed_send(&mut anon, &bob, None, b"sealed-2").await, ok);
+
+    let mut b = Device::connect(&broker, &bob).await;
+    let got: Vec<Vec<u8>> = b
+        .backlog()
+        .await
+        .into_iter()
+        .map(|(_, e)| e.ciphertext)
+        .collect();
+    assert_eq!(got, vec![b"sealed-1".to_vec(), b"sealed-2".to_vec()]);
+}
+
+#[tokio::test]
+async fn a_link_code_adds_one_device_once() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let resp = client()
+        .post(format!(
+            "{}/v1/accounts/{}/link-codes",
+            broker.http(),
+            bob.user
+        ))
+        .header("authorization", bob.bearer())
+        .send()
+        .await
+        .expect("link code");
+    assert_eq!(resp.status(), 201);
+    let code = resp.json::<Value>().await.expect("json")["code"]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    let join = || {
+        client()
+            .post(format!(
+                "{}/v1/accounts/{}/devices",
+                broker.http(),
+                bob.user
+            ))
+            .json(
+                &json!({ "identity_keys": STANDARD.encode("new device keys"), "link_code": code }),
+            )
+            .send()
+    };
+    let first = join().await.expect("join");
+    assert_eq!(first.status(), 201);
+    let new = creds(first.json().await.expect("json"));
+    assert_eq!(new.device.0, 2);
+    let _ = Device::connect(&broker, &new).await;
+    assert_eq!(
+        join().await.expect("join").status(),
+        401,
+        "a link code works once"
+    );
+}
