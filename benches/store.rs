@@ -226,7 +226,20 @@ fn startup(count: u64) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let startup_only = std::env::args().any(|a| a == "--startup-only");
     let secs = if quick { 1 } else { 5 };
+    if !startup_only {
+        durability(secs);
+    }
+    let count: u64 = std::env::var("SEALPOST_BENCH_ENVELOPES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 10_000 } else { 1_000_000 });
+    println!("== start-up with {count} envelopes queued ==");
+    startup(count);
+}
+
+fn durability(secs: u64) {
     println!("== durable appends (3 records per append, 256-byte envelope), {secs}s each ==");
     for (group, fsync) in [(true, true), (false, true), (true, false), (false, false)] {
         for writers in [1, 16, 64] {
@@ -236,10 +249,4 @@ fn main() {
             );
         }
     }
-    let count: u64 = std::env::var("SEALPOST_BENCH_ENVELOPES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if quick { 10_000 } else { 1_000_000 });
-    println!("== start-up with {count} envelopes queued ==");
-    startup(count);
 }

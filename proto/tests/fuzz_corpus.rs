@@ -194,6 +194,32 @@ fn client_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
         ),
         ("send_no_copies", send(Class::Durable, 60, vec![]), Decodes),
         (
+            "sealed_send_with_token",
+            ClientFrame::SealedSend {
+                id,
+                to: "bob@example.com".into(),
+                class: Class::Durable,
+                ttl_secs: 60,
+                copies: vec![copy(1, b"sealed")],
+                delivery_token: Some(vec![7; 32]),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "sealed_send_no_token",
+            ClientFrame::SealedSend {
+                id,
+                to: "bob@example.com".into(),
+                class: Class::Urgent,
+                ttl_secs: 30,
+                copies: vec![copy(1, b"ring")],
+                delivery_token: None,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
             "send_ephemeral",
             send(Class::Ephemeral, 10, vec![copy(3, b"typing")]),
             Decodes,
@@ -372,7 +398,8 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
             raw(0x82, &(id, 999u16, false, [0u32; 0])),
             Malformed,
         ),
-        ("notice_unknown", raw(0x86, &(2u16, 1u32)), Malformed),
+        ("notice_keys_low", raw(0x86, &(2u16, 1u32)), Decodes),
+        ("notice_unknown", raw(0x86, &(99u16, 1u32)), Malformed),
         (
             "error_code_zero",
             raw(0x87, &(0u16, "x", None::<u64>)),
