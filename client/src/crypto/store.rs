@@ -11,7 +11,8 @@
 //!
 //! The plaintext is `StoredState`, MessagePack with structs as positional arrays: user,
 //! device id, master key seed, the vodozemac `AccountPickle`, the seal key, every Olm
-//! `SessionPickle` with its peer and peer identity key, and the contact pins. vodozemac's
+//! `SessionPickle` with its peer and peer identity key, the contact pins, and (appended later,
+//! absent in older files) the SDK's own opaque record ([`ClientState::app_data`]). vodozemac's
 //! pickles are serde structs, stored as-is inside our encrypted record (we do not use
 //! vodozemac's own pickle encryption on top). Live objects are converted to and from this
 //! record; they are never serialized directly.
@@ -147,6 +148,10 @@ pub struct ClientState {
     pub sessions: Sessions,
     /// Contacts' pinned master keys and last accepted device lists.
     pub pins: Pins,
+    /// The application's own record (the SDK keeps credentials, contacts' delivery tokens,
+    /// recently seen envelope ids and conversations here), opaque to this module. It is saved
+    /// in the same file, so it is always consistent with the ratchets it was saved with.
+    pub app_data: Zeroizing<Vec<u8>>,
 }
 
 impl ClientState {
@@ -158,6 +163,7 @@ impl ClientState {
             device,
             sessions: Sessions::new(user, device_id),
             pins: Pins::new(),
+            app_data: Zeroizing::new(Vec::new()),
         }
     }
 
@@ -344,6 +350,33 @@ impl<'de> Deserialize<'de> for Secret32 {
     }
 }
 
+/// Secret bytes of any length, (de)serialized as MessagePack `bin` from and into a wiping
+/// buffer.
+#[derive(Default)]
+struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl Serialize for SecretBytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SecretBytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<SecretBytes, E> {
+                Ok(SecretBytes(Zeroizing::new(v.to_vec())))
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
 /// The persisted record (format 1). Positional: append new fields at the end with
 /// `#[serde(default)]`, or bump the format.
 #[derive(Serialize, Deserialize)]
@@ -355,6 +388,8 @@ struct StoredState {
     seal_key: Secret32,
     sessions: Vec<StoredSession>,
     pins: Vec<StoredPin>,
+    #[serde(default)]
+    app_data: SecretBytes,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -417,6 +452,7 @@ impl StoredState {
             seal_key: Secret32(state.device.seal.to_bytes()),
             sessions,
             pins,
+            app_data: SecretBytes(Zeroizing::new(state.app_data.to_vec())),
         }
     }
 
@@ -454,6 +490,7 @@ impl StoredState {
             ),
             sessions,
             pins,
+            app_data: self.app_data.0,
         })
     }
 }
@@ -563,6 +600,7 @@ mod tests {
         assert_eq!(public(&alice), alice_public);
         assert_eq!(alice.master_key.public_key(), alice_master);
         assert_eq!(alice.pins, alice_pins);
+        assert!(alice.app_data.is_empty());
         assert_eq!(bob.device.stored_one_time_key_count(), 3);
 
         // The ratchets resume where they were.
@@ -571,6 +609,31 @@ mod tests {
             exchange(&mut bob, &mut alice, "after too"),
             Ok(text("after too"))
         );
+    }
+
+    #[test]
+    fn app_data_round_trips_and_older_files_load() {
+        let key = LocalKey::generate();
+        let mut alice = state("alice@a.example", 1);
+        alice.app_data = Zeroizing::new(b"sdk record".to_vec());
+        let loaded = ClientState::from_encrypted_bytes(&alice.to_encrypted_bytes(&key), &key)
+            .expect("loads");
+        assert_eq!(loaded.app_data.as_slice(), b"sdk record");
+
+        // A file written before `app_data` existed (seven fields) still loads.
+        let stored = StoredState::from_state(&alice);
+        let old = (
+            &stored.user,
+            stored.device_id,
+            &stored.master_key,
+            &stored.account,
+            &stored.seal_key,
+            &stored.sessions,
+            &stored.pins,
+        );
+        let bytes = rmp_serde::to_vec(&old).expect("encodes");
+        let decoded: StoredState = rmp_serde::from_slice(&bytes).expect("decodes");
+        assert!(decoded.app_data.0.is_empty());
     }
 
     #[test]
