@@ -33,6 +33,8 @@ fn open(dir: &std::path::Path, group_commit: bool, fsync: bool) -> SledStore {
         fsync,
         cache_bytes: 256 << 20,
         commit_delay: Duration::from_micros(delay_us),
+        min_free_bytes: 0,
+        failpoint_sync: None,
     })
     .expect("open store")
 }

@@ -88,6 +88,11 @@ settings! {
     fsync: bool = true, "SEALPOST_FSYNC";
     /// Under concurrent load, microseconds a flush lingers for more appends to join it.
     commit_delay_us: u64 = 0, "SEALPOST_COMMIT_DELAY_US";
+    /// Free disk space, in MiB, below which new envelopes and accounts are refused
+    /// (store_unavailable) instead of risking a full disk.
+    min_free_disk_mb: u64 = 256, "SEALPOST_MIN_FREE_DISK_MB";
+    /// Testing only, honoured by debug builds: while this file exists every flush fails.
+    failpoint_sync_file: String = String::new(), "SEALPOST_FAILPOINT_SYNC_FILE";
     /// sled page cache, in MiB.
     cache_mb: u64 = 256, "SEALPOST_CACHE_MB";
     /// Most envelopes one device queue may hold; further sends get mailbox_full.

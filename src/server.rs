@@ -34,6 +34,9 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         fsync: settings.fsync,
         cache_bytes: settings.cache_mb * 1024 * 1024,
         commit_delay: Duration::from_micros(settings.commit_delay_us),
+        min_free_bytes: settings.min_free_disk_mb.saturating_mul(1024 * 1024),
+        failpoint_sync: (!settings.failpoint_sync_file.is_empty())
+            .then(|| settings.failpoint_sync_file.clone().into()),
     })?);
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -165,6 +168,7 @@ async fn sweep(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         state.limits.housekeep();
+        state.store.check_disk();
         const BATCH: usize = 10_000;
         loop {
             let due = match state.store.expired(now_ms(), BATCH) {

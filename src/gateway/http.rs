@@ -178,6 +178,9 @@ async fn register(
         }
     }
     let keys = identity_keys(&body.identity_keys)?;
+    if !state.store.has_room() {
+        return Err(ApiError::Unavailable);
+    }
     let token = DeviceToken::generate();
     let record = DeviceRecord {
         version: RECORD_VERSION,
@@ -303,7 +306,10 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: State) -> HttpResponse {
-    let ready = !state.shutting_down.load(Ordering::Relaxed) && state.store.size_on_disk().is_ok();
+    // Not ready while shutting down, after a failed flush, or with the disk nearly full.
+    let ready = !state.shutting_down.load(Ordering::Relaxed)
+        && state.store.healthy()
+        && state.store.has_room();
     if ready {
         HttpResponse::Ok()
             .content_type("text/plain")

@@ -456,6 +456,13 @@ impl Handler<Submit> for Mailbox {
         };
         self.inflight_syncs += 1;
         let duplicate = writes.is_empty();
+        // A successful sync makes everything written before it durable, including writes of
+        // earlier sends whose own sync failed: cover every device, not only this send's.
+        let covered: Vec<(DeviceId, u64)> = self
+            .devices
+            .iter()
+            .map(|(d, q)| (*d, q.head.next_seq))
+            .collect();
         Box::pin(
             self.store
                 .sync()
@@ -466,11 +473,16 @@ impl Handler<Submit> for Mailbox {
                     act.last_activity = Instant::now();
                     match result {
                         Ok(()) => {
-                            for (device, next) in writes {
-                                if let Some(q) = act.devices.get_mut(&device) {
-                                    q.durable_next = q.durable_next.max(next);
+                            for (device, next) in covered {
+                                let advanced = act
+                                    .devices
+                                    .get_mut(&device)
+                                    .filter(|q| q.durable_next < next)
+                                    .map(|q| q.durable_next = next)
+                                    .is_some();
+                                if advanced {
+                                    act.pump(device);
                                 }
-                                act.pump(device);
                             }
                             metrics::histogram!("sealpost_append_seconds")
                                 .record(started.elapsed());
@@ -517,6 +529,10 @@ impl Mailbox {
                 warn!(error = %e, "dedup lookup failed");
                 return Err(rejected(ErrorCode::StoreUnavailable));
             }
+        }
+        // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
+        if !self.store.has_room() {
+            return Err(rejected(ErrorCode::StoreUnavailable));
         }
         // Quota, checked for every device before anything is written.
         let mut full = Vec::new();

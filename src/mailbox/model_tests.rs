@@ -80,6 +80,8 @@ fn open(dir: &std::path::Path) -> Broker {
             fsync: false,
             cache_bytes: 4 << 20,
             commit_delay: Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
         })
         .expect("open store"),
     );

@@ -13,6 +13,42 @@ use super::{Result, StoreError};
 
 type Waiter = oneshot::Sender<Result<()>>;
 
+/// What the store knows about its own health, for refusing writes early and for readiness.
+#[derive(Debug)]
+pub(crate) struct Health {
+    /// Whether the last flush succeeded.
+    pub(crate) flush_ok: std::sync::atomic::AtomicBool,
+    /// Whether the data directory's file system had at least `min_free` bytes available at the
+    /// last check.
+    pub(crate) disk_ok: std::sync::atomic::AtomicBool,
+    /// Free space below which new envelopes are refused.
+    pub(crate) min_free: u64,
+    /// The data directory.
+    pub(crate) dir: PathBuf,
+}
+
+impl Health {
+    /// Re-reads the free space of the data directory's file system.
+    pub(crate) fn check_disk(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ok = match rustix::fs::statvfs(&self.dir) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize) >= self.min_free,
+            // Unknown: do not refuse on a failed probe; a failing disk shows in flushes.
+            Err(_) => true,
+        };
+        if self.disk_ok.swap(ok, Relaxed) != ok {
+            if ok {
+                tracing::info!("free disk space recovered; accepting envelopes again");
+            } else {
+                tracing::warn!(
+                    min_free = self.min_free,
+                    "disk nearly full; refusing new envelopes"
+                );
+            }
+        }
+    }
+}
+
 /// Handle to the commit thread; dropping it stops the thread after it drains.
 pub(crate) struct Committer {
     tx: Option<mpsc::Sender<Waiter>>,
@@ -37,6 +73,8 @@ impl Committer {
         group: bool,
         fsync: bool,
         delay: std::time::Duration,
+        health: std::sync::Arc<Health>,
+        failpoint: Option<PathBuf>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let data_file = File::open(dir.join("db"))?;
@@ -67,7 +105,7 @@ impl Committer {
                     }
                     last_batch = waiters.len();
                     let started = Instant::now();
-                    let result = if failpoint_active() {
+                    let result = if failpoint_active(failpoint.as_deref()) {
                         Err(StoreError::Io("failpoint store.sync".into()))
                     } else {
                         flush()
@@ -77,6 +115,10 @@ impl Committer {
                     if result.is_err() {
                         metrics::counter!("sealpost_flush_failures_total").increment(1);
                     }
+                    health
+                        .flush_ok
+                        .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
+                    health.check_disk();
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }
@@ -113,11 +155,8 @@ fn sync_blobs(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Test-only failpoint (debug builds): while the file named by `SEALPOST_FAILPOINT_SYNC`
-/// exists, every flush fails as if the disk were full.
-fn failpoint_active() -> bool {
-    if !cfg!(debug_assertions) {
-        return false;
-    }
-    std::env::var_os("SEALPOST_FAILPOINT_SYNC").is_some_and(|p| std::path::Path::new(&p).exists())
+/// Test-only failpoint (debug builds only): while `file` exists, every flush fails as if the
+/// disk had failed.
+fn failpoint_active(file: Option<&std::path::Path>) -> bool {
+    cfg!(debug_assertions) && file.is_some_and(|f| f.exists())
 }

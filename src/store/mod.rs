@@ -239,6 +239,13 @@ pub trait Store: Send + Sync + 'static {
     fn sync(&self) -> Durable;
     /// Up to `limit` index entries due at or before `now_ms`.
     fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Expired>>;
+    /// Whether there is room for new envelopes (free disk space above the configured floor).
+    /// Sends are refused, not half-written, when there is not.
+    fn has_room(&self) -> bool;
+    /// Whether the last flush succeeded.
+    fn healthy(&self) -> bool;
+    /// Re-checks free disk space (called periodically).
+    fn check_disk(&self);
     /// Approximate bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64>;
 }

@@ -2,14 +2,17 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use super::{
     AccountRecord, DedupRecord, DeliveryTokenRecord, DeviceRecord, Durable, EnvelopeRecord,
     Expired, FallbackKeyRecord, HeadRecord, LinkCodeRecord, QueueOp, QueueWrite, Result, Store,
     StoreError,
-    committer::Committer,
+    committer::{Committer, Health},
     keys,
     records::{self, RECORD_VERSION},
 };
@@ -28,6 +31,10 @@ pub struct StoreOptions {
     pub cache_bytes: u64,
     /// Under concurrent load, how long a flush waits for more appends to join it.
     pub commit_delay: std::time::Duration,
+    /// Free disk space below which new envelopes are refused, in bytes.
+    pub min_free_bytes: u64,
+    /// Debug builds only: while this file exists every flush fails (fault tests).
+    pub failpoint_sync: Option<PathBuf>,
 }
 
 /// The sled-backed [`Store`].
@@ -38,6 +45,8 @@ pub struct SledStore {
     committer: Committer,
     /// Serializes account and device changes (rare; keeps read-modify-write simple).
     account_lock: Mutex<()>,
+    /// Flush and free-space state.
+    health: Arc<Health>,
 }
 
 impl SledStore {
@@ -56,12 +65,21 @@ impl SledStore {
             .open()?;
         let accounts = db.open_tree("accounts")?;
         let queues = db.open_tree("queues")?;
+        let health = Arc::new(Health {
+            flush_ok: AtomicBool::new(true),
+            disk_ok: AtomicBool::new(true),
+            min_free: options.min_free_bytes,
+            dir: options.dir.clone(),
+        });
+        health.check_disk();
         let committer = Committer::start(
             db.clone(),
             options.dir.clone(),
             options.group_commit,
             options.fsync,
             options.commit_delay,
+            health.clone(),
+            options.failpoint_sync.clone(),
         )
         .map_err(|e| StoreError::Io(e.to_string()))?;
         Ok(SledStore {
@@ -70,6 +88,7 @@ impl SledStore {
             queues,
             committer,
             account_lock: Mutex::new(()),
+            health,
         })
     }
 
@@ -415,6 +434,18 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn has_room(&self) -> bool {
+        self.health.disk_ok.load(Ordering::Relaxed)
+    }
+
+    fn healthy(&self) -> bool {
+        self.health.flush_ok.load(Ordering::Relaxed)
+    }
+
+    fn check_disk(&self) {
+        self.health.check_disk();
+    }
+
     fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
     }
@@ -498,6 +529,8 @@ mod tests {
             fsync: true,
             cache_bytes: 16 << 20,
             commit_delay: std::time::Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
         })
         .unwrap()
     }

@@ -94,6 +94,12 @@ impl Broker {
         self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// Starts the broker again on the same data dir and port, with different extra flags.
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Starts the broker again on the same data dir and port.
     pub fn restart(&mut self) {
         let (child, addr, logs) =
