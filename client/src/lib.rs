@@ -6,10 +6,25 @@
 //!   device lists, Olm sessions (vodozemac), sealed sender (HPKE), safety numbers, key pins
 //!   and the encrypted local state file. Nothing outside this module handles key material or
 //!   plaintext-to-ciphertext conversions.
+//! - [`api`]: the broker's HTTP API (accounts, devices, key directory, device lists, delivery
+//!   tokens, link codes), typed.
+//! - [`conn`]: WebSocket connections (authenticated `/v1/ws`, anonymous `/v1/sealed`)
+//!   speaking `sealpost-proto` frames.
+//! - [`sdk`]: [`Client`], one device of one account: registration, linking, sending (sealed
+//!   sender), receiving (verify, decrypt, deduplicate, save, then ack), conversations,
+//!   safety numbers. See its module doc for the protocol decisions.
 //!
-//! The network SDK and the `sealpost` CLI will live beside `crypto`; they talk to the broker
-//! through `sealpost-proto` frames and hand opaque sealed bytes in and out of [`crypto`].
+//! The `sealpost-cli` binary (src/main.rs) is a thin command-line front end to [`Client`].
 
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod conn;
 pub mod crypto;
+mod record;
+pub mod sdk;
+
+pub use sdk::{
+    Client, ClientError, Conversation, ConversationMessage, DeviceInfo, EnvelopeError, Event,
+    LinkCode, PreparedEnvelope, ReceivedMessage,
+};

@@ -225,6 +225,12 @@ impl Sessions {
         self.peers.remove(&(user.to_owned(), device));
     }
 
+    /// Drops every session with every device of `user` (e.g. after accepting a new master
+    /// key: its devices were vouched for by the old one).
+    pub fn forget_user(&mut self, user: &str) {
+        self.peers.retain(|(u, _), _| u != user);
+    }
+
     fn insert_front(&mut self, user: &str, device: u32, session: PeerSession) {
         let list = self.peers.entry((user.to_owned(), device)).or_default();
         list.insert(0, session);

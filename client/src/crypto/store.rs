@@ -302,7 +302,7 @@ fn sync_parent(path: &Path) -> Result<(), StoreError> {
 
 /// A `Write` sink whose buffer wipes itself, including when it grows: a plain `Vec` would
 /// free its old allocation (holding secrets) without wiping it.
-struct WipingWriter(Zeroizing<Vec<u8>>);
+pub(crate) struct WipingWriter(pub(crate) Zeroizing<Vec<u8>>);
 
 impl io::Write for WipingWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {

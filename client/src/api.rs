@@ -1,0 +1,502 @@
+//! The broker's HTTP API, as a typed client (reqwest). Everything here is public data or a
+//! credential the broker issued; no plaintext and no private key ever passes through.
+//!
+//! | method | path | used for |
+//! |---|---|---|
+//! | POST | `/v1/accounts` | [`Api::register`] |
+//! | GET | `/v1/accounts/{h}/devices` | [`Api::devices`] (the broker's view: ids and keys, unsigned) |
+//! | POST | `/v1/accounts/{h}/devices` | [`Api::add_device_with_code`] |
+//! | DELETE | `/v1/accounts/{h}/devices/{id}` | [`Api::remove_device`] |
+//! | PUT, GET | `/v1/accounts/{h}/devices/{id}/keys` | [`Api::upload_keys`], [`Api::key_count`] |
+//! | POST | `/v1/accounts/{h}/devices/{id}/keys/claim` | [`Api::claim_key`] |
+//! | GET, PUT | `/v1/accounts/{h}/device-list` | [`Api::device_list`], [`Api::put_device_list`] |
+//! | PUT | `/v1/accounts/{h}/delivery-token` | [`Api::put_delivery_token`] |
+//! | POST | `/v1/accounts/{h}/link-codes` | [`Api::new_link_code`] |
+//!
+//! Errors carry the broker's stable `{"error", "message"}` answer; their `Display` never
+//! contains a token.
+
+use std::{fmt, time::Duration};
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+/// How long one HTTP request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The broker could not be reached or the connection failed.
+    #[error("cannot reach the broker: {0}")]
+    Transport(String),
+    /// The broker answered with an error status.
+    #[error("broker refused {what}: {status} {code}: {message}")]
+    Refused {
+        /// What was asked.
+        what: &'static str,
+        /// HTTP status.
+        status: u16,
+        /// The broker's stable error code (`not_found`, `unauthorized`, ...).
+        code: String,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The broker's answer is not what the API documents.
+    #[error("unexpected answer to {0}")]
+    BadAnswer(&'static str),
+}
+
+impl ApiError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+impl From<reqwest::Error> for ApiError {
+    fn from(e: reqwest::Error) -> Self {
+        // Without the URL: it names accounts.
+        ApiError::Transport(e.without_url().to_string())
+    }
+}
+
+/// A device's credentials: its account, its id, and the auth token the broker issued once.
+/// No `Debug` that shows the token; wiped on drop.
+#[derive(Clone)]
+pub struct DeviceCreds {
+    /// The account handle.
+    pub handle: String,
+    /// The device id.
+    pub device: u32,
+    /// The 32-byte auth token.
+    pub token: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for DeviceCreds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceCreds")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceCreds {
+    /// `Bearer <device>.<token>`.
+    fn bearer(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!(
+            "Bearer {}.{}",
+            self.device,
+            URL_SAFE_NO_PAD.encode(self.token.as_slice())
+        ))
+    }
+}
+
+/// How a key claim is admitted by the broker.
+pub enum ClaimAuth<'a> {
+    /// The target account's delivery token: the claim does not name the claimant.
+    DeliveryToken(&'a [u8]),
+    /// An authenticated device of a local account (used for first contact and for one's own
+    /// devices).
+    Device(&'a DeviceCreds),
+    /// No credential (targets that accept anyone).
+    None,
+}
+
+/// A claimed one-time (or fallback) key, as the directory stores it (opaque bytes the device
+/// signed; see [`SignedOneTimeKey`](crate::crypto::SignedOneTimeKey)).
+#[derive(Debug, Clone)]
+pub struct ClaimedKey {
+    /// The key's id, as uploaded.
+    pub key_id: u64,
+    /// The key bytes.
+    pub key: Vec<u8>,
+    /// True when the one-time keys ran out and this is the fallback key.
+    pub fallback: bool,
+}
+
+/// A device as the broker lists it (not signed: use the signed device list to trust keys).
+#[derive(Debug, Clone)]
+pub struct BrokerDevice {
+    /// The device id.
+    pub device: u32,
+    /// The identity-key blob the device registered with.
+    pub identity_keys: Vec<u8>,
+}
+
+/// A link code as the broker issued it.
+pub struct IssuedLinkCode {
+    /// The code (single use).
+    pub code: Zeroizing<String>,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// A typed client of the broker's HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl fmt::Debug for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Api").field("base", &self.base).finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct NewDeviceAnswer {
+    handle: String,
+    device_id: u32,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    error: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl Api {
+    /// A client for the broker at `base` (`http://host:port` or `https://...`).
+    pub fn new(base: &str) -> Result<Self, ApiError> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The WebSocket URL of `path` (`/v1/ws` or `/v1/sealed`).
+    pub fn ws_url(&self, path: &str) -> String {
+        let rest = self
+            .base
+            .strip_prefix("https://")
+            .map(|r| format!("wss://{r}"))
+            .or_else(|| {
+                self.base
+                    .strip_prefix("http://")
+                    .map(|r| format!("ws://{r}"))
+            })
+            .unwrap_or_else(|| self.base.clone());
+        format!("{rest}{path}")
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    fn authed(&self, method: Method, path: &str, creds: &DeviceCreds) -> RequestBuilder {
+        self.request(method, path)
+            .header("authorization", creds.bearer().as_str())
+    }
+
+    async fn check(resp: Response, what: &'static str) -> Result<Response, ApiError> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let (code, message) = match resp.json::<ErrorAnswer>().await {
+            Ok(e) => (e.error, e.message),
+            Err(_) => ("unknown".into(), String::new()),
+        };
+        Err(ApiError::Refused {
+            what,
+            status,
+            code,
+            message,
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(resp: Response, what: &'static str) -> Result<T, ApiError> {
+        resp.json().await.map_err(|_| ApiError::BadAnswer(what))
+    }
+
+    fn creds_from(answer: NewDeviceAnswer, what: &'static str) -> Result<DeviceCreds, ApiError> {
+        let token = Zeroizing::new(answer.token);
+        Ok(DeviceCreds {
+            handle: answer.handle,
+            device: answer.device_id,
+            token: Zeroizing::new(
+                URL_SAFE_NO_PAD
+                    .decode(token.as_bytes())
+                    .map_err(|_| ApiError::BadAnswer(what))?,
+            ),
+        })
+    }
+
+    /// `POST /v1/accounts`: creates the account with its first device.
+    pub async fn register(
+        &self,
+        handle: &str,
+        identity_keys: &[u8],
+        registration_token: Option<&str>,
+    ) -> Result<DeviceCreds, ApiError> {
+        const WHAT: &str = "registration";
+        let mut body = json!({ "handle": handle, "identity_keys": STANDARD.encode(identity_keys) });
+        if let Some(t) = registration_token {
+            body["registration_token"] = Value::from(t);
+        }
+        let resp = self
+            .request(Method::POST, "/v1/accounts")
+            .json(&body)
+            .send()
+            .await?;
+        let answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        Self::creds_from(answer, WHAT)
+    }
+
+    /// `POST /v1/accounts/{h}/devices` with a link code: adds this device to `handle`.
+    pub async fn add_device_with_code(
+        &self,
+        handle: &str,
+        identity_keys: &[u8],
+        link_code: &str,
+    ) -> Result<DeviceCreds, ApiError> {
+        const WHAT: &str = "adding a device";
+        let resp = self
+            .request(Method::POST, &format!("/v1/accounts/{handle}/devices"))
+            .json(
+                &json!({ "identity_keys": STANDARD.encode(identity_keys), "link_code": link_code }),
+            )
+            .send()
+            .await?;
+        let answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        Self::creds_from(answer, WHAT)
+    }
+
+    /// `GET /v1/accounts/{h}/devices`: the broker's (unsigned) device list.
+    pub async fn devices(&self, handle: &str) -> Result<Vec<BrokerDevice>, ApiError> {
+        const WHAT: &str = "listing devices";
+        #[derive(Deserialize)]
+        struct Entry {
+            device_id: u32,
+            identity_keys: String,
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            devices: Vec<Entry>,
+        }
+        let resp = self
+            .request(Method::GET, &format!("/v1/accounts/{handle}/devices"))
+            .send()
+            .await?;
+        let answer: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        answer
+            .devices
+            .into_iter()
+            .map(|e| {
+                Ok(BrokerDevice {
+                    device: e.device_id,
+                    identity_keys: STANDARD
+                        .decode(e.identity_keys)
+                        .map_err(|_| ApiError::BadAnswer(WHAT))?,
+                })
+            })
+            .collect()
+    }
+
+    /// `DELETE /v1/accounts/{h}/devices/{id}`.
+    pub async fn remove_device(&self, creds: &DeviceCreds, device: u32) -> Result<(), ApiError> {
+        let path = format!("/v1/accounts/{}/devices/{device}", creds.handle);
+        let resp = self.authed(Method::DELETE, &path, creds).send().await?;
+        Self::check(resp, "removing a device").await?;
+        Ok(())
+    }
+
+    /// `PUT .../keys`: uploads one-time keys `(key_id, bytes)` and optionally a fallback key.
+    /// Returns the number of one-time keys the directory now holds for the device.
+    pub async fn upload_keys(
+        &self,
+        creds: &DeviceCreds,
+        one_time: &[(u64, Vec<u8>)],
+        fallback: Option<&(u64, Vec<u8>)>,
+    ) -> Result<u64, ApiError> {
+        const WHAT: &str = "uploading keys";
+        let key =
+            |(id, bytes): &(u64, Vec<u8>)| json!({ "key_id": id, "key": STANDARD.encode(bytes) });
+        let mut body = json!({ "one_time_keys": one_time.iter().map(key).collect::<Vec<_>>() });
+        if let Some(f) = fallback {
+            body["fallback_key"] = key(f);
+        }
+        let path = format!(
+            "/v1/accounts/{}/devices/{}/keys",
+            creds.handle, creds.device
+        );
+        let resp = self
+            .authed(Method::PUT, &path, creds)
+            .json(&body)
+            .send()
+            .await?;
+        let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        v["one_time"].as_u64().ok_or(ApiError::BadAnswer(WHAT))
+    }
+
+    /// `GET .../keys`: this device's one-time key count and whether it has a fallback key.
+    pub async fn key_count(&self, creds: &DeviceCreds) -> Result<(u64, bool), ApiError> {
+        const WHAT: &str = "counting keys";
+        let path = format!(
+            "/v1/accounts/{}/devices/{}/keys",
+            creds.handle, creds.device
+        );
+        let resp = self.authed(Method::GET, &path, creds).send().await?;
+        let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        Ok((
+            v["one_time"].as_u64().ok_or(ApiError::BadAnswer(WHAT))?,
+            v["fallback"].as_bool().ok_or(ApiError::BadAnswer(WHAT))?,
+        ))
+    }
+
+    /// `POST .../keys/claim`: takes one key of `handle`'s `device`.
+    pub async fn claim_key(
+        &self,
+        handle: &str,
+        device: u32,
+        auth: ClaimAuth<'_>,
+    ) -> Result<ClaimedKey, ApiError> {
+        const WHAT: &str = "claiming a key";
+        #[derive(Deserialize)]
+        struct Answer {
+            key_id: u64,
+            key: String,
+            fallback: bool,
+        }
+        let path = format!("/v1/accounts/{handle}/devices/{device}/keys/claim");
+        let request = match auth {
+            ClaimAuth::DeliveryToken(token) => self
+                .request(Method::POST, &path)
+                .header("sealpost-delivery-token", URL_SAFE_NO_PAD.encode(token)),
+            ClaimAuth::Device(creds) => self
+                .authed(Method::POST, &path, creds)
+                .header("sealpost-account", creds.handle.as_str()),
+            ClaimAuth::None => self.request(Method::POST, &path),
+        };
+        let resp = request.send().await?;
+        let a: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        Ok(ClaimedKey {
+            key_id: a.key_id,
+            key: STANDARD
+                .decode(a.key)
+                .map_err(|_| ApiError::BadAnswer(WHAT))?,
+            fallback: a.fallback,
+        })
+    }
+
+    /// `GET .../device-list`: the signed device list blob, `None` if the account has none.
+    pub async fn device_list(&self, handle: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        const WHAT: &str = "fetching a device list";
+        let resp = self
+            .request(Method::GET, &format!("/v1/accounts/{handle}/device-list"))
+            .send()
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        let signed = v["signed"].as_str().ok_or(ApiError::BadAnswer(WHAT))?;
+        STANDARD
+            .decode(signed)
+            .map(Some)
+            .map_err(|_| ApiError::BadAnswer(WHAT))
+    }
+
+    /// `PUT .../device-list`: publishes a signed device list blob.
+    pub async fn put_device_list(
+        &self,
+        creds: &DeviceCreds,
+        signed: &[u8],
+    ) -> Result<(), ApiError> {
+        let path = format!("/v1/accounts/{}/device-list", creds.handle);
+        let resp = self
+            .authed(Method::PUT, &path, creds)
+            .json(&json!({ "signed": STANDARD.encode(signed) }))
+            .send()
+            .await?;
+        Self::check(resp, "publishing the device list").await?;
+        Ok(())
+    }
+
+    /// `PUT .../delivery-token`: sets what admits sealed envelopes (and key claims) to the
+    /// account; `unrestricted` admits them from anyone (rate-limited per source by the broker).
+    pub async fn put_delivery_token(
+        &self,
+        creds: &DeviceCreds,
+        token: Option<&[u8]>,
+        unrestricted: bool,
+    ) -> Result<(), ApiError> {
+        let path = format!("/v1/accounts/{}/delivery-token", creds.handle);
+        let token = token.map(|t| Zeroizing::new(URL_SAFE_NO_PAD.encode(t)));
+        let resp = self
+            .authed(Method::PUT, &path, creds)
+            .json(&json!({ "token": token.as_deref().map(String::as_str), "unrestricted": unrestricted }))
+            .send()
+            .await?;
+        Self::check(resp, "setting the delivery token").await?;
+        Ok(())
+    }
+
+    /// `POST .../link-codes`: a single-use code for adding a device.
+    pub async fn new_link_code(&self, creds: &DeviceCreds) -> Result<IssuedLinkCode, ApiError> {
+        const WHAT: &str = "creating a link code";
+        #[derive(Deserialize)]
+        struct Answer {
+            code: String,
+            expires_ms: u64,
+        }
+        let path = format!("/v1/accounts/{}/link-codes", creds.handle);
+        let resp = self.authed(Method::POST, &path, creds).send().await?;
+        let a: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        Ok(IssuedLinkCode {
+            code: Zeroizing::new(a.code),
+            expires_ms: a.expires_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_urls() {
+        let api = Api::new("http://127.0.0.1:8080/").unwrap();
+        assert_eq!(api.ws_url("/v1/ws"), "ws://127.0.0.1:8080/v1/ws");
+        let api = Api::new("https://chat.example.com").unwrap();
+        assert_eq!(api.ws_url("/v1/sealed"), "wss://chat.example.com/v1/sealed");
+    }
+
+    #[test]
+    fn creds_debug_hides_the_token() {
+        let creds = DeviceCreds {
+            handle: "alice@a.example".into(),
+            device: 3,
+            token: Zeroizing::new(vec![0xab; 32]),
+        };
+        let shown = format!("{creds:?}");
+        assert!(
+            !shown.contains("alice") && !shown.contains("171"),
+            "{shown}"
+        );
+        assert!(creds.bearer().starts_with("Bearer 3."));
+    }
+}

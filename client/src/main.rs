@@ -1,0 +1,410 @@
+//! `sealpost-cli`: end-to-end encrypted messaging from the command line.
+//!
+//! ```text
+//! sealpost-cli register --server URL --handle alice@example.com [--registration-token T]
+//! sealpost-cli send --to bob@example.com hello there
+//! sealpost-cli listen [--count N] [--until-empty]
+//! sealpost-cli conversations [--with bob@example.com]
+//! sealpost-cli safety-number --with bob@example.com
+//! sealpost-cli verify --with bob@example.com [--yes]
+//! sealpost-cli accept-key --with bob@example.com [--yes]
+//! sealpost-cli link-code                      # on an existing device
+//! sealpost-cli link --server URL --handle alice@example.com --code CODE   # on the new one
+//! sealpost-cli devices
+//! sealpost-cli remove-device ID
+//! ```
+//!
+//! The state directory is `--state-dir`, else `$SEALPOST_CLI_STATE`, else
+//! `$XDG_DATA_HOME/sealpost-cli` or `~/.local/share/sealpost-cli`. One process at a time may
+//! use it.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::{
+    io::{BufRead as _, Write as _},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use sealpost_client::{Client, ClientError, Event};
+
+/// End-to-end encrypted messages through a Sealpost broker.
+#[derive(Parser)]
+#[command(name = "sealpost-cli", version)]
+struct Cli {
+    /// Where this device's keys and messages are kept (encrypted).
+    #[arg(long, global = true, env = "SEALPOST_CLI_STATE")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an account with this as its first device.
+    Register {
+        /// The broker, e.g. https://chat.example.com or http://127.0.0.1:8080.
+        #[arg(long)]
+        server: String,
+        /// The account handle, name@domain.
+        #[arg(long)]
+        handle: String,
+        /// A platform attestation token, if the broker requires one.
+        #[arg(long)]
+        registration_token: Option<String>,
+    },
+    /// Show a code for linking a new device, and wait until it is linked.
+    LinkCode {
+        /// How long to wait for the new device.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Link this (new) device to an existing account with a code from an existing device.
+    Link {
+        /// The broker.
+        #[arg(long)]
+        server: String,
+        /// The account handle.
+        #[arg(long)]
+        handle: String,
+        /// The code shown by `sealpost-cli link-code` on the existing device.
+        #[arg(long)]
+        code: String,
+        /// How long to wait for the existing device to accept.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Send a text message.
+    Send {
+        /// The recipient handle.
+        #[arg(long)]
+        to: String,
+        /// The message (several words are joined with spaces).
+        #[arg(required = true)]
+        message: Vec<String>,
+    },
+    /// Print incoming messages as they arrive.
+    Listen {
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Exit once everything queued has been received.
+        #[arg(long)]
+        until_empty: bool,
+    },
+    /// List conversations (or show one).
+    Conversations {
+        /// Show the whole conversation with this contact.
+        #[arg(long)]
+        with: Option<String>,
+    },
+    /// Show the safety number with a contact, to compare with them in person.
+    SafetyNumber {
+        /// The contact.
+        #[arg(long)]
+        with: String,
+    },
+    /// Mark a contact verified, after comparing safety numbers.
+    Verify {
+        /// The contact.
+        #[arg(long)]
+        with: String,
+        /// Do not ask; the numbers were compared already.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Accept a contact's changed master key, after comparing the new safety number.
+    AcceptKey {
+        /// The contact.
+        #[arg(long)]
+        with: String,
+        /// Do not ask; the new number was compared already.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List this account's devices.
+    Devices,
+    /// Remove another device of this account.
+    RemoveDevice {
+        /// The device id (see `devices`).
+        id: u32,
+    },
+}
+
+fn default_state_dir() -> Result<PathBuf> {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(data).join("sealpost-cli"));
+    }
+    let home = std::env::var_os("HOME").context("set --state-dir (no HOME to default to)")?;
+    Ok(PathBuf::from(home).join(".local/share/sealpost-cli"))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for milliseconds since the Unix epoch.
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    print!("{question} [yes/no] ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim().eq_ignore_ascii_case("yes"))
+}
+
+/// Explains errors the user can act on.
+fn explain(error: ClientError) -> anyhow::Error {
+    match &error {
+        ClientError::MasterKeyChanged { user, .. } => {
+            let user = user.clone();
+            anyhow::Error::new(error).context(format!(
+                "not sent. After comparing the new safety number with {user}, run: \
+                 sealpost-cli accept-key --with {user}"
+            ))
+        }
+        _ => error.into(),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let dir = match cli.state_dir {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    match cli.command {
+        Command::Register {
+            server,
+            handle,
+            registration_token,
+        } => {
+            let client = Client::register(&server, &handle, &dir, registration_token.as_deref())
+                .await
+                .with_context(|| format!("registering {handle}"))?;
+            println!(
+                "Registered {} (device {}). State: {}",
+                client.handle(),
+                client.device_id(),
+                dir.display()
+            );
+        }
+        Command::LinkCode { wait_secs } => {
+            let mut client = Client::open(&dir).await?;
+            let code = client.create_link_code().await?;
+            println!("Link code: {}", code.code.as_str());
+            println!(
+                "On the new device run: sealpost-cli link --server {} --handle {} --code {}",
+                client.server(),
+                client.handle(),
+                code.code.as_str()
+            );
+            println!("Waiting for the new device...");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+            loop {
+                let event = tokio::time::timeout_at(deadline, client.next_event())
+                    .await
+                    .context("no device was linked in time")??;
+                match event {
+                    Event::DeviceLinked { device } => {
+                        println!("Device {device} linked.");
+                        break;
+                    }
+                    other => print_event(&other),
+                }
+            }
+        }
+        Command::Link {
+            server,
+            handle,
+            code,
+            wait_secs,
+        } => {
+            println!(
+                "Waiting for an existing device to accept (it must be running `listen` or `link-code`)..."
+            );
+            let client = Client::link(
+                &server,
+                &handle,
+                &code,
+                &dir,
+                Duration::from_secs(wait_secs),
+            )
+            .await
+            .context("linking this device")?;
+            println!(
+                "Linked: this is device {} of {}.",
+                client.device_id(),
+                client.handle()
+            );
+        }
+        Command::Send { to, message } => {
+            let mut client = Client::open(&dir).await?;
+            client
+                .send_text(&to, &message.join(" "))
+                .await
+                .map_err(explain)?;
+            println!("Sent to {to}.");
+        }
+        Command::Listen { count, until_empty } => {
+            let mut client = Client::open(&dir).await?;
+            let mut messages = 0;
+            loop {
+                if count.is_some_and(|c| messages >= c) {
+                    break;
+                }
+                let event = client.next_event().await?;
+                match &event {
+                    Event::Message(_) => messages += 1,
+                    Event::QueueEmpty if until_empty => break,
+                    _ => {}
+                }
+                print_event(&event);
+            }
+        }
+        Command::Conversations { with } => {
+            let client = Client::open(&dir).await?;
+            let conversations = client.conversations();
+            match with {
+                Some(with) => {
+                    let Some(c) = conversations.iter().find(|c| c.with == with) else {
+                        bail!("no conversation with {with}");
+                    };
+                    for m in &c.messages {
+                        let who = if m.outgoing { client.handle() } else { &c.with };
+                        println!("[{}] {who}: {}", format_time(m.time_ms), m.text);
+                    }
+                }
+                None if conversations.is_empty() => println!("No conversations yet."),
+                None => {
+                    for c in &conversations {
+                        let last = c.messages.last();
+                        println!(
+                            "{}{}  {} messages, last {}",
+                            c.with,
+                            if c.verified { " (verified)" } else { "" },
+                            c.messages.len(),
+                            last.map_or_else(String::new, |m| format_time(m.time_ms))
+                        );
+                    }
+                }
+            }
+        }
+        Command::SafetyNumber { with } => {
+            let mut client = Client::open(&dir).await?;
+            let number = client.safety_number(&with).await.map_err(explain)?;
+            println!("Safety number with {with}:\n{number}");
+            if client.is_verified(&with) {
+                println!("(verified)");
+            }
+        }
+        Command::Verify { with, yes } => {
+            let mut client = Client::open(&dir).await?;
+            let number = client.safety_number(&with).await.map_err(explain)?;
+            println!("Safety number with {with}:\n{number}");
+            if !yes && !confirm("Does it match the number on their device?")? {
+                bail!("not verified");
+            }
+            client.mark_verified(&with).await?;
+            println!("{with} is verified.");
+        }
+        Command::AcceptKey { with, yes } => {
+            let mut client = Client::open(&dir).await?;
+            let (key, number) = client.fetch_master_key(&with).await?;
+            println!("New safety number with {with}:\n{number}");
+            if !yes && !confirm("Does it match the number on their device?")? {
+                bail!("not accepted");
+            }
+            client.accept_master_key_change(&with, &key).await?;
+            println!("Accepted the new master key of {with}.");
+        }
+        Command::Devices => {
+            let mut client = Client::open(&dir).await?;
+            for d in client.devices().await? {
+                println!(
+                    "device {}{}{}  {}",
+                    d.device,
+                    if d.this_device { " (this device)" } else { "" },
+                    if d.signed {
+                        ""
+                    } else {
+                        " (NOT in the signed list)"
+                    },
+                    d.fingerprint
+                );
+            }
+        }
+        Command::RemoveDevice { id } => {
+            let mut client = Client::open(&dir).await?;
+            client.remove_device(id).await?;
+            println!("Device {id} removed.");
+        }
+    }
+    Ok(())
+}
+
+fn print_event(event: &Event) {
+    match event {
+        Event::Message(m) => println!("[{}] {}: {}", format_time(m.sent_ms), m.from, m.text),
+        Event::SentElsewhere {
+            to,
+            device,
+            text,
+            sent_ms,
+        } => println!(
+            "[{}] (you, device {device}) -> {to}: {text}",
+            format_time(*sent_ms)
+        ),
+        Event::DeviceLinked { device } => println!("* device {device} was linked"),
+        Event::Linked => println!("* this device is linked"),
+        Event::Rejected { error, .. } => eprintln!("! rejected an envelope: {error}"),
+        Event::MailboxFull => eprintln!("! your mailbox is full; keep listening to drain it"),
+        Event::QueueEmpty => {}
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn formats_time() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(1_700_000_000_000), "2023-11-14 22:13:20");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn parses_send() {
+        let cli = Cli::try_parse_from(["sealpost-cli", "send", "--to", "b@x.y", "hello", "there"])
+            .unwrap();
+        assert!(matches!(cli.command, Command::Send { ref message, .. } if message.len() == 2));
+    }
+}

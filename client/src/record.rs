@@ -1,0 +1,203 @@
+//! The SDK's persisted record, kept inside the encrypted state file
+//! ([`ClientState::app_data`](crate::crypto::ClientState::app_data)) so that it is saved
+//! atomically with the ratchets: credentials, delivery tokens, contacts, verified device lists,
+//! recently handled envelope ids and conversations.
+//!
+//! MessagePack, structs as positional arrays; new fields go at the end with
+//! `#[serde(default)]`. Secrets (`Secret`) are decoded straight into wiping buffers.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_bytes::ByteBuf;
+use zeroize::Zeroizing;
+
+use crate::crypto::store::WipingWriter;
+
+/// How many handled envelope ids are remembered for deduplication.
+pub(crate) const SEEN_IDS: usize = 4096;
+/// How many messages are kept per conversation.
+pub(crate) const MESSAGES_PER_CONVERSATION: usize = 1000;
+
+/// Secret bytes: serialized as `bin`, held in a wiping buffer.
+#[derive(Clone, Default)]
+pub(crate) struct Secret(pub(crate) Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub(crate) fn new(bytes: &[u8]) -> Self {
+        Self(Zeroizing::new(bytes.to_vec()))
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secret;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Secret, E> {
+                Ok(Secret::new(v))
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
+/// A verified device list, as last accepted (its signature was checked and its version
+/// recorded in the pins when it was fetched).
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct CachedList {
+    pub(crate) version: u64,
+    /// (device id, `PublicDeviceKeys` encoding)
+    pub(crate) devices: Vec<(u32, ByteBuf)>,
+    pub(crate) master_key: ByteBuf,
+    /// When it was fetched, ms since the Unix epoch (local clock).
+    pub(crate) fetched_ms: u64,
+}
+
+/// One message of a conversation.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct StoredMessage {
+    /// True for messages this account sent (from any of its devices).
+    pub(crate) outgoing: bool,
+    /// The device that sent it.
+    pub(crate) device: u32,
+    /// The sender's clock, ms since the Unix epoch.
+    pub(crate) time_ms: u64,
+    pub(crate) body: String,
+}
+
+/// What the account knows about one contact.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Contact {
+    /// The contact's delivery token: lets us send sealed envelopes to it.
+    pub(crate) delivery_token: Option<Secret>,
+    /// Whether this device has sent the contact our delivery token.
+    pub(crate) token_shared: bool,
+    /// Whether the user compared safety numbers.
+    pub(crate) verified: bool,
+    pub(crate) messages: VecDeque<StoredMessage>,
+}
+
+/// A link code this device issued and has not yet seen used.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct PendingLink {
+    /// The part of the code the broker never sees.
+    pub(crate) secret: Secret,
+    pub(crate) expires_ms: u64,
+}
+
+/// The SDK record.
+#[derive(Default, Serialize, Deserialize)]
+pub(crate) struct Record {
+    /// The broker's base URL.
+    pub(crate) server: String,
+    /// This device's auth token.
+    pub(crate) device_token: Secret,
+    /// The account's delivery token.
+    pub(crate) delivery_token: Secret,
+    /// Next id for an uploaded one-time or fallback key.
+    pub(crate) next_key_id: u64,
+    pub(crate) contacts: BTreeMap<String, Contact>,
+    /// Verified device lists by handle (contacts and the account itself).
+    pub(crate) lists: BTreeMap<String, CachedList>,
+    /// Envelope ids handled (or sent to ourselves), oldest first.
+    pub(crate) seen: VecDeque<ByteBuf>,
+    pub(crate) pending_links: Vec<PendingLink>,
+    #[serde(skip)]
+    pub(crate) seen_index: HashSet<[u8; 16]>,
+}
+
+impl Record {
+    /// Encodes into a wiping buffer.
+    pub(crate) fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = WipingWriter(Zeroizing::new(Vec::with_capacity(4096)));
+        rmp_serde::encode::write(&mut out, self).expect("the record always encodes");
+        out.0
+    }
+
+    /// Decodes; `None` if malformed.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut record: Record = rmp_serde::from_slice(bytes).ok()?;
+        record.seen_index = record
+            .seen
+            .iter()
+            .filter_map(|id| <[u8; 16]>::try_from(id.as_slice()).ok())
+            .collect();
+        Some(record)
+    }
+
+    /// Whether this envelope id was handled already.
+    pub(crate) fn was_seen(&self, id: &[u8; 16]) -> bool {
+        self.seen_index.contains(id)
+    }
+
+    /// Remembers an envelope id (bounded).
+    pub(crate) fn mark_seen(&mut self, id: [u8; 16]) {
+        if self.seen_index.insert(id) {
+            self.seen.push_back(ByteBuf::from(id.to_vec()));
+            while self.seen.len() > SEEN_IDS {
+                if let Some(old) = self.seen.pop_front()
+                    && let Ok(old) = <[u8; 16]>::try_from(old.as_slice())
+                {
+                    self.seen_index.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Appends a message to the conversation with `with` (bounded).
+    pub(crate) fn add_message(&mut self, with: &str, message: StoredMessage) {
+        let contact = self.contacts.entry(with.to_owned()).or_default();
+        contact.messages.push_back(message);
+        while contact.messages.len() > MESSAGES_PER_CONVERSATION {
+            contact.messages.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_bounds_seen_ids() {
+        let mut record = Record {
+            server: "http://127.0.0.1:1".into(),
+            device_token: Secret::new(&[1; 32]),
+            ..Record::default()
+        };
+        let n = u32::try_from(SEEN_IDS).unwrap();
+        for i in 0..(n + 10) {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            record.mark_seen(id);
+        }
+        assert_eq!(record.seen.len(), SEEN_IDS);
+        record.add_message(
+            "bob@b.example",
+            StoredMessage {
+                outgoing: true,
+                device: 1,
+                time_ms: 5,
+                body: "hi".into(),
+            },
+        );
+        let decoded = Record::decode(&record.encode()).expect("decodes");
+        assert_eq!(decoded.seen_index.len(), SEEN_IDS);
+        assert!(!decoded.was_seen(&[0; 16]), "the oldest id was forgotten");
+        let mut last = [0u8; 16];
+        last[..4].copy_from_slice(&(n + 9).to_be_bytes());
+        assert!(decoded.was_seen(&last));
+        assert_eq!(decoded.device_token.0.as_slice(), &[1; 32]);
+        assert_eq!(decoded.contacts["bob@b.example"].messages[0].body, "hi");
+    }
+}
