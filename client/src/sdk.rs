@@ -824,6 +824,12 @@ impl Client {
         self.upload_new_keys().await
     }
 
+    /// How many one-time keys the directory holds for this device, and whether it has a
+    /// fallback key.
+    pub async fn published_key_count(&self) -> Result<(u64, bool), ClientError> {
+        Ok(self.api.key_count(&self.creds()).await?)
+    }
+
     /// Signs and publishes our own list, and records it as seen.
     async fn publish_own_list(&mut self, list: &DeviceList) -> Result<(), ClientError> {
         let user = self.state.user().to_owned();
@@ -1143,6 +1149,12 @@ impl Client {
                 .and_then(|c| c.delivery_token.clone())
         };
         token.map_or(Route::Authenticated, Route::Sealed)
+    }
+
+    /// Whether this device holds `to`'s delivery token, i.e. whether messages to `to` travel
+    /// sealed over the anonymous connection (otherwise the first one goes authenticated).
+    pub fn sends_sealed_to(&self, to: &str) -> bool {
+        matches!(self.route_to(to), Route::Sealed(_))
     }
 
     /// Sends a text message to `to` (and a transcript to this account's other devices).
