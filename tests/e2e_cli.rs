@@ -1,0 +1,157 @@
+//! Two users of the `sealpost-cli` binary (separate state directories) exchange messages
+//! through a real broker process.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use common::{Broker, WAIT};
+
+/// The `sealpost-cli` binary of this build (another package's binary, so cargo does not hand
+/// us its path): built on first use, next to this test's own profile directory.
+fn cli() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test path");
+        // target/<profile>/deps/e2e_cli-HASH
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("profile dir")
+            .to_owned();
+        let mut build = Command::new(env!("CARGO"));
+        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--quiet",
+            "-p",
+            "sealpost-client",
+            "--bin",
+            "sealpost-cli",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building sealpost-cli failed");
+        let path = profile_dir.join("sealpost-cli");
+        assert!(path.exists(), "{} missing", path.display());
+        path
+    })
+}
+
+/// Runs the CLI with `state` as its state directory; waits at most `WAIT`.
+fn run(state: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(cli())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sealpost-cli");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "sealpost-cli {args:?} did not finish: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs and expects success; returns stdout.
+fn ok(state: &Path, args: &[&str]) -> String {
+    let out = run(state, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "sealpost-cli {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn two_cli_users_exchange_messages() {
+    let broker = Broker::start(&[]);
+    let server = broker.http();
+    let alice = tempfile::tempdir().expect("tempdir");
+    let bob = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (alice.path(), bob.path());
+    let (alice_h, bob_h) = ("alice@test.example", "bob@test.example");
+
+    let out = ok(a, &["register", "--server", &server, "--handle", alice_h]);
+    assert!(
+        out.contains("Registered alice@test.example (device 1)"),
+        "{out}"
+    );
+    ok(b, &["register", "--server", &server, "--handle", bob_h]);
+
+    let out = ok(a, &["send", "--to", bob_h, "hello", "bob,", "from the CLI"]);
+    assert!(out.contains("Sent to bob@test.example"), "{out}");
+    let out = ok(b, &["listen", "--count", "1"]);
+    let line = out.lines().next().expect("a line");
+    assert!(
+        line.starts_with('[') && line.ends_with("] alice@test.example: hello bob, from the CLI"),
+        "{out}"
+    );
+
+    // Bob answers (sealed now: Alice's first message carried her delivery token).
+    ok(b, &["send", "--to", alice_h, "hi alice"]);
+    let out = ok(a, &["listen", "--count", "1"]);
+    assert!(out.contains("] bob@test.example: hi alice"), "{out}");
+    // Nothing else is waiting.
+    let out = ok(a, &["listen", "--until-empty"]);
+    assert!(out.trim().is_empty(), "{out}");
+
+    let out = ok(a, &["conversations"]);
+    assert!(out.contains("bob@test.example  2 messages"), "{out}");
+    let out = ok(a, &["conversations", "--with", bob_h]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].ends_with("alice@test.example: hello bob, from the CLI"));
+    assert!(lines[1].ends_with("bob@test.example: hi alice"));
+
+    // Both sides show the same safety number; verifying marks the contact.
+    let number = |out: &str| out.lines().nth(1).expect("number line").to_owned();
+    let ab = number(&ok(a, &["safety-number", "--with", bob_h]));
+    let ba = number(&ok(b, &["safety-number", "--with", alice_h]));
+    assert_eq!(ab, ba);
+    assert_eq!(ab.split(' ').count(), 12);
+    let out = ok(a, &["verify", "--with", bob_h, "--yes"]);
+    assert!(out.contains("bob@test.example is verified"), "{out}");
+    assert!(ok(a, &["conversations"]).contains("bob@test.example (verified)"));
+
+    let out = ok(a, &["devices"]);
+    assert!(out.starts_with("device 1 (this device)"), "{out}");
+
+    // Errors are explained, not dumped.
+    let out = run(a, &["send", "--to", "nobody@test.example", "x"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nobody@test.example has not published a device list"),
+        "{stderr}"
+    );
+    let out = run(a, &["register", "--server", &server, "--handle", alice_h]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a Sealpost account"));
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = run(empty.path(), &["listen"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run register or link first"));
+}
