@@ -26,5 +26,5 @@ pub mod sdk;
 
 pub use sdk::{
     Client, ClientError, Conversation, ConversationMessage, DeviceInfo, EnvelopeError, Event,
-    LinkCode, PreparedEnvelope, ReceivedMessage,
+    LinkCode, PreparedEnvelope, ReceivedMessage, Stats,
 };

@@ -86,7 +86,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     fs::{self, File},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -439,6 +439,24 @@ pub struct Client {
     list_max_age: Duration,
     /// Consecutive reconnects without a frame in between.
     reconnects: u32,
+    stats: Stats,
+}
+
+/// Cumulative client-side costs ([`Client::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Copies encrypted (Olm) and sealed (HPKE), one per recipient device.
+    pub copies_sealed: u64,
+    /// Time spent in Olm encryption plus sealing.
+    pub encrypt_seal: Duration,
+    /// Envelopes opened and decrypted successfully.
+    pub envelopes_opened: u64,
+    /// Time spent opening the sealed layer plus Olm decryption.
+    pub open_decrypt: Duration,
+    /// State saves (each an encrypted write plus fsyncs).
+    pub saves: u64,
+    /// Time spent saving.
+    pub save_time: Duration,
 }
 
 impl std::fmt::Debug for Client {
@@ -568,6 +586,7 @@ impl Client {
             linking: None,
             list_max_age: Duration::from_secs(60),
             reconnects: 0,
+            stats: Stats::default(),
         }
     }
 
@@ -768,9 +787,18 @@ impl Client {
     }
 
     fn save(&mut self) -> Result<(), ClientError> {
+        let started = Instant::now();
         self.state.app_data = self.record.encode();
         self.state.save(&self.dir.join(STATE_FILE), &self.key)?;
+        self.stats.saves += 1;
+        self.stats.save_time += started.elapsed();
         Ok(())
+    }
+
+    /// Cumulative cost of this client's cryptographic work and state saves since it was
+    /// opened (for benchmarks).
+    pub fn stats(&self) -> Stats {
+        self.stats
     }
 
     // ----------------------------------------------------------------------------------------
@@ -966,8 +994,11 @@ impl Client {
                 }
             };
             self.ensure_session(to, device, &keys).await?;
+            let started = Instant::now();
             let olm = self.state.sessions.encrypt(to, device, &payload(device))?;
             let sealed = seal(to, device, &keys.seal_x25519, &sender, now_ms(), &olm)?;
+            self.stats.copies_sealed += 1;
+            self.stats.encrypt_seal += started.elapsed();
             have.insert(device, sealed);
         }
         let size = have.values().next().map_or(PLACEHOLDER_BYTES, Vec::len);
@@ -1278,6 +1309,10 @@ impl Client {
 
     /// Waits for the next event: messages, rejections, links, notices. Reconnects when the
     /// connection drops.
+    ///
+    /// Not cancel-safe: a call abandoned midway (by `select!` or a timeout) may have decrypted
+    /// envelopes without saving or acknowledging them; use the client no further after that
+    /// (drop it and [`Client::open`] again, which resumes from the last save).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         loop {
             if let Some(event) = self.events.pop_front() {
@@ -1421,6 +1456,7 @@ impl Client {
 
     async fn open_envelope(&mut self, ciphertext: &[u8]) -> Result<Vec<Event>, Failure> {
         let own_user = self.state.user().to_owned();
+        let started = Instant::now();
         let unsealed = open(
             &own_user,
             self.state.device_id(),
@@ -1428,6 +1464,7 @@ impl Client {
             ciphertext,
         )
         .map_err(|e| Failure::Permanent(EnvelopeError::Unseal(e)))?;
+        let mut crypto_time = started.elapsed();
         let sender = unsealed.sender;
         let (user, device) = (sender.user.clone(), sender.device);
         let session_error = |error| {
@@ -1455,6 +1492,7 @@ impl Client {
                 }));
             }
         };
+        let started = Instant::now();
         let payload = self
             .state
             .sessions
@@ -1465,6 +1503,9 @@ impl Client {
                 &unsealed.olm_message,
             )
             .map_err(session_error)?;
+        crypto_time += started.elapsed();
+        self.stats.envelopes_opened += 1;
+        self.stats.open_decrypt += crypto_time;
         self.apply(&sender, unsealed.timestamp_ms, payload).await
     }
 

@@ -4,6 +4,8 @@
 //! - `appends`: pipelined senders to recipients that never connect — durable appends/s.
 //! - `e2e`: N connected devices send to each other and ack — send→deliver latency.
 //! - `idle`: N authenticated idle connections — broker RSS per connection.
+//! - `encrypted`: pairs of real SDK clients exchanging sealed, end-to-end encrypted texts —
+//!   client crypto cost per message and delivered messages/s.
 //!
 //! Every scenario prints human-readable lines and, last, one JSON line `{"scenario":...}`.
 //! Only loopback targets are accepted.
@@ -12,6 +14,7 @@
 
 mod api;
 mod client;
+mod encrypted;
 mod idle;
 mod scenarios;
 mod traffic;
@@ -42,6 +45,9 @@ enum Scenario {
     E2e(E2eArgs),
     /// Many authenticated idle connections: broker RSS per connection.
     Idle(IdleArgs),
+    /// Pairs of SDK clients exchange end-to-end encrypted, sealed-sender texts: client
+    /// encrypt+seal and open+decrypt cost per message, delivered messages/s.
+    Encrypted(EncryptedArgs),
 }
 
 // Options every scenario takes. (Plain comments on flattened structs: clap would take a doc
@@ -160,6 +166,24 @@ struct IdleArgs {
     hold: Duration,
 }
 
+#[derive(Args, Clone)]
+struct EncryptedArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Sender/receiver pairs; each client is its own account with one device.
+    #[arg(long, default_value_t = 8)]
+    pairs: usize,
+    /// How long the senders send.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Text bytes per message.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// After sending stops, bound on waiting for the receivers.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
 fn main() -> Result<()> {
     util::init_clock();
     let cli = Cli::parse();
@@ -167,6 +191,7 @@ fn main() -> Result<()> {
         Scenario::Appends(a) => a.common.threads,
         Scenario::E2e(a) => a.common.threads,
         Scenario::Idle(a) => a.common.threads,
+        Scenario::Encrypted(a) => a.common.threads,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -181,6 +206,7 @@ fn main() -> Result<()> {
             }
             Scenario::E2e(a) => Ok(("e2e", scenarios::e2e(a).await?)),
             Scenario::Idle(a) => Ok(("idle", idle::idle(a).await?)),
+            Scenario::Encrypted(a) => Ok(("encrypted", encrypted::encrypted(a).await?)),
         }
     })?;
     println!("{}", json_line(name, fields));
@@ -248,5 +274,16 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.scenario, Scenario::Idle(ref a) if a.broker_pid == Some(42)));
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "encrypted",
+            url,
+            "--pairs",
+            "4",
+            "--duration",
+            "5s",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario, Scenario::Encrypted(ref a) if a.pairs == 4));
     }
 }
