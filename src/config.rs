@@ -137,6 +137,33 @@ settings! {
     max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
     /// Most concurrent connections per HTTP worker.
     max_connections: usize = 50_000, "SEALPOST_MAX_CONNECTIONS";
+    /// Federation peers, pinned: comma-separated `domain=ws://host:port/v1/federation#KEY`
+    /// entries, KEY being the peer's X25519 public key in base64 (`sealpost federation-key`
+    /// prints a broker's; it is also published at /.well-known/sealpost/server). Sends to other
+    /// domains are refused with unknown_domain.
+    federation_peers: String = String::new(), "SEALPOST_FEDERATION_PEERS";
+    /// This broker's federation endpoint as peers reach it, published at the well-known path
+    /// (default: ws://LISTEN/v1/federation).
+    federation_url: String = String::new(), "SEALPOST_FEDERATION_URL";
+    /// Most envelopes per federation transaction.
+    federation_batch: usize = 256, "SEALPOST_FEDERATION_BATCH";
+    /// Federation transactions in flight per destination.
+    federation_window: usize = 4, "SEALPOST_FEDERATION_WINDOW";
+    /// First delay before reconnecting a federation link or retrying a transaction, ms; it
+    /// doubles per failure (with jitter) up to federation_backoff_max_ms.
+    federation_backoff_min_ms: u64 = 250, "SEALPOST_FEDERATION_BACKOFF_MIN_MS";
+    /// Longest delay between federation attempts, ms.
+    federation_backoff_max_ms: u64 = 60_000, "SEALPOST_FEDERATION_BACKOFF_MAX_MS";
+    /// Federation connects, handshakes and remote lookups give up after this long, ms.
+    federation_timeout_ms: u64 = 10_000, "SEALPOST_FEDERATION_TIMEOUT_MS";
+    /// How long a remote user's device set, learned over the link, is trusted for
+    /// stale_devices checks before it is asked again, ms.
+    federation_device_cache_ms: u64 = 2_000, "SEALPOST_FEDERATION_DEVICE_CACHE_MS";
+    /// Envelopes and lookups per second accepted from one origin domain (0 = unlimited).
+    federation_origin_rate: u32 = 5_000, "SEALPOST_FEDERATION_ORIGIN_RATE";
+    /// Bearer token for the admin endpoints (/admin/...). Empty: they answer loopback clients
+    /// only.
+    admin_token: String = String::new(), "SEALPOST_ADMIN_TOKEN";
 }
 
 /// Why the configuration is unusable.
@@ -232,6 +259,22 @@ impl Settings {
         }
         if self.client_timeout_ms <= self.heartbeat_ms {
             return invalid("client_timeout_ms", "must exceed heartbeat_ms");
+        }
+        if let Err(message) = crate::federation::parse_peers(&self.federation_peers, &self.domain) {
+            return invalid("federation_peers", &message);
+        }
+        let max_batch = sealpost_proto::federation::MAX_TXN_ENVELOPES;
+        if self.federation_batch == 0 || self.federation_batch > max_batch {
+            return invalid("federation_batch", &format!("must be 1..={max_batch}"));
+        }
+        if self.federation_window == 0 || self.federation_window > 64 {
+            return invalid("federation_window", "must be 1..=64");
+        }
+        if self.federation_backoff_min_ms == 0 || self.federation_timeout_ms == 0 {
+            return invalid(
+                "federation_backoff_min_ms",
+                "federation delays must be above 0",
+            );
         }
         Ok(())
     }

@@ -9,6 +9,8 @@
 //! - [`server`]: wires the store, the mailboxes and the gateway together; start and shutdown.
 //! - [`gateway`]: HTTP routes and WebSocket device sessions (actix-web, actix-ws).
 //! - [`mailbox`]: one actor per user, the single writer of its device queues.
+//! - [`federation`]: one actor per remote domain with a durable outbox, Noise links between
+//!   brokers, and the receiving side of those links.
 //! - [`store`]: durable state behind the [`store::Store`] trait; the only importer of sled.
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
@@ -17,13 +19,16 @@
 //!
 //! # Dependency rules
 //!
-//! `main → server → gateway → mailbox → {store, proto}`. The gateway reads accounts and
-//! devices from the store but reaches queues only through mailboxes. The store never sees a
-//! wire type; mailboxes convert between stored records and frames.
+//! `main → server → gateway → {mailbox, federation} → {store, proto}`. The gateway reads
+//! accounts and devices from the store but reaches queues only through mailboxes and outboxes
+//! only through federation peers. The store never sees a wire type; mailboxes and peers convert
+//! between stored records and frames. Federation reaches local mailboxes only through the
+//! [`federation::inbound::LocalDelivery`] trait, which the gateway implements.
 
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod federation;
 pub mod gateway;
 pub mod mailbox;
 pub mod server;

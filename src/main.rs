@@ -24,6 +24,13 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Generate a platform Ed25519 key pair for registration = platform (prints both keys).
     PlatformKeygen,
+    /// Print this broker's federation public key (base64), creating the key pair in the data
+    /// directory if absent. Peers pin it in their `federation_peers`.
+    FederationKey {
+        /// Data directory of the broker.
+        #[arg(long, env = "SEALPOST_DATA_DIR", default_value = "sealpost-data")]
+        data_dir: std::path::PathBuf,
+    },
     /// Mint a registration token for a handle, as the host platform would.
     MintToken {
         /// The platform's secret key, base64 (from `platform-keygen`).
@@ -61,6 +68,11 @@ fn main() -> anyhow::Result<()> {
                 "public_key = {}",
                 STANDARD.encode(key.verifying_key().to_bytes())
             )?;
+            Ok(())
+        }
+        Command::FederationKey { data_dir } => {
+            let key = sealpost::federation::identity::ServerKey::load_or_create(&data_dir)?;
+            writeln!(std::io::stdout().lock(), "{}", key.public_b64())?;
             Ok(())
         }
         Command::MintToken {

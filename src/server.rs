@@ -19,6 +19,7 @@ use crate::{
     clock::now_ms,
     config::Settings,
     crypto::{TokenHasher, parse_platform_key},
+    federation::{Federation, PeerSettings, identity::ServerKey, parse_peers},
     gateway::{AppState, limits::Limits},
     mailbox::{MailboxConfig, Registry, messages::Expire},
     store::{SledStore, Store, StoreOptions},
@@ -62,6 +63,28 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
             dedup_secs: settings.dedup_secs,
         },
     );
+    let federation_arbiter = Arbiter::new();
+    let federation = Federation::start(
+        PeerSettings {
+            local_domain: settings.domain.clone(),
+            batch: settings.federation_batch,
+            max_txn_bytes: 1024 * 1024,
+            window: settings.federation_window,
+            backoff_min: Duration::from_millis(settings.federation_backoff_min_ms),
+            backoff_max: Duration::from_millis(settings.federation_backoff_max_ms),
+            request_timeout: Duration::from_millis(settings.federation_timeout_ms),
+            device_cache: Duration::from_millis(settings.federation_device_cache_ms),
+            heartbeat: Duration::from_millis(settings.heartbeat_ms),
+            idle_timeout: Duration::from_millis(settings.client_timeout_ms),
+            origin_rate: settings.federation_origin_rate,
+            inbound_txns: settings.federation_window.max(4),
+        },
+        ServerKey::load_or_create(&settings.data_dir)?,
+        parse_peers(&settings.federation_peers, &settings.domain)
+            .map_err(|e| anyhow::anyhow!("federation_peers: {e}"))?,
+        store.clone(),
+        &federation_arbiter.handle(),
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState {
         limits: Limits::new(
@@ -76,6 +99,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         metrics: crate::telemetry::init_metrics(),
         store: store.clone(),
         registry: registry.clone(),
+        federation: federation.clone(),
         hasher,
         shutting_down: AtomicBool::new(false),
         shutdown: shutdown_rx,
@@ -113,6 +137,11 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         .first()
         .copied()
         .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
+    federation.set_public_url(if settings.federation_url.is_empty() {
+        format!("ws://{addr}/v1/federation")
+    } else {
+        settings.federation_url.clone()
+    });
     let server = server.run();
     let handle = server.handle();
     let sweeper = actix_web::rt::spawn(sweep(state.clone()));
@@ -138,6 +167,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
     if let Err(e) = store.sync().await {
         warn!(error = %e, "final flush failed");
     }
+    federation_arbiter.stop();
     for a in arbiters {
         a.stop();
     }
@@ -175,6 +205,7 @@ async fn sweep(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         state.limits.housekeep();
+        state.federation.housekeep();
         state.store.check_disk();
         const BATCH: usize = 10_000;
         loop {

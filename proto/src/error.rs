@@ -120,13 +120,22 @@ wire_enum! {
         Internal = 18 => "internal",
         /// The broker is shutting down; retry against another instance or later.
         ShuttingDown = 19 => "shutting_down",
-        /// The recipient's domain is not served by this broker (federation comes later).
+        /// The recipient's domain is neither served by this broker nor a federation peer.
         UnknownDomain = 20 => "unknown_domain",
         /// A sealed send or key claim lacks a valid delivery token for the recipient.
         BadDeliveryToken = 21 => "bad_delivery_token",
         /// The frame is not accepted on this endpoint (the anonymous endpoint takes only
         /// `sealed_send`).
         WrongEndpoint = 22 => "wrong_endpoint",
+        /// Federation: the calling broker's domain is not a known peer, or the link was
+        /// addressed to another domain.
+        UnknownPeer = 23 => "unknown_peer",
+        /// Federation: the peer's static key does not match its domain's key.
+        PeerAuthFailed = 24 => "peer_auth_failed",
+        /// No such device or key.
+        NotFound = 25 => "not_found",
+        /// Federation: the recipient's broker cannot be reached now; retry later.
+        PeerUnavailable = 26 => "peer_unavailable",
     }
 }
 
@@ -152,5 +161,7 @@ wire_enum! {
         RateLimited = 4005 => "rate_limited",
         /// Nothing was heard from the device within the idle timeout.
         IdleTimeout = 4006 => "idle_timeout",
+        /// Federation: the link was refused (unknown peer, failed handshake, bad frames).
+        PeerRefused = 4007 => "peer_refused",
     }
 }

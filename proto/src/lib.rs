@@ -5,6 +5,8 @@
 //! - [`ids`]: validated identifiers — account [`Handle`]s, [`DeviceId`]s, [`EnvelopeId`]s.
 //! - [`frame`]: the device protocol spoken over WebSocket binary messages: [`ClientFrame`]
 //!   (device → broker) and [`ServerFrame`] (broker → device), with their byte layout.
+//! - [`federation`]: the broker-to-broker protocol (Noise handshake frames, encrypted link
+//!   frames carrying transactions of sealed envelopes and remote lookups).
 //! - [`limits`]: sizes and counts both sides enforce.
 //! - [`error`]: decode errors and the stable [`ErrorCode`]s and [`CloseCode`]s the broker sends.
 //!
@@ -14,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod federation;
 pub mod frame;
 pub mod ids;
 pub mod limits;

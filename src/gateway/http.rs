@@ -51,6 +51,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/v1/ws", web::get().to(super::session::upgrade))
     .route("/v1/sealed", web::get().to(super::sealed::upgrade))
     .configure(super::keys::routes)
+    .configure(super::federation::routes)
     .route("/healthz", web::get().to(healthz))
     .route("/readyz", web::get().to(readyz))
     .route("/metrics", web::get().to(metrics));

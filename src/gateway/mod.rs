@@ -8,8 +8,11 @@
 //! - [`error`]: API errors and their status codes.
 //! - [`limits`]: per-IP and per-device rate limits.
 //! - [`sealed`]: the anonymous endpoint for sealed sends (no account, no deliveries).
+//! - [`federation`]: the inbound federation endpoint, the well-known key document, the admin
+//!   view of peers, and local delivery for inbound links.
 
 pub mod error;
+pub mod federation;
 pub mod http;
 pub mod keys;
 pub mod limits;
@@ -25,7 +28,9 @@ use std::sync::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-use crate::{config::Settings, crypto::TokenHasher, mailbox::Registry, store::Store};
+use crate::{
+    config::Settings, crypto::TokenHasher, federation::Federation, mailbox::Registry, store::Store,
+};
 
 /// State shared by every route and session.
 pub struct AppState {
@@ -35,6 +40,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Mailbox directory.
     pub registry: Arc<Registry>,
+    /// Federation peers (one actor per remote domain) and this broker's federation key.
+    pub federation: Arc<Federation>,
     /// Device token hashing.
     pub hasher: TokenHasher,
     /// Rate limits.

@@ -23,7 +23,7 @@ use super::{
     AppState,
     error::ApiError,
     session::{Incoming, close, decode_close, error_frame, next_incoming, reject_send},
-    submit::{PendingSend, admit_sealed, submit, validate_send},
+    submit::{PendingSend, admit_sealed, submit_sealed, validate_send},
 };
 
 /// `GET /v1/sealed`: upgrades and spawns the anonymous session.
@@ -122,7 +122,7 @@ async fn run(
                 let admitted = validate_send(state, &to, class, ttl_secs, &copies)
                     .and_then(|to| admit_sealed(state, &to, delivery_token.as_deref(), ip).map(|()| to));
                 match admitted {
-                    Ok(to) => pending.push(submit(state, to, id, class, ttl_secs, copies)),
+                    Ok(to) => pending.push(submit_sealed(state, to, id, class, ttl_secs, copies, delivery_token)),
                     Err(code) => reject_send(session, id, code).await,
                 }
             }

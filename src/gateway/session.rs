@@ -33,7 +33,7 @@ use tracing::debug;
 use super::{
     AppState,
     error::ApiError,
-    submit::{PendingSend, admit_sealed, submit, validate_send},
+    submit::{PendingSend, admit_sealed, submit, submit_sealed, validate_send},
 };
 use crate::{
     clock::now_ms,
@@ -488,7 +488,15 @@ impl Live<'_> {
                             .map(|()| to)
                     });
                 match admitted {
-                    Ok(to) => pending.push(submit(self.state, to, id, class, ttl_secs, copies)),
+                    Ok(to) => pending.push(submit_sealed(
+                        self.state,
+                        to,
+                        id,
+                        class,
+                        ttl_secs,
+                        copies,
+                        delivery_token,
+                    )),
                     Err(code) => reject_send(session, id, code).await,
                 }
             }

@@ -25,6 +25,16 @@
 //! ```
 //!
 //! The `x`/`y` indexes let the expiry sweep find what is due without scanning queues.
+//!
+//! Tree `outbox` (federation: envelopes waiting for a destination broker's acknowledgement):
+//!
+//! ```text
+//! domainseq_outbox       b'q' domain 0xff seq:u64                -> OutboxRecord
+//! ```
+//!
+//! One key per envelope, written once and deleted once acknowledged, so every crash-surviving
+//! prefix of outbox writes is consistent without an index. Sequence numbers grow per domain;
+//! the next one is the last stored plus one.
 
 pub(crate) const ACCOUNT: u8 = b'u';
 pub(crate) const DEVICE: u8 = b'v';
@@ -38,6 +48,7 @@ pub(crate) const ENVELOPE: u8 = b'e';
 pub(crate) const DEDUP: u8 = b'd';
 pub(crate) const EXPIRY_ENVELOPE: u8 = b'x';
 pub(crate) const EXPIRY_DEDUP: u8 = b'y';
+pub(crate) const OUTBOX: u8 = b'q';
 const SEP: u8 = 0xff;
 
 fn key(tag: u8, user: &str, rest_len: usize) -> Vec<u8> {
@@ -175,6 +186,19 @@ pub(crate) fn split_expiry(key: &[u8]) -> Option<(u64, &str, &[u8])> {
     let sep = rest.iter().position(|b| *b == SEP)?;
     let user = std::str::from_utf8(&rest[..sep]).ok()?;
     Some((ts, user, &rest[sep + 1..]))
+}
+
+/// Prefix of one destination domain's outbox.
+pub(crate) fn outbox_prefix(domain: &str) -> Vec<u8> {
+    let mut k = key(OUTBOX, domain, 9);
+    k.push(SEP);
+    k
+}
+
+pub(crate) fn outbox(domain: &str, seq: u64) -> Vec<u8> {
+    let mut k = outbox_prefix(domain);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 #[cfg(test)]

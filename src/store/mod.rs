@@ -16,7 +16,7 @@ use std::{future::Future, pin::Pin};
 
 pub use records::{
     AccountRecord, DedupRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord,
-    FallbackKeyRecord, HeadRecord, LinkCodeRecord,
+    FallbackKeyRecord, HeadRecord, LinkCodeRecord, OutboxRecord,
 };
 pub use sled_store::{SledStore, StoreOptions};
 
@@ -248,4 +248,20 @@ pub trait Store: Send + Sync + 'static {
     fn check_disk(&self);
     /// Approximate bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64>;
+
+    /// Stores an envelope in the outbox of `domain` at `seq` (not yet durable: see
+    /// [`Store::sync`]). Called only by that domain's federation peer, its single writer.
+    fn outbox_put(&self, domain: &str, seq: u64, record: &OutboxRecord) -> Result<()>;
+    /// Deletes acknowledged (or expired) entries of an outbox.
+    fn outbox_remove(&self, domain: &str, seqs: &[u64]) -> Result<()>;
+    /// Up to `limit` outbox entries with `seq >= from`, in order.
+    fn outbox_read(
+        &self,
+        domain: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>>;
+    /// Every entry of an outbox as (seq, accepted_ms, bytes), in order: what a peer needs to
+    /// account for its backlog after a restart, without keeping ciphertext in memory.
+    fn outbox_index(&self, domain: &str) -> Result<Vec<(u64, u64, u64)>>;
 }

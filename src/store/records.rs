@@ -130,6 +130,48 @@ pub struct LinkCodeRecord {
     pub expires_ms: u64,
 }
 
+/// One envelope waiting in a federation outbox for its destination broker's acknowledgement.
+/// It names the recipient and nothing about the sender.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    /// Record version.
+    pub version: u8,
+    /// The client's envelope id (the receiving broker deduplicates retries by it).
+    #[serde(with = "serde_bytes")]
+    pub id: [u8; 16],
+    /// Recipient handle (on the destination domain).
+    pub to: String,
+    /// Delivery class (wire value).
+    pub class: u8,
+    /// When this broker accepted it, ms since the Unix epoch.
+    pub accepted_ms: u64,
+    /// When it expires, ms since the Unix epoch; it is dropped from the outbox then.
+    pub expires_ms: u64,
+    /// One (device, ciphertext) pair per recipient device.
+    pub copies: Vec<(u32, serde_bytes::ByteBuf)>,
+    /// How it was admitted: 0 an authenticated local account, 1 a delivery token, 2 none.
+    pub admission: u8,
+    /// The recipient's delivery token for admission 1, forwarded to the recipient's broker.
+    pub token: Option<serde_bytes::ByteBuf>,
+}
+
+impl OutboxRecord {
+    /// Ciphertext bytes, for backlog accounting.
+    pub fn size(&self) -> u64 {
+        self.copies.iter().map(|(_, c)| c.len() as u64).sum()
+    }
+}
+
+impl std::fmt::Debug for OutboxRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxRecord")
+            .field("expires_ms", &self.expires_ms)
+            .field("copies", &self.copies.len())
+            .field("bytes", &self.size())
+            .finish_non_exhaustive()
+    }
+}
+
 pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     rmp_serde::to_vec(record).expect("store records always serialize")
 }
@@ -169,5 +211,6 @@ versioned!(
     DedupRecord,
     FallbackKeyRecord,
     DeliveryTokenRecord,
-    LinkCodeRecord
+    LinkCodeRecord,
+    OutboxRecord
 );

@@ -10,8 +10,8 @@ use std::{
 
 use super::{
     AccountRecord, DedupRecord, DeliveryTokenRecord, DeviceRecord, Durable, EnvelopeRecord,
-    Expired, FallbackKeyRecord, HeadRecord, LinkCodeRecord, QueueOp, QueueWrite, Result, Store,
-    StoreError,
+    Expired, FallbackKeyRecord, HeadRecord, LinkCodeRecord, OutboxRecord, QueueOp, QueueWrite,
+    Result, Store, StoreError,
     committer::{Committer, Health},
     keys,
     records::{self, RECORD_VERSION},
@@ -42,6 +42,7 @@ pub struct SledStore {
     db: sled::Db,
     accounts: sled::Tree,
     queues: sled::Tree,
+    outbox: sled::Tree,
     committer: Committer,
     /// Serializes account and device changes (rare; keeps read-modify-write simple).
     account_lock: Mutex<()>,
@@ -65,6 +66,7 @@ impl SledStore {
             .open()?;
         let accounts = db.open_tree("accounts")?;
         let queues = db.open_tree("queues")?;
+        let outbox = db.open_tree("outbox")?;
         let health = Arc::new(Health {
             flush_ok: AtomicBool::new(true),
             disk_ok: AtomicBool::new(true),
@@ -86,6 +88,7 @@ impl SledStore {
             db,
             accounts,
             queues,
+            outbox,
             committer,
             account_lock: Mutex::new(()),
             health,
@@ -448,6 +451,50 @@ impl Store for SledStore {
 
     fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
+    }
+
+    fn outbox_put(&self, domain: &str, seq: u64, record: &OutboxRecord) -> Result<()> {
+        self.outbox
+            .insert(keys::outbox(domain, seq), records::encode(record))?;
+        Ok(())
+    }
+
+    fn outbox_remove(&self, domain: &str, seqs: &[u64]) -> Result<()> {
+        for seq in seqs {
+            self.outbox.remove(keys::outbox(domain, *seq))?;
+        }
+        Ok(())
+    }
+
+    fn outbox_read(
+        &self,
+        domain: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>> {
+        let start = keys::outbox(domain, from);
+        let end = keys::outbox(domain, u64::MAX);
+        let mut out = Vec::new();
+        for kv in self.outbox.range(start..=end).take(limit) {
+            let (k, v) = kv?;
+            let seq = keys::envelope_seq(&k)
+                .ok_or_else(|| StoreError::Corruption("short outbox key".into()))?;
+            out.push((seq, records::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn outbox_index(&self, domain: &str) -> Result<Vec<(u64, u64, u64)>> {
+        self.outbox
+            .scan_prefix(keys::outbox_prefix(domain))
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = keys::envelope_seq(&k)
+                    .ok_or_else(|| StoreError::Corruption("short outbox key".into()))?;
+                let rec: OutboxRecord = records::decode(&v)?;
+                Ok((seq, rec.accepted_ms, rec.size()))
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,760 @@
+//! The federation peer actor: one per destination domain, the single writer of that domain's
+//! outbox.
+//!
+//! ```text
+//! Enqueue ──▶ device-set check (cached, or asked over the link) ──▶ outbox (store) ──▶ sync ──▶ send_result
+//!                                                                        │
+//!       link up ◀── LinkUp / LinkDown (backoff) ◀── link task ◀──────────┤ txns of durable entries, in order
+//!       TxnAcked ──▶ delete acknowledged entries; retryable refusals resend from there after a backoff
+//! ```
+//!
+//! Order: entries get increasing sequence numbers and are sent in that order; after a lost link
+//! or a retryable refusal, sending resumes from the oldest unacknowledged entry, so the
+//! receiving broker sees every envelope of a device in order (duplicates of envelopes it had
+//! already stored are absorbed by its envelope-id deduplication).
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use sealpost_proto::{
+    Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome,
+    federation::{Admission, FedEnvelope, LinkFrame},
+    limits::{MAX_DURABLE_TTL_SECS, MAX_URGENT_TTL_SECS},
+};
+use serde_bytes::ByteBuf;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use super::{
+    PeerConfig, PeerSettings,
+    backoff::Backoff,
+    identity::ServerKey,
+    link::{self, LinkParams},
+    messages::{
+        Enqueue, LinkDown, LinkUp, Outgoing, PeerStatus, Query, QueryResult, Request, Status,
+        TxnAcked,
+    },
+};
+use crate::{
+    clock::now_ms,
+    store::{OutboxRecord, Store, records::RECORD_VERSION},
+};
+
+/// State of the link to the destination.
+enum Link {
+    /// Not connected; a reconnection is scheduled.
+    Down,
+    /// A connection attempt is running.
+    Connecting,
+    /// Authenticated and carrying frames.
+    Up(tokio::sync::mpsc::Sender<Outgoing>),
+}
+
+/// What the peer keeps in memory of an outbox entry.
+struct Entry {
+    accepted_ms: u64,
+    bytes: u64,
+    /// The envelope id, for entries accepted by this incarnation.
+    id: Option<EnvelopeId>,
+}
+
+/// A transaction sent and not yet acknowledged.
+struct InFlight {
+    txn_id: u64,
+    /// Outbox sequence numbers, in the transaction's order (empty for ephemeral envelopes).
+    seqs: Vec<u64>,
+}
+
+/// What the peer knows of a remote user's devices, for stale-set checks before accepting.
+struct KnownDevices {
+    at: Instant,
+    /// Device ids, or why the user cannot receive (unknown recipient).
+    devices: Result<Vec<DeviceId>, ErrorCode>,
+}
+
+/// Counters shown by the admin view.
+#[derive(Default)]
+struct Stats {
+    attempts: u64,
+    failures: u64,
+    delivered: u64,
+    refused: u64,
+    last_error: Option<String>,
+}
+
+/// The actor forwarding envelopes to one destination domain.
+pub struct FederationPeer {
+    config: Arc<PeerConfig>,
+    settings: Arc<PeerSettings>,
+    key: Arc<ServerKey>,
+    store: Arc<dyn Store>,
+    /// Sequence number of the next outbox entry.
+    next_seq: u64,
+    /// Entries below this are durable and may be sent.
+    durable_next: u64,
+    /// Next entry to put into a transaction.
+    cursor: u64,
+    /// Unacknowledged outbox entries by seq. Ciphertext stays in the store.
+    backlog: BTreeMap<u64, Entry>,
+    backlog_bytes: u64,
+    /// Ids of entries accepted by this incarnation and still in the backlog: a client's retry
+    /// is answered as a duplicate without a second entry.
+    ids: HashMap<EnvelopeId, u64>,
+    in_flight: VecDeque<InFlight>,
+    next_txn: u64,
+    /// Ephemeral envelopes waiting for the link (never stored).
+    ephemeral: Vec<FedEnvelope>,
+    link: Link,
+    /// Identifies the current connection attempt; reports of older ones are ignored.
+    generation: u64,
+    up_since: Option<Instant>,
+    backoff: Backoff,
+    /// No transaction is sent before this (after a retryable refusal).
+    hold_until: Option<Instant>,
+    known: HashMap<String, KnownDevices>,
+    stats: Stats,
+}
+
+/// Refusals after which the same envelope is sent again later (the receiving side was
+/// temporarily unable); every other refusal is final.
+fn retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::MailboxFull
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::RateLimited
+            | ErrorCode::Internal
+            | ErrorCode::ShuttingDown
+            | ErrorCode::PeerUnavailable
+    )
+}
+
+fn rejected(code: ErrorCode) -> SendOutcome {
+    crate::telemetry::reject(code.as_str());
+    SendOutcome::Rejected {
+        code,
+        current_devices: Vec::new(),
+    }
+}
+
+impl FederationPeer {
+    /// A peer for `config`; its outbox is loaded when it starts.
+    pub(crate) fn new(
+        config: Arc<PeerConfig>,
+        settings: Arc<PeerSettings>,
+        key: Arc<ServerKey>,
+        store: Arc<dyn Store>,
+    ) -> Self {
+        let backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+        FederationPeer {
+            config,
+            settings,
+            key,
+            store,
+            next_seq: 1,
+            durable_next: 1,
+            cursor: 1,
+            backlog: BTreeMap::new(),
+            backlog_bytes: 0,
+            ids: HashMap::new(),
+            in_flight: VecDeque::new(),
+            next_txn: 1,
+            ephemeral: Vec::new(),
+            link: Link::Down,
+            generation: 0,
+            up_since: None,
+            backoff,
+            hold_until: None,
+            known: HashMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn domain(&self) -> &str {
+        &self.config.domain
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        if !matches!(self.link, Link::Down) {
+            return;
+        }
+        self.generation += 1;
+        self.link = Link::Connecting;
+        self.stats.attempts += 1;
+        metrics::counter!("sealpost_federation_link_attempts_total", "destination" => self.config.domain.clone())
+            .increment(1);
+        let params = LinkParams {
+            local_domain: self.settings.local_domain.clone(),
+            peer: self.config.clone(),
+            key: self.key.clone(),
+            connect_timeout: self.settings.request_timeout,
+            heartbeat: self.settings.heartbeat,
+            idle_timeout: self.settings.idle_timeout,
+            queue: self.settings.window * 2 + 64,
+        };
+        ctx.spawn(link::run(params, ctx.address(), self.generation).into_actor(self));
+    }
+
+    fn publish(&self) {
+        let d = self.config.domain.clone();
+        metrics::gauge!("sealpost_federation_backlog", "destination" => d.clone())
+            .set(self.backlog.len() as f64);
+        metrics::gauge!("sealpost_federation_backlog_bytes", "destination" => d.clone())
+            .set(self.backlog_bytes as f64);
+        metrics::gauge!("sealpost_federation_oldest_age_seconds", "destination" => d.clone())
+            .set(self.oldest_age_ms() as f64 / 1000.0);
+        let up = matches!(self.link, Link::Up(_));
+        metrics::gauge!("sealpost_federation_link_up", "destination" => d).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
+    fn oldest_age_ms(&self) -> u64 {
+        self.backlog
+            .values()
+            .next()
+            .map_or(0, |e| now_ms().saturating_sub(e.accepted_ms))
+    }
+
+    /// Sends transactions of durable entries while the window allows.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        let Link::Up(tx) = &self.link else { return };
+        let tx = tx.clone();
+        if self.hold_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.hold_until = None;
+        while self.in_flight.len() < self.settings.window {
+            if !self.ephemeral.is_empty() {
+                let envelopes = std::mem::take(&mut self.ephemeral);
+                let txn_id = self.next_txn;
+                if tx
+                    .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
+                    .is_err()
+                {
+                    break; // ephemeral envelopes are dropped rather than delayed
+                }
+                self.next_txn += 1;
+                self.in_flight.push_back(InFlight {
+                    txn_id,
+                    seqs: Vec::new(),
+                });
+                continue;
+            }
+            if self.cursor >= self.durable_next {
+                break;
+            }
+            let want = self.settings.batch;
+            let entries = match self.store.outbox_read(self.domain(), self.cursor, want) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    warn!(error = %e, destination = %self.config.domain, "reading the outbox failed");
+                    break;
+                }
+            };
+            let now = now_ms();
+            let mut envelopes = Vec::new();
+            let mut seqs = Vec::new();
+            let mut expired = Vec::new();
+            let mut bytes = 0u64;
+            let mut next = self.durable_next;
+            for (seq, record) in entries {
+                if seq >= self.durable_next {
+                    next = seq;
+                    break;
+                }
+                if record.expires_ms <= now {
+                    expired.push(seq);
+                    next = seq + 1;
+                    continue;
+                }
+                let size = record.size();
+                if !envelopes.is_empty() && bytes + size > self.settings.max_txn_bytes {
+                    next = seq;
+                    break;
+                }
+                bytes += size;
+                envelopes.push(to_wire(record, now));
+                seqs.push(seq);
+                next = seq + 1;
+            }
+            if !expired.is_empty() {
+                metrics::counter!("sealpost_federation_expired_total", "destination" => self.config.domain.clone())
+                    .increment(expired.len() as u64);
+                self.forget(&expired);
+            }
+            if envelopes.is_empty() {
+                self.cursor = next;
+                continue;
+            }
+            let txn_id = self.next_txn;
+            if tx
+                .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
+                .is_err()
+            {
+                break; // the link's queue is full or closing: resume on the next ack or link
+            }
+            self.next_txn += 1;
+            metrics::counter!("sealpost_federation_txns_total", "destination" => self.config.domain.clone())
+                .increment(1);
+            self.in_flight.push_back(InFlight { txn_id, seqs });
+            self.cursor = next;
+        }
+        self.publish();
+        let _ = ctx;
+    }
+
+    /// Deletes entries from the outbox (acknowledged, refused for good, or expired).
+    fn forget(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        for seq in seqs {
+            if let Some(entry) = self.backlog.remove(seq) {
+                self.backlog_bytes = self.backlog_bytes.saturating_sub(entry.bytes);
+                if let Some(id) = entry.id {
+                    self.ids.remove(&id);
+                }
+            }
+        }
+        if let Err(e) = self.store.outbox_remove(self.domain(), seqs) {
+            warn!(error = %e, destination = %self.config.domain, "deleting from the outbox failed");
+            return;
+        }
+        // Nobody waits for deletions; they ride the next group commit. After a crash before
+        // it, the receiving broker gets them again and deduplicates them.
+        let durable = self.store.sync();
+        actix::spawn(async move {
+            if let Err(e) = durable.await {
+                warn!(error = %e, "flushing outbox deletions failed");
+            }
+        });
+    }
+
+    /// A lookup over the link, answered with the reply frame.
+    fn query(&self, request: Request) -> impl Future<Output = QueryResult> + 'static {
+        let sent = match &self.link {
+            Link::Up(tx) => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                tx.try_send(Outgoing::Request(request, reply_tx))
+                    .ok()
+                    .map(|()| reply_rx)
+            }
+            _ => None,
+        };
+        let timeout = self.settings.request_timeout;
+        async move {
+            let rx = sent.ok_or(ErrorCode::PeerUnavailable)?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(frame)) => Ok(frame),
+                _ => Err(ErrorCode::PeerUnavailable),
+            }
+        }
+    }
+
+    /// Checks a send's device set against what the peer knows of the recipient.
+    fn stale(&self, to: &str, copies: &[Copy]) -> Option<SendOutcome> {
+        let known = self.known.get(to)?;
+        match &known.devices {
+            Err(code) => Some(rejected(*code)),
+            Ok(current) => {
+                let mut named: Vec<DeviceId> = copies.iter().map(|c| c.device).collect();
+                named.sort_unstable();
+                (&named != current).then(|| {
+                    crate::telemetry::reject(ErrorCode::StaleDevices.as_str());
+                    SendOutcome::Rejected {
+                        code: ErrorCode::StaleDevices,
+                        current_devices: current.clone(),
+                    }
+                })
+            }
+        }
+    }
+
+    fn learn(&mut self, user: String, answer: QueryResult) {
+        let devices = match answer {
+            Ok(LinkFrame::Devices { devices, .. }) => {
+                let mut ids: Vec<DeviceId> = devices.iter().map(|d| DeviceId(d.device)).collect();
+                ids.sort_unstable();
+                Ok(ids)
+            }
+            Ok(LinkFrame::Refused {
+                code: ErrorCode::UnknownRecipient,
+                ..
+            }) => Err(ErrorCode::UnknownRecipient),
+            // Unreachable or unexpected: keep what we knew, accept unchecked otherwise.
+            _ => return,
+        };
+        if self.known.len() > 100_000 {
+            self.known.clear();
+        }
+        self.known.insert(
+            user,
+            KnownDevices {
+                at: Instant::now(),
+                devices,
+            },
+        );
+    }
+
+    /// Accepts (or refuses) an envelope once its device set has been checked.
+    fn accept(
+        &mut self,
+        msg: Enqueue,
+        reply: oneshot::Sender<SendOutcome>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(refusal) = self.stale(&msg.to, &msg.copies) {
+            let _ = reply.send(refusal);
+            return;
+        }
+        if msg.class == Class::Ephemeral {
+            // Never stored: carried only if the link is up now.
+            if matches!(self.link, Link::Up(_)) {
+                self.ephemeral.push(FedEnvelope {
+                    id: msg.id,
+                    to: msg.to,
+                    class: msg.class,
+                    ttl_secs: msg.ttl_secs,
+                    copies: msg.copies.to_vec(),
+                    admission: msg.admission,
+                });
+                self.pump(ctx);
+            }
+            let _ = reply.send(SendOutcome::Accepted { duplicate: false });
+            return;
+        }
+        let duplicate = self.ids.contains_key(&msg.id);
+        if !duplicate {
+            if !self.store.has_room() {
+                let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
+                return;
+            }
+            let now = now_ms();
+            let (admission, token) = match msg.admission {
+                Admission::Origin => (0, None),
+                Admission::Token(t) => (1, Some(ByteBuf::from(t))),
+                Admission::Open => (2, None),
+            };
+            let record = OutboxRecord {
+                version: RECORD_VERSION,
+                id: msg.id.0,
+                to: msg.to,
+                class: msg.class as u8,
+                accepted_ms: now,
+                expires_ms: now + u64::from(msg.ttl_secs) * 1000,
+                copies: msg
+                    .copies
+                    .iter()
+                    .map(|c| (c.device.0, ByteBuf::from(c.ciphertext.clone())))
+                    .collect(),
+                admission,
+                token,
+            };
+            let seq = self.next_seq;
+            if let Err(e) = self.store.outbox_put(self.domain(), seq, &record) {
+                warn!(error = %e, destination = %self.config.domain, "outbox write failed; send refused");
+                let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
+                return;
+            }
+            self.next_seq += 1;
+            let size = record.size();
+            self.backlog.insert(
+                seq,
+                Entry {
+                    accepted_ms: now,
+                    bytes: size,
+                    id: Some(msg.id),
+                },
+            );
+            self.backlog_bytes += size;
+            self.ids.insert(msg.id, seq);
+            metrics::counter!("sealpost_federation_enqueued_total", "destination" => self.config.domain.clone())
+                .increment(1);
+        }
+        // A successful sync makes everything written before it durable.
+        let covered = self.next_seq;
+        let started = Instant::now();
+        ctx.spawn(
+            self.store
+                .sync()
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(()) => {
+                        act.durable_next = act.durable_next.max(covered);
+                        metrics::histogram!("sealpost_append_seconds").record(started.elapsed());
+                        let _ = reply.send(SendOutcome::Accepted { duplicate });
+                        act.pump(ctx);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "outbox commit failed; send refused");
+                        let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
+                    }
+                }),
+        );
+    }
+}
+
+/// The wire form of an outbox entry, with the time-to-live left.
+fn to_wire(record: OutboxRecord, now: u64) -> FedEnvelope {
+    let class = match record.class {
+        1 => Class::Ephemeral,
+        2 => Class::Urgent,
+        _ => Class::Durable,
+    };
+    let max = match class {
+        Class::Durable => MAX_DURABLE_TTL_SECS,
+        _ => MAX_URGENT_TTL_SECS,
+    };
+    let left = record.expires_ms.saturating_sub(now).div_ceil(1000);
+    let ttl_secs = u32::try_from(left).unwrap_or(max).clamp(1, max);
+    let admission = match (record.admission, record.token) {
+        (1, Some(t)) => Admission::Token(t.into_vec()),
+        (2, _) => Admission::Open,
+        _ => Admission::Origin,
+    };
+    FedEnvelope {
+        id: EnvelopeId(record.id),
+        to: record.to,
+        class,
+        ttl_secs,
+        copies: record
+            .copies
+            .into_iter()
+            .map(|(device, c)| Copy {
+                device: DeviceId(device),
+                ciphertext: c.into_vec(),
+            })
+            .collect(),
+        admission,
+    }
+}
+
+impl Actor for FederationPeer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+        match self.store.outbox_index(self.domain()) {
+            Ok(index) => {
+                for (seq, accepted_ms, bytes) in index {
+                    self.backlog.insert(
+                        seq,
+                        Entry {
+                            accepted_ms,
+                            bytes,
+                            id: None,
+                        },
+                    );
+                    self.backlog_bytes += bytes;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, destination = %self.config.domain, "loading the outbox failed")
+            }
+        }
+        let last = self.backlog.keys().next_back().copied().unwrap_or(0);
+        self.next_seq = last + 1;
+        self.durable_next = self.next_seq;
+        self.cursor = self.backlog.keys().next().copied().unwrap_or(self.next_seq);
+        if !self.backlog.is_empty() {
+            info!(
+                destination = %self.config.domain,
+                backlog = self.backlog.len(),
+                "outbox loaded"
+            );
+        }
+        self.publish();
+        ctx.run_interval(Duration::from_secs(1), |act, _| act.publish());
+        self.connect(ctx);
+    }
+}
+
+impl Handler<Enqueue> for FederationPeer {
+    type Result = ResponseFuture<SendOutcome>;
+
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let fresh = self
+            .known
+            .get(&msg.to)
+            .is_some_and(|k| k.at.elapsed() < self.settings.device_cache);
+        let ask = msg.class != Class::Ephemeral && !fresh && matches!(self.link, Link::Up(_));
+        if ask {
+            // Ask the recipient's broker for the current devices; later envelopes wait, so a
+            // connection's sends keep their order.
+            let user = msg.to.clone();
+            let lookup = self.query(Request::GetDevices { user: user.clone() });
+            ctx.wait(lookup.into_actor(self).map(move |answer, act, ctx| {
+                act.learn(user, answer);
+                act.accept(msg, tx, ctx);
+            }));
+        } else {
+            self.accept(msg, tx, ctx);
+        }
+        Box::pin(async move { rx.await.unwrap_or_else(|_| rejected(ErrorCode::Internal)) })
+    }
+}
+
+impl Handler<Query> for FederationPeer {
+    type Result = ResponseFuture<QueryResult>;
+
+    fn handle(&mut self, msg: Query, _ctx: &mut Self::Context) -> Self::Result {
+        Box::pin(self.query(msg.0))
+    }
+}
+
+impl Handler<LinkUp> for FederationPeer {
+    type Result = ();
+
+    fn handle(&mut self, msg: LinkUp, ctx: &mut Self::Context) {
+        if msg.generation != self.generation {
+            return;
+        }
+        info!(destination = %self.config.domain, "federation link up");
+        self.link = Link::Up(msg.tx);
+        self.up_since = Some(Instant::now());
+        self.cursor = self
+            .backlog
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.durable_next)
+            .min(self.durable_next);
+        self.pump(ctx);
+    }
+}
+
+impl Handler<LinkDown> for FederationPeer {
+    type Result = ();
+
+    fn handle(&mut self, msg: LinkDown, ctx: &mut Self::Context) {
+        if msg.generation != self.generation {
+            return;
+        }
+        let was_up = matches!(self.link, Link::Up(_));
+        if self
+            .up_since
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(10))
+        {
+            self.backoff.reset();
+        }
+        self.link = Link::Down;
+        self.up_since = None;
+        self.in_flight.clear();
+        self.ephemeral.clear();
+        self.stats.failures += 1;
+        self.stats.last_error = Some(msg.reason.clone());
+        metrics::counter!("sealpost_federation_link_failures_total", "destination" => self.config.domain.clone())
+            .increment(1);
+        let delay = self.backoff.fail();
+        if was_up {
+            warn!(destination = %self.config.domain, reason = %msg.reason, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "federation link down");
+        } else {
+            debug!(destination = %self.config.domain, reason = %msg.reason, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "federation link attempt failed");
+        }
+        self.publish();
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+}
+
+impl Handler<TxnAcked> for FederationPeer {
+    type Result = ();
+
+    fn handle(&mut self, msg: TxnAcked, ctx: &mut Self::Context) {
+        if msg.generation != self.generation {
+            return;
+        }
+        // Acknowledgements come in order; anything before this one was dropped by a retry.
+        let Some(pos) = self.in_flight.iter().position(|t| t.txn_id == msg.txn_id) else {
+            return;
+        };
+        let txn = self
+            .in_flight
+            .remove(pos)
+            .expect("position is within in_flight");
+        let mut done = Vec::with_capacity(txn.seqs.len());
+        let mut retry_from = None;
+        for (i, seq) in txn.seqs.iter().enumerate() {
+            // A short answer leaves the rest unanswered: send them again.
+            let Some(code) = msg.codes.get(i) else {
+                retry_from = Some(*seq);
+                break;
+            };
+            match code {
+                None => {
+                    done.push(*seq);
+                    self.stats.delivered += 1;
+                }
+                Some(code) if retryable(*code) => {
+                    retry_from = Some(*seq);
+                    break;
+                }
+                Some(code) => {
+                    // Refused for good (unknown recipient, bad token, ...): nobody can fix
+                    // this by retrying. The sender was already answered; count it.
+                    done.push(*seq);
+                    self.stats.refused += 1;
+                    metrics::counter!(
+                        "sealpost_federation_refused_total",
+                        "destination" => self.config.domain.clone(),
+                        "reason" => code.as_str()
+                    )
+                    .increment(1);
+                }
+            }
+        }
+        metrics::counter!("sealpost_federation_delivered_total", "destination" => self.config.domain.clone())
+            .increment(done.len() as u64);
+        self.forget(&done);
+        match retry_from {
+            Some(seq) => {
+                // Resend from the first unfinished entry, after a pause; later transactions
+                // already sent will be answered again (and deduplicated) on the resend.
+                self.in_flight.clear();
+                self.cursor = seq;
+                let delay = self.backoff.fail();
+                self.hold_until = Some(Instant::now() + delay);
+                ctx.run_later(delay, |act, ctx| act.pump(ctx));
+            }
+            None => {
+                if !txn.seqs.is_empty() {
+                    self.backoff.reset();
+                }
+                self.pump(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<Status> for FederationPeer {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _msg: Status, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(PeerStatus {
+            domain: self.config.domain.clone(),
+            url: self.config.url.clone(),
+            link: match self.link {
+                Link::Up(_) => "up",
+                Link::Connecting => "connecting",
+                Link::Down => "down",
+            },
+            backlog: self.backlog.len() as u64,
+            backlog_bytes: self.backlog_bytes,
+            oldest_age_ms: self.oldest_age_ms(),
+            in_flight_txns: self.in_flight.len(),
+            attempts: self.stats.attempts,
+            failures: self.stats.failures,
+            consecutive_failures: self.backoff.failures(),
+            delivered: self.stats.delivered,
+            refused: self.stats.refused,
+            last_error: self.stats.last_error.clone(),
+        })
+    }
+}

@@ -1,0 +1,312 @@
+//! The gateway's side of federation:
+//!
+//! | method | path | auth | what |
+//! |---|---|---|---|
+//! | GET | `/v1/federation` | Noise `KK` handshake | inbound link from a peer broker ([`crate::federation::inbound`]) |
+//! | GET | `/.well-known/sealpost/server` | none | `{domain, x25519, federation, noise}`: this broker's public key and endpoint |
+//! | GET | `/admin/federation` | admin token, or loopback | peers, link states, backlogs |
+//!
+//! and [`Local`], the [`LocalDelivery`] of inbound links: envelopes into mailboxes, lookups
+//! from the store, key claims through mailboxes — with the same checks as local requests.
+
+use std::{
+    rc::Rc,
+    sync::{Arc, atomic::Ordering},
+};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::future::LocalBoxFuture;
+use sealpost_proto::{
+    Copy, DeviceId, ErrorCode, Handle, SendOutcome,
+    federation::{Admission, FedEnvelope, LinkFrame, NOISE_PATTERN, RemoteDevice},
+};
+use subtle::ConstantTimeEq;
+
+use super::{
+    AppState,
+    error::ApiError,
+    session::close,
+    submit::{admit_sealed, submit_local, validate_local},
+};
+use crate::{
+    federation::{inbound::LocalDelivery, link::MAX_SEALED_BYTES},
+    mailbox::messages::ClaimKey,
+};
+
+type State = web::Data<Arc<AppState>>;
+
+/// `GET /v1/federation`: upgrades and serves an inbound link.
+pub async fn upgrade(
+    state: State,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable.into());
+    }
+    if let Some(addr) = req.peer_addr()
+        && !state.limits.allow_ip(addr.ip())
+    {
+        return Err(ApiError::RateLimited.into());
+    }
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream
+        .max_frame_size(MAX_SEALED_BYTES)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_SEALED_BYTES);
+    let state: Arc<AppState> = Arc::clone(state.get_ref());
+    actix_web::rt::spawn(async move {
+        state.open_sessions.fetch_add(1, Ordering::Relaxed);
+        let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
+        let mut writer = session.clone();
+        let end = crate::federation::inbound::serve(
+            &state.federation,
+            local,
+            &mut writer,
+            stream,
+            state.shutdown.clone(),
+        )
+        .await;
+        state.open_sessions.fetch_sub(1, Ordering::Relaxed);
+        if let Some((code, text)) = end {
+            close(session, code, Some(text)).await;
+        }
+    });
+    Ok(response)
+}
+
+/// Local delivery for inbound links.
+pub struct Local(pub Arc<AppState>);
+
+fn ready<T: 'static>(value: T) -> LocalBoxFuture<'static, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl Local {
+    fn local_user(&self, user: &str) -> Result<Handle, ErrorCode> {
+        let handle = Handle::parse(user).map_err(|_| ErrorCode::InvalidHandle)?;
+        if handle.domain() != self.0.settings.domain {
+            return Err(ErrorCode::UnknownDomain);
+        }
+        match self.0.store.account(handle.as_str()) {
+            Ok(Some(_)) => Ok(handle),
+            Ok(None) => Err(ErrorCode::UnknownRecipient),
+            Err(_) => Err(ErrorCode::StoreUnavailable),
+        }
+    }
+
+    fn admit(&self, to: &Handle, admission: &Admission) -> Result<(), ErrorCode> {
+        match admission {
+            // The origin broker authenticated the sender; which account it is, it does not
+            // say. The per-origin rate limit applies.
+            Admission::Origin => Ok(()),
+            Admission::Token(token) => admit_sealed(&self.0, to, Some(token), None),
+            Admission::Open => admit_sealed(&self.0, to, None, None),
+        }
+    }
+}
+
+impl LocalDelivery for Local {
+    fn deliver(
+        &self,
+        _origin: &str,
+        envelope: FedEnvelope,
+    ) -> LocalBoxFuture<'static, Option<ErrorCode>> {
+        let state = &self.0;
+        let FedEnvelope {
+            id,
+            to,
+            class,
+            ttl_secs,
+            copies,
+            admission,
+        } = envelope;
+        let to = match Handle::parse(&to) {
+            Ok(to) => to,
+            Err(_) => return ready(Some(ErrorCode::InvalidHandle)),
+        };
+        let to = match validate_local(state, to, class, ttl_secs, &copies) {
+            Ok(to) => to,
+            Err(code) => return ready(Some(code)),
+        };
+        if let Err(code) = self.admit(&to, &admission) {
+            return ready(Some(code));
+        }
+        let first = submit_local(state, to.clone(), id, class, ttl_secs, copies.clone());
+        let state = state.clone();
+        Box::pin(async move {
+            match first.await.1 {
+                SendOutcome::Accepted { .. } => None,
+                SendOutcome::Rejected {
+                    code: ErrorCode::StaleDevices,
+                    current_devices,
+                } => {
+                    // Devices were removed since the origin checked the set: store the copies
+                    // for the devices that remain, as a local send accepted before a removal
+                    // would be. A device added since has no copy: refused, counted at origin.
+                    let kept: Vec<Copy> = copies
+                        .into_iter()
+                        .filter(|c| current_devices.contains(&c.device))
+                        .collect();
+                    if kept.is_empty() || kept.len() != current_devices.len() {
+                        return Some(ErrorCode::StaleDevices);
+                    }
+                    match submit_local(&state, to, id, class, ttl_secs, kept).await.1 {
+                        SendOutcome::Accepted { .. } => None,
+                        SendOutcome::Rejected { code, .. } => Some(code),
+                    }
+                }
+                SendOutcome::Rejected { code, .. } => Some(code),
+            }
+        })
+    }
+
+    fn answer(&self, _origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame> {
+        let state = self.0.clone();
+        match request {
+            LinkFrame::GetDevices { req_id, user } => {
+                let answer = self.local_user(&user).and_then(|h| {
+                    state
+                        .store
+                        .devices(h.as_str())
+                        .map_err(|_| ErrorCode::StoreUnavailable)
+                });
+                ready(match answer {
+                    Ok(devices) => LinkFrame::Devices {
+                        req_id,
+                        devices: devices
+                            .into_iter()
+                            .map(|(device, d)| RemoteDevice {
+                                device,
+                                identity_keys: d.identity_keys,
+                            })
+                            .collect(),
+                    },
+                    Err(code) => LinkFrame::Refused { req_id, code },
+                })
+            }
+            LinkFrame::GetDeviceList { req_id, user } => {
+                let answer = self.local_user(&user).and_then(|h| {
+                    match state.store.device_list(h.as_str()) {
+                        Ok(Some(signed)) => Ok(signed),
+                        Ok(None) => Err(ErrorCode::NotFound),
+                        Err(_) => Err(ErrorCode::StoreUnavailable),
+                    }
+                });
+                ready(match answer {
+                    Ok(signed) => LinkFrame::DeviceList { req_id, signed },
+                    Err(code) => LinkFrame::Refused { req_id, code },
+                })
+            }
+            LinkFrame::ClaimKey {
+                req_id,
+                user,
+                device,
+                admission,
+            } => {
+                let admitted = self.local_user(&user).and_then(|h| {
+                    self.admit(&h, &admission)?;
+                    if state.limits.allow_claim(h.as_str(), device) {
+                        Ok(h)
+                    } else {
+                        Err(ErrorCode::RateLimited)
+                    }
+                });
+                let handle = match admitted {
+                    Ok(h) => h,
+                    Err(code) => return ready(LinkFrame::Refused { req_id, code }),
+                };
+                Box::pin(async move {
+                    let claimed = state
+                        .registry
+                        .call(
+                            handle.as_str(),
+                            ClaimKey {
+                                device: DeviceId(device),
+                            },
+                        )
+                        .await;
+                    match claimed {
+                        Ok(Ok(Some(k))) => LinkFrame::Claimed {
+                            req_id,
+                            key_id: k.key_id,
+                            key: k.key,
+                            fallback: k.fallback,
+                        },
+                        Ok(Ok(None)) => LinkFrame::Refused {
+                            req_id,
+                            code: ErrorCode::NotFound,
+                        },
+                        _ => LinkFrame::Refused {
+                            req_id,
+                            code: ErrorCode::StoreUnavailable,
+                        },
+                    }
+                })
+            }
+            other => {
+                // Not a request: the link code never hands these over.
+                let _ = other;
+                ready(LinkFrame::LinkError {
+                    code: ErrorCode::UnknownFrameType,
+                    message: "not a request".into(),
+                })
+            }
+        }
+    }
+}
+
+/// `GET /.well-known/sealpost/server`: this broker's federation identity.
+pub async fn well_known(state: State) -> HttpResponse {
+    let fed = &state.federation;
+    HttpResponse::Ok().json(serde_json::json!({
+        "domain": fed.local_domain(),
+        "x25519": fed.public_key_b64(),
+        "federation": fed.public_url(),
+        "noise": NOISE_PATTERN,
+    }))
+}
+
+/// Admin endpoints need the admin token when one is configured, and come from loopback
+/// otherwise.
+pub(crate) fn authorize_admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    let expected = state.settings.admin_token.as_bytes();
+    if expected.is_empty() {
+        return match req.peer_addr() {
+            Some(addr) if addr.ip().is_loopback() => Ok(()),
+            _ => Err(ApiError::Forbidden(
+                "admin endpoints answer loopback clients unless admin_token is set".into(),
+            )),
+        };
+    }
+    let given = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// `GET /admin/federation`: peers, link states and backlogs.
+pub async fn admin(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &req)?;
+    let fed = &state.federation;
+    let peers = fed.status().await;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "domain": fed.local_domain(),
+        "x25519": fed.public_key_b64(),
+        "peers": peers,
+    })))
+}
+
+/// Registers the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/federation", web::get().to(upgrade))
+        .route("/.well-known/sealpost/server", web::get().to(well_known))
+        .route("/admin/federation", web::get().to(admin));
+}
