@@ -2028,3 +2028,81 @@ enum Failure {
     /// Never readable: report and ack.
     Permanent(EnvelopeError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_proofs_bind_secret_label_device_and_keys() {
+        let secret = [7u8; LINK_SECRET_BYTES];
+        let keys = DeviceKeys::generate().public_keys().to_bytes();
+        let proof = link_proof(&secret, b"request", "a@x.y", 2, &[&keys]);
+        assert_eq!(proof, link_proof(&secret, b"request", "a@x.y", 2, &[&keys]));
+        assert_ne!(
+            proof,
+            link_proof(&[8; 16], b"request", "a@x.y", 2, &[&keys])
+        );
+        assert_ne!(proof, link_proof(&secret, b"grant", "a@x.y", 2, &[&keys]));
+        assert_ne!(proof, link_proof(&secret, b"request", "b@x.y", 2, &[&keys]));
+        assert_ne!(proof, link_proof(&secret, b"request", "a@x.y", 3, &[&keys]));
+        let other = DeviceKeys::generate().public_keys().to_bytes();
+        assert_ne!(
+            proof,
+            link_proof(&secret, b"request", "a@x.y", 2, &[&other])
+        );
+        // Part boundaries are length-prefixed.
+        assert_ne!(
+            link_proof(&secret, b"grant", "a@x.y", 2, &[b"ab", b"c"]),
+            link_proof(&secret, b"grant", "a@x.y", 2, &[b"a", b"bc"])
+        );
+    }
+
+    #[test]
+    fn cached_lists_round_trip() {
+        let master = MasterKey::generate();
+        let list = DeviceList {
+            user: "a@x.y".into(),
+            version: 3,
+            devices: vec![
+                (1, DeviceKeys::generate().public_keys()),
+                (4, DeviceKeys::generate().public_keys()),
+            ],
+            master_key: master.public_key(),
+        };
+        assert_eq!(uncached("a@x.y", &cached(&list)), Some(list));
+    }
+
+    #[tokio::test]
+    async fn opening_needs_an_account_and_register_checks_the_handle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            Client::open(dir.path()).await,
+            Err(ClientError::NotRegistered(_))
+        ));
+        assert!(matches!(
+            Client::register("http://127.0.0.1:1", "Not A Handle", dir.path(), None).await,
+            Err(ClientError::InvalidHandle(..))
+        ));
+        assert!(matches!(
+            Client::link(
+                "http://127.0.0.1:1",
+                "a@x.y",
+                "no-secret",
+                dir.path(),
+                Duration::ZERO
+            )
+            .await,
+            Err(ClientError::BadLinkCode)
+        ));
+    }
+
+    #[test]
+    fn the_state_directory_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_dir(dir.path()).expect("lock");
+        assert!(matches!(lock_dir(dir.path()), Err(ClientError::Locked(_))));
+        drop(held);
+        lock_dir(dir.path()).expect("free again");
+    }
+}
