@@ -728,3 +728,47 @@ async fn a_linked_device_receives_and_a_removed_device_gets_nothing_new() {
     assert_eq!(list.version, 3);
     assert!(list.device(2).is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_code_without_its_secret_links_nothing() {
+    let broker = Broker::start(&[]);
+    let mut a1 = register(&broker, ALICE).await;
+    let code = a1.client.create_link_code().await.expect("link code");
+    // The broker part is right (as the operator would know it); the secret is not.
+    let (broker_part, _) = code.code.rsplit_once('.').expect("two parts");
+    let forged = format!("{broker_part}.{}", "A".repeat(22));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = broker.http();
+    let linking = Client::link(&server, ALICE, &forged, dir.path(), WAIT);
+    let refused = async {
+        loop {
+            match next(&mut a1.client).await {
+                Event::Rejected {
+                    error: EnvelopeError::BadLinkProof,
+                    ..
+                } => break,
+                Event::QueueEmpty => {}
+                other => panic!("unexpected event: {other:?}"),
+            }
+        }
+    };
+    tokio::select! {
+        () = refused => {}
+        linked = linking => panic!("linked without the secret: {:?}", linked.map(|c| c.device_id())),
+    }
+    // The device exists at the broker but no one encrypts to it: it is not in the signed list.
+    let devices = a1.client.devices().await.expect("devices");
+    assert_eq!(
+        devices
+            .iter()
+            .map(|d| (d.device, d.signed))
+            .collect::<Vec<_>>(),
+        [(1, true), (2, false)]
+    );
+    a1.client
+        .remove_device(2)
+        .await
+        .expect("remove the stray device");
+    let devices = a1.client.devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+}

@@ -103,8 +103,8 @@ use crate::{
     conn::{ConnError, Connection},
     crypto::{
         ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, KeyError, LocalKey,
-        MasterKey, Payload, PublicDeviceKeys, SafetyNumber, SealError, SenderInfo, SessionError,
-        SignedDeviceList, SignedOneTimeKey, StoreError, open, safety_number, seal,
+        MasterKey, Payload, PinResult, PublicDeviceKeys, SafetyNumber, SealError, SenderInfo,
+        SessionError, SignedDeviceList, SignedOneTimeKey, StoreError, open, safety_number, seal,
     },
     record::{CachedList, PendingLink, Record, Secret, StoredMessage},
 };
@@ -1811,7 +1811,11 @@ impl Client {
         self.state.master_key = master;
         self.record.delivery_token = Secret(delivery_token);
         for c in contacts {
-            self.state.pins.check(&c.handle, &c.master_key);
+            // The grant comes from our own account: it overrides anything pinned meanwhile.
+            if let PinResult::Changed { .. } = self.state.pins.check(&c.handle, &c.master_key) {
+                self.state.pins.accept_change(&c.handle, &c.master_key);
+                self.record.lists.remove(&c.handle);
+            }
             let contact = self.record.contacts.entry(c.handle).or_default();
             contact.delivery_token = c.delivery_token.map(Secret);
             contact.verified = c.verified;
