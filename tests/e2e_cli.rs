@@ -4,6 +4,7 @@
 mod common;
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::OnceLock,
@@ -138,6 +139,55 @@ fn two_cli_users_exchange_messages() {
 
     let out = ok(a, &["devices"]);
     assert!(out.starts_with("device 1 (this device)"), "{out}");
+
+    // Linking a second device: `link-code` shows the code and waits; `link` uses it.
+    let mut existing = Command::new(cli())
+        .arg("--state-dir")
+        .arg(a)
+        .args(["link-code", "--wait-secs", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn link-code");
+    let mut shown = BufReader::new(existing.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    shown.read_line(&mut line).expect("code line");
+    let code = line
+        .trim()
+        .strip_prefix("Link code: ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    let alice2 = tempfile::tempdir().expect("tempdir");
+    let a2 = alice2.path();
+    let out = ok(
+        a2,
+        &[
+            "link", "--server", &server, "--handle", alice_h, "--code", &code,
+        ],
+    );
+    assert!(
+        out.contains("Linked: this is device 2 of alice@test.example"),
+        "{out}"
+    );
+    let mut rest = String::new();
+    shown.read_to_string(&mut rest).expect("link-code output");
+    assert!(existing.wait().expect("link-code exit").success());
+    assert!(rest.contains("Device 2 linked."), "{rest}");
+    let out = ok(a2, &["devices"]);
+    assert!(
+        out.contains("device 1  ") && out.contains("device 2 (this device)"),
+        "{out}"
+    );
+    // The new device receives what Bob sends now, sealed (it got his token in the grant).
+    ok(b, &["send", "--to", alice_h, "to both of your devices"]);
+    for dir in [a, a2] {
+        let out = ok(dir, &["listen", "--count", "1"]);
+        assert!(
+            out.contains("] bob@test.example: to both of your devices"),
+            "{out}"
+        );
+    }
 
     // Errors are explained, not dumped.
     let out = run(a, &["send", "--to", "nobody@test.example", "x"]);
