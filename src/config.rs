@@ -164,6 +164,23 @@ settings! {
     /// Bearer token for the admin endpoints (/admin/...). Empty: they answer loopback clients
     /// only.
     admin_token: String = String::new(), "SEALPOST_ADMIN_TOKEN";
+    /// TURN/STUN URLs of the coturn relay handed to clients for calls, comma-separated
+    /// (e.g. "turn:turn.example.com:3478?transport=udp,turns:turn.example.com:5349"). Empty:
+    /// no relay; GET /v1/accounts/{h}/turn answers 404.
+    turn_urls: String = String::new(), "SEALPOST_TURN_URLS";
+    /// The relay's shared secret (coturn `static-auth-secret` with `use-auth-secret`).
+    /// Prefer turn_secret_file.
+    turn_secret: String = String::new(), "SEALPOST_TURN_SECRET";
+    /// File holding the relay's shared secret (overrides turn_secret).
+    turn_secret_file: String = String::new(), "SEALPOST_TURN_SECRET_FILE";
+    /// Lifetime of minted TURN credentials, s.
+    turn_ttl_secs: u64 = 600, "SEALPOST_TURN_TTL_SECS";
+    /// TURN credentials one device may fetch per minute (0 = unlimited).
+    turn_rate_per_min: u32 = 10, "SEALPOST_TURN_RATE_PER_MIN";
+    /// Directory of the browser client (web/dist) to serve at /web/, with a strict
+    /// Content-Security-Policy. Empty: not served. Meant for loopback and development; in
+    /// production serve the page from the TLS proxy.
+    web_root: String = String::new(), "SEALPOST_WEB_ROOT";
 }
 
 /// Why the configuration is unusable.
@@ -275,6 +292,21 @@ impl Settings {
                 "federation_backoff_min_ms",
                 "federation delays must be above 0",
             );
+        }
+        if let Err(message) = crate::gateway::turn::parse_urls(&self.turn_urls) {
+            return invalid("turn_urls", &message);
+        }
+        if !self.turn_urls.trim().is_empty()
+            && self.turn_secret.trim().is_empty()
+            && self.turn_secret_file.is_empty()
+        {
+            return invalid(
+                "turn_secret",
+                "turn_urls needs turn_secret or turn_secret_file",
+            );
+        }
+        if self.turn_ttl_secs < 60 || self.turn_ttl_secs > crate::gateway::turn::MAX_TTL_SECS {
+            return invalid("turn_ttl_secs", "must be 60..=86400");
         }
         Ok(())
     }

@@ -96,6 +96,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
             settings.claim_rate,
         ),
         platform_key: parse_platform_key(&settings.platform_public_key),
+        turn: crate::gateway::turn::Turn::from_settings(&settings)?,
         metrics: crate::telemetry::init_metrics(),
         store: store.clone(),
         registry: registry.clone(),
@@ -205,6 +206,7 @@ async fn sweep(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         state.limits.housekeep();
+        state.turn.housekeep();
         state.federation.housekeep();
         state.store.check_disk();
         const BATCH: usize = 10_000;

@@ -8,6 +8,8 @@
 //! | DELETE | `/v1/accounts/{handle}/devices/{id}` | a device of the account | remove a device |
 //! | GET | `/v1/ws` | first frame | device WebSocket ([`super::session`]) |
 //! | GET | `/healthz`, `/readyz`, `/metrics` | none | operations |
+//! | GET | `/v1/accounts/{handle}/turn` | a device of the account | TURN credentials ([`super::turn`]) |
+//! | GET | `/web/...` | none | the browser client, if `web_root` is set ([`super::web`]) |
 //!
 //! Device credentials are sent as `Authorization: Bearer <device_id>.<token>`.
 
@@ -52,6 +54,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/v1/sealed", web::get().to(super::sealed::upgrade))
     .configure(super::keys::routes)
     .configure(super::federation::routes)
+    .configure(super::turn::routes)
+    .configure(super::web::routes)
     .route("/healthz", web::get().to(healthz))
     .route("/readyz", web::get().to(readyz))
     .route("/metrics", web::get().to(metrics));

@@ -10,6 +10,8 @@
 //! - [`sealed`]: the anonymous endpoint for sealed sends (no account, no deliveries).
 //! - [`federation`]: the inbound federation endpoint, the well-known key document, the admin
 //!   view of peers, and local delivery for inbound links.
+//! - [`turn`]: short-lived TURN credentials for the call relay (coturn, shared secret).
+//! - [`web`]: the browser client's static files, when `web_root` is set.
 
 pub mod error;
 pub mod federation;
@@ -19,6 +21,8 @@ pub mod limits;
 pub mod sealed;
 pub mod session;
 pub(crate) mod submit;
+pub mod turn;
+pub mod web;
 
 use std::sync::{
     Arc,
@@ -58,4 +62,6 @@ pub struct AppState {
     pub next_conn: AtomicU64,
     /// Platform key for registration tokens.
     pub platform_key: Option<ed25519_dalek::VerifyingKey>,
+    /// The call relay's credentials minting (TURN REST scheme).
+    pub turn: turn::Turn,
 }
