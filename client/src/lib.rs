@@ -25,6 +25,6 @@ mod record;
 pub mod sdk;
 
 pub use sdk::{
-    Client, ClientError, Conversation, ConversationMessage, DeviceInfo, EnvelopeError, Event,
-    LinkCode, PreparedEnvelope, ReceivedMessage, Stats,
+    CallSignal, Client, ClientError, Conversation, ConversationMessage, DeviceInfo, EnvelopeError,
+    Event, LinkCode, PreparedEnvelope, ReceivedMessage, Stats,
 };

@@ -102,9 +102,10 @@ use crate::{
     api::{Api, ApiError, ClaimAuth, DeviceCreds},
     conn::{ConnError, Connection},
     crypto::{
-        ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, KeyError, LocalKey,
-        MasterKey, Payload, PinResult, PublicDeviceKeys, SafetyNumber, SealError, SenderInfo,
-        SessionError, SignedDeviceList, SignedOneTimeKey, StoreError, open, safety_number, seal,
+        CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, KeyError,
+        LocalKey, MasterKey, Payload, PinResult, PublicDeviceKeys, SafetyNumber, SealError,
+        SenderInfo, SessionError, SignedDeviceList, SignedOneTimeKey, StoreError, open,
+        safety_number, seal,
     },
     record::{CachedList, PendingLink, Record, Secret, StoredMessage},
 };
@@ -113,6 +114,9 @@ use crate::{
 pub const ONE_TIME_KEYS: usize = 50;
 /// Time-to-live of message envelopes: 30 days.
 const MESSAGE_TTL_SECS: u32 = 30 * 24 * 3600;
+/// Time-to-live of call signaling (urgent class): about the ring time, so a device that
+/// connects while the caller still waits rings, and a stale offer is never delivered.
+pub const CALL_TTL_SECS: u32 = 60;
 /// How many times a send is retried after `stale_devices`.
 const STALE_RETRIES: usize = 4;
 /// How many times a send is retried on a new connection after the old one failed.
@@ -309,6 +313,9 @@ pub enum Event {
         /// Why.
         error: EnvelopeError,
     },
+    /// Call signaling from a contact's verified device, or (for
+    /// [`Payload::AnsweredElsewhere`]) from another device of this account.
+    Call(CallSignal),
     /// Everything queued when the connection opened has been handled.
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.
@@ -338,6 +345,22 @@ impl std::fmt::Debug for ReceivedMessage {
             .field("text_len", &self.text.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Call signaling received ([`Event::Call`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSignal {
+    /// The sender (verified): the peer, or this account for
+    /// [`Payload::AnsweredElsewhere`].
+    pub from: String,
+    /// The sender's device. Answers, candidates and hang-ups of a call should come from the
+    /// device that answered (or offered) it.
+    pub device: u32,
+    /// The sender's clock, ms since the Unix epoch: an offer older than [`CALL_TTL_SECS`] is
+    /// no longer ringing.
+    pub sent_ms: u64,
+    /// One of the call kinds of [`Payload`].
+    pub payload: Payload,
 }
 
 /// One message of a conversation.
@@ -414,6 +437,26 @@ enum Route {
     Sealed(Secret),
     /// Authenticated `/v1/ws` `send`.
     Authenticated,
+}
+
+/// The class and time-to-live an envelope is sent with.
+#[derive(Clone, Copy)]
+struct Delivery {
+    class: Class,
+    ttl_secs: u32,
+}
+
+impl Delivery {
+    /// Messages and everything that must not be lost.
+    const DURABLE: Delivery = Delivery {
+        class: Class::Durable,
+        ttl_secs: MESSAGE_TTL_SECS,
+    };
+    /// Call signaling: stored briefly, so a waking device still rings.
+    const CALL: Delivery = Delivery {
+        class: Class::Urgent,
+        ttl_secs: CALL_TTL_SECS,
+    };
 }
 
 /// A device being linked, waiting for its grant.
@@ -1019,8 +1062,21 @@ impl Client {
         &mut self,
         to: &str,
         route: Route,
+        devices: Vec<u32>,
+        payload: &(dyn Fn(u32) -> Payload + Sync),
+    ) -> Result<EnvelopeId, ClientError> {
+        self.send_payloads_as(to, route, devices, payload, Delivery::DURABLE)
+            .await
+    }
+
+    /// [`Client::send_payloads`] with a delivery class and time-to-live.
+    async fn send_payloads_as(
+        &mut self,
+        to: &str,
+        route: Route,
         mut devices: Vec<u32>,
         payload: &(dyn Fn(u32) -> Payload + Sync),
+        delivery: Delivery,
     ) -> Result<EnvelopeId, ClientError> {
         let id = random_id();
         let own = to == self.state.user();
@@ -1049,7 +1105,7 @@ impl Client {
                     })
                     .collect(),
             };
-            match self.transmit(&envelope, &route).await? {
+            match self.transmit(&envelope, &route, delivery).await? {
                 SendOutcome::Accepted { .. } => return Ok(id),
                 SendOutcome::Rejected {
                     code: ErrorCode::StaleDevices,
@@ -1070,12 +1126,13 @@ impl Client {
         &mut self,
         envelope: &PreparedEnvelope,
         route: &Route,
+        delivery: Delivery,
     ) -> Result<SendOutcome, ClientError> {
         let mut last = None;
         for _ in 0..CONNECTION_RETRIES {
             let result = match route {
-                Route::Sealed(token) => self.transmit_sealed(envelope, token).await,
-                Route::Authenticated => self.transmit_authenticated(envelope).await,
+                Route::Sealed(token) => self.transmit_sealed(envelope, token, delivery).await,
+                Route::Authenticated => self.transmit_authenticated(envelope, delivery).await,
             };
             match result {
                 Ok(outcome) => return Ok(outcome),
@@ -1090,6 +1147,7 @@ impl Client {
         &mut self,
         envelope: &PreparedEnvelope,
         token: &Secret,
+        delivery: Delivery,
     ) -> Result<SendOutcome, ClientError> {
         let mut conn = match self.sealed.take() {
             Some(c) => c,
@@ -1098,8 +1156,8 @@ impl Client {
         conn.send(&ClientFrame::SealedSend {
             id: envelope.id,
             to: envelope.to.clone(),
-            class: Class::Durable,
-            ttl_secs: MESSAGE_TTL_SECS,
+            class: delivery.class,
+            ttl_secs: delivery.ttl_secs,
             copies: envelope.copies.clone(),
             delivery_token: Some(token.0.to_vec()),
         })
@@ -1119,14 +1177,15 @@ impl Client {
     async fn transmit_authenticated(
         &mut self,
         envelope: &PreparedEnvelope,
+        delivery: Delivery,
     ) -> Result<SendOutcome, ClientError> {
         let mut conn = self.take_conn().await?;
         let sent = conn
             .send(&ClientFrame::Send {
                 id: envelope.id,
                 to: envelope.to.clone(),
-                class: Class::Durable,
-                ttl_secs: MESSAGE_TTL_SECS,
+                class: delivery.class,
+                ttl_secs: delivery.ttl_secs,
                 copies: envelope.copies.clone(),
             })
             .await;
@@ -1196,23 +1255,7 @@ impl Client {
                 "sending to your own account is not supported".into(),
             ));
         }
-        let list = self.verified_list(to, false).await?;
-        let devices: Vec<u32> = list.devices.iter().map(|(d, _)| *d).collect();
-        let first_contact = !self.record.contacts.get(to).is_some_and(|c| c.token_shared);
-        if first_contact {
-            let token = self.record.delivery_token.0.clone();
-            self.send_payloads(to, self.route_to(to), devices.clone(), &|_| {
-                Payload::DeliveryToken {
-                    token: token.clone(),
-                }
-            })
-            .await?;
-            self.record
-                .contacts
-                .entry(to.to_owned())
-                .or_default()
-                .token_shared = true;
-        }
+        let devices = self.share_token_once(to).await?;
         let sent_ms = now_ms();
         self.record.add_message(
             to,
@@ -1242,6 +1285,133 @@ impl Client {
         };
         self.send_transcript(to, text).await?;
         Ok(id)
+    }
+
+    /// Sends `to` this account's delivery token before the first thing we send it (so its
+    /// replies travel sealed); returns `to`'s devices in its verified list.
+    async fn share_token_once(&mut self, to: &str) -> Result<Vec<u32>, ClientError> {
+        let list = self.verified_list(to, false).await?;
+        let devices: Vec<u32> = list.devices.iter().map(|(d, _)| *d).collect();
+        let first_contact = !self.record.contacts.get(to).is_some_and(|c| c.token_shared);
+        if first_contact {
+            let token = self.record.delivery_token.0.clone();
+            self.send_payloads(to, self.route_to(to), devices.clone(), &|_| {
+                Payload::DeliveryToken {
+                    token: token.clone(),
+                }
+            })
+            .await?;
+            self.record
+                .contacts
+                .entry(to.to_owned())
+                .or_default()
+                .token_shared = true;
+        }
+        Ok(devices)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Calls
+
+    /// Sends call signaling to every device of `to` (urgent class, [`CALL_TTL_SECS`]): an
+    /// offer rings all of them. `payload` must be a call kind ([`Payload::CallOffer`],
+    /// [`Payload::CallAnswer`], [`Payload::IceCandidate`], [`Payload::HangUp`],
+    /// [`Payload::Busy`], [`Payload::Decline`]); to answer or decline use
+    /// [`Client::answer_call`] / [`Client::decline_call`], which also stop this account's
+    /// other devices ringing.
+    ///
+    /// Media keys are bound to identities by the DTLS fingerprint inside offers and answers:
+    /// check the fingerprint of the DTLS connection against the one in the peer's
+    /// [`Event::Call`] (it comes from a device in the peer's verified list).
+    pub async fn send_call_signal(
+        &mut self,
+        to: &str,
+        payload: Payload,
+    ) -> Result<EnvelopeId, ClientError> {
+        check_handle(to)?;
+        if to == self.state.user() {
+            return Err(ClientError::Invalid(
+                "calling your own account is not supported".into(),
+            ));
+        }
+        if !matches!(
+            payload,
+            Payload::CallOffer { .. }
+                | Payload::CallAnswer { .. }
+                | Payload::IceCandidate { .. }
+                | Payload::HangUp { .. }
+                | Payload::Busy { .. }
+                | Payload::Decline { .. }
+        ) {
+            return Err(ClientError::Invalid("not a call signaling payload".into()));
+        }
+        let devices = self.share_token_once(to).await?;
+        self.send_payloads_as(
+            to,
+            self.route_to(to),
+            devices,
+            &|_| payload.clone(),
+            Delivery::CALL,
+        )
+        .await
+    }
+
+    /// Answers `caller`'s call on this device: sends the answer, and tells this account's
+    /// other devices ([`Payload::AnsweredElsewhere`]) so they stop ringing.
+    pub async fn answer_call(
+        &mut self,
+        caller: &str,
+        call_id: CallId,
+        sdp: String,
+        dtls_fingerprint: String,
+    ) -> Result<EnvelopeId, ClientError> {
+        let id = self
+            .send_call_signal(
+                caller,
+                Payload::CallAnswer {
+                    call_id,
+                    sdp,
+                    dtls_fingerprint,
+                },
+            )
+            .await?;
+        self.stop_ringing_elsewhere(call_id).await?;
+        Ok(id)
+    }
+
+    /// Declines `caller`'s call and stops this account's other devices ringing.
+    pub async fn decline_call(
+        &mut self,
+        caller: &str,
+        call_id: CallId,
+    ) -> Result<EnvelopeId, ClientError> {
+        let id = self
+            .send_call_signal(caller, Payload::Decline { call_id })
+            .await?;
+        self.stop_ringing_elsewhere(call_id).await?;
+        Ok(id)
+    }
+
+    async fn stop_ringing_elsewhere(&mut self, call_id: CallId) -> Result<(), ClientError> {
+        let own = self.state.user().to_owned();
+        let list = self.verified_list(&own, false).await?;
+        let me = self.state.device_id();
+        if list.devices.iter().all(|(d, _)| *d == me) {
+            return Ok(());
+        }
+        let devices = list.devices.iter().map(|(d, _)| *d).collect();
+        self.send_payloads_as(
+            &own,
+            self.route_to(&own),
+            devices,
+            &|_| Payload::AnsweredElsewhere {
+                call_id,
+                device: me,
+            },
+            Delivery::CALL,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Sends our other devices a transcript of a message we sent.
@@ -1301,7 +1471,7 @@ impl Client {
         envelope: &PreparedEnvelope,
     ) -> Result<SendOutcome, ClientError> {
         let route = self.route_to(&envelope.to);
-        self.transmit(envelope, &route).await
+        self.transmit(envelope, &route, Delivery::DURABLE).await
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1605,6 +1775,36 @@ impl Client {
                 contacts,
                 proof,
             } if own => self.accept_grant(master_key, delivery_token, contacts, proof),
+            Payload::AnsweredElsewhere { .. } if own => Ok(vec![Event::Call(CallSignal {
+                from: sender.user.clone(),
+                device: sender.device,
+                sent_ms,
+                payload,
+            })]),
+            Payload::CallOffer { .. }
+            | Payload::CallAnswer { .. }
+            | Payload::IceCandidate { .. }
+            | Payload::HangUp { .. }
+            | Payload::Busy { .. }
+            | Payload::Decline { .. }
+                if !own =>
+            {
+                Ok(vec![Event::Call(CallSignal {
+                    from: sender.user.clone(),
+                    device: sender.device,
+                    sent_ms,
+                    payload,
+                })])
+            }
+            Payload::AnsweredElsewhere { .. } => {
+                Err(unexpected("answered-elsewhere from another account"))
+            }
+            Payload::CallOffer { .. }
+            | Payload::CallAnswer { .. }
+            | Payload::IceCandidate { .. }
+            | Payload::HangUp { .. }
+            | Payload::Busy { .. }
+            | Payload::Decline { .. } => Err(unexpected("call signaling from our own account")),
             Payload::Text { .. } => Err(unexpected("text from our own account")),
             Payload::DeliveryToken { .. } => Err(unexpected("delivery token from our own account")),
             Payload::Sent { .. } => Err(unexpected("sent transcript from another account")),

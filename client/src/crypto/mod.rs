@@ -88,7 +88,7 @@ pub use identity::{
     DeviceKeys, KeyError, MasterKey, PublicDeviceKeys, SealSecretKey, SignedOneTimeKey,
     UnpublishedKeys,
 };
-pub use payload::{GrantContact, Payload, PayloadError};
+pub use payload::{CallId, GrantContact, Payload, PayloadError};
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};
 pub use sealed::{SealError, SenderInfo, Unsealed, open, seal};

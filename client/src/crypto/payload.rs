@@ -17,6 +17,19 @@
 //! | 4 | [`Payload::LinkRequest`] | `[bin public device keys, bin proof (32)]` |
 //! | 5 | [`Payload::LinkGrant`] | `[bin master key seed (32), bin delivery token, [[str handle, bin master key (32), bin token or nil, bool verified]], bin proof (32)]` |
 //! | 6 | [`Payload::DeviceLinked`] | `[u32 device]` |
+//! | 7 | [`Payload::CallOffer`] | `[bin call id (16), str sdp, str dtls fingerprint, bool video]` |
+//! | 8 | [`Payload::CallAnswer`] | `[bin call id (16), str sdp, str dtls fingerprint]` |
+//! | 9 | [`Payload::IceCandidate`] | `[bin call id (16), str candidate, str sdp mid, u16 m-line index]` |
+//! | 10 | [`Payload::HangUp`] | `[bin call id (16)]` |
+//! | 11 | [`Payload::Busy`] | `[bin call id (16)]` |
+//! | 12 | [`Payload::Decline`] | `[bin call id (16)]` |
+//! | 13 | [`Payload::AnsweredElsewhere`] | `[bin call id (16), u32 device]` |
+//!
+//! Call signaling (kinds 7–13) travels like every other payload: Olm-encrypted and sealed, so
+//! the broker never sees an SDP, an ICE candidate or a DTLS fingerprint. The fingerprint in an
+//! offer or answer is the sender's DTLS certificate fingerprint (`"sha-256 AB:CD:..."`, as in
+//! the SDP's `a=fingerprint`): the receiver checks that the DTLS connection it gets is with
+//! that certificate, which binds the media keys to the verified device that sent it.
 //!
 //! New kinds (delivery tokens, call signaling, receipts, …) take new numbers; a client that
 //! meets a kind it does not know gets [`PayloadError::UnknownKind`] and can tell its user to
@@ -40,6 +53,16 @@ const KIND_SENT: u16 = 3;
 const KIND_LINK_REQUEST: u16 = 4;
 const KIND_LINK_GRANT: u16 = 5;
 const KIND_DEVICE_LINKED: u16 = 6;
+const KIND_CALL_OFFER: u16 = 7;
+const KIND_CALL_ANSWER: u16 = 8;
+const KIND_ICE_CANDIDATE: u16 = 9;
+const KIND_HANG_UP: u16 = 10;
+const KIND_BUSY: u16 = 11;
+const KIND_DECLINE: u16 = 12;
+const KIND_ANSWERED_ELSEWHERE: u16 = 13;
+
+/// Identifies one call across its signaling messages (random, chosen by the caller).
+pub type CallId = [u8; 16];
 
 /// Why a decrypted plaintext could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,6 +129,60 @@ pub enum Payload {
         /// The new device's id.
         device: u32,
     },
+    /// A call: sent to every device of the callee, which all ring.
+    CallOffer {
+        /// The call.
+        call_id: CallId,
+        /// The caller's SDP offer.
+        sdp: String,
+        /// The caller's DTLS certificate fingerprint (`"sha-256 AB:CD:..."`).
+        dtls_fingerprint: String,
+        /// Whether the caller offers video (else audio only).
+        video: bool,
+    },
+    /// The callee accepted on one device.
+    CallAnswer {
+        /// The call.
+        call_id: CallId,
+        /// The callee's SDP answer.
+        sdp: String,
+        /// The callee's DTLS certificate fingerprint.
+        dtls_fingerprint: String,
+    },
+    /// One ICE candidate (trickle ICE).
+    IceCandidate {
+        /// The call.
+        call_id: CallId,
+        /// The `candidate:` attribute; empty for end-of-candidates.
+        candidate: String,
+        /// The media stream identification it belongs to.
+        sdp_mid: String,
+        /// The m-line index it belongs to.
+        sdp_m_line_index: u16,
+    },
+    /// Either side ended the call (or the caller gave up before an answer).
+    HangUp {
+        /// The call.
+        call_id: CallId,
+    },
+    /// The callee is in another call.
+    Busy {
+        /// The call.
+        call_id: CallId,
+    },
+    /// The callee declined.
+    Decline {
+        /// The call.
+        call_id: CallId,
+    },
+    /// To the callee's own other devices: the call was answered (or declined) on `device`;
+    /// stop ringing.
+    AnsweredElsewhere {
+        /// The call.
+        call_id: CallId,
+        /// The device that answered.
+        device: u32,
+    },
 }
 
 /// One contact, as handed to a newly linked device in a [`Payload::LinkGrant`].
@@ -145,6 +222,29 @@ fn array32(bytes: &[u8]) -> Result<[u8; 32], PayloadError> {
 
 #[derive(Serialize, Deserialize)]
 struct TextBody(String);
+
+#[derive(Serialize, Deserialize)]
+struct OfferBody(ByteBuf, String, String, bool);
+
+#[derive(Serialize, Deserialize)]
+struct AnswerBody(ByteBuf, String, String);
+
+#[derive(Serialize, Deserialize)]
+struct CandidateBody(ByteBuf, String, String, u16);
+
+#[derive(Serialize, Deserialize)]
+struct CallIdBody(ByteBuf);
+
+#[derive(Serialize, Deserialize)]
+struct ElsewhereBody(ByteBuf, u32);
+
+fn call_id(bytes: &[u8]) -> Result<CallId, PayloadError> {
+    bytes.try_into().map_err(|_| PayloadError::Malformed)
+}
+
+fn id_buf(id: &CallId) -> ByteBuf {
+    ByteBuf::from(id.to_vec())
+}
 
 impl Payload {
     /// Encodes as described in the module doc.
@@ -193,6 +293,61 @@ impl Payload {
             Payload::DeviceLinked { device } => (
                 KIND_DEVICE_LINKED,
                 rmp_serde::to_vec(&DeviceLinkedBody(*device)),
+            ),
+            Payload::CallOffer {
+                call_id,
+                sdp,
+                dtls_fingerprint,
+                video,
+            } => (
+                KIND_CALL_OFFER,
+                rmp_serde::to_vec(&OfferBody(
+                    id_buf(call_id),
+                    sdp.clone(),
+                    dtls_fingerprint.clone(),
+                    *video,
+                )),
+            ),
+            Payload::CallAnswer {
+                call_id,
+                sdp,
+                dtls_fingerprint,
+            } => (
+                KIND_CALL_ANSWER,
+                rmp_serde::to_vec(&AnswerBody(
+                    id_buf(call_id),
+                    sdp.clone(),
+                    dtls_fingerprint.clone(),
+                )),
+            ),
+            Payload::IceCandidate {
+                call_id,
+                candidate,
+                sdp_mid,
+                sdp_m_line_index,
+            } => (
+                KIND_ICE_CANDIDATE,
+                rmp_serde::to_vec(&CandidateBody(
+                    id_buf(call_id),
+                    candidate.clone(),
+                    sdp_mid.clone(),
+                    *sdp_m_line_index,
+                )),
+            ),
+            Payload::HangUp { call_id } => (
+                KIND_HANG_UP,
+                rmp_serde::to_vec(&CallIdBody(id_buf(call_id))),
+            ),
+            Payload::Busy { call_id } => {
+                (KIND_BUSY, rmp_serde::to_vec(&CallIdBody(id_buf(call_id))))
+            }
+            Payload::Decline { call_id } => (
+                KIND_DECLINE,
+                rmp_serde::to_vec(&CallIdBody(id_buf(call_id))),
+            ),
+            Payload::AnsweredElsewhere { call_id, device } => (
+                KIND_ANSWERED_ELSEWHERE,
+                rmp_serde::to_vec(&ElsewhereBody(id_buf(call_id), *device)),
             ),
         };
         let body = body.expect("payload bodies always encode");
@@ -260,6 +415,52 @@ impl Payload {
                 let DeviceLinkedBody(device) = decode_exact(body).ok_or(PayloadError::Malformed)?;
                 Ok(Payload::DeviceLinked { device })
             }
+            KIND_CALL_OFFER => {
+                let OfferBody(id, sdp, dtls_fingerprint, video) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                Ok(Payload::CallOffer {
+                    call_id: call_id(&id)?,
+                    sdp,
+                    dtls_fingerprint,
+                    video,
+                })
+            }
+            KIND_CALL_ANSWER => {
+                let AnswerBody(id, sdp, dtls_fingerprint) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                Ok(Payload::CallAnswer {
+                    call_id: call_id(&id)?,
+                    sdp,
+                    dtls_fingerprint,
+                })
+            }
+            KIND_ICE_CANDIDATE => {
+                let CandidateBody(id, candidate, sdp_mid, sdp_m_line_index) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                Ok(Payload::IceCandidate {
+                    call_id: call_id(&id)?,
+                    candidate,
+                    sdp_mid,
+                    sdp_m_line_index,
+                })
+            }
+            KIND_HANG_UP | KIND_BUSY | KIND_DECLINE => {
+                let CallIdBody(id) = decode_exact(body).ok_or(PayloadError::Malformed)?;
+                let call_id = call_id(&id)?;
+                Ok(match u16::from_be_bytes(*kind) {
+                    KIND_HANG_UP => Payload::HangUp { call_id },
+                    KIND_BUSY => Payload::Busy { call_id },
+                    _ => Payload::Decline { call_id },
+                })
+            }
+            KIND_ANSWERED_ELSEWHERE => {
+                let ElsewhereBody(id, device) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                Ok(Payload::AnsweredElsewhere {
+                    call_id: call_id(&id)?,
+                    device,
+                })
+            }
             other => Err(PayloadError::UnknownKind(other)),
         }
     }
@@ -288,6 +489,23 @@ impl fmt::Debug for Payload {
                 .debug_struct("DeviceLinked")
                 .field("device", device)
                 .finish(),
+            // Call ids, SDPs and candidates are not shown: they name addresses and keys.
+            Payload::CallOffer { sdp, .. } => f
+                .debug_struct("CallOffer")
+                .field("sdp_len", &sdp.len())
+                .finish_non_exhaustive(),
+            Payload::CallAnswer { sdp, .. } => f
+                .debug_struct("CallAnswer")
+                .field("sdp_len", &sdp.len())
+                .finish_non_exhaustive(),
+            Payload::IceCandidate { .. } => f.debug_struct("IceCandidate").finish_non_exhaustive(),
+            Payload::HangUp { .. } => f.debug_struct("HangUp").finish_non_exhaustive(),
+            Payload::Busy { .. } => f.debug_struct("Busy").finish_non_exhaustive(),
+            Payload::Decline { .. } => f.debug_struct("Decline").finish_non_exhaustive(),
+            Payload::AnsweredElsewhere { device, .. } => f
+                .debug_struct("AnsweredElsewhere")
+                .field("device", device)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -361,6 +579,51 @@ mod tests {
     }
 
     #[test]
+    fn call_kinds_round_trip_and_hide_their_content() {
+        let id = [0xab; 16];
+        let payloads = [
+            Payload::CallOffer {
+                call_id: id,
+                sdp: "v=0 canary-sdp 192.0.2.7".into(),
+                dtls_fingerprint: "sha-256 AA:BB".into(),
+                video: true,
+            },
+            Payload::CallAnswer {
+                call_id: id,
+                sdp: "v=0 canary-sdp".into(),
+                dtls_fingerprint: "sha-256 CC:DD".into(),
+            },
+            Payload::IceCandidate {
+                call_id: id,
+                candidate: "candidate:1 1 udp 2122260223 192.0.2.7 5000 typ host".into(),
+                sdp_mid: "0".into(),
+                sdp_m_line_index: 1,
+            },
+            Payload::HangUp { call_id: id },
+            Payload::Busy { call_id: id },
+            Payload::Decline { call_id: id },
+            Payload::AnsweredElsewhere {
+                call_id: id,
+                device: 2,
+            },
+        ];
+        for (kind, payload) in (7u16..).zip(payloads) {
+            let bytes = payload.encode();
+            assert_eq!(&bytes[1..3], &kind.to_be_bytes());
+            assert_eq!(Payload::decode(&bytes), Ok(payload.clone()));
+            let shown = format!("{payload:?}");
+            assert!(
+                !shown.contains("canary") && !shown.contains("192.0.2") && !shown.contains("AA"),
+                "{shown}"
+            );
+        }
+        // A call id of the wrong length is malformed.
+        let mut bad = vec![1, 0, 10];
+        bad.extend(rmp_serde::to_vec(&CallIdBody(ByteBuf::from(vec![1; 15]))).unwrap());
+        assert_eq!(Payload::decode(&bad), Err(PayloadError::Malformed));
+    }
+
+    #[test]
     fn debug_hides_content() {
         let payload = Payload::Text {
             body: "canary-secret".into(),
@@ -378,8 +641,8 @@ mod tests {
             Err(PayloadError::UnsupportedFormat(2))
         );
         assert_eq!(
-            Payload::decode(&[1, 0, 9, 0x90]),
-            Err(PayloadError::UnknownKind(9))
+            Payload::decode(&[1, 0, 99, 0x90]),
+            Err(PayloadError::UnknownKind(99))
         );
         assert_eq!(
             Payload::decode(&[1, 0, 1, 0xc1]),
