@@ -14,16 +14,25 @@
 //!   sender), receiving (verify, decrypt, deduplicate, save, then ack), conversations,
 //!   safety numbers. See its module doc for the protocol decisions.
 //!
-//! The `sealpost-cli` binary (src/main.rs) is a thin command-line front end to [`Client`].
+//! The `sealpost-cli` binary (src/main.rs) is a thin command-line front end to `Client`.
+//!
+//! Everything but [`crypto`] needs the default `net` feature. Without it the crate is the
+//! cryptographic core alone, with no tokio or reqwest: the browser client (`web/`) compiles it
+//! to wasm and does its networking in the page.
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "net")]
 pub mod api;
+#[cfg(feature = "net")]
 pub mod conn;
 pub mod crypto;
+#[cfg(feature = "net")]
 mod record;
+#[cfg(feature = "net")]
 pub mod sdk;
 
+#[cfg(feature = "net")]
 pub use sdk::{
     CallSignal, Client, ClientError, Conversation, ConversationMessage, DeviceInfo, EnvelopeError,
     Event, LinkCode, PreparedEnvelope, ReceivedMessage, Stats,

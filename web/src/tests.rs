@@ -1,0 +1,247 @@
+//! Host-side tests of the engine: two engines talk through hand-made broker frames.
+
+use sealpost_proto::{Envelope, ServerFrame};
+
+use super::*;
+
+struct Side {
+    engine: Engine,
+    list: String,
+    keys: Value,
+}
+
+fn side(handle: &str, device: u32) -> Side {
+    let pending = PendingAccount::create(handle).unwrap();
+    assert!(!pending.identity_keys().is_empty());
+    let mut engine = pending
+        .finish(device, &URL_SAFE_NO_PAD.encode([u8::try_from(device).unwrap(); 32]))
+        .unwrap();
+    let list: Value = serde_json::from_str(&engine.own_device_list().unwrap()).unwrap();
+    let keys: Value = serde_json::from_str(&engine.key_upload()).unwrap();
+    engine.mark_keys_published();
+    assert_eq!(engine.key_upload(), "");
+    Side {
+        engine,
+        list: list["signed"].as_str().unwrap().to_owned(),
+        keys,
+    }
+}
+
+/// What the broker would deliver to `device` of an encrypted frame (base64).
+fn deliver(frame_b64: &str, device: u32, seq: u64) -> Vec<u8> {
+    let frame = ClientFrame::decode(&STANDARD.decode(frame_b64).unwrap()).unwrap();
+    let (id, class, copies) = match frame {
+        ClientFrame::Send {
+            id, class, copies, ..
+        }
+        | ClientFrame::SealedSend {
+            id, class, copies, ..
+        } => (id, class, copies),
+        other => panic!("not a send: {other:?}"),
+    };
+    let copy = copies.into_iter().find(|c| c.device.0 == device).unwrap();
+    ServerFrame::Deliver {
+        seq,
+        envelope: Envelope {
+            id,
+            class,
+            accepted_ms: 1,
+            expires_ms: 2,
+            ciphertext: copy.ciphertext,
+        },
+    }
+    .encode()
+}
+
+fn receive(engine: &mut Engine, frame: &[u8], sender_list: &str) -> Value {
+    let first: Value = serde_json::from_str(&engine.receive(frame, false).unwrap()).unwrap();
+    if let Some(user) = first["need_list"].as_str() {
+        engine.accept_device_list(user, sender_list).unwrap();
+        serde_json::from_str(&engine.receive(frame, true).unwrap()).unwrap()
+    } else {
+        first
+    }
+}
+
+#[test]
+fn two_engines_exchange_messages_and_call_signaling() {
+    let mut alice = side("alice@test.example", 1);
+    let mut bob = side("bob@test.example", 1);
+    let summary: Value = serde_json::from_str(
+        &alice
+            .engine
+            .accept_device_list("bob@test.example", &bob.list)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["devices"], json!([1]));
+    assert_eq!(
+        alice.engine.devices_without_session("bob@test.example"),
+        "[1]"
+    );
+    let claim: Value =
+        serde_json::from_str(&alice.engine.claim_headers("bob@test.example")).unwrap();
+    assert!(
+        claim["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer 1.")
+    );
+    let key = bob.keys["one_time_keys"][0]["key"].as_str().unwrap();
+    alice
+        .engine
+        .create_session("bob@test.example", 1, key)
+        .unwrap();
+    assert_eq!(
+        alice.engine.devices_without_session("bob@test.example"),
+        "[]"
+    );
+
+    // First contact: the delivery token, authenticated route.
+    let out: Value = serde_json::from_str(
+        &alice
+            .engine
+            .encrypt("bob@test.example", r#"{"kind":"delivery_token"}"#, "", "")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(out["sealed"], false);
+    let got = receive(
+        &mut bob.engine,
+        &deliver(out["frame"].as_str().unwrap(), 1, 1),
+        &alice.list,
+    );
+    assert_eq!(got["event"]["event"], "contact");
+    assert!(bob.engine.sends_sealed_to("alice@test.example"));
+    // Redelivery of the same envelope is a duplicate.
+    let again = receive(
+        &mut bob.engine,
+        &deliver(out["frame"].as_str().unwrap(), 1, 1),
+        &alice.list,
+    );
+    assert_eq!(again["event"]["event"], "duplicate");
+
+    let out: Value = serde_json::from_str(
+        &alice
+            .engine
+            .encrypt(
+                "bob@test.example",
+                r#"{"kind":"text","body":"hello bob"}"#,
+                "",
+                "",
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    let got = receive(
+        &mut bob.engine,
+        &deliver(out["frame"].as_str().unwrap(), 1, 2),
+        &alice.list,
+    );
+    assert_eq!(got["event"]["text"], "hello bob");
+    assert_eq!(got["event"]["from"], "alice@test.example");
+
+    // Bob replies sealed (he holds Alice's token) with a call offer.
+    bob.engine
+        .create_session(
+            "alice@test.example",
+            1,
+            alice.keys["one_time_keys"][0]["key"].as_str().unwrap(),
+        )
+        .unwrap();
+    let call_id = Engine::new_call_id();
+    let offer = json!({"kind": "call_offer", "call_id": call_id, "sdp": "v=0 sdp",
+                       "fingerprint": "sha-256 AB:CD", "video": true});
+    let out: Value = serde_json::from_str(
+        &bob.engine
+            .encrypt("alice@test.example", &offer.to_string(), "", "")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(out["sealed"], true);
+    let frame = ClientFrame::decode(&STANDARD.decode(out["frame"].as_str().unwrap()).unwrap());
+    assert!(matches!(
+        frame,
+        Ok(ClientFrame::SealedSend {
+            class: Class::Urgent,
+            ttl_secs: CALL_TTL_SECS,
+            ..
+        })
+    ));
+    let got = receive(
+        &mut alice.engine,
+        &deliver(out["frame"].as_str().unwrap(), 1, 1),
+        &bob.list,
+    );
+    assert_eq!(got["event"]["event"], "call");
+    assert_eq!(got["event"]["payload"]["kind"], "call_offer");
+    assert_eq!(got["event"]["payload"]["call_id"], json!(call_id));
+    assert_eq!(got["event"]["payload"]["fingerprint"], "sha-256 AB:CD");
+
+    // Safety numbers agree on both sides.
+    assert_eq!(
+        alice.engine.safety_number("bob@test.example").unwrap(),
+        bob.engine.safety_number("alice@test.example").unwrap()
+    );
+
+    // State survives a save and load.
+    let key = Engine::new_local_key();
+    let saved = bob.engine.save(&key).unwrap();
+    let restored = Engine::load(&saved, &key).unwrap();
+    let conversations: Value = serde_json::from_str(&restored.conversations()).unwrap();
+    assert_eq!(conversations[0]["with"], "alice@test.example");
+    assert_eq!(conversations[0]["messages"][0]["text"], "hello bob");
+    assert!(restored.sends_sealed_to("alice@test.example"));
+}
+
+#[test]
+fn an_envelope_for_another_device_is_rejected() {
+    let mut alice = side("alice@test.example", 1);
+    let bob = side("bob@test.example", 1);
+    // Another device that got hold of device 1's copy (same account name, other keys).
+    let mut other = side("bob@test.example", 2);
+    alice
+        .engine
+        .accept_device_list("bob@test.example", &bob.list)
+        .unwrap();
+    alice
+        .engine
+        .create_session(
+            "bob@test.example",
+            1,
+            bob.keys["one_time_keys"][0]["key"].as_str().unwrap(),
+        )
+        .unwrap();
+    let out: Value = serde_json::from_str(
+        &alice
+            .engine
+            .encrypt("bob@test.example", r#"{"kind":"text","body":"x"}"#, "", "")
+            .unwrap(),
+    )
+    .unwrap();
+    let frame = deliver(out["frame"].as_str().unwrap(), 1, 1);
+    let got: Value = serde_json::from_str(&other.engine.receive(&frame, false).unwrap()).unwrap();
+    assert_eq!(got["event"]["event"], "rejected");
+    assert!(!got.to_string().contains("\"x\""));
+}
+
+#[test]
+fn fingerprints_come_from_the_sdp() {
+    let sdp =
+        "v=0\r\na=fingerprint:SHA-256 ab:cd:ef\r\nm=audio\r\na=fingerprint:sha-256 AB:CD:EF\r\n";
+    assert_eq!(sdp_fingerprint(sdp), "sha-256 AB:CD:EF");
+    assert!(fingerprints_match(
+        &sdp_fingerprint(sdp),
+        "sha-256 AB:CD:EF"
+    ));
+    assert!(!fingerprints_match(
+        &sdp_fingerprint(sdp),
+        "sha-256 AB:CD:EE"
+    ));
+    assert_eq!(
+        sdp_fingerprint("a=fingerprint:sha-256 AA\r\na=fingerprint:sha-256 BB\r\n"),
+        ""
+    );
+    assert_eq!(sdp_fingerprint("v=0\r\n"), "");
+    assert!(!fingerprints_match("", ""));
+}
