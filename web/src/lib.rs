@@ -792,10 +792,11 @@ impl Engine {
         } else {
             serde_json::from_str(devices).map_err(|_| err("devices is not a JSON array"))?
         };
-        let id = if id.is_empty() {
-            EnvelopeId(rand::random())
-        } else {
+        let retry = !id.is_empty();
+        let id = if retry {
             EnvelopeId(unhex::<16>(id)?)
+        } else {
+            EnvelopeId(rand::random())
         };
         let sender = self.sender();
         let mut copies = BTreeMap::new();
@@ -826,7 +827,7 @@ impl Engine {
             bytes[0] = 1;
             copies.insert(device, bytes);
         }
-        if let Some(text) = outgoing.text {
+        if let Some(text) = outgoing.text.filter(|_| !retry) {
             self.record.add_message(
                 to,
                 StoredMessage {

@@ -14,7 +14,10 @@ fn side(handle: &str, device: u32) -> Side {
     let pending = PendingAccount::create(handle).unwrap();
     assert!(!pending.identity_keys().is_empty());
     let mut engine = pending
-        .finish(device, &URL_SAFE_NO_PAD.encode([u8::try_from(device).unwrap(); 32]))
+        .finish(
+            device,
+            &URL_SAFE_NO_PAD.encode([u8::try_from(device).unwrap(); 32]),
+        )
         .unwrap();
     let list: Value = serde_json::from_str(&engine.own_device_list().unwrap()).unwrap();
     let keys: Value = serde_json::from_str(&engine.key_upload()).unwrap();

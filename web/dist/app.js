@@ -1,0 +1,710 @@
+// Sealpost browser client. Networking (fetch, WebSockets, WebRTC) happens here; everything that
+// touches a key or a plaintext happens in the wasm engine (web/src/lib.rs): this script never
+// holds a secret key and sends the broker only what the engine sealed.
+//
+// Calls: offer/answer/ICE/hang-up travel as sealed, Olm-encrypted envelopes (urgent class, 60 s
+// TTL). Media is WebRTC (DTLS-SRTP) end to end. The DTLS certificate fingerprint of each side
+// travels inside the encrypted offer/answer, from a device in the peer's verified signed device
+// list; the page checks (1) that the SDP it applies carries that fingerprint and (2) once
+// connected, that the DTLS peer certificate (getStats) has it. Any mismatch ends the call with
+// an identity error.
+
+import init, { PendingAccount, Engine, sdp_fingerprint, fingerprints_match } from './pkg/sealpost_web.js';
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const SERVER = location.origin;
+const WS_BASE = SERVER.replace(/^http/, 'ws');
+const LIST_MAX_AGE_MS = 60_000;
+const CALL_RING_MS = 60_000;
+const SEND_TIMEOUT_MS = 20_000;
+
+let engine = null;
+let localKey = null;
+let ws = null;
+let sealedWs = null;
+let current = null; // the selected contact
+let wsBackoff = 250;
+const pendingResults = new Map(); // envelope id (hex) -> resolve
+const contacts = new Set();
+
+// Observable state for people (the page) and for tests (window.sealpostDebug).
+const debug = {
+  online: false,
+  messages: [],
+  errors: [],
+  call: null,
+  callState: 'idle',
+  fingerprintCheck: null,
+  setupMs: null,
+  tamperOutgoingFingerprint: false,
+};
+window.sealpostDebug = debug;
+
+// ------------------------------------------------------------------------------------------
+// Helpers
+
+function showError(message) {
+  const text = String(message && message.message ? message.message : message);
+  debug.errors.push(text);
+  const box = $('error');
+  box.textContent = text;
+  box.hidden = false;
+}
+
+function clearError() {
+  $('error').hidden = true;
+}
+
+function b64ToBytes(b64) {
+  const bin = atob(b64);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function bytesToB64(bytes) {
+  let bin = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    bin += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(bin);
+}
+
+// One task at a time: multi-step protocol flows (claim, encrypt, send; open, save, ack) never
+// interleave. Answers to sends (send_result) bypass the queue.
+let queue = Promise.resolve();
+function serial(task) {
+  const run = queue.then(task, task);
+  queue = run.catch(() => {});
+  return run;
+}
+
+async function api(method, path, { body, headers = {}, auth = false } = {}) {
+  const h = { ...headers };
+  if (auth) h.authorization = engine.bearer();
+  if (body !== undefined) h['content-type'] = 'application/json';
+  let resp;
+  try {
+    resp = await fetch(SERVER + path, { method, headers: h, body });
+  } catch (e) {
+    throw new Error(`cannot reach the broker (${e.message})`);
+  }
+  if (!resp.ok) {
+    let detail = '';
+    try {
+      const j = await resp.json();
+      detail = `${j.error}: ${j.message}`;
+    } catch (_) { /* not JSON */ }
+    const err = new Error(`the broker refused (${resp.status}${detail ? ' ' + detail : ''})`);
+    err.status = resp.status;
+    throw err;
+  }
+  const text = await resp.text();
+  return text ? JSON.parse(text) : null;
+}
+
+function persist() {
+  if (!engine) return;
+  const bytes = engine.save(localKey);
+  localStorage.setItem(`sealpost:${engine.handle()}:state`, bytesToB64(bytes));
+  localStorage.setItem(`sealpost:${engine.handle()}:key`, localKey);
+}
+
+// ------------------------------------------------------------------------------------------
+// Account
+
+async function register(handle) {
+  const pending = PendingAccount.create(handle);
+  const created = await api('POST', '/v1/accounts', {
+    body: JSON.stringify({ handle, identity_keys: pending.identity_keys() }),
+  });
+  engine = pending.finish(created.device_id, created.token);
+  localKey = Engine.new_local_key();
+  persist();
+  const h = encodeURIComponent(handle);
+  const keys = engine.key_upload();
+  await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/keys`, { body: keys, auth: true });
+  engine.mark_keys_published();
+  await api('PUT', `/v1/accounts/${h}/device-list`, { body: engine.own_device_list(), auth: true });
+  await api('PUT', `/v1/accounts/${h}/delivery-token`, { body: engine.delivery_token_body(), auth: true });
+  persist();
+}
+
+function signIn(handle) {
+  const state = localStorage.getItem(`sealpost:${handle}:state`);
+  const key = localStorage.getItem(`sealpost:${handle}:key`);
+  if (!state || !key) throw new Error(`no account ${handle} in this browser; register it first`);
+  localKey = key;
+  engine = Engine.load(b64ToBytes(state), key);
+}
+
+async function topUpKeys() {
+  const h = encodeURIComponent(engine.handle());
+  const path = `/v1/accounts/${h}/devices/${engine.device_id()}/keys`;
+  const count = await api('GET', path, { auth: true });
+  engine.top_up_keys(count.one_time);
+  const body = engine.key_upload();
+  if (body) {
+    await api('PUT', path, { body, auth: true });
+    engine.mark_keys_published();
+    persist();
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Device lists, sessions, sending
+
+async function fetchList(user) {
+  let answer;
+  try {
+    answer = await api('GET', `/v1/accounts/${encodeURIComponent(user)}/device-list`);
+  } catch (e) {
+    if (e.status === 404) throw new Error(`${user} does not exist or has no devices`);
+    throw e;
+  }
+  const summary = JSON.parse(engine.accept_device_list(user, answer.signed));
+  persist();
+  return summary;
+}
+
+async function ensureList(user) {
+  const known = engine.known_list(user);
+  if (known) {
+    const k = JSON.parse(known);
+    if (Date.now() - k.fetched_ms < LIST_MAX_AGE_MS) return k;
+  }
+  return fetchList(user);
+}
+
+async function ensureSessions(user) {
+  for (const device of JSON.parse(engine.devices_without_session(user))) {
+    const headers = JSON.parse(engine.claim_headers(user));
+    const claimed = await api('POST',
+      `/v1/accounts/${encodeURIComponent(user)}/devices/${device}/keys/claim`, { headers });
+    engine.create_session(user, device, claimed.key);
+  }
+  persist();
+}
+
+function openSocket(path, onFrame) {
+  return new Promise((resolve, reject) => {
+    const sock = new WebSocket(WS_BASE + path);
+    sock.binaryType = 'arraybuffer';
+    sock.onmessage = (ev) => onFrame(new Uint8Array(ev.data));
+    sock.onopen = () => resolve(sock);
+    sock.onerror = () => reject(new Error(`cannot connect to ${path}`));
+  });
+}
+
+function onSendResult(bytes) {
+  const r = JSON.parse(engine.receive(bytes, false));
+  const resolve = pendingResults.get(r.id);
+  if (resolve) {
+    pendingResults.delete(r.id);
+    resolve(r);
+  }
+}
+
+async function sealedSocket() {
+  if (sealedWs && sealedWs.readyState === WebSocket.OPEN) return sealedWs;
+  sealedWs = await openSocket('/v1/sealed', (bytes) => {
+    if (bytes[1] === 0x82) onSendResult(bytes);
+  });
+  sealedWs.onclose = () => { sealedWs = null; };
+  return sealedWs;
+}
+
+async function transmit(out) {
+  const sock = out.sealed ? await sealedSocket() : ws;
+  if (!sock || sock.readyState !== WebSocket.OPEN) throw new Error('not connected to the broker');
+  const answer = new Promise((resolve, reject) => {
+    pendingResults.set(out.id, resolve);
+    setTimeout(() => {
+      if (pendingResults.delete(out.id)) reject(new Error('the broker did not answer the send'));
+    }, SEND_TIMEOUT_MS);
+  });
+  sock.send(b64ToBytes(out.frame));
+  return answer;
+}
+
+async function sendOne(to, payload) {
+  let id = '';
+  let devices = '';
+  for (let attempt = 0; attempt < 4; attempt++) {
+    await ensureSessions(to);
+    const out = JSON.parse(engine.encrypt(to, JSON.stringify(payload), id, devices));
+    id = out.id;
+    persist(); // the ratchets advanced: save before anything leaves
+    const result = await transmit(out);
+    if (result.accepted) return id;
+    if (result.code === 'stale_devices') {
+      await fetchList(to);
+      devices = JSON.stringify(result.current_devices);
+      continue;
+    }
+    throw new Error(`the broker refused the message: ${result.code}`);
+  }
+  throw new Error(`the devices of ${to} kept changing; try again`);
+}
+
+// Sends `payload` to every device of `to`, sharing our delivery token first if needed.
+function sendPayload(to, payload) {
+  return serial(async () => {
+    await ensureList(to);
+    if (!engine.token_shared(to)) {
+      await sendOne(to, { kind: 'delivery_token' });
+      engine.mark_token_shared(to);
+      persist();
+    }
+    await sendOne(to, payload);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Receiving
+
+async function connect() {
+  try {
+    ws = await openSocket('/v1/ws', onFrame);
+  } catch (e) {
+    setOnline(false);
+    setTimeout(connect, wsBackoff = Math.min(wsBackoff * 2, 5000));
+    return;
+  }
+  ws.onclose = () => {
+    setOnline(false);
+    for (const [id, resolve] of pendingResults) {
+      resolve({ accepted: false, code: 'connection_lost', id });
+    }
+    pendingResults.clear();
+    setTimeout(connect, wsBackoff = Math.min(wsBackoff * 2, 5000));
+  };
+  ws.send(engine.auth_frame());
+}
+
+function setOnline(online) {
+  debug.online = online;
+  const s = $('status');
+  s.textContent = online ? 'online' : 'offline';
+  s.className = `status ${online ? 'online' : 'offline'}`;
+}
+
+function onFrame(bytes) {
+  if (bytes[1] === 0x82) return onSendResult(bytes);
+  const sock = ws;
+  serial(() => handleFrame(bytes, sock)).catch((e) => {
+    showError(e);
+    // Not acked: it comes again on the next connection.
+    if (sock && sock.readyState === WebSocket.OPEN) sock.close();
+  });
+}
+
+async function handleFrame(bytes, sock) {
+  let r = JSON.parse(engine.receive(bytes, false));
+  if (r.need_list) {
+    await fetchList(r.need_list);
+    r = JSON.parse(engine.receive(bytes, true));
+  }
+  switch (r.type) {
+    case 'auth_ok':
+      wsBackoff = 250;
+      setOnline(true);
+      return;
+    case 'deliver':
+    case 'deliver_ephemeral':
+      persist(); // save before acknowledging: a crash redelivers, ids deduplicate
+      if (r.type === 'deliver' && sock.readyState === WebSocket.OPEN) {
+        sock.send(engine.ack_frame(JSON.stringify([r.seq])));
+      }
+      onEvent(r.event);
+      return;
+    case 'notice':
+      if (r.notice === 'keys_low') await topUpKeys();
+      if (r.notice === 'mailbox_full') showError('your mailbox on the broker is full');
+      return;
+    case 'error':
+      if (r.code === 'bad_token') showError('the broker no longer knows this device (removed?)');
+      return;
+    default:
+  }
+}
+
+function onEvent(event) {
+  switch (event.event) {
+    case 'message':
+      addContact(event.from);
+      debug.messages.push({ from: event.from, text: event.text });
+      if (event.from === current) renderMessages();
+      else markUnread(event.from);
+      break;
+    case 'contact':
+      addContact(event.from);
+      break;
+    case 'call':
+      onCallSignal(event).catch(showError);
+      break;
+    case 'rejected':
+      showError(`an envelope was rejected: ${event.reason}`);
+      break;
+    default:
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Contacts and chat
+
+function addContact(handle) {
+  if (contacts.has(handle) || handle === engine.handle()) return;
+  contacts.add(handle);
+  const li = document.createElement('li');
+  const b = document.createElement('button');
+  b.textContent = handle;
+  b.dataset.handle = handle;
+  b.onclick = () => selectContact(handle);
+  li.appendChild(b);
+  $('contacts').appendChild(li);
+  if (!current) selectContact(handle);
+}
+
+function markUnread(handle) {
+  const b = document.querySelector(`#contacts button[data-handle="${CSS.escape(handle)}"]`);
+  if (b) b.textContent = `${handle} •`;
+}
+
+function selectContact(handle) {
+  current = handle;
+  $('chat-with').textContent = handle;
+  for (const b of document.querySelectorAll('#contacts button')) {
+    b.classList.toggle('active', b.dataset.handle === handle);
+    if (b.dataset.handle === handle) b.textContent = handle;
+  }
+  for (const id of ['message-input', 'send', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
+  renderSafety();
+  renderMessages();
+}
+
+function renderSafety() {
+  const known = current && engine.known_list(current);
+  if (!known) {
+    $('safety-number').textContent = '–';
+    $('verified-badge').hidden = true;
+    return;
+  }
+  const k = JSON.parse(known);
+  $('safety-number').textContent = k.safety_number;
+  $('verified-badge').hidden = !k.verified;
+}
+
+function renderMessages() {
+  const list = $('messages');
+  list.replaceChildren();
+  const conv = JSON.parse(engine.conversations()).find((c) => c.with === current);
+  for (const m of conv ? conv.messages : []) {
+    const li = document.createElement('li');
+    li.className = `message ${m.outgoing ? 'outgoing' : 'incoming'}`;
+    li.textContent = m.text; // text, never HTML
+    list.appendChild(li);
+  }
+  list.scrollTop = list.scrollHeight;
+}
+
+// ------------------------------------------------------------------------------------------
+// Calls
+
+function setCallState(state, detail = '') {
+  debug.callState = state;
+  $('call-state').textContent = detail ? `${state} (${detail})` : state;
+  const inCall = !['idle', 'ended', 'failed', 'declined', 'busy', 'answered elsewhere'].includes(state);
+  $('hangup').disabled = !inCall;
+  $('call-audio').disabled = inCall || !current;
+  $('call-video').disabled = inCall || !current;
+}
+
+async function iceConfig() {
+  const policy = params.get('ice') === 'relay' ? 'relay' : 'all';
+  let iceServers = [];
+  try {
+    const turn = await api('GET', `/v1/accounts/${encodeURIComponent(engine.handle())}/turn`, { auth: true });
+    iceServers = [{ urls: turn.urls, username: turn.username, credential: turn.credential }];
+  } catch (e) {
+    if (e.status !== 404) throw new Error(`cannot get relay credentials: ${e.message}`);
+    if (policy === 'relay') throw new Error('relay-only calls need a TURN relay, and the broker has none');
+  }
+  return { iceServers, iceTransportPolicy: policy };
+}
+
+function identityError(call, why) {
+  debug.fingerprintCheck = 'failed';
+  const el = $('fingerprint-state');
+  el.textContent = 'identity error';
+  el.className = 'bad';
+  showError(`Identity error: ${why}. The call was ended: someone may be intercepting it.`);
+  endCall(call, 'failed', 'identity error', true);
+}
+
+// The fingerprint the encrypted channel vouches for must be the one in the SDP we apply.
+function checkSdpFingerprint(call, sdp, vouched) {
+  if (!fingerprints_match(sdp_fingerprint(sdp), vouched)) {
+    identityError(call, 'the media key in the call set-up does not match the one sent by your contact\'s verified device');
+    return false;
+  }
+  return true;
+}
+
+// Once connected: the DTLS peer certificate must be the one vouched for.
+async function checkDtlsFingerprint(call) {
+  const stats = await call.pc.getStats();
+  let transport = null;
+  stats.forEach((s) => { if (s.type === 'transport' && s.remoteCertificateId) transport = s; });
+  const cert = transport && stats.get(transport.remoteCertificateId);
+  if (!cert) return identityError(call, 'the connection has no verifiable peer certificate');
+  const actual = `${cert.fingerprintAlgorithm.toLowerCase()} ${cert.fingerprint.toUpperCase()}`;
+  if (!fingerprints_match(actual, call.remoteFingerprint)) {
+    return identityError(call, 'the peer\'s DTLS certificate is not the one sent by your contact\'s verified device');
+  }
+  debug.fingerprintCheck = 'passed';
+  const el = $('fingerprint-state');
+  el.textContent = 'media key verified ✓';
+  el.className = 'ok';
+}
+
+async function newPeerConnection(call) {
+  const pc = new RTCPeerConnection(await iceConfig());
+  call.pc = pc;
+  pc.onicecandidate = (ev) => {
+    const c = ev.candidate;
+    if (!c || !c.candidate) return;
+    sendPayload(call.peer, {
+      kind: 'ice_candidate', call_id: call.id, candidate: c.candidate,
+      sdp_mid: c.sdpMid || '', sdp_m_line_index: c.sdpMLineIndex || 0,
+    }).catch(showError);
+  };
+  pc.ontrack = (ev) => {
+    const [stream] = ev.streams;
+    if (stream) $('remote-video').srcObject = stream;
+  };
+  pc.onconnectionstatechange = () => {
+    if (debug.call !== call) return;
+    const s = pc.connectionState;
+    if (s === 'connected' && call.state !== 'connected') {
+      call.state = 'connected';
+      if (call.offerSentAt) debug.setupMs = performance.now() - call.offerSentAt;
+      setCallState('connected');
+      checkDtlsFingerprint(call).catch((e) => identityError(call, e.message));
+    } else if (s === 'failed') {
+      endCall(call, 'failed', 'media connection failed', true);
+    }
+  };
+  const media = await navigator.mediaDevices.getUserMedia({ audio: true, video: call.video });
+  call.media = media;
+  for (const track of media.getTracks()) pc.addTrack(track, media);
+  $('local-video').srcObject = media;
+  return pc;
+}
+
+function ourFingerprint(call) {
+  const fp = sdp_fingerprint(call.pc.localDescription.sdp);
+  if (!debug.tamperOutgoingFingerprint) return fp;
+  // Test hook: vouch for a different certificate than the one we use.
+  return fp.slice(0, -1) + (fp.endsWith('0') ? '1' : '0');
+}
+
+async function flushCandidates(call) {
+  for (const c of call.queued.splice(0)) {
+    await call.pc.addIceCandidate(c).catch(() => {});
+  }
+}
+
+async function startCall(video) {
+  if (debug.call) return;
+  const peer = current;
+  const call = {
+    id: Engine.new_call_id(), peer, video, outgoing: true, state: 'calling',
+    peerDevice: null, remoteFingerprint: null, queued: [], pc: null,
+  };
+  debug.call = call;
+  debug.fingerprintCheck = null;
+  debug.setupMs = null;
+  $('fingerprint-state').textContent = '';
+  setCallState('calling', peer);
+  try {
+    const pc = await newPeerConnection(call);
+    await pc.setLocalDescription(await pc.createOffer());
+    call.offerSentAt = performance.now();
+    await sendPayload(peer, {
+      kind: 'call_offer', call_id: call.id, sdp: pc.localDescription.sdp,
+      fingerprint: ourFingerprint(call), video,
+    });
+    setCallState('ringing', peer);
+    call.ringTimer = setTimeout(() => {
+      if (debug.call === call && call.state !== 'connected' && !call.peerDevice) {
+        endCall(call, 'ended', 'no answer', true);
+      }
+    }, CALL_RING_MS);
+  } catch (e) {
+    showError(e);
+    endCall(call, 'failed', e.message, false);
+  }
+}
+
+async function answerCall() {
+  const call = debug.call;
+  if (!call || call.state !== 'incoming') return;
+  $('incoming').hidden = true;
+  call.state = 'answering';
+  setCallState('connecting', call.peer);
+  try {
+    if (!checkSdpFingerprint(call, call.offerSdp, call.remoteFingerprint)) return;
+    const pc = await newPeerConnection(call);
+    await pc.setRemoteDescription({ type: 'offer', sdp: call.offerSdp });
+    await flushCandidates(call);
+    await pc.setLocalDescription(await pc.createAnswer());
+    await sendPayload(call.peer, {
+      kind: 'call_answer', call_id: call.id, sdp: pc.localDescription.sdp,
+      fingerprint: ourFingerprint(call),
+    });
+  } catch (e) {
+    showError(e);
+    endCall(call, 'failed', e.message, true);
+  }
+}
+
+function declineCall() {
+  const call = debug.call;
+  if (!call || call.state !== 'incoming') return;
+  $('incoming').hidden = true;
+  sendPayload(call.peer, { kind: 'decline', call_id: call.id }).catch(showError);
+  endCall(call, 'declined', '', false);
+}
+
+function endCall(call, state, detail, notify) {
+  if (!call || debug.call !== call) return;
+  clearTimeout(call.ringTimer);
+  if (notify) sendPayload(call.peer, { kind: 'hang_up', call_id: call.id }).catch(() => {});
+  if (call.pc) call.pc.close();
+  if (call.media) for (const t of call.media.getTracks()) t.stop();
+  debug.lastCall = call;
+  debug.call = null;
+  $('incoming').hidden = true;
+  setCallState(state, detail);
+}
+
+async function onCallSignal(event) {
+  const p = event.payload;
+  const call = debug.call;
+  const ours = call && call.id === p.call_id && call.peer === event.from;
+  switch (p.kind) {
+    case 'call_offer': {
+      if (Date.now() - event.sent_ms > CALL_RING_MS) return; // rang out while we were away
+      if (call) {
+        if (!ours) sendPayload(event.from, { kind: 'busy', call_id: p.call_id }).catch(() => {});
+        return;
+      }
+      addContact(event.from);
+      debug.call = {
+        id: p.call_id, peer: event.from, peerDevice: event.device, video: p.video,
+        outgoing: false, state: 'incoming', offerSdp: p.sdp, remoteFingerprint: p.fingerprint,
+        queued: [], pc: null,
+      };
+      debug.fingerprintCheck = null;
+      $('fingerprint-state').textContent = '';
+      $('incoming-text').textContent = `${event.from} is calling (${p.video ? 'video' : 'audio'})`;
+      $('incoming').hidden = false;
+      setCallState('incoming', event.from);
+      return;
+    }
+    case 'call_answer': {
+      if (!ours || !call.outgoing || call.peerDevice !== null) return;
+      call.peerDevice = event.device;
+      call.remoteFingerprint = p.fingerprint;
+      clearTimeout(call.ringTimer);
+      if (!checkSdpFingerprint(call, p.sdp, p.fingerprint)) return;
+      setCallState('connecting', call.peer);
+      await call.pc.setRemoteDescription({ type: 'answer', sdp: p.sdp });
+      await flushCandidates(call);
+      return;
+    }
+    case 'ice_candidate': {
+      if (!ours || (call.peerDevice !== null && call.peerDevice !== event.device)) return;
+      const c = { candidate: p.candidate, sdpMid: p.sdp_mid, sdpMLineIndex: p.sdp_m_line_index };
+      if (call.pc && call.pc.remoteDescription) await call.pc.addIceCandidate(c).catch(() => {});
+      else call.queued.push(c);
+      return;
+    }
+    case 'hang_up':
+      if (ours) endCall(call, 'ended', 'hung up', false);
+      return;
+    case 'busy':
+      if (ours) endCall(call, 'busy', '', false);
+      return;
+    case 'decline':
+      if (ours) endCall(call, 'declined', '', false);
+      return;
+    case 'answered_elsewhere':
+      if (call && call.id === p.call_id && call.state === 'incoming') {
+        endCall(call, 'answered elsewhere', '', false);
+      }
+      return;
+    default:
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Wiring
+
+async function enter() {
+  $('account').hidden = true;
+  $('app').hidden = false;
+  $('me').textContent = `${engine.handle()} (device ${engine.device_id()})`;
+  for (const c of JSON.parse(engine.conversations())) addContact(c.with);
+  await connect();
+}
+
+function guarded(fn) {
+  return () => {
+    clearError();
+    Promise.resolve().then(fn).catch(showError);
+  };
+}
+
+async function main() {
+  await init();
+  $('register').onclick = guarded(async () => {
+    await register($('handle').value.trim());
+    await enter();
+  });
+  $('signin').onclick = guarded(async () => {
+    signIn($('handle').value.trim());
+    await enter();
+  });
+  $('add-contact').onclick = guarded(async () => {
+    const handle = $('contact-handle').value.trim();
+    await serial(() => fetchList(handle));
+    addContact(handle);
+    selectContact(handle);
+    $('contact-handle').value = '';
+  });
+  const send = guarded(async () => {
+    const text = $('message-input').value;
+    if (!text || !current) return;
+    $('message-input').value = '';
+    await sendPayload(current, { kind: 'text', body: text });
+    renderMessages();
+  });
+  $('send').onclick = send;
+  $('message-input').onkeydown = (ev) => { if (ev.key === 'Enter') send(); };
+  $('verify').onclick = guarded(() => {
+    engine.mark_verified(current);
+    persist();
+    renderSafety();
+  });
+  $('call-audio').onclick = guarded(() => startCall(false));
+  $('call-video').onclick = guarded(() => startCall(true));
+  $('hangup').onclick = guarded(() => endCall(debug.call, 'ended', 'you hung up', true));
+  $('answer').onclick = guarded(answerCall);
+  $('decline').onclick = guarded(declineCall);
+  document.body.dataset.ready = 'true';
+}
+
+main().catch(showError);
