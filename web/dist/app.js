@@ -421,11 +421,16 @@ function setCallState(state, detail = '') {
   $('call-video').disabled = inCall || !current;
 }
 
+function turnCredentials() {
+  return api('GET', `/v1/accounts/${encodeURIComponent(engine.handle())}/turn`, { auth: true });
+}
+debug.turnCredentials = turnCredentials;
+
 async function iceConfig() {
   const policy = params.get('ice') === 'relay' ? 'relay' : 'all';
   let iceServers = [];
   try {
-    const turn = await api('GET', `/v1/accounts/${encodeURIComponent(engine.handle())}/turn`, { auth: true });
+    const turn = await turnCredentials();
     iceServers = [{ urls: turn.urls, username: turn.username, credential: turn.credential }];
   } catch (e) {
     if (e.status !== 404) throw new Error(`cannot get relay credentials: ${e.message}`);
