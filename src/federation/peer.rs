@@ -196,7 +196,9 @@ impl FederationPeer {
             idle_timeout: self.settings.idle_timeout,
             queue: self.settings.window * 2 + 64,
         };
-        ctx.spawn(link::run(params, ctx.address(), self.generation).into_actor(self));
+        // A task of its own, not a future of this context: `ctx.wait` (device lookups)
+        // pauses the context's futures, and the lookup's answer comes through the link.
+        actix::spawn(link::run(params, ctx.address(), self.generation));
     }
 
     fn publish(&self) {
@@ -389,7 +391,11 @@ impl FederationPeer {
                 ..
             }) => Err(ErrorCode::UnknownRecipient),
             // Unreachable or unexpected: keep what we knew, accept unchecked otherwise.
-            _ => return,
+            Ok(_) => return,
+            Err(code) => {
+                debug!(destination = %self.config.domain, code = code.as_str(), "device lookup failed; send checked against what was known");
+                return;
+            }
         };
         if self.known.len() > 100_000 {
             self.known.clear();

@@ -3,7 +3,7 @@
 //! | method | path | auth | what |
 //! |---|---|---|---|
 //! | POST | `/v1/accounts` | registration policy | create an account with its first device |
-//! | GET | `/v1/accounts/{handle}/devices` | none | the device list (ids + identity keys) |
+//! | GET | `/v1/accounts/{handle}/devices` | none | the device list (ids + identity keys); for a handle of a peer domain, asked of its broker over the federation link |
 //! | POST | `/v1/accounts/{handle}/devices` | a device of the account | add a device |
 //! | DELETE | `/v1/accounts/{handle}/devices/{id}` | a device of the account | remove a device |
 //! | GET | `/v1/ws` | first frame | device WebSocket ([`super::session`]) |
@@ -88,15 +88,15 @@ struct AddDeviceRequest {
 }
 
 #[derive(Serialize)]
-struct DeviceList {
-    handle: String,
-    devices: Vec<DeviceEntry>,
+pub(crate) struct DeviceList {
+    pub(crate) handle: String,
+    pub(crate) devices: Vec<DeviceEntry>,
 }
 
 #[derive(Serialize)]
-struct DeviceEntry {
-    device_id: u32,
-    identity_keys: String,
+pub(crate) struct DeviceEntry {
+    pub(crate) device_id: u32,
+    pub(crate) identity_keys: String,
 }
 
 pub(crate) fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
@@ -211,6 +211,9 @@ async fn list_devices(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     rate_limit(&state, &req)?;
+    if let Some(remote) = super::federation::remote_handle(&state, &path)? {
+        return super::federation::remote_devices(&state, remote).await;
+    }
     let handle = local_handle(&state, &path)?;
     if state.store.account(handle.as_str())?.is_none() {
         return Err(ApiError::NotFound);

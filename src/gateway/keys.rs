@@ -6,6 +6,9 @@
 //! | GET | `/v1/accounts/{h}/devices/{id}/keys` | that device | `{one_time, fallback}` counts |
 //! | POST | `/v1/accounts/{h}/devices/{id}/keys/claim` | delivery token, any local device, or open | claim one key |
 //! | GET | `/v1/accounts/{h}/device-list` | none | the signed device list (opaque to the broker) |
+//!
+//! For a handle of a peer domain, claims and signed device lists are asked of its broker over
+//! the federation link: clients talk only to their own broker.
 //! | PUT | `/v1/accounts/{h}/device-list` | a device of `h` | replace it |
 //! | PUT | `/v1/accounts/{h}/delivery-token` | a device of `h` | set the sealed-sender admission |
 //! | POST | `/v1/accounts/{h}/link-codes` | a device of `h` | a single-use code to add a device |
@@ -244,6 +247,32 @@ fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(
     }
 }
 
+/// How a claim for a user of a peer domain is admitted here, to be checked again by that
+/// user's broker: a local device vouches (`Sealpost-Account` + `Authorization`), or the
+/// target's delivery token is forwarded, or neither (limited per source IP here).
+fn remote_admission(
+    state: &AppState,
+    req: &HttpRequest,
+) -> Result<sealpost_proto::federation::Admission, ApiError> {
+    use sealpost_proto::federation::Admission;
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(account) = header("sealpost-account") {
+        let claimant = local_handle(state, account)?;
+        authenticate(state, req, &claimant)?;
+        return Ok(Admission::Origin);
+    }
+    if let Some(t) = header("sealpost-delivery-token") {
+        let token = URL_SAFE_NO_PAD
+            .decode(t)
+            .map_err(|_| ApiError::BadRequest("delivery token is not base64url".into()))?;
+        return Ok(Admission::Token(token));
+    }
+    match req.peer_addr() {
+        Some(addr) if !state.limits.allow_stranger(addr.ip()) => Err(ApiError::RateLimited),
+        _ => Ok(Admission::Open),
+    }
+}
+
 async fn claim_key(
     state: State,
     req: HttpRequest,
@@ -251,6 +280,16 @@ async fn claim_key(
 ) -> Result<HttpResponse, ApiError> {
     rate_limit(&state, &req)?;
     let (raw, device) = path.into_inner();
+    if let Some(remote) = super::federation::remote_handle(&state, &raw)? {
+        let admission = remote_admission(&state, &req)?;
+        let (key_id, key, fallback) =
+            super::federation::remote_claim(&state, remote, device, admission).await?;
+        return Ok(HttpResponse::Ok().json(Claimed {
+            key_id,
+            key: STANDARD.encode(&key),
+            fallback,
+        }));
+    }
     let handle = local_handle(&state, &raw)?;
     admit_claim(&state, &req, &handle)?;
     if !state.limits.allow_claim(handle.as_str(), device) {
@@ -283,11 +322,18 @@ async fn get_device_list(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     rate_limit(&state, &req)?;
-    let handle = local_handle(&state, &path)?;
-    let signed = state
-        .store
-        .device_list(handle.as_str())?
-        .ok_or(ApiError::NotFound)?;
+    let signed = match super::federation::remote_handle(&state, &path)? {
+        // The list is signed by the user's master key, so a relaying broker cannot alter it
+        // unnoticed: clients verify it as they verify a local one.
+        Some(remote) => super::federation::remote_device_list(&state, remote).await?,
+        None => {
+            let handle = local_handle(&state, &path)?;
+            state
+                .store
+                .device_list(handle.as_str())?
+                .ok_or(ApiError::NotFound)?
+        }
+    };
     Ok(HttpResponse::Ok().json(SignedList {
         signed: STANDARD.encode(signed),
     }))

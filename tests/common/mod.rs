@@ -39,10 +39,15 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with test-friendly defaults plus `args`.
     pub fn start(args: &[&str]) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Broker::start_with(tempfile::tempdir().expect("tempdir"), None, args)
+    }
+
+    /// Starts a broker in `dir` (its data dir is `dir/data`), listening on `listen` (default
+    /// 127.0.0.1:0).
+    pub fn start_with(dir: tempfile::TempDir, listen: Option<SocketAddr>, args: &[&str]) -> Broker {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let log_path = dir.path().join("broker.log");
-        let (child, addr, logs) = spawn(dir.path(), &args, &log_path, None);
+        let (child, addr, logs) = spawn(dir.path(), &args, &log_path, listen);
         Broker {
             dir,
             addr,

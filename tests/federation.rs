@@ -1,0 +1,773 @@
+//! Federation between real broker processes on 127.0.0.x with pinned peers: delivery in every
+//! direction, remote lookups, privacy of the receiving side, `kill -9` of the receiver, a cut
+//! link, and bad peers.
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{SocketAddr, TcpListener},
+    process::Command,
+    time::Duration,
+};
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use sealpost_proto::{
+    Class, ClientFrame, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame,
+    federation::HandshakeFrame,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A domain's broker before it starts: its data dir with a federation key, and its address.
+struct Site {
+    name: &'static str,
+    addr: SocketAddr,
+    dir: Option<tempfile::TempDir>,
+    key: String,
+}
+
+impl Site {
+    fn new(name: &'static str, ip: &str) -> Site {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+            .arg("federation-key")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("federation-key");
+        assert!(out.status.success(), "federation-key failed");
+        let key = String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned();
+        // A free port on this loopback address (the broker binds it right after).
+        let port = TcpListener::bind((ip, 0))
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        Site {
+            name,
+            addr: SocketAddr::new(ip.parse().expect("ip"), port),
+            dir: Some(dir),
+            key,
+        }
+    }
+
+    fn peer_entry(&self) -> String {
+        format!(
+            "{}=ws://{}/v1/federation#{}",
+            self.name, self.addr, self.key
+        )
+    }
+
+    fn start(&mut self, peers: &[&Site], extra: &[&str]) -> Broker {
+        let peers: Vec<String> = peers.iter().map(|p| p.peer_entry()).collect();
+        self.start_raw(&peers.join(","), extra)
+    }
+
+    fn start_raw(&mut self, peers: &str, extra: &[&str]) -> Broker {
+        let mut args = vec![
+            "--domain",
+            self.name,
+            "--federation-peers",
+            peers,
+            "--federation-backoff-min-ms",
+            "50",
+            "--federation-backoff-max-ms",
+            "1000",
+        ];
+        args.extend_from_slice(extra);
+        Broker::start_with(
+            self.dir.take().expect("started once"),
+            Some(self.addr),
+            &args,
+        )
+    }
+}
+
+async fn admin(broker: &Broker) -> serde_json::Value {
+    reqwest::get(format!("{}/admin/federation", broker.http()))
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("admin json")
+}
+
+/// Waits until `check` holds for the admin view's peer `domain`.
+async fn wait_peer(
+    broker: &Broker,
+    domain: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = admin(broker).await;
+        let peer = view["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|p| p["domain"] == domain))
+            .cloned()
+            .unwrap_or_default();
+        if check(&peer) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peer {domain} never got {what}: {peer}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_up(broker: &Broker, domain: &str) {
+    wait_peer(broker, domain, "link up", |p| p["link"] == "up").await;
+}
+
+/// Device ids of `user` as its home broker `via` reports them (over federation if remote).
+async fn devices_via(via: &Broker, user: &str) -> Vec<DeviceId> {
+    let v: serde_json::Value = reqwest::get(format!("{}/v1/accounts/{user}/devices", via.http()))
+        .await
+        .expect("devices")
+        .json()
+        .await
+        .expect("json");
+    v["devices"]
+        .as_array()
+        .expect("devices array")
+        .iter()
+        .map(|d| DeviceId(d["device_id"].as_u64().expect("id") as u32))
+        .collect()
+}
+
+fn body(from: &str, to: &str, n: u32) -> Vec<u8> {
+    format!("{from}->{to}#{n:05}").into_bytes()
+}
+
+/// Reads deliveries until `want` have arrived, acking each; returns (seq, id, ciphertext).
+async fn collect(dev: &mut Device, want: usize) -> Vec<(u64, EnvelopeId, Vec<u8>)> {
+    let mut out = Vec::new();
+    while out.len() < want {
+        match dev.frame().await {
+            ServerFrame::Deliver { seq, envelope } => {
+                dev.ack(vec![seq]).await;
+                out.push((seq, envelope.id, envelope.ciphertext));
+            }
+            ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_domains_exchange_in_every_direction() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let mut c = Site::new("c.example", "127.0.0.3");
+    let (pa, pb, pc) = (a.peer_entry(), b.peer_entry(), c.peer_entry());
+    let ba = a.start_raw(&format!("{pb},{pc}"), &[]);
+    let bb = b.start_raw(&format!("{pa},{pc}"), &[]);
+    let bc = c.start_raw(&format!("{pa},{pb}"), &[]);
+    let brokers = [&ba, &bb, &bc];
+    for (broker, others) in [
+        (&ba, ["b.example", "c.example"]),
+        (&bb, ["a.example", "c.example"]),
+        (&bc, ["a.example", "b.example"]),
+    ] {
+        for d in others {
+            wait_up(broker, d).await;
+        }
+    }
+    // Well-known document.
+    let wk: serde_json::Value = reqwest::get(format!("{}/.well-known/sealpost/server", bb.http()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(wk["domain"], "b.example");
+    assert_eq!(wk["x25519"].as_str().unwrap(), b.key);
+
+    let users = ["alice@a.example", "bob@b.example", "carol@c.example"];
+    let mut creds = Vec::new();
+    for (user, broker) in users.iter().zip(brokers) {
+        let first = register(broker, user).await;
+        let second = add_device(broker, &first).await;
+        creds.push(vec![first, second]);
+    }
+    let mut devices: Vec<Vec<Device>> = Vec::new();
+    for (i, broker) in brokers.iter().enumerate() {
+        let mut devs = Vec::new();
+        for cr in &creds[i] {
+            let mut d = Device::connect(broker, cr).await;
+            assert!(d.backlog().await.is_empty());
+            devs.push(d);
+        }
+        devices.push(devs);
+    }
+
+    // Remote lookups through the home broker.
+    assert_eq!(
+        devices_via(&ba, "bob@b.example").await,
+        vec![DeviceId(1), DeviceId(2)]
+    );
+    let missing = reqwest::get(format!(
+        "{}/v1/accounts/nobody@b.example/devices",
+        ba.http()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    let signed = b"bob's list, signed by bob's master key".to_vec();
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/accounts/bob@b.example/device-list",
+            bb.http()
+        ))
+        .header("authorization", creds[1][0].bearer())
+        .json(&serde_json::json!({ "signed": STANDARD.encode(&signed) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let got: serde_json::Value = reqwest::get(format!(
+        "{}/v1/accounts/bob@b.example/device-list",
+        bc.http()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        STANDARD.decode(got["signed"].as_str().unwrap()).unwrap(),
+        signed
+    );
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/accounts/bob@b.example/devices/2/keys",
+            bb.http()
+        ))
+        .header("authorization", creds[1][1].bearer())
+        .json(&serde_json::json!({
+            "one_time_keys": [{ "key_id": 7, "key": STANDARD.encode(b"otk-7") }],
+            "fallback_key": { "key_id": 1, "key": STANDARD.encode(b"fallback") },
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let claim = |with_account: bool| {
+        let mut req = reqwest::Client::new().post(format!(
+            "{}/v1/accounts/bob@b.example/devices/2/keys/claim",
+            ba.http()
+        ));
+        if with_account {
+            req = req
+                .header("sealpost-account", "alice@a.example")
+                .header("authorization", creds[0][0].bearer());
+        }
+        req.send()
+    };
+    let claimed: serde_json::Value = claim(true).await.unwrap().json().await.unwrap();
+    assert_eq!(claimed["key_id"], 7);
+    assert_eq!(claimed["fallback"], false);
+    let claimed: serde_json::Value = claim(true).await.unwrap().json().await.unwrap();
+    assert_eq!(claimed["fallback"], true, "the one-time key was consumed");
+    // Without credentials and without a delivery token, bob's broker refuses.
+    assert_eq!(claim(false).await.unwrap().status(), 401);
+
+    // Device-set refusals work as they do locally.
+    let id = eid();
+    let outcome = devices[0][0]
+        .send_and_wait(id, "bob@b.example", &[DeviceId(1)], b"x")
+        .await;
+    assert_eq!(
+        outcome,
+        SendOutcome::Rejected {
+            code: ErrorCode::StaleDevices,
+            current_devices: vec![DeviceId(1), DeviceId(2)],
+        }
+    );
+    let outcome = devices[0][0]
+        .send_and_wait(eid(), "nobody@b.example", &[DeviceId(1)], b"x")
+        .await;
+    assert!(matches!(
+        outcome,
+        SendOutcome::Rejected {
+            code: ErrorCode::UnknownRecipient,
+            ..
+        }
+    ));
+    let outcome = devices[0][0]
+        .send_and_wait(eid(), "dave@elsewhere.example", &[DeviceId(1)], b"x")
+        .await;
+    assert!(matches!(
+        outcome,
+        SendOutcome::Rejected {
+            code: ErrorCode::UnknownDomain,
+            ..
+        }
+    ));
+
+    // Every user sends N messages to every other user, pipelined, to all their devices.
+    const N: u32 = 20;
+    let mut sent: Vec<HashSet<EnvelopeId>> = Vec::new();
+    for (i, from) in users.iter().enumerate() {
+        let mut ids = HashSet::new();
+        for n in 0..N {
+            for (j, to) in users.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let id = eid();
+                let targets = [DeviceId(1), DeviceId(2)];
+                devices[i][0]
+                    .send_to(id, to, &targets, Class::Durable, 3600, &body(from, to, n))
+                    .await;
+                ids.insert(id);
+            }
+        }
+        sent.push(ids);
+    }
+    // Every device of every user gets N from each other user, in order per sender; the
+    // sending devices also get every send_result (in any order: destinations are independent).
+    for (j, to) in users.iter().enumerate() {
+        for (k, dev) in devices[j].iter_mut().enumerate() {
+            let mut results = if k == 0 {
+                sent[j].clone()
+            } else {
+                HashSet::new()
+            };
+            let mut got = Vec::new();
+            while got.len() < 2 * N as usize || !results.is_empty() {
+                match dev.frame().await {
+                    ServerFrame::Deliver { seq, envelope } => {
+                        dev.ack(vec![seq]).await;
+                        got.push(envelope.ciphertext);
+                    }
+                    ServerFrame::SendResult { id, outcome } => {
+                        assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+                        assert!(results.remove(&id), "unexpected send_result");
+                    }
+                    ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let mut next: HashMap<String, u32> = HashMap::new();
+            for ct in got {
+                let text = String::from_utf8(ct).unwrap();
+                let (head, n) = text.split_once('#').unwrap();
+                let (from, dest) = head.split_once("->").unwrap();
+                assert_eq!(dest, *to);
+                let expected = next.entry(from.to_owned()).or_default();
+                assert_eq!(n.parse::<u32>().unwrap(), *expected, "order from {from}");
+                *expected += 1;
+            }
+            assert_eq!(next.len(), 2);
+            assert!(next.values().all(|n| *n == N));
+        }
+    }
+    for broker in brokers {
+        for peer in admin(broker).await["peers"].as_array().unwrap() {
+            assert_eq!(peer["link"], "up");
+        }
+    }
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+    assert!(ba.metric("sealpost_federation_delivered_total").await >= f64::from(2 * N));
+}
+
+/// Sealed sends across federation: the receiving broker's files and logs never name the
+/// sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiving_broker_never_learns_the_sender() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let mut bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    wait_up(&bb, "a.example").await;
+    let sender = "zq-sender-4417@a.example";
+    let s1 = register(&ba, sender).await;
+    let _s2 = add_device(&ba, &s1).await;
+    let s3 = add_device(&ba, &s1).await; // device 3 sends
+    let bob = register(&bb, "bob@b.example").await;
+    let token = [0x42u8; 32];
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/accounts/bob@b.example/delivery-token",
+            bb.http()
+        ))
+        .header("authorization", bob.bearer())
+        .json(&serde_json::json!({ "token": URL_SAFE_NO_PAD.encode(token) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    assert!(bob_dev.backlog().await.is_empty());
+
+    // Authenticated sends from the sender's device 3 ...
+    let mut dev = Device::connect(&ba, &s3).await;
+    assert!(dev.backlog().await.is_empty());
+    for n in 0..5 {
+        let out = dev
+            .send_and_wait(
+                eid(),
+                "bob@b.example",
+                &[DeviceId(1)],
+                &body("sealed", "bob", n),
+            )
+            .await;
+        assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+    }
+    // ... and sealed sends over the anonymous endpoint, with bob's delivery token.
+    let (mut anon, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/sealed", ba.addr))
+        .await
+        .unwrap();
+    for n in 5..10 {
+        let id = eid();
+        let frame = ClientFrame::SealedSend {
+            id,
+            to: "bob@b.example".into(),
+            class: Class::Durable,
+            ttl_secs: 3600,
+            copies: vec![Copy {
+                device: DeviceId(1),
+                ciphertext: body("sealed", "bob", n),
+            }],
+            delivery_token: Some(token.to_vec()),
+        };
+        anon.send(Message::Binary(frame.encode().into()))
+            .await
+            .unwrap();
+        loop {
+            let Some(Ok(Message::Binary(b))) = anon.next().await else {
+                panic!("sealed connection ended")
+            };
+            if let ServerFrame::SendResult { id: got, outcome } = ServerFrame::decode(&b).unwrap() {
+                assert_eq!(got, id);
+                assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+                break;
+            }
+        }
+    }
+    // A wrong token is refused by bob's broker after the outbox accepted it: counted there.
+    let got = collect(&mut bob_dev, 10).await;
+    assert_eq!(got.len(), 10);
+    // Flush bob's broker's state to disk and its logs, then scan.
+    assert!(bb.terminate());
+    let log = std::fs::read(&bb.log_path).unwrap();
+    let needle = b"zq-sender-4417";
+    assert!(
+        !log.windows(needle.len()).any(|w| w == needle),
+        "the receiving broker's log names the sender"
+    );
+    assert!(
+        !dir_contains(&bb.data_dir(), needle),
+        "the receiving broker's data names the sender"
+    );
+    let log = String::from_utf8_lossy(&log);
+    assert!(
+        !log.contains("device=3") && !log.contains("device: 3"),
+        "the receiving broker's log names the sending device"
+    );
+    // The sending broker knows its own account, of course; the envelope went over the link.
+    assert!(ba.metric("sealpost_federation_delivered_total").await >= 10.0);
+    bb.restart();
+}
+
+/// One sender connection pipelining `total` sends to `to`'s devices, each of which must be
+/// accepted; returns their ids in the order sent.
+async fn pipeline(
+    mut dev: Device,
+    to: String,
+    targets: Vec<DeviceId>,
+    total: usize,
+) -> Vec<EnvelopeId> {
+    let mut sent = Vec::new();
+    let mut accepted = 0usize;
+    let mut outstanding = 0usize;
+    while accepted < total {
+        while outstanding < 32 && sent.len() < total {
+            let id = eid();
+            let n = sent.len() as u32;
+            dev.send_to(id, &to, &targets, Class::Durable, 3600, &n.to_be_bytes())
+                .await;
+            sent.push(id);
+            outstanding += 1;
+        }
+        match dev.frame().await {
+            ServerFrame::SendResult { outcome, .. } => {
+                assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+                accepted += 1;
+                outstanding -= 1;
+            }
+            ServerFrame::QueueEmpty => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    sent
+}
+
+/// Reads until every id of `ids` arrived on `dev`; asserts exactly once (by id) and in order.
+async fn expect_exactly_once(dev: &mut Device, ids: &[EnvelopeId]) {
+    let want: HashSet<EnvelopeId> = ids.iter().copied().collect();
+    let mut seen: HashMap<EnvelopeId, u64> = HashMap::new();
+    let mut order = Vec::new();
+    while seen.len() < want.len() {
+        match dev.frame().await {
+            ServerFrame::Deliver { seq, envelope } => {
+                assert!(want.contains(&envelope.id), "unknown envelope");
+                match seen.get(&envelope.id) {
+                    Some(s) => assert_eq!(*s, seq, "envelope stored twice"),
+                    None => {
+                        seen.insert(envelope.id, seq);
+                        order.push(envelope.id);
+                    }
+                }
+                dev.ack(vec![seq]).await;
+            }
+            ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    if let Some(at) = order.iter().zip(ids).position(|(a, b)| a != b) {
+        panic!(
+            "per-device order differs from the send order at {at} of {}",
+            ids.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_receiving_broker_loses_and_duplicates_nothing() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let mut bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let bob1 = register(&bb, "bob@b.example").await;
+    let bob2 = add_device(&bb, &bob1).await;
+    let dev = Device::connect(&ba, &alice).await;
+    let targets = vec![bob1.device, bob2.device];
+    const TOTAL: usize = 1500;
+    let sender = tokio::spawn(pipeline(dev, "bob@b.example".into(), targets, TOTAL));
+    // Kill bob's broker once it has stored a good part, while transactions are in flight.
+    bb.wait_metric("sealpost_appends_total", 400.0).await;
+    bb.kill9();
+    // The sender's broker keeps accepting into its outbox meanwhile.
+    let accepted = sender.await.expect("sender");
+    assert_eq!(accepted.len(), TOTAL);
+    bb.restart();
+    for creds in [&bob1, &bob2] {
+        let mut dev = Device::connect(&bb, creds).await;
+        expect_exactly_once(&mut dev, &accepted).await;
+    }
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_drains_its_backlog_in_order_when_restored() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let mut bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let bob1 = register(&bb, "bob@b.example").await;
+    let bob2 = add_device(&bb, &bob1).await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    // Learn bob's devices while the link is up (later sends are checked against them).
+    let out = dev
+        .send_and_wait(
+            eid(),
+            "bob@b.example",
+            &[bob1.device, bob2.device],
+            b"first",
+        )
+        .await;
+    assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+    // Stop bob's broker: the link goes down, sends still get accepted into the outbox.
+    assert!(bb.terminate());
+    wait_peer(&ba, "b.example", "a link down", |p| p["link"] != "up").await;
+    let targets = vec![bob1.device, bob2.device];
+    let mut ids = Vec::new();
+    for n in 0..200u32 {
+        let id = eid();
+        dev.send_to(
+            id,
+            "bob@b.example",
+            &targets,
+            Class::Durable,
+            3600,
+            &n.to_be_bytes(),
+        )
+        .await;
+        ids.push(id);
+    }
+    let mut waiting: HashSet<EnvelopeId> = ids.iter().copied().collect();
+    while !waiting.is_empty() {
+        match dev.frame().await {
+            ServerFrame::SendResult { id, outcome } => {
+                assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+                assert!(waiting.remove(&id));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    wait_peer(&ba, "b.example", "a backlog", |p| {
+        p["backlog"].as_u64() >= Some(200)
+    })
+    .await;
+    ba.wait_metric("sealpost_federation_backlog", 200.0).await;
+    let view = admin(&ba).await;
+    let peer = &view["peers"][0];
+    assert!(peer["failures"].as_u64().unwrap() >= 1);
+    assert!(peer["oldest_age_ms"].as_u64().is_some());
+    // Restore: the backlog drains, in order for every device.
+    bb.restart();
+    for creds in [&bob1, &bob2] {
+        let mut dev = Device::connect(&bb, creds).await;
+        let mut all = vec![];
+        // The first envelope (sent before the cut) may still be queued for this device.
+        loop {
+            match dev.frame().await {
+                ServerFrame::Deliver { seq, envelope } => {
+                    dev.ack(vec![seq]).await;
+                    if envelope.ciphertext != b"first" {
+                        all.push(envelope.id);
+                    }
+                    if all.len() == ids.len() {
+                        break;
+                    }
+                }
+                ServerFrame::QueueEmpty => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if let Some(at) = all.iter().zip(&ids).position(|(a, b)| a != b) {
+            panic!("per-device order differs from the send order at {at}");
+        }
+        assert_eq!(all.len(), ids.len());
+    }
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_are_refused_and_local_traffic_carries_on() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    // Mallory runs c.example, which b does not know at all.
+    let mut mallory = Site::new("c.example", "127.0.0.3");
+    // An impostor claims a.example with a key of its own.
+    let mut impostor = Site::new("a.example", "127.0.0.3");
+    // e.example is a peer of b, but b pinned a wrong key for it.
+    let mut wrong = Site::new("e.example", "127.0.0.3");
+    let wrong_pin = format!(
+        "e.example=ws://{}/v1/federation#{}",
+        wrong.addr,
+        STANDARD.encode([9u8; 32])
+    );
+    let ba = a.start(&[&b], &[]);
+    let bb = b.start_raw(&format!("{},{wrong_pin}", a.peer_entry()), &[]);
+    wait_up(&ba, "b.example").await;
+    let bm = mallory.start(&[&b], &[]);
+    let bi = impostor.start(&[&b], &[]);
+    let bw = wrong.start(&[&b], &[]);
+    for broker in [&bm, &bi, &bw] {
+        wait_peer(broker, "b.example", "a refused link", |p| {
+            p["failures"].as_u64() >= Some(2) && p["link"] != "up"
+        })
+        .await;
+        let view = admin(broker).await;
+        assert!(
+            view["peers"][0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused") || e.contains("closed")),
+            "{view}"
+        );
+    }
+    // Garbage on the federation endpoint: refused with peer_refused.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/federation", bb.addr))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into()))
+        .await
+        .unwrap();
+    let (frames, close) = read_close(&mut ws).await;
+    assert!(matches!(
+        frames.first().map(|f| HandshakeFrame::decode(f)),
+        Some(Ok(HandshakeFrame::Refuse { .. }))
+    ));
+    assert_eq!(close.map(|c| c.0), Some(4007));
+    // A hello with a forged handshake message for a real peer: refused too.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/federation", bb.addr))
+        .await
+        .unwrap();
+    let hello = HandshakeFrame::Hello {
+        origin: "a.example".into(),
+        target: "b.example".into(),
+        noise: vec![7; 48],
+    };
+    ws.send(Message::Binary(hello.encode().into()))
+        .await
+        .unwrap();
+    let (_, close) = read_close(&mut ws).await;
+    assert_eq!(close.map(|c| c.0), Some(4007));
+    // Text garbage.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/federation", bb.addr))
+        .await
+        .unwrap();
+    ws.send(Message::Text("GET / HTTP/1.1".into()))
+        .await
+        .unwrap();
+    let (_, close) = read_close(&mut ws).await;
+    assert!(close.is_some());
+
+    assert!(bb.metric("sealpost_federation_links_refused_total").await >= 5.0);
+    let log = std::fs::read_to_string(&bb.log_path).unwrap();
+    assert!(log.contains("federation link refused"));
+    assert!(log.contains("unknown peer domain"));
+    assert!(log.contains("peer key does not match its domain"));
+
+    // The real a.example still reaches b, and b's local traffic carries on.
+    let alice = register(&ba, "alice@a.example").await;
+    let bob = register(&bb, "bob@b.example").await;
+    let mut alice_dev = Device::connect(&ba, &alice).await;
+    assert!(alice_dev.backlog().await.is_empty());
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    assert!(bob_dev.backlog().await.is_empty());
+    one_way(&mut alice_dev, &mut bob_dev).await;
+    let mut pair = Pair::connect(&bb, "carol@b.example", "dave@b.example").await;
+    pair.round_trip().await;
+    wait_up(&ba, "b.example").await;
+}
+
+async fn read_close(ws: &mut Ws) -> (Vec<Vec<u8>>, Option<(u16, String)>) {
+    let mut frames = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timeout")
+        {
+            Some(Ok(Message::Binary(b))) => frames.push(b.to_vec()),
+            Some(Ok(Message::Close(c))) => {
+                return (frames, c.map(|c| (u16::from(c.code), c.reason.to_string())));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (frames, None),
+        }
+    }
+}
