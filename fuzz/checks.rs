@@ -5,6 +5,7 @@
 //!
 //! Every check takes the raw input bytes and panics when a property is violated.
 
+use sealpost_proto::federation::{HandshakeFrame, LinkFrame, MAX_LINK_FRAME_BYTES};
 use sealpost_proto::limits::{MAX_FRAME_BYTES, MAX_HANDLE_BYTES};
 use sealpost_proto::{ClientFrame, DecodeError, Handle, ServerFrame};
 
@@ -65,4 +66,23 @@ pub(crate) fn handle(data: &[u8]) {
     );
     let (_, domain) = s.split_once('@').expect("an accepted handle has an @");
     assert_eq!(handle.domain(), domain);
+}
+
+/// Same property as [`client_frame`], for the federation protocol: both the encrypted link
+/// frames and the clear handshake frames (the same bytes go to both decoders).
+pub(crate) fn federation_frame(data: &[u8]) {
+    if let Ok(frame) = LinkFrame::decode(data) {
+        match LinkFrame::decode(&frame.encode()) {
+            Ok(again) => assert_eq!(again, frame, "link frame changed on round trip"),
+            Err(DecodeError::TooLarge(n)) if n > MAX_LINK_FRAME_BYTES => {}
+            Err(e) => panic!("re-encoded link frame {frame:?} does not decode: {e}"),
+        }
+    }
+    if let Ok(frame) = HandshakeFrame::decode(data) {
+        match HandshakeFrame::decode(&frame.encode()) {
+            Ok(again) => assert_eq!(again, frame, "handshake frame changed on round trip"),
+            Err(DecodeError::TooLarge(_)) => {}
+            Err(e) => panic!("re-encoded handshake frame {frame:?} does not decode: {e}"),
+        }
+    }
 }

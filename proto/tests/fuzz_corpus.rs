@@ -73,6 +73,11 @@ fn handle_corpus() {
     replay("handle", checks::handle);
 }
 
+#[test]
+fn federation_frame_corpus() {
+    replay("federation_frame", checks::federation_frame);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Seed generation.
 
@@ -408,6 +413,161 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
     ]
 }
 
+fn federation_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
+    use Verdict::*;
+    use sealpost_proto::federation::{
+        Admission, FedEnvelope, HandshakeFrame, LinkFrame, RemoteDevice,
+    };
+    let id = EnvelopeId(*b"0123456789abcdef");
+    let envelope = |admission| FedEnvelope {
+        id,
+        to: "bob@b.example".into(),
+        class: Class::Durable,
+        ttl_secs: 86_400,
+        copies: vec![EnvelopeCopy {
+            device: DeviceId(1),
+            ciphertext: b"sealed for device 1".to_vec(),
+        }],
+        admission,
+    };
+    let txn = LinkFrame::Txn {
+        txn_id: 1,
+        envelopes: vec![
+            envelope(Admission::Origin),
+            envelope(Admission::Token(vec![7; 32])),
+            envelope(Admission::Open),
+        ],
+    }
+    .encode();
+    let ack = LinkFrame::TxnAck {
+        txn_id: 1,
+        codes: vec![
+            None,
+            Some(ErrorCode::StaleDevices),
+            Some(ErrorCode::MailboxFull),
+        ],
+    }
+    .encode();
+    let hello = HandshakeFrame::Hello {
+        origin: "a.example".into(),
+        target: "b.example".into(),
+        noise: vec![0x11; 48],
+    }
+    .encode();
+    // Admission 1 (token) without a token.
+    let tokenless = (
+        1u64,
+        [(
+            id,
+            "bob@b.example",
+            0u8,
+            60u32,
+            Vec::<EnvelopeCopy>::new(),
+            1u8,
+            None::<ByteBuf>,
+        )],
+    );
+    vec![
+        ("txn_three_admissions", txn.clone(), Decodes),
+        (
+            "txn_empty",
+            LinkFrame::Txn {
+                txn_id: 2,
+                envelopes: vec![],
+            }
+            .encode(),
+            Decodes,
+        ),
+        ("txn_ack", ack.clone(), Decodes),
+        (
+            "get_devices",
+            LinkFrame::GetDevices {
+                req_id: 3,
+                user: "bob@b.example".into(),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "get_device_list",
+            LinkFrame::GetDeviceList {
+                req_id: 4,
+                user: "bob@b.example".into(),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "claim_key_token",
+            LinkFrame::ClaimKey {
+                req_id: 5,
+                user: "bob@b.example".into(),
+                device: 2,
+                admission: Admission::Token(vec![1; 32]),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "devices",
+            LinkFrame::Devices {
+                req_id: 3,
+                devices: vec![RemoteDevice {
+                    device: 1,
+                    identity_keys: b"keys".to_vec(),
+                }],
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "device_list",
+            LinkFrame::DeviceList {
+                req_id: 4,
+                signed: b"signed".to_vec(),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "claimed",
+            LinkFrame::Claimed {
+                req_id: 5,
+                key_id: 9,
+                key: b"otk".to_vec(),
+                fallback: false,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "refused",
+            LinkFrame::Refused {
+                req_id: 5,
+                code: ErrorCode::NotFound,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "link_error",
+            LinkFrame::LinkError {
+                code: ErrorCode::MalformedFrame,
+                message: "x".into(),
+            }
+            .encode(),
+            Decodes,
+        ),
+        ("hello", hello.clone(), UnknownKind),
+        ("txn_truncated", cut(&txn, 5), Malformed),
+        ("txn_trailing_byte", cat(&ack, &[0]), TrailingBytes),
+        ("txn_token_missing", raw(0x01, &tokenless), Malformed),
+        ("ack_unknown_code", raw(0x81, &(1u64, [999u16])), Malformed),
+        ("wrong_version", cat(&[2], &ack[1..]), BadVersion),
+        ("empty", vec![], Truncated),
+    ]
+}
+
 fn handle_seeds() -> Vec<(&'static str, String, Result<(), HandleError>)> {
     use HandleError::*;
     let name_max = "n".repeat(MAX_HANDLE_NAME_BYTES);
@@ -469,6 +629,18 @@ fn write_seed_corpora() {
     for (name, text, want) in &handles {
         assert_eq!(&Handle::parse(text).map(drop), want, "handle seed {name}");
     }
+    let federation = federation_seeds();
+    for (name, bytes, want) in &federation {
+        assert_eq!(
+            &verdict(&sealpost_proto::federation::LinkFrame::decode(bytes)),
+            want,
+            "federation seed {name}"
+        );
+    }
+    write_seeds(
+        "federation_frame",
+        federation.into_iter().map(|(n, b, _)| (n, b)),
+    );
     write_seeds("client_frame", client.into_iter().map(|(n, b, _)| (n, b)));
     write_seeds("server_frame", server.into_iter().map(|(n, b, _)| (n, b)));
     // Not UTF-8: never reaches the parser, a seed for the target's UTF-8 filter.
