@@ -9,10 +9,10 @@
 #   DURATION=30s RATE=5000 loadtest/run.sh
 #
 # Knobs (environment, with defaults):
-#   SCENARIOS="appends-gc appends-nogc e2e idle"
+#   SCENARIOS="appends-gc appends-nogc e2e idle"   (also: federated, not in the default set)
 #   DURATION=10s WARMUP=1s SIZE=256
 #   SENDERS=64 RECIPIENTS=100 PIPELINE=32         (appends)
-#   DEVICES=1000 RATE=0 E2E_PIPELINE=             (e2e; RATE=0 is closed loop)
+#   DEVICES=1000 RATE=0 E2E_PIPELINE=             (e2e and federated; RATE=0 is closed loop)
 #   CONNECTIONS=10000 DEVICES_PER_ACCOUNT=1 HOLD=5s (idle)
 #   SCENARIO_TIMEOUT=600   seconds before a scenario is killed
 #   BROKER_ARGS=""         extra flags for `sealpost serve`
@@ -161,6 +161,64 @@ run_scenario() {
     stop_broker
 }
 
+# run_federated: two brokers, a.example on 127.0.0.1 and b.example on 127.0.0.2, each pinning
+# the other's key; half the devices on each, every send crosses the link.
+run_federated() {
+    local label=federated
+    echo
+    echo "=== $label ==="
+    local dir_a dir_b key_a key_b port_a port_b pid_a pid_b
+    dir_a=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-data.XXXXXX")
+    dir_b=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-data.XXXXXX")
+    key_a=$("$BROKER" federation-key --data-dir "$dir_a")
+    key_b=$("$BROKER" federation-key --data-dir "$dir_b")
+    port_a=$(free_port 127.0.0.1)
+    port_b=$(free_port 127.0.0.2)
+    local peers_a="b.example=ws://127.0.0.2:$port_b/v1/federation#$key_b"
+    local peers_b="a.example=ws://127.0.0.1:$port_a/v1/federation#$key_a"
+    local common=(--registration open --ip-rate 0 --device-rate 0 --federation-origin-rate 0)
+    # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
+    "$BROKER" serve --listen "127.0.0.1:$port_a" --data-dir "$dir_a" --domain a.example \
+        --federation-peers "$peers_a" "${common[@]}" $BROKER_ARGS \
+        >"$LOGDIR/$label.a.out" 2>"$LOGDIR/$label.a.err" &
+    pid_a=$!
+    # shellcheck disable=SC2086
+    "$BROKER" serve --listen "127.0.0.2:$port_b" --data-dir "$dir_b" --domain b.example \
+        --federation-peers "$peers_b" "${common[@]}" $BROKER_ARGS \
+        >"$LOGDIR/$label.b.out" 2>"$LOGDIR/$label.b.err" &
+    pid_b=$!
+    for _ in $(seq 300); do
+        grep -q '^listening on' "$LOGDIR/$label.a.out" 2>/dev/null \
+            && grep -q '^listening on' "$LOGDIR/$label.b.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    local log="$LOGDIR/$label.out" status=0
+    timeout --kill-after=10 "$SCENARIO_TIMEOUT" "$LOADTEST" federated "${e2e_flags[@]}" \
+        --url "http://127.0.0.1:$port_a" --domain a.example \
+        --peer-url "http://127.0.0.2:$port_b" --peer-domain b.example 2>&1 \
+        | tee "$log" || status=${PIPESTATUS[0]}
+    if [[ $status -eq 0 ]]; then
+        local json
+        json=$(grep '^{"scenario"' "$log" | tail -n1 || true)
+        echo -e "$label\t${json:-no JSON line}" >>"$SUMMARY"
+    else
+        echo -e "$label\tFAILED ($status)" >>"$SUMMARY"
+        tail -n 20 "$LOGDIR/$label.a.err" "$LOGDIR/$label.b.err" || true
+        failed=1
+    fi
+    for pid in "$pid_a" "$pid_b"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    wait "$pid_a" "$pid_b" 2>/dev/null || true
+    if [[ -z ${KEEP:-} ]]; then
+        rm -rf "$dir_a" "$dir_b"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1],0)); print(s.getsockname()[1])' "$1"
+}
+
 e2e_flags=(--devices "$DEVICES" --size "$SIZE" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP")
 [[ -n $E2E_PIPELINE ]] && e2e_flags+=(--pipeline "$E2E_PIPELINE")
 appends_flags=(--senders "$SENDERS" --recipients "$RECIPIENTS" --pipeline "$PIPELINE"
@@ -174,12 +232,14 @@ for scenario in $SCENARIOS; do
             run_scenario appends-nogc --group-commit false -- appends "${appends_flags[@]}" ;;
         e2e)
             run_scenario e2e -- e2e "${e2e_flags[@]}" ;;
+        federated)
+            run_federated ;;
         idle)
             run_scenario idle -- idle --connections "$CONNECTIONS" \
                 --devices-per-account "$DEVICES_PER_ACCOUNT" --hold "$HOLD" \
                 --broker-pid @BROKER_PID@ ;;
         *)
-            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e idle)" >&2
+            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e federated idle)" >&2
             failed=1
             ;;
     esac

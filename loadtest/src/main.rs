@@ -3,6 +3,8 @@
 //! Scenarios (see `loadtest/README.md`):
 //! - `appends`: pipelined senders to recipients that never connect — durable appends/s.
 //! - `e2e`: N connected devices send to each other and ack — send→deliver latency.
+//! - `federated`: devices on two federated brokers send across the domain boundary —
+//!   cross-domain delivered/s and send→deliver latency.
 //! - `idle`: N authenticated idle connections — broker RSS per connection.
 //! - `encrypted`: pairs of real SDK clients exchanging sealed, end-to-end encrypted texts —
 //!   client crypto cost per message and delivered messages/s.
@@ -43,6 +45,9 @@ enum Scenario {
     /// Connected devices send to random other accounts and ack what they receive:
     /// send→deliver and send→send_result latency.
     E2e(E2eArgs),
+    /// Devices on two federated brokers (`--url` and `--peer-url`) send only to accounts of
+    /// the other domain and ack what they receive: cross-domain send→deliver latency.
+    Federated(FederatedArgs),
     /// Many authenticated idle connections: broker RSS per connection.
     Idle(IdleArgs),
     /// Pairs of SDK clients exchange end-to-end encrypted, sealed-sender texts: client
@@ -146,6 +151,18 @@ struct E2eArgs {
 }
 
 #[derive(Args, Clone)]
+struct FederatedArgs {
+    #[command(flatten)]
+    e2e: E2eArgs,
+    /// The second broker's base URL (loopback only); it federates with the first.
+    #[arg(long)]
+    peer_url: String,
+    /// The second broker's domain.
+    #[arg(long)]
+    peer_domain: String,
+}
+
+#[derive(Args, Clone)]
 struct IdleArgs {
     #[command(flatten)]
     common: Common,
@@ -190,6 +207,7 @@ fn main() -> Result<()> {
     let threads = match &cli.scenario {
         Scenario::Appends(a) => a.common.threads,
         Scenario::E2e(a) => a.common.threads,
+        Scenario::Federated(a) => a.e2e.common.threads,
         Scenario::Idle(a) => a.common.threads,
         Scenario::Encrypted(a) => a.common.threads,
     };
@@ -205,6 +223,7 @@ fn main() -> Result<()> {
                 Ok::<_, anyhow::Error>(("appends", scenarios::appends(a).await?))
             }
             Scenario::E2e(a) => Ok(("e2e", scenarios::e2e(a).await?)),
+            Scenario::Federated(a) => Ok(("federated", scenarios::federated(a).await?)),
             Scenario::Idle(a) => Ok(("idle", idle::idle(a).await?)),
             Scenario::Encrypted(a) => Ok(("encrypted", encrypted::encrypted(a).await?)),
         }
@@ -274,6 +293,21 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.scenario, Scenario::Idle(ref a) if a.broker_pid == Some(42)));
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "federated",
+            url,
+            "--domain",
+            "a.example",
+            "--peer-url",
+            "http://127.0.0.2:1",
+            "--peer-domain",
+            "b.example",
+            "--devices",
+            "200",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario, Scenario::Federated(ref a) if a.e2e.devices == 200));
         let cli = Cli::try_parse_from([
             "sealpost-loadtest",
             "encrypted",

@@ -7,7 +7,7 @@ use sealpost_proto::limits::{MAX_ACKS_PER_FRAME, MAX_CIPHERTEXT_BYTES, MAX_DURAB
 use serde_json::{Value, json};
 
 use crate::{
-    AppendsArgs, Common, E2eArgs, TrafficArgs,
+    AppendsArgs, Common, E2eArgs, FederatedArgs, TrafficArgs,
     api::{Api, register_many},
     client::{ConnectOptions, connect_all},
     traffic::{self, Outcome, Plan, Recipient, Stats},
@@ -280,6 +280,146 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         "durable_per_s": per_sec(w.accepted, out.window_len),
         "delivered_per_s": per_sec(w.delivered, out.window_len),
         "late_sends": late,
+        "deliver_latency": latency_json(&deliver_hist),
+        "send_result_latency": latency_json(&result_hist),
+        "drained": out.drained,
+        "server_errors": stats.server_errors.by_name(),
+        "closed_early": stats.closes(),
+    }))
+}
+
+/// Devices on two federated brokers, each sending only to accounts of the other domain:
+/// every envelope crosses the link (outbox on the sending broker, transaction, mailbox on the
+/// receiving one).
+pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
+    let e = &args.e2e;
+    let (common, t) = (&e.common, &e.traffic);
+    check_size(e.size)?;
+    check_traffic(t)?;
+    ensure!(
+        e.devices >= 2,
+        "--devices must be at least 2 (half on each broker)"
+    );
+    check_nofile(u64::try_from(e.devices).unwrap_or(u64::MAX) + 256)?;
+    let targets = [
+        common.target()?,
+        crate::util::Target::parse(&args.peer_url)?,
+    ];
+    let domains = [common.domain.clone(), args.peer_domain.clone()];
+    let tag = run_tag();
+    let open_loop = e.rate > 0;
+    let pipeline = e.pipeline.unwrap_or(if open_loop { 64 } else { 1 });
+    ensure!(pipeline > 0, "--pipeline must be > 0");
+    let per_side = e.devices / 2;
+    let interval = open_loop.then(|| {
+        #[allow(clippy::cast_precision_loss)]
+        let secs = e.devices as f64 / e.rate as f64;
+        Duration::from_secs_f64(secs)
+    });
+    println!(
+        "federated: {per_side} devices on {} and {per_side} on {}, {} B ciphertext, {}, \
+         warm-up {}, duration {} (run {tag})",
+        domains[0],
+        domains[1],
+        e.size,
+        if open_loop {
+            format!("open loop at {} msg/s total", e.rate)
+        } else {
+            format!("closed loop, pipeline {pipeline} per device")
+        },
+        fmt_duration(t.warmup),
+        fmt_duration(t.duration),
+    );
+    let mut accounts = Vec::new();
+    let mut conns = Vec::new();
+    for (side, (target, domain)) in targets.iter().zip(&domains).enumerate() {
+        let api = Api::new(&target.http)?;
+        let handles = (0..per_side)
+            .map(|i| format!("lt-{tag}-f{side}-{i}@{domain}"))
+            .collect();
+        let side_accounts = register_many(&api, handles, 1, common.register_concurrency).await?;
+        let devices: Vec<_> = side_accounts.iter().map(|a| a[0].clone()).collect();
+        let side_conns = connect_all(
+            &target.ws,
+            &devices,
+            connect_options(common),
+            common.connect_concurrency,
+        )
+        .await?;
+        ensure!(
+            side_conns.len() == devices.len(),
+            "only {} of {} devices connected to {domain}",
+            side_conns.len(),
+            devices.len()
+        );
+        accounts.push(side_accounts);
+        conns.push(side_conns);
+    }
+    let plan = |to: usize| {
+        Arc::new(Plan {
+            recipients: accounts[to]
+                .iter()
+                .map(|devs| Recipient {
+                    handle: devs[0].handle.clone(),
+                    devices: devs.iter().map(|d| d.device).collect(),
+                })
+                .collect(),
+            size: e.size,
+            ttl_secs: t.ttl_secs,
+            pipeline,
+            interval,
+            ack_batch: t.ack_batch,
+            ack_delay: t.ack_delay,
+            warmup: t.warmup,
+            duration: t.duration,
+            drain_timeout: t.drain_timeout,
+            wait_for_delivery: true,
+        })
+    };
+    let (plan_ab, plan_ba) = (plan(1), plan(0));
+    let stats = Arc::new(Stats::new());
+    let conns_b = conns.pop().unwrap_or_default();
+    let conns_a = conns.pop().unwrap_or_default();
+    let none_a = vec![None; conns_a.len()];
+    let none_b = vec![None; conns_b.len()];
+    // Both directions at once, sharing the counters: the figures are the sum.
+    let (out, _) = tokio::join!(
+        traffic::run(conns_a, none_a, plan_ab, Arc::clone(&stats)),
+        traffic::run(conns_b, none_b, plan_ba, Arc::clone(&stats)),
+    );
+    let (result_hist, deliver_hist) = stats.histograms();
+    let rejected = stats.rejected.by_name();
+    let w = out.window;
+    println!("results:");
+    println!(
+        "  sent {}  durable in outboxes {}  rejected {} {:?}  delivered {}",
+        out.total.sent,
+        out.total.accepted,
+        stats.rejected.total(),
+        rejected,
+        out.total.delivered,
+    );
+    println!(
+        "  per second over {}: sent {}  durable {}  delivered across domains {}",
+        fmt_duration(out.window_len),
+        per_sec(w.sent, out.window_len),
+        per_sec(w.accepted, out.window_len),
+        per_sec(w.delivered, out.window_len),
+    );
+    println!("{}", latency_line("send->deliver", &deliver_hist));
+    println!("{}", latency_line("send->send_result", &result_hist));
+    print_health(&stats, &out);
+    Ok(json!({
+        "devices": e.devices,
+        "size": e.size,
+        "rate": e.rate,
+        "pipeline": pipeline,
+        "duration_s": out.window_len.as_secs_f64(),
+        "sent": out.total.sent,
+        "durable": out.total.accepted,
+        "rejected": rejected,
+        "delivered": out.total.delivered,
+        "delivered_per_s": per_sec(w.delivered, out.window_len),
         "deliver_latency": latency_json(&deliver_hist),
         "send_result_latency": latency_json(&result_hist),
         "drained": out.drained,
