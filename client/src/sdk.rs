@@ -104,8 +104,9 @@ use crate::{
     crypto::{
         CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, KeyError,
         LocalKey, MasterKey, Payload, PinResult, PublicDeviceKeys, SafetyNumber, SealError,
-        SenderInfo, SessionError, SignedDeviceList, SignedOneTimeKey, StoreError, open,
-        safety_number, seal,
+        SenderInfo, SessionError, SignedDeviceList, SignedOneTimeKey, StoreError,
+        link::{LINK_SECRET_BYTES, link_proof},
+        open, safety_number, seal,
     },
     record::{CachedList, PendingLink, Record, Secret, StoredMessage},
 };
@@ -123,10 +124,6 @@ const STALE_RETRIES: usize = 4;
 const CONNECTION_RETRIES: usize = 3;
 /// Most envelopes handled per batch (one save, one ack).
 const BATCH: usize = 128;
-/// Length of the link code secret.
-const LINK_SECRET_BYTES: usize = 16;
-/// BLAKE3 context for the link proof key.
-const LINK_CONTEXT: &str = "sealpost link code v1";
 /// Length of the delivery token.
 const DELIVERY_TOKEN_BYTES: usize = 32;
 /// Size of a placeholder copy when no real copy gives the size.
@@ -553,28 +550,6 @@ fn lock_dir(dir: &Path) -> Result<File, ClientError> {
         Err(fs::TryLockError::WouldBlock) => Err(ClientError::Locked(dir.to_owned())),
         Err(fs::TryLockError::Error(e)) => Err(ClientError::Io { path, error: e }),
     }
-}
-
-/// The proof key of a link secret.
-fn link_key(secret: &[u8]) -> Zeroizing<[u8; 32]> {
-    Zeroizing::new(blake3::derive_key(LINK_CONTEXT, secret))
-}
-
-fn link_proof(secret: &[u8], label: &[u8], handle: &str, device: u32, parts: &[&[u8]]) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new_keyed(&link_key(secret));
-    hasher.update(label);
-    hasher.update(
-        &u16::try_from(handle.len())
-            .unwrap_or(u16::MAX)
-            .to_be_bytes(),
-    );
-    hasher.update(handle.as_bytes());
-    hasher.update(&device.to_be_bytes());
-    for part in parts {
-        hasher.update(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
-        hasher.update(part);
-    }
-    *hasher.finalize().as_bytes()
 }
 
 fn cached(list: &DeviceList) -> CachedList {

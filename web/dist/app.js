@@ -131,6 +131,47 @@ async function register(handle) {
   persist();
 }
 
+// This browser joins an existing account with a code shown by one of its devices.
+async function link(handle, code) {
+  const dot = code.lastIndexOf('.');
+  if (dot < 0) throw new Error('malformed link code: type it exactly as the other device shows it');
+  const pending = PendingAccount.create(handle);
+  const h = encodeURIComponent(handle);
+  const created = await api('POST', `/v1/accounts/${h}/devices`, {
+    body: JSON.stringify({ identity_keys: pending.identity_keys(), link_code: code.slice(0, dot) }),
+  });
+  engine = pending.finish_link(created.device_id, created.token, code.slice(dot + 1));
+  localKey = Engine.new_local_key();
+  persist();
+  await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/keys`, { body: engine.key_upload(), auth: true });
+  engine.mark_keys_published();
+  await serial(() => fetchList(handle)); // pins the account's master key; the grant must match it
+  await connect();
+  await until(() => debug.online, 'the connection to the broker');
+  await sendPayload(handle, { kind: 'link_request' });
+  await until(() => debug.linked, 'an existing device to accept this one (keep it open)', 120_000);
+  persist();
+}
+
+function until(check, what, ms = 30_000) {
+  return new Promise((resolve, reject) => {
+    const deadline = Date.now() + ms;
+    const tick = () => {
+      if (check()) return resolve();
+      if (Date.now() > deadline) return reject(new Error(`timed out waiting for ${what}`));
+      setTimeout(tick, 50);
+    };
+    tick();
+  });
+}
+
+async function createLinkCode() {
+  const issued = await api('POST', `/v1/accounts/${encodeURIComponent(engine.handle())}/link-codes`, { auth: true });
+  const code = engine.link_code(issued.code, issued.expires_ms);
+  persist();
+  $('link-code').textContent = code;
+}
+
 function signIn(handle) {
   const state = localStorage.getItem(`sealpost:${handle}:state`);
   const key = localStorage.getItem(`sealpost:${handle}:key`);
@@ -250,15 +291,27 @@ async function sendOne(to, payload) {
 
 // Sends `payload` to every device of `to`, sharing our delivery token first if needed.
 function sendPayload(to, payload) {
-  return serial(async () => {
-    await ensureList(to);
-    if (!engine.token_shared(to)) {
-      await sendOne(to, { kind: 'delivery_token' });
-      engine.mark_token_shared(to);
-      persist();
-    }
-    await sendOne(to, payload);
-  });
+  return serial(() => sendPayloadNow(to, payload));
+}
+
+// The same, for callers already inside a serial task.
+async function sendPayloadNow(to, payload) {
+  await ensureList(to);
+  if (to !== engine.handle() && !engine.token_shared(to)) {
+    await sendOne(to, { kind: 'delivery_token' });
+    engine.mark_token_shared(to);
+    persist();
+  }
+  await sendOne(to, payload);
+}
+
+// Tells this account's other devices (if any) that a call was handled here.
+async function stopRingingElsewhere(callId) {
+  const own = engine.handle();
+  const list = await serial(() => ensureList(own));
+  if (list.devices.length > 1) {
+    await sendPayload(own, { kind: 'answered_elsewhere', call_id: callId });
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -306,6 +359,17 @@ async function handleFrame(bytes, sock) {
     await fetchList(r.need_list);
     r = JSON.parse(engine.receive(bytes, true));
   }
+  if (r.need_broker_keys) {
+    // A device of our account that the signed list does not vouch for: a link request?
+    const own = engine.handle();
+    const devices = await api('GET', `/v1/accounts/${encodeURIComponent(own)}/devices`);
+    r = JSON.parse(engine.receive_link_request(bytes, JSON.stringify(devices)));
+    if (r.event.event === 'link_request') {
+      await api('PUT', `/v1/accounts/${encodeURIComponent(own)}/device-list`, { body: r.event.signed, auth: true });
+      persist();
+      await sendPayloadNow(own, { kind: 'link_grant' });
+    }
+  }
   switch (r.type) {
     case 'auth_ok':
       wsBackoff = 250;
@@ -340,6 +404,12 @@ function onEvent(event) {
       break;
     case 'contact':
       addContact(event.from);
+      break;
+    case 'link_request':
+      $('link-code').textContent = `device ${event.device} linked`;
+      break;
+    case 'linked':
+      debug.linked = true;
       break;
     case 'call':
       onCallSignal(event).catch(showError);
@@ -421,8 +491,14 @@ function setCallState(state, detail = '') {
   $('call-video').disabled = inCall || !current;
 }
 
-function turnCredentials() {
-  return api('GET', `/v1/accounts/${encodeURIComponent(engine.handle())}/turn`, { auth: true });
+// TURN credentials are reused while they have a minute or more left (the broker rate-limits
+// minting them per device).
+let turnCache = null;
+async function turnCredentials() {
+  if (turnCache && turnCache.until - Date.now() > 60_000) return turnCache.creds;
+  const creds = await api('GET', `/v1/accounts/${encodeURIComponent(engine.handle())}/turn`, { auth: true });
+  turnCache = { creds, until: Date.now() + creds.ttl * 1000 };
+  return creds;
 }
 debug.turnCredentials = turnCredentials;
 
@@ -569,6 +645,7 @@ async function answerCall() {
       kind: 'call_answer', call_id: call.id, sdp: pc.localDescription.sdp,
       fingerprint: ourFingerprint(call),
     });
+    await stopRingingElsewhere(call.id);
   } catch (e) {
     showError(e);
     endCall(call, 'failed', e.message, true);
@@ -579,7 +656,9 @@ function declineCall() {
   const call = debug.call;
   if (!call || call.state !== 'incoming') return;
   $('incoming').hidden = true;
-  sendPayload(call.peer, { kind: 'decline', call_id: call.id }).catch(showError);
+  sendPayload(call.peer, { kind: 'decline', call_id: call.id })
+    .then(() => stopRingingElsewhere(call.id))
+    .catch(showError);
   endCall(call, 'declined', '', false);
 }
 
@@ -658,12 +737,12 @@ async function onCallSignal(event) {
 // ------------------------------------------------------------------------------------------
 // Wiring
 
-async function enter() {
+async function enter(connected = false) {
   $('account').hidden = true;
   $('app').hidden = false;
   $('me').textContent = `${engine.handle()} (device ${engine.device_id()})`;
   for (const c of JSON.parse(engine.conversations())) addContact(c.with);
-  await connect();
+  if (!connected) await connect();
 }
 
 function guarded(fn) {
@@ -679,6 +758,11 @@ async function main() {
     await register($('handle').value.trim());
     await enter();
   });
+  $('link').onclick = guarded(async () => {
+    await link($('handle').value.trim(), $('link-code-input').value.trim());
+    await enter(true);
+  });
+  $('link-device').onclick = guarded(createLinkCode);
   $('signin').onclick = guarded(async () => {
     signIn($('handle').value.trim());
     await enter();

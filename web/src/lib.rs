@@ -43,8 +43,11 @@ use base64::{
 };
 use rand::RngCore as _;
 use sealpost_client::crypto::{
-    CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, LocalKey, MasterKey, Payload,
-    PublicDeviceKeys, SenderInfo, SignedDeviceList, SignedOneTimeKey, open, safety_number, seal,
+    CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, LocalKey,
+    MasterKey, Payload, PinResult, PublicDeviceKeys, SenderInfo, SignedDeviceList,
+    SignedOneTimeKey,
+    link::{LINK_SECRET_BYTES, link_proof, proof_matches},
+    open, safety_number, seal,
 };
 use sealpost_proto::{
     Class, ClientFrame, Copy, DeviceId, EnvelopeId, Handle, Notice, SendOutcome, ServerFrame,
@@ -180,6 +183,15 @@ struct Record {
     seen: VecDeque<ByteBuf>,
     #[serde(skip)]
     seen_index: HashSet<[u8; 16]>,
+    /// Link codes this device issued: (secret, expiry ms).
+    #[serde(default)]
+    pending_links: Vec<(ByteBuf, u64)>,
+    /// While this device is being linked: the link code's secret.
+    #[serde(default)]
+    linking: Option<ByteBuf>,
+    /// A device this one just accepted, waiting for its grant: (device, secret).
+    #[serde(default)]
+    approving: Option<(u32, ByteBuf)>,
 }
 
 impl Record {
@@ -242,6 +254,32 @@ impl PendingAccount {
         STANDARD.encode(self.device.public_keys().to_bytes())
     }
 
+    /// This browser was added to an existing account with a link code (`POST …/devices` with
+    /// its broker part): `device` and `token` from the broker's answer, `secret` the code's
+    /// secret part. The engine then sends a link request and waits for the grant.
+    pub fn finish_link(self, device: u32, token: &str, secret: &str) -> Result<Engine, JsError> {
+        let token = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| err("the broker's token is not base64url"))?;
+        let secret = URL_SAFE_NO_PAD
+            .decode(secret)
+            .ok()
+            .filter(|s| s.len() == LINK_SECRET_BYTES)
+            .ok_or_else(|| {
+                err("malformed link code: type it exactly as the other device shows it")
+            })?;
+        // The master key is replaced by the grant; this one is never used.
+        let state = ClientState::new(self.handle, device, self.master, self.device);
+        Ok(Engine {
+            state,
+            record: Record {
+                device_token: ByteBuf::from(token),
+                linking: Some(ByteBuf::from(secret)),
+                ..Record::default()
+            },
+        })
+    }
+
     /// The account exists: `device` and `token` (base64url) from the broker's answer.
     pub fn finish(self, device: u32, token: &str) -> Result<Engine, JsError> {
         let token = URL_SAFE_NO_PAD
@@ -275,6 +313,8 @@ struct Outgoing {
     ttl_secs: u32,
     /// Text to add to the conversation once encrypted.
     text: Option<String>,
+    /// `payload` goes to this device only; the others get `others` (link grants).
+    only_for: Option<(u32, Payload)>,
 }
 
 fn call_id_of(v: &Value) -> Result<CallId, JsError> {
@@ -326,32 +366,163 @@ fn payload_json(payload: &Payload) -> Value {
     }
 }
 
+/// What the page must fetch before an envelope can be opened.
+enum Need {
+    /// The signed device list of this user.
+    List(String),
+    /// The broker's (unsigned) device keys of our own account: a device being linked.
+    BrokerKeys,
+}
+
 impl Engine {
+    fn has_pending_link(&self) -> bool {
+        let now = now_ms();
+        self.record.pending_links.iter().any(|(_, exp)| *exp > now)
+    }
+
+    /// On a device being linked: checks the grant (proof of the code's secret, and the master
+    /// key that signs the list we pinned) and becomes a full device of the account.
+    fn accept_grant(
+        &mut self,
+        master_key: &[u8; 32],
+        delivery_token: &[u8],
+        contacts: Vec<GrantContact>,
+        proof: &[u8; 32],
+    ) -> Result<Value, String> {
+        let own = self.state.user().to_owned();
+        let secret = self
+            .record
+            .linking
+            .clone()
+            .ok_or("a link grant, but this device is not being linked")?;
+        let master = MasterKey::from_bytes(master_key);
+        let master_public = master.public_key();
+        let keys = self.state.device.public_keys().to_bytes();
+        let expected = link_proof(
+            &secret,
+            b"grant",
+            &own,
+            self.state.device_id(),
+            &[&keys, &master_public],
+        );
+        if !proof_matches(proof, &expected) || self.state.pins.pinned(&own) != Some(master_public) {
+            return Err("link grant with a wrong proof or master key".into());
+        }
+        self.state.master_key = master;
+        self.record.delivery_token = ByteBuf::from(delivery_token.to_vec());
+        self.record.linking = None;
+        for c in contacts {
+            // The grant comes from our own account: it overrides anything pinned meanwhile.
+            if let PinResult::Changed { .. } = self.state.pins.check(&c.handle, &c.master_key) {
+                self.state.pins.accept_change(&c.handle, &c.master_key);
+                if let Some(contact) = self.record.contacts.get_mut(&c.handle) {
+                    contact.list = None;
+                }
+            }
+            let contact = self.record.contacts.entry(c.handle).or_default();
+            contact.delivery_token = c.delivery_token.map(|t| ByteBuf::from(t.to_vec()));
+            contact.verified = c.verified;
+            contact.token_shared = true;
+        }
+        if let Some(list) = self
+            .record
+            .contacts
+            .get_mut(&own)
+            .and_then(|c| c.list.as_mut())
+        {
+            list.fetched_ms = 0;
+        }
+        Ok(json!({"event": "linked"}))
+    }
+
     fn parse_outgoing(&self, v: &Value) -> Result<Outgoing, JsError> {
         let call = |payload| Outgoing {
             payload,
             class: Class::Urgent,
             ttl_secs: CALL_TTL_SECS,
             text: None,
+            only_for: None,
+        };
+        let durable = |payload| Outgoing {
+            payload,
+            class: Class::Durable,
+            ttl_secs: MESSAGE_TTL_SECS,
+            text: None,
+            only_for: None,
         };
         Ok(match v["kind"].as_str().unwrap_or_default() {
             "text" => {
                 let body = str_of(v, "body")?;
                 Outgoing {
-                    payload: Payload::Text { body: body.clone() },
-                    class: Class::Durable,
-                    ttl_secs: MESSAGE_TTL_SECS,
-                    text: Some(body),
+                    text: Some(body.clone()),
+                    ..durable(Payload::Text { body })
                 }
             }
-            "delivery_token" => Outgoing {
-                payload: Payload::DeliveryToken {
-                    token: Zeroizing::new(self.record.delivery_token.to_vec()),
-                },
-                class: Class::Durable,
-                ttl_secs: MESSAGE_TTL_SECS,
-                text: None,
-            },
+            "delivery_token" => durable(Payload::DeliveryToken {
+                token: Zeroizing::new(self.record.delivery_token.to_vec()),
+            }),
+            "link_request" => {
+                let secret = self
+                    .record
+                    .linking
+                    .as_ref()
+                    .ok_or_else(|| err("this device is not being linked"))?;
+                let keys = self.state.device.public_keys().to_bytes();
+                durable(Payload::LinkRequest {
+                    keys: keys.to_vec(),
+                    proof: link_proof(
+                        secret,
+                        b"request",
+                        self.state.user(),
+                        self.state.device_id(),
+                        &[&keys],
+                    ),
+                })
+            }
+            "link_grant" => {
+                let (device, secret) = self
+                    .record
+                    .approving
+                    .clone()
+                    .ok_or_else(|| err("no device is waiting for a grant"))?;
+                let keys = self
+                    .list_of(self.state.user())
+                    .and_then(|l| l.device(device))
+                    .ok_or_else(|| err("the new device is not in the signed list"))?;
+                let master_public = self.state.master_key.public_key();
+                let grant = Payload::LinkGrant {
+                    master_key: self.state.master_key.to_bytes(),
+                    delivery_token: Zeroizing::new(self.record.delivery_token.to_vec()),
+                    contacts: self
+                        .record
+                        .contacts
+                        .iter()
+                        .filter(|(h, _)| *h != self.state.user())
+                        .filter_map(|(handle, c)| {
+                            Some(GrantContact {
+                                handle: handle.clone(),
+                                master_key: self.state.pins.pinned(handle)?,
+                                delivery_token: c
+                                    .delivery_token
+                                    .as_ref()
+                                    .map(|t| Zeroizing::new(t.to_vec())),
+                                verified: c.verified,
+                            })
+                        })
+                        .collect(),
+                    proof: link_proof(
+                        &secret,
+                        b"grant",
+                        self.state.user(),
+                        device,
+                        &[&keys.to_bytes(), &master_public],
+                    ),
+                };
+                Outgoing {
+                    only_for: Some((device, grant)),
+                    ..durable(Payload::DeviceLinked { device })
+                }
+            }
             "call_offer" => call(Payload::CallOffer {
                 call_id: call_id_of(v)?,
                 sdp: str_of(v, "sdp")?,
@@ -400,12 +571,12 @@ impl Engine {
         }
     }
 
-    /// Opens and decrypts one delivered envelope; `Ok(Err(user))` asks for `user`'s list.
+    /// Opens and decrypts one delivered envelope; `Ok(Err(need))` asks the page for a list.
     fn open_envelope(
         &mut self,
         ciphertext: &[u8],
         refetched: bool,
-    ) -> Result<Result<Value, String>, String> {
+    ) -> Result<Result<Value, Need>, String> {
         let own = self.state.user().to_owned();
         let unsealed = open(
             &own,
@@ -421,16 +592,21 @@ impl Engine {
         let keys = match self.list_of(&sender.user) {
             Some(list) => match list.device(sender.device) {
                 Some(keys) => keys,
+                // A device of our own account that the signed list does not vouch for yet:
+                // only a link request for a code we issued is accepted that way.
+                None if refetched && sender.user == own && self.has_pending_link() => {
+                    return Ok(Err(Need::BrokerKeys));
+                }
                 None if refetched => {
                     return Err(format!(
                         "sender device {} is not in its signed device list",
                         sender.device
                     ));
                 }
-                None => return Ok(Err(sender.user)),
+                None => return Ok(Err(Need::List(sender.user))),
             },
             None if refetched => return Err("the sender has no verified device list".into()),
-            None => return Ok(Err(sender.user)),
+            None => return Ok(Err(Need::List(sender.user))),
         };
         let payload = self
             .state
@@ -465,6 +641,24 @@ impl Engine {
                     .or_default()
                     .delivery_token = Some(ByteBuf::from(token.to_vec()));
                 json!({"event": "contact", "from": sender.user})
+            }
+            Payload::LinkGrant {
+                master_key,
+                delivery_token,
+                contacts,
+                proof,
+            } if from_own => self.accept_grant(&master_key, &delivery_token, contacts, &proof)?,
+            Payload::DeviceLinked { device } if from_own => {
+                // Our list changed: fetch it again before the next send.
+                if let Some(list) = self
+                    .record
+                    .contacts
+                    .get_mut(&own)
+                    .and_then(|c| c.list.as_mut())
+                {
+                    list.fetched_ms = 0;
+                }
+                json!({"event": "device_linked", "device": device})
             }
             Payload::AnsweredElsewhere { .. } if from_own => {
                 json!({"event": "call", "from": sender.user, "device": sender.device,
@@ -799,22 +993,34 @@ impl Engine {
             EnvelopeId(rand::random())
         };
         let sender = self.sender();
+        let own = to == self.state.user();
+        if own {
+            // Our own copy comes back to us: recognised by its id and acked unread.
+            self.record.mark_seen(id.0);
+        }
         let mut copies = BTreeMap::new();
         let mut placeholders = Vec::new();
         for &device in &devices {
-            let Some(keys) = list.device(device) else {
-                placeholders.push(device);
-                continue;
+            let keys = match list.device(device) {
+                Some(keys) if !(own && device == sender.device) => keys,
+                _ => {
+                    placeholders.push(device);
+                    continue;
+                }
             };
             if !self.state.sessions.has_session(to, device) {
                 return Err(err(format!(
                     "no session with device {device}; claim a key first"
                 )));
             }
+            let payload = match &outgoing.only_for {
+                Some((d, special)) if *d == device => special,
+                _ => &outgoing.payload,
+            };
             let olm = self
                 .state
                 .sessions
-                .encrypt(to, device, &outgoing.payload)
+                .encrypt(to, device, payload)
                 .map_err(err)?;
             let sealed =
                 seal(to, device, &keys.seal_x25519, &sender, now_ms(), &olm).map_err(err)?;
@@ -845,11 +1051,14 @@ impl Engine {
                 ciphertext: c,
             })
             .collect();
-        let token = self
-            .record
-            .contacts
-            .get(to)
-            .and_then(|c| c.delivery_token.clone());
+        let token = if own {
+            Some(self.record.delivery_token.clone()).filter(|t| !t.is_empty())
+        } else {
+            self.record
+                .contacts
+                .get(to)
+                .and_then(|c| c.delivery_token.clone())
+        };
         let sealed = token.is_some();
         let frame = match token {
             Some(token) => ClientFrame::SealedSend {
@@ -872,6 +1081,138 @@ impl Engine {
             json!({"id": hex(&id.0), "sealed": sealed, "frame": STANDARD.encode(frame.encode())})
                 .to_string(),
         )
+    }
+
+    /// A link code to show on this device for linking a new one: `broker_code` from `POST
+    /// /v1/accounts/{h}/link-codes`, plus a secret the broker never sees. Valid until
+    /// `expires_ms` (from the same answer).
+    pub fn link_code(&mut self, broker_code: &str, expires_ms: f64) -> String {
+        let mut secret = Zeroizing::new([0u8; LINK_SECRET_BYTES]);
+        rand::rngs::OsRng.fill_bytes(secret.as_mut());
+        let now = now_ms();
+        self.record.pending_links.retain(|(_, exp)| *exp > now);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let expires = expires_ms as u64;
+        self.record
+            .pending_links
+            .push((ByteBuf::from(secret.to_vec()), expires));
+        format!("{broker_code}.{}", URL_SAFE_NO_PAD.encode(secret.as_ref()))
+    }
+
+    /// Whether this device is being linked (waiting for the grant).
+    pub fn is_linking(&self) -> bool {
+        self.record.linking.is_some()
+    }
+
+    /// After [`Engine::receive`] answered `need_broker_keys`: opens the envelope with the
+    /// keys the broker lists for the sending device of our own account (`devices` of `GET
+    /// /v1/accounts/{own}/devices`, JSON). Only a link request whose proof matches a code this
+    /// device issued is accepted: the device is added to the account's signed list, returned
+    /// as `{event: "link_request", device, signed}` — publish `signed` (`PUT …/device-list`),
+    /// then send `{kind: "link_grant"}` to the own account. Anything else is rejected.
+    pub fn receive_link_request(&mut self, frame: &[u8], devices: &str) -> Result<String, JsError> {
+        let ServerFrame::Deliver { seq, envelope } = ServerFrame::decode(frame).map_err(err)?
+        else {
+            return Err(err("not a delivery"));
+        };
+        let id = envelope.id;
+        let event = match self.open_link_request(&envelope.ciphertext, devices) {
+            Ok(v) => v,
+            Err(reason) => json!({"event": "rejected", "reason": reason}),
+        };
+        self.record.mark_seen(id.0);
+        Ok(json!({"type": "deliver", "seq": seq, "id": hex(&id.0), "event": event}).to_string())
+    }
+
+    fn open_link_request(&mut self, ciphertext: &[u8], devices: &str) -> Result<Value, String> {
+        let own = self.state.user().to_owned();
+        let unsealed = open(
+            &own,
+            self.state.device_id(),
+            self.state.device.seal_secret(),
+            ciphertext,
+        )
+        .map_err(|e| format!("does not open on this device: {e}"))?;
+        let sender = unsealed.sender;
+        let device = sender.device;
+        if sender.user != own {
+            return Err("not from this account".into());
+        }
+        let listed: Value = serde_json::from_str(devices).map_err(|_| "devices is not JSON")?;
+        let keys = listed["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["device_id"].as_u64() == Some(u64::from(device)))
+            .and_then(|d| STANDARD.decode(d["identity_keys"].as_str()?).ok())
+            .and_then(|b| PublicDeviceKeys::from_bytes(&b).ok())
+            .ok_or("the broker does not list the sending device")?;
+        let payload = self
+            .state
+            .sessions
+            .decrypt(
+                &mut self.state.device,
+                &sender,
+                &keys,
+                &unsealed.olm_message,
+            )
+            .map_err(|e| format!("rejected: {e}"))?;
+        let Payload::LinkRequest {
+            keys: claimed,
+            proof,
+        } = payload
+        else {
+            self.state.sessions.forget(&own, device);
+            return Err(
+                "a device not in the signed list sent something else than a link request".into(),
+            );
+        };
+        let key_bytes = keys.to_bytes();
+        let now = now_ms();
+        let matching = self.record.pending_links.iter().position(|(secret, exp)| {
+            *exp > now
+                && claimed == key_bytes
+                && proof_matches(
+                    &proof,
+                    &link_proof(secret, b"request", &own, device, &[&key_bytes]),
+                )
+        });
+        let Some(index) = matching else {
+            self.state.sessions.forget(&own, device);
+            return Err("link request with a wrong code proof (or an expired code)".into());
+        };
+        let (secret, _) = self.record.pending_links.remove(index);
+        let current = self
+            .list_of(&own)
+            .cloned()
+            .ok_or("no verified list of this account")?;
+        let mut devices: Vec<(u32, PublicDeviceKeys)> = current
+            .ids()
+            .into_iter()
+            .filter_map(|d| Some((d, current.device(d)?)))
+            .collect();
+        if !devices.iter().any(|(d, _)| *d == device) {
+            devices.push((device, keys));
+            devices.sort_by_key(|(d, _)| *d);
+        }
+        let list = DeviceList {
+            user: own.clone(),
+            version: current.version + 1,
+            devices,
+            master_key: self.state.master_key.public_key(),
+        };
+        let signed = list
+            .sign(&self.state.master_key)
+            .map_err(|e| e.to_string())?;
+        let verified = self
+            .state
+            .pins
+            .verify_device_list(&own, &signed)
+            .map_err(|e| e.to_string())?;
+        self.record.contacts.entry(own).or_default().list = Some(CachedList::from_list(&verified));
+        self.record.approving = Some((device, secret));
+        Ok(json!({"event": "link_request", "device": device,
+                  "signed": json!({"signed": STANDARD.encode(signed.to_bytes())}).to_string()}))
     }
 
     /// The first frame on `/v1/ws`.
@@ -944,7 +1285,8 @@ impl Engine {
             return json!({"id": hex(&id.0), "event": {"event": "duplicate"}});
         }
         let event = match self.open_envelope(ciphertext, refetched) {
-            Ok(Err(user)) => return json!({"id": hex(&id.0), "need_list": user}),
+            Ok(Err(Need::List(user))) => return json!({"id": hex(&id.0), "need_list": user}),
+            Ok(Err(Need::BrokerKeys)) => return json!({"id": hex(&id.0), "need_broker_keys": true}),
             Ok(Ok(event)) => event,
             Err(reason) => json!({"event": "rejected", "reason": reason}),
         };

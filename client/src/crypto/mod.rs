@@ -13,6 +13,7 @@
 //! - [`session`]: pairwise Olm sessions keyed by (peer user, peer device), with the check
 //!   that an envelope's claimed sender owns the Olm session that decrypted it.
 //! - [`payload`]: the application plaintext carried inside an Olm message ([`Payload`]).
+//! - [`link`]: proofs of a link code's secret, for linking a new device.
 //! - [`safety`]: safety numbers derived from both users' handles and master keys.
 //! - [`pins`]: trust-on-first-use pins of contacts' master keys and last device-list versions.
 //! - [`store`]: [`ClientState`], persisted as one file encrypted under a local 32-byte key,
@@ -76,6 +77,7 @@
 
 pub mod device_list;
 pub mod identity;
+pub mod link;
 pub mod payload;
 pub mod pins;
 pub mod safety;

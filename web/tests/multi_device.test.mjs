@@ -1,0 +1,71 @@
+// A callee with two devices (two browsers): the second is linked to the account with a link
+// code shown by the first. A call rings both; when one answers, the other stops ringing.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startBroker, launchBrowser, newUser, addContact, sendText, waitForMessage, waitCallState,
+  WAIT_MS,
+} from './harness.mjs';
+
+let broker;
+let browser;
+let alice;
+let bob1;
+let bob2;
+
+before(async () => {
+  broker = await startBroker();
+  browser = await launchBrowser();
+  alice = await newUser(browser, broker, 'alice@localhost');
+  bob1 = await newUser(browser, broker, 'bob@localhost');
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (broker) {
+    await broker.stop();
+    broker.cleanup();
+  }
+});
+
+test('a second browser is linked to an account with a code from the first', async () => {
+  await bob1.page.click('#link-device');
+  const code = await bob1.page.waitForFunction(() => {
+    const t = document.getElementById('link-code').textContent;
+    return t.includes('.') ? t : null;
+  }, null, { timeout: WAIT_MS }).then((h) => h.jsonValue());
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${broker.base}/web/`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
+  await page.fill('#handle', 'bob@localhost');
+  await page.fill('#link-code-input', code);
+  await page.click('#link');
+  await page.waitForFunction(() => window.sealpostDebug.linked && window.sealpostDebug.online, null, { timeout: WAIT_MS });
+  bob2 = { context, page, handle: 'bob@localhost' };
+  await bob2.page.waitForFunction(
+    () => document.getElementById('me').textContent === 'bob@localhost (device 2)', null, { timeout: WAIT_MS },
+  );
+  // Both of Bob's devices get Alice's messages.
+  await addContact(alice, 'bob@localhost');
+  await sendText(alice, 'hello both bobs');
+  await waitForMessage(bob1, 'hello both bobs');
+  await waitForMessage(bob2, 'hello both bobs');
+});
+
+test('a call rings both devices; answering on one stops the other ringing', async () => {
+  await alice.page.click('#call-video');
+  for (const bob of [bob1, bob2]) {
+    await bob.page.waitForSelector('#incoming:not([hidden])', { timeout: WAIT_MS });
+    assert.equal(await bob.page.evaluate(() => window.sealpostDebug.callState), 'incoming');
+  }
+  await bob1.page.click('#answer');
+  await waitCallState(alice, 'connected');
+  await waitCallState(bob1, 'connected');
+  await waitCallState(bob2, 'answered elsewhere');
+  assert.equal(await bob2.page.isHidden('#incoming'), true);
+  await bob1.page.waitForFunction(() => window.sealpostDebug.fingerprintCheck === 'passed', null, { timeout: WAIT_MS });
+  await alice.page.click('#hangup');
+  await waitCallState(bob1, 'ended');
+});
