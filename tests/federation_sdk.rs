@@ -1,0 +1,180 @@
+//! Three federated domains, each with its own broker process, driven by the client SDK: users
+//! with two devices each write to each other across domains; every device decrypts every
+//! message, in order per sender. Clients talk only to their own broker: device lists, key
+//! claims and envelopes for remote users travel over the federation links.
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::{collections::HashMap, net::TcpListener, process::Command};
+
+use common::{Broker, WAIT};
+use sealpost_client::{Client, Event};
+use tempfile::TempDir;
+
+struct Dev {
+    client: Client,
+    _dir: TempDir,
+}
+
+async fn next(client: &mut Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("timed out waiting for an event")
+        .expect("next_event")
+}
+
+/// Links a second device to `existing`'s account.
+async fn link(broker: &Broker, existing: &mut Dev) -> Dev {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let code = existing.client.create_link_code().await.expect("link code");
+    let handle = existing.client.handle().to_owned();
+    let server = broker.http();
+    let linking = Client::link(&server, &handle, &code.code, dir.path(), WAIT);
+    let approve = async {
+        loop {
+            match next(&mut existing.client).await {
+                Event::DeviceLinked { .. } => break,
+                Event::QueueEmpty => {}
+                other => panic!("unexpected event while linking: {other:?}"),
+            }
+        }
+    };
+    let (linked, ()) = tokio::join!(linking, approve);
+    Dev {
+        client: linked.expect("link"),
+        _dir: dir,
+    }
+}
+
+/// Starts one broker per domain on 127.0.0.1/2/3, each pinning the others' keys.
+fn start(domains: &[(&'static str, &str)]) -> Vec<Broker> {
+    let mut sites = Vec::new();
+    for (name, ip) in domains {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+            .arg("federation-key")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("federation-key");
+        let key = String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned();
+        let port = TcpListener::bind((*ip, 0))
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+        sites.push((*name, addr, dir, key));
+    }
+    let entries: Vec<String> = sites
+        .iter()
+        .map(|(name, addr, _, key)| format!("{name}=ws://{addr}/v1/federation#{key}"))
+        .collect();
+    sites
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, addr, dir, _))| {
+            let peers: Vec<&str> = entries
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, e)| e.as_str())
+                .collect();
+            let peers = peers.join(",");
+            Broker::start_with(
+                dir,
+                Some(addr),
+                &[
+                    "--domain",
+                    name,
+                    "--federation-peers",
+                    &peers,
+                    "--federation-backoff-min-ms",
+                    "50",
+                ],
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_domains_decrypt_everything_in_order() {
+    let brokers = start(&[
+        ("a.example", "127.0.0.1"),
+        ("b.example", "127.0.0.2"),
+        ("c.example", "127.0.0.3"),
+    ]);
+    let users = ["alice@a.example", "bob@b.example", "carol@c.example"];
+    let mut devices: Vec<Vec<Dev>> = Vec::new();
+    for (user, broker) in users.iter().zip(&brokers) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = Client::register(&broker.http(), user, dir.path(), None)
+            .await
+            .expect("register");
+        let mut first = Dev { client, _dir: dir };
+        let second = link(broker, &mut first).await;
+        devices.push(vec![first, second]);
+    }
+    // Round 0: first contact, each user writes to each other user from its first device; the
+    // texts go authenticated to the home broker and carry the sender's delivery token. Then
+    // every device reads them, and later rounds go sealed over the anonymous endpoint.
+    const N: usize = 4;
+    let mut next_from: Vec<Vec<HashMap<String, usize>>> =
+        vec![vec![HashMap::new(), HashMap::new()]; users.len()];
+    for round in 0..N {
+        for (i, from) in users.iter().enumerate() {
+            for to in users.iter().filter(|u| *u != from) {
+                if round > 0 {
+                    assert!(devices[i][0].client.sends_sealed_to(to), "{from} -> {to}");
+                }
+                let text = format!("{from}->{to} #{round}");
+                devices[i][0]
+                    .client
+                    .send_text(to, &text)
+                    .await
+                    .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
+            }
+        }
+        // Every device of every user decrypts this round's texts from the other two users,
+        // in order per sender.
+        for (j, to) in users.iter().enumerate() {
+            for (k, dev) in devices[j].iter_mut().enumerate() {
+                let mut received = 0;
+                while received < 2 {
+                    match next(&mut dev.client).await {
+                        Event::Message(m) => {
+                            let expected = next_from[j][k].entry(m.from.clone()).or_default();
+                            assert_eq!(
+                                m.text,
+                                format!("{}->{to} #{expected}", m.from),
+                                "order of {}'s texts on a device of {to}",
+                                m.from
+                            );
+                            *expected += 1;
+                            received += 1;
+                        }
+                        Event::Rejected { error, .. } => panic!("rejected on {to}: {error}"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    for per_user in &next_from {
+        for per_device in per_user {
+            assert_eq!(per_device.len(), 2);
+            assert!(per_device.values().all(|n| *n == N));
+        }
+    }
+    for broker in &brokers {
+        assert_eq!(
+            broker.metric("sealpost_federation_refused_total").await,
+            0.0
+        );
+    }
+}
