@@ -201,7 +201,11 @@ async function fetchList(user) {
   try {
     answer = await api('GET', `/v1/accounts/${encodeURIComponent(user)}/device-list`);
   } catch (e) {
-    if (e.status === 404) throw new Error(`${user} does not exist or has no devices`);
+    if (e.status === 404) {
+      const missing = new Error(`${user} does not exist or has no devices`);
+      missing.status = 404;
+      throw missing;
+    }
     throw e;
   }
   const summary = JSON.parse(engine.accept_device_list(user, answer.signed));
@@ -356,7 +360,15 @@ function onFrame(bytes) {
 async function handleFrame(bytes, sock) {
   let r = JSON.parse(engine.receive(bytes, false));
   if (r.need_list) {
-    await fetchList(r.need_list);
+    try {
+      await fetchList(r.need_list);
+    } catch (e) {
+      // The broker unreachable: transient, the envelope comes again. Anything else (no such
+      // user, a list that does not verify, a changed master key) will not get better by
+      // redelivery: the envelope is judged with what we have (rejected unless verified).
+      if (!e.status && !/master key changed|does not verify/.test(e.message)) throw e;
+      showError(e);
+    }
     r = JSON.parse(engine.receive(bytes, true));
   }
   if (r.need_broker_keys) {
@@ -404,6 +416,10 @@ function onEvent(event) {
       break;
     case 'contact':
       addContact(event.from);
+      break;
+    case 'sent_elsewhere':
+      addContact(event.to);
+      if (event.to === current) renderMessages();
       break;
     case 'link_request':
       $('link-code').textContent = `device ${event.device} linked`;
@@ -778,8 +794,13 @@ async function main() {
     const text = $('message-input').value;
     if (!text || !current) return;
     $('message-input').value = '';
-    await sendPayload(current, { kind: 'text', body: text });
+    const to = current;
+    await sendPayload(to, { kind: 'text', body: text });
     renderMessages();
+    // A transcript for this account's other devices, so each shows the whole conversation.
+    const own = engine.handle();
+    const mine = await serial(() => ensureList(own));
+    if (mine.devices.length > 1) await sendPayload(own, { kind: 'sent', to, body: text });
   });
   $('send').onclick = send;
   $('message-input').onkeydown = (ev) => { if (ev.key === 'Enter') send(); };

@@ -22,6 +22,11 @@
 //!              (stale_devices: refetch the list, encrypt again with the same id)
 //! receive:   engine.receive(frame) → events, or "need_list" (fetch it, accept it, receive the
 //!            same frame again) → save → engine.ack_frame(seqs)
+//! link:      existing device: POST …/link-codes → engine.link_code() shown to the user; on
+//!            "need_broker_keys", engine.receive_link_request() with GET …/devices → publish
+//!            the new signed list → send {kind: "link_grant"} to the own account.
+//!            new device: POST …/devices {link_code} → pending.finish_link() → PUT keys →
+//!            accept the own list → send {kind: "link_request"} → the grant ("linked").
 //! ```
 //!
 //! Methods that return structured data return JSON text; binary frames are `Uint8Array`s.
@@ -458,6 +463,10 @@ impl Engine {
                     ..durable(Payload::Text { body })
                 }
             }
+            "sent" => durable(Payload::Sent {
+                to: str_of(v, "to")?,
+                body: str_of(v, "body")?,
+            }),
             "delivery_token" => durable(Payload::DeliveryToken {
                 token: Zeroizing::new(self.record.delivery_token.to_vec()),
             }),
@@ -675,8 +684,20 @@ impl Engine {
                 json!({"event": "call", "from": sender.user, "device": sender.device,
                        "sent_ms": sent_ms, "payload": payload_json(&payload)})
             }
-            // Transcripts, link messages and the like are for the Rust SDK's multi-device
-            // accounts; this page is a single-device account.
+            Payload::Sent { to, body } if from_own => {
+                self.record.add_message(
+                    &to,
+                    StoredMessage {
+                        outgoing: true,
+                        device: sender.device,
+                        time_ms: sent_ms,
+                        body: body.clone(),
+                    },
+                );
+                json!({"event": "sent_elsewhere", "to": to, "device": sender.device, "text": body})
+            }
+            // Link requests from listed devices and payloads that make no sense from this
+            // sender: nothing to show.
             _ => json!({"event": "ignored"}),
         };
         Ok(Ok(event))

@@ -52,6 +52,14 @@ test('a second browser is linked to an account with a code from the first', asyn
   await sendText(alice, 'hello both bobs');
   await waitForMessage(bob1, 'hello both bobs');
   await waitForMessage(bob2, 'hello both bobs');
+  // What one of Bob's devices sends, the other shows too (a transcript to the own account).
+  await bob1.page.click('#contacts button[data-handle="alice@localhost"]');
+  await sendText(bob1, 'reply from bob1');
+  await waitForMessage(alice, 'reply from bob1');
+  await bob2.page.waitForFunction(
+    () => [...document.querySelectorAll('#messages li.outgoing')].some((li) => li.textContent === 'reply from bob1'),
+    null, { timeout: WAIT_MS },
+  );
 });
 
 test('a call rings both devices; answering on one stops the other ringing', async () => {
