@@ -581,7 +581,7 @@ async fn kill_9_of_the_receiving_broker_loses_and_duplicates_nothing() {
 async fn a_cut_link_drains_its_backlog_in_order_when_restored() {
     let mut a = Site::new("a.example", "127.0.0.1");
     let mut b = Site::new("b.example", "127.0.0.2");
-    let ba = a.start(&[&b], &[]);
+    let mut ba = a.start(&[&b], &[]);
     let mut bb = b.start(&[&a], &[]);
     wait_up(&ba, "b.example").await;
     let alice = register(&ba, "alice@a.example").await;
@@ -636,6 +636,14 @@ async fn a_cut_link_drains_its_backlog_in_order_when_restored() {
     let peer = &view["peers"][0];
     assert!(peer["failures"].as_u64().unwrap() >= 1);
     assert!(peer["oldest_age_ms"].as_u64().is_some());
+    // The outbox survives a crash of the sending broker too.
+    drop(dev);
+    ba.kill9();
+    ba.restart();
+    wait_peer(&ba, "b.example", "its backlog back", |p| {
+        p["backlog"].as_u64() >= Some(200)
+    })
+    .await;
     // Restore: the backlog drains, in order for every device.
     bb.restart();
     for creds in [&bob1, &bob2] {
@@ -770,4 +778,122 @@ async fn read_close(ws: &mut Ws) -> (Vec<Vec<u8>>, Option<(u16, String)>) {
             Some(Err(_)) | None => return (frames, None),
         }
     }
+}
+
+/// A peer speaking the protocol as a.example (with a.example's real key): refused envelopes
+/// get their codes in the acknowledgement, a frame that does not decode closes the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_transactions_get_errors_or_a_closed_link() {
+    use sealpost::federation::{identity, link};
+    use sealpost_proto::federation::{Admission, FedEnvelope, LinkFrame};
+    let a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let a_key = identity::ServerKey::load_or_create(
+        &a.dir.as_ref().expect("not started").path().join("data"),
+    )
+    .expect("a's key");
+    let b_pub = identity::parse_public_key(&b.key).expect("b's key");
+    let bb = b.start(&[&a], &[]);
+    let bob = register(&bb, "bob@b.example").await;
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    assert!(bob_dev.backlog().await.is_empty());
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/federation", bb.addr))
+        .await
+        .unwrap();
+    let mut hs = link::initiator(&a_key, "a.example", "b.example", &b_pub).unwrap();
+    let mut buf = [0u8; 256];
+    let n = hs.write_message(&[], &mut buf).unwrap();
+    let hello = HandshakeFrame::Hello {
+        origin: "a.example".into(),
+        target: "b.example".into(),
+        noise: buf[..n].to_vec(),
+    };
+    ws.send(Message::Binary(hello.encode().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Binary(welcome))) = ws.next().await else {
+        panic!("no welcome")
+    };
+    let HandshakeFrame::Welcome { noise } = HandshakeFrame::decode(&welcome).unwrap() else {
+        panic!("not a welcome")
+    };
+    hs.read_message(&noise, &mut buf).unwrap();
+    let mut cipher = link::transport(hs).unwrap();
+
+    let envelope = |to: &str, ttl_secs: u32, device: u32| FedEnvelope {
+        id: eid(),
+        to: to.into(),
+        class: Class::Durable,
+        ttl_secs,
+        copies: vec![Copy {
+            device: DeviceId(device),
+            ciphertext: b"sealed".to_vec(),
+        }],
+        admission: Admission::Origin,
+    };
+    let good = envelope("bob@b.example", 60, 1);
+    let txn = LinkFrame::Txn {
+        txn_id: 7,
+        envelopes: vec![
+            good.clone(),
+            envelope("nobody@b.example", 60, 1),
+            envelope("bob@c.example", 60, 1),
+            envelope("bob@b.example", 0, 1),
+            envelope("bob@b.example", 60, 9),
+            FedEnvelope {
+                admission: Admission::Token(vec![1; 32]),
+                ..envelope("bob@b.example", 60, 1)
+            },
+            envelope("not a handle", 60, 1),
+        ],
+    };
+    let sealed = cipher.seal(&txn.encode()).unwrap();
+    ws.send(Message::Binary(sealed.into())).await.unwrap();
+    let ack = loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                break LinkFrame::decode(&cipher.open(&b).unwrap()).unwrap();
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("link ended: {other:?}"),
+        }
+    };
+    assert_eq!(
+        ack,
+        LinkFrame::TxnAck {
+            txn_id: 7,
+            codes: vec![
+                None,
+                Some(ErrorCode::UnknownRecipient),
+                Some(ErrorCode::UnknownDomain),
+                Some(ErrorCode::InvalidTtl),
+                Some(ErrorCode::StaleDevices),
+                Some(ErrorCode::BadDeliveryToken),
+                Some(ErrorCode::InvalidHandle),
+            ],
+        }
+    );
+    let (_, delivered) = bob_dev.deliver().await;
+    assert_eq!(delivered.id, good.id);
+
+    // An encrypted frame that does not decode: link_error, then the link closes.
+    let sealed = cipher.seal(&[1, 0x7f, 0xc1]).unwrap();
+    ws.send(Message::Binary(sealed.into())).await.unwrap();
+    let (frames, close) = read_close(&mut ws).await;
+    let errors: Vec<LinkFrame> = frames
+        .iter()
+        .map(|f| LinkFrame::decode(&cipher.open(f).unwrap()).unwrap())
+        .collect();
+    assert!(matches!(
+        errors.as_slice(),
+        [LinkFrame::LinkError {
+            code: ErrorCode::MalformedFrame,
+            ..
+        }]
+    ));
+    assert_eq!(close.map(|c| c.0), Some(1002));
+    // The broker carries on.
+    let mut pair = Pair::connect(&bb, "carol@b.example", "dave@b.example").await;
+    pair.round_trip().await;
 }
