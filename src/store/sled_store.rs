@@ -685,6 +685,46 @@ mod tests {
     }
 
     #[test]
+    fn outboxes_are_per_domain_ordered_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |n: u8| OutboxRecord {
+            version: 1,
+            id: [n; 16],
+            to: "bob@b.example".into(),
+            class: 0,
+            accepted_ms: u64::from(n),
+            expires_ms: 1000,
+            copies: vec![(1, serde_bytes::ByteBuf::from(vec![n; 3]))],
+            admission: 0,
+            token: None,
+        };
+        {
+            let s = open(dir.path());
+            for seq in 1..=3u8 {
+                s.outbox_put("b.example", u64::from(seq), &rec(seq))
+                    .unwrap();
+            }
+            // A domain that is a prefix of another does not share its entries.
+            s.outbox_put("b.exampl", 1, &rec(9)).unwrap();
+            s.outbox_remove("b.example", &[2]).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        let read = s.outbox_read("b.example", 1, 10).unwrap();
+        assert_eq!(
+            read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert_eq!(read[1].1, rec(3));
+        assert_eq!(s.outbox_read("b.example", 2, 10).unwrap().len(), 1);
+        assert_eq!(
+            s.outbox_index("b.example").unwrap(),
+            vec![(1, 1, 3), (3, 3, 3)]
+        );
+        assert_eq!(s.outbox_index("b.exampl").unwrap(), vec![(1, 9, 3)]);
+    }
+
+    #[test]
     fn expiry_index_finds_due_entries_only() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
