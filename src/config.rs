@@ -137,10 +137,11 @@ settings! {
     max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
     /// Most concurrent connections per HTTP worker.
     max_connections: usize = 50_000, "SEALPOST_MAX_CONNECTIONS";
-    /// Federation peers, pinned: comma-separated `domain=ws://host:port/v1/federation#KEY`
-    /// entries, KEY being the peer's X25519 public key in base64 (`sealpost federation-key`
-    /// prints a broker's; it is also published at /.well-known/sealpost/server). Sends to other
-    /// domains are refused with unknown_domain.
+    /// Federation peers, comma-separated. `domain`: key and endpoint from
+    /// https://domain/.well-known/sealpost/server; `domain=https://host:port`: the same from
+    /// another base; `domain=wss://host/v1/federation#KEY`: pinned, KEY being the peer's X25519
+    /// public key in base64 (`sealpost federation-key` prints a broker's). Sends to other
+    /// domains are refused with unknown_domain, links from them refused.
     federation_peers: String = String::new(), "SEALPOST_FEDERATION_PEERS";
     /// This broker's federation endpoint as peers reach it, published at the well-known path
     /// (default: ws://LISTEN/v1/federation).

@@ -897,3 +897,35 @@ async fn malformed_transactions_get_errors_or_a_closed_link() {
     let mut pair = Pair::connect(&bb, "carol@b.example", "dave@b.example").await;
     pair.round_trip().await;
 }
+
+/// Peers without pinned keys: each broker reads the other's key and endpoint from its
+/// well-known document (here over plain HTTP on loopback; `https://domain` by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_can_be_discovered_from_their_well_known_document() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let (a_base, b_base) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
+    let ba = a.start_raw(&format!("b.example={b_base}"), &[]);
+    let bb = b.start_raw(&format!("a.example={a_base}"), &[]);
+    wait_up(&ba, "b.example").await;
+    wait_up(&bb, "a.example").await;
+    let view = admin(&ba).await;
+    assert_eq!(view["peers"][0]["url"], b_base.as_str());
+    let alice = register(&ba, "alice@a.example").await;
+    let bob = register(&bb, "bob@b.example").await;
+    let mut alice_dev = Device::connect(&ba, &alice).await;
+    assert!(alice_dev.backlog().await.is_empty());
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    assert!(bob_dev.backlog().await.is_empty());
+    one_way(&mut alice_dev, &mut bob_dev).await;
+    one_way(&mut bob_dev, &mut alice_dev).await;
+    // A base that serves another domain's document is not taken for the peer.
+    let mut c = Site::new("c.example", "127.0.0.3");
+    let bc = c.start_raw(&format!("b.example={a_base}"), &[]);
+    wait_peer(&bc, "b.example", "a failed discovery", |p| {
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("names another domain"))
+    })
+    .await;
+}

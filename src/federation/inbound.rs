@@ -136,7 +136,7 @@ async fn handshake(
         )
         .await);
     }
-    let Some(key) = fed.peer_key(&origin) else {
+    if !fed.resolver().is_peer(&origin) {
         // The claimed origin is not a valid peer name: log it only if it is a peer's shape.
         let shown = sealpost_proto::Handle::parse(&format!("x@{origin}"))
             .ok()
@@ -148,6 +148,19 @@ async fn handshake(
             "unknown peer domain",
         )
         .await);
+    }
+    let key = match fed.resolver().resolve(&origin).await {
+        Ok((key, _)) => key,
+        Err(reason) => {
+            warn!(origin = %origin, reason = %reason, "peer key unavailable");
+            return Err(refuse(
+                session,
+                Some(&origin),
+                ErrorCode::PeerUnavailable,
+                "peer key unavailable",
+            )
+            .await);
+        }
     };
     let mut hs = match link::responder(fed.key(), &origin, &target, &key) {
         Ok(hs) => hs,
@@ -158,6 +171,7 @@ async fn handshake(
     };
     let mut buf = [0u8; 256];
     if hs.read_message(&noise, &mut buf).is_err() {
+        fed.resolver().forget(&origin);
         return Err(refuse(
             session,
             Some(&origin),

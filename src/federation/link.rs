@@ -24,7 +24,7 @@ use tokio::{
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 
 use super::{
-    PeerConfig,
+    PeerConfig, Resolver,
     identity::ServerKey,
     messages::{LinkDown, LinkUp, Outgoing, TxnAcked},
     peer::FederationPeer,
@@ -170,6 +170,7 @@ pub(crate) struct LinkParams {
     pub(crate) local_domain: String,
     pub(crate) peer: Arc<PeerConfig>,
     pub(crate) key: Arc<ServerKey>,
+    pub(crate) resolver: Arc<Resolver>,
     pub(crate) connect_timeout: Duration,
     pub(crate) heartbeat: Duration,
     pub(crate) idle_timeout: Duration,
@@ -217,8 +218,12 @@ async fn serve(
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SEALED_BYTES))
         .max_frame_size(Some(MAX_SEALED_BYTES));
-    let connect =
-        tokio_tungstenite::connect_async_with_config(params.peer.url.as_str(), Some(config), true);
+    let (peer_key, url) = params
+        .resolver
+        .resolve(&params.peer.domain)
+        .await
+        .map_err(LinkError::Transport)?;
+    let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
     let (mut ws, _) = tokio::time::timeout(params.connect_timeout, connect)
         .await
         .map_err(|_| LinkError::Timeout)??;
@@ -226,7 +231,7 @@ async fn serve(
         &params.key,
         &params.local_domain,
         &params.peer.domain,
-        &params.peer.key,
+        &peer_key,
     )?;
     let mut buf = [0u8; 256];
     let n = hs
@@ -243,8 +248,10 @@ async fn serve(
         .map_err(|_| LinkError::Timeout)??;
     match HandshakeFrame::decode(&reply)? {
         HandshakeFrame::Welcome { noise } => {
-            hs.read_message(&noise, &mut buf)
-                .map_err(|_| LinkError::PeerAuth)?;
+            if hs.read_message(&noise, &mut buf).is_err() {
+                params.resolver.forget(&params.peer.domain);
+                return Err(LinkError::PeerAuth);
+            }
         }
         HandshakeFrame::Refuse { code, message } => return Err(LinkError::Refused(code, message)),
         HandshakeFrame::Hello { .. } => {

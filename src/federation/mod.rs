@@ -44,38 +44,65 @@ use self::{
 };
 use crate::store::Store;
 
-/// A remote domain this broker federates with: where its endpoint is and which static key it
-/// must prove to hold.
+/// Where a peer's endpoint and static key come from (the key is public).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerSource {
+    /// Pinned in the config.
+    Pinned {
+        /// Its federation endpoint, `ws://` or `wss://…/v1/federation`.
+        url: String,
+        /// Its static X25519 public key.
+        key: [u8; 32],
+    },
+    /// Read from `{base}/.well-known/sealpost/server` (normally `https://domain`), which
+    /// names the endpoint and the key; fetched again after an hour, or when a handshake with
+    /// the cached key fails.
+    Discover {
+        /// Base URL of the well-known document.
+        base: String,
+    },
+}
+
+/// A remote domain this broker federates with.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     /// The domain.
     pub domain: String,
-    /// Its federation endpoint, `ws://` or `wss://…/v1/federation`.
-    pub url: String,
-    /// Its static X25519 public key.
-    pub key: [u8; 32],
+    /// Where its endpoint and key come from.
+    pub source: PeerSource,
+}
+
+impl PeerConfig {
+    /// The endpoint, or the discovery base, for display.
+    pub fn location(&self) -> &str {
+        match &self.source {
+            PeerSource::Pinned { url, .. } => url,
+            PeerSource::Discover { base } => base,
+        }
+    }
 }
 
 impl std::fmt::Debug for PeerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerConfig")
             .field("domain", &self.domain)
-            .field("url", &self.url)
+            .field("location", &self.location())
             .finish_non_exhaustive()
     }
 }
 
-/// Parses the `federation_peers` setting: comma-separated `domain=url#base64-key` entries.
+/// Parses the `federation_peers` setting: comma-separated entries, each
+///
+/// - `domain=ws[s]://host:port/v1/federation#BASE64KEY`: pinned endpoint and key;
+/// - `domain`: discovered from `https://domain/.well-known/sealpost/server`;
+/// - `domain=http[s]://host:port`: discovered from that base URL instead.
 pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, String> {
     let mut out: Vec<PeerConfig> = Vec::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (domain, rest) = entry
-            .split_once('=')
-            .ok_or_else(|| format!("{entry:?} is not domain=url#key"))?;
-        let (url, key) = rest
-            .rsplit_once('#')
-            .ok_or_else(|| format!("{entry:?} is not domain=url#key"))?;
-        let domain = domain.trim();
+        let (domain, rest) = match entry.split_once('=') {
+            Some((d, r)) => (d.trim(), Some(r.trim())),
+            None => (entry, None),
+        };
         if Handle::parse(&format!("x@{domain}")).is_err() {
             return Err(format!("{domain:?} is not a lower-case DNS name"));
         }
@@ -85,21 +112,144 @@ pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, St
         if out.iter().any(|p| p.domain == domain) {
             return Err(format!("{domain} is listed twice"));
         }
-        let url = url.trim();
-        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
-            return Err(format!(
-                "the endpoint of {domain} is not a ws:// or wss:// URL"
-            ));
-        }
-        let key = identity::parse_public_key(key)
-            .ok_or_else(|| format!("the key of {domain} is not base64 of 32 bytes"))?;
+        let source = match rest {
+            None => PeerSource::Discover {
+                base: format!("https://{domain}"),
+            },
+            Some(base) if base.starts_with("https://") || base.starts_with("http://") => {
+                if base.contains('#') {
+                    return Err(format!(
+                        "the discovery base of {domain} takes no key (pin a ws:// endpoint instead)"
+                    ));
+                }
+                PeerSource::Discover {
+                    base: base.trim_end_matches('/').to_owned(),
+                }
+            }
+            Some(rest) => {
+                let (url, key) = rest
+                    .rsplit_once('#')
+                    .ok_or_else(|| format!("{entry:?} is not domain=url#key"))?;
+                let url = url.trim();
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    return Err(format!(
+                        "the endpoint of {domain} is not a ws:// or wss:// URL"
+                    ));
+                }
+                let key = identity::parse_public_key(key)
+                    .ok_or_else(|| format!("the key of {domain} is not base64 of 32 bytes"))?;
+                PeerSource::Pinned {
+                    url: url.to_owned(),
+                    key,
+                }
+            }
+        };
         out.push(PeerConfig {
             domain: domain.to_owned(),
-            url: url.to_owned(),
-            key,
+            source,
         });
     }
     Ok(out)
+}
+
+/// A discovered key and endpoint, and when they were fetched.
+type Discovered = (std::time::Instant, [u8; 32], String);
+
+/// Resolves peers' endpoints and keys: pinned ones at once, discovered ones from their
+/// well-known document (cached).
+pub struct Resolver {
+    peers: HashMap<String, Arc<PeerConfig>>,
+    http: reqwest::Client,
+    cache: std::sync::Mutex<HashMap<String, Discovered>>,
+    /// How long a discovered key is used before it is fetched again.
+    ttl: Duration,
+}
+
+/// The well-known document (`GET /.well-known/sealpost/server`).
+#[derive(serde::Deserialize)]
+struct WellKnown {
+    domain: String,
+    x25519: String,
+    federation: String,
+}
+
+impl Resolver {
+    fn new(peers: &[Arc<PeerConfig>], timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()
+            .unwrap_or_default();
+        Resolver {
+            peers: peers
+                .iter()
+                .map(|p| (p.domain.clone(), p.clone()))
+                .collect(),
+            http,
+            cache: std::sync::Mutex::new(HashMap::new()),
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Discovered>> {
+        // Holds only fetched keys; a panic elsewhere cannot leave it half-updated.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `domain` is a configured peer.
+    pub fn is_peer(&self, domain: &str) -> bool {
+        self.peers.contains_key(domain)
+    }
+
+    /// The static key and endpoint of a configured peer.
+    pub async fn resolve(&self, domain: &str) -> Result<([u8; 32], String), String> {
+        let peer = self
+            .peers
+            .get(domain)
+            .ok_or_else(|| format!("{domain} is not a peer"))?;
+        let base = match &peer.source {
+            PeerSource::Pinned { url, key } => return Ok((*key, url.clone())),
+            PeerSource::Discover { base } => base,
+        };
+        if let Some((at, key, url)) = self.cache().get(domain)
+            && at.elapsed() < self.ttl
+        {
+            return Ok((*key, url.clone()));
+        }
+        let doc: WellKnown = self
+            .http
+            .get(format!("{base}/.well-known/sealpost/server"))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("discovery of {domain} failed: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("discovery of {domain}: not a well-known document: {e}"))?;
+        if doc.domain != domain {
+            return Err(format!(
+                "the well-known document of {domain} names another domain"
+            ));
+        }
+        let key = identity::parse_public_key(&doc.x25519)
+            .ok_or_else(|| format!("the well-known key of {domain} is not 32 bytes"))?;
+        if !(doc.federation.starts_with("ws://") || doc.federation.starts_with("wss://")) {
+            return Err(format!(
+                "the well-known endpoint of {domain} is not ws:// or wss://"
+            ));
+        }
+        self.cache().insert(
+            domain.to_owned(),
+            (std::time::Instant::now(), key, doc.federation.clone()),
+        );
+        Ok((key, doc.federation))
+    }
+
+    /// Drops a discovered key after a failed handshake, so the next attempt fetches it again
+    /// (the peer may have rotated its key).
+    pub fn forget(&self, domain: &str) {
+        self.cache().remove(domain);
+    }
 }
 
 /// Tunables of the federation actors and links, from the broker settings.
@@ -133,7 +283,6 @@ pub struct PeerSettings {
 
 /// Handle on a running peer.
 struct PeerHandle {
-    config: Arc<PeerConfig>,
     addr: Addr<FederationPeer>,
 }
 
@@ -143,6 +292,8 @@ pub struct Federation {
     settings: Arc<PeerSettings>,
     key: Arc<ServerKey>,
     peers: HashMap<String, PeerHandle>,
+    /// Endpoints and keys of the peers.
+    resolver: Arc<Resolver>,
     /// The endpoint published at the well-known path (known once the listener is bound).
     public_url: std::sync::OnceLock<String>,
     /// Per-origin limit of inbound envelopes and lookups.
@@ -167,21 +318,29 @@ impl Federation {
             let burst = NonZeroU32::new(rate.get().saturating_mul(2)).unwrap_or(rate);
             DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
-        let peers = peers
+        let configs: Vec<Arc<PeerConfig>> = peers.into_iter().map(Arc::new).collect();
+        let resolver = Arc::new(Resolver::new(&configs, settings.request_timeout));
+        let peers = configs
             .into_iter()
             .map(|config| {
-                let config = Arc::new(config);
-                let (c, s, k, st) = (config.clone(), settings.clone(), key.clone(), store.clone());
+                let (c, s, k, st, r) = (
+                    config.clone(),
+                    settings.clone(),
+                    key.clone(),
+                    store.clone(),
+                    resolver.clone(),
+                );
                 let addr = FederationPeer::start_in_arbiter(arbiter, move |_| {
-                    FederationPeer::new(c, s, k, st)
+                    FederationPeer::new(c, s, k, st, r)
                 });
-                (config.domain.clone(), PeerHandle { config, addr })
+                (config.domain.clone(), PeerHandle { addr })
             })
             .collect();
         Arc::new(Federation {
             settings,
             key,
             peers,
+            resolver,
             public_url: std::sync::OnceLock::new(),
             origin_limit,
         })
@@ -212,9 +371,9 @@ impl Federation {
         self.peers.contains_key(domain)
     }
 
-    /// The pinned key of `domain`, if it is a peer.
-    pub(crate) fn peer_key(&self, domain: &str) -> Option<[u8; 32]> {
-        self.peers.get(domain).map(|p| p.config.key)
+    /// Endpoints and keys of the peers.
+    pub(crate) fn resolver(&self) -> &Resolver {
+        &self.resolver
     }
 
     pub(crate) fn key(&self) -> &ServerKey {
@@ -308,8 +467,22 @@ mod tests {
         let peers = parse_peers(&text, "a.example").unwrap();
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[0].domain, "b.example");
-        assert_eq!(peers[1].url, "wss://c.example/v1/federation");
-        assert_eq!(peers[1].key, [7; 32]);
+        assert_eq!(
+            peers[1].source,
+            PeerSource::Pinned {
+                url: "wss://c.example/v1/federation".into(),
+                key: [7; 32]
+            }
+        );
+        let discovered =
+            parse_peers("d.example, e.example=http://127.0.0.5:80/", "a.example").unwrap();
+        assert_eq!(
+            discovered[0].source,
+            PeerSource::Discover {
+                base: "https://d.example".into()
+            }
+        );
+        assert_eq!(discovered[1].location(), "http://127.0.0.5:80");
         assert!(parse_peers("", "a.example").unwrap().is_empty());
         assert!(
             parse_peers(
@@ -321,6 +494,7 @@ mod tests {
         assert!(parse_peers(&format!("B=ws://x#{key}"), "a.example").is_err());
         assert!(parse_peers("b.example=ws://x#short", "a.example").is_err());
         assert!(parse_peers(&format!("b.example=http://x#{key}"), "a.example").is_err());
+        assert!(parse_peers(&format!("b.example=ftp://x#{key}"), "a.example").is_err());
         assert!(
             parse_peers(
                 &format!("b.example=ws://x#{key},b.example=ws://y#{key}"),

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::{
-    PeerConfig, PeerSettings,
+    PeerConfig, PeerSettings, Resolver,
     backoff::Backoff,
     identity::ServerKey,
     link::{self, LinkParams},
@@ -92,6 +92,7 @@ pub struct FederationPeer {
     settings: Arc<PeerSettings>,
     key: Arc<ServerKey>,
     store: Arc<dyn Store>,
+    resolver: Arc<Resolver>,
     /// Sequence number of the next outbox entry.
     next_seq: u64,
     /// Entries below this are durable and may be sent.
@@ -148,6 +149,7 @@ impl FederationPeer {
         settings: Arc<PeerSettings>,
         key: Arc<ServerKey>,
         store: Arc<dyn Store>,
+        resolver: Arc<Resolver>,
     ) -> Self {
         let backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
         FederationPeer {
@@ -155,6 +157,7 @@ impl FederationPeer {
             settings,
             key,
             store,
+            resolver,
             next_seq: 1,
             durable_next: 1,
             cursor: 1,
@@ -191,6 +194,7 @@ impl FederationPeer {
             local_domain: self.settings.local_domain.clone(),
             peer: self.config.clone(),
             key: self.key.clone(),
+            resolver: self.resolver.clone(),
             connect_timeout: self.settings.request_timeout,
             heartbeat: self.settings.heartbeat,
             idle_timeout: self.settings.idle_timeout,
@@ -745,7 +749,7 @@ impl Handler<Status> for FederationPeer {
     fn handle(&mut self, _msg: Status, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(PeerStatus {
             domain: self.config.domain.clone(),
-            url: self.config.url.clone(),
+            url: self.config.location().to_owned(),
             link: match self.link {
                 Link::Up(_) => "up",
                 Link::Connecting => "connecting",
