@@ -929,3 +929,28 @@ async fn peers_can_be_discovered_from_their_well_known_document() {
     })
     .await;
 }
+
+/// A receiving broker that limits an origin's rate refuses the excess for now; the sending
+/// broker backs off and resends from the first refused envelope, so everything arrives once
+/// and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_over_its_rate_is_slowed_down_not_lost() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let bb = b.start(&[&a], &["--federation-origin-rate", "10"]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let bob = register(&bb, "bob@b.example").await;
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    assert!(bob_dev.backlog().await.is_empty());
+    let dev = Device::connect(&ba, &alice).await;
+    let ids = pipeline(dev, "bob@b.example".into(), vec![bob.device], 60).await;
+    expect_exactly_once(&mut bob_dev, &ids).await;
+    assert!(
+        bb.metric_labeled("sealpost_rejects_total", "reason=\"rate_limited\"")
+            .await
+            >= 1.0
+    );
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+}
