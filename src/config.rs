@@ -160,6 +160,9 @@ settings! {
     /// How long a remote user's device set, learned over the link, is trusted for
     /// stale_devices checks before it is asked again, ms.
     federation_device_cache_ms: u64 = 2_000, "SEALPOST_FEDERATION_DEVICE_CACHE_MS";
+    /// Most envelopes waiting in one destination's outbox; further sends to that domain get
+    /// peer_unavailable until it drains.
+    federation_outbox_quota: u64 = 1_000_000, "SEALPOST_FEDERATION_OUTBOX_QUOTA";
     /// Envelopes and lookups per second accepted from one origin domain (0 = unlimited).
     federation_origin_rate: u32 = 5_000, "SEALPOST_FEDERATION_ORIGIN_RATE";
     /// Bearer token for the admin endpoints (/admin/...). Empty: they answer loopback clients

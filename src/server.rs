@@ -78,6 +78,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
             idle_timeout: Duration::from_millis(settings.client_timeout_ms),
             origin_rate: settings.federation_origin_rate,
             inbound_txns: settings.federation_window.max(4),
+            outbox_quota: settings.federation_outbox_quota,
         },
         ServerKey::load_or_create(&settings.data_dir)?,
         parse_peers(&settings.federation_peers, &settings.domain)

@@ -954,3 +954,34 @@ async fn an_origin_over_its_rate_is_slowed_down_not_lost() {
     );
     wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
 }
+
+/// An unreachable destination fills its outbox only up to the quota; then its senders are
+/// told to retry later, and other traffic carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_refuses_with_peer_unavailable() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let b = Site::new("b.example", "127.0.0.2"); // never started
+    let ba = a.start(&[&b], &["--federation-outbox-quota", "3"]);
+    let alice = register(&ba, "alice@a.example").await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    for _ in 0..3 {
+        let out = dev
+            .send_and_wait(eid(), "bob@b.example", &[DeviceId(1)], b"x")
+            .await;
+        assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+    }
+    let out = dev
+        .send_and_wait(eid(), "bob@b.example", &[DeviceId(1)], b"x")
+        .await;
+    assert!(matches!(
+        out,
+        SendOutcome::Rejected {
+            code: ErrorCode::PeerUnavailable,
+            ..
+        }
+    ));
+    wait_peer(&ba, "b.example", "a full backlog", |p| p["backlog"] == 3).await;
+    let mut pair = Pair::connect(&ba, "carol@a.example", "dave@a.example").await;
+    pair.round_trip().await;
+}

@@ -279,6 +279,9 @@ pub struct PeerSettings {
     pub origin_rate: u32,
     /// Transactions one inbound link may have being persisted at once.
     pub inbound_txns: usize,
+    /// Most envelopes one destination's outbox may hold; further sends to that domain are
+    /// refused with `peer_unavailable`.
+    pub outbox_quota: u64,
 }
 
 /// Handle on a running peer.

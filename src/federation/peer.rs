@@ -229,7 +229,7 @@ impl FederationPeer {
     }
 
     /// Sends transactions of durable entries while the window allows.
-    fn pump(&mut self, ctx: &mut Context<Self>) {
+    fn pump(&mut self) {
         let Link::Up(tx) = &self.link else { return };
         let tx = tx.clone();
         if self.hold_until.is_some_and(|t| Instant::now() < t) {
@@ -313,7 +313,6 @@ impl FederationPeer {
             self.cursor = next;
         }
         self.publish();
-        let _ = ctx;
     }
 
     /// Deletes entries from the outbox (acknowledged, refused for good, or expired).
@@ -435,13 +434,19 @@ impl FederationPeer {
                     copies: msg.copies.to_vec(),
                     admission: msg.admission,
                 });
-                self.pump(ctx);
+                self.pump();
             }
             let _ = reply.send(SendOutcome::Accepted { duplicate: false });
             return;
         }
         let duplicate = self.ids.contains_key(&msg.id);
         if !duplicate {
+            // A destination unreachable for long must not fill the disk: past the quota,
+            // senders are told to retry later.
+            if self.backlog.len() as u64 >= self.settings.outbox_quota {
+                let _ = reply.send(rejected(ErrorCode::PeerUnavailable));
+                return;
+            }
             if !self.store.has_room() {
                 let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
                 return;
@@ -495,12 +500,12 @@ impl FederationPeer {
             self.store
                 .sync()
                 .into_actor(self)
-                .map(move |result, act, ctx| match result {
+                .map(move |result, act, _| match result {
                     Ok(()) => {
                         act.durable_next = act.durable_next.max(covered);
                         metrics::histogram!("sealpost_append_seconds").record(started.elapsed());
                         let _ = reply.send(SendOutcome::Accepted { duplicate });
-                        act.pump(ctx);
+                        act.pump();
                     }
                     Err(e) => {
                         warn!(error = %e, "outbox commit failed; send refused");
@@ -623,7 +628,7 @@ impl Handler<Query> for FederationPeer {
 impl Handler<LinkUp> for FederationPeer {
     type Result = ();
 
-    fn handle(&mut self, msg: LinkUp, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: LinkUp, _ctx: &mut Self::Context) {
         if msg.generation != self.generation {
             return;
         }
@@ -637,7 +642,7 @@ impl Handler<LinkUp> for FederationPeer {
             .copied()
             .unwrap_or(self.durable_next)
             .min(self.durable_next);
-        self.pump(ctx);
+        self.pump();
     }
 }
 
@@ -690,6 +695,7 @@ impl Handler<TxnAcked> for FederationPeer {
             .remove(pos)
             .expect("position is within in_flight");
         let mut done = Vec::with_capacity(txn.seqs.len());
+        let mut delivered = 0u64;
         let mut retry_from = None;
         for (i, seq) in txn.seqs.iter().enumerate() {
             // A short answer leaves the rest unanswered: send them again.
@@ -700,7 +706,7 @@ impl Handler<TxnAcked> for FederationPeer {
             match code {
                 None => {
                     done.push(*seq);
-                    self.stats.delivered += 1;
+                    delivered += 1;
                 }
                 Some(code) if retryable(*code) => {
                     retry_from = Some(*seq);
@@ -720,8 +726,9 @@ impl Handler<TxnAcked> for FederationPeer {
                 }
             }
         }
+        self.stats.delivered += delivered;
         metrics::counter!("sealpost_federation_delivered_total", "destination" => self.config.domain.clone())
-            .increment(done.len() as u64);
+            .increment(delivered);
         self.forget(&done);
         match retry_from {
             Some(seq) => {
@@ -731,13 +738,13 @@ impl Handler<TxnAcked> for FederationPeer {
                 self.cursor = seq;
                 let delay = self.backoff.fail();
                 self.hold_until = Some(Instant::now() + delay);
-                ctx.run_later(delay, |act, ctx| act.pump(ctx));
+                ctx.run_later(delay, |act, _| act.pump());
             }
             None => {
                 if !txn.seqs.is_empty() {
                     self.backoff.reset();
                 }
-                self.pump(ctx);
+                self.pump();
             }
         }
     }
