@@ -30,16 +30,23 @@ async function measure(label, brokerArgs, query) {
     const bob = await newUser(browser, broker, 'bob@localhost', query);
     await addContact(alice, 'bob@localhost');
     const times = [];
+    const answers = [];
     for (let i = 0; i < calls + 1; i++) {
       await callAndAnswer(alice, bob);
       await waitCallState(alice, 'connected');
       await waitCallState(bob, 'connected');
-      const ms = await alice.page.evaluate(() => window.sealpostDebug.setupMs);
-      if (i > 0) times.push(ms); // the first call also opens the sealed connection: warm-up
+      const [ms, answerMs] = await alice.page.evaluate(
+        () => [window.sealpostDebug.setupMs, window.sealpostDebug.answerMs],
+      );
+      if (i > 0) { // the first call also opens the sealed connection: warm-up
+        times.push(ms);
+        answers.push(answerMs);
+      }
       await alice.page.click('#hangup');
       await waitCallState(bob, 'ended');
     }
-    console.log(`${label}: ${summary(times)}`);
+    console.log(`${label}: offer sent -> connected ${summary(times)}`);
+    console.log(`${label}: of which offer sent -> answer received ${summary(answers)}`);
   } finally {
     await browser.close();
     await broker.stop();

@@ -718,6 +718,7 @@ async function onCallSignal(event) {
       if (!ours || !call.outgoing || call.peerDevice !== null) return;
       call.peerDevice = event.device;
       call.remoteFingerprint = p.fingerprint;
+      if (call.offerSentAt) debug.answerMs = performance.now() - call.offerSentAt;
       clearTimeout(call.ringTimer);
       if (!checkSdpFingerprint(call, p.sdp, p.fingerprint)) return;
       setCallState('connecting', call.peer);
