@@ -14,7 +14,7 @@ let broker;
 let browser;
 let alice;
 let bob;
-const canaries = ['canary-alice-to-bob-7f3a', 'canary-bob-to-alice-91c2'];
+const canaries = ['canary-alice-to-bob-7f3a', 'canary-bob-to-alice-91c2', 'canary-backlog-3d05'];
 const seenSdp = []; // fingerprints and ICE ufrags used in the calls, to scan for
 
 before(async () => {
@@ -61,6 +61,23 @@ test('two users exchange end-to-end encrypted messages and see each other\'s tex
   await alice.page.waitForSelector('#verified-badge:not([hidden])', { timeout: WAIT_MS });
   // Bob's reply went sealed (he holds Alice's delivery token after her first message).
   assert.equal(await bob.page.evaluate(() => !!document.querySelector('#error:not([hidden])')), false);
+});
+
+test('a message sent while the contact is away arrives from the backlog when they sign in', async () => {
+  await bob.page.close();
+  await sendText(alice, canaries[2]);
+  // Bob comes back: a new tab in his browser (same storage), signing in to his account.
+  const page = await bob.context.newPage();
+  await page.goto(`${broker.base}/web/`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
+  await page.fill('#handle', 'bob@localhost');
+  await page.click('#signin');
+  await page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
+  bob = { ...bob, page };
+  await bob.page.click('#contacts button[data-handle="alice@localhost"]');
+  await waitForMessage(bob, canaries[2]);
+  // The earlier conversation is still there (the state is kept encrypted in the browser).
+  await waitForMessage(bob, canaries[0]);
 });
 
 test('a video call connects, media flows both ways and the fingerprint check passes', async () => {
