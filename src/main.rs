@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use sealpost::config::{ServeArgs, Settings};
 
 /// mimalloc: the broker allocates many small, short-lived buffers (frames, sled nodes) across
-/// threads; measured faster than the system allocator on the e2e load test.
+/// threads; measured faster than the system allocator on the e2e load test. Built with
+/// `no_thp` (see Cargo.toml); on a host with THP `always`, also set `MIMALLOC_ALLOW_THP=0`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

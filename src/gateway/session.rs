@@ -20,14 +20,14 @@ use std::{
 
 use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
 use rand::Rng;
 use sealpost_proto::{
     ClientFrame, CloseCode, DecodeError, DeviceId, EnvelopeId, ErrorCode, Handle, SendOutcome,
     ServerFrame,
     limits::{MAX_ACKS_PER_FRAME, MAX_FRAME_BYTES},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::{
@@ -41,6 +41,7 @@ use crate::{
     mailbox::{
         Conn,
         messages::{Ack, Attach, Detach},
+        outbox,
     },
     telemetry,
 };
@@ -66,9 +67,7 @@ pub async fn upgrade(
         .aggregate_continuations()
         .max_continuation_size(MAX_FRAME_BYTES);
     let state: Arc<AppState> = Arc::clone(state.get_ref());
-    actix_web::rt::spawn(async move {
-        run(state, session, stream, ip).await;
-    });
+    actix_web::rt::spawn(run(state, session, stream, ip));
     Ok(response)
 }
 
@@ -115,12 +114,22 @@ pub(crate) async fn next_incoming(
     session: &mut Session,
     stream: &mut AggregatedMessageStream,
 ) -> Incoming {
-    match stream.recv().await {
-        Some(Ok(AggregatedMessage::Binary(bytes))) => Incoming::Frame(bytes),
-        Some(Ok(AggregatedMessage::Ping(p))) => {
-            let _ = session.pong(&p).await;
+    match classify(stream.recv().await) {
+        Ok(incoming) => incoming,
+        Err(ping) => {
+            let _ = session.pong(&ping).await;
             Incoming::Control
         }
+    }
+}
+
+/// What one read from the socket means; a ping is returned as its payload, to be answered.
+fn classify(
+    read: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+) -> Result<Incoming, Bytes> {
+    Ok(match read {
+        Some(Ok(AggregatedMessage::Binary(bytes))) => Incoming::Frame(bytes),
+        Some(Ok(AggregatedMessage::Ping(p))) => return Err(p),
         Some(Ok(AggregatedMessage::Pong(_))) => Incoming::Control,
         Some(Ok(AggregatedMessage::Text(_))) => Incoming::End(Some((
             CloseCode::ProtocolError,
@@ -132,7 +141,7 @@ pub(crate) async fn next_incoming(
             format!("frames are limited to {MAX_FRAME_BYTES} bytes"),
         ))),
         Some(Err(e)) => Incoming::End(Some((CloseCode::ProtocolError, e.to_string()))),
-    }
+    })
 }
 
 /// Reads frames until `auth` arrives and verifies it.
@@ -223,76 +232,115 @@ pub(crate) fn decode_close(e: &DecodeError) -> (CloseCode, String) {
 }
 
 /// Runs one connection to its end.
-async fn run(
+#[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
+fn run(
     state: Arc<AppState>,
     mut session: Session,
     mut stream: AggregatedMessageStream,
     ip: Option<IpAddr>,
-) {
-    state.open_sessions.fetch_add(1, Ordering::Relaxed);
-    let _open = OpenGuard(&state);
-    let authed = match authenticate(&state, &mut session, &mut stream).await {
-        Ok(a) => a,
-        Err(reason) => {
-            if let Some((code, text)) = reason {
-                close(session, code, Some(text)).await;
+) -> impl Future<Output = ()> {
+    async move {
+        state.open_sessions.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenGuard(&state);
+        // Boxed, here and for the closes below: the task keeps its largest state for its whole
+        // life, and these run once.
+        let authed = match Box::pin(authenticate(&state, &mut session, &mut stream)).await {
+            Ok(a) => a,
+            Err(reason) => {
+                if let Some((code, text)) = reason {
+                    Box::pin(close(session, code, Some(text))).await;
+                }
+                return;
             }
+        };
+        let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
+        let capacity = state.settings.delivery_window * 2 + 16;
+        let (tx, mut rx) = outbox::channel(capacity);
+        let (kick_tx, mut kick_rx) = oneshot::channel();
+        let attach = Attach {
+            device: authed.device,
+            conn: Conn {
+                id: conn_id,
+                tx,
+                kick: kick_tx,
+            },
+        };
+        match state.registry.call_once(authed.user.as_str(), attach).await {
+            Ok(Ok(())) => {}
+            _ => {
+                let text = Some("device unavailable".into());
+                Box::pin(close(session, CloseCode::AuthFailed, text)).await;
+                return;
+            }
+        }
+        let hello = ServerFrame::AuthOk {
+            user: authed.user.to_string(),
+            device: authed.device,
+            server_time_ms: now_ms(),
+        };
+        if session.binary(hello.encode()).await.is_err() {
+            detach(&state, &authed, conn_id);
             return;
         }
-    };
-    let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let capacity = state.settings.delivery_window * 2 + 16;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(capacity);
-    let (kick_tx, mut kick_rx) = oneshot::channel();
-    let attach = Attach {
-        device: authed.device,
-        conn: Conn {
-            id: conn_id,
-            tx,
-            kick: kick_tx,
-        },
-    };
-    match state.registry.call_once(authed.user.as_str(), attach).await {
-        Ok(Ok(())) => {}
-        _ => {
-            close(
-                session,
-                CloseCode::AuthFailed,
-                Some("device unavailable".into()),
-            )
-            .await;
-            return;
-        }
-    }
-    let hello = ServerFrame::AuthOk {
-        user: authed.user.to_string(),
-        device: authed.device,
-        server_time_ms: now_ms(),
-    };
-    if session.binary(hello.encode()).await.is_err() {
-        detach(&state, &authed, conn_id);
-        return;
-    }
-    debug!(device = authed.device.0, "device connected");
+        debug!(device = authed.device.0, "device connected");
 
-    let mut s = Live {
-        state: &state,
-        authed: &authed,
-        conn_id,
-        ip,
-        violations: 0,
-        kicked: false,
-    };
-    let end = s
-        .relay(&mut session, &mut stream, &mut rx, &mut kick_rx)
-        .await;
-    detach(&state, &authed, conn_id);
-    if let Some((code, text)) = end {
-        if s.kicked {
-            send_close(session, code, Some(text)).await;
-        } else {
-            close(session, code, Some(text)).await;
+        let mut s = Live {
+            state: &state,
+            authed: &authed,
+            conn_id,
+            ip,
+            violations: 0,
+            kicked: false,
+        };
+        let end = s
+            .relay(&mut session, &mut stream, &mut rx, &mut kick_rx)
+            .await;
+        detach(&state, &authed, conn_id);
+        if let Some((code, text)) = end {
+            if s.kicked {
+                Box::pin(send_close(session, code, Some(text))).await;
+            } else {
+                Box::pin(close(session, code, Some(text))).await;
+            }
         }
+    }
+}
+
+/// Sends awaiting their results. Allocated on the first send and released once all are answered:
+/// most connections are idle most of the time, and an empty `FuturesUnordered` already holds
+/// two allocations.
+#[derive(Default)]
+struct Pending(Option<FuturesUnordered<PendingSend>>);
+
+impl Pending {
+    fn push(&mut self, send: PendingSend) {
+        self.0.get_or_insert_with(FuturesUnordered::new).push(send);
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Stream for Pending {
+    type Item = (EnvelopeId, SendOutcome);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(pending) = &mut self.0 else {
+            return std::task::Poll::Ready(None);
+        };
+        let next = pending.poll_next_unpin(cx);
+        if pending.is_empty() {
+            self.0 = None;
+        }
+        next
     }
 }
 
@@ -333,11 +381,11 @@ impl Live<'_> {
         &mut self,
         session: &mut Session,
         stream: &mut AggregatedMessageStream,
-        rx: &mut mpsc::Receiver<Bytes>,
+        rx: &mut outbox::Receiver,
         kick_rx: &mut oneshot::Receiver<CloseCode>,
     ) -> Option<(CloseCode, String)> {
         let settings = &self.state.settings;
-        let mut pending: FuturesUnordered<PendingSend> = FuturesUnordered::new();
+        let mut pending = Pending::default();
         let mut heartbeat = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
         heartbeat.tick().await;
         let client_timeout = Duration::from_millis(settings.client_timeout_ms);
@@ -353,7 +401,7 @@ impl Live<'_> {
                     return Some((code, code.as_str().to_owned()));
                 }
                 _ = shutdown.changed() => {
-                    return self.drain_for_shutdown(session, &mut pending).await;
+                    return Box::pin(self.drain_for_shutdown(session, &mut pending)).await;
                 }
                 frame = rx.recv() => match frame {
                     Some(frame) => if session.binary(frame).await.is_err() { return None },
@@ -363,16 +411,23 @@ impl Live<'_> {
                     let frame = ServerFrame::SendResult { id, outcome }.encode();
                     if session.binary(frame).await.is_err() { return None }
                 }
-                incoming = next_incoming(session, stream), if pending.len() < settings.max_pending_sends => {
+                // Reads here and answers pings below, so that the waiting state stays small.
+                read = stream.recv(), if pending.len() < settings.max_pending_sends => {
                     last_heard = Instant::now();
-                    match incoming {
-                        Incoming::Frame(bytes) => {
-                            if let Some(end) = self.on_frame(session, &bytes, &mut pending).await {
+                    match classify(read) {
+                        Ok(Incoming::Frame(bytes)) => {
+                            // Boxed: its state is larger than all the rest of the loop's, and
+                            // the task would carry it while idle too.
+                            let handled = Box::pin(self.on_frame(session, &bytes, &mut pending));
+                            if let Some(end) = handled.await {
                                 return Some(end);
                             }
                         }
-                        Incoming::Control => {}
-                        Incoming::End(reason) => return reason,
+                        Ok(Incoming::Control) => {}
+                        Ok(Incoming::End(reason)) => return reason,
+                        Err(ping) => {
+                            let _ = session.pong(&ping).await;
+                        }
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -390,7 +445,7 @@ impl Live<'_> {
     async fn drain_for_shutdown(
         &self,
         session: &mut Session,
-        pending: &mut FuturesUnordered<PendingSend>,
+        pending: &mut Pending,
     ) -> Option<(CloseCode, String)> {
         while let Some((id, outcome)) = pending.next().await {
             let _ = session
@@ -408,7 +463,7 @@ impl Live<'_> {
         &mut self,
         session: &mut Session,
         bytes: &[u8],
-        pending: &mut FuturesUnordered<PendingSend>,
+        pending: &mut Pending,
     ) -> Option<(CloseCode, String)> {
         let frame = match ClientFrame::decode(bytes) {
             Ok(frame) => frame,

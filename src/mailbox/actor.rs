@@ -14,6 +14,7 @@ use sealpost_proto::{
 use tracing::{debug, warn};
 
 use super::{
+    device_map::DeviceMap,
     messages::{
         Ack, AddDevice, Attach, AttachError, ClaimKey, ClaimedKey, Conn, CurrentDevices, Detach,
         Expire, KickAll, RemoveDevice, Submit, UploadKeys,
@@ -80,7 +81,7 @@ pub struct Mailbox {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     config: Arc<MailboxConfig>,
-    devices: BTreeMap<DeviceId, DeviceQueue>,
+    devices: DeviceMap<DeviceQueue>,
     /// Sends in progress (between write and durable), by envelope id; a concurrent retry
     /// of one of them waits for durability like the original.
     pending: HashSet<EnvelopeId>,
@@ -104,7 +105,7 @@ impl Mailbox {
             store,
             registry,
             config,
-            devices: BTreeMap::new(),
+            devices: DeviceMap::new(),
             pending: HashSet::new(),
             inflight_syncs: 0,
             last_activity: Instant::now(),

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use actix::Message;
-use actix_web::web::Bytes;
 use sealpost_proto::{Class, CloseCode, Copy, DeviceId, EnvelopeId, SendOutcome};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::store::{DeviceRecord, Expired, StoreError};
 
@@ -19,7 +18,7 @@ pub struct Conn {
     pub id: ConnId,
     /// Encoded frames to write to the socket. Bounded: the mailbox uses `try_send`, and a full
     /// channel means a slow consumer, which is disconnected and resumes from the store.
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: super::outbox::Sender,
     /// Tells the session to close with a reason (displaced, revoked, slow consumer).
     pub kick: oneshot::Sender<CloseCode>,
 }

@@ -3,11 +3,14 @@
 //! - [`messages`]: what the gateway asks of a mailbox.
 //! - [`actor`]: the [`Mailbox`] actor — idempotent append, group-committed durability,
 //!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
+//! - [`outbox`]: the bounded queue of frames from a mailbox to a connected session.
 //! - [`registry`]: finds or spawns the mailbox of a user, spreads them over threads, and
 //!   forgets them when they stop idle.
 
 pub mod actor;
+mod device_map;
 pub mod messages;
+pub mod outbox;
 pub mod registry;
 
 #[cfg(test)]

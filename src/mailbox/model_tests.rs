@@ -4,10 +4,9 @@
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use actix::{Arbiter, System};
-use actix_web::web::Bytes;
 use proptest::prelude::*;
 use sealpost_proto::{Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{
     MailboxConfig, Registry,
@@ -58,7 +57,7 @@ struct ModelDevice {
 
 struct ModelConn {
     id: u64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: super::outbox::Receiver,
     _kick: oneshot::Receiver<sealpost_proto::CloseCode>,
     /// Delivered on this connection, not yet acked, in order.
     in_flight: VecDeque<(u64, EnvelopeId)>,
@@ -207,7 +206,7 @@ async fn run(ops: Vec<Op>) {
                 }
             }
             Op::Connect(d) => {
-                let (tx, rx) = mpsc::channel(64);
+                let (tx, rx) = super::outbox::channel(64);
                 let (kick, kick_rx) = oneshot::channel();
                 conn_ids += 1;
                 let conn = super::Conn {
