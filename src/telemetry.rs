@@ -39,6 +39,13 @@ fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!("sealpost_connections", "Authenticated device connections");
     describe_gauge!("sealpost_mailboxes", "Live mailbox actors");
+    describe_gauge!("sealpost_mailboxes_registered", "Mailboxes in the registry");
+    describe_gauge!("sealpost_ready", "1 when /readyz answers 200, else 0");
+    describe_gauge!(
+        "sealpost_disk_free_bytes",
+        Unit::Bytes,
+        "Free space on the data directory's file system"
+    );
     describe_histogram!(
         "sealpost_queue_depth",
         "Per-device queue depth after each append"

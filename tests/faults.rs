@@ -70,6 +70,7 @@ async fn a_failing_flush_refuses_the_send_and_a_retry_stores_it_once() {
 #[tokio::test]
 async fn a_nearly_full_disk_refuses_new_envelopes_and_accounts() {
     let mut broker = Broker::start(&[]);
+    assert_eq!(broker.metric("sealpost_ready").await, 1.0);
     let alice = register(&broker, "alice@test.example").await;
     let bob = register(&broker, "bob@test.example").await;
     let mut a = Device::connect(&broker, &alice).await;
@@ -82,6 +83,8 @@ async fn a_nearly_full_disk_refuses_new_envelopes_and_accounts() {
     assert!(broker.terminate());
     broker.restart_with(&["--min-free-disk-mb", "1000000000000"]);
     assert_eq!(readyz(&broker).await, 503);
+    assert_eq!(broker.metric("sealpost_ready").await, 0.0);
+    assert!(broker.metric("sealpost_disk_free_bytes").await > 0.0);
     let mut a = Device::connect(&broker, &alice).await;
     assert_eq!(
         a.send_and_wait(eid(), &bob.user, &[bob.device], b"refused")

@@ -313,11 +313,13 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
+/// Not ready while shutting down, after a failed flush, or with the disk nearly full.
+fn is_ready(state: &AppState) -> bool {
+    !state.shutting_down.load(Ordering::Relaxed) && state.store.healthy() && state.store.has_room()
+}
+
 async fn readyz(state: State) -> HttpResponse {
-    // Not ready while shutting down, after a failed flush, or with the disk nearly full.
-    let ready = !state.shutting_down.load(Ordering::Relaxed)
-        && state.store.healthy()
-        && state.store.has_room();
+    let ready = is_ready(&state);
     if ready {
         HttpResponse::Ok()
             .content_type("text/plain")
@@ -334,6 +336,7 @@ async fn metrics(state: State) -> HttpResponse {
         Some(handle) => {
             handle.run_upkeep();
             metrics::gauge!("sealpost_mailboxes_registered").set(state.registry.len() as f64);
+            metrics::gauge!("sealpost_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4")
                 .body(handle.render())

@@ -32,7 +32,11 @@ impl Health {
     pub(crate) fn check_disk(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let ok = match rustix::fs::statvfs(&self.dir) {
-            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize) >= self.min_free,
+            Ok(st) => {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                metrics::gauge!("sealpost_disk_free_bytes").set(free as f64);
+                free >= self.min_free
+            }
             // Unknown: do not refuse on a failed probe; a failing disk shows in flushes.
             Err(_) => true,
         };
