@@ -6,51 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Broker, WAIT};
+use common::{
+    Broker,
+    sdk::{link, next, register},
+};
 use sealpost_client::{CallSignal, Client, Event, crypto::Payload};
-use tempfile::TempDir;
-
-struct Dev {
-    client: Client,
-    _dir: TempDir,
-}
-
-async fn register(broker: &Broker, handle: &str) -> Dev {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let client = Client::register(&broker.http(), handle, dir.path(), None)
-        .await
-        .expect("register");
-    Dev { client, _dir: dir }
-}
-
-async fn link(broker: &Broker, existing: &mut Dev) -> Dev {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let code = existing.client.create_link_code().await.expect("link code");
-    let handle = existing.client.handle().to_owned();
-    let server = broker.http();
-    let linking = Client::link(&server, &handle, &code.code, dir.path(), WAIT);
-    let approve = async {
-        loop {
-            match next(&mut existing.client).await {
-                Event::DeviceLinked { .. } => break,
-                Event::QueueEmpty => {}
-                other => panic!("unexpected event while linking: {other:?}"),
-            }
-        }
-    };
-    let (linked, ()) = tokio::join!(linking, approve);
-    Dev {
-        client: linked.expect("link"),
-        _dir: dir,
-    }
-}
-
-async fn next(client: &mut Client) -> Event {
-    tokio::time::timeout(WAIT, client.next_event())
-        .await
-        .expect("timed out waiting for an event")
-        .expect("next_event")
-}
 
 /// The next call signal, skipping notices; panics on a rejected envelope.
 async fn next_call(client: &mut Client) -> CallSignal {

@@ -6,7 +6,10 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Broker, WAIT};
+use common::{
+    Broker, WAIT,
+    sdk::{link, next, register},
+};
 use sealpost_client::{
     Client, ClientError, EnvelopeError, Event,
     api::{Api, ClaimAuth},
@@ -17,52 +20,6 @@ use sealpost_client::{
     },
 };
 use sealpost_proto::{Class, ClientFrame, Copy, EnvelopeId, SendOutcome, ServerFrame};
-use tempfile::TempDir;
-
-/// One device: its client and its state directory.
-struct Dev {
-    client: Client,
-    _dir: TempDir,
-}
-
-async fn register(broker: &Broker, handle: &str) -> Dev {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let client = Client::register(&broker.http(), handle, dir.path(), None)
-        .await
-        .expect("register");
-    Dev { client, _dir: dir }
-}
-
-/// Links a new device to `existing`'s account; `existing` approves it.
-async fn link(broker: &Broker, existing: &mut Dev) -> Dev {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let code = existing.client.create_link_code().await.expect("link code");
-    let handle = existing.client.handle().to_owned();
-    let server = broker.http();
-    let linking = Client::link(&server, &handle, &code.code, dir.path(), WAIT);
-    let approve = async {
-        loop {
-            match next(&mut existing.client).await {
-                Event::DeviceLinked { .. } => break,
-                Event::QueueEmpty => {}
-                other => panic!("unexpected event while linking: {other:?}"),
-            }
-        }
-    };
-    let (linked, ()) = tokio::join!(linking, approve);
-    Dev {
-        client: linked.expect("link"),
-        _dir: dir,
-    }
-}
-
-/// The next event, within the test's patience.
-async fn next(client: &mut Client) -> Event {
-    tokio::time::timeout(WAIT, client.next_event())
-        .await
-        .expect("timed out waiting for an event")
-        .expect("next_event")
-}
 
 /// What a device saw, in a comparable form.
 #[derive(Debug, Clone, PartialEq, Eq)]

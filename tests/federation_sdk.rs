@@ -9,44 +9,11 @@ mod common;
 
 use std::{collections::HashMap, net::TcpListener, process::Command};
 
-use common::{Broker, WAIT};
+use common::{
+    Broker,
+    sdk::{Dev, link, next},
+};
 use sealpost_client::{Client, Event};
-use tempfile::TempDir;
-
-struct Dev {
-    client: Client,
-    _dir: TempDir,
-}
-
-async fn next(client: &mut Client) -> Event {
-    tokio::time::timeout(WAIT, client.next_event())
-        .await
-        .expect("timed out waiting for an event")
-        .expect("next_event")
-}
-
-/// Links a second device to `existing`'s account.
-async fn link(broker: &Broker, existing: &mut Dev) -> Dev {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let code = existing.client.create_link_code().await.expect("link code");
-    let handle = existing.client.handle().to_owned();
-    let server = broker.http();
-    let linking = Client::link(&server, &handle, &code.code, dir.path(), WAIT);
-    let approve = async {
-        loop {
-            match next(&mut existing.client).await {
-                Event::DeviceLinked { .. } => break,
-                Event::QueueEmpty => {}
-                other => panic!("unexpected event while linking: {other:?}"),
-            }
-        }
-    };
-    let (linked, ()) = tokio::join!(linking, approve);
-    Dev {
-        client: linked.expect("link"),
-        _dir: dir,
-    }
-}
 
 /// Starts one broker per domain on 127.0.0.1/2/3, each pinning the others' keys.
 fn start(domains: &[(&'static str, &str)]) -> Vec<Broker> {

@@ -64,12 +64,11 @@
 //! the ciphertext sizes; the link names the origin domain. No field names the sender's handle
 //! or device: there is no such field in any frame.
 
-use std::io::Cursor;
-
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::{
+    codec::{self, body},
     error::{DecodeError, ErrorCode},
     frame::{Class, Copy},
     ids::EnvelopeId,
@@ -391,30 +390,11 @@ struct ClaimedBody(u64, u64, ByteBuf, bool);
 struct RefusedBody(u64, u16);
 
 fn encode<T: Serialize>(kind: u8, body: &T) -> Vec<u8> {
-    let mut out = vec![FEDERATION_VERSION, kind];
-    rmp_serde::encode::write(&mut out, body).expect("frame bodies always serialize into a Vec");
-    out
+    codec::encode(FEDERATION_VERSION, kind, body)
 }
 
 fn header(bytes: &[u8], max: usize) -> Result<(u8, &[u8]), DecodeError> {
-    if bytes.len() > max {
-        return Err(DecodeError::TooLarge(bytes.len()));
-    }
-    match bytes {
-        [FEDERATION_VERSION, kind, body @ ..] => Ok((*kind, body)),
-        [version, _, ..] => Err(DecodeError::UnsupportedVersion(*version)),
-        _ => Err(DecodeError::Truncated),
-    }
-}
-
-fn body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
-    let mut de = rmp_serde::Deserializer::new(Cursor::new(body));
-    let value = T::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    let used = usize::try_from(de.position()).unwrap_or(usize::MAX);
-    if used < body.len() {
-        return Err(DecodeError::TrailingBytes(body.len() - used));
-    }
-    Ok(value)
+    codec::header(bytes, FEDERATION_VERSION, max)
 }
 
 fn code(value: u16) -> Result<ErrorCode, DecodeError> {

@@ -39,12 +39,11 @@
 //! An envelope names its recipient device (by being in that device's queue) and nothing about
 //! its sender: the sender identity, if any, is inside the ciphertext.
 
-use std::io::Cursor;
-
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::{
+    codec::{self, body},
     error::{DecodeError, ErrorCode},
     ids::{DeviceId, EnvelopeId},
     limits::MAX_FRAME_BYTES,
@@ -351,33 +350,11 @@ struct NoticeBody(u16, DeviceId);
 struct ErrorBody(u16, String, Option<u64>);
 
 fn encode<T: Serialize>(kind: u8, body: &T) -> Vec<u8> {
-    let mut out = vec![PROTOCOL_VERSION, kind];
-    // Writing into a Vec cannot fail, and every body type serializes (no maps with non-string
-    // keys, no unsupported types).
-    rmp_serde::encode::write(&mut out, body).expect("frame bodies always serialize into a Vec");
-    out
+    codec::encode(PROTOCOL_VERSION, kind, body)
 }
 
-/// Splits the header off and checks version and size.
 fn header(bytes: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
-    if bytes.len() > MAX_FRAME_BYTES {
-        return Err(DecodeError::TooLarge(bytes.len()));
-    }
-    match bytes {
-        [PROTOCOL_VERSION, kind, body @ ..] => Ok((*kind, body)),
-        [version, _, ..] => Err(DecodeError::UnsupportedVersion(*version)),
-        _ => Err(DecodeError::Truncated),
-    }
-}
-
-fn body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
-    let mut de = rmp_serde::Deserializer::new(Cursor::new(body));
-    let value = T::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    let used = usize::try_from(de.position()).unwrap_or(usize::MAX);
-    if used < body.len() {
-        return Err(DecodeError::TrailingBytes(body.len() - used));
-    }
-    Ok(value)
+    codec::header(bytes, PROTOCOL_VERSION, MAX_FRAME_BYTES)
 }
 
 impl ClientFrame {

@@ -15,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+mod codec;
 pub mod error;
 pub mod federation;
 pub mod frame;

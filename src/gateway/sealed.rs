@@ -15,14 +15,11 @@ use std::{
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessageStream, Session};
 use futures_util::{StreamExt, stream::FuturesUnordered};
-use sealpost_proto::{
-    ClientFrame, CloseCode, DecodeError, ErrorCode, ServerFrame, limits::MAX_FRAME_BYTES,
-};
+use sealpost_proto::{ClientFrame, CloseCode, DecodeError, ErrorCode, ServerFrame};
 
 use super::{
     AppState,
-    error::ApiError,
-    session::{Incoming, close, decode_close, error_frame, next_incoming, reject_send},
+    session::{Incoming, accept, close, decode_close, error_frame, next_incoming, reject_send},
     submit::{PendingSend, admit_sealed, submit_sealed, validate_send},
 };
 
@@ -32,20 +29,7 @@ pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable.into());
-    }
-    let ip = req.peer_addr().map(|a| a.ip());
-    if let Some(ip) = ip
-        && !state.limits.allow_ip(ip)
-    {
-        return Err(ApiError::RateLimited.into());
-    }
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let stream = stream
-        .max_frame_size(MAX_FRAME_BYTES)
-        .aggregate_continuations()
-        .max_continuation_size(MAX_FRAME_BYTES);
+    let (response, session, stream, ip) = accept(&state, &req, body)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
     actix_web::rt::spawn(async move {
         state.open_sessions.fetch_add(1, Ordering::Relaxed);

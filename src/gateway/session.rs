@@ -52,6 +52,27 @@ pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let (response, session, stream, ip) = accept(&state, &req, body)?;
+    let state: Arc<AppState> = Arc::clone(state.get_ref());
+    actix_web::rt::spawn(run(state, session, stream, ip));
+    Ok(response)
+}
+
+/// The admission and set-up every device-facing WebSocket shares: refused while shutting down
+/// or over the per-IP limit; frames capped at [`MAX_FRAME_BYTES`], continuations aggregated.
+pub(crate) fn accept(
+    state: &AppState,
+    req: &HttpRequest,
+    body: web::Payload,
+) -> Result<
+    (
+        HttpResponse,
+        Session,
+        AggregatedMessageStream,
+        Option<IpAddr>,
+    ),
+    actix_web::Error,
+> {
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable.into());
     }
@@ -61,14 +82,12 @@ pub async fn upgrade(
     {
         return Err(ApiError::RateLimited.into());
     }
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let (response, session, stream) = actix_ws::handle(req, body)?;
     let stream = stream
         .max_frame_size(MAX_FRAME_BYTES)
         .aggregate_continuations()
         .max_continuation_size(MAX_FRAME_BYTES);
-    let state: Arc<AppState> = Arc::clone(state.get_ref());
-    actix_web::rt::spawn(run(state, session, stream, ip));
-    Ok(response)
+    Ok((response, session, stream, ip))
 }
 
 pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) -> Bytes {

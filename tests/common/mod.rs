@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub, clippy::cast_possible_truncation)]
 
+pub mod sdk;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,

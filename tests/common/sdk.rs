@@ -1,0 +1,52 @@
+//! Helpers for tests that drive the real client SDK against broker processes.
+
+use sealpost_client::{Client, Event};
+use tempfile::TempDir;
+
+use super::{Broker, WAIT};
+
+/// One device: its client and its state directory.
+pub struct Dev {
+    pub client: Client,
+    pub _dir: TempDir,
+}
+
+/// Registers a new account with one device.
+pub async fn register(broker: &Broker, handle: &str) -> Dev {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::register(&broker.http(), handle, dir.path(), None)
+        .await
+        .expect("register");
+    Dev { client, _dir: dir }
+}
+
+/// Links a new device to `existing`'s account; `existing` approves it.
+pub async fn link(broker: &Broker, existing: &mut Dev) -> Dev {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let code = existing.client.create_link_code().await.expect("link code");
+    let handle = existing.client.handle().to_owned();
+    let server = broker.http();
+    let linking = Client::link(&server, &handle, &code.code, dir.path(), WAIT);
+    let approve = async {
+        loop {
+            match next(&mut existing.client).await {
+                Event::DeviceLinked { .. } => break,
+                Event::QueueEmpty => {}
+                other => panic!("unexpected event while linking: {other:?}"),
+            }
+        }
+    };
+    let (linked, ()) = tokio::join!(linking, approve);
+    Dev {
+        client: linked.expect("link"),
+        _dir: dir,
+    }
+}
+
+/// The next event, within the test's patience.
+pub async fn next(client: &mut Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("timed out waiting for an event")
+        .expect("next_event")
+}
