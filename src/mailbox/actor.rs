@@ -19,11 +19,12 @@ use super::{
         Ack, AddDevice, Attach, AttachError, ClaimKey, ClaimedKey, Conn, CurrentDevices, Detach,
         Expire, KickAll, RemoveDevice, Submit, UploadKeys,
     },
+    recovery,
     registry::Registry,
 };
 use crate::{
     clock::now_ms,
-    store::{DedupRecord, EnvelopeRecord, Expired, HeadRecord, QueueOp, QueueWrite, Store},
+    store::{EnvelopeRecord, Expired, HeadRecord, QueueOp, QueueWrite, Store},
     telemetry,
 };
 
@@ -112,19 +113,10 @@ impl Mailbox {
         }
     }
 
-    /// Loads the user's devices and queue heads: a few keys, never the queued envelopes.
+    /// Loads the user's devices and queue heads (a few keys, never the queued envelopes),
+    /// rolling back a send a crash tore.
     fn load(&mut self) -> crate::store::Result<()> {
-        let heads: BTreeMap<u32, HeadRecord> = self.store.heads(&self.user)?.into_iter().collect();
-        for (id, _) in self.store.devices(&self.user)? {
-            let mut head = heads.get(&id).copied().unwrap_or_else(empty_head);
-            // Writes survive a crash as a prefix: envelopes may have outlived the head update
-            // that followed them. Never reuse their sequence numbers.
-            if let Some(last) = self.store.last_seq(&self.user, id)?
-                && last >= head.next_seq
-            {
-                head.count += last + 1 - head.next_seq;
-                head.next_seq = last + 1;
-            }
+        for (id, head) in recovery::recover_heads(self.store.as_ref(), &self.user, now_ms())? {
             self.devices.insert(DeviceId(id), DeviceQueue::new(head));
         }
         Ok(())
@@ -323,15 +315,6 @@ impl DeviceQueue {
             pushed_hwm: 0,
             conn: None,
         }
-    }
-}
-
-fn empty_head() -> HeadRecord {
-    HeadRecord {
-        version: crate::store::records::RECORD_VERSION,
-        next_seq: 1,
-        count: 0,
-        bytes: 0,
     }
 }
 
@@ -554,53 +537,33 @@ impl Mailbox {
         }
         let now = now_ms();
         let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
-        let mut write = QueueWrite::default();
-        let mut heads = Vec::with_capacity(msg.copies.len());
-        let mut stored = Vec::with_capacity(msg.copies.len());
-        for copy in msg.copies.iter() {
-            let mut head = self.devices[&copy.device].head;
-            let seq = head.next_seq;
-            head.next_seq += 1;
-            head.count += 1;
-            head.bytes += copy.ciphertext.len() as u64;
-            write.ops.push(QueueOp::Append {
-                user: self.user.clone(),
+        let copies: Vec<recovery::DeviceCopy<'_>> = msg
+            .copies
+            .iter()
+            .map(|copy| recovery::DeviceCopy {
                 device: copy.device.0,
-                seq,
-                record: EnvelopeRecord {
-                    version: crate::store::records::RECORD_VERSION,
-                    id: msg.id.0,
-                    class: msg.class as u8,
-                    accepted_ms: now,
-                    expires_ms,
-                    ciphertext: copy.ciphertext.clone(),
-                },
-            });
-            write.ops.push(QueueOp::Head {
-                user: self.user.clone(),
-                device: copy.device.0,
-                head,
-            });
-            heads.push((copy.device, head));
-            stored.push((copy.device.0, seq));
-        }
-        let dedup_expires = expires_ms.max(now + self.config.dedup_secs * 1000);
-        write.ops.push(QueueOp::Dedup {
-            user: self.user.clone(),
+                head: self.devices[&copy.device].head,
+                ciphertext: &copy.ciphertext,
+            })
+            .collect();
+        let template = EnvelopeRecord {
+            version: crate::store::records::RECORD_VERSION,
             id: msg.id.0,
-            record: DedupRecord {
-                version: crate::store::records::RECORD_VERSION,
-                expires_ms: dedup_expires,
-                stored,
-            },
-        });
+            class: msg.class as u8,
+            accepted_ms: now,
+            expires_ms,
+            ciphertext: Vec::new(),
+        };
+        let dedup_expires = expires_ms.max(now + self.config.dedup_secs * 1000);
+        let (write, heads) = recovery::send_write(&self.user, &template, dedup_expires, &copies);
         if let Err(e) = self.store.write(write) {
             warn!(error = %e, "append failed; send refused");
             return Err(rejected(ErrorCode::StoreUnavailable));
         }
         let mut durable = Vec::with_capacity(heads.len());
         let hot_limit = self.config.window * 2;
-        for ((device, head), copy) in heads.into_iter().zip(msg.copies.iter()) {
+        for (head, copy) in heads.into_iter().zip(msg.copies.iter()) {
+            let device = copy.device;
             if let Some(q) = self.devices.get_mut(&device) {
                 q.head = head;
                 metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
@@ -778,7 +741,8 @@ impl Handler<AddDevice> for Mailbox {
             Ok(id) => DeviceId(id),
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        self.devices.insert(id, DeviceQueue::new(empty_head()));
+        self.devices
+            .insert(id, DeviceQueue::new(recovery::empty_head()));
         self.inflight_syncs += 1;
         Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
             act.inflight_syncs -= 1;

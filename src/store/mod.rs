@@ -215,8 +215,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// All queue heads of `user`.
     fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>>;
-    /// The highest stored sequence number of a device queue.
-    fn last_seq(&self, user: &str, device: u32) -> Result<Option<u64>>;
+    /// The envelope with the highest stored sequence number of a device queue.
+    fn last_envelope(&self, user: &str, device: u32) -> Result<Option<(u64, EnvelopeRecord)>>;
     /// The lowest stored sequence number of a device queue.
     fn first_seq(&self, user: &str, device: u32) -> Result<Option<u64>>;
     /// Up to `limit` envelopes of a device queue with `seq >= from`, in order.
@@ -233,7 +233,8 @@ pub trait Store: Send + Sync + 'static {
     fn dedup(&self, user: &str, id: &[u8; 16]) -> Result<Option<DedupRecord>>;
     /// Applies the writes in order (not yet durable). After a crash, a prefix of the writes
     /// not yet synced survives; callers order their writes so that every prefix is
-    /// consistent or repairable.
+    /// consistent or repairable (a send's dedup record goes last and commits it: see
+    /// `mailbox::recovery`).
     fn write(&self, batch: QueueWrite) -> Result<()>;
     /// Resolves once everything written so far is durable. Many calls share one flush.
     fn sync(&self) -> Durable;

@@ -305,13 +305,18 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn last_seq(&self, user: &str, device: u32) -> Result<Option<u64>> {
+    fn last_envelope(&self, user: &str, device: u32) -> Result<Option<(u64, EnvelopeRecord)>> {
         match self
             .queues
             .scan_prefix(keys::envelope_prefix(user, device))
             .next_back()
         {
-            Some(kv) => Ok(keys::envelope_seq(&kv?.0)),
+            Some(kv) => {
+                let (k, v) = kv?;
+                let seq = keys::envelope_seq(&k)
+                    .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
+                Ok(Some((seq, records::decode(&v)?)))
+            }
             None => Ok(None),
         }
     }
@@ -504,8 +509,9 @@ impl Store for SledStore {
 /// - an expiry index entry is written before what it indexes and removed after it, so nothing
 ///   stored lacks its expiry (an entry without its record is skipped by the sweep);
 /// - the mailbox orders a send as envelopes, heads, then the dedup record, so a surviving
-///   dedup record implies its envelopes survived (a retry never hides a lost envelope);
-/// - a head that did not survive is repaired when the mailbox loads ([`Store::heads`]).
+///   dedup record implies its envelopes and heads survived (a retry never hides a lost
+///   envelope), and a send without one is rolled back when the mailbox loads (a retry never
+///   stores an envelope twice).
 fn plan(write: QueueWrite) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let mut out = Vec::with_capacity(write.ops.len() * 2);
     for op in write.ops {

@@ -1,0 +1,295 @@
+//! How a send is written, and how a mailbox recovers the one send a crash may have torn.
+//!
+//! The store keeps, across a crash, a prefix of the writes that were not yet synced
+//! ([`Store::write`]). A send is written as its envelopes, then the queue heads, then its
+//! dedup record ([`send_write`]), so the dedup record commits the send:
+//!
+//! - a surviving dedup record means every envelope and head of the send survived, so a retry
+//!   that finds it is answered "duplicate" without hiding a lost envelope;
+//! - a send whose dedup record did not survive was never acknowledged (its sender hears back
+//!   only after the sync) nor delivered (pushes stop at the durable point), so
+//!   [`recover_heads`] removes what survived of it. Its retry then stores it exactly once.
+//!
+//! A mailbox writes its sends one after another, so only its last send can be torn: at most
+//! the last envelope of each device queue.
+
+use std::collections::BTreeMap;
+
+use tracing::info;
+
+use crate::store::{DedupRecord, EnvelopeRecord, HeadRecord, QueueOp, QueueWrite, Result, Store};
+
+/// One device's copy of a send: the device, its queue head before the send, the ciphertext.
+pub(super) struct DeviceCopy<'a> {
+    pub(super) device: u32,
+    pub(super) head: HeadRecord,
+    pub(super) ciphertext: &'a [u8],
+}
+
+/// The writes of a send, in commit order, and each copy's new head (in the order of
+/// `copies`). `template` is the envelope record without its ciphertext.
+pub(super) fn send_write(
+    user: &str,
+    template: &EnvelopeRecord,
+    dedup_expires_ms: u64,
+    copies: &[DeviceCopy<'_>],
+) -> (QueueWrite, Vec<HeadRecord>) {
+    let mut ops = Vec::with_capacity(copies.len() * 2 + 1);
+    let mut heads = Vec::with_capacity(copies.len());
+    let mut stored = Vec::with_capacity(copies.len());
+    for copy in copies {
+        let seq = copy.head.next_seq;
+        ops.push(QueueOp::Append {
+            user: user.to_owned(),
+            device: copy.device,
+            seq,
+            record: EnvelopeRecord {
+                ciphertext: copy.ciphertext.to_vec(),
+                ..template.clone()
+            },
+        });
+        heads.push(HeadRecord {
+            next_seq: seq + 1,
+            count: copy.head.count + 1,
+            bytes: copy.head.bytes + copy.ciphertext.len() as u64,
+            ..copy.head
+        });
+        stored.push((copy.device, seq));
+    }
+    for (copy, head) in copies.iter().zip(&heads) {
+        ops.push(QueueOp::Head {
+            user: user.to_owned(),
+            device: copy.device,
+            head: *head,
+        });
+    }
+    ops.push(QueueOp::Dedup {
+        user: user.to_owned(),
+        id: template.id,
+        record: DedupRecord {
+            version: crate::store::records::RECORD_VERSION,
+            expires_ms: dedup_expires_ms,
+            stored,
+        },
+    });
+    (QueueWrite { ops }, heads)
+}
+
+/// The queue heads of `user`'s devices, after removing what a crash left of a send whose
+/// dedup record did not survive. Reads a few keys per device, never the whole queue.
+pub(super) fn recover_heads(
+    store: &dyn Store,
+    user: &str,
+    now_ms: u64,
+) -> Result<BTreeMap<u32, HeadRecord>> {
+    let stored: BTreeMap<u32, HeadRecord> = store.heads(user)?.into_iter().collect();
+    let mut heads = BTreeMap::new();
+    for (device, _) in store.devices(user)? {
+        let mut head = stored.get(&device).copied().unwrap_or_else(empty_head);
+        while let Some((seq, record)) = store.last_envelope(user, device)? {
+            // An expired envelope's dedup record may be forgotten already (it never outlives
+            // the envelope's expiry); the sweep removes the envelope.
+            if !torn(store, user, &record, now_ms)? {
+                // Never reuse the sequence number of a committed envelope.
+                if seq >= head.next_seq {
+                    head.count += seq + 1 - head.next_seq;
+                    head.next_seq = seq + 1;
+                }
+                break;
+            }
+            let mut ops = vec![QueueOp::Remove {
+                user: user.to_owned(),
+                device,
+                seq,
+                expires_ms: record.expires_ms,
+            }];
+            if head.next_seq > seq {
+                head.next_seq = seq;
+                head.count = head.count.saturating_sub(1);
+                head.bytes = head.bytes.saturating_sub(record.ciphertext.len() as u64);
+                ops.push(QueueOp::Head {
+                    user: user.to_owned(),
+                    device,
+                    head,
+                });
+            }
+            store.write(QueueWrite { ops })?;
+            metrics::counter!("sealpost_torn_sends_rolled_back_total").increment(1);
+            info!(
+                device,
+                seq, "removed an uncommitted envelope left by a crash"
+            );
+        }
+        heads.insert(device, head);
+    }
+    Ok(heads)
+}
+
+/// Whether `record` belongs to a send that was never committed.
+fn torn(store: &dyn Store, user: &str, record: &EnvelopeRecord, now_ms: u64) -> Result<bool> {
+    Ok(record.expires_ms > now_ms && store.dedup(user, &record.id)?.is_none())
+}
+
+/// The head of a queue that never held anything.
+pub(super) fn empty_head() -> HeadRecord {
+    HeadRecord {
+        version: crate::store::records::RECORD_VERSION,
+        next_seq: 1,
+        count: 0,
+        bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeviceRecord, SledStore, StoreOptions};
+
+    const USER: &str = "bob@test.example";
+    const NOW: u64 = 1_000_000;
+
+    fn open(dir: &std::path::Path) -> SledStore {
+        SledStore::open(&StoreOptions {
+            dir: dir.to_path_buf(),
+            group_commit: true,
+            fsync: false,
+            cache_bytes: 4 << 20,
+            commit_delay: std::time::Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
+        })
+        .expect("open store")
+    }
+
+    fn device() -> DeviceRecord {
+        DeviceRecord {
+            version: 1,
+            token_hash: [0; 32],
+            identity_keys: vec![1],
+            created_ms: 0,
+        }
+    }
+
+    fn envelope(id: u8) -> EnvelopeRecord {
+        EnvelopeRecord {
+            version: 1,
+            id: [id; 16],
+            class: 0,
+            accepted_ms: NOW,
+            expires_ms: NOW + 60_000,
+            ciphertext: Vec::new(),
+        }
+    }
+
+    /// The writes of a send of envelope `id` to devices 1 and 2, given their current heads.
+    fn send(id: u8, heads: &BTreeMap<u32, HeadRecord>) -> (QueueWrite, Vec<HeadRecord>) {
+        let copies: Vec<DeviceCopy<'_>> = heads
+            .iter()
+            .map(|(&device, &head)| DeviceCopy {
+                device,
+                head,
+                ciphertext: &[7; 10],
+            })
+            .collect();
+        send_write(USER, &envelope(id), NOW + 60_000, &copies)
+    }
+
+    fn queue(store: &SledStore, device: u32) -> Vec<(u64, [u8; 16])> {
+        store
+            .read(USER, device, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, r)| (seq, r.id))
+            .collect()
+    }
+
+    #[test]
+    fn a_send_is_written_envelopes_then_heads_then_its_dedup_record() {
+        let heads = BTreeMap::from([(1, empty_head()), (2, empty_head())]);
+        let (write, new_heads) = send(1, &heads);
+        let kinds: Vec<&str> = write
+            .ops
+            .iter()
+            .map(|op| match op {
+                QueueOp::Append { .. } => "append",
+                QueueOp::Head { .. } => "head",
+                QueueOp::Dedup { .. } => "dedup",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["append", "append", "head", "head", "dedup"]);
+        assert!(
+            new_heads
+                .iter()
+                .all(|h| h.next_seq == 2 && h.count == 1 && h.bytes == 10)
+        );
+    }
+
+    /// Every prefix of a send's writes that a crash can leave: after recovery, each device
+    /// holds the send exactly once if its dedup record survived (a retry is a duplicate), and
+    /// not at all otherwise (a retry stores it once). The committed send before it is intact.
+    #[test]
+    fn every_crash_prefix_of_a_send_recovers_to_all_or_nothing() {
+        let ops = send(2, &BTreeMap::from([(1, empty_head()), (2, empty_head())]))
+            .0
+            .ops
+            .len();
+        for cut in 0..=ops {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            store.create_account(USER, 0, device()).unwrap();
+            store.add_device(USER, device(), 4).unwrap();
+            let heads = recover_heads(&store, USER, NOW).unwrap();
+            let (first, _) = send(1, &heads);
+            store.write(first).unwrap();
+            let heads = recover_heads(&store, USER, NOW).unwrap();
+            let (mut second, _) = send(2, &heads);
+            second.ops.truncate(cut);
+            store.write(second).unwrap();
+
+            let heads = recover_heads(&store, USER, NOW).unwrap();
+            let committed = cut == ops;
+            assert_eq!(
+                store.dedup(USER, &[2; 16]).unwrap().is_some(),
+                committed,
+                "cut {cut}"
+            );
+            for device in [1, 2] {
+                let mut want = vec![(1, [1; 16])];
+                if committed {
+                    want.push((2, [2; 16]));
+                }
+                assert_eq!(queue(&store, device), want, "cut {cut}, device {device}");
+                let head = heads[&device];
+                assert_eq!(head.next_seq, want.len() as u64 + 1, "cut {cut}");
+                assert_eq!(head.count, want.len() as u64, "cut {cut}");
+                assert_eq!(head.bytes, 10 * want.len() as u64, "cut {cut}");
+            }
+            // Recovery is idempotent: it finds nothing more to remove.
+            assert_eq!(recover_heads(&store, USER, NOW).unwrap(), heads);
+        }
+    }
+
+    #[test]
+    fn an_expired_envelope_whose_dedup_record_is_gone_keeps_its_sequence_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_account(USER, 0, device()).unwrap();
+        let heads = recover_heads(&store, USER, NOW).unwrap();
+        let (write, _) = send(1, &heads);
+        store.write(write).unwrap();
+        store
+            .write(QueueWrite {
+                ops: vec![QueueOp::ForgetDedup {
+                    user: USER.into(),
+                    id: [1; 16],
+                    expires_ms: NOW + 60_000,
+                }],
+            })
+            .unwrap();
+        let later = NOW + 60_000;
+        let heads = recover_heads(&store, USER, later).unwrap();
+        assert_eq!(queue(&store, 1), vec![(1, [1; 16])], "left to the sweep");
+        assert_eq!(heads[&1].next_seq, 2);
+    }
+}
