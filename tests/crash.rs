@@ -13,14 +13,44 @@ use futures_util::{SinkExt, StreamExt};
 use sealpost_proto::{Class, ClientFrame, Copy, EnvelopeId, SendOutcome, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
 
-/// One sender connection pipelining sends until the broker dies; returns the ids whose
-/// `send_result` said accepted, in the order they were sent.
+/// What one sender did before the broker died, in the order it sent.
+struct Sent {
+    /// Every id sent.
+    all: Vec<EnvelopeId>,
+    /// The ids whose `send_result` said accepted.
+    accepted: Vec<EnvelopeId>,
+}
+
+impl Sent {
+    fn new(all: Vec<EnvelopeId>, accepted: &HashSet<EnvelopeId>) -> Self {
+        let accepted = all
+            .iter()
+            .filter(|id| accepted.contains(id))
+            .copied()
+            .collect();
+        Sent { all, accepted }
+    }
+}
+
+/// The copies of a test envelope: each carries the envelope id as its ciphertext, so a retry
+/// sends exactly the same bytes.
+fn copies(id: EnvelopeId, targets: &[sealpost_proto::DeviceId]) -> Vec<Copy> {
+    targets
+        .iter()
+        .map(|d| Copy {
+            device: *d,
+            ciphertext: id.0.to_vec(),
+        })
+        .collect()
+}
+
+/// One sender connection pipelining sends until the broker dies.
 async fn sender(
     mut dev: Device,
     to: String,
     targets: Vec<sealpost_proto::DeviceId>,
     tag: u8,
-) -> Vec<EnvelopeId> {
+) -> Sent {
     let mut sent: Vec<EnvelopeId> = Vec::new();
     let mut accepted: HashSet<EnvelopeId> = HashSet::new();
     let mut outstanding = 0usize;
@@ -32,19 +62,12 @@ async fn sender(
             id[1..5].copy_from_slice(&n.to_be_bytes());
             id[5..].copy_from_slice(&rand::random::<[u8; 11]>());
             let id = EnvelopeId(id);
-            let copies = targets
-                .iter()
-                .map(|d| Copy {
-                    device: *d,
-                    ciphertext: id.0.to_vec(),
-                })
-                .collect();
             let frame = ClientFrame::Send {
                 id,
                 to: to.clone(),
                 class: Class::Durable,
                 ttl_secs: 3600,
-                copies,
+                copies: copies(id, &targets),
             };
             if dev
                 .ws
@@ -52,10 +75,7 @@ async fn sender(
                 .await
                 .is_err()
             {
-                return sent
-                    .into_iter()
-                    .filter(|id| accepted.contains(id))
-                    .collect();
+                return Sent::new(sent, &accepted);
             }
             sent.push(id);
             outstanding += 1;
@@ -70,12 +90,7 @@ async fn sender(
                 }
             }
             Some(Ok(_)) => {}
-            _ => {
-                return sent
-                    .into_iter()
-                    .filter(|id| accepted.contains(id))
-                    .collect();
-            }
+            _ => return Sent::new(sent, &accepted),
         }
     }
 }
@@ -117,7 +132,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     broker.kill9();
     let mut accepted: Vec<Vec<EnvelopeId>> = Vec::new();
     for s in senders {
-        accepted.push(s.await.expect("sender task"));
+        accepted.push(s.await.expect("sender task").accepted);
     }
     let total: usize = accepted.iter().map(Vec::len).sum();
     assert!(
@@ -181,6 +196,117 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
             ids,
             vec![last],
             "acknowledged envelopes were delivered again"
+        );
+    }
+}
+
+/// Resends `ids` (pipelined, same bytes as before); returns each one's outcome.
+async fn resend(
+    dev: &mut Device,
+    to: &str,
+    targets: &[sealpost_proto::DeviceId],
+    ids: &[EnvelopeId],
+) -> HashMap<EnvelopeId, SendOutcome> {
+    let mut outcomes = HashMap::new();
+    let mut next = ids.iter();
+    let mut outstanding = 0usize;
+    loop {
+        while outstanding < 16 {
+            let Some(&id) = next.next() else { break };
+            let frame = ClientFrame::Send {
+                id,
+                to: to.to_owned(),
+                class: Class::Durable,
+                ttl_secs: 3600,
+                copies: copies(id, targets),
+            };
+            dev.ws
+                .send(Message::Binary(frame.encode().into()))
+                .await
+                .expect("resend");
+            outstanding += 1;
+        }
+        if outstanding == 0 {
+            return outcomes;
+        }
+        match dev.frame().await {
+            ServerFrame::SendResult { id, outcome } => {
+                outstanding -= 1;
+                outcomes.insert(id, outcome);
+            }
+            ServerFrame::QueueEmpty => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A sender whose `send_result` was lost to a crash retries with the same id. Whether the
+/// send's writes survived whole, in part or not at all, it ends up stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_after_kill_9_are_stored_exactly_once() {
+    let mut broker = Broker::start(&[]);
+    let bob1 = register(&broker, "bob@test.example").await;
+    let bob2 = add_device(&broker, &bob1).await;
+    let targets = vec![bob1.device, bob2.device];
+    let mut senders = Vec::new();
+    let mut creds = Vec::new();
+    for i in 0..4u8 {
+        let c = register(&broker, &format!("sender{i}@test.example")).await;
+        let dev = Device::connect(&broker, &c).await;
+        senders.push(tokio::spawn(sender(
+            dev,
+            bob1.user.clone(),
+            targets.clone(),
+            i,
+        )));
+        creds.push(c);
+    }
+    broker.wait_metric("sealpost_appends_total", 1000.0).await;
+    broker.kill9();
+    let mut sent = Vec::new();
+    for s in senders {
+        sent.push(s.await.expect("sender task"));
+    }
+    broker.restart();
+
+    let mut all = HashSet::new();
+    for (c, s) in creds.iter().zip(&sent) {
+        let mut dev = Device::connect(&broker, c).await;
+        let outcomes = resend(&mut dev, &bob1.user, &targets, &s.all).await;
+        for id in &s.all {
+            let outcome = &outcomes[id];
+            assert!(
+                matches!(outcome, SendOutcome::Accepted { .. }),
+                "retry refused: {outcome:?}"
+            );
+            if s.accepted.contains(id) {
+                assert_eq!(
+                    outcome,
+                    &SendOutcome::Accepted { duplicate: true },
+                    "an acknowledged send was not recognised"
+                );
+            }
+        }
+        all.extend(s.all.iter().copied());
+    }
+    for c in [&bob1, &bob2] {
+        let mut dev = Device::connect(&broker, c).await;
+        let got = drain(&mut dev).await;
+        for w in got.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + 1, "sequence gap after recovery");
+        }
+        let mut counts: HashMap<EnvelopeId, usize> = HashMap::new();
+        for (_, id) in &got {
+            *counts.entry(*id).or_default() += 1;
+        }
+        assert!(
+            counts.values().all(|&n| n == 1),
+            "an envelope was stored twice"
+        );
+        assert_eq!(
+            counts.keys().copied().collect::<HashSet<_>>(),
+            all,
+            "every send is stored once its retry is accepted"
         );
     }
 }
