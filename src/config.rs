@@ -128,6 +128,10 @@ settings! {
     ip_rate: u32 = 50, "SEALPOST_IP_RATE";
     /// Burst above ip_rate.
     ip_burst: u32 = 200, "SEALPOST_IP_BURST";
+    /// Reverse proxies whose X-Forwarded-For names the client, comma-separated addresses or
+    /// CIDR ranges (e.g. 127.0.0.1 for nginx on this host). Per-IP limits and the loopback
+    /// check of admin endpoints then apply to the client's address; empty: to the TCP peer.
+    trusted_proxies: String = String::new(), "SEALPOST_TRUSTED_PROXIES";
     /// Sealed sends without a delivery token, and anonymous key claims, per second from one IP
     /// (0 = unlimited).
     stranger_rate: u32 = 5, "SEALPOST_STRANGER_RATE";
@@ -280,6 +284,11 @@ impl Settings {
         }
         if self.client_timeout_ms <= self.heartbeat_ms {
             return invalid("client_timeout_ms", "must exceed heartbeat_ms");
+        }
+        if let Err(message) =
+            crate::gateway::client_ip::TrustedProxies::parse(&self.trusted_proxies)
+        {
+            return invalid("trusted_proxies", &message);
         }
         if let Err(message) = crate::federation::parse_peers(&self.federation_peers, &self.domain) {
             return invalid("federation_peers", &message);

@@ -96,6 +96,8 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
             settings.stranger_rate,
             settings.claim_rate,
         ),
+        proxies: crate::gateway::client_ip::TrustedProxies::parse(&settings.trusted_proxies)
+            .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
         platform_key: parse_platform_key(&settings.platform_public_key),
         turn: crate::gateway::turn::Turn::from_settings(&settings)?,
         metrics: crate::telemetry::init_metrics(),

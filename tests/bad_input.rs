@@ -779,6 +779,67 @@ async fn connect_retrying(broker: &Broker, creds: &Creds) -> Device {
     }
 }
 
+/// `GET path`, with an `X-Forwarded-For` header if given; returns the status.
+async fn get_as(broker: &Broker, path: &str, forwarded: Option<&str>) -> u16 {
+    let mut req = reqwest::Client::new().get(format!("{}{path}", broker.http()));
+    if let Some(f) = forwarded {
+        req = req.header("x-forwarded-for", f);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+/// An endpoint limited per IP (it answers 404).
+const LIMITED: &str = "/v1/accounts/nobody@test.example/devices";
+
+#[tokio::test]
+async fn per_ip_limits_follow_x_forwarded_for_only_from_a_trusted_proxy() {
+    // The test connects from 127.0.0.1: a trusted proxy of the first broker, a plain client
+    // of the second. One request per second per IP, burst 1.
+    let limits = ["--ip-rate", "1", "--ip-burst", "1"];
+    let proxied = Broker::start(&[&limits[..], &["--trusted-proxies", "127.0.0.1"]].concat());
+    let direct = Broker::start(&limits);
+
+    // Twenty clients behind the proxy: each has its own bucket.
+    for n in 0..20 {
+        let client = format!("203.0.113.{n}");
+        assert_eq!(
+            get_as(&proxied, LIMITED, Some(&client)).await,
+            404,
+            "{client}"
+        );
+    }
+    // The same headers from an untrusted peer are ignored: one shared bucket.
+    let mut statuses = Vec::new();
+    for n in 0..20 {
+        statuses.push(get_as(&direct, LIMITED, Some(&format!("203.0.113.{n}"))).await);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+
+    // A client cannot pick its bucket: what it writes left of the proxy's entry is ignored.
+    let mut exhausted = false;
+    for _ in 0..100 {
+        if get_as(&proxied, LIMITED, Some("198.51.100.1")).await == 429 {
+            exhausted = true;
+            break;
+        }
+    }
+    assert!(exhausted, "198.51.100.1 is never limited");
+    assert_eq!(
+        get_as(&proxied, LIMITED, Some("198.51.100.1, 198.51.100.2")).await,
+        404,
+        "keyed on the address the proxy appended"
+    );
+
+    // Admin endpoints answer loopback clients only, and a request that came through a proxy
+    // on this host (which connects from loopback) is not one, whatever it claims.
+    let admin = "/admin/federation";
+    for broker in [&proxied, &direct] {
+        assert_eq!(get_as(broker, admin, None).await, 200);
+        assert_eq!(get_as(broker, admin, Some("203.0.113.5")).await, 403);
+        assert_eq!(get_as(broker, admin, Some("127.0.0.1")).await, 403);
+    }
+}
+
 #[tokio::test]
 async fn rapid_requests_from_one_ip_get_429_with_a_json_error() {
     let broker = Broker::start(&["--ip-rate", "2", "--ip-burst", "2"]);

@@ -46,8 +46,8 @@ pub async fn upgrade(
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable.into());
     }
-    if let Some(addr) = req.peer_addr()
-        && !state.limits.allow_ip(addr.ip())
+    if let Some(ip) = state.client_ip(&req)
+        && !state.limits.allow_ip(ip)
     {
         return Err(ApiError::RateLimited.into());
     }
@@ -270,15 +270,24 @@ pub async fn well_known(state: State) -> HttpResponse {
 }
 
 /// Admin endpoints need the admin token when one is configured, and come from loopback
-/// otherwise.
+/// otherwise (directly, not through a proxy on this host).
 pub(crate) fn authorize_admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     let expected = state.settings.admin_token.as_bytes();
     if expected.is_empty() {
-        return match req.peer_addr() {
-            Some(addr) if addr.ip().is_loopback() => Ok(()),
-            _ => Err(ApiError::Forbidden(
+        // A proxy on this host connects from loopback too: a request that passed one (it
+        // carries a forwarding header, as nginx and ingress-nginx add) is not local.
+        let forwarded = ["x-forwarded-for", "forwarded", "x-real-ip"]
+            .iter()
+            .any(|h| req.headers().contains_key(*h));
+        let local = req
+            .peer_addr()
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
+        return if local && !forwarded {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(
                 "admin endpoints answer loopback clients unless admin_token is set".into(),
-            )),
+            ))
         };
     }
     let given = req

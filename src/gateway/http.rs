@@ -103,8 +103,8 @@ pub(crate) fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiE
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable);
     }
-    match req.peer_addr() {
-        Some(addr) if !state.limits.allow_ip(addr.ip()) => Err(ApiError::RateLimited),
+    match state.client_ip(req) {
+        Some(ip) if !state.limits.allow_ip(ip) => Err(ApiError::RateLimited),
         _ => Ok(()),
     }
 }

@@ -238,7 +238,7 @@ fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(
         ),
         None => None,
     };
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = state.client_ip(req);
     match admit_sealed(state, target, token.as_deref(), ip) {
         Ok(()) => Ok(()),
         Err(ErrorCode::RateLimited) => Err(ApiError::RateLimited),
@@ -267,8 +267,8 @@ fn remote_admission(
             .map_err(|_| ApiError::BadRequest("delivery token is not base64url".into()))?;
         return Ok(Admission::Token(token));
     }
-    match req.peer_addr() {
-        Some(addr) if !state.limits.allow_stranger(addr.ip()) => Err(ApiError::RateLimited),
+    match state.client_ip(req) {
+        Some(ip) if !state.limits.allow_stranger(ip) => Err(ApiError::RateLimited),
         _ => Ok(Admission::Open),
     }
 }

@@ -6,6 +6,7 @@
 //! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
 //! - [`session`]: one task per WebSocket connection (actix-ws).
 //! - [`error`]: API errors and their status codes.
+//! - [`client_ip`]: the client's address, behind trusted reverse proxies too.
 //! - [`limits`]: per-IP and per-device rate limits.
 //! - [`sealed`]: the anonymous endpoint for sealed sends (no account, no deliveries).
 //! - [`federation`]: the inbound federation endpoint, the well-known key document, the admin
@@ -13,6 +14,7 @@
 //! - [`turn`]: short-lived TURN credentials for the call relay (coturn, shared secret).
 //! - [`web`]: the browser client's static files, when `web_root` is set.
 
+pub mod client_ip;
 pub mod error;
 pub mod federation;
 pub mod http;
@@ -50,6 +52,8 @@ pub struct AppState {
     pub hasher: TokenHasher,
     /// Rate limits.
     pub limits: limits::Limits,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub proxies: client_ip::TrustedProxies,
     /// Prometheus renderer (absent when another recorder was installed first).
     pub metrics: Option<PrometheusHandle>,
     /// Set once shutdown begins: readiness fails and new connections are refused.
@@ -64,4 +68,11 @@ pub struct AppState {
     pub platform_key: Option<ed25519_dalek::VerifyingKey>,
     /// The call relay's credentials minting (TURN REST scheme).
     pub turn: turn::Turn,
+}
+
+impl AppState {
+    /// The client's address: the TCP peer, or what a trusted proxy forwarded.
+    pub fn client_ip(&self, req: &actix_web::HttpRequest) -> Option<std::net::IpAddr> {
+        self.proxies.client_ip(req)
+    }
 }

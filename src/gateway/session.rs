@@ -76,7 +76,7 @@ pub(crate) fn accept(
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable.into());
     }
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = state.client_ip(req);
     if let Some(ip) = ip
         && !state.limits.allow_ip(ip)
     {
