@@ -292,3 +292,115 @@ async fn ephemeral_reaches_connected_devices_and_never_touches_disk() {
         "ephemeral envelope written to disk"
     );
 }
+
+/// Waits until the gauge `name` reads exactly `value`.
+async fn wait_gauge(broker: &Broker, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = broker.metric(name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {now}, not {value}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads deliveries, acking each, until `queue_empty`; returns (seq, id) in order.
+async fn drain(dev: &mut Device) -> Vec<(u64, sealpost_proto::EnvelopeId)> {
+    let mut out = Vec::new();
+    loop {
+        match dev.frame().await {
+            ServerFrame::Deliver { seq, envelope } => {
+                dev.ack(vec![seq]).await;
+                out.push((seq, envelope.id));
+            }
+            ServerFrame::QueueEmpty => return out,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_device_that_stops_acking_is_disconnected_and_resumes_from_the_store() {
+    let broker = Broker::start(&["--delivery-window", "4", "--ack-timeout-ms", "300"]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let mut sent = Vec::new();
+    for n in 0..10u8 {
+        let id = eid();
+        a.send_and_wait(id, &bob.user, &[bob.device], &[n]).await;
+        sent.push(id);
+    }
+    // Bob reads but never acks: no more than the window is pushed, then he is closed.
+    let mut b = Device::connect(&broker, &bob).await;
+    let mut pushed = Vec::new();
+    let close = loop {
+        match b.next().await {
+            Event::Frame(ServerFrame::Deliver { seq, envelope }) => pushed.push((seq, envelope.id)),
+            Event::Frame(other) => panic!("unexpected {other:?}"),
+            Event::Closed(close) => break close,
+        }
+    };
+    assert_eq!(
+        close.map(|(code, _)| code),
+        Some(CloseCode::SlowConsumer as u16)
+    );
+    assert_eq!(
+        pushed.len(),
+        4,
+        "the in-flight window bounds what is pushed"
+    );
+    assert!(
+        broker
+            .metric_labeled("sealpost_disconnects_total", "reason=\"slow_consumer\"")
+            .await
+            >= 1.0
+    );
+    // Reconnecting resumes from the store: everything in order, the unacknowledged four
+    // again under their sequence numbers.
+    let mut b = Device::connect(&broker, &bob).await;
+    let got = drain(&mut b).await;
+    assert_eq!(got[..4], pushed[..]);
+    assert_eq!(got.iter().map(|(_, id)| *id).collect::<Vec<_>>(), sent);
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<u64>>()
+    );
+}
+
+#[tokio::test]
+async fn idle_mailboxes_stop_and_start_again_when_needed() {
+    let broker = Broker::start(&["--mailbox-idle-ms", "200"]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    assert!(a.backlog().await.is_empty());
+    for n in 0..3u8 {
+        a.send_and_wait(eid(), &bob.user, &[bob.device], &[n]).await;
+    }
+    // Bob is offline: his mailbox stops once idle; Alice's stays while she is connected.
+    wait_gauge(&broker, "sealpost_mailboxes", 1.0).await;
+    drop(a);
+    wait_gauge(&broker, "sealpost_mailboxes", 0.0).await;
+    // Both start again on demand, from the store.
+    let mut b = Device::connect(&broker, &bob).await;
+    let got = drain(&mut b).await;
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let mut a = Device::connect(&broker, &alice).await;
+    a.send_and_wait(eid(), &bob.user, &[bob.device], b"again")
+        .await;
+    let (seq, _) = b.deliver().await;
+    assert_eq!(
+        seq, 4,
+        "sequence numbers continue after the mailbox restarts"
+    );
+    wait_gauge(&broker, "sealpost_mailboxes", 2.0).await;
+}

@@ -347,8 +347,10 @@ pub enum Event {
 
 /// Next event: a decoded frame or the close (with code and reason).
 pub async fn next_event(ws: &mut Ws) -> Event {
+    // One deadline for the whole wait: the broker's pings must not extend it.
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("timed out waiting for a frame");
         match msg {
