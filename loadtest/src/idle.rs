@@ -23,7 +23,7 @@ use crate::{
     IdleArgs,
     api::{Api, register_many},
     client::{ConnectOptions, Ws, connect, describe_close},
-    util::{check_nofile, fmt_duration, read_rss_kib, run_tag},
+    util::{check_nofile, fmt_duration, read_cpu_time, read_rss_kib, run_tag},
 };
 
 /// Idle connections need little read buffer on our side.
@@ -211,10 +211,22 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         }
         None => (None, false),
     };
+    // What the broker spends on idle connections (pings, timers) while they are held.
+    let cpu_start = args.broker_pid.map(read_cpu_time).transpose()?;
+    let hold_started = Instant::now();
     if !args.hold.is_zero() {
         println!("  holding the connections for {}", fmt_duration(args.hold));
         sleep(args.hold).await;
     }
+    let held = hold_started.elapsed();
+    let cpu_end = args.broker_pid.map(read_cpu_time).transpose()?;
+    let idle_cpu_pct = match (cpu_start, cpu_end) {
+        (Some(start), Some(end)) if !args.hold.is_zero() => {
+            let pct = (end - start).as_secs_f64() / held.as_secs_f64() * 100.0;
+            Some((pct * 100.0).round() / 100.0)
+        }
+        _ => None,
+    };
     let rss_end = args.broker_pid.map(read_rss_kib).transpose()?;
     let still_open = stats.open.load(Relaxed);
     let closes = stats
@@ -258,6 +270,9 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         }
         _ => println!("  broker RSS: not measured (pass --broker-pid)"),
     }
+    if let Some(pct) = idle_cpu_pct {
+        println!("  broker CPU during the hold: {pct}% of one core");
+    }
     println!("  pings answered: {}", stats.pings.load(Relaxed));
     if !closes.is_empty() {
         println!("  connections closed by the broker: {closes:?}");
@@ -274,6 +289,7 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         "rss_end_kib": rss_end,
         "rss_settled": settled,
         "kib_per_connection": per_conn,
+        "idle_cpu_percent": idle_cpu_pct,
         "pings": stats.pings.load(Relaxed),
         "closed_early": closes,
     }))

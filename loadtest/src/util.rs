@@ -155,6 +155,27 @@ pub(crate) fn read_rss_kib(pid: u32) -> Result<u64> {
     Ok(kib)
 }
 
+/// CPU time (user + system, all threads) a process has used so far, from `/proc/<pid>/stat`.
+pub(crate) fn read_cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may contain spaces; count from the `)` that ends it.
+    let rest = stat
+        .rsplit_once(')')
+        .with_context(|| format!("unparsable {path}"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no field {} in {path}", i + 3))
+    };
+    // In USER_HZ, which Linux fixes at 100 for /proc.
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
 /// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
 pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")

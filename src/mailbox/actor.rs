@@ -89,6 +89,9 @@ pub struct Mailbox {
     /// Outstanding durability waits; the mailbox does not stop while any are running.
     inflight_syncs: usize,
     last_activity: Instant,
+    /// The next watchdog check, armed only while something needs watching (see
+    /// [`Mailbox::watch`]).
+    watchdog: Option<SpawnHandle>,
 }
 
 impl Mailbox {
@@ -110,6 +113,7 @@ impl Mailbox {
             pending: HashSet::new(),
             inflight_syncs: 0,
             last_activity: Instant::now(),
+            watchdog: None,
         }
     }
 
@@ -120,6 +124,60 @@ impl Mailbox {
             self.devices.insert(DeviceId(id), DeviceQueue::new(head));
         }
         Ok(())
+    }
+
+    /// Arms the watchdog if something needs watching and it is not armed already: deliveries
+    /// in flight (the ack timeout), or no device connected (the idle stop). A mailbox whose
+    /// devices are connected and up to date — most of them, with many devices online — runs
+    /// no timer at all. Called by every handler that may connect, disconnect or push.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        if self.watchdog.is_some() {
+            return;
+        }
+        let mut connected = false;
+        let mut in_flight = false;
+        for q in self.devices.values() {
+            if let Some(live) = &q.conn {
+                connected = true;
+                in_flight |= !live.in_flight.is_empty();
+            }
+        }
+        if connected && !in_flight {
+            return;
+        }
+        let tick = (self.config.idle.min(self.config.ack_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.watchdog = Some(ctx.run_later(tick, |act, ctx| {
+            act.watchdog = None;
+            if act.check(ctx) {
+                act.watch(ctx);
+            }
+        }));
+    }
+
+    /// Disconnects devices that left deliveries unacknowledged too long, and stops the
+    /// mailbox once idle. Returns whether it keeps running.
+    fn check(&mut self, ctx: &mut Context<Self>) -> bool {
+        let now = Instant::now();
+        let timeout = self.config.ack_timeout;
+        let stuck: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter_map(|(id, q)| {
+                let live = q.conn.as_ref()?;
+                (!live.in_flight.is_empty() && now - live.last_progress > timeout).then_some(*id)
+            })
+            .collect();
+        for device in stuck {
+            self.kick(device, CloseCode::SlowConsumer);
+        }
+        let connected = self.devices.values().any(|q| q.conn.is_some());
+        if !connected && self.inflight_syncs == 0 && now - self.last_activity > self.config.idle {
+            self.registry.forget(&self.user, self.incarnation);
+            ctx.stop();
+            return false;
+        }
+        true
     }
 
     fn device_ids(&self) -> Vec<DeviceId> {
@@ -346,28 +404,7 @@ impl Actor for Mailbox {
             return;
         }
         metrics::gauge!("sealpost_mailboxes").increment(1.0);
-        let tick = (self.config.idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        ctx.run_interval(tick, |act, ctx| {
-            let now = Instant::now();
-            let timeout = act.config.ack_timeout;
-            let stuck: Vec<DeviceId> = act
-                .devices
-                .iter()
-                .filter_map(|(id, q)| {
-                    let live = q.conn.as_ref()?;
-                    (!live.in_flight.is_empty() && now - live.last_progress > timeout)
-                        .then_some(*id)
-                })
-                .collect();
-            for device in stuck {
-                act.kick(device, CloseCode::SlowConsumer);
-            }
-            let connected = act.devices.values().any(|q| q.conn.is_some());
-            if !connected && act.inflight_syncs == 0 && now - act.last_activity > act.config.idle {
-                act.registry.forget(&act.user, act.incarnation);
-                ctx.stop();
-            }
-        });
+        self.watch(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -382,7 +419,7 @@ impl Actor for Mailbox {
 impl Handler<Attach> for Mailbox {
     type Result = Result<(), AttachError>;
 
-    fn handle(&mut self, msg: Attach, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Attach, ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         if !self.devices.contains_key(&msg.device) {
             return Err(AttachError::UnknownDevice);
@@ -410,6 +447,7 @@ impl Handler<Attach> for Mailbox {
         });
         metrics::gauge!("sealpost_connections").increment(1.0);
         self.pump(msg.device);
+        self.watch(ctx);
         Ok(())
     }
 }
@@ -417,7 +455,7 @@ impl Handler<Attach> for Mailbox {
 impl Handler<Detach> for Mailbox {
     type Result = ();
 
-    fn handle(&mut self, msg: Detach, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) {
         self.last_activity = Instant::now();
         if let Some(q) = self.devices.get_mut(&msg.device)
             && q.conn.as_ref().is_some_and(|l| l.conn.id == msg.conn)
@@ -425,6 +463,7 @@ impl Handler<Detach> for Mailbox {
             q.conn = None;
             metrics::gauge!("sealpost_connections").decrement(1.0);
         }
+        self.watch(ctx);
     }
 }
 
@@ -451,7 +490,7 @@ impl Handler<Submit> for Mailbox {
             self.store
                 .sync()
                 .into_actor(self)
-                .map(move |result, act, _ctx| {
+                .map(move |result, act, ctx| {
                     act.inflight_syncs -= 1;
                     act.pending.remove(&msg.id);
                     act.last_activity = Instant::now();
@@ -468,6 +507,7 @@ impl Handler<Submit> for Mailbox {
                                     act.pump(device);
                                 }
                             }
+                            act.watch(ctx);
                             metrics::histogram!("sealpost_append_seconds")
                                 .record(started.elapsed());
                             SendOutcome::Accepted { duplicate }
@@ -595,7 +635,7 @@ impl Mailbox {
 impl Handler<Ack> for Mailbox {
     type Result = MessageResult<Ack>;
 
-    fn handle(&mut self, msg: Ack, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Ack, ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         let mut unknown = Vec::new();
         let Some(q) = self.devices.get_mut(&msg.device) else {
@@ -648,6 +688,7 @@ impl Handler<Ack> for Mailbox {
             }
         }
         self.pump(msg.device);
+        self.watch(ctx);
         MessageResult(unknown)
     }
 }
@@ -754,7 +795,7 @@ impl Handler<AddDevice> for Mailbox {
 impl Handler<RemoveDevice> for Mailbox {
     type Result = ResponseActFuture<Self, Result<(), crate::store::StoreError>>;
 
-    fn handle(&mut self, msg: RemoveDevice, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: RemoveDevice, ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         let result = (|| {
             self.store.remove_device(&self.user, msg.device.0)?;
@@ -768,6 +809,7 @@ impl Handler<RemoveDevice> for Mailbox {
         }
         self.kick(msg.device, CloseCode::DeviceRevoked);
         self.devices.remove(&msg.device);
+        self.watch(ctx);
         self.inflight_syncs += 1;
         Box::pin(self.store.sync().into_actor(self).map(|r, act, _| {
             act.inflight_syncs -= 1;
@@ -870,10 +912,11 @@ impl Handler<CurrentDevices> for Mailbox {
 impl Handler<KickAll> for Mailbox {
     type Result = ();
 
-    fn handle(&mut self, msg: KickAll, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: KickAll, ctx: &mut Self::Context) {
         let devices: Vec<DeviceId> = self.devices.keys().copied().collect();
         for device in devices {
             self.kick(device, msg.reason);
         }
+        self.watch(ctx);
     }
 }
