@@ -76,7 +76,8 @@ pub(super) fn send_write(
 }
 
 /// The queue heads of `user`'s devices, after removing what a crash left of a send whose
-/// dedup record did not survive. Reads a few keys per device, never the whole queue.
+/// dedup record did not survive (and zeroing the counts of empty queues). Reads a few keys per
+/// device, never the whole queue.
 pub(super) fn recover_heads(
     store: &dyn Store,
     user: &str,
@@ -86,7 +87,14 @@ pub(super) fn recover_heads(
     let mut heads = BTreeMap::new();
     for (device, _) in store.devices(user)? {
         let mut head = stored.get(&device).copied().unwrap_or_else(empty_head);
-        while let Some((seq, record)) = store.last_envelope(user, device)? {
+        loop {
+            let Some((seq, record)) = store.last_envelope(user, device)? else {
+                // An empty queue holds nothing, whatever its head says: an ack deletes the
+                // envelope before it writes the head that stops counting it.
+                head.count = 0;
+                head.bytes = 0;
+                break;
+            };
             // An expired envelope's dedup record may be forgotten already (it never outlives
             // the envelope's expiry); the sweep removes the envelope.
             if !torn(store, user, &record, now_ms)? {
@@ -268,6 +276,31 @@ mod tests {
             // Recovery is idempotent: it finds nothing more to remove.
             assert_eq!(recover_heads(&store, USER, NOW).unwrap(), heads);
         }
+    }
+
+    #[test]
+    fn an_empty_queue_counts_nothing_whatever_its_head_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_account(USER, 0, device()).unwrap();
+        // Acks deleted every envelope; the crash took the last head update.
+        let stale = HeadRecord {
+            next_seq: 4,
+            count: 1,
+            bytes: 10,
+            ..empty_head()
+        };
+        store
+            .write(QueueWrite {
+                ops: vec![QueueOp::Head {
+                    user: USER.into(),
+                    device: 1,
+                    head: stale,
+                }],
+            })
+            .unwrap();
+        let head = recover_heads(&store, USER, NOW).unwrap()[&1];
+        assert_eq!((head.next_seq, head.count, head.bytes), (4, 0, 0));
     }
 
     #[test]
