@@ -404,6 +404,17 @@ impl Actor for Mailbox {
             return;
         }
         metrics::gauge!("sealpost_mailboxes").increment(1.0);
+        // What was loaded may include writes that never became durable (a sync failed, or
+        // this is recovery's own rollback). Handle nothing, so push nothing, until it is.
+        self.inflight_syncs += 1;
+        ctx.wait(self.store.sync().into_actor(self).map(|result, act, ctx| {
+            act.inflight_syncs -= 1;
+            if let Err(e) = result {
+                warn!(error = %e, "mailbox could not make its state durable; stopping");
+                act.registry.forget(&act.user, act.incarnation);
+                ctx.stop();
+            }
+        }));
         self.watch(ctx);
     }
 
@@ -697,7 +708,6 @@ impl Handler<Expire> for Mailbox {
     type Result = ();
 
     fn handle(&mut self, msg: Expire, _ctx: &mut Self::Context) {
-        let now = now_ms();
         let mut write = QueueWrite::default();
         let mut expired = 0u64;
         let mut new_heads: BTreeMap<DeviceId, HeadRecord> = BTreeMap::new();
@@ -709,24 +719,34 @@ impl Handler<Expire> for Mailbox {
                     expires_ms,
                     ..
                 } => {
-                    let device = DeviceId(device);
-                    let len = match self.store.read(&self.user, device.0, seq, 1) {
+                    let id = DeviceId(device);
+                    // The entry stands for the envelope at `seq` only if that envelope has
+                    // its expiry: a crash can leave an entry whose envelope never got
+                    // written, and the sequence number may hold another envelope since.
+                    let len = match self.store.read(&self.user, device, seq, 1) {
                         Ok(v) => v
                             .first()
-                            .filter(|(s, r)| *s == seq && r.expires_ms <= now)
+                            .filter(|(s, r)| *s == seq && r.expires_ms == expires_ms)
                             .map(|(_, r)| r.ciphertext.len() as u64),
-                        Err(_) => None,
+                        Err(e) => {
+                            warn!(error = %e, "reading an expiring envelope failed");
+                            continue;
+                        }
+                    };
+                    let Some(len) = len else {
+                        write.ops.push(QueueOp::Unindex(entry));
+                        continue;
                     };
                     write.ops.push(QueueOp::Remove {
                         user: self.user.clone(),
-                        device: device.0,
+                        device,
                         seq,
                         expires_ms,
                     });
-                    let (Some(len), Some(q)) = (len, self.devices.get_mut(&device)) else {
-                        continue; // index entry without envelope: just drop the entry
+                    let Some(q) = self.devices.get_mut(&id) else {
+                        continue;
                     };
-                    let head = new_heads.entry(device).or_insert(q.head);
+                    let head = new_heads.entry(id).or_insert(q.head);
                     head.count = head.count.saturating_sub(1);
                     head.bytes = head.bytes.saturating_sub(len);
                     if let Some(f) = q.conn.as_mut().and_then(|l| l.in_flight.get_mut(&seq)) {
@@ -738,11 +758,19 @@ impl Handler<Expire> for Mailbox {
                     if self.pending.contains(&EnvelopeId(id)) {
                         continue;
                     }
-                    write.ops.push(QueueOp::ForgetDedup {
-                        user: self.user.clone(),
-                        id,
-                        expires_ms,
-                    });
+                    // Likewise, a retry of a torn send may have written the record again
+                    // with a later expiry: then only the stale entry goes.
+                    match self.store.dedup(&self.user, &id) {
+                        Ok(Some(r)) if r.expires_ms == expires_ms => {
+                            write.ops.push(QueueOp::ForgetDedup {
+                                user: self.user.clone(),
+                                id,
+                                expires_ms,
+                            });
+                        }
+                        Ok(_) => write.ops.push(QueueOp::Unindex(entry)),
+                        Err(e) => warn!(error = %e, "reading an expiring dedup record failed"),
+                    }
                 }
             }
         }

@@ -72,6 +72,16 @@ struct Broker {
 }
 
 fn open(dir: &std::path::Path) -> Broker {
+    open_with(dir, None, Duration::from_secs(3600))
+}
+
+/// A broker whose flushes fail while `failpoint` exists, and whose mailboxes stop after
+/// `idle`.
+fn open_with(
+    dir: &std::path::Path,
+    failpoint: Option<std::path::PathBuf>,
+    idle: Duration,
+) -> Broker {
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&StoreOptions {
             dir: dir.to_path_buf(),
@@ -80,7 +90,7 @@ fn open(dir: &std::path::Path) -> Broker {
             cache_bytes: 4 << 20,
             commit_delay: Duration::ZERO,
             min_free_bytes: 0,
-            failpoint_sync: None,
+            failpoint_sync: failpoint,
         })
         .expect("open store"),
     );
@@ -93,7 +103,7 @@ fn open(dir: &std::path::Path) -> Broker {
             queue_quota_bytes: u64::MAX,
             window: WINDOW,
             ack_timeout: Duration::from_secs(3600),
-            idle: Duration::from_secs(3600),
+            idle,
             dedup_secs: 3600,
         },
     );
@@ -312,4 +322,189 @@ proptest! {
     fn mailbox_matches_model_across_restarts(ops in proptest::collection::vec(op(), 1..60)) {
         System::new().block_on(run(ops));
     }
+}
+
+/// A crash can leave expiry index entries whose records were never written (entries go
+/// first), and the retry of that send then commits the same envelope and dedup record with a
+/// later expiry. When the stale entries fall due they must expire nothing but themselves.
+#[test]
+fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
+    use crate::store::{DedupRecord, EnvelopeRecord, Expired, HeadRecord, QueueOp, QueueWrite};
+    System::new().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open(dir.path());
+        let store = broker.registry.store();
+        let record = DeviceRecord {
+            version: 1,
+            token_hash: [0; 32],
+            identity_keys: vec![1],
+            created_ms: 0,
+        };
+        store.create_account(USER, 0, record).expect("create");
+        let now = crate::clock::now_ms();
+        let (torn, committed) = (now - 1_000, now + 3_600_000);
+        let id = [7; 16];
+        let envelope = |expires_ms| QueueOp::Append {
+            user: USER.into(),
+            device: 1,
+            seq: 1,
+            record: EnvelopeRecord {
+                version: 1,
+                id,
+                class: 0,
+                accepted_ms: now,
+                expires_ms,
+                ciphertext: vec![1; 10],
+            },
+        };
+        let dedup = |expires_ms| QueueOp::Dedup {
+            user: USER.into(),
+            id,
+            record: DedupRecord {
+                version: 1,
+                expires_ms,
+                stored: vec![(1, 1)],
+            },
+        };
+        let ops = vec![
+            // What survives of the torn send is indistinguishable from this after the
+            // retry overwrote both records.
+            envelope(torn),
+            dedup(torn),
+            envelope(committed),
+            QueueOp::Head {
+                user: USER.into(),
+                device: 1,
+                head: HeadRecord {
+                    version: 1,
+                    next_seq: 2,
+                    count: 1,
+                    bytes: 10,
+                },
+            },
+            dedup(committed),
+        ];
+        store.write(QueueWrite { ops }).expect("write");
+        let due = store.expired(now, 100).expect("expired");
+        assert_eq!(due.len(), 2, "{due:?}");
+        assert!(due.iter().all(|e| match e {
+            Expired::Envelope { expires_ms, .. } | Expired::Dedup { expires_ms, .. } =>
+                *expires_ms == torn,
+        }));
+        broker
+            .registry
+            .call_once(USER, super::messages::Expire { due })
+            .await
+            .expect("mailbox");
+        let queue = store.read(USER, 1, 0, 10).expect("read");
+        assert_eq!(queue.len(), 1, "the committed envelope was expired");
+        assert_eq!(queue[0].1.expires_ms, committed);
+        assert!(store.dedup(USER, &id).expect("dedup").is_some());
+        assert!(store.expired(now, 100).expect("expired").is_empty());
+        assert!(!store.expired(committed, 100).expect("expired").is_empty());
+        close(broker);
+    });
+}
+
+/// A send whose flush failed was refused, but its writes may still sit in the store's memory.
+/// A mailbox that starts later must not push them before they are durable.
+#[test]
+fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
+    System::new().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let failpoint = dir.path().join("fail-sync");
+        let broker = open_with(
+            dir.path(),
+            Some(failpoint.clone()),
+            Duration::from_millis(50),
+        );
+        let record = DeviceRecord {
+            version: 1,
+            token_hash: [0; 32],
+            identity_keys: vec![1],
+            created_ms: 0,
+        };
+        seed(&broker, record).await;
+        let send = || Submit {
+            id: EnvelopeId(rand::random()),
+            class: Class::Durable,
+            ttl_secs: 3600,
+            copies: Arc::new(
+                DEVICES
+                    .iter()
+                    .map(|d| Copy {
+                        device: *d,
+                        ciphertext: vec![1],
+                    })
+                    .collect(),
+            ),
+        };
+        let accepted = broker.registry.call(USER, send()).await.expect("mailbox");
+        assert_eq!(accepted, SendOutcome::Accepted { duplicate: false });
+        std::fs::write(&failpoint, b"").expect("failpoint");
+        let refused = broker.registry.call(USER, send()).await.expect("mailbox");
+        assert!(
+            matches!(
+                refused,
+                SendOutcome::Rejected {
+                    code: ErrorCode::StoreUnavailable,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        // The mailbox stops idle; a device connects while flushes still fail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !broker.registry.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mailbox never stopped"
+            );
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        let attach = |id: u64| {
+            let (tx, rx) = super::outbox::channel(64);
+            let (kick, kick_rx) = oneshot::channel();
+            let conn = super::Conn { id, tx, kick };
+            (
+                Attach {
+                    device: DEVICES[0],
+                    conn,
+                },
+                rx,
+                kick_rx,
+            )
+        };
+        let (msg, mut rx, _kick) = attach(1);
+        let attached = broker.registry.call_once(USER, msg).await;
+        assert!(attached.is_err(), "a mailbox started on a failing store");
+        assert!(rx.try_recv().is_err(), "something was pushed");
+        // Once flushes work again, both envelopes are durable and delivered.
+        std::fs::remove_file(&failpoint).expect("failpoint");
+        let (msg, mut rx, _kick) = attach(2);
+        broker
+            .registry
+            .call_once(USER, msg)
+            .await
+            .expect("mailbox")
+            .expect("attach");
+        let mut seqs = Vec::new();
+        while seqs.len() < 2 {
+            match rx.try_recv() {
+                Ok(bytes) => {
+                    if let ServerFrame::Deliver { seq, .. } =
+                        ServerFrame::decode(&bytes).expect("frame")
+                    {
+                        seqs.push(seq);
+                    }
+                }
+                Err(_) => {
+                    assert!(std::time::Instant::now() < deadline, "not delivered");
+                    actix::clock::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        assert_eq!(seqs, vec![1, 2]);
+        close(broker);
+    });
 }

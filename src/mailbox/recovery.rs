@@ -105,12 +105,9 @@ pub(super) fn recover_heads(
                 }
                 break;
             }
-            let mut ops = vec![QueueOp::Remove {
-                user: user.to_owned(),
-                device,
-                seq,
-                expires_ms: record.expires_ms,
-            }];
+            // The head goes back first: should this be cut short too, the envelope is still
+            // there to be found torn again, and no sequence number is skipped.
+            let mut ops = Vec::with_capacity(2);
             if head.next_seq > seq {
                 head.next_seq = seq;
                 head.count = head.count.saturating_sub(1);
@@ -121,6 +118,12 @@ pub(super) fn recover_heads(
                     head,
                 });
             }
+            ops.push(QueueOp::Remove {
+                user: user.to_owned(),
+                device,
+                seq,
+                expires_ms: record.expires_ms,
+            });
             store.write(QueueWrite { ops })?;
             metrics::counter!("sealpost_torn_sends_rolled_back_total").increment(1);
             info!(

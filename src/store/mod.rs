@@ -116,6 +116,9 @@ pub enum QueueOp {
         /// Its expiry, to find the index entry.
         expires_ms: u64,
     },
+    /// Delete only an expiry index entry: its record is gone, or was written again with
+    /// another expiry (a crash can leave an entry behind, since entries go first).
+    Unindex(Expired),
 }
 
 /// Queue writes, applied in order; after a crash a prefix of them survives.

@@ -559,6 +559,17 @@ fn plan(write: QueueWrite) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
                 out.push((keys::dedup(&user, &id), None));
                 out.push((keys::expiry_dedup(expires_ms, &user, &id), None));
             }
+            QueueOp::Unindex(Expired::Envelope {
+                user,
+                device,
+                seq,
+                expires_ms,
+            }) => out.push((keys::expiry_envelope(expires_ms, &user, device, seq), None)),
+            QueueOp::Unindex(Expired::Dedup {
+                user,
+                id,
+                expires_ms,
+            }) => out.push((keys::expiry_dedup(expires_ms, &user, &id), None)),
         }
     }
     out
