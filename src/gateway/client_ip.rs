@@ -48,16 +48,20 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        // Several header lines form one list, in order.
-        let hops: Vec<&str> = forwarded
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+        // Several header lines form one list, in order. An entry that is not valid text is
+        // an unreadable hop, not a reason to ignore the line (the proxy's own entry is in it).
+        let hops: Vec<Option<IpAddr>> = forwarded
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(|hop| {
+                std::str::from_utf8(hop)
+                    .ok()
+                    .and_then(|h| parse_hop(h.trim()))
+            })
             .collect();
         let mut client = peer;
         for hop in hops.iter().rev() {
             // A hop we cannot read ends what we can vouch for: the last proxy saw `client`.
-            let Some(ip) = parse_hop(hop) else { break };
+            let Some(ip) = *hop else { break };
             client = ip;
             if !self.trusts(ip) {
                 break;
@@ -137,6 +141,15 @@ mod tests {
             resolve("127.0.0.1", "::ffff:127.0.0.1", &["203.0.113.1"]),
             "203.0.113.1"
         );
+    }
+
+    #[test]
+    fn a_client_written_non_text_entry_does_not_hide_the_proxys_own_entry() {
+        let forwarded = [HeaderValue::from_bytes(b"\x80, 203.0.113.1").unwrap()];
+        let ip = TrustedProxies::parse("127.0.0.1")
+            .unwrap()
+            .resolve("127.0.0.1".parse().unwrap(), forwarded.iter());
+        assert_eq!(ip.to_string(), "203.0.113.1");
     }
 
     #[test]
