@@ -95,21 +95,6 @@ async fn sender(
     }
 }
 
-/// Reads a device's backlog to `queue_empty`, acking everything; returns (seq, id) in order.
-async fn drain(dev: &mut Device) -> Vec<(u64, EnvelopeId)> {
-    let mut out = Vec::new();
-    loop {
-        match dev.frame().await {
-            ServerFrame::Deliver { seq, envelope } => {
-                dev.ack(vec![seq]).await;
-                out.push((seq, envelope.id));
-            }
-            ServerFrame::QueueEmpty => return out,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing_acknowledged() {
     let mut broker = Broker::start(&[]);
@@ -144,7 +129,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     let mut delivered = 0;
     for creds in [&bob1, &bob2] {
         let mut dev = Device::connect(&broker, creds).await;
-        let got = drain(&mut dev).await;
+        let got = dev.drain().await;
         delivered += got.len();
         // Gap-free, strictly increasing sequence numbers.
         for w in got.windows(2) {
@@ -190,7 +175,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     broker.restart();
     for creds in [&bob1, &bob2] {
         let mut dev = Device::connect(&broker, creds).await;
-        let got = drain(&mut dev).await;
+        let got = dev.drain().await;
         let ids: Vec<EnvelopeId> = got.iter().map(|(_, id)| *id).collect();
         assert_eq!(
             ids,
@@ -291,7 +276,7 @@ async fn retries_after_kill_9_are_stored_exactly_once() {
     }
     for c in [&bob1, &bob2] {
         let mut dev = Device::connect(&broker, c).await;
-        let got = drain(&mut dev).await;
+        let got = dev.drain().await;
         for w in got.windows(2) {
             assert_eq!(w[1].0, w[0].0 + 1, "sequence gap after recovery");
         }
@@ -324,7 +309,7 @@ async fn restart_keeps_sequence_numbers_and_tokens() {
     assert!(broker.terminate(), "graceful shutdown exits 0");
     broker.restart();
     let mut b = Device::connect(&broker, &bob).await;
-    let got = drain(&mut b).await;
+    let got = b.drain().await;
     assert_eq!(
         got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         vec![1, 2, 3]

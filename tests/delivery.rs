@@ -309,21 +309,6 @@ async fn wait_gauge(broker: &Broker, name: &str, value: f64) {
     }
 }
 
-/// Reads deliveries, acking each, until `queue_empty`; returns (seq, id) in order.
-async fn drain(dev: &mut Device) -> Vec<(u64, sealpost_proto::EnvelopeId)> {
-    let mut out = Vec::new();
-    loop {
-        match dev.frame().await {
-            ServerFrame::Deliver { seq, envelope } => {
-                dev.ack(vec![seq]).await;
-                out.push((seq, envelope.id));
-            }
-            ServerFrame::QueueEmpty => return out,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_device_that_stops_acking_is_disconnected_and_resumes_from_the_store() {
     let broker = Broker::start(&["--delivery-window", "4", "--ack-timeout-ms", "300"]);
@@ -364,7 +349,7 @@ async fn a_device_that_stops_acking_is_disconnected_and_resumes_from_the_store()
     // Reconnecting resumes from the store: everything in order, the unacknowledged four
     // again under their sequence numbers.
     let mut b = Device::connect(&broker, &bob).await;
-    let got = drain(&mut b).await;
+    let got = b.drain().await;
     assert_eq!(got[..4], pushed[..]);
     assert_eq!(got.iter().map(|(_, id)| *id).collect::<Vec<_>>(), sent);
     assert_eq!(
@@ -389,7 +374,7 @@ async fn idle_mailboxes_stop_and_start_again_when_needed() {
     wait_gauge(&broker, "sealpost_mailboxes", 0.0).await;
     // Both start again on demand, from the store.
     let mut b = Device::connect(&broker, &bob).await;
-    let got = drain(&mut b).await;
+    let got = b.drain().await;
     assert_eq!(
         got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         vec![1, 2, 3]

@@ -497,6 +497,21 @@ impl Device {
         }
     }
 
+    /// Reads deliveries, acking each, until `queue_empty`; returns (seq, id) in order.
+    pub async fn drain(&mut self) -> Vec<(u64, EnvelopeId)> {
+        let mut out = Vec::new();
+        loop {
+            match self.frame().await {
+                ServerFrame::Deliver { seq, envelope } => {
+                    self.ack(vec![seq]).await;
+                    out.push((seq, envelope.id));
+                }
+                ServerFrame::QueueEmpty => return out,
+                other => panic!("unexpected frame while draining: {other:?}"),
+            }
+        }
+    }
+
     /// The next delivery (skipping nothing else).
     pub async fn deliver(&mut self) -> (u64, sealpost_proto::Envelope) {
         match self.frame().await {
