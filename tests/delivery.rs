@@ -95,6 +95,36 @@ async fn a_retried_send_is_stored_once() {
 }
 
 #[tokio::test]
+async fn a_retry_gets_the_first_answer_even_after_the_devices_changed() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let id = eid();
+    assert_eq!(
+        a.send_and_wait(id, &bob.user, &[bob.device], b"x").await,
+        SendOutcome::Accepted { duplicate: false }
+    );
+    // Bob links a second device; Alice, who never saw the answer, retries.
+    let bob2 = add_device(&broker, &bob).await;
+    assert_eq!(
+        a.send_and_wait(id, &bob.user, &[bob.device], b"x").await,
+        SendOutcome::Accepted { duplicate: true },
+        "an accepted send is not refused as stale on retry"
+    );
+    // A new send to the old set is refused with the current list.
+    match a.send_and_wait(eid(), &bob.user, &[bob.device], b"y").await {
+        SendOutcome::Rejected {
+            code: ErrorCode::StaleDevices,
+            current_devices,
+        } => assert_eq!(current_devices, vec![bob.device, bob2.device]),
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut b = Device::connect(&broker, &bob).await;
+    assert_eq!(b.backlog().await.len(), 1);
+}
+
+#[tokio::test]
 async fn a_second_connection_displaces_the_first() {
     let broker = Broker::start(&[]);
     let bob = register(&broker, "bob@test.example").await;

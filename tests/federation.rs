@@ -673,6 +673,72 @@ async fn a_cut_link_drains_its_backlog_in_order_when_restored() {
     wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
 }
 
+/// The arguments `Site::start_raw` gives a broker of `name`, with `peers`.
+fn site_args(name: &str, peers: &str) -> Vec<String> {
+    [
+        "--domain",
+        name,
+        "--federation-peers",
+        peers,
+        "--federation-backoff-min-ms",
+        "50",
+        "--federation-backoff-max-ms",
+        "1000",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_changed_while_envelopes_wait_in_the_outbox_still_get_their_copies() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let mut bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let bob1 = register(&bb, "bob@b.example").await;
+    let bob2 = add_device(&bb, &bob1).await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    let targets = [bob1.device, bob2.device];
+    let mut ids = vec![eid()];
+    let out = dev
+        .send_and_wait(ids[0], "bob@b.example", &targets, b"first")
+        .await;
+    assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+
+    // b stops federating for a while; what Alice sends meanwhile waits in a's outbox.
+    let alone = site_args("b.example", "");
+    let alone: Vec<&str> = alone.iter().map(String::as_str).collect();
+    assert!(bb.terminate());
+    bb.restart_with(&alone);
+    wait_peer(&ba, "b.example", "a link down", |p| p["link"] != "up").await;
+    for n in 0..5u8 {
+        let id = eid();
+        let out = dev.send_and_wait(id, "bob@b.example", &targets, &[n]).await;
+        assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+        ids.push(id);
+    }
+    // Meanwhile Bob links a third device and removes the second.
+    let bob3 = add_device(&bb, &bob1).await;
+    assert!(remove_device(&bb, &bob1, bob2.device).await.is_success());
+
+    // Federation back: the device that remains gets every copy, nothing is refused.
+    let peers = site_args("b.example", &a.peer_entry());
+    let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
+    assert!(bb.terminate());
+    bb.restart_with(&peers);
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+    assert_eq!(admin(&ba).await["peers"][0]["refused"], 0);
+    let mut d1 = Device::connect(&bb, &bob1).await;
+    let got: Vec<EnvelopeId> = d1.drain().await.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(got, ids);
+    // The device linked later has none of them, as with a local send accepted before it.
+    let mut d3 = Device::connect(&bb, &bob3).await;
+    assert!(d3.backlog().await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_are_refused_and_local_traffic_carries_on() {
     let mut a = Site::new("a.example", "127.0.0.1");

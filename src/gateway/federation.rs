@@ -18,7 +18,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::future::LocalBoxFuture;
 use sealpost_proto::{
-    Copy, DeviceId, ErrorCode, Handle, SendOutcome,
+    DeviceId, ErrorCode, Handle, SendOutcome,
     federation::{Admission, FedEnvelope, LinkFrame, NOISE_PATTERN, RemoteDevice},
 };
 use subtle::ConstantTimeEq;
@@ -134,30 +134,13 @@ impl LocalDelivery for Local {
         if let Err(code) = self.admit(&to, &admission) {
             return ready(Some(code));
         }
-        let first = submit_local(state, to.clone(), id, class, ttl_secs, copies.clone());
-        let state = state.clone();
+        // The origin checked the device set when it accepted the envelope; devices may have
+        // been added or removed since (while it sat in the outbox): the devices that remain
+        // get their copies rather than nobody getting any.
+        let pending = submit_local(state, to, id, class, ttl_secs, copies, true);
         Box::pin(async move {
-            match first.await.1 {
+            match pending.await.1 {
                 SendOutcome::Accepted { .. } => None,
-                SendOutcome::Rejected {
-                    code: ErrorCode::StaleDevices,
-                    current_devices,
-                } => {
-                    // Devices were removed since the origin checked the set: store the copies
-                    // for the devices that remain, as a local send accepted before a removal
-                    // would be. A device added since has no copy: refused, counted at origin.
-                    let kept: Vec<Copy> = copies
-                        .into_iter()
-                        .filter(|c| current_devices.contains(&c.device))
-                        .collect();
-                    if kept.is_empty() || kept.len() != current_devices.len() {
-                        return Some(ErrorCode::StaleDevices);
-                    }
-                    match submit_local(&state, to, id, class, ttl_secs, kept).await.1 {
-                        SendOutcome::Accepted { .. } => None,
-                        SendOutcome::Rejected { code, .. } => Some(code),
-                    }
-                }
                 SendOutcome::Rejected { code, .. } => Some(code),
             }
         })

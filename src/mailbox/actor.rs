@@ -295,6 +295,40 @@ impl Mailbox {
     }
 
     /// Pushes an ephemeral envelope to connected devices; never stored.
+    /// The copies of a send to store: one for each current device, exactly, or the send is
+    /// refused with the current list so that the sender can re-encrypt. A send whose device
+    /// set was checked where it was accepted (`partial`: at the origin broker of a federated
+    /// send) instead keeps the copies for the devices that still exist, as a local send
+    /// accepted before the change would have; it is refused only if none does.
+    fn copies_for_current_devices<'m>(
+        &self,
+        msg: &'m Submit,
+    ) -> Result<Vec<&'m sealpost_proto::Copy>, SendOutcome> {
+        let mut named: Vec<DeviceId> = msg.copies.iter().map(|c| c.device).collect();
+        named.sort_unstable();
+        let current = self.device_ids();
+        if named == current {
+            return Ok(msg.copies.iter().collect());
+        }
+        let mut kept: Vec<&sealpost_proto::Copy> = Vec::new();
+        if msg.partial && named.windows(2).all(|w| w[0] < w[1]) {
+            kept = msg
+                .copies
+                .iter()
+                .filter(|c| self.devices.contains_key(&c.device))
+                .collect();
+        }
+        if kept.is_empty() {
+            telemetry::reject(ErrorCode::StaleDevices.as_str());
+            return Err(SendOutcome::Rejected {
+                code: ErrorCode::StaleDevices,
+                current_devices: current,
+            });
+        }
+        metrics::counter!("sealpost_sends_to_changed_devices_total").increment(1);
+        Ok(kept)
+    }
+
     fn push_ephemeral(&mut self, msg: &Submit) -> SendOutcome {
         let now = now_ms();
         for copy in msg.copies.iter() {
@@ -538,22 +572,13 @@ impl Mailbox {
     /// with the next sync — empty for a duplicate of an accepted send — or the answer, when
     /// the send is answered at once (refused, or ephemeral).
     fn submit(&mut self, msg: &Submit) -> Result<Vec<(DeviceId, u64)>, SendOutcome> {
-        // Device set: exactly the current devices, each once.
-        let mut named: Vec<DeviceId> = msg.copies.iter().map(|c| c.device).collect();
-        named.sort_unstable();
-        let current = self.device_ids();
-        if named != current {
-            telemetry::reject(ErrorCode::StaleDevices.as_str());
-            return Err(SendOutcome::Rejected {
-                code: ErrorCode::StaleDevices,
-                current_devices: current,
-            });
-        }
         if msg.class == Class::Ephemeral {
+            self.copies_for_current_devices(msg)?;
             let outcome = self.push_ephemeral(msg);
             return Err(outcome);
         }
-        // Idempotency: a retry gets the first answer and stores nothing.
+        // Idempotency: a retry gets the first answer and stores nothing, even if the devices
+        // changed since.
         if self.pending.contains(&msg.id) {
             return Ok(Vec::new());
         }
@@ -565,13 +590,14 @@ impl Mailbox {
                 return Err(rejected(ErrorCode::StoreUnavailable));
             }
         }
+        let copies = self.copies_for_current_devices(msg)?;
         // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
         if !self.store.has_room() {
             return Err(rejected(ErrorCode::StoreUnavailable));
         }
         // Quota, checked for every device before anything is written.
         let mut full = Vec::new();
-        for copy in msg.copies.iter() {
+        for copy in &copies {
             let q = &self.devices[&copy.device];
             let len = copy.ciphertext.len() as u64;
             if q.head.count >= self.config.queue_quota
@@ -588,8 +614,7 @@ impl Mailbox {
         }
         let now = now_ms();
         let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
-        let copies: Vec<recovery::DeviceCopy<'_>> = msg
-            .copies
+        let staged: Vec<recovery::DeviceCopy<'_>> = copies
             .iter()
             .map(|copy| recovery::DeviceCopy {
                 device: copy.device.0,
@@ -606,14 +631,14 @@ impl Mailbox {
             ciphertext: Vec::new(),
         };
         let dedup_expires = expires_ms.max(now + self.config.dedup_secs * 1000);
-        let (write, heads) = recovery::send_write(&self.user, &template, dedup_expires, &copies);
+        let (write, heads) = recovery::send_write(&self.user, &template, dedup_expires, &staged);
         if let Err(e) = self.store.write(write) {
             warn!(error = %e, "append failed; send refused");
             return Err(rejected(ErrorCode::StoreUnavailable));
         }
         let mut durable = Vec::with_capacity(heads.len());
         let hot_limit = self.config.window * 2;
-        for (head, copy) in heads.into_iter().zip(msg.copies.iter()) {
+        for (head, copy) in heads.into_iter().zip(&copies) {
             let device = copy.device;
             if let Some(q) = self.devices.get_mut(&device) {
                 q.head = head;

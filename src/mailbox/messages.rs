@@ -63,6 +63,10 @@ pub struct Submit {
     pub ttl_secs: u32,
     /// One ciphertext per recipient device.
     pub copies: Arc<Vec<Copy>>,
+    /// The device set was checked where the envelope was accepted (the origin broker of a
+    /// federated send): store the copies for the devices that still exist instead of
+    /// refusing a set that changed since.
+    pub partial: bool,
 }
 
 /// A device acknowledges deliveries.

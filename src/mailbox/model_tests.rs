@@ -188,6 +188,7 @@ async fn run(ops: Vec<Op>) {
                     class: Class::Durable,
                     ttl_secs: 3600,
                     copies: Arc::new(copies),
+                    partial: false,
                 };
                 let outcome = broker.registry.call(USER, msg).await.expect("mailbox");
                 let full = model.iter().any(|m| m.queue.len() as u64 >= QUOTA);
@@ -438,6 +439,7 @@ fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
                     })
                     .collect(),
             ),
+            partial: false,
         };
         let accepted = broker.registry.call(USER, send()).await.expect("mailbox");
         assert_eq!(accepted, SendOutcome::Accepted { duplicate: false });
