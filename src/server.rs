@@ -213,6 +213,7 @@ async fn sweep(state: Arc<AppState>) {
         state.federation.housekeep();
         state.store.check_disk();
         const BATCH: usize = 10_000;
+        let mut previous_first = None;
         loop {
             let due = match state.store.expired(now_ms(), BATCH) {
                 Ok(due) => due,
@@ -221,6 +222,12 @@ async fn sweep(state: Arc<AppState>) {
                     break;
                 }
             };
+            // A batch that starts where the last one did made no progress (its mailboxes
+            // could not start, or skipped entries for now): wait for the next tick.
+            if due.is_empty() || due.first() == previous_first.as_ref() {
+                break;
+            }
+            previous_first = due.first().cloned();
             let full = due.len() >= BATCH;
             let mut by_user: BTreeMap<String, Vec<_>> = BTreeMap::new();
             for entry in due {

@@ -294,12 +294,14 @@ impl Mailbox {
         }
     }
 
-    /// Pushes an ephemeral envelope to connected devices; never stored.
     /// The copies of a send to store: one for each current device, exactly, or the send is
     /// refused with the current list so that the sender can re-encrypt. A send whose device
     /// set was checked where it was accepted (`partial`: at the origin broker of a federated
     /// send) instead keeps the copies for the devices that still exist, as a local send
-    /// accepted before the change would have; it is refused only if none does.
+    /// accepted before the change would have; it is refused only if none does. That gives a
+    /// remote sender nothing a sender lacks anyway (a copy can always be made undecryptable):
+    /// the exact-set check is there so that honest clients learn of new devices, which the
+    /// origin did when it checked the set.
     fn copies_for_current_devices<'m>(
         &self,
         msg: &'m Submit,
@@ -329,6 +331,7 @@ impl Mailbox {
         Ok(kept)
     }
 
+    /// Pushes an ephemeral envelope to connected devices; never stored.
     fn push_ephemeral(&mut self, msg: &Submit) -> SendOutcome {
         let now = now_ms();
         for copy in msg.copies.iter() {
@@ -431,15 +434,21 @@ impl Actor for Mailbox {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
+        metrics::gauge!("sealpost_mailboxes").increment(1.0);
         if let Err(e) = self.load() {
             warn!(error = %e, "mailbox could not load its state; stopping");
             self.registry.forget(&self.user, self.incarnation);
             ctx.stop();
             return;
         }
-        metrics::gauge!("sealpost_mailboxes").increment(1.0);
-        // What was loaded may include writes that never became durable (a sync failed, or
-        // this is recovery's own rollback). Handle nothing, so push nothing, until it is.
+        // A previous incarnation stopped only once its syncs had finished, so its writes are
+        // durable unless a flush failed and none has succeeded since: then what was loaded
+        // may hold writes that are not, and nothing is handled (so nothing pushed) until a
+        // sync succeeds.
+        if self.store.healthy() {
+            self.watch(ctx);
+            return;
+        }
         self.inflight_syncs += 1;
         ctx.wait(self.store.sync().into_actor(self).map(|result, act, ctx| {
             act.inflight_syncs -= 1;
