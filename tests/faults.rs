@@ -22,6 +22,7 @@ async fn a_failing_flush_refuses_the_send_and_a_retry_stores_it_once() {
     let broker = Broker::start(&["--failpoint-sync-file", &fail_arg]);
     let alice = register(&broker, "alice@test.example").await;
     let bob = register(&broker, "bob@test.example").await;
+    let carol = register(&broker, "carol@test.example").await;
     let mut a = Device::connect(&broker, &alice).await;
     let mut b = Device::connect(&broker, &bob).await;
     assert!(b.backlog().await.is_empty());
@@ -43,6 +44,30 @@ async fn a_failing_flush_refuses_the_send_and_a_retry_stores_it_once() {
         }
     );
     assert_eq!(readyz(&broker).await, 503, "not ready after a failed flush");
+    // A device whose mailbox must start now is told to come back later, not that its
+    // credentials are bad: what the store holds may not be durable.
+    let mut ws = connect_raw(&broker).await;
+    let auth = sealpost_proto::ClientFrame::Auth {
+        user: carol.user.clone(),
+        device: carol.device,
+        token: carol.token.clone(),
+    };
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Binary(auth.encode().into()),
+    )
+    .await
+    .expect("send auth");
+    match next_event(&mut ws).await {
+        Event::Closed(Some((code, reason))) => {
+            assert_eq!(
+                code,
+                sealpost_proto::CloseCode::GoingAway as u16,
+                "{reason}"
+            );
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
 
     std::fs::remove_file(&fail).expect("disarm failpoint");
     // The client retries with the same id: stored once, delivered once.

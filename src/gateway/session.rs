@@ -286,9 +286,17 @@ fn run(
         };
         match state.registry.call_once(authed.user.as_str(), attach).await {
             Ok(Ok(())) => {}
-            _ => {
+            Ok(Err(_)) => {
+                // Removed between authentication and attaching.
                 let text = Some("device unavailable".into());
                 Box::pin(close(session, CloseCode::AuthFailed, text)).await;
+                return;
+            }
+            Err(_) => {
+                // The mailbox could not start (the store is failing): not the client's fault,
+                // so it reconnects later rather than treating its credentials as bad.
+                let text = Some("mailbox unavailable, try again later".into());
+                Box::pin(close(session, CloseCode::GoingAway, text)).await;
                 return;
             }
         }
