@@ -205,3 +205,90 @@ fn two_cli_users_exchange_messages() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("run register or link first"));
 }
+
+#[test]
+fn listen_keeps_listening_across_a_broker_restart() {
+    let mut broker = Broker::start(&[]);
+    let server = broker.http();
+    let alice = tempfile::tempdir().expect("tempdir");
+    let bob = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (alice.path(), bob.path());
+    ok(
+        a,
+        &[
+            "register",
+            "--server",
+            &server,
+            "--handle",
+            "alice@test.example",
+        ],
+    );
+    ok(
+        b,
+        &[
+            "register",
+            "--server",
+            &server,
+            "--handle",
+            "bob@test.example",
+        ],
+    );
+
+    let mut listener = Command::new(cli())
+        .arg("--state-dir")
+        .arg(b)
+        .args(["listen", "--count", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let stderr = BufReader::new(listener.stderr.take().expect("stderr"));
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // The broker goes away under the listener, which says so and keeps trying.
+    assert!(broker.terminate(), "graceful shutdown");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("listen never noticed the broker going away");
+        if line.starts_with("Connection to the broker lost") {
+            break;
+        }
+    }
+    assert!(
+        listener.try_wait().expect("wait").is_none(),
+        "listen exited when the broker went away"
+    );
+
+    // Back up: a message sent now reaches the same listen process.
+    broker.restart();
+    ok(
+        a,
+        &["send", "--to", "bob@test.example", "after the restart"],
+    );
+    let deadline = Instant::now() + WAIT;
+    while listener.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = listener.kill();
+            panic!("listen did not get the message after the restart");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = listener.wait_with_output().expect("output");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("] alice@test.example: after the restart"),
+        "{stdout}"
+    );
+}

@@ -172,6 +172,26 @@ fn confirm(question: &str) -> Result<bool> {
 }
 
 /// Explains errors the user can act on.
+/// First and longest wait before `listen` reconnects to a broker it lost.
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Whether an error means the broker cannot be reached for now (restarting, network down), as
+/// opposed to refusing this device or a fault in the local state.
+fn transient(error: &ClientError) -> bool {
+    use sealpost_client::{api::ApiError, conn::ConnError};
+    match error {
+        ClientError::Api(ApiError::Transport(_)) => true,
+        ClientError::Conn(ConnError::Transport(_) | ConnError::Timeout) => true,
+        // Closed for any reason but bad credentials, a revoked device or another connection
+        // of this device taking over (going away for a restart, idle timeout, ...).
+        ClientError::Conn(e @ ConnError::Closed { code, .. }) => {
+            !e.is_device_revoked() && !matches!(code, Some(4000 | 4001))
+        }
+        _ => false,
+    }
+}
+
 fn explain(error: ClientError) -> anyhow::Error {
     match &error {
         ClientError::MasterKeyChanged { user, .. } => {
@@ -268,11 +288,32 @@ async fn main() -> Result<()> {
         Command::Listen { count, until_empty } => {
             let mut client = Client::open(&dir).await?;
             let mut messages = 0;
+            let mut backoff = RECONNECT_MIN;
             loop {
                 if count.is_some_and(|c| messages >= c) {
                     break;
                 }
-                let event = client.next_event().await?;
+                let event = match client.next_event().await {
+                    Ok(event) => {
+                        backoff = RECONNECT_MIN;
+                        event
+                    }
+                    // The broker is restarting or out of reach: keep listening. Reopen the
+                    // state, so that whatever the failed call had decrypted without saving
+                    // comes again from the broker (nothing is acknowledged before it is saved).
+                    Err(e) if transient(&e) => {
+                        eprintln!(
+                            "Connection to the broker lost ({e}); reconnecting in {} s.",
+                            backoff.as_secs()
+                        );
+                        drop(client);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
+                        client = Client::open(&dir).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 match &event {
                     Event::Message(_) => messages += 1,
                     Event::QueueEmpty if until_empty => break,
