@@ -149,13 +149,7 @@ async fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = open(dir.path());
     // Seed the account through the registry's store.
-    let record = DeviceRecord {
-        version: 1,
-        token_hash: [0; 32],
-        identity_keys: vec![1],
-        created_ms: 0,
-    };
-    seed(&broker, record).await;
+    seed(&broker).await;
     let mut model: Vec<ModelDevice> = (0..2)
         .map(|_| ModelDevice {
             next_seq: 1,
@@ -308,12 +302,21 @@ async fn run(ops: Vec<Op>) {
     close(broker);
 }
 
-async fn seed(broker: &Broker, record: DeviceRecord) {
+/// A device record; the mailbox never looks inside.
+fn device() -> DeviceRecord {
+    DeviceRecord {
+        version: 1,
+        token_hash: [0; 32],
+        identity_keys: vec![1],
+        created_ms: 0,
+    }
+}
+
+/// Creates `USER` with the two `DEVICES`.
+async fn seed(broker: &Broker) {
     let store = broker.registry.store();
-    store
-        .create_account(USER, 0, record.clone())
-        .expect("create");
-    store.add_device(USER, record, 16).expect("add");
+    store.create_account(USER, 0, device()).expect("create");
+    store.add_device(USER, device(), 16).expect("add");
 }
 
 proptest! {
@@ -335,13 +338,7 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open(dir.path());
         let store = broker.registry.store();
-        let record = DeviceRecord {
-            version: 1,
-            token_hash: [0; 32],
-            identity_keys: vec![1],
-            created_ms: 0,
-        };
-        store.create_account(USER, 0, record).expect("create");
+        store.create_account(USER, 0, device()).expect("create");
         let now = crate::clock::now_ms();
         let (torn, committed) = (now - 1_000, now + 3_600_000);
         let id = [7; 16];
@@ -419,13 +416,7 @@ fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
             Some(failpoint.clone()),
             Duration::from_millis(50),
         );
-        let record = DeviceRecord {
-            version: 1,
-            token_hash: [0; 32],
-            identity_keys: vec![1],
-            created_ms: 0,
-        };
-        seed(&broker, record).await;
+        seed(&broker).await;
         let send = || Submit {
             id: EnvelopeId(rand::random()),
             class: Class::Durable,
