@@ -103,10 +103,10 @@ use crate::{
     conn::{ConnError, Connection},
     crypto::{
         CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, KeyError,
-        LocalKey, MasterKey, Payload, PinResult, PublicDeviceKeys, SafetyNumber, SealError,
-        SenderInfo, SessionError, SignedDeviceList, SignedOneTimeKey, StoreError,
+        LocalKey, MasterKey, PLACEHOLDER_BYTES, Payload, PinResult, PublicDeviceKeys, SafetyNumber,
+        SealError, SenderInfo, SessionError, SignedDeviceList, SignedOneTimeKey, StoreError,
         link::{LINK_SECRET_BYTES, link_proof},
-        open, safety_number, seal,
+        open, placeholder, safety_number, seal,
     },
     record::{CachedList, PendingLink, Record, Secret, StoredMessage},
 };
@@ -126,8 +126,6 @@ const CONNECTION_RETRIES: usize = 3;
 const BATCH: usize = 128;
 /// Length of the delivery token.
 const DELIVERY_TOKEN_BYTES: usize = 32;
-/// Size of a placeholder copy when no real copy gives the size.
-const PLACEHOLDER_BYTES: usize = 1 + 32 + 128 + 16;
 
 const KEY_FILE: &str = "local.key";
 const STATE_FILE: &str = "client.state";
@@ -911,16 +909,11 @@ impl Client {
         {
             return Ok(list);
         }
-        let blob = self
-            .api
-            .device_list(user)
-            .await?
-            .ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))?;
+        let signed = self.fetch_signed_list(user).await?;
         let list_error = |error| ClientError::DeviceList {
             user: user.to_owned(),
             error,
         };
-        let signed = SignedDeviceList::from_bytes(&blob).map_err(list_error)?;
         let list = match self.state.pins.verify_device_list(user, &signed) {
             Ok(list) => list,
             Err(DeviceListError::MasterKeyMismatch { got, .. }) => {
@@ -947,6 +940,19 @@ impl Client {
         }
         self.record.lists.insert(user.to_owned(), cached(&list));
         Ok(list)
+    }
+
+    /// `user`'s signed device list as the broker has it, decoded but not yet verified.
+    async fn fetch_signed_list(&self, user: &str) -> Result<SignedDeviceList, ClientError> {
+        let blob = self
+            .api
+            .device_list(user)
+            .await?
+            .ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))?;
+        SignedDeviceList::from_bytes(&blob).map_err(|error| ClientError::DeviceList {
+            user: user.to_owned(),
+            error,
+        })
     }
 
     /// Makes sure we have an Olm session with `user`'s `device`, claiming a key if needed.
@@ -1021,11 +1027,7 @@ impl Client {
         }
         let size = have.values().next().map_or(PLACEHOLDER_BYTES, Vec::len);
         for device in placeholders {
-            let mut bytes = vec![0u8; size];
-            rand::rngs::OsRng.fill_bytes(&mut bytes);
-            // A version byte like a real envelope's, so it looks like one.
-            bytes[0] = 1;
-            have.insert(device, bytes);
+            have.insert(device, placeholder(size));
         }
         have.retain(|d, _| devices.contains(d));
         Ok(())
@@ -2119,18 +2121,14 @@ impl Client {
         with: &str,
     ) -> Result<([u8; 32], SafetyNumber), ClientError> {
         check_handle(with)?;
-        let blob = self
-            .api
-            .device_list(with)
+        let list = self
+            .fetch_signed_list(with)
             .await?
-            .ok_or_else(|| ClientError::NoDeviceList(with.to_owned()))?;
-        let list_error = |error| ClientError::DeviceList {
-            user: with.to_owned(),
-            error,
-        };
-        let list = SignedDeviceList::from_bytes(&blob)
-            .and_then(|s| s.verify(with, None, None))
-            .map_err(list_error)?;
+            .verify(with, None, None)
+            .map_err(|error| ClientError::DeviceList {
+                user: with.to_owned(),
+                error,
+            })?;
         let number = safety_number(
             self.state.user(),
             &self.state.master_key.public_key(),

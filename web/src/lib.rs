@@ -49,10 +49,10 @@ use base64::{
 use rand::RngCore as _;
 use sealpost_client::crypto::{
     CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, LocalKey,
-    MasterKey, Payload, PinResult, PublicDeviceKeys, SenderInfo, SignedDeviceList,
-    SignedOneTimeKey,
+    MasterKey, PLACEHOLDER_BYTES, Payload, PinResult, PublicDeviceKeys, SenderInfo,
+    SignedDeviceList, SignedOneTimeKey,
     link::{LINK_SECRET_BYTES, link_proof, proof_matches},
-    open, safety_number, seal,
+    open, placeholder, safety_number, seal,
 };
 use sealpost_proto::{
     Class, ClientFrame, Copy, DeviceId, EnvelopeId, Handle, Notice, SendOutcome, ServerFrame,
@@ -75,8 +75,6 @@ const DELIVERY_TOKEN_BYTES: usize = 32;
 const MESSAGES_PER_CONVERSATION: usize = 500;
 /// Envelope ids remembered for deduplication.
 const SEEN_IDS: usize = 4096;
-/// Size of a placeholder copy when no real copy gives the size.
-const PLACEHOLDER_BYTES: usize = 1 + 32 + 128 + 16;
 
 fn now_ms() -> u64 {
     #[cfg(target_arch = "wasm32")]
@@ -1049,10 +1047,7 @@ impl Engine {
         }
         let size = copies.values().next().map_or(PLACEHOLDER_BYTES, Vec::len);
         for device in placeholders {
-            let mut bytes = vec![0u8; size];
-            rand::rngs::OsRng.fill_bytes(&mut bytes);
-            bytes[0] = 1;
-            copies.insert(device, bytes);
+            copies.insert(device, placeholder(size));
         }
         if let Some(text) = outgoing.text.filter(|_| !retry) {
             self.record.add_message(

@@ -93,7 +93,7 @@ pub use identity::{
 pub use payload::{CallId, GrantContact, Payload, PayloadError};
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};
-pub use sealed::{SealError, SenderInfo, Unsealed, open, seal};
+pub use sealed::{PLACEHOLDER_BYTES, SealError, SenderInfo, Unsealed, open, placeholder, seal};
 pub use session::{OlmMessage, OlmMessageKind, SessionError, Sessions};
 pub use store::{ClientState, LocalKey, StoreError};
 

@@ -122,6 +122,21 @@ fn aad(user: &str, device: u32) -> Result<Vec<u8>, SealError> {
     Ok(aad)
 }
 
+/// Size of a placeholder copy when no real copy gives the size: version byte, encapsulated
+/// key, one padding block, tag.
+pub const PLACEHOLDER_BYTES: usize = 1 + ENCAPPED_LEN + PADDING_BLOCK + TAG_LEN;
+
+/// A copy for a device that gets no real one (the sending device, in its own account's
+/// fan-out): `size` random bytes behind a sealed envelope's version byte, so that the broker
+/// cannot tell it from the real copies of the same send.
+pub fn placeholder(size: usize) -> Vec<u8> {
+    use rand::RngCore as _;
+    let mut bytes = vec![0u8; size.max(1)];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes[0] = SEALED_VERSION;
+    bytes
+}
+
 /// Seals `olm_message` and the sender's identity to one recipient device.
 pub fn seal(
     recipient_user: &str,
@@ -369,6 +384,19 @@ mod tests {
         assert_eq!(
             al.send(&mut bob2, "hello", 5).len(),
             alexandria.send(&mut bob2, "hello", 5).len()
+        );
+    }
+
+    #[test]
+    fn a_placeholder_is_shaped_like_a_sealed_envelope() {
+        let mut alice = Device::new(ALICE, 1);
+        let mut bob = Device::new(BOB, 2);
+        let sealed = alice.send(&mut bob, "hi", 5);
+        let decoy = placeholder(sealed.len());
+        assert_eq!((decoy.len(), decoy[0]), (sealed.len(), sealed[0]));
+        assert_ne!(
+            placeholder(PLACEHOLDER_BYTES),
+            placeholder(PLACEHOLDER_BYTES)
         );
     }
 
