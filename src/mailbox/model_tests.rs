@@ -84,13 +84,8 @@ fn open_with(
 ) -> Broker {
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&StoreOptions {
-            dir: dir.to_path_buf(),
-            group_commit: true,
-            fsync: false,
-            cache_bytes: 4 << 20,
-            commit_delay: Duration::ZERO,
-            min_free_bytes: 0,
             failpoint_sync: failpoint,
+            ..StoreOptions::for_tests(dir)
         })
         .expect("open store"),
     );
@@ -302,21 +297,15 @@ async fn run(ops: Vec<Op>) {
     close(broker);
 }
 
-/// A device record; the mailbox never looks inside.
-fn device() -> DeviceRecord {
-    DeviceRecord {
-        version: 1,
-        token_hash: [0; 32],
-        identity_keys: vec![1],
-        created_ms: 0,
-    }
-}
-
 /// Creates `USER` with the two `DEVICES`.
 async fn seed(broker: &Broker) {
     let store = broker.registry.store();
-    store.create_account(USER, 0, device()).expect("create");
-    store.add_device(USER, device(), 16).expect("add");
+    store
+        .create_account(USER, 0, DeviceRecord::for_tests())
+        .expect("create");
+    store
+        .add_device(USER, DeviceRecord::for_tests(), 16)
+        .expect("add");
 }
 
 proptest! {
@@ -338,7 +327,9 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open(dir.path());
         let store = broker.registry.store();
-        store.create_account(USER, 0, device()).expect("create");
+        store
+            .create_account(USER, 0, DeviceRecord::for_tests())
+            .expect("create");
         let now = crate::clock::now_ms();
         let (torn, committed) = (now - 1_000, now + 3_600_000);
         let id = [7; 16];

@@ -160,25 +160,7 @@ mod tests {
     const NOW: u64 = 1_000_000;
 
     fn open(dir: &std::path::Path) -> SledStore {
-        SledStore::open(&StoreOptions {
-            dir: dir.to_path_buf(),
-            group_commit: true,
-            fsync: false,
-            cache_bytes: 4 << 20,
-            commit_delay: std::time::Duration::ZERO,
-            min_free_bytes: 0,
-            failpoint_sync: None,
-        })
-        .expect("open store")
-    }
-
-    fn device() -> DeviceRecord {
-        DeviceRecord {
-            version: 1,
-            token_hash: [0; 32],
-            identity_keys: vec![1],
-            created_ms: 0,
-        }
+        SledStore::open(&StoreOptions::for_tests(dir)).expect("open store")
     }
 
     fn envelope(id: u8) -> EnvelopeRecord {
@@ -248,8 +230,12 @@ mod tests {
         for cut in 0..=ops {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
-            store.create_account(USER, 0, device()).unwrap();
-            store.add_device(USER, device(), 4).unwrap();
+            store
+                .create_account(USER, 0, DeviceRecord::for_tests())
+                .unwrap();
+            store
+                .add_device(USER, DeviceRecord::for_tests(), 4)
+                .unwrap();
             let heads = recover_heads(&store, USER, NOW).unwrap();
             let (first, _) = send(1, &heads);
             store.write(first).unwrap();
@@ -285,7 +271,9 @@ mod tests {
     fn an_empty_queue_counts_nothing_whatever_its_head_says() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store.create_account(USER, 0, device()).unwrap();
+        store
+            .create_account(USER, 0, DeviceRecord::for_tests())
+            .unwrap();
         // Acks deleted every envelope; the crash took the last head update.
         let stale = HeadRecord {
             next_seq: 4,
@@ -310,7 +298,9 @@ mod tests {
     fn an_expired_envelope_whose_dedup_record_is_gone_keeps_its_sequence_number() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store.create_account(USER, 0, device()).unwrap();
+        store
+            .create_account(USER, 0, DeviceRecord::for_tests())
+            .unwrap();
         let heads = recover_heads(&store, USER, NOW).unwrap();
         let (write, _) = send(1, &heads);
         store.write(write).unwrap();

@@ -36,6 +36,19 @@ pub struct DeviceRecord {
     pub created_ms: u64,
 }
 
+impl DeviceRecord {
+    /// A device record for unit tests that never look inside it.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        DeviceRecord {
+            version: RECORD_VERSION,
+            token_hash: [0; 32],
+            identity_keys: vec![1],
+            created_ms: 0,
+        }
+    }
+}
+
 impl std::fmt::Debug for DeviceRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceRecord")

@@ -37,6 +37,22 @@ pub struct StoreOptions {
     pub failpoint_sync: Option<PathBuf>,
 }
 
+impl StoreOptions {
+    /// A small store in `dir` for unit tests: group commit, no fsync, 4 MiB of cache.
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &Path) -> Self {
+        StoreOptions {
+            dir: dir.to_path_buf(),
+            group_commit: true,
+            fsync: false,
+            cache_bytes: 4 << 20,
+            commit_delay: std::time::Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
+        }
+    }
+}
+
 /// The sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
@@ -588,13 +604,8 @@ mod tests {
 
     fn open(dir: &Path) -> SledStore {
         SledStore::open(&StoreOptions {
-            dir: dir.to_path_buf(),
-            group_commit: true,
             fsync: true,
-            cache_bytes: 16 << 20,
-            commit_delay: std::time::Duration::ZERO,
-            min_free_bytes: 0,
-            failpoint_sync: None,
+            ..StoreOptions::for_tests(dir)
         })
         .unwrap()
     }
