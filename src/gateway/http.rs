@@ -20,7 +20,11 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use sealpost_proto::{DeviceId, Handle};
 use serde::{Deserialize, Serialize};
 
-use super::{AppState, error::ApiError};
+use super::{
+    AppState,
+    error::ApiError,
+    extract::{Admitted, Authenticated, authenticate, local_handle},
+};
 use crate::{
     clock::now_ms,
     config::Registration,
@@ -99,24 +103,6 @@ pub(crate) struct DeviceEntry {
     pub(crate) identity_keys: String,
 }
 
-pub(crate) fn rate_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
-    if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable);
-    }
-    match state.client_ip(req) {
-        Some(ip) if !state.limits.allow_ip(ip) => Err(ApiError::RateLimited),
-        _ => Ok(()),
-    }
-}
-
-pub(crate) fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiError> {
-    let handle = Handle::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if handle.domain() != state.settings.domain {
-        return Err(ApiError::NotFound);
-    }
-    Ok(handle)
-}
-
 fn identity_keys(b64: &str) -> Result<Vec<u8>, ApiError> {
     let bytes = STANDARD
         .decode(b64)
@@ -129,39 +115,11 @@ fn identity_keys(b64: &str) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-/// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`.
-pub(crate) fn authenticate(
-    state: &AppState,
-    req: &HttpRequest,
-    handle: &Handle,
-) -> Result<DeviceId, ApiError> {
-    let header = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::Unauthorized)?;
-    let cred = header
-        .strip_prefix("Bearer ")
-        .ok_or(ApiError::Unauthorized)?;
-    let (device, token) = cred.split_once('.').ok_or(ApiError::Unauthorized)?;
-    let device: u32 = device.parse().map_err(|_| ApiError::Unauthorized)?;
-    let token = DeviceToken::from_text(token).ok_or(ApiError::Unauthorized)?;
-    let record = state
-        .store
-        .device(handle.as_str(), device)?
-        .ok_or(ApiError::Unauthorized)?;
-    if !state.hasher.verify(&token, &record.token_hash) {
-        return Err(ApiError::Unauthorized);
-    }
-    Ok(DeviceId(device))
-}
-
 async fn register(
+    _: Admitted,
     state: State,
-    req: HttpRequest,
     body: web::Json<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
     let body = body.into_inner();
     let handle = Handle::parse(&body.handle).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if handle.domain() != state.settings.domain {
@@ -206,11 +164,10 @@ async fn register(
 }
 
 async fn list_devices(
+    _: Admitted,
     state: State,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
     if let Some(remote) = super::federation::remote_handle(&state, &path)? {
         return super::federation::remote_devices(&state, remote).await;
     }
@@ -234,12 +191,12 @@ async fn list_devices(
 }
 
 async fn add_device(
+    _: Admitted,
     state: State,
     req: HttpRequest,
     path: web::Path<String>,
     body: web::Json<AddDeviceRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
     let handle = local_handle(&state, &path)?;
     match &body.link_code {
         // A new device joining with a code an existing device created (single use).
@@ -287,18 +244,15 @@ async fn add_device(
 }
 
 async fn remove_device(
+    me: Authenticated,
     state: State,
-    req: HttpRequest,
     path: web::Path<(String, u32)>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let (raw, device) = path.into_inner();
-    let handle = local_handle(&state, &raw)?;
-    authenticate(&state, &req, &handle)?;
+    let (_, device) = path.into_inner();
     state
         .registry
         .call_once(
-            handle.as_str(),
+            me.handle.as_str(),
             RemoveDevice {
                 device: DeviceId(device),
             },

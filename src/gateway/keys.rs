@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     error::ApiError,
-    http::{authenticate, local_handle, rate_limit},
+    extract::{Admitted, Authenticated, authenticate, local_handle},
     submit::admit_sealed,
 };
 use crate::{
@@ -148,31 +148,15 @@ fn decode_key(k: &Key) -> Result<(u64, Vec<u8>), ApiError> {
     Ok((k.key_id, bytes))
 }
 
-/// Authenticates the device named in the path itself.
-fn authenticate_self(
-    state: &AppState,
-    req: &HttpRequest,
-    handle: &Handle,
-    device: u32,
-) -> Result<(), ApiError> {
-    if authenticate(state, req, handle)? != DeviceId(device) {
-        return Err(ApiError::Forbidden(
-            "only the device itself manages its keys".into(),
-        ));
-    }
-    Ok(())
-}
-
 async fn upload_keys(
+    me: Authenticated,
     state: State,
-    req: HttpRequest,
     path: web::Path<(String, u32)>,
     body: web::Json<UploadRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let (raw, device) = path.into_inner();
-    let handle = local_handle(&state, &raw)?;
-    authenticate_self(&state, &req, &handle, device)?;
+    let (_, device) = path.into_inner();
+    me.require_device(device)?;
+    let handle = me.handle;
     if body.one_time_keys.len() > MAX_KEYS_PER_UPLOAD {
         return Err(ApiError::BadRequest(format!(
             "at most {MAX_KEYS_PER_UPLOAD} keys per upload"
@@ -208,15 +192,13 @@ async fn upload_keys(
 }
 
 async fn key_count(
+    me: Authenticated,
     state: State,
-    req: HttpRequest,
     path: web::Path<(String, u32)>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let (raw, device) = path.into_inner();
-    let handle = local_handle(&state, &raw)?;
-    authenticate_self(&state, &req, &handle, device)?;
-    let (one_time, fallback) = state.store.key_count(handle.as_str(), device)?;
+    let (_, device) = path.into_inner();
+    me.require_device(device)?;
+    let (one_time, fallback) = state.store.key_count(me.handle.as_str(), device)?;
     Ok(HttpResponse::Ok().json(KeyCount { one_time, fallback }))
 }
 
@@ -274,11 +256,11 @@ fn remote_admission(
 }
 
 async fn claim_key(
+    _: Admitted,
     state: State,
     req: HttpRequest,
     path: web::Path<(String, u32)>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
     let (raw, device) = path.into_inner();
     if let Some(remote) = super::federation::remote_handle(&state, &raw)? {
         let admission = remote_admission(&state, &req)?;
@@ -317,11 +299,10 @@ async fn claim_key(
 }
 
 async fn get_device_list(
+    _: Admitted,
     state: State,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
     let signed = match super::federation::remote_handle(&state, &path)? {
         // The list is signed by the user's master key, so a relaying broker cannot alter it
         // unnoticed: clients verify it as they verify a local one.
@@ -340,14 +321,11 @@ async fn get_device_list(
 }
 
 async fn put_device_list(
+    me: Authenticated,
     state: State,
-    req: HttpRequest,
-    path: web::Path<String>,
     body: web::Json<SignedList>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let handle = local_handle(&state, &path)?;
-    authenticate(&state, &req, &handle)?;
+    let handle = me.handle;
     let signed = STANDARD
         .decode(&body.signed)
         .map_err(|_| ApiError::BadRequest("signed is not base64".into()))?;
@@ -362,14 +340,11 @@ async fn put_device_list(
 }
 
 async fn put_delivery_token(
+    me: Authenticated,
     state: State,
-    req: HttpRequest,
-    path: web::Path<String>,
     body: web::Json<DeliveryTokenRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let handle = local_handle(&state, &path)?;
-    authenticate(&state, &req, &handle)?;
+    let handle = me.handle;
     let token_hash = match &body.token {
         Some(t) => {
             let bytes = zeroize::Zeroizing::new(
@@ -396,14 +371,8 @@ async fn put_delivery_token(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn new_link_code(
-    state: State,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let handle = local_handle(&state, &path)?;
-    authenticate(&state, &req, &handle)?;
+async fn new_link_code(me: Authenticated, state: State) -> Result<HttpResponse, ApiError> {
+    let handle = me.handle;
     let mut raw = zeroize::Zeroizing::new([0u8; 16]);
     rand::rngs::OsRng.fill_bytes(raw.as_mut());
     let code = URL_SAFE_NO_PAD.encode(raw.as_ref());

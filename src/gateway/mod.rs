@@ -6,6 +6,7 @@
 //! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
 //! - [`session`]: one task per WebSocket connection (actix-ws).
 //! - [`error`]: API errors and their status codes.
+//! - [`extract`]: the admission and authentication every HTTP handler starts with.
 //! - [`client_ip`]: the client's address, behind trusted reverse proxies too.
 //! - [`limits`]: per-IP and per-device rate limits.
 //! - [`sealed`]: the anonymous endpoint for sealed sends (no account, no deliveries).
@@ -16,6 +17,7 @@
 
 pub mod client_ip;
 pub mod error;
+pub(crate) mod extract;
 pub mod federation;
 pub mod http;
 pub mod keys;

@@ -20,7 +20,7 @@
 
 use std::{num::NonZeroU32, sync::Arc};
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use base64::{
     Engine,
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
@@ -32,11 +32,7 @@ use serde::Serialize;
 use sha1::Sha1;
 use zeroize::Zeroizing;
 
-use super::{
-    AppState,
-    error::ApiError,
-    http::{authenticate, local_handle, rate_limit},
-};
+use super::{AppState, error::ApiError, extract::Authenticated};
 use crate::{clock::now_ms, config::Settings};
 
 type State = web::Data<Arc<AppState>>;
@@ -156,14 +152,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/accounts/{handle}/turn", web::get().to(get_credentials));
 }
 
-async fn get_credentials(
-    state: State,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
-    let handle = local_handle(&state, &path)?;
-    let device = authenticate(&state, &req, &handle)?;
+async fn get_credentials(me: Authenticated, state: State) -> Result<HttpResponse, ApiError> {
+    let Authenticated { handle, device } = me;
     let turn = &state.turn;
     if !turn.enabled() {
         return Err(ApiError::NotFound);

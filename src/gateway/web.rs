@@ -11,9 +11,9 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 
-use super::{AppState, error::ApiError, http::rate_limit};
+use super::{AppState, error::ApiError, extract::Admitted};
 
 type State = web::Data<Arc<AppState>>;
 
@@ -76,11 +76,10 @@ fn content_type(path: &std::path::Path) -> &'static str {
 }
 
 async fn serve(
+    _: Admitted,
     state: State,
-    req: HttpRequest,
     tail: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    rate_limit(&state, &req)?;
     if state.settings.web_root.is_empty() {
         return Err(ApiError::NotFound);
     }
