@@ -14,6 +14,7 @@
 //! - [`store`]: durable state behind the [`store::Store`] trait; the only importer of sled.
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
+//! - [`ws`]: the sending half of a server-side WebSocket, with a deadline on every write.
 //!
 //! Wire frames live in the `sealpost-proto` crate, shared with clients.
 //!
@@ -34,3 +35,4 @@ pub mod mailbox;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod ws;

@@ -40,6 +40,10 @@ fn describe() {
     describe_gauge!("sealpost_connections", "Authenticated device connections");
     describe_gauge!("sealpost_mailboxes", "Live mailbox actors");
     describe_gauge!("sealpost_mailboxes_registered", "Mailboxes in the registry");
+    describe_gauge!(
+        "sealpost_websocket_sessions",
+        "WebSocket session tasks running: device, sealed and inbound federation, authenticated or not"
+    );
     describe_gauge!("sealpost_ready", "1 when /readyz answers 200, else 0");
     describe_gauge!(
         "sealpost_disk_free_bytes",

@@ -678,22 +678,25 @@ async fn a_flooding_device_is_rate_limited_then_closed() {
     .await;
     let mut m = s.mallory().await;
     let mut accepted = Vec::new();
-    let (mut limited_sends, mut limited_others, mut allowed_acks) = (0, 0, 0);
+    let (mut limited_sends, mut limited_acks, mut limited_unknown) = (0, 0, 0);
+    let (mut allowed_acks, mut allowed_unknown) = (0, 0);
     let mut checked_meanwhile = false;
-    // Lockstep: one frame, then its answer, so the count of answers is exact.
+    // Lockstep: one frame, then its answer, so the count of answers is exact. Sends, acks and
+    // frames of an unknown type in turn: each counts against the rate, even one refused anyway.
+    let mut frames = 0usize;
     let close = loop {
-        assert!(accepted.len() + limited_sends + limited_others + allowed_acks < 10_000);
-        let sends = accepted.len() + limited_sends;
-        let acks = allowed_acks + limited_others;
+        assert!(frames < 10_000);
         let id = eid();
-        if sends <= acks {
-            m.send_frame(&s.to_sink(id, b"flood")).await;
-        } else {
-            m.ack(vec![u64::MAX]).await;
+        let kind = frames % 3;
+        frames += 1;
+        match kind {
+            0 => m.send_frame(&s.to_sink(id, b"flood")).await,
+            1 => m.ack(vec![u64::MAX]).await,
+            _ => m.send_raw(vec![1, 0x7e, 0x90]).await,
         }
         match m.next().await {
             Event::Frame(ServerFrame::SendResult { id: got, outcome }) => {
-                assert_eq!(got, id);
+                assert_eq!((kind, got), (0, id));
                 match outcome {
                     SendOutcome::Accepted { duplicate: false } => accepted.push(id),
                     o if o == rejected(ErrorCode::RateLimited) => limited_sends += 1,
@@ -704,29 +707,42 @@ async fn a_flooding_device_is_rate_limited_then_closed() {
                 code: ErrorCode::RateLimited,
                 seq: None,
                 ..
-            }) => limited_others += 1,
+            }) if kind == 1 => limited_acks += 1,
+            Event::Frame(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                seq: None,
+                ..
+            }) if kind == 2 => limited_unknown += 1,
             Event::Frame(ServerFrame::Error {
                 code: ErrorCode::UnknownSeq,
                 seq: Some(u64::MAX),
                 ..
-            }) => allowed_acks += 1,
-            Event::Frame(other) => panic!("unexpected frame {other:?}"),
+            }) if kind == 1 => allowed_acks += 1,
+            Event::Frame(ServerFrame::Error {
+                code: ErrorCode::UnknownFrameType,
+                ..
+            }) if kind == 2 => allowed_unknown += 1,
+            Event::Frame(other) => panic!("unexpected frame {other:?} for kind {kind}"),
             Event::Closed(close) => break close,
         }
         // Meanwhile, the other devices are not slowed down.
-        if limited_sends + limited_others == 10 && !checked_meanwhile {
+        if limited_sends + limited_acks + limited_unknown == 10 && !checked_meanwhile {
             checked_meanwhile = true;
             s.pair.round_trip().await;
         }
     };
+    let limited_others = limited_acks + limited_unknown;
     assert_eq!(close, Some((4005, "too many frames".to_owned())));
     assert_eq!(
         limited_sends + limited_others,
         20,
         "every violation up to the maximum is answered, the next one closes"
     );
-    assert!(limited_sends > 0 && limited_others > 0);
-    assert!(accepted.len() >= 3, "the burst was allowed");
+    assert!(limited_sends > 0 && limited_acks > 0 && limited_unknown > 0);
+    assert!(
+        accepted.len() + allowed_acks + allowed_unknown >= 5,
+        "the burst was allowed"
+    );
     assert_eq!(
         s.broker
             .metric_labeled("sealpost_rejects_total", "reason=\"rate_limited\"")

@@ -389,6 +389,60 @@ async fn a_device_that_stops_acking_is_disconnected_and_resumes_from_the_store()
 }
 
 #[tokio::test]
+async fn a_device_that_stops_reading_is_dropped_and_resumes_from_the_store() {
+    // The client timeout also bounds how long one write may wait for the device to read.
+    let broker = Broker::start(&[
+        "--client-timeout-ms",
+        "1500",
+        "--heartbeat-ms",
+        "500",
+        "--delivery-window",
+        "1024",
+    ]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    // 12 MB waiting for Bob: far more than the socket buffers hold for a reader that reads
+    // nothing with a 4 KiB receive buffer.
+    let mut sent = Vec::new();
+    for n in 0..200u8 {
+        let id = eid();
+        a.send_and_wait(id, &bob.user, &[bob.device], &[n; 60 * 1024])
+            .await;
+        sent.push(id);
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(broker.addr).await.expect("connect");
+    let (ws, _) = tokio_tungstenite::client_async(
+        broker.ws_url(),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .expect("handshake");
+    let stalled = Device::authenticate(ws, &bob).await;
+    // Bob reads nothing more. The broker's writes to him stall; it gives up on the connection
+    // instead of holding its session and outbox forever.
+    broker
+        .wait_metric_labeled(
+            "sealpost_disconnects_total",
+            "reason=\"write_stalled\"",
+            1.0,
+        )
+        .await;
+    wait_gauge(&broker, "sealpost_websocket_sessions", 1.0).await;
+    // Alice was served all along, and nothing of Bob's was lost.
+    let id = eid();
+    a.send_and_wait(id, &bob.user, &[bob.device], b"still here")
+        .await;
+    sent.push(id);
+    drop(stalled);
+    let mut b = Device::connect(&broker, &bob).await;
+    let got = b.drain().await;
+    assert_eq!(got.iter().map(|(_, id)| *id).collect::<Vec<_>>(), sent);
+}
+
+#[tokio::test]
 async fn idle_mailboxes_stop_and_start_again_when_needed() {
     let broker = Broker::start(&["--mailbox-idle-ms", "200"]);
     let alice = register(&broker, "alice@test.example").await;

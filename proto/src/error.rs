@@ -125,7 +125,7 @@ wire_enum! {
         /// A sealed send or key claim lacks a valid delivery token for the recipient.
         BadDeliveryToken = 21 => "bad_delivery_token",
         /// The frame is not accepted on this endpoint (the anonymous endpoint takes only
-        /// `sealed_send`).
+        /// `sealed_send`, and the authenticated one everything but it).
         WrongEndpoint = 22 => "wrong_endpoint",
         /// Federation: the calling broker's domain is not a known peer, or the link was
         /// addressed to another domain.

@@ -30,9 +30,10 @@
 //! | 0x86 | `notice`         | kind (u16: 1 mailbox_full, 2 keys_low), device (u32)    |
 //! | 0x87 | `error`          | code (u16), message (str), seq (u64 or nil)             |
 //!
-//! `sealed_send` is the only frame accepted on the anonymous endpoint (`/v1/sealed`): it is not
-//! tied to any account, and the recipient's delivery token (or its choice to accept sealed
-//! envelopes from anyone) is what admits it.
+//! `sealed_send` is the only frame accepted on the anonymous endpoint (`/v1/sealed`), and it is
+//! accepted only there: it is not tied to any account, and the recipient's delivery token (or
+//! its choice to accept sealed envelopes from anyone) is what admits it. On the authenticated
+//! `/v1/ws` it is refused with `wrong_endpoint`, since that connection names its sender.
 //!
 //! Keep-alive uses WebSocket ping/pong control frames, not protocol frames.
 //!

@@ -17,7 +17,7 @@
 use std::{rc::Rc, time::Instant};
 
 use actix_web::web::Bytes;
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, Session};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream};
 use futures_util::{
     StreamExt,
     future::{LocalBoxFuture, join_all},
@@ -34,6 +34,7 @@ use super::{
     Federation,
     link::{self, Cipher},
 };
+use crate::ws::Writer;
 
 /// Local delivery, as the receiving side of a link needs it. Implemented by the gateway with
 /// mailboxes, so that federation does not depend on them.
@@ -56,15 +57,15 @@ fn refused(reason: &'static str) {
 
 /// Reads the next binary message; `Err` carries the close to send (if any).
 async fn next_binary(
-    session: &mut Session,
+    session: &mut Writer,
     stream: &mut AggregatedMessageStream,
 ) -> Result<Option<Bytes>, Option<(CloseCode, String)>> {
     match stream.recv().await {
         Some(Ok(AggregatedMessage::Binary(bytes))) => Ok(Some(bytes)),
-        Some(Ok(AggregatedMessage::Ping(p))) => {
-            let _ = session.pong(&p).await;
-            Ok(None)
-        }
+        Some(Ok(AggregatedMessage::Ping(p))) => match session.pong(&p).await {
+            Ok(()) => Ok(None),
+            Err(_) => Err(None),
+        },
         Some(Ok(AggregatedMessage::Pong(_))) => Ok(None),
         Some(Ok(AggregatedMessage::Text(_))) => Err(Some((
             CloseCode::ProtocolError,
@@ -76,7 +77,7 @@ async fn next_binary(
 }
 
 async fn refuse(
-    session: &mut Session,
+    session: &mut Writer,
     origin: Option<&str>,
     code: ErrorCode,
     reason: &'static str,
@@ -97,7 +98,7 @@ async fn refuse(
 /// Authenticates the calling broker; returns its domain and the link's cipher.
 async fn handshake(
     fed: &Federation,
-    session: &mut Session,
+    session: &mut Writer,
     stream: &mut AggregatedMessageStream,
 ) -> Result<(String, Cipher), Option<(CloseCode, String)>> {
     let deadline = tokio::time::sleep(fed.settings().request_timeout);
@@ -209,7 +210,7 @@ type TxnDone = LocalBoxFuture<'static, (u64, Vec<Option<ErrorCode>>)>;
 pub async fn serve(
     fed: &Federation,
     local: Rc<dyn LocalDelivery>,
-    session: &mut Session,
+    session: &mut Writer,
     mut stream: AggregatedMessageStream,
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<(CloseCode, String)> {
@@ -234,7 +235,7 @@ pub async fn serve(
     end
 }
 
-async fn send(session: &mut Session, cipher: &mut Cipher, frame: &LinkFrame) -> bool {
+async fn send(session: &mut Writer, cipher: &mut Cipher, frame: &LinkFrame) -> bool {
     match cipher.seal(&frame.encode()) {
         Ok(sealed) => session.binary(sealed).await.is_ok(),
         Err(e) => {
@@ -247,7 +248,7 @@ async fn send(session: &mut Session, cipher: &mut Cipher, frame: &LinkFrame) -> 
 async fn relay(
     fed: &Federation,
     local: Rc<dyn LocalDelivery>,
-    session: &mut Session,
+    session: &mut Writer,
     stream: &mut AggregatedMessageStream,
     shutdown: &mut watch::Receiver<bool>,
     origin: &str,
@@ -261,6 +262,9 @@ async fn relay(
     let mut last_heard = Instant::now();
     let max_replies = 64;
     loop {
+        if session.stalled() {
+            return None;
+        }
         tokio::select! {
             biased;
             _ = shutdown.changed() => {

@@ -33,6 +33,7 @@ use super::{
 use crate::{
     federation::{inbound::LocalDelivery, link::MAX_SEALED_BYTES, messages::Request},
     mailbox::messages::ClaimKey,
+    ws::Writer,
 };
 
 type State = web::Data<Arc<AppState>>;
@@ -60,11 +61,12 @@ pub async fn upgrade(
     actix_web::rt::spawn(async move {
         state.open_sessions.fetch_add(1, Ordering::Relaxed);
         let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
-        let mut writer = session.clone();
+        // A peer that takes nothing off the link for as long as it may stay silent is gone.
+        let mut session = Writer::new(session, state.federation.settings().idle_timeout);
         let end = crate::federation::inbound::serve(
             &state.federation,
             local,
-            &mut writer,
+            &mut session,
             stream,
             state.shutdown.clone(),
         )

@@ -33,6 +33,10 @@ use crate::{
     store::{DeviceRecord, records::RECORD_VERSION},
 };
 
+/// Largest JSON request body: a full key upload (200 keys of 512 bytes, base64) or a signed
+/// device list of 64 KiB (base64) fits, with room.
+const MAX_JSON_BODY: usize = 256 * 1024;
+
 /// Largest identity-key blob a device may publish.
 const MAX_IDENTITY_KEYS: usize = 4096;
 
@@ -42,7 +46,7 @@ type State = web::Data<Arc<AppState>>;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::JsonConfig::default()
-            .limit(16 * 1024)
+            .limit(MAX_JSON_BODY)
             .error_handler(|err, _| {
                 ApiError::BadRequest(format!("invalid JSON body: {err}")).into()
             }),
@@ -198,6 +202,8 @@ async fn add_device(
     body: web::Json<AddDeviceRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let handle = local_handle(&state, &path)?;
+    // Checked first: a malformed request must not use up a single-use link code.
+    let keys = identity_keys(&body.identity_keys)?;
     match &body.link_code {
         // A new device joining with a code an existing device created (single use).
         Some(code)
@@ -218,7 +224,6 @@ async fn add_device(
             authenticate(&state, &req, &handle)?;
         }
     }
-    let keys = identity_keys(&body.identity_keys)?;
     let token = DeviceToken::generate();
     let record = DeviceRecord {
         version: RECORD_VERSION,
@@ -290,6 +295,8 @@ async fn metrics(state: State) -> HttpResponse {
         Some(handle) => {
             handle.run_upkeep();
             metrics::gauge!("sealpost_mailboxes_registered").set(state.registry.len() as f64);
+            metrics::gauge!("sealpost_websocket_sessions")
+                .set(state.open_sessions.load(Ordering::Relaxed) as f64);
             metrics::gauge!("sealpost_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4")

@@ -13,7 +13,7 @@ use std::{
 };
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use actix_ws::{AggregatedMessageStream, Session};
+use actix_ws::AggregatedMessageStream;
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use sealpost_proto::{ClientFrame, CloseCode, DecodeError, ErrorCode, ServerFrame};
 
@@ -22,6 +22,7 @@ use super::{
     session::{Incoming, accept, close, decode_close, error_frame, next_incoming, reject_send},
     submit::{PendingSend, admit_sealed, submit_sealed, validate_send},
 };
+use crate::ws::Writer;
 
 /// `GET /v1/sealed`: upgrades and spawns the anonymous session.
 pub async fn upgrade(
@@ -29,11 +30,11 @@ pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream, ip) = accept(&state, &req, body)?;
+    let (response, mut session, stream, ip) = accept(&state, &req, body)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
     actix_web::rt::spawn(async move {
         state.open_sessions.fetch_add(1, Ordering::Relaxed);
-        let end = run(&state, &mut session.clone(), stream, ip).await;
+        let end = run(&state, &mut session, stream, ip).await;
         state.open_sessions.fetch_sub(1, Ordering::Relaxed);
         if let Some((code, text)) = end {
             close(session, code, Some(text)).await;
@@ -44,7 +45,7 @@ pub async fn upgrade(
 
 async fn run(
     state: &AppState,
-    session: &mut Session,
+    session: &mut Writer,
     mut stream: AggregatedMessageStream,
     ip: Option<IpAddr>,
 ) -> Option<(CloseCode, String)> {
@@ -57,6 +58,9 @@ async fn run(
     let mut shutdown = state.shutdown.clone();
     let mut violations = 0u32;
     loop {
+        if session.stalled() {
+            return None;
+        }
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -76,7 +80,22 @@ async fn run(
                     Incoming::Control => continue,
                     Incoming::End(reason) => return reason,
                 };
-                let frame = match ClientFrame::decode(&bytes) {
+                // Every frame counts against the address's rate, also one refused below.
+                let decoded = ClientFrame::decode(&bytes);
+                if let Some(ip) = ip
+                    && !state.limits.allow_ip(ip)
+                {
+                    violations += 1;
+                    if violations > settings.max_violations {
+                        return Some((CloseCode::RateLimited, "too many frames".into()));
+                    }
+                    match &decoded {
+                        Ok(ClientFrame::SealedSend { id, .. }) => reject_send(session, *id, ErrorCode::RateLimited).await,
+                        _ => { let _ = session.binary(error_frame(ErrorCode::RateLimited, "slow down", None)).await; }
+                    }
+                    continue;
+                }
+                let frame = match decoded {
                     Ok(frame) => frame,
                     Err(DecodeError::UnknownFrameType(kind)) => {
                         let msg = format!("unknown frame type {kind:#04x}");
@@ -93,16 +112,6 @@ async fn run(
                     let _ = session.binary(error_frame(ErrorCode::WrongEndpoint, msg, None)).await;
                     continue;
                 };
-                if let Some(ip) = ip
-                    && !state.limits.allow_ip(ip)
-                {
-                    violations += 1;
-                    if violations > settings.max_violations {
-                        return Some((CloseCode::RateLimited, "too many frames".into()));
-                    }
-                    reject_send(session, id, ErrorCode::RateLimited).await;
-                    continue;
-                }
                 let admitted = validate_send(state, &to, class, ttl_secs, &copies)
                     .and_then(|to| admit_sealed(state, &to, delivery_token.as_deref(), ip).map(|()| to));
                 match admitted {

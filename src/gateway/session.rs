@@ -19,7 +19,7 @@ use std::{
 };
 
 use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason};
 use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
 use rand::Rng;
 use sealpost_proto::{
@@ -33,7 +33,7 @@ use tracing::debug;
 use super::{
     AppState,
     error::ApiError,
-    submit::{PendingSend, admit_sealed, submit, submit_sealed, validate_send},
+    submit::{PendingSend, submit, validate_send},
 };
 use crate::{
     clock::now_ms,
@@ -44,6 +44,7 @@ use crate::{
         outbox,
     },
     telemetry,
+    ws::Writer,
 };
 
 /// `GET /v1/ws`: upgrades and spawns the session task.
@@ -52,9 +53,9 @@ pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream, ip) = accept(&state, &req, body)?;
+    let (response, session, stream, _) = accept(&state, &req, body)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
-    actix_web::rt::spawn(run(state, session, stream, ip));
+    actix_web::rt::spawn(run(state, session, stream));
     Ok(response)
 }
 
@@ -67,7 +68,7 @@ pub(crate) fn accept(
 ) -> Result<
     (
         HttpResponse,
-        Session,
+        Writer,
         AggregatedMessageStream,
         Option<IpAddr>,
     ),
@@ -87,7 +88,9 @@ pub(crate) fn accept(
         .max_frame_size(MAX_FRAME_BYTES)
         .aggregate_continuations()
         .max_continuation_size(MAX_FRAME_BYTES);
-    Ok((response, session, stream, ip))
+    // A client that takes nothing off the connection for as long as it may stay silent is gone.
+    let write_deadline = Duration::from_millis(state.settings.client_timeout_ms);
+    Ok((response, Writer::new(session, write_deadline), stream, ip))
 }
 
 pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) -> Bytes {
@@ -102,18 +105,18 @@ pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Opti
     )
 }
 
-pub(crate) async fn close(session: Session, code: CloseCode, description: Option<String>) {
+pub(crate) async fn close(session: Writer, code: CloseCode, description: Option<String>) {
     metrics::counter!("sealpost_disconnects_total", "reason" => code.as_str()).increment(1);
     send_close(session, code, description).await;
 }
 
 /// Closes without counting: for kicks, which the mailbox counted when it kicked.
-async fn send_close(session: Session, code: CloseCode, description: Option<String>) {
+async fn send_close(session: Writer, code: CloseCode, description: Option<String>) {
     let reason = CloseReason {
         code: actix_ws::CloseCode::Other(code.as_u16()),
         description: Some(description.unwrap_or_else(|| code.as_str().to_owned())),
     };
-    let _ = session.close(Some(reason)).await;
+    session.close(reason).await;
 }
 
 /// What authentication established.
@@ -130,15 +133,15 @@ pub(crate) enum Incoming {
 }
 
 pub(crate) async fn next_incoming(
-    session: &mut Session,
+    session: &mut Writer,
     stream: &mut AggregatedMessageStream,
 ) -> Incoming {
     match classify(stream.recv().await) {
         Ok(incoming) => incoming,
-        Err(ping) => {
-            let _ = session.pong(&ping).await;
-            Incoming::Control
-        }
+        Err(ping) => match session.pong(&ping).await {
+            Ok(()) => Incoming::Control,
+            Err(_) => Incoming::End(None),
+        },
     }
 }
 
@@ -166,7 +169,7 @@ fn classify(
 /// Reads frames until `auth` arrives and verifies it.
 async fn authenticate(
     state: &AppState,
-    session: &mut Session,
+    session: &mut Writer,
     stream: &mut AggregatedMessageStream,
 ) -> Result<Authed, Option<(CloseCode, String)>> {
     let deadline = tokio::time::sleep(Duration::from_millis(state.settings.auth_timeout_ms));
@@ -221,7 +224,7 @@ async fn authenticate(
 
 /// Refuses authentication: an `error` frame saying why, then a close with `auth_failed`.
 async fn refuse(
-    session: &mut Session,
+    session: &mut Writer,
     code: ErrorCode,
     msg: &str,
 ) -> Result<Authed, Option<(CloseCode, String)>> {
@@ -232,7 +235,7 @@ async fn refuse(
 /// The close for a frame that does not decode. The caller has already sent (and counted) the
 /// `error` frame.
 /// Answers a refused send.
-pub(crate) async fn reject_send(session: &mut Session, id: EnvelopeId, code: ErrorCode) {
+pub(crate) async fn reject_send(session: &mut Writer, id: EnvelopeId, code: ErrorCode) {
     telemetry::reject(code.as_str());
     let outcome = SendOutcome::Rejected {
         code,
@@ -254,9 +257,8 @@ pub(crate) fn decode_close(e: &DecodeError) -> (CloseCode, String) {
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn run(
     state: Arc<AppState>,
-    mut session: Session,
+    mut session: Writer,
     mut stream: AggregatedMessageStream,
-    ip: Option<IpAddr>,
 ) -> impl Future<Output = ()> {
     async move {
         state.open_sessions.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +317,6 @@ fn run(
             state: &state,
             authed: &authed,
             conn_id,
-            ip,
             violations: 0,
             kicked: false,
         };
@@ -394,8 +395,6 @@ struct Live<'a> {
     state: &'a Arc<AppState>,
     authed: &'a Authed,
     conn_id: u64,
-    /// Source address, for per-IP limits on sealed sends to strangers.
-    ip: Option<IpAddr>,
     /// Rate-limit violations so far; past the configured maximum the connection is closed.
     violations: u32,
     /// Whether the mailbox kicked this connection (and already counted the disconnect).
@@ -406,7 +405,7 @@ impl Live<'_> {
     /// Relays until the connection ends; returns the close to send, if any.
     async fn relay(
         &mut self,
-        session: &mut Session,
+        session: &mut Writer,
         stream: &mut AggregatedMessageStream,
         rx: &mut outbox::Receiver,
         kick_rx: &mut oneshot::Receiver<CloseCode>,
@@ -419,6 +418,9 @@ impl Live<'_> {
         let mut last_heard = Instant::now();
         let mut shutdown = self.state.shutdown.clone();
         loop {
+            if session.stalled() {
+                return None;
+            }
             tokio::select! {
                 biased;
                 reason = &mut *kick_rx => {
@@ -471,7 +473,7 @@ impl Live<'_> {
     /// that clients do not all reconnect at once.
     async fn drain_for_shutdown(
         &self,
-        session: &mut Session,
+        session: &mut Writer,
         pending: &mut Pending,
     ) -> Option<(CloseCode, String)> {
         while let Some((id, outcome)) = pending.next().await {
@@ -488,27 +490,12 @@ impl Live<'_> {
     /// Handles one binary frame; returns a close if the protocol was violated.
     async fn on_frame(
         &mut self,
-        session: &mut Session,
+        session: &mut Writer,
         bytes: &[u8],
         pending: &mut Pending,
     ) -> Option<(CloseCode, String)> {
-        let frame = match ClientFrame::decode(bytes) {
-            Ok(frame) => frame,
-            Err(DecodeError::UnknownFrameType(kind)) => {
-                // Possibly a newer client: refuse the frame, keep the connection.
-                let msg = format!("unknown frame type {kind:#04x}");
-                let _ = session
-                    .binary(error_frame(ErrorCode::UnknownFrameType, msg, None))
-                    .await;
-                return None;
-            }
-            Err(e) => {
-                let _ = session
-                    .binary(error_frame(e.code(), e.to_string(), None))
-                    .await;
-                return Some(decode_close(&e));
-            }
-        };
+        // Every frame counts against the device's rate, also one that is refused below.
+        let decoded = ClientFrame::decode(bytes);
         if !self
             .state
             .limits
@@ -519,8 +506,8 @@ impl Live<'_> {
                 return Some((CloseCode::RateLimited, "too many frames".into()));
             }
             // Counted once: `error_frame` counts the refusals it builds.
-            let answer = match &frame {
-                ClientFrame::Send { id, .. } | ClientFrame::SealedSend { id, .. } => {
+            let answer = match &decoded {
+                Ok(ClientFrame::Send { id, .. } | ClientFrame::SealedSend { id, .. }) => {
                     telemetry::reject(ErrorCode::RateLimited.as_str());
                     ServerFrame::SendResult {
                         id: *id,
@@ -537,6 +524,23 @@ impl Live<'_> {
             let _ = session.binary(answer).await;
             return None;
         }
+        let frame = match decoded {
+            Ok(frame) => frame,
+            Err(DecodeError::UnknownFrameType(kind)) => {
+                // Possibly a newer client: refuse the frame, keep the connection.
+                let msg = format!("unknown frame type {kind:#04x}");
+                let _ = session
+                    .binary(error_frame(ErrorCode::UnknownFrameType, msg, None))
+                    .await;
+                return None;
+            }
+            Err(e) => {
+                let _ = session
+                    .binary(error_frame(e.code(), e.to_string(), None))
+                    .await;
+                return Some(decode_close(&e));
+            }
+        };
         match frame {
             ClientFrame::Auth { .. } => {
                 let frame = error_frame(
@@ -556,31 +560,10 @@ impl Live<'_> {
                 Ok(to) => pending.push(submit(self.state, to, id, class, ttl_secs, copies)),
                 Err(code) => reject_send(session, id, code).await,
             },
-            ClientFrame::SealedSend {
-                id,
-                to,
-                class,
-                ttl_secs,
-                copies,
-                delivery_token,
-            } => {
-                let admitted =
-                    validate_send(self.state, &to, class, ttl_secs, &copies).and_then(|to| {
-                        admit_sealed(self.state, &to, delivery_token.as_deref(), self.ip)
-                            .map(|()| to)
-                    });
-                match admitted {
-                    Ok(to) => pending.push(submit_sealed(
-                        self.state,
-                        to,
-                        id,
-                        class,
-                        ttl_secs,
-                        copies,
-                        delivery_token,
-                    )),
-                    Err(code) => reject_send(session, id, code).await,
-                }
+            // A sealed send on the connection that names its sender would undo the sealing:
+            // sealed sends belong on the anonymous `/v1/sealed`.
+            ClientFrame::SealedSend { id, .. } => {
+                reject_send(session, id, ErrorCode::WrongEndpoint).await;
             }
             ClientFrame::Ack { seqs } => {
                 if seqs.len() > MAX_ACKS_PER_FRAME {
