@@ -189,6 +189,110 @@ async fn signed_device_lists_are_stored_opaquely_and_only_by_the_account() {
     assert_eq!(got["signed"], json!(signed));
 }
 
+#[tokio::test]
+async fn full_size_key_uploads_and_device_lists_are_accepted() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    // The largest upload allowed: 200 keys of 512 bytes, and a fallback key.
+    let keys: Vec<Value> = (0..200u64)
+        .map(|i| json!({ "key_id": i, "key": STANDARD.encode([i.to_le_bytes()[0]; 512]) }))
+        .collect();
+    let body = json!({
+        "one_time_keys": keys,
+        "fallback_key": { "key_id": 9999, "key": STANDARD.encode([9u8; 512]) },
+    });
+    let resp = client()
+        .put(format!(
+            "{}/v1/accounts/{}/devices/{}/keys",
+            broker.http(),
+            bob.user,
+            bob.device.0
+        ))
+        .header("authorization", bob.bearer())
+        .json(&body)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({ "one_time": 200, "fallback": true })
+    );
+    // The largest signed device list allowed: 64 KiB.
+    let url = format!("{}/v1/accounts/{}/device-list", broker.http(), bob.user);
+    let signed = STANDARD.encode(vec![7u8; 64 * 1024]);
+    let resp = client()
+        .put(&url)
+        .header("authorization", bob.bearer())
+        .json(&json!({ "signed": signed }))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 204);
+    let got: Value = client()
+        .get(&url)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(got["signed"], json!(signed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_never_pass_the_per_device_key_limit() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    // Eight uploads of 200 keys at once against a limit of 1,000: five fit, whatever the
+    // interleaving, and the rest are refused whole.
+    let uploads = (0..8u64).map(|n| {
+        let keys: Vec<Value> = (n * 200..(n + 1) * 200)
+            .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
+            .collect();
+        client()
+            .put(format!(
+                "{}/v1/accounts/{}/devices/{}/keys",
+                broker.http(),
+                bob.user,
+                bob.device.0
+            ))
+            .header("authorization", bob.bearer())
+            .json(&json!({ "one_time_keys": keys }))
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(uploads)
+        .await
+        .into_iter()
+        .map(|r| r.expect("upload").status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 400).count(),
+        3,
+        "{statuses:?}"
+    );
+    let resp = client()
+        .get(format!(
+            "{}/v1/accounts/{}/devices/{}/keys",
+            broker.http(),
+            bob.user,
+            bob.device.0
+        ))
+        .header("authorization", bob.bearer())
+        .send()
+        .await
+        .expect("count");
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({ "one_time": 1000, "fallback": false })
+    );
+}
+
 async fn sealed_send(ws: &mut Ws, to: &Creds, token: Option<Vec<u8>>, body: &[u8]) -> SendOutcome {
     let id = eid();
     let frame = ClientFrame::SealedSend {
@@ -276,6 +380,16 @@ async fn sealed_sends_need_the_delivery_token_on_the_anonymous_endpoint() {
         Event::Frame(ServerFrame::Error { code, .. }) => assert_eq!(code, ErrorCode::WrongEndpoint),
         other => panic!("expected wrong_endpoint, got {other:?}"),
     }
+    // A sealed send on the authenticated connection is refused: it would name its sender.
+    let alice = register(&broker, "alice@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    assert_eq!(
+        sealed_send(&mut a.ws, &bob, Some(token.clone()), b"named").await,
+        SendOutcome::Rejected {
+            code: ErrorCode::WrongEndpoint,
+            current_devices: vec![],
+        }
+    );
     // Accept-from-anyone admits tokenless sealed sends.
     assert_eq!(
         set(json!({ "unrestricted": true }))
@@ -294,6 +408,42 @@ async fn sealed_sends_need_the_delivery_token_on_the_anonymous_endpoint() {
         .map(|(_, e)| e.ciphertext)
         .collect();
     assert_eq!(got, vec![b"sealed-1".to_vec(), b"sealed-2".to_vec()]);
+}
+
+#[tokio::test]
+async fn frames_refused_on_the_anonymous_endpoint_still_count_against_its_rate() {
+    let broker = Broker::start(&["--ip-rate", "1", "--ip-burst", "3", "--max-violations", "5"]);
+    let (mut anon, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/sealed", broker.addr))
+        .await
+        .expect("connect sealed");
+    // Frames this endpoint refuses anyway (wrong endpoint, unknown type) cost as much to answer
+    // as any other: they are limited like sealed sends, and a flood of them is closed.
+    let (mut refused, mut limited) = (0, 0);
+    let close = loop {
+        assert!(refused + limited < 100, "never limited");
+        let frame = if (refused + limited) % 2 == 0 {
+            ClientFrame::Ack { seqs: vec![1] }.encode()
+        } else {
+            vec![1, 0x7e, 0x90]
+        };
+        anon.send(Message::Binary(frame.into()))
+            .await
+            .expect("send");
+        match next_event(&mut anon).await {
+            Event::Frame(ServerFrame::Error {
+                code: ErrorCode::WrongEndpoint | ErrorCode::UnknownFrameType,
+                ..
+            }) => refused += 1,
+            Event::Frame(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }) => limited += 1,
+            Event::Frame(other) => panic!("unexpected {other:?}"),
+            Event::Closed(close) => break close,
+        }
+    };
+    assert_eq!(close, Some((4005, "too many frames".to_owned())));
+    assert_eq!(limited, 5);
 }
 
 #[tokio::test]
@@ -327,6 +477,18 @@ async fn a_link_code_adds_one_device_once() {
             )
             .send()
     };
+    // A malformed request does not use the code up.
+    let bad = client()
+        .post(format!(
+            "{}/v1/accounts/{}/devices",
+            broker.http(),
+            bob.user
+        ))
+        .json(&json!({ "identity_keys": "not base64!", "link_code": code }))
+        .send()
+        .await
+        .expect("join");
+    assert_eq!(bad.status(), 400);
     let first = join().await.expect("join");
     assert_eq!(first.status(), 201);
     let new = creds(first.json().await.expect("json"));

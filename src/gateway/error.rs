@@ -76,3 +76,13 @@ impl From<crate::store::StoreError> for ApiError {
         }
     }
 }
+
+impl From<crate::mailbox::messages::UploadError> for ApiError {
+    fn from(e: crate::mailbox::messages::UploadError) -> Self {
+        use crate::mailbox::messages::UploadError;
+        match e {
+            UploadError::TooManyKeys(_) => ApiError::BadRequest(e.to_string()),
+            UploadError::Store(e) => e.into(),
+        }
+    }
+}

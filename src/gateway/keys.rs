@@ -167,15 +167,10 @@ async fn upload_keys(
         .iter()
         .map(decode_key)
         .collect::<Result<Vec<_>, _>>()?;
-    let (have, _) = state.store.key_count(handle.as_str(), device)?;
-    if have + one_time.len() as u64 > MAX_KEYS_PER_DEVICE {
-        return Err(ApiError::BadRequest(format!(
-            "a device holds at most {MAX_KEYS_PER_DEVICE} one-time keys"
-        )));
-    }
     let fallback = body.fallback_key.as_ref().map(decode_key).transpose()?;
     let msg = UploadKeys {
         device: DeviceId(device),
+        max_held: MAX_KEYS_PER_DEVICE,
         one_time,
         fallback,
     };

@@ -17,7 +17,7 @@ use super::{
     device_map::DeviceMap,
     messages::{
         Ack, AddDevice, Attach, AttachError, ClaimKey, ClaimedKey, Conn, CurrentDevices, Detach,
-        Expire, KickAll, RemoveDevice, Submit, UploadKeys,
+        Expire, KickAll, RemoveDevice, Submit, UploadError, UploadKeys,
     },
     recovery,
     registry::Registry,
@@ -884,11 +884,17 @@ impl Handler<RemoveDevice> for Mailbox {
 const KEYS_LOW: u64 = 10;
 
 impl Handler<UploadKeys> for Mailbox {
-    type Result = ResponseActFuture<Self, Result<u64, crate::store::StoreError>>;
+    type Result = ResponseActFuture<Self, Result<u64, UploadError>>;
 
     fn handle(&mut self, msg: UploadKeys, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         let result = (|| {
+            // Checked here, by the only writer of the account's keys, so that concurrent
+            // uploads cannot pass the limit together.
+            let (held, _) = self.store.key_count(&self.user, msg.device.0)?;
+            if held + msg.one_time.len() as u64 > msg.max_held {
+                return Err(UploadError::TooManyKeys(msg.max_held));
+            }
             if let Some((key_id, key)) = msg.fallback {
                 let record = crate::store::FallbackKeyRecord {
                     version: crate::store::records::RECORD_VERSION,
@@ -898,8 +904,9 @@ impl Handler<UploadKeys> for Mailbox {
                 self.store
                     .set_fallback_key(&self.user, msg.device.0, record)?;
             }
-            self.store
-                .put_one_time_keys(&self.user, msg.device.0, msg.one_time)
+            Ok(self
+                .store
+                .put_one_time_keys(&self.user, msg.device.0, msg.one_time)?)
         })();
         let count = match result {
             Ok(count) => count,
@@ -908,7 +915,7 @@ impl Handler<UploadKeys> for Mailbox {
         self.inflight_syncs += 1;
         Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
             act.inflight_syncs -= 1;
-            r.map(|()| count)
+            Ok(r.map(|()| count)?)
         }))
     }
 }

@@ -107,16 +107,30 @@ pub struct Expire {
     pub due: Vec<Expired>,
 }
 
-/// A device uploads one-time keys and, optionally, a new fallback key.
+/// A device uploads one-time keys and, optionally, a new fallback key. Answers the count of
+/// one-time keys the device now holds.
 #[derive(Message)]
-#[rtype(result = "Result<u64, StoreError>")]
+#[rtype(result = "Result<u64, UploadError>")]
 pub struct UploadKeys {
     /// The uploading device.
     pub device: DeviceId,
+    /// Most one-time keys a device may hold; an upload that would pass it stores nothing.
+    pub max_held: u64,
     /// (key id, key) pairs, opaque to the broker.
     pub one_time: Vec<(u64, Vec<u8>)>,
     /// A new fallback key (key id, key).
     pub fallback: Option<(u64, Vec<u8>)>,
+}
+
+/// Why an upload of keys stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The device would hold more one-time keys than allowed (the limit).
+    #[error("a device holds at most {0} one-time keys")]
+    TooManyKeys(u64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Claim a key of a device to start a session with it: a one-time key (consumed) or, when
