@@ -1051,3 +1051,298 @@ async fn a_full_outbox_refuses_with_peer_unavailable() {
     let mut pair = Pair::connect(&ba, "carol@a.example", "dave@a.example").await;
     pair.round_trip().await;
 }
+
+/// A recipient whose mailbox is full holds back only its own envelopes: everyone else's keep
+/// flowing, and its own arrive, in order, once it has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_at_the_destination_holds_back_only_its_recipient() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    // One transaction of two envelopes in flight at a time: a stuck head of the stream would
+    // show at once.
+    let ba = a.start(
+        &[&b],
+        &["--federation-window", "1", "--federation-batch", "2"],
+    );
+    let bb = b.start(&[&a], &["--queue-quota", "2"]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let bob = register(&bb, "bob@b.example").await;
+    let carol = register(&bb, "carol@b.example").await;
+    let mut carol_dev = Device::connect(&bb, &carol).await;
+    assert!(carol_dev.backlog().await.is_empty());
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    // Bob is offline with room for two: his third envelope is refused as mailbox_full.
+    let mut to_bob = Vec::new();
+    for n in 0..3 {
+        let id = eid();
+        let out = dev
+            .send_and_wait(id, &bob.user, &[bob.device], &body("alice", "bob", n))
+            .await;
+        assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+        to_bob.push(id);
+    }
+    // Carol reads as her envelopes arrive.
+    let reader = tokio::spawn(async move {
+        let got: Vec<EnvelopeId> = collect(&mut carol_dev, 6)
+            .await
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect();
+        got
+    });
+    let mut to_carol = Vec::new();
+    for n in 0..6 {
+        let id = eid();
+        let out = dev
+            .send_and_wait(id, &carol.user, &[carol.device], &body("alice", "carol", n))
+            .await;
+        assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+        to_carol.push(id);
+    }
+    let got = reader.await.expect("carol's reader");
+    assert_eq!(
+        got, to_carol,
+        "carol's envelopes do not wait for bob's mailbox"
+    );
+    assert!(ba.metric("sealpost_federation_parked").await >= 1.0);
+    // Bob reads his two; his third follows once there is room, in order.
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    let got: Vec<EnvelopeId> = collect(&mut bob_dev, 3)
+        .await
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect();
+    assert_eq!(got, to_bob);
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+    assert_eq!(ba.metric("sealpost_federation_parked").await, 0.0);
+}
+
+/// An outbox that cannot be read at start (here a record of a version this broker does not
+/// know) is never overwritten: sends to its domain are refused until it loads, and local
+/// traffic carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries() {
+    use sealpost::store::{OutboxRecord, SledStore, Store, StoreOptions};
+    fn open(dir: std::path::PathBuf) -> SledStore {
+        SledStore::open(&StoreOptions {
+            dir,
+            group_commit: false,
+            fsync: true,
+            cache_bytes: 4 << 20,
+            commit_delay: Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
+        })
+        .expect("open the broker's store")
+    }
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let b = Site::new("b.example", "127.0.0.2"); // never started
+    let mut ba = a.start(&[&b], &[]);
+    let alice = register(&ba, "alice@a.example").await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    let first = eid();
+    let out = dev
+        .send_and_wait(first, "bob@b.example", &[DeviceId(1)], b"first")
+        .await;
+    assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+    drop(dev);
+    assert!(ba.terminate());
+    {
+        let store = open(ba.data_dir());
+        let unreadable = OutboxRecord {
+            version: 99,
+            id: [7; 16],
+            to: "bob@b.example".into(),
+            class: 0,
+            accepted_ms: 1,
+            expires_ms: u64::MAX,
+            copies: vec![(1, serde_bytes::ByteBuf::from(b"x".to_vec()))],
+            admission: 0,
+            token: None,
+        };
+        store
+            .outbox_put("b.example", 2, &unreadable)
+            .expect("write");
+        store.sync().await.expect("sync");
+    }
+    ba.restart();
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    let out = dev
+        .send_and_wait(eid(), "bob@b.example", &[DeviceId(1)], b"second")
+        .await;
+    assert_eq!(
+        out,
+        SendOutcome::Rejected {
+            code: ErrorCode::StoreUnavailable,
+            current_devices: vec![],
+        }
+    );
+    let mut pair = Pair::connect(&ba, "carol@a.example", "dave@a.example").await;
+    pair.round_trip().await;
+    drop((dev, pair));
+    assert!(ba.terminate());
+    let store = open(ba.data_dir());
+    let entries = store.outbox_read("b.example", 1, 1).expect("read");
+    assert_eq!(
+        (entries[0].0, entries[0].1.id),
+        (1, first.0),
+        "the first entry is intact"
+    );
+    assert!(
+        store
+            .outbox_read("b.example", 3, 10)
+            .expect("read")
+            .is_empty(),
+        "nothing was added"
+    );
+}
+
+/// A receiving broker that acknowledges a transaction it was never sent is cut off: the
+/// acknowledgement never reaches the peer actor, and nothing leaves the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_of_no_transaction_in_flight_ends_the_link() {
+    use sealpost_proto::federation::LinkFrame;
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let b = Site::new("b.example", "127.0.0.2");
+    // A fake b.example that acknowledges every transaction under another id.
+    fake_receiver(&b, &a.key, |txn_id, n| {
+        Some(LinkFrame::TxnAck {
+            txn_id: txn_id + 1000,
+            codes: vec![None; n],
+        })
+    })
+    .await;
+    let ba = a.start(&[&b], &[]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    let out = dev
+        .send_and_wait(eid(), "bob@b.example", &[DeviceId(1)], b"x")
+        .await;
+    assert_eq!(out, SendOutcome::Accepted { duplicate: false });
+    wait_peer(&ba, "b.example", "the link cut for a false ack", |p| {
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("acknowledgement of no transaction in flight"))
+    })
+    .await;
+    let view = admin(&ba).await;
+    assert_eq!(view["peers"][0]["backlog"], 1, "{view}");
+    assert_eq!(view["peers"][0]["delivered"], 0, "{view}");
+}
+
+/// Serves `b`'s address as a fake broker of its domain for `a_key`'s domain (a.example): it
+/// authenticates properly, answers device lookups with device 1, and answers each
+/// transaction with what `on_txn` makes of its id and size (nothing for `None`).
+async fn fake_receiver(
+    b: &Site,
+    a_key: &str,
+    on_txn: impl Fn(u64, usize) -> Option<sealpost_proto::federation::LinkFrame> + Send + 'static,
+) {
+    use sealpost::federation::{identity, link};
+    use sealpost_proto::federation::{LinkFrame, RemoteDevice};
+    let b_key = identity::ServerKey::load_or_create(
+        &b.dir.as_ref().expect("not started").path().join("data"),
+    )
+    .expect("b's key");
+    let a_pub = identity::parse_public_key(a_key).expect("a's key");
+    let listener = tokio::net::TcpListener::bind(b.addr).await.expect("bind");
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+            let Some(Ok(Message::Binary(hello))) = ws.next().await else {
+                continue;
+            };
+            let Ok(HandshakeFrame::Hello { noise, .. }) = HandshakeFrame::decode(&hello) else {
+                continue;
+            };
+            let mut hs = link::responder(&b_key, "a.example", "b.example", &a_pub).unwrap();
+            let mut buf = [0u8; 256];
+            hs.read_message(&noise, &mut buf).expect("a's hello");
+            let n = hs.write_message(&[], &mut buf).expect("welcome");
+            let welcome = HandshakeFrame::Welcome {
+                noise: buf[..n].to_vec(),
+            };
+            if ws
+                .send(Message::Binary(welcome.encode().into()))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let mut cipher = link::transport(hs).expect("transport");
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Binary(sealed) = msg else {
+                    continue;
+                };
+                let reply = match LinkFrame::decode(&cipher.open(&sealed).unwrap()).unwrap() {
+                    LinkFrame::GetDevices { req_id, .. } => LinkFrame::Devices {
+                        req_id,
+                        devices: vec![RemoteDevice {
+                            device: 1,
+                            identity_keys: b"keys".to_vec(),
+                        }],
+                    },
+                    LinkFrame::Txn { txn_id, envelopes } => match on_txn(txn_id, envelopes.len()) {
+                        Some(reply) => reply,
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                let sealed = cipher.seal(&reply.encode()).unwrap();
+                if ws.send(Message::Binary(sealed.into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Ephemeral envelopes for a peer that acknowledges nothing are queued only up to one
+/// transaction's worth; the rest are dropped (and counted), as for a device that is offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_envelopes_for_a_stalled_peer_are_bounded() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let b = Site::new("b.example", "127.0.0.2");
+    fake_receiver(&b, &a.key, |_, _| None).await;
+    let ba = a.start(
+        &[&b],
+        &["--federation-window", "1", "--federation-batch", "4"],
+    );
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    // One goes out in the only transaction the window allows; four wait; the rest are
+    // dropped.
+    for _ in 0..20 {
+        let id = eid();
+        dev.send_to(
+            id,
+            "bob@b.example",
+            &[DeviceId(1)],
+            Class::Ephemeral,
+            30,
+            b"ring",
+        )
+        .await;
+        assert_eq!(
+            dev.result_for(id).await.0,
+            SendOutcome::Accepted { duplicate: false }
+        );
+    }
+    assert_eq!(
+        ba.metric_labeled(
+            "sealpost_federation_ephemeral_dropped_total",
+            "destination=\"b.example\""
+        )
+        .await,
+        15.0
+    );
+}

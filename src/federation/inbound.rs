@@ -14,7 +14,10 @@
 //! does not decrypt or decode ends the link with a `link_error`; whatever was acknowledged
 //! before stays acknowledged, and what was not is resent by the sending broker.
 
-use std::{rc::Rc, time::Instant};
+use std::{
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
 use actix_web::web::Bytes;
 use actix_ws::{AggregatedMessage, AggregatedMessageStream};
@@ -24,7 +27,7 @@ use futures_util::{
     stream::{FuturesOrdered, FuturesUnordered},
 };
 use sealpost_proto::{
-    CloseCode, ErrorCode,
+    CloseCode, EnvelopeId, ErrorCode,
     federation::{FedEnvelope, HandshakeFrame, LinkFrame},
 };
 use tokio::sync::watch;
@@ -261,6 +264,8 @@ async fn relay(
     heartbeat.tick().await;
     let mut last_heard = Instant::now();
     let max_replies = 64;
+    // The first envelope refused for the origin's rate, until it comes back or expires.
+    let mut rate_held: Option<(EnvelopeId, Instant)> = None;
     loop {
         if session.stalled() {
             return None;
@@ -306,14 +311,20 @@ async fn relay(
                     LinkFrame::Txn { txn_id, envelopes } => {
                         metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
                             .increment(envelopes.len() as u64);
-                        // Once one envelope is over the limit, the rest of the transaction is
-                        // refused too, so the resend keeps every device's order.
-                        let mut limited = false;
+                        // Once one envelope is over the limit, everything after it on this
+                        // link is refused too until it comes back (the origin resends from
+                        // there) or expires, so that nothing overtakes it.
                         let done: Vec<_> = envelopes
                             .into_iter()
                             .map(|e| {
-                                limited = limited || !fed.allow_origin(origin);
-                                if limited {
+                                let now = Instant::now();
+                                if rate_held.is_some_and(|(first, until)| first == e.id || until <= now) {
+                                    rate_held = None;
+                                }
+                                if rate_held.is_none() && !fed.allow_origin(origin) {
+                                    rate_held = Some((e.id, now + Duration::from_secs(e.ttl_secs.into())));
+                                }
+                                if rate_held.is_some() {
                                     crate::telemetry::reject(ErrorCode::RateLimited.as_str());
                                     Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
                                 } else {

@@ -6,7 +6,11 @@
 //! - [`run`]: the outbound link task of a [`FederationPeer`]: connect, authenticate, then carry
 //!   the peer's frames out and the acknowledgements and replies back.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use actix::Addr;
 use futures_util::{SinkExt, StreamExt};
@@ -263,6 +267,10 @@ async fn serve(
     peer.do_send(LinkUp { generation, tx });
 
     let mut pending: HashMap<u64, oneshot::Sender<LinkFrame>> = HashMap::new();
+    // Transactions sent and not yet acknowledged, with their sizes: the receiving broker
+    // acknowledges each once, in order, with at most one code per envelope. Anything else is
+    // a protocol violation and never reaches the peer actor (whose queue it would flood).
+    let mut unacked: VecDeque<(u64, usize)> = VecDeque::new();
     let mut next_req = 1u64;
     let mut heartbeat = tokio::time::interval(params.heartbeat);
     heartbeat.tick().await;
@@ -275,7 +283,12 @@ async fn serve(
                     let _ = ws.close(None).await;
                     return Ok(());
                 }
-                Some(Outgoing::Frame(frame)) => send(&mut ws, &mut cipher, &frame).await?,
+                Some(Outgoing::Frame(frame)) => {
+                    if let LinkFrame::Txn { txn_id, envelopes } = &frame {
+                        unacked.push_back((*txn_id, envelopes.len()));
+                    }
+                    send(&mut ws, &mut cipher, &frame).await?;
+                }
                 Some(Outgoing::Request(request, reply)) => {
                     let req_id = next_req;
                     next_req += 1;
@@ -290,9 +303,12 @@ async fn serve(
                     Some(Ok(Message::Binary(sealed))) => {
                         let frame = LinkFrame::decode(&cipher.open(&sealed)?)?;
                         match frame {
-                            LinkFrame::TxnAck { txn_id, codes } => {
-                                peer.do_send(TxnAcked { generation, txn_id, codes });
-                            }
+                            LinkFrame::TxnAck { txn_id, codes } => match unacked.pop_front() {
+                                Some((sent, size)) if sent == txn_id && codes.len() <= size => {
+                                    peer.do_send(TxnAcked { generation, txn_id, codes });
+                                }
+                                _ => return Err(LinkError::Protocol("acknowledgement of no transaction in flight".into())),
+                            },
                             LinkFrame::Devices { req_id, .. }
                             | LinkFrame::DeviceList { req_id, .. }
                             | LinkFrame::Claimed { req_id, .. }

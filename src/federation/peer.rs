@@ -12,9 +12,14 @@
 //! or a retryable refusal, sending resumes from the oldest unacknowledged entry, so the
 //! receiving broker sees every envelope of a device in order (duplicates of envelopes it had
 //! already stored are absorbed by its envelope-id deduplication).
+//!
+//! A refusal that concerns one recipient (`mailbox_full`) holds back only that recipient: its
+//! entries are *parked* (kept in the outbox, skipped when sending) and resent, in order, after
+//! a backoff of their own, while everyone else's envelopes keep flowing. A refusal that
+//! concerns the receiving broker (rate limit, store trouble, shutdown) pauses the whole link.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -67,6 +72,18 @@ struct InFlight {
     txn_id: u64,
     /// Outbox sequence numbers, in the transaction's order (empty for ephemeral envelopes).
     seqs: Vec<u64>,
+    /// The recipient of each of `seqs`.
+    to: Vec<String>,
+}
+
+/// A recipient whose envelopes wait because its mailbox at the destination is full.
+struct Parked {
+    /// Its outbox entries that were refused or skipped, in order.
+    seqs: BTreeSet<u64>,
+    /// Whether they are held back (`true`), or resent and waiting for their answer.
+    holding: bool,
+    /// Spaces the resends out while the mailbox stays full.
+    backoff: Backoff,
 }
 
 /// What the peer knows of a remote user's devices, for stale-set checks before accepting.
@@ -107,8 +124,14 @@ pub struct FederationPeer {
     ids: HashMap<EnvelopeId, u64>,
     in_flight: VecDeque<InFlight>,
     next_txn: u64,
-    /// Ephemeral envelopes waiting for the link (never stored).
+    /// Ephemeral envelopes waiting for the link (never stored), at most one transaction's worth.
     ephemeral: Vec<FedEnvelope>,
+    ephemeral_bytes: u64,
+    /// Recipients held back after `mailbox_full`, by handle.
+    parked: HashMap<String, Parked>,
+    /// Whether the outbox was read at start. Until it is, nothing is sent or accepted: a new
+    /// entry could otherwise take the sequence number of an unread one and overwrite it.
+    loaded: bool,
     link: Link,
     /// Identifies the current connection attempt; reports of older ones are ignored.
     generation: u64,
@@ -121,7 +144,8 @@ pub struct FederationPeer {
 }
 
 /// Refusals after which the same envelope is sent again later (the receiving side was
-/// temporarily unable); every other refusal is final.
+/// temporarily unable); every other refusal is final. `mailbox_full` concerns one recipient
+/// and parks it (see the module docs); the others pause the whole link.
 fn retryable(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -167,6 +191,9 @@ impl FederationPeer {
             in_flight: VecDeque::new(),
             next_txn: 1,
             ephemeral: Vec::new(),
+            ephemeral_bytes: 0,
+            parked: HashMap::new(),
+            loaded: false,
             link: Link::Down,
             generation: 0,
             up_since: None,
@@ -213,6 +240,8 @@ impl FederationPeer {
             .set(self.backlog_bytes as f64);
         metrics::gauge!("sealpost_federation_oldest_age_seconds", "destination" => d.clone())
             .set(self.oldest_age_ms() as f64 / 1000.0);
+        metrics::gauge!("sealpost_federation_parked", "destination" => d.clone())
+            .set(self.parked.values().map(|p| p.seqs.len()).sum::<usize>() as f64);
         let up = matches!(self.link, Link::Up(_));
         metrics::gauge!("sealpost_federation_link_up", "destination" => d).set(if up {
             1.0
@@ -232,6 +261,9 @@ impl FederationPeer {
     fn pump(&mut self) {
         let Link::Up(tx) = &self.link else { return };
         let tx = tx.clone();
+        if !self.loaded {
+            return;
+        }
         if self.hold_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
@@ -239,6 +271,7 @@ impl FederationPeer {
         while self.in_flight.len() < self.settings.window {
             if !self.ephemeral.is_empty() {
                 let envelopes = std::mem::take(&mut self.ephemeral);
+                self.ephemeral_bytes = 0;
                 let txn_id = self.next_txn;
                 if tx
                     .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
@@ -250,6 +283,7 @@ impl FederationPeer {
                 self.in_flight.push_back(InFlight {
                     txn_id,
                     seqs: Vec::new(),
+                    to: Vec::new(),
                 });
                 continue;
             }
@@ -267,6 +301,7 @@ impl FederationPeer {
             let now = now_ms();
             let mut envelopes = Vec::new();
             let mut seqs = Vec::new();
+            let mut to = Vec::new();
             let mut expired = Vec::new();
             let mut bytes = 0u64;
             let mut next = self.durable_next;
@@ -280,12 +315,21 @@ impl FederationPeer {
                     next = seq + 1;
                     continue;
                 }
+                if let Some(parked) = self.parked.get_mut(&record.to)
+                    && parked.holding
+                {
+                    // Sent when the recipient's hold ends, before anything newer for it.
+                    parked.seqs.insert(seq);
+                    next = seq + 1;
+                    continue;
+                }
                 let size = record.size();
                 if !envelopes.is_empty() && bytes + size > self.settings.max_txn_bytes {
                     next = seq;
                     break;
                 }
                 bytes += size;
+                to.push(record.to.clone());
                 envelopes.push(to_wire(record, now));
                 seqs.push(seq);
                 next = seq + 1;
@@ -309,10 +353,177 @@ impl FederationPeer {
             self.next_txn += 1;
             metrics::counter!("sealpost_federation_txns_total", "destination" => self.config.domain.clone())
                 .increment(1);
-            self.in_flight.push_back(InFlight { txn_id, seqs });
+            self.in_flight.push_back(InFlight { txn_id, seqs, to });
             self.cursor = next;
         }
         self.publish();
+    }
+
+    /// Holds back `to` after its mailbox at the destination refused `seq` as full; its
+    /// entries are resent after the recipient's own backoff.
+    fn park(&mut self, to: &str, seq: u64, ctx: &mut Context<Self>) {
+        let (min, max) = (self.settings.backoff_min, self.settings.backoff_max);
+        let parked = self.parked.entry(to.to_owned()).or_insert_with(|| Parked {
+            seqs: BTreeSet::new(),
+            holding: false,
+            backoff: Backoff::new(min, max),
+        });
+        parked.seqs.insert(seq);
+        if !parked.holding {
+            parked.holding = true;
+            let delay = parked.backoff.fail();
+            debug!(destination = %self.config.domain, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "a recipient's mailbox is full; its envelopes wait");
+            let to = to.to_owned();
+            ctx.run_later(delay, move |act, ctx| act.unpark(&to, ctx));
+        }
+    }
+
+    /// An entry of `to` was answered for good (stored or refused): once none of its parked
+    /// entries is left, the recipient is no longer parked.
+    fn settle(&mut self, to: &str, seq: u64) {
+        if let Some(parked) = self.parked.get_mut(to) {
+            parked.seqs.remove(&seq);
+            if parked.seqs.is_empty() && !parked.holding {
+                self.parked.remove(to);
+            }
+        }
+    }
+
+    /// Ends a recipient's hold: its parked entries go out now, in order, ahead of anything
+    /// newer for it (which `pump` sends from now on).
+    fn unpark(&mut self, to: &str, ctx: &mut Context<Self>) {
+        let Some(parked) = self.parked.get_mut(to) else {
+            return;
+        };
+        if let Some(until) = self.hold_until.filter(|t| Instant::now() < *t) {
+            // The whole link is paused (the destination asked to slow down): after that.
+            let to = to.to_owned();
+            ctx.run_later(until - Instant::now(), move |act, ctx| act.unpark(&to, ctx));
+            return;
+        }
+        parked.holding = false;
+        let Link::Up(tx) = &self.link else {
+            // Sent in order from the oldest entry when the link comes back.
+            return;
+        };
+        let tx = tx.clone();
+        let seqs: Vec<u64> = parked.seqs.iter().copied().collect();
+        let now = now_ms();
+        let mut expired = Vec::new();
+        let mut gone = Vec::new();
+        let mut txns: Vec<(Vec<FedEnvelope>, Vec<u64>)> = Vec::new();
+        let mut bytes = 0u64;
+        for seq in seqs {
+            let record = match self.store.outbox_read(self.domain(), seq, 1) {
+                Ok(mut found) => match found.pop() {
+                    Some((got, record)) if got == seq => record,
+                    _ => {
+                        gone.push(seq); // answered meanwhile
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    warn!(error = %e, destination = %self.config.domain, "reading the outbox failed");
+                    gone.clear();
+                    txns.clear();
+                    break;
+                }
+            };
+            if record.expires_ms <= now {
+                expired.push(seq);
+                continue;
+            }
+            let size = record.size();
+            let full = txns.last().is_none_or(|(envelopes, _)| {
+                envelopes.len() >= self.settings.batch || bytes + size > self.settings.max_txn_bytes
+            });
+            if full {
+                txns.push((Vec::new(), Vec::new()));
+                bytes = 0;
+            }
+            bytes += size;
+            let (envelopes, seqs) = txns.last_mut().expect("pushed above");
+            envelopes.push(to_wire(record, now));
+            seqs.push(seq);
+        }
+        for seq in gone {
+            self.settle(to, seq);
+        }
+        if !expired.is_empty() {
+            metrics::counter!("sealpost_federation_expired_total", "destination" => self.config.domain.clone())
+                .increment(expired.len() as u64);
+            for seq in &expired {
+                self.settle(to, *seq);
+            }
+            self.forget(&expired);
+        }
+        for (envelopes, seqs) in txns {
+            let txn_id = self.next_txn;
+            if tx
+                .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
+                .is_err()
+            {
+                // The link's queue is full or closing: hold on a little longer.
+                if let Some(parked) = self.parked.get_mut(to) {
+                    parked.holding = true;
+                    let delay = self.settings.backoff_min;
+                    let to = to.to_owned();
+                    ctx.run_later(delay, move |act, ctx| act.unpark(&to, ctx));
+                }
+                break;
+            }
+            self.next_txn += 1;
+            let to = vec![to.to_owned(); seqs.len()];
+            self.in_flight.push_back(InFlight { txn_id, seqs, to });
+        }
+        self.pump();
+    }
+
+    /// Reads the outbox's index into the backlog; false if the store could not.
+    fn load(&mut self) -> bool {
+        let index = match self.store.outbox_index(self.domain()) {
+            Ok(index) => index,
+            Err(e) => {
+                warn!(error = %e, destination = %self.config.domain, "loading the outbox failed; sends to this domain are refused until it loads");
+                return false;
+            }
+        };
+        for (seq, accepted_ms, bytes) in index {
+            self.backlog.insert(
+                seq,
+                Entry {
+                    accepted_ms,
+                    bytes,
+                    id: None,
+                },
+            );
+            self.backlog_bytes += bytes;
+        }
+        let last = self.backlog.keys().next_back().copied().unwrap_or(0);
+        self.next_seq = last + 1;
+        self.durable_next = self.next_seq;
+        self.cursor = self.backlog.keys().next().copied().unwrap_or(self.next_seq);
+        if !self.backlog.is_empty() {
+            info!(
+                destination = %self.config.domain,
+                backlog = self.backlog.len(),
+                "outbox loaded"
+            );
+        }
+        self.loaded = true;
+        true
+    }
+
+    /// Loads the outbox, trying again after a backoff while the store fails.
+    fn load_or_retry(&mut self, ctx: &mut Context<Self>, backoff: Backoff) {
+        let mut backoff = backoff;
+        if self.load() {
+            self.publish();
+            self.pump();
+        } else {
+            let delay = backoff.fail();
+            ctx.run_later(delay, move |act, ctx| act.load_or_retry(ctx, backoff));
+        }
     }
 
     /// Deletes entries from the outbox (acknowledged, refused for good, or expired).
@@ -423,9 +634,19 @@ impl FederationPeer {
             let _ = reply.send(refusal);
             return;
         }
+        if !self.loaded {
+            let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
+            return;
+        }
         if msg.class == Class::Ephemeral {
-            // Never stored: carried only if the link is up now.
-            if matches!(self.link, Link::Up(_)) {
+            // Never stored: carried only if the link is up now, and only as much as one
+            // transaction holds; past that (a peer that does not acknowledge), dropped, as
+            // for a device that is not connected.
+            let size: u64 = msg.copies.iter().map(|c| c.ciphertext.len() as u64).sum();
+            let room = self.ephemeral.len() < self.settings.batch
+                && self.ephemeral_bytes + size <= self.settings.max_txn_bytes;
+            if matches!(self.link, Link::Up(_)) && room {
+                self.ephemeral_bytes += size;
                 self.ephemeral.push(FedEnvelope {
                     id: msg.id,
                     to: msg.to,
@@ -435,6 +656,9 @@ impl FederationPeer {
                     admission: msg.admission,
                 });
                 self.pump();
+            } else {
+                metrics::counter!("sealpost_federation_ephemeral_dropped_total", "destination" => self.config.domain.clone())
+                    .increment(1);
             }
             let _ = reply.send(SendOutcome::Accepted { duplicate: false });
             return;
@@ -556,35 +780,8 @@ impl Actor for FederationPeer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
-        match self.store.outbox_index(self.domain()) {
-            Ok(index) => {
-                for (seq, accepted_ms, bytes) in index {
-                    self.backlog.insert(
-                        seq,
-                        Entry {
-                            accepted_ms,
-                            bytes,
-                            id: None,
-                        },
-                    );
-                    self.backlog_bytes += bytes;
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, destination = %self.config.domain, "loading the outbox failed")
-            }
-        }
-        let last = self.backlog.keys().next_back().copied().unwrap_or(0);
-        self.next_seq = last + 1;
-        self.durable_next = self.next_seq;
-        self.cursor = self.backlog.keys().next().copied().unwrap_or(self.next_seq);
-        if !self.backlog.is_empty() {
-            info!(
-                destination = %self.config.domain,
-                backlog = self.backlog.len(),
-                "outbox loaded"
-            );
-        }
+        let backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        self.load_or_retry(ctx, backoff);
         self.publish();
         ctx.run_interval(Duration::from_secs(1), |act, _| act.publish());
         self.connect(ctx);
@@ -664,6 +861,7 @@ impl Handler<LinkDown> for FederationPeer {
         self.up_since = None;
         self.in_flight.clear();
         self.ephemeral.clear();
+        self.ephemeral_bytes = 0;
         self.stats.failures += 1;
         self.stats.last_error = Some(msg.reason.clone());
         metrics::counter!("sealpost_federation_link_failures_total", "destination" => self.config.domain.clone())
@@ -697,7 +895,7 @@ impl Handler<TxnAcked> for FederationPeer {
         let mut done = Vec::with_capacity(txn.seqs.len());
         let mut delivered = 0u64;
         let mut retry_from = None;
-        for (i, seq) in txn.seqs.iter().enumerate() {
+        for (i, (seq, to)) in txn.seqs.iter().zip(&txn.to).enumerate() {
             // A short answer leaves the rest unanswered: send them again.
             let Some(code) = msg.codes.get(i) else {
                 retry_from = Some(*seq);
@@ -707,7 +905,10 @@ impl Handler<TxnAcked> for FederationPeer {
                 None => {
                     done.push(*seq);
                     delivered += 1;
+                    self.settle(to, *seq);
                 }
+                // Only this recipient has to wait; the rest of the stream goes on.
+                Some(ErrorCode::MailboxFull) => self.park(to, *seq, ctx),
                 Some(code) if retryable(*code) => {
                     retry_from = Some(*seq);
                     break;
@@ -716,6 +917,7 @@ impl Handler<TxnAcked> for FederationPeer {
                     // Refused for good (unknown recipient, bad token, ...): nobody can fix
                     // this by retrying. The sender was already answered; count it.
                     done.push(*seq);
+                    self.settle(to, *seq);
                     self.stats.refused += 1;
                     metrics::counter!(
                         "sealpost_federation_refused_total",
@@ -733,9 +935,15 @@ impl Handler<TxnAcked> for FederationPeer {
         match retry_from {
             Some(seq) => {
                 // Resend from the first unfinished entry, after a pause; later transactions
-                // already sent will be answered again (and deduplicated) on the resend.
+                // already sent will be answered again (and deduplicated) on the resend. A
+                // parked recipient's resend may hold older entries than this one.
+                let oldest = self
+                    .in_flight
+                    .iter()
+                    .filter_map(|t| t.seqs.first().copied())
+                    .min();
                 self.in_flight.clear();
-                self.cursor = seq;
+                self.cursor = oldest.map_or(seq, |o| o.min(seq));
                 let delay = self.backoff.fail();
                 self.hold_until = Some(Instant::now() + delay);
                 ctx.run_later(delay, |act, _| act.pump());

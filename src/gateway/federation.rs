@@ -113,7 +113,7 @@ impl Local {
 impl LocalDelivery for Local {
     fn deliver(
         &self,
-        _origin: &str,
+        origin: &str,
         envelope: FedEnvelope,
     ) -> LocalBoxFuture<'static, Option<ErrorCode>> {
         let state = &self.0;
@@ -139,7 +139,7 @@ impl LocalDelivery for Local {
         // The origin checked the device set when it accepted the envelope; devices may have
         // been added or removed since (while it sat in the outbox): the devices that remain
         // get their copies rather than nobody getting any.
-        let pending = submit_local(state, to, id, class, ttl_secs, copies, true);
+        let pending = submit_local(state, to, id, class, ttl_secs, copies, Some(origin.into()));
         Box::pin(async move {
             match pending.await.1 {
                 SendOutcome::Accepted { .. } => None,

@@ -176,7 +176,7 @@ fn submit_as(
             .submit(&to, id, class, ttl_secs, copies, admission);
         return Box::pin(async move { (id, answer.await) });
     }
-    submit_local(state, to, id, class, ttl_secs, copies, false)
+    submit_local(state, to, id, class, ttl_secs, copies, None)
 }
 
 /// Enqueues a send to a local mailbox now and returns the future of its result.
@@ -187,7 +187,7 @@ pub(crate) fn submit_local(
     class: Class,
     ttl_secs: u32,
     copies: Vec<Copy>,
-    partial: bool,
+    origin: Option<Arc<str>>,
 ) -> PendingSend {
     let registry = state.registry.clone();
     let msg = Submit {
@@ -195,7 +195,7 @@ pub(crate) fn submit_local(
         class,
         ttl_secs,
         copies: Arc::new(copies),
-        partial,
+        origin,
     };
     let first = registry.get_or_spawn(to.as_str()).send(msg.clone());
     Box::pin(async move {

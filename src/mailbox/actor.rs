@@ -92,6 +92,17 @@ pub struct Mailbox {
     /// The next watchdog check, armed only while something needs watching (see
     /// [`Mailbox::watch`]).
     watchdog: Option<SpawnHandle>,
+    /// Per federation origin, the first of its envelopes refused as full (see
+    /// [`Mailbox::submit`]). Origins are few: a list.
+    held_back: Vec<HeldBack>,
+}
+
+/// A federated envelope refused because the mailbox was full, which its origin will resend.
+struct HeldBack {
+    origin: Arc<str>,
+    first: EnvelopeId,
+    /// When it expires: its origin stops resending it then.
+    until_ms: u64,
 }
 
 impl Mailbox {
@@ -114,6 +125,7 @@ impl Mailbox {
             inflight_syncs: 0,
             last_activity: Instant::now(),
             watchdog: None,
+            held_back: Vec::new(),
         }
     }
 
@@ -296,8 +308,8 @@ impl Mailbox {
 
     /// The copies of a send to store: one for each current device, exactly, or the send is
     /// refused with the current list so that the sender can re-encrypt. A send whose device
-    /// set was checked where it was accepted (`partial`: at the origin broker of a federated
-    /// send) instead keeps the copies for the devices that still exist, as a local send
+    /// set was checked where it was accepted (at the origin broker of a federated send)
+    /// instead keeps the copies for the devices that still exist, as a local send
     /// accepted before the change would have; it is refused only if none does. That gives a
     /// remote sender nothing a sender lacks anyway (a copy can always be made undecryptable):
     /// the exact-set check is there so that honest clients learn of new devices, which the
@@ -313,7 +325,7 @@ impl Mailbox {
             return Ok(msg.copies.iter().collect());
         }
         let mut kept: Vec<&sealpost_proto::Copy> = Vec::new();
-        if msg.partial && named.windows(2).all(|w| w[0] < w[1]) {
+        if msg.origin.is_some() && named.windows(2).all(|w| w[0] < w[1]) {
             kept = msg
                 .copies
                 .iter()
@@ -604,6 +616,21 @@ impl Mailbox {
         if !self.store.has_room() {
             return Err(rejected(ErrorCode::StoreUnavailable));
         }
+        let now = now_ms();
+        let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
+        // A federation origin sends its envelopes in order and resends one refused as full,
+        // in order, after a pause. Envelopes it sent after that one are refused too until it
+        // comes back (or expires), even if room appeared meanwhile: stored now, they would
+        // come before it.
+        if let Some(origin) = &msg.origin
+            && let Some(i) = self.held_back.iter().position(|h| &h.origin == origin)
+        {
+            let held = &self.held_back[i];
+            if held.first != msg.id && held.until_ms > now {
+                return Err(rejected(ErrorCode::MailboxFull));
+            }
+            self.held_back.swap_remove(i);
+        }
         // Quota, checked for every device before anything is written.
         let mut full = Vec::new();
         for copy in &copies {
@@ -619,10 +646,15 @@ impl Mailbox {
             for device in full {
                 self.notify_full(device);
             }
+            if let Some(origin) = &msg.origin {
+                self.held_back.push(HeldBack {
+                    origin: origin.clone(),
+                    first: msg.id,
+                    until_ms: expires_ms,
+                });
+            }
             return Err(rejected(ErrorCode::MailboxFull));
         }
-        let now = now_ms();
-        let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
         let staged: Vec<recovery::DeviceCopy<'_>> = copies
             .iter()
             .map(|copy| recovery::DeviceCopy {

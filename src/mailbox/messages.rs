@@ -63,10 +63,11 @@ pub struct Submit {
     pub ttl_secs: u32,
     /// One ciphertext per recipient device.
     pub copies: Arc<Vec<Copy>>,
-    /// The device set was checked where the envelope was accepted (the origin broker of a
-    /// federated send): store the copies for the devices that still exist instead of
-    /// refusing a set that changed since.
-    pub partial: bool,
+    /// The peer domain a federated envelope came from (`None` for a local send). Its device
+    /// set was checked where it was accepted, so the copies for the devices that still exist
+    /// are stored instead of refusing a set that changed since; and its origin's envelopes
+    /// are kept in order across a refusal as full (see `Mailbox::submit`).
+    pub origin: Option<Arc<str>>,
 }
 
 /// A device acknowledges deliveries.

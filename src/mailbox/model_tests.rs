@@ -177,7 +177,7 @@ async fn run(ops: Vec<Op>) {
                     class: Class::Durable,
                     ttl_secs: 3600,
                     copies: Arc::new(copies),
-                    partial: false,
+                    origin: None,
                 };
                 let outcome = broker.registry.call(USER, msg).await.expect("mailbox");
                 let full = model.iter().any(|m| m.queue.len() as u64 >= QUOTA);
@@ -421,7 +421,7 @@ fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
                     })
                     .collect(),
             ),
-            partial: false,
+            origin: None,
         };
         let accepted = broker.registry.call(USER, send()).await.expect("mailbox");
         assert_eq!(accepted, SendOutcome::Accepted { duplicate: false });
@@ -489,6 +489,118 @@ fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
             }
         }
         assert_eq!(seqs, vec![1, 2]);
+        close(broker);
+    });
+}
+
+#[test]
+fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
+    System::new().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open(dir.path());
+        seed(&broker).await;
+        let send = |id: EnvelopeId, origin: &str| Submit {
+            id,
+            class: Class::Durable,
+            ttl_secs: 3600,
+            copies: Arc::new(
+                DEVICES
+                    .iter()
+                    .map(|d| Copy {
+                        device: *d,
+                        ciphertext: vec![1],
+                    })
+                    .collect(),
+            ),
+            origin: Some(origin.into()),
+        };
+        let submit = |msg: Submit| broker.registry.call(USER, msg);
+        let accepted = SendOutcome::Accepted { duplicate: false };
+        let full = SendOutcome::Rejected {
+            code: ErrorCode::MailboxFull,
+            current_devices: Vec::new(),
+        };
+        for _ in 0..QUOTA {
+            let id = EnvelopeId(rand::random());
+            assert_eq!(
+                submit(send(id, "b.example")).await.expect("mailbox"),
+                accepted
+            );
+        }
+        let (k, after_k) = (EnvelopeId(rand::random()), EnvelopeId(rand::random()));
+        assert_eq!(submit(send(k, "b.example")).await.expect("mailbox"), full);
+        // Both devices read and acknowledge three envelopes (the window): room for three.
+        for (n, device) in DEVICES.iter().enumerate() {
+            let (tx, mut rx) = super::outbox::channel(64);
+            let (kick, _kick_rx) = oneshot::channel();
+            let conn_id = n as u64 + 1;
+            let conn = super::Conn {
+                id: conn_id,
+                tx,
+                kick,
+            };
+            let attach = Attach {
+                device: *device,
+                conn,
+            };
+            broker
+                .registry
+                .call_once(USER, attach)
+                .await
+                .expect("mailbox")
+                .expect("attach");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut seqs = Vec::new();
+            while seqs.len() < WINDOW {
+                match rx.try_recv() {
+                    Ok(bytes) => {
+                        if let ServerFrame::Deliver { seq, .. } =
+                            ServerFrame::decode(&bytes).expect("frame")
+                        {
+                            seqs.push(seq);
+                        }
+                    }
+                    Err(_) => {
+                        assert!(std::time::Instant::now() < deadline, "not delivered");
+                        actix::clock::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            let ack = Ack {
+                device: *device,
+                conn: conn_id,
+                seqs,
+            };
+            assert!(
+                broker
+                    .registry
+                    .call_once(USER, ack)
+                    .await
+                    .expect("mailbox")
+                    .is_empty()
+            );
+            std::mem::forget(rx); // stays connected
+        }
+        // What the origin sent after k must not overtake it, though it would fit now; other
+        // origins are not held back.
+        assert_eq!(
+            submit(send(after_k, "b.example")).await.expect("mailbox"),
+            full
+        );
+        let other = EnvelopeId(rand::random());
+        assert_eq!(
+            submit(send(other, "c.example")).await.expect("mailbox"),
+            accepted
+        );
+        // k comes back first, then the rest, in order.
+        assert_eq!(
+            submit(send(k, "b.example")).await.expect("mailbox"),
+            accepted
+        );
+        assert_eq!(
+            submit(send(after_k, "b.example")).await.expect("mailbox"),
+            accepted
+        );
         close(broker);
     });
 }
