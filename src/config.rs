@@ -124,7 +124,8 @@ settings! {
     device_rate: u32 = 200, "SEALPOST_DEVICE_RATE";
     /// Burst of frames above device_rate.
     device_burst: u32 = 400, "SEALPOST_DEVICE_BURST";
-    /// HTTP requests and new connections per second from one IP (0 = unlimited).
+    /// HTTP requests and new connections per second from one IP, an IPv6 client counted per
+    /// /64 (0 = unlimited).
     ip_rate: u32 = 50, "SEALPOST_IP_RATE";
     /// Burst above ip_rate.
     ip_burst: u32 = 200, "SEALPOST_IP_BURST";
@@ -133,7 +134,7 @@ settings! {
     /// check of admin endpoints then apply to the client's address; empty: to the TCP peer.
     trusted_proxies: String = String::new(), "SEALPOST_TRUSTED_PROXIES";
     /// Sealed sends without a delivery token, and anonymous key claims, per second from one IP
-    /// (0 = unlimited).
+    /// (an IPv6 /64) (0 = unlimited).
     stranger_rate: u32 = 5, "SEALPOST_STRANGER_RATE";
     /// Key claims per second for one target device (0 = unlimited).
     claim_rate: u32 = 5, "SEALPOST_CLAIM_RATE";

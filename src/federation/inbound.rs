@@ -27,7 +27,7 @@ use futures_util::{
     stream::{FuturesOrdered, FuturesUnordered},
 };
 use sealpost_proto::{
-    CloseCode, EnvelopeId, ErrorCode,
+    Class, CloseCode, EnvelopeId, ErrorCode,
     federation::{FedEnvelope, HandshakeFrame, LinkFrame},
 };
 use tokio::sync::watch;
@@ -321,10 +321,15 @@ async fn relay(
                                 if rate_held.is_some_and(|(first, until)| first == e.id || until <= now) {
                                     rate_held = None;
                                 }
+                                let mut over = false;
                                 if rate_held.is_none() && !fed.allow_origin(origin) {
-                                    rate_held = Some((e.id, now + Duration::from_secs(e.ttl_secs.into())));
+                                    // An ephemeral envelope is never resent: refuse only it.
+                                    over = true;
+                                    if e.class != Class::Ephemeral {
+                                        rate_held = Some((e.id, now + Duration::from_secs(e.ttl_secs.into())));
+                                    }
                                 }
-                                if rate_held.is_some() {
+                                if over || rate_held.is_some() {
                                     crate::telemetry::reject(ErrorCode::RateLimited.as_str());
                                     Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
                                 } else {

@@ -129,6 +129,8 @@ pub struct FederationPeer {
     ephemeral_bytes: u64,
     /// Recipients held back after `mailbox_full`, by handle.
     parked: HashMap<String, Parked>,
+    /// The entry a link-wide retry resumes from, sent even if its recipient is parked.
+    resume: Option<u64>,
     /// Whether the outbox was read at start. Until it is, nothing is sent or accepted: a new
     /// entry could otherwise take the sequence number of an unread one and overwrite it.
     loaded: bool,
@@ -193,6 +195,7 @@ impl FederationPeer {
             ephemeral: Vec::new(),
             ephemeral_bytes: 0,
             parked: HashMap::new(),
+            resume: None,
             loaded: false,
             link: Link::Down,
             generation: 0,
@@ -311,12 +314,17 @@ impl FederationPeer {
                     break;
                 }
                 if record.expires_ms <= now {
+                    self.settle(&record.to, seq);
                     expired.push(seq);
                     next = seq + 1;
                     continue;
                 }
+                // The entry a link-wide retry resumes from goes out even for a parked
+                // recipient: the destination holds everything after it until it comes back
+                // (its mailbox then refuses it as full again, keeping the order).
                 if let Some(parked) = self.parked.get_mut(&record.to)
                     && parked.holding
+                    && self.resume != Some(seq)
                 {
                     // Sent when the recipient's hold ends, before anything newer for it.
                     parked.seqs.insert(seq);
@@ -355,6 +363,9 @@ impl FederationPeer {
                 .increment(1);
             self.in_flight.push_back(InFlight { txn_id, seqs, to });
             self.cursor = next;
+            if self.resume.is_some_and(|r| r < next) {
+                self.resume = None;
+            }
         }
         self.publish();
     }
@@ -395,10 +406,24 @@ impl FederationPeer {
         let Some(parked) = self.parked.get_mut(to) else {
             return;
         };
+        if parked.seqs.is_empty() {
+            self.parked.remove(to);
+            return;
+        }
         if let Some(until) = self.hold_until.filter(|t| Instant::now() < *t) {
             // The whole link is paused (the destination asked to slow down): after that.
             let to = to.to_owned();
             ctx.run_later(until - Instant::now(), move |act, ctx| act.unpark(&to, ctx));
+            return;
+        }
+        if self.in_flight.iter().any(|t| t.to.iter().any(|r| r == to)) {
+            // Entries of this recipient sent before it was parked are still unanswered: the
+            // resend must not overtake them. Nothing new for it is sent meanwhile, so this
+            // wait ends with their answers.
+            let to = to.to_owned();
+            ctx.run_later(self.settings.backoff_min, move |act, ctx| {
+                act.unpark(&to, ctx)
+            });
             return;
         }
         parked.holding = false;
@@ -424,9 +449,13 @@ impl FederationPeer {
                 },
                 Err(e) => {
                     warn!(error = %e, destination = %self.config.domain, "reading the outbox failed");
-                    gone.clear();
-                    txns.clear();
-                    break;
+                    if let Some(parked) = self.parked.get_mut(to) {
+                        parked.holding = true;
+                        let delay = parked.backoff.fail();
+                        let to = to.to_owned();
+                        ctx.run_later(delay, move |act, ctx| act.unpark(&to, ctx));
+                    }
+                    return;
                 }
             };
             if record.expires_ms <= now {
@@ -944,6 +973,7 @@ impl Handler<TxnAcked> for FederationPeer {
                     .min();
                 self.in_flight.clear();
                 self.cursor = oldest.map_or(seq, |o| o.min(seq));
+                self.resume = Some(seq);
                 let delay = self.backoff.fail();
                 self.hold_until = Some(Instant::now() + delay);
                 ctx.run_later(delay, |act, _| act.pump());

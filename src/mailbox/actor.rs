@@ -101,9 +101,13 @@ pub struct Mailbox {
 struct HeldBack {
     origin: Arc<str>,
     first: EnvelopeId,
-    /// When it expires: its origin stops resending it then.
+    /// When the hold lapses: when the envelope expires (its origin stops resending it), or
+    /// after [`HOLD_MAX_MS`], in case its resend is refused before it reaches the mailbox.
     until_ms: u64,
 }
+
+/// Longest hold on an origin's envelopes: well past the origin's longest resend backoff.
+const HOLD_MAX_MS: u64 = 10 * 60 * 1000;
 
 impl Mailbox {
     /// A mailbox for `user`; its state is loaded when it starts.
@@ -184,7 +188,15 @@ impl Mailbox {
             self.kick(device, CloseCode::SlowConsumer);
         }
         let connected = self.devices.values().any(|q| q.conn.is_some());
-        if !connected && self.inflight_syncs == 0 && now - self.last_activity > self.config.idle {
+        // A hold on an origin's envelopes (see `submit`) lives in memory: the mailbox stays
+        // until it is released or lapses.
+        let now_ms = now_ms();
+        self.held_back.retain(|h| h.until_ms > now_ms);
+        if !connected
+            && self.inflight_syncs == 0
+            && self.held_back.is_empty()
+            && now - self.last_activity > self.config.idle
+        {
             self.registry.forget(&self.user, self.incarnation);
             ctx.stop();
             return false;
@@ -611,17 +623,12 @@ impl Mailbox {
                 return Err(rejected(ErrorCode::StoreUnavailable));
             }
         }
-        let copies = self.copies_for_current_devices(msg)?;
-        // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
-        if !self.store.has_room() {
-            return Err(rejected(ErrorCode::StoreUnavailable));
-        }
         let now = now_ms();
         let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
         // A federation origin sends its envelopes in order and resends one refused as full,
         // in order, after a pause. Envelopes it sent after that one are refused too until it
-        // comes back (or expires), even if room appeared meanwhile: stored now, they would
-        // come before it.
+        // comes back (whatever its answer then) or the hold lapses, even if room appeared
+        // meanwhile: stored now, they would come before it.
         if let Some(origin) = &msg.origin
             && let Some(i) = self.held_back.iter().position(|h| &h.origin == origin)
         {
@@ -630,6 +637,11 @@ impl Mailbox {
                 return Err(rejected(ErrorCode::MailboxFull));
             }
             self.held_back.swap_remove(i);
+        }
+        let copies = self.copies_for_current_devices(msg)?;
+        // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
+        if !self.store.has_room() {
+            return Err(rejected(ErrorCode::StoreUnavailable));
         }
         // Quota, checked for every device before anything is written.
         let mut full = Vec::new();
@@ -650,7 +662,7 @@ impl Mailbox {
                 self.held_back.push(HeldBack {
                     origin: origin.clone(),
                     first: msg.id,
-                    until_ms: expires_ms,
+                    until_ms: expires_ms.min(now + HOLD_MAX_MS),
                 });
             }
             return Err(rejected(ErrorCode::MailboxFull));

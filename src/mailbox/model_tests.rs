@@ -529,10 +529,12 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
         }
         let (k, after_k) = (EnvelopeId(rand::random()), EnvelopeId(rand::random()));
         assert_eq!(submit(send(k, "b.example")).await.expect("mailbox"), full);
-        // Both devices read and acknowledge three envelopes (the window): room for three.
+        // Both devices connect, read and acknowledge three envelopes (the window): room for
+        // three.
+        let mut conns = Vec::new();
         for (n, device) in DEVICES.iter().enumerate() {
-            let (tx, mut rx) = super::outbox::channel(64);
-            let (kick, _kick_rx) = oneshot::channel();
+            let (tx, rx) = super::outbox::channel(64);
+            let (kick, kick_rx) = oneshot::channel();
             let conn_id = n as u64 + 1;
             let conn = super::Conn {
                 id: conn_id,
@@ -549,38 +551,37 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
                 .await
                 .expect("mailbox")
                 .expect("attach");
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let mut seqs = Vec::new();
-            while seqs.len() < WINDOW {
-                match rx.try_recv() {
-                    Ok(bytes) => {
-                        if let ServerFrame::Deliver { seq, .. } =
-                            ServerFrame::decode(&bytes).expect("frame")
-                        {
-                            seqs.push(seq);
+            conns.push((*device, conn_id, rx, kick_rx));
+        }
+        let make_room = async |conns: &mut Vec<(DeviceId, u64, super::outbox::Receiver, _)>| {
+            for (device, conn_id, rx, _) in conns.iter_mut() {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let mut seqs = Vec::new();
+                while seqs.len() < WINDOW {
+                    match rx.try_recv() {
+                        Ok(bytes) => {
+                            if let ServerFrame::Deliver { seq, .. } =
+                                ServerFrame::decode(&bytes).expect("frame")
+                            {
+                                seqs.push(seq);
+                            }
+                        }
+                        Err(_) => {
+                            assert!(std::time::Instant::now() < deadline, "not delivered");
+                            actix::clock::sleep(Duration::from_millis(10)).await;
                         }
                     }
-                    Err(_) => {
-                        assert!(std::time::Instant::now() < deadline, "not delivered");
-                        actix::clock::sleep(Duration::from_millis(10)).await;
-                    }
                 }
+                let ack = Ack {
+                    device: *device,
+                    conn: *conn_id,
+                    seqs,
+                };
+                let unknown = broker.registry.call_once(USER, ack).await;
+                assert!(unknown.expect("mailbox").is_empty());
             }
-            let ack = Ack {
-                device: *device,
-                conn: conn_id,
-                seqs,
-            };
-            assert!(
-                broker
-                    .registry
-                    .call_once(USER, ack)
-                    .await
-                    .expect("mailbox")
-                    .is_empty()
-            );
-            std::mem::forget(rx); // stays connected
-        }
+        };
+        make_room(&mut conns).await;
         // What the origin sent after k must not overtake it, though it would fit now; other
         // origins are not held back.
         assert_eq!(
@@ -601,6 +602,30 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
             submit(send(after_k, "b.example")).await.expect("mailbox"),
             accepted
         );
+        // Full again. A refused envelope that comes back and is refused for another reason
+        // (here: none of its devices exists any more) releases the hold as well.
+        let (k2, after_k2) = (EnvelopeId(rand::random()), EnvelopeId(rand::random()));
+        assert_eq!(submit(send(k2, "b.example")).await.expect("mailbox"), full);
+        make_room(&mut conns).await;
+        let stale = Submit {
+            copies: Arc::new(vec![Copy {
+                device: DeviceId(99),
+                ciphertext: vec![1],
+            }]),
+            ..send(k2, "b.example")
+        };
+        assert!(matches!(
+            submit(stale).await.expect("mailbox"),
+            SendOutcome::Rejected {
+                code: ErrorCode::StaleDevices,
+                ..
+            }
+        ));
+        assert_eq!(
+            submit(send(after_k2, "b.example")).await.expect("mailbox"),
+            accepted
+        );
+        drop(conns);
         close(broker);
     });
 }
