@@ -54,6 +54,9 @@ pub trait LocalDelivery {
     fn answer(&self, origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame>;
 }
 
+/// How often hellos that do not authenticate may make us fetch a peer's key again.
+const UNAUTHENTICATED_REFRESH: Duration = Duration::from_secs(60);
+
 fn refused(reason: &'static str) {
     metrics::counter!("sealpost_federation_links_refused_total", "reason" => reason).increment(1);
 }
@@ -175,7 +178,8 @@ async fn handshake(
     };
     let mut buf = [0u8; 256];
     if hs.read_message(&noise, &mut buf).is_err() {
-        fed.resolver().forget(&origin);
+        fed.resolver()
+            .forget_older_than(&origin, UNAUTHENTICATED_REFRESH);
         return Err(refuse(
             session,
             Some(&origin),

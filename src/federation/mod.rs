@@ -250,6 +250,20 @@ impl Resolver {
     pub fn forget(&self, domain: &str) {
         self.cache().remove(domain);
     }
+
+    /// Drops a discovered key that has been used for at least `age`: after a hello that did
+    /// not authenticate. Anyone can send one naming any peer, so such hellos may cause a fetch
+    /// of the peer's document at most once per `age` (a real key rotation is also noticed
+    /// by our own next outbound handshake, which forgets at once).
+    pub fn forget_older_than(&self, domain: &str, age: Duration) {
+        let mut cache = self.cache();
+        if cache
+            .get(domain)
+            .is_some_and(|(at, _, _)| at.elapsed() >= age)
+        {
+            cache.remove(domain);
+        }
+    }
 }
 
 /// Tunables of the federation actors and links, from the broker settings.
@@ -505,5 +519,24 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn unauthenticated_hellos_refresh_a_discovered_key_at_most_once_per_period() {
+        let resolver = Resolver::new(&[], Duration::from_secs(1));
+        let fetched = |at| (at, [1u8; 32], "ws://b/v1/federation".to_owned());
+        let now = std::time::Instant::now();
+        resolver.cache().insert("b.example".into(), fetched(now));
+        resolver.forget_older_than("b.example", Duration::from_secs(60));
+        assert!(
+            resolver.cache().contains_key("b.example"),
+            "fetched just now"
+        );
+        let earlier = now.checked_sub(Duration::from_secs(61)).expect("uptime");
+        resolver
+            .cache()
+            .insert("b.example".into(), fetched(earlier));
+        resolver.forget_older_than("b.example", Duration::from_secs(60));
+        assert!(!resolver.cache().contains_key("b.example"));
     }
 }
