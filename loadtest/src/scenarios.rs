@@ -1,4 +1,4 @@
-//! The `appends` and `e2e` scenarios.
+//! The `appends`, `e2e` and `federated` scenarios.
 
 use std::{sync::Arc, time::Duration};
 
@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::{
     AppendsArgs, Common, E2eArgs, FederatedArgs, TrafficArgs,
     api::{Api, register_many},
-    client::{ConnectOptions, connect_all},
+    client::{Account, ConnectOptions, connect_all},
     traffic::{self, Outcome, Plan, Recipient, Stats},
     util::{check_nofile, fmt_duration, latency_json, latency_line, per_sec, run_tag},
 };
@@ -40,6 +40,72 @@ fn check_traffic(t: &TrafficArgs) -> Result<()> {
     );
     ensure!(!t.duration.is_zero(), "--duration must be > 0");
     Ok(())
+}
+
+/// How the traffic of an `e2e` or `federated` run is paced, once its arguments are checked.
+struct Pacing {
+    /// Sends outstanding per device.
+    pipeline: usize,
+    /// Open loop: the interval between one device's sends (the total rate spread evenly over
+    /// all devices). Closed loop: `None`.
+    interval: Option<Duration>,
+    /// Says which, for the banner.
+    mode: String,
+}
+
+impl Pacing {
+    /// Checks the arguments common to `e2e` and `federated` and derives the pacing.
+    fn of(e: &E2eArgs) -> Result<Self> {
+        check_size(e.size)?;
+        check_traffic(&e.traffic)?;
+        ensure!(e.devices >= 2, "--devices must be at least 2");
+        check_nofile(u64::try_from(e.devices).unwrap_or(u64::MAX) + 256)?;
+        let open_loop = e.rate > 0;
+        let pipeline = e.pipeline.unwrap_or(if open_loop { 64 } else { 1 });
+        ensure!(pipeline > 0, "--pipeline must be > 0");
+        let interval = open_loop.then(|| {
+            #[allow(clippy::cast_precision_loss)]
+            let secs = e.devices as f64 / e.rate as f64;
+            Duration::from_secs_f64(secs)
+        });
+        let mode = if open_loop {
+            format!(
+                "open loop at {} msg/s total (cap {pipeline} outstanding per device)",
+                e.rate
+            )
+        } else {
+            format!("closed loop, pipeline {pipeline} per device")
+        };
+        Ok(Pacing {
+            pipeline,
+            interval,
+            mode,
+        })
+    }
+
+    /// The plan of connections sending to `accounts` (each a list of its devices).
+    fn plan(&self, e: &E2eArgs, accounts: &[Vec<Account>]) -> Arc<Plan> {
+        let t = &e.traffic;
+        Arc::new(Plan {
+            recipients: accounts
+                .iter()
+                .map(|devs| Recipient {
+                    handle: devs[0].handle.clone(),
+                    devices: devs.iter().map(|d| d.device).collect(),
+                })
+                .collect(),
+            size: e.size,
+            ttl_secs: t.ttl_secs,
+            pipeline: self.pipeline,
+            interval: self.interval,
+            ack_batch: t.ack_batch,
+            ack_delay: t.ack_delay,
+            warmup: t.warmup,
+            duration: t.duration,
+            drain_timeout: t.drain_timeout,
+            wait_for_delivery: true,
+        })
+    }
 }
 
 fn connect_options(common: &Common) -> ConnectOptions {
@@ -159,34 +225,16 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
 /// Every device sends to random other accounts and acks what it receives: end-to-end latency.
 pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
     let (common, t) = (&args.common, &args.traffic);
-    check_size(args.size)?;
-    check_traffic(t)?;
-    ensure!(args.devices >= 2, "--devices must be at least 2");
-    check_nofile(u64::try_from(args.devices).unwrap_or(u64::MAX) + 256)?;
+    let pacing = Pacing::of(args)?;
     let target = common.target()?;
     let api = Api::new(&target.http)?;
     let tag = run_tag();
     let open_loop = args.rate > 0;
-    let pipeline = args.pipeline.unwrap_or(if open_loop { 64 } else { 1 });
-    ensure!(pipeline > 0, "--pipeline must be > 0");
-    // Open loop: the total rate is spread evenly over the connections.
-    let interval = open_loop.then(|| {
-        #[allow(clippy::cast_precision_loss)]
-        let secs = args.devices as f64 / args.rate as f64;
-        Duration::from_secs_f64(secs)
-    });
-    let mode = if open_loop {
-        format!(
-            "open loop at {} msg/s total (cap {pipeline} outstanding per device)",
-            args.rate
-        )
-    } else {
-        format!("closed loop, pipeline {pipeline} per device")
-    };
     println!(
-        "e2e: {} devices, {} B ciphertext, {mode}, warm-up {}, duration {} (run {tag})",
+        "e2e: {} devices, {} B ciphertext, {}, warm-up {}, duration {} (run {tag})",
         args.devices,
         args.size,
+        pacing.mode,
         fmt_duration(t.warmup),
         fmt_duration(t.duration),
     );
@@ -211,25 +259,7 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         );
     }
 
-    let plan = Arc::new(Plan {
-        recipients: accounts
-            .iter()
-            .map(|devs| Recipient {
-                handle: devs[0].handle.clone(),
-                devices: devs.iter().map(|d| d.device).collect(),
-            })
-            .collect(),
-        size: args.size,
-        ttl_secs: t.ttl_secs,
-        pipeline,
-        interval,
-        ack_batch: t.ack_batch,
-        ack_delay: t.ack_delay,
-        warmup: t.warmup,
-        duration: t.duration,
-        drain_timeout: t.drain_timeout,
-        wait_for_delivery: true,
-    });
+    let plan = pacing.plan(args, &accounts);
     let stats = Arc::new(Stats::new());
     let self_index = (0..conns.len()).map(Some).collect();
     let out = traffic::run(conns, self_index, plan, Arc::clone(&stats)).await;
@@ -269,7 +299,7 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         "devices": args.devices,
         "size": args.size,
         "rate": args.rate,
-        "pipeline": pipeline,
+        "pipeline": pacing.pipeline,
         "duration_s": out.window_len.as_secs_f64(),
         "warmup_s": t.warmup.as_secs_f64(),
         "sent": out.total.sent,
@@ -294,39 +324,21 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
 pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
     let e = &args.e2e;
     let (common, t) = (&e.common, &e.traffic);
-    check_size(e.size)?;
-    check_traffic(t)?;
-    ensure!(
-        e.devices >= 2,
-        "--devices must be at least 2 (half on each broker)"
-    );
-    check_nofile(u64::try_from(e.devices).unwrap_or(u64::MAX) + 256)?;
+    let pacing = Pacing::of(e)?;
     let targets = [
         common.target()?,
         crate::util::Target::parse(&args.peer_url)?,
     ];
     let domains = [common.domain.clone(), args.peer_domain.clone()];
     let tag = run_tag();
-    let open_loop = e.rate > 0;
-    let pipeline = e.pipeline.unwrap_or(if open_loop { 64 } else { 1 });
-    ensure!(pipeline > 0, "--pipeline must be > 0");
     let per_side = e.devices / 2;
-    let interval = open_loop.then(|| {
-        #[allow(clippy::cast_precision_loss)]
-        let secs = e.devices as f64 / e.rate as f64;
-        Duration::from_secs_f64(secs)
-    });
     println!(
         "federated: {per_side} devices on {} and {per_side} on {}, {} B ciphertext, {}, \
          warm-up {}, duration {} (run {tag})",
         domains[0],
         domains[1],
         e.size,
-        if open_loop {
-            format!("open loop at {} msg/s total", e.rate)
-        } else {
-            format!("closed loop, pipeline {pipeline} per device")
-        },
+        pacing.mode,
         fmt_duration(t.warmup),
         fmt_duration(t.duration),
     );
@@ -355,28 +367,7 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
         accounts.push(side_accounts);
         conns.push(side_conns);
     }
-    let plan = |to: usize| {
-        Arc::new(Plan {
-            recipients: accounts[to]
-                .iter()
-                .map(|devs| Recipient {
-                    handle: devs[0].handle.clone(),
-                    devices: devs.iter().map(|d| d.device).collect(),
-                })
-                .collect(),
-            size: e.size,
-            ttl_secs: t.ttl_secs,
-            pipeline,
-            interval,
-            ack_batch: t.ack_batch,
-            ack_delay: t.ack_delay,
-            warmup: t.warmup,
-            duration: t.duration,
-            drain_timeout: t.drain_timeout,
-            wait_for_delivery: true,
-        })
-    };
-    let (plan_ab, plan_ba) = (plan(1), plan(0));
+    let (plan_ab, plan_ba) = (pacing.plan(e, &accounts[1]), pacing.plan(e, &accounts[0]));
     let stats = Arc::new(Stats::new());
     let conns_b = conns.pop().unwrap_or_default();
     let conns_a = conns.pop().unwrap_or_default();
@@ -413,7 +404,7 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
         "devices": e.devices,
         "size": e.size,
         "rate": e.rate,
-        "pipeline": pipeline,
+        "pipeline": pacing.pipeline,
         "duration_s": out.window_len.as_secs_f64(),
         "sent": out.total.sent,
         "durable": out.total.accepted,
