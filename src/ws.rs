@@ -69,6 +69,15 @@ impl Writer {
         self.settle(sent)
     }
 
+    /// Answers the peer's close frame with one of ours (the closing handshake), after which
+    /// nothing more is sent.
+    pub async fn echo_close(&mut self) {
+        if !self.stalled {
+            let session = self.session.clone();
+            let _ = tokio::time::timeout(self.deadline, session.close(None)).await;
+        }
+    }
+
     /// Sends a close frame, unless the peer has stopped reading. The description is cut to
     /// what a close frame can carry (123 bytes, on a character boundary): a longer one would
     /// make the frame invalid and the peer would lose the reason.

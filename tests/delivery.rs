@@ -473,3 +473,25 @@ async fn idle_mailboxes_stop_and_start_again_when_needed() {
     );
     wait_gauge(&broker, "sealpost_mailboxes", 2.0).await;
 }
+
+#[tokio::test]
+async fn a_client_that_closes_gets_the_closing_handshake() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    assert!(a.backlog().await.is_empty());
+    a.ws.close(None).await.expect("send close");
+    // The broker answers the close frame with its own before the connection ends.
+    let answer = tokio::time::timeout(WAIT, a.ws.next())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "got {answer:?}"
+    );
+    // Not counted as a disconnect by the broker: the client chose it.
+    let _ = a.ws.send(Message::Ping(Vec::new().into())).await;
+    assert_eq!(broker.metric("sealpost_disconnects_total").await, 0.0);
+}

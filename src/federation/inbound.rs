@@ -77,7 +77,11 @@ async fn next_binary(
             CloseCode::ProtocolError,
             "federation frames are binary".into(),
         ))),
-        Some(Ok(AggregatedMessage::Close(_))) | None => Err(None),
+        Some(Ok(AggregatedMessage::Close(_))) => {
+            session.echo_close().await;
+            Err(None)
+        }
+        None => Err(None),
         Some(Err(e)) => Err(Some((CloseCode::ProtocolError, e.to_string()))),
     }
 }
@@ -371,6 +375,10 @@ async fn relay(
                 }
             }
             _ = heartbeat.tick() => {
+                if txns.len() >= settings.inbound_txns || replies.len() >= max_replies {
+                    // Not reading is our doing (transactions wait for local mailboxes).
+                    last_heard = Instant::now();
+                }
                 if last_heard.elapsed() > settings.idle_timeout {
                     return Some((CloseCode::IdleTimeout, "no traffic within the link timeout".into()));
                 }

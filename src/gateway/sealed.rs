@@ -79,6 +79,7 @@ async fn run(
                     Incoming::Frame(bytes) => bytes,
                     Incoming::Control => continue,
                     Incoming::End(reason) => return reason,
+                    Incoming::Closed => return None, // answered by next_incoming
                 };
                 // Every frame counts against the address's rate, also one refused below.
                 let decoded = ClientFrame::decode(&bytes);
@@ -120,6 +121,9 @@ async fn run(
                 }
             }
             _ = heartbeat.tick() => {
+                if pending.len() >= settings.max_pending_sends {
+                    last_heard = Instant::now(); // not reading is our doing, as on /v1/ws
+                }
                 if last_heard.elapsed() > client_timeout {
                     return Some((CloseCode::IdleTimeout, "no traffic within the client timeout".into()));
                 }

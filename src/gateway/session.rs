@@ -129,6 +129,8 @@ struct Authed {
 pub(crate) enum Incoming {
     Frame(Bytes),
     Control,
+    /// The client sent a close frame: answer it (the closing handshake), then end.
+    Closed,
     End(Option<(CloseCode, String)>),
 }
 
@@ -137,6 +139,10 @@ pub(crate) async fn next_incoming(
     stream: &mut AggregatedMessageStream,
 ) -> Incoming {
     match classify(stream.recv().await) {
+        Ok(Incoming::Closed) => {
+            session.echo_close().await;
+            Incoming::End(None)
+        }
         Ok(incoming) => incoming,
         Err(ping) => match session.pong(&ping).await {
             Ok(()) => Incoming::Control,
@@ -157,7 +163,8 @@ fn classify(
             CloseCode::ProtocolError,
             "frames are binary MessagePack, not text".into(),
         ))),
-        Some(Ok(AggregatedMessage::Close(_))) | None => Incoming::End(None),
+        Some(Ok(AggregatedMessage::Close(_))) => Incoming::Closed,
+        None => Incoming::End(None),
         Some(Err(actix_ws::ProtocolError::Overflow)) => Incoming::End(Some((
             CloseCode::TooBig,
             format!("frames are limited to {MAX_FRAME_BYTES} bytes"),
@@ -183,6 +190,7 @@ async fn authenticate(
                 Incoming::Frame(bytes) => break bytes,
                 Incoming::Control => continue,
                 Incoming::End(reason) => return Err(reason),
+                Incoming::Closed => return Err(None), // answered by next_incoming
             },
         }
     };
@@ -453,6 +461,10 @@ impl Live<'_> {
                             }
                         }
                         Ok(Incoming::Control) => {}
+                        Ok(Incoming::Closed) => {
+                            session.echo_close().await;
+                            return None;
+                        }
                         Ok(Incoming::End(reason)) => return reason,
                         Err(ping) => {
                             let _ = session.pong(&ping).await;
@@ -460,6 +472,11 @@ impl Live<'_> {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    if pending.len() >= settings.max_pending_sends {
+                        // Not reading is our doing (sends wait for the store): the silence,
+                        // pongs included, says nothing about the client.
+                        last_heard = Instant::now();
+                    }
                     if last_heard.elapsed() > client_timeout {
                         return Some((CloseCode::IdleTimeout, "no traffic within the client timeout".into()));
                     }
