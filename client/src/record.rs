@@ -6,16 +6,14 @@
 //! MessagePack, structs as positional arrays; new fields go at the end with
 //! `#[serde(default)]`. Secrets (`Secret`) are decoded straight into wiping buffers.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_bytes::ByteBuf;
 use zeroize::Zeroizing;
 
-use crate::crypto::store::WipingWriter;
+use crate::crypto::{SeenIds, store::WipingWriter};
 
-/// How many handled envelope ids are remembered for deduplication.
-pub(crate) const SEEN_IDS: usize = 4096;
 /// How many messages are kept per conversation.
 pub(crate) const MESSAGES_PER_CONVERSATION: usize = 1000;
 
@@ -109,11 +107,9 @@ pub(crate) struct Record {
     pub(crate) contacts: BTreeMap<String, Contact>,
     /// Verified device lists by handle (contacts and the account itself).
     pub(crate) lists: BTreeMap<String, CachedList>,
-    /// Envelope ids handled (or sent to ourselves), oldest first.
-    pub(crate) seen: VecDeque<ByteBuf>,
+    /// Envelope ids handled (or sent to ourselves).
+    pub(crate) seen: SeenIds,
     pub(crate) pending_links: Vec<PendingLink>,
-    #[serde(skip)]
-    pub(crate) seen_index: HashSet<[u8; 16]>,
 }
 
 impl Record {
@@ -126,32 +122,7 @@ impl Record {
 
     /// Decodes; `None` if malformed.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut record: Record = rmp_serde::from_slice(bytes).ok()?;
-        record.seen_index = record
-            .seen
-            .iter()
-            .filter_map(|id| <[u8; 16]>::try_from(id.as_slice()).ok())
-            .collect();
-        Some(record)
-    }
-
-    /// Whether this envelope id was handled already.
-    pub(crate) fn was_seen(&self, id: &[u8; 16]) -> bool {
-        self.seen_index.contains(id)
-    }
-
-    /// Remembers an envelope id (bounded).
-    pub(crate) fn mark_seen(&mut self, id: [u8; 16]) {
-        if self.seen_index.insert(id) {
-            self.seen.push_back(ByteBuf::from(id.to_vec()));
-            while self.seen.len() > SEEN_IDS {
-                if let Some(old) = self.seen.pop_front()
-                    && let Ok(old) = <[u8; 16]>::try_from(old.as_slice())
-                {
-                    self.seen_index.remove(&old);
-                }
-            }
-        }
+        rmp_serde::from_slice(bytes).ok()
     }
 
     /// Appends a message to the conversation with `with` (bounded).
@@ -169,19 +140,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trips_and_bounds_seen_ids() {
+    fn round_trips() {
         let mut record = Record {
             server: "http://127.0.0.1:1".into(),
             device_token: Secret::new(&[1; 32]),
             ..Record::default()
         };
-        let n = u32::try_from(SEEN_IDS).unwrap();
-        for i in 0..(n + 10) {
-            let mut id = [0u8; 16];
-            id[..4].copy_from_slice(&i.to_be_bytes());
-            record.mark_seen(id);
-        }
-        assert_eq!(record.seen.len(), SEEN_IDS);
+        record.seen.insert([7; 16]);
         record.add_message(
             "bob@b.example",
             StoredMessage {
@@ -192,11 +157,7 @@ mod tests {
             },
         );
         let decoded = Record::decode(&record.encode()).expect("decodes");
-        assert_eq!(decoded.seen_index.len(), SEEN_IDS);
-        assert!(!decoded.was_seen(&[0; 16]), "the oldest id was forgotten");
-        let mut last = [0u8; 16];
-        last[..4].copy_from_slice(&(n + 9).to_be_bytes());
-        assert!(decoded.was_seen(&last));
+        assert!(decoded.seen.contains(&[7; 16]));
         assert_eq!(decoded.device_token.0.as_slice(), &[1; 32]);
         assert_eq!(decoded.contacts["bob@b.example"].messages[0].body, "hi");
     }

@@ -1059,7 +1059,7 @@ impl Client {
         let own = to == self.state.user();
         if own {
             // Our own copy comes back to us: recognised by its id and acked unread.
-            self.record.mark_seen(id.0);
+            self.record.seen.insert(id.0);
             if !devices.contains(&self.state.device_id()) {
                 devices.push(self.state.device_id());
             }
@@ -1584,7 +1584,7 @@ impl Client {
         id: EnvelopeId,
         ciphertext: &[u8],
     ) -> Result<(), ClientError> {
-        if self.record.was_seen(&id.0) {
+        if self.record.seen.contains(&id.0) {
             return Ok(());
         }
         match self.open_envelope(ciphertext).await {
@@ -1597,7 +1597,7 @@ impl Client {
             Err(Failure::Transient(e)) => return Err(e),
             Err(Failure::Permanent(error)) => self.events.push_back(Event::Rejected { id, error }),
         }
-        self.record.mark_seen(id.0);
+        self.record.seen.insert(id.0);
         Ok(())
     }
 

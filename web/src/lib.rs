@@ -40,7 +40,7 @@
 //! in the origin — which is why the page is served with a strict Content-Security-Policy —
 //! but keeps the blob useless on its own.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use base64::{
     Engine as _,
@@ -49,7 +49,7 @@ use base64::{
 use rand::RngCore as _;
 use sealpost_client::crypto::{
     CallId, ClientState, DeviceKeys, DeviceList, DeviceListError, GrantContact, LocalKey,
-    MasterKey, PLACEHOLDER_BYTES, Payload, PinResult, PublicDeviceKeys, SenderInfo,
+    MasterKey, PLACEHOLDER_BYTES, Payload, PinResult, PublicDeviceKeys, SeenIds, SenderInfo,
     SignedDeviceList, SignedOneTimeKey,
     link::{LINK_SECRET_BYTES, link_proof, proof_matches},
     open, placeholder, safety_number, seal,
@@ -73,9 +73,6 @@ pub const CALL_TTL_SECS: u32 = 60;
 const DELIVERY_TOKEN_BYTES: usize = 32;
 /// Messages kept per conversation.
 const MESSAGES_PER_CONVERSATION: usize = 500;
-/// Envelope ids remembered for deduplication.
-const SEEN_IDS: usize = 4096;
-
 fn now_ms() -> u64 {
     #[cfg(target_arch = "wasm32")]
     {
@@ -183,9 +180,7 @@ struct Record {
     delivery_token: ByteBuf,
     next_key_id: u64,
     contacts: BTreeMap<String, Contact>,
-    seen: VecDeque<ByteBuf>,
-    #[serde(skip)]
-    seen_index: HashSet<[u8; 16]>,
+    seen: SeenIds,
     /// Link codes this device issued: (secret, expiry ms).
     #[serde(default)]
     pending_links: Vec<(ByteBuf, u64)>,
@@ -199,26 +194,7 @@ struct Record {
 
 impl Record {
     fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut record: Record = rmp_serde::from_slice(bytes).ok()?;
-        record.seen_index = record
-            .seen
-            .iter()
-            .filter_map(|id| <[u8; 16]>::try_from(id.as_slice()).ok())
-            .collect();
-        Some(record)
-    }
-
-    fn mark_seen(&mut self, id: [u8; 16]) {
-        if self.seen_index.insert(id) {
-            self.seen.push_back(ByteBuf::from(id.to_vec()));
-            while self.seen.len() > SEEN_IDS {
-                if let Some(old) = self.seen.pop_front()
-                    && let Ok(old) = <[u8; 16]>::try_from(old.as_slice())
-                {
-                    self.seen_index.remove(&old);
-                }
-            }
-        }
+        rmp_serde::from_slice(bytes).ok()
     }
 
     fn add_message(&mut self, with: &str, message: StoredMessage) {
@@ -1015,7 +991,7 @@ impl Engine {
         let own = to == self.state.user();
         if own {
             // Our own copy comes back to us: recognised by its id and acked unread.
-            self.record.mark_seen(id.0);
+            self.record.seen.insert(id.0);
         }
         let mut copies = BTreeMap::new();
         let mut placeholders = Vec::new();
@@ -1136,7 +1112,7 @@ impl Engine {
             Ok(v) => v,
             Err(reason) => json!({"event": "rejected", "reason": reason}),
         };
-        self.record.mark_seen(id.0);
+        self.record.seen.insert(id.0);
         Ok(json!({"type": "deliver", "seq": seq, "id": hex(&id.0), "event": event}).to_string())
     }
 
@@ -1297,7 +1273,7 @@ impl Engine {
     }
 
     fn deliver(&mut self, id: EnvelopeId, ciphertext: &[u8], refetched: bool) -> Value {
-        if self.record.seen_index.contains(&id.0) {
+        if self.record.seen.contains(&id.0) {
             return json!({"id": hex(&id.0), "event": {"event": "duplicate"}});
         }
         let event = match self.open_envelope(ciphertext, refetched) {
@@ -1306,7 +1282,7 @@ impl Engine {
             Ok(Ok(event)) => event,
             Err(reason) => json!({"event": "rejected", "reason": reason}),
         };
-        self.record.mark_seen(id.0);
+        self.record.seen.insert(id.0);
         json!({"id": hex(&id.0), "event": event})
     }
 

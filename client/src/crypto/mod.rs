@@ -16,6 +16,7 @@
 //! - [`link`]: proofs of a link code's secret, for linking a new device.
 //! - [`safety`]: safety numbers derived from both users' handles and master keys.
 //! - [`pins`]: trust-on-first-use pins of contacts' master keys and last device-list versions.
+//! - [`seen`]: envelope ids already handled ([`SeenIds`]), to drop redeliveries.
 //! - [`store`]: [`ClientState`], persisted as one file encrypted under a local 32-byte key,
 //!   written crash-safely.
 //!
@@ -82,6 +83,7 @@ pub mod payload;
 pub mod pins;
 pub mod safety;
 pub mod sealed;
+pub mod seen;
 pub mod session;
 pub mod store;
 
@@ -94,6 +96,7 @@ pub use payload::{CallId, GrantContact, Payload, PayloadError};
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};
 pub use sealed::{PLACEHOLDER_BYTES, SealError, SenderInfo, Unsealed, open, placeholder, seal};
+pub use seen::SeenIds;
 pub use session::{OlmMessage, OlmMessageKind, SessionError, Sessions};
 pub use store::{ClientState, LocalKey, StoreError};
 
