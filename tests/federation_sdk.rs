@@ -145,3 +145,70 @@ async fn three_domains_decrypt_everything_in_order() {
         );
     }
 }
+
+/// A first message whose sender's broker is down when it arrives cannot be verified yet (the
+/// sender's device list comes from that broker). It is not rejected: it stays unacknowledged
+/// and is read once the sender's broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_a_domain_that_is_down_waits_instead_of_being_rejected() {
+    let mut brokers = start(&[("a.example", "127.0.0.1"), ("b.example", "127.0.0.2")]);
+    for (broker, peer) in brokers.iter().zip(["b.example", "a.example"]) {
+        let label = format!("destination=\"{peer}\"");
+        broker
+            .wait_metric_labeled("sealpost_federation_link_up", &label, 1.0)
+            .await;
+    }
+    let mut alice = common::sdk::register(&brokers[0], "alice@a.example").await;
+    let mut bob = common::sdk::register(&brokers[1], "bob@b.example").await;
+    alice
+        .client
+        .send_text("bob@b.example", "while you can")
+        .await
+        .expect("send");
+    brokers[0]
+        .wait_metric_labeled(
+            "sealpost_federation_delivered_total",
+            "destination=\"b.example\"",
+            1.0,
+        )
+        .await;
+    brokers[0].kill9();
+    // Bob's broker cannot get Alice's list from hers: a transient failure, nothing acked.
+    loop {
+        match tokio::time::timeout(common::WAIT, bob.client.next_event())
+            .await
+            .expect("an answer in time")
+        {
+            Err(_) => break,
+            Ok(Event::QueueEmpty) => {}
+            Ok(other) => panic!("expected a transient failure, got {other:?}"),
+        }
+    }
+    brokers[0].restart();
+    // Once the link is back the message is read; until then each try fails transiently.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never read");
+        match tokio::time::timeout(common::WAIT, bob.client.next_event())
+            .await
+            .expect("an answer in time")
+        {
+            Ok(Event::Message(m)) => {
+                assert_eq!(
+                    (m.from.as_str(), m.text.as_str()),
+                    ("alice@a.example", "while you can")
+                );
+                break;
+            }
+            Ok(Event::QueueEmpty) | Err(_) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+        brokers[1]
+            .wait_metric_labeled(
+                "sealpost_federation_link_up",
+                "destination=\"a.example\"",
+                1.0,
+            )
+            .await;
+    }
+}

@@ -62,6 +62,17 @@ impl ApiError {
             _ => None,
         }
     }
+
+    /// Whether asking again later may succeed: the broker was unreachable, unavailable
+    /// (5xx: shutting down, its store failing, or a peer broker it asked being down) or
+    /// asked to slow down (429). Anything else is the broker's considered answer.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Transport(_) => true,
+            ApiError::Refused { status, .. } => *status >= 500 || *status == 429,
+            ApiError::BadAnswer(_) => false,
+        }
+    }
 }
 
 impl From<reqwest::Error> for ApiError {

@@ -962,7 +962,7 @@ impl Client {
         device: u32,
         keys: &PublicDeviceKeys,
     ) -> Result<(), ClientError> {
-        if self.state.sessions.has_session(user, device) {
+        if self.state.sessions.has_current_session(user, device, keys) {
             return Ok(());
         }
         let creds = self.creds();
@@ -1516,6 +1516,7 @@ impl Client {
             batch.push(next);
         }
         let mut acks = Vec::new();
+        let mut handled_ephemeral = false;
         let mut result = Ok(());
         for frame in batch {
             if result.is_err() {
@@ -1534,11 +1535,12 @@ impl Client {
                 }
                 ServerFrame::DeliverEphemeral { envelope } => {
                     // Nothing to ack; errors are reported like for stored envelopes.
-                    if let Err(e) = self
+                    match self
                         .handle_envelope(envelope.id, &envelope.ciphertext)
                         .await
                     {
-                        result = Err(e);
+                        Ok(()) => handled_ephemeral = true,
+                        Err(e) => result = Err(e),
                     }
                 }
                 ServerFrame::QueueEmpty => self.events.push_back(Event::QueueEmpty),
@@ -1555,8 +1557,9 @@ impl Client {
                 _ => {}
             }
         }
-        if !acks.is_empty() {
-            // Save before acknowledging: a crash now redelivers, and the ids deduplicate.
+        if !acks.is_empty() || handled_ephemeral {
+            // Save before acknowledging: a crash now redelivers, and the ids deduplicate. An
+            // ephemeral envelope is not acknowledged, but decrypting it moved the ratchet.
             self.save()?;
             for chunk in acks.chunks(MAX_ACKS_PER_FRAME) {
                 if let Some(conn) = self.conn.as_mut()
@@ -1666,8 +1669,11 @@ impl Client {
         for force in [false, true] {
             let list = match self.verified_list(user, force).await {
                 Ok(list) => list,
-                Err(e @ (ClientError::Api(ApiError::Transport(_)) | ClientError::Store(_))) => {
-                    return Err(Failure::Transient(e));
+                // A broker (ours, or the sender's behind it) that cannot answer now: the
+                // envelope stays unacknowledged and comes again.
+                Err(e @ ClientError::Store(_)) => return Err(Failure::Transient(e)),
+                Err(ClientError::Api(e)) if e.is_transient() => {
+                    return Err(Failure::Transient(e.into()));
                 }
                 Err(e) => {
                     return Err(Failure::Permanent(EnvelopeError::SenderUnverified {
@@ -1839,7 +1845,7 @@ impl Client {
         }
         let broker_keys = match self.api.devices(&user).await {
             Ok(devices) => devices,
-            Err(e @ ApiError::Transport(_)) => return Err(Failure::Transient(e.into())),
+            Err(e) if e.is_transient() => return Err(Failure::Transient(e.into())),
             Err(_) => return Err(unknown()),
         };
         let Some(keys) = broker_keys

@@ -363,10 +363,13 @@ async function handleFrame(bytes, sock) {
     try {
       await fetchList(r.need_list);
     } catch (e) {
-      // The broker unreachable: transient, the envelope comes again. Anything else (no such
-      // user, a list that does not verify, a changed master key) will not get better by
-      // redelivery: the envelope is judged with what we have (rejected unless verified).
-      if (!e.status && !/master key changed|does not verify/.test(e.message)) throw e;
+      // The broker unreachable, unavailable (5xx: e.g. the sender's broker behind it is
+      // down) or asking us to slow down (429): transient, the envelope comes again. Anything
+      // else (no such user, a list that does not verify, a changed master key) will not get
+      // better by redelivery: the envelope is judged with what we have (rejected unless
+      // verified).
+      const transient = !e.status || e.status >= 500 || e.status === 429;
+      if (transient && !/master key changed|does not verify/.test(e.message)) throw e;
       showError(e);
     }
     r = JSON.parse(engine.receive(bytes, true));

@@ -885,15 +885,24 @@ impl Engine {
             .verified = true;
     }
 
-    /// Devices in `user`'s verified list this device has no Olm session with (JSON array).
-    pub fn devices_without_session(&self, user: &str) -> String {
+    /// Devices in `user`'s verified list this device has no Olm session with, for their
+    /// current keys (JSON array).
+    pub fn devices_without_session(&mut self, user: &str) -> String {
         let own = (user == self.state.user()).then(|| self.state.device_id());
-        let ids: Vec<u32> = self
+        let listed: Vec<(u32, PublicDeviceKeys)> = self
             .list_of(user)
-            .map(CachedList::ids)
-            .unwrap_or_default()
+            .map(|list| {
+                list.ids()
+                    .into_iter()
+                    .filter_map(|d| Some((d, list.device(d)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sessions = &mut self.state.sessions;
+        let ids: Vec<u32> = listed
             .into_iter()
-            .filter(|d| Some(*d) != own && !self.state.sessions.has_session(user, *d))
+            .filter(|(d, keys)| Some(*d) != own && !sessions.has_current_session(user, *d, keys))
+            .map(|(d, _)| d)
             .collect();
         json!(ids).to_string()
     }
@@ -1003,7 +1012,7 @@ impl Engine {
                     continue;
                 }
             };
-            if !self.state.sessions.has_session(to, device) {
+            if !self.state.sessions.has_current_session(to, device, &keys) {
                 return Err(err(format!(
                     "no session with device {device}; claim a key first"
                 )));

@@ -220,6 +220,28 @@ impl Sessions {
             .is_some_and(|s| !s.is_empty())
     }
 
+    /// Whether we can encrypt to this device, whose verified keys are `keys`. Sessions made
+    /// with an earlier identity key of the device (reset, or re-registered under the same id)
+    /// are dropped first: what they encrypt, the device could no longer decrypt.
+    pub fn has_current_session(
+        &mut self,
+        user: &str,
+        device: u32,
+        keys: &PublicDeviceKeys,
+    ) -> bool {
+        let peer = (user.to_owned(), device);
+        let Some(list) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        let identity = keys.curve25519_key();
+        list.retain(|s| s.remote_identity == identity);
+        if list.is_empty() {
+            self.peers.remove(&peer);
+            return false;
+        }
+        true
+    }
+
     /// Drops every session with this device (e.g. it left the user's device list).
     pub fn forget(&mut self, user: &str, device: u32) {
         self.peers.remove(&(user.to_owned(), device));
@@ -741,5 +763,30 @@ mod tests {
         );
         assert_eq!(bob.receive(&alice, &m), Ok(text("z")));
         assert!(OlmMessage::from_parts(5, &bytes).is_none());
+    }
+
+    #[test]
+    fn sessions_with_an_earlier_identity_of_a_device_are_not_used() {
+        let mut alice = Device::new("alice@a.example", 1);
+        let mut bob = Device::new("bob@b.example", 1);
+        alice.start_with(&mut bob, false);
+        let bob_keys = bob.keys.public_keys();
+        assert!(
+            alice
+                .sessions
+                .has_current_session(bob.user, bob.id, &bob_keys)
+        );
+        // Bob's device 1 comes back with new keys (reset, or re-registered).
+        let reset = Device::new("bob@b.example", 1);
+        let new_keys = reset.keys.public_keys();
+        assert!(
+            !alice
+                .sessions
+                .has_current_session(bob.user, bob.id, &new_keys)
+        );
+        assert!(
+            !alice.sessions.has_session(bob.user, bob.id),
+            "the old session was dropped"
+        );
     }
 }
