@@ -533,6 +533,36 @@ async fn a_changed_master_key_is_a_warning_and_blocks_sending() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_rotation_the_broker_refuses_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fail = dir.path().join("fail-sync");
+    let fail_arg = fail.to_string_lossy().into_owned();
+    let broker = Broker::start(&["--failpoint-sync-file", &fail_arg]);
+    let mut alice = register(&broker, ALICE).await;
+    let mut bob = register(&broker, BOB).await;
+    alice.client.send_text(BOB, "hi").await.expect("send");
+    assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
+    let before = bob.client.safety_number(ALICE).await.expect("number");
+    // The broker cannot store the new list: the rotation fails...
+    std::fs::write(&fail, b"").expect("arm failpoint");
+    bob.client
+        .rotate_master_key()
+        .await
+        .expect_err("the broker could not store the new list");
+    std::fs::remove_file(&fail).expect("disarm failpoint");
+    // ... and changed nothing: Bob's device still signs and sends under the old key.
+    bob.client.send_text(ALICE, "still me").await.expect("send");
+    assert_eq!(
+        messages(&mut alice.client, 1).await,
+        [Seen::From(BOB.into(), "still me".into())]
+    );
+    assert_eq!(
+        bob.client.safety_number(ALICE).await.expect("number"),
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_exhaustion_falls_back_and_concurrent_claims_never_share() {
     let broker = Broker::start(&[]);
     let mut bob = register(&broker, BOB).await;

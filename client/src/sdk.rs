@@ -876,20 +876,31 @@ impl Client {
 
     /// Signs and publishes our own list, and records it as seen.
     async fn publish_own_list(&mut self, list: &DeviceList) -> Result<(), ClientError> {
-        let user = self.state.user().to_owned();
-        let signed =
-            list.sign(&self.state.master_key)
-                .map_err(|error| ClientError::DeviceList {
-                    user: user.clone(),
-                    error,
-                })?;
+        let signed = self.sign_own_list(list, &self.state.master_key)?;
         self.api
             .put_device_list(&self.creds(), &signed.to_bytes())
             .await?;
+        self.adopt_own_list(&signed)
+    }
+
+    fn sign_own_list(
+        &self,
+        list: &DeviceList,
+        key: &MasterKey,
+    ) -> Result<SignedDeviceList, ClientError> {
+        list.sign(key).map_err(|error| ClientError::DeviceList {
+            user: self.state.user().to_owned(),
+            error,
+        })
+    }
+
+    /// Records our own list, once published, as seen (pinning its version) and saves.
+    fn adopt_own_list(&mut self, signed: &SignedDeviceList) -> Result<(), ClientError> {
+        let user = self.state.user().to_owned();
         let verified = self
             .state
             .pins
-            .verify_device_list(&user, &signed)
+            .verify_device_list(&user, signed)
             .map_err(|error| ClientError::DeviceList {
                 user: user.clone(),
                 error,
@@ -2162,9 +2173,15 @@ impl Client {
             devices: list.devices,
             master_key: master.public_key(),
         };
+        let signed = self.sign_own_list(&new_list, &master)?;
+        // Published before this device switches to it: if the broker refuses, nothing has
+        // changed here and the old key still signs the account's list.
+        self.api
+            .put_device_list(&self.creds(), &signed.to_bytes())
+            .await?;
         self.state.master_key = master;
         self.state.pins.accept_change(&own, &new_list.master_key);
-        self.publish_own_list(&new_list).await
+        self.adopt_own_list(&signed)
     }
 
     /// Conversations, most recent first.
