@@ -533,6 +533,59 @@ async fn a_changed_master_key_is_a_warning_and_blocks_sending() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
+    let broker = Broker::start(&[]);
+    let mut alice = register(&broker, ALICE).await;
+    let mut bob = register(&broker, BOB).await;
+    alice.client.set_device_list_max_age(Duration::ZERO);
+    alice.client.send_text(BOB, "hi").await.expect("send");
+    assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
+    bob.client.rotate_master_key().await.expect("rotate");
+    bob.client
+        .send_text(ALICE, "new key, same me")
+        .await
+        .expect("send");
+    // Alice cannot verify Bob under the new key yet: the message is kept, not rejected.
+    let held = loop {
+        match next(&mut alice.client).await {
+            Event::HeldForKeyChange { user, .. } => break user,
+            Event::Rejected { error, .. } => panic!("rejected: {error}"),
+            Event::QueueEmpty => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(held, BOB);
+    let (key, _) = alice.client.fetch_master_key(BOB).await.expect("fetch");
+    alice
+        .client
+        .accept_master_key_change(BOB, &key)
+        .await
+        .expect("accept");
+    assert_eq!(
+        messages(&mut alice.client, 1).await,
+        [Seen::From(BOB.into(), "new key, same me".into())]
+    );
+    // The conversation goes on in both directions.
+    bob.client
+        .send_text(ALICE, "and after")
+        .await
+        .expect("send");
+    assert_eq!(
+        messages(&mut alice.client, 1).await,
+        [Seen::From(BOB.into(), "and after".into())]
+    );
+    alice
+        .client
+        .send_text(BOB, "welcome back")
+        .await
+        .expect("send");
+    assert_eq!(
+        messages(&mut bob.client, 1).await,
+        [Seen::From(ALICE.into(), "welcome back".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_key_rotation_the_broker_refuses_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fail = dir.path().join("fail-sync");

@@ -418,6 +418,10 @@ fn print_event(event: &Event) {
         Event::DeviceLinked { device } => println!("* device {device} was linked"),
         Event::Linked => println!("* this device is linked"),
         Event::Rejected { error, .. } => eprintln!("! rejected an envelope: {error}"),
+        Event::HeldForKeyChange { user, .. } => eprintln!(
+            "! a message from {user} waits: their master key changed; compare safety numbers, \
+             then accept the new key (accept-key)"
+        ),
         Event::MailboxFull => eprintln!("! your mailbox is full; keep listening to drain it"),
         Event::QueueEmpty => {}
         _ => {}

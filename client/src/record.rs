@@ -16,6 +16,8 @@ use crate::crypto::{SeenIds, store::WipingWriter};
 
 /// How many messages are kept per conversation.
 pub(crate) const MESSAGES_PER_CONVERSATION: usize = 1000;
+/// How many envelopes are kept for contacts whose master key changed (the oldest go first).
+pub(crate) const HELD_ENVELOPES: usize = 64;
 
 /// Secret bytes: serialized as `bin`, held in a wiping buffer.
 #[derive(Clone, Default)]
@@ -110,6 +112,19 @@ pub(crate) struct Record {
     /// Envelope ids handled (or sent to ourselves).
     pub(crate) seen: SeenIds,
     pub(crate) pending_links: Vec<PendingLink>,
+    /// Envelopes from contacts whose master key changed, until the user accepts the key.
+    #[serde(default)]
+    pub(crate) held: VecDeque<HeldEnvelope>,
+}
+
+/// An envelope kept, still sealed, until its sender's new master key is accepted.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct HeldEnvelope {
+    /// The claimed sender.
+    pub(crate) from: String,
+    #[serde(with = "serde_bytes")]
+    pub(crate) id: [u8; 16],
+    pub(crate) ciphertext: ByteBuf,
 }
 
 impl Record {
@@ -123,6 +138,27 @@ impl Record {
     /// Decodes; `None` if malformed.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
         rmp_serde::from_slice(bytes).ok()
+    }
+
+    /// Keeps an envelope of `from` until its new master key is accepted (bounded).
+    pub(crate) fn hold(&mut self, from: &str, id: [u8; 16], ciphertext: &[u8]) {
+        self.held.push_back(HeldEnvelope {
+            from: from.to_owned(),
+            id,
+            ciphertext: ByteBuf::from(ciphertext.to_vec()),
+        });
+        while self.held.len() > HELD_ENVELOPES {
+            self.held.pop_front();
+        }
+    }
+
+    /// Takes the envelopes held for `from`, oldest first.
+    pub(crate) fn take_held(&mut self, from: &str) -> Vec<HeldEnvelope> {
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.from == from);
+        self.held = kept.into();
+        taken
     }
 
     /// Appends a message to the conversation with `with` (bounded).

@@ -301,6 +301,15 @@ pub enum Event {
     },
     /// This device, being linked, received the account's keys: it is now a full device.
     Linked,
+    /// An envelope from a contact whose master key changed: it cannot be verified until the
+    /// user accepts the new key ([`Client::accept_master_key_change`]). It is kept (and
+    /// acked) and read again then, its messages coming as usual.
+    HeldForKeyChange {
+        /// Its id.
+        id: EnvelopeId,
+        /// The contact.
+        user: String,
+    },
     /// A delivered envelope was rejected (and acked).
     Rejected {
         /// Its id.
@@ -1609,6 +1618,12 @@ impl Client {
                 e
             })),
             Err(Failure::Transient(e)) => return Err(e),
+            Err(Failure::Permanent(EnvelopeError::SenderUnverified { user, error }))
+                if matches!(*error, ClientError::MasterKeyChanged { .. }) =>
+            {
+                self.record.hold(&user, id.0, ciphertext);
+                self.events.push_back(Event::HeldForKeyChange { id, user });
+            }
             Err(Failure::Permanent(error)) => self.events.push_back(Event::Rejected { id, error }),
         }
         self.record.seen.insert(id.0);
@@ -2123,9 +2138,27 @@ impl Client {
         if let Some(c) = self.record.contacts.get_mut(with) {
             c.verified = false;
         }
-        // Sessions were with devices vouched for by the old key.
-        self.state.sessions.forget_user(with);
+        // Sessions stay: each is bound to a device identity key and is used only with a device
+        // the verified list (now under the new key) gives that key. Dropping them would make
+        // the contact's next messages on them undecryptable.
         let number = self.safety_number(with).await?;
+        // What arrived under the new key meanwhile is read now; its events come next.
+        for held in self.record.take_held(with) {
+            let id = EnvelopeId(held.id);
+            match self.open_envelope(&held.ciphertext).await {
+                Ok(events) => self.events.extend(events.into_iter().map(|mut e| {
+                    if let Event::Message(m) = &mut e {
+                        m.id = id;
+                    }
+                    e
+                })),
+                // Kept for the next acceptance (or the next try, if a broker was away).
+                Err(Failure::Transient(_)) => self.record.hold(with, held.id, &held.ciphertext),
+                Err(Failure::Permanent(error)) => {
+                    self.events.push_back(Event::Rejected { id, error });
+                }
+            }
+        }
         self.save()?;
         Ok(number)
     }
