@@ -126,7 +126,9 @@ async function register(handle) {
   const keys = engine.key_upload();
   await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/keys`, { body: keys, auth: true });
   engine.mark_keys_published();
-  await api('PUT', `/v1/accounts/${h}/device-list`, { body: engine.own_device_list(), auth: true });
+  const ownList = engine.own_device_list();
+  await api('PUT', `/v1/accounts/${h}/device-list`, { body: ownList, auth: true });
+  engine.confirm_own_list(ownList);
   await api('PUT', `/v1/accounts/${h}/delivery-token`, { body: engine.delivery_token_body(), auth: true });
   persist();
 }
@@ -381,6 +383,7 @@ async function handleFrame(bytes, sock) {
     r = JSON.parse(engine.receive_link_request(bytes, JSON.stringify(devices)));
     if (r.event.event === 'link_request') {
       await api('PUT', `/v1/accounts/${encodeURIComponent(own)}/device-list`, { body: r.event.signed, auth: true });
+      engine.confirm_own_list(r.event.signed);
       persist();
       await sendPayloadNow(own, { kind: 'link_grant' });
     }

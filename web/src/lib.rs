@@ -772,23 +772,36 @@ impl Engine {
     }
 
     /// The body of `PUT /v1/accounts/{h}/device-list`: this device, signed by the master key
-    /// (a single-device account, version 1).
+    /// (a single-device account, version 1). Once the broker stored it, the page calls
+    /// [`Engine::confirm_own_list`].
     pub fn own_device_list(&mut self) -> Result<String, JsError> {
-        let user = self.state.user().to_owned();
         let list = DeviceList {
-            user: user.clone(),
+            user: self.state.user().to_owned(),
             version: 1,
             devices: vec![(self.state.device_id(), self.state.device.public_keys())],
             master_key: self.state.master_key.public_key(),
         };
         let signed = list.sign(&self.state.master_key).map_err(err)?;
+        Ok(json!({"signed": STANDARD.encode(signed.to_bytes())}).to_string())
+    }
+
+    /// Records our own list (a `PUT …/device-list` body this engine made) as published, once
+    /// the broker stored it: its version is pinned only then, so a refused PUT leaves the
+    /// broker's list and ours in agreement.
+    pub fn confirm_own_list(&mut self, body: &str) -> Result<(), JsError> {
+        let body: Value = serde_json::from_str(body).map_err(err)?;
+        let bytes = STANDARD
+            .decode(body["signed"].as_str().unwrap_or_default())
+            .map_err(err)?;
+        let signed = SignedDeviceList::from_bytes(&bytes).map_err(err)?;
+        let user = self.state.user().to_owned();
         let verified = self
             .state
             .pins
             .verify_device_list(&user, &signed)
             .map_err(err)?;
         self.record.contacts.entry(user).or_default().list = Some(CachedList::from_list(&verified));
-        Ok(json!({"signed": STANDARD.encode(signed.to_bytes())}).to_string())
+        Ok(())
     }
 
     /// Verifies `user`'s signed device list (the `signed` field of `GET …/device-list`, base64)
@@ -1205,12 +1218,7 @@ impl Engine {
         let signed = list
             .sign(&self.state.master_key)
             .map_err(|e| e.to_string())?;
-        let verified = self
-            .state
-            .pins
-            .verify_device_list(&own, &signed)
-            .map_err(|e| e.to_string())?;
-        self.record.contacts.entry(own).or_default().list = Some(CachedList::from_list(&verified));
+        // Pinned by `confirm_own_list` once the page has published it.
         self.record.approving = Some((device, secret));
         Ok(json!({"event": "link_request", "device": device,
                   "signed": json!({"signed": STANDARD.encode(signed.to_bytes())}).to_string()}))

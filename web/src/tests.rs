@@ -19,7 +19,9 @@ fn side(handle: &str, device: u32) -> Side {
             &URL_SAFE_NO_PAD.encode([u8::try_from(device).unwrap(); 32]),
         )
         .unwrap();
-    let list: Value = serde_json::from_str(&engine.own_device_list().unwrap()).unwrap();
+    let body = engine.own_device_list().unwrap();
+    engine.confirm_own_list(&body).unwrap();
+    let list: Value = serde_json::from_str(&body).unwrap();
     let keys: Value = serde_json::from_str(&engine.key_upload()).unwrap();
     engine.mark_keys_published();
     assert_eq!(engine.key_upload(), "");
