@@ -40,7 +40,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::decode_exact;
 
@@ -247,14 +247,17 @@ fn id_buf(id: &CallId) -> ByteBuf {
 }
 
 impl Payload {
-    /// Encodes as described in the module doc.
+    /// Encodes as described in the module doc. The bytes may carry secrets (a delivery token,
+    /// a link grant): the caller wipes them when done.
     pub fn encode(&self) -> Vec<u8> {
         let (kind, body) = match self {
             Payload::Text { body } => (KIND_TEXT, rmp_serde::to_vec(&TextBody(body.clone()))),
-            Payload::DeliveryToken { token } => (
-                KIND_DELIVERY_TOKEN,
-                rmp_serde::to_vec(&TokenBody(ByteBuf::from(token.to_vec()))),
-            ),
+            Payload::DeliveryToken { token } => {
+                let mut body = TokenBody(ByteBuf::from(token.to_vec()));
+                let encoded = rmp_serde::to_vec(&body);
+                body.0.zeroize();
+                (KIND_DELIVERY_TOKEN, encoded)
+            }
             Payload::Sent { to, body } => (
                 KIND_SENT,
                 rmp_serde::to_vec(&SentBody(to.clone(), body.clone())),
@@ -271,9 +274,8 @@ impl Payload {
                 delivery_token,
                 contacts,
                 proof,
-            } => (
-                KIND_LINK_GRANT,
-                rmp_serde::to_vec(&LinkGrantBody(
+            } => {
+                let mut body = LinkGrantBody(
                     ByteBuf::from(master_key.to_vec()),
                     ByteBuf::from(delivery_token.to_vec()),
                     contacts
@@ -288,8 +290,18 @@ impl Payload {
                         })
                         .collect(),
                     ByteBuf::from(proof.to_vec()),
-                )),
-            ),
+                );
+                let encoded = rmp_serde::to_vec(&body);
+                // The copies of the account's secrets made for encoding.
+                body.0.zeroize();
+                body.1.zeroize();
+                for contact in &mut body.2 {
+                    if let Some(token) = &mut contact.2 {
+                        token.zeroize();
+                    }
+                }
+                (KIND_LINK_GRANT, encoded)
+            }
             Payload::DeviceLinked { device } => (
                 KIND_DEVICE_LINKED,
                 rmp_serde::to_vec(&DeviceLinkedBody(*device)),
@@ -350,7 +362,7 @@ impl Payload {
                 rmp_serde::to_vec(&ElsewhereBody(id_buf(call_id), *device)),
             ),
         };
-        let body = body.expect("payload bodies always encode");
+        let body = Zeroizing::new(body.expect("payload bodies always encode"));
         let mut out = Vec::with_capacity(3 + body.len());
         out.push(FORMAT);
         out.extend_from_slice(&kind.to_be_bytes());

@@ -67,6 +67,7 @@ use vodozemac::{
     Curve25519PublicKey,
     olm::{self, DecryptionError, SessionConfig, SessionCreationError},
 };
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{
     decode_exact,
@@ -299,7 +300,7 @@ impl Sessions {
         peer_device: u32,
         payload: &Payload,
     ) -> Result<OlmMessage, SessionError> {
-        let inner = Inner(
+        let mut inner = Inner(
             INNER_FORMAT,
             self.own_user.clone(),
             self.own_device,
@@ -307,7 +308,11 @@ impl Sessions {
             peer_device,
             ByteBuf::from(payload.encode()),
         );
-        let plaintext = rmp_serde::to_vec(&inner).expect("Olm plaintext always encodes");
+        // Plaintext buffers are wiped: a payload may carry the account's secrets (a link
+        // grant carries the master key).
+        let plaintext =
+            Zeroizing::new(rmp_serde::to_vec(&inner).expect("Olm plaintext always encodes"));
+        inner.5.zeroize();
         let peer = self
             .peers
             .get_mut(&(peer_user.to_owned(), peer_device))
@@ -315,13 +320,17 @@ impl Sessions {
             .ok_or(SessionError::NoSession)?;
         let message = peer
             .session
-            .encrypt(plaintext)
+            .encrypt(plaintext.as_slice())
             .map_err(|_| SessionError::NonContributoryKey)?;
         Ok(OlmMessage(message))
     }
 
     /// Checks the addresses inside an Olm plaintext and returns the payload bytes.
-    fn open_inner(&self, plaintext: &[u8], sender: &SenderInfo) -> Result<Vec<u8>, SessionError> {
+    fn open_inner(
+        &self,
+        plaintext: &[u8],
+        sender: &SenderInfo,
+    ) -> Result<Zeroizing<Vec<u8>>, SessionError> {
         let Inner(format, from_user, from_device, to_user, to_device, payload) =
             decode_exact(plaintext).ok_or(SessionError::MalformedPlaintext)?;
         if format != INNER_FORMAT {
@@ -333,7 +342,7 @@ impl Sessions {
         if to_user != self.own_user || to_device != self.own_device {
             return Err(SessionError::WrongRecipient);
         }
-        Ok(payload.into_vec())
+        Ok(Zeroizing::new(payload.into_vec()))
     }
 
     /// Decrypts a message from `sender` (as claimed by the sealed envelope), whose keys the
@@ -372,7 +381,7 @@ impl Sessions {
                 for (index, peer) in matching {
                     match peer.session.decrypt(&message.0) {
                         Ok(plaintext) => {
-                            found = Some((index, plaintext));
+                            found = Some((index, Zeroizing::new(plaintext)));
                             break;
                         }
                         Err(e) => {
@@ -400,10 +409,12 @@ impl Sessions {
                 if let Some((list, index)) = existing {
                     // A later pre-key message of a session we already have (the peer has not
                     // seen our reply yet), or a replay of one.
-                    let plaintext = list[index]
-                        .session
-                        .decrypt(&message.0)
-                        .map_err(decryption_error)?;
+                    let plaintext = Zeroizing::new(
+                        list[index]
+                            .session
+                            .decrypt(&message.0)
+                            .map_err(decryption_error)?,
+                    );
                     let session = list.remove(index);
                     list.insert(0, session);
                     self.open_inner(&plaintext, sender)?
@@ -412,7 +423,8 @@ impl Sessions {
                         .account
                         .create_inbound_session(SessionConfig::version_1(), identity, pre_key)
                         .map_err(creation_error)?;
-                    let payload = self.open_inner(&created.plaintext, sender)?;
+                    let plaintext = Zeroizing::new(created.plaintext);
+                    let payload = self.open_inner(&plaintext, sender)?;
                     self.insert_front(
                         &sender.user,
                         sender.device,
