@@ -18,6 +18,7 @@ use sealpost_client::{
         DeviceKeys, Payload, SealError, SenderInfo, SessionError, Sessions, SignedDeviceList,
         SignedOneTimeKey, seal,
     },
+    sdk::HoldReason,
 };
 use sealpost_proto::{Class, ClientFrame, Copy, EnvelopeId, SendOutcome, ServerFrame};
 
@@ -548,7 +549,11 @@ async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
     // Alice cannot verify Bob under the new key yet: the message is kept, not rejected.
     let held = loop {
         match next(&mut alice.client).await {
-            Event::HeldForKeyChange { user, .. } => break user,
+            Event::Held {
+                user,
+                why: HoldReason::KeyChanged,
+                ..
+            } => break user,
             Event::Rejected { error, .. } => panic!("rejected: {error}"),
             Event::QueueEmpty => {}
             other => panic!("unexpected {other:?}"),
@@ -586,23 +591,20 @@ async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_master_key_rotation_the_broker_refuses_changes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fail = dir.path().join("fail-sync");
-    let fail_arg = fail.to_string_lossy().into_owned();
-    let broker = Broker::start(&["--failpoint-sync-file", &fail_arg]);
+async fn a_master_key_rotation_the_broker_never_got_changes_nothing() {
+    let mut broker = Broker::start(&[]);
     let mut alice = register(&broker, ALICE).await;
     let mut bob = register(&broker, BOB).await;
     alice.client.send_text(BOB, "hi").await.expect("send");
     assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
     let before = bob.client.safety_number(ALICE).await.expect("number");
-    // The broker cannot store the new list: the rotation fails...
-    std::fs::write(&fail, b"").expect("arm failpoint");
+    // The broker is down: the rotation fails...
+    assert!(broker.terminate());
     bob.client
         .rotate_master_key()
         .await
-        .expect_err("the broker could not store the new list");
-    std::fs::remove_file(&fail).expect("disarm failpoint");
+        .expect_err("no broker to publish to");
+    broker.restart();
     // ... and changed nothing: Bob's device still signs and sends under the old key.
     bob.client.send_text(ALICE, "still me").await.expect("send");
     assert_eq!(
@@ -613,6 +615,39 @@ async fn a_master_key_rotation_the_broker_refuses_changes_nothing() {
         bob.client.safety_number(ALICE).await.expect("number"),
         before
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_rotation_the_broker_stored_without_saying_so_is_completed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fail = dir.path().join("fail-sync");
+    let fail_arg = fail.to_string_lossy().into_owned();
+    let broker = Broker::start(&["--failpoint-sync-file", &fail_arg]);
+    let mut alice = register(&broker, ALICE).await;
+    let mut bob = register(&broker, BOB).await;
+    alice.client.set_device_list_max_age(Duration::ZERO);
+    alice.client.send_text(BOB, "hi").await.expect("send");
+    assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
+    let before = bob.client.safety_number(ALICE).await.expect("number");
+    // The broker keeps the new list but its flush fails, so it answers 503.
+    std::fs::write(&fail, b"").expect("arm failpoint");
+    bob.client
+        .rotate_master_key()
+        .await
+        .expect("the list the broker serves is the new one: the rotation took place");
+    std::fs::remove_file(&fail).expect("disarm failpoint");
+    let after = bob.client.safety_number(ALICE).await.expect("number");
+    assert_ne!(
+        after, before,
+        "Bob's device switched to the key the broker publishes"
+    );
+    // Alice sees the change as a changed key, with the number Bob's device shows.
+    match alice.client.send_text(BOB, "who is this?").await {
+        Err(ClientError::MasterKeyChanged {
+            new_safety_number, ..
+        }) => assert_eq!(new_safety_number, after),
+        other => panic!("expected MasterKeyChanged, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sealpost_client::{Client, ClientError, Event};
+use sealpost_client::{Client, ClientError, Event, sdk::HoldReason};
 
 /// End-to-end encrypted messages through a Sealpost broker.
 #[derive(Parser)]
@@ -418,10 +418,13 @@ fn print_event(event: &Event) {
         Event::DeviceLinked { device } => println!("* device {device} was linked"),
         Event::Linked => println!("* this device is linked"),
         Event::Rejected { error, .. } => eprintln!("! rejected an envelope: {error}"),
-        Event::HeldForKeyChange { user, .. } => eprintln!(
-            "! a message from {user} waits: their master key changed; compare safety numbers, \
-             then accept the new key (accept-key)"
-        ),
+        Event::Held { user, why, .. } => match why {
+            HoldReason::KeyChanged => eprintln!(
+                "! a message from {user} waits: their master key changed; compare safety \
+                 numbers, then accept the new key (accept-key)"
+            ),
+            _ => eprintln!("! a message from {user} waits: it cannot be verified now; kept"),
+        },
         Event::MailboxFull => eprintln!("! your mailbox is full; keep listening to drain it"),
         Event::QueueEmpty => {}
         _ => {}

@@ -16,8 +16,11 @@ use crate::crypto::{SeenIds, store::WipingWriter};
 
 /// How many messages are kept per conversation.
 pub(crate) const MESSAGES_PER_CONVERSATION: usize = 1000;
-/// How many envelopes are kept for contacts whose master key changed (the oldest go first).
-pub(crate) const HELD_ENVELOPES: usize = 64;
+/// Held envelopes (see [`Record::hold`]): at most this many per sender, in all, and in
+/// ciphertext bytes in all; past that the oldest go.
+pub(crate) const HELD_PER_SENDER: usize = 32;
+pub(crate) const HELD_ENVELOPES: usize = 256;
+pub(crate) const HELD_BYTES: usize = 8 << 20;
 
 /// Secret bytes: serialized as `bin`, held in a wiping buffer.
 #[derive(Clone, Default)]
@@ -112,12 +115,13 @@ pub(crate) struct Record {
     /// Envelope ids handled (or sent to ourselves).
     pub(crate) seen: SeenIds,
     pub(crate) pending_links: Vec<PendingLink>,
-    /// Envelopes from contacts whose master key changed, until the user accepts the key.
+    /// Envelopes that cannot be read yet (the sender's key changed or its list is
+    /// unavailable), oldest first.
     #[serde(default)]
     pub(crate) held: VecDeque<HeldEnvelope>,
 }
 
-/// An envelope kept, still sealed, until its sender's new master key is accepted.
+/// An envelope kept, still sealed, until it can be read.
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct HeldEnvelope {
     /// The claimed sender.
@@ -140,16 +144,36 @@ impl Record {
         rmp_serde::from_slice(bytes).ok()
     }
 
-    /// Keeps an envelope of `from` until its new master key is accepted (bounded).
-    pub(crate) fn hold(&mut self, from: &str, id: [u8; 16], ciphertext: &[u8]) {
+    /// Keeps an envelope of `from` to read later. Bounded per sender and in all: returns the
+    /// envelopes dropped to make room, the oldest first.
+    pub(crate) fn hold(
+        &mut self,
+        from: &str,
+        id: [u8; 16],
+        ciphertext: &[u8],
+    ) -> Vec<HeldEnvelope> {
         self.held.push_back(HeldEnvelope {
             from: from.to_owned(),
             id,
             ciphertext: ByteBuf::from(ciphertext.to_vec()),
         });
-        while self.held.len() > HELD_ENVELOPES {
-            self.held.pop_front();
+        let mut dropped = Vec::new();
+        while self.held.iter().filter(|h| h.from == from).count() > HELD_PER_SENDER {
+            if let Some(i) = self.held.iter().position(|h| h.from == from) {
+                dropped.extend(self.held.remove(i));
+            }
         }
+        while self.held.len() > HELD_ENVELOPES
+            || self.held.iter().map(|h| h.ciphertext.len()).sum::<usize>() > HELD_BYTES
+        {
+            dropped.extend(self.held.pop_front());
+        }
+        dropped
+    }
+
+    /// Whether envelopes of `from` are held.
+    pub(crate) fn holds_from(&self, from: &str) -> bool {
+        self.held.iter().any(|h| h.from == from)
     }
 
     /// Takes the envelopes held for `from`, oldest first.
@@ -159,6 +183,11 @@ impl Record {
             .partition(|h| h.from == from);
         self.held = kept.into();
         taken
+    }
+
+    /// Puts taken envelopes back, in the given order (after the other senders').
+    pub(crate) fn put_back(&mut self, envelopes: impl IntoIterator<Item = HeldEnvelope>) {
+        self.held.extend(envelopes);
     }
 
     /// Appends a message to the conversation with `with` (bounded).

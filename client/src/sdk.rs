@@ -230,6 +230,12 @@ pub enum ClientError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnvelopeError {
+    /// A held envelope was dropped: too many were held for its sender (or in all).
+    #[error("a held envelope from {user} was dropped: too many are held")]
+    HoldDropped {
+        /// The claimed sender.
+        user: String,
+    },
     /// The sealed layer does not open with this device's key and address: the envelope is
     /// for another device, or was altered in transit.
     #[error("envelope does not open on this device (addressed to another device, or altered): {0}")]
@@ -301,14 +307,16 @@ pub enum Event {
     },
     /// This device, being linked, received the account's keys: it is now a full device.
     Linked,
-    /// An envelope from a contact whose master key changed: it cannot be verified until the
-    /// user accepts the new key ([`Client::accept_master_key_change`]). It is kept (and
-    /// acked) and read again then, its messages coming as usual.
-    HeldForKeyChange {
+    /// An envelope that cannot be read yet, for a reason about its sender: it is kept,
+    /// still sealed, acked, and read later, its messages then coming as usual. Later
+    /// envelopes from the same sender wait behind it, so they stay in order.
+    Held {
         /// Its id.
         id: EnvelopeId,
-        /// The contact.
+        /// The claimed sender.
         user: String,
+        /// Why, and so when it is read again.
+        why: HoldReason,
     },
     /// A delivered envelope was rejected (and acked).
     Rejected {
@@ -324,6 +332,20 @@ pub enum Event {
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.
     MailboxFull,
+}
+
+/// Why an envelope is [held](Event::Held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HoldReason {
+    /// The sender's master key changed: read once the user accepts the new key
+    /// ([`Client::accept_master_key_change`]).
+    KeyChanged,
+    /// The sender's device list cannot be had now (a broker, ours or the sender's behind it,
+    /// did not answer): read again after the next backlog is handled.
+    SenderUnavailable,
+    /// Earlier envelopes from the same sender are held: read after them.
+    Behind,
 }
 
 /// A message received from a contact.
@@ -484,6 +506,8 @@ pub struct Client {
     events: VecDeque<Event>,
     linking: Option<Linking>,
     list_max_age: Duration,
+    /// While envelopes are held, how long a quiet connection waits before trying them again.
+    held_retry: Duration,
     /// Consecutive reconnects without a frame in between.
     reconnects: u32,
     stats: Stats,
@@ -610,6 +634,7 @@ impl Client {
             events: VecDeque::new(),
             linking: None,
             list_max_age: Duration::from_secs(60),
+            held_retry: Duration::from_secs(30),
             reconnects: 0,
             stats: Stats::default(),
         }
@@ -776,6 +801,12 @@ impl Client {
     /// whenever the broker says the device set changed.
     pub fn set_device_list_max_age(&mut self, age: Duration) {
         self.list_max_age = age;
+    }
+
+    /// Sets how often held envelopes ([`Event::Held`]) are tried again while the connection
+    /// is quiet (default 30 s); they are also tried after every backlog.
+    pub fn set_held_retry(&mut self, every: Duration) {
+        self.held_retry = every;
     }
 
     /// This account's handle.
@@ -1487,20 +1518,47 @@ impl Client {
             }
             let frame = match self.inbox.pop_front() {
                 Some(frame) => frame,
-                None => self.read_frame().await?,
+                None => {
+                    let wait = (!self.record.held.is_empty()).then_some(self.held_retry);
+                    match self.read_frame(wait).await? {
+                        Some(frame) => frame,
+                        None => {
+                            // Quiet for a while with envelopes held: try them again.
+                            if self.read_held(None).await {
+                                self.save()?;
+                            }
+                            continue;
+                        }
+                    }
+                }
             };
             self.reconnects = 0;
             self.handle_frames(frame).await?;
         }
     }
 
-    async fn read_frame(&mut self) -> Result<ServerFrame, ClientError> {
+    /// The next frame; `None` if none came within `wait` (when given).
+    async fn read_frame(
+        &mut self,
+        wait: Option<Duration>,
+    ) -> Result<Option<ServerFrame>, ClientError> {
         loop {
             let mut conn = self.take_conn().await?;
-            match conn.next().await {
+            let next = match wait {
+                // `Connection::next` is cancel-safe: nothing is lost when the wait runs out.
+                Some(wait) => match tokio::time::timeout(wait, conn.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.conn = Some(conn);
+                        return Ok(None);
+                    }
+                },
+                None => conn.next().await,
+            };
+            match next {
                 Ok(frame) => {
                     self.conn = Some(conn);
-                    return Ok(frame);
+                    return Ok(Some(frame));
                 }
                 Err(e) if e.is_device_revoked() => {
                     self.on_conn_lost();
@@ -1536,7 +1594,8 @@ impl Client {
             batch.push(next);
         }
         let mut acks = Vec::new();
-        let mut handled_ephemeral = false;
+        // Ratchets moved without an ack to save for (ephemeral envelopes, held ones read).
+        let mut dirty = false;
         let mut result = Ok(());
         for frame in batch {
             if result.is_err() {
@@ -1546,7 +1605,7 @@ impl Client {
             match frame {
                 ServerFrame::Deliver { seq, envelope } => {
                     match self
-                        .handle_envelope(envelope.id, &envelope.ciphertext)
+                        .handle_envelope(envelope.id, &envelope.ciphertext, false)
                         .await
                     {
                         Ok(()) => acks.push(seq),
@@ -1556,14 +1615,18 @@ impl Client {
                 ServerFrame::DeliverEphemeral { envelope } => {
                     // Nothing to ack; errors are reported like for stored envelopes.
                     match self
-                        .handle_envelope(envelope.id, &envelope.ciphertext)
+                        .handle_envelope(envelope.id, &envelope.ciphertext, true)
                         .await
                     {
-                        Ok(()) => handled_ephemeral = true,
+                        Ok(()) => dirty = true,
                         Err(e) => result = Err(e),
                     }
                 }
-                ServerFrame::QueueEmpty => self.events.push_back(Event::QueueEmpty),
+                ServerFrame::QueueEmpty => {
+                    // The backlog is handled: time to try the held envelopes again.
+                    dirty |= self.read_held(None).await;
+                    self.events.push_back(Event::QueueEmpty);
+                }
                 ServerFrame::Notice { notice, .. } => match notice {
                     Notice::KeysLow => {
                         if let Err(e) = self.replenish_keys().await {
@@ -1577,7 +1640,7 @@ impl Client {
                 _ => {}
             }
         }
-        if !acks.is_empty() || handled_ephemeral {
+        if !acks.is_empty() || dirty {
             // Save before acknowledging: a crash now redelivers, and the ids deduplicate. An
             // ephemeral envelope is not acknowledged, but decrypting it moved the ratchet.
             self.save()?;
@@ -1606,28 +1669,71 @@ impl Client {
         &mut self,
         id: EnvelopeId,
         ciphertext: &[u8],
+        ephemeral: bool,
     ) -> Result<(), ClientError> {
         if self.record.seen.contains(&id.0) {
             return Ok(());
         }
         match self.open_envelope(ciphertext).await {
-            Ok(events) => self.events.extend(events.into_iter().map(|mut e| {
-                if let Event::Message(m) = &mut e {
-                    m.id = id;
-                }
-                e
-            })),
+            Ok(events) => self.push_events(id, events),
             Err(Failure::Transient(e)) => return Err(e),
-            Err(Failure::Permanent(EnvelopeError::SenderUnverified { user, error }))
-                if matches!(*error, ClientError::MasterKeyChanged { .. }) =>
-            {
-                self.record.hold(&user, id.0, ciphertext);
-                self.events.push_back(Event::HeldForKeyChange { id, user });
+            // An ephemeral envelope (call signaling) is stale long before it could be read.
+            Err(Failure::Hold { user, error, .. }) if ephemeral => {
+                let error = EnvelopeError::SenderUnverified { user, error };
+                self.events.push_back(Event::Rejected { id, error });
+            }
+            Err(Failure::Hold { user, why, .. }) => {
+                for dropped in self.record.hold(&user, id.0, ciphertext) {
+                    let error = EnvelopeError::HoldDropped { user: dropped.from };
+                    let id = EnvelopeId(dropped.id);
+                    self.events.push_back(Event::Rejected { id, error });
+                }
+                self.events.push_back(Event::Held { id, user, why });
             }
             Err(Failure::Permanent(error)) => self.events.push_back(Event::Rejected { id, error }),
         }
         self.record.seen.insert(id.0);
         Ok(())
+    }
+
+    fn push_events(&mut self, id: EnvelopeId, events: Vec<Event>) {
+        self.events.extend(events.into_iter().map(|mut e| {
+            if let Event::Message(m) = &mut e {
+                m.id = id;
+            }
+            e
+        }));
+    }
+
+    /// Tries the held envelopes again (of `only`, or of every sender), each sender's in
+    /// order: the first that still cannot be read keeps its place and the rest stay behind
+    /// it. Returns whether any was read (or rejected), i.e. whether there is state to save.
+    async fn read_held(&mut self, only: Option<&str>) -> bool {
+        let mut senders: Vec<String> = Vec::new();
+        for held in &self.record.held {
+            if only.is_none_or(|u| u == held.from) && !senders.contains(&held.from) {
+                senders.push(held.from.clone());
+            }
+        }
+        let mut progress = false;
+        for sender in senders {
+            let mut queue = self.record.take_held(&sender).into_iter();
+            while let Some(held) = queue.next() {
+                let id = EnvelopeId(held.id);
+                match self.open_envelope(&held.ciphertext).await {
+                    Ok(events) => self.push_events(id, events),
+                    Err(Failure::Permanent(error)) => {
+                        self.events.push_back(Event::Rejected { id, error });
+                    }
+                    Err(Failure::Hold { .. } | Failure::Transient(_)) => {
+                        self.record.put_back(std::iter::once(held).chain(queue));
+                        break;
+                    }
+                }
+                progress = true;
+            }
+        }
+        progress
     }
 
     async fn open_envelope(&mut self, ciphertext: &[u8]) -> Result<Vec<Event>, Failure> {
@@ -1652,6 +1758,15 @@ impl Client {
         };
         if user == own_user && device == self.state.device_id() {
             return Err(session_error(SessionError::ForgedSender));
+        }
+        if self.record.holds_from(&user) {
+            return Err(Failure::Hold {
+                user,
+                why: HoldReason::Behind,
+                error: Box::new(ClientError::Invalid(
+                    "earlier envelopes from this sender are held".into(),
+                )),
+            });
         }
         let keys = match self.sender_keys(&user, device).await? {
             Some(keys) => keys,
@@ -1695,11 +1810,22 @@ impl Client {
         for force in [false, true] {
             let list = match self.verified_list(user, force).await {
                 Ok(list) => list,
-                // A broker (ours, or the sender's behind it) that cannot answer now: the
-                // envelope stays unacknowledged and comes again.
                 Err(e @ ClientError::Store(_)) => return Err(Failure::Transient(e)),
+                // A broker (ours, or the sender's behind it) that cannot answer now: kept
+                // and read later, without holding up everyone else's envelopes behind it.
                 Err(ClientError::Api(e)) if e.is_transient() => {
-                    return Err(Failure::Transient(e.into()));
+                    return Err(Failure::Hold {
+                        user: user.to_owned(),
+                        why: HoldReason::SenderUnavailable,
+                        error: Box::new(e.into()),
+                    });
+                }
+                Err(error @ ClientError::MasterKeyChanged { .. }) => {
+                    return Err(Failure::Hold {
+                        user: user.to_owned(),
+                        why: HoldReason::KeyChanged,
+                        error: Box::new(error),
+                    });
                 }
                 Err(e) => {
                     return Err(Failure::Permanent(EnvelopeError::SenderUnverified {
@@ -2143,22 +2269,7 @@ impl Client {
         // the contact's next messages on them undecryptable.
         let number = self.safety_number(with).await?;
         // What arrived under the new key meanwhile is read now; its events come next.
-        for held in self.record.take_held(with) {
-            let id = EnvelopeId(held.id);
-            match self.open_envelope(&held.ciphertext).await {
-                Ok(events) => self.events.extend(events.into_iter().map(|mut e| {
-                    if let Event::Message(m) = &mut e {
-                        m.id = id;
-                    }
-                    e
-                })),
-                // Kept for the next acceptance (or the next try, if a broker was away).
-                Err(Failure::Transient(_)) => self.record.hold(with, held.id, &held.ciphertext),
-                Err(Failure::Permanent(error)) => {
-                    self.events.push_back(Event::Rejected { id, error });
-                }
-            }
-        }
+        self.read_held(Some(with)).await;
         self.save()?;
         Ok(number)
     }
@@ -2209,9 +2320,18 @@ impl Client {
         let signed = self.sign_own_list(&new_list, &master)?;
         // Published before this device switches to it: if the broker refuses, nothing has
         // changed here and the old key still signs the account's list.
-        self.api
+        if let Err(e) = self
+            .api
             .put_device_list(&self.creds(), &signed.to_bytes())
-            .await?;
+            .await
+        {
+            // Unless the broker stored it and only its answer was lost: then switch all the
+            // same, or no device would hold the key the published list names.
+            match self.fetch_signed_list(&own).await {
+                Ok(published) if published.to_bytes() == signed.to_bytes() => {}
+                _ => return Err(e.into()),
+            }
+        }
         self.state.master_key = master;
         self.state.pins.accept_change(&own, &new_list.master_key);
         self.adopt_own_list(&signed)
@@ -2258,6 +2378,12 @@ impl Client {
 enum Failure {
     /// Try again later: do not ack.
     Transient(ClientError),
+    /// Not readable yet for a reason about its sender: keep it (sealed), ack it, read later.
+    Hold {
+        user: String,
+        why: HoldReason,
+        error: Box<ClientError>,
+    },
     /// Never readable: report and ack.
     Permanent(EnvelopeError),
 }

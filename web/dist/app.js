@@ -359,19 +359,28 @@ function onFrame(bytes) {
   });
 }
 
+// Transient failures to get a sender's list in a row. The envelope is redelivered first on
+// the next connection, so everything else waits behind it: after a few tries it is judged
+// with what we have. (The Rust SDK keeps such envelopes and reads them later instead.)
+let listFailures = 0;
+const MAX_LIST_FAILURES = 3;
+
 async function handleFrame(bytes, sock) {
   let r = JSON.parse(engine.receive(bytes, false));
   if (r.need_list) {
     try {
       await fetchList(r.need_list);
+      listFailures = 0;
     } catch (e) {
       // The broker unreachable, unavailable (5xx: e.g. the sender's broker behind it is
-      // down) or asking us to slow down (429): transient, the envelope comes again. Anything
-      // else (no such user, a list that does not verify, a changed master key) will not get
-      // better by redelivery: the envelope is judged with what we have (rejected unless
-      // verified).
+      // down) or asking us to slow down (429): transient, the envelope comes again, a few
+      // times. Anything else (no such user, a list that does not verify, a changed master
+      // key) will not get better by redelivery: the envelope is judged with what we have
+      // (rejected unless verified).
       const transient = !e.status || e.status >= 500 || e.status === 429;
-      if (transient && !/master key changed|does not verify/.test(e.message)) throw e;
+      if (transient && !/master key changed|does not verify/.test(e.message)
+          && ++listFailures < MAX_LIST_FAILURES) throw e;
+      listFailures = 0;
       showError(e);
     }
     r = JSON.parse(engine.receive(bytes, true));
