@@ -238,6 +238,21 @@ async fn full_size_key_uploads_and_device_lists_are_accepted() {
         .await
         .expect("json");
     assert_eq!(got["signed"], json!(signed));
+    // Routes without an account take small bodies only.
+    let resp = client()
+        .post(format!("{}/v1/accounts", broker.http()))
+        .json(&json!({ "handle": "eve@test.example", "identity_keys": "A".repeat(20 * 1024) }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid JSON body")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,7 +66,16 @@ async fn next_binary(
     session: &mut Writer,
     stream: &mut AggregatedMessageStream,
 ) -> Result<Option<Bytes>, Option<(CloseCode, String)>> {
-    match stream.recv().await {
+    binary_of(session, stream.recv().await).await
+}
+
+/// What one read means, with a ping or a close frame answered. Call it outside `select!`
+/// (in a branch's body): an answer cancelled halfway would be lost.
+async fn binary_of(
+    session: &mut Writer,
+    read: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+) -> Result<Option<Bytes>, Option<(CloseCode, String)>> {
+    match read {
         Some(Ok(AggregatedMessage::Binary(bytes))) => Ok(Some(bytes)),
         Some(Ok(AggregatedMessage::Ping(p))) => match session.pong(&p).await {
             Ok(()) => Ok(None),
@@ -294,8 +303,9 @@ async fn relay(
             Some(reply) = replies.next(), if !replies.is_empty() => {
                 if !send(session, cipher, &reply).await { return None }
             }
-            next = next_binary(session, stream), if txns.len() < settings.inbound_txns && replies.len() < max_replies => {
+            read = stream.recv(), if txns.len() < settings.inbound_txns && replies.len() < max_replies => {
                 last_heard = Instant::now();
+                let next = binary_of(session, read).await;
                 let sealed = match next {
                     Ok(Some(b)) => b,
                     Ok(None) => continue,
@@ -375,9 +385,11 @@ async fn relay(
                 }
             }
             _ = heartbeat.tick() => {
-                if txns.len() >= settings.inbound_txns || replies.len() >= max_replies {
-                    // Not reading is our doing (transactions wait for local mailboxes).
-                    last_heard = Instant::now();
+                if last_heard.elapsed() > settings.idle_timeout
+                    && (txns.len() >= settings.inbound_txns || replies.len() >= max_replies)
+                {
+                    // Not reading was our doing (transactions wait for local mailboxes).
+                    return Some((CloseCode::GoingAway, "transactions are not being answered in time".into()));
                 }
                 if last_heard.elapsed() > settings.idle_timeout {
                     return Some((CloseCode::IdleTimeout, "no traffic within the link timeout".into()));

@@ -27,7 +27,7 @@ use super::{
     AppState,
     error::ApiError,
     http::{DeviceEntry, DeviceList},
-    session::close,
+    session::{OpenGuard, close},
     submit::{admit_sealed, submit_local, validate_local},
 };
 use crate::{
@@ -59,7 +59,7 @@ pub async fn upgrade(
         .max_continuation_size(MAX_SEALED_BYTES);
     let state: Arc<AppState> = Arc::clone(state.get_ref());
     actix_web::rt::spawn(async move {
-        state.open_sessions.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenGuard::new(&state);
         let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
         // A peer that takes nothing off the link for as long as it may stay silent is gone.
         let mut session = Writer::new(session, state.federation.settings().idle_timeout);
@@ -71,7 +71,6 @@ pub async fn upgrade(
             state.shutdown.clone(),
         )
         .await;
-        state.open_sessions.fetch_sub(1, Ordering::Relaxed);
         if let Some((code, text)) = end {
             close(session, code, Some(text)).await;
         }

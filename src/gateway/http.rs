@@ -33,9 +33,16 @@ use crate::{
     store::{DeviceRecord, records::RECORD_VERSION},
 };
 
-/// Largest JSON request body: a full key upload (200 keys of 512 bytes, base64) or a signed
-/// device list of 64 KiB (base64) fits, with room.
-const MAX_JSON_BODY: usize = 256 * 1024;
+/// Largest JSON request body. Routes that take more (key uploads, signed device lists) set
+/// their own limit with [`json_config`].
+const MAX_JSON_BODY: usize = 16 * 1024;
+
+/// JSON body extraction with a size limit and errors in the API's format.
+pub(crate) fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|err, _| ApiError::BadRequest(format!("invalid JSON body: {err}")).into())
+}
 
 /// Largest identity-key blob a device may publish.
 const MAX_IDENTITY_KEYS: usize = 4096;
@@ -44,29 +51,23 @@ type State = web::Data<Arc<AppState>>;
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(MAX_JSON_BODY)
-            .error_handler(|err, _| {
-                ApiError::BadRequest(format!("invalid JSON body: {err}")).into()
-            }),
-    )
-    .route("/v1/accounts", web::post().to(register))
-    .route("/v1/accounts/{handle}/devices", web::get().to(list_devices))
-    .route("/v1/accounts/{handle}/devices", web::post().to(add_device))
-    .route(
-        "/v1/accounts/{handle}/devices/{id}",
-        web::delete().to(remove_device),
-    )
-    .route("/v1/ws", web::get().to(super::session::upgrade))
-    .route("/v1/sealed", web::get().to(super::sealed::upgrade))
-    .configure(super::keys::routes)
-    .configure(super::federation::routes)
-    .configure(super::turn::routes)
-    .configure(super::web::routes)
-    .route("/healthz", web::get().to(healthz))
-    .route("/readyz", web::get().to(readyz))
-    .route("/metrics", web::get().to(metrics));
+    cfg.app_data(json_config(MAX_JSON_BODY))
+        .route("/v1/accounts", web::post().to(register))
+        .route("/v1/accounts/{handle}/devices", web::get().to(list_devices))
+        .route("/v1/accounts/{handle}/devices", web::post().to(add_device))
+        .route(
+            "/v1/accounts/{handle}/devices/{id}",
+            web::delete().to(remove_device),
+        )
+        .route("/v1/ws", web::get().to(super::session::upgrade))
+        .route("/v1/sealed", web::get().to(super::sealed::upgrade))
+        .configure(super::keys::routes)
+        .configure(super::federation::routes)
+        .configure(super::turn::routes)
+        .configure(super::web::routes)
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
 }
 
 #[derive(Deserialize)]
@@ -212,6 +213,12 @@ async fn add_device(
                 .get(actix_web::http::header::AUTHORIZATION)
                 .is_none() =>
         {
+            // A code is single use: refuse what would fail anyway before using it up.
+            if state.store.devices(handle.as_str())?.len()
+                >= sealpost_proto::limits::MAX_DEVICES_PER_USER
+            {
+                return Err(ApiError::BadRequest("too many devices".into()));
+            }
             let hash = state.hasher.hash_link_code(code);
             if !state
                 .store

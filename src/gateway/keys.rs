@@ -33,6 +33,7 @@ use super::{
     AppState,
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, local_handle},
+    http::json_config,
     submit::admit_sealed,
 };
 use crate::{
@@ -56,25 +57,22 @@ const LINK_CODE_TTL_MS: u64 = 10 * 60 * 1000;
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/v1/accounts/{handle}/devices/{id}/keys",
-        web::put().to(upload_keys),
+    // A full upload (200 keys of 512 bytes, base64) and a 64 KiB signed list (base64) fit.
+    cfg.service(
+        web::resource("/v1/accounts/{handle}/devices/{id}/keys")
+            .app_data(json_config(256 * 1024))
+            .route(web::put().to(upload_keys))
+            .route(web::get().to(key_count)),
     )
-    .route(
-        "/v1/accounts/{handle}/devices/{id}/keys",
-        web::get().to(key_count),
+    .service(
+        web::resource("/v1/accounts/{handle}/device-list")
+            .app_data(json_config(128 * 1024))
+            .route(web::get().to(get_device_list))
+            .route(web::put().to(put_device_list)),
     )
     .route(
         "/v1/accounts/{handle}/devices/{id}/keys/claim",
         web::post().to(claim_key),
-    )
-    .route(
-        "/v1/accounts/{handle}/device-list",
-        web::get().to(get_device_list),
-    )
-    .route(
-        "/v1/accounts/{handle}/device-list",
-        web::put().to(put_device_list),
     )
     .route(
         "/v1/accounts/{handle}/delivery-token",

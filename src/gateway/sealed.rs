@@ -8,7 +8,7 @@
 
 use std::{
     net::IpAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use sealpost_proto::{ClientFrame, CloseCode, DecodeError, ErrorCode, ServerFrame
 
 use super::{
     AppState,
-    session::{Incoming, accept, close, decode_close, error_frame, next_incoming, reject_send},
+    session::{Incoming, OpenGuard, accept, close, decode_close, error_frame, reject_send, settle},
     submit::{PendingSend, admit_sealed, submit_sealed, validate_send},
 };
 use crate::ws::Writer;
@@ -33,9 +33,8 @@ pub async fn upgrade(
     let (response, mut session, stream, ip) = accept(&state, &req, body)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
     actix_web::rt::spawn(async move {
-        state.open_sessions.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenGuard::new(&state);
         let end = run(&state, &mut session, stream, ip).await;
-        state.open_sessions.fetch_sub(1, Ordering::Relaxed);
         if let Some((code, text)) = end {
             close(session, code, Some(text)).await;
         }
@@ -73,13 +72,13 @@ async fn run(
                 let frame = ServerFrame::SendResult { id, outcome }.encode();
                 if session.binary(frame).await.is_err() { return None }
             }
-            incoming = next_incoming(session, &mut stream), if pending.len() < settings.max_pending_sends => {
+            read = stream.recv(), if pending.len() < settings.max_pending_sends => {
                 last_heard = Instant::now();
-                let bytes = match incoming {
+                let bytes = match settle(session, read).await {
                     Incoming::Frame(bytes) => bytes,
                     Incoming::Control => continue,
                     Incoming::End(reason) => return reason,
-                    Incoming::Closed => return None, // answered by next_incoming
+                    Incoming::Closed => return None, // answered by settle
                 };
                 // Every frame counts against the address's rate, also one refused below.
                 let decoded = ClientFrame::decode(&bytes);
@@ -121,8 +120,9 @@ async fn run(
                 }
             }
             _ = heartbeat.tick() => {
-                if pending.len() >= settings.max_pending_sends {
-                    last_heard = Instant::now(); // not reading is our doing, as on /v1/ws
+                if last_heard.elapsed() > client_timeout && pending.len() >= settings.max_pending_sends {
+                    // Not reading was our doing, as on /v1/ws.
+                    return Some((CloseCode::GoingAway, "sends are not being answered in time; reconnect".into()));
                 }
                 if last_heard.elapsed() > client_timeout {
                     return Some((CloseCode::IdleTimeout, "no traffic within the client timeout".into()));

@@ -134,11 +134,21 @@ pub(crate) enum Incoming {
     End(Option<(CloseCode, String)>),
 }
 
+/// Reads and [settles](settle) the next message.
 pub(crate) async fn next_incoming(
     session: &mut Writer,
     stream: &mut AggregatedMessageStream,
 ) -> Incoming {
-    match classify(stream.recv().await) {
+    settle(session, stream.recv().await).await
+}
+
+/// What one read means, with a ping or a close frame answered. Call it outside `select!`
+/// (in a branch's body): an answer cancelled halfway would be lost.
+pub(crate) async fn settle(
+    session: &mut Writer,
+    read: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+) -> Incoming {
+    match classify(read) {
         Ok(Incoming::Closed) => {
             session.echo_close().await;
             Incoming::End(None)
@@ -269,8 +279,7 @@ fn run(
     mut stream: AggregatedMessageStream,
 ) -> impl Future<Output = ()> {
     async move {
-        state.open_sessions.fetch_add(1, Ordering::Relaxed);
-        let _open = OpenGuard(&state);
+        let _open = OpenGuard::new(&state);
         // Boxed, here and for the closes below: the task keeps its largest state for its whole
         // life, and these run once.
         let authed = match Box::pin(authenticate(&state, &mut session, &mut stream)).await {
@@ -380,8 +389,16 @@ impl Stream for Pending {
     }
 }
 
-/// Counts a session as open until dropped.
-struct OpenGuard<'a>(&'a AppState);
+/// Counts a session as open until dropped (also when its task panics): shutdown waits for
+/// open sessions, and `/metrics` reports them.
+pub(crate) struct OpenGuard<'a>(&'a AppState);
+
+impl<'a> OpenGuard<'a> {
+    pub(crate) fn new(state: &'a AppState) -> Self {
+        state.open_sessions.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(state)
+    }
+}
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
@@ -472,10 +489,10 @@ impl Live<'_> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if pending.len() >= settings.max_pending_sends {
-                        // Not reading is our doing (sends wait for the store): the silence,
-                        // pongs included, says nothing about the client.
-                        last_heard = Instant::now();
+                    if last_heard.elapsed() > client_timeout && pending.len() >= settings.max_pending_sends {
+                        // Not reading was our doing (its sends wait for the store): not the
+                        // client's silence. Still bounded: the client retries elsewhere.
+                        return Some((CloseCode::GoingAway, "sends are not being answered in time; reconnect".into()));
                     }
                     if last_heard.elapsed() > client_timeout {
                         return Some((CloseCode::IdleTimeout, "no traffic within the client timeout".into()));
