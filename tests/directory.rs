@@ -306,6 +306,24 @@ async fn concurrent_uploads_never_pass_the_per_device_key_limit() {
         resp.json::<Value>().await.expect("json"),
         json!({ "one_time": 1000, "fallback": false })
     );
+    // A retried upload (ids already held) replaces keys and adds none: not refused.
+    let stored = statuses.iter().position(|s| *s == 200).expect("one stored") as u64;
+    let keys: Vec<Value> = (stored * 200..(stored + 1) * 200)
+        .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
+        .collect();
+    let resp = client()
+        .put(format!(
+            "{}/v1/accounts/{}/devices/{}/keys",
+            broker.http(),
+            bob.user,
+            bob.device.0
+        ))
+        .header("authorization", bob.bearer())
+        .json(&json!({ "one_time_keys": keys }))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(resp.status(), 200);
 }
 
 async fn sealed_send(ws: &mut Ws, to: &Creds, token: Option<Vec<u8>>, body: &[u8]) -> SendOutcome {

@@ -934,9 +934,16 @@ impl Handler<UploadKeys> for Mailbox {
         self.last_activity = Instant::now();
         let result = (|| {
             // Checked here, by the only writer of the account's keys, so that concurrent
-            // uploads cannot pass the limit together.
+            // uploads cannot pass the limit together. Keys re-uploaded under ids already held
+            // (a retry) replace them and do not count twice.
             let (held, _) = self.store.key_count(&self.user, msg.device.0)?;
-            if held + msg.one_time.len() as u64 > msg.max_held {
+            let mut added = 0u64;
+            for (id, _) in &msg.one_time {
+                if !self.store.has_one_time_key(&self.user, msg.device.0, *id)? {
+                    added += 1;
+                }
+            }
+            if held + added > msg.max_held {
                 return Err(UploadError::TooManyKeys(msg.max_held));
             }
             if let Some((key_id, key)) = msg.fallback {

@@ -195,6 +195,8 @@ pub trait Store: Send + Sync + 'static {
     fn set_fallback_key(&self, user: &str, device: u32, key: FallbackKeyRecord) -> Result<()>;
     /// One-time key count and whether a fallback key is set.
     fn key_count(&self, user: &str, device: u32) -> Result<(u64, bool)>;
+    /// Whether the device holds the one-time key `key_id`.
+    fn has_one_time_key(&self, user: &str, device: u32, key_id: u64) -> Result<bool>;
     /// Removes and returns the device's lowest one-time key. Called only by the user's mailbox,
     /// so two claims never get the same key.
     fn take_one_time_key(&self, user: &str, device: u32) -> Result<Option<(u64, Vec<u8>)>>;

@@ -223,6 +223,12 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn has_one_time_key(&self, user: &str, device: u32, key_id: u64) -> Result<bool> {
+        Ok(self
+            .accounts
+            .contains_key(keys::one_time_key(user, device, key_id))?)
+    }
+
     fn key_count(&self, user: &str, device: u32) -> Result<(u64, bool)> {
         let count = self
             .accounts
