@@ -152,6 +152,19 @@ pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, St
     Ok(out)
 }
 
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 /// A discovered key and endpoint, and when they were fetched.
 type Discovered = (std::time::Instant, [u8; 32], String);
 
@@ -161,6 +174,8 @@ pub struct Resolver {
     peers: HashMap<String, Arc<PeerConfig>>,
     http: reqwest::Client,
     cache: std::sync::Mutex<HashMap<String, Discovered>>,
+    /// Domains whose document is being fetched: one fetch at a time per domain.
+    fetching: std::sync::Mutex<std::collections::HashSet<String>>,
     /// How long a discovered key is used before it is fetched again.
     ttl: Duration,
 }
@@ -187,6 +202,7 @@ impl Resolver {
                 .collect(),
             http,
             cache: std::sync::Mutex::new(HashMap::new()),
+            fetching: std::sync::Mutex::new(std::collections::HashSet::new()),
             ttl: Duration::from_secs(3600),
         }
     }
@@ -211,11 +227,39 @@ impl Resolver {
             PeerSource::Pinned { url, key } => return Ok((*key, url.clone())),
             PeerSource::Discover { base } => base,
         };
-        if let Some((at, key, url)) = self.cache().get(domain)
+        let cached = self.cache().get(domain).cloned();
+        if let Some((at, key, url)) = &cached
             && at.elapsed() < self.ttl
         {
             return Ok((*key, url.clone()));
         }
+        // One fetch at a time per domain; meanwhile, and if the fetch fails, a key we had
+        // stays in use.
+        let stale = cached.map(|(_, key, url)| (key, url));
+        if !self.lock_fetching().insert(domain.to_owned()) {
+            return stale.ok_or_else(|| format!("discovery of {domain} is in progress"));
+        }
+        // Released however the fetch ends, also if this future is dropped midway.
+        let _fetching = scopeguard(|| {
+            self.lock_fetching().remove(domain);
+        });
+        let fetched = self.fetch(domain, base).await;
+        match (fetched, stale) {
+            (Ok(found), _) => Ok(found),
+            (Err(e), Some(stale)) => {
+                tracing::warn!(domain, error = %e, "discovery failed; the key known so far stays in use");
+                Ok(stale)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    fn lock_fetching(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.fetching.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches and checks `domain`'s well-known document, and caches its key and endpoint.
+    async fn fetch(&self, domain: &str, base: &str) -> Result<([u8; 32], String), String> {
         let doc: WellKnown = self
             .http
             .get(format!("{base}/.well-known/sealpost/server"))
@@ -251,17 +295,17 @@ impl Resolver {
         self.cache().remove(domain);
     }
 
-    /// Drops a discovered key that has been used for at least `age`: after a hello that did
-    /// not authenticate. Anyone can send one naming any peer, so such hellos may cause a fetch
-    /// of the peer's document at most once per `age` (a real key rotation is also noticed
-    /// by our own next outbound handshake, which forgets at once).
+    /// Marks a discovered key that has been used for at least `age` as due for a refresh:
+    /// after a hello that did not authenticate. Anyone can send one naming any peer, so such
+    /// hellos may cause a fetch of the peer's document at most once per `age`, one at a
+    /// time, and the key stays in use if the fetch fails (a real key rotation is also noticed
+    /// by our own next outbound handshake, which forgets the key at once).
     pub fn forget_older_than(&self, domain: &str, age: Duration) {
-        let mut cache = self.cache();
-        if cache
-            .get(domain)
-            .is_some_and(|(at, _, _)| at.elapsed() >= age)
+        let ttl = self.ttl;
+        if let Some((at, _, _)) = self.cache().get_mut(domain)
+            && at.elapsed() >= age
         {
-            cache.remove(domain);
+            *at = std::time::Instant::now().checked_sub(ttl).unwrap_or(*at);
         }
     }
 }
@@ -526,17 +570,52 @@ mod tests {
         let resolver = Resolver::new(&[], Duration::from_secs(1));
         let fetched = |at| (at, [1u8; 32], "ws://b/v1/federation".to_owned());
         let now = std::time::Instant::now();
+        let due = |r: &Resolver| r.cache()["b.example"].0.elapsed() >= r.ttl;
         resolver.cache().insert("b.example".into(), fetched(now));
         resolver.forget_older_than("b.example", Duration::from_secs(60));
-        assert!(
-            resolver.cache().contains_key("b.example"),
-            "fetched just now"
-        );
+        assert!(!due(&resolver), "fetched just now: kept as it is");
         let earlier = now.checked_sub(Duration::from_secs(61)).expect("uptime");
         resolver
             .cache()
             .insert("b.example".into(), fetched(earlier));
         resolver.forget_older_than("b.example", Duration::from_secs(60));
-        assert!(!resolver.cache().contains_key("b.example"));
+        assert!(due(&resolver), "due for a refresh, but still known");
+    }
+
+    #[test]
+    fn a_failed_refresh_keeps_the_key_known_so_far() {
+        // b.example's document is on a port nothing listens on.
+        let peers: Vec<Arc<PeerConfig>> = parse_peers("b.example=http://127.0.0.1:9", "a.example")
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let resolver = Resolver::new(&peers, Duration::from_secs(5));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            assert!(
+                resolver.resolve("b.example").await.is_err(),
+                "nothing known yet"
+            );
+            let stale = std::time::Instant::now()
+                .checked_sub(Duration::from_secs(7200))
+                .expect("uptime");
+            resolver.cache().insert(
+                "b.example".into(),
+                (stale, [3u8; 32], "ws://127.0.0.1:9/v1/federation".into()),
+            );
+            let (key, url) = resolver.resolve("b.example").await.expect("the stale key");
+            assert_eq!(
+                (key, url.as_str()),
+                ([3u8; 32], "ws://127.0.0.1:9/v1/federation")
+            );
+            assert!(
+                resolver.lock_fetching().is_empty(),
+                "the fetch slot is released"
+            );
+        });
     }
 }
