@@ -16,9 +16,10 @@ use crate::crypto::{SeenIds, store::WipingWriter};
 
 /// How many messages are kept per conversation.
 pub(crate) const MESSAGES_PER_CONVERSATION: usize = 1000;
-/// Held envelopes (see [`Record::hold`]): at most this many per sender, in all, and in
-/// ciphertext bytes in all; past that the oldest go.
+/// Held envelopes (see [`Record::hold`]): at most this many per sender, per sender domain,
+/// in all, and in ciphertext bytes in all.
 pub(crate) const HELD_PER_SENDER: usize = 32;
+pub(crate) const HELD_PER_DOMAIN: usize = 64;
 pub(crate) const HELD_ENVELOPES: usize = 256;
 pub(crate) const HELD_BYTES: usize = 8 << 20;
 
@@ -144,31 +145,32 @@ impl Record {
         rmp_serde::from_slice(bytes).ok()
     }
 
-    /// Keeps an envelope of `from` to read later. Bounded per sender and in all: returns the
-    /// envelopes dropped to make room, the oldest first.
-    pub(crate) fn hold(
-        &mut self,
-        from: &str,
-        id: [u8; 16],
-        ciphertext: &[u8],
-    ) -> Vec<HeldEnvelope> {
+    /// Keeps an envelope of `from` to read later, unless that would pass a bound: per
+    /// sender, per sender domain, in all, or in bytes. Envelopes held already are never
+    /// evicted for a new one (the first of a sender may be the pre-key message the rest
+    /// need, and senders are only claimed at this point). Returns whether it was kept.
+    pub(crate) fn hold(&mut self, from: &str, id: [u8; 16], ciphertext: &[u8]) -> bool {
+        let domain = |h: &str| h.rsplit_once('@').map(|(_, d)| d.to_owned());
+        let from_domain = domain(from);
+        let (mut sender, mut same_domain, mut bytes) = (0, 0, ciphertext.len());
+        for held in &self.held {
+            sender += usize::from(held.from == from);
+            same_domain += usize::from(domain(&held.from) == from_domain);
+            bytes += held.ciphertext.len();
+        }
+        if sender >= HELD_PER_SENDER
+            || same_domain >= HELD_PER_DOMAIN
+            || self.held.len() >= HELD_ENVELOPES
+            || bytes > HELD_BYTES
+        {
+            return false;
+        }
         self.held.push_back(HeldEnvelope {
             from: from.to_owned(),
             id,
             ciphertext: ByteBuf::from(ciphertext.to_vec()),
         });
-        let mut dropped = Vec::new();
-        while self.held.iter().filter(|h| h.from == from).count() > HELD_PER_SENDER {
-            if let Some(i) = self.held.iter().position(|h| h.from == from) {
-                dropped.extend(self.held.remove(i));
-            }
-        }
-        while self.held.len() > HELD_ENVELOPES
-            || self.held.iter().map(|h| h.ciphertext.len()).sum::<usize>() > HELD_BYTES
-        {
-            dropped.extend(self.held.pop_front());
-        }
-        dropped
+        true
     }
 
     /// Whether envelopes of `from` are held.
@@ -225,5 +227,37 @@ mod tests {
         assert!(decoded.seen.contains(&[7; 16]));
         assert_eq!(decoded.device_token.0.as_slice(), &[1; 32]);
         assert_eq!(decoded.contacts["bob@b.example"].messages[0].body, "hi");
+    }
+
+    #[test]
+    fn holding_refuses_new_envelopes_past_its_bounds_and_keeps_the_old_ones() {
+        let mut record = Record::default();
+        let id = |n: usize| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            id
+        };
+        for n in 0..HELD_PER_SENDER {
+            assert!(record.hold("mallory@evil.example", id(n), b"x"));
+        }
+        assert!(
+            !record.hold("mallory@evil.example", id(99), b"x"),
+            "per sender"
+        );
+        // Others of that domain: up to the domain's bound.
+        for n in HELD_PER_SENDER..HELD_PER_DOMAIN {
+            assert!(record.hold(&format!("m{n}@evil.example"), id(n), b"x"));
+        }
+        assert!(
+            !record.hold("another@evil.example", id(100), b"x"),
+            "per domain"
+        );
+        // Another domain is not crowded out, and nothing held was evicted.
+        assert!(record.hold("bob@b.example", id(101), b"x"));
+        assert_eq!(record.held.len(), HELD_PER_DOMAIN + 1);
+        assert_eq!(record.held[0].id, id(0), "the first one is still there");
+        let taken = record.take_held("mallory@evil.example");
+        assert_eq!(taken.len(), HELD_PER_SENDER);
+        assert!(taken.windows(2).all(|w| w[0].id < w[1].id), "in order");
     }
 }

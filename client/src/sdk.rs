@@ -230,8 +230,9 @@ pub enum ClientError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnvelopeError {
-    /// A held envelope was dropped: too many were held for its sender (or in all).
-    #[error("a held envelope from {user} was dropped: too many are held")]
+    /// An envelope that could not be read yet could not be kept either: too many are held
+    /// for its sender (or its domain, or in all).
+    #[error("an envelope from {user} could not be kept for later: too many are held")]
     HoldDropped {
         /// The claimed sender.
         user: String,
@@ -506,8 +507,10 @@ pub struct Client {
     events: VecDeque<Event>,
     linking: Option<Linking>,
     list_max_age: Duration,
-    /// While envelopes are held, how long a quiet connection waits before trying them again.
+    /// While envelopes are held, how often they are tried again.
     held_retry: Duration,
+    /// When they are tried next.
+    next_held_retry: Instant,
     /// Consecutive reconnects without a frame in between.
     reconnects: u32,
     stats: Stats,
@@ -635,6 +638,7 @@ impl Client {
             linking: None,
             list_max_age: Duration::from_secs(60),
             held_retry: Duration::from_secs(30),
+            next_held_retry: Instant::now(),
             reconnects: 0,
             stats: Stats::default(),
         }
@@ -803,10 +807,11 @@ impl Client {
         self.list_max_age = age;
     }
 
-    /// Sets how often held envelopes ([`Event::Held`]) are tried again while the connection
-    /// is quiet (default 30 s); they are also tried after every backlog.
+    /// Sets how often held envelopes ([`Event::Held`]) are tried again (default 30 s, at
+    /// least 10 ms); they are also tried after every backlog.
     pub fn set_held_retry(&mut self, every: Duration) {
-        self.held_retry = every;
+        self.held_retry = every.max(Duration::from_millis(10));
+        self.next_held_retry = Instant::now() + self.held_retry;
     }
 
     /// This account's handle.
@@ -1519,14 +1524,13 @@ impl Client {
             let frame = match self.inbox.pop_front() {
                 Some(frame) => frame,
                 None => {
-                    let wait = (!self.record.held.is_empty()).then_some(self.held_retry);
-                    match self.read_frame(wait).await? {
+                    // With envelopes held, wait for a frame only until their next try is due
+                    // (a deadline: a busy connection must not put it off).
+                    let due = (!self.record.held.is_empty()).then_some(self.next_held_retry);
+                    match self.read_frame(due).await? {
                         Some(frame) => frame,
                         None => {
-                            // Quiet for a while with envelopes held: try them again.
-                            if self.read_held(None).await {
-                                self.save()?;
-                            }
+                            self.retry_held().await?;
                             continue;
                         }
                     }
@@ -1537,16 +1541,16 @@ impl Client {
         }
     }
 
-    /// The next frame; `None` if none came within `wait` (when given).
+    /// The next frame; `None` if none came before `due` (when given).
     async fn read_frame(
         &mut self,
-        wait: Option<Duration>,
+        due: Option<Instant>,
     ) -> Result<Option<ServerFrame>, ClientError> {
         loop {
             let mut conn = self.take_conn().await?;
-            let next = match wait {
+            let next = match due {
                 // `Connection::next` is cancel-safe: nothing is lost when the wait runs out.
-                Some(wait) => match tokio::time::timeout(wait, conn.next()).await {
+                Some(due) => match tokio::time::timeout_at(due.into(), conn.next()).await {
                     Ok(next) => next,
                     Err(_) => {
                         self.conn = Some(conn);
@@ -1594,8 +1598,9 @@ impl Client {
             batch.push(next);
         }
         let mut acks = Vec::new();
-        // Ratchets moved without an ack to save for (ephemeral envelopes, held ones read).
+        // Ratchets moved without an ack to save for (ephemeral envelopes).
         let mut dirty = false;
+        let mut retry_held = false;
         let mut result = Ok(());
         for frame in batch {
             if result.is_err() {
@@ -1623,8 +1628,9 @@ impl Client {
                     }
                 }
                 ServerFrame::QueueEmpty => {
-                    // The backlog is handled: time to try the held envelopes again.
-                    dirty |= self.read_held(None).await;
+                    // The backlog is handled: time to try the held envelopes again (after
+                    // this batch is acknowledged: a retry may take a while).
+                    retry_held = true;
                     self.events.push_back(Event::QueueEmpty);
                 }
                 ServerFrame::Notice { notice, .. } => match notice {
@@ -1659,8 +1665,20 @@ impl Client {
         }
         if result.is_err() {
             self.on_conn_lost();
+        } else if retry_held {
+            self.retry_held().await?;
         }
         result
+    }
+
+    /// Tries the held envelopes again now, saves what that changed, and schedules the next
+    /// try.
+    async fn retry_held(&mut self) -> Result<(), ClientError> {
+        self.next_held_retry = Instant::now() + self.held_retry;
+        if self.read_held(None).await {
+            self.save()?;
+        }
+        Ok(())
     }
 
     /// Handles one envelope. `Ok` means: handled (events pushed, possibly a rejection) and to
@@ -1683,12 +1701,12 @@ impl Client {
                 self.events.push_back(Event::Rejected { id, error });
             }
             Err(Failure::Hold { user, why, .. }) => {
-                for dropped in self.record.hold(&user, id.0, ciphertext) {
-                    let error = EnvelopeError::HoldDropped { user: dropped.from };
-                    let id = EnvelopeId(dropped.id);
+                if self.record.hold(&user, id.0, ciphertext) {
+                    self.events.push_back(Event::Held { id, user, why });
+                } else {
+                    let error = EnvelopeError::HoldDropped { user };
                     self.events.push_back(Event::Rejected { id, error });
                 }
-                self.events.push_back(Event::Held { id, user, why });
             }
             Err(Failure::Permanent(error)) => self.events.push_back(Event::Rejected { id, error }),
         }
@@ -1716,7 +1734,14 @@ impl Client {
             }
         }
         let mut progress = false;
+        // A domain found unreachable is not asked again in this pass: one slow lookup per
+        // domain, however many of its senders are held.
+        let mut unreachable: Vec<String> = Vec::new();
+        let domain = |user: &str| user.rsplit_once('@').map_or("", |(_, d)| d).to_owned();
         for sender in senders {
+            if unreachable.contains(&domain(&sender)) {
+                continue;
+            }
             let mut queue = self.record.take_held(&sender).into_iter();
             while let Some(held) = queue.next() {
                 let id = EnvelopeId(held.id);
@@ -1725,7 +1750,14 @@ impl Client {
                     Err(Failure::Permanent(error)) => {
                         self.events.push_back(Event::Rejected { id, error });
                     }
-                    Err(Failure::Hold { .. } | Failure::Transient(_)) => {
+                    Err(failure @ (Failure::Hold { .. } | Failure::Transient(_))) => {
+                        if let Failure::Hold {
+                            why: HoldReason::SenderUnavailable,
+                            ..
+                        } = failure
+                        {
+                            unreachable.push(domain(&sender));
+                        }
                         self.record.put_back(std::iter::once(held).chain(queue));
                         break;
                     }
