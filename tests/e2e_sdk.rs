@@ -534,6 +534,45 @@ async fn a_changed_master_key_is_a_warning_and_blocks_sending() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_sender_claim_pins_nothing() {
+    const CAROL: &str = "carol@test.example";
+    let broker = Broker::start(&[]);
+    let mut bob = register(&broker, BOB).await;
+    bob.client.set_device_list_max_age(Duration::ZERO);
+    let mut carol = register(&broker, CAROL).await;
+    let mut mallory = Mallory::new(&broker).await;
+    // Mallory claims to be Carol, whom Bob has never heard from: rejected.
+    let claimed = SenderInfo {
+        user: CAROL.into(),
+        device: carol.client.device_id(),
+    };
+    mallory.send_forged(claimed, "forged").await;
+    let (error, _) = rejection(&mut bob.client).await;
+    assert!(
+        matches!(
+            &error,
+            EnvelopeError::Session {
+                error: SessionError::ForgedSender,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    // Carol then resets her master key and writes for real. The forgery pinned nothing, so
+    // this is the first key Bob sees for her: no key-change warning.
+    carol.client.rotate_master_key().await.expect("rotate");
+    carol
+        .client
+        .send_text(BOB, "hello bob")
+        .await
+        .expect("send");
+    assert_eq!(
+        messages(&mut bob.client, 1).await,
+        [Seen::From(CAROL.into(), "hello bob".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
     let broker = Broker::start(&[]);
     let mut alice = register(&broker, ALICE).await;

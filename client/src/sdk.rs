@@ -1778,8 +1778,8 @@ impl Client {
             ciphertext,
         )
         .map_err(|e| Failure::Permanent(EnvelopeError::Unseal(e)))?;
-        let mut crypto_time = started.elapsed();
-        let sender = unsealed.sender;
+        let crypto_time = started.elapsed();
+        let sender = unsealed.sender.clone();
         let (user, device) = (sender.user.clone(), sender.device);
         let session_error = |error| {
             Failure::Permanent(EnvelopeError::Session {
@@ -1800,6 +1800,34 @@ impl Client {
                 )),
             });
         }
+        let was_pinned = self.state.pins.pinned(&user).is_some();
+        let opened = self.verify_and_decrypt(sender, unsealed, crypto_time).await;
+        if !was_pinned && matches!(opened, Err(Failure::Permanent(_))) {
+            // The claimed sender was pinned for this envelope only, and it did not
+            // authenticate: forget the pin and the list, so that mere claims cannot grow the
+            // state (nor pin a key before the contact ever writes).
+            self.state.pins.forget(&user);
+            self.record.lists.remove(&user);
+        }
+        opened
+    }
+
+    /// Verifies the claimed sender against its device list and decrypts.
+    async fn verify_and_decrypt(
+        &mut self,
+        sender: SenderInfo,
+        unsealed: crate::crypto::Unsealed,
+        mut crypto_time: Duration,
+    ) -> Result<Vec<Event>, Failure> {
+        let own_user = self.state.user().to_owned();
+        let (user, device) = (sender.user.clone(), sender.device);
+        let session_error = |error| {
+            Failure::Permanent(EnvelopeError::Session {
+                user: user.clone(),
+                device,
+                error,
+            })
+        };
         let keys = match self.sender_keys(&user, device).await? {
             Some(keys) => keys,
             None if user == own_user => {
