@@ -19,6 +19,16 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// The key directory entry of `c`'s device.
+fn keys_url(broker: &Broker, c: &Creds) -> String {
+    format!(
+        "{}/v1/accounts/{}/devices/{}/keys",
+        broker.http(),
+        c.user,
+        c.device.0
+    )
+}
+
 async fn upload(broker: &Broker, c: &Creds, ids: std::ops::Range<u64>, fallback: bool) -> Value {
     let keys: Vec<Value> = ids
         .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
@@ -28,12 +38,7 @@ async fn upload(broker: &Broker, c: &Creds, ids: std::ops::Range<u64>, fallback:
         body["fallback_key"] = json!({ "key_id": 9999, "key": STANDARD.encode("fallback") });
     }
     let resp = client()
-        .put(format!(
-            "{}/v1/accounts/{}/devices/{}/keys",
-            broker.http(),
-            c.user,
-            c.device.0
-        ))
+        .put(keys_url(broker, c))
         .header("authorization", c.bearer())
         .json(&body)
         .send()
@@ -103,12 +108,7 @@ async fn concurrent_claims_never_share_a_key_and_fall_back() {
     assert_eq!(fallbacks, 10);
     // Only the device itself may read its count.
     let resp = client()
-        .get(format!(
-            "{}/v1/accounts/{}/devices/{}/keys",
-            broker.http(),
-            bob.user,
-            bob.device.0
-        ))
+        .get(keys_url(&broker, &bob))
         .header("authorization", bob.bearer())
         .send()
         .await
@@ -118,12 +118,7 @@ async fn concurrent_claims_never_share_a_key_and_fall_back() {
         json!({ "one_time": 0, "fallback": true })
     );
     let resp = client()
-        .get(format!(
-            "{}/v1/accounts/{}/devices/{}/keys",
-            broker.http(),
-            bob.user,
-            bob.device.0
-        ))
+        .get(keys_url(&broker, &bob))
         .header("authorization", alice.bearer())
         .send()
         .await
@@ -202,12 +197,7 @@ async fn full_size_key_uploads_and_device_lists_are_accepted() {
         "fallback_key": { "key_id": 9999, "key": STANDARD.encode([9u8; 512]) },
     });
     let resp = client()
-        .put(format!(
-            "{}/v1/accounts/{}/devices/{}/keys",
-            broker.http(),
-            bob.user,
-            bob.device.0
-        ))
+        .put(keys_url(&broker, &bob))
         .header("authorization", bob.bearer())
         .json(&body)
         .send()
@@ -266,12 +256,7 @@ async fn concurrent_uploads_never_pass_the_per_device_key_limit() {
             .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
             .collect();
         client()
-            .put(format!(
-                "{}/v1/accounts/{}/devices/{}/keys",
-                broker.http(),
-                bob.user,
-                bob.device.0
-            ))
+            .put(keys_url(&broker, &bob))
             .header("authorization", bob.bearer())
             .json(&json!({ "one_time_keys": keys }))
             .send()
@@ -292,12 +277,7 @@ async fn concurrent_uploads_never_pass_the_per_device_key_limit() {
         "{statuses:?}"
     );
     let resp = client()
-        .get(format!(
-            "{}/v1/accounts/{}/devices/{}/keys",
-            broker.http(),
-            bob.user,
-            bob.device.0
-        ))
+        .get(keys_url(&broker, &bob))
         .header("authorization", bob.bearer())
         .send()
         .await
@@ -312,12 +292,7 @@ async fn concurrent_uploads_never_pass_the_per_device_key_limit() {
         .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
         .collect();
     let resp = client()
-        .put(format!(
-            "{}/v1/accounts/{}/devices/{}/keys",
-            broker.http(),
-            bob.user,
-            bob.device.0
-        ))
+        .put(keys_url(&broker, &bob))
         .header("authorization", bob.bearer())
         .json(&json!({ "one_time_keys": keys }))
         .send()

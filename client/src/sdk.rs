@@ -1779,17 +1779,13 @@ impl Client {
         )
         .map_err(|e| Failure::Permanent(EnvelopeError::Unseal(e)))?;
         let crypto_time = started.elapsed();
-        let sender = unsealed.sender.clone();
-        let (user, device) = (sender.user.clone(), sender.device);
-        let session_error = |error| {
-            Failure::Permanent(EnvelopeError::Session {
-                user: user.clone(),
-                device,
-                error,
-            })
-        };
+        let (user, device) = (unsealed.sender.user.clone(), unsealed.sender.device);
         if user == own_user && device == self.state.device_id() {
-            return Err(session_error(SessionError::ForgedSender));
+            return Err(Failure::Permanent(EnvelopeError::Session {
+                user,
+                device,
+                error: SessionError::ForgedSender,
+            }));
         }
         if self.record.holds_from(&user) {
             return Err(Failure::Hold {
@@ -1801,7 +1797,7 @@ impl Client {
             });
         }
         let was_pinned = self.state.pins.pinned(&user).is_some();
-        let opened = self.verify_and_decrypt(sender, unsealed, crypto_time).await;
+        let opened = self.verify_and_decrypt(unsealed, crypto_time).await;
         if !was_pinned && matches!(opened, Err(Failure::Permanent(_))) {
             // The claimed sender was pinned for this envelope only, and it did not
             // authenticate: forget the pin and the list, so that mere claims cannot grow the
@@ -1815,11 +1811,11 @@ impl Client {
     /// Verifies the claimed sender against its device list and decrypts.
     async fn verify_and_decrypt(
         &mut self,
-        sender: SenderInfo,
         unsealed: crate::crypto::Unsealed,
         mut crypto_time: Duration,
     ) -> Result<Vec<Event>, Failure> {
         let own_user = self.state.user().to_owned();
+        let sender = unsealed.sender;
         let (user, device) = (sender.user.clone(), sender.device);
         let session_error = |error| {
             Failure::Permanent(EnvelopeError::Session {

@@ -275,19 +275,9 @@ impl FederationPeer {
             if !self.ephemeral.is_empty() {
                 let envelopes = std::mem::take(&mut self.ephemeral);
                 self.ephemeral_bytes = 0;
-                let txn_id = self.next_txn;
-                if tx
-                    .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
-                    .is_err()
-                {
+                if !self.send_txn(&tx, envelopes, Vec::new(), Vec::new()) {
                     break; // ephemeral envelopes are dropped rather than delayed
                 }
-                self.next_txn += 1;
-                self.in_flight.push_back(InFlight {
-                    txn_id,
-                    seqs: Vec::new(),
-                    to: Vec::new(),
-                });
                 continue;
             }
             if self.cursor >= self.durable_next {
@@ -342,32 +332,53 @@ impl FederationPeer {
                 seqs.push(seq);
                 next = seq + 1;
             }
-            if !expired.is_empty() {
-                metrics::counter!("sealpost_federation_expired_total", "destination" => self.config.domain.clone())
-                    .increment(expired.len() as u64);
-                self.forget(&expired);
-            }
+            self.drop_expired(&expired);
             if envelopes.is_empty() {
                 self.cursor = next;
                 continue;
             }
-            let txn_id = self.next_txn;
-            if tx
-                .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
-                .is_err()
-            {
+            if !self.send_txn(&tx, envelopes, seqs, to) {
                 break; // the link's queue is full or closing: resume on the next ack or link
             }
-            self.next_txn += 1;
-            metrics::counter!("sealpost_federation_txns_total", "destination" => self.config.domain.clone())
-                .increment(1);
-            self.in_flight.push_back(InFlight { txn_id, seqs, to });
             self.cursor = next;
             if self.resume.is_some_and(|r| r < next) {
                 self.resume = None;
             }
         }
         self.publish();
+    }
+
+    /// Hands a transaction to the link and tracks it; false if the link's queue is full or
+    /// closing (nothing was sent).
+    fn send_txn(
+        &mut self,
+        tx: &tokio::sync::mpsc::Sender<Outgoing>,
+        envelopes: Vec<FedEnvelope>,
+        seqs: Vec<u64>,
+        to: Vec<String>,
+    ) -> bool {
+        let txn_id = self.next_txn;
+        if tx
+            .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
+            .is_err()
+        {
+            return false;
+        }
+        self.next_txn += 1;
+        metrics::counter!("sealpost_federation_txns_total", "destination" => self.config.domain.clone())
+            .increment(1);
+        self.in_flight.push_back(InFlight { txn_id, seqs, to });
+        true
+    }
+
+    /// Deletes expired entries from the outbox, counted.
+    fn drop_expired(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        metrics::counter!("sealpost_federation_expired_total", "destination" => self.config.domain.clone())
+            .increment(seqs.len() as u64);
+        self.forget(seqs);
     }
 
     /// Holds back `to` after its mailbox at the destination refused `seq` as full; its
@@ -478,20 +489,13 @@ impl FederationPeer {
         for seq in gone {
             self.settle(to, seq);
         }
-        if !expired.is_empty() {
-            metrics::counter!("sealpost_federation_expired_total", "destination" => self.config.domain.clone())
-                .increment(expired.len() as u64);
-            for seq in &expired {
-                self.settle(to, *seq);
-            }
-            self.forget(&expired);
+        for seq in &expired {
+            self.settle(to, *seq);
         }
+        self.drop_expired(&expired);
         for (envelopes, seqs) in txns {
-            let txn_id = self.next_txn;
-            if tx
-                .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
-                .is_err()
-            {
+            let recipients = vec![to.to_owned(); seqs.len()];
+            if !self.send_txn(&tx, envelopes, seqs, recipients) {
                 // The link's queue is full or closing: hold on a little longer.
                 if let Some(parked) = self.parked.get_mut(to) {
                     parked.holding = true;
@@ -501,9 +505,6 @@ impl FederationPeer {
                 }
                 break;
             }
-            self.next_txn += 1;
-            let to = vec![to.to_owned(); seqs.len()];
-            self.in_flight.push_back(InFlight { txn_id, seqs, to });
         }
         self.pump();
     }

@@ -297,6 +297,25 @@ async fn run(ops: Vec<Op>) {
     close(broker);
 }
 
+/// A durable send of one byte to both `DEVICES`, from `origin` if federated.
+fn durable_to_both(id: EnvelopeId, origin: Option<&str>) -> Submit {
+    Submit {
+        id,
+        class: Class::Durable,
+        ttl_secs: 3600,
+        copies: Arc::new(
+            DEVICES
+                .iter()
+                .map(|d| Copy {
+                    device: *d,
+                    ciphertext: vec![1],
+                })
+                .collect(),
+        ),
+        origin: origin.map(Into::into),
+    }
+}
+
 /// Creates `USER` with the two `DEVICES`.
 async fn seed(broker: &Broker) {
     let store = broker.registry.store();
@@ -408,21 +427,7 @@ fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
             Duration::from_millis(50),
         );
         seed(&broker).await;
-        let send = || Submit {
-            id: EnvelopeId(rand::random()),
-            class: Class::Durable,
-            ttl_secs: 3600,
-            copies: Arc::new(
-                DEVICES
-                    .iter()
-                    .map(|d| Copy {
-                        device: *d,
-                        ciphertext: vec![1],
-                    })
-                    .collect(),
-            ),
-            origin: None,
-        };
+        let send = || durable_to_both(EnvelopeId(rand::random()), None);
         let accepted = broker.registry.call(USER, send()).await.expect("mailbox");
         assert_eq!(accepted, SendOutcome::Accepted { duplicate: false });
         std::fs::write(&failpoint, b"").expect("failpoint");
@@ -499,21 +504,7 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open(dir.path());
         seed(&broker).await;
-        let send = |id: EnvelopeId, origin: &str| Submit {
-            id,
-            class: Class::Durable,
-            ttl_secs: 3600,
-            copies: Arc::new(
-                DEVICES
-                    .iter()
-                    .map(|d| Copy {
-                        device: *d,
-                        ciphertext: vec![1],
-                    })
-                    .collect(),
-            ),
-            origin: Some(origin.into()),
-        };
+        let send = |id: EnvelopeId, origin: &str| durable_to_both(id, Some(origin));
         let submit = |msg: Submit| broker.registry.call(USER, msg);
         let accepted = SendOutcome::Accepted { duplicate: false };
         let full = SendOutcome::Rejected {
