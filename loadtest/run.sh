@@ -95,7 +95,7 @@ start_broker() {
     local out="$LOGDIR/$name.broker.out" err="$LOGDIR/$name.broker.err"
     # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
     "$BROKER" serve --listen 127.0.0.1:0 --data-dir "$data_dir" --domain localhost \
-        --registration open --ip-rate 0 --device-rate 0 "$@" $BROKER_ARGS >"$out" 2>"$err" &
+        --registration open --ip-rate 0 --device-rate 0 --max-unauthenticated-per-ip 0 "$@" $BROKER_ARGS >"$out" 2>"$err" &
     broker_pid=$!
     local addr=""
     for _ in $(seq 300); do
@@ -176,7 +176,7 @@ run_federated() {
     port_b=$(free_port 127.0.0.2)
     local peers_a="b.example=ws://127.0.0.2:$port_b/v1/federation#$key_b"
     local peers_b="a.example=ws://127.0.0.1:$port_a/v1/federation#$key_a"
-    local common=(--registration open --ip-rate 0 --device-rate 0 --federation-origin-rate 0)
+    local common=(--registration open --ip-rate 0 --device-rate 0 --max-unauthenticated-per-ip 0 --federation-origin-rate 0)
     # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
     "$BROKER" serve --listen "127.0.0.1:$port_a" --data-dir "$dir_a" --domain a.example \
         --federation-peers "$peers_a" "${common[@]}" $BROKER_ARGS \

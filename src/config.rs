@@ -142,6 +142,16 @@ settings! {
     max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
     /// Most concurrent connections per HTTP worker.
     max_connections: usize = 50_000, "SEALPOST_MAX_CONNECTIONS";
+    /// WebSocket connections not authenticated yet (/v1/ws before auth, /v1/federation before
+    /// its handshake) from one IP (an IPv6 /64); more are refused with 429 (0 = unlimited, e.g.
+    /// for a load generator on one address).
+    max_unauthenticated_per_ip: usize = 64, "SEALPOST_MAX_UNAUTHENTICATED_PER_IP";
+    /// WebSocket connections not authenticated yet, in total; more are refused with 503
+    /// (0 = unlimited).
+    max_unauthenticated: usize = 4_096, "SEALPOST_MAX_UNAUTHENTICATED";
+    /// Memory, in MiB, that all WebSocket connections together may hold in partly received
+    /// messages; a connection that would need more is closed with try_again_later (1013).
+    socket_buffer_mb: u64 = 256, "SEALPOST_SOCKET_BUFFER_MB";
     /// Federation peers, comma-separated. `domain`: key and endpoint from
     /// https://domain/.well-known/sealpost/server; `domain=https://host:port`: the same from
     /// another base; `domain=wss://host/v1/federation#KEY`: pinned, KEY being the peer's X25519

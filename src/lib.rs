@@ -14,7 +14,8 @@
 //! - [`store`]: durable state behind the [`store::Store`] trait; the only importer of sled.
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
-//! - [`ws`]: the sending half of a server-side WebSocket, with a deadline on every write.
+//! - [`socket`]: one driver for every server-side WebSocket: frame limits checked at the
+//!   header, heartbeats, idle timeouts, write deadlines, closing handshakes, shutdown.
 //!
 //! Wire frames live in the `sealpost-proto` crate, shared with clients.
 //!
@@ -33,6 +34,6 @@ pub mod federation;
 pub mod gateway;
 pub mod mailbox;
 pub mod server;
+pub mod socket;
 pub mod store;
 pub mod telemetry;
-pub mod ws;

@@ -20,8 +20,12 @@ use crate::{
     config::Settings,
     crypto::{TokenHasher, parse_platform_key},
     federation::{Federation, PeerSettings, identity::ServerKey, parse_peers},
-    gateway::{AppState, limits::Limits},
+    gateway::{
+        AppState,
+        limits::{Limits, PreAuth},
+    },
     mailbox::{MailboxConfig, Registry, messages::Expire},
+    socket::Budget,
     store::{SledStore, Store, StoreOptions},
 };
 
@@ -109,6 +113,14 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         shutdown: shutdown_rx,
         next_conn: AtomicU64::new(1),
         open_sessions: AtomicUsize::new(0),
+        socket_budget: Budget::new(
+            usize::try_from(settings.socket_buffer_mb.saturating_mul(1024 * 1024))
+                .unwrap_or(usize::MAX),
+        ),
+        pre_auth: PreAuth::new(
+            settings.max_unauthenticated_per_ip,
+            settings.max_unauthenticated,
+        ),
         settings: settings.clone(),
     });
 

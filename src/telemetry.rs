@@ -44,6 +44,19 @@ fn describe() {
         "sealpost_websocket_sessions",
         "WebSocket session tasks running: device, sealed and inbound federation, authenticated or not"
     );
+    describe_gauge!(
+        "sealpost_unauthenticated_sessions",
+        "WebSocket connections not authenticated yet (/v1/ws before auth, /v1/federation before its handshake)"
+    );
+    describe_counter!(
+        "sealpost_unauthenticated_refused_total",
+        "Upgrades refused because too many connections were unauthenticated (scope: source or total)"
+    );
+    describe_gauge!(
+        "sealpost_socket_buffered_bytes",
+        Unit::Bytes,
+        "Bytes of partly received WebSocket messages held by all connections (capped by socket_buffer_mb)"
+    );
     describe_gauge!("sealpost_ready", "1 when /readyz answers 200, else 0");
     describe_gauge!(
         "sealpost_disk_free_bytes",

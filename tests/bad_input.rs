@@ -1059,7 +1059,7 @@ async fn a_client_that_never_reads_is_closed_for_idle_timeout() {
         close,
         Some((
             CloseCode::IdleTimeout.as_u16(),
-            "no traffic within the client timeout".to_owned()
+            "no traffic within the idle timeout".to_owned()
         ))
     );
 

@@ -149,6 +149,9 @@ wire_enum! {
         ProtocolError = 1002 => "protocol_error",
         /// A frame exceeded the size limit (RFC 6455 "message too big").
         TooBig = 1009 => "message_too_big",
+        /// The broker is short of buffer memory; reconnect after a backoff (RFC 6455 "try
+        /// again later").
+        TryAgainLater = 1013 => "try_again_later",
         /// Another connection authenticated as the same device.
         Displaced = 4000 => "displaced",
         /// Authentication failed or did not happen in time.

@@ -20,7 +20,6 @@ use std::{
 };
 
 use actix_web::web::Bytes;
-use actix_ws::{AggregatedMessage, AggregatedMessageStream};
 use futures_util::{
     StreamExt,
     future::{LocalBoxFuture, join_all},
@@ -37,7 +36,7 @@ use super::{
     Federation,
     link::{self, Cipher},
 };
-use crate::ws::Writer;
+use crate::socket::{Close, Flow, Service, Socket, Writer};
 
 /// Local delivery, as the receiving side of a link needs it. Implemented by the gateway with
 /// mailboxes, so that federation does not depend on them.
@@ -61,46 +60,12 @@ fn refused(reason: &'static str) {
     metrics::counter!("sealpost_federation_links_refused_total", "reason" => reason).increment(1);
 }
 
-/// Reads the next binary message; `Err` carries the close to send (if any).
-async fn next_binary(
-    session: &mut Writer,
-    stream: &mut AggregatedMessageStream,
-) -> Result<Option<Bytes>, Option<(CloseCode, String)>> {
-    binary_of(session, stream.recv().await).await
-}
-
-/// What one read means, with a ping or a close frame answered. Call it outside `select!`
-/// (in a branch's body): an answer cancelled halfway would be lost.
-async fn binary_of(
-    session: &mut Writer,
-    read: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
-) -> Result<Option<Bytes>, Option<(CloseCode, String)>> {
-    match read {
-        Some(Ok(AggregatedMessage::Binary(bytes))) => Ok(Some(bytes)),
-        Some(Ok(AggregatedMessage::Ping(p))) => match session.pong(&p).await {
-            Ok(()) => Ok(None),
-            Err(_) => Err(None),
-        },
-        Some(Ok(AggregatedMessage::Pong(_))) => Ok(None),
-        Some(Ok(AggregatedMessage::Text(_))) => Err(Some((
-            CloseCode::ProtocolError,
-            "federation frames are binary".into(),
-        ))),
-        Some(Ok(AggregatedMessage::Close(_))) => {
-            session.echo_close().await;
-            Err(None)
-        }
-        None => Err(None),
-        Some(Err(e)) => Err(Some((CloseCode::ProtocolError, e.to_string()))),
-    }
-}
-
 async fn refuse(
     session: &mut Writer,
     origin: Option<&str>,
     code: ErrorCode,
     reason: &'static str,
-) -> Option<(CloseCode, String)> {
+) -> Option<Close> {
     refused(reason);
     warn!(
         origin = origin.unwrap_or("-"),
@@ -111,26 +76,30 @@ async fn refuse(
         message: reason.to_owned(),
     };
     let _ = session.binary(frame.encode()).await;
-    Some((CloseCode::PeerRefused, reason.to_owned()))
+    Some(Close::new(CloseCode::PeerRefused, reason))
 }
 
-/// Authenticates the calling broker; returns its domain and the link's cipher.
-async fn handshake(
-    fed: &Federation,
-    session: &mut Writer,
-    stream: &mut AggregatedMessageStream,
-) -> Result<(String, Cipher), Option<(CloseCode, String)>> {
+/// An inbound link whose peer has authenticated, ready to [serve](Inbound::serve).
+pub struct Inbound {
+    origin: String,
+    cipher: Cipher,
+}
+
+/// Authenticates the calling broker: its hello, the Noise `KK` handshake with the key pinned
+/// for its domain, our welcome.
+pub async fn handshake(fed: &Federation, socket: &mut Socket) -> Result<Inbound, Option<Close>> {
     let deadline = tokio::time::sleep(fed.settings().request_timeout);
     tokio::pin!(deadline);
     let bytes = loop {
         tokio::select! {
-            () = &mut deadline => return Err(refuse(session, None, ErrorCode::PeerAuthFailed, "no hello in time").await),
-            next = next_binary(session, stream) => match next? {
+            () = &mut deadline => return Err(refuse(socket.writer(), None, ErrorCode::PeerAuthFailed, "no hello in time").await),
+            read = socket.recv() => match read? {
                 Some(bytes) => break bytes,
                 None => continue,
             },
         }
     };
+    let session = socket.writer();
     let (origin, target, noise) = match HandshakeFrame::decode(&bytes) {
         Ok(HandshakeFrame::Hello {
             origin,
@@ -186,7 +155,7 @@ async fn handshake(
         Ok(hs) => hs,
         Err(e) => {
             warn!(error = %e, "federation handshake could not start");
-            return Err(Some((CloseCode::GoingAway, "internal error".into())));
+            return Err(Some(Close::new(CloseCode::GoingAway, "internal error")));
         }
     };
     let mut buf = [0u8; 256];
@@ -218,41 +187,43 @@ async fn handshake(
         }
         Err(e) => {
             warn!(error = %e, "federation handshake failed locally");
-            return Err(Some((CloseCode::GoingAway, "internal error".into())));
+            return Err(Some(Close::new(CloseCode::GoingAway, "internal error")));
         }
     };
-    Ok((origin, cipher))
+    Ok(Inbound { origin, cipher })
 }
 
 type TxnDone = LocalBoxFuture<'static, (u64, Vec<Option<ErrorCode>>)>;
 
-/// Serves one inbound link to its end; returns the close to send, if any.
-pub async fn serve(
-    fed: &Federation,
-    local: Rc<dyn LocalDelivery>,
-    session: &mut Writer,
-    mut stream: AggregatedMessageStream,
-    mut shutdown: watch::Receiver<bool>,
-) -> Option<(CloseCode, String)> {
-    let (origin, mut cipher) = match handshake(fed, session, &mut stream).await {
-        Ok(ok) => ok,
-        Err(end) => return end,
-    };
-    info!(origin = %origin, "federation link accepted");
-    metrics::gauge!("sealpost_federation_inbound_links", "origin" => origin.clone()).increment(1.0);
-    let end = relay(
-        fed,
-        local,
-        session,
-        &mut stream,
-        &mut shutdown,
-        &origin,
-        &mut cipher,
-    )
-    .await;
-    metrics::gauge!("sealpost_federation_inbound_links", "origin" => origin.clone()).decrement(1.0);
-    info!(origin = %origin, reason = end.as_ref().map_or("closed", |(c, _)| c.as_str()), "federation link ended");
-    end
+impl Inbound {
+    /// Serves the link to its end; returns the close to send, if any.
+    pub async fn serve(
+        self,
+        fed: &Federation,
+        local: Rc<dyn LocalDelivery>,
+        socket: &mut Socket,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<Close> {
+        let Inbound { origin, cipher } = self;
+        info!(origin = %origin, "federation link accepted");
+        metrics::gauge!("sealpost_federation_inbound_links", "origin" => origin.clone())
+            .increment(1.0);
+        let mut link = InboundLink {
+            fed,
+            local,
+            origin: &origin,
+            cipher,
+            txns: FuturesOrdered::new(),
+            replies: FuturesUnordered::new(),
+            rate_held: None,
+        };
+        let end = socket.drive(&mut link, &mut shutdown).await;
+        metrics::gauge!("sealpost_federation_inbound_links", "origin" => origin.clone())
+            .decrement(1.0);
+        let reason = end.as_ref().map_or("closed", |c| c.code.as_str());
+        info!(origin = %origin, reason, "federation link ended");
+        end
+    }
 }
 
 async fn send(session: &mut Writer, cipher: &mut Cipher, frame: &LinkFrame) -> bool {
@@ -265,137 +236,171 @@ async fn send(session: &mut Writer, cipher: &mut Cipher, frame: &LinkFrame) -> b
     }
 }
 
-async fn relay(
-    fed: &Federation,
+/// Lookups answered at once on one link, at most.
+const MAX_REPLIES: usize = 64;
+
+/// The authenticated part of an inbound link.
+struct InboundLink<'a> {
+    fed: &'a Federation,
     local: Rc<dyn LocalDelivery>,
-    session: &mut Writer,
-    stream: &mut AggregatedMessageStream,
-    shutdown: &mut watch::Receiver<bool>,
-    origin: &str,
-    cipher: &mut Cipher,
-) -> Option<(CloseCode, String)> {
-    let settings = fed.settings();
-    let mut txns: FuturesOrdered<TxnDone> = FuturesOrdered::new();
-    let mut replies: FuturesUnordered<LocalBoxFuture<'static, LinkFrame>> = FuturesUnordered::new();
-    let mut heartbeat = tokio::time::interval(settings.heartbeat);
-    heartbeat.tick().await;
-    let mut last_heard = Instant::now();
-    let max_replies = 64;
-    // The first envelope refused for the origin's rate, until it comes back or expires.
-    let mut rate_held: Option<(EnvelopeId, Instant)> = None;
-    loop {
-        if session.stalled() {
-            return None;
-        }
+    origin: &'a str,
+    cipher: Cipher,
+    /// Transactions being persisted, acknowledged in order.
+    txns: FuturesOrdered<TxnDone>,
+    /// Lookups being answered.
+    replies: FuturesUnordered<LocalBoxFuture<'static, LinkFrame>>,
+    /// The first envelope refused for the origin's rate, until it comes back or expires.
+    rate_held: Option<(EnvelopeId, Instant)>,
+}
+
+/// What became ready on an inbound link.
+enum LinkEvent {
+    /// A transaction is durable (or refused, envelope by envelope): acknowledge it.
+    Persisted(u64, Vec<Option<ErrorCode>>),
+    /// A lookup's answer.
+    Reply(LinkFrame),
+}
+
+impl Service for InboundLink<'_> {
+    type Event = LinkEvent;
+
+    async fn event(&mut self) -> LinkEvent {
         tokio::select! {
-            biased;
-            _ = shutdown.changed() => {
-                // Acknowledge what is being persisted; the sender resends the rest elsewhere
-                // or later.
-                while let Some((txn_id, codes)) = txns.next().await {
-                    if !send(session, cipher, &LinkFrame::TxnAck { txn_id, codes }).await { return None }
-                }
-                return Some((CloseCode::GoingAway, "server shutting down".into()));
+            Some((txn_id, codes)) = self.txns.next(), if !self.txns.is_empty() => {
+                LinkEvent::Persisted(txn_id, codes)
             }
-            Some((txn_id, codes)) = txns.next(), if !txns.is_empty() => {
-                if !send(session, cipher, &LinkFrame::TxnAck { txn_id, codes }).await { return None }
-            }
-            Some(reply) = replies.next(), if !replies.is_empty() => {
-                if !send(session, cipher, &reply).await { return None }
-            }
-            read = stream.recv(), if txns.len() < settings.inbound_txns && replies.len() < max_replies => {
-                last_heard = Instant::now();
-                let next = binary_of(session, read).await;
-                let sealed = match next {
-                    Ok(Some(b)) => b,
-                    Ok(None) => continue,
-                    Err(end) => return end,
+            Some(reply) = self.replies.next(), if !self.replies.is_empty() => LinkEvent::Reply(reply),
+            else => std::future::pending().await,
+        }
+    }
+
+    async fn on_event(&mut self, event: LinkEvent, out: &mut Writer) -> Flow {
+        let frame = match event {
+            LinkEvent::Persisted(txn_id, codes) => LinkFrame::TxnAck { txn_id, codes },
+            LinkEvent::Reply(reply) => reply,
+        };
+        if send(out, &mut self.cipher, &frame).await {
+            Ok(())
+        } else {
+            Err(None)
+        }
+    }
+
+    fn reading(&self) -> bool {
+        self.txns.len() < self.fed.settings().inbound_txns && self.replies.len() < MAX_REPLIES
+    }
+
+    async fn on_message(&mut self, sealed: Bytes, session: &mut Writer) -> Flow {
+        let (fed, origin) = (self.fed, self.origin);
+        let frame = match self
+            .cipher
+            .open(&sealed)
+            .map_err(|e| e.to_string())
+            .and_then(|plain| LinkFrame::decode(&plain).map_err(|e| e.to_string()))
+        {
+            Ok(frame) => frame,
+            Err(reason) => {
+                refused("malformed_frame");
+                warn!(origin = %origin, reason = %reason, "federation frame refused; closing the link");
+                let error = LinkFrame::LinkError {
+                    code: ErrorCode::MalformedFrame,
+                    message: "frame does not decode".into(),
                 };
-                let frame = match cipher.open(&sealed).map_err(|e| e.to_string())
-                    .and_then(|plain| LinkFrame::decode(&plain).map_err(|e| e.to_string()))
-                {
-                    Ok(frame) => frame,
-                    Err(reason) => {
-                        refused("malformed_frame");
-                        warn!(origin = %origin, reason = %reason, "federation frame refused; closing the link");
-                        let _ = send(session, cipher, &LinkFrame::LinkError {
-                            code: ErrorCode::MalformedFrame,
-                            message: "frame does not decode".into(),
-                        }).await;
-                        return Some((CloseCode::ProtocolError, "malformed federation frame".into()));
-                    }
-                };
-                match frame {
-                    LinkFrame::Txn { txn_id, envelopes } => {
-                        metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
-                            .increment(envelopes.len() as u64);
-                        // Once one envelope is over the limit, everything after it on this
-                        // link is refused too until it comes back (the origin resends from
-                        // there) or expires, so that nothing overtakes it.
-                        let done: Vec<_> = envelopes
-                            .into_iter()
-                            .map(|e| {
-                                let now = Instant::now();
-                                if rate_held.is_some_and(|(first, until)| first == e.id || until <= now) {
-                                    rate_held = None;
-                                }
-                                let mut over = false;
-                                if rate_held.is_none() && !fed.allow_origin(origin) {
-                                    // An ephemeral envelope is never resent: refuse only it.
-                                    over = true;
-                                    if e.class != Class::Ephemeral {
-                                        rate_held = Some((e.id, now + Duration::from_secs(e.ttl_secs.into())));
-                                    }
-                                }
-                                if over || rate_held.is_some() {
-                                    crate::telemetry::reject(ErrorCode::RateLimited.as_str());
-                                    Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
-                                } else {
-                                    local.deliver(origin, e)
-                                }
-                            })
-                            .collect();
-                        txns.push_back(Box::pin(async move { (txn_id, join_all(done).await) }));
-                    }
-                    request @ (LinkFrame::GetDevices { .. }
-                    | LinkFrame::GetDeviceList { .. }
-                    | LinkFrame::ClaimKey { .. }) => {
-                        if fed.allow_origin(origin) {
-                            replies.push(local.answer(origin, request));
-                        } else {
-                            let req_id = match request {
-                                LinkFrame::GetDevices { req_id, .. }
-                                | LinkFrame::GetDeviceList { req_id, .. }
-                                | LinkFrame::ClaimKey { req_id, .. } => req_id,
-                                _ => 0,
-                            };
-                            let refusal = LinkFrame::Refused { req_id, code: ErrorCode::RateLimited };
-                            if !send(session, cipher, &refusal).await { return None }
+                let _ = send(session, &mut self.cipher, &error).await;
+                return Err(Some(Close::new(
+                    CloseCode::ProtocolError,
+                    "malformed federation frame",
+                )));
+            }
+        };
+        match frame {
+            LinkFrame::Txn { txn_id, envelopes } => {
+                metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
+                    .increment(envelopes.len() as u64);
+                // Once one envelope is over the limit, everything after it on this link is
+                // refused too until it comes back (the origin resends from there) or expires,
+                // so that nothing overtakes it.
+                let done: Vec<_> = envelopes
+                    .into_iter()
+                    .map(|e| {
+                        let now = Instant::now();
+                        if self
+                            .rate_held
+                            .is_some_and(|(first, until)| first == e.id || until <= now)
+                        {
+                            self.rate_held = None;
                         }
-                    }
-                    _ => {
-                        refused("wrong_direction");
-                        debug!(origin = %origin, "reply frame on an inbound link");
-                        let _ = send(session, cipher, &LinkFrame::LinkError {
-                            code: ErrorCode::UnknownFrameType,
-                            message: "only requests are accepted on this link".into(),
-                        }).await;
-                        return Some((CloseCode::ProtocolError, "wrong frame direction".into()));
+                        let mut over = false;
+                        if self.rate_held.is_none() && !fed.allow_origin(origin) {
+                            // An ephemeral envelope is never resent: refuse only it.
+                            over = true;
+                            if e.class != Class::Ephemeral {
+                                let until = now + Duration::from_secs(e.ttl_secs.into());
+                                self.rate_held = Some((e.id, until));
+                            }
+                        }
+                        if over || self.rate_held.is_some() {
+                            crate::telemetry::reject(ErrorCode::RateLimited.as_str());
+                            Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
+                        } else {
+                            self.local.deliver(origin, e)
+                        }
+                    })
+                    .collect();
+                self.txns
+                    .push_back(Box::pin(async move { (txn_id, join_all(done).await) }));
+            }
+            request @ (LinkFrame::GetDevices { .. }
+            | LinkFrame::GetDeviceList { .. }
+            | LinkFrame::ClaimKey { .. }) => {
+                if fed.allow_origin(origin) {
+                    self.replies.push(self.local.answer(origin, request));
+                } else {
+                    let req_id = match request {
+                        LinkFrame::GetDevices { req_id, .. }
+                        | LinkFrame::GetDeviceList { req_id, .. }
+                        | LinkFrame::ClaimKey { req_id, .. } => req_id,
+                        _ => 0,
+                    };
+                    let refusal = LinkFrame::Refused {
+                        req_id,
+                        code: ErrorCode::RateLimited,
+                    };
+                    if !send(session, &mut self.cipher, &refusal).await {
+                        return Err(None);
                     }
                 }
             }
-            _ = heartbeat.tick() => {
-                if last_heard.elapsed() > settings.idle_timeout
-                    && (txns.len() >= settings.inbound_txns || replies.len() >= max_replies)
-                {
-                    // Not reading was our doing (transactions wait for local mailboxes).
-                    return Some((CloseCode::GoingAway, "transactions are not being answered in time".into()));
-                }
-                if last_heard.elapsed() > settings.idle_timeout {
-                    return Some((CloseCode::IdleTimeout, "no traffic within the link timeout".into()));
-                }
-                if session.ping(b"").await.is_err() { return None }
+            _ => {
+                refused("wrong_direction");
+                debug!(origin = %origin, "reply frame on an inbound link");
+                let error = LinkFrame::LinkError {
+                    code: ErrorCode::UnknownFrameType,
+                    message: "only requests are accepted on this link".into(),
+                };
+                let _ = send(session, &mut self.cipher, &error).await;
+                return Err(Some(Close::new(
+                    CloseCode::ProtocolError,
+                    "wrong frame direction",
+                )));
             }
         }
+        Ok(())
+    }
+
+    /// Acknowledges what is being persisted; the sender resends the rest elsewhere or later.
+    async fn on_shutdown(&mut self, session: &mut Writer) -> Option<Close> {
+        while let Some((txn_id, codes)) = self.txns.next().await {
+            if !send(
+                session,
+                &mut self.cipher,
+                &LinkFrame::TxnAck { txn_id, codes },
+            )
+            .await
+            {
+                return None;
+            }
+        }
+        Some(Close::new(CloseCode::GoingAway, "server shutting down"))
     }
 }

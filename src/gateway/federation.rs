@@ -9,10 +9,7 @@
 //! and [`Local`], the [`LocalDelivery`] of inbound links: envelopes into mailboxes, lookups
 //! from the store, key claims through mailboxes — with the same checks as local requests.
 
-use std::{
-    rc::Rc,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{rc::Rc, sync::Arc};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -27,13 +24,17 @@ use super::{
     AppState,
     error::ApiError,
     http::{DeviceEntry, DeviceList},
-    session::{OpenGuard, close},
+    session::{OpenGuard, admit, admit_unauthenticated},
     submit::{admit_sealed, submit_local, validate_local},
 };
 use crate::{
-    federation::{inbound::LocalDelivery, link::MAX_SEALED_BYTES, messages::Request},
+    federation::{
+        inbound::{self, LocalDelivery},
+        link::MAX_SEALED_BYTES,
+        messages::Request,
+    },
     mailbox::messages::ClaimKey,
-    ws::Writer,
+    socket::{self, Socket},
 };
 
 type State = web::Data<Arc<AppState>>;
@@ -44,36 +45,31 @@ pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable.into());
-    }
-    if let Some(ip) = state.client_ip(&req)
-        && !state.limits.allow_ip(ip)
-    {
-        return Err(ApiError::RateLimited.into());
-    }
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let stream = stream
-        .max_frame_size(MAX_SEALED_BYTES)
-        .aggregate_continuations()
-        .max_continuation_size(MAX_SEALED_BYTES);
+    let ip = admit(&state, &req)?;
+    let slot = admit_unauthenticated(&state, ip)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
+    let settings = state.federation.settings();
+    let limits = socket::Limits {
+        max_message: MAX_SEALED_BYTES,
+        heartbeat: settings.heartbeat,
+        // A peer that takes nothing off the link for as long as it may stay silent is gone.
+        idle_timeout: settings.idle_timeout,
+        budget: Arc::clone(&state.socket_budget),
+    };
+    let (response, mut socket) = Socket::accept(&req, body, limits).await?;
     actix_web::rt::spawn(async move {
         let _open = OpenGuard::new(&state);
-        let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
-        // A peer that takes nothing off the link for as long as it may stay silent is gone.
-        let mut session = Writer::new(session, state.federation.settings().idle_timeout);
-        let end = crate::federation::inbound::serve(
-            &state.federation,
-            local,
-            &mut session,
-            stream,
-            state.shutdown.clone(),
-        )
-        .await;
-        if let Some((code, text)) = end {
-            close(session, code, Some(text)).await;
-        }
+        let end = match inbound::handshake(&state.federation, &mut socket).await {
+            Ok(link) => {
+                drop(slot);
+                let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
+                let shutdown = state.shutdown.clone();
+                link.serve(&state.federation, local, &mut socket, shutdown)
+                    .await
+            }
+            Err(end) => end,
+        };
+        socket.finish(end).await;
     });
     Ok(response)
 }

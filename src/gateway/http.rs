@@ -304,6 +304,9 @@ async fn metrics(state: State) -> HttpResponse {
             metrics::gauge!("sealpost_mailboxes_registered").set(state.registry.len() as f64);
             metrics::gauge!("sealpost_websocket_sessions")
                 .set(state.open_sessions.load(Ordering::Relaxed) as f64);
+            metrics::gauge!("sealpost_unauthenticated_sessions").set(state.pre_auth.total() as f64);
+            metrics::gauge!("sealpost_socket_buffered_bytes")
+                .set(state.socket_budget.used() as f64);
             metrics::gauge!("sealpost_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4")

@@ -5,8 +5,10 @@
 //! fresh burst.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
+    sync::{Arc, Mutex},
 };
 
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -102,9 +104,117 @@ impl Limits {
     }
 }
 
+/// Connections that have not authenticated yet (`/v1/ws` before `auth`, `/v1/federation`
+/// before its handshake), counted per source and in total. Each costs a task and buffers
+/// before anyone is known; these caps keep one address, or everyone together, from holding
+/// more than that many.
+pub struct PreAuth {
+    counts: Mutex<PreAuthCounts>,
+    max_per_source: usize,
+    max_total: usize,
+}
+
+#[derive(Default)]
+struct PreAuthCounts {
+    per_source: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// Why a connection was not admitted before authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreAuthFull {
+    /// Its address holds as many unauthenticated connections as one may.
+    Source,
+    /// The broker holds as many unauthenticated connections as it may.
+    Total,
+}
+
+impl PreAuth {
+    /// At most `max_per_source` unauthenticated connections from one address (an IPv6 /64)
+    /// and `max_total` together; 0 is no limit.
+    pub fn new(max_per_source: usize, max_total: usize) -> Arc<PreAuth> {
+        Arc::new(PreAuth {
+            counts: Mutex::default(),
+            max_per_source,
+            max_total,
+        })
+    }
+
+    /// Takes a slot for a connection from `ip` (`None`: unknown, counted in the total only);
+    /// the slot is given back when dropped.
+    pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<PreAuthSlot, PreAuthFull> {
+        let source = ip.map(source);
+        let mut counts = self.lock();
+        if self.max_total != 0 && counts.total >= self.max_total {
+            return Err(PreAuthFull::Total);
+        }
+        if let Some(source) = source {
+            let n = counts.per_source.entry(source).or_default();
+            if self.max_per_source != 0 && *n >= self.max_per_source {
+                return Err(PreAuthFull::Source);
+            }
+            *n += 1;
+        }
+        counts.total += 1;
+        Ok(PreAuthSlot {
+            table: Arc::clone(self),
+            source,
+        })
+    }
+
+    /// Unauthenticated connections now.
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PreAuthCounts> {
+        // Nothing panics while holding the lock; a poisoned table is still consistent.
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One unauthenticated connection's place in [`PreAuth`]; dropped once it authenticates or
+/// ends.
+pub struct PreAuthSlot {
+    table: Arc<PreAuth>,
+    source: Option<IpAddr>,
+}
+
+impl Drop for PreAuthSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.lock();
+        counts.total -= 1;
+        if let Some(source) = self.source
+            && let Some(n) = counts.per_source.get_mut(&source)
+        {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_source.remove(&source);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unauthenticated_connections_are_capped_per_source_and_in_total() {
+        let table = PreAuth::new(2, 3);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let b_same_64: IpAddr = "2001:db8::2".parse().unwrap();
+        let a1 = table.admit(Some(a)).unwrap();
+        let _a2 = table.admit(Some(a)).unwrap();
+        assert_eq!(table.admit(Some(a)).err(), Some(PreAuthFull::Source));
+        let _b1 = table.admit(Some(b)).unwrap();
+        assert_eq!(table.admit(Some(b_same_64)).err(), Some(PreAuthFull::Total));
+        drop(a1);
+        assert_eq!(table.total(), 2);
+        let _b2 = table.admit(Some(b_same_64)).unwrap();
+        assert_eq!(table.admit(None).err(), Some(PreAuthFull::Total));
+    }
 
     #[test]
     fn ipv6_clients_share_a_limit_per_64() {

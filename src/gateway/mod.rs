@@ -28,16 +28,24 @@ pub(crate) mod submit;
 pub mod turn;
 pub mod web;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize},
+    },
+    time::Duration,
 };
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::{
-    config::Settings, crypto::TokenHasher, federation::Federation, mailbox::Registry, store::Store,
+    config::Settings,
+    crypto::TokenHasher,
+    federation::Federation,
+    mailbox::Registry,
+    socket::{self, Budget},
+    store::Store,
 };
 
 /// State shared by every route and session.
@@ -70,9 +78,25 @@ pub struct AppState {
     pub platform_key: Option<ed25519_dalek::VerifyingKey>,
     /// The call relay's credentials minting (TURN REST scheme).
     pub turn: turn::Turn,
+    /// Memory all WebSocket readers together may hold in partly received messages.
+    pub socket_budget: Arc<Budget>,
+    /// Connections not authenticated yet, capped per address and in total.
+    pub pre_auth: Arc<limits::PreAuth>,
 }
 
 impl AppState {
+    /// Limits for a device-facing socket whose messages are at most `max_message` bytes.
+    pub(crate) fn socket_limits(&self, max_message: usize) -> socket::Limits {
+        socket::Limits {
+            max_message,
+            heartbeat: Duration::from_millis(self.settings.heartbeat_ms),
+            // A client that takes nothing off the connection for as long as it may stay
+            // silent is gone.
+            idle_timeout: Duration::from_millis(self.settings.client_timeout_ms),
+            budget: Arc::clone(&self.socket_budget),
+        }
+    }
+
     /// The client's address: the TCP peer, or what a trusted proxy forwarded.
     pub fn client_ip(&self, req: &actix_web::HttpRequest) -> Option<std::net::IpAddr> {
         self.proxies.client_ip(req)

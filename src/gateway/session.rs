@@ -15,11 +15,10 @@
 use std::{
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason};
 use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
 use rand::Rng;
 use sealpost_proto::{
@@ -33,6 +32,7 @@ use tracing::debug;
 use super::{
     AppState,
     error::ApiError,
+    limits::{PreAuthFull, PreAuthSlot},
     submit::{PendingSend, submit, validate_send},
 };
 use crate::{
@@ -43,8 +43,8 @@ use crate::{
         messages::{Ack, Attach, Detach},
         outbox,
     },
+    socket::{Close, Flow, Service, Socket, Writer},
     telemetry,
-    ws::Writer,
 };
 
 /// `GET /v1/ws`: upgrades and spawns the session task.
@@ -53,44 +53,47 @@ pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream, _) = accept(&state, &req, body)?;
+    let ip = admit(&state, &req)?;
+    let slot = admit_unauthenticated(&state, ip)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
-    actix_web::rt::spawn(run(state, session, stream));
+    let (response, socket) =
+        Socket::accept(&req, body, state.socket_limits(MAX_FRAME_BYTES)).await?;
+    actix_web::rt::spawn(run(state, socket, slot));
     Ok(response)
 }
 
-/// The admission and set-up every device-facing WebSocket shares: refused while shutting down
-/// or over the per-IP limit; frames capped at [`MAX_FRAME_BYTES`], continuations aggregated.
-pub(crate) fn accept(
+/// A slot among the connections that have not authenticated yet: over the per-address cap is
+/// `rate_limited` (429), over the broker's `unavailable` (503).
+pub(crate) fn admit_unauthenticated(
     state: &AppState,
-    req: &HttpRequest,
-    body: web::Payload,
-) -> Result<
-    (
-        HttpResponse,
-        Writer,
-        AggregatedMessageStream,
-        Option<IpAddr>,
-    ),
-    actix_web::Error,
-> {
+    ip: Option<IpAddr>,
+) -> Result<PreAuthSlot, ApiError> {
+    state.pre_auth.admit(ip).map_err(|full| {
+        metrics::counter!("sealpost_unauthenticated_refused_total", "scope" => match full {
+            PreAuthFull::Source => "source",
+            PreAuthFull::Total => "total",
+        })
+        .increment(1);
+        match full {
+            PreAuthFull::Source => ApiError::RateLimited,
+            PreAuthFull::Total => ApiError::Unavailable,
+        }
+    })
+}
+
+/// The admission every WebSocket endpoint shares: refused while shutting down or over the
+/// per-IP rate. Returns the client's address.
+pub(crate) fn admit(state: &AppState, req: &HttpRequest) -> Result<Option<IpAddr>, ApiError> {
     if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable.into());
+        return Err(ApiError::Unavailable);
     }
     let ip = state.client_ip(req);
     if let Some(ip) = ip
         && !state.limits.allow_ip(ip)
     {
-        return Err(ApiError::RateLimited.into());
+        return Err(ApiError::RateLimited);
     }
-    let (response, session, stream) = actix_ws::handle(req, body)?;
-    let stream = stream
-        .max_frame_size(MAX_FRAME_BYTES)
-        .aggregate_continuations()
-        .max_continuation_size(MAX_FRAME_BYTES);
-    // A client that takes nothing off the connection for as long as it may stay silent is gone.
-    let write_deadline = Duration::from_millis(state.settings.client_timeout_ms);
-    Ok((response, Writer::new(session, write_deadline), stream, ip))
+    Ok(ip)
 }
 
 pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Option<u64>) -> Bytes {
@@ -105,105 +108,28 @@ pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: Opti
     )
 }
 
-pub(crate) async fn close(session: Writer, code: CloseCode, description: Option<String>) {
-    metrics::counter!("sealpost_disconnects_total", "reason" => code.as_str()).increment(1);
-    send_close(session, code, description).await;
-}
-
-/// Closes without counting: for kicks, which the mailbox counted when it kicked.
-async fn send_close(session: Writer, code: CloseCode, description: Option<String>) {
-    let reason = CloseReason {
-        code: actix_ws::CloseCode::Other(code.as_u16()),
-        description: Some(description.unwrap_or_else(|| code.as_str().to_owned())),
-    };
-    session.close(reason).await;
-}
-
 /// What authentication established.
 struct Authed {
     user: Handle,
     device: DeviceId,
 }
 
-/// The result of one step of reading: a frame, or the connection should end with a close.
-pub(crate) enum Incoming {
-    Frame(Bytes),
-    Control,
-    /// The client sent a close frame: answer it (the closing handshake), then end.
-    Closed,
-    End(Option<(CloseCode, String)>),
-}
-
-/// Reads and [settles](settle) the next message.
-pub(crate) async fn next_incoming(
-    session: &mut Writer,
-    stream: &mut AggregatedMessageStream,
-) -> Incoming {
-    settle(session, stream.recv().await).await
-}
-
-/// What one read means, with a ping or a close frame answered. Call it outside `select!`
-/// (in a branch's body): an answer cancelled halfway would be lost.
-pub(crate) async fn settle(
-    session: &mut Writer,
-    read: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
-) -> Incoming {
-    match classify(read) {
-        Ok(Incoming::Closed) => {
-            session.echo_close().await;
-            Incoming::End(None)
-        }
-        Ok(incoming) => incoming,
-        Err(ping) => match session.pong(&ping).await {
-            Ok(()) => Incoming::Control,
-            Err(_) => Incoming::End(None),
-        },
-    }
-}
-
-/// What one read from the socket means; a ping is returned as its payload, to be answered.
-fn classify(
-    read: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
-) -> Result<Incoming, Bytes> {
-    Ok(match read {
-        Some(Ok(AggregatedMessage::Binary(bytes))) => Incoming::Frame(bytes),
-        Some(Ok(AggregatedMessage::Ping(p))) => return Err(p),
-        Some(Ok(AggregatedMessage::Pong(_))) => Incoming::Control,
-        Some(Ok(AggregatedMessage::Text(_))) => Incoming::End(Some((
-            CloseCode::ProtocolError,
-            "frames are binary MessagePack, not text".into(),
-        ))),
-        Some(Ok(AggregatedMessage::Close(_))) => Incoming::Closed,
-        None => Incoming::End(None),
-        Some(Err(actix_ws::ProtocolError::Overflow)) => Incoming::End(Some((
-            CloseCode::TooBig,
-            format!("frames are limited to {MAX_FRAME_BYTES} bytes"),
-        ))),
-        Some(Err(e)) => Incoming::End(Some((CloseCode::ProtocolError, e.to_string()))),
-    })
-}
-
 /// Reads frames until `auth` arrives and verifies it.
-async fn authenticate(
-    state: &AppState,
-    session: &mut Writer,
-    stream: &mut AggregatedMessageStream,
-) -> Result<Authed, Option<(CloseCode, String)>> {
+async fn authenticate(state: &AppState, socket: &mut Socket) -> Result<Authed, Option<Close>> {
     let deadline = tokio::time::sleep(Duration::from_millis(state.settings.auth_timeout_ms));
     tokio::pin!(deadline);
     let bytes = loop {
         tokio::select! {
             () = &mut deadline => {
-                return Err(Some((CloseCode::AuthFailed, "no auth frame in time".into())));
+                return Err(Some(Close::new(CloseCode::AuthFailed, "no auth frame in time")));
             }
-            incoming = next_incoming(session, stream) => match incoming {
-                Incoming::Frame(bytes) => break bytes,
-                Incoming::Control => continue,
-                Incoming::End(reason) => return Err(reason),
-                Incoming::Closed => return Err(None), // answered by next_incoming
+            read = socket.recv() => match read? {
+                Some(bytes) => break bytes,
+                None => continue,
             },
         }
     };
+    let session = socket.writer();
     let (user, device, token) = match ClientFrame::decode(&bytes) {
         Ok(ClientFrame::Auth {
             user,
@@ -241,17 +167,11 @@ async fn authenticate(
 }
 
 /// Refuses authentication: an `error` frame saying why, then a close with `auth_failed`.
-async fn refuse(
-    session: &mut Writer,
-    code: ErrorCode,
-    msg: &str,
-) -> Result<Authed, Option<(CloseCode, String)>> {
+async fn refuse(session: &mut Writer, code: ErrorCode, msg: &str) -> Result<Authed, Option<Close>> {
     let _ = session.binary(error_frame(code, msg, None)).await;
-    Err(Some((CloseCode::AuthFailed, msg.to_owned())))
+    Err(Some(Close::new(CloseCode::AuthFailed, msg.to_owned())))
 }
 
-/// The close for a frame that does not decode. The caller has already sent (and counted) the
-/// `error` frame.
 /// Answers a refused send.
 pub(crate) async fn reject_send(session: &mut Writer, id: EnvelopeId, code: ErrorCode) {
     telemetry::reject(code.as_str());
@@ -264,37 +184,73 @@ pub(crate) async fn reject_send(session: &mut Writer, id: EnvelopeId, code: Erro
         .await;
 }
 
-pub(crate) fn decode_close(e: &DecodeError) -> (CloseCode, String) {
+/// Answers a frame over the rate limit: a send gets its `send_result`, anything else an
+/// `error` frame.
+pub(crate) async fn refuse_over_rate(
+    session: &mut Writer,
+    decoded: &Result<ClientFrame, DecodeError>,
+) {
+    match decoded {
+        Ok(ClientFrame::Send { id, .. } | ClientFrame::SealedSend { id, .. }) => {
+            reject_send(session, *id, ErrorCode::RateLimited).await;
+        }
+        _ => {
+            let _ = session
+                .binary(error_frame(ErrorCode::RateLimited, "slow down", None))
+                .await;
+        }
+    }
+}
+
+/// The frame, if it decoded. An unknown frame type (possibly from a newer client) is refused
+/// and the connection kept (`Ok(None)`); anything else undecodable gets an `error` frame and
+/// ends the connection.
+pub(crate) async fn accept_decoded(
+    session: &mut Writer,
+    decoded: Result<ClientFrame, DecodeError>,
+) -> Result<Option<ClientFrame>, Option<Close>> {
+    match decoded {
+        Ok(frame) => Ok(Some(frame)),
+        Err(DecodeError::UnknownFrameType(kind)) => {
+            let msg = format!("unknown frame type {kind:#04x}");
+            let frame = error_frame(ErrorCode::UnknownFrameType, msg, None);
+            let _ = session.binary(frame).await;
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = session
+                .binary(error_frame(e.code(), e.to_string(), None))
+                .await;
+            Err(Some(decode_close(&e)))
+        }
+    }
+}
+
+/// The close for a frame that does not decode. The caller has already sent (and counted) the
+/// `error` frame.
+pub(crate) fn decode_close(e: &DecodeError) -> Close {
     match e {
-        DecodeError::TooLarge(_) => (CloseCode::TooBig, e.to_string()),
-        _ => (CloseCode::ProtocolError, e.to_string()),
+        DecodeError::TooLarge(_) => Close::new(CloseCode::TooBig, e.to_string()),
+        _ => Close::new(CloseCode::ProtocolError, e.to_string()),
     }
 }
 
 /// Runs one connection to its end.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn run(
-    state: Arc<AppState>,
-    mut session: Writer,
-    mut stream: AggregatedMessageStream,
-) -> impl Future<Output = ()> {
+fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Future<Output = ()> {
     async move {
         let _open = OpenGuard::new(&state);
         // Boxed, here and for the closes below: the task keeps its largest state for its whole
         // life, and these run once.
-        let authed = match Box::pin(authenticate(&state, &mut session, &mut stream)).await {
+        let authed = match Box::pin(authenticate(&state, &mut socket)).await {
             Ok(a) => a,
-            Err(reason) => {
-                if let Some((code, text)) = reason {
-                    Box::pin(close(session, code, Some(text))).await;
-                }
-                return;
-            }
+            Err(close) => return Box::pin(socket.finish(close)).await,
         };
+        drop(slot);
         let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
         let capacity = state.settings.delivery_window * 2 + 16;
-        let (tx, mut rx) = outbox::channel(capacity);
-        let (kick_tx, mut kick_rx) = oneshot::channel();
+        let (tx, pushes) = outbox::channel(capacity);
+        let (kick_tx, kick) = oneshot::channel();
         let attach = Attach {
             device: authed.device,
             conn: Conn {
@@ -307,16 +263,15 @@ fn run(
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 // Removed between authentication and attaching.
-                let text = Some("device unavailable".into());
-                Box::pin(close(session, CloseCode::AuthFailed, text)).await;
-                return;
+                let close = Close::new(CloseCode::AuthFailed, "device unavailable");
+                return Box::pin(socket.finish(Some(close))).await;
             }
             Err(_) => {
                 // The mailbox could not start (the store is failing): not the client's fault,
                 // so it reconnects later rather than treating its credentials as bad.
-                let text = Some("mailbox unavailable, try again later".into());
-                Box::pin(close(session, CloseCode::GoingAway, text)).await;
-                return;
+                let close =
+                    Close::new(CloseCode::GoingAway, "mailbox unavailable, try again later");
+                return Box::pin(socket.finish(Some(close))).await;
             }
         }
         let hello = ServerFrame::AuthOk {
@@ -324,30 +279,25 @@ fn run(
             device: authed.device,
             server_time_ms: now_ms(),
         };
-        if session.binary(hello.encode()).await.is_err() {
+        if socket.writer().binary(hello.encode()).await.is_err() {
             detach(&state, &authed, conn_id);
             return;
         }
         debug!(device = authed.device.0, "device connected");
 
-        let mut s = Live {
+        let mut session = DeviceSession {
             state: &state,
             authed: &authed,
             conn_id,
             violations: 0,
-            kicked: false,
+            pending: Pending::default(),
+            pushes,
+            kick,
         };
-        let end = s
-            .relay(&mut session, &mut stream, &mut rx, &mut kick_rx)
-            .await;
+        let mut shutdown = state.shutdown.clone();
+        let end = socket.drive(&mut session, &mut shutdown).await;
         detach(&state, &authed, conn_id);
-        if let Some((code, text)) = end {
-            if s.kicked {
-                Box::pin(send_close(session, code, Some(text))).await;
-            } else {
-                Box::pin(close(session, code, Some(text))).await;
-            }
-        }
+        Box::pin(socket.finish(end)).await;
     }
 }
 
@@ -355,19 +305,32 @@ fn run(
 /// most connections are idle most of the time, and an empty `FuturesUnordered` already holds
 /// two allocations.
 #[derive(Default)]
-struct Pending(Option<FuturesUnordered<PendingSend>>);
+pub(crate) struct Pending(Option<FuturesUnordered<PendingSend>>);
 
 impl Pending {
-    fn push(&mut self, send: PendingSend) {
+    pub(crate) fn push(&mut self, send: PendingSend) {
         self.0.get_or_insert_with(FuturesUnordered::new).push(send);
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.as_ref().map_or(0, FuturesUnordered::len)
     }
 
-    fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// The next answer; never resolves while no send is waiting.
+    pub(crate) async fn answer(&mut self) -> (EnvelopeId, SendOutcome) {
+        match self.next().await {
+            Some(answer) => answer,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Answers every send still waiting.
+    pub(crate) async fn drain(&mut self, session: &mut Writer) {
+        while let Some((id, outcome)) = self.next().await {
+            let _ = session
+                .binary(ServerFrame::SendResult { id, outcome }.encode())
+                .await;
+        }
     }
 }
 
@@ -415,121 +378,66 @@ fn detach(state: &AppState, authed: &Authed, conn: u64) {
     }
 }
 
-/// The authenticated part of a session.
-struct Live<'a> {
+/// The authenticated part of a device session.
+struct DeviceSession<'a> {
     state: &'a Arc<AppState>,
     authed: &'a Authed,
     conn_id: u64,
     /// Rate-limit violations so far; past the configured maximum the connection is closed.
     violations: u32,
-    /// Whether the mailbox kicked this connection (and already counted the disconnect).
-    kicked: bool,
+    /// This device's sends awaiting their results.
+    pending: Pending,
+    /// Deliveries the mailbox pushes to this connection.
+    pushes: outbox::Receiver,
+    /// The mailbox closing this connection (displaced, revoked, slow consumer).
+    kick: oneshot::Receiver<CloseCode>,
 }
 
-impl Live<'_> {
-    /// Relays until the connection ends; returns the close to send, if any.
-    async fn relay(
-        &mut self,
-        session: &mut Writer,
-        stream: &mut AggregatedMessageStream,
-        rx: &mut outbox::Receiver,
-        kick_rx: &mut oneshot::Receiver<CloseCode>,
-    ) -> Option<(CloseCode, String)> {
-        let settings = &self.state.settings;
-        let mut pending = Pending::default();
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
-        heartbeat.tick().await;
-        let client_timeout = Duration::from_millis(settings.client_timeout_ms);
-        let mut last_heard = Instant::now();
-        let mut shutdown = self.state.shutdown.clone();
-        loop {
-            if session.stalled() {
-                return None;
+/// What the mailbox or the store has for a device session.
+enum DeviceEvent {
+    /// The mailbox closed the connection (`None`: the mailbox stopped, at shutdown).
+    Kicked(Option<CloseCode>),
+    /// A frame the mailbox pushed (`None`: the mailbox stopped).
+    Push(Option<Bytes>),
+    /// A send's result.
+    Answer((EnvelopeId, SendOutcome)),
+}
+
+impl Service for DeviceSession<'_> {
+    type Event = DeviceEvent;
+
+    async fn event(&mut self) -> DeviceEvent {
+        tokio::select! {
+            biased;
+            reason = &mut self.kick => DeviceEvent::Kicked(reason.ok()),
+            frame = self.pushes.recv() => DeviceEvent::Push(frame),
+            answer = self.pending.answer() => DeviceEvent::Answer(answer),
+        }
+    }
+
+    async fn on_event(&mut self, event: DeviceEvent, out: &mut Writer) -> Flow {
+        match event {
+            // The mailbox counted the disconnect when it kicked.
+            DeviceEvent::Kicked(Some(code)) => Err(Some(Close::code(code).already_counted())),
+            DeviceEvent::Kicked(None) => Err(Some(Close::code(CloseCode::GoingAway))),
+            DeviceEvent::Push(Some(frame)) => out.binary(frame).await.map_err(|_| None),
+            DeviceEvent::Push(None) => {
+                Err(Some(Close::new(CloseCode::GoingAway, "mailbox stopped")))
             }
-            tokio::select! {
-                biased;
-                reason = &mut *kick_rx => {
-                    // A dropped sender means the mailbox stopped (shutdown).
-                    self.kicked = reason.is_ok();
-                    let code = reason.unwrap_or(CloseCode::GoingAway);
-                    return Some((code, code.as_str().to_owned()));
-                }
-                _ = shutdown.changed() => {
-                    return Box::pin(self.drain_for_shutdown(session, &mut pending)).await;
-                }
-                frame = rx.recv() => match frame {
-                    Some(frame) => if session.binary(frame).await.is_err() { return None },
-                    None => return Some((CloseCode::GoingAway, "mailbox stopped".into())),
-                },
-                Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
-                    let frame = ServerFrame::SendResult { id, outcome }.encode();
-                    if session.binary(frame).await.is_err() { return None }
-                }
-                // Reads here and answers pings below, so that the waiting state stays small.
-                read = stream.recv(), if pending.len() < settings.max_pending_sends => {
-                    last_heard = Instant::now();
-                    match classify(read) {
-                        Ok(Incoming::Frame(bytes)) => {
-                            // Boxed: its state is larger than all the rest of the loop's, and
-                            // the task would carry it while idle too.
-                            let handled = Box::pin(self.on_frame(session, &bytes, &mut pending));
-                            if let Some(end) = handled.await {
-                                return Some(end);
-                            }
-                        }
-                        Ok(Incoming::Control) => {}
-                        Ok(Incoming::Closed) => {
-                            session.echo_close().await;
-                            return None;
-                        }
-                        Ok(Incoming::End(reason)) => return reason,
-                        Err(ping) => {
-                            let _ = session.pong(&ping).await;
-                        }
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > client_timeout && pending.len() >= settings.max_pending_sends {
-                        // Not reading was our doing (its sends wait for the store): not the
-                        // client's silence. Still bounded: the client retries elsewhere.
-                        return Some((CloseCode::GoingAway, "sends are not being answered in time; reconnect".into()));
-                    }
-                    if last_heard.elapsed() > client_timeout {
-                        return Some((CloseCode::IdleTimeout, "no traffic within the client timeout".into()));
-                    }
-                    if session.ping(b"").await.is_err() { return None }
-                }
+            DeviceEvent::Answer((id, outcome)) => {
+                let frame = ServerFrame::SendResult { id, outcome }.encode();
+                out.binary(frame).await.map_err(|_| None)
             }
         }
     }
 
-    /// On shutdown: stop reading, answer sends already accepted, then close after a jitter so
-    /// that clients do not all reconnect at once.
-    async fn drain_for_shutdown(
-        &self,
-        session: &mut Writer,
-        pending: &mut Pending,
-    ) -> Option<(CloseCode, String)> {
-        while let Some((id, outcome)) = pending.next().await {
-            let _ = session
-                .binary(ServerFrame::SendResult { id, outcome }.encode())
-                .await;
-        }
-        let window = self.state.settings.shutdown_drain_ms.max(1);
-        let jitter = rand::thread_rng().gen_range(0..window);
-        tokio::time::sleep(Duration::from_millis(jitter)).await;
-        Some((CloseCode::GoingAway, "server shutting down".into()))
+    fn reading(&self) -> bool {
+        self.pending.len() < self.state.settings.max_pending_sends
     }
 
-    /// Handles one binary frame; returns a close if the protocol was violated.
-    async fn on_frame(
-        &mut self,
-        session: &mut Writer,
-        bytes: &[u8],
-        pending: &mut Pending,
-    ) -> Option<(CloseCode, String)> {
+    async fn on_message(&mut self, bytes: Bytes, session: &mut Writer) -> Flow {
         // Every frame counts against the device's rate, also one that is refused below.
-        let decoded = ClientFrame::decode(bytes);
+        let decoded = ClientFrame::decode(&bytes);
         if !self
             .state
             .limits
@@ -537,43 +445,13 @@ impl Live<'_> {
         {
             self.violations += 1;
             if self.violations > self.state.settings.max_violations {
-                return Some((CloseCode::RateLimited, "too many frames".into()));
+                return Err(Some(Close::new(CloseCode::RateLimited, "too many frames")));
             }
-            // Counted once: `error_frame` counts the refusals it builds.
-            let answer = match &decoded {
-                Ok(ClientFrame::Send { id, .. } | ClientFrame::SealedSend { id, .. }) => {
-                    telemetry::reject(ErrorCode::RateLimited.as_str());
-                    ServerFrame::SendResult {
-                        id: *id,
-                        outcome: SendOutcome::Rejected {
-                            code: ErrorCode::RateLimited,
-                            current_devices: Vec::new(),
-                        },
-                    }
-                    .encode()
-                    .into()
-                }
-                _ => error_frame(ErrorCode::RateLimited, "slow down", None),
-            };
-            let _ = session.binary(answer).await;
-            return None;
+            refuse_over_rate(session, &decoded).await;
+            return Ok(());
         }
-        let frame = match decoded {
-            Ok(frame) => frame,
-            Err(DecodeError::UnknownFrameType(kind)) => {
-                // Possibly a newer client: refuse the frame, keep the connection.
-                let msg = format!("unknown frame type {kind:#04x}");
-                let _ = session
-                    .binary(error_frame(ErrorCode::UnknownFrameType, msg, None))
-                    .await;
-                return None;
-            }
-            Err(e) => {
-                let _ = session
-                    .binary(error_frame(e.code(), e.to_string(), None))
-                    .await;
-                return Some(decode_close(&e));
-            }
+        let Some(frame) = accept_decoded(session, decoded).await? else {
+            return Ok(());
         };
         match frame {
             ClientFrame::Auth { .. } => {
@@ -591,7 +469,9 @@ impl Live<'_> {
                 ttl_secs,
                 copies,
             } => match validate_send(self.state, &to, class, ttl_secs, &copies) {
-                Ok(to) => pending.push(submit(self.state, to, id, class, ttl_secs, copies)),
+                Ok(to) => self
+                    .pending
+                    .push(submit(self.state, to, id, class, ttl_secs, copies)),
                 Err(code) => reject_send(session, id, code).await,
             },
             // A sealed send on the connection that names its sender would undo the sealing:
@@ -605,7 +485,7 @@ impl Live<'_> {
                     let _ = session
                         .binary(error_frame(ErrorCode::MalformedFrame, msg, None))
                         .await;
-                    return None;
+                    return Ok(());
                 }
                 let ack = Ack {
                     device: self.authed.device,
@@ -625,6 +505,16 @@ impl Live<'_> {
                 }
             }
         }
-        None
+        Ok(())
+    }
+
+    /// On shutdown: stop reading, answer sends already accepted, then close after a jitter so
+    /// that clients do not all reconnect at once.
+    async fn on_shutdown(&mut self, session: &mut Writer) -> Option<Close> {
+        self.pending.drain(session).await;
+        let window = self.state.settings.shutdown_drain_ms.max(1);
+        let jitter = rand::thread_rng().gen_range(0..window);
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        Some(Close::new(CloseCode::GoingAway, "server shutting down"))
     }
 }

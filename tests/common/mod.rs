@@ -338,6 +338,14 @@ pub async fn connect_raw(broker: &Broker) -> Ws {
     ws
 }
 
+/// Opens a device WebSocket; `None` if the upgrade is refused.
+pub async fn connect_raw_checked(broker: &Broker) -> Option<Ws> {
+    tokio_tungstenite::connect_async(broker.ws_url())
+        .await
+        .ok()
+        .map(|(ws, _)| ws)
+}
+
 /// What came out of the socket.
 #[derive(Debug)]
 pub enum Event {

@@ -1,4 +1,4 @@
-//! The sending half of a WebSocket, with a deadline on every write.
+//! Frames out: the sending half of a WebSocket, with a deadline on every write.
 //!
 //! actix-ws buffers 32 outgoing messages; behind them are the connection's write buffer and
 //! the kernel's socket buffers. A peer that stops reading fills all of them, and from then on
@@ -22,9 +22,12 @@ pub struct Gone;
 
 /// A WebSocket's sending half whose writes give up after a deadline.
 pub struct Writer {
+    /// actix-ws's handle; clones of it keep the response stream open.
     session: Session,
     deadline: Duration,
     stalled: bool,
+    /// A close frame was sent (or the peer was too stalled to take one): nothing follows it.
+    closed: bool,
 }
 
 impl Writer {
@@ -34,6 +37,7 @@ impl Writer {
             session,
             deadline,
             stalled: false,
+            closed: false,
         }
     }
 
@@ -44,7 +48,7 @@ impl Writer {
 
     /// Sends a binary message.
     pub async fn binary(&mut self, bytes: impl Into<Bytes>) -> Result<(), Gone> {
-        if self.stalled {
+        if self.stalled || self.closed {
             return Err(Gone);
         }
         let sent = tokio::time::timeout(self.deadline, self.session.binary(bytes.into())).await;
@@ -53,7 +57,7 @@ impl Writer {
 
     /// Sends a ping.
     pub async fn ping(&mut self, payload: &[u8]) -> Result<(), Gone> {
-        if self.stalled {
+        if self.stalled || self.closed {
             return Err(Gone);
         }
         let sent = tokio::time::timeout(self.deadline, self.session.ping(payload)).await;
@@ -62,7 +66,7 @@ impl Writer {
 
     /// Answers a ping.
     pub async fn pong(&mut self, payload: &[u8]) -> Result<(), Gone> {
-        if self.stalled {
+        if self.stalled || self.closed {
             return Err(Gone);
         }
         let sent = tokio::time::timeout(self.deadline, self.session.pong(payload)).await;
@@ -72,22 +76,29 @@ impl Writer {
     /// Answers the peer's close frame with one of ours (the closing handshake), after which
     /// nothing more is sent.
     pub async fn echo_close(&mut self) {
-        if !self.stalled {
+        if !self.stalled && !self.closed {
             let session = self.session.clone();
             let _ = tokio::time::timeout(self.deadline, session.close(None)).await;
         }
+        self.closed = true;
     }
 
-    /// Sends a close frame, unless the peer has stopped reading. The description is cut to
-    /// what a close frame can carry (123 bytes, on a character boundary): a longer one would
-    /// make the frame invalid and the peer would lose the reason.
-    pub async fn close(self, mut reason: CloseReason) {
+    /// Sends a close frame, unless the peer has stopped reading; nothing is sent after it. The
+    /// description is cut to what a close frame can carry (123 bytes, on a character
+    /// boundary): a longer one would make the frame invalid and the peer would lose the reason.
+    ///
+    /// The connection stays open until the writer is dropped, so that the caller can read
+    /// what the peer still sends before the connection goes (see `Socket::finish`).
+    pub async fn close(&mut self, mut reason: CloseReason) {
         if let Some(text) = &mut reason.description {
             truncate_utf8(text, MAX_CLOSE_DESCRIPTION);
         }
-        if !self.stalled {
-            let _ = tokio::time::timeout(self.deadline, self.session.close(Some(reason))).await;
+        if !self.stalled && !self.closed {
+            // A clone, so that our own handle keeps the response stream open.
+            let session = self.session.clone();
+            let _ = tokio::time::timeout(self.deadline, session.close(Some(reason))).await;
         }
+        self.closed = true;
     }
 
     fn settle(
