@@ -3,32 +3,29 @@
 //! Every key is declared once, in the [`settings!`] table below, which generates both the
 //! TOML-facing [`Settings`] (with defaults) and the flags of `sealpost serve` (each with its
 //! environment variable), so `sealpost serve --help` documents every key.
+//!
+//! [`Settings::into_config`] then checks every value and parses it, once, into the typed
+//! settings each layer owns ([`server::Config`]). Nothing but `main` imports this module: the
+//! layers know their own settings types, not this table.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
-/// How accounts may be created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Registration {
-    /// Anyone may register any free handle on a served domain (self-hosted domains, tests).
-    Open,
-    /// A registration token signed by the platform key must attest the handle.
-    Platform,
-    /// No new accounts.
-    Closed,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+use crate::{
+    federation::{PeerSettings, parse_peers},
+    gateway::{
+        self,
+        client_ip::TrustedProxies,
+        settings::{Rates, TurnSettings},
+        turn,
+    },
+    mailbox::MailboxConfig,
+    server,
+    store::StoreOptions,
+};
+pub use crate::{gateway::Registration, telemetry::LogFormat};
 
 macro_rules! settings {
     ($($(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal;)*) => {
@@ -229,6 +226,23 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A file a setting names could not be read.
+    #[error("cannot read {key} {path}: {source}")]
+    File {
+        /// The key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 impl Settings {
@@ -249,37 +263,29 @@ impl Settings {
             None => Settings::default(),
         };
         args.apply(&mut s);
-        s.validate()?;
         Ok(s)
     }
 
-    /// Checks ranges and cross-key rules.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+    /// Checks every value and cross-key rule, and builds each layer's typed settings.
+    pub fn into_config(self) -> Result<server::Config, ConfigError> {
         if sealpost_proto::Handle::parse(&format!("x@{}", self.domain)).is_err() {
-            return invalid("domain", "not a lower-case DNS name");
+            return Err(invalid("domain", "not a lower-case DNS name"));
         }
-        if self.registration == Registration::Platform
-            && crate::crypto::parse_platform_key(&self.platform_public_key).is_none()
-        {
-            return invalid(
+        let platform_key = crate::crypto::parse_platform_key(&self.platform_public_key);
+        if self.registration == Registration::Platform && platform_key.is_none() {
+            return Err(invalid(
                 "platform_public_key",
                 "registration = platform needs a base64 Ed25519 public key",
-            );
+            ));
         }
         if self.delivery_window == 0 || self.delivery_window > 65_536 {
-            return invalid("delivery_window", "must be 1..=65536");
+            return Err(invalid("delivery_window", "must be 1..=65536"));
         }
         if self.max_pending_sends == 0 || self.max_pending_sends > 4096 {
-            return invalid("max_pending_sends", "must be 1..=4096");
+            return Err(invalid("max_pending_sends", "must be 1..=4096"));
         }
         if self.queue_quota == 0 {
-            return invalid("queue_quota", "must be at least 1");
+            return Err(invalid("queue_quota", "must be at least 1"));
         }
         for (key, v) in [
             ("heartbeat_ms", self.heartbeat_ms),
@@ -290,49 +296,141 @@ impl Settings {
             ("expiry_sweep_ms", self.expiry_sweep_ms),
         ] {
             if v == 0 {
-                return invalid(key, "must be above 0");
+                return Err(invalid(key, "must be above 0"));
             }
         }
         if self.client_timeout_ms <= self.heartbeat_ms {
-            return invalid("client_timeout_ms", "must exceed heartbeat_ms");
+            return Err(invalid("client_timeout_ms", "must exceed heartbeat_ms"));
         }
-        if let Err(message) =
-            crate::gateway::client_ip::TrustedProxies::parse(&self.trusted_proxies)
-        {
-            return invalid("trusted_proxies", &message);
-        }
-        if let Err(message) = crate::federation::parse_peers(&self.federation_peers, &self.domain) {
-            return invalid("federation_peers", &message);
-        }
+        let trusted_proxies = TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|m| invalid("trusted_proxies", m))?;
+        let peers = parse_peers(&self.federation_peers, &self.domain)
+            .map_err(|e| invalid("federation_peers", e.to_string()))?;
         let max_batch = sealpost_proto::federation::MAX_TXN_ENVELOPES;
         if self.federation_batch == 0 || self.federation_batch > max_batch {
-            return invalid("federation_batch", &format!("must be 1..={max_batch}"));
+            return Err(invalid(
+                "federation_batch",
+                format!("must be 1..={max_batch}"),
+            ));
         }
         if self.federation_window == 0 || self.federation_window > 64 {
-            return invalid("federation_window", "must be 1..=64");
+            return Err(invalid("federation_window", "must be 1..=64"));
         }
         if self.federation_backoff_min_ms == 0 || self.federation_timeout_ms == 0 {
-            return invalid(
+            return Err(invalid(
                 "federation_backoff_min_ms",
                 "federation delays must be above 0",
-            );
+            ));
         }
-        if let Err(message) = crate::gateway::turn::parse_urls(&self.turn_urls) {
-            return invalid("turn_urls", &message);
-        }
-        if !self.turn_urls.trim().is_empty()
+        let turn = self.turn()?;
+        let ms = Duration::from_millis;
+        let mib = |n: u64| n.saturating_mul(1024 * 1024);
+        Ok(server::Config {
+            listen: self.listen,
+            workers: self.workers,
+            mailbox_threads: self.mailbox_threads,
+            max_connections: self.max_connections,
+            expiry_sweep: ms(self.expiry_sweep_ms),
+            federation_url: (!self.federation_url.is_empty()).then_some(self.federation_url),
+            store: StoreOptions {
+                dir: self.data_dir.clone(),
+                group_commit: self.group_commit,
+                fsync: self.fsync,
+                cache_bytes: mib(self.cache_mb),
+                commit_delay: Duration::from_micros(self.commit_delay_us),
+                min_free_bytes: mib(self.min_free_disk_mb),
+                failpoint_sync: (!self.failpoint_sync_file.is_empty())
+                    .then(|| self.failpoint_sync_file.into()),
+            },
+            mailbox: MailboxConfig {
+                queue_quota: self.queue_quota,
+                queue_quota_bytes: self.queue_quota_bytes,
+                window: self.delivery_window,
+                ack_timeout: ms(self.ack_timeout_ms),
+                idle: ms(self.mailbox_idle_ms),
+                dedup_secs: self.dedup_secs,
+            },
+            federation: PeerSettings {
+                local_domain: self.domain.clone(),
+                batch: self.federation_batch,
+                max_txn_bytes: 1024 * 1024,
+                window: self.federation_window,
+                backoff_min: ms(self.federation_backoff_min_ms),
+                backoff_max: ms(self.federation_backoff_max_ms),
+                request_timeout: ms(self.federation_timeout_ms),
+                device_cache: ms(self.federation_device_cache_ms),
+                heartbeat: ms(self.heartbeat_ms),
+                idle_timeout: ms(self.client_timeout_ms),
+                origin_rate: self.federation_origin_rate,
+                inbound_txns: self.federation_window.max(4),
+                outbox_quota: self.federation_outbox_quota,
+            },
+            peers,
+            gateway: gateway::Settings {
+                domain: self.domain,
+                registration: self.registration,
+                platform_key,
+                trusted_proxies,
+                rates: Rates {
+                    ip_rate: self.ip_rate,
+                    ip_burst: self.ip_burst,
+                    device_rate: self.device_rate,
+                    device_burst: self.device_burst,
+                    stranger_rate: self.stranger_rate,
+                    claim_rate: self.claim_rate,
+                },
+                turn,
+                web_root: (!self.web_root.is_empty()).then(|| self.web_root.into()),
+                heartbeat: ms(self.heartbeat_ms),
+                client_timeout: ms(self.client_timeout_ms),
+                auth_timeout: ms(self.auth_timeout_ms),
+                delivery_window: self.delivery_window,
+                max_pending_sends: self.max_pending_sends,
+                max_violations: self.max_violations,
+                shutdown_drain: ms(self.shutdown_drain_ms),
+                socket_buffer_bytes: usize::try_from(mib(self.socket_buffer_mb))
+                    .unwrap_or(usize::MAX),
+                max_unauthenticated_per_ip: self.max_unauthenticated_per_ip,
+                max_unauthenticated: self.max_unauthenticated,
+                admin_token: Zeroizing::new(self.admin_token),
+            },
+            data_dir: self.data_dir,
+        })
+    }
+
+    /// The call relay: URLs checked, the secret read from its file if one is named.
+    fn turn(&self) -> Result<TurnSettings, ConfigError> {
+        let urls = turn::parse_urls(&self.turn_urls).map_err(|m| invalid("turn_urls", m))?;
+        if !urls.is_empty()
             && self.turn_secret.trim().is_empty()
             && self.turn_secret_file.is_empty()
         {
-            return invalid(
+            return Err(invalid(
                 "turn_secret",
                 "turn_urls needs turn_secret or turn_secret_file",
-            );
+            ));
         }
-        if self.turn_ttl_secs < 60 || self.turn_ttl_secs > crate::gateway::turn::MAX_TTL_SECS {
-            return invalid("turn_ttl_secs", "must be 60..=86400");
+        if self.turn_ttl_secs < 60 || self.turn_ttl_secs > turn::MAX_TTL_SECS {
+            return Err(invalid("turn_ttl_secs", "must be 60..=86400"));
         }
-        Ok(())
+        let secret = if self.turn_secret_file.is_empty() {
+            Zeroizing::new(self.turn_secret.trim().as_bytes().to_vec())
+        } else {
+            let path = PathBuf::from(&self.turn_secret_file);
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::File {
+                key: "turn_secret_file",
+                path,
+                source,
+            })?;
+            let text = Zeroizing::new(text);
+            Zeroizing::new(text.trim().as_bytes().to_vec())
+        };
+        Ok(TurnSettings {
+            urls,
+            secret,
+            ttl_secs: self.turn_ttl_secs,
+            rate_per_min: self.turn_rate_per_min,
+        })
     }
 }
 
@@ -356,6 +454,9 @@ mod tests {
         };
         let s = Settings::load(args).unwrap();
         assert_eq!(s.domain, "a.example");
+        let config = s.clone().into_config().unwrap();
+        assert_eq!(config.mailbox.queue_quota, 9);
+        assert!(!config.store.group_commit);
         assert_eq!(s.queue_quota, 9);
         assert!(!s.group_commit);
         assert_eq!(s.delivery_window, 256);
@@ -376,7 +477,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            Settings::load(args),
+            Settings::load(args).and_then(Settings::into_config),
             Err(ConfigError::Invalid {
                 key: "platform_public_key",
                 ..

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: settings from defaults, TOML file, environment and flags.
+//! - [`config`]: settings from defaults, TOML file, environment and flags, checked and parsed
+//!   once into each layer's own settings ([`server::Config`]).
 //! - [`server`]: wires the store, the mailboxes and the gateway together; start and shutdown.
 //! - [`gateway`]: HTTP routes and WebSocket device sessions (actix-web, actix-ws).
 //! - [`mailbox`]: one actor per user, the single writer of its device queues.
@@ -21,9 +22,14 @@
 //!
 //! # Dependency rules
 //!
-//! `main → server → gateway → {mailbox, federation} → {store, proto}`. The gateway reads
-//! accounts and devices from the store but reaches queues only through mailboxes and outboxes
-//! only through federation peers. The store never sees a wire type; mailboxes and peers convert
+//! `main → config → server → gateway → {mailbox, federation} → {store, proto}`, and
+//! `{gateway, federation} → socket` for their WebSockets. Nothing imports `config` but `main`:
+//! each layer owns its settings type (`gateway::Settings`, `federation::PeerSettings`,
+//! `mailbox::MailboxConfig`, `store::StoreOptions`) and `config` builds them. No module cycles,
+//! between layers or between sibling files (`python3 ../shared/tools/modcycles.py src`).
+//!
+//! The gateway reads accounts and devices from the store but reaches queues only through
+//! mailboxes and outboxes only through federation peers. The store never sees a wire type; mailboxes and peers convert
 //! between stored records and frames. Federation reaches local mailboxes only through the
 //! [`federation::inbound::LocalDelivery`] trait, which the gateway implements.
 

@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = Settings::load(*args)?;
             sealpost::telemetry::init_tracing(&settings.log_level, settings.log_format);
-            actix_web::rt::System::new().block_on(sealpost::server::run(settings, |addr| {
+            let config = settings.into_config()?;
+            actix_web::rt::System::new().block_on(sealpost::server::run(config, |addr| {
                 // The one line on stdout: tests and scripts read the bound port from it.
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "listening on {addr}");

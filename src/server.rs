@@ -3,10 +3,8 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    },
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -17,123 +15,94 @@ use tracing::{info, warn};
 
 use crate::{
     clock::now_ms,
-    config::Settings,
-    crypto::{TokenHasher, parse_platform_key},
-    federation::{Federation, PeerSettings, identity::ServerKey, parse_peers},
-    gateway::{
-        AppState,
-        limits::{Limits, PreAuth},
-    },
+    crypto::TokenHasher,
+    federation::{Federation, PeerConfig, PeerSettings, identity::ServerKey},
+    gateway::{self, AppState},
     mailbox::{MailboxConfig, Registry, messages::Expire},
-    socket::Budget,
     store::{SledStore, Store, StoreOptions},
 };
 
+/// Everything a broker is started with: each layer's own settings, typed and validated (the
+/// configuration module builds this from defaults, file, environment and flags).
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory (store, server secret, federation key).
+    pub data_dir: PathBuf,
+    /// HTTP worker threads (0 = one per core).
+    pub workers: usize,
+    /// Threads running mailbox actors (0 = one per core).
+    pub mailbox_threads: usize,
+    /// Most concurrent connections per HTTP worker.
+    pub max_connections: usize,
+    /// Interval of the expiry sweep.
+    pub expiry_sweep: Duration,
+    /// This broker's federation endpoint as peers reach it (`None`: ws://LISTEN/v1/federation).
+    pub federation_url: Option<String>,
+    /// The store.
+    pub store: StoreOptions,
+    /// Every mailbox.
+    pub mailbox: MailboxConfig,
+    /// Every federation peer.
+    pub federation: PeerSettings,
+    /// The peers this broker federates with.
+    pub peers: Vec<PeerConfig>,
+    /// The gateway.
+    pub gateway: gateway::Settings,
+}
+
 /// Runs a broker until SIGTERM or SIGINT, then shuts down gracefully. `on_listen` is called
 /// with the bound address once the broker accepts connections.
-pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let opened = Instant::now();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&StoreOptions {
-        dir: settings.data_dir.clone(),
-        group_commit: settings.group_commit,
-        fsync: settings.fsync,
-        cache_bytes: settings.cache_mb * 1024 * 1024,
-        commit_delay: Duration::from_micros(settings.commit_delay_us),
-        min_free_bytes: settings.min_free_disk_mb.saturating_mul(1024 * 1024),
-        failpoint_sync: (!settings.failpoint_sync_file.is_empty())
-            .then(|| settings.failpoint_sync_file.clone().into()),
-    })?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.store)?);
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store opened"
     );
-    let hasher = TokenHasher::load_or_create(&settings.data_dir)?;
+    let hasher = TokenHasher::load_or_create(&config.data_dir)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mailbox_threads = if settings.mailbox_threads == 0 {
+    let mailbox_threads = if config.mailbox_threads == 0 {
         cores
     } else {
-        settings.mailbox_threads
+        config.mailbox_threads
     };
     let arbiters: Vec<Arbiter> = (0..mailbox_threads).map(|_| Arbiter::new()).collect();
     let registry = Registry::new(
         arbiters.iter().map(|a| a.handle()).collect(),
         store.clone(),
-        MailboxConfig {
-            queue_quota: settings.queue_quota,
-            queue_quota_bytes: settings.queue_quota_bytes,
-            window: settings.delivery_window,
-            ack_timeout: Duration::from_millis(settings.ack_timeout_ms),
-            idle: Duration::from_millis(settings.mailbox_idle_ms),
-            dedup_secs: settings.dedup_secs,
-        },
+        config.mailbox,
     );
     let federation_arbiter = Arbiter::new();
     let federation = Federation::start(
-        PeerSettings {
-            local_domain: settings.domain.clone(),
-            batch: settings.federation_batch,
-            max_txn_bytes: 1024 * 1024,
-            window: settings.federation_window,
-            backoff_min: Duration::from_millis(settings.federation_backoff_min_ms),
-            backoff_max: Duration::from_millis(settings.federation_backoff_max_ms),
-            request_timeout: Duration::from_millis(settings.federation_timeout_ms),
-            device_cache: Duration::from_millis(settings.federation_device_cache_ms),
-            heartbeat: Duration::from_millis(settings.heartbeat_ms),
-            idle_timeout: Duration::from_millis(settings.client_timeout_ms),
-            origin_rate: settings.federation_origin_rate,
-            inbound_txns: settings.federation_window.max(4),
-            outbox_quota: settings.federation_outbox_quota,
-        },
-        ServerKey::load_or_create(&settings.data_dir)?,
-        parse_peers(&settings.federation_peers, &settings.domain)
-            .map_err(|e| anyhow::anyhow!("federation_peers: {e}"))?,
+        config.federation,
+        ServerKey::load_or_create(&config.data_dir)?,
+        config.peers,
         store.clone(),
         &federation_arbiter.handle(),
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let state = Arc::new(AppState {
-        limits: Limits::new(
-            settings.ip_rate,
-            settings.ip_burst,
-            settings.device_rate,
-            settings.device_burst,
-            settings.stranger_rate,
-            settings.claim_rate,
-        ),
-        proxies: crate::gateway::client_ip::TrustedProxies::parse(&settings.trusted_proxies)
-            .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
-        platform_key: parse_platform_key(&settings.platform_public_key),
-        turn: crate::gateway::turn::Turn::from_settings(&settings)?,
-        metrics: crate::telemetry::init_metrics(),
-        store: store.clone(),
-        registry: registry.clone(),
-        federation: federation.clone(),
+    let shutdown_drain = config.gateway.shutdown_drain;
+    let domain = config.gateway.domain.clone();
+    let state = Arc::new(AppState::new(
+        config.gateway,
+        store.clone(),
+        registry.clone(),
+        federation.clone(),
         hasher,
-        shutting_down: AtomicBool::new(false),
-        shutdown: shutdown_rx,
-        next_conn: AtomicU64::new(1),
-        open_sessions: AtomicUsize::new(0),
-        socket_budget: Budget::new(
-            usize::try_from(settings.socket_buffer_mb.saturating_mul(1024 * 1024))
-                .unwrap_or(usize::MAX),
-        ),
-        pre_auth: PreAuth::new(
-            settings.max_unauthenticated_per_ip,
-            settings.max_unauthenticated,
-        ),
-        settings: settings.clone(),
-    });
+        shutdown_rx,
+    ));
 
-    let workers = if settings.workers == 0 {
+    let workers = if config.workers == 0 {
         cores
     } else {
-        settings.workers
+        config.workers
     };
     let data = web::Data::new(state.clone());
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            .configure(crate::gateway::http::routes)
+            .configure(crate::gateway::routes)
     })
     // Small frames must not wait for the peer's delayed ACK (Nagle): that added 40 ms to the
     // tail latency of deliveries.
@@ -143,25 +112,25 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         }
     })
     .workers(workers)
-    .max_connections(settings.max_connections)
+    .max_connections(config.max_connections)
     .backlog(4096)
     .disable_signals()
-    .shutdown_timeout(settings.shutdown_drain_ms.div_ceil(1000) + 5)
-    .bind(settings.listen)?;
+    .shutdown_timeout(shutdown_drain.as_secs() + 6)
+    .bind(config.listen)?;
     let addr = server
         .addrs()
         .first()
         .copied()
         .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
-    federation.set_public_url(if settings.federation_url.is_empty() {
-        format!("ws://{addr}/v1/federation")
-    } else {
-        settings.federation_url.clone()
-    });
+    federation.set_public_url(
+        config
+            .federation_url
+            .unwrap_or_else(|| format!("ws://{addr}/v1/federation")),
+    );
     let server = server.run();
     let handle = server.handle();
-    let sweeper = actix_web::rt::spawn(sweep(state.clone()));
-    info!(%addr, domain = %settings.domain, "listening");
+    let sweeper = actix_web::rt::spawn(sweep(state.clone(), config.expiry_sweep));
+    info!(%addr, %domain, "listening");
     on_listen(addr);
 
     let serving = actix_web::rt::spawn(server);
@@ -171,7 +140,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
     state.shutting_down.store(true, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     // Sessions answer in-flight sends, then close with jitter inside the drain window.
-    let drain = Duration::from_millis(settings.shutdown_drain_ms + 500);
+    let drain = shutdown_drain + Duration::from_millis(500);
     let deadline = Instant::now() + drain;
     while Instant::now() < deadline && state.open_sessions.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -215,8 +184,7 @@ async fn wait_for_signal() {
 }
 
 /// Periodically hands due expiry-index entries to their mailboxes.
-async fn sweep(state: Arc<AppState>) {
-    let period = Duration::from_millis(state.settings.expiry_sweep_ms);
+async fn sweep(state: Arc<AppState>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;

@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use actix::Addr;
 use futures_util::{SinkExt, StreamExt};
 use sealpost_proto::{
     DecodeError, ErrorCode,
@@ -30,8 +29,7 @@ use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 use super::{
     PeerConfig, Resolver,
     identity::ServerKey,
-    messages::{LinkDown, LinkUp, Outgoing, TxnAcked},
-    peer::FederationPeer,
+    messages::{LinkDown, LinkReports, LinkUp, Outgoing, TxnAcked},
 };
 
 /// Largest encrypted WebSocket message of a link: a maximal frame plus one tag per chunk.
@@ -182,12 +180,12 @@ pub(crate) struct LinkParams {
 }
 
 /// Runs one outbound link to its end and reports the end to the peer actor.
-pub(crate) async fn run(params: LinkParams, peer: Addr<FederationPeer>, generation: u64) {
+pub(crate) async fn run(params: LinkParams, peer: LinkReports, generation: u64) {
     let reason = match serve(&params, &peer, generation).await {
         Ok(()) => "closed".to_owned(),
         Err(e) => e.to_string(),
     };
-    peer.do_send(LinkDown { generation, reason });
+    peer.down.do_send(LinkDown { generation, reason });
 }
 
 type Ws =
@@ -214,11 +212,7 @@ async fn send(ws: &mut Ws, cipher: &mut Cipher, frame: &LinkFrame) -> Result<(),
     Ok(())
 }
 
-async fn serve(
-    params: &LinkParams,
-    peer: &Addr<FederationPeer>,
-    generation: u64,
-) -> Result<(), LinkError> {
+async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Result<(), LinkError> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SEALED_BYTES))
         .max_frame_size(Some(MAX_SEALED_BYTES));
@@ -226,7 +220,7 @@ async fn serve(
         .resolver
         .resolve(&params.peer.domain)
         .await
-        .map_err(LinkError::Transport)?;
+        .map_err(|e| LinkError::Transport(e.to_string()))?;
     let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
     let (mut ws, _) = tokio::time::timeout(params.connect_timeout, connect)
         .await
@@ -264,7 +258,7 @@ async fn serve(
     }
     let mut cipher = transport(hs)?;
     let (tx, mut rx) = mpsc::channel(params.queue);
-    peer.do_send(LinkUp { generation, tx });
+    peer.up.do_send(LinkUp { generation, tx });
 
     let mut pending: HashMap<u64, oneshot::Sender<LinkFrame>> = HashMap::new();
     // Transactions sent and not yet acknowledged, with their sizes: the receiving broker
@@ -305,7 +299,7 @@ async fn serve(
                         match frame {
                             LinkFrame::TxnAck { txn_id, codes } => match unacked.pop_front() {
                                 Some((sent, size)) if sent == txn_id && codes.len() <= size => {
-                                    peer.do_send(TxnAcked { generation, txn_id, codes });
+                                    peer.acked.do_send(TxnAcked { generation, txn_id, codes });
                                 }
                                 _ => return Err(LinkError::Protocol("acknowledgement of no transaction in flight".into())),
                             },

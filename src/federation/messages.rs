@@ -1,9 +1,9 @@
-//! Messages a [`FederationPeer`](super::peer::FederationPeer) handles: from the gateway
+//! Messages the federation peer actor (`peer.rs`) handles: from the gateway
 //! (envelopes to forward, lookups, status) and from its link task (up, down, acknowledgements).
 
 use std::sync::Arc;
 
-use actix::Message;
+use actix::{Message, Recipient};
 use sealpost_proto::{
     Class, Copy, EnvelopeId, ErrorCode, SendOutcome,
     federation::{Admission, LinkFrame},
@@ -120,6 +120,15 @@ pub(crate) struct TxnAcked {
     pub(crate) txn_id: u64,
     /// One per envelope.
     pub(crate) codes: Vec<Option<ErrorCode>>,
+}
+
+/// Where a link task reports to its peer actor. Recipients rather than the actor's address, so
+/// that the link knows the messages, not the actor.
+#[derive(Clone)]
+pub(crate) struct LinkReports {
+    pub(crate) up: Recipient<LinkUp>,
+    pub(crate) down: Recipient<LinkDown>,
+    pub(crate) acked: Recipient<TxnAcked>,
 }
 
 /// Report the peer's state (admin view).

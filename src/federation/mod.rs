@@ -14,6 +14,7 @@
 //!   local mailboxes (persist, then acknowledge), lookups.
 //! - [`messages`]: what the peer actor handles.
 //! - [`backoff`]: delays between attempts.
+//! - [`error`]: why a peer list or a peer's key discovery failed.
 //!
 //! Dependency rule: federation uses the store and proto only. Local delivery on the receiving
 //! side goes through the [`inbound::LocalDelivery`] trait, which the gateway implements with
@@ -23,6 +24,7 @@
 //! the time, and the origin domain of the link. No federation frame has a field for the sender.
 
 pub mod backoff;
+pub mod error;
 pub mod identity;
 pub mod inbound;
 pub mod link;
@@ -37,6 +39,7 @@ use sealpost_proto::{
     Class, Copy, EnvelopeId, ErrorCode, Handle, SendOutcome, federation::Admission,
 };
 
+pub use self::error::{DiscoveryError, PeerListError};
 use self::{
     identity::ServerKey,
     messages::{Enqueue, PeerStatus, Query, QueryResult, Request, Status},
@@ -96,7 +99,7 @@ impl std::fmt::Debug for PeerConfig {
 /// - `domain=ws[s]://host:port/v1/federation#BASE64KEY`: pinned endpoint and key;
 /// - `domain`: discovered from `https://domain/.well-known/sealpost/server`;
 /// - `domain=http[s]://host:port`: discovered from that base URL instead.
-pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, String> {
+pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, PeerListError> {
     let mut out: Vec<PeerConfig> = Vec::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let (domain, rest) = match entry.split_once('=') {
@@ -104,13 +107,13 @@ pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, St
             None => (entry, None),
         };
         if Handle::parse(&format!("x@{domain}")).is_err() {
-            return Err(format!("{domain:?} is not a lower-case DNS name"));
+            return Err(PeerListError::NotADomain(domain.to_owned()));
         }
         if domain == local_domain {
-            return Err(format!("{domain} is this broker's own domain"));
+            return Err(PeerListError::OwnDomain(domain.to_owned()));
         }
         if out.iter().any(|p| p.domain == domain) {
-            return Err(format!("{domain} is listed twice"));
+            return Err(PeerListError::Duplicate(domain.to_owned()));
         }
         let source = match rest {
             None => PeerSource::Discover {
@@ -118,9 +121,7 @@ pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, St
             },
             Some(base) if base.starts_with("https://") || base.starts_with("http://") => {
                 if base.contains('#') {
-                    return Err(format!(
-                        "the discovery base of {domain} takes no key (pin a ws:// endpoint instead)"
-                    ));
+                    return Err(PeerListError::KeyOnDiscoveryBase(domain.to_owned()));
                 }
                 PeerSource::Discover {
                     base: base.trim_end_matches('/').to_owned(),
@@ -129,15 +130,13 @@ pub fn parse_peers(text: &str, local_domain: &str) -> Result<Vec<PeerConfig>, St
             Some(rest) => {
                 let (url, key) = rest
                     .rsplit_once('#')
-                    .ok_or_else(|| format!("{entry:?} is not domain=url#key"))?;
+                    .ok_or_else(|| PeerListError::Malformed(entry.to_owned()))?;
                 let url = url.trim();
                 if !(url.starts_with("ws://") || url.starts_with("wss://")) {
-                    return Err(format!(
-                        "the endpoint of {domain} is not a ws:// or wss:// URL"
-                    ));
+                    return Err(PeerListError::NotWebSocket(domain.to_owned()));
                 }
                 let key = identity::parse_public_key(key)
-                    .ok_or_else(|| format!("the key of {domain} is not base64 of 32 bytes"))?;
+                    .ok_or_else(|| PeerListError::BadKey(domain.to_owned()))?;
                 PeerSource::Pinned {
                     url: url.to_owned(),
                     key,
@@ -218,11 +217,11 @@ impl Resolver {
     }
 
     /// The static key and endpoint of a configured peer.
-    pub async fn resolve(&self, domain: &str) -> Result<([u8; 32], String), String> {
+    pub async fn resolve(&self, domain: &str) -> Result<([u8; 32], String), DiscoveryError> {
         let peer = self
             .peers
             .get(domain)
-            .ok_or_else(|| format!("{domain} is not a peer"))?;
+            .ok_or_else(|| DiscoveryError::NotAPeer(domain.to_owned()))?;
         let base = match &peer.source {
             PeerSource::Pinned { url, key } => return Ok((*key, url.clone())),
             PeerSource::Discover { base } => base,
@@ -237,7 +236,7 @@ impl Resolver {
         // stays in use.
         let stale = cached.map(|(_, key, url)| (key, url));
         if !self.lock_fetching().insert(domain.to_owned()) {
-            return stale.ok_or_else(|| format!("discovery of {domain} is in progress"));
+            return stale.ok_or_else(|| DiscoveryError::InProgress(domain.to_owned()));
         }
         // Released however the fetch ends, also if this future is dropped midway.
         let _fetching = scopeguard(|| {
@@ -259,28 +258,31 @@ impl Resolver {
     }
 
     /// Fetches and checks `domain`'s well-known document, and caches its key and endpoint.
-    async fn fetch(&self, domain: &str, base: &str) -> Result<([u8; 32], String), String> {
+    async fn fetch(&self, domain: &str, base: &str) -> Result<([u8; 32], String), DiscoveryError> {
+        let invalid = |what| DiscoveryError::Invalid {
+            domain: domain.to_owned(),
+            what,
+        };
         let doc: WellKnown = self
             .http
             .get(format!("{base}/.well-known/sealpost/server"))
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("discovery of {domain} failed: {e}"))?
+            .map_err(|e| DiscoveryError::Fetch {
+                domain: domain.to_owned(),
+                reason: e.to_string(),
+            })?
             .json()
             .await
-            .map_err(|e| format!("discovery of {domain}: not a well-known document: {e}"))?;
+            .map_err(|_| invalid("not a well-known document"))?;
         if doc.domain != domain {
-            return Err(format!(
-                "the well-known document of {domain} names another domain"
-            ));
+            return Err(invalid("it names another domain"));
         }
         let key = identity::parse_public_key(&doc.x25519)
-            .ok_or_else(|| format!("the well-known key of {domain} is not 32 bytes"))?;
+            .ok_or_else(|| invalid("its key is not 32 bytes"))?;
         if !(doc.federation.starts_with("ws://") || doc.federation.starts_with("wss://")) {
-            return Err(format!(
-                "the well-known endpoint of {domain} is not ws:// or wss://"
-            ));
+            return Err(invalid("its endpoint is not ws:// or wss://"));
         }
         self.cache().insert(
             domain.to_owned(),

@@ -40,8 +40,8 @@ use super::{
     identity::ServerKey,
     link::{self, LinkParams},
     messages::{
-        Enqueue, LinkDown, LinkUp, Outgoing, PeerStatus, Query, QueryResult, Request, Status,
-        TxnAcked,
+        Enqueue, LinkDown, LinkReports, LinkUp, Outgoing, PeerStatus, Query, QueryResult, Request,
+        Status, TxnAcked,
     },
 };
 use crate::{
@@ -232,7 +232,13 @@ impl FederationPeer {
         };
         // A task of its own, not a future of this context: `ctx.wait` (device lookups)
         // pauses the context's futures, and the lookup's answer comes through the link.
-        actix::spawn(link::run(params, ctx.address(), self.generation));
+        let me = ctx.address();
+        let reports = LinkReports {
+            up: me.clone().recipient(),
+            down: me.clone().recipient(),
+            acked: me.recipient(),
+        };
+        actix::spawn(link::run(params, reports, self.generation));
     }
 
     fn publish(&self) {

@@ -12,7 +12,6 @@
 use std::{rc::Rc, sync::Arc};
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::future::LocalBoxFuture;
 use sealpost_proto::{
     DeviceId, ErrorCode, Handle, SendOutcome,
@@ -23,7 +22,6 @@ use subtle::ConstantTimeEq;
 use super::{
     AppState,
     error::ApiError,
-    http::{DeviceEntry, DeviceList},
     session::{OpenGuard, admit, admit_unauthenticated},
     submit::{admit_sealed, submit_local, validate_local},
 };
@@ -31,7 +29,6 @@ use crate::{
     federation::{
         inbound::{self, LocalDelivery},
         link::MAX_SEALED_BYTES,
-        messages::Request,
     },
     mailbox::messages::ClaimKey,
     socket::{self, Socket},
@@ -293,94 +290,6 @@ pub async fn admin(state: State, req: HttpRequest) -> Result<HttpResponse, ApiEr
         "x25519": fed.public_key_b64(),
         "peers": peers,
     })))
-}
-
-/// The handle named in a path, if it is a user of a peer domain (`None` for anything else,
-/// which the local handlers deal with).
-pub(crate) fn remote_handle(state: &AppState, raw: &str) -> Result<Option<Handle>, ApiError> {
-    let handle = Handle::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok(
-        (handle.domain() != state.settings.domain && state.federation.is_peer(handle.domain()))
-            .then_some(handle),
-    )
-}
-
-fn lookup_error(code: ErrorCode) -> ApiError {
-    match code {
-        ErrorCode::UnknownRecipient | ErrorCode::NotFound | ErrorCode::InvalidHandle => {
-            ApiError::NotFound
-        }
-        ErrorCode::RateLimited => ApiError::RateLimited,
-        ErrorCode::BadDeliveryToken => ApiError::Unauthorized,
-        _ => ApiError::Unavailable,
-    }
-}
-
-async fn remote(
-    state: &AppState,
-    handle: &Handle,
-    request: Request,
-) -> Result<LinkFrame, ApiError> {
-    match state.federation.request(handle.domain(), request).await {
-        Ok(LinkFrame::Refused { code, .. }) | Err(code) => Err(lookup_error(code)),
-        Ok(frame) => Ok(frame),
-    }
-}
-
-/// `GET /v1/accounts/{remote}/devices`, answered by the user's broker.
-pub(crate) async fn remote_devices(
-    state: &AppState,
-    handle: Handle,
-) -> Result<HttpResponse, ApiError> {
-    let user = handle.to_string();
-    match remote(state, &handle, Request::GetDevices { user }).await? {
-        LinkFrame::Devices { devices, .. } => Ok(HttpResponse::Ok().json(DeviceList {
-            handle: handle.to_string(),
-            devices: devices
-                .into_iter()
-                .map(|d| DeviceEntry {
-                    device_id: d.device,
-                    identity_keys: STANDARD.encode(d.identity_keys),
-                })
-                .collect(),
-        })),
-        _ => Err(ApiError::Unavailable),
-    }
-}
-
-/// The signed device list of a remote user, from its broker.
-pub(crate) async fn remote_device_list(
-    state: &AppState,
-    handle: Handle,
-) -> Result<Vec<u8>, ApiError> {
-    let user = handle.to_string();
-    match remote(state, &handle, Request::GetDeviceList { user }).await? {
-        LinkFrame::DeviceList { signed, .. } => Ok(signed),
-        _ => Err(ApiError::Unavailable),
-    }
-}
-
-/// Claims a key of a remote user's device through its broker: (key id, key, fallback).
-pub(crate) async fn remote_claim(
-    state: &AppState,
-    handle: Handle,
-    device: u32,
-    admission: Admission,
-) -> Result<(u64, Vec<u8>, bool), ApiError> {
-    let request = Request::ClaimKey {
-        user: handle.to_string(),
-        device,
-        admission,
-    };
-    match remote(state, &handle, request).await? {
-        LinkFrame::Claimed {
-            key_id,
-            key,
-            fallback,
-            ..
-        } => Ok((key_id, key, fallback)),
-        _ => Err(ApiError::Unavailable),
-    }
 }
 
 /// Registers the routes.

@@ -6,10 +6,7 @@
 //! | GET | `/v1/accounts/{handle}/devices` | none | the device list (ids + identity keys); for a handle of a peer domain, asked of its broker over the federation link |
 //! | POST | `/v1/accounts/{handle}/devices` | a device of the account | add a device |
 //! | DELETE | `/v1/accounts/{handle}/devices/{id}` | a device of the account | remove a device |
-//! | GET | `/v1/ws` | first frame | device WebSocket ([`super::session`]) |
 //! | GET | `/healthz`, `/readyz`, `/metrics` | none | operations |
-//! | GET | `/v1/accounts/{handle}/turn` | a device of the account | TURN credentials ([`super::turn`]) |
-//! | GET | `/web/...` | none | the browser client, if `web_root` is set ([`super::web`]) |
 //!
 //! Device credentials are sent as `Authorization: Bearer <device_id>.<token>`.
 
@@ -24,25 +21,15 @@ use super::{
     AppState,
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, local_handle},
+    json::{DeviceEntry, DeviceList},
+    settings::Registration,
 };
 use crate::{
     clock::now_ms,
-    config::Registration,
     crypto::{DeviceToken, verify_registration_token},
     mailbox::messages::{AddDevice, RemoveDevice},
     store::{DeviceRecord, records::RECORD_VERSION},
 };
-
-/// Largest JSON request body. Routes that take more (key uploads, signed device lists) set
-/// their own limit with [`json_config`].
-const MAX_JSON_BODY: usize = 16 * 1024;
-
-/// JSON body extraction with a size limit and errors in the API's format.
-pub(crate) fn json_config(limit: usize) -> web::JsonConfig {
-    web::JsonConfig::default()
-        .limit(limit)
-        .error_handler(|err, _| ApiError::BadRequest(format!("invalid JSON body: {err}")).into())
-}
 
 /// Largest identity-key blob a device may publish.
 const MAX_IDENTITY_KEYS: usize = 4096;
@@ -51,20 +38,13 @@ type State = web::Data<Arc<AppState>>;
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(json_config(MAX_JSON_BODY))
-        .route("/v1/accounts", web::post().to(register))
+    cfg.route("/v1/accounts", web::post().to(register))
         .route("/v1/accounts/{handle}/devices", web::get().to(list_devices))
         .route("/v1/accounts/{handle}/devices", web::post().to(add_device))
         .route(
             "/v1/accounts/{handle}/devices/{id}",
             web::delete().to(remove_device),
         )
-        .route("/v1/ws", web::get().to(super::session::upgrade))
-        .route("/v1/sealed", web::get().to(super::sealed::upgrade))
-        .configure(super::keys::routes)
-        .configure(super::federation::routes)
-        .configure(super::turn::routes)
-        .configure(super::web::routes)
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
@@ -96,18 +76,6 @@ struct AddDeviceRequest {
     link_code: Option<String>,
 }
 
-#[derive(Serialize)]
-pub(crate) struct DeviceList {
-    pub(crate) handle: String,
-    pub(crate) devices: Vec<DeviceEntry>,
-}
-
-#[derive(Serialize)]
-pub(crate) struct DeviceEntry {
-    pub(crate) device_id: u32,
-    pub(crate) identity_keys: String,
-}
-
 fn identity_keys(b64: &str) -> Result<Vec<u8>, ApiError> {
     let bytes = STANDARD
         .decode(b64)
@@ -137,7 +105,11 @@ async fn register(
         Registration::Open => {}
         Registration::Closed => return Err(ApiError::Forbidden("registration is closed".into())),
         Registration::Platform => {
-            let key = state.platform_key.as_ref().ok_or(ApiError::Unavailable)?;
+            let key = state
+                .settings
+                .platform_key
+                .as_ref()
+                .ok_or(ApiError::Unavailable)?;
             let token = body.registration_token.as_deref().ok_or_else(|| {
                 ApiError::Forbidden("a platform registration token is required".into())
             })?;
@@ -173,8 +145,8 @@ async fn list_devices(
     state: State,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(remote) = super::federation::remote_handle(&state, &path)? {
-        return super::federation::remote_devices(&state, remote).await;
+    if let Some(remote) = super::remote::remote_handle(&state, &path)? {
+        return super::remote::remote_devices(&state, remote).await;
     }
     let handle = local_handle(&state, &path)?;
     if state.store.account(handle.as_str())?.is_none() {

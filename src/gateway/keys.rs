@@ -33,7 +33,7 @@ use super::{
     AppState,
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, local_handle},
-    http::json_config,
+    json::json_config,
     submit::admit_sealed,
 };
 use crate::{
@@ -255,10 +255,10 @@ async fn claim_key(
     path: web::Path<(String, u32)>,
 ) -> Result<HttpResponse, ApiError> {
     let (raw, device) = path.into_inner();
-    if let Some(remote) = super::federation::remote_handle(&state, &raw)? {
+    if let Some(remote) = super::remote::remote_handle(&state, &raw)? {
         let admission = remote_admission(&state, &req)?;
         let (key_id, key, fallback) =
-            super::federation::remote_claim(&state, remote, device, admission).await?;
+            super::remote::remote_claim(&state, remote, device, admission).await?;
         return Ok(HttpResponse::Ok().json(Claimed {
             key_id,
             key: STANDARD.encode(&key),
@@ -296,10 +296,10 @@ async fn get_device_list(
     state: State,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let signed = match super::federation::remote_handle(&state, &path)? {
+    let signed = match super::remote::remote_handle(&state, &path)? {
         // The list is signed by the user's master key, so a relaying broker cannot alter it
         // unnoticed: clients verify it as they verify a local one.
-        Some(remote) => super::federation::remote_device_list(&state, remote).await?,
+        Some(remote) => super::remote::remote_device_list(&state, remote).await?,
         None => {
             let handle = local_handle(&state, &path)?;
             state

@@ -12,6 +12,8 @@
 //! - [`sealed`]: the anonymous endpoint for sealed sends (no account, no deliveries).
 //! - [`federation`]: the inbound federation endpoint, the well-known key document, the admin
 //!   view of peers, and local delivery for inbound links.
+//! - [`remote`]: device lists and key claims of users of peer domains, asked of their brokers.
+//! - [`json`]: JSON shapes and body limits shared by several endpoints.
 //! - [`turn`]: short-lived TURN credentials for the call relay (coturn, shared secret).
 //! - [`web`]: the browser client's static files, when `web_root` is set.
 
@@ -20,33 +22,46 @@ pub mod error;
 pub(crate) mod extract;
 pub mod federation;
 pub mod http;
+pub(crate) mod json;
 pub mod keys;
 pub mod limits;
+pub(crate) mod remote;
 pub mod sealed;
 pub mod session;
+pub mod settings;
 pub(crate) mod submit;
 pub mod turn;
 pub mod web;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, AtomicUsize},
 };
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
+pub use self::settings::{Registration, Settings};
 use crate::{
-    config::Settings,
     crypto::TokenHasher,
     federation::Federation,
     mailbox::Registry,
     socket::{self, Budget},
     store::Store,
 };
+
+/// Registers every route of the broker.
+pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
+    use actix_web::web::get;
+    cfg.app_data(json::json_config(json::MAX_JSON_BODY))
+        .configure(http::routes)
+        .route("/v1/ws", get().to(session::upgrade))
+        .route("/v1/sealed", get().to(sealed::upgrade))
+        .configure(keys::routes)
+        .configure(federation::routes)
+        .configure(turn::routes)
+        .configure(self::web::routes);
+}
 
 /// State shared by every route and session.
 pub struct AppState {
@@ -62,8 +77,6 @@ pub struct AppState {
     pub hasher: TokenHasher,
     /// Rate limits.
     pub limits: limits::Limits,
-    /// Proxies whose `X-Forwarded-For` names the client.
-    pub proxies: client_ip::TrustedProxies,
     /// Prometheus renderer (absent when another recorder was installed first).
     pub metrics: Option<PrometheusHandle>,
     /// Set once shutdown begins: readiness fails and new connections are refused.
@@ -74,8 +87,6 @@ pub struct AppState {
     pub open_sessions: AtomicUsize,
     /// Source of connection ids.
     pub next_conn: AtomicU64,
-    /// Platform key for registration tokens.
-    pub platform_key: Option<ed25519_dalek::VerifyingKey>,
     /// The call relay's credentials minting (TURN REST scheme).
     pub turn: turn::Turn,
     /// Memory all WebSocket readers together may hold in partly received messages.
@@ -85,20 +96,59 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The gateway's state over the layers below it; `shutdown` flips to true when sessions
+    /// must close.
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        federation: Arc<Federation>,
+        hasher: TokenHasher,
+        shutdown: watch::Receiver<bool>,
+    ) -> AppState {
+        let r = &settings.rates;
+        AppState {
+            limits: limits::Limits::new(
+                r.ip_rate,
+                r.ip_burst,
+                r.device_rate,
+                r.device_burst,
+                r.stranger_rate,
+                r.claim_rate,
+            ),
+            turn: turn::Turn::new(&settings.turn),
+            metrics: crate::telemetry::init_metrics(),
+            socket_budget: Budget::new(settings.socket_buffer_bytes),
+            pre_auth: limits::PreAuth::new(
+                settings.max_unauthenticated_per_ip,
+                settings.max_unauthenticated,
+            ),
+            store,
+            registry,
+            federation,
+            hasher,
+            shutting_down: AtomicBool::new(false),
+            shutdown,
+            open_sessions: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            settings,
+        }
+    }
+
     /// Limits for a device-facing socket whose messages are at most `max_message` bytes.
     pub(crate) fn socket_limits(&self, max_message: usize) -> socket::Limits {
         socket::Limits {
             max_message,
-            heartbeat: Duration::from_millis(self.settings.heartbeat_ms),
+            heartbeat: self.settings.heartbeat,
             // A client that takes nothing off the connection for as long as it may stay
             // silent is gone.
-            idle_timeout: Duration::from_millis(self.settings.client_timeout_ms),
+            idle_timeout: self.settings.client_timeout,
             budget: Arc::clone(&self.socket_budget),
         }
     }
 
     /// The client's address: the TCP peer, or what a trusted proxy forwarded.
     pub fn client_ip(&self, req: &actix_web::HttpRequest) -> Option<std::net::IpAddr> {
-        self.proxies.client_ip(req)
+        self.settings.trusted_proxies.client_ip(req)
     }
 }

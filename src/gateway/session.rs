@@ -116,7 +116,7 @@ struct Authed {
 
 /// Reads frames until `auth` arrives and verifies it.
 async fn authenticate(state: &AppState, socket: &mut Socket) -> Result<Authed, Option<Close>> {
-    let deadline = tokio::time::sleep(Duration::from_millis(state.settings.auth_timeout_ms));
+    let deadline = tokio::time::sleep(state.settings.auth_timeout);
     tokio::pin!(deadline);
     let bytes = loop {
         tokio::select! {
@@ -512,9 +512,13 @@ impl Service for DeviceSession<'_> {
     /// that clients do not all reconnect at once.
     async fn on_shutdown(&mut self, session: &mut Writer) -> Option<Close> {
         self.pending.drain(session).await;
-        let window = self.state.settings.shutdown_drain_ms.max(1);
-        let jitter = rand::thread_rng().gen_range(0..window);
-        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        let window = self
+            .state
+            .settings
+            .shutdown_drain
+            .max(Duration::from_millis(1));
+        let jitter = rand::thread_rng().gen_range(Duration::ZERO..window);
+        tokio::time::sleep(jitter).await;
         Some(Close::new(CloseCode::GoingAway, "server shutting down"))
     }
 }

@@ -32,8 +32,9 @@ use serde::Serialize;
 use sha1::Sha1;
 use zeroize::Zeroizing;
 
+use super::settings::TurnSettings;
 use super::{AppState, error::ApiError, extract::Authenticated};
-use crate::{clock::now_ms, config::Settings};
+use crate::clock::now_ms;
 
 type State = web::Data<Arc<AppState>>;
 
@@ -48,19 +49,6 @@ pub struct Turn {
     secret: Zeroizing<Vec<u8>>,
     ttl_secs: u64,
     limiter: Option<DefaultKeyedRateLimiter<(String, u32)>>,
-}
-
-/// Why the TURN settings are unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum TurnConfigError {
-    /// `turn_secret_file` could not be read.
-    #[error("cannot read turn_secret_file {path}: {error}")]
-    SecretFile {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        error: std::io::Error,
-    },
 }
 
 /// Parses `turn_urls`: comma-separated `turn:`/`turns:`/`stun:` URLs.
@@ -82,27 +70,16 @@ pub fn parse_urls(raw: &str) -> Result<Vec<String>, String> {
 }
 
 impl Turn {
-    /// From validated settings; reads `turn_secret_file` if set.
-    pub fn from_settings(s: &Settings) -> Result<Self, TurnConfigError> {
-        let secret = if s.turn_secret_file.is_empty() {
-            Zeroizing::new(s.turn_secret.trim().as_bytes().to_vec())
-        } else {
-            let text = Zeroizing::new(std::fs::read_to_string(&s.turn_secret_file).map_err(
-                |error| TurnConfigError::SecretFile {
-                    path: s.turn_secret_file.clone(),
-                    error,
-                },
-            )?);
-            Zeroizing::new(text.trim().as_bytes().to_vec())
-        };
-        Ok(Turn {
-            urls: parse_urls(&s.turn_urls).unwrap_or_default(),
-            secret,
-            ttl_secs: s.turn_ttl_secs,
-            limiter: NonZeroU32::new(s.turn_rate_per_min).map(|rate| {
+    /// The relay of `settings`, with its per-device limiter.
+    pub fn new(settings: &TurnSettings) -> Self {
+        Turn {
+            urls: settings.urls.clone(),
+            secret: settings.secret.clone(),
+            ttl_secs: settings.ttl_secs,
+            limiter: NonZeroU32::new(settings.rate_per_min).map(|rate| {
                 DefaultKeyedRateLimiter::keyed(Quota::per_minute(rate).allow_burst(rate))
             }),
-        })
+        }
     }
 
     /// Whether a relay is configured.
@@ -214,13 +191,12 @@ mod tests {
 
     #[test]
     fn rate_limited_per_device() {
-        let s = Settings {
-            turn_urls: "turn:127.0.0.1:3478".into(),
-            turn_secret: "s".into(),
-            turn_rate_per_min: 2,
-            ..Settings::default()
-        };
-        let turn = Turn::from_settings(&s).unwrap();
+        let turn = Turn::new(&TurnSettings {
+            urls: vec!["turn:127.0.0.1:3478".into()],
+            secret: Zeroizing::new(b"s".to_vec()),
+            ttl_secs: 600,
+            rate_per_min: 2,
+        });
         assert!(turn.enabled());
         assert!(turn.allow("a@x.y", 1));
         assert!(turn.allow("a@x.y", 1));

@@ -80,11 +80,11 @@ async fn serve(
     state: State,
     tail: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    if state.settings.web_root.is_empty() {
+    let Some(root) = &state.settings.web_root else {
         return Err(ApiError::NotFound);
-    }
+    };
     let relative = relative_path(&tail).ok_or(ApiError::NotFound)?;
-    let path = PathBuf::from(&state.settings.web_root).join(relative);
+    let path = root.join(relative);
     let bytes = web::block(move || -> std::io::Result<(Vec<u8>, PathBuf)> {
         let meta = std::fs::metadata(&path)?;
         if !meta.is_file() || meta.len() > MAX_FILE_BYTES {

@@ -155,11 +155,11 @@ impl Socket {
     /// after a control frame, `Err` when the connection ends (with the close to send).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Option<Close>> {
         let read = self.reader.next().await;
-        self.settle(read).await
+        self.handle_read(read).await
     }
 
     /// What one read means. Runs outside `select!`: an answer cancelled halfway would be lost.
-    async fn settle(
+    async fn handle_read(
         &mut self,
         read: Option<Result<Message, Refusal>>,
     ) -> Result<Option<Bytes>, Option<Close>> {
@@ -209,7 +209,7 @@ impl Socket {
                 }
                 read = self.reader.next(), if reading => {
                     last_heard = Instant::now();
-                    let message = match self.settle(read).await {
+                    let message = match self.handle_read(read).await {
                         Ok(Some(message)) => message,
                         Ok(None) => continue,
                         Err(end) => return end,

@@ -4,7 +4,7 @@
 //! the kernel's socket buffers. A peer that stops reading fills all of them, and from then on
 //! a write waits for as long as the peer likes. A task waiting there sees nothing else: not a
 //! kick, not its heartbeat, not shutdown, and it keeps everything it holds (a device session
-//! keeps its outbox of pushed envelopes). So every write here has a deadline; past it the
+//! keeps its queue of pushed envelopes). So every write here has a deadline; past it the
 //! writer is *stalled*, every later write fails at once, and the task ends, dropping the
 //! connection without a close frame (a peer that reads nothing would not read that either).
 
@@ -52,7 +52,7 @@ impl Writer {
             return Err(Gone);
         }
         let sent = tokio::time::timeout(self.deadline, self.session.binary(bytes.into())).await;
-        self.settle(sent)
+        self.finish_write(sent)
     }
 
     /// Sends a ping.
@@ -61,7 +61,7 @@ impl Writer {
             return Err(Gone);
         }
         let sent = tokio::time::timeout(self.deadline, self.session.ping(payload)).await;
-        self.settle(sent)
+        self.finish_write(sent)
     }
 
     /// Answers a ping.
@@ -70,7 +70,7 @@ impl Writer {
             return Err(Gone);
         }
         let sent = tokio::time::timeout(self.deadline, self.session.pong(payload)).await;
-        self.settle(sent)
+        self.finish_write(sent)
     }
 
     /// Answers the peer's close frame with one of ours (the closing handshake), after which
@@ -101,7 +101,7 @@ impl Writer {
         self.closed = true;
     }
 
-    fn settle(
+    fn finish_write(
         &mut self,
         sent: Result<Result<(), actix_ws::Closed>, tokio::time::error::Elapsed>,
     ) -> Result<(), Gone> {

@@ -1,0 +1,91 @@
+//! The gateway's settings: typed values, parsed once by the broker's configuration (which
+//! builds them; the gateway never reads the raw configuration).
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::client_ip::TrustedProxies;
+
+/// How accounts may be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Registration {
+    /// Anyone may register any free handle on a served domain (self-hosted domains, tests).
+    Open,
+    /// A registration token signed by the platform key must attest the handle.
+    Platform,
+    /// No new accounts.
+    Closed,
+}
+
+/// Requests and frames per second, and their bursts. A rate of 0 disables that limit.
+#[derive(Debug, Clone, Default)]
+pub struct Rates {
+    /// HTTP requests and new connections per second from one IP (an IPv6 /64).
+    pub ip_rate: u32,
+    /// Burst above `ip_rate`.
+    pub ip_burst: u32,
+    /// Frames per second from one device.
+    pub device_rate: u32,
+    /// Burst above `device_rate`.
+    pub device_burst: u32,
+    /// Tokenless sealed sends and anonymous key claims per second from one IP.
+    pub stranger_rate: u32,
+    /// Key claims per second for one target device.
+    pub claim_rate: u32,
+}
+
+/// The call relay (coturn, TURN REST scheme).
+#[derive(Default)]
+pub struct TurnSettings {
+    /// `turn:`/`turns:`/`stun:` URLs handed to clients; empty: no relay.
+    pub urls: Vec<String>,
+    /// The relay's shared secret (coturn's `static-auth-secret`).
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Lifetime of minted credentials, s.
+    pub ttl_secs: u64,
+    /// Credentials one device may fetch per minute (0 = unlimited).
+    pub rate_per_min: u32,
+}
+
+/// Everything the gateway is configured with.
+pub struct Settings {
+    /// The domain whose accounts this broker serves.
+    pub domain: String,
+    /// Account creation policy.
+    pub registration: Registration,
+    /// The host platform's key for registration tokens (`registration = platform`).
+    pub platform_key: Option<ed25519_dalek::VerifyingKey>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
+    /// Rate limits.
+    pub rates: Rates,
+    /// The call relay.
+    pub turn: TurnSettings,
+    /// The browser client's files, served at `/web/` when set.
+    pub web_root: Option<PathBuf>,
+    /// Interval of WebSocket pings.
+    pub heartbeat: Duration,
+    /// A connection silent this long is closed; also the deadline of every write.
+    pub client_timeout: Duration,
+    /// Time a new connection has to authenticate.
+    pub auth_timeout: Duration,
+    /// Unacknowledged deliveries in flight per connected device.
+    pub delivery_window: usize,
+    /// Sends one connection may have awaiting their results.
+    pub max_pending_sends: usize,
+    /// Rate-limit violations after which a connection is closed.
+    pub max_violations: u32,
+    /// Sessions close over this window on shutdown, with random jitter.
+    pub shutdown_drain: Duration,
+    /// Memory all WebSocket readers together may hold in partly received messages.
+    pub socket_buffer_bytes: usize,
+    /// Unauthenticated connections per IP (an IPv6 /64); 0 = unlimited.
+    pub max_unauthenticated_per_ip: usize,
+    /// Unauthenticated connections in total; 0 = unlimited.
+    pub max_unauthenticated: usize,
+    /// Bearer token of the admin endpoints; empty: they answer loopback clients only.
+    pub admin_token: Zeroizing<String>,
+}
