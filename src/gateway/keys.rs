@@ -6,12 +6,12 @@
 //! | GET | `/v1/accounts/{h}/devices/{id}/keys` | that device | `{one_time, fallback}` counts |
 //! | POST | `/v1/accounts/{h}/devices/{id}/keys/claim` | delivery token, any local device, or open | claim one key |
 //! | GET | `/v1/accounts/{h}/device-list` | none | the signed device list (opaque to the broker) |
-//!
-//! For a handle of a peer domain, claims and signed device lists are asked of its broker over
-//! the federation link: clients talk only to their own broker.
 //! | PUT | `/v1/accounts/{h}/device-list` | a device of `h` | replace it |
 //! | PUT | `/v1/accounts/{h}/delivery-token` | a device of `h` | set the sealed-sender admission |
 //! | POST | `/v1/accounts/{h}/link-codes` | a device of `h` | a single-use code to add a device |
+//!
+//! For a handle of a peer domain, claims and signed device lists are asked of its broker over
+//! the federation link: clients talk only to their own broker.
 //!
 //! Keys and device lists are opaque bytes signed by clients; clients verify them, the broker
 //! does not. A claim consumes a one-time key atomically (the account's mailbox is the only
