@@ -9,7 +9,9 @@ use std::process::Command;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use common::*;
 use futures_util::SinkExt;
-use sealpost_proto::{ClientFrame, CloseCode, DeviceId, ErrorCode, SendOutcome, ServerFrame};
+use sealpost_proto::{
+    Class, ClientFrame, CloseCode, DeviceId, ErrorCode, SendOutcome, ServerFrame,
+};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
@@ -572,6 +574,112 @@ async fn graceful_shutdown_closes_sessions_with_going_away_and_keeps_accepted_en
     assert_eq!(backlog.len(), 1);
     assert_eq!(backlog[0].1.id, id);
     assert_eq!(backlog[0].1.ciphertext, b"before shutdown");
+}
+
+/// Waits until `/readyz` answers 503: the broker has begun shutting down.
+async fn wait_not_ready(broker: &Broker) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let resp = client()
+            .get(format!("{}/readyz", broker.http()))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 503 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never turned 503"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The promise of the shutdown paragraph, on traffic: sends in flight when SIGTERM arrives
+/// are each answered (accepted, or refused `shutting_down` once the drain began, never
+/// silently dropped), accepted ones survive the restart, and acks sent during the drain are
+/// kept, so what was acknowledged is not delivered again.
+#[tokio::test]
+async fn sends_and_acks_around_sigterm_are_answered_and_kept() {
+    let mut broker = Broker::start(&["--shutdown-drain-ms", "4000"]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    assert!(a.backlog().await.is_empty());
+    for i in 0..5u8 {
+        let outcome = a.send_and_wait(eid(), &bob.user, &[bob.device], &[i]).await;
+        assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    }
+    let mut b = Device::connect(&broker, &bob).await;
+    let delivered = b.backlog().await;
+    assert_eq!(delivered.len(), 5);
+
+    // Twenty sends in flight, then SIGTERM.
+    let in_flight: Vec<_> = (0..20).map(|_| eid()).collect();
+    for id in &in_flight {
+        a.send_to(
+            *id,
+            &bob.user,
+            &[bob.device],
+            Class::Durable,
+            3600,
+            b"in flight",
+        )
+        .await;
+    }
+    broker.signal_term();
+    wait_not_ready(&broker).await;
+    // Bob acknowledges what he was delivered, after shutdown began.
+    b.ack(delivered.iter().map(|(seq, _)| *seq).collect()).await;
+    // A send during the drain is refused, not lost.
+    let late = eid();
+    a.send_to(
+        late,
+        &bob.user,
+        &[bob.device],
+        Class::Durable,
+        3600,
+        b"late",
+    )
+    .await;
+
+    let (frames, close) = until_close(&mut a.ws).await;
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::GoingAway.as_u16()));
+    let mut accepted = Vec::new();
+    let mut answered = std::collections::HashSet::new();
+    for frame in frames {
+        let ServerFrame::SendResult { id, outcome } = frame else {
+            panic!("unexpected {frame:?}");
+        };
+        assert!(answered.insert(id), "{id:?} answered twice");
+        match outcome {
+            SendOutcome::Accepted { duplicate: false } => accepted.push(id),
+            SendOutcome::Rejected {
+                code: ErrorCode::ShuttingDown,
+                ..
+            } => {}
+            other => panic!("{id:?}: {other:?}"),
+        }
+    }
+    for id in in_flight.iter().chain([&late]) {
+        assert!(answered.contains(id), "{id:?} got no answer");
+    }
+    assert!(
+        !accepted.contains(&late),
+        "a send during the drain was accepted"
+    );
+    let (_, close) = until_close(&mut b.ws).await;
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::GoingAway.as_u16()));
+    assert!(broker.wait_exit(), "the broker exits 0");
+
+    broker.restart();
+    let mut b = Device::connect(&broker, &bob).await;
+    let backlog: Vec<_> = b.backlog().await.into_iter().map(|(_, e)| e.id).collect();
+    assert_eq!(
+        backlog, accepted,
+        "exactly the accepted sends, in order, and none of the acknowledged ones"
+    );
 }
 
 #[tokio::test]

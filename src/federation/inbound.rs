@@ -36,7 +36,7 @@ use super::{
     Federation,
     link::{self, Cipher},
 };
-use crate::socket::{Close, Flow, Service, Socket, Writer};
+use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
 
 /// Local delivery, as the receiving side of a link needs it. Implemented by the gateway with
 /// mailboxes, so that federation does not depend on them.
@@ -389,18 +389,18 @@ impl Service for InboundLink<'_> {
     }
 
     /// Acknowledges what is being persisted; the sender resends the rest elsewhere or later.
-    async fn on_shutdown(&mut self, session: &mut Writer) -> Option<Close> {
+    async fn on_shutdown(&mut self, session: &mut Writer) -> Drain {
+        let mut close = Some(Close::new(CloseCode::GoingAway, "server shutting down"));
         while let Some((txn_id, codes)) = self.txns.next().await {
-            if !send(
-                session,
-                &mut self.cipher,
-                &LinkFrame::TxnAck { txn_id, codes },
-            )
-            .await
-            {
-                return None;
+            let ack = LinkFrame::TxnAck { txn_id, codes };
+            if !send(session, &mut self.cipher, &ack).await {
+                close = None;
+                break;
             }
         }
-        Some(Close::new(CloseCode::GoingAway, "server shutting down"))
+        Drain {
+            read_for: Duration::ZERO,
+            close,
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! can tie it to a network address only, never to the sender's account. Clients keep this
 //! connection separate from their authenticated one.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
 use sealpost_proto::{ClientFrame, CloseCode, ErrorCode, ServerFrame, limits::MAX_FRAME_BYTES};
@@ -18,7 +18,7 @@ use super::{
     },
     submit::{admit_sealed, submit_sealed, validate_send},
 };
-use crate::socket::{Close, Flow, Service, Socket, Writer};
+use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
 
 /// `GET /v1/sealed`: upgrades and spawns the anonymous session.
 pub async fn upgrade(
@@ -120,8 +120,11 @@ impl Service for SealedSession<'_> {
         Ok(())
     }
 
-    async fn on_shutdown(&mut self, session: &mut Writer) -> Option<Close> {
+    async fn on_shutdown(&mut self, session: &mut Writer) -> Drain {
         self.pending.drain(session).await;
-        Some(Close::new(CloseCode::GoingAway, "server shutting down"))
+        Drain {
+            read_for: Duration::ZERO,
+            close: Some(Close::new(CloseCode::GoingAway, "server shutting down")),
+        }
     }
 }

@@ -43,7 +43,7 @@ use crate::{
         messages::{Ack, Attach, Detach},
         outbox,
     },
-    socket::{Close, Flow, Service, Socket, Writer},
+    socket::{Close, Drain, Flow, Service, Socket, Writer},
     telemetry,
 };
 
@@ -293,6 +293,7 @@ fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Futu
             pending: Pending::default(),
             pushes,
             kick,
+            draining: false,
         };
         let mut shutdown = state.shutdown.clone();
         let end = socket.drive(&mut session, &mut shutdown).await;
@@ -391,6 +392,8 @@ struct DeviceSession<'a> {
     pushes: outbox::Receiver,
     /// The mailbox closing this connection (displaced, revoked, slow consumer).
     kick: oneshot::Receiver<CloseCode>,
+    /// Shutdown began: acks are still taken, sends are refused.
+    draining: bool,
 }
 
 /// What the mailbox or the store has for a device session.
@@ -462,6 +465,9 @@ impl Service for DeviceSession<'_> {
                 );
                 let _ = session.binary(frame).await;
             }
+            ClientFrame::Send { id, .. } if self.draining => {
+                reject_send(session, id, ErrorCode::ShuttingDown).await;
+            }
             ClientFrame::Send {
                 id,
                 to,
@@ -508,17 +514,21 @@ impl Service for DeviceSession<'_> {
         Ok(())
     }
 
-    /// On shutdown: stop reading, answer sends already accepted, then close after a jitter so
-    /// that clients do not all reconnect at once.
-    async fn on_shutdown(&mut self, session: &mut Writer) -> Option<Close> {
+    /// On shutdown: answer the sends already accepted, then go on taking acks (new sends are
+    /// refused with `shutting_down`) and close after a jitter, so that clients do not all
+    /// reconnect at once. The jitter is at least half the drain window: every client has
+    /// that long to acknowledge what it was just delivered.
+    async fn on_shutdown(&mut self, session: &mut Writer) -> Drain {
+        self.draining = true;
         self.pending.drain(session).await;
         let window = self
             .state
             .settings
             .shutdown_drain
-            .max(Duration::from_millis(1));
-        let jitter = rand::thread_rng().gen_range(Duration::ZERO..window);
-        tokio::time::sleep(jitter).await;
-        Some(Close::new(CloseCode::GoingAway, "server shutting down"))
+            .max(Duration::from_millis(2));
+        Drain {
+            read_for: rand::thread_rng().gen_range(window / 2..window),
+            close: Some(Close::new(CloseCode::GoingAway, "server shutting down")),
+        }
     }
 }

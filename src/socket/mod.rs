@@ -4,7 +4,8 @@
 //! ```text
 //! upgrade ─▶ Socket::accept ─▶ first phase (auth, handshake): Socket::recv under a deadline
 //!                           ─▶ Socket::drive(service), until one side ends it:
-//!                                  shutdown            ─▶ Service::on_shutdown (answer what was accepted)
+//!                                  shutdown            ─▶ Service::on_shutdown (answer what was accepted),
+//!                                                         then go on reading for its drain window
 //!                                  Service::event      ─▶ Service::on_event    (pushes, answers)
 //!                                  whole message       ─▶ Service::on_message  (while Service::reading)
 //!                                  ping / close frame  ─▶ pong / closing handshake
@@ -112,8 +113,18 @@ pub trait Service {
     /// Handles one binary message.
     fn on_message(&mut self, message: Bytes, out: &mut Writer) -> impl Future<Output = Flow>;
 
-    /// Shutdown began: answer what was accepted, and say how to close.
-    fn on_shutdown(&mut self, out: &mut Writer) -> impl Future<Output = Option<Close>>;
+    /// Shutdown began: answer what was accepted, and say how long to go on reading (for acks:
+    /// the service refuses new requests from now on) and how to close then.
+    fn on_shutdown(&mut self, out: &mut Writer) -> impl Future<Output = Drain>;
+}
+
+/// How a connection ends at shutdown.
+#[derive(Debug)]
+pub struct Drain {
+    /// How long to go on reading and answering before closing.
+    pub read_for: Duration,
+    /// The close to send then.
+    pub close: Option<Close>,
 }
 
 /// A server-side WebSocket: the reading and the writing half, and its timers.
@@ -200,7 +211,8 @@ impl Socket {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
-                    return Box::pin(service.on_shutdown(&mut self.writer)).await;
+                    let drain = Box::pin(service.on_shutdown(&mut self.writer)).await;
+                    return Box::pin(self.drain(service, drain)).await;
                 }
                 event = service.event() => {
                     if let Err(end) = service.on_event(event, &mut self.writer).await {
@@ -232,6 +244,38 @@ impl Socket {
                     }
                     if self.writer.ping(b"").await.is_err() {
                         return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After shutdown began: reads and answers for the service's drain window (acks sent
+    /// just before or during shutdown are taken, not lost), then closes.
+    async fn drain<S: Service>(&mut self, service: &mut S, drain: Drain) -> Option<Close> {
+        let deadline = tokio::time::sleep(drain.read_for);
+        tokio::pin!(deadline);
+        loop {
+            if self.writer.stalled() {
+                return None;
+            }
+            let reading = service.reading();
+            tokio::select! {
+                biased;
+                () = &mut deadline => return drain.close,
+                event = service.event() => {
+                    if let Err(end) = service.on_event(event, &mut self.writer).await {
+                        return end;
+                    }
+                }
+                read = self.reader.next(), if reading => {
+                    let message = match self.handle_read(read).await {
+                        Ok(Some(message)) => message,
+                        Ok(None) => continue,
+                        Err(end) => return end,
+                    };
+                    if let Err(end) = Box::pin(service.on_message(message, &mut self.writer)).await {
+                        return end;
                     }
                 }
             }

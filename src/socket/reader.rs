@@ -169,18 +169,29 @@ impl Reader {
         }
     }
 
-    /// After our close frame: takes and drops whatever the client still sends, until it
-    /// closes its side or `within` passes. Closing a socket with unread bytes in it makes the
-    /// kernel reset the connection, and a reset can destroy our close frame before the client
-    /// reads it.
+    /// After our close frame: reads on until the client answers with its close frame (the
+    /// closing handshake), ends its side, or `within` passes; past a frame that breaks a limit,
+    /// bytes are dropped unread. Closing a socket with unread bytes in it makes the kernel
+    /// reset the connection, and a reset can destroy our close frame before the client reads
+    /// it.
     pub async fn discard(&mut self, within: std::time::Duration) {
-        self.buf = BytesMut::new();
-        self.fragments = None;
-        self.charge(0);
         let _ = tokio::time::timeout(within, async {
+            loop {
+                match self.next().await {
+                    Some(Ok(Message::Close)) | None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break,
+                }
+            }
+            self.buf = BytesMut::new();
+            self.fragments = None;
+            self.charge(0);
             while let Some(Ok(_)) = self.payload.next().await {}
         })
         .await;
+        self.buf = BytesMut::new();
+        self.fragments = None;
+        self.charge(0);
     }
 
     fn held(&self) -> usize {
