@@ -67,6 +67,10 @@ fn describe() {
         Unit::Bytes,
         "Bytes of partly received WebSocket messages held by all connections (capped by socket_buffer_mb)"
     );
+    describe_counter!(
+        "sealpost_acks_durable_total",
+        "Acknowledged envelopes whose deletion is durable (acks are not answered; this is when a crash can no longer bring them back)"
+    );
     describe_gauge!("sealpost_ready", "1 when /readyz answers 200, else 0");
     describe_gauge!(
         "sealpost_disk_free_bytes",

@@ -319,3 +319,32 @@ async fn restart_keeps_sequence_numbers_and_tokens() {
     let (seq, _) = b.deliver().await;
     assert_eq!(seq, 4, "sequence numbers continue after a restart");
 }
+
+/// Invariant: an ack whose deletion the broker made durable is never undone by a crash. Acks
+/// have no answer, so the test waits on `sealpost_acks_durable_total` (counted once the
+/// deletion is flushed), then kills the broker with nothing else in between that could flush
+/// it: no send, no other traffic.
+#[tokio::test]
+async fn acknowledged_envelopes_stay_deleted_after_kill_9() {
+    let mut broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    let ids: Vec<_> = (0..4).map(|_| eid()).collect();
+    for id in &ids {
+        a.send_and_wait(*id, &bob.user, &[bob.device], b"x").await;
+    }
+    drop(a);
+    let mut b = Device::connect(&broker, &bob).await;
+    let backlog = b.backlog().await;
+    assert_eq!(backlog.len(), 4);
+    // Ack the first three; the fourth stays.
+    b.ack(backlog[..3].iter().map(|(seq, _)| *seq).collect())
+        .await;
+    broker.wait_metric("sealpost_acks_durable_total", 3.0).await;
+    broker.kill9();
+    broker.restart();
+    let mut b = Device::connect(&broker, &bob).await;
+    let again: Vec<_> = b.backlog().await.into_iter().map(|(_, e)| e.id).collect();
+    assert_eq!(again, vec![ids[3]], "acknowledged envelopes came back");
+}

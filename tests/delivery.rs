@@ -491,7 +491,16 @@ async fn a_client_that_closes_gets_the_closing_handshake() {
         matches!(answer, Some(Ok(Message::Close(_)))),
         "got {answer:?}"
     );
-    // Not counted as a disconnect by the broker: the client chose it.
-    let _ = a.ws.send(Message::Ping(Vec::new().into())).await;
+    // Not counted as a disconnect by the broker: the client chose it. Read once the session
+    // has ended (and would have counted), so that a late count cannot pass unseen.
+    drop(a);
+    wait_gauge(&broker, "sealpost_websocket_sessions", 0.0).await;
+    wait_gauge(&broker, "sealpost_connections", 0.0).await;
     assert_eq!(broker.metric("sealpost_disconnects_total").await, 0.0);
+    // The counter does count a close the broker decides on: the test can see one.
+    let mut raw = connect_raw(&broker).await;
+    raw.send(Message::Text("not binary".into())).await.unwrap();
+    let _ = until_close(&mut raw).await;
+    wait_gauge(&broker, "sealpost_websocket_sessions", 0.0).await;
+    assert_eq!(broker.metric("sealpost_disconnects_total").await, 1.0);
 }

@@ -129,7 +129,7 @@ async fn an_offer_rings_every_device_and_answering_on_one_stops_the_others() {
 
     // The broker holds no SDP, candidate or fingerprint, in its files or its logs.
     let dir = broker.data_dir();
-    let logs = std::fs::read(&broker.log_path).unwrap_or_default();
+    let logs = broker.read_logs();
     for canary in [
         "canary-offer-sdp",
         "canary-answer-sdp",

@@ -434,7 +434,8 @@ async fn receiving_broker_never_learns_the_sender() {
     let (mut anon, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/sealed", ba.addr))
         .await
         .unwrap();
-    for n in 5..10 {
+    // One sealed send and its answer from `ba`.
+    let mut sealed = async |n: u32, token: &[u8]| {
         let id = eid();
         let frame = ClientFrame::SealedSend {
             id,
@@ -456,14 +457,39 @@ async fn receiving_broker_never_learns_the_sender() {
             };
             if let ServerFrame::SendResult { id: got, outcome } = ServerFrame::decode(&b).unwrap() {
                 assert_eq!(got, id);
-                assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
-                break;
+                return outcome;
             }
         }
+    };
+    for n in 5..10 {
+        let outcome = sealed(n, &token).await;
+        assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
     }
-    // A wrong token is refused by bob's broker after the outbox accepted it: counted there.
+    // A wrong token cannot be checked by the sender's broker (it holds no token of bob's): its
+    // outbox accepts it, bob's broker refuses it, and the sender's broker counts the refusal.
+    let outcome = sealed(99, &[0x13; 32]).await;
+    assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ba
+        .metric_labeled(
+            "sealpost_federation_refused_total",
+            "reason=\"bad_delivery_token\"",
+        )
+        .await
+        < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refusal was never counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let got = collect(&mut bob_dev, 10).await;
-    assert_eq!(got.len(), 10);
+    assert_eq!(
+        got.len(),
+        10,
+        "bob gets the ten, not the wrongly admitted one"
+    );
     // Flush bob's broker's state to disk and its logs, then scan.
     assert!(bb.terminate());
     let log = std::fs::read(&bb.log_path).unwrap();
@@ -1345,4 +1371,60 @@ async fn ephemeral_envelopes_for_a_stalled_peer_are_bounded() {
         .await,
         15.0
     );
+}
+
+/// Ephemeral envelopes are never written to the outbox: sent while the peer is down they are
+/// answered, dropped and counted, and neither survive in the backlog nor reach the recipient
+/// once the link is back (only the durable envelope sent after them does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_envelopes_sent_while_the_link_is_down_are_never_stored() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let mut bb = b.start(&[&a], &[]);
+    let bob = register(&bb, "bob@b.example").await;
+    assert!(bb.terminate());
+    let ba = a.start(&[&b], &[]);
+    let alice = register(&ba, "alice@a.example").await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    for _ in 0..5 {
+        let id = eid();
+        dev.send_to(
+            id,
+            &bob.user,
+            &[bob.device],
+            Class::Ephemeral,
+            30,
+            b"typing",
+        )
+        .await;
+        assert_eq!(
+            dev.result_for(id).await.0,
+            SendOutcome::Accepted { duplicate: false }
+        );
+    }
+    assert_eq!(
+        ba.metric_labeled(
+            "sealpost_federation_ephemeral_dropped_total",
+            "destination=\"b.example\""
+        )
+        .await,
+        5.0
+    );
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+    // The link comes back; a durable envelope sent now is the only thing bob gets.
+    bb.restart();
+    wait_up(&ba, "b.example").await;
+    let marker = eid();
+    let outcome = dev
+        .send_and_wait(marker, &bob.user, &[bob.device], b"durable")
+        .await;
+    assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    let got = collect(&mut bob_dev, 1).await;
+    assert_eq!(
+        got[0].1, marker,
+        "an ephemeral envelope was stored and sent later"
+    );
+    assert_eq!(got[0].2, b"durable");
 }

@@ -768,8 +768,11 @@ impl Handler<Ack> for Mailbox {
                     metrics::counter!("sealpost_acks_total").increment(acked);
                     let durable = self.store.sync();
                     actix::spawn(async move {
-                        if let Err(e) = durable.await {
-                            warn!(error = %e, "flushing acknowledged deletions failed");
+                        match durable.await {
+                            Ok(()) => {
+                                metrics::counter!("sealpost_acks_durable_total").increment(acked);
+                            }
+                            Err(e) => warn!(error = %e, "flushing acknowledged deletions failed"),
                         }
                     });
                 }

@@ -60,6 +60,20 @@ impl Broker {
         }
     }
 
+    /// Everything the broker has logged so far. Panics if the log cannot be read or holds
+    /// nothing (not even the start-up lines): a scan of the logs for secrets must not pass on
+    /// an empty or missing file.
+    pub fn read_logs(&self) -> Vec<u8> {
+        let logs = std::fs::read(&self.log_path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", self.log_path.display()));
+        assert!(
+            logs.windows(b"listening".len()).any(|w| w == b"listening"),
+            "the broker's log {} lacks its start-up lines",
+            self.log_path.display()
+        );
+        logs
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
