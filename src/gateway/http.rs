@@ -21,7 +21,7 @@ use super::{
     AppState,
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, local_handle},
-    json::{DeviceEntry, DeviceList},
+    json::{DeviceEntry, DeviceList, Json},
     settings::Registration,
 };
 use crate::{
@@ -91,7 +91,7 @@ fn identity_keys(b64: &str) -> Result<Vec<u8>, ApiError> {
 async fn register(
     _: Admitted,
     state: State,
-    body: web::Json<RegisterRequest>,
+    body: Json<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let handle = Handle::parse(&body.handle).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -172,7 +172,7 @@ async fn add_device(
     state: State,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Json<AddDeviceRequest>,
+    body: Json<AddDeviceRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let handle = local_handle(&state, &path)?;
     // Checked first: a malformed request must not use up a single-use link code.

@@ -33,7 +33,7 @@ use super::{
     AppState,
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, local_handle},
-    json::json_config,
+    json::{Json, JsonLimit},
     submit::admit_sealed,
 };
 use crate::{
@@ -60,13 +60,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     // A full upload (200 keys of 512 bytes, base64) and a 64 KiB signed list (base64) fit.
     cfg.service(
         web::resource("/v1/accounts/{handle}/devices/{id}/keys")
-            .app_data(json_config(256 * 1024))
+            .app_data(JsonLimit(256 * 1024))
             .route(web::put().to(upload_keys))
             .route(web::get().to(key_count)),
     )
     .service(
         web::resource("/v1/accounts/{handle}/device-list")
-            .app_data(json_config(128 * 1024))
+            .app_data(JsonLimit(128 * 1024))
             .route(web::get().to(get_device_list))
             .route(web::put().to(put_device_list)),
     )
@@ -150,7 +150,7 @@ async fn upload_keys(
     me: Authenticated,
     state: State,
     path: web::Path<(String, u32)>,
-    body: web::Json<UploadRequest>,
+    body: Json<UploadRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let (_, device) = path.into_inner();
     me.require_device(device)?;
@@ -316,7 +316,7 @@ async fn get_device_list(
 async fn put_device_list(
     me: Authenticated,
     state: State,
-    body: web::Json<SignedList>,
+    body: Json<SignedList>,
 ) -> Result<HttpResponse, ApiError> {
     let handle = me.handle;
     let signed = STANDARD
@@ -335,7 +335,7 @@ async fn put_device_list(
 async fn put_delivery_token(
     me: Authenticated,
     state: State,
-    body: web::Json<DeliveryTokenRequest>,
+    body: Json<DeliveryTokenRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let handle = me.handle;
     let token_hash = match &body.token {

@@ -53,7 +53,7 @@ use crate::{
 /// Registers every route of the broker.
 pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
     use actix_web::web::get;
-    cfg.app_data(json::json_config(json::MAX_JSON_BODY))
+    cfg.app_data(json::JsonLimit(json::MAX_JSON_BODY))
         .configure(http::routes)
         .route("/v1/ws", get().to(session::upgrade))
         .route("/v1/sealed", get().to(sealed::upgrade))
