@@ -169,6 +169,12 @@ settings! {
     federation_backoff_max_ms: u64 = 60_000, "SEALPOST_FEDERATION_BACKOFF_MAX_MS";
     /// Federation connects, handshakes and remote lookups give up after this long, ms.
     federation_timeout_ms: u64 = 10_000, "SEALPOST_FEDERATION_TIMEOUT_MS";
+    /// Pings on federation links every this many ms, both ways; an outbound link that hears
+    /// nothing for three of them is dead (a frozen or partitioned peer), ms.
+    federation_keepalive_ms: u64 = 2_000, "SEALPOST_FEDERATION_KEEPALIVE_MS";
+    /// A send to a peer domain waits at most this long for the recipient's current devices
+    /// before it is checked against the set known so far, ms.
+    federation_lookup_wait_ms: u64 = 1_000, "SEALPOST_FEDERATION_LOOKUP_WAIT_MS";
     /// How long a remote user's device set, learned over the link, is trusted for
     /// stale_devices checks before it is asked again, ms.
     federation_device_cache_ms: u64 = 2_000, "SEALPOST_FEDERATION_DEVICE_CACHE_MS";
@@ -316,7 +322,11 @@ impl Settings {
         if self.federation_window == 0 || self.federation_window > 64 {
             return Err(invalid("federation_window", "must be 1..=64"));
         }
-        if self.federation_backoff_min_ms == 0 || self.federation_timeout_ms == 0 {
+        if self.federation_backoff_min_ms == 0
+            || self.federation_timeout_ms == 0
+            || self.federation_keepalive_ms == 0
+            || self.federation_lookup_wait_ms == 0
+        {
             return Err(invalid(
                 "federation_backoff_min_ms",
                 "federation delays must be above 0",
@@ -359,8 +369,10 @@ impl Settings {
                 backoff_max: ms(self.federation_backoff_max_ms),
                 request_timeout: ms(self.federation_timeout_ms),
                 device_cache: ms(self.federation_device_cache_ms),
-                heartbeat: ms(self.heartbeat_ms),
+                keepalive: ms(self.federation_keepalive_ms),
+                link_timeout: ms(self.federation_keepalive_ms.saturating_mul(3)),
                 idle_timeout: ms(self.client_timeout_ms),
+                lookup_wait: ms(self.federation_lookup_wait_ms),
                 origin_rate: self.federation_origin_rate,
                 inbound_txns: self.federation_window.max(4),
                 outbox_quota: self.federation_outbox_quota,

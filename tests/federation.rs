@@ -1509,3 +1509,145 @@ async fn ephemeral_envelopes_sent_while_the_link_is_down_are_never_stored() {
     );
     assert_eq!(got[0].2, b"durable");
 }
+
+/// Sends `n`-th probe to `to` and returns how long its `send_result` took.
+async fn timed_send(dev: &mut Device, id: EnvelopeId, to: &Creds, n: u32) -> Duration {
+    let started = std::time::Instant::now();
+    let outcome = dev
+        .send_and_wait(id, &to.user, &[to.device], &n.to_be_bytes())
+        .await;
+    assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    started.elapsed()
+}
+
+/// How a peer is cut off in [`sends_keep_flowing_while_the_peer_is_cut_off`].
+#[derive(Clone, Copy, Debug)]
+enum Cutoff {
+    /// `SIGSTOP`: its kernel still accepts bytes, nothing answers.
+    Freeze,
+    /// nftables drops every packet to and from its listening port: nothing arrives, nothing
+    /// is refused.
+    Partition,
+}
+
+/// nftables rules dropping the traffic of one loopback listener, removed when dropped.
+struct Partition {
+    table: String,
+}
+
+impl Partition {
+    /// Drops packets to and from `addr`; `None` where nftables cannot be used here.
+    fn start(addr: std::net::SocketAddr) -> Option<Partition> {
+        let table = format!("sealpost_test_{}_{}", std::process::id(), addr.port());
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} out {{ type filter hook output priority 0 ; }}\n\
+             add rule inet {table} out ip daddr {ip} tcp dport {port} drop\n\
+             add rule inet {table} out ip saddr {ip} tcp sport {port} drop\n",
+            ip = addr.ip(),
+            port = addr.port()
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        use std::io::Write as _;
+        child.stdin.take()?.write_all(script.as_bytes()).ok()?;
+        child.wait().ok()?.success().then_some(Partition { table })
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+/// A peer that is frozen or partitioned away must not stall sends to its domain: each is
+/// accepted into the outbox within 100 ms at p99 (a device lookup waits at most
+/// `federation_lookup_wait_ms`, then the devices known so far are used, and the silent link is
+/// declared dead within three keepalives), the admin view answers at once, and once the peer
+/// is back everything arrives, once and in order.
+async fn sends_keep_flowing_while_the_peer_is_cut_off(cutoff: Cutoff) {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    let alice = register(&ba, "alice@a.example").await;
+    let bob = register(&bb, "bob@b.example").await;
+    let mut dev = Device::connect(&ba, &alice).await;
+    assert!(dev.backlog().await.is_empty());
+    let mut ids = vec![eid()];
+    timed_send(&mut dev, ids[0], &bob, 0).await;
+
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &bb.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    let mut partition = None;
+    match cutoff {
+        Cutoff::Freeze => signal("-STOP"),
+        Cutoff::Partition => {
+            partition = Partition::start(bb.addr);
+            if partition.is_none() {
+                eprintln!("skipped: nftables is not usable here (needs root and the nft command)");
+                return;
+            }
+        }
+    }
+    let cut = std::time::Instant::now();
+    let mut took = Vec::new();
+    let mut slowest_admin = Duration::ZERO;
+    while cut.elapsed() < Duration::from_secs(10) {
+        let id = eid();
+        took.push(timed_send(&mut dev, id, &bob, ids.len() as u32).await);
+        ids.push(id);
+        if ids.len() % 50 == 0 {
+            let asked = std::time::Instant::now();
+            admin(&ba).await;
+            slowest_admin = slowest_admin.max(asked.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let link = admin(&ba).await["peers"][0]["link"].clone();
+    match cutoff {
+        Cutoff::Freeze => signal("-CONT"),
+        Cutoff::Partition => drop(partition),
+    }
+    took.sort_unstable();
+    let p99 = took[took.len() * 99 / 100];
+    eprintln!(
+        "{cutoff:?}: {} sends: p50 {:?}, p99 {p99:?}, max {:?}; slowest admin view {slowest_admin:?}",
+        took.len(),
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+    assert!(
+        slowest_admin < Duration::from_millis(500),
+        "{slowest_admin:?}"
+    );
+    assert_ne!(link, "up", "the silent link was not noticed within 10 s");
+
+    wait_up(&ba, "b.example").await;
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
+    let mut bob_dev = Device::connect(&bb, &bob).await;
+    expect_exactly_once(&mut bob_dev, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_peer_does_not_stall_sends_to_its_domain() {
+    sends_keep_flowing_while_the_peer_is_cut_off(Cutoff::Freeze).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_peer_does_not_stall_sends_to_its_domain() {
+    sends_keep_flowing_while_the_peer_is_cut_off(Cutoff::Partition).await;
+}

@@ -45,6 +45,9 @@ pub enum LinkError {
     /// The peer did not answer in time.
     #[error("timed out")]
     Timeout,
+    /// The link heard nothing for its timeout: the peer is frozen or partitioned away.
+    #[error("silent past the link timeout")]
+    Silent,
     /// The handshake failed: the peer's static key is not the one expected for its domain.
     #[error("peer authentication failed")]
     PeerAuth,
@@ -174,8 +177,8 @@ pub(crate) struct LinkParams {
     pub(crate) key: Arc<ServerKey>,
     pub(crate) resolver: Arc<Resolver>,
     pub(crate) connect_timeout: Duration,
-    pub(crate) heartbeat: Duration,
-    pub(crate) idle_timeout: Duration,
+    pub(crate) keepalive: Duration,
+    pub(crate) link_timeout: Duration,
     pub(crate) queue: usize,
 }
 
@@ -266,7 +269,7 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
     // a protocol violation and never reaches the peer actor (whose queue it would flood).
     let mut unacked: VecDeque<(u64, usize)> = VecDeque::new();
     let mut next_req = 1u64;
-    let mut heartbeat = tokio::time::interval(params.heartbeat);
+    let mut heartbeat = tokio::time::interval(params.keepalive);
     heartbeat.tick().await;
     let mut last_heard = Instant::now();
     loop {
@@ -325,8 +328,8 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
                 }
             }
             _ = heartbeat.tick() => {
-                if last_heard.elapsed() > params.idle_timeout {
-                    return Err(LinkError::Timeout);
+                if last_heard.elapsed() > params.link_timeout {
+                    return Err(LinkError::Silent);
                 }
                 ws.send(Message::Ping(Vec::new().into())).await?;
             }

@@ -137,13 +137,13 @@ pub(crate) struct LinkReports {
 pub struct Status;
 
 /// One destination as the admin view shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PeerStatus {
     /// Destination domain.
     pub domain: String,
     /// Its federation endpoint.
     pub url: String,
-    /// `up`, `connecting` or `down`.
+    /// `up`, `connecting` or `down` (`unanswered`: the peer actor did not answer in time).
     pub link: &'static str,
     /// Envelopes in the outbox.
     pub backlog: u64,
@@ -165,4 +165,15 @@ pub struct PeerStatus {
     pub refused: u64,
     /// Why the link last went down, if it did.
     pub last_error: Option<String>,
+}
+
+impl PeerStatus {
+    /// The entry of a peer whose actor did not answer in time.
+    pub(crate) fn unanswered(domain: &str) -> PeerStatus {
+        PeerStatus {
+            domain: domain.to_owned(),
+            link: "unanswered",
+            ..PeerStatus::default()
+        }
+    }
 }

@@ -331,10 +331,18 @@ pub struct PeerSettings {
     pub request_timeout: Duration,
     /// How long a remote user's device set is trusted for stale-set checks.
     pub device_cache: Duration,
-    /// Interval of pings on a link.
-    pub heartbeat: Duration,
-    /// A link silent this long is closed.
+    /// Interval of pings on a link, in both directions: each side pings whether or not it is
+    /// reading, so a live peer is heard at least this often.
+    pub keepalive: Duration,
+    /// An outbound link that hears nothing (no frame, no ping, no pong) for this long is dead:
+    /// a frozen or partitioned peer is noticed within seconds. A few keepalives.
+    pub link_timeout: Duration,
+    /// An inbound link silent this long (for its reads) is closed.
     pub idle_timeout: Duration,
+    /// How long a send waits for the recipient's device set from its broker before it is
+    /// checked against the set known so far (or none). After such a timeout the peer asks no
+    /// more until `link_timeout` has passed: a silent link is declared dead by then.
+    pub lookup_wait: Duration,
     /// Envelopes (and lookups) per second accepted from one origin domain (0 = unlimited).
     pub origin_rate: u32,
     /// Transactions one inbound link may have being persisted at once.
@@ -343,6 +351,9 @@ pub struct PeerSettings {
     /// refused with `peer_unavailable`.
     pub outbox_quota: u64,
 }
+
+/// How long the admin view waits for one peer's status.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
 
 /// Handle on a running peer.
 struct PeerHandle {
@@ -507,9 +518,12 @@ impl Federation {
     /// The state of every peer, ordered by domain.
     pub async fn status(&self) -> Vec<PeerStatus> {
         let mut out = Vec::with_capacity(self.peers.len());
-        for peer in self.peers.values() {
-            if let Ok(status) = peer.addr.send(Status).await {
-                out.push(status);
+        for (domain, peer) in &self.peers {
+            // Peers answer from memory and never block on their link; the bound is for a
+            // peer actor too busy to answer (it is then shown as such).
+            match tokio::time::timeout(STATUS_WAIT, peer.addr.send(Status)).await {
+                Ok(Ok(status)) => out.push(status),
+                _ => out.push(PeerStatus::unanswered(domain)),
             }
         }
         out.sort_by(|a, b| a.domain.cmp(&b.domain));

@@ -142,8 +142,28 @@ pub struct FederationPeer {
     /// No transaction is sent before this (after a retryable refusal).
     hold_until: Option<Instant>,
     known: HashMap<String, KnownDevices>,
+    /// Sends to a recipient whose device lookup is running, in arrival order: they are
+    /// accepted together when it ends, so later sends to that recipient never overtake earlier
+    /// ones, and sends to everyone else go on meanwhile.
+    waiting: HashMap<String, VecDeque<(Enqueue, oneshot::Sender<SendOutcome>)>>,
+    /// A lookup went unanswered: until then, sends are checked against the devices known so
+    /// far without asking (by then a silent link has been declared dead).
+    lookups_paused_until: Option<Instant>,
+    /// Since when the link has been failing, and how often; for the outage log lines.
+    outage: Option<Outage>,
     stats: Stats,
 }
+
+/// A stretch of failed connection attempts.
+struct Outage {
+    since: Instant,
+    attempts: u64,
+    /// When the last summary line was logged.
+    logged: Instant,
+}
+
+/// How often a lasting outage is summed up in the log.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Refusals after which the same envelope is sent again later (the receiving side was
 /// temporarily unable); every other refusal is final. `mailbox_full` concerns one recipient
@@ -203,6 +223,9 @@ impl FederationPeer {
             backoff,
             hold_until: None,
             known: HashMap::new(),
+            waiting: HashMap::new(),
+            lookups_paused_until: None,
+            outage: None,
             stats: Stats::default(),
         }
     }
@@ -226,12 +249,12 @@ impl FederationPeer {
             key: self.key.clone(),
             resolver: self.resolver.clone(),
             connect_timeout: self.settings.request_timeout,
-            heartbeat: self.settings.heartbeat,
-            idle_timeout: self.settings.idle_timeout,
+            keepalive: self.settings.keepalive,
+            link_timeout: self.settings.link_timeout,
             queue: self.settings.window * 2 + 64,
         };
-        // A task of its own, not a future of this context: `ctx.wait` (device lookups)
-        // pauses the context's futures, and the lookup's answer comes through the link.
+        // A task of its own, not a future of this context: it outlives any one message, and
+        // lookups made by the context are answered through it.
         let me = ctx.address();
         let reports = LinkReports {
             up: me.clone().recipient(),
@@ -610,6 +633,41 @@ impl FederationPeer {
         }
     }
 
+    /// Whether a send should wait for the recipient's current devices: a durable or urgent
+    /// send, the devices not learned within the cache period, the link up and answering.
+    fn should_ask(&self, msg: &Enqueue) -> bool {
+        let fresh = self
+            .known
+            .get(&msg.to)
+            .is_some_and(|k| k.at.elapsed() < self.settings.device_cache);
+        let paused = self
+            .lookups_paused_until
+            .is_some_and(|until| Instant::now() < until);
+        msg.class != Class::Ephemeral && !fresh && !paused && matches!(self.link, Link::Up(_))
+    }
+
+    /// A device lookup was not answered within `lookup_wait`: the link may be silent. Sends are
+    /// checked against what is known without asking until the link has had time to be declared
+    /// dead, and the operator hears of it once.
+    fn lookup_unanswered(&mut self, user: &str) {
+        if let Some(known) = self.known.get_mut(user) {
+            known.at = Instant::now();
+        }
+        if self
+            .lookups_paused_until
+            .is_none_or(|until| until <= Instant::now())
+        {
+            warn!(
+                destination = %self.config.domain,
+                wait_ms = u64::try_from(self.settings.lookup_wait.as_millis()).unwrap_or(u64::MAX),
+                "a device lookup went unanswered; sends are checked against the devices known so far"
+            );
+        }
+        metrics::counter!("sealpost_federation_lookups_unanswered_total", "destination" => self.config.domain.clone())
+            .increment(1);
+        self.lookups_paused_until = Some(Instant::now() + self.settings.link_timeout);
+    }
+
     /// Checks a send's device set against what the peer knows of the recipient.
     fn stale(&self, to: &str, copies: &[Copy]) -> Option<SendOutcome> {
         let known = self.known.get(to)?;
@@ -640,10 +698,12 @@ impl FederationPeer {
                 code: ErrorCode::UnknownRecipient,
                 ..
             }) => Err(ErrorCode::UnknownRecipient),
-            // Unreachable or unexpected: keep what we knew, accept unchecked otherwise.
-            Ok(_) => return,
-            Err(code) => {
-                debug!(destination = %self.config.domain, code = code.as_str(), "device lookup failed; send checked against what was known");
+            // Unreachable or unexpected: keep what we knew (trusted for another cache period,
+            // so the next send does not wait again), accept unchecked otherwise.
+            Ok(_) | Err(_) => {
+                if let Some(known) = self.known.get_mut(&user) {
+                    known.at = Instant::now();
+                }
                 return;
             }
         };
@@ -829,19 +889,26 @@ impl Handler<Enqueue> for FederationPeer {
 
     fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        let fresh = self
-            .known
-            .get(&msg.to)
-            .is_some_and(|k| k.at.elapsed() < self.settings.device_cache);
-        let ask = msg.class != Class::Ephemeral && !fresh && matches!(self.link, Link::Up(_));
-        if ask {
-            // Ask the recipient's broker for the current devices; later envelopes wait, so a
-            // connection's sends keep their order.
+        if let Some(waiting) = self.waiting.get_mut(&msg.to) {
+            // Behind an earlier send to the same recipient whose lookup is running.
+            waiting.push_back((msg, tx));
+        } else if self.should_ask(&msg) {
+            // Ask the recipient's broker for the current devices, for at most `lookup_wait`;
+            // the actor goes on serving everything else meanwhile.
             let user = msg.to.clone();
+            self.waiting
+                .insert(user.clone(), VecDeque::from([(msg, tx)]));
             let lookup = self.query(Request::GetDevices { user: user.clone() });
-            ctx.wait(lookup.into_actor(self).map(move |answer, act, ctx| {
-                act.learn(user, answer);
-                act.accept(msg, tx, ctx);
+            let wait = self.settings.lookup_wait;
+            let bounded = async move { tokio::time::timeout(wait, lookup).await };
+            ctx.spawn(bounded.into_actor(self).map(move |answer, act, ctx| {
+                match answer {
+                    Ok(answer) => act.learn(user.clone(), answer),
+                    Err(_elapsed) => act.lookup_unanswered(&user),
+                }
+                for (msg, tx) in act.waiting.remove(&user).unwrap_or_default() {
+                    act.accept(msg, tx, ctx);
+                }
             }));
         } else {
             self.accept(msg, tx, ctx);
@@ -865,9 +932,19 @@ impl Handler<LinkUp> for FederationPeer {
         if msg.generation != self.generation {
             return;
         }
-        info!(destination = %self.config.domain, "federation link up");
+        match self.outage.take() {
+            Some(outage) => warn!(
+                destination = %self.config.domain,
+                down_s = outage.since.elapsed().as_secs(),
+                attempts = outage.attempts,
+                backlog = self.backlog.len(),
+                "federation link restored"
+            ),
+            None => info!(destination = %self.config.domain, "federation link up"),
+        }
         self.link = Link::Up(msg.tx);
         self.up_since = Some(Instant::now());
+        self.lookups_paused_until = None;
         self.cursor = self
             .backlog
             .keys()
@@ -903,10 +980,40 @@ impl Handler<LinkDown> for FederationPeer {
         metrics::counter!("sealpost_federation_link_failures_total", "destination" => self.config.domain.clone())
             .increment(1);
         let delay = self.backoff.fail();
-        if was_up {
-            warn!(destination = %self.config.domain, reason = %msg.reason, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "federation link down");
-        } else {
-            debug!(destination = %self.config.domain, reason = %msg.reason, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "federation link attempt failed");
+        let retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        // One warning when an outage begins, a summary each minute while it lasts, and one
+        // when it ends (in the LinkUp handler); single failed attempts at debug level.
+        let now = Instant::now();
+        match &mut self.outage {
+            None => {
+                self.outage = Some(Outage {
+                    since: now,
+                    attempts: 1,
+                    logged: now,
+                });
+                let what = if was_up {
+                    "federation link down"
+                } else {
+                    "federation link cannot be established"
+                };
+                warn!(destination = %self.config.domain, reason = %msg.reason, retry_ms, backlog = self.backlog.len(), "{what}");
+            }
+            Some(outage) => {
+                outage.attempts += 1;
+                if now.duration_since(outage.logged) >= OUTAGE_LOG_EVERY {
+                    outage.logged = now;
+                    warn!(
+                        destination = %self.config.domain,
+                        down_s = outage.since.elapsed().as_secs(),
+                        attempts = outage.attempts,
+                        backlog = self.backlog.len(),
+                        reason = %msg.reason,
+                        "federation link still down"
+                    );
+                } else {
+                    debug!(destination = %self.config.domain, reason = %msg.reason, retry_ms, "federation link attempt failed");
+                }
+            }
         }
         self.publish();
         ctx.run_later(delay, |act, ctx| act.connect(ctx));

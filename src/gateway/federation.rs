@@ -48,7 +48,8 @@ pub async fn upgrade(
     let settings = state.federation.settings();
     let limits = socket::Limits {
         max_message: MAX_SEALED_BYTES,
-        heartbeat: settings.heartbeat,
+        // Pinged at the link's keepalive whether or not it reads: the sending side hears us.
+        heartbeat: settings.keepalive,
         // A peer that takes nothing off the link for as long as it may stay silent is gone.
         idle_timeout: settings.idle_timeout,
         budget: Arc::clone(&state.socket_budget),
