@@ -28,6 +28,7 @@ use sealpost_proto::{
 };
 use tokio::sync::oneshot;
 use tracing::debug;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{
     AppState,
@@ -130,12 +131,16 @@ async fn authenticate(state: &AppState, socket: &mut Socket) -> Result<Authed, O
         }
     };
     let session = socket.writer();
-    let (user, device, token) = match ClientFrame::decode(&bytes) {
+    let mut bytes = bytes;
+    let decoded = ClientFrame::decode(&bytes);
+    // The frame carried the device's token: wipe it rather than leave it in freed memory.
+    bytes.as_mut().zeroize();
+    let (user, device, token) = match decoded {
         Ok(ClientFrame::Auth {
             user,
             device,
             token,
-        }) => (user, device, token),
+        }) => (user, device, Zeroizing::new(token)),
         Ok(_) => {
             let msg = "the first frame must be auth";
             return refuse(session, ErrorCode::NotAuthenticated, msg).await;

@@ -27,7 +27,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix_web::{FromRequest, HttpRequest, HttpResponse, dev, web, web::Bytes};
+use actix_web::{
+    FromRequest, HttpRequest, HttpResponse, dev, web,
+    web::{Bytes, BytesMut},
+};
 use actix_ws::CloseReason;
 use sealpost_proto::CloseCode;
 use tokio::sync::watch;
@@ -163,8 +166,9 @@ impl Socket {
     }
 
     /// The next binary message, with pings answered and a close frame answered: `Ok(None)`
-    /// after a control frame, `Err` when the connection ends (with the close to send).
-    pub async fn recv(&mut self) -> Result<Option<Bytes>, Option<Close>> {
+    /// after a control frame, `Err` when the connection ends (with the close to send). The
+    /// message is the reader's own buffer: a secret in it can be wiped in place.
+    pub async fn recv(&mut self) -> Result<Option<BytesMut>, Option<Close>> {
         let read = self.reader.next().await;
         self.handle_read(read).await
     }
@@ -173,7 +177,7 @@ impl Socket {
     async fn handle_read(
         &mut self,
         read: Option<Result<Message, Refusal>>,
-    ) -> Result<Option<Bytes>, Option<Close>> {
+    ) -> Result<Option<BytesMut>, Option<Close>> {
         match read {
             Some(Ok(Message::Binary(bytes))) => Ok(Some(bytes)),
             Some(Ok(Message::Ping(payload))) => match self.writer.pong(&payload).await {
@@ -228,7 +232,7 @@ impl Socket {
                     };
                     // Boxed: its state is larger than the rest of the loop's, and the task
                     // would carry it while idle too.
-                    if let Err(end) = Box::pin(service.on_message(message, &mut self.writer)).await {
+                    if let Err(end) = Box::pin(service.on_message(message.freeze(), &mut self.writer)).await {
                         return end;
                     }
                 }
@@ -274,7 +278,7 @@ impl Socket {
                         Ok(None) => continue,
                         Err(end) => return end,
                     };
-                    if let Err(end) = Box::pin(service.on_message(message, &mut self.writer)).await {
+                    if let Err(end) = Box::pin(service.on_message(message.freeze(), &mut self.writer)).await {
                         return end;
                     }
                 }

@@ -50,8 +50,9 @@ use super::Close;
 /// endpoint speaks binary frames only and closes on text.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message {
-    /// A binary message (fragments joined).
-    Binary(Bytes),
+    /// A binary message (fragments joined), mutable so that a caller can wipe a secret it
+    /// carried (the `auth` frame's token) in place.
+    Binary(BytesMut),
     /// A text message.
     Text,
     /// A ping, with its payload to echo.
@@ -260,7 +261,7 @@ impl Reader {
                     return Ok(None);
                 }
                 if binary {
-                    Message::Binary(payload.freeze())
+                    Message::Binary(payload)
                 } else {
                     Message::Text
                 }
@@ -275,7 +276,7 @@ impl Reader {
                 }
                 let (binary, whole) = self.fragments.take().expect("checked above");
                 if binary {
-                    Message::Binary(whole.freeze())
+                    Message::Binary(whole)
                 } else {
                     Message::Text
                 }
@@ -490,9 +491,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Ok(Message::Binary(Bytes::from_static(b"one"))),
+                Ok(Message::Binary(BytesMut::from(&b"one"[..]))),
                 Ok(Message::Ping(Bytes::from_static(b"p"))),
-                Ok(Message::Binary(Bytes::from_static(b"two"))),
+                Ok(Message::Binary(BytesMut::from(&b"two"[..]))),
                 Ok(Message::Close),
             ]
         );
