@@ -1,6 +1,8 @@
 //! Host-side tests of the engine: two engines talk through hand-made broker frames.
 
-use sealpost_proto::{Envelope, ServerFrame};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sealpost_client::engine::CALL_TTL_SECS;
+use sealpost_proto::{Class, Envelope};
 
 use super::*;
 
@@ -249,52 +251,4 @@ fn fingerprints_come_from_the_sdp() {
     );
     assert_eq!(sdp_fingerprint("v=0\r\n"), "");
     assert!(!fingerprints_match("", ""));
-}
-
-/// Writes the browser state fixtures in `client/tests/fixtures/browser-v1/` with the engine as
-/// it is at this commit (its own record format), so that later code can be checked to read
-/// what browsers saved. Run once by hand: `cargo test -p sealpost-web -- --ignored`.
-#[test]
-#[ignore = "writes fixtures; run by hand"]
-fn write_browser_state_fixtures() {
-    let mut alice = side("alice@test.example", 1);
-    let mut bob = side("bob@test.example", 1);
-    alice
-        .engine
-        .accept_device_list("bob@test.example", &bob.list)
-        .unwrap();
-    let key = bob.keys["one_time_keys"][0]["key"].as_str().unwrap();
-    alice
-        .engine
-        .create_session("bob@test.example", 1, key)
-        .unwrap();
-    for payload in [
-        r#"{"kind":"delivery_token"}"#,
-        r#"{"kind":"text","body":"hello bob"}"#,
-    ] {
-        let out: Value = serde_json::from_str(
-            &alice
-                .engine
-                .encrypt("bob@test.example", payload, "", "")
-                .unwrap(),
-        )
-        .unwrap();
-        receive(
-            &mut bob.engine,
-            &deliver(out["frame"].as_str().unwrap(), 1, 1),
-            &alice.list,
-        );
-    }
-    alice.engine.mark_token_shared("bob@test.example");
-    alice.engine.mark_verified("bob@test.example");
-    alice.engine.link_code("brokercode", 4_102_444_800_000.0);
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../client/tests/fixtures/browser-v1");
-    std::fs::create_dir_all(&out).unwrap();
-    for (name, side) in [("alice", &mut alice), ("bob", &mut bob)] {
-        let key = Engine::new_local_key();
-        let saved = side.engine.save(&key).unwrap();
-        std::fs::write(out.join(format!("{name}.state")), saved).unwrap();
-        std::fs::write(out.join(format!("{name}.key")), key).unwrap();
-    }
 }
