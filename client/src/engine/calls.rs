@@ -25,15 +25,7 @@ impl Outgoing {
     /// [`Payload::IceCandidate`], [`Payload::HangUp`], [`Payload::Busy`],
     /// [`Payload::Decline`].
     pub fn call(payload: Payload) -> Result<Self, ClientError> {
-        if !matches!(
-            payload,
-            Payload::CallOffer { .. }
-                | Payload::CallAnswer { .. }
-                | Payload::IceCandidate { .. }
-                | Payload::HangUp { .. }
-                | Payload::Busy { .. }
-                | Payload::Decline { .. }
-        ) {
+        if !payload.is_call_signal() {
             return Err(ClientError::Invalid("not a call signaling payload".into()));
         }
         Ok(Self::with(payload, Delivery::CALL))

@@ -156,22 +156,7 @@ impl Engine {
         else {
             return Err(unknown());
         };
-        let payload = self
-            .state
-            .sessions
-            .decrypt(
-                &mut self.state.device,
-                &sender,
-                &keys,
-                &unsealed.olm_message,
-            )
-            .map_err(|error| {
-                Failure::Rejected(EnvelopeError::Session {
-                    user: user.clone(),
-                    device,
-                    error,
-                })
-            })?;
+        let payload = self.decrypt_from(&sender, &keys, &unsealed.olm_message)?;
         let Payload::LinkRequest {
             keys: claimed,
             proof,

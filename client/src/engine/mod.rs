@@ -116,9 +116,9 @@ impl NewDevice {
     pub fn register(self, handle: &str, device: u32, device_token: &[u8], server: &str) -> Engine {
         let mut delivery_token = Zeroizing::new([0u8; DELIVERY_TOKEN_BYTES]);
         rand::rngs::OsRng.fill_bytes(delivery_token.as_mut());
-        let state = ClientState::new(handle.to_owned(), device, self.master, self.keys);
-        Engine::new(
-            state,
+        self.into_engine(
+            handle,
+            device,
             Record {
                 server: server.to_owned(),
                 device_token: Secret::new(device_token),
@@ -129,7 +129,8 @@ impl NewDevice {
     }
 
     /// A device added to the existing account `handle` with a link code whose secret part is
-    /// `secret`: it waits for an existing device's grant (see [`link`]).
+    /// `secret`: it waits for an existing device's grant (see [`link`]). Its own master key
+    /// is replaced by the grant's, so it is never used.
     pub fn link(
         self,
         handle: &str,
@@ -138,10 +139,9 @@ impl NewDevice {
         secret: &[u8; LINK_SECRET_BYTES],
         server: &str,
     ) -> Engine {
-        // The master key is replaced by the grant's; this one is never used.
-        let state = ClientState::new(handle.to_owned(), device, self.master, self.keys);
-        Engine::new(
-            state,
+        self.into_engine(
+            handle,
+            device,
             Record {
                 server: server.to_owned(),
                 device_token: Secret::new(device_token),
@@ -149,6 +149,11 @@ impl NewDevice {
                 ..Record::default()
             },
         )
+    }
+
+    fn into_engine(self, handle: &str, device: u32, record: Record) -> Engine {
+        let state = ClientState::new(handle.to_owned(), device, self.master, self.keys);
+        Engine::new(state, record)
     }
 }
 

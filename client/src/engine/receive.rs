@@ -27,7 +27,7 @@ use super::{
     record::{HeldEnvelope, Secret, StoredMessage, domain},
 };
 use crate::{
-    crypto::{Payload, PublicDeviceKeys, SenderInfo, SessionError, Unsealed, open},
+    crypto::{OlmMessage, Payload, PublicDeviceKeys, SenderInfo, SessionError, Unsealed, open},
     error::{ClientError, EnvelopeError},
 };
 
@@ -190,24 +190,33 @@ impl Engine {
             }));
         };
         let payload = self
+            .decrypt_from(&sender, &keys, &unsealed.olm_message)
+            .map_err(Unread::Failed)?;
+        self.apply(&sender, unsealed.timestamp_ms, payload)
+            .map_err(Unread::Failed)
+    }
+
+    /// Decrypts an Olm message of `sender`, whose device's keys are `keys`: the session must
+    /// belong to those keys (else [`SessionError::ForgedSender`]).
+    pub(crate) fn decrypt_from(
+        &mut self,
+        sender: &SenderInfo,
+        keys: &PublicDeviceKeys,
+        message: &OlmMessage,
+    ) -> Result<Payload, Failure> {
+        let payload = self
             .state
             .sessions
-            .decrypt(
-                &mut self.state.device,
-                &sender,
-                &keys,
-                &unsealed.olm_message,
-            )
+            .decrypt(&mut self.state.device, sender, keys, message)
             .map_err(|error| {
-                rejected(EnvelopeError::Session {
-                    user: user.clone(),
-                    device,
+                Failure::Rejected(EnvelopeError::Session {
+                    user: sender.user.clone(),
+                    device: sender.device,
                     error,
                 })
             })?;
         self.counters.envelopes_opened += 1;
-        self.apply(&sender, unsealed.timestamp_ms, payload)
-            .map_err(Unread::Failed)
+        Ok(payload)
     }
 
     /// The verified keys of the claimed sender's device; `None` if its (fresh) list does not
@@ -328,16 +337,7 @@ impl Engine {
                 proof,
             } if own => self.accept_grant(&master_key, delivery_token, contacts, &proof),
             Payload::AnsweredElsewhere { .. } if own => call(payload),
-            Payload::CallOffer { .. }
-            | Payload::CallAnswer { .. }
-            | Payload::IceCandidate { .. }
-            | Payload::HangUp { .. }
-            | Payload::Busy { .. }
-            | Payload::Decline { .. }
-                if !own =>
-            {
-                call(payload)
-            }
+            payload if payload.is_call_signal() && !own => call(payload),
             Payload::AnsweredElsewhere { .. } => {
                 Err(unexpected("answered-elsewhere from another account"))
             }
