@@ -120,10 +120,8 @@ impl NewDevice {
             handle,
             device,
             Record {
-                server: server.to_owned(),
-                device_token: Secret::new(device_token),
                 delivery_token: Secret::new(delivery_token.as_ref()),
-                ..Record::default()
+                ..Record::new(server, device_token)
             },
         )
     }
@@ -143,10 +141,8 @@ impl NewDevice {
             handle,
             device,
             Record {
-                server: server.to_owned(),
-                device_token: Secret::new(device_token),
                 linking: Some(Secret::new(secret)),
-                ..Record::default()
+                ..Record::new(server, device_token)
             },
         )
     }

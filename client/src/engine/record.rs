@@ -141,6 +141,15 @@ impl HeldEnvelope {
 }
 
 impl Record {
+    /// The record of a device the broker at `server` just registered with `device_token`.
+    pub(crate) fn new(server: &str, device_token: &[u8]) -> Self {
+        Self {
+            server: server.to_owned(),
+            device_token: Secret::new(device_token),
+            ..Self::default()
+        }
+    }
+
     /// Encodes into a wiping buffer.
     pub(crate) fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut out = WipingWriter(Zeroizing::new(Vec::with_capacity(4096)));

@@ -144,14 +144,20 @@ fn text_of(events: &[Event]) -> Vec<(String, String)> {
 const ALICE: &str = "alice@a.example";
 const BOB: &str = "bob@b.example";
 
-#[test]
-fn two_engines_exchange_messages_sealed_after_the_token_and_redeliveries_are_duplicates() {
+/// Alice and Bob registered, Alice holding Bob's verified list.
+fn alice_knows_bob() -> (Broker, Engine, Engine) {
     let mut broker = Broker::default();
     let mut alice = broker.register(ALICE, 1);
-    let mut bob = broker.register(BOB, 1);
+    let bob = broker.register(BOB, 1);
     alice
         .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
         .expect("verifies");
+    (broker, alice, bob)
+}
+
+#[test]
+fn two_engines_exchange_messages_sealed_after_the_token_and_redeliveries_are_duplicates() {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
 
     // First contact: the token travels authenticated, then bob can write sealed.
     assert!(!alice.token_shared(BOB));
@@ -209,12 +215,7 @@ fn two_engines_exchange_messages_sealed_after_the_token_and_redeliveries_are_dup
 
 #[test]
 fn a_stale_device_set_is_sent_again_with_the_same_id_and_placeholders_for_unlisted_devices() {
-    let mut broker = Broker::default();
-    let mut alice = broker.register(ALICE, 1);
-    let mut bob = broker.register(BOB, 1);
-    alice
-        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
-        .expect("verifies");
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
     let (mut send, first) = broker.prepare(&mut alice, BOB, Outgoing::text("hi"));
     assert_eq!(copies(&first).len(), 1);
 
@@ -425,12 +426,7 @@ fn a_forged_sender_claim_is_rejected_and_pins_nothing() {
 
 #[test]
 fn envelopes_under_a_changed_master_key_are_held_in_order_and_calls_are_not() {
-    let mut broker = Broker::default();
-    let mut alice = broker.register(ALICE, 1);
-    let mut bob = broker.register(BOB, 1);
-    alice
-        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
-        .expect("verifies");
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
     let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("one"));
     broker.deliver(&frame, &mut bob).expect("new");
     // Bob's pin of alice's key no longer matches what the broker serves.
