@@ -1,6 +1,6 @@
 //! The client engine: the protocol of one device of one account, sans I/O.
 //!
-//! The engine owns the device's state (keys, ratchets, pins and the [record](record)) and
+//! The engine owns the device's state (keys, ratchets, pins and the [record]) and
 //! makes every protocol decision; it never touches a socket, a file or a clock. A driver feeds
 //! it what the broker said and carries out what it asks for. Two drivers use it: the network
 //! SDK (`sdk`, tokio and reqwest) and the browser client (`web/`, whose page does

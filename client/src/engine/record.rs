@@ -6,14 +6,14 @@
 //!
 //! MessagePack, structs as positional arrays; new fields go at the end with
 //! `#[serde(default)]`, so a record written before a field existed still loads. Secrets
-//! ([`Secret`]) are decoded straight into wiping buffers.
+//! (`Secret`) are decoded straight into wiping buffers.
 //!
 //! # Versions
 //!
 //! | written by | layout |
 //! |---|---|
 //! | the SDK before the engine (fixture `client/tests/fixtures/sdk-v1`) | this one without `linking` and `approving` (and older: without `held`) |
-//! | the browser before the engine (fixture `client/tests/fixtures/browser-v1`) | [`LegacyBrowserRecord`]: lists inside contacts, no server; read by [`Record::decode`] and converted |
+//! | the browser before the engine (fixture `client/tests/fixtures/browser-v1`) | `LegacyBrowserRecord`: lists inside contacts, no server; read by `Record::decode` and converted |
 //!
 //! The two old layouts cannot be taken for one another: the SDK's starts with a string and
 //! has an integer third, the browser's starts with bytes and has a map fourth; a decode of

@@ -11,7 +11,7 @@
 //! state_dir/lock           held (flock) while a Client is open: one process per device
 //! ```
 //!
-//! # Sending ([`send`])
+//! # Sending (`sdk/send.rs`)
 //!
 //! [`Client::send_text`] verifies the recipient's signed device list (trust on first use:
 //! the first master key seen is pinned; a different one later is
@@ -23,7 +23,7 @@
 //! a transcript ([`Payload::Sent`](crate::crypto::Payload::Sent)) in a second envelope, so every device shows the
 //! conversation.
 //!
-//! # Receiving ([`receive`])
+//! # Receiving (`sdk/receive.rs`)
 //!
 //! [`Client::next_event`] reads the authenticated connection. Each delivered envelope is
 //! opened by the engine (see [`crate::engine::receive`]), which asks for the claimed sender's
@@ -36,13 +36,13 @@
 //! unreachable while fetching what is needed to read it) is returned as an error without
 //! acking: the connection is dropped and the envelope comes again on the next connection.
 //!
-//! # Linking a device ([`link`])
+//! # Linking a device (`sdk/link.rs`)
 //!
 //! See [`crate::engine::link`] for the protocol: [`Client::create_link_code`] on an existing
 //! device, [`Client::link`] on the new one, while the existing device runs
 //! [`Client::next_event`].
 //!
-//! # Calls ([`calls`]), devices and keys ([`devices`])
+//! # Calls (`sdk/calls.rs`), devices and keys (`sdk/devices.rs`)
 
 mod calls;
 mod devices;
