@@ -11,8 +11,8 @@
 //! ```text
 //! send:     start_send(to, Outgoing, devices) ─▶ send_step ─┬─ ClaimKey{user, device}
 //!             ▲                                               │    claim ─▶ create_session
-//!             │                                               └─ Transmit(envelope)
-//!             │                                                    frame ─▶ broker ─▶ answer
+//!             │                                               └─ Transmit(frame)
+//!             │                                                    save ─▶ broker ─▶ answer
 //!             └── Stale: fetch + accept_device_list ◀─ send_answer(answer) ─▶ Sent(id)
 //!
 //! receive:  open(id, ciphertext, SenderList::Cached) ─┬─ Ok(events)          ─▶ settle ─▶ ack
