@@ -18,62 +18,17 @@
 
 use std::{fmt, time::Duration};
 
-use base64::{
-    Engine,
-    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
-};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use crate::{engine::KeyUpload, http};
+
 /// How long one HTTP request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why an API call failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ApiError {
-    /// The broker could not be reached or the connection failed.
-    #[error("cannot reach the broker: {0}")]
-    Transport(String),
-    /// The broker answered with an error status.
-    #[error("broker refused {what}: {status} {code}: {message}")]
-    Refused {
-        /// What was asked.
-        what: &'static str,
-        /// HTTP status.
-        status: u16,
-        /// The broker's stable error code (`not_found`, `unauthorized`, ...).
-        code: String,
-        /// The broker's explanation.
-        message: String,
-    },
-    /// The broker's answer is not what the API documents.
-    #[error("unexpected answer to {0}")]
-    BadAnswer(&'static str),
-}
-
-impl ApiError {
-    /// The HTTP status of a refusal.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ApiError::Refused { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// Whether asking again later may succeed: the broker was unreachable, unavailable
-    /// (5xx: shutting down, its store failing, or a peer broker it asked being down) or
-    /// asked to slow down (429). Anything else is the broker's considered answer.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ApiError::Transport(_) => true,
-            ApiError::Refused { status, .. } => *status >= 500 || *status == 429,
-            ApiError::BadAnswer(_) => false,
-        }
-    }
-}
+pub use crate::error::ApiError;
 
 impl From<reqwest::Error> for ApiError {
     fn from(e: reqwest::Error) -> Self {
@@ -105,11 +60,7 @@ impl fmt::Debug for DeviceCreds {
 impl DeviceCreds {
     /// `Bearer <device>.<token>`.
     fn bearer(&self) -> Zeroizing<String> {
-        Zeroizing::new(format!(
-            "Bearer {}.{}",
-            self.device,
-            URL_SAFE_NO_PAD.encode(self.token.as_slice())
-        ))
+        http::bearer(self.device, &self.token)
     }
 }
 
@@ -136,14 +87,8 @@ pub struct ClaimedKey {
     pub fallback: bool,
 }
 
-/// A device as the broker lists it (not signed: use the signed device list to trust keys).
-#[derive(Debug, Clone)]
-pub struct BrokerDevice {
-    /// The device id.
-    pub device: u32,
-    /// The identity-key blob the device registered with.
-    pub identity_keys: Vec<u8>,
-}
+/// A device as the broker lists it (unsigned).
+pub use crate::engine::BrokerDevice;
 
 /// A link code as the broker issued it.
 pub struct IssuedLinkCode {
@@ -248,11 +193,7 @@ impl Api {
         Ok(DeviceCreds {
             handle: answer.handle,
             device: answer.device_id,
-            token: Zeroizing::new(
-                URL_SAFE_NO_PAD
-                    .decode(token.as_bytes())
-                    .map_err(|_| ApiError::BadAnswer(what))?,
-            ),
+            token: http::decode_token(&token).ok_or(ApiError::BadAnswer(what))?,
         })
     }
 
@@ -264,7 +205,8 @@ impl Api {
         registration_token: Option<&str>,
     ) -> Result<DeviceCreds, ApiError> {
         const WHAT: &str = "registration";
-        let mut body = json!({ "handle": handle, "identity_keys": STANDARD.encode(identity_keys) });
+        let mut body =
+            json!({ "handle": handle, "identity_keys": http::identity_keys(identity_keys) });
         if let Some(t) = registration_token {
             body["registration_token"] = Value::from(t);
         }
@@ -288,7 +230,7 @@ impl Api {
         let resp = self
             .request(Method::POST, &format!("/v1/accounts/{handle}/devices"))
             .json(
-                &json!({ "identity_keys": STANDARD.encode(identity_keys), "link_code": link_code }),
+                &json!({ "identity_keys": http::identity_keys(identity_keys), "link_code": link_code }),
             )
             .send()
             .await?;
@@ -299,32 +241,12 @@ impl Api {
     /// `GET /v1/accounts/{h}/devices`: the broker's (unsigned) device list.
     pub async fn devices(&self, handle: &str) -> Result<Vec<BrokerDevice>, ApiError> {
         const WHAT: &str = "listing devices";
-        #[derive(Deserialize)]
-        struct Entry {
-            device_id: u32,
-            identity_keys: String,
-        }
-        #[derive(Deserialize)]
-        struct Answer {
-            devices: Vec<Entry>,
-        }
         let resp = self
             .request(Method::GET, &format!("/v1/accounts/{handle}/devices"))
             .send()
             .await?;
-        let answer: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
-        answer
-            .devices
-            .into_iter()
-            .map(|e| {
-                Ok(BrokerDevice {
-                    device: e.device_id,
-                    identity_keys: STANDARD
-                        .decode(e.identity_keys)
-                        .map_err(|_| ApiError::BadAnswer(WHAT))?,
-                })
-            })
-            .collect()
+        let answer: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        http::broker_devices(&answer).ok_or(ApiError::BadAnswer(WHAT))
     }
 
     /// `DELETE /v1/accounts/{h}/devices/{id}`.
@@ -344,12 +266,10 @@ impl Api {
         fallback: Option<&(u64, Vec<u8>)>,
     ) -> Result<u64, ApiError> {
         const WHAT: &str = "uploading keys";
-        let key =
-            |(id, bytes): &(u64, Vec<u8>)| json!({ "key_id": id, "key": STANDARD.encode(bytes) });
-        let mut body = json!({ "one_time_keys": one_time.iter().map(key).collect::<Vec<_>>() });
-        if let Some(f) = fallback {
-            body["fallback_key"] = key(f);
-        }
+        let body = http::key_upload_body(&KeyUpload {
+            one_time: one_time.to_vec(),
+            fallback: fallback.cloned(),
+        });
         let path = format!(
             "/v1/accounts/{}/devices/{}/keys",
             creds.handle, creds.device
@@ -396,7 +316,7 @@ impl Api {
         let request = match auth {
             ClaimAuth::DeliveryToken(token) => self
                 .request(Method::POST, &path)
-                .header("sealpost-delivery-token", URL_SAFE_NO_PAD.encode(token)),
+                .header("sealpost-delivery-token", http::token(token).as_str()),
             ClaimAuth::Device(creds) => self
                 .authed(Method::POST, &path, creds)
                 .header("sealpost-account", creds.handle.as_str()),
@@ -406,9 +326,7 @@ impl Api {
         let a: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
         Ok(ClaimedKey {
             key_id: a.key_id,
-            key: STANDARD
-                .decode(a.key)
-                .map_err(|_| ApiError::BadAnswer(WHAT))?,
+            key: http::claimed_key(&json!({ "key": a.key })).ok_or(ApiError::BadAnswer(WHAT))?,
             fallback: a.fallback,
         })
     }
@@ -424,11 +342,9 @@ impl Api {
             return Ok(None);
         }
         let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
-        let signed = v["signed"].as_str().ok_or(ApiError::BadAnswer(WHAT))?;
-        STANDARD
-            .decode(signed)
+        http::signed_list(&v)
             .map(Some)
-            .map_err(|_| ApiError::BadAnswer(WHAT))
+            .ok_or(ApiError::BadAnswer(WHAT))
     }
 
     /// `PUT .../device-list`: publishes a signed device list blob.
@@ -440,7 +356,7 @@ impl Api {
         let path = format!("/v1/accounts/{}/device-list", creds.handle);
         let resp = self
             .authed(Method::PUT, &path, creds)
-            .json(&json!({ "signed": STANDARD.encode(signed) }))
+            .json(&http::device_list_body(signed))
             .send()
             .await?;
         Self::check(resp, "publishing the device list").await?;
@@ -456,10 +372,9 @@ impl Api {
         unrestricted: bool,
     ) -> Result<(), ApiError> {
         let path = format!("/v1/accounts/{}/delivery-token", creds.handle);
-        let token = token.map(|t| Zeroizing::new(URL_SAFE_NO_PAD.encode(t)));
         let resp = self
             .authed(Method::PUT, &path, creds)
-            .json(&json!({ "token": token.as_deref().map(String::as_str), "unrestricted": unrestricted }))
+            .json(&http::delivery_token_body(token, unrestricted))
             .send()
             .await?;
         Self::check(resp, "setting the delivery token").await?;

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use sealpost_proto::{ClientFrame, DeviceId, ErrorCode, ServerFrame};
+use sealpost_proto::{ClientFrame, DeviceId, ServerFrame};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
@@ -27,55 +27,7 @@ use crate::api::DeviceCreds;
 /// How long connecting plus authenticating may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Why a connection failed or ended.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConnError {
-    /// Connecting, reading or writing failed.
-    #[error("connection to the broker failed: {0}")]
-    Transport(String),
-    /// The broker closed the connection.
-    #[error("broker closed the connection ({code:?}: {reason})")]
-    Closed {
-        /// The WebSocket close code, if the broker sent one.
-        code: Option<u16>,
-        /// The close reason.
-        reason: String,
-    },
-    /// The broker sent bytes that are not a frame.
-    #[error("undecodable frame from the broker: {0}")]
-    Decode(String),
-    /// The broker refused the device's credentials.
-    #[error("broker refused authentication: {code}: {message}")]
-    AuthRefused {
-        /// The broker's error code.
-        code: ErrorCode,
-        /// Its explanation.
-        message: String,
-    },
-    /// Connecting or authenticating took too long.
-    #[error("timed out connecting to the broker")]
-    Timeout,
-}
-
-impl ConnError {
-    /// Whether the broker closed this connection because the device was removed.
-    pub fn is_device_revoked(&self) -> bool {
-        matches!(
-            self,
-            ConnError::Closed {
-                code: Some(4004),
-                ..
-            }
-        ) || matches!(
-            self,
-            ConnError::AuthRefused {
-                code: ErrorCode::BadToken,
-                ..
-            }
-        )
-    }
-}
+pub use crate::error::ConnError;
 
 /// One WebSocket connection to the broker.
 pub struct Connection {

@@ -391,8 +391,11 @@ async function handleFrame(bytes, sock) {
     const devices = await api('GET', `/v1/accounts/${encodeURIComponent(own)}/devices`);
     r = JSON.parse(engine.receive_link_request(bytes, JSON.stringify(devices)));
     if (r.event.event === 'link_request') {
-      await api('PUT', `/v1/accounts/${encodeURIComponent(own)}/device-list`, { body: r.event.signed, auth: true });
-      engine.confirm_own_list(r.event.signed);
+      // A new version of our signed list, unless it lists the device already.
+      if (r.event.signed) {
+        await api('PUT', `/v1/accounts/${encodeURIComponent(own)}/device-list`, { body: r.event.signed, auth: true });
+        engine.confirm_own_list(r.event.signed);
+      }
       persist();
       await sendPayloadNow(own, { kind: 'link_grant' });
     }

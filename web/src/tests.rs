@@ -1,6 +1,8 @@
 //! Host-side tests of the engine: two engines talk through hand-made broker frames.
 
-use sealpost_proto::{Envelope, ServerFrame};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sealpost_client::engine::CALL_TTL_SECS;
+use sealpost_proto::{Class, Envelope};
 
 use super::*;
 

@@ -10,6 +10,7 @@
 //!   the signature, the user, the pinned master key and version rollback.
 //! - [`sealed`]: sealed sender — an Olm message plus the sender's identity, sealed with HPKE
 //!   to one recipient device, so the broker sees a recipient and a size but never a sender.
+//! - [`message`]: the Olm message ([`OlmMessage`]) a sealed envelope carries.
 //! - [`session`]: pairwise Olm sessions keyed by (peer user, peer device), with the check
 //!   that an envelope's claimed sender owns the Olm session that decrypted it.
 //! - [`payload`]: the application plaintext carried inside an Olm message ([`Payload`]).
@@ -79,6 +80,7 @@
 pub mod device_list;
 pub mod identity;
 pub mod link;
+pub mod message;
 pub mod payload;
 pub mod pins;
 pub mod safety;
@@ -92,12 +94,13 @@ pub use identity::{
     DeviceKeys, KeyError, MasterKey, PublicDeviceKeys, SealSecretKey, SignedOneTimeKey,
     UnpublishedKeys,
 };
+pub use message::{OlmMessage, OlmMessageKind};
 pub use payload::{CallId, GrantContact, Payload, PayloadError};
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};
 pub use sealed::{PLACEHOLDER_BYTES, SealError, SenderInfo, Unsealed, open, placeholder, seal};
 pub use seen::SeenIds;
-pub use session::{OlmMessage, OlmMessageKind, SessionError, Sessions};
+pub use session::{SessionError, Sessions};
 pub use store::{ClientState, LocalKey, StoreError};
 
 /// Decodes one MessagePack value from the front of `bytes`; returns it and what follows.

@@ -247,6 +247,20 @@ fn id_buf(id: &CallId) -> ByteBuf {
 }
 
 impl Payload {
+    /// Whether this is call signaling between two accounts (offer, answer, candidate,
+    /// hang-up, busy, decline); [`Payload::AnsweredElsewhere`] stays within one account.
+    pub fn is_call_signal(&self) -> bool {
+        matches!(
+            self,
+            Payload::CallOffer { .. }
+                | Payload::CallAnswer { .. }
+                | Payload::IceCandidate { .. }
+                | Payload::HangUp { .. }
+                | Payload::Busy { .. }
+                | Payload::Decline { .. }
+        )
+    }
+
     /// Encodes as described in the module doc. The bytes may carry secrets (a delivery token,
     /// a link grant): the caller wipes them when done.
     pub fn encode(&self) -> Vec<u8> {

@@ -37,7 +37,7 @@ use sealpost_proto::{Handle, limits::MAX_CIPHERTEXT_BYTES};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::{decode_prefix, identity::SealSecretKey, session::OlmMessage};
+use super::{decode_prefix, identity::SealSecretKey, message::OlmMessage};
 
 /// HPKE `info` for sealed sender.
 pub const SEALED_SENDER_INFO: &[u8] = b"sealpost sealed sender v1";

@@ -351,9 +351,15 @@ impl<'de> Deserialize<'de> for Secret32 {
 }
 
 /// Secret bytes of any length, (de)serialized as MessagePack `bin` from and into a wiping
-/// buffer.
-#[derive(Default)]
-struct SecretBytes(Zeroizing<Vec<u8>>);
+/// buffer (also the engine's record's secrets).
+#[derive(Clone, Default)]
+pub(crate) struct SecretBytes(pub(crate) Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    pub(crate) fn new(bytes: &[u8]) -> Self {
+        Self(Zeroizing::new(bytes.to_vec()))
+    }
+}
 
 impl Serialize for SecretBytes {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

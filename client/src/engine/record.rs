@@ -1,17 +1,31 @@
-//! The SDK's persisted record, kept inside the encrypted state file
+//! The engine's persisted record, kept inside the encrypted state file
 //! ([`ClientState::app_data`](crate::crypto::ClientState::app_data)) so that it is saved
 //! atomically with the ratchets: credentials, delivery tokens, contacts, verified device lists,
-//! recently handled envelope ids and conversations.
+//! recently handled envelope ids, conversations, held envelopes and link state. One format for
+//! the SDK's state file and the browser's saved state.
 //!
 //! MessagePack, structs as positional arrays; new fields go at the end with
-//! `#[serde(default)]`. Secrets (`Secret`) are decoded straight into wiping buffers.
+//! `#[serde(default)]`, so a record written before a field existed still loads. Secrets
+//! (`Secret`) are decoded straight into wiping buffers.
+//!
+//! # Versions
+//!
+//! | written by | layout |
+//! |---|---|
+//! | the SDK before the engine (fixture `client/tests/fixtures/sdk-v1`) | this one without `linking` and `approving` (and older: without `held`) |
+//! | the browser before the engine (fixture `client/tests/fixtures/browser-v1`) | `LegacyBrowserRecord`: lists inside contacts, no server; read by `Record::decode` and converted |
+//!
+//! The two old layouts cannot be taken for one another: the SDK's starts with a string and
+//! has an integer third, the browser's starts with bytes and has a map fourth; a decode of
+//! either with the other's layout fails on the first field that differs.
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use zeroize::Zeroizing;
 
+pub(crate) use crate::crypto::store::SecretBytes as Secret;
 use crate::crypto::{SeenIds, store::WipingWriter};
 
 /// How many messages are kept per conversation.
@@ -22,38 +36,6 @@ pub(crate) const HELD_PER_SENDER: usize = 32;
 pub(crate) const HELD_PER_DOMAIN: usize = 64;
 pub(crate) const HELD_ENVELOPES: usize = 256;
 pub(crate) const HELD_BYTES: usize = 8 << 20;
-
-/// Secret bytes: serialized as `bin`, held in a wiping buffer.
-#[derive(Clone, Default)]
-pub(crate) struct Secret(pub(crate) Zeroizing<Vec<u8>>);
-
-impl Secret {
-    pub(crate) fn new(bytes: &[u8]) -> Self {
-        Self(Zeroizing::new(bytes.to_vec()))
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Secret;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Secret, E> {
-                Ok(Secret::new(v))
-            }
-        }
-        deserializer.deserialize_bytes(Visitor)
-    }
-}
 
 /// A verified device list, as last accepted (its signature was checked and its version
 /// recorded in the pins when it was fetched).
@@ -99,14 +81,22 @@ pub(crate) struct PendingLink {
     pub(crate) expires_ms: u64,
 }
 
-/// The SDK record.
+/// A device whose link request this device accepted, waiting for its grant.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct Approving {
+    pub(crate) device: u32,
+    /// The secret of the code it used.
+    pub(crate) secret: Secret,
+}
+
+/// The record.
 #[derive(Default, Serialize, Deserialize)]
 pub(crate) struct Record {
-    /// The broker's base URL.
+    /// The broker's base URL (empty in the browser: the page's origin).
     pub(crate) server: String,
     /// This device's auth token.
     pub(crate) device_token: Secret,
-    /// The account's delivery token.
+    /// The account's delivery token (empty while this device is being linked).
     pub(crate) delivery_token: Secret,
     /// Next id for an uploaded one-time or fallback key.
     pub(crate) next_key_id: u64,
@@ -120,11 +110,17 @@ pub(crate) struct Record {
     /// unavailable), oldest first.
     #[serde(default)]
     pub(crate) held: VecDeque<HeldEnvelope>,
+    /// While this device is being linked: the link code's secret, until the grant came.
+    #[serde(default)]
+    pub(crate) linking: Option<Secret>,
+    /// A device this one accepted, waiting for its grant.
+    #[serde(default)]
+    pub(crate) approving: Option<Approving>,
 }
 
 /// An envelope kept, still sealed, until it can be read.
 #[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct HeldEnvelope {
+pub struct HeldEnvelope {
     /// The claimed sender.
     pub(crate) from: String,
     #[serde(with = "serde_bytes")]
@@ -132,7 +128,28 @@ pub(crate) struct HeldEnvelope {
     pub(crate) ciphertext: ByteBuf,
 }
 
+impl HeldEnvelope {
+    /// Its envelope id.
+    pub fn id(&self) -> sealpost_proto::EnvelopeId {
+        sealpost_proto::EnvelopeId(self.id)
+    }
+
+    /// The sealed envelope.
+    pub fn ciphertext(&self) -> &[u8] {
+        &self.ciphertext
+    }
+}
+
 impl Record {
+    /// The record of a device the broker at `server` just registered with `device_token`.
+    pub(crate) fn new(server: &str, device_token: &[u8]) -> Self {
+        Self {
+            server: server.to_owned(),
+            device_token: Secret::new(device_token),
+            ..Self::default()
+        }
+    }
+
     /// Encodes into a wiping buffer.
     pub(crate) fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut out = WipingWriter(Zeroizing::new(Vec::with_capacity(4096)));
@@ -140,9 +157,14 @@ impl Record {
         out.0
     }
 
-    /// Decodes; `None` if malformed.
+    /// Decodes this layout or the browser's before it (see the module doc); `None` if
+    /// malformed.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
-        rmp_serde::from_slice(bytes).ok()
+        rmp_serde::from_slice(bytes).ok().or_else(|| {
+            rmp_serde::from_slice::<LegacyBrowserRecord>(bytes)
+                .ok()
+                .map(LegacyBrowserRecord::into_record)
+        })
     }
 
     /// Keeps an envelope of `from` to read later, unless that would pass a bound: per
@@ -150,7 +172,6 @@ impl Record {
     /// evicted for a new one (the first of a sender may be the pre-key message the rest
     /// need, and senders are only claimed at this point). Returns whether it was kept.
     pub(crate) fn hold(&mut self, from: &str, id: [u8; 16], ciphertext: &[u8]) -> bool {
-        let domain = |h: &str| h.rsplit_once('@').map(|(_, d)| d.to_owned());
         let from_domain = domain(from);
         let (mut sender, mut same_domain, mut bytes) = (0, 0, ciphertext.len());
         for held in &self.held {
@@ -202,6 +223,78 @@ impl Record {
     }
 }
 
+/// The domain part of a handle.
+pub(crate) fn domain(handle: &str) -> &str {
+    handle.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// The record the browser client kept before the engine was shared with the SDK: read only,
+/// converted to a [`Record`] on load and saved in that layout from then on.
+#[derive(Deserialize)]
+struct LegacyBrowserRecord {
+    device_token: Secret,
+    delivery_token: Secret,
+    next_key_id: u64,
+    contacts: BTreeMap<String, LegacyBrowserContact>,
+    seen: SeenIds,
+    #[serde(default)]
+    pending_links: Vec<(Secret, u64)>,
+    #[serde(default)]
+    linking: Option<Secret>,
+    #[serde(default)]
+    approving: Option<(u32, Secret)>,
+}
+
+/// A contact as the browser kept it: its verified list inside.
+#[derive(Deserialize)]
+struct LegacyBrowserContact {
+    delivery_token: Option<Secret>,
+    token_shared: bool,
+    verified: bool,
+    list: Option<CachedList>,
+    messages: VecDeque<StoredMessage>,
+}
+
+impl LegacyBrowserRecord {
+    fn into_record(self) -> Record {
+        let mut contacts = BTreeMap::new();
+        let mut lists = BTreeMap::new();
+        for (handle, c) in self.contacts {
+            if let Some(list) = c.list {
+                lists.insert(handle.clone(), list);
+            }
+            contacts.insert(
+                handle,
+                Contact {
+                    delivery_token: c.delivery_token,
+                    token_shared: c.token_shared,
+                    verified: c.verified,
+                    messages: c.messages,
+                },
+            );
+        }
+        Record {
+            server: String::new(),
+            device_token: self.device_token,
+            delivery_token: self.delivery_token,
+            next_key_id: self.next_key_id,
+            contacts,
+            lists,
+            seen: self.seen,
+            pending_links: self
+                .pending_links
+                .into_iter()
+                .map(|(secret, expires_ms)| PendingLink { secret, expires_ms })
+                .collect(),
+            held: VecDeque::new(),
+            linking: self.linking,
+            approving: self
+                .approving
+                .map(|(device, secret)| Approving { device, secret }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +304,7 @@ mod tests {
         let mut record = Record {
             server: "http://127.0.0.1:1".into(),
             device_token: Secret::new(&[1; 32]),
+            linking: Some(Secret::new(&[3; 16])),
             ..Record::default()
         };
         record.seen.insert([7; 16]);
@@ -227,6 +321,7 @@ mod tests {
         assert!(decoded.seen.contains(&[7; 16]));
         assert_eq!(decoded.device_token.0.as_slice(), &[1; 32]);
         assert_eq!(decoded.contacts["bob@b.example"].messages[0].body, "hi");
+        assert_eq!(decoded.linking.expect("kept").0.as_slice(), &[3; 16]);
     }
 
     #[test]

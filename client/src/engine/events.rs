@@ -1,0 +1,179 @@
+//! What the engine reports to the application: events of received envelopes, conversations,
+//! devices. Shared by the network SDK and the browser wrapper.
+
+use sealpost_proto::EnvelopeId;
+
+use crate::{crypto::Payload, error::EnvelopeError};
+
+/// What reading the broker's frames produced (the SDK's `Client::next_event`).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message from a contact.
+    Message(ReceivedMessage),
+    /// A message this account sent from another of its devices.
+    SentElsewhere {
+        /// The recipient.
+        to: String,
+        /// The sending device.
+        device: u32,
+        /// The text.
+        text: String,
+        /// The sender's clock, ms since the Unix epoch.
+        sent_ms: u64,
+    },
+    /// A device was linked to this account (by this device or another one).
+    DeviceLinked {
+        /// The new device.
+        device: u32,
+    },
+    /// This device, being linked, received the account's keys: it is now a full device.
+    Linked,
+    /// An envelope that cannot be read yet, for a reason about its sender: it is kept,
+    /// still sealed, acked, and read later, its messages then coming as usual. Later
+    /// envelopes from the same sender wait behind it, so they stay in order.
+    Held {
+        /// Its id.
+        id: EnvelopeId,
+        /// The claimed sender.
+        user: String,
+        /// Why, and so when it is read again.
+        why: HoldReason,
+    },
+    /// A delivered envelope was rejected (and acked).
+    Rejected {
+        /// Its id.
+        id: EnvelopeId,
+        /// Why.
+        error: EnvelopeError,
+    },
+    /// Call signaling from a contact's verified device, or (for
+    /// [`Payload::AnsweredElsewhere`]) from another device of this account.
+    Call(CallSignal),
+    /// Everything queued when the connection opened has been handled.
+    QueueEmpty,
+    /// The broker refused a sender because this device's queue is full.
+    MailboxFull,
+}
+
+/// Why an envelope is [held](Event::Held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HoldReason {
+    /// The sender's master key changed: read once the user accepts the new key
+    /// (`Client::accept_master_key_change`).
+    KeyChanged,
+    /// The sender's device list cannot be had now (a broker, ours or the sender's behind it,
+    /// did not answer): read again after the next backlog is handled.
+    SenderUnavailable,
+    /// Earlier envelopes from the same sender are held: read after them.
+    Behind,
+}
+
+/// A message received from a contact.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    /// The envelope id.
+    pub id: EnvelopeId,
+    /// The sender (verified).
+    pub from: String,
+    /// The sender's device.
+    pub device: u32,
+    /// The sender's clock, ms since the Unix epoch.
+    pub sent_ms: u64,
+    /// The text.
+    pub text: String,
+}
+
+impl std::fmt::Debug for ReceivedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceivedMessage")
+            .field("id", &self.id)
+            .field("device", &self.device)
+            .field("text_len", &self.text.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Call signaling received ([`Event::Call`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSignal {
+    /// The sender (verified): the peer, or this account for
+    /// [`Payload::AnsweredElsewhere`].
+    pub from: String,
+    /// The sender's device. Answers, candidates and hang-ups of a call should come from the
+    /// device that answered (or offered) it.
+    pub device: u32,
+    /// The sender's clock, ms since the Unix epoch: an offer older than
+    /// [`CALL_TTL_SECS`](super::CALL_TTL_SECS) is no longer ringing.
+    pub sent_ms: u64,
+    /// One of the call kinds of [`Payload`].
+    pub payload: Payload,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationMessage {
+    /// True if this account sent it.
+    pub outgoing: bool,
+    /// The sending device.
+    pub device: u32,
+    /// The sender's clock, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The text.
+    pub text: String,
+}
+
+/// A conversation with one contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The contact.
+    pub with: String,
+    /// Whether the user verified the contact's safety number.
+    pub verified: bool,
+    /// Messages, oldest first.
+    pub messages: Vec<ConversationMessage>,
+}
+
+/// A device of this account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The device id.
+    pub device: u32,
+    /// Whether it is this device.
+    pub this_device: bool,
+    /// Whether the signed device list vouches for it (false: registered at the broker but
+    /// not (yet) linked).
+    pub signed: bool,
+    /// Its Ed25519 key, hex (for telling devices apart).
+    pub fingerprint: String,
+}
+
+impl super::Engine {
+    /// Conversations, most recent first.
+    pub fn conversations(&self) -> Vec<Conversation> {
+        let own = self.user();
+        let mut out: Vec<Conversation> = self
+            .record
+            .contacts
+            .iter()
+            .filter(|(with, c)| *with != own && !c.messages.is_empty())
+            .map(|(with, c)| Conversation {
+                with: with.clone(),
+                verified: c.verified,
+                messages: c
+                    .messages
+                    .iter()
+                    .map(|m| ConversationMessage {
+                        outgoing: m.outgoing,
+                        device: m.device,
+                        time_ms: m.time_ms,
+                        text: m.body.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by_key(|c| std::cmp::Reverse(c.messages.last().map_or(0, |m| m.time_ms)));
+        out
+    }
+}

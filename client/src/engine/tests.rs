@@ -1,0 +1,490 @@
+//! The engine on its own: engines talk through an in-memory broker (a directory of signed
+//! lists and keys, and the copies of each envelope), with no I/O at all.
+
+use std::collections::BTreeMap;
+
+use sealpost_proto::{ClientFrame, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome};
+
+use super::*;
+use crate::crypto::{
+    DeviceKeys, Payload, SenderInfo, SessionError, Sessions, SignedOneTimeKey, seal,
+};
+
+const NOW: u64 = 1_700_000_000_000;
+
+/// The broker, as far as engines see it.
+#[derive(Default)]
+struct Broker {
+    lists: BTreeMap<String, Vec<u8>>,
+    keys: BTreeMap<(String, u32), Vec<Vec<u8>>>,
+    identity: BTreeMap<(String, u32), Vec<u8>>,
+}
+
+impl Broker {
+    fn publish_keys(&mut self, engine: &mut Engine) {
+        let upload = engine.key_upload().expect("keys to publish");
+        engine.mark_keys_published();
+        let at = (engine.user().to_owned(), engine.device_id());
+        self.keys
+            .entry(at)
+            .or_default()
+            .extend(upload.one_time.into_iter().map(|(_, k)| k));
+    }
+
+    /// A new account with one device, its list and keys published.
+    fn register(&mut self, handle: &str, device: u32) -> Engine {
+        let new = NewDevice::generate();
+        self.identity
+            .insert((handle.into(), device), new.identity_keys());
+        let mut engine = new.register(handle, device, &[7; 32], "");
+        let signed = engine.first_own_list().expect("signs").to_bytes();
+        engine.confirm_own_list(&signed, NOW).expect("own list");
+        self.lists.insert(handle.into(), signed);
+        self.publish_keys(&mut engine);
+        engine
+    }
+
+    /// Runs a send until its frame is ready, claiming keys as asked.
+    fn prepare(&mut self, from: &mut Engine, to: &str, outgoing: Outgoing) -> (Send, ClientFrame) {
+        let mut send = from
+            .start_send(to, outgoing, None, None, NOW)
+            .expect("starts");
+        let frame = self.steps(from, &mut send);
+        (send, frame)
+    }
+
+    fn steps(&mut self, from: &mut Engine, send: &mut Send) -> ClientFrame {
+        loop {
+            match from.send_step(send, NOW).expect("step") {
+                SendStep::ClaimKey { user, device, .. } => {
+                    let key = self
+                        .keys
+                        .get_mut(&(user.clone(), device))
+                        .and_then(Vec::pop)
+                        .expect("a key left");
+                    from.create_session(&user, device, &key).expect("session");
+                }
+                SendStep::Transmit(frame) => return frame,
+            }
+        }
+    }
+
+    /// Delivers `frame`'s copy for `to`'s device and has the engine read it (fetching the
+    /// lists it asks for); returns the events, or `None` for a duplicate.
+    fn deliver(&self, frame: &ClientFrame, to: &mut Engine) -> Option<Vec<Event>> {
+        let (id, copy) = copy_for(frame, to.device_id());
+        self.read(to, id, &copy)
+    }
+
+    fn read(&self, to: &mut Engine, id: EnvelopeId, ciphertext: &[u8]) -> Option<Vec<Event>> {
+        if to.is_seen(id) {
+            return None;
+        }
+        let mut opened = to.open(id, ciphertext, SenderList::Cached, NOW);
+        if let Err(Unread::Need(Need::List(user))) = &opened {
+            let user = user.clone();
+            let list = match to.accept_device_list(&user, &self.lists[&user], NOW) {
+                Ok(_) => SenderList::Refetched,
+                Err(e) => SenderList::Failed(e),
+            };
+            opened = to.open(id, ciphertext, list, NOW);
+        }
+        let result = match opened {
+            Ok(opened) => Ok(opened.events),
+            Err(Unread::Failed(failure)) => Err(failure),
+            Err(Unread::Need(Need::BrokerKeys)) => {
+                let own = to.user().to_owned();
+                let broker: Vec<BrokerDevice> = self
+                    .identity
+                    .iter()
+                    .filter(|((u, _), _)| *u == own)
+                    .map(|((_, d), k)| BrokerDevice {
+                        device: *d,
+                        identity_keys: k.clone(),
+                    })
+                    .collect();
+                to.open_link_request(ciphertext, &broker, NOW)
+                    .map(|(device, _)| vec![Event::DeviceLinked { device }])
+            }
+            Err(Unread::Need(need)) => panic!("unexpected need {need:?}"),
+        };
+        Some(to.settle(id, ciphertext, false, result))
+    }
+}
+
+fn copy_for(frame: &ClientFrame, device: u32) -> (EnvelopeId, Vec<u8>) {
+    let (ClientFrame::Send { id, copies, .. } | ClientFrame::SealedSend { id, copies, .. }) = frame
+    else {
+        panic!("not a send");
+    };
+    let copy = copies
+        .iter()
+        .find(|c| c.device == DeviceId(device))
+        .expect("a copy for the device");
+    (*id, copy.ciphertext.clone())
+}
+
+fn copies(frame: &ClientFrame) -> &[Copy] {
+    match frame {
+        ClientFrame::Send { copies, .. } | ClientFrame::SealedSend { copies, .. } => copies,
+        _ => panic!("not a send"),
+    }
+}
+
+fn text_of(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.from.clone(), m.text.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+const ALICE: &str = "alice@a.example";
+const BOB: &str = "bob@b.example";
+
+/// Alice and Bob registered, Alice holding Bob's verified list.
+fn alice_knows_bob() -> (Broker, Engine, Engine) {
+    let mut broker = Broker::default();
+    let mut alice = broker.register(ALICE, 1);
+    let bob = broker.register(BOB, 1);
+    alice
+        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("verifies");
+    (broker, alice, bob)
+}
+
+#[test]
+fn two_engines_exchange_messages_sealed_after_the_token_and_redeliveries_are_duplicates() {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
+
+    // First contact: the token travels authenticated, then bob can write sealed.
+    assert!(!alice.token_shared(BOB));
+    let token = alice.delivery_token_outgoing();
+    let (_, frame) = broker.prepare(&mut alice, BOB, token);
+    assert!(matches!(frame, ClientFrame::Send { .. }));
+    let events = broker.deliver(&frame, &mut bob).expect("new");
+    assert!(
+        events.is_empty(),
+        "a delivery token shows nothing: {events:?}"
+    );
+    alice.mark_token_shared(BOB);
+    assert!(bob.sends_sealed_to(ALICE));
+
+    let (send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("hello bob"));
+    let events = broker.deliver(&frame, &mut bob).expect("new");
+    assert_eq!(
+        text_of(&events),
+        [(ALICE.to_owned(), "hello bob".to_owned())]
+    );
+    assert!(matches!(&events[0], Event::Message(m) if m.id == send.id()));
+    assert!(
+        broker.deliver(&frame, &mut bob).is_none(),
+        "a redelivery is a duplicate"
+    );
+
+    let (_, reply) = broker.prepare(&mut bob, ALICE, Outgoing::text("hello alice"));
+    assert!(
+        matches!(reply, ClientFrame::SealedSend { .. }),
+        "sealed with the token"
+    );
+    let events = broker.deliver(&reply, &mut alice).expect("new");
+    assert_eq!(
+        text_of(&events),
+        [(BOB.to_owned(), "hello alice".to_owned())]
+    );
+
+    // Both sides keep the conversation, and the state survives a save and load.
+    let key = LocalKey::generate();
+    let bytes = alice.to_encrypted_bytes(&key);
+    let alice = Engine::from_encrypted_bytes(&bytes, &key).expect("loads");
+    let conversation = &alice.conversations()[0];
+    assert_eq!(conversation.with, BOB);
+    let texts: Vec<(bool, &str)> = conversation
+        .messages
+        .iter()
+        .map(|m| (m.outgoing, m.text.as_str()))
+        .collect();
+    assert_eq!(texts, [(true, "hello bob"), (false, "hello alice")]);
+    assert_eq!(
+        alice.safety_number(BOB).expect("list"),
+        bob.safety_number(ALICE).expect("list")
+    );
+}
+
+#[test]
+fn a_stale_device_set_is_sent_again_with_the_same_id_and_placeholders_for_unlisted_devices() {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
+    let (mut send, first) = broker.prepare(&mut alice, BOB, Outgoing::text("hi"));
+    assert_eq!(copies(&first).len(), 1);
+
+    // The broker has a second device of bob's that his signed list does not vouch for.
+    let stale = SendOutcome::Rejected {
+        code: ErrorCode::StaleDevices,
+        current_devices: vec![DeviceId(1), DeviceId(2)],
+    };
+    assert_eq!(
+        alice.send_answer(&mut send, stale.clone()).expect("retry"),
+        SendProgress::Stale
+    );
+    alice
+        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("refetched");
+    let second = broker.steps(&mut alice, &mut send);
+    let (id1, copy1) = copy_for(&first, 1);
+    let (id2, copy1_again) = copy_for(&second, 1);
+    assert_eq!(id1, id2, "the same envelope id, idempotent at the broker");
+    assert_eq!(copy1, copy1_again, "copies already made are kept");
+    let (_, placeholder) = copy_for(&second, 2);
+    assert_eq!(
+        placeholder.len(),
+        copy1.len(),
+        "a placeholder of the same size"
+    );
+    assert!(
+        bob.open(id1, &placeholder, SenderList::Cached, NOW)
+            .is_err(),
+        "nobody can open a placeholder"
+    );
+    assert_eq!(
+        text_of(&broker.deliver(&second, &mut bob).expect("new")),
+        [(ALICE.to_owned(), "hi".to_owned())]
+    );
+    assert_eq!(
+        alice
+            .send_answer(&mut send, SendOutcome::Accepted { duplicate: false })
+            .expect("sent"),
+        SendProgress::Sent(id1)
+    );
+
+    // A device set that keeps changing ends the send.
+    let (mut send, _) = broker.prepare(&mut alice, BOB, Outgoing::text("again"));
+    let mut answers = Vec::new();
+    for _ in 0..send::STALE_RETRIES {
+        answers.push(
+            alice
+                .send_answer(&mut send, stale.clone())
+                .map_err(|e| e.to_string()),
+        );
+    }
+    assert!(
+        answers[..send::STALE_RETRIES - 1]
+            .iter()
+            .all(|a| *a == Ok(SendProgress::Stale))
+    );
+    assert!(matches!(
+        answers.last(),
+        Some(Err(e)) if e.contains("kept changing")
+    ));
+    // Abandoned: its text leaves the conversation, the first one stays.
+    alice.abandon_send(send);
+    let texts: Vec<String> = alice.conversations()[0]
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(texts, ["hi"]);
+}
+
+#[test]
+fn a_linked_device_gets_the_grant_and_both_devices_read_what_comes_next() {
+    let mut broker = Broker::default();
+    let mut alice = broker.register(ALICE, 1);
+    let mut bob1 = broker.register(BOB, 1);
+    let code = bob1.new_link_code("brokercode", NOW + 600_000, NOW);
+    let (broker_code, secret) = split_link_code(&code.code).expect("code");
+    assert_eq!(broker_code, "brokercode");
+
+    // The new device: added at the broker, pins the account's key, asks to be linked.
+    let new = NewDevice::generate();
+    broker.identity.insert((BOB.into(), 2), new.identity_keys());
+    let mut bob2 = new.link(BOB, 2, &[8; 32], &secret, "");
+    broker.publish_keys(&mut bob2);
+    bob2.accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("pins bob's key");
+    assert!(bob2.is_linking());
+    let request = bob2.link_request_outgoing().expect("linking");
+    let (_, frame) = broker.prepare(&mut bob2, BOB, request);
+    assert_eq!(
+        copies(&frame).len(),
+        2,
+        "device 1, and a placeholder for itself"
+    );
+
+    // The existing device accepts it with the broker's keys and publishes the new list.
+    let events = broker.deliver(&frame, &mut bob1).expect("new");
+    assert!(matches!(events[..], [Event::DeviceLinked { device: 2 }]));
+    let keys = crate::crypto::PublicDeviceKeys::from_bytes(&broker.identity[&(BOB.into(), 2)])
+        .expect("broker keys");
+    let signed = bob1
+        .approved_list(2, keys)
+        .expect("signs")
+        .expect("a new version")
+        .to_bytes();
+    broker.lists.insert(BOB.into(), signed.clone());
+    bob1.confirm_own_list(&signed, NOW).expect("published");
+    let grant = bob1.link_grant_outgoing().expect("approving");
+    let (_, frame) = broker.prepare(&mut bob1, BOB, grant);
+    bob1.finish_approval();
+    let events = broker.deliver(&frame, &mut bob2).expect("new");
+    assert!(matches!(events[..], [Event::Linked]), "{events:?}");
+    assert!(!bob2.is_linking());
+    assert_eq!(bob2.delivery_token(), bob1.delivery_token());
+
+    // Alice now writes to both devices.
+    alice
+        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("verifies");
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("to both"));
+    for bob in [&mut bob1, &mut bob2] {
+        assert_eq!(
+            text_of(&broker.deliver(&frame, bob).expect("new")),
+            [(ALICE.to_owned(), "to both".to_owned())]
+        );
+    }
+
+    // A second request (no pending code any more) is rejected.
+    let new = NewDevice::generate();
+    broker.identity.insert((BOB.into(), 3), new.identity_keys());
+    let mut bob3 = new.link(BOB, 3, &[9; 32], &secret, "");
+    broker.publish_keys(&mut bob3);
+    bob3.accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("pins");
+    let request = bob3.link_request_outgoing().expect("linking");
+    let (_, frame) = broker.prepare(&mut bob3, BOB, request);
+    let events = broker.deliver(&frame, &mut bob1).expect("new");
+    assert!(
+        matches!(
+            &events[..],
+            [Event::Rejected {
+                error: crate::error::EnvelopeError::UnknownSenderDevice { device: 3, .. },
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_forged_sender_claim_is_rejected_and_pins_nothing() {
+    let mut broker = Broker::default();
+    let mut bob = broker.register(BOB, 1);
+    let _alice = broker.register(ALICE, 1);
+    // Mallory has her own session with bob's device and seals claiming to be alice.
+    let mallory = DeviceKeys::generate();
+    let mut sessions = Sessions::new("mallory@m.example".into(), 1);
+    let (list, _) = {
+        let mut probe = broker.register("probe@p.example", 1);
+        probe
+            .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+            .expect("verifies");
+        probe.known_list(BOB).expect("cached")
+    };
+    let bob_keys = *list.device(1).expect("device 1");
+    let key = broker
+        .keys
+        .get_mut(&(BOB.to_owned(), 1))
+        .and_then(Vec::pop)
+        .expect("key");
+    let key = SignedOneTimeKey::from_bytes(&key).expect("key");
+    sessions
+        .create_outbound(&mallory, BOB, 1, &bob_keys, &key)
+        .expect("session");
+    let olm = sessions
+        .encrypt(
+            BOB,
+            1,
+            &Payload::Text {
+                body: "forged".into(),
+            },
+        )
+        .expect("encrypts");
+    let claim = SenderInfo {
+        user: ALICE.into(),
+        device: 1,
+    };
+    let sealed = seal(BOB, 1, &bob_keys.seal_x25519, &claim, NOW, &olm).expect("seals");
+    let id = EnvelopeId([5; 16]);
+    let events = broker.read(&mut bob, id, &sealed).expect("new");
+    assert!(
+        matches!(
+            &events[..],
+            [Event::Rejected {
+                error: crate::error::EnvelopeError::Session {
+                    error: SessionError::ForgedSender | SessionError::NoSession,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert!(bob.known_list(ALICE).is_none(), "the claim pinned nothing");
+    assert!(bob.is_seen(id), "and it is not read again");
+}
+
+#[test]
+fn envelopes_under_a_changed_master_key_are_held_in_order_and_calls_are_not() {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("one"));
+    broker.deliver(&frame, &mut bob).expect("new");
+    // Bob's pin of alice's key no longer matches what the broker serves.
+    let other = broker.register("other@a.example", 1);
+    drop(other);
+    let mut fake = Broker::default();
+    let impostor = fake.register(ALICE, 1);
+    drop(impostor);
+    let (_, second) = broker.prepare(&mut alice, BOB, Outgoing::text("two"));
+    let (_, third) = broker.prepare(&mut alice, BOB, Outgoing::text("three"));
+    let (id2, copy2) = copy_for(&second, 1);
+    // Opening with a list that is not fresh asks for it; the fetched one has another key.
+    bob.set_list_max_age_ms(0);
+    assert!(matches!(
+        bob.open(id2, &copy2, SenderList::Cached, NOW),
+        Err(Unread::Need(Need::List(ref u))) if u == ALICE
+    ));
+    let changed = bob
+        .accept_device_list(ALICE, &fake.lists[ALICE], NOW)
+        .expect_err("another master key");
+    assert!(matches!(changed, ClientError::MasterKeyChanged { .. }));
+    let Err(Unread::Failed(failure)) = bob.open(id2, &copy2, SenderList::Failed(changed), NOW)
+    else {
+        panic!("held");
+    };
+    let events = bob.settle(id2, &copy2, false, Err(failure));
+    assert!(matches!(
+        &events[..],
+        [Event::Held {
+            why: HoldReason::KeyChanged,
+            ..
+        }]
+    ));
+    // The next one waits behind it.
+    let (id3, copy3) = copy_for(&third, 1);
+    let Err(Unread::Failed(failure)) = bob.open(id3, &copy3, SenderList::Cached, NOW) else {
+        panic!("behind");
+    };
+    let events = bob.settle(id3, &copy3, false, Err(failure));
+    assert!(matches!(
+        &events[..],
+        [Event::Held {
+            why: HoldReason::Behind,
+            ..
+        }]
+    ));
+    assert_eq!(bob.held_senders(None), [ALICE]);
+    // Call signaling is ephemeral: rejected, not held.
+    let offer = Outgoing::call(Payload::HangUp { call_id: [1; 16] }).expect("a call kind");
+    assert_eq!(offer.delivery(), Delivery::CALL);
+    let (_, call) = broker.prepare(&mut alice, BOB, offer);
+    let (id4, copy4) = copy_for(&call, 1);
+    let Err(Unread::Failed(failure)) = bob.open(id4, &copy4, SenderList::Cached, NOW) else {
+        panic!("behind");
+    };
+    assert!(matches!(
+        &bob.settle(id4, &copy4, true, Err(failure))[..],
+        [Event::Rejected { .. }]
+    ));
+    assert!(Outgoing::call(Payload::Text { body: "x".into() }).is_err());
+}

@@ -1,0 +1,190 @@
+//! Keys, device lists, this account's devices, contacts' master keys and safety numbers: the
+//! engine decides, this fetches and publishes.
+
+use super::{Client, ClientError, DeviceInfo, now_ms};
+use crate::{
+    api::ClaimAuth,
+    crypto::{DeviceList, SafetyNumber, SignedDeviceList},
+    engine::{ClaimWith, check_handle},
+};
+
+impl Client {
+    /// Uploads keys generated but not yet published, then marks them published. Returns how
+    /// many one-time keys the directory holds (0 if there was nothing to upload).
+    pub(super) async fn upload_new_keys(&mut self) -> Result<u64, ClientError> {
+        let Some(upload) = self.engine.key_upload() else {
+            return Ok(0);
+        };
+        let count = self
+            .api
+            .upload_keys(&self.creds(), &upload.one_time, upload.fallback.as_ref())
+            .await?;
+        self.engine.mark_keys_published();
+        self.save()?;
+        Ok(count)
+    }
+
+    /// Tops the published one-time keys up to [`ONE_TIME_KEYS`](super::ONE_TIME_KEYS) (and publishes a fallback key
+    /// if the directory has none). Returns how many one-time keys the directory holds.
+    pub async fn replenish_keys(&mut self) -> Result<u64, ClientError> {
+        let (count, fallback) = self.api.key_count(&self.creds()).await?;
+        if !self.engine.top_up_keys(count, fallback) {
+            return Ok(count);
+        }
+        self.upload_new_keys().await
+    }
+
+    /// How many one-time keys the directory holds for this device, and whether it has a
+    /// fallback key.
+    pub async fn published_key_count(&self) -> Result<(u64, bool), ClientError> {
+        Ok(self.api.key_count(&self.creds()).await?)
+    }
+
+    /// Publishes a list of our own the engine signed, and records it as published.
+    pub(super) async fn publish_own_list(
+        &mut self,
+        signed: &SignedDeviceList,
+    ) -> Result<(), ClientError> {
+        let bytes = signed.to_bytes();
+        self.api.put_device_list(&self.creds(), &bytes).await?;
+        self.engine.confirm_own_list(&bytes, now_ms())?;
+        self.save()
+    }
+
+    /// The verified device list of `user`: the cached one if fresh (and `force` is false),
+    /// else fetched, verified against the pin (pinning on first use) and cached.
+    pub(super) async fn verified_list(
+        &mut self,
+        user: &str,
+        force: bool,
+    ) -> Result<DeviceList, ClientError> {
+        if !force && let Some(list) = self.engine.fresh_list(user, now_ms()) {
+            return Ok(list);
+        }
+        let signed = self.fetch_signed_list(user).await?;
+        self.engine.accept_device_list(user, &signed, now_ms())
+    }
+
+    /// `user`'s signed device list as the broker has it, not yet verified.
+    async fn fetch_signed_list(&self, user: &str) -> Result<Vec<u8>, ClientError> {
+        self.api
+            .device_list(user)
+            .await?
+            .ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))
+    }
+
+    /// Claims a key of `user`'s `device` and starts a session with it.
+    pub(super) async fn claim_session(
+        &mut self,
+        user: &str,
+        device: u32,
+        with: ClaimWith,
+    ) -> Result<(), ClientError> {
+        let creds = self.creds();
+        let auth = match &with {
+            ClaimWith::DeliveryToken(token) => ClaimAuth::DeliveryToken(token),
+            ClaimWith::Device => ClaimAuth::Device(&creds),
+        };
+        let claimed = self.api.claim_key(user, device, auth).await?;
+        self.engine.create_session(user, device, &claimed.key)
+    }
+
+    /// This account's devices: the signed list, plus devices the broker has that the list
+    /// does not vouch for.
+    pub async fn devices(&mut self) -> Result<Vec<DeviceInfo>, ClientError> {
+        let own = self.engine.user().to_owned();
+        self.verified_list(&own, true).await?;
+        self.save()?;
+        let broker = self.api.devices(&own).await?;
+        Ok(self.engine.devices(&broker))
+    }
+
+    /// Removes another device of this account: drops it from the signed list (so contacts
+    /// stop encrypting to it), then deletes it at the broker (its queue is deleted and its
+    /// connection closed).
+    pub async fn remove_device(&mut self, device: u32) -> Result<(), ClientError> {
+        self.engine.check_removable(device)?;
+        let own = self.engine.user().to_owned();
+        self.verified_list(&own, true).await?;
+        if let Some(signed) = self.engine.own_list_without(device)? {
+            self.publish_own_list(&signed).await?;
+        }
+        match self.api.remove_device(&self.creds(), device).await {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.engine.forget_own_device(device);
+        self.save()
+    }
+
+    /// The safety number with `with` (fetching and pinning its master key on first use).
+    pub async fn safety_number(&mut self, with: &str) -> Result<SafetyNumber, ClientError> {
+        check_handle(with)?;
+        let list = self.verified_list(with, false).await?;
+        self.save()?;
+        Ok(self.engine.safety_number_for(with, &list.master_key))
+    }
+
+    /// Records that the user compared the safety number with `with` and it matched.
+    pub async fn mark_verified(&mut self, with: &str) -> Result<SafetyNumber, ClientError> {
+        let number = self.safety_number(with).await?;
+        self.engine.mark_verified(with);
+        self.save()?;
+        Ok(number)
+    }
+
+    /// Whether the user verified `with`.
+    pub fn is_verified(&self, with: &str) -> bool {
+        self.engine.is_verified(with)
+    }
+
+    /// Accepts `with`'s new master key after [`ClientError::MasterKeyChanged`] (only once the
+    /// user compared the new safety number). The contact is no longer marked verified.
+    pub async fn accept_master_key_change(
+        &mut self,
+        with: &str,
+        new_master_key: &[u8; 32],
+    ) -> Result<SafetyNumber, ClientError> {
+        self.engine.accept_master_key_change(with, new_master_key);
+        let number = self.safety_number(with).await?;
+        // What arrived under the new key meanwhile is read now; its events come next.
+        self.read_held(Some(with)).await;
+        self.save()?;
+        Ok(number)
+    }
+
+    /// The master key `with`'s current device list is signed by, checked against nothing but
+    /// the list's own signature, and the safety number it gives — for showing the user a
+    /// changed key before [`Client::accept_master_key_change`].
+    pub async fn fetch_master_key(
+        &mut self,
+        with: &str,
+    ) -> Result<([u8; 32], SafetyNumber), ClientError> {
+        check_handle(with)?;
+        let signed = self.fetch_signed_list(with).await?;
+        self.engine.inspect_device_list(with, &signed)
+    }
+
+    /// Replaces this account's master key (after a suspected compromise): signs a new device
+    /// list with a new key. Contacts see [`ClientError::MasterKeyChanged`] until they accept
+    /// it. Only for single-device accounts: other devices would not learn the new key.
+    pub async fn rotate_master_key(&mut self) -> Result<(), ClientError> {
+        let own = self.engine.user().to_owned();
+        self.verified_list(&own, true).await?;
+        let rotation = self.engine.prepare_master_rotation()?;
+        let bytes = rotation.signed.to_bytes();
+        // Published before this device switches to it: if the broker refuses, nothing has
+        // changed here and the old key still signs the account's list.
+        if let Err(e) = self.api.put_device_list(&self.creds(), &bytes).await {
+            // Unless the broker stored it and only its answer was lost: then switch all the
+            // same, or no device would hold the key the published list names.
+            match self.fetch_signed_list(&own).await {
+                Ok(published) if published == bytes => {}
+                _ => return Err(e.into()),
+            }
+        }
+        self.engine.finish_master_rotation(rotation, now_ms())?;
+        self.save()
+    }
+}

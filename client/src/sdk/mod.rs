@@ -1,0 +1,348 @@
+//! The network SDK: a [`Client`] is one device of one account, with its encrypted state in a
+//! directory, talking to one broker. It drives the [engine](crate::engine), which makes every
+//! protocol decision; the SDK adds HTTP (reqwest), WebSockets (tokio-tungstenite), the state
+//! directory and the waiting.
+//!
+//! # State directory
+//!
+//! ```text
+//! state_dir/local.key      32 random bytes (owner-only): encrypts client.state
+//! state_dir/client.state   ClientState (keys, ratchets, pins) + the engine's record, one file
+//! state_dir/lock           held (flock) while a Client is open: one process per device
+//! ```
+//!
+//! # Sending (`sdk/send.rs`)
+//!
+//! [`Client::send_text`] verifies the recipient's signed device list (trust on first use:
+//! the first master key seen is pinned; a different one later is
+//! [`ClientError::MasterKeyChanged`] and nothing is sent until the user accepts it with
+//! [`Client::accept_master_key_change`]), shares this account's delivery token with a new
+//! contact, then has the engine encrypt and seal one copy per device (claiming keys for
+//! devices it has no session with) and sends one envelope per recipient account, following
+//! `stale_devices` answers (see [`crate::engine::send`]). The account's own other devices get
+//! a transcript ([`Payload::Sent`](crate::crypto::Payload::Sent)) in a second envelope, so every device shows the
+//! conversation.
+//!
+//! # Receiving (`sdk/receive.rs`)
+//!
+//! [`Client::next_event`] reads the authenticated connection. Each delivered envelope is
+//! opened by the engine (see [`crate::engine::receive`]), which asks for the claimed sender's
+//! list when it needs it; then the state is saved and the envelope acked. Envelopes that
+//! arrive together are handled as a batch with one save and one ack.
+//!
+//! An envelope that can never be read is reported as [`Event::Rejected`] and acked, so one
+//! bad envelope cannot jam the queue. One that cannot be read *yet* for a reason about its
+//! sender is held ([`Event::Held`]). A *transient* failure of our own (the broker's HTTP API
+//! unreachable while fetching what is needed to read it) is returned as an error without
+//! acking: the connection is dropped and the envelope comes again on the next connection.
+//!
+//! # Linking a device (`sdk/link.rs`)
+//!
+//! See [`crate::engine::link`] for the protocol: [`Client::create_link_code`] on an existing
+//! device, [`Client::link`] on the new one, while the existing device runs
+//! [`Client::next_event`].
+//!
+//! # Calls (`sdk/calls.rs`), devices and keys (`sdk/devices.rs`)
+
+mod calls;
+mod devices;
+mod link;
+mod receive;
+mod send;
+
+use std::{
+    collections::VecDeque,
+    fs::{self, File},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use sealpost_proto::ServerFrame;
+
+use crate::{
+    api::{Api, DeviceCreds},
+    conn::Connection,
+    crypto::LocalKey,
+    engine::{Engine, NewDevice, check_handle},
+};
+pub use crate::{
+    engine::{
+        CALL_TTL_SECS, CallSignal, Conversation, ConversationMessage, DeviceInfo, Event,
+        HoldReason, LinkCode, ONE_TIME_KEYS, PreparedEnvelope, ReceivedMessage,
+    },
+    error::{ClientError, EnvelopeError},
+};
+
+const KEY_FILE: &str = "local.key";
+const STATE_FILE: &str = "client.state";
+const LOCK_FILE: &str = "lock";
+
+/// One device of one account. See the module doc.
+pub struct Client {
+    api: Api,
+    dir: PathBuf,
+    key: LocalKey,
+    _lock: File,
+    engine: Engine,
+    conn: Option<Connection>,
+    sealed: Option<Connection>,
+    /// Frames read from `conn` while waiting for something else.
+    inbox: VecDeque<ServerFrame>,
+    events: VecDeque<Event>,
+    /// While envelopes are held, how often they are tried again.
+    held_retry: Duration,
+    /// When they are tried next.
+    next_held_retry: Instant,
+    /// Consecutive reconnects without a frame in between.
+    reconnects: u32,
+    stats: Stats,
+}
+
+/// Cumulative client-side costs ([`Client::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Copies encrypted (Olm) and sealed (HPKE), one per recipient device.
+    pub copies_sealed: u64,
+    /// Time spent in Olm encryption plus sealing.
+    pub encrypt_seal: Duration,
+    /// Envelopes opened and decrypted successfully.
+    pub envelopes_opened: u64,
+    /// Time spent opening the sealed layer plus Olm decryption.
+    pub open_decrypt: Duration,
+    /// State saves (each an encrypted write plus fsyncs).
+    pub saves: u64,
+    /// Time spent saving.
+    pub save_time: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("device", &self.engine.device_id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |error| ClientError::Io {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+/// Creates the state directory (owner-only) and takes its lock.
+fn lock_dir(dir: &Path) -> Result<File, ClientError> {
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    }
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(ClientError::Locked(dir.to_owned())),
+        Err(fs::TryLockError::Error(e)) => Err(ClientError::Io { path, error: e }),
+    }
+}
+
+impl Client {
+    fn assemble(api: Api, dir: &Path, key: LocalKey, lock: File, engine: Engine) -> Self {
+        Self {
+            api,
+            dir: dir.to_owned(),
+            key,
+            _lock: lock,
+            engine,
+            conn: None,
+            sealed: None,
+            inbox: VecDeque::new(),
+            events: VecDeque::new(),
+            held_retry: Duration::from_secs(30),
+            next_held_retry: Instant::now(),
+            reconnects: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Creates a new account `handle` on the broker at `server` with this as its first device,
+    /// and keeps its state in `state_dir` (which must not hold an account yet).
+    pub async fn register(
+        server: &str,
+        handle: &str,
+        state_dir: &Path,
+        registration_token: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        check_handle(handle)?;
+        let lock = lock_dir(state_dir)?;
+        let key_path = state_dir.join(KEY_FILE);
+        if key_path.exists() {
+            return Err(ClientError::AlreadyRegistered(state_dir.to_owned()));
+        }
+        let api = Api::new(server)?;
+        let device = NewDevice::generate();
+        let creds = api
+            .register(handle, &device.identity_keys(), registration_token)
+            .await?;
+        let key = LocalKey::create_file(&key_path)?;
+        let engine = device.register(handle, creds.device, &creds.token, api.base());
+        let mut client = Self::assemble(api, state_dir, key, lock, engine);
+        client.save()?;
+        client.upload_new_keys().await?;
+        let list = client.engine.first_own_list()?;
+        client.publish_own_list(&list).await?;
+        client
+            .api
+            .put_delivery_token(&client.creds(), Some(client.engine.delivery_token()), false)
+            .await?;
+        client.save()?;
+        Ok(client)
+    }
+
+    /// Opens the account kept in `state_dir`.
+    pub async fn open(state_dir: &Path) -> Result<Self, ClientError> {
+        let key_path = state_dir.join(KEY_FILE);
+        if !key_path.exists() {
+            return Err(ClientError::NotRegistered(state_dir.to_owned()));
+        }
+        let lock = lock_dir(state_dir)?;
+        let key = LocalKey::read_file(&key_path)?;
+        let engine = Engine::load_file(&state_dir.join(STATE_FILE), &key)?
+            .ok_or_else(|| ClientError::NotRegistered(state_dir.to_owned()))?;
+        let api = Api::new(engine.server())?;
+        Ok(Self::assemble(api, state_dir, key, lock, engine))
+    }
+
+    /// Sets how long a fetched device list is used before it is fetched again when sending
+    /// (default 60 s; zero fetches it for every send). A stale list is also refreshed
+    /// whenever the broker says the device set changed.
+    pub fn set_device_list_max_age(&mut self, age: Duration) {
+        self.engine
+            .set_list_max_age_ms(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    }
+
+    /// Sets how often held envelopes ([`Event::Held`]) are tried again (default 30 s, at
+    /// least 10 ms); they are also tried after every backlog.
+    pub fn set_held_retry(&mut self, every: Duration) {
+        self.held_retry = every.max(Duration::from_millis(10));
+        self.next_held_retry = Instant::now() + self.held_retry;
+    }
+
+    /// This account's handle.
+    pub fn handle(&self) -> &str {
+        self.engine.user()
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> u32 {
+        self.engine.device_id()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The broker's base URL.
+    pub fn server(&self) -> &str {
+        self.api.base()
+    }
+
+    /// The HTTP API client (public endpoints; useful for tools and tests).
+    pub fn api(&self) -> &Api {
+        &self.api
+    }
+
+    fn creds(&self) -> DeviceCreds {
+        DeviceCreds {
+            handle: self.engine.user().to_owned(),
+            device: self.engine.device_id(),
+            token: self.engine.device_token().clone(),
+        }
+    }
+
+    fn save(&mut self) -> Result<(), ClientError> {
+        let started = Instant::now();
+        self.engine
+            .save_file(&self.dir.join(STATE_FILE), &self.key)?;
+        self.stats.saves += 1;
+        self.stats.save_time += started.elapsed();
+        Ok(())
+    }
+
+    /// Cumulative cost of this client's cryptographic work and state saves since it was
+    /// opened (for benchmarks).
+    pub fn stats(&self) -> Stats {
+        let counters = self.engine.counters();
+        Stats {
+            copies_sealed: counters.copies_sealed,
+            envelopes_opened: counters.envelopes_opened,
+            ..self.stats
+        }
+    }
+
+    /// Conversations, most recent first.
+    pub fn conversations(&self) -> Vec<Conversation> {
+        self.engine.conversations()
+    }
+
+    /// Closes the connections politely.
+    pub async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close().await;
+        }
+        if let Some(conn) = self.sealed.take() {
+            conn.close().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn opening_needs_an_account_and_register_checks_the_handle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            Client::open(dir.path()).await,
+            Err(ClientError::NotRegistered(_))
+        ));
+        assert!(matches!(
+            Client::register("http://127.0.0.1:1", "Not A Handle", dir.path(), None).await,
+            Err(ClientError::InvalidHandle(..))
+        ));
+        assert!(matches!(
+            Client::link(
+                "http://127.0.0.1:1",
+                "a@x.y",
+                "no-secret",
+                dir.path(),
+                Duration::ZERO
+            )
+            .await,
+            Err(ClientError::BadLinkCode)
+        ));
+    }
+
+    #[test]
+    fn the_state_directory_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_dir(dir.path()).expect("lock");
+        assert!(matches!(lock_dir(dir.path()), Err(ClientError::Locked(_))));
+        drop(held);
+        lock_dir(dir.path()).expect("free again");
+    }
+}

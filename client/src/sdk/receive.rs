@@ -1,0 +1,310 @@
+//! Receiving: reads the authenticated connection, has the engine open each envelope (fetching
+//! what it asks for), saves, then acks; tries held envelopes again after each backlog and on
+//! a deadline.
+
+use std::time::{Duration, Instant};
+
+use sealpost_proto::{ClientFrame, EnvelopeId, Notice, ServerFrame, limits::MAX_ACKS_PER_FRAME};
+
+use super::{Client, ClientError, Event, now_ms};
+use crate::{
+    conn::Connection,
+    engine::{Failure, HoldReason, Need, SenderList, Unread, receive::sender_domain},
+    error::EnvelopeError,
+};
+
+/// Most envelopes handled per batch (one save, one ack).
+const BATCH: usize = 128;
+
+impl Client {
+    /// Waits for the next event: messages, rejections, links, notices. Reconnects when the
+    /// connection drops.
+    ///
+    /// Not cancel-safe: a call abandoned midway (by `select!` or a timeout) may have decrypted
+    /// envelopes without saving or acknowledging them; use the client no further after that
+    /// (drop it and [`Client::open`] again, which resumes from the last save).
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Ok(event);
+            }
+            let frame = match self.inbox.pop_front() {
+                Some(frame) => frame,
+                None => {
+                    // With envelopes held, wait for a frame only until their next try is due
+                    // (a deadline: a busy connection must not put it off).
+                    let due = self.engine.has_held().then_some(self.next_held_retry);
+                    match self.read_frame(due).await? {
+                        Some(frame) => frame,
+                        None => {
+                            self.retry_held().await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.reconnects = 0;
+            self.handle_frames(frame).await?;
+        }
+    }
+
+    /// The next frame; `None` if none came before `due` (when given).
+    async fn read_frame(
+        &mut self,
+        due: Option<Instant>,
+    ) -> Result<Option<ServerFrame>, ClientError> {
+        loop {
+            let mut conn = self.take_conn().await?;
+            let next = match due {
+                // `Connection::next` is cancel-safe: nothing is lost when the wait runs out.
+                Some(due) => match tokio::time::timeout_at(due.into(), conn.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.conn = Some(conn);
+                        return Ok(None);
+                    }
+                },
+                None => conn.next().await,
+            };
+            match next {
+                Ok(frame) => {
+                    self.conn = Some(conn);
+                    return Ok(Some(frame));
+                }
+                Err(e) if e.is_device_revoked() => {
+                    self.on_conn_lost();
+                    return Err(ClientError::DeviceRevoked);
+                }
+                Err(e) => {
+                    self.on_conn_lost();
+                    self.reconnects += 1;
+                    if self.reconnects > 3 {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 << self.reconnects)).await;
+                }
+            }
+        }
+    }
+
+    /// Handles `first` and whatever else has already arrived, as one batch.
+    async fn handle_frames(&mut self, first: ServerFrame) -> Result<(), ClientError> {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            let next = match self.inbox.pop_front() {
+                Some(frame) => frame,
+                None => match self.conn.as_mut().and_then(Connection::try_next) {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(_)) => {
+                        self.on_conn_lost();
+                        break;
+                    }
+                    None => break,
+                },
+            };
+            batch.push(next);
+        }
+        let mut acks = Vec::new();
+        // Ratchets moved without an ack to save for (ephemeral envelopes).
+        let mut dirty = false;
+        let mut retry_held = false;
+        let mut result = Ok(());
+        for frame in batch {
+            if result.is_err() {
+                // After a transient failure, the rest comes again on the next connection.
+                continue;
+            }
+            match frame {
+                ServerFrame::Deliver { seq, envelope } => {
+                    match self
+                        .handle_envelope(envelope.id, &envelope.ciphertext, false)
+                        .await
+                    {
+                        Ok(()) => acks.push(seq),
+                        Err(e) => result = Err(e),
+                    }
+                }
+                ServerFrame::DeliverEphemeral { envelope } => {
+                    // Nothing to ack; errors are reported like for stored envelopes.
+                    match self
+                        .handle_envelope(envelope.id, &envelope.ciphertext, true)
+                        .await
+                    {
+                        Ok(()) => dirty = true,
+                        Err(e) => result = Err(e),
+                    }
+                }
+                ServerFrame::QueueEmpty => {
+                    // The backlog is handled: time to try the held envelopes again (after
+                    // this batch is acknowledged: a retry may take a while).
+                    retry_held = true;
+                    self.events.push_back(Event::QueueEmpty);
+                }
+                ServerFrame::Notice { notice, .. } => match notice {
+                    Notice::KeysLow => {
+                        if let Err(e) = self.replenish_keys().await {
+                            result = Err(e);
+                        }
+                    }
+                    Notice::MailboxFull => self.events.push_back(Event::MailboxFull),
+                },
+                // Answers to sends are consumed where they are awaited; errors about acks are
+                // of no use to the application.
+                _ => {}
+            }
+        }
+        if !acks.is_empty() || dirty {
+            // Save before acknowledging: a crash now redelivers, and the ids deduplicate. An
+            // ephemeral envelope is not acknowledged, but decrypting it moved the ratchet.
+            self.save()?;
+            for chunk in acks.chunks(MAX_ACKS_PER_FRAME) {
+                if let Some(conn) = self.conn.as_mut()
+                    && conn
+                        .send(&ClientFrame::Ack {
+                            seqs: chunk.to_vec(),
+                        })
+                        .await
+                        .is_err()
+                {
+                    self.on_conn_lost();
+                }
+            }
+        }
+        if result.is_err() {
+            self.on_conn_lost();
+        } else if retry_held {
+            self.retry_held().await?;
+        }
+        result
+    }
+
+    /// Tries the held envelopes again now, saves what that changed, and schedules the next
+    /// try.
+    async fn retry_held(&mut self) -> Result<(), ClientError> {
+        self.next_held_retry = Instant::now() + self.held_retry;
+        if self.read_held(None).await {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Handles one newly delivered envelope. `Ok` means: handled (events queued, possibly a
+    /// rejection or a hold) and to be acked; `Err` means a transient failure: do not ack.
+    async fn handle_envelope(
+        &mut self,
+        id: EnvelopeId,
+        ciphertext: &[u8],
+        ephemeral: bool,
+    ) -> Result<(), ClientError> {
+        if self.engine.is_seen(id) {
+            return Ok(());
+        }
+        let result = self.open_envelope(id, ciphertext).await?;
+        let events = self.engine.settle(id, ciphertext, ephemeral, result);
+        self.events.extend(events);
+        Ok(())
+    }
+
+    /// Tries the held envelopes again (of `only`, or of every sender), each sender's in
+    /// order: the first that still cannot be read keeps its place and the rest stay behind
+    /// it. Returns whether any was read (or rejected), i.e. whether there is state to save.
+    pub(super) async fn read_held(&mut self, only: Option<&str>) -> bool {
+        let mut progress = false;
+        // A domain found unreachable is not asked again in this pass: one slow lookup per
+        // domain, however many of its senders are held.
+        let mut unreachable: Vec<String> = Vec::new();
+        for sender in self.engine.held_senders(only) {
+            if unreachable.contains(&sender_domain(&sender)) {
+                continue;
+            }
+            let mut queue = self.engine.take_held(&sender).into_iter();
+            while let Some(held) = queue.next() {
+                let id = held.id();
+                match self.open_envelope(id, held.ciphertext()).await {
+                    Ok(Ok(events)) => self.events.extend(events),
+                    Ok(Err(Failure::Rejected(error))) => {
+                        self.events.push_back(Event::Rejected { id, error });
+                    }
+                    failed @ (Ok(Err(Failure::Hold { .. })) | Err(_)) => {
+                        if let Ok(Err(Failure::Hold {
+                            why: HoldReason::SenderUnavailable,
+                            ..
+                        })) = failed
+                        {
+                            unreachable.push(sender_domain(&sender));
+                        }
+                        self.engine
+                            .put_back_held(std::iter::once(held).chain(queue));
+                        break;
+                    }
+                }
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    /// Opens one envelope with the engine, fetching what it needs: the claimed sender's
+    /// device list, or the broker's keys of our own account for a link request (which is then
+    /// approved). `Err` is a transient failure of our own: the envelope is not settled.
+    async fn open_envelope(
+        &mut self,
+        id: EnvelopeId,
+        ciphertext: &[u8],
+    ) -> Result<Result<Vec<Event>, Failure>, ClientError> {
+        let started = Instant::now();
+        let mut opened = self
+            .engine
+            .open(id, ciphertext, SenderList::Cached, now_ms());
+        if let Err(Unread::Need(Need::List(user))) = &opened {
+            let user = user.clone();
+            let list = match self.verified_list(&user, true).await {
+                Ok(_) => SenderList::Refetched,
+                Err(e @ ClientError::Store(_)) => return Err(e),
+                // A broker (ours, or the sender's behind it) that cannot answer now: kept
+                // and read later, without holding up everyone else's envelopes behind it.
+                Err(ClientError::Api(e)) if e.is_transient() => {
+                    SenderList::Unavailable(ClientError::Api(e))
+                }
+                Err(e) => SenderList::Failed(e),
+            };
+            opened = self.engine.open(id, ciphertext, list, now_ms());
+        }
+        self.stats.open_decrypt += started.elapsed();
+        match opened {
+            Ok(opened) => Ok(Ok(opened.events)),
+            Err(Unread::Failed(failure)) => Ok(Err(failure)),
+            Err(Unread::Need(Need::BrokerKeys)) => self.open_link_request(ciphertext).await,
+            Err(Unread::Need(Need::List(user))) => {
+                Ok(Err(Failure::Rejected(EnvelopeError::SenderUnverified {
+                    user: user.clone(),
+                    error: Box::new(ClientError::ListNotVerified(user)),
+                })))
+            }
+        }
+    }
+
+    /// A message from a device of our account that the signed list does not vouch for: only
+    /// a link request with a valid proof is accepted, and then approved.
+    async fn open_link_request(
+        &mut self,
+        ciphertext: &[u8],
+    ) -> Result<Result<Vec<Event>, Failure>, ClientError> {
+        let own = self.engine.user().to_owned();
+        let broker = match self.api.devices(&own).await {
+            Ok(devices) => devices,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(_) => Vec::new(),
+        };
+        let (device, keys) = match self.engine.open_link_request(ciphertext, &broker, now_ms()) {
+            Ok(approved) => approved,
+            Err(failure) => return Ok(Err(failure)),
+        };
+        // The request is decrypted (its session advanced), so a failure from here on cannot be
+        // retried by redelivery: it is reported, and the user links again.
+        Ok(match self.approve_link(device, keys).await {
+            Ok(()) => Ok(vec![Event::DeviceLinked { device }]),
+            Err(e) => Err(Failure::Rejected(EnvelopeError::LinkFailed(Box::new(e)))),
+        })
+    }
+}
