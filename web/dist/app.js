@@ -38,6 +38,8 @@ const debug = {
   fingerprintCheck: null,
   setupMs: null,
   tamperOutgoingFingerprint: false,
+  // Every accepted send: its recipient and whether it went sealed (on /v1/sealed).
+  sends: [],
 };
 window.sealpostDebug = debug;
 
@@ -284,7 +286,10 @@ async function sendOne(to, payload) {
     id = out.id;
     persist(); // the ratchets advanced: save before anything leaves
     const result = await transmit(out);
-    if (result.accepted) return id;
+    if (result.accepted) {
+      debug.sends.push({ to, sealed: !!out.sealed });
+      return id;
+    }
     if (result.code === 'stale_devices') {
       await fetchList(to);
       devices = JSON.stringify(result.current_devices);

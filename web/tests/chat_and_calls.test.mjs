@@ -59,8 +59,14 @@ test('two users exchange end-to-end encrypted messages and see each other\'s tex
   assert.equal(a, b);
   await alice.page.click('#verify');
   await alice.page.waitForSelector('#verified-badge:not([hidden])', { timeout: WAIT_MS });
-  // Bob's reply went sealed (he holds Alice's delivery token after her first message).
+  // Bob's reply went sealed (he holds Alice's delivery token after her first message), and
+  // without an error.
   assert.equal(await bob.page.evaluate(() => !!document.querySelector('#error:not([hidden])')), false);
+  const replies = await bob.page.evaluate(
+    () => window.sealpostDebug.sends.filter((s) => s.to === 'alice@localhost'),
+  );
+  assert.ok(replies.length >= 1, 'bob sent to alice');
+  assert.equal(replies.at(-1).sealed, true, 'bob\'s reply went over /v1/sealed');
 });
 
 test('a message sent while the contact is away arrives from the backlog when they sign in', async () => {
