@@ -26,14 +26,14 @@ use crate::{
     },
     mailbox::{MailboxConfig, Registry, messages::Expire},
     socket::Budget,
-    store::{SledStore, Store, StoreOptions},
+    store::{SledStore, StoreOptions, Stores},
 };
 
 /// Runs a broker until SIGTERM or SIGINT, then shuts down gracefully. `on_listen` is called
 /// with the bound address once the broker accepts connections.
 pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let opened = Instant::now();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&StoreOptions {
+    let store = Stores::from_backend(Arc::new(SledStore::open(&StoreOptions {
         dir: settings.data_dir.clone(),
         group_commit: settings.group_commit,
         fsync: settings.fsync,
@@ -42,7 +42,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
         min_free_bytes: settings.min_free_disk_mb.saturating_mul(1024 * 1024),
         failpoint_sync: (!settings.failpoint_sync_file.is_empty())
             .then(|| settings.failpoint_sync_file.clone().into()),
-    })?);
+    })?));
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store opened"
@@ -180,7 +180,7 @@ pub async fn run(settings: Settings, on_listen: impl FnOnce(SocketAddr)) -> anyh
     handle.stop(true).await;
     let _ = serving.await;
     sweeper.abort();
-    if let Err(e) = store.sync().await {
+    if let Err(e) = store.health.flush().await {
         warn!(error = %e, "final flush failed");
     }
     federation_arbiter.stop();
@@ -223,11 +223,11 @@ async fn sweep(state: Arc<AppState>) {
         state.limits.housekeep();
         state.turn.housekeep();
         state.federation.housekeep();
-        state.store.check_disk();
+        state.store.health.check_room();
         const BATCH: usize = 10_000;
         let mut previous_first = None;
         loop {
-            let due = match state.store.expired(now_ms(), BATCH) {
+            let due = match state.store.inbox.due(now_ms(), BATCH).await {
                 Ok(due) => due,
                 Err(e) => {
                     warn!(error = %e, "expiry scan failed");

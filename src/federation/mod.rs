@@ -42,7 +42,7 @@ use self::{
     messages::{Enqueue, PeerStatus, Query, QueryResult, Request, Status},
     peer::FederationPeer,
 };
-use crate::store::Store;
+use crate::store::Stores;
 
 /// Where a peer's endpoint and static key come from (the key is public).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,7 +370,7 @@ impl Federation {
         settings: PeerSettings,
         key: ServerKey,
         peers: Vec<PeerConfig>,
-        store: Arc<dyn Store>,
+        store: Stores,
         arbiter: &ArbiterHandle,
     ) -> Arc<Self> {
         let settings = Arc::new(settings);

@@ -109,10 +109,11 @@ pub(crate) fn authenticate(
     let (device, token) = cred.split_once('.').ok_or(ApiError::Unauthorized)?;
     let device: u32 = device.parse().map_err(|_| ApiError::Unauthorized)?;
     let token = DeviceToken::from_text(token).ok_or(ApiError::Unauthorized)?;
-    let record = state
-        .store
-        .device(handle.as_str(), device)?
-        .ok_or(ApiError::Unauthorized)?;
+    // Extractors answer synchronously here; a directory that answers later is unavailable
+    // until they await it.
+    let record =
+        crate::store::answered_inline(state.store.directory.device(handle.as_str(), device))?
+            .ok_or(ApiError::Unauthorized)?;
     if !state.hasher.verify(&token, &record.token_hash) {
         return Err(ApiError::Unauthorized);
     }

@@ -146,7 +146,7 @@ async fn register(
         }
     }
     let keys = identity_keys(&body.identity_keys)?;
-    if !state.store.has_room() {
+    if !state.store.health.has_room() {
         return Err(ApiError::Unavailable);
     }
     let token = DeviceToken::generate();
@@ -158,8 +158,9 @@ async fn register(
     };
     let device = state
         .store
-        .create_account(handle.as_str(), now_ms(), record)?;
-    state.store.sync().await?;
+        .directory
+        .create_account(handle.as_str(), now_ms(), record)
+        .await?;
     tracing::info!("account registered");
     Ok(HttpResponse::Created().json(NewDevice {
         handle: handle.to_string(),
@@ -177,12 +178,20 @@ async fn list_devices(
         return super::federation::remote_devices(&state, remote).await;
     }
     let handle = local_handle(&state, &path)?;
-    if state.store.account(handle.as_str())?.is_none() {
+    if state
+        .store
+        .directory
+        .account(handle.as_str())
+        .await?
+        .is_none()
+    {
         return Err(ApiError::NotFound);
     }
     let devices = state
         .store
-        .devices(handle.as_str())?
+        .directory
+        .devices(handle.as_str())
+        .await?
         .into_iter()
         .map(|(id, d)| DeviceEntry {
             device_id: id,
@@ -214,7 +223,7 @@ async fn add_device(
                 .is_none() =>
         {
             // A code is single use: refuse what would fail anyway before using it up.
-            if state.store.devices(handle.as_str())?.len()
+            if state.store.directory.devices(handle.as_str()).await?.len()
                 >= sealpost_proto::limits::MAX_DEVICES_PER_USER
             {
                 return Err(ApiError::BadRequest("too many devices".into()));
@@ -222,7 +231,9 @@ async fn add_device(
             let hash = state.hasher.hash_link_code(code);
             if !state
                 .store
-                .take_link_code(handle.as_str(), &hash, now_ms())?
+                .directory
+                .take_link_code(handle.as_str(), hash, now_ms())
+                .await?
             {
                 return Err(ApiError::Unauthorized);
             }
@@ -281,7 +292,9 @@ async fn healthz() -> HttpResponse {
 
 /// Not ready while shutting down, after a failed flush, or with the disk nearly full.
 fn is_ready(state: &AppState) -> bool {
-    !state.shutting_down.load(Ordering::Relaxed) && state.store.healthy() && state.store.has_room()
+    !state.shutting_down.load(Ordering::Relaxed)
+        && state.store.health.flush_ok()
+        && state.store.health.has_room()
 }
 
 async fn readyz(state: State) -> HttpResponse {

@@ -45,15 +45,16 @@ use crate::{
     federation::Federation,
     mailbox::Registry,
     socket::{self, Budget},
-    store::Store,
+    store::Stores,
 };
 
 /// State shared by every route and session.
 pub struct AppState {
     /// Validated settings.
     pub settings: Settings,
-    /// The durable store (accounts and devices are read here; queues go through mailboxes).
-    pub store: Arc<dyn Store>,
+    /// The store's seams (the directory and health are used here; queues go through
+    /// mailboxes).
+    pub store: Stores,
     /// Mailbox directory.
     pub registry: Arc<Registry>,
     /// Federation peers (one actor per remote domain) and this broker's federation key.

@@ -4,7 +4,6 @@
 //! - [`actor`]: the [`Mailbox`] actor — idempotent append, group-committed durability,
 //!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
 //! - [`outbox`]: the bounded queue of frames from a mailbox to a connected session.
-//! - `recovery`: the commit order of a send's writes, and rolling back a send a crash tore.
 //! - [`registry`]: finds or spawns the mailbox of a user, spreads them over threads, and
 //!   forgets them when they stop idle.
 
@@ -12,7 +11,6 @@ pub mod actor;
 mod device_map;
 pub mod messages;
 pub mod outbox;
-mod recovery;
 pub mod registry;
 
 #[cfg(test)]
