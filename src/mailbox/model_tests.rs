@@ -1,5 +1,5 @@
-//! Property test: a mailbox (real actor, real sled store) against an in-memory model of
-//! per-device queues, across restarts.
+//! Property test: a mailbox (real actor; a real sled store, and the in-memory store) against
+//! an in-memory model of per-device queues, across restarts.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -12,7 +12,7 @@ use super::{
     MailboxConfig, Registry,
     messages::{Ack, Attach, Detach, Submit},
 };
-use crate::store::{DeviceRecord, SledStore, StoreOptions, Stores};
+use crate::store::{DeviceRecord, SledStore, StoreOptions, Stores, memory::MemoryStore};
 
 const USER: &str = "bob@test.example";
 const DEVICES: [DeviceId; 2] = [DeviceId(1), DeviceId(2)];
@@ -341,6 +341,16 @@ proptest! {
     fn mailbox_matches_model_across_restarts(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().expect("tempdir");
         System::new().block_on(run(ops, || open(dir.path())));
+    }
+
+    #[test]
+    fn mailbox_on_the_memory_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let memory = MemoryStore::new();
+        let open = || open_stores(
+            Stores::from_backend(Arc::new(memory.clone())),
+            Duration::from_secs(3600),
+        );
+        System::new().block_on(run(ops, open));
     }
 }
 

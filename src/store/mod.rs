@@ -8,7 +8,7 @@
 //!  gateway ──▶ Directory            federation peer ──▶ Outbox     server ──▶ Health
 //!                  │                        │
 //!        ┌─────────┴─────────┐     ┌────────┴─────────┐
-//!   sled::SledStore (default)
+//!   sled::SledStore (default)   memory::MemoryStore (unit tests, injectable faults)
 //! ```
 //!
 //! # Contract
@@ -45,6 +45,7 @@
 //! record types in [`records`].
 
 pub mod keys;
+pub mod memory;
 pub mod records;
 pub mod sled;
 
