@@ -28,6 +28,8 @@ pub mod inbound;
 pub mod link;
 pub mod messages;
 pub mod peer;
+#[cfg(test)]
+mod peer_tests;
 
 use std::{collections::HashMap, num::NonZeroU32, pin::Pin, sync::Arc, time::Duration};
 

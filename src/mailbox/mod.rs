@@ -14,6 +14,8 @@ pub mod outbox;
 pub mod registry;
 
 #[cfg(test)]
+mod actor_tests;
+#[cfg(test)]
 mod model_tests;
 
 pub use actor::{Mailbox, MailboxConfig};
