@@ -1,7 +1,7 @@
 //! [`Directory`] on tree `accounts`. Reads and writes run inline (sled is fast and local);
 //! writes answer once the group commit that covers them is done.
 
-use super::{Inner, SledStore, device_suffix};
+use super::{Inner, SledStore, by_device};
 use crate::store::{
     AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, FallbackKeyRecord,
     KeyCount, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture, keys, ready,
@@ -17,15 +17,7 @@ impl Inner {
     }
 
     pub(super) fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>> {
-        let prefix = keys::device_prefix(user);
-        self.accounts
-            .scan_prefix(&prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                let id = device_suffix(&k[prefix.len()..])?;
-                Ok((id, records::decode(&v)?))
-            })
-            .collect()
+        by_device(&self.accounts, &keys::device_prefix(user))
     }
 
     fn key_count(&self, user: &str, device: u32) -> Result<KeyCount> {

@@ -2,8 +2,10 @@
 //!
 //! - `committer`: group commit — one thread turns many durability requests into one flush +
 //!   fsync.
-//! - `inbox`: [`Inbox`](super::Inbox) on tree `queues`: the write plan that keeps every
-//!   crash-surviving prefix consistent, dedup records, queue heads, the expiry index.
+//! - `queues`: tree `queues` — the write plan that keeps every crash-surviving prefix
+//!   consistent, and the reads below the inbox.
+//! - `inbox`: [`Inbox`](super::Inbox) on it: dedup records, queue heads, the expiry index,
+//!   the pending sends of each user.
 //! - `recovery`: how a send is written, and how opening a user's queues rolls back the one
 //!   send a crash may have torn.
 //! - `directory`, `outbox`: the other seams, on trees `accounts` and `outbox`.
@@ -17,6 +19,7 @@ mod committer;
 mod directory;
 mod inbox;
 mod outbox;
+mod queues;
 mod recovery;
 
 use std::{
@@ -29,7 +32,7 @@ use std::{
 
 use committer::{Committer, DiskHealth};
 
-use super::{Result, StoreError, StoreFuture};
+use super::{Result, StoreError, StoreFuture, records};
 
 impl From<::sled::Error> for StoreError {
     fn from(e: ::sled::Error) -> Self {
@@ -213,12 +216,20 @@ impl super::Health for SledStore {
     }
 }
 
-/// The device id at the end of a key.
-fn device_suffix(rest: &[u8]) -> Result<u32> {
-    let bytes: [u8; 4] = rest
-        .try_into()
-        .map_err(|_| StoreError::Corruption("bad device key".into()))?;
-    Ok(u32::from_be_bytes(bytes))
+/// Every record of `tree` under `prefix` whose key ends in a device id, by device.
+fn by_device<T: serde::de::DeserializeOwned + records::Versioned>(
+    tree: &::sled::Tree,
+    prefix: &[u8],
+) -> Result<Vec<(u32, T)>> {
+    tree.scan_prefix(prefix)
+        .map(|kv| {
+            let (k, v) = kv?;
+            let id: [u8; 4] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corruption("bad device key".into()))?;
+            Ok((u32::from_be_bytes(id), records::decode(&v)?))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tracing::info;
 
 use super::{
     Inner,
-    inbox::{QueueOp, QueueWrite},
+    queues::{QueueOp, QueueWrite},
 };
 use crate::store::{
     EnvelopeRecord, Result,

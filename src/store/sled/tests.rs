@@ -2,7 +2,7 @@
 
 use super::{
     SledStore, StoreOptions,
-    inbox::{QueueOp, QueueWrite, plan},
+    queues::{QueueOp, QueueWrite, plan},
 };
 use crate::store::{
     DeviceRecord, Directory, Due, EnvelopeRecord, Inbox, Outbox, OutboxEntry, OutboxRecord,
