@@ -92,6 +92,14 @@ pub(crate) fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiErr
     Ok(handle)
 }
 
+/// Answers `NotFound` unless `handle` has an account here.
+pub(crate) async fn existing_account(state: &AppState, handle: &Handle) -> Result<(), ApiError> {
+    match state.store.directory.account(handle.as_str()).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::NotFound),
+    }
+}
+
 /// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`.
 pub(crate) fn authenticate(
     state: &AppState,

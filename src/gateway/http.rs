@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     error::ApiError,
-    extract::{Admitted, Authenticated, authenticate, local_handle},
+    extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
 };
 use crate::{
     clock::now_ms,
@@ -178,15 +178,7 @@ async fn list_devices(
         return super::federation::remote_devices(&state, remote).await;
     }
     let handle = local_handle(&state, &path)?;
-    if state
-        .store
-        .directory
-        .account(handle.as_str())
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::NotFound);
-    }
+    existing_account(&state, &handle).await?;
     let devices = state
         .store
         .directory

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     error::ApiError,
-    extract::{Admitted, Authenticated, authenticate, local_handle},
+    extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
     http::json_config,
     submit::admit_sealed,
 };
@@ -279,15 +279,7 @@ async fn claim_key(
     if !state.limits.allow_claim(handle.as_str(), device) {
         return Err(ApiError::RateLimited);
     }
-    if state
-        .store
-        .directory
-        .account(handle.as_str())
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::NotFound);
-    }
+    existing_account(&state, &handle).await?;
     let claimed = state
         .registry
         .call(

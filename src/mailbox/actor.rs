@@ -48,6 +48,21 @@ pub struct MailboxConfig {
     pub dedup_secs: u64,
 }
 
+impl MailboxConfig {
+    /// Settings for unit tests: timers that never fire, ids remembered for an hour.
+    #[cfg(test)]
+    pub(crate) fn for_tests(queue_quota: u64, window: usize, idle: Duration) -> Self {
+        MailboxConfig {
+            queue_quota,
+            queue_quota_bytes: u64::MAX,
+            window,
+            ack_timeout: Duration::from_secs(3600),
+            idle,
+            dedup_secs: 3600,
+        }
+    }
+}
+
 /// Live state of one device queue (what is stored is the inbox's business).
 struct DeviceQueue {
     /// Sequence numbers below this are durable and may be pushed.
@@ -617,6 +632,9 @@ impl Handler<Submit> for Mailbox {
                                 .map(|q| q.durable_next = next)
                                 .is_some();
                             if advanced {
+                                act.registry
+                                    .live_delivery()
+                                    .notify(&act.user, device.0, next);
                                 act.pump(device, ctx);
                             }
                         }

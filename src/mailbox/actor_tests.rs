@@ -28,26 +28,11 @@ struct Fixture {
 async fn fixture(quota: u64) -> Fixture {
     let memory = MemoryStore::new();
     let stores = Stores::from_backend(Arc::new(memory.clone()));
-    let directory = &stores.directory;
-    directory
-        .create_account(USER, 0, DeviceRecord::for_tests())
-        .await
-        .expect("create");
-    directory
-        .add_device(USER, DeviceRecord::for_tests(), 16)
-        .await
-        .expect("add");
+    super::model_tests::seed_account(stores.directory.as_ref(), USER).await;
     let registry = Registry::new(
         vec![Arbiter::current()],
         stores,
-        MailboxConfig {
-            queue_quota: quota,
-            queue_quota_bytes: u64::MAX,
-            window: WINDOW,
-            ack_timeout: Duration::from_secs(3600),
-            idle: Duration::from_secs(3600),
-            dedup_secs: 3600,
-        },
+        MailboxConfig::for_tests(quota, WINDOW, Duration::from_secs(3600)),
     );
     Fixture { memory, registry }
 }
@@ -166,6 +151,19 @@ fn a_retried_send_is_stored_once_and_answered_duplicate() {
         for device in [1, 2] {
             assert_eq!(f.memory.queue(USER, device).len(), 1, "device {device}");
         }
+    });
+}
+
+#[test]
+fn what_becomes_durable_is_notified_on_the_live_delivery_seam() {
+    run(|| async {
+        let f = fixture(10).await;
+        let mut one = f.registry.live_delivery().subscribe(USER, 1);
+        let two = f.registry.live_delivery().subscribe(USER, 2);
+        assert_eq!(f.submit(send(1, &[1, 2], None)).await, ACCEPTED);
+        assert_eq!(f.submit(send(2, &[1, 2], None)).await, ACCEPTED);
+        assert_eq!(one.changed().await, Some(3), "durable below seq 3");
+        assert_eq!(two.latest(), 3);
     });
 }
 
@@ -381,22 +379,18 @@ fn added_and_removed_devices_change_the_device_set() {
 fn a_claimed_one_time_key_is_handed_out_once_then_the_fallback() {
     run(|| async {
         let f = fixture(10).await;
-        let upload = UploadKeys {
+        let upload = |one_time: &[u64], fallback| UploadKeys {
             device: DeviceId(1),
             max_held: 2,
-            one_time: vec![(1, vec![1]), (2, vec![2])],
-            fallback: Some((9, vec![9])),
+            one_time: one_time.iter().map(|id| (*id, vec![1])).collect(),
+            fallback,
         };
-        let held = f.registry.call_once(USER, upload).await.expect("mailbox");
-        assert_eq!(held.expect("stored"), 2);
-        let too_many = UploadKeys {
-            device: DeviceId(1),
-            max_held: 2,
-            one_time: vec![(3, vec![3])],
-            fallback: None,
-        };
-        let refused = f.registry.call_once(USER, too_many).await.expect("mailbox");
-        assert!(refused.is_err(), "the limit holds");
+        let held = f
+            .registry
+            .call_once(USER, upload(&[1, 2], Some((9, vec![9]))));
+        assert_eq!(held.await.expect("mailbox").expect("stored"), 2);
+        let refused = f.registry.call_once(USER, upload(&[3], None));
+        assert!(refused.await.expect("mailbox").is_err(), "the limit holds");
         let mut ids = Vec::new();
         for _ in 0..3 {
             let claim = ClaimKey {

@@ -12,7 +12,7 @@ use super::{
     MailboxConfig, Registry,
     messages::{Ack, Attach, Detach, Submit},
 };
-use crate::store::{DeviceRecord, SledStore, StoreOptions, Stores, memory::MemoryStore};
+use crate::store::{DeviceRecord, Directory, SledStore, StoreOptions, Stores, memory::MemoryStore};
 
 const USER: &str = "bob@test.example";
 const DEVICES: [DeviceId; 2] = [DeviceId(1), DeviceId(2)];
@@ -98,14 +98,7 @@ fn open_stores(stores: Stores, idle: Duration) -> Broker {
     let registry = Registry::new(
         vec![arbiter.handle()],
         stores,
-        MailboxConfig {
-            queue_quota: QUOTA,
-            queue_quota_bytes: u64::MAX,
-            window: WINDOW,
-            ack_timeout: Duration::from_secs(3600),
-            idle,
-            dedup_secs: 3600,
-        },
+        MailboxConfig::for_tests(QUOTA, WINDOW, idle),
     );
     Broker { registry, arbiter }
 }
@@ -323,13 +316,17 @@ fn durable_to_both(id: EnvelopeId, origin: Option<&str>) -> Submit {
 
 /// Creates `USER` with the two `DEVICES`.
 async fn seed(broker: &Broker) {
-    let directory = &broker.registry.stores().directory;
+    seed_account(broker.registry.stores().directory.as_ref(), USER).await;
+}
+
+/// Creates `user` with devices 1 and 2.
+pub(super) async fn seed_account(directory: &dyn Directory, user: &str) {
     directory
-        .create_account(USER, 0, DeviceRecord::for_tests())
+        .create_account(user, 0, DeviceRecord::for_tests())
         .await
         .expect("create");
     directory
-        .add_device(USER, DeviceRecord::for_tests(), 16)
+        .add_device(user, DeviceRecord::for_tests(), 16)
         .await
         .expect("add");
 }

@@ -16,7 +16,11 @@ use std::{
 
 use actix::{Actor, Addr, ArbiterHandle, Handler, Message, dev::ToEnvelope};
 
-use super::{Mailbox, MailboxConfig, messages::KickAll};
+use super::{
+    Mailbox, MailboxConfig,
+    live::{InProcess, LiveDelivery},
+    messages::KickAll,
+};
 use crate::store::Stores;
 
 /// Why a mailbox call failed.
@@ -35,11 +39,24 @@ pub struct Registry {
     next_incarnation: AtomicU64,
     stores: Stores,
     config: Arc<MailboxConfig>,
+    /// Where mailboxes announce what became durable, for sockets they do not hold.
+    delivery: Arc<dyn LiveDelivery>,
 }
 
 impl Registry {
-    /// A registry spawning mailboxes on `arbiters` (at least one).
+    /// A registry spawning mailboxes on `arbiters` (at least one), with the in-process
+    /// live-delivery seam.
     pub fn new(arbiters: Vec<ArbiterHandle>, stores: Stores, config: MailboxConfig) -> Arc<Self> {
+        Self::with_live_delivery(arbiters, stores, config, InProcess::new())
+    }
+
+    /// [`Registry::new`] with another live-delivery seam.
+    pub fn with_live_delivery(
+        arbiters: Vec<ArbiterHandle>,
+        stores: Stores,
+        config: MailboxConfig,
+        delivery: Arc<dyn LiveDelivery>,
+    ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
             "the registry needs at least one arbiter"
@@ -51,6 +68,7 @@ impl Registry {
             next_incarnation: AtomicU64::new(1),
             stores,
             config: Arc::new(config),
+            delivery,
         })
     }
 
@@ -140,6 +158,11 @@ impl Registry {
     /// The stores mailboxes use.
     pub fn stores(&self) -> &Stores {
         &self.stores
+    }
+
+    /// The live-delivery seam mailboxes notify.
+    pub fn live_delivery(&self) -> &Arc<dyn LiveDelivery> {
+        &self.delivery
     }
 
     /// Number of live mailboxes.
