@@ -18,8 +18,14 @@ use std::{
 };
 
 use sealpost::store::{
-    DedupRecord, DeviceRecord, EnvelopeRecord, HeadRecord, QueueOp, QueueWrite, SledStore, Store,
-    StoreOptions,
+    DeviceRecord, Directory, Health, Inbox, NewEnvelope, QueueLimits, SledStore, StoreOptions,
+    UserInbox,
+};
+
+/// No quota: the benchmarks fill queues far beyond a real one.
+const NO_LIMITS: QueueLimits = QueueLimits {
+    count: u64::MAX,
+    bytes: u64::MAX,
 };
 
 fn open(dir: &std::path::Path, group_commit: bool, fsync: bool) -> SledStore {
@@ -39,17 +45,24 @@ fn open(dir: &std::path::Path, group_commit: bool, fsync: bool) -> SledStore {
     .expect("open store")
 }
 
-fn envelope(id: u64, expires_ms: u64) -> EnvelopeRecord {
-    let mut eid = [0u8; 16];
-    eid[..8].copy_from_slice(&id.to_be_bytes());
-    EnvelopeRecord {
-        version: 1,
-        id: eid,
+/// An append of one 256-byte envelope with id `n` to device 1, as a mailbox makes it.
+fn envelope(n: u64, ciphertext: &[u8]) -> NewEnvelope<'_> {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_be_bytes());
+    NewEnvelope {
+        id,
         class: 0,
         accepted_ms: 0,
-        expires_ms,
-        ciphertext: vec![0xab; 256],
+        expires_ms: u64::MAX / 2,
+        remember_until_ms: u64::MAX / 2,
+        copies: vec![(1, ciphertext)],
     }
+}
+
+/// One user's queues, opened the way a mailbox opens them.
+fn open_user(rt: &tokio::runtime::Runtime, store: &SledStore, user: &str) -> Box<dyn UserInbox> {
+    rt.block_on(store.open(user, &[1], NO_LIMITS))
+        .expect("open queues")
 }
 
 /// `writers` threads each append one envelope (+ head + dedup, like a mailbox) and wait for
@@ -74,44 +87,15 @@ fn durable_appends(
                     .build()
                     .expect("runtime");
                 let user = format!("user{w}@bench");
+                let mut queues = open_user(&rt, &store, &user);
+                let ciphertext = [0xab; 256];
                 let mut n = 0u64;
                 let mut latencies = Vec::new();
                 while started.elapsed() < duration {
                     let t = Instant::now();
                     n += 1;
-                    let mut id = [0u8; 16];
-                    id[..8].copy_from_slice(&n.to_be_bytes());
-                    let write = QueueWrite {
-                        ops: vec![
-                            QueueOp::Append {
-                                user: user.clone(),
-                                device: 1,
-                                seq: n,
-                                record: envelope(n, u64::MAX / 2),
-                            },
-                            QueueOp::Head {
-                                user: user.clone(),
-                                device: 1,
-                                head: HeadRecord {
-                                    version: 1,
-                                    next_seq: n + 1,
-                                    count: n,
-                                    bytes: n * 256,
-                                },
-                            },
-                            QueueOp::Dedup {
-                                user: user.clone(),
-                                id,
-                                record: DedupRecord {
-                                    version: 1,
-                                    expires_ms: u64::MAX / 2,
-                                    stored: vec![(1, n)],
-                                },
-                            },
-                        ],
-                    };
-                    store.write(write).expect("write");
-                    rt.block_on(store.sync()).expect("sync");
+                    let durable = queues.append(envelope(n, &ciphertext)).expect("append");
+                    rt.block_on(durable).expect("durable");
                     latencies.push(t.elapsed());
                 }
                 (n, latencies)
@@ -145,6 +129,8 @@ fn startup(count: u64) {
             .build()
             .expect("runtime");
         let t = Instant::now();
+        let ciphertext = [0xab; 256];
+        let mut last = None;
         for u in 0..users {
             let user = format!("user{u}@localhost");
             let device = DeviceRecord {
@@ -153,33 +139,17 @@ fn startup(count: u64) {
                 identity_keys: vec![1],
                 created_ms: 0,
             };
-            store.create_account(&user, 0, device).expect("account");
-            let mut seq = 1;
-            while seq <= per_user {
-                let mut write = QueueWrite::default();
-                for _ in 0..1000.min(per_user - seq + 1) {
-                    write.ops.push(QueueOp::Append {
-                        user: user.clone(),
-                        device: 1,
-                        seq,
-                        record: envelope(seq, u64::MAX / 2),
-                    });
-                    seq += 1;
-                }
-                write.ops.push(QueueOp::Head {
-                    user: user.clone(),
-                    device: 1,
-                    head: HeadRecord {
-                        version: 1,
-                        next_seq: seq,
-                        count: seq - 1,
-                        bytes: (seq - 1) * 256,
-                    },
-                });
-                store.write(write).expect("write");
+            rt.block_on(store.create_account(&user, 0, device))
+                .expect("account");
+            let mut queues = open_user(&rt, &store, &user);
+            for seq in 1..=per_user {
+                // Durable with the last one's flush.
+                last = Some(queues.append(envelope(seq, &ciphertext)).expect("append"));
             }
         }
-        rt.block_on(store.sync()).expect("sync");
+        if let Some(last) = last {
+            rt.block_on(last).expect("durable");
+        }
         println!(
             "filled {} envelopes ({} users) in {:.1}s, {} MiB on disk",
             users * per_user,
@@ -191,12 +161,22 @@ fn startup(count: u64) {
     let t = Instant::now();
     let store = open(&data, true, true);
     let opened = t.elapsed();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let t = Instant::now();
-    let heads = store.heads("user500@localhost").expect("heads");
-    let devices = store.devices("user500@localhost").expect("devices");
-    let first = store.first_seq("user500@localhost", 1).expect("first");
+    let devices: Vec<u32> = rt
+        .block_on(store.devices("user500@localhost"))
+        .expect("devices")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let queues = rt
+        .block_on(store.open("user500@localhost", &devices, NO_LIMITS))
+        .expect("open queues");
     let load = t.elapsed();
-    assert_eq!((heads.len(), devices.len(), first), (1, 1, Some(1)));
+    assert_eq!(queues.ends(), vec![(1, per_user + 1)]);
+    drop(queues);
     drop(store);
     println!(
         "store open with {count} queued: {:.0} ms; one mailbox load: {:.3} ms",

@@ -12,7 +12,9 @@
 //! - [`mailbox`]: one actor per user, the single writer of its device queues.
 //! - [`federation`]: one actor per remote domain with a durable outbox, Noise links between
 //!   brokers, and the receiving side of those links.
-//! - [`store`]: durable state behind the [`store::Store`] trait; the only importer of sled.
+//! - [`store`]: durable state behind seams by intent ([`store::Inbox`], [`store::Directory`],
+//!   [`store::Outbox`], [`store::Health`]); the sled backend is the only importer of sled, an
+//!   in-memory one serves unit tests.
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //! - [`socket`]: one driver for every server-side WebSocket: frame limits checked at the
@@ -28,8 +30,9 @@
 //! `mailbox::MailboxConfig`, `store::StoreOptions`) and `config` builds them. No module cycles,
 //! between layers or between sibling files (`python3 ../shared/tools/modcycles.py src`).
 //!
-//! The gateway reads accounts and devices from the store but reaches queues only through
-//! mailboxes and outboxes only through federation peers. The store never sees a wire type; mailboxes and peers convert
+//! The gateway reads accounts and devices from the store's directory but reaches queues only
+//! through mailboxes and outboxes only through federation peers. The store never sees a wire
+//! type; mailboxes and peers convert
 //! between stored records and frames. Federation reaches local mailboxes only through the
 //! [`federation::inbound::LocalDelivery`] trait, which the gateway implements.
 

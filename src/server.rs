@@ -19,7 +19,7 @@ use crate::{
     federation::{Federation, PeerConfig, PeerSettings, identity::ServerKey},
     gateway::{self, AppState},
     mailbox::{MailboxConfig, Registry, messages::Expire},
-    store::{SledStore, Store, StoreOptions},
+    store::{SledStore, StoreOptions, Stores},
 };
 
 /// Everything a broker is started with: each layer's own settings, typed and validated (the
@@ -55,7 +55,7 @@ pub struct Config {
 /// with the bound address once the broker accepts connections.
 pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let opened = Instant::now();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.store)?);
+    let store = Stores::from_backend(Arc::new(SledStore::open(&config.store)?));
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store opened"
@@ -149,7 +149,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     handle.stop(true).await;
     let _ = serving.await;
     sweeper.abort();
-    if let Err(e) = store.sync().await {
+    if let Err(e) = store.health.flush().await {
         warn!(error = %e, "final flush failed");
     }
     federation_arbiter.stop();
@@ -191,11 +191,11 @@ async fn sweep(state: Arc<AppState>, period: Duration) {
         state.limits.housekeep();
         state.turn.housekeep();
         state.federation.housekeep();
-        state.store.check_disk();
+        state.store.health.check_room();
         const BATCH: usize = 10_000;
         let mut previous_first = None;
         loop {
-            let due = match state.store.expired(now_ms(), BATCH) {
+            let due = match state.store.inbox.due(now_ms(), BATCH).await {
                 Ok(due) => due,
                 Err(e) => {
                     warn!(error = %e, "expiry scan failed");

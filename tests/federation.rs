@@ -1231,7 +1231,7 @@ async fn a_full_mailbox_at_the_destination_holds_back_only_its_recipient() {
 /// traffic carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries() {
-    use sealpost::store::{OutboxRecord, SledStore, Store, StoreOptions};
+    use sealpost::store::{Outbox, OutboxRecord, SledStore, StoreOptions};
     fn open(dir: std::path::PathBuf) -> SledStore {
         SledStore::open(&StoreOptions {
             dir,
@@ -1271,9 +1271,10 @@ async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries()
             token: None,
         };
         store
-            .outbox_put("b.example", 2, &unreadable)
-            .expect("write");
-        store.sync().await.expect("sync");
+            .put("b.example", 2, &unreadable)
+            .expect("write")
+            .await
+            .expect("sync");
     }
     ba.restart();
     let mut dev = Device::connect(&ba, &alice).await;
@@ -1293,7 +1294,7 @@ async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries()
     drop((dev, pair));
     assert!(ba.terminate());
     let store = open(ba.data_dir());
-    let entries = store.outbox_read("b.example", 1, 1).expect("read");
+    let entries = store.read("b.example", 1, 1).await.expect("read");
     assert_eq!(
         (entries[0].0, entries[0].1.id),
         (1, first.0),
@@ -1301,7 +1302,8 @@ async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries()
     );
     assert!(
         store
-            .outbox_read("b.example", 3, 10)
+            .read("b.example", 3, 10)
+            .await
             .expect("read")
             .is_empty(),
         "nothing was added"

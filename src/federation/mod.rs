@@ -30,6 +30,8 @@ pub mod inbound;
 pub mod link;
 pub mod messages;
 pub mod peer;
+#[cfg(test)]
+mod peer_tests;
 
 use std::{collections::HashMap, num::NonZeroU32, pin::Pin, sync::Arc, time::Duration};
 
@@ -45,7 +47,7 @@ use self::{
     messages::{Enqueue, PeerStatus, Query, QueryResult, Request, Status},
     peer::FederationPeer,
 };
-use crate::store::Store;
+use crate::store::Stores;
 
 /// Where a peer's endpoint and static key come from (the key is public).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,7 +385,7 @@ impl Federation {
         settings: PeerSettings,
         key: ServerKey,
         peers: Vec<PeerConfig>,
-        store: Arc<dyn Store>,
+        store: Stores,
         arbiter: &ArbiterHandle,
     ) -> Arc<Self> {
         let settings = Arc::new(settings);

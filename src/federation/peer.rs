@@ -46,7 +46,7 @@ use super::{
 };
 use crate::{
     clock::now_ms,
-    store::{OutboxRecord, Store, records::RECORD_VERSION},
+    store::{OutboxRecord, Stores, answered_inline, records::RECORD_VERSION},
 };
 
 /// State of the link to the destination.
@@ -108,7 +108,7 @@ pub struct FederationPeer {
     config: Arc<PeerConfig>,
     settings: Arc<PeerSettings>,
     key: Arc<ServerKey>,
-    store: Arc<dyn Store>,
+    store: Stores,
     resolver: Arc<Resolver>,
     /// Sequence number of the next outbox entry.
     next_seq: u64,
@@ -194,7 +194,7 @@ impl FederationPeer {
         config: Arc<PeerConfig>,
         settings: Arc<PeerSettings>,
         key: Arc<ServerKey>,
-        store: Arc<dyn Store>,
+        store: Stores,
         resolver: Arc<Resolver>,
     ) -> Self {
         let backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
@@ -313,7 +313,11 @@ impl FederationPeer {
                 break;
             }
             let want = self.settings.batch;
-            let entries = match self.store.outbox_read(self.domain(), self.cursor, want) {
+            let entries = match answered_inline(self.store.outbox.read(
+                self.domain(),
+                self.cursor,
+                want,
+            )) {
                 Ok(entries) => entries,
                 Err(e) => {
                     warn!(error = %e, destination = %self.config.domain, "reading the outbox failed");
@@ -479,7 +483,7 @@ impl FederationPeer {
         let mut txns: Vec<(Vec<FedEnvelope>, Vec<u64>)> = Vec::new();
         let mut bytes = 0u64;
         for seq in seqs {
-            let record = match self.store.outbox_read(self.domain(), seq, 1) {
+            let record = match answered_inline(self.store.outbox.read(self.domain(), seq, 1)) {
                 Ok(mut found) => match found.pop() {
                     Some((got, record)) if got == seq => record,
                     _ => {
@@ -540,14 +544,19 @@ impl FederationPeer {
 
     /// Reads the outbox's index into the backlog; false if the store could not.
     fn load(&mut self) -> bool {
-        let index = match self.store.outbox_index(self.domain()) {
+        let index = match answered_inline(self.store.outbox.index(self.domain())) {
             Ok(index) => index,
             Err(e) => {
                 warn!(error = %e, destination = %self.config.domain, "loading the outbox failed; sends to this domain are refused until it loads");
                 return false;
             }
         };
-        for (seq, accepted_ms, bytes) in index {
+        for crate::store::OutboxEntry {
+            seq,
+            accepted_ms,
+            bytes,
+        } in index
+        {
             self.backlog.insert(
                 seq,
                 Entry {
@@ -598,13 +607,15 @@ impl FederationPeer {
                 }
             }
         }
-        if let Err(e) = self.store.outbox_remove(self.domain(), seqs) {
-            warn!(error = %e, destination = %self.config.domain, "deleting from the outbox failed");
-            return;
-        }
+        let durable = match self.store.outbox.remove(self.domain(), seqs) {
+            Ok(durable) => durable,
+            Err(e) => {
+                warn!(error = %e, destination = %self.config.domain, "deleting from the outbox failed");
+                return;
+            }
+        };
         // Nobody waits for deletions; they ride the next group commit. After a crash before
         // it, the receiving broker gets them again and deduplicates them.
-        let durable = self.store.sync();
         actix::spawn(async move {
             if let Err(e) = durable.await {
                 warn!(error = %e, "flushing outbox deletions failed");
@@ -760,6 +771,7 @@ impl FederationPeer {
             return;
         }
         let duplicate = self.ids.contains_key(&msg.id);
+        let mut durable = None;
         if !duplicate {
             // A destination unreachable for long must not fill the disk: past the quota,
             // senders are told to retry later.
@@ -767,7 +779,7 @@ impl FederationPeer {
                 let _ = reply.send(rejected(ErrorCode::PeerUnavailable));
                 return;
             }
-            if !self.store.has_room() {
+            if !self.store.health.has_room() {
                 let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
                 return;
             }
@@ -793,10 +805,13 @@ impl FederationPeer {
                 token,
             };
             let seq = self.next_seq;
-            if let Err(e) = self.store.outbox_put(self.domain(), seq, &record) {
-                warn!(error = %e, destination = %self.config.domain, "outbox write failed; send refused");
-                let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
-                return;
+            match self.store.outbox.put(self.domain(), seq, &record) {
+                Ok(put) => durable = Some(put),
+                Err(e) => {
+                    warn!(error = %e, destination = %self.config.domain, "outbox write failed; send refused");
+                    let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
+                    return;
+                }
             }
             self.next_seq += 1;
             let size = record.size();
@@ -813,12 +828,12 @@ impl FederationPeer {
             metrics::counter!("sealpost_federation_enqueued_total", "destination" => self.config.domain.clone())
                 .increment(1);
         }
-        // A successful sync makes everything written before it durable.
+        // Once a put resolves, every earlier put to this outbox is durable too.
         let covered = self.next_seq;
         let started = Instant::now();
+        let durable = durable.unwrap_or_else(|| self.store.outbox.durable(self.domain()));
         ctx.spawn(
-            self.store
-                .sync()
+            durable
                 .into_actor(self)
                 .map(move |result, act, _| match result {
                     Ok(()) => {

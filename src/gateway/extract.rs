@@ -92,6 +92,14 @@ pub(crate) fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiErr
     Ok(handle)
 }
 
+/// Answers `NotFound` unless `handle` has an account here.
+pub(crate) async fn existing_account(state: &AppState, handle: &Handle) -> Result<(), ApiError> {
+    match state.store.directory.account(handle.as_str()).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::NotFound),
+    }
+}
+
 /// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`.
 pub(crate) fn authenticate(
     state: &AppState,
@@ -109,10 +117,11 @@ pub(crate) fn authenticate(
     let (device, token) = cred.split_once('.').ok_or(ApiError::Unauthorized)?;
     let device: u32 = device.parse().map_err(|_| ApiError::Unauthorized)?;
     let token = DeviceToken::from_text(token).ok_or(ApiError::Unauthorized)?;
-    let record = state
-        .store
-        .device(handle.as_str(), device)?
-        .ok_or(ApiError::Unauthorized)?;
+    // Extractors answer synchronously here; a directory that answers later is unavailable
+    // until they await it.
+    let record =
+        crate::store::answered_inline(state.store.directory.device(handle.as_str(), device))?
+            .ok_or(ApiError::Unauthorized)?;
     if !state.hasher.verify(&token, &record.token_hash) {
         return Err(ApiError::Unauthorized);
     }

@@ -85,7 +85,7 @@ impl Local {
         if handle.domain() != self.0.settings.domain {
             return Err(ErrorCode::UnknownDomain);
         }
-        match self.0.store.account(handle.as_str()) {
+        match crate::store::answered_inline(self.0.store.directory.account(handle.as_str())) {
             Ok(Some(_)) => Ok(handle),
             Ok(None) => Err(ErrorCode::UnknownRecipient),
             Err(_) => Err(ErrorCode::StoreUnavailable),
@@ -146,9 +146,7 @@ impl LocalDelivery for Local {
         match request {
             LinkFrame::GetDevices { req_id, user } => {
                 let answer = self.local_user(&user).and_then(|h| {
-                    state
-                        .store
-                        .devices(h.as_str())
+                    crate::store::answered_inline(state.store.directory.devices(h.as_str()))
                         .map_err(|_| ErrorCode::StoreUnavailable)
                 });
                 ready(match answer {
@@ -166,13 +164,16 @@ impl LocalDelivery for Local {
                 })
             }
             LinkFrame::GetDeviceList { req_id, user } => {
-                let answer = self.local_user(&user).and_then(|h| {
-                    match state.store.device_list(h.as_str()) {
-                        Ok(Some(signed)) => Ok(signed),
-                        Ok(None) => Err(ErrorCode::NotFound),
-                        Err(_) => Err(ErrorCode::StoreUnavailable),
-                    }
-                });
+                let answer =
+                    self.local_user(&user).and_then(|h| {
+                        match crate::store::answered_inline(
+                            state.store.directory.device_list(h.as_str()),
+                        ) {
+                            Ok(Some(signed)) => Ok(signed),
+                            Ok(None) => Err(ErrorCode::NotFound),
+                            Err(_) => Err(ErrorCode::StoreUnavailable),
+                        }
+                    });
                 ready(match answer {
                     Ok(signed) => LinkFrame::DeviceList { req_id, signed },
                     Err(code) => LinkFrame::Refused { req_id, code },

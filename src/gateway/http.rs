@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     error::ApiError,
-    extract::{Admitted, Authenticated, authenticate, local_handle},
+    extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
     json::{DeviceEntry, DeviceList, Json},
     settings::Registration,
 };
@@ -118,7 +118,7 @@ async fn register(
         }
     }
     let keys = identity_keys(&body.identity_keys)?;
-    if !state.store.has_room() {
+    if !state.store.health.has_room() {
         return Err(ApiError::Unavailable);
     }
     let token = DeviceToken::generate();
@@ -130,8 +130,9 @@ async fn register(
     };
     let device = state
         .store
-        .create_account(handle.as_str(), now_ms(), record)?;
-    state.store.sync().await?;
+        .directory
+        .create_account(handle.as_str(), now_ms(), record)
+        .await?;
     tracing::info!("account registered");
     Ok(HttpResponse::Created().json(NewDevice {
         handle: handle.to_string(),
@@ -149,12 +150,12 @@ async fn list_devices(
         return super::remote::remote_devices(&state, remote).await;
     }
     let handle = local_handle(&state, &path)?;
-    if state.store.account(handle.as_str())?.is_none() {
-        return Err(ApiError::NotFound);
-    }
+    existing_account(&state, &handle).await?;
     let devices = state
         .store
-        .devices(handle.as_str())?
+        .directory
+        .devices(handle.as_str())
+        .await?
         .into_iter()
         .map(|(id, d)| DeviceEntry {
             device_id: id,
@@ -186,7 +187,7 @@ async fn add_device(
                 .is_none() =>
         {
             // A code is single use: refuse what would fail anyway before using it up.
-            if state.store.devices(handle.as_str())?.len()
+            if state.store.directory.devices(handle.as_str()).await?.len()
                 >= sealpost_proto::limits::MAX_DEVICES_PER_USER
             {
                 return Err(ApiError::BadRequest("too many devices".into()));
@@ -194,7 +195,9 @@ async fn add_device(
             let hash = state.hasher.hash_link_code(code);
             if !state
                 .store
-                .take_link_code(handle.as_str(), &hash, now_ms())?
+                .directory
+                .take_link_code(handle.as_str(), hash, now_ms())
+                .await?
             {
                 return Err(ApiError::Unauthorized);
             }
@@ -253,7 +256,9 @@ async fn healthz() -> HttpResponse {
 
 /// Not ready while shutting down, after a failed flush, or with the disk nearly full.
 fn is_ready(state: &AppState) -> bool {
-    !state.shutting_down.load(Ordering::Relaxed) && state.store.healthy() && state.store.has_room()
+    !state.shutting_down.load(Ordering::Relaxed)
+        && state.store.health.flush_ok()
+        && state.store.health.has_room()
 }
 
 async fn readyz(state: State) -> HttpResponse {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     error::ApiError,
-    extract::{Admitted, Authenticated, authenticate, local_handle},
+    extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
     json::{Json, JsonLimit},
     submit::admit_sealed,
 };
@@ -177,7 +177,12 @@ async fn upload_keys(
         .call_once(handle.as_str(), msg)
         .await
         .map_err(|_| ApiError::Unavailable)??;
-    let (_, fallback) = state.store.key_count(handle.as_str(), device)?;
+    let fallback = state
+        .store
+        .directory
+        .key_count(handle.as_str(), device)
+        .await?
+        .fallback;
     Ok(HttpResponse::Ok().json(KeyCount {
         one_time: count,
         fallback,
@@ -191,7 +196,11 @@ async fn key_count(
 ) -> Result<HttpResponse, ApiError> {
     let (_, device) = path.into_inner();
     me.require_device(device)?;
-    let (one_time, fallback) = state.store.key_count(me.handle.as_str(), device)?;
+    let crate::store::KeyCount { one_time, fallback } = state
+        .store
+        .directory
+        .key_count(me.handle.as_str(), device)
+        .await?;
     Ok(HttpResponse::Ok().json(KeyCount { one_time, fallback }))
 }
 
@@ -270,9 +279,7 @@ async fn claim_key(
     if !state.limits.allow_claim(handle.as_str(), device) {
         return Err(ApiError::RateLimited);
     }
-    if state.store.account(handle.as_str())?.is_none() {
-        return Err(ApiError::NotFound);
-    }
+    existing_account(&state, &handle).await?;
     let claimed = state
         .registry
         .call(
@@ -304,7 +311,9 @@ async fn get_device_list(
             let handle = local_handle(&state, &path)?;
             state
                 .store
-                .device_list(handle.as_str())?
+                .directory
+                .device_list(handle.as_str())
+                .await?
                 .ok_or(ApiError::NotFound)?
         }
     };
@@ -327,8 +336,11 @@ async fn put_device_list(
             "a signed device list is 1..={MAX_DEVICE_LIST_BYTES} bytes"
         )));
     }
-    state.store.set_device_list(handle.as_str(), signed)?;
-    state.store.sync().await?;
+    state
+        .store
+        .directory
+        .set_device_list(handle.as_str(), signed)
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -359,8 +371,11 @@ async fn put_delivery_token(
         token_hash,
         unrestricted: body.unrestricted,
     };
-    state.store.set_delivery_token(handle.as_str(), record)?;
-    state.store.sync().await?;
+    state
+        .store
+        .directory
+        .set_delivery_token(handle.as_str(), record)
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -371,14 +386,17 @@ async fn new_link_code(me: Authenticated, state: State) -> Result<HttpResponse, 
     let code = URL_SAFE_NO_PAD.encode(raw.as_ref());
     let expires_ms = now_ms() + LINK_CODE_TTL_MS;
     let hash = state.hasher.hash_link_code(&code);
-    state.store.put_link_code(
-        handle.as_str(),
-        &hash,
-        LinkCodeRecord {
-            version: RECORD_VERSION,
-            expires_ms,
-        },
-    )?;
-    state.store.sync().await?;
+    state
+        .store
+        .directory
+        .put_link_code(
+            handle.as_str(),
+            hash,
+            LinkCodeRecord {
+                version: RECORD_VERSION,
+                expires_ms,
+            },
+        )
+        .await?;
     Ok(HttpResponse::Created().json(LinkCode { code, expires_ms }))
 }

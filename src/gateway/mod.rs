@@ -47,7 +47,7 @@ use crate::{
     federation::Federation,
     mailbox::Registry,
     socket::{self, Budget},
-    store::Store,
+    store::Stores,
 };
 
 /// Registers every route of the broker.
@@ -67,8 +67,9 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
 pub struct AppState {
     /// Validated settings.
     pub settings: Settings,
-    /// The durable store (accounts and devices are read here; queues go through mailboxes).
-    pub store: Arc<dyn Store>,
+    /// The store's seams (the directory and health are used here; queues go through
+    /// mailboxes).
+    pub store: Stores,
     /// Mailbox directory.
     pub registry: Arc<Registry>,
     /// Federation peers (one actor per remote domain) and this broker's federation key.
@@ -100,7 +101,7 @@ impl AppState {
     /// must close.
     pub fn new(
         settings: Settings,
-        store: Arc<dyn Store>,
+        store: Stores,
         registry: Arc<Registry>,
         federation: Arc<Federation>,
         hasher: TokenHasher,

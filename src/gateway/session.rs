@@ -160,7 +160,7 @@ async fn authenticate(state: &AppState, socket: &mut Socket) -> Result<Authed, O
     let Some(token) = DeviceToken::from_bytes(&token) else {
         return refuse(session, ErrorCode::BadToken, "bad credentials").await;
     };
-    let record = match state.store.device(user.as_str(), device.0) {
+    let record = match state.store.directory.device(user.as_str(), device.0).await {
         Ok(r) => r,
         Err(_) => return refuse(session, ErrorCode::StoreUnavailable, "store unavailable").await,
     };

@@ -12,7 +12,7 @@ use sealpost_proto::{
 };
 
 use super::AppState;
-use crate::mailbox::messages::Submit;
+use crate::{mailbox::messages::Submit, store::answered_inline};
 
 /// A send awaiting its result from the recipient's mailbox.
 pub(crate) type PendingSend = Pin<Box<dyn Future<Output = (EnvelopeId, SendOutcome)>>>;
@@ -55,7 +55,7 @@ pub(crate) fn validate_local(
     if state.registry.get(to.as_str()).is_some() {
         return Ok(to);
     }
-    match state.store.account(to.as_str()) {
+    match answered_inline(state.store.directory.account(to.as_str())) {
         Ok(Some(_)) => Ok(to),
         Ok(None) => Err(ErrorCode::UnknownRecipient),
         Err(_) => Err(ErrorCode::StoreUnavailable),
@@ -106,9 +106,7 @@ pub(crate) fn admit_sealed(
             _ => Ok(()),
         };
     }
-    let record = state
-        .store
-        .delivery_token(to.as_str())
+    let record = answered_inline(state.store.directory.delivery_token(to.as_str()))
         .map_err(|_| ErrorCode::StoreUnavailable)?
         .unwrap_or(crate::store::DeliveryTokenRecord {
             version: crate::store::records::RECORD_VERSION,

@@ -1,13 +1,14 @@
 //! The mailbox actor.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use actix::prelude::*;
+use actix::{fut::wrap_future, prelude::*};
 use actix_web::web::Bytes;
+use futures_util::FutureExt;
 use sealpost_proto::{
     Class, CloseCode, DeviceId, Envelope, EnvelopeId, ErrorCode, Notice, SendOutcome, ServerFrame,
 };
@@ -19,12 +20,14 @@ use super::{
         Ack, AddDevice, Attach, AttachError, ClaimKey, ClaimedKey, Conn, CurrentDevices, Detach,
         Expire, KickAll, RemoveDevice, Submit, UploadError, UploadKeys,
     },
-    recovery,
     registry::Registry,
 };
 use crate::{
     clock::now_ms,
-    store::{EnvelopeRecord, Expired, HeadRecord, QueueOp, QueueWrite, Store},
+    store::{
+        AppendError, Appended, EnvelopeRecord, FallbackKeyRecord, KeyUpload, KeysPut, NewEnvelope,
+        QueueLimits, StoreError, StoreFuture, Stores, Trim, UserInbox,
+    },
     telemetry,
 };
 
@@ -45,10 +48,23 @@ pub struct MailboxConfig {
     pub dedup_secs: u64,
 }
 
-/// Live state of one device queue. Not what is stored: the stored part is `head`.
+impl MailboxConfig {
+    /// Settings for unit tests: timers that never fire, ids remembered for an hour.
+    #[cfg(test)]
+    pub(crate) fn for_tests(queue_quota: u64, window: usize, idle: Duration) -> Self {
+        MailboxConfig {
+            queue_quota,
+            queue_quota_bytes: u64::MAX,
+            window,
+            ack_timeout: Duration::from_secs(3600),
+            idle,
+            dedup_secs: 3600,
+        }
+    }
+}
+
+/// Live state of one device queue (what is stored is the inbox's business).
 struct DeviceQueue {
-    /// The stored head (next sequence number, count, bytes).
-    head: HeadRecord,
     /// Sequence numbers below this are durable and may be pushed.
     durable_next: u64,
     /// Highest sequence number ever pushed by this mailbox (redelivery accounting).
@@ -72,6 +88,9 @@ struct Live {
     /// live tail is pushed without reading the store back: (seq, frame, expires_ms, len).
     /// Contiguous, bounded by twice the window; anything else is read from the store.
     hot: VecDeque<(u64, Bytes, u64, u64)>,
+    /// A read from the store is under way (a backend that does not answer inline); its
+    /// completion continues the pump.
+    reading: bool,
 }
 
 /// The single writer of one user's device queues.
@@ -79,13 +98,12 @@ pub struct Mailbox {
     user: String,
     /// Identifies this incarnation in the registry (a successor may replace it).
     incarnation: u64,
-    store: Arc<dyn Store>,
+    stores: Stores,
+    /// The user's queues, held by this mailbox alone; `None` until loaded.
+    inbox: Option<Box<dyn UserInbox>>,
     registry: Arc<Registry>,
     config: Arc<MailboxConfig>,
     devices: DeviceMap<DeviceQueue>,
-    /// Sends in progress (between write and durable), by envelope id; a concurrent retry
-    /// of one of them waits for durability like the original.
-    pending: HashSet<EnvelopeId>,
     /// Outstanding durability waits; the mailbox does not stop while any are running.
     inflight_syncs: usize,
     last_activity: Instant,
@@ -114,18 +132,18 @@ impl Mailbox {
     pub fn new(
         user: String,
         incarnation: u64,
-        store: Arc<dyn Store>,
+        stores: Stores,
         registry: Arc<Registry>,
         config: Arc<MailboxConfig>,
     ) -> Self {
         Mailbox {
             user,
             incarnation,
-            store,
+            stores,
+            inbox: None,
             registry,
             config,
             devices: DeviceMap::new(),
-            pending: HashSet::new(),
             inflight_syncs: 0,
             last_activity: Instant::now(),
             watchdog: None,
@@ -133,13 +151,24 @@ impl Mailbox {
         }
     }
 
-    /// Loads the user's devices and queue heads (a few keys, never the queued envelopes),
-    /// rolling back a send a crash tore.
-    fn load(&mut self) -> crate::store::Result<()> {
-        for (id, head) in recovery::recover_heads(self.store.as_ref(), &self.user, now_ms())? {
-            self.devices.insert(DeviceId(id), DeviceQueue::new(head));
+    /// Loads the user's devices and opens their queues (the inbox repairs what a crash
+    /// left). Resolves once what it loaded is durable.
+    fn load(&self) -> impl Future<Output = crate::store::Result<Box<dyn UserInbox>>> + 'static {
+        let (directory, inbox) = (self.stores.directory.clone(), self.stores.inbox.clone());
+        let user = self.user.clone();
+        let limits = QueueLimits {
+            count: self.config.queue_quota,
+            bytes: self.config.queue_quota_bytes,
+        };
+        async move {
+            let devices: Vec<u32> = directory
+                .devices(&user)
+                .await?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            inbox.open(&user, &devices, limits).await
         }
-        Ok(())
     }
 
     /// Arms the watchdog if something needs watching and it is not armed already: deliveries
@@ -224,12 +253,18 @@ impl Mailbox {
 
     /// Pushes what the device's window allows, in sequence order: the live tail from memory,
     /// anything older from the store.
-    fn pump(&mut self, device: DeviceId) {
+    fn pump(&mut self, device: DeviceId, ctx: &mut Context<Self>) {
         let window = self.config.window;
+        let Some(inbox) = self.inbox.as_ref() else {
+            return;
+        };
         let Some(q) = self.devices.get_mut(&device) else {
             return;
         };
         let Some(live) = q.conn.as_mut() else { return };
+        if live.reading {
+            return;
+        }
         let mut slow = false;
         while live.in_flight.len() < window && live.cursor < q.durable_next {
             while live.hot.front().is_some_and(|h| h.0 < live.cursor) {
@@ -250,43 +285,26 @@ impl Mailbox {
             let limit = live.hot.front().map_or(q.durable_next, |h| h.0);
             let want = (window - live.in_flight.len())
                 .min(usize::try_from(limit - live.cursor).unwrap_or(usize::MAX));
-            let batch = match self.store.read(&self.user, device.0, live.cursor, want) {
-                Ok(b) => b,
-                Err(e) => {
+            let mut read = inbox.read(device.0, live.cursor, want);
+            let batch = match (&mut read).now_or_never() {
+                Some(Ok(batch)) => batch,
+                Some(Err(e)) => {
                     warn!(error = %e, "reading a device queue failed");
                     break;
                 }
+                None => {
+                    // Not answered inline: continue when it is.
+                    live.reading = true;
+                    let conn = live.conn.id;
+                    ctx.spawn(wrap_future::<_, Self>(read).map(move |result, act, ctx| {
+                        act.read_done(device, conn, (limit, want), result, ctx);
+                    }));
+                    return;
+                }
             };
-            let fetched = batch.len();
-            let mut next = limit;
-            for (seq, rec) in batch {
-                if seq >= limit {
-                    next = seq;
-                    break;
-                }
-                let envelope = Envelope {
-                    id: EnvelopeId(rec.id),
-                    class: class_of(rec.class),
-                    accepted_ms: rec.accepted_ms,
-                    expires_ms: rec.expires_ms,
-                    ciphertext: rec.ciphertext,
-                };
-                let frame = Bytes::from(ServerFrame::encode_deliver(seq, &envelope));
-                let len = envelope.ciphertext.len() as u64;
-                if !live.push(&mut q.pushed_hwm, seq, frame, envelope.expires_ms, len) {
-                    slow = true;
-                    next = seq;
-                    break;
-                }
-                next = seq + 1;
-            }
-            live.cursor = next;
-            if slow {
+            if !live.take_batch(&mut q.pushed_hwm, batch, limit, want) {
+                slow = true;
                 break;
-            }
-            if fetched < want {
-                // Short read: nothing else is stored below the limit.
-                live.cursor = live.cursor.max(limit);
             }
         }
         if slow {
@@ -306,6 +324,38 @@ impl Mailbox {
                 self.kick(device, CloseCode::SlowConsumer);
             }
         }
+    }
+
+    /// A read the pump started has been answered: push it and carry on pumping, if the same
+    /// connection is still there.
+    fn read_done(
+        &mut self,
+        device: DeviceId,
+        conn: super::ConnId,
+        (limit, want): (u64, usize),
+        result: crate::store::Result<Vec<(u64, EnvelopeRecord)>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(q) = self.devices.get_mut(&device) else {
+            return;
+        };
+        let Some(live) = q.conn.as_mut().filter(|l| l.conn.id == conn) else {
+            return;
+        };
+        live.reading = false;
+        match result {
+            Ok(batch) => {
+                if !live.take_batch(&mut q.pushed_hwm, batch, limit, want) {
+                    self.kick(device, CloseCode::SlowConsumer);
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "reading a device queue failed");
+                return;
+            }
+        }
+        self.pump(device, ctx);
     }
 
     fn notify_full(&mut self, device: DeviceId) {
@@ -381,26 +431,6 @@ impl Mailbox {
         }
         SendOutcome::Accepted { duplicate: false }
     }
-
-    fn remove_queue_ops(
-        &self,
-        device: DeviceId,
-        ops: &mut Vec<QueueOp>,
-    ) -> crate::store::Result<()> {
-        for (seq, expires_ms) in self.store.seqs(&self.user, device.0)? {
-            ops.push(QueueOp::Remove {
-                user: self.user.clone(),
-                device: device.0,
-                seq,
-                expires_ms,
-            });
-        }
-        ops.push(QueueOp::DropHead {
-            user: self.user.clone(),
-            device: device.0,
-        });
-        Ok(())
-    }
 }
 
 impl Live {
@@ -424,13 +454,53 @@ impl Live {
         *pushed_hwm = (*pushed_hwm).max(seq);
         true
     }
+
+    /// Pushes envelopes read from the store from the cursor on (`want` were asked for),
+    /// stopping at `limit` (the hot tail), and moves the cursor past them. False if the
+    /// session's channel is full (slow consumer).
+    fn take_batch(
+        &mut self,
+        pushed_hwm: &mut u64,
+        batch: Vec<(u64, EnvelopeRecord)>,
+        limit: u64,
+        want: usize,
+    ) -> bool {
+        let fetched = batch.len();
+        let mut next = limit;
+        for (seq, rec) in batch {
+            if seq >= limit {
+                next = seq;
+                break;
+            }
+            let envelope = Envelope {
+                id: EnvelopeId(rec.id),
+                class: class_of(rec.class),
+                accepted_ms: rec.accepted_ms,
+                expires_ms: rec.expires_ms,
+                ciphertext: rec.ciphertext,
+            };
+            let frame = Bytes::from(ServerFrame::encode_deliver(seq, &envelope));
+            let len = envelope.ciphertext.len() as u64;
+            if !self.push(pushed_hwm, seq, frame, envelope.expires_ms, len) {
+                self.cursor = seq;
+                return false;
+            }
+            next = seq + 1;
+        }
+        self.cursor = next;
+        if fetched < want {
+            // Short read: nothing else is stored below the limit.
+            self.cursor = self.cursor.max(limit);
+        }
+        true
+    }
 }
 
 impl DeviceQueue {
-    fn new(head: HeadRecord) -> Self {
+    /// A queue whose envelopes below `end` are stored and durable.
+    fn new(end: u64) -> Self {
         DeviceQueue {
-            durable_next: head.next_seq,
-            head,
+            durable_next: end,
             pushed_hwm: 0,
             conn: None,
         }
@@ -459,30 +529,24 @@ impl Actor for Mailbox {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
         metrics::gauge!("sealpost_mailboxes").increment(1.0);
-        if let Err(e) = self.load() {
-            warn!(error = %e, "mailbox could not load its state; stopping");
-            self.registry.forget(&self.user, self.incarnation);
-            ctx.stop();
-            return;
-        }
-        // A previous incarnation stopped only once its syncs had finished, so its writes are
-        // durable unless a flush failed and none has succeeded since: then what was loaded
-        // may hold writes that are not, and nothing is handled (so nothing pushed) until a
-        // sync succeeds.
-        if self.store.healthy() {
-            self.watch(ctx);
-            return;
-        }
-        self.inflight_syncs += 1;
-        ctx.wait(self.store.sync().into_actor(self).map(|result, act, ctx| {
-            act.inflight_syncs -= 1;
-            if let Err(e) = result {
-                warn!(error = %e, "mailbox could not make its state durable; stopping");
-                act.registry.forget(&act.user, act.incarnation);
-                ctx.stop();
-            }
-        }));
-        self.watch(ctx);
+        // Nothing is handled (so nothing pushed) until the queues are open and what they
+        // hold is durable.
+        ctx.wait(
+            wrap_future::<_, Self>(self.load()).map(|result, act, ctx| match result {
+                Ok(inbox) => {
+                    for (device, end) in inbox.ends() {
+                        act.devices.insert(DeviceId(device), DeviceQueue::new(end));
+                    }
+                    act.inbox = Some(inbox);
+                    act.watch(ctx);
+                }
+                Err(e) => {
+                    warn!(error = %e, "mailbox could not load its state; stopping");
+                    act.registry.forget(&act.user, act.incarnation);
+                    ctx.stop();
+                }
+            }),
+        );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -503,28 +567,22 @@ impl Handler<Attach> for Mailbox {
             return Err(AttachError::UnknownDevice);
         }
         self.kick(msg.device, CloseCode::Displaced);
-        let first = match self.store.first_seq(&self.user, msg.device.0) {
-            Ok(first) => first,
-            Err(e) => {
-                warn!(error = %e, "reading a device queue failed");
-                None
-            }
-        };
         let q = self
             .devices
             .get_mut(&msg.device)
             .ok_or(AttachError::UnknownDevice)?;
-        let cursor = first.unwrap_or(q.durable_next).min(q.durable_next);
+        // From the start of the queue: the first read skips what was trimmed.
         q.conn = Some(Live {
             conn: msg.conn,
-            cursor,
+            cursor: 0,
             in_flight: BTreeMap::new(),
             backlog_end: Some(q.durable_next),
             last_progress: Instant::now(),
             hot: VecDeque::new(),
+            reading: false,
         });
         metrics::gauge!("sealpost_connections").increment(1.0);
-        self.pump(msg.device);
+        self.pump(msg.device, ctx);
         self.watch(ctx);
         Ok(())
     }
@@ -551,80 +609,89 @@ impl Handler<Submit> for Mailbox {
     fn handle(&mut self, msg: Submit, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         let started = Instant::now();
-        let writes = match self.submit(&msg) {
-            Ok(writes) => writes,
+        let staged = match self.submit(&msg) {
+            Ok(staged) => staged,
             Err(answer) => return Box::pin(actix::fut::ready(answer)),
         };
         self.inflight_syncs += 1;
-        let duplicate = writes.is_empty();
-        // A successful sync makes everything written before it durable, including writes of
-        // earlier sends whose own sync failed: cover every device, not only this send's.
-        let covered: Vec<(DeviceId, u64)> = self
-            .devices
-            .iter()
-            .map(|(d, q)| (*d, q.head.next_seq))
-            .collect();
         Box::pin(
-            self.store
-                .sync()
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    act.inflight_syncs -= 1;
-                    act.pending.remove(&msg.id);
-                    act.last_activity = Instant::now();
-                    match result {
-                        Ok(()) => {
-                            for (device, next) in covered {
-                                let advanced = act
-                                    .devices
-                                    .get_mut(&device)
-                                    .filter(|q| q.durable_next < next)
-                                    .map(|q| q.durable_next = next)
-                                    .is_some();
-                                if advanced {
-                                    act.pump(device);
-                                }
-                            }
-                            act.watch(ctx);
-                            metrics::histogram!("sealpost_append_seconds")
-                                .record(started.elapsed());
-                            SendOutcome::Accepted { duplicate }
+            wrap_future::<_, Self>(staged.durable).map(move |result, act, ctx| {
+                act.inflight_syncs -= 1;
+                act.last_activity = Instant::now();
+                match result {
+                    Ok(appended) => {
+                        if !appended.duplicate {
+                            act.keep_hot(&msg, &appended, staged.accepted_ms, staged.expires_ms);
                         }
-                        Err(e) => {
-                            warn!(error = %e, "commit failed; send refused");
-                            rejected(ErrorCode::StoreUnavailable)
+                        for (device, next) in appended.durable {
+                            let device = DeviceId(device);
+                            let advanced = act
+                                .devices
+                                .get_mut(&device)
+                                .filter(|q| q.durable_next < next)
+                                .map(|q| q.durable_next = next)
+                                .is_some();
+                            if advanced {
+                                act.registry
+                                    .live_delivery()
+                                    .notify(&act.user, device.0, next);
+                                act.pump(device, ctx);
+                            }
+                        }
+                        act.watch(ctx);
+                        metrics::histogram!("sealpost_append_seconds").record(started.elapsed());
+                        SendOutcome::Accepted {
+                            duplicate: appended.duplicate,
                         }
                     }
-                }),
+                    Err(e) => {
+                        warn!(error = %e, "commit failed; send refused");
+                        rejected(ErrorCode::StoreUnavailable)
+                    }
+                }
+            }),
         )
     }
 }
 
+/// A send the inbox took: its answer once durable, and what a push of it needs.
+struct Staged {
+    durable: StoreFuture<Appended>,
+    accepted_ms: u64,
+    expires_ms: u64,
+}
+
 impl Mailbox {
-    /// Validates and applies a send. Returns the (device, next seq) pairs that become durable
-    /// with the next sync — empty for a duplicate of an accepted send — or the answer, when
-    /// the send is answered at once (refused, or ephemeral).
-    fn submit(&mut self, msg: &Submit) -> Result<Vec<(DeviceId, u64)>, SendOutcome> {
+    /// Validates a send and hands it to the inbox. Returns what becomes durable — the
+    /// original answer, for a retry of an accepted send — or the answer, when the send is
+    /// answered at once (refused, or ephemeral).
+    fn submit(&mut self, msg: &Submit) -> Result<Staged, SendOutcome> {
         if msg.class == Class::Ephemeral {
             self.copies_for_current_devices(msg)?;
             let outcome = self.push_ephemeral(msg);
             return Err(outcome);
         }
+        let Some(inbox) = self.inbox.as_mut() else {
+            return Err(rejected(ErrorCode::StoreUnavailable));
+        };
+        let now = now_ms();
+        let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
         // Idempotency: a retry gets the first answer and stores nothing, even if the devices
         // changed since.
-        if self.pending.contains(&msg.id) {
-            return Ok(Vec::new());
-        }
-        match self.store.dedup(&self.user, msg.id.as_bytes()) {
-            Ok(Some(_)) => return Ok(Vec::new()),
+        match inbox.duplicate(msg.id.as_bytes()) {
+            Ok(Some(durable)) => {
+                return Ok(Staged {
+                    durable,
+                    accepted_ms: now,
+                    expires_ms,
+                });
+            }
             Ok(None) => {}
             Err(e) => {
                 warn!(error = %e, "dedup lookup failed");
                 return Err(rejected(ErrorCode::StoreUnavailable));
             }
         }
-        let now = now_ms();
-        let expires_ms = now + u64::from(msg.ttl_secs) * 1000;
         // A federation origin sends its envelopes in order and resends one refused as full,
         // in order, after a pause. Envelopes it sent after that one are refused too until it
         // comes back (whatever its answer then) or the hold lapses, even if room appeared
@@ -639,85 +706,78 @@ impl Mailbox {
             self.held_back.swap_remove(i);
         }
         let copies = self.copies_for_current_devices(msg)?;
-        // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
-        if !self.store.has_room() {
-            return Err(rejected(ErrorCode::StoreUnavailable));
-        }
-        // Quota, checked for every device before anything is written.
-        let mut full = Vec::new();
-        for copy in &copies {
-            let q = &self.devices[&copy.device];
-            let len = copy.ciphertext.len() as u64;
-            if q.head.count >= self.config.queue_quota
-                || q.head.bytes + len > self.config.queue_quota_bytes
-            {
-                full.push(copy.device);
-            }
-        }
-        if !full.is_empty() {
-            for device in full {
-                self.notify_full(device);
-            }
-            if let Some(origin) = &msg.origin {
-                self.held_back.push(HeldBack {
-                    origin: origin.clone(),
-                    first: msg.id,
-                    until_ms: expires_ms.min(now + HOLD_MAX_MS),
-                });
-            }
-            return Err(rejected(ErrorCode::MailboxFull));
-        }
-        let staged: Vec<recovery::DeviceCopy<'_>> = copies
-            .iter()
-            .map(|copy| recovery::DeviceCopy {
-                device: copy.device.0,
-                head: self.devices[&copy.device].head,
-                ciphertext: &copy.ciphertext,
-            })
-            .collect();
-        let template = EnvelopeRecord {
-            version: crate::store::records::RECORD_VERSION,
+        let envelope = NewEnvelope {
             id: msg.id.0,
             class: msg.class as u8,
             accepted_ms: now,
             expires_ms,
-            ciphertext: Vec::new(),
+            remember_until_ms: expires_ms.max(now + self.config.dedup_secs * 1000),
+            copies: copies
+                .iter()
+                .map(|c| (c.device.0, c.ciphertext.as_slice()))
+                .collect(),
         };
-        let dedup_expires = expires_ms.max(now + self.config.dedup_secs * 1000);
-        let (write, heads) = recovery::send_write(&self.user, &template, dedup_expires, &staged);
-        if let Err(e) = self.store.write(write) {
-            warn!(error = %e, "append failed; send refused");
-            return Err(rejected(ErrorCode::StoreUnavailable));
-        }
-        let mut durable = Vec::with_capacity(heads.len());
-        let hot_limit = self.config.window * 2;
-        for (head, copy) in heads.into_iter().zip(&copies) {
-            let device = copy.device;
-            if let Some(q) = self.devices.get_mut(&device) {
-                q.head = head;
-                metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
-                let seq = head.next_seq - 1;
-                if let Some(live) = q.conn.as_mut()
-                    && live.hot.len() < hot_limit
-                    && live.hot.back().is_none_or(|h| h.0 + 1 == seq)
-                {
-                    let envelope = Envelope {
-                        id: msg.id,
-                        class: msg.class,
-                        accepted_ms: now,
-                        expires_ms,
-                        ciphertext: copy.ciphertext.clone(),
-                    };
-                    let frame = Bytes::from(ServerFrame::encode_deliver(seq, &envelope));
-                    let len = copy.ciphertext.len() as u64;
-                    live.hot.push_back((seq, frame, expires_ms, len));
-                }
+        let appended = self.inbox.as_mut().expect("checked above").append(envelope);
+        match appended {
+            Ok(durable) => {
+                metrics::counter!("sealpost_appends_total").increment(copies.len() as u64);
+                Ok(Staged {
+                    durable,
+                    accepted_ms: now,
+                    expires_ms,
+                })
             }
-            durable.push((device, head.next_seq));
+            Err(AppendError::Full(full)) => {
+                for device in full {
+                    self.notify_full(DeviceId(device));
+                }
+                if let Some(origin) = &msg.origin {
+                    self.held_back.push(HeldBack {
+                        origin: origin.clone(),
+                        first: msg.id,
+                        until_ms: expires_ms.min(now + HOLD_MAX_MS),
+                    });
+                }
+                Err(rejected(ErrorCode::MailboxFull))
+            }
+            // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
+            Err(AppendError::NoRoom) => Err(rejected(ErrorCode::StoreUnavailable)),
+            Err(AppendError::Store(e)) => {
+                warn!(error = %e, "append failed; send refused");
+                Err(rejected(ErrorCode::StoreUnavailable))
+            }
         }
-        metrics::counter!("sealpost_appends_total").increment(durable.len() as u64);
-        self.pending.insert(msg.id);
-        Ok(durable)
+    }
+
+    /// Keeps the encoded frames of a durable send for its connected devices, so that the
+    /// pump pushes the live tail without reading the store back.
+    fn keep_hot(&mut self, msg: &Submit, appended: &Appended, accepted_ms: u64, expires_ms: u64) {
+        let hot_limit = self.config.window * 2;
+        for &(device, seq) in &appended.stored {
+            let Some(live) = self
+                .devices
+                .get_mut(&DeviceId(device))
+                .and_then(|q| q.conn.as_mut())
+            else {
+                continue;
+            };
+            if live.hot.len() >= hot_limit || live.hot.back().is_some_and(|h| h.0 + 1 != seq) {
+                continue;
+            }
+            let Some(copy) = msg.copies.iter().find(|c| c.device.0 == device) else {
+                continue;
+            };
+            let envelope = Envelope {
+                id: msg.id,
+                class: msg.class,
+                accepted_ms,
+                expires_ms,
+                ciphertext: copy.ciphertext.clone(),
+            };
+            let frame = Bytes::from(ServerFrame::encode_deliver(seq, &envelope));
+            let len = copy.ciphertext.len() as u64;
+            live.hot.push_back((seq, frame, expires_ms, len));
+        }
     }
 }
 
@@ -733,44 +793,32 @@ impl Handler<Ack> for Mailbox {
         let Some(live) = q.conn.as_mut().filter(|l| l.conn.id == msg.conn) else {
             return MessageResult(msg.seqs);
         };
-        let mut write = QueueWrite::default();
-        let mut head = q.head;
-        let mut acked = 0u64;
+        let mut acked = Vec::new();
         for seq in msg.seqs {
             match live.in_flight.remove(&seq) {
                 Some((_, _, true)) => {} // expired meanwhile: already deleted
-                Some((expires_ms, len, false)) => {
-                    write.ops.push(QueueOp::Remove {
-                        user: self.user.clone(),
-                        device: msg.device.0,
-                        seq,
-                        expires_ms,
-                    });
-                    head.count = head.count.saturating_sub(1);
-                    head.bytes = head.bytes.saturating_sub(len);
-                    acked += 1;
-                }
+                Some((expires_ms, bytes, false)) => acked.push(Trim {
+                    seq,
+                    expires_ms,
+                    bytes,
+                }),
                 None => unknown.push(seq),
             }
         }
-        if acked > 0 {
+        if !acked.is_empty()
+            && let Some(inbox) = self.inbox.as_mut()
+        {
             live.last_progress = Instant::now();
-            write.ops.push(QueueOp::Head {
-                user: self.user.clone(),
-                device: msg.device.0,
-                head,
-            });
-            // Nobody waits for deletions to be durable, but they ride the next group commit,
-            // so an acknowledged envelope is not delivered again after a later crash.
-            match self.store.write(write) {
-                Ok(()) => {
-                    q.head = head;
-                    metrics::counter!("sealpost_acks_total").increment(acked);
-                    let durable = self.store.sync();
+            // Nobody waits for deletions to be durable, but a failure to make them so is
+            // reported: an acknowledged envelope would be delivered again after a crash.
+            match inbox.trim(msg.device.0, &acked) {
+                Ok(durable) => {
+                    let count = acked.len() as u64;
+                    metrics::counter!("sealpost_acks_total").increment(count);
                     actix::spawn(async move {
                         match durable.await {
                             Ok(()) => {
-                                metrics::counter!("sealpost_acks_durable_total").increment(acked);
+                                metrics::counter!("sealpost_acks_durable_total").increment(count);
                             }
                             Err(e) => warn!(error = %e, "flushing acknowledged deletions failed"),
                         }
@@ -779,7 +827,7 @@ impl Handler<Ack> for Mailbox {
                 Err(e) => warn!(error = %e, "deleting acknowledged envelopes failed"),
             }
         }
-        self.pump(msg.device);
+        self.pump(msg.device, ctx);
         self.watch(ctx);
         MessageResult(unknown)
     }
@@ -789,90 +837,22 @@ impl Handler<Expire> for Mailbox {
     type Result = ();
 
     fn handle(&mut self, msg: Expire, _ctx: &mut Self::Context) {
-        let mut write = QueueWrite::default();
-        let mut expired = 0u64;
-        let mut new_heads: BTreeMap<DeviceId, HeadRecord> = BTreeMap::new();
-        for entry in msg.due {
-            match entry {
-                Expired::Envelope {
-                    device,
-                    seq,
-                    expires_ms,
-                    ..
-                } => {
-                    let id = DeviceId(device);
-                    // The entry stands for the envelope at `seq` only if that envelope has
-                    // its expiry: a crash can leave an entry whose envelope never got
-                    // written, and the sequence number may hold another envelope since.
-                    let len = match self.store.read(&self.user, device, seq, 1) {
-                        Ok(v) => v
-                            .first()
-                            .filter(|(s, r)| *s == seq && r.expires_ms == expires_ms)
-                            .map(|(_, r)| r.ciphertext.len() as u64),
-                        Err(e) => {
-                            warn!(error = %e, "reading an expiring envelope failed");
-                            continue;
-                        }
-                    };
-                    let Some(len) = len else {
-                        write.ops.push(QueueOp::Unindex(entry));
-                        continue;
-                    };
-                    write.ops.push(QueueOp::Remove {
-                        user: self.user.clone(),
-                        device,
-                        seq,
-                        expires_ms,
-                    });
-                    let Some(q) = self.devices.get_mut(&id) else {
-                        continue;
-                    };
-                    let head = new_heads.entry(id).or_insert(q.head);
-                    head.count = head.count.saturating_sub(1);
-                    head.bytes = head.bytes.saturating_sub(len);
-                    if let Some(f) = q.conn.as_mut().and_then(|l| l.in_flight.get_mut(&seq)) {
+        let Some(inbox) = self.inbox.as_mut() else {
+            return;
+        };
+        match inbox.expire(msg.due) {
+            Ok(expired) => {
+                for (device, seq) in &expired {
+                    if let Some(f) = self
+                        .devices
+                        .get_mut(&DeviceId(*device))
+                        .and_then(|q| q.conn.as_mut())
+                        .and_then(|l| l.in_flight.get_mut(seq))
+                    {
                         f.2 = true;
                     }
-                    expired += 1;
                 }
-                Expired::Dedup { id, expires_ms, .. } => {
-                    if self.pending.contains(&EnvelopeId(id)) {
-                        continue;
-                    }
-                    // Likewise, a retry of a torn send may have written the record again
-                    // with a later expiry: then only the stale entry goes.
-                    match self.store.dedup(&self.user, &id) {
-                        Ok(Some(r)) if r.expires_ms == expires_ms => {
-                            write.ops.push(QueueOp::ForgetDedup {
-                                user: self.user.clone(),
-                                id,
-                                expires_ms,
-                            });
-                        }
-                        Ok(_) => write.ops.push(QueueOp::Unindex(entry)),
-                        Err(e) => warn!(error = %e, "reading an expiring dedup record failed"),
-                    }
-                }
-            }
-        }
-        for (device, head) in &new_heads {
-            write.ops.push(QueueOp::Head {
-                user: self.user.clone(),
-                device: device.0,
-                head: *head,
-            });
-        }
-        if write.is_empty() {
-            return;
-        }
-        match self.store.write(write) {
-            Ok(()) => {
-                for (device, head) in new_heads {
-                    if let Some(q) = self.devices.get_mut(&device) {
-                        q.head = head;
-                    }
-                }
-                metrics::counter!("sealpost_expirations_total").increment(expired);
+                metrics::counter!("sealpost_expirations_total").increment(expired.len() as u64);
             }
             Err(e) => warn!(error = %e, "expiry failed"),
         }
@@ -880,50 +860,66 @@ impl Handler<Expire> for Mailbox {
 }
 
 impl Handler<AddDevice> for Mailbox {
-    type Result = ResponseActFuture<Self, Result<DeviceId, crate::store::StoreError>>;
+    /// Atomic: no send is checked against the device set while a device is being added.
+    type Result = AtomicResponse<Self, Result<DeviceId, StoreError>>;
 
     fn handle(&mut self, msg: AddDevice, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         let added = self
-            .store
+            .stores
+            .directory
             .add_device(&self.user, msg.record, msg.max_devices);
-        let id = match added {
-            Ok(id) => DeviceId(id),
-            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
-        };
-        self.devices
-            .insert(id, DeviceQueue::new(recovery::empty_head()));
         self.inflight_syncs += 1;
-        Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
-            act.inflight_syncs -= 1;
-            r.map(|()| id)
-        }))
+        AtomicResponse::new(Box::pin(wrap_future::<_, Self>(added).map(
+            |result, act, _| {
+                act.inflight_syncs -= 1;
+                let id = result?;
+                let inbox = act.inbox.as_mut().ok_or(StoreError::NotFound)?;
+                let end = inbox.add_queue(id);
+                act.devices.insert(DeviceId(id), DeviceQueue::new(end));
+                Ok(DeviceId(id))
+            },
+        )))
     }
 }
 
 impl Handler<RemoveDevice> for Mailbox {
-    type Result = ResponseActFuture<Self, Result<(), crate::store::StoreError>>;
+    /// Atomic: no send is checked against the device set while a device is being removed.
+    type Result = AtomicResponse<Self, Result<(), StoreError>>;
 
-    fn handle(&mut self, msg: RemoveDevice, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: RemoveDevice, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
-        let result = (|| {
-            self.store.remove_device(&self.user, msg.device.0)?;
-            self.store.drop_device_keys(&self.user, msg.device.0)?;
-            let mut write = QueueWrite::default();
-            self.remove_queue_ops(msg.device, &mut write.ops)?;
-            self.store.write(write)
-        })();
-        if let Err(e) = result {
-            return Box::pin(actix::fut::ready(Err(e)));
-        }
-        self.kick(msg.device, CloseCode::DeviceRevoked);
-        self.devices.remove(&msg.device);
-        self.watch(ctx);
+        let removed = self
+            .stores
+            .directory
+            .remove_device(&self.user, msg.device.0);
         self.inflight_syncs += 1;
-        Box::pin(self.store.sync().into_actor(self).map(|r, act, _| {
-            act.inflight_syncs -= 1;
-            r
-        }))
+        let device = msg.device;
+        AtomicResponse::new(Box::pin(wrap_future::<_, Self>(removed).then(
+            move |result, act, ctx| {
+                let dropped = result.and_then(|()| {
+                    let dropped = match act.inbox.as_mut() {
+                        Some(inbox) => inbox.drop_queue(device.0),
+                        None => Err(StoreError::NotFound),
+                    };
+                    act.kick(device, CloseCode::DeviceRevoked);
+                    act.devices.remove(&device);
+                    act.watch(ctx);
+                    dropped
+                });
+                async move {
+                    match dropped {
+                        Ok(durable) => durable.await,
+                        Err(e) => Err(e),
+                    }
+                }
+                .into_actor(act)
+                .map(|result, act, _| {
+                    act.inflight_syncs -= 1;
+                    result
+                })
+            },
+        )))
     }
 }
 
@@ -935,92 +931,65 @@ impl Handler<UploadKeys> for Mailbox {
 
     fn handle(&mut self, msg: UploadKeys, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
-        let result = (|| {
-            // Checked here, by the only writer of the account's keys, so that concurrent
-            // uploads cannot pass the limit together. Keys re-uploaded under ids already held
-            // (a retry) replace them and do not count twice.
-            let (held, _) = self.store.key_count(&self.user, msg.device.0)?;
-            let mut added = 0u64;
-            for (id, _) in &msg.one_time {
-                if !self.store.has_one_time_key(&self.user, msg.device.0, *id)? {
-                    added += 1;
-                }
-            }
-            if held + added > msg.max_held {
-                return Err(UploadError::TooManyKeys(msg.max_held));
-            }
-            if let Some((key_id, key)) = msg.fallback {
-                let record = crate::store::FallbackKeyRecord {
-                    version: crate::store::records::RECORD_VERSION,
-                    key_id,
-                    key,
-                };
-                self.store
-                    .set_fallback_key(&self.user, msg.device.0, record)?;
-            }
-            Ok(self
-                .store
-                .put_one_time_keys(&self.user, msg.device.0, msg.one_time)?)
-        })();
-        let count = match result {
-            Ok(count) => count,
-            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        let max_held = msg.max_held;
+        let upload = KeyUpload {
+            one_time: msg.one_time,
+            fallback: msg.fallback.map(|(key_id, key)| FallbackKeyRecord {
+                version: crate::store::records::RECORD_VERSION,
+                key_id,
+                key,
+            }),
+            max_held,
         };
+        let put = self
+            .stores
+            .directory
+            .put_keys(&self.user, msg.device.0, upload);
         self.inflight_syncs += 1;
-        Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
+        Box::pin(wrap_future::<_, Self>(put).map(move |result, act, _| {
             act.inflight_syncs -= 1;
-            Ok(r.map(|()| count)?)
+            match result? {
+                KeysPut::Held(count) => Ok(count),
+                KeysPut::OverLimit => Err(UploadError::TooManyKeys(max_held)),
+            }
         }))
     }
 }
 
 impl Handler<ClaimKey> for Mailbox {
-    type Result = ResponseActFuture<Self, Result<Option<ClaimedKey>, crate::store::StoreError>>;
+    type Result = ResponseActFuture<Self, Result<Option<ClaimedKey>, StoreError>>;
 
     fn handle(&mut self, msg: ClaimKey, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
-        // The mailbox is the only writer of its user's keys, so a key is taken once.
-        let result = (|| {
-            if !self.devices.contains_key(&msg.device) {
-                return Ok(None);
-            }
-            if let Some((key_id, key)) = self.store.take_one_time_key(&self.user, msg.device.0)? {
-                let (left, _) = self.store.key_count(&self.user, msg.device.0)?;
-                if left < KEYS_LOW
-                    && let Some(live) = self.devices.get(&msg.device).and_then(|q| q.conn.as_ref())
-                {
-                    let frame = ServerFrame::Notice {
-                        notice: Notice::KeysLow,
-                        device: msg.device,
-                    };
-                    let _ = live.conn.tx.try_send(Bytes::from(frame.encode()));
-                }
-                return Ok(Some(ClaimedKey {
-                    key_id,
-                    key,
-                    fallback: false,
-                }));
-            }
-            Ok(self
-                .store
-                .fallback_key(&self.user, msg.device.0)?
-                .map(|f| ClaimedKey {
-                    key_id: f.key_id,
-                    key: f.key,
-                    fallback: true,
-                }))
-        })();
-        match result {
-            Ok(Some(claimed)) if !claimed.fallback => {
-                // The key must stay consumed across a crash, or it could be handed out twice.
-                self.inflight_syncs += 1;
-                Box::pin(self.store.sync().into_actor(self).map(move |r, act, _| {
-                    act.inflight_syncs -= 1;
-                    r.map(|()| Some(claimed))
-                }))
-            }
-            other => Box::pin(actix::fut::ready(other)),
+        if !self.devices.contains_key(&msg.device) {
+            return Box::pin(actix::fut::ready(Ok(None)));
         }
+        // The directory consumes a one-time key atomically, and answers once that is
+        // durable: a key is never handed out twice, even across a crash.
+        let claim = self.stores.directory.claim_key(&self.user, msg.device.0);
+        self.inflight_syncs += 1;
+        let device = msg.device;
+        Box::pin(wrap_future::<_, Self>(claim).map(move |result, act, _| {
+            act.inflight_syncs -= 1;
+            let Some(claimed) = result? else {
+                return Ok(None);
+            };
+            if !claimed.fallback
+                && claimed.left < KEYS_LOW
+                && let Some(live) = act.devices.get(&device).and_then(|q| q.conn.as_ref())
+            {
+                let frame = ServerFrame::Notice {
+                    notice: Notice::KeysLow,
+                    device,
+                };
+                let _ = live.conn.tx.try_send(Bytes::from(frame.encode()));
+            }
+            Ok(Some(ClaimedKey {
+                key_id: claimed.key_id,
+                key: claimed.key,
+                fallback: claimed.fallback,
+            }))
+        }))
     }
 }
 

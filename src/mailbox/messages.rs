@@ -7,7 +7,7 @@ use actix::Message;
 use sealpost_proto::{Class, CloseCode, Copy, DeviceId, EnvelopeId, SendOutcome};
 use tokio::sync::oneshot;
 
-use crate::store::{DeviceRecord, Expired, StoreError};
+use crate::store::{DeviceRecord, Due, StoreError};
 
 /// Identifies one connection of a device, to tell a displaced connection from its successor.
 pub type ConnId = u64;
@@ -105,7 +105,7 @@ pub struct RemoveDevice {
 #[rtype(result = "()")]
 pub struct Expire {
     /// Due entries of this user, from the expiry index.
-    pub due: Vec<Expired>,
+    pub due: Vec<Due>,
 }
 
 /// A device uploads one-time keys and, optionally, a new fallback key. Answers the count of

@@ -4,17 +4,20 @@
 //! - [`actor`]: the [`Mailbox`] actor — idempotent append, group-committed durability,
 //!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
 //! - [`outbox`]: the bounded queue of frames from a mailbox to a connected session.
-//! - `recovery`: the commit order of a send's writes, and rolling back a send a crash tore.
+//! - [`live`]: the live-delivery seam — a mailbox wakes whoever holds a device's socket, in
+//!   this process today, in another one with a scale-out backend.
 //! - [`registry`]: finds or spawns the mailbox of a user, spreads them over threads, and
 //!   forgets them when they stop idle.
 
 pub mod actor;
 mod device_map;
+pub mod live;
 pub mod messages;
 pub mod outbox;
-mod recovery;
 pub mod registry;
 
+#[cfg(test)]
+mod actor_tests;
 #[cfg(test)]
 mod model_tests;
 

@@ -1,5 +1,5 @@
-//! Property test: a mailbox (real actor, real sled store) against an in-memory model of
-//! per-device queues, across restarts.
+//! Property test: a mailbox (real actor; a real sled store, and the in-memory store) against
+//! an in-memory model of per-device queues, across restarts.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -12,7 +12,7 @@ use super::{
     MailboxConfig, Registry,
     messages::{Ack, Attach, Detach, Submit},
 };
-use crate::store::{DeviceRecord, SledStore, Store, StoreOptions};
+use crate::store::{DeviceRecord, Directory, SledStore, StoreOptions, Stores, memory::MemoryStore};
 
 const USER: &str = "bob@test.example";
 const DEVICES: [DeviceId; 2] = [DeviceId(1), DeviceId(2)];
@@ -82,25 +82,23 @@ fn open_with(
     failpoint: Option<std::path::PathBuf>,
     idle: Duration,
 ) -> Broker {
-    let store: Arc<dyn Store> = Arc::new(
+    let store = Stores::from_backend(Arc::new(
         SledStore::open(&StoreOptions {
             failpoint_sync: failpoint,
             ..StoreOptions::for_tests(dir)
         })
         .expect("open store"),
-    );
+    ));
+    open_stores(store, idle)
+}
+
+/// A broker on `stores`, whose mailboxes stop after `idle`.
+fn open_stores(stores: Stores, idle: Duration) -> Broker {
     let arbiter = Arbiter::new();
     let registry = Registry::new(
         vec![arbiter.handle()],
-        store,
-        MailboxConfig {
-            queue_quota: QUOTA,
-            queue_quota_bytes: u64::MAX,
-            window: WINDOW,
-            ack_timeout: Duration::from_secs(3600),
-            idle,
-            dedup_secs: 3600,
-        },
+        stores,
+        MailboxConfig::for_tests(QUOTA, WINDOW, idle),
     );
     Broker { registry, arbiter }
 }
@@ -140,9 +138,9 @@ fn check_pushes(m: &mut ModelDevice) {
     assert!(!conn.queue_empty_due || conn.expect < m.queue.len());
 }
 
-async fn run(ops: Vec<Op>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut broker = open(dir.path());
+/// Runs `ops` against brokers made by `open` (again at each restart).
+async fn run(ops: Vec<Op>, open: impl Fn() -> Broker) {
+    let mut broker = open();
     // Seed the account through the registry's store.
     seed(&broker).await;
     let mut model: Vec<ModelDevice> = (0..2)
@@ -287,7 +285,7 @@ async fn run(ops: Vec<Op>) {
                     m.conn = None;
                 }
                 close(broker);
-                broker = open(dir.path());
+                broker = open();
             }
         }
         for m in &mut model {
@@ -318,12 +316,18 @@ fn durable_to_both(id: EnvelopeId, origin: Option<&str>) -> Submit {
 
 /// Creates `USER` with the two `DEVICES`.
 async fn seed(broker: &Broker) {
-    let store = broker.registry.store();
-    store
-        .create_account(USER, 0, DeviceRecord::for_tests())
+    seed_account(broker.registry.stores().directory.as_ref(), USER).await;
+}
+
+/// Creates `user` with devices 1 and 2.
+pub(super) async fn seed_account(directory: &dyn Directory, user: &str) {
+    directory
+        .create_account(user, 0, DeviceRecord::for_tests())
+        .await
         .expect("create");
-    store
-        .add_device(USER, DeviceRecord::for_tests(), 16)
+    directory
+        .add_device(user, DeviceRecord::for_tests(), 16)
+        .await
         .expect("add");
 }
 
@@ -332,86 +336,19 @@ proptest! {
 
     #[test]
     fn mailbox_matches_model_across_restarts(ops in proptest::collection::vec(op(), 1..60)) {
-        System::new().block_on(run(ops));
-    }
-}
-
-/// A crash can leave expiry index entries whose records were never written (entries go
-/// first), and the retry of that send then commits the same envelope and dedup record with a
-/// later expiry. When the stale entries fall due they must expire nothing but themselves.
-#[test]
-fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
-    use crate::store::{DedupRecord, EnvelopeRecord, Expired, HeadRecord, QueueOp, QueueWrite};
-    System::new().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let broker = open(dir.path());
-        let store = broker.registry.store();
-        store
-            .create_account(USER, 0, DeviceRecord::for_tests())
-            .expect("create");
-        let now = crate::clock::now_ms();
-        let (torn, committed) = (now - 1_000, now + 3_600_000);
-        let id = [7; 16];
-        let envelope = |expires_ms| QueueOp::Append {
-            user: USER.into(),
-            device: 1,
-            seq: 1,
-            record: EnvelopeRecord {
-                version: 1,
-                id,
-                class: 0,
-                accepted_ms: now,
-                expires_ms,
-                ciphertext: vec![1; 10],
-            },
-        };
-        let dedup = |expires_ms| QueueOp::Dedup {
-            user: USER.into(),
-            id,
-            record: DedupRecord {
-                version: 1,
-                expires_ms,
-                stored: vec![(1, 1)],
-            },
-        };
-        let ops = vec![
-            // What survives of the torn send is indistinguishable from this after the
-            // retry overwrote both records.
-            envelope(torn),
-            dedup(torn),
-            envelope(committed),
-            QueueOp::Head {
-                user: USER.into(),
-                device: 1,
-                head: HeadRecord {
-                    version: 1,
-                    next_seq: 2,
-                    count: 1,
-                    bytes: 10,
-                },
-            },
-            dedup(committed),
-        ];
-        store.write(QueueWrite { ops }).expect("write");
-        let due = store.expired(now, 100).expect("expired");
-        assert_eq!(due.len(), 2, "{due:?}");
-        assert!(due.iter().all(|e| match e {
-            Expired::Envelope { expires_ms, .. } | Expired::Dedup { expires_ms, .. } =>
-                *expires_ms == torn,
-        }));
-        broker
-            .registry
-            .call_once(USER, super::messages::Expire { due })
-            .await
-            .expect("mailbox");
-        let queue = store.read(USER, 1, 0, 10).expect("read");
-        assert_eq!(queue.len(), 1, "the committed envelope was expired");
-        assert_eq!(queue[0].1.expires_ms, committed);
-        assert!(store.dedup(USER, &id).expect("dedup").is_some());
-        assert!(store.expired(now, 100).expect("expired").is_empty());
-        assert!(!store.expired(committed, 100).expect("expired").is_empty());
-        close(broker);
-    });
+        System::new().block_on(run(ops, || open(dir.path())));
+    }
+
+    #[test]
+    fn mailbox_on_the_memory_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let memory = MemoryStore::new();
+        let open = || open_stores(
+            Stores::from_backend(Arc::new(memory.clone())),
+            Duration::from_secs(3600),
+        );
+        System::new().block_on(run(ops, open));
+    }
 }
 
 /// A send whose flush failed was refused, but its writes may still sit in the store's memory.

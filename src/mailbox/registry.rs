@@ -16,8 +16,12 @@ use std::{
 
 use actix::{Actor, Addr, ArbiterHandle, Handler, Message, dev::ToEnvelope};
 
-use super::{Mailbox, MailboxConfig, messages::KickAll};
-use crate::store::Store;
+use super::{
+    Mailbox, MailboxConfig,
+    live::{InProcess, LiveDelivery},
+    messages::KickAll,
+};
+use crate::store::Stores;
 
 /// Why a mailbox call failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +37,25 @@ pub struct Registry {
     arbiters: Vec<ArbiterHandle>,
     hasher: RandomState,
     next_incarnation: AtomicU64,
-    store: Arc<dyn Store>,
+    stores: Stores,
     config: Arc<MailboxConfig>,
+    /// Where mailboxes announce what became durable, for sockets they do not hold.
+    delivery: Arc<dyn LiveDelivery>,
 }
 
 impl Registry {
-    /// A registry spawning mailboxes on `arbiters` (at least one).
-    pub fn new(
+    /// A registry spawning mailboxes on `arbiters` (at least one), with the in-process
+    /// live-delivery seam.
+    pub fn new(arbiters: Vec<ArbiterHandle>, stores: Stores, config: MailboxConfig) -> Arc<Self> {
+        Self::with_live_delivery(arbiters, stores, config, InProcess::new())
+    }
+
+    /// [`Registry::new`] with another live-delivery seam.
+    pub fn with_live_delivery(
         arbiters: Vec<ArbiterHandle>,
-        store: Arc<dyn Store>,
+        stores: Stores,
         config: MailboxConfig,
+        delivery: Arc<dyn LiveDelivery>,
     ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
@@ -53,8 +66,9 @@ impl Registry {
             arbiters,
             hasher: RandomState::new(),
             next_incarnation: AtomicU64::new(1),
-            store,
+            stores,
             config: Arc::new(config),
+            delivery,
         })
     }
 
@@ -76,14 +90,14 @@ impl Registry {
         let slot = self.hasher.hash_one(user) % self.arbiters.len() as u64;
         // In range: the remainder is below the arbiter count, a usize.
         let arbiter = &self.arbiters[usize::try_from(slot).unwrap_or(0)];
-        let (name, store, registry, config) = (
+        let (name, stores, registry, config) = (
             user.to_owned(),
-            self.store.clone(),
+            self.stores.clone(),
             self.clone(),
             self.config.clone(),
         );
         let addr = Mailbox::start_in_arbiter(arbiter, move |_| {
-            Mailbox::new(name, incarnation, store, registry, config)
+            Mailbox::new(name, incarnation, stores, registry, config)
         });
         live.insert(user.to_owned(), (incarnation, addr.clone()));
         addr
@@ -141,9 +155,14 @@ impl Registry {
             .map_err(|_| RegistryError::Unavailable)
     }
 
-    /// The store mailboxes write to.
-    pub fn store(&self) -> Arc<dyn Store> {
-        self.store.clone()
+    /// The stores mailboxes use.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// The live-delivery seam mailboxes notify.
+    pub fn live_delivery(&self) -> &Arc<dyn LiveDelivery> {
+        &self.delivery
     }
 
     /// Number of live mailboxes.

@@ -1,24 +1,61 @@
-//! Durable state: accounts, devices and per-device envelope queues.
+//! Durable state, behind seams cut by intent: [`Inbox`] (per-device envelope queues),
+//! [`Directory`] (accounts, devices, keys, tokens), [`Outbox`] (federation queues per
+//! destination domain) and [`Health`]. Everything above this module talks to these traits
+//! through a [`Stores`]; only the backends know how they keep their promises.
 //!
-//! This is the only module that imports sled. Everything above it talks to the [`Store`]
-//! trait, which is shaped so that a replicated backend (NATS JetStream) can implement it:
-//! writes are applied with [`Store::write`] and become durable when the future returned by
-//! [`Store::sync`] resolves; callers acknowledge nothing before that.
+//! ```text
+//!  mailbox ──▶ Inbox::open(user) ──▶ UserInbox (one per mailbox: its single writer)
+//!  gateway ──▶ Directory            federation peer ──▶ Outbox     server ──▶ Health
+//!                  │                        │
+//!        ┌─────────┴─────────┐     ┌────────┴─────────┐
+//!   sled::SledStore (default)   memory::MemoryStore (unit tests, injectable faults)
+//! ```
 //!
-//! Key layouts live in [`keys`], record types in [`records`].
+//! # Contract
+//!
+//! - Every future is `'static` and `Send`, so an actor can await it (`into_actor`) without
+//!   borrowing the store; every trait is object-safe. A backend may do fast local work inline
+//!   (sled does) and return a future that only waits for durability; a network backend does
+//!   the work in the future.
+//! - Writes resolve once durable. Nothing is acknowledged to anyone before that.
+//! - Refusals a single writer must see before it handles its next message (a full queue, a
+//!   short disk, a failed write) are answered at once, not from the future: a federation
+//!   origin's envelopes are kept in order across a refusal only if the refusal is known
+//!   before the next envelope is taken.
+//! - A [`UserInbox`] is owned by its user's mailbox, the one writer of those queues. Its
+//!   appends resolve in call order, and when one resolves, what it reports in
+//!   [`Appended::durable`] is durable.
+//!
+//! # How each trait maps onto the backends
+//!
+//! | seam | sled (now, [`sled`]) | NATS JetStream (later) |
+//! |---|---|---|
+//! | [`Inbox::open`] | reads the heads, rolls back a send a crash tore (a prefix of unsynced writes survives: envelopes, heads, then the dedup record that commits them), waits for a flush if the last one failed | reads each device subject's last message (`last_by_subject`); nothing to repair: a publish is atomic |
+//! | [`UserInbox::append`] | envelopes + heads + dedup record, written in commit order; one group commit (flush + fsync) covers many appends | one publish per device subject (`inbox.<user>.<device>`), `Nats-Msg-Id` = envelope id + device for dedup, `Nats-Expected-Last-Subject-Sequence` for the single writer, per-message TTL (`Nats-TTL`); resolves on the publish acks |
+//! | [`UserInbox::duplicate`] | the dedup record, or a send still being flushed | the writer's memory of recent ids; after a restart the publish itself answers duplicate |
+//! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts kept by the writer from stream info; `max_msgs_per_subject` as a backstop |
+//! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | ordered consumer / direct get by subject from a sequence |
+//! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head | `delete_msg` by stream sequence |
+//! | [`Inbox::due`], [`UserInbox::expire`] | the `x`/`y` expiry indexes, swept by the server | nothing due: the stream expires messages by their TTL |
+//! | [`Directory`] | tree `accounts`, one lock for read-modify-write | a KV bucket; `create`/`update` with revision = compare-and-set (device ids, key claims) |
+//! | [`Outbox`] | tree `outbox`, one key per envelope | a work-queue stream per destination domain |
+//! | [`Health`] | free disk space and the last flush | the server's connection and the stream's state |
+//!
+//! Key layouts of the sled backend live in [`keys`] (one catalogue; the on-disk format),
+//! record types in [`records`].
 
-mod committer;
 pub mod keys;
+pub mod memory;
 pub mod records;
-mod sled_store;
+pub mod sled;
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, sync::Arc};
 
+pub use self::sled::{SledStore, StoreOptions};
 pub use records::{
-    AccountRecord, DedupRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord,
-    FallbackKeyRecord, HeadRecord, LinkCodeRecord, OutboxRecord,
+    AccountRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord, FallbackKeyRecord,
+    LinkCodeRecord, OutboxRecord,
 };
-pub use sled_store::{SledStore, StoreOptions};
 
 /// Errors of the store, sorted by source.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,102 +79,130 @@ pub enum StoreError {
     TooManyDevices,
 }
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        match e {
-            sled::Error::Corruption { .. } => StoreError::Corruption(e.to_string()),
-            other => StoreError::Io(other.to_string()),
+/// Result alias of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What every store operation returns: `'static`, so an actor can await it without borrowing
+/// the store.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
+
+/// A future that is already resolved (what a backend that works inline returns).
+pub(crate) fn ready<T: Send + 'static>(result: Result<T>) -> StoreFuture<T> {
+    Box::pin(std::future::ready(result))
+}
+
+/// The answer of a store call whose caller has not been made to await it yet: a backend that
+/// answers inline (sled) is used as before; one that would answer later is taken as
+/// unavailable. Used where order matters and the caller is synchronous today: a send's
+/// checks (a connection's sends must reach their mailboxes in order) and the federation
+/// peer's outbox reads. Both become awaits with the router and peer rework (issue 8).
+pub fn answered_inline<T>(answer: StoreFuture<T>) -> Result<T> {
+    use futures_util::FutureExt;
+    answer
+        .now_or_never()
+        .unwrap_or_else(|| Err(StoreError::Io("the store did not answer inline".into())))
+}
+
+/// The store's seams, as the broker holds them.
+#[derive(Clone)]
+pub struct Stores {
+    /// Per-device envelope queues.
+    pub inbox: Arc<dyn Inbox>,
+    /// Accounts, devices, keys, tokens, link codes.
+    pub directory: Arc<dyn Directory>,
+    /// Federation queues per destination domain.
+    pub outbox: Arc<dyn Outbox>,
+    /// Room and flush state.
+    pub health: Arc<dyn Health>,
+}
+
+impl Stores {
+    /// All four seams served by one backend.
+    pub fn from_backend<B: Inbox + Directory + Outbox + Health>(backend: Arc<B>) -> Self {
+        Stores {
+            inbox: backend.clone(),
+            directory: backend.clone(),
+            outbox: backend.clone(),
+            health: backend,
         }
     }
 }
 
-/// Result alias of the store.
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+// ---------------------------------------------------------------------------------------
+// Inbox
 
-/// Resolves when everything written before [`Store::sync`] was called is durable.
-pub type Durable = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+/// Per-device queue limits, enforced by the backend at append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Most envelopes per device queue.
+    pub count: u64,
+    /// Most ciphertext bytes per device queue.
+    pub bytes: u64,
+}
 
-/// One write operation of a [`QueueWrite`] batch.
+/// An envelope to store, one copy per device.
 #[derive(Debug)]
-pub enum QueueOp {
-    /// Store an envelope at `seq` of a device queue (and index its expiry).
-    Append {
-        /// Account handle.
-        user: String,
-        /// Device id.
-        device: u32,
-        /// Sequence number.
-        seq: u64,
-        /// The envelope.
-        record: EnvelopeRecord,
-    },
-    /// Delete an envelope (and its expiry index entry).
-    Remove {
-        /// Account handle.
-        user: String,
-        /// Device id.
-        device: u32,
-        /// Sequence number.
-        seq: u64,
-        /// Its expiry, to find the index entry.
-        expires_ms: u64,
-    },
-    /// Set a device queue's head.
-    Head {
-        /// Account handle.
-        user: String,
-        /// Device id.
-        device: u32,
-        /// New head.
-        head: HeadRecord,
-    },
-    /// Delete a device queue's head (the device was removed).
-    DropHead {
-        /// Account handle.
-        user: String,
-        /// Device id.
-        device: u32,
-    },
-    /// Remember an accepted send for deduplication (and index its expiry).
-    Dedup {
-        /// Account handle.
-        user: String,
-        /// Envelope id.
-        id: [u8; 16],
-        /// The record.
-        record: DedupRecord,
-    },
-    /// Forget a dedup record.
-    ForgetDedup {
-        /// Account handle.
-        user: String,
-        /// Envelope id.
-        id: [u8; 16],
-        /// Its expiry, to find the index entry.
-        expires_ms: u64,
-    },
-    /// Delete only an expiry index entry: its record is gone, or was written again with
-    /// another expiry (a crash can leave an entry behind, since entries go first).
-    Unindex(Expired),
+pub struct NewEnvelope<'a> {
+    /// The client's envelope id: appends are idempotent by it.
+    pub id: [u8; 16],
+    /// Delivery class (wire value).
+    pub class: u8,
+    /// When the broker accepted it, ms since the Unix epoch.
+    pub accepted_ms: u64,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// Until when its id is remembered for deduplication (at least `expires_ms`).
+    pub remember_until_ms: u64,
+    /// (device, ciphertext) per copy; every device's queue is open.
+    pub copies: Vec<(u32, &'a [u8])>,
 }
 
-/// Queue writes, applied in order; after a crash a prefix of them survives.
-#[derive(Debug, Default)]
-pub struct QueueWrite {
-    /// The operations, applied in order.
-    pub ops: Vec<QueueOp>,
-}
+/// Where an envelope's copies are stored: (device, seq) per copy.
+pub type Placement = Vec<(u32, u64)>;
 
-impl QueueWrite {
-    /// True when there is nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-    }
-}
-
-/// Something due for expiry, found through the expiry index.
+/// The answer to an append, once durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expired {
+pub struct Appended {
+    /// True when the envelope id had been appended before: nothing new was stored.
+    pub duplicate: bool,
+    /// (device, seq) of each stored copy (for a duplicate, the original's, where known).
+    pub stored: Placement,
+    /// (device, seq): every envelope of that device queue below `seq` is durable now. Covers
+    /// at least `stored`, and may cover earlier appends whose own answer was a failure (their
+    /// writes became durable with this one).
+    pub durable: Vec<(u32, u64)>,
+}
+
+/// Why an append stored nothing, known at once.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    /// These devices' queues are at their quota ([`QueueLimits`]).
+    #[error("device queue full")]
+    Full(Vec<u32>),
+    /// The store is short of room (free disk space under its floor): refused rather than
+    /// risk losing what was acknowledged.
+    #[error("store short of room")]
+    NoRoom,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One delivered envelope a device acknowledged, as it was appended or read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trim {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its expiry, ms since the Unix epoch (sled finds its expiry index entry by it).
+    pub expires_ms: u64,
+    /// Its ciphertext length (for the queue's byte count).
+    pub bytes: u64,
+}
+
+/// Something a backend found due for expiry, for the user's writer to expire
+/// ([`UserInbox::expire`]). Opaque but for its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
     /// An envelope copy.
     Envelope {
         /// Account handle.
@@ -149,7 +214,7 @@ pub enum Expired {
         /// Its expiry.
         expires_ms: u64,
     },
-    /// A dedup record.
+    /// A deduplication record.
     Dedup {
         /// Account handle.
         user: String,
@@ -160,114 +225,189 @@ pub enum Expired {
     },
 }
 
-impl Expired {
+impl Due {
     /// The account this entry belongs to.
     pub fn user(&self) -> &str {
         match self {
-            Expired::Envelope { user, .. } | Expired::Dedup { user, .. } => user,
+            Due::Envelope { user, .. } | Due::Dedup { user, .. } => user,
         }
     }
 }
 
-/// The broker's durable state. `Ok(None)` means "nothing stored"; `Err` means the store
-/// failed.
-///
-/// Concurrency contract: each account's queue keys are written by one writer at a time (its
-/// mailbox actor); account and device records are written under the store's own lock.
-pub trait Store: Send + Sync + 'static {
-    /// The account record of `user`.
-    fn account(&self, user: &str) -> Result<Option<AccountRecord>>;
-    /// Creates `user` with its first device; fails with `AccountExists` if taken.
-    fn create_account(&self, user: &str, created_ms: u64, first: DeviceRecord) -> Result<u32>;
-    /// Adds a device to `user`, returning its id.
-    fn add_device(&self, user: &str, device: DeviceRecord, max_devices: usize) -> Result<u32>;
-    /// Removes a device record (its queue is dropped by the caller with [`Store::write`]).
-    fn remove_device(&self, user: &str, device: u32) -> Result<()>;
-    /// One device record.
-    fn device(&self, user: &str, device: u32) -> Result<Option<DeviceRecord>>;
-    /// All devices of `user`, ordered by id.
-    fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>>;
-
-    /// Adds one-time keys to a device (replacing keys with the same ids); returns how many the
-    /// device now has. Called by the user's mailbox, the single writer of its keys.
-    fn put_one_time_keys(&self, user: &str, device: u32, keys: Vec<(u64, Vec<u8>)>) -> Result<u64>;
-    /// Sets a device's fallback key.
-    fn set_fallback_key(&self, user: &str, device: u32, key: FallbackKeyRecord) -> Result<()>;
-    /// One-time key count and whether a fallback key is set.
-    fn key_count(&self, user: &str, device: u32) -> Result<(u64, bool)>;
-    /// Whether the device holds the one-time key `key_id`.
-    fn has_one_time_key(&self, user: &str, device: u32, key_id: u64) -> Result<bool>;
-    /// Removes and returns the device's lowest one-time key. Called only by the user's mailbox,
-    /// so two claims never get the same key.
-    fn take_one_time_key(&self, user: &str, device: u32) -> Result<Option<(u64, Vec<u8>)>>;
-    /// The device's fallback key.
-    fn fallback_key(&self, user: &str, device: u32) -> Result<Option<FallbackKeyRecord>>;
-    /// Deletes all keys of a removed device.
-    fn drop_device_keys(&self, user: &str, device: u32) -> Result<()>;
-    /// The account's signed device list, opaque.
-    fn device_list(&self, user: &str) -> Result<Option<Vec<u8>>>;
-    /// Replaces the account's signed device list.
-    fn set_device_list(&self, user: &str, signed: Vec<u8>) -> Result<()>;
-    /// The account's sealed-sender admission record.
-    fn delivery_token(&self, user: &str) -> Result<Option<DeliveryTokenRecord>>;
-    /// Replaces the account's sealed-sender admission record.
-    fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> Result<()>;
-    /// Stores a link code (by hash).
-    fn put_link_code(&self, user: &str, code_hash: &[u8; 32], record: LinkCodeRecord)
-    -> Result<()>;
-    /// Consumes a link code: true if it existed and had not expired at `now_ms`.
-    fn take_link_code(&self, user: &str, code_hash: &[u8; 32], now_ms: u64) -> Result<bool>;
-
-    /// All queue heads of `user`.
-    fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>>;
-    /// The envelope with the highest stored sequence number of a device queue.
-    fn last_envelope(&self, user: &str, device: u32) -> Result<Option<(u64, EnvelopeRecord)>>;
-    /// The lowest stored sequence number of a device queue.
-    fn first_seq(&self, user: &str, device: u32) -> Result<Option<u64>>;
-    /// Up to `limit` envelopes of a device queue with `seq >= from`, in order.
-    fn read(
+/// The per-device envelope queues of all accounts.
+pub trait Inbox: Send + Sync + 'static {
+    /// Opens `user`'s queues for its single writer: one queue per device in `devices` (from
+    /// the directory), with any repair a crash calls for done inside. Resolves once what it
+    /// reports is durable.
+    fn open(
         &self,
         user: &str,
-        device: u32,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, EnvelopeRecord)>>;
-    /// All stored sequence numbers of a device queue (used when a device is removed).
-    fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>>;
-    /// The dedup record of a send.
-    fn dedup(&self, user: &str, id: &[u8; 16]) -> Result<Option<DedupRecord>>;
-    /// Applies the writes in order (not yet durable). After a crash, a prefix of the writes
-    /// not yet synced survives; callers order their writes so that every prefix is
-    /// consistent or repairable (a send's dedup record goes last and commits it: see
-    /// `mailbox::recovery`).
-    fn write(&self, batch: QueueWrite) -> Result<()>;
-    /// Resolves once everything written so far is durable. Many calls share one flush.
-    fn sync(&self) -> Durable;
-    /// Up to `limit` index entries due at or before `now_ms`.
-    fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Expired>>;
+        devices: &[u32],
+        limits: QueueLimits,
+    ) -> StoreFuture<Box<dyn UserInbox>>;
+    /// Up to `limit` entries due at `now_ms`, for their users' writers. Always empty for a
+    /// backend that expires by itself.
+    fn due(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<Due>>;
+}
+
+/// One user's device queues, held by their single writer (the user's mailbox).
+pub trait UserInbox: Send + 'static {
+    /// Per open device queue, the sequence number its next envelope gets: everything stored
+    /// is below it (and durable, right after [`Inbox::open`]).
+    fn ends(&self) -> Vec<(u32, u64)>;
+    /// Opens an empty queue for a new device; answers its end (see [`UserInbox::ends`]).
+    fn add_queue(&mut self, device: u32) -> u64;
+    /// If `id` was appended before (or is being appended), the original answer, once
+    /// durable. Lets the writer answer a retry before checking anything else.
+    fn duplicate(&mut self, id: &[u8; 16]) -> Result<Option<StoreFuture<Appended>>>;
+    /// Appends an envelope's copies, idempotently by its id: refused at once (nothing
+    /// stored), or resolves once durable with the assigned sequence numbers (or the original
+    /// answer, for a duplicate).
+    fn append(&mut self, envelope: NewEnvelope<'_>) -> Result<StoreFuture<Appended>, AppendError>;
+    /// Up to `limit` envelopes of a device queue with `seq >= from`, in order.
+    fn read(&self, device: u32, from: u64, limit: usize)
+    -> StoreFuture<Vec<(u64, EnvelopeRecord)>>;
+    /// Deletes acknowledged envelopes of a device queue; resolves once the deletion is
+    /// durable (so an acknowledged envelope is not delivered again after a crash).
+    fn trim(&mut self, device: u32, acked: &[Trim]) -> Result<StoreFuture<()>>;
+    /// Deletes a removed device's queue; resolves once durable.
+    fn drop_queue(&mut self, device: u32) -> Result<StoreFuture<()>>;
+    /// Expires what is due of this user (from [`Inbox::due`]); answers the (device, seq) of
+    /// the envelopes it deleted. Deletions ride the next durable write.
+    fn expire(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Directory
+
+/// A device's key counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCount {
+    /// One-time keys held.
+    pub one_time: u64,
+    /// Whether a fallback key is set.
+    pub fallback: bool,
+}
+
+/// Keys a device uploads.
+#[derive(Debug, Clone)]
+pub struct KeyUpload {
+    /// (key id, key) pairs; keys under ids already held replace them (a retry).
+    pub one_time: Vec<(u64, Vec<u8>)>,
+    /// A new fallback key.
+    pub fallback: Option<FallbackKeyRecord>,
+    /// Most one-time keys the device may hold: an upload that would pass it stores nothing.
+    pub max_held: u64,
+}
+
+/// The answer to a key upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeysPut {
+    /// Stored; the device now holds this many one-time keys.
+    Held(u64),
+    /// Refused: the device would hold more than `max_held`.
+    OverLimit,
+}
+
+/// A claimed key of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Key id.
+    pub key_id: u64,
+    /// The key, opaque.
+    pub key: Vec<u8>,
+    /// True when this is the fallback key (no one-time key was left).
+    pub fallback: bool,
+    /// One-time keys left after the claim.
+    pub left: u64,
+}
+
+/// Accounts, devices, their keys, device lists, delivery tokens and link codes. Writes
+/// resolve once durable; read-modify-writes (device ids, key claims, link codes) are atomic
+/// in the backend, whoever calls them.
+pub trait Directory: Send + Sync + 'static {
+    /// The account record of `user`.
+    fn account(&self, user: &str) -> StoreFuture<Option<AccountRecord>>;
+    /// Creates `user` with its first device (id 1); fails with `AccountExists` if taken.
+    fn create_account(&self, user: &str, created_ms: u64, first: DeviceRecord) -> StoreFuture<u32>;
+    /// Adds a device to `user`, returning its id (ids are never reused).
+    fn add_device(&self, user: &str, device: DeviceRecord, max_devices: usize) -> StoreFuture<u32>;
+    /// Removes a device and its keys.
+    fn remove_device(&self, user: &str, device: u32) -> StoreFuture<()>;
+    /// One device record.
+    fn device(&self, user: &str, device: u32) -> StoreFuture<Option<DeviceRecord>>;
+    /// All devices of `user`, ordered by id.
+    fn devices(&self, user: &str) -> StoreFuture<Vec<(u32, DeviceRecord)>>;
+    /// Stores uploaded keys, unless they would pass the limit.
+    fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut>;
+    /// A device's key counts.
+    fn key_count(&self, user: &str, device: u32) -> StoreFuture<KeyCount>;
+    /// Claims a key: the lowest one-time key (consumed, atomically: never handed out twice)
+    /// or, when none is left, the fallback key (kept).
+    fn claim_key(&self, user: &str, device: u32) -> StoreFuture<Option<Claimed>>;
+    /// The account's signed device list, opaque.
+    fn device_list(&self, user: &str) -> StoreFuture<Option<Vec<u8>>>;
+    /// Replaces the account's signed device list.
+    fn set_device_list(&self, user: &str, signed: Vec<u8>) -> StoreFuture<()>;
+    /// The account's sealed-sender admission record.
+    fn delivery_token(&self, user: &str) -> StoreFuture<Option<DeliveryTokenRecord>>;
+    /// Replaces the account's sealed-sender admission record.
+    fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> StoreFuture<()>;
+    /// Stores a link code (by hash).
+    fn put_link_code(
+        &self,
+        user: &str,
+        code_hash: [u8; 32],
+        record: LinkCodeRecord,
+    ) -> StoreFuture<()>;
+    /// Consumes a link code: true if it existed and had not expired at `now_ms`.
+    fn take_link_code(&self, user: &str, code_hash: [u8; 32], now_ms: u64) -> StoreFuture<bool>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbox
+
+/// What a federation peer keeps in memory of one outbox entry (never its ciphertext).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Its sequence number in the domain's outbox.
+    pub seq: u64,
+    /// When it was accepted, ms since the Unix epoch.
+    pub accepted_ms: u64,
+    /// Its ciphertext bytes.
+    pub bytes: u64,
+}
+
+/// Federation outboxes, one per destination domain, each written by that domain's peer
+/// alone. Sequence numbers grow per domain and are chosen by the peer. When a put (or
+/// [`Outbox::durable`]) resolves, every earlier put to that outbox is durable too.
+pub trait Outbox: Send + Sync + 'static {
+    /// Every entry of a domain's outbox, in order: what a peer needs to account for its
+    /// backlog after a restart.
+    fn index(&self, domain: &str) -> StoreFuture<Vec<OutboxEntry>>;
+    /// Stores an entry at `seq`: refused at once, or resolves once durable.
+    fn put(&self, domain: &str, seq: u64, record: &OutboxRecord) -> Result<StoreFuture<()>>;
+    /// Resolves once every entry put into this domain's outbox so far is durable.
+    fn durable(&self, domain: &str) -> StoreFuture<()>;
+    /// Up to `limit` entries with `seq >= from`, in order.
+    fn read(&self, domain: &str, from: u64, limit: usize) -> StoreFuture<Vec<(u64, OutboxRecord)>>;
+    /// Deletes acknowledged (or expired) entries; resolves once durable.
+    fn remove(&self, domain: &str, seqs: &[u64]) -> Result<StoreFuture<()>>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Health
+
+/// What the store knows of its own health, for refusing early and for readiness.
+pub trait Health: Send + Sync + 'static {
     /// Whether there is room for new envelopes (free disk space above the configured floor).
-    /// Sends are refused, not half-written, when there is not.
     fn has_room(&self) -> bool;
     /// Whether the last flush succeeded.
-    fn healthy(&self) -> bool;
-    /// Re-checks free disk space (called periodically).
-    fn check_disk(&self);
-    /// Approximate bytes the store occupies on disk.
+    fn flush_ok(&self) -> bool;
+    /// Re-checks free space (called periodically).
+    fn check_room(&self);
+    /// Approximate bytes the store occupies.
     fn size_on_disk(&self) -> Result<u64>;
-
-    /// Stores an envelope in the outbox of `domain` at `seq` (not yet durable: see
-    /// [`Store::sync`]). Called only by that domain's federation peer, its single writer.
-    fn outbox_put(&self, domain: &str, seq: u64, record: &OutboxRecord) -> Result<()>;
-    /// Deletes acknowledged (or expired) entries of an outbox.
-    fn outbox_remove(&self, domain: &str, seqs: &[u64]) -> Result<()>;
-    /// Up to `limit` outbox entries with `seq >= from`, in order.
-    fn outbox_read(
-        &self,
-        domain: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, OutboxRecord)>>;
-    /// Every entry of an outbox as (seq, accepted_ms, bytes), in order: what a peer needs to
-    /// account for its backlog after a restart, without keeping ciphertext in memory.
-    fn outbox_index(&self, domain: &str) -> Result<Vec<(u64, u64, u64)>>;
+    /// Resolves once everything accepted so far is durable (shutdown).
+    fn flush(&self) -> StoreFuture<()>;
 }

@@ -9,13 +9,13 @@ use std::{fs::File, path::PathBuf, sync::mpsc, time::Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Result, StoreError};
+use crate::store::{Result, StoreError};
 
 type Waiter = oneshot::Sender<Result<()>>;
 
 /// What the store knows about its own health, for refusing writes early and for readiness.
 #[derive(Debug)]
-pub(crate) struct Health {
+pub(crate) struct DiskHealth {
     /// Whether the last flush succeeded.
     pub(crate) flush_ok: std::sync::atomic::AtomicBool,
     /// Whether the data directory's file system had at least `min_free` bytes available at the
@@ -27,7 +27,7 @@ pub(crate) struct Health {
     pub(crate) dir: PathBuf,
 }
 
-impl Health {
+impl DiskHealth {
     /// Re-reads the free space of the data directory's file system.
     pub(crate) fn check_disk(&self) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -77,7 +77,7 @@ impl Committer {
         group: bool,
         fsync: bool,
         delay: std::time::Duration,
-        health: std::sync::Arc<Health>,
+        health: std::sync::Arc<DiskHealth>,
         failpoint: Option<PathBuf>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();

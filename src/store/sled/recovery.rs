@@ -1,23 +1,30 @@
 //! How a send is written, and how a mailbox recovers the one send a crash may have torn.
 //!
-//! The store keeps, across a crash, a prefix of the writes that were not yet synced
-//! ([`Store::write`]). A send is written as its envelopes, then the queue heads, then its
+//! sled keeps, across a crash, a prefix of the writes that were not yet flushed
+//! (`Inner::write`). A send is written as its envelopes, then the queue heads, then its
 //! dedup record ([`send_write`]), so the dedup record commits the send:
 //!
 //! - a surviving dedup record means every envelope and head of the send survived, so a retry
 //!   that finds it is answered "duplicate" without hiding a lost envelope;
 //! - a send whose dedup record did not survive was never acknowledged (its sender hears back
-//!   only after the sync) nor delivered (pushes stop at the durable point), so
-//!   [`recover_heads`] removes what survived of it. Its retry then stores it exactly once.
+//!   only after the flush) nor delivered (pushes stop at the durable point), so
+//!   [`recover_heads`], run when the queues are opened, removes what survived of it. Its retry then stores it exactly once.
 //!
-//! A mailbox writes its sends one after another, so only its last send can be torn: at most
+//! A user's queues have one writer, which writes its sends one after another, so only its last send can be torn: at most
 //! the last envelope of each device queue.
 
 use std::collections::BTreeMap;
 
 use tracing::info;
 
-use crate::store::{DedupRecord, EnvelopeRecord, HeadRecord, QueueOp, QueueWrite, Result, Store};
+use super::{
+    Inner,
+    queues::{QueueOp, QueueWrite},
+};
+use crate::store::{
+    EnvelopeRecord, Result,
+    records::{DedupRecord, HeadRecord},
+};
 
 /// One device's copy of a send: the device, its queue head before the send, the ciphertext.
 pub(super) struct DeviceCopy<'a> {
@@ -79,13 +86,14 @@ pub(super) fn send_write(
 /// dedup record did not survive (and zeroing the counts of empty queues). Reads a few keys per
 /// device, never the whole queue.
 pub(super) fn recover_heads(
-    store: &dyn Store,
+    store: &Inner,
     user: &str,
+    devices: &[u32],
     now_ms: u64,
 ) -> Result<BTreeMap<u32, HeadRecord>> {
     let stored: BTreeMap<u32, HeadRecord> = store.heads(user)?.into_iter().collect();
     let mut heads = BTreeMap::new();
-    for (device, _) in store.devices(user)? {
+    for &device in devices {
         let mut head = stored.get(&device).copied().unwrap_or_else(empty_head);
         loop {
             let Some((seq, record)) = store.last_envelope(user, device)? else {
@@ -137,7 +145,7 @@ pub(super) fn recover_heads(
 }
 
 /// Whether `record` belongs to a send that was never committed.
-fn torn(store: &dyn Store, user: &str, record: &EnvelopeRecord, now_ms: u64) -> Result<bool> {
+fn torn(store: &Inner, user: &str, record: &EnvelopeRecord, now_ms: u64) -> Result<bool> {
     Ok(record.expires_ms > now_ms && store.dedup(user, &record.id)?.is_none())
 }
 
@@ -154,7 +162,7 @@ pub(super) fn empty_head() -> HeadRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeviceRecord, SledStore, StoreOptions};
+    use crate::store::{SledStore, StoreOptions};
 
     const USER: &str = "bob@test.example";
     const NOW: u64 = 1_000_000;
@@ -189,6 +197,7 @@ mod tests {
 
     fn queue(store: &SledStore, device: u32) -> Vec<(u64, [u8; 16])> {
         store
+            .inner
             .read(USER, device, 0, 100)
             .unwrap()
             .into_iter()
@@ -230,24 +239,18 @@ mod tests {
         for cut in 0..=ops {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
-            store
-                .create_account(USER, 0, DeviceRecord::for_tests())
-                .unwrap();
-            store
-                .add_device(USER, DeviceRecord::for_tests(), 4)
-                .unwrap();
-            let heads = recover_heads(&store, USER, NOW).unwrap();
+            let heads = recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap();
             let (first, _) = send(1, &heads);
-            store.write(first).unwrap();
-            let heads = recover_heads(&store, USER, NOW).unwrap();
+            store.inner.write(first).unwrap();
+            let heads = recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap();
             let (mut second, _) = send(2, &heads);
             second.ops.truncate(cut);
-            store.write(second).unwrap();
+            store.inner.write(second).unwrap();
 
-            let heads = recover_heads(&store, USER, NOW).unwrap();
+            let heads = recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap();
             let committed = cut == ops;
             assert_eq!(
-                store.dedup(USER, &[2; 16]).unwrap().is_some(),
+                store.inner.dedup(USER, &[2; 16]).unwrap().is_some(),
                 committed,
                 "cut {cut}"
             );
@@ -263,7 +266,10 @@ mod tests {
                 assert_eq!(head.bytes, 10 * want.len() as u64, "cut {cut}");
             }
             // Recovery is idempotent: it finds nothing more to remove.
-            assert_eq!(recover_heads(&store, USER, NOW).unwrap(), heads);
+            assert_eq!(
+                recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap(),
+                heads
+            );
         }
     }
 
@@ -271,9 +277,6 @@ mod tests {
     fn an_empty_queue_counts_nothing_whatever_its_head_says() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store
-            .create_account(USER, 0, DeviceRecord::for_tests())
-            .unwrap();
         // Acks deleted every envelope; the crash took the last head update.
         let stale = HeadRecord {
             next_seq: 4,
@@ -282,6 +285,7 @@ mod tests {
             ..empty_head()
         };
         store
+            .inner
             .write(QueueWrite {
                 ops: vec![QueueOp::Head {
                     user: USER.into(),
@@ -290,7 +294,7 @@ mod tests {
                 }],
             })
             .unwrap();
-        let head = recover_heads(&store, USER, NOW).unwrap()[&1];
+        let head = recover_heads(&store.inner, USER, &[1], NOW).unwrap()[&1];
         assert_eq!((head.next_seq, head.count, head.bytes), (4, 0, 0));
     }
 
@@ -298,13 +302,11 @@ mod tests {
     fn an_expired_envelope_whose_dedup_record_is_gone_keeps_its_sequence_number() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store
-            .create_account(USER, 0, DeviceRecord::for_tests())
-            .unwrap();
-        let heads = recover_heads(&store, USER, NOW).unwrap();
+        let heads = recover_heads(&store.inner, USER, &[1], NOW).unwrap();
         let (write, _) = send(1, &heads);
-        store.write(write).unwrap();
+        store.inner.write(write).unwrap();
         store
+            .inner
             .write(QueueWrite {
                 ops: vec![QueueOp::ForgetDedup {
                     user: USER.into(),
@@ -314,7 +316,7 @@ mod tests {
             })
             .unwrap();
         let later = NOW + 60_000;
-        let heads = recover_heads(&store, USER, later).unwrap();
+        let heads = recover_heads(&store.inner, USER, &[1], later).unwrap();
         assert_eq!(queue(&store, 1), vec![(1, [1; 16])], "left to the sweep");
         assert_eq!(heads[&1].next_seq, 2);
     }

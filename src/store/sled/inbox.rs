@@ -1,0 +1,304 @@
+//! [`Inbox`] on tree `queues`: envelopes, queue heads, dedup records and the expiry index,
+//! all written in an order whose every crash-surviving prefix is consistent (see `queues`),
+//! and made durable by one group commit shared by many appends.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use super::{
+    Inner, SledStore,
+    queues::{QueueOp, QueueWrite},
+    recovery,
+};
+use crate::store::{
+    AppendError, Appended, Due, EnvelopeRecord, Inbox, NewEnvelope, Placement, QueueLimits, Result,
+    StoreError, StoreFuture, Trim, UserInbox, ready,
+    records::{self, HeadRecord},
+};
+
+impl Inbox for SledStore {
+    fn open(
+        &self,
+        user: &str,
+        devices: &[u32],
+        limits: QueueLimits,
+    ) -> StoreFuture<Box<dyn UserInbox>> {
+        let heads =
+            match recovery::recover_heads(&self.inner, user, devices, crate::clock::now_ms()) {
+                Ok(heads) => heads,
+                Err(e) => return ready(Err(e)),
+            };
+        let queues: Box<dyn UserInbox> = Box::new(SledUserInbox {
+            inner: self.inner.clone(),
+            user: user.to_owned(),
+            limits,
+            heads,
+            pending: Arc::default(),
+        });
+        // Writes of a previous writer are durable unless a flush failed and none has
+        // succeeded since: then what was loaded may hold writes that are not, and nothing
+        // may be pushed until a flush succeeds.
+        if self
+            .inner
+            .health
+            .flush_ok
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return ready(Ok(queues));
+        }
+        let durable = self.inner.sync();
+        Box::pin(async move { durable.await.map(|()| queues) })
+    }
+
+    fn due(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<Due>> {
+        ready(self.inner.due(now_ms, limit))
+    }
+}
+
+/// One user's queues: the heads live here, written by this handle alone.
+struct SledUserInbox {
+    inner: Arc<Inner>,
+    user: String,
+    limits: QueueLimits,
+    /// The stored head of each open queue (next sequence number, count, bytes).
+    heads: BTreeMap<u32, HeadRecord>,
+    /// Sends written but not yet durable, by envelope id, with where they were stored: a
+    /// retry waits for durability like the original, and the sweep keeps their dedup records.
+    pending: Arc<Mutex<HashMap<[u8; 16], Placement>>>,
+}
+
+impl SledUserInbox {
+    /// Answers `stored` once everything written so far is durable. A successful flush makes
+    /// every earlier write durable too, including writes of sends whose own flush failed:
+    /// the answer covers every queue, not only this send's.
+    fn when_durable(&self, duplicate: bool, stored: Placement) -> StoreFuture<Appended> {
+        let durable = self.ends();
+        let flushed = self.inner.sync();
+        Box::pin(async move {
+            flushed.await.map(|()| Appended {
+                duplicate,
+                stored,
+                durable,
+            })
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Placement>> {
+        // Holds only ids; a panic elsewhere cannot leave it half-updated.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl UserInbox for SledUserInbox {
+    fn ends(&self) -> Vec<(u32, u64)> {
+        self.heads.iter().map(|(d, h)| (*d, h.next_seq)).collect()
+    }
+
+    fn add_queue(&mut self, device: u32) -> u64 {
+        self.heads
+            .entry(device)
+            .or_insert_with(recovery::empty_head)
+            .next_seq
+    }
+
+    fn duplicate(&mut self, id: &[u8; 16]) -> Result<Option<StoreFuture<Appended>>> {
+        if let Some(stored) = self.pending().get(id).cloned() {
+            return Ok(Some(self.when_durable(true, stored)));
+        }
+        Ok(self
+            .inner
+            .dedup(&self.user, id)?
+            .map(|record| self.when_durable(true, record.stored)))
+    }
+
+    fn append(&mut self, envelope: NewEnvelope<'_>) -> Result<StoreFuture<Appended>, AppendError> {
+        if let Some(original) = self.duplicate(&envelope.id)? {
+            return Ok(original);
+        }
+        // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
+        if !self
+            .inner
+            .health
+            .disk_ok
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(AppendError::NoRoom);
+        }
+        // Quota, checked for every device before anything is written.
+        let mut staged = Vec::with_capacity(envelope.copies.len());
+        let mut full = Vec::new();
+        for &(device, ciphertext) in &envelope.copies {
+            let head = *self.heads.get(&device).ok_or(StoreError::NotFound)?;
+            if head.count >= self.limits.count
+                || head.bytes + ciphertext.len() as u64 > self.limits.bytes
+            {
+                full.push(device);
+            }
+            staged.push(recovery::DeviceCopy {
+                device,
+                head,
+                ciphertext,
+            });
+        }
+        if !full.is_empty() {
+            return Err(AppendError::Full(full));
+        }
+        let template = EnvelopeRecord {
+            version: records::RECORD_VERSION,
+            id: envelope.id,
+            class: envelope.class,
+            accepted_ms: envelope.accepted_ms,
+            expires_ms: envelope.expires_ms,
+            ciphertext: Vec::new(),
+        };
+        let (write, heads) =
+            recovery::send_write(&self.user, &template, envelope.remember_until_ms, &staged);
+        self.inner.write(write)?;
+        let mut stored = Vec::with_capacity(heads.len());
+        for (head, copy) in heads.into_iter().zip(&staged) {
+            self.heads.insert(copy.device, head);
+            metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
+            stored.push((copy.device, head.next_seq - 1));
+        }
+        self.pending().insert(envelope.id, stored.clone());
+        let answer = self.when_durable(false, stored);
+        let pending = self.pending.clone();
+        let id = envelope.id;
+        Ok(Box::pin(async move {
+            let answer = answer.await;
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            answer
+        }))
+    }
+
+    fn read(
+        &self,
+        device: u32,
+        from: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(u64, EnvelopeRecord)>> {
+        ready(self.inner.read(&self.user, device, from, limit))
+    }
+
+    fn trim(&mut self, device: u32, acked: &[Trim]) -> Result<StoreFuture<()>> {
+        let Some(mut head) = self.heads.get(&device).copied() else {
+            return Ok(ready(Ok(())));
+        };
+        let mut write = QueueWrite::default();
+        for t in acked {
+            write.ops.push(QueueOp::Remove {
+                user: self.user.clone(),
+                device,
+                seq: t.seq,
+                expires_ms: t.expires_ms,
+            });
+            head.count = head.count.saturating_sub(1);
+            head.bytes = head.bytes.saturating_sub(t.bytes);
+        }
+        write.ops.push(QueueOp::Head {
+            user: self.user.clone(),
+            device,
+            head,
+        });
+        self.inner.write(write)?;
+        self.heads.insert(device, head);
+        Ok(self.inner.sync())
+    }
+
+    fn drop_queue(&mut self, device: u32) -> Result<StoreFuture<()>> {
+        let mut write = QueueWrite::default();
+        for (seq, expires_ms) in self.inner.seqs(&self.user, device)? {
+            write.ops.push(QueueOp::Remove {
+                user: self.user.clone(),
+                device,
+                seq,
+                expires_ms,
+            });
+        }
+        write.ops.push(QueueOp::DropHead {
+            user: self.user.clone(),
+            device,
+        });
+        self.inner.write(write)?;
+        self.heads.remove(&device);
+        Ok(self.inner.sync())
+    }
+
+    fn expire(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>> {
+        let mut write = QueueWrite::default();
+        let mut expired = Vec::new();
+        let mut new_heads: BTreeMap<u32, HeadRecord> = BTreeMap::new();
+        for entry in due {
+            match entry {
+                Due::Envelope {
+                    device,
+                    seq,
+                    expires_ms,
+                    ..
+                } => {
+                    // The entry stands for the envelope at `seq` only if that envelope has
+                    // its expiry: a crash can leave an entry whose envelope never got
+                    // written, and the sequence number may hold another envelope since.
+                    let len = self
+                        .inner
+                        .read(&self.user, device, seq, 1)?
+                        .first()
+                        .filter(|(s, r)| *s == seq && r.expires_ms == expires_ms)
+                        .map(|(_, r)| r.ciphertext.len() as u64);
+                    let Some(len) = len else {
+                        write.ops.push(QueueOp::Unindex(entry));
+                        continue;
+                    };
+                    write.ops.push(QueueOp::Remove {
+                        user: self.user.clone(),
+                        device,
+                        seq,
+                        expires_ms,
+                    });
+                    let Some(head) = self.heads.get(&device) else {
+                        continue;
+                    };
+                    let head = new_heads.entry(device).or_insert(*head);
+                    head.count = head.count.saturating_sub(1);
+                    head.bytes = head.bytes.saturating_sub(len);
+                    expired.push((device, seq));
+                }
+                Due::Dedup { id, expires_ms, .. } => {
+                    if self.pending().contains_key(&id) {
+                        continue;
+                    }
+                    // Likewise, a retry of a torn send may have written the record again
+                    // with a later expiry: then only the stale entry goes.
+                    match self.inner.dedup(&self.user, &id)? {
+                        Some(r) if r.expires_ms == expires_ms => {
+                            write.ops.push(QueueOp::ForgetDedup {
+                                user: self.user.clone(),
+                                id,
+                                expires_ms,
+                            });
+                        }
+                        _ => write.ops.push(QueueOp::Unindex(entry)),
+                    }
+                }
+            }
+        }
+        for (device, head) in &new_heads {
+            write.ops.push(QueueOp::Head {
+                user: self.user.clone(),
+                device: *device,
+                head: *head,
+            });
+        }
+        if write.is_empty() {
+            return Ok(expired);
+        }
+        self.inner.write(write)?;
+        self.heads.extend(new_heads);
+        Ok(expired)
+    }
+}

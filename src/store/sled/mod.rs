@@ -1,0 +1,236 @@
+//! The embedded default backend: sled 0.34, one directory, no other service to run.
+//!
+//! - `committer`: group commit — one thread turns many durability requests into one flush +
+//!   fsync.
+//! - `queues`: tree `queues` — the write plan that keeps every crash-surviving prefix
+//!   consistent, and the reads below the inbox.
+//! - `inbox`: [`Inbox`](super::Inbox) on it: dedup records, queue heads, the expiry index,
+//!   the pending sends of each user.
+//! - `recovery`: how a send is written, and how opening a user's queues rolls back the one
+//!   send a crash may have torn.
+//! - `directory`, `outbox`: the other seams, on trees `accounts` and `outbox`.
+//!
+//! sled is durable only up to a flush, and after a crash a prefix of the writes not yet
+//! flushed survives. That is this backend's business alone: every write here is ordered so
+//! that each prefix is consistent or repaired on open, and every future resolves after the
+//! flush that covers its writes. Key layouts: [`super::keys`].
+
+mod committer;
+mod directory;
+mod inbox;
+mod outbox;
+mod queues;
+mod recovery;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use committer::{Committer, DiskHealth};
+
+use super::{Result, StoreError, StoreFuture, records};
+
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> Self {
+        match e {
+            ::sled::Error::Corruption { .. } => StoreError::Corruption(e.to_string()),
+            other => StoreError::Io(other.to_string()),
+        }
+    }
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Directory of the sled database.
+    pub dir: PathBuf,
+    /// Share one flush among all appends waiting for it (group commit). Off: one flush per
+    /// append, for comparison.
+    pub group_commit: bool,
+    /// fsync the data file after sled's flush (on by default; off only for benchmarks).
+    pub fsync: bool,
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+    /// Under concurrent load, how long a flush waits for more appends to join it.
+    pub commit_delay: std::time::Duration,
+    /// Free disk space below which new envelopes are refused, in bytes.
+    pub min_free_bytes: u64,
+    /// Debug builds only: while this file exists every flush fails (fault tests).
+    pub failpoint_sync: Option<PathBuf>,
+}
+
+impl StoreOptions {
+    /// A small store in `dir` for unit tests: group commit, no fsync, 4 MiB of cache.
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &Path) -> Self {
+        StoreOptions {
+            dir: dir.to_path_buf(),
+            group_commit: true,
+            fsync: false,
+            cache_bytes: 4 << 20,
+            commit_delay: std::time::Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
+        }
+    }
+}
+
+/// The sled backend of every seam ([`super::Stores::from_backend`]).
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+/// What the seams' implementations share.
+struct Inner {
+    db: ::sled::Db,
+    accounts: ::sled::Tree,
+    queues: ::sled::Tree,
+    outbox: ::sled::Tree,
+    committer: Committer,
+    /// Serializes account and device changes (rare; keeps read-modify-write simple).
+    account_lock: Mutex<()>,
+    /// Flush and free-space state.
+    health: Arc<DiskHealth>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `options.dir`. Start-up cost does not grow with the
+    /// number of queued envelopes beyond sled's own log recovery.
+    pub fn open(options: &StoreOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        let db = ::sled::Config::new()
+            .path(&options.dir)
+            .cache_capacity(options.cache_bytes)
+            // Values above segment_size/4 go to unsynced blob files; a larger segment keeps
+            // every envelope (<= 64 KiB) and most pages in the synced log.
+            .segment_size(8 * 1024 * 1024)
+            .mode(::sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()?;
+        let accounts = db.open_tree("accounts")?;
+        let queues = db.open_tree("queues")?;
+        let outbox = db.open_tree("outbox")?;
+        let health = Arc::new(DiskHealth {
+            flush_ok: AtomicBool::new(true),
+            disk_ok: AtomicBool::new(true),
+            min_free: options.min_free_bytes,
+            dir: options.dir.clone(),
+        });
+        health.check_disk();
+        let committer = Committer::start(
+            db.clone(),
+            options.dir.clone(),
+            options.group_commit,
+            options.fsync,
+            options.commit_delay,
+            health.clone(),
+            options.failpoint_sync.clone(),
+        )
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(SledStore {
+            inner: Arc::new(Inner {
+                db,
+                accounts,
+                queues,
+                outbox,
+                committer,
+                account_lock: Mutex::new(()),
+                health,
+            }),
+        })
+    }
+
+    /// The data directory layout sled uses; for tests that inspect files.
+    pub fn data_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A poisoned lock only means another thread panicked mid-update of an account; each
+        // update is a single atomic sled batch, so the data is consistent: keep going.
+        self.account_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once everything written so far is durable. Many calls share one flush.
+    fn sync(&self) -> StoreFuture<()> {
+        let rx = self.committer.request();
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError::Io("commit thread stopped".into())))
+        })
+    }
+
+    /// Runs `write` inline and answers once it is durable.
+    fn durably<T: Send + 'static>(&self, write: impl FnOnce() -> Result<T>) -> StoreFuture<T> {
+        match write() {
+            Ok(value) => {
+                let durable = self.sync();
+                Box::pin(async move { durable.await.map(|()| value) })
+            }
+            Err(e) => super::ready(Err(e)),
+        }
+    }
+}
+
+impl super::Health for SledStore {
+    fn has_room(&self) -> bool {
+        self.inner.health.disk_ok.load(Ordering::Relaxed)
+    }
+
+    fn flush_ok(&self) -> bool {
+        self.inner.health.flush_ok.load(Ordering::Relaxed)
+    }
+
+    fn check_room(&self) {
+        self.inner.health.check_disk();
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    fn flush(&self) -> StoreFuture<()> {
+        self.inner.sync()
+    }
+}
+
+/// Every record of `tree` under `prefix` whose key ends in a device id, by device.
+fn by_device<T: serde::de::DeserializeOwned + records::Versioned>(
+    tree: &::sled::Tree,
+    prefix: &[u8],
+) -> Result<Vec<(u32, T)>> {
+    tree.scan_prefix(prefix)
+        .map(|kv| {
+            let (k, v) = kv?;
+            let id: [u8; 4] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corruption("bad device key".into()))?;
+            Ok((u32::from_be_bytes(id), records::decode(&v)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
