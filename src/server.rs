@@ -18,7 +18,7 @@ use crate::{
     crypto::TokenHasher,
     federation::{Federation, PeerConfig, PeerSettings, identity::ServerKey},
     gateway::{self, AppState},
-    mailbox::{MailboxConfig, Registry, messages::Expire},
+    mailbox::{MailboxConfig, Mailboxes, Registry},
     store::{SledStore, StoreOptions, Stores},
 };
 
@@ -68,11 +68,11 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
         config.mailbox_threads
     };
     let arbiters: Vec<Arbiter> = (0..mailbox_threads).map(|_| Arbiter::new()).collect();
-    let registry = Registry::new(
+    let mailboxes = Mailboxes::new(Registry::new(
         arbiters.iter().map(|a| a.handle()).collect(),
         store.clone(),
         config.mailbox,
-    );
+    ));
     let federation_arbiter = Arbiter::new();
     let federation = Federation::start(
         config.federation,
@@ -87,7 +87,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     let state = Arc::new(AppState::new(
         config.gateway,
         store.clone(),
-        registry.clone(),
+        mailboxes.clone(),
         federation.clone(),
         hasher,
         shutdown_rx,
@@ -145,7 +145,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     while Instant::now() < deadline && state.open_sessions.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    registry.kick_all(sealpost_proto::CloseCode::GoingAway);
+    mailboxes.kick_all(sealpost_proto::CloseCode::GoingAway);
     handle.stop(true).await;
     let _ = serving.await;
     sweeper.abort();
@@ -217,7 +217,7 @@ async fn sweep(state: Arc<AppState>, period: Duration) {
                     .push(entry);
             }
             for (user, due) in by_user {
-                let _ = state.registry.call_once(&user, Expire { due }).await;
+                let _ = state.mailboxes.expire(&user, due).await;
             }
             if !full {
                 break;

@@ -77,9 +77,18 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-impl From<crate::mailbox::messages::UploadError> for ApiError {
-    fn from(e: crate::mailbox::messages::UploadError) -> Self {
-        use crate::mailbox::messages::UploadError;
+impl<E: Into<ApiError>> From<crate::mailbox::MailboxError<E>> for ApiError {
+    fn from(e: crate::mailbox::MailboxError<E>) -> Self {
+        match e {
+            crate::mailbox::MailboxError::Unavailable => ApiError::Unavailable,
+            crate::mailbox::MailboxError::Refused(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::mailbox::UploadError> for ApiError {
+    fn from(e: crate::mailbox::UploadError) -> Self {
+        use crate::mailbox::UploadError;
         match e {
             UploadError::TooManyKeys(_) => ApiError::BadRequest(e.to_string()),
             UploadError::Store(e) => e.into(),

@@ -30,7 +30,6 @@ use crate::{
         inbound::{self, LocalDelivery},
         link::MAX_SEALED_BYTES,
     },
-    mailbox::messages::ClaimKey,
     socket::{self, Socket},
 };
 
@@ -199,22 +198,17 @@ impl LocalDelivery for Local {
                 };
                 Box::pin(async move {
                     let claimed = state
-                        .registry
-                        .call(
-                            handle.as_str(),
-                            ClaimKey {
-                                device: DeviceId(device),
-                            },
-                        )
+                        .mailboxes
+                        .claim_key(handle.as_str(), DeviceId(device))
                         .await;
                     match claimed {
-                        Ok(Ok(Some(k))) => LinkFrame::Claimed {
+                        Ok(Some(k)) => LinkFrame::Claimed {
                             req_id,
                             key_id: k.key_id,
                             key: k.key,
                             fallback: k.fallback,
                         },
-                        Ok(Ok(None)) => LinkFrame::Refused {
+                        Ok(None) => LinkFrame::Refused {
                             req_id,
                             code: ErrorCode::NotFound,
                         },

@@ -27,7 +27,6 @@ use super::{
 use crate::{
     clock::now_ms,
     crypto::{DeviceToken, verify_registration_token},
-    mailbox::messages::{AddDevice, RemoveDevice},
     store::{DeviceRecord, records::RECORD_VERSION},
 };
 
@@ -213,15 +212,14 @@ async fn add_device(
         identity_keys: keys,
         created_ms: now_ms(),
     };
-    let msg = AddDevice {
-        record,
-        max_devices: sealpost_proto::limits::MAX_DEVICES_PER_USER,
-    };
     let device = state
-        .registry
-        .call_once(handle.as_str(), msg)
-        .await
-        .map_err(|_| ApiError::Unavailable)??;
+        .mailboxes
+        .add_device(
+            handle.as_str(),
+            record,
+            sealpost_proto::limits::MAX_DEVICES_PER_USER,
+        )
+        .await?;
     tracing::info!(device = device.0, "device added");
     Ok(HttpResponse::Created().json(NewDevice {
         handle: handle.to_string(),
@@ -237,15 +235,9 @@ async fn remove_device(
 ) -> Result<HttpResponse, ApiError> {
     let (_, device) = path.into_inner();
     state
-        .registry
-        .call_once(
-            me.handle.as_str(),
-            RemoveDevice {
-                device: DeviceId(device),
-            },
-        )
-        .await
-        .map_err(|_| ApiError::Unavailable)??;
+        .mailboxes
+        .remove_device(me.handle.as_str(), DeviceId(device))
+        .await?;
     tracing::info!(device, "device removed");
     Ok(HttpResponse::NoContent().finish())
 }
@@ -278,7 +270,7 @@ async fn metrics(state: State) -> HttpResponse {
     match &state.metrics {
         Some(handle) => {
             handle.run_upkeep();
-            metrics::gauge!("sealpost_mailboxes_registered").set(state.registry.len() as f64);
+            metrics::gauge!("sealpost_mailboxes_registered").set(state.mailboxes.len() as f64);
             metrics::gauge!("sealpost_websocket_sessions")
                 .set(state.open_sessions.load(Ordering::Relaxed) as f64);
             metrics::gauge!("sealpost_unauthenticated_sessions").set(state.pre_auth.total() as f64);

@@ -38,7 +38,7 @@ use super::{
 };
 use crate::{
     clock::now_ms,
-    mailbox::messages::{ClaimKey, UploadKeys},
+    mailbox::UploadKeys,
     store::{DeliveryTokenRecord, LinkCodeRecord, records::RECORD_VERSION},
 };
 
@@ -172,11 +172,7 @@ async fn upload_keys(
         one_time,
         fallback,
     };
-    let count = state
-        .registry
-        .call_once(handle.as_str(), msg)
-        .await
-        .map_err(|_| ApiError::Unavailable)??;
+    let count = state.mailboxes.upload_keys(handle.as_str(), msg).await?;
     let fallback = state
         .store
         .directory
@@ -281,15 +277,9 @@ async fn claim_key(
     }
     existing_account(&state, &handle).await?;
     let claimed = state
-        .registry
-        .call(
-            handle.as_str(),
-            ClaimKey {
-                device: DeviceId(device),
-            },
-        )
-        .await
-        .map_err(|_| ApiError::Unavailable)??
+        .mailboxes
+        .claim_key(handle.as_str(), DeviceId(device))
+        .await?
         .ok_or(ApiError::NotFound)?;
     Ok(HttpResponse::Ok().json(Claimed {
         key_id: claimed.key_id,

@@ -45,7 +45,7 @@ pub use self::settings::{Registration, Settings};
 use crate::{
     crypto::TokenHasher,
     federation::Federation,
-    mailbox::Registry,
+    mailbox::Mailboxes,
     socket::{self, Budget},
     store::Stores,
 };
@@ -70,8 +70,8 @@ pub struct AppState {
     /// The store's seams (the directory and health are used here; queues go through
     /// mailboxes).
     pub store: Stores,
-    /// Mailbox directory.
-    pub registry: Arc<Registry>,
+    /// The mailboxes, through their typed handle.
+    pub mailboxes: Mailboxes,
     /// Federation peers (one actor per remote domain) and this broker's federation key.
     pub federation: Arc<Federation>,
     /// Device token hashing.
@@ -102,7 +102,7 @@ impl AppState {
     pub fn new(
         settings: Settings,
         store: Stores,
-        registry: Arc<Registry>,
+        mailboxes: Mailboxes,
         federation: Arc<Federation>,
         hasher: TokenHasher,
         shutdown: watch::Receiver<bool>,
@@ -125,7 +125,7 @@ impl AppState {
                 settings.max_unauthenticated,
             ),
             store,
-            registry,
+            mailboxes,
             federation,
             hasher,
             shutting_down: AtomicBool::new(false),

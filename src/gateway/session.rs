@@ -1,7 +1,7 @@
 //! One WebSocket device session: authenticate, attach to the mailbox, then relay frames.
 //!
 //! ```text
-//! socket ──frames──▶ decode ─▶ auth ─▶ Attach(mailbox) ──▶ loop:
+//! socket ──frames──▶ decode ─▶ auth ─▶ attach(mailbox) ──▶ loop:
 //!                                        incoming: send ─▶ Submit(recipient mailbox), answered when durable
 //!                                                  ack  ─▶ Ack(own mailbox)
 //!                                        outgoing: deliveries pushed by the mailbox (bounded channel)
@@ -39,11 +39,7 @@ use super::{
 use crate::{
     clock::now_ms,
     crypto::DeviceToken,
-    mailbox::{
-        Conn,
-        messages::{Ack, Attach, Detach},
-        outbox,
-    },
+    mailbox::{Conn, MailboxError, outbox},
     socket::{Close, Drain, Flow, Service, Socket, Writer},
     telemetry,
 };
@@ -256,22 +252,23 @@ fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Futu
         let capacity = state.settings.delivery_window * 2 + 16;
         let (tx, pushes) = outbox::channel(capacity);
         let (kick_tx, kick) = oneshot::channel();
-        let attach = Attach {
-            device: authed.device,
-            conn: Conn {
-                id: conn_id,
-                tx,
-                kick: kick_tx,
-            },
+        let conn = Conn {
+            id: conn_id,
+            tx,
+            kick: kick_tx,
         };
-        match state.registry.call_once(authed.user.as_str(), attach).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
+        let attached = state
+            .mailboxes
+            .attach(authed.user.as_str(), authed.device, conn)
+            .await;
+        match attached {
+            Ok(()) => {}
+            Err(MailboxError::Refused(_)) => {
                 // Removed between authentication and attaching.
                 let close = Close::new(CloseCode::AuthFailed, "device unavailable");
                 return Box::pin(socket.finish(Some(close))).await;
             }
-            Err(_) => {
+            Err(MailboxError::Unavailable) => {
                 // The mailbox could not start (the store is failing): not the client's fault,
                 // so it reconnects later rather than treating its credentials as bad.
                 let close =
@@ -376,12 +373,9 @@ impl Drop for OpenGuard<'_> {
 }
 
 fn detach(state: &AppState, authed: &Authed, conn: u64) {
-    if let Some(addr) = state.registry.get(authed.user.as_str()) {
-        addr.do_send(Detach {
-            device: authed.device,
-            conn,
-        });
-    }
+    state
+        .mailboxes
+        .detach(authed.user.as_str(), authed.device, conn);
 }
 
 /// The authenticated part of a device session.
@@ -498,15 +492,15 @@ impl Service for DeviceSession<'_> {
                         .await;
                     return Ok(());
                 }
-                let ack = Ack {
-                    device: self.authed.device,
-                    conn: self.conn_id,
-                    seqs,
-                };
                 let unknown = self
                     .state
-                    .registry
-                    .call_once(self.authed.user.as_str(), ack)
+                    .mailboxes
+                    .ack(
+                        self.authed.user.as_str(),
+                        self.authed.device,
+                        self.conn_id,
+                        seqs,
+                    )
                     .await
                     .unwrap_or_default();
                 // Report a few; a client acking garbage learns enough from those.

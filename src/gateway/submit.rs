@@ -12,7 +12,7 @@ use sealpost_proto::{
 };
 
 use super::AppState;
-use crate::{mailbox::messages::Submit, store::answered_inline};
+use crate::{mailbox::Delivery, store::answered_inline};
 
 /// A send awaiting its result from the recipient's mailbox.
 pub(crate) type PendingSend = Pin<Box<dyn Future<Output = (EnvelopeId, SendOutcome)>>>;
@@ -52,7 +52,7 @@ pub(crate) fn validate_local(
     }
     check_fields(class, ttl_secs, copies)?;
     // A live mailbox means the account exists (mailboxes are spawned only for accounts).
-    if state.registry.get(to.as_str()).is_some() {
+    if state.mailboxes.is_live(to.as_str()) {
         return Ok(to);
     }
     match answered_inline(state.store.directory.account(to.as_str())) {
@@ -187,25 +187,13 @@ pub(crate) fn submit_local(
     copies: Vec<Copy>,
     origin: Option<Arc<str>>,
 ) -> PendingSend {
-    let registry = state.registry.clone();
-    let msg = Submit {
+    let delivery = Delivery {
         id,
         class,
         ttl_secs,
         copies: Arc::new(copies),
         origin,
     };
-    let first = registry.get_or_spawn(to.as_str()).send(msg.clone());
-    Box::pin(async move {
-        // Only a retry (the mailbox stopped meanwhile) goes through the registry again.
-        let outcome = match first.await {
-            Ok(outcome) => Ok(outcome),
-            Err(_) => registry.call(to.as_str(), msg).await,
-        };
-        let outcome = outcome.unwrap_or_else(|_| SendOutcome::Rejected {
-            code: ErrorCode::Internal,
-            current_devices: Vec::new(),
-        });
-        (id, outcome)
-    })
+    let answer = state.mailboxes.submit(to.as_str(), delivery);
+    Box::pin(async move { (id, answer.await) })
 }

@@ -1,6 +1,8 @@
 //! Mailboxes: one actor per user, the single writer of that user's device queues.
 //!
-//! - [`messages`]: what the gateway asks of a mailbox.
+//! - [`handle`]: [`Mailboxes`], the typed handle the rest of the broker uses (async methods;
+//!   no actor types).
+//! - [`messages`]: the actor messages behind it.
 //! - [`actor`]: the [`Mailbox`] actor — idempotent append, group-committed durability,
 //!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
 //! - [`outbox`]: the bounded queue of frames from a mailbox to a connected session.
@@ -11,6 +13,7 @@
 
 pub mod actor;
 mod device_map;
+pub mod handle;
 pub mod live;
 pub mod messages;
 pub mod outbox;
@@ -22,5 +25,6 @@ mod actor_tests;
 mod model_tests;
 
 pub use actor::{Mailbox, MailboxConfig};
-pub use messages::{Conn, ConnId};
+pub use handle::{Delivery, MailboxError, Mailboxes};
+pub use messages::{AttachError, ClaimedKey, Conn, ConnId, UploadError, UploadKeys};
 pub use registry::{Registry, RegistryError};
