@@ -179,6 +179,9 @@ pub(crate) struct LinkParams {
     pub(crate) connect_timeout: Duration,
     pub(crate) keepalive: Duration,
     pub(crate) link_timeout: Duration,
+    /// The longest one write may take: a transaction of `max_txn_bytes` on a slow but live
+    /// link must fit in it.
+    pub(crate) write_timeout: Duration,
     pub(crate) queue: usize,
 }
 
@@ -209,10 +212,24 @@ async fn next_binary(ws: &mut Ws) -> Result<Vec<u8>, LinkError> {
     }
 }
 
-async fn send(ws: &mut Ws, cipher: &mut Cipher, frame: &LinkFrame) -> Result<(), LinkError> {
+/// Sends a frame. A write that cannot finish within `deadline` means the peer takes nothing
+/// off the connection (frozen or partitioned once the socket buffers are full): the link is
+/// silent, even though the keepalive check, which waits behind the write, could not see it.
+async fn send(
+    ws: &mut Ws,
+    cipher: &mut Cipher,
+    frame: &LinkFrame,
+    deadline: Duration,
+) -> Result<(), LinkError> {
     let sealed = cipher.seal(&frame.encode())?;
-    ws.send(Message::Binary(sealed.into())).await?;
-    Ok(())
+    write(ws, Message::Binary(sealed.into()), deadline).await
+}
+
+async fn write(ws: &mut Ws, message: Message, deadline: Duration) -> Result<(), LinkError> {
+    match tokio::time::timeout(deadline, ws.send(message)).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => Err(LinkError::Silent),
+    }
 }
 
 async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Result<(), LinkError> {
@@ -284,14 +301,14 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
                     if let LinkFrame::Txn { txn_id, envelopes } = &frame {
                         unacked.push_back((*txn_id, envelopes.len()));
                     }
-                    send(&mut ws, &mut cipher, &frame).await?;
+                    send(&mut ws, &mut cipher, &frame, params.write_timeout).await?;
                 }
                 Some(Outgoing::Request(request, reply)) => {
                     let req_id = next_req;
                     next_req += 1;
                     pending.retain(|_, tx| !tx.is_closed());
                     pending.insert(req_id, reply);
-                    send(&mut ws, &mut cipher, &request.frame(req_id)).await?;
+                    send(&mut ws, &mut cipher, &request.frame(req_id), params.write_timeout).await?;
                 }
             },
             msg = ws.next() => {
@@ -331,7 +348,7 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
                 if last_heard.elapsed() > params.link_timeout {
                     return Err(LinkError::Silent);
                 }
-                ws.send(Message::Ping(Vec::new().into())).await?;
+                write(&mut ws, Message::Ping(Vec::new().into()), params.write_timeout).await?;
             }
         }
     }

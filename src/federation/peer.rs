@@ -154,13 +154,18 @@ pub struct FederationPeer {
     stats: Stats,
 }
 
-/// A stretch of failed connection attempts.
+/// A stretch of failed connection attempts (and links that did not stay up for long).
 struct Outage {
     since: Instant,
     attempts: u64,
     /// When the last summary line was logged.
     logged: Instant,
+    /// Whether its end was logged: a flapping link logs it once.
+    restored: bool,
 }
+
+/// A link up this long ends an outage (and resets the reconnection backoff).
+const STABLE_LINK: Duration = Duration::from_secs(10);
 
 /// How often a lasting outage is summed up in the log.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -251,6 +256,7 @@ impl FederationPeer {
             connect_timeout: self.settings.request_timeout,
             keepalive: self.settings.keepalive,
             link_timeout: self.settings.link_timeout,
+            write_timeout: self.settings.request_timeout,
             queue: self.settings.window * 2 + 64,
         };
         // A task of its own, not a future of this context: it outlives any one message, and
@@ -928,7 +934,11 @@ impl Handler<Enqueue> for FederationPeer {
         } else {
             self.accept(msg, tx, ctx);
         }
-        Box::pin(async move { rx.await.unwrap_or_else(|_| rejected(ErrorCode::Internal)) })
+        // A send dropped unanswered (the actor stopped) may be retried: not the sender's fault.
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| rejected(ErrorCode::PeerUnavailable))
+        })
     }
 }
 
@@ -947,14 +957,18 @@ impl Handler<LinkUp> for FederationPeer {
         if msg.generation != self.generation {
             return;
         }
-        match self.outage.take() {
-            Some(outage) => warn!(
-                destination = %self.config.domain,
-                down_s = outage.since.elapsed().as_secs(),
-                attempts = outage.attempts,
-                backlog = self.backlog.len(),
-                "federation link restored"
-            ),
+        match &mut self.outage {
+            Some(outage) if !outage.restored => {
+                outage.restored = true;
+                warn!(
+                    destination = %self.config.domain,
+                    down_s = outage.since.elapsed().as_secs(),
+                    attempts = outage.attempts,
+                    backlog = self.backlog.len(),
+                    "federation link restored"
+                );
+            }
+            Some(_) => debug!(destination = %self.config.domain, "federation link up again"),
             None => info!(destination = %self.config.domain, "federation link up"),
         }
         self.link = Link::Up(msg.tx);
@@ -979,11 +993,9 @@ impl Handler<LinkDown> for FederationPeer {
             return;
         }
         let was_up = matches!(self.link, Link::Up(_));
-        if self
-            .up_since
-            .is_some_and(|t| t.elapsed() > Duration::from_secs(10))
-        {
+        if self.up_since.is_some_and(|t| t.elapsed() > STABLE_LINK) {
             self.backoff.reset();
+            self.outage = None;
         }
         self.link = Link::Down;
         self.up_since = None;
@@ -1005,6 +1017,7 @@ impl Handler<LinkDown> for FederationPeer {
                     since: now,
                     attempts: 1,
                     logged: now,
+                    restored: false,
                 });
                 let what = if was_up {
                     "federation link down"
