@@ -843,14 +843,20 @@ impl Handler<Expire> for Mailbox {
         match inbox.expire(msg.due) {
             Ok(expired) => {
                 for (device, seq) in &expired {
-                    if let Some(f) = self
+                    let Some(live) = self
                         .devices
                         .get_mut(&DeviceId(*device))
                         .and_then(|q| q.conn.as_mut())
-                        .and_then(|l| l.in_flight.get_mut(seq))
-                    {
+                    else {
+                        continue;
+                    };
+                    // Delivered and not acknowledged yet: its ack deletes nothing more.
+                    if let Some(f) = live.in_flight.get_mut(seq) {
                         f.2 = true;
                     }
+                    // Waiting in the hot tail: never pushed now (an expired call ring does
+                    // not ring). The pump reads around the gap from the store.
+                    live.hot.retain(|h| h.0 != *seq);
                 }
                 metrics::counter!("sealpost_expirations_total").increment(expired.len() as u64);
             }

@@ -283,6 +283,30 @@ fn expired_envelopes_are_deleted_and_their_late_acks_are_not_unknown() {
     });
 }
 
+/// An envelope that expires while it waits behind the window (in the pushed-next tail kept in
+/// memory) is never pushed: an expired call ring does not ring.
+#[test]
+fn envelopes_expired_while_waiting_behind_the_window_are_not_pushed() {
+    run(|| async {
+        let f = fixture(10).await;
+        let mut conn = f.connect(1, 1).await;
+        for id in 1..=4 {
+            assert_eq!(f.submit(send(id, &[1, 2], None)).await, ACCEPTED);
+        }
+        assert_eq!(delivered(&frames(&mut conn).await), vec![(1, 1), (2, 2)]);
+        let later = crate::clock::now_ms() + 120_000;
+        let due = f.memory.due(later, 100).await.expect("due");
+        f.registry
+            .call_once(USER, Expire { due })
+            .await
+            .expect("mailbox");
+        assert!(f.ack(1, conn.id, vec![1, 2]).await.is_empty());
+        let pushed = frames(&mut conn).await;
+        assert_eq!(delivered(&pushed), vec![], "expired envelopes were pushed");
+        assert!(f.memory.queue(USER, 1).is_empty());
+    });
+}
+
 #[test]
 fn nothing_is_acknowledged_or_pushed_that_is_not_durable() {
     run(|| async {

@@ -191,6 +191,11 @@ impl UserInbox for SledUserInbox {
         };
         let mut write = QueueWrite::default();
         for t in acked {
+            // One already gone (expired meanwhile) was taken off the counts then: counting it
+            // again would undercount the queue against its quota for good.
+            if !self.inner.holds(&self.user, device, t.seq)? {
+                continue;
+            }
             write.ops.push(QueueOp::Remove {
                 user: self.user.clone(),
                 device,

@@ -224,6 +224,13 @@ impl Inner {
         Ok(out)
     }
 
+    /// Whether the envelope at `seq` of a device queue is stored.
+    pub(super) fn holds(&self, user: &str, device: u32, seq: u64) -> Result<bool> {
+        Ok(self
+            .queues
+            .contains_key(keys::envelope(user, device, seq))?)
+    }
+
     /// All stored (seq, expires_ms) of a device queue (used when a device is removed).
     pub(super) fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>> {
         self.queues
