@@ -1570,10 +1570,10 @@ impl Drop for Partition {
 }
 
 /// A peer that is frozen or partitioned away must not stall sends to its domain: each is
-/// accepted into the outbox within 100 ms at p99 (a device lookup waits at most
-/// `federation_lookup_wait_ms`, then the devices known so far are used, and the silent link is
-/// declared dead within three keepalives), the admin view answers at once, and once the peer
-/// is back everything arrives, once and in order.
+/// accepted into the outbox within 500 ms at p99 (~20 ms on a quiet machine): a lookup waits
+/// at most `federation_lookup_wait_ms`, then the devices known so far are used, and the
+/// silent link is declared dead within three keepalives. The admin view answers at once, and
+/// once the peer is back everything arrives, once and in order.
 async fn sends_keep_flowing_while_the_peer_is_cut_off(cutoff: Cutoff, size: usize) {
     let mut a = Site::new("a.example", "127.0.0.1");
     let mut b = Site::new("b.example", "127.0.0.2");
@@ -1638,7 +1638,14 @@ async fn sends_keep_flowing_while_the_peer_is_cut_off(cutoff: Cutoff, size: usiz
         took[took.len() / 2],
         took[took.len() - 1]
     );
-    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+    // Bounds with room for a busy CI machine (quiet, p99 is ~20 ms); a send held by a lookup
+    // to the frozen peer used to wait its full 10 s timeout, and every send behind it too.
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+    assert!(
+        took[took.len() - 1] < Duration::from_millis(2500),
+        "max {:?}",
+        took[took.len() - 1]
+    );
     assert!(
         slowest_admin < Duration::from_millis(500),
         "{slowest_admin:?}"

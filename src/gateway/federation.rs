@@ -14,7 +14,7 @@ use std::{rc::Rc, sync::Arc};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::future::LocalBoxFuture;
 use sealpost_proto::{
-    DeviceId, ErrorCode, Handle, SendOutcome,
+    DeviceId, ErrorCode, Handle,
     federation::{Admission, FedEnvelope, LinkFrame, NOISE_PATTERN, RemoteDevice},
 };
 use subtle::ConstantTimeEq;
@@ -22,8 +22,8 @@ use subtle::ConstantTimeEq;
 use super::{
     AppState,
     error::ApiError,
+    route::{From, Send, admit_sealed, refusal},
     session::{OpenGuard, admit, admit_unauthenticated},
-    submit::{admit_sealed, submit_local, validate_local},
 };
 use crate::{
     federation::{
@@ -117,27 +117,21 @@ impl LocalDelivery for Local {
             copies,
             admission,
         } = envelope;
-        let to = match Handle::parse(&to) {
-            Ok(to) => to,
-            Err(_) => return ready(Some(ErrorCode::InvalidHandle)),
+        let send = Send {
+            id,
+            to,
+            class,
+            ttl_secs,
+            copies,
+            from: From::Peer {
+                origin: origin.into(),
+                admission,
+            },
         };
-        let to = match validate_local(state, to, class, ttl_secs, &copies) {
-            Ok(to) => to,
-            Err(code) => return ready(Some(code)),
-        };
-        if let Err(code) = self.admit(&to, &admission) {
-            return ready(Some(code));
+        match state.route(send) {
+            Ok(pending) => Box::pin(async move { refusal(pending.await.1) }),
+            Err(code) => ready(Some(code)),
         }
-        // The origin checked the device set when it accepted the envelope; devices may have
-        // been added or removed since (while it sat in the outbox): the devices that remain
-        // get their copies rather than nobody getting any.
-        let pending = submit_local(state, to, id, class, ttl_secs, copies, Some(origin.into()));
-        Box::pin(async move {
-            match pending.await.1 {
-                SendOutcome::Accepted { .. } => None,
-                SendOutcome::Rejected { code, .. } => Some(code),
-            }
-        })
     }
 
     fn answer(&self, _origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame> {

@@ -34,7 +34,7 @@ use super::{
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
     json::{Json, JsonLimit},
-    submit::admit_sealed,
+    route::admit_sealed,
 };
 use crate::{
     clock::now_ms,

@@ -1,7 +1,10 @@
 //! The gateway: HTTP routes and WebSocket device sessions. It translates wire frames and
-//! HTTP requests into mailbox messages and their answers back into frames, close codes and
-//! status codes. It never touches the store's queues directly.
+//! HTTP requests into calls on mailboxes ([`crate::mailbox::Mailboxes`], a typed handle) and
+//! federation peers, and their answers back into frames, close codes and status codes. It
+//! never touches the store's queues directly.
 //!
+//! - [`route`]: one route per envelope: every send (device, sealed, inbound federation) is
+//!   checked once and goes to one mailbox or one federation peer.
 //! - [`http`]: account and device endpoints, health, readiness, metrics.
 //! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
 //! - [`session`]: one task per WebSocket connection (actix-ws).
@@ -26,10 +29,10 @@ pub(crate) mod json;
 pub mod keys;
 pub mod limits;
 pub(crate) mod remote;
+pub(crate) mod route;
 pub mod sealed;
 pub mod session;
 pub mod settings;
-pub(crate) mod submit;
 pub mod turn;
 pub mod web;
 

@@ -13,10 +13,10 @@ use sealpost_proto::{ClientFrame, CloseCode, ErrorCode, ServerFrame, limits::MAX
 
 use super::{
     AppState,
+    route::{From, Send},
     session::{
         OpenGuard, Pending, accept_decoded, admit, error_frame, refuse_over_rate, reject_send,
     },
-    submit::{admit_sealed, submit_sealed, validate_send},
 };
 use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
 
@@ -102,19 +102,19 @@ impl Service for SealedSession<'_> {
             let _ = session.binary(frame).await;
             return Ok(());
         };
-        let admitted = validate_send(state, &to, class, ttl_secs, &copies).and_then(|to| {
-            admit_sealed(state, &to, delivery_token.as_deref(), self.ip).map(|()| to)
-        });
-        match admitted {
-            Ok(to) => self.pending.push(submit_sealed(
-                state,
-                to,
-                id,
-                class,
-                ttl_secs,
-                copies,
-                delivery_token,
-            )),
+        let send = Send {
+            id,
+            to,
+            class,
+            ttl_secs,
+            copies,
+            from: From::Sealed {
+                token: delivery_token,
+                ip: self.ip,
+            },
+        };
+        match state.route(send) {
+            Ok(pending) => self.pending.push(pending),
             Err(code) => reject_send(session, id, code).await,
         }
         Ok(())

@@ -34,7 +34,7 @@ use super::{
     AppState,
     error::ApiError,
     limits::{PreAuthFull, PreAuthSlot},
-    submit::{PendingSend, submit, validate_send},
+    route::{From, PendingSend, Send},
 };
 use crate::{
     clock::now_ms,
@@ -473,12 +473,20 @@ impl Service for DeviceSession<'_> {
                 class,
                 ttl_secs,
                 copies,
-            } => match validate_send(self.state, &to, class, ttl_secs, &copies) {
-                Ok(to) => self
-                    .pending
-                    .push(submit(self.state, to, id, class, ttl_secs, copies)),
-                Err(code) => reject_send(session, id, code).await,
-            },
+            } => {
+                let send = Send {
+                    id,
+                    to,
+                    class,
+                    ttl_secs,
+                    copies,
+                    from: From::Device,
+                };
+                match self.state.route(send) {
+                    Ok(pending) => self.pending.push(pending),
+                    Err(code) => reject_send(session, id, code).await,
+                }
+            }
             // A sealed send on the connection that names its sender would undo the sealing:
             // sealed sends belong on the anonymous `/v1/sealed`.
             ClientFrame::SealedSend { id, .. } => {

@@ -1,0 +1,216 @@
+//! One route per envelope. Every send — from an authenticated device (`/v1/ws`), from the
+//! anonymous endpoint (`/v1/sealed`) or from a peer broker over its link — becomes one
+//! [`Send`], is checked once by [`AppState::route`] and goes to exactly one place: the
+//! recipient's mailbox, or the federation peer of the recipient's domain.
+//!
+//! ```text
+//! ClientFrame::Send ─────┐
+//! ClientFrame::SealedSend ─▶ Send { .., from } ─▶ route: fields ─▶ domain ─▶ admission ─┬─▶ Mailboxes::submit
+//! FedEnvelope (inbound) ─┘                                   (account exists, local)    └─▶ Federation::submit
+//! ```
+
+use std::{net::IpAddr, sync::Arc};
+
+use sealpost_proto::{
+    Class, Copy, EnvelopeId, ErrorCode, Handle, SendOutcome,
+    federation::Admission,
+    limits::{
+        MAX_CIPHERTEXT_BYTES, MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS, MAX_URGENT_TTL_SECS,
+    },
+};
+
+use super::AppState;
+
+/// A send awaiting its answer from the recipient's mailbox or federation peer.
+pub(crate) type PendingSend = std::pin::Pin<Box<dyn Future<Output = (EnvelopeId, SendOutcome)>>>;
+use crate::{mailbox::Delivery, store::answered_inline};
+
+/// Where a send came from, which decides how it is admitted.
+#[derive(Debug, Clone)]
+pub(crate) enum From {
+    /// An authenticated device of this broker (its account is known to the connection, not
+    /// to the envelope).
+    Device,
+    /// The anonymous endpoint: admitted by the recipient's delivery token, or without one for
+    /// a recipient who accepts sealed envelopes from anyone (limited per source address).
+    Sealed {
+        token: Option<Vec<u8>>,
+        ip: Option<IpAddr>,
+    },
+    /// A peer broker over its authenticated link, with how that broker admitted it.
+    Peer {
+        origin: Arc<str>,
+        admission: Admission,
+    },
+}
+
+/// An envelope on its way to a recipient: one ciphertext per recipient device.
+#[derive(Debug)]
+pub(crate) struct Send {
+    pub(crate) id: EnvelopeId,
+    /// The recipient, as the sender wrote it (parsed here).
+    pub(crate) to: String,
+    pub(crate) class: Class,
+    pub(crate) ttl_secs: u32,
+    pub(crate) copies: Vec<Copy>,
+    pub(crate) from: From,
+}
+
+impl AppState {
+    /// Checks `send` once and hands it to the recipient's mailbox or its domain's federation
+    /// peer now (so a connection's sends keep their order); returns the future of its answer.
+    /// A send refused by the checks is answered at once with the reason.
+    pub(crate) fn route(&self, send: Send) -> Result<PendingSend, ErrorCode> {
+        let Send {
+            id,
+            to,
+            class,
+            ttl_secs,
+            copies,
+            from,
+        } = send;
+        let to = Handle::parse(&to).map_err(|_| ErrorCode::InvalidHandle)?;
+        if to.domain() != self.settings.domain {
+            // A peer delivers to its own users here, never through us to a third domain.
+            if matches!(from, From::Peer { .. }) || !self.federation.is_peer(to.domain()) {
+                return Err(ErrorCode::UnknownDomain);
+            }
+            // The recipient's broker knows the account and its devices; the federation peer
+            // checks the device set against what it learns from there.
+            check_fields(class, ttl_secs, &copies)?;
+            let admission = match from {
+                From::Peer { .. } => return Err(ErrorCode::UnknownDomain),
+                From::Device => Admission::Origin,
+                From::Sealed { token, ip } => {
+                    // The recipient's broker holds the token's hash and checks the token, which
+                    // travels with the envelope; only the source limit applies here.
+                    if token.is_none()
+                        && let Some(ip) = ip
+                        && !self.limits.allow_stranger(ip)
+                    {
+                        return Err(ErrorCode::RateLimited);
+                    }
+                    token.map_or(Admission::Open, Admission::Token)
+                }
+            };
+            let answer = self
+                .federation
+                .submit(&to, id, class, ttl_secs, copies, admission);
+            return Ok(Box::pin(async move { (id, answer.await) }));
+        }
+        check_fields(class, ttl_secs, &copies)?;
+        self.check_account(&to)?;
+        let origin = match from {
+            From::Device => None,
+            From::Sealed { token, ip } => {
+                admit_sealed(self, &to, token.as_deref(), ip)?;
+                None
+            }
+            From::Peer { origin, admission } => {
+                match admission {
+                    // The origin broker authenticated the sender; which account it is, it does
+                    // not say. The per-origin rate limit applies on the link.
+                    Admission::Origin => {}
+                    Admission::Token(token) => admit_sealed(self, &to, Some(&token), None)?,
+                    Admission::Open => admit_sealed(self, &to, None, None)?,
+                }
+                // The origin checked the device set when it accepted the envelope; devices
+                // may have changed since (while it sat in the outbox): the mailbox gives the
+                // devices that remain their copies rather than nobody any.
+                Some(origin)
+            }
+        };
+        let delivery = Delivery {
+            id,
+            class,
+            ttl_secs,
+            copies: Arc::new(copies),
+            origin,
+        };
+        let answer = self.mailboxes.submit(to.as_str(), delivery);
+        Ok(Box::pin(async move { (id, answer.await) }))
+    }
+
+    /// Whether a local recipient's account exists.
+    fn check_account(&self, to: &Handle) -> Result<(), ErrorCode> {
+        // A live mailbox means the account exists (mailboxes are spawned only for accounts).
+        if self.mailboxes.is_live(to.as_str()) {
+            return Ok(());
+        }
+        match answered_inline(self.store.directory.account(to.as_str())) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ErrorCode::UnknownRecipient),
+            Err(_) => Err(ErrorCode::StoreUnavailable),
+        }
+    }
+}
+
+/// The checks of a send that need no account.
+fn check_fields(class: Class, ttl_secs: u32, copies: &[Copy]) -> Result<(), ErrorCode> {
+    let max_ttl = match class {
+        Class::Durable => MAX_DURABLE_TTL_SECS,
+        Class::Urgent | Class::Ephemeral => MAX_URGENT_TTL_SECS,
+    };
+    if ttl_secs == 0 || ttl_secs > max_ttl {
+        return Err(ErrorCode::InvalidTtl);
+    }
+    if copies.is_empty() || copies.len() > MAX_DEVICES_PER_USER {
+        return Err(ErrorCode::InvalidCopies);
+    }
+    let mut devices: Vec<u32> = copies.iter().map(|c| c.device.0).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    if devices.len() != copies.len() {
+        return Err(ErrorCode::InvalidCopies);
+    }
+    if copies
+        .iter()
+        .any(|c| c.ciphertext.len() > MAX_CIPHERTEXT_BYTES)
+    {
+        return Err(ErrorCode::EnvelopeTooLarge);
+    }
+    Ok(())
+}
+
+/// Admits a sealed envelope (or a key claim) for a local recipient `to`: a valid delivery
+/// token, or no token for a recipient that accepts sealed envelopes from anyone (then limited
+/// per source IP).
+pub(crate) fn admit_sealed(
+    state: &AppState,
+    to: &Handle,
+    token: Option<&[u8]>,
+    ip: Option<IpAddr>,
+) -> Result<(), ErrorCode> {
+    let record = answered_inline(state.store.directory.delivery_token(to.as_str()))
+        .map_err(|_| ErrorCode::StoreUnavailable)?
+        .unwrap_or(crate::store::DeliveryTokenRecord {
+            version: crate::store::records::RECORD_VERSION,
+            token_hash: None,
+            unrestricted: false,
+        });
+    match token {
+        Some(token) => {
+            let ok = record
+                .token_hash
+                .is_some_and(|stored| state.hasher.verify_delivery_token(token, &stored));
+            if ok {
+                Ok(())
+            } else {
+                Err(ErrorCode::BadDeliveryToken)
+            }
+        }
+        None if record.unrestricted => match ip {
+            Some(ip) if !state.limits.allow_stranger(ip) => Err(ErrorCode::RateLimited),
+            _ => Ok(()),
+        },
+        None => Err(ErrorCode::BadDeliveryToken),
+    }
+}
+
+/// A send's answer where only the refusal matters (inbound federation).
+pub(crate) fn refusal(outcome: SendOutcome) -> Option<ErrorCode> {
+    match outcome {
+        SendOutcome::Accepted { .. } => None,
+        SendOutcome::Rejected { code, .. } => Some(code),
+    }
+}
