@@ -343,7 +343,7 @@ impl FederationPeer {
                     break;
                 }
                 if record.expires_ms <= now {
-                    self.settle(&record.to, seq);
+                    self.done_with(&record.to, seq);
                     expired.push(seq);
                     next = seq + 1;
                     continue;
@@ -441,7 +441,7 @@ impl FederationPeer {
 
     /// An entry of `to` was answered for good (stored or refused): once none of its parked
     /// entries is left, the recipient is no longer parked.
-    fn settle(&mut self, to: &str, seq: u64) {
+    fn done_with(&mut self, to: &str, seq: u64) {
         if let Some(parked) = self.parked.get_mut(to) {
             parked.seqs.remove(&seq);
             if parked.seqs.is_empty() && !parked.holding {
@@ -526,10 +526,10 @@ impl FederationPeer {
             seqs.push(seq);
         }
         for seq in gone {
-            self.settle(to, seq);
+            self.done_with(to, seq);
         }
         for seq in &expired {
-            self.settle(to, *seq);
+            self.done_with(to, *seq);
         }
         self.drop_expired(&expired);
         for (envelopes, seqs) in txns {
@@ -1076,7 +1076,7 @@ impl Handler<TxnAcked> for FederationPeer {
                 None => {
                     done.push(*seq);
                     delivered += 1;
-                    self.settle(to, *seq);
+                    self.done_with(to, *seq);
                 }
                 // Only this recipient has to wait; the rest of the stream goes on.
                 Some(ErrorCode::MailboxFull) => self.park(to, *seq, ctx),
@@ -1088,7 +1088,7 @@ impl Handler<TxnAcked> for FederationPeer {
                     // Refused for good (unknown recipient, bad token, ...): nobody can fix
                     // this by retrying. The sender was already answered; count it.
                     done.push(*seq);
-                    self.settle(to, *seq);
+                    self.done_with(to, *seq);
                     self.stats.refused += 1;
                     metrics::counter!(
                         "sealpost_federation_refused_total",

@@ -39,7 +39,7 @@ use super::{
 use crate::{
     clock::now_ms,
     crypto::DeviceToken,
-    mailbox::{Conn, MailboxError, outbox},
+    mailbox::{Conn, MailboxError, push_queue},
     socket::{Close, Drain, Flow, Service, Socket, Writer},
     telemetry,
 };
@@ -250,7 +250,7 @@ fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Futu
         drop(slot);
         let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
         let capacity = state.settings.delivery_window * 2 + 16;
-        let (tx, pushes) = outbox::channel(capacity);
+        let (tx, pushes) = push_queue::channel(capacity);
         let (kick_tx, kick) = oneshot::channel();
         let conn = Conn {
             id: conn_id,
@@ -388,7 +388,7 @@ struct DeviceSession<'a> {
     /// This device's sends awaiting their results.
     pending: Pending,
     /// Deliveries the mailbox pushes to this connection.
-    pushes: outbox::Receiver,
+    pushes: push_queue::Receiver,
     /// The mailbox closing this connection (displaced, revoked, slow consumer).
     kick: oneshot::Receiver<CloseCode>,
     /// Shutdown began: acks are still taken, sends are refused.

@@ -70,11 +70,11 @@ struct DeviceQueue {
     /// Highest sequence number ever pushed by this mailbox (redelivery accounting).
     pushed_hwm: u64,
     /// The connected session, if any.
-    conn: Option<Live>,
+    conn: Option<Attached>,
 }
 
 /// A connected device.
-struct Live {
+struct Attached {
     conn: Conn,
     /// Next sequence number to consider pushing.
     cursor: u64,
@@ -433,7 +433,7 @@ impl Mailbox {
     }
 }
 
-impl Live {
+impl Attached {
     /// Hands one `deliver` frame to the session; false if its channel is full (slow consumer).
     fn push(
         &mut self,
@@ -572,7 +572,7 @@ impl Handler<Attach> for Mailbox {
             .get_mut(&msg.device)
             .ok_or(AttachError::UnknownDevice)?;
         // From the start of the queue: the first read skips what was trimmed.
-        q.conn = Some(Live {
+        q.conn = Some(Attached {
             conn: msg.conn,
             cursor: 0,
             in_flight: BTreeMap::new(),

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::{
     Conn, MailboxConfig, Registry,
     messages::{Ack, AddDevice, Attach, ClaimKey, Expire, RemoveDevice, Submit, UploadKeys},
-    outbox,
+    push_queue,
 };
 use crate::store::{DeviceRecord, Inbox, Stores, memory::MemoryStore};
 
@@ -57,7 +57,7 @@ fn send(id: u8, devices: &[u32], origin: Option<&str>) -> Submit {
 
 struct Connection {
     id: u64,
-    rx: outbox::Receiver,
+    rx: push_queue::Receiver,
     kick: oneshot::Receiver<CloseCode>,
 }
 
@@ -67,7 +67,7 @@ impl Fixture {
     }
 
     async fn connect(&self, device: u32, id: u64) -> Connection {
-        let (tx, rx) = outbox::channel(64);
+        let (tx, rx) = push_queue::channel(64);
         let (kick, kick_rx) = oneshot::channel();
         let attach = Attach {
             device: DeviceId(device),

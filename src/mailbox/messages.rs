@@ -18,7 +18,7 @@ pub struct Conn {
     pub id: ConnId,
     /// Encoded frames to write to the socket. Bounded: the mailbox uses `try_send`, and a full
     /// channel means a slow consumer, which is disconnected and resumes from the store.
-    pub tx: super::outbox::Sender,
+    pub tx: super::push_queue::Sender,
     /// Tells the session to close with a reason (displaced, revoked, slow consumer).
     pub kick: oneshot::Sender<CloseCode>,
 }

@@ -5,7 +5,8 @@
 //! - [`messages`]: the actor messages behind it.
 //! - [`actor`]: the [`Mailbox`] actor — idempotent append, group-committed durability,
 //!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
-//! - [`outbox`]: the bounded queue of frames from a mailbox to a connected session.
+//! - [`push_queue`]: the bounded queue of frames from a mailbox to a connected session (not
+//!   to be confused with a federation outbox).
 //! - [`live`]: the live-delivery seam — a mailbox wakes whoever holds a device's socket, in
 //!   this process today, in another one with a scale-out backend.
 //! - [`registry`]: finds or spawns the mailbox of a user, spreads them over threads, and
@@ -16,7 +17,7 @@ mod device_map;
 pub mod handle;
 pub mod live;
 pub mod messages;
-pub mod outbox;
+pub mod push_queue;
 pub mod registry;
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ struct ModelDevice {
 
 struct ModelConn {
     id: u64,
-    rx: super::outbox::Receiver,
+    rx: super::push_queue::Receiver,
     _kick: oneshot::Receiver<sealpost_proto::CloseCode>,
     /// Delivered on this connection, not yet acked, in order.
     in_flight: VecDeque<(u64, EnvelopeId)>,
@@ -204,7 +204,7 @@ async fn run(ops: Vec<Op>, open: impl Fn() -> Broker) {
                 }
             }
             Op::Connect(d) => {
-                let (tx, rx) = super::outbox::channel(64);
+                let (tx, rx) = super::push_queue::channel(64);
                 let (kick, kick_rx) = oneshot::channel();
                 conn_ids += 1;
                 let conn = super::Conn {
@@ -389,7 +389,7 @@ fn a_restarted_mailbox_pushes_nothing_that_is_not_durable() {
             actix::clock::sleep(Duration::from_millis(10)).await;
         }
         let attach = |id: u64| {
-            let (tx, rx) = super::outbox::channel(64);
+            let (tx, rx) = super::push_queue::channel(64);
             let (kick, kick_rx) = oneshot::channel();
             let conn = super::Conn { id, tx, kick };
             (
@@ -461,7 +461,7 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
         // three.
         let mut conns = Vec::new();
         for (n, device) in DEVICES.iter().enumerate() {
-            let (tx, rx) = super::outbox::channel(64);
+            let (tx, rx) = super::push_queue::channel(64);
             let (kick, kick_rx) = oneshot::channel();
             let conn_id = n as u64 + 1;
             let conn = super::Conn {
@@ -481,7 +481,7 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
                 .expect("attach");
             conns.push((*device, conn_id, rx, kick_rx));
         }
-        let make_room = async |conns: &mut Vec<(DeviceId, u64, super::outbox::Receiver, _)>| {
+        let make_room = async |conns: &mut Vec<(DeviceId, u64, super::push_queue::Receiver, _)>| {
             for (device, conn_id, rx, _) in conns.iter_mut() {
                 let deadline = std::time::Instant::now() + Duration::from_secs(20);
                 let mut seqs = Vec::new();
