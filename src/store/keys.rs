@@ -1,4 +1,6 @@
-//! Every key layout of the store, in one place. Integers are big-endian so that sled's
+//! Every key layout of the sled backend (`store/sled/`), in one place: its on-disk format,
+//! which existing data directories depend on. Other backends keep their own catalogue (a
+//! JetStream one: subjects, headers and KV keys). Integers are big-endian so that sled's
 //! lexicographic order is numeric order; handles never contain `0xff` (they are ASCII), so
 //! `0xff` separates a handle from what follows.
 //!

@@ -36,6 +36,7 @@ impl Inbox for SledStore {
             limits,
             heads,
             pending: Arc::default(),
+            checked_new: None,
         });
         // Writes of a previous writer are durable unless a flush failed and none has
         // succeeded since: then what was loaded may hold writes that are not, and nothing
@@ -67,6 +68,9 @@ struct SledUserInbox {
     /// Sends written but not yet durable, by envelope id, with where they were stored: a
     /// retry waits for durability like the original, and the sweep keeps their dedup records.
     pending: Arc<Mutex<HashMap<[u8; 16], Placement>>>,
+    /// The id [`UserInbox::duplicate`] last found new: its append, which the writer makes
+    /// next, need not look it up again.
+    checked_new: Option<[u8; 16]>,
 }
 
 impl SledUserInbox {
@@ -107,14 +111,16 @@ impl UserInbox for SledUserInbox {
         if let Some(stored) = self.pending().get(id).cloned() {
             return Ok(Some(self.when_durable(true, stored)));
         }
-        Ok(self
-            .inner
-            .dedup(&self.user, id)?
-            .map(|record| self.when_durable(true, record.stored)))
+        let original = self.inner.dedup(&self.user, id)?;
+        self.checked_new = original.is_none().then_some(*id);
+        Ok(original.map(|record| self.when_durable(true, record.stored)))
     }
 
     fn append(&mut self, envelope: NewEnvelope<'_>) -> Result<StoreFuture<Appended>, AppendError> {
-        if let Some(original) = self.duplicate(&envelope.id)? {
+        // Only this handle writes these queues: an id found new just now is still new.
+        if self.checked_new.take() != Some(envelope.id)
+            && let Some(original) = self.duplicate(&envelope.id)?
+        {
             return Ok(original);
         }
         // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
