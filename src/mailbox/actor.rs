@@ -266,6 +266,7 @@ impl Mailbox {
             return;
         }
         let mut slow = false;
+        let mut failed = false;
         while live.in_flight.len() < window && live.cursor < q.durable_next {
             while live.hot.front().is_some_and(|h| h.0 < live.cursor) {
                 live.hot.pop_front();
@@ -290,6 +291,7 @@ impl Mailbox {
                 Some(Ok(batch)) => batch,
                 Some(Err(e)) => {
                     warn!(error = %e, "reading a device queue failed");
+                    failed = true;
                     break;
                 }
                 None => {
@@ -309,6 +311,12 @@ impl Mailbox {
         }
         if slow {
             self.kick(device, CloseCode::SlowConsumer);
+            return;
+        }
+        if failed {
+            // Nothing would retry the read (no timer runs for a device with nothing in
+            // flight): the device reconnects and resumes from the store.
+            self.kick(device, CloseCode::GoingAway);
             return;
         }
         if let Some(end) = live.backlog_end
@@ -352,6 +360,7 @@ impl Mailbox {
             }
             Err(e) => {
                 warn!(error = %e, "reading a device queue failed");
+                self.kick(device, CloseCode::GoingAway);
                 return;
             }
         }
@@ -824,7 +833,12 @@ impl Handler<Ack> for Mailbox {
                         }
                     });
                 }
-                Err(e) => warn!(error = %e, "deleting acknowledged envelopes failed"),
+                Err(e) => {
+                    // The acked envelopes stay stored and counted: the device reconnects, is
+                    // delivered them again and acks them again.
+                    warn!(error = %e, "deleting acknowledged envelopes failed");
+                    self.kick(msg.device, CloseCode::GoingAway);
+                }
             }
         }
         self.pump(msg.device, ctx);

@@ -321,6 +321,23 @@ fn nothing_is_acknowledged_or_pushed_that_is_not_durable() {
     });
 }
 
+/// A device whose backlog cannot be read is disconnected (`going_away`) rather than left
+/// connected with nothing coming: it reconnects and resumes from the store.
+#[test]
+fn a_device_whose_backlog_cannot_be_read_is_sent_away_to_resume() {
+    run(|| async {
+        let f = fixture(10).await;
+        assert_eq!(f.submit(send(1, &[1, 2], None)).await, ACCEPTED);
+        set(&f.memory.faults.io, true);
+        let mut conn = f.connect(1, 1).await;
+        assert!(delivered(&frames(&mut conn).await).is_empty());
+        assert_eq!(conn.kick.try_recv(), Ok(CloseCode::GoingAway));
+        set(&f.memory.faults.io, false);
+        let mut again = f.connect(1, 2).await;
+        assert_eq!(delivered(&frames(&mut again).await), vec![(1, 1)]);
+    });
+}
+
 #[test]
 fn a_store_short_of_room_or_failing_refuses_sends() {
     run(|| async {
