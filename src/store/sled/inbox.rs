@@ -255,12 +255,20 @@ impl UserInbox for SledUserInbox {
                     // The entry stands for the envelope at `seq` only if that envelope has
                     // its expiry: a crash can leave an entry whose envelope never got
                     // written, and the sequence number may hold another envelope since.
-                    let len = self
-                        .inner
-                        .read(&self.user, device, seq, 1)?
-                        .first()
-                        .filter(|(s, r)| *s == seq && r.expires_ms == expires_ms)
-                        .map(|(_, r)| r.ciphertext.len() as u64);
+                    // An undecodable envelope is deleted with its entry (its byte count is not
+                    // known: the queue's count goes down, its bytes are reset once it is empty),
+                    // rather than holding up every later entry of the sweep.
+                    let len = match self.inner.read(&self.user, device, seq, 1) {
+                        Ok(found) => found
+                            .first()
+                            .filter(|(s, r)| *s == seq && r.expires_ms == expires_ms)
+                            .map(|(_, r)| r.ciphertext.len() as u64),
+                        Err(e @ StoreError::Corruption(_)) => {
+                            corrupt(&e);
+                            Some(0)
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let Some(len) = len else {
                         write.ops.push(QueueOp::Unindex(entry));
                         continue;
@@ -285,8 +293,16 @@ impl UserInbox for SledUserInbox {
                     }
                     // Likewise, a retry of a torn send may have written the record again
                     // with a later expiry: then only the stale entry goes.
-                    match self.inner.dedup(&self.user, &id)? {
-                        Some(r) if r.expires_ms == expires_ms => {
+                    let record = match self.inner.dedup(&self.user, &id) {
+                        Ok(record) => record.map(|r| r.expires_ms),
+                        Err(e @ StoreError::Corruption(_)) => {
+                            corrupt(&e);
+                            Some(expires_ms)
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    match record {
+                        Some(r) if r == expires_ms => {
                             write.ops.push(QueueOp::ForgetDedup {
                                 user: self.user.clone(),
                                 id,
@@ -312,4 +328,10 @@ impl UserInbox for SledUserInbox {
         self.heads.extend(new_heads);
         Ok(expired)
     }
+}
+
+/// An undecodable record met by the expiry sweep: reported, then deleted.
+fn corrupt(e: &StoreError) {
+    tracing::warn!(error = %e, "an expired record does not decode; deleting it");
+    metrics::counter!("sealpost_corrupt_records_total").increment(1);
 }

@@ -278,3 +278,52 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         assert!(!store.due(committed, 100).await.expect("due").is_empty());
     });
 }
+
+/// An undecodable envelope met by the expiry sweep is deleted (and counted), instead of
+/// failing the whole batch and holding up every later entry on every sweep.
+#[test]
+fn an_undecodable_expired_envelope_is_deleted_and_the_rest_expire() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let now = crate::clock::now_ms();
+    let mut w = QueueWrite::default();
+    for (seq, tag) in [(1, 1u8), (2, 2)] {
+        w.ops.push(QueueOp::Append {
+            user: USER.into(),
+            device: 1,
+            seq,
+            record: EnvelopeRecord {
+                version: 1,
+                id: [tag; 16],
+                class: 0,
+                accepted_ms: now,
+                expires_ms: now - 1,
+                ciphertext: vec![1; 10],
+            },
+        });
+    }
+    store.inner.write(w).expect("write");
+    // The first envelope's bytes are damaged on disk.
+    store
+        .inner
+        .queues
+        .insert(
+            crate::store::keys::envelope(USER, 1, 1),
+            &b"\xffgarbage"[..],
+        )
+        .expect("damage");
+    let limits = QueueLimits {
+        count: 10,
+        bytes: u64::MAX,
+    };
+    block_on(async {
+        let due = store.due(now, 100).await.expect("due");
+        assert_eq!(due.len(), 2);
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        let expired = queues.expire(due).expect("one bad record fails nothing");
+        assert_eq!(expired, vec![(1, 1), (1, 2)]);
+        assert!(store.inner.read(USER, 1, 0, 10).expect("read").is_empty());
+        assert!(store.due(now, 100).await.expect("due").is_empty());
+    });
+}
