@@ -167,6 +167,10 @@ struct Outage {
 /// A link up this long ends an outage (and resets the reconnection backoff).
 const STABLE_LINK: Duration = Duration::from_secs(10);
 
+/// Sends to one recipient that may wait behind its device lookup; more are refused with
+/// `peer_unavailable` (retryable).
+const MAX_WAITING_PER_RECIPIENT: usize = 1024;
+
 /// How often a lasting outage is summed up in the log.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -911,8 +915,13 @@ impl Handler<Enqueue> for FederationPeer {
     fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         if let Some(waiting) = self.waiting.get_mut(&msg.to) {
-            // Behind an earlier send to the same recipient whose lookup is running.
-            waiting.push_back((msg, tx));
+            // Behind an earlier send to the same recipient whose lookup is running; bounded,
+            // since a lookup may take `lookup_wait` and senders do not wait for each other.
+            if waiting.len() >= MAX_WAITING_PER_RECIPIENT {
+                let _ = tx.send(rejected(ErrorCode::PeerUnavailable));
+            } else {
+                waiting.push_back((msg, tx));
+            }
         } else if self.should_ask(&msg) {
             // Ask the recipient's broker for the current devices, for at most `lookup_wait`;
             // the actor goes on serving everything else meanwhile.
