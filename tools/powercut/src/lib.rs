@@ -27,15 +27,18 @@
 //!   no page cache to write back), and so data "flushed" that way is lost on a cut, as it can
 //!   be on a real machine (no drive cache flush, no metadata).
 //! - **Metadata is durable at once**: create, mkdir, rename, unlink, rmdir and chmod reach
-//!   the backing directory when they are made and are never undone. A directory fsync is
-//!   therefore a no-op here.
+//!   the backing directory when they are made and are never undone. What a directory fsync
+//!   would have protected is only *reported*: [`Cut::unsynced_names`] lists the names created,
+//!   renamed or removed since their directory's last fsync, which a real file system may
+//!   lose.
 //! - **Nothing stale survives a cut in the kernel**: files are opened with `direct_io` (no
 //!   page cache for their data) and a cut unmounts; the next mount starts with empty caches.
 //!
 //! # Limits (what this cannot show)
 //!
-//! - Missing *directory* fsyncs: a file created or renamed but whose directory was never
-//!   synced keeps its name here, while on ext4 or XFS it may vanish after a crash.
+//! - Missing *directory* fsyncs are reported, not enacted: a file created or renamed but
+//!   whose directory was never synced keeps its name here, while on ext4 or XFS it may
+//!   vanish after a crash (in practice only within the journal's commit interval).
 //! - Torn or reordered writes *within* the unsynced window: a cut drops every unsynced
 //!   write of a file, never a subset of them (real disks may persist any subset, in any
 //!   order, and tear a sector). The state after a cut is always one that a real disk could
@@ -141,6 +144,16 @@ pub struct Stats {
     pub bytes_truncated: u64,
 }
 
+/// What a power cut did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// Counters, including the cut's own.
+    pub stats: Stats,
+    /// Names (relative to the mount) created, renamed or removed since their directory's
+    /// last fsync. Kept by this file system's model; a real one may have lost them.
+    pub unsynced_names: Vec<PathBuf>,
+}
+
 /// Everything the file system knows, behind one lock.
 struct State {
     /// The directory served.
@@ -154,6 +167,8 @@ struct State {
     next_fh: u64,
     /// FUSE inode → its changes since its last fsync.
     undo: HashMap<u64, Undo>,
+    /// Directory inode → names changed in it since its last fsync (relative paths).
+    unsynced_names: HashMap<u64, std::collections::BTreeSet<PathBuf>>,
     /// Set by a cut: from then on every operation fails with `EIO`, as on a dead machine.
     cut: bool,
     stats: Stats,
@@ -224,6 +239,14 @@ impl State {
         self.next_fh += 1;
         self.handles.insert(self.next_fh, Arc::new(file));
         FileHandle(self.next_fh)
+    }
+
+    /// Notes that the entry `rel` of directory `dir` changed.
+    fn name_changed(&mut self, dir: INodeNo, rel: &Path) {
+        self.unsynced_names
+            .entry(dir.0)
+            .or_default()
+            .insert(rel.to_owned());
     }
 
     /// Forgets `ino`'s undo record when its last name is gone.
@@ -364,6 +387,7 @@ impl Filesystem for PowerCutFs {
             let path = s.backing.join(&rel);
             std::fs::create_dir(&path)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !umask))?;
+            s.name_changed(parent, &rel);
             s.remember(rel)
         });
         answer!(reply, r, |a| reply.entry(&TTL, &a, Generation(0)));
@@ -374,6 +398,8 @@ impl Filesystem for PowerCutFs {
             let path = s.path(parent)?.join(name);
             let meta = std::fs::symlink_metadata(&path)?;
             std::fs::remove_file(&path)?;
+            let rel = s.rel(parent)?.join(name);
+            s.name_changed(parent, &rel);
             let ino = s.fuse_ino(meta.ino());
             s.forget_if_unlinked(ino, meta.nlink());
             Ok(())
@@ -386,6 +412,8 @@ impl Filesystem for PowerCutFs {
             let path = s.path(parent)?.join(name);
             let meta = std::fs::symlink_metadata(&path)?;
             std::fs::remove_dir(&path)?;
+            let rel = s.rel(parent)?.join(name);
+            s.name_changed(parent, &rel);
             let ino = s.fuse_ino(meta.ino());
             s.paths.remove(&ino);
             Ok(())
@@ -417,6 +445,8 @@ impl Filesystem for PowerCutFs {
                 }
             }
             std::fs::rename(s.backing.join(&from), s.backing.join(&to))?;
+            s.name_changed(parent, &from);
+            s.name_changed(newparent, &to);
             // Everything under the old name now lives under the new one.
             for rel in s.paths.values_mut() {
                 if let Ok(rest) = rel.strip_prefix(&from) {
@@ -461,6 +491,7 @@ impl Filesystem for PowerCutFs {
                 .truncate(flags & O_TRUNC != 0)
                 .open(&path)?;
             file.set_permissions(std::fs::Permissions::from_mode(mode & !umask & 0o7777))?;
+            s.name_changed(parent, &rel);
             let attr = s.remember(rel)?;
             Ok((attr, s.open_handle(file)))
         });
@@ -614,13 +645,17 @@ impl Filesystem for PowerCutFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Metadata is durable at once in this model (see the module doc).
-        answer!(reply, self.live(), |_s| reply.ok());
+        // Metadata is durable at once in this model (see the module doc); only the report
+        // of names a real file system could lose changes.
+        let r = self.live().map(|mut s| {
+            s.unsynced_names.remove(&ino.0);
+        });
+        answer!(reply, r, |_v| reply.ok());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -660,6 +695,7 @@ impl Mounted {
             handles: HashMap::new(),
             next_fh: 0,
             undo: HashMap::new(),
+            unsynced_names: HashMap::new(),
             cut: false,
             stats: Stats::default(),
         }));
@@ -692,8 +728,8 @@ impl Mounted {
     /// Cuts the power: from now on every operation fails with `EIO`; every file goes back to
     /// its state at its last fsync; then the file system is unmounted. Stop the processes
     /// using it first (a busy mount cannot be unmounted; the revert happens regardless).
-    pub fn cut(mut self) -> io::Result<Stats> {
-        let stats = {
+    pub fn cut(mut self) -> io::Result<Cut> {
+        let cut = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             s.cut = true;
             let undo = std::mem::take(&mut s.undo);
@@ -705,10 +741,16 @@ impl Mounted {
                 s.stats.bytes_truncated += now.saturating_sub(u.len);
             }
             s.handles.clear();
-            s.stats
+            let mut unsynced_names: Vec<PathBuf> =
+                s.unsynced_names.values().flatten().cloned().collect();
+            unsynced_names.sort();
+            Cut {
+                stats: s.stats,
+                unsynced_names,
+            }
         };
         self.unmount()?;
-        Ok(stats)
+        Ok(cut)
     }
 
     fn unmount(&mut self) -> io::Result<()> {

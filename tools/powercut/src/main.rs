@@ -28,7 +28,14 @@ fn main() -> anyhow::Result<()> {
             other => writeln!(out, "unknown command {other:?} (stats, cut)")?,
         }
     }
-    let stats = mounted.cut().context("cut")?;
-    writeln!(out, "cut {stats:?}")?;
+    let cut = mounted.cut().context("cut")?;
+    writeln!(out, "cut {:?}", cut.stats)?;
+    for name in cut.unsynced_names {
+        writeln!(
+            out,
+            "name not made durable (no directory fsync): {}",
+            name.display()
+        )?;
+    }
     Ok(())
 }
