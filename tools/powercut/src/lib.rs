@@ -5,7 +5,7 @@
 //! promise a program gets about that is `fsync`/`fdatasync`. This file system makes the
 //! difference testable: it serves a backing directory at a mount point, remembers for every
 //! file what it looked like at its last fsync, and on [`Mounted::cut`] puts every file back
-//! to that state and unmounts.
+//! to that state and fails every later request, until it is unmounted.
 //!
 //! ```text
 //!  broker ──pwrite──▶ kernel ──FUSE WRITE──▶ PowerCut ──save old pages──▶ undo log (memory)
@@ -22,6 +22,11 @@
 //!   old length is first overwritten or truncated away, its old bytes are saved. A cut writes
 //!   the saved pages back and truncates every file to its recorded length: each file is
 //!   exactly as it was at its last fsync. `fdatasync` is treated as `fsync`.
+//! - **An fsync takes time** ([`Options::fsync_latency`], as a drive's cache flush does), and
+//!   its file's data becomes durable when it ends. Requests are served one at a time, so
+//!   nothing else is written meanwhile; a cut during it loses what it was making durable (the
+//!   caller never saw it succeed). Without a latency the window between a program's write and
+//!   its fsync is too short for a cut at a random moment to fall into it often.
 //! - **`sync_file_range` is not durability.** It only starts write-back of the page cache;
 //!   it sends nothing to a FUSE file system (files are opened with `direct_io`, so there is
 //!   no page cache to write back), and so data "flushed" that way is lost on a cut, as it can
@@ -293,9 +298,17 @@ fn attr(ino: u64, m: &std::fs::Metadata) -> FileAttr {
     }
 }
 
+/// How the file system behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// How long each fsync takes before it returns (and before its data counts as durable).
+    pub fsync_latency: Duration,
+}
+
 /// The file system served to the kernel; [`Mounted`] holds the other end of its state.
 struct PowerCutFs {
     state: Arc<Mutex<State>>,
+    options: Options,
 }
 
 impl PowerCutFs {
@@ -591,6 +604,9 @@ impl Filesystem for PowerCutFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // Outside the lock, so that a cut can happen meanwhile; nothing else is served (one
+        // request at a time), so the file does not change during it.
+        std::thread::sleep(self.options.fsync_latency);
         let r = self.live().map(|mut s| {
             // The file as it is now is what a power cut leaves.
             s.undo.remove(&ino.0);
@@ -683,9 +699,15 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    /// Serves `backing` at `mountpoint` (an existing, empty directory) until cut or dropped.
-    /// Needs `/dev/fuse` and either root (mount(2) directly) or `fusermount3`.
+    /// Serves `backing` at `mountpoint` (an existing, empty directory) until cut or dropped,
+    /// with default [`Options`]. Needs `/dev/fuse` and either root (mount(2) directly) or
+    /// `fusermount3`.
     pub fn mount(backing: &Path, mountpoint: &Path) -> io::Result<Mounted> {
+        Mounted::mount_with(backing, mountpoint, Options::default())
+    }
+
+    /// [`Mounted::mount`] with `options`.
+    pub fn mount_with(backing: &Path, mountpoint: &Path, options: Options) -> io::Result<Mounted> {
         let backing = backing.canonicalize()?;
         let root_ino = std::fs::metadata(&backing)?.ino();
         let state = Arc::new(Mutex::new(State {
@@ -704,8 +726,11 @@ impl Mounted {
             MountOption::FSName("sealpost-powercut".into()),
             MountOption::Subtype("powercut".into()),
         ];
+        // One request at a time (fuser's default, said here because the fsync model needs it).
+        config.n_threads = Some(1);
         let fs = PowerCutFs {
             state: state.clone(),
+            options,
         };
         let session = fuser::spawn_mount(fs, mountpoint, &config)?;
         Ok(Mounted {
@@ -725,10 +750,14 @@ impl Mounted {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).stats
     }
 
-    /// Cuts the power: from now on every operation fails with `EIO`; every file goes back to
-    /// its state at its last fsync; then the file system is unmounted. Stop the processes
-    /// using it first (a busy mount cannot be unmounted; the revert happens regardless).
-    pub fn cut(mut self) -> io::Result<Cut> {
+    /// Cuts the power: from now on every operation fails with `EIO` (the programs using the
+    /// mount see a dead disk, and no fsync in progress completes), and every file goes back
+    /// to its state at its last completed fsync. The mount stays until [`Mounted::unmount`]:
+    /// kill the programs using it first. Cutting a cut file system changes nothing more.
+    ///
+    /// Cut, then kill: a process killed while it waits in an fsync is only reaped once the
+    /// fsync returns, so killing first would let every fsync in progress complete.
+    pub fn cut(&self) -> io::Result<Cut> {
         let cut = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             s.cut = true;
@@ -749,11 +778,16 @@ impl Mounted {
                 unsynced_names,
             }
         };
-        self.unmount()?;
         Ok(cut)
     }
 
-    fn unmount(&mut self) -> io::Result<()> {
+    /// Unmounts (after a cut, or without one: then nothing is lost). Fails while a program
+    /// still has a file open on the mount.
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.unmount_session()
+    }
+
+    fn unmount_session(&mut self) -> io::Result<()> {
         match self.session.take() {
             Some(session) => session.umount_and_join(),
             None => Ok(()),
@@ -763,6 +797,41 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = self.unmount();
+        let _ = self.unmount_session();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Overwrites, a truncation and a regrowth past the old end all come undone.
+    #[test]
+    fn revert_restores_saved_pages_and_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let before: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &before).expect("write");
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open"),
+        );
+        let mut undo = Undo {
+            file: file.clone(),
+            len: 10_000,
+            pages: BTreeMap::new(),
+        };
+        undo.save(5000, 5001).expect("save");
+        file.write_all_at(&[0xff], 5000).expect("overwrite");
+        undo.save(3000, 10_000).expect("save");
+        file.set_len(3000).expect("truncate");
+        undo.save(3000, 12_000).expect("save");
+        file.write_all_at(&[0xee; 9000], 3000).expect("regrow");
+        assert_eq!(undo.pages.len(), 3, "pages 0, 1 and 2 of the old length");
+        undo.revert().expect("revert");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
     }
 }
