@@ -136,8 +136,8 @@ struct Sent {
     accepted: Vec<(EnvelopeId, usize)>,
     /// Ids sent with no answer before the kill (may or may not be stored).
     unanswered: Vec<(EnvelopeId, usize)>,
-    /// Sends answered with anything but "accepted".
-    refused: usize,
+    /// Sends answered with anything but "accepted", by error code.
+    refused: Vec<String>,
 }
 
 /// Envelope id: sender tag, the sender's running counter (for order checks), random rest.
@@ -167,7 +167,7 @@ async fn sender(
     let mut sent = Sent {
         accepted: Vec::new(),
         unanswered: Vec::new(),
-        refused: 0,
+        refused: Vec::new(),
     };
     loop {
         while in_flight.len() < 16 {
@@ -208,7 +208,10 @@ async fn sender(
                     if outcome == (SendOutcome::Accepted { duplicate: false }) {
                         sent.accepted.push((id, r));
                     } else {
-                        sent.refused += 1;
+                        sent.refused.push(match outcome {
+                            SendOutcome::Rejected { code, .. } => format!("{code:?}"),
+                            other => format!("{other:?}"),
+                        });
                     }
                 }
             }
@@ -256,7 +259,7 @@ struct Totals {
     cycles: u32,
     acknowledged: usize,
     unanswered: usize,
-    refused: usize,
+    refused: std::collections::BTreeMap<String, usize>,
     delivered_live: usize,
     lost: usize,
     duplicated: usize,
@@ -462,7 +465,9 @@ async fn power_cuts_under_load_lose_nothing_acknowledged() {
             let (sent, next) = t.await.expect("sender task");
             senders[i].1 = next;
             cycle_acked += sent.accepted.len();
-            totals.refused += sent.refused;
+            for code in sent.refused {
+                *totals.refused.entry(code).or_default() += 1;
+            }
             totals.unanswered += sent.unanswered.len();
             for (id, r) in sent.accepted {
                 // Both devices of recipient r (ledgers 2r and 2r+1) must get it.
@@ -512,7 +517,7 @@ async fn power_cuts_under_load_lose_nothing_acknowledged() {
     mounted.unmount().expect("unmount");
     println!(
         "power loss: {} cycles, {} acknowledged envelopes, {} lost, {} duplicated, \
-         {} out of order, {} with a changed seq ({} delivered live, {} unanswered, {} refused; \
+         {} out of order, {} with a changed seq ({} delivered live, {} unanswered, refused {:?}; \
          file system: {} writes, {} fsyncs, {} files reverted, {} pages restored, \
          {} bytes cut off)",
         totals.cycles,
