@@ -50,7 +50,7 @@
 //!   also produce, but not every such state is produced.
 //! - A newly created file that was never fsynced comes back empty (its name survives).
 //! - `fallocate`, hard links, symlinks and extended attributes are not supported (the
-//!   calls fail with `ENOSYS`/`EPERM`; sled uses none of them).
+//!   calls fail with `ENOSYS`/`EPERM`; sled 0.34 and the broker run without them).
 //! - One lock serializes every operation: it is a test tool, not a fast file system.
 
 use std::{
