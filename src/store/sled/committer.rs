@@ -85,13 +85,21 @@ impl Committer {
         let thread = std::thread::Builder::new()
             .name("sealpost-commit".into())
             .spawn(move || {
-                let flush = || -> Result<()> {
+                // sled renames a new snapshot into place and removes the old one without a
+                // directory fsync: one stat per flush notices, and then the directory is synced.
+                let mut synced_dir = dir_mtime(&dir);
+                let mut flush = || -> Result<()> {
                     db.flush().map_err(StoreError::from)?;
                     if fsync {
                         data_file
                             .sync_data()
                             .map_err(|e| StoreError::Io(e.to_string()))?;
                         sync_blobs(&dir).map_err(|e| StoreError::Io(e.to_string()))?;
+                        let now = dir_mtime(&dir);
+                        if now != synced_dir {
+                            sync_dir_and(&dir, &[]).map_err(|e| StoreError::Io(e.to_string()))?;
+                            synced_dir = now;
+                        }
                     }
                     Ok(())
                 };
@@ -143,6 +151,25 @@ impl Committer {
         }
         rx
     }
+}
+
+/// fsyncs the named files of `dir` that exist, then `dir` itself (its entries: names
+/// created, renamed or removed).
+pub(crate) fn sync_dir_and(dir: &std::path::Path, files: &[&str]) -> std::io::Result<()> {
+    for name in files {
+        match File::open(dir.join(name)) {
+            Ok(f) => f.sync_all()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    File::open(dir)?.sync_all()
+}
+
+/// The data directory's modification time: it changes when sled creates, renames or
+/// removes a file (a snapshot taking the place of the last one).
+fn dir_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
 }
 
 /// sled writes values too large for its log into `blobs/`, and never syncs them.

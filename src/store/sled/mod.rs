@@ -112,6 +112,11 @@ impl SledStore {
             .mode(::sled::Mode::HighThroughput)
             .flush_every_ms(None)
             .open()?;
+        // sled writes its `conf` file and creates its files without ever syncing them or the
+        // directory: a power cut after the first start could leave an empty or torn `conf`
+        // (found by the power-loss test). Make them durable once, now.
+        committer::sync_dir_and(&options.dir, &["conf"])
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         let accounts = db.open_tree("accounts")?;
         let queues = db.open_tree("queues")?;
         let outbox = db.open_tree("outbox")?;
