@@ -32,6 +32,8 @@ pub(crate) mod remote;
 pub(crate) mod route;
 pub mod sealed;
 pub mod session;
+#[cfg(test)]
+mod session_tests;
 pub mod settings;
 pub mod turn;
 pub mod web;

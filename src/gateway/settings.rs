@@ -89,3 +89,30 @@ pub struct Settings {
     /// Bearer token of the admin endpoints; empty: they answer loopback clients only.
     pub admin_token: Zeroizing<String>,
 }
+
+#[cfg(test)]
+impl Settings {
+    /// The defaults of `sealpost serve` for `domain`, with no rate limits, for unit tests.
+    pub(crate) fn for_tests(domain: &str) -> Settings {
+        Settings {
+            domain: domain.to_owned(),
+            registration: Registration::Open,
+            platform_key: None,
+            trusted_proxies: TrustedProxies::default(),
+            rates: Rates::default(),
+            turn: TurnSettings::default(),
+            web_root: None,
+            heartbeat: Duration::from_secs(15),
+            client_timeout: Duration::from_secs(45),
+            auth_timeout: Duration::from_secs(10),
+            delivery_window: 8,
+            max_pending_sends: 64,
+            max_violations: 50,
+            shutdown_drain: Duration::from_millis(100),
+            socket_buffer_bytes: 16 << 20,
+            max_unauthenticated_per_ip: 0,
+            max_unauthenticated: 0,
+            admin_token: Zeroizing::new(String::new()),
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! Unit tests of the device and sealed sessions and of inbound federation delivery, on the
+//! in-memory store: a real `AppState` over `MemoryStore` and mailbox actors, the socket fed
+//! masked client frames through a channel and its server frames read off the response body.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use actix::{Arbiter, System};
+use actix_web::{
+    FromRequest,
+    body::MessageBody,
+    dev,
+    error::PayloadError,
+    test::TestRequest,
+    web::{self, Bytes},
+};
+use futures_util::future::poll_fn;
+use sealpost_proto::{
+    Class, ClientFrame, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame,
+    federation::{Admission, FedEnvelope},
+};
+use tokio::sync::{mpsc, watch};
+
+use super::{AppState, Settings, federation::Local};
+use crate::{
+    crypto::{DeviceToken, TokenHasher},
+    federation::{Federation, PeerSettings, identity::ServerKey, inbound::LocalDelivery},
+    mailbox::{MailboxConfig, Mailboxes, Registry},
+    store::{DeviceRecord, Directory, Stores, memory::MemoryStore, records::RECORD_VERSION},
+};
+
+const ALICE: &str = "alice@test.example";
+const BOB: &str = "bob@test.example";
+const TOKEN: [u8; 32] = [9; 32];
+
+struct Harness {
+    state: Arc<AppState>,
+    _dir: tempfile::TempDir,
+    _shutdown: watch::Sender<bool>,
+}
+
+/// A broker of `test.example` on the in-memory store with `ALICE` (one device) and `BOB`
+/// (devices 1 and 2), every device's token being `TOKEN`.
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hasher = TokenHasher::load_or_create(dir.path()).expect("hasher");
+    let stores = Stores::from_backend(Arc::new(MemoryStore::new()));
+    let record = DeviceRecord {
+        version: RECORD_VERSION,
+        token_hash: hasher.hash(&DeviceToken::from_bytes(&TOKEN).expect("token")),
+        identity_keys: vec![1],
+        created_ms: 0,
+    };
+    let directory: &dyn Directory = stores.directory.as_ref();
+    directory
+        .create_account(ALICE, 0, record.clone())
+        .await
+        .expect("alice");
+    directory
+        .create_account(BOB, 0, record.clone())
+        .await
+        .expect("bob");
+    directory.add_device(BOB, record, 16).await.expect("bob 2");
+    let mailboxes = Mailboxes::new(Registry::new(
+        vec![Arbiter::current()],
+        stores.clone(),
+        MailboxConfig::for_tests(10, 8, Duration::from_secs(3600)),
+    ));
+    let hour = Duration::from_secs(3600);
+    let federation = Federation::start(
+        PeerSettings {
+            local_domain: "test.example".into(),
+            batch: 8,
+            max_txn_bytes: 1 << 20,
+            window: 4,
+            backoff_min: hour,
+            backoff_max: hour,
+            request_timeout: hour,
+            device_cache: hour,
+            keepalive: hour,
+            link_timeout: hour,
+            idle_timeout: hour,
+            lookup_wait: hour,
+            origin_rate: 0,
+            inbound_txns: 4,
+            outbox_quota: 100,
+        },
+        ServerKey::generate().expect("key"),
+        Vec::new(),
+        stores.clone(),
+        &Arbiter::current(),
+    );
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let state = Arc::new(AppState::new(
+        Settings::for_tests("test.example"),
+        stores,
+        mailboxes,
+        federation,
+        hasher,
+        shutdown,
+    ));
+    Harness {
+        state,
+        _dir: dir,
+        _shutdown: shutdown_tx,
+    }
+}
+
+/// A client's end of a session: masked frames in, the response body's frames out.
+struct Client {
+    tx: mpsc::UnboundedSender<Result<Bytes, PayloadError>>,
+    body: actix_web::body::BoxBody,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Opens `path` (`/v1/ws` or `/v1/sealed`).
+    async fn open(state: &Arc<AppState>, sealed: bool) -> Client {
+        let req = TestRequest::get()
+            .insert_header(("upgrade", "websocket"))
+            .insert_header(("connection", "upgrade"))
+            .insert_header(("sec-websocket-version", "13"))
+            .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
+            .to_http_request();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = tokio_stream_of(rx);
+        let mut payload = dev::Payload::from(stream);
+        let body = web::Payload::from_request(&req, &mut payload)
+            .await
+            .expect("payload");
+        let data = web::Data::new(state.clone());
+        let response = if sealed {
+            super::sealed::upgrade(data, req, body).await
+        } else {
+            super::session::upgrade(data, req, body).await
+        }
+        .expect("upgrade");
+        assert_eq!(response.status(), 101);
+        Client {
+            tx,
+            body: response.into_body(),
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&self, frame: &ClientFrame) {
+        let payload = frame.encode();
+        let mask = [3u8, 1, 4, 1];
+        let mut out = vec![0x82];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | u8::try_from(n).expect("short")),
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        self.tx.send(Ok(Bytes::from(out))).expect("session reads");
+    }
+
+    /// The next frame from the broker: `Ok(frame)`, or `Err(close code)`.
+    async fn next(&mut self) -> Result<ServerFrame, Option<u16>> {
+        loop {
+            if let Some((opcode, payload, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                match opcode {
+                    0x2 => return Ok(ServerFrame::decode(&payload).expect("frame")),
+                    0x8 => {
+                        return Err(payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])));
+                    }
+                    _ => continue, // pings
+                }
+            }
+            let chunk = tokio::time::timeout(
+                Duration::from_secs(5),
+                poll_fn(|cx| Pin::new(&mut self.body).poll_next(cx)),
+            )
+            .await
+            .expect("a frame in time");
+            match chunk {
+                Some(Ok(bytes)) => self.buf.extend_from_slice(&bytes),
+                _ => return Err(None),
+            }
+        }
+    }
+
+    async fn auth(&mut self, user: &str, device: u32) {
+        self.send(&ClientFrame::Auth {
+            user: user.into(),
+            device: DeviceId(device),
+            token: TOKEN.to_vec(),
+        });
+        assert!(matches!(self.next().await, Ok(ServerFrame::AuthOk { .. })));
+    }
+
+    /// The send result for `id`, skipping other frames.
+    async fn result(&mut self, id: EnvelopeId) -> SendOutcome {
+        loop {
+            match self.next().await {
+                Ok(ServerFrame::SendResult { id: got, outcome }) if got == id => return outcome,
+                Ok(_) => {}
+                Err(close) => panic!("closed: {close:?}"),
+            }
+        }
+    }
+}
+
+type Stream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, PayloadError>>>>;
+
+fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<Result<Bytes, PayloadError>>) -> Stream {
+    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// A server frame at the start of `buf`: (opcode, payload, bytes used).
+fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    let [b0, b1, ..] = *buf else { return None };
+    let (len, at) = match b1 & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
+            10,
+        ),
+        n => (usize::from(n), 2),
+    };
+    let payload = buf.get(at..at + len)?.to_vec();
+    Some((b0 & 0x0f, payload, at + len))
+}
+
+fn send_to(id: u8, to: &str, devices: &[u32]) -> ClientFrame {
+    ClientFrame::Send {
+        id: EnvelopeId([id; 16]),
+        to: to.into(),
+        class: Class::Durable,
+        ttl_secs: 60,
+        copies: devices
+            .iter()
+            .map(|d| Copy {
+                device: DeviceId(*d),
+                ciphertext: vec![id; 4],
+            })
+            .collect(),
+    }
+}
+
+fn run<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
+    System::new().block_on(test());
+}
+
+#[test]
+fn a_device_session_authenticates_sends_and_is_delivered_to() {
+    run(|| async {
+        let h = harness().await;
+        let mut alice = Client::open(&h.state, false).await;
+        alice.auth(ALICE, 1).await;
+        assert_eq!(alice.next().await, Ok(ServerFrame::QueueEmpty));
+        let mut bob = Client::open(&h.state, false).await;
+        bob.auth(BOB, 1).await;
+        assert_eq!(bob.next().await, Ok(ServerFrame::QueueEmpty));
+        alice.send(&send_to(1, BOB, &[1, 2]));
+        assert_eq!(
+            alice.result(EnvelopeId([1; 16])).await,
+            SendOutcome::Accepted { duplicate: false }
+        );
+        match bob.next().await {
+            Ok(ServerFrame::Deliver { seq: 1, envelope }) => {
+                assert_eq!(envelope.id, EnvelopeId([1; 16]));
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn a_wrong_token_and_a_stale_device_set_are_refused() {
+    run(|| async {
+        let h = harness().await;
+        let mut eve = Client::open(&h.state, false).await;
+        eve.send(&ClientFrame::Auth {
+            user: ALICE.into(),
+            device: DeviceId(1),
+            token: vec![7; 32],
+        });
+        assert!(matches!(
+            eve.next().await,
+            Ok(ServerFrame::Error {
+                code: ErrorCode::BadToken,
+                ..
+            })
+        ));
+        assert_eq!(eve.next().await, Err(Some(4001)));
+        let mut alice = Client::open(&h.state, false).await;
+        alice.auth(ALICE, 1).await;
+        alice.send(&send_to(2, BOB, &[1]));
+        match alice.result(EnvelopeId([2; 16])).await {
+            SendOutcome::Rejected {
+                code: ErrorCode::StaleDevices,
+                current_devices,
+            } => assert_eq!(current_devices, vec![DeviceId(1), DeviceId(2)]),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn a_second_connection_of_a_device_displaces_the_first() {
+    run(|| async {
+        let h = harness().await;
+        let mut first = Client::open(&h.state, false).await;
+        first.auth(BOB, 1).await;
+        assert_eq!(first.next().await, Ok(ServerFrame::QueueEmpty));
+        let mut second = Client::open(&h.state, false).await;
+        second.auth(BOB, 1).await;
+        loop {
+            match first.next().await {
+                Ok(_) => {}
+                Err(code) => {
+                    assert_eq!(code, Some(4000), "displaced");
+                    break;
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn sealed_sends_need_the_recipients_delivery_token() {
+    run(|| async {
+        let h = harness().await;
+        let mut anon = Client::open(&h.state, true).await;
+        let ClientFrame::Send {
+            id,
+            to,
+            class,
+            ttl_secs,
+            copies,
+        } = send_to(3, BOB, &[1, 2])
+        else {
+            unreachable!()
+        };
+        anon.send(&ClientFrame::SealedSend {
+            id,
+            to,
+            class,
+            ttl_secs,
+            copies,
+            delivery_token: Some(vec![1; 32]),
+        });
+        match anon.result(id).await {
+            SendOutcome::Rejected {
+                code: ErrorCode::BadDeliveryToken,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        // An authenticated send is refused on the anonymous endpoint.
+        anon.send(&send_to(4, BOB, &[1, 2]));
+        assert!(matches!(
+            anon.next().await,
+            Ok(ServerFrame::Error {
+                code: ErrorCode::WrongEndpoint,
+                ..
+            })
+        ));
+    });
+}
+
+#[test]
+fn inbound_federation_delivery_stores_for_the_devices_that_remain() {
+    run(|| async {
+        let h = harness().await;
+        let local = Local(h.state.clone());
+        let envelope = |id: u8, devices: &[u32], admission| FedEnvelope {
+            id: EnvelopeId([id; 16]),
+            to: BOB.into(),
+            class: Class::Durable,
+            ttl_secs: 60,
+            copies: devices
+                .iter()
+                .map(|d| Copy {
+                    device: DeviceId(*d),
+                    ciphertext: vec![id; 4],
+                })
+                .collect(),
+            admission,
+        };
+        // The origin checked the device set; bob's device 3 is gone since: 1 and 2 get theirs.
+        let answer = local
+            .deliver("peer.example", envelope(5, &[1, 2, 3], Admission::Origin))
+            .await;
+        assert_eq!(answer, None);
+        // A token that is not bob's is refused.
+        let answer = local
+            .deliver(
+                "peer.example",
+                envelope(6, &[1, 2], Admission::Token(vec![1; 32])),
+            )
+            .await;
+        assert_eq!(answer, Some(ErrorCode::BadDeliveryToken));
+        // A recipient on another domain is not relayed.
+        let mut elsewhere = envelope(7, &[1], Admission::Origin);
+        elsewhere.to = "carol@other.example".into();
+        assert_eq!(
+            local.deliver("peer.example", elsewhere).await,
+            Some(ErrorCode::UnknownDomain)
+        );
+        let mut bob = Client::open(&h.state, false).await;
+        bob.auth(BOB, 2).await;
+        match bob.next().await {
+            Ok(ServerFrame::Deliver { seq: 1, envelope }) => {
+                assert_eq!(envelope.id, EnvelopeId([5; 16]));
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
