@@ -676,9 +676,15 @@ async fn sends_and_acks_around_sigterm_are_answered_and_kept() {
     broker.restart();
     let mut b = Device::connect(&broker, &bob).await;
     let backlog: Vec<_> = b.backlog().await.into_iter().map(|(_, e)| e.id).collect();
+    // Answers may come in any order; the queue keeps the order of the sends.
+    let expected: Vec<_> = in_flight
+        .iter()
+        .filter(|id| accepted.contains(id))
+        .copied()
+        .collect();
     assert_eq!(
-        backlog, accepted,
-        "exactly the accepted sends, in order, and none of the acknowledged ones"
+        backlog, expected,
+        "exactly the accepted sends, in send order, and none of the acknowledged ones"
     );
 }
 
@@ -693,24 +699,13 @@ async fn readiness_is_503_and_new_work_refused_while_shutting_down() {
     let mut holder = connect_raw(&broker).await;
 
     broker.signal_term();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let resp = client()
-            .get(format!("{}/readyz", broker.http()))
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 503 {
-            assert_eq!(resp.text().await.unwrap(), "not ready\n");
-            break;
-        }
-        assert_eq!(resp.status(), 200);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readyz never turned 503"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_not_ready(&broker).await;
+    let resp = client()
+        .get(format!("{}/readyz", broker.http()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "not ready\n");
     // Liveness is unaffected; new accounts and new connections are refused.
     let resp = client()
         .get(format!("{}/healthz", broker.http()))

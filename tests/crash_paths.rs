@@ -192,23 +192,9 @@ async fn unacknowledged_deliveries_of_displaced_and_slow_connections_survive_kil
     assert_eq!(got.iter().map(|(_, id)| *id).collect::<Vec<_>>(), ids[1..]);
 }
 
-fn keys_url(broker: &Broker, c: &Creds) -> String {
-    format!(
-        "{}/v1/accounts/{}/devices/{}/keys",
-        broker.http(),
-        c.user,
-        c.device.0
-    )
-}
-
-async fn claim(broker: &Broker, target: &Creds, by: &Creds) -> Value {
-    let resp = client()
-        .post(format!("{}/claim", keys_url(broker, target)))
-        .header("sealpost-account", &by.user)
-        .header("authorization", by.bearer())
-        .send()
-        .await
-        .expect("claim");
+/// A claim answered 200, as JSON.
+async fn claimed(broker: &Broker, target: &Creds, by: &Creds) -> Value {
+    let resp = claim(broker, target, by).await;
     assert_eq!(resp.status(), 200);
     resp.json().await.expect("json")
 }
@@ -239,7 +225,7 @@ async fn claimed_keys_uploads_and_device_lists_hold_across_kill_9() {
     broker.restart();
     let mut handed_out = Vec::new();
     for _ in 0..3 {
-        let got = claim(&broker, &bob, &alice).await;
+        let got = claimed(&broker, &bob, &alice).await;
         assert_eq!(got["fallback"], json!(false));
         handed_out.push(got["key_id"].as_u64().unwrap());
         // Killed right after each answer.
@@ -269,7 +255,7 @@ async fn claimed_keys_uploads_and_device_lists_hold_across_kill_9() {
     assert_eq!(got["signed"], json!(signed));
     for _ in 0..3 {
         handed_out.push(
-            claim(&broker, &bob, &alice).await["key_id"]
+            claimed(&broker, &bob, &alice).await["key_id"]
                 .as_u64()
                 .unwrap(),
         );
@@ -280,7 +266,7 @@ async fn claimed_keys_uploads_and_device_lists_hold_across_kill_9() {
         vec![0, 1, 2, 3, 4, 5],
         "a one-time key was handed out twice"
     );
-    let got = claim(&broker, &bob, &alice).await;
+    let got = claimed(&broker, &bob, &alice).await;
     assert_eq!(got["fallback"], json!(true));
     assert_eq!(got["key_id"], json!(9999));
 }

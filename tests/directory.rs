@@ -19,16 +19,6 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// The key directory entry of `c`'s device.
-fn keys_url(broker: &Broker, c: &Creds) -> String {
-    format!(
-        "{}/v1/accounts/{}/devices/{}/keys",
-        broker.http(),
-        c.user,
-        c.device.0
-    )
-}
-
 async fn upload(broker: &Broker, c: &Creds, ids: std::ops::Range<u64>, fallback: bool) -> Value {
     let keys: Vec<Value> = ids
         .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("otk-{i}")) }))
@@ -46,21 +36,6 @@ async fn upload(broker: &Broker, c: &Creds, ids: std::ops::Range<u64>, fallback:
         .expect("upload");
     assert_eq!(resp.status(), 200);
     resp.json().await.expect("json")
-}
-
-async fn claim(broker: &Broker, target: &Creds, by: &Creds) -> reqwest::Response {
-    client()
-        .post(format!(
-            "{}/v1/accounts/{}/devices/{}/keys/claim",
-            broker.http(),
-            target.user,
-            target.device.0
-        ))
-        .header("sealpost-account", &by.user)
-        .header("authorization", by.bearer())
-        .send()
-        .await
-        .expect("claim")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

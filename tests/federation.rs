@@ -512,36 +512,15 @@ async fn receiving_broker_never_learns_the_sender() {
     bb.restart();
 }
 
-/// One sender connection pipelining `total` sends to `to`'s devices, each of which must be
-/// accepted; returns their ids in the order sent.
+/// Pipelines `total` sends (32 in flight) and returns their ids in send order, all accepted.
 async fn pipeline(
-    mut dev: Device,
+    dev: Device,
     to: String,
     targets: Vec<DeviceId>,
     total: usize,
 ) -> Vec<EnvelopeId> {
-    let mut sent = Vec::new();
-    let mut accepted = 0usize;
-    let mut outstanding = 0usize;
-    while accepted < total {
-        while outstanding < 32 && sent.len() < total {
-            let id = eid();
-            let n = sent.len() as u32;
-            dev.send_to(id, &to, &targets, Class::Durable, 3600, &n.to_be_bytes())
-                .await;
-            sent.push(id);
-            outstanding += 1;
-        }
-        match dev.frame().await {
-            ServerFrame::SendResult { outcome, .. } => {
-                assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
-                accepted += 1;
-                outstanding -= 1;
-            }
-            ServerFrame::QueueEmpty => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (sent, accepted) = pipeline_until_gone(dev, to, targets, total).await;
+    assert_eq!(accepted.len(), total, "the connection ended early");
     sent
 }
 

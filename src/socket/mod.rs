@@ -225,14 +225,7 @@ impl Socket {
                 }
                 read = self.reader.next(), if reading => {
                     last_heard = Instant::now();
-                    let message = match self.handle_read(read).await {
-                        Ok(Some(message)) => message,
-                        Ok(None) => continue,
-                        Err(end) => return end,
-                    };
-                    // Boxed: its state is larger than the rest of the loop's, and the task
-                    // would carry it while idle too.
-                    if let Err(end) = Box::pin(service.on_message(message.freeze(), &mut self.writer)).await {
+                    if let Err(end) = self.serve_read(service, read).await {
                         return end;
                     }
                 }
@@ -273,16 +266,25 @@ impl Socket {
                     }
                 }
                 read = self.reader.next(), if reading => {
-                    let message = match self.handle_read(read).await {
-                        Ok(Some(message)) => message,
-                        Ok(None) => continue,
-                        Err(end) => return end,
-                    };
-                    if let Err(end) = Box::pin(service.on_message(message.freeze(), &mut self.writer)).await {
+                    if let Err(end) = self.serve_read(service, read).await {
                         return end;
                     }
                 }
             }
+        }
+    }
+
+    /// Answers what one read brought: a control frame here, a message by the service.
+    async fn serve_read<S: Service>(
+        &mut self,
+        service: &mut S,
+        read: Option<Result<Message, Refusal>>,
+    ) -> Flow {
+        match self.handle_read(read).await? {
+            // Boxed: its state is larger than the rest of the loop's, and the task would carry
+            // it while idle too.
+            Some(message) => Box::pin(service.on_message(message.freeze(), &mut self.writer)).await,
+            None => Ok(()),
         }
     }
 

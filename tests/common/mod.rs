@@ -601,3 +601,29 @@ pub fn dir_contains(dir: &Path, needle: &[u8]) -> bool {
         std::fs::read(p).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
     })
 }
+
+/// The key directory entry of `c`'s device.
+pub fn keys_url(broker: &Broker, c: &Creds) -> String {
+    format!(
+        "{}/v1/accounts/{}/devices/{}/keys",
+        broker.http(),
+        c.user,
+        c.device.0
+    )
+}
+
+/// Claims a key of `target`'s device as a local device of `by` (`Sealpost-Account`).
+pub async fn claim(broker: &Broker, target: &Creds, by: &Creds) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!(
+            "{}/v1/accounts/{}/devices/{}/keys/claim",
+            broker.http(),
+            target.user,
+            target.device.0
+        ))
+        .header("sealpost-account", &by.user)
+        .header("authorization", by.bearer())
+        .send()
+        .await
+        .expect("claim")
+}
