@@ -592,6 +592,56 @@ mod tests {
         assert_eq!(budget.used(), 0);
     }
 
+    proptest::proptest! {
+        /// Any sequence of binary messages (some fragmented) and pings, cut into chunks at any
+        /// points, reads back as exactly those messages: nothing lost, merged or mistaken for
+        /// a close.
+        #[test]
+        fn any_chunking_reads_back_the_same_messages(
+            messages in proptest::collection::vec(
+                (proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0usize..3, proptest::bool::ANY),
+                1..20,
+            ),
+            cuts in proptest::collection::vec(1usize..97, 1..40),
+        ) {
+            let mut bytes = Vec::new();
+            let mut expected = Vec::new();
+            for (payload, fragments, ping) in &messages {
+                if *ping && payload.len() <= 125 {
+                    bytes.extend(frame(0x89, payload));
+                    expected.push(Message::Ping(Bytes::copy_from_slice(payload)));
+                    continue;
+                }
+                let payload = &payload[..payload.len().min(MAX)];
+                let parts = (*fragments + 1).min(payload.len().max(1));
+                let size = payload.len().div_ceil(parts).max(1);
+                let chunks: Vec<&[u8]> = if payload.is_empty() { vec![&[][..]] } else { payload.chunks(size).collect() };
+                for (i, part) in chunks.iter().enumerate() {
+                    let fin = if i + 1 == chunks.len() { 0x80 } else { 0 };
+                    let op = if i == 0 { 0x2 } else { 0x0 };
+                    bytes.extend(frame(fin | op, part));
+                }
+                expected.push(Message::Binary(BytesMut::from(payload)));
+            }
+            let mut split = Vec::new();
+            let mut rest = &bytes[..];
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*cut).min(rest.len());
+                split.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let got = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime")
+                .block_on(read_all(split));
+            let got: Vec<Message> = got.into_iter().map(|m| m.expect("no refusal")).collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
+    }
+
     #[test]
     fn unmasking_matches_the_definition_at_every_length() {
         let mask = [1, 2, 3, 4];
