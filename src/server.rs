@@ -130,6 +130,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     let server = server.run();
     let handle = server.handle();
     let sweeper = actix_web::rt::spawn(sweep(state.clone(), config.expiry_sweep));
+    let medic = actix_web::rt::spawn(recover_store(state.clone()));
     info!(%addr, %domain, "listening");
     on_listen(addr);
 
@@ -149,6 +150,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     handle.stop(true).await;
     let _ = serving.await;
     sweeper.abort();
+    medic.abort();
     if let Err(e) = store.health.flush().await {
         warn!(error = %e, "final flush failed");
     }
@@ -180,6 +182,28 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Brings the store back after a failure that outlived its cause: once it reports that its
+/// writes failed and there is room again, every mailbox (each holds its user's open queues) is
+/// stopped, and the store reopened. Their devices reconnect to fresh mailboxes, which repair
+/// and load their queues from what is on disk.
+async fn recover_store(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if !state.store.health.wants_reopen() {
+            continue;
+        }
+        warn!("the store failed and there is room again: reopening it");
+        if !state.mailboxes.retire_all(Duration::from_secs(5)).await {
+            warn!("mailboxes did not stop in time; trying again");
+            continue;
+        }
+        if let Err(e) = state.store.health.reopen().await {
+            warn!(error = %e, "reopening the store failed; trying again");
+        }
     }
 }
 

@@ -4,16 +4,17 @@
 //! full, and once space is freed the broker is ready again and accepts sends without a
 //! restart; every accepted envelope is delivered once.
 //!
-//! Ignored until the store reopens sled after an I/O error (`cargo test --test disk_full --
-//! --ignored` shows the defect): sled 0.34 sets a global error on the failed write and clears
-//! it only when the database is opened again.
+//! sled 0.34 keeps the error of the failed write until the database is opened again: the
+//! broker stops its mailboxes (their devices are sent away and reconnect) and reopens the
+//! store once there is room.
 
 mod common;
 
 use std::{collections::HashSet, path::Path, process::Command, time::Duration};
 
 use common::*;
-use sealpost_proto::{ErrorCode, SendOutcome};
+use sealpost_proto::{Class, ClientFrame, Copy, EnvelopeId, ErrorCode, SendOutcome, ServerFrame};
+use tokio_tungstenite::tungstenite;
 
 /// A tmpfs of `mb` MiB mounted under a fresh temp dir, unmounted when dropped.
 struct SmallFs {
@@ -46,6 +47,43 @@ impl Drop for SmallFs {
     }
 }
 
+/// Connects as `from` and sends one envelope to `to`; its id if it was accepted.
+async fn try_send(broker: &Broker, from: &Creds, to: &Creds) -> Option<EnvelopeId> {
+    use futures_util::SinkExt;
+    let mut ws = connect_raw_checked(broker).await?;
+    let auth = ClientFrame::Auth {
+        user: from.user.clone(),
+        device: from.device,
+        token: from.token.clone(),
+    };
+    ws.send(tungstenite::Message::Binary(auth.encode().into()))
+        .await
+        .ok()?;
+    let id = eid();
+    let send = ClientFrame::Send {
+        id,
+        to: to.user.clone(),
+        class: Class::Durable,
+        ttl_secs: 3600,
+        copies: vec![Copy {
+            device: to.device,
+            ciphertext: b"back".to_vec(),
+        }],
+    };
+    ws.send(tungstenite::Message::Binary(send.encode().into()))
+        .await
+        .ok()?;
+    loop {
+        match next_event(&mut ws).await {
+            Event::Frame(ServerFrame::SendResult { outcome, .. }) => {
+                return matches!(outcome, SendOutcome::Accepted { .. }).then_some(id);
+            }
+            Event::Frame(_) => {}
+            Event::Closed(_) => return None,
+        }
+    }
+}
+
 async fn ready(broker: &Broker) -> bool {
     reqwest::get(format!("{}/readyz", broker.http()))
         .await
@@ -53,16 +91,14 @@ async fn ready(broker: &Broker) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today (issue 12, item 2): sled keeps its global I/O error until the database \
-            is reopened, and the store does not reopen it yet"]
 async fn a_full_disk_refuses_sends_and_recovers_without_a_restart_once_space_is_freed() {
-    let Some(fs) = SmallFs::mount(48) else {
+    let Some(fs) = SmallFs::mount(128) else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
     // Ballast, deleted later to free space.
     let ballast = fs.path().join("ballast");
-    std::fs::write(&ballast, vec![0u8; 12 << 20]).expect("ballast");
+    std::fs::write(&ballast, vec![0u8; 64 << 20]).expect("ballast");
     let dir = tempfile::tempdir_in(fs.path()).expect("dir");
     let broker = Broker::start_with(dir, None, &["--min-free-disk-mb", "0", "--cache-mb", "16"]);
     let alice = register(&broker, "alice@test.example").await;
@@ -96,14 +132,13 @@ async fn a_full_disk_refuses_sends_and_recovers_without_a_restart_once_space_is_
     );
     assert!(!ready(&broker).await, "ready while the disk is full");
 
-    // Space comes back: the broker recovers by itself.
+    // Space comes back: the broker recovers by itself. Alice's connection is sent away while
+    // the store is reopened; she reconnects.
     std::fs::remove_file(&ballast).expect("free space");
+    drop(a);
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let id = eid();
-        if let SendOutcome::Accepted { .. } =
-            a.send_and_wait(id, &bob.user, &[bob.device], b"back").await
-        {
+        if let Some(id) = try_send(&broker, &alice, &bob).await {
             accepted.push(id);
             break;
         }
@@ -117,6 +152,8 @@ async fn a_full_disk_refuses_sends_and_recovers_without_a_restart_once_space_is_
         ready(&broker).await,
         "not ready again after space was freed"
     );
+    assert!(broker.metric("sealpost_store_reopens_total").await >= 1.0);
+    eprintln!("{} accepted before the disk was full", accepted.len() - 1);
 
     // Everything accepted is delivered, once.
     let mut b = Device::connect(&broker, &bob).await;

@@ -18,7 +18,7 @@ use super::{
     device_map::DeviceMap,
     messages::{
         Ack, AddDevice, Attach, AttachError, ClaimKey, ClaimedKey, Conn, CurrentDevices, Detach,
-        Expire, KickAll, RemoveDevice, Submit, UploadError, UploadKeys,
+        Expire, KickAll, RemoveDevice, Retire, Submit, UploadError, UploadKeys,
     },
     registry::Registry,
 };
@@ -1018,6 +1018,16 @@ impl Handler<CurrentDevices> for Mailbox {
 
     fn handle(&mut self, _msg: CurrentDevices, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.device_ids())
+    }
+}
+
+impl Handler<Retire> for Mailbox {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Retire, ctx: &mut Self::Context) {
+        // `stopped` sends every connected device away.
+        self.registry.forget(&self.user, self.incarnation);
+        ctx.stop();
     }
 }
 

@@ -195,6 +195,23 @@ impl Mailboxes {
         self.0.is_empty()
     }
 
+    /// Stops every mailbox and waits (at most `within`) until none is live: each holds its
+    /// user's open queues, which a store reopen needs closed. Their devices are sent away
+    /// (`going_away`) and reconnect. True if none was left.
+    pub async fn retire_all(&self, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            self.0.retire_all();
+            if self.0.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Closes every device connection with `reason` (shutdown).
     pub fn kick_all(&self, reason: CloseCode) {
         self.0.kick_all(reason);

@@ -159,6 +159,12 @@ pub struct ClaimedKey {
 #[rtype(result = "Vec<DeviceId>")]
 pub struct CurrentDevices;
 
+/// Stop now: the store is about to be reopened, and an open mailbox holds the old one. Its
+/// devices are sent away (`going_away`) and reconnect to a fresh mailbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
 /// Close every connection with a reason (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]

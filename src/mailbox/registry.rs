@@ -19,7 +19,7 @@ use actix::{Actor, Addr, ArbiterHandle, Handler, Message, dev::ToEnvelope};
 use super::{
     Mailbox, MailboxConfig,
     live::{InProcess, LiveDelivery},
-    messages::KickAll,
+    messages::{KickAll, Retire},
 };
 use crate::store::Stores;
 
@@ -173,6 +173,13 @@ impl Registry {
     /// True when no mailbox is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Stops every live mailbox (see [`Retire`]).
+    pub fn retire_all(&self) {
+        for (_, addr) in self.lock().values() {
+            addr.do_send(Retire);
+        }
     }
 
     /// Closes every device connection with `reason` (shutdown).

@@ -410,4 +410,15 @@ pub trait Health: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64>;
     /// Resolves once everything accepted so far is durable (shutdown).
     fn flush(&self) -> StoreFuture<()>;
+    /// Whether the store failed to make writes durable and, its cause gone (room again),
+    /// should be reopened to accept writes again. The caller first stops everything that holds
+    /// a user's open queues ([`Inbox::open`]).
+    fn wants_reopen(&self) -> bool {
+        false
+    }
+    /// Reopens the store (see [`Health::wants_reopen`]); fails while a user's queues are
+    /// still open.
+    fn reopen(&self) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
 }

@@ -28,17 +28,22 @@ pub(crate) struct DiskHealth {
 }
 
 impl DiskHealth {
+    /// Free space on the data directory's file system, if it can be read.
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// Re-reads the free space of the data directory's file system.
     pub(crate) fn check_disk(&self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let ok = match rustix::fs::statvfs(&self.dir) {
-            Ok(st) => {
-                let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let ok = match self.free_bytes() {
+            Some(free) => {
                 metrics::gauge!("sealpost_disk_free_bytes").set(free as f64);
                 free >= self.min_free
             }
             // Unknown: do not refuse on a failed probe; a failing disk shows in flushes.
-            Err(_) => true,
+            None => true,
         };
         if self.disk_ok.swap(ok, Relaxed) != ok {
             if ok {

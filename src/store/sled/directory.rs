@@ -160,27 +160,27 @@ impl Inner {
 
 impl Directory for SledStore {
     fn account(&self, user: &str) -> StoreFuture<Option<AccountRecord>> {
-        ready(self.inner.account(user))
+        ready(self.inner().account(user))
     }
 
     fn create_account(&self, user: &str, created_ms: u64, first: DeviceRecord) -> StoreFuture<u32> {
-        self.inner
-            .durably(|| self.inner.create_account(user, created_ms, first))
+        self.inner()
+            .durably(|| self.inner().create_account(user, created_ms, first))
     }
 
     fn add_device(&self, user: &str, device: DeviceRecord, max_devices: usize) -> StoreFuture<u32> {
-        self.inner
-            .durably(|| self.inner.add_device(user, device, max_devices))
+        self.inner()
+            .durably(|| self.inner().add_device(user, device, max_devices))
     }
 
     fn remove_device(&self, user: &str, device: u32) -> StoreFuture<()> {
-        self.inner
-            .durably(|| self.inner.remove_device(user, device))
+        self.inner()
+            .durably(|| self.inner().remove_device(user, device))
     }
 
     fn device(&self, user: &str, device: u32) -> StoreFuture<Option<DeviceRecord>> {
         ready((|| {
-            self.inner
+            self.inner()
                 .accounts
                 .get(keys::device(user, device))?
                 .map(|v| records::decode(&v))
@@ -189,23 +189,23 @@ impl Directory for SledStore {
     }
 
     fn devices(&self, user: &str) -> StoreFuture<Vec<(u32, DeviceRecord)>> {
-        ready(self.inner.devices(user))
+        ready(self.inner().devices(user))
     }
 
     fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut> {
-        match self.inner.put_keys(user, device, upload) {
+        match self.inner().put_keys(user, device, upload) {
             Ok(KeysPut::OverLimit) => ready(Ok(KeysPut::OverLimit)),
-            result => self.inner.durably(|| result),
+            result => self.inner().durably(|| result),
         }
     }
 
     fn key_count(&self, user: &str, device: u32) -> StoreFuture<KeyCount> {
-        ready(self.inner.key_count(user, device))
+        ready(self.inner().key_count(user, device))
     }
 
     fn claim_key(&self, user: &str, device: u32) -> StoreFuture<Option<Claimed>> {
-        match self.inner.claim_key(user, device) {
-            Ok((claimed, true)) => self.inner.durably(|| Ok(claimed)),
+        match self.inner().claim_key(user, device) {
+            Ok((claimed, true)) => self.inner().durably(|| Ok(claimed)),
             Ok((claimed, false)) => ready(Ok(claimed)),
             Err(e) => ready(Err(e)),
         }
@@ -214,7 +214,7 @@ impl Directory for SledStore {
     fn device_list(&self, user: &str) -> StoreFuture<Option<Vec<u8>>> {
         ready((|| {
             Ok(self
-                .inner
+                .inner()
                 .accounts
                 .get(keys::device_list(user))?
                 .map(|v| v.to_vec()))
@@ -222,8 +222,8 @@ impl Directory for SledStore {
     }
 
     fn set_device_list(&self, user: &str, signed: Vec<u8>) -> StoreFuture<()> {
-        self.inner.durably(|| {
-            self.inner
+        self.inner().durably(|| {
+            self.inner()
                 .accounts
                 .insert(keys::device_list(user), signed)?;
             Ok(())
@@ -232,7 +232,7 @@ impl Directory for SledStore {
 
     fn delivery_token(&self, user: &str) -> StoreFuture<Option<DeliveryTokenRecord>> {
         ready((|| {
-            self.inner
+            self.inner()
                 .accounts
                 .get(keys::delivery_token(user))?
                 .map(|v| records::decode(&v))
@@ -241,8 +241,8 @@ impl Directory for SledStore {
     }
 
     fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> StoreFuture<()> {
-        self.inner.durably(|| {
-            self.inner
+        self.inner().durably(|| {
+            self.inner()
                 .accounts
                 .insert(keys::delivery_token(user), records::encode(&record))?;
             Ok(())
@@ -255,8 +255,8 @@ impl Directory for SledStore {
         code_hash: [u8; 32],
         record: LinkCodeRecord,
     ) -> StoreFuture<()> {
-        self.inner.durably(|| {
-            self.inner
+        self.inner().durably(|| {
+            self.inner()
                 .accounts
                 .insert(keys::link_code(user, &code_hash), records::encode(&record))?;
             Ok(())
@@ -264,7 +264,7 @@ impl Directory for SledStore {
     }
 
     fn take_link_code(&self, user: &str, code_hash: [u8; 32], now_ms: u64) -> StoreFuture<bool> {
-        self.inner
-            .durably(|| self.inner.take_link_code(user, &code_hash, now_ms))
+        self.inner()
+            .durably(|| self.inner().take_link_code(user, &code_hash, now_ms))
     }
 }

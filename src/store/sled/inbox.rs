@@ -26,12 +26,12 @@ impl Inbox for SledStore {
         limits: QueueLimits,
     ) -> StoreFuture<Box<dyn UserInbox>> {
         let heads =
-            match recovery::recover_heads(&self.inner, user, devices, crate::clock::now_ms()) {
+            match recovery::recover_heads(&self.inner(), user, devices, crate::clock::now_ms()) {
                 Ok(heads) => heads,
                 Err(e) => return ready(Err(e)),
             };
         let queues: Box<dyn UserInbox> = Box::new(SledUserInbox {
-            inner: self.inner.clone(),
+            inner: self.inner().clone(),
             user: user.to_owned(),
             limits,
             heads,
@@ -42,19 +42,19 @@ impl Inbox for SledStore {
         // succeeded since: then what was loaded may hold writes that are not, and nothing
         // may be pushed until a flush succeeds.
         if self
-            .inner
+            .inner()
             .health
             .flush_ok
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             return ready(Ok(queues));
         }
-        let durable = self.inner.sync();
+        let durable = self.inner().sync();
         Box::pin(async move { durable.await.map(|()| queues) })
     }
 
     fn due(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<Due>> {
-        ready(self.inner.due(now_ms, limit))
+        ready(self.inner().due(now_ms, limit))
     }
 }
 

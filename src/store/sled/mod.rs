@@ -25,7 +25,7 @@ mod recovery;
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -82,8 +82,18 @@ impl StoreOptions {
 /// The sled backend of every seam ([`super::Stores::from_backend`]).
 #[derive(Clone)]
 pub struct SledStore {
-    inner: Arc<Inner>,
+    cell: Arc<Cell>,
 }
+
+/// The open database, and what is needed to open it again.
+struct Cell {
+    /// `None` only while it is being reopened (under the write lock, so nobody sees it).
+    current: RwLock<Option<Arc<Inner>>>,
+    options: StoreOptions,
+}
+
+/// Free space a reopen needs beyond the configured floor: sled writes as it opens.
+const REOPEN_HEADROOM: u64 = 32 * 1024 * 1024;
 
 /// What the seams' implementations share.
 struct Inner {
@@ -102,6 +112,87 @@ impl SledStore {
     /// Opens (or creates) the store in `options.dir`. Start-up cost does not grow with the
     /// number of queued envelopes beyond sled's own log recovery.
     pub fn open(options: &StoreOptions) -> Result<Self> {
+        let inner = Inner::open(options)?;
+        Ok(SledStore {
+            cell: Arc::new(Cell {
+                current: RwLock::new(Some(Arc::new(inner))),
+                options: options.clone(),
+            }),
+        })
+    }
+
+    /// The open database.
+    fn inner(&self) -> Arc<Inner> {
+        let current = self.cell.current.read().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            current
+                .as_ref()
+                .expect("the store is open outside a reopen"),
+        )
+    }
+
+    /// Closes the database and opens it again: sled keeps the error of a failed write (a full
+    /// disk) until it is reopened, refusing every later write. Refused while anything still
+    /// holds the old database (a user's open queues: their mailboxes must stop first).
+    fn reopen_now(&self) -> Result<()> {
+        let mut current = self.cell.current.write().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = current.as_ref() else {
+            return Err(StoreError::Io("the store is not open".into()));
+        };
+        if Arc::strong_count(old) > 1 {
+            return Err(StoreError::Io(
+                "the store is still in use; not reopened".into(),
+            ));
+        }
+        // Dropping it stops the commit thread and closes the database (and its lock file).
+        drop(current.take());
+        let mut attempt = 0;
+        let inner = loop {
+            match Inner::open(&self.cell.options) {
+                Ok(inner) => break inner,
+                // sled's threads may hold the old file for a moment.
+                Err(e) if attempt < 20 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "reopening the store failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                Err(e) => {
+                    // Nothing acknowledged is lost (what was durable is on disk), but this
+                    // process can no longer serve: exit, and let the supervisor start it again.
+                    tracing::error!(error = %e, "the store could not be reopened; exiting");
+                    std::process::exit(70);
+                }
+            }
+        };
+        *current = Some(Arc::new(inner));
+        tracing::warn!("store reopened after an I/O error; accepting writes again");
+        metrics::counter!("sealpost_store_reopens_total").increment(1);
+        Ok(())
+    }
+
+    /// The data directory layout sled uses; for tests that inspect files.
+    pub fn data_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Inner {
+    fn open(options: &StoreOptions) -> Result<Self> {
         std::fs::create_dir_all(&options.dir).map_err(|e| StoreError::Io(e.to_string()))?;
         let db = ::sled::Config::new()
             .path(&options.dir)
@@ -137,41 +228,17 @@ impl SledStore {
             options.failpoint_sync.clone(),
         )
         .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(SledStore {
-            inner: Arc::new(Inner {
-                db,
-                accounts,
-                queues,
-                outbox,
-                committer,
-                account_lock: Mutex::new(()),
-                health,
-            }),
+        Ok(Inner {
+            db,
+            accounts,
+            queues,
+            outbox,
+            committer,
+            account_lock: Mutex::new(()),
+            health,
         })
     }
 
-    /// The data directory layout sled uses; for tests that inspect files.
-    pub fn data_files(dir: &Path) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.push(p);
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         // A poisoned lock only means another thread panicked mid-update of an account; each
         // update is a single atomic sled batch, so the data is consistent: keep going.
@@ -201,23 +268,45 @@ impl Inner {
 
 impl super::Health for SledStore {
     fn has_room(&self) -> bool {
-        self.inner.health.disk_ok.load(Ordering::Relaxed)
+        self.inner().health.disk_ok.load(Ordering::Relaxed)
     }
 
     fn flush_ok(&self) -> bool {
-        self.inner.health.flush_ok.load(Ordering::Relaxed)
+        self.inner().health.flush_ok.load(Ordering::Relaxed)
     }
 
     fn check_room(&self) {
-        self.inner.health.check_disk();
+        self.inner().health.check_disk();
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.inner().db.size_on_disk()?)
     }
 
     fn flush(&self) -> StoreFuture<()> {
-        self.inner.sync()
+        self.inner().sync()
+    }
+
+    fn wants_reopen(&self) -> bool {
+        let inner = self.inner();
+        !inner.health.flush_ok.load(Ordering::Relaxed)
+            && inner
+                .health
+                .free_bytes()
+                .is_some_and(|free| free >= inner.health.min_free.max(REOPEN_HEADROOM))
+    }
+
+    fn reopen(&self) -> StoreFuture<()> {
+        let store = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Closing and opening sled blocks: not on an async worker.
+        std::thread::spawn(move || {
+            let _ = tx.send(store.reopen_now());
+        });
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError::Io("reopen thread failed".into())))
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use crate::store::{
 impl Outbox for SledStore {
     fn index(&self, domain: &str) -> StoreFuture<Vec<OutboxEntry>> {
         ready(
-            self.inner
+            self.inner()
                 .outbox
                 .scan_prefix(keys::outbox_prefix(domain))
                 .map(|kv| {
@@ -28,21 +28,21 @@ impl Outbox for SledStore {
     }
 
     fn put(&self, domain: &str, seq: u64, record: &OutboxRecord) -> Result<StoreFuture<()>> {
-        self.inner
+        self.inner()
             .outbox
             .insert(keys::outbox(domain, seq), records::encode(record))?;
-        Ok(self.inner.sync())
+        Ok(self.inner().sync())
     }
 
     fn durable(&self, _domain: &str) -> StoreFuture<()> {
-        self.inner.sync()
+        self.inner().sync()
     }
 
     fn read(&self, domain: &str, from: u64, limit: usize) -> StoreFuture<Vec<(u64, OutboxRecord)>> {
         let start = keys::outbox(domain, from);
         let end = keys::outbox(domain, u64::MAX);
         ready(
-            self.inner
+            self.inner()
                 .outbox
                 .range(start..=end)
                 .take(limit)
@@ -58,8 +58,8 @@ impl Outbox for SledStore {
 
     fn remove(&self, domain: &str, seqs: &[u64]) -> Result<StoreFuture<()>> {
         for seq in seqs {
-            self.inner.outbox.remove(keys::outbox(domain, *seq))?;
+            self.inner().outbox.remove(keys::outbox(domain, *seq))?;
         }
-        Ok(self.inner.sync())
+        Ok(self.inner().sync())
     }
 }

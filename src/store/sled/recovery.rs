@@ -197,7 +197,7 @@ mod tests {
 
     fn queue(store: &SledStore, device: u32) -> Vec<(u64, [u8; 16])> {
         store
-            .inner
+            .inner()
             .read(USER, device, 0, 100)
             .unwrap()
             .into_iter()
@@ -239,18 +239,18 @@ mod tests {
         for cut in 0..=ops {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
-            let heads = recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap();
+            let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
             let (first, _) = send(1, &heads);
-            store.inner.write(first).unwrap();
-            let heads = recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap();
+            store.inner().write(first).unwrap();
+            let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
             let (mut second, _) = send(2, &heads);
             second.ops.truncate(cut);
-            store.inner.write(second).unwrap();
+            store.inner().write(second).unwrap();
 
-            let heads = recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap();
+            let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
             let committed = cut == ops;
             assert_eq!(
-                store.inner.dedup(USER, &[2; 16]).unwrap().is_some(),
+                store.inner().dedup(USER, &[2; 16]).unwrap().is_some(),
                 committed,
                 "cut {cut}"
             );
@@ -267,7 +267,7 @@ mod tests {
             }
             // Recovery is idempotent: it finds nothing more to remove.
             assert_eq!(
-                recover_heads(&store.inner, USER, &[1, 2], NOW).unwrap(),
+                recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap(),
                 heads
             );
         }
@@ -285,7 +285,7 @@ mod tests {
             ..empty_head()
         };
         store
-            .inner
+            .inner()
             .write(QueueWrite {
                 ops: vec![QueueOp::Head {
                     user: USER.into(),
@@ -294,7 +294,7 @@ mod tests {
                 }],
             })
             .unwrap();
-        let head = recover_heads(&store.inner, USER, &[1], NOW).unwrap()[&1];
+        let head = recover_heads(&store.inner(), USER, &[1], NOW).unwrap()[&1];
         assert_eq!((head.next_seq, head.count, head.bytes), (4, 0, 0));
     }
 
@@ -302,11 +302,11 @@ mod tests {
     fn an_expired_envelope_whose_dedup_record_is_gone_keeps_its_sequence_number() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let heads = recover_heads(&store.inner, USER, &[1], NOW).unwrap();
+        let heads = recover_heads(&store.inner(), USER, &[1], NOW).unwrap();
         let (write, _) = send(1, &heads);
-        store.inner.write(write).unwrap();
+        store.inner().write(write).unwrap();
         store
-            .inner
+            .inner()
             .write(QueueWrite {
                 ops: vec![QueueOp::ForgetDedup {
                     user: USER.into(),
@@ -316,7 +316,7 @@ mod tests {
             })
             .unwrap();
         let later = NOW + 60_000;
-        let heads = recover_heads(&store.inner, USER, &[1], later).unwrap();
+        let heads = recover_heads(&store.inner(), USER, &[1], later).unwrap();
         assert_eq!(queue(&store, 1), vec![(1, [1; 16])], "left to the sweep");
         assert_eq!(heads[&1].next_seq, 2);
     }

@@ -199,11 +199,11 @@ fn expiry_index_finds_due_entries_only() {
             record: rec(exp),
         });
     }
-    s.inner.write(w).unwrap();
+    s.inner().write(w).unwrap();
     let due = block_on(s.due(200, 10)).unwrap();
     assert_eq!(due.len(), 2);
     assert!(matches!(due[1], Due::Envelope { seq: 2, .. }));
-    assert_eq!(s.inner.read("a@x", 1, 2, 10).unwrap().len(), 2);
+    assert_eq!(s.inner().read("a@x", 1, 2, 10).unwrap().len(), 2);
 }
 
 /// A crash can leave expiry index entries whose records were never written (entries go
@@ -257,7 +257,7 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         },
         dedup(committed),
     ];
-    store.inner.write(QueueWrite { ops }).expect("write");
+    store.inner().write(QueueWrite { ops }).expect("write");
     let limits = QueueLimits {
         count: 10,
         bytes: u64::MAX,
@@ -270,10 +270,10 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         }));
         let mut queues = store.open(USER, &[1], limits).await.expect("open");
         assert!(queues.expire(due).expect("expire").is_empty());
-        let queue = store.inner.read(USER, 1, 0, 10).expect("read");
+        let queue = store.inner().read(USER, 1, 0, 10).expect("read");
         assert_eq!(queue.len(), 1, "the committed envelope was expired");
         assert_eq!(queue[0].1.expires_ms, committed);
-        assert!(store.inner.dedup(USER, &id).expect("dedup").is_some());
+        assert!(store.inner().dedup(USER, &id).expect("dedup").is_some());
         assert!(store.due(now, 100).await.expect("due").is_empty());
         assert!(!store.due(committed, 100).await.expect("due").is_empty());
     });
@@ -303,10 +303,10 @@ fn an_undecodable_expired_envelope_is_deleted_and_the_rest_expire() {
             },
         });
     }
-    store.inner.write(w).expect("write");
+    store.inner().write(w).expect("write");
     // The first envelope's bytes are damaged on disk.
     store
-        .inner
+        .inner()
         .queues
         .insert(
             crate::store::keys::envelope(USER, 1, 1),
@@ -323,7 +323,7 @@ fn an_undecodable_expired_envelope_is_deleted_and_the_rest_expire() {
         let mut queues = store.open(USER, &[1], limits).await.expect("open");
         let expired = queues.expire(due).expect("one bad record fails nothing");
         assert_eq!(expired, vec![(1, 1), (1, 2)]);
-        assert!(store.inner.read(USER, 1, 0, 10).expect("read").is_empty());
+        assert!(store.inner().read(USER, 1, 0, 10).expect("read").is_empty());
         assert!(store.due(now, 100).await.expect("due").is_empty());
     });
 }
