@@ -244,14 +244,7 @@ async fn claimed_keys_uploads_and_device_lists_hold_across_kill_9() {
     assert_eq!(resp.status(), 204);
     broker.kill9();
     broker.restart();
-    let got: Value = client()
-        .get(&url)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let got = device_list(&broker, &bob.user).await;
     assert_eq!(got["signed"], json!(signed));
     for _ in 0..3 {
         handed_out.push(

@@ -148,14 +148,7 @@ async fn signed_device_lists_are_stored_opaquely_and_only_by_the_account() {
     };
     assert_eq!(put(&alice).send().await.expect("put").status(), 401);
     assert_eq!(put(&bob).send().await.expect("put").status(), 204);
-    let got: Value = client()
-        .get(&url)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let got = device_list(&broker, &bob.user).await;
     assert_eq!(got["signed"], json!(signed));
 }
 
@@ -194,14 +187,7 @@ async fn full_size_key_uploads_and_device_lists_are_accepted() {
         .await
         .expect("put");
     assert_eq!(resp.status(), 204);
-    let got: Value = client()
-        .get(&url)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let got = device_list(&broker, &bob.user).await;
     assert_eq!(got["signed"], json!(signed));
     // Routes without an account take small bodies only.
     let resp = client()

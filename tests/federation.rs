@@ -1409,30 +1409,31 @@ async fn ephemeral_envelopes_for_a_stalled_peer_are_bounded() {
     assert!(dev.backlog().await.is_empty());
     // One goes out in the only transaction the window allows; four wait; the rest are
     // dropped.
-    for _ in 0..20 {
+    send_ephemerals(&mut dev, "bob@b.example", DeviceId(1), 20).await;
+    assert_eq!(ephemerals_dropped(&ba).await, 15.0);
+}
+
+/// Sends `n` ephemeral envelopes to `to`'s `device`, each accepted.
+async fn send_ephemerals(dev: &mut Device, to: &str, device: DeviceId, n: usize) {
+    for _ in 0..n {
         let id = eid();
-        dev.send_to(
-            id,
-            "bob@b.example",
-            &[DeviceId(1)],
-            Class::Ephemeral,
-            30,
-            b"ring",
-        )
-        .await;
+        dev.send_to(id, to, &[device], Class::Ephemeral, 30, b"typing")
+            .await;
         assert_eq!(
             dev.result_for(id).await.0,
             SendOutcome::Accepted { duplicate: false }
         );
     }
-    assert_eq!(
-        ba.metric_labeled(
+}
+
+/// Ephemeral envelopes for b.example that `broker` dropped.
+async fn ephemerals_dropped(broker: &Broker) -> f64 {
+    broker
+        .metric_labeled(
             "sealpost_federation_ephemeral_dropped_total",
-            "destination=\"b.example\""
+            "destination=\"b.example\"",
         )
-        .await,
-        15.0
-    );
+        .await
 }
 
 /// Ephemeral envelopes are never written to the outbox: sent while the peer is down they are
@@ -1449,30 +1450,8 @@ async fn ephemeral_envelopes_sent_while_the_link_is_down_are_never_stored() {
     let alice = register(&ba, "alice@a.example").await;
     let mut dev = Device::connect(&ba, &alice).await;
     assert!(dev.backlog().await.is_empty());
-    for _ in 0..5 {
-        let id = eid();
-        dev.send_to(
-            id,
-            &bob.user,
-            &[bob.device],
-            Class::Ephemeral,
-            30,
-            b"typing",
-        )
-        .await;
-        assert_eq!(
-            dev.result_for(id).await.0,
-            SendOutcome::Accepted { duplicate: false }
-        );
-    }
-    assert_eq!(
-        ba.metric_labeled(
-            "sealpost_federation_ephemeral_dropped_total",
-            "destination=\"b.example\""
-        )
-        .await,
-        5.0
-    );
+    send_ephemerals(&mut dev, &bob.user, bob.device, 5).await;
+    assert_eq!(ephemerals_dropped(&ba).await, 5.0);
     wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
     // The link comes back; a durable envelope sent now is the only thing bob gets.
     bb.restart();

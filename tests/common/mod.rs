@@ -627,3 +627,13 @@ pub async fn claim(broker: &Broker, target: &Creds, by: &Creds) -> reqwest::Resp
         .await
         .expect("claim")
 }
+
+/// The signed device list of `user` as `broker` serves it (JSON `{signed}`).
+pub async fn device_list(broker: &Broker, user: &str) -> serde_json::Value {
+    reqwest::get(format!("{}/v1/accounts/{user}/device-list", broker.http()))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
