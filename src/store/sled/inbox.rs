@@ -58,6 +58,21 @@ impl Inbox for SledStore {
     }
 }
 
+/// Removes a send from its user's pending sends when dropped.
+struct LeavesPending {
+    pending: Arc<Mutex<HashMap<[u8; 16], Placement>>>,
+    id: [u8; 16],
+}
+
+impl Drop for LeavesPending {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// One user's queues: the heads live here, written by this handle alone.
 struct SledUserInbox {
     inner: Arc<Inner>,
@@ -170,15 +185,14 @@ impl UserInbox for SledUserInbox {
         }
         self.pending().insert(envelope.id, stored.clone());
         let answer = self.when_durable(false, stored);
-        let pending = self.pending.clone();
-        let id = envelope.id;
+        // The id leaves `pending` when the answer resolves, or if the caller drops it unawaited.
+        let leaving = LeavesPending {
+            pending: self.pending.clone(),
+            id: envelope.id,
+        };
         Ok(Box::pin(async move {
-            let answer = answer.await;
-            pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            answer
+            let _leaving = leaving;
+            answer.await
         }))
     }
 

@@ -327,3 +327,46 @@ fn an_undecodable_expired_envelope_is_deleted_and_the_rest_expire() {
         assert!(store.due(now, 100).await.expect("due").is_empty());
     });
 }
+
+/// A send whose answer the caller drops unawaited leaves its user's pending sends all the
+/// same: otherwise the expiry sweep would skip its dedup record for ever.
+#[test]
+fn a_dropped_append_answer_does_not_keep_its_dedup_record_forever() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let now = crate::clock::now_ms();
+    let limits = QueueLimits {
+        count: 10,
+        bytes: u64::MAX,
+    };
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        let answer = queues
+            .append(crate::store::NewEnvelope {
+                id: [5; 16],
+                class: 0,
+                accepted_ms: now,
+                expires_ms: now + 1,
+                remember_until_ms: now + 1,
+                copies: vec![(1, &b"x"[..])],
+            })
+            .expect("append");
+        drop(answer);
+        crate::store::Health::flush(&store).await.expect("flush");
+        let due = store.due(now + 10, 100).await.expect("due");
+        assert!(
+            due.iter().any(|d| matches!(d, Due::Dedup { .. })),
+            "{due:?}"
+        );
+        queues.expire(due).expect("expire");
+        assert!(
+            store
+                .inner()
+                .dedup(USER, &[5; 16])
+                .expect("dedup")
+                .is_none(),
+            "the dedup record was kept"
+        );
+    });
+}
