@@ -82,14 +82,12 @@ fn open_with(
     failpoint: Option<std::path::PathBuf>,
     idle: Duration,
 ) -> Broker {
-    let store = Stores::from_backend(Arc::new(
-        SledStore::open(&StoreOptions {
-            failpoint_sync: failpoint,
-            ..StoreOptions::for_tests(dir)
-        })
-        .expect("open store"),
-    ));
-    open_stores(store, idle)
+    let options = StoreOptions {
+        failpoint_sync: failpoint,
+        ..StoreOptions::for_tests(dir)
+    };
+    let store = SledStore::open_waiting(&options).expect("open store");
+    open_stores(Stores::from_backend(Arc::new(store)), idle)
 }
 
 /// A broker on `stores`, whose mailboxes stop after `idle`.

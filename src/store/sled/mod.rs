@@ -121,6 +121,23 @@ impl SledStore {
         })
     }
 
+    /// [`SledStore::open`] for tests that reopen a directory in the same process: sled's I/O
+    /// threads can hold the previous database's file (and its lock) for a moment after it was
+    /// dropped.
+    #[cfg(test)]
+    pub(crate) fn open_waiting(options: &StoreOptions) -> Result<Self> {
+        let mut tries = 0;
+        loop {
+            match Self::open(options) {
+                Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// The open database.
     fn inner(&self) -> Arc<Inner> {
         let current = self.cell.current.read().unwrap_or_else(|p| p.into_inner());

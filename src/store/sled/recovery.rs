@@ -168,7 +168,7 @@ mod tests {
     const NOW: u64 = 1_000_000;
 
     fn open(dir: &std::path::Path) -> SledStore {
-        SledStore::open(&StoreOptions::for_tests(dir)).expect("open store")
+        SledStore::open_waiting(&StoreOptions::for_tests(dir)).expect("open store")
     }
 
     fn envelope(id: u8) -> EnvelopeRecord {

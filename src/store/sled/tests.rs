@@ -11,7 +11,7 @@ use crate::store::{
 };
 
 fn open(dir: &std::path::Path) -> SledStore {
-    SledStore::open(&StoreOptions {
+    SledStore::open_waiting(&StoreOptions {
         fsync: true,
         ..StoreOptions::for_tests(dir)
     })
