@@ -270,22 +270,9 @@ struct Totals {
 
 /// Connects `creds`; `Err` with the broker's answer if it refuses them.
 async fn try_connect(broker: &Broker, creds: &Creds) -> Result<Device, String> {
-    let mut ws = connect_raw(broker).await;
-    let auth = ClientFrame::Auth {
-        user: creds.user.clone(),
-        device: creds.device,
-        token: creds.token.clone(),
-    };
-    ws.send(Message::Binary(auth.encode().into()))
+    Device::try_authenticate(connect_raw(broker).await, creds)
         .await
-        .expect("send auth");
-    match next_event(&mut ws).await {
-        Event::Frame(ServerFrame::AuthOk { .. }) => Ok(Device {
-            creds: creds.clone(),
-            ws,
-        }),
-        other => Err(format!("{other:?}")),
-    }
+        .map_err(|other| format!("{other:?}"))
 }
 
 /// Connects every device, checks its backlog against its ledger, acks all of it and waits

@@ -406,7 +406,14 @@ impl Device {
     }
 
     /// Authenticates an open connection as `creds` and waits for `auth_ok`.
-    pub async fn authenticate(mut ws: Ws, creds: &Creds) -> Device {
+    pub async fn authenticate(ws: Ws, creds: &Creds) -> Device {
+        Device::try_authenticate(ws, creds)
+            .await
+            .unwrap_or_else(|other| panic!("expected auth_ok, got {other:?}"))
+    }
+
+    /// Authenticates an open connection as `creds`; `Err` with what came instead of `auth_ok`.
+    pub async fn try_authenticate(mut ws: Ws, creds: &Creds) -> Result<Device, Event> {
         let auth = ClientFrame::Auth {
             user: creds.user.clone(),
             device: creds.device,
@@ -416,12 +423,14 @@ impl Device {
             .await
             .expect("send auth");
         match next_event(&mut ws).await {
-            Event::Frame(ServerFrame::AuthOk { device, .. }) => assert_eq!(device, creds.device),
-            other => panic!("expected auth_ok, got {other:?}"),
-        }
-        Device {
-            creds: creds.clone(),
-            ws,
+            Event::Frame(ServerFrame::AuthOk { device, .. }) => {
+                assert_eq!(device, creds.device);
+                Ok(Device {
+                    creds: creds.clone(),
+                    ws,
+                })
+            }
+            other => Err(other),
         }
     }
 
