@@ -1,5 +1,6 @@
 //! The broker's only cryptography: device auth tokens (random, stored as keyed BLAKE3
-//! hashes, compared in constant time) and platform registration tokens (Ed25519).
+//! hashes, compared in constant time), one-time session tickets (keyed BLAKE3 MACs) and
+//! platform registration tokens (Ed25519).
 //!
 //! The broker holds no key that opens an envelope.
 
@@ -17,6 +18,16 @@ const TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 device auth token hash v1"
 
 /// BLAKE3 `derive_key` context for the delivery-token hashing key.
 const DELIVERY_TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 delivery token hash v1";
+
+/// BLAKE3 `derive_key` context for the session-ticket MAC key.
+const SESSION_TICKET_CONTEXT: &str = "sealpost 2026-12-06 session ticket mac v1";
+
+/// Session tickets are issued for a window of this length and redeemable in it and the next:
+/// they live between 30 and 60 seconds.
+pub const TICKET_WINDOW_MS: u64 = 30_000;
+
+/// Length of a session ticket's random part; the rest is its MAC.
+pub const TICKET_NONCE_BYTES: usize = 16;
 
 /// Domain separation prefix of what the platform signs.
 const REGISTRATION_CONTEXT: &[u8] = b"sealpost-registration-v1:";
@@ -55,6 +66,21 @@ impl DeviceToken {
 pub struct TokenHasher {
     key: Zeroizing<[u8; 32]>,
     delivery_key: Zeroizing<[u8; 32]>,
+    ticket_key: Zeroizing<[u8; 32]>,
+}
+
+/// A one-time session ticket: what a device presents to log in on `/v1/ws` instead of its
+/// token, so that the token itself never sits in a long-lived connection's buffers. 16 random
+/// bytes and a 128-bit MAC binding them to the device and a time window; no state is kept
+/// until it is redeemed (then its nonce is remembered until it expires, see
+/// `gateway::tickets`). Never stored, logged or printed.
+pub struct SessionTicket(Zeroizing<[u8; 32]>);
+
+impl SessionTicket {
+    /// The text form handed to the device (unpadded base64url). Not zeroized.
+    pub fn to_text(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0.as_ref())
+    }
 }
 
 impl TokenHasher {
@@ -89,6 +115,7 @@ impl TokenHasher {
         Ok(TokenHasher {
             key: Zeroizing::new(blake3::derive_key(TOKEN_HASH_CONTEXT, &secret)),
             delivery_key: Zeroizing::new(blake3::derive_key(DELIVERY_TOKEN_HASH_CONTEXT, &secret)),
+            ticket_key: Zeroizing::new(blake3::derive_key(SESSION_TICKET_CONTEXT, &secret)),
         })
     }
 
@@ -110,6 +137,59 @@ impl TokenHasher {
     /// Whether a delivery token matches `stored`, in constant time.
     pub fn verify_delivery_token(&self, token: &[u8], stored: &[u8; 32]) -> bool {
         self.hash_delivery_token(token).ct_eq(stored).into()
+    }
+
+    /// A fresh session ticket for `user`'s `device`, issued at `now_ms`.
+    pub fn issue_ticket(&self, user: &str, device: u32, now_ms: u64) -> SessionTicket {
+        let mut ticket = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut ticket[..TICKET_NONCE_BYTES]);
+        let mut nonce = [0u8; TICKET_NONCE_BYTES];
+        nonce.copy_from_slice(&ticket[..TICKET_NONCE_BYTES]);
+        let mac = self.ticket_mac(user, device, now_ms / TICKET_WINDOW_MS, &nonce);
+        ticket[TICKET_NONCE_BYTES..].copy_from_slice(&mac);
+        SessionTicket(ticket)
+    }
+
+    /// The nonce of `ticket` if it is a ticket for `user`'s `device` that has not expired at
+    /// `now_ms` (whether it was used before is the caller's to check). Constant time in the
+    /// MAC comparison.
+    pub fn check_ticket(
+        &self,
+        user: &str,
+        device: u32,
+        ticket: &[u8],
+        now_ms: u64,
+    ) -> Option<[u8; TICKET_NONCE_BYTES]> {
+        if ticket.len() != 32 {
+            return None;
+        }
+        let (nonce, mac) = ticket.split_at(TICKET_NONCE_BYTES);
+        let nonce: [u8; TICKET_NONCE_BYTES] = nonce.try_into().ok()?;
+        let window = now_ms / TICKET_WINDOW_MS;
+        let valid = [window, window.saturating_sub(1)]
+            .iter()
+            .fold(subtle::Choice::from(0), |ok, w| {
+                ok | self.ticket_mac(user, device, *w, &nonce).ct_eq(mac)
+            });
+        bool::from(valid).then_some(nonce)
+    }
+
+    fn ticket_mac(
+        &self,
+        user: &str,
+        device: u32,
+        window: u64,
+        nonce: &[u8; TICKET_NONCE_BYTES],
+    ) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.ticket_key);
+        h.update(&(user.len() as u64).to_be_bytes())
+            .update(user.as_bytes())
+            .update(&device.to_be_bytes())
+            .update(&window.to_be_bytes())
+            .update(nonce);
+        let mut mac = [0u8; 16];
+        mac.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        mac
     }
 
     /// The stored form of a link code.
@@ -218,6 +298,39 @@ mod tests {
         let h2 = TokenHasher::load_or_create(dir.path()).unwrap();
         assert!(h2.verify(&t, &stored));
         assert!(DeviceToken::from_bytes(&[0; 31]).is_none());
+    }
+
+    #[test]
+    fn session_tickets_bind_a_device_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = TokenHasher::load_or_create(dir.path()).unwrap();
+        let now = 10 * TICKET_WINDOW_MS + 5;
+        let t = h.issue_ticket("a@x", 1, now);
+        let nonce = h.check_ticket("a@x", 1, t.0.as_ref(), now).expect("valid");
+        assert_eq!(nonce[..], t.0[..TICKET_NONCE_BYTES]);
+        // Still good in the next window, not after it.
+        assert!(
+            h.check_ticket("a@x", 1, t.0.as_ref(), now + TICKET_WINDOW_MS)
+                .is_some()
+        );
+        assert!(
+            h.check_ticket("a@x", 1, t.0.as_ref(), now + 2 * TICKET_WINDOW_MS)
+                .is_none()
+        );
+        // Not for another device or account, not before it was issued, not altered.
+        assert!(h.check_ticket("a@x", 2, t.0.as_ref(), now).is_none());
+        assert!(h.check_ticket("b@x", 1, t.0.as_ref(), now).is_none());
+        assert!(
+            h.check_ticket("a@x", 1, t.0.as_ref(), now - TICKET_WINDOW_MS)
+                .is_none()
+        );
+        let mut altered = *t.0;
+        altered[0] ^= 1;
+        assert!(h.check_ticket("a@x", 1, &altered, now).is_none());
+        assert!(h.check_ticket("a@x", 1, &altered[..31], now).is_none());
+        // Another broker's secret does not accept it.
+        let other = TokenHasher::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        assert!(other.check_ticket("a@x", 1, t.0.as_ref(), now).is_none());
     }
 
     #[test]

@@ -8,8 +8,11 @@ use sealpost::config::{ServeArgs, Settings};
 /// mimalloc: the broker allocates many small, short-lived buffers (frames, sled nodes) across
 /// threads; measured faster than the system allocator on the e2e load test. Built with
 /// `no_thp` (see Cargo.toml); on a host with THP `always`, also set `MIMALLOC_ALLOW_THP=0`.
+/// Wrapped so that every freed block is zeroed first: buffers that carried a token or a
+/// ciphertext do not stay readable in freed memory (see `gateway::secrets`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: zeroizing_alloc::ZeroAlloc<mimalloc::MiMalloc> =
+    zeroizing_alloc::ZeroAlloc(mimalloc::MiMalloc);
 
 /// Sealpost: a federated broker for end-to-end encrypted messages and call signaling.
 #[derive(Parser)]

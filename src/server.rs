@@ -102,6 +102,9 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .wrap(actix_web::middleware::from_fn(
+                crate::gateway::secrets::scrub,
+            ))
             .configure(crate::gateway::routes)
     })
     // Small frames must not wait for the peer's delayed ACK (Nagle): that added 40 ms to the

@@ -732,3 +732,49 @@ async fn readiness_is_503_and_new_work_refused_while_shutting_down() {
     drop(holder);
     assert!(broker.wait_exit(), "the broker exits 0");
 }
+
+#[tokio::test]
+async fn a_session_ticket_logs_its_device_in_once() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let alice2 = add_device(&broker, &alice).await;
+    let ticket = session_ticket(&broker, &alice).await;
+    let by_ticket = |who: &Creds| Creds {
+        token: ticket.clone(),
+        ..who.clone()
+    };
+    // Not for another device of the same account.
+    let refused = Device::try_authenticate(connect_raw(&broker).await, &by_ticket(&alice2)).await;
+    assert!(refused.is_err(), "a ticket is bound to its device");
+    let first = Device::try_authenticate(connect_raw(&broker).await, &by_ticket(&alice)).await;
+    assert!(first.is_ok(), "the ticket logs alice's device in");
+    let again = Device::try_authenticate(connect_raw(&broker).await, &by_ticket(&alice)).await;
+    assert!(again.is_err(), "a spent ticket is refused");
+    // A removed device's tickets die with it.
+    let ticket2 = session_ticket(&broker, &alice2).await;
+    assert_eq!(remove_device(&broker, &alice, alice2.device).await, 204);
+    let removed = Creds {
+        token: ticket2,
+        ..alice2.clone()
+    };
+    assert!(
+        Device::try_authenticate(connect_raw(&broker).await, &removed)
+            .await
+            .is_err()
+    );
+    // Without the device token, no ticket.
+    let resp = client()
+        .post(format!(
+            "{}/v1/accounts/{}/session-ticket",
+            broker.http(),
+            alice.user
+        ))
+        .header(
+            "authorization",
+            "Bearer 1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}

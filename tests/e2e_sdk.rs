@@ -257,7 +257,7 @@ impl Mallory {
             .register(handle, &keys.public_keys().to_bytes(), None)
             .await
             .expect("register mallory");
-        let (conn, _) = Connection::authenticated(&api.ws_url("/v1/ws"), &creds)
+        let (conn, _) = Connection::authenticated(&api, &creds)
             .await
             .expect("connect");
         // Claims are admitted as a device of a local account.

@@ -12,6 +12,7 @@
 //! | GET, PUT | `/v1/accounts/{h}/device-list` | [`Api::device_list`], [`Api::put_device_list`] |
 //! | PUT | `/v1/accounts/{h}/delivery-token` | [`Api::put_delivery_token`] |
 //! | POST | `/v1/accounts/{h}/link-codes` | [`Api::new_link_code`] |
+//! | POST | `/v1/accounts/{h}/session-ticket` | [`Api::session_ticket`] (to log in on `/v1/ws`) |
 //!
 //! Errors carry the broker's stable `{"error", "message"}` answer; their `Display` never
 //! contains a token.
@@ -379,6 +380,24 @@ impl Api {
             .await?;
         Self::check(resp, "setting the delivery token").await?;
         Ok(())
+    }
+
+    /// `POST .../session-ticket`: a one-time ticket to log in on `/v1/ws` with, valid for
+    /// 30 to 60 seconds, so that the device token itself is never in a long-lived connection.
+    pub async fn session_ticket(
+        &self,
+        creds: &DeviceCreds,
+    ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        const WHAT: &str = "getting a session ticket";
+        #[derive(Deserialize)]
+        struct Answer {
+            ticket: String,
+        }
+        let path = format!("/v1/accounts/{}/session-ticket", creds.handle);
+        let resp = self.authed(Method::POST, &path, creds).send().await?;
+        let a: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        let ticket = Zeroizing::new(a.ticket);
+        http::decode_token(&ticket).ok_or(ApiError::BadAnswer(WHAT))
     }
 
     /// `POST .../link-codes`: a single-use code for adding a device.

@@ -22,7 +22,7 @@ use tokio_tungstenite::{
     tungstenite::{Message, protocol::WebSocketConfig},
 };
 
-use crate::api::DeviceCreds;
+use crate::api::{Api, DeviceCreds};
 
 /// How long connecting plus authenticating may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -59,15 +59,17 @@ impl Connection {
 
     /// Opens `/v1/ws` and authenticates as `creds`; returns the connection and the broker's
     /// clock (ms since the Unix epoch).
-    pub async fn authenticated(
-        ws_url: &str,
-        creds: &DeviceCreds,
-    ) -> Result<(Self, u64), ConnError> {
-        let mut conn = Self::open(ws_url).await?;
+    pub async fn authenticated(api: &Api, creds: &DeviceCreds) -> Result<(Self, u64), ConnError> {
+        // The token goes only on a short HTTP request; the socket gets a one-time ticket.
+        let ticket = api
+            .session_ticket(creds)
+            .await
+            .map_err(ConnError::from_api)?;
+        let mut conn = Self::open(&api.ws_url("/v1/ws")).await?;
         conn.send(&ClientFrame::Auth {
             user: creds.handle.clone(),
             device: DeviceId(creds.device),
-            token: creds.token.to_vec(),
+            token: ticket.to_vec(),
         })
         .await?;
         let answer = tokio::time::timeout(CONNECT_TIMEOUT, conn.next())

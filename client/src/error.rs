@@ -262,6 +262,30 @@ pub enum ConnError {
 
 #[cfg(feature = "net")]
 impl ConnError {
+    /// A failed session-ticket request, as a failed connection: a refused token (401) is
+    /// refused authentication, anything else a transport failure.
+    pub(crate) fn from_api(e: ApiError) -> Self {
+        match e {
+            ApiError::Refused {
+                status: 401,
+                message,
+                ..
+            } => ConnError::AuthRefused {
+                code: ErrorCode::BadToken,
+                message,
+            },
+            ApiError::Refused {
+                status: 429,
+                message,
+                ..
+            } => ConnError::AuthRefused {
+                code: ErrorCode::RateLimited,
+                message,
+            },
+            other => ConnError::Transport(other.to_string()),
+        }
+    }
+
     /// Whether the broker closed this connection because the device was removed.
     pub fn is_device_revoked(&self) -> bool {
         matches!(

@@ -18,7 +18,7 @@
 //!
 //! | kind | frame            | body fields, in order                                   |
 //! |------|------------------|---------------------------------------------------------|
-//! | 0x01 | `auth`           | user (str), device (u32), token (bin 32)                |
+//! | 0x01 | `auth`           | user (str), device (u32), ticket or token (bin 32)      |
 //! | 0x02 | `send`           | id (bin 16), to (str), class (u8), ttl_secs (u32), copies ([[device u32, ciphertext bin]]) |
 //! | 0x03 | `ack`            | seqs ([u64])                                            |
 //! | 0x04 | `sealed_send`    | as `send`, then delivery_token (bin 32 or nil)          |
@@ -141,7 +141,9 @@ pub enum ClientFrame {
         user: String,
         /// The device id.
         device: DeviceId,
-        /// The device's 256-bit auth token.
+        /// A one-time session ticket for the device (`POST …/session-ticket`), or the
+        /// device's 256-bit auth token itself (older clients: it then stays in the broker's
+        /// connection buffers for as long as the connection is open).
         token: Vec<u8>,
     },
     /// Send one envelope to every current device of `to`.

@@ -15,7 +15,7 @@ use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use futures_util::future::{Ready, ready};
 use sealpost_proto::{DeviceId, Handle};
 
-use super::{AppState, error::ApiError};
+use super::{AppState, error::ApiError, secrets::Credential};
 use crate::crypto::DeviceToken;
 
 /// A request the broker is willing to serve (see the module docs).
@@ -100,17 +100,16 @@ pub(crate) async fn existing_account(state: &AppState, handle: &Handle) -> Resul
     }
 }
 
-/// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`.
+/// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`. The header
+/// was moved out of actix's header map by [`super::secrets::scrub`], which every request
+/// passes through.
 pub(crate) fn authenticate(
     state: &AppState,
     req: &HttpRequest,
     handle: &Handle,
 ) -> Result<DeviceId, ApiError> {
-    let header = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::Unauthorized)?;
+    // The `authorization` header, moved aside by `secrets::scrub`.
+    let header = Credential::of(req).ok_or(ApiError::Unauthorized)?;
     let cred = header
         .strip_prefix("Bearer ")
         .ok_or(ApiError::Unauthorized)?;

@@ -19,6 +19,8 @@
 //! - [`json`]: JSON shapes and body limits shared by several endpoints.
 //! - [`turn`]: short-lived TURN credentials for the call relay (coturn, shared secret).
 //! - [`web`]: the browser client's static files, when `web_root` is set.
+//! - [`secrets`]: how every secret that reaches the broker leaves its memory again.
+//! - [`tickets`]: one-time session tickets, presented on `/v1/ws` instead of the token.
 
 pub mod client_ip;
 pub mod error;
@@ -31,10 +33,12 @@ pub mod limits;
 pub(crate) mod remote;
 pub(crate) mod route;
 pub mod sealed;
+pub mod secrets;
 pub mod session;
 #[cfg(test)]
 mod session_tests;
 pub mod settings;
+pub mod tickets;
 pub mod turn;
 pub mod web;
 
@@ -65,6 +69,7 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
         .configure(keys::routes)
         .configure(federation::routes)
         .configure(turn::routes)
+        .configure(tickets::routes)
         .configure(self::web::routes);
 }
 
@@ -99,6 +104,8 @@ pub struct AppState {
     pub socket_budget: Arc<Budget>,
     /// Connections not authenticated yet, capped per address and in total.
     pub pre_auth: Arc<limits::PreAuth>,
+    /// Session tickets already used to log in, until they expire.
+    pub(crate) spent_tickets: tickets::Spent,
 }
 
 impl AppState {
@@ -137,6 +144,7 @@ impl AppState {
             shutdown,
             open_sessions: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
+            spent_tickets: tickets::Spent::default(),
             settings,
         }
     }

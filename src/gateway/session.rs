@@ -35,6 +35,7 @@ use super::{
     error::ApiError,
     limits::{PreAuthFull, PreAuthSlot},
     route::{From, PendingSend, Send},
+    tickets::Redeemed,
 };
 use crate::{
     clock::now_ms,
@@ -153,18 +154,35 @@ async fn authenticate(state: &AppState, socket: &mut Socket) -> Result<Authed, O
     let Ok(user) = Handle::parse(&user) else {
         return refuse(session, ErrorCode::BadToken, "bad credentials").await;
     };
-    let Some(token) = DeviceToken::from_bytes(&token) else {
+    let Some(secret) = DeviceToken::from_bytes(&token) else {
         return refuse(session, ErrorCode::BadToken, "bad credentials").await;
     };
     let record = match state.store.directory.device(user.as_str(), device.0).await {
         Ok(r) => r,
         Err(_) => return refuse(session, ErrorCode::StoreUnavailable, "store unavailable").await,
     };
-    let ok = record.is_some_and(|r| state.hasher.verify(&token, &r.token_hash));
-    if !ok {
+    // The device must exist either way: a removed device's tickets die with it.
+    let Some(record) = record else {
         return refuse(session, ErrorCode::BadToken, "bad credentials").await;
+    };
+    if state.hasher.verify(&secret, &record.token_hash) {
+        return Ok(Authed { user, device });
     }
-    Ok(Authed { user, device })
+    let now = now_ms();
+    match state
+        .hasher
+        .check_ticket(user.as_str(), device.0, &token, now)
+    {
+        Some(nonce) => match state.spent_tickets.redeem(nonce, now) {
+            Redeemed::Fresh => Ok(Authed { user, device }),
+            Redeemed::Spent => refuse(session, ErrorCode::BadToken, "bad credentials").await,
+            Redeemed::Full => {
+                let msg = "too many logins by ticket; try again shortly";
+                refuse(session, ErrorCode::RateLimited, msg).await
+            }
+        },
+        None => refuse(session, ErrorCode::BadToken, "bad credentials").await,
+    }
 }
 
 /// Refuses authentication: an `error` frame saying why, then a close with `auth_failed`.

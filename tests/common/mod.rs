@@ -297,6 +297,25 @@ pub async fn register(broker: &Broker, user: &str) -> Creds {
     creds(resp.json().await.expect("json"))
 }
 
+/// A one-time session ticket for `creds`' device (`POST …/session-ticket`).
+pub async fn session_ticket(broker: &Broker, creds: &Creds) -> Vec<u8> {
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/accounts/{}/session-ticket",
+            broker.http(),
+            creds.user
+        ))
+        .header("authorization", creds.bearer())
+        .send()
+        .await
+        .expect("session ticket");
+    assert_eq!(resp.status(), 201, "session ticket");
+    let answer: serde_json::Value = resp.json().await.expect("json");
+    URL_SAFE_NO_PAD
+        .decode(answer["ticket"].as_str().expect("ticket"))
+        .expect("base64url")
+}
+
 /// Credentials from a `201` answer of a registration or device creation.
 pub fn creds(v: serde_json::Value) -> Creds {
     Creds {
@@ -406,6 +425,18 @@ impl Device {
     }
 
     /// Authenticates an open connection as `creds` and waits for `auth_ok`.
+    /// Logs in on `/v1/ws` with a one-time session ticket, as the SDK does (the token goes
+    /// only on the ticket request).
+    pub async fn connect_with_ticket(broker: &Broker, creds: &Creds) -> Device {
+        let by_ticket = Creds {
+            token: session_ticket(broker, creds).await,
+            ..creds.clone()
+        };
+        let mut device = Device::authenticate(connect_raw(broker).await, &by_ticket).await;
+        device.creds = creds.clone();
+        device
+    }
+
     pub async fn authenticate(ws: Ws, creds: &Creds) -> Device {
         Device::try_authenticate(ws, creds)
             .await

@@ -329,7 +329,10 @@ async function stopRingingElsewhere(callId) {
 // Receiving
 
 async function connect() {
+  let ticket;
   try {
+    // The token goes on a short request (its connection closes); the socket gets a ticket.
+    ({ ticket } = await api('POST', `/v1/accounts/${encodeURIComponent(engine.handle())}/session-ticket`, { auth: true }));
     ws = await openSocket('/v1/ws', onFrame);
   } catch (e) {
     setOnline(false);
@@ -344,7 +347,7 @@ async function connect() {
     pendingResults.clear();
     setTimeout(connect, wsBackoff = Math.min(wsBackoff * 2, 5000));
   };
-  ws.send(engine.auth_frame());
+  ws.send(engine.auth_frame(ticket));
 }
 
 function setOnline(online) {

@@ -600,14 +600,18 @@ impl Engine {
         )
     }
 
-    /// The first frame on `/v1/ws`.
-    pub fn auth_frame(&self) -> Vec<u8> {
-        ClientFrame::Auth {
+    /// The first frame on `/v1/ws`, with a one-time session ticket (the `ticket` of a
+    /// `POST /v1/accounts/{h}/session-ticket` answer, base64url): the device token itself
+    /// then never sits in the broker's buffers of a long-lived connection.
+    pub fn auth_frame(&self, ticket: &str) -> Result<Vec<u8>, JsError> {
+        let ticket = sealpost_client::http::decode_token(ticket)
+            .ok_or_else(|| JsError::new("the session ticket is not base64url"))?;
+        Ok(ClientFrame::Auth {
             user: self.core.user().to_owned(),
             device: DeviceId(self.core.device_id()),
-            token: self.core.device_token().to_vec(),
+            token: ticket.to_vec(),
         }
-        .encode()
+        .encode())
     }
 
     /// An `ack` frame for `seqs` (JSON array of numbers).

@@ -265,6 +265,13 @@ impl Client {
         &self.api
     }
 
+    /// This device's auth token, for tests that check it appears nowhere it should not (a
+    /// memory dump of the broker). Keep it secret.
+    #[doc(hidden)]
+    pub fn device_token_for_tests(&self) -> &[u8] {
+        self.engine.device_token()
+    }
+
     fn creds(&self) -> DeviceCreds {
         DeviceCreds {
             handle: self.engine.user().to_owned(),

@@ -130,7 +130,7 @@ impl Client {
         if let Some(conn) = self.conn.take() {
             return Ok(conn);
         }
-        match Connection::authenticated(&self.api.ws_url("/v1/ws"), &self.creds()).await {
+        match Connection::authenticated(&self.api, &self.creds()).await {
             Ok((conn, _)) => Ok(conn),
             Err(e) if e.is_device_revoked() => Err(ClientError::DeviceRevoked),
             Err(e) => Err(e.into()),

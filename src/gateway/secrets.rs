@@ -1,0 +1,95 @@
+//! Secrets that reach the broker, and how each one leaves its memory again.
+//!
+//! An intruder with a memory dump of the running broker must not find a credential it could
+//! use. The broker keeps none in cleartext after checking it: tokens are stored only as keyed
+//! hashes, and what carried them is wiped.
+//!
+//! | secret | arrives in | wiped by |
+//! |---|---|---|
+//! | device token | HTTP `authorization` header | [`scrub`]: moved into our own zeroized copy; the connection closes after the answer |
+//! | device token | (not any more) the WebSocket `auth` frame | a one-time ticket goes there instead (see [`super::tickets`]) |
+//! | delivery token | `sealed_send` frame | freed with the frame (the allocator zeroes it) |
+//! | delivery token, link code, registration token | HTTP body | the connection closes after the answer; our body buffer is `Zeroizing` |
+//! | everything above | freed buffers, copies moved by a growing `Vec` | the zeroizing global allocator (`main.rs`) |
+//!
+//! actix-http parses a request in place in its per-connection read buffer, shares that buffer
+//! with the request's headers, and keeps finished requests' headers in a pool; our code
+//! cannot wipe that buffer. [`scrub`] makes the request stop pointing into it, and closing the
+//! connection frees it, zeroed. Requests without a secret (public lookups) keep their
+//! connection alive.
+//!
+//! What stays: a WebSocket frame sits (masked, which hides nothing) in its connection's read
+//! buffer until the connection closes. `auth` frames carry spent tickets; `sealed_send` frames
+//! carry the recipient's delivery token, which admits sealed envelopes to that one account
+//! and nothing else, for as long as the anonymous socket stays open.
+
+use actix_web::{
+    Error, HttpMessage as _, HttpRequest,
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    http::{
+        ConnectionType, Method,
+        header::{AUTHORIZATION, HeaderMap, HeaderValue},
+    },
+    middleware::Next,
+};
+use zeroize::Zeroizing;
+
+/// The `authorization` header of a request, moved out of actix's header map by [`scrub`]
+/// into memory of our own, wiped when the request ends.
+pub(crate) struct Credential(Zeroizing<String>);
+
+impl Credential {
+    /// The header's value, as the client sent it.
+    pub(crate) fn of(req: &HttpRequest) -> Option<Zeroizing<String>> {
+        req.extensions().get::<Credential>().map(|c| c.0.clone())
+    }
+}
+
+/// Whether a request may carry a secret: a credential header, or a body (every body the API
+/// takes is sent with a method other than `GET`).
+fn may_carry_secret(req: &ServiceRequest) -> bool {
+    req.headers().contains_key(AUTHORIZATION) || req.method() != Method::GET
+}
+
+/// Middleware for every request that may carry a secret:
+///
+/// - its `authorization` header moves into a [`Credential`] (see [`Credential::of`]);
+/// - every other header is copied into memory of its own: actix keeps finished requests'
+///   headers in a pool for reuse, and headers that point into the connection's read buffer
+///   would keep that whole buffer (with the secret in it) alive;
+/// - the answer says `Connection: close`, so that the read buffer is freed (and zeroed by the
+///   allocator) once the answer is written.
+pub async fn scrub(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let secret = may_carry_secret(&req);
+    if secret {
+        let headers = req.headers_mut();
+        let credential = headers.remove(AUTHORIZATION).next().map(|v| {
+            Credential(Zeroizing::new(
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            ))
+        });
+        own_values(headers);
+        if let Some(credential) = credential {
+            req.extensions_mut().insert(credential);
+        }
+    }
+    let mut res = next.call(req).await?;
+    if secret {
+        res.response_mut()
+            .head_mut()
+            .set_connection_type(ConnectionType::Close);
+    }
+    Ok(res)
+}
+
+/// Replaces every header value by a copy in its own allocation.
+fn own_values(headers: &mut HeaderMap) {
+    for (name, value) in std::mem::take(headers) {
+        let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value);
+        headers.append(name, owned);
+    }
+}
