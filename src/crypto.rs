@@ -19,6 +19,9 @@ const TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 device auth token hash v1"
 /// BLAKE3 `derive_key` context for the delivery-token hashing key.
 const DELIVERY_TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 delivery token hash v1";
 
+/// BLAKE3 `derive_key` context for a delivery token's proof (see [`delivery_proof`]).
+const DELIVERY_PROOF_CONTEXT: &str = "sealpost 2026-12-06 delivery token proof v1";
+
 /// BLAKE3 `derive_key` context for the session-ticket MAC key.
 const SESSION_TICKET_CONTEXT: &str = "sealpost 2026-12-06 session ticket mac v1";
 
@@ -67,6 +70,15 @@ pub struct TokenHasher {
     key: Zeroizing<[u8; 32]>,
     delivery_key: Zeroizing<[u8; 32]>,
     ticket_key: Zeroizing<[u8; 32]>,
+}
+
+/// What a broker forwards to a peer instead of a delivery token a client presented, and what
+/// the recipient's broker stores the keyed hash of: a one-way derivation of the token. A
+/// proof admits sealed envelopes only over an authenticated federation link (clients must
+/// present the token itself, whose proof the broker derives), so the sender's outbox never
+/// holds what a client could use on `/v1/sealed`.
+pub fn delivery_proof(token: &[u8]) -> [u8; 32] {
+    blake3::derive_key(DELIVERY_PROOF_CONTEXT, token)
 }
 
 /// A one-time session ticket: what a device presents to log in on `/v1/ws` instead of its

@@ -1628,3 +1628,75 @@ async fn a_frozen_peer_does_not_stall_sends_to_its_domain() {
 async fn a_partitioned_peer_does_not_stall_sends_to_its_domain() {
     sends_keep_flowing_while_the_peer_is_cut_off(Cutoff::Partition, 4).await;
 }
+
+/// The sending broker's outbox holds a proof of the recipient's delivery token, never the
+/// token: an envelope waiting for a broker that is down leaves nothing in the sender's data
+/// directory that a client could use on anyone's `/v1/sealed`; the recipient's broker still
+/// admits it once back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sending_brokers_outbox_holds_a_proof_not_the_delivery_token() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let mut bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    let bob = register(&bb, "bob@b.example").await;
+    let token: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(73) ^ 0xc5).collect();
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/accounts/bob@b.example/delivery-token",
+            bb.http()
+        ))
+        .header("authorization", bob.bearer())
+        .json(&serde_json::json!({ "token": URL_SAFE_NO_PAD.encode(&token) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    bb.kill9();
+
+    let (mut anon, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/sealed", ba.addr))
+        .await
+        .unwrap();
+    let id = eid();
+    let frame = ClientFrame::SealedSend {
+        id,
+        to: "bob@b.example".into(),
+        class: Class::Durable,
+        ttl_secs: 3600,
+        copies: vec![Copy {
+            device: bob.device,
+            ciphertext: body("anon", "bob", 1),
+        }],
+        delivery_token: Some(token.clone()),
+    };
+    anon.send(Message::Binary(frame.encode().into()))
+        .await
+        .unwrap();
+    let outcome = loop {
+        let Some(Ok(Message::Binary(b))) = anon.next().await else {
+            panic!("sealed connection ended")
+        };
+        if let ServerFrame::SendResult { id: got, outcome } = ServerFrame::decode(&b).unwrap() {
+            assert_eq!(got, id);
+            break outcome;
+        }
+    };
+    // Accepted means durable in the outbox.
+    assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+    for form in [
+        token.clone(),
+        URL_SAFE_NO_PAD.encode(&token).into_bytes(),
+        STANDARD.encode(&token).into_bytes(),
+    ] {
+        assert!(
+            !dir_contains(&ba.data_dir(), &form),
+            "the sender's data directory holds bob's delivery token"
+        );
+    }
+
+    bb.restart();
+    let mut dev = Device::connect(&bb, &bob).await;
+    let got = collect(&mut dev, 1).await;
+    assert_eq!(got[0].1, id, "bob's broker admits the proof");
+}

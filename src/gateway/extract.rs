@@ -15,7 +15,7 @@ use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use futures_util::future::{Ready, ready};
 use sealpost_proto::{DeviceId, Handle};
 
-use super::{AppState, error::ApiError, secrets::Credential};
+use super::{AppState, error::ApiError, secrets::secret_header};
 use crate::crypto::DeviceToken;
 
 /// A request the broker is willing to serve (see the module docs).
@@ -109,7 +109,7 @@ pub(crate) fn authenticate(
     handle: &Handle,
 ) -> Result<DeviceId, ApiError> {
     // The `authorization` header, moved aside by `secrets::scrub`.
-    let header = Credential::of(req).ok_or(ApiError::Unauthorized)?;
+    let header = secret_header(req, "authorization").ok_or(ApiError::Unauthorized)?;
     let cred = header
         .strip_prefix("Bearer ")
         .ok_or(ApiError::Unauthorized)?;

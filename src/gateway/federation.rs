@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use super::{
     AppState,
     error::ApiError,
-    route::{From, Send, admit_sealed, refusal},
+    route::{From, Presented, Send, admit_sealed, refusal},
     session::{OpenGuard, admit, admit_unauthenticated},
 };
 use crate::{
@@ -96,7 +96,9 @@ impl Local {
             // The origin broker authenticated the sender; which account it is, it does not
             // say. The per-origin rate limit applies.
             Admission::Origin => Ok(()),
-            Admission::Token(token) => admit_sealed(&self.0, to, Some(token), None),
+            Admission::Token(proof) => {
+                admit_sealed(&self.0, to, Some(Presented::Proof(proof)), None)
+            }
             Admission::Open => admit_sealed(&self.0, to, None, None),
         }
     }

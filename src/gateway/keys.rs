@@ -28,16 +28,19 @@ use base64::{
 use rand::RngCore;
 use sealpost_proto::{DeviceId, ErrorCode, Handle};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use super::{
     AppState,
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
     json::{Json, JsonLimit},
-    route::admit_sealed,
+    route::{Presented, admit_sealed},
+    secrets::secret_header,
 };
 use crate::{
     clock::now_ms,
+    crypto::delivery_proof,
     mailbox::UploadKeys,
     store::{DeliveryTokenRecord, LinkCodeRecord, records::RECORD_VERSION},
 };
@@ -210,16 +213,15 @@ fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(
         authenticate(state, req, &claimant)?;
         return Ok(());
     }
-    let token = match header("sealpost-delivery-token") {
-        Some(t) => Some(
-            URL_SAFE_NO_PAD
-                .decode(t)
-                .map_err(|_| ApiError::BadRequest("delivery token is not base64url".into()))?,
-        ),
+    let token = match secret_header(req, "sealpost-delivery-token") {
+        Some(t) => Some(Zeroizing::new(URL_SAFE_NO_PAD.decode(t.as_str()).map_err(
+            |_| ApiError::BadRequest("delivery token is not base64url".into()),
+        )?)),
         None => None,
     };
     let ip = state.client_ip(req);
-    match admit_sealed(state, target, token.as_deref(), ip) {
+    let presented = token.as_ref().map(|t| Presented::Token(t));
+    match admit_sealed(state, target, presented, ip) {
         Ok(()) => Ok(()),
         Err(ErrorCode::RateLimited) => Err(ApiError::RateLimited),
         Err(ErrorCode::StoreUnavailable) => Err(ApiError::Unavailable),
@@ -241,11 +243,14 @@ fn remote_admission(
         authenticate(state, req, &claimant)?;
         return Ok(Admission::Origin);
     }
-    if let Some(t) = header("sealpost-delivery-token") {
-        let token = URL_SAFE_NO_PAD
-            .decode(t)
-            .map_err(|_| ApiError::BadRequest("delivery token is not base64url".into()))?;
-        return Ok(Admission::Token(token));
+    if let Some(t) = secret_header(req, "sealpost-delivery-token") {
+        let token = Zeroizing::new(
+            URL_SAFE_NO_PAD
+                .decode(t.as_str())
+                .map_err(|_| ApiError::BadRequest("delivery token is not base64url".into()))?,
+        );
+        // The peer checks the token's proof; the token itself stays here.
+        return Ok(Admission::Token(delivery_proof(&token).to_vec()));
     }
     match state.client_ip(req) {
         Some(ip) if !state.limits.allow_stranger(ip) => Err(ApiError::RateLimited),
@@ -342,7 +347,7 @@ async fn put_delivery_token(
     let handle = me.handle;
     let token_hash = match &body.token {
         Some(t) => {
-            let bytes = zeroize::Zeroizing::new(
+            let bytes = Zeroizing::new(
                 URL_SAFE_NO_PAD
                     .decode(t)
                     .map_err(|_| ApiError::BadRequest("token is not base64url".into()))?,
@@ -352,7 +357,7 @@ async fn put_delivery_token(
                     "a delivery token is 16..=64 bytes".into(),
                 ));
             }
-            Some(state.hasher.hash_delivery_token(&bytes))
+            Some(state.hasher.hash_delivery_token(&delivery_proof(&bytes)))
         }
         None => None,
     };
@@ -360,6 +365,7 @@ async fn put_delivery_token(
         version: RECORD_VERSION,
         token_hash,
         unrestricted: body.unrestricted,
+        of_proof: true,
     };
     state
         .store
@@ -371,7 +377,7 @@ async fn put_delivery_token(
 
 async fn new_link_code(me: Authenticated, state: State) -> Result<HttpResponse, ApiError> {
     let handle = me.handle;
-    let mut raw = zeroize::Zeroizing::new([0u8; 16]);
+    let mut raw = Zeroizing::new([0u8; 16]);
     rand::rngs::OsRng.fill_bytes(raw.as_mut());
     let code = URL_SAFE_NO_PAD.encode(raw.as_ref());
     let expires_ms = now_ms() + LINK_CODE_TTL_MS;

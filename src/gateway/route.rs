@@ -23,7 +23,11 @@ use super::AppState;
 
 /// A send awaiting its answer from the recipient's mailbox or federation peer.
 pub(crate) type PendingSend = std::pin::Pin<Box<dyn Future<Output = (EnvelopeId, SendOutcome)>>>;
-use crate::{mailbox::Delivery, store::answered_inline};
+use crate::{
+    crypto::{TokenHasher, delivery_proof},
+    mailbox::Delivery,
+    store::answered_inline,
+};
 
 /// Where a send came from, which decides how it is admitted.
 #[derive(Debug, Clone)]
@@ -90,7 +94,11 @@ impl AppState {
                     {
                         return Err(ErrorCode::RateLimited);
                     }
-                    token.map_or(Admission::Open, Admission::Token)
+                    // What travels and waits in the outbox is the token's proof, never the
+                    // token: it is no use on anyone's `/v1/sealed`.
+                    token.map_or(Admission::Open, |t| {
+                        Admission::Token(delivery_proof(&t).to_vec())
+                    })
                 }
             };
             let answer = self
@@ -103,7 +111,7 @@ impl AppState {
         let origin = match from {
             From::Device => None,
             From::Sealed { token, ip } => {
-                admit_sealed(self, &to, token.as_deref(), ip)?;
+                admit_sealed(self, &to, token.as_deref().map(Presented::Token), ip)?;
                 None
             }
             From::Peer { origin, admission } => {
@@ -111,7 +119,9 @@ impl AppState {
                     // The origin broker authenticated the sender; which account it is, it does
                     // not say. The per-origin rate limit applies on the link.
                     Admission::Origin => {}
-                    Admission::Token(token) => admit_sealed(self, &to, Some(&token), None)?,
+                    Admission::Token(proof) => {
+                        admit_sealed(self, &to, Some(Presented::Proof(&proof)), None)?;
+                    }
                     Admission::Open => admit_sealed(self, &to, None, None)?,
                 }
                 // The origin checked the device set when it accepted the envelope; devices
@@ -172,34 +182,59 @@ fn check_fields(class: Class, ttl_secs: u32, copies: &[Copy]) -> Result<(), Erro
     Ok(())
 }
 
+/// A delivery token as it reaches the broker.
+#[derive(Clone, Copy)]
+pub(crate) enum Presented<'a> {
+    /// From a client (`/v1/sealed`, a key claim): the token itself.
+    Token(&'a [u8]),
+    /// From a peer broker, over an authenticated link: the token's proof
+    /// ([`delivery_proof`]), or the token itself from a peer of an earlier release.
+    Proof(&'a [u8]),
+}
+
+impl Presented<'_> {
+    /// Whether this matches the stored hash `stored` (of a proof if `of_proof`, else of a
+    /// token), in constant time.
+    fn matches(self, hasher: &TokenHasher, stored: &[u8; 32], of_proof: bool) -> bool {
+        match (self, of_proof) {
+            (Presented::Token(token), true) => {
+                hasher.verify_delivery_token(&delivery_proof(token), stored)
+            }
+            (Presented::Token(token), false) => hasher.verify_delivery_token(token, stored),
+            (Presented::Proof(proof), true) => {
+                hasher.verify_delivery_token(proof, stored)
+                    | hasher.verify_delivery_token(&delivery_proof(proof), stored)
+            }
+            (Presented::Proof(token), false) => hasher.verify_delivery_token(token, stored),
+        }
+    }
+}
+
 /// Admits a sealed envelope (or a key claim) for a local recipient `to`: a valid delivery
-/// token, or no token for a recipient that accepts sealed envelopes from anyone (then limited
-/// per source IP).
+/// token (or a peer's proof of one), or none for a recipient that accepts sealed envelopes
+/// from anyone (then limited per source IP).
 pub(crate) fn admit_sealed(
     state: &AppState,
     to: &Handle,
-    token: Option<&[u8]>,
+    presented: Option<Presented<'_>>,
     ip: Option<IpAddr>,
 ) -> Result<(), ErrorCode> {
     let record = answered_inline(state.store.directory.delivery_token(to.as_str()))
-        .map_err(|_| ErrorCode::StoreUnavailable)?
-        .unwrap_or(crate::store::DeliveryTokenRecord {
-            version: crate::store::records::RECORD_VERSION,
-            token_hash: None,
-            unrestricted: false,
-        });
-    match token {
-        Some(token) => {
-            let ok = record
-                .token_hash
-                .is_some_and(|stored| state.hasher.verify_delivery_token(token, &stored));
+        .map_err(|_| ErrorCode::StoreUnavailable)?;
+    let (stored, of_proof, unrestricted) = record.map_or((None, false, false), |r| {
+        (r.token_hash, r.of_proof, r.unrestricted)
+    });
+    match presented {
+        Some(presented) => {
+            let ok =
+                stored.is_some_and(|stored| presented.matches(&state.hasher, &stored, of_proof));
             if ok {
                 Ok(())
             } else {
                 Err(ErrorCode::BadDeliveryToken)
             }
         }
-        None if record.unrestricted => match ip {
+        None if unrestricted => match ip {
             Some(ip) if !state.limits.allow_stranger(ip) => Err(ErrorCode::RateLimited),
             _ => Ok(()),
         },

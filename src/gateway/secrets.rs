@@ -6,7 +6,7 @@
 //!
 //! | secret | arrives in | wiped by |
 //! |---|---|---|
-//! | device token | HTTP `authorization` header | [`scrub`]: moved into our own zeroized copy; the connection closes after the answer |
+//! | device token, delivery token | HTTP `authorization`, `sealpost-delivery-token` headers | [`scrub`]: moved into our own zeroized copy; the connection closes after the answer |
 //! | device token | (not any more) the WebSocket `auth` frame | a one-time ticket goes there instead (see [`super::tickets`]) |
 //! | delivery token | `sealed_send` frame | freed with the frame (the allocator zeroes it) |
 //! | delivery token, link code, registration token | HTTP body | the connection closes after the answer; our body buffer is `Zeroizing` |
@@ -35,15 +35,23 @@ use actix_web::{
 };
 use zeroize::Zeroizing;
 
-/// The `authorization` header of a request, moved out of actix's header map by [`scrub`]
-/// into memory of our own, wiped when the request ends.
-pub(crate) struct Credential(Zeroizing<String>);
+/// Headers that carry secrets: the device token (`authorization`) and a delivery token (key
+/// claims).
+const SECRET_HEADERS: [&str; 2] = ["authorization", "sealpost-delivery-token"];
 
-impl Credential {
-    /// The header's value, as the client sent it.
-    pub(crate) fn of(req: &HttpRequest) -> Option<Zeroizing<String>> {
-        req.extensions().get::<Credential>().map(|c| c.0.clone())
-    }
+/// A request's secret headers, moved out of actix's header map by [`scrub`] into memory of
+/// our own, wiped when the request ends.
+struct SecretHeaders(Vec<(&'static str, Zeroizing<String>)>);
+
+/// The value of the secret header `name` (one of [`SECRET_HEADERS`]) as the client sent it.
+pub(crate) fn secret_header(req: &HttpRequest, name: &str) -> Option<Zeroizing<String>> {
+    let extensions = req.extensions();
+    let headers = extensions.get::<SecretHeaders>()?;
+    headers
+        .0
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.clone())
 }
 
 /// Whether a request may carry a secret: a credential header, or a body (every body the API
@@ -54,7 +62,7 @@ fn may_carry_secret(req: &ServiceRequest) -> bool {
 
 /// Middleware for every request that may carry a secret:
 ///
-/// - its `authorization` header moves into a [`Credential`] (see [`Credential::of`]);
+/// - its secret headers move into memory of our own (read them with [`secret_header`]);
 /// - every other header is copied into memory of its own: actix keeps finished requests'
 ///   headers in a pool for reuse, and headers that point into the connection's read buffer
 ///   would keep that whole buffer (with the secret in it) alive;
@@ -67,15 +75,18 @@ pub async fn scrub(
     let secret = may_carry_secret(&req);
     if secret {
         let headers = req.headers_mut();
-        let credential = headers.remove(AUTHORIZATION).next().map(|v| {
-            Credential(Zeroizing::new(
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            ))
-        });
+        let moved: Vec<_> = SECRET_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = headers.remove(*name).next()?;
+                Some((
+                    *name,
+                    Zeroizing::new(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+                ))
+            })
+            .collect();
         own_values(headers);
-        if let Some(credential) = credential {
-            req.extensions_mut().insert(credential);
-        }
+        req.extensions_mut().insert(SecretHeaders(moved));
     }
     let mut res = next.call(req).await?;
     if secret {

@@ -128,10 +128,14 @@ pub struct FallbackKeyRecord {
 pub struct DeliveryTokenRecord {
     /// Record version.
     pub version: u8,
-    /// Keyed BLAKE3 hash of the token, if one is set.
+    /// Keyed BLAKE3 hash of the token's proof (`crypto::delivery_proof`), if one is set; of
+    /// the token itself in records written before proofs (`of_proof` false).
     pub token_hash: Option<[u8; 32]>,
     /// Accept sealed envelopes without a token (rate-limited).
     pub unrestricted: bool,
+    /// Whether `token_hash` is of the proof. Absent (false) in older records.
+    #[serde(default)]
+    pub of_proof: bool,
 }
 
 /// A pending link code: lets one new device join the account once, before it expires.
