@@ -778,3 +778,19 @@ async fn a_session_ticket_logs_its_device_in_once() {
         .unwrap();
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test]
+async fn the_admin_token_opens_the_admin_endpoints() {
+    let broker = Broker::start(&["--admin-token", "admin-secret-0123456789"]);
+    let get = |auth: Option<&'static str>| {
+        let mut req = client().get(format!("{}/admin/federation", broker.http()));
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        req.send()
+    };
+    assert_eq!(get(None).await.unwrap().status(), 401);
+    assert_eq!(get(Some("Bearer wrong")).await.unwrap().status(), 401);
+    let resp = get(Some("Bearer admin-secret-0123456789")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

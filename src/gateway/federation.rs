@@ -23,6 +23,7 @@ use super::{
     AppState,
     error::ApiError,
     route::{From, Presented, Send, admit_sealed, refusal},
+    secrets::secret_header,
     session::{OpenGuard, admit, admit_unauthenticated},
 };
 use crate::{
@@ -259,10 +260,10 @@ pub(crate) fn authorize_admin(state: &AppState, req: &HttpRequest) -> Result<(),
             ))
         };
     }
-    let given = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    // Moved out of the header map by `secrets::scrub`.
+    let header = secret_header(req, "authorization");
+    let given = header
+        .as_deref()
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected)) {

@@ -22,6 +22,7 @@ use super::{
     error::ApiError,
     extract::{Admitted, Authenticated, authenticate, existing_account, local_handle},
     json::{DeviceEntry, DeviceList, Json},
+    secrets::secret_header,
     settings::Registration,
 };
 use crate::{
@@ -179,12 +180,7 @@ async fn add_device(
     let keys = identity_keys(&body.identity_keys)?;
     match &body.link_code {
         // A new device joining with a code an existing device created (single use).
-        Some(code)
-            if req
-                .headers()
-                .get(actix_web::http::header::AUTHORIZATION)
-                .is_none() =>
-        {
+        Some(code) if secret_header(&req, "authorization").is_none() => {
             // A code is single use: refuse what would fail anyway before using it up.
             if state.store.directory.devices(handle.as_str()).await?.len()
                 >= sealpost_proto::limits::MAX_DEVICES_PER_USER
