@@ -506,7 +506,7 @@ function noticeText(n) {
     return [
       `Your account has ${one ? 'a new device' : 'new devices'} that ${one ? 'is' : 'are'} not confirmed yet (${one ? 'device' : 'devices'} ${ids}).`,
       `${It} did not get your message. If you are linking a new device right now, that is ${it}: finish linking it and all is well.`,
-      `If you are not, someone may have added ${it} with a stolen device token: remove ${it} (sealpost-cli remove-device ${ids}).`,
+      `If you are not, someone may have added ${it} with a stolen device token: remove ${it} from one of your other devices (with the CLI: sealpost-cli remove-device ${ids}).`,
     ];
   }
   return [
