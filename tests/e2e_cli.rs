@@ -293,3 +293,126 @@ fn listen_keeps_listening_across_a_broker_restart() {
         "{stdout}"
     );
 }
+
+#[test]
+fn send_warns_once_of_an_unlisted_device_and_a_changed_master_key_is_explained() {
+    let broker = Broker::start(&[]);
+    let server = broker.http();
+    let alice = tempfile::tempdir().expect("tempdir");
+    let bob = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (alice.path(), bob.path());
+    let (alice_h, bob_h) = ("alice@test.example", "bob@test.example");
+    ok(a, &["register", "--server", &server, "--handle", alice_h]);
+    ok(b, &["register", "--server", &server, "--handle", bob_h]);
+    let out = run(a, &["send", "--to", bob_h, "first"]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "nothing to warn of yet");
+    ok(a, &["verify", "--with", bob_h, "--yes"]);
+    let number = |out: &str| out.lines().nth(1).expect("number line").trim().to_owned();
+    let verified_number = number(&ok(a, &["safety-number", "--with", bob_h]));
+
+    // A second device of bob's is being linked: the broker has it, bob's signed list does
+    // not (nobody approves it: the device that showed the code is gone).
+    let mut shows_code = Command::new(cli())
+        .arg("--state-dir")
+        .arg(b)
+        .args(["link-code", "--wait-secs", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn link-code");
+    let mut line = String::new();
+    BufReader::new(shows_code.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("code line");
+    shows_code.kill().expect("stop link-code");
+    shows_code.wait().expect("link-code exit");
+    let code = line.trim().strip_prefix("Link code: ").expect("a code");
+    let bob2 = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        bob2.path(),
+        &[
+            "link",
+            "--server",
+            &server,
+            "--handle",
+            bob_h,
+            "--code",
+            code,
+            "--wait-secs",
+            "1",
+        ],
+    );
+    assert!(!out.status.success(), "nobody approved it");
+
+    // Alice is told once, when she sends to bob, calmly and with what to do.
+    let out = run(a, &["send", "--to", bob_h, "second"]);
+    assert!(out.status.success());
+    let warning = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        warning.contains(
+            "bob@test.example has a device (device 2) that is not in their signed device list"
+        ) && warning.contains("only a random placeholder, not your message")
+            && warning.contains("bob@test.example is linking a new device")
+            && warning.contains("tell them"),
+        "{warning}"
+    );
+    let out = run(a, &["send", "--to", bob_h, "third"]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "told once, not on every send");
+
+    // Bob's master key changes (say, he reset his keys).
+    let out = ok(b, &["rotate-master-key", "--yes"]);
+    assert!(
+        out.contains("master key of bob@test.example is replaced"),
+        "{out}"
+    );
+    let out = run(a, &["send", "--to", bob_h, "fourth"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not sent")
+            && stderr.contains("sealpost-cli safety-number --with bob@test.example"),
+        "{stderr}"
+    );
+    // Not "verified" any more: the change is shown instead.
+    let out = ok(a, &["conversations"]);
+    assert!(
+        out.contains("bob@test.example (master key changed, not accepted: see safety-number)")
+            && !out.contains("(verified)"),
+        "{out}"
+    );
+    // The safety number explains the change: old and new numbers, what to compare, how to
+    // accept.
+    let out = ok(a, &["safety-number", "--with", bob_h]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        out.contains("The master key of bob@test.example changed")
+            && out.contains("Safety number before the change (the one you verified):")
+            && out.contains("Compare the NEW number with\nbob@test.example in person")
+            && out.contains("sealpost-cli accept-key --with bob@test.example"),
+        "{out}"
+    );
+    let at = |label: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with(label))
+            .expect(label);
+        lines[i + 1].trim().to_owned()
+    };
+    let (old, new) = (at("Safety number before"), at("New safety number"));
+    assert_eq!(old, verified_number);
+    assert_ne!(new, verified_number);
+    assert_eq!(new.split(' ').count(), 12);
+
+    // Accepted: the new number is the safety number, not verified yet, no change pending.
+    ok(a, &["accept-key", "--with", bob_h, "--yes"]);
+    assert_eq!(number(&ok(a, &["safety-number", "--with", bob_h])), new);
+    let out = ok(a, &["conversations"]);
+    assert!(
+        !out.contains("changed") && !out.contains("(verified)"),
+        "{out}"
+    );
+    ok(a, &["send", "--to", bob_h, "fifth"]);
+}

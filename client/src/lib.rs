@@ -49,8 +49,8 @@ pub mod http;
 pub mod sdk;
 
 pub use engine::{
-    CallSignal, Conversation, ConversationMessage, DeviceInfo, Event, LinkCode, PreparedEnvelope,
-    ReceivedMessage,
+    CallSignal, Conversation, ConversationMessage, DeviceInfo, Event, KeyChange, LinkCode,
+    PreparedEnvelope, ReceivedMessage,
 };
 pub use error::{ClientError, EnvelopeError};
 #[cfg(feature = "net")]

@@ -12,6 +12,7 @@
 //! sealpost-cli link --server URL --handle alice@example.com --code CODE   # on the new one
 //! sealpost-cli devices
 //! sealpost-cli remove-device ID
+//! sealpost-cli rotate-master-key [--yes]
 //! ```
 //!
 //! The state directory is `--state-dir`, else `$SEALPOST_CLI_STATE`, else
@@ -28,7 +29,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sealpost_client::{Client, ClientError, Event, sdk::HoldReason};
+use sealpost_client::{Client, ClientError, Event, KeyChange, sdk::HoldReason};
 
 /// End-to-end encrypted messages through a Sealpost broker.
 #[derive(Parser)]
@@ -131,6 +132,13 @@ enum Command {
         /// The device id (see `devices`).
         id: u32,
     },
+    /// Replace this account's master key (after a suspected compromise; only with one
+    /// device). Contacts then see a changed safety number until they accept the new key.
+    RotateMasterKey {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn default_state_dir() -> Result<PathBuf> {
@@ -197,11 +205,74 @@ fn explain(error: ClientError) -> anyhow::Error {
         ClientError::MasterKeyChanged { user, .. } => {
             let user = user.clone();
             anyhow::Error::new(error).context(format!(
-                "not sent. After comparing the new safety number with {user}, run: \
-                 sealpost-cli accept-key --with {user}"
+                "the master key of {user} changed: nothing is sent to them until you accept \
+                 the new one. See what changed with: sealpost-cli safety-number --with {user}"
             ))
         }
         _ => error.into(),
+    }
+}
+
+/// What the user should know about a contact's changed master key, and what to do.
+fn print_key_change(with: &str, change: &KeyChange) {
+    println!("The master key of {with} changed, and you have not accepted the new one.");
+    println!("Until you do, nothing is sent to {with} and messages from them wait unread.");
+    println!();
+    println!(
+        "Safety number before the change{}:",
+        if change.was_verified {
+            " (the one you verified)"
+        } else {
+            ""
+        }
+    );
+    println!("  {}", change.old_safety_number);
+    println!("New safety number:");
+    println!("  {}", change.new_safety_number);
+    println!();
+    println!(
+        "This happens when {with} reinstalls Sealpost or resets their keys, but it is also\n\
+         what someone intercepting your messages would cause. Compare the NEW number with\n\
+         {with} in person or on a call (not by a message here). If it matches, run:"
+    );
+    println!("  sealpost-cli accept-key --with {with}");
+}
+
+/// What a send found: devices the broker has for `user` that its signed device list does not
+/// contain. Calm for the usual case (a device being linked), clear on what to do otherwise.
+fn unlisted_warning(user: &str, devices: &[u32], own_account: bool) -> String {
+    let ids = devices
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let one = devices.len() == 1;
+    let (a_device, it, it_got) = if one {
+        (format!("a device (device {ids})"), "it", "It got")
+    } else {
+        (format!("devices ({ids})"), "them", "They got")
+    };
+    if own_account {
+        let remove = if one {
+            format!("sealpost-cli remove-device {ids}")
+        } else {
+            "sealpost-cli remove-device ID, for each".to_owned()
+        };
+        format!(
+            "! Your account has {a_device} that is not in its signed device list.\n  \
+             {it_got} no copy of your message. If you are linking a new device right now,\n  \
+             that is {it}: finish linking and all is well.\n  \
+             If you are not, someone may have added {it} with a stolen device token.\n  \
+             Remove {it} with: {remove}"
+        )
+    } else {
+        format!(
+            "! {user} has {a_device} that is not in their signed device list.\n  \
+             {it_got} only a random placeholder, not your message. Usually this means\n  \
+             {user} is linking a new device; once it is linked, it gets your next messages.\n  \
+             If they are not linking one, tell them: someone may have added {it} to their\n  \
+             account (`sealpost-cli devices` on their side shows {it} as NOT in the signed list)."
+        )
     }
 }
 
@@ -282,8 +353,11 @@ async fn main() -> Result<()> {
             client
                 .send_text(&to, &message.join(" "))
                 .await
-                .map_err(explain)?;
+                .map_err(|e| explain(e).context("not sent"))?;
             println!("Sent to {to}.");
+            for notice in client.take_notices() {
+                print_event(&notice);
+            }
         }
         Command::Listen { count, until_empty } => {
             let mut client = Client::open(&dir).await?;
@@ -342,7 +416,13 @@ async fn main() -> Result<()> {
                         println!(
                             "{}{}  {} messages, last {}",
                             c.with,
-                            if c.verified { " (verified)" } else { "" },
+                            if c.key_changed {
+                                " (master key changed, not accepted: see safety-number)"
+                            } else if c.verified {
+                                " (verified)"
+                            } else {
+                                ""
+                            },
                             c.messages.len(),
                             last.map_or_else(String::new, |m| format_time(m.time_ms))
                         );
@@ -352,7 +432,13 @@ async fn main() -> Result<()> {
         }
         Command::SafetyNumber { with } => {
             let mut client = Client::open(&dir).await?;
-            let number = client.safety_number(&with).await.map_err(explain)?;
+            let number = client.safety_number(&with).await;
+            // A changed master key seen (now or by an earlier command) and not accepted.
+            if let Some(change) = client.key_change(&with) {
+                print_key_change(&with, &change);
+                return Ok(());
+            }
+            let number = number.map_err(explain)?;
             println!("Safety number with {with}:\n{number}");
             if client.is_verified(&with) {
                 println!("(verified)");
@@ -399,6 +485,23 @@ async fn main() -> Result<()> {
             client.remove_device(id).await?;
             println!("Device {id} removed.");
         }
+        Command::RotateMasterKey { yes } => {
+            let mut client = Client::open(&dir).await?;
+            if !yes
+                && !confirm(
+                    "Your contacts will see a changed safety number and must compare it with \
+                     you again. Replace the master key?",
+                )?
+            {
+                bail!("not replaced");
+            }
+            client.rotate_master_key().await?;
+            println!(
+                "The master key of {} is replaced. Compare the new safety number with your \
+                 contacts.",
+                client.handle()
+            );
+        }
     }
     Ok(())
 }
@@ -426,6 +529,11 @@ fn print_event(event: &Event) {
             _ => eprintln!("! a message from {user} waits: it cannot be verified now; kept"),
         },
         Event::MailboxFull => eprintln!("! your mailbox is full; keep listening to drain it"),
+        Event::UnlistedDevices {
+            user,
+            devices,
+            own_account,
+        } => eprintln!("{}", unlisted_warning(user, devices, *own_account)),
         Event::QueueEmpty => {}
         _ => {}
     }
@@ -440,6 +548,23 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn unlisted_devices_are_explained_with_what_to_do() {
+        let own = unlisted_warning("a@x.y", &[3], true);
+        assert!(
+            own.contains("Your account has a device (device 3)"),
+            "{own}"
+        );
+        assert!(own.contains("finish linking"), "{own}");
+        assert!(own.contains("sealpost-cli remove-device 3"), "{own}");
+        let contact = unlisted_warning("b@x.y", &[2, 5], false);
+        assert!(contact.contains("b@x.y has devices (2, 5)"), "{contact}");
+        assert!(
+            contact.contains("They got only a random placeholder"),
+            "{contact}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ let current = null; // the selected contact
 let wsBackoff = 250;
 const pendingResults = new Map(); // envelope id (hex) -> resolve
 const contacts = new Set();
+const notices = []; // shown in the conversation until dismissed: {user, devices, own_account}
 
 // Observable state for people (the page) and for tests (window.sealpostDebug).
 const debug = {
@@ -40,6 +41,10 @@ const debug = {
   tamperOutgoingFingerprint: false,
   // Every accepted send: its recipient and whether it went sealed (on /v1/sealed).
   sends: [],
+  // What sends found to tell the user (devices not in an account's signed list), as shown.
+  notices: [],
+  // How long a fetched device list is used before it is fetched again (tests shorten it).
+  listMaxAgeMs: LIST_MAX_AGE_MS,
 };
 window.sealpostDebug = debug;
 
@@ -212,8 +217,14 @@ async function fetchList(user) {
     }
     throw e;
   }
-  const summary = JSON.parse(engine.accept_device_list(user, answer.signed));
-  persist();
+  let summary;
+  try {
+    summary = JSON.parse(engine.accept_device_list(user, answer.signed));
+  } finally {
+    // A changed master key is remembered, and shown, until the user accepts it.
+    persist();
+    if (user === current) renderSafety();
+  }
   return summary;
 }
 
@@ -221,7 +232,7 @@ async function ensureList(user) {
   const known = engine.known_list(user);
   if (known) {
     const k = JSON.parse(known);
-    if (Date.now() - k.fetched_ms < LIST_MAX_AGE_MS) return k;
+    if (Date.now() - k.fetched_ms < debug.listMaxAgeMs) return k;
   }
   return fetchList(user);
 }
@@ -283,6 +294,7 @@ async function sendOne(to, payload) {
   for (let attempt = 0; attempt < 4; attempt++) {
     await ensureSessions(to);
     const out = JSON.parse(engine.encrypt(to, JSON.stringify(payload), id, devices));
+    takeNotices();
     id = out.id;
     persist(); // the ratchets advanced: save before anything leaves
     const result = await transmit(out);
@@ -479,6 +491,59 @@ function addContact(handle) {
   if (!current) selectContact(handle);
 }
 
+// Devices the broker has for an account that its signed list does not contain: each is told
+// once (the engine remembers), in the conversation, calmly: usually a device being linked.
+function takeNotices() {
+  for (const n of JSON.parse(engine.take_notices())) {
+    notices.push(n);
+    debug.notices.push(n);
+  }
+  renderNotices();
+}
+
+function noticeText(n) {
+  const ids = n.devices.join(', ');
+  const one = n.devices.length === 1;
+  const [it, It] = one ? ['it', 'It'] : ['them', 'They'];
+  if (n.own_account) {
+    return [
+      `Your account has ${one ? 'a new device' : 'new devices'} that ${one ? 'is' : 'are'} not confirmed yet (${one ? 'device' : 'devices'} ${ids}).`,
+      `${It} did not get your message. If you are linking a new device right now, that is ${it}: finish linking it and all is well.`,
+      `If you are not, someone may have added ${it} with a stolen device token: remove ${it} from one of your other devices (with the CLI: sealpost-cli remove-device ${ids}).`,
+    ];
+  }
+  return [
+    `${n.user} has ${one ? 'a new device' : 'new devices'} that ${one ? 'is' : 'are'} not confirmed yet (${one ? 'device' : 'devices'} ${ids}).`,
+    `${It} got only an unreadable placeholder, not your message. This usually means ${n.user} is linking a new device; once one of their other devices confirms it, it gets your next messages.`,
+    `If they are not adding a device, let them know: someone may have added ${it} to their account, and they can remove ${it}.`,
+  ];
+}
+
+function renderNotices() {
+  const list = $('notices');
+  list.replaceChildren();
+  for (const n of notices) {
+    if (!n.own_account && n.user !== current) continue;
+    const [title, what, otherwise] = noticeText(n);
+    const li = document.createElement('li');
+    li.className = 'notice';
+    const b = document.createElement('b');
+    b.textContent = title; // text, never HTML
+    const p1 = document.createElement('p');
+    p1.textContent = what;
+    const p2 = document.createElement('p');
+    p2.textContent = otherwise;
+    const ok = document.createElement('button');
+    ok.textContent = 'OK';
+    ok.onclick = () => {
+      notices.splice(notices.indexOf(n), 1);
+      renderNotices();
+    };
+    li.append(b, p1, p2, ok);
+    list.appendChild(li);
+  }
+}
+
 function markUnread(handle) {
   const b = document.querySelector(`#contacts button[data-handle="${CSS.escape(handle)}"]`);
   if (b) b.textContent = `${handle} •`;
@@ -493,10 +558,26 @@ function selectContact(handle) {
   }
   for (const id of ['message-input', 'send', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
   renderSafety();
+  renderNotices();
   renderMessages();
 }
 
 function renderSafety() {
+  // A changed master key not accepted yet: shown instead of the safety number.
+  const change = current ? engine.key_change(current) : '';
+  $('key-change').hidden = !change;
+  $('safety').hidden = !!change;
+  $('key-changed-badge').hidden = !change;
+  if (!change) $('kc-not-sent').hidden = true;
+  if (change) {
+    const c = JSON.parse(change);
+    for (const el of document.querySelectorAll('#key-change .kc-with')) el.textContent = current;
+    $('kc-old').textContent = c.old_safety_number;
+    $('kc-new').textContent = c.new_safety_number;
+    $('kc-was-verified').hidden = !c.was_verified;
+    $('key-change').dataset.newKey = c.new_master_key;
+    return;
+  }
   const known = current && engine.known_list(current);
   if (!known) {
     $('safety-number').textContent = '–';
@@ -822,7 +903,16 @@ async function main() {
     if (!text || !current) return;
     $('message-input').value = '';
     const to = current;
-    await sendPayload(to, { kind: 'text', body: text });
+    try {
+      await sendPayload(to, { kind: 'text', body: text });
+    } catch (e) {
+      if (!/^master key changed/.test(e.message)) throw e;
+      // Not an error to shout about: the conversation explains it and says what to do.
+      $('message-input').value = text;
+      renderSafety();
+      $('kc-not-sent').hidden = false;
+      return;
+    }
     renderMessages();
     // A transcript for this account's other devices, so each shows the whole conversation.
     const own = engine.handle();
@@ -834,6 +924,13 @@ async function main() {
   $('verify').onclick = guarded(() => {
     engine.mark_verified(current);
     persist();
+    renderSafety();
+  });
+  $('kc-accept').onclick = guarded(async () => {
+    const who = current;
+    engine.accept_key_change(who, $('key-change').dataset.newKey);
+    persist();
+    await serial(() => fetchList(who));
     renderSafety();
   });
   $('call-audio').onclick = guarded(() => startCall(false));

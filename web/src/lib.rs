@@ -18,8 +18,11 @@
 //! send:      GET device-list → engine.accept_device_list()
 //!            → for engine.devices_without_session(): POST …/keys/claim (engine.claim_headers())
 //!              → engine.create_session()
-//!            → engine.encrypt(to, payload) → frame on /v1/sealed or /v1/ws → send_result
+//!            → engine.encrypt(to, payload) → engine.take_notices() (devices not in the
+//!              signed list, to show once) → frame on /v1/sealed or /v1/ws → send_result
 //!              (stale_devices: refetch the list, encrypt again with the same id)
+//!            a "master key changed" error: show engine.key_change(to) (old and new safety
+//!            numbers) until the user compares and accepts (engine.accept_key_change)
 //! receive:   engine.receive(frame) → events, or "need_list" (fetch it, accept it, receive the
 //!            same frame again) → save → engine.ack_frame(seqs)
 //! link:      existing device: POST …/link-codes → engine.link_code() shown to the user; on
@@ -82,8 +85,9 @@ fn client_err(e: ClientError) -> JsError {
             new_safety_number,
             ..
         } => err(format!(
-            "master key changed: the master key of {user} is not the one you verified before; \
-             new safety number {new_safety_number}. Nothing was sent."
+            "master key changed: the master key of {user} is not the one this browser knew \
+             (new safety number {new_safety_number}). Nothing was sent; compare the new number \
+             with {user} before accepting it."
         )),
         e => err(e),
     }
@@ -446,6 +450,52 @@ impl Engine {
         self.core.mark_verified(user);
     }
 
+    /// `user`'s master key changed and the new one is not accepted: JSON `{old_safety_number,
+    /// new_safety_number, new_master_key (hex), was_verified}`, or `""` if no change is
+    /// pending. Show it instead of the safety number, and accept with
+    /// [`Engine::accept_key_change`] only once the user compared the new number.
+    pub fn key_change(&self, user: &str) -> String {
+        self.core.key_change(user).map_or_else(String::new, |c| {
+            json!({
+                "old_safety_number": c.old_safety_number.to_string(),
+                "new_safety_number": c.new_safety_number.to_string(),
+                "new_master_key": hex(&c.new_master_key),
+                "was_verified": c.was_verified,
+            })
+            .to_string()
+        })
+    }
+
+    /// The user compared the new safety number of [`Engine::key_change`] with `user` and it
+    /// matched: `new_master_key` (hex, as `key_change` gave it) replaces the pinned key. The
+    /// contact is not verified until the user marks it again; fetch its list again, then
+    /// what waited is read.
+    pub fn accept_key_change(&mut self, user: &str, new_master_key: &str) -> Result<(), JsError> {
+        let key = unhex::<32>(new_master_key)?;
+        self.core.accept_master_key_change(user, &key);
+        Ok(())
+    }
+
+    /// What the last sends found to tell the user, each once (JSON array of `{user, devices,
+    /// own_account}`: devices the broker has for `user` that its signed list does not contain;
+    /// they got placeholders). Call after [`Engine::encrypt`]; save the state after.
+    pub fn take_notices(&mut self) -> String {
+        let out: Vec<Value> = self
+            .core
+            .take_notices()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::UnlistedDevices {
+                    user,
+                    devices,
+                    own_account,
+                } => Some(json!({"user": user, "devices": devices, "own_account": own_account})),
+                _ => None,
+            })
+            .collect();
+        Value::Array(out).to_string()
+    }
+
     /// Devices in `user`'s verified list this device has no Olm session with, for their
     /// current keys (JSON array).
     pub fn devices_without_session(&mut self, user: &str) -> String {
@@ -669,8 +719,8 @@ impl Engine {
         Ok(out.to_string())
     }
 
-    /// Conversations (JSON: `[{with, verified, messages: [{outgoing, device, time_ms,
-    /// text}]}]`), most recent first.
+    /// Conversations (JSON: `[{with, verified, key_changed, messages: [{outgoing, device,
+    /// time_ms, text}]}]`), most recent first. `verified` is false while `key_changed`.
     pub fn conversations(&self) -> String {
         let out: Vec<Value> = self
             .core
@@ -685,7 +735,8 @@ impl Engine {
                                "time_ms": m.time_ms, "text": m.text})
                     })
                     .collect();
-                json!({"with": c.with, "verified": c.verified, "messages": messages})
+                json!({"with": c.with, "verified": c.verified, "key_changed": c.key_changed,
+                       "messages": messages})
             })
             .collect();
         Value::Array(out).to_string()

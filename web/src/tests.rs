@@ -252,3 +252,52 @@ fn fingerprints_come_from_the_sdp() {
     assert_eq!(sdp_fingerprint("v=0\r\n"), "");
     assert!(!fingerprints_match("", ""));
 }
+
+#[test]
+fn unlisted_devices_and_a_changed_master_key_reach_the_page() {
+    const BOB: &str = "bob@test.example";
+    let mut alice = side("alice@test.example", 1);
+    let bob = side(BOB, 1);
+    alice.engine.accept_device_list(BOB, &bob.list).unwrap();
+    let key = bob.keys["one_time_keys"][0]["key"].as_str().unwrap();
+    alice.engine.create_session(BOB, 1, key).unwrap();
+    assert_eq!(alice.engine.take_notices(), "[]");
+    let text = r#"{"kind":"text","body":"hi"}"#;
+    alice.engine.encrypt(BOB, text, "", "[1,2]").unwrap();
+    let notices: Value = serde_json::from_str(&alice.engine.take_notices()).unwrap();
+    assert_eq!(
+        notices,
+        json!([{"user": BOB, "devices": [2], "own_account": false}])
+    );
+    alice.engine.encrypt(BOB, text, "", "[1,2]").unwrap();
+    assert_eq!(alice.engine.take_notices(), "[]", "once");
+
+    // Bob's list under another master key.
+    alice.engine.mark_verified(BOB);
+    assert_eq!(alice.engine.key_change(BOB), "");
+    let impostor = side(BOB, 1);
+    // (Through the core: a `JsError` cannot be made off wasm.)
+    let signed = http::signed_list(&json!({ "signed": impostor.list })).unwrap();
+    let changed = alice.engine.core.accept_device_list(BOB, &signed, now_ms());
+    assert!(matches!(changed, Err(ClientError::MasterKeyChanged { .. })));
+    let change: Value = serde_json::from_str(&alice.engine.key_change(BOB)).unwrap();
+    assert_eq!(change["was_verified"], json!(true));
+    assert_ne!(change["old_safety_number"], change["new_safety_number"]);
+    let conversations: Value = serde_json::from_str(&alice.engine.conversations()).unwrap();
+    assert_eq!(conversations[0]["verified"], json!(false));
+    assert_eq!(conversations[0]["key_changed"], json!(true));
+    alice
+        .engine
+        .accept_key_change(BOB, change["new_master_key"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(alice.engine.key_change(BOB), "");
+    let summary: Value = serde_json::from_str(
+        &alice
+            .engine
+            .accept_device_list(BOB, &impostor.list)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["safety_number"], change["new_safety_number"]);
+    assert_eq!(summary["verified"], json!(false));
+}

@@ -54,6 +54,24 @@ pub enum Event {
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.
     MailboxFull,
+    /// A send to `user` found devices the broker lists for that account but its signed
+    /// device list does not contain: a device being linked right now, or one someone added
+    /// with a stolen device token. They got a random placeholder, never the message (the
+    /// engine encrypts only to keys the signed list vouches for). Reported once per device
+    /// (see [`Engine::take_notices`](super::Engine::take_notices)), so a UI can show it
+    /// every time it comes without nagging.
+    ///
+    /// What to tell the user: for a contact, ask them whether they are linking a device
+    /// (then it is harmless and passes once it is linked); for this account
+    /// (`own_account`), finish linking it, or remove it if it is not one of yours.
+    UnlistedDevices {
+        /// The account sent to.
+        user: String,
+        /// The devices, not reported before.
+        devices: Vec<u32>,
+        /// Whether `user` is this account.
+        own_account: bool,
+    },
 }
 
 /// Why an envelope is [held](Event::Held).
@@ -129,8 +147,14 @@ pub struct ConversationMessage {
 pub struct Conversation {
     /// The contact.
     pub with: String,
-    /// Whether the user verified the contact's safety number.
+    /// Whether the user verified the contact's safety number (false while the contact's
+    /// master key changed and the new one is not accepted: the number verified is no longer
+    /// theirs).
     pub verified: bool,
+    /// Whether the contact's master key changed and the user has not accepted the new one
+    /// ([`Engine::key_change`](super::Engine::key_change) tells the old and new safety
+    /// numbers).
+    pub key_changed: bool,
     /// Messages, oldest first.
     pub messages: Vec<ConversationMessage>,
 }
@@ -160,7 +184,8 @@ impl super::Engine {
             .filter(|(with, c)| *with != own && !c.messages.is_empty())
             .map(|(with, c)| Conversation {
                 with: with.clone(),
-                verified: c.verified,
+                verified: c.verified && c.pending_master_key.is_none(),
+                key_changed: c.pending_master_key.is_some(),
                 messages: c
                     .messages
                     .iter()

@@ -9,7 +9,11 @@ use std::collections::BTreeSet;
 
 use serde_bytes::ByteBuf;
 
-use super::{Engine, events::DeviceInfo, record::CachedList};
+use super::{
+    Engine,
+    events::{DeviceInfo, Event},
+    record::CachedList,
+};
 use crate::{
     crypto::{
         DeviceList, DeviceListError, MasterKey, PublicDeviceKeys, SafetyNumber, SignedDeviceList,
@@ -36,6 +40,21 @@ pub struct MasterRotation {
     /// The list signed by the new key: publish it, then
     /// [`Engine::finish_master_rotation`].
     pub signed: SignedDeviceList,
+}
+
+/// A contact's master key that changed and that the user has not accepted yet
+/// ([`Engine::key_change`]): what to show them instead of "verified".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    /// The safety number under the pinned (old) master key: the one the user may have
+    /// compared before.
+    pub old_safety_number: SafetyNumber,
+    /// The safety number under the new master key: the one to compare now.
+    pub new_safety_number: SafetyNumber,
+    /// The new master key, for [`Engine::accept_master_key_change`] once the user compared.
+    pub new_master_key: [u8; 32],
+    /// Whether the user had verified the old safety number.
+    pub was_verified: bool,
 }
 
 pub(crate) fn cached(list: &DeviceList, now_ms: u64) -> CachedList {
@@ -130,6 +149,11 @@ impl Engine {
         let list = match self.state.pins.verify_device_list(user, &signed) {
             Ok(list) => list,
             Err(DeviceListError::MasterKeyMismatch { got, .. }) => {
+                self.record
+                    .contacts
+                    .entry(user.to_owned())
+                    .or_default()
+                    .pending_master_key = Some(ByteBuf::from(got.to_vec()));
                 return Err(ClientError::MasterKeyChanged {
                     user: user.to_owned(),
                     new_safety_number: self.safety_number_for(user, &got),
@@ -153,7 +177,75 @@ impl Engine {
         self.record
             .lists
             .insert(user.to_owned(), cached(&list, now_ms));
+        // Under the pinned key again: no change is pending (any more).
+        if let Some(c) = self.record.contacts.get_mut(user) {
+            c.pending_master_key = None;
+        }
+        // Devices reported as unlisted that the list now vouches for: done with.
+        if let Some(reported) = self.record.reported_unlisted.get_mut(user) {
+            reported.retain(|d| list.device(*d).is_none());
+            if reported.is_empty() {
+                self.record.reported_unlisted.remove(user);
+            }
+        }
         Ok(list)
+    }
+
+    /// A send to `user` addresses `devices` that its verified list does not contain (they get
+    /// placeholders): those not reported before become one [`Event::UnlistedDevices`] for
+    /// [`Engine::take_notices`]. This device itself (in a send to our own account) is not one.
+    pub(crate) fn note_unlisted(&mut self, user: &str, devices: &[u32]) {
+        let own_account = user == self.state.user();
+        let me = self.state.device_id();
+        let reported = self
+            .record
+            .reported_unlisted
+            .entry(user.to_owned())
+            .or_default();
+        let new: Vec<u32> = devices
+            .iter()
+            .copied()
+            .filter(|d| !(own_account && *d == me))
+            .filter(|d| reported.insert(*d))
+            .collect();
+        if reported.is_empty() {
+            self.record.reported_unlisted.remove(user);
+        }
+        if !new.is_empty() {
+            self.notices.push(Event::UnlistedDevices {
+                user: user.to_owned(),
+                devices: new,
+                own_account,
+            });
+        }
+    }
+
+    /// What sending found that the user should be told ([`Event::UnlistedDevices`]), oldest
+    /// first, each once. Drivers show these after a send (and the SDK's `next_event` returns
+    /// them first). Save the state after taking them: that they were reported is persisted,
+    /// so a device is reported once, not on every send.
+    pub fn take_notices(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// `with`'s master key changed (a list signed by another key than the pinned one was
+    /// seen) and the user has not accepted the new key: the old and new safety numbers.
+    /// `None` if no change is pending.
+    pub fn key_change(&self, with: &str) -> Option<KeyChange> {
+        let contact = self.record.contacts.get(with)?;
+        let new: [u8; 32] = contact
+            .pending_master_key
+            .as_ref()?
+            .as_slice()
+            .try_into()
+            .ok()?;
+        let old = self.state.pins.pinned(with)?;
+        Some(KeyChange {
+            old_safety_number: self.safety_number_for(with, &old),
+            new_safety_number: self.safety_number_for(with, &new),
+            new_master_key: new,
+            was_verified: contact.verified,
+        })
     }
 
     /// Drops the cached list of `user`: it is fetched again on next use.
@@ -208,9 +300,13 @@ impl Engine {
             .verified = true;
     }
 
-    /// Whether the user verified `with`.
+    /// Whether the user verified `with`'s current master key (not while a changed key is
+    /// pending: the number they compared is no longer `with`'s).
     pub fn is_verified(&self, with: &str) -> bool {
-        self.record.contacts.get(with).is_some_and(|c| c.verified)
+        self.record
+            .contacts
+            .get(with)
+            .is_some_and(|c| c.verified && c.pending_master_key.is_none())
     }
 
     /// Accepts `with`'s new master key after [`ClientError::MasterKeyChanged`] (only once the
@@ -221,6 +317,7 @@ impl Engine {
         self.record.lists.remove(with);
         if let Some(c) = self.record.contacts.get_mut(with) {
             c.verified = false;
+            c.pending_master_key = None;
         }
         // Sessions stay: each is bound to a device identity key and is used only with a device
         // the verified list (now under the new key) gives that key. Dropping them would make

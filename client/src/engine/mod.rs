@@ -66,7 +66,7 @@ pub use self::{
     },
     keys::{KeyUpload, ONE_TIME_KEYS},
     link::{LinkCode, link_secret, split_link_code},
-    lists::{BrokerDevice, MasterRotation},
+    lists::{BrokerDevice, KeyChange, MasterRotation},
     receive::{Failure, Need, Opened, SenderList, Unread},
     send::{ClaimWith, Delivery, Outgoing, PreparedEnvelope, Send, SendProgress, SendStep},
 };
@@ -173,6 +173,8 @@ pub struct Engine {
     /// again, so that mere claims cannot grow the state (nor pin a key before the contact
     /// ever writes). Not persisted: it lives between the two calls of one opening.
     unpinned_claim: Option<String>,
+    /// What to tell the user that is not the answer to one call ([`Engine::take_notices`]).
+    notices: Vec<Event>,
     counters: Counters,
 }
 
@@ -191,6 +193,7 @@ impl Engine {
             record,
             list_max_age_ms: DEFAULT_LIST_MAX_AGE_MS,
             unpinned_claim: None,
+            notices: Vec::new(),
             counters: Counters::default(),
         }
     }

@@ -19,7 +19,7 @@
 //! has an integer third, the browser's starts with bytes and has a map fourth; a decode of
 //! either with the other's layout fails on the first field that differs.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -71,6 +71,11 @@ pub(crate) struct Contact {
     /// Whether the user compared safety numbers.
     pub(crate) verified: bool,
     pub(crate) messages: VecDeque<StoredMessage>,
+    /// A master key the contact's list was signed with that is not the pinned one, seen and
+    /// not (yet) accepted: the user is shown the change until they accept it or the broker
+    /// serves a list under the pinned key again.
+    #[serde(default)]
+    pub(crate) pending_master_key: Option<ByteBuf>,
 }
 
 /// A link code this device issued and has not yet seen used.
@@ -116,6 +121,12 @@ pub(crate) struct Record {
     /// A device this one accepted, waiting for its grant.
     #[serde(default)]
     pub(crate) approving: Option<Approving>,
+    /// Devices the broker has for an account (contacts and this one) that its signed list
+    /// did not contain when we sent to it, and that the user was told about: each is
+    /// reported once ([`Event::UnlistedDevices`](super::Event::UnlistedDevices)), and
+    /// dropped from here once the list vouches for it.
+    #[serde(default)]
+    pub(crate) reported_unlisted: BTreeMap<String, BTreeSet<u32>>,
 }
 
 /// An envelope kept, still sealed, until it can be read.
@@ -270,6 +281,7 @@ impl LegacyBrowserRecord {
                     token_shared: c.token_shared,
                     verified: c.verified,
                     messages: c.messages,
+                    pending_master_key: None,
                 },
             );
         }
@@ -291,6 +303,7 @@ impl LegacyBrowserRecord {
             approving: self
                 .approving
                 .map(|(device, secret)| Approving { device, secret }),
+            reported_unlisted: BTreeMap::new(),
         }
     }
 }

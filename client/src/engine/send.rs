@@ -414,6 +414,7 @@ impl Engine {
             .values()
             .next()
             .map_or(PLACEHOLDER_BYTES, Vec::len);
+        self.note_unlisted(&to, &placeholders);
         for device in placeholders {
             send.copies.insert(device, placeholder(size));
         }

@@ -488,3 +488,136 @@ fn envelopes_under_a_changed_master_key_are_held_in_order_and_calls_are_not() {
     ));
     assert!(Outgoing::call(Payload::Text { body: "x".into() }).is_err());
 }
+
+/// The `UnlistedDevices` notices taken from `engine`: (account, devices, own account).
+fn unlisted(engine: &mut Engine) -> Vec<(String, Vec<u32>, bool)> {
+    engine
+        .take_notices()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::UnlistedDevices {
+                user,
+                devices,
+                own_account,
+            } => Some((user, devices, own_account)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs a send of `text` to `to`'s `devices` (as the broker has them) until its frame is ready.
+fn send_to(broker: &mut Broker, from: &mut Engine, to: &str, devices: &[u32], text: &str) {
+    let mut send = from
+        .start_send(to, Outgoing::text(text), Some(devices.to_vec()), None, NOW)
+        .expect("starts");
+    broker.steps(from, &mut send);
+}
+
+#[test]
+fn a_device_the_signed_list_lacks_is_reported_once_when_sending_to_its_account() {
+    let (mut broker, mut alice, _bob) = alice_knows_bob();
+    send_to(&mut broker, &mut alice, BOB, &[1], "listed only");
+    assert!(unlisted(&mut alice).is_empty(), "nothing to say");
+
+    // The broker has a device 2 of bob's that his signed list does not contain.
+    send_to(&mut broker, &mut alice, BOB, &[1, 2], "one");
+    assert_eq!(unlisted(&mut alice), [(BOB.to_owned(), vec![2], false)]);
+    assert!(unlisted(&mut alice).is_empty(), "taken");
+    // Not again for the same device, not even after a save and load...
+    send_to(&mut broker, &mut alice, BOB, &[1, 2], "two");
+    assert!(unlisted(&mut alice).is_empty(), "reported once");
+    let key = LocalKey::generate();
+    let bytes = alice.to_encrypted_bytes(&key);
+    let mut alice = Engine::from_encrypted_bytes(&bytes, &key).expect("loads");
+    send_to(&mut broker, &mut alice, BOB, &[1, 2], "three");
+    assert!(
+        unlisted(&mut alice).is_empty(),
+        "reported once, across restarts"
+    );
+    // ...but a new one is.
+    send_to(&mut broker, &mut alice, BOB, &[1, 2, 3], "four");
+    assert_eq!(unlisted(&mut alice), [(BOB.to_owned(), vec![3], false)]);
+
+    // Our own account: another device not in our list is reported, the sending device
+    // itself (which gets a placeholder of its own copy) never.
+    let mut own = alice
+        .start_send(
+            ALICE,
+            Outgoing::transcript(BOB, "x"),
+            Some(vec![1, 4]),
+            None,
+            NOW,
+        )
+        .expect("starts");
+    broker.steps(&mut alice, &mut own);
+    assert_eq!(unlisted(&mut alice), [(ALICE.to_owned(), vec![4], true)]);
+}
+
+#[test]
+fn a_changed_master_key_unverifies_the_contact_and_shows_both_numbers_until_accepted() {
+    let (mut broker, mut alice, _bob) = alice_knows_bob();
+    send_to(&mut broker, &mut alice, BOB, &[1], "hi");
+    alice.mark_verified(BOB);
+    let old_number = alice.safety_number(BOB).expect("list");
+    assert!(alice.conversations()[0].verified);
+    assert!(!alice.conversations()[0].key_changed);
+    assert_eq!(alice.key_change(BOB), None);
+
+    // The broker now serves a list of bob's under another master key.
+    let mut other = Broker::default();
+    drop(other.register(BOB, 1));
+    let changed = alice
+        .accept_device_list(BOB, &other.lists[BOB], NOW)
+        .expect_err("another master key");
+    let ClientError::MasterKeyChanged {
+        new_safety_number,
+        new_master_key,
+        ..
+    } = changed
+    else {
+        panic!("{changed:?}");
+    };
+    let shown = |alice: &Engine| {
+        let c = &alice.conversations()[0];
+        (c.verified, c.key_changed, alice.is_verified(BOB))
+    };
+    assert_eq!(shown(&alice), (false, true, false), "no longer verified");
+    let expected = KeyChange {
+        old_safety_number: old_number,
+        new_safety_number,
+        new_master_key,
+        was_verified: true,
+    };
+    assert_eq!(alice.key_change(BOB).as_ref(), Some(&expected));
+    assert_ne!(expected.old_safety_number, expected.new_safety_number);
+    // It is remembered.
+    let key = LocalKey::generate();
+    let bytes = alice.to_encrypted_bytes(&key);
+    let mut alice = Engine::from_encrypted_bytes(&bytes, &key).expect("loads");
+    assert_eq!(alice.key_change(BOB).as_ref(), Some(&expected));
+    assert_eq!(shown(&alice), (false, true, false));
+
+    // The broker serves the pinned key's list again: nothing is pending, the verified
+    // number is bob's again.
+    alice
+        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("the pinned key");
+    assert_eq!(alice.key_change(BOB), None);
+    assert_eq!(shown(&alice), (true, false, true));
+
+    // Accepting the new key ends the change; the new number is not verified yet.
+    alice
+        .accept_device_list(BOB, &other.lists[BOB], NOW)
+        .expect_err("changed again");
+    let change = alice.key_change(BOB).expect("pending");
+    alice.accept_master_key_change(BOB, &change.new_master_key);
+    assert_eq!(alice.key_change(BOB), None);
+    assert_eq!(shown(&alice), (false, false, false));
+    alice
+        .accept_device_list(BOB, &other.lists[BOB], NOW)
+        .expect("the accepted key");
+    assert_eq!(
+        alice.safety_number(BOB).expect("list"),
+        change.new_safety_number
+    );
+}

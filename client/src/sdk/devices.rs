@@ -1,11 +1,11 @@
 //! Keys, device lists, this account's devices, contacts' master keys and safety numbers: the
 //! engine decides, this fetches and publishes.
 
-use super::{Client, ClientError, DeviceInfo, now_ms};
+use super::{Client, ClientError, DeviceInfo, Event, now_ms};
 use crate::{
     api::ClaimAuth,
     crypto::{DeviceList, SafetyNumber, SignedDeviceList},
-    engine::{ClaimWith, check_handle},
+    engine::{ClaimWith, KeyChange, check_handle},
 };
 
 impl Client {
@@ -134,9 +134,23 @@ impl Client {
         Ok(number)
     }
 
-    /// Whether the user verified `with`.
+    /// Whether the user verified `with`'s current master key (not while a changed one is
+    /// pending).
     pub fn is_verified(&self, with: &str) -> bool {
         self.engine.is_verified(with)
+    }
+
+    /// `with`'s changed master key that the user has not accepted yet: the old and the new
+    /// safety number, to show instead of "verified" (see [`Client::accept_master_key_change`]).
+    pub fn key_change(&self, with: &str) -> Option<KeyChange> {
+        self.engine.key_change(with)
+    }
+
+    /// What the last sends found to tell the user ([`Event::UnlistedDevices`]: devices the
+    /// broker has for an account that its signed list does not contain), each device once.
+    /// Call it after a send; [`Client::next_event`] returns those not taken.
+    pub fn take_notices(&mut self) -> Vec<Event> {
+        self.engine.take_notices()
     }
 
     /// Accepts `with`'s new master key after [`ClientError::MasterKeyChanged`] (only once the

@@ -24,6 +24,8 @@ impl Client {
     /// envelopes without saving or acknowledging them; use the client no further after that
     /// (drop it and [`Client::open`] again, which resumes from the last save).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        // What sends found to tell the user (unlisted devices) comes first.
+        self.events.extend(self.engine.take_notices());
         loop {
             if let Some(event) = self.events.pop_front() {
                 return Ok(event);
