@@ -41,6 +41,7 @@ fn open(dir: &std::path::Path, group_commit: bool, fsync: bool) -> SledStore {
         commit_delay: Duration::from_micros(delay_us),
         min_free_bytes: 0,
         failpoint_sync: None,
+        key_max_age: sealpost::store::sled::DEFAULT_KEY_MAX_AGE,
     })
     .expect("open store")
 }

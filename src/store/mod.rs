@@ -218,7 +218,7 @@ pub enum Due {
     Dedup {
         /// Account handle.
         user: String,
-        /// Envelope id.
+        /// The envelope id, or what the backend keys it by (sled: its keyed hash).
         id: [u8; 16],
         /// Its expiry.
         expires_ms: u64,

@@ -78,13 +78,13 @@ impl Committer {
     /// Starts the commit thread for `db`, stored in `dir`.
     pub(crate) fn start(
         db: sled::Db,
-        dir: PathBuf,
-        group: bool,
-        fsync: bool,
-        delay: std::time::Duration,
+        options: &super::StoreOptions,
         health: std::sync::Arc<DiskHealth>,
-        failpoint: Option<PathBuf>,
+        keyring: std::sync::Arc<super::keyring::Keyring>,
     ) -> std::io::Result<Self> {
+        let dir = options.dir.clone();
+        let (group, fsync, delay) = (options.group_commit, options.fsync, options.commit_delay);
+        let failpoint = options.failpoint_sync.clone();
         let (tx, rx) = mpsc::channel::<Waiter>();
         let data_file = File::open(dir.join("db"))?;
         let thread = std::thread::Builder::new()
@@ -121,6 +121,9 @@ impl Committer {
                         }
                     }
                     last_batch = waiters.len();
+                    // Keys whose queues drained before this flush: destroyed after it, once
+                    // the deletions that emptied them are durable.
+                    let pending = keyring.take_pending();
                     let started = Instant::now();
                     let result = if failpoint_active(failpoint.as_deref()) {
                         Err(StoreError::Io("failpoint store.sync".into()))
@@ -136,8 +139,16 @@ impl Committer {
                         .flush_ok
                         .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     health.check_disk();
+                    let ok = result.is_ok();
                     for w in waiters {
                         let _ = w.send(result.clone());
+                    }
+                    if !ok {
+                        keyring.restore_pending(pending);
+                    } else if let Err(e) = keyring.settle(pending) {
+                        // The keys stay as they were: still readable, destroyed on a later
+                        // drain or rotation.
+                        tracing::warn!(error = %e, "destroying drained queues' keys failed");
                     }
                 }
             })?;
