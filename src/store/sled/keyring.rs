@@ -57,7 +57,7 @@
 //!   before its key went: recovery and reads treat it as acknowledged and delete it. We chose
 //!   this over "never destroy before the emptying trim is durable" alone because the checked
 //!   emptiness is of the live tree, which may run ahead of the disk; both hold here.
-//! - Keys in memory are `XChaCha20Poly1305` instances, which zeroize on drop; raw key bytes
+//! - Keys in memory are `sealpost_seal::SealKey` (XChaCha20-Poly1305), which zeroize on drop; raw key bytes
 //!   only ever sit in `Zeroizing` buffers.
 //!
 //! # Keyed hashes
@@ -68,15 +68,15 @@
 //! it needs, sealed under a key derived from the same secret.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
 
-use chacha20poly1305::{AeadInOut as _, KeyInit as _, XChaCha20Poly1305, XNonce};
 use rand::{RngCore as _, rngs::OsRng};
+use sealpost_seal::{NONCE_LEN, SealKey, TAG_LEN};
 use zeroize::Zeroizing;
 
 use crate::store::{Result, StoreError};
@@ -89,8 +89,8 @@ const SLOT: usize = 128;
 const PREFIX_MAX: usize = 32;
 /// First byte of a sealed record (stored record version 2: a sealed version-1 record).
 pub(crate) const SEALED: u8 = 2;
-const HEADER: usize = 1 + 4 + 8 + 24;
-const TAG: usize = 16;
+const HEADER: usize = 1 + 4 + 8 + NONCE_LEN;
+const TAG: usize = TAG_LEN;
 const SHARDS: usize = 64;
 
 const USER_HASH_CONTEXT: &str = "sealpost 2026-12-06 store handle hash v1";
@@ -115,7 +115,7 @@ struct Live {
     prefix: Vec<u8>,
     generation: u64,
     created_ms: u64,
-    cipher: Arc<XChaCha20Poly1305>,
+    cipher: Arc<SealKey>,
 }
 
 /// A rotation in progress: records under `(slot, generation)` are being re-sealed from `cursor` on.
@@ -158,7 +158,7 @@ pub(crate) struct Keyring {
     user_key: Zeroizing<[u8; 32]>,
     id_key: Zeroizing<[u8; 32]>,
     domain_key: Zeroizing<[u8; 32]>,
-    index_cipher: XChaCha20Poly1305,
+    index_cipher: SealKey,
     max_age_ms: u64,
     queues: sled::Tree,
     outbox: sled::Tree,
@@ -168,7 +168,7 @@ pub(crate) struct Keyring {
 pub(super) struct Sealer<'a> {
     slot: u32,
     generation: u64,
-    cipher: Arc<XChaCha20Poly1305>,
+    cipher: Arc<SealKey>,
     _shard: std::sync::RwLockReadGuard<'a, ()>,
 }
 
@@ -180,13 +180,13 @@ impl Sealer<'_> {
 }
 
 fn seal_with(
-    cipher: &XChaCha20Poly1305,
+    cipher: &SealKey,
     slot: u32,
     generation: u64,
     key: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
-    let mut nonce = [0u8; 24];
+    let mut nonce = [0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
     let mut out = Vec::with_capacity(HEADER + plaintext.len() + TAG);
     out.push(SEALED);
@@ -194,9 +194,7 @@ fn seal_with(
     out.extend_from_slice(&generation.to_be_bytes());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
-    let tag = cipher
-        .encrypt_inout_detached(&XNonce::from(nonce), key, (&mut out[HEADER..]).into())
-        .expect("records are far below the AEAD's length limit");
+    let tag = cipher.seal(&nonce, key, &mut out[HEADER..]);
     out.extend_from_slice(&tag);
     out
 }
@@ -211,20 +209,14 @@ fn sealed_by(value: &[u8]) -> Option<(u32, u64)> {
     Some((slot, generation))
 }
 
-fn open_with(cipher: &XChaCha20Poly1305, key: &[u8], value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    let nonce: [u8; 24] = value.get(13..HEADER)?.try_into().ok()?;
+fn open_with(cipher: &SealKey, key: &[u8], value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let nonce: [u8; NONCE_LEN] = value.get(13..HEADER)?.try_into().ok()?;
     let body = value.get(HEADER..value.len().checked_sub(TAG)?)?;
     let tag: [u8; TAG] = value.get(value.len() - TAG..)?.try_into().ok()?;
     let mut plain = Zeroizing::new(body.to_vec());
     cipher
-        .decrypt_inout_detached(
-            &XNonce::from(nonce),
-            key,
-            plain.as_mut_slice().into(),
-            &tag.into(),
-        )
-        .ok()?;
-    Some(plain)
+        .open(&nonce, key, plain.as_mut_slice(), &tag)
+        .then_some(plain)
 }
 
 fn check(bytes: &[u8]) -> [u8; 16] {
@@ -259,8 +251,8 @@ fn fresh_key() -> Zeroizing<[u8; 32]> {
     k
 }
 
-fn cipher(key: &[u8; 32]) -> XChaCha20Poly1305 {
-    XChaCha20Poly1305::new(&(*key).into())
+fn cipher(key: &[u8; 32]) -> SealKey {
+    SealKey::new(key)
 }
 
 fn offset(slot: u32) -> u64 {
@@ -354,10 +346,17 @@ impl Keyring {
                 created_ms: u64::from_be_bytes(chunk[42..50].try_into().expect("8 bytes")),
                 cipher: Arc::new(cipher(&key)),
             }));
-            // The newest key of a queue is its current one; older ones were being rotated
-            // away when the process stopped: finish that.
-            match slots.current.get(&prefix).copied() {
-                Some(other) if slots.gens[other as usize] > generation => {
+            // The newest key of a queue (by creation time; generations count per slot) is
+            // its current one; older ones were being rotated away when the process stopped:
+            // finish that. Either choice is safe: both keys are live until the records under
+            // the other one have moved.
+            let created_ms = u64::from_be_bytes(chunk[42..50].try_into().expect("8 bytes"));
+            let other = slots.current.get(&prefix).copied().and_then(|other| {
+                let l = slots.live[other as usize].as_ref()?;
+                Some((other, l.generation, l.created_ms))
+            });
+            match other {
+                Some((_, _, other_created)) if other_created >= created_ms => {
                     slots.retiring.push(Retiring {
                         cursor: prefix.clone(),
                         prefix,
@@ -365,8 +364,7 @@ impl Keyring {
                         generation,
                     });
                 }
-                Some(other) => {
-                    let other_gen = slots.gens[other as usize];
+                Some((other, other_gen, _)) => {
                     slots.retiring.push(Retiring {
                         cursor: prefix.clone(),
                         prefix: prefix.clone(),
@@ -476,44 +474,52 @@ impl Keyring {
             if self.state().current.contains_key(prefix) {
                 continue;
             }
-            self.new_current(prefix, crate::clock::now_ms())?;
+            self.new_currents(&[prefix.to_vec()], crate::clock::now_ms())?;
         }
     }
 
-    /// Gives `prefix` a new current key in a new slot, durable before anyone can seal under
-    /// it: the caller holds the queue's shard for writing.
-    fn new_current(&self, prefix: &[u8], now_ms: u64) -> Result<()> {
-        assert!(prefix.len() <= PREFIX_MAX, "queue prefixes are short");
-        let key = fresh_key();
-        let (slot, generation) = {
+    /// Gives each of `prefixes` a new current key in a new slot, all durable (one
+    /// `fdatasync`) before anyone can seal under them: the caller holds their shards for
+    /// writing.
+    fn new_currents(&self, prefixes: &[Vec<u8>], now_ms: u64) -> Result<()> {
+        let mut fresh = Vec::with_capacity(prefixes.len());
+        let mut writes = Vec::with_capacity(prefixes.len());
+        {
             let mut state = self.state();
-            let slot = match state.free.pop() {
-                Some(slot) => slot,
-                None => {
-                    state.live.push(None);
-                    state.gens.push(0);
-                    u32::try_from(state.live.len() - 1)
-                        .map_err(|_| StoreError::Io("keyring full".into()))?
-                }
-            };
-            (slot, state.gens[slot as usize] + 1)
-        };
-        let written =
-            self.write_slots(&[(slot, slot_bytes(Some((prefix, &key, now_ms)), generation))]);
+            for prefix in prefixes {
+                assert!(prefix.len() <= PREFIX_MAX, "queue prefixes are short");
+                let slot = match state.free.pop() {
+                    Some(slot) => slot,
+                    None => {
+                        state.live.push(None);
+                        state.gens.push(0);
+                        u32::try_from(state.live.len() - 1)
+                            .map_err(|_| StoreError::Io("keyring full".into()))?
+                    }
+                };
+                let generation = state.gens[slot as usize] + 1;
+                let key = fresh_key();
+                writes.push((slot, slot_bytes(Some((prefix, &key, now_ms)), generation)));
+                fresh.push((prefix, slot, generation, key));
+            }
+        }
+        let written = self.write_slots(&writes);
         let mut state = self.state();
         if let Err(e) = written {
-            state.free.push(slot);
+            state.free.extend(fresh.iter().map(|(_, slot, ..)| *slot));
             return Err(e);
         }
-        state.gens[slot as usize] = generation;
-        state.live[slot as usize] = Some(Live {
-            prefix: prefix.to_vec(),
-            generation,
-            created_ms: now_ms,
-            cipher: Arc::new(cipher(&key)),
-        });
-        state.current.insert(prefix.to_vec(), slot);
-        metrics::counter!("sealpost_store_keys_created_total").increment(1);
+        for (prefix, slot, generation, key) in fresh {
+            state.gens[slot as usize] = generation;
+            state.live[slot as usize] = Some(Live {
+                prefix: prefix.clone(),
+                generation,
+                created_ms: now_ms,
+                cipher: Arc::new(cipher(&key)),
+            });
+            state.current.insert(prefix.clone(), slot);
+        }
+        metrics::counter!("sealpost_store_keys_created_total").increment(prefixes.len() as u64);
         Ok(())
     }
 
@@ -694,26 +700,43 @@ impl Keyring {
                 .map(|(p, s)| (p.clone(), *s))
                 .collect()
         };
+        // New keys for the aged queues that hold something, one keyring sync per shard.
+        let mut by_shard: BTreeMap<usize, Vec<(Vec<u8>, u32)>> = BTreeMap::new();
         for (prefix, slot) in aged {
             if self.tree(&prefix).scan_prefix(&prefix).next().is_none() {
                 self.state().drained.push((prefix, Drain::Free));
-                continue;
+            } else {
+                by_shard
+                    .entry(Self::shard_of(&prefix))
+                    .or_default()
+                    .push((prefix, slot));
             }
-            let shard = &self.shards[Self::shard_of(&prefix)];
-            let _write = shard.write().unwrap_or_else(|p| p.into_inner());
-            if self.state().current.get(&prefix) != Some(&slot) {
-                continue;
-            }
-            self.new_current(&prefix, now_ms)?;
+        }
+        for (shard, queues) in by_shard {
+            let _write = self.shards[shard]
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let queues: Vec<(Vec<u8>, u32)> = {
+                let state = self.state();
+                queues
+                    .into_iter()
+                    .filter(|(prefix, slot)| state.current.get(prefix) == Some(slot))
+                    .collect()
+            };
+            let prefixes: Vec<Vec<u8>> = queues.iter().map(|(p, _)| p.clone()).collect();
+            self.new_currents(&prefixes, now_ms)?;
             let mut state = self.state();
-            let generation = state.gens[slot as usize];
-            state.retiring.push(Retiring {
-                cursor: prefix.clone(),
-                prefix,
-                slot,
-                generation,
-            });
-            metrics::counter!("sealpost_store_key_rotations_total").increment(1);
+            for (prefix, slot) in queues {
+                let generation = state.gens[slot as usize];
+                state.retiring.push(Retiring {
+                    cursor: prefix.clone(),
+                    prefix,
+                    slot,
+                    generation,
+                });
+            }
+            metrics::counter!("sealpost_store_key_rotations_total")
+                .increment(prefixes.len() as u64);
         }
         let mut left = budget;
         let retiring = std::mem::take(&mut self.state().retiring);

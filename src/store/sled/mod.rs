@@ -75,8 +75,9 @@ pub struct StoreOptions {
 /// Default of [`StoreOptions::key_max_age`].
 pub const DEFAULT_KEY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Most records the age-based rotation re-seals per sweep.
-const ROTATION_BUDGET: usize = 10_000;
+/// Most records the age-based rotation re-seals per sweep (and most queues it starts
+/// rotating): the sweep runs it inline.
+const ROTATION_BUDGET: usize = 2_000;
 
 impl StoreOptions {
     /// A small store in `dir` for unit tests: group commit, no fsync, 4 MiB of cache.
