@@ -4,6 +4,11 @@
 //! drive's write cache nor file metadata; after it we `fsync` the data file (and any blob
 //! files) ourselves. Requests that arrive while a flush is running wait for the next one, so
 //! under load one flush covers many appends.
+//!
+//! After a flush succeeds and its waiters are answered, the keys of queues that drained before
+//! it began are destroyed (`keyring::Keyring::settle`, one keyring `fdatasync`): the deletions
+//! that emptied them are durable by then. New keys need nothing here: they are synced when
+//! created, before anything is sealed under them, so the keyring is never dirty at a flush.
 
 use std::{fs::File, path::PathBuf, sync::mpsc, time::Instant};
 
