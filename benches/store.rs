@@ -2,7 +2,8 @@
 //!
 //! 1. Durable appends/s from concurrent writers: group commit vs one flush per append, each
 //!    with and without the fsync of sled's data file (sled's own flush is only
-//!    `sync_file_range`).
+//!    `sync_file_range`). Then round trips/s: append, read, ack (trim) and wait for both to be
+//!    durable, so every queue drains after every envelope (its key replaced each time).
 //! 2. Start-up with many envelopes queued (default 1,000,000; `SEALPOST_BENCH_ENVELOPES`):
 //!    store open, a mailbox's state load, and the real binary's time to `listening on`.
 //!
@@ -19,7 +20,7 @@ use std::{
 
 use sealpost::store::{
     DeviceRecord, Directory, Health, Inbox, NewEnvelope, QueueLimits, SledStore, StoreOptions,
-    UserInbox,
+    Trim, UserInbox,
 };
 
 /// No quota: the benchmarks fill queues far beyond a real one.
@@ -41,6 +42,7 @@ fn open(dir: &std::path::Path, group_commit: bool, fsync: bool) -> SledStore {
         commit_delay: Duration::from_micros(delay_us),
         min_free_bytes: 0,
         failpoint_sync: None,
+        key_max_age: sealpost::store::sled::DEFAULT_KEY_MAX_AGE,
     })
     .expect("open store")
 }
@@ -110,6 +112,61 @@ fn durable_appends(
         lat.extend(l);
     }
     drop(rt);
+    lat.sort();
+    let p50 = lat.get(lat.len() / 2).copied().unwrap_or_default();
+    (
+        total as f64 / started.elapsed().as_secs_f64(),
+        p50.as_secs_f64() * 1000.0,
+    )
+}
+
+/// `writers` threads each append one envelope, read it back, trim it (the queue drains) and
+/// wait until both are durable, for `duration`. Returns round trips per second and p50 ms.
+fn round_trips(writers: usize, duration: Duration) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(open(dir.path(), true, true));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime");
+                let user = format!("user{w}@bench");
+                let mut queues = open_user(&rt, &store, &user);
+                let ciphertext = [0xab; 256];
+                let mut n = 0u64;
+                let mut latencies = Vec::new();
+                while started.elapsed() < duration {
+                    let t = Instant::now();
+                    n += 1;
+                    let durable = queues.append(envelope(n, &ciphertext)).expect("append");
+                    rt.block_on(durable).expect("durable");
+                    let read = rt.block_on(queues.read(1, 0, 10)).expect("read");
+                    let trims: Vec<Trim> = read
+                        .iter()
+                        .map(|(seq, r)| Trim {
+                            seq: *seq,
+                            expires_ms: r.expires_ms,
+                            bytes: r.ciphertext.len() as u64,
+                        })
+                        .collect();
+                    let durable = queues.trim(1, &trims).expect("trim");
+                    rt.block_on(durable).expect("durable");
+                    latencies.push(t.elapsed());
+                }
+                (n, latencies)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    let mut lat = Vec::new();
+    for t in threads {
+        let (n, l) = t.join().expect("writer");
+        total += n;
+        lat.extend(l);
+    }
     lat.sort();
     let p50 = lat.get(lat.len() / 2).copied().unwrap_or_default();
     (
@@ -213,6 +270,9 @@ fn main() {
     if !startup_only {
         durability(secs);
     }
+    if std::env::args().any(|a| a == "--durability-only") {
+        return;
+    }
     let count: u64 = std::env::var("SEALPOST_BENCH_ENVELOPES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -230,5 +290,12 @@ fn durability(secs: u64) {
                 "group_commit={group:<5} fsync={fsync:<5} writers={writers:>2}: {rate:>9.0} appends/s, p50 {p50:.2} ms"
             );
         }
+    }
+    println!("== round trips (append, read, ack; the queue drains every time), {secs}s each ==");
+    for writers in [1, 16, 64] {
+        let (rate, p50) = round_trips(writers, Duration::from_secs(secs));
+        println!(
+            "group_commit=true  fsync=true  writers={writers:>2}: {rate:>9.0} round trips/s, p50 {p50:.2} ms"
+        );
     }
 }

@@ -92,6 +92,10 @@ settings! {
     failpoint_sync_file: String = String::new(), "SEALPOST_FAILPOINT_SYNC_FILE";
     /// sled page cache, in MiB.
     cache_mb: u64 = 256, "SEALPOST_CACHE_MB";
+    /// Oldest, in seconds, a queue's storage key may grow: then the envelopes still queued
+    /// are re-sealed under a new key and the old one is destroyed, so that acknowledged
+    /// envelopes of a queue that never drains do not stay readable on disk.
+    store_key_max_age_secs: u64 = 3600, "SEALPOST_STORE_KEY_MAX_AGE_SECS";
     /// Most envelopes one device queue may hold; further sends get mailbox_full.
     queue_quota: u64 = 50_000, "SEALPOST_QUEUE_QUOTA";
     /// Most ciphertext bytes one device queue may hold.
@@ -300,6 +304,7 @@ impl Settings {
             ("ack_timeout_ms", self.ack_timeout_ms),
             ("mailbox_idle_ms", self.mailbox_idle_ms),
             ("expiry_sweep_ms", self.expiry_sweep_ms),
+            ("store_key_max_age_secs", self.store_key_max_age_secs),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be above 0"));
@@ -351,6 +356,7 @@ impl Settings {
                 min_free_bytes: mib(self.min_free_disk_mb),
                 failpoint_sync: (!self.failpoint_sync_file.is_empty())
                     .then(|| self.failpoint_sync_file.into()),
+                key_max_age: Duration::from_secs(self.store_key_max_age_secs),
             },
             mailbox: MailboxConfig {
                 queue_quota: self.queue_quota,

@@ -1220,6 +1220,7 @@ async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries()
             commit_delay: Duration::ZERO,
             min_free_bytes: 0,
             failpoint_sync: None,
+            key_max_age: sealpost::store::sled::DEFAULT_KEY_MAX_AGE,
         })
         .expect("open the broker's store")
     }

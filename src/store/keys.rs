@@ -16,27 +16,39 @@
 //! usercode_link          b'c' handle 0xff code_hash:[32] -> LinkCodeRecord
 //! ```
 //!
-//! Tree `queues` (one tree, so that a send's writes commit in one atomic batch):
+//! Tree `queues` (one tree, so that a send's writes commit in one atomic batch). `H(handle)`
+//! and `H(id)` are 16-byte keyed BLAKE3 hashes (`sled::keyring`), so the data file does not
+//! list who has mail nor which envelope ids were seen; values marked *sealed* are
+//! XChaCha20-Poly1305 under a key of the queue (destroyed once it drains: crypto-shredding),
+//! marked *index-sealed* under a long-lived key of the keyring:
 //!
 //! ```text
-//! userdevice_head        b'h' handle 0xff device:u32             -> HeadRecord
-//! userdeviceseq_envelope b'e' handle 0xff device:u32 seq:u64     -> EnvelopeRecord
-//! userid_dedup           b'd' handle 0xff envelope_id:[16]       -> DedupRecord
-//! expiryuserdeviceseq    b'x' expires_ms:u64 handle 0xff device:u32 seq:u64 -> ()
-//! expiryuserid           b'y' expires_ms:u64 handle 0xff envelope_id:[16]   -> ()
+//! userdevice_head        b'H' H(handle) device:u32            -> HeadRecord
+//! userdeviceseq_envelope b'E' H(handle) device:u32 seq:u64    -> sealed EnvelopeRecord
+//! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
+//! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
+//! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
 //! ```
 //!
-//! The `x`/`y` indexes let the expiry sweep find what is due without scanning queues.
+//! The `X`/`Y` indexes let the expiry sweep find what is due without scanning queues; their
+//! value names the handle whose mailbox expires the entry. A device queue's key prefix
+//! (`E` H(handle) device) names it in the keyring.
 //!
 //! Tree `outbox` (federation: envelopes waiting for a destination broker's acknowledgement):
 //!
 //! ```text
-//! domainseq_outbox       b'q' domain 0xff seq:u64                -> OutboxRecord
+//! domainseq_outbox       b'Q' H(domain) seq:u64                -> sealed OutboxRecord
 //! ```
 //!
 //! One key per envelope, written once and deleted once acknowledged, so every crash-surviving
 //! prefix of outbox writes is consistent without an index. Sequence numbers grow per domain;
-//! the next one is the last stored plus one.
+//! the next one is the last stored plus one. `Q` H(domain) names the outbox in the keyring.
+//!
+//! Layout 1 (before sealing; migrated on open, see `sled::migrate`) used the lower-case tags
+//! `h e d x y q` with the plain handle (or domain) followed by `0xff`, and plain values; see
+//! [`v1`].
+//!
+//! Integers in every key are big-endian.
 
 pub(crate) const ACCOUNT: u8 = b'u';
 pub(crate) const DEVICE: u8 = b'v';
@@ -45,12 +57,12 @@ pub(crate) const FALLBACK_KEY: u8 = b'f';
 pub(crate) const DEVICE_LIST: u8 = b'l';
 pub(crate) const DELIVERY_TOKEN: u8 = b't';
 pub(crate) const LINK_CODE: u8 = b'c';
-pub(crate) const HEAD: u8 = b'h';
-pub(crate) const ENVELOPE: u8 = b'e';
-pub(crate) const DEDUP: u8 = b'd';
-pub(crate) const EXPIRY_ENVELOPE: u8 = b'x';
-pub(crate) const EXPIRY_DEDUP: u8 = b'y';
-pub(crate) const OUTBOX: u8 = b'q';
+pub(crate) const HEAD: u8 = b'H';
+pub(crate) const ENVELOPE: u8 = b'E';
+pub(crate) const DEDUP: u8 = b'D';
+pub(crate) const EXPIRY_ENVELOPE: u8 = b'X';
+pub(crate) const EXPIRY_DEDUP: u8 = b'Y';
+pub(crate) const OUTBOX: u8 = b'Q';
 const SEP: u8 = 0xff;
 
 fn key(tag: u8, user: &str, rest_len: usize) -> Vec<u8> {
@@ -113,63 +125,67 @@ pub(crate) fn link_code(user: &str, code_hash: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-pub(crate) fn head(user: &str, device: u32) -> Vec<u8> {
+/// A keyed hash standing for a handle, an envelope id or a domain (see the top).
+pub(crate) type Hashed = [u8; 16];
+
+pub(crate) fn head(user: &Hashed, device: u32) -> Vec<u8> {
     let mut k = head_prefix(user);
     k.extend_from_slice(&device.to_be_bytes());
     k
 }
 
-/// Prefix of all queue heads of `user`.
-pub(crate) fn head_prefix(user: &str) -> Vec<u8> {
-    let mut k = key(HEAD, user, 5);
-    k.push(SEP);
+/// Prefix of all queue heads of a user.
+pub(crate) fn head_prefix(user: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(21);
+    k.push(HEAD);
+    k.extend_from_slice(user);
     k
 }
 
-pub(crate) fn envelope(user: &str, device: u32, seq: u64) -> Vec<u8> {
+pub(crate) fn envelope(user: &Hashed, device: u32, seq: u64) -> Vec<u8> {
     let mut k = envelope_prefix(user, device);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-/// Prefix of one device's queue.
-pub(crate) fn envelope_prefix(user: &str, device: u32) -> Vec<u8> {
-    let mut k = key(ENVELOPE, user, 13);
-    k.push(SEP);
+/// Prefix of one device's queue (what names it in the keyring).
+pub(crate) fn envelope_prefix(user: &Hashed, device: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(29);
+    k.push(ENVELOPE);
+    k.extend_from_slice(user);
     k.extend_from_slice(&device.to_be_bytes());
     k
 }
 
-/// The sequence number at the end of an `envelope` key.
+/// The sequence number at the end of an `envelope` (or `outbox`) key.
 pub(crate) fn envelope_seq(key: &[u8]) -> Option<u64> {
     let tail = key.len().checked_sub(8).map(|at| &key[at..])?;
     Some(u64::from_be_bytes(tail.try_into().ok()?))
 }
 
-pub(crate) fn dedup(user: &str, id: &[u8; 16]) -> Vec<u8> {
-    let mut k = key(DEDUP, user, 17);
-    k.push(SEP);
+pub(crate) fn dedup(user: &Hashed, id: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(DEDUP);
+    k.extend_from_slice(user);
     k.extend_from_slice(id);
     k
 }
 
-pub(crate) fn expiry_envelope(expires_ms: u64, user: &str, device: u32, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(22 + user.len());
+pub(crate) fn expiry_envelope(expires_ms: u64, user: &Hashed, device: u32, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(37);
     k.push(EXPIRY_ENVELOPE);
     k.extend_from_slice(&expires_ms.to_be_bytes());
-    k.extend_from_slice(user.as_bytes());
-    k.push(SEP);
+    k.extend_from_slice(user);
     k.extend_from_slice(&device.to_be_bytes());
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-pub(crate) fn expiry_dedup(expires_ms: u64, user: &str, id: &[u8; 16]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(26 + user.len());
+pub(crate) fn expiry_dedup(expires_ms: u64, user: &Hashed, id: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(41);
     k.push(EXPIRY_DEDUP);
     k.extend_from_slice(&expires_ms.to_be_bytes());
-    k.extend_from_slice(user.as_bytes());
-    k.push(SEP);
+    k.extend_from_slice(user);
     k.extend_from_slice(id);
     k
 }
@@ -181,26 +197,65 @@ pub(crate) fn expiry_until(tag: u8, now_ms: u64) -> Vec<u8> {
     k
 }
 
-/// Splits an expiry key (after its tag and timestamp) into the handle and the remainder.
-pub(crate) fn split_expiry(key: &[u8]) -> Option<(u64, &str, &[u8])> {
+/// Splits an expiry key (after its tag and timestamp) into the expiry and the remainder
+/// after the user's hash.
+pub(crate) fn split_expiry(key: &[u8]) -> Option<(u64, &[u8])> {
     let ts = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
-    let rest = key.get(9..)?;
-    let sep = rest.iter().position(|b| *b == SEP)?;
-    let user = std::str::from_utf8(&rest[..sep]).ok()?;
-    Some((ts, user, &rest[sep + 1..]))
+    Some((ts, key.get(25..)?))
 }
 
-/// Prefix of one destination domain's outbox.
-pub(crate) fn outbox_prefix(domain: &str) -> Vec<u8> {
-    let mut k = key(OUTBOX, domain, 9);
-    k.push(SEP);
+/// Prefix of one destination domain's outbox (what names it in the keyring).
+pub(crate) fn outbox_prefix(domain: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(OUTBOX);
+    k.extend_from_slice(domain);
     k
 }
 
-pub(crate) fn outbox(domain: &str, seq: u64) -> Vec<u8> {
+pub(crate) fn outbox(domain: &Hashed, seq: u64) -> Vec<u8> {
     let mut k = outbox_prefix(domain);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// Layout 1, read only by the migration: lower-case tags, the plain handle (or domain), then
+/// `0xff`, then what follows in layout 2.
+pub(crate) mod v1 {
+    pub(crate) const HEAD: u8 = b'h';
+    pub(crate) const ENVELOPE: u8 = b'e';
+    pub(crate) const DEDUP: u8 = b'd';
+    pub(crate) const EXPIRY_ENVELOPE: u8 = b'x';
+    pub(crate) const EXPIRY_DEDUP: u8 = b'y';
+    pub(crate) const OUTBOX: u8 = b'q';
+
+    /// Splits a layout-1 key `tag [expires_ms:u64] name 0xff rest` into (expires_ms, name,
+    /// rest); `timed` for the expiry index tags.
+    pub(crate) fn split(key: &[u8], timed: bool) -> Option<(u64, &str, &[u8])> {
+        let (ts, rest) = if timed {
+            (
+                u64::from_be_bytes(key.get(1..9)?.try_into().ok()?),
+                key.get(9..)?,
+            )
+        } else {
+            (0, key.get(1..)?)
+        };
+        let sep = rest.iter().position(|b| *b == super::SEP)?;
+        let name = std::str::from_utf8(&rest[..sep]).ok()?;
+        Some((ts, name, &rest[sep + 1..]))
+    }
+
+    /// A layout-1 key, for tests that write an old data directory.
+    #[cfg(test)]
+    pub(crate) fn key(tag: u8, expires_ms: Option<u64>, name: &str, rest: &[u8]) -> Vec<u8> {
+        let mut k = vec![tag];
+        if let Some(ts) = expires_ms {
+            k.extend_from_slice(&ts.to_be_bytes());
+        }
+        k.extend_from_slice(name.as_bytes());
+        k.push(super::SEP);
+        k.extend_from_slice(rest);
+        k
+    }
 }
 
 #[cfg(test)]
@@ -209,26 +264,34 @@ mod tests {
 
     #[test]
     fn envelope_keys_sort_by_device_then_seq() {
-        let a = envelope("a@x", 1, 2);
-        let b = envelope("a@x", 1, 256);
-        let c = envelope("a@x", 2, 0);
+        let u = [1; 16];
+        let a = envelope(&u, 1, 2);
+        let b = envelope(&u, 1, 256);
+        let c = envelope(&u, 2, 0);
         assert!(a < b && b < c);
-        assert!(a.starts_with(&envelope_prefix("a@x", 1)));
+        assert!(a.starts_with(&envelope_prefix(&u, 1)));
         assert_eq!(envelope_seq(&b), Some(256));
-        // A handle that is a prefix of another does not share its key prefix.
-        assert!(!envelope("ab@x", 1, 0).starts_with(&envelope_prefix("a@x", 1)));
+        assert!(!envelope(&[2; 16], 1, 0).starts_with(&envelope_prefix(&u, 1)));
     }
 
     #[test]
     fn expiry_keys_round_trip() {
-        let k = expiry_envelope(77, "a@x", 3, 9);
-        let (ts, user, rest) = split_expiry(&k).unwrap();
-        assert_eq!((ts, user), (77, "a@x"));
+        let k = expiry_envelope(77, &[5; 16], 3, 9);
+        let (ts, rest) = split_expiry(&k).unwrap();
+        assert_eq!(ts, 77);
         assert_eq!(
             rest,
             [&3u32.to_be_bytes()[..], &9u64.to_be_bytes()].concat()
         );
         assert!(k < expiry_until(EXPIRY_ENVELOPE, 77));
         assert!(k >= expiry_until(EXPIRY_ENVELOPE, 76));
+    }
+
+    #[test]
+    fn layout_1_keys_split() {
+        let k = v1::key(v1::EXPIRY_DEDUP, Some(9), "a@x", &[7; 16]);
+        assert_eq!(v1::split(&k, true), Some((9, "a@x", &[7u8; 16][..])));
+        let k = v1::key(v1::HEAD, None, "a@x", &1u32.to_be_bytes());
+        assert_eq!(v1::split(&k, false), Some((0, "a@x", &[0, 0, 0, 1][..])));
     }
 }

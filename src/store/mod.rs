@@ -35,7 +35,7 @@
 //! | [`UserInbox::duplicate`] | the dedup record, or a send still being flushed | the writer's memory of recent ids; after a restart the publish itself answers duplicate |
 //! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts kept by the writer from stream info; `max_msgs_per_subject` as a backstop |
 //! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | ordered consumer / direct get by subject from a sequence |
-//! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head | `delete_msg` by stream sequence |
+//! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head; a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | `delete_msg` by stream sequence |
 //! | [`Inbox::due`], [`UserInbox::expire`] | the `x`/`y` expiry indexes, swept by the server | nothing due: the stream expires messages by their TTL |
 //! | [`Directory`] | tree `accounts`, one lock for read-modify-write | a KV bucket; `create`/`update` with revision = compare-and-set (device ids, key claims) |
 //! | [`Outbox`] | tree `outbox`, one key per envelope | a work-queue stream per destination domain |
@@ -218,7 +218,7 @@ pub enum Due {
     Dedup {
         /// Account handle.
         user: String,
-        /// Envelope id.
+        /// The envelope id, or what the backend keys it by (sled: its keyed hash).
         id: [u8; 16],
         /// Its expiry.
         expires_ms: u64,

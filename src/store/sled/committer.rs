@@ -4,6 +4,11 @@
 //! drive's write cache nor file metadata; after it we `fsync` the data file (and any blob
 //! files) ourselves. Requests that arrive while a flush is running wait for the next one, so
 //! under load one flush covers many appends.
+//!
+//! After a flush succeeds and its waiters are answered, the keys of queues that drained before
+//! it began are destroyed (`keyring::Keyring::settle`, one keyring `fdatasync`): the deletions
+//! that emptied them are durable by then. New keys need nothing here: they are synced when
+//! created, before anything is sealed under them, so the keyring is never dirty at a flush.
 
 use std::{fs::File, path::PathBuf, sync::mpsc, time::Instant};
 
@@ -78,13 +83,13 @@ impl Committer {
     /// Starts the commit thread for `db`, stored in `dir`.
     pub(crate) fn start(
         db: sled::Db,
-        dir: PathBuf,
-        group: bool,
-        fsync: bool,
-        delay: std::time::Duration,
+        options: &super::StoreOptions,
         health: std::sync::Arc<DiskHealth>,
-        failpoint: Option<PathBuf>,
+        keyring: std::sync::Arc<super::keyring::Keyring>,
     ) -> std::io::Result<Self> {
+        let dir = options.dir.clone();
+        let (group, fsync, delay) = (options.group_commit, options.fsync, options.commit_delay);
+        let failpoint = options.failpoint_sync.clone();
         let (tx, rx) = mpsc::channel::<Waiter>();
         let data_file = File::open(dir.join("db"))?;
         let thread = std::thread::Builder::new()
@@ -121,6 +126,9 @@ impl Committer {
                         }
                     }
                     last_batch = waiters.len();
+                    // Keys whose queues drained before this flush: destroyed after it, once
+                    // the deletions that emptied them are durable.
+                    let pending = keyring.take_pending();
                     let started = Instant::now();
                     let result = if failpoint_active(failpoint.as_deref()) {
                         Err(StoreError::Io("failpoint store.sync".into()))
@@ -136,8 +144,16 @@ impl Committer {
                         .flush_ok
                         .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     health.check_disk();
+                    let ok = result.is_ok();
                     for w in waiters {
                         let _ = w.send(result.clone());
+                    }
+                    if !ok {
+                        keyring.restore_pending(pending);
+                    } else if let Err(e) = keyring.settle(pending) {
+                        // The keys stay as they were: still readable, destroyed on a later
+                        // drain or rotation.
+                        tracing::warn!(error = %e, "destroying drained queues' keys failed");
                     }
                 }
             })?;

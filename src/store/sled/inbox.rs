@@ -14,7 +14,9 @@ use super::{
 };
 use crate::store::{
     AppendError, Appended, Due, EnvelopeRecord, Inbox, NewEnvelope, Placement, QueueLimits, Result,
-    StoreError, StoreFuture, Trim, UserInbox, ready,
+    StoreError, StoreFuture, Trim, UserInbox,
+    keys::Hashed,
+    ready,
     records::{self, HeadRecord},
 };
 
@@ -54,14 +56,22 @@ impl Inbox for SledStore {
     }
 
     fn due(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<Due>> {
-        ready(self.inner().due(now_ms, limit))
+        // The sweep is this backend's clock for the age-based key rotation too.
+        let inner = self.inner();
+        match inner.keyring.rotate(now_ms, super::ROTATION_BUDGET) {
+            // What it left to destroy goes after the next flush: ask for one.
+            Ok(true) => drop(inner.committer.request()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "key rotation failed"),
+        }
+        ready(inner.due(now_ms, limit))
     }
 }
 
 /// Removes a send from its user's pending sends when dropped.
 struct LeavesPending {
-    pending: Arc<Mutex<HashMap<[u8; 16], Placement>>>,
-    id: [u8; 16],
+    pending: Arc<Mutex<HashMap<Hashed, Placement>>>,
+    id: Hashed,
 }
 
 impl Drop for LeavesPending {
@@ -80,9 +90,10 @@ struct SledUserInbox {
     limits: QueueLimits,
     /// The stored head of each open queue (next sequence number, count, bytes).
     heads: BTreeMap<u32, HeadRecord>,
-    /// Sends written but not yet durable, by envelope id, with where they were stored: a
-    /// retry waits for durability like the original, and the sweep keeps their dedup records.
-    pending: Arc<Mutex<HashMap<[u8; 16], Placement>>>,
+    /// Sends written but not yet durable, by the keyed hash of their envelope id, with where
+    /// they were stored: a retry waits for durability like the original, and the sweep keeps
+    /// their dedup records.
+    pending: Arc<Mutex<HashMap<Hashed, Placement>>>,
     /// The id [`UserInbox::duplicate`] last found new: its append, which the writer makes
     /// next, need not look it up again.
     checked_new: Option<[u8; 16]>,
@@ -104,7 +115,7 @@ impl SledUserInbox {
         })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Placement>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Hashed, Placement>> {
         // Holds only ids; a panic elsewhere cannot leave it half-updated.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -123,10 +134,11 @@ impl UserInbox for SledUserInbox {
     }
 
     fn duplicate(&mut self, id: &[u8; 16]) -> Result<Option<StoreFuture<Appended>>> {
-        if let Some(stored) = self.pending().get(id).cloned() {
+        let hashed = self.inner.keyring.id(id);
+        if let Some(stored) = self.pending().get(&hashed).cloned() {
             return Ok(Some(self.when_durable(true, stored)));
         }
-        let original = self.inner.dedup(&self.user, id)?;
+        let original = self.inner.dedup(&self.user, &hashed)?;
         self.checked_new = original.is_none().then_some(*id);
         Ok(original.map(|record| self.when_durable(true, record.stored)))
     }
@@ -174,8 +186,14 @@ impl UserInbox for SledUserInbox {
             expires_ms: envelope.expires_ms,
             ciphertext: Vec::new(),
         };
-        let (write, heads) =
-            recovery::send_write(&self.user, &template, envelope.remember_until_ms, &staged);
+        let hashed = self.inner.keyring.id(&envelope.id);
+        let (write, heads) = recovery::send_write(
+            &self.user,
+            &template,
+            hashed,
+            envelope.remember_until_ms,
+            &staged,
+        );
         self.inner.write(write)?;
         let mut stored = Vec::with_capacity(heads.len());
         for (head, copy) in heads.into_iter().zip(&staged) {
@@ -183,12 +201,12 @@ impl UserInbox for SledUserInbox {
             metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
             stored.push((copy.device, head.next_seq - 1));
         }
-        self.pending().insert(envelope.id, stored.clone());
+        self.pending().insert(hashed, stored.clone());
         let answer = self.when_durable(false, stored);
         // The id leaves `pending` when the answer resolves, or if the caller drops it unawaited.
         let leaving = LeavesPending {
             pending: self.pending.clone(),
-            id: envelope.id,
+            id: hashed,
         };
         Ok(Box::pin(async move {
             let _leaving = leaving;
@@ -232,6 +250,9 @@ impl UserInbox for SledUserInbox {
         });
         self.inner.write(write)?;
         self.heads.insert(device, head);
+        if head.count == 0 {
+            self.inner.drained(&self.user, device);
+        }
         Ok(self.inner.sync())
     }
 
@@ -251,6 +272,7 @@ impl UserInbox for SledUserInbox {
         });
         self.inner.write(write)?;
         self.heads.remove(&device);
+        self.inner.drained(&self.user, device);
         Ok(self.inner.sync())
     }
 
@@ -272,11 +294,13 @@ impl UserInbox for SledUserInbox {
                     // An undecodable envelope is deleted with its entry (its byte count is not
                     // known: the queue's count goes down, its bytes are reset once it is empty),
                     // rather than holding up every later entry of the sweep.
-                    let len = match self.inner.read(&self.user, device, seq, 1) {
-                        Ok(found) => found
-                            .first()
-                            .filter(|(s, r)| *s == seq && r.expires_ms == expires_ms)
-                            .map(|(_, r)| r.ciphertext.len() as u64),
+                    // A shredded one (its key destroyed) was deleted once already: it goes too.
+                    let len = match self.inner.envelope_at(&self.user, device, seq) {
+                        Ok(Some(Some(r))) => {
+                            (r.expires_ms == expires_ms).then_some(r.ciphertext.len() as u64)
+                        }
+                        Ok(Some(None)) => Some(0),
+                        Ok(None) => None,
                         Err(e @ StoreError::Corruption(_)) => {
                             corrupt(&e);
                             Some(0)
@@ -339,6 +363,11 @@ impl UserInbox for SledUserInbox {
             return Ok(expired);
         }
         self.inner.write(write)?;
+        for (device, head) in &new_heads {
+            if head.count == 0 {
+                self.inner.drained(&self.user, *device);
+            }
+        }
         self.heads.extend(new_heads);
         Ok(expired)
     }

@@ -9,6 +9,10 @@
 //! - `recovery`: how a send is written, and how opening a user's queues rolls back the one
 //!   send a crash may have torn.
 //! - `directory`, `outbox`: the other seams, on trees `accounts` and `outbox`.
+//! - `keyring`: crypto-shredding — envelopes and outbox records are sealed under a key per
+//!   queue kept outside sled, destroyed when the queue drains or the key ages; keyed hashes
+//!   for handles and ids in keys.
+//! - `migrate`: rewrites a data directory of layout 1 (plain) on open.
 //!
 //! sled is durable only up to a flush, and after a crash a prefix of the writes not yet
 //! flushed survives. That is this backend's business alone: every write here is ordered so
@@ -18,6 +22,8 @@
 mod committer;
 mod directory;
 mod inbox;
+mod keyring;
+mod migrate;
 mod outbox;
 mod queues;
 mod recovery;
@@ -32,7 +38,7 @@ use std::{
 
 use committer::{Committer, DiskHealth};
 
-use super::{Result, StoreError, StoreFuture, records};
+use super::{Result, StoreError, StoreFuture, keys, records};
 
 impl From<::sled::Error> for StoreError {
     fn from(e: ::sled::Error) -> Self {
@@ -61,7 +67,17 @@ pub struct StoreOptions {
     pub min_free_bytes: u64,
     /// Debug builds only: while this file exists every flush fails (fault tests).
     pub failpoint_sync: Option<PathBuf>,
+    /// Oldest a queue's key may grow before the survivors are re-sealed under a new one and
+    /// it is destroyed (a queue that drains gets a new key at once).
+    pub key_max_age: std::time::Duration,
 }
+
+/// Default of [`StoreOptions::key_max_age`].
+pub const DEFAULT_KEY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Most records the age-based rotation re-seals per sweep (and most queues it starts
+/// rotating): the sweep runs it inline.
+const ROTATION_BUDGET: usize = 2_000;
 
 impl StoreOptions {
     /// A small store in `dir` for unit tests: group commit, no fsync, 4 MiB of cache.
@@ -75,6 +91,7 @@ impl StoreOptions {
             commit_delay: std::time::Duration::ZERO,
             min_free_bytes: 0,
             failpoint_sync: None,
+            key_max_age: DEFAULT_KEY_MAX_AGE,
         }
     }
 }
@@ -101,6 +118,8 @@ struct Inner {
     accounts: ::sled::Tree,
     queues: ::sled::Tree,
     outbox: ::sled::Tree,
+    /// Keys of the queues (outside sled) and the keyed hashes of handles and ids.
+    keyring: Arc<keyring::Keyring>,
     committer: Committer,
     /// Serializes account and device changes (rare; keeps read-modify-write simple).
     account_lock: Mutex<()>,
@@ -228,6 +247,24 @@ impl Inner {
         let accounts = db.open_tree("accounts")?;
         let queues = db.open_tree("queues")?;
         let outbox = db.open_tree("outbox")?;
+        let has_data = [
+            keys::HEAD,
+            keys::ENVELOPE,
+            keys::DEDUP,
+            keys::EXPIRY_ENVELOPE,
+            keys::EXPIRY_DEDUP,
+        ]
+        .iter()
+        .any(|tag| queues.scan_prefix([*tag]).next().is_some())
+            || outbox.scan_prefix([keys::OUTBOX]).next().is_some();
+        let keyring = Arc::new(keyring::Keyring::open(
+            &options.dir,
+            u64::try_from(options.key_max_age.as_millis()).unwrap_or(u64::MAX),
+            queues.clone(),
+            outbox.clone(),
+            has_data,
+        )?);
+        migrate::layout_1(&db, &options.dir, &queues, &outbox, &keyring)?;
         let health = Arc::new(DiskHealth {
             flush_ok: AtomicBool::new(true),
             disk_ok: AtomicBool::new(true),
@@ -235,21 +272,14 @@ impl Inner {
             dir: options.dir.clone(),
         });
         health.check_disk();
-        let committer = Committer::start(
-            db.clone(),
-            options.dir.clone(),
-            options.group_commit,
-            options.fsync,
-            options.commit_delay,
-            health.clone(),
-            options.failpoint_sync.clone(),
-        )
-        .map_err(|e| StoreError::Io(e.to_string()))?;
+        let committer = Committer::start(db.clone(), options, health.clone(), keyring.clone())
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         Ok(Inner {
             db,
             accounts,
             queues,
             outbox,
+            keyring,
             committer,
             account_lock: Mutex::new(()),
             health,

@@ -1,10 +1,14 @@
 //! Tree `queues`: the write plan whose every crash-surviving prefix is consistent
 //! ([`plan`]), and the reads the inbox and its recovery are built on. Key layouts:
-//! [`crate::store::keys`].
+//! [`crate::store::keys`]; envelopes are sealed under their queue's key (`keyring`), and a
+//! record whose key was destroyed reads as absent (it was deleted before its key went).
 
-use super::{Inner, by_device};
+use zeroize::Zeroizing;
+
+use super::{Inner, by_device, keyring::Keyring};
 use crate::store::{
-    Due, EnvelopeRecord, Result, StoreError, keys,
+    Due, EnvelopeRecord, Result, StoreError,
+    keys::{self, Hashed},
     records::{self, DedupRecord, HeadRecord},
 };
 
@@ -53,8 +57,8 @@ pub(super) enum QueueOp {
     Dedup {
         /// Account handle.
         user: String,
-        /// Envelope id.
-        id: [u8; 16],
+        /// Keyed hash of the envelope id.
+        id: Hashed,
         /// The record.
         record: DedupRecord,
     },
@@ -62,8 +66,8 @@ pub(super) enum QueueOp {
     ForgetDedup {
         /// Account handle.
         user: String,
-        /// Envelope id.
-        id: [u8; 16],
+        /// Keyed hash of the envelope id.
+        id: Hashed,
         /// Its expiry, to find the index entry.
         expires_ms: u64,
     },
@@ -86,8 +90,21 @@ impl QueueWrite {
     }
 }
 
+/// What a planned write stores at its key.
+pub(super) enum Value {
+    /// Delete the key.
+    Delete,
+    /// Store these bytes as they are.
+    Plain(Vec<u8>),
+    /// Store this record sealed under the current key of the queue `prefix`.
+    Sealed {
+        prefix: Vec<u8>,
+        plain: Zeroizing<Vec<u8>>,
+    },
+}
+
 /// The key-value writes of a batch, in the order that keeps every crash-surviving prefix
-/// consistent (`None` deletes):
+/// consistent:
 ///
 /// - an expiry index entry is written before what it indexes and removed after it, so nothing
 ///   stored lacks its expiry (an entry without its record is skipped by the sweep);
@@ -95,8 +112,12 @@ impl QueueWrite {
 ///   dedup record implies its envelopes and heads survived (a retry never hides a lost
 ///   envelope), and a send without one is rolled back when its queues are opened (a retry never
 ///   stores an envelope twice).
-pub(super) fn plan(write: QueueWrite) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)> {
     let mut out = Vec::with_capacity(write.ops.len() * 2);
+    let index = |key: Vec<u8>, user: &str| {
+        let v = keyring.seal_index(&key, user);
+        (key, Value::Plain(v))
+    };
     for op in write.ops {
         match op {
             QueueOp::Append {
@@ -105,13 +126,17 @@ pub(super) fn plan(write: QueueWrite) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
                 seq,
                 record,
             } => {
-                out.push((
-                    keys::expiry_envelope(record.expires_ms, &user, device, seq),
-                    Some(Vec::new()),
+                let u = keyring.user(&user);
+                out.push(index(
+                    keys::expiry_envelope(record.expires_ms, &u, device, seq),
+                    &user,
                 ));
                 out.push((
-                    keys::envelope(&user, device, seq),
-                    Some(records::encode(&record)),
+                    keys::envelope(&u, device, seq),
+                    Value::Sealed {
+                        prefix: keys::envelope_prefix(&u, device),
+                        plain: Zeroizing::new(records::encode(&record)),
+                    },
                 ));
             }
             QueueOp::Remove {
@@ -120,39 +145,53 @@ pub(super) fn plan(write: QueueWrite) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
                 seq,
                 expires_ms,
             } => {
-                out.push((keys::envelope(&user, device, seq), None));
-                out.push((keys::expiry_envelope(expires_ms, &user, device, seq), None));
+                let u = keyring.user(&user);
+                out.push((keys::envelope(&u, device, seq), Value::Delete));
+                out.push((
+                    keys::expiry_envelope(expires_ms, &u, device, seq),
+                    Value::Delete,
+                ));
             }
             QueueOp::Head { user, device, head } => {
-                out.push((keys::head(&user, device), Some(records::encode(&head))));
-            }
-            QueueOp::DropHead { user, device } => out.push((keys::head(&user, device), None)),
-            QueueOp::Dedup { user, id, record } => {
                 out.push((
-                    keys::expiry_dedup(record.expires_ms, &user, &id),
-                    Some(Vec::new()),
+                    keys::head(&keyring.user(&user), device),
+                    Value::Plain(records::encode(&head)),
                 ));
-                out.push((keys::dedup(&user, &id), Some(records::encode(&record))));
+            }
+            QueueOp::DropHead { user, device } => {
+                out.push((keys::head(&keyring.user(&user), device), Value::Delete));
+            }
+            QueueOp::Dedup { user, id, record } => {
+                let u = keyring.user(&user);
+                out.push(index(keys::expiry_dedup(record.expires_ms, &u, &id), &user));
+                out.push((keys::dedup(&u, &id), Value::Plain(records::encode(&record))));
             }
             QueueOp::ForgetDedup {
                 user,
                 id,
                 expires_ms,
             } => {
-                out.push((keys::dedup(&user, &id), None));
-                out.push((keys::expiry_dedup(expires_ms, &user, &id), None));
+                let u = keyring.user(&user);
+                out.push((keys::dedup(&u, &id), Value::Delete));
+                out.push((keys::expiry_dedup(expires_ms, &u, &id), Value::Delete));
             }
             QueueOp::Unindex(Due::Envelope {
                 user,
                 device,
                 seq,
                 expires_ms,
-            }) => out.push((keys::expiry_envelope(expires_ms, &user, device, seq), None)),
+            }) => out.push((
+                keys::expiry_envelope(expires_ms, &keyring.user(&user), device, seq),
+                Value::Delete,
+            )),
             QueueOp::Unindex(Due::Dedup {
                 user,
                 id,
                 expires_ms,
-            }) => out.push((keys::expiry_dedup(expires_ms, &user, &id), None)),
+            }) => out.push((
+                keys::expiry_dedup(expires_ms, &keyring.user(&user), &id),
+                Value::Delete,
+            )),
         }
     }
     out
@@ -165,12 +204,18 @@ impl Inner {
         // global write lock that also waits for every running flush, which cut durable
         // throughput by two thirds here (see the README); single writes do not, and sled's
         // recovery replays a prefix of its log, so ordered writes survive a crash as a prefix.
-        for (k, v) in plan(write) {
+        for (k, v) in plan(&self.keyring, write) {
             match v {
-                Some(v) => {
+                Value::Plain(v) => {
                     self.queues.insert(k, v)?;
                 }
-                None => {
+                Value::Sealed { prefix, plain } => {
+                    self.keyring.with_sealer(&prefix, |sealer| {
+                        self.queues.insert(&k, sealer.seal(&k, &plain))?;
+                        Ok(())
+                    })?;
+                }
+                Value::Delete => {
                     self.queues.remove(k)?;
                 }
             }
@@ -178,33 +223,50 @@ impl Inner {
         Ok(())
     }
 
-    /// All queue heads of `user`.
-    pub(super) fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>> {
-        by_device(&self.queues, &keys::head_prefix(user))
+    /// The envelope sealed at `key`, or `None` if its key was destroyed (shredded).
+    pub(super) fn envelope(&self, key: &[u8], value: &[u8]) -> Result<Option<EnvelopeRecord>> {
+        match self.keyring.unseal(key, value)? {
+            Some(plain) => Ok(Some(records::decode(&plain)?)),
+            None => Ok(None),
+        }
     }
 
-    /// The envelope with the highest stored sequence number of a device queue.
+    /// Reports that a device queue emptied: its key is replaced after the next flush.
+    pub(super) fn drained(&self, user: &str, device: u32) {
+        self.keyring
+            .drained(keys::envelope_prefix(&self.keyring.user(user), device));
+    }
+
+    /// All queue heads of `user`.
+    pub(super) fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>> {
+        by_device(&self.queues, &keys::head_prefix(&self.keyring.user(user)))
+    }
+
+    /// The envelope with the highest stored sequence number of a device queue (`None` for
+    /// its record if that was shredded).
     pub(super) fn last_envelope(
         &self,
         user: &str,
         device: u32,
-    ) -> Result<Option<(u64, EnvelopeRecord)>> {
+    ) -> Result<Option<(u64, Option<EnvelopeRecord>)>> {
         match self
             .queues
-            .scan_prefix(keys::envelope_prefix(user, device))
+            .scan_prefix(keys::envelope_prefix(&self.keyring.user(user), device))
             .next_back()
         {
             Some(kv) => {
                 let (k, v) = kv?;
                 let seq = keys::envelope_seq(&k)
                     .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
-                Ok(Some((seq, records::decode(&v)?)))
+                Ok(Some((seq, self.envelope(&k, &v)?)))
             }
             None => Ok(None),
         }
     }
 
-    /// Up to `limit` envelopes of a device queue with `seq >= from`, in order.
+    /// Up to `limit` envelopes of a device queue with `seq >= from`, in order. Shredded
+    /// ones (deleted before their key was destroyed, then brought back by a crash) are
+    /// skipped: they were acknowledged.
     pub(super) fn read(
         &self,
         user: &str,
@@ -212,43 +274,64 @@ impl Inner {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, EnvelopeRecord)>> {
-        let start = keys::envelope(user, device, from);
-        let end = keys::envelope(user, device, u64::MAX);
+        let u = self.keyring.user(user);
+        let start = keys::envelope(&u, device, from);
+        let end = keys::envelope(&u, device, u64::MAX);
         let mut out = Vec::new();
-        for kv in self.queues.range(start..=end).take(limit) {
+        for kv in self.queues.range(start..=end) {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = kv?;
             let seq = keys::envelope_seq(&k)
                 .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
-            out.push((seq, records::decode(&v)?));
+            if let Some(record) = self.envelope(&k, &v)? {
+                out.push((seq, record));
+            }
         }
         Ok(out)
+    }
+
+    /// The envelope at `seq` of a device queue: `None` if absent, `Some(None)` if shredded.
+    pub(super) fn envelope_at(
+        &self,
+        user: &str,
+        device: u32,
+        seq: u64,
+    ) -> Result<Option<Option<EnvelopeRecord>>> {
+        let k = keys::envelope(&self.keyring.user(user), device, seq);
+        match self.queues.get(&k)? {
+            Some(v) => Ok(Some(self.envelope(&k, &v)?)),
+            None => Ok(None),
+        }
     }
 
     /// Whether the envelope at `seq` of a device queue is stored.
     pub(super) fn holds(&self, user: &str, device: u32, seq: u64) -> Result<bool> {
         Ok(self
             .queues
-            .contains_key(keys::envelope(user, device, seq))?)
+            .contains_key(keys::envelope(&self.keyring.user(user), device, seq))?)
     }
 
-    /// All stored (seq, expires_ms) of a device queue (used when a device is removed).
+    /// All stored (seq, expires_ms) of a device queue (used when a device is removed); a
+    /// shredded one's expiry is unknown (0): its index entry is dropped when it falls due.
     pub(super) fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>> {
         self.queues
-            .scan_prefix(keys::envelope_prefix(user, device))
+            .scan_prefix(keys::envelope_prefix(&self.keyring.user(user), device))
             .map(|kv| {
                 let (k, v) = kv?;
                 let seq = keys::envelope_seq(&k)
                     .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
-                let rec: EnvelopeRecord = records::decode(&v)?;
-                Ok((seq, rec.expires_ms))
+                let expires_ms = self.envelope(&k, &v)?.map_or(0, |r| r.expires_ms);
+                Ok((seq, expires_ms))
             })
             .collect()
     }
 
-    /// The dedup record of a send.
-    pub(super) fn dedup(&self, user: &str, id: &[u8; 16]) -> Result<Option<DedupRecord>> {
+    /// The dedup record of a send, by the keyed hash of its id.
+    pub(super) fn dedup(&self, user: &str, id: &Hashed) -> Result<Option<DedupRecord>> {
         self.queues
-            .get(keys::dedup(user, id))?
+            .get(keys::dedup(&self.keyring.user(user), id))?
             .map(|v| records::decode(&v))
             .transpose()
     }
@@ -263,10 +346,10 @@ impl Inner {
                 .range(range)
                 .take(limit.saturating_sub(out.len()))
             {
-                let (k, _) = kv?;
+                let (k, v) = kv?;
                 let bad = || StoreError::Corruption("bad expiry key".into());
-                let (expires_ms, user, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
-                let user = user.to_owned();
+                let (expires_ms, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
+                let user = self.keyring.open_index(&k, &v).ok_or_else(bad)?;
                 out.push(if tag == keys::EXPIRY_ENVELOPE {
                     let device = u32::from_be_bytes(
                         rest.get(..4)
@@ -287,7 +370,7 @@ impl Inner {
                         expires_ms,
                     }
                 } else {
-                    let id: [u8; 16] = rest.try_into().map_err(|_| bad())?;
+                    let id: Hashed = rest.try_into().map_err(|_| bad())?;
                     Due::Dedup {
                         user,
                         id,

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::store::{
     EnvelopeRecord, Result,
+    keys::Hashed,
     records::{DedupRecord, HeadRecord},
 };
 
@@ -38,6 +39,7 @@ pub(super) struct DeviceCopy<'a> {
 pub(super) fn send_write(
     user: &str,
     template: &EnvelopeRecord,
+    hashed_id: Hashed,
     dedup_expires_ms: u64,
     copies: &[DeviceCopy<'_>],
 ) -> (QueueWrite, Vec<HeadRecord>) {
@@ -72,7 +74,7 @@ pub(super) fn send_write(
     }
     ops.push(QueueOp::Dedup {
         user: user.to_owned(),
-        id: template.id,
+        id: hashed_id,
         record: DedupRecord {
             version: crate::store::records::RECORD_VERSION,
             expires_ms: dedup_expires_ms,
@@ -102,6 +104,29 @@ pub(super) fn recover_heads(
                 head.count = 0;
                 head.bytes = 0;
                 break;
+            };
+            let Some(record) = record else {
+                // Shredded: its key is destroyed only after it was deleted (acknowledged,
+                // expired or rolled back), and a crash brought back the record but not the
+                // key. It stays deleted; its sequence number is never reused.
+                let mut ops = Vec::with_capacity(2);
+                if head.next_seq <= seq {
+                    head.next_seq = seq + 1;
+                    ops.push(QueueOp::Head {
+                        user: user.to_owned(),
+                        device,
+                        head,
+                    });
+                }
+                ops.push(QueueOp::Remove {
+                    user: user.to_owned(),
+                    device,
+                    seq,
+                    expires_ms: 0,
+                });
+                store.write(QueueWrite { ops })?;
+                metrics::counter!("sealpost_shredded_records_removed_total").increment(1);
+                continue;
             };
             // An expired envelope's dedup record may be forgotten already (it never outlives
             // the envelope's expiry); the sweep removes the envelope.
@@ -146,7 +171,7 @@ pub(super) fn recover_heads(
 
 /// Whether `record` belongs to a send that was never committed.
 fn torn(store: &Inner, user: &str, record: &EnvelopeRecord, now_ms: u64) -> Result<bool> {
-    Ok(record.expires_ms > now_ms && store.dedup(user, &record.id)?.is_none())
+    Ok(record.expires_ms > now_ms && store.dedup(user, &store.keyring.id(&record.id))?.is_none())
 }
 
 /// The head of a queue that never held anything.
@@ -183,7 +208,11 @@ mod tests {
     }
 
     /// The writes of a send of envelope `id` to devices 1 and 2, given their current heads.
-    fn send(id: u8, heads: &BTreeMap<u32, HeadRecord>) -> (QueueWrite, Vec<HeadRecord>) {
+    fn send(
+        store: &SledStore,
+        id: u8,
+        heads: &BTreeMap<u32, HeadRecord>,
+    ) -> (QueueWrite, Vec<HeadRecord>) {
         let copies: Vec<DeviceCopy<'_>> = heads
             .iter()
             .map(|(&device, &head)| DeviceCopy {
@@ -192,7 +221,8 @@ mod tests {
                 ciphertext: &[7; 10],
             })
             .collect();
-        send_write(USER, &envelope(id), NOW + 60_000, &copies)
+        let hashed = store.inner().keyring.id(&[id; 16]);
+        send_write(USER, &envelope(id), hashed, NOW + 60_000, &copies)
     }
 
     fn queue(store: &SledStore, device: u32) -> Vec<(u64, [u8; 16])> {
@@ -207,8 +237,10 @@ mod tests {
 
     #[test]
     fn a_send_is_written_envelopes_then_heads_then_its_dedup_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
         let heads = BTreeMap::from([(1, empty_head()), (2, empty_head())]);
-        let (write, new_heads) = send(1, &heads);
+        let (write, new_heads) = send(&store, 1, &heads);
         let kinds: Vec<&str> = write
             .ops
             .iter()
@@ -232,25 +264,26 @@ mod tests {
     /// not at all otherwise (a retry stores it once). The committed send before it is intact.
     #[test]
     fn every_crash_prefix_of_a_send_recovers_to_all_or_nothing() {
-        let ops = send(2, &BTreeMap::from([(1, empty_head()), (2, empty_head())]))
-            .0
-            .ops
-            .len();
+        let ops = 5; // two envelopes, two heads, the dedup record
         for cut in 0..=ops {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
             let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-            let (first, _) = send(1, &heads);
+            let (first, _) = send(&store, 1, &heads);
             store.inner().write(first).unwrap();
             let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-            let (mut second, _) = send(2, &heads);
+            let (mut second, _) = send(&store, 2, &heads);
             second.ops.truncate(cut);
             store.inner().write(second).unwrap();
 
             let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
             let committed = cut == ops;
             assert_eq!(
-                store.inner().dedup(USER, &[2; 16]).unwrap().is_some(),
+                store
+                    .inner()
+                    .dedup(USER, &store.inner().keyring.id(&[2; 16]))
+                    .unwrap()
+                    .is_some(),
                 committed,
                 "cut {cut}"
             );
@@ -303,14 +336,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let heads = recover_heads(&store.inner(), USER, &[1], NOW).unwrap();
-        let (write, _) = send(1, &heads);
+        let (write, _) = send(&store, 1, &heads);
         store.inner().write(write).unwrap();
         store
             .inner()
             .write(QueueWrite {
                 ops: vec![QueueOp::ForgetDedup {
                     user: USER.into(),
-                    id: [1; 16],
+                    id: store.inner().keyring.id(&[1; 16]),
                     expires_ms: NOW + 60_000,
                 }],
             })
