@@ -116,6 +116,19 @@ pub(crate) struct Record {
     /// A device this one accepted, waiting for its grant.
     #[serde(default)]
     pub(crate) approving: Option<Approving>,
+    /// Transcripts for this account's other devices, waiting for their time (see
+    /// [`schedule`](super::schedule)), oldest first.
+    #[serde(default)]
+    pub(crate) transcripts: VecDeque<QueuedTranscript>,
+}
+
+/// A transcript of a text sent to a contact, queued for this account's other devices.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct QueuedTranscript {
+    pub(crate) to: String,
+    pub(crate) body: String,
+    /// When it goes, ms since the Unix epoch (local clock).
+    pub(crate) due_ms: u64,
 }
 
 /// An envelope kept, still sealed, until it can be read.
@@ -291,6 +304,7 @@ impl LegacyBrowserRecord {
             approving: self
                 .approving
                 .map(|(device, secret)| Approving { device, secret }),
+            transcripts: VecDeque::new(),
         }
     }
 }
