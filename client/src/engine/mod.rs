@@ -183,7 +183,10 @@ pub struct Engine {
     /// When contacts' lists are next refreshed; `None` until first asked. Not persisted: a
     /// restarted device draws a new time.
     refresh_due_ms: Option<u64>,
-    /// Whether the next refresh was already brought forward for the envelopes held now.
+    /// Whether an envelope waits for a refresh of its sender's list (held as
+    /// [`HoldReason::AwaitingList`] since the last refresh).
+    refresh_wanted: bool,
+    /// Whether the next refresh was already brought forward for it.
     refresh_brought_forward: bool,
 }
 
@@ -205,6 +208,7 @@ impl Engine {
             counters: Counters::default(),
             timing: Timing::default(),
             refresh_due_ms: None,
+            refresh_wanted: false,
             refresh_brought_forward: false,
         }
     }

@@ -156,6 +156,13 @@ impl Engine {
         let was_pinned = self.state.pins.pinned(&user).is_some()
             && self.unpinned_claim.as_deref() != Some(user.as_str());
         let opened = self.verify_and_decrypt(unsealed, list, now_ms);
+        if let Err(Unread::Failed(Failure::Hold {
+            why: HoldReason::AwaitingList,
+            ..
+        })) = opened
+        {
+            self.refresh_wanted = true;
+        }
         if let Err(Unread::Need(need)) = opened {
             if matches!(need, Need::List(_)) && !was_pinned {
                 self.unpinned_claim = Some(user);

@@ -143,7 +143,8 @@ impl Engine {
     }
 
     /// When contacts' lists are next refreshed (ms since the Unix epoch): a periodic refresh,
-    /// brought forward to a short random delay while envelopes are held.
+    /// brought forward to a short random delay once an envelope is held for its sender's
+    /// list ([`HoldReason::AwaitingList`](super::HoldReason::AwaitingList)).
     pub fn lists_refresh_due_ms(&mut self, now_ms: u64) -> u64 {
         let due = *self.refresh_due_ms.get_or_insert_with(|| {
             now_ms
@@ -152,7 +153,7 @@ impl Engine {
                     self.timing.list_refresh_ms * 3 / 2,
                 ))
         });
-        if self.record.held.is_empty() || self.refresh_brought_forward {
+        if !self.refresh_wanted || self.refresh_brought_forward {
             return due;
         }
         self.refresh_brought_forward = true;
@@ -162,8 +163,8 @@ impl Engine {
         due
     }
 
-    /// The lists to refresh now, in random order: every contact's whose list we hold and every
-    /// held sender's (never our own: that one comes from the authenticated channel). Schedules
+    /// The lists to refresh now, in random order: every contact's (whether or not we hold its
+    /// list yet), every other list we hold, and every held sender's (never our own: that one comes from the authenticated channel). Schedules
     /// the next periodic refresh. Give each fetched list to
     /// [`Engine::accept_device_list`], then read the held envelopes again with what came of
     /// each (`SenderList::Refetched`, `Unavailable` or `Failed`).
@@ -173,6 +174,7 @@ impl Engine {
             .record
             .lists
             .keys()
+            .chain(self.record.contacts.keys())
             .chain(self.record.held.iter().map(|h| &h.from))
             .filter(|u| u.as_str() != own)
             .cloned()
@@ -187,6 +189,7 @@ impl Engine {
                     self.timing.list_refresh_ms * 3 / 2,
                 )),
         );
+        self.refresh_wanted = false;
         self.refresh_brought_forward = false;
         users
     }

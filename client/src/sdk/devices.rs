@@ -71,7 +71,18 @@ impl Client {
             return Ok(list);
         }
         let signed = self.fetch_signed_list(user).await?;
-        self.engine.accept_device_list(user, &signed, now_ms())
+        self.accept_list(user, &signed)
+    }
+
+    /// Verifies and keeps a fetched list. A changed master key drops the list we held: from
+    /// then on, nothing of `user` is read (it is held) until the user accepts the new key,
+    /// however the change was found (a send, a refresh).
+    fn accept_list(&mut self, user: &str, signed: &[u8]) -> Result<DeviceList, ClientError> {
+        let accepted = self.engine.accept_device_list(user, signed, now_ms());
+        if let Err(ClientError::MasterKeyChanged { .. }) = &accepted {
+            self.engine.forget_list(user);
+        }
+        accepted
     }
 
     /// `user`'s signed device list as the broker has it, not yet verified: our own on the
@@ -101,8 +112,8 @@ impl Client {
         if Instant::now() < self.own_list_due {
             return Ok(());
         }
-        let jitter = rand::random::<u64>() % (OWN_LIST_REFRESH.as_millis() as u64 / 2 + 1);
-        self.own_list_due = Instant::now() + OWN_LIST_REFRESH + Duration::from_millis(jitter);
+        let jitter = OWN_LIST_REFRESH.mul_f64(rand::random::<f64>() / 2.0);
+        self.own_list_due = Instant::now() + OWN_LIST_REFRESH + jitter;
         let own = self.engine.user().to_owned();
         match self.verified_list(&own, true).await {
             Ok(_) => self.save(),
@@ -118,13 +129,16 @@ impl Client {
         if now_ms() < self.engine.lists_refresh_due_ms(now_ms()) {
             return Ok(());
         }
+        self.refresh_lists().await
+    }
+
+    /// Refreshes every contact's list now, in random order, on the anonymous channel, then
+    /// reads the held envelopes again with what came of each.
+    pub(super) async fn refresh_lists(&mut self) -> Result<(), ClientError> {
         let mut outcomes = BTreeMap::new();
         for user in self.engine.lists_to_refresh(now_ms()) {
             let outcome = match self.fetch_signed_list(&user).await {
-                Ok(signed) => self
-                    .engine
-                    .accept_device_list(&user, &signed, now_ms())
-                    .map(drop),
+                Ok(signed) => self.accept_list(&user, &signed).map(drop),
                 Err(e) => Err(e),
             };
             outcomes.insert(user, outcome);

@@ -56,6 +56,10 @@ impl Client {
                 break;
             }
         }
+        // The grant named the account's contacts: their lists are fetched now, all of them
+        // in random order (anonymous channel), as part of linking rather than later behind
+        // some delivery of theirs.
+        client.refresh_lists().await?;
         Ok(client)
     }
 

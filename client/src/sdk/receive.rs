@@ -272,12 +272,29 @@ impl Client {
                     }
                     Some(Err(e)) => SenderList::Failed(e),
                 };
+                let refresh_failed = matches!(list, SenderList::Failed(_));
                 match self.open_envelope(id, held.ciphertext(), list).await {
                     Ok(Ok(events)) => self.events.extend(events),
                     Ok(Err(Failure::Rejected(error))) => {
                         self.events.push_back(Event::Rejected { id, error });
                     }
                     failed @ (Ok(Err(Failure::Hold { .. })) | Err(_)) => {
+                        if let (
+                            true,
+                            Ok(Err(Failure::Hold {
+                                why: why @ HoldReason::KeyChanged,
+                                ..
+                            })),
+                        ) = (refresh_failed, &failed)
+                        {
+                            // Held for its list, which came under another master key: the
+                            // application is told, as for a fresh delivery.
+                            self.events.push_back(Event::Held {
+                                id,
+                                user: sender.clone(),
+                                why: *why,
+                            });
+                        }
                         if let Ok(Err(Failure::Hold {
                             why: HoldReason::SenderUnavailable,
                             ..
