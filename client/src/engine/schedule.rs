@@ -137,6 +137,16 @@ impl Engine {
             .map(|t| Outgoing::transcript(&t.to, &t.body))
     }
 
+    /// The recipient and text of the first queued transcript if it is due (for a driver that
+    /// builds the payload itself, as the browser page does).
+    pub fn due_transcript_text(&self, now_ms: u64) -> Option<(&str, &str)> {
+        self.record
+            .transcripts
+            .front()
+            .filter(|t| t.due_ms <= now_ms)
+            .map(|t| (t.to.as_str(), t.body.as_str()))
+    }
+
     /// The first queued transcript was sent (or there is no other device to send it to).
     pub fn transcript_sent(&mut self) {
         self.record.transcripts.pop_front();
