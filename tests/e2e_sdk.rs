@@ -121,10 +121,12 @@ async fn two_users_two_devices_exchange_in_order_and_the_broker_learns_nothing()
     // Warm-up: first contact (authenticated route) shares the delivery tokens with all of
     // the other account's devices.
     a1.client.send_text(BOB, "hello bob").await.expect("send");
+    a1.client.flush_transcripts().await.expect("transcripts");
     b1.client
         .send_text(ALICE, "hello alice")
         .await
         .expect("send");
+    b1.client.flush_transcripts().await.expect("transcripts");
     let hello_bob = || "hello bob".to_string();
     let hello_alice = || "hello alice".to_string();
     assert_eq!(
@@ -173,6 +175,7 @@ async fn two_users_two_devices_exchange_in_order_and_the_broker_learns_nothing()
             let client = &mut devs[*from].client;
             assert!(client.sends_sealed_to(to));
             client.send_text(to, text).await.expect("send");
+            client.flush_transcripts().await.expect("transcripts");
         }
     }
     let canaries: Vec<String> = script.iter().map(|(_, _, t)| t.clone()).collect();
@@ -350,6 +353,7 @@ async fn forged_tampered_replayed_and_misaddressed_envelopes_are_rejected() {
     let mut b1 = register(&broker, BOB).await;
     let mut b2 = link(&broker, &mut b1).await;
     alice.client.send_text(BOB, "first").await.expect("send");
+    alice.client.flush_transcripts().await.expect("transcripts");
     for b in [&mut b1, &mut b2] {
         assert_eq!(
             messages(&mut b.client, 1).await,
@@ -464,6 +468,7 @@ async fn forged_tampered_replayed_and_misaddressed_envelopes_are_rejected() {
 
     // Nothing jammed: a normal message still arrives on both devices.
     alice.client.send_text(BOB, "after").await.expect("send");
+    alice.client.flush_transcripts().await.expect("transcripts");
     for b in [&mut b1, &mut b2] {
         assert_eq!(
             messages(&mut b.client, 1).await,
@@ -479,6 +484,7 @@ async fn a_changed_master_key_is_a_warning_and_blocks_sending() {
     let mut bob = register(&broker, BOB).await;
     alice.client.set_device_list_max_age(Duration::ZERO);
     alice.client.send_text(BOB, "hi").await.expect("send");
+    alice.client.flush_transcripts().await.expect("transcripts");
     let before = alice.client.safety_number(BOB).await.expect("number");
     assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
 
@@ -579,13 +585,22 @@ async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
     let mut bob = register(&broker, BOB).await;
     alice.client.set_device_list_max_age(Duration::ZERO);
     alice.client.send_text(BOB, "hi").await.expect("send");
+    alice.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
     bob.client.rotate_master_key().await.expect("rotate");
+    // Alice finds the new key when she next fetches Bob's list (here: to write to him; else
+    // the next refresh of her contacts' lists), not because a message of his came.
+    assert!(matches!(
+        alice.client.send_text(BOB, "are you there?").await,
+        Err(ClientError::MasterKeyChanged { .. })
+    ));
     bob.client
         .send_text(ALICE, "new key, same me")
         .await
         .expect("send");
-    // Alice cannot verify Bob under the new key yet: the message is kept, not rejected.
+    bob.client.flush_transcripts().await.expect("transcripts");
+    // Alice cannot verify Bob under the new key yet: the message is kept (for the list, then
+    // for the key), not rejected.
     let held = loop {
         match next(&mut alice.client).await {
             Event::Held {
@@ -593,6 +608,10 @@ async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
                 why: HoldReason::KeyChanged,
                 ..
             } => break user,
+            Event::Held {
+                why: HoldReason::AwaitingList | HoldReason::Behind,
+                ..
+            } => {}
             Event::Rejected { error, .. } => panic!("rejected: {error}"),
             Event::QueueEmpty => {}
             other => panic!("unexpected {other:?}"),
@@ -614,6 +633,7 @@ async fn messages_under_a_changed_master_key_wait_for_its_acceptance() {
         .send_text(ALICE, "and after")
         .await
         .expect("send");
+    bob.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(
         messages(&mut alice.client, 1).await,
         [Seen::From(BOB.into(), "and after".into())]
@@ -635,6 +655,7 @@ async fn a_master_key_rotation_the_broker_never_got_changes_nothing() {
     let mut alice = register(&broker, ALICE).await;
     let mut bob = register(&broker, BOB).await;
     alice.client.send_text(BOB, "hi").await.expect("send");
+    alice.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
     let before = bob.client.safety_number(ALICE).await.expect("number");
     // The broker is down: the rotation fails...
@@ -646,6 +667,7 @@ async fn a_master_key_rotation_the_broker_never_got_changes_nothing() {
     broker.restart();
     // ... and changed nothing: Bob's device still signs and sends under the old key.
     bob.client.send_text(ALICE, "still me").await.expect("send");
+    bob.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(
         messages(&mut alice.client, 1).await,
         [Seen::From(BOB.into(), "still me".into())]
@@ -666,6 +688,7 @@ async fn a_master_key_rotation_the_broker_stored_without_saying_so_is_completed(
     let mut bob = register(&broker, BOB).await;
     alice.client.set_device_list_max_age(Duration::ZERO);
     alice.client.send_text(BOB, "hi").await.expect("send");
+    alice.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(messages(&mut bob.client, 1).await.len(), 1);
     let before = bob.client.safety_number(ALICE).await.expect("number");
     // The broker keeps the new list but its flush fails, so it answers 503.
@@ -759,8 +782,10 @@ async fn a_linked_device_receives_and_a_removed_device_gets_nothing_new() {
         .send_text(ALICE, "before linking")
         .await
         .expect("send");
+    bob.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(messages(&mut a1.client, 1).await.len(), 1);
     a1.client.send_text(BOB, "reply").await.expect("send");
+    a1.client.flush_transcripts().await.expect("transcripts");
 
     let mut a2 = link(&broker, &mut a1).await;
     // The new device is in the signed list, as every client verifies it.
@@ -791,6 +816,7 @@ async fn a_linked_device_receives_and_a_removed_device_gets_nothing_new() {
         .send_text(ALICE, "after linking")
         .await
         .expect("send");
+    bob.client.flush_transcripts().await.expect("transcripts");
     for a in [&mut a1, &mut a2] {
         assert_eq!(
             messages(&mut a.client, 1).await,
@@ -801,6 +827,7 @@ async fn a_linked_device_receives_and_a_removed_device_gets_nothing_new() {
         .send_text(BOB, "from the new device")
         .await
         .expect("send");
+    a2.client.flush_transcripts().await.expect("transcripts");
     let got = messages(&mut bob.client, 2).await;
     assert_eq!(
         got[1],
@@ -821,6 +848,7 @@ async fn a_linked_device_receives_and_a_removed_device_gets_nothing_new() {
         .send_text(ALICE, "after removal")
         .await
         .expect("send");
+    bob.client.flush_transcripts().await.expect("transcripts");
     assert_eq!(
         messages(&mut a1.client, 1).await,
         [Seen::From(BOB.into(), "after removal".into())]

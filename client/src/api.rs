@@ -334,11 +334,20 @@ impl Api {
 
     /// `GET .../device-list`: the signed device list blob, `None` if the account has none.
     pub async fn device_list(&self, handle: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        let request = self.request(Method::GET, &format!("/v1/accounts/{handle}/device-list"));
+        Self::device_list_answer(request).await
+    }
+
+    /// `GET .../device-list` of the account of `creds`, with its credentials: asked on the
+    /// authenticated channel, where the broker knows the account anyway.
+    pub async fn own_device_list(&self, creds: &DeviceCreds) -> Result<Option<Vec<u8>>, ApiError> {
+        let path = format!("/v1/accounts/{}/device-list", creds.handle);
+        Self::device_list_answer(self.authed(Method::GET, &path, creds)).await
+    }
+
+    async fn device_list_answer(request: RequestBuilder) -> Result<Option<Vec<u8>>, ApiError> {
         const WHAT: &str = "fetching a device list";
-        let resp = self
-            .request(Method::GET, &format!("/v1/accounts/{handle}/device-list"))
-            .send()
-            .await?;
+        let resp = request.send().await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }

@@ -358,6 +358,9 @@ async fn main() -> Result<()> {
             for notice in client.take_notices() {
                 print_event(&notice);
             }
+            // The transcript for this account's other devices goes a moment later, not in
+            // the same burst as the sealed send.
+            client.flush_transcripts().await.map_err(explain)?;
         }
         Command::Listen { count, until_empty } => {
             let mut client = Client::open(&dir).await?;

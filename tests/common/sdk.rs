@@ -1,5 +1,7 @@
 //! Helpers for tests that drive the real client SDK against broker processes.
 
+use std::time::Duration;
+
 use sealpost_client::{Client, Event};
 use tempfile::TempDir;
 
@@ -14,10 +16,22 @@ pub struct Dev {
 /// Registers a new account with one device.
 pub async fn register(broker: &Broker, handle: &str) -> Dev {
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = Client::register(&broker.http(), handle, dir.path(), None)
+    let mut client = Client::register(&broker.http(), handle, dir.path(), None)
         .await
         .expect("register");
+    quick(&mut client);
     Dev { client, _dir: dir }
+}
+
+/// Short delays for transcripts and for the refresh of contacts' lists a held envelope
+/// brings forward: tests wait on them.
+pub fn quick(client: &mut Client) {
+    client.set_transcript_delay(Duration::from_millis(5), Duration::from_millis(30));
+    client.set_list_refresh(
+        Duration::from_secs(3600),
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+    );
 }
 
 /// Links a new device to `existing`'s account; `existing` approves it.
@@ -37,10 +51,9 @@ pub async fn link(broker: &Broker, existing: &mut Dev) -> Dev {
         }
     };
     let (linked, ()) = tokio::join!(linking, approve);
-    Dev {
-        client: linked.expect("link"),
-        _dir: dir,
-    }
+    let mut client = linked.expect("link");
+    quick(&mut client);
+    Dev { client, _dir: dir }
 }
 
 /// The next event, within the test's patience.

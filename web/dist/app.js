@@ -87,13 +87,19 @@ function serial(task) {
   return run;
 }
 
-async function api(method, path, { body, headers = {}, auth = false } = {}) {
+// Two channels, never mixed: `anon` requests (contacts' device lists, key claims with a
+// delivery token) name no sender and go without credentials; Chromium serves requests with
+// `credentials: 'omit'` from a separate socket pool, so they never share a connection with
+// this account's authenticated requests. Sealed sends go on /v1/sealed, the rest on /v1/ws.
+async function api(method, path, { body, headers = {}, auth = false, anon = false } = {}) {
   const h = { ...headers };
   if (auth) h.authorization = engine.bearer();
   if (body !== undefined) h['content-type'] = 'application/json';
   let resp;
   try {
-    resp = await fetch(SERVER + path, { method, headers: h, body });
+    resp = await fetch(SERVER + path, {
+      method, headers: h, body, credentials: anon ? 'omit' : 'same-origin',
+    });
   } catch (e) {
     throw new Error(`cannot reach the broker (${e.message})`);
   }
@@ -205,10 +211,17 @@ async function topUpKeys() {
 // ------------------------------------------------------------------------------------------
 // Device lists, sessions, sending
 
+// A signed device list: our own on the authenticated channel, anyone else's anonymously.
+async function getList(user) {
+  const own = user === engine.handle();
+  return api('GET', `/v1/accounts/${encodeURIComponent(user)}/device-list`,
+    { auth: own, anon: !own });
+}
+
 async function fetchList(user) {
   let answer;
   try {
-    answer = await api('GET', `/v1/accounts/${encodeURIComponent(user)}/device-list`);
+    answer = await getList(user);
   } catch (e) {
     if (e.status === 404) {
       const missing = new Error(`${user} does not exist or has no devices`);
@@ -237,11 +250,20 @@ async function ensureList(user) {
   return fetchList(user);
 }
 
+// Our own account's list as we hold it (any age); fetched (authenticated) only if there is
+// none. It is kept fresh at connect and on a timer, never fetched right after a send.
+async function ownList() {
+  const known = engine.known_list(engine.handle());
+  return known ? JSON.parse(known) : fetchList(engine.handle());
+}
+
 async function ensureSessions(user) {
   for (const device of JSON.parse(engine.devices_without_session(user))) {
     const headers = JSON.parse(engine.claim_headers(user));
+    // With a delivery token the claim names nobody: anonymous channel.
+    const anon = !headers.authorization;
     const claimed = await api('POST',
-      `/v1/accounts/${encodeURIComponent(user)}/devices/${device}/keys/claim`, { headers });
+      `/v1/accounts/${encodeURIComponent(user)}/devices/${device}/keys/claim`, { headers, anon });
     engine.create_session(user, device, claimed.key);
   }
   persist();
@@ -319,7 +341,8 @@ function sendPayload(to, payload) {
 
 // The same, for callers already inside a serial task.
 async function sendPayloadNow(to, payload) {
-  await ensureList(to);
+  if (to === engine.handle()) await ownList();
+  else await ensureList(to);
   if (to !== engine.handle() && !engine.token_shared(to)) {
     await sendOne(to, { kind: 'delivery_token' });
     engine.mark_token_shared(to);
@@ -331,9 +354,61 @@ async function sendPayloadNow(to, payload) {
 // Tells this account's other devices (if any) that a call was handled here.
 async function stopRingingElsewhere(callId) {
   const own = engine.handle();
-  const list = await serial(() => ensureList(own));
+  const list = await serial(() => ownList());
   if (list.devices.length > 1) {
     await sendPayload(own, { kind: 'answered_elsewhere', call_id: callId });
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Timed jobs (see sealpost_client::engine::schedule): transcripts go after a random delay,
+// authenticated; contacts' lists are refreshed all together, in random order, anonymously,
+// periodically or soon after something was held; our own list at connect and every 15 min.
+
+const OWN_LIST_REFRESH_MS = 15 * 60_000;
+let ownListDue = 0;
+let jobsTimer = null;
+
+function scheduleJobs() {
+  if (!engine) return;
+  clearTimeout(jobsTimer);
+  const t = engine.next_transcript_due_ms();
+  let due = Math.min(engine.lists_refresh_due_ms(), ownListDue || Infinity);
+  if (t >= 0) due = Math.min(due, t);
+  // Re-evaluated at least every minute (a long timer may be throttled).
+  const wait = Math.min(Math.max(0, due - Date.now()), 60_000);
+  jobsTimer = setTimeout(() => {
+    serial(runJobs).catch(showError).finally(scheduleJobs);
+  }, wait);
+}
+
+async function runJobs() {
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  // Transcripts that are due, oldest first; each leaves the queue once the broker has it.
+  for (let p = engine.due_transcript(); p; p = engine.due_transcript()) {
+    const own = engine.handle();
+    const mine = await ownList();
+    if (mine.devices.length > 1) await sendOne(own, JSON.parse(p));
+    engine.transcript_sent();
+    persist();
+  }
+  if (ownListDue && Date.now() >= ownListDue) {
+    ownListDue = Date.now() + OWN_LIST_REFRESH_MS * (1 + Math.random() / 2);
+    try { await fetchList(engine.handle()); } catch (e) { if (e.status && e.status < 500) throw e; }
+  }
+  if (Date.now() >= engine.lists_refresh_due_ms()) {
+    for (const user of JSON.parse(engine.lists_to_refresh())) {
+      try {
+        const answer = await api('GET', `/v1/accounts/${encodeURIComponent(user)}/device-list`,
+          { anon: true });
+        const why = engine.refresh_list(user, answer.signed);
+        if (why) showError(why);
+      } catch (e) {
+        engine.refresh_failed(user, !e.status || e.status >= 500 || e.status === 429);
+      }
+    }
+    for (const event of JSON.parse(engine.read_held())) onEvent(event);
+    persist();
   }
 }
 
@@ -424,6 +499,9 @@ async function handleFrame(bytes, sock) {
     case 'auth_ok':
       wsBackoff = 250;
       setOnline(true);
+      // A new connection: our own list is fetched again (authenticated), as a timed job.
+      ownListDue = Date.now();
+      scheduleJobs();
       return;
     case 'deliver':
     case 'deliver_ephemeral':
@@ -432,6 +510,8 @@ async function handleFrame(bytes, sock) {
         sock.send(engine.ack_frame(JSON.stringify([r.seq])));
       }
       onEvent(r.event);
+      // Held for its sender's list: the refresh of contacts' lists comes sooner.
+      if (r.event.event === 'held') scheduleJobs();
       return;
     case 'notice':
       if (r.notice === 'keys_low') await topUpKeys();
@@ -914,10 +994,11 @@ async function main() {
       return;
     }
     renderMessages();
-    // A transcript for this account's other devices, so each shows the whole conversation.
-    const own = engine.handle();
-    const mine = await serial(() => ensureList(own));
-    if (mine.devices.length > 1) await sendPayload(own, { kind: 'sent', to, body: text });
+    // A transcript for this account's other devices, so each shows the whole conversation:
+    // queued, and sent a moment later over /v1/ws, not in the same burst as the sealed send.
+    engine.queue_transcript(to, text);
+    persist();
+    scheduleJobs();
   });
   $('send').onclick = send;
   $('message-input').onkeydown = (ev) => { if (ev.key === 'Enter') send(); };

@@ -15,7 +15,7 @@
 //!            → pending.finish(device, token) = Engine → PUT keys (engine.key_upload()),
 //!            PUT device-list (engine.own_device_list(), then confirm_own_list), PUT
 //!            delivery-token
-//! send:      GET device-list → engine.accept_device_list()
+//! send:      GET device-list (anonymous) → engine.accept_device_list()
 //!            → for engine.devices_without_session(): POST …/keys/claim (engine.claim_headers())
 //!              → engine.create_session()
 //!            → engine.encrypt(to, payload) → engine.take_notices() (devices not in the
@@ -23,8 +23,21 @@
 //!              (stale_devices: refetch the list, encrypt again with the same id)
 //!            a "master key changed" error: show engine.key_change(to) (old and new safety
 //!            numbers) until the user compares and accepts (engine.accept_key_change)
-//! receive:   engine.receive(frame) → events, or "need_list" (fetch it, accept it, receive the
-//!            same frame again) → save → engine.ack_frame(seqs)
+//! receive:   engine.receive(frame) → events, or "need_list" (only our own or a first
+//!            contact's: fetch it, accept it, receive the same frame again) → save →
+//!            engine.ack_frame(seqs). A device not in the sender's list held → "held"; the
+//!            page then asks lists_refresh_due_ms() again (brought forward).
+//! timed:     at lists_refresh_due_ms(): lists_to_refresh() → GET each on the anonymous
+//!            channel → refresh_list()/refresh_failed() → read_held() → events. At
+//!            next_transcript_due_ms(): due_transcript() → send to our own account (over
+//!            /v1/ws) → transcript_sent(). Our own list: at connect and on a timer
+//!            (authenticated), never right after a send.
+//!
+//! Two channels, never mixed (see `sealpost_client::engine::schedule`): what names no sender
+//! (contacts' lists, key claims with a delivery token, sealed sends) goes without
+//! credentials (`fetch` with `credentials: "omit"`, which Chromium serves from a separate
+//! socket pool, and `/v1/sealed`); what concerns this account goes with its bearer token and
+//! over `/v1/ws`.
 //! link:      existing device: POST …/link-codes → engine.link_code() shown to the user; on
 //!            "need_broker_keys", engine.receive_link_request() with GET …/devices → publish
 //!            the new signed list (if any) → send {kind: "link_grant"} to the own account.
@@ -43,6 +56,8 @@
 //! (the engine migrates the older record). The page keeps both in the origin's storage. That
 //! protects nothing against a script running in the origin — which is why the page is served
 //! with a strict Content-Security-Policy — but keeps the blob useless on its own.
+
+use std::collections::BTreeMap;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use rand::RngCore as _;
@@ -147,14 +162,14 @@ impl PendingAccount {
             err("malformed link code: type it exactly as the other device shows it")
         })?;
         let core = self.device.link(&self.handle, device, &token, &secret, "");
-        Ok(Engine { core })
+        Ok(Engine::wrap(core))
     }
 
     /// The account exists: `device` and `token` (base64url) from the broker's answer.
     pub fn finish(self, device: u32, token: &str) -> Result<Engine, JsError> {
         let token = token_of(token)?;
         let core = self.device.register(&self.handle, device, &token, "");
-        Ok(Engine { core })
+        Ok(Engine::wrap(core))
     }
 }
 
@@ -162,6 +177,21 @@ impl PendingAccount {
 #[wasm_bindgen]
 pub struct Engine {
     core: Core,
+    /// What came of each list fetched in the running refresh of contacts' lists, for
+    /// [`Engine::read_held`]; emptied there.
+    refreshed: BTreeMap<String, Refreshed>,
+}
+
+/// What came of one list in a refresh of contacts' lists.
+enum Refreshed {
+    /// Fetched and accepted.
+    Accepted,
+    /// The broker did not answer: what is held stays held.
+    Unavailable,
+    /// Signed by another master key: held until the user accepts it.
+    KeyChanged,
+    /// No list, or one that does not verify.
+    Failed(String),
 }
 
 /// The outgoing envelope a payload given as JSON by the page stands for.
@@ -271,6 +301,13 @@ fn event_json(events: &[Event]) -> Value {
 }
 
 impl Engine {
+    fn wrap(core: Core) -> Self {
+        Self {
+            core,
+            refreshed: BTreeMap::new(),
+        }
+    }
+
     /// Opens one delivered envelope: `{id, event}`, or `{id, need_list}` /
     /// `{id, need_broker_keys}`.
     fn deliver(&mut self, id: EnvelopeId, ciphertext: &[u8], refetched: bool) -> Value {
@@ -347,7 +384,7 @@ impl Engine {
     pub fn load(bytes: &[u8], local_key: &str) -> Result<Engine, JsError> {
         let key = local_key_from(local_key)?;
         let core = Core::from_encrypted_bytes(bytes, &key).map_err(err)?;
-        Ok(Engine { core })
+        Ok(Engine::wrap(core))
     }
 
     /// The state, encrypted under `local_key` (base64).
@@ -717,6 +754,147 @@ impl Engine {
             }
         };
         Ok(out.to_string())
+    }
+
+    /// Sets the timing of transcripts and of the refresh of contacts' lists, in ms (see
+    /// `sealpost_client::engine::schedule`): transcript delay range, mean refresh interval,
+    /// and the delay range of a refresh brought forward by a held envelope.
+    pub fn set_timing(
+        &mut self,
+        transcript_min: f64,
+        transcript_max: f64,
+        refresh: f64,
+        held_min: f64,
+        held_max: f64,
+    ) {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = |v: f64| v.max(0.0) as u64;
+        self.core.set_timing(engine::Timing {
+            transcript_delay_ms: (ms(transcript_min), ms(transcript_max)),
+            list_refresh_ms: ms(refresh),
+            held_refresh_ms: (ms(held_min), ms(held_max)),
+        });
+    }
+
+    /// Queues a transcript of `body`, just sent to `to`, for this account's other devices:
+    /// the page sends it once due ([`Engine::due_transcript`]), authenticated, not in the
+    /// same burst as the sealed send. Save afterwards.
+    pub fn queue_transcript(&mut self, to: &str, body: &str) {
+        self.core.queue_transcript(to, body, now_ms());
+    }
+
+    /// When the first queued transcript is due (ms since the epoch), or -1 if none is queued.
+    pub fn next_transcript_due_ms(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        self.core
+            .next_transcript_due_ms()
+            .map_or(-1.0, |ms| ms as f64)
+    }
+
+    /// The first queued transcript if it is due, as a payload for [`Engine::encrypt`] to our
+    /// own account (`{kind: "sent", to, body}`), or `""`. Once sent (or if the account has no
+    /// other device), [`Engine::transcript_sent`].
+    pub fn due_transcript(&self) -> String {
+        self.core
+            .due_transcript_text(now_ms())
+            .map_or_else(String::new, |(to, body)| {
+                json!({"kind": "sent", "to": to, "body": body}).to_string()
+            })
+    }
+
+    /// The first queued transcript was sent.
+    pub fn transcript_sent(&mut self) {
+        self.core.transcript_sent();
+    }
+
+    /// When contacts' lists are next refreshed (ms since the epoch): periodically, brought
+    /// forward to a short random delay once an envelope is held for its sender's list.
+    pub fn lists_refresh_due_ms(&mut self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let due = self.core.lists_refresh_due_ms(now_ms()) as f64;
+        due
+    }
+
+    /// The lists to refresh now (JSON array, random order): fetch each on the anonymous
+    /// channel and give it to [`Engine::refresh_list`] (or say why not with
+    /// [`Engine::refresh_failed`]), then [`Engine::read_held`].
+    pub fn lists_to_refresh(&mut self) -> String {
+        self.refreshed.clear();
+        json!(self.core.lists_to_refresh(now_ms())).to_string()
+    }
+
+    /// A list of the running refresh (`signed` of `GET …/device-list`, base64): verified
+    /// and kept. A changed master key drops the list held, so that nothing of `user` is read
+    /// until the user accepts the key. Returns `""`, or why it did not verify.
+    pub fn refresh_list(&mut self, user: &str, signed: &str) -> String {
+        let outcome = STANDARD
+            .decode(signed)
+            .map_err(|_| ClientError::Invalid("the list is not base64".into()))
+            .and_then(|bytes| self.core.accept_device_list(user, &bytes, now_ms()));
+        let (refreshed, answer) = match outcome {
+            Ok(_) => (Refreshed::Accepted, String::new()),
+            Err(e @ ClientError::MasterKeyChanged { .. }) => {
+                self.core.forget_list(user);
+                (Refreshed::KeyChanged, format!("master key changed: {e}"))
+            }
+            Err(e) => (Refreshed::Failed(e.to_string()), e.to_string()),
+        };
+        self.refreshed.insert(user.to_owned(), refreshed);
+        answer
+    }
+
+    /// A list of the running refresh could not be had: `transient` (the broker did not
+    /// answer; what is held for `user` stays held) or not (no such list).
+    pub fn refresh_failed(&mut self, user: &str, transient: bool) {
+        let refreshed = if transient {
+            Refreshed::Unavailable
+        } else {
+            Refreshed::Failed(ClientError::NoDeviceList(user.to_owned()).to_string())
+        };
+        self.refreshed.insert(user.to_owned(), refreshed);
+    }
+
+    /// Reads the held envelopes again, each sender's in order, with what the refresh that
+    /// just ran brought (after none: the lists held). Returns the page's events (JSON array);
+    /// save afterwards.
+    pub fn read_held(&mut self) -> String {
+        let refreshed = std::mem::take(&mut self.refreshed);
+        let mut out = Vec::new();
+        for sender in self.core.held_senders(None) {
+            let mut queue = self.core.take_held(&sender).into_iter();
+            while let Some(held) = queue.next() {
+                let list = match refreshed.get(&sender) {
+                    None => SenderList::Cached,
+                    Some(Refreshed::Accepted) => SenderList::Refetched,
+                    Some(Refreshed::Unavailable) => SenderList::Unavailable(ClientError::Invalid(
+                        "the broker did not answer".into(),
+                    )),
+                    Some(Refreshed::KeyChanged) => {
+                        // Kept until the user accepts the new key.
+                        out.push(json!({"event": "held", "from": sender, "why": "key_changed"}));
+                        self.core.put_back_held(std::iter::once(held).chain(queue));
+                        break;
+                    }
+                    Some(Refreshed::Failed(why)) => {
+                        SenderList::Failed(ClientError::Invalid(why.clone()))
+                    }
+                };
+                match self.core.open(held.id(), held.ciphertext(), list, now_ms()) {
+                    Ok(opened) if opened.events.is_empty() => {
+                        out.push(json!({"event": "contact", "from": opened.from}));
+                    }
+                    Ok(opened) => out.push(event_json(&opened.events)),
+                    Err(Unread::Failed(Failure::Rejected(error))) => {
+                        out.push(json!({"event": "rejected", "reason": error.to_string()}));
+                    }
+                    Err(_) => {
+                        self.core.put_back_held(std::iter::once(held).chain(queue));
+                        break;
+                    }
+                }
+            }
+        }
+        Value::Array(out).to_string()
     }
 
     /// Conversations (JSON: `[{with, verified, key_changed, messages: [{outgoing, device,

@@ -53,6 +53,10 @@ test('a second browser is linked to an account with a code from the first', asyn
   await waitForMessage(bob1, 'hello both bobs');
   await waitForMessage(bob2, 'hello both bobs');
   // What one of Bob's devices sends, the other shows too (a transcript to the own account).
+  // Nothing around the sealed send names Bob: the transcript goes authenticated (over
+  // /v1/ws, later), and Bob's own list is only ever asked for with his credentials.
+  const requests = [];
+  bob1.page.on('request', (r) => requests.push({ url: r.url(), headers: r.headers() }));
   await bob1.page.click('#contacts button[data-handle="alice@localhost"]');
   await sendText(bob1, 'reply from bob1');
   await waitForMessage(alice, 'reply from bob1');
@@ -60,6 +64,16 @@ test('a second browser is linked to an account with a code from the first', asyn
     () => [...document.querySelectorAll('#messages li.outgoing')].some((li) => li.textContent === 'reply from bob1'),
     null, { timeout: WAIT_MS },
   );
+  const own = await bob1.page.evaluate(
+    () => window.sealpostDebug.sends.filter((s) => s.to === 'bob@localhost'),
+  );
+  assert.ok(own.length > 0, 'the transcript was sent');
+  assert.ok(own.every((s) => !s.sealed), `own-account sends went sealed: ${JSON.stringify(own)}`);
+  for (const r of requests) {
+    if (decodeURIComponent(r.url).includes('/v1/accounts/bob@localhost/')) {
+      assert.ok(r.headers.authorization, `asked about Bob without his credentials: ${r.url}`);
+    }
+  }
 });
 
 test('a call rings both devices; answering on one stops the other ringing', async () => {

@@ -86,6 +86,10 @@ pub enum HoldReason {
     SenderUnavailable,
     /// Earlier envelopes from the same sender are held: read after them.
     Behind,
+    /// The claimed device is not in the sender's list we hold (a new device, or a sender we
+    /// hold no list of): read after the next refresh of contacts' lists, which is brought
+    /// forward to a short random delay (see `engine::schedule`).
+    AwaitingList,
 }
 
 /// A message received from a contact.

@@ -39,6 +39,8 @@
 //!   routes, stale device sets.
 //! - [`receive`]: opening, checking the sender's claim, decrypting, deduplicating, applying,
 //!   holding envelopes that cannot be read yet.
+//! - [`schedule`]: when transcripts go and contacts' lists are refreshed, so that nothing
+//!   the broker sees around a sealed send names its sender.
 //! - [`link`]: link codes, requests and grants.
 //! - [`calls`]: call signaling payloads.
 
@@ -49,6 +51,7 @@ pub mod link;
 pub mod lists;
 pub mod receive;
 pub mod record;
+pub mod schedule;
 pub mod send;
 
 use std::path::Path;
@@ -68,6 +71,7 @@ pub use self::{
     link::{LinkCode, link_secret, split_link_code},
     lists::{BrokerDevice, KeyChange, MasterRotation},
     receive::{Failure, Need, Opened, SenderList, Unread},
+    schedule::Timing,
     send::{ClaimWith, Delivery, Outgoing, PreparedEnvelope, Send, SendProgress, SendStep},
 };
 use crate::{
@@ -176,6 +180,16 @@ pub struct Engine {
     /// What to tell the user that is not the answer to one call ([`Engine::take_notices`]).
     notices: Vec<Event>,
     counters: Counters,
+    /// When transcripts go and contacts' lists are refreshed (see [`schedule`]).
+    timing: Timing,
+    /// When contacts' lists are next refreshed; `None` until first asked. Not persisted: a
+    /// restarted device draws a new time.
+    refresh_due_ms: Option<u64>,
+    /// Whether an envelope waits for a refresh of its sender's list (held as
+    /// [`HoldReason::AwaitingList`] since the last refresh).
+    refresh_wanted: bool,
+    /// Whether the next refresh was already brought forward for it.
+    refresh_brought_forward: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -195,6 +209,10 @@ impl Engine {
             unpinned_claim: None,
             notices: Vec::new(),
             counters: Counters::default(),
+            timing: Timing::default(),
+            refresh_due_ms: None,
+            refresh_wanted: false,
+            refresh_brought_forward: false,
         }
     }
 

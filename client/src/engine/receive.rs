@@ -6,7 +6,10 @@
 //!      ──apply──▶ events, record updated
 //! ```
 //!
-//! [`Engine::open`] does all of that without I/O: where it needs the sender's list it says so
+//! [`Engine::open`] does all of that without I/O. The sender's list it uses is the one held,
+//! whatever its age; when the claimed device is not in it, the envelope is held until the next
+//! refresh of contacts' lists ([`HoldReason::AwaitingList`], see [`schedule`](super::schedule)).
+//! Only for our own account and a first contact does it ask for the list at once
 //! ([`Need::List`]), and the driver fetches it, gives it to
 //! [`Engine::accept_device_list`](super::Engine::accept_device_list) and opens again with
 //! [`SenderList::Refetched`] (or says why it could not). A device of our own account that the
@@ -33,7 +36,9 @@ use crate::{
 
 /// What the driver knows of the claimed sender's device list when it opens an envelope.
 pub enum SenderList {
-    /// Nothing new: use the cached list if it is fresh and has the device, else ask.
+    /// Nothing new: use the list held (of any age) if it has the device; else ask for it if
+    /// it is our own or a first contact's, or hold the envelope until the next refresh of
+    /// contacts' lists (see [`schedule`](super::schedule)).
     Cached,
     /// Fetched and accepted just now (or the fetch failed and the envelope is to be judged
     /// with what is cached).
@@ -151,6 +156,13 @@ impl Engine {
         let was_pinned = self.state.pins.pinned(&user).is_some()
             && self.unpinned_claim.as_deref() != Some(user.as_str());
         let opened = self.verify_and_decrypt(unsealed, list, now_ms);
+        if let Err(Unread::Failed(Failure::Hold {
+            why: HoldReason::AwaitingList,
+            ..
+        })) = opened
+        {
+            self.refresh_wanted = true;
+        }
         if let Err(Unread::Need(need)) = opened {
             if matches!(need, Need::List(_)) && !was_pinned {
                 self.unpinned_claim = Some(user);
@@ -179,7 +191,7 @@ impl Engine {
     ) -> Result<Vec<Event>, Unread> {
         let sender = unsealed.sender;
         let (user, device) = (sender.user.clone(), sender.device);
-        let Some(keys) = self.sender_keys(&user, device, list, now_ms)? else {
+        let Some(keys) = self.sender_keys(&user, device, list)? else {
             if user == self.state.user() && self.has_pending_link(now_ms) {
                 // Possibly a device being linked: only a link request is accepted this way.
                 return Err(Unread::Need(Need::BrokerKeys));
@@ -226,7 +238,6 @@ impl Engine {
         user: &str,
         device: u32,
         list: SenderList,
-        now_ms: u64,
     ) -> Result<Option<PublicDeviceKeys>, Unread> {
         let hold = |why, error| {
             Unread::Failed(Failure::Hold {
@@ -236,11 +247,22 @@ impl Engine {
             })
         };
         match list {
-            SenderList::Cached => self
-                .fresh_list(user, now_ms)
-                .and_then(|l| l.device(device).copied())
-                .map(Some)
-                .ok_or_else(|| Unread::Need(Need::List(user.to_owned()))),
+            // The list we hold, whatever its age (see `schedule`): a fetch now would follow
+            // the delivery and name its sender.
+            SenderList::Cached => match self.known_list(user) {
+                Some((list, _)) if list.device(device).is_some() => {
+                    Ok(list.device(device).copied())
+                }
+                // Our own account (fetched on the authenticated channel), or a first contact
+                // (its envelope came authenticated): fetched at once.
+                _ if user == self.state.user() || self.is_first_contact(user) => {
+                    Err(Unread::Need(Need::List(user.to_owned())))
+                }
+                _ => Err(hold(
+                    HoldReason::AwaitingList,
+                    ClientError::ListNotVerified(user.to_owned()),
+                )),
+            },
             SenderList::Refetched => match self.known_list(user) {
                 Some((list, _)) => Ok(list.device(device).copied()),
                 None => Err(rejected(EnvelopeError::SenderUnverified {

@@ -127,6 +127,19 @@ pub(crate) struct Record {
     /// dropped from here once the list vouches for it.
     #[serde(default)]
     pub(crate) reported_unlisted: BTreeMap<String, BTreeSet<u32>>,
+    /// Transcripts for this account's other devices, waiting for their time (see
+    /// [`schedule`](super::schedule)), oldest first.
+    #[serde(default)]
+    pub(crate) transcripts: VecDeque<QueuedTranscript>,
+}
+
+/// A transcript of a text sent to a contact, queued for this account's other devices.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct QueuedTranscript {
+    pub(crate) to: String,
+    pub(crate) body: String,
+    /// When it goes, ms since the Unix epoch (local clock).
+    pub(crate) due_ms: u64,
 }
 
 /// An envelope kept, still sealed, until it can be read.
@@ -304,6 +317,7 @@ impl LegacyBrowserRecord {
                 .approving
                 .map(|(device, secret)| Approving { device, secret }),
             reported_unlisted: BTreeMap::new(),
+            transcripts: VecDeque::new(),
         }
     }
 }

@@ -16,7 +16,9 @@
 //! Routes: an account whose delivery token we hold gets `sealed_send` on the anonymous
 //! `/v1/sealed` connection, admitted by that token; a first contact gets the authenticated
 //! `send` on `/v1/ws` (the envelope is sealed all the same, but the live connection names the
-//! sending device once). Our own account: sealed with our own token.
+//! sending device once). Our own account: always authenticated (transcripts, notices, grants:
+//! the broker knows the account there anyway, and on the sealed socket they would name the
+//! sender of the sealed sends beside them; see [`schedule`](super::schedule)).
 
 use std::collections::BTreeMap;
 
@@ -237,15 +239,17 @@ impl Send {
 
 impl Engine {
     fn route_to(&self, to: &str) -> Route {
-        let token = if to == self.state.user() {
-            Some(self.record.delivery_token.clone()).filter(|t| !t.0.is_empty())
-        } else {
-            self.record
-                .contacts
-                .get(to)
-                .and_then(|c| c.delivery_token.clone())
-        };
-        token.map_or(Route::Authenticated, Route::Sealed)
+        if to == self.state.user() {
+            // Our own account: authenticated, where the broker knows the account anyway. On
+            // the sealed socket, a copy to our own account would name the sender of the
+            // sealed sends around it.
+            return Route::Authenticated;
+        }
+        self.record
+            .contacts
+            .get(to)
+            .and_then(|c| c.delivery_token.clone())
+            .map_or(Route::Authenticated, Route::Sealed)
     }
 
     /// Whether this device holds `to`'s delivery token, i.e. whether envelopes to `to` travel

@@ -438,12 +438,9 @@ fn envelopes_under_a_changed_master_key_are_held_in_order_and_calls_are_not() {
     let (_, second) = broker.prepare(&mut alice, BOB, Outgoing::text("two"));
     let (_, third) = broker.prepare(&mut alice, BOB, Outgoing::text("three"));
     let (id2, copy2) = copy_for(&second, 1);
-    // Opening with a list that is not fresh asks for it; the fetched one has another key.
-    bob.set_list_max_age_ms(0);
-    assert!(matches!(
-        bob.open(id2, &copy2, SenderList::Cached, NOW),
-        Err(Unread::Need(Need::List(ref u))) if u == ALICE
-    ));
+    // A refresh of contacts' lists (not the delivery) fetches alice's again; it has another
+    // key.
+    assert_eq!(bob.lists_to_refresh(NOW), [ALICE]);
     let changed = bob
         .accept_device_list(ALICE, &fake.lists[ALICE], NOW)
         .expect_err("another master key");
@@ -620,4 +617,93 @@ fn a_changed_master_key_unverifies_the_contact_and_shows_both_numbers_until_acce
         alice.safety_number(BOB).expect("list"),
         change.new_safety_number
     );
+}
+
+#[test]
+fn sender_claims_are_checked_against_held_lists_and_an_unknown_device_waits_for_a_refresh() {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
+    // A first contact: bob knows nothing of alice, so her list is asked for at once.
+    let (_, first) = broker.prepare(&mut alice, BOB, Outgoing::text("one"));
+    let (id, copy) = copy_for(&first, 1);
+    assert!(matches!(
+        bob.open(id, &copy, SenderList::Cached, NOW),
+        Err(Unread::Need(Need::List(ref u))) if u == ALICE
+    ));
+    assert_eq!(
+        text_of(&broker.deliver(&first, &mut bob).expect("new")).len(),
+        1
+    );
+    // A list of any age is used: no fetch after a delivery.
+    bob.set_list_max_age_ms(0);
+    let (_, second) = broker.prepare(&mut alice, BOB, Outgoing::text("two"));
+    let (id, copy) = copy_for(&second, 1);
+    let opened = bob.open(id, &copy, SenderList::Cached, NOW + 3_600_000);
+    assert!(opened.is_ok_and(|o| o.from == ALICE));
+    // A device not in the list held (as for a new device of hers): held, not fetched.
+    bob.record
+        .lists
+        .get_mut(ALICE)
+        .expect("held")
+        .devices
+        .clear();
+    let (_, third) = broker.prepare(&mut alice, BOB, Outgoing::text("three"));
+    let (id, copy) = copy_for(&third, 1);
+    let Err(Unread::Failed(failure)) = bob.open(id, &copy, SenderList::Cached, NOW) else {
+        panic!("held");
+    };
+    let events = bob.settle(id, &copy, false, Err(failure));
+    assert!(matches!(
+        &events[..],
+        [Event::Held {
+            why: HoldReason::AwaitingList,
+            ..
+        }]
+    ));
+    // The refresh is brought forward to a short random delay, and fetches every contact's
+    // list (never our own: that one comes from the authenticated channel).
+    let due = bob.lists_refresh_due_ms(NOW);
+    let (low, high) = schedule::DEFAULT_HELD_REFRESH_MS;
+    assert!((NOW + low..=NOW + high).contains(&due), "{due}");
+    assert_eq!(bob.lists_to_refresh(due), [ALICE]);
+    assert!(
+        bob.lists_refresh_due_ms(due) > due + high,
+        "then periodic again"
+    );
+    bob.accept_device_list(ALICE, &broker.lists[ALICE], due)
+        .expect("verifies");
+    let held = bob.take_held(ALICE);
+    assert_eq!(held.len(), 1);
+    let opened = bob
+        .open(
+            held[0].id(),
+            held[0].ciphertext(),
+            SenderList::Refetched,
+            due,
+        )
+        .unwrap_or_else(|_| panic!("read after the refresh"));
+    assert_eq!(
+        text_of(&opened.events),
+        [(ALICE.to_owned(), "three".to_owned())]
+    );
+}
+
+#[test]
+fn transcripts_wait_in_the_record_and_own_sends_go_authenticated() {
+    let (_, mut alice, _) = alice_knows_bob();
+    assert!(
+        !alice.sends_sealed_to(ALICE),
+        "our own account: authenticated"
+    );
+    alice.queue_transcript(BOB, "hi", NOW);
+    let due = alice.next_transcript_due_ms().expect("queued");
+    let (low, high) = schedule::DEFAULT_TRANSCRIPT_DELAY_MS;
+    assert!((NOW + low..=NOW + high).contains(&due), "{due}");
+    assert!(alice.due_transcript(due - 1).is_none());
+    // Kept across a restart (a crash before it went).
+    let key = LocalKey::generate();
+    let mut reloaded =
+        Engine::from_encrypted_bytes(&alice.to_encrypted_bytes(&key), &key).expect("loads");
+    assert!(reloaded.due_transcript(due).is_some());
+    reloaded.transcript_sent();
+    assert!(reloaded.next_transcript_due_ms().is_none());
 }

@@ -1,12 +1,21 @@
 //! Keys, device lists, this account's devices, contacts' master keys and safety numbers: the
 //! engine decides, this fetches and publishes.
 
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
 use super::{Client, ClientError, DeviceInfo, Event, now_ms};
 use crate::{
     api::ClaimAuth,
     crypto::{DeviceList, SafetyNumber, SignedDeviceList},
     engine::{ClaimWith, KeyChange, check_handle},
 };
+
+/// How often this account's own list is fetched again while connected (plus up to half as
+/// much again, at random).
+const OWN_LIST_REFRESH: Duration = Duration::from_secs(15 * 60);
 
 impl Client {
     /// Uploads keys generated but not yet published, then marks them published. Returns how
@@ -62,15 +71,80 @@ impl Client {
             return Ok(list);
         }
         let signed = self.fetch_signed_list(user).await?;
-        self.engine.accept_device_list(user, &signed, now_ms())
+        self.accept_list(user, &signed)
     }
 
-    /// `user`'s signed device list as the broker has it, not yet verified.
+    /// Verifies and keeps a fetched list. A changed master key drops the list we held: from
+    /// then on, nothing of `user` is read (it is held) until the user accepts the new key,
+    /// however the change was found (a send, a refresh).
+    fn accept_list(&mut self, user: &str, signed: &[u8]) -> Result<DeviceList, ClientError> {
+        let accepted = self.engine.accept_device_list(user, signed, now_ms());
+        if let Err(ClientError::MasterKeyChanged { .. }) = &accepted {
+            self.engine.forget_list(user);
+        }
+        accepted
+    }
+
+    /// `user`'s signed device list as the broker has it, not yet verified: our own on the
+    /// authenticated channel, anyone else's on the anonymous one.
     async fn fetch_signed_list(&self, user: &str) -> Result<Vec<u8>, ClientError> {
-        self.api
-            .device_list(user)
-            .await?
-            .ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))
+        let signed = if user == self.engine.user() {
+            self.api.own_device_list(&self.creds()).await?
+        } else {
+            self.anon.device_list(user).await?
+        };
+        signed.ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))
+    }
+
+    /// This account's own list as last fetched, whatever its age; fetched (authenticated) only
+    /// if there is none.
+    pub(super) async fn own_list(&mut self) -> Result<(), ClientError> {
+        let own = self.engine.user().to_owned();
+        if self.engine.known_list(&own).is_none() {
+            self.verified_list(&own, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches this account's own list again (authenticated channel), when it is due: at each
+    /// new connection and periodically, never right after a send.
+    pub(super) async fn refresh_own_list_if_due(&mut self) -> Result<(), ClientError> {
+        if Instant::now() < self.own_list_due {
+            return Ok(());
+        }
+        let jitter = OWN_LIST_REFRESH.mul_f64(rand::random::<f64>() / 2.0);
+        self.own_list_due = Instant::now() + OWN_LIST_REFRESH + jitter;
+        let own = self.engine.user().to_owned();
+        match self.verified_list(&own, true).await {
+            Ok(_) => self.save(),
+            Err(ClientError::Api(e)) if e.is_transient() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refreshes contacts' lists if due (see [`crate::engine::schedule`]): every one, in
+    /// random order, on the anonymous channel; then reads the held envelopes again with what
+    /// came of each.
+    pub(super) async fn refresh_lists_if_due(&mut self) -> Result<(), ClientError> {
+        if now_ms() < self.engine.lists_refresh_due_ms(now_ms()) {
+            return Ok(());
+        }
+        self.refresh_lists().await
+    }
+
+    /// Refreshes every contact's list now, in random order, on the anonymous channel, then
+    /// reads the held envelopes again with what came of each.
+    pub(super) async fn refresh_lists(&mut self) -> Result<(), ClientError> {
+        let mut outcomes = BTreeMap::new();
+        for user in self.engine.lists_to_refresh(now_ms()) {
+            let outcome = match self.fetch_signed_list(&user).await {
+                Ok(signed) => self.accept_list(&user, &signed).map(drop),
+                Err(e) => Err(e),
+            };
+            outcomes.insert(user, outcome);
+        }
+        self.read_held(None, Some(&mut outcomes)).await;
+        self.save()
     }
 
     /// Claims a key of `user`'s `device` and starts a session with it.
@@ -85,7 +159,12 @@ impl Client {
             ClaimWith::DeliveryToken(token) => ClaimAuth::DeliveryToken(token),
             ClaimWith::Device => ClaimAuth::Device(&creds),
         };
-        let claimed = self.api.claim_key(user, device, auth).await?;
+        // With a delivery token the claim names nobody: anonymous channel.
+        let api = match &with {
+            ClaimWith::DeliveryToken(_) => &self.anon,
+            ClaimWith::Device => &self.api,
+        };
+        let claimed = api.claim_key(user, device, auth).await?;
         self.engine.create_session(user, device, &claimed.key)
     }
 
@@ -163,7 +242,7 @@ impl Client {
         self.engine.accept_master_key_change(with, new_master_key);
         let number = self.safety_number(with).await?;
         // What arrived under the new key meanwhile is read now; its events come next.
-        self.read_held(Some(with)).await;
+        self.read_held(Some(with), None).await;
         self.save()?;
         Ok(number)
     }

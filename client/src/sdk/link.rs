@@ -41,7 +41,7 @@ impl Client {
             LocalKey::create_file(&key_path)?
         };
         let engine = device.link(handle, creds.device, &creds.token, &secret, api.base());
-        let mut client = Self::assemble(api, state_dir, key, lock, engine);
+        let mut client = Self::assemble(api, state_dir, key, lock, engine)?;
         client.upload_new_keys().await?;
         // Trust on first use of our own master key, confirmed by the grant's proof.
         client.verified_list(handle, true).await?;
@@ -56,6 +56,10 @@ impl Client {
                 break;
             }
         }
+        // The grant named the account's contacts: their lists are fetched now, all of them
+        // in random order (anonymous channel), as part of linking rather than later behind
+        // some delivery of theirs.
+        client.refresh_lists().await?;
         Ok(client)
     }
 

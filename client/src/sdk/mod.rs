@@ -79,7 +79,13 @@ const LOCK_FILE: &str = "lock";
 
 /// One device of one account. See the module doc.
 pub struct Client {
+    /// The authenticated channel's HTTP client: what concerns this account (its own list and
+    /// keys, its credentials, first-contact key claims).
     api: Api,
+    /// The anonymous channel's HTTP client, its own connection pool, never given a credential
+    /// of this account: contacts' lists and key claims with their delivery tokens (see
+    /// [`crate::engine::schedule`]).
+    anon: Api,
     dir: PathBuf,
     key: LocalKey,
     _lock: File,
@@ -95,6 +101,9 @@ pub struct Client {
     next_held_retry: Instant,
     /// Consecutive reconnects without a frame in between.
     reconnects: u32,
+    /// When this account's own list is fetched next (authenticated channel): at each new
+    /// connection and then periodically.
+    own_list_due: Instant,
     stats: Stats,
 }
 
@@ -129,6 +138,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     move |error| ClientError::Io {
         path: path.to_owned(),
@@ -159,8 +172,15 @@ fn lock_dir(dir: &Path) -> Result<File, ClientError> {
 }
 
 impl Client {
-    fn assemble(api: Api, dir: &Path, key: LocalKey, lock: File, engine: Engine) -> Self {
-        Self {
+    fn assemble(
+        api: Api,
+        dir: &Path,
+        key: LocalKey,
+        lock: File,
+        engine: Engine,
+    ) -> Result<Self, ClientError> {
+        Ok(Self {
+            anon: Api::new(api.base())?,
             api,
             dir: dir.to_owned(),
             key,
@@ -173,8 +193,9 @@ impl Client {
             held_retry: Duration::from_secs(30),
             next_held_retry: Instant::now(),
             reconnects: 0,
+            own_list_due: Instant::now(),
             stats: Stats::default(),
-        }
+        })
     }
 
     /// Creates a new account `handle` on the broker at `server` with this as its first device,
@@ -198,7 +219,7 @@ impl Client {
             .await?;
         let key = LocalKey::create_file(&key_path)?;
         let engine = device.register(handle, creds.device, &creds.token, api.base());
-        let mut client = Self::assemble(api, state_dir, key, lock, engine);
+        let mut client = Self::assemble(api, state_dir, key, lock, engine)?;
         client.save()?;
         client.upload_new_keys().await?;
         let list = client.engine.first_own_list()?;
@@ -222,7 +243,7 @@ impl Client {
         let engine = Engine::load_file(&state_dir.join(STATE_FILE), &key)?
             .ok_or_else(|| ClientError::NotRegistered(state_dir.to_owned()))?;
         let api = Api::new(engine.server())?;
-        Ok(Self::assemble(api, state_dir, key, lock, engine))
+        Self::assemble(api, state_dir, key, lock, engine)
     }
 
     /// Sets how long a fetched device list is used before it is fetched again when sending
@@ -231,6 +252,25 @@ impl Client {
     pub fn set_device_list_max_age(&mut self, age: Duration) {
         self.engine
             .set_list_max_age_ms(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    }
+
+    /// Sets how long a transcript of a sent text waits before it goes to this account's other
+    /// devices: a random delay between `min` and `max` (default 1 to 5 s), so that it does not
+    /// travel in the same burst as the sealed send (see [`crate::engine::schedule`]).
+    pub fn set_transcript_delay(&mut self, min: Duration, max: Duration) {
+        let mut timing = self.engine.timing();
+        timing.transcript_delay_ms = (millis(min), millis(max));
+        self.engine.set_timing(timing);
+    }
+
+    /// Sets how often contacts' device lists are refreshed (`every` on average, default one
+    /// hour) and, while an envelope is held for a list, the random delay the refresh is
+    /// brought forward to (between `held_min` and `held_max`, default 5 to 60 s).
+    pub fn set_list_refresh(&mut self, every: Duration, held_min: Duration, held_max: Duration) {
+        let mut timing = self.engine.timing();
+        timing.list_refresh_ms = millis(every);
+        timing.held_refresh_ms = (millis(held_min), millis(held_max));
+        self.engine.set_timing(timing);
     }
 
     /// Sets how often held envelopes ([`Event::Held`]) are tried again (default 30 s, at

@@ -1,8 +1,13 @@
 //! Receiving: reads the authenticated connection, has the engine open each envelope (fetching
-//! what it asks for), saves, then acks; tries held envelopes again after each backlog and on
-//! a deadline.
+//! what it asks for: only our own or a first contact's list), saves, then acks; tries held
+//! envelopes again after each backlog and on a deadline. While waiting it also runs the timed
+//! jobs of [`crate::engine::schedule`]: queued transcripts, the refresh of contacts' lists
+//! (after which held envelopes are read again), and of our own list.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use sealpost_proto::{ClientFrame, EnvelopeId, Notice, ServerFrame, limits::MAX_ACKS_PER_FRAME};
 
@@ -33,13 +38,13 @@ impl Client {
             let frame = match self.inbox.pop_front() {
                 Some(frame) => frame,
                 None => {
-                    // With envelopes held, wait for a frame only until their next try is due
-                    // (a deadline: a busy connection must not put it off).
-                    let due = self.engine.has_held().then_some(self.next_held_retry);
-                    match self.read_frame(due).await? {
+                    // Wait for a frame only until the next timed job is due (a deadline: a
+                    // busy connection must not put it off).
+                    let due = self.next_job_due();
+                    match self.read_frame(Some(due)).await? {
                         Some(frame) => frame,
                         None => {
-                            self.retry_held().await?;
+                            self.run_due_jobs().await?;
                             continue;
                         }
                     }
@@ -180,11 +185,36 @@ impl Client {
         result
     }
 
+    /// When the next timed job is due: trying held envelopes, a queued transcript, the
+    /// refresh of contacts' lists, of our own list.
+    fn next_job_due(&mut self) -> Instant {
+        let now = Instant::now();
+        let at_ms = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms()));
+        let mut due = self.own_list_due;
+        if self.engine.has_held() {
+            due = due.min(self.next_held_retry);
+        }
+        if let Some(ms) = self.engine.next_transcript_due_ms() {
+            due = due.min(at_ms(ms));
+        }
+        due.min(at_ms(self.engine.lists_refresh_due_ms(now_ms())))
+    }
+
+    /// Runs the timed jobs that are due.
+    pub(super) async fn run_due_jobs(&mut self) -> Result<(), ClientError> {
+        if self.engine.has_held() && Instant::now() >= self.next_held_retry {
+            self.retry_held().await?;
+        }
+        self.send_due_transcripts().await?;
+        self.refresh_own_list_if_due().await?;
+        self.refresh_lists_if_due().await
+    }
+
     /// Tries the held envelopes again now, saves what that changed, and schedules the next
     /// try.
     async fn retry_held(&mut self) -> Result<(), ClientError> {
         self.next_held_retry = Instant::now() + self.held_retry;
-        if self.read_held(None).await {
+        if self.read_held(None, None).await {
             self.save()?;
         }
         Ok(())
@@ -201,7 +231,9 @@ impl Client {
         if self.engine.is_seen(id) {
             return Ok(());
         }
-        let result = self.open_envelope(id, ciphertext).await?;
+        let result = self
+            .open_envelope(id, ciphertext, SenderList::Cached)
+            .await?;
         let events = self.engine.settle(id, ciphertext, ephemeral, result);
         self.events.extend(events);
         Ok(())
@@ -209,8 +241,14 @@ impl Client {
 
     /// Tries the held envelopes again (of `only`, or of every sender), each sender's in
     /// order: the first that still cannot be read keeps its place and the rest stay behind
-    /// it. Returns whether any was read (or rejected), i.e. whether there is state to save.
-    pub(super) async fn read_held(&mut self, only: Option<&str>) -> bool {
+    /// it. `refreshed`: what came of a refresh of each sender's list just now (then a device
+    /// still not in its list is rejected, a list that did not come keeps it held). Returns
+    /// whether any was read (or rejected), i.e. whether there is state to save.
+    pub(super) async fn read_held(
+        &mut self,
+        only: Option<&str>,
+        mut refreshed: Option<&mut BTreeMap<String, Result<(), ClientError>>>,
+    ) -> bool {
         let mut progress = false;
         // A domain found unreachable is not asked again in this pass: one slow lookup per
         // domain, however many of its senders are held.
@@ -222,12 +260,43 @@ impl Client {
             let mut queue = self.engine.take_held(&sender).into_iter();
             while let Some(held) = queue.next() {
                 let id = held.id();
-                match self.open_envelope(id, held.ciphertext()).await {
+                let list = match refreshed.as_deref_mut().and_then(|r| r.remove(&sender)) {
+                    None => SenderList::Cached,
+                    Some(Ok(())) => {
+                        // Kept for the sender's next envelope.
+                        if let Some(r) = refreshed.as_deref_mut() {
+                            r.insert(sender.clone(), Ok(()));
+                        }
+                        SenderList::Refetched
+                    }
+                    Some(Err(ClientError::Api(e))) if e.is_transient() => {
+                        SenderList::Unavailable(ClientError::Api(e))
+                    }
+                    Some(Err(e)) => SenderList::Failed(e),
+                };
+                let refresh_failed = matches!(list, SenderList::Failed(_));
+                match self.open_envelope(id, held.ciphertext(), list).await {
                     Ok(Ok(events)) => self.events.extend(events),
                     Ok(Err(Failure::Rejected(error))) => {
                         self.events.push_back(Event::Rejected { id, error });
                     }
                     failed @ (Ok(Err(Failure::Hold { .. })) | Err(_)) => {
+                        if let (
+                            true,
+                            Ok(Err(Failure::Hold {
+                                why: why @ HoldReason::KeyChanged,
+                                ..
+                            })),
+                        ) = (refresh_failed, &failed)
+                        {
+                            // Held for its list, which came under another master key: the
+                            // application is told, as for a fresh delivery.
+                            self.events.push_back(Event::Held {
+                                id,
+                                user: sender.clone(),
+                                why: *why,
+                            });
+                        }
                         if let Ok(Err(Failure::Hold {
                             why: HoldReason::SenderUnavailable,
                             ..
@@ -253,11 +322,10 @@ impl Client {
         &mut self,
         id: EnvelopeId,
         ciphertext: &[u8],
+        list: SenderList,
     ) -> Result<Result<Vec<Event>, Failure>, ClientError> {
         let started = Instant::now();
-        let mut opened = self
-            .engine
-            .open(id, ciphertext, SenderList::Cached, now_ms());
+        let mut opened = self.engine.open(id, ciphertext, list, now_ms());
         if let Err(Unread::Need(Need::List(user))) = &opened {
             let user = user.clone();
             let list = match self.verified_list(&user, true).await {

@@ -22,7 +22,13 @@ impl Client {
         to: &str,
         outgoing: Outgoing,
     ) -> Result<EnvelopeId, ClientError> {
-        self.verified_list(to, false).await?;
+        if to == self.engine.user() {
+            // Our own list as we hold it: fetched at connect and on a timer, never right
+            // after a send.
+            self.own_list().await?;
+        } else {
+            self.verified_list(to, false).await?;
+        }
         let mut send = self.engine.start_send(to, outgoing, None, None, now_ms())?;
         let result = async {
             loop {
@@ -131,7 +137,11 @@ impl Client {
             return Ok(conn);
         }
         match Connection::authenticated(&self.api, &self.creds()).await {
-            Ok((conn, _)) => Ok(conn),
+            Ok((conn, _)) => {
+                // A new connection: our own list is fetched again (on this channel).
+                self.own_list_due = Instant::now();
+                Ok(conn)
+            }
             Err(e) if e.is_device_revoked() => Err(ClientError::DeviceRevoked),
             Err(e) => Err(e.into()),
         }
@@ -150,14 +160,39 @@ impl Client {
         self.engine.sends_sealed_to(to)
     }
 
-    /// Sends a text message to `to` (and a transcript to this account's other devices).
+    /// Sends a text message to `to`, and queues a transcript for this account's other devices:
+    /// it goes after a random delay ([`Client::set_transcript_delay`]), authenticated, while
+    /// [`Client::next_event`] or [`Client::flush_transcripts`] runs (see
+    /// [`crate::engine::schedule`]).
     pub async fn send_text(&mut self, to: &str, text: &str) -> Result<EnvelopeId, ClientError> {
         self.check_contact(to, "sending to your own account is not supported")?;
         self.share_token_once(to).await?;
         let id = self.send_outgoing(to, Outgoing::text(text)).await?;
-        self.send_to_own_devices(Outgoing::transcript(to, text))
-            .await?;
+        self.engine.queue_transcript(to, text, now_ms());
+        self.save()?;
         Ok(id)
+    }
+
+    /// Waits until every queued transcript is due and sends it (a one-shot program calls this
+    /// before it exits; a crash keeps them queued for the next run).
+    pub async fn flush_transcripts(&mut self) -> Result<(), ClientError> {
+        while let Some(due_ms) = self.engine.next_transcript_due_ms() {
+            let wait = due_ms.saturating_sub(now_ms());
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            self.send_due_transcripts().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the queued transcripts that are due, authenticated, each removed from the queue
+    /// once the broker has it.
+    pub(super) async fn send_due_transcripts(&mut self) -> Result<(), ClientError> {
+        while let Some(transcript) = self.engine.due_transcript(now_ms()) {
+            self.send_to_own_devices(transcript).await?;
+            self.engine.transcript_sent();
+            self.save()?;
+        }
+        Ok(())
     }
 
     /// `to` is a valid handle of another account.
@@ -188,7 +223,7 @@ impl Client {
         outgoing: Outgoing,
     ) -> Result<(), ClientError> {
         let own = self.engine.user().to_owned();
-        self.verified_list(&own, false).await?;
+        self.own_list().await?;
         if self.engine.has_other_devices() {
             self.send_outgoing(&own, outgoing).await?;
         }
