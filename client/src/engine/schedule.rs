@@ -106,8 +106,12 @@ impl Engine {
     }
 
     /// Queues a transcript of `body` sent to `to` for this account's other devices, due after
-    /// a random delay. Save the state afterwards.
+    /// a random delay. Save the state afterwards. Nothing is queued if the account's own list
+    /// as last fetched has no other device (no text waits in the record for nobody).
     pub fn queue_transcript(&mut self, to: &str, body: &str, now_ms: u64) {
+        if self.record.lists.contains_key(self.state.user()) && !self.has_other_devices() {
+            return;
+        }
         let due_ms = now_ms + between(self.timing.transcript_delay_ms);
         // Kept in order of sending: a later one is never due before an earlier one.
         let due_ms = self

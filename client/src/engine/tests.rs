@@ -694,6 +694,11 @@ fn transcripts_wait_in_the_record_and_own_sends_go_authenticated() {
         !alice.sends_sealed_to(ALICE),
         "our own account: authenticated"
     );
+    // A single device: nothing to queue.
+    alice.queue_transcript(BOB, "hi", NOW);
+    assert!(alice.next_transcript_due_ms().is_none());
+    // Our own list not known: queued (whether it goes is decided when it is due).
+    alice.forget_list(ALICE);
     alice.queue_transcript(BOB, "hi", NOW);
     let due = alice.next_transcript_due_ms().expect("queued");
     let (low, high) = schedule::DEFAULT_TRANSCRIPT_DELAY_MS;
