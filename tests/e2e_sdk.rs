@@ -83,12 +83,13 @@ fn scan_queues(broker: &Broker, handles: &[&str], canaries: &[String]) -> usize 
     let mut envelopes = 0;
     for entry in queues.iter() {
         let (key, value) = entry.expect("entry");
-        // Keys are kind ‖ [expiry ‖] handle ‖ 0xff ‖ ...: find whose record it is.
+        // Keys are kind ‖ [expiry ‖] keyed hash of the handle ‖ ... (see `store::keys`): no
+        // handle should be found in them at all, nor in a value.
         let owner = handles
             .iter()
             .find(|h| contains(&key, h.as_bytes()))
             .copied();
-        if key.first() == Some(&b'e') {
+        if key.first() == Some(&b'E') {
             envelopes += 1;
         }
         for other in handles.iter().filter(|h| Some(**h) != owner) {
