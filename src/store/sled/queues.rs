@@ -198,8 +198,22 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
 }
 
 impl Inner {
-    /// Applies the writes in order (not yet durable: see [`Inner::sync`]).
+    /// Applies the writes in order (not yet durable: see [`Inner::sync`]). A write that
+    /// fails (sled's, or the keyring's on a full disk, which may come first now that new
+    /// queues need a key) counts as a failed flush until a flush succeeds: readiness turns
+    /// false, and once there is room again the server's recovery reopens the store.
     pub(super) fn write(&self, write: QueueWrite) -> Result<()> {
+        let written = self.write_in_order(write);
+        if matches!(written, Err(StoreError::Io(_))) {
+            self.health
+                .flush_ok
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.health.check_disk();
+        }
+        written
+    }
+
+    fn write_in_order(&self, write: QueueWrite) -> Result<()> {
         // One insert or remove at a time, in order. sled's batches and transactions take a
         // global write lock that also waits for every running flush, which cut durable
         // throughput by two thirds here (see the README); single writes do not, and sled's
