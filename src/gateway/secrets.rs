@@ -7,7 +7,7 @@
 //! | secret | arrives in | wiped by |
 //! |---|---|---|
 //! | device token, delivery token | HTTP `authorization`, `sealpost-delivery-token` headers | [`scrub`]: moved into our own zeroized copy; the connection closes after the answer |
-//! | device token | (not any more) the WebSocket `auth` frame | a one-time ticket goes there instead (see [`super::tickets`]) |
+//! | device token | (not any more) the WebSocket `auth` frame | a one-time ticket goes there instead (see the `tickets` module) |
 //! | delivery token | `sealed_send` frame | freed with the frame (the allocator zeroes it) |
 //! | delivery token, link code, registration token | HTTP body | the connection closes after the answer; our body buffer is `Zeroizing` |
 //! | everything above | freed buffers, copies moved by a growing `Vec` | the zeroizing global allocator (`main.rs`) |

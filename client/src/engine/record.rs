@@ -128,7 +128,7 @@ pub(crate) struct Record {
     #[serde(default)]
     pub(crate) reported_unlisted: BTreeMap<String, BTreeSet<u32>>,
     /// Transcripts for this account's other devices, waiting for their time (see
-    /// [`schedule`](super::schedule)), oldest first.
+    /// the `schedule` module), oldest first.
     #[serde(default)]
     pub(crate) transcripts: VecDeque<QueuedTranscript>,
 }

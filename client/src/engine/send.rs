@@ -18,7 +18,7 @@
 //! `send` on `/v1/ws` (the envelope is sealed all the same, but the live connection names the
 //! sending device once). Our own account: always authenticated (transcripts, notices, grants:
 //! the broker knows the account there anyway, and on the sealed socket they would name the
-//! sender of the sealed sends beside them; see [`schedule`](super::schedule)).
+//! sender of the sealed sends beside them; see the `schedule` module).
 
 use std::collections::BTreeMap;
 
