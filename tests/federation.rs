@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{SocketAddr, TcpListener},
     process::Command,
     time::Duration,
 };
@@ -17,81 +16,13 @@ use base64::{
     Engine,
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
-use common::*;
+use common::{site::Site, *};
 use futures_util::{SinkExt, StreamExt};
 use sealpost_proto::{
     Class, ClientFrame, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame,
     federation::HandshakeFrame,
 };
 use tokio_tungstenite::tungstenite::Message;
-
-/// A domain's broker before it starts: its data dir with a federation key, and its address.
-struct Site {
-    name: &'static str,
-    addr: SocketAddr,
-    dir: Option<tempfile::TempDir>,
-    key: String,
-}
-
-impl Site {
-    fn new(name: &'static str, ip: &str) -> Site {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(env!("CARGO_BIN_EXE_sealpost"))
-            .arg("federation-key")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .output()
-            .expect("federation-key");
-        assert!(out.status.success(), "federation-key failed");
-        let key = String::from_utf8(out.stdout)
-            .expect("utf8")
-            .trim()
-            .to_owned();
-        // A free port on this loopback address (the broker binds it right after).
-        let port = TcpListener::bind((ip, 0))
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        Site {
-            name,
-            addr: SocketAddr::new(ip.parse().expect("ip"), port),
-            dir: Some(dir),
-            key,
-        }
-    }
-
-    fn peer_entry(&self) -> String {
-        format!(
-            "{}=ws://{}/v1/federation#{}",
-            self.name, self.addr, self.key
-        )
-    }
-
-    fn start(&mut self, peers: &[&Site], extra: &[&str]) -> Broker {
-        let peers: Vec<String> = peers.iter().map(|p| p.peer_entry()).collect();
-        self.start_raw(&peers.join(","), extra)
-    }
-
-    fn start_raw(&mut self, peers: &str, extra: &[&str]) -> Broker {
-        let mut args = vec![
-            "--domain",
-            self.name,
-            "--federation-peers",
-            peers,
-            "--federation-backoff-min-ms",
-            "50",
-            "--federation-backoff-max-ms",
-            "1000",
-        ];
-        args.extend_from_slice(extra);
-        Broker::start_with(
-            self.dir.take().expect("started once"),
-            Some(self.addr),
-            &args,
-        )
-    }
-}
 
 async fn admin(broker: &Broker) -> serde_json::Value {
     reqwest::get(format!("{}/admin/federation", broker.http()))

@@ -8,73 +8,14 @@ mod common;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{SocketAddr, TcpListener},
-    process::Command,
     time::Duration,
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use common::*;
+use common::{site::Site, *};
 use futures_util::{SinkExt, StreamExt};
 use sealpost_proto::{Class, ClientFrame, Copy, DeviceId, SendOutcome, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A domain's broker before it starts (as in `tests/federation.rs`).
-struct Site {
-    name: &'static str,
-    addr: SocketAddr,
-    dir: Option<tempfile::TempDir>,
-    key: String,
-}
-
-impl Site {
-    fn new(name: &'static str, ip: &str) -> Site {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(env!("CARGO_BIN_EXE_sealpost"))
-            .arg("federation-key")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .output()
-            .expect("federation-key");
-        assert!(out.status.success(), "federation-key failed");
-        let key = String::from_utf8(out.stdout)
-            .expect("utf8")
-            .trim()
-            .to_owned();
-        let port = TcpListener::bind((ip, 0))
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        Site {
-            name,
-            addr: SocketAddr::new(ip.parse().expect("ip"), port),
-            dir: Some(dir),
-            key,
-        }
-    }
-
-    fn start(&mut self, peer: &Site) -> Broker {
-        let peers = format!(
-            "{}=ws://{}/v1/federation#{}",
-            peer.name, peer.addr, peer.key
-        );
-        Broker::start_with(
-            self.dir.take().expect("started once"),
-            Some(self.addr),
-            &[
-                "--domain",
-                self.name,
-                "--federation-peers",
-                &peers,
-                "--federation-backoff-min-ms",
-                "50",
-                "--federation-backoff-max-ms",
-                "1000",
-            ],
-        )
-    }
-}
 
 /// Waits until `check` holds for the admin view's peer `domain`.
 async fn wait_peer(broker: &Broker, domain: &str, check: impl Fn(&serde_json::Value) -> bool) {
@@ -146,8 +87,8 @@ async fn drain(dev: &mut Device, want: usize) -> Vec<[u8; 16]> {
 async fn acknowledged_envelopes_leave_nothing_in_either_data_directory() {
     let mut a = Site::new("a.example", "127.0.0.1");
     let mut b = Site::new("b.example", "127.0.0.2");
-    let mut ba = a.start(&b);
-    let mut bb = b.start(&a);
+    let mut ba = a.start(&[&b], &[]);
+    let mut bb = b.start(&[&a], &[]);
     wait_peer(&ba, "b.example", |p| p["link"] == "up").await;
     wait_peer(&bb, "a.example", |p| p["link"] == "up").await;
 

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::cast_possible_truncation)]
 
 pub mod sdk;
+pub mod site;
 
 use std::{
     io::{BufRead, BufReader},
