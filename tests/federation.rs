@@ -16,52 +16,16 @@ use base64::{
     Engine,
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
-use common::{site::Site, *};
+use common::{
+    site::{Site, admin, wait_peer, wait_up},
+    *,
+};
 use futures_util::{SinkExt, StreamExt};
 use sealpost_proto::{
     Class, ClientFrame, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame,
     federation::HandshakeFrame,
 };
 use tokio_tungstenite::tungstenite::Message;
-
-async fn admin(broker: &Broker) -> serde_json::Value {
-    reqwest::get(format!("{}/admin/federation", broker.http()))
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("admin json")
-}
-
-/// Waits until `check` holds for the admin view's peer `domain`.
-async fn wait_peer(
-    broker: &Broker,
-    domain: &str,
-    what: &str,
-    check: impl Fn(&serde_json::Value) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let view = admin(broker).await;
-        let peer = view["peers"]
-            .as_array()
-            .and_then(|peers| peers.iter().find(|p| p["domain"] == domain))
-            .cloned()
-            .unwrap_or_default();
-        if check(&peer) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "peer {domain} never got {what}: {peer}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_up(broker: &Broker, domain: &str) {
-    wait_peer(broker, domain, "link up", |p| p["link"] == "up").await;
-}
 
 /// Device ids of `user` as its home broker `via` reports them (over federation if remote).
 async fn devices_via(via: &Broker, user: &str) -> Vec<DeviceId> {

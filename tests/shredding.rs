@@ -6,42 +6,16 @@
 
 mod common;
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    time::Duration,
-};
+use std::collections::{BTreeSet, HashMap};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use common::{site::Site, *};
+use common::{
+    site::{Site, wait_peer, wait_up},
+    *,
+};
 use futures_util::{SinkExt, StreamExt};
 use sealpost_proto::{Class, ClientFrame, Copy, DeviceId, SendOutcome, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Waits until `check` holds for the admin view's peer `domain`.
-async fn wait_peer(broker: &Broker, domain: &str, check: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let view: serde_json::Value = reqwest::get(format!("{}/admin/federation", broker.http()))
-            .await
-            .expect("admin")
-            .json()
-            .await
-            .expect("admin json");
-        let peer = view["peers"]
-            .as_array()
-            .and_then(|peers| peers.iter().find(|p| p["domain"] == domain))
-            .cloned()
-            .unwrap_or_default();
-        if check(&peer) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "peer {domain}: {peer}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Which of `secrets` (by name) has any 16-byte window in any file under `dir`.
 fn found_in(dir: &std::path::Path, secrets: &[(String, Vec<u8>)]) -> Vec<String> {
@@ -89,8 +63,8 @@ async fn acknowledged_envelopes_leave_nothing_in_either_data_directory() {
     let mut b = Site::new("b.example", "127.0.0.2");
     let mut ba = a.start(&[&b], &[]);
     let mut bb = b.start(&[&a], &[]);
-    wait_peer(&ba, "b.example", |p| p["link"] == "up").await;
-    wait_peer(&bb, "a.example", |p| p["link"] == "up").await;
+    wait_up(&ba, "b.example").await;
+    wait_up(&bb, "a.example").await;
 
     let alice = register(&ba, "alice@a.example").await;
     let carol = register(&ba, "carol@a.example").await;
@@ -182,7 +156,7 @@ async fn acknowledged_envelopes_leave_nothing_in_either_data_directory() {
     assert_eq!(drain(&mut carol_dev, 10).await.len(), 10);
     let mut bob_dev = Device::connect(&bb, &bob).await;
     assert_eq!(drain(&mut bob_dev, 10).await.len(), 10);
-    wait_peer(&ba, "b.example", |p| p["backlog"] == 0).await;
+    wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
     // Every ack is durable (the trims are done).
     ba.wait_metric("sealpost_acks_durable_total", 10.0).await;
     bb.wait_metric("sealpost_acks_durable_total", 10.0).await;

@@ -5,9 +5,10 @@
 use std::{
     net::{SocketAddr, TcpListener},
     process::Command,
+    time::Duration,
 };
 
-use super::Broker;
+use super::{Broker, WAIT};
 
 /// A domain's broker before it starts: its data dir with a federation key, and its address.
 pub struct Site {
@@ -75,4 +76,45 @@ impl Site {
             &args,
         )
     }
+}
+
+/// The admin view of the broker's federation peers.
+pub async fn admin(broker: &Broker) -> serde_json::Value {
+    reqwest::get(format!("{}/admin/federation", broker.http()))
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("admin json")
+}
+
+/// Waits until `check` holds for the admin view's peer `domain`.
+pub async fn wait_peer(
+    broker: &Broker,
+    domain: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = admin(broker).await;
+        let peer = view["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|p| p["domain"] == domain))
+            .cloned()
+            .unwrap_or_default();
+        if check(&peer) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peer {domain} never got {what}: {peer}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the link to `domain` is up.
+pub async fn wait_up(broker: &Broker, domain: &str) {
+    wait_peer(broker, domain, "link up", |p| p["link"] == "up").await;
 }
