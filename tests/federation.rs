@@ -49,18 +49,11 @@ fn body(from: &str, to: &str, n: u32) -> Vec<u8> {
 
 /// Reads deliveries until `want` have arrived, acking each; returns (seq, id, ciphertext).
 async fn collect(dev: &mut Device, want: usize) -> Vec<(u64, EnvelopeId, Vec<u8>)> {
-    let mut out = Vec::new();
-    while out.len() < want {
-        match dev.frame().await {
-            ServerFrame::Deliver { seq, envelope } => {
-                dev.ack(vec![seq]).await;
-                out.push((seq, envelope.id, envelope.ciphertext));
-            }
-            ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    out
+    dev.collect(want)
+        .await
+        .into_iter()
+        .map(|(seq, e)| (seq, e.id, e.ciphertext))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

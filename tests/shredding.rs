@@ -41,22 +41,6 @@ fn random(n: usize) -> Vec<u8> {
     (0..n).map(|_| rand::random::<u8>()).collect()
 }
 
-/// Reads deliveries, acking each, until `want` have arrived; answers their ids.
-async fn drain(dev: &mut Device, want: usize) -> Vec<[u8; 16]> {
-    let mut out = Vec::new();
-    while out.len() < want {
-        match dev.frame().await {
-            ServerFrame::Deliver { seq, envelope } => {
-                dev.ack(vec![seq]).await;
-                out.push(envelope.id.0);
-            }
-            ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_envelopes_leave_nothing_in_either_data_directory() {
     let mut a = Site::new("a.example", "127.0.0.1");
@@ -153,9 +137,9 @@ async fn acknowledged_envelopes_leave_nothing_in_either_data_directory() {
 
     // Every queue drained and acknowledged: carol's, bob's, and a.example's outbox to b.
     let mut carol_dev = Device::connect(&ba, &carol).await;
-    assert_eq!(drain(&mut carol_dev, 10).await.len(), 10);
+    assert_eq!(carol_dev.collect(10).await.len(), 10);
     let mut bob_dev = Device::connect(&bb, &bob).await;
-    assert_eq!(drain(&mut bob_dev, 10).await.len(), 10);
+    assert_eq!(bob_dev.collect(10).await.len(), 10);
     wait_peer(&ba, "b.example", "an empty backlog", |p| p["backlog"] == 0).await;
     // Every ack is durable (the trims are done).
     ba.wait_metric("sealpost_acks_durable_total", 10.0).await;

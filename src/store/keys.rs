@@ -199,6 +199,13 @@ pub(crate) fn expiry_until(tag: u8, now_ms: u64) -> Vec<u8> {
 
 /// Splits an expiry key (after its tag and timestamp) into the expiry and the remainder
 /// after the user's hash.
+/// The `device:u32 seq:u64` that ends envelope and expiry keys (both layouts).
+pub(crate) fn device_seq(rest: &[u8]) -> Option<(u32, u64)> {
+    let device = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(rest.get(4..12)?.try_into().ok()?);
+    Some((device, seq))
+}
+
 pub(crate) fn split_expiry(key: &[u8]) -> Option<(u64, &[u8])> {
     let ts = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
     Some((ts, key.get(25..)?))

@@ -575,6 +575,23 @@ impl Device {
         }
     }
 
+    /// Reads deliveries, acking each, until `want` have arrived (skipping `queue_empty` and
+    /// notices); returns (seq, envelope) in order.
+    pub async fn collect(&mut self, want: usize) -> Vec<(u64, sealpost_proto::Envelope)> {
+        let mut out = Vec::new();
+        while out.len() < want {
+            match self.frame().await {
+                ServerFrame::Deliver { seq, envelope } => {
+                    self.ack(vec![seq]).await;
+                    out.push((seq, envelope));
+                }
+                ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
+    }
+
     /// The next delivery (skipping nothing else).
     pub async fn deliver(&mut self) -> (u64, sealpost_proto::Envelope) {
         match self.frame().await {

@@ -73,21 +73,7 @@ fn migrate_one(
     let timed = matches!(tag, keys::v1::EXPIRY_ENVELOPE | keys::v1::EXPIRY_DEDUP);
     let bad = || StoreError::Corruption("bad layout-1 key".into());
     let (expires_ms, name, rest) = keys::v1::split(old, timed).ok_or_else(bad)?;
-    let device_seq = |rest: &[u8]| -> Result<(u32, u64)> {
-        let device = u32::from_be_bytes(
-            rest.get(..4)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        );
-        let seq = u64::from_be_bytes(
-            rest.get(4..12)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        );
-        Ok((device, seq))
-    };
+    let device_seq = |rest: &[u8]| keys::device_seq(rest).ok_or_else(bad);
     let id = |rest: &[u8]| -> Result<[u8; 16]> { rest.try_into().map_err(|_| bad()) };
     match tag {
         keys::v1::ENVELOPE => {

@@ -365,18 +365,7 @@ impl Inner {
                 let (expires_ms, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
                 let user = self.keyring.open_index(&k, &v).ok_or_else(bad)?;
                 out.push(if tag == keys::EXPIRY_ENVELOPE {
-                    let device = u32::from_be_bytes(
-                        rest.get(..4)
-                            .ok_or_else(bad)?
-                            .try_into()
-                            .map_err(|_| bad())?,
-                    );
-                    let seq = u64::from_be_bytes(
-                        rest.get(4..12)
-                            .ok_or_else(bad)?
-                            .try_into()
-                            .map_err(|_| bad())?,
-                    );
+                    let (device, seq) = keys::device_seq(rest).ok_or_else(bad)?;
                     Due::Envelope {
                         user,
                         device,
