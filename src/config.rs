@@ -23,6 +23,7 @@ use crate::{
     },
     mailbox::MailboxConfig,
     server,
+    server::{Backend, NatsSettings},
     store::StoreOptions,
 };
 pub use crate::{gateway::Registration, telemetry::LogFormat};
@@ -65,6 +66,20 @@ settings! {
     listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)), "SEALPOST_LISTEN";
     /// Data directory (embedded sled store and the server secret).
     data_dir: PathBuf = PathBuf::from("sealpost-data"), "SEALPOST_DATA_DIR";
+    /// The store: `sled` (embedded, in data_dir) or NATS JetStream server URLs for scale-out
+    /// (`nats://a:4222,nats://b:4222`): many broker pods then serve one domain.
+    store: String = "sled".into(), "SEALPOST_STORE";
+    /// With the NATS store: inbox streams (each has one leader; more spread the writes).
+    nats_partitions: u32 = 4, "SEALPOST_NATS_PARTITIONS";
+    /// With the NATS store: replicas of every stream and bucket (1 only for a single server).
+    nats_replicas: usize = 3, "SEALPOST_NATS_REPLICAS";
+    /// With the NATS store: how long one request to NATS may take, ms.
+    nats_timeout_ms: u64 = 5_000, "SEALPOST_NATS_TIMEOUT_MS";
+    /// This pod's name (empty: the host name); with the NATS store its outboxes carry it.
+    pod_name: String = String::new(), "SEALPOST_POD_NAME";
+    /// Directory of server.key and federation.key (empty: the data directory). Every pod of
+    /// a scale-out deployment must have the same two files (`sealpost keygen DIR`).
+    key_dir: PathBuf = PathBuf::new(), "SEALPOST_KEY_DIR";
     /// Domain whose accounts this broker serves.
     domain: String = "localhost".into(), "SEALPOST_DOMAIN";
     /// Account creation: open, platform (token signed by platform_public_key) or closed.
@@ -338,6 +353,7 @@ impl Settings {
             ));
         }
         let turn = self.turn()?;
+        let backend = self.backend()?;
         let ms = Duration::from_millis;
         let mib = |n: u64| n.saturating_mul(1024 * 1024);
         Ok(server::Config {
@@ -347,6 +363,12 @@ impl Settings {
             max_connections: self.max_connections,
             expiry_sweep: ms(self.expiry_sweep_ms),
             federation_url: (!self.federation_url.is_empty()).then_some(self.federation_url),
+            key_dir: if self.key_dir.as_os_str().is_empty() {
+                self.data_dir.clone()
+            } else {
+                self.key_dir.clone()
+            },
+            backend,
             store: StoreOptions {
                 dir: self.data_dir.clone(),
                 group_commit: self.group_commit,
@@ -414,6 +436,53 @@ impl Settings {
             },
             data_dir: self.data_dir,
         })
+    }
+
+    /// Which store serves the seams.
+    fn backend(&self) -> Result<Backend, ConfigError> {
+        if self.store == "sled" {
+            return Ok(Backend::Sled);
+        }
+        if !self
+            .store
+            .split(',')
+            .all(|u| u.trim().starts_with("nats://") || u.trim().starts_with("tls://"))
+        {
+            return Err(invalid(
+                "store",
+                "must be sled or NATS URLs (nats://host:4222, comma-separated)",
+            ));
+        }
+        if self.nats_partitions == 0 || self.nats_partitions > 256 {
+            return Err(invalid("nats_partitions", "must be 1..=256"));
+        }
+        if !matches!(self.nats_replicas, 1 | 3 | 5) {
+            return Err(invalid("nats_replicas", "must be 1, 3 or 5"));
+        }
+        let pod = if self.pod_name.is_empty() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "broker".into())
+        } else {
+            self.pod_name.clone()
+        };
+        let pod: String = pod
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Ok(Backend::Nats(NatsSettings {
+            urls: self.store.clone(),
+            partitions: self.nats_partitions,
+            replicas: self.nats_replicas,
+            pod,
+            timeout: Duration::from_millis(self.nats_timeout_ms.max(1)),
+        }))
     }
 
     /// The call relay: URLs checked, the secret read from its file if one is named.

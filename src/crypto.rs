@@ -131,6 +131,12 @@ impl TokenHasher {
         })
     }
 
+    /// A secret for another use of the server secret (`context`: a hard-coded, unique
+    /// string), e.g. the key that hashes names in the NATS store. The copy is not zeroized.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.key.as_ref())
+    }
+
     /// The stored form of a token.
     pub fn hash(&self, token: &DeviceToken) -> [u8; 32] {
         *blake3::keyed_hash(&self.key, token.0.as_ref()).as_bytes()

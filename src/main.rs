@@ -35,6 +35,13 @@ enum Command {
         #[arg(long, env = "SEALPOST_DATA_DIR", default_value = "sealpost-data")]
         data_dir: std::path::PathBuf,
     },
+    /// Create the broker's secrets, `server.key` and `federation.key` (mode 0600), in a
+    /// directory, keeping any that exist: for a Kubernetes Secret that every pod of a
+    /// scale-out deployment mounts as its `key_dir`. Prints the federation public key.
+    Keygen {
+        /// Where to write them.
+        dir: std::path::PathBuf,
+    },
     /// Mint a registration token for a handle, as the host platform would.
     MintToken {
         /// The platform's secret key, base64 (from `platform-keygen`).
@@ -73,6 +80,13 @@ fn main() -> anyhow::Result<()> {
                 "public_key = {}",
                 STANDARD.encode(key.verifying_key().to_bytes())
             )?;
+            Ok(())
+        }
+        Command::Keygen { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            sealpost::crypto::TokenHasher::load_or_create(&dir)?;
+            let key = sealpost::federation::identity::ServerKey::load_or_create(&dir)?;
+            writeln!(std::io::stdout().lock(), "{}", key.public_b64())?;
             Ok(())
         }
         Command::FederationKey { data_dir } => {

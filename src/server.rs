@@ -19,7 +19,10 @@ use crate::{
     federation::{Federation, PeerConfig, PeerSettings, identity::ServerKey},
     gateway::{self, AppState},
     mailbox::{MailboxConfig, Mailboxes, Registry},
-    store::{SledStore, StoreOptions, Stores},
+    store::{
+        SledStore, StoreOptions, Stores,
+        nats::{NatsOptions, NatsStore},
+    },
 };
 
 /// Everything a broker is started with: each layer's own settings, typed and validated (the
@@ -39,7 +42,12 @@ pub struct Config {
     pub expiry_sweep: Duration,
     /// This broker's federation endpoint as peers reach it (`None`: ws://LISTEN/v1/federation).
     pub federation_url: Option<String>,
-    /// The store.
+    /// Directory of `server.key` and `federation.key` (the data directory by default; a
+    /// mounted secret shared by every pod in a scale-out deployment).
+    pub key_dir: PathBuf,
+    /// Which store serves the seams.
+    pub backend: Backend,
+    /// The embedded store's options (with [`Backend::Sled`]).
     pub store: StoreOptions,
     /// Every mailbox.
     pub mailbox: MailboxConfig,
@@ -51,16 +59,76 @@ pub struct Config {
     pub gateway: gateway::Settings,
 }
 
+/// Which store serves the seams.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded sled store in the data directory (one process per domain).
+    Sled,
+    /// A NATS JetStream cluster (many pods per domain).
+    Nats(NatsSettings),
+}
+
+/// How to reach the NATS JetStream store.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// Server URLs, comma-separated.
+    pub urls: String,
+    /// Inbox streams.
+    pub partitions: u32,
+    /// Replicas of every stream and bucket.
+    pub replicas: usize,
+    /// This pod's name.
+    pub pod: String,
+    /// How long one request may take.
+    pub timeout: Duration,
+}
+
+/// Opens the configured store.
+async fn open_store(config: &Config, hasher: &TokenHasher) -> anyhow::Result<Stores> {
+    Ok(match &config.backend {
+        Backend::Sled => Stores::from_backend(Arc::new(SledStore::open(&config.store)?)),
+        Backend::Nats(nats) => {
+            let options = NatsOptions {
+                urls: nats.urls.clone(),
+                partitions: nats.partitions,
+                replicas: nats.replicas,
+                dedup_window: Duration::from_secs(config.mailbox.dedup_secs),
+                secret: hasher.derive_secret("sealpost 2026-12 nats store"),
+                pod: nats.pod.clone(),
+                timeout: nats.timeout,
+            };
+            // NATS may come up after us (a pod starting with its cluster): wait for it, not
+            // ready meanwhile; a configuration error is final.
+            let mut wait = Duration::from_millis(200);
+            loop {
+                match NatsStore::connect(&options).await {
+                    Ok(store) => {
+                        let live = Arc::new(store.live());
+                        break Stores::from_backend(Arc::new(store)).with_live(live);
+                    }
+                    Err(e) if e.to_string().contains("cannot reach NATS") => {
+                        warn!(error = %e, "waiting for NATS");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    })
+}
+
 /// Runs a broker until SIGTERM or SIGINT, then shuts down gracefully. `on_listen` is called
 /// with the bound address once the broker accepts connections.
 pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.key_dir)?;
+    let hasher = TokenHasher::load_or_create(&config.key_dir)?;
     let opened = Instant::now();
-    let store = Stores::from_backend(Arc::new(SledStore::open(&config.store)?));
+    let store = open_store(&config, &hasher).await?;
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store opened"
     );
-    let hasher = TokenHasher::load_or_create(&config.data_dir)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mailbox_threads = if config.mailbox_threads == 0 {
         cores
@@ -76,7 +144,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     let federation_arbiter = Arbiter::new();
     let federation = Federation::start(
         config.federation,
-        ServerKey::load_or_create(&config.data_dir)?,
+        ServerKey::load_or_create(&config.key_dir)?,
         config.peers,
         store.clone(),
         &federation_arbiter.handle(),

@@ -328,14 +328,14 @@ async fn verify(
                     l.creds.user
                 );
             }
-            if let Some(&live) = l.seq_of.get(&id) {
-                if live != *seq {
-                    totals.seq_changed += 1;
-                    println!(
-                        "{}: sender {tag}'s #{n} was seq {live} before the cut, {seq} after",
-                        l.creds.user
-                    );
-                }
+            if let Some(&live) = l.seq_of.get(&id)
+                && live != *seq
+            {
+                totals.seq_changed += 1;
+                println!(
+                    "{}: sender {tag}'s #{n} was seq {live} before the cut, {seq} after",
+                    l.creds.user
+                );
             }
         }
         for id in &l.must {

@@ -134,7 +134,7 @@ pub(crate) async fn register_many(
                 }
                 devices.insert(0, first);
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                if n % step == 0 && n < total {
+                if n.is_multiple_of(step) && n < total {
                     println!("  registered {n}/{total} accounts");
                 }
                 anyhow::Ok(devices)

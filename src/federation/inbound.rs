@@ -41,17 +41,16 @@ use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
 /// Local delivery, as the receiving side of a link needs it. Implemented by the gateway with
 /// mailboxes, so that federation does not depend on them.
 pub trait LocalDelivery {
-    /// Stores an envelope for a local user. Called in transaction order; the envelope must be
-    /// queued for its mailbox before this returns, so that order is kept. The future resolves
-    /// once it is durable (`None`) or refused.
-    fn deliver(
-        &self,
-        origin: &str,
-        envelope: FedEnvelope,
-    ) -> LocalBoxFuture<'static, Option<ErrorCode>>;
+    /// Stores an envelope for a local user. Called in transaction order, and awaited before
+    /// the next envelope is given: it resolves once the envelope is queued for its mailbox
+    /// (so that order is kept), to the future of its answer: durable (`None`) or refused.
+    fn deliver(&self, origin: &str, envelope: FedEnvelope) -> LocalBoxFuture<'static, Routed>;
     /// Answers a lookup (`GetDevices`, `GetDeviceList`, `ClaimKey`) with its reply frame.
     fn answer(&self, origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame>;
 }
+
+/// An envelope handed to its mailbox: the future of its answer (`None`: durable).
+pub type Routed = LocalBoxFuture<'static, Option<ErrorCode>>;
 
 /// How often hellos that do not authenticate may make us fetch a peer's key again.
 const UNAUTHENTICATED_REFRESH: Duration = Duration::from_secs(60);
@@ -320,9 +319,9 @@ impl Service for InboundLink<'_> {
                 // Once one envelope is over the limit, everything after it on this link is
                 // refused too until it comes back (the origin resends from there) or expires,
                 // so that nothing overtakes it.
-                let done: Vec<_> = envelopes
-                    .into_iter()
-                    .map(|e| {
+                let mut done: Vec<Routed> = Vec::with_capacity(envelopes.len());
+                for e in envelopes {
+                    done.push({
                         let now = Instant::now();
                         if self
                             .rate_held
@@ -343,10 +342,10 @@ impl Service for InboundLink<'_> {
                             crate::telemetry::reject(ErrorCode::RateLimited.as_str());
                             Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
                         } else {
-                            self.local.deliver(origin, e)
+                            self.local.deliver(origin, e).await
                         }
-                    })
-                    .collect();
+                    });
+                }
                 self.txns
                     .push_back(Box::pin(async move { (txn_id, join_all(done).await) }));
             }

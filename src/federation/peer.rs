@@ -46,7 +46,7 @@ use super::{
 };
 use crate::{
     clock::now_ms,
-    store::{OutboxRecord, Stores, answered_inline, records::RECORD_VERSION},
+    store::{OutboxRecord, StoreError, StoreFuture, Stores, records::RECORD_VERSION},
 };
 
 /// State of the link to the destination.
@@ -152,6 +152,40 @@ pub struct FederationPeer {
     /// Since when the link has been failing, and how often; for the outage log lines.
     outage: Option<Outage>,
     stats: Stats,
+    /// This actor, for answers of store reads that did not answer at once (a network store).
+    me: Option<Addr<FederationPeer>>,
+    /// An outbox read for `pump` is running.
+    fetching: bool,
+    /// What it read: (the seq it read from, the entries).
+    fetched: Option<(u64, Vec<(u64, OutboxRecord)>)>,
+}
+
+/// Entries read from the outbox, or why not.
+type Read = Result<Vec<(u64, OutboxRecord)>, StoreError>;
+
+/// The answer of an outbox read `pump` started.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+struct Fetched {
+    from: u64,
+    result: Read,
+}
+
+/// The answers of the reads of a parked recipient's entries (seq, read).
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+struct ParkedRead {
+    to: String,
+    reads: Vec<(u64, Read)>,
+}
+
+/// Resolves `read` now if it can; else `None` and the future back, to be awaited.
+fn at_once<T>(mut read: StoreFuture<T>) -> Result<Result<T, StoreError>, StoreFuture<T>> {
+    use futures_util::FutureExt;
+    match (&mut read).now_or_never() {
+        Some(answer) => Ok(answer),
+        None => Err(read),
+    }
 }
 
 /// A stretch of failed connection attempts (and links that did not stay up for long).
@@ -236,6 +270,36 @@ impl FederationPeer {
             lookups_paused_until: None,
             outage: None,
             stats: Stats::default(),
+            me: None,
+            fetching: false,
+            fetched: None,
+        }
+    }
+
+    /// Up to `want` outbox entries from `from` on: at once, from a read that finished, or
+    /// `None` while a read runs (`pump` runs again when it is done).
+    fn read_outbox(&mut self, from: u64, want: usize) -> Option<Read> {
+        if let Some((at, entries)) = self.fetched.take()
+            && at == from
+        {
+            return Some(Ok(entries));
+        }
+        if self.fetching {
+            return None;
+        }
+        match at_once(self.store.outbox.read(self.domain(), from, want)) {
+            Ok(answer) => Some(answer),
+            Err(read) => {
+                let me = self.me.clone()?;
+                self.fetching = true;
+                actix::spawn(async move {
+                    me.do_send(Fetched {
+                        from,
+                        result: read.await,
+                    });
+                });
+                None
+            }
         }
     }
 
@@ -323,16 +387,13 @@ impl FederationPeer {
                 break;
             }
             let want = self.settings.batch;
-            let entries = match answered_inline(self.store.outbox.read(
-                self.domain(),
-                self.cursor,
-                want,
-            )) {
-                Ok(entries) => entries,
-                Err(e) => {
+            let entries = match self.read_outbox(self.cursor, want) {
+                Some(Ok(entries)) => entries,
+                Some(Err(e)) => {
                     warn!(error = %e, destination = %self.config.domain, "reading the outbox failed");
                     break;
                 }
+                None => break,
             };
             let now = now_ms();
             let mut envelopes = Vec::new();
@@ -481,19 +542,50 @@ impl FederationPeer {
             return;
         }
         parked.holding = false;
-        let Link::Up(tx) = &self.link else {
+        if !matches!(self.link, Link::Up(_)) {
             // Sent in order from the oldest entry when the link comes back.
+            return;
+        }
+        let seqs: Vec<u64> = parked.seqs.iter().copied().collect();
+        let mut reads = Vec::with_capacity(seqs.len());
+        let mut later = Vec::new();
+        for seq in seqs {
+            match at_once(self.store.outbox.read(self.domain(), seq, 1)) {
+                Ok(read) => reads.push((seq, read)),
+                Err(read) => later.push((seq, read)),
+            }
+        }
+        if later.is_empty() {
+            self.send_parked(to, reads, ctx);
+            return;
+        }
+        // A network store: held until the reads are answered.
+        if let (Some(me), Some(parked)) = (self.me.clone(), self.parked.get_mut(to)) {
+            parked.holding = true;
+            let to = to.to_owned();
+            actix::spawn(async move {
+                for (seq, read) in later {
+                    reads.push((seq, read.await));
+                }
+                reads.sort_by_key(|(seq, _)| *seq);
+                me.do_send(ParkedRead { to, reads });
+            });
+        }
+    }
+
+    /// Sends a parked recipient's entries, read from the outbox.
+    fn send_parked(&mut self, to: &str, reads: Vec<(u64, Read)>, ctx: &mut Context<Self>) {
+        let Link::Up(tx) = &self.link else {
             return;
         };
         let tx = tx.clone();
-        let seqs: Vec<u64> = parked.seqs.iter().copied().collect();
         let now = now_ms();
         let mut expired = Vec::new();
         let mut gone = Vec::new();
         let mut txns: Vec<(Vec<FedEnvelope>, Vec<u64>)> = Vec::new();
         let mut bytes = 0u64;
-        for seq in seqs {
-            let record = match answered_inline(self.store.outbox.read(self.domain(), seq, 1)) {
+        for (seq, read) in reads {
+            let record = match read {
                 Ok(mut found) => match found.pop() {
                     Some((got, record)) if got == seq => record,
                     _ => {
@@ -552,15 +644,8 @@ impl FederationPeer {
         self.pump();
     }
 
-    /// Reads the outbox's index into the backlog; false if the store could not.
-    fn load(&mut self) -> bool {
-        let index = match answered_inline(self.store.outbox.index(self.domain())) {
-            Ok(index) => index,
-            Err(e) => {
-                warn!(error = %e, destination = %self.config.domain, "loading the outbox failed; sends to this domain are refused until it loads");
-                return false;
-            }
-        };
+    /// Takes the outbox's index into the backlog.
+    fn load(&mut self, index: Vec<crate::store::OutboxEntry>) {
         for crate::store::OutboxEntry {
             seq,
             accepted_ms,
@@ -589,18 +674,37 @@ impl FederationPeer {
             );
         }
         self.loaded = true;
-        true
     }
 
     /// Loads the outbox, trying again after a backoff while the store fails.
     fn load_or_retry(&mut self, ctx: &mut Context<Self>, backoff: Backoff) {
-        let mut backoff = backoff;
-        if self.load() {
-            self.publish();
-            self.pump();
-        } else {
-            let delay = backoff.fail();
-            ctx.run_later(delay, move |act, ctx| act.load_or_retry(ctx, backoff));
+        match at_once(self.store.outbox.index(self.domain())) {
+            Ok(index) => self.loaded(index, ctx, backoff),
+            // Nothing else is handled until it is loaded (sends wait rather than overtake).
+            Err(read) => ctx.wait(
+                actix::fut::wrap_future::<_, Self>(read)
+                    .map(move |index, act, ctx| act.loaded(index, ctx, backoff)),
+            ),
+        }
+    }
+
+    fn loaded(
+        &mut self,
+        index: Result<Vec<crate::store::OutboxEntry>, StoreError>,
+        ctx: &mut Context<Self>,
+        mut backoff: Backoff,
+    ) {
+        match index {
+            Ok(index) => {
+                self.load(index);
+                self.publish();
+                self.pump();
+            }
+            Err(e) => {
+                warn!(error = %e, destination = %self.config.domain, "loading the outbox failed; sends to this domain are refused until it loads");
+                let delay = backoff.fail();
+                ctx.run_later(delay, move |act, ctx| act.load_or_retry(ctx, backoff));
+            }
         }
     }
 
@@ -901,11 +1005,41 @@ impl Actor for FederationPeer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
+        self.me = Some(ctx.address());
         let backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         self.load_or_retry(ctx, backoff);
         self.publish();
         ctx.run_interval(Duration::from_secs(1), |act, _| act.publish());
         self.connect(ctx);
+    }
+}
+
+impl Handler<Fetched> for FederationPeer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fetched, ctx: &mut Self::Context) {
+        self.fetching = false;
+        match msg.result {
+            Ok(entries) => {
+                self.fetched = Some((msg.from, entries));
+                self.pump();
+            }
+            Err(e) => {
+                warn!(error = %e, destination = %self.config.domain, "reading the outbox failed");
+                ctx.run_later(self.settings.backoff_min, |act, _| act.pump());
+            }
+        }
+    }
+}
+
+impl Handler<ParkedRead> for FederationPeer {
+    type Result = ();
+
+    fn handle(&mut self, msg: ParkedRead, ctx: &mut Self::Context) {
+        if let Some(parked) = self.parked.get_mut(&msg.to) {
+            parked.holding = false;
+            self.send_parked(&msg.to, msg.reads, ctx);
+        }
     }
 }
 

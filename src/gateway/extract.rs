@@ -12,7 +12,7 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
-use futures_util::future::{Ready, ready};
+use futures_util::future::{LocalBoxFuture, Ready, ready};
 use sealpost_proto::{DeviceId, Handle};
 
 use super::{AppState, error::ApiError, secrets::secret_header};
@@ -52,17 +52,18 @@ impl Authenticated {
 
 impl FromRequest for Authenticated {
     type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready((|| {
-            let state = app_state(req)?;
-            admit(state, req)?;
+        let req = req.clone();
+        Box::pin(async move {
+            let state = app_state(&req)?;
+            admit(state, &req)?;
             let raw = req.match_info().get("handle").ok_or(ApiError::NotFound)?;
             let handle = local_handle(state, raw)?;
-            let device = authenticate(state, req, &handle)?;
+            let device = authenticate(state, &req, &handle).await?;
             Ok(Authenticated { handle, device })
-        })())
+        })
     }
 }
 
@@ -103,7 +104,7 @@ pub(crate) async fn existing_account(state: &AppState, handle: &Handle) -> Resul
 /// Checks `Authorization: Bearer <device>.<token>` against a device of `handle`. The header
 /// was moved out of actix's header map by [`super::secrets::scrub`], which every request
 /// passes through.
-pub(crate) fn authenticate(
+pub(crate) async fn authenticate(
     state: &AppState,
     req: &HttpRequest,
     handle: &Handle,
@@ -116,11 +117,12 @@ pub(crate) fn authenticate(
     let (device, token) = cred.split_once('.').ok_or(ApiError::Unauthorized)?;
     let device: u32 = device.parse().map_err(|_| ApiError::Unauthorized)?;
     let token = DeviceToken::from_text(token).ok_or(ApiError::Unauthorized)?;
-    // Extractors answer synchronously here; a directory that answers later is unavailable
-    // until they await it.
-    let record =
-        crate::store::answered_inline(state.store.directory.device(handle.as_str(), device))?
-            .ok_or(ApiError::Unauthorized)?;
+    let record = state
+        .store
+        .directory
+        .device(handle.as_str(), device)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
     if !state.hasher.verify(&token, &record.token_hash) {
         return Err(ApiError::Unauthorized);
     }

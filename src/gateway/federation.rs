@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     federation::{
-        inbound::{self, LocalDelivery},
+        inbound::{self, LocalDelivery, Routed},
         link::MAX_SEALED_BYTES,
     },
     socket::{self, Socket},
@@ -75,43 +75,127 @@ pub async fn upgrade(
 /// Local delivery for inbound links.
 pub struct Local(pub Arc<AppState>);
 
-fn ready<T: 'static>(value: T) -> LocalBoxFuture<'static, T> {
-    Box::pin(std::future::ready(value))
-}
-
 impl Local {
-    fn local_user(&self, user: &str) -> Result<Handle, ErrorCode> {
+    async fn local_user(&self, user: &str) -> Result<Handle, ErrorCode> {
         let handle = Handle::parse(user).map_err(|_| ErrorCode::InvalidHandle)?;
         if handle.domain() != self.0.settings.domain {
             return Err(ErrorCode::UnknownDomain);
         }
-        match crate::store::answered_inline(self.0.store.directory.account(handle.as_str())) {
+        match self.0.store.directory.account(handle.as_str()).await {
             Ok(Some(_)) => Ok(handle),
             Ok(None) => Err(ErrorCode::UnknownRecipient),
             Err(_) => Err(ErrorCode::StoreUnavailable),
         }
     }
 
-    fn admit(&self, to: &Handle, admission: &Admission) -> Result<(), ErrorCode> {
+    async fn admit(&self, to: &Handle, admission: &Admission) -> Result<(), ErrorCode> {
         match admission {
             // The origin broker authenticated the sender; which account it is, it does not
             // say. The per-origin rate limit applies.
             Admission::Origin => Ok(()),
             Admission::Token(proof) => {
-                admit_sealed(&self.0, to, Some(Presented::Proof(proof)), None)
+                admit_sealed(&self.0, to, Some(Presented::Proof(proof)), None).await
             }
-            Admission::Open => admit_sealed(&self.0, to, None, None),
+            Admission::Open => admit_sealed(&self.0, to, None, None).await,
+        }
+    }
+
+    async fn answer_now(&self, request: LinkFrame) -> LinkFrame {
+        let state = &self.0;
+        match request {
+            LinkFrame::GetDevices { req_id, user } => {
+                let answer = match self.local_user(&user).await {
+                    Ok(h) => state
+                        .store
+                        .directory
+                        .devices(h.as_str())
+                        .await
+                        .map_err(|_| ErrorCode::StoreUnavailable),
+                    Err(code) => Err(code),
+                };
+                match answer {
+                    Ok(devices) => LinkFrame::Devices {
+                        req_id,
+                        devices: devices
+                            .into_iter()
+                            .map(|(device, d)| RemoteDevice {
+                                device,
+                                identity_keys: d.identity_keys,
+                            })
+                            .collect(),
+                    },
+                    Err(code) => LinkFrame::Refused { req_id, code },
+                }
+            }
+            LinkFrame::GetDeviceList { req_id, user } => {
+                let answer = match self.local_user(&user).await {
+                    Ok(h) => match state.store.directory.device_list(h.as_str()).await {
+                        Ok(Some(signed)) => Ok(signed),
+                        Ok(None) => Err(ErrorCode::NotFound),
+                        Err(_) => Err(ErrorCode::StoreUnavailable),
+                    },
+                    Err(code) => Err(code),
+                };
+                match answer {
+                    Ok(signed) => LinkFrame::DeviceList { req_id, signed },
+                    Err(code) => LinkFrame::Refused { req_id, code },
+                }
+            }
+            LinkFrame::ClaimKey {
+                req_id,
+                user,
+                device,
+                admission,
+            } => {
+                let handle = match self.local_user(&user).await {
+                    Ok(h) => h,
+                    Err(code) => return LinkFrame::Refused { req_id, code },
+                };
+                if let Err(code) = self.admit(&handle, &admission).await {
+                    return LinkFrame::Refused { req_id, code };
+                }
+                if !state.limits.allow_claim(handle.as_str(), device) {
+                    return LinkFrame::Refused {
+                        req_id,
+                        code: ErrorCode::RateLimited,
+                    };
+                }
+                let claimed = state
+                    .mailboxes
+                    .claim_key(handle.as_str(), DeviceId(device))
+                    .await;
+                match claimed {
+                    Ok(Some(k)) => LinkFrame::Claimed {
+                        req_id,
+                        key_id: k.key_id,
+                        key: k.key,
+                        fallback: k.fallback,
+                    },
+                    Ok(None) => LinkFrame::Refused {
+                        req_id,
+                        code: ErrorCode::NotFound,
+                    },
+                    _ => LinkFrame::Refused {
+                        req_id,
+                        code: ErrorCode::StoreUnavailable,
+                    },
+                }
+            }
+            other => {
+                // Not a request: the link code never hands these over.
+                let _ = other;
+                LinkFrame::LinkError {
+                    code: ErrorCode::UnknownFrameType,
+                    message: "not a request".into(),
+                }
+            }
         }
     }
 }
 
 impl LocalDelivery for Local {
-    fn deliver(
-        &self,
-        origin: &str,
-        envelope: FedEnvelope,
-    ) -> LocalBoxFuture<'static, Option<ErrorCode>> {
-        let state = &self.0;
+    fn deliver(&self, origin: &str, envelope: FedEnvelope) -> LocalBoxFuture<'static, Routed> {
+        let state = self.0.clone();
         let FedEnvelope {
             id,
             to,
@@ -131,100 +215,21 @@ impl LocalDelivery for Local {
                 admission,
             },
         };
-        match state.route(send) {
-            Ok(pending) => Box::pin(async move { refusal(pending.await.1) }),
-            Err(code) => ready(Some(code)),
-        }
+        // Resolves once handed over, to the future of the answer (awaited later, in order).
+        #[allow(clippy::async_yields_async)]
+        Box::pin(async move {
+            match state.route(send).await {
+                Ok(pending) => {
+                    Box::pin(async move { refusal(pending.await.1) }) as LocalBoxFuture<'_, _>
+                }
+                Err(code) => Box::pin(std::future::ready(Some(code))),
+            }
+        })
     }
 
     fn answer(&self, _origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame> {
-        let state = self.0.clone();
-        match request {
-            LinkFrame::GetDevices { req_id, user } => {
-                let answer = self.local_user(&user).and_then(|h| {
-                    crate::store::answered_inline(state.store.directory.devices(h.as_str()))
-                        .map_err(|_| ErrorCode::StoreUnavailable)
-                });
-                ready(match answer {
-                    Ok(devices) => LinkFrame::Devices {
-                        req_id,
-                        devices: devices
-                            .into_iter()
-                            .map(|(device, d)| RemoteDevice {
-                                device,
-                                identity_keys: d.identity_keys,
-                            })
-                            .collect(),
-                    },
-                    Err(code) => LinkFrame::Refused { req_id, code },
-                })
-            }
-            LinkFrame::GetDeviceList { req_id, user } => {
-                let answer =
-                    self.local_user(&user).and_then(|h| {
-                        match crate::store::answered_inline(
-                            state.store.directory.device_list(h.as_str()),
-                        ) {
-                            Ok(Some(signed)) => Ok(signed),
-                            Ok(None) => Err(ErrorCode::NotFound),
-                            Err(_) => Err(ErrorCode::StoreUnavailable),
-                        }
-                    });
-                ready(match answer {
-                    Ok(signed) => LinkFrame::DeviceList { req_id, signed },
-                    Err(code) => LinkFrame::Refused { req_id, code },
-                })
-            }
-            LinkFrame::ClaimKey {
-                req_id,
-                user,
-                device,
-                admission,
-            } => {
-                let admitted = self.local_user(&user).and_then(|h| {
-                    self.admit(&h, &admission)?;
-                    if state.limits.allow_claim(h.as_str(), device) {
-                        Ok(h)
-                    } else {
-                        Err(ErrorCode::RateLimited)
-                    }
-                });
-                let handle = match admitted {
-                    Ok(h) => h,
-                    Err(code) => return ready(LinkFrame::Refused { req_id, code }),
-                };
-                Box::pin(async move {
-                    let claimed = state
-                        .mailboxes
-                        .claim_key(handle.as_str(), DeviceId(device))
-                        .await;
-                    match claimed {
-                        Ok(Some(k)) => LinkFrame::Claimed {
-                            req_id,
-                            key_id: k.key_id,
-                            key: k.key,
-                            fallback: k.fallback,
-                        },
-                        Ok(None) => LinkFrame::Refused {
-                            req_id,
-                            code: ErrorCode::NotFound,
-                        },
-                        _ => LinkFrame::Refused {
-                            req_id,
-                            code: ErrorCode::StoreUnavailable,
-                        },
-                    }
-                })
-            }
-            other => {
-                // Not a request: the link code never hands these over.
-                let _ = other;
-                ready(LinkFrame::LinkError {
-                    code: ErrorCode::UnknownFrameType,
-                    message: "not a request".into(),
-                })
-            }
-        }
+        let local = Local(self.0.clone());
+        Box::pin(async move { local.answer_now(request).await })
     }
 }
 

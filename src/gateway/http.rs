@@ -198,7 +198,7 @@ async fn add_device(
             }
         }
         _ => {
-            authenticate(&state, &req, &handle)?;
+            authenticate(&state, &req, &handle).await?;
         }
     }
     let token = DeviceToken::generate();

@@ -206,11 +206,11 @@ async fn key_count(
 /// Admits a claim: the target's delivery token (`Sealpost-Delivery-Token`, base64url), an
 /// authenticated device of any local account (`Sealpost-Account` + `Authorization`), or no
 /// credential for a target that accepts anyone.
-fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(), ApiError> {
+async fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(), ApiError> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     if let Some(account) = header("sealpost-account") {
         let claimant = local_handle(state, account)?;
-        authenticate(state, req, &claimant)?;
+        authenticate(state, req, &claimant).await?;
         return Ok(());
     }
     let token = match secret_header(req, "sealpost-delivery-token") {
@@ -221,7 +221,7 @@ fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(
     };
     let ip = state.client_ip(req);
     let presented = token.as_ref().map(|t| Presented::Token(t));
-    match admit_sealed(state, target, presented, ip) {
+    match admit_sealed(state, target, presented, ip).await {
         Ok(()) => Ok(()),
         Err(ErrorCode::RateLimited) => Err(ApiError::RateLimited),
         Err(ErrorCode::StoreUnavailable) => Err(ApiError::Unavailable),
@@ -232,7 +232,7 @@ fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Result<(
 /// How a claim for a user of a peer domain is admitted here, to be checked again by that
 /// user's broker: a local device vouches (`Sealpost-Account` + `Authorization`), or the
 /// target's delivery token is forwarded, or neither (limited per source IP here).
-fn remote_admission(
+async fn remote_admission(
     state: &AppState,
     req: &HttpRequest,
 ) -> Result<sealpost_proto::federation::Admission, ApiError> {
@@ -240,7 +240,7 @@ fn remote_admission(
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     if let Some(account) = header("sealpost-account") {
         let claimant = local_handle(state, account)?;
-        authenticate(state, req, &claimant)?;
+        authenticate(state, req, &claimant).await?;
         return Ok(Admission::Origin);
     }
     if let Some(t) = secret_header(req, "sealpost-delivery-token") {
@@ -266,7 +266,7 @@ async fn claim_key(
 ) -> Result<HttpResponse, ApiError> {
     let (raw, device) = path.into_inner();
     if let Some(remote) = super::remote::remote_handle(&state, &raw)? {
-        let admission = remote_admission(&state, &req)?;
+        let admission = remote_admission(&state, &req).await?;
         let (key_id, key, fallback) =
             super::remote::remote_claim(&state, remote, device, admission).await?;
         return Ok(HttpResponse::Ok().json(Claimed {
@@ -276,7 +276,7 @@ async fn claim_key(
         }));
     }
     let handle = local_handle(&state, &raw)?;
-    admit_claim(&state, &req, &handle)?;
+    admit_claim(&state, &req, &handle).await?;
     if !state.limits.allow_claim(handle.as_str(), device) {
         return Err(ApiError::RateLimited);
     }

@@ -26,7 +26,6 @@ pub(crate) type PendingSend = std::pin::Pin<Box<dyn Future<Output = (EnvelopeId,
 use crate::{
     crypto::{TokenHasher, delivery_proof},
     mailbox::Delivery,
-    store::answered_inline,
 };
 
 /// Where a send came from, which decides how it is admitted.
@@ -62,9 +61,11 @@ pub(crate) struct Send {
 
 impl AppState {
     /// Checks `send` once and hands it to the recipient's mailbox or its domain's federation
-    /// peer now (so a connection's sends keep their order); returns the future of its answer.
-    /// A send refused by the checks is answered at once with the reason.
-    pub(crate) fn route(&self, send: Send) -> Result<PendingSend, ErrorCode> {
+    /// peer; resolves once it is handed over, to the future of its answer. A connection
+    /// awaits this before it routes its next send, so that its sends keep their order (the
+    /// checks may ask the store: at once for sled, over the network for NATS). A send refused
+    /// by the checks resolves to the reason.
+    pub(crate) async fn route(&self, send: Send) -> Result<PendingSend, ErrorCode> {
         let Send {
             id,
             to,
@@ -107,11 +108,11 @@ impl AppState {
             return Ok(Box::pin(async move { (id, answer.await) }));
         }
         check_fields(class, ttl_secs, &copies)?;
-        self.check_account(&to)?;
+        self.check_account(&to).await?;
         let origin = match from {
             From::Device => None,
             From::Sealed { token, ip } => {
-                admit_sealed(self, &to, token.as_deref().map(Presented::Token), ip)?;
+                admit_sealed(self, &to, token.as_deref().map(Presented::Token), ip).await?;
                 None
             }
             From::Peer { origin, admission } => {
@@ -120,9 +121,9 @@ impl AppState {
                     // not say. The per-origin rate limit applies on the link.
                     Admission::Origin => {}
                     Admission::Token(proof) => {
-                        admit_sealed(self, &to, Some(Presented::Proof(&proof)), None)?;
+                        admit_sealed(self, &to, Some(Presented::Proof(&proof)), None).await?;
                     }
-                    Admission::Open => admit_sealed(self, &to, None, None)?,
+                    Admission::Open => admit_sealed(self, &to, None, None).await?,
                 }
                 // The origin checked the device set when it accepted the envelope; devices
                 // may have changed since (while it sat in the outbox): the mailbox gives the
@@ -142,12 +143,12 @@ impl AppState {
     }
 
     /// Whether a local recipient's account exists.
-    fn check_account(&self, to: &Handle) -> Result<(), ErrorCode> {
+    async fn check_account(&self, to: &Handle) -> Result<(), ErrorCode> {
         // A live mailbox means the account exists (mailboxes are spawned only for accounts).
         if self.mailboxes.is_live(to.as_str()) {
             return Ok(());
         }
-        match answered_inline(self.store.directory.account(to.as_str())) {
+        match self.store.directory.account(to.as_str()).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(ErrorCode::UnknownRecipient),
             Err(_) => Err(ErrorCode::StoreUnavailable),
@@ -213,13 +214,17 @@ impl Presented<'_> {
 /// Admits a sealed envelope (or a key claim) for a local recipient `to`: a valid delivery
 /// token (or a peer's proof of one), or none for a recipient that accepts sealed envelopes
 /// from anyone (then limited per source IP).
-pub(crate) fn admit_sealed(
+pub(crate) async fn admit_sealed(
     state: &AppState,
     to: &Handle,
     presented: Option<Presented<'_>>,
     ip: Option<IpAddr>,
 ) -> Result<(), ErrorCode> {
-    let record = answered_inline(state.store.directory.delivery_token(to.as_str()))
+    let record = state
+        .store
+        .directory
+        .delivery_token(to.as_str())
+        .await
         .map_err(|_| ErrorCode::StoreUnavailable)?;
     let (stored, of_proof, unrestricted) = record.map_or((None, false, false), |r| {
         (r.token_hash, r.of_proof, r.unrestricted)

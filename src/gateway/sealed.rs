@@ -113,7 +113,7 @@ impl Service for SealedSession<'_> {
                 ip: self.ip,
             },
         };
-        match state.route(send) {
+        match state.route(send).await {
             Ok(pending) => self.pending.push(pending),
             Err(code) => reject_send(session, id, code).await,
         }

@@ -500,7 +500,7 @@ impl Service for DeviceSession<'_> {
                     copies,
                     from: From::Device,
                 };
-                match self.state.route(send) {
+                match self.state.route(send).await {
                     Ok(pending) => self.pending.push(pending),
                     Err(code) => reject_send(session, id, code).await,
                 }

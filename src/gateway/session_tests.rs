@@ -389,6 +389,7 @@ fn inbound_federation_delivery_stores_for_the_devices_that_remain() {
         // The origin checked the device set; bob's device 3 is gone since: 1 and 2 get theirs.
         let answer = local
             .deliver("peer.example", envelope(5, &[1, 2, 3], Admission::Origin))
+            .await
             .await;
         assert_eq!(answer, None);
         // A token that is not bob's is refused.
@@ -397,13 +398,14 @@ fn inbound_federation_delivery_stores_for_the_devices_that_remain() {
                 "peer.example",
                 envelope(6, &[1, 2], Admission::Token(vec![1; 32])),
             )
+            .await
             .await;
         assert_eq!(answer, Some(ErrorCode::BadDeliveryToken));
         // A recipient on another domain is not relayed.
         let mut elsewhere = envelope(7, &[1], Admission::Origin);
         elsewhere.to = "carol@other.example".into();
         assert_eq!(
-            local.deliver("peer.example", elsewhere).await,
+            local.deliver("peer.example", elsewhere).await.await,
             Some(ErrorCode::UnknownDomain)
         );
         let mut bob = Client::open(&h.state, false).await;

@@ -8,7 +8,7 @@ use std::{
 
 use actix::{fut::wrap_future, prelude::*};
 use actix_web::web::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use sealpost_proto::{
     Class, CloseCode, DeviceId, Envelope, EnvelopeId, ErrorCode, Notice, SendOutcome, ServerFrame,
 };
@@ -26,7 +26,7 @@ use crate::{
     clock::now_ms,
     store::{
         AppendError, Appended, EnvelopeRecord, FallbackKeyRecord, KeyUpload, KeysPut, NewEnvelope,
-        QueueLimits, StoreError, StoreFuture, Stores, Trim, UserInbox,
+        QueueLimits, StoreError, StoreFuture, Stores, Trim, UserInbox, live::LiveEvent,
     },
     telemetry,
 };
@@ -71,6 +71,17 @@ struct DeviceQueue {
     pushed_hwm: u64,
     /// The connected session, if any.
     conn: Option<Attached>,
+    /// Whether this mailbox listens to the device's live events (a store whose sockets may
+    /// be held in other processes; from the device's first attach until the mailbox stops).
+    listening: bool,
+}
+
+/// A live-delivery event for one of the user's devices.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Live {
+    device: DeviceId,
+    event: LiveEvent,
 }
 
 /// A connected device.
@@ -91,6 +102,9 @@ struct Attached {
     /// A read from the store is under way (a backend that does not answer inline); its
     /// completion continues the pump.
     reading: bool,
+    /// When it attached (ms since the Unix epoch): of two sessions of one device in two
+    /// processes, the later one stays.
+    at_ms: u64,
 }
 
 /// The single writer of one user's device queues.
@@ -414,27 +428,39 @@ impl Mailbox {
         Ok(kept)
     }
 
-    /// Pushes an ephemeral envelope to connected devices; never stored.
+    /// Pushes an ephemeral envelope to connected devices — here, or (a scale-out store)
+    /// wherever they are connected; never stored.
     fn push_ephemeral(&mut self, msg: &Submit) -> SendOutcome {
         let now = now_ms();
+        let elsewhere = self.stores.live.spans_processes();
         for copy in msg.copies.iter() {
+            let frame = || {
+                Bytes::from(
+                    ServerFrame::DeliverEphemeral {
+                        envelope: Envelope {
+                            id: msg.id,
+                            class: Class::Ephemeral,
+                            accepted_ms: now,
+                            expires_ms: now + u64::from(msg.ttl_secs) * 1000,
+                            ciphertext: copy.ciphertext.clone(),
+                        },
+                    }
+                    .encode(),
+                )
+            };
             let Some(live) = self.devices.get(&copy.device).and_then(|q| q.conn.as_ref()) else {
+                if elsewhere {
+                    self.stores
+                        .live
+                        .ephemeral(&self.user, copy.device.0, frame());
+                }
                 continue;
             };
             // Never let ephemeral traffic eat the room durable deliveries need.
             if live.conn.tx.capacity() <= self.config.window {
                 continue;
             }
-            let frame = ServerFrame::DeliverEphemeral {
-                envelope: Envelope {
-                    id: msg.id,
-                    class: Class::Ephemeral,
-                    accepted_ms: now,
-                    expires_ms: now + u64::from(msg.ttl_secs) * 1000,
-                    ciphertext: copy.ciphertext.clone(),
-                },
-            };
-            if live.conn.tx.try_send(Bytes::from(frame.encode())).is_ok() {
+            if live.conn.tx.try_send(frame()).is_ok() {
                 metrics::counter!("sealpost_ephemeral_total").increment(1);
             }
         }
@@ -512,6 +538,7 @@ impl DeviceQueue {
             durable_next: end,
             pushed_hwm: 0,
             conn: None,
+            listening: false,
         }
     }
 }
@@ -589,11 +616,92 @@ impl Handler<Attach> for Mailbox {
             last_progress: Instant::now(),
             hot: VecDeque::new(),
             reading: false,
+            at_ms: now_ms(),
         });
+        let at_ms = q.conn.as_ref().map_or(0, |l| l.at_ms);
+        let live = self.stores.live.clone();
+        if live.spans_processes() {
+            // A session of this device in another process closes (`displaced`); appends made
+            // there, and ephemeral envelopes sent there, reach this one.
+            live.attached(&self.user, msg.device.0, at_ms);
+            if !q.listening {
+                q.listening = true;
+                let device = msg.device;
+                ctx.add_stream(
+                    live.subscribe(&self.user, device.0)
+                        .into_stream()
+                        .map(move |event| Live { device, event }),
+                );
+            }
+        }
         metrics::gauge!("sealpost_connections").increment(1.0);
         self.pump(msg.device, ctx);
         self.watch(ctx);
         Ok(())
+    }
+}
+
+impl StreamHandler<Live> for Mailbox {
+    fn handle(&mut self, msg: Live, ctx: &mut Self::Context) {
+        let Live { device, event } = msg;
+        match event {
+            LiveEvent::Ready => {
+                // Subscribed: what was appended elsewhere before is read from the store's end.
+                let Some(inbox) = self.inbox.as_ref() else {
+                    return;
+                };
+                ctx.spawn(
+                    wrap_future::<_, Self>(inbox.end(device.0)).map(move |end, act, ctx| {
+                        if let Ok(end) = end {
+                            act.advance(device, end, ctx);
+                        }
+                    }),
+                );
+            }
+            LiveEvent::Durable(end) => self.advance(device, end, ctx),
+            LiveEvent::Attached { origin, at_ms } => {
+                let own = self.stores.live.origin();
+                let newer = self
+                    .devices
+                    .get(&device)
+                    .and_then(|q| q.conn.as_ref())
+                    .is_some_and(|l| origin != own && (at_ms, origin) > (l.at_ms, own));
+                if newer {
+                    self.kick(device, CloseCode::Displaced);
+                }
+            }
+            LiveEvent::Ephemeral(frame) => {
+                let Some(live) = self.devices.get(&device).and_then(|q| q.conn.as_ref()) else {
+                    return;
+                };
+                // Never let ephemeral traffic eat the room durable deliveries need.
+                if live.conn.tx.capacity() > self.config.window
+                    && live.conn.tx.try_send(frame).is_ok()
+                {
+                    metrics::counter!("sealpost_ephemeral_total").increment(1);
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        // A device's events ended (the store's connection closed): the mailbox goes on; its
+        // devices are served from the store.
+    }
+}
+
+impl Mailbox {
+    /// Another process made `device`'s queue durable below `end`: push what is new.
+    fn advance(&mut self, device: DeviceId, end: u64, ctx: &mut Context<Self>) {
+        let advanced = self
+            .devices
+            .get_mut(&device)
+            .filter(|q| q.durable_next < end)
+            .map(|q| q.durable_next = end)
+            .is_some();
+        if advanced {
+            self.pump(device, ctx);
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use super::{
     messages::{Ack, AddDevice, Attach, ClaimKey, Expire, RemoveDevice, Submit, UploadKeys},
     push_queue,
 };
-use crate::store::{DeviceRecord, Inbox, Stores, memory::MemoryStore};
+use crate::store::{DeviceRecord, Inbox, Stores, live::LiveEvent, memory::MemoryStore};
 
 const USER: &str = "bob@test.example";
 const WINDOW: usize = 2;
@@ -159,11 +159,18 @@ fn what_becomes_durable_is_notified_on_the_live_delivery_seam() {
     run(|| async {
         let f = fixture(10).await;
         let mut one = f.registry.live_delivery().subscribe(USER, 1);
-        let two = f.registry.live_delivery().subscribe(USER, 2);
+        let mut two = f.registry.live_delivery().subscribe(USER, 2);
         assert_eq!(f.submit(send(1, &[1, 2], None)).await, ACCEPTED);
         assert_eq!(f.submit(send(2, &[1, 2], None)).await, ACCEPTED);
-        assert_eq!(one.changed().await, Some(3), "durable below seq 3");
-        assert_eq!(two.latest(), 3);
+        for sub in [&mut one, &mut two] {
+            assert_eq!(sub.next().await, Some(LiveEvent::Ready));
+            assert_eq!(sub.next().await, Some(LiveEvent::Durable(2)));
+            assert_eq!(
+                sub.next().await,
+                Some(LiveEvent::Durable(3)),
+                "durable below seq 3"
+            );
+        }
     });
 }
 

@@ -7,15 +7,15 @@
 //!   per-device gap-free sequence numbers, windowed push, ack, expiry, quota.
 //! - [`push_queue`]: the bounded queue of frames from a mailbox to a connected session (not
 //!   to be confused with a federation outbox).
-//! - [`live`]: the live-delivery seam — a mailbox wakes whoever holds a device's socket, in
-//!   this process today, in another one with a scale-out backend.
+//! - live delivery ([`crate::store::live`]): a mailbox announces what became durable, that a
+//!   device connected, and ephemeral envelopes, for sockets held in other processes (the
+//!   scale-out store), and listens for them for the devices it holds.
 //! - [`registry`]: finds or spawns the mailbox of a user, spreads them over threads, and
 //!   forgets them when they stop idle.
 
 pub mod actor;
 mod device_map;
 pub mod handle;
-pub mod live;
 pub mod messages;
 pub mod push_queue;
 pub mod registry;

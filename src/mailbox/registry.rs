@@ -18,10 +18,9 @@ use actix::{Actor, Addr, ArbiterHandle, Handler, Message, dev::ToEnvelope};
 
 use super::{
     Mailbox, MailboxConfig,
-    live::{InProcess, LiveDelivery},
     messages::{KickAll, Retire},
 };
-use crate::store::Stores;
+use crate::store::{Stores, live::LiveDelivery};
 
 /// Why a mailbox call failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,24 +38,12 @@ pub struct Registry {
     next_incarnation: AtomicU64,
     stores: Stores,
     config: Arc<MailboxConfig>,
-    /// Where mailboxes announce what became durable, for sockets they do not hold.
-    delivery: Arc<dyn LiveDelivery>,
 }
 
 impl Registry {
-    /// A registry spawning mailboxes on `arbiters` (at least one), with the in-process
-    /// live-delivery seam.
+    /// A registry spawning mailboxes on `arbiters` (at least one), with `stores` (whose
+    /// live-delivery seam reaches sockets held in other processes).
     pub fn new(arbiters: Vec<ArbiterHandle>, stores: Stores, config: MailboxConfig) -> Arc<Self> {
-        Self::with_live_delivery(arbiters, stores, config, InProcess::new())
-    }
-
-    /// [`Registry::new`] with another live-delivery seam.
-    pub fn with_live_delivery(
-        arbiters: Vec<ArbiterHandle>,
-        stores: Stores,
-        config: MailboxConfig,
-        delivery: Arc<dyn LiveDelivery>,
-    ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
             "the registry needs at least one arbiter"
@@ -68,7 +55,6 @@ impl Registry {
             next_incarnation: AtomicU64::new(1),
             stores,
             config: Arc::new(config),
-            delivery,
         })
     }
 
@@ -162,7 +148,7 @@ impl Registry {
 
     /// The live-delivery seam mailboxes notify.
     pub fn live_delivery(&self) -> &Arc<dyn LiveDelivery> {
-        &self.delivery
+        &self.stores.live
     }
 
     /// Number of live mailboxes.

@@ -658,3 +658,20 @@ impl Outbox for MemoryStore {
         Ok(MemoryStore::durable(self, Ok(())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::MemoryStore;
+    use crate::store::{Stores, contract};
+
+    #[test]
+    fn the_seams_contract_holds() {
+        let stores = Stores::from_backend(Arc::new(MemoryStore::new()));
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(contract::all(&stores, ""));
+    }
+}

@@ -9,6 +9,7 @@
 //!                  │                        │
 //!        ┌─────────┴─────────┐     ┌────────┴─────────┐
 //!   sled::SledStore (default)   memory::MemoryStore (unit tests, injectable faults)
+//!                    nats::NatsStore (scale-out: many pods, one domain)
 //! ```
 //!
 //! # Contract
@@ -28,24 +29,28 @@
 //!
 //! # How each trait maps onto the backends
 //!
-//! | seam | sled (now, [`sled`]) | NATS JetStream (later) |
+//! | seam | sled ([`sled`], the embedded default) | NATS JetStream ([`nats`], scale-out) |
 //! |---|---|---|
-//! | [`Inbox::open`] | reads the heads, rolls back a send a crash tore (a prefix of unsynced writes survives: envelopes, heads, then the dedup record that commits them), waits for a flush if the last one failed | reads each device subject's last message (`last_by_subject`); nothing to repair: a publish is atomic |
-//! | [`UserInbox::append`] | envelopes + heads + dedup record, written in commit order; one group commit (flush + fsync) covers many appends | one publish per device subject (`inbox.<user>.<device>`), `Nats-Msg-Id` = envelope id + device for dedup, `Nats-Expected-Last-Subject-Sequence` for the single writer, per-message TTL (`Nats-TTL`); resolves on the publish acks |
-//! | [`UserInbox::duplicate`] | the dedup record, or a send still being flushed | the writer's memory of recent ids; after a restart the publish itself answers duplicate |
-//! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts kept by the writer from stream info; `max_msgs_per_subject` as a backstop |
-//! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | ordered consumer / direct get by subject from a sequence |
-//! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head; a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | `delete_msg` by stream sequence |
+//! | [`Inbox::open`] | reads the heads, rolls back a send a crash tore (a prefix of unsynced writes survives: envelopes, heads, then the dedup record that commits them), waits for a flush if the last one failed | reads each device subject (batched direct get): its envelopes, its end, its head marker; nothing to repair: a publish is atomic |
+//! | [`UserInbox::append`] | envelopes + heads + dedup record, written in commit order; one group commit (flush + fsync) covers many appends | one publish per copy (`sp.in.<p>.<U>.<device>`), `Nats-Msg-Id` = envelope id + device for dedup, `Nats-Expected-Last-Subject-Sequence` so that two pods writing one queue number it without gaps, `Nats-TTL`; resolves on the publish acks (quorum) |
+//! | [`UserInbox::duplicate`] | the dedup record, or a send still being flushed | the writer's memory of recent ids; otherwise the publish itself answers duplicate |
+//! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts the writer read at open plus its own appends |
+//! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | batched direct get by subject from the cursor's stream sequence |
+//! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head; a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | a head marker if the queue drains, then delete (with erase) by stream sequence |
 //! | [`Inbox::due`], [`UserInbox::expire`] | the `x`/`y` expiry indexes, swept by the server | nothing due: the stream expires messages by their TTL |
-//! | [`Directory`] | tree `accounts`, one lock for read-modify-write | a KV bucket; `create`/`update` with revision = compare-and-set (device ids, key claims) |
-//! | [`Outbox`] | tree `outbox`, one key per envelope | a work-queue stream per destination domain |
-//! | [`Health`] | free disk space and the last flush | the server's connection and the stream's state |
+//! | [`Directory`] | tree `accounts`, one lock for read-modify-write | KV bucket `sealpost_directory`; create/update on the revision = compare-and-set (device ids, key claims, link codes) |
+//! | [`Outbox`] | tree `outbox`, one key per envelope | stream `SEALPOST_OUTBOX`, a subject per (domain, pod) |
+//! | [`Health`] | free disk space and the last flush | the connection to NATS and the last write |
 //!
 //! Key layouts of the sled backend live in [`keys`] (one catalogue; the on-disk format),
 //! record types in [`records`].
 
+#[doc(hidden)]
+pub mod contract;
 pub mod keys;
+pub mod live;
 pub mod memory;
+pub mod nats;
 pub mod records;
 pub mod sled;
 
@@ -91,18 +96,6 @@ pub(crate) fn ready<T: Send + 'static>(result: Result<T>) -> StoreFuture<T> {
     Box::pin(std::future::ready(result))
 }
 
-/// The answer of a store call whose caller has not been made to await it yet: a backend that
-/// answers inline (sled) is used as before; one that would answer later is taken as
-/// unavailable. Used where order matters and the caller is synchronous today: a send's
-/// checks (a connection's sends must reach their mailboxes in order) and the federation
-/// peer's outbox reads. Both become awaits with the router and peer rework (issue 8).
-pub fn answered_inline<T>(answer: StoreFuture<T>) -> Result<T> {
-    use futures_util::FutureExt;
-    answer
-        .now_or_never()
-        .unwrap_or_else(|| Err(StoreError::Io("the store did not answer inline".into())))
-}
-
 /// The store's seams, as the broker holds them.
 #[derive(Clone)]
 pub struct Stores {
@@ -114,17 +107,25 @@ pub struct Stores {
     pub outbox: Arc<dyn Outbox>,
     /// Room and flush state.
     pub health: Arc<dyn Health>,
+    /// Wakes the holders of devices' sockets, in whatever process they are.
+    pub live: Arc<dyn live::LiveDelivery>,
 }
 
 impl Stores {
-    /// All four seams served by one backend.
+    /// The four storage seams served by one backend, with live delivery inside this process.
     pub fn from_backend<B: Inbox + Directory + Outbox + Health>(backend: Arc<B>) -> Self {
         Stores {
             inbox: backend.clone(),
             directory: backend.clone(),
             outbox: backend.clone(),
             health: backend,
+            live: live::InProcess::new(),
         }
+    }
+
+    /// The same stores with another live-delivery seam.
+    pub fn with_live(self, live: Arc<dyn live::LiveDelivery>) -> Self {
+        Stores { live, ..self }
     }
 }
 
@@ -275,6 +276,16 @@ pub trait UserInbox: Send + 'static {
     /// Expires what is due of this user (from [`Inbox::due`]); answers the (device, seq) of
     /// the envelopes it deleted. Deletions ride the next durable write.
     fn expire(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>>;
+    /// A device queue's end as the store has it now: below it everything stored is durable.
+    /// Beyond [`UserInbox::ends`] when another writer (in another process) appended.
+    fn end(&self, device: u32) -> StoreFuture<u64> {
+        let end = self
+            .ends()
+            .into_iter()
+            .find(|(d, _)| *d == device)
+            .map_or(1, |(_, end)| end);
+        ready(Ok(end))
+    }
 }
 
 // ---------------------------------------------------------------------------------------

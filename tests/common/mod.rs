@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub, clippy::cast_possible_truncation)]
 
+pub mod nats;
 pub mod sdk;
 pub mod site;
 
@@ -238,12 +239,22 @@ fn spawn(
         .append(true)
         .open(log_path)
         .expect("log");
+    // With SEALPOST_TEST_STORE (NATS URLs, as scripts/test-all sets for a second run of the
+    // delivery tests), brokers keep their state in that cluster instead of sled. Each has
+    // its own server.key, so its names in the shared cluster are its own.
+    let store: Vec<String> = match std::env::var("SEALPOST_TEST_STORE") {
+        Ok(urls) if !urls.is_empty() && !args.iter().any(|a| a.starts_with("--store")) => {
+            vec!["--store".into(), urls]
+        }
+        _ => Vec::new(),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
         .arg("serve")
         .args(["--listen", &listen])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(defaults_not_in(args))
+        .args(&store)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(log)

@@ -145,10 +145,13 @@ impl UserInbox for SledUserInbox {
 
     fn append(&mut self, envelope: NewEnvelope<'_>) -> Result<StoreFuture<Appended>, AppendError> {
         // Only this handle writes these queues: an id found new just now is still new.
-        if self.checked_new.take() != Some(envelope.id)
-            && let Some(original) = self.duplicate(&envelope.id)?
-        {
-            return Ok(original);
+        if self.checked_new.take() != Some(envelope.id) {
+            if let Some(original) = self.duplicate(&envelope.id)? {
+                return Ok(original);
+            }
+            // Checked here, not by the caller: what `duplicate` noted is used up now, or a
+            // second append of this id would skip its check and store it twice.
+            self.checked_new = None;
         }
         // Refuse rather than risk a full disk: nothing acknowledged may be lost to one.
         if !self

@@ -35,6 +35,13 @@ fn device() -> DeviceRecord {
 }
 
 #[test]
+fn the_seams_contract_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = crate::store::Stores::from_backend(std::sync::Arc::new(open(dir.path())));
+    block_on(crate::store::contract::all(&stores, ""));
+}
+
+#[test]
 fn accounts_and_devices() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());

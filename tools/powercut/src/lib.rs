@@ -451,11 +451,11 @@ impl Filesystem for PowerCutFs {
             let from = s.rel(parent)?.join(name);
             let to = s.rel(newparent)?.join(newname);
             // A file replaced by the rename loses its last name: forget its changes.
-            if let Ok(old) = std::fs::symlink_metadata(s.backing.join(&to)) {
-                if !old.is_dir() {
-                    let ino = s.fuse_ino(old.ino());
-                    s.forget_if_unlinked(ino, old.nlink());
-                }
+            if let Ok(old) = std::fs::symlink_metadata(s.backing.join(&to))
+                && !old.is_dir()
+            {
+                let ino = s.fuse_ino(old.ino());
+                s.forget_if_unlinked(ino, old.nlink());
             }
             std::fs::rename(s.backing.join(&from), s.backing.join(&to))?;
             s.name_changed(parent, &from);

@@ -1,0 +1,434 @@
+//! The scale-out backend: every seam served by a NATS JetStream cluster, so that broker pods
+//! keep no state of their own and any pod serves any user. NATS does membership, replication
+//! (R3 streams and buckets), leader failover and routing; nothing here does any of that.
+//!
+//! ```text
+//!  mailbox(user) on any pod ─▶ NatsUserInbox ─ its writer task ─▶ publish sp.in.<p>.<U>.<dev>
+//!                                                                  (expected last subject seq)
+//!  gateway ─▶ Directory ─▶ KV sealpost_directory (compare-and-set on the revision)
+//!  federation peer ─▶ Outbox ─▶ sp.out.<D>.<pod> in SEALPOST_OUTBOX
+//! ```
+//!
+//! Names are in [`subjects`]. How each promise of the seams is kept:
+//!
+//! - **Durable before acknowledged**: every write resolves on JetStream's acknowledgement,
+//!   which the stream leader sends once a quorum of replicas has the write. NATS syncs its
+//!   files every `sync_interval` (2 min by default), so durability against a crash rests on
+//!   the quorum: an acknowledged write survives the loss of any one of three servers.
+//! - **Per-device FIFO with gap-free numbers across pods**: two pods may each run a mailbox
+//!   of the same user (a device of it connected to each). Every envelope is published with
+//!   `Nats-Expected-Last-Subject-Sequence`: the stream refuses it unless the writer knew the
+//!   queue's last message. The loser reloads the queue's end and numbers again. A per-user
+//!   owner lease would also work, but needs fencing, a hand-over and its expiry tuned; the
+//!   compare-and-set on the stream itself needs none of that and costs nothing when there
+//!   is no contention (the common case: one user, one pod).
+//! - **Idempotent by envelope id**: `Nats-Msg-Id` per copy, within the stream's duplicate
+//!   window (`dedup_secs`); a duplicate answers the original copy's number.
+//! - **Expiry**: `Nats-TTL` per envelope; the server deletes it. Nothing is ever due for
+//!   the broker's sweep.
+//! - **Nothing left after an ack**: acknowledged envelopes are deleted with the server's
+//!   default erase (the message is overwritten, on every replica), not just unlinked.
+//!
+//! Limits, said plainly: per-device counts for the quota are what the writer saw at open
+//! plus its own appends (another pod's appends to the same user count once this writer
+//! reopens); a queue that drains by expiry alone (every envelope's TTL passed with no
+//! ack) restarts its numbering from its last head marker.
+
+mod directory;
+mod inbox;
+pub mod live;
+mod outbox;
+pub mod subjects;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, kv, stream},
+};
+use futures_util::StreamExt;
+
+use self::subjects::Names;
+use super::{Health, Result, StoreError, StoreFuture, ready};
+
+/// How to reach and lay out the JetStream store.
+#[derive(Clone)]
+pub struct NatsOptions {
+    /// Server URLs, comma-separated (`nats://a:4222,nats://b:4222`).
+    pub urls: String,
+    /// Inbox streams (`SEALPOST_INBOX_0..`): each has one leader, so more spread the writes.
+    pub partitions: u32,
+    /// Replicas of every stream and bucket (3 in production; 1 only for a single server).
+    pub replicas: usize,
+    /// How long envelope ids are remembered for deduplication.
+    pub dedup_window: Duration,
+    /// The broker's secret, from which subject names are keyed (the same on every pod).
+    pub secret: [u8; 32],
+    /// This pod's name (its outbox subjects carry it).
+    pub pod: String,
+    /// How long one request to NATS may take.
+    pub timeout: Duration,
+}
+
+/// The JetStream store. Clones share one connection.
+#[derive(Clone)]
+pub struct NatsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    directory: kv::Store,
+    link_codes: kv::Store,
+    names: Names,
+    pod: String,
+    /// The federation outboxes this pod writes.
+    outboxes: outbox::Outboxes,
+    /// The last write failed (a publish refused or timed out); cleared by the next success.
+    write_failed: AtomicBool,
+    /// How long one request may take.
+    timeout: Duration,
+}
+
+impl NatsStore {
+    /// Connects and checks (creating what is missing) the streams and buckets. Fails with a
+    /// message naming the stream or bucket whose configuration is not what this broker needs.
+    pub async fn connect(options: &NatsOptions) -> Result<Self> {
+        if !subjects::valid_token(&options.pod) {
+            return Err(StoreError::Io(format!(
+                "pod name {:?} is not usable in a NATS subject (letters, digits, - and _)",
+                options.pod
+            )));
+        }
+        let servers = options
+            .urls
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Io(format!("bad NATS URL in {:?}: {e}", options.urls)))?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("sealpost {}", options.pod))
+            .connection_timeout(options.timeout)
+            .request_timeout(Some(options.timeout))
+            .max_reconnects(None)
+            .connect(servers)
+            .await
+            .map_err(|e| StoreError::Io(format!("cannot reach NATS at {}: {e}", options.urls)))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(options.timeout)
+            .build(client.clone());
+        for p in 0..options.partitions.max(1) {
+            ensure_stream(&js, inbox_config(options, p)).await?;
+        }
+        ensure_stream(&js, outbox_config(options)).await?;
+        let directory = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: subjects::DIRECTORY_BUCKET.into(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let link_codes = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: subjects::LINK_CODE_BUCKET.into(),
+                history: 1,
+                max_age: Duration::from_secs(3600),
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(NatsStore {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                directory,
+                link_codes,
+                names: Names::new(&options.secret, options.partitions),
+                pod: options.pod.clone(),
+                outboxes: outbox::Outboxes::default(),
+                write_failed: AtomicBool::new(false),
+                timeout: options.timeout,
+            }),
+        })
+    }
+}
+
+fn inbox_config(options: &NatsOptions, p: u32) -> stream::Config {
+    stream::Config {
+        name: subjects::inbox_stream(p),
+        subjects: vec![subjects::inbox_subjects(p)],
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        duplicate_window: options.dedup_window,
+        allow_direct: true,
+        allow_message_ttl: true,
+        ..Default::default()
+    }
+}
+
+fn outbox_config(options: &NatsOptions) -> stream::Config {
+    stream::Config {
+        name: subjects::OUTBOX_STREAM.into(),
+        subjects: vec![subjects::OUTBOX_SUBJECTS.into()],
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        duplicate_window: Duration::from_secs(120),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates `want` if missing; else checks that what exists keeps the promises this backend
+/// relies on.
+async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<()> {
+    let name = want.name.clone();
+    let mut stream = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(want)
+                .await
+                .map_err(|e| StoreError::Io(format!("cannot create stream {name}: {e}")))?;
+            return Ok(());
+        }
+        Err(e) => return Err(StoreError::Io(format!("cannot look up stream {name}: {e}"))),
+    };
+    let have = &stream
+        .info()
+        .await
+        .map_err(|e| StoreError::Io(format!("stream {name}: {e}")))?
+        .config;
+    let wrong = |what: &str| {
+        Err(StoreError::Io(format!(
+            "stream {name} exists with the wrong configuration ({what}); fix or delete it"
+        )))
+    };
+    if have.subjects != want.subjects {
+        return wrong("subjects");
+    }
+    if have.storage != stream::StorageType::File {
+        return wrong("storage must be file");
+    }
+    if have.num_replicas != want.num_replicas {
+        return wrong("replicas");
+    }
+    if !have.allow_direct {
+        return wrong("direct get must be allowed");
+    }
+    if want.allow_message_ttl && !have.allow_message_ttl {
+        return wrong("per-message TTL must be allowed");
+    }
+    if have.duplicate_window < want.duplicate_window {
+        return wrong("duplicate window shorter than dedup_secs");
+    }
+    if have.max_age != Duration::ZERO || have.max_messages_per_subject > 0 {
+        return wrong("limits would delete unacknowledged envelopes");
+    }
+    Ok(())
+}
+
+async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store> {
+    let name = want.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => {
+            let mut stream = js
+                .get_stream(format!("KV_{name}"))
+                .await
+                .map_err(|e| StoreError::Io(format!("bucket {name}: {e}")))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| StoreError::Io(format!("bucket {name}: {e}")))?;
+            if info.config.num_replicas != want.num_replicas
+                || info.config.storage != stream::StorageType::File
+                || info.config.max_age != want.max_age
+            {
+                return Err(StoreError::Io(format!(
+                    "bucket {name} exists with the wrong configuration (replicas, storage or \
+                     max age); fix or delete it"
+                )));
+            }
+            Ok(store)
+        }
+        Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => js
+            .create_key_value(want)
+            .await
+            .map_err(|e| StoreError::Io(format!("cannot create bucket {name}: {e}"))),
+        Err(e) => Err(StoreError::Io(format!("cannot look up bucket {name}: {e}"))),
+    }
+}
+
+impl Inner {
+    fn failed<E: std::fmt::Display>(&self, what: &str, e: E) -> StoreError {
+        self.write_failed.store(true, Relaxed);
+        StoreError::Io(format!("{what}: {e}"))
+    }
+
+    fn succeeded(&self) {
+        self.write_failed.store(false, Relaxed);
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Up to `max` messages of `subject` in stream `stream` from stream sequence `from` on,
+    /// in order, in one batched direct get (one request, many answers).
+    async fn batch(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Stored>> {
+        // No responders (503): the stream is between leaders, or its replicas are catching
+        // up after a restart; asked again for as long as one request may take.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut wait = Duration::from_millis(25);
+        loop {
+            match self.batch_once(stream, subject, from, max).await {
+                Err(Unanswered) if tokio::time::Instant::now() + wait < deadline => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Err(Unanswered) => {
+                    return Err(StoreError::Io(format!("stream {stream} does not answer")));
+                }
+                Ok(answer) => return answer,
+            }
+        }
+    }
+
+    /// One batched direct get; `Err(Unanswered)` if nobody answered it (503).
+    async fn batch_once(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: u64,
+        max: usize,
+    ) -> std::result::Result<Result<Vec<Stored>>, Unanswered> {
+        let inbox = self.client.new_inbox();
+        let io = |e: String| Ok(Err(StoreError::Io(format!("direct get: {e}"))));
+        let mut answers = match self.client.subscribe(inbox.clone()).await {
+            Ok(answers) => answers,
+            Err(e) => return io(e.to_string()),
+        };
+        let request = serde_json::json!({
+            "seq": from.max(1),
+            "next_by_subj": subject,
+            "batch": max,
+        });
+        if let Err(e) = self
+            .client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{stream}"),
+                inbox,
+                serde_json::to_vec(&request)
+                    .expect("a JSON object serializes")
+                    .into(),
+            )
+            .await
+        {
+            return io(e.to_string());
+        }
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let message = match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return io("connection closed".into()),
+                Err(_) => return io("timed out".into()),
+            };
+            if let Some(status) = message.status {
+                // 204: end of the batch; 404: nothing (more) on the subject.
+                match status.as_u16() {
+                    204 | 404 => break,
+                    503 => return Err(Unanswered),
+                    code => {
+                        return io(format!(
+                            "answered {code} {}",
+                            message.description.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            let headers = message.headers.unwrap_or_default();
+            let Some(sequence) = header_u64(&headers, "Nats-Sequence") else {
+                return Ok(Err(StoreError::Corruption(
+                    "direct get answer without its sequence".into(),
+                )));
+            };
+            out.push(Stored {
+                sequence,
+                headers,
+                payload: message.payload,
+            });
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(Ok(out))
+    }
+}
+
+/// A request nobody answered (no responders).
+struct Unanswered;
+
+/// A stored message, as read back.
+struct Stored {
+    sequence: u64,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.as_str().parse().ok()
+}
+
+impl Health for NatsStore {
+    fn has_room(&self) -> bool {
+        self.inner.connected()
+    }
+
+    fn flush_ok(&self) -> bool {
+        !self.inner.write_failed.load(Relaxed)
+    }
+
+    fn check_room(&self) {}
+
+    fn size_on_disk(&self) -> Result<u64> {
+        // On the NATS servers, not here; their own metrics say it.
+        Ok(0)
+    }
+
+    fn flush(&self) -> StoreFuture<()> {
+        // Every write resolved only once the stream had it on a quorum.
+        ready(Ok(()))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
