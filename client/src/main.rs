@@ -70,8 +70,9 @@ enum Command {
         /// The account handle.
         #[arg(long)]
         handle: String,
-        /// The code shown by `sealpost-cli link-code` on the existing device.
-        #[arg(long)]
+        /// The code shown by `sealpost-cli link-code` on the existing device. Codes are
+        /// base64url and may start with `-`: taken as the value, not as a flag.
+        #[arg(long, allow_hyphen_values = true)]
         code: String,
         /// How long to wait for the existing device to accept.
         #[arg(long, default_value_t = 600)]
@@ -575,6 +576,23 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00:00");
         assert_eq!(format_time(1_700_000_000_000), "2023-11-14 22:13:20");
         assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn a_link_code_may_start_with_a_hyphen() {
+        // base64url: one code in 64 starts with `-` (a CI run failed on one).
+        let cli = Cli::try_parse_from([
+            "sealpost-cli",
+            "link",
+            "--server",
+            "http://127.0.0.1:1",
+            "--handle",
+            "b@x.y",
+            "--code",
+            "-Xk3.abc",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Link { ref code, .. } if code == "-Xk3.abc"));
     }
 
     #[test]

@@ -107,7 +107,16 @@ test('a device not in the contact\'s signed list is a calm notice when sending, 
 
   await sendAndWait('are you there?');
   const notice = alice.page.locator('#notices li');
-  await notice.waitFor({ timeout: WAIT_MS });
+  try {
+    await notice.waitFor({ timeout: WAIT_MS });
+  } catch (e) {
+    const seen = await alice.page.evaluate(() => ({
+      sends: window.sealpostDebug.sends,
+      notices: window.sealpostDebug.notices,
+      error: document.getElementById('error')?.textContent,
+    }));
+    throw new Error(`no notice: ${JSON.stringify(seen)}; link said: ${linking.stdout} ${linking.stderr}`);
+  }
   const text = await notice.textContent();
   assert.match(text, /bob@localhost has a new device that is not confirmed yet \(device 2\)/);
   assert.match(text, /got only an unreadable placeholder, not your message/);
