@@ -249,6 +249,42 @@ fn describe() {
         "Connections closed by the broker, by reason"
     );
     describe_counter!("sealpost_flush_failures_total", "Flushes that failed");
+    describe_counter!(
+        "sealpost_sends_to_changed_devices_total",
+        "Federated sends naming a device set that had changed, delivered to its devices that remain"
+    );
+    describe_counter!(
+        "sealpost_turn_credentials_total",
+        "TURN credentials minted for devices"
+    );
+    describe_counter!(
+        "sealpost_store_keys_created_total",
+        "Queue keys created in the keyring (crypto-shredding)"
+    );
+    describe_counter!(
+        "sealpost_store_keys_destroyed_total",
+        "Queue keys destroyed, shredding what they sealed"
+    );
+    describe_counter!(
+        "sealpost_store_key_rotations_total",
+        "Queue keys retired because they reached store_key_max_age_secs"
+    );
+    describe_counter!(
+        "sealpost_store_reopens_total",
+        "Times the store was reopened after an I/O error"
+    );
+    describe_counter!(
+        "sealpost_corrupt_records_total",
+        "Expired records that did not decode, deleted by the expiry sweep"
+    );
+    describe_counter!(
+        "sealpost_shredded_records_removed_total",
+        "Deleted records brought back by a crash without their (destroyed) key, removed at open"
+    );
+    describe_counter!(
+        "sealpost_torn_sends_rolled_back_total",
+        "Envelopes of sends cut short by a crash, rolled back at open"
+    );
     describe_gauge!(
         "sealpost_build_info",
         "Always 1; the version label is the broker's version"
