@@ -134,8 +134,8 @@ const HISTOGRAMS: &[&str] = &[
 ];
 
 /// Makes every series that does not depend on configuration exist from the first scrape:
-/// counters at 0 (so `rate()` and `increase()` see the first event, and alerts need no
-/// "unless … offset" for a series born at 1), gauges at 0, histograms with empty buckets, the
+/// counters at 0 (so `rate()` and `increase()` see the first event after the first scrape),
+/// gauges at 0, histograms with empty buckets, the
 /// reject and disconnect counters for every reason the wire protocol knows, and
 /// `sealpost_build_info`. Per-peer federation series appear with their peer actors.
 fn register() {
