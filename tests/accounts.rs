@@ -550,6 +550,79 @@ async fn operations_endpoints_answer() {
     }
 }
 
+/// A fresh broker exports every series before any traffic: histograms (not summaries) with
+/// their buckets, counters at 0 (so `rate()` and the alerts see the first event), the
+/// `process_*` metrics and `sealpost_build_info`.
+#[tokio::test]
+async fn fresh_broker_exports_histograms_counters_and_process_metrics_before_traffic() {
+    let broker = Broker::start(&[]);
+    let resp = client()
+        .get(format!("{}/metrics", broker.http()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let value = |series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    };
+    for name in [
+        "sealpost_append_seconds",
+        "sealpost_flush_seconds",
+        "sealpost_flush_batch_size",
+        "sealpost_queue_depth",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram")),
+            "{name} is not a histogram: {text}"
+        );
+        assert!(
+            value(&format!("{name}_bucket{{le=\"+Inf\"}}")).is_some(),
+            "{name} has no buckets: {text}"
+        );
+        assert!(!text.contains(&format!("{name}{{quantile=")), "{text}");
+    }
+    assert_eq!(
+        value("sealpost_append_seconds_bucket{le=\"0.25\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    for series in [
+        "sealpost_appends_total",
+        "sealpost_deliveries_total",
+        "sealpost_acks_total",
+        "sealpost_expirations_total",
+        "sealpost_flush_failures_total",
+        "sealpost_connections",
+        "sealpost_rejects_total{reason=\"store_unavailable\"}",
+        "sealpost_rejects_total{reason=\"internal\"}",
+        "sealpost_rejects_total{reason=\"unauthorized\"}",
+        "sealpost_disconnects_total{reason=\"slow_consumer\"}",
+        "sealpost_disconnects_total{reason=\"write_stalled\"}",
+    ] {
+        assert_eq!(value(series), Some(0.0), "{series} in {text}");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        value(&format!("sealpost_build_info{{version=\"{version}\"}}")),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE process_cpu_seconds_total counter"),
+        "{text}"
+    );
+    for name in [
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+    ] {
+        assert!(value(name).is_some_and(|v| v > 0.0), "{name} in {text}");
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_closes_sessions_with_going_away_and_keeps_accepted_envelopes() {
     let mut broker = Broker::start(&[]);

@@ -48,6 +48,9 @@ macro_rules! wire_enum {
         }
 
         impl $name {
+            /// Every value this build knows, in wire order (to register metric labels up front).
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)*];
+
             /// The numeric value sent on the wire.
             pub fn as_u16(self) -> u16 {
                 self as u16

@@ -29,6 +29,18 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Every code [`ApiError::code`] can return, so that their reject counters exist (at 0)
+    /// from the first scrape.
+    pub(crate) const CODES: &'static [&'static str] = &[
+        "bad_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "conflict",
+        "rate_limited",
+        "unavailable",
+    ];
+
     fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
@@ -92,6 +104,26 @@ impl From<crate::mailbox::UploadError> for ApiError {
         match e {
             UploadError::TooManyKeys(_) => ApiError::BadRequest(e.to_string()),
             UploadError::Store(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApiError;
+
+    #[test]
+    fn every_code_is_in_codes() {
+        for e in [
+            ApiError::BadRequest(String::new()),
+            ApiError::Unauthorized,
+            ApiError::Forbidden(String::new()),
+            ApiError::NotFound,
+            ApiError::Conflict,
+            ApiError::RateLimited,
+            ApiError::Unavailable,
+        ] {
+            assert!(ApiError::CODES.contains(&e.code()), "{}", e.code());
         }
     }
 }

@@ -273,9 +273,11 @@ async fn metrics(state: State) -> HttpResponse {
             metrics::gauge!("sealpost_socket_buffered_bytes")
                 .set(state.socket_budget.used() as f64);
             metrics::gauge!("sealpost_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
+            let mut body = handle.render();
+            body.push_str(&crate::telemetry::process_metrics());
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4")
-                .body(handle.render())
+                .body(body)
         }
         None => HttpResponse::ServiceUnavailable().body("metrics recorder not installed\n"),
     }

@@ -130,7 +130,13 @@ impl AppState {
                 r.claim_rate,
             ),
             turn: turn::Turn::new(&settings.turn),
-            metrics: crate::telemetry::init_metrics(),
+            metrics: crate::telemetry::init_metrics().inspect(|_| {
+                crate::telemetry::register_labels(
+                    "sealpost_rejects_total",
+                    "reason",
+                    error::ApiError::CODES.iter().copied(),
+                );
+            }),
             socket_budget: Budget::new(settings.socket_buffer_bytes),
             pre_auth: limits::PreAuth::new(
                 settings.max_unauthenticated_per_ip,
