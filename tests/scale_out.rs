@@ -16,6 +16,11 @@ use sealpost_proto::{Class, CloseCode, DeviceId, EnvelopeId, SendOutcome, Server
 
 /// `n` broker pods on `cluster`, sharing one key directory (as a Kubernetes Secret).
 fn pods(cluster: &NatsCluster, n: usize) -> (tempfile::TempDir, Vec<Broker>) {
+    pods_with(cluster, n, &[])
+}
+
+/// [`pods`] with more flags.
+fn pods_with(cluster: &NatsCluster, n: usize, more: &[&str]) -> (tempfile::TempDir, Vec<Broker>) {
     let keys = tempfile::tempdir().expect("key dir");
     let made = Command::new(env!("CARGO_BIN_EXE_sealpost"))
         .arg("keygen")
@@ -27,14 +32,10 @@ fn pods(cluster: &NatsCluster, n: usize) -> (tempfile::TempDir, Vec<Broker>) {
     let key_dir = keys.path().to_str().expect("utf-8 path").to_owned();
     let pods = (0..n)
         .map(|i| {
-            Broker::start(&[
-                "--store",
-                &urls,
-                "--key-dir",
-                &key_dir,
-                "--pod-name",
-                &format!("pod-{i}"),
-            ])
+            let pod = format!("pod-{i}");
+            let mut args = vec!["--store", &urls, "--key-dir", &key_dir, "--pod-name", &pod];
+            args.extend_from_slice(more);
+            Broker::start(&args)
         })
         .collect();
     (keys, pods)
@@ -162,4 +163,227 @@ async fn a_killed_pod_loses_nothing_acknowledged_and_its_clients_resume_on_anoth
         "nothing delivered again after its ack: {:?}",
         backlog.iter().map(|(s, _)| *s).collect::<BTreeSet<_>>()
     );
+}
+
+/// Sends `id` until it is acknowledged: through `pods[*at]`, reconnecting to the next pod when
+/// the connection goes, waiting while the store is unavailable (as a client would).
+async fn send_until_acknowledged(
+    pods: &[Broker],
+    alive: &[bool],
+    at: &mut usize,
+    alice: &common::Creds,
+    dev: &mut Option<Device>,
+    id: EnvelopeId,
+    to: &str,
+) {
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never acknowledged");
+        if dev.is_none() {
+            while !alive[*at] {
+                *at = (*at + 1) % pods.len();
+            }
+            match common::connect_raw_checked(&pods[*at]).await {
+                Some(ws) => *dev = Device::try_authenticate(ws, alice).await.ok(),
+                None => *at = (*at + 1) % pods.len(),
+            }
+            if dev.is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        }
+        let d = dev.as_mut().expect("connected");
+        let frame = sealpost_proto::ClientFrame::Send {
+            id,
+            to: to.to_owned(),
+            class: Class::Durable,
+            ttl_secs: 3600,
+            copies: vec![sealpost_proto::Copy {
+                device: DeviceId(1),
+                ciphertext: b"load".to_vec(),
+            }],
+        };
+        use futures_util::SinkExt;
+        let sent =
+            d.ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+                frame.encode().into(),
+            ))
+            .await;
+        if sent.is_err() {
+            *dev = None;
+            continue;
+        }
+        match d.result_or_close(id).await {
+            Some(SendOutcome::Accepted { .. }) => return,
+            Some(SendOutcome::Rejected { .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            None => *dev = None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_killed_stream_leader_then_a_killed_pod_lose_nothing_acknowledged() {
+    if !available() {
+        return;
+    }
+    let mut cluster = NatsCluster::start(3);
+    let (_keys, mut pods) = pods_with(&cluster, 2, &["--nats-partitions", "1"]);
+    let alice = register(&pods[0], "alice@test.example").await;
+    let bob = register(&pods[1], "bob@test.example").await;
+    let mut bob_dev = Device::connect(&pods[1], &bob).await;
+    assert!(matches!(bob_dev.frame().await, ServerFrame::QueueEmpty));
+    let receiver = tokio::spawn(async move {
+        let mut got: Vec<(u64, EnvelopeId)> = Vec::new();
+        while got.len() < 150 {
+            let Ok(event) =
+                tokio::time::timeout(WAIT / 2, common::next_event(&mut bob_dev.ws)).await
+            else {
+                break;
+            };
+            let common::Event::Frame(frame) = event else {
+                break;
+            };
+            match frame {
+                ServerFrame::Deliver { seq, envelope } => {
+                    bob_dev.ack(vec![seq]).await;
+                    got.push((seq, envelope.id));
+                }
+                ServerFrame::QueueEmpty | ServerFrame::Notice { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got
+    });
+    let mut alive = vec![true, true];
+    let mut at = 0;
+    let mut dev = None;
+    let mut failover = None;
+    for n in 1..=150u32 {
+        let mut raw = [0u8; 16];
+        raw[..4].copy_from_slice(&n.to_be_bytes());
+        let started = std::time::Instant::now();
+        send_until_acknowledged(
+            &pods,
+            &alive,
+            &mut at,
+            &alice,
+            &mut dev,
+            EnvelopeId(raw),
+            &bob.user,
+        )
+        .await;
+        if n == 51 {
+            failover = Some(started.elapsed());
+        }
+        if n == 50 {
+            let leader = cluster
+                .stream_leader("SEALPOST_INBOX_0")
+                .and_then(|l| cluster.index_of(&l))
+                .expect("the inbox stream has a leader");
+            cluster.kill9(leader);
+        }
+        if n == 100 {
+            // Alice's pod dies; she goes on through the other one.
+            pods[0].kill9();
+            alive[0] = false;
+        }
+    }
+    eprintln!("failover: the first send after the stream leader was killed took {failover:?}");
+    let got = tokio::time::timeout(3 * WAIT, receiver)
+        .await
+        .expect("bob got everything")
+        .expect("receiver");
+    eprintln!(
+        "bob got {} envelopes, the last {:?}",
+        got.len(),
+        got.last().map(|(s, _)| *s)
+    );
+    if got.len() < 150 {
+        let logs = String::from_utf8_lossy(&pods[1].read_logs()).into_owned();
+        let tail: String = logs
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n");
+        eprintln!("pod-1 warnings:\n{tail}");
+    }
+    let ids: Vec<EnvelopeId> = got.iter().map(|(_, id)| *id).collect();
+    let want: Vec<EnvelopeId> = (1..=150u32)
+        .map(|n| {
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&n.to_be_bytes());
+            EnvelopeId(raw)
+        })
+        .collect();
+    if let Some(at) = ids.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!(
+            "envelope {at}: got {:?} (seq {}), wanted {:?}; {} received",
+            ids[at],
+            got[at].0,
+            want[at],
+            ids.len()
+        );
+    }
+    assert_eq!(ids, want, "every acknowledged envelope once, in order");
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=150).collect::<Vec<u64>>(), "gap-free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_nats_quorum_sends_are_refused_and_delivery_resumes_when_it_returns() {
+    if !available() {
+        return;
+    }
+    let mut cluster = NatsCluster::start(3);
+    let (_keys, pods) = pods_with(&cluster, 1, &["--nats-timeout-ms", "1500"]);
+    let pod = &pods[0];
+    let alice = register(pod, "alice@test.example").await;
+    let bob = register(pod, "bob@test.example").await;
+    let mut alice_dev = Device::connect(pod, &alice).await;
+    let mut bob_dev = Device::connect(pod, &bob).await;
+    accepted(&mut alice_dev, id(1), &bob.user, &[DeviceId(1)]).await;
+    assert_eq!(bob_dev.collect(1).await[0].1.id, id(1));
+
+    cluster.kill9(0);
+    cluster.kill9(1);
+    let refused = alice_dev
+        .send_and_wait(id(2), &bob.user, &[DeviceId(1)], b"hello")
+        .await;
+    assert_eq!(
+        refused,
+        SendOutcome::Rejected {
+            code: sealpost_proto::ErrorCode::StoreUnavailable,
+            current_devices: vec![]
+        },
+        "never acknowledged without a quorum"
+    );
+    let ready = reqwest::get(format!("{}/readyz", pod.http()))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while writes fail");
+
+    cluster.restart(0);
+    cluster.restart(1);
+    cluster.wait_healthy();
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    loop {
+        match alice_dev
+            .send_and_wait(id(2), &bob.user, &[DeviceId(1)], b"hello")
+            .await
+        {
+            SendOutcome::Accepted { .. } => break,
+            SendOutcome::Rejected { code, .. } => {
+                assert_eq!(code, sealpost_proto::ErrorCode::StoreUnavailable);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "writes never resumed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(bob_dev.collect(1).await[0].1.id, id(2), "delivery resumed");
 }

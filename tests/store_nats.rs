@@ -109,7 +109,37 @@ fn two_pods_appending_to_one_user_at_once_keep_gap_free_order() {
         let retry = ib.append(envelope([3; 16], b"a")).unwrap().await.unwrap();
         assert!(retry.duplicate);
         assert_eq!(retry.stored, placed_a[3].as_ref().unwrap().stored);
+
+        // A fresh writer on pod B (it appended nothing) drains what pod A appended: the
+        // queue's numbering goes on from A's, on both pods.
+        let mut ib = b.open("v@x", &[1], LIMITS).await.unwrap();
+        for i in 0..3u8 {
+            ia_append(&a, i).await;
+        }
+        let read = ib.read(1, 1, 100).await.unwrap();
+        let acked: Vec<sealpost::store::Trim> = read
+            .iter()
+            .map(|(seq, e)| sealpost::store::Trim {
+                seq: *seq,
+                expires_ms: e.expires_ms,
+                bytes: e.ciphertext.len() as u64,
+            })
+            .collect();
+        assert_eq!(acked.len(), 3);
+        ib.trim(1, &acked).unwrap().await.unwrap();
+        let next = ib.append(envelope([50; 16], b"b")).unwrap().await.unwrap();
+        assert_eq!(next.stored, vec![(1, 4)], "no number is used twice");
     });
+}
+
+/// Appends envelope `[200 + i; 16]` to `v@x` through a fresh writer of `store`.
+async fn ia_append(store: &NatsStore, i: u8) {
+    let mut inbox = store.open("v@x", &[1], LIMITS).await.unwrap();
+    inbox
+        .append(envelope([200 + i; 16], b"a"))
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 #[test]

@@ -138,6 +138,9 @@ struct HeldBack {
     until_ms: u64,
 }
 
+/// How long a device's pump waits before reading its queue again after a failed read.
+const READ_RETRY: Duration = Duration::from_millis(500);
+
 /// Longest hold on an origin's envelopes: well past the origin's longest resend backoff.
 const HOLD_MAX_MS: u64 = 10 * 60 * 1000;
 
@@ -304,7 +307,7 @@ impl Mailbox {
             let batch = match (&mut read).now_or_never() {
                 Some(Ok(batch)) => batch,
                 Some(Err(e)) => {
-                    warn!(error = %e, "reading a device queue failed");
+                    warn!(error = %e, "reading a device queue failed; trying again");
                     failed = true;
                     break;
                 }
@@ -328,9 +331,9 @@ impl Mailbox {
             return;
         }
         if failed {
-            // Nothing would retry the read (no timer runs for a device with nothing in
-            // flight): the device reconnects and resumes from the store.
-            self.kick(device, CloseCode::GoingAway);
+            // The store cannot be read for now: the session stays, the read is tried again
+            // shortly (a NATS failover must not send every client away to reconnect).
+            ctx.run_later(READ_RETRY, move |act, ctx| act.pump(device, ctx));
             return;
         }
         if let Some(end) = live.backlog_end
@@ -373,8 +376,10 @@ impl Mailbox {
                 }
             }
             Err(e) => {
-                warn!(error = %e, "reading a device queue failed");
-                self.kick(device, CloseCode::GoingAway);
+                // The store is unavailable for now (a NATS stream between leaders, an I/O
+                // error): the session stays, and the read is tried again shortly.
+                warn!(error = %e, "reading a device queue failed; trying again");
+                ctx.run_later(READ_RETRY, move |act, ctx| act.pump(device, ctx));
                 return;
             }
         }

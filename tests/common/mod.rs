@@ -542,6 +542,20 @@ impl Device {
         }
     }
 
+    /// Reads frames until the send result for `id` (`Some`), or the end of the connection
+    /// (`None`): what a client that reconnects and retries needs.
+    pub async fn result_or_close(&mut self, id: EnvelopeId) -> Option<SendOutcome> {
+        loop {
+            match next_event(&mut self.ws).await {
+                Event::Frame(ServerFrame::SendResult { id: got, outcome }) if got == id => {
+                    return Some(outcome);
+                }
+                Event::Frame(_) => {}
+                Event::Closed(_) => return None,
+            }
+        }
+    }
+
     /// Sends and waits for the result.
     pub async fn send_and_wait(
         &mut self,

@@ -298,7 +298,7 @@ impl Shared {
                     }
                     return Ok((seq, false));
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(e) if wrong_last(&e) => {
                     // Another pod appended to this queue: take up its numbering.
                     contended += 1;
                     let (last, next) = self.reload_end(device).await?;
@@ -386,7 +386,7 @@ impl Shared {
                     delete.extend(old_marker);
                 }
                 // Another writer appended meanwhile: the queue does not drain, no marker.
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                Err(e) if wrong_last(&e) => {}
                 Err(e) => return Err(self.inner.failed("inbox head", e)),
             }
         }
@@ -429,11 +429,17 @@ impl Shared {
             let mut queues = self.lock();
             for m in batch {
                 at = m.sequence + 1;
-                if header_u64(&m.headers, subjects::SEQ).is_some_and(|seq| seqs.contains(&seq)) {
+                let seq = header_u64(&m.headers, subjects::SEQ);
+                if seq.is_some_and(|seq| seqs.contains(&seq)) {
                     found.push(m.sequence);
                 }
+                // What another writer appended moves this one's end too: a head marker
+                // written when the queue drains must not number below it.
                 if let Some(q) = queues.devices.get_mut(&device) {
                     q.last = q.last.max(m.sequence);
+                    if let Some(seq) = seq {
+                        q.next_seq = q.next_seq.max(seq + 1);
+                    }
                 }
             }
             if done {
@@ -538,6 +544,13 @@ impl Shared {
         }
         Ok((out, reached))
     }
+}
+
+/// Whether a publish was refused because the subject's last message is not the expected one
+/// (another writer was first). The server says so with error code 10071 or, in a constant
+/// form, 10164; the client names only the first.
+fn wrong_last(e: &async_nats::jetstream::context::PublishError) -> bool {
+    e.kind() == PublishErrorKind::WrongLastSequence || e.to_string().contains("wrong last sequence")
 }
 
 /// Deletes (and erases) one stored message; one already gone is fine.

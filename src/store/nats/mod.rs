@@ -151,6 +151,13 @@ impl NatsStore {
             },
         )
         .await?;
+        let mut names: Vec<String> = (0..options.partitions.max(1))
+            .map(subjects::inbox_stream)
+            .collect();
+        names.push(subjects::OUTBOX_STREAM.into());
+        names.push(format!("KV_{}", subjects::DIRECTORY_BUCKET));
+        names.push(format!("KV_{}", subjects::LINK_CODE_BUCKET));
+        wait_for_leaders(&js, &names, options.timeout * 6).await?;
         Ok(NatsStore {
             inner: Arc::new(Inner {
                 client,
@@ -242,6 +249,35 @@ async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<
     }
     if have.max_age != Duration::ZERO || have.max_messages_per_subject > 0 {
         return wrong("limits would delete unacknowledged envelopes");
+    }
+    Ok(())
+}
+
+/// Waits until every named stream has a leader (a stream just created, or a cluster just
+/// restarted, takes a moment to elect one): until then writes would fail.
+async fn wait_for_leaders(
+    js: &jetstream::Context,
+    names: &[String],
+    patience: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    for name in names {
+        loop {
+            let led = match js.get_stream(name).await {
+                Ok(mut stream) => stream.info().await.ok().is_some_and(|info| {
+                    // A single server (no cluster) has no leader to elect.
+                    info.cluster.as_ref().is_none_or(|c| c.leader.is_some())
+                }),
+                Err(_) => false,
+            };
+            if led {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Io(format!("stream {name} has no leader")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Ok(())
 }
