@@ -83,10 +83,16 @@ pub struct NatsSettings {
     pub timeout: Duration,
 }
 
-/// Opens the configured store.
-async fn open_store(config: &Config, hasher: &TokenHasher) -> anyhow::Result<Stores> {
+/// Opens the configured store; the NATS store also on its own, for the pod's upkeep.
+async fn open_store(
+    config: &Config,
+    hasher: &TokenHasher,
+) -> anyhow::Result<(Stores, Option<NatsStore>)> {
     Ok(match &config.backend {
-        Backend::Sled => Stores::from_backend(Arc::new(SledStore::open(&config.store)?)),
+        Backend::Sled => (
+            Stores::from_backend(Arc::new(SledStore::open(&config.store)?)),
+            None,
+        ),
         Backend::Nats(nats) => {
             let options = NatsOptions {
                 urls: nats.urls.clone(),
@@ -104,7 +110,8 @@ async fn open_store(config: &Config, hasher: &TokenHasher) -> anyhow::Result<Sto
                 match NatsStore::connect(&options).await {
                     Ok(store) => {
                         let live = Arc::new(store.live());
-                        break Stores::from_backend(Arc::new(store)).with_live(live);
+                        let stores = Stores::from_backend(Arc::new(store.clone())).with_live(live);
+                        break (stores, Some(store));
                     }
                     Err(e) if e.to_string().contains("cannot reach NATS") => {
                         warn!(error = %e, "waiting for NATS");
@@ -118,13 +125,54 @@ async fn open_store(config: &Config, hasher: &TokenHasher) -> anyhow::Result<Sto
     })
 }
 
+/// With the NATS store: keeps this pod marked alive, and adopts the federation outboxes of
+/// pods that are gone (see `store::nats::takeover`).
+async fn pod_upkeep(store: NatsStore, federation: Arc<Federation>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.heartbeat().await {
+            warn!(error = %e, "pod heartbeat failed");
+            continue;
+        }
+        let orphans = match store.orphaned_outbox(256).await {
+            Ok(orphans) => orphans,
+            Err(e) => {
+                warn!(error = %e, "looking for outboxes of gone pods failed");
+                continue;
+            }
+        };
+        if !orphans.is_empty() {
+            info!(
+                entries = orphans.len(),
+                "adopting outbox entries of a gone pod"
+            );
+        }
+        for orphan in orphans {
+            match federation.adopt(orphan.record.clone()).await {
+                sealpost_proto::SendOutcome::Accepted { .. } => {
+                    if let Err(e) = store.forget_orphan(&orphan).await {
+                        warn!(error = %e, "deleting an adopted outbox entry failed");
+                    }
+                }
+                sealpost_proto::SendOutcome::Rejected { code, .. } => {
+                    warn!(
+                        code = code.as_str(),
+                        "adopting an outbox entry was refused; kept"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Runs a broker until SIGTERM or SIGINT, then shuts down gracefully. `on_listen` is called
 /// with the bound address once the broker accepts connections.
 pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.key_dir)?;
     let hasher = TokenHasher::load_or_create(&config.key_dir)?;
     let opened = Instant::now();
-    let store = open_store(&config, &hasher).await?;
+    let (store, nats) = open_store(&config, &hasher).await?;
     info!(
         elapsed_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store opened"
@@ -201,6 +249,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     let server = server.run();
     let handle = server.handle();
     let sweeper = actix_web::rt::spawn(sweep(state.clone(), config.expiry_sweep));
+    let upkeep = nats.map(|nats| actix_web::rt::spawn(pod_upkeep(nats, federation.clone())));
     let medic = actix_web::rt::spawn(recover_store(state.clone()));
     info!(%addr, %domain, "listening");
     on_listen(addr);
@@ -221,6 +270,9 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     handle.stop(true).await;
     let _ = serving.await;
     sweeper.abort();
+    if let Some(upkeep) = upkeep {
+        upkeep.abort();
+    }
     medic.abort();
     if let Err(e) = store.health.flush().await {
         warn!(error = %e, "final flush failed");

@@ -387,3 +387,82 @@ async fn without_a_nats_quorum_sends_are_refused_and_delivery_resumes_when_it_re
     }
     assert_eq!(bob_dev.collect(1).await[0].1.id, id(2), "delivery resumed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_of_a_gone_pod_is_taken_over_and_delivered() {
+    if !available() {
+        return;
+    }
+    let cluster = NatsCluster::start(3);
+    // The peer domain, on sled, not started yet: what a.test sends it waits in outboxes.
+    let mut b_site = common::site::Site::new("b.test", "127.0.0.1");
+    let keys = tempfile::tempdir().expect("key dir");
+    let a_key = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+        .arg("keygen")
+        .arg(keys.path())
+        .output()
+        .expect("sealpost keygen");
+    let a_key = String::from_utf8(a_key.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned();
+    let (urls, key_dir, peer) = (
+        cluster.urls(),
+        keys.path().to_str().expect("utf-8").to_owned(),
+        b_site.peer_entry(),
+    );
+    let pod = |name: &str| {
+        Broker::start(&[
+            "--store",
+            &urls,
+            "--key-dir",
+            &key_dir,
+            "--pod-name",
+            name,
+            "--domain",
+            "a.test",
+            "--federation-peers",
+            &peer,
+            "--federation-backoff-min-ms",
+            "50",
+            "--federation-backoff-max-ms",
+            "500",
+        ])
+    };
+    let mut gone = pod("pod-0");
+    let stays = pod("pod-1");
+    let alice = register(&gone, "alice@a.test").await;
+    let mut alice_dev = Device::connect(&gone, &alice).await;
+    for n in 1..=5 {
+        // Accepted into pod-0's outbox, unchecked: b.test cannot be asked.
+        accepted(&mut alice_dev, id(n), "bob@b.test", &[DeviceId(1)]).await;
+    }
+    gone.kill9();
+    let a_entry = format!("a.test=ws://{}/v1/federation#{a_key}", stays.addr);
+    let b = b_site.start_raw(&a_entry, &[]);
+    let bob = register(&b, "bob@b.test").await;
+    let mut bob_dev = Device::connect(&b, &bob).await;
+    // pod-1 sees pod-0 gone (no heartbeat for 30 s), adopts its outbox and delivers it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        if tokio::time::Instant::now() > deadline {
+            let logs = String::from_utf8_lossy(&stays.read_logs()).into_owned();
+            let warnings: Vec<&str> = logs
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("adopt"))
+                .take(20)
+                .collect();
+            panic!("not all adopted in time: got {got:?}; pod-1 said {warnings:#?}");
+        }
+        match tokio::time::timeout(WAIT / 2, common::next_event(&mut bob_dev.ws)).await {
+            Ok(common::Event::Frame(ServerFrame::Deliver { seq, envelope })) => {
+                bob_dev.ack(vec![seq]).await;
+                got.push(envelope.id);
+            }
+            Ok(common::Event::Closed(c)) => panic!("bob's connection closed: {c:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(got, (1..=5).map(id).collect::<Vec<_>>(), "in order, once");
+}

@@ -477,6 +477,26 @@ impl Federation {
     /// Forwards an envelope to `to`, a user of a peer domain. The envelope is queued now, so a
     /// connection's sends keep their order; the future resolves once it is durable in the
     /// outbox (or refused).
+    /// Takes an entry of another pod's outbox (that pod is gone; see the NATS store's
+    /// takeover) into this pod's outbox for its destination, as it was accepted there.
+    pub fn adopt(&self, record: crate::store::OutboxRecord) -> PendingOutcome {
+        let envelope = peer::to_wire(record, crate::clock::now_ms());
+        let Ok(to) = Handle::parse(&envelope.to) else {
+            return Box::pin(std::future::ready(SendOutcome::Rejected {
+                code: ErrorCode::InvalidHandle,
+                current_devices: Vec::new(),
+            }));
+        };
+        self.submit(
+            &to,
+            envelope.id,
+            envelope.class,
+            envelope.ttl_secs,
+            envelope.copies,
+            envelope.admission,
+        )
+    }
+
     pub fn submit(
         &self,
         to: &Handle,

@@ -966,7 +966,7 @@ impl FederationPeer {
 }
 
 /// The wire form of an outbox entry, with the time-to-live left.
-fn to_wire(record: OutboxRecord, now: u64) -> FedEnvelope {
+pub(super) fn to_wire(record: OutboxRecord, now: u64) -> FedEnvelope {
     let class = match record.class {
         1 => Class::Ephemeral,
         2 => Class::Urgent,

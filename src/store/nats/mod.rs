@@ -39,6 +39,7 @@ mod inbox;
 pub mod live;
 mod outbox;
 pub mod subjects;
+pub mod takeover;
 
 use std::{
     sync::{
@@ -151,14 +152,27 @@ impl NatsStore {
             },
         )
         .await?;
+        ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: subjects::POD_BUCKET.into(),
+                history: 1,
+                max_age: takeover::POD_TTL,
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         let mut names: Vec<String> = (0..options.partitions.max(1))
             .map(subjects::inbox_stream)
             .collect();
         names.push(subjects::OUTBOX_STREAM.into());
         names.push(format!("KV_{}", subjects::DIRECTORY_BUCKET));
         names.push(format!("KV_{}", subjects::LINK_CODE_BUCKET));
+        names.push(format!("KV_{}", subjects::POD_BUCKET));
         wait_for_leaders(&js, &names, options.timeout * 6).await?;
-        Ok(NatsStore {
+        let store = NatsStore {
             inner: Arc::new(Inner {
                 client,
                 js,
@@ -170,7 +184,10 @@ impl NatsStore {
                 write_failed: AtomicBool::new(false),
                 timeout: options.timeout,
             }),
-        })
+        };
+        // Alive before it takes any traffic: no other pod may take its outboxes over.
+        store.heartbeat().await?;
+        Ok(store)
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{message::PublishMessage, stream::LastRawMessageErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, NatsStore, header_u64, subjects};
@@ -130,37 +130,107 @@ async fn writer(
     }
 }
 
+/// The stream sequence of a subject's last message, from the stream's leader (0: none).
+async fn last_on_subject(inner: &Inner, subject: &str) -> Result<u64> {
+    let stream = inner
+        .js
+        .get_stream_no_info(subjects::OUTBOX_STREAM)
+        .await
+        .map_err(|e| StoreError::Io(format!("outbox stream: {e}")))?;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(StoreError::Io(format!("outbox read: {e}"))),
+    }
+}
+
+/// Every entry of an outbox subject as one replica has them: (seq, stream sequence, record),
+/// and the last stream sequence it had.
+async fn index_once(inner: &Inner, subject: &str) -> Result<(Vec<(u64, u64, OutboxRecord)>, u64)> {
+    let mut entries = Vec::new();
+    let mut at = 1;
+    let mut reached = 0;
+    loop {
+        let batch = inner
+            .batch(subjects::OUTBOX_STREAM, subject, at, BATCH)
+            .await?;
+        let done = batch.len() < BATCH;
+        for m in batch {
+            at = m.sequence + 1;
+            reached = m.sequence;
+            let seq = header_u64(&m.headers, subjects::SEQ)
+                .ok_or_else(|| StoreError::Corruption("outbox message without seq".into()))?;
+            entries.push((seq, m.sequence, records::decode(&m.payload)?));
+        }
+        if done {
+            return Ok((entries, reached));
+        }
+    }
+}
+
+/// Up to `limit` entries with `seq >= from` of an outbox subject, from stream sequence
+/// `start` on, as one replica has them.
+async fn read_subject(
+    inner: &Inner,
+    subject: &str,
+    start: u64,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<(u64, OutboxRecord)>> {
+    let mut out = Vec::new();
+    let mut at = start;
+    while out.len() < limit {
+        let batch = inner
+            .batch(subjects::OUTBOX_STREAM, subject, at, BATCH)
+            .await?;
+        let done = batch.len() < BATCH;
+        for m in batch {
+            at = m.sequence + 1;
+            let seq = header_u64(&m.headers, subjects::SEQ)
+                .ok_or_else(|| StoreError::Corruption("outbox message without seq".into()))?;
+            if seq >= from && out.len() < limit {
+                out.push((seq, records::decode(&m.payload)?));
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 impl Outbox for NatsStore {
     fn index(&self, domain: &str) -> StoreFuture<Vec<OutboxEntry>> {
         let (_, subject) = self.outbox_subject(domain);
         let (index, _) = self.domain(domain);
         let inner = self.inner.clone();
         Box::pin(async move {
-            let mut entries = Vec::new();
-            let mut at = 1;
+            // Read until a replica has reached the subject's last message as the leader has
+            // it: a stale answer would make the peer number new entries over old ones.
+            let end = last_on_subject(&inner, &subject).await?;
+            let deadline = tokio::time::Instant::now() + inner.timeout;
             loop {
-                let batch = inner
-                    .batch(subjects::OUTBOX_STREAM, &subject, at, BATCH)
-                    .await?;
-                let done = batch.len() < BATCH;
-                let mut known = lock(&index);
-                for m in batch {
-                    at = m.sequence + 1;
-                    let seq = header_u64(&m.headers, subjects::SEQ).ok_or_else(|| {
-                        StoreError::Corruption("outbox message without seq".into())
-                    })?;
-                    let record: OutboxRecord = records::decode(&m.payload)?;
-                    known.insert(seq, m.sequence);
-                    entries.push(OutboxEntry {
-                        seq,
-                        accepted_ms: record.accepted_ms,
-                        bytes: record.size(),
-                    });
+                let (entries, reached) = index_once(&inner, &subject).await?;
+                if reached >= end || tokio::time::Instant::now() >= deadline {
+                    if reached < end {
+                        return Err(StoreError::Io(
+                            "outbox: no replica has caught up with its leader".into(),
+                        ));
+                    }
+                    let mut known = lock(&index);
+                    let mut out = Vec::with_capacity(entries.len());
+                    for (seq, sequence, record) in entries {
+                        known.insert(seq, sequence);
+                        out.push(OutboxEntry {
+                            seq,
+                            accepted_ms: record.accepted_ms,
+                            bytes: record.size(),
+                        });
+                    }
+                    out.sort_by_key(|e| e.seq);
+                    return Ok(out);
                 }
-                if done {
-                    entries.sort_by_key(|e| e.seq);
-                    return Ok(entries);
-                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         })
     }
@@ -183,32 +253,36 @@ impl Outbox for NatsStore {
         let (index, _) = self.domain(domain);
         let inner = self.inner.clone();
         Box::pin(async move {
-            let start = lock(&index)
-                .range(..from)
-                .next_back()
-                .map_or(1, |(_, s)| s + 1);
-            let mut out = Vec::new();
-            let mut at = start;
-            while out.len() < limit {
-                let batch = inner
-                    .batch(subjects::OUTBOX_STREAM, &subject, at, BATCH)
-                    .await?;
-                let done = batch.len() < BATCH;
-                for m in batch {
-                    at = m.sequence + 1;
-                    let seq = header_u64(&m.headers, subjects::SEQ).ok_or_else(|| {
-                        StoreError::Corruption("outbox message without seq".into())
-                    })?;
-                    if seq >= from && out.len() < limit {
-                        out.push((seq, records::decode(&m.payload)?));
-                    }
+            // This pod is the outbox's only writer: its index says exactly what is stored.
+            // Direct gets are answered by any replica, and one may be behind (not have an
+            // entry just put, still have one just removed): the answer is taken only when
+            // it agrees with the index, asked again for a moment otherwise.
+            let deadline = tokio::time::Instant::now() + inner.timeout;
+            loop {
+                let (start, want): (u64, Vec<u64>) = {
+                    let index = lock(&index);
+                    let start = index.range(..from).next_back().map_or(1, |(_, s)| s + 1);
+                    (
+                        start,
+                        index
+                            .range(from..)
+                            .take(limit)
+                            .map(|(seq, _)| *seq)
+                            .collect(),
+                    )
+                };
+                let read = read_subject(&inner, &subject, start, from, limit).await?;
+                let mut out: Vec<(u64, OutboxRecord)> = read
+                    .into_iter()
+                    .filter(|(seq, _)| want.contains(seq))
+                    .collect();
+                out.sort_by_key(|(seq, _)| *seq);
+                let complete = out.len() == want.len();
+                if complete || tokio::time::Instant::now() >= deadline {
+                    return Ok(out);
                 }
-                if done {
-                    break;
-                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            out.sort_by_key(|(seq, _)| *seq);
-            Ok(out)
         })
     }
 
