@@ -13,8 +13,10 @@
 //! - [`federation`]: one actor per remote domain with a durable outbox, Noise links between
 //!   brokers, and the receiving side of those links.
 //! - [`store`]: durable state behind seams by intent ([`store::Inbox`], [`store::Directory`],
-//!   [`store::Outbox`], [`store::Health`]); the sled backend is the only importer of sled, an
-//!   in-memory one serves unit tests.
+//!   [`store::Outbox`], [`store::Health`]) and live delivery between processes
+//!   ([`store::live`]); the sled backend (the embedded default) is the only importer of sled,
+//!   the NATS JetStream one (scale-out) the only importer of async-nats, an in-memory one
+//!   serves unit tests.
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //! - [`socket`]: one driver for every server-side WebSocket: frame limits checked at the

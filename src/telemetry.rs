@@ -129,6 +129,7 @@ const GAUGES: &[&str] = &["sealpost_connections", "sealpost_mailboxes"];
 const HISTOGRAMS: &[&str] = &[
     "sealpost_append_seconds",
     "sealpost_flush_seconds",
+    "sealpost_nats_publish_seconds",
     "sealpost_flush_batch_size",
     "sealpost_queue_depth",
 ];
@@ -224,6 +225,11 @@ fn describe() {
         "Send received to durable"
     );
     describe_histogram!("sealpost_flush_seconds", Unit::Seconds, "One flush + fsync");
+    describe_histogram!(
+        "sealpost_nats_publish_seconds",
+        Unit::Seconds,
+        "With the NATS store: one envelope copy published until the stream acknowledged it (replicated)"
+    );
     describe_histogram!(
         "sealpost_flush_batch_size",
         "Durability requests served by one flush"

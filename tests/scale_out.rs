@@ -111,6 +111,16 @@ async fn a_send_on_one_pod_reaches_the_socket_on_another_and_a_second_pod_displa
     accepted(&mut alice_dev, id(6), &bob.user, &[DeviceId(1)]).await;
     let (seq, envelope) = again.collect(1).await.remove(0);
     assert_eq!((seq, envelope.id), (6, id(6)));
+
+    // A one-time session ticket spent at one pod is spent at every pod.
+    let ticket = common::Creds {
+        token: common::session_ticket(a, &alice).await,
+        ..alice.clone()
+    };
+    let first = Device::try_authenticate(common::connect_raw(a).await, &ticket).await;
+    assert!(first.is_ok(), "the ticket logs in once");
+    let replayed = Device::try_authenticate(common::connect_raw(b).await, &ticket).await;
+    assert!(replayed.is_err(), "and not again, at another pod");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,7 +174,17 @@ async fn authenticate(state: &AppState, socket: &mut Socket) -> Result<Authed, O
         .check_ticket(user.as_str(), device.0, &token, now)
     {
         Some(nonce) => match state.spent_tickets.redeem(nonce, now) {
-            Redeemed::Fresh => Ok(Authed { user, device }),
+            // Fresh here; with pods sharing a store, fresh everywhere only if the store says.
+            Redeemed::Fresh => match state
+                .store
+                .directory
+                .spend_ticket(nonce, now + 2 * crate::crypto::TICKET_WINDOW_MS)
+                .await
+            {
+                Ok(None | Some(true)) => Ok(Authed { user, device }),
+                Ok(Some(false)) => refuse(session, ErrorCode::BadToken, "bad credentials").await,
+                Err(_) => refuse(session, ErrorCode::StoreUnavailable, "try again shortly").await,
+            },
             Redeemed::Spent => refuse(session, ErrorCode::BadToken, "bad credentials").await,
             Redeemed::Full => {
                 let msg = "too many logins by ticket; try again shortly";

@@ -373,6 +373,12 @@ pub trait Directory: Send + Sync + 'static {
     ) -> StoreFuture<()>;
     /// Consumes a link code: true if it existed and had not expired at `now_ms`.
     fn take_link_code(&self, user: &str, code_hash: [u8; 32], now_ms: u64) -> StoreFuture<bool>;
+    /// Spends a one-time session ticket (its nonce) across every process sharing this store,
+    /// remembered until `until_ms`: `Some(true)` the first time, `Some(false)` after. `None`:
+    /// the store is one process's own, which remembers spent tickets itself.
+    fn spend_ticket(&self, _nonce: [u8; 16], _until_ms: u64) -> StoreFuture<Option<bool>> {
+        ready(Ok(None))
+    }
 }
 
 // ---------------------------------------------------------------------------------------

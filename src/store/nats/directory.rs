@@ -438,6 +438,23 @@ impl Directory for NatsStore {
         })
     }
 
+    fn spend_ticket(&self, nonce: [u8; 16], _until_ms: u64) -> StoreFuture<Option<bool>> {
+        // The bucket forgets entries after two minutes, past any ticket's validity.
+        self.run(move |inner| async move {
+            let key = format!("n.{}", subjects::hex(&nonce));
+            match inner.tickets.create(&key, "1".into()).await {
+                Ok(_) => Ok(Some(true)),
+                Err(e)
+                    if e.kind() == kv::CreateErrorKind::AlreadyExists
+                        || lost_race(&e.to_string()) =>
+                {
+                    Ok(Some(false))
+                }
+                Err(e) => Err(inner.failed("ticket", e)),
+            }
+        })
+    }
+
     fn take_link_code(&self, user: &str, code_hash: [u8; 32], now_ms: u64) -> StoreFuture<bool> {
         let u = self.user(user);
         self.run(move |inner| async move {

@@ -272,10 +272,12 @@ impl Shared {
                     envelope.accepted_ms.to_string().as_str(),
                 )
                 .header(subjects::EXPIRES, envelope.expires_ms.to_string().as_str());
+            let started = std::time::Instant::now();
             let acked = match self.inner.js.send_publish(subject.clone(), message).await {
                 Ok(ack) => ack.await,
                 Err(e) => return Err(self.inner.failed("inbox publish", e)),
             };
+            metrics::histogram!("sealpost_nats_publish_seconds").record(started.elapsed());
             match acked {
                 Ok(ack) if ack.duplicate => {
                     // Stored before (a retry after a failure, or by another pod): its seq.

@@ -88,6 +88,8 @@ struct Inner {
     js: jetstream::Context,
     directory: kv::Store,
     link_codes: kv::Store,
+    /// Spent session tickets, shared by the pods.
+    tickets: kv::Store,
     names: Names,
     pod: String,
     /// The federation outboxes this pod writes.
@@ -152,6 +154,18 @@ impl NatsStore {
             },
         )
         .await?;
+        let tickets = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: subjects::TICKET_BUCKET.into(),
+                history: 1,
+                max_age: Duration::from_secs(120),
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         ensure_bucket(
             &js,
             kv::Config {
@@ -171,6 +185,7 @@ impl NatsStore {
         names.push(format!("KV_{}", subjects::DIRECTORY_BUCKET));
         names.push(format!("KV_{}", subjects::LINK_CODE_BUCKET));
         names.push(format!("KV_{}", subjects::POD_BUCKET));
+        names.push(format!("KV_{}", subjects::TICKET_BUCKET));
         wait_for_leaders(&js, &names, options.timeout * 6).await?;
         let store = NatsStore {
             inner: Arc::new(Inner {
@@ -178,6 +193,7 @@ impl NatsStore {
                 js,
                 directory,
                 link_codes,
+                tickets,
                 names: Names::new(&options.secret, options.partitions),
                 pod: options.pod.clone(),
                 outboxes: outbox::Outboxes::default(),

@@ -31,6 +31,8 @@
 //!   t.<U>             DeliveryTokenRecord
 //! sealpost_link_codes (entries live at most an hour; a code is valid ten minutes)
 //!   c.<U>.<code hash hex>   LinkCodeRecord
+//! sealpost_tickets (entries live 2 min; a ticket is valid at most 60 s)
+//!   n.<nonce hex>     a spent session ticket
 //! sealpost_pods (entries live 30 s unless refreshed)
 //!   p.<pod>           the pod is alive (refreshed every few seconds)
 //!   c.<D>.<pod>       the name of the pod that is taking over that gone pod's outbox to D
@@ -54,6 +56,7 @@ pub(super) const OUTBOX_STREAM: &str = "SEALPOST_OUTBOX";
 pub(super) const DIRECTORY_BUCKET: &str = "sealpost_directory";
 pub(super) const LINK_CODE_BUCKET: &str = "sealpost_link_codes";
 pub(super) const POD_BUCKET: &str = "sealpost_pods";
+pub(super) const TICKET_BUCKET: &str = "sealpost_tickets";
 
 /// BLAKE3 context of the key that hashes names.
 const NAME_KEY_CONTEXT: &str = "sealpost 2026-12 nats names v1";

@@ -1,6 +1,6 @@
 //! Taking over the federation outboxes of pods that are gone.
 //!
-//! Each pod writes its own outboxes (`sp.out.<D>.<pod>`, see [`super::outbox`]) and marks
+//! Each pod writes its own outboxes (`sp.out.<D>.<pod>`, see the outbox module) and marks
 //! itself alive in the KV bucket `sealpost_pods` (`p.<pod>`, entries live 30 s; a pod
 //! refreshes its own every few seconds). A pod that finds outbox entries of a pod that is not
 //! alive claims them (`c.<D>.<pod>`, created by one pod only, refreshed while it works), hands
