@@ -239,3 +239,52 @@ fn a_killed_stream_leader_loses_no_acknowledged_envelope_and_a_lost_quorum_refus
         i += 1;
     }
 }
+
+#[test]
+fn a_stream_with_the_wrong_configuration_is_a_start_up_error_naming_it() {
+    if !available() {
+        return;
+    }
+    let cluster = NatsCluster::start(1);
+    runtime().block_on(async {
+        // Someone made the first inbox stream with a limit that would delete envelopes.
+        let client = async_nats::connect(cluster.urls()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "SEALPOST_INBOX_0".into(),
+            subjects: vec!["sp.in.0.>".into()],
+            max_age: Duration::from_secs(60),
+            allow_direct: true,
+            allow_message_ttl: true,
+            duplicate_window: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let refused = NatsStore::connect(&options(cluster.urls(), 1, "pod-a")).await;
+        let message = match refused {
+            Ok(_) => panic!("a store on a wrongly configured stream"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains("SEALPOST_INBOX_0"), "{message}");
+    });
+}
+
+#[test]
+fn pods_starting_at_once_on_a_fresh_cluster_all_come_up() {
+    if !available() {
+        return;
+    }
+    let cluster = NatsCluster::start(3);
+    runtime().block_on(async {
+        let starts = (0..6).map(|i| {
+            let options = options(cluster.urls(), 3, &format!("pod-{i}"));
+            async move { NatsStore::connect(&options).await }
+        });
+        for (i, started) in join_all(starts).await.into_iter().enumerate() {
+            if let Err(e) = started {
+                panic!("pod {i} did not start: {e}");
+            }
+        }
+    });
+}

@@ -127,66 +127,25 @@ impl NatsStore {
         let js = jetstream::ContextBuilder::new()
             .timeout(options.timeout)
             .build(client.clone());
-        for p in 0..options.partitions.max(1) {
-            ensure_stream(&js, inbox_config(options, p)).await?;
-        }
-        ensure_stream(&js, outbox_config(options)).await?;
-        let directory = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: subjects::DIRECTORY_BUCKET.into(),
-                history: 1,
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let link_codes = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: subjects::LINK_CODE_BUCKET.into(),
-                history: 1,
-                max_age: Duration::from_secs(3600),
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let tickets = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: subjects::TICKET_BUCKET.into(),
-                history: 1,
-                max_age: Duration::from_secs(120),
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: subjects::POD_BUCKET.into(),
-                history: 1,
-                max_age: takeover::POD_TTL,
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let mut names: Vec<String> = (0..options.partitions.max(1))
-            .map(subjects::inbox_stream)
-            .collect();
-        names.push(subjects::OUTBOX_STREAM.into());
-        names.push(format!("KV_{}", subjects::DIRECTORY_BUCKET));
-        names.push(format!("KV_{}", subjects::LINK_CODE_BUCKET));
-        names.push(format!("KV_{}", subjects::POD_BUCKET));
-        names.push(format!("KV_{}", subjects::TICKET_BUCKET));
-        wait_for_leaders(&js, &names, options.timeout * 6).await?;
+        // Several pods starting at once on a fresh cluster make its meta leader busy creating
+        // R3 streams: a request may time out or find a stream half made. That is tried again
+        // (for a minute); a stream with the wrong configuration is final.
+        let deadline = tokio::time::Instant::now() + options.timeout * 12;
+        let mut wait = Duration::from_millis(100);
+        let (directory, link_codes, tickets) = loop {
+            match setup(&js, options).await {
+                Ok(buckets) => break buckets,
+                Err(e)
+                    if !e.to_string().contains("wrong configuration")
+                        && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::warn!(error = %e, "setting up the NATS streams; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let store = NatsStore {
             inner: Arc::new(Inner {
                 client,
@@ -205,6 +164,75 @@ impl NatsStore {
         store.heartbeat().await?;
         Ok(store)
     }
+}
+
+/// Creates what is missing and checks what exists: the streams and buckets, each with a
+/// leader. Answers the buckets the store uses.
+async fn setup(
+    js: &jetstream::Context,
+    options: &NatsOptions,
+) -> Result<(kv::Store, kv::Store, kv::Store)> {
+    for p in 0..options.partitions.max(1) {
+        ensure_stream(js, inbox_config(options, p)).await?;
+    }
+    ensure_stream(js, outbox_config(options)).await?;
+    let directory = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: subjects::DIRECTORY_BUCKET.into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: options.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let link_codes = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: subjects::LINK_CODE_BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(3600),
+            storage: stream::StorageType::File,
+            num_replicas: options.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let tickets = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: subjects::TICKET_BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(120),
+            storage: stream::StorageType::File,
+            num_replicas: options.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: subjects::POD_BUCKET.into(),
+            history: 1,
+            max_age: takeover::POD_TTL,
+            storage: stream::StorageType::File,
+            num_replicas: options.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut names: Vec<String> = (0..options.partitions.max(1))
+        .map(subjects::inbox_stream)
+        .collect();
+    names.push(subjects::OUTBOX_STREAM.into());
+    names.push(format!("KV_{}", subjects::DIRECTORY_BUCKET));
+    names.push(format!("KV_{}", subjects::LINK_CODE_BUCKET));
+    names.push(format!("KV_{}", subjects::POD_BUCKET));
+    names.push(format!("KV_{}", subjects::TICKET_BUCKET));
+    wait_for_leaders(js, &names, options.timeout * 6).await?;
+    Ok((directory, link_codes, tickets))
 }
 
 fn inbox_config(options: &NatsOptions, p: u32) -> stream::Config {
