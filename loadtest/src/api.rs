@@ -11,7 +11,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use rand::{RngCore, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
-use crate::client::Account;
+use crate::{client::Account, util::Targets};
 
 /// A client of the broker's HTTP API.
 #[derive(Clone)]
@@ -31,6 +31,11 @@ impl Api {
             client,
             base: base.to_owned(),
         })
+    }
+
+    /// One client per broker of `targets`, in the same order (see [`register_many`]).
+    pub(crate) fn each(targets: &Targets) -> Result<Vec<Self>> {
+        targets.iter().map(|t| Api::new(&t.http)).collect()
     }
 
     /// `POST /v1/accounts`: creates `handle` with its first device.
@@ -108,10 +113,11 @@ fn account_from(handle: &str, v: &Value) -> Result<Account> {
     })
 }
 
-/// Registers every handle, `concurrency` at a time, each with `devices_per_account` devices.
-/// Returns the devices account by account, in the order of `handles`, and prints progress.
+/// Registers every handle, `concurrency` at a time, each with `devices_per_account` devices;
+/// handle `i` through `apis[i % apis.len()]` (round-robin over the brokers). Returns the
+/// devices account by account, in the order of `handles`, and prints progress.
 pub(crate) async fn register_many(
-    api: &Api,
+    apis: &[Api],
     handles: Vec<String>,
     devices_per_account: usize,
     concurrency: usize,
@@ -123,9 +129,13 @@ pub(crate) async fn register_many(
     let started = Instant::now();
     let step = (total / 10).max(1);
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let accounts: Vec<Vec<Account>> = stream::iter(handles)
-        .map(|handle| {
+    if apis.is_empty() {
+        bail!("no broker to register through");
+    }
+    let accounts: Vec<Vec<Account>> = stream::iter(handles.into_iter().enumerate())
+        .map(|(i, handle)| {
             let done = &done;
+            let api = &apis[i % apis.len()];
             async move {
                 let first = api.register(&handle).await?;
                 let mut devices = Vec::with_capacity(devices_per_account);

@@ -11,6 +11,8 @@ use tokio_tungstenite::{
     tungstenite::{Message, protocol::CloseFrame, protocol::WebSocketConfig},
 };
 
+use crate::util::Targets;
+
 /// An open WebSocket connection to the broker.
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -147,9 +149,10 @@ async fn next_frame(ws: &mut Ws) -> Result<ServerFrame> {
     }
 }
 
-/// Connects every account, `concurrency` at a time, failing on the first error. Prints progress.
+/// Connects every account, `concurrency` at a time, account `i` to broker `targets.of(i)`
+/// (round-robin), failing on the first error. Prints progress.
 pub(crate) async fn connect_all(
-    url: &str,
+    targets: &Targets,
     accounts: &[Account],
     opts: ConnectOptions,
     concurrency: usize,
@@ -158,8 +161,8 @@ pub(crate) async fn connect_all(
     let started = Instant::now();
     let mut backlog = 0;
     let mut conns = Vec::with_capacity(total);
-    let mut results = stream::iter(accounts)
-        .map(|a| connect(url, a, opts))
+    let mut results = stream::iter(accounts.iter().enumerate())
+        .map(|(i, a)| connect(&targets.of(i).ws, a, opts))
         .buffered(concurrency.max(1));
     let step = (total / 10).max(1);
     while let Some(result) = results.next().await {

@@ -51,7 +51,7 @@ pub(crate) async fn encrypted(args: &EncryptedArgs) -> Result<Value> {
         (1..=16 * 1024).contains(&args.size),
         "--size must be 1..=16384 (text bytes)"
     );
-    let target = args.common.target()?;
+    let target = args.common.target("encrypted")?;
     let tag = run_tag();
     let root: PathBuf = std::env::temp_dir().join(format!("sealpost-loadtest-{tag}"));
     println!(

@@ -115,11 +115,15 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         sealpost_proto::limits::MAX_DEVICES_PER_USER
     );
     check_nofile(u64::try_from(args.connections).unwrap_or(u64::MAX) + 256)?;
+    let targets = common.targets()?;
     if let Some(pid) = args.broker_pid {
+        ensure!(
+            targets.len() == 1,
+            "--broker-pid measures one broker: give one --url"
+        );
         read_rss_kib(pid)?;
     }
-    let target = common.target()?;
-    let api = Api::new(&target.http)?;
+    let apis = Api::each(&targets)?;
     let tag = run_tag();
     let accounts_n = args.connections.div_ceil(args.devices_per_account);
     println!(
@@ -129,12 +133,13 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         args.devices_per_account,
         fmt_duration(args.hold),
     );
+    crate::scenarios::print_brokers(&targets);
 
     let handles = (0..accounts_n)
         .map(|i| format!("lt-{tag}-i{i}@{}", common.domain))
         .collect();
     let accounts = register_many(
-        &api,
+        &apis,
         handles,
         args.devices_per_account,
         common.register_concurrency,
@@ -167,8 +172,8 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
     let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(total);
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut first_failure: Option<String> = None;
-    let mut attempts = stream::iter(&devices)
-        .map(|d| connect(&target.ws, d, opts))
+    let mut attempts = stream::iter(devices.iter().enumerate())
+        .map(|(i, d)| connect(&targets.of(i).ws, d, opts))
         .buffer_unordered(common.connect_concurrency.max(1));
     let mut finished = 0;
     while let Some(result) = attempts.next().await {

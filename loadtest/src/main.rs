@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::util::{Target, json_line, parse_duration};
+use crate::util::{CpuClass, Target, Targets, json_line, parse_cpu_class, parse_duration};
 
 /// Load generator for the Sealpost broker (loopback targets only).
 #[derive(Parser)]
@@ -59,7 +59,9 @@ enum Scenario {
 // comment as the subcommand's description.)
 #[derive(Args, Clone)]
 struct Common {
-    /// The broker's base URL, e.g. http://127.0.0.1:8080 (loopback only).
+    /// The broker's base URL, e.g. http://127.0.0.1:8080 (loopback only); for `appends`,
+    /// `e2e` and `idle` also several pods of one domain, comma-separated: accounts register
+    /// through them and their devices connect to them round-robin.
     #[arg(long, env = "SEALPOST_URL")]
     url: String,
     /// Domain of the generated handles (the broker's --domain).
@@ -80,8 +82,14 @@ struct Common {
 }
 
 impl Common {
-    fn target(&self) -> Result<Target> {
-        Target::parse(&self.url)
+    /// Every broker of `--url`.
+    fn targets(&self) -> Result<Targets> {
+        Targets::parse(&self.url)
+    }
+
+    /// The one broker of `--url`, for a scenario (`what`) that measures a single broker.
+    fn target(&self, what: &str) -> Result<Target> {
+        self.targets()?.single(what)
     }
 }
 
@@ -106,6 +114,10 @@ struct TrafficArgs {
     /// ...or when the oldest pending delivery has waited this long.
     #[arg(long, default_value = "5ms", value_parser = parse_duration)]
     ack_delay: Duration,
+    /// Report the CPU time these processes use during the measured window, summed per
+    /// class: `--cpu brokers=PID,PID --cpu nats=PID` (this process is reported as `loadgen`).
+    #[arg(long = "cpu", value_name = "CLASS=PID,...", value_parser = parse_cpu_class)]
+    cpu: Vec<CpuClass>,
 }
 
 #[derive(Args, Clone)]
@@ -277,10 +289,27 @@ mod tests {
             "10s",
             "--rate",
             "5000",
+            "--cpu",
+            "brokers=10,11",
+            "--cpu",
+            "nats=12",
         ])
         .unwrap();
         assert!(
-            matches!(cli.scenario, Scenario::E2e(ref a) if a.rate == 5000 && a.pipeline.is_none())
+            matches!(cli.scenario, Scenario::E2e(ref a) if a.rate == 5000 && a.pipeline.is_none()
+                && a.traffic.cpu.len() == 2)
+        );
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "e2e",
+            "--url",
+            "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+            "--devices",
+            "200",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.scenario, Scenario::E2e(ref a) if a.common.targets().unwrap().len() == 3)
         );
         let cli = Cli::try_parse_from([
             "sealpost-loadtest",

@@ -11,7 +11,7 @@ use crate::{
     api::{Api, register_many},
     client::{Account, ConnectOptions, connect_all},
     traffic::{self, Outcome, Plan, Recipient, Stats},
-    util::{check_nofile, fmt_duration, latency_json, latency_line, per_sec, run_tag},
+    util::{Targets, check_nofile, fmt_duration, latency_json, latency_line, per_sec, run_tag},
 };
 
 /// Read buffer for connections that carry traffic.
@@ -104,6 +104,7 @@ impl Pacing {
             duration: t.duration,
             drain_timeout: t.drain_timeout,
             wait_for_delivery: true,
+            cpu: t.cpu.clone(),
         })
     }
 }
@@ -127,8 +128,8 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
     );
     ensure!(args.pipeline > 0, "--pipeline must be > 0");
     check_nofile(u64::try_from(args.senders).unwrap_or(u64::MAX) + 256)?;
-    let target = common.target()?;
-    let api = Api::new(&target.http)?;
+    let targets = common.targets()?;
+    let apis = Api::each(&targets)?;
     let tag = run_tag();
     println!(
         "appends: {} senders -> {} recipient(s), {} B ciphertext, pipeline {}, warm-up {}, \
@@ -140,18 +141,20 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         fmt_duration(t.warmup),
         fmt_duration(t.duration),
     );
+    print_brokers(&targets);
 
     let recipient_handles = (0..args.recipients)
         .map(|i| format!("lt-{tag}-r{i}@{}", common.domain))
         .collect();
-    let recipients = register_many(&api, recipient_handles, 1, common.register_concurrency).await?;
+    let recipients =
+        register_many(&apis, recipient_handles, 1, common.register_concurrency).await?;
     let sender_handles = (0..args.senders)
         .map(|i| format!("lt-{tag}-s{i}@{}", common.domain))
         .collect();
-    let senders = register_many(&api, sender_handles, 1, common.register_concurrency).await?;
+    let senders = register_many(&apis, sender_handles, 1, common.register_concurrency).await?;
     let senders: Vec<_> = senders.into_iter().flatten().collect();
     let conns = connect_all(
-        &target.ws,
+        &targets,
         &senders,
         connect_options(common),
         common.connect_concurrency,
@@ -176,6 +179,7 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         duration: t.duration,
         drain_timeout: t.drain_timeout,
         wait_for_delivery: false,
+        cpu: t.cpu.clone(),
     });
     let stats = Arc::new(Stats::new());
     let self_index = vec![None; conns.len()];
@@ -203,7 +207,7 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
     println!("{}", latency_line("send->send_result", &result_hist));
     print_health(&stats, &out);
 
-    Ok(json!({
+    let mut fields = json!({
         "senders": args.senders,
         "recipients": args.recipients,
         "size": args.size,
@@ -219,15 +223,17 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         "drained": out.drained,
         "server_errors": stats.server_errors.by_name(),
         "closed_early": stats.closes(),
-    }))
+    });
+    add_window_cpu(&mut fields, &out);
+    Ok(fields)
 }
 
 /// Every device sends to random other accounts and acks what it receives: end-to-end latency.
 pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
     let (common, t) = (&args.common, &args.traffic);
     let pacing = Pacing::of(args)?;
-    let target = common.target()?;
-    let api = Api::new(&target.http)?;
+    let targets = common.targets()?;
+    let apis = Api::each(&targets)?;
     let tag = run_tag();
     let open_loop = args.rate > 0;
     println!(
@@ -238,14 +244,15 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         fmt_duration(t.warmup),
         fmt_duration(t.duration),
     );
+    print_brokers(&targets);
 
     let handles = (0..args.devices)
         .map(|i| format!("lt-{tag}-d{i}@{}", common.domain))
         .collect();
-    let accounts = register_many(&api, handles, 1, common.register_concurrency).await?;
+    let accounts = register_many(&apis, handles, 1, common.register_concurrency).await?;
     let devices: Vec<_> = accounts.iter().map(|a| a[0].clone()).collect();
     let conns = connect_all(
-        &target.ws,
+        &targets,
         &devices,
         connect_options(common),
         common.connect_concurrency,
@@ -295,7 +302,7 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
     println!("{}", latency_line("send->send_result", &result_hist));
     print_health(&stats, &out);
 
-    Ok(json!({
+    let mut fields = json!({
         "devices": args.devices,
         "size": args.size,
         "rate": args.rate,
@@ -315,7 +322,9 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         "drained": out.drained,
         "server_errors": stats.server_errors.by_name(),
         "closed_early": stats.closes(),
-    }))
+    });
+    add_window_cpu(&mut fields, &out);
+    Ok(fields)
 }
 
 /// Devices on two federated brokers, each sending only to accounts of the other domain:
@@ -326,7 +335,7 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
     let (common, t) = (&e.common, &e.traffic);
     let pacing = Pacing::of(e)?;
     let targets = [
-        common.target()?,
+        common.target("federated")?,
         crate::util::Target::parse(&args.peer_url)?,
     ];
     let domains = [common.domain.clone(), args.peer_domain.clone()];
@@ -349,10 +358,16 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
         let handles = (0..per_side)
             .map(|i| format!("lt-{tag}-f{side}-{i}@{domain}"))
             .collect();
-        let side_accounts = register_many(&api, handles, 1, common.register_concurrency).await?;
+        let side_accounts = register_many(
+            std::slice::from_ref(&api),
+            handles,
+            1,
+            common.register_concurrency,
+        )
+        .await?;
         let devices: Vec<_> = side_accounts.iter().map(|a| a[0].clone()).collect();
         let side_conns = connect_all(
-            &target.ws,
+            &Targets::one(target.clone()),
             &devices,
             connect_options(common),
             common.connect_concurrency,
@@ -400,7 +415,7 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
     println!("{}", latency_line("send->deliver", &deliver_hist));
     println!("{}", latency_line("send->send_result", &result_hist));
     print_health(&stats, &out);
-    Ok(json!({
+    let mut fields = json!({
         "devices": e.devices,
         "size": e.size,
         "rate": e.rate,
@@ -416,7 +431,45 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
         "drained": out.drained,
         "server_errors": stats.server_errors.by_name(),
         "closed_early": stats.closes(),
-    }))
+    });
+    // Both directions ran at once: the first one's window sample covers the whole machine.
+    add_window_cpu(&mut fields, &out);
+    Ok(fields)
+}
+
+/// With `--cpu`: prints the CPU seconds each class used during the measured window and adds
+/// them to the JSON as `window_cpu_s` (`{"brokers": 12.3, ..., "loadgen": 3.4}`). Without it,
+/// the output is unchanged.
+fn add_window_cpu(fields: &mut Value, out: &Outcome) {
+    if out.window_cpu.is_empty() {
+        return;
+    }
+    let line: Vec<String> = out
+        .window_cpu
+        .iter()
+        .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64()))
+        .collect();
+    println!("  CPU seconds during the window: {}", line.join("  "));
+    let cpu: serde_json::Map<String, Value> = out
+        .window_cpu
+        .iter()
+        .map(|(name, d)| (name.clone(), json!(d.as_secs_f64())))
+        .collect();
+    if let Some(map) = fields.as_object_mut() {
+        map.insert("window_cpu_s".into(), Value::Object(cpu));
+    }
+}
+
+/// With several brokers (pods of one domain), says so under the banner; one broker prints
+/// nothing, so single-broker output stays as it was.
+pub(crate) fn print_brokers(targets: &Targets) {
+    if targets.len() > 1 {
+        println!(
+            "  {} brokers, accounts and devices round-robin: {}",
+            targets.len(),
+            targets.describe()
+        );
+    }
 }
 
 fn print_health(stats: &Stats, out: &Outcome) {

@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     client::{Ws, describe_close, message},
-    util::{instant_ns, new_histogram, now_ns},
+    util::{CpuClass, LOADGEN_CLASS, cpu_sample, instant_ns, new_histogram, now_ns},
 };
 
 /// Counters by protocol error code.
@@ -219,6 +219,8 @@ pub(crate) struct Plan {
     pub(crate) drain_timeout: Duration,
     /// Whether draining also waits until every accepted envelope was delivered.
     pub(crate) wait_for_delivery: bool,
+    /// Processes whose CPU time over the measured window is reported (`--cpu`).
+    pub(crate) cpu: Vec<CpuClass>,
 }
 
 /// What a run measured.
@@ -226,6 +228,9 @@ pub(crate) struct Outcome {
     /// Counts during the measured window (after warm-up, before sending stopped).
     pub(crate) window: Snapshot,
     pub(crate) window_len: Duration,
+    /// CPU time each `--cpu` class, then this process ([`LOADGEN_CLASS`]), used during the
+    /// measured window; empty without `--cpu`.
+    pub(crate) window_cpu: Vec<(String, Duration)>,
     /// Counts at the end, after draining.
     pub(crate) total: Snapshot,
     /// Whether draining finished before its timeout.
@@ -276,8 +281,20 @@ pub(crate) async fn run(
 
     sleep_until(measure_from).await;
     let at_start = stats.snapshot();
+    let cpu_start = (!plan.cpu.is_empty()).then(|| cpu_sample(&plan.cpu));
     sleep_until(stop_at).await;
     let at_stop = stats.snapshot();
+    let window_cpu = match cpu_start {
+        None => Vec::new(),
+        Some(before) => plan
+            .cpu
+            .iter()
+            .map(|c| c.name.clone())
+            .chain([LOADGEN_CLASS.to_owned()])
+            .zip(cpu_sample(&plan.cpu).into_iter().zip(before))
+            .map(|(name, (after, before))| (name, after.saturating_sub(before)))
+            .collect(),
+    };
     println!(
         "  sending stopped: sent {}, results {}, delivered {}; draining",
         at_stop.sent, at_stop.results, at_stop.delivered
@@ -315,6 +332,7 @@ pub(crate) async fn run(
     Outcome {
         window: at_stop.minus(at_start),
         window_len: plan.duration,
+        window_cpu,
         total,
         drained,
         drain_time,

@@ -103,6 +103,63 @@ impl Target {
     }
 }
 
+/// The brokers a run targets, from `--url`: one, or several pods serving the same domain
+/// over a shared store (NATS JetStream). Account `i` registers through, and its device
+/// connects to, broker `i mod n` (round-robin), so with `n` pods a random recipient sits on
+/// another pod than its sender `(n - 1) / n` of the time.
+#[derive(Debug, Clone)]
+pub(crate) struct Targets(Vec<Target>);
+
+impl Targets {
+    /// One URL or several, comma-separated; each is checked like [`Target::parse`].
+    pub(crate) fn parse(list: &str) -> Result<Self> {
+        let targets = list
+            .split(',')
+            .map(|url| Target::parse(url.trim()))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, t) in targets.iter().enumerate() {
+            if targets[..i].iter().any(|earlier| earlier.http == t.http) {
+                bail!("--url names {} twice", t.http);
+            }
+        }
+        Ok(Targets(targets))
+    }
+
+    /// A single broker.
+    pub(crate) fn one(target: Target) -> Self {
+        Targets(vec![target])
+    }
+
+    /// How many brokers (at least 1).
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The broker of account or connection number `i`: round-robin.
+    pub(crate) fn of(&self, i: usize) -> &Target {
+        &self.0[i % self.0.len()]
+    }
+
+    /// All of them, in `--url` order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.0.iter()
+    }
+
+    /// The only broker, for what measures one broker; `what` says why in the error.
+    pub(crate) fn single(mut self, what: &str) -> Result<Target> {
+        if self.0.len() != 1 {
+            bail!("{what} takes one --url, got {}", self.0.len());
+        }
+        Ok(self.0.remove(0))
+    }
+
+    /// The base URLs, comma-separated, for banners.
+    pub(crate) fn describe(&self) -> String {
+        let urls: Vec<&str> = self.0.iter().map(|t| t.http.as_str()).collect();
+        urls.join(", ")
+    }
+}
+
 /// A short random tag that keeps this run's handles apart from any earlier run's on the same
 /// broker.
 pub(crate) fn run_tag() -> String {
@@ -174,6 +231,53 @@ pub(crate) fn read_cpu_time(pid: u32) -> Result<Duration> {
     };
     // In USER_HZ, which Linux fixes at 100 for /proc.
     Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// Processes whose CPU time a traffic run reports over its measured window, summed as one
+/// class: `--cpu brokers=PID,PID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CpuClass {
+    pub(crate) name: String,
+    pub(crate) pids: Vec<u32>,
+}
+
+/// The name of this process's own class in CPU reports.
+pub(crate) const LOADGEN_CLASS: &str = "loadgen";
+
+/// Parses `NAME=PID,PID,...`.
+pub(crate) fn parse_cpu_class(s: &str) -> Result<CpuClass, String> {
+    let (name, pids) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PID,PID..., got {s:?}"))?;
+    let name = name.trim();
+    if name.is_empty() || name == LOADGEN_CLASS {
+        return Err(format!("class name {name:?} is empty or reserved"));
+    }
+    let pids = pids
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad pid list in {s:?}: {e}"))?;
+    Ok(CpuClass {
+        name: name.to_owned(),
+        pids,
+    })
+}
+
+/// CPU time used so far by each class (summed over its processes; one that has exited counts
+/// 0), then by this process.
+pub(crate) fn cpu_sample(classes: &[CpuClass]) -> Vec<Duration> {
+    let mut sample: Vec<Duration> = classes
+        .iter()
+        .map(|c| {
+            c.pids
+                .iter()
+                .map(|&pid| read_cpu_time(pid).unwrap_or_default())
+                .sum()
+        })
+        .collect();
+    sample.push(read_cpu_time(std::process::id()).unwrap_or_default());
+    sample
 }
 
 /// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
@@ -268,6 +372,51 @@ mod tests {
         assert!(Target::parse("http://10.0.0.1:80").is_err());
         assert!(Target::parse("http://example.com:80").is_err());
         assert!(Target::parse("https://127.0.0.1:443").is_err());
+    }
+
+    #[test]
+    fn url_lists_are_checked_and_used_round_robin() {
+        let one = Targets::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.of(0).http, one.of(7).http);
+        let pods =
+            Targets::parse("http://127.0.0.1:1, http://127.0.0.1:2,http://localhost:3").unwrap();
+        assert_eq!(pods.len(), 3);
+        let picked: Vec<&str> = (0..5).map(|i| pods.of(i).http.as_str()).collect();
+        assert_eq!(
+            picked,
+            [
+                "http://127.0.0.1:1",
+                "http://127.0.0.1:2",
+                "http://localhost:3",
+                "http://127.0.0.1:1",
+                "http://127.0.0.1:2"
+            ]
+        );
+        assert_eq!(pods.of(4).ws, "ws://127.0.0.1:2/v1/ws");
+        // The loopback check holds for every entry; empty entries and repeats are refused.
+        assert!(Targets::parse("http://127.0.0.1:1,http://10.0.0.1:2").is_err());
+        assert!(Targets::parse("http://127.0.0.1:1,").is_err());
+        assert!(Targets::parse("http://127.0.0.1:1,http://127.0.0.1:1/").is_err());
+        assert!(pods.clone().single("idle").is_err());
+        assert_eq!(one.single("idle").unwrap().http, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn cpu_classes() {
+        assert_eq!(
+            parse_cpu_class("brokers=12, 34"),
+            Ok(CpuClass {
+                name: "brokers".into(),
+                pids: vec![12, 34]
+            })
+        );
+        assert!(parse_cpu_class("brokers").is_err());
+        assert!(parse_cpu_class("=1").is_err());
+        assert!(parse_cpu_class("loadgen=1").is_err());
+        assert!(parse_cpu_class("nats=1,x").is_err());
+        let own = cpu_sample(&[]);
+        assert_eq!(own.len(), 1, "this process only");
     }
 
     #[test]
