@@ -74,6 +74,8 @@ struct DeviceQueue {
     /// Whether this mailbox listens to the device's live events (a store whose sockets may
     /// be held in other processes; from the device's first attach until the mailbox stops).
     listening: bool,
+    /// A check of the queue's end in the store is scheduled (see [`Mailbox::resync_later`]).
+    resync: bool,
 }
 
 /// A live-delivery event for one of the user's devices.
@@ -137,6 +139,10 @@ struct HeldBack {
     /// after [`HOLD_MAX_MS`], in case its resend is refused before it reaches the mailbox.
     until_ms: u64,
 }
+
+/// How long after a queue moved its end is read from the store again (scale-out: a live event
+/// may have been lost).
+const RESYNC_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a device's pump waits before reading its queue again after a failed read.
 const READ_RETRY: Duration = Duration::from_millis(500);
@@ -544,6 +550,7 @@ impl DeviceQueue {
             pushed_hwm: 0,
             conn: None,
             listening: false,
+            resync: false,
         }
     }
 }
@@ -706,7 +713,40 @@ impl Mailbox {
             .is_some();
         if advanced {
             self.pump(device, ctx);
+            self.resync_later(device, ctx);
         }
+    }
+
+    /// Live events are best effort (core NATS drops them for a slow subscriber): a moment
+    /// after the queue of a connected device moved, its end is read from the store once more,
+    /// so that the last envelopes of a burst are not left waiting for the next one.
+    fn resync_later(&mut self, device: DeviceId, ctx: &mut Context<Self>) {
+        if !self.stores.live.spans_processes() {
+            return;
+        }
+        let Some(q) = self.devices.get_mut(&device) else {
+            return;
+        };
+        if q.resync || q.conn.is_none() {
+            return;
+        }
+        q.resync = true;
+        ctx.run_later(RESYNC_AFTER, move |act, ctx| {
+            let Some(q) = act.devices.get_mut(&device) else {
+                return;
+            };
+            q.resync = false;
+            let (Some(inbox), true) = (act.inbox.as_ref(), q.conn.is_some()) else {
+                return;
+            };
+            ctx.spawn(
+                wrap_future::<_, Self>(inbox.end(device.0)).map(move |end, act, ctx| {
+                    if let Ok(end) = end {
+                        act.advance(device, end, ctx);
+                    }
+                }),
+            );
+        });
     }
 }
 
@@ -758,6 +798,7 @@ impl Handler<Submit> for Mailbox {
                                     .live_delivery()
                                     .notify(&act.user, device.0, next);
                                 act.pump(device, ctx);
+                                act.resync_later(device, ctx);
                             }
                         }
                         act.watch(ctx);

@@ -31,8 +31,6 @@ use crate::store::{
 
 /// Messages asked for per batched direct get.
 const BATCH: usize = 256;
-/// How often a publish is renumbered after another pod's append before giving up.
-const RENUMBER_ATTEMPTS: usize = 16;
 /// The longest TTL given to the stream (a year; envelopes live days).
 const MAX_TTL_SECS: u64 = 366 * 24 * 3600;
 /// Envelope ids this writer remembers answering (a retry is answered without a publish).
@@ -245,10 +243,14 @@ impl Shared {
             .div_ceil(1000)
             .clamp(1, MAX_TTL_SECS);
         let mut contended = 0u32;
-        for _ in 0..RENUMBER_ATTEMPTS {
+        // Renumbered for as long as one request may take: writers of one queue on several
+        // pods (senders on several pods to one recipient) take turns.
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        while tokio::time::Instant::now() < deadline {
             if contended > 1 {
-                // Still losing: both writers back off a little, differently.
-                let jitter = rand::random::<u64>() % (5 * u64::from(contended));
+                // Still losing: back off a little, randomly, so that the writers spread out.
+                let most = 2u64 << contended.min(6);
+                let jitter = rand::random::<u64>() % most;
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
             let (seq, expect) = {
@@ -365,6 +367,7 @@ impl Shared {
             let drains = q.index.is_empty() && q.reserved.0 == 0 && delete.contains(&q.last);
             (drains, q.last, q.next_seq, q.marker)
         };
+        let mut superseded = None;
         if drains {
             let marker = PublishMessage::build()
                 .expected_last_subject_sequence(last)
@@ -385,7 +388,7 @@ impl Shared {
                         q.marker = Some(ack.sequence);
                         q.last = ack.sequence;
                     }
-                    delete.extend(old_marker);
+                    superseded = old_marker;
                 }
                 // Another writer appended meanwhile: the queue does not drain, no marker.
                 Err(e) if wrong_last(&e) => {}
@@ -393,10 +396,13 @@ impl Shared {
             }
         }
         let stream = self.stream();
+        // Envelopes are erased (overwritten on every replica: nothing of them left after the
+        // ack); a superseded head marker holds nothing but a number, and is only unlinked.
         let results = join_all(
             delete
                 .iter()
-                .map(|s| delete_message(&self.inner, &stream, *s)),
+                .map(|s| delete_message(&self.inner, &stream, *s, true))
+                .chain(superseded.map(|s| delete_message(&self.inner, &stream, s, false))),
         )
         .await;
         for r in results {
@@ -555,9 +561,15 @@ fn wrong_last(e: &async_nats::jetstream::context::PublishError) -> bool {
     e.kind() == PublishErrorKind::WrongLastSequence || e.to_string().contains("wrong last sequence")
 }
 
-/// Deletes (and erases) one stored message; one already gone is fine.
-pub(super) async fn delete_message(inner: &Inner, stream: &str, sequence: u64) -> Result<()> {
-    let request = serde_json::json!({ "seq": sequence });
+/// Deletes one stored message, erasing it (overwritten on every replica) if `erase`; one
+/// already gone is fine.
+pub(super) async fn delete_message(
+    inner: &Inner,
+    stream: &str,
+    sequence: u64,
+    erase: bool,
+) -> Result<()> {
+    let request = serde_json::json!({ "seq": sequence, "no_erase": !erase });
     let answer: async_nats::jetstream::response::Response<serde_json::Value> = inner
         .js
         .request(format!("STREAM.MSG.DELETE.{stream}"), &request)

@@ -109,7 +109,7 @@ async fn writer(
                 let mut result = Ok(());
                 for s in sequences {
                     if let Err(e) =
-                        super::inbox::delete_message(&inner, subjects::OUTBOX_STREAM, s).await
+                        super::inbox::delete_message(&inner, subjects::OUTBOX_STREAM, s, true).await
                     {
                         result = Err(e);
                         break;

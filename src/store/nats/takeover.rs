@@ -100,7 +100,8 @@ impl NatsStore {
 
     /// Deletes an adopted entry from the gone pod's outbox.
     pub async fn forget_orphan(&self, orphan: &Orphan) -> Result<()> {
-        super::inbox::delete_message(&self.inner, subjects::OUTBOX_STREAM, orphan.sequence).await
+        super::inbox::delete_message(&self.inner, subjects::OUTBOX_STREAM, orphan.sequence, true)
+            .await
     }
 }
 
