@@ -274,6 +274,12 @@ fn spawn(
     (child, addr, Arc::new(Mutex::new(Vec::new())))
 }
 
+/// Whether brokers run on a NATS cluster (`SEALPOST_TEST_STORE`) rather than sled: tests
+/// that look below the store (sled's files) have nothing to look at then.
+pub fn nats_store() -> bool {
+    std::env::var("SEALPOST_TEST_STORE").is_ok_and(|s| !s.is_empty())
+}
+
 /// Credentials of a registered device.
 #[derive(Clone, Debug)]
 pub struct Creds {

@@ -488,13 +488,9 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let mut wait = Duration::from_millis(5);
         loop {
-            let (mut read, reached) = self.read_once(device, from, limit).await?;
+            let (read, reached) = self.read_once(device, from, limit).await?;
             let complete = read.len() >= limit || reached >= self.reload_end(device).await?.0;
             if complete || tokio::time::Instant::now() >= deadline {
-                let queues = self.lock();
-                if let Some(q) = queues.devices.get(&device) {
-                    read.retain(|(seq, _)| !q.trimmed.contains(seq));
-                }
                 return Ok(read);
             }
             tokio::time::sleep(wait).await;
@@ -534,11 +530,15 @@ impl Shared {
         while out.len() < limit {
             let batch = self.inner.batch(&stream, &subject, at, BATCH).await?;
             let done = batch.len() < BATCH;
+            let queues = self.lock();
+            let trimmed = queues.devices.get(&device).map(|q| &q.trimmed);
             for m in batch {
                 at = m.sequence + 1;
                 reached = m.sequence;
+                // Skipped before counting: a full answer must not look short to the caller.
                 if let Some(record) = envelope(&m)?
                     && record.0 >= from
+                    && !trimmed.is_some_and(|t| t.contains(&record.0))
                 {
                     out.push(record);
                     if out.len() >= limit {
