@@ -476,3 +476,84 @@ async fn the_outbox_of_a_gone_pod_is_taken_over_and_delivered() {
     }
     assert_eq!(got, (1..=5).map(id).collect::<Vec<_>>(), "in order, once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_senders_on_every_pod_to_recipients_on_every_pod_all_arrive() {
+    if !available() {
+        return;
+    }
+    let cluster = NatsCluster::start(3);
+    let (_keys, pods) = pods(&cluster, 3);
+    const USERS: usize = 12;
+    const EACH: usize = 15;
+    let mut users = Vec::new();
+    for u in 0..USERS {
+        users.push(register(&pods[u % 3], &format!("u{u}@test.example")).await);
+    }
+    let mut devices = Vec::new();
+    for (u, creds) in users.iter().enumerate() {
+        devices.push(Device::connect(&pods[u % 3], creds).await);
+    }
+    // Every user sends EACH envelopes to each of the next three users (so every queue has
+    // writers on every pod), all at once.
+    let mut tasks = Vec::new();
+    for (u, mut dev) in devices.into_iter().enumerate() {
+        let targets: Vec<String> = (1..=3)
+            .map(|k| users[(u + k) % USERS].user.clone())
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut n = 0u32;
+            let mut pending = std::collections::BTreeSet::new();
+            for round in 0..EACH {
+                for to in &targets {
+                    let mut raw = [0u8; 16];
+                    raw[0] = u8::try_from(u).unwrap();
+                    raw[1..5].copy_from_slice(&n.to_be_bytes());
+                    n += 1;
+                    dev.send_to(
+                        EnvelopeId(raw),
+                        to,
+                        &[DeviceId(1)],
+                        Class::Durable,
+                        3600,
+                        b"x",
+                    )
+                    .await;
+                    pending.insert(EnvelopeId(raw));
+                }
+                let _ = round;
+            }
+            // Read until every result is in and 3 * EACH envelopes arrived.
+            let deadline = tokio::time::Instant::now() + 3 * WAIT;
+            while !pending.is_empty() || got.len() < 3 * EACH {
+                if tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                match tokio::time::timeout(WAIT / 4, common::next_event(&mut dev.ws)).await {
+                    Ok(common::Event::Frame(ServerFrame::SendResult { id, outcome })) => {
+                        assert_eq!(outcome, SendOutcome::Accepted { duplicate: false });
+                        pending.remove(&id);
+                    }
+                    Ok(common::Event::Frame(ServerFrame::Deliver { seq, envelope })) => {
+                        dev.ack(vec![seq]).await;
+                        got.push((seq, envelope.id));
+                    }
+                    Ok(common::Event::Frame(_)) => {}
+                    Ok(common::Event::Closed(c)) => panic!("user {u} closed: {c:?}"),
+                    Err(_) => break,
+                }
+            }
+            (u, got, pending.len())
+        }));
+    }
+    let mut short = Vec::new();
+    for t in tasks {
+        let (u, got, unanswered) = t.await.expect("task");
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        if got.len() != 3 * EACH || unanswered > 0 {
+            short.push((u, got.len(), unanswered, seqs));
+        }
+    }
+    assert!(short.is_empty(), "short: {short:?}");
+}

@@ -132,6 +132,47 @@ fn two_pods_appending_to_one_user_at_once_keep_gap_free_order() {
     });
 }
 
+#[test]
+fn an_out_of_order_ack_of_the_last_envelope_does_not_let_another_pod_reuse_its_number() {
+    if !available() {
+        return;
+    }
+    let cluster = NatsCluster::start(1);
+    runtime().block_on(async {
+        let a = NatsStore::connect(&options(cluster.urls(), 1, "pod-a"))
+            .await
+            .unwrap();
+        let b = NatsStore::connect(&options(cluster.urls(), 1, "pod-b"))
+            .await
+            .unwrap();
+        let mut ia = a.open("w@x", &[1], LIMITS).await.unwrap();
+        let mut ib = b.open("w@x", &[1], LIMITS).await.unwrap();
+        for i in 1..=2u8 {
+            ia.append(envelope([i; 16], b"a")).unwrap().await.unwrap();
+        }
+        // The device acks envelope 2 before envelope 1: the queue's last message goes.
+        let read = ia.read(1, 2, 1).await.unwrap();
+        let last = sealpost::store::Trim {
+            seq: read[0].0,
+            expires_ms: read[0].1.expires_ms,
+            bytes: read[0].1.ciphertext.len() as u64,
+        };
+        assert_eq!(last.seq, 2);
+        ia.trim(1, &[last]).unwrap().await.unwrap();
+        // Pod B, which saw nothing of this queue, appends: after 2, not as 2 again.
+        let next = ib.append(envelope([9; 16], b"b")).unwrap().await.unwrap();
+        assert_eq!(next.stored, vec![(1, 3)], "seq 2 is not used twice");
+        let seqs: Vec<u64> = ia
+            .read(1, 1, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(seqs, vec![1, 3]);
+    });
+}
+
 /// Appends envelope `[200 + i; 16]` to `v@x` through a fresh writer of `store`.
 async fn ia_append(store: &NatsStore, i: u8) {
     let mut inbox = store.open("v@x", &[1], LIMITS).await.unwrap();

@@ -147,8 +147,13 @@ impl Shared {
         loop {
             let queue = self.load_once(device).await?;
             // A replica behind the leader answered: read again until it has caught up.
-            if queue.last >= end || tokio::time::Instant::now() >= deadline {
+            if queue.last >= end {
                 return Ok(queue);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Io(
+                    "inbox load: no replica has caught up with the stream's leader".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -356,7 +361,13 @@ impl Shared {
     /// Deletes acknowledged envelopes: `known` are the stream sequences of those this writer
     /// had indexed (already taken out of its index and counts), `unknown` the seqs of the
     /// others (appended by another pod), looked up here.
-    async fn trim(&self, device: u32, known: Vec<u64>, unknown: Vec<u64>) -> Result<()> {
+    async fn trim(
+        &self,
+        device: u32,
+        known: Vec<u64>,
+        unknown: Vec<u64>,
+        max_seq: u64,
+    ) -> Result<()> {
         let mut delete = known;
         delete.extend(self.locate(device, &unknown).await?);
         let (drains, last, next, old_marker) = {
@@ -364,8 +375,13 @@ impl Shared {
             let Some(q) = queues.devices.get(&device) else {
                 return Ok(());
             };
-            let drains = q.index.is_empty() && q.reserved.0 == 0 && delete.contains(&q.last);
-            (drains, q.last, q.next_seq, q.marker)
+            // The subject's last message must never go: the stream checks the next append
+            // against it (`Nats-Expected-Last-Subject-Sequence`), and with it gone a writer
+            // that had not seen it could append again under its seq. So whenever the last
+            // message is deleted (the queue drains, or acks come out of order, or an append of
+            // this writer is in flight), a head marker takes its place first.
+            let replaces_last = delete.contains(&q.last);
+            (replaces_last, q.last, q.next_seq.max(max_seq + 1), q.marker)
         };
         let mut superseded = None;
         if drains {
@@ -489,9 +505,14 @@ impl Shared {
         let mut wait = Duration::from_millis(5);
         loop {
             let (read, reached) = self.read_once(device, from, limit).await?;
-            let complete = read.len() >= limit || reached >= self.reload_end(device).await?.0;
-            if complete || tokio::time::Instant::now() >= deadline {
+            if read.len() >= limit || reached >= self.reload_end(device).await?.0 {
                 return Ok(read);
+            }
+            // Never a partial answer: the caller would take the gap for the queue's end.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Io(
+                    "inbox read: no replica has caught up with the stream's leader".into(),
+                ));
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(200));
@@ -630,7 +651,7 @@ struct Owned {
 
 enum Job {
     Append(Owned, oneshot::Sender<Result<Appended>>),
-    Trim(u32, Vec<u64>, Vec<u64>, oneshot::Sender<Result<()>>),
+    Trim(u32, Vec<u64>, Vec<u64>, u64, oneshot::Sender<Result<()>>),
     Drop(u32, oneshot::Sender<Result<()>>),
 }
 
@@ -641,8 +662,8 @@ async fn writer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
             Job::Append(envelope, reply) => {
                 let _ = reply.send(shared.append(envelope).await);
             }
-            Job::Trim(device, known, unknown, reply) => {
-                let _ = reply.send(shared.trim(device, known, unknown).await);
+            Job::Trim(device, known, unknown, max_seq, reply) => {
+                let _ = reply.send(shared.trim(device, known, unknown, max_seq).await);
             }
             Job::Drop(device, reply) => {
                 let _ = reply.send(shared.drop_queue(device).await);
@@ -805,9 +826,10 @@ impl UserInbox for NatsUserInbox {
                 }
             }
         }
+        let max_seq = acked.iter().map(|t| t.seq).max().unwrap_or(0);
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Job::Trim(device, known, unknown, tx))
+            .send(Job::Trim(device, known, unknown, max_seq, tx))
             .map_err(|_| StoreError::Io("inbox writer stopped".into()))?;
         Ok(answer(rx))
     }

@@ -277,9 +277,14 @@ impl Outbox for NatsStore {
                     .filter(|(seq, _)| want.contains(seq))
                     .collect();
                 out.sort_by_key(|(seq, _)| *seq);
-                let complete = out.len() == want.len();
-                if complete || tokio::time::Instant::now() >= deadline {
+                if out.len() == want.len() {
                     return Ok(out);
+                }
+                // Never a partial answer: the peer would take the gap for entries gone.
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StoreError::Io(
+                        "outbox read: no replica has caught up with the stream's leader".into(),
+                    ));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
