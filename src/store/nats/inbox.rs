@@ -29,8 +29,6 @@ use crate::store::{
     StoreError, StoreFuture, Trim, UserInbox, records::RECORD_VERSION,
 };
 
-/// Messages asked for per batched direct get.
-const BATCH: usize = 256;
 /// The longest TTL given to the stream (a year; envelopes live days).
 const MAX_TTL_SECS: u64 = 366 * 24 * 3600;
 /// Envelope ids this writer remembers answering (a retry is answered without a publish).
@@ -160,59 +158,38 @@ impl Shared {
     }
 
     async fn load_once(&self, device: u32) -> Result<Queue> {
-        let subject = self.subject(device);
-        let stream = self.stream();
         let mut queue = Queue::fresh();
-        let mut from = 1;
-        loop {
-            let batch = self.inner.batch(&stream, &subject, from, BATCH).await?;
-            let done = batch.len() < BATCH;
-            for m in batch {
-                from = m.sequence + 1;
+        let (stream, subject) = (self.stream(), self.subject(device));
+        self.inner
+            .scan(&stream, &subject, 1, |m| {
                 queue.last = m.sequence;
                 if let Some(head) = header_u64(&m.headers, subjects::HEAD) {
                     queue.marker = Some(m.sequence);
                     queue.next_seq = queue.next_seq.max(head);
                 } else if let Some(seq) = header_u64(&m.headers, subjects::SEQ) {
-                    queue.index.insert(seq, Known::of(&m));
+                    queue.index.insert(seq, Known::of(m));
                     queue.next_seq = queue.next_seq.max(seq + 1);
                 }
-            }
-            if done {
-                return Ok(queue);
-            }
-        }
+                Ok(true)
+            })
+            .await?;
+        Ok(queue)
     }
 
     /// The end of a device queue as the stream has it now (after another writer's append):
     /// (last stream sequence, next seq).
     async fn reload_end(&self, device: u32) -> Result<(u64, u64)> {
-        let stream = self
+        let last = self
             .inner
-            .js
-            .get_stream_no_info(self.stream())
-            .await
-            .map_err(|e| StoreError::Io(format!("inbox stream: {e}")))?;
-        // From the stream's leader (not a direct get, which any replica answers, possibly
-        // one a little behind): the end the next publish is checked against.
-        match stream
-            .get_last_raw_message_by_subject(&self.subject(device))
-            .await
-        {
-            Ok(m) => {
-                let next = header_u64(&m.headers, subjects::HEAD)
-                    .or_else(|| header_u64(&m.headers, subjects::SEQ).map(|s| s + 1))
-                    .ok_or_else(|| StoreError::Corruption("queue message without seq".into()))?;
-                Ok((m.sequence, next))
-            }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok((0, 1))
-            }
-            Err(e) => Err(StoreError::Io(format!("inbox read: {e}"))),
-        }
+            .last_on_subject(&self.stream(), &self.subject(device))
+            .await?;
+        let Some(m) = last else {
+            return Ok((0, 1));
+        };
+        let next = header_u64(&m.headers, subjects::HEAD)
+            .or_else(|| header_u64(&m.headers, subjects::SEQ).map(|s| s + 1))
+            .ok_or_else(|| StoreError::Corruption("queue message without seq".into()))?;
+        Ok((m.sequence, next))
     }
 
     /// The seq a stored copy got, from the message at stream sequence `sequence`.
@@ -434,43 +411,43 @@ impl Shared {
         let Some(&low) = seqs.iter().min() else {
             return Ok(Vec::new());
         };
-        let start = {
-            let queues = self.lock();
-            let Some(q) = queues.devices.get(&device) else {
-                return Ok(Vec::new());
-            };
-            q.index
-                .range(..low)
-                .next_back()
-                .map_or(1, |(_, k)| k.sequence + 1)
-        };
         let (subject, stream) = (self.subject(device), self.stream());
+        let start = self.start_below(device, low);
         let mut found = Vec::new();
-        let mut at = start;
-        while found.len() < seqs.len() {
-            let batch = self.inner.batch(&stream, &subject, at, BATCH).await?;
-            let done = batch.len() < BATCH;
-            let mut queues = self.lock();
-            for m in batch {
-                at = m.sequence + 1;
+        self.inner
+            .scan(&stream, &subject, start, |m| {
                 let seq = header_u64(&m.headers, subjects::SEQ);
                 if seq.is_some_and(|seq| seqs.contains(&seq)) {
                     found.push(m.sequence);
                 }
-                // What another writer appended moves this one's end too: a head marker
-                // written when the queue drains must not number below it.
-                if let Some(q) = queues.devices.get_mut(&device) {
+                // What another writer appended moves this one's end too: a head marker must
+                // not number below it.
+                if let Some(q) = self.lock().devices.get_mut(&device) {
                     q.last = q.last.max(m.sequence);
                     if let Some(seq) = seq {
                         q.next_seq = q.next_seq.max(seq + 1);
                     }
                 }
-            }
-            if done {
-                break;
-            }
-        }
+                Ok(found.len() < seqs.len())
+            })
+            .await?;
         Ok(found)
+    }
+
+    /// Where to start reading a device queue for seqs from `from` on: after the last
+    /// envelope below `from` this writer knows of (what lies after it, its own appends and
+    /// another pod's, is on the subject in order), or at the start.
+    fn start_below(&self, device: u32, from: u64) -> u64 {
+        self.lock()
+            .devices
+            .get(&device)
+            .and_then(|q| {
+                q.index
+                    .range(..from)
+                    .next_back()
+                    .map(|(_, k)| k.sequence + 1)
+            })
+            .unwrap_or(1)
     }
 
     async fn drop_queue(&self, device: u32) -> Result<()> {
@@ -527,50 +504,26 @@ impl Shared {
         from: u64,
         limit: usize,
     ) -> Result<(Vec<(u64, EnvelopeRecord)>, u64)> {
-        // Start at the stream sequence of the last known envelope below `from`: what lies
-        // after it (our appends, and another pod's) is read from the stream.
-        let start = {
-            let queues = self.lock();
-            queues
-                .devices
-                .get(&device)
-                .and_then(|q| {
-                    q.index
-                        .range(..from)
-                        .next_back()
-                        .map(|(_, k)| k.sequence + 1)
-                })
-                .unwrap_or(1)
-        };
-        let subject = self.subject(device);
-        let stream = self.stream();
+        let (subject, stream) = (self.subject(device), self.stream());
+        let start = self.start_below(device, from);
         let mut out = Vec::new();
-        let mut at = start;
-        // What lies below `start` is known (to this writer) to be on the subject.
-        let mut reached = start.saturating_sub(1);
-        while out.len() < limit {
-            let batch = self.inner.batch(&stream, &subject, at, BATCH).await?;
-            let done = batch.len() < BATCH;
-            let queues = self.lock();
-            let trimmed = queues.devices.get(&device).map(|q| &q.trimmed);
-            for m in batch {
-                at = m.sequence + 1;
-                reached = m.sequence;
-                // Skipped before counting: a full answer must not look short to the caller.
-                if let Some(record) = envelope(&m)?
+        let reached = self
+            .inner
+            .scan(&stream, &subject, start, |m| {
+                // Trimmed ones are skipped before counting: a full answer must not look short.
+                if let Some(record) = envelope(m)?
                     && record.0 >= from
-                    && !trimmed.is_some_and(|t| t.contains(&record.0))
+                    && !self
+                        .lock()
+                        .devices
+                        .get(&device)
+                        .is_some_and(|q| q.trimmed.contains(&record.0))
                 {
                     out.push(record);
-                    if out.len() >= limit {
-                        break;
-                    }
                 }
-            }
-            if done {
-                break;
-            }
-        }
+                Ok(out.len() < limit)
+            })
+            .await?;
         Ok((out, reached))
     }
 }

@@ -490,6 +490,59 @@ impl Inner {
 /// A request nobody answered (no responders).
 struct Unanswered;
 
+/// Messages asked for per batched direct get.
+const BATCH: usize = 256;
+
+impl Inner {
+    /// Visits the messages of `subject` in `stream` from stream sequence `from` on, in order,
+    /// in batched direct gets, until `visit` answers false or the subject ends; answers the
+    /// last stream sequence visited (`from - 1` if none): how far the answering replica had
+    /// the subject.
+    async fn scan(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: u64,
+        mut visit: impl FnMut(&Stored) -> Result<bool>,
+    ) -> Result<u64> {
+        let mut at = from.max(1);
+        let mut reached = from.saturating_sub(1);
+        loop {
+            let batch = self.batch(stream, subject, at, BATCH).await?;
+            let done = batch.len() < BATCH;
+            for m in batch {
+                at = m.sequence + 1;
+                reached = m.sequence;
+                if !visit(&m)? {
+                    return Ok(reached);
+                }
+            }
+            if done {
+                return Ok(reached);
+            }
+        }
+    }
+
+    /// The last message of `subject` in `stream`, from the stream's leader (a direct get may
+    /// be answered by a replica that is behind): what the next write is checked against.
+    async fn last_on_subject(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>> {
+        let stream = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| StoreError::Io(format!("stream {stream}: {e}")))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(StoreError::Io(format!("read: {e}"))),
+        }
+    }
+}
+
 /// A stored message, as read back.
 struct Stored {
     sequence: u64,

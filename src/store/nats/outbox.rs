@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use async_nats::jetstream::{message::PublishMessage, stream::LastRawMessageErrorKind};
+use async_nats::jetstream::message::PublishMessage;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, NatsStore, header_u64, subjects};
@@ -16,8 +16,6 @@ use crate::store::{
     Outbox, OutboxEntry, OutboxRecord, Result, StoreError, StoreFuture,
     records::{self},
 };
-
-const BATCH: usize = 256;
 
 /// One domain's outbox as this pod knows it.
 struct DomainOutbox {
@@ -130,42 +128,17 @@ async fn writer(
     }
 }
 
-/// The stream sequence of a subject's last message, from the stream's leader (0: none).
-async fn last_on_subject(inner: &Inner, subject: &str) -> Result<u64> {
-    let stream = inner
-        .js
-        .get_stream_no_info(subjects::OUTBOX_STREAM)
-        .await
-        .map_err(|e| StoreError::Io(format!("outbox stream: {e}")))?;
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(m) => Ok(m.sequence),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(StoreError::Io(format!("outbox read: {e}"))),
-    }
-}
-
 /// Every entry of an outbox subject as one replica has them: (seq, stream sequence, record),
 /// and the last stream sequence it had.
 async fn index_once(inner: &Inner, subject: &str) -> Result<(Vec<(u64, u64, OutboxRecord)>, u64)> {
     let mut entries = Vec::new();
-    let mut at = 1;
-    let mut reached = 0;
-    loop {
-        let batch = inner
-            .batch(subjects::OUTBOX_STREAM, subject, at, BATCH)
-            .await?;
-        let done = batch.len() < BATCH;
-        for m in batch {
-            at = m.sequence + 1;
-            reached = m.sequence;
-            let seq = header_u64(&m.headers, subjects::SEQ)
-                .ok_or_else(|| StoreError::Corruption("outbox message without seq".into()))?;
-            entries.push((seq, m.sequence, records::decode(&m.payload)?));
-        }
-        if done {
-            return Ok((entries, reached));
-        }
-    }
+    let reached = inner
+        .scan(subjects::OUTBOX_STREAM, subject, 1, |m| {
+            entries.push((seq_of(m)?, m.sequence, records::decode(&m.payload)?));
+            Ok(true)
+        })
+        .await?;
+    Ok((entries, reached))
 }
 
 /// Up to `limit` entries with `seq >= from` of an outbox subject, from stream sequence
@@ -178,25 +151,21 @@ async fn read_subject(
     limit: usize,
 ) -> Result<Vec<(u64, OutboxRecord)>> {
     let mut out = Vec::new();
-    let mut at = start;
-    while out.len() < limit {
-        let batch = inner
-            .batch(subjects::OUTBOX_STREAM, subject, at, BATCH)
-            .await?;
-        let done = batch.len() < BATCH;
-        for m in batch {
-            at = m.sequence + 1;
-            let seq = header_u64(&m.headers, subjects::SEQ)
-                .ok_or_else(|| StoreError::Corruption("outbox message without seq".into()))?;
-            if seq >= from && out.len() < limit {
+    inner
+        .scan(subjects::OUTBOX_STREAM, subject, start, |m| {
+            let seq = seq_of(m)?;
+            if seq >= from {
                 out.push((seq, records::decode(&m.payload)?));
             }
-        }
-        if done {
-            break;
-        }
-    }
+            Ok(out.len() < limit)
+        })
+        .await?;
     Ok(out)
+}
+
+fn seq_of(m: &super::Stored) -> Result<u64> {
+    header_u64(&m.headers, subjects::SEQ)
+        .ok_or_else(|| StoreError::Corruption("outbox message without seq".into()))
 }
 
 impl Outbox for NatsStore {
@@ -207,7 +176,10 @@ impl Outbox for NatsStore {
         Box::pin(async move {
             // Read until a replica has reached the subject's last message as the leader has
             // it: a stale answer would make the peer number new entries over old ones.
-            let end = last_on_subject(&inner, &subject).await?;
+            let end = inner
+                .last_on_subject(subjects::OUTBOX_STREAM, &subject)
+                .await?
+                .map_or(0, |m| m.sequence);
             let deadline = tokio::time::Instant::now() + inner.timeout;
             loop {
                 let (entries, reached) = index_once(&inner, &subject).await?;
