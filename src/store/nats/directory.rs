@@ -193,6 +193,33 @@ async fn keys_doc(inner: &Inner, key: &str) -> Result<(KeysDoc, Option<u64>)> {
     Ok((doc, c.revision))
 }
 
+/// What a change of a document decided: write it and answer, or answer without writing.
+enum Change<T> {
+    Write(T),
+    Keep(T),
+}
+
+/// Changes a device's keys document with `change` under compare-and-set.
+async fn change_keys<T>(
+    inner: &Inner,
+    key: &str,
+    mut change: impl FnMut(&mut KeysDoc) -> Change<T>,
+) -> Result<T> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (mut doc, revision) = keys_doc(inner, key).await?;
+        match change(&mut doc) {
+            Change::Keep(answer) => return Ok(answer),
+            Change::Write(answer) => {
+                let encoded = records::encode(&doc);
+                if cas(inner, &inner.directory, key, revision, encoded).await? {
+                    return Ok(answer);
+                }
+            }
+        }
+    }
+    Err(conflict())
+}
+
 impl Directory for NatsStore {
     fn account(&self, user: &str) -> StoreFuture<Option<AccountRecord>> {
         let u = self.user(user);
@@ -300,39 +327,26 @@ impl Directory for NatsStore {
     fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut> {
         let u = self.user(user);
         self.run(move |inner| async move {
-            let key = subjects::keys(&u, device);
-            for _ in 0..CAS_ATTEMPTS {
-                let (mut doc, revision) = keys_doc(&inner, &key).await?;
+            change_keys(&inner, &subjects::keys(&u, device), |doc| {
                 // Keys re-uploaded under ids already held (a retry) replace them and do not
                 // count twice.
                 for (id, k) in &upload.one_time {
+                    let k = serde_bytes::ByteBuf::from(k.clone());
                     match doc.one_time.binary_search_by_key(id, |(i, _)| *i) {
-                        Ok(at) => doc.one_time[at].1 = serde_bytes::ByteBuf::from(k.clone()),
-                        Err(at) => doc
-                            .one_time
-                            .insert(at, (*id, serde_bytes::ByteBuf::from(k.clone()))),
+                        Ok(at) => doc.one_time[at].1 = k,
+                        Err(at) => doc.one_time.insert(at, (*id, k)),
                     }
                 }
                 let held = doc.one_time.len() as u64;
                 if held > upload.max_held {
-                    return Ok(KeysPut::OverLimit);
+                    return Change::Keep(KeysPut::OverLimit);
                 }
                 if let Some(fallback) = &upload.fallback {
                     doc.fallback = Some(fallback.clone());
                 }
-                if cas(
-                    &inner,
-                    &inner.directory,
-                    &key,
-                    revision,
-                    records::encode(&doc),
-                )
-                .await?
-                {
-                    return Ok(KeysPut::Held(held));
-                }
-            }
-            Err(conflict())
+                Change::Write(KeysPut::Held(held))
+            })
+            .await
         })
     }
 
@@ -357,11 +371,9 @@ impl Directory for NatsStore {
             if !exists {
                 return Ok(None);
             }
-            let key = subjects::keys(&u, device);
-            for _ in 0..CAS_ATTEMPTS {
-                let (mut doc, revision) = keys_doc(&inner, &key).await?;
+            change_keys(&inner, &subjects::keys(&u, device), |doc| {
                 if doc.one_time.is_empty() {
-                    return Ok(doc.fallback.map(|f| Claimed {
+                    return Change::Keep(doc.fallback.clone().map(|f| Claimed {
                         key_id: f.key_id,
                         key: f.key,
                         fallback: true,
@@ -369,25 +381,14 @@ impl Directory for NatsStore {
                     }));
                 }
                 let (key_id, claimed) = doc.one_time.remove(0);
-                let left = doc.one_time.len() as u64;
-                if cas(
-                    &inner,
-                    &inner.directory,
-                    &key,
-                    revision,
-                    records::encode(&doc),
-                )
-                .await?
-                {
-                    return Ok(Some(Claimed {
-                        key_id,
-                        key: claimed.into_vec(),
-                        fallback: false,
-                        left,
-                    }));
-                }
-            }
-            Err(conflict())
+                Change::Write(Some(Claimed {
+                    key_id,
+                    key: claimed.into_vec(),
+                    fallback: false,
+                    left: doc.one_time.len() as u64,
+                }))
+            })
+            .await
         })
     }
 
