@@ -390,13 +390,7 @@ impl Inner {
 
     /// Up to `max` messages of `subject` in stream `stream` from stream sequence `from` on,
     /// in order, in one batched direct get (one request, many answers).
-    async fn batch(
-        &self,
-        stream: &str,
-        subject: &str,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<Stored>> {
+    async fn batch(&self, stream: &str, subject: &str, from: u64, max: usize) -> Result<Batch> {
         // No responders (503): the stream is between leaders, or its replicas are catching
         // up after a restart; asked again for as long as one request may take.
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -422,7 +416,7 @@ impl Inner {
         subject: &str,
         from: u64,
         max: usize,
-    ) -> std::result::Result<Result<Vec<Stored>>, Unanswered> {
+    ) -> std::result::Result<Result<Batch>, Unanswered> {
         let inbox = self.client.new_inbox();
         let io = |e: String| Ok(Err(StoreError::Io(format!("direct get: {e}"))));
         let mut answers = match self.client.subscribe(inbox.clone()).await {
@@ -449,16 +443,25 @@ impl Inner {
         }
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        loop {
+        let more = loop {
             let message = match tokio::time::timeout_at(deadline, answers.next()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return io("connection closed".into()),
                 Err(_) => return io("timed out".into()),
             };
             if let Some(status) = message.status {
-                // 204: end of the batch; 404: nothing (more) on the subject.
+                // 204: end of the batch, saying how many more match (a server may end a
+                // batch before `max`, e.g. by size); 404: nothing (more) on the subject.
                 match status.as_u16() {
-                    204 | 404 => break,
+                    204 => {
+                        let pending = message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| header_u64(h, "Nats-Num-Pending"))
+                            .unwrap_or(0);
+                        break pending > 0;
+                    }
+                    404 => break false,
                     503 => return Err(Unanswered),
                     code => {
                         return io(format!(
@@ -480,11 +483,21 @@ impl Inner {
                 payload: message.payload,
             });
             if out.len() >= max {
-                break;
+                break true;
             }
-        }
-        Ok(Ok(out))
+        };
+        Ok(Ok(Batch {
+            messages: out,
+            more,
+        }))
     }
+}
+
+/// One batched direct get's answer.
+struct Batch {
+    messages: Vec<Stored>,
+    /// Whether more messages of the subject follow the last one.
+    more: bool,
 }
 
 /// A request nobody answered (no responders).
@@ -508,9 +521,9 @@ impl Inner {
         let mut at = from.max(1);
         let mut reached = from.saturating_sub(1);
         loop {
-            let batch = self.batch(stream, subject, at, BATCH).await?;
-            let done = batch.len() < BATCH;
-            for m in batch {
+            let Batch { messages, more } = self.batch(stream, subject, at, BATCH).await?;
+            let done = !more || messages.is_empty();
+            for m in messages {
                 at = m.sequence + 1;
                 reached = m.sequence;
                 if !visit(&m)? {

@@ -88,6 +88,7 @@ impl NatsStore {
                 .inner
                 .batch(subjects::OUTBOX_STREAM, &subject, 1, limit - out.len())
                 .await?
+                .messages
             {
                 out.push(Orphan {
                     sequence: m.sequence,
