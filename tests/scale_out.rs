@@ -55,6 +55,7 @@ async fn a_send_on_one_pod_reaches_the_socket_on_another_and_a_second_pod_displa
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time_async().await;
     let cluster = NatsCluster::start(3);
     let (_keys, pods) = pods(&cluster, 2);
     let (a, b) = (&pods[0], &pods[1]);
@@ -128,6 +129,7 @@ async fn a_killed_pod_loses_nothing_acknowledged_and_its_clients_resume_on_anoth
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time_async().await;
     let cluster = NatsCluster::start(3);
     let (_keys, mut pods) = pods(&cluster, 3);
     let alice = register(&pods[0], "alice@test.example").await;
@@ -238,6 +240,7 @@ async fn under_load_a_killed_stream_leader_then_a_killed_pod_lose_nothing_acknow
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time_async().await;
     let mut cluster = NatsCluster::start(3);
     let (_keys, mut pods) = pods_with(&cluster, 2, &["--nats-partitions", "1"]);
     let alice = register(&pods[0], "alice@test.example").await;
@@ -347,6 +350,7 @@ async fn without_a_nats_quorum_sends_are_refused_and_delivery_resumes_when_it_re
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time_async().await;
     let mut cluster = NatsCluster::start(3);
     let (_keys, pods) = pods_with(&cluster, 1, &["--nats-timeout-ms", "1500"]);
     let pod = &pods[0];
@@ -403,6 +407,7 @@ async fn the_outbox_of_a_gone_pod_is_taken_over_and_delivered() {
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time_async().await;
     let cluster = NatsCluster::start(3);
     // The peer domain, on sled, not started yet: what a.test sends it waits in outboxes.
     let mut b_site = common::site::Site::new("b.test", "127.0.0.1");
@@ -482,6 +487,7 @@ async fn many_senders_on_every_pod_to_recipients_on_every_pod_all_arrive() {
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time_async().await;
     let cluster = NatsCluster::start(3);
     let (_keys, pods) = pods(&cluster, 3);
     const USERS: usize = 12;

@@ -54,6 +54,7 @@ fn the_seams_contract_holds_on_a_three_node_cluster() {
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(3);
     runtime().block_on(async {
         let store = NatsStore::connect(&options(cluster.urls(), 3, "pod-a"))
@@ -68,6 +69,7 @@ fn two_pods_appending_to_one_user_at_once_keep_gap_free_order() {
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(1);
     runtime().block_on(async {
         let a = NatsStore::connect(&options(cluster.urls(), 1, "pod-a"))
@@ -137,6 +139,7 @@ fn an_out_of_order_ack_of_the_last_envelope_does_not_let_another_pod_reuse_its_n
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(1);
     runtime().block_on(async {
         let a = NatsStore::connect(&options(cluster.urls(), 1, "pod-a"))
@@ -188,6 +191,7 @@ fn a_killed_stream_leader_loses_no_acknowledged_envelope_and_a_lost_quorum_refus
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time();
     let mut cluster = NatsCluster::start(3);
     let rt = runtime();
     let store = rt
@@ -286,6 +290,7 @@ fn a_stream_with_the_wrong_configuration_is_a_start_up_error_naming_it() {
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(1);
     runtime().block_on(async {
         // Someone made the first inbox stream with a limit that would delete envelopes.
@@ -316,6 +321,7 @@ fn pods_starting_at_once_on_a_fresh_cluster_all_come_up() {
     if !available() {
         return;
     }
+    let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(3);
     runtime().block_on(async {
         let starts = (0..6).map(|i| {

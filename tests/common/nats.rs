@@ -33,6 +33,20 @@ fn free_port() -> u16 {
         .expect("a free port on loopback")
 }
 
+/// Tests that start clusters run one at a time in a test binary: several 3-node clusters and
+/// their brokers at once on a 2-core machine push failovers past the tests' waits.
+pub fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE.get_or_init(|| tokio::sync::Mutex::new(()))
+        .blocking_lock()
+}
+
+/// [`one_at_a_time`] for async tests.
+pub async fn one_at_a_time_async() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+}
+
+static ONE: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+
 /// Whether `nats-server` can be run here; without it the NATS tests skip, unless
 /// `SEALPOST_NATS_REQUIRED` is set (CI), where a skip would be a failure.
 pub fn available() -> bool {
