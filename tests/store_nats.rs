@@ -72,12 +72,7 @@ fn two_pods_appending_to_one_user_at_once_keep_gap_free_order() {
     let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(1);
     runtime().block_on(async {
-        let a = NatsStore::connect(&options(cluster.urls(), 1, "pod-a"))
-            .await
-            .unwrap();
-        let b = NatsStore::connect(&options(cluster.urls(), 1, "pod-b"))
-            .await
-            .unwrap();
+        let (a, b) = two_pods(&cluster).await;
         let mut ia = a.open("u@x", &[1], LIMITS).await.unwrap();
         let mut ib = b.open("u@x", &[1], LIMITS).await.unwrap();
         let mut from_a = Vec::new();
@@ -142,12 +137,7 @@ fn an_out_of_order_ack_of_the_last_envelope_does_not_let_another_pod_reuse_its_n
     let _one = common::nats::one_at_a_time();
     let cluster = NatsCluster::start(1);
     runtime().block_on(async {
-        let a = NatsStore::connect(&options(cluster.urls(), 1, "pod-a"))
-            .await
-            .unwrap();
-        let b = NatsStore::connect(&options(cluster.urls(), 1, "pod-b"))
-            .await
-            .unwrap();
+        let (a, b) = two_pods(&cluster).await;
         let mut ia = a.open("w@x", &[1], LIMITS).await.unwrap();
         let mut ib = b.open("w@x", &[1], LIMITS).await.unwrap();
         for i in 1..=2u8 {
@@ -174,6 +164,17 @@ fn an_out_of_order_ack_of_the_last_envelope_does_not_let_another_pod_reuse_its_n
             .collect();
         assert_eq!(seqs, vec![1, 3]);
     });
+}
+
+/// Two stores on one single-server cluster, as two pods would have.
+async fn two_pods(cluster: &NatsCluster) -> (NatsStore, NatsStore) {
+    let a = NatsStore::connect(&options(cluster.urls(), 1, "pod-a"))
+        .await
+        .unwrap();
+    let b = NatsStore::connect(&options(cluster.urls(), 1, "pod-b"))
+        .await
+        .unwrap();
+    (a, b)
 }
 
 /// Appends envelope `[200 + i; 16]` to `v@x` through a fresh writer of `store`.
