@@ -19,6 +19,8 @@
 #   SKIP_BUILD=1           use the binaries already in target/release
 #   KEEP=1                 keep data dirs and logs
 #   BROKER=..., LOADTEST=...  binaries to use (default target/release/...)
+#   BROKER_CPU=0 LOADTEST_CPU=1   pin the broker(s) and the load generator to these CPUs
+#                          (taskset lists; unset: not pinned), as issue 11's harness does
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -41,6 +43,13 @@ BROKER_ARGS=${BROKER_ARGS:-}
 
 BROKER=${BROKER:-target/release/sealpost}
 LOADTEST=${LOADTEST:-target/release/sealpost-loadtest}
+
+# Optional CPU pinning: a broker on one core and the load generator on another measures the
+# broker's cost per envelope without the two competing for a core.
+BROKER_PIN=()
+LOADTEST_PIN=()
+[[ -n ${BROKER_CPU:-} ]] && BROKER_PIN=(taskset -c "$BROKER_CPU")
+[[ -n ${LOADTEST_CPU:-} ]] && LOADTEST_PIN=(taskset -c "$LOADTEST_CPU")
 
 # 10,000 connections need more than the usual 1024 descriptors, in the broker and here. Both
 # inherit this shell's limit.
@@ -94,7 +103,7 @@ start_broker() {
     data_dir=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-data.XXXXXX")
     local out="$LOGDIR/$name.broker.out" err="$LOGDIR/$name.broker.err"
     # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
-    "$BROKER" serve --listen 127.0.0.1:0 --data-dir "$data_dir" --domain localhost \
+    "${BROKER_PIN[@]}" "$BROKER" serve --listen 127.0.0.1:0 --data-dir "$data_dir" --domain localhost \
         --registration open --ip-rate 0 --device-rate 0 --max-unauthenticated-per-ip 0 "$@" $BROKER_ARGS >"$out" 2>"$err" &
     broker_pid=$!
     local addr=""
@@ -140,7 +149,7 @@ run_scenario() {
         args+=("${arg//@BROKER_PID@/$broker_pid}")
     done
     local log="$LOGDIR/$label.out" status=0
-    timeout --kill-after=10 "$SCENARIO_TIMEOUT" "$LOADTEST" "${args[@]}" --url "$URL" 2>&1 \
+    timeout --kill-after=10 "$SCENARIO_TIMEOUT" "${LOADTEST_PIN[@]}" "$LOADTEST" "${args[@]}" --url "$URL" 2>&1 \
         | tee "$log" || status=${PIPESTATUS[0]}
     if [[ $status -eq 0 ]]; then
         local json
@@ -178,12 +187,12 @@ run_federated() {
     local peers_b="a.example=ws://127.0.0.1:$port_a/v1/federation#$key_a"
     local common=(--registration open --ip-rate 0 --device-rate 0 --max-unauthenticated-per-ip 0 --federation-origin-rate 0)
     # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
-    "$BROKER" serve --listen "127.0.0.1:$port_a" --data-dir "$dir_a" --domain a.example \
+    "${BROKER_PIN[@]}" "$BROKER" serve --listen "127.0.0.1:$port_a" --data-dir "$dir_a" --domain a.example \
         --federation-peers "$peers_a" "${common[@]}" $BROKER_ARGS \
         >"$LOGDIR/$label.a.out" 2>"$LOGDIR/$label.a.err" &
     pid_a=$!
     # shellcheck disable=SC2086
-    "$BROKER" serve --listen "127.0.0.2:$port_b" --data-dir "$dir_b" --domain b.example \
+    "${BROKER_PIN[@]}" "$BROKER" serve --listen "127.0.0.2:$port_b" --data-dir "$dir_b" --domain b.example \
         --federation-peers "$peers_b" "${common[@]}" $BROKER_ARGS \
         >"$LOGDIR/$label.b.out" 2>"$LOGDIR/$label.b.err" &
     pid_b=$!
@@ -193,7 +202,7 @@ run_federated() {
         sleep 0.1
     done
     local log="$LOGDIR/$label.out" status=0
-    timeout --kill-after=10 "$SCENARIO_TIMEOUT" "$LOADTEST" federated "${e2e_flags[@]}" \
+    timeout --kill-after=10 "$SCENARIO_TIMEOUT" "${LOADTEST_PIN[@]}" "$LOADTEST" federated "${e2e_flags[@]}" \
         --url "http://127.0.0.1:$port_a" --domain a.example \
         --peer-url "http://127.0.0.2:$port_b" --peer-domain b.example 2>&1 \
         | tee "$log" || status=${PIPESTATUS[0]}

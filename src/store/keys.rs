@@ -23,16 +23,22 @@
 //! marked *index-sealed* under a long-lived key of the keyring:
 //!
 //! ```text
-//! userdevice_head        b'H' H(handle) device:u32            -> HeadRecord
+//! userdevice_head        b'H' H(handle) device:u32            -> HeadRecord (a checkpoint)
 //! userdeviceseq_envelope b'E' H(handle) device:u32 seq:u64    -> sealed EnvelopeRecord
 //! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
-//! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
 //! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
+//! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
 //! ```
 //!
-//! The `X`/`Y` indexes let the expiry sweep find what is due without scanning queues; their
-//! value names the handle whose mailbox expires the entry. A device queue's key prefix
-//! (`E` H(handle) device) names it in the keyring.
+//! The `Y` index lets the expiry sweep find what is due without scanning queues; its value
+//! names the handle whose mailbox expires the entry. Layout 3 (this one) writes one `Y` entry
+//! per send: due first when the send's envelopes expire (the sweep finds them through the
+//! dedup record's `stored`), then, if the dedup record outlives them, moved to its expiry.
+//! `X` (one entry per envelope) is layout 2's; the sweep still reads the entries such a data
+//! directory holds, and nothing writes new ones. A head is stored on trims and every
+//! `recovery::CHECKPOINT_EVERY` appends, not with each send: opening a queue counts the
+//! envelopes appended since (`sled::recovery`). A device queue's key prefix (`E` H(handle)
+//! device) names it in the keyring.
 //!
 //! Tree `outbox` (federation: envelopes waiting for a destination broker's acknowledgement):
 //!

@@ -108,6 +108,11 @@ pub struct DedupRecord {
     pub expires_ms: u64,
     /// The (device, seq) pairs the send was stored at.
     pub stored: Vec<(u32, u64)>,
+    /// When the send's envelopes expire, if the sweep finds them through this record (sled
+    /// layout 3: one expiry index entry per send, first at this time, then at `expires_ms`).
+    /// 0 in records written before (each envelope had its own index entry).
+    #[serde(default)]
+    pub envelopes_expire_ms: u64,
 }
 
 /// A device's fallback key: handed out when its one-time keys run out, and not consumed.

@@ -7,16 +7,32 @@
 //!
 //! After a flush succeeds and its waiters are answered, the keys of queues that drained before
 //! it began are destroyed (`keyring::Keyring::settle`, one keyring `fdatasync`): the deletions
-//! that emptied them are durable by then. New keys need nothing here: they are synced when
-//! created, before anything is sealed under them, so the keyring is never dirty at a flush.
+//! that emptied them are durable by then. Under load (requests already queued for the next
+//! flush) that work is gathered for up to [`SETTLE_INTERVAL`] and done once, rather than after
+//! every flush: each settle is an `fdatasync` that delays the next flush and holds the drained
+//! queues' locks. New keys need nothing here: they are synced when created, before anything is
+//! sealed under them, so the keyring is never dirty at a flush.
 
-use std::{fs::File, path::PathBuf, sync::mpsc, time::Instant};
+use std::{
+    fs::File,
+    path::PathBuf,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::oneshot;
 
 use crate::store::{Result, StoreError};
 
 type Waiter = oneshot::Sender<Result<()>>;
+
+/// Under load, the longest drained queues' keys wait to be destroyed beyond the flush that made
+/// their deletions durable; with nothing queued they are destroyed right after that flush.
+pub(crate) const SETTLE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Longest the free-space figure may be stale while flushes succeed (a `statvfs` per flush
+/// cost more than the check is worth under load); after a failed flush it is read at once.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the store knows about its own health, for refusing writes early and for readiness.
 #[derive(Debug)]
@@ -98,13 +114,16 @@ impl Committer {
                 // sled renames a new snapshot into place and removes the old one without a
                 // directory fsync: one stat per flush notices, and then the directory is synced.
                 let mut synced_dir = dir_mtime(&dir);
+                let mut blobs = Blobs::default();
                 let mut flush = || -> Result<()> {
                     db.flush().map_err(StoreError::from)?;
                     if fsync {
                         data_file
                             .sync_data()
                             .map_err(|e| StoreError::Io(e.to_string()))?;
-                        sync_blobs(&dir).map_err(|e| StoreError::Io(e.to_string()))?;
+                        blobs
+                            .sync(&dir)
+                            .map_err(|e| StoreError::Io(e.to_string()))?;
                         let now = dir_mtime(&dir);
                         if now != synced_dir {
                             sync_dir_and(&dir, &[]).map_err(|e| StoreError::Io(e.to_string()))?;
@@ -114,8 +133,25 @@ impl Committer {
                     Ok(())
                 };
                 let mut last_batch = 0usize;
-                while let Ok(first) = rx.recv() {
-                    let mut waiters = vec![first];
+                let mut settled = Instant::now();
+                let mut disk_checked = Instant::now();
+                // Key work was put off under load: if no request comes within the interval,
+                // a flush of its own (nothing else may have made the drains durable) settles it.
+                let mut deferred = false;
+                loop {
+                    let first = if deferred {
+                        match rx.recv_timeout(SETTLE_INTERVAL) {
+                            Ok(first) => Some(first),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match rx.recv() {
+                            Ok(first) => Some(first),
+                            Err(_) => break,
+                        }
+                    };
+                    let mut waiters: Vec<Waiter> = first.into_iter().collect();
                     if group {
                         waiters.extend(rx.try_iter());
                         // Under concurrent load (the last flush served several appends), linger
@@ -128,7 +164,10 @@ impl Committer {
                     last_batch = waiters.len();
                     // Keys whose queues drained before this flush: destroyed after it, once
                     // the deletions that emptied them are durable.
-                    let pending = keyring.take_pending();
+                    // Under load (several answers awaited) gathered for a while.
+                    let awaited = waiters.iter().filter(|w| !w.is_closed()).count();
+                    deferred = awaited > 1 && settled.elapsed() < SETTLE_INTERVAL;
+                    let pending = (!deferred).then(|| keyring.take_pending());
                     let started = Instant::now();
                     let result = if failpoint_active(failpoint.as_deref()) {
                         Err(StoreError::Io("failpoint store.sync".into()))
@@ -143,11 +182,16 @@ impl Committer {
                     health
                         .flush_ok
                         .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
-                    health.check_disk();
+                    if result.is_err() || disk_checked.elapsed() >= DISK_CHECK_INTERVAL {
+                        health.check_disk();
+                        disk_checked = Instant::now();
+                    }
                     let ok = result.is_ok();
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }
+                    let Some(pending) = pending else { continue };
+                    settled = Instant::now();
                     if !ok {
                         keyring.restore_pending(pending);
                     } else if let Err(e) = keyring.settle(pending) {
@@ -193,18 +237,35 @@ fn dir_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(dir).and_then(|m| m.modified()).ok()
 }
 
-/// sled writes values too large for its log into `blobs/`, and never syncs them.
-fn sync_blobs(dir: &std::path::Path) -> std::io::Result<()> {
-    let blobs = dir.join("blobs");
-    let mut any = false;
-    for entry in std::fs::read_dir(&blobs)? {
-        File::open(entry?.path())?.sync_data()?;
-        any = true;
+/// sled writes values too large for its log into `blobs/`, and never syncs them: each flush
+/// syncs what is there. Envelopes are far below sled's blob threshold, so the directory is
+/// nearly always empty: while its modification time is the one it had when it was last found
+/// empty, no file can have been created in it, and listing it again is skipped.
+#[derive(Default)]
+struct Blobs {
+    /// The directory's modification time when a listing found it empty.
+    empty_at: Option<std::time::SystemTime>,
+}
+
+impl Blobs {
+    fn sync(&mut self, dir: &std::path::Path) -> std::io::Result<()> {
+        let blobs = dir.join("blobs");
+        // Read before listing: a file created after this changes it.
+        let mtime = dir_mtime(&blobs);
+        if mtime.is_some() && mtime == self.empty_at {
+            return Ok(());
+        }
+        let mut any = false;
+        for entry in std::fs::read_dir(&blobs)? {
+            File::open(entry?.path())?.sync_data()?;
+            any = true;
+        }
+        if any {
+            File::open(&blobs)?.sync_all()?;
+        }
+        self.empty_at = if any { None } else { mtime };
+        Ok(())
     }
-    if any {
-        File::open(&blobs)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Test-only failpoint (debug builds only): while `file` exists, every flush fails as if the

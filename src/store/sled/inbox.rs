@@ -1,6 +1,11 @@
 //! [`Inbox`] on tree `queues`: envelopes, queue heads, dedup records and the expiry index,
 //! all written in an order whose every crash-surviving prefix is consistent (see `queues`),
 //! and made durable by one group commit shared by many appends.
+//!
+//! A delivered envelope costs five writes: its send's expiry index entry, the envelope and the
+//! dedup record (one entry and one record per send, whatever the number of copies), then on
+//! its acknowledgement the envelope's deletion and the head. Heads are checkpoints (see
+//! `recovery`); expiry finds a send's envelopes through its dedup record.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -241,7 +246,6 @@ impl UserInbox for SledUserInbox {
                 user: self.user.clone(),
                 device,
                 seq: t.seq,
-                expires_ms: t.expires_ms,
             });
             head.count = head.count.saturating_sub(1);
             head.bytes = head.bytes.saturating_sub(t.bytes);
@@ -261,12 +265,11 @@ impl UserInbox for SledUserInbox {
 
     fn drop_queue(&mut self, device: u32) -> Result<StoreFuture<()>> {
         let mut write = QueueWrite::default();
-        for (seq, expires_ms) in self.inner.seqs(&self.user, device)? {
+        for seq in self.inner.seqs(&self.user, device)? {
             write.ops.push(QueueOp::Remove {
                 user: self.user.clone(),
                 device,
                 seq,
-                expires_ms,
             });
         }
         write.ops.push(QueueOp::DropHead {
@@ -280,82 +283,78 @@ impl UserInbox for SledUserInbox {
     }
 
     fn expire(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>> {
-        let mut write = QueueWrite::default();
-        let mut expired = Vec::new();
-        let mut new_heads: BTreeMap<u32, HeadRecord> = BTreeMap::new();
+        let mut sweep = Sweep {
+            write: QueueWrite::default(),
+            expired: Vec::new(),
+            heads: BTreeMap::new(),
+        };
         for entry in due {
             match entry {
+                // Layout 2 indexed each envelope on its own.
                 Due::Envelope {
                     device,
                     seq,
                     expires_ms,
                     ..
                 } => {
-                    // The entry stands for the envelope at `seq` only if that envelope has
-                    // its expiry: a crash can leave an entry whose envelope never got
-                    // written, and the sequence number may hold another envelope since.
-                    // An undecodable envelope is deleted with its entry (its byte count is not
-                    // known: the queue's count goes down, its bytes are reset once it is empty),
-                    // rather than holding up every later entry of the sweep.
-                    // A shredded one (its key destroyed) was deleted once already: it goes too.
-                    let len = match self.inner.envelope_at(&self.user, device, seq) {
-                        Ok(Some(Some(r))) => {
-                            (r.expires_ms == expires_ms).then_some(r.ciphertext.len() as u64)
-                        }
-                        Ok(Some(None)) => Some(0),
-                        Ok(None) => None,
-                        Err(e @ StoreError::Corruption(_)) => {
-                            corrupt(&e);
-                            Some(0)
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    let Some(len) = len else {
-                        write.ops.push(QueueOp::Unindex(entry));
-                        continue;
-                    };
-                    write.ops.push(QueueOp::Remove {
-                        user: self.user.clone(),
-                        device,
-                        seq,
-                        expires_ms,
-                    });
-                    let Some(head) = self.heads.get(&device) else {
-                        continue;
-                    };
-                    let head = new_heads.entry(device).or_insert(*head);
-                    head.count = head.count.saturating_sub(1);
-                    head.bytes = head.bytes.saturating_sub(len);
-                    expired.push((device, seq));
+                    self.expire_envelope(&mut sweep, device, seq, expires_ms)?;
+                    sweep.write.ops.push(QueueOp::Unindex(entry));
                 }
                 Due::Dedup { id, expires_ms, .. } => {
                     if self.pending().contains_key(&id) {
                         continue;
                     }
-                    // Likewise, a retry of a torn send may have written the record again
-                    // with a later expiry: then only the stale entry goes.
+                    // The entry stands for the send only if its record has this time: a crash
+                    // can leave an entry whose send was rolled back, and a retry of a torn send
+                    // may have written the record again with a later expiry.
                     let record = match self.inner.dedup(&self.user, &id) {
-                        Ok(record) => record.map(|r| r.expires_ms),
+                        Ok(record) => record,
                         Err(e @ StoreError::Corruption(_)) => {
                             corrupt(&e);
-                            Some(expires_ms)
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    match record {
-                        Some(r) if r == expires_ms => {
-                            write.ops.push(QueueOp::ForgetDedup {
+                            sweep.write.ops.push(QueueOp::ForgetDedup {
                                 user: self.user.clone(),
                                 id,
                                 expires_ms,
                             });
+                            continue;
                         }
-                        _ => write.ops.push(QueueOp::Unindex(entry)),
+                        Err(e) => return Err(e),
+                    };
+                    let Some(record) = record else {
+                        sweep.write.ops.push(QueueOp::Unindex(entry));
+                        continue;
+                    };
+                    let envelopes_due = record.envelopes_expire_ms == expires_ms;
+                    if envelopes_due {
+                        for &(device, seq) in &record.stored {
+                            self.expire_envelope(&mut sweep, device, seq, expires_ms)?;
+                        }
+                    }
+                    if record.expires_ms == expires_ms {
+                        sweep.write.ops.push(QueueOp::ForgetDedup {
+                            user: self.user.clone(),
+                            id,
+                            expires_ms,
+                        });
+                    } else if envelopes_due && record.expires_ms > expires_ms {
+                        sweep.write.ops.push(QueueOp::Reindex {
+                            user: self.user.clone(),
+                            id,
+                            from_ms: expires_ms,
+                            to_ms: record.expires_ms,
+                        });
+                    } else {
+                        sweep.write.ops.push(QueueOp::Unindex(entry));
                     }
                 }
             }
         }
-        for (device, head) in &new_heads {
+        let Sweep {
+            mut write,
+            expired,
+            heads,
+        } = sweep;
+        for (device, head) in &heads {
             write.ops.push(QueueOp::Head {
                 user: self.user.clone(),
                 device: *device,
@@ -366,13 +365,63 @@ impl UserInbox for SledUserInbox {
             return Ok(expired);
         }
         self.inner.write(write)?;
-        for (device, head) in &new_heads {
+        for (device, head) in &heads {
             if head.count == 0 {
                 self.inner.drained(&self.user, *device);
             }
         }
-        self.heads.extend(new_heads);
+        self.heads.extend(heads);
         Ok(expired)
+    }
+}
+
+/// What one expiry sweep of a user's queues writes.
+struct Sweep {
+    write: QueueWrite,
+    /// (device, seq) of the envelopes it removes.
+    expired: Vec<(u32, u64)>,
+    /// The heads it changes.
+    heads: BTreeMap<u32, HeadRecord>,
+}
+
+impl SledUserInbox {
+    /// Removes the envelope at `seq` of `device` if it is the one that expires at
+    /// `expires_ms` (the sequence number may hold nothing, or — after a torn send was rolled
+    /// back — another envelope). An undecodable envelope is removed too (its byte count is not
+    /// known: the queue's count goes down, its bytes are reset once it is empty), rather than
+    /// holding up the rest of the sweep; so is a shredded one (its key destroyed): it was
+    /// deleted once already.
+    fn expire_envelope(
+        &self,
+        sweep: &mut Sweep,
+        device: u32,
+        seq: u64,
+        expires_ms: u64,
+    ) -> Result<()> {
+        let len = match self.inner.envelope_at(&self.user, device, seq) {
+            Ok(Some(Some(r))) => (r.expires_ms == expires_ms).then_some(r.ciphertext.len() as u64),
+            Ok(Some(None)) => Some(0),
+            Ok(None) => None,
+            Err(e @ StoreError::Corruption(_)) => {
+                corrupt(&e);
+                Some(0)
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(len) = len else { return Ok(()) };
+        sweep.write.ops.push(QueueOp::Remove {
+            user: self.user.clone(),
+            device,
+            seq,
+        });
+        let Some(head) = self.heads.get(&device) else {
+            return Ok(());
+        };
+        let head = sweep.heads.entry(device).or_insert(*head);
+        head.count = head.count.saturating_sub(1);
+        head.bytes = head.bytes.saturating_sub(len);
+        sweep.expired.push((device, seq));
+        Ok(())
     }
 }
 

@@ -37,8 +37,8 @@
 //!   *next* flush (which makes the deletion durable) the committer checks, under the queue's
 //!   lock, that it is still empty and overwrites the key's slot with a fresh key (new
 //!   generation), synced before anyone may seal under it. A queue that drains after every
-//!   message costs one keyring `fdatasync` per group commit, shared by all queues drained in
-//!   it, and no slot churn.
+//!   message costs one keyring `fdatasync` per group commit (under load, per
+//!   `committer::SETTLE_INTERVAL`), shared by all queues drained in it, and no slot churn.
 //! - **Aged** (its current key is older than `key_max_age`): [`Keyring::rotate`], run by the
 //!   expiry sweep, gives the queue a new current key (synced first), re-seals the survivors
 //!   under it with compare-and-swap (a record deleted meanwhile stays deleted), a bounded

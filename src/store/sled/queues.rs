@@ -15,7 +15,17 @@ use crate::store::{
 /// One write operation of a [`QueueWrite`] batch.
 #[derive(Debug)]
 pub(super) enum QueueOp {
-    /// Store an envelope at `seq` of a device queue (and index its expiry).
+    /// Index a send for the expiry sweep at `at_ms` (first its envelopes' expiry): written
+    /// before anything of the send, so nothing stored lacks an index entry.
+    IndexSend {
+        /// Account handle.
+        user: String,
+        /// Keyed hash of the envelope id.
+        id: Hashed,
+        /// When the entry falls due.
+        at_ms: u64,
+    },
+    /// Store an envelope at `seq` of a device queue (indexed through its send).
     Append {
         /// Account handle.
         user: String,
@@ -26,7 +36,7 @@ pub(super) enum QueueOp {
         /// The envelope.
         record: EnvelopeRecord,
     },
-    /// Delete an envelope (and its expiry index entry).
+    /// Delete an envelope.
     Remove {
         /// Account handle.
         user: String,
@@ -34,8 +44,6 @@ pub(super) enum QueueOp {
         device: u32,
         /// Sequence number.
         seq: u64,
-        /// Its expiry, to find the index entry.
-        expires_ms: u64,
     },
     /// Set a device queue's head.
     Head {
@@ -53,7 +61,7 @@ pub(super) enum QueueOp {
         /// Device id.
         device: u32,
     },
-    /// Remember an accepted send for deduplication (and index its expiry).
+    /// Remember an accepted send for deduplication: the record that commits it.
     Dedup {
         /// Account handle.
         user: String,
@@ -62,13 +70,25 @@ pub(super) enum QueueOp {
         /// The record.
         record: DedupRecord,
     },
-    /// Forget a dedup record.
+    /// Move a send's index entry to a later time (its envelopes expired; its dedup record
+    /// stays until then): the new entry is written before the old one goes.
+    Reindex {
+        /// Account handle.
+        user: String,
+        /// Keyed hash of the envelope id.
+        id: Hashed,
+        /// The entry's time now.
+        from_ms: u64,
+        /// Its new time.
+        to_ms: u64,
+    },
+    /// Forget a dedup record, and its index entry (due at `expires_ms`).
     ForgetDedup {
         /// Account handle.
         user: String,
         /// Keyed hash of the envelope id.
         id: Hashed,
-        /// Its expiry, to find the index entry.
+        /// Its index entry's time.
         expires_ms: u64,
     },
     /// Delete only an expiry index entry: its record is gone, or was written again with
@@ -108,18 +128,22 @@ pub(super) enum Value {
 ///
 /// - an expiry index entry is written before what it indexes and removed after it, so nothing
 ///   stored lacks its expiry (an entry without its record is skipped by the sweep);
-/// - a send is ordered as envelopes, heads, then the dedup record, so a surviving
-///   dedup record implies its envelopes and heads survived (a retry never hides a lost
-///   envelope), and a send without one is rolled back when its queues are opened (a retry never
-///   stores an envelope twice).
+/// - a send is ordered as its index entry, envelopes, heads (when checkpointed), then the
+///   dedup record, so a surviving dedup record implies its envelopes survived (a retry never
+///   hides a lost envelope), and a send without one is rolled back when its queues are opened
+///   (a retry never stores an envelope twice).
 pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)> {
-    let mut out = Vec::with_capacity(write.ops.len() * 2);
+    let mut out = Vec::with_capacity(write.ops.len() + 1);
     let index = |key: Vec<u8>, user: &str| {
         let v = keyring.seal_index(&key, user);
         (key, Value::Plain(v))
     };
     for op in write.ops {
         match op {
+            QueueOp::IndexSend { user, id, at_ms } => {
+                let u = keyring.user(&user);
+                out.push(index(keys::expiry_dedup(at_ms, &u, &id), &user));
+            }
             QueueOp::Append {
                 user,
                 device,
@@ -127,10 +151,6 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                 record,
             } => {
                 let u = keyring.user(&user);
-                out.push(index(
-                    keys::expiry_envelope(record.expires_ms, &u, device, seq),
-                    &user,
-                ));
                 out.push((
                     keys::envelope(&u, device, seq),
                     Value::Sealed {
@@ -139,18 +159,9 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                     },
                 ));
             }
-            QueueOp::Remove {
-                user,
-                device,
-                seq,
-                expires_ms,
-            } => {
+            QueueOp::Remove { user, device, seq } => {
                 let u = keyring.user(&user);
                 out.push((keys::envelope(&u, device, seq), Value::Delete));
-                out.push((
-                    keys::expiry_envelope(expires_ms, &u, device, seq),
-                    Value::Delete,
-                ));
             }
             QueueOp::Head { user, device, head } => {
                 out.push((
@@ -163,8 +174,17 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
             }
             QueueOp::Dedup { user, id, record } => {
                 let u = keyring.user(&user);
-                out.push(index(keys::expiry_dedup(record.expires_ms, &u, &id), &user));
                 out.push((keys::dedup(&u, &id), Value::Plain(records::encode(&record))));
+            }
+            QueueOp::Reindex {
+                user,
+                id,
+                from_ms,
+                to_ms,
+            } => {
+                let u = keyring.user(&user);
+                out.push(index(keys::expiry_dedup(to_ms, &u, &id), &user));
+                out.push((keys::expiry_dedup(from_ms, &u, &id), Value::Delete));
             }
             QueueOp::ForgetDedup {
                 user,
@@ -306,6 +326,32 @@ impl Inner {
         Ok(out)
     }
 
+    /// How many envelopes a device queue holds from `from` on, and their ciphertext bytes.
+    /// Shredded ones (acknowledged) are not counted; an undecodable one counts with no bytes
+    /// (the sweep removes it when it falls due) rather than keeping the queue from opening.
+    pub(super) fn count_from(&self, user: &str, device: u32, from: u64) -> Result<(u64, u64)> {
+        let u = self.keyring.user(user);
+        let range = keys::envelope(&u, device, from)..=keys::envelope(&u, device, u64::MAX);
+        let (mut count, mut bytes) = (0, 0);
+        for kv in self.queues.range(range) {
+            let (k, v) = kv?;
+            match self.envelope(&k, &v) {
+                Ok(Some(record)) => {
+                    count += 1;
+                    bytes += record.ciphertext.len() as u64;
+                }
+                Ok(None) => {}
+                Err(StoreError::Corruption(e)) => {
+                    tracing::warn!(error = %e, "a queued envelope does not decode");
+                    metrics::counter!("sealpost_corrupt_records_total").increment(1);
+                    count += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((count, bytes))
+    }
+
     /// The envelope at `seq` of a device queue: `None` if absent, `Some(None)` if shredded.
     pub(super) fn envelope_at(
         &self,
@@ -327,17 +373,14 @@ impl Inner {
             .contains_key(keys::envelope(&self.keyring.user(user), device, seq))?)
     }
 
-    /// All stored (seq, expires_ms) of a device queue (used when a device is removed); a
-    /// shredded one's expiry is unknown (0): its index entry is dropped when it falls due.
-    pub(super) fn seqs(&self, user: &str, device: u32) -> Result<Vec<(u64, u64)>> {
+    /// The sequence numbers stored in a device queue (used when a device is removed).
+    pub(super) fn seqs(&self, user: &str, device: u32) -> Result<Vec<u64>> {
         self.queues
             .scan_prefix(keys::envelope_prefix(&self.keyring.user(user), device))
-            .map(|kv| {
-                let (k, v) = kv?;
-                let seq = keys::envelope_seq(&k)
-                    .ok_or_else(|| StoreError::Corruption("short envelope key".into()))?;
-                let expires_ms = self.envelope(&k, &v)?.map_or(0, |r| r.expires_ms);
-                Ok((seq, expires_ms))
+            .keys()
+            .map(|k| {
+                keys::envelope_seq(&k?)
+                    .ok_or_else(|| StoreError::Corruption("short envelope key".into()))
             })
             .collect()
     }

@@ -1,8 +1,9 @@
 //! How a send is written, and how a mailbox recovers the one send a crash may have torn.
 //!
 //! sled keeps, across a crash, a prefix of the writes that were not yet flushed
-//! (`Inner::write`). A send is written as its envelopes, then the queue heads, then its
-//! dedup record ([`send_write`]), so the dedup record commits the send:
+//! (`Inner::write`). A send is written as its expiry index entry, its envelopes, the queue
+//! heads due for a checkpoint, then its dedup record ([`send_write`]), so the dedup record
+//! commits the send:
 //!
 //! - a surviving dedup record means every envelope and head of the send survived, so a retry
 //!   that finds it is answered "duplicate" without hiding a lost envelope;
@@ -12,6 +13,15 @@
 //!
 //! A user's queues have one writer, which writes its sends one after another, so only its last send can be torn: at most
 //! the last envelope of each device queue.
+//!
+//! # Heads are checkpoints
+//!
+//! A queue's head (next sequence number, count, bytes) lives in the writer's memory. It is
+//! stored when acknowledgements trim the queue (the trim's deletions, then the head) and every
+//! [`CHECKPOINT_EVERY`] appends, not with every send: that was a third of a delivered
+//! envelope's writes. The envelopes appended since the stored head have sequence numbers from
+//! its `next_seq` on, so [`recover_heads`] reads them (fewer than `CHECKPOINT_EVERY`) and
+//! counts them in.
 
 use std::collections::BTreeMap;
 
@@ -34,8 +44,14 @@ pub(super) struct DeviceCopy<'a> {
     pub(super) ciphertext: &'a [u8],
 }
 
+/// A queue's head is stored at least once per this many appends (see the module doc): it
+/// bounds what opening the queue reads to find the appends since.
+pub(super) const CHECKPOINT_EVERY: u64 = 64;
+
 /// The writes of a send, in commit order, and each copy's new head (in the order of
-/// `copies`). `template` is the envelope record without its ciphertext.
+/// `copies`). `template` is the envelope record without its ciphertext; the send's index
+/// entry falls due when its envelopes expire (then it moves to `dedup_expires_ms`, when the
+/// dedup record goes, if that is later).
 pub(super) fn send_write(
     user: &str,
     template: &EnvelopeRecord,
@@ -43,9 +59,14 @@ pub(super) fn send_write(
     dedup_expires_ms: u64,
     copies: &[DeviceCopy<'_>],
 ) -> (QueueWrite, Vec<HeadRecord>) {
-    let mut ops = Vec::with_capacity(copies.len() * 2 + 1);
+    let mut ops = Vec::with_capacity(copies.len() + 3);
     let mut heads = Vec::with_capacity(copies.len());
     let mut stored = Vec::with_capacity(copies.len());
+    ops.push(QueueOp::IndexSend {
+        user: user.to_owned(),
+        id: hashed_id,
+        at_ms: template.expires_ms,
+    });
     for copy in copies {
         let seq = copy.head.next_seq;
         ops.push(QueueOp::Append {
@@ -66,11 +87,13 @@ pub(super) fn send_write(
         stored.push((copy.device, seq));
     }
     for (copy, head) in copies.iter().zip(&heads) {
-        ops.push(QueueOp::Head {
-            user: user.to_owned(),
-            device: copy.device,
-            head: *head,
-        });
+        if head.next_seq % CHECKPOINT_EVERY == 0 {
+            ops.push(QueueOp::Head {
+                user: user.to_owned(),
+                device: copy.device,
+                head: *head,
+            });
+        }
     }
     ops.push(QueueOp::Dedup {
         user: user.to_owned(),
@@ -79,14 +102,16 @@ pub(super) fn send_write(
             version: crate::store::records::RECORD_VERSION,
             expires_ms: dedup_expires_ms,
             stored,
+            envelopes_expire_ms: template.expires_ms,
         },
     });
     (QueueWrite { ops }, heads)
 }
 
 /// The queue heads of `user`'s devices, after removing what a crash left of a send whose
-/// dedup record did not survive (and zeroing the counts of empty queues). Reads a few keys per
-/// device, never the whole queue.
+/// dedup record did not survive (and zeroing the counts of empty queues), with the appends
+/// since each stored head counted in. Reads the stored head and fewer than
+/// [`CHECKPOINT_EVERY`] envelopes per device, never the whole queue.
 pub(super) fn recover_heads(
     store: &Inner,
     user: &str,
@@ -97,13 +122,9 @@ pub(super) fn recover_heads(
     let mut heads = BTreeMap::new();
     for &device in devices {
         let mut head = stored.get(&device).copied().unwrap_or_else(empty_head);
-        loop {
+        let last = loop {
             let Some((seq, record)) = store.last_envelope(user, device)? else {
-                // An empty queue holds nothing, whatever its head says: an ack deletes the
-                // envelope before it writes the head that stops counting it.
-                head.count = 0;
-                head.bytes = 0;
-                break;
+                break None;
             };
             let Some(record) = record else {
                 // Shredded: its key is destroyed only after it was deleted (acknowledged,
@@ -122,7 +143,6 @@ pub(super) fn recover_heads(
                     user: user.to_owned(),
                     device,
                     seq,
-                    expires_ms: 0,
                 });
                 store.write(QueueWrite { ops })?;
                 metrics::counter!("sealpost_shredded_records_removed_total").increment(1);
@@ -131,12 +151,7 @@ pub(super) fn recover_heads(
             // An expired envelope's dedup record may be forgotten already (it never outlives
             // the envelope's expiry); the sweep removes the envelope.
             if !torn(store, user, &record, now_ms)? {
-                // Never reuse the sequence number of a committed envelope.
-                if seq >= head.next_seq {
-                    head.count += seq + 1 - head.next_seq;
-                    head.next_seq = seq + 1;
-                }
-                break;
+                break Some(seq);
             }
             // The head goes back first: should this be cut short too, the envelope is still
             // there to be found torn again, and no sequence number is skipped.
@@ -155,7 +170,6 @@ pub(super) fn recover_heads(
                 user: user.to_owned(),
                 device,
                 seq,
-                expires_ms: record.expires_ms,
             });
             store.write(QueueWrite { ops })?;
             metrics::counter!("sealpost_torn_sends_rolled_back_total").increment(1);
@@ -163,6 +177,22 @@ pub(super) fn recover_heads(
                 device,
                 seq, "removed an uncommitted envelope left by a crash"
             );
+        };
+        match last {
+            // An empty queue holds nothing, whatever its head says: an ack deletes the
+            // envelope before it writes the head that stops counting it.
+            None => {
+                head.count = 0;
+                head.bytes = 0;
+            }
+            // Appended since the head was stored: counted in. Never reuse their numbers.
+            Some(last) if last >= head.next_seq => {
+                let (count, bytes) = store.count_from(user, device, head.next_seq)?;
+                head.count += count;
+                head.bytes += bytes;
+                head.next_seq = last + 1;
+            }
+            Some(_) => {}
         }
         heads.insert(device, head);
     }
@@ -235,74 +265,111 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_send_is_written_envelopes_then_heads_then_its_dedup_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let heads = BTreeMap::from([(1, empty_head()), (2, empty_head())]);
-        let (write, new_heads) = send(&store, 1, &heads);
-        let kinds: Vec<&str> = write
+    fn kinds(write: &QueueWrite) -> Vec<&'static str> {
+        write
             .ops
             .iter()
             .map(|op| match op {
+                QueueOp::IndexSend { .. } => "index",
                 QueueOp::Append { .. } => "append",
                 QueueOp::Head { .. } => "head",
                 QueueOp::Dedup { .. } => "dedup",
                 _ => "other",
             })
-            .collect();
-        assert_eq!(kinds, ["append", "append", "head", "head", "dedup"]);
+            .collect()
+    }
+
+    /// Two queues whose next sequence number is `next`, as stored heads.
+    fn start_at(store: &SledStore, next: u64) {
+        let ops = [1, 2]
+            .map(|device| QueueOp::Head {
+                user: USER.into(),
+                device,
+                head: HeadRecord {
+                    next_seq: next,
+                    ..empty_head()
+                },
+            })
+            .into();
+        store.inner().write(QueueWrite { ops }).unwrap();
+    }
+
+    #[test]
+    fn a_send_is_written_index_envelopes_checkpoints_then_its_dedup_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let heads = BTreeMap::from([(1, empty_head()), (2, empty_head())]);
+        let (write, new_heads) = send(&store, 1, &heads);
+        assert_eq!(kinds(&write), ["index", "append", "append", "dedup"]);
         assert!(
             new_heads
                 .iter()
                 .all(|h| h.next_seq == 2 && h.count == 1 && h.bytes == 10)
         );
+        // Every CHECKPOINT_EVERY appends, the heads are stored too.
+        let at = HeadRecord {
+            next_seq: CHECKPOINT_EVERY - 1,
+            ..empty_head()
+        };
+        let (write, _) = send(&store, 2, &BTreeMap::from([(1, at), (2, at)]));
+        assert_eq!(
+            kinds(&write),
+            ["index", "append", "append", "head", "head", "dedup"]
+        );
     }
 
     /// Every prefix of a send's writes that a crash can leave: after recovery, each device
     /// holds the send exactly once if its dedup record survived (a retry is a duplicate), and
-    /// not at all otherwise (a retry stores it once). The committed send before it is intact.
+    /// not at all otherwise (a retry stores it once). The committed send before it is intact,
+    /// and counted although no head was stored with it. Both for a send that checkpoints the
+    /// heads and one that does not.
     #[test]
     fn every_crash_prefix_of_a_send_recovers_to_all_or_nothing() {
-        let ops = 5; // two envelopes, two heads, the dedup record
-        for cut in 0..=ops {
-            let dir = tempfile::tempdir().unwrap();
-            let store = open(dir.path());
-            let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-            let (first, _) = send(&store, 1, &heads);
-            store.inner().write(first).unwrap();
-            let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-            let (mut second, _) = send(&store, 2, &heads);
-            second.ops.truncate(cut);
-            store.inner().write(second).unwrap();
+        for start in [1, CHECKPOINT_EVERY - 2] {
+            // index, two envelopes, (two heads), the dedup record
+            let ops = if start == 1 { 4 } else { 6 };
+            for cut in 0..=ops {
+                let dir = tempfile::tempdir().unwrap();
+                let store = open(dir.path());
+                start_at(&store, start);
+                let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+                let (first, _) = send(&store, 1, &heads);
+                store.inner().write(first).unwrap();
+                let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+                let (mut second, _) = send(&store, 2, &heads);
+                assert_eq!(second.ops.len(), ops);
+                second.ops.truncate(cut);
+                store.inner().write(second).unwrap();
 
-            let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-            let committed = cut == ops;
-            assert_eq!(
-                store
-                    .inner()
-                    .dedup(USER, &store.inner().keyring.id(&[2; 16]))
-                    .unwrap()
-                    .is_some(),
-                committed,
-                "cut {cut}"
-            );
-            for device in [1, 2] {
-                let mut want = vec![(1, [1; 16])];
-                if committed {
-                    want.push((2, [2; 16]));
+                let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+                let committed = cut == ops;
+                assert_eq!(
+                    store
+                        .inner()
+                        .dedup(USER, &store.inner().keyring.id(&[2; 16]))
+                        .unwrap()
+                        .is_some(),
+                    committed,
+                    "cut {cut}"
+                );
+                for device in [1, 2] {
+                    let mut want = vec![(start, [1; 16])];
+                    if committed {
+                        want.push((start + 1, [2; 16]));
+                    }
+                    let what = format!("start {start}, cut {cut}, device {device}");
+                    assert_eq!(queue(&store, device), want, "{what}");
+                    let head = heads[&device];
+                    assert_eq!(head.next_seq, start + want.len() as u64, "{what}");
+                    assert_eq!(head.count, want.len() as u64, "{what}");
+                    assert_eq!(head.bytes, 10 * want.len() as u64, "{what}");
                 }
-                assert_eq!(queue(&store, device), want, "cut {cut}, device {device}");
-                let head = heads[&device];
-                assert_eq!(head.next_seq, want.len() as u64 + 1, "cut {cut}");
-                assert_eq!(head.count, want.len() as u64, "cut {cut}");
-                assert_eq!(head.bytes, 10 * want.len() as u64, "cut {cut}");
+                // Recovery is idempotent: it finds nothing more to remove.
+                assert_eq!(
+                    recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap(),
+                    heads
+                );
             }
-            // Recovery is idempotent: it finds nothing more to remove.
-            assert_eq!(
-                recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap(),
-                heads
-            );
         }
     }
 

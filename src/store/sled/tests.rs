@@ -97,9 +97,15 @@ fn writes_are_ordered_so_every_prefix_is_consistent() {
         version: 1,
         expires_ms: 9,
         stored: vec![(1, 1)],
+        envelopes_expire_ms: 5,
     };
     let w = QueueWrite {
         ops: vec![
+            QueueOp::IndexSend {
+                user: "a@x".into(),
+                id: [0; 16],
+                at_ms: 5,
+            },
             QueueOp::Append {
                 user: "a@x".into(),
                 device: 1,
@@ -122,22 +128,72 @@ fn writes_are_ordered_so_every_prefix_is_consistent() {
     let s = open(dir.path());
     let keyring = &s.inner().keyring;
     let tags: Vec<u8> = plan(keyring, w).iter().map(|(k, _)| k[0]).collect();
-    // expiry index, envelope, head, dedup index, dedup record.
-    assert_eq!(tags, vec![b'X', b'E', b'H', b'Y', b'D']);
+    // the send's expiry index entry, envelope, head, dedup record.
+    assert_eq!(tags, vec![b'Y', b'E', b'H', b'D']);
     let rm = QueueWrite {
         ops: vec![QueueOp::Remove {
             user: "a@x".into(),
             device: 1,
             seq: 1,
-            expires_ms: 5,
         }],
     };
     let tags: Vec<u8> = plan(keyring, rm).iter().map(|(k, _)| k[0]).collect();
     assert_eq!(
         tags,
-        vec![b'E', b'X'],
-        "the record goes before its index entry"
+        vec![b'E'],
+        "an envelope has no index entry of its own"
     );
+    let moved = QueueWrite {
+        ops: vec![QueueOp::Reindex {
+            user: "a@x".into(),
+            id: [0; 16],
+            from_ms: 5,
+            to_ms: 9,
+        }],
+    };
+    let planned = plan(keyring, moved);
+    let times: Vec<Option<u64>> = planned
+        .iter()
+        .map(|(k, _)| crate::store::keys::split_expiry(k).map(|(t, _)| t))
+        .collect();
+    assert_eq!(times, vec![Some(9), Some(5)], "the new entry goes first");
+    assert!(matches!(planned[1].1, super::queues::Value::Delete));
+}
+
+/// The writes of a committed one-copy send of `record` at `seq` of device 1 of `user`, its
+/// dedup record kept until `dedup_expires_ms` (layout 3).
+fn committed_send(
+    store: &SledStore,
+    user: &str,
+    seq: u64,
+    record: EnvelopeRecord,
+    dedup_expires_ms: u64,
+) -> Vec<QueueOp> {
+    let id = store.inner().keyring.id(&record.id);
+    let envelopes_expire_ms = record.expires_ms;
+    vec![
+        QueueOp::IndexSend {
+            user: user.into(),
+            id,
+            at_ms: envelopes_expire_ms,
+        },
+        QueueOp::Append {
+            user: user.into(),
+            device: 1,
+            seq,
+            record,
+        },
+        QueueOp::Dedup {
+            user: user.into(),
+            id,
+            record: DedupRecord {
+                version: 1,
+                expires_ms: dedup_expires_ms,
+                stored: vec![(1, seq)],
+                envelopes_expire_ms,
+            },
+        },
+    ]
 }
 
 #[test]
@@ -201,18 +257,21 @@ fn expiry_index_finds_due_entries_only() {
         ciphertext: vec![],
     };
     let mut w = QueueWrite::default();
-    for (seq, exp) in [(1, 100), (2, 200), (3, 300)] {
-        w.ops.push(QueueOp::Append {
-            user: "a@x".into(),
-            device: 1,
-            seq,
-            record: rec(exp),
-        });
+    for (seq, tag, exp) in [(1, 1, 100), (2, 2, 200), (3, 3, 300)] {
+        let mut record = rec(exp);
+        record.id = [tag; 16];
+        w.ops.extend(committed_send(&s, "a@x", seq, record, exp));
     }
     s.inner().write(w).unwrap();
     let due = block_on(s.due(200, 10)).unwrap();
     assert_eq!(due.len(), 2);
-    assert!(matches!(due[1], Due::Envelope { seq: 2, .. }));
+    assert!(matches!(
+        due[1],
+        Due::Dedup {
+            expires_ms: 200,
+            ..
+        }
+    ));
     assert_eq!(s.inner().read("a@x", 1, 2, 10).unwrap().len(), 2);
 }
 
@@ -248,13 +307,21 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
             version: 1,
             expires_ms,
             stored: vec![(1, 1)],
+            envelopes_expire_ms: expires_ms,
         },
+    };
+    let index = |at_ms| QueueOp::IndexSend {
+        user: USER.into(),
+        id: hashed,
+        at_ms,
     };
     let ops = vec![
         // What survives of the torn send is indistinguishable from this after the
         // retry overwrote both records.
+        index(torn),
         envelope(torn),
         dedup(torn),
+        index(committed),
         envelope(committed),
         QueueOp::Head {
             user: USER.into(),
@@ -275,7 +342,7 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
     };
     block_on(async {
         let due = store.due(now, 100).await.expect("due");
-        assert_eq!(due.len(), 2, "{due:?}");
+        assert_eq!(due.len(), 1, "{due:?}");
         assert!(due.iter().all(|e| match e {
             Due::Envelope { expires_ms, .. } | Due::Dedup { expires_ms, .. } => *expires_ms == torn,
         }));
@@ -301,19 +368,16 @@ fn an_undecodable_expired_envelope_is_deleted_and_the_rest_expire() {
     let now = crate::clock::now_ms();
     let mut w = QueueWrite::default();
     for (seq, tag) in [(1, 1u8), (2, 2)] {
-        w.ops.push(QueueOp::Append {
-            user: USER.into(),
-            device: 1,
-            seq,
-            record: EnvelopeRecord {
-                version: 1,
-                id: [tag; 16],
-                class: 0,
-                accepted_ms: now,
-                expires_ms: now - 1,
-                ciphertext: vec![1; 10],
-            },
-        });
+        let record = EnvelopeRecord {
+            version: 1,
+            id: [tag; 16],
+            class: 0,
+            accepted_ms: now,
+            expires_ms: now - 1,
+            ciphertext: vec![1; 10],
+        };
+        w.ops
+            .extend(committed_send(&store, USER, seq, record, now - 1));
     }
     store.inner().write(w).expect("write");
     // The first envelope's bytes are damaged on disk.
@@ -805,6 +869,7 @@ mod migration {
                 version: 1,
                 expires_ms: expires,
                 stored: vec![(1, seq)],
+                envelopes_expire_ms: 0,
             };
             queues
                 .insert(v1::key(v1::DEDUP, None, USER, &id), records::encode(&dedup))
