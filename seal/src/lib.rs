@@ -5,6 +5,10 @@
 //! (`[profile.dev.package.sealpost-seal]` in the workspace `Cargo.toml`): the cipher is generic
 //! code, compiled in the crate that names the concrete type, and at the broker's `opt-level` 0
 //! it seals about 2 MB/s, which slows a debug broker's large backlogs to a crawl.
+//!
+//! The workspace builds `poly1305` with its portable backend (`.cargo/config.toml`): the AVX2
+//! one, selected at run time, does not inline its intrinsics and made a short record's seal
+//! cost 2.2 µs instead of 0.66 µs, a tenth of the broker's CPU per envelope.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

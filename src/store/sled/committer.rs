@@ -26,6 +26,20 @@ use crate::store::{Result, StoreError};
 
 type Waiter = oneshot::Sender<Result<()>>;
 
+/// A request for a flush, and whether it may wait for company.
+struct Request {
+    waiter: Waiter,
+    /// Somebody waits for this flush to answer (a sender for its `send_result`); a request
+    /// that is not urgent (an acknowledgement's deletions, which nobody waits for) may wait
+    /// [`LAZY_WINDOW`] for an urgent one to share the flush with.
+    urgent: bool,
+}
+
+/// Longest a flush that only non-urgent requests asked for waits for an urgent one: at a
+/// moderate rate an acknowledgement's deletions share the next send's flush instead of costing
+/// one of their own.
+const LAZY_WINDOW: Duration = Duration::from_millis(2);
+
 /// Under load, the longest drained queues' keys wait to be destroyed beyond the flush that made
 /// their deletions durable; with nothing queued they are destroyed right after that flush.
 pub(crate) const SETTLE_INTERVAL: Duration = Duration::from_millis(50);
@@ -81,7 +95,7 @@ impl DiskHealth {
 
 /// Handle to the commit thread; dropping it stops the thread after it drains.
 pub(crate) struct Committer {
-    tx: Option<mpsc::Sender<Waiter>>,
+    tx: Option<mpsc::Sender<Request>>,
     /// Joined on drop, so that the database is closed when the store is dropped.
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -106,7 +120,7 @@ impl Committer {
         let dir = options.dir.clone();
         let (group, fsync, delay) = (options.group_commit, options.fsync, options.commit_delay);
         let failpoint = options.failpoint_sync.clone();
-        let (tx, rx) = mpsc::channel::<Waiter>();
+        let (tx, rx) = mpsc::channel::<Request>();
         let data_file = File::open(dir.join("db"))?;
         let thread = std::thread::Builder::new()
             .name("sealpost-commit".into())
@@ -151,16 +165,35 @@ impl Committer {
                             Err(_) => break,
                         }
                     };
-                    let mut waiters: Vec<Waiter> = first.into_iter().collect();
+                    let mut requests: Vec<Request> = first.into_iter().collect();
                     if group {
-                        waiters.extend(rx.try_iter());
+                        requests.extend(rx.try_iter());
+                        // Only requests nobody waits for: wait a little for one somebody
+                        // does, and flush once for both.
+                        if !requests.is_empty() && !requests.iter().any(|r| r.urgent) {
+                            let until = Instant::now() + LAZY_WINDOW;
+                            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                                match rx.recv_timeout(left) {
+                                    Ok(r) => {
+                                        let urgent = r.urgent;
+                                        requests.push(r);
+                                        if urgent {
+                                            break;
+                                        }
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            requests.extend(rx.try_iter());
+                        }
                         // Under concurrent load (the last flush served several appends), linger
                         // briefly so this flush serves more: fewer, larger flushes.
                         if last_batch > 1 && !delay.is_zero() {
                             std::thread::sleep(delay);
-                            waiters.extend(rx.try_iter());
+                            requests.extend(rx.try_iter());
                         }
                     }
+                    let waiters: Vec<Waiter> = requests.into_iter().map(|r| r.waiter).collect();
                     last_batch = waiters.len();
                     // Keys whose queues drained before this flush: destroyed after it, once
                     // the deletions that emptied them are durable.
@@ -207,12 +240,13 @@ impl Committer {
         })
     }
 
-    /// Asks for a flush covering everything written so far.
-    pub(crate) fn request(&self) -> oneshot::Receiver<Result<()>> {
+    /// Asks for a flush covering everything written so far; `urgent` when somebody waits for
+    /// it (see [`Request`]).
+    pub(crate) fn request(&self, urgent: bool) -> oneshot::Receiver<Result<()>> {
         let (tx, rx) = oneshot::channel();
         // If the thread is gone the receiver resolves to an error, reported by the caller.
         if let Some(sender) = &self.tx {
-            let _ = sender.send(tx);
+            let _ = sender.send(Request { waiter: tx, urgent });
         }
         rx
     }

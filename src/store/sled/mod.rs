@@ -294,7 +294,14 @@ impl Inner {
 
     /// Resolves once everything written so far is durable. Many calls share one flush.
     fn sync(&self) -> StoreFuture<()> {
-        let rx = self.committer.request();
+        self.flushed(true)
+    }
+
+    /// Answers once everything written so far is durable; `urgent` when somebody waits for
+    /// the answer, false when it only reports (deletions nobody waits for may share a later
+    /// flush, see `committer`).
+    pub(super) fn flushed(&self, urgent: bool) -> StoreFuture<()> {
+        let rx = self.committer.request(urgent);
         Box::pin(async move {
             rx.await
                 .unwrap_or_else(|_| Err(StoreError::Io("commit thread stopped".into())))
