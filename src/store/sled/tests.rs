@@ -397,7 +397,9 @@ fn an_undecodable_expired_envelope_is_deleted_and_the_rest_expire() {
         let due = store.due(now, 100).await.expect("due");
         assert_eq!(due.len(), 2);
         let mut queues = store.open(USER, &[1], limits).await.expect("open");
-        let expired = queues.expire(due).expect("one bad record fails nothing");
+        let mut expired = queues.expire(due).expect("one bad record fails nothing");
+        // Entries of one time sort by the keyed hash of their id: in no particular order.
+        expired.sort_unstable();
         assert_eq!(expired, vec![(1, 1), (1, 2)]);
         assert!(store.inner().read(USER, 1, 0, 10).expect("read").is_empty());
         assert!(store.due(now, 100).await.expect("due").is_empty());
@@ -996,4 +998,112 @@ mod migration {
         let store = SledStore::open_waiting(&options).expect("reopen");
         check_migrated(&store, now);
     }
+}
+
+/// Heads are stored on trims and every `CHECKPOINT_EVERY` appends only: reopening a queue
+/// counts what was appended since its stored head, so its count, bytes and next sequence
+/// number come back exact however many sends came after the last checkpoint.
+#[test]
+fn reopening_counts_the_appends_since_the_last_stored_head() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::clock::now_ms();
+    let limits = QueueLimits {
+        count: 1_000,
+        bytes: u64::MAX,
+    };
+    let len = |n: u64| 1 + (n % 7) as usize;
+    let store = open(dir.path());
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        for n in 1..=150u64 {
+            let ciphertext = vec![9; len(n)];
+            let mut id = [0; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            queues
+                .append(crate::store::NewEnvelope {
+                    id,
+                    class: 0,
+                    accepted_ms: now,
+                    expires_ms: now + 60_000,
+                    remember_until_ms: now + 60_000,
+                    copies: vec![(1, &ciphertext[..])],
+                })
+                .expect("append")
+                .await
+                .expect("durable");
+            if n == 100 {
+                // Acknowledged: 11..=20 go, and the head is stored with the trim.
+                let acked: Vec<crate::store::Trim> = (11..=20)
+                    .map(|seq| crate::store::Trim {
+                        seq,
+                        expires_ms: now + 60_000,
+                        bytes: len(seq) as u64,
+                    })
+                    .collect();
+                queues
+                    .trim(1, &acked)
+                    .expect("trim")
+                    .await
+                    .expect("durable");
+            }
+        }
+    });
+    drop(store);
+    let store = open(dir.path());
+    let heads = super::recovery::recover_heads(&store.inner(), USER, &[1], now).expect("heads");
+    let want_bytes: u64 = (1..=150u64)
+        .filter(|n| !(11..=20).contains(n))
+        .map(|n| len(n) as u64)
+        .sum();
+    assert_eq!(heads[&1].next_seq, 151);
+    assert_eq!(heads[&1].count, 140);
+    assert_eq!(heads[&1].bytes, want_bytes);
+}
+
+/// A send's one index entry serves both of its expiries: its envelopes go when they expire
+/// (an urgent ring), its dedup record stays — a retry is still a duplicate — until it is due
+/// too.
+#[test]
+fn a_send_whose_envelopes_expire_first_is_still_deduplicated_until_its_record_expires() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let now = crate::clock::now_ms();
+    let (ring, remember) = (now + 30_000, now + 3_600_000);
+    let limits = QueueLimits {
+        count: 10,
+        bytes: u64::MAX,
+    };
+    block_on(async {
+        let mut queues = store.open(USER, &[1, 2], limits).await.expect("open");
+        queues
+            .append(crate::store::NewEnvelope {
+                id: [3; 16],
+                class: 2,
+                accepted_ms: now,
+                expires_ms: ring,
+                remember_until_ms: remember,
+                copies: vec![(1, &b"ring"[..]), (2, &b"ring"[..])],
+            })
+            .expect("append")
+            .await
+            .expect("durable");
+        let due = store.due(ring, 100).await.expect("due");
+        assert_eq!(due.len(), 1, "one entry per send: {due:?}");
+        let expired = queues.expire(due).expect("expire");
+        assert_eq!(expired, vec![(1, 1), (2, 1)]);
+        assert!(store.inner().read(USER, 1, 0, 10).expect("read").is_empty());
+        assert!(store.due(ring, 100).await.expect("due").is_empty());
+        let retry = queues
+            .duplicate(&[3; 16])
+            .expect("dup")
+            .expect("still known");
+        assert_eq!(retry.await.expect("durable").stored, vec![(1, 1), (2, 1)]);
+        let due = store.due(remember, 100).await.expect("due");
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert!(queues.expire(due).expect("expire").is_empty());
+        assert!(queues.duplicate(&[3; 16]).expect("dup").is_none());
+        assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
+    });
 }
