@@ -7,6 +7,10 @@
 //! 2. Start-up with many envelopes queued (default 1,000,000; `SEALPOST_BENCH_ENVELOPES`):
 //!    store open, a mailbox's state load, and the real binary's time to `listening on`.
 //!
+//! 3. The disk's ceiling for the same work, measured in the same run: a plain append-only
+//!    file, group-committed by one thread (`write` + `fdatasync` per batch), to which each
+//!    writer appends records of the bytes one append stores and waits for its batch.
+//!
 //! Prints figures; asserts nothing (this machine is shared and noisy).
 
 #![allow(clippy::print_stdout, clippy::cast_possible_truncation)]
@@ -67,7 +71,7 @@ fn open_user(rt: &tokio::runtime::Runtime, store: &SledStore, user: &str) -> Box
         .expect("open queues")
 }
 
-/// `writers` threads each append one envelope (+ head + dedup, like a mailbox) and wait for
+/// `writers` threads each append one envelope (+ index entry + dedup, like a mailbox) and wait for
 /// durability, for `duration`. Returns appends per second.
 fn durable_appends(
     group_commit: bool,
@@ -281,7 +285,75 @@ fn main() {
     startup(count);
 }
 
+/// Bytes of keys and values one durable append stores (layout 3: the send's index entry,
+/// the sealed envelope of 256 bytes of ciphertext, the dedup record).
+const RAW_RECORD: usize = 570;
+
+/// The ceiling: `writers` threads each append a `RAW_RECORD`-byte record to one file through a
+/// group-committing thread and wait until it is synced, for `duration`.
+fn raw_appends(writers: usize, duration: Duration) -> (f64, f64) {
+    use std::{io::Write as _, sync::mpsc};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut file = std::fs::File::create(dir.path().join("log")).expect("log file");
+    let (tx, rx) = mpsc::channel::<(Vec<u8>, mpsc::SyncSender<()>)>();
+    let committer = std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut waiters = vec![first];
+            waiters.extend(rx.try_iter());
+            batch.clear();
+            for (record, _) in &waiters {
+                batch.extend_from_slice(record);
+            }
+            file.write_all(&batch).expect("write");
+            file.sync_data().expect("fdatasync");
+            for (_, done) in waiters {
+                let _ = done.send(());
+            }
+        }
+    });
+    let started = Instant::now();
+    let threads: Vec<_> = (0..writers)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                while started.elapsed() < duration {
+                    let t = Instant::now();
+                    let (done, wait) = mpsc::sync_channel(1);
+                    tx.send((vec![0xab; RAW_RECORD], done)).expect("committer");
+                    wait.recv().expect("synced");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut lat: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("writer"))
+        .collect();
+    let elapsed = started.elapsed();
+    committer.join().expect("committer");
+    lat.sort();
+    let p50 = lat.get(lat.len() / 2).copied().unwrap_or_default();
+    (
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        p50.as_secs_f64() * 1000.0,
+    )
+}
+
 fn durability(secs: u64) {
+    println!(
+        "== the disk's ceiling: a plain file, group commit, {RAW_RECORD}-byte records, {secs}s each =="
+    );
+    for writers in [1, 16, 64] {
+        let (rate, p50) = raw_appends(writers, Duration::from_secs(secs));
+        println!(
+            "raw file           fsync=true  writers={writers:>2}: {rate:>9.0} appends/s, p50 {p50:.2} ms"
+        );
+    }
     println!("== durable appends (3 records per append, 256-byte envelope), {secs}s each ==");
     for (group, fsync) in [(true, true), (false, true), (true, false), (false, false)] {
         for writers in [1, 16, 64] {

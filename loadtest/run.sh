@@ -12,6 +12,7 @@
 #   SCENARIOS="appends-gc appends-nogc e2e idle"   (also: federated, not in the default set)
 #   DURATION=10s WARMUP=1s SIZE=256
 #   SENDERS=64 RECIPIENTS=100 PIPELINE=32         (appends)
+#   DRAIN=1                (appends: then every recipient connects and drains its queue)
 #   DEVICES=1000 RATE=0 E2E_PIPELINE=             (e2e and federated; RATE=0 is closed loop)
 #   CONNECTIONS=10000 DEVICES_PER_ACCOUNT=1 HOLD=5s (idle)
 #   SCENARIO_TIMEOUT=600   seconds before a scenario is killed
@@ -232,6 +233,7 @@ e2e_flags=(--devices "$DEVICES" --size "$SIZE" --rate "$RATE" --duration "$DURAT
 [[ -n $E2E_PIPELINE ]] && e2e_flags+=(--pipeline "$E2E_PIPELINE")
 appends_flags=(--senders "$SENDERS" --recipients "$RECIPIENTS" --pipeline "$PIPELINE"
     --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP")
+[[ -n ${DRAIN:-} ]] && appends_flags+=(--drain)
 
 for scenario in $SCENARIOS; do
     case $scenario in

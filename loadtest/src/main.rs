@@ -139,6 +139,10 @@ struct AppendsArgs {
     /// Ciphertext bytes per envelope (at least 8).
     #[arg(long, default_value_t = 256)]
     size: usize,
+    /// After sending stops, connect every recipient's device and drain (and ack) its queue:
+    /// reports how long draining all of them took.
+    #[arg(long)]
+    drain: bool,
 }
 
 #[derive(Args, Clone)]

@@ -1,6 +1,9 @@
 //! The `appends`, `e2e` and `federated` scenarios.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Result, bail, ensure};
 use sealpost_proto::limits::{MAX_ACKS_PER_FRAME, MAX_CIPHERTEXT_BYTES, MAX_DURABLE_TTL_SECS};
@@ -225,6 +228,22 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         "closed_early": stats.closes(),
     });
     add_window_cpu(&mut fields, &out);
+    if args.drain {
+        // Every recipient's device connects (as many at once as connects are allowed) and
+        // reads its queue up to `queue_empty`, acking as it goes.
+        let devices: Vec<_> = recipients.iter().map(|a| a[0].clone()).collect();
+        let started = Instant::now();
+        let conns = connect_all(
+            &targets,
+            &devices,
+            connect_options(common),
+            common.connect_concurrency,
+        )
+        .await?;
+        let drain_s = started.elapsed().as_secs_f64();
+        println!("  drained {} queues in {drain_s:.2}s", conns.len());
+        fields["drain_s"] = json!(drain_s);
+    }
     Ok(fields)
 }
 
