@@ -194,7 +194,7 @@ pub enum AppendError {
 pub struct Trim {
     /// Its sequence number.
     pub seq: u64,
-    /// Its expiry, ms since the Unix epoch (sled finds its expiry index entry by it).
+    /// Its expiry, ms since the Unix epoch.
     pub expires_ms: u64,
     /// Its ciphertext length (for the queue's byte count).
     pub bytes: u64,

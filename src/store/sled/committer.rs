@@ -7,9 +7,9 @@
 //!
 //! After a flush succeeds and its waiters are answered, the keys of queues that drained before
 //! it began are destroyed (`keyring::Keyring::settle`, one keyring `fdatasync`): the deletions
-//! that emptied them are durable by then. Under load (requests already queued for the next
-//! flush) that work is gathered for up to [`SETTLE_INTERVAL`] and done once, rather than after
-//! every flush: each settle is an `fdatasync` that delays the next flush and holds the drained
+//! that emptied them are durable by then. Under load (a flush that answers several waiting
+//! requests) that work is gathered for up to [`SETTLE_INTERVAL`] and done once, rather than
+//! after every flush: each settle is an `fdatasync` that delays the next flush and holds the drained
 //! queues' locks. New keys need nothing here: they are synced when created, before anything is
 //! sealed under them, so the keyring is never dirty at a flush.
 
@@ -151,13 +151,21 @@ impl Committer {
                 let mut disk_checked = Instant::now();
                 // Key work was put off under load: if no request comes within the interval,
                 // a flush of its own (nothing else may have made the drains durable) settles it.
+                // Closing with key work put off: one last flush and settle before the thread ends.
                 let mut deferred = false;
+                let mut closing = false;
                 loop {
+                    if closing {
+                        break;
+                    }
                     let first = if deferred {
                         match rx.recv_timeout(SETTLE_INTERVAL) {
                             Ok(first) => Some(first),
                             Err(mpsc::RecvTimeoutError::Timeout) => None,
-                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                closing = true;
+                                None
+                            }
                         }
                     } else {
                         match rx.recv() {
@@ -274,19 +282,27 @@ fn dir_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
 /// sled writes values too large for its log into `blobs/`, and never syncs them: each flush
 /// syncs what is there. Envelopes are far below sled's blob threshold, so the directory is
 /// nearly always empty: while its modification time is the one it had when it was last found
-/// empty, no file can have been created in it, and listing it again is skipped.
+/// empty, no file can have been created in it, and listing it again is skipped — for at most
+/// [`BLOBS_RELIST`]: a file system with coarse timestamps could show the same time across a
+/// removal and a creation within one tick.
 #[derive(Default)]
 struct Blobs {
-    /// The directory's modification time when a listing found it empty.
-    empty_at: Option<std::time::SystemTime>,
+    /// The directory's modification time when a listing found it empty, and when that was.
+    empty_at: Option<(std::time::SystemTime, Instant)>,
 }
+
+/// Longest a listing that found `blobs/` empty is trusted (see [`Blobs`]).
+const BLOBS_RELIST: Duration = Duration::from_secs(1);
 
 impl Blobs {
     fn sync(&mut self, dir: &std::path::Path) -> std::io::Result<()> {
         let blobs = dir.join("blobs");
         // Read before listing: a file created after this changes it.
         let mtime = dir_mtime(&blobs);
-        if mtime.is_some() && mtime == self.empty_at {
+        if let (Some(now), Some((then, listed))) = (mtime, self.empty_at)
+            && now == then
+            && listed.elapsed() < BLOBS_RELIST
+        {
             return Ok(());
         }
         let mut any = false;
@@ -297,7 +313,10 @@ impl Blobs {
         if any {
             File::open(&blobs)?.sync_all()?;
         }
-        self.empty_at = if any { None } else { mtime };
+        self.empty_at = match mtime {
+            Some(mtime) if !any => Some((mtime, Instant::now())),
+            _ => None,
+        };
         Ok(())
     }
 }

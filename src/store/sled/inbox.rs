@@ -235,26 +235,18 @@ impl UserInbox for SledUserInbox {
         let Some(mut head) = self.heads.get(&device).copied() else {
             return Ok(ready(Ok(())));
         };
-        let mut write = QueueWrite::default();
+        let mut removed = Vec::with_capacity(acked.len());
         for t in acked {
             // One already gone (expired meanwhile) was taken off the counts then: counting it
             // again would undercount the queue against its quota for good.
             if !self.inner.holds(&self.user, device, t.seq)? {
                 continue;
             }
-            write.ops.push(QueueOp::Remove {
-                user: self.user.clone(),
-                device,
-                seq: t.seq,
-            });
+            removed.push(t.seq);
             head.count = head.count.saturating_sub(1);
             head.bytes = head.bytes.saturating_sub(t.bytes);
         }
-        write.ops.push(QueueOp::Head {
-            user: self.user.clone(),
-            device,
-            head,
-        });
+        let write = recovery::trim_write(&self.user, device, head, &removed);
         self.inner.write(write)?;
         self.heads.insert(device, head);
         if head.count == 0 {
@@ -298,7 +290,7 @@ impl UserInbox for SledUserInbox {
                     expires_ms,
                     ..
                 } => {
-                    self.expire_envelope(&mut sweep, device, seq, expires_ms)?;
+                    self.expire_envelope(&mut sweep, device, seq, expires_ms, None)?;
                     sweep.write.ops.push(QueueOp::Unindex(entry));
                 }
                 Due::Dedup { id, expires_ms, .. } => {
@@ -328,16 +320,18 @@ impl UserInbox for SledUserInbox {
                     let envelopes_due = record.envelopes_expire_ms == expires_ms;
                     if envelopes_due {
                         for &(device, seq) in &record.stored {
-                            self.expire_envelope(&mut sweep, device, seq, expires_ms)?;
+                            self.expire_envelope(&mut sweep, device, seq, expires_ms, Some(&id))?;
                         }
                     }
-                    if record.expires_ms == expires_ms {
+                    if record.expires_ms == expires_ms
+                        || (envelopes_due && record.expires_ms < expires_ms)
+                    {
                         sweep.write.ops.push(QueueOp::ForgetDedup {
                             user: self.user.clone(),
                             id,
                             expires_ms,
                         });
-                    } else if envelopes_due && record.expires_ms > expires_ms {
+                    } else if envelopes_due {
                         sweep.write.ops.push(QueueOp::Reindex {
                             user: self.user.clone(),
                             id,
@@ -351,17 +345,22 @@ impl UserInbox for SledUserInbox {
             }
         }
         let Sweep {
-            mut write,
+            write: removes,
             expired,
             heads,
         } = sweep;
-        for (device, head) in &heads {
-            write.ops.push(QueueOp::Head {
-                user: self.user.clone(),
-                device: *device,
-                head: *head,
-            });
-        }
+        // Heads first, as in a trim.
+        let mut write = QueueWrite {
+            ops: heads
+                .iter()
+                .map(|(device, head)| QueueOp::Head {
+                    user: self.user.clone(),
+                    device: *device,
+                    head: *head,
+                })
+                .collect(),
+        };
+        write.ops.extend(removes.ops);
         if write.is_empty() {
             return Ok(expired);
         }
@@ -387,20 +386,23 @@ struct Sweep {
 
 impl SledUserInbox {
     /// Removes the envelope at `seq` of `device` if it is the one that expires at
-    /// `expires_ms` (the sequence number may hold nothing, or — after a torn send was rolled
-    /// back — another envelope). An undecodable envelope is removed too (its byte count is not
-    /// known: the queue's count goes down, its bytes are reset once it is empty), rather than
-    /// holding up the rest of the sweep; so is a shredded one (its key destroyed): it was
-    /// deleted once already.
+    /// `expires_ms` (and, when known, has the id whose keyed hash is `id`): the sequence
+    /// number may hold nothing, or — after a torn send was rolled back — another envelope. An
+    /// undecodable envelope is removed too (its byte count is not known: the queue's count
+    /// goes down, its bytes are reset once it is empty), rather than holding up the rest of
+    /// the sweep; so is a shredded one (its key destroyed): it was deleted once already.
     fn expire_envelope(
         &self,
         sweep: &mut Sweep,
         device: u32,
         seq: u64,
         expires_ms: u64,
+        id: Option<&Hashed>,
     ) -> Result<()> {
         let len = match self.inner.envelope_at(&self.user, device, seq) {
-            Ok(Some(Some(r))) => (r.expires_ms == expires_ms).then_some(r.ciphertext.len() as u64),
+            Ok(Some(Some(r))) => (r.expires_ms == expires_ms
+                && id.is_none_or(|id| self.inner.keyring.id(&r.id) == *id))
+            .then_some(r.ciphertext.len() as u64),
             Ok(Some(None)) => Some(0),
             Ok(None) => None,
             Err(e @ StoreError::Corruption(_)) => {

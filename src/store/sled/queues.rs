@@ -373,6 +373,21 @@ impl Inner {
             .contains_key(keys::envelope(&self.keyring.user(user), device, seq))?)
     }
 
+    /// Whether layout 2's per-envelope expiry index entry for the envelope at `seq` exists
+    /// (layout 3 indexes sends, through their dedup records).
+    pub(super) fn indexed_alone(
+        &self,
+        user: &str,
+        device: u32,
+        seq: u64,
+        expires_ms: u64,
+    ) -> Result<bool> {
+        let u = self.keyring.user(user);
+        Ok(self
+            .queues
+            .contains_key(keys::expiry_envelope(expires_ms, &u, device, seq))?)
+    }
+
     /// The sequence numbers stored in a device queue (used when a device is removed).
     pub(super) fn seqs(&self, user: &str, device: u32) -> Result<Vec<u64>> {
         self.queues

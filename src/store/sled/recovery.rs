@@ -108,6 +108,29 @@ pub(super) fn send_write(
     (QueueWrite { ops }, heads)
 }
 
+/// The writes of a trim: the queue's new `head` (its counts without the `removed` envelopes),
+/// then their deletions.
+///
+/// The head goes first: the stored one may be up to a checkpoint behind, and deletions that
+/// survived a crash without it could take the queue's end below numbers already handed out.
+/// Deletions cut short by a crash instead leave acknowledged envelopes counted out while still
+/// stored: delivered again, acked again, and the queue undercounts them against its quota until
+/// it drains (an empty queue counts nothing).
+pub(super) fn trim_write(user: &str, device: u32, head: HeadRecord, removed: &[u64]) -> QueueWrite {
+    let mut ops = Vec::with_capacity(removed.len() + 1);
+    ops.push(QueueOp::Head {
+        user: user.to_owned(),
+        device,
+        head,
+    });
+    ops.extend(removed.iter().map(|&seq| QueueOp::Remove {
+        user: user.to_owned(),
+        device,
+        seq,
+    }));
+    QueueWrite { ops }
+}
+
 /// The queue heads of `user`'s devices, after removing what a crash left of a send whose
 /// dedup record did not survive (and zeroing the counts of empty queues), with the appends
 /// since each stored head counted in. Reads the stored head and fewer than
@@ -129,9 +152,13 @@ pub(super) fn recover_heads(
             let Some(record) = record else {
                 // Shredded: its key is destroyed only after it was deleted (acknowledged,
                 // expired or rolled back), and a crash brought back the record but not the
-                // key. It stays deleted; its sequence number is never reused.
+                // key. It stays deleted; its sequence number is never reused: the head moves
+                // past it, counting what was appended since the stored head first.
                 let mut ops = Vec::with_capacity(2);
                 if head.next_seq <= seq {
+                    let (count, bytes) = store.count_from(user, device, head.next_seq)?;
+                    head.count += count;
+                    head.bytes += bytes;
                     head.next_seq = seq + 1;
                     ops.push(QueueOp::Head {
                         user: user.to_owned(),
@@ -148,9 +175,7 @@ pub(super) fn recover_heads(
                 metrics::counter!("sealpost_shredded_records_removed_total").increment(1);
                 continue;
             };
-            // An expired envelope's dedup record may be forgotten already (it never outlives
-            // the envelope's expiry); the sweep removes the envelope.
-            if !torn(store, user, &record, now_ms)? {
+            if !torn(store, user, device, seq, &record, now_ms)? {
                 break Some(seq);
             }
             // The head goes back first: should this be cut short too, the envelope is still
@@ -199,9 +224,24 @@ pub(super) fn recover_heads(
     Ok(heads)
 }
 
-/// Whether `record` belongs to a send that was never committed.
-fn torn(store: &Inner, user: &str, record: &EnvelopeRecord, now_ms: u64) -> Result<bool> {
-    Ok(record.expires_ms > now_ms && store.dedup(user, &store.keyring.id(&record.id))?.is_none())
+/// Whether `record`, stored at `seq` of `device`, belongs to a send that was never committed:
+/// its dedup record is missing. A send's dedup record goes only in the sweep step that removes
+/// its envelopes (after them), so one without it was torn — also once it has expired: nothing
+/// indexes it then, and it would stay for ever. Layout 2 is the exception: it forgot an
+/// expired envelope's dedup record apart from the envelope, which its own index entry still
+/// finds; such a one is left to the sweep.
+fn torn(
+    store: &Inner,
+    user: &str,
+    device: u32,
+    seq: u64,
+    record: &EnvelopeRecord,
+    now_ms: u64,
+) -> Result<bool> {
+    if store.dedup(user, &store.keyring.id(&record.id))?.is_some() {
+        return Ok(false);
+    }
+    Ok(record.expires_ms > now_ms || !store.indexed_alone(user, device, seq, record.expires_ms)?)
 }
 
 /// The head of a queue that never held anything.
@@ -341,7 +381,10 @@ mod tests {
                 second.ops.truncate(cut);
                 store.inner().write(second).unwrap();
 
-                let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+                // Also recovered after the envelopes expired: a torn send is removed all the
+                // same (nothing would ever expire it), a committed one is left to the sweep.
+                let at = if cut % 2 == 0 { NOW } else { NOW + 120_000 };
+                let heads = recover_heads(&store.inner(), USER, &[1, 2], at).unwrap();
                 let committed = cut == ops;
                 assert_eq!(
                     store
@@ -373,6 +416,35 @@ mod tests {
         }
     }
 
+    /// Every prefix of a trim that acknowledges a queue's whole content, appended after its
+    /// last stored head: the queue's end never goes back below what was handed out.
+    #[test]
+    fn no_crash_prefix_of_a_trim_takes_the_queue_end_back() {
+        for cut in 0..=4 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            let mut heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+            for id in 1..=3 {
+                let (write, new) = send(&store, id, &heads);
+                store.inner().write(write).unwrap();
+                heads = BTreeMap::from([(1, new[0]), (2, new[1])]);
+            }
+            let head = HeadRecord {
+                count: 0,
+                bytes: 0,
+                ..heads[&1]
+            };
+            let mut trim = trim_write(USER, 1, head, &[1, 2, 3]);
+            assert_eq!(trim.ops.len(), 4);
+            trim.ops.truncate(cut);
+            store.inner().write(trim).unwrap();
+            let recovered = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+            assert_eq!(recovered[&1].next_seq, 4, "cut {cut}");
+            assert_eq!(recovered[&2].next_seq, 4, "cut {cut}");
+            assert_eq!(recovered[&2].count, 3, "cut {cut}");
+        }
+    }
+
     #[test]
     fn an_empty_queue_counts_nothing_whatever_its_head_says() {
         let dir = tempfile::tempdir().unwrap();
@@ -398,26 +470,42 @@ mod tests {
         assert_eq!((head.next_seq, head.count, head.bytes), (4, 0, 0));
     }
 
+    /// Layout 2 forgot an expired envelope's dedup record apart from the envelope, which its
+    /// own index entry (`X`) still finds: such an envelope is not torn, and is left to the
+    /// sweep with its sequence number kept. Without that entry (layout 3) it is torn.
     #[test]
-    fn an_expired_envelope_whose_dedup_record_is_gone_keeps_its_sequence_number() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let heads = recover_heads(&store.inner(), USER, &[1], NOW).unwrap();
-        let (write, _) = send(&store, 1, &heads);
-        store.inner().write(write).unwrap();
-        store
-            .inner()
-            .write(QueueWrite {
-                ops: vec![QueueOp::ForgetDedup {
-                    user: USER.into(),
-                    id: store.inner().keyring.id(&[1; 16]),
-                    expires_ms: NOW + 60_000,
-                }],
-            })
-            .unwrap();
-        let later = NOW + 60_000;
-        let heads = recover_heads(&store.inner(), USER, &[1], later).unwrap();
-        assert_eq!(queue(&store, 1), vec![(1, [1; 16])], "left to the sweep");
-        assert_eq!(heads[&1].next_seq, 2);
+    fn an_expired_layout_2_envelope_whose_dedup_record_is_gone_is_left_to_the_sweep() {
+        for layout_2 in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            let heads = recover_heads(&store.inner(), USER, &[1], NOW).unwrap();
+            let (write, _) = send(&store, 1, &heads);
+            store.inner().write(write).unwrap();
+            store
+                .inner()
+                .write(QueueWrite {
+                    ops: vec![QueueOp::ForgetDedup {
+                        user: USER.into(),
+                        id: store.inner().keyring.id(&[1; 16]),
+                        expires_ms: NOW + 60_000,
+                    }],
+                })
+                .unwrap();
+            if layout_2 {
+                let u = store.inner().keyring.user(USER);
+                let x = crate::store::keys::expiry_envelope(NOW + 60_000, &u, 1, 1);
+                let v = store.inner().keyring.seal_index(&x, USER);
+                store.inner().queues.insert(x, v).unwrap();
+            }
+            let later = NOW + 60_000;
+            let heads = recover_heads(&store.inner(), USER, &[1], later).unwrap();
+            if layout_2 {
+                assert_eq!(queue(&store, 1), vec![(1, [1; 16])], "left to the sweep");
+                assert_eq!(heads[&1].next_seq, 2);
+            } else {
+                assert_eq!(queue(&store, 1), vec![], "torn");
+                assert_eq!(heads[&1].next_seq, 1);
+            }
+        }
     }
 }
