@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::{
     AppendsArgs, Common, E2eArgs, FederatedArgs, TrafficArgs,
     api::{Api, register_many},
-    client::{Account, ConnectOptions, connect_all},
+    client::{Account, ConnectOptions, Ws, connect_all},
     traffic::{self, Outcome, Plan, Recipient, Stats},
     util::{Targets, check_nofile, fmt_duration, latency_json, latency_line, per_sec, run_tag},
 };
@@ -119,6 +119,18 @@ fn connect_options(common: &Common) -> ConnectOptions {
     }
 }
 
+/// Connects and authenticates `accounts`' devices (draining their backlogs), spread over
+/// `targets`, as many at once as `--connect-concurrency` allows.
+async fn connect(common: &Common, targets: &Targets, accounts: &[Account]) -> Result<Vec<Ws>> {
+    connect_all(
+        targets,
+        accounts,
+        connect_options(common),
+        common.connect_concurrency,
+    )
+    .await
+}
+
 /// N senders, pipelined, to recipients that never connect: how fast the broker makes
 /// envelopes durable.
 pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
@@ -156,13 +168,7 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         .collect();
     let senders = register_many(&apis, sender_handles, 1, common.register_concurrency).await?;
     let senders: Vec<_> = senders.into_iter().flatten().collect();
-    let conns = connect_all(
-        &targets,
-        &senders,
-        connect_options(common),
-        common.connect_concurrency,
-    )
-    .await?;
+    let conns = connect(common, &targets, &senders).await?;
 
     let plan = Arc::new(Plan {
         recipients: recipients
@@ -233,13 +239,7 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         // reads its queue up to `queue_empty`, acking as it goes.
         let devices: Vec<_> = recipients.iter().map(|a| a[0].clone()).collect();
         let started = Instant::now();
-        let conns = connect_all(
-            &targets,
-            &devices,
-            connect_options(common),
-            common.connect_concurrency,
-        )
-        .await?;
+        let conns = connect(common, &targets, &devices).await?;
         let drain_s = started.elapsed().as_secs_f64();
         println!("  drained {} queues in {drain_s:.2}s", conns.len());
         fields["drain_s"] = json!(drain_s);
@@ -270,13 +270,7 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         .collect();
     let accounts = register_many(&apis, handles, 1, common.register_concurrency).await?;
     let devices: Vec<_> = accounts.iter().map(|a| a[0].clone()).collect();
-    let conns = connect_all(
-        &targets,
-        &devices,
-        connect_options(common),
-        common.connect_concurrency,
-    )
-    .await?;
+    let conns = connect(common, &targets, &devices).await?;
     if conns.len() != devices.len() {
         bail!(
             "only {} of {} devices connected",
@@ -385,13 +379,7 @@ pub(crate) async fn federated(args: &FederatedArgs) -> Result<Value> {
         )
         .await?;
         let devices: Vec<_> = side_accounts.iter().map(|a| a[0].clone()).collect();
-        let side_conns = connect_all(
-            &Targets::one(target.clone()),
-            &devices,
-            connect_options(common),
-            common.connect_concurrency,
-        )
-        .await?;
+        let side_conns = connect(common, &Targets::one(target.clone()), &devices).await?;
         ensure!(
             side_conns.len() == devices.len(),
             "only {} of {} devices connected to {domain}",
