@@ -9,8 +9,8 @@
 //! it began are destroyed (`keyring::Keyring::settle`, one keyring `fdatasync`): the deletions
 //! that emptied them are durable by then. Under load (a flush that answers several waiting
 //! requests) that work is gathered for up to [`SETTLE_INTERVAL`] and done once, rather than
-//! after every flush: each settle is an `fdatasync` that delays the next flush and holds the drained
-//! queues' locks. New keys need nothing here: they are synced when created, before anything is
+//! after every flush: each settle is an `fdatasync` that delays the next flush and holds the
+//! drained queues' locks. New keys need nothing here: they are synced when created, before anything is
 //! sealed under them, so the keyring is never dirty at a flush.
 
 use std::{
@@ -176,24 +176,7 @@ impl Committer {
                     let mut requests: Vec<Request> = first.into_iter().collect();
                     if group {
                         requests.extend(rx.try_iter());
-                        // Only requests nobody waits for: wait a little for one somebody
-                        // does, and flush once for both.
-                        if !requests.is_empty() && !requests.iter().any(|r| r.urgent) {
-                            let until = Instant::now() + LAZY_WINDOW;
-                            while let Some(left) = until.checked_duration_since(Instant::now()) {
-                                match rx.recv_timeout(left) {
-                                    Ok(r) => {
-                                        let urgent = r.urgent;
-                                        requests.push(r);
-                                        if urgent {
-                                            break;
-                                        }
-                                    }
-                                    Err(_) => break,
-                                }
-                            }
-                            requests.extend(rx.try_iter());
-                        }
+                        wait_for_urgent(&rx, &mut requests);
                         // Under concurrent load (the last flush served several appends), linger
                         // briefly so this flush serves more: fewer, larger flushes.
                         if last_batch > 1 && !delay.is_zero() {
@@ -258,6 +241,26 @@ impl Committer {
         }
         rx
     }
+}
+
+/// If `requests` are only ones nobody waits for, waits up to [`LAZY_WINDOW`] for one somebody
+/// does (taking what arrives meanwhile), so that one flush serves both.
+fn wait_for_urgent(rx: &mpsc::Receiver<Request>, requests: &mut Vec<Request>) {
+    if requests.is_empty() || requests.iter().any(|r| r.urgent) {
+        return;
+    }
+    let until = Instant::now() + LAZY_WINDOW;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        let Ok(request) = rx.recv_timeout(left) else {
+            break;
+        };
+        let urgent = request.urgent;
+        requests.push(request);
+        if urgent {
+            break;
+        }
+    }
+    requests.extend(rx.try_iter());
 }
 
 /// fsyncs the named files of `dir` that exist, then `dir` itself (its entries: names
