@@ -67,7 +67,8 @@ settings! {
     /// Data directory (embedded sled store and the server secret).
     data_dir: PathBuf = PathBuf::from("sealpost-data"), "SEALPOST_DATA_DIR";
     /// The store: `sled` (embedded, in data_dir) or NATS JetStream server URLs for scale-out
-    /// (`nats://a:4222,nats://b:4222`): many broker pods then serve one domain.
+    /// (`nats://a:4222,nats://b:4222`): many broker pods then serve one domain. `memory` keeps
+    /// everything in this process and loses it on exit: for benchmarks only.
     store: String = "sled".into(), "SEALPOST_STORE";
     /// With the NATS store: inbox streams (each has one leader; more spread the writes).
     nats_partitions: u32 = 4, "SEALPOST_NATS_PARTITIONS";
@@ -440,8 +441,10 @@ impl Settings {
 
     /// Which store serves the seams.
     fn backend(&self) -> Result<Backend, ConfigError> {
-        if self.store == "sled" {
-            return Ok(Backend::Sled);
+        match self.store.as_str() {
+            "sled" => return Ok(Backend::Sled),
+            "memory" => return Ok(Backend::Memory),
+            _ => {}
         }
         if !self
             .store
@@ -450,7 +453,7 @@ impl Settings {
         {
             return Err(invalid(
                 "store",
-                "must be sled or NATS URLs (nats://host:4222, comma-separated)",
+                "must be sled, memory or NATS URLs (nats://host:4222, comma-separated)",
             ));
         }
         if self.nats_partitions == 0 || self.nats_partitions > 256 {
@@ -547,6 +550,28 @@ mod tests {
         assert_eq!(s.queue_quota, 9);
         assert!(!s.group_commit);
         assert_eq!(s.delivery_window, 256);
+    }
+
+    #[test]
+    fn store_names_a_backend() {
+        let backend = |store: &str| {
+            Settings::load(ServeArgs {
+                store: Some(store.into()),
+                ..Default::default()
+            })
+            .and_then(Settings::into_config)
+            .map(|c| c.backend)
+        };
+        assert!(matches!(backend("sled"), Ok(Backend::Sled)));
+        assert!(matches!(backend("memory"), Ok(Backend::Memory)));
+        assert!(matches!(
+            backend("nats://127.0.0.1:4222"),
+            Ok(Backend::Nats(_))
+        ));
+        assert!(matches!(
+            backend("postgres://x"),
+            Err(ConfigError::Invalid { key: "store", .. })
+        ));
     }
 
     #[test]

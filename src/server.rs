@@ -21,6 +21,7 @@ use crate::{
     mailbox::{MailboxConfig, Mailboxes, Registry},
     store::{
         SledStore, StoreOptions, Stores,
+        memory::MemoryStore,
         nats::{NatsOptions, NatsStore},
     },
 };
@@ -66,6 +67,9 @@ pub enum Backend {
     Sled,
     /// A NATS JetStream cluster (many pods per domain).
     Nats(NatsSettings),
+    /// Everything in this process's memory, lost on exit: nothing is durable. For measuring
+    /// what the layers above the store cost (`--store memory`), never for serving users.
+    Memory,
 }
 
 /// How to reach the NATS JetStream store.
@@ -93,6 +97,10 @@ async fn open_store(
             Stores::from_backend(Arc::new(SledStore::open(&config.store)?)),
             None,
         ),
+        Backend::Memory => {
+            warn!("store: memory; nothing is durable and everything is lost on exit");
+            (Stores::from_backend(Arc::new(MemoryStore::new())), None)
+        }
         Backend::Nats(nats) => {
             let options = NatsOptions {
                 urls: nats.urls.clone(),

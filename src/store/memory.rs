@@ -1,4 +1,6 @@
-//! An in-memory backend of every seam, for unit tests of the actors above the store.
+//! An in-memory backend of every seam, for unit tests of the actors above the store, and for
+//! measuring what those layers cost without a disk (`sealpost serve --store memory`: nothing
+//! is durable; never for serving users).
 //!
 //! Everything is "durable" the moment it is written (there is no crash to survive here). Faults
 //! can be injected ([`Faults`]): I/O errors, a store short of room, failing flushes, and
@@ -85,7 +87,7 @@ impl MemoryStore {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // Tests only; a panic elsewhere must not hide the state from the assertions.
+        // A panic elsewhere must not hide the state (from a test's assertions, or a benchmark).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
