@@ -133,6 +133,104 @@ async fn a_connected_device_is_told_when_its_keys_run_low() {
 }
 
 #[tokio::test]
+async fn key_packages_are_a_set_of_their_own_with_a_last_resort() {
+    let broker = Broker::start(&[]);
+    let bob = register(&broker, "bob@test.example").await;
+    let alice = register(&broker, "alice@test.example").await;
+    upload(&broker, &bob, 0..3, true).await;
+    let url = format!("{}-packages", keys_url(&broker, &bob).trim_end_matches('s'));
+    let put = |body: Value| {
+        client()
+            .put(&url)
+            .header("authorization", bob.bearer())
+            .json(&body)
+            .send()
+    };
+    let packages: Vec<Value> = (0..11)
+        .map(|i| json!({ "key_id": i, "key": STANDARD.encode(format!("kp-{i}")) }))
+        .collect();
+    let resp = put(json!({
+        "one_time_keys": packages,
+        "fallback_key": { "key_id": 500, "key": STANDARD.encode("last resort") },
+    }))
+    .await
+    .expect("upload");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({ "one_time": 11, "fallback": true })
+    );
+    // A KeyPackage is bigger than an Olm key, up to a cap.
+    let big =
+        json!({ "one_time_keys": [{ "key_id": 99, "key": STANDARD.encode(vec![7u8; 4096]) }] });
+    assert_eq!(put(big).await.expect("upload").status(), 200);
+    let too_big =
+        json!({ "one_time_keys": [{ "key_id": 98, "key": STANDARD.encode(vec![7u8; 4097]) }] });
+    let resp = put(too_big).await.expect("upload");
+    assert_eq!(resp.status(), 400);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("KeyPackages must be 1..=4096 bytes")
+    );
+
+    let mut b = Device::connect(&broker, &bob).await;
+    assert!(b.backlog().await.is_empty());
+    let claim_package = || {
+        client()
+            .post(format!("{url}/claim"))
+            .header("sealpost-account", &alice.user)
+            .header("authorization", alice.bearer())
+            .send()
+    };
+    let mut seen = HashSet::new();
+    for _ in 0..12 {
+        let v: Value = claim_package()
+            .await
+            .expect("claim")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["fallback"], json!(false));
+        let key = STANDARD
+            .decode(v["key"].as_str().expect("key"))
+            .expect("b64");
+        assert!(seen.insert(key), "a KeyPackage was handed out twice");
+    }
+    let v: Value = claim_package()
+        .await
+        .expect("claim")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["fallback"], json!(true));
+    assert_eq!(
+        STANDARD.decode(v["key"].as_str().unwrap()).unwrap(),
+        b"last resort"
+    );
+    // Told once the set runs low, as key_packages_low (not keys_low).
+    match b.frame().await {
+        ServerFrame::Notice {
+            notice: Notice::KeyPackagesLow,
+            device,
+        } => assert_eq!(device, bob.device),
+        other => panic!("expected key_packages_low, got {other:?}"),
+    }
+    // The Olm keys are untouched.
+    let count: Value = client()
+        .get(keys_url(&broker, &bob))
+        .header("authorization", bob.bearer())
+        .send()
+        .await
+        .expect("count")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(count, json!({ "one_time": 3, "fallback": true }));
+}
+
+#[tokio::test]
 async fn signed_device_lists_are_stored_opaquely_and_only_by_the_account() {
     let broker = Broker::start(&[]);
     let bob = register(&broker, "bob@test.example").await;

@@ -173,6 +173,37 @@ async fn three_domains_exchange_in_every_direction() {
     assert_eq!(claimed["fallback"], true, "the one-time key was consumed");
     // Without credentials and without a delivery token, bob's broker refuses.
     assert_eq!(claim(false).await.unwrap().status(), 401);
+    // MLS KeyPackages are claimed the same way, from their own set.
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/accounts/bob@b.example/devices/2/key-packages",
+            bb.http()
+        ))
+        .header("authorization", creds[1][1].bearer())
+        .json(&serde_json::json!({
+            "one_time_keys": [{ "key_id": 7, "key": STANDARD.encode(b"kp-7") }],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let claimed: serde_json::Value = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/accounts/bob@b.example/devices/2/key-packages/claim",
+            ba.http()
+        ))
+        .header("sealpost-account", "alice@a.example")
+        .header("authorization", creds[0][0].bearer())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        STANDARD.decode(claimed["key"].as_str().unwrap()).unwrap(),
+        b"kp-7"
+    );
 
     // Device-set refusals work as they do locally.
     let id = eid();

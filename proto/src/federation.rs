@@ -47,6 +47,7 @@
 //! | 0x02 | `get_devices`  | req_id (u64), user (str)                                       |
 //! | 0x03 | `get_device_list` | req_id (u64), user (str)                                    |
 //! | 0x04 | `claim_key`    | req_id (u64), user (str), device (u32), admission u8, token (bin or nil) |
+//! | 0x05 | `claim_key_package` | as `claim_key`: claims an MLS KeyPackage instead of an Olm key |
 //! | 0x81 | `txn_ack`      | txn_id (u64), codes ([u16], one per envelope, 0 = stored)      |
 //! | 0x82 | `devices`      | req_id (u64), devices ([[device u32, identity_keys bin]])      |
 //! | 0x83 | `device_list`  | req_id (u64), signed (bin)                                     |
@@ -269,7 +270,8 @@ pub enum LinkFrame {
         /// The account.
         user: String,
     },
-    /// Request: claim a one-time (or the fallback) key of a device.
+    /// Request: claim a one-time (or the fallback) key of a device, or one of its MLS
+    /// KeyPackages (a one-time one, or the last-resort one).
     ClaimKey {
         /// Echoed by the reply.
         req_id: u64,
@@ -279,6 +281,8 @@ pub enum LinkFrame {
         device: u32,
         /// How the origin admitted the claim.
         admission: Admission,
+        /// An MLS KeyPackage (`claim_key_package`) rather than an Olm key (`claim_key`).
+        key_package: bool,
     },
     /// Receiving → sending broker: every envelope of the transaction has been handled; the
     /// stored ones are durable.
@@ -335,6 +339,7 @@ const TXN: u8 = 0x01;
 const GET_DEVICES: u8 = 0x02;
 const GET_DEVICE_LIST: u8 = 0x03;
 const CLAIM_KEY: u8 = 0x04;
+const CLAIM_KEY_PACKAGE: u8 = 0x05;
 const HELLO: u8 = 0x40;
 const TXN_ACK: u8 = 0x81;
 const DEVICES: u8 = 0x82;
@@ -486,10 +491,15 @@ impl LinkFrame {
                 user,
                 device,
                 admission,
+                key_package,
             } => {
                 let (kind, token) = admission.to_wire();
                 encode(
-                    CLAIM_KEY,
+                    if *key_package {
+                        CLAIM_KEY_PACKAGE
+                    } else {
+                        CLAIM_KEY
+                    },
                     &ClaimBody(*req_id, user.clone(), *device, kind, token),
                 )
             }
@@ -566,13 +576,15 @@ impl LinkFrame {
                 let UserRequestBody(req_id, user) = body(rest)?;
                 LinkFrame::GetDeviceList { req_id, user }
             }
-            CLAIM_KEY => {
+            CLAIM_KEY | CLAIM_KEY_PACKAGE => {
+                let key_package = kind == CLAIM_KEY_PACKAGE;
                 let ClaimBody(req_id, user, device, kind, token) = body(rest)?;
                 LinkFrame::ClaimKey {
                     req_id,
                     user,
                     device,
                     admission: Admission::from_wire(kind, token)?,
+                    key_package,
                 }
             }
             TXN_ACK => {
@@ -685,6 +697,14 @@ mod tests {
                 user: "bob@b.example".into(),
                 device: 4,
                 admission: Admission::Token(vec![5; 16]),
+                key_package: false,
+            },
+            LinkFrame::ClaimKey {
+                req_id: 4,
+                user: "bob@b.example".into(),
+                device: 4,
+                admission: Admission::Open,
+                key_package: true,
             },
             LinkFrame::TxnAck {
                 txn_id: 7,

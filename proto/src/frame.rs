@@ -27,7 +27,7 @@
 //! | 0x83 | `deliver`        | seq (u64), envelope [id bin 16, class u8, accepted_ms u64, expires_ms u64, ciphertext bin] |
 //! | 0x84 | `deliver_ephemeral` | envelope (as in `deliver`)                           |
 //! | 0x85 | `queue_empty`    | (empty array)                                           |
-//! | 0x86 | `notice`         | kind (u16: 1 mailbox_full, 2 keys_low), device (u32)    |
+//! | 0x86 | `notice`         | kind (u16: 1 mailbox_full, 2 keys_low, 3 key_packages_low), device (u32) |
 //! | 0x87 | `error`          | code (u16), message (str), seq (u64 or nil)             |
 //!
 //! `sealed_send` is the only frame accepted on the anonymous endpoint (`/v1/sealed`), and it is
@@ -247,6 +247,9 @@ pub enum Notice {
     MailboxFull = 1,
     /// This device's one-time keys are running low: upload more.
     KeysLow = 2,
+    /// This device's one-time MLS KeyPackages are running low: upload more. Sent only to a
+    /// device that published KeyPackages.
+    KeyPackagesLow = 3,
 }
 
 /// A frame from the broker to a device.
@@ -536,6 +539,7 @@ impl ServerFrame {
                 let notice = match notice {
                     1 => Notice::MailboxFull,
                     2 => Notice::KeysLow,
+                    3 => Notice::KeyPackagesLow,
                     other => {
                         return Err(DecodeError::Malformed(format!("unknown notice {other}")));
                     }

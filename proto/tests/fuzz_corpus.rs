@@ -369,6 +369,15 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
             Decodes,
         ),
         (
+            "notice_key_packages_low",
+            ServerFrame::Notice {
+                notice: Notice::KeyPackagesLow,
+                device: DeviceId(2),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
             "error_with_seq",
             ServerFrame::Error {
                 code: ErrorCode::UnknownSeq,
@@ -504,6 +513,19 @@ fn federation_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
                 user: "bob@b.example".into(),
                 device: 2,
                 admission: Admission::Token(vec![1; 32]),
+                key_package: false,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "claim_key_package",
+            LinkFrame::ClaimKey {
+                req_id: 6,
+                user: "bob@b.example".into(),
+                device: 2,
+                admission: Admission::Open,
+                key_package: true,
             }
             .encode(),
             Decodes,

@@ -43,7 +43,7 @@ pub enum Request {
         /// The user.
         user: String,
     },
-    /// Claim a key of a device.
+    /// Claim a key (or a KeyPackage) of a device.
     ClaimKey {
         /// The user.
         user: String,
@@ -51,6 +51,8 @@ pub enum Request {
         device: u32,
         /// How this broker admitted the claim.
         admission: Admission,
+        /// An MLS KeyPackage rather than an Olm key.
+        key_package: bool,
     },
 }
 
@@ -64,11 +66,13 @@ impl Request {
                 user,
                 device,
                 admission,
+                key_package,
             } => LinkFrame::ClaimKey {
                 req_id,
                 user,
                 device,
                 admission,
+                key_package,
             },
         }
     }

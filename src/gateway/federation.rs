@@ -32,6 +32,7 @@ use crate::{
         link::MAX_SEALED_BYTES,
     },
     socket::{self, Socket},
+    store::KeyKind,
 };
 
 type State = web::Data<Arc<AppState>>;
@@ -146,6 +147,7 @@ impl Local {
                 user,
                 device,
                 admission,
+                key_package,
             } => {
                 let handle = match self.local_user(&user).await {
                     Ok(h) => h,
@@ -162,7 +164,7 @@ impl Local {
                 }
                 let claimed = state
                     .mailboxes
-                    .claim_key(handle.as_str(), DeviceId(device))
+                    .claim_key(handle.as_str(), DeviceId(device), KeyKind::of(key_package))
                     .await;
                 match claimed {
                     Ok(Some(k)) => LinkFrame::Claimed {

@@ -5,6 +5,9 @@
 //! | PUT | `/v1/accounts/{h}/devices/{id}/keys` | that device | upload one-time keys and a fallback key |
 //! | GET | `/v1/accounts/{h}/devices/{id}/keys` | that device | `{one_time, fallback}` counts |
 //! | POST | `/v1/accounts/{h}/devices/{id}/keys/claim` | delivery token, any local device, or open | claim one key |
+//! | PUT | `/v1/accounts/{h}/devices/{id}/key-packages` | that device | upload MLS KeyPackages and a last-resort one |
+//! | GET | `/v1/accounts/{h}/devices/{id}/key-packages` | that device | `{one_time, fallback}` counts |
+//! | POST | `/v1/accounts/{h}/devices/{id}/key-packages/claim` | as for keys | claim one KeyPackage |
 //! | GET | `/v1/accounts/{h}/device-list` | none | the signed device list (opaque to the broker) |
 //! | PUT | `/v1/accounts/{h}/device-list` | a device of `h` | replace it |
 //! | PUT | `/v1/accounts/{h}/delivery-token` | a device of `h` | set the sealed-sender admission |
@@ -17,6 +20,11 @@
 //! does not. A claim consumes a one-time key atomically (the account's mailbox is the only
 //! writer of its keys) and falls back to the fallback key. Claims are admitted like sealed
 //! sends, by the target's delivery token, so a claim does not name the claimant either.
+//!
+//! MLS KeyPackages (groups) are a second set of the same shape with the same JSON: one-time
+//! KeyPackages, each handed out once, and a last-resort one (`fallback_key` in an upload,
+//! `fallback` in counts and claims) answered when none is left. Olm keys and KeyPackages are
+//! counted, claimed and topped up separately (`keys_low`, `key_packages_low`).
 
 use std::sync::Arc;
 
@@ -42,7 +50,7 @@ use crate::{
     clock::now_ms,
     crypto::delivery_proof,
     mailbox::UploadKeys,
-    store::{DeliveryTokenRecord, LinkCodeRecord, records::RECORD_VERSION},
+    store::{DeliveryTokenRecord, KeyKind, LinkCodeRecord, records::RECORD_VERSION},
 };
 
 type State = web::Data<Arc<AppState>>;
@@ -51,8 +59,12 @@ type State = web::Data<Arc<AppState>>;
 const MAX_KEYS_PER_UPLOAD: usize = 200;
 /// Most one-time keys a device may hold.
 const MAX_KEYS_PER_DEVICE: u64 = 1000;
-/// Largest key, in bytes.
+/// Largest Olm key, in bytes.
 const MAX_KEY_BYTES: usize = 512;
+/// Largest MLS KeyPackage, in bytes (one with a basic credential is about 300).
+const MAX_KEY_PACKAGE_BYTES: usize = 4096;
+/// Most KeyPackages one upload may carry.
+const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 /// Largest signed device list, in bytes.
 const MAX_DEVICE_LIST_BYTES: usize = 64 * 1024;
 /// How long a link code is valid.
@@ -64,8 +76,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/accounts/{handle}/devices/{id}/keys")
             .app_data(JsonLimit(256 * 1024))
-            .route(web::put().to(upload_keys))
-            .route(web::get().to(key_count)),
+            .route(
+                web::put()
+                    .to(|me, state, path, body| upload_keys(me, state, path, body, KeyKind::Olm)),
+            )
+            .route(web::get().to(|me, state, path| key_count(me, state, path, KeyKind::Olm))),
     )
     .service(
         web::resource("/v1/accounts/{handle}/device-list")
@@ -75,7 +90,23 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .route(
         "/v1/accounts/{handle}/devices/{id}/keys/claim",
-        web::post().to(claim_key),
+        web::post()
+            .to(|admitted, state, req, path| claim_key(admitted, state, req, path, KeyKind::Olm)),
+    )
+    // A full upload (100 KeyPackages of 4 KiB, base64).
+    .service(
+        web::resource("/v1/accounts/{handle}/devices/{id}/key-packages")
+            .app_data(JsonLimit(600 * 1024))
+            .route(
+                web::put()
+                    .to(|me, state, path, body| upload_keys(me, state, path, body, KeyKind::Mls)),
+            )
+            .route(web::get().to(|me, state, path| key_count(me, state, path, KeyKind::Mls))),
+    )
+    .route(
+        "/v1/accounts/{handle}/devices/{id}/key-packages/claim",
+        web::post()
+            .to(|admitted, state, req, path| claim_key(admitted, state, req, path, KeyKind::Mls)),
     )
     .route(
         "/v1/accounts/{handle}/delivery-token",
@@ -137,13 +168,17 @@ struct LinkCode {
     expires_ms: u64,
 }
 
-fn decode_key(k: &Key) -> Result<(u64, Vec<u8>), ApiError> {
+fn decode_key(k: &Key, kind: KeyKind) -> Result<(u64, Vec<u8>), ApiError> {
+    let (what, max) = match kind {
+        KeyKind::Olm => ("keys", MAX_KEY_BYTES),
+        KeyKind::Mls => ("KeyPackages", MAX_KEY_PACKAGE_BYTES),
+    };
     let bytes = STANDARD
         .decode(&k.key)
         .map_err(|_| ApiError::BadRequest("key is not base64".into()))?;
-    if bytes.is_empty() || bytes.len() > MAX_KEY_BYTES {
+    if bytes.is_empty() || bytes.len() > max {
         return Err(ApiError::BadRequest(format!(
-            "keys must be 1..={MAX_KEY_BYTES} bytes"
+            "{what} must be 1..={max} bytes"
         )));
     }
     Ok((k.key_id, bytes))
@@ -154,23 +189,33 @@ async fn upload_keys(
     state: State,
     path: web::Path<(String, u32)>,
     body: Json<UploadRequest>,
+    kind: KeyKind,
 ) -> Result<HttpResponse, ApiError> {
     let (_, device) = path.into_inner();
     me.require_device(device)?;
     let handle = me.handle;
-    if body.one_time_keys.len() > MAX_KEYS_PER_UPLOAD {
+    let (what, most) = match kind {
+        KeyKind::Olm => ("keys", MAX_KEYS_PER_UPLOAD),
+        KeyKind::Mls => ("KeyPackages", MAX_KEY_PACKAGES_PER_UPLOAD),
+    };
+    if body.one_time_keys.len() > most {
         return Err(ApiError::BadRequest(format!(
-            "at most {MAX_KEYS_PER_UPLOAD} keys per upload"
+            "at most {most} {what} per upload"
         )));
     }
     let one_time = body
         .one_time_keys
         .iter()
-        .map(decode_key)
+        .map(|k| decode_key(k, kind))
         .collect::<Result<Vec<_>, _>>()?;
-    let fallback = body.fallback_key.as_ref().map(decode_key).transpose()?;
+    let fallback = body
+        .fallback_key
+        .as_ref()
+        .map(|k| decode_key(k, kind))
+        .transpose()?;
     let msg = UploadKeys {
         device: DeviceId(device),
+        kind,
         max_held: MAX_KEYS_PER_DEVICE,
         one_time,
         fallback,
@@ -179,7 +224,7 @@ async fn upload_keys(
     let fallback = state
         .store
         .directory
-        .key_count(handle.as_str(), device)
+        .key_count(handle.as_str(), device, kind)
         .await?
         .fallback;
     Ok(HttpResponse::Ok().json(KeyCount {
@@ -192,13 +237,14 @@ async fn key_count(
     me: Authenticated,
     state: State,
     path: web::Path<(String, u32)>,
+    kind: KeyKind,
 ) -> Result<HttpResponse, ApiError> {
     let (_, device) = path.into_inner();
     me.require_device(device)?;
     let crate::store::KeyCount { one_time, fallback } = state
         .store
         .directory
-        .key_count(me.handle.as_str(), device)
+        .key_count(me.handle.as_str(), device, kind)
         .await?;
     Ok(HttpResponse::Ok().json(KeyCount { one_time, fallback }))
 }
@@ -263,12 +309,13 @@ async fn claim_key(
     state: State,
     req: HttpRequest,
     path: web::Path<(String, u32)>,
+    kind: KeyKind,
 ) -> Result<HttpResponse, ApiError> {
     let (raw, device) = path.into_inner();
     if let Some(remote) = super::remote::remote_handle(&state, &raw)? {
         let admission = remote_admission(&state, &req).await?;
         let (key_id, key, fallback) =
-            super::remote::remote_claim(&state, remote, device, admission).await?;
+            super::remote::remote_claim(&state, remote, device, kind, admission).await?;
         return Ok(HttpResponse::Ok().json(Claimed {
             key_id,
             key: STANDARD.encode(&key),
@@ -283,7 +330,7 @@ async fn claim_key(
     existing_account(&state, &handle).await?;
     let claimed = state
         .mailboxes
-        .claim_key(handle.as_str(), DeviceId(device))
+        .claim_key(handle.as_str(), DeviceId(device), kind)
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(HttpResponse::Ok().json(Claimed {

@@ -14,7 +14,7 @@ use super::{
     error::ApiError,
     json::{DeviceEntry, DeviceList},
 };
-use crate::federation::messages::Request;
+use crate::{federation::messages::Request, store::KeyKind};
 
 /// The handle named in a path, if it is a user of a peer domain (`None` for anything else,
 /// which the local handlers deal with).
@@ -81,17 +81,20 @@ pub(crate) async fn remote_device_list(
     }
 }
 
-/// Claims a key of a remote user's device through its broker: (key id, key, fallback).
+/// Claims a key (or a KeyPackage) of a remote user's device through its broker: (key id,
+/// key, fallback).
 pub(crate) async fn remote_claim(
     state: &AppState,
     handle: Handle,
     device: u32,
+    kind: KeyKind,
     admission: Admission,
 ) -> Result<(u64, Vec<u8>, bool), ApiError> {
     let request = Request::ClaimKey {
         user: handle.to_string(),
         device,
         admission,
+        key_package: kind == KeyKind::Mls,
     };
     match remote(state, &handle, request).await? {
         LinkFrame::Claimed {

@@ -25,8 +25,9 @@ use super::{
 use crate::{
     clock::now_ms,
     store::{
-        AppendError, Appended, EnvelopeRecord, FallbackKeyRecord, KeyUpload, KeysPut, NewEnvelope,
-        QueueLimits, StoreError, StoreFuture, Stores, Trim, UserInbox, live::LiveEvent,
+        AppendError, Appended, EnvelopeRecord, FallbackKeyRecord, KeyKind, KeyUpload, KeysPut,
+        NewEnvelope, QueueLimits, StoreError, StoreFuture, Stores, Trim, UserInbox,
+        live::LiveEvent,
     },
     telemetry,
 };
@@ -1118,7 +1119,7 @@ impl Handler<UploadKeys> for Mailbox {
         let put = self
             .stores
             .directory
-            .put_keys(&self.user, msg.device.0, upload);
+            .put_keys(&self.user, msg.device.0, msg.kind, upload);
         self.inflight_syncs += 1;
         Box::pin(wrap_future::<_, Self>(put).map(move |result, act, _| {
             act.inflight_syncs -= 1;
@@ -1140,7 +1141,14 @@ impl Handler<ClaimKey> for Mailbox {
         }
         // The directory consumes a one-time key atomically, and answers once that is
         // durable: a key is never handed out twice, even across a crash.
-        let claim = self.stores.directory.claim_key(&self.user, msg.device.0);
+        let claim = self
+            .stores
+            .directory
+            .claim_key(&self.user, msg.device.0, msg.kind);
+        let notice = match msg.kind {
+            KeyKind::Olm => Notice::KeysLow,
+            KeyKind::Mls => Notice::KeyPackagesLow,
+        };
         self.inflight_syncs += 1;
         let device = msg.device;
         Box::pin(wrap_future::<_, Self>(claim).map(move |result, act, _| {
@@ -1152,10 +1160,7 @@ impl Handler<ClaimKey> for Mailbox {
                 && claimed.left < KEYS_LOW
                 && let Some(live) = act.devices.get(&device).and_then(|q| q.conn.as_ref())
             {
-                let frame = ServerFrame::Notice {
-                    notice: Notice::KeysLow,
-                    device,
-                };
+                let frame = ServerFrame::Notice { notice, device };
                 let _ = live.conn.tx.try_send(Bytes::from(frame.encode()));
             }
             Ok(Some(ClaimedKey {

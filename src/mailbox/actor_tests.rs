@@ -14,7 +14,7 @@ use super::{
     messages::{Ack, AddDevice, Attach, ClaimKey, Expire, RemoveDevice, Submit, UploadKeys},
     push_queue,
 };
-use crate::store::{DeviceRecord, Inbox, Stores, live::LiveEvent, memory::MemoryStore};
+use crate::store::{DeviceRecord, Inbox, KeyKind, Stores, live::LiveEvent, memory::MemoryStore};
 
 const USER: &str = "bob@test.example";
 const WINDOW: usize = 2;
@@ -62,6 +62,12 @@ struct Connection {
 }
 
 impl Fixture {
+    async fn memory_key_count(&self, kind: KeyKind) -> u64 {
+        use crate::store::Directory as _;
+        let count = self.memory.key_count(USER, 1, kind).await;
+        count.expect("count").one_time
+    }
+
     async fn submit(&self, msg: Submit) -> SendOutcome {
         self.registry.call(USER, msg).await.expect("mailbox")
     }
@@ -436,6 +442,7 @@ fn a_claimed_one_time_key_is_handed_out_once_then_the_fallback() {
         let f = fixture(10).await;
         let upload = |one_time: &[u64], fallback| UploadKeys {
             device: DeviceId(1),
+            kind: KeyKind::Olm,
             max_held: 2,
             one_time: one_time.iter().map(|id| (*id, vec![1])).collect(),
             fallback,
@@ -450,11 +457,55 @@ fn a_claimed_one_time_key_is_handed_out_once_then_the_fallback() {
         for _ in 0..3 {
             let claim = ClaimKey {
                 device: DeviceId(1),
+                kind: KeyKind::Olm,
             };
             let claimed = f.registry.call(USER, claim).await.expect("mailbox");
             let claimed = claimed.expect("claim").expect("a key");
             ids.push((claimed.key_id, claimed.fallback));
         }
         assert_eq!(ids, vec![(1, false), (2, false), (9, true)]);
+    });
+}
+
+#[test]
+fn a_device_running_low_on_key_packages_is_told_so_and_not_about_olm_keys() {
+    run(|| async {
+        let f = fixture(10).await;
+        let mut conn = f.connect(1, 1).await;
+        for kind in [KeyKind::Olm, KeyKind::Mls] {
+            let upload = UploadKeys {
+                device: DeviceId(1),
+                kind,
+                max_held: 100,
+                one_time: (1..=10).map(|id| (id, vec![1])).collect(),
+                fallback: None,
+            };
+            let held = f.registry.call_once(USER, upload).await.expect("mailbox");
+            assert_eq!(held.expect("stored"), 10);
+        }
+        let claim = |kind| ClaimKey {
+            device: DeviceId(1),
+            kind,
+        };
+        let claimed = f.registry.call(USER, claim(KeyKind::Mls)).await;
+        assert!(claimed.expect("mailbox").expect("claim").is_some());
+        let notices: Vec<ServerFrame> = frames(&mut conn)
+            .await
+            .into_iter()
+            .filter(|f| matches!(f, ServerFrame::Notice { .. }))
+            .collect();
+        assert_eq!(
+            notices,
+            vec![ServerFrame::Notice {
+                notice: Notice::KeyPackagesLow,
+                device: DeviceId(1),
+            }],
+            "9 KeyPackages left"
+        );
+        assert_eq!(
+            f.memory_key_count(KeyKind::Olm).await,
+            10,
+            "Olm keys untouched"
+        );
     });
 }

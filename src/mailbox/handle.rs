@@ -13,7 +13,7 @@ use super::{
         Submit, UploadError, UploadKeys,
     },
 };
-use crate::store::{DeviceRecord, Due, StoreError};
+use crate::store::{DeviceRecord, Due, KeyKind, StoreError};
 
 /// An envelope for every device of one local user, as its mailbox stores it.
 #[derive(Debug, Clone)]
@@ -168,9 +168,10 @@ impl Mailboxes {
         &self,
         user: &str,
         device: DeviceId,
+        kind: KeyKind,
     ) -> Result<Option<ClaimedKey>, MailboxError<StoreError>> {
         self.0
-            .call(user, ClaimKey { device })
+            .call(user, ClaimKey { device, kind })
             .await?
             .map_err(MailboxError::Refused)
     }

@@ -7,7 +7,7 @@ use actix::Message;
 use sealpost_proto::{Class, CloseCode, Copy, DeviceId, EnvelopeId, SendOutcome};
 use tokio::sync::oneshot;
 
-use crate::store::{DeviceRecord, Due, StoreError};
+use crate::store::{DeviceRecord, Due, KeyKind, StoreError};
 
 /// Identifies one connection of a device, to tell a displaced connection from its successor.
 pub type ConnId = u64;
@@ -115,6 +115,8 @@ pub struct Expire {
 pub struct UploadKeys {
     /// The uploading device.
     pub device: DeviceId,
+    /// Olm keys or MLS KeyPackages.
+    pub kind: KeyKind,
     /// Most one-time keys a device may hold; an upload that would pass it stores nothing.
     pub max_held: u64,
     /// (key id, key) pairs, opaque to the broker.
@@ -141,6 +143,8 @@ pub enum UploadError {
 pub struct ClaimKey {
     /// The device whose key is claimed.
     pub device: DeviceId,
+    /// An Olm key or an MLS KeyPackage.
+    pub kind: KeyKind,
 }
 
 /// A claimed key.

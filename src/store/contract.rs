@@ -8,8 +8,11 @@
 use futures_util::future::join_all;
 
 use super::{
-    AppendError, DeliveryTokenRecord, DeviceRecord, KeyUpload, KeysPut, LinkCodeRecord,
-    NewEnvelope, OutboxRecord, QueueLimits, StoreError, Stores, Trim, records::RECORD_VERSION,
+    AppendError, DeliveryTokenRecord, DeviceRecord,
+    KeyKind::{Mls, Olm},
+    KeyUpload, KeysPut, LinkCodeRecord, NewEnvelope, OutboxRecord, QueueLimits, StoreError, Stores,
+    Trim,
+    records::RECORD_VERSION,
 };
 
 const LIMITS: QueueLimits = QueueLimits {
@@ -119,38 +122,46 @@ pub async fn directory(stores: &Stores, prefix: &str) {
 }
 
 /// One-time keys: lowest first, each handed out once even to concurrent claims, then the
-/// fallback key; uploads over the limit store nothing.
+/// fallback key; uploads over the limit store nothing. Olm keys and MLS KeyPackages are two
+/// separate sets: claiming one kind never hands out the other.
 pub async fn keys(stores: &Stores, prefix: &str) {
     let d = &stores.directory;
     let a = format!("{prefix}k@x");
     d.create_account(&a, 1, device()).await.unwrap();
-    let upload = |ids: std::ops::Range<u64>, max_held| KeyUpload {
+    let upload = |ids: std::ops::Range<u64>, max_held, fallback_id: u64| KeyUpload {
         one_time: ids.map(|i| (i, vec![u8::try_from(i).unwrap()])).collect(),
         fallback: Some(super::FallbackKeyRecord {
             version: RECORD_VERSION,
-            key_id: 100,
-            key: vec![100],
+            key_id: fallback_id,
+            key: vec![u8::try_from(fallback_id).unwrap()],
         }),
         max_held,
     };
     assert_eq!(
-        d.put_keys(&a, 1, upload(1..6, 10)).await.unwrap(),
+        d.put_keys(&a, 1, Olm, upload(1..6, 10, 100)).await.unwrap(),
         KeysPut::Held(5)
     );
     assert_eq!(
-        d.put_keys(&a, 1, upload(4..6, 10)).await.unwrap(),
+        d.put_keys(&a, 1, Olm, upload(4..6, 10, 100)).await.unwrap(),
         KeysPut::Held(5),
         "a retry does not count twice"
     );
     assert_eq!(
-        d.put_keys(&a, 1, upload(6..12, 10)).await.unwrap(),
+        d.put_keys(&a, 1, Olm, upload(6..12, 10, 100))
+            .await
+            .unwrap(),
         KeysPut::OverLimit
     );
-    let count = d.key_count(&a, 1).await.unwrap();
+    // The same ids as KeyPackages: a set of their own.
+    assert_eq!(
+        d.put_keys(&a, 1, Mls, upload(1..4, 10, 200)).await.unwrap(),
+        KeysPut::Held(3)
+    );
+    let count = d.key_count(&a, 1, Olm).await.unwrap();
     assert_eq!((count.one_time, count.fallback), (5, true));
-    let first = d.claim_key(&a, 1).await.unwrap().unwrap();
+    let first = d.claim_key(&a, 1, Olm).await.unwrap().unwrap();
     assert_eq!((first.key_id, first.fallback, first.left), (1, false, 4));
-    let claims = join_all((0..6).map(|_| d.claim_key(&a, 1))).await;
+    let claims = join_all((0..6).map(|_| d.claim_key(&a, 1, Olm))).await;
     let mut ids: Vec<u64> = Vec::new();
     let mut fallbacks = 0;
     for c in claims {
@@ -165,17 +176,38 @@ pub async fn keys(stores: &Stores, prefix: &str) {
     ids.sort_unstable();
     assert_eq!(ids, vec![2, 3, 4, 5], "each one-time key once");
     assert_eq!(fallbacks, 2);
+    let count = d.key_count(&a, 1, Mls).await.unwrap();
+    assert_eq!(
+        (count.one_time, count.fallback),
+        (3, true),
+        "Olm claims leave the KeyPackages"
+    );
+    let claims = join_all((0..4).map(|_| d.claim_key(&a, 1, Mls))).await;
+    let claimed: Vec<(u64, Vec<u8>, bool)> = claims
+        .into_iter()
+        .map(|c| c.unwrap().unwrap())
+        .map(|c| (c.key_id, c.key, c.fallback))
+        .collect();
+    assert_eq!(
+        claimed.iter().filter(|c| c.2).count(),
+        1,
+        "then the last resort"
+    );
+    assert!(claimed.contains(&(200, vec![200], true)));
     assert!(
-        d.claim_key(&a, 9).await.unwrap().is_none(),
+        d.claim_key(&a, 9, Mls).await.unwrap().is_none(),
         "no such device"
     );
     d.add_device(&a, device(), 16).await.unwrap();
     d.remove_device(&a, 1).await.unwrap();
-    assert_eq!(
-        d.key_count(&a, 1).await.unwrap().one_time,
-        0,
-        "removed with the device"
-    );
+    for kind in [Olm, Mls] {
+        let count = d.key_count(&a, 1, kind).await.unwrap();
+        assert_eq!(
+            (count.one_time, count.fallback),
+            (0, false),
+            "removed with the device"
+        );
+    }
 }
 
 fn envelope<'a>(id: u8, copies: Vec<(u32, &'a [u8])>) -> NewEnvelope<'a> {

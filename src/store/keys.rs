@@ -11,6 +11,8 @@
 //! userdevice_device      b'v' handle 0xff device:u32     -> DeviceRecord
 //! userdevicekey_otk      b'o' handle 0xff device:u32 key_id:u64 -> one-time key (opaque)
 //! userdevice_fallback    b'f' handle 0xff device:u32     -> FallbackKeyRecord
+//! userdevicekey_kp       b'p' handle 0xff device:u32 key_id:u64 -> MLS KeyPackage (opaque)
+//! userdevice_lastresort  b'g' handle 0xff device:u32     -> FallbackKeyRecord (MLS last resort)
 //! user_devicelist        b'l' handle                     -> signed device list (opaque)
 //! user_deliverytoken     b't' handle                     -> DeliveryTokenRecord
 //! usercode_link          b'c' handle 0xff code_hash:[32] -> LinkCodeRecord
@@ -56,10 +58,14 @@
 //!
 //! Integers in every key are big-endian.
 
+use super::KeyKind;
+
 pub(crate) const ACCOUNT: u8 = b'u';
 pub(crate) const DEVICE: u8 = b'v';
 pub(crate) const ONE_TIME_KEY: u8 = b'o';
 pub(crate) const FALLBACK_KEY: u8 = b'f';
+pub(crate) const KEY_PACKAGE: u8 = b'p';
+pub(crate) const LAST_RESORT_KEY_PACKAGE: u8 = b'g';
 pub(crate) const DEVICE_LIST: u8 = b'l';
 pub(crate) const DELIVERY_TOKEN: u8 = b't';
 pub(crate) const LINK_CODE: u8 = b'c';
@@ -95,22 +101,30 @@ pub(crate) fn device_prefix(user: &str) -> Vec<u8> {
     k
 }
 
-/// Prefix of one device's one-time keys.
-pub(crate) fn one_time_key_prefix(user: &str, device: u32) -> Vec<u8> {
-    let mut k = key(ONE_TIME_KEY, user, 13);
+/// Prefix of one device's one-time keys of a kind.
+pub(crate) fn one_time_key_prefix(kind: KeyKind, user: &str, device: u32) -> Vec<u8> {
+    let tag = match kind {
+        KeyKind::Olm => ONE_TIME_KEY,
+        KeyKind::Mls => KEY_PACKAGE,
+    };
+    let mut k = key(tag, user, 13);
     k.push(SEP);
     k.extend_from_slice(&device.to_be_bytes());
     k
 }
 
-pub(crate) fn one_time_key(user: &str, device: u32, key_id: u64) -> Vec<u8> {
-    let mut k = one_time_key_prefix(user, device);
+pub(crate) fn one_time_key(kind: KeyKind, user: &str, device: u32, key_id: u64) -> Vec<u8> {
+    let mut k = one_time_key_prefix(kind, user, device);
     k.extend_from_slice(&key_id.to_be_bytes());
     k
 }
 
-pub(crate) fn fallback_key(user: &str, device: u32) -> Vec<u8> {
-    let mut k = key(FALLBACK_KEY, user, 5);
+pub(crate) fn fallback_key(kind: KeyKind, user: &str, device: u32) -> Vec<u8> {
+    let tag = match kind {
+        KeyKind::Olm => FALLBACK_KEY,
+        KeyKind::Mls => LAST_RESORT_KEY_PACKAGE,
+    };
+    let mut k = key(tag, user, 5);
     k.push(SEP);
     k.extend_from_slice(&device.to_be_bytes());
     k

@@ -17,7 +17,7 @@ use std::{
 
 use super::{
     AccountRecord, AppendError, Appended, Claimed, DeliveryTokenRecord, DeviceRecord, Directory,
-    Due, EnvelopeRecord, FallbackKeyRecord, Health, Inbox, KeyCount, KeyUpload, KeysPut,
+    Due, EnvelopeRecord, FallbackKeyRecord, Health, Inbox, KeyCount, KeyKind, KeyUpload, KeysPut,
     LinkCodeRecord, NewEnvelope, Outbox, OutboxEntry, OutboxRecord, Placement, QueueLimits, Result,
     StoreError, StoreFuture, Trim, UserInbox, records::RECORD_VERSION,
 };
@@ -47,8 +47,8 @@ pub struct MemoryStore {
 struct State {
     accounts: BTreeMap<String, AccountRecord>,
     devices: BTreeMap<(String, u32), DeviceRecord>,
-    one_time_keys: BTreeMap<(String, u32, u64), Vec<u8>>,
-    fallback_keys: BTreeMap<(String, u32), FallbackKeyRecord>,
+    one_time_keys: BTreeMap<(String, u32, KeyKind, u64), Vec<u8>>,
+    fallback_keys: BTreeMap<(String, u32, KeyKind), FallbackKeyRecord>,
     device_lists: BTreeMap<String, Vec<u8>>,
     delivery_tokens: BTreeMap<String, DeliveryTokenRecord>,
     link_codes: BTreeMap<(String, [u8; 32]), LinkCodeRecord>,
@@ -56,6 +56,15 @@ struct State {
     /// Appended envelope ids: (remembered until, where stored).
     dedup: BTreeMap<(String, [u8; 16]), (u64, Placement)>,
     outbox: BTreeMap<(String, u64), OutboxRecord>,
+}
+
+/// The one-time keys of one kind of one device.
+fn key_range(
+    user: &str,
+    device: u32,
+    kind: KeyKind,
+) -> std::ops::RangeInclusive<(String, u32, KeyKind, u64)> {
+    (user.to_owned(), device, kind, 0)..=(user.to_owned(), device, kind, u64::MAX)
 }
 
 /// One device queue.
@@ -470,8 +479,9 @@ impl Directory for MemoryStore {
                 .remove(&(user.clone(), device))
                 .ok_or(StoreError::NotFound)?;
             s.one_time_keys
+                .retain(|(u, d, _, _), _| !(u == &user && *d == device));
+            s.fallback_keys
                 .retain(|(u, d, _), _| !(u == &user && *d == device));
-            s.fallback_keys.remove(&(user, device));
             Ok(())
         });
         self.durable(removed)
@@ -492,50 +502,63 @@ impl Directory for MemoryStore {
         })
     }
 
-    fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut> {
+    fn put_keys(
+        &self,
+        user: &str,
+        device: u32,
+        kind: KeyKind,
+        upload: KeyUpload,
+    ) -> StoreFuture<KeysPut> {
         let user = user.to_owned();
         let put = self.check_io().map(|()| {
             let mut s = self.state();
-            let range = (user.clone(), device, 0)..=(user.clone(), device, u64::MAX);
+            let range = key_range(&user, device, kind);
             let held = s.one_time_keys.range(range).count() as u64;
             let added = upload
                 .one_time
                 .iter()
-                .filter(|(id, _)| !s.one_time_keys.contains_key(&(user.clone(), device, *id)))
+                .filter(|(id, _)| {
+                    !s.one_time_keys
+                        .contains_key(&(user.clone(), device, kind, *id))
+                })
                 .count() as u64;
             if held + added > upload.max_held {
                 return KeysPut::OverLimit;
             }
             if let Some(fallback) = upload.fallback {
-                s.fallback_keys.insert((user.clone(), device), fallback);
+                s.fallback_keys
+                    .insert((user.clone(), device, kind), fallback);
             }
             for (id, key) in upload.one_time {
-                s.one_time_keys.insert((user.clone(), device, id), key);
+                s.one_time_keys
+                    .insert((user.clone(), device, kind, id), key);
             }
             KeysPut::Held(held + added)
         });
         self.durable(put)
     }
 
-    fn key_count(&self, user: &str, device: u32) -> StoreFuture<KeyCount> {
+    fn key_count(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<KeyCount> {
         let user = user.to_owned();
         self.answer(move |s| {
-            let range = (user.clone(), device, 0)..=(user.clone(), device, u64::MAX);
             Ok(KeyCount {
-                one_time: s.one_time_keys.range(range).count() as u64,
-                fallback: s.fallback_keys.contains_key(&(user, device)),
+                one_time: s
+                    .one_time_keys
+                    .range(key_range(&user, device, kind))
+                    .count() as u64,
+                fallback: s.fallback_keys.contains_key(&(user, device, kind)),
             })
         })
     }
 
-    fn claim_key(&self, user: &str, device: u32) -> StoreFuture<Option<Claimed>> {
+    fn claim_key(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<Option<Claimed>> {
         let user = user.to_owned();
         let claimed = self.check_io().map(|()| {
             let mut s = self.state();
             if !s.devices.contains_key(&(user.clone(), device)) {
                 return None;
             }
-            let range = (user.clone(), device, 0)..=(user.clone(), device, u64::MAX);
+            let range = key_range(&user, device, kind);
             let first = s
                 .one_time_keys
                 .range(range.clone())
@@ -545,13 +568,13 @@ impl Directory for MemoryStore {
                 let key = s.one_time_keys.remove(&k).expect("found above");
                 let left = s.one_time_keys.range(range).count() as u64;
                 return Some(Claimed {
-                    key_id: k.2,
+                    key_id: k.3,
                     key,
                     fallback: false,
                     left,
                 });
             }
-            s.fallback_keys.get(&(user, device)).map(|f| Claimed {
+            s.fallback_keys.get(&(user, device, kind)).map(|f| Claimed {
                 key_id: f.key_id,
                 key: f.key.clone(),
                 fallback: true,

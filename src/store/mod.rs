@@ -291,6 +291,27 @@ pub trait UserInbox: Send + 'static {
 // ---------------------------------------------------------------------------------------
 // Directory
 
+/// Which of a device's published key sets: each kind has its own one-time keys and its own
+/// fallback key, claimed independently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyKind {
+    /// Olm one-time keys and the fallback key (1:1 sessions).
+    Olm,
+    /// MLS KeyPackages (groups): one-time ones and a last-resort one.
+    Mls,
+}
+
+impl KeyKind {
+    /// The kind a federation claim asks for (`claim_key_package` or `claim_key`).
+    pub fn of(key_package: bool) -> Self {
+        if key_package {
+            KeyKind::Mls
+        } else {
+            KeyKind::Olm
+        }
+    }
+}
+
 /// A device's key counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyCount {
@@ -350,12 +371,18 @@ pub trait Directory: Send + Sync + 'static {
     /// All devices of `user`, ordered by id.
     fn devices(&self, user: &str) -> StoreFuture<Vec<(u32, DeviceRecord)>>;
     /// Stores uploaded keys, unless they would pass the limit.
-    fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut>;
+    fn put_keys(
+        &self,
+        user: &str,
+        device: u32,
+        kind: KeyKind,
+        upload: KeyUpload,
+    ) -> StoreFuture<KeysPut>;
     /// A device's key counts.
-    fn key_count(&self, user: &str, device: u32) -> StoreFuture<KeyCount>;
+    fn key_count(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<KeyCount>;
     /// Claims a key: the lowest one-time key (consumed, atomically: never handed out twice)
     /// or, when none is left, the fallback key (kept).
-    fn claim_key(&self, user: &str, device: u32) -> StoreFuture<Option<Claimed>>;
+    fn claim_key(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<Option<Claimed>>;
     /// The account's signed device list, opaque.
     fn device_list(&self, user: &str) -> StoreFuture<Option<Vec<u8>>>;
     /// Replaces the account's signed device list.

@@ -747,6 +747,7 @@ impl Engine {
             ServerFrame::QueueEmpty => json!({"type": "queue_empty"}),
             ServerFrame::Notice { notice, .. } => json!({"type": "notice", "notice": match notice {
                 Notice::KeysLow => "keys_low",
+                Notice::KeyPackagesLow => "key_packages_low",
                 Notice::MailboxFull => "mailbox_full",
             }}),
             ServerFrame::Error { code, message, .. } => {

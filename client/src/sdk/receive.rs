@@ -154,6 +154,9 @@ impl Client {
                         }
                     }
                     Notice::MailboxFull => self.events.push_back(Event::MailboxFull),
+                    // Sent only to devices that published KeyPackages, which this SDK does
+                    // not yet do.
+                    Notice::KeyPackagesLow => {}
                 },
                 // Answers to sends are consumed where they are awaited; errors about acks are
                 // of no use to the application.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{Inner, NatsStore, subjects};
 use crate::store::{
     AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, FallbackKeyRecord,
-    KeyCount, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture,
+    KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture,
     records::{self, RECORD_VERSION, Versioned},
 };
 
@@ -290,11 +290,13 @@ impl Directory for NatsStore {
                 Ok(())
             })
             .await?;
-            inner
-                .directory
-                .purge(subjects::keys(&u, device))
-                .await
-                .map_err(|e| inner.failed("directory write", e))?;
+            for kind in [KeyKind::Olm, KeyKind::Mls] {
+                inner
+                    .directory
+                    .purge(subjects::keys(&u, device, kind))
+                    .await
+                    .map_err(|e| inner.failed("directory write", e))?;
+            }
             Ok(())
         })
     }
@@ -324,10 +326,16 @@ impl Directory for NatsStore {
         })
     }
 
-    fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut> {
+    fn put_keys(
+        &self,
+        user: &str,
+        device: u32,
+        kind: KeyKind,
+        upload: KeyUpload,
+    ) -> StoreFuture<KeysPut> {
         let u = self.user(user);
         self.run(move |inner| async move {
-            change_keys(&inner, &subjects::keys(&u, device), |doc| {
+            change_keys(&inner, &subjects::keys(&u, device, kind), |doc| {
                 // Keys re-uploaded under ids already held (a retry) replace them and do not
                 // count twice.
                 for (id, k) in &upload.one_time {
@@ -350,10 +358,10 @@ impl Directory for NatsStore {
         })
     }
 
-    fn key_count(&self, user: &str, device: u32) -> StoreFuture<KeyCount> {
+    fn key_count(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<KeyCount> {
         let u = self.user(user);
         self.run(move |inner| async move {
-            let (doc, _) = keys_doc(&inner, &subjects::keys(&u, device)).await?;
+            let (doc, _) = keys_doc(&inner, &subjects::keys(&u, device, kind)).await?;
             Ok(KeyCount {
                 one_time: doc.one_time.len() as u64,
                 fallback: doc.fallback.is_some(),
@@ -361,7 +369,7 @@ impl Directory for NatsStore {
         })
     }
 
-    fn claim_key(&self, user: &str, device: u32) -> StoreFuture<Option<Claimed>> {
+    fn claim_key(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<Option<Claimed>> {
         let u = self.user(user);
         self.run(move |inner| async move {
             let exists = account_doc(&inner, &u)
@@ -371,7 +379,7 @@ impl Directory for NatsStore {
             if !exists {
                 return Ok(None);
             }
-            change_keys(&inner, &subjects::keys(&u, device), |doc| {
+            change_keys(&inner, &subjects::keys(&u, device, kind), |doc| {
                 if doc.one_time.is_empty() {
                     return Change::Keep(doc.fallback.clone().map(|f| Claimed {
                         key_id: f.key_id,

@@ -27,6 +27,7 @@
 //!   a.<U>             AccountDoc: the account and its devices (one document: device ids
 //!                     and the device limit change under one compare-and-set)
 //!   k.<U>.<device>    KeysDoc: one-time keys and the fallback key (a claim is one CAS)
+//!   kp.<U>.<device>   KeysDoc: MLS KeyPackages, one-time ones and the last-resort one
 //!   l.<U>             the signed device list (opaque)
 //!   t.<U>             DeliveryTokenRecord
 //! sealpost_link_codes (entries live at most an hour; a code is valid ten minutes)
@@ -41,6 +42,8 @@
 //! Integers in headers are decimal ASCII.
 
 use std::fmt::Write as _;
+
+use crate::store::KeyKind;
 
 /// Headers of stored messages.
 pub(super) const SEQ: &str = "Sp-Seq";
@@ -119,8 +122,12 @@ pub(super) fn account(user: &str) -> String {
     format!("a.{user}")
 }
 
-pub(super) fn keys(user: &str, device: u32) -> String {
-    format!("k.{user}.{device}")
+/// A device's published keys of one kind: one document (see `directory`).
+pub(super) fn keys(user: &str, device: u32, kind: KeyKind) -> String {
+    match kind {
+        KeyKind::Olm => format!("k.{user}.{device}"),
+        KeyKind::Mls => format!("kp.{user}.{device}"),
+    }
 }
 
 pub(super) fn device_list(user: &str) -> String {

@@ -4,7 +4,8 @@
 use super::{Inner, SledStore, by_device};
 use crate::store::{
     AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, FallbackKeyRecord,
-    KeyCount, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture, keys, ready,
+    KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture, keys,
+    ready,
     records::{self, RECORD_VERSION},
 };
 
@@ -20,14 +21,14 @@ impl Inner {
         by_device(&self.accounts, &keys::device_prefix(user))
     }
 
-    fn key_count(&self, user: &str, device: u32) -> Result<KeyCount> {
+    fn key_count(&self, user: &str, device: u32, kind: KeyKind) -> Result<KeyCount> {
         let one_time = self
             .accounts
-            .scan_prefix(keys::one_time_key_prefix(user, device))
+            .scan_prefix(keys::one_time_key_prefix(kind, user, device))
             .count() as u64;
         let fallback = self
             .accounts
-            .contains_key(keys::fallback_key(user, device))?;
+            .contains_key(keys::fallback_key(kind, user, device))?;
         Ok(KeyCount { one_time, fallback })
     }
 
@@ -72,26 +73,35 @@ impl Inner {
         if self.accounts.remove(keys::device(user, device))?.is_none() {
             return Err(StoreError::NotFound);
         }
-        for kv in self
-            .accounts
-            .scan_prefix(keys::one_time_key_prefix(user, device))
-        {
-            self.accounts.remove(kv?.0)?;
+        for kind in [KeyKind::Olm, KeyKind::Mls] {
+            for kv in self
+                .accounts
+                .scan_prefix(keys::one_time_key_prefix(kind, user, device))
+            {
+                self.accounts.remove(kv?.0)?;
+            }
+            self.accounts
+                .remove(keys::fallback_key(kind, user, device))?;
         }
-        self.accounts.remove(keys::fallback_key(user, device))?;
         Ok(())
     }
 
-    fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> Result<KeysPut> {
+    fn put_keys(
+        &self,
+        user: &str,
+        device: u32,
+        kind: KeyKind,
+        upload: KeyUpload,
+    ) -> Result<KeysPut> {
         let _guard = self.lock();
         // Keys re-uploaded under ids already held (a retry) replace them and do not count
         // twice.
-        let held = self.key_count(user, device)?.one_time;
+        let held = self.key_count(user, device, kind)?.one_time;
         let mut added = 0u64;
         for (id, _) in &upload.one_time {
             if !self
                 .accounts
-                .contains_key(keys::one_time_key(user, device, *id))?
+                .contains_key(keys::one_time_key(kind, user, device, *id))?
             {
                 added += 1;
             }
@@ -100,30 +110,32 @@ impl Inner {
             return Ok(KeysPut::OverLimit);
         }
         if let Some(fallback) = &upload.fallback {
-            self.accounts
-                .insert(keys::fallback_key(user, device), records::encode(fallback))?;
+            self.accounts.insert(
+                keys::fallback_key(kind, user, device),
+                records::encode(fallback),
+            )?;
         }
         for (id, key) in upload.one_time {
             self.accounts
-                .insert(keys::one_time_key(user, device, id), key)?;
+                .insert(keys::one_time_key(kind, user, device, id), key)?;
         }
         Ok(KeysPut::Held(held + added))
     }
 
     /// Takes the lowest one-time key, or answers the fallback key; and whether a key was
     /// consumed (then the caller waits for durability, or it could be handed out twice).
-    fn claim_key(&self, user: &str, device: u32) -> Result<(Option<Claimed>, bool)> {
+    fn claim_key(&self, user: &str, device: u32, kind: KeyKind) -> Result<(Option<Claimed>, bool)> {
         let _guard = self.lock();
         if !self.accounts.contains_key(keys::device(user, device))? {
             return Ok((None, false));
         }
-        let prefix = keys::one_time_key_prefix(user, device);
+        let prefix = keys::one_time_key_prefix(kind, user, device);
         if let Some(kv) = self.accounts.scan_prefix(&prefix).next() {
             let (k, v) = kv?;
             let key_id = keys::envelope_seq(&k)
                 .ok_or_else(|| StoreError::Corruption("bad key id".into()))?;
             self.accounts.remove(&k)?;
-            let left = self.key_count(user, device)?.one_time;
+            let left = self.key_count(user, device, kind)?.one_time;
             let claimed = Claimed {
                 key_id,
                 key: v.to_vec(),
@@ -134,7 +146,7 @@ impl Inner {
         }
         let fallback: Option<FallbackKeyRecord> = self
             .accounts
-            .get(keys::fallback_key(user, device))?
+            .get(keys::fallback_key(kind, user, device))?
             .map(|v| records::decode(&v))
             .transpose()?;
         Ok((
@@ -192,19 +204,25 @@ impl Directory for SledStore {
         ready(self.inner().devices(user))
     }
 
-    fn put_keys(&self, user: &str, device: u32, upload: KeyUpload) -> StoreFuture<KeysPut> {
-        match self.inner().put_keys(user, device, upload) {
+    fn put_keys(
+        &self,
+        user: &str,
+        device: u32,
+        kind: KeyKind,
+        upload: KeyUpload,
+    ) -> StoreFuture<KeysPut> {
+        match self.inner().put_keys(user, device, kind, upload) {
             Ok(KeysPut::OverLimit) => ready(Ok(KeysPut::OverLimit)),
             result => self.inner().durably(|| result),
         }
     }
 
-    fn key_count(&self, user: &str, device: u32) -> StoreFuture<KeyCount> {
-        ready(self.inner().key_count(user, device))
+    fn key_count(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<KeyCount> {
+        ready(self.inner().key_count(user, device, kind))
     }
 
-    fn claim_key(&self, user: &str, device: u32) -> StoreFuture<Option<Claimed>> {
-        match self.inner().claim_key(user, device) {
+    fn claim_key(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<Option<Claimed>> {
+        match self.inner().claim_key(user, device, kind) {
             Ok((claimed, true)) => self.inner().durably(|| Ok(claimed)),
             Ok((claimed, false)) => ready(Ok(claimed)),
             Err(e) => ready(Err(e)),
