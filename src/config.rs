@@ -155,6 +155,8 @@ settings! {
     stranger_rate: u32 = 5, "SEALPOST_STRANGER_RATE";
     /// Key claims per second for one target device (0 = unlimited).
     claim_rate: u32 = 5, "SEALPOST_CLAIM_RATE";
+    /// Commits per second for one group at its hub, bursts of four times that (0 = unlimited).
+    commit_rate: u32 = 5, "SEALPOST_COMMIT_RATE";
     /// Rate-limit violations after which a connection is closed.
     max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
     /// Most concurrent connections per HTTP worker.
@@ -419,6 +421,7 @@ impl Settings {
                     device_burst: self.device_burst,
                     stranger_rate: self.stranger_rate,
                     claim_rate: self.claim_rate,
+                    commit_rate: self.commit_rate,
                 },
                 turn,
                 web_root: (!self.web_root.is_empty()).then(|| self.web_root.into()),

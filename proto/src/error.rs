@@ -128,7 +128,8 @@ wire_enum! {
         /// A sealed send or key claim lacks a valid delivery token for the recipient.
         BadDeliveryToken = 21 => "bad_delivery_token",
         /// The frame is not accepted on this endpoint (the anonymous endpoint takes only
-        /// `sealed_send`, and the authenticated one everything but it).
+        /// `sealed_send` and `group_send`, and the authenticated one everything but
+        /// `sealed_send`).
         WrongEndpoint = 22 => "wrong_endpoint",
         /// Federation: the calling broker's domain is not a known peer, or the link was
         /// addressed to another domain.
@@ -139,6 +140,11 @@ wire_enum! {
         NotFound = 25 => "not_found",
         /// Federation: the recipient's broker cannot be reached now; retry later.
         PeerUnavailable = 26 => "peer_unavailable",
+        /// An ordered group send (a Commit) for an epoch the group has left, or whose epoch
+        /// another member's send already took: process what arrived, then retry on top of it.
+        StaleEpoch = 27 => "stale_epoch",
+        /// A group send addresses too many recipients, or one twice.
+        InvalidRecipients = 28 => "invalid_recipients",
     }
 }
 

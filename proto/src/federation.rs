@@ -48,11 +48,13 @@
 //! | 0x03 | `get_device_list` | req_id (u64), user (str)                                    |
 //! | 0x04 | `claim_key`    | req_id (u64), user (str), device (u32), admission u8, token (bin or nil) |
 //! | 0x05 | `claim_key_package` | as `claim_key`: claims an MLS KeyPackage instead of an Olm key |
+//! | 0x06 | `take_epoch`   | req_id (u64), group (bin 16..=32), epoch (u64), id (bin 16): a Commit asks the group's hub for its epoch |
 //! | 0x81 | `txn_ack`      | txn_id (u64), codes ([u16], one per envelope, 0 = stored)      |
 //! | 0x82 | `devices`      | req_id (u64), devices ([[device u32, identity_keys bin]])      |
 //! | 0x83 | `device_list`  | req_id (u64), signed (bin)                                     |
 //! | 0x84 | `claimed`      | req_id (u64), key_id (u64), key (bin), fallback (bool)         |
 //! | 0x85 | `refused`      | req_id (u64), code (u16)                                       |
+//! | 0x87 | `epoch`        | req_id (u64), taken (bool), current (u64): reply to `take_epoch` |
 //! | 0x86 | `link_error`   | code (u16), message (str) — the link closes after it           |
 //!
 //! Admission (`u8`): 0 = the sender is an authenticated account of the origin domain (the origin
@@ -318,6 +320,26 @@ pub enum LinkFrame {
         /// True when this is the fallback key.
         fallback: bool,
     },
+    /// Request, to a group's hub: take `epoch` of `group` for the Commit sent as `id`.
+    TakeEpoch {
+        /// Echoed by the reply.
+        req_id: u64,
+        /// The group's id (random, opaque).
+        group: Vec<u8>,
+        /// The epoch the Commit names.
+        epoch: u64,
+        /// The Commit's envelope id (its retries are answered as taken).
+        id: EnvelopeId,
+    },
+    /// Reply to `TakeEpoch`.
+    Epoch {
+        /// The request.
+        req_id: u64,
+        /// Whether the Commit took the epoch (else another did, or the group is past it).
+        taken: bool,
+        /// The group's epoch now.
+        current: u64,
+    },
     /// A request was refused.
     Refused {
         /// The request.
@@ -340,6 +362,8 @@ const GET_DEVICES: u8 = 0x02;
 const GET_DEVICE_LIST: u8 = 0x03;
 const CLAIM_KEY: u8 = 0x04;
 const CLAIM_KEY_PACKAGE: u8 = 0x05;
+const TAKE_EPOCH: u8 = 0x06;
+const EPOCH: u8 = 0x87;
 const HELLO: u8 = 0x40;
 const TXN_ACK: u8 = 0x81;
 const DEVICES: u8 = 0x82;
@@ -390,6 +414,12 @@ struct BytesBody(u64, ByteBuf);
 
 #[derive(Serialize, Deserialize)]
 struct ClaimedBody(u64, u64, ByteBuf, bool);
+
+#[derive(Serialize, Deserialize)]
+struct TakeEpochBody(u64, ByteBuf, u64, EnvelopeId);
+
+#[derive(Serialize, Deserialize)]
+struct EpochBody(u64, bool, u64);
 
 #[derive(Serialize, Deserialize)]
 struct RefusedBody(u64, u16);
@@ -530,6 +560,20 @@ impl LinkFrame {
                 CLAIMED,
                 &ClaimedBody(*req_id, *key_id, ByteBuf::from(key.clone()), *fallback),
             ),
+            LinkFrame::TakeEpoch {
+                req_id,
+                group,
+                epoch,
+                id,
+            } => encode(
+                TAKE_EPOCH,
+                &TakeEpochBody(*req_id, ByteBuf::from(group.clone()), *epoch, *id),
+            ),
+            LinkFrame::Epoch {
+                req_id,
+                taken,
+                current,
+            } => encode(EPOCH, &EpochBody(*req_id, *taken, *current)),
             LinkFrame::Refused { req_id, code } => {
                 encode(REFUSED, &RefusedBody(*req_id, code.as_u16()))
             }
@@ -622,6 +666,28 @@ impl LinkFrame {
                     fallback,
                 }
             }
+            TAKE_EPOCH => {
+                let TakeEpochBody(req_id, group, epoch, id) = body(rest)?;
+                if !(16..=32).contains(&group.len()) {
+                    return Err(DecodeError::Malformed(
+                        "group id must be 16..=32 bytes".into(),
+                    ));
+                }
+                LinkFrame::TakeEpoch {
+                    req_id,
+                    group: group.into_vec(),
+                    epoch,
+                    id,
+                }
+            }
+            EPOCH => {
+                let EpochBody(req_id, taken, current) = body(rest)?;
+                LinkFrame::Epoch {
+                    req_id,
+                    taken,
+                    current,
+                }
+            }
             REFUSED => {
                 let RefusedBody(req_id, c) = body(rest)?;
                 LinkFrame::Refused {
@@ -648,6 +714,7 @@ impl LinkFrame {
                 | LinkFrame::GetDevices { .. }
                 | LinkFrame::GetDeviceList { .. }
                 | LinkFrame::ClaimKey { .. }
+                | LinkFrame::TakeEpoch { .. }
         )
     }
 }
@@ -726,6 +793,17 @@ mod tests {
                 key_id: 99,
                 key: vec![1],
                 fallback: true,
+            },
+            LinkFrame::TakeEpoch {
+                req_id: 8,
+                group: vec![5; 16],
+                epoch: 3,
+                id: EnvelopeId([6; 16]),
+            },
+            LinkFrame::Epoch {
+                req_id: 8,
+                taken: false,
+                current: 4,
             },
             LinkFrame::Refused {
                 req_id: 3,

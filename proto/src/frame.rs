@@ -22,6 +22,7 @@
 //! | 0x02 | `send`           | id (bin 16), to (str), class (u8), ttl_secs (u32), copies ([[device u32, ciphertext bin]]) |
 //! | 0x03 | `ack`            | seqs ([u64])                                            |
 //! | 0x04 | `sealed_send`    | as `send`, then delivery_token (bin 32 or nil)          |
+//! | 0x05 | `group_send`     | id (bin 16), class (u8), ttl_secs (u32), ciphertext (bin), recipients ([[to str, devices [u32], delivery_token bin or nil]]), order (nil or [group bin 16..=32, epoch u64, hub str]) |
 //! | 0x81 | `auth_ok`        | user (str), device (u32), server_time_ms (u64)          |
 //! | 0x82 | `send_result`    | id (bin 16), code (u16, 0 = accepted), duplicate (bool), current_devices ([u32]) |
 //! | 0x83 | `deliver`        | seq (u64), envelope [id bin 16, class u8, accepted_ms u64, expires_ms u64, ciphertext bin] |
@@ -29,11 +30,22 @@
 //! | 0x85 | `queue_empty`    | (empty array)                                           |
 //! | 0x86 | `notice`         | kind (u16: 1 mailbox_full, 2 keys_low, 3 key_packages_low), device (u32) |
 //! | 0x87 | `error`          | code (u16), message (str), seq (u64 or nil)             |
+//! | 0x88 | `group_send_result` | id (bin 16), code (u16, 0 = handed to every recipient not listed), refused ([[to str, code u16, current_devices [u32]]]), epoch (u64 or nil) |
 //!
 //! `sealed_send` is the only frame accepted on the anonymous endpoint (`/v1/sealed`), and it is
 //! accepted only there: it is not tied to any account, and the recipient's delivery token (or
 //! its choice to accept sealed envelopes from anyone) is what admits it. On the authenticated
 //! `/v1/ws` it is refused with `wrong_endpoint`, since that connection names its sender.
+//!
+//! `group_send` carries one ciphertext for many recipients (an MLS group message): the broker
+//! stores one copy per listed device, recipient by recipient, each with the guarantees of a
+//! `send` to that recipient under the same id. It is accepted on both endpoints: on `/v1/sealed`
+//! each recipient is admitted by its own delivery token, on `/v1/ws` by the authenticated
+//! sender (the tokens are then ignored). `order`, for MLS handshake messages (Commits), asks
+//! the group's hub broker to take `epoch` for this send first: the first send of an epoch wins,
+//! any other is refused `stale_epoch` with the group's current epoch. Its answer,
+//! `group_send_result`, lists the recipients that were refused and why (a stale device set
+//! with the current devices, as for `send`); every other recipient has it durably.
 //!
 //! Keep-alive uses WebSocket ping/pong control frames, not protocol frames.
 //!
@@ -102,6 +114,52 @@ impl std::fmt::Debug for Copy {
             .field("ciphertext_len", &self.ciphertext.len())
             .finish()
     }
+}
+
+/// One recipient of a `group_send`: an account, the devices that get the ciphertext, and (on
+/// `/v1/sealed`) the token that admits it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecipient {
+    /// Recipient account handle.
+    pub to: String,
+    /// Its devices that get a copy: every current one (else `stale_devices`).
+    pub devices: Vec<DeviceId>,
+    /// The recipient's delivery token (sealed sends), or `None`.
+    #[serde(with = "serde_bytes")]
+    pub delivery_token: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for GroupRecipient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret and the handle a recipient: a count is all a log may hold.
+        f.debug_struct("GroupRecipient")
+            .field("devices", &self.devices.len())
+            .field("token", &self.delivery_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a handshake message (an MLS Commit) asks of its group's hub: to take `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// The group's id as the broker sees it: random, 16 to 32 bytes.
+    #[serde(with = "serde_bytes")]
+    pub group: Vec<u8>,
+    /// The epoch this Commit moves the group from (the group's current epoch at its hub).
+    pub epoch: u64,
+    /// The group's hub: the domain whose broker orders its Commits.
+    pub hub: String,
+}
+
+/// A recipient of a `group_send` that was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientRefusal {
+    /// The recipient.
+    pub to: String,
+    /// Why.
+    pub code: ErrorCode,
+    /// With `stale_devices`: its current devices.
+    pub current_devices: Vec<DeviceId>,
 }
 
 /// An envelope as delivered to a device.
@@ -175,6 +233,21 @@ pub enum ClientFrame {
         /// that accept sealed envelopes from anyone.
         delivery_token: Option<Vec<u8>>,
     },
+    /// Send one ciphertext to many recipients (an MLS group message).
+    GroupSend {
+        /// Client-chosen id; a retry with the same id is deduplicated per recipient.
+        id: EnvelopeId,
+        /// Delivery class.
+        class: Class,
+        /// Time-to-live in seconds.
+        ttl_secs: u32,
+        /// The ciphertext every listed device receives.
+        ciphertext: Vec<u8>,
+        /// Who gets it, each recipient once.
+        recipients: Vec<GroupRecipient>,
+        /// For a handshake message (a Commit): the epoch it must take at the group's hub.
+        order: Option<Order>,
+    },
     /// Acknowledge delivered envelopes by sequence number; the broker deletes them.
     Ack {
         /// Sequence numbers of this device's queue.
@@ -216,6 +289,22 @@ impl std::fmt::Debug for ClientFrame {
                 .field("ttl_secs", ttl_secs)
                 .field("copies", copies)
                 .finish_non_exhaustive(),
+            ClientFrame::GroupSend {
+                id,
+                class,
+                ttl_secs,
+                ciphertext,
+                recipients,
+                order,
+            } => f
+                .debug_struct("GroupSend")
+                .field("id", id)
+                .field("class", class)
+                .field("ttl_secs", ttl_secs)
+                .field("ciphertext_len", &ciphertext.len())
+                .field("recipients", &recipients.len())
+                .field("ordered", &order.is_some())
+                .finish(),
             ClientFrame::Ack { seqs } => f.debug_struct("Ack").field("seqs", &seqs.len()).finish(),
         }
     }
@@ -292,6 +381,18 @@ pub enum ServerFrame {
         /// The device concerned.
         device: DeviceId,
     },
+    /// The answer to a `group_send`.
+    GroupSendResult {
+        /// The envelope id of the send.
+        id: EnvelopeId,
+        /// `None`: every recipient not in `refused` has it durably. Otherwise nobody does
+        /// (the whole send was refused: a bad field, `stale_epoch`, …).
+        code: Option<ErrorCode>,
+        /// Recipients that were refused, with why.
+        refused: Vec<RecipientRefusal>,
+        /// With `stale_epoch`: the group's current epoch at its hub.
+        epoch: Option<u64>,
+    },
     /// A request failed or the protocol was violated.
     Error {
         /// Stable error code.
@@ -308,6 +409,7 @@ const AUTH: u8 = 0x01;
 const SEND: u8 = 0x02;
 const ACK: u8 = 0x03;
 const SEALED_SEND: u8 = 0x04;
+const GROUP_SEND: u8 = 0x05;
 const AUTH_OK: u8 = 0x81;
 const SEND_RESULT: u8 = 0x82;
 const DELIVER: u8 = 0x83;
@@ -315,6 +417,7 @@ const DELIVER_EPHEMERAL: u8 = 0x84;
 const QUEUE_EMPTY: u8 = 0x85;
 const NOTICE: u8 = 0x86;
 const ERROR: u8 = 0x87;
+const GROUP_SEND_RESULT: u8 = 0x88;
 
 // Wire bodies: private, positional, decoupled from the public enums above.
 
@@ -326,6 +429,22 @@ struct SendBody(EnvelopeId, String, Class, u32, Vec<Copy>);
 
 #[derive(Serialize, Deserialize)]
 struct SealedSendBody(EnvelopeId, String, Class, u32, Vec<Copy>, Option<ByteBuf>);
+
+#[derive(Serialize, Deserialize)]
+struct GroupSendBody(
+    EnvelopeId,
+    Class,
+    u32,
+    ByteBuf,
+    Vec<GroupRecipient>,
+    Option<Order>,
+);
+
+#[derive(Serialize, Deserialize)]
+struct GroupSendResultBody(EnvelopeId, u16, Vec<RefusalBody>, Option<u64>);
+
+#[derive(Serialize, Deserialize)]
+struct RefusalBody(String, u16, Vec<DeviceId>);
 
 #[derive(Serialize, Deserialize)]
 struct AckBody {
@@ -403,6 +522,24 @@ impl ClientFrame {
                     delivery_token.clone().map(ByteBuf::from),
                 ),
             ),
+            ClientFrame::GroupSend {
+                id,
+                class,
+                ttl_secs,
+                ciphertext,
+                recipients,
+                order,
+            } => encode(
+                GROUP_SEND,
+                &GroupSendBody(
+                    *id,
+                    *class,
+                    *ttl_secs,
+                    ByteBuf::from(ciphertext.clone()),
+                    recipients.clone(),
+                    order.clone(),
+                ),
+            ),
             ClientFrame::Ack { seqs } => encode(ACK, &AckBody { seqs: seqs.clone() }),
         }
     }
@@ -438,6 +575,24 @@ impl ClientFrame {
                     ttl_secs,
                     copies,
                     delivery_token: token.map(ByteBuf::into_vec),
+                }
+            }
+            GROUP_SEND => {
+                let GroupSendBody(id, class, ttl_secs, ciphertext, recipients, order) = body(rest)?;
+                if let Some(order) = &order
+                    && !(16..=32).contains(&order.group.len())
+                {
+                    return Err(DecodeError::Malformed(
+                        "group id must be 16..=32 bytes".into(),
+                    ));
+                }
+                ClientFrame::GroupSend {
+                    id,
+                    class,
+                    ttl_secs,
+                    ciphertext: ciphertext.into_vec(),
+                    recipients,
+                    order,
                 }
             }
             ACK => {
@@ -485,6 +640,21 @@ impl ServerFrame {
             }
             ServerFrame::Error { code, message, seq } => {
                 encode(ERROR, &ErrorBody(code.as_u16(), message.clone(), *seq))
+            }
+            ServerFrame::GroupSendResult {
+                id,
+                code,
+                refused,
+                epoch,
+            } => {
+                let refused = refused
+                    .iter()
+                    .map(|r| RefusalBody(r.to.clone(), r.code.as_u16(), r.current_devices.clone()))
+                    .collect();
+                encode(
+                    GROUP_SEND_RESULT,
+                    &GroupSendResultBody(*id, code.map_or(0, ErrorCode::as_u16), refused, *epoch),
+                )
             }
         }
     }
@@ -551,6 +721,29 @@ impl ServerFrame {
                 let code = ErrorCode::from_u16(code).ok_or_else(|| unknown_code(code))?;
                 ServerFrame::Error { code, message, seq }
             }
+            GROUP_SEND_RESULT => {
+                let GroupSendResultBody(id, code, refused, epoch) = body(rest)?;
+                let code = match code {
+                    0 => None,
+                    c => Some(ErrorCode::from_u16(c).ok_or_else(|| unknown_code(c))?),
+                };
+                let refused = refused
+                    .into_iter()
+                    .map(|RefusalBody(to, code, current_devices)| {
+                        Ok(RecipientRefusal {
+                            to,
+                            code: ErrorCode::from_u16(code).ok_or_else(|| unknown_code(code))?,
+                            current_devices,
+                        })
+                    })
+                    .collect::<Result<_, DecodeError>>()?;
+                ServerFrame::GroupSendResult {
+                    id,
+                    code,
+                    refused,
+                    epoch,
+                }
+            }
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -607,6 +800,22 @@ mod tests {
                 code: ErrorCode::UnknownSeq,
                 message: "x".into(),
                 seq: Some(5),
+            },
+            ServerFrame::GroupSendResult {
+                id: EnvelopeId([4; 16]),
+                code: None,
+                refused: vec![RecipientRefusal {
+                    to: "bob@b".into(),
+                    code: ErrorCode::StaleDevices,
+                    current_devices: vec![DeviceId(1), DeviceId(3)],
+                }],
+                epoch: None,
+            },
+            ServerFrame::GroupSendResult {
+                id: EnvelopeId([4; 16]),
+                code: Some(ErrorCode::StaleEpoch),
+                refused: vec![],
+                epoch: Some(12),
             },
         ];
         for frame in frames {
@@ -711,7 +920,67 @@ mod tests {
                 }),
             proptest::collection::vec(any::<u64>(), 0..50)
                 .prop_map(|seqs| ClientFrame::Ack { seqs }),
+            (
+                any::<[u8; 16]>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                proptest::collection::vec(
+                    (
+                        ".{0,20}",
+                        proptest::collection::vec(any::<u32>(), 0..4),
+                        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..33)),
+                    ),
+                    0..5
+                ),
+                proptest::option::of((
+                    proptest::collection::vec(any::<u8>(), 16..=32),
+                    any::<u64>(),
+                    ".{0,20}"
+                )),
+            )
+                .prop_map(|(id, ttl_secs, ciphertext, recipients, order)| {
+                    ClientFrame::GroupSend {
+                        id: EnvelopeId(id),
+                        class: Class::Durable,
+                        ttl_secs,
+                        ciphertext,
+                        recipients: recipients
+                            .into_iter()
+                            .map(|(to, devices, delivery_token)| GroupRecipient {
+                                to,
+                                devices: devices.into_iter().map(DeviceId).collect(),
+                                delivery_token,
+                            })
+                            .collect(),
+                        order: order.map(|(group, epoch, hub)| Order { group, epoch, hub }),
+                    }
+                }),
         ]
+    }
+
+    #[test]
+    fn a_group_id_is_16_to_32_bytes() {
+        let frame = |len| ClientFrame::GroupSend {
+            id: EnvelopeId([1; 16]),
+            class: Class::Durable,
+            ttl_secs: 60,
+            ciphertext: vec![1],
+            recipients: vec![],
+            order: Some(Order {
+                group: vec![7; len],
+                epoch: 1,
+                hub: "a.example".into(),
+            }),
+        };
+        assert!(ClientFrame::decode(&frame(16).encode()).is_ok());
+        assert!(matches!(
+            ClientFrame::decode(&frame(15).encode()),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClientFrame::decode(&frame(33).encode()),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     proptest! {

@@ -24,6 +24,7 @@ pub mod limits;
 
 pub use error::{CloseCode, DecodeError, ErrorCode};
 pub use frame::{
-    Class, ClientFrame, Copy, Envelope, Notice, PROTOCOL_VERSION, SendOutcome, ServerFrame,
+    Class, ClientFrame, Copy, Envelope, GroupRecipient, Notice, Order, PROTOCOL_VERSION,
+    RecipientRefusal, SendOutcome, ServerFrame,
 };
 pub use ids::{DeviceId, EnvelopeId, Handle, HandleError};

@@ -7,6 +7,12 @@ pub const MAX_FRAME_BYTES: usize = 512 * 1024;
 /// Largest ciphertext of a single copy (one recipient device) of an envelope, in bytes.
 pub const MAX_CIPHERTEXT_BYTES: usize = 64 * 1024;
 
+/// Largest ciphertext of a `group_send` (one MLS message for every listed device), in bytes:
+/// a Commit that adds hundreds of members, or their Welcome with the group's tree, is
+/// hundreds of KiB (adding 999 members at once: about 284 KiB).
+pub const MAX_GROUP_CIPHERTEXT_BYTES: usize = 448 * 1024;
+/// Most recipients (accounts) of one `group_send`: a group of up to this many members.
+pub const MAX_GROUP_RECIPIENTS: usize = 2000;
 /// Most devices one account may have; also the most copies a single send may carry.
 pub const MAX_DEVICES_PER_USER: usize = 16;
 

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use sealpost_proto::limits::{MAX_HANDLE_BYTES, MAX_HANDLE_NAME_BYTES, TOKEN_BYTES};
 use sealpost_proto::{
     Class, ClientFrame, Copy as EnvelopeCopy, DecodeError, DeviceId, Envelope, EnvelopeId,
-    ErrorCode, Handle, HandleError, Notice, SendOutcome, ServerFrame,
+    ErrorCode, GroupRecipient, Handle, HandleError, Notice, Order, RecipientRefusal, SendOutcome,
+    ServerFrame,
 };
 use serde::Serialize;
 use serde_bytes::ByteBuf;
@@ -225,6 +226,68 @@ fn client_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
             Decodes,
         ),
         (
+            "group_send_sealed",
+            ClientFrame::GroupSend {
+                id,
+                class: Class::Durable,
+                ttl_secs: 60,
+                ciphertext: b"mls private message".to_vec(),
+                recipients: vec![
+                    GroupRecipient {
+                        to: "bob@example.com".into(),
+                        devices: vec![DeviceId(1), DeviceId(2)],
+                        delivery_token: Some(vec![7; 32]),
+                    },
+                    GroupRecipient {
+                        to: "carol@example.org".into(),
+                        devices: vec![DeviceId(4)],
+                        delivery_token: None,
+                    },
+                ],
+                order: None,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "group_send_ordered",
+            ClientFrame::GroupSend {
+                id,
+                class: Class::Durable,
+                ttl_secs: 60,
+                ciphertext: b"mls commit".to_vec(),
+                recipients: vec![GroupRecipient {
+                    to: "bob@example.com".into(),
+                    devices: vec![DeviceId(1)],
+                    delivery_token: None,
+                }],
+                order: Some(Order {
+                    group: vec![9; 16],
+                    epoch: 3,
+                    hub: "example.com".into(),
+                }),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "group_send_short_group_id",
+            ClientFrame::GroupSend {
+                id,
+                class: Class::Durable,
+                ttl_secs: 60,
+                ciphertext: b"mls commit".to_vec(),
+                recipients: vec![],
+                order: Some(Order {
+                    group: vec![9; 8],
+                    epoch: 3,
+                    hub: "example.com".into(),
+                }),
+            }
+            .encode(),
+            Malformed,
+        ),
+        (
             "send_ephemeral",
             send(Class::Ephemeral, 10, vec![copy(3, b"typing")]),
             Decodes,
@@ -364,6 +427,32 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
             ServerFrame::Notice {
                 notice: Notice::MailboxFull,
                 device: DeviceId(2),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "group_send_result_refused_one",
+            ServerFrame::GroupSendResult {
+                id: EnvelopeId([4; 16]),
+                code: None,
+                refused: vec![RecipientRefusal {
+                    to: "bob@example.com".into(),
+                    code: ErrorCode::StaleDevices,
+                    current_devices: vec![DeviceId(1), DeviceId(3)],
+                }],
+                epoch: None,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "group_send_result_stale_epoch",
+            ServerFrame::GroupSendResult {
+                id: EnvelopeId([4; 16]),
+                code: Some(ErrorCode::StaleEpoch),
+                refused: vec![],
+                epoch: Some(7),
             }
             .encode(),
             Decodes,
@@ -514,6 +603,27 @@ fn federation_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
                 device: 2,
                 admission: Admission::Token(vec![1; 32]),
                 key_package: false,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "take_epoch",
+            LinkFrame::TakeEpoch {
+                req_id: 7,
+                group: vec![3; 16],
+                epoch: 9,
+                id: EnvelopeId([2; 16]),
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "epoch_stale",
+            LinkFrame::Epoch {
+                req_id: 7,
+                taken: false,
+                current: 10,
             }
             .encode(),
             Decodes,

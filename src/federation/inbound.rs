@@ -7,7 +7,7 @@
 //!    the reason — never content)
 //! txn   ──▶ per envelope, in order: per-origin rate limit, then LocalDelivery::deliver
 //!           (enqueued at once, so order is kept) ──▶ all durable ──▶ txn_ack
-//! get_devices / get_device_list / claim_key ──▶ LocalDelivery::answer ──▶ reply
+//! get_devices / get_device_list / claim_key / take_epoch ──▶ LocalDelivery::answer ──▶ reply
 //! ```
 //!
 //! Transactions are pipelined up to `inbound_txns` and acknowledged in order. A frame that
@@ -45,7 +45,8 @@ pub trait LocalDelivery {
     /// the next envelope is given: it resolves once the envelope is queued for its mailbox
     /// (so that order is kept), to the future of its answer: durable (`None`) or refused.
     fn deliver(&self, origin: &str, envelope: FedEnvelope) -> LocalBoxFuture<'static, Routed>;
-    /// Answers a lookup (`GetDevices`, `GetDeviceList`, `ClaimKey`) with its reply frame.
+    /// Answers a lookup (`GetDevices`, `GetDeviceList`, `ClaimKey`) or an order (`TakeEpoch`)
+    /// with its reply frame.
     fn answer(&self, origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame>;
 }
 
@@ -351,14 +352,16 @@ impl Service for InboundLink<'_> {
             }
             request @ (LinkFrame::GetDevices { .. }
             | LinkFrame::GetDeviceList { .. }
-            | LinkFrame::ClaimKey { .. }) => {
+            | LinkFrame::ClaimKey { .. }
+            | LinkFrame::TakeEpoch { .. }) => {
                 if fed.allow_origin(origin) {
                     self.replies.push(self.local.answer(origin, request));
                 } else {
                     let req_id = match request {
                         LinkFrame::GetDevices { req_id, .. }
                         | LinkFrame::GetDeviceList { req_id, .. }
-                        | LinkFrame::ClaimKey { req_id, .. } => req_id,
+                        | LinkFrame::ClaimKey { req_id, .. }
+                        | LinkFrame::TakeEpoch { req_id, .. } => req_id,
                         _ => 0,
                     };
                     let refusal = LinkFrame::Refused {

@@ -326,6 +326,7 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
                             LinkFrame::Devices { req_id, .. }
                             | LinkFrame::DeviceList { req_id, .. }
                             | LinkFrame::Claimed { req_id, .. }
+                            | LinkFrame::Epoch { req_id, .. }
                             | LinkFrame::Refused { req_id, .. } => {
                                 if let Some(reply) = pending.remove(&req_id) {
                                     let _ = reply.send(frame);

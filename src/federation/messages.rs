@@ -54,6 +54,15 @@ pub enum Request {
         /// An MLS KeyPackage rather than an Olm key.
         key_package: bool,
     },
+    /// At a group's hub: take an epoch for a Commit.
+    TakeEpoch {
+        /// The group's id.
+        group: Vec<u8>,
+        /// The epoch the Commit names.
+        epoch: u64,
+        /// The Commit's envelope id.
+        id: sealpost_proto::EnvelopeId,
+    },
 }
 
 impl Request {
@@ -73,6 +82,12 @@ impl Request {
                 device,
                 admission,
                 key_package,
+            },
+            Request::TakeEpoch { group, epoch, id } => LinkFrame::TakeEpoch {
+                req_id,
+                group,
+                epoch,
+                id,
             },
         }
     }

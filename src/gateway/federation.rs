@@ -183,6 +183,24 @@ impl Local {
                     },
                 }
             }
+            LinkFrame::TakeEpoch {
+                req_id,
+                group,
+                epoch,
+                id,
+            } => match state.take_epoch_here(&group, epoch, id).await {
+                Ok(()) => LinkFrame::Epoch {
+                    req_id,
+                    taken: true,
+                    current: epoch.saturating_add(1),
+                },
+                Err((ErrorCode::StaleEpoch, Some(current))) => LinkFrame::Epoch {
+                    req_id,
+                    taken: false,
+                    current,
+                },
+                Err((code, _)) => LinkFrame::Refused { req_id, code },
+            },
             other => {
                 // Not a request: the link code never hands these over.
                 let _ = other;
@@ -216,6 +234,7 @@ impl LocalDelivery for Local {
                 origin: origin.into(),
                 admission,
             },
+            copy_limit: sealpost_proto::limits::MAX_GROUP_CIPHERTEXT_BYTES,
         };
         // Resolves once handed over, to the future of the answer (awaited later, in order).
         #[allow(clippy::async_yields_async)]

@@ -13,6 +13,8 @@ use std::{
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 
+use super::settings::Rates;
+
 /// The broker's rate limiters. A rate of 0 disables a limiter.
 pub struct Limits {
     ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
@@ -22,6 +24,9 @@ pub struct Limits {
     stranger: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Key claims per target device, so nobody drains a device's one-time keys.
     claim: Option<DefaultKeyedRateLimiter<(String, u32)>>,
+    /// Commits per group at its hub, so that one member's commit storm cannot keep the
+    /// others from ever taking an epoch.
+    commit: Option<DefaultKeyedRateLimiter<Vec<u8>>>,
 }
 
 /// The key an address is limited under: an IPv4 address itself (also when written as an
@@ -44,22 +49,22 @@ fn quota(rate: u32, burst: u32) -> Option<Quota> {
 
 impl Limits {
     /// Limiters for the given rates (per second) and bursts.
-    pub fn new(
-        ip_rate: u32,
-        ip_burst: u32,
-        device_rate: u32,
-        device_burst: u32,
-        stranger_rate: u32,
-        claim_rate: u32,
-    ) -> Self {
+    pub fn new(r: &Rates) -> Self {
+        let burst4 = |rate: u32| quota(rate, rate.saturating_mul(4));
         Limits {
-            ip: quota(ip_rate, ip_burst).map(DefaultKeyedRateLimiter::keyed),
-            device: quota(device_rate, device_burst).map(DefaultKeyedRateLimiter::keyed),
-            stranger: quota(stranger_rate, stranger_rate.saturating_mul(4))
-                .map(DefaultKeyedRateLimiter::keyed),
-            claim: quota(claim_rate, claim_rate.saturating_mul(4))
-                .map(DefaultKeyedRateLimiter::keyed),
+            ip: quota(r.ip_rate, r.ip_burst).map(DefaultKeyedRateLimiter::keyed),
+            device: quota(r.device_rate, r.device_burst).map(DefaultKeyedRateLimiter::keyed),
+            stranger: burst4(r.stranger_rate).map(DefaultKeyedRateLimiter::keyed),
+            claim: burst4(r.claim_rate).map(DefaultKeyedRateLimiter::keyed),
+            commit: burst4(r.commit_rate).map(DefaultKeyedRateLimiter::keyed),
         }
+    }
+
+    /// Whether one more Commit for `group` may take an epoch at its hub now.
+    pub fn allow_commit(&self, group: &[u8]) -> bool {
+        self.commit
+            .as_ref()
+            .is_none_or(|l| l.check_key(&group.to_vec()).is_ok())
     }
 
     /// Whether one more tokenless sealed send or anonymous claim from `ip` is allowed now.
@@ -218,7 +223,12 @@ mod tests {
 
     #[test]
     fn ipv6_clients_share_a_limit_per_64() {
-        let limits = Limits::new(1, 1, 0, 0, 1, 0);
+        let limits = Limits::new(&Rates {
+            ip_rate: 1,
+            ip_burst: 1,
+            stranger_rate: 1,
+            ..Rates::default()
+        });
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
         let next_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
@@ -234,11 +244,33 @@ mod tests {
 
     #[test]
     fn ipv4_clients_are_limited_per_address_also_when_mapped() {
-        let limits = Limits::new(1, 1, 0, 0, 0, 0);
+        let limits = Limits::new(&Rates {
+            ip_rate: 1,
+            ip_burst: 1,
+            ..Rates::default()
+        });
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert!(limits.allow_ip(v4));
         assert!(!limits.allow_ip(mapped));
         assert!(limits.allow_ip("192.0.2.8".parse().unwrap()));
+    }
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use super::*;
+
+    #[test]
+    fn commits_are_limited_per_group() {
+        let limits = Limits::new(&Rates {
+            commit_rate: 1,
+            ..Rates::default()
+        });
+        for _ in 0..4 {
+            assert!(limits.allow_commit(b"group a"));
+        }
+        assert!(!limits.allow_commit(b"group a"), "past the burst");
+        assert!(limits.allow_commit(b"group b"), "another group is apart");
     }
 }

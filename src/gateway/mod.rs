@@ -5,6 +5,8 @@
 //!
 //! - [`route`]: one route per envelope: every send (device, sealed, inbound federation) is
 //!   checked once and goes to one mailbox or one federation peer.
+//! - [`group`]: one upload, many recipients (MLS group messages): a route per recipient, and
+//!   Commits ordered at the group's hub.
 //! - [`http`]: account and device endpoints, health, readiness, metrics.
 //! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
 //! - [`session`]: one task per WebSocket connection (actix-ws).
@@ -26,6 +28,7 @@ pub mod client_ip;
 pub mod error;
 pub(crate) mod extract;
 pub mod federation;
+pub(crate) mod group;
 pub mod http;
 pub(crate) mod json;
 pub mod keys;
@@ -121,14 +124,7 @@ impl AppState {
     ) -> AppState {
         let r = &settings.rates;
         AppState {
-            limits: limits::Limits::new(
-                r.ip_rate,
-                r.ip_burst,
-                r.device_rate,
-                r.device_burst,
-                r.stranger_rate,
-                r.claim_rate,
-            ),
+            limits: limits::Limits::new(r),
             turn: turn::Turn::new(&settings.turn),
             metrics: crate::telemetry::init_metrics().inspect(|_| {
                 crate::telemetry::register_labels(

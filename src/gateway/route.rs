@@ -15,7 +15,7 @@ use sealpost_proto::{
     Class, Copy, EnvelopeId, ErrorCode, Handle, SendOutcome,
     federation::Admission,
     limits::{
-        MAX_CIPHERTEXT_BYTES, MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS, MAX_URGENT_TTL_SECS,
+        MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES, MAX_URGENT_TTL_SECS,
     },
 };
 
@@ -57,6 +57,11 @@ pub(crate) struct Send {
     pub(crate) ttl_secs: u32,
     pub(crate) copies: Vec<Copy>,
     pub(crate) from: From,
+    /// Largest ciphertext of one copy: `MAX_CIPHERTEXT_BYTES` for a `send`,
+    /// [`MAX_GROUP_CIPHERTEXT_BYTES`] for a recipient of a `group_send` (an MLS Commit or
+    /// Welcome can be hundreds of KiB). A peer's envelopes were checked by its broker against
+    /// the kind of send they came in, so the larger limit applies to them.
+    pub(crate) copy_limit: usize,
 }
 
 impl AppState {
@@ -73,7 +78,12 @@ impl AppState {
             ttl_secs,
             copies,
             from,
+            copy_limit,
         } = send;
+        let copy_limit = match from {
+            From::Peer { .. } => MAX_GROUP_CIPHERTEXT_BYTES,
+            _ => copy_limit,
+        };
         let to = Handle::parse(&to).map_err(|_| ErrorCode::InvalidHandle)?;
         if to.domain() != self.settings.domain {
             // A peer delivers to its own users here, never through us to a third domain.
@@ -82,7 +92,7 @@ impl AppState {
             }
             // The recipient's broker knows the account and its devices; the federation peer
             // checks the device set against what it learns from there.
-            check_fields(class, ttl_secs, &copies)?;
+            check_fields(class, ttl_secs, &copies, copy_limit)?;
             let admission = match from {
                 From::Peer { .. } => return Err(ErrorCode::UnknownDomain),
                 From::Device => Admission::Origin,
@@ -107,7 +117,7 @@ impl AppState {
                 .submit(&to, id, class, ttl_secs, copies, admission);
             return Ok(Box::pin(async move { (id, answer.await) }));
         }
-        check_fields(class, ttl_secs, &copies)?;
+        check_fields(class, ttl_secs, &copies, copy_limit)?;
         self.check_account(&to).await?;
         let origin = match from {
             From::Device => None,
@@ -157,7 +167,12 @@ impl AppState {
 }
 
 /// The checks of a send that need no account.
-fn check_fields(class: Class, ttl_secs: u32, copies: &[Copy]) -> Result<(), ErrorCode> {
+fn check_fields(
+    class: Class,
+    ttl_secs: u32,
+    copies: &[Copy],
+    copy_limit: usize,
+) -> Result<(), ErrorCode> {
     let max_ttl = match class {
         Class::Durable => MAX_DURABLE_TTL_SECS,
         Class::Urgent | Class::Ephemeral => MAX_URGENT_TTL_SECS,
@@ -174,10 +189,7 @@ fn check_fields(class: Class, ttl_secs: u32, copies: &[Copy]) -> Result<(), Erro
     if devices.len() != copies.len() {
         return Err(ErrorCode::InvalidCopies);
     }
-    if copies
-        .iter()
-        .any(|c| c.ciphertext.len() > MAX_CIPHERTEXT_BYTES)
-    {
+    if copies.iter().any(|c| c.ciphertext.len() > copy_limit) {
         return Err(ErrorCode::EnvelopeTooLarge);
     }
     Ok(())

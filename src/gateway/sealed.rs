@@ -1,7 +1,7 @@
 //! `GET /v1/sealed`: the anonymous WebSocket for sealed sends.
 //!
-//! Nothing on this connection names an account: it carries only `sealed_send` frames, each
-//! admitted by the recipient's delivery token (or the recipient's choice to accept sealed
+//! Nothing on this connection names an account: it carries only `sealed_send` and
+//! `group_send` frames, each (each recipient) admitted by the recipient's delivery token (or the recipient's choice to accept sealed
 //! envelopes from anyone, limited per source IP). So even while an envelope arrives the broker
 //! can tie it to a network address only, never to the sender's account. Clients keep this
 //! connection separate from their authenticated one.
@@ -13,9 +13,11 @@ use sealpost_proto::{ClientFrame, CloseCode, ErrorCode, ServerFrame, limits::MAX
 
 use super::{
     AppState,
+    group::{self, GroupFrom, GroupSend},
     route::{From, Send},
     session::{
-        OpenGuard, Pending, accept_decoded, admit, error_frame, refuse_over_rate, reject_send,
+        Answer, OpenGuard, Pending, accept_decoded, admit, error_frame, refuse_over_rate,
+        reject_send,
     },
 };
 use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
@@ -56,15 +58,14 @@ struct SealedSession<'a> {
 }
 
 impl Service for SealedSession<'_> {
-    type Event = (sealpost_proto::EnvelopeId, sealpost_proto::SendOutcome);
+    type Event = ServerFrame;
 
     async fn event(&mut self) -> Self::Event {
         self.pending.answer().await
     }
 
-    async fn on_event(&mut self, (id, outcome): Self::Event, out: &mut Writer) -> Flow {
-        let frame = ServerFrame::SendResult { id, outcome }.encode();
-        out.binary(frame).await.map_err(|_| None)
+    async fn on_event(&mut self, answer: Self::Event, out: &mut Writer) -> Flow {
+        out.binary(answer.encode()).await.map_err(|_| None)
     }
 
     fn reading(&self) -> bool {
@@ -88,19 +89,50 @@ impl Service for SealedSession<'_> {
         let Some(frame) = accept_decoded(session, decoded).await? else {
             return Ok(());
         };
-        let ClientFrame::SealedSend {
-            id,
-            to,
-            class,
-            ttl_secs,
-            copies,
-            delivery_token,
-        } = frame
-        else {
-            let msg = "only sealed_send is accepted here; authenticate on /v1/ws";
-            let frame = error_frame(ErrorCode::WrongEndpoint, msg, None);
-            let _ = session.binary(frame).await;
-            return Ok(());
+        let (id, to, class, ttl_secs, copies, delivery_token) = match frame {
+            ClientFrame::SealedSend {
+                id,
+                to,
+                class,
+                ttl_secs,
+                copies,
+                delivery_token,
+            } => (id, to, class, ttl_secs, copies, delivery_token),
+            ClientFrame::GroupSend {
+                id,
+                class,
+                ttl_secs,
+                ciphertext,
+                recipients,
+                order,
+            } => {
+                let send = GroupSend {
+                    id,
+                    class,
+                    ttl_secs,
+                    ciphertext,
+                    recipients,
+                    order,
+                };
+                match state
+                    .route_group(send, GroupFrom::Sealed { ip: self.ip })
+                    .await
+                {
+                    Ok(pending) => self.pending.push(Answer::Group(pending)),
+                    Err((code, epoch)) => {
+                        let answer = group::refused(id, code, epoch);
+                        let _ = session.binary(answer.encode()).await;
+                    }
+                }
+                return Ok(());
+            }
+            _ => {
+                let msg =
+                    "only sealed_send and group_send are accepted here; authenticate on /v1/ws";
+                let frame = error_frame(ErrorCode::WrongEndpoint, msg, None);
+                let _ = session.binary(frame).await;
+                return Ok(());
+            }
         };
         let send = Send {
             id,
@@ -112,9 +144,10 @@ impl Service for SealedSession<'_> {
                 token: delivery_token,
                 ip: self.ip,
             },
+            copy_limit: sealpost_proto::limits::MAX_CIPHERTEXT_BYTES,
         };
         match state.route(send).await {
-            Ok(pending) => self.pending.push(pending),
+            Ok(pending) => self.pending.push(Answer::Send(pending)),
             Err(code) => reject_send(session, id, code).await,
         }
         Ok(())

@@ -33,6 +33,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{
     AppState,
     error::ApiError,
+    group::{self, GroupFrom, GroupSend, PendingGroup},
     limits::{PreAuthFull, PreAuthSlot},
     route::{From, PendingSend, Send},
     tickets::Redeemed,
@@ -223,6 +224,10 @@ pub(crate) async fn refuse_over_rate(
         Ok(ClientFrame::Send { id, .. } | ClientFrame::SealedSend { id, .. }) => {
             reject_send(session, *id, ErrorCode::RateLimited).await;
         }
+        Ok(ClientFrame::GroupSend { id, .. }) => {
+            let answer = group::refused(*id, ErrorCode::RateLimited, None);
+            let _ = session.binary(answer.encode()).await;
+        }
         _ => {
             let _ = session
                 .binary(error_frame(ErrorCode::RateLimited, "slow down", None))
@@ -332,15 +337,40 @@ fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Futu
     }
 }
 
+/// A send's answer on its way: a `send`'s (from [`AppState::route`]) or a `group_send`'s.
+pub(crate) enum Answer {
+    Send(PendingSend),
+    Group(PendingGroup),
+}
+
+impl Future for Answer {
+    type Output = ServerFrame;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<ServerFrame> {
+        match self.get_mut() {
+            Answer::Send(send) => send
+                .as_mut()
+                .poll(cx)
+                .map(|(id, outcome)| ServerFrame::SendResult { id, outcome }),
+            Answer::Group(group) => group.as_mut().poll(cx),
+        }
+    }
+}
+
 /// Sends awaiting their results. Allocated on the first send and released once all are answered:
 /// most connections are idle most of the time, and an empty `FuturesUnordered` already holds
 /// two allocations.
 #[derive(Default)]
-pub(crate) struct Pending(Option<FuturesUnordered<PendingSend>>);
+pub(crate) struct Pending(Option<FuturesUnordered<Answer>>);
 
 impl Pending {
-    pub(crate) fn push(&mut self, send: PendingSend) {
-        self.0.get_or_insert_with(FuturesUnordered::new).push(send);
+    pub(crate) fn push(&mut self, answer: Answer) {
+        self.0
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(answer);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -348,7 +378,7 @@ impl Pending {
     }
 
     /// The next answer; never resolves while no send is waiting.
-    pub(crate) async fn answer(&mut self) -> (EnvelopeId, SendOutcome) {
+    pub(crate) async fn answer(&mut self) -> ServerFrame {
         match self.next().await {
             Some(answer) => answer,
             None => std::future::pending().await,
@@ -357,16 +387,14 @@ impl Pending {
 
     /// Answers every send still waiting.
     pub(crate) async fn drain(&mut self, session: &mut Writer) {
-        while let Some((id, outcome)) = self.next().await {
-            let _ = session
-                .binary(ServerFrame::SendResult { id, outcome }.encode())
-                .await;
+        while let Some(answer) = self.next().await {
+            let _ = session.binary(answer.encode()).await;
         }
     }
 }
 
 impl Stream for Pending {
-    type Item = (EnvelopeId, SendOutcome);
+    type Item = ServerFrame;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -430,7 +458,7 @@ enum DeviceEvent {
     /// A frame the mailbox pushed (`None`: the mailbox stopped).
     Push(Option<Bytes>),
     /// A send's result.
-    Answer((EnvelopeId, SendOutcome)),
+    Answer(ServerFrame),
 }
 
 impl Service for DeviceSession<'_> {
@@ -454,10 +482,7 @@ impl Service for DeviceSession<'_> {
             DeviceEvent::Push(None) => {
                 Err(Some(Close::new(CloseCode::GoingAway, "mailbox stopped")))
             }
-            DeviceEvent::Answer((id, outcome)) => {
-                let frame = ServerFrame::SendResult { id, outcome }.encode();
-                out.binary(frame).await.map_err(|_| None)
-            }
+            DeviceEvent::Answer(answer) => out.binary(answer.encode()).await.map_err(|_| None),
         }
     }
 
@@ -509,10 +534,39 @@ impl Service for DeviceSession<'_> {
                     ttl_secs,
                     copies,
                     from: From::Device,
+                    copy_limit: sealpost_proto::limits::MAX_CIPHERTEXT_BYTES,
                 };
                 match self.state.route(send).await {
-                    Ok(pending) => self.pending.push(pending),
+                    Ok(pending) => self.pending.push(Answer::Send(pending)),
                     Err(code) => reject_send(session, id, code).await,
+                }
+            }
+            ClientFrame::GroupSend { id, .. } if self.draining => {
+                let answer = group::refused(id, ErrorCode::ShuttingDown, None);
+                let _ = session.binary(answer.encode()).await;
+            }
+            ClientFrame::GroupSend {
+                id,
+                class,
+                ttl_secs,
+                ciphertext,
+                recipients,
+                order,
+            } => {
+                let send = GroupSend {
+                    id,
+                    class,
+                    ttl_secs,
+                    ciphertext,
+                    recipients,
+                    order,
+                };
+                match self.state.route_group(send, GroupFrom::Device).await {
+                    Ok(pending) => self.pending.push(Answer::Group(pending)),
+                    Err((code, epoch)) => {
+                        let answer = group::refused(id, code, epoch);
+                        let _ = session.binary(answer.encode()).await;
+                    }
                 }
             }
             // A sealed send on the connection that names its sender would undo the sealing:

@@ -35,6 +35,8 @@ pub struct Rates {
     pub stranger_rate: u32,
     /// Key claims per second for one target device.
     pub claim_rate: u32,
+    /// Commits per second for one group at its hub (bursts of four times that).
+    pub commit_rate: u32,
 }
 
 /// The call relay (coturn, TURN REST scheme).

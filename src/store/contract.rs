@@ -8,7 +8,7 @@
 use futures_util::future::join_all;
 
 use super::{
-    AppendError, DeliveryTokenRecord, DeviceRecord,
+    AppendError, DeliveryTokenRecord, DeviceRecord, EpochTaken,
     KeyKind::{Mls, Olm},
     KeyUpload, KeysPut, LinkCodeRecord, NewEnvelope, OutboxRecord, QueueLimits, StoreError, Stores,
     Trim,
@@ -33,6 +33,7 @@ fn device() -> DeviceRecord {
 pub async fn all(stores: &Stores, prefix: &str) {
     directory(stores, prefix).await;
     keys(stores, prefix).await;
+    group_epochs(stores, prefix).await;
     inbox(stores, prefix).await;
     quota(stores, prefix).await;
     outbox(stores, prefix).await;
@@ -208,6 +209,58 @@ pub async fn keys(stores: &Stores, prefix: &str) {
             "removed with the device"
         );
     }
+}
+
+/// A group's epochs at its hub: the first Commit of an epoch (and its retries) takes it, even
+/// among concurrent ones; later and earlier ones are told the current epoch; groups are apart.
+pub async fn group_epochs(stores: &Stores, prefix: &str) {
+    let d = &stores.directory;
+    let group = |n: u8| {
+        let mut g = prefix.as_bytes().to_vec();
+        g.resize(16, n);
+        g
+    };
+    let (a, b) = (group(1), group(2));
+    // A group never seen starts at its first Commit's epoch.
+    assert_eq!(
+        d.take_epoch(&a, 0, [1; 16], 5).await.unwrap(),
+        EpochTaken::Taken
+    );
+    assert_eq!(
+        d.take_epoch(&a, 0, [1; 16], 6).await.unwrap(),
+        EpochTaken::Taken,
+        "a retry of the winner"
+    );
+    assert_eq!(
+        d.take_epoch(&a, 0, [2; 16], 6).await.unwrap(),
+        EpochTaken::Stale { current: 1 },
+        "the loser of epoch 0"
+    );
+    assert_eq!(
+        d.take_epoch(&a, 7, [3; 16], 6).await.unwrap(),
+        EpochTaken::Stale { current: 1 },
+        "an epoch the group is not in"
+    );
+    // Eight concurrent Commits for epoch 1: exactly one wins.
+    let racers = join_all((10..18u8).map(|i| d.take_epoch(&a, 1, [i; 16], 7))).await;
+    let won = racers
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap() == EpochTaken::Taken)
+        .count();
+    assert_eq!(won, 1);
+    assert_eq!(
+        d.take_epoch(&a, 1, [99; 16], 8).await.unwrap(),
+        EpochTaken::Stale { current: 2 }
+    );
+    assert_eq!(
+        d.take_epoch(&b, 5, [1; 16], 5).await.unwrap(),
+        EpochTaken::Taken
+    );
+    assert_eq!(
+        d.take_epoch(&a, 2, [4; 16], 9).await.unwrap(),
+        EpochTaken::Taken,
+        "another group's Commit changes nothing here"
+    );
 }
 
 fn envelope<'a>(id: u8, copies: Vec<(u32, &'a [u8])>) -> NewEnvelope<'a> {

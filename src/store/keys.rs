@@ -16,6 +16,7 @@
 //! user_devicelist        b'l' handle                     -> signed device list (opaque)
 //! user_deliverytoken     b't' handle                     -> DeliveryTokenRecord
 //! usercode_link          b'c' handle 0xff code_hash:[32] -> LinkCodeRecord
+//! group_hub              b'G' group_id:[16..=32]         -> GroupRecord (at the group's hub)
 //! ```
 //!
 //! Tree `queues` (one tree, so that a send's writes commit in one atomic batch). `H(handle)`
@@ -69,6 +70,7 @@ pub(crate) const LAST_RESORT_KEY_PACKAGE: u8 = b'g';
 pub(crate) const DEVICE_LIST: u8 = b'l';
 pub(crate) const DELIVERY_TOKEN: u8 = b't';
 pub(crate) const LINK_CODE: u8 = b'c';
+pub(crate) const GROUP: u8 = b'G';
 pub(crate) const HEAD: u8 = b'H';
 pub(crate) const ENVELOPE: u8 = b'E';
 pub(crate) const DEDUP: u8 = b'D';
@@ -142,6 +144,13 @@ pub(crate) fn link_code(user: &str, code_hash: &[u8; 32]) -> Vec<u8> {
     let mut k = key(LINK_CODE, user, 33);
     k.push(SEP);
     k.extend_from_slice(code_hash);
+    k
+}
+
+pub(crate) fn group(group: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + group.len());
+    k.push(GROUP);
+    k.extend_from_slice(group);
     k
 }
 

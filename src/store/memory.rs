@@ -17,9 +17,10 @@ use std::{
 
 use super::{
     AccountRecord, AppendError, Appended, Claimed, DeliveryTokenRecord, DeviceRecord, Directory,
-    Due, EnvelopeRecord, FallbackKeyRecord, Health, Inbox, KeyCount, KeyKind, KeyUpload, KeysPut,
-    LinkCodeRecord, NewEnvelope, Outbox, OutboxEntry, OutboxRecord, Placement, QueueLimits, Result,
-    StoreError, StoreFuture, Trim, UserInbox, records::RECORD_VERSION,
+    Due, EnvelopeRecord, EpochTaken, FallbackKeyRecord, GroupRecord, Health, Inbox, KeyCount,
+    KeyKind, KeyUpload, KeysPut, LinkCodeRecord, NewEnvelope, Outbox, OutboxEntry, OutboxRecord,
+    Placement, QueueLimits, Result, StoreError, StoreFuture, Trim, UserInbox,
+    records::RECORD_VERSION,
 };
 
 /// Faults to inject; each can be switched at any time.
@@ -56,6 +57,7 @@ struct State {
     /// Appended envelope ids: (remembered until, where stored).
     dedup: BTreeMap<(String, [u8; 16]), (u64, Placement)>,
     outbox: BTreeMap<(String, u64), OutboxRecord>,
+    groups: BTreeMap<Vec<u8>, GroupRecord>,
 }
 
 /// The one-time keys of one kind of one device.
@@ -621,6 +623,24 @@ impl Directory for MemoryStore {
             self.state().link_codes.insert((user, code_hash), record);
         });
         self.durable(put)
+    }
+
+    fn take_epoch(
+        &self,
+        group: &[u8],
+        epoch: u64,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> StoreFuture<EpochTaken> {
+        let taken = self.check_io().map(|()| {
+            let mut s = self.state();
+            let (answer, write) = GroupRecord::take(s.groups.get(group), epoch, id, now_ms);
+            if let Some(record) = write {
+                s.groups.insert(group.to_vec(), record);
+            }
+            answer
+        });
+        self.durable(taken)
     }
 
     fn take_link_code(&self, user: &str, code_hash: [u8; 32], now_ms: u64) -> StoreFuture<bool> {

@@ -58,8 +58,8 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 pub use self::sled::{SledStore, StoreOptions};
 pub use records::{
-    AccountRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord, FallbackKeyRecord,
-    LinkCodeRecord, OutboxRecord,
+    AccountRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord, EpochTaken,
+    FallbackKeyRecord, GroupRecord, LinkCodeRecord, OutboxRecord,
 };
 
 /// Errors of the store, sorted by source.
@@ -383,6 +383,16 @@ pub trait Directory: Send + Sync + 'static {
     /// Claims a key: the lowest one-time key (consumed, atomically: never handed out twice)
     /// or, when none is left, the fallback key (kept).
     fn claim_key(&self, user: &str, device: u32, kind: KeyKind) -> StoreFuture<Option<Claimed>>;
+    /// At a group's hub: takes `epoch` of `group` for the Commit sent as `id`, atomically —
+    /// the first Commit of an epoch (and its retries) wins, every other is answered the
+    /// group's current epoch ([`records::GroupRecord::take`]).
+    fn take_epoch(
+        &self,
+        group: &[u8],
+        epoch: u64,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> StoreFuture<EpochTaken>;
     /// The account's signed device list, opaque.
     fn device_list(&self, user: &str) -> StoreFuture<Option<Vec<u8>>>;
     /// Replaces the account's signed device list.

@@ -152,6 +152,60 @@ pub struct LinkCodeRecord {
     pub expires_ms: u64,
 }
 
+/// A group at its hub: the epoch its next Commit must name, and which send took the last one.
+/// The group id (random, opaque) is the key; nothing else of the group is known here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Record version.
+    pub version: u8,
+    /// The epoch the group is in: the next Commit must name it.
+    pub epoch: u64,
+    /// The envelope id of the Commit that moved the group into `epoch` (its retries are
+    /// answered as taken).
+    pub last_id: [u8; 16],
+    /// When that happened, ms since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+/// What the hub answers a Commit that names an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochTaken {
+    /// The Commit took the epoch (or is a retry of the one that did): fan it out.
+    Taken,
+    /// Another Commit took it, or the group is past it: the group is in `current`.
+    Stale {
+        /// The group's epoch now.
+        current: u64,
+    },
+}
+
+impl GroupRecord {
+    /// Decides a Commit of send `id` naming `epoch` against the stored record (`None`: a group
+    /// never seen, which starts at whatever epoch its first Commit names): the answer, and the
+    /// record to store if it changed. The same for every backend, which make it atomic.
+    pub(crate) fn take(
+        stored: Option<&GroupRecord>,
+        epoch: u64,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> (EpochTaken, Option<GroupRecord>) {
+        let next = || GroupRecord {
+            version: RECORD_VERSION,
+            epoch: epoch.saturating_add(1),
+            last_id: id,
+            updated_ms: now_ms,
+        };
+        match stored {
+            None => (EpochTaken::Taken, Some(next())),
+            Some(r) if r.epoch == epoch => (EpochTaken::Taken, Some(next())),
+            Some(r) if r.epoch == epoch.saturating_add(1) && r.last_id == id => {
+                (EpochTaken::Taken, None)
+            }
+            Some(r) => (EpochTaken::Stale { current: r.epoch }, None),
+        }
+    }
+}
+
 /// One envelope waiting in a federation outbox for its destination broker's acknowledgement.
 /// It names the recipient and nothing about the sender.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,5 +288,6 @@ versioned!(
     FallbackKeyRecord,
     DeliveryTokenRecord,
     LinkCodeRecord,
-    OutboxRecord
+    OutboxRecord,
+    GroupRecord
 );

@@ -714,6 +714,7 @@ impl Engine {
     ///   "message"|"call"|"contact"|"duplicate"|"ignored"|"rejected", …}`, or `{need_list:
     ///   user}`: fetch and accept that list, then call again with `refetched = true`.
     /// - `send_result`: `{id, accepted, code, current_devices}`.
+    /// - `group_send_result`: `{id, code, epoch, refused: [{to, code, current_devices}]}`.
     /// - `auth_ok`, `queue_empty`, `notice` (`{notice}`), `error` (`{code, message}`).
     pub fn receive(&mut self, frame: &[u8], refetched: bool) -> Result<String, JsError> {
         let frame = ServerFrame::decode(frame).map_err(err)?;
@@ -753,6 +754,16 @@ impl Engine {
             ServerFrame::Error { code, message, .. } => {
                 json!({"type": "error", "code": code.as_str(), "message": message})
             }
+            ServerFrame::GroupSendResult {
+                id,
+                code,
+                refused,
+                epoch,
+            } => json!({"type": "group_send_result", "id": hex(&id.0),
+                    "code": code.map(|c| c.as_str()), "epoch": epoch,
+                    "refused": refused.iter().map(|r| json!({"to": r.to, "code": r.code.as_str(),
+                        "current_devices": r.current_devices.iter().map(|d| d.0).collect::<Vec<_>>()}))
+                        .collect::<Vec<_>>()}),
         };
         Ok(out.to_string())
     }

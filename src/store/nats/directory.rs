@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Inner, NatsStore, subjects};
 use crate::store::{
-    AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, FallbackKeyRecord,
-    KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture,
+    AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, EpochTaken,
+    FallbackKeyRecord, GroupRecord, KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result,
+    StoreError, StoreFuture,
     records::{self, RECORD_VERSION, Versioned},
 };
 
@@ -461,6 +462,40 @@ impl Directory for NatsStore {
                 }
                 Err(e) => Err(inner.failed("ticket", e)),
             }
+        })
+    }
+
+    fn take_epoch(
+        &self,
+        group: &[u8],
+        epoch: u64,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> StoreFuture<EpochTaken> {
+        let key = subjects::group(group);
+        self.run(move |inner| async move {
+            // Of two pods taking the same epoch, one wins the compare-and-set; the other
+            // reads the winner's record and is answered from it.
+            for _ in 0..CAS_ATTEMPTS {
+                let c = current(&inner.directory, &key).await?;
+                let stored: Option<GroupRecord> = decode(c.value)?;
+                let (answer, write) = GroupRecord::take(stored.as_ref(), epoch, id, now_ms);
+                let Some(record) = write else {
+                    return Ok(answer);
+                };
+                if cas(
+                    &inner,
+                    &inner.directory,
+                    &key,
+                    c.revision,
+                    records::encode(&record),
+                )
+                .await?
+                {
+                    return Ok(answer);
+                }
+            }
+            Err(conflict())
         })
     }
 

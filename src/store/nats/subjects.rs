@@ -28,6 +28,7 @@
 //!                     and the device limit change under one compare-and-set)
 //!   k.<U>.<device>    KeysDoc: one-time keys and the fallback key (a claim is one CAS)
 //!   kp.<U>.<device>   KeysDoc: MLS KeyPackages, one-time ones and the last-resort one
+//!   g.<group hex>     GroupRecord: a group at its hub (a Commit takes an epoch: one CAS)
 //!   l.<U>             the signed device list (opaque)
 //!   t.<U>             DeliveryTokenRecord
 //! sealpost_link_codes (entries live at most an hour; a code is valid ten minutes)
@@ -120,6 +121,16 @@ pub(super) const OUTBOX_SUBJECTS: &str = "sp.out.>";
 
 pub(super) fn account(user: &str) -> String {
     format!("a.{user}")
+}
+
+/// A group at its hub, by its (random, opaque) id.
+pub(super) fn group(group: &[u8]) -> String {
+    let mut key = String::with_capacity(2 + 2 * group.len());
+    key.push_str("g.");
+    for b in group {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
 }
 
 /// A device's published keys of one kind: one document (see `directory`).

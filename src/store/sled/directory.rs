@@ -3,9 +3,9 @@
 
 use super::{Inner, SledStore, by_device};
 use crate::store::{
-    AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, FallbackKeyRecord,
-    KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result, StoreError, StoreFuture, keys,
-    ready,
+    AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, EpochTaken,
+    FallbackKeyRecord, GroupRecord, KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result,
+    StoreError, StoreFuture, keys, ready,
     records::{self, RECORD_VERSION},
 };
 
@@ -160,6 +160,27 @@ impl Inner {
         ))
     }
 
+    fn take_epoch(
+        &self,
+        group: &[u8],
+        epoch: u64,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> Result<(EpochTaken, bool)> {
+        let _guard = self.lock();
+        let key = keys::group(group);
+        let stored: Option<GroupRecord> = self
+            .accounts
+            .get(&key)?
+            .map(|v| records::decode(&v))
+            .transpose()?;
+        let (answer, write) = GroupRecord::take(stored.as_ref(), epoch, id, now_ms);
+        if let Some(record) = &write {
+            self.accounts.insert(key, records::encode(record))?;
+        }
+        Ok((answer, write.is_some()))
+    }
+
     fn take_link_code(&self, user: &str, code_hash: &[u8; 32], now_ms: u64) -> Result<bool> {
         let _guard = self.lock();
         let Some(v) = self.accounts.remove(keys::link_code(user, code_hash))? else {
@@ -225,6 +246,22 @@ impl Directory for SledStore {
         match self.inner().claim_key(user, device, kind) {
             Ok((claimed, true)) => self.inner().durably(|| Ok(claimed)),
             Ok((claimed, false)) => ready(Ok(claimed)),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    fn take_epoch(
+        &self,
+        group: &[u8],
+        epoch: u64,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> StoreFuture<EpochTaken> {
+        match self.inner().take_epoch(group, epoch, id, now_ms) {
+            Ok((answer, true)) => self.inner().durably(|| Ok(answer)),
+            // A retry of the winner: answered once its record is durable, like the first.
+            Ok((EpochTaken::Taken, false)) => self.inner().durably(|| Ok(EpochTaken::Taken)),
+            Ok((answer, false)) => ready(Ok(answer)),
             Err(e) => ready(Err(e)),
         }
     }

@@ -1,0 +1,223 @@
+//! One upload, many recipients: a `group_send` (an MLS group message) becomes one [`Send`] per
+//! recipient, each routed as a `send` to that recipient would be (its mailbox or its domain's
+//! federation peer), under the same envelope id. Every recipient's copies are stored with
+//! the guarantees of a 1:1 send (idempotent by id, durable before the answer, quota, TTL, its
+//! device set checked); the answer lists the recipients that were refused.
+//!
+//! ```text
+//! ClientFrame::GroupSend ─▶ check fields ─▶ [order at the hub] ─▶ for each recipient: route(Send) ─▶ join ─▶ group_send_result
+//! ```
+//!
+//! Handshake messages carry an [`Order`]: the group's hub (a broker of the creator's domain)
+//! takes the epoch for the first send that asks, and refuses every other with `stale_epoch`
+//! (see `hub`), before anything is stored.
+
+use std::{collections::HashSet, net::IpAddr, pin::Pin, sync::Arc};
+
+use futures_util::future::join_all;
+use sealpost_proto::{
+    Class, Copy, EnvelopeId, ErrorCode, GroupRecipient, Order, RecipientRefusal, SendOutcome,
+    ServerFrame,
+    federation::LinkFrame,
+    limits::{MAX_DEVICES_PER_USER, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_RECIPIENTS},
+};
+
+use super::{
+    AppState,
+    route::{From, Send},
+};
+use crate::{clock::now_ms, federation::messages::Request, store::EpochTaken};
+
+/// A `group_send` as it reaches the gateway.
+pub(crate) struct GroupSend {
+    pub(crate) id: EnvelopeId,
+    pub(crate) class: Class,
+    pub(crate) ttl_secs: u32,
+    pub(crate) ciphertext: Vec<u8>,
+    pub(crate) recipients: Vec<GroupRecipient>,
+    pub(crate) order: Option<Order>,
+}
+
+/// Where a group send came from.
+#[derive(Clone, Copy)]
+pub(crate) enum GroupFrom {
+    /// An authenticated device (`/v1/ws`): its connection admits every recipient.
+    Device,
+    /// The anonymous endpoint: each recipient is admitted by its own delivery token.
+    Sealed { ip: Option<IpAddr> },
+}
+
+/// A group send's answer, once every recipient has answered.
+pub(crate) type PendingGroup = Pin<Box<dyn Future<Output = ServerFrame>>>;
+
+/// The answer to a group send refused as a whole.
+pub(crate) fn refused(id: EnvelopeId, code: ErrorCode, epoch: Option<u64>) -> ServerFrame {
+    crate::telemetry::reject(code.as_str());
+    ServerFrame::GroupSendResult {
+        id,
+        code: Some(code),
+        refused: Vec::new(),
+        epoch,
+    }
+}
+
+impl AppState {
+    /// Checks a group send, has its order taken at the hub if it asks, and routes it to every
+    /// recipient; resolves once each is handed over, to the future of the answer. Refused as a
+    /// whole: the code, and with `stale_epoch` the group's current epoch.
+    pub(crate) async fn route_group(
+        &self,
+        send: GroupSend,
+        from: GroupFrom,
+    ) -> Result<PendingGroup, (ErrorCode, Option<u64>)> {
+        let GroupSend {
+            id,
+            class,
+            ttl_secs,
+            ciphertext,
+            recipients,
+            order,
+        } = send;
+        check_recipients(&ciphertext, &recipients).map_err(|code| (code, None))?;
+        if let Some(order) = order {
+            self.order_epoch(&order, id).await?;
+        }
+        let ciphertext = Arc::new(ciphertext);
+        let mut answers = Vec::with_capacity(recipients.len());
+        let mut refused = Vec::new();
+        for recipient in recipients {
+            let to = recipient.to.clone();
+            let send = Send {
+                id,
+                to: recipient.to,
+                class,
+                ttl_secs,
+                copies: recipient
+                    .devices
+                    .iter()
+                    .map(|&device| Copy {
+                        device,
+                        ciphertext: ciphertext.as_ref().clone(),
+                    })
+                    .collect(),
+                from: match from {
+                    GroupFrom::Device => From::Device,
+                    GroupFrom::Sealed { ip } => From::Sealed {
+                        token: recipient.delivery_token,
+                        ip,
+                    },
+                },
+                copy_limit: MAX_GROUP_CIPHERTEXT_BYTES,
+            };
+            match self.route(send).await {
+                Ok(answer) => answers.push(async move { (to, answer.await.1) }),
+                Err(code) => refused.push(refusal(to, code, Vec::new())),
+            }
+        }
+        Ok(Box::pin(async move {
+            for (to, outcome) in join_all(answers).await {
+                if let SendOutcome::Rejected {
+                    code,
+                    current_devices,
+                } = outcome
+                {
+                    refused.push(refusal(to, code, current_devices));
+                }
+            }
+            ServerFrame::GroupSendResult {
+                id,
+                code: None,
+                refused,
+                epoch: None,
+            }
+        }))
+    }
+}
+
+impl AppState {
+    /// Has `order` taken at the group's hub: here, or asked of the hub's broker over the
+    /// federation link. `Err((stale_epoch, Some(current)))` when another Commit has it.
+    async fn order_epoch(
+        &self,
+        order: &Order,
+        id: EnvelopeId,
+    ) -> Result<(), (ErrorCode, Option<u64>)> {
+        if order.hub == self.settings.domain {
+            return self.take_epoch_here(&order.group, order.epoch, id).await;
+        }
+        if !self.federation.is_peer(&order.hub) {
+            return Err((ErrorCode::UnknownDomain, None));
+        }
+        let request = Request::TakeEpoch {
+            group: order.group.clone(),
+            epoch: order.epoch,
+            id,
+        };
+        match self.federation.request(&order.hub, request).await {
+            Ok(LinkFrame::Epoch { taken: true, .. }) => Ok(()),
+            Ok(LinkFrame::Epoch { current, .. }) => Err((ErrorCode::StaleEpoch, Some(current))),
+            Ok(LinkFrame::Refused { code, .. }) | Err(code) => Err((code, None)),
+            Ok(_) => Err((ErrorCode::PeerUnavailable, None)),
+        }
+    }
+
+    /// At the hub: takes the epoch for a Commit of one of this broker's groups, from a local
+    /// device or a peer's. Commits are limited per group.
+    pub(crate) async fn take_epoch_here(
+        &self,
+        group: &[u8],
+        epoch: u64,
+        id: EnvelopeId,
+    ) -> Result<(), (ErrorCode, Option<u64>)> {
+        if !self.limits.allow_commit(group) {
+            return Err((ErrorCode::RateLimited, None));
+        }
+        let taken = self
+            .store
+            .directory
+            .take_epoch(group, epoch, id.0, now_ms())
+            .await;
+        match taken {
+            Ok(EpochTaken::Taken) => {
+                metrics::counter!("sealpost_group_epochs_total").increment(1);
+                Ok(())
+            }
+            Ok(EpochTaken::Stale { current }) => Err((ErrorCode::StaleEpoch, Some(current))),
+            Err(_) => Err((ErrorCode::StoreUnavailable, None)),
+        }
+    }
+}
+
+fn refusal(
+    to: String,
+    code: ErrorCode,
+    current_devices: Vec<sealpost_proto::DeviceId>,
+) -> RecipientRefusal {
+    crate::telemetry::reject(code.as_str());
+    RecipientRefusal {
+        to,
+        code,
+        current_devices,
+    }
+}
+
+/// The checks of a group send that need no account: its size, and each recipient once with
+/// 1 to [`MAX_DEVICES_PER_USER`] distinct devices (per-recipient checks follow in `route`).
+fn check_recipients(ciphertext: &[u8], recipients: &[GroupRecipient]) -> Result<(), ErrorCode> {
+    if ciphertext.len() > MAX_GROUP_CIPHERTEXT_BYTES {
+        return Err(ErrorCode::EnvelopeTooLarge);
+    }
+    if recipients.is_empty() || recipients.len() > MAX_GROUP_RECIPIENTS {
+        return Err(ErrorCode::InvalidRecipients);
+    }
+    let mut seen = HashSet::with_capacity(recipients.len());
+    for r in recipients {
+        if !seen.insert(r.to.as_str()) {
+            return Err(ErrorCode::InvalidRecipients);
+        }
+        if r.devices.is_empty() || r.devices.len() > MAX_DEVICES_PER_USER {
+            return Err(ErrorCode::InvalidCopies);
+        }
+    }
+    Ok(())
+}
