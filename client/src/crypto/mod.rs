@@ -15,6 +15,8 @@
 //!   that an envelope's claimed sender owns the Olm session that decrypted it.
 //! - [`payload`]: the application plaintext carried inside an Olm message ([`Payload`]).
 //! - [`link`]: proofs of a link code's secret, for linking a new device.
+//! - [`group`]: group conversations with MLS (`openmls`): members certified by their
+//!   devices' identity keys, KeyPackages, Commits, Welcomes and the group wire format.
 //! - [`safety`]: safety numbers derived from both users' handles and master keys.
 //! - [`pins`]: trust-on-first-use pins of contacts' master keys and last device-list versions.
 //! - [`seen`]: envelope ids already handled ([`SeenIds`]), to drop redeliveries.
@@ -78,6 +80,7 @@
 //! plaintext, so they are safe to log.
 
 pub mod device_list;
+pub mod group;
 pub mod identity;
 pub mod link;
 pub mod message;
