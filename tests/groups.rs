@@ -431,9 +431,17 @@ async fn group_sends_cross_domains_and_commits_are_ordered_at_a_remote_hub() {
     let alice2 = add_device(&ba, &alice).await;
     let bob = register(&bb, "bob@b.example").await;
     let bob2 = add_device(&bb, &bob).await;
+    let erin = register(&bb, "erin@b.example").await;
     let mut sender = Device::connect(&ba, &alice).await;
     assert!(sender.backlog().await.is_empty());
-    let members = || vec![recipient(&[&alice, &alice2]), recipient(&[&bob, &bob2])];
+    // Two recipients on b.example under one envelope id: each gets its copy.
+    let members = || {
+        vec![
+            recipient(&[&alice, &alice2]),
+            recipient(&[&bob, &bob2]),
+            recipient(&[&erin]),
+        ]
+    };
 
     // The hub is b.example: alice's Commit is ordered there, through her own broker.
     let commit = eid();
@@ -471,6 +479,11 @@ async fn group_sends_cross_domains_and_commits_are_ordered_at_a_remote_hub() {
             vec![b"commit 0".to_vec(), b"hello group".to_vec()]
         );
     }
+    let mut e = Device::connect(&bb, &erin).await;
+    assert_eq!(
+        bodies(&mut e, 2).await,
+        vec![b"commit 0".to_vec(), b"hello group".to_vec()]
+    );
     let mut own = Device::connect(&ba, &alice2).await;
     assert_eq!(
         bodies(&mut own, 2).await,

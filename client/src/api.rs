@@ -258,21 +258,45 @@ impl Api {
         Ok(())
     }
 
-    /// `PUT .../keys`: uploads one-time keys `(key_id, bytes)` and optionally a fallback key.
-    /// Returns the number of one-time keys the directory now holds for the device.
+    /// `PUT .../keys`: uploads one-time keys (and a fallback key); returns how many one-time
+    /// keys the device now holds.
     pub async fn upload_keys(
         &self,
         creds: &DeviceCreds,
         one_time: &[(u64, Vec<u8>)],
         fallback: Option<&(u64, Vec<u8>)>,
     ) -> Result<u64, ApiError> {
-        const WHAT: &str = "uploading keys";
+        self.upload(creds, "keys", "uploading keys", one_time, fallback)
+            .await
+    }
+
+    /// `PUT .../key-packages`: uploads MLS KeyPackages (and a last-resort one); returns how
+    /// many one-time KeyPackages the device now holds.
+    pub async fn upload_key_packages(
+        &self,
+        creds: &DeviceCreds,
+        packages: &[(u64, Vec<u8>)],
+        last_resort: Option<&(u64, Vec<u8>)>,
+    ) -> Result<u64, ApiError> {
+        let what = "uploading KeyPackages";
+        self.upload(creds, "key-packages", what, packages, last_resort)
+            .await
+    }
+
+    async fn upload(
+        &self,
+        creds: &DeviceCreds,
+        set: &str,
+        what: &'static str,
+        one_time: &[(u64, Vec<u8>)],
+        fallback: Option<&(u64, Vec<u8>)>,
+    ) -> Result<u64, ApiError> {
         let body = http::key_upload_body(&KeyUpload {
             one_time: one_time.to_vec(),
             fallback: fallback.cloned(),
         });
         let path = format!(
-            "/v1/accounts/{}/devices/{}/keys",
+            "/v1/accounts/{}/devices/{}/{set}",
             creds.handle, creds.device
         );
         let resp = self
@@ -280,8 +304,8 @@ impl Api {
             .json(&body)
             .send()
             .await?;
-        let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
-        v["one_time"].as_u64().ok_or(ApiError::BadAnswer(WHAT))
+        let v: Value = Self::json(Self::check(resp, what).await?, what).await?;
+        v["one_time"].as_u64().ok_or(ApiError::BadAnswer(what))
     }
 
     /// `GET .../keys`: this device's one-time key count and whether it has a fallback key.
@@ -299,21 +323,45 @@ impl Api {
         ))
     }
 
-    /// `POST .../keys/claim`: takes one key of `handle`'s `device`.
+    /// `POST .../keys/claim`: claims one of a device's keys (a one-time key, or the
+    /// fallback key once they ran out).
     pub async fn claim_key(
         &self,
         handle: &str,
         device: u32,
         auth: ClaimAuth<'_>,
     ) -> Result<ClaimedKey, ApiError> {
-        const WHAT: &str = "claiming a key";
+        self.claim(handle, device, "keys", "claiming a key", auth)
+            .await
+    }
+
+    /// `POST .../key-packages/claim`: claims one of a device's MLS KeyPackages (a one-time
+    /// one, or the last-resort one once they ran out).
+    pub async fn claim_key_package(
+        &self,
+        handle: &str,
+        device: u32,
+        auth: ClaimAuth<'_>,
+    ) -> Result<ClaimedKey, ApiError> {
+        let what = "claiming a KeyPackage";
+        self.claim(handle, device, "key-packages", what, auth).await
+    }
+
+    async fn claim(
+        &self,
+        handle: &str,
+        device: u32,
+        set: &str,
+        what: &'static str,
+        auth: ClaimAuth<'_>,
+    ) -> Result<ClaimedKey, ApiError> {
         #[derive(Deserialize)]
         struct Answer {
             key_id: u64,
             key: String,
             fallback: bool,
         }
-        let path = format!("/v1/accounts/{handle}/devices/{device}/keys/claim");
+        let path = format!("/v1/accounts/{handle}/devices/{device}/{set}/claim");
         let request = match auth {
             ClaimAuth::DeliveryToken(token) => self
                 .request(Method::POST, &path)
@@ -324,10 +372,10 @@ impl Api {
             ClaimAuth::None => self.request(Method::POST, &path),
         };
         let resp = request.send().await?;
-        let a: Answer = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        let a: Answer = Self::json(Self::check(resp, what).await?, what).await?;
         Ok(ClaimedKey {
             key_id: a.key_id,
-            key: http::claimed_key(&json!({ "key": a.key })).ok_or(ApiError::BadAnswer(WHAT))?,
+            key: http::claimed_key(&json!({ "key": a.key })).ok_or(ApiError::BadAnswer(what))?,
             fallback: a.fallback,
         })
     }

@@ -179,6 +179,10 @@ pub enum EnvelopeError {
     /// grant failed); link the device again.
     #[error("could not complete linking a device: {0}")]
     LinkFailed(Box<ClientError>),
+    /// A group envelope that cannot be read: malformed, of a group this device is not in,
+    /// or of an epoch whose secrets are gone.
+    #[error("group envelope: {0}")]
+    Group(crate::crypto::group::GroupError),
 }
 
 /// Why an API call failed.

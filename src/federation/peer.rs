@@ -63,8 +63,8 @@ enum Link {
 struct Entry {
     accepted_ms: u64,
     bytes: u64,
-    /// The envelope id, for entries accepted by this incarnation.
-    id: Option<EnvelopeId>,
+    /// The envelope id and its recipient, for entries accepted by this incarnation.
+    id: Option<(EnvelopeId, String)>,
 }
 
 /// A transaction sent and not yet acknowledged.
@@ -85,6 +85,11 @@ struct Parked {
     /// Spaces the resends out while the mailbox stays full.
     backoff: Backoff,
 }
+
+/// After a send that named other devices than the ones known made the peer ask again, further
+/// such sends to that user are checked against the answer for this long without asking (a
+/// sender with a wrong set cannot make every send a lookup).
+const RECHECK_AFTER: Duration = Duration::from_millis(100);
 
 /// What the peer knows of a remote user's devices, for stale-set checks before accepting.
 struct KnownDevices {
@@ -119,9 +124,10 @@ pub struct FederationPeer {
     /// Unacknowledged outbox entries by seq. Ciphertext stays in the store.
     backlog: BTreeMap<u64, Entry>,
     backlog_bytes: u64,
-    /// Ids of entries accepted by this incarnation and still in the backlog: a client's retry
-    /// is answered as a duplicate without a second entry.
-    ids: HashMap<EnvelopeId, u64>,
+    /// Ids of entries accepted by this incarnation and still in the backlog, with their
+    /// recipients (one id names a group send to many): a client's retry is answered as a
+    /// duplicate without a second entry.
+    ids: HashMap<(EnvelopeId, String), u64>,
     in_flight: VecDeque<InFlight>,
     next_txn: u64,
     /// Ephemeral envelopes waiting for the link (never stored), at most one transaction's worth.
@@ -142,6 +148,8 @@ pub struct FederationPeer {
     /// No transaction is sent before this (after a retryable refusal).
     hold_until: Option<Instant>,
     known: HashMap<String, KnownDevices>,
+    /// When a send naming other devices than the known ones last made us ask again, by user.
+    rechecked: HashMap<String, Instant>,
     /// Sends to a recipient whose device lookup is running, in arrival order: they are
     /// accepted together when it ends, so later sends to that recipient never overtake earlier
     /// ones, and sends to everyone else go on meanwhile.
@@ -266,6 +274,7 @@ impl FederationPeer {
             backoff,
             hold_until: None,
             known: HashMap::new(),
+            rechecked: HashMap::new(),
             waiting: HashMap::new(),
             lookups_paused_until: None,
             outage: None,
@@ -759,12 +768,19 @@ impl FederationPeer {
     }
 
     /// Whether a send should wait for the recipient's current devices: a durable or urgent
-    /// send, the devices not learned within the cache period, the link up and answering.
+    /// send, the devices not learned within the cache period (or the send names others than
+    /// those known: the sender may know of a device linked since, and would otherwise be
+    /// refused with what is only our older view; asked again at most every
+    /// [`RECHECK_AFTER`]), the link up and answering.
     fn should_ask(&self, msg: &Enqueue) -> bool {
-        let fresh = self
-            .known
-            .get(&msg.to)
-            .is_some_and(|k| k.at.elapsed() < self.settings.device_cache);
+        let fresh = self.known.get(&msg.to).is_some_and(|k| {
+            k.at.elapsed() < self.settings.device_cache
+                && (self.stale(&msg.to, &msg.copies).is_none()
+                    || self
+                        .rechecked
+                        .get(&msg.to)
+                        .is_some_and(|at| at.elapsed() < RECHECK_AFTER))
+        });
         let paused = self
             .lookups_paused_until
             .is_some_and(|until| Instant::now() < until);
@@ -884,7 +900,8 @@ impl FederationPeer {
             let _ = reply.send(SendOutcome::Accepted { duplicate: false });
             return;
         }
-        let duplicate = self.ids.contains_key(&msg.id);
+        let key = (msg.id, msg.to.clone());
+        let duplicate = self.ids.contains_key(&key);
         let mut durable = None;
         if !duplicate {
             // A destination unreachable for long must not fill the disk: past the quota,
@@ -934,11 +951,11 @@ impl FederationPeer {
                 Entry {
                     accepted_ms: now,
                     bytes: size,
-                    id: Some(msg.id),
+                    id: Some(key.clone()),
                 },
             );
             self.backlog_bytes += size;
-            self.ids.insert(msg.id, seq);
+            self.ids.insert(key, seq);
             metrics::counter!("sealpost_federation_enqueued_total", "destination" => self.config.domain.clone())
                 .increment(1);
         }
@@ -1060,6 +1077,12 @@ impl Handler<Enqueue> for FederationPeer {
             // Ask the recipient's broker for the current devices, for at most `lookup_wait`;
             // the actor goes on serving everything else meanwhile.
             let user = msg.to.clone();
+            if self.known.contains_key(&user) {
+                if self.rechecked.len() > 100_000 {
+                    self.rechecked.clear();
+                }
+                self.rechecked.insert(user.clone(), Instant::now());
+            }
             self.waiting
                 .insert(user.clone(), VecDeque::from([(msg, tx)]));
             let lookup = self.query(Request::GetDevices { user: user.clone() });

@@ -558,7 +558,12 @@ impl GroupKeys {
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
         let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
-            .map_err(mls)?
+            .map_err(|e| match e {
+                // A Welcome for another device of this account (the broker delivers a
+                // group's envelopes to every device of a member account).
+                openmls::prelude::WelcomeError::NoMatchingKeyPackage => GroupError::NotMember,
+                e => mls(e),
+            })?
             .into_group(&self.provider)
             .map_err(mls)?;
         Ok(group.group_id().as_slice().to_vec())

@@ -50,6 +50,8 @@ pub enum Event {
     /// Call signaling from a contact's verified device, or (for
     /// [`Payload::AnsweredElsewhere`]) from another device of this account.
     Call(CallSignal),
+    /// Something happened in a group (a message, a member change, joining or leaving).
+    Group(super::groups::GroupEvent),
     /// Everything queued when the connection opened has been handled.
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.

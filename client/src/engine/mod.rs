@@ -43,9 +43,12 @@
 //!   the broker sees around a sealed send names its sender.
 //! - [`link`]: link codes, requests and grants.
 //! - [`calls`]: call signaling payloads.
+//! - [`groups`]: group conversations over MLS: create, add, remove, leave, texts, and
+//!   receiving Welcomes, Commits and messages (held until their epoch is reached).
 
 pub mod calls;
 pub mod events;
+pub mod groups;
 pub mod keys;
 pub mod link;
 pub mod lists;
@@ -67,6 +70,7 @@ pub use self::{
         CallSignal, Conversation, ConversationMessage, DeviceInfo, Event, HoldReason,
         ReceivedMessage,
     },
+    groups::{GroupChange, GroupEvent, GroupInfo, GroupSend},
     keys::{KeyUpload, ONE_TIME_KEYS},
     link::{LinkCode, link_secret, split_link_code},
     lists::{BrokerDevice, KeyChange, MasterRotation},
@@ -190,6 +194,8 @@ pub struct Engine {
     refresh_wanted: bool,
     /// Whether the next refresh was already brought forward for it.
     refresh_brought_forward: bool,
+    /// The device's MLS state, loaded from the record on first use (see [`groups`]).
+    mls: Option<crate::crypto::group::GroupKeys>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -213,6 +219,7 @@ impl Engine {
             refresh_due_ms: None,
             refresh_wanted: false,
             refresh_brought_forward: false,
+            mls: None,
         }
     }
 

@@ -131,6 +131,18 @@ pub(crate) struct Record {
     /// the `schedule` module), oldest first.
     #[serde(default)]
     pub(crate) transcripts: VecDeque<QueuedTranscript>,
+    /// The device's MLS state (`crypto::group::GroupKeys::to_bytes`), once it has any.
+    #[serde(default)]
+    pub(crate) mls: Option<Secret>,
+    /// Groups by hex id.
+    #[serde(default)]
+    pub(crate) groups: BTreeMap<String, super::groups::GroupEntry>,
+    /// Group messages of epochs this device has not reached yet, oldest first.
+    #[serde(default)]
+    pub(crate) group_held: VecDeque<super::groups::HeldGroupMessage>,
+    /// Next id of an uploaded KeyPackage (0: none uploaded yet).
+    #[serde(default)]
+    pub(crate) next_key_package_id: u64,
 }
 
 /// A transcript of a text sent to a contact, queued for this account's other devices.
@@ -318,6 +330,7 @@ impl LegacyBrowserRecord {
                 .map(|(device, secret)| Approving { device, secret }),
             reported_unlisted: BTreeMap::new(),
             transcripts: VecDeque::new(),
+            ..Record::default()
         }
     }
 }

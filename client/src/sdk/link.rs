@@ -43,6 +43,7 @@ impl Client {
         let engine = device.link(handle, creds.device, &creds.token, &secret, api.base());
         let mut client = Self::assemble(api, state_dir, key, lock, engine)?;
         client.upload_new_keys().await?;
+        client.publish_key_packages().await?;
         // Trust on first use of our own master key, confirmed by the grant's proof.
         client.verified_list(handle, true).await?;
         let request = client.engine.link_request_outgoing()?;

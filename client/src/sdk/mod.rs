@@ -46,6 +46,7 @@
 
 mod calls;
 mod devices;
+mod groups;
 mod link;
 mod receive;
 mod send;
@@ -105,6 +106,9 @@ pub struct Client {
     /// connection and then periodically.
     own_list_due: Instant,
     stats: Stats,
+    /// Accounts that asked to leave a group (group, account): this device commits their
+    /// removal if it is the group's remover, outside the receive batch that saw the request.
+    leaves: Vec<(String, String)>,
 }
 
 /// Cumulative client-side costs ([`Client::stats`]).
@@ -195,6 +199,7 @@ impl Client {
             reconnects: 0,
             own_list_due: Instant::now(),
             stats: Stats::default(),
+            leaves: Vec::new(),
         })
     }
 
@@ -222,6 +227,7 @@ impl Client {
         let mut client = Self::assemble(api, state_dir, key, lock, engine)?;
         client.save()?;
         client.upload_new_keys().await?;
+        client.publish_key_packages().await?;
         let list = client.engine.first_own_list()?;
         client.publish_own_list(&list).await?;
         client

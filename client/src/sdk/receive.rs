@@ -14,7 +14,8 @@ use sealpost_proto::{ClientFrame, EnvelopeId, Notice, ServerFrame, limits::MAX_A
 use super::{Client, ClientError, Event, now_ms};
 use crate::{
     conn::Connection,
-    engine::{Failure, HoldReason, Need, SenderList, Unread, receive::sender_domain},
+    crypto::group::GroupWire,
+    engine::{Failure, GroupEvent, HoldReason, Need, SenderList, Unread, receive::sender_domain},
     error::EnvelopeError,
 };
 
@@ -52,7 +53,35 @@ impl Client {
             };
             self.reconnects = 0;
             self.handle_frames(frame).await?;
+            for (group, user) in std::mem::take(&mut self.leaves) {
+                self.honour_leave(&group, &user).await?;
+            }
         }
+    }
+
+    /// Reads and handles what arrives until `done` holds (checked before each frame), for at
+    /// most `within`: a driver that must see something arrive before it goes on.
+    pub(super) async fn receive_until(
+        &mut self,
+        within: Duration,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            let frame = match self.inbox.pop_front() {
+                Some(frame) => frame,
+                None => match self.read_frame(Some(deadline)).await? {
+                    Some(frame) => frame,
+                    None => {
+                        return Err(ClientError::Invalid(
+                            "timed out waiting for the broker".into(),
+                        ));
+                    }
+                },
+            };
+            self.handle_frames(frame).await?;
+        }
+        Ok(())
     }
 
     /// The next frame; `None` if none came before `due` (when given).
@@ -154,9 +183,11 @@ impl Client {
                         }
                     }
                     Notice::MailboxFull => self.events.push_back(Event::MailboxFull),
-                    // Sent only to devices that published KeyPackages, which this SDK does
-                    // not yet do.
-                    Notice::KeyPackagesLow => {}
+                    Notice::KeyPackagesLow => {
+                        if let Err(e) = self.publish_key_packages().await {
+                            result = Err(e);
+                        }
+                    }
                 },
                 // Answers to sends are consumed where they are awaited; errors about acks are
                 // of no use to the application.
@@ -232,6 +263,31 @@ impl Client {
         ephemeral: bool,
     ) -> Result<(), ClientError> {
         if self.engine.is_seen(id) {
+            return Ok(());
+        }
+        if GroupWire::is_group(ciphertext) {
+            let events = self.engine.open_group(id, ciphertext, now_ms());
+            for event in events {
+                match &event {
+                    Event::Group(GroupEvent::LeaveRequested { group, user }) => {
+                        self.leaves.push((group.clone(), user.clone()));
+                    }
+                    // A member whose account's list we do not hold yet: fetched now, and the
+                    // warning stays only if the list does not vouch for the device.
+                    Event::Group(GroupEvent::Unverified {
+                        group,
+                        user,
+                        device,
+                    }) => {
+                        let _ = self.verified_list(user, false).await;
+                        if self.engine.member_vouched(group, user, *device) {
+                            continue;
+                        }
+                    }
+                    _ => {}
+                }
+                self.events.push_back(event);
+            }
             return Ok(());
         }
         let result = self

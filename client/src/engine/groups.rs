@@ -1,0 +1,807 @@
+//! Group conversations over MLS: what a device does, sans I/O.
+//!
+//! ```text
+//! create_group(name) ──────────────────────────────▶ a group of this device alone (hub: our domain)
+//! add_to_group(group, claimed KeyPackages) ─▶ GroupChange { commit: GroupSend (ordered),
+//!                                                          welcome: GroupSend, then name }
+//! remove_from_group(group, user) ───────────▶ GroupChange { commit }
+//!     driver: send commit ─▶ accepted: commit_answer(true), then the welcome
+//!                         └▶ stale_epoch: commit_answer(false), receive what arrived, retry
+//! group_text(group, text) ─▶ GroupSend (to every member device, this one too)
+//! open_group (a group envelope) ─▶ events (Message, Joined, Changed, Removed, …) ─▶ ack
+//! ```
+//!
+//! Members are devices. Each member's credential is checked against its account's verified
+//! device list when it is added here and whenever the group's members are listed: a member
+//! whose device the list does not vouch for is shown unverified, and no KeyPackage is added
+//! unless it verifies. A Commit's own device merges it only once the hub took its epoch
+//! (`commit_answer`); a message for an epoch this device has not reached waits (held) until
+//! the Commit before it arrives, so deliveries from different domains may come out of order.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use sealpost_proto::{Class, ClientFrame, EnvelopeId, GroupRecipient, Order};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::{Engine, Event, KeyUpload, record::Secret};
+use crate::{
+    crypto::group::{GroupError, GroupKeys, GroupWire, Member, MemberId, Processed},
+    error::{ClientError, EnvelopeError},
+};
+
+/// Most members (devices) a group may have here: the broker's fan-out limit is per account,
+/// 2,000; a group of 1,000 accounts of up to two devices each fits.
+pub const MAX_GROUP_DEVICES: usize = 4000;
+/// Longest group message text, in bytes.
+pub const MAX_GROUP_TEXT_BYTES: usize = 32 * 1024;
+/// Messages kept per group.
+const MESSAGES_PER_GROUP: usize = 1000;
+/// Messages from later epochs kept until their Commit arrives.
+const HELD_GROUP_MESSAGES: usize = 256;
+/// How long a group message lives at the broker.
+const GROUP_TTL_SECS: u32 = 7 * 24 * 3600;
+
+/// One group, as this device keeps it.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct GroupEntry {
+    /// The group's id (random; what the broker sees).
+    pub(crate) id: ByteBuf,
+    /// The domain whose broker orders its Commits.
+    pub(crate) hub: String,
+    /// Its name, as the members set it (the broker never sees it).
+    pub(crate) name: String,
+    pub(crate) messages: VecDeque<GroupMessage>,
+    /// This device was removed (or left): kept for its history, sends refused.
+    pub(crate) left: bool,
+}
+
+/// One message of a group.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct GroupMessage {
+    pub(crate) from: String,
+    pub(crate) device: u32,
+    pub(crate) time_ms: u64,
+    pub(crate) body: String,
+}
+
+/// A message held until its epoch is reached.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct HeldGroupMessage {
+    #[serde(with = "serde_bytes")]
+    pub(crate) id: [u8; 16],
+    pub(crate) mls: ByteBuf,
+}
+
+/// What members say inside a group (MLS application data).
+#[derive(Serialize, Deserialize)]
+enum GroupPayload {
+    /// A text message, with the sender's clock.
+    Text { body: String, sent_ms: u64 },
+    /// The group's name (sent by whoever adds members, so the new ones learn it).
+    Name { name: String },
+    /// The sender's account is leaving: another member commits its removal.
+    Leave,
+}
+
+/// A group as the application sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Its id, hex.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The hub's domain.
+    pub hub: String,
+    /// The epoch this device is in.
+    pub epoch: u64,
+    /// Member devices, each with whether its account's verified device list vouches for it.
+    pub members: Vec<(String, u32, bool)>,
+    /// This device is no longer a member.
+    pub left: bool,
+}
+
+/// A group event for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// A text in a group.
+    Message {
+        /// The group (hex id).
+        group: String,
+        /// The sender account and device.
+        from: String,
+        /// Its device.
+        device: u32,
+        /// The text.
+        text: String,
+        /// The sender's clock.
+        sent_ms: u64,
+    },
+    /// This device joined a group (someone added it).
+    Joined {
+        /// The group.
+        group: String,
+        /// Who added us.
+        by: String,
+    },
+    /// Members were added or removed.
+    Changed {
+        /// The group.
+        group: String,
+        /// Who committed the change.
+        by: String,
+        /// Devices added.
+        added: Vec<(String, u32)>,
+        /// Devices removed.
+        removed: Vec<(String, u32)>,
+    },
+    /// This device was removed from the group.
+    Removed {
+        /// The group.
+        group: String,
+    },
+    /// A member's device is not vouched for by its account's verified device list.
+    Unverified {
+        /// The group.
+        group: String,
+        /// The account and device.
+        user: String,
+        /// Its device.
+        device: u32,
+    },
+    /// A member account asked to leave; this device committed its removal if it is the
+    /// group's remover (see [`Engine::receive_group`]).
+    LeaveRequested {
+        /// The group.
+        group: String,
+        /// The leaving account.
+        user: String,
+    },
+}
+
+/// A `group_send` to make: the frame and its envelope id.
+#[derive(Debug)]
+pub struct GroupSend {
+    /// Its envelope id (retries keep it).
+    pub id: EnvelopeId,
+    /// The frame.
+    pub frame: ClientFrame,
+}
+
+/// A change of members: the Commit (ordered at the hub) and, for additions, the Welcome and
+/// the group's name for the new members.
+#[derive(Debug)]
+pub struct GroupChange {
+    /// The group (hex id).
+    pub group: String,
+    /// The Commit, to every current member device.
+    pub commit: GroupSend,
+    /// After the Commit was accepted: the Welcome to the added devices.
+    pub welcome: Option<GroupSend>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn group_error(e: GroupError) -> ClientError {
+    ClientError::Invalid(format!("group: {e}"))
+}
+
+fn send_frame(
+    ciphertext: Vec<u8>,
+    recipients: &BTreeMap<String, BTreeSet<u32>>,
+    order: Option<Order>,
+) -> GroupSend {
+    let id = EnvelopeId(rand::random());
+    let frame = ClientFrame::GroupSend {
+        id,
+        class: Class::Durable,
+        ttl_secs: GROUP_TTL_SECS,
+        ciphertext,
+        recipients: recipients
+            .iter()
+            .map(|(to, devices)| GroupRecipient {
+                to: to.clone(),
+                devices: devices
+                    .iter()
+                    .copied()
+                    .map(sealpost_proto::DeviceId)
+                    .collect(),
+                delivery_token: None,
+            })
+            .collect(),
+        order,
+    };
+    GroupSend { id, frame }
+}
+
+impl Engine {
+    /// This device's MLS state, made on first use.
+    fn group_keys(&mut self) -> Result<&GroupKeys, ClientError> {
+        if self.mls.is_none() {
+            let keys = match &self.record.mls {
+                Some(saved) => GroupKeys::from_bytes(&saved.0).map_err(group_error)?,
+                None => GroupKeys::new(
+                    self.state.user(),
+                    self.state.device_id(),
+                    &self.state.device,
+                ),
+            };
+            self.mls = Some(keys);
+        }
+        Ok(self.mls.as_ref().expect("set above"))
+    }
+
+    /// Writes the MLS state into the record (after anything that changed it).
+    fn save_group_keys(&mut self) {
+        if let Some(keys) = &self.mls {
+            self.record.mls = Some(Secret::new(&keys.to_bytes()));
+        }
+    }
+
+    fn entry(&self, group: &str) -> Result<&GroupEntry, ClientError> {
+        self.record
+            .groups
+            .get(group)
+            .ok_or_else(|| ClientError::Invalid("no such group".into()))
+    }
+
+    /// `count` new one-time KeyPackages (and a last-resort one, as the fallback, the first
+    /// time) to upload, with their ids.
+    pub fn key_packages(&mut self, count: usize) -> Result<KeyUpload, ClientError> {
+        let first = self.record.next_key_package_id == 0;
+        let keys = self.group_keys()?;
+        let packages = keys.key_packages(count).map_err(group_error)?;
+        let last_resort = if first {
+            Some(keys.last_resort_key_package().map_err(group_error)?)
+        } else {
+            None
+        };
+        let start = self.record.next_key_package_id.max(1);
+        self.record.next_key_package_id = start + packages.len() as u64 + 1;
+        self.save_group_keys();
+        Ok(KeyUpload {
+            one_time: (start..).zip(packages).collect(),
+            fallback: last_resort.map(|p| (0, p)),
+        })
+    }
+
+    /// Creates a group named `name`, this device its only member, its Commits ordered by this
+    /// account's domain; answers its id (hex).
+    pub fn create_group(&mut self, name: &str) -> Result<String, ClientError> {
+        let id = self.group_keys()?.create().map_err(group_error)?;
+        self.save_group_keys();
+        let hub = self
+            .state
+            .user()
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_owned())
+            .unwrap_or_default();
+        let key = hex(&id);
+        self.record.groups.insert(
+            key.clone(),
+            GroupEntry {
+                id: ByteBuf::from(id),
+                hub,
+                name: name.to_owned(),
+                messages: VecDeque::new(),
+                left: false,
+            },
+        );
+        Ok(key)
+    }
+
+    /// The groups this device is (or was) in.
+    pub fn groups(&mut self) -> Vec<GroupInfo> {
+        let keys: Vec<String> = self.record.groups.keys().cloned().collect();
+        keys.iter()
+            .filter_map(|g| self.group_info(g).ok())
+            .collect()
+    }
+
+    /// One group, with its members and whether each is vouched for.
+    pub fn group_info(&mut self, group: &str) -> Result<GroupInfo, ClientError> {
+        let entry = self.entry(group)?.clone();
+        let (epoch, members) = if entry.left {
+            (0, Vec::new())
+        } else {
+            let keys = self.group_keys()?;
+            let epoch = keys.epoch(&entry.id).map_err(group_error)?;
+            let members = keys.members(&entry.id).map_err(group_error)?;
+            let members = members
+                .iter()
+                .map(|m| (m.id.user.clone(), m.id.device, self.vouched(m)))
+                .collect();
+            (epoch, members)
+        };
+        Ok(GroupInfo {
+            id: group.to_owned(),
+            name: entry.name,
+            hub: entry.hub,
+            epoch,
+            members,
+            left: entry.left,
+        })
+    }
+
+    /// A group's last messages: (sender, device, sender's clock, text).
+    pub fn group_messages(
+        &self,
+        group: &str,
+    ) -> Result<Vec<(String, u32, u64, String)>, ClientError> {
+        Ok(self
+            .entry(group)?
+            .messages
+            .iter()
+            .map(|m| (m.from.clone(), m.device, m.time_ms, m.body.clone()))
+            .collect())
+    }
+
+    /// Whether `member`'s credential verifies with the key its account's verified list has
+    /// for that device.
+    fn vouched(&self, member: &Member) -> bool {
+        self.listed_keys(&member.id.user, member.id.device)
+            .is_some_and(|keys| member.verify(&keys.ed25519))
+    }
+
+    /// Every member device of a group, by account: the recipients of a group send.
+    fn recipients(&mut self, id: &[u8]) -> Result<BTreeMap<String, BTreeSet<u32>>, ClientError> {
+        let mut out: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for m in self.group_keys()?.members(id).map_err(group_error)? {
+            out.entry(m.id.user).or_default().insert(m.id.device);
+        }
+        Ok(out)
+    }
+
+    fn live_entry(&self, group: &str) -> Result<GroupEntry, ClientError> {
+        let entry = self.entry(group)?.clone();
+        if entry.left {
+            return Err(ClientError::Invalid(
+                "this device is no longer in the group".into(),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// A text for the group: a `group_send` to every member device (this one too: its copy
+    /// comes back and is recognised). Save before sending.
+    pub fn group_text(
+        &mut self,
+        group: &str,
+        text: &str,
+        now_ms: u64,
+    ) -> Result<GroupSend, ClientError> {
+        if text.len() > MAX_GROUP_TEXT_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "a group message is at most {MAX_GROUP_TEXT_BYTES} bytes"
+            )));
+        }
+        let entry = self.live_entry(group)?;
+        let payload = GroupPayload::Text {
+            body: text.to_owned(),
+            sent_ms: now_ms,
+        };
+        let send = self.group_payload(&entry, &payload)?;
+        let (user, device) = (self.state.user().to_owned(), self.state.device_id());
+        self.push_group_message(group, &user, device, now_ms, text);
+        self.record.seen.insert(send.id.0);
+        Ok(send)
+    }
+
+    fn group_payload(
+        &mut self,
+        entry: &GroupEntry,
+        payload: &GroupPayload,
+    ) -> Result<GroupSend, ClientError> {
+        let data = rmp_serde::to_vec(payload).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let message = self
+            .group_keys()?
+            .encrypt(&entry.id, &data)
+            .map_err(group_error)?;
+        self.save_group_keys();
+        let recipients = self.recipients(&entry.id)?;
+        Ok(send_frame(
+            GroupWire::Message(message).to_bytes(),
+            &recipients,
+            None,
+        ))
+    }
+
+    fn push_group_message(
+        &mut self,
+        group: &str,
+        from: &str,
+        device: u32,
+        time_ms: u64,
+        body: &str,
+    ) {
+        if let Some(entry) = self.record.groups.get_mut(group) {
+            entry.messages.push_back(GroupMessage {
+                from: from.to_owned(),
+                device,
+                time_ms,
+                body: body.to_owned(),
+            });
+            while entry.messages.len() > MESSAGES_PER_GROUP {
+                entry.messages.pop_front();
+            }
+        }
+    }
+
+    /// Adds devices to a group from their claimed KeyPackages (user, device, KeyPackage):
+    /// each must be for that device and certified by the key its account's verified device
+    /// list has for it (fetch the lists first). Answers the Commit to send (ordered at the
+    /// hub) and the Welcome to send once it is accepted ([`Engine::commit_answer`]).
+    pub fn add_to_group(
+        &mut self,
+        group: &str,
+        claimed: &[(String, u32, Vec<u8>)],
+    ) -> Result<GroupChange, ClientError> {
+        let entry = self.live_entry(group)?;
+        let mut packages = Vec::new();
+        let mut added: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for (user, device, bytes) in claimed {
+            let id = MemberId {
+                user: user.clone(),
+                device: *device,
+            };
+            let (package, member) = self
+                .group_keys()?
+                .check_key_package(bytes, &id)
+                .map_err(group_error)?;
+            if !self.vouched(&member) {
+                return Err(ClientError::Invalid(format!(
+                    "{user}'s device {device} is not in {user}'s verified device list"
+                )));
+            }
+            packages.push(package);
+            added.entry(user.clone()).or_default().insert(*device);
+        }
+        let members = self.recipients(&entry.id)?;
+        let devices = members.values().map(BTreeSet::len).sum::<usize>() + packages.len();
+        if devices > MAX_GROUP_DEVICES {
+            return Err(ClientError::Invalid(format!(
+                "a group has at most {MAX_GROUP_DEVICES} member devices"
+            )));
+        }
+        let commit = self
+            .group_keys()?
+            .add(&entry.id, packages)
+            .map_err(group_error)?;
+        self.save_group_keys();
+        let order = Order {
+            group: entry.id.to_vec(),
+            epoch: commit.epoch,
+            hub: entry.hub.clone(),
+        };
+        let commit_send = send_frame(
+            GroupWire::Message(commit.commit).to_bytes(),
+            &members,
+            Some(order),
+        );
+        let welcome = commit.welcome.map(|welcome| {
+            let wire = GroupWire::Welcome {
+                welcome,
+                hub: entry.hub.clone(),
+            };
+            send_frame(wire.to_bytes(), &added, None)
+        });
+        // Our own copies come back: recognised by id, acked unread.
+        self.record.seen.insert(commit_send.id.0);
+        if let Some(w) = &welcome {
+            self.record.seen.insert(w.id.0);
+        }
+        Ok(GroupChange {
+            group: group.to_owned(),
+            commit: commit_send,
+            welcome,
+        })
+    }
+
+    /// Removes every device of `user` from a group (or, with `devices`, only those).
+    pub fn remove_from_group(
+        &mut self,
+        group: &str,
+        user: &str,
+        devices: Option<&[u32]>,
+    ) -> Result<GroupChange, ClientError> {
+        let entry = self.live_entry(group)?;
+        let members = self.group_keys()?.members(&entry.id).map_err(group_error)?;
+        let leaves: Vec<u32> = members
+            .iter()
+            .filter(|m| m.id.user == user && devices.is_none_or(|d| d.contains(&m.id.device)))
+            .map(|m| m.leaf)
+            .collect();
+        if leaves.is_empty() {
+            return Err(ClientError::Invalid(format!("{user} is not in the group")));
+        }
+        let recipients = self.recipients(&entry.id)?;
+        let commit = self
+            .group_keys()?
+            .remove(&entry.id, &leaves)
+            .map_err(group_error)?;
+        self.save_group_keys();
+        let order = Order {
+            group: entry.id.to_vec(),
+            epoch: commit.epoch,
+            hub: entry.hub.clone(),
+        };
+        let commit = send_frame(
+            GroupWire::Message(commit.commit).to_bytes(),
+            &recipients,
+            Some(order),
+        );
+        self.record.seen.insert(commit.id.0);
+        Ok(GroupChange {
+            group: group.to_owned(),
+            commit,
+            welcome: None,
+        })
+    }
+
+    /// The hub's answer to this device's Commit: `accepted` merges it (the group moves on);
+    /// otherwise it is dropped, and the change must be made again once what arrived is
+    /// received (it was made on an epoch another Commit took).
+    pub fn commit_answer(&mut self, group: &str, accepted: bool) -> Result<(), ClientError> {
+        let id = self.entry(group)?.id.to_vec();
+        let keys = self.group_keys()?;
+        if accepted {
+            keys.merge_pending(&id).map_err(group_error)?;
+        } else {
+            keys.clear_pending(&id).map_err(group_error)?;
+        }
+        self.save_group_keys();
+        Ok(())
+    }
+
+    /// The group's name for its new members, sent after their Welcome.
+    pub fn group_name_for_members(&mut self, group: &str) -> Result<GroupSend, ClientError> {
+        let entry = self.live_entry(group)?;
+        let payload = GroupPayload::Name {
+            name: entry.name.clone(),
+        };
+        let send = self.group_payload(&entry, &payload)?;
+        self.record.seen.insert(send.id.0);
+        Ok(send)
+    }
+
+    /// Leaving: tells the group, whose remover (the member at the lowest leaf of another
+    /// account) commits this account's removal.
+    pub fn leave_group(&mut self, group: &str) -> Result<GroupSend, ClientError> {
+        let entry = self.live_entry(group)?;
+        let send = self.group_payload(&entry, &GroupPayload::Leave)?;
+        self.record.seen.insert(send.id.0);
+        Ok(send)
+    }
+
+    /// Opens a group envelope: its events, or a rejection (malformed, a group this device is
+    /// not in, an epoch whose secrets are gone). A message for a later epoch is held and read
+    /// once the Commit before it arrives. Either way the envelope is handled: ack it.
+    pub fn open_group(&mut self, id: EnvelopeId, ciphertext: &[u8], now_ms: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        match self.receive_group(id, ciphertext, now_ms, &mut events) {
+            // A group's envelopes reach every device of a member account; a device that is
+            // not in the group (linked since, or a Welcome for another device) drops them.
+            Ok(()) | Err(GroupError::NotMember) => {}
+            Err(error) => events.push(Event::Rejected {
+                id,
+                error: EnvelopeError::Group(error),
+            }),
+        }
+        self.record.seen.insert(id.0);
+        events
+    }
+
+    fn receive_group(
+        &mut self,
+        id: EnvelopeId,
+        ciphertext: &[u8],
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<(), GroupError> {
+        match GroupWire::from_bytes(ciphertext)? {
+            GroupWire::Welcome { welcome, hub } => {
+                let keys = self
+                    .group_keys()
+                    .map_err(|_| GroupError::Malformed("group state"))?;
+                let group_id = keys.join(&welcome)?;
+                let members = keys.members(&group_id)?;
+                self.save_group_keys();
+                let key = hex(&group_id);
+                let entry = GroupEntry {
+                    id: ByteBuf::from(group_id),
+                    hub,
+                    name: String::new(),
+                    messages: VecDeque::new(),
+                    left: false,
+                };
+                self.record.groups.insert(key.clone(), entry);
+                let by = members
+                    .first()
+                    .map(|m| m.id.user.clone())
+                    .unwrap_or_default();
+                events.push(Event::Group(GroupEvent::Joined {
+                    group: key.clone(),
+                    by,
+                }));
+                for m in members.iter().filter(|m| !self.vouched(m)) {
+                    events.push(Event::Group(GroupEvent::Unverified {
+                        group: key.clone(),
+                        user: m.id.user.clone(),
+                        device: m.id.device,
+                    }));
+                }
+            }
+            GroupWire::Message(mls) => match self.process_group(&mls, events) {
+                Err(GroupError::FutureEpoch) => {
+                    if self.record.group_held.len() >= HELD_GROUP_MESSAGES {
+                        return Err(GroupError::FutureEpoch);
+                    }
+                    self.record.group_held.push_back(HeldGroupMessage {
+                        id: id.0,
+                        mls: ByteBuf::from(mls),
+                    });
+                    return Ok(());
+                }
+                other => other?,
+            },
+        }
+        self.retry_held_group(events);
+        let _ = now_ms;
+        Ok(())
+    }
+
+    /// Held messages whose epoch may now be reached, oldest first, until none moves.
+    fn retry_held_group(&mut self, events: &mut Vec<Event>) {
+        loop {
+            let held: Vec<HeldGroupMessage> = self.record.group_held.drain(..).collect();
+            let before = held.len();
+            for h in held {
+                match self.process_group(&h.mls, events) {
+                    Err(GroupError::FutureEpoch) => self.record.group_held.push_back(h),
+                    Ok(()) => {}
+                    Err(error) => events.push(Event::Rejected {
+                        id: EnvelopeId(h.id),
+                        error: EnvelopeError::Group(error),
+                    }),
+                }
+            }
+            if self.record.group_held.len() == before {
+                return;
+            }
+        }
+    }
+
+    fn process_group(&mut self, mls: &[u8], events: &mut Vec<Event>) -> Result<(), GroupError> {
+        let (group_id, _) = GroupKeys::route(mls)?;
+        let key = hex(&group_id);
+        if self.record.groups.get(&key).is_none_or(|g| g.left) {
+            return Err(GroupError::NotMember);
+        }
+        let keys = self
+            .group_keys()
+            .map_err(|_| GroupError::Malformed("group state"))?;
+        let processed = keys.process(mls);
+        self.save_group_keys();
+        match processed? {
+            Processed::Own => {}
+            Processed::Application { sender, data } => {
+                let payload: GroupPayload = rmp_serde::from_slice(&data)
+                    .map_err(|_| GroupError::Malformed("group message"))?;
+                match payload {
+                    GroupPayload::Text { body, sent_ms } => {
+                        self.push_group_message(
+                            &key,
+                            &sender.id.user,
+                            sender.id.device,
+                            sent_ms,
+                            &body,
+                        );
+                        events.push(Event::Group(GroupEvent::Message {
+                            group: key,
+                            from: sender.id.user,
+                            device: sender.id.device,
+                            text: body,
+                            sent_ms,
+                        }));
+                    }
+                    GroupPayload::Name { name } => {
+                        if let Some(entry) = self.record.groups.get_mut(&key) {
+                            entry.name = name;
+                        }
+                    }
+                    GroupPayload::Leave => {
+                        events.push(Event::Group(GroupEvent::LeaveRequested {
+                            group: key,
+                            user: sender.id.user,
+                        }));
+                    }
+                }
+            }
+            Processed::Commit { sender, changes } => {
+                if changes.self_removed {
+                    if let Some(entry) = self.record.groups.get_mut(&key) {
+                        entry.left = true;
+                    }
+                    events.push(Event::Group(GroupEvent::Removed { group: key }));
+                    return Ok(());
+                }
+                for m in changes.added.iter().filter(|m| !self.vouched(m)) {
+                    events.push(Event::Group(GroupEvent::Unverified {
+                        group: key.clone(),
+                        user: m.id.user.clone(),
+                        device: m.id.device,
+                    }));
+                }
+                events.push(Event::Group(GroupEvent::Changed {
+                    group: key,
+                    by: sender.id.user,
+                    added: changes
+                        .added
+                        .into_iter()
+                        .map(|m| (m.id.user, m.id.device))
+                        .collect(),
+                    removed: changes
+                        .removed
+                        .into_iter()
+                        .map(|m| (m.user, m.device))
+                        .collect(),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `user`'s `device` in a group is vouched for by the verified list held now.
+    pub fn member_vouched(&mut self, group: &str, user: &str, device: u32) -> bool {
+        let Ok(entry) = self.live_entry(group) else {
+            return false;
+        };
+        let Ok(members) = self
+            .group_keys()
+            .and_then(|k| k.members(&entry.id).map_err(group_error))
+        else {
+            return false;
+        };
+        members
+            .iter()
+            .filter(|m| m.id.user == user && m.id.device == device)
+            .any(|m| self.vouched(m))
+    }
+
+    /// Whether this device should commit the removal of `user`, who asked to leave: it is
+    /// the member of another account at the lowest leaf (so that one member does it).
+    pub fn is_group_remover(&mut self, group: &str, leaving: &str) -> Result<bool, ClientError> {
+        let entry = self.live_entry(group)?;
+        let me = (self.state.user().to_owned(), self.state.device_id());
+        let members = self.group_keys()?.members(&entry.id).map_err(group_error)?;
+        Ok(members
+            .iter()
+            .filter(|m| m.id.user != leaving)
+            .min_by_key(|m| m.leaf)
+            .is_some_and(|m| (m.id.user.clone(), m.id.device) == me))
+    }
+
+    /// Devices of `user` in the group that its current device list (`current`) no longer
+    /// has, and listed devices not in the group: what a `stale_devices` answer asks to fix.
+    pub fn group_device_drift(
+        &mut self,
+        group: &str,
+        user: &str,
+        current: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u32>), ClientError> {
+        let entry = self.live_entry(group)?;
+        let members = self.group_keys()?.members(&entry.id).map_err(group_error)?;
+        let have: BTreeSet<u32> = members
+            .iter()
+            .filter(|m| m.id.user == user)
+            .map(|m| m.id.device)
+            .collect();
+        let current: BTreeSet<u32> = current.iter().copied().collect();
+        Ok((
+            have.difference(&current).copied().collect(),
+            current.difference(&have).copied().collect(),
+        ))
+    }
+}

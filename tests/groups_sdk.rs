@@ -1,0 +1,309 @@
+//! Group conversations end to end: MLS in the real client SDK, real broker processes on three
+//! federated domains. Members with two devices each create a group, talk, add a fourth
+//! member, remove one (who reads nothing after), commit at the same time (one wins, the other
+//! rebases, nobody forks), and a device linked later is added and reads from then on.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{
+    Broker,
+    sdk::{Dev, link, next, register},
+    site::*,
+};
+use sealpost_client::Client;
+
+/// Three domains, each pinning the others.
+async fn domains() -> (Broker, Broker, Broker) {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let mut c = Site::new("c.example", "127.0.0.3");
+    let ba = a.start(&[&b, &c], &[]);
+    let bb = b.start(&[&a, &c], &[]);
+    let bc = c.start(&[&a, &b], &[]);
+    for (broker, others) in [
+        (&ba, ["b.example", "c.example"]),
+        (&bb, ["a.example", "c.example"]),
+        (&bc, ["a.example", "b.example"]),
+    ] {
+        for d in others {
+            wait_up(broker, d).await;
+        }
+    }
+    (ba, bb, bc)
+}
+
+/// Handles events until `done` holds.
+async fn until(client: &mut Client, mut done: impl FnMut(&mut Client) -> bool) {
+    while !done(client) {
+        let _ = next(client).await;
+    }
+}
+
+/// The texts of `group` this device has, in the order it received them: (sender, text).
+fn texts(client: &Client, group: &str) -> Vec<(String, String)> {
+    client
+        .group_messages(group)
+        .map(|m| m.into_iter().map(|(from, _, _, t)| (from, t)).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until this device is in `group` and has `want` texts of it.
+async fn has_texts(dev: &mut Dev, group: &str, want: usize) -> Vec<(String, String)> {
+    until(&mut dev.client, |c| texts(c, group).len() >= want).await;
+    texts(&dev.client, group)
+}
+
+/// Waits until this device has joined `group` (its Welcome and name arrived).
+async fn joined(dev: &mut Dev, group: &str, name: &str) {
+    until(&mut dev.client, |c| {
+        c.groups().iter().any(|g| g.id == group && g.name == name)
+    })
+    .await;
+}
+
+fn epoch(client: &mut Client, group: &str) -> u64 {
+    client
+        .groups()
+        .into_iter()
+        .find(|g| g.id == group)
+        .map_or(0, |g| g.epoch)
+}
+
+/// Each sender's texts, in order: what every device must agree on.
+fn by_sender(texts: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (from, text) in texts {
+        out.entry(from.clone()).or_default().push(text.clone());
+    }
+    out
+}
+
+/// Runs a test on threads with room for openmls's stack frames (large in debug builds).
+fn run(test: impl Future<Output = ()> + Send + 'static) {
+    const STACK: usize = 64 << 20;
+    std::thread::Builder::new()
+        .stack_size(STACK)
+        .spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_stack_size(STACK)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(test);
+        })
+        .expect("test thread")
+        .join()
+        .expect("the test passed");
+}
+
+#[test]
+fn a_group_across_three_domains_talks_grows_shrinks_and_never_forks() {
+    run(three_domains());
+}
+
+#[test]
+fn a_device_linked_later_is_added_and_reads_from_then_on() {
+    run(linked_later());
+}
+
+async fn three_domains() {
+    let (ba, bb, bc) = domains().await;
+    let mut alice = register(&ba, "alice@a.example").await;
+    let mut alice2 = link(&ba, &mut alice).await;
+    let mut bob = register(&bb, "bob@b.example").await;
+    let mut bob2 = link(&bb, &mut bob).await;
+    let mut carol = register(&bc, "carol@c.example").await;
+    let mut carol2 = link(&bc, &mut carol).await;
+    let mut dave = register(&ba, "dave@a.example").await;
+
+    // Alice creates the group with bob and carol: all six devices are members.
+    let group = alice
+        .client
+        .create_group("Trip to Lisbon", &["bob@b.example", "carol@c.example"])
+        .await
+        .expect("create");
+    for d in [&mut alice2, &mut bob, &mut bob2, &mut carol, &mut carol2] {
+        joined(d, &group, "Trip to Lisbon").await;
+    }
+    let info = alice.client.group_info(&group).await.expect("info");
+    assert_eq!(info.members.len(), 6);
+    assert!(
+        info.members.iter().all(|(_, _, verified)| *verified),
+        "every member vouched for by its account's verified list: {:?}",
+        info.members
+    );
+
+    // Everyone talks; every device has every text, each sender's in order.
+    alice
+        .client
+        .send_group_text(&group, "hello from alice")
+        .await
+        .expect("send");
+    bob.client
+        .send_group_text(&group, "hi from bob")
+        .await
+        .expect("send");
+    carol2
+        .client
+        .send_group_text(&group, "hey from carol")
+        .await
+        .expect("send");
+    alice
+        .client
+        .send_group_text(&group, "alice again")
+        .await
+        .expect("send");
+    let mut seen = Vec::new();
+    for d in [
+        &mut alice,
+        &mut alice2,
+        &mut bob,
+        &mut bob2,
+        &mut carol,
+        &mut carol2,
+    ] {
+        seen.push(by_sender(&has_texts(d, &group, 4).await));
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    assert_eq!(
+        seen[0]["alice@a.example"],
+        vec!["hello from alice", "alice again"]
+    );
+
+    // Alice adds dave: he reads from then on, nothing from before.
+    alice
+        .client
+        .add_to_group(&group, &["dave@a.example"])
+        .await
+        .expect("add dave");
+    joined(&mut dave, &group, "Trip to Lisbon").await;
+    // Bob writes once his client has the Commit that added dave (a text sent in the epoch
+    // before reaches the members of that epoch only, as MLS has it).
+    until(&mut bob.client, |c| epoch(c, &group) >= 2).await;
+    bob.client
+        .send_group_text(&group, "welcome dave")
+        .await
+        .expect("send");
+    assert_eq!(
+        has_texts(&mut dave, &group, 1).await,
+        vec![("bob@b.example".to_owned(), "welcome dave".to_owned())]
+    );
+
+    // Bob removes carol: her devices are told, and read nothing sent after.
+    bob.client
+        .remove_from_group(&group, "carol@c.example")
+        .await
+        .expect("remove carol");
+    for d in [&mut carol, &mut carol2] {
+        until(&mut d.client, |c| {
+            c.groups().iter().any(|g| g.id == group && g.left)
+        })
+        .await;
+    }
+    until(&mut alice.client, |c| epoch(c, &group) >= 3).await;
+    alice
+        .client
+        .send_group_text(&group, "carol cannot read this")
+        .await
+        .expect("send");
+    has_texts(&mut dave, &group, 2).await;
+    for d in [&mut carol, &mut carol2] {
+        assert!(
+            !texts(&d.client, &group)
+                .iter()
+                .any(|(_, t)| t == "carol cannot read this")
+        );
+        assert!(
+            d.client
+                .send_group_text(&group, "still here?")
+                .await
+                .is_err()
+        );
+    }
+
+    // Bob and dave commit at once (bob adds carol back, dave removes alice): one wins at
+    // the hub, the other rebases on it; both changes are made, and nobody forks.
+    until(&mut dave.client, |c| epoch(c, &group) >= 3).await;
+    let (a, b) = tokio::join!(
+        bob.client.add_to_group(&group, &["carol@c.example"]),
+        dave.client.remove_from_group(&group, "alice@a.example"),
+    );
+    a.expect("bob's change");
+    b.expect("dave's change");
+    for d in [&mut bob, &mut bob2, &mut dave] {
+        until(&mut d.client, |c| epoch(c, &group) >= 5).await;
+    }
+    let epochs: Vec<u64> = [&mut bob, &mut bob2, &mut dave]
+        .into_iter()
+        .map(|d| epoch(&mut d.client, &group))
+        .collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] == w[1]),
+        "one history: {epochs:?}"
+    );
+    dave.client
+        .send_group_text(&group, "after both")
+        .await
+        .expect("send");
+    for d in [&mut bob, &mut bob2] {
+        until(&mut d.client, |c| {
+            texts(c, &group).iter().any(|(_, t)| t == "after both")
+        })
+        .await;
+    }
+    let _ = (&ba, &bb, &bc);
+}
+
+async fn linked_later() {
+    let (ba, bb, _bc) = domains().await;
+    let mut alice = register(&ba, "alice@a.example").await;
+    let mut bob = register(&bb, "bob@b.example").await;
+    let group = alice
+        .client
+        .create_group("Two of us", &["bob@b.example"])
+        .await
+        .expect("create");
+    joined(&mut bob, &group, "Two of us").await;
+    alice
+        .client
+        .send_group_text(&group, "before")
+        .await
+        .expect("send");
+    has_texts(&mut bob, &group, 1).await;
+
+    // Bob links a second device. Alice's client, before her next text, finds it in bob's
+    // verified list (fetched again once it is older than the maximum age, here zero) and
+    // adds it to the group: the text is the first thing it reads.
+    let mut bob2 = link(&bb, &mut bob).await;
+    // Alice's client fetches lists again before a group text once they are this old.
+    alice
+        .client
+        .set_device_list_max_age(std::time::Duration::ZERO);
+    alice
+        .client
+        .send_group_text(&group, "after linking")
+        .await
+        .expect("send");
+    joined(&mut bob2, &group, "Two of us").await;
+    alice
+        .client
+        .send_group_text(&group, "for both of bob's devices")
+        .await
+        .expect("send");
+    let got: Vec<String> = has_texts(&mut bob2, &group, 2)
+        .await
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(
+        got,
+        vec!["after linking", "for both of bob's devices"],
+        "nothing from before it joined"
+    );
+    until(&mut bob.client, |c| texts(c, &group).len() >= 3).await;
+    let info = alice.client.group_info(&group).await.expect("info");
+    assert_eq!(info.members.len(), 3);
+}
