@@ -416,3 +416,86 @@ fn send_warns_once_of_an_unlisted_device_and_a_changed_master_key_is_explained()
     );
     ok(a, &["send", "--to", bob_h, "fifth"]);
 }
+
+#[test]
+fn a_group_is_created_written_to_and_listed_from_the_cli() {
+    let broker = Broker::start(&[]);
+    let server = broker.http();
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let handles = [
+        "alice@test.example",
+        "bob@test.example",
+        "carol@test.example",
+    ];
+    for (dir, handle) in dirs.iter().zip(handles) {
+        ok(
+            dir.path(),
+            &["register", "--server", &server, "--handle", handle],
+        );
+    }
+    let (a, b, c) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
+
+    let out = ok(
+        a,
+        &[
+            "group",
+            "create",
+            "--name",
+            "Book club",
+            handles[1],
+            handles[2],
+        ],
+    );
+    let id = out
+        .strip_prefix("Created group ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
+    assert!(out.contains("\"Book club\""), "{out}");
+    ok(a, &["group", "send", &id, "first", "chapter", "tonight?"]);
+
+    let out = ok(b, &["listen", "--count", "1"]);
+    assert!(
+        out.contains("* alice@test.example added you to group"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "] alice@test.example in {id}: first chapter tonight?"
+        )),
+        "{out}"
+    );
+    ok(b, &["group", "send", &id, "yes"]);
+    let out = ok(c, &["listen", "--count", "2"]);
+    assert!(out.contains("alice@test.example in"), "{out}");
+    assert!(out.contains("bob@test.example in"), "{out}");
+
+    let out = ok(c, &["group", "list"]);
+    assert!(
+        out.contains(&format!("{id}  \"Book club\"  3 members")),
+        "{out}"
+    );
+    let out = ok(c, &["group", "list", &id]);
+    assert!(
+        out.contains("alice@test.example device 1: verified device"),
+        "{out}"
+    );
+    assert!(out.contains("bob@test.example (device 1): yes"), "{out}");
+
+    // Alice removes carol, who is told; what follows is not for her.
+    let out = ok(a, &["group", "remove", &id, handles[2]]);
+    assert!(out.contains("Removed carol@test.example"), "{out}");
+    ok(a, &["group", "send", &id, "just us now"]);
+    let out = ok(c, &["listen", "--until-empty"]);
+    assert!(out.contains("you were removed from group"), "{out}");
+    assert!(!out.contains("just us now"), "{out}");
+    let out = run(c, &["group", "send", &id, "hello?"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no longer in the group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -13,6 +13,12 @@
 //! sealpost-cli devices
 //! sealpost-cli remove-device ID
 //! sealpost-cli rotate-master-key [--yes]
+//! sealpost-cli group create --name "Trip" bob@example.com carol@example.org
+//! sealpost-cli group add GROUP dave@example.net
+//! sealpost-cli group remove GROUP carol@example.org
+//! sealpost-cli group leave GROUP
+//! sealpost-cli group send GROUP hello everyone
+//! sealpost-cli group list [GROUP]
 //! ```
 //!
 //! The state directory is `--state-dir`, else `$SEALPOST_CLI_STATE`, else
@@ -29,7 +35,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sealpost_client::{Client, ClientError, Event, KeyChange, sdk::HoldReason};
+use sealpost_client::{Client, ClientError, Event, KeyChange, engine::GroupEvent, sdk::HoldReason};
 
 /// End-to-end encrypted messages through a Sealpost broker.
 #[derive(Parser)]
@@ -139,6 +145,54 @@ enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+    /// Group conversations (end-to-end encrypted with MLS).
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group of this account and the given accounts (all their devices).
+    Create {
+        /// The group's name (only members see it).
+        #[arg(long)]
+        name: String,
+        /// Its other members.
+        members: Vec<String>,
+    },
+    /// Add accounts (all their devices) to a group.
+    Add {
+        /// The group's id (see `group list`).
+        group: String,
+        /// The accounts to add.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Remove an account (all its devices) from a group: it reads nothing sent after.
+    Remove {
+        /// The group's id.
+        group: String,
+        /// The account to remove.
+        member: String,
+    },
+    /// Leave a group (another member commits the removal).
+    Leave {
+        /// The group's id.
+        group: String,
+    },
+    /// Send a message to a group.
+    Send {
+        /// The group's id.
+        group: String,
+        /// The message (the remaining words).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        message: Vec<String>,
+    },
+    /// List groups, or show one: its members (verified or not) and its messages.
+    List {
+        /// The group's id.
+        group: Option<String>,
     },
 }
 
@@ -393,7 +447,7 @@ async fn main() -> Result<()> {
                     Err(e) => return Err(e.into()),
                 };
                 match &event {
-                    Event::Message(_) => messages += 1,
+                    Event::Message(_) | Event::Group(GroupEvent::Message { .. }) => messages += 1,
                     Event::QueueEmpty if until_empty => break,
                     _ => {}
                 }
@@ -489,6 +543,7 @@ async fn main() -> Result<()> {
             client.remove_device(id).await?;
             println!("Device {id} removed.");
         }
+        Command::Group(command) => group(&dir, command).await?,
         Command::RotateMasterKey { yes } => {
             let mut client = Client::open(&dir).await?;
             if !yes
@@ -508,6 +563,130 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a `group` subcommand.
+async fn group(dir: &std::path::Path, command: GroupCommand) -> Result<()> {
+    let mut client = Client::open(dir).await?;
+    match command {
+        GroupCommand::Create { name, members } => {
+            let members: Vec<&str> = members.iter().map(String::as_str).collect();
+            let id = client
+                .create_group(&name, &members)
+                .await
+                .map_err(|e| explain(e).context("the group was not created"))?;
+            println!("Created group {id} \"{name}\".");
+        }
+        GroupCommand::Add { group, members } => {
+            let members: Vec<&str> = members.iter().map(String::as_str).collect();
+            client
+                .add_to_group(&group, &members)
+                .await
+                .map_err(|e| explain(e).context("nobody was added"))?;
+            println!("Added {} to group {group}.", members.join(", "));
+        }
+        GroupCommand::Remove { group, member } => {
+            client
+                .remove_from_group(&group, &member)
+                .await
+                .map_err(|e| explain(e).context("nobody was removed"))?;
+            println!("Removed {member} from group {group}.");
+        }
+        GroupCommand::Leave { group } => {
+            client
+                .leave_group(&group)
+                .await
+                .map_err(|e| explain(e).context("could not leave"))?;
+            println!("Asked to leave group {group}; a member will remove you.");
+        }
+        GroupCommand::Send { group, message } => {
+            client
+                .send_group_text(&group, &message.join(" "))
+                .await
+                .map_err(|e| explain(e).context("not sent"))?;
+            println!("Sent to group {group}.");
+        }
+        GroupCommand::List { group: None } => {
+            let groups = client.groups();
+            if groups.is_empty() {
+                println!("No groups yet (group create --name NAME MEMBER...).");
+            }
+            for g in groups {
+                let accounts: std::collections::BTreeSet<&str> =
+                    g.members.iter().map(|(u, _, _)| u.as_str()).collect();
+                let state = if g.left { " (you left)" } else { "" };
+                println!(
+                    "{}  \"{}\"  {} members{state}",
+                    g.id,
+                    g.name,
+                    accounts.len()
+                );
+            }
+        }
+        GroupCommand::List { group: Some(id) } => {
+            let info = client.group_info(&id).await.map_err(explain)?;
+            println!(
+                "Group {} \"{}\" (hub {}, epoch {})",
+                info.id, info.name, info.hub, info.epoch
+            );
+            for (user, device, verified) in &info.members {
+                let mark = if *verified {
+                    "verified device"
+                } else {
+                    "NOT VERIFIED: not in their device list"
+                };
+                println!("  {user} device {device}: {mark}");
+            }
+            for (from, device, time, text) in client.group_messages(&id).map_err(explain)? {
+                println!("[{}] {from} (device {device}): {text}", format_time(time));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_group_event(event: &GroupEvent) {
+    match event {
+        GroupEvent::Message {
+            group,
+            from,
+            text,
+            sent_ms,
+            ..
+        } => println!("[{}] {from} in {group}: {text}", format_time(*sent_ms)),
+        GroupEvent::Joined { group, by } => println!("* {by} added you to group {group}"),
+        GroupEvent::Changed {
+            group,
+            by,
+            added,
+            removed,
+        } => {
+            let names = |v: &[(String, u32)]| {
+                v.iter()
+                    .map(|(u, d)| format!("{u} (device {d})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !added.is_empty() {
+                println!("* {by} added {} to group {group}", names(added));
+            }
+            if !removed.is_empty() {
+                println!("* {by} removed {} from group {group}", names(removed));
+            }
+        }
+        GroupEvent::Removed { group } => println!("* you were removed from group {group}"),
+        GroupEvent::Unverified {
+            group,
+            user,
+            device,
+        } => eprintln!(
+            "! in group {group}, {user}'s device {device} is not in {user}'s verified device \
+             list: do not trust it until it is"
+        ),
+        GroupEvent::LeaveRequested { group, user } => {
+            println!("* {user} is leaving group {group}");
+        }
+    }
 }
 
 fn print_event(event: &Event) {
@@ -538,6 +717,7 @@ fn print_event(event: &Event) {
             devices,
             own_account,
         } => eprintln!("{}", unlisted_warning(user, devices, *own_account)),
+        Event::Group(g) => print_group_event(g),
         Event::QueueEmpty => {}
         _ => {}
     }
