@@ -254,7 +254,42 @@ async fn three_domains() {
         })
         .await;
     }
-    let _ = (&ba, &bb, &bc);
+
+    // The brokers' data directories and logs hold neither the group's name nor any text.
+    let canaries = [
+        "Trip to Lisbon",
+        "hello from alice",
+        "hey from carol",
+        "after both",
+    ];
+    for broker in [&ba, &bb, &bc] {
+        let mut found = Vec::new();
+        for (what, bytes) in files(broker.dir.path())
+            .into_iter()
+            .chain([("log".to_owned(), broker.read_logs())])
+        {
+            for canary in canaries {
+                if memchr::memmem::find(&bytes, canary.as_bytes()).is_some() {
+                    found.push(format!("{canary} in {what}"));
+                }
+            }
+        }
+        assert!(found.is_empty(), "{found:?}");
+    }
+}
+
+/// Every file under `dir`, read whole: (path, bytes).
+fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path.display().to_string(), bytes));
+        }
+    }
+    out
 }
 
 async fn linked_later() {

@@ -16,7 +16,7 @@ use base64::{
 };
 use common::{Broker, Creds, Device, add_device, eid, register, sdk};
 use futures_util::SinkExt as _;
-use sealpost_client::Event;
+use sealpost_client::{Event, engine::GroupEvent};
 use sealpost_proto::{Class, ClientFrame, Copy, SendOutcome, ServerFrame};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -187,6 +187,25 @@ async fn a_memory_dump_of_the_live_broker_holds_no_token_and_no_plaintext() {
             seen += 1;
         }
     }
+    // A group of carol and dave: its name and its texts are canaries too.
+    let group_name = format!("MEMORY-CANARY-GROUP-NAME-{:016x}", rand_tag());
+    let group_text = format!("MEMORY-CANARY-GROUP-TEXT-{:016x}", rand_tag());
+    let group = carol
+        .client
+        .create_group(&group_name, &["dave@test.example"])
+        .await
+        .expect("create group");
+    carol
+        .client
+        .send_group_text(&group, &group_text)
+        .await
+        .expect("group text");
+    loop {
+        if let Event::Group(GroupEvent::Message { text, .. }) = sdk::next(&mut dave.client).await {
+            assert_eq!(text, group_text);
+            break;
+        }
+    }
     let sdk_tokens = [
         carol.client.device_token_for_tests(),
         dave.client.device_token_for_tests(),
@@ -221,7 +240,7 @@ async fn a_memory_dump_of_the_live_broker_holds_no_token_and_no_plaintext() {
             leaks.push(format!("{name} (under a WebSocket mask)"));
         }
     }
-    for canary in &canaries {
+    for canary in canaries.iter().chain([&group_name, &group_text]) {
         if found(canary.as_bytes()) {
             leaks.push(format!("plaintext {canary}"));
         }
