@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use sealpost_proto::{Class, ClientFrame, EnvelopeId, GroupRecipient, Order};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
+use zeroize::Zeroizing;
 
 use super::{Engine, Event, KeyUpload, record::Secret};
 use crate::{
@@ -54,6 +55,9 @@ pub(crate) struct GroupEntry {
     pub(crate) messages: VecDeque<GroupMessage>,
     /// This device was removed (or left): kept for its history, sends refused.
     pub(crate) left: bool,
+    /// Members' delivery tokens, as they shared them in the group: sends to them go sealed.
+    #[serde(default)]
+    pub(crate) tokens: BTreeMap<String, Secret>,
 }
 
 /// One message of a group.
@@ -82,6 +86,8 @@ enum GroupPayload {
     Name { name: String },
     /// The sender's account is leaving: another member commits its removal.
     Leave,
+    /// The sender account's delivery token: members send to it sealed from then on.
+    Token { token: ByteBuf },
 }
 
 /// A group as the application sees it.
@@ -159,13 +165,16 @@ pub enum GroupEvent {
     },
 }
 
-/// A `group_send` to make: the frame and its envelope id.
+/// A `group_send` to make: the frame, its envelope id, and its channel.
 #[derive(Debug)]
 pub struct GroupSend {
     /// Its envelope id (retries keep it).
     pub id: EnvelopeId,
     /// The frame.
     pub frame: ClientFrame,
+    /// Over the anonymous `/v1/sealed` (every recipient admitted by its delivery token),
+    /// else the authenticated connection.
+    pub sealed: bool,
 }
 
 /// A change of members: the Commit (ordered at the hub) and, for additions, the Welcome and
@@ -174,10 +183,12 @@ pub struct GroupSend {
 pub struct GroupChange {
     /// The group (hex id).
     pub group: String,
-    /// The Commit, to every current member device.
-    pub commit: GroupSend,
+    /// The Commit, to every current member device (a sealed part, and an authenticated
+    /// one for members whose delivery token this device lacks; the first part is the one
+    /// the hub orders).
+    pub commit: Vec<GroupSend>,
     /// After the Commit was accepted: the Welcome to the added devices.
-    pub welcome: Option<GroupSend>,
+    pub welcome: Vec<GroupSend>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -189,31 +200,28 @@ fn group_error(e: GroupError) -> ClientError {
 }
 
 fn send_frame(
+    id: EnvelopeId,
     ciphertext: Vec<u8>,
-    recipients: &BTreeMap<String, BTreeSet<u32>>,
+    recipients: Vec<GroupRecipient>,
     order: Option<Order>,
+    sealed: bool,
 ) -> GroupSend {
-    let id = EnvelopeId(rand::random());
     let frame = ClientFrame::GroupSend {
         id,
         class: Class::Durable,
         ttl_secs: GROUP_TTL_SECS,
         ciphertext,
-        recipients: recipients
-            .iter()
-            .map(|(to, devices)| GroupRecipient {
-                to: to.clone(),
-                devices: devices
-                    .iter()
-                    .copied()
-                    .map(sealpost_proto::DeviceId)
-                    .collect(),
-                delivery_token: None,
-            })
-            .collect(),
+        recipients,
         order,
     };
-    GroupSend { id, frame }
+    GroupSend { id, frame, sealed }
+}
+
+/// A group's recipients split by channel: those whose delivery token this device holds
+/// (sealed: the broker learns no sender) and the others (authenticated).
+struct Split {
+    sealed: Vec<GroupRecipient>,
+    open: Vec<GroupRecipient>,
 }
 
 impl Engine {
@@ -287,6 +295,7 @@ impl Engine {
                 name: name.to_owned(),
                 messages: VecDeque::new(),
                 left: false,
+                tokens: BTreeMap::new(),
             },
         );
         Ok(key)
@@ -371,7 +380,7 @@ impl Engine {
         group: &str,
         text: &str,
         now_ms: u64,
-    ) -> Result<GroupSend, ClientError> {
+    ) -> Result<Vec<GroupSend>, ClientError> {
         if text.len() > MAX_GROUP_TEXT_BYTES {
             return Err(ClientError::Invalid(format!(
                 "a group message is at most {MAX_GROUP_TEXT_BYTES} bytes"
@@ -382,30 +391,109 @@ impl Engine {
             body: text.to_owned(),
             sent_ms: now_ms,
         };
-        let send = self.group_payload(&entry, &payload)?;
+        let sends = self.group_payload(&entry, &payload)?;
         let (user, device) = (self.state.user().to_owned(), self.state.device_id());
         self.push_group_message(group, &user, device, now_ms, text);
-        self.record.seen.insert(send.id.0);
-        Ok(send)
+        Ok(sends)
     }
 
+    /// Splits `recipients` by channel. This account is always sealed, under its own token:
+    /// every group send names every member account, so naming ours says nothing of who sent.
+    fn split(&self, entry: &GroupEntry, recipients: &BTreeMap<String, BTreeSet<u32>>) -> Split {
+        let mut split = Split {
+            sealed: Vec::new(),
+            open: Vec::new(),
+        };
+        for (to, devices) in recipients {
+            let token = if to == self.state.user() {
+                Some(self.record.delivery_token.0.to_vec()).filter(|t| !t.is_empty())
+            } else {
+                entry
+                    .tokens
+                    .get(to)
+                    .or_else(|| {
+                        self.record
+                            .contacts
+                            .get(to)
+                            .and_then(|c| c.delivery_token.as_ref())
+                    })
+                    .map(|t| t.0.to_vec())
+            };
+            let devices = devices
+                .iter()
+                .copied()
+                .map(sealpost_proto::DeviceId)
+                .collect();
+            match token {
+                Some(t) => split.sealed.push(GroupRecipient {
+                    to: to.clone(),
+                    devices,
+                    delivery_token: Some(t),
+                }),
+                None => split.open.push(GroupRecipient {
+                    to: to.clone(),
+                    devices,
+                    delivery_token: None,
+                }),
+            }
+        }
+        split
+    }
+
+    /// The sends of one message whose bytes are the same for everyone (a Commit, a
+    /// Welcome): a sealed part and an authenticated part under one id (the hub takes an
+    /// epoch once per id). The authenticated part names the sender of the sealed one too:
+    /// it exists only while some member's delivery token has not reached this device.
+    fn same_bytes(
+        &mut self,
+        entry: &GroupEntry,
+        recipients: &BTreeMap<String, BTreeSet<u32>>,
+        bytes: Vec<u8>,
+        order: Option<Order>,
+    ) -> Vec<GroupSend> {
+        let Split { sealed, open } = self.split(entry, recipients);
+        let id = EnvelopeId(rand::random());
+        let mut sends = Vec::new();
+        if !sealed.is_empty() {
+            sends.push(send_frame(id, bytes.clone(), sealed, order.clone(), true));
+        }
+        if !open.is_empty() {
+            sends.push(send_frame(id, bytes, open, order, false));
+        }
+        // Our own copy comes back: recognised by id, acked unread.
+        self.record.seen.insert(id.0);
+        sends
+    }
+
+    /// The sends of an application message: one MLS message for the members this device
+    /// sends to sealed, another (its own bytes and id, so that nothing ties the two) for the
+    /// others.
     fn group_payload(
         &mut self,
         entry: &GroupEntry,
         payload: &GroupPayload,
-    ) -> Result<GroupSend, ClientError> {
-        let data = rmp_serde::to_vec(payload).map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let message = self
-            .group_keys()?
-            .encrypt(&entry.id, &data)
-            .map_err(group_error)?;
-        self.save_group_keys();
+    ) -> Result<Vec<GroupSend>, ClientError> {
+        let data = Zeroizing::new(
+            rmp_serde::to_vec(payload).map_err(|e| ClientError::Invalid(e.to_string()))?,
+        );
         let recipients = self.recipients(&entry.id)?;
-        Ok(send_frame(
-            GroupWire::Message(message).to_bytes(),
-            &recipients,
-            None,
-        ))
+        let Split { sealed, open } = self.split(entry, &recipients);
+        let mut sends = Vec::new();
+        for (part, is_sealed) in [(sealed, true), (open, false)] {
+            if part.is_empty() {
+                continue;
+            }
+            let message = self
+                .group_keys()?
+                .encrypt(&entry.id, &data)
+                .map_err(group_error)?;
+            let id = EnvelopeId(rand::random());
+            self.record.seen.insert(id.0);
+            let wire = GroupWire::Message(message).to_bytes();
+            sends.push(send_frame(id, wire, part, None, is_sealed));
+        }
+        self.save_group_keys();
+        Ok(sends)
     }
 
     fn push_group_message(
@@ -475,26 +563,25 @@ impl Engine {
             epoch: commit.epoch,
             hub: entry.hub.clone(),
         };
-        let commit_send = send_frame(
-            GroupWire::Message(commit.commit).to_bytes(),
+        let commit_sends = self.same_bytes(
+            &entry,
             &members,
+            GroupWire::Message(commit.commit).to_bytes(),
             Some(order),
         );
-        let welcome = commit.welcome.map(|welcome| {
-            let wire = GroupWire::Welcome {
-                welcome,
-                hub: entry.hub.clone(),
-            };
-            send_frame(wire.to_bytes(), &added, None)
-        });
-        // Our own copies come back: recognised by id, acked unread.
-        self.record.seen.insert(commit_send.id.0);
-        if let Some(w) = &welcome {
-            self.record.seen.insert(w.id.0);
-        }
+        let welcome = match commit.welcome {
+            Some(welcome) => {
+                let wire = GroupWire::Welcome {
+                    welcome,
+                    hub: entry.hub.clone(),
+                };
+                self.same_bytes(&entry, &added, wire.to_bytes(), None)
+            }
+            None => Vec::new(),
+        };
         Ok(GroupChange {
             group: group.to_owned(),
-            commit: commit_send,
+            commit: commit_sends,
             welcome,
         })
     }
@@ -527,16 +614,16 @@ impl Engine {
             epoch: commit.epoch,
             hub: entry.hub.clone(),
         };
-        let commit = send_frame(
-            GroupWire::Message(commit.commit).to_bytes(),
+        let commit = self.same_bytes(
+            &entry,
             &recipients,
+            GroupWire::Message(commit.commit).to_bytes(),
             Some(order),
         );
-        self.record.seen.insert(commit.id.0);
         Ok(GroupChange {
             group: group.to_owned(),
             commit,
-            welcome: None,
+            welcome: Vec::new(),
         })
     }
 
@@ -556,23 +643,27 @@ impl Engine {
     }
 
     /// The group's name for its new members, sent after their Welcome.
-    pub fn group_name_for_members(&mut self, group: &str) -> Result<GroupSend, ClientError> {
+    pub fn group_name_for_members(&mut self, group: &str) -> Result<Vec<GroupSend>, ClientError> {
         let entry = self.live_entry(group)?;
         let payload = GroupPayload::Name {
             name: entry.name.clone(),
         };
-        let send = self.group_payload(&entry, &payload)?;
-        self.record.seen.insert(send.id.0);
-        Ok(send)
+        self.group_payload(&entry, &payload)
+    }
+
+    /// This account's delivery token for the group's members, so that they send to it
+    /// sealed: sent once this device is in the group (created or joined).
+    pub fn group_token_share(&mut self, group: &str) -> Result<Vec<GroupSend>, ClientError> {
+        let entry = self.live_entry(group)?;
+        let token = ByteBuf::from(self.record.delivery_token.0.to_vec());
+        self.group_payload(&entry, &GroupPayload::Token { token })
     }
 
     /// Leaving: tells the group, whose remover (the member at the lowest leaf of another
     /// account) commits this account's removal.
-    pub fn leave_group(&mut self, group: &str) -> Result<GroupSend, ClientError> {
+    pub fn leave_group(&mut self, group: &str) -> Result<Vec<GroupSend>, ClientError> {
         let entry = self.live_entry(group)?;
-        let send = self.group_payload(&entry, &GroupPayload::Leave)?;
-        self.record.seen.insert(send.id.0);
-        Ok(send)
+        self.group_payload(&entry, &GroupPayload::Leave)
     }
 
     /// Opens a group envelope: its events, or a rejection (malformed, a group this device is
@@ -615,6 +706,7 @@ impl Engine {
                     name: String::new(),
                     messages: VecDeque::new(),
                     left: false,
+                    tokens: BTreeMap::new(),
                 };
                 self.record.groups.insert(key.clone(), entry);
                 let by = members
@@ -716,6 +808,14 @@ impl Engine {
                             group: key,
                             user: sender.id.user,
                         }));
+                    }
+                    GroupPayload::Token { token } => {
+                        if let Some(entry) = self.record.groups.get_mut(&key)
+                            && !token.is_empty()
+                            && token.len() <= 64
+                        {
+                            entry.tokens.insert(sender.id.user, Secret::new(&token));
+                        }
                     }
                 }
             }

@@ -712,3 +712,76 @@ fn transcripts_wait_in_the_record_and_own_sends_go_authenticated() {
     reloaded.transcript_sent();
     assert!(reloaded.next_transcript_due_ms().is_none());
 }
+
+/// The ciphertext of a group send, for any recipient.
+fn group_ciphertext(send: &GroupSend) -> (EnvelopeId, Vec<u8>) {
+    match &send.frame {
+        ClientFrame::GroupSend { id, ciphertext, .. } => (*id, ciphertext.clone()),
+        other => panic!("not a group send: {other:?}"),
+    }
+}
+
+fn recipients_of(send: &GroupSend) -> Vec<String> {
+    match &send.frame {
+        ClientFrame::GroupSend { recipients, .. } => {
+            recipients.iter().map(|r| r.to.clone()).collect()
+        }
+        other => panic!("not a group send: {other:?}"),
+    }
+}
+
+#[test]
+fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
+    let (broker, mut alice, mut bob) = alice_knows_bob();
+    bob.accept_device_list(ALICE, &broker.lists[ALICE].clone(), NOW)
+        .expect("verifies");
+    let group = alice.create_group("Plans").expect("create");
+    let package = bob.key_packages(1).expect("packages").one_time.remove(0).1;
+    let change = alice
+        .add_to_group(&group, &[(BOB.into(), 1, package)])
+        .expect("add");
+    // Alice holds only her own token: the Commit goes sealed to her own account alone, and
+    // the Welcome to bob (a stranger to her so far) authenticated.
+    assert!(change.commit.iter().all(|s| s.sealed));
+    assert_eq!(change.welcome.len(), 1);
+    assert!(!change.welcome[0].sealed);
+    alice.commit_answer(&group, true).expect("merge");
+    let (id, welcome) = group_ciphertext(&change.welcome[0]);
+    let events = bob.open_group(id, &welcome, NOW);
+    assert!(
+        matches!(&events[0], Event::Group(GroupEvent::Joined { .. })),
+        "{events:?}"
+    );
+
+    // Before bob's token arrives, alice's text has a sealed part (her own account) and an
+    // authenticated one (bob), each its own MLS message.
+    let sends = alice.group_text(&group, "first", NOW).expect("text");
+    assert_eq!(sends.len(), 2);
+    assert_eq!(recipients_of(&sends[0]), vec![ALICE.to_owned()]);
+    assert!(sends[0].sealed && !sends[1].sealed);
+    assert_ne!(group_ciphertext(&sends[0]).1, group_ciphertext(&sends[1]).1);
+    let (id, text) = group_ciphertext(&sends[1]);
+    let events = bob.open_group(id, &text, NOW);
+    assert!(
+        matches!(&events[..], [Event::Group(GroupEvent::Message { text, .. })] if text == "first")
+    );
+
+    // Bob shares his token in the group; from then on one sealed send reaches everyone.
+    let share = bob.group_token_share(&group).expect("share");
+    let (id, token) = group_ciphertext(&share[0]);
+    assert!(alice.open_group(id, &token, NOW).is_empty());
+    let sends = alice.group_text(&group, "second", NOW).expect("text");
+    assert_eq!(sends.len(), 1);
+    assert!(sends[0].sealed);
+    assert_eq!(
+        recipients_of(&sends[0]),
+        vec![ALICE.to_owned(), BOB.to_owned()]
+    );
+    let (id, text) = group_ciphertext(&sends[0]);
+    let events = bob.open_group(id, &text, NOW);
+    assert!(
+        matches!(&events[..], [Event::Group(GroupEvent::Message { text, .. })] if text == "second")
+    );
+    // Alice's own copy comes back and is recognised.
+    assert!(alice.is_seen(id));
+}

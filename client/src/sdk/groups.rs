@@ -2,10 +2,13 @@
 //! order (retried on top of the Commit that won), Welcomes, texts, and the device changes a
 //! `stale_devices` answer reveals (see [`crate::engine::groups`]).
 //!
-//! Group sends go on the authenticated connection: the broker learns which account sends to
-//! a group (as for a first message), not what, nor the group's name. Sealed group sends
-//! (`/v1/sealed`, per-recipient delivery tokens) are supported by the broker; using them here
-//! needs this account's own copies to travel apart from the others (see the README).
+//! Group sends are sealed: one `group_send` on the anonymous `/v1/sealed` to every member
+//! device whose account's delivery token this device holds (members share theirs inside the
+//! group when they join; this account's own devices are addressed under its own token, as
+//! every member's send addresses them). Members whose token has not arrived yet get theirs
+//! on the authenticated connection: a separate MLS message for texts; for a Commit or a
+//! Welcome, whose bytes are the same for everyone, the same bytes, which names the sender of
+//! both parts (until every token has arrived).
 
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ use sealpost_proto::{ClientFrame, EnvelopeId, ErrorCode, RecipientRefusal, Serve
 use super::{Client, ClientError, now_ms};
 use crate::{
     api::ClaimAuth,
+    conn::Connection,
     crypto::DeviceList,
     engine::{GroupChange, GroupInfo, GroupSend},
 };
@@ -62,6 +66,7 @@ impl Client {
         let mut users = vec![own.as_str()];
         users.extend(members.iter().copied().filter(|m| *m != own));
         self.add_to_group(&id, &users).await?;
+        self.share_group_token(&id).await?;
         Ok(id)
     }
 
@@ -171,9 +176,9 @@ impl Client {
     /// Leaves a group: the other members are told, and one of them commits this account's
     /// removal.
     pub async fn leave_group(&mut self, group: &str) -> Result<(), ClientError> {
-        let send = self.engine.leave_group(group)?;
+        let sends = self.engine.leave_group(group)?;
         self.save()?;
-        self.group_send(&send).await?;
+        self.send_parts(&sends).await?;
         Ok(())
     }
 
@@ -185,9 +190,9 @@ impl Client {
         text: &str,
     ) -> Result<EnvelopeId, ClientError> {
         self.sync_member_devices(group).await?;
-        let send = self.engine.group_text(group, text, now_ms())?;
+        let sends = self.engine.group_text(group, text, now_ms())?;
         self.save()?;
-        let answer = self.group_send(&send).await?;
+        let answer = self.send_parts(&sends).await?;
         if let Some(code) = answer.code {
             return Err(ClientError::Invalid(format!(
                 "the broker refused the group message: {}",
@@ -204,7 +209,7 @@ impl Client {
         for r in answer.stale {
             self.update_member_devices(group, &r.to).await?;
         }
-        Ok(send.id)
+        Ok(sends.first().map_or(EnvelopeId([0; 16]), |s| s.id))
     }
 
     /// Brings every member account's devices in the group in line with its verified device
@@ -263,7 +268,7 @@ impl Client {
     async fn commit(&mut self, change: GroupChange) -> Result<bool, ClientError> {
         // The pending Commit is saved before it leaves, so that a crash can drop it cleanly.
         self.save()?;
-        let answer = self.group_send(&change.commit).await?;
+        let answer = self.send_parts(&change.commit).await?;
         match answer.code {
             None => {}
             Some(ErrorCode::StaleEpoch) => {
@@ -291,13 +296,44 @@ impl Client {
         }
         self.engine.commit_answer(&change.group, true)?;
         self.save()?;
-        if let Some(welcome) = &change.welcome {
-            self.group_send(welcome).await?;
+        if !change.welcome.is_empty() {
+            self.send_parts(&change.welcome).await?;
             let name = self.engine.group_name_for_members(&change.group)?;
             self.save()?;
-            self.group_send(&name).await?;
+            self.send_parts(&name).await?;
         }
         Ok(true)
+    }
+
+    /// This account's delivery token for a group this device just entered, so that its
+    /// members send to it sealed.
+    pub(super) async fn share_group_token(&mut self, group: &str) -> Result<(), ClientError> {
+        let sends = self.engine.group_token_share(group)?;
+        self.save()?;
+        self.send_parts(&sends).await?;
+        Ok(())
+    }
+
+    /// Sends the parts of one group message (sealed, then authenticated), merging their
+    /// answers. A part refused as a whole (an epoch another Commit took) ends it.
+    async fn send_parts(&mut self, sends: &[GroupSend]) -> Result<GroupAnswer, ClientError> {
+        let mut merged = GroupAnswer {
+            code: None,
+            refused: Vec::new(),
+            epoch: None,
+            stale: Vec::new(),
+        };
+        for send in sends {
+            let answer = self.group_send(send).await?;
+            merged.refused.extend(answer.refused);
+            merged.stale.extend(answer.stale);
+            if answer.code.is_some() {
+                merged.code = answer.code;
+                merged.epoch = answer.epoch;
+                break;
+            }
+        }
+        Ok(merged)
     }
 
     /// Sends a group frame and waits for its answer. A member account whose devices at the
@@ -322,10 +358,16 @@ impl Client {
             ttl_secs,
             ciphertext,
             order,
-            ..
+            recipients,
         } = &send.frame
         else {
             return Ok(answer);
+        };
+        let token = |to: &str| {
+            recipients
+                .iter()
+                .find(|r| r.to == to)
+                .and_then(|r| r.delivery_token.clone())
         };
         let again = GroupSend {
             id: *id,
@@ -339,12 +381,13 @@ impl Client {
                     .map(|r| sealpost_proto::GroupRecipient {
                         to: r.to.clone(),
                         devices: r.current_devices.clone(),
-                        delivery_token: None,
+                        delivery_token: token(&r.to),
                     })
                     .collect(),
                 // The hub took (or refused) the epoch already; the retry is the same send.
                 order: order.clone(),
             },
+            sealed: send.sealed,
         };
         let retried = self.send_once(&again).await?;
         if let Some(code) = retried.code {
@@ -359,8 +402,11 @@ impl Client {
         Ok(answer)
     }
 
-    /// Sends a group frame on the authenticated connection and waits for its answer.
+    /// Sends a group frame on its channel and waits for its answer.
     async fn send_once(&mut self, send: &GroupSend) -> Result<GroupAnswer, ClientError> {
+        if send.sealed {
+            return self.send_sealed(send).await;
+        }
         let mut conn = self.take_conn().await?;
         if let Err(e) = conn.send(&send.frame).await {
             self.on_conn_lost();
@@ -388,6 +434,36 @@ impl Client {
                     self.on_conn_lost();
                     return Err(e.into());
                 }
+            }
+        }
+    }
+
+    /// Sends a group frame on the anonymous connection (`/v1/sealed`) and waits for its
+    /// answer.
+    async fn send_sealed(&mut self, send: &GroupSend) -> Result<GroupAnswer, ClientError> {
+        let mut conn = match self.sealed.take() {
+            Some(c) => c,
+            None => Connection::anonymous(&self.api.ws_url("/v1/sealed")).await?,
+        };
+        conn.send(&send.frame).await?;
+        loop {
+            match conn.next().await? {
+                ServerFrame::GroupSendResult {
+                    id,
+                    code,
+                    refused,
+                    epoch,
+                } if id == send.id => {
+                    self.sealed = Some(conn);
+                    return Ok(GroupAnswer {
+                        code,
+                        refused,
+                        epoch,
+                        stale: Vec::new(),
+                    });
+                }
+                // Answers to earlier, abandoned sends carry nothing for us.
+                _ => {}
             }
         }
     }
