@@ -15,6 +15,7 @@
 #   DRAIN=1                (appends: then every recipient connects and drains its queue)
 #   DEVICES=1000 RATE=0 E2E_PIPELINE=             (e2e and federated; RATE=0 is closed loop)
 #   CONNECTIONS=10000 DEVICES_PER_ACCOUNT=1 HOLD=5s (idle)
+#   MEMBERS=10,100,1000 MESSAGES=20 FANOUT_DEVICES=2  (fanout: group_send against 1:1 sends)
 #   SCENARIO_TIMEOUT=600   seconds before a scenario is killed
 #   BROKER_ARGS=""         extra flags for `sealpost serve`
 #   SKIP_BUILD=1           use the binaries already in target/release
@@ -39,6 +40,9 @@ E2E_PIPELINE=${E2E_PIPELINE:-}
 CONNECTIONS=${CONNECTIONS:-10000}
 DEVICES_PER_ACCOUNT=${DEVICES_PER_ACCOUNT:-1}
 HOLD=${HOLD:-5s}
+MEMBERS=${MEMBERS:-10,100,1000}
+MESSAGES=${MESSAGES:-20}
+FANOUT_DEVICES=${FANOUT_DEVICES:-2}
 SCENARIO_TIMEOUT=${SCENARIO_TIMEOUT:-600}
 BROKER_ARGS=${BROKER_ARGS:-}
 
@@ -249,8 +253,11 @@ for scenario in $SCENARIOS; do
             run_scenario idle -- idle --connections "$CONNECTIONS" \
                 --devices-per-account "$DEVICES_PER_ACCOUNT" --hold "$HOLD" \
                 --broker-pid @BROKER_PID@ ;;
+        fanout)
+            run_scenario fanout -- fanout --members "$MEMBERS" --messages "$MESSAGES" \
+                --devices-per-account "$FANOUT_DEVICES" --broker-pid @BROKER_PID@ ;;
         *)
-            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e federated idle)" >&2
+            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e federated idle fanout)" >&2
             failed=1
             ;;
     esac

@@ -8,6 +8,8 @@
 //! - `idle`: N authenticated idle connections — broker RSS per connection.
 //! - `encrypted`: pairs of real SDK clients exchanging sealed, end-to-end encrypted texts —
 //!   client crypto cost per message and delivered messages/s.
+//! - `fanout`: one message to a group of N accounts as one `group_send` and as N `send`s —
+//!   upload bytes, time until every device has it, broker CPU per delivered copy.
 //!
 //! Every scenario prints human-readable lines and, last, one JSON line `{"scenario":...}`.
 //! Only loopback targets are accepted.
@@ -17,6 +19,7 @@
 mod api;
 mod client;
 mod encrypted;
+mod fanout;
 mod idle;
 mod scenarios;
 mod traffic;
@@ -53,6 +56,9 @@ enum Scenario {
     /// Pairs of SDK clients exchange end-to-end encrypted, sealed-sender texts: client
     /// encrypt+seal and open+decrypt cost per message, delivered messages/s.
     Encrypted(EncryptedArgs),
+    /// One message to a group of N accounts, as one group_send and as N sends: upload
+    /// bytes, time until every device has it, broker CPU per delivered copy.
+    Fanout(FanoutArgs),
 }
 
 // Options every scenario takes. (Plain comments on flattened structs: clap would take a doc
@@ -217,6 +223,33 @@ struct EncryptedArgs {
     drain_timeout: Duration,
 }
 
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Group sizes (member accounts besides the sender), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    members: Vec<usize>,
+    /// Connected devices per member account.
+    #[arg(long, default_value_t = 2)]
+    devices_per_account: usize,
+    /// Messages per group size and mode.
+    #[arg(long, default_value_t = 20)]
+    messages: usize,
+    /// Ciphertext bytes of the group message (an MLS application message).
+    #[arg(long, default_value_t = 250)]
+    group_size: usize,
+    /// Ciphertext bytes of one device's copy of a 1:1 message (Olm, sealed).
+    #[arg(long, default_value_t = 400)]
+    copy_size: usize,
+    /// The broker's process id, for its CPU time.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Bound on waiting for one message to reach every device.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
 fn main() -> Result<()> {
     util::init_clock();
     let cli = Cli::parse();
@@ -226,6 +259,7 @@ fn main() -> Result<()> {
         Scenario::Federated(a) => a.e2e.common.threads,
         Scenario::Idle(a) => a.common.threads,
         Scenario::Encrypted(a) => a.common.threads,
+        Scenario::Fanout(a) => a.common.threads,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -242,6 +276,7 @@ fn main() -> Result<()> {
             Scenario::Federated(a) => Ok(("federated", scenarios::federated(a).await?)),
             Scenario::Idle(a) => Ok(("idle", idle::idle(a).await?)),
             Scenario::Encrypted(a) => Ok(("encrypted", encrypted::encrypted(a).await?)),
+            Scenario::Fanout(a) => Ok(("fanout", fanout::fanout(a).await?)),
         }
     })?;
     println!("{}", json_line(name, fields));
@@ -352,5 +387,17 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.scenario, Scenario::Encrypted(ref a) if a.pairs == 4));
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "fanout",
+            url,
+            "--members",
+            "10,100",
+            "--broker-pid",
+            "7",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario, Scenario::Fanout(ref a)
+            if a.members == [10, 100] && a.broker_pid == Some(7) && a.devices_per_account == 2));
     }
 }
