@@ -249,7 +249,7 @@ async fn an_unknown_frame_type_is_refused_and_the_connection_stays_usable() {
     let mut s = scene(&[]).await;
     let mut m = s.mallory().await;
     // A kind from a newer client, and a broker-to-device kind sent the wrong way.
-    for kind in [0x7e_u8, 0x05, 0x81] {
+    for kind in [0x7e_u8, 0x06, 0x81] {
         m.send_raw(vec![1, kind, 0x90]).await;
         let message = expect_error(&mut m, ErrorCode::UnknownFrameType, None).await;
         assert!(message.contains(&format!("{kind:#04x}")), "{message}");
