@@ -24,6 +24,7 @@ let localKey = null;
 let ws = null;
 let sealedWs = null;
 let current = null; // the selected contact
+let currentGroup = null; // the selected group (hex id), when a group is shown
 let wsBackoff = 250;
 const pendingResults = new Map(); // envelope id (hex) -> resolve
 const contacts = new Set();
@@ -45,6 +46,8 @@ const debug = {
   notices: [],
   // How long a fetched device list is used before it is fetched again (tests shorten it).
   listMaxAgeMs: LIST_MAX_AGE_MS,
+  // Group texts received: {group, from, text}.
+  groupMessages: [],
 };
 window.sealpostDebug = debug;
 
@@ -279,6 +282,9 @@ function openSocket(path, onFrame) {
   });
 }
 
+// Answers to `send` (0x82) and `group_send` (0x88), matched to the waiting send by id.
+const RESULT_KINDS = new Set([0x82, 0x88]);
+
 function onSendResult(bytes) {
   const r = JSON.parse(engine.receive(bytes, false));
   const resolve = pendingResults.get(r.id);
@@ -291,7 +297,7 @@ function onSendResult(bytes) {
 async function sealedSocket() {
   if (sealedWs && sealedWs.readyState === WebSocket.OPEN) return sealedWs;
   sealedWs = await openSocket('/v1/sealed', (bytes) => {
-    if (bytes[1] === 0x82) onSendResult(bytes);
+    if (RESULT_KINDS.has(bytes[1])) onSendResult(bytes);
   });
   sealedWs.onclose = () => { sealedWs = null; };
   return sealedWs;
@@ -445,7 +451,7 @@ function setOnline(online) {
 }
 
 function onFrame(bytes) {
-  if (bytes[1] === 0x82) return onSendResult(bytes);
+  if (RESULT_KINDS.has(bytes[1])) return onSendResult(bytes);
   const sock = ws;
   serial(() => handleFrame(bytes, sock)).catch((e) => {
     showError(e);
@@ -515,6 +521,7 @@ async function handleFrame(bytes, sock) {
       return;
     case 'notice':
       if (r.notice === 'keys_low') await topUpKeys();
+      if (r.notice === 'key_packages_low') await publishKeyPackages();
       if (r.notice === 'mailbox_full') showError('your mailbox on the broker is full');
       return;
     case 'error':
@@ -550,6 +557,12 @@ function onEvent(event) {
       break;
     case 'rejected':
       showError(`an envelope was rejected: ${event.reason}`);
+      break;
+    case 'group':
+      for (const e of event.events) onGroupEvent(e);
+      // Some group messages change what is shown without an event (the group's name).
+      renderGroups();
+      if (currentGroup) renderGroup();
       break;
     default:
   }
@@ -631,6 +644,10 @@ function markUnread(handle) {
 
 function selectContact(handle) {
   current = handle;
+  currentGroup = null;
+  $('group').hidden = true;
+  $('chat').hidden = false;
+  for (const b of document.querySelectorAll('#groups button')) b.classList.remove('active');
   $('chat-with').textContent = handle;
   for (const b of document.querySelectorAll('#contacts button')) {
     b.classList.toggle('active', b.dataset.handle === handle);
@@ -680,6 +697,213 @@ function renderMessages() {
     list.appendChild(li);
   }
   list.scrollTop = list.scrollHeight;
+}
+
+// ------------------------------------------------------------------------------------------
+// Groups (MLS in the engine; see sealpost_client::engine::groups). A group message goes as
+// "parts", each a group_send: sealed (on /v1/sealed) to the members whose delivery token we
+// hold, the rest on /v1/ws. Commits are ordered at the group's hub: the first of an epoch
+// wins, a loser is refused stale_epoch and made again once the winner arrived.
+
+const KEY_PACKAGES = 20;
+
+function groupOf(id) {
+  return JSON.parse(engine.groups()).find((g) => g.id === id);
+}
+
+async function publishKeyPackages() {
+  const h = encodeURIComponent(engine.handle());
+  const body = engine.key_package_upload(KEY_PACKAGES);
+  persist(); // the private halves are kept before the public ones leave
+  await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/key-packages`, { body, auth: true });
+}
+
+async function claimKeyPackage(user, device) {
+  const headers = JSON.parse(engine.claim_headers(user));
+  const anon = !headers.authorization;
+  return api('POST',
+    `/v1/accounts/${encodeURIComponent(user)}/devices/${device}/key-packages/claim`, { headers, anon });
+}
+
+// Sends the parts of one group message; answers {code, epoch} of a part refused whole
+// (then the rest is not sent), else {}. Recipients whose devices changed get the same
+// envelope on their current devices.
+async function sendParts(parts) {
+  for (const part of parts) {
+    const r = await transmit(part);
+    if (r.code) return { code: r.code, epoch: r.epoch };
+    const again = engine.group_resend(JSON.stringify(part), JSON.stringify(r));
+    if (again) {
+      const r2 = await transmit(JSON.parse(again));
+      if (r2.code) return { code: r2.code, epoch: r2.epoch };
+    }
+    const refused = (r.refused || []).filter((x) => x.code !== 'stale_devices');
+    if (refused.length) {
+      throw new Error(`the broker refused the group message for ${refused.map((x) => `${x.to} (${x.code})`).join(', ')}`);
+    }
+  }
+  return {};
+}
+
+// Adds every device of `users` that is not a member yet: a KeyPackage of each (checked by
+// the engine against the verified device list), a Commit, then the Welcome and the name.
+async function addToGroup(group, users) {
+  const members = groupOf(group).members;
+  const claimed = [];
+  for (const user of users) {
+    const list = await serial(() => fetchList(user));
+    for (const device of list.devices) {
+      if (members.some((m) => m.user === user && m.device === device)) continue;
+      const c = await claimKeyPackage(user, device);
+      claimed.push({ user, device, key: c.key });
+    }
+  }
+  if (!claimed.length) return;
+  for (let attempt = 0; attempt < 8; attempt++) {
+    const plan = JSON.parse(engine.group_add(group, JSON.stringify(claimed)));
+    persist();
+    const r = await sendParts(plan.commit);
+    if (!r.code) {
+      engine.group_commit_answer(group, true);
+      persist();
+      await sendParts(plan.welcome);
+      const name = JSON.parse(engine.group_name_parts(group));
+      persist();
+      await sendParts(name);
+      return;
+    }
+    engine.group_commit_answer(group, false);
+    persist();
+    if (r.code !== 'stale_epoch') throw new Error(`the broker refused the group change: ${r.code}`);
+    // Another member's change took the epoch: it is on its way here; ours goes on top.
+    await until(() => groupOf(group).epoch >= r.epoch, "the other member's change");
+  }
+  throw new Error("other members' changes kept taking the group's epoch; try again");
+}
+
+async function shareGroupToken(group) {
+  const parts = JSON.parse(engine.group_token_share(group));
+  persist();
+  await sendParts(parts);
+}
+
+async function createGroup(name, members) {
+  if (!name) throw new Error('give the group a name');
+  const group = engine.create_group(name);
+  persist();
+  renderGroups();
+  await addToGroup(group, [engine.handle(), ...members.filter((m) => m !== engine.handle())]);
+  await shareGroupToken(group);
+  renderGroups();
+  selectGroup(group);
+}
+
+function onGroupEvent(e) {
+  switch (e.event) {
+    case 'group_message':
+      debug.groupMessages.push({ group: e.group, from: e.from, text: e.text });
+      break;
+    case 'group_joined':
+      // Our delivery token for its members, outside the frame being handled.
+      setTimeout(() => shareGroupToken(e.group).catch(showError), 0);
+      break;
+    case 'group_unverified':
+      // A member whose account's list we do not hold yet: fetched, then shown as it is.
+      setTimeout(() => serial(() => ensureList(e.user)).then(renderGroup).catch(() => {}), 0);
+      break;
+    default:
+  }
+  renderGroups();
+  if (e.group === currentGroup) renderGroup();
+  else if (e.event === 'group_message') markGroupUnread(e.group);
+}
+
+function renderGroups() {
+  const list = $('groups');
+  list.replaceChildren();
+  for (const g of JSON.parse(engine.groups())) {
+    const li = document.createElement('li');
+    const b = document.createElement('button');
+    b.dataset.group = g.id;
+    const name = document.createElement('b');
+    name.textContent = g.name || 'New group';
+    const last = document.createElement('small');
+    last.textContent = g.left ? 'you are no longer in this group'
+      : g.last ? `${g.last.from.split('@')[0]}: ${g.last.text}` : `${new Set(g.members.map((m) => m.user)).size} members`;
+    b.append(name, document.createElement('br'), last);
+    b.classList.toggle('active', g.id === currentGroup);
+    b.onclick = () => selectGroup(g.id);
+    li.appendChild(b);
+    list.appendChild(li);
+  }
+}
+
+function markGroupUnread(group) {
+  const b = document.querySelector(`#groups button[data-group="${CSS.escape(group)}"]`);
+  if (b) b.classList.add('unread');
+}
+
+function selectGroup(group) {
+  currentGroup = group;
+  current = null;
+  $('chat').hidden = true;
+  $('group').hidden = false;
+  for (const b of document.querySelectorAll('#contacts button')) b.classList.remove('active');
+  for (const b of document.querySelectorAll('#groups button')) {
+    b.classList.toggle('active', b.dataset.group === group);
+    if (b.dataset.group === group) b.classList.remove('unread');
+  }
+  renderGroup();
+}
+
+function renderGroup() {
+  const g = currentGroup && groupOf(currentGroup);
+  if (!g) return;
+  $('group-title').textContent = g.name || 'New group';
+  const members = $('group-member-list');
+  members.replaceChildren();
+  for (const m of g.members) {
+    const li = document.createElement('li');
+    const you = m.user === engine.handle() && m.device === engine.device_id() ? ' (this device)' : '';
+    li.textContent = `${m.user}, device ${m.device}${you}`;
+    const mark = document.createElement('span');
+    mark.className = m.verified ? 'member-ok' : 'member-unverified';
+    mark.textContent = m.verified ? ' ✓ in their signed device list' : ' ⚠ not confirmed by their device list';
+    li.appendChild(mark);
+    members.appendChild(li);
+  }
+  for (const id of ['group-input', 'group-send', 'group-add-handle', 'group-add']) $(id).disabled = g.left;
+  const list = $('group-messages');
+  list.replaceChildren();
+  for (const m of JSON.parse(engine.group_messages(currentGroup))) {
+    const li = document.createElement('li');
+    li.className = `message ${m.outgoing ? 'outgoing' : 'incoming'}`;
+    const who = document.createElement('small');
+    who.textContent = m.outgoing ? 'you' : m.from;
+    const text = document.createElement('div');
+    text.textContent = m.text; // text, never HTML
+    li.append(who, text);
+    list.appendChild(li);
+  }
+  if (g.left) {
+    const li = document.createElement('li');
+    li.className = 'notice';
+    li.textContent = 'You were removed from this group: nothing sent to it from now on reaches you.';
+    list.appendChild(li);
+  }
+  list.scrollTop = list.scrollHeight;
+}
+
+async function sendGroupText() {
+  const text = $('group-input').value;
+  if (!text || !currentGroup) return;
+  const group = currentGroup;
+  const parts = JSON.parse(engine.group_text(group, text));
+  persist(); // the group's ratchet advanced: save before anything leaves
+  $('group-input').value = '';
+  renderGroup();
+  const r = await sendParts(parts);
+  if (r.code) throw new Error(`the broker refused the group message: ${r.code}`);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -946,7 +1170,10 @@ async function enter(connected = false) {
   $('app').hidden = false;
   $('me').textContent = `${engine.handle()} (device ${engine.device_id()})`;
   for (const c of JSON.parse(engine.conversations())) addContact(c.with);
+  renderGroups();
   if (!connected) await connect();
+  // KeyPackages, so that others can add this device to groups.
+  if (!engine.has_key_packages()) await publishKeyPackages();
 }
 
 function guarded(fn) {
@@ -1001,6 +1228,21 @@ async function main() {
     scheduleJobs();
   });
   $('send').onclick = send;
+  $('create-group').onclick = guarded(async () => {
+    const members = $('group-new-members').value.split(/[\s,]+/).filter(Boolean);
+    await createGroup($('group-name').value.trim(), members);
+    $('group-name').value = '';
+    $('group-new-members').value = '';
+  });
+  $('group-send').onclick = guarded(sendGroupText);
+  $('group-input').onkeydown = (ev) => { if (ev.key === 'Enter') guarded(sendGroupText)(); };
+  $('group-add').onclick = guarded(async () => {
+    const handle = $('group-add-handle').value.trim();
+    if (!handle || !currentGroup) return;
+    await addToGroup(currentGroup, [handle]);
+    $('group-add-handle').value = '';
+    renderGroup();
+  });
   $('message-input').onkeydown = (ev) => { if (ev.key === 'Enter') send(); };
   $('verify').onclick = guarded(() => {
     engine.mark_verified(current);

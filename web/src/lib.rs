@@ -63,14 +63,17 @@ use base64::{Engine as _, engine::general_purpose::STANDARD};
 use rand::RngCore as _;
 use sealpost_client::{
     ClientError, EnvelopeError,
-    crypto::{CallId, LocalKey, Payload},
+    crypto::{CallId, LocalKey, Payload, group::GroupWire},
     engine::{
         self, BrokerDevice, ClaimWith, Engine as Core, Event, Failure, Need, NewDevice, Outgoing,
         SendStep, SenderList, Unread, link_secret,
     },
     http,
 };
-use sealpost_proto::{ClientFrame, DeviceId, EnvelopeId, Notice, SendOutcome, ServerFrame};
+use sealpost_proto::{
+    ClientFrame, DeviceId, EnvelopeId, ErrorCode, Notice, RecipientRefusal, SendOutcome,
+    ServerFrame,
+};
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use zeroize::Zeroizing;
@@ -313,6 +316,17 @@ impl Engine {
     fn deliver(&mut self, id: EnvelopeId, ciphertext: &[u8], refetched: bool) -> Value {
         if self.core.is_seen(id) {
             return json!({"id": hex(&id.0), "event": {"event": "duplicate"}});
+        }
+        if GroupWire::is_group(ciphertext) {
+            let events = self.core.open_group(id, ciphertext, now_ms());
+            let events: Vec<Value> = events
+                .iter()
+                .map(|e| match e {
+                    Event::Group(g) => group_event_json(g),
+                    other => event_json(std::slice::from_ref(other)),
+                })
+                .collect();
+            return json!({"id": hex(&id.0), "event": {"event": "group", "events": events}});
         }
         let list = if refetched {
             SenderList::Refetched
@@ -935,6 +949,222 @@ impl Engine {
     /// A new random call id (hex).
     pub fn new_call_id() -> String {
         hex(&rand::random::<[u8; 16]>())
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Groups (MLS; see `sealpost_client::engine::groups`). A group message is sent as
+    // "parts": `[{id, sealed, frame}]`, each `frame` (base64) a `group_send` for `/v1/sealed`
+    // when `sealed`, else for `/v1/ws`; each answered by a `group_send_result`.
+
+    /// Whether this device has made KeyPackages yet (if not: [`Engine::key_package_upload`]).
+    pub fn has_key_packages(&self) -> bool {
+        self.core.has_key_packages()
+    }
+
+    /// The body of `PUT /v1/accounts/{h}/devices/{id}/key-packages` with `count` new
+    /// KeyPackages (and a last-resort one the first time). Save before sending it.
+    pub fn key_package_upload(&mut self, count: u32) -> Result<String, JsError> {
+        let upload = self.core.key_packages(count as usize).map_err(client_err)?;
+        Ok(http::key_upload_body(&upload).to_string())
+    }
+
+    /// Creates a group named `name` of this device alone; returns its id (hex).
+    pub fn create_group(&mut self, name: &str) -> Result<String, JsError> {
+        self.core.create_group(name).map_err(client_err)
+    }
+
+    /// The groups (JSON: `[{id, name, hub, epoch, left, members: [{user, device, verified}],
+    /// last: {from, text, sent_ms} | null}]`).
+    pub fn groups(&mut self) -> String {
+        let groups: Vec<Value> = self
+            .core
+            .groups()
+            .into_iter()
+            .map(|g| {
+                let last = self
+                    .core
+                    .group_messages(&g.id)
+                    .ok()
+                    .and_then(|m| m.last().cloned())
+                    .map(|(from, _, sent_ms, text)| json!({"from": from, "text": text, "sent_ms": sent_ms}));
+                json!({"id": g.id, "name": g.name, "hub": g.hub, "epoch": g.epoch,
+                       "left": g.left, "last": last,
+                       "members": g.members.iter().map(|(user, device, verified)|
+                           json!({"user": user, "device": device, "verified": verified}))
+                           .collect::<Vec<_>>()})
+            })
+            .collect();
+        Value::Array(groups).to_string()
+    }
+
+    /// A group's messages (JSON: `[{from, device, sent_ms, text, outgoing}]`).
+    pub fn group_messages(&self, group: &str) -> Result<String, JsError> {
+        let own = self.core.user();
+        let messages: Vec<Value> = self
+            .core
+            .group_messages(group)
+            .map_err(client_err)?
+            .into_iter()
+            .map(|(from, device, sent_ms, text)| {
+                json!({"from": from, "device": device, "sent_ms": sent_ms, "text": text,
+                       "outgoing": from == own})
+            })
+            .collect();
+        Ok(Value::Array(messages).to_string())
+    }
+
+    /// Adds devices from their claimed KeyPackages (JSON: `[{user, device, key}]`, `key` as
+    /// the claim answered it). Returns `{commit: parts, welcome: parts}`: send the Commit; if
+    /// accepted, call [`Engine::group_commit_answer`] with true, then send the Welcome and
+    /// [`Engine::group_name_parts`]; on `stale_epoch`, with false, and try again once the
+    /// group reached the epoch the answer names.
+    pub fn group_add(&mut self, group: &str, claimed: &str) -> Result<String, JsError> {
+        let claimed: Vec<Value> =
+            serde_json::from_str(claimed).map_err(|_| err("claimed is not a JSON array"))?;
+        let claimed = claimed
+            .iter()
+            .map(|c| {
+                let user = c["user"].as_str().ok_or_else(|| err("user missing"))?;
+                let device = c["device"]
+                    .as_u64()
+                    .and_then(|d| u32::try_from(d).ok())
+                    .ok_or_else(|| err("device missing"))?;
+                let key = http::claimed_key(c).ok_or_else(|| err("key missing"))?;
+                Ok((user.to_owned(), device, key))
+            })
+            .collect::<Result<Vec<_>, JsError>>()?;
+        let change = self
+            .core
+            .add_to_group(group, &claimed)
+            .map_err(client_err)?;
+        Ok(json!({"commit": parts(&change.commit), "welcome": parts(&change.welcome)}).to_string())
+    }
+
+    /// Removes every device of `user` from a group: `{commit: parts, welcome: []}`.
+    pub fn group_remove(&mut self, group: &str, user: &str) -> Result<String, JsError> {
+        let change = self
+            .core
+            .remove_from_group(group, user, None)
+            .map_err(client_err)?;
+        Ok(json!({"commit": parts(&change.commit), "welcome": []}).to_string())
+    }
+
+    /// The hub's answer to this device's Commit (see [`Engine::group_add`]).
+    pub fn group_commit_answer(&mut self, group: &str, accepted: bool) -> Result<(), JsError> {
+        self.core.commit_answer(group, accepted).map_err(client_err)
+    }
+
+    /// The group's name for its members, after a Welcome: parts.
+    pub fn group_name_parts(&mut self, group: &str) -> Result<String, JsError> {
+        let sends = self
+            .core
+            .group_name_for_members(group)
+            .map_err(client_err)?;
+        Ok(Value::Array(parts(&sends)).to_string())
+    }
+
+    /// A text for a group: parts.
+    pub fn group_text(&mut self, group: &str, text: &str) -> Result<String, JsError> {
+        let sends = self
+            .core
+            .group_text(group, text, now_ms())
+            .map_err(client_err)?;
+        Ok(Value::Array(parts(&sends)).to_string())
+    }
+
+    /// This account's delivery token for a group just joined or created: parts.
+    pub fn group_token_share(&mut self, group: &str) -> Result<String, JsError> {
+        let sends = self.core.group_token_share(group).map_err(client_err)?;
+        Ok(Value::Array(parts(&sends)).to_string())
+    }
+
+    /// A part sent again to the recipients its `group_send_result` (JSON) answered
+    /// `stale_devices`, on their current devices; `""` if none was.
+    pub fn group_resend(&self, part: &str, result: &str) -> Result<String, JsError> {
+        let part: Value = serde_json::from_str(part).map_err(|_| err("part is not JSON"))?;
+        let result: Value = serde_json::from_str(result).map_err(|_| err("result is not JSON"))?;
+        let frame = part["frame"]
+            .as_str()
+            .and_then(|f| STANDARD.decode(f).ok())
+            .ok_or_else(|| err("part without a frame"))?;
+        let frame = ClientFrame::decode(&frame).map_err(err)?;
+        let id = match &frame {
+            ClientFrame::GroupSend { id, .. } => *id,
+            _ => return Err(err("not a group send")),
+        };
+        let send = engine::GroupSend {
+            id,
+            frame,
+            sealed: part["sealed"].as_bool().unwrap_or(false),
+        };
+        let stale: Vec<RecipientRefusal> = result["refused"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter(|r| r["code"] == "stale_devices")
+                    .map(|r| RecipientRefusal {
+                        to: r["to"].as_str().unwrap_or_default().to_owned(),
+                        code: ErrorCode::StaleDevices,
+                        current_devices: r["current_devices"]
+                            .as_array()
+                            .map(|d| {
+                                d.iter()
+                                    .filter_map(|d| d.as_u64().and_then(|d| u32::try_from(d).ok()))
+                                    .map(DeviceId)
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(send
+            .resend_to_current(&stale)
+            .map(|s| parts(std::slice::from_ref(&s))[0].to_string())
+            .unwrap_or_default())
+    }
+}
+
+/// Group sends as the page gets them: `[{id, sealed, frame}]`.
+fn parts(sends: &[engine::GroupSend]) -> Vec<Value> {
+    sends
+        .iter()
+        .map(|s| {
+            json!({"id": hex(&s.id.0), "sealed": s.sealed,
+                        "frame": STANDARD.encode(s.frame.encode())})
+        })
+        .collect()
+}
+
+/// Group events as the page gets them.
+fn group_event_json(event: &engine::GroupEvent) -> Value {
+    use engine::GroupEvent as G;
+    match event {
+        G::Message {
+            group,
+            from,
+            device,
+            text,
+            sent_ms,
+        } => json!({"event": "group_message", "group": group, "from": from, "device": device,
+                    "text": text, "sent_ms": sent_ms}),
+        G::Joined { group, by } => json!({"event": "group_joined", "group": group, "by": by}),
+        G::Changed {
+            group,
+            by,
+            added,
+            removed,
+        } => json!({"event": "group_changed", "group": group, "by": by,
+                    "added": added, "removed": removed}),
+        G::Removed { group } => json!({"event": "group_removed", "group": group}),
+        G::Unverified {
+            group,
+            user,
+            device,
+        } => json!({"event": "group_unverified", "group": group, "user": user, "device": device}),
+        G::LeaveRequested { group, user } => {
+            json!({"event": "group_leave", "group": group, "user": user})
+        }
     }
 }
 

@@ -20,7 +20,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use sealpost_proto::{Class, ClientFrame, EnvelopeId, GroupRecipient, Order};
+use sealpost_proto::{
+    Class, ClientFrame, EnvelopeId, ErrorCode, GroupRecipient, Order, RecipientRefusal,
+};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use zeroize::Zeroizing;
@@ -224,7 +226,58 @@ struct Split {
     open: Vec<GroupRecipient>,
 }
 
+impl GroupSend {
+    /// The same send again, for the recipients of `stale` (answered `stale_devices`), to
+    /// their current devices: same id, bytes, channel and tokens. `None` if nothing is stale.
+    pub fn resend_to_current(&self, stale: &[RecipientRefusal]) -> Option<GroupSend> {
+        let ClientFrame::GroupSend {
+            id,
+            class,
+            ttl_secs,
+            ciphertext,
+            recipients,
+            order,
+        } = &self.frame
+        else {
+            return None;
+        };
+        let again: Vec<GroupRecipient> = stale
+            .iter()
+            .filter(|r| r.code == ErrorCode::StaleDevices)
+            .map(|r| GroupRecipient {
+                to: r.to.clone(),
+                devices: r.current_devices.clone(),
+                delivery_token: recipients
+                    .iter()
+                    .find(|x| x.to == r.to)
+                    .and_then(|x| x.delivery_token.clone()),
+            })
+            .collect();
+        if again.is_empty() {
+            return None;
+        }
+        Some(GroupSend {
+            id: *id,
+            frame: ClientFrame::GroupSend {
+                id: *id,
+                class: *class,
+                ttl_secs: *ttl_secs,
+                ciphertext: ciphertext.clone(),
+                recipients: again,
+                // The hub took (or refused) the epoch already: the retry is the same send.
+                order: order.clone(),
+            },
+            sealed: self.sealed,
+        })
+    }
+}
+
 impl Engine {
+    /// Whether this device has made its KeyPackages yet (else: publish some).
+    pub fn has_key_packages(&self) -> bool {
+        self.record.next_key_package_id != 0
+    }
+
     /// This device's MLS state, made on first use.
     fn group_keys(&mut self) -> Result<&GroupKeys, ClientError> {
         if self.mls.is_none() {

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use sealpost_proto::{ClientFrame, EnvelopeId, ErrorCode, RecipientRefusal, ServerFrame};
+use sealpost_proto::{EnvelopeId, ErrorCode, RecipientRefusal, ServerFrame};
 
 use super::{Client, ClientError, now_ms};
 use crate::{
@@ -352,42 +352,8 @@ impl Client {
         if answer.code.is_some() || stale.is_empty() {
             return Ok(answer);
         }
-        let ClientFrame::GroupSend {
-            id,
-            class,
-            ttl_secs,
-            ciphertext,
-            order,
-            recipients,
-        } = &send.frame
-        else {
+        let Some(again) = send.resend_to_current(&stale) else {
             return Ok(answer);
-        };
-        let token = |to: &str| {
-            recipients
-                .iter()
-                .find(|r| r.to == to)
-                .and_then(|r| r.delivery_token.clone())
-        };
-        let again = GroupSend {
-            id: *id,
-            frame: ClientFrame::GroupSend {
-                id: *id,
-                class: *class,
-                ttl_secs: *ttl_secs,
-                ciphertext: ciphertext.clone(),
-                recipients: stale
-                    .iter()
-                    .map(|r| sealpost_proto::GroupRecipient {
-                        to: r.to.clone(),
-                        devices: r.current_devices.clone(),
-                        delivery_token: token(&r.to),
-                    })
-                    .collect(),
-                // The hub took (or refused) the epoch already; the retry is the same send.
-                order: order.clone(),
-            },
-            sealed: send.sealed,
         };
         let retried = self.send_once(&again).await?;
         if let Some(code) = retried.code {

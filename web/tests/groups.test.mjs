@@ -1,0 +1,107 @@
+// Group conversations in the browser: three users in their own browsers. Alice creates a
+// group with bob and carol; everyone sees it in the list with its members (each confirmed by
+// their signed device list) and everyone's messages; alice adds dave, who reads from then on.
+// Screenshots of the group (desktop and phone widths) go to $SEALPOST_SCREENSHOTS.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startBroker, launchBrowser, newUser, waitFor, WAIT_MS } from './harness.mjs';
+
+const SHOTS = process.env.SEALPOST_SCREENSHOTS || join(tmpdir(), 'sealpost-screenshots');
+
+let broker;
+let browser;
+const users = {};
+
+before(async () => {
+  broker = await startBroker();
+  browser = await launchBrowser();
+  for (const name of ['alice', 'bob', 'carol', 'dave']) {
+    users[name] = await newUser(browser, broker, `${name}@localhost`);
+  }
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (broker) {
+    await broker.stop();
+    broker.cleanup();
+  }
+});
+
+/** Waits until `user` lists a group named `name`; returns its id. */
+async function groupListed(user, name) {
+  try {
+    const h = await user.page.waitForFunction(
+      (n) => [...document.querySelectorAll('#groups button')]
+        .find((b) => b.querySelector('b').textContent === n)?.dataset.group,
+      name, { timeout: WAIT_MS },
+    );
+    return await h.jsonValue();
+  } catch (e) {
+    const errors = await user.page.evaluate(() => window.sealpostDebug.errors);
+    throw new Error(`${user.handle} never listed ${name}: ${e.message}; page errors: ${JSON.stringify(errors)}; console: ${user.consoleLines.slice(-10).join(' | ')}`);
+  }
+}
+
+async function openGroup(user, id) {
+  await user.page.click(`#groups button[data-group="${id}"]`);
+  await user.page.waitForSelector('#group:not([hidden])', { timeout: WAIT_MS });
+}
+
+function groupTexts(user) {
+  return user.page.evaluate(() => [...document.querySelectorAll('#group-messages li.message div')]
+    .map((d) => d.textContent));
+}
+
+async function say(user, text) {
+  await user.page.fill('#group-input', text);
+  await user.page.click('#group-send');
+}
+
+test('a group is created, talks, shows its members and grows', async () => {
+  const { alice, bob, carol, dave } = users;
+  await alice.page.fill('#group-name', 'Weekend hike');
+  await alice.page.fill('#group-new-members', 'bob@localhost, carol@localhost');
+  await alice.page.click('#create-group');
+  const id = await groupListed(alice, 'Weekend hike');
+  assert.equal(await groupListed(bob, 'Weekend hike'), id);
+  assert.equal(await groupListed(carol, 'Weekend hike'), id);
+
+  await openGroup(alice, id);
+  await say(alice, 'Saturday at 9?');
+  await openGroup(bob, id);
+  await waitFor('bob sees alice', async () => (await groupTexts(bob)).includes('Saturday at 9?'));
+  await say(bob, 'I am in');
+  await openGroup(carol, id);
+  await waitFor('carol sees both', async () => {
+    const t = await groupTexts(carol);
+    return t.includes('Saturday at 9?') && t.includes('I am in');
+  });
+  // Members: three devices, each confirmed by its account's signed device list.
+  await waitFor('alice sees three confirmed members', () => alice.page.evaluate(() =>
+    document.querySelectorAll('#group-member-list .member-ok').length === 3));
+
+  // Alice adds dave: he joins and reads what comes next, nothing from before.
+  await alice.page.fill('#group-add-handle', 'dave@localhost');
+  await alice.page.click('#group-add');
+  assert.equal(await groupListed(dave, 'Weekend hike'), id);
+  await waitFor('bob knows of dave', () => bob.page.evaluate(() =>
+    [...document.querySelectorAll('#group-member-list li')].some((li) => li.textContent.startsWith('dave@localhost'))));
+  await say(bob, 'welcome dave');
+  await openGroup(dave, id);
+  await waitFor('dave reads from then on', async () => (await groupTexts(dave)).includes('welcome dave'));
+  assert.ok(!(await groupTexts(dave)).includes('Saturday at 9?'), 'nothing from before he joined');
+
+  mkdirSync(SHOTS, { recursive: true });
+  await alice.page.setViewportSize({ width: 1280, height: 800 });
+  await alice.page.screenshot({ path: join(SHOTS, 'group-1280.png'), fullPage: true });
+  await alice.page.setViewportSize({ width: 390, height: 844 });
+  await alice.page.screenshot({ path: join(SHOTS, 'group-390.png'), fullPage: true });
+  for (const u of Object.values(users)) {
+    assert.deepEqual(await u.page.evaluate(() => window.sealpostDebug.errors), [], `${u.handle}'s page shows no error`);
+  }
+});
