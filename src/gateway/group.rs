@@ -16,8 +16,8 @@ use std::{collections::HashSet, net::IpAddr, pin::Pin, sync::Arc};
 
 use futures_util::future::join_all;
 use sealpost_proto::{
-    Class, Copy, EnvelopeId, ErrorCode, GroupRecipient, Order, RecipientRefusal, SendOutcome,
-    ServerFrame,
+    Class, ClientFrame, Copy, EnvelopeId, ErrorCode, GroupRecipient, Order, RecipientRefusal,
+    SendOutcome, ServerFrame,
     federation::LinkFrame,
     limits::{MAX_DEVICES_PER_USER, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_RECIPIENTS},
 };
@@ -25,8 +25,9 @@ use sealpost_proto::{
 use super::{
     AppState,
     route::{From, Send},
+    session::{Answer, Pending},
 };
-use crate::{clock::now_ms, federation::messages::Request, store::EpochTaken};
+use crate::{clock::now_ms, federation::messages::Request, socket::Writer, store::EpochTaken};
 
 /// A `group_send` as it reaches the gateway.
 pub(crate) struct GroupSend {
@@ -49,6 +50,42 @@ pub(crate) enum GroupFrom {
 
 /// A group send's answer, once every recipient has answered.
 pub(crate) type PendingGroup = Pin<Box<dyn Future<Output = ServerFrame>>>;
+
+/// Takes a decoded `group_send` from a connection: routed (its answer comes through
+/// `pending`), or refused whole at once.
+pub(crate) async fn take(
+    state: &AppState,
+    frame: ClientFrame,
+    from: GroupFrom,
+    pending: &mut Pending,
+    out: &mut Writer,
+) {
+    let ClientFrame::GroupSend {
+        id,
+        class,
+        ttl_secs,
+        ciphertext,
+        recipients,
+        order,
+    } = frame
+    else {
+        return;
+    };
+    let send = GroupSend {
+        id,
+        class,
+        ttl_secs,
+        ciphertext,
+        recipients,
+        order,
+    };
+    match state.route_group(send, from).await {
+        Ok(answer) => pending.push(Answer::Group(answer)),
+        Err((code, epoch)) => {
+            let _ = out.binary(refused(id, code, epoch).encode()).await;
+        }
+    }
+}
 
 /// The answer to a group send refused as a whole.
 pub(crate) fn refused(id: EnvelopeId, code: ErrorCode, epoch: Option<u64>) -> ServerFrame {

@@ -13,7 +13,7 @@ use sealpost_proto::{ClientFrame, CloseCode, ErrorCode, ServerFrame, limits::MAX
 
 use super::{
     AppState,
-    group::{self, GroupFrom, GroupSend},
+    group::{self, GroupFrom},
     route::{From, Send},
     session::{
         Answer, OpenGuard, Pending, accept_decoded, admit, error_frame, refuse_over_rate,
@@ -98,32 +98,9 @@ impl Service for SealedSession<'_> {
                 copies,
                 delivery_token,
             } => (id, to, class, ttl_secs, copies, delivery_token),
-            ClientFrame::GroupSend {
-                id,
-                class,
-                ttl_secs,
-                ciphertext,
-                recipients,
-                order,
-            } => {
-                let send = GroupSend {
-                    id,
-                    class,
-                    ttl_secs,
-                    ciphertext,
-                    recipients,
-                    order,
-                };
-                match state
-                    .route_group(send, GroupFrom::Sealed { ip: self.ip })
-                    .await
-                {
-                    Ok(pending) => self.pending.push(Answer::Group(pending)),
-                    Err((code, epoch)) => {
-                        let answer = group::refused(id, code, epoch);
-                        let _ = session.binary(answer.encode()).await;
-                    }
-                }
+            frame @ ClientFrame::GroupSend { .. } => {
+                let from = GroupFrom::Sealed { ip: self.ip };
+                group::take(state, frame, from, &mut self.pending, session).await;
                 return Ok(());
             }
             _ => {

@@ -33,7 +33,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{
     AppState,
     error::ApiError,
-    group::{self, GroupFrom, GroupSend, PendingGroup},
+    group::{self, GroupFrom, PendingGroup},
     limits::{PreAuthFull, PreAuthSlot},
     route::{From, PendingSend, Send},
     tickets::Redeemed,
@@ -545,29 +545,15 @@ impl Service for DeviceSession<'_> {
                 let answer = group::refused(id, ErrorCode::ShuttingDown, None);
                 let _ = session.binary(answer.encode()).await;
             }
-            ClientFrame::GroupSend {
-                id,
-                class,
-                ttl_secs,
-                ciphertext,
-                recipients,
-                order,
-            } => {
-                let send = GroupSend {
-                    id,
-                    class,
-                    ttl_secs,
-                    ciphertext,
-                    recipients,
-                    order,
-                };
-                match self.state.route_group(send, GroupFrom::Device).await {
-                    Ok(pending) => self.pending.push(Answer::Group(pending)),
-                    Err((code, epoch)) => {
-                        let answer = group::refused(id, code, epoch);
-                        let _ = session.binary(answer.encode()).await;
-                    }
-                }
+            frame @ ClientFrame::GroupSend { .. } => {
+                group::take(
+                    self.state,
+                    frame,
+                    GroupFrom::Device,
+                    &mut self.pending,
+                    session,
+                )
+                .await;
             }
             // A sealed send on the connection that names its sender would undo the sealing:
             // sealed sends belong on the anonymous `/v1/sealed`.

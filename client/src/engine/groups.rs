@@ -610,33 +610,42 @@ impl Engine {
             .group_keys()?
             .add(&entry.id, packages)
             .map_err(group_error)?;
+        Ok(self.change(group, &entry, &members, commit, &added))
+    }
+
+    /// The sends of this device's Commit: to the group's current members (`members`),
+    /// ordered at the hub; its Welcome, if any, to the `added` devices.
+    fn change(
+        &mut self,
+        group: &str,
+        entry: &GroupEntry,
+        members: &BTreeMap<String, BTreeSet<u32>>,
+        commit: crate::crypto::group::Commit,
+        added: &BTreeMap<String, BTreeSet<u32>>,
+    ) -> GroupChange {
         self.save_group_keys();
         let order = Order {
             group: entry.id.to_vec(),
             epoch: commit.epoch,
             hub: entry.hub.clone(),
         };
-        let commit_sends = self.same_bytes(
-            &entry,
-            &members,
-            GroupWire::Message(commit.commit).to_bytes(),
-            Some(order),
-        );
+        let wire = GroupWire::Message(commit.commit).to_bytes();
+        let commit_sends = self.same_bytes(entry, members, wire, Some(order));
         let welcome = match commit.welcome {
             Some(welcome) => {
                 let wire = GroupWire::Welcome {
                     welcome,
                     hub: entry.hub.clone(),
                 };
-                self.same_bytes(&entry, &added, wire.to_bytes(), None)
+                self.same_bytes(entry, added, wire.to_bytes(), None)
             }
             None => Vec::new(),
         };
-        Ok(GroupChange {
+        GroupChange {
             group: group.to_owned(),
             commit: commit_sends,
             welcome,
-        })
+        }
     }
 
     /// Removes every device of `user` from a group (or, with `devices`, only those).
@@ -661,23 +670,7 @@ impl Engine {
             .group_keys()?
             .remove(&entry.id, &leaves)
             .map_err(group_error)?;
-        self.save_group_keys();
-        let order = Order {
-            group: entry.id.to_vec(),
-            epoch: commit.epoch,
-            hub: entry.hub.clone(),
-        };
-        let commit = self.same_bytes(
-            &entry,
-            &recipients,
-            GroupWire::Message(commit.commit).to_bytes(),
-            Some(order),
-        );
-        Ok(GroupChange {
-            group: group.to_owned(),
-            commit,
-            welcome: Vec::new(),
-        })
+        Ok(self.change(group, &entry, &recipients, commit, &BTreeMap::new()))
     }
 
     /// The hub's answer to this device's Commit: `accepted` merges it (the group moves on);
