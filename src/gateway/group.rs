@@ -12,7 +12,7 @@
 //! takes the epoch for the first send that asks, and refuses every other with `stale_epoch`
 //! (see `hub`), before anything is stored.
 
-use std::{collections::HashSet, net::IpAddr, pin::Pin, sync::Arc};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
 use futures_util::future::join_all;
 use sealpost_proto::{
@@ -24,8 +24,8 @@ use sealpost_proto::{
 
 use super::{
     AppState,
+    pending::{Answer, Pending, PendingGroup},
     route::{From, Send},
-    session::{Answer, Pending},
 };
 use crate::{clock::now_ms, federation::messages::Request, socket::Writer, store::EpochTaken};
 
@@ -47,9 +47,6 @@ pub(crate) enum GroupFrom {
     /// The anonymous endpoint: each recipient is admitted by its own delivery token.
     Sealed { ip: Option<IpAddr> },
 }
-
-/// A group send's answer, once every recipient has answered.
-pub(crate) type PendingGroup = Pin<Box<dyn Future<Output = ServerFrame>>>;
 
 /// Takes a decoded `group_send` from a connection: routed (its answer comes through
 /// `pending`), or refused whole at once.

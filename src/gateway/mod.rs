@@ -10,6 +10,7 @@
 //! - [`http`]: account and device endpoints, health, readiness, metrics.
 //! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
 //! - [`session`]: one task per WebSocket connection (actix-ws).
+//! - [`pending`]: the sends a connection has handed on, until it has answered them.
 //! - [`error`]: API errors and their status codes.
 //! - [`extract`]: the admission and authentication every HTTP handler starts with.
 //! - [`client_ip`]: the client's address, behind trusted reverse proxies too.
@@ -33,6 +34,7 @@ pub mod http;
 pub(crate) mod json;
 pub mod keys;
 pub mod limits;
+pub(crate) mod pending;
 pub(crate) mod remote;
 pub(crate) mod route;
 pub mod sealed;

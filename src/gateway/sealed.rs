@@ -14,11 +14,9 @@ use sealpost_proto::{ClientFrame, CloseCode, ErrorCode, ServerFrame, limits::MAX
 use super::{
     AppState,
     group::{self, GroupFrom},
+    pending::{Answer, Pending},
     route::{From, Send},
-    session::{
-        Answer, OpenGuard, Pending, accept_decoded, admit, error_frame, refuse_over_rate,
-        reject_send,
-    },
+    session::{OpenGuard, accept_decoded, admit, error_frame, refuse_over_rate, reject_send},
 };
 use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
 

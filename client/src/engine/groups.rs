@@ -27,7 +27,10 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use zeroize::Zeroizing;
 
-use super::{Engine, Event, KeyUpload, record::Secret};
+use super::{
+    Engine, Event, KeyUpload,
+    record::{GroupEntry, GroupMessage, HeldGroupMessage, Secret},
+};
 use crate::{
     crypto::group::{GroupError, GroupKeys, GroupWire, Member, MemberId, Processed},
     error::{ClientError, EnvelopeError},
@@ -44,40 +47,6 @@ const MESSAGES_PER_GROUP: usize = 1000;
 const HELD_GROUP_MESSAGES: usize = 256;
 /// How long a group message lives at the broker.
 const GROUP_TTL_SECS: u32 = 7 * 24 * 3600;
-
-/// One group, as this device keeps it.
-#[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct GroupEntry {
-    /// The group's id (random; what the broker sees).
-    pub(crate) id: ByteBuf,
-    /// The domain whose broker orders its Commits.
-    pub(crate) hub: String,
-    /// Its name, as the members set it (the broker never sees it).
-    pub(crate) name: String,
-    pub(crate) messages: VecDeque<GroupMessage>,
-    /// This device was removed (or left): kept for its history, sends refused.
-    pub(crate) left: bool,
-    /// Members' delivery tokens, as they shared them in the group: sends to them go sealed.
-    #[serde(default)]
-    pub(crate) tokens: BTreeMap<String, Secret>,
-}
-
-/// One message of a group.
-#[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct GroupMessage {
-    pub(crate) from: String,
-    pub(crate) device: u32,
-    pub(crate) time_ms: u64,
-    pub(crate) body: String,
-}
-
-/// A message held until its epoch is reached.
-#[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct HeldGroupMessage {
-    #[serde(with = "serde_bytes")]
-    pub(crate) id: [u8; 16],
-    pub(crate) mls: ByteBuf,
-}
 
 /// What members say inside a group (MLS application data).
 #[derive(Serialize, Deserialize)]

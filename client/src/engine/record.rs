@@ -136,13 +136,47 @@ pub(crate) struct Record {
     pub(crate) mls: Option<Secret>,
     /// Groups by hex id.
     #[serde(default)]
-    pub(crate) groups: BTreeMap<String, super::groups::GroupEntry>,
+    pub(crate) groups: BTreeMap<String, GroupEntry>,
     /// Group messages of epochs this device has not reached yet, oldest first.
     #[serde(default)]
-    pub(crate) group_held: VecDeque<super::groups::HeldGroupMessage>,
+    pub(crate) group_held: VecDeque<HeldGroupMessage>,
     /// Next id of an uploaded KeyPackage (0: none uploaded yet).
     #[serde(default)]
     pub(crate) next_key_package_id: u64,
+}
+
+/// One group, as this device keeps it.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct GroupEntry {
+    /// The group's id (random; what the broker sees).
+    pub(crate) id: ByteBuf,
+    /// The domain whose broker orders its Commits.
+    pub(crate) hub: String,
+    /// Its name, as the members set it (the broker never sees it).
+    pub(crate) name: String,
+    pub(crate) messages: VecDeque<GroupMessage>,
+    /// This device was removed (or left): kept for its history, sends refused.
+    pub(crate) left: bool,
+    /// Members' delivery tokens, as they shared them in the group: sends to them go sealed.
+    #[serde(default)]
+    pub(crate) tokens: BTreeMap<String, Secret>,
+}
+
+/// One message of a group.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct GroupMessage {
+    pub(crate) from: String,
+    pub(crate) device: u32,
+    pub(crate) time_ms: u64,
+    pub(crate) body: String,
+}
+
+/// A message held until its epoch is reached.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct HeldGroupMessage {
+    #[serde(with = "serde_bytes")]
+    pub(crate) id: [u8; 16],
+    pub(crate) mls: ByteBuf,
 }
 
 /// A transcript of a text sent to a contact, queued for this account's other devices.
