@@ -31,7 +31,7 @@ use common::{
     Broker, WAIT,
     sdk::{Dev, next},
 };
-use sealpost_client::{Client, Event};
+use sealpost_client::{Client, Event, engine::GroupEvent};
 use sealpost_proto::ClientFrame;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -738,4 +738,119 @@ fn the_parser_reads_requests_and_masked_frames() {
     assert!(p.feed(&bytes[..3]).is_empty());
     let items = p.feed(&bytes[3..]);
     assert!(matches!(&items[..], [Item::Frame(ClientFrame::Ack { seqs })] if seqs == &[7]));
+}
+
+/// The group audit: every `group_send` from `from` on arrived on a connection that never names
+/// `sender` (rule 1, as for 1:1), and after it nothing names the sender but its own
+/// connections (rule 3). A group send names every member account as a recipient, the
+/// sender's too, whoever sends: that names nobody as its sender.
+fn audit_group(recs: &[Rec], sender: &str, from: Instant) -> Vec<String> {
+    let names = Names::learn(sender, recs);
+    let senders_conns = conns_of(&names, recs);
+    let sends: Vec<&Rec> = recs
+        .iter()
+        .filter(|r| r.at >= from)
+        .filter(|r| matches!(&r.item, Item::Frame(ClientFrame::GroupSend { .. })))
+        .collect();
+    assert!(!sends.is_empty(), "no group send recorded");
+    let mut bad = Vec::new();
+    for s in &sends {
+        if senders_conns.contains(&s.conn) {
+            bad.push(format!(
+                "a group send on a connection authenticated as {sender}: {}",
+                describe(s, from)
+            ));
+        }
+        for r in recs
+            .iter()
+            .filter(|r| r.conn == s.conn && names.named_by(&r.item))
+        {
+            bad.push(format!(
+                "rule 1: {} names {sender} on the connection of its group send",
+                describe(r, from)
+            ));
+        }
+        for r in recs.iter().filter(|r| r.at > s.at) {
+            if !senders_conns.contains(&r.conn) && names.named_by(&r.item) {
+                bad.push(format!(
+                    "rule 3: {} names {sender} after its group send",
+                    describe(r, from)
+                ));
+            }
+        }
+    }
+    bad.sort();
+    bad.dedup();
+    bad
+}
+
+fn group_text(text: &'static str) -> impl Fn(&Event) -> bool {
+    move |e| matches!(e, Event::Group(GroupEvent::Message { text: t, .. }) if t == text)
+}
+
+/// alice, bob and carol in a group; once bob's and carol's delivery tokens reached alice (they
+/// shared them on joining, before their first texts), alice's group message goes sealed.
+async fn group_exchange(recording: &Recording, url: &str) {
+    let (alice, bob, carol) = (
+        "alice@test.example",
+        "bob@test.example",
+        "carol@test.example",
+    );
+    let mut a = register_at(url, alice).await;
+    let mut b = register_at(url, bob).await;
+    let mut c = register_at(url, carol).await;
+    let group = a
+        .client
+        .create_group("audit", &[bob, carol])
+        .await
+        .expect("create");
+    let joined = |e: &Event| matches!(e, Event::Group(GroupEvent::Joined { .. }));
+    tokio::join!(until(&mut b.client, joined), until(&mut c.client, joined));
+    b.client
+        .send_group_text(&group, "bob here")
+        .await
+        .expect("bob");
+    c.client
+        .send_group_text(&group, "carol here")
+        .await
+        .expect("carol");
+    until(&mut a.client, group_text("bob here")).await;
+    until(&mut a.client, group_text("carol here")).await;
+
+    let from = Instant::now();
+    a.client
+        .send_group_text(&group, "sealed to the group")
+        .await
+        .expect("alice");
+    tokio::join!(
+        until(&mut b.client, group_text("sealed to the group")),
+        until(&mut c.client, group_text("sealed to the group")),
+    );
+    let bad = audit_group(&recording.snapshot(), alice, from);
+    if !bad.is_empty() {
+        let recs = recording.snapshot();
+        let log: Vec<String> = recs
+            .iter()
+            .filter(|r| r.at >= from)
+            .map(|r| describe(r, from))
+            .collect();
+        panic!(
+            "the operator can name the sender of a group message:\n  {}\n\nrecording:\n  {}",
+            bad.join("\n  "),
+            log.join("\n  ")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cannot_name_the_sender_of_a_group_message() {
+    let broker = Broker::start(&[]);
+    let recording = Recording::default();
+    let url = proxy(broker.addr, recording.clone()).await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        Box::pin(group_exchange(&recording, &url)),
+    )
+    .await
+    .expect("the exchange took too long");
 }
