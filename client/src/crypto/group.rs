@@ -92,6 +92,10 @@ pub enum GroupError {
     /// The message is for an epoch whose secrets are gone (or a Commit that lost).
     #[error("message from an old epoch")]
     OldEpoch,
+    /// A message from a device that is no longer in the group (sent in an epoch before its
+    /// removal, whose secrets members keep a while).
+    #[error("message from a device no longer in the group")]
+    FormerMember,
     /// openmls refused; the text says why (never content).
     #[error("MLS: {0}")]
     Mls(String),
@@ -595,11 +599,13 @@ impl GroupKeys {
         let sender = match processed.sender() {
             openmls::prelude::Sender::Member(leaf) => {
                 let credential = processed.credential().clone();
-                let key = g
-                    .member_at(*leaf)
-                    .map(|m| m.signature_key)
-                    .unwrap_or_default();
-                member(&credential, &key, leaf.u32())?
+                // A message of a past epoch (whose secrets are kept a while) may come from a
+                // device removed since, or whose leaf another has taken: only a sender that
+                // is still the member at its leaf counts.
+                let Some(now) = g.member_at(*leaf).filter(|m| m.credential == credential) else {
+                    return Err(GroupError::FormerMember);
+                };
+                member(&credential, &now.signature_key, leaf.u32())?
             }
             _ => return Err(GroupError::Malformed("sender")),
         };
@@ -721,6 +727,7 @@ mod tests {
         );
         assert_eq!(text(carol.process(&hello).unwrap()).1, b"hello group");
 
+        let carol_before = GroupKeys::from_bytes(&carol.to_bytes()).unwrap();
         // Bob removes carol; alice processes it, carol learns she is out.
         let carol_leaf = members
             .iter()
@@ -745,6 +752,14 @@ mod tests {
             carol.process(&after).is_err(),
             "a removed member reads nothing"
         );
+        // A removed member posting with the keys it had (its state from before): refused by
+        // every member, who are past that epoch.
+        assert!(carol.encrypt(&group, b"still here?").is_err());
+        let forged = carol_before.encrypt(&group, b"still here?").unwrap();
+        assert!(matches!(
+            alice.process(&forged),
+            Err(GroupError::FormerMember)
+        ));
 
         // Bob's state survives a save and a load.
         let bob = GroupKeys::from_bytes(&bob.to_bytes()).unwrap();
