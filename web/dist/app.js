@@ -759,26 +759,42 @@ async function addToGroup(group, users) {
     }
   }
   if (!claimed.length) return;
+  const change = await commitChange(group, () => engine.group_add(group, JSON.stringify(claimed)));
+  await sendParts(change.welcome);
+  const name = JSON.parse(engine.group_name_parts(group));
+  persist();
+  await sendParts(name);
+}
+
+// Commits `plan()`'s change (a fresh plan per attempt: another member's change may take the
+// epoch first, and ours then goes on top of it).
+async function commitChange(group, plan) {
   for (let attempt = 0; attempt < 8; attempt++) {
-    const plan = JSON.parse(engine.group_add(group, JSON.stringify(claimed)));
+    const change = JSON.parse(plan());
     persist();
-    const r = await sendParts(plan.commit);
+    const r = await sendParts(change.commit);
     if (!r.code) {
       engine.group_commit_answer(group, true);
       persist();
-      await sendParts(plan.welcome);
-      const name = JSON.parse(engine.group_name_parts(group));
-      persist();
-      await sendParts(name);
-      return;
+      return change;
     }
     engine.group_commit_answer(group, false);
     persist();
     if (r.code !== 'stale_epoch') throw new Error(`the broker refused the group change: ${r.code}`);
-    // Another member's change took the epoch: it is on its way here; ours goes on top.
     await until(() => groupOf(group).epoch >= r.epoch, "the other member's change");
   }
   throw new Error("other members' changes kept taking the group's epoch; try again");
+}
+
+async function removeFromGroup(group, user) {
+  await commitChange(group, () => engine.group_remove(group, user));
+  renderGroup();
+}
+
+async function leaveGroup(group) {
+  const parts = JSON.parse(engine.group_leave(group));
+  persist();
+  await sendParts(parts);
 }
 
 async function shareGroupToken(group) {
@@ -807,6 +823,12 @@ function onGroupEvent(e) {
       // Our delivery token for its members, outside the frame being handled.
       setTimeout(() => shareGroupToken(e.group).catch(showError), 0);
       break;
+    case 'group_leave':
+      // One member (the remover) commits the removal of an account that asked to leave.
+      if (engine.is_group_remover(e.group, e.user)) {
+        setTimeout(() => removeFromGroup(e.group, e.user).catch(showError), 0);
+      }
+      break;
     case 'group_unverified':
       // A member whose account's list we do not hold yet: fetched, then shown as it is.
       setTimeout(() => serial(() => ensureList(e.user)).then(renderGroup).catch(() => {}), 0);
@@ -829,7 +851,8 @@ function renderGroups() {
     name.textContent = g.name || 'New group';
     const last = document.createElement('small');
     last.textContent = g.left ? 'you are no longer in this group'
-      : g.last ? `${g.last.from.split('@')[0]}: ${g.last.text}` : `${new Set(g.members.map((m) => m.user)).size} members`;
+      : g.last ? `${g.last.from === engine.handle() ? 'you' : g.last.from.split('@')[0]}: ${g.last.text}`
+        : `${new Set(g.members.map((m) => m.user)).size} members`;
     b.append(name, document.createElement('br'), last);
     b.classList.toggle('active', g.id === currentGroup);
     b.onclick = () => selectGroup(g.id);
@@ -870,8 +893,19 @@ function renderGroup() {
     mark.className = m.verified ? 'member-ok' : 'member-unverified';
     mark.textContent = m.verified ? ' ✓ in their signed device list' : ' ⚠ not confirmed by their device list';
     li.appendChild(mark);
+    const shown = [...members.querySelectorAll('button.remove')].some((b) => b.dataset.user === m.user);
+    if (!g.left && m.user !== engine.handle() && !shown) {
+      const remove = document.createElement('button');
+      remove.className = 'remove';
+      remove.dataset.user = m.user;
+      remove.textContent = 'Remove';
+      remove.title = `Remove ${m.user} (all their devices) from the group`;
+      remove.onclick = guarded(() => removeFromGroup(g.id, m.user));
+      li.appendChild(remove);
+    }
     members.appendChild(li);
   }
+  $('group-leave').disabled = g.left;
   for (const id of ['group-input', 'group-send', 'group-add-handle', 'group-add']) $(id).disabled = g.left;
   const list = $('group-messages');
   list.replaceChildren();
@@ -902,6 +936,7 @@ async function sendGroupText() {
   persist(); // the group's ratchet advanced: save before anything leaves
   $('group-input').value = '';
   renderGroup();
+  renderGroups();
   const r = await sendParts(parts);
   if (r.code) throw new Error(`the broker refused the group message: ${r.code}`);
 }
@@ -1235,6 +1270,9 @@ async function main() {
     $('group-new-members').value = '';
   });
   $('group-send').onclick = guarded(sendGroupText);
+  $('group-leave').onclick = guarded(async () => {
+    if (currentGroup) await leaveGroup(currentGroup);
+  });
   $('group-input').onkeydown = (ev) => { if (ev.key === 'Enter') guarded(sendGroupText)(); };
   $('group-add').onclick = guarded(async () => {
     const handle = $('group-add-handle').value.trim();

@@ -1049,6 +1049,17 @@ impl Engine {
         Ok(json!({"commit": parts(&change.commit), "welcome": []}).to_string())
     }
 
+    /// Leaving a group: parts telling its members (one of them commits the removal).
+    pub fn group_leave(&mut self, group: &str) -> Result<String, JsError> {
+        let sends = self.core.leave_group(group).map_err(client_err)?;
+        Ok(Value::Array(parts(&sends)).to_string())
+    }
+
+    /// Whether this device commits the removal of `user`, who asked to leave `group`.
+    pub fn is_group_remover(&mut self, group: &str, user: &str) -> bool {
+        self.core.is_group_remover(group, user).unwrap_or(false)
+    }
+
     /// The hub's answer to this device's Commit (see [`Engine::group_add`]).
     pub fn group_commit_answer(&mut self, group: &str, accepted: bool) -> Result<(), JsError> {
         self.core.commit_answer(group, accepted).map_err(client_err)

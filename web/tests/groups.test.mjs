@@ -1,6 +1,7 @@
 // Group conversations in the browser: three users in their own browsers. Alice creates a
 // group with bob and carol; everyone sees it in the list with its members (each confirmed by
-// their signed device list) and everyone's messages; alice adds dave, who reads from then on.
+// their signed device list) and everyone's messages; alice adds dave, who reads from then on;
+// alice removes carol, and dave leaves.
 // Screenshots of the group (desktop and phone widths) go to $SEALPOST_SCREENSHOTS.
 
 import { test, before, after } from 'node:test';
@@ -95,6 +96,18 @@ test('a group is created, talks, shows its members and grows', async () => {
   await openGroup(dave, id);
   await waitFor('dave reads from then on', async () => (await groupTexts(dave)).includes('welcome dave'));
   assert.ok(!(await groupTexts(dave)).includes('Saturday at 9?'), 'nothing from before he joined');
+
+  // Alice removes carol: carol's page says so, and her input is closed.
+  await alice.page.click('#group-member-list button.remove[data-user="carol@localhost"]');
+  await waitFor('carol is told', () => carol.page.evaluate(() =>
+    document.getElementById('group-messages').textContent.includes('You were removed from this group')));
+  assert.ok(await carol.page.evaluate(() => document.getElementById('group-input').disabled));
+  // Dave leaves: a member (alice, the lowest leaf) commits his removal.
+  await dave.page.click('#group-leave');
+  await waitFor('dave is out', () => alice.page.evaluate(() =>
+    ![...document.querySelectorAll('#group-member-list li')].some((li) => li.textContent.startsWith('dave@localhost'))));
+  await say(alice, 'just bob and me now');
+  await waitFor('bob reads it', async () => (await groupTexts(bob)).includes('just bob and me now'));
 
   mkdirSync(SHOTS, { recursive: true });
   await alice.page.setViewportSize({ width: 1280, height: 800 });
