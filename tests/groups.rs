@@ -225,7 +225,9 @@ async fn sealed_group_sends_admit_each_recipient_by_its_own_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_commit_of_an_epoch_wins_at_the_hub() {
-    let broker = Broker::start(&[]);
+    // One Commit a second per group (bursts of 4): the storm below is limited however slowly
+    // this machine sends it.
+    let broker = Broker::start(&["--commit-rate", "1"]);
     let alice = register(&broker, "alice@test.example").await;
     let bob = register(&broker, "bob@test.example").await;
     let carol = register(&broker, "carol@test.example").await;
@@ -405,7 +407,27 @@ async fn bad_group_sends_are_refused_whole_and_store_nothing() {
             group_send(eid(), b"x", bob_once(), order(1, 0, "elsewhere.example")),
             ErrorCode::UnknownDomain,
         ),
+        (
+            group_send(
+                eid(),
+                b"x",
+                vec![GroupRecipient {
+                    to: "not a handle".into(),
+                    devices: vec![DeviceId(1)],
+                    delivery_token: None,
+                }],
+                order(2, 0, "test.example"),
+            ),
+            ErrorCode::InvalidHandle,
+        ),
     ];
+    // ... and took no epoch: a valid Commit for that group's epoch 0 is taken.
+    let (code, _, _) = result(
+        &mut a.ws,
+        group_send(eid(), b"commit", bob_once(), order(2, 0, "test.example")),
+    )
+    .await;
+    assert_eq!(code, None);
     for (frame, code) in cases {
         assert_eq!(result(&mut a.ws, frame).await, refused_with(code));
     }
@@ -415,8 +437,9 @@ async fn bad_group_sends_are_refused_whole_and_store_nothing() {
     assert_eq!((code, refused), (None, vec![]));
     let mut b = Device::connect(&broker, &bob).await;
     let got = b.backlog().await;
-    assert_eq!(got.len(), 1, "only the valid send was stored");
-    assert_eq!(got[0].1.ciphertext.len(), big.len());
+    assert_eq!(got.len(), 2, "only the valid sends were stored");
+    assert_eq!(got[0].1.ciphertext, b"commit");
+    assert_eq!(got[1].1.ciphertext.len(), big.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

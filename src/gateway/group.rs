@@ -19,7 +19,10 @@ use sealpost_proto::{
     Class, ClientFrame, Copy, EnvelopeId, ErrorCode, GroupRecipient, Order, RecipientRefusal,
     SendOutcome, ServerFrame,
     federation::LinkFrame,
-    limits::{MAX_DEVICES_PER_USER, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_RECIPIENTS},
+    limits::{
+        MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES,
+        MAX_GROUP_RECIPIENTS,
+    },
 };
 
 use super::{
@@ -114,6 +117,9 @@ impl AppState {
         } = send;
         check_recipients(&ciphertext, &recipients).map_err(|code| (code, None))?;
         if let Some(order) = order {
+            // Everything a recipient's route would refuse for the send itself is refused
+            // before the hub takes an epoch for it: a junk Commit takes none.
+            check_ordered(class, ttl_secs, &recipients).map_err(|code| (code, None))?;
             self.order_epoch(&order, id).await?;
         }
         let ciphertext = Arc::new(ciphertext);
@@ -233,6 +239,25 @@ fn refusal(
         code,
         current_devices,
     }
+}
+
+/// The checks of an ordered group send (a Commit) before its epoch is taken: a durable class
+/// and time-to-live, and valid recipient handles.
+fn check_ordered(
+    class: Class,
+    ttl_secs: u32,
+    recipients: &[GroupRecipient],
+) -> Result<(), ErrorCode> {
+    if class != Class::Durable || ttl_secs == 0 || ttl_secs > MAX_DURABLE_TTL_SECS {
+        return Err(ErrorCode::InvalidTtl);
+    }
+    if recipients
+        .iter()
+        .any(|r| sealpost_proto::Handle::parse(&r.to).is_err())
+    {
+        return Err(ErrorCode::InvalidHandle);
+    }
+    Ok(())
 }
 
 /// The checks of a group send that need no account: its size, and each recipient once with

@@ -106,6 +106,9 @@ impl Limits {
         if let Some(l) = &self.stranger {
             l.retain_recent();
         }
+        if let Some(l) = &self.commit {
+            l.retain_recent();
+        }
     }
 }
 

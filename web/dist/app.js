@@ -772,10 +772,13 @@ async function commitChange(group, plan) {
   for (let attempt = 0; attempt < 8; attempt++) {
     const change = JSON.parse(plan());
     persist();
-    const r = await sendParts(change.commit);
+    // The first part is the one the hub orders: its answer decides; the rest only delivers.
+    const [ordered, ...rest] = change.commit;
+    const r = ordered ? await sendParts([ordered]) : {};
     if (!r.code) {
       engine.group_commit_answer(group, true);
       persist();
+      await sendParts(rest).catch(() => {});
       return change;
     }
     engine.group_commit_answer(group, false);
@@ -818,10 +821,6 @@ function onGroupEvent(e) {
   switch (e.event) {
     case 'group_message':
       debug.groupMessages.push({ group: e.group, from: e.from, text: e.text });
-      break;
-    case 'group_joined':
-      // Our delivery token for its members, outside the frame being handled.
-      setTimeout(() => shareGroupToken(e.group).catch(showError), 0);
       break;
     case 'group_leave':
       // One member (the remover) commits the removal of an account that asked to leave.
@@ -932,6 +931,8 @@ async function sendGroupText() {
   const text = $('group-input').value;
   if (!text || !currentGroup) return;
   const group = currentGroup;
+  // Writing to a group is taking part in it: its members may now send to us sealed.
+  if (!engine.group_token_shared(group)) await shareGroupToken(group);
   const parts = JSON.parse(engine.group_text(group, text));
   persist(); // the group's ratchet advanced: save before anything leaves
   $('group-input').value = '';

@@ -1089,6 +1089,12 @@ impl Engine {
         Ok(Value::Array(parts(&sends)).to_string())
     }
 
+    /// Whether this account's delivery token went to the group already (share it with
+    /// [`Engine::group_token_share`] before this device first writes to it).
+    pub fn group_token_shared(&self, group: &str) -> bool {
+        self.core.group_token_shared(group)
+    }
+
     /// A part sent again to the recipients its `group_send_result` (JSON) answered
     /// `stale_devices`, on their current devices; `""` if none was.
     pub fn group_resend(&self, part: &str, result: &str) -> Result<String, JsError> {

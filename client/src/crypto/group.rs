@@ -549,8 +549,8 @@ impl GroupKeys {
     }
 
     /// Joins a group from a Welcome addressed to one of this device's KeyPackages; answers
-    /// the group's id.
-    pub fn join(&self, welcome: &[u8]) -> Result<Vec<u8>, GroupError> {
+    /// the group's id and the member that added this device.
+    pub fn join(&self, welcome: &[u8]) -> Result<(Vec<u8>, Member), GroupError> {
         let MlsMessageBodyIn::Welcome(welcome) = MlsMessageIn::tls_deserialize_exact(welcome)
             .map_err(|_| GroupError::Malformed("welcome"))?
             .extract()
@@ -561,16 +561,23 @@ impl GroupKeys {
             .use_ratchet_tree_extension(true)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
             .map_err(|e| match e {
                 // A Welcome for another device of this account (the broker delivers a
                 // group's envelopes to every device of a member account).
                 openmls::prelude::WelcomeError::NoMatchingKeyPackage => GroupError::NotMember,
                 e => mls(e),
-            })?
-            .into_group(&self.provider)
-            .map_err(mls)?;
-        Ok(group.group_id().as_slice().to_vec())
+            })?;
+        // Who added us: the member that signed the Welcome.
+        let adder = staged.welcome_sender().map_err(mls).and_then(|leaf| {
+            member(
+                leaf.credential(),
+                leaf.signature_key().as_slice(),
+                staged.welcome_sender_index().u32(),
+            )
+        })?;
+        let group = staged.into_group(&self.provider).map_err(mls)?;
+        Ok((group.group_id().as_slice().to_vec(), adder))
     }
 
     /// The group id and epoch an MLS message is for (readable without being a member).
@@ -709,8 +716,9 @@ mod tests {
         assert_eq!(commit.epoch, 0);
         alice.merge_pending(&group).unwrap();
         let welcome = commit.welcome.unwrap();
-        assert_eq!(bob.join(&welcome).unwrap(), group);
-        assert_eq!(carol.join(&welcome).unwrap(), group);
+        let (joined, adder) = bob.join(&welcome).unwrap();
+        assert_eq!((joined, adder.id), (group.clone(), id("alice@a", 1)));
+        assert_eq!(carol.join(&welcome).unwrap().0, group);
 
         // Members are verified against the device's listed key, and only that one.
         let members = bob.members(&group).unwrap();

@@ -205,7 +205,7 @@ impl GroupSend {
             ttl_secs,
             ciphertext,
             recipients,
-            order,
+            ..
         } = &self.frame
         else {
             return None;
@@ -233,8 +233,8 @@ impl GroupSend {
                 ttl_secs: *ttl_secs,
                 ciphertext: ciphertext.clone(),
                 recipients: again,
-                // The hub took (or refused) the epoch already: the retry is the same send.
-                order: order.clone(),
+                // The hub took the epoch already: this only delivers.
+                order: None,
             },
             sealed: self.sealed,
         })
@@ -318,6 +318,7 @@ impl Engine {
                 messages: VecDeque::new(),
                 left: false,
                 tokens: BTreeMap::new(),
+                token_shared: false,
             },
         );
         Ok(key)
@@ -476,8 +477,11 @@ impl Engine {
         let Split { sealed, open } = self.split(entry, recipients);
         let id = EnvelopeId(rand::random());
         let mut sends = Vec::new();
+        // The first part is the one the hub orders; once it took the epoch, the second only
+        // delivers (unordered, so that a later Commit of another member cannot refuse it).
+        let mut order = order;
         if !sealed.is_empty() {
-            sends.push(send_frame(id, bytes.clone(), sealed, order.clone(), true));
+            sends.push(send_frame(id, bytes.clone(), sealed, order.take(), true));
         }
         if !open.is_empty() {
             sends.push(send_frame(id, bytes, open, order, false));
@@ -671,7 +675,19 @@ impl Engine {
     pub fn group_token_share(&mut self, group: &str) -> Result<Vec<GroupSend>, ClientError> {
         let entry = self.live_entry(group)?;
         let token = ByteBuf::from(self.record.delivery_token.0.to_vec());
-        self.group_payload(&entry, &GroupPayload::Token { token })
+        let sends = self.group_payload(&entry, &GroupPayload::Token { token })?;
+        if let Some(entry) = self.record.groups.get_mut(group) {
+            entry.token_shared = true;
+        }
+        Ok(sends)
+    }
+
+    /// Whether this account's delivery token went to the group already.
+    pub fn group_token_shared(&self, group: &str) -> bool {
+        self.record
+            .groups
+            .get(group)
+            .is_some_and(|g| g.token_shared)
     }
 
     /// Leaving: tells the group, whose remover (the member at the lowest leaf of another
@@ -711,7 +727,7 @@ impl Engine {
                 let keys = self
                     .group_keys()
                     .map_err(|_| GroupError::Malformed("group state"))?;
-                let group_id = keys.join(&welcome)?;
+                let (group_id, adder) = keys.join(&welcome)?;
                 let members = keys.members(&group_id)?;
                 self.save_group_keys();
                 let key = hex(&group_id);
@@ -722,15 +738,12 @@ impl Engine {
                     messages: VecDeque::new(),
                     left: false,
                     tokens: BTreeMap::new(),
+                    token_shared: false,
                 };
                 self.record.groups.insert(key.clone(), entry);
-                let by = members
-                    .first()
-                    .map(|m| m.id.user.clone())
-                    .unwrap_or_default();
                 events.push(Event::Group(GroupEvent::Joined {
                     group: key.clone(),
-                    by,
+                    by: adder.id.user,
                 }));
                 for m in members.iter().filter(|m| !self.vouched(m)) {
                     events.push(Event::Group(GroupEvent::Unverified {
@@ -818,6 +831,9 @@ impl Engine {
                             entry.name = name;
                         }
                     }
+                    // Acting on a member's word (removing its account, sealing to it) needs
+                    // the member to be a device its account's verified list vouches for.
+                    GroupPayload::Leave | GroupPayload::Token { .. } if !self.vouched(&sender) => {}
                     GroupPayload::Leave => {
                         events.push(Event::Group(GroupEvent::LeaveRequested {
                             group: key,

@@ -160,6 +160,11 @@ pub(crate) struct GroupEntry {
     /// Members' delivery tokens, as they shared them in the group: sends to them go sealed.
     #[serde(default)]
     pub(crate) tokens: BTreeMap<String, Secret>,
+    /// Whether this account's token went to the group (when this device created it or first
+    /// wrote to it: joining alone shares nothing, so that adding someone to a group does not
+    /// hand the adder their token).
+    #[serde(default)]
+    pub(crate) token_shared: bool,
 }
 
 /// One message of a group.

@@ -27,6 +27,8 @@ pub(super) const KEY_PACKAGES: usize = 20;
 /// How often a Commit is rebuilt on top of another member's before giving up.
 const COMMIT_ATTEMPTS: usize = 8;
 
+/// How long a group send's answer is waited for.
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
 /// How long a Commit that lost waits for the one that won to arrive.
 const WINNER_WAIT: Duration = Duration::from_secs(20);
 
@@ -190,6 +192,10 @@ impl Client {
         text: &str,
     ) -> Result<EnvelopeId, ClientError> {
         self.sync_member_devices(group).await?;
+        if !self.engine.group_token_shared(group) {
+            // Writing to a group is taking part in it: its members may now send to us sealed.
+            self.share_group_token(group).await?;
+        }
         let sends = self.engine.group_text(group, text, now_ms())?;
         self.save()?;
         let answer = self.send_parts(&sends).await?;
@@ -268,7 +274,11 @@ impl Client {
     async fn commit(&mut self, change: GroupChange) -> Result<bool, ClientError> {
         // The pending Commit is saved before it leaves, so that a crash can drop it cleanly.
         self.save()?;
-        let answer = self.send_parts(&change.commit).await?;
+        // The first part is the one the hub orders: its answer decides.
+        let Some((ordered, rest)) = change.commit.split_first() else {
+            return Ok(true);
+        };
+        let answer = self.group_send(ordered).await?;
         match answer.code {
             None => {}
             Some(ErrorCode::StaleEpoch) => {
@@ -296,6 +306,11 @@ impl Client {
         }
         self.engine.commit_answer(&change.group, true)?;
         self.save()?;
+        // The epoch is taken: the rest only delivers (best effort: a member it misses gets the
+        // group's next Commit on top, and is told of it then by its epoch).
+        for part in rest {
+            let _ = self.group_send(part).await;
+        }
         if !change.welcome.is_empty() {
             self.send_parts(&change.welcome).await?;
             let name = self.engine.group_name_for_members(&change.group)?;
@@ -370,6 +385,21 @@ impl Client {
 
     /// Sends a group frame on its channel and waits for its answer.
     async fn send_once(&mut self, send: &GroupSend) -> Result<GroupAnswer, ClientError> {
+        // A broker that never answers (one without group sends answers `unknown_frame_type`
+        // and keeps the connection) must not hold the caller forever.
+        match tokio::time::timeout(ANSWER_WAIT, self.send_once_inner(send)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.on_conn_lost();
+                self.sealed = None;
+                Err(ClientError::Invalid(
+                    "the broker did not answer the group send".into(),
+                ))
+            }
+        }
+    }
+
+    async fn send_once_inner(&mut self, send: &GroupSend) -> Result<GroupAnswer, ClientError> {
         if send.sealed {
             return self.send_sealed(send).await;
         }

@@ -109,8 +109,6 @@ pub struct Client {
     /// Accounts that asked to leave a group (group, account): this device commits their
     /// removal if it is the group's remover, outside the receive batch that saw the request.
     leaves: Vec<(String, String)>,
-    /// Groups this device just joined, whose members get this account's delivery token.
-    token_shares: Vec<String>,
 }
 
 /// Cumulative client-side costs ([`Client::stats`]).
@@ -202,7 +200,6 @@ impl Client {
             own_list_due: Instant::now(),
             stats: Stats::default(),
             leaves: Vec::new(),
-            token_shares: Vec::new(),
         })
     }
 

@@ -57,12 +57,9 @@ impl Client {
         }
     }
 
-    /// What receiving asked of groups, done outside the batch that asked: this account's
-    /// delivery token for the groups just joined, and removals of members that asked to leave.
+    /// What receiving asked of groups, done outside the batch that asked: removals of members
+    /// that asked to leave.
     pub(super) async fn group_upkeep(&mut self) -> Result<(), ClientError> {
-        for group in std::mem::take(&mut self.token_shares) {
-            self.share_group_token(&group).await?;
-        }
         for (group, user) in std::mem::take(&mut self.leaves) {
             self.honour_leave(&group, &user).await?;
         }
@@ -281,9 +278,6 @@ impl Client {
                 match &event {
                     Event::Group(GroupEvent::LeaveRequested { group, user }) => {
                         self.leaves.push((group.clone(), user.clone()));
-                    }
-                    Event::Group(GroupEvent::Joined { group, .. }) => {
-                        self.token_shares.push(group.clone());
                     }
                     // A member whose account's list we do not hold yet: fetched now, and the
                     // warning stays only if the list does not vouch for the device.
