@@ -318,7 +318,7 @@ impl Engine {
             return json!({"id": hex(&id.0), "event": {"event": "duplicate"}});
         }
         if GroupWire::is_group(ciphertext) {
-            let events = self.core.open_group(id, ciphertext, now_ms());
+            let events = self.core.open_group(id, ciphertext);
             let events: Vec<Value> = events
                 .iter()
                 .map(|e| match e {

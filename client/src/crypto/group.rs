@@ -406,8 +406,8 @@ impl GroupKeys {
         })
     }
 
-    /// `count` one-time KeyPackages and, if `last_resort`, one that may be used many times
-    /// (when the one-time ones have run out), to upload.
+    /// `count` one-time KeyPackages, to upload (see also
+    /// [`GroupKeys::last_resort_key_package`]).
     pub fn key_packages(&self, count: usize) -> Result<Vec<Vec<u8>>, GroupError> {
         (0..count).map(|_| self.key_package(false)).collect()
     }

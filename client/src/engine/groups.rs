@@ -700,9 +700,9 @@ impl Engine {
     /// Opens a group envelope: its events, or a rejection (malformed, a group this device is
     /// not in, an epoch whose secrets are gone). A message for a later epoch is held and read
     /// once the Commit before it arrives. Either way the envelope is handled: ack it.
-    pub fn open_group(&mut self, id: EnvelopeId, ciphertext: &[u8], now_ms: u64) -> Vec<Event> {
+    pub fn open_group(&mut self, id: EnvelopeId, ciphertext: &[u8]) -> Vec<Event> {
         let mut events = Vec::new();
-        match self.receive_group(id, ciphertext, now_ms, &mut events) {
+        match self.receive_group(id, ciphertext, &mut events) {
             // A group's envelopes reach every device of a member account; a device that is
             // not in the group (linked since, or a Welcome for another device) drops them.
             Ok(()) | Err(GroupError::NotMember) => {}
@@ -719,7 +719,6 @@ impl Engine {
         &mut self,
         id: EnvelopeId,
         ciphertext: &[u8],
-        now_ms: u64,
         events: &mut Vec<Event>,
     ) -> Result<(), GroupError> {
         match GroupWire::from_bytes(ciphertext)? {
@@ -768,7 +767,6 @@ impl Engine {
             },
         }
         self.retry_held_group(events);
-        let _ = now_ms;
         Ok(())
     }
 

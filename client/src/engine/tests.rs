@@ -747,7 +747,7 @@ fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
     assert!(!change.welcome[0].sealed);
     alice.commit_answer(&group, true).expect("merge");
     let (id, welcome) = group_ciphertext(&change.welcome[0]);
-    let events = bob.open_group(id, &welcome, NOW);
+    let events = bob.open_group(id, &welcome);
     assert!(
         matches!(&events[0], Event::Group(GroupEvent::Joined { .. })),
         "{events:?}"
@@ -761,7 +761,7 @@ fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
     assert!(sends[0].sealed && !sends[1].sealed);
     assert_ne!(group_ciphertext(&sends[0]).1, group_ciphertext(&sends[1]).1);
     let (id, text) = group_ciphertext(&sends[1]);
-    let events = bob.open_group(id, &text, NOW);
+    let events = bob.open_group(id, &text);
     assert!(
         matches!(&events[..], [Event::Group(GroupEvent::Message { text, .. })] if text == "first")
     );
@@ -769,7 +769,7 @@ fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
     // Bob shares his token in the group; from then on one sealed send reaches everyone.
     let share = bob.group_token_share(&group).expect("share");
     let (id, token) = group_ciphertext(&share[0]);
-    assert!(alice.open_group(id, &token, NOW).is_empty());
+    assert!(alice.open_group(id, &token).is_empty());
     let sends = alice.group_text(&group, "second", NOW).expect("text");
     assert_eq!(sends.len(), 1);
     assert!(sends[0].sealed);
@@ -778,7 +778,7 @@ fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
         vec![ALICE.to_owned(), BOB.to_owned()]
     );
     let (id, text) = group_ciphertext(&sends[0]);
-    let events = bob.open_group(id, &text, NOW);
+    let events = bob.open_group(id, &text);
     assert!(
         matches!(&events[..], [Event::Group(GroupEvent::Message { text, .. })] if text == "second")
     );

@@ -273,7 +273,7 @@ impl Client {
             return Ok(());
         }
         if GroupWire::is_group(ciphertext) {
-            let events = self.engine.open_group(id, ciphertext, now_ms());
+            let events = self.engine.open_group(id, ciphertext);
             for event in events {
                 match &event {
                     Event::Group(GroupEvent::LeaveRequested { group, user }) => {
