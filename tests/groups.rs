@@ -512,4 +512,51 @@ async fn group_sends_cross_domains_and_commits_are_ordered_at_a_remote_hub() {
         bodies(&mut own, 2).await,
         vec![b"commit 0".to_vec(), b"hello group".to_vec()]
     );
+    // Each message crossed the link once for its two recipients (three devices) on b.example.
+    let to_b = "destination=\"b.example\"";
+    let from_a = "origin=\"a.example\"";
+    assert_eq!(
+        ba.metric_labeled("sealpost_federation_enqueued_total", to_b)
+            .await,
+        2.0
+    );
+    assert_eq!(
+        bb.metric_labeled("sealpost_federation_received_total", from_a)
+            .await,
+        2.0
+    );
+    // Acknowledged with an answer per recipient, the link staying up (a failure at most for
+    // an attempt before b.example was listening).
+    ba.wait_metric_labeled("sealpost_federation_delivered_total", to_b, 4.0)
+        .await;
+    let failures = ba
+        .metric_labeled("sealpost_federation_link_failures_total", to_b)
+        .await;
+    assert!(failures <= 1.0, "{failures} link failures");
+    // A stale device set on the other domain is named per recipient; the others get theirs.
+    let stale = GroupRecipient {
+        devices: vec![DeviceId(erin.device.0 + 7)],
+        ..recipient(&[&erin])
+    };
+    let (code, refused, _) = result(
+        &mut sender.ws,
+        group_send(
+            eid(),
+            b"to bob, not erin",
+            vec![recipient(&[&bob, &bob2]), stale],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(code, None);
+    assert_eq!(
+        refused,
+        vec![RecipientRefusal {
+            to: erin.user.clone(),
+            code: ErrorCode::StaleDevices,
+            current_devices: vec![erin.device],
+        }]
+    );
+    let mut b1 = Device::connect(&bb, &bob).await;
+    assert_eq!(bodies(&mut b1, 1).await, vec![b"to bob, not erin".to_vec()]);
 }

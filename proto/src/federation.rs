@@ -49,6 +49,7 @@
 //! | 0x04 | `claim_key`    | req_id (u64), user (str), device (u32), admission u8, token (bin or nil) |
 //! | 0x05 | `claim_key_package` | as `claim_key`: claims an MLS KeyPackage instead of an Olm key |
 //! | 0x06 | `take_epoch`   | req_id (u64), group (bin 16..=32), epoch (u64), id (bin 16): a Commit asks the group's hub for its epoch |
+//! | 0x07 | `group_txn`    | txn_id (u64), entries ([[id bin 16, class u8, ttl_secs u32, ciphertext bin, recipients [[to str, devices [u32], admission u8, token bin or nil]]]]): one group message, once, for all its recipients on the receiving domain; acknowledged by `txn_ack` with one code per recipient, entry by entry |
 //! | 0x81 | `txn_ack`      | txn_id (u64), codes ([u16], one per envelope, 0 = stored)      |
 //! | 0x82 | `devices`      | req_id (u64), devices ([[device u32, identity_keys bin]])      |
 //! | 0x83 | `device_list`  | req_id (u64), signed (bin)                                     |
@@ -74,7 +75,8 @@ use crate::{
     codec::{self, body},
     error::{DecodeError, ErrorCode},
     frame::{Class, Copy},
-    ids::EnvelopeId,
+    ids::{DeviceId, EnvelopeId},
+    limits::MAX_GROUP_RECIPIENTS,
 };
 
 /// The version byte of every federation frame.
@@ -231,6 +233,74 @@ impl std::fmt::Debug for FedEnvelope {
     }
 }
 
+/// One group message (`group_send`) for all of its recipients on the receiving domain: the
+/// ciphertext travels once, and the receiving broker stores a copy for each recipient device.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FedGroupEnvelope {
+    /// The sender client's envelope id (the same for every recipient).
+    pub id: EnvelopeId,
+    /// Delivery class.
+    pub class: Class,
+    /// Time-to-live left, in seconds.
+    pub ttl_secs: u32,
+    /// The one ciphertext every recipient device gets.
+    pub ciphertext: Vec<u8>,
+    /// The recipients on the receiving broker's domain, each once.
+    pub recipients: Vec<FedRecipient>,
+}
+
+/// A recipient of a [`FedGroupEnvelope`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct FedRecipient {
+    /// Recipient handle, on the receiving broker's domain.
+    pub to: String,
+    /// Its devices that get a copy.
+    pub devices: Vec<DeviceId>,
+    /// How the origin admitted it for this recipient.
+    pub admission: Admission,
+}
+
+impl FedGroupEnvelope {
+    /// The envelope as one [`FedEnvelope`] per recipient, in order (what the receiving broker
+    /// stores; a transaction's acknowledgement has one code for each).
+    pub fn into_envelopes(self) -> impl Iterator<Item = FedEnvelope> {
+        let FedGroupEnvelope {
+            id,
+            class,
+            ttl_secs,
+            ciphertext,
+            recipients,
+        } = self;
+        recipients.into_iter().map(move |r| FedEnvelope {
+            id,
+            to: r.to,
+            class,
+            ttl_secs,
+            copies: r
+                .devices
+                .iter()
+                .map(|&device| Copy {
+                    device,
+                    ciphertext: ciphertext.clone(),
+                })
+                .collect(),
+            admission: r.admission,
+        })
+    }
+}
+
+impl std::fmt::Debug for FedGroupEnvelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FedGroupEnvelope")
+            .field("id", &self.id)
+            .field("class", &self.class)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("bytes", &self.ciphertext.len())
+            .field("recipients", &self.recipients.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A device of a remote account, as listed by its home broker.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RemoteDevice {
@@ -257,6 +327,15 @@ pub enum LinkFrame {
         txn_id: u64,
         /// The envelopes, in outbox order.
         envelopes: Vec<FedEnvelope>,
+    },
+    /// Sending → receiving broker: group messages, each once for all its recipients there, to
+    /// persist for every recipient, then acknowledge with `TxnAck` (one code per recipient,
+    /// entry by entry).
+    GroupTxn {
+        /// Chosen by the sender; echoed by the acknowledgement.
+        txn_id: u64,
+        /// The group messages, in outbox order.
+        entries: Vec<FedGroupEnvelope>,
     },
     /// Request: the devices (ids and identity keys) of a local account of the receiver.
     GetDevices {
@@ -363,6 +442,7 @@ const GET_DEVICE_LIST: u8 = 0x03;
 const CLAIM_KEY: u8 = 0x04;
 const CLAIM_KEY_PACKAGE: u8 = 0x05;
 const TAKE_EPOCH: u8 = 0x06;
+const GROUP_TXN: u8 = 0x07;
 const EPOCH: u8 = 0x87;
 const HELLO: u8 = 0x40;
 const TXN_ACK: u8 = 0x81;
@@ -396,6 +476,18 @@ struct EnvelopeBody(
 
 #[derive(Serialize, Deserialize)]
 struct TxnBody(u64, Vec<EnvelopeBody>);
+
+#[derive(Serialize, Deserialize)]
+struct GroupEnvelopeBody(
+    EnvelopeId,
+    Class,
+    u32,
+    ByteBuf,
+    Vec<(String, Vec<DeviceId>, u8, Option<ByteBuf>)>,
+);
+
+#[derive(Serialize, Deserialize)]
+struct GroupTxnBody(u64, Vec<GroupEnvelopeBody>);
 
 #[derive(Serialize, Deserialize)]
 struct UserRequestBody(u64, String);
@@ -510,6 +602,29 @@ impl LinkFrame {
                     .collect();
                 encode(TXN, &TxnBody(*txn_id, envelopes))
             }
+            LinkFrame::GroupTxn { txn_id, entries } => {
+                let entries = entries
+                    .iter()
+                    .map(|e| {
+                        let recipients = e
+                            .recipients
+                            .iter()
+                            .map(|r| {
+                                let (kind, token) = r.admission.to_wire();
+                                (r.to.clone(), r.devices.clone(), kind, token)
+                            })
+                            .collect();
+                        GroupEnvelopeBody(
+                            e.id,
+                            e.class,
+                            e.ttl_secs,
+                            ByteBuf::from(e.ciphertext.clone()),
+                            recipients,
+                        )
+                    })
+                    .collect();
+                encode(GROUP_TXN, &GroupTxnBody(*txn_id, entries))
+            }
             LinkFrame::GetDevices { req_id, user } => {
                 encode(GET_DEVICES, &UserRequestBody(*req_id, user.clone()))
             }
@@ -612,6 +727,46 @@ impl LinkFrame {
                     .collect::<Result<_, DecodeError>>()?;
                 LinkFrame::Txn { txn_id, envelopes }
             }
+            GROUP_TXN => {
+                let GroupTxnBody(txn_id, entries) = body(rest)?;
+                if entries.len() > MAX_TXN_ENVELOPES {
+                    return Err(DecodeError::Malformed(format!(
+                        "{} entries in one transaction",
+                        entries.len()
+                    )));
+                }
+                let entries = entries
+                    .into_iter()
+                    .map(
+                        |GroupEnvelopeBody(id, class, ttl_secs, ciphertext, recipients)| {
+                            if recipients.is_empty() || recipients.len() > MAX_GROUP_RECIPIENTS {
+                                return Err(DecodeError::Malformed(format!(
+                                    "{} recipients of one group message",
+                                    recipients.len()
+                                )));
+                            }
+                            let recipients = recipients
+                                .into_iter()
+                                .map(|(to, devices, kind, token)| {
+                                    Ok(FedRecipient {
+                                        to,
+                                        devices,
+                                        admission: Admission::from_wire(kind, token)?,
+                                    })
+                                })
+                                .collect::<Result<_, DecodeError>>()?;
+                            Ok(FedGroupEnvelope {
+                                id,
+                                class,
+                                ttl_secs,
+                                ciphertext: ciphertext.into_vec(),
+                                recipients,
+                            })
+                        },
+                    )
+                    .collect::<Result<_, DecodeError>>()?;
+                LinkFrame::GroupTxn { txn_id, entries }
+            }
             GET_DEVICES => {
                 let UserRequestBody(req_id, user) = body(rest)?;
                 LinkFrame::GetDevices { req_id, user }
@@ -711,6 +866,7 @@ impl LinkFrame {
         matches!(
             self,
             LinkFrame::Txn { .. }
+                | LinkFrame::GroupTxn { .. }
                 | LinkFrame::GetDevices { .. }
                 | LinkFrame::GetDeviceList { .. }
                 | LinkFrame::ClaimKey { .. }
@@ -724,7 +880,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::ids::DeviceId;
 
     fn envelope(admission: Admission) -> FedEnvelope {
         FedEnvelope {
@@ -750,6 +905,27 @@ mod tests {
                     envelope(Admission::Token(vec![1; 32])),
                     envelope(Admission::Open),
                 ],
+            },
+            LinkFrame::GroupTxn {
+                txn_id: 8,
+                entries: vec![FedGroupEnvelope {
+                    id: EnvelopeId([4; 16]),
+                    class: Class::Durable,
+                    ttl_secs: 90,
+                    ciphertext: vec![7; 9],
+                    recipients: vec![
+                        FedRecipient {
+                            to: "bob@b.example".into(),
+                            devices: vec![DeviceId(1), DeviceId(2)],
+                            admission: Admission::Origin,
+                        },
+                        FedRecipient {
+                            to: "carol@b.example".into(),
+                            devices: vec![DeviceId(1)],
+                            admission: Admission::Token(vec![2; 32]),
+                        },
+                    ],
+                }],
             },
             LinkFrame::GetDevices {
                 req_id: 1,
@@ -884,6 +1060,45 @@ mod tests {
         assert!(matches!(
             HandshakeFrame::decode(&big),
             Err(DecodeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_group_message_names_one_to_many_recipients() {
+        let none = encode(
+            GROUP_TXN,
+            &GroupTxnBody(
+                1,
+                vec![GroupEnvelopeBody(
+                    EnvelopeId([0; 16]),
+                    Class::Durable,
+                    1,
+                    ByteBuf::from(vec![1]),
+                    vec![],
+                )],
+            ),
+        );
+        assert!(matches!(
+            LinkFrame::decode(&none),
+            Err(DecodeError::Malformed(_))
+        ));
+        let recipient = ("a@b".to_owned(), vec![DeviceId(1)], 0u8, None);
+        let many = encode(
+            GROUP_TXN,
+            &GroupTxnBody(
+                1,
+                vec![GroupEnvelopeBody(
+                    EnvelopeId([0; 16]),
+                    Class::Durable,
+                    1,
+                    ByteBuf::from(vec![1]),
+                    vec![recipient; MAX_GROUP_RECIPIENTS + 1],
+                )],
+            ),
+        );
+        assert!(matches!(
+            LinkFrame::decode(&many),
+            Err(DecodeError::Malformed(_))
         ));
     }
 

@@ -514,7 +514,8 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
 fn federation_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
     use Verdict::*;
     use sealpost_proto::federation::{
-        Admission, FedEnvelope, HandshakeFrame, LinkFrame, RemoteDevice,
+        Admission, FedEnvelope, FedGroupEnvelope, FedRecipient, HandshakeFrame, LinkFrame,
+        RemoteDevice,
     };
     let id = EnvelopeId(*b"0123456789abcdef");
     let envelope = |admission| FedEnvelope {
@@ -603,6 +604,32 @@ fn federation_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
                 device: 2,
                 admission: Admission::Token(vec![1; 32]),
                 key_package: false,
+            }
+            .encode(),
+            Decodes,
+        ),
+        (
+            "group_txn",
+            LinkFrame::GroupTxn {
+                txn_id: 3,
+                entries: vec![FedGroupEnvelope {
+                    id,
+                    class: Class::Durable,
+                    ttl_secs: 86_400,
+                    ciphertext: b"one MLS message for all".to_vec(),
+                    recipients: vec![
+                        FedRecipient {
+                            to: "bob@b.example".into(),
+                            devices: vec![DeviceId(1), DeviceId(2)],
+                            admission: Admission::Origin,
+                        },
+                        FedRecipient {
+                            to: "carol@b.example".into(),
+                            devices: vec![DeviceId(1)],
+                            admission: Admission::Token(vec![7; 32]),
+                        },
+                    ],
+                }],
             }
             .encode(),
             Decodes,

@@ -249,8 +249,9 @@ struct InboundLink<'a> {
     txns: FuturesOrdered<TxnDone>,
     /// Lookups being answered.
     replies: FuturesUnordered<LocalBoxFuture<'static, LinkFrame>>,
-    /// The first envelope refused for the origin's rate, until it comes back or expires.
-    rate_held: Option<(EnvelopeId, Instant)>,
+    /// The first envelope refused for the origin's rate (its id and recipient: a group
+    /// message has one id for many), until it comes back or expires.
+    rate_held: Option<(EnvelopeId, String, Instant)>,
 }
 
 /// What became ready on an inbound link.
@@ -259,6 +260,45 @@ enum LinkEvent {
     Persisted(u64, Vec<Option<ErrorCode>>),
     /// A lookup's answer.
     Reply(LinkFrame),
+}
+
+impl InboundLink<'_> {
+    /// Hands a transaction's envelopes to their mailboxes, in order; its acknowledgement
+    /// follows once every one is durable or refused.
+    async fn persist(&mut self, txn_id: u64, envelopes: impl Iterator<Item = FedEnvelope>) {
+        let origin = self.origin;
+        // Once one envelope is over the limit, everything after it on this link is refused
+        // too until it comes back (the origin resends from there) or expires, so that nothing
+        // overtakes it.
+        let mut done: Vec<Routed> = Vec::with_capacity(envelopes.size_hint().0);
+        for e in envelopes {
+            let now = Instant::now();
+            if self
+                .rate_held
+                .as_ref()
+                .is_some_and(|(id, to, until)| (*id == e.id && *to == e.to) || *until <= now)
+            {
+                self.rate_held = None;
+            }
+            let mut over = false;
+            if self.rate_held.is_none() && !self.fed.allow_origin(origin) {
+                // An ephemeral envelope is never resent: refuse only it.
+                over = true;
+                if e.class != Class::Ephemeral {
+                    let until = now + Duration::from_secs(e.ttl_secs.into());
+                    self.rate_held = Some((e.id, e.to.clone(), until));
+                }
+            }
+            done.push(if over || self.rate_held.is_some() {
+                crate::telemetry::reject(ErrorCode::RateLimited.as_str());
+                Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
+            } else {
+                self.local.deliver(origin, e).await
+            });
+        }
+        self.txns
+            .push_back(Box::pin(async move { (txn_id, join_all(done).await) }));
+    }
 }
 
 impl Service for InboundLink<'_> {
@@ -317,38 +357,17 @@ impl Service for InboundLink<'_> {
             LinkFrame::Txn { txn_id, envelopes } => {
                 metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
                     .increment(envelopes.len() as u64);
-                // Once one envelope is over the limit, everything after it on this link is
-                // refused too until it comes back (the origin resends from there) or expires,
-                // so that nothing overtakes it.
-                let mut done: Vec<Routed> = Vec::with_capacity(envelopes.len());
-                for e in envelopes {
-                    done.push({
-                        let now = Instant::now();
-                        if self
-                            .rate_held
-                            .is_some_and(|(first, until)| first == e.id || until <= now)
-                        {
-                            self.rate_held = None;
-                        }
-                        let mut over = false;
-                        if self.rate_held.is_none() && !fed.allow_origin(origin) {
-                            // An ephemeral envelope is never resent: refuse only it.
-                            over = true;
-                            if e.class != Class::Ephemeral {
-                                let until = now + Duration::from_secs(e.ttl_secs.into());
-                                self.rate_held = Some((e.id, until));
-                            }
-                        }
-                        if over || self.rate_held.is_some() {
-                            crate::telemetry::reject(ErrorCode::RateLimited.as_str());
-                            Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
-                        } else {
-                            self.local.deliver(origin, e).await
-                        }
-                    });
-                }
-                self.txns
-                    .push_back(Box::pin(async move { (txn_id, join_all(done).await) }));
+                self.persist(txn_id, envelopes.into_iter()).await;
+            }
+            LinkFrame::GroupTxn { txn_id, entries } => {
+                metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
+                    .increment(entries.len() as u64);
+                // A group message comes once for all its recipients here; each gets its copies
+                // as if it had come alone, and an answer of its own.
+                let envelopes = entries
+                    .into_iter()
+                    .flat_map(sealpost_proto::federation::FedGroupEnvelope::into_envelopes);
+                self.persist(txn_id, envelopes).await;
             }
             request @ (LinkFrame::GetDevices { .. }
             | LinkFrame::GetDeviceList { .. }

@@ -298,8 +298,17 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
                     return Ok(());
                 }
                 Some(Outgoing::Frame(frame)) => {
-                    if let LinkFrame::Txn { txn_id, envelopes } = &frame {
-                        unacked.push_back((*txn_id, envelopes.len()));
+                    // How many answers its acknowledgement may hold: one per envelope, one per
+                    // recipient of a group message.
+                    match &frame {
+                        LinkFrame::Txn { txn_id, envelopes } => {
+                            unacked.push_back((*txn_id, envelopes.len()));
+                        }
+                        LinkFrame::GroupTxn { txn_id, entries } => {
+                            let answers = entries.iter().map(|e| e.recipients.len()).sum();
+                            unacked.push_back((*txn_id, answers));
+                        }
+                        _ => {}
                     }
                     send(&mut ws, &mut cipher, &frame, params.write_timeout).await?;
                 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use actix::{Message, Recipient};
 use sealpost_proto::{
-    Class, Copy, EnvelopeId, ErrorCode, SendOutcome,
+    Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome,
     federation::{Admission, LinkFrame},
 };
 use serde::Serialize;
@@ -27,6 +27,34 @@ pub struct Enqueue {
     /// One ciphertext per recipient device.
     pub copies: Arc<Vec<Copy>>,
     /// How this broker admitted it.
+    pub admission: Admission,
+}
+
+/// Forward one group message to its recipients on the peer's domain: the ciphertext goes
+/// once, in one outbox entry, and the peer's broker stores a copy for each recipient device.
+/// Answered with one outcome per recipient once it is durable in the outbox (or refused).
+#[derive(Message)]
+#[rtype(result = "Vec<(String, SendOutcome)>")]
+pub struct GroupEnqueue {
+    /// Client envelope id.
+    pub id: EnvelopeId,
+    /// Delivery class.
+    pub class: Class,
+    /// Time-to-live, validated against the class limits.
+    pub ttl_secs: u32,
+    /// The one ciphertext of every recipient device.
+    pub ciphertext: Arc<Vec<u8>>,
+    /// The recipients (on the peer's domain), each once.
+    pub recipients: Vec<GroupTo>,
+}
+
+/// A recipient of a [`GroupEnqueue`].
+pub struct GroupTo {
+    /// Recipient handle.
+    pub to: String,
+    /// Its devices that get a copy.
+    pub devices: Vec<DeviceId>,
+    /// How this broker admitted it for this recipient.
     pub admission: Admission,
 }
 

@@ -44,7 +44,7 @@ use sealpost_proto::{
 pub use self::error::{DiscoveryError, PeerListError};
 use self::{
     identity::ServerKey,
-    messages::{Enqueue, PeerStatus, Query, QueryResult, Request, Status},
+    messages::{Enqueue, GroupEnqueue, GroupTo, PeerStatus, Query, QueryResult, Request, Status},
     peer::FederationPeer,
 };
 use crate::store::Stores;
@@ -379,6 +379,9 @@ pub struct Federation {
 /// A send being forwarded: resolves with its answer.
 pub type PendingOutcome = Pin<Box<dyn Future<Output = SendOutcome>>>;
 
+/// The outcomes of a group message for its recipients on one domain, by recipient.
+pub type PendingOutcomes = Pin<Box<dyn Future<Output = Vec<(String, SendOutcome)>>>>;
+
 impl Federation {
     /// Starts one peer actor per configured peer on `arbiter`.
     pub fn start(
@@ -474,29 +477,109 @@ impl Federation {
         }
     }
 
-    /// Forwards an envelope to `to`, a user of a peer domain. The envelope is queued now, so a
-    /// connection's sends keep their order; the future resolves once it is durable in the
-    /// outbox (or refused).
     /// Takes an entry of another pod's outbox (that pod is gone; see the NATS store's
     /// takeover) into this pod's outbox for its destination, as it was accepted there.
     pub fn adopt(&self, record: crate::store::OutboxRecord) -> PendingOutcome {
-        let envelope = peer::to_wire(record, crate::clock::now_ms());
-        let Ok(to) = Handle::parse(&envelope.to) else {
-            return Box::pin(std::future::ready(SendOutcome::Rejected {
-                code: ErrorCode::InvalidHandle,
+        let refused = |code| -> PendingOutcome {
+            Box::pin(std::future::ready(SendOutcome::Rejected {
+                code,
                 current_devices: Vec::new(),
-            }));
+            }))
         };
-        self.submit(
-            &to,
-            envelope.id,
-            envelope.class,
-            envelope.ttl_secs,
-            envelope.copies,
-            envelope.admission,
-        )
+        match peer::to_wire(record, crate::clock::now_ms(), |_| true) {
+            Some(peer::Wire::One(envelope)) => {
+                let Ok(to) = Handle::parse(&envelope.to) else {
+                    return refused(ErrorCode::InvalidHandle);
+                };
+                self.submit(
+                    &to,
+                    envelope.id,
+                    envelope.class,
+                    envelope.ttl_secs,
+                    envelope.copies,
+                    envelope.admission,
+                )
+            }
+            Some(peer::Wire::Group(group)) => {
+                let domain = group
+                    .recipients
+                    .first()
+                    .and_then(|r| Handle::parse(&r.to).ok())
+                    .map(|h| h.domain().to_owned());
+                let Some(domain) = domain else {
+                    return refused(ErrorCode::InvalidHandle);
+                };
+                let recipients = group
+                    .recipients
+                    .into_iter()
+                    .map(|r| GroupTo {
+                        to: r.to,
+                        devices: r.devices,
+                        admission: r.admission,
+                    })
+                    .collect();
+                let answer = self.submit_group(
+                    &domain,
+                    GroupEnqueue {
+                        id: group.id,
+                        class: group.class,
+                        ttl_secs: group.ttl_secs,
+                        ciphertext: Arc::new(group.ciphertext),
+                        recipients,
+                    },
+                );
+                // Kept (and adopted again later) while any recipient's refusal may pass then.
+                Box::pin(async move {
+                    answer
+                        .await
+                        .into_iter()
+                        .find_map(|(_, outcome)| match outcome {
+                            SendOutcome::Rejected { code, .. } if peer::retryable(code) => {
+                                Some(SendOutcome::Rejected {
+                                    code,
+                                    current_devices: Vec::new(),
+                                })
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or(SendOutcome::Accepted { duplicate: false })
+                })
+            }
+            None => refused(ErrorCode::InvalidRecipients),
+        }
     }
 
+    /// Forwards a group message to its recipients on `domain`, a peer domain, in one outbox
+    /// entry. Queued now, like [`Federation::submit`]; the future resolves to one outcome per
+    /// recipient once the entry is durable in the outbox (or refused).
+    pub fn submit_group(&self, domain: &str, send: GroupEnqueue) -> PendingOutcomes {
+        let names: Vec<String> = send.recipients.iter().map(|r| r.to.clone()).collect();
+        let refused = move |code| {
+            names
+                .into_iter()
+                .map(|to| {
+                    let outcome = SendOutcome::Rejected {
+                        code,
+                        current_devices: Vec::new(),
+                    };
+                    (to, outcome)
+                })
+                .collect()
+        };
+        let Some(peer) = self.peers.get(domain) else {
+            return Box::pin(std::future::ready(refused(ErrorCode::UnknownDomain)));
+        };
+        let answer = peer.addr.send(send);
+        Box::pin(async move {
+            answer
+                .await
+                .unwrap_or_else(|_| refused(ErrorCode::Internal))
+        })
+    }
+
+    /// Forwards an envelope to `to`, a user of a peer domain. The envelope is queued now, so a
+    /// connection's sends keep their order; the future resolves once it is durable in the
+    /// outbox (or refused).
     pub fn submit(
         &self,
         to: &Handle,

@@ -19,7 +19,9 @@
 //! concerns the receiving broker (rate limit, store trouble, shutdown) pauses the whole link.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -27,7 +29,7 @@ use std::{
 use actix::prelude::*;
 use sealpost_proto::{
     Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome,
-    federation::{Admission, FedEnvelope, LinkFrame},
+    federation::{Admission, FedEnvelope, FedGroupEnvelope, FedRecipient, LinkFrame},
     limits::{MAX_DURABLE_TTL_SECS, MAX_URGENT_TTL_SECS},
 };
 use serde_bytes::ByteBuf;
@@ -40,13 +42,16 @@ use super::{
     identity::ServerKey,
     link::{self, LinkParams},
     messages::{
-        Enqueue, LinkDown, LinkReports, LinkUp, Outgoing, PeerStatus, Query, QueryResult, Request,
-        Status, TxnAcked,
+        Enqueue, GroupEnqueue, GroupTo, LinkDown, LinkReports, LinkUp, Outgoing, PeerStatus, Query,
+        QueryResult, Request, Status, TxnAcked,
     },
 };
 use crate::{
     clock::now_ms,
-    store::{OutboxRecord, StoreError, StoreFuture, Stores, records::RECORD_VERSION},
+    store::{
+        OutboxRecord, StoreError, StoreFuture, Stores,
+        records::{OutboxRecipient, RECORD_VERSION},
+    },
 };
 
 /// State of the link to the destination.
@@ -70,11 +75,102 @@ struct Entry {
 /// A transaction sent and not yet acknowledged.
 struct InFlight {
     txn_id: u64,
-    /// Outbox sequence numbers, in the transaction's order (empty for ephemeral envelopes).
+    /// The outbox entry of each answer the acknowledgement holds, in order (one per envelope,
+    /// one per recipient of a group message; empty for ephemeral envelopes).
     seqs: Vec<u64>,
     /// The recipient of each of `seqs`.
     to: Vec<String>,
 }
+
+/// Outbox entries on their way into one transaction: envelopes, or group messages (they
+/// travel in different frames, so a transaction holds one kind).
+#[derive(Default)]
+struct Batch {
+    envelopes: Vec<FedEnvelope>,
+    groups: Vec<FedGroupEnvelope>,
+    /// As [`InFlight::seqs`] and [`InFlight::to`].
+    seqs: Vec<u64>,
+    to: Vec<String>,
+    bytes: u64,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.envelopes.is_empty() && self.groups.is_empty()
+    }
+
+    /// Whether an entry of `size` bytes (a group message if `group`) may join.
+    fn fits(&self, group: bool, size: u64, max_entries: usize, max_bytes: u64) -> bool {
+        let entries = self.envelopes.len() + self.groups.len();
+        self.is_empty()
+            || (self.groups.is_empty() != group
+                && entries < max_entries
+                && self.bytes + size <= max_bytes)
+    }
+
+    fn push(&mut self, seq: u64, wire: Wire, size: u64) {
+        self.bytes += size;
+        match wire {
+            Wire::One(envelope) => {
+                self.seqs.push(seq);
+                self.to.push(envelope.to.clone());
+                self.envelopes.push(envelope);
+            }
+            Wire::Group(group) => {
+                for r in &group.recipients {
+                    self.seqs.push(seq);
+                    self.to.push(r.to.clone());
+                }
+                self.groups.push(group);
+            }
+        }
+    }
+
+    fn into_frame(self, txn_id: u64) -> (LinkFrame, InFlight) {
+        let frame = if self.groups.is_empty() {
+            LinkFrame::Txn {
+                txn_id,
+                envelopes: self.envelopes,
+            }
+        } else {
+            LinkFrame::GroupTxn {
+                txn_id,
+                entries: self.groups,
+            }
+        };
+        let in_flight = InFlight {
+            txn_id,
+            seqs: self.seqs,
+            to: self.to,
+        };
+        (frame, in_flight)
+    }
+}
+
+/// An outbox entry's wire form.
+pub(super) enum Wire {
+    One(FedEnvelope),
+    Group(FedGroupEnvelope),
+}
+
+/// A send waiting for a device lookup of its recipient (or of one of them) to end.
+enum Waiter {
+    One(Enqueue, oneshot::Sender<SendOutcome>),
+    /// A group message, in the queue of each of its recipients that waits.
+    Group(Rc<RefCell<WaitingGroup>>),
+}
+
+/// A group message some of whose recipients wait for their lookups.
+struct WaitingGroup {
+    /// The recipients' queues in which it has not yet come to the front.
+    behind: usize,
+    /// Recipients whose queues stopped at it: sends to them after it wait until it is accepted.
+    blocked: Vec<String>,
+    send: Option<(GroupEnqueue, GroupReply)>,
+}
+
+/// Where a group message's outcomes go, one per recipient.
+type GroupReply = oneshot::Sender<Vec<(String, SendOutcome)>>;
 
 /// A recipient whose envelopes wait because its mailbox at the destination is full.
 struct Parked {
@@ -152,8 +248,10 @@ pub struct FederationPeer {
     rechecked: HashMap<String, Instant>,
     /// Sends to a recipient whose device lookup is running, in arrival order: they are
     /// accepted together when it ends, so later sends to that recipient never overtake earlier
-    /// ones, and sends to everyone else go on meanwhile.
-    waiting: HashMap<String, VecDeque<(Enqueue, oneshot::Sender<SendOutcome>)>>,
+    /// ones, and sends to everyone else go on meanwhile. A group message waits in the queue
+    /// of each recipient being looked up, and holds back the sends behind it until all of
+    /// its lookups have ended.
+    waiting: HashMap<String, VecDeque<Waiter>>,
     /// A lookup went unanswered: until then, sends are checked against the devices known so
     /// far without asking (by then a silent link has been declared dead).
     lookups_paused_until: Option<Instant>,
@@ -219,7 +317,7 @@ const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Refusals after which the same envelope is sent again later (the receiving side was
 /// temporarily unable); every other refusal is final. `mailbox_full` concerns one recipient
 /// and parks it (see the module docs); the others pause the whole link.
-fn retryable(code: ErrorCode) -> bool {
+pub(super) fn retryable(code: ErrorCode) -> bool {
     matches!(
         code,
         ErrorCode::MailboxFull
@@ -385,9 +483,12 @@ impl FederationPeer {
         self.hold_until = None;
         while self.in_flight.len() < self.settings.window {
             if !self.ephemeral.is_empty() {
-                let envelopes = std::mem::take(&mut self.ephemeral);
+                let batch = Batch {
+                    envelopes: std::mem::take(&mut self.ephemeral),
+                    ..Batch::default()
+                };
                 self.ephemeral_bytes = 0;
-                if !self.send_txn(&tx, envelopes, Vec::new(), Vec::new()) {
+                if !self.send_txn(&tx, batch) {
                     break; // ephemeral envelopes are dropped rather than delayed
                 }
                 continue;
@@ -405,11 +506,8 @@ impl FederationPeer {
                 None => break,
             };
             let now = now_ms();
-            let mut envelopes = Vec::new();
-            let mut seqs = Vec::new();
-            let mut to = Vec::new();
+            let mut batch = Batch::default();
             let mut expired = Vec::new();
-            let mut bytes = 0u64;
             let mut next = self.durable_next;
             for (seq, record) in entries {
                 if seq >= self.durable_next {
@@ -417,40 +515,46 @@ impl FederationPeer {
                     break;
                 }
                 if record.expires_ms <= now {
-                    self.done_with(&record.to, seq);
+                    let recipients: Vec<String> = record.recipients().map(str::to_owned).collect();
+                    for to in recipients {
+                        self.done_with(&to, seq);
+                    }
                     expired.push(seq);
                     next = seq + 1;
                     continue;
                 }
-                // The entry a link-wide retry resumes from goes out even for a parked
-                // recipient: the destination holds everything after it until it comes back
-                // (its mailbox then refuses it as full again, keeping the order).
-                if let Some(parked) = self.parked.get_mut(&record.to)
-                    && parked.holding
-                    && self.resume != Some(seq)
-                {
-                    // Sent when the recipient's hold ends, before anything newer for it.
-                    parked.seqs.insert(seq);
-                    next = seq + 1;
-                    continue;
-                }
                 let size = record.size();
-                if !envelopes.is_empty() && bytes + size > self.settings.max_txn_bytes {
+                let (settings, group) = (&self.settings, record.group.is_some());
+                if !batch.fits(group, size, settings.batch, settings.max_txn_bytes) {
                     next = seq;
                     break;
                 }
-                bytes += size;
-                to.push(record.to.clone());
-                envelopes.push(to_wire(record, now));
-                seqs.push(seq);
+                // A parked recipient's entries are sent when its hold ends, before anything
+                // newer for it. The entry a link-wide retry resumes from goes out even for a
+                // parked recipient: the destination holds everything after it until it comes
+                // back (its mailbox then refuses it as full again, keeping the order).
+                let resume = self.resume == Some(seq);
+                let held: Vec<String> = record
+                    .recipients()
+                    .filter(|to| !resume && self.parked.get(*to).is_some_and(|p| p.holding))
+                    .map(str::to_owned)
+                    .collect();
+                for to in &held {
+                    if let Some(parked) = self.parked.get_mut(to) {
+                        parked.seqs.insert(seq);
+                    }
+                }
                 next = seq + 1;
+                if let Some(wire) = to_wire(record, now, |to| !held.iter().any(|h| h == to)) {
+                    batch.push(seq, wire, size);
+                }
             }
             self.drop_expired(&expired);
-            if envelopes.is_empty() {
+            if batch.is_empty() {
                 self.cursor = next;
                 continue;
             }
-            if !self.send_txn(&tx, envelopes, seqs, to) {
+            if !self.send_txn(&tx, batch) {
                 break; // the link's queue is full or closing: resume on the next ack or link
             }
             self.cursor = next;
@@ -463,24 +567,16 @@ impl FederationPeer {
 
     /// Hands a transaction to the link and tracks it; false if the link's queue is full or
     /// closing (nothing was sent).
-    fn send_txn(
-        &mut self,
-        tx: &tokio::sync::mpsc::Sender<Outgoing>,
-        envelopes: Vec<FedEnvelope>,
-        seqs: Vec<u64>,
-        to: Vec<String>,
-    ) -> bool {
+    fn send_txn(&mut self, tx: &tokio::sync::mpsc::Sender<Outgoing>, batch: Batch) -> bool {
         let txn_id = self.next_txn;
-        if tx
-            .try_send(Outgoing::Frame(LinkFrame::Txn { txn_id, envelopes }))
-            .is_err()
-        {
+        let (frame, in_flight) = batch.into_frame(txn_id);
+        if tx.try_send(Outgoing::Frame(frame)).is_err() {
             return false;
         }
         self.next_txn += 1;
         metrics::counter!("sealpost_federation_txns_total", "destination" => self.config.domain.clone())
             .increment(1);
-        self.in_flight.push_back(InFlight { txn_id, seqs, to });
+        self.in_flight.push_back(in_flight);
         true
     }
 
@@ -591,8 +687,7 @@ impl FederationPeer {
         let now = now_ms();
         let mut expired = Vec::new();
         let mut gone = Vec::new();
-        let mut txns: Vec<(Vec<FedEnvelope>, Vec<u64>)> = Vec::new();
-        let mut bytes = 0u64;
+        let mut txns: Vec<Batch> = Vec::new();
         for (seq, read) in reads {
             let record = match read {
                 Ok(mut found) => match found.pop() {
@@ -617,18 +712,20 @@ impl FederationPeer {
                 expired.push(seq);
                 continue;
             }
-            let size = record.size();
-            let full = txns.last().is_none_or(|(envelopes, _)| {
-                envelopes.len() >= self.settings.batch || bytes + size > self.settings.max_txn_bytes
-            });
-            if full {
-                txns.push((Vec::new(), Vec::new()));
-                bytes = 0;
+            let (size, group) = (record.size(), record.group.is_some());
+            // A group message goes to this recipient only: the others have had it.
+            let Some(wire) = to_wire(record, now, |r| r == to) else {
+                gone.push(seq);
+                continue;
+            };
+            let (max_entries, max_bytes) = (self.settings.batch, self.settings.max_txn_bytes);
+            if !txns
+                .last()
+                .is_some_and(|b| b.fits(group, size, max_entries, max_bytes))
+            {
+                txns.push(Batch::default());
             }
-            bytes += size;
-            let (envelopes, seqs) = txns.last_mut().expect("pushed above");
-            envelopes.push(to_wire(record, now));
-            seqs.push(seq);
+            txns.last_mut().expect("pushed above").push(seq, wire, size);
         }
         for seq in gone {
             self.done_with(to, seq);
@@ -637,9 +734,8 @@ impl FederationPeer {
             self.done_with(to, *seq);
         }
         self.drop_expired(&expired);
-        for (envelopes, seqs) in txns {
-            let recipients = vec![to.to_owned(); seqs.len()];
-            if !self.send_txn(&tx, envelopes, seqs, recipients) {
+        for batch in txns {
+            if !self.send_txn(&tx, batch) {
                 // The link's queue is full or closing: hold on a little longer.
                 if let Some(parked) = self.parked.get_mut(to) {
                     parked.holding = true;
@@ -772,19 +868,73 @@ impl FederationPeer {
     /// those known: the sender may know of a device linked since, and would otherwise be
     /// refused with what is only our older view; asked again at most every
     /// [`RECHECK_AFTER`]), the link up and answering.
-    fn should_ask(&self, msg: &Enqueue) -> bool {
-        let fresh = self.known.get(&msg.to).is_some_and(|k| {
+    fn should_ask(&self, to: &str, devices: Vec<DeviceId>, class: Class) -> bool {
+        let fresh = self.known.get(to).is_some_and(|k| {
             k.at.elapsed() < self.settings.device_cache
-                && (self.stale(&msg.to, &msg.copies).is_none()
+                && (self.stale(to, devices).is_none()
                     || self
                         .rechecked
-                        .get(&msg.to)
+                        .get(to)
                         .is_some_and(|at| at.elapsed() < RECHECK_AFTER))
         });
         let paused = self
             .lookups_paused_until
             .is_some_and(|until| Instant::now() < until);
-        msg.class != Class::Ephemeral && !fresh && !paused && matches!(self.link, Link::Up(_))
+        class != Class::Ephemeral && !fresh && !paused && matches!(self.link, Link::Up(_))
+    }
+
+    /// Asks the peer's broker for `user`'s devices, for at most `lookup_wait`; the sends
+    /// waiting for it (in `waiting`) are accepted when it ends. The actor goes on serving
+    /// everything else meanwhile.
+    fn look_up(&mut self, user: String, ctx: &mut Context<Self>) {
+        if self.known.contains_key(&user) {
+            if self.rechecked.len() > 100_000 {
+                self.rechecked.clear();
+            }
+            self.rechecked.insert(user.clone(), Instant::now());
+        }
+        let lookup = self.query(Request::GetDevices { user: user.clone() });
+        let wait = self.settings.lookup_wait;
+        let bounded = async move { tokio::time::timeout(wait, lookup).await };
+        ctx.spawn(bounded.into_actor(self).map(move |answer, act, ctx| {
+            match answer {
+                Ok(answer) => act.learn(user.clone(), answer),
+                Err(_elapsed) => act.lookup_unanswered(&user),
+            }
+            act.drain(&user, ctx);
+        }));
+    }
+
+    /// Accepts the sends waiting for `user`, in order, up to a group message that still waits
+    /// for another recipient's lookup: the rest wait behind it.
+    fn drain(&mut self, user: &str, ctx: &mut Context<Self>) {
+        let Some(mut queue) = self.waiting.remove(user) else {
+            return;
+        };
+        while let Some(waiter) = queue.pop_front() {
+            match waiter {
+                Waiter::One(msg, reply) => self.accept(msg, reply, ctx),
+                Waiter::Group(group) => {
+                    let mut waiting = group.borrow_mut();
+                    waiting.behind -= 1;
+                    if waiting.behind > 0 {
+                        waiting.blocked.push(user.to_owned());
+                        drop(waiting);
+                        self.waiting.insert(user.to_owned(), queue);
+                        return;
+                    }
+                    let blocked = std::mem::take(&mut waiting.blocked);
+                    let send = waiting.send.take();
+                    drop(waiting);
+                    if let Some((msg, reply)) = send {
+                        self.accept_group(msg, reply, ctx);
+                    }
+                    for other in blocked {
+                        self.drain(&other, ctx);
+                    }
+                }
+            }
+        }
     }
 
     /// A device lookup was not answered within `lookup_wait`: the link may be silent. Sends are
@@ -810,12 +960,11 @@ impl FederationPeer {
     }
 
     /// Checks a send's device set against what the peer knows of the recipient.
-    fn stale(&self, to: &str, copies: &[Copy]) -> Option<SendOutcome> {
+    fn stale(&self, to: &str, mut named: Vec<DeviceId>) -> Option<SendOutcome> {
         let known = self.known.get(to)?;
         match &known.devices {
             Err(code) => Some(rejected(*code)),
             Ok(current) => {
-                let mut named: Vec<DeviceId> = copies.iter().map(|c| c.device).collect();
                 named.sort_unstable();
                 (&named != current).then(|| {
                     crate::telemetry::reject(ErrorCode::StaleDevices.as_str());
@@ -860,6 +1009,27 @@ impl FederationPeer {
         );
     }
 
+    /// Carries an ephemeral envelope if the link is up now, and only as much as one
+    /// transaction holds; past that (a peer that does not acknowledge), it is dropped, as for
+    /// a device that is not connected. Never stored.
+    fn carry_ephemeral(&mut self, envelope: FedEnvelope) {
+        let size: u64 = envelope
+            .copies
+            .iter()
+            .map(|c| c.ciphertext.len() as u64)
+            .sum();
+        let room = self.ephemeral.len() < self.settings.batch
+            && self.ephemeral_bytes + size <= self.settings.max_txn_bytes;
+        if matches!(self.link, Link::Up(_)) && room {
+            self.ephemeral_bytes += size;
+            self.ephemeral.push(envelope);
+            self.pump();
+        } else {
+            metrics::counter!("sealpost_federation_ephemeral_dropped_total", "destination" => self.config.domain.clone())
+                .increment(1);
+        }
+    }
+
     /// Accepts (or refuses) an envelope once its device set has been checked.
     fn accept(
         &mut self,
@@ -867,60 +1037,27 @@ impl FederationPeer {
         reply: oneshot::Sender<SendOutcome>,
         ctx: &mut Context<Self>,
     ) {
-        if let Some(refusal) = self.stale(&msg.to, &msg.copies) {
+        let named = msg.copies.iter().map(|c| c.device).collect();
+        if let Some(refusal) = self.stale(&msg.to, named) {
             let _ = reply.send(refusal);
             return;
         }
-        if !self.loaded {
-            let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
-            return;
-        }
         if msg.class == Class::Ephemeral {
-            // Never stored: carried only if the link is up now, and only as much as one
-            // transaction holds; past that (a peer that does not acknowledge), dropped, as
-            // for a device that is not connected.
-            let size: u64 = msg.copies.iter().map(|c| c.ciphertext.len() as u64).sum();
-            let room = self.ephemeral.len() < self.settings.batch
-                && self.ephemeral_bytes + size <= self.settings.max_txn_bytes;
-            if matches!(self.link, Link::Up(_)) && room {
-                self.ephemeral_bytes += size;
-                self.ephemeral.push(FedEnvelope {
-                    id: msg.id,
-                    to: msg.to,
-                    class: msg.class,
-                    ttl_secs: msg.ttl_secs,
-                    copies: msg.copies.to_vec(),
-                    admission: msg.admission,
-                });
-                self.pump();
-            } else {
-                metrics::counter!("sealpost_federation_ephemeral_dropped_total", "destination" => self.config.domain.clone())
-                    .increment(1);
-            }
+            self.carry_ephemeral(FedEnvelope {
+                id: msg.id,
+                to: msg.to,
+                class: msg.class,
+                ttl_secs: msg.ttl_secs,
+                copies: msg.copies.to_vec(),
+                admission: msg.admission,
+            });
             let _ = reply.send(SendOutcome::Accepted { duplicate: false });
             return;
         }
         let key = (msg.id, msg.to.clone());
-        let duplicate = self.ids.contains_key(&key);
-        let mut durable = None;
-        if !duplicate {
-            // A destination unreachable for long must not fill the disk: past the quota,
-            // senders are told to retry later.
-            if self.backlog.len() as u64 >= self.settings.outbox_quota {
-                let _ = reply.send(rejected(ErrorCode::PeerUnavailable));
-                return;
-            }
-            if !self.store.health.has_room() {
-                let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
-                return;
-            }
-            let now = now_ms();
-            let (admission, token) = match msg.admission {
-                Admission::Origin => (0, None),
-                Admission::Token(t) => (1, Some(ByteBuf::from(t))),
-                Admission::Open => (2, None),
-            };
-            let record = OutboxRecord {
+        let entry = move |now: u64| {
+            let (admission, token) = admission_to(msg.admission);
+            OutboxRecord {
                 version: RECORD_VERSION,
                 id: msg.id.0,
                 to: msg.to,
@@ -934,14 +1071,112 @@ impl FederationPeer {
                     .collect(),
                 admission,
                 token,
+                group: None,
+            }
+        };
+        self.store_entry(key, entry, ctx, move |stored| {
+            let _ = reply.send(match stored {
+                Ok(duplicate) => SendOutcome::Accepted { duplicate },
+                Err(code) => rejected(code),
+            });
+        });
+    }
+
+    /// Accepts (or refuses) a group message once its recipients' device sets can be checked:
+    /// the recipients that pass share one outbox entry.
+    fn accept_group(&mut self, msg: GroupEnqueue, reply: GroupReply, ctx: &mut Context<Self>) {
+        let mut outcomes = Vec::with_capacity(msg.recipients.len());
+        let mut kept = Vec::with_capacity(msg.recipients.len());
+        for r in msg.recipients {
+            match self.stale(&r.to, r.devices.clone()) {
+                Some(refusal) => outcomes.push((r.to, refusal)),
+                None => kept.push(r),
+            }
+        }
+        if kept.is_empty() {
+            let _ = reply.send(outcomes);
+            return;
+        }
+        if msg.class == Class::Ephemeral {
+            for r in kept {
+                outcomes.push((r.to.clone(), SendOutcome::Accepted { duplicate: false }));
+                self.carry_ephemeral(FedEnvelope {
+                    id: msg.id,
+                    to: r.to,
+                    class: msg.class,
+                    ttl_secs: msg.ttl_secs,
+                    copies: r
+                        .devices
+                        .iter()
+                        .map(|&device| Copy {
+                            device,
+                            ciphertext: msg.ciphertext.to_vec(),
+                        })
+                        .collect(),
+                    admission: r.admission,
+                });
+            }
+            let _ = reply.send(outcomes);
+            return;
+        }
+        // A retry of the same message to the same recipients is the same entry.
+        let names: Vec<String> = kept.iter().map(|r| r.to.clone()).collect();
+        let key = (msg.id, names.join("\n"));
+        let (id, class, ttl_secs, ciphertext) = (msg.id, msg.class, msg.ttl_secs, msg.ciphertext);
+        let entry = move |now: u64| OutboxRecord {
+            version: RECORD_VERSION,
+            id: id.0,
+            to: String::new(),
+            class: class as u8,
+            accepted_ms: now,
+            expires_ms: now + u64::from(ttl_secs) * 1000,
+            copies: vec![(0, ByteBuf::from(ciphertext.to_vec()))],
+            admission: 0,
+            token: None,
+            group: Some(kept.into_iter().map(outbox_recipient).collect()),
+        };
+        self.store_entry(key, entry, ctx, move |stored| {
+            let outcome = match stored {
+                Ok(duplicate) => SendOutcome::Accepted { duplicate },
+                Err(code) => rejected(code),
             };
+            outcomes.extend(names.into_iter().map(|to| (to, outcome.clone())));
+            let _ = reply.send(outcomes);
+        });
+    }
+
+    /// Writes the outbox entry `entry` makes (given the time), unless this incarnation holds
+    /// one under `key` already (a retry); `answer` hears once it is durable whether it was a
+    /// duplicate, or why it was refused.
+    fn store_entry(
+        &mut self,
+        key: (EnvelopeId, String),
+        entry: impl FnOnce(u64) -> OutboxRecord,
+        ctx: &mut Context<Self>,
+        answer: impl FnOnce(Result<bool, ErrorCode>) + 'static,
+    ) {
+        if !self.loaded {
+            return answer(Err(ErrorCode::StoreUnavailable));
+        }
+        let duplicate = self.ids.contains_key(&key);
+        let mut durable = None;
+        if !duplicate {
+            // A destination unreachable for long must not fill the disk: past the quota,
+            // senders are told to retry later.
+            if self.backlog.len() as u64 >= self.settings.outbox_quota {
+                return answer(Err(ErrorCode::PeerUnavailable));
+            }
+            if !self.store.health.has_room() {
+                return answer(Err(ErrorCode::StoreUnavailable));
+            }
+            let now = now_ms();
+            let record = entry(now);
             let seq = self.next_seq;
             match self.store.outbox.put(self.domain(), seq, &record) {
                 Ok(put) => durable = Some(put),
                 Err(e) => {
                     warn!(error = %e, destination = %self.config.domain, "outbox write failed; send refused");
-                    let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
-                    return;
+                    return answer(Err(ErrorCode::StoreUnavailable));
                 }
             }
             self.next_seq += 1;
@@ -970,20 +1205,72 @@ impl FederationPeer {
                     Ok(()) => {
                         act.durable_next = act.durable_next.max(covered);
                         metrics::histogram!("sealpost_append_seconds").record(started.elapsed());
-                        let _ = reply.send(SendOutcome::Accepted { duplicate });
+                        answer(Ok(duplicate));
                         act.pump();
                     }
                     Err(e) => {
                         warn!(error = %e, "outbox commit failed; send refused");
-                        let _ = reply.send(rejected(ErrorCode::StoreUnavailable));
+                        answer(Err(ErrorCode::StoreUnavailable));
                     }
                 }),
         );
     }
 }
 
-/// The wire form of an outbox entry, with the time-to-live left.
-pub(super) fn to_wire(record: OutboxRecord, now: u64) -> FedEnvelope {
+/// A group message's recipient as its outbox entry holds it.
+fn outbox_recipient(r: GroupTo) -> OutboxRecipient {
+    let (admission, token) = admission_to(r.admission);
+    OutboxRecipient {
+        to: r.to,
+        devices: r.devices.into_iter().map(|d| d.0).collect(),
+        admission,
+        token,
+    }
+}
+
+/// The wire form of an outbox entry, with the time-to-live left, for the recipients `to` lets
+/// through (`None` if it lets none through).
+pub(super) fn to_wire(record: OutboxRecord, now: u64, to: impl Fn(&str) -> bool) -> Option<Wire> {
+    let (class, ttl_secs) = class_and_ttl(&record, now);
+    let id = EnvelopeId(record.id);
+    let mut copies = record.copies.into_iter().map(|(device, c)| Copy {
+        device: DeviceId(device),
+        ciphertext: c.into_vec(),
+    });
+    if let Some(recipients) = record.group {
+        let recipients: Vec<FedRecipient> = recipients
+            .into_iter()
+            .filter(|r| to(&r.to))
+            .map(|r| FedRecipient {
+                to: r.to,
+                devices: r.devices.into_iter().map(DeviceId).collect(),
+                admission: admission_from(r.admission, r.token),
+            })
+            .collect();
+        let ciphertext = copies.next().map(|c| c.ciphertext).unwrap_or_default();
+        return (!recipients.is_empty()).then_some(Wire::Group(FedGroupEnvelope {
+            id,
+            class,
+            ttl_secs,
+            ciphertext,
+            recipients,
+        }));
+    }
+    if !to(&record.to) {
+        return None;
+    }
+    Some(Wire::One(FedEnvelope {
+        id,
+        to: record.to,
+        class,
+        ttl_secs,
+        copies: copies.collect(),
+        admission: admission_from(record.admission, record.token),
+    }))
+}
+
+/// An outbox entry's class, and its time-to-live left at `now`.
+fn class_and_ttl(record: &OutboxRecord, now: u64) -> (Class, u32) {
     let class = match record.class {
         1 => Class::Ephemeral,
         2 => Class::Urgent,
@@ -994,26 +1281,24 @@ pub(super) fn to_wire(record: OutboxRecord, now: u64) -> FedEnvelope {
         _ => MAX_URGENT_TTL_SECS,
     };
     let left = record.expires_ms.saturating_sub(now).div_ceil(1000);
-    let ttl_secs = u32::try_from(left).unwrap_or(max).clamp(1, max);
-    let admission = match (record.admission, record.token) {
+    (class, u32::try_from(left).unwrap_or(max).clamp(1, max))
+}
+
+/// An admission as an outbox record holds it.
+fn admission_to(admission: Admission) -> (u8, Option<ByteBuf>) {
+    match admission {
+        Admission::Origin => (0, None),
+        Admission::Token(t) => (1, Some(ByteBuf::from(t))),
+        Admission::Open => (2, None),
+    }
+}
+
+/// An admission from its outbox record form.
+fn admission_from(kind: u8, token: Option<ByteBuf>) -> Admission {
+    match (kind, token) {
         (1, Some(t)) => Admission::Token(t.into_vec()),
         (2, _) => Admission::Open,
         _ => Admission::Origin,
-    };
-    FedEnvelope {
-        id: EnvelopeId(record.id),
-        to: record.to,
-        class,
-        ttl_secs,
-        copies: record
-            .copies
-            .into_iter()
-            .map(|(device, c)| Copy {
-                device: DeviceId(device),
-                ciphertext: c.into_vec(),
-            })
-            .collect(),
-        admission,
     }
 }
 
@@ -1071,32 +1356,17 @@ impl Handler<Enqueue> for FederationPeer {
             if waiting.len() >= MAX_WAITING_PER_RECIPIENT {
                 let _ = tx.send(rejected(ErrorCode::PeerUnavailable));
             } else {
-                waiting.push_back((msg, tx));
+                waiting.push_back(Waiter::One(msg, tx));
             }
-        } else if self.should_ask(&msg) {
-            // Ask the recipient's broker for the current devices, for at most `lookup_wait`;
-            // the actor goes on serving everything else meanwhile.
+        } else if self.should_ask(
+            &msg.to,
+            msg.copies.iter().map(|c| c.device).collect(),
+            msg.class,
+        ) {
             let user = msg.to.clone();
-            if self.known.contains_key(&user) {
-                if self.rechecked.len() > 100_000 {
-                    self.rechecked.clear();
-                }
-                self.rechecked.insert(user.clone(), Instant::now());
-            }
             self.waiting
-                .insert(user.clone(), VecDeque::from([(msg, tx)]));
-            let lookup = self.query(Request::GetDevices { user: user.clone() });
-            let wait = self.settings.lookup_wait;
-            let bounded = async move { tokio::time::timeout(wait, lookup).await };
-            ctx.spawn(bounded.into_actor(self).map(move |answer, act, ctx| {
-                match answer {
-                    Ok(answer) => act.learn(user.clone(), answer),
-                    Err(_elapsed) => act.lookup_unanswered(&user),
-                }
-                for (msg, tx) in act.waiting.remove(&user).unwrap_or_default() {
-                    act.accept(msg, tx, ctx);
-                }
-            }));
+                .insert(user.clone(), VecDeque::from([Waiter::One(msg, tx)]));
+            self.look_up(user, ctx);
         } else {
             self.accept(msg, tx, ctx);
         }
@@ -1104,6 +1374,50 @@ impl Handler<Enqueue> for FederationPeer {
         Box::pin(async move {
             rx.await
                 .unwrap_or_else(|_| rejected(ErrorCode::PeerUnavailable))
+        })
+    }
+}
+
+impl Handler<GroupEnqueue> for FederationPeer {
+    type Result = ResponseFuture<Vec<(String, SendOutcome)>>;
+
+    fn handle(&mut self, msg: GroupEnqueue, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let names: Vec<String> = msg.recipients.iter().map(|r| r.to.clone()).collect();
+        // It waits for the lookups of the recipients that need one, and behind the sends
+        // already waiting for theirs.
+        let wait: Vec<String> = msg
+            .recipients
+            .iter()
+            .filter(|r| {
+                self.waiting.contains_key(&r.to)
+                    || self.should_ask(&r.to, r.devices.clone(), msg.class)
+            })
+            .map(|r| r.to.clone())
+            .collect();
+        if wait.is_empty() {
+            self.accept_group(msg, tx, ctx);
+        } else {
+            let group = Rc::new(RefCell::new(WaitingGroup {
+                behind: wait.len(),
+                blocked: Vec::new(),
+                send: Some((msg, tx)),
+            }));
+            for user in wait {
+                let waiter = Waiter::Group(group.clone());
+                if let Some(queue) = self.waiting.get_mut(&user) {
+                    queue.push_back(waiter);
+                } else {
+                    self.waiting.insert(user.clone(), VecDeque::from([waiter]));
+                    self.look_up(user, ctx);
+                }
+            }
+        }
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                let outcome = rejected(ErrorCode::PeerUnavailable);
+                names.into_iter().map(|to| (to, outcome.clone())).collect()
+            })
         })
     }
 }
@@ -1229,9 +1543,10 @@ impl Handler<TxnAcked> for FederationPeer {
             .in_flight
             .remove(pos)
             .expect("position is within in_flight");
-        let mut done = Vec::with_capacity(txn.seqs.len());
         let mut delivered = 0u64;
         let mut retry_from = None;
+        // Entries that one of their recipients still waits for.
+        let mut unfinished = HashSet::new();
         for (i, (seq, to)) in txn.seqs.iter().zip(&txn.to).enumerate() {
             // A short answer leaves the rest unanswered: send them again.
             let Some(code) = msg.codes.get(i) else {
@@ -1240,12 +1555,14 @@ impl Handler<TxnAcked> for FederationPeer {
             };
             match code {
                 None => {
-                    done.push(*seq);
                     delivered += 1;
                     self.done_with(to, *seq);
                 }
                 // Only this recipient has to wait; the rest of the stream goes on.
-                Some(ErrorCode::MailboxFull) => self.park(to, *seq, ctx),
+                Some(ErrorCode::MailboxFull) => {
+                    unfinished.insert(*seq);
+                    self.park(to, *seq, ctx);
+                }
                 Some(code) if retryable(*code) => {
                     retry_from = Some(*seq);
                     break;
@@ -1253,7 +1570,6 @@ impl Handler<TxnAcked> for FederationPeer {
                 Some(code) => {
                     // Refused for good (unknown recipient, bad token, ...): nobody can fix
                     // this by retrying. The sender was already answered; count it.
-                    done.push(*seq);
                     self.done_with(to, *seq);
                     self.stats.refused += 1;
                     metrics::counter!(
@@ -1264,6 +1580,18 @@ impl Handler<TxnAcked> for FederationPeer {
                     .increment(1);
                 }
             }
+        }
+        // An entry is done once each of its recipients has had an answer for good: here, or
+        // earlier (a group message parked for some of its recipients).
+        let mut done: Vec<u64> = txn
+            .seqs
+            .iter()
+            .copied()
+            .filter(|seq| retry_from.is_none_or(|r| *seq < r) && !unfinished.contains(seq))
+            .collect();
+        done.dedup();
+        if !self.parked.is_empty() {
+            done.retain(|seq| !self.parked.values().any(|p| p.seqs.contains(seq)));
         }
         self.stats.delivered += delivered;
         metrics::counter!("sealpost_federation_delivered_total", "destination" => self.config.domain.clone())

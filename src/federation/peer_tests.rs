@@ -13,12 +13,12 @@ use sealpost_proto::{
     Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome,
     federation::{Admission, LinkFrame, RemoteDevice},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     PeerConfig, PeerSettings, PeerSource, Resolver,
     identity::ServerKey,
-    messages::{Enqueue, LinkUp, Outgoing, TxnAcked},
+    messages::{Enqueue, GroupEnqueue, GroupTo, LinkUp, Outgoing, Request, TxnAcked},
     peer::FederationPeer,
 };
 use crate::store::{Stores, memory::MemoryStore};
@@ -81,6 +81,23 @@ async fn fixture() -> Fixture {
     }
 }
 
+fn group(id: u8, to: &[&str]) -> GroupEnqueue {
+    GroupEnqueue {
+        id: EnvelopeId([id; 16]),
+        class: Class::Durable,
+        ttl_secs: 600,
+        ciphertext: Arc::new(vec![id; 4]),
+        recipients: to
+            .iter()
+            .map(|to| GroupTo {
+                to: (*to).to_owned(),
+                devices: vec![DeviceId(if to.starts_with("dave") { 2 } else { 1 })],
+                admission: Admission::Origin,
+            })
+            .collect(),
+    }
+}
+
 fn enqueue(id: u8, to: &str) -> Enqueue {
     Enqueue {
         id: EnvelopeId([id; 16]),
@@ -133,7 +150,58 @@ impl Fixture {
                 txn_id,
                 envelopes.into_iter().map(|e| (e.to, e.id.0[0])).collect(),
             ),
+            // One answer per recipient of each group message.
+            LinkFrame::GroupTxn { txn_id, entries } => (
+                txn_id,
+                entries
+                    .into_iter()
+                    .flat_map(|e| {
+                        assert_eq!(e.ciphertext, vec![e.id.0[0]; 4], "the ciphertext, once");
+                        let id = e.id.0[0];
+                        e.recipients.into_iter().map(move |r| (r.to, id))
+                    })
+                    .collect(),
+            ),
             other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    /// Enqueues a group message to `to` (device 1 each) while answering the device lookups
+    /// it may make (every user has device 1); the outcomes, by recipient.
+    async fn send_group(&mut self, id: u8, to: &[&str]) -> Vec<(String, SendOutcome)> {
+        let answer = self.peer.send(group(id, to));
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                biased;
+                outcomes = &mut answer => {
+                    let mut outcomes = outcomes.expect("peer");
+                    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+                    return outcomes;
+                }
+                Some(out) = self.link.recv() => match out {
+                    Outgoing::Request(_, reply) => {
+                        let devices = vec![RemoteDevice { device: 1, identity_keys: vec![1] }];
+                        let _ = reply.send(LinkFrame::Devices { req_id: 0, devices });
+                    }
+                    Outgoing::Frame(frame) => self.frames.push_back(frame),
+                },
+            }
+        }
+    }
+
+    /// The next device lookup, with the way to answer it.
+    async fn lookup(&mut self) -> (String, oneshot::Sender<LinkFrame>) {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.link.recv())
+                .await
+                .expect("a lookup in time")
+                .expect("link open")
+            {
+                Outgoing::Request(Request::GetDevices { user }, reply) => return (user, reply),
+                Outgoing::Request(other, _) => panic!("unexpected request {other:?}"),
+                Outgoing::Frame(frame) => self.frames.push_back(frame),
+            }
         }
     }
 
@@ -237,5 +305,116 @@ fn a_recipient_refused_as_full_is_parked_while_others_flow_and_resent_in_order()
         assert_eq!(resent, vec![1, 3]);
         f.quiet(Duration::from_millis(100)).await;
         assert!(f.outbox().is_empty());
+    });
+}
+
+#[test]
+fn a_group_message_is_one_entry_for_its_recipients_on_the_domain_each_answered() {
+    System::new().block_on(async {
+        let mut f = fixture().await;
+        let outcomes = f
+            .send_group(5, &["bob@b.example", "carol@b.example", "dave@b.example"])
+            .await;
+        assert_eq!(outcomes[0], ("bob@b.example".to_owned(), ACCEPTED));
+        assert_eq!(outcomes[1], ("carol@b.example".to_owned(), ACCEPTED));
+        // Dave has device 1, not the 2 the sender named: refused with the current set.
+        assert_eq!(
+            outcomes[2],
+            (
+                "dave@b.example".to_owned(),
+                SendOutcome::Rejected {
+                    code: ErrorCode::StaleDevices,
+                    current_devices: vec![DeviceId(1)],
+                }
+            )
+        );
+        assert_eq!(f.outbox(), vec![5], "one entry for both recipients");
+        let retry = f.send_group(5, &["bob@b.example", "carol@b.example"]).await;
+        assert!(
+            retry
+                .iter()
+                .all(|(_, o)| *o == SendOutcome::Accepted { duplicate: true })
+        );
+        let (txn, sent) = f.txn().await;
+        assert_eq!(
+            sent,
+            vec![
+                ("bob@b.example".to_owned(), 5),
+                ("carol@b.example".to_owned(), 5)
+            ]
+        );
+        f.ack(txn, vec![None, None]);
+        f.quiet(Duration::from_millis(50)).await;
+        assert!(f.outbox().is_empty());
+    });
+}
+
+#[test]
+fn a_group_message_refused_as_full_for_one_recipient_is_resent_to_it_alone() {
+    System::new().block_on(async {
+        let mut f = fixture().await;
+        f.send_group(6, &["bob@b.example", "carol@b.example"]).await;
+        let (txn, _) = f.txn().await;
+        f.ack(txn, vec![Some(ErrorCode::MailboxFull), None]);
+        // Carol's next envelope goes at once; bob's waits behind the group message.
+        assert_eq!(f.send(7, "carol@b.example").await, ACCEPTED);
+        assert_eq!(f.send(8, "bob@b.example").await, ACCEPTED);
+        let (txn, sent) = f.txn().await;
+        assert_eq!(sent, vec![("carol@b.example".to_owned(), 7)]);
+        f.ack(txn, vec![None]);
+        actix::clock::sleep(Duration::from_millis(20)).await;
+        assert_eq!(f.outbox(), vec![6, 8], "kept until bob has it");
+        let mut resent = Vec::new();
+        while resent.len() < 2 {
+            let (txn, sent) = f.txn().await;
+            f.ack(txn, vec![None; sent.len()]);
+            resent.extend(sent);
+        }
+        assert_eq!(
+            resent,
+            vec![
+                ("bob@b.example".to_owned(), 6),
+                ("bob@b.example".to_owned(), 8)
+            ],
+            "to bob alone, in order"
+        );
+        f.quiet(Duration::from_millis(100)).await;
+        assert!(f.outbox().is_empty());
+    });
+}
+
+#[test]
+fn a_group_message_waits_for_its_recipients_lookups_and_keeps_each_recipients_order() {
+    System::new().block_on(async {
+        let mut f = fixture().await;
+        // Bob's envelope waits for his lookup; the group message then waits for bob's and
+        // carol's; carol's envelope after it waits behind it, though her lookup ends first.
+        let one = f.peer.send(enqueue(1, "bob@b.example"));
+        let (user, bob) = f.lookup().await;
+        assert_eq!(user, "bob@b.example");
+        let many = f.peer.send(group(2, &["bob@b.example", "carol@b.example"]));
+        let (user, carol) = f.lookup().await;
+        assert_eq!(user, "carol@b.example");
+        let devices = || LinkFrame::Devices {
+            req_id: 0,
+            devices: vec![RemoteDevice {
+                device: 1,
+                identity_keys: vec![1],
+            }],
+        };
+        carol.send(devices()).expect("peer waits");
+        let after = f.peer.send(enqueue(3, "carol@b.example"));
+        actix::clock::sleep(Duration::from_millis(50)).await;
+        assert!(f.outbox().is_empty(), "all wait for bob's lookup");
+        bob.send(devices()).expect("peer waits");
+        assert_eq!(one.await.expect("peer"), ACCEPTED);
+        assert!(
+            many.await
+                .expect("peer")
+                .iter()
+                .all(|(_, outcome)| *outcome == ACCEPTED)
+        );
+        assert_eq!(after.await.expect("peer"), ACCEPTED);
+        assert_eq!(f.outbox(), vec![1, 2, 3], "in the order they came");
     });
 }

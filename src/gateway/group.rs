@@ -1,36 +1,49 @@
 //! One upload, many recipients: a `group_send` (an MLS group message) becomes one [`Send`] per
-//! recipient, each routed as a `send` to that recipient would be (its mailbox or its domain's
-//! federation peer), under the same envelope id. Every recipient's copies are stored with
-//! the guarantees of a 1:1 send (idempotent by id, durable before the answer, quota, TTL, its
+//! local recipient, routed to its mailbox as a `send` to it would be, and one outbox entry per
+//! peer domain holding the ciphertext once for all the recipients there (the receiving broker
+//! fans it out), all under the same envelope id. Every recipient's copies are stored with the
+//! guarantees of a 1:1 send (idempotent by id, durable before the answer, quota, TTL, its
 //! device set checked); the answer lists the recipients that were refused.
 //!
 //! ```text
-//! ClientFrame::GroupSend ─▶ check fields ─▶ [order at the hub] ─▶ for each recipient: route(Send) ─▶ join ─▶ group_send_result
+//!                                                              ┌─▶ local recipient: route(Send) ─▶ mailbox ──────┐
+//! ClientFrame::GroupSend ─▶ check fields ─▶ [order at the hub] ┤                                                  ├─▶ join ─▶ group_send_result
+//!                                                              └─▶ peer domain: GroupEnqueue ─▶ one outbox entry ─┘
 //! ```
 //!
 //! Handshake messages carry an [`Order`]: the group's hub (a broker of the creator's domain)
 //! takes the epoch for the first send that asks, and refuses every other with `stale_epoch`
 //! (see `hub`), before anything is stored.
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use futures_util::future::join_all;
 use sealpost_proto::{
-    Class, ClientFrame, Copy, EnvelopeId, ErrorCode, GroupRecipient, Order, RecipientRefusal,
-    SendOutcome, ServerFrame,
+    Class, ClientFrame, Copy, EnvelopeId, ErrorCode, GroupRecipient, Handle, Order,
+    RecipientRefusal, SendOutcome, ServerFrame,
     federation::LinkFrame,
-    limits::{
-        MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES,
-        MAX_GROUP_RECIPIENTS,
-    },
+    limits::{MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_RECIPIENTS},
 };
 
 use super::{
     AppState,
     pending::{Answer, Pending, PendingGroup},
-    route::{From, Send},
+    route::{From, Send, check_devices, check_ttl},
 };
-use crate::{clock::now_ms, federation::messages::Request, socket::Writer, store::EpochTaken};
+use crate::{
+    clock::now_ms,
+    federation::messages::{GroupEnqueue, GroupTo, Request},
+    socket::Writer,
+    store::EpochTaken,
+};
+
+/// The outcomes of a group send for some of its recipients: one local recipient, or the
+/// recipients on one peer domain.
+type RecipientAnswers = crate::federation::PendingOutcomes;
 
 /// A `group_send` as it reaches the gateway.
 pub(crate) struct GroupSend {
@@ -115,7 +128,7 @@ impl AppState {
             recipients,
             order,
         } = send;
-        check_recipients(&ciphertext, &recipients).map_err(|code| (code, None))?;
+        check_recipients(class, ttl_secs, &ciphertext, &recipients).map_err(|code| (code, None))?;
         if let Some(order) = order {
             // Everything a recipient's route would refuse for the send itself is refused
             // before the hub takes an epoch for it: a junk Commit takes none.
@@ -123,10 +136,42 @@ impl AppState {
             self.order_epoch(&order, id).await?;
         }
         let ciphertext = Arc::new(ciphertext);
-        let mut answers = Vec::with_capacity(recipients.len());
+        let mut answers: Vec<RecipientAnswers> = Vec::with_capacity(recipients.len());
         let mut refused = Vec::new();
+        // Recipients of other domains, by domain: one outbox entry for each domain.
+        let mut remote: BTreeMap<String, Vec<GroupTo>> = BTreeMap::new();
         for recipient in recipients {
             let to = recipient.to.clone();
+            let from = match from {
+                GroupFrom::Device => From::Device,
+                GroupFrom::Sealed { ip } => From::Sealed {
+                    token: recipient.delivery_token,
+                    ip,
+                },
+            };
+            let domain = match Handle::parse(&to) {
+                Ok(handle) => handle.domain().to_owned(),
+                Err(_) => {
+                    refused.push(refusal(to, ErrorCode::InvalidHandle, Vec::new()));
+                    continue;
+                }
+            };
+            if domain != self.settings.domain {
+                let admission = if self.federation.is_peer(&domain) {
+                    self.remote_admission(from)
+                } else {
+                    Err(ErrorCode::UnknownDomain)
+                };
+                match admission {
+                    Ok(admission) => remote.entry(domain).or_default().push(GroupTo {
+                        to,
+                        devices: recipient.devices,
+                        admission,
+                    }),
+                    Err(code) => refused.push(refusal(to, code, Vec::new())),
+                }
+                continue;
+            }
             let send = Send {
                 id,
                 to: recipient.to,
@@ -140,22 +185,26 @@ impl AppState {
                         ciphertext: ciphertext.as_ref().clone(),
                     })
                     .collect(),
-                from: match from {
-                    GroupFrom::Device => From::Device,
-                    GroupFrom::Sealed { ip } => From::Sealed {
-                        token: recipient.delivery_token,
-                        ip,
-                    },
-                },
+                from,
                 copy_limit: MAX_GROUP_CIPHERTEXT_BYTES,
             };
             match self.route(send).await {
-                Ok(answer) => answers.push(async move { (to, answer.await.1) }),
+                Ok(answer) => answers.push(Box::pin(async move { vec![(to, answer.await.1)] })),
                 Err(code) => refused.push(refusal(to, code, Vec::new())),
             }
         }
+        for (domain, recipients) in remote {
+            let send = GroupEnqueue {
+                id,
+                class,
+                ttl_secs,
+                ciphertext: ciphertext.clone(),
+                recipients,
+            };
+            answers.push(self.federation.submit_group(&domain, send));
+        }
         Ok(Box::pin(async move {
-            for (to, outcome) in join_all(answers).await {
+            for (to, outcome) in join_all(answers).await.into_iter().flatten() {
                 if let SendOutcome::Rejected {
                     code,
                     current_devices,
@@ -260,9 +309,16 @@ fn check_ordered(
     Ok(())
 }
 
-/// The checks of a group send that need no account: its size, and each recipient once with
-/// 1 to [`MAX_DEVICES_PER_USER`] distinct devices (per-recipient checks follow in `route`).
-fn check_recipients(ciphertext: &[u8], recipients: &[GroupRecipient]) -> Result<(), ErrorCode> {
+/// The checks of a group send that need no account: its time-to-live and size, and each
+/// recipient once with 1 to `MAX_DEVICES_PER_USER` distinct devices (per-recipient checks
+/// follow in `route`, or at the recipient's broker).
+fn check_recipients(
+    class: Class,
+    ttl_secs: u32,
+    ciphertext: &[u8],
+    recipients: &[GroupRecipient],
+) -> Result<(), ErrorCode> {
+    check_ttl(class, ttl_secs)?;
     if ciphertext.len() > MAX_GROUP_CIPHERTEXT_BYTES {
         return Err(ErrorCode::EnvelopeTooLarge);
     }
@@ -274,9 +330,7 @@ fn check_recipients(ciphertext: &[u8], recipients: &[GroupRecipient]) -> Result<
         if !seen.insert(r.to.as_str()) {
             return Err(ErrorCode::InvalidRecipients);
         }
-        if r.devices.is_empty() || r.devices.len() > MAX_DEVICES_PER_USER {
-            return Err(ErrorCode::InvalidCopies);
-        }
+        check_devices(r.devices.iter().copied())?;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use sealpost_proto::{
-    Class, Copy, EnvelopeId, ErrorCode, Handle, SendOutcome,
+    Class, Copy, DeviceId, EnvelopeId, ErrorCode, Handle, SendOutcome,
     federation::Admission,
     limits::{
         MAX_DEVICES_PER_USER, MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES, MAX_URGENT_TTL_SECS,
@@ -93,25 +93,7 @@ impl AppState {
             // The recipient's broker knows the account and its devices; the federation peer
             // checks the device set against what it learns from there.
             check_fields(class, ttl_secs, &copies, copy_limit)?;
-            let admission = match from {
-                From::Peer { .. } => return Err(ErrorCode::UnknownDomain),
-                From::Device => Admission::Origin,
-                From::Sealed { token, ip } => {
-                    // The recipient's broker holds the token's hash and checks the token, which
-                    // travels with the envelope; only the source limit applies here.
-                    if token.is_none()
-                        && let Some(ip) = ip
-                        && !self.limits.allow_stranger(ip)
-                    {
-                        return Err(ErrorCode::RateLimited);
-                    }
-                    // What travels and waits in the outbox is the token's proof, never the
-                    // token: it is no use on anyone's `/v1/sealed`.
-                    token.map_or(Admission::Open, |t| {
-                        Admission::Token(delivery_proof(&t).to_vec())
-                    })
-                }
-            };
+            let admission = self.remote_admission(from)?;
             let answer = self
                 .federation
                 .submit(&to, id, class, ttl_secs, copies, admission);
@@ -152,6 +134,30 @@ impl AppState {
         Ok(Box::pin(async move { (id, answer.await) }))
     }
 
+    /// How a send from `from` to a user of a peer domain is admitted there. The recipient's
+    /// broker holds the token's hash and checks the token's proof, which travels with the
+    /// envelope; only the source limit of a sealed send without a token applies here.
+    pub(super) fn remote_admission(&self, from: From) -> Result<Admission, ErrorCode> {
+        match from {
+            // A peer delivers to its own users here, never through us to a third domain.
+            From::Peer { .. } => Err(ErrorCode::UnknownDomain),
+            From::Device => Ok(Admission::Origin),
+            From::Sealed { token, ip } => {
+                if token.is_none()
+                    && let Some(ip) = ip
+                    && !self.limits.allow_stranger(ip)
+                {
+                    return Err(ErrorCode::RateLimited);
+                }
+                // What travels and waits in the outbox is the token's proof, never the token:
+                // it is no use on anyone's `/v1/sealed`.
+                Ok(token.map_or(Admission::Open, |t| {
+                    Admission::Token(delivery_proof(&t).to_vec())
+                }))
+            }
+        }
+    }
+
     /// Whether a local recipient's account exists.
     async fn check_account(&self, to: &Handle) -> Result<(), ErrorCode> {
         // A live mailbox means the account exists (mailboxes are spawned only for accounts).
@@ -173,6 +179,16 @@ fn check_fields(
     copies: &[Copy],
     copy_limit: usize,
 ) -> Result<(), ErrorCode> {
+    check_ttl(class, ttl_secs)?;
+    check_devices(copies.iter().map(|c| c.device))?;
+    if copies.iter().any(|c| c.ciphertext.len() > copy_limit) {
+        return Err(ErrorCode::EnvelopeTooLarge);
+    }
+    Ok(())
+}
+
+/// A time-to-live within its class's limit.
+pub(super) fn check_ttl(class: Class, ttl_secs: u32) -> Result<(), ErrorCode> {
     let max_ttl = match class {
         Class::Durable => MAX_DURABLE_TTL_SECS,
         Class::Urgent | Class::Ephemeral => MAX_URGENT_TTL_SECS,
@@ -180,17 +196,17 @@ fn check_fields(
     if ttl_secs == 0 || ttl_secs > max_ttl {
         return Err(ErrorCode::InvalidTtl);
     }
-    if copies.is_empty() || copies.len() > MAX_DEVICES_PER_USER {
-        return Err(ErrorCode::InvalidCopies);
-    }
-    let mut devices: Vec<u32> = copies.iter().map(|c| c.device.0).collect();
+    Ok(())
+}
+
+/// 1 to [`MAX_DEVICES_PER_USER`] devices of one recipient, each once.
+pub(super) fn check_devices(devices: impl Iterator<Item = DeviceId>) -> Result<(), ErrorCode> {
+    let mut devices: Vec<u32> = devices.map(|d| d.0).collect();
+    let named = devices.len();
     devices.sort_unstable();
     devices.dedup();
-    if devices.len() != copies.len() {
+    if named == 0 || named > MAX_DEVICES_PER_USER || devices.len() != named {
         return Err(ErrorCode::InvalidCopies);
-    }
-    if copies.iter().any(|c| c.ciphertext.len() > copy_limit) {
-        return Err(ErrorCode::EnvelopeTooLarge);
     }
     Ok(())
 }

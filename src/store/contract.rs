@@ -419,6 +419,7 @@ fn outbox_record(id: u8) -> OutboxRecord {
         copies: vec![(1, serde_bytes::ByteBuf::from(vec![id; 3]))],
         admission: 0,
         token: None,
+        group: None,
     }
 }
 
@@ -433,7 +434,18 @@ pub async fn outbox(stores: &Stores, prefix: &str) {
             .await
             .unwrap();
     }
-    o.put(&y, 1, &outbox_record(9)).unwrap().await.unwrap();
+    // A group message: one ciphertext, its recipients on the domain.
+    let group = OutboxRecord {
+        to: String::new(),
+        group: Some(vec![crate::store::records::OutboxRecipient {
+            to: "carol@y".into(),
+            devices: vec![1, 2],
+            admission: 1,
+            token: Some(serde_bytes::ByteBuf::from(vec![7; 32])),
+        }]),
+        ..outbox_record(9)
+    };
+    o.put(&y, 1, &group).unwrap().await.unwrap();
     o.durable(&x).await.unwrap();
     let index = o.index(&x).await.unwrap();
     assert_eq!(
@@ -448,4 +460,5 @@ pub async fn outbox(stores: &Stores, prefix: &str) {
     let left: Vec<u64> = o.index(&x).await.unwrap().iter().map(|e| e.seq).collect();
     assert_eq!(left, vec![3]);
     assert_eq!(o.index(&y).await.unwrap().len(), 1, "domains are separate");
+    assert_eq!(o.read(&y, 1, 1).await.unwrap()[0].1, group);
 }

@@ -229,12 +229,46 @@ pub struct OutboxRecord {
     pub admission: u8,
     /// The recipient's delivery token for admission 1, forwarded to the recipient's broker.
     pub token: Option<serde_bytes::ByteBuf>,
+    /// For a group message: its recipients on the destination domain (then `to` is empty,
+    /// `admission` and `token` unused, and `copies` holds the one ciphertext, under device 0).
+    /// Absent from records written before group messages went once per domain.
+    #[serde(default)]
+    pub group: Option<Vec<OutboxRecipient>>,
+}
+
+/// A recipient of a group message in a federation outbox.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct OutboxRecipient {
+    /// Recipient handle.
+    pub to: String,
+    /// Its devices that get a copy.
+    pub devices: Vec<u32>,
+    /// As [`OutboxRecord::admission`].
+    pub admission: u8,
+    /// As [`OutboxRecord::token`].
+    pub token: Option<serde_bytes::ByteBuf>,
+}
+
+impl std::fmt::Debug for OutboxRecipient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The handle is a recipient and the token a secret: counts only.
+        f.debug_struct("OutboxRecipient")
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl OutboxRecord {
-    /// Ciphertext bytes, for backlog accounting.
+    /// Ciphertext bytes, for backlog accounting (a group message's once).
     pub fn size(&self) -> u64 {
         self.copies.iter().map(|(_, c)| c.len() as u64).sum()
+    }
+
+    /// The recipients this entry goes to: one for an envelope, many for a group message.
+    pub fn recipients(&self) -> impl Iterator<Item = &str> {
+        let group = self.group.iter().flatten().map(|r| r.to.as_str());
+        let one = self.group.is_none().then_some(self.to.as_str());
+        one.into_iter().chain(group)
     }
 }
 
@@ -291,3 +325,29 @@ versioned!(
     OutboxRecord,
     GroupRecord
 );
+
+#[cfg(test)]
+mod tests {
+    use serde_bytes::ByteBuf;
+
+    use super::*;
+
+    #[test]
+    fn an_outbox_record_of_an_earlier_release_reads_as_one_envelope() {
+        // The nine fields an outbox record had before group messages went once per domain.
+        let old = encode(&(
+            RECORD_VERSION,
+            ByteBuf::from(vec![1u8; 16]),
+            "bob@b.example",
+            0u8,
+            5u64,
+            9u64,
+            vec![(1u32, ByteBuf::from(vec![2u8; 3]))],
+            0u8,
+            Option::<ByteBuf>::None,
+        ));
+        let record: OutboxRecord = decode(&old).expect("decodes");
+        assert!(record.group.is_none());
+        assert_eq!(record.recipients().collect::<Vec<_>>(), ["bob@b.example"]);
+    }
+}

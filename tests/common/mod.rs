@@ -518,6 +518,23 @@ impl Device {
         ttl_secs: u32,
         body: &[u8],
     ) {
+        assert!(
+            self.try_send_to(id, to, devices, class, ttl_secs, body)
+                .await,
+            "send"
+        );
+    }
+
+    /// As [`Device::send_to`]; false if the connection is gone (a broker killed under it).
+    pub async fn try_send_to(
+        &mut self,
+        id: EnvelopeId,
+        to: &str,
+        devices: &[DeviceId],
+        class: Class,
+        ttl_secs: u32,
+        body: &[u8],
+    ) -> bool {
         let copies = devices
             .iter()
             .map(|d| Copy {
@@ -525,14 +542,17 @@ impl Device {
                 ciphertext: body.to_vec(),
             })
             .collect();
-        self.send_frame(&ClientFrame::Send {
+        let frame = ClientFrame::Send {
             id,
             to: to.to_owned(),
             class,
             ttl_secs,
             copies,
-        })
-        .await;
+        };
+        self.ws
+            .send(Message::Binary(frame.encode().into()))
+            .await
+            .is_ok()
     }
 
     /// Reads frames until the send result for `id`, returning it and any other frames seen.

@@ -209,6 +209,7 @@ fn outboxes_are_per_domain_ordered_and_survive_reopening() {
         copies: vec![(1, serde_bytes::ByteBuf::from(vec![n; 3]))],
         admission: 0,
         token: None,
+        group: None,
     };
     let entry = |seq, accepted_ms| OutboxEntry {
         seq,
@@ -674,6 +675,7 @@ mod shredding {
                 copies: vec![(1, serde_bytes::ByteBuf::from(ciphertext.clone()))],
                 admission: 1,
                 token: Some(serde_bytes::ByteBuf::from(token.clone())),
+                group: None,
             };
             block_on(store.put("b.example", seq, &record).expect("put")).expect("durable");
             let k = keys::outbox(&domain, seq);
@@ -899,6 +901,7 @@ mod migration {
             copies: vec![(1, serde_bytes::ByteBuf::from(vec![1, 2, 3]))],
             admission: 1,
             token: Some(serde_bytes::ByteBuf::from(vec![4; 32])),
+            group: None,
         };
         outbox
             .insert(
