@@ -524,6 +524,14 @@ fn header(bytes: &[u8], max: usize) -> Result<(u8, &[u8]), DecodeError> {
     codec::header(bytes, FEDERATION_VERSION, max)
 }
 
+/// `items`, if there are at most `max` of them.
+fn at_most<T>(items: Vec<T>, max: usize, what: &str) -> Result<Vec<T>, DecodeError> {
+    if items.len() > max {
+        return Err(DecodeError::Malformed(format!("{} {what}", items.len())));
+    }
+    Ok(items)
+}
+
 fn code(value: u16) -> Result<ErrorCode, DecodeError> {
     ErrorCode::from_u16(value)
         .ok_or_else(|| DecodeError::Malformed(format!("unknown error code {value}")))
@@ -704,38 +712,27 @@ impl LinkFrame {
         Ok(match kind {
             TXN => {
                 let TxnBody(txn_id, envelopes) = body(rest)?;
-                if envelopes.len() > MAX_TXN_ENVELOPES {
-                    return Err(DecodeError::Malformed(format!(
-                        "{} envelopes in one transaction",
-                        envelopes.len()
-                    )));
-                }
-                let envelopes = envelopes
-                    .into_iter()
-                    .map(
-                        |EnvelopeBody(id, to, class, ttl_secs, copies, kind, token)| {
-                            Ok(FedEnvelope {
-                                id,
-                                to,
-                                class,
-                                ttl_secs,
-                                copies,
-                                admission: Admission::from_wire(kind, token)?,
-                            })
-                        },
-                    )
-                    .collect::<Result<_, DecodeError>>()?;
+                let envelopes =
+                    at_most(envelopes, MAX_TXN_ENVELOPES, "envelopes in one transaction")?
+                        .into_iter()
+                        .map(
+                            |EnvelopeBody(id, to, class, ttl_secs, copies, kind, token)| {
+                                Ok(FedEnvelope {
+                                    id,
+                                    to,
+                                    class,
+                                    ttl_secs,
+                                    copies,
+                                    admission: Admission::from_wire(kind, token)?,
+                                })
+                            },
+                        )
+                        .collect::<Result<_, DecodeError>>()?;
                 LinkFrame::Txn { txn_id, envelopes }
             }
             GROUP_TXN => {
                 let GroupTxnBody(txn_id, entries) = body(rest)?;
-                if entries.len() > MAX_TXN_ENVELOPES {
-                    return Err(DecodeError::Malformed(format!(
-                        "{} entries in one transaction",
-                        entries.len()
-                    )));
-                }
-                let entries = entries
+                let entries = at_most(entries, MAX_TXN_ENVELOPES, "entries in one transaction")?
                     .into_iter()
                     .map(
                         |GroupEnvelopeBody(id, class, ttl_secs, ciphertext, recipients)| {
