@@ -171,6 +171,9 @@ settings! {
     /// Memory, in MiB, that all WebSocket connections together may hold in partly received
     /// messages; a connection that would need more is closed with try_again_later (1013).
     socket_buffer_mb: u64 = 256, "SEALPOST_SOCKET_BUFFER_MB";
+    /// Memory, in MiB, that copies of group messages on their way to mailboxes may hold (a
+    /// group send's fan-out here, a peer's deliveries); a fan-out past it waits for room.
+    fanout_buffer_mb: u64 = 256, "SEALPOST_FANOUT_BUFFER_MB";
     /// Federation peers, comma-separated. `domain`: key and endpoint from
     /// https://domain/.well-known/sealpost/server; `domain=https://host:port`: the same from
     /// another base; `domain=wss://host/v1/federation#KEY`: pinned, KEY being the peer's X25519
@@ -434,6 +437,9 @@ impl Settings {
                 shutdown_drain: ms(self.shutdown_drain_ms),
                 socket_buffer_bytes: usize::try_from(mib(self.socket_buffer_mb))
                     .unwrap_or(usize::MAX),
+                fanout_buffer_bytes: usize::try_from(mib(self.fanout_buffer_mb))
+                    .unwrap_or(usize::MAX)
+                    .clamp(1, u32::MAX as usize),
                 max_unauthenticated_per_ip: self.max_unauthenticated_per_ip,
                 max_unauthenticated: self.max_unauthenticated,
                 admin_token: Zeroizing::new(self.admin_token),

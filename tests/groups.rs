@@ -166,6 +166,29 @@ async fn one_upload_reaches_every_listed_device_and_stale_sets_are_named() {
     assert_eq!(c.backlog().await.len(), 1);
 }
 
+/// A fan-out larger than the memory its copies may hold at once (`fanout_buffer_mb`) waits
+/// for room recipient by recipient, and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_larger_than_its_memory_budget_completes() {
+    let broker = Broker::start(&["--fanout-buffer-mb", "1"]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let bob2 = add_device(&broker, &bob).await;
+    let carol = register(&broker, "carol@test.example").await;
+    let carol2 = add_device(&broker, &carol).await;
+    let mut sender = Device::connect(&broker, &alice).await;
+    assert!(sender.backlog().await.is_empty());
+    // 300 KiB to four devices: 1.2 MiB of copies.
+    let big = vec![7u8; 300 * 1024];
+    let members = vec![recipient(&[&bob, &bob2]), recipient(&[&carol, &carol2])];
+    let (code, refused, _) = result(&mut sender.ws, group_send(eid(), &big, members, None)).await;
+    assert_eq!((code, refused), (None, vec![]));
+    for creds in [&bob, &bob2, &carol, &carol2] {
+        let mut d = Device::connect(&broker, creds).await;
+        assert_eq!(bodies(&mut d, 1).await, vec![big.clone()]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_group_sends_admit_each_recipient_by_its_own_token() {
     let broker = Broker::start(&[]);
@@ -397,6 +420,34 @@ async fn bad_group_sends_are_refused_whole_and_store_nothing() {
         (
             group_send(
                 eid(),
+                b"x",
+                vec![GroupRecipient {
+                    devices: vec![bob.device, bob.device],
+                    ..recipient(&[&bob])
+                }],
+                None,
+            ),
+            ErrorCode::InvalidCopies,
+        ),
+        // More devices in all than a group may have (251 × 16 > 4,000).
+        (
+            group_send(
+                eid(),
+                b"x",
+                (0..251)
+                    .map(|i| GroupRecipient {
+                        to: format!("u{i}@test.example"),
+                        devices: (1..=16).map(DeviceId).collect(),
+                        delivery_token: None,
+                    })
+                    .collect(),
+                None,
+            ),
+            ErrorCode::InvalidRecipients,
+        ),
+        (
+            group_send(
+                eid(),
                 &vec![0; MAX_GROUP_CIPHERTEXT_BYTES + 1],
                 bob_once(),
                 None,
@@ -447,7 +498,8 @@ async fn group_sends_cross_domains_and_commits_are_ordered_at_a_remote_hub() {
     let mut a = Site::new("a.example", "127.0.0.1");
     let mut b = Site::new("b.example", "127.0.0.2");
     let ba = a.start(&[&b], &[]);
-    let bb = b.start(&[&a], &[]);
+    // b.example fans a peer's group messages out within 1 MiB of copies at a time.
+    let bb = b.start(&[&a], &["--fanout-buffer-mb", "1"]);
     wait_up(&ba, "b.example").await;
     wait_up(&bb, "a.example").await;
     let alice = register(&ba, "alice@a.example").await;
@@ -559,4 +611,19 @@ async fn group_sends_cross_domains_and_commits_are_ordered_at_a_remote_hub() {
     );
     let mut b1 = Device::connect(&bb, &bob).await;
     assert_eq!(bodies(&mut b1, 1).await, vec![b"to bob, not erin".to_vec()]);
+    // 400 KiB to three devices there: 1.2 MiB of copies, made as room comes.
+    let big = vec![9u8; 400 * 1024];
+    let (code, refused, _) = result(
+        &mut sender.ws,
+        group_send(
+            eid(),
+            &big,
+            vec![recipient(&[&bob, &bob2]), recipient(&[&erin])],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!((code, refused), (None, vec![]));
+    assert_eq!(bodies(&mut b1, 1).await, vec![big.clone()]);
+    assert_eq!(bodies(&mut e, 1).await, vec![big.clone()]);
 }

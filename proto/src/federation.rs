@@ -76,7 +76,9 @@ use crate::{
     error::{DecodeError, ErrorCode},
     frame::{Class, Copy},
     ids::{DeviceId, EnvelopeId},
-    limits::MAX_GROUP_RECIPIENTS,
+    limits::{
+        MAX_DEVICES_PER_USER, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_DEVICES, MAX_GROUP_RECIPIENTS,
+    },
 };
 
 /// The version byte of every federation frame.
@@ -524,6 +526,38 @@ fn header(bytes: &[u8], max: usize) -> Result<(u8, &[u8]), DecodeError> {
     codec::header(bytes, FEDERATION_VERSION, max)
 }
 
+/// The limits of a group message as its sending broker checked them (its `group_send`'s): what
+/// the receiving broker fans out is bounded before it makes a copy.
+fn check_group(
+    ciphertext: &[u8],
+    recipients: &[(String, Vec<DeviceId>, u8, Option<ByteBuf>)],
+) -> Result<(), DecodeError> {
+    let malformed = |what: &str| Err(DecodeError::Malformed(format!("group message: {what}")));
+    if ciphertext.len() > MAX_GROUP_CIPHERTEXT_BYTES {
+        return malformed("ciphertext too large");
+    }
+    if recipients.is_empty() || recipients.len() > MAX_GROUP_RECIPIENTS {
+        return malformed("no recipients, or too many");
+    }
+    let mut total = 0;
+    for (_, devices, _, _) in recipients {
+        let mut distinct = devices.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if devices.is_empty()
+            || devices.len() > MAX_DEVICES_PER_USER
+            || distinct.len() != devices.len()
+        {
+            return malformed("a recipient without 1 to 16 distinct devices");
+        }
+        total += devices.len();
+    }
+    if total > MAX_GROUP_DEVICES {
+        return malformed("too many devices");
+    }
+    Ok(())
+}
+
 /// `items`, if there are at most `max` of them.
 fn at_most<T>(items: Vec<T>, max: usize, what: &str) -> Result<Vec<T>, DecodeError> {
     if items.len() > max {
@@ -736,12 +770,7 @@ impl LinkFrame {
                     .into_iter()
                     .map(
                         |GroupEnvelopeBody(id, class, ttl_secs, ciphertext, recipients)| {
-                            if recipients.is_empty() || recipients.len() > MAX_GROUP_RECIPIENTS {
-                                return Err(DecodeError::Malformed(format!(
-                                    "{} recipients of one group message",
-                                    recipients.len()
-                                )));
-                            }
+                            check_group(&ciphertext, &recipients)?;
                             let recipients = recipients
                                 .into_iter()
                                 .map(|(to, devices, kind, token)| {
@@ -1079,6 +1108,43 @@ mod tests {
             LinkFrame::decode(&none),
             Err(DecodeError::Malformed(_))
         ));
+        let group =
+            |ciphertext: usize, recipients: Vec<(String, Vec<DeviceId>, u8, Option<ByteBuf>)>| {
+                encode(
+                    GROUP_TXN,
+                    &GroupTxnBody(
+                        1,
+                        vec![GroupEnvelopeBody(
+                            EnvelopeId([0; 16]),
+                            Class::Durable,
+                            1,
+                            ByteBuf::from(vec![1; ciphertext]),
+                            recipients,
+                        )],
+                    ),
+                )
+            };
+        let to = |devices: Vec<u32>| {
+            (
+                "a@b".to_owned(),
+                devices.into_iter().map(DeviceId).collect(),
+                0u8,
+                None,
+            )
+        };
+        assert!(LinkFrame::decode(&group(10, vec![to(vec![1, 2])])).is_ok());
+        for bad in [
+            group(MAX_GROUP_CIPHERTEXT_BYTES + 1, vec![to(vec![1])]),
+            group(10, vec![to(vec![1, 1])]),
+            group(10, vec![to(vec![])]),
+            group(10, vec![to((1..=17).collect())]),
+            group(10, vec![to((1..=16).collect()); 251]),
+        ] {
+            assert!(matches!(
+                LinkFrame::decode(&bad),
+                Err(DecodeError::Malformed(_))
+            ));
+        }
         let recipient = ("a@b".to_owned(), vec![DeviceId(1)], 0u8, None);
         let many = encode(
             GROUP_TXN,

@@ -13,6 +13,9 @@ pub const MAX_CIPHERTEXT_BYTES: usize = 64 * 1024;
 pub const MAX_GROUP_CIPHERTEXT_BYTES: usize = 448 * 1024;
 /// Most recipients (accounts) of one `group_send`: a group of up to this many members.
 pub const MAX_GROUP_RECIPIENTS: usize = 2000;
+/// Most devices one `group_send` may address in all (the copies it makes): a group of 1,000
+/// accounts of up to four devices each, or 2,000 of two.
+pub const MAX_GROUP_DEVICES: usize = 4000;
 /// Most devices one account may have; also the most copies a single send may carry.
 pub const MAX_DEVICES_PER_USER: usize = 16;
 

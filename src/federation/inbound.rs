@@ -27,7 +27,7 @@ use futures_util::{
 };
 use sealpost_proto::{
     Class, CloseCode, EnvelopeId, ErrorCode,
-    federation::{FedEnvelope, HandshakeFrame, LinkFrame},
+    federation::{FedEnvelope, FedGroupEnvelope, HandshakeFrame, LinkFrame},
 };
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -249,9 +249,10 @@ struct InboundLink<'a> {
     txns: FuturesOrdered<TxnDone>,
     /// Lookups being answered.
     replies: FuturesUnordered<LocalBoxFuture<'static, LinkFrame>>,
-    /// The first envelope refused for the origin's rate (its id and recipient: a group
-    /// message has one id for many), until it comes back or expires.
-    rate_held: Option<(EnvelopeId, String, Instant)>,
+    /// The first entry refused for the origin's rate (its id, and the recipient of an
+    /// envelope: a group message has the id of its 1:1 copies elsewhere), until it comes back
+    /// or expires.
+    rate_held: Option<(EnvelopeId, Option<String>, Instant)>,
 }
 
 /// What became ready on an inbound link.
@@ -262,39 +263,64 @@ enum LinkEvent {
     Reply(LinkFrame),
 }
 
+/// An entry of a transaction: an envelope, or a group message for all its recipients here.
+enum Entry {
+    One(FedEnvelope),
+    Group(FedGroupEnvelope),
+}
+
 impl InboundLink<'_> {
-    /// Hands a transaction's envelopes to their mailboxes, in order; its acknowledgement
-    /// follows once every one is durable or refused.
-    async fn persist(&mut self, txn_id: u64, envelopes: impl Iterator<Item = FedEnvelope>) {
+    /// Hands a transaction's entries to their mailboxes, in order; its acknowledgement
+    /// follows once every one is durable or refused (one answer per recipient).
+    async fn persist(&mut self, txn_id: u64, entries: Vec<Entry>) {
         let origin = self.origin;
-        // Once one envelope is over the limit, everything after it on this link is refused
-        // too until it comes back (the origin resends from there) or expires, so that nothing
-        // overtakes it.
-        let mut done: Vec<Routed> = Vec::with_capacity(envelopes.size_hint().0);
-        for e in envelopes {
+        let mut done: Vec<Routed> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            // An entry counts once against the origin's rate, a group message too: its
+            // recipients are bounded by the group limits, and its answers must all be the
+            // same for the origin's resend to be able to pass.
+            let (id, to, class, ttl_secs, answers) = match &entry {
+                Entry::One(e) => (e.id, Some(e.to.clone()), e.class, e.ttl_secs, 1),
+                Entry::Group(g) => (g.id, None, g.class, g.ttl_secs, g.recipients.len()),
+            };
             let now = Instant::now();
             if self
                 .rate_held
                 .as_ref()
-                .is_some_and(|(id, to, until)| (*id == e.id && *to == e.to) || *until <= now)
+                .is_some_and(|(held, held_to, until)| {
+                    (*held == id && *held_to == to) || *until <= now
+                })
             {
                 self.rate_held = None;
             }
+            // Once one entry is over the limit, everything after it on this link is refused
+            // too until it comes back (the origin resends from there) or expires, so that
+            // nothing overtakes it.
             let mut over = false;
             if self.rate_held.is_none() && !self.fed.allow_origin(origin) {
                 // An ephemeral envelope is never resent: refuse only it.
                 over = true;
-                if e.class != Class::Ephemeral {
-                    let until = now + Duration::from_secs(e.ttl_secs.into());
-                    self.rate_held = Some((e.id, e.to.clone(), until));
+                if class != Class::Ephemeral {
+                    let until = now + Duration::from_secs(ttl_secs.into());
+                    self.rate_held = Some((id, to, until));
                 }
             }
-            done.push(if over || self.rate_held.is_some() {
-                crate::telemetry::reject(ErrorCode::RateLimited.as_str());
-                Box::pin(std::future::ready(Some(ErrorCode::RateLimited)))
-            } else {
-                self.local.deliver(origin, e).await
-            });
+            if over || self.rate_held.is_some() {
+                for _ in 0..answers {
+                    crate::telemetry::reject(ErrorCode::RateLimited.as_str());
+                    done.push(Box::pin(std::future::ready(Some(ErrorCode::RateLimited))));
+                }
+                continue;
+            }
+            match entry {
+                Entry::One(e) => done.push(self.local.deliver(origin, e).await),
+                // Each recipient gets its copies as if its envelope had come alone.
+                Entry::Group(g) => {
+                    for e in g.into_envelopes() {
+                        done.push(self.local.deliver(origin, e).await);
+                    }
+                }
+            }
         }
         self.txns
             .push_back(Box::pin(async move { (txn_id, join_all(done).await) }));
@@ -357,17 +383,14 @@ impl Service for InboundLink<'_> {
             LinkFrame::Txn { txn_id, envelopes } => {
                 metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
                     .increment(envelopes.len() as u64);
-                self.persist(txn_id, envelopes.into_iter()).await;
+                self.persist(txn_id, envelopes.into_iter().map(Entry::One).collect())
+                    .await;
             }
             LinkFrame::GroupTxn { txn_id, entries } => {
                 metrics::counter!("sealpost_federation_received_total", "origin" => origin.to_owned())
                     .increment(entries.len() as u64);
-                // A group message comes once for all its recipients here; each gets its copies
-                // as if it had come alone, and an answer of its own.
-                let envelopes = entries
-                    .into_iter()
-                    .flat_map(sealpost_proto::federation::FedGroupEnvelope::into_envelopes);
-                self.persist(txn_id, envelopes).await;
+                self.persist(txn_id, entries.into_iter().map(Entry::Group).collect())
+                    .await;
             }
             request @ (LinkFrame::GetDevices { .. }
             | LinkFrame::GetDeviceList { .. }

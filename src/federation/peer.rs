@@ -29,7 +29,9 @@ use std::{
 use actix::prelude::*;
 use sealpost_proto::{
     Class, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome,
-    federation::{Admission, FedEnvelope, FedGroupEnvelope, FedRecipient, LinkFrame},
+    federation::{
+        Admission, FedEnvelope, FedGroupEnvelope, FedRecipient, LinkFrame, MAX_TXN_ENVELOPES,
+    },
     limits::{MAX_DURABLE_TTL_SECS, MAX_URGENT_TTL_SECS},
 };
 use serde_bytes::ByteBuf;
@@ -99,17 +101,18 @@ impl Batch {
         self.envelopes.is_empty() && self.groups.is_empty()
     }
 
-    /// Whether an entry of `size` bytes (a group message if `group`) may join.
-    fn fits(&self, group: bool, size: u64, max_entries: usize, max_bytes: u64) -> bool {
+    /// Whether an entry costing `cost` may join (the first always does).
+    fn fits(&self, cost: &Cost, settings: &PeerSettings) -> bool {
         let entries = self.envelopes.len() + self.groups.len();
         self.is_empty()
-            || (self.groups.is_empty() != group
-                && entries < max_entries
-                && self.bytes + size <= max_bytes)
+            || (self.groups.is_empty() != cost.group
+                && entries < settings.batch
+                && self.seqs.len() + cost.answers <= MAX_TXN_ENVELOPES
+                && self.bytes + cost.bytes <= settings.max_txn_bytes)
     }
 
-    fn push(&mut self, seq: u64, wire: Wire, size: u64) {
-        self.bytes += size;
+    fn push(&mut self, seq: u64, wire: Wire, cost: &Cost) {
+        self.bytes += cost.bytes;
         match wire {
             Wire::One(envelope) => {
                 self.seqs.push(seq);
@@ -144,6 +147,29 @@ impl Batch {
             to: self.to,
         };
         (frame, in_flight)
+    }
+}
+
+/// What an outbox entry adds to a transaction.
+struct Cost {
+    group: bool,
+    /// Its bytes on the wire, about: the ciphertext, and a group message's recipient list.
+    bytes: u64,
+    /// The answers it gets: one per recipient.
+    answers: usize,
+}
+
+impl Cost {
+    fn of(record: &OutboxRecord) -> Cost {
+        let listed = record.group.iter().flatten().map(|r| {
+            let token = r.token.as_ref().map_or(0, |t| t.len());
+            (r.to.len() + 5 * r.devices.len() + token + 8) as u64
+        });
+        Cost {
+            group: record.group.is_some(),
+            bytes: record.size() + listed.sum::<u64>(),
+            answers: record.recipients().count(),
+        }
     }
 }
 
@@ -523,9 +549,8 @@ impl FederationPeer {
                     next = seq + 1;
                     continue;
                 }
-                let size = record.size();
-                let (settings, group) = (&self.settings, record.group.is_some());
-                if !batch.fits(group, size, settings.batch, settings.max_txn_bytes) {
+                let cost = Cost::of(&record);
+                if !batch.fits(&cost, &self.settings) {
                     next = seq;
                     break;
                 }
@@ -546,7 +571,7 @@ impl FederationPeer {
                 }
                 next = seq + 1;
                 if let Some(wire) = to_wire(record, now, |to| !held.iter().any(|h| h == to)) {
-                    batch.push(seq, wire, size);
+                    batch.push(seq, wire, &cost);
                 }
             }
             self.drop_expired(&expired);
@@ -712,20 +737,18 @@ impl FederationPeer {
                 expired.push(seq);
                 continue;
             }
-            let (size, group) = (record.size(), record.group.is_some());
+            let cost = Cost::of(&record);
             // A group message goes to this recipient only: the others have had it.
             let Some(wire) = to_wire(record, now, |r| r == to) else {
                 gone.push(seq);
                 continue;
             };
-            let (max_entries, max_bytes) = (self.settings.batch, self.settings.max_txn_bytes);
-            if !txns
-                .last()
-                .is_some_and(|b| b.fits(group, size, max_entries, max_bytes))
-            {
+            if !txns.last().is_some_and(|b| b.fits(&cost, &self.settings)) {
                 txns.push(Batch::default());
             }
-            txns.last_mut().expect("pushed above").push(seq, wire, size);
+            txns.last_mut()
+                .expect("pushed above")
+                .push(seq, wire, &cost);
         }
         for seq in gone {
             self.done_with(to, seq);
@@ -906,32 +929,36 @@ impl FederationPeer {
     }
 
     /// Accepts the sends waiting for `user`, in order, up to a group message that still waits
-    /// for another recipient's lookup: the rest wait behind it.
+    /// for another recipient's lookup: the rest wait behind it. A group message accepted
+    /// releases the queues it held back, in turn (a worklist: chains of group messages can be
+    /// long).
     fn drain(&mut self, user: &str, ctx: &mut Context<Self>) {
-        let Some(mut queue) = self.waiting.remove(user) else {
-            return;
-        };
-        while let Some(waiter) = queue.pop_front() {
-            match waiter {
-                Waiter::One(msg, reply) => self.accept(msg, reply, ctx),
-                Waiter::Group(group) => {
-                    let mut waiting = group.borrow_mut();
-                    waiting.behind -= 1;
-                    if waiting.behind > 0 {
-                        waiting.blocked.push(user.to_owned());
-                        drop(waiting);
-                        self.waiting.insert(user.to_owned(), queue);
-                        return;
+        let mut work = vec![user.to_owned()];
+        while let Some(user) = work.pop() {
+            let Some(mut queue) = self.waiting.remove(&user) else {
+                continue;
+            };
+            while let Some(waiter) = queue.pop_front() {
+                let group = match waiter {
+                    Waiter::One(msg, reply) => {
+                        self.accept(msg, reply, ctx);
+                        continue;
                     }
-                    let blocked = std::mem::take(&mut waiting.blocked);
-                    let send = waiting.send.take();
+                    Waiter::Group(group) => group,
+                };
+                let mut waiting = group.borrow_mut();
+                waiting.behind -= 1;
+                if waiting.behind > 0 {
+                    waiting.blocked.push(user.clone());
                     drop(waiting);
-                    if let Some((msg, reply)) = send {
-                        self.accept_group(msg, reply, ctx);
-                    }
-                    for other in blocked {
-                        self.drain(&other, ctx);
-                    }
+                    self.waiting.insert(user, queue);
+                    break;
+                }
+                work.append(&mut waiting.blocked);
+                let send = waiting.send.take();
+                drop(waiting);
+                if let Some((msg, reply)) = send {
+                    self.accept_group(msg, reply, ctx);
                 }
             }
         }
@@ -1119,9 +1146,10 @@ impl FederationPeer {
             let _ = reply.send(outcomes);
             return;
         }
-        // A retry of the same message to the same recipients is the same entry.
+        // A retry of the same message to the same recipients is the same entry (a key no 1:1
+        // envelope's recipient can have).
         let names: Vec<String> = kept.iter().map(|r| r.to.clone()).collect();
-        let key = (msg.id, names.join("\n"));
+        let key = (msg.id, format!("\n{}", names.join("\n")));
         let (id, class, ttl_secs, ciphertext) = (msg.id, msg.class, msg.ttl_secs, msg.ciphertext);
         let entry = move |now: u64| OutboxRecord {
             version: RECORD_VERSION,
@@ -1384,41 +1412,60 @@ impl Handler<GroupEnqueue> for FederationPeer {
     fn handle(&mut self, msg: GroupEnqueue, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         let names: Vec<String> = msg.recipients.iter().map(|r| r.to.clone()).collect();
-        // It waits for the lookups of the recipients that need one, and behind the sends
-        // already waiting for theirs.
-        let wait: Vec<String> = msg
-            .recipients
-            .iter()
-            .filter(|r| {
-                self.waiting.contains_key(&r.to)
-                    || self.should_ask(&r.to, r.devices.clone(), msg.class)
-            })
-            .map(|r| r.to.clone())
-            .collect();
-        if wait.is_empty() {
-            self.accept_group(msg, tx, ctx);
-        } else {
-            let group = Rc::new(RefCell::new(WaitingGroup {
-                behind: wait.len(),
-                blocked: Vec::new(),
-                send: Some((msg, tx)),
-            }));
-            for user in wait {
-                let waiter = Waiter::Group(group.clone());
-                if let Some(queue) = self.waiting.get_mut(&user) {
-                    queue.push_back(waiter);
-                } else {
-                    self.waiting.insert(user.clone(), VecDeque::from([waiter]));
-                    self.look_up(user, ctx);
-                }
-            }
-        }
-        Box::pin(async move {
+        let answer = Box::pin(async move {
             rx.await.unwrap_or_else(|_| {
                 let outcome = rejected(ErrorCode::PeerUnavailable);
                 names.into_iter().map(|to| (to, outcome.clone())).collect()
             })
-        })
+        });
+        // It waits for the lookups of the recipients that need one, and behind the sends
+        // already waiting for theirs; meanwhile it holds back later sends to its other
+        // recipients, so that nothing overtakes it.
+        let mut seen = HashSet::new();
+        let (mut wait, mut hold) = (Vec::new(), Vec::new());
+        for r in &msg.recipients {
+            if !seen.insert(r.to.as_str()) {
+                continue; // the gateway names each recipient once; a second is no second wait
+            }
+            if self.waiting.contains_key(&r.to)
+                || self.should_ask(&r.to, r.devices.clone(), msg.class)
+            {
+                wait.push(r.to.clone());
+            } else {
+                hold.push(r.to.clone());
+            }
+        }
+        if wait.is_empty() {
+            self.accept_group(msg, tx, ctx);
+            return answer;
+        }
+        let full = wait.iter().any(|user| {
+            self.waiting
+                .get(user)
+                .is_some_and(|q| q.len() >= MAX_WAITING_PER_RECIPIENT)
+        });
+        if full {
+            drop(tx); // answered as `peer_unavailable`, retryable
+            return answer;
+        }
+        for user in &hold {
+            self.waiting.insert(user.clone(), VecDeque::new());
+        }
+        let group = Rc::new(RefCell::new(WaitingGroup {
+            behind: wait.len(),
+            blocked: hold,
+            send: Some((msg, tx)),
+        }));
+        for user in wait {
+            let waiter = Waiter::Group(group.clone());
+            if let Some(queue) = self.waiting.get_mut(&user) {
+                queue.push_back(waiter);
+            } else {
+                self.waiting.insert(user.clone(), VecDeque::from([waiter]));
+                self.look_up(user, ctx);
+            }
+        }
+        answer
     }
 }
 

@@ -418,3 +418,33 @@ fn a_group_message_waits_for_its_recipients_lookups_and_keeps_each_recipients_or
         assert_eq!(f.outbox(), vec![1, 2, 3], "in the order they came");
     });
 }
+
+#[test]
+fn a_group_message_waiting_for_one_recipient_holds_back_later_sends_to_the_others() {
+    System::new().block_on(async {
+        let mut f = fixture().await;
+        // Carol's devices are known (fresh); bob's are not.
+        assert_eq!(f.send(1, "carol@b.example").await, ACCEPTED);
+        let many = f.peer.send(group(2, &["bob@b.example", "carol@b.example"]));
+        let (user, bob) = f.lookup().await;
+        assert_eq!(user, "bob@b.example");
+        // Carol's next envelope must not overtake the group message (a Commit, say).
+        let after = f.peer.send(enqueue(3, "carol@b.example"));
+        actix::clock::sleep(Duration::from_millis(50)).await;
+        assert_eq!(f.outbox(), vec![1], "both wait for bob's lookup");
+        let devices = vec![RemoteDevice {
+            device: 1,
+            identity_keys: vec![1],
+        }];
+        bob.send(LinkFrame::Devices { req_id: 0, devices })
+            .expect("peer waits");
+        assert!(
+            many.await
+                .expect("peer")
+                .iter()
+                .all(|(_, outcome)| *outcome == ACCEPTED)
+        );
+        assert_eq!(after.await.expect("peer"), ACCEPTED);
+        assert_eq!(f.outbox(), vec![1, 2, 3]);
+    });
+}

@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use super::{
     AppState,
     error::ApiError,
-    route::{From, Presented, Send, admit_sealed, refusal},
+    route::{From, Presented, Send, admit_sealed, give_back_on_answer, refusal},
     secrets::secret_header,
     session::{OpenGuard, admit, admit_unauthenticated},
 };
@@ -216,6 +216,7 @@ impl Local {
 impl LocalDelivery for Local {
     fn deliver(&self, origin: &str, envelope: FedEnvelope) -> LocalBoxFuture<'static, Routed> {
         let state = self.0.clone();
+        let bytes = envelope.copies.iter().map(|c| c.ciphertext.len()).sum();
         let FedEnvelope {
             id,
             to,
@@ -239,9 +240,12 @@ impl LocalDelivery for Local {
         // Resolves once handed over, to the future of the answer (awaited later, in order).
         #[allow(clippy::async_yields_async)]
         Box::pin(async move {
+            // A peer's group message is fanned out here: its copies wait for room.
+            let room = state.fanout_room(bytes).await;
             match state.route(send).await {
                 Ok(pending) => {
-                    Box::pin(async move { refusal(pending.await.1) }) as LocalBoxFuture<'_, _>
+                    let answer = give_back_on_answer(pending, room);
+                    Box::pin(async move { refusal(answer.await.1) }) as LocalBoxFuture<'_, _>
                 }
                 Err(code) => Box::pin(std::future::ready(Some(code))),
             }

@@ -26,13 +26,15 @@ use sealpost_proto::{
     Class, ClientFrame, Copy, EnvelopeId, ErrorCode, GroupRecipient, Handle, Order,
     RecipientRefusal, SendOutcome, ServerFrame,
     federation::LinkFrame,
-    limits::{MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_RECIPIENTS},
+    limits::{
+        MAX_DURABLE_TTL_SECS, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_DEVICES, MAX_GROUP_RECIPIENTS,
+    },
 };
 
 use super::{
     AppState,
     pending::{Answer, Pending, PendingGroup},
-    route::{From, Send, check_devices, check_ttl},
+    route::{From, Send, check_devices, check_ttl, give_back_on_answer},
 };
 use crate::{
     clock::now_ms,
@@ -172,6 +174,10 @@ impl AppState {
                 }
                 continue;
             }
+            // The copies are made once there is room for them.
+            let room = self
+                .fanout_room(ciphertext.len() * recipient.devices.len())
+                .await;
             let send = Send {
                 id,
                 to: recipient.to,
@@ -189,7 +195,10 @@ impl AppState {
                 copy_limit: MAX_GROUP_CIPHERTEXT_BYTES,
             };
             match self.route(send).await {
-                Ok(answer) => answers.push(Box::pin(async move { vec![(to, answer.await.1)] })),
+                Ok(answer) => {
+                    let answer = give_back_on_answer(answer, room);
+                    answers.push(Box::pin(async move { vec![(to, answer.await.1)] }));
+                }
                 Err(code) => refused.push(refusal(to, code, Vec::new())),
             }
         }
@@ -323,6 +332,10 @@ fn check_recipients(
         return Err(ErrorCode::EnvelopeTooLarge);
     }
     if recipients.is_empty() || recipients.len() > MAX_GROUP_RECIPIENTS {
+        return Err(ErrorCode::InvalidRecipients);
+    }
+    let devices: usize = recipients.iter().map(|r| r.devices.len()).sum();
+    if devices > MAX_GROUP_DEVICES {
         return Err(ErrorCode::InvalidRecipients);
     }
     let mut seen = HashSet::with_capacity(recipients.len());

@@ -107,6 +107,10 @@ pub struct AppState {
     pub turn: turn::Turn,
     /// Memory all WebSocket readers together may hold in partly received messages.
     pub socket_budget: Arc<Budget>,
+    /// Bytes of group-message copies on their way to mailboxes (a group send's local
+    /// fan-out, a peer's deliveries), one permit a byte: a fan-out waits for room rather than
+    /// holding gigabytes (a 448 KiB Commit to 4,000 devices would be 1.7 GiB at once).
+    pub fanout: Arc<tokio::sync::Semaphore>,
     /// Connections not authenticated yet, capped per address and in total.
     pub pre_auth: Arc<limits::PreAuth>,
     /// Session tickets already used to log in, until they expire.
@@ -136,6 +140,7 @@ impl AppState {
                 );
             }),
             socket_budget: Budget::new(settings.socket_buffer_bytes),
+            fanout: Arc::new(tokio::sync::Semaphore::new(settings.fanout_buffer_bytes)),
             pre_auth: limits::PreAuth::new(
                 settings.max_unauthenticated_per_ip,
                 settings.max_unauthenticated,

@@ -158,6 +158,17 @@ impl AppState {
         }
     }
 
+    /// Room for `bytes` of group-message copies in the fan-out budget (at most the whole
+    /// budget), held until the permit is dropped: once the copies are stored or refused.
+    pub(super) async fn fanout_room(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let n = bytes.min(self.settings.fanout_buffer_bytes);
+        self.fanout
+            .clone()
+            .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+            .await
+            .expect("the fan-out budget is never closed")
+    }
+
     /// Whether a local recipient's account exists.
     async fn check_account(&self, to: &Handle) -> Result<(), ErrorCode> {
         // A live mailbox means the account exists (mailboxes are spawned only for accounts).
@@ -185,6 +196,29 @@ fn check_fields(
         return Err(ErrorCode::EnvelopeTooLarge);
     }
     Ok(())
+}
+
+/// Awaits `answer` on a task of its own and gives its room in the fan-out budget back then:
+/// the room must come back once the mailbox answers, not when someone gets round to polling
+/// (a fan-out waiting for room would otherwise wait for itself).
+pub(super) fn give_back_on_answer(
+    answer: PendingSend,
+    room: tokio::sync::OwnedSemaphorePermit,
+) -> impl Future<Output = (EnvelopeId, SendOutcome)> {
+    let task = actix::spawn(async move {
+        let outcome = answer.await;
+        drop(room);
+        outcome
+    });
+    async move {
+        task.await.unwrap_or_else(|_| {
+            let outcome = SendOutcome::Rejected {
+                code: ErrorCode::Internal,
+                current_devices: Vec::new(),
+            };
+            (EnvelopeId([0; 16]), outcome)
+        })
+    }
 }
 
 /// A time-to-live within its class's limit.

@@ -84,6 +84,8 @@ pub struct Settings {
     pub shutdown_drain: Duration,
     /// Memory all WebSocket readers together may hold in partly received messages.
     pub socket_buffer_bytes: usize,
+    /// Memory copies of group messages on their way to mailboxes may hold (1..=u32::MAX).
+    pub fanout_buffer_bytes: usize,
     /// Unauthenticated connections per IP (an IPv6 /64); 0 = unlimited.
     pub max_unauthenticated_per_ip: usize,
     /// Unauthenticated connections in total; 0 = unlimited.
@@ -112,6 +114,7 @@ impl Settings {
             max_violations: 50,
             shutdown_drain: Duration::from_millis(100),
             socket_buffer_bytes: 16 << 20,
+            fanout_buffer_bytes: 16 << 20,
             max_unauthenticated_per_ip: 0,
             max_unauthenticated: 0,
             admin_token: Zeroizing::new(String::new()),

@@ -46,6 +46,8 @@ const debug = {
   notices: [],
   // How long a fetched device list is used before it is fetched again (tests shorten it).
   listMaxAgeMs: LIST_MAX_AGE_MS,
+  // Whether this device's MLS KeyPackages are published (others can add it to groups).
+  keyPackages: false,
   // Group texts received: {group, from, text}.
   groupMessages: [],
 };
@@ -716,6 +718,7 @@ async function publishKeyPackages() {
   const body = engine.key_package_upload(KEY_PACKAGES);
   persist(); // the private halves are kept before the public ones leave
   await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/key-packages`, { body, auth: true });
+  debug.keyPackages = true;
 }
 
 async function claimKeyPackage(user, device) {
@@ -726,9 +729,10 @@ async function claimKeyPackage(user, device) {
 }
 
 // Sends the parts of one group message; answers {code, epoch} of a part refused whole
-// (then the rest is not sent), else {}. Recipients whose devices changed get the same
-// envelope on their current devices.
+// (then the rest is not sent), else {stale: [accounts whose devices changed]}. Those get the
+// same envelope on their current devices.
 async function sendParts(parts) {
+  const stale = new Set();
   for (const part of parts) {
     const r = await transmit(part);
     if (r.code) return { code: r.code, epoch: r.epoch };
@@ -737,26 +741,35 @@ async function sendParts(parts) {
       const r2 = await transmit(JSON.parse(again));
       if (r2.code) return { code: r2.code, epoch: r2.epoch };
     }
+    for (const x of r.refused || []) if (x.code === 'stale_devices') stale.add(x.to);
     const refused = (r.refused || []).filter((x) => x.code !== 'stale_devices');
     if (refused.length) {
       throw new Error(`the broker refused the group message for ${refused.map((x) => `${x.to} (${x.code})`).join(', ')}`);
     }
   }
-  return {};
+  return { stale: [...stale] };
 }
 
-// Adds every device of `users` that is not a member yet: a KeyPackage of each (checked by
-// the engine against the verified device list), a Commit, then the Welcome and the name.
+// Adds every device of `users` that is not a member yet.
 async function addToGroup(group, users) {
   const members = groupOf(group).members;
-  const claimed = [];
+  const wanted = [];
   for (const user of users) {
     const list = await serial(() => fetchList(user));
     for (const device of list.devices) {
-      if (members.some((m) => m.user === user && m.device === device)) continue;
-      const c = await claimKeyPackage(user, device);
-      claimed.push({ user, device, key: c.key });
+      if (!members.some((m) => m.user === user && m.device === device)) wanted.push({ user, device });
     }
+  }
+  await addDevices(group, wanted);
+}
+
+// Adds devices ([{user, device}]): a KeyPackage of each (checked by the engine against the
+// verified device list), a Commit, then the Welcome and the name.
+async function addDevices(group, wanted) {
+  const claimed = [];
+  for (const { user, device } of wanted) {
+    const c = await claimKeyPackage(user, device);
+    claimed.push({ user, device, key: c.key });
   }
   if (!claimed.length) return;
   const change = await commitChange(group, () => engine.group_add(group, JSON.stringify(claimed)));
@@ -787,6 +800,32 @@ async function commitChange(group, plan) {
     await until(() => groupOf(group).epoch >= r.epoch, "the other member's change");
   }
   throw new Error("other members' changes kept taking the group's epoch; try again");
+}
+
+// Brings `user`'s devices in the group in line with its verified device list: a device linked
+// since is added (it reads from then on), a removed one removed.
+async function syncMember(group, user, list) {
+  const drift = JSON.parse(engine.group_device_drift(group, user, JSON.stringify(list.devices)));
+  if (drift.gone.length) {
+    await commitChange(group, () => engine.group_remove_devices(group, user, JSON.stringify(drift.gone)));
+  }
+  await addDevices(group, drift.new.map((device) => ({ user, device })));
+}
+
+// Before a text: every member account's devices as its verified list has them (fetched once
+// older than the list cache; our own account's as we hold it). A list that cannot be had now,
+// or a device that cannot be added yet (no KeyPackage published), changes nothing: the next
+// text tries again.
+async function syncMembers(group) {
+  const users = [...new Set(groupOf(group).members.map((m) => m.user))];
+  for (const user of users) {
+    try {
+      const list = await serial(() => (user === engine.handle() ? ownList() : ensureList(user)));
+      await syncMember(group, user, list);
+    } catch (e) {
+      console.warn(`the group's devices of ${user} stay as they are for now: ${e.message}`);
+    }
+  }
 }
 
 async function removeFromGroup(group, user) {
@@ -933,6 +972,7 @@ async function sendGroupText() {
   const group = currentGroup;
   // Writing to a group is taking part in it: its members may now send to us sealed.
   if (!engine.group_token_shared(group)) await shareGroupToken(group);
+  await syncMembers(group);
   const parts = JSON.parse(engine.group_text(group, text));
   persist(); // the group's ratchet advanced: save before anything leaves
   $('group-input').value = '';
@@ -940,6 +980,8 @@ async function sendGroupText() {
   renderGroups();
   const r = await sendParts(parts);
   if (r.code) throw new Error(`the broker refused the group message: ${r.code}`);
+  // The broker named accounts whose devices changed: the group follows their lists now.
+  for (const user of r.stale) await syncMember(group, user, await serial(() => fetchList(user)));
 }
 
 // ------------------------------------------------------------------------------------------

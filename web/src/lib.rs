@@ -1049,6 +1049,40 @@ impl Engine {
         Ok(json!({"commit": parts(&change.commit), "welcome": []}).to_string())
     }
 
+    /// Removes some devices of `user` (JSON array of ids) from a group, as
+    /// [`Engine::group_remove`] does all of them.
+    pub fn group_remove_devices(
+        &mut self,
+        group: &str,
+        user: &str,
+        devices: &str,
+    ) -> Result<String, JsError> {
+        let devices: Vec<u32> =
+            serde_json::from_str(devices).map_err(|_| err("devices is not a JSON array of ids"))?;
+        let change = self
+            .core
+            .remove_from_group(group, user, Some(&devices))
+            .map_err(client_err)?;
+        Ok(json!({"commit": parts(&change.commit), "welcome": []}).to_string())
+    }
+
+    /// How `user`'s devices in a group differ from its verified device list (`listed`, JSON
+    /// array of ids): `{gone: [ids in the group, not listed], new: [listed, not in the group]}`.
+    pub fn group_device_drift(
+        &mut self,
+        group: &str,
+        user: &str,
+        listed: &str,
+    ) -> Result<String, JsError> {
+        let listed: Vec<u32> =
+            serde_json::from_str(listed).map_err(|_| err("listed is not a JSON array of ids"))?;
+        let (gone, new) = self
+            .core
+            .group_device_drift(group, user, &listed)
+            .map_err(client_err)?;
+        Ok(json!({"gone": gone, "new": new}).to_string())
+    }
+
     /// Leaving a group: parts telling its members (one of them commits the removal).
     pub fn group_leave(&mut self, group: &str) -> Result<String, JsError> {
         let sends = self.core.leave_group(group).map_err(client_err)?;

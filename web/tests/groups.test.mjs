@@ -48,6 +48,28 @@ async function groupListed(user, name) {
   }
 }
 
+/** Links a second browser to `user`'s account with a code from its page; once it can be added
+ * to groups (its KeyPackages published). */
+async function linkDevice(user) {
+  await user.page.click('#link-device');
+  const code = await user.page.waitForFunction(() => {
+    const t = document.getElementById('link-code').textContent;
+    return t.includes('.') ? t : null;
+  }, null, { timeout: WAIT_MS }).then((h) => h.jsonValue());
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const consoleLines = [];
+  page.on('console', (m) => consoleLines.push(m.text()));
+  await page.goto(`${broker.base}/web/`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
+  await page.fill('#handle', user.handle);
+  await page.fill('#link-code-input', code);
+  await page.click('#link');
+  await page.waitForFunction(() => window.sealpostDebug.linked && window.sealpostDebug.keyPackages,
+    null, { timeout: WAIT_MS });
+  return { context, page, handle: user.handle, consoleLines };
+}
+
 async function openGroup(user, id) {
   await user.page.click(`#groups button[data-group="${id}"]`);
   await user.page.waitForSelector('#group:not([hidden])', { timeout: WAIT_MS });
@@ -108,6 +130,18 @@ test('a group is created, talks, shows its members and grows', async () => {
     ![...document.querySelectorAll('#group-member-list li')].some((li) => li.textContent.startsWith('dave@localhost'))));
   await say(alice, 'just bob and me now');
   await waitFor('bob reads it', async () => (await groupTexts(bob)).includes('just bob and me now'));
+
+  // Bob links a second browser. Before her next text alice's page brings it into the group
+  // (bob's signed device list has it now), and it reads from then on.
+  await alice.page.evaluate(() => { window.sealpostDebug.listMaxAgeMs = 0; });
+  const bob2 = await linkDevice(bob);
+  await say(alice, 'two bobs now');
+  assert.equal(await groupListed(bob2, 'Weekend hike'), id);
+  await openGroup(bob2, id);
+  await waitFor('the new device reads it', async () => (await groupTexts(bob2)).includes('two bobs now'));
+  assert.ok(!(await groupTexts(bob2)).includes('just bob and me now'), 'nothing from before it was linked');
+  await waitFor('alice sees both of bob\'s devices', () => alice.page.evaluate(() =>
+    [...document.querySelectorAll('#group-member-list li')].filter((li) => li.textContent.startsWith('bob@localhost')).length === 2));
 
   mkdirSync(SHOTS, { recursive: true });
   await alice.page.setViewportSize({ width: 1280, height: 800 });

@@ -36,9 +36,8 @@ use crate::{
     error::{ClientError, EnvelopeError},
 };
 
-/// Most members (devices) a group may have here: the broker's fan-out limit is per account,
-/// 2,000; a group of 1,000 accounts of up to two devices each fits.
-pub const MAX_GROUP_DEVICES: usize = 4000;
+/// Most members (devices) a group may have: what one `group_send` may address.
+pub use sealpost_proto::limits::MAX_GROUP_DEVICES;
 /// Longest group message text, in bytes.
 pub const MAX_GROUP_TEXT_BYTES: usize = 32 * 1024;
 /// Messages kept per group.
