@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startBroker, launchBrowser, newUser, waitFor, WAIT_MS } from './harness.mjs';
+import { startBroker, launchBrowser, newUser, linkDevice, waitFor, WAIT_MS } from './harness.mjs';
 
 const SHOTS = process.env.SEALPOST_SCREENSHOTS || join(tmpdir(), 'sealpost-screenshots');
 
@@ -46,28 +46,6 @@ async function groupListed(user, name) {
     const errors = await user.page.evaluate(() => window.sealpostDebug.errors);
     throw new Error(`${user.handle} never listed ${name}: ${e.message}; page errors: ${JSON.stringify(errors)}; console: ${user.consoleLines.slice(-10).join(' | ')}`);
   }
-}
-
-/** Links a second browser to `user`'s account with a code from its page; once it can be added
- * to groups (its KeyPackages published). */
-async function linkDevice(user) {
-  await user.page.click('#link-device');
-  const code = await user.page.waitForFunction(() => {
-    const t = document.getElementById('link-code').textContent;
-    return t.includes('.') ? t : null;
-  }, null, { timeout: WAIT_MS }).then((h) => h.jsonValue());
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  const consoleLines = [];
-  page.on('console', (m) => consoleLines.push(m.text()));
-  await page.goto(`${broker.base}/web/`);
-  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
-  await page.fill('#handle', user.handle);
-  await page.fill('#link-code-input', code);
-  await page.click('#link');
-  await page.waitForFunction(() => window.sealpostDebug.linked && window.sealpostDebug.keyPackages,
-    null, { timeout: WAIT_MS });
-  return { context, page, handle: user.handle, consoleLines };
 }
 
 async function openGroup(user, id) {
@@ -134,7 +112,7 @@ test('a group is created, talks, shows its members and grows', async () => {
   // Bob links a second browser. Before her next text alice's page brings it into the group
   // (bob's signed device list has it now), and it reads from then on.
   await alice.page.evaluate(() => { window.sealpostDebug.listMaxAgeMs = 0; });
-  const bob2 = await linkDevice(bob);
+  const bob2 = await linkDevice(browser, broker, bob);
   await say(alice, 'two bobs now');
   assert.equal(await groupListed(bob2, 'Weekend hike'), id);
   await openGroup(bob2, id);

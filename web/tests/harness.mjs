@@ -186,6 +186,31 @@ export async function newUser(browser, broker, handle, query = '') {
   return { context, page, handle, consoleLines };
 }
 
+/** Links a new browser to `user`'s account with a link code shown by `user`'s page; resolves
+ * once it is online with its KeyPackages published (others can add it to groups). */
+export async function linkDevice(browser, broker, user) {
+  await user.page.click('#link-device');
+  const code = await user.page.waitForFunction(() => {
+    const t = document.getElementById('link-code').textContent;
+    return t.includes('.') ? t : null;
+  }, null, { timeout: WAIT_MS }).then((h) => h.jsonValue());
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const consoleLines = [];
+  page.on('console', (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
+  await page.goto(`${broker.base}/web/`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
+  await page.fill('#handle', user.handle);
+  await page.fill('#link-code-input', code);
+  await page.click('#link');
+  await page.waitForFunction(
+    () => window.sealpostDebug.linked && window.sealpostDebug.online && window.sealpostDebug.keyPackages,
+    null, { timeout: WAIT_MS },
+  );
+  return { context, page, handle: user.handle, consoleLines };
+}
+
 export async function addContact(user, handle) {
   await user.page.fill('#contact-handle', handle);
   await user.page.click('#add-contact');

@@ -4,8 +4,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startBroker, launchBrowser, newUser, addContact, sendText, waitForMessage, waitCallState,
-  WAIT_MS,
+  startBroker, launchBrowser, newUser, linkDevice, addContact, sendText, waitForMessage,
+  waitCallState, WAIT_MS,
 } from './harness.mjs';
 
 let broker;
@@ -30,20 +30,7 @@ after(async () => {
 });
 
 test('a second browser is linked to an account with a code from the first', async () => {
-  await bob1.page.click('#link-device');
-  const code = await bob1.page.waitForFunction(() => {
-    const t = document.getElementById('link-code').textContent;
-    return t.includes('.') ? t : null;
-  }, null, { timeout: WAIT_MS }).then((h) => h.jsonValue());
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  await page.goto(`${broker.base}/web/`);
-  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
-  await page.fill('#handle', 'bob@localhost');
-  await page.fill('#link-code-input', code);
-  await page.click('#link');
-  await page.waitForFunction(() => window.sealpostDebug.linked && window.sealpostDebug.online, null, { timeout: WAIT_MS });
-  bob2 = { context, page, handle: 'bob@localhost' };
+  bob2 = await linkDevice(browser, broker, bob1);
   await bob2.page.waitForFunction(
     () => document.getElementById('me').textContent === 'bob@localhost (device 2)', null, { timeout: WAIT_MS },
   );
