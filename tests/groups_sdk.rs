@@ -248,12 +248,19 @@ async fn three_domains() {
         .send_group_text(&group, "after both")
         .await
         .expect("send");
-    for d in [&mut bob, &mut bob2] {
+    // Carol, added back, reads again (her devices join over their removed state) and keeps
+    // what she had.
+    for d in [&mut bob, &mut bob2, &mut carol, &mut carol2] {
         until(&mut d.client, |c| {
             texts(c, &group).iter().any(|(_, t)| t == "after both")
         })
         .await;
     }
+    assert!(
+        texts(&carol.client, &group)
+            .iter()
+            .any(|(_, t)| t == "hello from alice")
+    );
 
     // The brokers' data directories and logs hold neither the group's name nor any text.
     let canaries = [

@@ -549,7 +549,9 @@ impl GroupKeys {
     }
 
     /// Joins a group from a Welcome addressed to one of this device's KeyPackages; answers
-    /// the group's id and the member that added this device.
+    /// the group's id and the member that added this device. A device removed from a group
+    /// (or that left it) may be added again; one that is in it cannot be "added" over its
+    /// state.
     pub fn join(&self, welcome: &[u8]) -> Result<(Vec<u8>, Member), GroupError> {
         let MlsMessageBodyIn::Welcome(welcome) = MlsMessageIn::tls_deserialize_exact(welcome)
             .map_err(|_| GroupError::Malformed("welcome"))?
@@ -561,13 +563,21 @@ impl GroupKeys {
             .use_ratchet_tree_extension(true)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
-            .map_err(|e| match e {
-                // A Welcome for another device of this account (the broker delivers a
-                // group's envelopes to every device of a member account).
-                openmls::prelude::WelcomeError::NoMatchingKeyPackage => GroupError::NotMember,
-                e => mls(e),
-            })?;
+        let welcome_error = |e| match e {
+            // A Welcome for another device of this account (the broker delivers a group's
+            // envelopes to every device of a member account).
+            openmls::prelude::WelcomeError::NoMatchingKeyPackage => GroupError::NotMember,
+            e => mls(e),
+        };
+        let join = StagedWelcome::build_from_welcome(&self.provider, &config, welcome)
+            .map_err(welcome_error)?;
+        let id = join.processed_welcome().unverified_group_info().group_id();
+        let join = match MlsGroup::load(self.provider.storage(), id).map_err(mls)? {
+            Some(old) if old.is_active() => return Err(GroupError::Malformed("welcome")),
+            Some(_) => join.replace_old_group(),
+            None => join,
+        };
+        let staged = join.build().map_err(welcome_error)?;
         // Who added us: the member that signed the Welcome.
         let adder = staged.welcome_sender().map_err(mls).and_then(|leaf| {
             member(
@@ -774,6 +784,52 @@ mod tests {
         assert_eq!(text(bob.process(&after).unwrap()).1, b"after carol");
         let reply = bob.encrypt(&group, b"still here").unwrap();
         assert_eq!(text(alice.process(&reply).unwrap()).1, b"still here");
+    }
+
+    #[test]
+    fn a_removed_device_can_be_added_again_and_a_member_cannot_be_added_over() {
+        let (_, alice) = device("alice@a", 1);
+        let (_, bob) = device("bob@b", 3);
+        let group = alice.create().unwrap();
+        let add = |alice: &GroupKeys| {
+            let package = bob.key_packages(1).unwrap().remove(0);
+            let (package, _) = alice.check_key_package(&package, &id("bob@b", 3)).unwrap();
+            let commit = alice.add(&group, vec![package]).unwrap();
+            alice.merge_pending(&group).unwrap();
+            commit.welcome.unwrap()
+        };
+        let welcome = add(&alice);
+        bob.join(&welcome).unwrap();
+        let leaf = |who: &str| {
+            alice
+                .members(&group)
+                .unwrap()
+                .into_iter()
+                .find(|m| m.id.user == who)
+                .unwrap()
+                .leaf
+        };
+        let removal = alice.remove(&group, &[leaf("bob@b")]).unwrap();
+        alice.merge_pending(&group).unwrap();
+        match bob.process(&removal.commit).unwrap() {
+            Processed::Commit { changes, .. } => assert!(changes.self_removed),
+            _ => panic!("not a commit"),
+        }
+        // Added again: bob joins over his old, inactive state and reads from then on.
+        let welcome = add(&alice);
+        assert_eq!(bob.join(&welcome).unwrap().0, group);
+        let hello = alice.encrypt(&group, b"welcome back").unwrap();
+        assert_eq!(text(bob.process(&hello).unwrap()).1, b"welcome back");
+        // Alice removes and adds him once more, and the Welcome overtakes the removal: over
+        // a group he is still in, it would reset his state, so it is refused.
+        alice.remove(&group, &[leaf("bob@b")]).unwrap();
+        alice.merge_pending(&group).unwrap();
+        let again = add(&alice);
+        assert_eq!(
+            bob.join(&again).err(),
+            Some(GroupError::Malformed("welcome")),
+            "not over a group he is in"
+        );
     }
 
     #[test]

@@ -729,11 +729,14 @@ impl Engine {
                 let members = keys.members(&group_id)?;
                 self.save_group_keys();
                 let key = hex(&group_id);
+                // Added again after being removed (or leaving): the conversation goes on from
+                // what this device had.
+                let before = self.record.groups.remove(&key);
                 let entry = GroupEntry {
                     id: ByteBuf::from(group_id),
                     hub,
-                    name: String::new(),
-                    messages: VecDeque::new(),
+                    name: before.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
+                    messages: before.map(|b| b.messages).unwrap_or_default(),
                     left: false,
                     tokens: BTreeMap::new(),
                     token_shared: false,
