@@ -157,6 +157,14 @@ settings! {
     claim_rate: u32 = 5, "SEALPOST_CLAIM_RATE";
     /// Commits per second for one group at its hub, bursts of four times that (0 = unlimited).
     commit_rate: u32 = 5, "SEALPOST_COMMIT_RATE";
+    /// Attachments one account may start per minute (0 = unlimited).
+    blob_rate_per_min: u32 = 60, "SEALPOST_BLOB_RATE_PER_MIN";
+    /// Largest attachment, MiB.
+    blob_max_mb: u64 = 100, "SEALPOST_BLOB_MAX_MB";
+    /// Attachments one account may hold at once (unexpired, whole or not), MiB.
+    blob_quota_mb: u64 = 2048, "SEALPOST_BLOB_QUOTA_MB";
+    /// How long an attachment is kept after it is started, s (then deleted, read or not).
+    blob_ttl_secs: u64 = 30 * 24 * 3600, "SEALPOST_BLOB_TTL_SECS";
     /// Rate-limit violations after which a connection is closed.
     max_violations: u32 = 50, "SEALPOST_MAX_VIOLATIONS";
     /// Most concurrent connections per HTTP worker.
@@ -425,6 +433,12 @@ impl Settings {
                     stranger_rate: self.stranger_rate,
                     claim_rate: self.claim_rate,
                     commit_rate: self.commit_rate,
+                    blob_rate_per_min: self.blob_rate_per_min,
+                },
+                blobs: gateway::BlobSettings {
+                    max_bytes: mib(self.blob_max_mb),
+                    quota_bytes: mib(self.blob_quota_mb),
+                    ttl: Duration::from_secs(self.blob_ttl_secs),
                 },
                 turn,
                 web_root: (!self.web_root.is_empty()).then(|| self.web_root.into()),

@@ -22,6 +22,9 @@ const DELIVERY_TOKEN_HASH_CONTEXT: &str = "sealpost 2026-11-26 delivery token ha
 /// BLAKE3 `derive_key` context for a delivery token's proof (see [`delivery_proof`]).
 const DELIVERY_PROOF_CONTEXT: &str = "sealpost 2026-12-06 delivery token proof v1";
 
+/// BLAKE3 `derive_key` context for the key that hashes an attachment's uploader.
+const BLOB_OWNER_CONTEXT: &str = "sealpost 2026-12-06 attachment owner v1";
+
 /// BLAKE3 `derive_key` context for the session-ticket MAC key.
 const SESSION_TICKET_CONTEXT: &str = "sealpost 2026-12-06 session ticket mac v1";
 
@@ -135,6 +138,13 @@ impl TokenHasher {
     /// string), e.g. the key that hashes names in the NATS store. The copy is not zeroized.
     pub fn derive_secret(&self, context: &str) -> [u8; 32] {
         blake3::derive_key(context, self.key.as_ref())
+    }
+
+    /// What an attachment of `user` is counted under (for its quota): a keyed hash, so the
+    /// blob store holds no handle.
+    pub fn blob_owner(&self, user: &str) -> [u8; 32] {
+        let key = self.derive_secret(BLOB_OWNER_CONTEXT);
+        *blake3::keyed_hash(&key, user.as_bytes()).as_bytes()
     }
 
     /// The stored form of a token.

@@ -21,6 +21,7 @@ use crate::{
     mailbox::{MailboxConfig, Mailboxes, Registry},
     store::{
         SledStore, StoreOptions, Stores,
+        blobs::{files::FileBlobs, memory::MemoryBlobs},
         memory::MemoryStore,
         nats::{NatsOptions, NatsStore},
     },
@@ -93,13 +94,15 @@ async fn open_store(
     hasher: &TokenHasher,
 ) -> anyhow::Result<(Stores, Option<NatsStore>)> {
     Ok(match &config.backend {
-        Backend::Sled => (
-            Stores::from_backend(Arc::new(SledStore::open(&config.store)?)),
-            None,
-        ),
+        Backend::Sled => {
+            let blobs = FileBlobs::open(&config.store.dir.join("attachments"))?;
+            let stores = Stores::from_backend(Arc::new(SledStore::open(&config.store)?));
+            (stores.with_blobs(Arc::new(blobs)), None)
+        }
         Backend::Memory => {
             warn!("store: memory; nothing is durable and everything is lost on exit");
-            (Stores::from_backend(Arc::new(MemoryStore::new())), None)
+            let stores = Stores::from_backend(Arc::new(MemoryStore::new()));
+            (stores.with_blobs(Arc::new(MemoryBlobs::new())), None)
         }
         Backend::Nats(nats) => {
             let options = NatsOptions {
@@ -347,6 +350,15 @@ async fn sweep(state: Arc<AppState>, period: Duration) {
         state.turn.housekeep();
         state.federation.housekeep();
         state.store.health.check_room();
+        if let Some(blobs) = &state.store.blobs {
+            match blobs.expire(now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    metrics::counter!("sealpost_blobs_expired_total").increment(n as u64);
+                }
+                Err(e) => warn!(error = %e, "expiring attachments failed"),
+            }
+        }
         const BATCH: usize = 10_000;
         let mut previous_first = None;
         loop {

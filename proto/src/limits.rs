@@ -19,6 +19,9 @@ pub const MAX_GROUP_DEVICES: usize = 4000;
 /// Most devices one account may have; also the most copies a single send may carry.
 pub const MAX_DEVICES_PER_USER: usize = 16;
 
+/// Largest piece of an attachment upload (one `PATCH`), in bytes.
+pub const MAX_BLOB_PIECE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Most sequence numbers one `ack` frame may carry.
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
 

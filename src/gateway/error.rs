@@ -23,6 +23,12 @@ pub enum ApiError {
     /// Too many requests from this address.
     #[error("rate limited")]
     RateLimited,
+    /// Larger than allowed (an attachment over the cap, a piece over its limit).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The account holds as many attachment bytes as it may.
+    #[error("attachment quota exceeded; wait for earlier attachments to expire")]
+    QuotaExceeded,
     /// The broker is shutting down or its store failed.
     #[error("service unavailable")]
     Unavailable,
@@ -38,6 +44,8 @@ impl ApiError {
         "not_found",
         "conflict",
         "rate_limited",
+        "too_large",
+        "quota_exceeded",
         "unavailable",
     ];
 
@@ -49,6 +57,8 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::Conflict => "conflict",
             ApiError::RateLimited => "rate_limited",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::QuotaExceeded => "quota_exceeded",
             ApiError::Unavailable => "unavailable",
         }
     }
@@ -63,6 +73,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Conflict => StatusCode::CONFLICT,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooLarge(_) | ApiError::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -121,6 +132,8 @@ mod tests {
             ApiError::NotFound,
             ApiError::Conflict,
             ApiError::RateLimited,
+            ApiError::TooLarge(String::new()),
+            ApiError::QuotaExceeded,
             ApiError::Unavailable,
         ] {
             assert!(ApiError::CODES.contains(&e.code()), "{}", e.code());

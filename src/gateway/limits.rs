@@ -27,6 +27,8 @@ pub struct Limits {
     /// Commits per group at its hub, so that one member's commit storm cannot keep the
     /// others from ever taking an epoch.
     commit: Option<DefaultKeyedRateLimiter<Vec<u8>>>,
+    /// Attachments started per account.
+    blob: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 /// The key an address is limited under: an IPv4 address itself (also when written as an
@@ -57,7 +59,16 @@ impl Limits {
             stranger: burst4(r.stranger_rate).map(DefaultKeyedRateLimiter::keyed),
             claim: burst4(r.claim_rate).map(DefaultKeyedRateLimiter::keyed),
             commit: burst4(r.commit_rate).map(DefaultKeyedRateLimiter::keyed),
+            blob: NonZeroU32::new(r.blob_rate_per_min)
+                .map(|rate| DefaultKeyedRateLimiter::keyed(Quota::per_minute(rate))),
         }
+    }
+
+    /// Whether `user` may start one more attachment now.
+    pub fn allow_blob(&self, user: &str) -> bool {
+        self.blob
+            .as_ref()
+            .is_none_or(|l| l.check_key(&user.to_owned()).is_ok())
     }
 
     /// Whether one more Commit for `group` may take an epoch at its hub now.
@@ -107,6 +118,9 @@ impl Limits {
             l.retain_recent();
         }
         if let Some(l) = &self.commit {
+            l.retain_recent();
+        }
+        if let Some(l) = &self.blob {
             l.retain_recent();
         }
     }

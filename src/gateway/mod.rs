@@ -25,6 +25,7 @@
 //! - [`secrets`]: how every secret that reaches the broker leaves its memory again.
 //! - [`tickets`]: one-time session tickets, presented on `/v1/ws` instead of the token.
 
+pub mod blobs;
 pub mod client_ip;
 pub mod error;
 pub(crate) mod extract;
@@ -55,7 +56,7 @@ use std::sync::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-pub use self::settings::{Registration, Settings};
+pub use self::settings::{BlobSettings, Registration, Settings};
 use crate::{
     crypto::TokenHasher,
     federation::Federation,
@@ -72,6 +73,7 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
         .route("/v1/ws", get().to(session::upgrade))
         .route("/v1/sealed", get().to(sealed::upgrade))
         .configure(keys::routes)
+        .configure(blobs::routes)
         .configure(federation::routes)
         .configure(turn::routes)
         .configure(tickets::routes)

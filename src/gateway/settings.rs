@@ -37,6 +37,29 @@ pub struct Rates {
     pub claim_rate: u32,
     /// Commits per second for one group at its hub (bursts of four times that).
     pub commit_rate: u32,
+    /// Attachments one account may start per minute.
+    pub blob_rate_per_min: u32,
+}
+
+/// Attachments (`/v1/accounts/{h}/blobs`, `/v1/blobs/{id}`).
+#[derive(Debug, Clone)]
+pub struct BlobSettings {
+    /// Largest attachment, bytes.
+    pub max_bytes: u64,
+    /// Bytes of unexpired attachments one account may hold.
+    pub quota_bytes: u64,
+    /// How long an attachment is kept after it is started.
+    pub ttl: Duration,
+}
+
+impl Default for BlobSettings {
+    fn default() -> Self {
+        BlobSettings {
+            max_bytes: 100 << 20,
+            quota_bytes: 2 << 30,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 /// The call relay (coturn, TURN REST scheme).
@@ -64,6 +87,8 @@ pub struct Settings {
     pub trusted_proxies: TrustedProxies,
     /// Rate limits.
     pub rates: Rates,
+    /// Attachments.
+    pub blobs: BlobSettings,
     /// The call relay.
     pub turn: TurnSettings,
     /// The browser client's files, served at `/web/` when set.
@@ -104,6 +129,7 @@ impl Settings {
             platform_key: None,
             trusted_proxies: TrustedProxies::default(),
             rates: Rates::default(),
+            blobs: BlobSettings::default(),
             turn: TurnSettings::default(),
             web_root: None,
             heartbeat: Duration::from_secs(15),

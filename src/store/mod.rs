@@ -1,6 +1,6 @@
 //! Durable state, behind seams cut by intent: [`Inbox`] (per-device envelope queues),
 //! [`Directory`] (accounts, devices, keys, tokens), [`Outbox`] (federation queues per
-//! destination domain) and [`Health`]. Everything above this module talks to these traits
+//! destination domain), [`blobs::Blobs`] (attachments) and [`Health`]. Everything above this module talks to these traits
 //! through a [`Stores`]; only the backends know how they keep their promises.
 //!
 //! ```text
@@ -45,6 +45,7 @@
 //! Key layouts of the sled backend live in [`keys`] (one catalogue; the on-disk format),
 //! record types in [`records`].
 
+pub mod blobs;
 #[doc(hidden)]
 pub mod contract;
 pub mod keys;
@@ -109,6 +110,9 @@ pub struct Stores {
     pub health: Arc<dyn Health>,
     /// Wakes the holders of devices' sockets, in whatever process they are.
     pub live: Arc<dyn live::LiveDelivery>,
+    /// Attachment blobs; `None` where the backend has none yet (the NATS store), and the
+    /// blob routes answer that they are unavailable.
+    pub blobs: Option<Arc<dyn blobs::Blobs>>,
 }
 
 impl Stores {
@@ -120,6 +124,15 @@ impl Stores {
             outbox: backend.clone(),
             health: backend,
             live: live::InProcess::new(),
+            blobs: None,
+        }
+    }
+
+    /// The same stores with attachment blobs.
+    pub fn with_blobs(self, blobs: Arc<dyn blobs::Blobs>) -> Self {
+        Stores {
+            blobs: Some(blobs),
+            ..self
         }
     }
 
