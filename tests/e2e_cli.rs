@@ -499,3 +499,125 @@ fn a_group_is_created_written_to_and_listed_from_the_cli() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+/// Bytes of the attachments the broker holds, whole or not.
+fn attachment_bytes(broker: &Broker) -> u64 {
+    std::fs::read_dir(broker.data_dir().join("attachments"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().ends_with(".meta"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_file_resumes_after_the_sender_is_killed_arrives_whole_and_a_changed_one_is_refused() {
+    let broker = Broker::start(&[]);
+    let server = broker.http();
+    let alice = tempfile::tempdir().expect("tempdir");
+    let bob = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (alice.path(), bob.path());
+    let (alice_h, bob_h) = ("alice@test.example", "bob@test.example");
+    ok(a, &["register", "--server", &server, "--handle", alice_h]);
+    ok(b, &["register", "--server", &server, "--handle", bob_h]);
+
+    // 24 MiB with a canary the broker must never hold in the clear.
+    let canary = b"CANARY-PHOTO-OF-THE-CAT-0123456789";
+    let mut photo: Vec<u8> = (0..24 * 1024 * 1024u32)
+        .map(|i| (i % 253).to_le_bytes()[0])
+        .collect();
+    for at in (0..photo.len() - canary.len()).step_by(1024 * 1024) {
+        photo[at..at + canary.len()].copy_from_slice(canary);
+    }
+    let source = tempfile::tempdir().expect("tempdir");
+    let path = source.path().join("cat.jpg");
+    std::fs::write(&path, &photo).expect("write");
+    let path_arg = path.to_str().expect("utf-8 path");
+
+    // The sender is killed once part of it is up; run again, it goes on from there.
+    let mut sending = Command::new(cli())
+        .arg("--state-dir")
+        .arg(a)
+        .args(["send-file", "--to", bob_h, path_arg])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sealpost-cli");
+    let deadline = Instant::now() + WAIT;
+    while attachment_bytes(&broker) < 8 * 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the upload never got going");
+        assert!(
+            sending.try_wait().expect("wait").is_none(),
+            "finished too soon to be cut"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sending.kill().expect("kill -9");
+    sending.wait().expect("reaped");
+    let before = attachment_bytes(&broker);
+    let out = ok(a, &["send-file", "--to", bob_h, path_arg]);
+    assert!(out.contains("Sent"), "{out}");
+    let uploads = std::fs::read_dir(broker.data_dir().join("attachments"))
+        .expect("attachments")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".meta"))
+        .count();
+    assert_eq!(uploads, 1, "the second run went on with the first's upload");
+    assert!(attachment_bytes(&broker) < before + photo.len() as u64);
+
+    let files = b.join("received");
+    let files_arg = files.to_str().expect("utf-8 path");
+    let out = ok(b, &["listen", "--count", "1", "--files-dir", files_arg]);
+    assert!(
+        out.contains("alice@test.example sent a file: cat.jpg"),
+        "{out}"
+    );
+    let saved = std::fs::read(files.join("cat.jpg")).expect("saved");
+    assert_eq!(blake3::hash(&saved), blake3::hash(&photo), "the same bytes");
+    for (file, bytes) in files_under(&broker.data_dir()) {
+        assert!(
+            memchr::memmem::find(&bytes, canary).is_none(),
+            "the file's plaintext is in {}",
+            file.display()
+        );
+    }
+
+    // A file changed at the broker is refused, with a clear reason, and not saved.
+    let note = source.path().join("note.txt");
+    std::fs::write(&note, vec![b'n'; 300_000]).expect("write");
+    ok(
+        a,
+        &["send-file", "--to", bob_h, note.to_str().expect("utf-8")],
+    );
+    let (blob, mut bytes) = files_under(&broker.data_dir().join("attachments"))
+        .into_iter()
+        .find(|(p, b)| p.extension().is_some_and(|e| e == "blob") && b.len() < 1024 * 1024)
+        .expect("the note's blob");
+    bytes[100_000] ^= 1;
+    std::fs::write(&blob, &bytes).expect("change it");
+    let out = run(b, &["listen", "--count", "1", "--files-dir", files_arg]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note.txt") && stderr.contains("does not open: it was changed"),
+        "{stderr}"
+    );
+    assert!(!files.join("note.txt").exists(), "nothing saved");
+}

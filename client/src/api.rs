@@ -13,6 +13,8 @@
 //! | PUT | `/v1/accounts/{h}/delivery-token` | [`Api::put_delivery_token`] |
 //! | POST | `/v1/accounts/{h}/link-codes` | [`Api::new_link_code`] |
 //! | POST | `/v1/accounts/{h}/session-ticket` | [`Api::session_ticket`] (to log in on `/v1/ws`) |
+//! | POST, PATCH | `/v1/accounts/{h}/blobs[/{id}]` | [`Api::start_blob`], [`Api::put_blob_piece`] (attachments) |
+//! | HEAD, GET | `/v1/blobs/{id}` | [`Api::blob_offset`], [`Api::blob_range`] (anonymous) |
 //!
 //! Errors carry the broker's stable `{"error", "message"}` answer; their `Display` never
 //! contains a token.
@@ -28,6 +30,19 @@ use crate::{engine::KeyUpload, http};
 
 /// How long one HTTP request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one piece of an attachment (up to 4 MiB) may take to go up or come down.
+const BLOB_PIECE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The `Upload-Offset` of an answer.
+fn upload_offset(resp: &Response) -> Option<u64> {
+    resp.headers()
+        .get("upload-offset")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
 
 pub use crate::error::ApiError;
 
@@ -248,6 +263,83 @@ impl Api {
             .await?;
         let answer: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
         http::broker_devices(&answer).ok_or(ApiError::BadAnswer(WHAT))
+    }
+
+    /// `POST .../blobs`: starts an attachment upload of `size` bytes; its id (base64url).
+    pub async fn start_blob(&self, creds: &DeviceCreds, size: u64) -> Result<String, ApiError> {
+        let path = format!("/v1/accounts/{}/blobs", creds.handle);
+        let resp = self
+            .authed(Method::POST, &path, creds)
+            .json(&json!({ "size": size }))
+            .send()
+            .await?;
+        let answer: Value = Self::json(
+            Self::check(resp, "starting an upload").await?,
+            "starting an upload",
+        )
+        .await?;
+        answer["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or(ApiError::BadAnswer("starting an upload"))
+    }
+
+    /// `PATCH .../blobs/{id}`: appends `piece` at `offset`; the bytes the broker holds after
+    /// it. A piece at the wrong offset answers where the upload ends instead (`Err` only for
+    /// other refusals).
+    pub async fn put_blob_piece(
+        &self,
+        creds: &DeviceCreds,
+        id: &str,
+        offset: u64,
+        piece: Vec<u8>,
+    ) -> Result<u64, ApiError> {
+        let path = format!("/v1/accounts/{}/blobs/{id}", creds.handle);
+        let resp = self
+            .authed(Method::PATCH, &path, creds)
+            .header("upload-offset", offset.to_string())
+            .timeout(BLOB_PIECE_TIMEOUT)
+            .body(piece)
+            .send()
+            .await?;
+        let at = upload_offset(&resp);
+        match (resp.status(), at) {
+            (StatusCode::NO_CONTENT | StatusCode::CONFLICT, Some(at)) => Ok(at),
+            _ => Err(Self::check(resp, "uploading a file")
+                .await
+                .err()
+                .unwrap_or(ApiError::BadAnswer("uploading a file"))),
+        }
+    }
+
+    /// `HEAD /v1/blobs/{id}`: the bytes of an upload the broker holds (where to resume).
+    pub async fn blob_offset(&self, id: &str) -> Result<u64, ApiError> {
+        let resp = self
+            .request(Method::HEAD, &format!("/v1/blobs/{id}"))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(ApiError::Refused {
+                what: "resuming an upload",
+                status: resp.status().as_u16(),
+                code: "not_found".into(),
+                message: "no such upload (expired?)".into(),
+            });
+        }
+        upload_offset(&resp).ok_or(ApiError::BadAnswer("resuming an upload"))
+    }
+
+    /// `GET /v1/blobs/{id}` with `Range: bytes={start}-{end - 1}`: those bytes of a whole
+    /// attachment, fetched without credentials.
+    pub async fn blob_range(&self, id: &str, start: u64, end: u64) -> Result<Vec<u8>, ApiError> {
+        let resp = self
+            .request(Method::GET, &format!("/v1/blobs/{id}"))
+            .header("range", format!("bytes={start}-{}", end - 1))
+            .timeout(BLOB_PIECE_TIMEOUT)
+            .send()
+            .await?;
+        let resp = Self::check(resp, "downloading a file").await?;
+        Ok(resp.bytes().await?.to_vec())
     }
 
     /// `DELETE /v1/accounts/{h}/devices/{id}`.

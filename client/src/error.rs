@@ -32,6 +32,9 @@ pub enum ClientError {
     /// The local state could not be read or written.
     #[error("local state: {0}")]
     Store(#[from] StoreError),
+    /// An attachment could not be opened or checked.
+    #[error("{0}")]
+    Attachment(#[from] crate::crypto::AttachmentError),
     /// The state directory could not be used.
     #[cfg(feature = "net")]
     #[error("state directory {path}: {error}")]

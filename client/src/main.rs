@@ -93,14 +93,26 @@ enum Command {
         #[arg(required = true)]
         message: Vec<String>,
     },
-    /// Print incoming messages as they arrive.
+    /// Send a file: encrypted on this device, uploaded (an interrupted upload of the same file
+    /// resumes when this is run again), then announced to the recipient.
+    SendFile {
+        /// The recipient handle.
+        #[arg(long)]
+        to: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// Print incoming messages as they arrive; received files are saved.
     Listen {
-        /// Exit after this many messages.
+        /// Exit after this many messages (files count as messages).
         #[arg(long)]
         count: Option<usize>,
         /// Exit once everything queued has been received.
         #[arg(long)]
         until_empty: bool,
+        /// Where received files are saved (default: `files` in the state directory).
+        #[arg(long)]
+        files_dir: Option<PathBuf>,
     },
     /// List conversations (or show one).
     Conversations {
@@ -417,7 +429,26 @@ async fn main() -> Result<()> {
             // the same burst as the sealed send.
             client.flush_transcripts().await.map_err(explain)?;
         }
-        Command::Listen { count, until_empty } => {
+        Command::SendFile { to, path } => {
+            let mut client = Client::open(&dir).await?;
+            let bar = progress_bar(&format!("Sending {}", path.display()));
+            client
+                .send_file(&to, &path, |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .await
+                .map_err(|e| explain(e).context("not sent"))?;
+            bar.finish_and_clear();
+            println!("Sent {} to {to}.", path.display());
+            client.flush_transcripts().await.map_err(explain)?;
+        }
+        Command::Listen {
+            count,
+            until_empty,
+            files_dir,
+        } => {
+            let files_dir = files_dir.unwrap_or_else(|| dir.join("files"));
             let mut client = Client::open(&dir).await?;
             let mut messages = 0;
             let mut backoff = RECONNECT_MIN;
@@ -447,11 +478,29 @@ async fn main() -> Result<()> {
                     Err(e) => return Err(e.into()),
                 };
                 match &event {
-                    Event::Message(_) | Event::Group(GroupEvent::Message { .. }) => messages += 1,
+                    Event::Message(_)
+                    | Event::Group(GroupEvent::Message { .. })
+                    | Event::File { .. } => messages += 1,
                     Event::QueueEmpty if until_empty => break,
                     _ => {}
                 }
                 print_event(&event);
+                if let Event::File { from, file, .. } = &event {
+                    let bar = progress_bar(&format!("Receiving {}", file.name));
+                    let saved = client
+                        .save_file(file, &files_dir, |done, total| {
+                            bar.set_length(total);
+                            bar.set_position(done);
+                        })
+                        .await;
+                    bar.finish_and_clear();
+                    match saved {
+                        Ok(path) => println!("Saved {}'s file to {}.", from, path.display()),
+                        Err(e) => {
+                            eprintln!("The file {} from {from} was not saved: {e}", file.name)
+                        }
+                    }
+                }
             }
         }
         Command::Conversations { with } => {
@@ -689,9 +738,34 @@ fn print_group_event(event: &GroupEvent) {
     }
 }
 
+/// A progress bar on standard error (hidden when it is not a terminal).
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
 fn print_event(event: &Event) {
     match event {
         Event::Message(m) => println!("[{}] {}: {}", format_time(m.sent_ms), m.from, m.text),
+        Event::File {
+            from,
+            file,
+            sent_ms,
+            ..
+        } => println!(
+            "[{}] {from} sent a file: {} ({} bytes, {})",
+            format_time(*sent_ms),
+            file.name,
+            file.plain_size().unwrap_or(file.size),
+            file.media_type
+        ),
         Event::SentElsewhere {
             to,
             device,

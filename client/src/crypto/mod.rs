@@ -79,6 +79,7 @@
 //! Each module has its own error enum. Their `Display` texts never contain handles, keys or
 //! plaintext, so they are safe to log.
 
+pub mod attachment;
 pub mod device_list;
 pub mod group;
 pub mod identity;
@@ -92,6 +93,7 @@ pub mod seen;
 pub mod session;
 pub mod store;
 
+pub use attachment::{AttachmentError, FileKey, FileRef};
 pub use device_list::{DeviceList, DeviceListError, SeenDeviceList, SignedDeviceList};
 pub use identity::{
     DeviceKeys, KeyError, MasterKey, PublicDeviceKeys, SealSecretKey, SignedOneTimeKey,

@@ -24,6 +24,8 @@
 //! | 11 | [`Payload::Busy`] | `[bin call id (16)]` |
 //! | 12 | [`Payload::Decline`] | `[bin call id (16)]` |
 //! | 13 | [`Payload::AnsweredElsewhere`] | `[bin call id (16), u32 device]` |
+//! | 14 | [`Payload::File`] | `[bin blob id (32), bin key (32), u64 size, bin digest (32), str name, str media type, str domain]` ([`FileRef`]) |
+//! | 15 | [`Payload::SentFile`] | `[str to, [the body of kind 14]]` |
 //!
 //! Call signaling (kinds 7–13) travels like every other payload: Olm-encrypted and sealed, so
 //! the broker never sees an SDP, an ICE candidate or a DTLS fingerprint. The fingerprint in an
@@ -42,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::decode_exact;
+use super::{attachment::FileRef, decode_exact};
 
 /// Format byte of the payload encoding.
 const FORMAT: u8 = 1;
@@ -60,6 +62,8 @@ const KIND_HANG_UP: u16 = 10;
 const KIND_BUSY: u16 = 11;
 const KIND_DECLINE: u16 = 12;
 const KIND_ANSWERED_ELSEWHERE: u16 = 13;
+const KIND_FILE: u16 = 14;
+const KIND_SENT_FILE: u16 = 15;
 
 /// Identifies one call across its signaling messages (random, chosen by the caller).
 pub type CallId = [u8; 16];
@@ -89,6 +93,18 @@ pub enum Payload {
     Text {
         /// The message text.
         body: String,
+    },
+    /// A file: where its encrypted bytes are, and the key that opens them.
+    File {
+        /// The attachment.
+        file: FileRef,
+    },
+    /// A transcript of a file sent to `to`, for the sender's own other devices.
+    SentFile {
+        /// The recipient.
+        to: String,
+        /// The attachment.
+        file: FileRef,
     },
     /// The sender's delivery token: what admits sealed envelopes to the sender's account, so
     /// the recipient can reply (and write later) without naming itself to the broker.
@@ -266,6 +282,8 @@ impl Payload {
     pub fn encode(&self) -> Vec<u8> {
         let (kind, body) = match self {
             Payload::Text { body } => (KIND_TEXT, rmp_serde::to_vec(&TextBody(body.clone()))),
+            Payload::File { file } => (KIND_FILE, rmp_serde::to_vec(file)),
+            Payload::SentFile { to, file } => (KIND_SENT_FILE, rmp_serde::to_vec(&(to, file))),
             Payload::DeliveryToken { token } => {
                 let mut body = TokenBody(ByteBuf::from(token.to_vec()));
                 let encoded = rmp_serde::to_vec(&body);
@@ -398,6 +416,17 @@ impl Payload {
                 let TextBody(body) = decode_exact(body).ok_or(PayloadError::Malformed)?;
                 Ok(Payload::Text { body })
             }
+            KIND_FILE => {
+                let file: FileRef = decode_exact(body).ok_or(PayloadError::Malformed)?;
+                file.file_key().map_err(|_| PayloadError::Malformed)?;
+                Ok(Payload::File { file })
+            }
+            KIND_SENT_FILE => {
+                let (to, file): (String, FileRef) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                file.file_key().map_err(|_| PayloadError::Malformed)?;
+                Ok(Payload::SentFile { to, file })
+            }
             KIND_DELIVERY_TOKEN => {
                 let TokenBody(token) = decode_exact(body).ok_or(PayloadError::Malformed)?;
                 Ok(Payload::DeliveryToken {
@@ -502,6 +531,10 @@ impl fmt::Debug for Payload {
             Payload::DeliveryToken { .. } => {
                 f.debug_struct("DeliveryToken").finish_non_exhaustive()
             }
+            Payload::File { file } | Payload::SentFile { file, .. } => f
+                .debug_struct("File")
+                .field("file", file)
+                .finish_non_exhaustive(),
             Payload::Sent { body, .. } => f
                 .debug_struct("Sent")
                 .field("body_len", &body.len())
@@ -647,6 +680,43 @@ mod tests {
         let mut bad = vec![1, 0, 10];
         bad.extend(rmp_serde::to_vec(&CallIdBody(ByteBuf::from(vec![1; 15]))).unwrap());
         assert_eq!(Payload::decode(&bad), Err(PayloadError::Malformed));
+    }
+
+    #[test]
+    fn file_kinds_round_trip_hide_their_key_and_need_one() {
+        let file = FileRef {
+            id: ByteBuf::from(vec![1; 32]),
+            key: ByteBuf::from(vec![2; 32]),
+            size: 1234,
+            digest: ByteBuf::from(vec![3; 32]),
+            name: "canary-name.jpg".into(),
+            media_type: "image/jpeg".into(),
+            domain: "a.example".into(),
+        };
+        for payload in [
+            Payload::File { file: file.clone() },
+            Payload::SentFile {
+                to: "bob@b.example".into(),
+                file: file.clone(),
+            },
+        ] {
+            assert_eq!(Payload::decode(&payload.encode()).unwrap(), payload);
+            let shown = format!("{payload:?}");
+            assert!(
+                !shown.contains("canary") && !shown.contains("2, 2"),
+                "{shown}"
+            );
+        }
+        let keyless = Payload::File {
+            file: FileRef {
+                key: ByteBuf::from(vec![2; 5]),
+                ..file
+            },
+        };
+        assert_eq!(
+            Payload::decode(&keyless.encode()),
+            Err(PayloadError::Malformed)
+        );
     }
 
     #[test]

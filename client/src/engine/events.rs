@@ -3,7 +3,10 @@
 
 use sealpost_proto::EnvelopeId;
 
-use crate::{crypto::Payload, error::EnvelopeError};
+use crate::{
+    crypto::{FileRef, Payload},
+    error::EnvelopeError,
+};
 
 /// What reading the broker's frames produced (the SDK's `Client::next_event`).
 #[derive(Debug)]
@@ -11,6 +14,17 @@ use crate::{crypto::Payload, error::EnvelopeError};
 pub enum Event {
     /// A message from a contact.
     Message(ReceivedMessage),
+    /// A file from a contact: where it is and how to open it (the SDK downloads it).
+    File {
+        /// The sender (verified).
+        from: String,
+        /// The sender's device.
+        device: u32,
+        /// The sender's clock, ms since the Unix epoch.
+        sent_ms: u64,
+        /// The attachment.
+        file: FileRef,
+    },
     /// A message this account sent from another of its devices.
     SentElsewhere {
         /// The recipient.

@@ -322,6 +322,41 @@ impl Engine {
                     text: body,
                 })])
             }
+            Payload::File { file } if !own => {
+                self.record.add_message(
+                    &sender.user,
+                    StoredMessage {
+                        outgoing: false,
+                        device: sender.device,
+                        time_ms: sent_ms,
+                        body: file_line(&file),
+                    },
+                );
+                Ok(vec![Event::File {
+                    from: sender.user.clone(),
+                    device: sender.device,
+                    sent_ms,
+                    file,
+                }])
+            }
+            Payload::SentFile { to, file } if own => {
+                let text = file_line(&file);
+                self.record.add_message(
+                    &to,
+                    StoredMessage {
+                        outgoing: true,
+                        device: sender.device,
+                        time_ms: sent_ms,
+                        body: text.clone(),
+                    },
+                );
+                Ok(vec![Event::SentElsewhere {
+                    to,
+                    device: sender.device,
+                    text,
+                    sent_ms,
+                }])
+            }
             Payload::DeliveryToken { token } if !own => {
                 self.record
                     .contacts
@@ -370,6 +405,8 @@ impl Engine {
             | Payload::Busy { .. }
             | Payload::Decline { .. } => Err(unexpected("call signaling from our own account")),
             Payload::Text { .. } => Err(unexpected("text from our own account")),
+            Payload::File { .. } => Err(unexpected("file from our own account")),
+            Payload::SentFile { .. } => Err(unexpected("file transcript from another account")),
             Payload::DeliveryToken { .. } => Err(unexpected("delivery token from our own account")),
             Payload::Sent { .. } => Err(unexpected("sent transcript from another account")),
             Payload::DeviceLinked { .. } => Err(unexpected("device notice from another account")),
@@ -451,4 +488,11 @@ fn with_id(id: EnvelopeId, mut events: Vec<Event>) -> Vec<Event> {
         }
     }
     events
+}
+
+/// How a file shows in a conversation's history: its name and length (the file itself is
+/// wherever the application saved it).
+pub(crate) fn file_line(file: &crate::crypto::FileRef) -> String {
+    let bytes = file.plain_size().unwrap_or(file.size);
+    format!("[file] {} ({bytes} bytes)", file.name)
 }

@@ -143,6 +143,26 @@ pub(crate) struct Record {
     /// Next id of an uploaded KeyPackage (0: none uploaded yet).
     #[serde(default)]
     pub(crate) next_key_package_id: u64,
+    /// Files being uploaded, by what identifies the file (path, length, modification time):
+    /// an upload cut short goes on from where the broker has it.
+    #[serde(default)]
+    pub(crate) uploads: BTreeMap<String, PendingUpload>,
+}
+
+/// A file upload that has not finished.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingUpload {
+    /// The blob's id at the broker (base64url).
+    pub id: String,
+    /// The file's key (sealing again with it gives the same bytes).
+    pub(crate) key: Secret,
+}
+
+impl PendingUpload {
+    /// The file's key.
+    pub fn key(&self) -> Option<crate::crypto::FileKey> {
+        crate::crypto::FileKey::from_bytes(&self.key.0)
+    }
 }
 
 /// One group, as this device keeps it.
@@ -191,6 +211,9 @@ pub(crate) struct QueuedTranscript {
     pub(crate) body: String,
     /// When it goes, ms since the Unix epoch (local clock).
     pub(crate) due_ms: u64,
+    /// A file sent (then `body` is how it shows): the other devices can fetch it too.
+    #[serde(default)]
+    pub(crate) file: Option<crate::crypto::FileRef>,
 }
 
 /// An envelope kept, still sealed, until it can be read.

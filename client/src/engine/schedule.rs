@@ -109,6 +109,17 @@ impl Engine {
     /// a random delay. Save the state afterwards. Nothing is queued if the account's own list
     /// as last fetched has no other device (no text waits in the record for nobody).
     pub fn queue_transcript(&mut self, to: &str, body: &str, now_ms: u64) {
+        self.queue(to, body, None, now_ms);
+    }
+
+    /// Queues a transcript of a file sent to `to`, as [`Engine::queue_transcript`] does a
+    /// text's.
+    pub fn queue_file_transcript(&mut self, to: &str, file: &crate::crypto::FileRef, now_ms: u64) {
+        let line = super::receive::file_line(file);
+        self.queue(to, &line, Some(file.clone()), now_ms);
+    }
+
+    fn queue(&mut self, to: &str, body: &str, file: Option<crate::crypto::FileRef>, now_ms: u64) {
         if self.record.lists.contains_key(self.state.user()) && !self.has_other_devices() {
             return;
         }
@@ -123,6 +134,7 @@ impl Engine {
             to: to.to_owned(),
             body: body.to_owned(),
             due_ms,
+            file,
         });
     }
 
@@ -138,7 +150,10 @@ impl Engine {
             .transcripts
             .front()
             .filter(|t| t.due_ms <= now_ms)
-            .map(|t| Outgoing::transcript(&t.to, &t.body))
+            .map(|t| match &t.file {
+                Some(file) => Outgoing::file_transcript(&t.to, file),
+                None => Outgoing::transcript(&t.to, &t.body),
+            })
     }
 
     /// The recipient and text of the first queued transcript if it is due (for a driver that

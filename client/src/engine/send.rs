@@ -105,6 +105,22 @@ impl Outgoing {
         }
     }
 
+    /// A file to a contact (its line joins the conversation as a text's would).
+    pub fn file(file: crate::crypto::FileRef) -> Self {
+        Self {
+            text: Some(super::receive::file_line(&file)),
+            ..Self::payload(Payload::File { file })
+        }
+    }
+
+    /// A transcript of a file sent to `to`, for this account's other devices.
+    pub fn file_transcript(to: &str, file: &crate::crypto::FileRef) -> Self {
+        Self::payload(Payload::SentFile {
+            to: to.to_owned(),
+            file: file.clone(),
+        })
+    }
+
     /// A transcript of a text sent to `to`, for this account's other devices.
     pub fn transcript(to: &str, body: &str) -> Self {
         Self::payload(Payload::Sent {
@@ -494,5 +510,26 @@ fn frame(route: &Route, envelope: &PreparedEnvelope, delivery: Delivery) -> Clie
             ttl_secs: delivery.ttl_secs,
             copies: envelope.copies.clone(),
         },
+    }
+}
+
+impl super::Engine {
+    /// The unfinished upload of the file `file` identifies (path, length, modification time).
+    pub fn pending_upload(&self, file: &str) -> Option<super::record::PendingUpload> {
+        self.record.uploads.get(file).cloned()
+    }
+
+    /// Remembers an upload started for `file` (saved with the state: the key stays secret).
+    pub fn remember_upload(&mut self, file: &str, id: &str, key: &crate::crypto::FileKey) {
+        let upload = super::record::PendingUpload {
+            id: id.to_owned(),
+            key: super::record::Secret(zeroize::Zeroizing::new(key.to_bytes().to_vec())),
+        };
+        self.record.uploads.insert(file.to_owned(), upload);
+    }
+
+    /// Forgets an upload that finished (or that the broker no longer has).
+    pub fn forget_upload(&mut self, file: &str) {
+        self.record.uploads.remove(file);
     }
 }

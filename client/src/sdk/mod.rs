@@ -46,6 +46,7 @@
 
 mod calls;
 mod devices;
+mod files;
 mod groups;
 mod link;
 mod receive;
