@@ -226,3 +226,50 @@ async fn a_message_from_a_domain_that_is_down_is_held_until_it_is_back() {
         }
     }
 }
+
+/// A file sent across domains: uploaded to the sender's broker, announced over the
+/// federation link, and fetched by the recipient through its own broker (the sender's broker
+/// sees the recipient's broker ask, not the recipient).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_crosses_domains_through_the_recipients_own_broker() {
+    let brokers = start(&[("a.example", "127.0.0.1"), ("b.example", "127.0.0.2")]);
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let mut alice = Client::register(&brokers[0].http(), "alice@a.example", dir_a.path(), None)
+        .await
+        .expect("register");
+    let mut bob = Client::register(&brokers[1].http(), "bob@b.example", dir_b.path(), None)
+        .await
+        .expect("register");
+    let files = tempfile::tempdir().expect("tempdir");
+    let path = files.path().join("plans.pdf");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&path, &data).expect("write");
+    let mut seen = Vec::new();
+    alice
+        .send_file("bob@b.example", &path, |done, total| {
+            seen.push((done, total))
+        })
+        .await
+        .expect("send_file");
+    assert_eq!(seen.last().map(|(d, t)| d == t), Some(true), "{seen:?}");
+    let file = loop {
+        match next(&mut bob).await {
+            Event::File { from, file, .. } => {
+                assert_eq!(from, "alice@a.example");
+                break file;
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (file.name.as_str(), file.media_type.as_str()),
+        ("plans.pdf", "application/pdf")
+    );
+    let out = tempfile::tempdir().expect("tempdir");
+    let saved = bob
+        .save_file(&file, out.path(), |_, _| {})
+        .await
+        .expect("save_file");
+    assert_eq!(std::fs::read(saved).expect("read"), data);
+}

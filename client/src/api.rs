@@ -15,6 +15,7 @@
 //! | POST | `/v1/accounts/{h}/session-ticket` | [`Api::session_ticket`] (to log in on `/v1/ws`) |
 //! | POST, PATCH | `/v1/accounts/{h}/blobs[/{id}]` | [`Api::start_blob`], [`Api::put_blob_piece`] (attachments) |
 //! | HEAD, GET | `/v1/blobs/{id}` | [`Api::blob_offset`], [`Api::blob_range`] (anonymous) |
+//! | GET | `/v1/domains/{d}/blobs/{id}` | [`Api::blob_range`] of another domain's attachment, through this broker |
 //!
 //! Errors carry the broker's stable `{"error", "message"}` answer; their `Display` never
 //! contains a token.
@@ -330,10 +331,21 @@ impl Api {
     }
 
     /// `GET /v1/blobs/{id}` with `Range: bytes={start}-{end - 1}`: those bytes of a whole
-    /// attachment, fetched without credentials.
-    pub async fn blob_range(&self, id: &str, start: u64, end: u64) -> Result<Vec<u8>, ApiError> {
+    /// attachment, fetched without credentials; one kept by another domain's broker
+    /// (`remote`) through this broker (`/v1/domains/{domain}/blobs/{id}`).
+    pub async fn blob_range(
+        &self,
+        remote: Option<&str>,
+        id: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, ApiError> {
+        let path = match remote {
+            Some(domain) => format!("/v1/domains/{domain}/blobs/{id}"),
+            None => format!("/v1/blobs/{id}"),
+        };
         let resp = self
-            .request(Method::GET, &format!("/v1/blobs/{id}"))
+            .request(Method::GET, &path)
             .header("range", format!("bytes={start}-{}", end - 1))
             .timeout(BLOB_PIECE_TIMEOUT)
             .send()

@@ -450,6 +450,29 @@ impl Federation {
         self.peers.contains_key(domain)
     }
 
+    /// The HTTP base of a peer's broker (its federation endpoint's scheme and host: `wss://`
+    /// is `https://`), for fetching what it serves anonymously (attachments).
+    pub async fn http_base(&self, domain: &str) -> Result<String, DiscoveryError> {
+        let (_, endpoint) = self.resolver.resolve(domain).await?;
+        let invalid = || DiscoveryError::Invalid {
+            domain: domain.to_owned(),
+            what: "its endpoint is not a ws:// or wss:// URL",
+        };
+        let (scheme, rest) = if let Some(rest) = endpoint.strip_prefix("wss://") {
+            ("https", rest)
+        } else if let Some(rest) = endpoint.strip_prefix("ws://") {
+            ("http", rest)
+        } else {
+            return Err(invalid());
+        };
+        let host = rest
+            .split('/')
+            .next()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(invalid)?;
+        Ok(format!("{scheme}://{host}"))
+    }
+
     /// Endpoints and keys of the peers.
     pub(crate) fn resolver(&self) -> &Resolver {
         &self.resolver

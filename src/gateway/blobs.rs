@@ -7,6 +7,7 @@
 //! | PATCH | `/v1/accounts/{h}/blobs/{id}` | a device of `h` (its uploader's account) | append a piece at `Upload-Offset`; answers the new `Upload-Offset` once durable |
 //! | HEAD | `/v1/blobs/{id}` | none | `Upload-Length`, `Upload-Offset` (where to resume) |
 //! | GET | `/v1/blobs/{id}` | none | the whole attachment, or one `Range: bytes=…` (206); only once every byte arrived |
+//! | GET | `/v1/domains/{domain}/blobs/{id}` | none | the same, of an attachment kept by a peer domain's broker: this broker fetches it there (the peer sees this broker, not the client) |
 //!
 //! ```text
 //! POST (size) ─▶ id ─▶ PATCH @0 ─▶ PATCH @n … ─▶ whole ─▶ GET [Range]
@@ -56,6 +57,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::resource("/v1/blobs/{id}")
                 .route(web::head().to(status))
                 .route(web::get().to(download)),
+        )
+        .route(
+            "/v1/domains/{domain}/blobs/{id}",
+            web::get().to(download_from),
         );
 }
 
@@ -207,8 +212,72 @@ async fn download(
     path: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let blobs = store(&state)?.clone();
-    let id = parse_id(&path)?;
+    serve(&state, &path, &req).await
+}
+
+/// An attachment of `domain`: served here if it is this broker's, else fetched from that
+/// domain's broker and passed on as it comes. The peer learns that this broker asked for the
+/// id, not which client; this broker, what it would learn of a download of its own.
+async fn download_from(
+    state: State,
+    _: Admitted,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let (domain, id) = path.into_inner();
+    if domain == state.settings.domain {
+        return serve(&state, &id, &req).await;
+    }
+    if !state.federation.is_peer(&domain) {
+        return Err(ApiError::NotFound);
+    }
+    parse_id(&id)?;
+    let base = state
+        .federation
+        .http_base(&domain)
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    let mut fetch = state.peer_http.get(format!("{base}/v1/blobs/{id}"));
+    if let Some(range) = req.headers().get("range") {
+        fetch = fetch.header("range", range.as_bytes());
+    }
+    let answer = fetch.send().await.map_err(|_| ApiError::Unavailable)?;
+    let status = answer.status().as_u16();
+    let passed = |name: &str| {
+        answer
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_range = passed("content-range");
+    let mut out = match status {
+        200 => HttpResponse::Ok(),
+        206 => HttpResponse::PartialContent(),
+        416 => HttpResponse::RangeNotSatisfiable(),
+        404 => return Err(ApiError::NotFound),
+        _ => return Err(ApiError::Unavailable),
+    };
+    if let Some(range) = content_range {
+        out.insert_header(("Content-Range", range));
+    }
+    out.insert_header(("Content-Type", "application/octet-stream"))
+        .insert_header(("Accept-Ranges", "bytes"))
+        .insert_header(("Cache-Control", "no-store"));
+    let length = answer.content_length();
+    let body = futures_util::StreamExt::map(answer.bytes_stream(), |piece| {
+        piece.map_err(|e| crate::store::StoreError::Io(e.without_url().to_string()))
+    });
+    Ok(match length {
+        Some(length) => out.no_chunking(length).streaming(body),
+        None => out.streaming(body),
+    })
+}
+
+/// A download of one of this broker's attachments.
+async fn serve(state: &AppState, id: &str, req: &HttpRequest) -> Result<HttpResponse, ApiError> {
+    let blobs = store(state)?.clone();
+    let id = parse_id(id)?;
     let info = live_blob(&blobs, id).await?;
     // Half an upload is never served: to a downloader it does not exist yet.
     if !info.whole() {

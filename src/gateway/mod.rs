@@ -113,6 +113,8 @@ pub struct AppState {
     /// fan-out, a peer's deliveries), one permit a byte: a fan-out waits for room rather than
     /// holding gigabytes (a 448 KiB Commit to 4,000 devices would be 1.7 GiB at once).
     pub fanout: Arc<tokio::sync::Semaphore>,
+    /// Fetches attachments from peers' brokers for this broker's users (see `blobs`).
+    pub peer_http: reqwest::Client,
     /// Connections not authenticated yet, capped per address and in total.
     pub pre_auth: Arc<limits::PreAuth>,
     /// Session tickets already used to log in, until they expire.
@@ -143,6 +145,12 @@ impl AppState {
             }),
             socket_budget: Budget::new(settings.socket_buffer_bytes),
             fanout: Arc::new(tokio::sync::Semaphore::new(settings.fanout_buffer_bytes)),
+            peer_http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .read_timeout(std::time::Duration::from_secs(60))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
             pre_auth: limits::PreAuth::new(
                 settings.max_unauthenticated_per_ip,
                 settings.max_unauthenticated,
