@@ -16,6 +16,8 @@
 #   DEVICES=1000 RATE=0 E2E_PIPELINE=             (e2e and federated; RATE=0 is closed loop)
 #   CONNECTIONS=10000 DEVICES_PER_ACCOUNT=1 HOLD=5s (idle)
 #   MEMBERS=10,100,1000 MESSAGES=20 FANOUT_DEVICES=2  (fanout: group_send against 1:1 sends)
+#   LARGE_MIB=200 SMALL_COUNT=100  (blobs: one large attachment, then that many 1 MiB at once;
+#                          the disk's O_DIRECT write speed is measured with dd first)
 #   SCENARIO_TIMEOUT=600   seconds before a scenario is killed
 #   BROKER_ARGS=""         extra flags for `sealpost serve`
 #   SKIP_BUILD=1           use the binaries already in target/release
@@ -43,6 +45,8 @@ HOLD=${HOLD:-5s}
 MEMBERS=${MEMBERS:-10,100,1000}
 MESSAGES=${MESSAGES:-20}
 FANOUT_DEVICES=${FANOUT_DEVICES:-2}
+LARGE_MIB=${LARGE_MIB:-200}
+SMALL_COUNT=${SMALL_COUNT:-100}
 SCENARIO_TIMEOUT=${SCENARIO_TIMEOUT:-600}
 BROKER_ARGS=${BROKER_ARGS:-}
 
@@ -256,8 +260,21 @@ for scenario in $SCENARIOS; do
         fanout)
             run_scenario fanout -- fanout --members "$MEMBERS" --messages "$MESSAGES" \
                 --devices-per-account "$FANOUT_DEVICES" --broker-pid @BROKER_PID@ ;;
+        blobs)
+            # The disk's own speed, in the same run and on the same file system as the data
+            # directories: 200 MiB written with O_DIRECT and synced, then read back.
+            probe=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-data.XXXXXX")
+            echo
+            echo "=== disk (dd, same file system) ==="
+            dd if=/dev/urandom of="$probe/random" bs=4M count=50 status=none
+            dd if="$probe/random" of="$probe/dd" bs=4M oflag=direct conv=fsync 2>&1 | tail -n1 \
+                | tee "$LOGDIR/dd.write"
+            echo -e "disk-write\t$(cat "$LOGDIR/dd.write")" >>"$SUMMARY"
+            rm -rf "$probe"
+            run_scenario blobs --blob-rate-per-min 0 --blob-max-mb 1024 --blob-quota-mb 8192 -- \
+                blobs --large-mib "$LARGE_MIB" --small-count "$SMALL_COUNT" ;;
         *)
-            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e federated idle fanout)" >&2
+            echo "unknown scenario $scenario (known: appends-gc appends-nogc e2e federated idle fanout blobs)" >&2
             failed=1
             ;;
     esac

@@ -71,6 +71,71 @@ impl Api {
     }
 }
 
+impl Api {
+    /// `POST /v1/accounts/{h}/blobs`: starts an attachment of `size` bytes; its id.
+    pub(crate) async fn start_blob(&self, owner: &Account, size: u64) -> Result<String> {
+        let resp = self
+            .client
+            .post(format!("{}/v1/accounts/{}/blobs", self.base, owner.handle))
+            .header("Authorization", owner.bearer())
+            .json(&json!({ "size": size }))
+            .send()
+            .await
+            .context("POST /v1/accounts/{h}/blobs")?;
+        let v = created(resp, "POST /v1/accounts/{h}/blobs").await?;
+        v["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no id in the answer")
+    }
+
+    /// `PATCH /v1/accounts/{h}/blobs/{id}`: one piece at `offset`, durable when it returns.
+    pub(crate) async fn put_piece(
+        &self,
+        owner: &Account,
+        id: &str,
+        offset: u64,
+        piece: Vec<u8>,
+    ) -> Result<()> {
+        let resp = self
+            .client
+            .patch(format!(
+                "{}/v1/accounts/{}/blobs/{id}",
+                self.base, owner.handle
+            ))
+            .header("Authorization", owner.bearer())
+            .header("upload-offset", offset.to_string())
+            .body(piece)
+            .send()
+            .await
+            .context("PATCH /v1/accounts/{h}/blobs/{id}")?;
+        if resp.status() != reqwest::StatusCode::NO_CONTENT {
+            bail!("PATCH /v1/accounts/{{h}}/blobs/{{id}}: {}", resp.status());
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/blobs/{id}`: the whole attachment, streamed; its length.
+    pub(crate) async fn get_blob(&self, id: &str) -> Result<u64> {
+        let resp = self
+            .client
+            .get(format!("{}/v1/blobs/{id}", self.base))
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .context("GET /v1/blobs/{id}")?;
+        if !resp.status().is_success() {
+            bail!("GET /v1/blobs/{{id}}: {}", resp.status());
+        }
+        let mut body = resp.bytes_stream();
+        let mut len = 0u64;
+        while let Some(piece) = body.next().await {
+            len += piece.context("reading the download")?.len() as u64;
+        }
+        Ok(len)
+    }
+}
+
 /// Opaque identity keys for a synthetic device: 32 random bytes, base64 (standard, padded).
 fn identity_keys() -> String {
     let mut keys = [0u8; 32];

@@ -17,6 +17,7 @@
 #![allow(clippy::print_stdout)]
 
 mod api;
+mod blobs;
 mod client;
 mod encrypted;
 mod fanout;
@@ -59,6 +60,9 @@ enum Scenario {
     /// One message to a group of N accounts, as one group_send and as N sends: upload
     /// bytes, time until every device has it, broker CPU per delivered copy.
     Fanout(FanoutArgs),
+    /// Attachments: one large upload in pieces and its download, then many small uploads at
+    /// once: MiB/s.
+    Blobs(BlobsArgs),
 }
 
 // Options every scenario takes. (Plain comments on flattened structs: clap would take a doc
@@ -224,6 +228,24 @@ struct EncryptedArgs {
 }
 
 #[derive(Args, Clone)]
+struct BlobsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// MiB of the large attachment.
+    #[arg(long, default_value_t = 200)]
+    large_mib: usize,
+    /// MiB of each upload piece (at most 4).
+    #[arg(long, default_value_t = 4)]
+    piece_mib: usize,
+    /// Small attachments uploaded at once.
+    #[arg(long, default_value_t = 100)]
+    small_count: usize,
+    /// KiB of each small attachment.
+    #[arg(long, default_value_t = 1024)]
+    small_kib: usize,
+}
+
+#[derive(Args, Clone)]
 struct FanoutArgs {
     #[command(flatten)]
     common: Common,
@@ -260,6 +282,7 @@ fn main() -> Result<()> {
         Scenario::Idle(a) => a.common.threads,
         Scenario::Encrypted(a) => a.common.threads,
         Scenario::Fanout(a) => a.common.threads,
+        Scenario::Blobs(a) => a.common.threads,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -277,6 +300,7 @@ fn main() -> Result<()> {
             Scenario::Idle(a) => Ok(("idle", idle::idle(a).await?)),
             Scenario::Encrypted(a) => Ok(("encrypted", encrypted::encrypted(a).await?)),
             Scenario::Fanout(a) => Ok(("fanout", fanout::fanout(a).await?)),
+            Scenario::Blobs(a) => Ok(("blobs", blobs::blobs(a).await?)),
         }
     })?;
     println!("{}", json_line(name, fields));

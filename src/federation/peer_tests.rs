@@ -205,6 +205,17 @@ impl Fixture {
         }
     }
 
+    /// Acknowledges every transaction sent until `n` answers came: (recipient, id) each.
+    async fn ack_all(&mut self, n: usize) -> Vec<(String, u8)> {
+        let mut sent = Vec::new();
+        while sent.len() < n {
+            let (txn, more) = self.txn().await;
+            self.ack(txn, vec![None; more.len()]);
+            sent.extend(more);
+        }
+        sent
+    }
+
     /// Nothing is sent for a while.
     async fn quiet(&mut self, wait: Duration) {
         assert!(self.frames.is_empty(), "unexpected {:?}", self.frames);
@@ -296,12 +307,7 @@ fn a_recipient_refused_as_full_is_parked_while_others_flow_and_resent_in_order()
         actix::clock::sleep(Duration::from_millis(20)).await;
         assert_eq!(f.outbox(), vec![1, 3], "bob's entries are kept");
         // After bob's backoff, his entries go out in order.
-        let mut resent = Vec::new();
-        while resent.len() < 2 {
-            let (txn, sent) = f.txn().await;
-            f.ack(txn, vec![None; sent.len()]);
-            resent.extend(sent.into_iter().map(|(_, id)| id));
-        }
+        let resent: Vec<u8> = f.ack_all(2).await.into_iter().map(|(_, id)| id).collect();
         assert_eq!(resent, vec![1, 3]);
         f.quiet(Duration::from_millis(100)).await;
         assert!(f.outbox().is_empty());
@@ -364,12 +370,7 @@ fn a_group_message_refused_as_full_for_one_recipient_is_resent_to_it_alone() {
         f.ack(txn, vec![None]);
         actix::clock::sleep(Duration::from_millis(20)).await;
         assert_eq!(f.outbox(), vec![6, 8], "kept until bob has it");
-        let mut resent = Vec::new();
-        while resent.len() < 2 {
-            let (txn, sent) = f.txn().await;
-            f.ack(txn, vec![None; sent.len()]);
-            resent.extend(sent);
-        }
+        let resent = f.ack_all(2).await;
         assert_eq!(
             resent,
             vec![
