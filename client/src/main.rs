@@ -67,6 +67,10 @@ enum Command {
         /// How long to wait for the new device.
         #[arg(long, default_value_t = 600)]
         wait_secs: u64,
+        /// Send the new device this device's conversation history (encrypted end to end; it
+        /// imports it when it next listens).
+        #[arg(long)]
+        send_history: bool,
     },
     /// Link this (new) device to an existing account with a code from an existing device.
     Link {
@@ -366,7 +370,10 @@ async fn main() -> Result<()> {
                 dir.display()
             );
         }
-        Command::LinkCode { wait_secs } => {
+        Command::LinkCode {
+            wait_secs,
+            send_history,
+        } => {
             let mut client = Client::open(&dir).await?;
             let code = client.create_link_code().await?;
             println!("Link code: {}", code.code.as_str());
@@ -385,6 +392,18 @@ async fn main() -> Result<()> {
                 match event {
                     Event::DeviceLinked { device } => {
                         println!("Device {device} linked.");
+                        if send_history {
+                            let bar = progress_bar("Sending the history");
+                            let sent = client
+                                .send_history(device, |done, total| {
+                                    bar.set_length(total);
+                                    bar.set_position(done);
+                                })
+                                .await
+                                .map_err(|e| explain(e).context("the history was not sent"))?;
+                            bar.finish_and_clear();
+                            println!("History sent to device {device} ({sent} bytes).");
+                        }
                         break;
                     }
                     other => print_event(&other),
@@ -485,6 +504,16 @@ async fn main() -> Result<()> {
                     _ => {}
                 }
                 print_event(&event);
+                if let Event::History { from_device, file } = &event {
+                    match client.import_history(file).await {
+                        Ok(n) => {
+                            println!("* history from device {from_device}: {n} messages added")
+                        }
+                        Err(e) => eprintln!(
+                            "! the history from device {from_device} was not imported: {e}"
+                        ),
+                    }
+                }
                 if let Event::File { from, file, .. } = &event {
                     let bar = progress_bar(&format!("Receiving {}", file.name));
                     let saved = client

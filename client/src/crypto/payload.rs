@@ -26,6 +26,7 @@
 //! | 13 | [`Payload::AnsweredElsewhere`] | `[bin call id (16), u32 device]` |
 //! | 14 | [`Payload::File`] | `[bin blob id (32), bin key (32), u64 size, bin digest (32), str name, str media type, str domain]` ([`FileRef`]) |
 //! | 15 | [`Payload::SentFile`] | `[str to, [the body of kind 14]]` |
+//! | 16 | [`Payload::History`] | `[u32 device, [the body of kind 14]]` |
 //!
 //! Call signaling (kinds 7–13) travels like every other payload: Olm-encrypted and sealed, so
 //! the broker never sees an SDP, an ICE candidate or a DTLS fingerprint. The fingerprint in an
@@ -64,6 +65,7 @@ const KIND_DECLINE: u16 = 12;
 const KIND_ANSWERED_ELSEWHERE: u16 = 13;
 const KIND_FILE: u16 = 14;
 const KIND_SENT_FILE: u16 = 15;
+const KIND_HISTORY: u16 = 16;
 
 /// Identifies one call across its signaling messages (random, chosen by the caller).
 pub type CallId = [u8; 16];
@@ -97,6 +99,14 @@ pub enum Payload {
     /// A file: where its encrypted bytes are, and the key that opens them.
     File {
         /// The attachment.
+        file: FileRef,
+    },
+    /// The account's conversation history, for a device just linked to it (sent by another
+    /// of its devices, if its user chose to): an encrypted archive kept as an attachment.
+    History {
+        /// The device it is for (the account's other devices ignore it).
+        device: u32,
+        /// The archive.
         file: FileRef,
     },
     /// A transcript of a file sent to `to`, for the sender's own other devices.
@@ -284,6 +294,7 @@ impl Payload {
             Payload::Text { body } => (KIND_TEXT, rmp_serde::to_vec(&TextBody(body.clone()))),
             Payload::File { file } => (KIND_FILE, rmp_serde::to_vec(file)),
             Payload::SentFile { to, file } => (KIND_SENT_FILE, rmp_serde::to_vec(&(to, file))),
+            Payload::History { device, file } => (KIND_HISTORY, rmp_serde::to_vec(&(device, file))),
             Payload::DeliveryToken { token } => {
                 let mut body = TokenBody(ByteBuf::from(token.to_vec()));
                 let encoded = rmp_serde::to_vec(&body);
@@ -427,6 +438,12 @@ impl Payload {
                 file.file_key().map_err(|_| PayloadError::Malformed)?;
                 Ok(Payload::SentFile { to, file })
             }
+            KIND_HISTORY => {
+                let (device, file): (u32, FileRef) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                file.file_key().map_err(|_| PayloadError::Malformed)?;
+                Ok(Payload::History { device, file })
+            }
             KIND_DELIVERY_TOKEN => {
                 let TokenBody(token) = decode_exact(body).ok_or(PayloadError::Malformed)?;
                 Ok(Payload::DeliveryToken {
@@ -531,7 +548,9 @@ impl fmt::Debug for Payload {
             Payload::DeliveryToken { .. } => {
                 f.debug_struct("DeliveryToken").finish_non_exhaustive()
             }
-            Payload::File { file } | Payload::SentFile { file, .. } => f
+            Payload::File { file }
+            | Payload::SentFile { file, .. }
+            | Payload::History { file, .. } => f
                 .debug_struct("File")
                 .field("file", file)
                 .finish_non_exhaustive(),
@@ -697,6 +716,10 @@ mod tests {
             Payload::File { file: file.clone() },
             Payload::SentFile {
                 to: "bob@b.example".into(),
+                file: file.clone(),
+            },
+            Payload::History {
+                device: 2,
                 file: file.clone(),
             },
         ] {

@@ -25,6 +25,15 @@ pub enum Event {
         /// The attachment.
         file: FileRef,
     },
+    /// The account's history, sent by another of its devices for this one (just linked):
+    /// fetch it and [`import`](super::Engine::import_history) it (the SDK's
+    /// `Client::import_history`).
+    History {
+        /// The device that sent it.
+        from_device: u32,
+        /// The archive.
+        file: FileRef,
+    },
     /// A message this account sent from another of its devices.
     SentElsewhere {
         /// The recipient.

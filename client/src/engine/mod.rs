@@ -49,6 +49,7 @@
 pub mod calls;
 pub mod events;
 pub mod groups;
+pub mod history;
 pub mod keys;
 pub mod link;
 pub mod lists;

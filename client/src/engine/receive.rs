@@ -357,6 +357,15 @@ impl Engine {
                     sent_ms,
                 }])
             }
+            Payload::History { device, file } if own => {
+                if device != self.state.device_id() {
+                    return Ok(Vec::new()); // for the account's new device, not this one
+                }
+                Ok(vec![Event::History {
+                    from_device: sender.device,
+                    file,
+                }])
+            }
             Payload::DeliveryToken { token } if !own => {
                 self.record
                     .contacts
@@ -407,6 +416,7 @@ impl Engine {
             Payload::Text { .. } => Err(unexpected("text from our own account")),
             Payload::File { .. } => Err(unexpected("file from our own account")),
             Payload::SentFile { .. } => Err(unexpected("file transcript from another account")),
+            Payload::History { .. } => Err(unexpected("history from another account")),
             Payload::DeliveryToken { .. } => Err(unexpected("delivery token from our own account")),
             Payload::Sent { .. } => Err(unexpected("sent transcript from another account")),
             Payload::DeviceLinked { .. } => Err(unexpected("device notice from another account")),

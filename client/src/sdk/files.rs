@@ -3,6 +3,10 @@
 //! and announces it in an end-to-end encrypted message; [`Client::save_file`] downloads what
 //! such a message announced, opening and checking it piece by piece.
 //!
+//! A newly linked device can be sent the account's conversation history the same way
+//! ([`Client::send_history`], [`Client::import_history`]): an archive of the conversations,
+//! uploaded as an attachment, its key sent in an Olm message to the account.
+//!
 //! An upload cut short (the program killed, the broker restarted) goes on where the broker has
 //! it: the upload's id and key are kept in the state until it finishes, and sealing again with
 //! the same key gives the same bytes, so nothing but the file itself is needed to resume.
@@ -37,6 +41,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     }
 }
 
+/// An upload that went through: what a [`FileRef`] needs of it.
+struct Uploaded {
+    id: Vec<u8>,
+    key: FileKey,
+    size: u64,
+    digest: [u8; 32],
+}
+
 impl Client {
     /// Sends the file at `path` to `to`: encrypted, uploaded (resuming an earlier attempt at
     /// the same file), then announced. `progress(uploaded, total)` hears of each piece, in
@@ -45,7 +57,7 @@ impl Client {
         &mut self,
         to: &str,
         path: &Path,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<EnvelopeId, ClientError> {
         self.check_contact(to, "sending to your own account is not supported")?;
         let meta = fs::metadata(path).map_err(io(path))?;
@@ -53,17 +65,81 @@ impl Client {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| ClientError::Invalid(format!("{} is not a file", path.display())))?;
-        let plain = meta.len();
-        let total = sealed_size(plain);
         // What identifies this file for a later resume: where it is, its length and its time.
         let modified = meta
             .modified()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
-        let which = format!("{}\n{plain}\n{modified}", path.display());
+        let which = format!("{}\n{}\n{modified}", path.display(), meta.len());
+        let mut file = File::open(path).map_err(io(path))?;
+        let uploaded = self
+            .upload(&mut file, meta.len(), Some(&which), progress)
+            .await
+            .map_err(|e| match e {
+                ClientError::Io { error, .. } => io(path)(error),
+                e => e,
+            })?;
+        let file_ref = self.file_ref(uploaded, name, media_type(path))?;
+        self.share_token_once(to).await?;
+        let sent = self
+            .send_outgoing(to, Outgoing::file(file_ref.clone()))
+            .await?;
+        self.engine.forget_upload(&which);
+        self.engine.queue_file_transcript(to, &file_ref, now_ms());
+        self.save()?;
+        Ok(sent)
+    }
+
+    /// Sends the account's conversation history to `device`, a device just linked to it (its
+    /// user chose to): an encrypted archive uploaded as an attachment, its key in an Olm
+    /// message to the account. Answers how many bytes the archive is.
+    pub async fn send_history(
+        &mut self,
+        device: u32,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<u64, ClientError> {
+        let archive = self.engine.history_archive();
+        let len = archive.len() as u64;
+        let uploaded = self
+            .upload(&mut std::io::Cursor::new(archive), len, None, progress)
+            .await?;
+        let file = self.file_ref(uploaded, "history".into(), HISTORY_TYPE)?;
+        let own = self.engine.user().to_owned();
+        self.own_list().await?;
+        let history = crate::crypto::Payload::History { device, file };
+        self.send_outgoing(&own, Outgoing::payload(history)).await?;
+        self.save()?;
+        Ok(len)
+    }
+
+    /// Fetches the history another device of the account sent this one
+    /// ([`Event::History`](crate::Event::History)) and adds it to this device's
+    /// conversations; answers how many messages were new here.
+    pub async fn import_history(&mut self, file: &FileRef) -> Result<usize, ClientError> {
+        if file.media_type != HISTORY_TYPE || file.size > MAX_HISTORY_BYTES {
+            return Err(ClientError::Invalid("not a history archive".into()));
+        }
+        let mut archive = Vec::new();
+        self.download(file, &mut archive, |_, _| {}).await?;
+        let added = self.engine.import_history(&archive)?;
+        self.save()?;
+        Ok(added)
+    }
+
+    /// Seals `source` (`plain` bytes) under a fresh key and uploads it; with `resume`, an
+    /// earlier upload of the same source that was cut short goes on where the broker has it.
+    async fn upload(
+        &mut self,
+        source: &mut dyn Read,
+        plain: u64,
+        resume: Option<&str>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Uploaded, ClientError> {
+        let total = sealed_size(plain);
         let creds = self.creds();
-        let resumed = match self.engine.pending_upload(&which) {
+        let pending = resume.and_then(|which| self.engine.pending_upload(which));
+        let resumed = match pending {
             Some(upload) => match (upload.key(), self.api.blob_offset(&upload.id).await) {
                 (Some(key), Ok(at)) => Some((upload.id, key, at)),
                 _ => None, // expired at the broker: start again
@@ -75,28 +151,30 @@ impl Client {
             None => {
                 let key = FileKey::generate();
                 let id = self.api.start_blob(&creds, total).await?;
-                self.engine.remember_upload(&which, &id, &key);
-                self.save()?;
+                if let Some(which) = resume {
+                    self.engine.remember_upload(which, &id, &key);
+                    self.save()?;
+                }
                 (id, key, 0)
             }
         };
         progress(at, total);
         // Seal from the start (the digest covers every byte), sending what the broker lacks.
-        let mut file = File::open(path).map_err(io(path))?;
         let mut sealer = FileSealer::new(&key, plain);
         let mut digest = blake3::Hasher::new();
         let (mut sealed_at, mut left) = (0u64, plain);
         let mut piece = Vec::with_capacity(CHUNKS_PER_PIECE * SEALED_CHUNK);
         let mut chunk = vec![0u8; CHUNK];
+        let source_io = |error| ClientError::Io {
+            path: PathBuf::new(),
+            error,
+        };
         loop {
             let len = usize::try_from(left.min(CHUNK as u64)).expect("at most CHUNK");
-            file.read_exact(&mut chunk[..len]).map_err(io(path))?;
+            source.read_exact(&mut chunk[..len]).map_err(source_io)?;
             left -= len as u64;
             let sealed = sealer.seal(&chunk[..len]).ok_or_else(|| {
-                ClientError::Invalid(format!(
-                    "{} changed while it was being sent",
-                    path.display()
-                ))
+                ClientError::Invalid("the file changed while it was being sent".into())
             })?;
             digest.update(&sealed);
             let end = sealed_at + sealed.len() as u64;
@@ -124,27 +202,32 @@ impl Client {
                 break;
             }
         }
-        let file_ref = FileRef {
-            id: ByteBuf::from(
-                URL_SAFE_NO_PAD
-                    .decode(&id)
-                    .map_err(|_| ClientError::Invalid("the broker gave a malformed id".into()))?,
-            ),
-            key: ByteBuf::from(key.to_bytes().to_vec()),
+        let id = URL_SAFE_NO_PAD
+            .decode(&id)
+            .map_err(|_| ClientError::Invalid("the broker gave a malformed id".into()))?;
+        Ok(Uploaded {
+            id,
+            key,
             size: total,
-            digest: ByteBuf::from(digest.finalize().as_bytes().to_vec()),
+            digest: *digest.finalize().as_bytes(),
+        })
+    }
+
+    fn file_ref(
+        &self,
+        uploaded: Uploaded,
+        name: String,
+        media_type: &str,
+    ) -> Result<FileRef, ClientError> {
+        Ok(FileRef {
+            id: ByteBuf::from(uploaded.id),
+            key: ByteBuf::from(uploaded.key.to_bytes().to_vec()),
+            size: uploaded.size,
+            digest: ByteBuf::from(uploaded.digest.to_vec()),
             name,
-            media_type: media_type(path).to_owned(),
+            media_type: media_type.to_owned(),
             domain: own_domain(self.engine.user())?,
-        };
-        self.share_token_once(to).await?;
-        let sent = self
-            .send_outgoing(to, Outgoing::file(file_ref.clone()))
-            .await?;
-        self.engine.forget_upload(&which);
-        self.engine.queue_file_transcript(to, &file_ref, now_ms());
-        self.save()?;
-        Ok(sent)
+        })
     }
 
     /// Downloads a file a message announced into `dir`, opening and checking each piece as it
@@ -154,8 +237,36 @@ impl Client {
         &self,
         file: &FileRef,
         dir: &Path,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<PathBuf, ClientError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let target = free_name(dir, &file.name);
+        let part = target.with_extension("part");
+        let mut out = File::create(&part).map_err(io(&part))?;
+        let fetched = async {
+            self.download(file, &mut out, progress).await?;
+            out.sync_all().map_err(io(&part))?;
+            fs::rename(&part, &target).map_err(io(&target))
+        }
+        .await;
+        if let Err(e) = fetched {
+            let _ = fs::remove_file(&part);
+            return Err(match e {
+                ClientError::Io { error, path } if path.as_os_str().is_empty() => io(&part)(error),
+                e => e,
+            });
+        }
+        Ok(target)
+    }
+
+    /// Fetches, opens and checks an attachment into `out`: every piece is checked as it comes,
+    /// and the whole against the message's digest at the end (`out` then holds it all).
+    async fn download(
+        &self,
+        file: &FileRef,
+        out: &mut dyn Write,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(), ClientError> {
         // Another domain's attachment comes through this account's own broker: that domain's
         // broker sees our broker ask, not this device.
         let remote =
@@ -163,42 +274,38 @@ impl Client {
         let key = file.file_key()?;
         let mut opener = FileOpener::new(&key, file.size)?;
         let id = URL_SAFE_NO_PAD.encode(&file.id);
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let target = free_name(dir, &file.name);
-        let part = target.with_extension("part");
-        let mut out = File::create(&part).map_err(io(&part))?;
         let mut digest = blake3::Hasher::new();
         let mut at = 0u64;
-        let fetched = async {
-            while at < file.size {
-                let end = (at + (CHUNKS_PER_PIECE * SEALED_CHUNK) as u64).min(file.size);
-                // Anonymous: holding the id is what allows it; the request names nobody.
-                let piece = self.anon.blob_range(remote, &id, at, end).await?;
-                if piece.len() as u64 != end - at {
-                    return Err(AttachmentError::Length.into());
-                }
-                digest.update(&piece);
-                for sealed in piece.chunks(SEALED_CHUNK) {
-                    let plain = opener.open(sealed)?;
-                    out.write_all(&plain).map_err(io(&part))?;
-                }
-                at = end;
-                progress(at, file.size);
+        while at < file.size {
+            let end = (at + (CHUNKS_PER_PIECE * SEALED_CHUNK) as u64).min(file.size);
+            // Anonymous: holding the id is what allows it; the request names nobody.
+            let piece = self.anon.blob_range(remote, &id, at, end).await?;
+            if piece.len() as u64 != end - at {
+                return Err(AttachmentError::Length.into());
             }
-            if digest.finalize().as_bytes()[..] != file.digest[..] {
-                return Err(AttachmentError::Digest.into());
+            digest.update(&piece);
+            for sealed in piece.chunks(SEALED_CHUNK) {
+                let plain = opener.open(sealed)?;
+                out.write_all(&plain).map_err(|error| ClientError::Io {
+                    path: PathBuf::new(),
+                    error,
+                })?;
             }
-            out.sync_all().map_err(io(&part))?;
-            fs::rename(&part, &target).map_err(io(&target))
+            at = end;
+            progress(at, file.size);
         }
-        .await;
-        if let Err(e) = fetched {
-            let _ = fs::remove_file(&part);
-            return Err(e);
+        if digest.finalize().as_bytes()[..] != file.digest[..] {
+            return Err(AttachmentError::Digest.into());
         }
-        Ok(target)
+        Ok(())
     }
 }
+
+/// The media type of a history archive.
+const HISTORY_TYPE: &str = "application/x-sealpost-history";
+
+/// Largest history archive a device takes (ciphertext bytes).
+const MAX_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The domain of this account (where its files are kept).
 fn own_domain(user: &str) -> Result<String, ClientError> {
