@@ -121,7 +121,10 @@ async fn open_store(
                 match NatsStore::connect(&options).await {
                     Ok(store) => {
                         let live = Arc::new(store.live());
-                        let stores = Stores::from_backend(Arc::new(store.clone())).with_live(live);
+                        let blobs = Arc::new(store.blobs(nats.replicas).await?);
+                        let stores = Stores::from_backend(Arc::new(store.clone()))
+                            .with_live(live)
+                            .with_blobs(blobs);
                         break (stores, Some(store));
                     }
                     Err(e) if e.to_string().contains("cannot reach NATS") => {

@@ -110,8 +110,8 @@ pub struct Stores {
     pub health: Arc<dyn Health>,
     /// Wakes the holders of devices' sockets, in whatever process they are.
     pub live: Arc<dyn live::LiveDelivery>,
-    /// Attachment blobs; `None` where the backend has none yet (the NATS store), and the
-    /// blob routes answer that they are unavailable.
+    /// Attachment blobs (every backend the server opens has them; `None` in stores built
+    /// for tests without them, where the blob routes answer that they are unavailable).
     pub blobs: Option<Arc<dyn blobs::Blobs>>,
 }
 

@@ -15,6 +15,7 @@
 //! |---|---|
 //! | [`files::FileBlobs`] (with sled, the embedded default) | one file per blob in `attachments/` of the data directory, `fsync`ed before each answer |
 //! | [`memory::MemoryBlobs`] (unit tests, `--store memory`) | memory |
+//! | `nats::NatsBlobs` (scale-out) | chunks on a JetStream stream, records in a KV bucket, shared by the pods |
 
 pub mod files;
 pub mod memory;
@@ -102,8 +103,8 @@ pub trait Blobs: Send + Sync + 'static {
     fn expire(&self, now_ms: u64) -> StoreFuture<usize>;
 }
 
-#[cfg(test)]
-pub(crate) mod contract {
+#[doc(hidden)]
+pub mod contract {
     //! What every backend of [`Blobs`] must do, run against each.
 
     use super::*;
@@ -118,7 +119,7 @@ pub(crate) mod contract {
     }
 
     /// Pieces in order make a whole blob; nothing before that is readable.
-    pub(crate) async fn resumable_upload(b: &dyn Blobs) {
+    pub async fn resumable_upload(b: &dyn Blobs) {
         b.create(blob(1, 7, 10)).await.unwrap();
         assert_eq!(b.info([1; 32]).await.unwrap().unwrap().received, 0);
         let first = b.append([1; 32], 0, Bytes::from_static(b"hello")).await;
@@ -144,7 +145,7 @@ pub(crate) mod contract {
     }
 
     /// Usage counts unexpired blobs per owner; expiry deletes them.
-    pub(crate) async fn usage_and_expiry(b: &dyn Blobs) {
+    pub async fn usage_and_expiry(b: &dyn Blobs) {
         b.create(blob(2, 8, 100)).await.unwrap();
         b.create(NewBlob {
             expires_ms: 20_000,

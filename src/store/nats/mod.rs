@@ -34,6 +34,7 @@
 //! reopens); a queue that drains by expiry alone (every envelope's TTL passed with no
 //! ack) restarts its numbering from its last head marker.
 
+mod blobs;
 mod directory;
 mod inbox;
 pub mod live;
@@ -55,6 +56,7 @@ use async_nats::{
 };
 use futures_util::StreamExt;
 
+pub use self::blobs::NatsBlobs;
 use self::subjects::Names;
 use super::{Health, Result, StoreError, StoreFuture, ready};
 
@@ -101,6 +103,12 @@ struct Inner {
 }
 
 impl NatsStore {
+    /// The attachment blobs on this cluster, with `replicas` replicas (their stream and bucket
+    /// are created if missing).
+    pub async fn blobs(&self, replicas: usize) -> Result<NatsBlobs> {
+        NatsBlobs::open(self.inner.js.clone(), replicas).await
+    }
+
     /// Connects and checks (creating what is missing) the streams and buckets. Fails with a
     /// message naming the stream or bucket whose configuration is not what this broker needs.
     pub async fn connect(options: &NatsOptions) -> Result<Self> {
