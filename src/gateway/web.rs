@@ -19,7 +19,7 @@ type State = web::Data<Arc<AppState>>;
 
 /// The policy every file is served with.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self' \
-     'wasm-unsafe-eval'; connect-src 'self'; style-src 'self'; img-src 'self' data:; \
+     'wasm-unsafe-eval'; connect-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
      media-src 'self' blob: mediastream:; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'; object-src 'none'";
 

@@ -9,7 +9,9 @@
 // connected, that the DTLS peer certificate (getStats) has it. Any mismatch ends the call with
 // an identity error.
 
-import init, { PendingAccount, Engine, sdp_fingerprint, fingerprints_match } from './pkg/sealpost_web.js';
+import init, {
+  PendingAccount, Engine, FileUpload, FileDownload, sdp_fingerprint, fingerprints_match,
+} from './pkg/sealpost_web.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -48,6 +50,10 @@ const debug = {
   listMaxAgeMs: LIST_MAX_AGE_MS,
   // Whether this device's MLS KeyPackages are published (others can add it to groups).
   keyPackages: false,
+  // Files received ({from, name}), sent ({to, name}) and opened (names).
+  files: [],
+  sentFiles: [],
+  opened: [],
   // Group texts received: {group, from, text}.
   groupMessages: [],
 };
@@ -548,6 +554,12 @@ function onEvent(event) {
       addContact(event.to);
       if (event.to === current) renderMessages();
       break;
+    case 'file':
+      addContact(event.from);
+      debug.files.push({ from: event.from, name: event.file.name });
+      if (event.from === current) renderMessages();
+      else markUnread(event.from);
+      break;
     case 'link_request':
       $('link-code').textContent = `device ${event.device} linked`;
       break;
@@ -655,7 +667,7 @@ function selectContact(handle) {
     b.classList.toggle('active', b.dataset.handle === handle);
     if (b.dataset.handle === handle) b.textContent = handle;
   }
-  for (const id of ['message-input', 'send', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
+  for (const id of ['message-input', 'send', 'attach', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
   renderSafety();
   renderNotices();
   renderMessages();
@@ -695,10 +707,175 @@ function renderMessages() {
   for (const m of conv ? conv.messages : []) {
     const li = document.createElement('li');
     li.className = `message ${m.outgoing ? 'outgoing' : 'incoming'}`;
-    li.textContent = m.text; // text, never HTML
+    if (m.file) li.appendChild(fileView(m.file));
+    else li.textContent = m.text; // text, never HTML
     list.appendChild(li);
   }
   list.scrollTop = list.scrollHeight;
+}
+
+// ------------------------------------------------------------------------------------------
+// Attachments (web/src/files.rs seals and opens; this moves bytes). A file is sealed chunk by
+// chunk under a fresh key, uploaded in pieces of at most 4 MiB (each answered once durable),
+// and announced in an encrypted message with its key, digest and, for a picture, a small
+// preview made here. The recipient fetches it anonymously (another domain's through our own
+// broker), and opens and checks it chunk by chunk.
+
+const PIECE_LIMIT = 4 * 1024 * 1024;
+const THUMB_PX = 240;
+
+function concatBytes(parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+function showTransfer(text, done, total) {
+  $('transfer').hidden = false;
+  $('transfer-text').textContent = text;
+  $('transfer-progress').value = total ? done / total : 0;
+}
+
+function hideTransfer() {
+  $('transfer').hidden = true;
+}
+
+// A small JPEG preview of a picture (base64), or '' if the browser cannot decode it.
+async function thumbnail(file) {
+  try {
+    const bitmap = await createImageBitmap(file);
+    const scale = Math.min(1, THUMB_PX / Math.max(bitmap.width, bitmap.height));
+    const canvas = document.createElement('canvas');
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    canvas.getContext('2d').drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/jpeg', 0.7));
+    return blob ? bytesToB64(new Uint8Array(await blob.arrayBuffer())) : '';
+  } catch (_) {
+    return '';
+  }
+}
+
+async function sendFile(to, file) {
+  const h = encodeURIComponent(engine.handle());
+  const up = new FileUpload(file.size);
+  const total = up.sealed_size();
+  const started = await api('POST', `/v1/accounts/${h}/blobs`,
+    { body: JSON.stringify({ size: total }), auth: true });
+  const chunk = FileUpload.chunk_size();
+  const perPiece = Math.floor(PIECE_LIMIT / FileDownload.chunk_size());
+  let parts = [];
+  let at = 0;
+  let read = 0;
+  showTransfer(`Sending ${file.name}`, 0, total);
+  for (;;) {
+    const slice = new Uint8Array(await file.slice(read, read + chunk).arrayBuffer());
+    read += slice.length;
+    parts.push(up.seal(slice));
+    const last = read >= file.size;
+    if (last || parts.length >= perPiece) {
+      const resp = await fetch(`${SERVER}/v1/accounts/${h}/blobs/${started.id}`, {
+        method: 'PATCH',
+        headers: { authorization: engine.bearer(), 'upload-offset': String(at) },
+        body: concatBytes(parts),
+      });
+      if (resp.status !== 204) throw new Error(`the broker refused the upload of ${file.name} (${resp.status})`);
+      at = Number(resp.headers.get('upload-offset'));
+      parts = [];
+      showTransfer(`Sending ${file.name}`, at, total);
+    }
+    if (last) break;
+  }
+  const thumb = file.type.startsWith('image/') ? await thumbnail(file) : '';
+  const domain = engine.handle().split('@')[1];
+  const ref = JSON.parse(up.file_ref(started.id, file.name, file.type || 'application/octet-stream', domain, thumb));
+  up.free();
+  await sendPayload(to, { kind: 'file', file: ref });
+  engine.queue_file_transcript(to, JSON.stringify(ref));
+  persist();
+  scheduleJobs();
+  hideTransfer();
+  debug.sentFiles.push({ to, name: file.name });
+  renderMessages();
+}
+
+// Fetches and opens a file; resolves to a Blob of its bytes (checked).
+async function fetchFile(file) {
+  const own = engine.handle().split('@')[1];
+  const path = file.domain === own ? `/v1/blobs/${file.id}` : `/v1/domains/${file.domain}/blobs/${file.id}`;
+  const resp = await fetch(SERVER + path, { credentials: 'omit' });
+  if (!resp.ok) throw new Error(`${file.name} cannot be fetched (${resp.status}); it may have expired`);
+  const down = new FileDownload(JSON.stringify(file));
+  const size = FileDownload.chunk_size();
+  const reader = resp.body.getReader();
+  const opened = [];
+  let pending = new Uint8Array(0);
+  let got = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (value) {
+        pending = concatBytes([pending, value]);
+        got += value.length;
+        showTransfer(`Receiving ${file.name}`, got, file.size);
+      }
+      // Every whole chunk but a possible last one opens as it comes.
+      while (pending.length > size || (done && pending.length > 0)) {
+        const take = Math.min(size, pending.length);
+        opened.push(down.open(pending.subarray(0, take)));
+        pending = pending.slice(take);
+      }
+      if (done) break;
+    }
+    down.finish();
+  } finally {
+    down.free();
+    hideTransfer();
+  }
+  return new Blob(opened, { type: file.media_type });
+}
+
+async function openFile(file) {
+  const blob = await fetchFile(file);
+  const url = URL.createObjectURL(blob);
+  if (file.media_type.startsWith('image/')) {
+    $('viewer-img').src = url;
+    $('viewer-img').alt = file.name;
+    $('viewer').hidden = false;
+    debug.opened.push(file.name);
+    return;
+  }
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = file.name;
+  a.click();
+  debug.opened.push(file.name);
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+// How a file shows in a conversation: its preview (pictures), name and size, and a button.
+function fileView(file) {
+  const box = document.createElement('div');
+  box.className = 'file';
+  if (file.thumbnail) {
+    const img = document.createElement('img');
+    img.className = 'thumbnail';
+    img.src = `data:image/jpeg;base64,${file.thumbnail}`;
+    img.alt = file.name;
+    img.onclick = guarded(() => openFile(file));
+    box.appendChild(img);
+  }
+  const line = document.createElement('div');
+  const kib = Math.max(1, Math.round(file.size / 1024));
+  line.textContent = `${file.name} · ${kib} KiB`;
+  box.appendChild(line);
+  const open = document.createElement('button');
+  open.className = 'open-file';
+  open.textContent = file.media_type.startsWith('image/') ? 'Open' : 'Save';
+  open.onclick = guarded(() => openFile(file));
+  box.appendChild(open);
+  return box;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1306,6 +1483,19 @@ async function main() {
     scheduleJobs();
   });
   $('send').onclick = send;
+  $('attach').onclick = () => $('attach-input').click();
+  $('attach-input').onchange = guarded(async () => {
+    const files = [...$('attach-input').files];
+    $('attach-input').value = '';
+    if (!current) return;
+    const to = current;
+    for (const file of files) await sendFile(to, file);
+  });
+  $('viewer-close').onclick = () => {
+    URL.revokeObjectURL($('viewer-img').src);
+    $('viewer-img').removeAttribute('src');
+    $('viewer').hidden = true;
+  };
   $('create-group').onclick = guarded(async () => {
     const members = $('group-new-members').value.split(/[\s,]+/).filter(Boolean);
     await createGroup($('group-name').value.trim(), members);

@@ -57,6 +57,8 @@
 //! protects nothing against a script running in the origin — which is why the page is served
 //! with a strict Content-Security-Policy — but keeps the blob useless on its own.
 
+mod files;
+
 use std::collections::BTreeMap;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
@@ -209,6 +211,11 @@ fn outgoing(core: &Core, v: &Value) -> Result<Outgoing, JsError> {
     let call = |payload| Outgoing::call(payload).map_err(client_err);
     match v["kind"].as_str().unwrap_or_default() {
         "text" => Ok(Outgoing::text(&str_of("body")?)),
+        "file" => Ok(Outgoing::file(files::file_from_json(&v["file"])?)),
+        "sent_file" => Ok(Outgoing::file_transcript(
+            &str_of("to")?,
+            &files::file_from_json(&v["file"])?,
+        )),
         "sent" => Ok(Outgoing::transcript(&str_of("to")?, &str_of("body")?)),
         "delivery_token" => Ok(core.delivery_token_outgoing()),
         "link_request" => core.link_request_outgoing().map_err(client_err),
@@ -288,6 +295,13 @@ fn event_json(events: &[Event]) -> Value {
         Some(Event::SentElsewhere {
             to, device, text, ..
         }) => json!({"event": "sent_elsewhere", "to": to, "device": device, "text": text}),
+        Some(Event::File {
+            from,
+            device,
+            sent_ms,
+            file,
+        }) => json!({"event": "file", "from": from, "device": device, "sent_ms": sent_ms,
+                     "file": files::file_json(file)}),
         Some(Event::DeviceLinked { device }) => {
             json!({"event": "device_linked", "device": device})
         }
@@ -802,6 +816,15 @@ impl Engine {
         });
     }
 
+    /// Queues a transcript of a file (its JSON), just sent to `to`, for this account's other
+    /// devices, as [`Engine::queue_transcript`] does for a text. Save afterwards.
+    pub fn queue_file_transcript(&mut self, to: &str, file: &str) -> Result<(), JsError> {
+        let v: Value = serde_json::from_str(file).map_err(|_| err("file is not JSON"))?;
+        let file = files::file_from_json(&v)?;
+        self.core.queue_file_transcript(to, &file, now_ms());
+        Ok(())
+    }
+
     /// Queues a transcript of `body`, just sent to `to`, for this account's other devices:
     /// the page sends it once due ([`Engine::due_transcript`]), authenticated, not in the
     /// same burst as the sealed send. Save afterwards.
@@ -821,6 +844,10 @@ impl Engine {
     /// own account (`{kind: "sent", to, body}`), or `""`. Once sent (or if the account has no
     /// other device), [`Engine::transcript_sent`].
     pub fn due_transcript(&self) -> String {
+        if let Some((to, file)) = self.core.due_transcript_file(now_ms()) {
+            return json!({"kind": "sent_file", "to": to, "file": files::file_json(file)})
+                .to_string();
+        }
         self.core
             .due_transcript_text(now_ms())
             .map_or_else(String::new, |(to, body)| {
@@ -936,7 +963,8 @@ impl Engine {
                     .iter()
                     .map(|m| {
                         json!({"outgoing": m.outgoing, "device": m.device,
-                               "time_ms": m.time_ms, "text": m.text})
+                               "time_ms": m.time_ms, "text": m.text,
+                               "file": m.file.as_ref().map(files::file_json)})
                     })
                     .collect();
                 json!({"with": c.with, "verified": c.verified, "key_changed": c.key_changed,

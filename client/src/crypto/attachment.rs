@@ -195,6 +195,9 @@ pub struct FileRef {
     pub media_type: String,
     /// The domain whose broker holds it (the sender's).
     pub domain: String,
+    /// A small preview of a picture (JPEG, made and sent by the sender's client), if any.
+    #[serde(default)]
+    pub thumbnail: Option<ByteBuf>,
 }
 
 impl std::fmt::Debug for FileRef {

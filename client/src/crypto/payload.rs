@@ -24,7 +24,7 @@
 //! | 11 | [`Payload::Busy`] | `[bin call id (16)]` |
 //! | 12 | [`Payload::Decline`] | `[bin call id (16)]` |
 //! | 13 | [`Payload::AnsweredElsewhere`] | `[bin call id (16), u32 device]` |
-//! | 14 | [`Payload::File`] | `[bin blob id (32), bin key (32), u64 size, bin digest (32), str name, str media type, str domain]` ([`FileRef`]) |
+//! | 14 | [`Payload::File`] | `[bin blob id (32), bin key (32), u64 size, bin digest (32), str name, str media type, str domain, bin thumbnail or nil]` ([`FileRef`]) |
 //! | 15 | [`Payload::SentFile`] | `[str to, [the body of kind 14]]` |
 //! | 16 | [`Payload::History`] | `[u32 device, [the body of kind 14]]` |
 //!
@@ -711,6 +711,7 @@ mod tests {
             name: "canary-name.jpg".into(),
             media_type: "image/jpeg".into(),
             domain: "a.example".into(),
+            thumbnail: Some(ByteBuf::from(vec![9; 40])),
         };
         for payload in [
             Payload::File { file: file.clone() },

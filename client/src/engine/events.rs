@@ -169,6 +169,8 @@ pub struct ConversationMessage {
     pub time_ms: u64,
     /// The text.
     pub text: String,
+    /// The file it was, if it was one (`text` then says how it shows).
+    pub file: Option<FileRef>,
 }
 
 /// A conversation with one contact.
@@ -223,6 +225,7 @@ impl super::Engine {
                         device: m.device,
                         time_ms: m.time_ms,
                         text: m.body.clone(),
+                        file: m.file.clone(),
                     })
                     .collect(),
             })

@@ -312,6 +312,7 @@ impl Engine {
                         device: sender.device,
                         time_ms: sent_ms,
                         body: body.clone(),
+                        file: None,
                     },
                 );
                 Ok(vec![Event::Message(ReceivedMessage {
@@ -330,6 +331,7 @@ impl Engine {
                         device: sender.device,
                         time_ms: sent_ms,
                         body: file_line(&file),
+                        file: Some(file.clone()),
                     },
                 );
                 Ok(vec![Event::File {
@@ -348,6 +350,7 @@ impl Engine {
                         device: sender.device,
                         time_ms: sent_ms,
                         body: text.clone(),
+                        file: Some(file),
                     },
                 );
                 Ok(vec![Event::SentElsewhere {
@@ -382,6 +385,7 @@ impl Engine {
                         device: sender.device,
                         time_ms: sent_ms,
                         body: body.clone(),
+                        file: None,
                     },
                 );
                 Ok(vec![Event::SentElsewhere {

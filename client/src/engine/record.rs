@@ -59,6 +59,9 @@ pub(crate) struct StoredMessage {
     /// The sender's clock, ms since the Unix epoch.
     pub(crate) time_ms: u64,
     pub(crate) body: String,
+    /// The file it was, if it was one (`body` then says how it shows).
+    #[serde(default)]
+    pub(crate) file: Option<crate::crypto::FileRef>,
 }
 
 /// What the account knows about one contact.
@@ -417,6 +420,7 @@ mod tests {
                 device: 1,
                 time_ms: 5,
                 body: "hi".into(),
+                file: None,
             },
         );
         let decoded = Record::decode(&record.encode()).expect("decodes");

@@ -156,6 +156,13 @@ impl Engine {
             })
     }
 
+    /// The recipient and file of the first queued transcript if it is due and of a file.
+    pub fn due_transcript_file(&self, now_ms: u64) -> Option<(&str, &crate::crypto::FileRef)> {
+        let t = self.record.transcripts.front()?;
+        (t.due_ms <= now_ms).then_some(())?;
+        Some((t.to.as_str(), t.file.as_ref()?))
+    }
+
     /// The recipient and text of the first queued transcript if it is due (for a driver that
     /// builds the payload itself, as the browser page does).
     pub fn due_transcript_text(&self, now_ms: u64) -> Option<(&str, &str)> {

@@ -72,6 +72,8 @@ pub struct Outgoing {
     delivery: Delivery,
     /// A text to add to the conversation with the recipient when the send starts.
     text: Option<String>,
+    /// The file the text stands for, if it is one.
+    file: Option<crate::crypto::FileRef>,
 }
 
 impl Outgoing {
@@ -86,6 +88,7 @@ impl Outgoing {
             only_for: None,
             delivery,
             text: None,
+            file: None,
         }
     }
 
@@ -109,6 +112,7 @@ impl Outgoing {
     pub fn file(file: crate::crypto::FileRef) -> Self {
         Self {
             text: Some(super::receive::file_line(&file)),
+            file: Some(file.clone()),
             ..Self::payload(Payload::File { file })
         }
     }
@@ -312,6 +316,7 @@ impl Engine {
                     device: self.state.device_id(),
                     time_ms: now_ms,
                     body: text.clone(),
+                    file: outgoing.file.clone(),
                 },
             );
         }

@@ -227,6 +227,7 @@ impl Client {
             name,
             media_type: media_type.to_owned(),
             domain: own_domain(self.engine.user())?,
+            thumbnail: None,
         })
     }
 
