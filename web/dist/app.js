@@ -50,6 +50,10 @@ const debug = {
   listMaxAgeMs: LIST_MAX_AGE_MS,
   // Whether this device's MLS KeyPackages are published (others can add it to groups).
   keyPackages: false,
+  // The device the history was sent to (on the approving device), and how many messages the
+  // history added (on the new one).
+  historySent: null,
+  historyImported: null,
   // Files received ({from, name}), sent ({to, name}) and opened (names).
   files: [],
   sentFiles: [],
@@ -507,6 +511,14 @@ async function handleFrame(bytes, sock) {
       }
       persist();
       await sendPayloadNow(own, { kind: 'link_grant' });
+      // The user chose (the box under "Link another device") whether the new device gets
+      // the conversations this one holds: an encrypted archive, sent like a file.
+      if ($('send-history').checked) {
+        const archive = new Blob([engine.history_archive()]);
+        const file = await uploadFile(archive, 'history', 'application/x-sealpost-history', '');
+        await sendPayloadNow(own, { kind: 'history', device: r.event.device, file });
+        debug.historySent = r.event.device;
+      }
     }
   }
   switch (r.type) {
@@ -553,6 +565,9 @@ function onEvent(event) {
     case 'sent_elsewhere':
       addContact(event.to);
       if (event.to === current) renderMessages();
+      break;
+    case 'history':
+      importHistory(event.file).catch(showError);
       break;
     case 'file':
       addContact(event.from);
@@ -667,7 +682,7 @@ function selectContact(handle) {
     b.classList.toggle('active', b.dataset.handle === handle);
     if (b.dataset.handle === handle) b.textContent = handle;
   }
-  for (const id of ['message-input', 'send', 'attach', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
+  for (const id of ['message-input', 'send', 'attach', 'record', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
   renderSafety();
   renderNotices();
   renderMessages();
@@ -758,6 +773,18 @@ async function thumbnail(file) {
 }
 
 async function sendFile(to, file) {
+  const thumb = file.type.startsWith('image/') ? await thumbnail(file) : '';
+  const ref = await uploadFile(file, file.name, file.type || 'application/octet-stream', thumb);
+  await sendPayload(to, { kind: 'file', file: ref });
+  engine.queue_file_transcript(to, JSON.stringify(ref));
+  persist();
+  scheduleJobs();
+  debug.sentFiles.push({ to, name: file.name });
+  renderMessages();
+}
+
+// Seals and uploads a Blob piece by piece; resolves to its reference (for a payload).
+async function uploadFile(file, name, type, thumb) {
   const h = encodeURIComponent(engine.handle());
   const up = new FileUpload(file.size);
   const total = up.sealed_size();
@@ -768,7 +795,7 @@ async function sendFile(to, file) {
   let parts = [];
   let at = 0;
   let read = 0;
-  showTransfer(`Sending ${file.name}`, 0, total);
+  showTransfer(`Sending ${name}`, 0, total);
   for (;;) {
     const slice = new Uint8Array(await file.slice(read, read + chunk).arrayBuffer());
     read += slice.length;
@@ -780,24 +807,29 @@ async function sendFile(to, file) {
         headers: { authorization: engine.bearer(), 'upload-offset': String(at) },
         body: concatBytes(parts),
       });
-      if (resp.status !== 204) throw new Error(`the broker refused the upload of ${file.name} (${resp.status})`);
+      if (resp.status !== 204) throw new Error(`the broker refused the upload of ${name} (${resp.status})`);
       at = Number(resp.headers.get('upload-offset'));
       parts = [];
-      showTransfer(`Sending ${file.name}`, at, total);
+      showTransfer(`Sending ${name}`, at, total);
     }
     if (last) break;
   }
-  const thumb = file.type.startsWith('image/') ? await thumbnail(file) : '';
   const domain = engine.handle().split('@')[1];
-  const ref = JSON.parse(up.file_ref(started.id, file.name, file.type || 'application/octet-stream', domain, thumb));
+  const ref = JSON.parse(up.file_ref(started.id, name, type, domain, thumb));
   up.free();
-  await sendPayload(to, { kind: 'file', file: ref });
-  engine.queue_file_transcript(to, JSON.stringify(ref));
-  persist();
-  scheduleJobs();
   hideTransfer();
-  debug.sentFiles.push({ to, name: file.name });
-  renderMessages();
+  return ref;
+}
+
+// The history another device of the account sent this one (just linked): fetched, opened,
+// checked and merged into the conversations.
+async function importHistory(file) {
+  const blob = await fetchFile(file);
+  const added = engine.import_history(new Uint8Array(await blob.arrayBuffer()));
+  persist();
+  for (const c of JSON.parse(engine.conversations())) addContact(c.with);
+  if (current) renderMessages();
+  debug.historyImported = added;
 }
 
 // Fetches and opens a file; resolves to a Blob of its bytes (checked).
@@ -836,9 +868,45 @@ async function fetchFile(file) {
   return new Blob(opened, { type: file.media_type });
 }
 
+// A voice note: recorded here (MediaRecorder, Opus in WebM), sent as a file.
+let recorder = null;
+async function toggleRecording() {
+  if (recorder) {
+    recorder.stop();
+    return;
+  }
+  if (!current) return;
+  const to = current;
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  const parts = [];
+  recorder = new MediaRecorder(stream, { mimeType: 'audio/webm' });
+  recorder.ondataavailable = (e) => { if (e.data.size) parts.push(e.data); };
+  recorder.onstop = () => {
+    for (const t of stream.getTracks()) t.stop();
+    recorder = null;
+    $('record').textContent = 'Voice note';
+    const when = new Date().toISOString().slice(11, 19).replace(/:/g, '-');
+    const note = new File(parts, `voice note ${when}.webm`, { type: 'audio/webm' });
+    sendFile(to, note).catch(showError);
+  };
+  recorder.start();
+  $('record').textContent = 'Stop and send';
+}
+
 async function openFile(file) {
   const blob = await fetchFile(file);
   const url = URL.createObjectURL(blob);
+  if (file.media_type.startsWith('audio/')) {
+    // Played in place, in the message's own player.
+    const player = document.querySelector(`audio[data-file="${file.id}"]`);
+    if (player) {
+      player.src = url;
+      player.hidden = false;
+      await player.play().catch(() => {});
+    }
+    debug.opened.push(file.name);
+    return;
+  }
   if (file.media_type.startsWith('image/')) {
     $('viewer-img').src = url;
     $('viewer-img').alt = file.name;
@@ -870,9 +938,17 @@ function fileView(file) {
   const kib = Math.max(1, Math.round(file.size / 1024));
   line.textContent = `${file.name} · ${kib} KiB`;
   box.appendChild(line);
+  if (file.media_type.startsWith('audio/')) {
+    const player = document.createElement('audio');
+    player.controls = true;
+    player.hidden = true;
+    player.dataset.file = file.id;
+    box.appendChild(player);
+  }
   const open = document.createElement('button');
   open.className = 'open-file';
-  open.textContent = file.media_type.startsWith('image/') ? 'Open' : 'Save';
+  open.textContent = file.media_type.startsWith('image/') ? 'Open'
+    : file.media_type.startsWith('audio/') ? 'Play' : 'Save';
   open.onclick = guarded(() => openFile(file));
   box.appendChild(open);
   return box;
@@ -1484,6 +1560,7 @@ async function main() {
   });
   $('send').onclick = send;
   $('attach').onclick = () => $('attach-input').click();
+  $('record').onclick = guarded(toggleRecording);
   $('attach-input').onchange = guarded(async () => {
     const files = [...$('attach-input').files];
     $('attach-input').value = '';

@@ -212,6 +212,13 @@ fn outgoing(core: &Core, v: &Value) -> Result<Outgoing, JsError> {
     match v["kind"].as_str().unwrap_or_default() {
         "text" => Ok(Outgoing::text(&str_of("body")?)),
         "file" => Ok(Outgoing::file(files::file_from_json(&v["file"])?)),
+        "history" => Ok(Outgoing::payload(Payload::History {
+            device: v["device"]
+                .as_u64()
+                .and_then(|d| u32::try_from(d).ok())
+                .ok_or_else(|| err("device missing"))?,
+            file: files::file_from_json(&v["file"])?,
+        })),
         "sent_file" => Ok(Outgoing::file_transcript(
             &str_of("to")?,
             &files::file_from_json(&v["file"])?,
@@ -302,6 +309,9 @@ fn event_json(events: &[Event]) -> Value {
             file,
         }) => json!({"event": "file", "from": from, "device": device, "sent_ms": sent_ms,
                      "file": files::file_json(file)}),
+        Some(Event::History { from_device, file }) => {
+            json!({"event": "history", "from_device": from_device, "file": files::file_json(file)})
+        }
         Some(Event::DeviceLinked { device }) => {
             json!({"event": "device_linked", "device": device})
         }
@@ -814,6 +824,19 @@ impl Engine {
             list_refresh_ms: ms(refresh),
             held_refresh_ms: (ms(held_min), ms(held_max)),
         });
+    }
+
+    /// This device's conversations as an archive, for a device just linked (sent as a file,
+    /// then `{kind: "history", device, file}` to the account).
+    pub fn history_archive(&self) -> Vec<u8> {
+        self.core.history_archive()
+    }
+
+    /// Adds an archive another device of the account sent (the bytes of the `history`
+    /// event's file, fetched and opened); answers how many messages were new. Save after.
+    pub fn import_history(&mut self, archive: &[u8]) -> Result<u32, JsError> {
+        let added = self.core.import_history(archive).map_err(client_err)?;
+        Ok(u32::try_from(added).unwrap_or(u32::MAX))
     }
 
     /// Queues a transcript of a file (its JSON), just sent to `to`, for this account's other

@@ -1,6 +1,7 @@
 // Attachments in the browser: alice sends bob a picture (sealed in her page, uploaded in
-// pieces, announced with a preview made in her page) and a text file; bob's page shows the
-// preview, opens the picture full size and saves the file, each opened and checked in his page.
+// pieces, announced with a preview made in her page), a text file and a voice note; bob's page
+// shows the preview, opens the picture full size, saves the file and plays the voice note,
+// each opened and checked in his page.
 // Screenshots go to $SEALPOST_SCREENSHOTS.
 
 import { test, before, after } from 'node:test';
@@ -69,6 +70,20 @@ test('a picture and a file go from one page to another, end to end encrypted', a
   ]);
   assert.equal(download.suggestedFilename(), 'notes.txt');
   assert.deepEqual(readFileSync(await download.path()), notes);
+
+  // A voice note: recorded in alice's page (the fake microphone), played in bob's.
+  await alice.page.click('#record');
+  await alice.page.waitForFunction(() => document.getElementById('record').textContent === 'Stop and send');
+  await new Promise((r) => setTimeout(r, 1500));
+  await alice.page.click('#record');
+  await waitFor('alice sent the voice note', () => alice.page.evaluate(() => window.sealpostDebug.sentFiles.length === 3));
+  await waitFor('bob has it', () => bob.page.evaluate(() =>
+    document.querySelectorAll('#messages .message.incoming .open-file').length === 3));
+  await bob.page.click('#messages .message.incoming:last-child .open-file');
+  await waitFor('bob plays it', () => bob.page.evaluate(() => {
+    const player = document.querySelector('#messages .message.incoming:last-child audio');
+    return player && !player.hidden && player.readyState >= 1 && !player.error;
+  }));
 
   await bob.page.screenshot({ path: join(SHOTS, 'attachment-1280.png'), fullPage: true });
   await bob.page.setViewportSize({ width: 390, height: 844 });

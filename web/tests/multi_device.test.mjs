@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startBroker, launchBrowser, newUser, linkDevice, addContact, sendText, waitForMessage,
-  waitCallState, WAIT_MS,
+  waitCallState, waitFor, WAIT_MS,
 } from './harness.mjs';
 
 let broker;
@@ -30,12 +30,20 @@ after(async () => {
 });
 
 test('a second browser is linked to an account with a code from the first', async () => {
+  // Before the link: a conversation the new device gets as history (bob chose to send it).
+  await addContact(alice, 'bob@localhost');
+  await sendText(alice, 'before the second device');
+  await waitForMessage(bob1, 'before the second device');
   bob2 = await linkDevice(browser, broker, bob1);
+  await waitFor('the history arrives', () => bob2.page.evaluate(() =>
+    window.sealpostDebug.historyImported === 1));
+  await bob2.page.click('#contacts button[data-handle="alice@localhost"]');
+  await waitFor('the new device shows the conversation from before', () => bob2.page.evaluate(() =>
+    [...document.querySelectorAll('#messages li')].some((li) => li.textContent === 'before the second device')));
   await bob2.page.waitForFunction(
     () => document.getElementById('me').textContent === 'bob@localhost (device 2)', null, { timeout: WAIT_MS },
   );
   // Both of Bob's devices get Alice's messages.
-  await addContact(alice, 'bob@localhost');
   await sendText(alice, 'hello both bobs');
   await waitForMessage(bob1, 'hello both bobs');
   await waitForMessage(bob2, 'hello both bobs');
