@@ -219,6 +219,13 @@ impl FileRef {
     pub fn plain_size(&self) -> Result<u64, AttachmentError> {
         plain_size(self.size).ok_or(AttachmentError::Length)
     }
+
+    /// How the file shows in a conversation's history: its name and length (the file itself
+    /// is wherever the application saved it).
+    pub fn summary(&self) -> String {
+        let bytes = self.plain_size().unwrap_or(self.size);
+        format!("[file] {} ({bytes} bytes)", self.name)
+    }
 }
 
 #[cfg(test)]

@@ -330,7 +330,7 @@ impl Engine {
                         outgoing: false,
                         device: sender.device,
                         time_ms: sent_ms,
-                        body: file_line(&file),
+                        body: file.summary(),
                         file: Some(file.clone()),
                     },
                 );
@@ -342,7 +342,7 @@ impl Engine {
                 }])
             }
             Payload::SentFile { to, file } if own => {
-                let text = file_line(&file);
+                let text = file.summary();
                 self.record.add_message(
                     &to,
                     StoredMessage {
@@ -502,11 +502,4 @@ fn with_id(id: EnvelopeId, mut events: Vec<Event>) -> Vec<Event> {
         }
     }
     events
-}
-
-/// How a file shows in a conversation's history: its name and length (the file itself is
-/// wherever the application saved it).
-pub(crate) fn file_line(file: &crate::crypto::FileRef) -> String {
-    let bytes = file.plain_size().unwrap_or(file.size);
-    format!("[file] {} ({bytes} bytes)", file.name)
 }

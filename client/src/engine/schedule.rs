@@ -115,7 +115,7 @@ impl Engine {
     /// Queues a transcript of a file sent to `to`, as [`Engine::queue_transcript`] does a
     /// text's.
     pub fn queue_file_transcript(&mut self, to: &str, file: &crate::crypto::FileRef, now_ms: u64) {
-        let line = super::receive::file_line(file);
+        let line = file.summary();
         self.queue(to, &line, Some(file.clone()), now_ms);
     }
 

@@ -111,7 +111,7 @@ impl Outgoing {
     /// A file to a contact (its line joins the conversation as a text's would).
     pub fn file(file: crate::crypto::FileRef) -> Self {
         Self {
-            text: Some(super::receive::file_line(&file)),
+            text: Some(file.summary()),
             file: Some(file.clone()),
             ..Self::payload(Payload::File { file })
         }
