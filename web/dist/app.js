@@ -62,6 +62,9 @@ const debug = {
   groupMessages: [],
 };
 window.sealpostDebug = debug;
+// For tests: the refresh a held envelope brings forward comes within a second (the default is
+// a random 5 to 60 s, so that the fetch of a sender's list does not follow its message).
+debug.quickHeldRefresh = () => engine.set_timing(1000, 5000, 3_600_000, 100, 1000);
 
 // ------------------------------------------------------------------------------------------
 // Helpers

@@ -37,6 +37,9 @@ test('a second browser is linked to an account with a code from the first', asyn
   bob2 = await linkDevice(browser, broker, bob1);
   await waitFor('the history arrives', () => bob2.page.evaluate(() =>
     window.sealpostDebug.historyImported === 1));
+  // The new device knows alice (from the link) but holds no list of hers yet: her next
+  // message waits for a refresh of contacts' lists, brought forward (here within a second).
+  await bob2.page.evaluate(() => window.sealpostDebug.quickHeldRefresh());
   await bob2.page.click('#contacts button[data-handle="alice@localhost"]');
   await waitFor('the new device shows the conversation from before', () => bob2.page.evaluate(() =>
     [...document.querySelectorAll('#messages li')].some((li) => li.textContent === 'before the second device')));
