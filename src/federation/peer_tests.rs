@@ -116,11 +116,17 @@ impl Fixture {
     /// Enqueues a send while answering the device lookup it may make.
     async fn send(&mut self, id: u8, to: &str) -> SendOutcome {
         let answer = self.peer.send(enqueue(id, to));
+        self.answering_lookups(answer).await.expect("peer")
+    }
+
+    /// Awaits `answer` while answering the device lookups it may make (every user has
+    /// device 1) and keeping the frames sent meanwhile.
+    async fn answering_lookups<T>(&mut self, answer: impl Future<Output = T>) -> T {
         tokio::pin!(answer);
         loop {
             tokio::select! {
                 biased;
-                outcome = &mut answer => return outcome.expect("peer"),
+                out = &mut answer => return out,
                 Some(out) = self.link.recv() => match out {
                     Outgoing::Request(_, reply) => {
                         let devices = vec![RemoteDevice { device: 1, identity_keys: vec![1] }];
@@ -170,24 +176,9 @@ impl Fixture {
     /// it may make (every user has device 1); the outcomes, by recipient.
     async fn send_group(&mut self, id: u8, to: &[&str]) -> Vec<(String, SendOutcome)> {
         let answer = self.peer.send(group(id, to));
-        tokio::pin!(answer);
-        loop {
-            tokio::select! {
-                biased;
-                outcomes = &mut answer => {
-                    let mut outcomes = outcomes.expect("peer");
-                    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
-                    return outcomes;
-                }
-                Some(out) = self.link.recv() => match out {
-                    Outgoing::Request(_, reply) => {
-                        let devices = vec![RemoteDevice { device: 1, identity_keys: vec![1] }];
-                        let _ = reply.send(LinkFrame::Devices { req_id: 0, devices });
-                    }
-                    Outgoing::Frame(frame) => self.frames.push_back(frame),
-                },
-            }
-        }
+        let mut outcomes = self.answering_lookups(answer).await.expect("peer");
+        outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+        outcomes
     }
 
     /// The next device lookup, with the way to answer it.
