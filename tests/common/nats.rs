@@ -17,6 +17,8 @@ struct Node {
     client_port: u16,
     http_port: u16,
     config: PathBuf,
+    /// The server's own log (what it says when it cannot listen or form the cluster).
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -26,11 +28,28 @@ pub struct NatsCluster {
     _dir: tempfile::TempDir,
 }
 
+/// A port for a server of the cluster, below the kernel's ephemeral range (32768 and up here)
+/// and never the same twice in a test process: a port taken from `bind(0)` and released can be
+/// handed straight to an outgoing connection or to the next `bind(0)`, and a server that cannot
+/// listen never becomes healthy. Servers restart on the same ports, so these stay reserved.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on loopback")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each test process starts at its own place in 12000..32000 so parallel test binaries
+    // (and a second CI job on the same machine) do not walk the same ports.
+    let _ = NEXT.compare_exchange(
+        0,
+        12_000 + (std::process::id() % 1_000) as u16 * 20,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < 32_000, "ran out of test ports for nats-server");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Tests that start clusters run one at a time in a test binary: several 3-node clusters and
@@ -98,6 +117,7 @@ impl NatsCluster {
             let path = dir.path().join(format!("{name}.conf"));
             std::fs::write(&path, config).expect("write nats config");
             nodes.push(Node {
+                log: dir.path().join(format!("{name}.log")),
                 name,
                 client_port,
                 http_port,
@@ -118,6 +138,8 @@ impl NatsCluster {
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(&node.config)
+            .arg("--log")
+            .arg(&node.log)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -148,16 +170,25 @@ impl NatsCluster {
         self.start_node(i);
     }
 
-    /// Waits until every running server says it is healthy (JetStream current).
-    pub fn wait_healthy(&self) {
+    /// Waits until every running server says it is healthy (JetStream current). On failure
+    /// the message carries whether the server exited and the end of its log.
+    pub fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+        for node in self.nodes.iter_mut().filter(|n| n.child.is_some()) {
             while !healthy(node.http_port) {
-                assert!(
-                    Instant::now() < deadline,
-                    "nats server {} did not become healthy",
-                    node.name
-                );
+                let exited = node
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || Instant::now() >= deadline {
+                    let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    panic!(
+                        "nats server {} did not become healthy (exit: {exited:?}); its log ends:\n{}",
+                        node.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
