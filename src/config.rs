@@ -58,8 +58,85 @@ macro_rules! settings {
                 $(if let Some(v) = self.$name { s.$name = v; })*
             }
         }
+
+        impl Settings {
+            /// Each key's flag id with its default, as `sealpost serve --help` shows it.
+            fn defaults_for_help() -> Vec<(&'static str, String)> {
+                let d = Settings::default();
+                vec![$((stringify!($name), ShowDefault::show(&d.$name)),)*]
+            }
+        }
     };
 }
+
+/// Adds `[default: …]` to the help of every flag of `sealpost serve` in `cli` (the command
+/// that has `serve` as a subcommand). The flags themselves stay without a clap default: a
+/// clap default would override the config file, whose keys rank below flags.
+pub fn document_defaults(cli: clap::Command) -> clap::Command {
+    cli.mut_subcommand("serve", |mut serve| {
+        for (id, default) in Settings::defaults_for_help() {
+            serve = serve.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let long = arg.get_long_help().map(ToString::to_string);
+                let arg = arg.help(format!("{help} [default: {default}]"));
+                match long {
+                    Some(long) => arg.long_help(format!("{long}\n\n[default: {default}]")),
+                    None => arg,
+                }
+            });
+        }
+        serve
+    })
+}
+
+/// How a setting's default reads in `--help`.
+trait ShowDefault {
+    fn show(&self) -> String;
+}
+
+impl ShowDefault for String {
+    fn show(&self) -> String {
+        if self.is_empty() {
+            "\"\" (unset)".into()
+        } else {
+            self.clone()
+        }
+    }
+}
+
+impl ShowDefault for PathBuf {
+    fn show(&self) -> String {
+        if self.as_os_str().is_empty() {
+            "\"\" (unset)".into()
+        } else {
+            self.display().to_string()
+        }
+    }
+}
+
+macro_rules! show_by_display {
+    ($($ty:ty),*) => {$(
+        impl ShowDefault for $ty {
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+show_by_display!(SocketAddr, bool, u32, u64, usize);
+
+macro_rules! show_by_value_name {
+    ($($ty:ty),*) => {$(
+        impl ShowDefault for $ty {
+            fn show(&self) -> String {
+                clap::ValueEnum::to_possible_value(self)
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default()
+            }
+        }
+    )*};
+}
+show_by_value_name!(Registration, LogFormat);
 
 settings! {
     /// Address to listen on (HTTP API, WebSocket, health and metrics).
@@ -104,8 +181,6 @@ settings! {
     /// Free disk space, in MiB, below which new envelopes and accounts are refused
     /// (store_unavailable) instead of risking a full disk.
     min_free_disk_mb: u64 = 256, "SEALPOST_MIN_FREE_DISK_MB";
-    /// Testing only, honoured by debug builds: while this file exists every flush fails.
-    failpoint_sync_file: String = String::new(), "SEALPOST_FAILPOINT_SYNC_FILE";
     /// sled page cache, in MiB.
     cache_mb: u64 = 256, "SEALPOST_CACHE_MB";
     /// Oldest, in seconds, a queue's storage key may grow: then the envelopes still queued
@@ -277,6 +352,19 @@ pub enum ConfigError {
     },
 }
 
+/// Testing only, honoured by debug builds: while the file `SEALPOST_FAILPOINT_SYNC_FILE` names
+/// exists every flush fails. Deliberately not a setting: operators never see it in `--help`
+/// or in the list of keys a config file may hold.
+fn failpoint_sync_file() -> Option<PathBuf> {
+    if cfg!(debug_assertions) {
+        std::env::var_os("SEALPOST_FAILPOINT_SYNC_FILE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    } else {
+        None
+    }
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -390,8 +478,7 @@ impl Settings {
                 cache_bytes: mib(self.cache_mb),
                 commit_delay: Duration::from_micros(self.commit_delay_us),
                 min_free_bytes: mib(self.min_free_disk_mb),
-                failpoint_sync: (!self.failpoint_sync_file.is_empty())
-                    .then(|| self.failpoint_sync_file.into()),
+                failpoint_sync: failpoint_sync_file(),
                 key_max_age: Duration::from_secs(self.store_key_max_age_secs),
             },
             mailbox: MailboxConfig {

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use sealpost::config::{ServeArgs, Settings};
 
 /// mimalloc: the broker allocates many small, short-lived buffers (frames, sled nodes) across
@@ -57,7 +57,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = sealpost::config::document_defaults(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Serve(args) => {
             let settings = Settings::load(*args)?;

@@ -249,7 +249,8 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     .backlog(4096)
     .disable_signals()
     .shutdown_timeout(shutdown_drain.as_secs() + 6)
-    .bind(config.listen)?;
+    .bind(config.listen)
+    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = server
         .addrs()
         .first()

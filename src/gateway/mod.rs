@@ -77,7 +77,13 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
         .configure(federation::routes)
         .configure(turn::routes)
         .configure(tickets::routes)
-        .configure(self::web::routes);
+        .configure(self::web::routes)
+        .default_service(actix_web::web::to(unknown_path));
+}
+
+/// Any path no route claims gets the documented JSON error (`not_found`), not an empty 404.
+async fn unknown_path() -> Result<actix_web::HttpResponse, error::ApiError> {
+    Err(error::ApiError::NotFound)
 }
 
 /// State shared by every route and session.
