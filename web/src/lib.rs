@@ -65,10 +65,10 @@ use base64::{Engine as _, engine::general_purpose::STANDARD};
 use rand::RngCore as _;
 use sealpost_client::{
     ClientError, EnvelopeError,
-    crypto::{CallId, LocalKey, Payload, group::GroupWire},
+    crypto::{CallId, LocalKey, Payload, ReceiptKind, group::GroupWire},
     engine::{
-        self, BrokerDevice, ClaimWith, Engine as Core, Event, Failure, Need, NewDevice, Outgoing,
-        SendStep, SenderList, Unread, link_secret,
+        self, BrokerDevice, ClaimWith, Engine as Core, Event, Failure, MessageState, Need,
+        NewDevice, Outgoing, SendStep, SenderList, Unread, link_secret,
     },
     http,
 };
@@ -257,6 +257,28 @@ fn outgoing(core: &Core, v: &Value) -> Result<Outgoing, JsError> {
         "decline" => call(Payload::Decline {
             call_id: call_id()?,
         }),
+        "typing" => Ok(Outgoing::typing(v["on"].as_bool().unwrap_or(false))),
+        "receipt" => {
+            let kind = match v["state"].as_str() {
+                Some("delivered") => ReceiptKind::Delivered,
+                Some("read") => ReceiptKind::Read,
+                _ => return Err(err("state must be delivered or read")),
+            };
+            let ids = v["ids"]
+                .as_array()
+                .ok_or_else(|| err("ids missing"))?
+                .iter()
+                .map(|id| unhex::<16>(id.as_str().unwrap_or_default()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Outgoing::payload(Payload::Receipt { kind, ids }))
+        }
+        "disappearing" => Ok(Outgoing::payload(Payload::Disappearing {
+            secs: v["secs"]
+                .as_u64()
+                .and_then(|s| u32::try_from(s).ok())
+                .ok_or_else(|| err("secs missing"))?,
+            with: v["with"].as_str().map(str::to_owned),
+        })),
         other => Err(err(format!("unknown payload kind {other:?}"))),
     }
 }
@@ -290,8 +312,52 @@ fn payload_json(payload: &Payload) -> Value {
         Payload::AnsweredElsewhere { call_id, device } => {
             json!({"kind": "answered_elsewhere", "call_id": hex(call_id), "device": device})
         }
+        Payload::Receipt { kind, ids } => json!({"kind": "receipt",
+            "state": match kind {
+                ReceiptKind::Delivered => "delivered",
+                _ => "read",
+            },
+            "ids": ids.iter().map(|id| hex(id)).collect::<Vec<_>>()}),
+        Payload::Disappearing { secs, with } => {
+            json!({"kind": "disappearing", "secs": secs, "with": with})
+        }
         _ => json!({"kind": "other"}),
     }
+}
+
+/// Envelopes the engine wants sent, as the page gets them: `[{to, payload}]`, each payload
+/// for [`Engine::encrypt`].
+fn envelopes_json(envelopes: &[(String, Outgoing)]) -> Value {
+    Value::Array(
+        envelopes
+            .iter()
+            .map(|(to, o)| json!({"to": to, "payload": payload_json(o.contents())}))
+            .collect(),
+    )
+}
+
+/// Envelope ids as the page gets them.
+fn ids_json(ids: &[EnvelopeId]) -> Value {
+    json!(ids.iter().map(|id| hex(&id.0)).collect::<Vec<_>>())
+}
+
+/// A receipt, typing, timer or expiry event as the page gets it (`None` for other events).
+fn conversation_event_json(event: &Event) -> Option<Value> {
+    Some(match event {
+        Event::Receipt { peer, ids, state } => {
+            json!({"event": "receipt", "peer": peer, "ids": ids_json(ids), "state": state.as_str()})
+        }
+        Event::Typing { peer, device, on } => {
+            json!({"event": "typing", "from": peer, "device": device, "on": on})
+        }
+        Event::Disappearing { peer, by, secs } => {
+            json!({"event": "disappearing", "with": peer, "by": by, "secs": secs.unwrap_or(0)})
+        }
+        Event::Expired { peer, ids } => {
+            json!({"event": "expired", "peer": peer, "ids": ids_json(ids)})
+        }
+        _ => return None,
+    })
 }
 
 /// The page's view of what one envelope produced.
@@ -323,6 +389,7 @@ fn event_json(events: &[Event]) -> Value {
         Some(Event::Rejected { error, .. }) => {
             json!({"event": "rejected", "reason": error.to_string()})
         }
+        Some(other) => conversation_event_json(other).unwrap_or(json!({"event": "ignored"})),
         _ => json!({"event": "ignored"}),
     }
 }
@@ -751,7 +818,13 @@ impl Engine {
     /// - `deliver` / `deliver_ephemeral`: `{seq, id, event}` where `event` is `{event:
     ///   "message"|"call"|"contact"|"duplicate"|"ignored"|"rejected", …}`, or `{need_list:
     ///   user}`: fetch and accept that list, then call again with `refetched = true`.
-    /// - `send_result`: `{id, accepted, code, current_devices}`.
+    ///   Receipts, typing and timers come as `{event: "receipt", peer, ids: [hex], state:
+    ///   "delivered"|"read"}`, `{event: "typing", from, device, on}` and `{event:
+    ///   "disappearing", with, by, secs}` (0: off). A message or file received owes a
+    ///   delivered receipt: call [`Engine::take_receipts`] after handling frames.
+    /// - `send_result`: `{id, accepted, code, current_devices}`; when accepted and the envelope
+    ///   carried a message this device stored, also `receipt: {event: "receipt", peer, ids,
+    ///   state: "sent"}` (the message is now with the broker).
     /// - `group_send_result`: `{id, code, epoch, refused: [{to, code, current_devices}]}`.
     /// - `auth_ok`, `queue_empty`, `notice` (`{notice}`), `error` (`{code, message}`).
     pub fn receive(&mut self, frame: &[u8], refetched: bool) -> Result<String, JsError> {
@@ -770,8 +843,15 @@ impl Engine {
             }
             ServerFrame::SendResult { id, outcome } => match outcome {
                 SendOutcome::Accepted { duplicate } => {
-                    json!({"type": "send_result", "id": hex(&id.0), "accepted": true,
-                           "duplicate": duplicate})
+                    let mut v = json!({"type": "send_result", "id": hex(&id.0), "accepted": true,
+                           "duplicate": duplicate});
+                    // A message this device stored is now with the broker.
+                    if let Some(event) = self.core.message_accepted(id)
+                        && let Some(receipt) = conversation_event_json(&event)
+                    {
+                        v["receipt"] = receipt;
+                    }
+                    v
                 }
                 SendOutcome::Rejected {
                     code,
@@ -973,8 +1053,16 @@ impl Engine {
         Value::Array(out).to_string()
     }
 
-    /// Conversations (JSON: `[{with, verified, key_changed, messages: [{outgoing, device,
-    /// time_ms, text}]}]`), most recent first. `verified` is false while `key_changed`.
+    /// Conversations (JSON: `[{with, verified, key_changed, disappearing_secs, unread,
+    /// messages: [{outgoing, device, time_ms, text, file, id, state, expires_ms,
+    /// timer_secs}]}]`), most recent first. `verified` is false while `key_changed`.
+    /// `disappearing_secs`: the conversation's timer (0: off); `unread`: incoming messages not
+    /// yet marked read ([`Engine::mark_read`]). Per message: `id` its envelope id (hex; `""`
+    /// for messages stored before ids were kept), `state` `"sending"`, `"sent"`,
+    /// `"delivered"` or `"read"` for outgoing messages and `"received"` or `"read"` for
+    /// incoming ones, `expires_ms` when it disappears (or null), `timer_secs` null for a
+    /// message and a number for a line saying the timer changed (0: off; by this account if
+    /// `outgoing`).
     pub fn conversations(&self) -> String {
         let out: Vec<Value> = self
             .core
@@ -985,16 +1073,92 @@ impl Engine {
                     .messages
                     .iter()
                     .map(|m| {
+                        let state = match (m.outgoing, m.state) {
+                            (false, MessageState::Read) => "read",
+                            (false, _) => "received",
+                            (true, state) => state.as_str(),
+                        };
                         json!({"outgoing": m.outgoing, "device": m.device,
                                "time_ms": m.time_ms, "text": m.text,
-                               "file": m.file.as_ref().map(files::file_json)})
+                               "file": m.file.as_ref().map(files::file_json),
+                               "id": m.id.map(|id| hex(&id.0)).unwrap_or_default(),
+                               "state": state, "expires_ms": m.expires_ms,
+                               "timer_secs": m.timer_secs})
                     })
                     .collect();
                 json!({"with": c.with, "verified": c.verified, "key_changed": c.key_changed,
-                       "messages": messages})
+                       "disappearing_secs": c.disappearing_secs.unwrap_or(0),
+                       "unread": c.unread, "messages": messages})
             })
             .collect();
         Value::Array(out).to_string()
+    }
+
+    /// Receipts waiting to go, taken out of the engine: JSON `[{to, payload}]`. For each,
+    /// [`Engine::encrypt`]`(to, JSON.stringify(payload), "", "")` and send it as usual (durable;
+    /// `payload` is `{kind: "receipt", state: "delivered"|"read", ids: [hex]}`). Delivered
+    /// receipts are owed for every message and file received; read receipts after
+    /// [`Engine::mark_read`]. Call after handling received frames and after `mark_read`;
+    /// save after. Best effort: a receipt whose send fails is not owed again.
+    pub fn take_receipts(&mut self) -> String {
+        envelopes_json(&self.core.take_receipts()).to_string()
+    }
+
+    /// The user has seen the conversation with `peer`: its incoming messages become read.
+    /// Returns the ids (hex) newly read, as a JSON array (possibly empty). Unless read
+    /// receipts are off, a read receipt for them is owed: then [`Engine::take_receipts`].
+    /// Save after.
+    pub fn mark_read(&mut self, peer: &str) -> String {
+        ids_json(&self.core.mark_read(peer)).to_string()
+    }
+
+    /// Turns read receipts on or off (kept in the saved state; on by default). Off: none are
+    /// sent, and others' are not shown either (their messages stay `"delivered"`). Delivered
+    /// receipts always go. Save after.
+    pub fn set_read_receipts(&mut self, on: bool) {
+        self.core.set_read_receipts(on);
+    }
+
+    /// Whether read receipts are on.
+    pub fn read_receipts(&self) -> bool {
+        self.core.read_receipts()
+    }
+
+    /// Sets the disappearing-messages timer of the conversation with `peer`: `secs` 0 turns
+    /// it off, else 30 to 2419200 (four weeks); anything else throws. The conversation gets a
+    /// line for it (see [`Engine::conversations`]). Returns JSON `[{to, payload}]`: encrypt
+    /// each with [`Engine::encrypt`] and send it (to `peer`, and to this account when it may
+    /// have other devices). Save after.
+    pub fn set_disappearing(&mut self, peer: &str, secs: u32) -> Result<String, JsError> {
+        let envelopes = self
+            .core
+            .set_disappearing(peer, Some(secs), now_ms())
+            .map_err(client_err)?;
+        Ok(envelopes_json(&envelopes).to_string())
+    }
+
+    /// The disappearing-messages timer of the conversation with `peer`, seconds (0: off).
+    pub fn disappearing(&self, peer: &str) -> u32 {
+        self.core.disappearing(peer).unwrap_or(0)
+    }
+
+    /// Deletes the messages whose timer ran out: JSON `[{event: "expired", peer, ids: [hex]}]`
+    /// (drop those ids from the screen; may be empty). Call at [`Engine::next_expiry_ms`];
+    /// save after if anything went.
+    pub fn expire_messages(&mut self) -> String {
+        let out: Vec<Value> = self
+            .core
+            .expire_messages(now_ms())
+            .iter()
+            .filter_map(conversation_event_json)
+            .collect();
+        Value::Array(out).to_string()
+    }
+
+    /// When the next stored message disappears (ms since the epoch), or -1 if none will.
+    pub fn next_expiry_ms(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        self.core.next_expiry_ms().map_or(-1.0, |ms| ms as f64)
     }
 
     /// A new random call id (hex).

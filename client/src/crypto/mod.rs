@@ -100,7 +100,7 @@ pub use identity::{
     UnpublishedKeys,
 };
 pub use message::{OlmMessage, OlmMessageKind};
-pub use payload::{CallId, GrantContact, Payload, PayloadError};
+pub use payload::{CallId, GrantContact, MAX_RECEIPT_IDS, Payload, PayloadError, ReceiptKind};
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};
 pub use sealed::{PLACEHOLDER_BYTES, SealError, SenderInfo, Unsealed, open, placeholder, seal};

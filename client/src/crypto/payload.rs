@@ -27,6 +27,16 @@
 //! | 14 | [`Payload::File`] | `[bin blob id (32), bin key (32), u64 size, bin digest (32), str name, str media type, str domain, bin thumbnail or nil]` ([`FileRef`]) |
 //! | 15 | [`Payload::SentFile`] | `[str to, [the body of kind 14]]` |
 //! | 16 | [`Payload::History`] | `[u32 device, [the body of kind 14]]` |
+//! | 17 | [`Payload::Receipt`] | `[u8 state (1 delivered, 2 read), [bin envelope id (16)]]` (at most [`MAX_RECEIPT_IDS`] ids) |
+//! | 18 | [`Payload::Typing`] | `[bool on]` |
+//! | 19 | [`Payload::Disappearing`] | `[u32 seconds (0: off), str conversation or nil]` |
+//!
+//! Receipts (kind 17) go from a recipient device to the sender account's devices: "delivered"
+//! when the message was decrypted, "read" when the user marked the conversation read; they
+//! name the messages by envelope id. They are never answered with a receipt. Typing (kind 18)
+//! travels in the ephemeral class. A disappearing-messages timer (kind 19) goes to the peer's
+//! devices with no conversation (the conversation is the one with the sender) and to the
+//! sender's own other devices naming the peer.
 //!
 //! Call signaling (kinds 7–13) travels like every other payload: Olm-encrypted and sealed, so
 //! the broker never sees an SDP, an ICE candidate or a DTLS fingerprint. The fingerprint in an
@@ -66,6 +76,38 @@ const KIND_ANSWERED_ELSEWHERE: u16 = 13;
 const KIND_FILE: u16 = 14;
 const KIND_SENT_FILE: u16 = 15;
 const KIND_HISTORY: u16 = 16;
+const KIND_RECEIPT: u16 = 17;
+const KIND_TYPING: u16 = 18;
+const KIND_DISAPPEARING: u16 = 19;
+
+/// Most message ids in one [`Payload::Receipt`] (more go in several).
+pub const MAX_RECEIPT_IDS: usize = 256;
+
+/// What a [`Payload::Receipt`] says of the messages it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReceiptKind {
+    /// A device of the recipient decrypted them.
+    Delivered,
+    /// The recipient marked the conversation read.
+    Read,
+}
+
+impl ReceiptKind {
+    fn to_wire(self) -> u8 {
+        match self {
+            ReceiptKind::Delivered => 1,
+            ReceiptKind::Read => 2,
+        }
+    }
+
+    fn from_wire(byte: u8) -> Result<Self, PayloadError> {
+        match byte {
+            1 => Ok(ReceiptKind::Delivered),
+            2 => Ok(ReceiptKind::Read),
+            _ => Err(PayloadError::Malformed),
+        }
+    }
+}
 
 /// Identifies one call across its signaling messages (random, chosen by the caller).
 pub type CallId = [u8; 16];
@@ -154,6 +196,28 @@ pub enum Payload {
     DeviceLinked {
         /// The new device's id.
         device: u32,
+    },
+    /// Delivery or read receipt for messages of the recipient's conversation with the
+    /// receipt's sender, by envelope id. Never answered with a receipt (no loops).
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The envelope ids of the messages (1..=[`MAX_RECEIPT_IDS`]).
+        ids: Vec<[u8; 16]>,
+    },
+    /// The sender is (or stopped) typing in its conversation with the recipient. Sent in the
+    /// ephemeral class: lost when nobody is connected, never stored.
+    Typing {
+        /// Typing now (false: stopped).
+        on: bool,
+    },
+    /// A disappearing-messages timer for a conversation, set by the sender.
+    Disappearing {
+        /// The timer, seconds; 0 turns it off.
+        secs: u32,
+        /// The conversation, in a copy for the sender's own other devices (the peer); `None`
+        /// in the copy for the peer (the conversation with the sender).
+        with: Option<String>,
     },
     /// A call: sent to every device of the callee, which all ring.
     CallOffer {
@@ -263,6 +327,15 @@ struct CallIdBody(ByteBuf);
 
 #[derive(Serialize, Deserialize)]
 struct ElsewhereBody(ByteBuf, u32);
+
+#[derive(Serialize, Deserialize)]
+struct ReceiptBody(u8, Vec<ByteBuf>);
+
+#[derive(Serialize, Deserialize)]
+struct TypingBody(bool);
+
+#[derive(Serialize, Deserialize)]
+struct DisappearingBody(u32, Option<String>);
 
 fn call_id(bytes: &[u8]) -> Result<CallId, PayloadError> {
     bytes.try_into().map_err(|_| PayloadError::Malformed)
@@ -404,6 +477,18 @@ impl Payload {
                 KIND_ANSWERED_ELSEWHERE,
                 rmp_serde::to_vec(&ElsewhereBody(id_buf(call_id), *device)),
             ),
+            Payload::Receipt { kind, ids } => (
+                KIND_RECEIPT,
+                rmp_serde::to_vec(&ReceiptBody(
+                    kind.to_wire(),
+                    ids.iter().map(|id| ByteBuf::from(id.to_vec())).collect(),
+                )),
+            ),
+            Payload::Typing { on } => (KIND_TYPING, rmp_serde::to_vec(&TypingBody(*on))),
+            Payload::Disappearing { secs, with } => (
+                KIND_DISAPPEARING,
+                rmp_serde::to_vec(&DisappearingBody(*secs, with.clone())),
+            ),
         };
         let body = Zeroizing::new(body.expect("payload bodies always encode"));
         let mut out = Vec::with_capacity(3 + body.len());
@@ -533,6 +618,29 @@ impl Payload {
                     device,
                 })
             }
+            KIND_RECEIPT => {
+                let ReceiptBody(kind, ids) = decode_exact(body).ok_or(PayloadError::Malformed)?;
+                if ids.is_empty() || ids.len() > MAX_RECEIPT_IDS {
+                    return Err(PayloadError::Malformed);
+                }
+                Ok(Payload::Receipt {
+                    kind: ReceiptKind::from_wire(kind)?,
+                    ids: ids
+                        .iter()
+                        .map(|id| <[u8; 16]>::try_from(id.as_slice()))
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| PayloadError::Malformed)?,
+                })
+            }
+            KIND_TYPING => {
+                let TypingBody(on) = decode_exact(body).ok_or(PayloadError::Malformed)?;
+                Ok(Payload::Typing { on })
+            }
+            KIND_DISAPPEARING => {
+                let DisappearingBody(secs, with) =
+                    decode_exact(body).ok_or(PayloadError::Malformed)?;
+                Ok(Payload::Disappearing { secs, with })
+            }
             other => Err(PayloadError::UnknownKind(other)),
         }
     }
@@ -583,6 +691,16 @@ impl fmt::Debug for Payload {
             Payload::AnsweredElsewhere { device, .. } => f
                 .debug_struct("AnsweredElsewhere")
                 .field("device", device)
+                .finish_non_exhaustive(),
+            Payload::Receipt { kind, ids } => f
+                .debug_struct("Receipt")
+                .field("kind", kind)
+                .field("ids", &ids.len())
+                .finish(),
+            Payload::Typing { on } => f.debug_struct("Typing").field("on", on).finish(),
+            Payload::Disappearing { secs, .. } => f
+                .debug_struct("Disappearing")
+                .field("secs", secs)
                 .finish_non_exhaustive(),
         }
     }
@@ -741,6 +859,43 @@ mod tests {
             Payload::decode(&keyless.encode()),
             Err(PayloadError::Malformed)
         );
+    }
+
+    #[test]
+    fn receipt_typing_and_timer_kinds_round_trip() {
+        let payloads = [
+            Payload::Receipt {
+                kind: ReceiptKind::Delivered,
+                ids: vec![[1; 16], [2; 16]],
+            },
+            Payload::Typing { on: true },
+            Payload::Disappearing {
+                secs: 3600,
+                with: Some("bob@b.example".into()),
+            },
+        ];
+        for (kind, payload) in (17u16..).zip(payloads) {
+            let bytes = payload.encode();
+            assert_eq!(&bytes[1..3], &kind.to_be_bytes());
+            assert_eq!(Payload::decode(&bytes), Ok(payload.clone()));
+            assert!(!format!("{payload:?}").contains("bob"));
+        }
+        let read = Payload::Receipt {
+            kind: ReceiptKind::Read,
+            ids: vec![[3; 16]],
+        };
+        assert_eq!(Payload::decode(&read.encode()), Ok(read));
+        // No ids, too many, an id of the wrong length or an unknown state: malformed.
+        for body in [
+            ReceiptBody(1, vec![]),
+            ReceiptBody(1, vec![ByteBuf::from(vec![0; 16]); MAX_RECEIPT_IDS + 1]),
+            ReceiptBody(1, vec![ByteBuf::from(vec![0; 15])]),
+            ReceiptBody(9, vec![ByteBuf::from(vec![0; 16])]),
+        ] {
+            let mut bad = vec![1, 0, 17];
+            bad.extend(rmp_serde::to_vec(&body).unwrap());
+            assert_eq!(Payload::decode(&bad), Err(PayloadError::Malformed));
+        }
     }
 
     #[test]

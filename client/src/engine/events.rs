@@ -75,6 +75,47 @@ pub enum Event {
     Call(CallSignal),
     /// Something happened in a group (a message, a member change, joining or leaving).
     Group(super::groups::GroupEvent),
+    /// Messages this account sent to `peer` moved on: accepted by the broker
+    /// ([`MessageState::Sent`]), decrypted by a device of `peer` ([`MessageState::Delivered`])
+    /// or read there ([`MessageState::Read`]). `ids` are the ids of
+    /// [`ConversationMessage::id`]; the stored messages carry the new state already.
+    Receipt {
+        /// The conversation.
+        peer: String,
+        /// The messages whose state advanced.
+        ids: Vec<EnvelopeId>,
+        /// Their state now.
+        state: MessageState,
+    },
+    /// A contact is (or stopped) typing to this account. Nothing is stored; an "off" may be
+    /// lost (ephemeral), so a UI hides the indicator after a few seconds by itself.
+    Typing {
+        /// The contact.
+        peer: String,
+        /// Its device.
+        device: u32,
+        /// Typing now.
+        on: bool,
+    },
+    /// The disappearing-messages timer of the conversation with `peer` was set by `by` (the
+    /// peer, or this account on another device). The change is in the conversation as a
+    /// line ([`ConversationMessage::timer_secs`]).
+    Disappearing {
+        /// The conversation.
+        peer: String,
+        /// Who set it.
+        by: String,
+        /// The timer, seconds; `None`: off.
+        secs: Option<u32>,
+    },
+    /// Messages disappeared (their timer ran out) and are gone from the stored
+    /// conversation: drop them from the screen.
+    Expired {
+        /// The conversation.
+        peer: String,
+        /// The messages ([`ConversationMessage::id`]).
+        ids: Vec<EnvelopeId>,
+    },
     /// Everything queued when the connection opened has been handled.
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.
@@ -158,9 +199,70 @@ pub struct CallSignal {
     pub payload: Payload,
 }
 
+/// Where a message is on its way. Outgoing messages go `Sending` → `Sent` → `Delivered` →
+/// `Read` (never back); incoming ones are `Delivered` until the user marks the conversation
+/// read ([`Engine::mark_read`](super::Engine::mark_read)), then `Read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MessageState {
+    /// Encrypted here, not (yet) accepted by the broker.
+    Sending,
+    /// Accepted by the broker (stored for every device of the recipient).
+    Sent,
+    /// Decrypted by a device of the recipient (an end-to-end encrypted receipt said so); for
+    /// an incoming message: received, not yet read.
+    Delivered,
+    /// Read by the recipient (only shown while this user's read receipts are on); for an
+    /// incoming message: read here.
+    Read,
+}
+
+impl MessageState {
+    pub(crate) fn to_wire(self) -> u8 {
+        match self {
+            MessageState::Sending => 0,
+            MessageState::Sent => 1,
+            MessageState::Delivered => 2,
+            MessageState::Read => 3,
+        }
+    }
+
+    /// The state stored as `byte`; messages stored before states were kept show as sent
+    /// (outgoing) or read (incoming).
+    pub(crate) fn from_wire(byte: u8, outgoing: bool) -> Self {
+        match byte {
+            0 => MessageState::Sending,
+            1 => MessageState::Sent,
+            2 => MessageState::Delivered,
+            3 => MessageState::Read,
+            _ if outgoing => MessageState::Sent,
+            _ => MessageState::Read,
+        }
+    }
+
+    /// A short lower-case name (`"sending"`, `"sent"`, `"delivered"`, `"read"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Sending => "sending",
+            MessageState::Sent => "sent",
+            MessageState::Delivered => "delivered",
+            MessageState::Read => "read",
+        }
+    }
+}
+
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationMessage {
+    /// Its envelope id: stable across restarts, named by [`Event::Receipt`] and
+    /// [`Event::Expired`]. `None` for messages stored before ids were kept.
+    pub id: Option<EnvelopeId>,
+    /// Its delivery state (see [`MessageState`]).
+    pub state: MessageState,
+    /// When it disappears (ms since the Unix epoch, local clock), if it does.
+    pub expires_ms: Option<u64>,
+    /// `Some`: this line is not a message but a change of the disappearing-messages timer
+    /// (seconds; 0: turned off), made by this account if `outgoing`, else by the contact.
+    pub timer_secs: Option<u32>,
     /// True if this account sent it.
     pub outgoing: bool,
     /// The sending device.
@@ -186,6 +288,10 @@ pub struct Conversation {
     /// ([`Engine::key_change`](super::Engine::key_change) tells the old and new safety
     /// numbers).
     pub key_changed: bool,
+    /// The disappearing-messages timer, seconds (`None`: off).
+    pub disappearing_secs: Option<u32>,
+    /// Incoming messages not yet marked read.
+    pub unread: usize,
     /// Messages, oldest first.
     pub messages: Vec<ConversationMessage>,
 }
@@ -217,10 +323,24 @@ impl super::Engine {
                 with: with.clone(),
                 verified: c.verified && c.pending_master_key.is_none(),
                 key_changed: c.pending_master_key.is_some(),
+                disappearing_secs: c.disappearing.map(|t| t.secs).filter(|s| *s > 0),
+                unread: c
+                    .messages
+                    .iter()
+                    .filter(|m| {
+                        !m.outgoing
+                            && m.timer_secs.is_none()
+                            && MessageState::from_wire(m.state, false) != MessageState::Read
+                    })
+                    .count(),
                 messages: c
                     .messages
                     .iter()
                     .map(|m| ConversationMessage {
+                        id: m.envelope_id(),
+                        state: MessageState::from_wire(m.state, m.outgoing),
+                        expires_ms: m.expires_ms,
+                        timer_secs: m.timer_secs,
                         outgoing: m.outgoing,
                         device: m.device,
                         time_ms: m.time_ms,

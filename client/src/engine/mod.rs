@@ -43,16 +43,20 @@
 //!   the broker sees around a sealed send names its sender.
 //! - [`link`]: link codes, requests and grants.
 //! - [`calls`]: call signaling payloads.
+//! - [`receipts`]: delivery and read receipts, message states, the typing indicator.
+//! - [`disappearing`]: per-conversation disappearing-messages timers and expiry.
 //! - [`groups`]: group conversations over MLS: create, add, remove, leave, texts, and
 //!   receiving Welcomes, Commits and messages (held until their epoch is reached).
 
 pub mod calls;
+pub mod disappearing;
 pub mod events;
 pub mod groups;
 pub mod history;
 pub mod keys;
 pub mod link;
 pub mod lists;
+pub mod receipts;
 pub mod receive;
 pub mod record;
 pub mod schedule;
@@ -67,8 +71,9 @@ use zeroize::Zeroizing;
 use self::record::{Record, Secret};
 pub use self::{
     calls::CALL_TTL_SECS,
+    disappearing::{MAX_DISAPPEARING_SECS, MIN_DISAPPEARING_SECS},
     events::{
-        CallSignal, Conversation, ConversationMessage, DeviceInfo, Event, HoldReason,
+        CallSignal, Conversation, ConversationMessage, DeviceInfo, Event, HoldReason, MessageState,
         ReceivedMessage,
     },
     groups::{GroupChange, GroupEvent, GroupInfo, GroupSend},

@@ -77,6 +77,17 @@ pub enum Failure {
     Rejected(EnvelopeError),
 }
 
+/// What the engine knows of an envelope being applied, besides its payload.
+#[derive(Clone, Copy)]
+struct Received {
+    /// Its envelope id (the stored message's id).
+    id: EnvelopeId,
+    /// The sender's clock.
+    sent_ms: u64,
+    /// This device's clock.
+    now_ms: u64,
+}
+
 /// Why [`Engine::open`] did not read an envelope.
 pub enum Unread {
     /// Something must be fetched first.
@@ -155,7 +166,7 @@ impl Engine {
         }
         let was_pinned = self.state.pins.pinned(&user).is_some()
             && self.unpinned_claim.as_deref() != Some(user.as_str());
-        let opened = self.verify_and_decrypt(unsealed, list, now_ms);
+        let opened = self.verify_and_decrypt(id, unsealed, list, now_ms);
         if let Err(Unread::Failed(Failure::Hold {
             why: HoldReason::AwaitingList,
             ..
@@ -185,6 +196,7 @@ impl Engine {
 
     fn verify_and_decrypt(
         &mut self,
+        id: EnvelopeId,
         unsealed: Unsealed,
         list: SenderList,
         now_ms: u64,
@@ -204,7 +216,12 @@ impl Engine {
         let payload = self
             .decrypt_from(&sender, &keys, &unsealed.olm_message)
             .map_err(Unread::Failed)?;
-        self.apply(&sender, unsealed.timestamp_ms, payload)
+        let received = Received {
+            id,
+            sent_ms: unsealed.timestamp_ms,
+            now_ms,
+        };
+        self.apply(&sender, received, payload)
             .map_err(Unread::Failed)
     }
 
@@ -285,9 +302,14 @@ impl Engine {
     fn apply(
         &mut self,
         sender: &SenderInfo,
-        sent_ms: u64,
+        received: Received,
         payload: Payload,
     ) -> Result<Vec<Event>, Failure> {
+        let Received {
+            id,
+            sent_ms,
+            now_ms,
+        } = received;
         let own = sender.user == self.state.user();
         let unexpected = |kind| {
             Failure::Rejected(EnvelopeError::Unexpected {
@@ -305,16 +327,8 @@ impl Engine {
         };
         match payload {
             Payload::Text { body } if !own => {
-                self.record.add_message(
-                    &sender.user,
-                    StoredMessage {
-                        outgoing: false,
-                        device: sender.device,
-                        time_ms: sent_ms,
-                        body: body.clone(),
-                        file: None,
-                    },
-                );
+                let message = StoredMessage::new(false, sender.device, sent_ms, body.clone(), None);
+                self.store_received(&sender.user, id, message, now_ms);
                 Ok(vec![Event::Message(ReceivedMessage {
                     id: EnvelopeId([0; 16]),
                     from: sender.user.clone(),
@@ -324,16 +338,14 @@ impl Engine {
                 })])
             }
             Payload::File { file } if !own => {
-                self.record.add_message(
-                    &sender.user,
-                    StoredMessage {
-                        outgoing: false,
-                        device: sender.device,
-                        time_ms: sent_ms,
-                        body: file.summary(),
-                        file: Some(file.clone()),
-                    },
+                let message = StoredMessage::new(
+                    false,
+                    sender.device,
+                    sent_ms,
+                    file.summary(),
+                    Some(file.clone()),
                 );
+                self.store_received(&sender.user, id, message, now_ms);
                 Ok(vec![Event::File {
                     from: sender.user.clone(),
                     device: sender.device,
@@ -343,16 +355,9 @@ impl Engine {
             }
             Payload::SentFile { to, file } if own => {
                 let text = file.summary();
-                self.record.add_message(
-                    &to,
-                    StoredMessage {
-                        outgoing: true,
-                        device: sender.device,
-                        time_ms: sent_ms,
-                        body: text.clone(),
-                        file: Some(file),
-                    },
-                );
+                let message =
+                    StoredMessage::new(true, sender.device, sent_ms, text.clone(), Some(file));
+                self.store_transcript(&to, id, message);
                 Ok(vec![Event::SentElsewhere {
                     to,
                     device: sender.device,
@@ -378,16 +383,8 @@ impl Engine {
                 Ok(Vec::new())
             }
             Payload::Sent { to, body } if own => {
-                self.record.add_message(
-                    &to,
-                    StoredMessage {
-                        outgoing: true,
-                        device: sender.device,
-                        time_ms: sent_ms,
-                        body: body.clone(),
-                        file: None,
-                    },
-                );
+                let message = StoredMessage::new(true, sender.device, sent_ms, body.clone(), None);
+                self.store_transcript(&to, id, message);
                 Ok(vec![Event::SentElsewhere {
                     to,
                     device: sender.device,
@@ -406,6 +403,27 @@ impl Engine {
                 contacts,
                 proof,
             } if own => self.accept_grant(&master_key, delivery_token, contacts, &proof),
+            Payload::Receipt { kind, ids } if !own => {
+                Ok(self.apply_receipt(&sender.user, kind, &ids))
+            }
+            Payload::Typing { on } if !own => Ok(vec![Event::Typing {
+                peer: sender.user.clone(),
+                device: sender.device,
+                on,
+            }]),
+            Payload::Disappearing { secs, with } => {
+                // From the peer: the conversation with it; from another device of ours: the
+                // conversation it names.
+                let peer = match (own, with) {
+                    (false, None) => sender.user.clone(),
+                    (true, Some(peer)) if peer != sender.user => peer,
+                    _ => return Err(unexpected("disappearing timer for no conversation")),
+                };
+                if super::disappearing::check_timer(secs).is_err() {
+                    return Err(unexpected("disappearing timer out of range"));
+                }
+                Ok(self.apply_timer(&peer, sender, id, sent_ms, secs))
+            }
             Payload::AnsweredElsewhere { .. } if own => call(payload),
             payload if payload.is_call_signal() && !own => call(payload),
             Payload::AnsweredElsewhere { .. } => {
@@ -426,6 +444,8 @@ impl Engine {
             Payload::DeviceLinked { .. } => Err(unexpected("device notice from another account")),
             Payload::LinkGrant { .. } => Err(unexpected("link grant from another account")),
             Payload::LinkRequest { .. } => Err(unexpected("link request from a listed device")),
+            Payload::Receipt { .. } => Err(unexpected("receipt from our own account")),
+            Payload::Typing { .. } => Err(unexpected("typing from our own account")),
         }
     }
 

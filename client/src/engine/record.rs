@@ -62,6 +62,87 @@ pub(crate) struct StoredMessage {
     /// The file it was, if it was one (`body` then says how it shows).
     #[serde(default)]
     pub(crate) file: Option<crate::crypto::FileRef>,
+    /// Its envelope id (what receipts and expiry events name); `None` for messages stored
+    /// before ids were kept.
+    #[serde(default)]
+    pub(crate) id: Option<ByteBuf>,
+    /// Its delivery state ([`MessageState`](super::MessageState) on the wire, see
+    /// [`STATE_UNKNOWN`] for messages stored before states were kept).
+    #[serde(default = "unknown_state")]
+    pub(crate) state: u8,
+    /// When it disappears (ms since the Unix epoch, local clock), if the conversation had a
+    /// disappearing-messages timer when it was stored.
+    #[serde(default)]
+    pub(crate) expires_ms: Option<u64>,
+    /// `Some`: not a message but a change of the conversation's disappearing-messages timer
+    /// (seconds, 0: off), by this account if `outgoing`.
+    #[serde(default)]
+    pub(crate) timer_secs: Option<u32>,
+}
+
+/// The state of a message stored before states were kept: shown as sent (outgoing) or read
+/// (incoming).
+pub(crate) const STATE_UNKNOWN: u8 = u8::MAX;
+
+fn unknown_state() -> u8 {
+    STATE_UNKNOWN
+}
+
+impl StoredMessage {
+    /// A message (not a timer change) with no id, state or expiry yet.
+    pub(crate) fn new(
+        outgoing: bool,
+        device: u32,
+        time_ms: u64,
+        body: String,
+        file: Option<crate::crypto::FileRef>,
+    ) -> Self {
+        Self {
+            outgoing,
+            device,
+            time_ms,
+            body,
+            file,
+            id: None,
+            state: STATE_UNKNOWN,
+            expires_ms: None,
+            timer_secs: None,
+        }
+    }
+
+    /// Whether its envelope id is `id`.
+    pub(crate) fn has_id(&self, id: &[u8; 16]) -> bool {
+        self.id
+            .as_ref()
+            .is_some_and(|b| b.as_slice() == id.as_slice())
+    }
+
+    /// Its envelope id, if it has one.
+    pub(crate) fn envelope_id(&self) -> Option<sealpost_proto::EnvelopeId> {
+        let id = self.id.as_ref()?;
+        <[u8; 16]>::try_from(id.as_slice())
+            .ok()
+            .map(sealpost_proto::EnvelopeId)
+    }
+}
+
+/// A conversation's disappearing-messages timer, as last set by either side.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct DisappearingTimer {
+    /// Seconds; 0: off.
+    pub(crate) secs: u32,
+    /// The setter's clock when it was set (ms since the Unix epoch): a later setting wins,
+    /// so that two devices setting it at once end up agreeing.
+    pub(crate) set_ms: u64,
+}
+
+/// Receipts this device owes one contact, waiting to be sent.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub(crate) struct OwedReceipts {
+    /// Envelope ids of messages decrypted here.
+    pub(crate) delivered: Vec<ByteBuf>,
+    /// Envelope ids of messages the user marked read.
+    pub(crate) read: Vec<ByteBuf>,
 }
 
 /// What the account knows about one contact.
@@ -79,6 +160,9 @@ pub(crate) struct Contact {
     /// serves a list under the pinned key again.
     #[serde(default)]
     pub(crate) pending_master_key: Option<ByteBuf>,
+    /// The conversation's disappearing-messages timer, once either side set one.
+    #[serde(default)]
+    pub(crate) disappearing: Option<DisappearingTimer>,
 }
 
 /// A link code this device issued and has not yet seen used.
@@ -150,6 +234,12 @@ pub(crate) struct Record {
     /// an upload cut short goes on from where the broker has it.
     #[serde(default)]
     pub(crate) uploads: BTreeMap<String, PendingUpload>,
+    /// The user turned read receipts off (none are sent, and others' are not shown).
+    #[serde(default)]
+    pub(crate) read_receipts_off: bool,
+    /// Receipts owed to contacts, by contact, until the driver takes them.
+    #[serde(default)]
+    pub(crate) receipts: BTreeMap<String, OwedReceipts>,
 }
 
 /// A file upload that has not finished.
@@ -372,6 +462,7 @@ impl LegacyBrowserRecord {
                     verified: c.verified,
                     messages: c.messages,
                     pending_master_key: None,
+                    disappearing: None,
                 },
             );
         }
@@ -415,13 +506,7 @@ mod tests {
         record.seen.insert([7; 16]);
         record.add_message(
             "bob@b.example",
-            StoredMessage {
-                outgoing: true,
-                device: 1,
-                time_ms: 5,
-                body: "hi".into(),
-                file: None,
-            },
+            StoredMessage::new(true, 1, 5, "hi".into(), None),
         );
         let decoded = Record::decode(&record.encode()).expect("decodes");
         assert!(decoded.seen.contains(&[7; 16]));

@@ -62,6 +62,12 @@ impl Delivery {
         class: Class::Urgent,
         ttl_secs: super::CALL_TTL_SECS,
     };
+    /// Typing: only to connected devices, never stored (the broker still wants a valid
+    /// time-to-live).
+    pub const EPHEMERAL: Delivery = Delivery {
+        class: Class::Ephemeral,
+        ttl_secs: 60,
+    };
 }
 
 /// What one envelope carries.
@@ -136,6 +142,12 @@ impl Outgoing {
     /// The class and time-to-live.
     pub fn delivery(&self) -> Delivery {
         self.delivery
+    }
+
+    /// What it carries (for a driver that hands payloads to its page as data, as the
+    /// browser's does, before they come back to be encrypted).
+    pub fn contents(&self) -> &Payload {
+        &self.payload
     }
 
     fn payload_for(&self, device: u32) -> &Payload {
@@ -307,18 +319,30 @@ impl Engine {
                 devices.push(self.state.device_id());
             }
         }
+        let mut outgoing = outgoing;
+        // A message (or a transcript of one) in a conversation with a disappearing-messages
+        // timer: the broker's copies expire with it (see `disappearing`).
+        let about = match &outgoing.payload {
+            Payload::Text { .. } | Payload::File { .. } => Some(to),
+            Payload::Sent { to, .. } | Payload::SentFile { to, .. } => Some(to.as_str()),
+            _ => None,
+        };
+        if let Some(peer) = about {
+            outgoing.delivery.ttl_secs = self.ttl_for(peer, outgoing.delivery.ttl_secs);
+        }
         let recorded = retry_of.is_none() && outgoing.text.is_some();
         if let (true, Some(text)) = (recorded, &outgoing.text) {
-            self.record.add_message(
-                to,
-                StoredMessage {
-                    outgoing: true,
-                    device: self.state.device_id(),
-                    time_ms: now_ms,
-                    body: text.clone(),
-                    file: outgoing.file.clone(),
-                },
+            let mut message = StoredMessage::new(
+                true,
+                self.state.device_id(),
+                now_ms,
+                text.clone(),
+                outgoing.file.clone(),
             );
+            message.id = Some(serde_bytes::ByteBuf::from(id.0.to_vec()));
+            message.state = super::MessageState::Sending.to_wire();
+            message.expires_ms = self.expiry_for(to, now_ms);
+            self.record.add_message(to, message);
         }
         Ok(Send {
             id,
@@ -459,7 +483,14 @@ impl Engine {
         outcome: SendOutcome,
     ) -> Result<SendProgress, ClientError> {
         match outcome {
-            SendOutcome::Accepted { .. } => Ok(SendProgress::Sent(send.id)),
+            SendOutcome::Accepted { .. } => {
+                if send.recorded
+                    && let Some(event) = self.message_accepted(send.id)
+                {
+                    self.notices.push(event);
+                }
+                Ok(SendProgress::Sent(send.id))
+            }
             SendOutcome::Rejected {
                 code: ErrorCode::StaleDevices,
                 current_devices,

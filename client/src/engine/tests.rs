@@ -785,3 +785,387 @@ fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
     // Alice's own copy comes back and is recognised.
     assert!(alice.is_seen(id));
 }
+
+/// The class and time-to-live of a send frame.
+fn delivery_of(frame: &ClientFrame) -> (sealpost_proto::Class, u32) {
+    match frame {
+        ClientFrame::Send {
+            class, ttl_secs, ..
+        }
+        | ClientFrame::SealedSend {
+            class, ttl_secs, ..
+        } => (*class, *ttl_secs),
+        _ => panic!("not a send"),
+    }
+}
+
+/// The broker accepts `send`.
+fn accepted(engine: &mut Engine, send: &mut Send) {
+    let progress = engine
+        .send_answer(send, SendOutcome::Accepted { duplicate: false })
+        .expect("answer");
+    assert_eq!(progress, SendProgress::Sent(send.id()));
+}
+
+/// The state of the message `id` in `engine`'s conversation with `peer`.
+fn state_of(engine: &Engine, peer: &str, id: EnvelopeId) -> MessageState {
+    engine
+        .conversations()
+        .into_iter()
+        .find(|c| c.with == peer)
+        .and_then(|c| c.messages.into_iter().find(|m| m.id == Some(id)))
+        .expect("the message is stored")
+        .state
+}
+
+fn reloaded(engine: &mut Engine) -> Engine {
+    let key = LocalKey::generate();
+    Engine::from_encrypted_bytes(&engine.to_encrypted_bytes(&key), &key).expect("loads")
+}
+
+/// Sends every receipt `from` owes through the broker to its recipients' `to` engine;
+/// returns the events there.
+fn send_receipts(broker: &mut Broker, from: &mut Engine, to: &mut Engine) -> Vec<Event> {
+    let mut events = Vec::new();
+    for (peer, outgoing) in from.take_receipts() {
+        assert_eq!(peer, to.user());
+        let (_, frame) = broker.prepare(from, &peer, outgoing);
+        assert_eq!(delivery_of(&frame).0, sealpost_proto::Class::Durable);
+        events.extend(broker.deliver(&frame, to).expect("new"));
+    }
+    events
+}
+
+/// Alice and Bob, each holding the other's list, Alice's token with Bob (so he writes sealed).
+fn alice_and_bob_talking() -> (Broker, Engine, Engine) {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
+    let token = alice.delivery_token_outgoing();
+    let (_, frame) = broker.prepare(&mut alice, BOB, token);
+    broker.deliver(&frame, &mut bob).expect("new");
+    alice.mark_token_shared(BOB);
+    (broker, alice, bob)
+}
+
+#[test]
+fn receipts_move_a_sent_message_through_its_states_and_survive_a_restart() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    let (mut send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("hi bob"));
+    let id = send.id();
+    assert_eq!(state_of(&alice, BOB, id), MessageState::Sending);
+    accepted(&mut alice, &mut send);
+    assert_eq!(state_of(&alice, BOB, id), MessageState::Sent);
+    let notices = alice.take_notices();
+    assert!(
+        matches!(&notices[..], [Event::Receipt { peer, ids, state: MessageState::Sent }]
+            if peer == BOB && ids == &[id]),
+        "{notices:?}"
+    );
+
+    // Bob decrypts it: unread, and a delivered receipt is owed.
+    broker.deliver(&frame, &mut bob).expect("new");
+    let conversation = &bob.conversations()[0];
+    assert_eq!(conversation.unread, 1);
+    assert_eq!(
+        conversation.messages[0].id,
+        Some(id),
+        "the same id on both sides"
+    );
+    assert!(bob.owes_receipts());
+    let events = send_receipts(&mut broker, &mut bob, &mut alice);
+    assert!(
+        matches!(&events[..], [Event::Receipt { peer, ids, state: MessageState::Delivered }]
+            if peer == BOB && ids == &[id]),
+        "{events:?}"
+    );
+    assert_eq!(state_of(&alice, BOB, id), MessageState::Delivered);
+    // No receipt for a receipt, on either side.
+    assert!(!alice.owes_receipts() && !bob.owes_receipts());
+    let mut alice = reloaded(&mut alice);
+    assert_eq!(state_of(&alice, BOB, id), MessageState::Delivered, "kept");
+
+    // Two more, then Bob reads the conversation: one read receipt for all three.
+    let mut ids = vec![id];
+    for text in ["two", "three"] {
+        let (send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text(text));
+        ids.push(send.id());
+        broker.deliver(&frame, &mut bob).expect("new");
+    }
+    send_receipts(&mut broker, &mut bob, &mut alice);
+    assert_eq!(bob.mark_read(ALICE), ids);
+    assert_eq!(bob.conversations()[0].unread, 0);
+    assert!(bob.mark_read(ALICE).is_empty(), "read once");
+    let receipts = bob.take_receipts();
+    assert_eq!(receipts.len(), 1, "batched");
+    assert!(matches!(
+        receipts[0].1.contents(),
+        Payload::Receipt { kind: crate::crypto::ReceiptKind::Read, ids: read } if read.len() == 3
+    ));
+    let (_, frame) = broker.prepare(&mut bob, ALICE, receipts.into_iter().next().unwrap().1);
+    let events = broker.deliver(&frame, &mut alice).expect("new");
+    assert!(
+        matches!(&events[..], [Event::Receipt { ids: read, state: MessageState::Read, .. }]
+            if read == &ids),
+        "{events:?}"
+    );
+    assert!(broker.deliver(&frame, &mut alice).is_none(), "a duplicate");
+    // A late delivered receipt does not move a message back.
+    assert!(
+        alice
+            .apply_receipt(BOB, crate::crypto::ReceiptKind::Delivered, &[id.0])
+            .is_empty()
+    );
+    let alice = reloaded(&mut alice);
+    for id in ids {
+        assert_eq!(state_of(&alice, BOB, id), MessageState::Read);
+    }
+    assert!(!alice.owes_receipts());
+}
+
+#[test]
+fn with_read_receipts_off_none_are_sent_nor_shown_and_delivered_ones_still_go() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    assert!(bob.read_receipts(), "on by default");
+    bob.set_read_receipts(false);
+    let mut bob = reloaded(&mut bob);
+    assert!(!bob.read_receipts(), "kept across a restart");
+
+    let (send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("hi"));
+    broker.deliver(&frame, &mut bob).expect("new");
+    let events = send_receipts(&mut broker, &mut bob, &mut alice);
+    assert!(matches!(
+        &events[..],
+        [Event::Receipt {
+            state: MessageState::Delivered,
+            ..
+        }]
+    ));
+    assert_eq!(bob.mark_read(ALICE), [send.id()], "read here all the same");
+    assert!(!bob.owes_receipts(), "but nobody is told");
+
+    // Bob writes; Alice reads it. Bob, with his own read receipts off, does not see hers.
+    let (reply, frame) = broker.prepare(&mut bob, ALICE, Outgoing::text("hello"));
+    broker.deliver(&frame, &mut alice).expect("new");
+    alice.mark_read(BOB);
+    let events = send_receipts(&mut broker, &mut alice, &mut bob);
+    assert!(
+        matches!(
+            &events[..],
+            [Event::Receipt {
+                state: MessageState::Delivered,
+                ..
+            }]
+        ),
+        "only the delivered one shows: {events:?}"
+    );
+    assert_eq!(state_of(&bob, ALICE, reply.id()), MessageState::Delivered);
+}
+
+#[test]
+fn typing_is_ephemeral_stored_nowhere_and_a_lost_one_does_not_break_the_session() {
+    let (mut broker, mut alice, mut bob) = alice_knows_bob();
+    // The very first envelope of the session is a typing indicator, and it is lost.
+    let (_, lost) = broker.prepare(&mut alice, BOB, Outgoing::typing(true));
+    assert_eq!(
+        delivery_of(&lost),
+        (
+            sealpost_proto::Class::Ephemeral,
+            Delivery::EPHEMERAL.ttl_secs
+        )
+    );
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("first"));
+    assert_eq!(
+        text_of(&broker.deliver(&frame, &mut bob).expect("new")),
+        [(ALICE.to_owned(), "first".to_owned())]
+    );
+    // Bob replies (the session is confirmed), then Alice's next typing is lost too, and
+    // another one arrives after the text sent behind it.
+    let token = bob.delivery_token_outgoing();
+    let (_, frame) = broker.prepare(&mut bob, ALICE, token);
+    broker.deliver(&frame, &mut alice).expect("new");
+    broker.prepare(&mut alice, BOB, Outgoing::typing(true));
+    let (_, late) = broker.prepare(&mut alice, BOB, Outgoing::typing(false));
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("second"));
+    assert_eq!(
+        text_of(&broker.deliver(&frame, &mut bob).expect("new")),
+        [(ALICE.to_owned(), "second".to_owned())]
+    );
+    let events = broker.deliver(&late, &mut bob).expect("new");
+    assert!(
+        matches!(&events[..], [Event::Typing { peer, device: 1, on: false }] if peer == ALICE),
+        "{events:?}"
+    );
+    // Nothing of typing is stored or acknowledged.
+    let messages = &bob.conversations()[0].messages;
+    assert_eq!(messages.len(), 2, "only the texts");
+    let receipts = bob.take_receipts();
+    assert!(matches!(
+        receipts[..],
+        [(_, ref o)] if matches!(o.contents(), Payload::Receipt { ids, .. } if ids.len() == 2)
+    ));
+    assert!(
+        alice.conversations()[0].messages.len() == 2,
+        "alice: her two texts"
+    );
+}
+
+/// A second device for `first`'s account (linked as in
+/// `a_linked_device_gets_the_grant_and_both_devices_read_what_comes_next`).
+fn link_second_device(broker: &mut Broker, first: &mut Engine) -> Engine {
+    let handle = first.user().to_owned();
+    let code = first.new_link_code("brokercode", NOW + 600_000, NOW);
+    let (_, secret) = split_link_code(&code.code).expect("code");
+    let new = NewDevice::generate();
+    broker
+        .identity
+        .insert((handle.clone(), 2), new.identity_keys());
+    let mut second = new.link(&handle, 2, &[8; 32], &secret, "");
+    broker.publish_keys(&mut second);
+    second
+        .accept_device_list(&handle, &broker.lists[&handle].clone(), NOW)
+        .expect("pins");
+    let request = second.link_request_outgoing().expect("linking");
+    let (_, frame) = broker.prepare(&mut second, &handle, request);
+    broker.deliver(&frame, first).expect("new");
+    let keys = crate::crypto::PublicDeviceKeys::from_bytes(&broker.identity[&(handle.clone(), 2)])
+        .expect("broker keys");
+    let signed = first
+        .approved_list(2, keys)
+        .expect("signs")
+        .expect("a new version")
+        .to_bytes();
+    broker.lists.insert(handle.clone(), signed.clone());
+    first.confirm_own_list(&signed, NOW).expect("published");
+    let grant = first.link_grant_outgoing().expect("approving");
+    let (_, frame) = broker.prepare(first, &handle, grant);
+    first.finish_approval();
+    let events = broker.deliver(&frame, &mut second).expect("new");
+    assert!(matches!(events[..], [Event::Linked]), "{events:?}");
+    second
+}
+
+#[test]
+fn a_disappearing_timer_set_on_one_device_is_honoured_by_the_peer_and_the_other_device() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    let mut alice2 = link_second_device(&mut broker, &mut alice);
+    bob.accept_device_list(ALICE, &broker.lists[ALICE].clone(), NOW)
+        .expect("alice's new list");
+    alice2
+        .accept_device_list(BOB, &broker.lists[BOB].clone(), NOW)
+        .expect("bob's list");
+    assert!(
+        alice.set_disappearing(BOB, Some(10), NOW).is_err(),
+        "too short"
+    );
+    assert!(
+        alice.set_disappearing(ALICE, Some(60), NOW).is_err(),
+        "not a contact"
+    );
+
+    let envelopes = alice.set_disappearing(BOB, Some(3600), NOW).expect("set");
+    assert_eq!(alice.disappearing(BOB), Some(3600));
+    assert_eq!(
+        envelopes
+            .iter()
+            .map(|(to, _)| to.as_str())
+            .collect::<Vec<_>>(),
+        [BOB, ALICE],
+        "the peer and our other device"
+    );
+    for (to, outgoing) in envelopes {
+        let (_, frame) = broker.prepare(&mut alice, &to, outgoing);
+        let (peer, engine) = if to == BOB {
+            (ALICE, &mut bob)
+        } else {
+            (BOB, &mut alice2)
+        };
+        let events = broker.deliver(&frame, engine).expect("new");
+        assert!(
+            matches!(&events[..], [Event::Disappearing { peer: p, by, secs: Some(3600) }]
+                if p == peer && by == ALICE),
+            "{events:?}"
+        );
+        assert_eq!(engine.disappearing(peer), Some(3600));
+    }
+    // Every device shows the change as a line, which is not a message.
+    for (engine, peer) in [(&alice, BOB), (&alice2, BOB), (&bob, ALICE)] {
+        let conversation = engine
+            .conversations()
+            .into_iter()
+            .find(|c| c.with == peer)
+            .expect("conversation");
+        assert_eq!(conversation.disappearing_secs, Some(3600));
+        let line = conversation.messages.last().expect("the line");
+        assert_eq!(line.timer_secs, Some(3600));
+        assert_eq!(line.text, "messages disappear after 1 hour");
+        assert_eq!(conversation.unread, 0);
+    }
+    assert!(!bob.owes_receipts(), "a timer is not acknowledged");
+
+    // Messages both ways (and the transcript) go with the timer as their broker TTL, and
+    // expire on every device.
+    let (sent, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("secret"));
+    assert_eq!(delivery_of(&frame).1, 3600);
+    broker.deliver(&frame, &mut bob).expect("new");
+    alice.queue_transcript(BOB, "secret", NOW);
+    let due = alice.next_transcript_due_ms().expect("queued");
+    let transcript = alice.due_transcript(due).expect("due");
+    let (transcript_send, frame) = broker.prepare(&mut alice, ALICE, transcript);
+    assert_eq!(delivery_of(&frame).1, 3600, "the transcript too");
+    broker.deliver(&frame, &mut alice2).expect("new");
+    let (reply, frame) = broker.prepare(&mut bob, ALICE, Outgoing::text("gone soon"));
+    assert_eq!(delivery_of(&frame).1, 3600, "bob honours it");
+    broker.deliver(&frame, &mut alice).expect("new");
+    assert_eq!(
+        text_of(&broker.deliver(&frame, &mut alice2).expect("new")),
+        [(BOB.to_owned(), "gone soon".to_owned())]
+    );
+
+    let expiry = NOW + 3_600_000;
+    for engine in [&mut alice, &mut alice2, &mut bob] {
+        assert_eq!(engine.next_expiry_ms(), Some(expiry));
+        assert!(engine.expire_messages(expiry - 1).is_empty());
+        let mut engine = reloaded(engine);
+        let events = engine.expire_messages(expiry);
+        let Some(Event::Expired { ids, .. }) = events.first() else {
+            panic!("{events:?}");
+        };
+        assert!(
+            ids.contains(&reply.id()),
+            "{} {events:?}",
+            engine.device_id()
+        );
+        assert!(
+            ids.iter()
+                .all(|id| [sent.id(), transcript_send.id(), reply.id()].contains(id))
+        );
+        let conversation = &engine.conversations()[0];
+        assert!(
+            conversation.messages.iter().all(|m| m.timer_secs.is_some()),
+            "only the timer line stays"
+        );
+        assert_eq!(engine.next_expiry_ms(), None);
+    }
+
+    // Bob turns it off; an older setting that arrives late changes nothing.
+    let envelopes = bob.set_disappearing(ALICE, None, NOW + 10).expect("off");
+    assert_eq!(envelopes.len(), 1, "bob has no other device");
+    let (_, frame) = broker.prepare(&mut bob, ALICE, envelopes.into_iter().next().unwrap().1);
+    let events = broker.deliver(&frame, &mut alice).expect("new");
+    assert!(matches!(
+        &events[..],
+        [Event::Disappearing { secs: None, .. }]
+    ));
+    assert_eq!(alice.disappearing(BOB), None);
+    let bob_info = SenderInfo {
+        user: BOB.into(),
+        device: 1,
+    };
+    assert!(
+        alice
+            .apply_timer(BOB, &bob_info, EnvelopeId([9; 16]), NOW - 5, 60)
+            .is_empty()
+    );
+    assert_eq!(alice.disappearing(BOB), None);
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("kept"));
+    assert_eq!(delivery_of(&frame).1, send::MESSAGE_TTL_SECS);
+}

@@ -43,8 +43,15 @@
 //! [`Client::next_event`].
 //!
 //! # Calls (`sdk/calls.rs`), devices and keys (`sdk/devices.rs`)
+//!
+//! # Receipts, typing, disappearing messages (`sdk/conversation.rs`)
+//!
+//! Delivered receipts for what [`Client::next_event`] decrypts go after each batch; read
+//! receipts after [`Client::mark_read`]. [`Client::next_event`] also deletes messages whose
+//! disappearing timer ran out ([`Event::Expired`]).
 
 mod calls;
+mod conversation;
 mod devices;
 mod files;
 mod groups;
@@ -70,7 +77,7 @@ use crate::{
 pub use crate::{
     engine::{
         CALL_TTL_SECS, CallSignal, Conversation, ConversationMessage, DeviceInfo, Event,
-        HoldReason, LinkCode, ONE_TIME_KEYS, PreparedEnvelope, ReceivedMessage,
+        HoldReason, LinkCode, MessageState, ONE_TIME_KEYS, PreparedEnvelope, ReceivedMessage,
     },
     error::{ClientError, EnvelopeError},
 };

@@ -54,6 +54,7 @@ impl Client {
             self.reconnects = 0;
             self.handle_frames(frame).await?;
             self.group_upkeep().await?;
+            self.send_receipts().await;
         }
     }
 
@@ -227,7 +228,7 @@ impl Client {
     }
 
     /// When the next timed job is due: trying held envelopes, a queued transcript, the
-    /// refresh of contacts' lists, of our own list.
+    /// refresh of contacts' lists, of our own list, the next disappearing message.
     fn next_job_due(&mut self) -> Instant {
         let now = Instant::now();
         let at_ms = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms()));
@@ -238,6 +239,9 @@ impl Client {
         if let Some(ms) = self.engine.next_transcript_due_ms() {
             due = due.min(at_ms(ms));
         }
+        if let Some(ms) = self.engine.next_expiry_ms() {
+            due = due.min(at_ms(ms));
+        }
         due.min(at_ms(self.engine.lists_refresh_due_ms(now_ms())))
     }
 
@@ -246,9 +250,14 @@ impl Client {
         if self.engine.has_held() && Instant::now() >= self.next_held_retry {
             self.retry_held().await?;
         }
+        let expired = self.expire_messages()?;
+        self.events.extend(expired);
         self.send_due_transcripts().await?;
         self.refresh_own_list_if_due().await?;
-        self.refresh_lists_if_due().await
+        self.refresh_lists_if_due().await?;
+        // Held envelopes read just now may owe receipts.
+        self.send_receipts().await;
+        Ok(())
     }
 
     /// Tries the held envelopes again now, saves what that changed, and schedules the next
