@@ -22,6 +22,7 @@ use crate::{
         turn,
     },
     mailbox::MailboxConfig,
+    push::PushSettings,
     server,
     server::{Backend, NatsSettings},
     store::StoreOptions,
@@ -311,6 +312,19 @@ settings! {
     /// Content-Security-Policy. Empty: not served. Meant for loopback and development; in
     /// production serve the page from the TLS proxy.
     web_root: String = String::new(), "SEALPOST_WEB_ROOT";
+    /// Wake devices that registered a push subscription (Web Push, UnifiedPush) when an
+    /// envelope arrives while they are not connected. The wake-up carries no content.
+    push: bool = true, "SEALPOST_PUSH";
+    /// At most one wake-up per device in this many seconds.
+    push_interval_secs: u64 = 30, "SEALPOST_PUSH_INTERVAL_SECS";
+    /// At most one urgent wake-up (a ringing call) per device in this many seconds.
+    push_urgent_interval_secs: u64 = 5, "SEALPOST_PUSH_URGENT_INTERVAL_SECS";
+    /// The VAPID contact push services see, a mailto: or https: URL (empty:
+    /// mailto:postmaster@DOMAIN).
+    push_contact: String = String::new(), "SEALPOST_PUSH_CONTACT";
+    /// Accept push endpoints on loopback and private networks, and over plain http (a
+    /// UnifiedPush distributor on the same network; tests). Off: https on public hosts only.
+    push_allow_private_endpoints: bool = false, "SEALPOST_PUSH_ALLOW_PRIVATE_ENDPOINTS";
 }
 
 /// Why the configuration is unusable.
@@ -456,6 +470,13 @@ impl Settings {
         }
         let turn = self.turn()?;
         let backend = self.backend()?;
+        if !self.push_contact.is_empty()
+            && !self.push_contact.starts_with("mailto:")
+            && !self.push_contact.starts_with("https://")
+        {
+            return Err(invalid("push_contact", "must be a mailto: or https: URL"));
+        }
+        let push_domain = self.domain.clone();
         let ms = Duration::from_millis;
         let mib = |n: u64| n.saturating_mul(1024 * 1024);
         Ok(server::Config {
@@ -544,7 +565,24 @@ impl Settings {
                 max_unauthenticated_per_ip: self.max_unauthenticated_per_ip,
                 max_unauthenticated: self.max_unauthenticated,
                 admin_token: Zeroizing::new(self.admin_token),
+                push: gateway::PushDoor {
+                    vapid_public_key: None,
+                    allow_private_endpoints: self.push_allow_private_endpoints,
+                },
             },
+            push: self.push.then(|| PushSettings {
+                interval: Duration::from_secs(self.push_interval_secs),
+                urgent_interval: Duration::from_secs(self.push_urgent_interval_secs),
+                contact: if self.push_contact.is_empty() {
+                    format!("mailto:postmaster@{}", push_domain)
+                } else {
+                    self.push_contact.clone()
+                },
+                allow_private_endpoints: self.push_allow_private_endpoints,
+                backoff_min: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(600),
+                ttl: Duration::from_secs(12 * 3600),
+            }),
             data_dir: self.data_dir,
         })
     }

@@ -17,6 +17,8 @@
 //!   ([`store::live`]); the sled backend (the embedded default) is the only importer of sled,
 //!   the NATS JetStream one (scale-out) the only importer of async-nats, an in-memory one
 //!   serves unit tests.
+//! - [`push`]: content-free wake-ups (Web Push, UnifiedPush) for devices that are not
+//!   connected when an envelope arrives; mailboxes ask through [`mailbox::Wakeups`].
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //! - [`socket`]: one driver for every server-side WebSocket: frame limits checked at the
@@ -44,6 +46,7 @@ pub mod crypto;
 pub mod federation;
 pub mod gateway;
 pub mod mailbox;
+pub mod push;
 pub mod server;
 pub mod socket;
 pub mod store;

@@ -12,6 +12,7 @@ use actix::Arbiter;
 use actix_web::{App, HttpServer, web};
 use tokio::sync::watch;
 use tracing::{info, warn};
+use zeroize::Zeroizing;
 
 use crate::{
     clock::now_ms,
@@ -19,6 +20,7 @@ use crate::{
     federation::{Federation, PeerConfig, PeerSettings, identity::ServerKey},
     gateway::{self, AppState},
     mailbox::{MailboxConfig, Mailboxes, Registry},
+    push::{Pusher, endpoint::VapidKey},
     store::{
         SledStore, StoreOptions, Stores,
         blobs::{files::FileBlobs, memory::MemoryBlobs},
@@ -59,6 +61,8 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     /// The gateway.
     pub gateway: gateway::Settings,
+    /// Push wake-ups (`None`: off).
+    pub push: Option<crate::push::PushSettings>,
 }
 
 /// Which store serves the seams.
@@ -180,6 +184,10 @@ async fn pod_upkeep(store: NatsStore, federation: Arc<Federation>) {
     }
 }
 
+/// What derives the VAPID signing key of push wake-ups from the server secret (BLAKE3
+/// `derive_key` context: hard-coded, unique, application-specific).
+const VAPID_CONTEXT: &str = "sealpost 2026-12-06 push VAPID ES256 signing key";
+
 /// Runs a broker until SIGTERM or SIGINT, then shuts down gracefully. `on_listen` is called
 /// with the bound address once the broker accepts connections.
 pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
@@ -198,10 +206,21 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
         config.mailbox_threads
     };
     let arbiters: Vec<Arbiter> = (0..mailbox_threads).map(|_| Arbiter::new()).collect();
-    let mailboxes = Mailboxes::new(Registry::new(
+    let mut gateway_settings = config.gateway;
+    let wakeups: Arc<dyn crate::mailbox::Wakeups> = match config.push {
+        Some(push) => {
+            let vapid = VapidKey::from_secret(&Zeroizing::new(hasher.derive_secret(VAPID_CONTEXT)))
+                .ok_or_else(|| anyhow::anyhow!("the server secret gives no VAPID key"))?;
+            gateway_settings.push.vapid_public_key = Some(vapid.public_b64());
+            Arc::new(Pusher::start(push, vapid, store.directory.clone()))
+        }
+        None => Arc::new(crate::mailbox::NoWakeups),
+    };
+    let mailboxes = Mailboxes::new(Registry::with_wakeups(
         arbiters.iter().map(|a| a.handle()).collect(),
         store.clone(),
         config.mailbox,
+        wakeups,
     ));
     let federation_arbiter = Arbiter::new();
     let federation = Federation::start(
@@ -212,10 +231,10 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
         &federation_arbiter.handle(),
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shutdown_drain = config.gateway.shutdown_drain;
-    let domain = config.gateway.domain.clone();
+    let shutdown_drain = gateway_settings.shutdown_drain;
+    let domain = gateway_settings.domain.clone();
     let state = Arc::new(AppState::new(
-        config.gateway,
+        gateway_settings,
         store.clone(),
         mailboxes.clone(),
         federation.clone(),

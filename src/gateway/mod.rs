@@ -20,6 +20,7 @@
 //!   view of peers, and local delivery for inbound links.
 //! - [`remote`]: device lists and key claims of users of peer domains, asked of their brokers.
 //! - [`json`]: JSON shapes and body limits shared by several endpoints.
+//! - [`push`]: push subscriptions of devices and the VAPID key they subscribe with.
 //! - [`turn`]: short-lived TURN credentials for the call relay (coturn, shared secret).
 //! - [`web`]: the browser client's static files, when `web_root` is set.
 //! - [`secrets`]: how every secret that reaches the broker leaves its memory again.
@@ -36,6 +37,7 @@ pub(crate) mod json;
 pub mod keys;
 pub mod limits;
 pub(crate) mod pending;
+pub mod push;
 pub(crate) mod remote;
 pub(crate) mod route;
 pub mod sealed;
@@ -56,7 +58,7 @@ use std::sync::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-pub use self::settings::{BlobSettings, Registration, Settings};
+pub use self::settings::{BlobSettings, PushDoor, Registration, Settings};
 use crate::{
     crypto::TokenHasher,
     federation::Federation,
@@ -76,6 +78,7 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
         .configure(blobs::routes)
         .configure(federation::routes)
         .configure(turn::routes)
+        .configure(push::routes)
         .configure(tickets::routes)
         .configure(self::web::routes)
         .default_service(actix_web::web::to(unknown_path));

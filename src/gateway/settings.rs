@@ -62,6 +62,17 @@ impl Default for BlobSettings {
     }
 }
 
+/// Push subscriptions as the gateway takes them (`/v1/push/vapid`,
+/// `/v1/accounts/{h}/devices/{id}/push`).
+#[derive(Debug, Clone, Default)]
+pub struct PushDoor {
+    /// The VAPID public key devices subscribe with (base64url); `None`: push is off and the
+    /// routes answer 404.
+    pub vapid_public_key: Option<String>,
+    /// Endpoints on loopback and private networks, and plain http, are accepted.
+    pub allow_private_endpoints: bool,
+}
+
 /// The call relay (coturn, TURN REST scheme).
 #[derive(Default)]
 pub struct TurnSettings {
@@ -117,6 +128,8 @@ pub struct Settings {
     pub max_unauthenticated: usize,
     /// Bearer token of the admin endpoints; empty: they answer loopback clients only.
     pub admin_token: Zeroizing<String>,
+    /// Push subscriptions.
+    pub push: PushDoor,
 }
 
 #[cfg(test)]
@@ -144,6 +157,7 @@ impl Settings {
             max_unauthenticated_per_ip: 0,
             max_unauthenticated: 0,
             admin_token: Zeroizing::new(String::new()),
+            push: PushDoor::default(),
         }
     }
 }

@@ -798,6 +798,15 @@ impl Handler<Submit> for Mailbox {
                                 act.registry
                                     .live_delivery()
                                     .notify(&act.user, device.0, next);
+                                let here =
+                                    act.devices.get(&device).is_some_and(|q| q.conn.is_some());
+                                if !here {
+                                    act.registry.wakeups().wake(
+                                        &act.user,
+                                        device.0,
+                                        msg.class == Class::Urgent,
+                                    );
+                                }
                                 act.pump(device, ctx);
                                 act.resync_later(device, ctx);
                             }

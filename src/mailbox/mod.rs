@@ -29,3 +29,18 @@ pub use actor::{Mailbox, MailboxConfig};
 pub use handle::{Delivery, MailboxError, Mailboxes};
 pub use messages::{AttachError, ClaimedKey, Conn, ConnId, UploadError, UploadKeys};
 pub use registry::{Registry, RegistryError};
+
+/// Wakes devices that are not connected when their queue grows (the push notifications of
+/// `crate::push`), behind a trait so that mailboxes do not depend on how.
+pub trait Wakeups: Send + Sync + 'static {
+    /// `user`'s `device` got a durable envelope while no session of it is here; `urgent`: a
+    /// call rings.
+    fn wake(&self, user: &str, device: u32, urgent: bool);
+}
+
+/// No wake-ups (a broker without push, and unit tests).
+pub struct NoWakeups;
+
+impl Wakeups for NoWakeups {
+    fn wake(&self, _user: &str, _device: u32, _urgent: bool) {}
+}

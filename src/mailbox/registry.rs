@@ -17,7 +17,7 @@ use std::{
 use actix::{Actor, Addr, ArbiterHandle, Handler, Message, dev::ToEnvelope};
 
 use super::{
-    Mailbox, MailboxConfig,
+    Mailbox, MailboxConfig, NoWakeups, Wakeups,
     messages::{KickAll, Retire},
 };
 use crate::store::{Stores, live::LiveDelivery};
@@ -38,12 +38,24 @@ pub struct Registry {
     next_incarnation: AtomicU64,
     stores: Stores,
     config: Arc<MailboxConfig>,
+    wakeups: Arc<dyn Wakeups>,
 }
 
 impl Registry {
     /// A registry spawning mailboxes on `arbiters` (at least one), with `stores` (whose
     /// live-delivery seam reaches sockets held in other processes).
     pub fn new(arbiters: Vec<ArbiterHandle>, stores: Stores, config: MailboxConfig) -> Arc<Self> {
+        Registry::with_wakeups(arbiters, stores, config, Arc::new(NoWakeups))
+    }
+
+    /// [`Registry::new`] whose mailboxes wake devices that are not connected through
+    /// `wakeups` (push notifications).
+    pub fn with_wakeups(
+        arbiters: Vec<ArbiterHandle>,
+        stores: Stores,
+        config: MailboxConfig,
+        wakeups: Arc<dyn Wakeups>,
+    ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
             "the registry needs at least one arbiter"
@@ -55,6 +67,7 @@ impl Registry {
             next_incarnation: AtomicU64::new(1),
             stores,
             config: Arc::new(config),
+            wakeups,
         })
     }
 
@@ -144,6 +157,11 @@ impl Registry {
     /// The stores mailboxes use.
     pub fn stores(&self) -> &Stores {
         &self.stores
+    }
+
+    /// How mailboxes wake devices that are not connected.
+    pub fn wakeups(&self) -> &dyn Wakeups {
+        self.wakeups.as_ref()
     }
 
     /// The live-delivery seam mailboxes notify.

@@ -10,8 +10,8 @@ use futures_util::future::join_all;
 use super::{
     AppendError, DeliveryTokenRecord, DeviceRecord, EpochTaken,
     KeyKind::{Mls, Olm},
-    KeyUpload, KeysPut, LinkCodeRecord, NewEnvelope, OutboxRecord, QueueLimits, StoreError, Stores,
-    Trim,
+    KeyUpload, KeysPut, LinkCodeRecord, NewEnvelope, OutboxRecord, PushKind, PushRecord,
+    QueueLimits, StoreError, Stores, Trim,
     records::RECORD_VERSION,
 };
 
@@ -120,6 +120,33 @@ pub async fn directory(stores: &Stores, prefix: &str) {
         "expired"
     );
     assert!(!d.take_link_code(&a, [7; 32], 10).await.unwrap(), "unknown");
+
+    // Push subscriptions: per device, replaced, removed, and gone with their device.
+    let push = |endpoint: &str| PushRecord {
+        version: RECORD_VERSION,
+        endpoint: endpoint.into(),
+        p256dh: vec![4; 65],
+        auth: vec![8; 16],
+        kind: PushKind::WebPush,
+    };
+    assert!(d.push_subscription(&a, 2).await.unwrap().is_none());
+    d.set_push_subscription(&a, 2, Some(push("https://p.example/1")))
+        .await
+        .unwrap();
+    d.set_push_subscription(&a, 3, Some(push("https://p.example/3")))
+        .await
+        .unwrap();
+    d.set_push_subscription(&a, 2, Some(push("https://p.example/2")))
+        .await
+        .unwrap();
+    assert!(d.push_subscription(&a, 2).await.unwrap() == Some(push("https://p.example/2")));
+    d.set_push_subscription(&a, 2, None).await.unwrap();
+    assert!(d.push_subscription(&a, 2).await.unwrap().is_none());
+    d.remove_device(&a, 3).await.unwrap();
+    assert!(
+        d.push_subscription(&a, 3).await.unwrap().is_none(),
+        "a removed device's subscription goes with it"
+    );
 }
 
 /// One-time keys: lowest first, each handed out once even to concurrent claims, then the

@@ -70,6 +70,7 @@ pub(crate) const LAST_RESORT_KEY_PACKAGE: u8 = b'g';
 pub(crate) const DEVICE_LIST: u8 = b'l';
 pub(crate) const DELIVERY_TOKEN: u8 = b't';
 pub(crate) const LINK_CODE: u8 = b'c';
+pub(crate) const PUSH: u8 = b'w';
 pub(crate) const GROUP: u8 = b'G';
 pub(crate) const HEAD: u8 = b'H';
 pub(crate) const ENVELOPE: u8 = b'E';
@@ -134,6 +135,13 @@ pub(crate) fn fallback_key(kind: KeyKind, user: &str, device: u32) -> Vec<u8> {
 
 pub(crate) fn device_list(user: &str) -> Vec<u8> {
     key(DEVICE_LIST, user, 0)
+}
+
+pub(crate) fn push(user: &str, device: u32) -> Vec<u8> {
+    let mut k = key(PUSH, user, 5);
+    k.push(SEP);
+    k.extend_from_slice(&device.to_be_bytes());
+    k
 }
 
 pub(crate) fn delivery_token(user: &str) -> Vec<u8> {

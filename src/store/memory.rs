@@ -19,7 +19,7 @@ use super::{
     AccountRecord, AppendError, Appended, Claimed, DeliveryTokenRecord, DeviceRecord, Directory,
     Due, EnvelopeRecord, EpochTaken, FallbackKeyRecord, GroupRecord, Health, Inbox, KeyCount,
     KeyKind, KeyUpload, KeysPut, LinkCodeRecord, NewEnvelope, Outbox, OutboxEntry, OutboxRecord,
-    Placement, QueueLimits, Result, StoreError, StoreFuture, Trim, UserInbox,
+    Placement, PushRecord, QueueLimits, Result, StoreError, StoreFuture, Trim, UserInbox,
     records::RECORD_VERSION,
 };
 
@@ -52,6 +52,7 @@ struct State {
     fallback_keys: BTreeMap<(String, u32, KeyKind), FallbackKeyRecord>,
     device_lists: BTreeMap<String, Vec<u8>>,
     delivery_tokens: BTreeMap<String, DeliveryTokenRecord>,
+    push: BTreeMap<(String, u32), PushRecord>,
     link_codes: BTreeMap<(String, [u8; 32]), LinkCodeRecord>,
     queues: BTreeMap<(String, u32), Queue>,
     /// Appended envelope ids: (remembered until, where stored).
@@ -484,6 +485,7 @@ impl Directory for MemoryStore {
                 .retain(|(u, d, _, _), _| !(u == &user && *d == device));
             s.fallback_keys
                 .retain(|(u, d, _), _| !(u == &user && *d == device));
+            s.push.remove(&(user.clone(), device));
             Ok(())
         });
         self.durable(removed)
@@ -584,6 +586,28 @@ impl Directory for MemoryStore {
             })
         });
         self.durable(claimed)
+    }
+
+    fn push_subscription(&self, user: &str, device: u32) -> StoreFuture<Option<PushRecord>> {
+        let key = (user.to_owned(), device);
+        self.answer(move |s| Ok(s.push.get(&key).cloned()))
+    }
+
+    fn set_push_subscription(
+        &self,
+        user: &str,
+        device: u32,
+        record: Option<PushRecord>,
+    ) -> StoreFuture<()> {
+        let key = (user.to_owned(), device);
+        let set = self.check_io().map(|()| {
+            let mut s = self.state();
+            match record {
+                Some(record) => s.push.insert(key, record),
+                None => s.push.remove(&key),
+            };
+        });
+        self.durable(set)
     }
 
     fn device_list(&self, user: &str) -> StoreFuture<Option<Vec<u8>>> {

@@ -60,7 +60,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 pub use self::sled::{SledStore, StoreOptions};
 pub use records::{
     AccountRecord, DeliveryTokenRecord, DeviceRecord, EnvelopeRecord, EpochTaken,
-    FallbackKeyRecord, GroupRecord, LinkCodeRecord, OutboxRecord,
+    FallbackKeyRecord, GroupRecord, LinkCodeRecord, OutboxRecord, PushKind, PushRecord,
 };
 
 /// Errors of the store, sorted by source.
@@ -411,6 +411,16 @@ pub trait Directory: Send + Sync + 'static {
     /// Replaces the account's signed device list.
     fn set_device_list(&self, user: &str, signed: Vec<u8>) -> StoreFuture<()>;
     /// The account's sealed-sender admission record.
+    /// The push subscription `device` registered, if any.
+    fn push_subscription(&self, user: &str, device: u32) -> StoreFuture<Option<PushRecord>>;
+    /// Registers (`Some`) or removes (`None`) `device`'s push subscription. Removing the
+    /// device removes it too.
+    fn set_push_subscription(
+        &self,
+        user: &str,
+        device: u32,
+        record: Option<PushRecord>,
+    ) -> StoreFuture<()>;
     fn delivery_token(&self, user: &str) -> StoreFuture<Option<DeliveryTokenRecord>>;
     /// Replaces the account's sealed-sender admission record.
     fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> StoreFuture<()>;

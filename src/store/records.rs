@@ -143,6 +143,42 @@ pub struct DeliveryTokenRecord {
     pub of_proof: bool,
 }
 
+/// A device's push subscription (RFC 8030 endpoint and RFC 8291 keys): where the broker posts
+/// a content-free wake-up when an envelope arrives while the device is not connected.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRecord {
+    /// Record version.
+    pub version: u8,
+    /// The push service's URL for this device (https; it names the device at that service).
+    pub endpoint: String,
+    /// The device's P-256 public key for message encryption (uncompressed point, 65 bytes).
+    #[serde(with = "serde_bytes")]
+    pub p256dh: Vec<u8>,
+    /// The device's authentication secret for message encryption (16 bytes).
+    #[serde(with = "serde_bytes")]
+    pub auth: Vec<u8>,
+    /// Web Push (a browser) or UnifiedPush (a distributor on another client): the same
+    /// protocol, counted apart.
+    pub kind: PushKind,
+}
+
+/// Who serves a push subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushKind {
+    /// A browser's push service (`PushManager.subscribe`).
+    WebPush,
+    /// A UnifiedPush distributor (ntfy, NextPush, …).
+    UnifiedPush,
+}
+
+impl std::fmt::Debug for PushRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushRecord")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A pending link code: lets one new device join the account once, before it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkCodeRecord {
@@ -323,7 +359,8 @@ versioned!(
     DeliveryTokenRecord,
     LinkCodeRecord,
     OutboxRecord,
-    GroupRecord
+    GroupRecord,
+    PushRecord
 );
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::{Inner, NatsStore, subjects};
 use crate::store::{
     AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, EpochTaken,
-    FallbackKeyRecord, GroupRecord, KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result,
-    StoreError, StoreFuture,
+    FallbackKeyRecord, GroupRecord, KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord,
+    PushRecord, Result, StoreError, StoreFuture,
     records::{self, RECORD_VERSION, Versioned},
 };
 
@@ -298,6 +298,11 @@ impl Directory for NatsStore {
                     .await
                     .map_err(|e| inner.failed("directory write", e))?;
             }
+            inner
+                .directory
+                .purge(subjects::push(&u, device))
+                .await
+                .map_err(|e| inner.failed("directory write", e))?;
             Ok(())
         })
     }
@@ -398,6 +403,41 @@ impl Directory for NatsStore {
                 }))
             })
             .await
+        })
+    }
+
+    fn push_subscription(&self, user: &str, device: u32) -> StoreFuture<Option<PushRecord>> {
+        let u = self.user(user);
+        self.run(move |inner| async move {
+            decode(
+                current(&inner.directory, &subjects::push(&u, device))
+                    .await?
+                    .value,
+            )
+        })
+    }
+
+    fn set_push_subscription(
+        &self,
+        user: &str,
+        device: u32,
+        record: Option<PushRecord>,
+    ) -> StoreFuture<()> {
+        let u = self.user(user);
+        self.run(move |inner| async move {
+            let key = subjects::push(&u, device);
+            match record {
+                Some(record) => put(&inner, &inner.directory, &key, records::encode(&record)).await,
+                None => {
+                    inner
+                        .directory
+                        .purge(key)
+                        .await
+                        .map_err(|e| inner.failed("directory write", e))?;
+                    inner.succeeded();
+                    Ok(())
+                }
+            }
         })
     }
 

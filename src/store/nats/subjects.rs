@@ -141,6 +141,11 @@ pub(super) fn keys(user: &str, device: u32, kind: KeyKind) -> String {
     }
 }
 
+/// A device's push subscription.
+pub(super) fn push(user: &str, device: u32) -> String {
+    format!("w.{user}.{device}")
+}
+
 pub(super) fn device_list(user: &str) -> String {
     format!("l.{user}")
 }

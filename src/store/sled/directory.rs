@@ -4,8 +4,8 @@
 use super::{Inner, SledStore, by_device};
 use crate::store::{
     AccountRecord, Claimed, DeliveryTokenRecord, DeviceRecord, Directory, EpochTaken,
-    FallbackKeyRecord, GroupRecord, KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord, Result,
-    StoreError, StoreFuture, keys, ready,
+    FallbackKeyRecord, GroupRecord, KeyCount, KeyKind, KeyUpload, KeysPut, LinkCodeRecord,
+    PushRecord, Result, StoreError, StoreFuture, keys, ready,
     records::{self, RECORD_VERSION},
 };
 
@@ -83,6 +83,7 @@ impl Inner {
             self.accounts
                 .remove(keys::fallback_key(kind, user, device))?;
         }
+        self.accounts.remove(keys::push(user, device))?;
         Ok(())
     }
 
@@ -281,6 +282,36 @@ impl Directory for SledStore {
             self.inner()
                 .accounts
                 .insert(keys::device_list(user), signed)?;
+            Ok(())
+        })
+    }
+
+    fn push_subscription(&self, user: &str, device: u32) -> StoreFuture<Option<PushRecord>> {
+        ready((|| {
+            self.inner()
+                .accounts
+                .get(keys::push(user, device))?
+                .map(|v| records::decode(&v))
+                .transpose()
+        })())
+    }
+
+    fn set_push_subscription(
+        &self,
+        user: &str,
+        device: u32,
+        record: Option<PushRecord>,
+    ) -> StoreFuture<()> {
+        self.inner().durably(|| {
+            let key = keys::push(user, device);
+            match &record {
+                Some(record) => {
+                    self.inner().accounts.insert(key, records::encode(record))?;
+                }
+                None => {
+                    self.inner().accounts.remove(key)?;
+                }
+            }
             Ok(())
         })
     }
