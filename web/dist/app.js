@@ -12,6 +12,7 @@
 import init, {
   PendingAccount, Engine, FileUpload, FileDownload, sdp_fingerprint, fingerprints_match,
 } from './pkg/sealpost_web.js';
+import { drawQr } from './qr.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -30,6 +31,7 @@ let currentGroup = null; // the selected group (hex id), when a group is shown
 let wsBackoff = 250;
 const pendingResults = new Map(); // envelope id (hex) -> resolve
 const contacts = new Set();
+let engineVersion = 0; // bumped whenever the conversations may have changed
 const notices = []; // shown in the conversation until dismissed: {user, devices, own_account}
 
 // Observable state for people (the page) and for tests (window.sealpostDebug).
@@ -58,10 +60,20 @@ const debug = {
   files: [],
   sentFiles: [],
   opened: [],
+  // Calls as logged in the conversations: {peer, outcome, duration_ms, …}.
+  callLog: [],
   // Group texts received: {group, from, text}.
   groupMessages: [],
+  // Receipts received ({peer, ids, state}), and the connection banner ('offline',
+  // 'reconnected' or null).
+  receipts: [],
+  banner: null,
+  // Wake-ups the service worker passed on (a push came).
+  wakeups: 0,
 };
 window.sealpostDebug = debug;
+// Whether the engine has a method (newer engines add receipts, typing, disappearing messages).
+debug.engineHas = (name) => !!engine && typeof engine[name] === 'function';
 // For tests: the refresh a held envelope brings forward comes within a second (the default is
 // a random 5 to 60 s, so that the fetch of a sender's list does not follow its message).
 debug.quickHeldRefresh = () => engine.set_timing(1000, 5000, 3_600_000, 100, 1000);
@@ -70,15 +82,42 @@ debug.quickHeldRefresh = () => engine.set_timing(1000, 5000, 3_600_000, 100, 100
 // Helpers
 
 function showError(message) {
-  const text = String(message && message.message ? message.message : message);
+  const text = humanize(message);
   debug.errors.push(text);
-  const box = $('error');
-  box.textContent = text;
-  box.hidden = false;
+  $('error-text').textContent = text;
+  $('error').hidden = false;
 }
 
 function clearError() {
   $('error').hidden = true;
+}
+
+// Errors in words a person understands: what happened, and what to do about it. Technical
+// detail stays in the console.
+function humanize(e) {
+  if (e && e.friendly) return e.friendly;
+  const text = String(e && e.message ? e.message : e);
+  if (e && e.message) console.warn(text);
+  if (/^timed out waiting for an existing device/.test(text)) {
+    return 'Your other device did not confirm this one in time. Keep Sealpost open there and try again.';
+  }
+  if (/not connected to the broker|connection_lost/.test(text)) {
+    return "You're offline, so that wasn't sent. Try again once you're reconnected.";
+  }
+  if (/did not answer the send/.test(text)) return 'The server did not answer in time. Check your connection and try again.';
+  return text.replace(/\bthe broker\b/g, 'the server');
+}
+
+// What an HTTP status means to the person using the app (callers say more where they know).
+function friendlyStatus(status) {
+  if (status === 401) return 'This device is no longer signed in to its account. Was it removed from another device?';
+  if (status === 403) return "The server didn't allow that.";
+  if (status === 404) return "That wasn't found on the server.";
+  if (status === 409) return 'That name is taken — try another.';
+  if (status === 413) return 'That is too large to send.';
+  if (status === 429) return 'Too many tries in a short time. Wait a minute, then try again.';
+  if (status >= 500) return 'The server is having trouble right now. Try again in a moment.';
+  return "The server didn't accept that. Check what you typed and try again.";
 }
 
 function b64ToBytes(b64) {
@@ -119,39 +158,174 @@ async function api(method, path, { body, headers = {}, auth = false, anon = fals
       method, headers: h, body, credentials: anon ? 'omit' : 'same-origin',
     });
   } catch (e) {
-    throw new Error(`cannot reach the broker (${e.message})`);
+    const err = new Error(`cannot reach the broker (${e.message})`);
+    err.friendly = "Can't reach the Sealpost server. Check your connection and try again.";
+    throw err;
   }
   if (!resp.ok) {
     let detail = '';
+    let code = '';
     try {
       const j = await resp.json();
       detail = `${j.error}: ${j.message}`;
+      code = j.error;
     } catch (_) { /* not JSON */ }
     const err = new Error(`the broker refused (${resp.status}${detail ? ' ' + detail : ''})`);
     err.status = resp.status;
+    err.code = code;
+    err.friendly = friendlyStatus(resp.status);
     throw err;
   }
   const text = await resp.text();
   return text ? JSON.parse(text) : null;
 }
 
+// ------------------------------------------------------------------------------------------
+// Storage: locked under the user's passphrase.
+//
+// The engine's state is encrypted (ChaCha20-Poly1305) under a random local key. That key is
+// stored only wrapped: AES-GCM under a key derived from the passphrase (PBKDF2-SHA256, 310,000
+// iterations, random salt), so neither a plaintext key nor a plaintext state is ever in
+// localStorage. The little the page keeps for itself (when each conversation was last read,
+// the call history) is AES-GCM encrypted under a key derived (HKDF) from the local key. No
+// storage key names the account.
+
+const VAULT = 'sealpost:vault';
+const STATE = 'sealpost:state';
+const UI_STATE = 'sealpost:ui';
+const PBKDF2_ITERATIONS = 310_000;
+const VAULT_AAD = new TextEncoder().encode('sealpost web vault v1');
+const MIN_PASSPHRASE = 8;
+
+// The page's own (encrypted) state: last read time per conversation, call history.
+let ui = { lastRead: {}, calls: {}, added: {} };
+let uiKey = null;
+
+async function passphraseKey(passphrase, salt, iterations) {
+  const base = await crypto.subtle.importKey(
+    'raw', new TextEncoder().encode(passphrase), 'PBKDF2', false, ['deriveKey'],
+  );
+  return crypto.subtle.deriveKey(
+    { name: 'PBKDF2', hash: 'SHA-256', salt, iterations },
+    base, { name: 'AES-GCM', length: 256 }, false, ['encrypt', 'decrypt'],
+  );
+}
+
+async function sealVault(passphrase) {
+  const salt = crypto.getRandomValues(new Uint8Array(16));
+  const iv = crypto.getRandomValues(new Uint8Array(12));
+  const key = await passphraseKey(passphrase, salt, PBKDF2_ITERATIONS);
+  const wrapped = new Uint8Array(await crypto.subtle.encrypt(
+    { name: 'AES-GCM', iv, additionalData: VAULT_AAD }, key, new TextEncoder().encode(localKey),
+  ));
+  localStorage.setItem(VAULT, JSON.stringify({
+    v: 1, kdf: 'PBKDF2-SHA256', iterations: PBKDF2_ITERATIONS,
+    salt: bytesToB64(salt), iv: bytesToB64(iv), key: bytesToB64(wrapped),
+  }));
+}
+
+async function openVault(passphrase) {
+  const v = JSON.parse(localStorage.getItem(VAULT));
+  const key = await passphraseKey(passphrase, b64ToBytes(v.salt), v.iterations);
+  try {
+    const raw = await crypto.subtle.decrypt(
+      { name: 'AES-GCM', iv: b64ToBytes(v.iv), additionalData: VAULT_AAD }, key, b64ToBytes(v.key),
+    );
+    return new TextDecoder().decode(raw);
+  } catch (_) {
+    const e = new Error('wrong passphrase');
+    e.friendly = "That passphrase isn't right. Check it (and Caps Lock) and try again.";
+    throw e;
+  }
+}
+
+function hasVault() {
+  return !!localStorage.getItem(VAULT) && !!localStorage.getItem(STATE);
+}
+
+async function deriveUiKey() {
+  const base = await crypto.subtle.importKey('raw', b64ToBytes(localKey), 'HKDF', false, ['deriveKey']);
+  uiKey = await crypto.subtle.deriveKey(
+    { name: 'HKDF', hash: 'SHA-256', salt: new Uint8Array(0), info: new TextEncoder().encode('sealpost web ui state v1') },
+    base, { name: 'AES-GCM', length: 256 }, false, ['encrypt', 'decrypt'],
+  );
+}
+
+async function loadUi() {
+  const stored = localStorage.getItem(UI_STATE);
+  if (!stored) return;
+  try {
+    const [iv, ct] = stored.split('.').map(b64ToBytes);
+    const plain = await crypto.subtle.decrypt({ name: 'AES-GCM', iv }, uiKey, ct);
+    ui = { ...ui, ...JSON.parse(new TextDecoder().decode(plain)) };
+  } catch (e) {
+    console.warn(`the page's own state could not be read: ${e.message}`);
+  }
+}
+
+// Saved a moment later, in order; the last state wins.
+let uiDirty = false;
+let uiSaving = null;
+function saveUi() {
+  uiDirty = true;
+  if (uiSaving || !uiKey) return;
+  uiSaving = (async () => {
+    while (uiDirty) {
+      uiDirty = false;
+      const iv = crypto.getRandomValues(new Uint8Array(12));
+      const ct = new Uint8Array(await crypto.subtle.encrypt(
+        { name: 'AES-GCM', iv }, uiKey, new TextEncoder().encode(JSON.stringify(ui)),
+      ));
+      localStorage.setItem(UI_STATE, `${bytesToB64(iv)}.${bytesToB64(ct)}`);
+    }
+  })().catch((e) => console.warn(e)).finally(() => { uiSaving = null; });
+}
+
 function persist() {
   if (!engine) return;
   const bytes = engine.save(localKey);
-  localStorage.setItem(`sealpost:${engine.handle()}:state`, bytesToB64(bytes));
-  localStorage.setItem(`sealpost:${engine.handle()}:key`, localKey);
+  localStorage.setItem(STATE, bytesToB64(bytes));
+  engineVersion++;
+}
+
+function checkHandle(handle) {
+  if (!/^[^@\s]+@[^@\s]+$/.test(handle)) {
+    const e = new Error('bad handle');
+    e.friendly = `Write the full name with its server, like alice@${engine ? engine.handle().split('@')[1] : 'example.org'}.`;
+    throw e;
+  }
+}
+
+function checkPassphrase(passphrase) {
+  if (passphrase.length < MIN_PASSPHRASE) {
+    const e = new Error('short passphrase');
+    e.friendly = `Choose a passphrase of at least ${MIN_PASSPHRASE} characters.`;
+    throw e;
+  }
 }
 
 // ------------------------------------------------------------------------------------------
 // Account
 
-async function register(handle) {
+async function register(handle, passphrase) {
+  checkHandle(handle);
+  checkPassphrase(passphrase);
   const pending = PendingAccount.create(handle);
-  const created = await api('POST', '/v1/accounts', {
-    body: JSON.stringify({ handle, identity_keys: pending.identity_keys() }),
-  });
+  let created;
+  try {
+    created = await api('POST', '/v1/accounts', {
+      body: JSON.stringify({ handle, identity_keys: pending.identity_keys() }),
+    });
+  } catch (e) {
+    if (e.status === 409) e.friendly = 'That name is taken — try another.';
+    else if (e.status === 400) e.friendly = `“${handle}” can't be used as a name here. Check the part after @ is this server's domain, and use letters and digits before it.`;
+    else if (e.status === 403) e.friendly = 'This server is not accepting new accounts.';
+    throw e;
+  }
   engine = pending.finish(created.device_id, created.token);
   localKey = Engine.new_local_key();
+  await sealVault(passphrase);
+  await deriveUiKey();
   persist();
   const h = encodeURIComponent(handle);
   const keys = engine.key_upload();
@@ -165,16 +339,32 @@ async function register(handle) {
 }
 
 // This browser joins an existing account with a code shown by one of its devices.
-async function link(handle, code) {
+async function link(handle, code, passphrase) {
+  checkHandle(handle);
   const dot = code.lastIndexOf('.');
-  if (dot < 0) throw new Error('malformed link code: type it exactly as the other device shows it');
+  if (dot < 0) {
+    const e = new Error('malformed link code');
+    e.friendly = 'That link code is incomplete. Copy it again from your other device (Settings → Link a device).';
+    throw e;
+  }
+  checkPassphrase(passphrase);
   const pending = PendingAccount.create(handle);
   const h = encodeURIComponent(handle);
-  const created = await api('POST', `/v1/accounts/${h}/devices`, {
-    body: JSON.stringify({ identity_keys: pending.identity_keys(), link_code: code.slice(0, dot) }),
-  });
+  let created;
+  try {
+    created = await api('POST', `/v1/accounts/${h}/devices`, {
+      body: JSON.stringify({ identity_keys: pending.identity_keys(), link_code: code.slice(0, dot) }),
+    });
+  } catch (e) {
+    if (e.status === 403 || e.status === 401 || e.status === 404 || e.status === 400) {
+      e.friendly = 'That link code is wrong or has expired. Show a new one on your other device and try again.';
+    }
+    throw e;
+  }
   engine = pending.finish_link(created.device_id, created.token, code.slice(dot + 1));
   localKey = Engine.new_local_key();
+  await sealVault(passphrase);
+  await deriveUiKey();
   persist();
   await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/keys`, { body: engine.key_upload(), auth: true });
   engine.mark_keys_published();
@@ -203,14 +393,24 @@ async function createLinkCode() {
   const code = engine.link_code(issued.code, issued.expires_ms);
   persist();
   $('link-code').textContent = code;
+  drawQr($('link-qr'), code);
+  $('link-panel').hidden = false;
+  const minutes = Math.max(1, Math.round((issued.expires_ms - Date.now()) / 60_000));
+  $('link-status').textContent = `Waiting for the new device… This code works once, for about ${minutes} min.`;
 }
 
-function signIn(handle) {
-  const state = localStorage.getItem(`sealpost:${handle}:state`);
-  const key = localStorage.getItem(`sealpost:${handle}:key`);
-  if (!state || !key) throw new Error(`no account ${handle} in this browser; register it first`);
+// Opens the saved state with the passphrase.
+async function unlock(passphrase) {
+  const key = await openVault(passphrase);
+  engine = Engine.load(b64ToBytes(localStorage.getItem(STATE)), key);
   localKey = key;
-  engine = Engine.load(b64ToBytes(state), key);
+  await deriveUiKey();
+  await loadUi();
+}
+
+function forgetAccount() {
+  for (const k of [VAULT, STATE, UI_STATE]) localStorage.removeItem(k);
+  location.reload();
 }
 
 async function topUpKeys() {
@@ -244,6 +444,7 @@ async function fetchList(user) {
     if (e.status === 404) {
       const missing = new Error(`${user} does not exist or has no devices`);
       missing.status = 404;
+      missing.friendly = `There is no one called ${user}. Check the spelling, including the part after @.`;
       throw missing;
     }
     throw e;
@@ -331,6 +532,9 @@ async function transmit(out) {
   return answer;
 }
 
+// Payloads that are not messages: not counted in debug.sends.
+const QUIET_KINDS = new Set(['typing', 'receipt']);
+
 async function sendOne(to, payload) {
   let id = '';
   let devices = '';
@@ -342,7 +546,8 @@ async function sendOne(to, payload) {
     persist(); // the ratchets advanced: save before anything leaves
     const result = await transmit(out);
     if (result.accepted) {
-      debug.sends.push({ to, sealed: !!out.sealed });
+      if (!QUIET_KINDS.has(payload.kind)) debug.sends.push({ to, sealed: !!out.sealed });
+      if (result.receipt) onEvent(result.receipt);
       return id;
     }
     if (result.code === 'stale_devices') {
@@ -430,6 +635,7 @@ async function runJobs() {
     }
     for (const event of JSON.parse(engine.read_held())) onEvent(event);
     persist();
+    flushReceipts();
   }
 }
 
@@ -444,7 +650,7 @@ async function connect() {
     ws = await openSocket('/v1/ws', onFrame);
   } catch (e) {
     setOnline(false);
-    setTimeout(connect, wsBackoff = Math.min(wsBackoff * 2, 5000));
+    retryConnect();
     return;
   }
   ws.onclose = () => {
@@ -453,16 +659,67 @@ async function connect() {
       resolve({ accepted: false, code: 'connection_lost', id });
     }
     pendingResults.clear();
-    setTimeout(connect, wsBackoff = Math.min(wsBackoff * 2, 5000));
+    retryConnect();
   };
   ws.send(engine.auth_frame(ticket));
+}
+
+// Reconnection, with its progress in a banner: "Reconnecting in 4 s…", then "Reconnected".
+let retryTimer = null;
+let retryAt = 0;
+let bannerTicker = null;
+let wasOffline = false;
+
+function retryConnect(now = false) {
+  clearTimeout(retryTimer);
+  wsBackoff = now ? 250 : Math.min(wsBackoff * 2, 8000);
+  const wait = now ? 0 : wsBackoff;
+  retryAt = Date.now() + wait;
+  retryTimer = setTimeout(() => { retryTimer = null; connect(); }, wait);
+  // A blip shorter than a second is not worth a banner.
+  if (wasOffline) showOfflineBanner();
+  else setTimeout(() => { if (!debug.online) showOfflineBanner(); }, 800);
+}
+
+function showOfflineBanner() {
+  if (debug.online) return;
+  wasOffline = true;
+  debug.banner = 'offline';
+  const banner = $('banner');
+  banner.className = '';
+  banner.hidden = false;
+  document.body.classList.add('banner-shown');
+  const tick = () => {
+    const left = Math.ceil((retryAt - Date.now()) / 1000);
+    $('banner-text').textContent = left > 0
+      ? `Can't reach the server. Reconnecting in ${left} s…`
+      : "Can't reach the server. Reconnecting…";
+  };
+  tick();
+  clearInterval(bannerTicker);
+  bannerTicker = setInterval(tick, 250);
 }
 
 function setOnline(online) {
   debug.online = online;
   const s = $('status');
-  s.textContent = online ? 'online' : 'offline';
+  s.textContent = online ? 'Online' : 'Offline';
   s.className = `status ${online ? 'online' : 'offline'}`;
+  if (online && wasOffline) {
+    wasOffline = false;
+    clearInterval(bannerTicker);
+    debug.banner = 'reconnected';
+    const banner = $('banner');
+    banner.className = 'ok';
+    $('banner-text').textContent = 'Reconnected';
+    setTimeout(() => {
+      if (debug.online && debug.banner === 'reconnected') {
+        banner.hidden = true;
+        document.body.classList.remove('banner-shown');
+        debug.banner = null;
+      }
+    }, 2500);
+  }
 }
 
 function onFrame(bytes) {
@@ -541,14 +798,15 @@ async function handleFrame(bytes, sock) {
       onEvent(r.event);
       // Held for its sender's list: the refresh of contacts' lists comes sooner.
       if (r.event.event === 'held') scheduleJobs();
+      if (r.event.event === 'message' || r.event.event === 'file') flushReceipts();
       return;
     case 'notice':
       if (r.notice === 'keys_low') await topUpKeys();
       if (r.notice === 'key_packages_low') await publishKeyPackages();
-      if (r.notice === 'mailbox_full') showError('your mailbox on the broker is full');
+      if (r.notice === 'mailbox_full') showError('Your mailbox on the server is full. New messages to you are refused until this device catches up.');
       return;
     case 'error':
-      if (r.code === 'bad_token') showError('the broker no longer knows this device (removed?)');
+      if (r.code === 'bad_token') showError('This device was removed from your account, so it can no longer send or receive. Link it again to keep using it here.');
       return;
     default:
   }
@@ -559,15 +817,15 @@ function onEvent(event) {
     case 'message':
       addContact(event.from);
       debug.messages.push({ from: event.from, text: event.text });
-      if (event.from === current) renderMessages();
-      else markUnread(event.from);
+      stopTyping(event.from);
+      conversationChanged(event.from, true);
       break;
     case 'contact':
       addContact(event.from);
       break;
     case 'sent_elsewhere':
       addContact(event.to);
-      if (event.to === current) renderMessages();
+      conversationChanged(event.to, false);
       break;
     case 'history':
       importHistory(event.file).catch(showError);
@@ -575,11 +833,12 @@ function onEvent(event) {
     case 'file':
       addContact(event.from);
       debug.files.push({ from: event.from, name: event.file.name });
-      if (event.from === current) renderMessages();
-      else markUnread(event.from);
+      conversationChanged(event.from, true);
       break;
     case 'link_request':
+      $('link-status').textContent = `Device ${event.device} is now linked to your account.`;
       $('link-code').textContent = `device ${event.device} linked`;
+      debug.linkedDevice = event.device;
       break;
     case 'linked':
       debug.linked = true;
@@ -588,32 +847,340 @@ function onEvent(event) {
       onCallSignal(event).catch(showError);
       break;
     case 'rejected':
-      showError(`an envelope was rejected: ${event.reason}`);
+      showError(`A message could not be opened and was dropped (${event.reason}).`);
       break;
     case 'group':
       for (const e of event.events) onGroupEvent(e);
       // Some group messages change what is shown without an event (the group's name).
-      renderGroups();
+      renderConversations();
       if (currentGroup) renderGroup();
+      break;
+    case 'receipt':
+      debug.receipts.push(event);
+      conversationChanged(event.peer, false);
+      break;
+    case 'typing':
+      if (event.on) showTyping(event.from);
+      else stopTyping(event.from);
+      break;
+    case 'disappearing':
+      addContact(event.with);
+      conversationChanged(event.with, false);
+      if (event.with === current) {
+        renderChatSub();
+        renderDisappearing();
+      }
+      scheduleExpiry();
       break;
     default:
   }
 }
 
 // ------------------------------------------------------------------------------------------
-// Contacts and chat
+// Conversations: contacts and groups in one list, most recent first, with the last message,
+// its time and how many are unread.
+
+const wide = () => window.matchMedia('(min-width: 721px)').matches;
+const hasReceipts = () => engine && typeof engine.take_receipts === 'function';
+
+function initials(name) {
+  const local = String(name || '?').split('@')[0];
+  return local.slice(0, 1) || '?';
+}
+
+// A colour per name, so that conversations are easy to tell apart (all dark enough for white text).
+const AVATAR_COLOURS = ['#2f6fb5', '#8a4fb0', '#b0481f', '#207a6b', '#a3386a', '#5a6e1c', '#6b5a9e', '#1f6f92'];
+function avatar(el, name) {
+  let h = 0;
+  for (const ch of String(name)) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+  el.textContent = initials(name);
+  el.style.background = AVATAR_COLOURS[h % AVATAR_COLOURS.length];
+}
+
+function shortName(handle) {
+  if (!handle || !engine) return handle;
+  const [local, domain] = handle.split('@');
+  return domain === engine.handle().split('@')[1] ? local : handle;
+}
+
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: 'numeric', minute: '2-digit' });
+}
+
+// "14:05" today, "Yesterday", a weekday this week, else a date.
+function listTime(ms) {
+  if (!ms) return '';
+  const d = new Date(ms);
+  const today = new Date();
+  const days = Math.floor((new Date(today.toDateString()) - new Date(d.toDateString())) / 86_400_000);
+  if (days === 0) return clock(ms);
+  if (days === 1) return 'Yesterday';
+  if (days < 7) return d.toLocaleDateString([], { weekday: 'short' });
+  return d.toLocaleDateString([], { day: 'numeric', month: 'short' });
+}
+
+function dayLabel(ms) {
+  const days = Math.floor((new Date(new Date().toDateString()) - new Date(new Date(ms).toDateString())) / 86_400_000);
+  if (days === 0) return 'Today';
+  if (days === 1) return 'Yesterday';
+  return new Date(ms).toLocaleDateString([], { weekday: 'long', day: 'numeric', month: 'long' });
+}
+
+function duration(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = String(s % 60).padStart(2, '0');
+  return h ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
+}
+
+function timerLabel(secs) {
+  if (!secs) return 'off';
+  const units = [[604800, 'week'], [86400, 'day'], [3600, 'hour'], [60, 'minute'], [1, 'second']];
+  for (const [n, name] of units) {
+    if (secs % n === 0) {
+      const k = secs / n;
+      return `${k} ${name}${k === 1 ? '' : 's'}`;
+    }
+  }
+  return `${secs} seconds`;
+}
+
+function callText(c) {
+  const kind = c.video ? 'Video call' : 'Call';
+  if (c.outcome === 'connected') return `${kind}, ${duration(c.duration_ms)}`;
+  if (c.outcome === 'missed') return `Missed ${c.video ? 'video call' : 'call'}`;
+  if (c.outcome === 'declined') return c.outgoing ? `${kind} declined` : `${kind} declined by you`;
+  if (c.outcome === 'busy') return `${kind}: busy`;
+  if (c.outcome === 'elsewhere') return `${kind} answered on another device`;
+  if (c.outcome === 'failed') return `${kind} failed`;
+  return c.outgoing ? `${kind}, no answer` : `Missed ${c.video ? 'video call' : 'call'}`;
+}
+
+function timerText(m) {
+  const who = m.outgoing ? 'You' : shortName(current);
+  return m.timer_secs ? `${who} set messages to disappear after ${timerLabel(m.timer_secs)}`
+    : `${who} turned off disappearing messages`;
+}
+
+function messagePreview(m) {
+  if (m.timer_secs !== undefined && m.timer_secs !== null) {
+    return m.timer_secs ? `Disappearing messages: ${timerLabel(m.timer_secs)}` : 'Disappearing messages off';
+  }
+  const body = m.file ? `📎 ${m.file.name}` : m.text;
+  return m.outgoing ? `You: ${body}` : body;
+}
 
 function addContact(handle) {
-  if (contacts.has(handle) || handle === engine.handle()) return;
+  if (!handle || contacts.has(handle) || handle === engine.handle()) return;
   contacts.add(handle);
-  const li = document.createElement('li');
-  const b = document.createElement('button');
-  b.textContent = handle;
-  b.dataset.handle = handle;
-  b.onclick = () => selectContact(handle);
-  li.appendChild(b);
-  $('contacts').appendChild(li);
-  if (!current) selectContact(handle);
+  if (!ui.added[handle]) {
+    ui.added[handle] = Date.now();
+    saveUi();
+  }
+  renderConversations();
+  if (!current && !currentGroup && wide()) selectContact(handle);
+}
+
+// Something in the conversation with `peer` changed (a message came or its state moved on).
+function conversationChanged(peer, incoming) {
+  scheduleExpiry();
+  if (peer === current) {
+    renderMessages();
+    if (incoming && document.visibilityState === 'visible') markRead(peer);
+  }
+  renderConversations();
+}
+
+function conversationItems() {
+  const items = [];
+  const seen = new Set();
+  for (const c of JSON.parse(engine.conversations())) {
+    if (c.with === engine.handle()) continue;
+    seen.add(c.with);
+    const last = c.messages.at(-1);
+    const lastCall = (ui.calls[c.with] || []).at(-1);
+    const lastRead = ui.lastRead[c.with] || 0;
+    let time = last ? last.time_ms : ui.added[c.with] || 0;
+    let preview = last ? messagePreview(last) : 'No messages yet';
+    if (lastCall && lastCall.time_ms >= time) {
+      time = lastCall.time_ms;
+      preview = callText(lastCall);
+    }
+    let unread = typeof c.unread === 'number' ? c.unread
+      : c.messages.filter((m) => !m.outgoing && m.time_ms > lastRead).length;
+    unread += (ui.calls[c.with] || []).filter((x) => x.outcome === 'missed' && x.time_ms > lastRead).length;
+    if (c.with === current) unread = 0;
+    items.push({ kind: 'contact', id: c.with, name: c.with, time, preview, unread, verified: c.verified });
+  }
+  for (const handle of contacts) {
+    if (seen.has(handle)) continue;
+    items.push({ kind: 'contact', id: handle, name: handle, time: ui.added[handle] || 0, preview: 'No messages yet', unread: 0 });
+  }
+  for (const g of JSON.parse(engine.groups())) {
+    const lastRead = ui.lastRead[`group:${g.id}`] || 0;
+    let unread = 0;
+    if (g.last && g.last.sent_ms > lastRead && g.id !== currentGroup) {
+      unread = JSON.parse(engine.group_messages(g.id)).filter((m) => !m.outgoing && m.sent_ms > lastRead).length;
+    }
+    const members = new Set(g.members.map((m) => m.user)).size;
+    const preview = g.left ? 'You are no longer in this group'
+      : g.last ? `${g.last.from === engine.handle() ? 'You' : shortName(g.last.from)}: ${g.last.text}`
+        : `${members} members`;
+    items.push({
+      kind: 'group', id: g.id, name: g.name || 'New group', time: g.last ? g.last.sent_ms : ui.added[`group:${g.id}`] || 0,
+      preview, unread,
+    });
+  }
+  items.sort((x, y) => y.time - x.time);
+  return items;
+}
+
+function renderConversations() {
+  if (!engine) return;
+  const list = $('conversations');
+  const items = conversationItems();
+  debug.conversationList = items.map(({ kind, id, preview, unread }) => ({ kind, id, preview, unread }));
+  list.replaceChildren();
+  for (const item of items) {
+    const li = document.createElement('li');
+    const b = document.createElement('button');
+    b.className = 'conv';
+    if (item.kind === 'group') b.dataset.group = item.id;
+    else b.dataset.handle = item.id;
+    const active = item.kind === 'group' ? item.id === currentGroup : item.id === current;
+    b.classList.toggle('active', active);
+    b.classList.toggle('has-unread', item.unread > 0);
+    if (active) b.setAttribute('aria-current', 'true');
+    const av = document.createElement('span');
+    av.className = `avatar${item.kind === 'group' ? ' group' : ''}`;
+    av.setAttribute('aria-hidden', 'true');
+    avatar(av, item.name);
+    const body = document.createElement('span');
+    body.className = 'body';
+    const top = document.createElement('span');
+    top.className = 'top';
+    const name = document.createElement('span');
+    name.className = 'name';
+    name.textContent = item.kind === 'group' ? item.name : shortName(item.name);
+    name.title = item.name;
+    const time = document.createElement('span');
+    time.className = 'time';
+    time.textContent = listTime(item.time);
+    top.append(name, time);
+    const bottom = document.createElement('span');
+    bottom.className = 'bottom';
+    const preview = document.createElement('span');
+    preview.className = 'preview';
+    preview.textContent = item.preview; // text, never HTML
+    bottom.appendChild(preview);
+    if (item.unread > 0) {
+      const badge = document.createElement('span');
+      badge.className = 'unread';
+      badge.textContent = item.unread > 99 ? '99+' : String(item.unread);
+      badge.setAttribute('aria-label', `${item.unread} unread`);
+      bottom.appendChild(badge);
+    }
+    body.append(top, bottom);
+    b.append(av, body);
+    b.onclick = () => (item.kind === 'group' ? selectGroup(item.id) : selectContact(item.id));
+    li.appendChild(b);
+    list.appendChild(li);
+  }
+  $('no-conversations').hidden = items.length > 0;
+  const total = items.reduce((n, i) => n + i.unread, 0);
+  document.title = total ? `(${total}) Sealpost` : 'Sealpost';
+}
+
+// The user has seen the conversation: unread cleared, read receipts (if on) sent.
+function markRead(peer) {
+  ui.lastRead[peer] = Date.now();
+  saveUi();
+  if (hasReceipts() && typeof engine.mark_read === 'function') {
+    try {
+      engine.mark_read(peer);
+      persist();
+      flushReceipts();
+    } catch (e) {
+      console.warn(`mark_read: ${e.message}`);
+    }
+  }
+}
+
+// Receipts the engine queued (delivered on receipt, read on mark_read): sent quietly.
+function flushReceipts() {
+  if (!hasReceipts()) return;
+  let queued;
+  try {
+    queued = JSON.parse(engine.take_receipts());
+  } catch (e) {
+    console.warn(`take_receipts: ${e.message}`);
+    return;
+  }
+  if (queued.length) persist();
+  for (const r of queued) sendPayload(r.to, r.payload).catch((e) => console.warn(`receipt: ${e.message}`));
+}
+
+// Disappearing messages: removed when they expire.
+let expiryTimer = null;
+function scheduleExpiry() {
+  if (!engine || typeof engine.next_expiry_ms !== 'function') return;
+  clearTimeout(expiryTimer);
+  const due = engine.next_expiry_ms();
+  if (due < 0) return;
+  expiryTimer = setTimeout(() => {
+    const removed = JSON.parse(engine.expire_messages());
+    if (removed.length) {
+      persist();
+      for (const r of removed) conversationChanged(r.peer, false);
+    }
+    scheduleExpiry();
+  }, Math.min(Math.max(0, due - Date.now()) + 50, 60_000));
+}
+
+// Typing: shown for a contact while they type (hidden after 10 s without news); sent at most
+// every 4 s while this user types, and "off" after 5 s idle or on send.
+const typingShown = new Map(); // handle -> timer
+function showTyping(from) {
+  clearTimeout(typingShown.get(from));
+  typingShown.set(from, setTimeout(() => stopTyping(from), 10_000));
+  renderTyping();
+}
+function stopTyping(from) {
+  clearTimeout(typingShown.get(from));
+  typingShown.delete(from);
+  renderTyping();
+}
+function renderTyping() {
+  const on = current && typingShown.has(current);
+  $('typing').hidden = !on;
+  $('typing').textContent = on ? `${shortName(current)} is typing…` : '';
+  renderChatSub();
+}
+
+let typingSentAt = 0;
+let typingTo = null;
+let typingIdle = null;
+function typed() {
+  if (!hasReceipts() || !current || !$('message-input').value) return;
+  const to = current;
+  if (engine.key_change(to)) return;
+  clearTimeout(typingIdle);
+  typingIdle = setTimeout(() => sendTyping(to, false), 5000);
+  if (typingTo === to && Date.now() - typingSentAt < 4000) return;
+  sendTyping(to, true);
+}
+function sendTyping(to, on) {
+  if (!hasReceipts()) return;
+  if (!on) {
+    clearTimeout(typingIdle);
+    if (typingTo !== to) return;
+    typingTo = null;
+  } else {
+    typingTo = to;
+    typingSentAt = Date.now();
+  }
+  sendPayload(to, { kind: 'typing', on }).catch(() => {});
 }
 
 // Devices the broker has for an account that its signed list does not contain: each is told
@@ -659,6 +1226,7 @@ function renderNotices() {
     const p2 = document.createElement('p');
     p2.textContent = otherwise;
     const ok = document.createElement('button');
+    ok.className = 'secondary';
     ok.textContent = 'OK';
     ok.onclick = () => {
       notices.splice(notices.indexOf(n), 1);
@@ -669,26 +1237,80 @@ function renderNotices() {
   }
 }
 
-function markUnread(handle) {
-  const b = document.querySelector(`#contacts button[data-handle="${CSS.escape(handle)}"]`);
-  if (b) b.textContent = `${handle} •`;
+function showPane(id) {
+  for (const pane of ['placeholder', 'chat', 'group']) $(pane).hidden = pane !== id;
+  document.body.classList.toggle('in-chat', id !== 'placeholder');
+}
+
+function backToList() {
+  current = null;
+  currentGroup = null;
+  showPane('placeholder');
+  renderConversations();
 }
 
 function selectContact(handle) {
+  if (current !== handle) {
+    $('chat-info').hidden = true;
+    $('chat-info-toggle').setAttribute('aria-expanded', 'false');
+  }
   current = handle;
   currentGroup = null;
-  $('group').hidden = true;
-  $('chat').hidden = false;
-  for (const b of document.querySelectorAll('#groups button')) b.classList.remove('active');
-  $('chat-with').textContent = handle;
-  for (const b of document.querySelectorAll('#contacts button')) {
-    b.classList.toggle('active', b.dataset.handle === handle);
-    if (b.dataset.handle === handle) b.textContent = handle;
-  }
+  showPane('chat');
+  $('chat-with').textContent = shortName(handle);
+  $('chat-with').title = handle;
+  avatar($('chat-avatar'), handle);
   for (const id of ['message-input', 'send', 'attach', 'record', 'verify', 'call-audio', 'call-video']) $(id).disabled = false;
+  if (debug.call) for (const id of ['call-audio', 'call-video']) $(id).disabled = true;
+  markRead(handle);
   renderSafety();
   renderNotices();
   renderMessages();
+  renderTyping();
+  renderDisappearing();
+  renderConversations();
+}
+
+// The line under the name: typing, or the safety state and the disappearing timer.
+function renderChatSub() {
+  if (!current) return;
+  const sub = $('chat-sub');
+  if (typingShown.has(current)) {
+    sub.textContent = 'typing…';
+    return;
+  }
+  const known = engine.known_list(current);
+  const verified = known && JSON.parse(known).verified;
+  const parts = [current, verified ? 'Verified ✓' : 'End-to-end encrypted'];
+  const secs = typeof engine.disappearing === 'function' ? engine.disappearing(current) : 0;
+  if (secs) parts.push(`Messages disappear after ${timerLabel(secs)}`);
+  sub.textContent = parts.join(' · ');
+}
+
+function renderDisappearing() {
+  const supported = engine && typeof engine.set_disappearing === 'function';
+  $('disappearing-setting').hidden = !supported;
+  if (!supported || !current) return;
+  const ms = String(engine.disappearing(current) * 1000);
+  const select = $('disappearing');
+  if (![...select.options].some((o) => o.value === ms)) {
+    const o = document.createElement('option');
+    o.value = ms;
+    o.textContent = timerLabel(Number(ms) / 1000);
+    select.appendChild(o);
+  }
+  select.value = ms;
+}
+
+async function setDisappearing(secs) {
+  const peer = current;
+  const out = JSON.parse(engine.set_disappearing(peer, secs));
+  persist();
+  conversationChanged(peer, false);
+  renderDisappearing();
+  renderChatSub();
+  for (const m of out) await sendPayload(m.to, m.payload);
+  scheduleExpiry();
 }
 
 function renderSafety() {
@@ -705,31 +1327,117 @@ function renderSafety() {
     $('kc-new').textContent = c.new_safety_number;
     $('kc-was-verified').hidden = !c.was_verified;
     $('key-change').dataset.newKey = c.new_master_key;
+    renderChatSub();
     return;
   }
   const known = current && engine.known_list(current);
   if (!known) {
     $('safety-number').textContent = '–';
     $('verified-badge').hidden = true;
+    $('verify').hidden = false;
+    renderChatSub();
     return;
   }
   const k = JSON.parse(known);
   $('safety-number').textContent = k.safety_number;
   $('verified-badge').hidden = !k.verified;
+  $('unverified-label').hidden = !!k.verified;
+  // Once verified, the button gives way to the "Verified ✓" state.
+  $('verify').hidden = !!k.verified;
+  renderChatSub();
+}
+
+const STATE_MARKS = {
+  sending: ['🕓', 'Sending'],
+  sent: ['✓', 'Sent'],
+  delivered: ['✓✓', 'Delivered'],
+  read: ['✓✓', 'Read'],
+};
+
+function bubble(li, { text, file, time, sender, state }) {
+  const box = document.createElement('div');
+  box.className = 'bubble';
+  if (sender) {
+    const who = document.createElement('span');
+    who.className = 'sender';
+    who.textContent = sender;
+    box.appendChild(who);
+  }
+  if (file) box.appendChild(fileView(file));
+  else {
+    const t = document.createElement('div');
+    t.className = 'text';
+    t.textContent = text; // text, never HTML
+    box.appendChild(t);
+  }
+  const meta = document.createElement('span');
+  meta.className = 'meta';
+  const when = document.createElement('time');
+  when.dateTime = new Date(time).toISOString();
+  when.textContent = clock(time);
+  meta.appendChild(when);
+  if (state && STATE_MARKS[state]) {
+    const [mark, label] = STATE_MARKS[state];
+    const s = document.createElement('span');
+    s.className = `state ${state}`;
+    s.textContent = mark;
+    s.title = label;
+    s.setAttribute('aria-label', label);
+    meta.appendChild(s);
+    li.dataset.state = state;
+  }
+  box.appendChild(meta);
+  li.appendChild(box);
+}
+
+function eventLine(list, text, time, cls = '') {
+  const li = document.createElement('li');
+  li.className = `event ${cls}`.trim();
+  li.textContent = `${text} · ${clock(time)}`;
+  list.appendChild(li);
+}
+
+function dayLine(list, time, lastDay) {
+  const day = new Date(time).toDateString();
+  if (day === lastDay) return lastDay;
+  const li = document.createElement('li');
+  li.className = 'day';
+  li.textContent = dayLabel(time);
+  list.appendChild(li);
+  return day;
 }
 
 function renderMessages() {
   const list = $('messages');
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.replaceChildren();
   const conv = JSON.parse(engine.conversations()).find((c) => c.with === current);
-  for (const m of conv ? conv.messages : []) {
+  const entries = (conv ? conv.messages : []).map((m) => ({ t: m.time_ms, m }));
+  for (const c of ui.calls[current] || []) entries.push({ t: c.time_ms, call: c });
+  entries.sort((a, b) => a.t - b.t);
+  let lastDay = null;
+  for (const e of entries) {
+    lastDay = dayLine(list, e.t, lastDay);
+    if (e.call) {
+      eventLine(list, callText(e.call), e.t, e.call.outcome === 'missed' ? 'missed' : 'call');
+      continue;
+    }
+    const m = e.m;
+    if (m.timer_secs !== undefined && m.timer_secs !== null) {
+      eventLine(list, timerText(m), m.time_ms, 'timer');
+      continue;
+    }
     const li = document.createElement('li');
     li.className = `message ${m.outgoing ? 'outgoing' : 'incoming'}`;
-    if (m.file) li.appendChild(fileView(m.file));
-    else li.textContent = m.text; // text, never HTML
+    if (m.id) li.dataset.id = m.id;
+    bubble(li, {
+      text: m.text, file: m.file, time: m.time_ms,
+      state: m.outgoing ? (m.state || 'sent') : null,
+    });
     list.appendChild(li);
   }
-  list.scrollTop = list.scrollHeight;
+  if (atBottom || list.dataset.for !== current) list.scrollTop = list.scrollHeight;
+  list.dataset.for = current;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -887,13 +1595,15 @@ async function toggleRecording() {
   recorder.onstop = () => {
     for (const t of stream.getTracks()) t.stop();
     recorder = null;
-    $('record').textContent = 'Voice note';
+    $('record').querySelector('.label').textContent = 'Voice note';
+    $('record').classList.remove('recording');
     const when = new Date().toISOString().slice(11, 19).replace(/:/g, '-');
     const note = new File(parts, `voice note ${when}.webm`, { type: 'audio/webm' });
     sendFile(to, note).catch(showError);
   };
   recorder.start();
-  $('record').textContent = 'Stop and send';
+  $('record').querySelector('.label').textContent = 'Stop and send';
+  $('record').classList.add('recording');
 }
 
 async function openFile(file) {
@@ -1102,8 +1812,14 @@ async function shareGroupToken(group) {
 }
 
 async function createGroup(name, members) {
-  if (!name) throw new Error('give the group a name');
+  if (!name) {
+    const e = new Error('no group name');
+    e.friendly = 'Give the group a name first.';
+    throw e;
+  }
   const group = engine.create_group(name);
+  ui.added[`group:${group}`] = Date.now();
+  saveUi();
   persist();
   renderGroups();
   await addToGroup(group, [engine.handle(), ...members.filter((m) => m !== engine.handle())]);
@@ -1129,54 +1845,42 @@ function onGroupEvent(e) {
       break;
     default:
   }
-  renderGroups();
-  if (e.group === currentGroup) renderGroup();
-  else if (e.event === 'group_message') markGroupUnread(e.group);
+  if (e.group === currentGroup) {
+    renderGroup();
+    if (e.event === 'group_message' && document.visibilityState === 'visible') {
+      ui.lastRead[`group:${e.group}`] = Date.now();
+      saveUi();
+    }
+  }
+  renderConversations();
 }
 
 function renderGroups() {
-  const list = $('groups');
-  list.replaceChildren();
-  for (const g of JSON.parse(engine.groups())) {
-    const li = document.createElement('li');
-    const b = document.createElement('button');
-    b.dataset.group = g.id;
-    const name = document.createElement('b');
-    name.textContent = g.name || 'New group';
-    const last = document.createElement('small');
-    last.textContent = g.left ? 'you are no longer in this group'
-      : g.last ? `${g.last.from === engine.handle() ? 'you' : g.last.from.split('@')[0]}: ${g.last.text}`
-        : `${new Set(g.members.map((m) => m.user)).size} members`;
-    b.append(name, document.createElement('br'), last);
-    b.classList.toggle('active', g.id === currentGroup);
-    b.onclick = () => selectGroup(g.id);
-    li.appendChild(b);
-    list.appendChild(li);
-  }
-}
-
-function markGroupUnread(group) {
-  const b = document.querySelector(`#groups button[data-group="${CSS.escape(group)}"]`);
-  if (b) b.classList.add('unread');
+  renderConversations();
 }
 
 function selectGroup(group) {
+  if (currentGroup !== group) {
+    $('group-info').hidden = true;
+    $('group-info-toggle').setAttribute('aria-expanded', 'false');
+  }
   currentGroup = group;
   current = null;
-  $('chat').hidden = true;
-  $('group').hidden = false;
-  for (const b of document.querySelectorAll('#contacts button')) b.classList.remove('active');
-  for (const b of document.querySelectorAll('#groups button')) {
-    b.classList.toggle('active', b.dataset.group === group);
-    if (b.dataset.group === group) b.classList.remove('unread');
-  }
+  showPane('group');
+  ui.lastRead[`group:${group}`] = Date.now();
+  saveUi();
   renderGroup();
+  renderConversations();
 }
 
 function renderGroup() {
   const g = currentGroup && groupOf(currentGroup);
   if (!g) return;
   $('group-title').textContent = g.name || 'New group';
+  avatar($('group-avatar'), g.name || 'New group');
+  const accounts = [...new Set(g.members.map((m) => m.user))];
+  $('group-sub').textContent = g.left ? 'You are no longer in this group'
+    : accounts.map((u) => (u === engine.handle() ? 'you' : shortName(u))).join(', ');
   const members = $('group-member-list');
   members.replaceChildren();
   for (const m of g.members) {
@@ -1190,7 +1894,7 @@ function renderGroup() {
     const shown = [...members.querySelectorAll('button.remove')].some((b) => b.dataset.user === m.user);
     if (!g.left && m.user !== engine.handle() && !shown) {
       const remove = document.createElement('button');
-      remove.className = 'remove';
+      remove.className = 'remove danger';
       remove.dataset.user = m.user;
       remove.textContent = 'Remove';
       remove.title = `Remove ${m.user} (all their devices) from the group`;
@@ -1202,15 +1906,14 @@ function renderGroup() {
   $('group-leave').disabled = g.left;
   for (const id of ['group-input', 'group-send', 'group-add-handle', 'group-add']) $(id).disabled = g.left;
   const list = $('group-messages');
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.replaceChildren();
+  let lastDay = null;
   for (const m of JSON.parse(engine.group_messages(currentGroup))) {
+    lastDay = dayLine(list, m.sent_ms, lastDay);
     const li = document.createElement('li');
     li.className = `message ${m.outgoing ? 'outgoing' : 'incoming'}`;
-    const who = document.createElement('small');
-    who.textContent = m.outgoing ? 'you' : m.from;
-    const text = document.createElement('div');
-    text.textContent = m.text; // text, never HTML
-    li.append(who, text);
+    bubble(li, { text: m.text, time: m.sent_ms, sender: m.outgoing ? null : shortName(m.from) });
     list.appendChild(li);
   }
   if (g.left) {
@@ -1219,7 +1922,8 @@ function renderGroup() {
     li.textContent = 'You were removed from this group: nothing sent to it from now on reaches you.';
     list.appendChild(li);
   }
-  list.scrollTop = list.scrollHeight;
+  if (atBottom || list.dataset.for !== currentGroup) list.scrollTop = list.scrollHeight;
+  list.dataset.for = currentGroup;
 }
 
 async function sendGroupText() {
@@ -1243,13 +1947,75 @@ async function sendGroupText() {
 // ------------------------------------------------------------------------------------------
 // Calls
 
+const CALL_WORDS = {
+  calling: 'Calling…', ringing: 'Ringing…', connecting: 'Connecting…', connected: '',
+  incoming: 'Incoming call',
+};
+
+// The call screen is there only during a call (not while an incoming call rings: that is the
+// incoming dialog).
 function setCallState(state, detail = '') {
   debug.callState = state;
-  $('call-state').textContent = detail ? `${state} (${detail})` : state;
   const inCall = !['idle', 'ended', 'failed', 'declined', 'busy', 'answered elsewhere'].includes(state);
+  $('call-state').textContent = CALL_WORDS[state] ?? state;
   $('hangup').disabled = !inCall;
   $('call-audio').disabled = inCall || !current;
   $('call-video').disabled = inCall || !current;
+  const call = debug.call;
+  const screen = $('call-screen');
+  screen.hidden = !inCall || state === 'incoming';
+  if (!screen.hidden && call) {
+    $('call-peer').textContent = call.peer;
+    screen.classList.toggle('audio-only', !call.video);
+    $('camera').hidden = !call.video;
+  }
+  if (state === 'connected' && call) {
+    call.connectedAt = Date.now();
+    clearInterval(callTimer);
+    const tick = () => { $('call-timer').textContent = duration(Date.now() - call.connectedAt); };
+    tick();
+    callTimer = setInterval(tick, 500);
+  }
+  if (!inCall) {
+    clearInterval(callTimer);
+    $('call-timer').textContent = '';
+    $('mute').setAttribute('aria-pressed', 'false');
+    $('camera').setAttribute('aria-pressed', 'false');
+  }
+}
+let callTimer = null;
+
+function toggleTrack(kind, button) {
+  const call = debug.call;
+  if (!call || !call.media) return;
+  const off = button.getAttribute('aria-pressed') !== 'true';
+  for (const t of call.media.getTracks()) if (t.kind === kind) t.enabled = !off;
+  button.setAttribute('aria-pressed', String(off));
+  button.querySelector('.label').textContent = kind === 'audio' ? (off ? 'Unmute' : 'Mute') : (off ? 'Camera on' : 'Camera');
+  button.setAttribute('aria-label', kind === 'audio' ? (off ? 'Unmute microphone' : 'Mute microphone') : (off ? 'Turn camera on' : 'Turn camera off'));
+}
+
+// A line in the conversation's history for a call that ended.
+function logCall(call, state, detail) {
+  let outcome;
+  if (call.connectedAt) outcome = 'connected';
+  else if (state === 'declined') outcome = 'declined';
+  else if (state === 'busy') outcome = 'busy';
+  else if (state === 'answered elsewhere') outcome = 'elsewhere';
+  else if (state === 'failed') outcome = 'failed';
+  else outcome = call.outgoing ? 'no_answer' : 'missed';
+  const entry = {
+    time_ms: call.startedAt || Date.now(), outgoing: !!call.outgoing, video: !!call.video, outcome,
+    duration_ms: call.connectedAt ? Date.now() - call.connectedAt : 0,
+  };
+  (ui.calls[call.peer] = ui.calls[call.peer] || []).push(entry);
+  saveUi();
+  debug.callLog.push({ peer: call.peer, ...entry, detail });
+  if (call.peer === current) {
+    renderMessages();
+    if (outcome === 'missed' && document.visibilityState === 'visible') markRead(call.peer);
+  }
+  renderConversations();
 }
 
 // TURN credentials are reused while they have a minute or more left (the broker rate-limits
@@ -1281,6 +2047,7 @@ function identityError(call, why) {
   const el = $('fingerprint-state');
   el.textContent = 'identity error';
   el.className = 'bad';
+  el.title = '';
   showError(`Identity error: ${why}. The call was ended: someone may be intercepting it.`);
   endCall(call, 'failed', 'identity error', true);
 }
@@ -1307,8 +2074,9 @@ async function checkDtlsFingerprint(call) {
   }
   debug.fingerprintCheck = 'passed';
   const el = $('fingerprint-state');
-  el.textContent = 'media key verified ✓';
+  el.textContent = 'Media key verified ✓';
   el.className = 'ok';
+  el.title = 'The encryption key of this call\'s audio and video is the one your contact\'s verified device sent inside your encrypted chat: no one is in the middle.';
 }
 
 async function newPeerConnection(call) {
@@ -1362,13 +2130,14 @@ async function startCall(video) {
   if (debug.call) return;
   const peer = current;
   const call = {
-    id: Engine.new_call_id(), peer, video, outgoing: true, state: 'calling',
+    id: Engine.new_call_id(), peer, video, outgoing: true, state: 'calling', startedAt: Date.now(),
     peerDevice: null, remoteFingerprint: null, queued: [], pc: null,
   };
   debug.call = call;
   debug.fingerprintCheck = null;
   debug.setupMs = null;
   $('fingerprint-state').textContent = '';
+  $('fingerprint-state').className = '';
   setCallState('calling', peer);
   try {
     const pc = await newPeerConnection(call);
@@ -1433,6 +2202,7 @@ function endCall(call, state, detail, notify) {
   debug.call = null;
   $('incoming').hidden = true;
   setCallState(state, detail);
+  logCall(call, state, detail);
 }
 
 async function onCallSignal(event) {
@@ -1450,12 +2220,14 @@ async function onCallSignal(event) {
       debug.call = {
         id: p.call_id, peer: event.from, peerDevice: event.device, video: p.video,
         outgoing: false, state: 'incoming', offerSdp: p.sdp, remoteFingerprint: p.fingerprint,
-        queued: [], pc: null,
+        queued: [], pc: null, startedAt: Date.now(),
       };
       debug.fingerprintCheck = null;
       $('fingerprint-state').textContent = '';
-      $('incoming-text').textContent = `${event.from} is calling (${p.video ? 'video' : 'audio'})`;
+      $('incoming-text').textContent = `${event.from} is calling you (${p.video ? 'video' : 'audio'})`;
+      avatar($('incoming-avatar'), event.from);
       $('incoming').hidden = false;
+      $('answer').focus();
       setCallState('incoming', event.from);
       return;
     }
@@ -1501,10 +2273,21 @@ async function onCallSignal(event) {
 
 async function enter(connected = false) {
   $('account').hidden = true;
+  $('unlock').hidden = true;
   $('app').hidden = false;
-  $('me').textContent = `${engine.handle()} (device ${engine.device_id()})`;
+  $('me').textContent = engine.handle();
+  avatar($('me-avatar'), engine.handle());
+  $('contact-handle').placeholder = `Start a chat: someone@${engine.handle().split('@')[1]}`;
+  $('me-device').textContent = `Signed in as ${engine.handle()} on this browser (device ${engine.device_id()}).`;
+  if (hasReceipts() && typeof engine.read_receipts === 'function') {
+    $('read-receipts').checked = engine.read_receipts();
+  } else {
+    $('read-receipts').closest('label').hidden = true;
+  }
   for (const c of JSON.parse(engine.conversations())) addContact(c.with);
-  renderGroups();
+  renderConversations();
+  if (!current && !currentGroup) showPane('placeholder');
+  scheduleExpiry();
   if (!connected) await connect();
   // KeyPackages, so that others can add this device to groups.
   if (!engine.has_key_packages()) await publishKeyPackages();
@@ -1517,23 +2300,166 @@ function guarded(fn) {
   };
 }
 
+// For the forms before the app (sign-up, link, unlock): errors show under the form; the
+// button is busy meanwhile.
+function formAction(button, errorBox, fn) {
+  return async () => {
+    errorBox.hidden = true;
+    clearError();
+    const label = button.textContent;
+    button.disabled = true;
+    try {
+      await fn();
+    } catch (e) {
+      const text = humanize(e);
+      debug.errors.push(text);
+      errorBox.textContent = text;
+      errorBox.hidden = false;
+    } finally {
+      button.disabled = false;
+      button.textContent = label;
+    }
+  };
+}
+
+function showTab(linking) {
+  $('tab-new').classList.toggle('active', !linking);
+  $('tab-link').classList.toggle('active', linking);
+  $('tab-new').setAttribute('aria-selected', String(!linking));
+  $('tab-link').setAttribute('aria-selected', String(linking));
+  $('link-code-field').hidden = !linking;
+  $('register').hidden = linking;
+  $('link').hidden = !linking;
+  $('account-error').hidden = true;
+}
+
+// ------------------------------------------------------------------------------------------
+// Push wake-ups (content-free): a service worker shows "New message" and tells open pages to
+// reconnect. Subscribing needs the broker's VAPID key; `window.sealpostPush.subscribe()`.
+
+let swRegistration = null;
+
+async function registerServiceWorker() {
+  if (!('serviceWorker' in navigator)) return null;
+  navigator.serviceWorker.addEventListener('message', (ev) => {
+    if (!ev.data || ev.data.type !== 'wake') return;
+    debug.wakeups++;
+    // Something is waiting at the broker: reconnect now if the connection is down.
+    if (engine && !debug.online && retryTimer) retryConnect(true);
+  });
+  try {
+    swRegistration = await navigator.serviceWorker.register('sw.js', { scope: './' });
+    debug.serviceWorker = true;
+  } catch (e) {
+    console.warn(`no service worker: ${e.message}`);
+  }
+  return swRegistration;
+}
+
+function b64urlToBytes(s) {
+  const b64 = s.replace(/-/g, '+').replace(/_/g, '/');
+  return b64ToBytes(b64 + '='.repeat((4 - (b64.length % 4)) % 4));
+}
+
+async function subscribePush() {
+  if (!engine) throw new Error('sign in first');
+  const reg = swRegistration || await navigator.serviceWorker.ready;
+  if (!reg.pushManager) throw new Error('this browser has no push');
+  const { public_key: key } = await api('GET', '/v1/push/vapid');
+  const sub = await reg.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: b64urlToBytes(key) });
+  const j = sub.toJSON();
+  const h = encodeURIComponent(engine.handle());
+  await api('PUT', `/v1/accounts/${h}/devices/${engine.device_id()}/push`, {
+    body: JSON.stringify({ endpoint: j.endpoint, keys: { p256dh: j.keys.p256dh, auth: j.keys.auth } }),
+    auth: true,
+  });
+  return j.endpoint;
+}
+window.sealpostPush = { subscribe: subscribePush };
+
+function openSettings(open) {
+  $('settings').hidden = !open;
+  if (open) $('settings-close').focus();
+}
+
 async function main() {
   await init();
-  $('register').onclick = guarded(async () => {
-    await register($('handle').value.trim());
+  registerServiceWorker();
+  $('error-close').onclick = clearError;
+  $('tab-new').onclick = () => showTab(false);
+  $('tab-link').onclick = () => showTab(true);
+  $('register').onclick = formAction($('register'), $('account-error'), async () => {
+    $('register').textContent = 'Creating your keys…';
+    await register($('handle').value.trim(), $('passphrase').value);
     await enter();
   });
-  $('link').onclick = guarded(async () => {
-    await link($('handle').value.trim(), $('link-code-input').value.trim());
+  $('link').onclick = formAction($('link'), $('account-error'), async () => {
+    $('link').textContent = 'Waiting for your other device…';
+    await link($('handle').value.trim(), $('link-code-input').value.trim(), $('passphrase').value);
     await enter(true);
   });
-  $('link-device').onclick = guarded(createLinkCode);
-  $('signin').onclick = guarded(async () => {
-    signIn($('handle').value.trim());
+  $('unlock-button').onclick = formAction($('unlock-button'), $('unlock-error'), async () => {
+    $('unlock-button').textContent = 'Unlocking…';
+    await unlock($('unlock-passphrase').value);
+    $('unlock-passphrase').value = '';
     await enter();
   });
+  $('unlock-passphrase').onkeydown = (ev) => { if (ev.key === 'Enter') $('unlock-button').click(); };
+  $('passphrase').onkeydown = (ev) => {
+    if (ev.key === 'Enter') ($('link').hidden ? $('register') : $('link')).click();
+  };
+  $('forget').onclick = () => { $('forget-confirm').hidden = false; };
+  $('forget-no').onclick = () => { $('forget-confirm').hidden = true; };
+  $('forget-yes').onclick = forgetAccount;
+  $('open-settings').onclick = () => openSettings(true);
+  $('settings-close').onclick = () => openSettings(false);
+  $('settings').onclick = (ev) => { if (ev.target === $('settings')) openSettings(false); };
+  document.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Escape' && !$('settings').hidden) openSettings(false);
+  });
+  $('lock-now').onclick = () => location.reload();
+  $('link-device').onclick = guarded(createLinkCode);
+  $('copy-link-code').onclick = guarded(async () => {
+    await navigator.clipboard.writeText($('link-code').textContent);
+    $('copy-link-code').textContent = 'Copied ✓';
+    setTimeout(() => { $('copy-link-code').textContent = 'Copy'; }, 2000);
+  });
+  $('read-receipts').onchange = guarded(() => {
+    engine.set_read_receipts($('read-receipts').checked);
+    persist();
+  });
+  for (const b of document.querySelectorAll('.back')) b.onclick = backToList;
+  $('chat-info-toggle').onclick = () => {
+    const open = $('chat-info').hidden;
+    $('chat-info').hidden = !open;
+    $('chat-info-toggle').setAttribute('aria-expanded', String(open));
+  };
+  $('group-info-toggle').onclick = () => {
+    const open = $('group-info').hidden;
+    $('group-info').hidden = !open;
+    $('group-info-toggle').setAttribute('aria-expanded', String(open));
+  };
+  $('disappearing').onchange = guarded(() => setDisappearing(Number($('disappearing').value) / 1000));
+  $('message-input').addEventListener('input', typed);
+  $('mute').onclick = () => toggleTrack('audio', $('mute'));
+  $('camera').onclick = () => toggleTrack('video', $('camera'));
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState === 'visible' && current && engine) {
+      markRead(current);
+      renderConversations();
+    }
+  });
+  if (hasVault()) {
+    $('unlock').hidden = false;
+    $('unlock-passphrase').focus();
+  } else {
+    $('account').hidden = false;
+  }
+  $('contact-handle').onkeydown = (ev) => { if (ev.key === 'Enter') $('add-contact').click(); };
   $('add-contact').onclick = guarded(async () => {
     const handle = $('contact-handle').value.trim();
+    if (!handle) return;
+    checkHandle(handle);
     await serial(() => fetchList(handle));
     addContact(handle);
     selectContact(handle);
@@ -1544,6 +2470,7 @@ async function main() {
     if (!text || !current) return;
     $('message-input').value = '';
     const to = current;
+    sendTyping(to, false);
     try {
       await sendPayload(to, { kind: 'text', body: text });
     } catch (e) {
@@ -1554,7 +2481,7 @@ async function main() {
       $('kc-not-sent').hidden = false;
       return;
     }
-    renderMessages();
+    conversationChanged(to, false);
     // A transcript for this account's other devices, so each shows the whole conversation:
     // queued, and sent a moment later over /v1/ws, not in the same burst as the sealed send.
     engine.queue_transcript(to, text);

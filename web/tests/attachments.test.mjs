@@ -44,7 +44,7 @@ test('a picture and a file go from one page to another, end to end encrypted', a
 
   await waitFor('bob is told', () => bob.page.evaluate(() =>
     window.sealpostDebug.files.some((f) => f.name === 'beach.png')));
-  await bob.page.click('#contacts button[data-handle="alice@localhost"]');
+  await bob.page.click('#conversations button[data-handle="alice@localhost"]');
   await bob.page.waitForSelector('#messages .message.incoming .thumbnail', { timeout: WAIT_MS });
   await bob.page.click('#messages .message.incoming .open-file');
   await waitFor('bob sees it full size', () => bob.page.evaluate(() => {

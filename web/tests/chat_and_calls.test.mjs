@@ -7,7 +7,8 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import {
   startBroker, launchBrowser, newUser, addContact, sendText, waitForMessage, waitFor,
-  inboundPackets, callAndAnswer, waitCallState, scanFor, selectedCandidateType, WAIT_MS,
+  inboundPackets, callAndAnswer, waitCallState, scanFor, selectedCandidateType, reopen, WAIT_MS,
+  openChatInfo,
 } from './harness.mjs';
 
 let broker;
@@ -49,7 +50,7 @@ test('two users exchange end-to-end encrypted messages and see each other\'s tex
   await addContact(alice, 'bob@localhost');
   await sendText(alice, canaries[0]);
   await waitForMessage(bob, canaries[0]);
-  await bob.page.click('#contacts button[data-handle="alice@localhost"]');
+  await bob.page.click('#conversations button[data-handle="alice@localhost"]');
   await sendText(bob, canaries[1]);
   await waitForMessage(alice, canaries[1]);
   // Both pages show the same safety number, derived from both master keys.
@@ -57,6 +58,7 @@ test('two users exchange end-to-end encrypted messages and see each other\'s tex
   const b = await bob.page.textContent('#safety-number');
   assert.match(a, /^\d{5}( \d{5}){11}$/);
   assert.equal(a, b);
+  await openChatInfo(alice);
   await alice.page.click('#verify');
   await alice.page.waitForSelector('#verified-badge:not([hidden])', { timeout: WAIT_MS });
   // Bob's reply went sealed (he holds Alice's delivery token after her first message), and
@@ -73,14 +75,9 @@ test('a message sent while the contact is away arrives from the backlog when the
   await bob.page.close();
   await sendText(alice, canaries[2]);
   // Bob comes back: a new tab in his browser (same storage), signing in to his account.
-  const page = await bob.context.newPage();
-  await page.goto(`${broker.base}/web/`);
-  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
-  await page.fill('#handle', 'bob@localhost');
-  await page.click('#signin');
-  await page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
+  const page = await reopen(bob, broker);
   bob = { ...bob, page };
-  await bob.page.click('#contacts button[data-handle="alice@localhost"]');
+  await bob.page.click('#conversations button[data-handle="alice@localhost"]');
   await waitForMessage(bob, canaries[2]);
   // The earlier conversation is still there (the state is kept encrypted in the browser).
   await waitForMessage(bob, canaries[0]);

@@ -37,8 +37,8 @@ after(async () => {
 async function groupListed(user, name) {
   try {
     const h = await user.page.waitForFunction(
-      (n) => [...document.querySelectorAll('#groups button')]
-        .find((b) => b.querySelector('b').textContent === n)?.dataset.group,
+      (n) => [...document.querySelectorAll('#conversations button')]
+        .find((b) => b.querySelector('.name')?.textContent === n)?.dataset.group,
       name, { timeout: WAIT_MS },
     );
     return await h.jsonValue();
@@ -49,12 +49,14 @@ async function groupListed(user, name) {
 }
 
 async function openGroup(user, id) {
-  await user.page.click(`#groups button[data-group="${id}"]`);
+  await user.page.click(`#conversations button[data-group="${id}"]`);
   await user.page.waitForSelector('#group:not([hidden])', { timeout: WAIT_MS });
+  // The members (and adding, removing, leaving) are behind the group's info button.
+  if (await user.page.isHidden('#group-info')) await user.page.click('#group-info-toggle');
 }
 
 function groupTexts(user) {
-  return user.page.evaluate(() => [...document.querySelectorAll('#group-messages li.message div')]
+  return user.page.evaluate(() => [...document.querySelectorAll('#group-messages li.message .text')]
     .map((d) => d.textContent));
 }
 
@@ -65,6 +67,7 @@ async function say(user, text) {
 
 test('a group is created, talks, shows its members and grows', async () => {
   const { alice, bob, carol, dave } = users;
+  await alice.page.click('#new-group summary');
   await alice.page.fill('#group-name', 'Weekend hike');
   await alice.page.fill('#group-new-members', 'bob@localhost, carol@localhost');
   await alice.page.click('#create-group');

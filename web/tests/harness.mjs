@@ -6,7 +6,7 @@
 import { spawn } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, writeFileSync, readFileSync, readdirSync, statSync, openSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync, statSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,6 +17,9 @@ export const ROOT = resolve(here, '..', '..');
 export const WEB_ROOT = resolve(here, '..', 'dist');
 export const BROKER_BIN = process.env.SEALPOST_BIN || join(ROOT, 'target', 'debug', 'sealpost');
 export const WAIT_MS = 30_000;
+/** The passphrase test users lock their browser state with. */
+export const PASSPHRASE = 'correct horse battery staple';
+export const SCREENSHOTS = process.env.SEALPOST_SCREENSHOTS || '/tmp/sealpost-screenshots';
 
 export const CHROMIUM_ARGS = [
   '--headless=new', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -61,27 +64,39 @@ function readFirstLine(stream) {
 export async function startBroker(extra = []) {
   const dir = mkdtempSync(join(tmpdir(), 'sealpost-web-test-'));
   const logPath = join(dir, 'broker.log');
-  const log = openSync(logPath, 'a');
-  const child = spawn(BROKER_BIN, [
-    'serve', '--listen', '127.0.0.1:0', '--data-dir', join(dir, 'data'),
-    '--domain', 'localhost', '--web-root', WEB_ROOT, '--log-level', 'debug',
-    '--ip-rate', '0', '--device-rate', '0', '--stranger-rate', '0', '--claim-rate', '0',
-    '--shutdown-drain-ms', '200', ...extra,
-  ], { stdio: ['ignore', 'pipe', log] });
-  const line = await readFirstLine(child.stdout);
-  const addr = line.trim().replace(/^listening on /, '');
-  if (!/^127\.0\.0\.1:\d+$/.test(addr)) throw new Error(`unexpected broker line ${line}; see ${logPath}`);
-  return {
-    dir, logPath, child, base: `http://${addr}`, dataDir: join(dir, 'data'),
+  const broker = {
+    dir, logPath, child: null, base: null, dataDir: join(dir, 'data'),
     async stop() {
+      const { child } = broker;
       if (child.exitCode !== null) return;
       const exited = new Promise((r) => child.once('exit', r));
       child.kill('SIGTERM');
       await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
       if (child.exitCode === null) child.kill('SIGKILL');
     },
+    /** Starts it again (after `stop`) on the same address with the same data. */
+    async restart() {
+      await spawnBroker(broker, broker.base.replace(/^http:\/\//, ''), extra);
+    },
     cleanup() { rmSync(dir, { recursive: true, force: true }); },
   };
+  await spawnBroker(broker, '127.0.0.1:0', extra);
+  return broker;
+}
+
+async function spawnBroker(broker, listen, extra) {
+  const log = openSync(broker.logPath, 'a');
+  const child = spawn(BROKER_BIN, [
+    'serve', '--listen', listen, '--data-dir', broker.dataDir,
+    '--domain', 'localhost', '--web-root', WEB_ROOT, '--log-level', 'debug',
+    '--ip-rate', '0', '--device-rate', '0', '--stranger-rate', '0', '--claim-rate', '0',
+    '--shutdown-drain-ms', '200', ...extra,
+  ], { stdio: ['ignore', 'pipe', log] });
+  const line = await readFirstLine(child.stdout);
+  const addr = line.trim().replace(/^listening on /, '');
+  if (!/^127\.0\.0\.1:\d+$/.test(addr)) throw new Error(`unexpected broker line ${line}; see ${broker.logPath}`);
+  broker.child = child;
+  broker.base = `http://${addr}`;
 }
 
 /** A free UDP port on 127.0.0.1 (bound, then released). */
@@ -181,19 +196,57 @@ export async function newUser(browser, broker, handle, query = '') {
   await page.goto(`${broker.base}/web/${query}`);
   await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
   await page.fill('#handle', handle);
+  await page.fill('#passphrase', PASSPHRASE);
   await page.click('#register');
   await page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
   return { context, page, handle, consoleLines };
 }
 
+/** Opens a new page in `user`'s browser (same storage) and unlocks it with the passphrase. */
+export async function reopen(user, broker) {
+  const page = await user.context.newPage();
+  page.on('console', (m) => user.consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => user.consoleLines.push(`pageerror: ${e.message}`));
+  await page.goto(`${broker.base}/web/`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
+  await page.waitForSelector('#unlock:not([hidden])', { timeout: WAIT_MS });
+  await page.fill('#unlock-passphrase', PASSPHRASE);
+  await page.click('#unlock-button');
+  await page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
+  return page;
+}
+
+/** Saves a screenshot of `page` at 1280 and 390 px wide as `<name>-1280.png`, `<name>-390.png`
+ * (the page is put back to its size after). */
+export async function screenshots(page, name, prepare = async () => {}) {
+  mkdirSync(SCREENSHOTS, { recursive: true });
+  const size = page.viewportSize() || { width: 1280, height: 720 };
+  try {
+    for (const [width, height] of [[1280, 800], [390, 844]]) {
+      await page.setViewportSize({ width, height });
+      await prepare(width);
+      await page.screenshot({ path: join(SCREENSHOTS, `${name}-${width}.png`) });
+    }
+  } finally {
+    await page.setViewportSize(size);
+  }
+}
+
+/** Whether the page scrolls sideways (it must not, at any width). */
+export function overflowsSideways(page) {
+  return page.evaluate(() => document.scrollingElement.scrollWidth > window.innerWidth);
+}
+
 /** Links a new browser to `user`'s account with a link code shown by `user`'s page; resolves
  * once it is online with its KeyPackages published (others can add it to groups). */
 export async function linkDevice(browser, broker, user) {
+  await user.page.click('#open-settings');
   await user.page.click('#link-device');
   const code = await user.page.waitForFunction(() => {
     const t = document.getElementById('link-code').textContent;
     return t.includes('.') ? t : null;
   }, null, { timeout: WAIT_MS }).then((h) => h.jsonValue());
+  await user.page.click('#settings-close');
   const context = await browser.newContext();
   const page = await context.newPage();
   const consoleLines = [];
@@ -201,8 +254,10 @@ export async function linkDevice(browser, broker, user) {
   page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
   await page.goto(`${broker.base}/web/`);
   await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
+  await page.click('#tab-link');
   await page.fill('#handle', user.handle);
   await page.fill('#link-code-input', code);
+  await page.fill('#passphrase', PASSPHRASE);
   await page.click('#link');
   await page.waitForFunction(
     () => window.sealpostDebug.linked && window.sealpostDebug.online && window.sealpostDebug.keyPackages,
@@ -214,8 +269,13 @@ export async function linkDevice(browser, broker, user) {
 export async function addContact(user, handle) {
   await user.page.fill('#contact-handle', handle);
   await user.page.click('#add-contact');
-  await user.page.waitForSelector(`#contacts button[data-handle="${handle}"]`, { timeout: WAIT_MS });
-  await user.page.click(`#contacts button[data-handle="${handle}"]`);
+  await user.page.waitForSelector(`#conversations button[data-handle="${handle}"]`, { timeout: WAIT_MS });
+  await user.page.click(`#conversations button[data-handle="${handle}"]`);
+}
+
+/** Opens the conversation's settings (safety number, verify, disappearing messages). */
+export async function openChatInfo(user) {
+  if (await user.page.isHidden('#chat-info')) await user.page.click('#chat-info-toggle');
 }
 
 export async function sendText(user, text) {
@@ -225,7 +285,7 @@ export async function sendText(user, text) {
 
 export async function waitForMessage(user, text) {
   await user.page.waitForFunction(
-    (t) => [...document.querySelectorAll('#messages li.incoming')].some((li) => li.textContent === t),
+    (t) => [...document.querySelectorAll('#messages li.incoming .text')].some((el) => el.textContent === t),
     text, { timeout: WAIT_MS },
   );
 }

@@ -40,11 +40,12 @@ test('a second browser is linked to an account with a code from the first', asyn
   // The new device knows alice (from the link) but holds no list of hers yet: her next
   // message waits for a refresh of contacts' lists, brought forward (here within a second).
   await bob2.page.evaluate(() => window.sealpostDebug.quickHeldRefresh());
-  await bob2.page.click('#contacts button[data-handle="alice@localhost"]');
+  await bob2.page.click('#conversations button[data-handle="alice@localhost"]');
   await waitFor('the new device shows the conversation from before', () => bob2.page.evaluate(() =>
-    [...document.querySelectorAll('#messages li')].some((li) => li.textContent === 'before the second device')));
+    [...document.querySelectorAll('#messages li .text')].some((el) => el.textContent === 'before the second device')));
   await bob2.page.waitForFunction(
-    () => document.getElementById('me').textContent === 'bob@localhost (device 2)', null, { timeout: WAIT_MS },
+    () => document.getElementById('me').textContent === 'bob@localhost'
+      && document.getElementById('me-device').textContent.includes('(device 2)'), null, { timeout: WAIT_MS },
   );
   // Both of Bob's devices get Alice's messages.
   await sendText(alice, 'hello both bobs');
@@ -55,11 +56,11 @@ test('a second browser is linked to an account with a code from the first', asyn
   // /v1/ws, later), and Bob's own list is only ever asked for with his credentials.
   const requests = [];
   bob1.page.on('request', (r) => requests.push({ url: r.url(), headers: r.headers() }));
-  await bob1.page.click('#contacts button[data-handle="alice@localhost"]');
+  await bob1.page.click('#conversations button[data-handle="alice@localhost"]');
   await sendText(bob1, 'reply from bob1');
   await waitForMessage(alice, 'reply from bob1');
   await bob2.page.waitForFunction(
-    () => [...document.querySelectorAll('#messages li.outgoing')].some((li) => li.textContent === 'reply from bob1'),
+    () => [...document.querySelectorAll('#messages li.outgoing .text')].some((el) => el.textContent === 'reply from bob1'),
     null, { timeout: WAIT_MS },
   );
   const own = await bob1.page.evaluate(

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import {
   startBroker, launchBrowser, newUser, addContact, sendText, waitFor, ROOT, WAIT_MS,
+  openChatInfo,
 } from './harness.mjs';
 
 const CLI_BIN = process.env.SEALPOST_CLI_BIN || join(ROOT, 'target', 'debug', 'sealpost-cli');
@@ -93,6 +94,7 @@ after(async () => {
 test('a device not in the contact\'s signed list is a calm notice when sending, once', async () => {
   await addContact(alice, BOB);
   await sendAndWait('hello bob');
+  await openChatInfo(alice);
   await alice.page.click('#verify');
   await alice.page.waitForSelector('#verified-badge:not([hidden])', { timeout: WAIT_MS });
   assert.equal(await alice.page.locator('#notices li').count(), 0, 'nothing to say yet');
