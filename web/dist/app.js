@@ -408,6 +408,28 @@ async function unlock(passphrase) {
   await loadUi();
 }
 
+// A browser that holds an account saved by an earlier version (its key next to its state,
+// in the clear): the user chooses a passphrase, the key is wrapped, the old entries go.
+function legacyAccount() {
+  for (let i = 0; i < localStorage.length; i++) {
+    const m = /^sealpost:(.+):state$/.exec(localStorage.key(i));
+    if (m && localStorage.getItem(`sealpost:${m[1]}:key`)) return m[1];
+  }
+  return null;
+}
+
+async function migrateLegacy(handle, passphrase) {
+  checkPassphrase(passphrase);
+  const key = localStorage.getItem(`sealpost:${handle}:key`);
+  engine = Engine.load(b64ToBytes(localStorage.getItem(`sealpost:${handle}:state`)), key);
+  localKey = key;
+  await sealVault(passphrase);
+  await deriveUiKey();
+  persist();
+  localStorage.removeItem(`sealpost:${handle}:key`);
+  localStorage.removeItem(`sealpost:${handle}:state`);
+}
+
 function forgetAccount() {
   for (const k of [VAULT, STATE, UI_STATE]) localStorage.removeItem(k);
   location.reload();
@@ -1281,7 +1303,8 @@ function renderChatSub() {
   }
   const known = engine.known_list(current);
   const verified = known && JSON.parse(known).verified;
-  const parts = [current, verified ? 'Verified ✓' : 'End-to-end encrypted'];
+  const changed = !!engine.key_change(current);
+  const parts = [current, changed ? 'Safety number changed: check it' : verified ? 'Verified ✓' : 'End-to-end encrypted'];
   const secs = typeof engine.disappearing === 'function' ? engine.disappearing(current) : 0;
   if (secs) parts.push(`Messages disappear after ${timerLabel(secs)}`);
   sub.textContent = parts.join(' · ');
@@ -1909,10 +1932,15 @@ function renderGroup() {
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.replaceChildren();
   let lastDay = null;
+  let lastFrom = null;
   for (const m of JSON.parse(engine.group_messages(currentGroup))) {
+    const day = lastDay;
     lastDay = dayLine(list, m.sent_ms, lastDay);
     const li = document.createElement('li');
     li.className = `message ${m.outgoing ? 'outgoing' : 'incoming'}`;
+    // A run of messages from one sender is named once.
+    if (m.from === lastFrom && day === lastDay) li.classList.add('cont');
+    lastFrom = m.from;
     bubble(li, { text: m.text, time: m.sent_ms, sender: m.outgoing ? null : shortName(m.from) });
     list.appendChild(li);
   }
@@ -1966,6 +1994,7 @@ function setCallState(state, detail = '') {
   screen.hidden = !inCall || state === 'incoming';
   if (!screen.hidden && call) {
     $('call-peer').textContent = call.peer;
+    avatar($('call-avatar'), call.peer);
     screen.classList.toggle('audio-only', !call.video);
     $('camera').hidden = !call.video;
   }
@@ -2288,6 +2317,7 @@ async function enter(connected = false) {
   renderConversations();
   if (!current && !currentGroup) showPane('placeholder');
   scheduleExpiry();
+  offerPush().catch((e) => console.warn(`push: ${e.message}`));
   if (!connected) await connect();
   // KeyPackages, so that others can add this device to groups.
   if (!engine.has_key_packages()) await publishKeyPackages();
@@ -2377,6 +2407,43 @@ async function subscribePush() {
 }
 window.sealpostPush = { subscribe: subscribePush };
 
+// Offered when the browser can do push and the broker has it on.
+async function offerPush() {
+  if (!('PushManager' in window) || !('serviceWorker' in navigator)) return;
+  try {
+    await api('GET', '/v1/push/vapid');
+  } catch (_) {
+    return; // push is off on this broker
+  }
+  $('push-setting').hidden = false;
+  const reg = swRegistration || await navigator.serviceWorker.ready;
+  $('push-enabled').checked = !!(await reg.pushManager.getSubscription());
+}
+
+async function togglePush() {
+  const box = $('push-enabled');
+  if (!box.checked) {
+    const reg = swRegistration || await navigator.serviceWorker.ready;
+    const sub = await reg.pushManager.getSubscription();
+    if (sub) await sub.unsubscribe();
+    const h = encodeURIComponent(engine.handle());
+    await api('DELETE', `/v1/accounts/${h}/devices/${engine.device_id()}/push`, { auth: true }).catch(() => {});
+    return;
+  }
+  try {
+    if (await Notification.requestPermission() !== 'granted') {
+      const e = new Error('notifications denied');
+      e.friendly = 'Notifications are blocked for this site. Allow them in the browser\'s site settings, then try again.';
+      throw e;
+    }
+    await subscribePush();
+  } catch (e) {
+    box.checked = false;
+    if (!e.friendly && !e.status) e.friendly = 'This browser could not set up notifications right now. Try again later.';
+    throw e;
+  }
+}
+
 function openSettings(open) {
   $('settings').hidden = !open;
   if (open) $('settings-close').focus();
@@ -2424,6 +2491,7 @@ async function main() {
     $('copy-link-code').textContent = 'Copied ✓';
     setTimeout(() => { $('copy-link-code').textContent = 'Copy'; }, 2000);
   });
+  $('push-enabled').onchange = guarded(togglePush);
   $('read-receipts').onchange = guarded(() => {
     engine.set_read_receipts($('read-receipts').checked);
     persist();
@@ -2449,7 +2517,22 @@ async function main() {
       renderConversations();
     }
   });
-  if (hasVault()) {
+  const legacy = hasVault() ? null : legacyAccount();
+  if (legacy) {
+    // Saved by an earlier version: locked now, with a passphrase the user chooses.
+    $('unlock-title').textContent = 'Choose a passphrase';
+    $('unlock-lead').textContent = `${legacy} is kept in this browser without a lock. Choose a passphrase (at least ${MIN_PASSPHRASE} characters): you will type it when you come back.`;
+    $('unlock-button').textContent = 'Lock and continue';
+    $('unlock-passphrase').autocomplete = 'new-password';
+    $('forget').hidden = true;
+    $('unlock-button').onclick = formAction($('unlock-button'), $('unlock-error'), async () => {
+      await migrateLegacy(legacy, $('unlock-passphrase').value);
+      $('unlock-passphrase').value = '';
+      await enter();
+    });
+    $('unlock').hidden = false;
+    $('unlock-passphrase').focus();
+  } else if (hasVault()) {
     $('unlock').hidden = false;
     $('unlock-passphrase').focus();
   } else {
@@ -2506,6 +2589,7 @@ async function main() {
   $('create-group').onclick = guarded(async () => {
     const members = $('group-new-members').value.split(/[\s,]+/).filter(Boolean);
     await createGroup($('group-name').value.trim(), members);
+    $('new-group').open = false;
     $('group-name').value = '';
     $('group-new-members').value = '';
   });

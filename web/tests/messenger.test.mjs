@@ -286,6 +286,8 @@ test('the call screen is there only during a call, with a labelled self-view, an
   // A call bob does not answer is a missed call in his history.
   await alice.page.click('#call-audio');
   await bob.page.waitForSelector('#incoming:not([hidden])', { timeout: WAIT_MS });
+  await alice.page.waitForFunction(() => window.sealpostDebug.callState === 'ringing', null, { timeout: WAIT_MS });
+  await screenshots(alice.page, 'call-audio-ringing');
   await alice.page.click('#hangup');
   await bob.page.waitForSelector('#incoming', { state: 'hidden' });
   await bob.page.waitForFunction(() => [...document.querySelectorAll('#messages li.event.missed')]
@@ -370,4 +372,41 @@ test('a reload asks for the passphrase, refuses a wrong one, and keeps the accou
   assert.equal(await bob.page.textContent('#verified-badge'), 'Verified ✓');
   assert.equal(await bob.page.isVisible('#verify'), false, 'no "Mark as verified" once verified');
   await noErrors(bob);
+});
+
+test('an account saved by an earlier version (key in the clear) is locked with a passphrase the user chooses', async () => {
+  const { context, page } = await freshPage();
+  // What the earlier version kept: the state and, next to it, its key.
+  await page.evaluate(async () => {
+    const m = await import('./pkg/sealpost_web.js');
+    const pending = m.PendingAccount.create('dave@localhost');
+    const resp = await fetch('/v1/accounts', {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ handle: 'dave@localhost', identity_keys: pending.identity_keys() }),
+    });
+    const created = await resp.json();
+    const engine = pending.finish(created.device_id, created.token);
+    const key = m.Engine.new_local_key();
+    const bytes = engine.save(key);
+    let bin = '';
+    for (const b of bytes) bin += String.fromCharCode(b);
+    localStorage.setItem('sealpost:dave@localhost:state', btoa(bin));
+    localStorage.setItem('sealpost:dave@localhost:key', key);
+  });
+  await page.reload();
+  await page.waitForSelector('#unlock:not([hidden])', { timeout: WAIT_MS });
+  assert.equal(await page.textContent('#unlock-title'), 'Choose a passphrase');
+  await page.fill('#unlock-passphrase', PASSPHRASE);
+  await page.click('#unlock-button');
+  await page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
+  assert.equal(await page.textContent('#me'), 'dave@localhost');
+  const keys = await page.evaluate(() => Object.keys(localStorage).sort());
+  assert.deepEqual(keys.filter((k) => k !== 'sealpost:ui'), ['sealpost:state', 'sealpost:vault']);
+  await page.reload();
+  await page.waitForSelector('#unlock:not([hidden])', { timeout: WAIT_MS });
+  assert.equal(await page.textContent('#unlock-title'), 'Welcome back');
+  await page.fill('#unlock-passphrase', PASSPHRASE);
+  await page.click('#unlock-button');
+  await page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
+  await context.close();
 });

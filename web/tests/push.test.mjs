@@ -69,3 +69,50 @@ test('a push shows "New message" (nothing else), wakes the open page, and a clic
   await waitFor('the notification to close', async () => (await notifications()).length === 0);
   assert.deepEqual(await page.evaluate(() => window.sealpostDebug.errors), []);
 });
+
+test('turning notifications on subscribes with the broker\'s VAPID key and registers the subscription for this device', async () => {
+  const bob = await newUser(browser, broker, 'bob@localhost');
+  const { context, page } = bob;
+  await context.grantPermissions(['notifications'], { origin: broker.base });
+  // Chromium's push service cannot be reached offline: the browser's subscribe() is stood in
+  // for by one that answers what a push service would (a public https endpoint, real keys),
+  // and records the applicationServerKey it was given.
+  await page.evaluate(async () => {
+    const pair = await crypto.subtle.generateKey({ name: 'ECDH', namedCurve: 'P-256' }, true, ['deriveBits']);
+    const raw = new Uint8Array(await crypto.subtle.exportKey('raw', pair.publicKey));
+    const b64url = (b) => btoa(String.fromCharCode(...b)).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+    let subscription = null;
+    PushManager.prototype.getSubscription = async () => subscription;
+    PushManager.prototype.subscribe = async (options) => {
+      window.pushOptions = { userVisibleOnly: options.userVisibleOnly, key: b64url(new Uint8Array(options.applicationServerKey)) };
+      subscription = {
+        endpoint: 'https://push.example.net/wake/3f9a1c',
+        toJSON() {
+          return { endpoint: this.endpoint, keys: { p256dh: b64url(raw), auth: b64url(crypto.getRandomValues(new Uint8Array(16))) } };
+        },
+        async unsubscribe() { subscription = null; return true; },
+      };
+      return subscription;
+    };
+  });
+  const vapid = await (await fetch(`${broker.base}/v1/push/vapid`)).json();
+  const put = page.waitForRequest((r) => r.method() === 'PUT' && r.url().endsWith('/devices/1/push'), { timeout: WAIT_MS });
+  await page.click('#open-settings');
+  await page.waitForSelector('#push-setting:not([hidden])', { timeout: WAIT_MS });
+  await page.check('#push-enabled');
+  const request = await put;
+  const response = await request.response();
+  assert.equal(response.status(), 204, await response.text());
+  assert.ok(request.headers().authorization, 'authenticated as the device');
+  const body = JSON.parse(request.postData());
+  assert.equal(body.endpoint, 'https://push.example.net/wake/3f9a1c');
+  assert.match(body.keys.p256dh, /^[A-Za-z0-9_-]{87}$/);
+  assert.match(body.keys.auth, /^[A-Za-z0-9_-]{22}$/);
+  assert.deepEqual(await page.evaluate(() => window.pushOptions), { userVisibleOnly: true, key: vapid.public_key });
+  assert.equal(await page.isChecked('#push-enabled'), true);
+  // And off again: the broker forgets it.
+  const del = page.waitForRequest((r) => r.method() === 'DELETE' && r.url().endsWith('/devices/1/push'), { timeout: WAIT_MS });
+  await page.uncheck('#push-enabled');
+  assert.equal((await (await del).response()).status(), 204);
+  assert.deepEqual(await page.evaluate(() => window.sealpostDebug.errors), []);
+});
