@@ -239,6 +239,118 @@ async function openVault(passphrase) {
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// A passkey (WebAuthn with the PRF extension), where the browser and authenticator offer it:
+// a second way to unlock. The PRF output for a random salt, through HKDF, is an AES-GCM key
+// that wraps the same local key; stored are only the credential id, the salt and the wrapped
+// key. The passphrase stays (it is needed to add a passkey, and works without one).
+
+const PASSKEY = 'sealpost:passkey';
+const PASSKEY_AAD = new TextEncoder().encode('sealpost web passkey v1');
+
+function passkeyOffered() {
+  return !!(window.PublicKeyCredential && navigator.credentials && window.isSecureContext);
+}
+
+async function prfWrappingKey(secret) {
+  const base = await crypto.subtle.importKey('raw', secret, 'HKDF', false, ['deriveKey']);
+  return crypto.subtle.deriveKey(
+    { name: 'HKDF', hash: 'SHA-256', salt: new Uint8Array(0), info: PASSKEY_AAD },
+    base, { name: 'AES-GCM', length: 256 }, false, ['encrypt', 'decrypt'],
+  );
+}
+
+async function prfEvaluate(rawId, salt) {
+  const assertion = await navigator.credentials.get({
+    publicKey: {
+      challenge: crypto.getRandomValues(new Uint8Array(32)),
+      allowCredentials: [{ type: 'public-key', id: rawId }],
+      userVerification: 'required',
+      extensions: { prf: { eval: { first: salt } } },
+    },
+  });
+  const first = assertion.getClientExtensionResults().prf?.results?.first;
+  if (!first) {
+    const e = new Error('no PRF result');
+    e.friendly = 'This passkey cannot unlock Sealpost. Use your passphrase.';
+    throw e;
+  }
+  return first;
+}
+
+async function addPasskey() {
+  const salt = crypto.getRandomValues(new Uint8Array(32));
+  let cred;
+  try {
+    cred = await navigator.credentials.create({
+      publicKey: {
+        rp: { name: 'Sealpost' },
+        user: { id: crypto.getRandomValues(new Uint8Array(16)), name: engine.handle(), displayName: engine.handle() },
+        challenge: crypto.getRandomValues(new Uint8Array(32)),
+        pubKeyCredParams: [{ type: 'public-key', alg: -7 }, { type: 'public-key', alg: -257 }],
+        authenticatorSelection: { residentKey: 'preferred', userVerification: 'required' },
+        extensions: { prf: { eval: { first: salt } } },
+      },
+    });
+  } catch (e) {
+    e.friendly = 'No passkey was made (cancelled, or this browser cannot make one here).';
+    throw e;
+  }
+  const ext = cred.getClientExtensionResults().prf;
+  if (!ext || ext.enabled === false) {
+    const e = new Error('no PRF');
+    e.friendly = "This passkey can't unlock Sealpost (its authenticator has no PRF support). Keep using your passphrase.";
+    throw e;
+  }
+  const rawId = new Uint8Array(cred.rawId);
+  const secret = ext.results?.first || await prfEvaluate(rawId, salt);
+  const key = await prfWrappingKey(secret);
+  const iv = crypto.getRandomValues(new Uint8Array(12));
+  const wrapped = new Uint8Array(await crypto.subtle.encrypt(
+    { name: 'AES-GCM', iv, additionalData: PASSKEY_AAD }, key, new TextEncoder().encode(localKey),
+  ));
+  localStorage.setItem(PASSKEY, JSON.stringify({
+    v: 1, id: bytesToB64(rawId), salt: bytesToB64(salt), iv: bytesToB64(iv), key: bytesToB64(wrapped),
+  }));
+  renderPasskey();
+}
+
+async function unlockWithPasskey() {
+  const p = JSON.parse(localStorage.getItem(PASSKEY));
+  let secret;
+  try {
+    secret = await prfEvaluate(b64ToBytes(p.id), b64ToBytes(p.salt));
+  } catch (e) {
+    if (!e.friendly) e.friendly = 'The passkey did not unlock Sealpost (cancelled?). Try again, or use your passphrase.';
+    throw e;
+  }
+  const key = await prfWrappingKey(secret);
+  let raw;
+  try {
+    raw = await crypto.subtle.decrypt(
+      { name: 'AES-GCM', iv: b64ToBytes(p.iv), additionalData: PASSKEY_AAD }, key, b64ToBytes(p.key),
+    );
+  } catch (_) {
+    const e = new Error('passkey key mismatch');
+    e.friendly = "That passkey doesn't open this browser's Sealpost. Use your passphrase.";
+    throw e;
+  }
+  const local = new TextDecoder().decode(raw);
+  engine = Engine.load(b64ToBytes(localStorage.getItem(STATE)), local);
+  localKey = local;
+  await deriveUiKey();
+  await loadUi();
+}
+
+function renderPasskey() {
+  const has = !!localStorage.getItem(PASSKEY);
+  $('passkey-setting').hidden = !passkeyOffered();
+  $('add-passkey').hidden = has;
+  $('remove-passkey').hidden = !has;
+  $('passkey-state').textContent = has ? 'This browser can be unlocked with your passkey (or your passphrase).'
+    : 'Unlock with your fingerprint, face or security key instead of typing the passphrase.';
+}
+
 function hasVault() {
   return !!localStorage.getItem(VAULT) && !!localStorage.getItem(STATE);
 }
@@ -431,7 +543,7 @@ async function migrateLegacy(handle, passphrase) {
 }
 
 function forgetAccount() {
-  for (const k of [VAULT, STATE, UI_STATE]) localStorage.removeItem(k);
+  for (const k of [VAULT, STATE, UI_STATE, PASSKEY]) localStorage.removeItem(k);
   location.reload();
 }
 
@@ -2318,6 +2430,7 @@ async function enter(connected = false) {
   if (!current && !currentGroup) showPane('placeholder');
   scheduleExpiry();
   offerPush().catch((e) => console.warn(`push: ${e.message}`));
+  renderPasskey();
   if (!connected) await connect();
   // KeyPackages, so that others can add this device to groups.
   if (!engine.has_key_packages()) await publishKeyPackages();
@@ -2471,6 +2584,12 @@ async function main() {
     $('unlock-passphrase').value = '';
     await enter();
   });
+  $('unlock-with-passkey').onclick = formAction($('unlock-with-passkey'), $('unlock-error'), async () => {
+    await unlockWithPasskey();
+    await enter();
+  });
+  $('add-passkey').onclick = guarded(addPasskey);
+  $('remove-passkey').onclick = () => { localStorage.removeItem(PASSKEY); renderPasskey(); };
   $('unlock-passphrase').onkeydown = (ev) => { if (ev.key === 'Enter') $('unlock-button').click(); };
   $('passphrase').onkeydown = (ev) => {
     if (ev.key === 'Enter') ($('link').hidden ? $('register') : $('link')).click();
@@ -2534,6 +2653,7 @@ async function main() {
     $('unlock-passphrase').focus();
   } else if (hasVault()) {
     $('unlock').hidden = false;
+    $('unlock-with-passkey').hidden = !(localStorage.getItem(PASSKEY) && passkeyOffered());
     $('unlock-passphrase').focus();
   } else {
     $('account').hidden = false;
