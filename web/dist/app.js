@@ -1374,9 +1374,21 @@ function renderNotices() {
 function showPane(id) {
   for (const pane of ['placeholder', 'chat', 'group']) $(pane).hidden = pane !== id;
   document.body.classList.toggle('in-chat', id !== 'placeholder');
+  // On a phone an open conversation is a step in the history: the system back goes to the list.
+  if (id !== 'placeholder' && !wide() && !(history.state && history.state.sealpostChat)) {
+    history.pushState({ sealpostChat: true }, '');
+  }
 }
 
-function backToList() {
+window.addEventListener('popstate', () => {
+  if (document.body.classList.contains('in-chat') && !wide()) backToList(true);
+});
+
+function backToList(fromHistory = false) {
+  if (!fromHistory && history.state && history.state.sealpostChat) {
+    history.back(); // comes back as popstate
+    return;
+  }
   current = null;
   currentGroup = null;
   showPane('placeholder');
@@ -1482,10 +1494,12 @@ function renderSafety() {
   renderChatSub();
 }
 
+// sending: not yet on the server; sent: the server has it; delivered: on one of their
+// devices; read: they opened it (only if both sides send read receipts).
 const STATE_MARKS = {
-  sending: ['🕓', 'Sending'],
-  sent: ['✓', 'Sent'],
-  delivered: ['✓✓', 'Delivered'],
+  sending: ['○', 'Sending'],
+  sent: ['✓', 'Sent (on the server)'],
+  delivered: ['✓✓', 'Delivered to their device'],
   read: ['✓✓', 'Read'],
 };
 
@@ -2563,6 +2577,8 @@ function openSettings(open) {
 }
 
 async function main() {
+  // A reload starts at the list: a conversation step left in the history is dropped.
+  if (history.state && history.state.sealpostChat) history.replaceState(null, '');
   await init();
   registerServiceWorker();
   $('error-close').onclick = clearError;
@@ -2615,7 +2631,7 @@ async function main() {
     engine.set_read_receipts($('read-receipts').checked);
     persist();
   });
-  for (const b of document.querySelectorAll('.back')) b.onclick = backToList;
+  for (const b of document.querySelectorAll('.back')) b.onclick = () => backToList();
   $('chat-info-toggle').onclick = () => {
     const open = $('chat-info').hidden;
     $('chat-info').hidden = !open;

@@ -119,6 +119,12 @@ test('the conversation list shows the last message, its time and the unread coun
   }
   await bob.page.click('#chat .back');
   await bob.page.waitForSelector('#sidebar', { state: 'visible' });
+  // The system back does the same.
+  await bob.page.click(item);
+  await bob.page.waitForSelector('#chat', { state: 'visible' });
+  await bob.page.goBack();
+  await bob.page.waitForSelector('#sidebar', { state: 'visible' });
+  assert.equal(await bob.page.isVisible('#chat'), false);
   assert.equal(await bob.page.textContent(`${item} .preview`), 'You: Yes! See you there.');
   await bob.page.setViewportSize({ width: 1280, height: 800 });
   await bob.page.click(item);
