@@ -47,6 +47,10 @@ async fn receipts_typing_and_disappearing_messages_between_two_accounts() {
     let broker = Broker::start(&[]);
     let mut alice = register(&broker, ALICE).await;
     let mut bob = register(&broker, BOB).await;
+    // Receipts at once (by default they wait a random 2 to 15 s).
+    for dev in [&mut alice, &mut bob] {
+        dev.client.set_receipt_delay(Duration::ZERO, Duration::ZERO);
+    }
 
     // Sent → delivered → read, each by an end-to-end encrypted receipt.
     let id = alice.client.send_text(BOB, "hello").await.expect("send");

@@ -903,6 +903,7 @@ impl Engine {
             transcript_delay_ms: (ms(transcript_min), ms(transcript_max)),
             list_refresh_ms: ms(refresh),
             held_refresh_ms: (ms(held_min), ms(held_max)),
+            ..self.core.timing()
         });
     }
 
@@ -1094,14 +1095,35 @@ impl Engine {
         Value::Array(out).to_string()
     }
 
-    /// Receipts waiting to go, taken out of the engine: JSON `[{to, payload}]`. For each,
+    /// Receipts due now, taken out of the engine: JSON `[{to, payload}]`. For each,
     /// [`Engine::encrypt`]`(to, JSON.stringify(payload), "", "")` and send it as usual (durable;
     /// `payload` is `{kind: "receipt", state: "delivered"|"read", ids: [hex]}`). Delivered
     /// receipts are owed for every message and file received; read receipts after
-    /// [`Engine::mark_read`]. Call after handling received frames and after `mark_read`;
-    /// save after. Best effort: a receipt whose send fails is not owed again.
+    /// [`Engine::mark_read`]. Call at [`Engine::next_receipts_due_ms`] (ask again after
+    /// handling received frames and after `mark_read`); save after. Best effort: a receipt
+    /// whose send fails is not owed again.
     pub fn take_receipts(&mut self) -> String {
-        envelopes_json(&self.core.take_receipts()).to_string()
+        envelopes_json(&self.core.take_receipts(now_ms())).to_string()
+    }
+
+    /// When the owed receipts are next due (ms since the epoch), or -1 if none are owed: call
+    /// [`Engine::take_receipts`] then. Receipts wait a random delay (default 2 to 15 s,
+    /// [`Engine::set_receipt_delay`]) so that the broker cannot pair a delivery with the
+    /// receipt that answers it.
+    pub fn next_receipts_due_ms(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        self.core
+            .next_receipts_due_ms()
+            .map_or(-1.0, |ms| ms as f64)
+    }
+
+    /// Sets the random delay of receipts, ms (default 2000 to 15000).
+    pub fn set_receipt_delay(&mut self, min: f64, max: f64) {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = |v: f64| v.max(0.0) as u64;
+        let mut timing = self.core.timing();
+        timing.receipt_delay_ms = (ms(min), ms(max));
+        self.core.set_timing(timing);
     }
 
     /// The user has seen the conversation with `peer`: its incoming messages become read.
@@ -1109,7 +1131,7 @@ impl Engine {
     /// receipts are off, a read receipt for them is owed: then [`Engine::take_receipts`].
     /// Save after.
     pub fn mark_read(&mut self, peer: &str) -> String {
-        ids_json(&self.core.mark_read(peer)).to_string()
+        ids_json(&self.core.mark_read(peer, now_ms())).to_string()
     }
 
     /// Turns read receipts on or off (kept in the saved state; on by default). Off: none are

@@ -214,7 +214,7 @@ impl Engine {
         message.state = MessageState::Delivered.to_wire();
         message.expires_ms = self.expiry_for(from, now_ms);
         self.record.add_message(from, message);
-        self.owe_delivered(from, id);
+        self.owe_delivered(from, id, now_ms);
     }
 
     /// Stores a message this account sent to `to` from another device (a transcript), under

@@ -75,10 +75,12 @@ pub enum Event {
     Call(CallSignal),
     /// Something happened in a group (a message, a member change, joining or leaving).
     Group(super::groups::GroupEvent),
-    /// Messages this account sent to `peer` moved on: accepted by the broker
-    /// ([`MessageState::Sent`]), decrypted by a device of `peer` ([`MessageState::Delivered`])
-    /// or read there ([`MessageState::Read`]). `ids` are the ids of
-    /// [`ConversationMessage::id`]; the stored messages carry the new state already.
+    /// Messages this account sent to `peer` moved on: decrypted by a device of `peer`
+    /// ([`MessageState::Delivered`]) or read there ([`MessageState::Read`]); or, from
+    /// [`Engine::message_accepted`](super::Engine::message_accepted) only, accepted by the
+    /// broker ([`MessageState::Sent`]: the SDK's sends return then, and report no event for
+    /// it). `ids` are the ids of [`ConversationMessage::id`]; the stored messages carry the
+    /// new state already.
     Receipt {
         /// The conversation.
         peer: String,

@@ -12,11 +12,14 @@
 //! - **Which messages.** Only texts and files from a contact are acknowledged. Receipts,
 //!   typing, timers, tokens and calls are not: a receipt never causes a receipt, so two
 //!   devices cannot loop.
-//! - **Batched.** Receipts owed wait in the record (a crash keeps them) until the driver takes
-//!   them ([`Engine::take_receipts`]), after a batch of envelopes or after
-//!   [`Engine::mark_read`]: one payload per contact and kind names up to
-//!   [`MAX_RECEIPT_IDS`] messages. Taken receipts are the driver's to send; one lost with a
-//!   failed send is not sent again (a receipt is a courtesy, not a message).
+//! - **Batched and delayed.** Receipts owed to a contact wait in the record (a crash keeps
+//!   them) for a random delay drawn when the first of them is owed
+//!   ([`Timing::receipt_delay_ms`](super::Timing::receipt_delay_ms), default
+//!   [`DEFAULT_RECEIPT_DELAY_MS`](super::schedule::DEFAULT_RECEIPT_DELAY_MS)); then the
+//!   driver takes them ([`Engine::take_receipts`], at [`Engine::next_receipts_due_ms`]): one
+//!   payload per contact and kind names up to [`MAX_RECEIPT_IDS`] messages. Taken receipts
+//!   are the driver's to send; one lost with a failed send is not sent again (a receipt is a
+//!   courtesy, not a message).
 //! - **Read receipts off** ([`Engine::set_read_receipts`]): none are sent, and — as in
 //!   Signal — others' read receipts are not shown either (the messages stay
 //!   [`MessageState::Delivered`]), so that nobody learns more than they tell. Delivered
@@ -25,9 +28,13 @@
 //!   device moves its message on. Other devices of the sender stored the message from a
 //!   transcript under the transcript's id, so they do not match it and show it as sent.
 //! - **Metadata.** A receipt travels sealed when this device holds the sender's delivery token
-//!   (the usual case: a contact shares it before its first message). Like Signal's delivery
-//!   receipts it goes soon after the delivery, so the broker could pair a delivery with the
-//!   sealed send that follows it by timing; read receipts go when the user reads.
+//!   (the usual case: a contact shares it before its first message). Still, a receipt is a
+//!   sealed send *to the original sender*, and one sent right after a delivery would let the
+//!   broker pair the delivery with the account that answers it — the attack on Signal's
+//!   sealed sender through its delivery receipts (Martiny et al., NDSS 2021). The random delay
+//!   and batching blur that pairing for a single message; over many messages the correlation
+//!   remains statistical, which is the price of showing "delivered" at all. (Read receipts
+//!   follow the user's reading, not the delivery, and take the same delay.)
 //!
 //! Typing ([`Engine::typing_outgoing`]) goes in the ephemeral class (only connected devices get
 //! it, never stored) and produces [`Event::Typing`] only: nothing is stored.
@@ -64,7 +71,7 @@ impl Engine {
     /// The user has seen the conversation with `peer`: its incoming messages become
     /// [`MessageState::Read`], and a read receipt is owed for them (unless read receipts are
     /// off; then [`Engine::take_receipts`]). Returns the messages newly read. Save afterwards.
-    pub fn mark_read(&mut self, peer: &str) -> Vec<EnvelopeId> {
+    pub fn mark_read(&mut self, peer: &str, now_ms: u64) -> Vec<EnvelopeId> {
         let Some(contact) = self.record.contacts.get_mut(peer) else {
             return Vec::new();
         };
@@ -82,23 +89,44 @@ impl Engine {
             }
         }
         if !ids.is_empty() && self.read_receipts() {
-            let owed = self.record.receipts.entry(peer.to_owned()).or_default();
+            let owed = self.owed_to(peer, now_ms);
             owed.read
                 .extend(ids.iter().map(|id| ByteBuf::from(id.0.to_vec())));
         }
         ids
     }
 
-    /// Whether receipts are owed (see [`Engine::take_receipts`]).
+    /// What is owed to `peer`, its delay drawn if nothing was owed yet.
+    fn owed_to(&mut self, peer: &str, now_ms: u64) -> &mut super::record::OwedReceipts {
+        let delay = super::schedule::between(self.timing.receipt_delay_ms);
+        self.record
+            .receipts
+            .entry(peer.to_owned())
+            .or_insert_with(|| super::record::OwedReceipts {
+                due_ms: now_ms.saturating_add(delay),
+                ..Default::default()
+            })
+    }
+
+    /// When the first owed receipts are due (ms since the Unix epoch), if any are owed.
+    pub fn next_receipts_due_ms(&self) -> Option<u64> {
+        self.record.receipts.values().map(|o| o.due_ms).min()
+    }
+
+    /// Whether receipts are owed, due or not (see [`Engine::take_receipts`]).
     pub fn owes_receipts(&self) -> bool {
         !self.record.receipts.is_empty()
     }
 
-    /// The receipts owed, taken out of the record: (contact, envelope) pairs to send to each
-    /// contact's account (durable). Save afterwards.
-    pub fn take_receipts(&mut self) -> Vec<(String, Outgoing)> {
+    /// The receipts due by `now_ms`, taken out of the record: (contact, envelope) pairs to send
+    /// to each contact's account (durable). Save afterwards.
+    pub fn take_receipts(&mut self, now_ms: u64) -> Vec<(String, Outgoing)> {
         let mut out = Vec::new();
-        for (peer, owed) in std::mem::take(&mut self.record.receipts) {
+        let (due, later) = std::mem::take(&mut self.record.receipts)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(_, owed)| owed.due_ms <= now_ms);
+        self.record.receipts = later.into_iter().collect();
+        for (peer, owed) in due {
             for (kind, ids) in [
                 (ReceiptKind::Delivered, owed.delivered),
                 (ReceiptKind::Read, owed.read),
@@ -127,8 +155,8 @@ impl Engine {
 
     /// A received message of `from` (a text or a file) was stored: a delivered receipt is
     /// owed for it.
-    pub(crate) fn owe_delivered(&mut self, from: &str, id: EnvelopeId) {
-        let owed = self.record.receipts.entry(from.to_owned()).or_default();
+    pub(crate) fn owe_delivered(&mut self, from: &str, id: EnvelopeId, now_ms: u64) {
+        let owed = self.owed_to(from, now_ms);
         owed.delivered.push(ByteBuf::from(id.0.to_vec()));
     }
 

@@ -143,6 +143,9 @@ pub(crate) struct OwedReceipts {
     pub(crate) delivered: Vec<ByteBuf>,
     /// Envelope ids of messages the user marked read.
     pub(crate) read: Vec<ByteBuf>,
+    /// When they go (ms since the Unix epoch, local clock): drawn when the first is owed.
+    #[serde(default)]
+    pub(crate) due_ms: u64,
 }
 
 /// What the account knows about one contact.

@@ -63,6 +63,9 @@ pub const DEFAULT_LIST_REFRESH_MS: u64 = 60 * 60 * 1000;
 /// The default delay of a refresh brought forward by a held envelope, ms: uniform in this
 /// range.
 pub const DEFAULT_HELD_REFRESH_MS: (u64, u64) = (5_000, 60_000);
+/// The default delay of receipts, ms: uniform in this range (see
+/// [`receipts`](super::receipts)).
+pub const DEFAULT_RECEIPT_DELAY_MS: (u64, u64) = (2_000, 15_000);
 
 /// The timing settings ([`Engine::set_timing`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub struct Timing {
     pub list_refresh_ms: u64,
     /// Delay range of a refresh brought forward by a held envelope, ms.
     pub held_refresh_ms: (u64, u64),
+    /// Delay range of receipts (from when the first of a batch is owed), ms.
+    pub receipt_delay_ms: (u64, u64),
 }
 
 impl Default for Timing {
@@ -81,11 +86,12 @@ impl Default for Timing {
             transcript_delay_ms: DEFAULT_TRANSCRIPT_DELAY_MS,
             list_refresh_ms: DEFAULT_LIST_REFRESH_MS,
             held_refresh_ms: DEFAULT_HELD_REFRESH_MS,
+            receipt_delay_ms: DEFAULT_RECEIPT_DELAY_MS,
         }
     }
 }
 
-fn between((low, high): (u64, u64)) -> u64 {
+pub(crate) fn between((low, high): (u64, u64)) -> u64 {
     if high <= low {
         low
     } else {

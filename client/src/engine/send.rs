@@ -484,10 +484,10 @@ impl Engine {
     ) -> Result<SendProgress, ClientError> {
         match outcome {
             SendOutcome::Accepted { .. } => {
-                if send.recorded
-                    && let Some(event) = self.message_accepted(send.id)
-                {
-                    self.notices.push(event);
+                // The caller learns it from the answer (the SDK's send returns the id): the
+                // stored message moves on without an event of its own.
+                if send.recorded {
+                    self.message_accepted(send.id);
                 }
                 Ok(SendProgress::Sent(send.id))
             }

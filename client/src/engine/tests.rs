@@ -786,6 +786,9 @@ fn group_sends_go_sealed_to_members_whose_token_was_shared_in_the_group() {
     assert!(alice.is_seen(id));
 }
 
+/// A time after every receipt delay.
+const LATER: u64 = NOW + 60_000;
+
 /// The class and time-to-live of a send frame.
 fn delivery_of(frame: &ClientFrame) -> (sealpost_proto::Class, u32) {
     match frame {
@@ -827,7 +830,7 @@ fn reloaded(engine: &mut Engine) -> Engine {
 /// returns the events there.
 fn send_receipts(broker: &mut Broker, from: &mut Engine, to: &mut Engine) -> Vec<Event> {
     let mut events = Vec::new();
-    for (peer, outgoing) in from.take_receipts() {
+    for (peer, outgoing) in from.take_receipts(LATER) {
         assert_eq!(peer, to.user());
         let (_, frame) = broker.prepare(from, &peer, outgoing);
         assert_eq!(delivery_of(&frame).0, sealpost_proto::Class::Durable);
@@ -854,12 +857,7 @@ fn receipts_move_a_sent_message_through_its_states_and_survive_a_restart() {
     assert_eq!(state_of(&alice, BOB, id), MessageState::Sending);
     accepted(&mut alice, &mut send);
     assert_eq!(state_of(&alice, BOB, id), MessageState::Sent);
-    let notices = alice.take_notices();
-    assert!(
-        matches!(&notices[..], [Event::Receipt { peer, ids, state: MessageState::Sent }]
-            if peer == BOB && ids == &[id]),
-        "{notices:?}"
-    );
+    assert!(alice.message_accepted(id).is_none(), "once");
 
     // Bob decrypts it: unread, and a delivered receipt is owed.
     broker.deliver(&frame, &mut bob).expect("new");
@@ -871,6 +869,11 @@ fn receipts_move_a_sent_message_through_its_states_and_survive_a_restart() {
         "the same id on both sides"
     );
     assert!(bob.owes_receipts());
+    // Not at once: after a random delay, so that the broker cannot pair the two sends.
+    let due = bob.next_receipts_due_ms().expect("owed");
+    let (low, high) = schedule::DEFAULT_RECEIPT_DELAY_MS;
+    assert!((NOW + low..=NOW + high).contains(&due), "{due}");
+    assert!(bob.take_receipts(due - 1).is_empty());
     let events = send_receipts(&mut broker, &mut bob, &mut alice);
     assert!(
         matches!(&events[..], [Event::Receipt { peer, ids, state: MessageState::Delivered }]
@@ -891,10 +894,10 @@ fn receipts_move_a_sent_message_through_its_states_and_survive_a_restart() {
         broker.deliver(&frame, &mut bob).expect("new");
     }
     send_receipts(&mut broker, &mut bob, &mut alice);
-    assert_eq!(bob.mark_read(ALICE), ids);
+    assert_eq!(bob.mark_read(ALICE, NOW), ids);
     assert_eq!(bob.conversations()[0].unread, 0);
-    assert!(bob.mark_read(ALICE).is_empty(), "read once");
-    let receipts = bob.take_receipts();
+    assert!(bob.mark_read(ALICE, NOW).is_empty(), "read once");
+    let receipts = bob.take_receipts(LATER);
     assert_eq!(receipts.len(), 1, "batched");
     assert!(matches!(
         receipts[0].1.contents(),
@@ -939,13 +942,17 @@ fn with_read_receipts_off_none_are_sent_nor_shown_and_delivered_ones_still_go() 
             ..
         }]
     ));
-    assert_eq!(bob.mark_read(ALICE), [send.id()], "read here all the same");
+    assert_eq!(
+        bob.mark_read(ALICE, NOW),
+        [send.id()],
+        "read here all the same"
+    );
     assert!(!bob.owes_receipts(), "but nobody is told");
 
     // Bob writes; Alice reads it. Bob, with his own read receipts off, does not see hers.
     let (reply, frame) = broker.prepare(&mut bob, ALICE, Outgoing::text("hello"));
     broker.deliver(&frame, &mut alice).expect("new");
-    alice.mark_read(BOB);
+    alice.mark_read(BOB, NOW);
     let events = send_receipts(&mut broker, &mut alice, &mut bob);
     assert!(
         matches!(
@@ -997,7 +1004,7 @@ fn typing_is_ephemeral_stored_nowhere_and_a_lost_one_does_not_break_the_session(
     // Nothing of typing is stored or acknowledged.
     let messages = &bob.conversations()[0].messages;
     assert_eq!(messages.len(), 2, "only the texts");
-    let receipts = bob.take_receipts();
+    let receipts = bob.take_receipts(LATER);
     assert!(matches!(
         receipts[..],
         [(_, ref o)] if matches!(o.contents(), Payload::Receipt { ids, .. } if ids.len() == 2)

@@ -11,9 +11,10 @@ impl Client {
     /// The user has seen the conversation with `peer`: its incoming messages become read
     /// ([`MessageState::Read`](crate::engine::MessageState::Read) in
     /// [`Client::conversations`]) and, unless read receipts are off, `peer` gets a read receipt
-    /// for them. Returns the messages newly read.
+    /// for them (after the receipt delay, [`Client::set_receipt_delay`], while
+    /// [`Client::next_event`] runs). Returns the messages newly read.
     pub async fn mark_read(&mut self, peer: &str) -> Result<Vec<EnvelopeId>, ClientError> {
-        let ids = self.engine.mark_read(peer);
+        let ids = self.engine.mark_read(peer, now_ms());
         self.save()?;
         self.send_receipts().await;
         Ok(ids)
@@ -89,13 +90,26 @@ impl Client {
         Ok(events)
     }
 
-    /// Sends the receipts owed (see [`crate::engine::receipts`]). Best effort: a receipt
-    /// that cannot be sent now is dropped, never a reason to fail the receive loop.
+    /// Sets the random delay of receipts, between `min` and `max` (default 2 to 15 s): a
+    /// receipt right after a delivery would let the broker pair the two (see
+    /// [`crate::engine::receipts`]).
+    pub fn set_receipt_delay(&mut self, min: Duration, max: Duration) {
+        let mut timing = self.engine.timing();
+        timing.receipt_delay_ms = (super::millis(min), super::millis(max));
+        self.engine.set_timing(timing);
+    }
+
+    /// Sends the receipts that are due (see [`crate::engine::receipts`]). Best effort: a
+    /// receipt that cannot be sent now is dropped, never a reason to fail the receive loop.
     pub(super) async fn send_receipts(&mut self) {
-        if !self.engine.owes_receipts() {
+        if self
+            .engine
+            .next_receipts_due_ms()
+            .is_none_or(|due| due > now_ms())
+        {
             return;
         }
-        let receipts = self.engine.take_receipts();
+        let receipts = self.engine.take_receipts(now_ms());
         // Taken: saved so that a crash does not send them twice.
         if self.save().is_err() {
             return;

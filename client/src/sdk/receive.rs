@@ -28,21 +28,44 @@ impl Client {
     ///
     /// Not cancel-safe: a call abandoned midway (by `select!` or a timeout) may have decrypted
     /// envelopes without saving or acknowledging them; use the client no further after that
-    /// (drop it and [`Client::open`] again, which resumes from the last save).
+    /// (drop it and [`Client::open`] again, which resumes from the last save). To stop waiting
+    /// safely, use [`Client::next_event_or`].
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        loop {
+            if let Some(event) = self.next_event_or(std::future::pending()).await? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// As [`Client::next_event`], but gives up waiting when `interrupt` completes: `Ok(None)`,
+    /// with nothing lost, so that the caller can use the client (send, verify) and then wait
+    /// again. It stops only while waiting for the broker, never in the middle of handling
+    /// what arrived (a daemon serving other commands between events).
+    pub async fn next_event_or(
+        &mut self,
+        interrupt: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<Event>, ClientError> {
+        let mut interrupt = std::pin::pin!(interrupt);
         // What sends found to tell the user (unlisted devices) comes first.
         self.events.extend(self.engine.take_notices());
         loop {
             if let Some(event) = self.events.pop_front() {
-                return Ok(event);
+                return Ok(Some(event));
             }
             let frame = match self.inbox.pop_front() {
                 Some(frame) => frame,
                 None => {
                     // Wait for a frame only until the next timed job is due (a deadline: a
-                    // busy connection must not put it off).
+                    // busy connection must not put it off). The wait is cancel-safe: a frame
+                    // taken off the connection is returned in the same poll.
                     let due = self.next_job_due();
-                    match self.read_frame(Some(due)).await? {
+                    let read = tokio::select! {
+                        biased;
+                        () = &mut interrupt => return Ok(None),
+                        read = self.read_frame(Some(due)) => read?,
+                    };
+                    match read {
                         Some(frame) => frame,
                         None => {
                             self.run_due_jobs().await?;
@@ -98,23 +121,20 @@ impl Client {
         due: Option<Instant>,
     ) -> Result<Option<ServerFrame>, ClientError> {
         loop {
-            let mut conn = self.take_conn().await?;
+            // The connection stays in `self` while waiting on it, so that a caller that stops
+            // waiting (`next_event_or`) keeps it.
+            let conn = self.take_conn().await?;
+            let conn = self.conn.insert(conn);
             let next = match due {
                 // `Connection::next` is cancel-safe: nothing is lost when the wait runs out.
                 Some(due) => match tokio::time::timeout_at(due.into(), conn.next()).await {
                     Ok(next) => next,
-                    Err(_) => {
-                        self.conn = Some(conn);
-                        return Ok(None);
-                    }
+                    Err(_) => return Ok(None),
                 },
                 None => conn.next().await,
             };
             match next {
-                Ok(frame) => {
-                    self.conn = Some(conn);
-                    return Ok(Some(frame));
-                }
+                Ok(frame) => return Ok(Some(frame)),
                 Err(e) if e.is_device_revoked() => {
                     self.on_conn_lost();
                     return Err(ClientError::DeviceRevoked);
@@ -240,6 +260,9 @@ impl Client {
             due = due.min(at_ms(ms));
         }
         if let Some(ms) = self.engine.next_expiry_ms() {
+            due = due.min(at_ms(ms));
+        }
+        if let Some(ms) = self.engine.next_receipts_due_ms() {
             due = due.min(at_ms(ms));
         }
         due.min(at_ms(self.engine.lists_refresh_due_ms(now_ms())))
