@@ -2432,7 +2432,7 @@ async function enter(connected = false) {
   $('app').hidden = false;
   $('me').textContent = engine.handle();
   avatar($('me-avatar'), engine.handle());
-  $('contact-handle').placeholder = `Start a chat: someone@${engine.handle().split('@')[1]}`;
+  $('contact-handle').placeholder = `New chat: name@${engine.handle().split('@')[1]}`;
   $('me-device').textContent = `Signed in as ${engine.handle()} on this browser (device ${engine.device_id()}).`;
   if (hasReceipts() && typeof engine.read_receipts === 'function') {
     $('read-receipts').checked = engine.read_receipts();
