@@ -301,3 +301,155 @@ fn unlisted_devices_and_a_changed_master_key_reach_the_page() {
     assert_eq!(summary["safety_number"], change["new_safety_number"]);
     assert_eq!(summary["verified"], json!(false));
 }
+
+/// Encrypts `payload` (JSON) from `from` to `to`: the frame (base64) and the envelope id.
+fn encrypt(from: &mut Engine, to: &str, payload: &Value) -> (String, String) {
+    let out: Value =
+        serde_json::from_str(&from.encrypt(to, &payload.to_string(), "", "").unwrap()).unwrap();
+    (
+        out["frame"].as_str().unwrap().to_owned(),
+        out["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The message `id` of `engine`'s first conversation, as the page gets it.
+fn message(engine: &Engine, id: &str) -> Value {
+    let conversations: Value = serde_json::from_str(&engine.conversations()).unwrap();
+    conversations[0]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn receipts_typing_and_disappearing_messages_reach_the_page() {
+    const ALICE: &str = "alice@test.example";
+    const BOB: &str = "bob@test.example";
+    let mut alice = side(ALICE, 1);
+    let mut bob = side(BOB, 1);
+    alice.engine.accept_device_list(BOB, &bob.list).unwrap();
+    let key = bob.keys["one_time_keys"][0]["key"].as_str().unwrap();
+    alice.engine.create_session(BOB, 1, key).unwrap();
+    let (frame, _) = encrypt(&mut alice.engine, BOB, &json!({"kind": "delivery_token"}));
+    receive(&mut bob.engine, &deliver(&frame, 1, 1), &alice.list);
+    let key = alice.keys["one_time_keys"][0]["key"].as_str().unwrap();
+    bob.engine.create_session(ALICE, 1, key).unwrap();
+    bob.engine.set_receipt_delay(0.0, 0.0);
+
+    // Sending → sent (the broker's answer) → delivered → read.
+    let (frame, id) = encrypt(
+        &mut alice.engine,
+        BOB,
+        &json!({"kind": "text", "body": "hi"}),
+    );
+    assert_eq!(message(&alice.engine, &id)["state"], "sending");
+    let accepted = ServerFrame::SendResult {
+        id: EnvelopeId(unhex::<16>(&id).unwrap()),
+        outcome: SendOutcome::Accepted { duplicate: false },
+    }
+    .encode();
+    let answer: Value =
+        serde_json::from_str(&alice.engine.receive(&accepted, false).unwrap()).unwrap();
+    assert_eq!(
+        answer["receipt"],
+        json!({"event": "receipt", "peer": BOB, "ids": [id], "state": "sent"})
+    );
+    assert_eq!(message(&alice.engine, &id)["state"], "sent");
+    let got = receive(&mut bob.engine, &deliver(&frame, 1, 2), &alice.list);
+    assert_eq!(got["id"], id.as_str());
+    assert_eq!(message(&bob.engine, &id)["state"], "received");
+    let conversations: Value = serde_json::from_str(&bob.engine.conversations()).unwrap();
+    assert_eq!(conversations[0]["unread"], 1);
+    assert!(bob.engine.next_receipts_due_ms() >= 0.0);
+    let receipts: Value = serde_json::from_str(&bob.engine.take_receipts()).unwrap();
+    assert_eq!(
+        receipts,
+        json!([{"to": ALICE, "payload": {"kind": "receipt", "state": "delivered", "ids": [id]}}])
+    );
+    let (frame, _) = encrypt(&mut bob.engine, ALICE, &receipts[0]["payload"]);
+    let got = receive(&mut alice.engine, &deliver(&frame, 1, 1), &bob.list);
+    assert_eq!(
+        got["event"],
+        json!({"event": "receipt", "peer": BOB, "ids": [id], "state": "delivered"})
+    );
+    assert_eq!(bob.engine.mark_read(ALICE), json!([id]).to_string());
+    assert_eq!(message(&bob.engine, &id)["state"], "read");
+    let receipts: Value = serde_json::from_str(&bob.engine.take_receipts()).unwrap();
+    let (frame, _) = encrypt(&mut bob.engine, ALICE, &receipts[0]["payload"]);
+    let got = receive(&mut alice.engine, &deliver(&frame, 1, 2), &bob.list);
+    assert_eq!(got["event"]["state"], "read");
+    assert_eq!(message(&alice.engine, &id)["state"], "read");
+    assert!(bob.engine.read_receipts());
+    bob.engine.set_read_receipts(false);
+    assert!(!bob.engine.read_receipts());
+
+    // Typing: ephemeral, shown, not stored.
+    let (frame, _) = encrypt(
+        &mut alice.engine,
+        BOB,
+        &json!({"kind": "typing", "on": true}),
+    );
+    let decoded = ClientFrame::decode(&STANDARD.decode(&frame).unwrap()).unwrap();
+    assert!(matches!(
+        decoded,
+        ClientFrame::Send {
+            class: Class::Ephemeral,
+            ..
+        } | ClientFrame::SealedSend {
+            class: Class::Ephemeral,
+            ..
+        }
+    ));
+    let got = receive(&mut bob.engine, &deliver(&frame, 1, 3), &alice.list);
+    assert_eq!(
+        got["event"],
+        json!({"event": "typing", "from": ALICE, "device": 1, "on": true})
+    );
+    let conversations: Value = serde_json::from_str(&bob.engine.conversations()).unwrap();
+    assert_eq!(conversations[0]["messages"].as_array().unwrap().len(), 1);
+
+    // A disappearing-messages timer, honoured by the peer.
+    // (An out-of-range timer throws; `JsError` cannot be made off wasm: the engine's tests
+    // check the bounds.)
+    let envelopes: Value =
+        serde_json::from_str(&alice.engine.set_disappearing(BOB, 3600).unwrap()).unwrap();
+    assert_eq!(envelopes[0]["to"], BOB);
+    assert_eq!(
+        envelopes[0]["payload"],
+        json!({"kind": "disappearing", "secs": 3600, "with": null})
+    );
+    let (frame, _) = encrypt(&mut alice.engine, BOB, &envelopes[0]["payload"]);
+    let got = receive(&mut bob.engine, &deliver(&frame, 1, 4), &alice.list);
+    assert_eq!(
+        got["event"],
+        json!({"event": "disappearing", "with": ALICE, "by": ALICE, "secs": 3600})
+    );
+    assert_eq!(bob.engine.disappearing(ALICE), 3600);
+    let conversations: Value = serde_json::from_str(&bob.engine.conversations()).unwrap();
+    assert_eq!(conversations[0]["disappearing_secs"], 3600);
+    let line = conversations[0]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(line["timer_secs"], 3600);
+    assert_eq!(line["outgoing"], false);
+    let (frame, id) = encrypt(
+        &mut alice.engine,
+        BOB,
+        &json!({"kind": "text", "body": "gone"}),
+    );
+    let decoded = ClientFrame::decode(&STANDARD.decode(&frame).unwrap()).unwrap();
+    assert!(matches!(
+        decoded,
+        ClientFrame::Send { ttl_secs: 3600, .. } | ClientFrame::SealedSend { ttl_secs: 3600, .. }
+    ));
+    receive(&mut bob.engine, &deliver(&frame, 1, 5), &alice.list);
+    assert!(message(&bob.engine, &id)["expires_ms"].as_u64().is_some());
+    assert!(bob.engine.next_expiry_ms() > 0.0);
+    assert_eq!(bob.engine.expire_messages(), "[]", "not yet");
+}
