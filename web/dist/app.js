@@ -74,6 +74,8 @@ const debug = {
 window.sealpostDebug = debug;
 // Whether the engine has a method (newer engines add receipts, typing, disappearing messages).
 debug.engineHas = (name) => !!engine && typeof engine[name] === 'function';
+// For tests: receipts go without their random delay.
+debug.quickReceipts = () => engine.set_receipt_delay(0, 0);
 // For tests: the refresh a held envelope brings forward comes within a second (the default is
 // a random 5 to 60 s, so that the fetch of a sender's list does not follow its message).
 debug.quickHeldRefresh = () => engine.set_timing(1000, 5000, 3_600_000, 100, 1000);
@@ -922,6 +924,7 @@ async function handleFrame(bytes, sock) {
       // A new connection: our own list is fetched again (authenticated), as a timed job.
       ownListDue = Date.now();
       scheduleJobs();
+      flushReceipts();
       return;
     case 'deliver':
     case 'deliver_ephemeral':
@@ -1241,9 +1244,13 @@ function markRead(peer) {
   }
 }
 
-// Receipts the engine queued (delivered on receipt, read on mark_read): sent quietly.
+// Receipts the engine owes (delivered on receipt, read on mark_read): each waits a random
+// delay in the engine (so that the broker cannot pair a delivery with the receipt answering
+// it), then goes quietly. Taken only while connected (a taken receipt is not queued again).
+let receiptsTimer = null;
 function flushReceipts() {
   if (!hasReceipts()) return;
+  if (!debug.online) return; // again at the next auth_ok
   let queued;
   try {
     queued = JSON.parse(engine.take_receipts());
@@ -1253,6 +1260,15 @@ function flushReceipts() {
   }
   if (queued.length) persist();
   for (const r of queued) sendPayload(r.to, r.payload).catch((e) => console.warn(`receipt: ${e.message}`));
+  scheduleReceipts();
+}
+
+function scheduleReceipts() {
+  if (!hasReceipts() || typeof engine.next_receipts_due_ms !== 'function') return;
+  clearTimeout(receiptsTimer);
+  const due = engine.next_receipts_due_ms();
+  if (due < 0) return;
+  receiptsTimer = setTimeout(flushReceipts, Math.min(Math.max(0, due - Date.now()) + 20, 60_000));
 }
 
 // Disappearing messages: removed when they expire.

@@ -14,6 +14,8 @@ import {
   callAndAnswer, waitCallState, screenshots, overflowsSideways, openChatInfo, PASSPHRASE, WAIT_MS,
 } from './harness.mjs';
 
+// Receipts wait a random 2-15 s (engine default) before they go; then a moment to travel.
+const RECEIPT_WAIT_MS = 45_000;
 let broker;
 let browser;
 let alice;
@@ -156,8 +158,9 @@ test('the conversation list shows the last message, its time and the unread coun
     && window.sealpostDebug.engineHas('take_receipts'));
   if (receipts) {
     // Bob has read both: end-to-end encrypted read receipts move them to "read".
+    // (Receipts wait a random 2-15 s in the engine, so that the broker cannot pair them.)
     await alice.page.waitForFunction(() => [...document.querySelectorAll('#messages li.outgoing')]
-      .every((li) => li.dataset.state === 'read'), null, { timeout: WAIT_MS });
+      .every((li) => li.dataset.state === 'read'), null, { timeout: RECEIPT_WAIT_MS });
   }
   await screenshots(alice.page, 'chat', async (width) => {
     if (width < 721) await alice.page.waitForSelector('#chat', { state: 'visible' });
@@ -179,7 +182,7 @@ test('typing shows, read receipts can be turned off, and a disappearing-messages
   await waitForMessage(bob, 'Shall I bring dessert?');
   await bob.page.waitForSelector('#typing', { state: 'hidden' });
   await alice.page.waitForFunction(() => document.querySelector('#messages li.outgoing:last-of-type')?.dataset.state === 'read',
-    null, { timeout: WAIT_MS });
+    null, { timeout: RECEIPT_WAIT_MS });
 
   // Bob turns read receipts off: alice's next message stays "delivered" although he reads it.
   await bob.page.click('#open-settings');
@@ -188,7 +191,7 @@ test('typing shows, read receipts can be turned off, and a disappearing-messages
   await sendText(alice, 'Or wine?');
   await waitForMessage(bob, 'Or wine?');
   await alice.page.waitForFunction(() => [...document.querySelectorAll('#messages li.outgoing')].at(-1).dataset.state === 'delivered',
-    null, { timeout: WAIT_MS });
+    null, { timeout: RECEIPT_WAIT_MS });
   await sendText(bob, 'Wine please');
   await waitForMessage(alice, 'Wine please');
   assert.equal(await alice.page.evaluate(() => [...document.querySelectorAll('#messages li.outgoing')].at(-1).dataset.state), 'delivered');
