@@ -275,10 +275,11 @@ async fn the_device_list_shows_ids_and_identity_keys() {
         404,
         "not_found",
     );
+    // Another domain, which this broker does not federate with, is said to be one.
     assert_error(
         &list_devices(&broker, "alice@other.example").await,
         404,
-        "not_found",
+        "unknown_domain",
     );
     assert_error(
         &list_devices(&broker, "Not%20A%20Handle").await,

@@ -189,12 +189,24 @@ fn two_cli_users_exchange_messages() {
         );
     }
 
+    // A device removed from its account is told so, not "sent".
+    let out = ok(a, &["remove-device", "2"]);
+    assert!(out.contains("Device 2 removed."), "{out}");
+    let out = run(a2, &["send", "--to", bob_h, "from a removed device"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("this device was removed from its account"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+
     // Errors are explained, not dumped.
     let out = run(a, &["send", "--to", "nobody@test.example", "x"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("nobody@test.example has not published a device list"),
+        stderr.contains("there is no account nobody@test.example"),
         "{stderr}"
     );
     let out = run(a, &["register", "--server", &server, "--handle", alice_h]);
@@ -262,6 +274,10 @@ fn listen_keeps_listening_across_a_broker_restart() {
             .recv_timeout(left)
             .expect("listen never noticed the broker going away");
         if line.starts_with("Connection to the broker lost") {
+            assert!(
+                line.contains("; reconnecting at ") && line.contains(" UTC (in "),
+                "listen says when it tries next: {line}"
+            );
             break;
         }
     }
@@ -291,6 +307,201 @@ fn listen_keeps_listening_across_a_broker_restart() {
     assert!(
         stdout.contains("] alice@test.example: after the restart"),
         "{stdout}"
+    );
+    let said: Vec<String> = lines.iter().collect();
+    assert!(
+        said.iter().any(|l| l == "Reconnected."),
+        "listen says it reconnected: {said:?}"
+    );
+}
+
+/// Runs the CLI with `stdin` as its input and extra environment variables.
+fn run_with(state: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(cli())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sealpost-cli");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("output")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_cli_says_what_went_wrong_in_one_line_and_serves_commands_while_listening() {
+    let broker = Broker::start(&[]);
+    // A broker address without a scheme: http on this machine.
+    let server = broker.addr.to_string();
+    let alice = tempfile::tempdir().expect("tempdir");
+    let bob = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (alice.path(), bob.path());
+    let out = ok(
+        a,
+        &[
+            "register",
+            "--server",
+            &server,
+            "--handle",
+            "alice@test.example",
+        ],
+    );
+    assert!(out.contains("Registered alice@test.example"), "{out}");
+    ok(
+        b,
+        &[
+            "register",
+            "--server",
+            &server,
+            "--handle",
+            "bob@test.example",
+        ],
+    );
+
+    // An https broker is reached with TLS (built in): here the broker speaks plain http, so
+    // the handshake fails, and the error says more than "error sending request".
+    let tls = tempfile::tempdir().expect("tempdir");
+    let https = format!("https://{}", broker.addr);
+    let out = run(
+        tls.path(),
+        &["register", "--server", &https, "--handle", "c@test.example"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("cannot reach the broker (error sending request: "),
+        "{err}"
+    );
+    assert!(!err.contains("builder error"), "{err}");
+
+    // User errors: one line, exit 1, no backtrace even when asked for one.
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["remove-device", "9"],
+            "there is no device 9 in your account",
+        ),
+        (
+            &["send", "--to", "nobody@test.example", "x"],
+            "there is no account nobody@test.example",
+        ),
+        (
+            &["send", "--to", "x@elsewhere.example", "x"],
+            "does not exchange messages with elsewhere.example",
+        ),
+        (
+            &["disappearing", "--with", "bob@test.example", "1y"],
+            "expected off, or a time",
+        ),
+    ];
+    for (args, words) in cases {
+        let out = run_with(a, args, "", &[("RUST_BACKTRACE", "1")]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr_of(&out);
+        assert!(
+            err.starts_with("error: ") && err.contains(words),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(!err.contains("backtrace"), "{err}");
+    }
+
+    // `listen --until-empty` with nothing waiting says so.
+    let out = ok(b, &["listen", "--until-empty"]);
+    assert!(out.is_empty(), "{out}");
+
+    // Bob listens; meanwhile his other commands go through the listener.
+    let mut listener = Command::new(cli())
+        .arg("--state-dir")
+        .arg(b)
+        .args(["listen", "--count", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let mut status = BufReader::new(listener.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    status.read_line(&mut first).expect("status line");
+    assert!(
+        first.starts_with("Connected to http://") && first.contains("as bob@test.example"),
+        "{first}"
+    );
+    ok(a, &["send", "--to", "bob@test.example", "are you there?"]);
+    let out = ok(b, &["send", "--to", "alice@test.example", "yes, listening"]);
+    assert!(out.contains("Sent to alice@test.example."), "{out}");
+    let out = ok(b, &["conversations"]);
+    assert!(out.contains("alice@test.example"), "{out}");
+    // `y` is a yes.
+    let out = run_with(b, &["verify", "--with", "alice@test.example"], "y\n", &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("alice@test.example is verified"));
+    let out = ok(b, &["disappearing", "--with", "alice@test.example", "1h"]);
+    assert!(out.contains("disappear after 1 hour"), "{out}");
+    // What needs the state to itself says to stop the listener.
+    let out = run(b, &["rotate-master-key", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("needs it stopped first"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // Scripts speak JSON-RPC 2.0 to the same socket.
+    let mut socket =
+        std::os::unix::net::UnixStream::connect(b.join("daemon.sock")).expect("socket");
+    use std::io::Write as _;
+    writeln!(
+        socket,
+        r#"{{"jsonrpc":"2.0","id":7,"method":"conversations","params":{{"with":"alice@test.example"}}}}"#
+    )
+    .expect("request");
+    let mut answer = String::new();
+    BufReader::new(&socket)
+        .read_line(&mut answer)
+        .expect("answer");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(answer["id"], 7);
+    let text = answer["result"]["lines"].to_string();
+    assert!(
+        text.contains("are you there?") && text.contains("yes, listening"),
+        "{answer}"
+    );
+    writeln!(socket, r#"{{"jsonrpc":"2.0","id":8,"method":"nope"}}"#).expect("request");
+    let mut answer = String::new();
+    BufReader::new(&socket)
+        .read_line(&mut answer)
+        .expect("answer");
+    assert!(
+        answer.contains("\"error\"") && answer.contains("unknown method"),
+        "{answer}"
+    );
+
+    // The listener printed what arrived (alice's message and the timer Bob set elsewhere
+    // counts as no message), then exits after its second message.
+    ok(a, &["send", "--to", "bob@test.example", "second"]);
+    let out = listener.wait_with_output().expect("listen output");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("alice@test.example: are you there?"),
+        "{stdout}"
+    );
+    assert!(
+        !b.join("daemon.sock").exists(),
+        "the socket is gone with the listener"
     );
 }
 

@@ -681,10 +681,8 @@ async fn a_master_key_rotation_the_broker_never_got_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_key_rotation_the_broker_stored_without_saying_so_is_completed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fail = dir.path().join("fail-sync");
-    let fail_arg = fail.to_string_lossy().into_owned();
-    let broker = Broker::start(&["--failpoint-sync-file", &fail_arg]);
+    let broker = Broker::start(&[]);
+    let fail = broker.sync_failpoint();
     let mut alice = register(&broker, ALICE).await;
     let mut bob = register(&broker, BOB).await;
     alice.client.set_device_list_max_age(Duration::ZERO);

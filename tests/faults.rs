@@ -16,10 +16,8 @@ async fn readyz(broker: &Broker) -> u16 {
 
 #[tokio::test]
 async fn a_failing_flush_refuses_the_send_and_a_retry_stores_it_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fail = dir.path().join("fail-sync");
-    let fail_arg = fail.to_str().expect("utf8 path").to_owned();
-    let broker = Broker::start(&["--failpoint-sync-file", &fail_arg]);
+    let broker = Broker::start(&[]);
+    let fail = broker.sync_failpoint();
     let alice = register(&broker, "alice@test.example").await;
     let bob = register(&broker, "bob@test.example").await;
     let carol = register(&broker, "carol@test.example").await;

@@ -49,8 +49,17 @@ pub use crate::error::ApiError;
 
 impl From<reqwest::Error> for ApiError {
     fn from(e: reqwest::Error) -> Self {
-        // Without the URL: it names accounts.
-        ApiError::Transport(e.without_url().to_string())
+        // Without the URL (it names accounts), with the cause ("error sending request" alone
+        // says nothing: refused, a TLS failure, a name that does not resolve).
+        let e = e.without_url();
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        ApiError::Transport(text)
     }
 }
 
@@ -500,10 +509,18 @@ impl Api {
     async fn device_list_answer(request: RequestBuilder) -> Result<Option<Vec<u8>>, ApiError> {
         const WHAT: &str = "fetching a device list";
         let resp = request.send().await?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        let resp = match Self::check(resp, WHAT).await {
+            Ok(resp) => resp,
+            // No such account; a domain the broker does not federate with is an error of its
+            // own (`unknown_domain`), so that the two are told apart.
+            Err(ApiError::Refused {
+                status: 404, code, ..
+            }) if code == "not_found" => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let v: Value = Self::json(resp, WHAT).await?;
         http::signed_list(&v)
             .map(Some)
             .ok_or(ApiError::BadAnswer(WHAT))

@@ -17,6 +17,9 @@ pub enum ApiError {
     /// No such account or device.
     #[error("not found")]
     NotFound,
+    /// A handle on a domain this broker neither serves nor federates with.
+    #[error("this broker does not exchange messages with {0}")]
+    UnknownDomain(String),
     /// The handle is taken.
     #[error("handle already registered")]
     Conflict,
@@ -42,6 +45,7 @@ impl ApiError {
         "unauthorized",
         "forbidden",
         "not_found",
+        "unknown_domain",
         "conflict",
         "rate_limited",
         "too_large",
@@ -55,6 +59,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
+            ApiError::UnknownDomain(_) => "unknown_domain",
             ApiError::Conflict => "conflict",
             ApiError::RateLimited => "rate_limited",
             ApiError::TooLarge(_) => "too_large",
@@ -70,7 +75,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::UnknownDomain(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict => StatusCode::CONFLICT,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) | ApiError::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,

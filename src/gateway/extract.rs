@@ -88,7 +88,7 @@ fn admit(state: &AppState, req: &HttpRequest) -> Result<Admitted, ApiError> {
 pub(crate) fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiError> {
     let handle = Handle::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if handle.domain() != state.settings.domain {
-        return Err(ApiError::NotFound);
+        return Err(ApiError::UnknownDomain(handle.domain().to_owned()));
     }
     Ok(handle)
 }

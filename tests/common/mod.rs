@@ -29,6 +29,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 /// shared; tests wait on conditions, this is only the give-up point.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The sync failpoint's file name in a test broker's directory.
+const SYNC_FAILPOINT: &str = "fail-sync";
+
 /// A broker process.
 pub struct Broker {
     pub dir: tempfile::TempDir,
@@ -74,6 +77,12 @@ impl Broker {
             self.log_path.display()
         );
         logs
+    }
+
+    /// While this file exists, every flush of the broker's store fails (a test-only hook of
+    /// debug builds, `SEALPOST_FAILPOINT_SYNC_FILE`).
+    pub fn sync_failpoint(&self) -> PathBuf {
+        self.dir.path().join(SYNC_FAILPOINT)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -249,6 +258,8 @@ fn spawn(
         _ => Vec::new(),
     };
     let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+        // Every flush fails while this file exists (debug builds): see `Broker::sync_failpoint`.
+        .env("SEALPOST_FAILPOINT_SYNC_FILE", dir.join(SYNC_FAILPOINT))
         .arg("serve")
         .args(["--listen", &listen])
         .arg("--data-dir")

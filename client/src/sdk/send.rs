@@ -147,6 +147,15 @@ impl Client {
         }
     }
 
+    /// Connects to the broker now (authenticated), if not connected: to tell the user that
+    /// it worked, or that this device was removed from its account
+    /// ([`ClientError::DeviceRevoked`]) before anything else is tried.
+    pub async fn connect(&mut self) -> Result<(), ClientError> {
+        let conn = self.take_conn().await?;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
     /// A connection ended: whatever it delivered and we did not ack comes again on the next.
     pub(super) fn on_conn_lost(&mut self) {
         self.conn = None;

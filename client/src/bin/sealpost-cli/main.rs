@@ -3,11 +3,15 @@
 //! ```text
 //! sealpost-cli register --server URL --handle alice@example.com [--registration-token T]
 //! sealpost-cli send --to bob@example.com hello there
-//! sealpost-cli listen [--count N] [--until-empty]
+//! sealpost-cli send-file --to bob@example.com photo.jpg
+//! sealpost-cli listen [--count N] [--until-empty]      # also serves the commands below
+//! sealpost-cli daemon                                  # the same, until stopped
 //! sealpost-cli conversations [--with bob@example.com]
 //! sealpost-cli safety-number --with bob@example.com
 //! sealpost-cli verify --with bob@example.com [--yes]
 //! sealpost-cli accept-key --with bob@example.com [--yes]
+//! sealpost-cli disappearing --with bob@example.com 1h | off
+//! sealpost-cli read-receipts on | off
 //! sealpost-cli link-code                      # on an existing device
 //! sealpost-cli link --server URL --handle alice@example.com --code CODE   # on the new one
 //! sealpost-cli devices
@@ -22,20 +26,38 @@
 //! ```
 //!
 //! The state directory is `--state-dir`, else `$SEALPOST_CLI_STATE`, else
-//! `$XDG_DATA_HOME/sealpost-cli` or `~/.local/share/sealpost-cli`. One process at a time may
-//! use it.
+//! `$XDG_DATA_HOME/sealpost-cli` or `~/.local/share/sealpost-cli`. One process at a time
+//! holds it; while `listen` or `daemon` does, the everyday commands (marked in `--help`) go
+//! through it over `daemon.sock` ([`daemon`]), the others say to stop it first.
+//!
+//! Errors are one line on standard error (`error: …`), in words, never a backtrace. Exit
+//! codes: 0 done, 1 the command failed, 2 it was used wrong.
+//!
+//! Modules: [`exec`] runs the everyday commands (here or in the daemon), [`daemon`] listens
+//! and serves them, [`output`] is what is printed, [`errors`] what failures say.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod daemon;
+mod errors;
+mod exec;
+mod output;
+
 use std::{
     io::{BufRead as _, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::ExitCode,
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sealpost_client::{Client, ClientError, Event, KeyChange, engine::GroupEvent, sdk::HoldReason};
+use sealpost_client::{Client, Event};
+
+use crate::{
+    errors::CliError,
+    exec::{Answer, Request, exec},
+    output::{Line, event_lines, print_all, progress_bar},
+};
 
 /// End-to-end encrypted messages through a Sealpost broker.
 #[derive(Parser)]
@@ -106,7 +128,10 @@ enum Command {
         /// The file.
         path: PathBuf,
     },
-    /// Print incoming messages as they arrive; received files are saved.
+    /// Print incoming messages as they arrive; received files are saved. While it runs, the
+    /// everyday commands (send, send-file, conversations, safety-number, verify, devices,
+    /// remove-device, group send, disappearing, read-receipts) of other sealpost-cli
+    /// processes go through it.
     Listen {
         /// Exit after this many messages (files count as messages).
         #[arg(long)]
@@ -117,6 +142,28 @@ enum Command {
         /// Where received files are saved (default: `files` in the state directory).
         #[arg(long)]
         files_dir: Option<PathBuf>,
+    },
+    /// Hold this device's state and serve the everyday commands of other sealpost-cli
+    /// processes over STATE_DIR/daemon.sock (JSON-RPC 2.0, one request per line), printing
+    /// what arrives as `listen` does. Runs until stopped (Ctrl-C, SIGTERM).
+    Daemon {
+        /// Where received files are saved (default: `files` in the state directory).
+        #[arg(long)]
+        files_dir: Option<PathBuf>,
+    },
+    /// Make messages with a contact disappear after a time (both sides, all devices), or stop.
+    Disappearing {
+        /// The contact.
+        #[arg(long)]
+        with: String,
+        /// `off`, or a time such as 30s, 5m, 1h, 1d, 1w (30 seconds to 4 weeks).
+        timer: String,
+    },
+    /// Send contacts read receipts (on) or not (off).
+    ReadReceipts {
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// List conversations (or show one).
     Conversations {
@@ -212,210 +259,144 @@ enum GroupCommand {
     },
 }
 
-fn default_state_dir() -> Result<PathBuf> {
+fn default_state_dir() -> Result<PathBuf, CliError> {
     if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(data).join("sealpost-cli"));
     }
-    let home = std::env::var_os("HOME").context("set --state-dir (no HOME to default to)")?;
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| CliError::msg("set --state-dir (no HOME to default to)"))?;
     Ok(PathBuf::from(home).join(".local/share/sealpost-cli"))
 }
 
-/// `YYYY-MM-DD HH:MM:SS` (UTC) for milliseconds since the Unix epoch.
-fn format_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = i64::try_from(days).unwrap_or(0) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-fn confirm(question: &str) -> Result<bool> {
-    print!("{question} [yes/no] ");
+/// Asks a yes/no question on the terminal; `y` and `yes` (any case) say yes.
+fn confirm(question: &str) -> Result<bool, CliError> {
+    print!("{question} [y/n] ");
     std::io::stdout().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(answer.trim().eq_ignore_ascii_case("yes"))
+    Ok(is_yes(&answer))
 }
 
-/// Explains errors the user can act on.
-/// First and longest wait before `listen` reconnects to a broker it lost.
-const RECONNECT_MIN: Duration = Duration::from_secs(1);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
-/// Whether an error means the broker cannot be reached for now (restarting, network down), as
-/// opposed to refusing this device or a fault in the local state.
-fn transient(error: &ClientError) -> bool {
-    use sealpost_client::{api::ApiError, conn::ConnError};
-    match error {
-        ClientError::Api(ApiError::Transport(_)) => true,
-        ClientError::Conn(ConnError::Transport(_) | ConnError::Timeout) => true,
-        // Closed for any reason but bad credentials, a revoked device or another connection
-        // of this device taking over (going away for a restart, idle timeout, ...).
-        ClientError::Conn(e @ ConnError::Closed { code, .. }) => {
-            !e.is_device_revoked() && !matches!(code, Some(4000 | 4001))
-        }
-        _ => false,
-    }
+fn is_yes(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
-fn explain(error: ClientError) -> anyhow::Error {
-    match &error {
-        ClientError::MasterKeyChanged { user, .. } => {
-            let user = user.clone();
-            anyhow::Error::new(error).context(format!(
-                "the master key of {user} changed: nothing is sent to them until you accept \
-                 the new one. See what changed with: sealpost-cli safety-number --with {user}"
-            ))
-        }
-        _ => error.into(),
-    }
-}
-
-/// What the user should know about a contact's changed master key, and what to do.
-fn print_key_change(with: &str, change: &KeyChange) {
-    println!("The master key of {with} changed, and you have not accepted the new one.");
-    println!("Until you do, nothing is sent to {with} and messages from them wait unread.");
-    println!();
-    println!(
-        "Safety number before the change{}:",
-        if change.was_verified {
-            " (the one you verified)"
-        } else {
-            ""
-        }
-    );
-    println!("  {}", change.old_safety_number);
-    println!("New safety number:");
-    println!("  {}", change.new_safety_number);
-    println!();
-    println!(
-        "This happens when {with} reinstalls Sealpost or resets their keys, but it is also\n\
-         what someone intercepting your messages would cause. Compare the NEW number with\n\
-         {with} in person or on a call (not by a message here). If it matches, run:"
-    );
-    println!("  sealpost-cli accept-key --with {with}");
-}
-
-/// What a send found: devices the broker has for `user` that its signed device list does not
-/// contain. Calm for the usual case (a device being linked), clear on what to do otherwise.
-fn unlisted_warning(user: &str, devices: &[u32], own_account: bool) -> String {
-    let ids = devices
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let one = devices.len() == 1;
-    let (a_device, it, it_got) = if one {
-        (format!("a device (device {ids})"), "it", "It got")
+/// The broker's URL from what the user typed: `https://` when no scheme is given, `http://`
+/// for this machine (`localhost`, `127.x.x.x`, `[::1]`), where a broker runs without TLS.
+fn server_url(raw: &str) -> Result<String, CliError> {
+    let raw = raw.trim();
+    let url = if raw.contains("://") {
+        raw.to_owned()
     } else {
-        (format!("devices ({ids})"), "them", "They got")
+        let host = raw.split([':', '/']).next().unwrap_or_default();
+        let local = host == "localhost" || host.starts_with("127.") || raw.starts_with("[::1]");
+        format!("{}://{raw}", if local { "http" } else { "https" })
     };
-    if own_account {
-        let remove = if one {
-            format!("sealpost-cli remove-device {ids}")
-        } else {
-            "sealpost-cli remove-device ID, for each".to_owned()
-        };
-        format!(
-            "! Your account has {a_device} that is not in its signed device list.\n  \
-             {it_got} no copy of your message. If you are linking a new device right now,\n  \
-             that is {it}: finish linking and all is well.\n  \
-             If you are not, someone may have added {it} with a stolen device token.\n  \
-             Remove {it} with: {remove}"
-        )
-    } else {
-        format!(
-            "! {user} has {a_device} that is not in their signed device list.\n  \
-             {it_got} only a random placeholder, not your message. Usually this means\n  \
-             {user} is linking a new device; once it is linked, it gets your next messages.\n  \
-             If they are not linking one, tell them: someone may have added {it} to their\n  \
-             account (`sealpost-cli devices` on their side shows {it} as NOT in the signed list)."
-        )
+    let url = url.trim_end_matches('/').to_owned();
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
+    if !ok {
+        return Err(CliError::msg(format!(
+            "--server {raw}: expected the broker's address, e.g. https://chat.example.com or \
+             127.0.0.1:8080"
+        )));
+    }
+    Ok(url)
+}
+
+/// `30s`, `5m`, `1h`, `1d`, `1w` (or plain seconds) → seconds; `off` → `None`.
+fn parse_timer(raw: &str) -> Result<Option<u64>, CliError> {
+    let raw = raw.trim().to_ascii_lowercase();
+    if raw == "off" {
+        return Ok(None);
+    }
+    let bad = || {
+        CliError::msg(format!(
+            "timer {raw:?}: expected off, or a time from 30s to 4w such as 30s, 5m, 1h, 1d, 1w"
+        ))
+    };
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(scale).ok_or_else(bad)?;
+    if !(30..=28 * 86_400).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Some(secs))
+}
+
+/// Runs an everyday command: through the daemon (or `listen`) that holds the state, if one
+/// runs, else here.
+async fn everyday(dir: &Path, request: Request) -> Result<Answer, CliError> {
+    if let Some(answer) = daemon::call(dir, &request).await {
+        return answer;
+    }
+    let mut client = Client::open(dir).await?;
+    exec(&mut client, request, true).await
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> Result<(), CliError> {
     let dir = match cli.state_dir {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
-    match cli.command {
+    let answer = match cli.command {
         Command::Register {
             server,
             handle,
             registration_token,
         } => {
+            let server = server_url(&server)?;
             let client = Client::register(&server, &handle, &dir, registration_token.as_deref())
                 .await
-                .with_context(|| format!("registering {handle}"))?;
+                .map_err(|e| CliError::from(e).context(&format!("{handle} was not registered")))?;
             println!(
                 "Registered {} (device {}). State: {}",
                 client.handle(),
                 client.device_id(),
                 dir.display()
             );
+            return Ok(());
         }
         Command::LinkCode {
             wait_secs,
             send_history,
-        } => {
-            let mut client = Client::open(&dir).await?;
-            let code = client.create_link_code().await?;
-            println!("Link code: {}", code.code.as_str());
-            println!(
-                "On the new device run: sealpost-cli link --server {} --handle {} --code {}",
-                client.server(),
-                client.handle(),
-                code.code.as_str()
-            );
-            println!("Waiting for the new device...");
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
-            loop {
-                let event = tokio::time::timeout_at(deadline, client.next_event())
-                    .await
-                    .context("no device was linked in time")??;
-                match event {
-                    Event::DeviceLinked { device } => {
-                        println!("Device {device} linked.");
-                        if send_history {
-                            let bar = progress_bar("Sending the history");
-                            let sent = client
-                                .send_history(device, |done, total| {
-                                    bar.set_length(total);
-                                    bar.set_position(done);
-                                })
-                                .await
-                                .map_err(|e| explain(e).context("the history was not sent"))?;
-                            bar.finish_and_clear();
-                            println!("History sent to device {device} ({sent} bytes).");
-                        }
-                        break;
-                    }
-                    other => print_event(&other),
-                }
-            }
-        }
+        } => return link_code(&dir, wait_secs, send_history).await,
         Command::Link {
             server,
             handle,
             code,
             wait_secs,
         } => {
+            let server = server_url(&server)?;
             println!(
                 "Waiting for an existing device to accept (it must be running `listen` or `link-code`)..."
             );
@@ -427,201 +408,102 @@ async fn main() -> Result<()> {
                 Duration::from_secs(wait_secs),
             )
             .await
-            .context("linking this device")?;
+            .map_err(|e| CliError::from(e).context("this device was not linked"))?;
             println!(
                 "Linked: this is device {} of {}.",
                 client.device_id(),
                 client.handle()
             );
+            return Ok(());
         }
         Command::Send { to, message } => {
-            let mut client = Client::open(&dir).await?;
-            client
-                .send_text(&to, &message.join(" "))
-                .await
-                .map_err(|e| explain(e).context("not sent"))?;
-            println!("Sent to {to}.");
-            for notice in client.take_notices() {
-                print_event(&notice);
-            }
-            // The transcript for this account's other devices goes a moment later, not in
-            // the same burst as the sealed send.
-            client.flush_transcripts().await.map_err(explain)?;
+            everyday(
+                &dir,
+                Request::Send {
+                    to,
+                    message: message.join(" "),
+                },
+            )
+            .await?
         }
         Command::SendFile { to, path } => {
-            let mut client = Client::open(&dir).await?;
-            let bar = progress_bar(&format!("Sending {}", path.display()));
-            client
-                .send_file(&to, &path, |done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                })
-                .await
-                .map_err(|e| explain(e).context("not sent"))?;
-            bar.finish_and_clear();
-            println!("Sent {} to {to}.", path.display());
-            client.flush_transcripts().await.map_err(explain)?;
+            // The daemon's working directory is not ours.
+            let path = std::path::absolute(&path)?;
+            everyday(&dir, Request::SendFile { to, path }).await?
         }
         Command::Listen {
             count,
             until_empty,
             files_dir,
         } => {
-            let files_dir = files_dir.unwrap_or_else(|| dir.join("files"));
-            let mut client = Client::open(&dir).await?;
-            let mut messages = 0;
-            let mut backoff = RECONNECT_MIN;
-            loop {
-                if count.is_some_and(|c| messages >= c) {
-                    break;
-                }
-                let event = match client.next_event().await {
-                    Ok(event) => {
-                        backoff = RECONNECT_MIN;
-                        event
-                    }
-                    // The broker is restarting or out of reach: keep listening. Reopen the
-                    // state, so that whatever the failed call had decrypted without saving
-                    // comes again from the broker (nothing is acknowledged before it is saved).
-                    Err(e) if transient(&e) => {
-                        eprintln!(
-                            "Connection to the broker lost ({e}); reconnecting in {} s.",
-                            backoff.as_secs()
-                        );
-                        drop(client);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(RECONNECT_MAX);
-                        client = Client::open(&dir).await?;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                match &event {
-                    Event::Message(_)
-                    | Event::Group(GroupEvent::Message { .. })
-                    | Event::File { .. } => messages += 1,
-                    Event::QueueEmpty if until_empty => break,
-                    _ => {}
-                }
-                print_event(&event);
-                if let Event::History { from_device, file } = &event {
-                    match client.import_history(file).await {
-                        Ok(n) => {
-                            println!("* history from device {from_device}: {n} messages added")
-                        }
-                        Err(e) => eprintln!(
-                            "! the history from device {from_device} was not imported: {e}"
-                        ),
-                    }
-                }
-                if let Event::File { from, file, .. } = &event {
-                    let bar = progress_bar(&format!("Receiving {}", file.name));
-                    let saved = client
-                        .save_file(file, &files_dir, |done, total| {
-                            bar.set_length(total);
-                            bar.set_position(done);
-                        })
-                        .await;
-                    bar.finish_and_clear();
-                    match saved {
-                        Ok(path) => println!("Saved {}'s file to {}.", from, path.display()),
-                        Err(e) => {
-                            eprintln!("The file {} from {from} was not saved: {e}", file.name)
-                        }
-                    }
-                }
-            }
+            let until = daemon::Until {
+                count,
+                empty: until_empty,
+                files_dir: files_dir.unwrap_or_else(|| dir.join("files")),
+            };
+            return daemon::listen(&dir, until).await;
         }
-        Command::Conversations { with } => {
-            let client = Client::open(&dir).await?;
-            let conversations = client.conversations();
-            match with {
-                Some(with) => {
-                    let Some(c) = conversations.iter().find(|c| c.with == with) else {
-                        bail!("no conversation with {with}");
-                    };
-                    for m in &c.messages {
-                        let who = if m.outgoing { client.handle() } else { &c.with };
-                        println!("[{}] {who}: {}", format_time(m.time_ms), m.text);
-                    }
-                }
-                None if conversations.is_empty() => println!("No conversations yet."),
-                None => {
-                    for c in &conversations {
-                        let last = c.messages.last();
-                        println!(
-                            "{}{}  {} messages, last {}",
-                            c.with,
-                            if c.key_changed {
-                                " (master key changed, not accepted: see safety-number)"
-                            } else if c.verified {
-                                " (verified)"
-                            } else {
-                                ""
-                            },
-                            c.messages.len(),
-                            last.map_or_else(String::new, |m| format_time(m.time_ms))
-                        );
-                    }
-                }
-            }
+        Command::Daemon { files_dir } => {
+            let until = daemon::Until {
+                count: None,
+                empty: false,
+                files_dir: files_dir.unwrap_or_else(|| dir.join("files")),
+            };
+            return daemon::listen(&dir, until).await;
         }
-        Command::SafetyNumber { with } => {
-            let mut client = Client::open(&dir).await?;
-            let number = client.safety_number(&with).await;
-            // A changed master key seen (now or by an earlier command) and not accepted.
-            if let Some(change) = client.key_change(&with) {
-                print_key_change(&with, &change);
+        Command::Conversations { with } => everyday(&dir, Request::Conversations { with }).await?,
+        Command::SafetyNumber { with } => everyday(&dir, Request::SafetyNumber { with }).await?,
+        Command::Verify { with, yes } => {
+            let number = everyday(&dir, Request::SafetyNumber { with: with.clone() }).await?;
+            print_all(&number.lines);
+            if number
+                .lines
+                .iter()
+                .any(|l| matches!(l, Line::Out(t) if t.contains("changed")))
+            {
+                return Err(CliError::msg(format!(
+                    "not verified: accept the new master key of {with} first (accept-key)"
+                )));
+            }
+            if number.verified {
                 return Ok(());
             }
-            let number = number.map_err(explain)?;
-            println!("Safety number with {with}:\n{number}");
-            if client.is_verified(&with) {
-                println!("(verified)");
-            }
-        }
-        Command::Verify { with, yes } => {
-            let mut client = Client::open(&dir).await?;
-            let number = client.safety_number(&with).await.map_err(explain)?;
-            println!("Safety number with {with}:\n{number}");
             if !yes && !confirm("Does it match the number on their device?")? {
-                bail!("not verified");
+                return Err(CliError::msg("not verified"));
             }
-            client.mark_verified(&with).await?;
-            println!("{with} is verified.");
+            everyday(&dir, Request::Verify { with }).await?
         }
         Command::AcceptKey { with, yes } => {
             let mut client = Client::open(&dir).await?;
             let (key, number) = client.fetch_master_key(&with).await?;
             println!("New safety number with {with}:\n{number}");
             if !yes && !confirm("Does it match the number on their device?")? {
-                bail!("not accepted");
+                return Err(CliError::msg("not accepted"));
             }
             client.accept_master_key_change(&with, &key).await?;
             println!("Accepted the new master key of {with}.");
+            return Ok(());
         }
-        Command::Devices => {
-            let mut client = Client::open(&dir).await?;
-            for d in client.devices().await? {
-                println!(
-                    "device {}{}{}  {}",
-                    d.device,
-                    if d.this_device { " (this device)" } else { "" },
-                    if d.signed {
-                        ""
-                    } else {
-                        " (NOT in the signed list)"
-                    },
-                    d.fingerprint
-                );
-            }
+        Command::Disappearing { with, timer } => {
+            let secs = parse_timer(&timer)?;
+            everyday(&dir, Request::Disappearing { with, secs }).await?
         }
-        Command::RemoveDevice { id } => {
-            let mut client = Client::open(&dir).await?;
-            client.remove_device(id).await?;
-            println!("Device {id} removed.");
+        Command::ReadReceipts { state } => {
+            everyday(&dir, Request::ReadReceipts { on: state == "on" }).await?
         }
-        Command::Group(command) => group(&dir, command).await?,
+        Command::Devices => everyday(&dir, Request::Devices).await?,
+        Command::RemoveDevice { id } => everyday(&dir, Request::RemoveDevice { id }).await?,
+        Command::Group(GroupCommand::Send { group, message }) => {
+            everyday(
+                &dir,
+                Request::GroupSend {
+                    group,
+                    message: message.join(" "),
+                },
+            )
+            .await?
+        }
+        Command::Group(command) => return group(&dir, command).await,
         Command::RotateMasterKey { yes } => {
             let mut client = Client::open(&dir).await?;
             if !yes
@@ -630,7 +512,7 @@ async fn main() -> Result<()> {
                      you again. Replace the master key?",
                 )?
             {
-                bail!("not replaced");
+                return Err(CliError::msg("not replaced"));
             }
             client.rotate_master_key().await?;
             println!(
@@ -638,13 +520,54 @@ async fn main() -> Result<()> {
                  contacts.",
                 client.handle()
             );
+            return Ok(());
         }
-    }
+    };
+    print_all(&answer.lines);
     Ok(())
 }
 
+/// `link-code`: shows a code and waits until the new device is linked.
+async fn link_code(dir: &Path, wait_secs: u64, send_history: bool) -> Result<(), CliError> {
+    let mut client = Client::open(dir).await?;
+    let code = client.create_link_code().await?;
+    println!("Link code: {}", code.code.as_str());
+    println!(
+        "On the new device run: sealpost-cli link --server {} --handle {} --code {}",
+        client.server(),
+        client.handle(),
+        code.code.as_str()
+    );
+    println!("Waiting for the new device...");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+    loop {
+        let event = tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .map_err(|_| CliError::msg("no device was linked in time"))??;
+        match event {
+            Event::DeviceLinked { device } => {
+                println!("Device {device} linked.");
+                if send_history {
+                    let bar = progress_bar("Sending the history");
+                    let sent = client
+                        .send_history(device, |done, total| {
+                            bar.set_length(total);
+                            bar.set_position(done);
+                        })
+                        .await
+                        .map_err(|e| CliError::from(e).context("the history was not sent"))?;
+                    bar.finish_and_clear();
+                    println!("History sent to device {device} ({sent} bytes).");
+                }
+                return Ok(());
+            }
+            other => print_all(&event_lines(&other)),
+        }
+    }
+}
+
 /// Runs a `group` subcommand.
-async fn group(dir: &std::path::Path, command: GroupCommand) -> Result<()> {
+async fn group(dir: &Path, command: GroupCommand) -> Result<(), CliError> {
     let mut client = Client::open(dir).await?;
     match command {
         GroupCommand::Create { name, members } => {
@@ -652,7 +575,7 @@ async fn group(dir: &std::path::Path, command: GroupCommand) -> Result<()> {
             let id = client
                 .create_group(&name, &members)
                 .await
-                .map_err(|e| explain(e).context("the group was not created"))?;
+                .map_err(|e| CliError::from(e).context("the group was not created"))?;
             println!("Created group {id} \"{name}\".");
         }
         GroupCommand::Add { group, members } => {
@@ -660,30 +583,24 @@ async fn group(dir: &std::path::Path, command: GroupCommand) -> Result<()> {
             client
                 .add_to_group(&group, &members)
                 .await
-                .map_err(|e| explain(e).context("nobody was added"))?;
+                .map_err(|e| CliError::from(e).context("nobody was added"))?;
             println!("Added {} to group {group}.", members.join(", "));
         }
         GroupCommand::Remove { group, member } => {
             client
                 .remove_from_group(&group, &member)
                 .await
-                .map_err(|e| explain(e).context("nobody was removed"))?;
+                .map_err(|e| CliError::from(e).context("nobody was removed"))?;
             println!("Removed {member} from group {group}.");
         }
         GroupCommand::Leave { group } => {
             client
                 .leave_group(&group)
                 .await
-                .map_err(|e| explain(e).context("could not leave"))?;
+                .map_err(|e| CliError::from(e).context("could not leave"))?;
             println!("Asked to leave group {group}; a member will remove you.");
         }
-        GroupCommand::Send { group, message } => {
-            client
-                .send_group_text(&group, &message.join(" "))
-                .await
-                .map_err(|e| explain(e).context("not sent"))?;
-            println!("Sent to group {group}.");
-        }
+        GroupCommand::Send { .. } => unreachable!("group send goes through everyday()"),
         GroupCommand::List { group: None } => {
             let groups = client.groups();
             if groups.is_empty() {
@@ -702,7 +619,7 @@ async fn group(dir: &std::path::Path, command: GroupCommand) -> Result<()> {
             }
         }
         GroupCommand::List { group: Some(id) } => {
-            let info = client.group_info(&id).await.map_err(explain)?;
+            let info = client.group_info(&id).await.map_err(CliError::from)?;
             println!(
                 "Group {} \"{}\" (hub {}, epoch {})",
                 info.id, info.name, info.hub, info.epoch
@@ -715,115 +632,15 @@ async fn group(dir: &std::path::Path, command: GroupCommand) -> Result<()> {
                 };
                 println!("  {user} device {device}: {mark}");
             }
-            for (from, device, time, text) in client.group_messages(&id).map_err(explain)? {
-                println!("[{}] {from} (device {device}): {text}", format_time(time));
+            for (from, device, time, text) in client.group_messages(&id).map_err(CliError::from)? {
+                println!(
+                    "[{}] {from} (device {device}): {text}",
+                    output::format_time(time)
+                );
             }
         }
     }
     Ok(())
-}
-
-fn print_group_event(event: &GroupEvent) {
-    match event {
-        GroupEvent::Message {
-            group,
-            from,
-            text,
-            sent_ms,
-            ..
-        } => println!("[{}] {from} in {group}: {text}", format_time(*sent_ms)),
-        GroupEvent::Joined { group, by } => println!("* {by} added you to group {group}"),
-        GroupEvent::Changed {
-            group,
-            by,
-            added,
-            removed,
-        } => {
-            let names = |v: &[(String, u32)]| {
-                v.iter()
-                    .map(|(u, d)| format!("{u} (device {d})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            if !added.is_empty() {
-                println!("* {by} added {} to group {group}", names(added));
-            }
-            if !removed.is_empty() {
-                println!("* {by} removed {} from group {group}", names(removed));
-            }
-        }
-        GroupEvent::Removed { group } => println!("* you were removed from group {group}"),
-        GroupEvent::Unverified {
-            group,
-            user,
-            device,
-        } => eprintln!(
-            "! in group {group}, {user}'s device {device} is not in {user}'s verified device \
-             list: do not trust it until it is"
-        ),
-        GroupEvent::LeaveRequested { group, user } => {
-            println!("* {user} is leaving group {group}");
-        }
-    }
-}
-
-/// A progress bar on standard error (hidden when it is not a terminal).
-fn progress_bar(what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message(what.to_owned());
-    bar
-}
-
-fn print_event(event: &Event) {
-    match event {
-        Event::Message(m) => println!("[{}] {}: {}", format_time(m.sent_ms), m.from, m.text),
-        Event::File {
-            from,
-            file,
-            sent_ms,
-            ..
-        } => println!(
-            "[{}] {from} sent a file: {} ({} bytes, {})",
-            format_time(*sent_ms),
-            file.name,
-            file.plain_size().unwrap_or(file.size),
-            file.media_type
-        ),
-        Event::SentElsewhere {
-            to,
-            device,
-            text,
-            sent_ms,
-        } => println!(
-            "[{}] (you, device {device}) -> {to}: {text}",
-            format_time(*sent_ms)
-        ),
-        Event::DeviceLinked { device } => println!("* device {device} was linked"),
-        Event::Linked => println!("* this device is linked"),
-        Event::Rejected { error, .. } => eprintln!("! rejected an envelope: {error}"),
-        Event::Held { user, why, .. } => match why {
-            HoldReason::KeyChanged => eprintln!(
-                "! a message from {user} waits: their master key changed; compare safety \
-                 numbers, then accept the new key (accept-key)"
-            ),
-            _ => eprintln!("! a message from {user} waits: it cannot be verified now; kept"),
-        },
-        Event::MailboxFull => eprintln!("! your mailbox is full; keep listening to drain it"),
-        Event::UnlistedDevices {
-            user,
-            devices,
-            own_account,
-        } => eprintln!("{}", unlisted_warning(user, devices, *own_account)),
-        Event::Group(g) => print_group_event(g),
-        Event::QueueEmpty => {}
-        _ => {}
-    }
 }
 
 #[cfg(test)]
@@ -835,30 +652,6 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn unlisted_devices_are_explained_with_what_to_do() {
-        let own = unlisted_warning("a@x.y", &[3], true);
-        assert!(
-            own.contains("Your account has a device (device 3)"),
-            "{own}"
-        );
-        assert!(own.contains("finish linking"), "{own}");
-        assert!(own.contains("sealpost-cli remove-device 3"), "{own}");
-        let contact = unlisted_warning("b@x.y", &[2, 5], false);
-        assert!(contact.contains("b@x.y has devices (2, 5)"), "{contact}");
-        assert!(
-            contact.contains("They got only a random placeholder"),
-            "{contact}"
-        );
-    }
-
-    #[test]
-    fn formats_time() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00");
-        assert_eq!(format_time(1_700_000_000_000), "2023-11-14 22:13:20");
-        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
     }
 
     #[test]
@@ -883,5 +676,48 @@ mod tests {
         let cli = Cli::try_parse_from(["sealpost-cli", "send", "--to", "b@x.y", "hello", "there"])
             .unwrap();
         assert!(matches!(cli.command, Command::Send { ref message, .. } if message.len() == 2));
+    }
+
+    #[test]
+    fn servers_without_a_scheme_get_one() {
+        assert_eq!(
+            server_url("127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            server_url("localhost:8080/").unwrap(),
+            "http://localhost:8080"
+        );
+        assert_eq!(
+            server_url("chat.example.com").unwrap(),
+            "https://chat.example.com"
+        );
+        assert_eq!(
+            server_url("https://chat.example.com").unwrap(),
+            "https://chat.example.com"
+        );
+        assert!(server_url("ftp://x").is_err());
+        assert!(server_url("https://").is_err());
+    }
+
+    #[test]
+    fn yes_is_y_or_yes() {
+        for yes in ["y", "Y", "yes", " YES\n"] {
+            assert!(is_yes(yes), "{yes:?}");
+        }
+        for no in ["n", "no", "", "yep"] {
+            assert!(!is_yes(no), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn timers() {
+        assert_eq!(parse_timer("off").unwrap(), None);
+        assert_eq!(parse_timer("1h").unwrap(), Some(3600));
+        assert_eq!(parse_timer("30s").unwrap(), Some(30));
+        assert_eq!(parse_timer("4w").unwrap(), Some(28 * 86_400));
+        assert!(parse_timer("5s").is_err());
+        assert!(parse_timer("5w").is_err());
+        assert!(parse_timer("1y").is_err());
     }
 }

@@ -1,0 +1,289 @@
+//! The commands that work while this device listens: each is a [`Request`], run by [`exec`]
+//! on the open client, here (no daemon) or in the daemon that holds the state (then the
+//! request travels as JSON-RPC over the state directory's socket). Either way the answer is
+//! the same lines.
+
+use std::path::PathBuf;
+
+use sealpost_client::Client;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    errors::CliError,
+    output::{Line, event_lines, format_duration, format_time, key_change_lines, progress_bar},
+};
+
+/// A command for the device's client. Serialized as a JSON-RPC `method` and its `params`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params", rename_all = "snake_case")]
+pub(crate) enum Request {
+    /// Send a text.
+    Send {
+        /// The recipient.
+        to: String,
+        /// The text.
+        message: String,
+    },
+    /// Send a file.
+    SendFile {
+        /// The recipient.
+        to: String,
+        /// The file (absolute: the daemon's working directory is not the caller's).
+        path: PathBuf,
+    },
+    /// List conversations, or show one.
+    Conversations {
+        /// The contact whose conversation to show.
+        with: Option<String>,
+    },
+    /// The safety number with a contact.
+    SafetyNumber {
+        /// The contact.
+        with: String,
+    },
+    /// Mark a contact verified (after the caller compared numbers).
+    Verify {
+        /// The contact.
+        with: String,
+    },
+    /// List this account's devices.
+    Devices,
+    /// Remove another device of this account.
+    RemoveDevice {
+        /// The device.
+        id: u32,
+    },
+    /// Send a text to a group.
+    GroupSend {
+        /// The group.
+        group: String,
+        /// The text.
+        message: String,
+    },
+    /// Set (or turn off) disappearing messages with a contact.
+    Disappearing {
+        /// The contact.
+        with: String,
+        /// Seconds; `None`: off.
+        secs: Option<u64>,
+    },
+    /// Turn read receipts on or off for this device.
+    ReadReceipts {
+        /// On.
+        on: bool,
+    },
+    /// Mark the conversation with a contact read (sends a read receipt if they are on).
+    MarkRead {
+        /// The contact.
+        with: String,
+    },
+}
+
+/// What a request answers: lines to print, and whether the contact is verified (for
+/// `safety_number`, so that `verify` knows).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Answer {
+    /// What to print.
+    pub(crate) lines: Vec<Line>,
+    /// For `safety_number`: the contact is verified already.
+    #[serde(default)]
+    pub(crate) verified: bool,
+}
+
+impl Answer {
+    fn out(mut self, text: impl Into<String>) -> Self {
+        self.lines.push(Line::Out(text.into()));
+        self
+    }
+}
+
+/// Runs `request` on `client`. `progress`: show a progress bar for files (not in the daemon).
+pub(crate) async fn exec(
+    client: &mut Client,
+    request: Request,
+    progress: bool,
+) -> Result<Answer, CliError> {
+    let answer = Answer::default();
+    Ok(match request {
+        Request::Send { to, message } => {
+            // A removed device is refused here, with words, rather than "sent" and then
+            // rejected by every recipient.
+            client.connect().await?;
+            client
+                .send_text(&to, &message)
+                .await
+                .map_err(|e| CliError::from(e).context("not sent"))?;
+            let mut answer = answer.out(format!("Sent to {to}."));
+            for notice in client.take_notices() {
+                answer.lines.extend(event_lines(&notice));
+            }
+            // The transcript for this account's other devices goes a moment later, not in
+            // the same burst as the sealed send.
+            client.flush_transcripts().await?;
+            answer
+        }
+        Request::SendFile { to, path } => {
+            client.connect().await?;
+            let bar = progress.then(|| progress_bar(&format!("Sending {}", path.display())));
+            client
+                .send_file(&to, &path, |done, total| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    }
+                })
+                .await
+                .map_err(|e| CliError::from(e).context("not sent"))?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            client.flush_transcripts().await?;
+            answer.out(format!("Sent {} to {to}.", path.display()))
+        }
+        Request::Conversations { with } => conversations(client, with.as_deref(), answer)?,
+        Request::SafetyNumber { with } => {
+            let number = client.safety_number(&with).await;
+            // A changed master key seen (now or by an earlier command) and not accepted.
+            if let Some(change) = client.key_change(&with) {
+                return Ok(Answer {
+                    lines: key_change_lines(&with, &change),
+                    verified: false,
+                });
+            }
+            let number = number?;
+            let verified = client.is_verified(&with);
+            let mut answer = answer.out(format!("Safety number with {with}:\n{number}"));
+            if verified {
+                answer = answer.out("(verified)");
+            }
+            answer.verified = verified;
+            answer
+        }
+        Request::Verify { with } => {
+            client.mark_verified(&with).await?;
+            answer.out(format!("{with} is verified."))
+        }
+        Request::Devices => {
+            let mut answer = answer;
+            for d in client.devices().await? {
+                answer = answer.out(format!(
+                    "device {}{}{}  {}",
+                    d.device,
+                    if d.this_device { " (this device)" } else { "" },
+                    if d.signed {
+                        ""
+                    } else {
+                        " (NOT in the signed list)"
+                    },
+                    d.fingerprint
+                ));
+            }
+            answer
+        }
+        Request::RemoveDevice { id } => {
+            let devices = client.devices().await?;
+            match devices.iter().find(|d| d.device == id) {
+                None => {
+                    return Err(CliError::msg(format!(
+                        "there is no device {id} in your account (see: sealpost-cli devices)"
+                    )));
+                }
+                Some(d) if d.this_device => {
+                    return Err(CliError::msg(format!(
+                        "device {id} is this device; remove it from another of your devices"
+                    )));
+                }
+                Some(_) => {}
+            }
+            client.remove_device(id).await?;
+            answer.out(format!("Device {id} removed."))
+        }
+        Request::GroupSend { group, message } => {
+            client
+                .send_group_text(&group, &message)
+                .await
+                .map_err(|e| CliError::from(e).context("not sent"))?;
+            answer.out(format!("Sent to group {group}."))
+        }
+        Request::Disappearing { with, secs } => {
+            let timer = secs.map(std::time::Duration::from_secs);
+            client
+                .set_disappearing(&with, timer)
+                .await
+                .map_err(|e| CliError::from(e).context("the timer was not set"))?;
+            answer.out(match secs {
+                Some(s) => format!(
+                    "Messages with {with} now disappear after {}.",
+                    format_duration(s)
+                ),
+                None => format!("Disappearing messages with {with} are off."),
+            })
+        }
+        Request::ReadReceipts { on } => {
+            client.set_read_receipts(on)?;
+            answer.out(if on {
+                "Read receipts are on: contacts see when you have read their messages."
+            } else {
+                "Read receipts are off: contacts do not see when you have read their messages."
+            })
+        }
+        Request::MarkRead { with } => {
+            let read = client.mark_read(&with).await?;
+            answer.out(format!(
+                "Marked {} message{} from {with} read.",
+                read.len(),
+                if read.len() == 1 { "" } else { "s" }
+            ))
+        }
+    })
+}
+
+fn conversations(
+    client: &Client,
+    with: Option<&str>,
+    mut answer: Answer,
+) -> Result<Answer, CliError> {
+    let conversations = client.conversations();
+    match with {
+        Some(with) => {
+            let Some(c) = conversations.iter().find(|c| c.with == with) else {
+                return Err(CliError::msg(format!("no conversation with {with}")));
+            };
+            if let Some(secs) = c.disappearing_secs {
+                answer = answer.out(format!(
+                    "(messages disappear after {})",
+                    format_duration(u64::from(secs))
+                ));
+            }
+            for m in &c.messages {
+                let who = if m.outgoing { client.handle() } else { &c.with };
+                answer = answer.out(format!("[{}] {who}: {}", format_time(m.time_ms), m.text));
+            }
+        }
+        None if conversations.is_empty() => answer = answer.out("No conversations yet."),
+        None => {
+            for c in &conversations {
+                let last = c.messages.last();
+                answer = answer.out(format!(
+                    "{}{}  {} messages{}, last {}",
+                    c.with,
+                    if c.key_changed {
+                        " (master key changed, not accepted: see safety-number)"
+                    } else if c.verified {
+                        " (verified)"
+                    } else {
+                        ""
+                    },
+                    c.messages.len(),
+                    if c.unread > 0 {
+                        format!(" ({} unread)", c.unread)
+                    } else {
+                        String::new()
+                    },
+                    last.map_or_else(String::new, |m| format_time(m.time_ms))
+                ));
+            }
+        }
+    }
+    Ok(answer)
+}
