@@ -416,7 +416,11 @@ impl Engine {
                 // conversation it names.
                 let peer = match (own, with) {
                     (false, None) => sender.user.clone(),
-                    (true, Some(peer)) if peer != sender.user => peer,
+                    (true, Some(peer))
+                        if peer != sender.user && super::check_handle(&peer).is_ok() =>
+                    {
+                        peer
+                    }
                     _ => return Err(unexpected("disappearing timer for no conversation")),
                 };
                 if super::disappearing::check_timer(secs).is_err() {
