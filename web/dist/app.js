@@ -1513,13 +1513,13 @@ function renderSafety() {
 // sending: not yet on the server; sent: the server has it; delivered: on one of their
 // devices; read: they opened it (only if both sides send read receipts).
 const STATE_MARKS = {
-  sending: ['○', 'Sending'],
-  sent: ['✓', 'Sent (on the server)'],
-  delivered: ['✓✓', 'Delivered to their device'],
-  read: ['✓✓', 'Read'],
+  sending: ['○', 'Sending', 'Sending…'],
+  sent: ['✓', 'Sent (on the server)', 'Sent'],
+  delivered: ['✓✓', 'Delivered to their device', 'Delivered'],
+  read: ['✓✓', 'Read', 'Read'],
 };
 
-function bubble(li, { text, file, time, sender, state }) {
+function bubble(li, { text, file, time, sender, state, word }) {
   const box = document.createElement('div');
   box.className = 'bubble';
   if (sender) {
@@ -1542,7 +1542,14 @@ function bubble(li, { text, file, time, sender, state }) {
   when.textContent = clock(time);
   meta.appendChild(when);
   if (state && STATE_MARKS[state]) {
-    const [mark, label] = STATE_MARKS[state];
+    const [mark, label, short] = STATE_MARKS[state];
+    if (word) {
+      // The newest own message says its state in a word too.
+      const w = document.createElement('span');
+      w.className = 'state-word';
+      w.textContent = short;
+      meta.appendChild(w);
+    }
     const s = document.createElement('span');
     s.className = `state ${state}`;
     s.textContent = mark;
@@ -1580,6 +1587,7 @@ function renderMessages() {
   const entries = (conv ? conv.messages : []).map((m) => ({ t: m.time_ms, m }));
   for (const c of ui.calls[current] || []) entries.push({ t: c.time_ms, call: c });
   entries.sort((a, b) => a.t - b.t);
+  const lastOwn = entries.filter((e) => e.m && e.m.outgoing && (e.m.timer_secs === undefined || e.m.timer_secs === null)).at(-1);
   let lastDay = null;
   for (const e of entries) {
     lastDay = dayLine(list, e.t, lastDay);
@@ -1598,6 +1606,7 @@ function renderMessages() {
     bubble(li, {
       text: m.text, file: m.file, time: m.time_ms,
       state: m.outgoing ? (m.state || 'sent') : null,
+      word: e === lastOwn,
     });
     list.appendChild(li);
   }
