@@ -400,3 +400,50 @@ async fn bad_subscriptions_are_refused_in_words() {
     body["keys"]["p256dh"] = "AAAA".into();
     assert_eq!(subscribe(&broker, &bob, body).await, 400);
 }
+
+#[tokio::test]
+async fn a_client_registers_a_unifiedpush_endpoint_with_the_sdk_and_is_woken() {
+    let (service, base) = PushService::start().await;
+    let broker = start_broker("1");
+    let alice = common::sdk::register(&broker, "alice@test.example").await;
+    let mut bob = common::sdk::register(&broker, "bob@test.example").await;
+    let key = bob.client.push_key().await.expect("push key");
+    assert_eq!(key.as_deref(), Some(vapid_key(&broker).await.as_str()));
+    let sub = Subscriber::new("/up/bob");
+    let json = sub.json(&base);
+    bob.client
+        .register_push(
+            json["endpoint"].as_str().expect("endpoint"),
+            json["keys"]["p256dh"].as_str().expect("p256dh"),
+            json["keys"]["auth"].as_str().expect("auth"),
+            sealpost_client::sdk::PushService::UnifiedPush,
+        )
+        .await
+        .expect("registered");
+    // Bob's client is not connected: Alice's message wakes it.
+    let mut alice = alice;
+    alice
+        .client
+        .send_text("bob@test.example", "wake up")
+        .await
+        .expect("send");
+    let got = service.wait_for(&sub.path, 1).await;
+    sub.check(
+        &got[0],
+        key.as_deref().expect("key"),
+        &base,
+        &["alice", "wake up"],
+    );
+
+    // Unregistered: the next one wakes nobody.
+    bob.client.unregister_push().await.expect("unregistered");
+    alice
+        .client
+        .send_text("bob@test.example", "again")
+        .await
+        .expect("send");
+    broker
+        .wait_metric_labeled("sealpost_push_total", "result=\"no_subscription\"", 1.0)
+        .await;
+    assert_eq!(service.received(&sub.path).len(), 1);
+}

@@ -371,6 +371,42 @@ impl Api {
         Ok(())
     }
 
+    /// `GET /v1/push/vapid`: the broker's VAPID public key (base64url), the
+    /// `applicationServerKey` of a subscription; `None` when the broker does not push.
+    pub async fn push_key(&self) -> Result<Option<String>, ApiError> {
+        const WHAT: &str = "fetching the push key";
+        let resp = self.request(Method::GET, "/v1/push/vapid").send().await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let v: Value = Self::json(Self::check(resp, WHAT).await?, WHAT).await?;
+        v["public_key"]
+            .as_str()
+            .map(|k| Some(k.to_owned()))
+            .ok_or(ApiError::BadAnswer(WHAT))
+    }
+
+    /// `PUT .../devices/{id}/push` (`Some`: a subscription as `PushSubscription.toJSON()`
+    /// gives it, plus `kind`) or `DELETE` (`None`).
+    pub async fn set_push(
+        &self,
+        creds: &DeviceCreds,
+        subscription: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        let path = format!(
+            "/v1/accounts/{}/devices/{}/push",
+            creds.handle, creds.device
+        );
+        let resp = match subscription {
+            Some(body) => self.authed(Method::PUT, &path, creds).json(body),
+            None => self.authed(Method::DELETE, &path, creds),
+        }
+        .send()
+        .await?;
+        Self::check(resp, "registering for push wake-ups").await?;
+        Ok(())
+    }
+
     /// `PUT .../keys`: uploads one-time keys (and a fallback key); returns how many one-time
     /// keys the device now holds.
     pub async fn upload_keys(

@@ -56,6 +56,7 @@ mod devices;
 mod files;
 mod groups;
 mod link;
+mod push;
 mod receive;
 mod send;
 
@@ -68,6 +69,7 @@ use std::{
 
 use sealpost_proto::ServerFrame;
 
+pub use self::push::PushService;
 use crate::{
     api::{Api, DeviceCreds},
     conn::Connection,

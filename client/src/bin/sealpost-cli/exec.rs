@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use sealpost_client::Client;
+use sealpost_client::{Client, sdk::PushService};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -72,11 +72,31 @@ pub(crate) enum Request {
         /// On.
         on: bool,
     },
+    /// Register (`Some`) or stop (`None`) push wake-ups for this device.
+    Push {
+        /// The subscription.
+        subscription: Option<PushParams>,
+    },
+    /// The broker's push (VAPID) key.
+    PushKey,
     /// Mark the conversation with a contact read (sends a read receipt if they are on).
     MarkRead {
         /// The contact.
         with: String,
     },
+}
+
+/// A push subscription as the user gives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PushParams {
+    /// The endpoint URL.
+    pub(crate) endpoint: String,
+    /// The P-256 key wake-ups are encrypted to, base64url.
+    pub(crate) p256dh: String,
+    /// The authentication secret, base64url.
+    pub(crate) auth: String,
+    /// A browser's push service rather than UnifiedPush.
+    pub(crate) webpush: bool,
 }
 
 /// What a request answers: lines to print, and whether the contact is verified (for
@@ -227,6 +247,30 @@ pub(crate) async fn exec(
                 "Read receipts are off: contacts do not see when you have read their messages."
             })
         }
+        Request::Push { subscription } => {
+            match subscription {
+                Some(p) => {
+                    let service = if p.webpush {
+                        PushService::WebPush
+                    } else {
+                        PushService::UnifiedPush
+                    };
+                    client
+                        .register_push(&p.endpoint, &p.p256dh, &p.auth, service)
+                        .await
+                        .map_err(|e| CliError::from(e).context("not registered"))?;
+                    answer.out("Registered: this device is woken when a message arrives while it is offline.")
+                }
+                None => {
+                    client.unregister_push().await?;
+                    answer.out("Push wake-ups for this device are off.")
+                }
+            }
+        }
+        Request::PushKey => match client.push_key().await? {
+            Some(key) => answer.out(key),
+            None => return Err(CliError::msg("this broker sends no push wake-ups")),
+        },
         Request::MarkRead { with } => {
             let read = client.mark_read(&with).await?;
             answer.out(format!(

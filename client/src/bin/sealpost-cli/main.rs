@@ -165,6 +165,28 @@ enum Command {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Register this device for push wake-ups (an endpoint from a UnifiedPush distributor,
+    /// with the keys it encrypts to), or stop them. A wake-up says only "you have mail".
+    Push {
+        /// The endpoint URL the distributor gave.
+        #[arg(long, required_unless_present_any = ["off", "show_key"], requires_all = ["p256dh", "auth"])]
+        endpoint: Option<String>,
+        /// The P-256 public key wake-ups are encrypted to (uncompressed, base64url).
+        #[arg(long)]
+        p256dh: Option<String>,
+        /// The 16-byte authentication secret (base64url).
+        #[arg(long)]
+        auth: Option<String>,
+        /// The endpoint is a browser's push service, not UnifiedPush.
+        #[arg(long)]
+        webpush: bool,
+        /// Stop wake-ups for this device.
+        #[arg(long, conflicts_with = "endpoint")]
+        off: bool,
+        /// Print the broker's push (VAPID) key, for distributors that ask for it.
+        #[arg(long, conflicts_with_all = ["endpoint", "off"])]
+        show_key: bool,
+    },
     /// List conversations (or show one).
     Conversations {
         /// Show the whole conversation with this contact.
@@ -490,6 +512,28 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::ReadReceipts { state } => {
             everyday(&dir, Request::ReadReceipts { on: state == "on" }).await?
+        }
+        Command::Push {
+            endpoint,
+            p256dh,
+            auth,
+            webpush,
+            off: _,
+            show_key,
+        } => {
+            let request = if show_key {
+                Request::PushKey
+            } else {
+                Request::Push {
+                    subscription: endpoint.map(|endpoint| exec::PushParams {
+                        endpoint,
+                        p256dh: p256dh.unwrap_or_default(),
+                        auth: auth.unwrap_or_default(),
+                        webpush,
+                    }),
+                }
+            };
+            everyday(&dir, request).await?
         }
         Command::Devices => everyday(&dir, Request::Devices).await?,
         Command::RemoveDevice { id } => everyday(&dir, Request::RemoveDevice { id }).await?,
