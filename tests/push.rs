@@ -405,8 +405,8 @@ async fn bad_subscriptions_are_refused_in_words() {
 async fn a_client_registers_a_unifiedpush_endpoint_with_the_sdk_and_is_woken() {
     let (service, base) = PushService::start().await;
     let broker = start_broker("1");
-    let alice = common::sdk::register(&broker, "alice@test.example").await;
-    let mut bob = common::sdk::register(&broker, "bob@test.example").await;
+    let mut alice = common::sdk::register(&broker, "alice@test.example").await;
+    let bob = common::sdk::register(&broker, "bob@test.example").await;
     let key = bob.client.push_key().await.expect("push key");
     assert_eq!(key.as_deref(), Some(vapid_key(&broker).await.as_str()));
     let sub = Subscriber::new("/up/bob");
@@ -421,7 +421,7 @@ async fn a_client_registers_a_unifiedpush_endpoint_with_the_sdk_and_is_woken() {
         .await
         .expect("registered");
     // Bob's client is not connected: Alice's message wakes it.
-    let mut alice = alice;
+
     alice
         .client
         .send_text("bob@test.example", "wake up")
