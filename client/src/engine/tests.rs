@@ -1176,3 +1176,48 @@ fn a_disappearing_timer_set_on_one_device_is_honoured_by_the_peer_and_the_other_
     let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("kept"));
     assert_eq!(delivery_of(&frame).1, send::MESSAGE_TTL_SECS);
 }
+
+#[test]
+fn a_payload_kind_this_build_does_not_know_is_rejected_and_the_session_goes_on() {
+    // What an older client meets when a newer one sends a receipt, typing or a timer.
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("before"));
+    broker.deliver(&frame, &mut bob).expect("new");
+    let keys = alice.listed_keys(BOB, 1).expect("bob's keys");
+    let olm = alice
+        .state
+        .sessions
+        .encrypt_encoded(BOB, 1, vec![1, 0x7f, 0xff, 0x90])
+        .expect("encrypts");
+    let me = SenderInfo {
+        user: ALICE.into(),
+        device: 1,
+    };
+    let sealed = seal(BOB, 1, &keys.seal_x25519, &me, NOW, &olm).expect("seals");
+    let events = broker
+        .read(&mut bob, EnvelopeId([6; 16]), &sealed)
+        .expect("new");
+    assert!(
+        matches!(
+            &events[..],
+            [Event::Rejected {
+                error: crate::error::EnvelopeError::Session {
+                    error: SessionError::Payload(crate::crypto::PayloadError::UnknownKind(0x7fff)),
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    let (_, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("after"));
+    assert_eq!(
+        text_of(&broker.deliver(&frame, &mut bob).expect("new")),
+        [(ALICE.to_owned(), "after".to_owned())]
+    );
+    assert_eq!(
+        bob.conversations()[0].messages.len(),
+        2,
+        "nothing stored of it"
+    );
+}
