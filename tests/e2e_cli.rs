@@ -419,8 +419,10 @@ fn the_cli_says_what_went_wrong_in_one_line_and_serves_commands_while_listening(
     }
 
     // `listen --until-empty` with nothing waiting says so.
-    let out = ok(b, &["listen", "--until-empty"]);
-    assert!(out.is_empty(), "{out}");
+    let out = run(b, &["listen", "--until-empty"]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(stderr_of(&out).contains("No new messages."), "{}", stderr_of(&out));
 
     // Bob listens; meanwhile his other commands go through the listener.
     let mut listener = Command::new(cli())
