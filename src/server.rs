@@ -184,6 +184,13 @@ async fn pod_upkeep(store: NatsStore, federation: Arc<Federation>) {
     }
 }
 
+/// Mailboxes wake devices through the pusher (neither layer knows the other).
+impl crate::mailbox::Wakeups for Pusher {
+    fn wake(&self, user: &str, device: u32, urgent: bool) {
+        Pusher::wake(self, user, device, urgent);
+    }
+}
+
 /// What derives the VAPID signing key of push wake-ups from the server secret (BLAKE3
 /// `derive_key` context: hard-coded, unique, application-specific).
 const VAPID_CONTEXT: &str = "sealpost 2026-12-06 push VAPID ES256 signing key";

@@ -30,8 +30,8 @@ pub use handle::{Delivery, MailboxError, Mailboxes};
 pub use messages::{AttachError, ClaimedKey, Conn, ConnId, UploadError, UploadKeys};
 pub use registry::{Registry, RegistryError};
 
-/// Wakes devices that are not connected when their queue grows (the push notifications of
-/// `crate::push`), behind a trait so that mailboxes do not depend on how.
+/// Wakes devices that are not connected when their queue grows (push notifications), behind
+/// a trait so that mailboxes do not depend on how; `server` plugs the pusher in.
 pub trait Wakeups: Send + Sync + 'static {
     /// `user`'s `device` got a durable envelope while no session of it is here; `urgent`: a
     /// call rings.

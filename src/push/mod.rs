@@ -110,12 +110,6 @@ impl Pusher {
     }
 }
 
-impl crate::mailbox::Wakeups for Pusher {
-    fn wake(&self, user: &str, device: u32, urgent: bool) {
-        Pusher::wake(self, user, device, urgent);
-    }
-}
-
 /// One device's wake-up state.
 #[derive(Default)]
 struct DeviceState {

@@ -63,8 +63,7 @@ pub const DEFAULT_LIST_REFRESH_MS: u64 = 60 * 60 * 1000;
 /// The default delay of a refresh brought forward by a held envelope, ms: uniform in this
 /// range.
 pub const DEFAULT_HELD_REFRESH_MS: (u64, u64) = (5_000, 60_000);
-/// The default delay of receipts, ms: uniform in this range (see
-/// [`receipts`](super::receipts)).
+/// The default delay of receipts, ms: uniform in this range (why: the `receipts` module).
 pub const DEFAULT_RECEIPT_DELAY_MS: (u64, u64) = (2_000, 15_000);
 
 /// The timing settings ([`Engine::set_timing`]).

@@ -5,7 +5,10 @@
 
 use std::path::PathBuf;
 
-use sealpost_client::{Client, sdk::PushService};
+use sealpost_client::{
+    Client,
+    sdk::{MessageState, PushService},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -160,7 +163,15 @@ pub(crate) async fn exec(
             client.flush_transcripts().await?;
             answer.out(format!("Sent {} to {to}.", path.display()))
         }
-        Request::Conversations { with } => conversations(client, with.as_deref(), answer)?,
+        Request::Conversations { with } => {
+            let answer = conversations(client, with.as_deref(), answer)?;
+            // Showing a conversation is reading it: its messages are marked read (a read
+            // receipt goes to the contact unless read receipts are off).
+            if let Some(with) = with {
+                client.mark_read(&with).await?;
+            }
+            answer
+        }
         Request::SafetyNumber { with } => {
             let number = client.safety_number(&with).await;
             // A changed master key seen (now or by an earlier command) and not accepted.
@@ -301,7 +312,18 @@ fn conversations(
             }
             for m in &c.messages {
                 let who = if m.outgoing { client.handle() } else { &c.with };
-                answer = answer.out(format!("[{}] {who}: {}", format_time(m.time_ms), m.text));
+                let state = match (m.outgoing, m.state) {
+                    (false, _) => "",
+                    (true, MessageState::Sending) => "  (not sent yet)",
+                    (true, MessageState::Sent) => "  (sent)",
+                    (true, MessageState::Delivered) => "  (delivered)",
+                    (true, MessageState::Read) => "  (read)",
+                };
+                answer = answer.out(format!(
+                    "[{}] {who}: {}{state}",
+                    format_time(m.time_ms),
+                    m.text
+                ));
             }
         }
         None if conversations.is_empty() => answer = answer.out("No conversations yet."),
