@@ -51,7 +51,8 @@ macro_rules! settings {
             /// TOML config file; its keys are the flag names with `_` for `-`.
             #[arg(long, env = "SEALPOST_CONFIG")]
             pub config: Option<PathBuf>,
-            $($(#[doc = $doc])* #[arg(long, env = $env)] pub $name: Option<$ty>,)*
+            // `hide_env_values`: `--help` never prints a secret set in the environment.
+            $($(#[doc = $doc])* #[arg(long, env = $env, hide_env_values = true)] pub $name: Option<$ty>,)*
         }
 
         impl ServeArgs {
@@ -475,6 +476,12 @@ impl Settings {
             && !self.push_contact.starts_with("https://")
         {
             return Err(invalid("push_contact", "must be a mailto: or https: URL"));
+        }
+        if self.push_interval_secs == 0 || self.push_urgent_interval_secs == 0 {
+            return Err(invalid(
+                "push_interval_secs",
+                "push intervals must be at least 1 s (they bound the wake-ups per device)",
+            ));
         }
         let push_domain = self.domain.clone();
         let ms = Duration::from_millis;

@@ -58,7 +58,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let matches = sealpost::config::document_defaults(Cli::command()).get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let cli =
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
     match cli.command {
         Command::Serve(args) => {
             let settings = Settings::load(*args)?;

@@ -189,6 +189,10 @@ impl crate::mailbox::Wakeups for Pusher {
     fn wake(&self, user: &str, device: u32, urgent: bool) {
         Pusher::wake(self, user, device, urgent);
     }
+
+    fn connected(&self, user: &str, device: u32) {
+        Pusher::connected(self, user, device);
+    }
 }
 
 /// What derives the VAPID signing key of push wake-ups from the server secret (BLAKE3
@@ -219,7 +223,10 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
             let vapid = VapidKey::from_secret(&Zeroizing::new(hasher.derive_secret(VAPID_CONTEXT)))
                 .ok_or_else(|| anyhow::anyhow!("the server secret gives no VAPID key"))?;
             gateway_settings.push.vapid_public_key = Some(vapid.public_b64());
-            Arc::new(Pusher::start(push, vapid, store.directory.clone()))
+            Arc::new(
+                Pusher::start(push, vapid, store.directory.clone())
+                    .map_err(|e| anyhow::anyhow!("cannot set up push wake-ups: {e}"))?,
+            )
         }
         None => Arc::new(crate::mailbox::NoWakeups),
     };

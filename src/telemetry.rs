@@ -23,11 +23,15 @@ pub fn init_tracing(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
-        // Colour codes only for a person at a terminal, never into files or journald.
+        // Colour codes only for a person at a terminal (unless NO_COLOR), never into files or
+        // journald.
         LogFormat::Text => registry
             .with(
                 fmt::layer()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_ansi(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr())
+                            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+                    )
                     .with_writer(std::io::stderr),
             )
             .try_init(),

@@ -331,6 +331,19 @@ fn listen_keeps_listening_across_a_broker_restart() {
     );
 }
 
+/// The lines a child writes to `pipe`, as they come.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -439,7 +452,21 @@ fn the_cli_says_what_went_wrong_in_one_line_and_serves_commands_while_listening(
         first.starts_with("Connected to http://") && first.contains("as bob@test.example"),
         "{first}"
     );
+    let printed = lines_of(listener.stdout.take().expect("stdout"));
+    let wait_printed = |text: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = printed
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("listen never printed {text:?}"));
+            if line.contains(text) {
+                return;
+            }
+        }
+    };
     ok(a, &["send", "--to", "bob@test.example", "are you there?"]);
+    wait_printed("alice@test.example: are you there?");
     let out = ok(b, &["send", "--to", "alice@test.example", "yes, listening"]);
     assert!(out.contains("Sent to alice@test.example."), "{out}");
     let out = ok(b, &["conversations"]);
@@ -489,16 +516,21 @@ fn the_cli_says_what_went_wrong_in_one_line_and_serves_commands_while_listening(
         "{answer}"
     );
 
-    // The listener printed what arrived (alice's message and the timer Bob set elsewhere
-    // counts as no message), then exits after its second message.
+    // The listener exits after its second message, and takes its socket with it.
     ok(a, &["send", "--to", "bob@test.example", "second"]);
-    let out = listener.wait_with_output().expect("listen output");
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("alice@test.example: are you there?"),
-        "{stdout}"
-    );
+    wait_printed("alice@test.example: second");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = listener.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "listen did not exit after two messages"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
     assert!(
         !b.join("daemon.sock").exists(),
         "the socket is gone with the listener"

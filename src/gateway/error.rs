@@ -135,6 +135,7 @@ mod tests {
             ApiError::Unauthorized,
             ApiError::Forbidden(String::new()),
             ApiError::NotFound,
+            ApiError::UnknownDomain(String::new()),
             ApiError::Conflict,
             ApiError::RateLimited,
             ApiError::TooLarge(String::new()),

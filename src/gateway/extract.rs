@@ -88,7 +88,13 @@ fn admit(state: &AppState, req: &HttpRequest) -> Result<Admitted, ApiError> {
 pub(crate) fn local_handle(state: &AppState, raw: &str) -> Result<Handle, ApiError> {
     let handle = Handle::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if handle.domain() != state.settings.domain {
-        return Err(ApiError::UnknownDomain(handle.domain().to_owned()));
+        // A peer's users are found through their own broker, not here; any other domain is
+        // one this broker has nothing to do with, and the answer says so.
+        return Err(if state.federation.is_peer(handle.domain()) {
+            ApiError::NotFound
+        } else {
+            ApiError::UnknownDomain(handle.domain().to_owned())
+        });
     }
     Ok(handle)
 }

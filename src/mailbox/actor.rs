@@ -648,6 +648,7 @@ impl Handler<Attach> for Mailbox {
             }
         }
         metrics::gauge!("sealpost_connections").increment(1.0);
+        self.registry.wakeups().connected(&self.user, msg.device.0);
         self.pump(msg.device, ctx);
         self.watch(ctx);
         Ok(())

@@ -36,6 +36,8 @@ pub trait Wakeups: Send + Sync + 'static {
     /// `user`'s `device` got a durable envelope while no session of it is here; `urgent`: a
     /// call rings.
     fn wake(&self, user: &str, device: u32, urgent: bool);
+    /// `user`'s `device` connected here: a wake-up it still waits for is not needed.
+    fn connected(&self, user: &str, device: u32);
 }
 
 /// No wake-ups (a broker without push, and unit tests).
@@ -43,4 +45,5 @@ pub struct NoWakeups;
 
 impl Wakeups for NoWakeups {
     fn wake(&self, _user: &str, _device: u32, _urgent: bool) {}
+    fn connected(&self, _user: &str, _device: u32) {}
 }

@@ -11,6 +11,9 @@ use web_push_native::{Auth, WebPushBuilder, p256::PublicKey};
 use super::{PushSettings, WAKE_PAYLOAD, endpoint::VapidKey};
 use crate::store::{Directory, PushRecord};
 
+/// How long a push service keeps an undelivered urgent wake-up (a ringing call).
+const URGENT_TTL: Duration = Duration::from_secs(60);
+
 /// How long one POST to a push service may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,20 +48,29 @@ pub struct Sender {
 
 impl Sender {
     /// A sender signing with `vapid`, reading subscriptions from `directory`.
-    pub fn new(settings: PushSettings, vapid: VapidKey, directory: Arc<dyn Directory>) -> Sender {
+    pub fn new(
+        settings: PushSettings,
+        vapid: VapidKey,
+        directory: Arc<dyn Directory>,
+    ) -> Result<Sender, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             // A push service answers; it never sends the broker elsewhere (and a redirect
             // could point at a host the subscription check refused).
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Sender {
+            // Names are resolved here, so that the resolver below sees every address: a proxy
+            // would resolve them itself.
+            .no_proxy()
+            .dns_resolver(Arc::new(PublicOnly {
+                allow_private: settings.allow_private_endpoints,
+            }))
+            .build()?;
+        Ok(Sender {
             settings,
             vapid,
             directory,
             http,
-        }
+        })
     }
 
     /// Delivers one wake-up to `user`'s `device`.
@@ -106,9 +118,18 @@ impl Sender {
         urgent: bool,
     ) -> Result<reqwest::Request, Box<dyn std::error::Error + Send + Sync>> {
         let public = PublicKey::from_sec1_bytes(&record.p256dh)?;
+        if record.auth.len() != 16 {
+            return Err("the stored authentication secret is not 16 bytes".into());
+        }
         let auth = Auth::clone_from_slice(&record.auth);
+        // A call's wake-up is worth nothing once the call stopped ringing.
+        let ttl = if urgent {
+            URGENT_TTL
+        } else {
+            self.settings.ttl
+        };
         let built = WebPushBuilder::new(record.endpoint.parse()?, public, auth)
-            .with_valid_duration(self.settings.ttl)
+            .with_valid_duration(ttl)
             .with_vapid(self.vapid.pair(), &self.settings.contact)
             .build(WAKE_PAYLOAD.to_vec())?;
         let mut request = reqwest::Request::try_from(built)?;
@@ -122,10 +143,11 @@ impl Sender {
     }
 
     /// Deletes a subscription the push service says is gone, unless the device registered
-    /// another meanwhile.
+    /// another meanwhile. (A registration racing between the read and the delete is lost;
+    /// the device registers again when it next finds itself without wake-ups.)
     async fn forget(&self, user: &str, device: u32, gone: &PushRecord) {
         match self.directory.push_subscription(user, device).await {
-            Ok(Some(current)) if current.endpoint == gone.endpoint => {
+            Ok(Some(current)) if current == *gone => {
                 if let Err(e) = self
                     .directory
                     .set_push_subscription(user, device, None)
@@ -136,5 +158,57 @@ impl Sender {
             }
             _ => {}
         }
+    }
+}
+
+/// Resolves push services' names to public addresses only: a name that resolves to this host,
+/// a private network or a link-local address (the cloud's metadata service) is refused, so a
+/// device cannot make the broker post into the operator's network by registering such a
+/// name. Addresses given as literals are checked when the subscription is registered.
+struct PublicOnly {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((name.as_str(), 0)).await?;
+            let public: Vec<std::net::SocketAddr> = found
+                .filter(|a| allow_private || super::endpoint::is_public(a.ip()))
+                .collect();
+            if public.is_empty() {
+                return Err("the push service's name resolves to no public address".into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(public.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use reqwest::dns::{Name, Resolve};
+
+    use super::PublicOnly;
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_this_host_is_refused_unless_allowed() {
+        let name = || Name::from_str("localhost").expect("name");
+        let refused = PublicOnly {
+            allow_private: false,
+        }
+        .resolve(name())
+        .await;
+        assert!(refused.is_err());
+        let allowed = PublicOnly {
+            allow_private: true,
+        }
+        .resolve(name())
+        .await
+        .expect("resolves");
+        assert!(allowed.into_iter().all(|a| a.ip().is_loopback()));
     }
 }

@@ -76,7 +76,17 @@ pub fn check(
     let public = match url.host() {
         Some(url::Host::Domain(d)) => {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
-            d.contains('.') && !d.ends_with(".localhost") && !d.ends_with(".local")
+            // Names only private networks use; any other name is checked again when it is
+            // resolved (`deliver::PublicOnly`).
+            const PRIVATE: [&str; 6] = [
+                ".localhost",
+                ".local",
+                ".internal",
+                ".lan",
+                ".home.arpa",
+                ".svc",
+            ];
+            d.contains('.') && !PRIVATE.iter().any(|p| d.ends_with(p))
         }
         Some(url::Host::Ipv4(ip)) => is_public(IpAddr::V4(ip)),
         Some(url::Host::Ipv6(ip)) => is_public(IpAddr::V6(ip)),
@@ -104,12 +114,13 @@ pub fn check(
     })
 }
 
-/// Whether an address is one the public internet routes to (not this host, a private
-/// network, link-local, shared address space or a documentation range).
-fn is_public(ip: IpAddr) -> bool {
+/// Whether an address is one the public internet routes to (not this host, a private or
+/// shared network, link-local, multicast, reserved or documentation ranges). IPv6 forms that
+/// carry an IPv4 address (mapped, compatible, NAT64, 6to4) are judged by that address.
+pub(crate) fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -117,18 +128,41 @@ fn is_public(ip: IpAddr) -> bool {
                 || v4.is_broadcast()
                 || v4.is_documentation()
                 || a == 0
-                || (a == 100 && (64..128).contains(&b)))
+                || a >= 224 // multicast 224/4, reserved 240/4
+                || (a == 100 && (64..128).contains(&b)) // shared 100.64/10
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments 192.0.0/24
+                || (a == 198 && (b == 18 || b == 19))) // benchmarking 198.18/15
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public(IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                !(v6.is_loopback()
-                    || v6.is_unspecified()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80)
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                is_public(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
+            };
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
             }
-        },
+            match seg {
+                // IPv4-compatible ::a.b.c.d (deprecated, still routed by some stacks).
+                [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => embedded(hi, lo),
+                // NAT64 64:ff9b::/96 reaches the IPv4 address it embeds.
+                [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => embedded(hi, lo),
+                // 6to4 2002:a.b.c.d::/48.
+                [0x2002, hi, lo, ..] => embedded(hi, lo),
+                _ => {
+                    let first = seg[0];
+                    !(v6.is_loopback()
+                        || v6.is_unspecified()
+                        || (first & 0xfe00) == 0xfc00 // unique local fc00::/7
+                        || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
+                        || (first & 0xffc0) == 0xfec0 // site-local fec0::/10
+                        || (first & 0xff00) == 0xff00 // multicast ff00::/8
+                        || (first == 0x2001 && seg[1] == 0x0db8) // documentation
+                        || (first == 0x64 && seg[1] == 0xff9b)) // local-use NAT64 64:ff9b:1::/48
+                }
+            }
+        }
     }
 }
 
@@ -161,8 +195,18 @@ mod tests {
             "https://[::1]/push",
             "https://[fd00::1]/push",
             "https://[::ffff:127.0.0.1]/push",
+            "https://[::7f00:1]/push",
+            "https://[64:ff9b::a00:1]/push",
+            "https://[2002:a00:1::1]/push",
+            "https://[ff02::1]/push",
+            "https://224.0.0.1/push",
+            "https://2130706433/push",
+            "https://0x7f.1/push",
+            "https://0.0.0.0/push",
             "https://localhost/push",
             "https://printer.local/push",
+            "https://metadata.google.internal/computeMetadata",
+            "https://kubernetes.default.svc/api",
         ] {
             assert_eq!(
                 check_at(endpoint).err(),
@@ -188,6 +232,19 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn public_addresses_pass() {
+        for ip in [
+            "8.8.8.8",
+            "2606:4700::1111",
+            "[64:ff9b::808:808]",
+            "[2002:808:808::1]",
+        ] {
+            let ip: IpAddr = ip.trim_matches(['[', ']']).parse().expect("ip");
+            assert!(is_public(ip), "{ip}");
+        }
     }
 
     #[test]

@@ -25,10 +25,12 @@ pub mod endpoint;
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -71,17 +73,22 @@ pub struct PushSettings {
     pub ttl: Duration,
 }
 
-/// A request for a wake-up.
-struct Wake {
-    user: String,
-    device: u32,
-    urgent: bool,
+/// What mailboxes tell the pusher.
+enum Notice {
+    /// `device` got a durable envelope while not connected; `urgent`: a call rings.
+    Wake {
+        user: String,
+        device: u32,
+        urgent: bool,
+    },
+    /// `device` connected: a wake-up it still waits for is not needed any more.
+    Connected { user: String, device: u32 },
 }
 
 /// The handle mailboxes call: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Pusher {
-    tx: mpsc::Sender<Wake>,
+    tx: mpsc::Sender<Notice>,
 }
 
 impl Pusher {
@@ -90,16 +97,16 @@ impl Pusher {
         settings: PushSettings,
         vapid: endpoint::VapidKey,
         directory: Arc<dyn Directory>,
-    ) -> Pusher {
+    ) -> Result<Pusher, reqwest::Error> {
         let (tx, rx) = mpsc::channel(WAKE_QUEUE);
-        let sender = Sender::new(settings.clone(), vapid, directory);
+        let sender = Sender::new(settings.clone(), vapid, directory)?;
         actix_web::rt::spawn(run(settings, sender, rx));
-        Pusher { tx }
+        Ok(Pusher { tx })
     }
 
     /// Asks for a wake-up of `user`'s `device`; `urgent` for a ringing call.
     pub fn wake(&self, user: &str, device: u32, urgent: bool) {
-        let wake = Wake {
+        let wake = Notice::Wake {
             user: user.to_owned(),
             device,
             urgent,
@@ -107,6 +114,15 @@ impl Pusher {
         if self.tx.try_send(wake).is_err() {
             metrics::counter!("sealpost_push_total", "result" => "dropped").increment(1);
         }
+    }
+
+    /// `user`'s `device` connected: a wake-up not sent yet is dropped.
+    pub fn connected(&self, user: &str, device: u32) {
+        // Best effort: a lost notice costs one needless wake-up.
+        let _ = self.tx.try_send(Notice::Connected {
+            user: user.to_owned(),
+            device,
+        });
     }
 }
 
@@ -125,6 +141,9 @@ struct DeviceState {
     not_before: Option<Instant>,
     /// No urgent wake-up before this.
     urgent_not_before: Option<Instant>,
+    /// The earliest time this device has in the heap: one entry per device and time, so the
+    /// heap grows with devices, not with envelopes.
+    scheduled: Option<Instant>,
 }
 
 impl DeviceState {
@@ -138,121 +157,183 @@ impl DeviceState {
         gate.map_or(now, |g| g.max(now))
     }
 
+    /// Nothing wanted, nothing under way, no interval running: the state can go.
     fn idle(&self, now: Instant) -> bool {
         !self.pending
             && !self.in_flight
             && self.not_before.is_none_or(|t| t <= now)
             && self.urgent_not_before.is_none_or(|t| t <= now)
     }
+
+    /// When this device must be looked at next: its wake-up's time, or the end of its
+    /// intervals (to forget it).
+    fn next_look(&self, now: Instant) -> Option<Instant> {
+        if self.in_flight {
+            None
+        } else if self.pending {
+            Some(self.due_at(now))
+        } else {
+            self.not_before.max(self.urgent_not_before)
+        }
+    }
 }
 
 type Key = (String, u32);
 
-/// The pusher's loop: takes wake requests, schedules each device's next wake-up, starts due
+/// The pusher's state: devices, and when to look at each.
+#[derive(Default)]
+struct Schedule {
+    devices: HashMap<Key, DeviceState>,
+    /// (when, device); an entry whose time is not the device's `scheduled` is stale.
+    due: BinaryHeap<Reverse<(Instant, Key)>>,
+}
+
+impl Schedule {
+    /// Puts `key` in the heap for its next look, unless an entry at that time or earlier is
+    /// there already.
+    fn reschedule(&mut self, key: &Key, now: Instant) {
+        let Some(state) = self.devices.get_mut(key) else {
+            return;
+        };
+        let Some(at) = state.next_look(now) else {
+            return;
+        };
+        if state.scheduled.is_some_and(|s| s <= at) {
+            return;
+        }
+        state.scheduled = Some(at);
+        self.due.push(Reverse((at, key.clone())));
+    }
+
+    /// The next device whose wake-up is due now, forgetting idle devices on the way.
+    fn next_due(&mut self, now: Instant) -> Option<Key> {
+        while let Some(Reverse((at, _))) = self.due.peek() {
+            if *at > now {
+                return None;
+            }
+            let Reverse((at, key)) = self.due.pop()?;
+            let Some(state) = self.devices.get_mut(&key) else {
+                continue;
+            };
+            if state.scheduled != Some(at) {
+                continue; // stale: a later entry holds the device's time
+            }
+            state.scheduled = None;
+            if state.idle(now) {
+                self.devices.remove(&key);
+                continue;
+            }
+            if state.pending && !state.in_flight && state.due_at(now) <= now {
+                return Some(key);
+            }
+            self.reschedule(&key, now);
+        }
+        None
+    }
+}
+
+/// The pusher's loop: takes notices, schedules each device's next wake-up, starts due
 /// deliveries (at most [`MAX_IN_FLIGHT`]) and books their outcomes.
-async fn run(settings: PushSettings, sender: Sender, mut wakes: mpsc::Receiver<Wake>) {
+async fn run(settings: PushSettings, sender: Sender, mut notices: mpsc::Receiver<Notice>) {
     let sender = Arc::new(sender);
-    let mut devices: HashMap<Key, DeviceState> = HashMap::new();
-    // (due, key); stale entries are skipped when popped.
-    let mut due: BinaryHeap<Reverse<(Instant, Key)>> = BinaryHeap::new();
+    let mut schedule = Schedule::default();
     let (done_tx, mut done) = mpsc::channel::<(Key, Outcome)>(MAX_IN_FLIGHT);
     let mut in_flight = 0usize;
     loop {
         let now = Instant::now();
-        // Start what is due.
         while in_flight < MAX_IN_FLIGHT {
-            let Some(Reverse((at, _))) = due.peek() else {
+            let Some(key) = schedule.next_due(now) else {
                 break;
             };
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((_, key))) = due.pop() else {
-                break;
-            };
-            let Some(state) = devices.get_mut(&key) else {
+            let Some(state) = schedule.devices.get_mut(&key) else {
                 continue;
             };
-            if state.idle(now) {
-                devices.remove(&key);
-                continue;
-            }
-            // Not (or no longer) due at this entry's time: another entry holds its time.
-            if !state.pending || state.in_flight || state.due_at(now) > now {
-                continue;
-            }
             state.pending = false;
             state.in_flight = true;
             let urgent = std::mem::take(&mut state.urgent);
             in_flight += 1;
-            let sender = sender.clone();
+            let sender = Arc::clone(&sender);
             let done_tx = done_tx.clone();
             actix_web::rt::spawn(async move {
-                let outcome = sender.deliver(&key.0, key.1, urgent).await;
+                // A panic in one delivery must not leave its device in flight for ever.
+                let outcome = AssertUnwindSafe(sender.deliver(&key.0, key.1, urgent))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or(Outcome::Finished("refused"));
                 let _ = done_tx.send((key, outcome)).await;
             });
         }
-        let next_due = due.peek().map(|Reverse((at, _))| *at);
+        // While every slot is taken, only a finished delivery (or a notice) moves things.
+        let next_due = (in_flight < MAX_IN_FLIGHT)
+            .then(|| schedule.due.peek().map(|Reverse((at, _))| *at))
+            .flatten();
         tokio::select! {
-            wake = wakes.recv() => {
-                let Some(wake) = wake else { break };
-                let key = (wake.user, wake.device);
-                let state = devices.entry(key.clone()).or_default();
-                state.pending = true;
-                state.urgent |= wake.urgent;
-                if !state.in_flight {
-                    due.push(Reverse((state.due_at(Instant::now()), key)));
+            notice = notices.recv() => {
+                let Some(notice) = notice else { break };
+                let now = Instant::now();
+                match notice {
+                    Notice::Wake { user, device, urgent } => {
+                        let key = (user, device);
+                        let state = schedule.devices.entry(key.clone()).or_default();
+                        state.pending = true;
+                        state.urgent |= urgent;
+                        schedule.reschedule(&key, now);
+                    }
+                    Notice::Connected { user, device } => {
+                        if let Some(state) = schedule.devices.get_mut(&(user, device)) {
+                            state.pending = false;
+                            state.urgent = false;
+                        }
+                    }
                 }
             }
             Some((key, outcome)) = done.recv() => {
                 in_flight -= 1;
                 let now = Instant::now();
-                let Some(state) = devices.get_mut(&key) else { continue };
-                state.in_flight = false;
-                match outcome {
-                    Outcome::Sent { urgent } => {
-                        metrics::counter!("sealpost_push_total", "result" => "sent").increment(1);
-                        state.failures = 0;
-                        state.not_before = Some(now + settings.interval);
-                        if urgent {
-                            state.urgent_not_before = Some(now + settings.urgent_interval);
-                        }
-                    }
-                    Outcome::Retry { urgent } => {
-                        state.failures += 1;
-                        if state.failures >= MAX_ATTEMPTS {
-                            metrics::counter!("sealpost_push_total", "result" => "gave_up")
-                                .increment(1);
-                            info!(attempts = state.failures, "push wake-up given up");
-                            state.failures = 0;
-                        } else {
-                            metrics::counter!("sealpost_push_total", "result" => "retry")
-                                .increment(1);
-                            state.pending = true;
-                            state.urgent |= urgent;
-                            state.not_before = Some(now + backoff(&settings, state.failures));
-                        }
-                    }
-                    Outcome::Finished(result) => {
-                        metrics::counter!("sealpost_push_total", "result" => result).increment(1);
-                        state.failures = 0;
-                    }
+                if let Some(state) = schedule.devices.get_mut(&key) {
+                    book(&settings, state, outcome, now);
                 }
-                if state.pending {
-                    due.push(Reverse((state.due_at(now), key)));
-                } else if state.idle(now) {
-                    devices.remove(&key);
-                } else {
-                    // Forget the device once its interval is over, unless woken again.
-                    let until = state.not_before.max(state.urgent_not_before).unwrap_or(now);
-                    due.push(Reverse((until, key)));
-                }
+                schedule.reschedule(&key, now);
             }
-            // Due entries are started (or forgotten) at the top of the loop.
             () = sleep_until(next_due) => {}
         }
     }
     debug!("pusher stopped");
+}
+
+/// Books a delivery's outcome on its device: every outcome starts an interval, so a device
+/// without a subscription costs one lookup per interval and a refusing service one request.
+fn book(settings: &PushSettings, state: &mut DeviceState, outcome: Outcome, now: Instant) {
+    state.in_flight = false;
+    match outcome {
+        Outcome::Sent { urgent } => {
+            metrics::counter!("sealpost_push_total", "result" => "sent").increment(1);
+            state.failures = 0;
+            state.not_before = Some(now + settings.interval);
+            if urgent {
+                state.urgent_not_before = Some(now + settings.urgent_interval);
+            }
+        }
+        Outcome::Retry { urgent } => {
+            state.failures += 1;
+            if state.failures >= MAX_ATTEMPTS {
+                metrics::counter!("sealpost_push_total", "result" => "gave_up").increment(1);
+                info!(attempts = state.failures, "push wake-up given up");
+                state.failures = 0;
+                state.not_before = Some(now + settings.interval);
+            } else {
+                metrics::counter!("sealpost_push_total", "result" => "retry").increment(1);
+                state.pending = true;
+                state.urgent |= urgent;
+                state.not_before = Some(now + backoff(settings, state.failures));
+            }
+        }
+        Outcome::Finished(result) => {
+            metrics::counter!("sealpost_push_total", "result" => result).increment(1);
+            state.failures = 0;
+            state.not_before = Some(now + settings.interval);
+        }
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -297,6 +378,51 @@ mod tests {
         let third = backoff(&s, 3);
         assert!(third >= Duration::from_millis(400) && third <= Duration::from_millis(500));
         assert!(backoff(&s, 30) <= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn many_wakes_of_one_device_keep_one_heap_entry_and_idle_devices_are_forgotten() {
+        let s = settings();
+        let now = Instant::now();
+        let mut schedule = Schedule::default();
+        let key = ("a@x".to_owned(), 1);
+        schedule.devices.insert(
+            key.clone(),
+            DeviceState {
+                not_before: Some(now + Duration::from_secs(30)),
+                ..Default::default()
+            },
+        );
+        for _ in 0..1000 {
+            schedule.devices.get_mut(&key).expect("state").pending = true;
+            schedule.reschedule(&key, now);
+        }
+        assert_eq!(schedule.due.len(), 1);
+        assert_eq!(schedule.next_due(now), None, "gated by the interval");
+        let later = now + Duration::from_secs(31);
+        assert_eq!(schedule.next_due(later), Some(key.clone()));
+        // Sent: booked, then forgotten once its interval is over.
+        let state = schedule.devices.get_mut(&key).expect("state");
+        state.pending = false;
+        state.in_flight = true;
+        book(&s, state, Outcome::Sent { urgent: false }, later);
+        schedule.reschedule(&key, later);
+        assert_eq!(schedule.next_due(later + Duration::from_secs(31)), None);
+        assert!(schedule.devices.is_empty(), "forgotten");
+        assert!(schedule.due.is_empty());
+    }
+
+    #[test]
+    fn a_device_without_a_subscription_is_looked_up_once_per_interval() {
+        let s = settings();
+        let now = Instant::now();
+        let mut state = DeviceState {
+            in_flight: true,
+            ..Default::default()
+        };
+        book(&s, &mut state, Outcome::Finished("no_subscription"), now);
+        state.pending = true;
+        assert_eq!(state.due_at(now), now + s.interval);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! user_devicelist        b'l' handle                     -> signed device list (opaque)
 //! user_deliverytoken     b't' handle                     -> DeliveryTokenRecord
 //! usercode_link          b'c' handle 0xff code_hash:[32] -> LinkCodeRecord
+//! userdevice_push        b'w' handle 0xff device:u32     -> PushRecord (push subscription)
 //! group_hub              b'G' group_id:[16..=32]         -> GroupRecord (at the group's hub)
 //! ```
 //!

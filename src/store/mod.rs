@@ -410,7 +410,6 @@ pub trait Directory: Send + Sync + 'static {
     fn device_list(&self, user: &str) -> StoreFuture<Option<Vec<u8>>>;
     /// Replaces the account's signed device list.
     fn set_device_list(&self, user: &str, signed: Vec<u8>) -> StoreFuture<()>;
-    /// The account's sealed-sender admission record.
     /// The push subscription `device` registered, if any.
     fn push_subscription(&self, user: &str, device: u32) -> StoreFuture<Option<PushRecord>>;
     /// Registers (`Some`) or removes (`None`) `device`'s push subscription. Removing the
@@ -421,6 +420,7 @@ pub trait Directory: Send + Sync + 'static {
         device: u32,
         record: Option<PushRecord>,
     ) -> StoreFuture<()>;
+    /// The account's sealed-sender admission record.
     fn delivery_token(&self, user: &str) -> StoreFuture<Option<DeliveryTokenRecord>>;
     /// Replaces the account's sealed-sender admission record.
     fn set_delivery_token(&self, user: &str, record: DeliveryTokenRecord) -> StoreFuture<()>;

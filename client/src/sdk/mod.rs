@@ -262,6 +262,24 @@ impl Client {
         Self::assemble(api, state_dir, key, lock, engine)
     }
 
+    /// Reads the saved state again, keeping this process's hold on the state directory: after
+    /// an error that may have left unsaved progress in memory (a call abandoned midway), what
+    /// was not saved comes again from the broker. Unlike dropping the client and opening it
+    /// again, no other process can take the directory in between. Settings made with the
+    /// `set_*` methods are those of a fresh [`Client::open`].
+    pub fn reopen(self) -> Result<Self, ClientError> {
+        let Self {
+            api,
+            dir,
+            key,
+            _lock: lock,
+            ..
+        } = self;
+        let engine = Engine::load_file(&dir.join(STATE_FILE), &key)?
+            .ok_or_else(|| ClientError::NotRegistered(dir.clone()))?;
+        Self::assemble(api, &dir, key, lock, engine)
+    }
+
     /// Sets how long a fetched device list is used before it is fetched again when sending
     /// (default 60 s; zero fetches it for every send). A stale list is also refreshed
     /// whenever the broker says the device set changed.

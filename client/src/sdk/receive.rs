@@ -40,8 +40,10 @@ impl Client {
 
     /// As [`Client::next_event`], but gives up waiting when `interrupt` completes: `Ok(None)`,
     /// with nothing lost, so that the caller can use the client (send, verify) and then wait
-    /// again. It stops only while waiting for the broker, never in the middle of handling
-    /// what arrived (a daemon serving other commands between events).
+    /// again. It stops only while waiting for the broker (for a frame, or while reconnecting
+    /// to it: a half-open connection is dropped), never in the middle of handling what
+    /// arrived (a daemon serving other commands between events). An interrupt that fires
+    /// again and again would keep frames waiting; a daemon's requests are rare.
     pub async fn next_event_or(
         &mut self,
         interrupt: impl std::future::Future<Output = ()>,

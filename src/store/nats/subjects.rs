@@ -31,6 +31,7 @@
 //!   g.<group hex>     GroupRecord: a group at its hub (a Commit takes an epoch: one CAS)
 //!   l.<U>             the signed device list (opaque)
 //!   t.<U>             DeliveryTokenRecord
+//!   w.<U>.<device>    PushRecord: the device's push subscription
 //! sealpost_link_codes (entries live at most an hour; a code is valid ten minutes)
 //!   c.<U>.<code hash hex>   LinkCodeRecord
 //! sealpost_tickets (entries live 2 min; a ticket is valid at most 60 s)

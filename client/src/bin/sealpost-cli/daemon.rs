@@ -29,7 +29,7 @@ use tokio::{
 
 use crate::{
     errors::CliError,
-    exec::{Answer, Request, exec},
+    exec::{Answer, Mode, Request, exec},
     output::{event_lines, format_time, progress_bar},
 };
 
@@ -39,6 +39,9 @@ const SOCKET: &str = "daemon.sock";
 /// First and longest wait before reconnecting to a broker that was lost.
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// How long a command waits for the daemon's answer (a large file takes a while).
+const ASK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Longest request line accepted on the socket.
 const MAX_REQUEST: usize = 1 << 20;
@@ -65,15 +68,32 @@ pub(crate) async fn listen(dir: &Path, until: Until) -> Result<(), CliError> {
     let client = Client::open(dir).await?;
     let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
     let arrived = Arc::new(Notify::new());
-    let server = serve_socket(dir, requests_tx, Arc::clone(&arrived))?;
-    let result = run(dir, client, &until, &mut requests, &arrived).await;
+    let (server, bound) = serve_socket(dir, requests_tx, Arc::clone(&arrived))?;
+    let result = run(client, &until, &mut requests, &arrived).await;
     server.abort();
-    let _ = std::fs::remove_file(socket_path(dir));
+    // Only our own socket: never one another listener bound since.
+    let path = socket_path(dir);
+    if std::fs::metadata(&path).is_ok_and(|m| identity(&m) == bound) {
+        let _ = std::fs::remove_file(&path);
+    }
     result
 }
 
+/// A file's identity (device, inode).
+fn identity(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
+}
+
+/// Answers the requests waiting now.
+async fn serve_waiting(client: &mut Client, requests: &mut mpsc::Receiver<Pending>) {
+    while let Ok((request, reply)) = requests.try_recv() {
+        let answer = exec(client, request, Mode::Daemon).await;
+        let _ = reply.send(answer.map_err(|e| e.to_string()));
+    }
+}
+
 async fn run(
-    dir: &Path,
     mut client: Client,
     until: &Until,
     requests: &mut mpsc::Receiver<Pending>,
@@ -81,10 +101,7 @@ async fn run(
 ) -> Result<(), CliError> {
     match connect(&mut client, None).await {
         Ok(()) => {}
-        Err(e) if transient(&e) => {
-            drop(client);
-            client = reconnect(dir, &e).await?;
-        }
+        Err(e) if transient(&e) => client = reconnect(client.reopen()?, &e, requests).await?,
         Err(e) => return Err(e.into()),
     }
     let mut messages = 0usize;
@@ -92,20 +109,16 @@ async fn run(
         if until.count.is_some_and(|c| messages >= c) {
             return Ok(());
         }
-        while let Ok((request, reply)) = requests.try_recv() {
-            let answer = exec(&mut client, request, false).await;
-            let _ = reply.send(answer.map_err(|e| e.to_string()));
-        }
+        serve_waiting(&mut client, requests).await;
         let next = client.next_event_or(arrived.notified()).await;
         let event = match next {
             Ok(Some(event)) => event,
             Ok(None) => continue,
             Err(e) if transient(&e) => {
-                // The state is reopened (the lock let go first), so that whatever the failed
-                // call had decrypted without saving comes again from the broker (nothing is
-                // acknowledged before it is saved).
-                drop(client);
-                client = reconnect(dir, &e).await?;
+                // The state is read again (keeping the directory's lock), so that whatever
+                // the failed call had decrypted without saving comes again from the broker
+                // (nothing is acknowledged before it is saved).
+                client = reconnect(client.reopen()?, &e, requests).await?;
                 continue;
             }
             Err(e) => return Err(e.into()),
@@ -182,9 +195,13 @@ fn transient(error: &ClientError) -> bool {
     }
 }
 
-/// Reconnects with growing pauses, saying when the next attempt is; the state is opened anew.
-async fn reconnect(dir: &Path, lost: &ClientError) -> Result<Client, CliError> {
-    let lost = lost.to_string();
+/// Reconnects with growing pauses, saying when the next attempt is, and answers the socket's
+/// requests meanwhile (what needs the broker fails at once, in words; the rest works).
+async fn reconnect(
+    mut client: Client,
+    lost: &ClientError,
+    requests: &mut mpsc::Receiver<Pending>,
+) -> Result<Client, CliError> {
     let mut pause = RECONNECT_MIN;
     let mut why = format!("Connection to the broker lost ({lost})");
     loop {
@@ -197,24 +214,38 @@ async fn reconnect(dir: &Path, lost: &ClientError) -> Result<Client, CliError> {
             &format_time(at_ms)[11..],
             pause.as_secs()
         );
-        tokio::time::sleep(pause).await;
+        let attempt = tokio::time::Instant::now() + pause;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(attempt) => break,
+                request = requests.recv() => {
+                    let Some((request, reply)) = request else { break };
+                    let answer = exec(&mut client, request, Mode::Daemon).await;
+                    let _ = reply.send(answer.map_err(|e| e.to_string()));
+                }
+            }
+        }
         pause = (pause * 2).min(RECONNECT_MAX);
-        let mut client = Client::open(dir).await?;
-        match connect(&mut client, Some(&lost)).await {
+        match connect(&mut client, Some(&why)).await {
             Ok(()) => return Ok(client),
-            Err(e) if transient(&e) => why = format!("Still no broker ({e})"),
+            Err(e) if transient(&e) => {
+                why = format!("Still no broker ({e})");
+                client = client.reopen()?;
+            }
             Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Binds the socket (replacing one a dead process left: this one holds the state's lock, so
-/// no other listener is alive) and serves it on a task.
+/// no other listener is alive) and serves it on a task. Returns the task and the socket
+/// file's identity.
 fn serve_socket(
     dir: &Path,
     requests: mpsc::Sender<Pending>,
     arrived: Arc<Notify>,
-) -> Result<tokio::task::JoinHandle<()>, CliError> {
+) -> Result<(tokio::task::JoinHandle<()>, (u64, u64)), CliError> {
+    use std::os::unix::fs::MetadataExt as _;
     let path = socket_path(dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
@@ -223,65 +254,120 @@ fn serve_socket(
         &path,
         <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
     )?;
-    Ok(tokio::spawn(async move {
+    let meta = std::fs::metadata(&path)?;
+    let (bound, owner) = (identity(&meta), meta.uid());
+    let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            // Only the user who owns the state (the directory is 0700 and the socket 0600;
+            // this also holds should either be loosened).
+            if stream.peer_cred().map(|c| c.uid()).ok() != Some(owner) {
+                continue;
+            }
             tokio::spawn(serve_connection(
                 stream,
                 requests.clone(),
                 Arc::clone(&arrived),
             ));
         }
-    }))
+    });
+    Ok((task, bound))
 }
 
-/// One socket client: requests line by line, each answered in order.
+/// One socket client: requests line by line, each answered in order; a line longer than
+/// [`MAX_REQUEST`] is answered with an error and ends the connection.
 async fn serve_connection(
     stream: UnixStream,
     requests: mpsc::Sender<Pending>,
     arrived: Arc<Notify>,
 ) {
+    use tokio::io::AsyncReadExt as _;
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.trim().is_empty() {
-            continue;
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX) + 1;
+        let read = match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let too_long = read > MAX_REQUEST && line.last() != Some(&b'\n');
+        let answer = if too_long {
+            Some(rpc_error(Value::Null, -32600, "request too large"))
+        } else {
+            match std::str::from_utf8(&line) {
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => answer_line(text, &requests, &arrived).await,
+                Err(_) => Some(rpc_error(Value::Null, -32700, "not UTF-8")),
+            }
+        };
+        if let Some(answer) = answer {
+            let mut text = answer.to_string();
+            text.push('\n');
+            if write.write_all(text.as_bytes()).await.is_err() {
+                return;
+            }
         }
-        let answer = answer_line(&line, &requests, &arrived).await;
-        let mut text = answer.to_string();
-        text.push('\n');
-        if write.write_all(text.as_bytes()).await.is_err() {
+        if too_long {
             return;
         }
     }
 }
 
-/// The JSON-RPC answer to one request line.
-async fn answer_line(line: &str, requests: &mpsc::Sender<Pending>, arrived: &Notify) -> Value {
-    if line.len() > MAX_REQUEST {
-        return rpc_error(Value::Null, -32600, "request too large");
-    }
+/// The JSON-RPC 2.0 answer to one request line; `None` for a notification (no `id`), which
+/// is carried out but not answered.
+async fn answer_line(
+    line: &str,
+    requests: &mpsc::Sender<Pending>,
+    arrived: &Notify,
+) -> Option<Value> {
     let Ok(value) = serde_json::from_str::<Value>(line) else {
-        return rpc_error(Value::Null, -32700, "not JSON");
+        return Some(rpc_error(Value::Null, -32700, "not JSON"));
     };
-    let id = value.get("id").cloned().unwrap_or(Value::Null);
+    if value.is_array() {
+        return Some(rpc_error(Value::Null, -32600, "batches are not supported"));
+    }
+    let id = match value.get("id") {
+        None => None,
+        Some(id @ (Value::Null | Value::Number(_) | Value::String(_))) => Some(id.clone()),
+        Some(_) => {
+            return Some(rpc_error(
+                Value::Null,
+                -32600,
+                "id must be a number or a string",
+            ));
+        }
+    };
+    let reply_to = id.clone().unwrap_or(Value::Null);
+    if value.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Some(rpc_error(reply_to, -32600, "not a JSON-RPC 2.0 request"));
+    }
+    let method = value.get("method").cloned().unwrap_or(Value::Null);
     let call = json!({
-        "method": value.get("method").cloned().unwrap_or(Value::Null),
+        "method": method,
         "params": value.get("params").cloned().unwrap_or(Value::Null),
     });
     let request = match serde_json::from_value::<Request>(call) {
         Ok(request) => request,
-        Err(e) => return rpc_error(id, -32601, &format!("unknown method or bad params: {e}")),
+        // Unknown method, or known with wrong params.
+        Err(e) if e.to_string().contains("unknown variant") => {
+            return id.map(|_| rpc_error(reply_to, -32601, &format!("unknown method {method}")));
+        }
+        Err(e) => {
+            return id.map(|_| rpc_error(reply_to, -32602, &format!("bad params: {e}")));
+        }
     };
     let (reply, answer) = oneshot::channel();
     if requests.send((request, reply)).await.is_err() {
-        return rpc_error(id, -32000, "the daemon is stopping");
+        return id.map(|_| rpc_error(reply_to, -32000, "the daemon is stopping"));
     }
     arrived.notify_one();
-    match answer.await {
-        Ok(Ok(answer)) => json!({ "jsonrpc": "2.0", "id": id, "result": answer }),
-        Ok(Err(message)) => rpc_error(id, -32000, &message),
-        Err(_) => rpc_error(id, -32000, "the daemon stopped"),
-    }
+    let answer = answer.await;
+    id?;
+    Some(match answer {
+        Ok(Ok(answer)) => json!({ "jsonrpc": "2.0", "id": reply_to, "result": answer }),
+        Ok(Err(message)) => rpc_error(reply_to, -32000, &message),
+        Err(_) => rpc_error(reply_to, -32000, "the daemon stopped"),
+    })
 }
 
 fn rpc_error(id: Value, code: i64, message: &str) -> Value {
@@ -292,7 +378,11 @@ fn rpc_error(id: Value, code: i64, message: &str) -> Value {
 /// itself).
 pub(crate) async fn call(dir: &Path, request: &Request) -> Option<Result<Answer, CliError>> {
     let stream = UnixStream::connect(socket_path(dir)).await.ok()?;
-    Some(ask(stream, request).await)
+    Some(
+        tokio::time::timeout(ASK_TIMEOUT, ask(stream, request))
+            .await
+            .unwrap_or_else(|_| Err(CliError::msg("the daemon did not answer in time"))),
+    )
 }
 
 async fn ask(stream: UnixStream, request: &Request) -> Result<Answer, CliError> {

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     errors::CliError,
-    output::{Line, event_lines, format_duration, format_time, key_change_lines, progress_bar},
+    output::{
+        Line, event_lines, format_duration, format_time, key_change_lines, progress_bar, theirs,
+    },
 };
 
 /// A command for the device's client. Serialized as a JSON-RPC `method` and its `params`.
@@ -102,8 +104,7 @@ pub(crate) struct PushParams {
     pub(crate) webpush: bool,
 }
 
-/// What a request answers: lines to print, and whether the contact is verified (for
-/// `safety_number`, so that `verify` knows).
+/// What a request answers: lines to print, and for `safety_number` what `verify` must know.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Answer {
     /// What to print.
@@ -111,6 +112,20 @@ pub(crate) struct Answer {
     /// For `safety_number`: the contact is verified already.
     #[serde(default)]
     pub(crate) verified: bool,
+    /// For `safety_number`: the contact's master key changed and is not accepted yet.
+    #[serde(default)]
+    pub(crate) key_changed: bool,
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// In this process, for this command only: progress bars, and transcripts go before it
+    /// exits.
+    Local,
+    /// In the daemon, which keeps running: no progress bars, and transcripts go on the
+    /// daemon's own schedule (waiting for them would hold every caller up).
+    Daemon,
 }
 
 impl Answer {
@@ -120,11 +135,11 @@ impl Answer {
     }
 }
 
-/// Runs `request` on `client`. `progress`: show a progress bar for files (not in the daemon).
+/// Runs `request` on `client`.
 pub(crate) async fn exec(
     client: &mut Client,
     request: Request,
-    progress: bool,
+    mode: Mode,
 ) -> Result<Answer, CliError> {
     let answer = Answer::default();
     Ok(match request {
@@ -142,12 +157,15 @@ pub(crate) async fn exec(
             }
             // The transcript for this account's other devices goes a moment later, not in
             // the same burst as the sealed send.
-            client.flush_transcripts().await?;
+            if mode == Mode::Local {
+                client.flush_transcripts().await?;
+            }
             answer
         }
         Request::SendFile { to, path } => {
             client.connect().await?;
-            let bar = progress.then(|| progress_bar(&format!("Sending {}", path.display())));
+            let bar =
+                (mode == Mode::Local).then(|| progress_bar(&format!("Sending {}", path.display())));
             client
                 .send_file(&to, &path, |done, total| {
                     if let Some(bar) = &bar {
@@ -160,7 +178,9 @@ pub(crate) async fn exec(
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            client.flush_transcripts().await?;
+            if mode == Mode::Local {
+                client.flush_transcripts().await?;
+            }
             answer.out(format!("Sent {} to {to}.", path.display()))
         }
         Request::Conversations { with } => {
@@ -179,6 +199,7 @@ pub(crate) async fn exec(
                 return Ok(Answer {
                     lines: key_change_lines(&with, &change),
                     verified: false,
+                    key_changed: true,
                 });
             }
             let number = number?;
@@ -322,7 +343,7 @@ fn conversations(
                 answer = answer.out(format!(
                     "[{}] {who}: {}{state}",
                     format_time(m.time_ms),
-                    m.text
+                    theirs(&m.text)
                 ));
             }
         }

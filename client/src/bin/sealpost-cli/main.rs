@@ -55,8 +55,8 @@ use sealpost_client::{Client, Event};
 
 use crate::{
     errors::CliError,
-    exec::{Answer, Request, exec},
-    output::{Line, event_lines, print_all, progress_bar},
+    exec::{Answer, Mode, Request, exec},
+    output::{event_lines, print_all, progress_bar},
 };
 
 /// End-to-end encrypted messages through a Sealpost broker.
@@ -310,8 +310,17 @@ fn server_url(raw: &str) -> Result<String, CliError> {
     let url = if raw.contains("://") {
         raw.to_owned()
     } else {
-        let host = raw.split([':', '/']).next().unwrap_or_default();
-        let local = host == "localhost" || host.starts_with("127.") || raw.starts_with("[::1]");
+        // Plain http only for this machine itself (never `127.evil.example`).
+        let host = raw.split('/').next().unwrap_or_default();
+        let host = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.parse::<u16>().is_ok())
+            .map_or(host, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let local = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
         format!("{}://{raw}", if local { "http" } else { "https" })
     };
     let url = url.trim_end_matches('/').to_owned();
@@ -361,7 +370,7 @@ async fn everyday(dir: &Path, request: Request) -> Result<Answer, CliError> {
         return answer;
     }
     let mut client = Client::open(dir).await?;
-    exec(&mut client, request, true).await
+    exec(&mut client, request, Mode::Local).await
 }
 
 fn main() -> ExitCode {
@@ -379,7 +388,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", output::one_line(&e.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -478,11 +487,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Verify { with, yes } => {
             let number = everyday(&dir, Request::SafetyNumber { with: with.clone() }).await?;
             print_all(&number.lines);
-            if number
-                .lines
-                .iter()
-                .any(|l| matches!(l, Line::Out(t) if t.contains("changed")))
-            {
+            if number.key_changed {
                 return Err(CliError::msg(format!(
                     "not verified: accept the new master key of {with} first (accept-key)"
                 )));
@@ -739,6 +744,11 @@ mod tests {
         assert_eq!(
             server_url("https://chat.example.com").unwrap(),
             "https://chat.example.com"
+        );
+        assert_eq!(server_url("[::1]:8080").unwrap(), "http://[::1]:8080");
+        assert_eq!(
+            server_url("127.evil.example").unwrap(),
+            "https://127.evil.example"
         );
         assert!(server_url("ftp://x").is_err());
         assert!(server_url("https://").is_err());

@@ -15,13 +15,39 @@ pub(crate) enum Line {
 }
 
 impl Line {
-    /// Prints the line where it belongs.
+    /// Prints the line where it belongs, with no terminal control sequence in it.
     pub(crate) fn print(&self) {
         match self {
-            Line::Out(text) => println!("{text}"),
-            Line::Err(text) => eprintln!("{text}"),
+            Line::Out(text) => println!("{}", printable(text)),
+            Line::Err(text) => eprintln!("{}", printable(text)),
         }
     }
+}
+
+/// `text` without control characters but line breaks and tabs: a contact's message, a file
+/// name or a broker's words cannot move the cursor, retitle the terminal or write the
+/// clipboard (escape sequences), whatever they hold.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Text from someone else, for one printed entry: its line breaks continue indented, so that
+/// it cannot pass for lines of its own (another message, a "(verified)").
+pub(crate) fn theirs(text: &str) -> String {
+    printable(text).replace('\n', "\n    ")
+}
+
+/// Text for a single line (an error): line breaks become spaces.
+pub(crate) fn one_line(text: &str) -> String {
+    printable(text).replace(['\n', '\t'], " ")
 }
 
 /// Prints every line.
@@ -157,7 +183,7 @@ pub(crate) fn event_lines(event: &Event) -> Vec<Line> {
             "[{}] {}: {}",
             format_time(m.sent_ms),
             m.from,
-            m.text
+            theirs(&m.text)
         )),
         Event::File {
             from,
@@ -167,9 +193,9 @@ pub(crate) fn event_lines(event: &Event) -> Vec<Line> {
         } => Line::Out(format!(
             "[{}] {from} sent a file: {} ({} bytes, {})",
             format_time(*sent_ms),
-            file.name,
+            one_line(&file.name),
             file.plain_size().unwrap_or(file.size),
-            file.media_type
+            one_line(&file.media_type)
         )),
         Event::SentElsewhere {
             to,
@@ -177,8 +203,9 @@ pub(crate) fn event_lines(event: &Event) -> Vec<Line> {
             text,
             sent_ms,
         } => Line::Out(format!(
-            "[{}] (you, device {device}) -> {to}: {text}",
-            format_time(*sent_ms)
+            "[{}] (you, device {device}) -> {to}: {}",
+            format_time(*sent_ms),
+            theirs(text)
         )),
         Event::DeviceLinked { device } => Line::Out(format!("* device {device} was linked")),
         Event::Linked => Line::Out("* this device is linked".to_owned()),
@@ -226,8 +253,9 @@ fn group_event_lines(event: &GroupEvent) -> Vec<Line> {
             sent_ms,
             ..
         } => vec![Line::Out(format!(
-            "[{}] {from} in {group}: {text}",
-            format_time(*sent_ms)
+            "[{}] {from} in {group}: {}",
+            format_time(*sent_ms),
+            theirs(text)
         ))],
         GroupEvent::Joined { group, by } => {
             vec![Line::Out(format!("* {by} added you to group {group}"))]
@@ -296,6 +324,18 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00:00");
         assert_eq!(format_time(1_700_000_000_000), "2023-11-14 22:13:20");
         assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn what_others_wrote_cannot_drive_the_terminal_or_fake_lines() {
+        let evil = "hi\x1b]52;c;Zm9v\x07\n[2026-01-01 00:00:00] bob: (verified)";
+        let shown = theirs(evil);
+        assert!(
+            !shown.contains('\x1b') && !shown.contains('\x07'),
+            "{shown:?}"
+        );
+        assert!(shown.contains("\n    [2026"), "{shown:?}");
+        assert_eq!(one_line("a\nb\x1b"), "a b\u{fffd}");
     }
 
     #[test]
