@@ -380,6 +380,19 @@ fn failpoint_sync_file() -> Option<PathBuf> {
     }
 }
 
+/// Testing only, honoured by debug builds: while the file `SEALPOST_FAILPOINT_WITHHOLD_FILE`
+/// names exists, the next durable envelope is answered as accepted and dropped (a withholding
+/// broker). Not a setting, for the same reason as [`failpoint_sync_file`].
+fn failpoint_withhold_file() -> Option<PathBuf> {
+    if cfg!(debug_assertions) {
+        std::env::var_os("SEALPOST_FAILPOINT_WITHHOLD_FILE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    } else {
+        None
+    }
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -516,6 +529,7 @@ impl Settings {
                 ack_timeout: ms(self.ack_timeout_ms),
                 idle: ms(self.mailbox_idle_ms),
                 dedup_secs: self.dedup_secs,
+                failpoint_withhold: failpoint_withhold_file(),
             },
             federation: PeerSettings {
                 local_domain: self.domain.clone(),

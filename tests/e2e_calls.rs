@@ -122,7 +122,13 @@ async fn an_offer_rings_every_device_and_answering_on_one_stops_the_others() {
     assert!(
         alice
             .client
-            .send_call_signal(BOB, Payload::Text { body: "x".into() })
+            .send_call_signal(
+                BOB,
+                Payload::Text {
+                    body: "x".into(),
+                    link: None
+                }
+            )
             .await
             .is_err()
     );

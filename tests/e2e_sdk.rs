@@ -315,7 +315,14 @@ impl Mallory {
             .map(|(device, keys)| {
                 let olm = self
                     .sessions
-                    .encrypt(BOB, *device, &Payload::Text { body: text.into() })
+                    .encrypt(
+                        BOB,
+                        *device,
+                        &Payload::Text {
+                            body: text.into(),
+                            link: None,
+                        },
+                    )
                     .expect("encrypt");
                 Copy {
                     device: sealpost_proto::DeviceId(*device),

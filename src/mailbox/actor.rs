@@ -47,6 +47,10 @@ pub struct MailboxConfig {
     pub idle: Duration,
     /// Minimum time a send id is remembered.
     pub dedup_secs: u64,
+    /// Testing only (debug builds): while this file exists, the next durable envelope is
+    /// answered as accepted and not stored, and the file is removed: a broker withholding one
+    /// message, for the clients' withheld-message detection to find.
+    pub failpoint_withhold: Option<std::path::PathBuf>,
 }
 
 impl MailboxConfig {
@@ -60,6 +64,7 @@ impl MailboxConfig {
             ack_timeout: Duration::from_secs(3600),
             idle,
             dedup_secs: 3600,
+            failpoint_withhold: None,
         }
     }
 }
@@ -772,6 +777,15 @@ impl Handler<Submit> for Mailbox {
 
     fn handle(&mut self, msg: Submit, _ctx: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
+        if msg.class != Class::Ephemeral
+            && let Some(file) = &self.config.failpoint_withhold
+            && cfg!(debug_assertions)
+            && std::fs::remove_file(file).is_ok()
+        {
+            return Box::pin(actix::fut::ready(SendOutcome::Accepted {
+                duplicate: false,
+            }));
+        }
         let started = Instant::now();
         let staged = match self.submit(&msg) {
             Ok(staged) => staged,

@@ -32,6 +32,9 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// The sync failpoint's file name in a test broker's directory.
 const SYNC_FAILPOINT: &str = "fail-sync";
 
+/// The withholding failpoint's file name in a test broker's directory.
+const WITHHOLD_FAILPOINT: &str = "withhold-next";
+
 /// A broker process.
 pub struct Broker {
     pub dir: tempfile::TempDir,
@@ -83,6 +86,17 @@ impl Broker {
     /// debug builds, `SEALPOST_FAILPOINT_SYNC_FILE`).
     pub fn sync_failpoint(&self) -> PathBuf {
         self.dir.path().join(SYNC_FAILPOINT)
+    }
+
+    /// Makes the broker answer the next durable envelope as accepted and drop it, as a broker
+    /// withholding a message would (a test-only hook of debug builds).
+    pub fn withhold_next(&self) {
+        std::fs::write(self.dir.path().join(WITHHOLD_FAILPOINT), b"").expect("arm withholding");
+    }
+
+    /// Whether the envelope `withhold_next` asked for was dropped.
+    pub fn withheld(&self) -> bool {
+        !self.dir.path().join(WITHHOLD_FAILPOINT).exists()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -260,6 +274,11 @@ fn spawn(
     let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
         // Every flush fails while this file exists (debug builds): see `Broker::sync_failpoint`.
         .env("SEALPOST_FAILPOINT_SYNC_FILE", dir.join(SYNC_FAILPOINT))
+        // The next durable envelope is dropped once this file exists: see `Broker::withhold_next`.
+        .env(
+            "SEALPOST_FAILPOINT_WITHHOLD_FILE",
+            dir.join(WITHHOLD_FAILPOINT),
+        )
         .arg("serve")
         .args(["--listen", &listen])
         .arg("--data-dir")

@@ -1565,8 +1565,9 @@ function bubble(li, { text, file, time, sender, state, word }) {
 function eventLine(list, text, time, cls = '') {
   const li = document.createElement('li');
   li.className = `event ${cls}`.trim();
-  li.textContent = `${text} · ${clock(time)}`;
+  li.textContent = time === null ? text : `${text} · ${clock(time)}`;
   list.appendChild(li);
+  return li;
 }
 
 function dayLine(list, time, lastDay) {
@@ -1609,6 +1610,15 @@ function renderMessages() {
       word: e === lastOwn,
     });
     list.appendChild(li);
+  }
+  // A later message of theirs named one that has not arrived (the engine's chains): the
+  // server may be holding it back. Shown until it arrives.
+  if (conv && conv.missing > 0) {
+    const who = shortName(current);
+    const text = conv.missing === 1
+      ? `A message from ${who} may be missing: a later one mentions it. It may still arrive; if it doesn't, the server may have held it back.`
+      : `${conv.missing} messages from ${who} may be missing: later ones mention them. They may still arrive; if they don't, the server may have held them back.`;
+    eventLine(list, text, null, 'missing').id = 'missing-notice';
   }
   if (atBottom || list.dataset.for !== current) list.scrollTop = list.scrollHeight;
   list.dataset.for = current;

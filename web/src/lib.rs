@@ -1089,7 +1089,7 @@ impl Engine {
                     .collect();
                 json!({"with": c.with, "verified": c.verified, "key_changed": c.key_changed,
                        "disappearing_secs": c.disappearing_secs.unwrap_or(0),
-                       "unread": c.unread, "messages": messages})
+                       "unread": c.unread, "missing": c.missing, "messages": messages})
             })
             .collect();
         Value::Array(out).to_string()

@@ -6,7 +6,7 @@
 import { spawn } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync, statSync, openSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync, statSync, openSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -79,6 +79,11 @@ export async function startBroker(extra = []) {
       await spawnBroker(broker, broker.base.replace(/^http:\/\//, ''), extra);
     },
     cleanup() { rmSync(dir, { recursive: true, force: true }); },
+    /** The broker answers the next durable envelope as taken and drops it (a test-only hook
+     * of debug builds): a broker withholding one message. */
+    withholdNext() { writeFileSync(join(dir, 'withhold-next'), ''); },
+    /** Whether the envelope `withholdNext` asked for was dropped. */
+    withheld() { return !existsSync(join(dir, 'withhold-next')); },
   };
   await spawnBroker(broker, '127.0.0.1:0', extra);
   return broker;
@@ -91,7 +96,10 @@ async function spawnBroker(broker, listen, extra) {
     '--domain', 'localhost', '--web-root', WEB_ROOT, '--log-level', 'debug',
     '--ip-rate', '0', '--device-rate', '0', '--stranger-rate', '0', '--claim-rate', '0',
     '--shutdown-drain-ms', '200', ...extra,
-  ], { stdio: ['ignore', 'pipe', log] });
+  ], {
+    stdio: ['ignore', 'pipe', log],
+    env: { ...process.env, SEALPOST_FAILPOINT_WITHHOLD_FILE: join(broker.dir, 'withhold-next') },
+  });
   const line = await readFirstLine(child.stdout);
   const addr = line.trim().replace(/^listening on /, '');
   if (!/^127\.0\.0\.1:\d+$/.test(addr)) throw new Error(`unexpected broker line ${line}; see ${broker.logPath}`);

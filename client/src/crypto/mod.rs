@@ -54,7 +54,7 @@
 //! let alice_keys = DeviceKeys::generate();
 //! let mut alice_sessions = Sessions::new("alice@a.example".into(), 1);
 //! alice_sessions.create_outbound(&alice_keys, "bob@b.example", 7, &bob_public, &bob_fallback)?;
-//! let olm = alice_sessions.encrypt("bob@b.example", 7, &Payload::Text { body: "hi".into() })?;
+//! let olm = alice_sessions.encrypt("bob@b.example", 7, &Payload::Text { body: "hi".into(), link: None })?;
 //! let alice = SenderInfo { user: "alice@a.example".into(), device: 1 };
 //! let sealed = seal("bob@b.example", 7, &bob_public.seal_x25519, &alice, 1_700_000_000_000, &olm)?;
 //!
@@ -63,7 +63,7 @@
 //! let sender_keys = alice_keys.public_keys(); // from Alice's verified device list
 //! let payload =
 //!     bob_sessions.decrypt(&mut bob_keys, &unsealed.sender, &sender_keys, &unsealed.olm_message)?;
-//! assert_eq!(payload, Payload::Text { body: "hi".into() });
+//! assert_eq!(payload, Payload::Text { body: "hi".into(), link: None });
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -100,7 +100,9 @@ pub use identity::{
     UnpublishedKeys,
 };
 pub use message::{OlmMessage, OlmMessageKind};
-pub use payload::{CallId, GrantContact, MAX_RECEIPT_IDS, Payload, PayloadError, ReceiptKind};
+pub use payload::{
+    CallId, GrantContact, Link, MAX_LINK_PREV, MAX_RECEIPT_IDS, Payload, PayloadError, ReceiptKind,
+};
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};
 pub use sealed::{PLACEHOLDER_BYTES, SealError, SenderInfo, Unsealed, open, placeholder, seal};

@@ -11,7 +11,7 @@
 //!
 //! | kind | variant | body |
 //! |---|---|---|
-//! | 1 | [`Payload::Text`] | `[str body]` |
+//! | 1 | [`Payload::Text`] | `str body` (unlinked), or `[str body, u64 n, [[u64 n, bin envelope id (16)]]]` ([`Link`]) |
 //! | 2 | [`Payload::DeliveryToken`] | `[bin token]` |
 //! | 3 | [`Payload::Sent`] | `[str to, str body]` |
 //! | 4 | [`Payload::LinkRequest`] | `[bin public device keys, bin proof (32)]` |
@@ -56,6 +56,34 @@ use serde_bytes::ByteBuf;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{attachment::FileRef, decode_exact};
+
+/// A message's place in its sending device's chain to one conversation: its own number `n`
+/// (counting up per device and conversation, texts and files alike), and the numbers and
+/// envelope ids of the messages of that chain the broker accepted since the previous text
+/// (usually one). A recipient that has not received one of those, and has seen this device's
+/// chain from before it, knows the broker withheld or has not yet delivered it: the broker
+/// assigns the sequence numbers it delivers by, but cannot read or forge these. Envelope ids
+/// are random and unique, so they stand for the earlier message as a hash would; the Olm
+/// session authenticates everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    /// This message's number in the chain.
+    pub n: u64,
+    /// Earlier messages of the chain: (number, envelope id), at most [`MAX_LINK_PREV`].
+    pub prev: Vec<(u64, [u8; 16])>,
+}
+
+/// Most earlier messages one link names.
+pub const MAX_LINK_PREV: usize = 16;
+
+/// A text body on the wire: a plain string (unlinked, as older clients send it) or the text
+/// with its link.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum TextWire {
+    Plain(String),
+    Linked(String, u64, Vec<(u64, ByteBuf)>),
+}
 
 /// Format byte of the payload encoding.
 const FORMAT: u8 = 1;
@@ -137,6 +165,10 @@ pub enum Payload {
     Text {
         /// The message text.
         body: String,
+        /// Where it stands in its sending device's chain of messages to this conversation, so
+        /// that the recipient notices one the broker withheld (`None`: sent without, by an
+        /// older client, or as a retry that lost its place).
+        link: Option<Link>,
     },
     /// A file: where its encrypted bytes are, and the key that opens them.
     File {
@@ -311,9 +343,6 @@ fn array32(bytes: &[u8]) -> Result<[u8; 32], PayloadError> {
 }
 
 #[derive(Serialize, Deserialize)]
-struct TextBody(String);
-
-#[derive(Serialize, Deserialize)]
 struct OfferBody(ByteBuf, String, String, bool);
 
 #[derive(Serialize, Deserialize)]
@@ -364,7 +393,20 @@ impl Payload {
     /// a link grant): the caller wipes them when done.
     pub fn encode(&self) -> Vec<u8> {
         let (kind, body) = match self {
-            Payload::Text { body } => (KIND_TEXT, rmp_serde::to_vec(&TextBody(body.clone()))),
+            Payload::Text { body, link } => {
+                let wire = match link {
+                    None => TextWire::Plain(body.clone()),
+                    Some(link) => TextWire::Linked(
+                        body.clone(),
+                        link.n,
+                        link.prev
+                            .iter()
+                            .map(|(n, id)| (*n, ByteBuf::from(id.to_vec())))
+                            .collect(),
+                    ),
+                };
+                (KIND_TEXT, rmp_serde::to_vec(&wire))
+            }
             Payload::File { file } => (KIND_FILE, rmp_serde::to_vec(file)),
             Payload::SentFile { to, file } => (KIND_SENT_FILE, rmp_serde::to_vec(&(to, file))),
             Payload::History { device, file } => (KIND_HISTORY, rmp_serde::to_vec(&(device, file))),
@@ -508,10 +550,23 @@ impl Payload {
             .split_first_chunk::<2>()
             .ok_or(PayloadError::Malformed)?;
         match u16::from_be_bytes(*kind) {
-            KIND_TEXT => {
-                let TextBody(body) = decode_exact(body).ok_or(PayloadError::Malformed)?;
-                Ok(Payload::Text { body })
-            }
+            KIND_TEXT => match decode_exact(body).ok_or(PayloadError::Malformed)? {
+                TextWire::Plain(body) => Ok(Payload::Text { body, link: None }),
+                TextWire::Linked(body, n, prev) => {
+                    if prev.len() > MAX_LINK_PREV {
+                        return Err(PayloadError::Malformed);
+                    }
+                    let prev = prev
+                        .into_iter()
+                        .map(|(n, id)| <[u8; 16]>::try_from(id.as_slice()).map(|id| (n, id)))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| PayloadError::Malformed)?;
+                    Ok(Payload::Text {
+                        body,
+                        link: Some(Link { n, prev }),
+                    })
+                }
+            },
             KIND_FILE => {
                 let file: FileRef = decode_exact(body).ok_or(PayloadError::Malformed)?;
                 file.file_key().map_err(|_| PayloadError::Malformed)?;
@@ -649,7 +704,7 @@ impl Payload {
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Payload::Text { body } => f
+            Payload::Text { body, .. } => f
                 .debug_struct("Text")
                 .field("body_len", &body.len())
                 .finish_non_exhaustive(),
@@ -714,10 +769,44 @@ mod tests {
     fn text_round_trips() {
         let payload = Payload::Text {
             body: "hello, Bob ☕".into(),
+            link: None,
         };
         let bytes = payload.encode();
         assert_eq!(&bytes[..3], &[1, 0, 1]);
         assert_eq!(Payload::decode(&bytes), Ok(payload));
+    }
+
+    #[test]
+    fn a_linked_text_round_trips_and_an_unlinked_one_keeps_the_old_encoding() {
+        let linked = Payload::Text {
+            body: "see you".into(),
+            link: Some(Link {
+                n: 7,
+                prev: vec![(5, [1; 16]), (6, [2; 16])],
+            }),
+        };
+        assert_eq!(Payload::decode(&linked.encode()), Ok(linked));
+        // An older client's text (a plain string body) decodes as unlinked.
+        let mut old = vec![1, 0, 1];
+        old.extend(rmp_serde::to_vec(&"hi").expect("encodes"));
+        assert_eq!(
+            Payload::decode(&old),
+            Ok(Payload::Text {
+                body: "hi".into(),
+                link: None
+            })
+        );
+        // A link naming an id of the wrong length, or too many, is malformed.
+        let mut bad = vec![1, 0, 1];
+        let prev = vec![(1u64, ByteBuf::from(vec![0u8; 15]))];
+        bad.extend(rmp_serde::to_vec(&("x", 2u64, prev)).expect("encodes"));
+        assert_eq!(Payload::decode(&bad), Err(PayloadError::Malformed));
+        let mut many = vec![1, 0, 1];
+        let prev: Vec<(u64, ByteBuf)> = (0..=MAX_LINK_PREV as u64)
+            .map(|n| (n, ByteBuf::from(vec![0u8; 16])))
+            .collect();
+        many.extend(rmp_serde::to_vec(&("x", 99u64, prev)).expect("encodes"));
+        assert_eq!(Payload::decode(&many), Err(PayloadError::Malformed));
     }
 
     #[test]
@@ -902,6 +991,7 @@ mod tests {
     fn debug_hides_content() {
         let payload = Payload::Text {
             body: "canary-secret".into(),
+            link: None,
         };
         let shown = format!("{payload:?}");
         assert!(!shown.contains("canary"), "{shown}");
@@ -923,7 +1013,11 @@ mod tests {
             Payload::decode(&[1, 0, 1, 0xc1]),
             Err(PayloadError::Malformed)
         );
-        let mut trailing = Payload::Text { body: "x".into() }.encode();
+        let mut trailing = Payload::Text {
+            body: "x".into(),
+            link: None,
+        }
+        .encode();
         trailing.push(0);
         assert_eq!(Payload::decode(&trailing), Err(PayloadError::Malformed));
     }

@@ -286,7 +286,14 @@ mod tests {
             }
             let olm = self
                 .sessions
-                .encrypt(to.user, to.id, &Payload::Text { body: body.into() })
+                .encrypt(
+                    to.user,
+                    to.id,
+                    &Payload::Text {
+                        body: body.into(),
+                        link: None,
+                    },
+                )
                 .expect("encrypts");
             seal(
                 to.user,
@@ -324,7 +331,10 @@ mod tests {
     }
 
     fn text(body: &str) -> Payload {
-        Payload::Text { body: body.into() }
+        Payload::Text {
+            body: body.into(),
+            link: None,
+        }
     }
 
     #[test]

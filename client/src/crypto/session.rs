@@ -483,7 +483,14 @@ mod tests {
 
         fn send(&mut self, to: &Device, text: &str) -> OlmMessage {
             self.sessions
-                .encrypt(to.user, to.id, &Payload::Text { body: text.into() })
+                .encrypt(
+                    to.user,
+                    to.id,
+                    &Payload::Text {
+                        body: text.into(),
+                        link: None,
+                    },
+                )
                 .expect("encrypts")
         }
 
@@ -502,7 +509,10 @@ mod tests {
     }
 
     fn text(body: &str) -> Payload {
-        Payload::Text { body: body.into() }
+        Payload::Text {
+            body: body.into(),
+            link: None,
+        }
     }
 
     #[test]

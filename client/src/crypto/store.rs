@@ -546,7 +546,10 @@ mod tests {
             .encrypt(
                 to.user(),
                 to.device_id(),
-                &Payload::Text { body: body.into() },
+                &Payload::Text {
+                    body: body.into(),
+                    link: None,
+                },
             )
             .expect("encrypts");
         let sealed = seal(
@@ -570,7 +573,10 @@ mod tests {
     }
 
     fn text(body: &str) -> Payload {
-        Payload::Text { body: body.into() }
+        Payload::Text {
+            body: body.into(),
+            link: None,
+        }
     }
 
     #[test]

@@ -118,6 +118,16 @@ pub enum Event {
         /// The messages ([`ConversationMessage::id`]).
         ids: Vec<EnvelopeId>,
     },
+    /// Messages from `peer` that a later message of theirs named have not arrived: the
+    /// broker may have withheld them (see the `chain` module). `count` is how many are
+    /// missing now; 0 once they all arrived. A UI shows "a message from … may be missing"
+    /// while it is above 0.
+    MaybeMissing {
+        /// The contact.
+        peer: String,
+        /// Messages from them named and not received.
+        count: usize,
+    },
     /// Everything queued when the connection opened has been handled.
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.
@@ -294,6 +304,9 @@ pub struct Conversation {
     pub disappearing_secs: Option<u32>,
     /// Incoming messages not yet marked read.
     pub unread: usize,
+    /// Messages from the contact that a later one named and that have not arrived (the
+    /// broker may have withheld them).
+    pub missing: usize,
     /// Messages, oldest first.
     pub messages: Vec<ConversationMessage>,
 }
@@ -335,6 +348,7 @@ impl super::Engine {
                             && MessageState::from_wire(m.state, false) != MessageState::Read
                     })
                     .count(),
+                missing: self.missing_from(with),
                 messages: c
                     .messages
                     .iter()

@@ -49,6 +49,7 @@
 //!   receiving Welcomes, Commits and messages (held until their epoch is reached).
 
 pub mod calls;
+pub mod chain;
 pub mod disappearing;
 pub mod events;
 pub mod groups;

@@ -201,6 +201,7 @@ impl Engine {
     /// message changed. The SDK calls it on every accepted send; a driver that reads the
     /// broker's answers itself (the browser page) calls it on `send_result`.
     pub fn message_accepted(&mut self, id: EnvelopeId) -> Option<Event> {
+        self.chain_accepted(id);
         for (peer, contact) in &mut self.record.contacts {
             if let Some(m) = contact
                 .messages

@@ -326,16 +326,19 @@ impl Engine {
             })])
         };
         match payload {
-            Payload::Text { body } if !own => {
+            Payload::Text { body, link } if !own => {
                 let message = StoredMessage::new(false, sender.device, sent_ms, body.clone(), None);
                 self.store_received(&sender.user, id, message, now_ms);
-                Ok(vec![Event::Message(ReceivedMessage {
+                let gap = self.chain_received(&sender.user, sender.device, id, link.as_ref());
+                let mut events = vec![Event::Message(ReceivedMessage {
                     id: EnvelopeId([0; 16]),
                     from: sender.user.clone(),
                     device: sender.device,
                     sent_ms,
                     text: body,
-                })])
+                })];
+                events.extend(gap);
+                Ok(events)
             }
             Payload::File { file } if !own => {
                 let message = StoredMessage::new(
@@ -346,12 +349,15 @@ impl Engine {
                     Some(file.clone()),
                 );
                 self.store_received(&sender.user, id, message, now_ms);
-                Ok(vec![Event::File {
+                let gap = self.chain_received(&sender.user, sender.device, id, None);
+                let mut events = vec![Event::File {
                     from: sender.user.clone(),
                     device: sender.device,
                     sent_ms,
                     file,
-                }])
+                }];
+                events.extend(gap);
+                Ok(events)
             }
             Payload::SentFile { to, file } if own => {
                 let text = file.summary();

@@ -243,6 +243,12 @@ pub(crate) struct Record {
     /// Receipts owed to contacts, by contact, until the driver takes them.
     #[serde(default)]
     pub(crate) receipts: BTreeMap<String, OwedReceipts>,
+    /// This device's message chains, by conversation (see the `chain` module).
+    #[serde(default)]
+    pub(crate) chains_out: BTreeMap<String, super::chain::ChainOut>,
+    /// Contacts' devices' chains to this device, by contact and device.
+    #[serde(default)]
+    pub(crate) chains_in: BTreeMap<String, BTreeMap<u32, super::chain::ChainIn>>,
 }
 
 /// A file upload that has not finished.

@@ -110,6 +110,7 @@ impl Outgoing {
             text: Some(body.to_owned()),
             ..Self::payload(Payload::Text {
                 body: body.to_owned(),
+                link: None,
             })
         }
     }
@@ -330,6 +331,11 @@ impl Engine {
         if let Some(peer) = about {
             outgoing.delivery.ttl_secs = self.ttl_for(peer, outgoing.delivery.ttl_secs);
         }
+        // A message's place in its chain (a retry that lost its send keeps none: it may
+        // already have one with the recipient, and another would look like a new message).
+        if retry_of.is_none() {
+            self.link_outgoing(to, id, &mut outgoing.payload);
+        }
         let recorded = retry_of.is_none() && outgoing.text.is_some();
         if let (true, Some(text)) = (recorded, &outgoing.text) {
             let mut message = StoredMessage::new(
@@ -358,6 +364,7 @@ impl Engine {
 
     /// The send could not be completed: its text leaves the conversation again.
     pub fn abandon_send(&mut self, send: Send) {
+        self.chain_abandoned(&send.to, send.id);
         if send.recorded
             && let Some(c) = self.record.contacts.get_mut(&send.to)
         {
@@ -484,6 +491,7 @@ impl Engine {
     ) -> Result<SendProgress, ClientError> {
         match outcome {
             SendOutcome::Accepted { .. } => {
+                self.chain_accepted(send.id);
                 // The caller learns it from the answer (the SDK's send returns the id): the
                 // stored message moves on without an event of its own.
                 if send.recorded {

@@ -397,6 +397,7 @@ fn a_forged_sender_claim_is_rejected_and_pins_nothing() {
             1,
             &Payload::Text {
                 body: "forged".into(),
+                link: None,
             },
         )
         .expect("encrypts");
@@ -483,7 +484,13 @@ fn envelopes_under_a_changed_master_key_are_held_in_order_and_calls_are_not() {
         &bob.settle(id4, &copy4, true, Err(failure))[..],
         [Event::Rejected { .. }]
     ));
-    assert!(Outgoing::call(Payload::Text { body: "x".into() }).is_err());
+    assert!(
+        Outgoing::call(Payload::Text {
+            body: "x".into(),
+            link: None
+        })
+        .is_err()
+    );
 }
 
 /// The `UnlistedDevices` notices taken from `engine`: (account, devices, own account).
@@ -1220,4 +1227,60 @@ fn a_payload_kind_this_build_does_not_know_is_rejected_and_the_session_goes_on()
         2,
         "nothing stored of it"
     );
+}
+
+/// How many messages from `peer` the `events` say may be missing, if they say.
+fn missing_in(events: &[Event], peer: &str) -> Option<usize> {
+    events.iter().rev().find_map(|e| match e {
+        Event::MaybeMissing { peer: p, count } if p == peer => Some(*count),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_message_the_broker_withholds_is_named_by_the_next_and_reported_until_it_arrives() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    let mut sent = Vec::new();
+    for text in ["one", "two", "three", "four"] {
+        let (mut send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text(text));
+        accepted(&mut alice, &mut send);
+        sent.push(frame);
+    }
+    // Loss-free, and a redelivery of "one": nothing is missing.
+    let events = broker.deliver(&sent[0], &mut bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), None, "{events:?}");
+    assert!(broker.deliver(&sent[0], &mut bob).is_none(), "a duplicate");
+    // "two" is withheld; "three" names it.
+    let events = broker.deliver(&sent[2], &mut bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), Some(1), "{events:?}");
+    assert_eq!(bob.conversations()[0].missing, 1);
+    let bob = &mut reloaded(&mut bob);
+    assert_eq!(bob.missing_from(ALICE), 1, "kept across a restart");
+    // "four" names only "three": still one missing, no new event.
+    let events = broker.deliver(&sent[3], bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), None, "{events:?}");
+    // The broker delivers "two" late: nothing is missing any more.
+    let events = broker.deliver(&sent[1], bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), Some(0), "{events:?}");
+    assert_eq!(bob.conversations()[0].missing, 0);
+}
+
+#[test]
+fn a_send_that_failed_or_came_before_the_recipient_saw_the_chain_is_never_missing() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    // Sent before Bob's device saw anything of Alice's chain, and never delivered to him.
+    let (mut early, _) = broker.prepare(&mut alice, BOB, Outgoing::text("early"));
+    accepted(&mut alice, &mut early);
+    // A send the broker refused for good, then given up.
+    let (refused, _) = broker.prepare(&mut alice, BOB, Outgoing::text("refused"));
+    alice.abandon_send(refused);
+    let (mut send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("first seen"));
+    accepted(&mut alice, &mut send);
+    let events = broker.deliver(&frame, &mut bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), None, "{events:?}");
+    let (mut send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text("next"));
+    accepted(&mut alice, &mut send);
+    let events = broker.deliver(&frame, &mut bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), None, "{events:?}");
+    assert_eq!(bob.missing_from(ALICE), 0);
 }

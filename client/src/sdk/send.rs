@@ -252,6 +252,7 @@ impl Client {
         self.verified_list(to, false).await?;
         let outgoing = Outgoing::payload(crate::crypto::Payload::Text {
             body: text.to_owned(),
+            link: None,
         });
         let mut send = self.engine.start_send(to, outgoing, None, None, now_ms())?;
         while let SendStep::ClaimKey { user, device, with } =

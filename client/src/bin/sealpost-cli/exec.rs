@@ -362,10 +362,11 @@ fn conversations(
                         ""
                     },
                     c.messages.len(),
-                    if c.unread > 0 {
-                        format!(" ({} unread)", c.unread)
-                    } else {
-                        String::new()
+                    match (c.unread, c.missing) {
+                        (0, 0) => String::new(),
+                        (u, 0) => format!(" ({u} unread)"),
+                        (0, m) => format!(" ({m} may be missing)"),
+                        (u, m) => format!(" ({u} unread, {m} may be missing)"),
                     },
                     last.map_or_else(String::new, |m| format_time(m.time_ms))
                 ));

@@ -232,6 +232,17 @@ pub(crate) fn event_lines(event: &Event) -> Vec<Line> {
             ),
             None => format!("* {by} turned disappearing messages with {peer} off"),
         }),
+        Event::MaybeMissing { peer, count: 0 } => {
+            Line::Out(format!("* the missing messages from {peer} arrived"))
+        }
+        Event::MaybeMissing { peer, count } => Line::Err(format!(
+            "! {count} message{} from {peer} may be missing: a later one names {}; if {} does \
+             not arrive, the broker may be withholding {}",
+            if *count == 1 { "" } else { "s" },
+            if *count == 1 { "it" } else { "them" },
+            if *count == 1 { "it" } else { "they" },
+            if *count == 1 { "it" } else { "them" },
+        )),
         Event::Group(g) => return group_event_lines(g),
         _ => return Vec::new(),
     };
