@@ -367,25 +367,16 @@ pub enum ConfigError {
     },
 }
 
-/// Testing only, honoured by debug builds: while the file `SEALPOST_FAILPOINT_SYNC_FILE` names
-/// exists every flush fails. Deliberately not a setting: operators never see it in `--help`
-/// or in the list of keys a config file may hold.
-fn failpoint_sync_file() -> Option<PathBuf> {
+/// A test-only failpoint file named by the environment variable `var`, honoured by debug
+/// builds only. Deliberately not settings: operators never see them in `--help` or in the
+/// list of keys a config file may hold.
+///
+/// - `SEALPOST_FAILPOINT_SYNC_FILE`: while the file exists every flush fails.
+/// - `SEALPOST_FAILPOINT_WITHHOLD_FILE`: while it exists, the next durable envelope is
+///   answered as accepted and dropped (a withholding broker), and the file removed.
+fn failpoint_file(var: &str) -> Option<PathBuf> {
     if cfg!(debug_assertions) {
-        std::env::var_os("SEALPOST_FAILPOINT_SYNC_FILE")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    } else {
-        None
-    }
-}
-
-/// Testing only, honoured by debug builds: while the file `SEALPOST_FAILPOINT_WITHHOLD_FILE`
-/// names exists, the next durable envelope is answered as accepted and dropped (a withholding
-/// broker). Not a setting, for the same reason as [`failpoint_sync_file`].
-fn failpoint_withhold_file() -> Option<PathBuf> {
-    if cfg!(debug_assertions) {
-        std::env::var_os("SEALPOST_FAILPOINT_WITHHOLD_FILE")
+        std::env::var_os(var)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     } else {
@@ -519,7 +510,7 @@ impl Settings {
                 cache_bytes: mib(self.cache_mb),
                 commit_delay: Duration::from_micros(self.commit_delay_us),
                 min_free_bytes: mib(self.min_free_disk_mb),
-                failpoint_sync: failpoint_sync_file(),
+                failpoint_sync: failpoint_file("SEALPOST_FAILPOINT_SYNC_FILE"),
                 key_max_age: Duration::from_secs(self.store_key_max_age_secs),
             },
             mailbox: MailboxConfig {
@@ -529,7 +520,7 @@ impl Settings {
                 ack_timeout: ms(self.ack_timeout_ms),
                 idle: ms(self.mailbox_idle_ms),
                 dedup_secs: self.dedup_secs,
-                failpoint_withhold: failpoint_withhold_file(),
+                failpoint_withhold: failpoint_file("SEALPOST_FAILPOINT_WITHHOLD_FILE"),
             },
             federation: PeerSettings {
                 local_domain: self.domain.clone(),
