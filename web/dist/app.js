@@ -672,6 +672,21 @@ async function transmit(out) {
 const QUIET_KINDS = new Set(['typing', 'receipt']);
 
 async function sendOne(to, payload) {
+  const sent = { id: '' };
+  try {
+    return await sendOneTry(to, payload, sent);
+  } catch (e) {
+    // Given up: what this message named of earlier ones goes with the next (the engine's
+    // withheld-message chains).
+    if (sent.id && typeof engine.send_given_up === 'function') {
+      engine.send_given_up(to, sent.id);
+      persist();
+    }
+    throw e;
+  }
+}
+
+async function sendOneTry(to, payload, sent) {
   let id = '';
   let devices = '';
   for (let attempt = 0; attempt < 4; attempt++) {
@@ -679,6 +694,7 @@ async function sendOne(to, payload) {
     const out = JSON.parse(engine.encrypt(to, JSON.stringify(payload), id, devices));
     takeNotices();
     id = out.id;
+    sent.id = id;
     persist(); // the ratchets advanced: save before anything leaves
     const result = await transmit(out);
     if (result.accepted) {

@@ -728,6 +728,14 @@ impl Engine {
         }
     }
 
+    /// The send of envelope `id` (hex) to `to` is given up (refused, or no answer): what its
+    /// text named of earlier messages goes with the next text instead (see the engine's
+    /// `chain` module). Save after.
+    pub fn send_given_up(&mut self, to: &str, id: &str) -> Result<(), JsError> {
+        self.core.send_given_up(to, EnvelopeId(unhex::<16>(id)?));
+        Ok(())
+    }
+
     /// A link code to show on this device for linking a new one: `broker_code` from `POST
     /// /v1/accounts/{h}/link-codes`, plus a secret the broker never sees. Valid until
     /// `expires_ms` (from the same answer).

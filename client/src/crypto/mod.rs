@@ -101,7 +101,8 @@ pub use identity::{
 };
 pub use message::{OlmMessage, OlmMessageKind};
 pub use payload::{
-    CallId, GrantContact, Link, MAX_LINK_PREV, MAX_RECEIPT_IDS, Payload, PayloadError, ReceiptKind,
+    CallId, GrantContact, Link, MAX_LINK_PREV, MAX_RECEIPT_IDS, Named, Payload, PayloadError,
+    ReceiptKind,
 };
 pub use pins::{PinResult, Pins};
 pub use safety::{SafetyNumber, safety_number};

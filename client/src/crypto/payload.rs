@@ -69,8 +69,23 @@ use super::{attachment::FileRef, decode_exact};
 pub struct Link {
     /// This message's number in the chain.
     pub n: u64,
-    /// Earlier messages of the chain: (number, envelope id), at most [`MAX_LINK_PREV`].
-    pub prev: Vec<(u64, [u8; 16])>,
+    /// This message's own envelope id. The broker delivers an envelope under an id it could
+    /// change; this one it cannot, so the recipient records what it received by it.
+    pub id: [u8; 16],
+    /// Earlier messages of the chain, at most [`MAX_LINK_PREV`].
+    pub prev: Vec<Named>,
+}
+
+/// An earlier message a [`Link`] names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    /// Its number in the chain.
+    pub n: u64,
+    /// Its envelope id.
+    pub id: [u8; 16],
+    /// When the broker lets it expire (ms since the Unix epoch, sender's clock): after that,
+    /// not having it is no sign of anything.
+    pub expires_ms: u64,
 }
 
 /// Most earlier messages one link names.
@@ -82,7 +97,11 @@ pub const MAX_LINK_PREV: usize = 16;
 #[serde(untagged)]
 enum TextWire {
     Plain(String),
-    Linked(String, u64, Vec<(u64, ByteBuf)>),
+    Linked(String, u64, ByteBuf, Vec<(u64, ByteBuf, u64)>),
+}
+
+fn id16(bytes: &[u8]) -> Result<[u8; 16], PayloadError> {
+    bytes.try_into().map_err(|_| PayloadError::Malformed)
 }
 
 /// Format byte of the payload encoding.
@@ -399,9 +418,10 @@ impl Payload {
                     Some(link) => TextWire::Linked(
                         body.clone(),
                         link.n,
+                        ByteBuf::from(link.id.to_vec()),
                         link.prev
                             .iter()
-                            .map(|(n, id)| (*n, ByteBuf::from(id.to_vec())))
+                            .map(|p| (p.n, ByteBuf::from(p.id.to_vec()), p.expires_ms))
                             .collect(),
                     ),
                 };
@@ -552,18 +572,27 @@ impl Payload {
         match u16::from_be_bytes(*kind) {
             KIND_TEXT => match decode_exact(body).ok_or(PayloadError::Malformed)? {
                 TextWire::Plain(body) => Ok(Payload::Text { body, link: None }),
-                TextWire::Linked(body, n, prev) => {
+                TextWire::Linked(body, n, id, prev) => {
                     if prev.len() > MAX_LINK_PREV {
                         return Err(PayloadError::Malformed);
                     }
                     let prev = prev
                         .into_iter()
-                        .map(|(n, id)| <[u8; 16]>::try_from(id.as_slice()).map(|id| (n, id)))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|_| PayloadError::Malformed)?;
+                        .map(|(n, id, expires_ms)| {
+                            Ok(Named {
+                                n,
+                                id: id16(&id)?,
+                                expires_ms,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, PayloadError>>()?;
                     Ok(Payload::Text {
                         body,
-                        link: Some(Link { n, prev }),
+                        link: Some(Link {
+                            n,
+                            id: id16(&id)?,
+                            prev,
+                        }),
                     })
                 }
             },
@@ -778,11 +807,17 @@ mod tests {
 
     #[test]
     fn a_linked_text_round_trips_and_an_unlinked_one_keeps_the_old_encoding() {
+        let named = |n, b| Named {
+            n,
+            id: [b; 16],
+            expires_ms: 1_000 + n,
+        };
         let linked = Payload::Text {
             body: "see you".into(),
             link: Some(Link {
                 n: 7,
-                prev: vec![(5, [1; 16]), (6, [2; 16])],
+                id: [7; 16],
+                prev: vec![named(5, 1), named(6, 2)],
             }),
         };
         assert_eq!(Payload::decode(&linked.encode()), Ok(linked));
@@ -797,15 +832,16 @@ mod tests {
             })
         );
         // A link naming an id of the wrong length, or too many, is malformed.
+        let id = ByteBuf::from(vec![0u8; 16]);
         let mut bad = vec![1, 0, 1];
-        let prev = vec![(1u64, ByteBuf::from(vec![0u8; 15]))];
-        bad.extend(rmp_serde::to_vec(&("x", 2u64, prev)).expect("encodes"));
+        let prev = vec![(1u64, ByteBuf::from(vec![0u8; 15]), 0u64)];
+        bad.extend(rmp_serde::to_vec(&("x", 2u64, &id, prev)).expect("encodes"));
         assert_eq!(Payload::decode(&bad), Err(PayloadError::Malformed));
         let mut many = vec![1, 0, 1];
-        let prev: Vec<(u64, ByteBuf)> = (0..=MAX_LINK_PREV as u64)
-            .map(|n| (n, ByteBuf::from(vec![0u8; 16])))
+        let prev: Vec<(u64, ByteBuf, u64)> = (0..=MAX_LINK_PREV as u64)
+            .map(|n| (n, ByteBuf::from(vec![0u8; 16]), 0))
             .collect();
-        many.extend(rmp_serde::to_vec(&("x", 99u64, prev)).expect("encodes"));
+        many.extend(rmp_serde::to_vec(&("x", 99u64, &id, prev)).expect("encodes"));
         assert_eq!(Payload::decode(&many), Err(PayloadError::Malformed));
     }
 

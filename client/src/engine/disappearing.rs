@@ -166,7 +166,7 @@ impl Engine {
     /// Deletes the messages whose time ran out by `now_ms`, reporting them per conversation.
     /// Save afterwards if anything was returned.
     pub fn expire_messages(&mut self, now_ms: u64) -> Vec<Event> {
-        let mut out = Vec::new();
+        let mut out = self.expire_missing(now_ms);
         for (peer, contact) in &mut self.record.contacts {
             if !contact
                 .messages

@@ -329,7 +329,8 @@ impl Engine {
             Payload::Text { body, link } if !own => {
                 let message = StoredMessage::new(false, sender.device, sent_ms, body.clone(), None);
                 self.store_received(&sender.user, id, message, now_ms);
-                let gap = self.chain_received(&sender.user, sender.device, id, link.as_ref());
+                let gap =
+                    self.chain_received(&sender.user, sender.device, id, link.as_ref(), now_ms);
                 let mut events = vec![Event::Message(ReceivedMessage {
                     id: EnvelopeId([0; 16]),
                     from: sender.user.clone(),
@@ -349,7 +350,7 @@ impl Engine {
                     Some(file.clone()),
                 );
                 self.store_received(&sender.user, id, message, now_ms);
-                let gap = self.chain_received(&sender.user, sender.device, id, None);
+                let gap = self.chain_received(&sender.user, sender.device, id, None, now_ms);
                 let mut events = vec![Event::File {
                     from: sender.user.clone(),
                     device: sender.device,

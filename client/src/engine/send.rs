@@ -331,10 +331,14 @@ impl Engine {
         if let Some(peer) = about {
             outgoing.delivery.ttl_secs = self.ttl_for(peer, outgoing.delivery.ttl_secs);
         }
-        // A message's place in its chain (a retry that lost its send keeps none: it may
-        // already have one with the recipient, and another would look like a new message).
+        // A message's place in its chain; a retry that lost its send gets the same place again
+        // (another would look like a new message).
         if retry_of.is_none() {
-            self.link_outgoing(to, id, &mut outgoing.payload);
+            let expires_ms =
+                now_ms.saturating_add(u64::from(outgoing.delivery.ttl_secs).saturating_mul(1000));
+            self.link_outgoing(to, id, &mut outgoing.payload, expires_ms);
+        } else {
+            self.relink(to, id, &mut outgoing.payload);
         }
         let recorded = retry_of.is_none() && outgoing.text.is_some();
         if let (true, Some(text)) = (recorded, &outgoing.text) {

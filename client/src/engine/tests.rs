@@ -1284,3 +1284,47 @@ fn a_send_that_failed_or_came_before_the_recipient_saw_the_chain_is_never_missin
     assert_eq!(missing_in(&events, ALICE), None, "{events:?}");
     assert_eq!(bob.missing_from(ALICE), 0);
 }
+
+#[test]
+fn a_broker_that_delivers_a_later_message_under_the_withheld_ones_id_is_still_caught() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    let mut sent = Vec::new();
+    for text in ["one", "two", "three"] {
+        let (mut send, frame) = broker.prepare(&mut alice, BOB, Outgoing::text(text));
+        accepted(&mut alice, &mut send);
+        sent.push(frame);
+    }
+    broker.deliver(&sent[0], &mut bob).expect("new");
+    // "two" is withheld, and "three" is delivered under its id: the text's own id (inside
+    // the encryption) says which message it is.
+    let (two_id, _) = copy_for(&sent[1], bob.device_id());
+    let (_, three) = copy_for(&sent[2], bob.device_id());
+    let events = broker.read(&mut bob, two_id, &three).expect("new");
+    assert_eq!(missing_in(&events, ALICE), Some(1), "{events:?}");
+}
+
+#[test]
+fn a_retried_send_keeps_its_link_and_a_missing_message_past_its_expiry_is_forgotten() {
+    let (mut broker, mut alice, mut bob) = alice_and_bob_talking();
+    let (mut send, first) = broker.prepare(&mut alice, BOB, Outgoing::text("one"));
+    accepted(&mut alice, &mut send);
+    broker.deliver(&first, &mut bob).expect("new");
+    let (mut send, _) = broker.prepare(&mut alice, BOB, Outgoing::text("two"));
+    accepted(&mut alice, &mut send);
+    // "three" is started, its state lost (a reloaded page), and started again under the
+    // same id with a fresh payload, as a page retries after stale_devices.
+    let (lost, _) = broker.prepare(&mut alice, BOB, Outgoing::text("three"));
+    let id = lost.id();
+    let mut retry = alice
+        .start_send(BOB, Outgoing::text("three"), None, Some(id), NOW)
+        .expect("starts");
+    let frame = broker.steps(&mut alice, &mut retry);
+    // "two" was withheld: the retried "three" still names it.
+    let events = broker.deliver(&frame, &mut bob).expect("new");
+    assert_eq!(missing_in(&events, ALICE), Some(1), "{events:?}");
+    // Once the broker would have let "two" expire anyway, not having it means nothing.
+    let far = NOW + 400 * 24 * 3600 * 1000;
+    let events = bob.expire_messages(far);
+    assert_eq!(missing_in(&events, ALICE), Some(0), "{events:?}");
+    assert_eq!(bob.missing_from(ALICE), 0);
+}
