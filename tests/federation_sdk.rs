@@ -17,6 +17,36 @@ use sealpost_client::{Client, Event, sdk::HoldReason};
 
 /// Starts one broker per domain on 127.0.0.1/2/3, each pinning the others' keys.
 fn start(domains: &[(&'static str, &str)]) -> Vec<Broker> {
+    plan(domains).into_iter().map(Planned::start).collect()
+}
+
+/// A broker to start: its domain, address, data directory and peers.
+struct Planned {
+    name: &'static str,
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+    peers: String,
+}
+
+impl Planned {
+    fn start(self) -> Broker {
+        Broker::start_with(
+            self.dir,
+            Some(self.addr),
+            &[
+                "--domain",
+                self.name,
+                "--federation-peers",
+                &self.peers,
+                "--federation-backoff-min-ms",
+                "50",
+            ],
+        )
+    }
+}
+
+/// One broker per domain, each with an address and a key, pinning the others', not started.
+fn plan(domains: &[(&'static str, &str)]) -> Vec<Planned> {
     let mut sites = Vec::new();
     for (name, ip) in domains {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -45,28 +75,53 @@ fn start(domains: &[(&'static str, &str)]) -> Vec<Broker> {
     sites
         .into_iter()
         .enumerate()
-        .map(|(i, (name, addr, dir, _))| {
-            let peers: Vec<&str> = entries
+        .map(|(i, (name, addr, dir, _))| Planned {
+            name,
+            addr,
+            dir,
+            peers: entries
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != i)
                 .map(|(_, e)| e.as_str())
-                .collect();
-            let peers = peers.join(",");
-            Broker::start_with(
-                dir,
-                Some(addr),
-                &[
-                    "--domain",
-                    name,
-                    "--federation-peers",
-                    &peers,
-                    "--federation-backoff-min-ms",
-                    "50",
-                ],
-            )
+                .collect::<Vec<_>>()
+                .join(","),
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_asked_before_the_peer_was_ever_reached_waits_for_the_link() {
+    let mut planned = plan(&[("a.example", "127.0.0.1"), ("b.example", "127.0.0.2")]);
+    let b = planned.pop().expect("b");
+    let a = planned.pop().expect("a").start();
+    // Asked while b.example's broker is not running yet: answered once the link is up
+    // (here: no such account there), not refused at once as unavailable.
+    let ask = tokio::spawn(reqwest::get(format!(
+        "{}/v1/accounts/bob@b.example/device-list",
+        a.http()
+    )));
+    // a.example fails to reach b.example again after the request came in: still waiting.
+    let label = "destination=\"b.example\"";
+    let failures = a
+        .metric_labeled("sealpost_federation_link_failures_total", label)
+        .await;
+    a.wait_metric_labeled(
+        "sealpost_federation_link_failures_total",
+        label,
+        failures + 2.0,
+    )
+    .await;
+    assert!(
+        !ask.is_finished(),
+        "answered while the peer was never reached"
+    );
+    let b = b.start();
+    let answer = ask.await.expect("task").expect("answer");
+    assert_eq!(answer.status(), 404);
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(body["error"], "not_found", "{body}");
+    drop(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

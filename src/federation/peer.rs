@@ -281,6 +281,14 @@ pub struct FederationPeer {
     /// A lookup went unanswered: until then, sends are checked against the devices known so
     /// far without asking (by then a silent link has been declared dead).
     lookups_paused_until: Option<Instant>,
+    /// Requests (device lookups, key claims, epochs) that came before the link was ever up
+    /// (this broker just started): sent when it comes up, each answered `peer_unavailable`
+    /// if its time runs out first, instead of being refused at once. Once the link has been
+    /// up, a request while it is down is refused at once (the peer is having an outage).
+    /// Bounded by [`MAX_QUEUED_REQUESTS`].
+    queued_requests: Vec<(Request, oneshot::Sender<LinkFrame>)>,
+    /// The link has been up at least once since this broker started.
+    ever_up: bool,
     /// Since when the link has been failing, and how often; for the outage log lines.
     outage: Option<Outage>,
     stats: Stats,
@@ -401,6 +409,8 @@ impl FederationPeer {
             rechecked: HashMap::new(),
             waiting: HashMap::new(),
             lookups_paused_until: None,
+            queued_requests: Vec::new(),
+            ever_up: false,
             outage: None,
             stats: Stats::default(),
             me: None,
@@ -866,13 +876,18 @@ impl FederationPeer {
     }
 
     /// A lookup over the link, answered with the reply frame.
-    fn query(&self, request: Request) -> impl Future<Output = QueryResult> + 'static {
+    fn query(&mut self, request: Request) -> impl Future<Output = QueryResult> + 'static {
+        let (reply_tx, reply_rx) = oneshot::channel();
         let sent = match &self.link {
-            Link::Up(tx) => {
-                let (reply_tx, reply_rx) = oneshot::channel();
-                tx.try_send(Outgoing::Request(request, reply_tx))
-                    .ok()
-                    .map(|()| reply_rx)
+            Link::Up(tx) => tx
+                .try_send(Outgoing::Request(request, reply_tx))
+                .ok()
+                .map(|()| reply_rx),
+            // Not up yet since start: it goes when the link comes up, within its time.
+            _ if !self.ever_up && self.queued_requests.len() < MAX_QUEUED_REQUESTS => {
+                self.queued_requests.retain(|(_, reply)| !reply.is_closed());
+                self.queued_requests.push((request, reply_tx));
+                Some(reply_rx)
             }
             _ => None,
         };
@@ -1469,6 +1484,9 @@ impl Handler<GroupEnqueue> for FederationPeer {
     }
 }
 
+/// Most requests waiting for a link to come up; more are answered `peer_unavailable` at once.
+const MAX_QUEUED_REQUESTS: usize = 256;
+
 impl Handler<Query> for FederationPeer {
     type Result = ResponseFuture<QueryResult>;
 
@@ -1498,7 +1516,14 @@ impl Handler<LinkUp> for FederationPeer {
             Some(_) => debug!(destination = %self.config.domain, "federation link up again"),
             None => info!(destination = %self.config.domain, "federation link up"),
         }
+        // Requests that waited for the link go first; those whose caller gave up are dropped.
+        for (request, reply) in self.queued_requests.drain(..) {
+            if !reply.is_closed() {
+                let _ = msg.tx.try_send(Outgoing::Request(request, reply));
+            }
+        }
         self.link = Link::Up(msg.tx);
+        self.ever_up = true;
         self.up_since = Some(Instant::now());
         self.lookups_paused_until = None;
         self.cursor = self
