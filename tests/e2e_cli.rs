@@ -85,6 +85,19 @@ fn run_with(state: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> O
     }
 }
 
+/// Starts the CLI in the background with `state` as its state directory, its output piped.
+fn spawn_cli(state: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(cli())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn sealpost-cli {args:?}: {e}"))
+}
+
 /// Runs and expects success; returns stdout.
 fn ok(state: &Path, args: &[&str]) -> String {
     let out = run(state, args);
@@ -157,15 +170,7 @@ fn two_cli_users_exchange_messages() {
     assert!(out.starts_with("device 1 (this device)"), "{out}");
 
     // Linking a second device: `link-code` shows the code and waits; `link` uses it.
-    let mut existing = Command::new(cli())
-        .arg("--state-dir")
-        .arg(a)
-        .args(["link-code", "--wait-secs", "20"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn link-code");
+    let mut existing = spawn_cli(a, &["link-code", "--wait-secs", "20"]);
     let mut shown = BufReader::new(existing.stdout.take().expect("stdout"));
     let mut line = String::new();
     shown.read_line(&mut line).expect("code line");
@@ -262,15 +267,7 @@ fn listen_keeps_listening_across_a_broker_restart() {
         ],
     );
 
-    let mut listener = Command::new(cli())
-        .arg("--state-dir")
-        .arg(b)
-        .args(["listen", "--count", "1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
+    let mut listener = spawn_cli(b, &["listen", "--count", "1"]);
     let stderr = BufReader::new(listener.stderr.take().expect("stderr"));
     let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -436,15 +433,7 @@ fn the_cli_says_what_went_wrong_in_one_line_and_serves_commands_while_listening(
     );
 
     // Bob listens; meanwhile his other commands go through the listener.
-    let mut listener = Command::new(cli())
-        .arg("--state-dir")
-        .arg(b)
-        .args(["listen", "--count", "2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
+    let mut listener = spawn_cli(b, &["listen", "--count", "2"]);
     let mut status = BufReader::new(listener.stderr.take().expect("stderr"));
     let mut first = String::new();
     status.read_line(&mut first).expect("status line");
@@ -556,15 +545,7 @@ fn send_warns_once_of_an_unlisted_device_and_a_changed_master_key_is_explained()
 
     // A second device of bob's is being linked: the broker has it, bob's signed list does
     // not (nobody approves it: the device that showed the code is gone).
-    let mut shows_code = Command::new(cli())
-        .arg("--state-dir")
-        .arg(b)
-        .args(["link-code", "--wait-secs", "20"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn link-code");
+    let mut shows_code = spawn_cli(b, &["link-code", "--wait-secs", "20"]);
     let mut line = String::new();
     BufReader::new(shows_code.stdout.take().expect("stdout"))
         .read_line(&mut line)
@@ -795,15 +776,7 @@ fn a_file_resumes_after_the_sender_is_killed_arrives_whole_and_a_changed_one_is_
     let path_arg = path.to_str().expect("utf-8 path");
 
     // The sender is killed once part of it is up; run again, it goes on from there.
-    let mut sending = Command::new(cli())
-        .arg("--state-dir")
-        .arg(a)
-        .args(["send-file", "--to", bob_h, path_arg])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sealpost-cli");
+    let mut sending = spawn_cli(a, &["send-file", "--to", bob_h, path_arg]);
     let deadline = Instant::now() + WAIT;
     while attachment_bytes(&broker) < 8 * 1024 * 1024 {
         assert!(Instant::now() < deadline, "the upload never got going");
