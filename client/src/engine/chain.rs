@@ -161,8 +161,8 @@ impl Engine {
         }
     }
 
-    /// A driver that keeps no [`Send`](super::send::Send) (a page) gave up sending envelope
-    /// `id` to `to`: what it named goes to the next text.
+    /// A driver that keeps no `Send` (a page) gave up sending envelope `id` to `to`: what it
+    /// named goes to the next text.
     pub fn send_given_up(&mut self, to: &str, id: EnvelopeId) {
         self.chain_abandoned(to, id);
     }
