@@ -26,6 +26,7 @@ use crate::{
     server,
     server::{Backend, NatsSettings},
     store::StoreOptions,
+    transparency::LogSettings,
 };
 pub use crate::{gateway::Registration, telemetry::LogFormat};
 
@@ -326,6 +327,13 @@ settings! {
     /// Accept push endpoints on loopback and private networks, and over plain http (a
     /// UnifiedPush distributor on the same network; tests). Off: https on public hosts only.
     push_allow_private_endpoints: bool = false, "SEALPOST_PUSH_ALLOW_PRIVATE_ENDPOINTS";
+    /// Key transparency: publish at most one epoch of the log every this many ms (none while
+    /// no device list changes).
+    transparency_epoch_ms: u64 = 1_000, "SEALPOST_TRANSPARENCY_EPOCH_MS";
+    /// How long a device-list fetch waits for its list to be in a published epoch, ms.
+    transparency_wait_ms: u64 = 10_000, "SEALPOST_TRANSPARENCY_WAIT_MS";
+    /// How often this broker audits each peer's log (and co-signs what it verified), ms.
+    transparency_audit_ms: u64 = 10_000, "SEALPOST_TRANSPARENCY_AUDIT_MS";
 }
 
 /// Why the configuration is unusable.
@@ -374,6 +382,8 @@ pub enum ConfigError {
 /// - `SEALPOST_FAILPOINT_SYNC_FILE`: while the file exists every flush fails.
 /// - `SEALPOST_FAILPOINT_WITHHOLD_FILE`: while it exists, the next durable envelope is
 ///   answered as accepted and dropped (a withholding broker), and the file removed.
+/// - `SEALPOST_FAILPOINT_EQUIVOCATE_FILE`: the peer domains (one a line) this broker shows a
+///   forked key-transparency log (a split view), read at start.
 fn failpoint_file(var: &str) -> Option<PathBuf> {
     if cfg!(debug_assertions) {
         std::env::var_os(var)
@@ -441,6 +451,9 @@ impl Settings {
             ("mailbox_idle_ms", self.mailbox_idle_ms),
             ("expiry_sweep_ms", self.expiry_sweep_ms),
             ("store_key_max_age_secs", self.store_key_max_age_secs),
+            ("transparency_epoch_ms", self.transparency_epoch_ms),
+            ("transparency_wait_ms", self.transparency_wait_ms),
+            ("transparency_audit_ms", self.transparency_audit_ms),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be above 0"));
@@ -595,6 +608,21 @@ impl Settings {
                 backoff_max: Duration::from_secs(600),
                 ttl: Duration::from_secs(12 * 3600),
             }),
+            transparency: LogSettings {
+                epoch_interval: ms(self.transparency_epoch_ms),
+                wait: ms(self.transparency_wait_ms),
+                equivocate_to: failpoint_file("SEALPOST_FAILPOINT_EQUIVOCATE_FILE")
+                    .and_then(|path| std::fs::read_to_string(path).ok())
+                    .map(|t| {
+                        t.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
+            audit_interval: ms(self.transparency_audit_ms),
             data_dir: self.data_dir,
         })
     }

@@ -1,6 +1,6 @@
 //! The broker's only cryptography: device auth tokens (random, stored as keyed BLAKE3
 //! hashes, compared in constant time), one-time session tickets (keyed BLAKE3 MACs) and
-//! platform registration tokens (Ed25519).
+//! platform registration tokens (Ed25519), and the key-transparency log's keys ([`LogKeys`]).
 //!
 //! The broker holds no key that opens an envelope.
 
@@ -308,6 +308,60 @@ pub fn mint_registration_token(key: &SigningKey, handle: &str, exp_secs: u64) ->
         URL_SAFE_NO_PAD.encode(&payload),
         URL_SAFE_NO_PAD.encode(sig.to_bytes())
     )
+}
+
+/// BLAKE3 `derive_key` context for the key-transparency log's Ed25519 signing key.
+const LOG_SIGNING_CONTEXT: &str = "sealpost 2026-12-06 transparency log signing key";
+
+/// BLAKE3 `derive_key` context for the key-transparency log's VRF key.
+const LOG_VRF_CONTEXT: &str = "sealpost 2026-12-06 transparency log VRF key";
+
+/// The key-transparency log's keys, derived from the server secret: an Ed25519 key that signs
+/// epoch roots and co-signatures, and the VRF key that hides handles in the tree. No `Debug`.
+pub struct LogKeys {
+    signing: SigningKey,
+    vrf: Zeroizing<[u8; 32]>,
+}
+
+impl LogKeys {
+    /// The log's keys for this server secret.
+    pub fn derive(hasher: &TokenHasher) -> Self {
+        let seed = Zeroizing::new(hasher.derive_secret(LOG_SIGNING_CONTEXT));
+        LogKeys {
+            signing: SigningKey::from_bytes(&seed),
+            vrf: Zeroizing::new(hasher.derive_secret(LOG_VRF_CONTEXT)),
+        }
+    }
+
+    /// Keys from raw seeds (tests and the deliberately equivocating test hook).
+    pub fn from_seeds(signing: [u8; 32], vrf: [u8; 32]) -> Self {
+        LogKeys {
+            signing: SigningKey::from_bytes(&signing),
+            vrf: Zeroizing::new(vrf),
+        }
+    }
+
+    /// The public half of the signing key.
+    pub fn public(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    /// The VRF secret, for akd.
+    pub fn vrf_secret(&self) -> &[u8; 32] {
+        &self.vrf
+    }
+
+    /// Signs `bytes` (a root's or a co-signature's signed bytes, already domain-separated).
+    pub fn sign(&self, bytes: &[u8]) -> [u8; 64] {
+        self.signing.sign(bytes).to_bytes()
+    }
+}
+
+/// Whether `signature` is `key`'s (strict Ed25519) over `bytes`.
+pub fn verify_log_signature(key: &[u8; 32], bytes: &[u8], signature: &[u8; 64]) -> bool {
+    VerifyingKey::from_bytes(key)
+        .and_then(|k| k.verify_strict(bytes, &Signature::from_bytes(signature)))
+        .is_ok()
 }
 
 #[cfg(test)]

@@ -51,3 +51,4 @@ pub mod server;
 pub mod socket;
 pub mod store;
 pub mod telemetry;
+pub mod transparency;

@@ -63,6 +63,10 @@ pub struct Config {
     pub gateway: gateway::Settings,
     /// Push wake-ups (`None`: off).
     pub push: Option<crate::push::PushSettings>,
+    /// The key-transparency log (with the sled and memory stores).
+    pub transparency: crate::transparency::LogSettings,
+    /// How often each peer's log is audited.
+    pub audit_interval: Duration,
 }
 
 /// Which store serves the seams.
@@ -141,6 +145,31 @@ async fn open_store(
             }
         }
     })
+}
+
+/// The key-transparency log: its own sled database in the data directory, or memory with the
+/// memory store. The NATS store has no log yet (`None`).
+async fn open_log(
+    backend: &Backend,
+    dir: &std::path::Path,
+    domain: &str,
+    hasher: &TokenHasher,
+    settings: crate::transparency::LogSettings,
+) -> anyhow::Result<Option<crate::transparency::Log>> {
+    use crate::store::transparency::{
+        TransparencyStore, memory::MemoryTransparency, sled::SledTransparency,
+    };
+    let store: Arc<dyn TransparencyStore> = match backend {
+        Backend::Sled => Arc::new(SledTransparency::open(&dir.join("transparency"))?),
+        Backend::Memory => Arc::new(MemoryTransparency::new()),
+        Backend::Nats(_) => {
+            warn!("key transparency is not available with the NATS store yet");
+            return Ok(None);
+        }
+    };
+    let keys = crate::crypto::LogKeys::derive(hasher);
+    let log = crate::transparency::Log::open(domain.to_owned(), store, keys, settings).await?;
+    Ok(Some(log))
 }
 
 /// With the NATS store: keeps this pod marked alive, and adopts the federation outboxes of
@@ -247,14 +276,27 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_drain = gateway_settings.shutdown_drain;
     let domain = gateway_settings.domain.clone();
-    let state = Arc::new(AppState::new(
+    let transparency = open_log(
+        &config.backend,
+        &config.store.dir,
+        &domain,
+        &hasher,
+        config.transparency,
+    )
+    .await?;
+    if let Some(log) = &transparency {
+        crate::transparency::audit::start(log.clone(), federation.clone(), config.audit_interval);
+    }
+    let mut state = AppState::new(
         gateway_settings,
         store.clone(),
         mailboxes.clone(),
         federation.clone(),
         hasher,
         shutdown_rx,
-    ));
+    );
+    state.transparency = transparency;
+    let state = Arc::new(state);
 
     let workers = if config.workers == 0 {
         cores

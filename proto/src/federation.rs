@@ -50,9 +50,13 @@
 //! | 0x05 | `claim_key_package` | as `claim_key`: claims an MLS KeyPackage instead of an Olm key |
 //! | 0x06 | `take_epoch`   | req_id (u64), group (bin 16..=32), epoch (u64), id (bin 16): a Commit asks the group's hub for its epoch |
 //! | 0x07 | `group_txn`    | txn_id (u64), entries ([[id bin 16, class u8, ttl_secs u32, ciphertext bin, recipients [[to str, devices [u32], admission u8, token bin or nil]]]]): one group message, once, for all its recipients on the receiving domain; acknowledged by `txn_ack` with one code per recipient, entry by entry |
+//! | 0x08 | `get_roots`    | req_id (u64), from (u64), to (u64): the receiver's key-transparency roots `from..=to` and the append-only proof between them (`from` = `NEWEST` (u64::MAX): only the newest root; `to` = 0: up to the newest); at most `MAX_AUDIT_EPOCHS` epochs |
+//! | 0x09 | `cosign`       | req_id (u64), cosignatures ([bin]): co-signatures the sender made of logs it audited (see `transparency`) |
 //! | 0x81 | `txn_ack`      | txn_id (u64), codes ([u16], one per envelope, 0 = stored)      |
 //! | 0x82 | `devices`      | req_id (u64), devices ([[device u32, identity_keys bin]])      |
-//! | 0x83 | `device_list`  | req_id (u64), signed (bin)                                     |
+//! | 0x83 | `device_list`  | req_id (u64), signed (bin), evidence (bin, empty: none; optional, absent from older brokers) |
+//! | 0x88 | `roots`        | req_id (u64), roots ([bin]), proof (bin, empty: none)          |
+//! | 0x89 | `noted`        | req_id (u64): reply to `cosign`                                |
 //! | 0x84 | `claimed`      | req_id (u64), key_id (u64), key (bin), fallback (bool)         |
 //! | 0x85 | `refused`      | req_id (u64), code (u16)                                       |
 //! | 0x87 | `epoch`        | req_id (u64), taken (bool), current (u64): reply to `take_epoch` |
@@ -79,6 +83,7 @@ use crate::{
     limits::{
         MAX_DEVICES_PER_USER, MAX_GROUP_CIPHERTEXT_BYTES, MAX_GROUP_DEVICES, MAX_GROUP_RECIPIENTS,
     },
+    transparency::MAX_AUDIT_EPOCHS,
 };
 
 /// The version byte of every federation frame.
@@ -353,6 +358,24 @@ pub enum LinkFrame {
         /// The account.
         user: String,
     },
+    /// Request: signed roots of the receiver's key-transparency log and the append-only proof
+    /// between them.
+    GetRoots {
+        /// Echoed by the reply.
+        req_id: u64,
+        /// First epoch ([`NEWEST`]: only the newest root).
+        from: u64,
+        /// Last epoch (0: the newest).
+        to: u64,
+    },
+    /// Request: co-signatures the sender made of the logs it audited, for the receiver to keep
+    /// and show its clients.
+    Cosign {
+        /// Echoed by the reply.
+        req_id: u64,
+        /// Encoded `transparency::Cosignature`s.
+        cosignatures: Vec<Vec<u8>>,
+    },
     /// Request: claim a one-time (or the fallback) key of a device, or one of its MLS
     /// KeyPackages (a one-time one, or the last-resort one).
     ClaimKey {
@@ -389,6 +412,24 @@ pub enum LinkFrame {
         req_id: u64,
         /// The signed list, opaque.
         signed: Vec<u8>,
+        /// Its key-transparency evidence (`transparency::Evidence`), empty when the receiver
+        /// keeps no log.
+        evidence: Vec<u8>,
+    },
+    /// Reply to `GetRoots`.
+    Roots {
+        /// The request.
+        req_id: u64,
+        /// Encoded `transparency::SignedRoot`s, in epoch order.
+        roots: Vec<Vec<u8>>,
+        /// akd's `AppendOnlyProof` from the first root to the last (MessagePack), empty with
+        /// one root.
+        proof: Vec<u8>,
+    },
+    /// Reply to `Cosign`.
+    Noted {
+        /// The request.
+        req_id: u64,
     },
     /// Reply to `ClaimKey`.
     Claimed {
@@ -445,6 +486,10 @@ const CLAIM_KEY: u8 = 0x04;
 const CLAIM_KEY_PACKAGE: u8 = 0x05;
 const TAKE_EPOCH: u8 = 0x06;
 const GROUP_TXN: u8 = 0x07;
+const GET_ROOTS: u8 = 0x08;
+const COSIGN: u8 = 0x09;
+const ROOTS: u8 = 0x88;
+const NOTED: u8 = 0x89;
 const EPOCH: u8 = 0x87;
 const HELLO: u8 = 0x40;
 const TXN_ACK: u8 = 0x81;
@@ -504,7 +549,19 @@ struct TxnAckBody(u64, Vec<u16>);
 struct DevicesBody(u64, Vec<(u32, ByteBuf)>);
 
 #[derive(Serialize, Deserialize)]
-struct BytesBody(u64, ByteBuf);
+struct DeviceListBody(u64, ByteBuf, #[serde(default)] ByteBuf);
+
+#[derive(Serialize, Deserialize)]
+struct RangeBody(u64, u64, u64);
+
+#[derive(Serialize, Deserialize)]
+struct ListBody(u64, Vec<ByteBuf>);
+
+#[derive(Serialize, Deserialize)]
+struct RootsBody(u64, Vec<ByteBuf>, ByteBuf);
+
+#[derive(Serialize, Deserialize)]
+struct IdBody(u64);
 
 #[derive(Serialize, Deserialize)]
 struct ClaimedBody(u64, u64, ByteBuf, bool);
@@ -556,6 +613,16 @@ fn check_group(
         return malformed("too many devices");
     }
     Ok(())
+}
+
+/// `GetRoots::from` asking for the newest root only.
+pub const NEWEST: u64 = u64::MAX;
+
+/// Most co-signatures one `cosign` frame carries.
+pub const MAX_COSIGNATURES: usize = 256;
+
+fn bufs(items: &[Vec<u8>]) -> Vec<ByteBuf> {
+    items.iter().map(|b| ByteBuf::from(b.clone())).collect()
 }
 
 /// `items`, if there are at most `max` of them.
@@ -704,10 +771,34 @@ impl LinkFrame {
                     .collect();
                 encode(DEVICES, &DevicesBody(*req_id, devices))
             }
-            LinkFrame::DeviceList { req_id, signed } => encode(
+            LinkFrame::DeviceList {
+                req_id,
+                signed,
+                evidence,
+            } => encode(
                 DEVICE_LIST,
-                &BytesBody(*req_id, ByteBuf::from(signed.clone())),
+                &DeviceListBody(
+                    *req_id,
+                    ByteBuf::from(signed.clone()),
+                    ByteBuf::from(evidence.clone()),
+                ),
             ),
+            LinkFrame::GetRoots { req_id, from, to } => {
+                encode(GET_ROOTS, &RangeBody(*req_id, *from, *to))
+            }
+            LinkFrame::Cosign {
+                req_id,
+                cosignatures,
+            } => encode(COSIGN, &ListBody(*req_id, bufs(cosignatures))),
+            LinkFrame::Roots {
+                req_id,
+                roots,
+                proof,
+            } => encode(
+                ROOTS,
+                &RootsBody(*req_id, bufs(roots), ByteBuf::from(proof.clone())),
+            ),
+            LinkFrame::Noted { req_id } => encode(NOTED, &IdBody(*req_id)),
             LinkFrame::Claimed {
                 req_id,
                 key_id,
@@ -832,11 +923,42 @@ impl LinkFrame {
                 LinkFrame::Devices { req_id, devices }
             }
             DEVICE_LIST => {
-                let BytesBody(req_id, signed) = body(rest)?;
+                let DeviceListBody(req_id, signed, evidence) = body(rest)?;
                 LinkFrame::DeviceList {
                     req_id,
                     signed: signed.into_vec(),
+                    evidence: evidence.into_vec(),
                 }
+            }
+            GET_ROOTS => {
+                let RangeBody(req_id, from, to) = body(rest)?;
+                LinkFrame::GetRoots { req_id, from, to }
+            }
+            COSIGN => {
+                let ListBody(req_id, cosignatures) = body(rest)?;
+                LinkFrame::Cosign {
+                    req_id,
+                    cosignatures: at_most(cosignatures, MAX_COSIGNATURES, "co-signatures")?
+                        .into_iter()
+                        .map(ByteBuf::into_vec)
+                        .collect(),
+                }
+            }
+            ROOTS => {
+                let RootsBody(req_id, roots, proof) = body(rest)?;
+                let max = usize::try_from(MAX_AUDIT_EPOCHS + 1).unwrap_or(usize::MAX);
+                LinkFrame::Roots {
+                    req_id,
+                    roots: at_most(roots, max, "roots")?
+                        .into_iter()
+                        .map(ByteBuf::into_vec)
+                        .collect(),
+                    proof: proof.into_vec(),
+                }
+            }
+            NOTED => {
+                let IdBody(req_id) = body(rest)?;
+                LinkFrame::Noted { req_id }
             }
             CLAIMED => {
                 let ClaimedBody(req_id, key_id, key, fallback) = body(rest)?;
@@ -895,6 +1017,8 @@ impl LinkFrame {
                 | LinkFrame::GroupTxn { .. }
                 | LinkFrame::GetDevices { .. }
                 | LinkFrame::GetDeviceList { .. }
+                | LinkFrame::GetRoots { .. }
+                | LinkFrame::Cosign { .. }
                 | LinkFrame::ClaimKey { .. }
                 | LinkFrame::TakeEpoch { .. }
         )
@@ -989,7 +1113,23 @@ mod tests {
             LinkFrame::DeviceList {
                 req_id: 2,
                 signed: vec![8; 40],
+                evidence: vec![9; 3],
             },
+            LinkFrame::GetRoots {
+                req_id: 5,
+                from: 3,
+                to: 0,
+            },
+            LinkFrame::Cosign {
+                req_id: 6,
+                cosignatures: vec![vec![1; 3], vec![2; 4]],
+            },
+            LinkFrame::Roots {
+                req_id: 5,
+                roots: vec![vec![1; 3]],
+                proof: vec![],
+            },
+            LinkFrame::Noted { req_id: 6 },
             LinkFrame::Claimed {
                 req_id: 3,
                 key_id: 99,

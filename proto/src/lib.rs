@@ -7,6 +7,7 @@
 //!   (device → broker) and [`ServerFrame`] (broker → device), with their byte layout.
 //! - [`federation`]: the broker-to-broker protocol (Noise handshake frames, encrypted link
 //!   frames carrying transactions of sealed envelopes and remote lookups).
+//! - [`transparency`]: key-transparency records (signed roots, co-signatures, evidence).
 //! - [`limits`]: sizes and counts both sides enforce.
 //! - [`error`]: decode errors and the stable [`ErrorCode`]s and [`CloseCode`]s the broker sends.
 //!
@@ -21,6 +22,7 @@ pub mod federation;
 pub mod frame;
 pub mod ids;
 pub mod limits;
+pub mod transparency;
 
 pub use error::{CloseCode, DecodeError, ErrorCode};
 pub use frame::{

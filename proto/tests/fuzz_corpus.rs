@@ -684,6 +684,7 @@ fn federation_seeds() -> Vec<(&'static str, Vec<u8>, Verdict)> {
             LinkFrame::DeviceList {
                 req_id: 4,
                 signed: b"signed".to_vec(),
+                evidence: Vec::new(),
             }
             .encode(),
             Decodes,

@@ -394,6 +394,8 @@ impl Service for InboundLink<'_> {
             }
             request @ (LinkFrame::GetDevices { .. }
             | LinkFrame::GetDeviceList { .. }
+            | LinkFrame::GetRoots { .. }
+            | LinkFrame::Cosign { .. }
             | LinkFrame::ClaimKey { .. }
             | LinkFrame::TakeEpoch { .. }) => {
                 if fed.allow_origin(origin) {
@@ -402,6 +404,8 @@ impl Service for InboundLink<'_> {
                     let req_id = match request {
                         LinkFrame::GetDevices { req_id, .. }
                         | LinkFrame::GetDeviceList { req_id, .. }
+                        | LinkFrame::GetRoots { req_id, .. }
+                        | LinkFrame::Cosign { req_id, .. }
                         | LinkFrame::ClaimKey { req_id, .. }
                         | LinkFrame::TakeEpoch { req_id, .. } => req_id,
                         _ => 0,

@@ -336,6 +336,8 @@ async fn serve(params: &LinkParams, peer: &LinkReports, generation: u64) -> Resu
                             | LinkFrame::DeviceList { req_id, .. }
                             | LinkFrame::Claimed { req_id, .. }
                             | LinkFrame::Epoch { req_id, .. }
+                            | LinkFrame::Roots { req_id, .. }
+                            | LinkFrame::Noted { req_id, .. }
                             | LinkFrame::Refused { req_id, .. } => {
                                 if let Some(reply) = pending.remove(&req_id) {
                                     let _ = reply.send(frame);

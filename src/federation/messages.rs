@@ -82,6 +82,19 @@ pub enum Request {
         /// An MLS KeyPackage rather than an Olm key.
         key_package: bool,
     },
+    /// Signed roots of the peer's key-transparency log and the append-only proof between them
+    /// (see `LinkFrame::GetRoots`).
+    GetRoots {
+        /// First epoch (`federation::NEWEST`: only the newest root).
+        from: u64,
+        /// Last epoch (0: the newest).
+        to: u64,
+    },
+    /// Co-signatures this broker made, for the peer to keep.
+    Cosign {
+        /// Encoded co-signatures.
+        cosignatures: Vec<Vec<u8>>,
+    },
     /// At a group's hub: take an epoch for a Commit.
     TakeEpoch {
         /// The group's id.
@@ -110,6 +123,11 @@ impl Request {
                 device,
                 admission,
                 key_package,
+            },
+            Request::GetRoots { from, to } => LinkFrame::GetRoots { req_id, from, to },
+            Request::Cosign { cosignatures } => LinkFrame::Cosign {
+                req_id,
+                cosignatures,
             },
             Request::TakeEpoch { group, epoch, id } => LinkFrame::TakeEpoch {
                 req_id,

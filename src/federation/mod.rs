@@ -450,6 +450,13 @@ impl Federation {
         self.peers.contains_key(domain)
     }
 
+    /// The peer domains, sorted.
+    pub fn peer_domains(&self) -> Vec<String> {
+        let mut domains: Vec<String> = self.peers.keys().cloned().collect();
+        domains.sort();
+        domains
+    }
+
     /// The HTTP base of a peer's broker (its federation endpoint's scheme and host: `wss://`
     /// is `https://`), for fetching what it serves anonymously (attachments).
     pub async fn http_base(&self, domain: &str) -> Result<String, DiscoveryError> {

@@ -18,6 +18,7 @@ use sealpost_proto::{
     federation::{Admission, FedEnvelope, LinkFrame, NOISE_PATTERN, RemoteDevice},
 };
 use subtle::ConstantTimeEq;
+use tracing::warn;
 
 use super::{
     AppState,
@@ -101,7 +102,7 @@ impl Local {
         }
     }
 
-    async fn answer_now(&self, request: LinkFrame) -> LinkFrame {
+    async fn answer_now(&self, origin: &str, request: LinkFrame) -> LinkFrame {
         let state = &self.0;
         match request {
             LinkFrame::GetDevices { req_id, user } => {
@@ -138,9 +139,47 @@ impl Local {
                     Err(code) => Err(code),
                 };
                 match answer {
-                    Ok(signed) => LinkFrame::DeviceList { req_id, signed },
+                    Ok(signed) => {
+                        let evidence = match &state.transparency {
+                            Some(log) => match log.evidence(&user, &signed, Some(origin)).await {
+                                Ok(evidence) => evidence.to_bytes(),
+                                Err(e) => {
+                                    warn!(error = %e, "no transparency evidence for a peer's lookup");
+                                    return LinkFrame::Refused {
+                                        req_id,
+                                        code: ErrorCode::StoreUnavailable,
+                                    };
+                                }
+                            },
+                            None => Vec::new(),
+                        };
+                        LinkFrame::DeviceList {
+                            req_id,
+                            signed,
+                            evidence,
+                        }
+                    }
                     Err(code) => LinkFrame::Refused { req_id, code },
                 }
+            }
+            LinkFrame::GetRoots { req_id, from, to } => {
+                crate::transparency::audit::answer_roots(
+                    state.transparency.as_ref(),
+                    origin,
+                    req_id,
+                    from,
+                    to,
+                )
+                .await
+            }
+            LinkFrame::Cosign {
+                req_id,
+                cosignatures,
+            } => {
+                if let Some(log) = &state.transparency {
+                    crate::transparency::audit::receive(log, origin, cosignatures).await;
+                }
+                LinkFrame::Noted { req_id }
             }
             LinkFrame::ClaimKey {
                 req_id,
@@ -252,9 +291,10 @@ impl LocalDelivery for Local {
         })
     }
 
-    fn answer(&self, _origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame> {
+    fn answer(&self, origin: &str, request: LinkFrame) -> LocalBoxFuture<'static, LinkFrame> {
         let local = Local(self.0.clone());
-        Box::pin(async move { local.answer_now(request).await })
+        let origin = origin.to_owned();
+        Box::pin(async move { local.answer_now(&origin, request).await })
     }
 }
 

@@ -152,6 +152,17 @@ struct SignedList {
     signed: String,
 }
 
+/// `GET …/device-list`: the list and the proof that it is the list the domain's
+/// key-transparency log publishes.
+#[derive(Serialize)]
+struct ProvedList {
+    /// base64 of the signed device list.
+    signed: String,
+    /// base64 of `sealpost_proto::transparency::Evidence`; absent from a domain without a log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct DeliveryTokenRequest {
     /// base64url of the token; absent or null to remove it.
@@ -345,22 +356,34 @@ async fn get_device_list(
     state: State,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let signed = match super::remote::remote_handle(&state, &path)? {
-        // The list is signed by the user's master key, so a relaying broker cannot alter it
-        // unnoticed: clients verify it as they verify a local one.
+    let (signed, evidence) = match super::remote::remote_handle(&state, &path)? {
+        // The list is signed by the user's master key, and its evidence by the peer's log key,
+        // so a relaying broker cannot alter either unnoticed: clients verify both as they
+        // verify a local one.
         Some(remote) => super::remote::remote_device_list(&state, remote).await?,
         None => {
             let handle = local_handle(&state, &path)?;
-            state
+            let signed = state
                 .store
                 .directory
                 .device_list(handle.as_str())
                 .await?
-                .ok_or(ApiError::NotFound)?
+                .ok_or(ApiError::NotFound)?;
+            let evidence = match &state.transparency {
+                Some(log) => Some(
+                    log.evidence(handle.as_str(), &signed, None)
+                        .await
+                        .map_err(super::transparency::unavailable)?
+                        .to_bytes(),
+                ),
+                None => None,
+            };
+            (signed, evidence)
         }
     };
-    Ok(HttpResponse::Ok().json(SignedList {
+    Ok(HttpResponse::Ok().json(ProvedList {
         signed: STANDARD.encode(signed),
+        evidence: evidence.map(|e| STANDARD.encode(e)),
     }))
 }
 
@@ -381,8 +404,11 @@ async fn put_device_list(
     state
         .store
         .directory
-        .set_device_list(handle.as_str(), signed)
+        .set_device_list(handle.as_str(), signed.clone())
         .await?;
+    if let Some(log) = &state.transparency {
+        log.update(handle.as_str(), &signed);
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -47,6 +47,7 @@ pub mod session;
 mod session_tests;
 pub mod settings;
 pub mod tickets;
+pub mod transparency;
 pub mod turn;
 pub mod web;
 
@@ -80,6 +81,7 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
         .configure(turn::routes)
         .configure(push::routes)
         .configure(tickets::routes)
+        .configure(transparency::routes)
         .configure(self::web::routes)
         .default_service(actix_web::web::to(unknown_path));
 }
@@ -128,6 +130,8 @@ pub struct AppState {
     pub pre_auth: Arc<limits::PreAuth>,
     /// Session tickets already used to log in, until they expire.
     pub(crate) spent_tickets: tickets::Spent,
+    /// This domain's key-transparency log (`None` with the NATS store, which has none yet).
+    pub transparency: Option<crate::transparency::Log>,
 }
 
 impl AppState {
@@ -173,6 +177,7 @@ impl AppState {
             open_sessions: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
             spent_tickets: tickets::Spent::default(),
+            transparency: None,
             settings,
         }
     }

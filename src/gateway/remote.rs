@@ -69,14 +69,17 @@ pub(crate) async fn remote_devices(
     }
 }
 
-/// The signed device list of a remote user, from its broker.
+/// The signed device list of a remote user, from its broker, with its key-transparency evidence
+/// (`None` from a broker that keeps no log).
 pub(crate) async fn remote_device_list(
     state: &AppState,
     handle: Handle,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<(Vec<u8>, Option<Vec<u8>>), ApiError> {
     let user = handle.to_string();
     match remote(state, &handle, Request::GetDeviceList { user }).await? {
-        LinkFrame::DeviceList { signed, .. } => Ok(signed),
+        LinkFrame::DeviceList {
+            signed, evidence, ..
+        } => Ok((signed, (!evidence.is_empty()).then_some(evidence))),
         _ => Err(ApiError::Unavailable),
     }
 }

@@ -54,6 +54,7 @@ pub mod memory;
 pub mod nats;
 pub mod records;
 pub mod sled;
+pub mod transparency;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

@@ -1,0 +1,132 @@
+//! The log on the in-memory store: proofs that verify, and forgeries that do not.
+
+use std::{sync::Arc, time::Duration};
+
+use akd::{AkdLabel, LookupProof};
+use sealpost_proto::transparency::{SignedRoot, value_master_key};
+use serde_bytes::ByteBuf;
+
+use super::{Config, Log, LogSettings, audit::verify_append_only};
+use crate::{
+    crypto::{LogKeys, verify_log_signature},
+    store::transparency::memory::MemoryTransparency,
+};
+
+/// A signed device-list blob as clients publish it (the signature is not checked by the log).
+fn list(user: &str, version: u64, master: u8) -> Vec<u8> {
+    let body = rmp_serde::to_vec(&(
+        1u8,
+        user,
+        version,
+        ByteBuf::from(vec![master; 32]),
+        Vec::<(u32, ByteBuf)>::new(),
+    ))
+    .unwrap();
+    let mut blob = vec![1u8];
+    blob.extend([0u8; 64]);
+    blob.extend(body);
+    blob
+}
+
+async fn open(equivocate_to: Vec<String>) -> Log {
+    Log::open(
+        "a.example".into(),
+        Arc::new(MemoryTransparency::new()),
+        LogKeys::from_seeds([1; 32], [2; 32]),
+        LogSettings {
+            epoch_interval: Duration::from_millis(10),
+            wait: Duration::from_secs(10),
+            equivocate_to,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn verify(root: &SignedRoot, handle: &str, proof: &[u8]) -> Result<Vec<u8>, String> {
+    let proof: LookupProof = rmp_serde::from_slice(proof).map_err(|e| e.to_string())?;
+    akd::verify::lookup::lookup_verify::<Config>(
+        &root.vrf_key,
+        root.root_hash,
+        root.epoch,
+        AkdLabel(handle.as_bytes().to_vec()),
+        proof,
+    )
+    .map(|r| r.value.0)
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_fetched_list_comes_with_a_lookup_proof_that_verifies_against_a_signed_root() {
+    let log = open(Vec::new()).await;
+    let alice = list("alice@a.example", 1, 7);
+    log.update("alice@a.example", &alice);
+    log.update("bob@a.example", &list("bob@a.example", 1, 8));
+    let evidence = log.evidence("alice@a.example", &alice, None).await.unwrap();
+    let root = &evidence.root;
+    assert!(root.epoch >= 1);
+    assert!(verify_log_signature(
+        &log.log_key(),
+        &root.signed_bytes(),
+        &root.signature
+    ));
+    let value = verify(root, "alice@a.example", &evidence.proof).unwrap();
+    assert_eq!(value_master_key(&value), Some([7; 32]));
+    assert_eq!(value, super::list_value(&alice).unwrap().to_vec());
+
+    // The proof is for alice only, under this root only.
+    assert!(verify(root, "bob@a.example", &evidence.proof).is_err());
+    let mut other = root.clone();
+    other.root_hash[0] ^= 1;
+    assert!(verify(&other, "alice@a.example", &evidence.proof).is_err());
+    let mut tampered: LookupProof = rmp_serde::from_slice(&evidence.proof).unwrap();
+    tampered.value.0[5] ^= 1;
+    let tampered = rmp_serde::to_vec(&tampered).unwrap();
+    assert!(verify(root, "alice@a.example", &tampered).is_err());
+}
+
+#[tokio::test]
+async fn a_list_the_log_was_never_told_of_is_published_before_it_is_served() {
+    let log = open(Vec::new()).await;
+    // Written to the directory behind the log's back (an intruder, or a list older than the
+    // log): fetching it publishes it, so it is in the log that its owner monitors.
+    let injected = list("alice@a.example", 9, 66);
+    let evidence = log
+        .evidence("alice@a.example", &injected, None)
+        .await
+        .unwrap();
+    let value = verify(&evidence.root, "alice@a.example", &evidence.proof).unwrap();
+    assert_eq!(value_master_key(&value), Some([66; 32]));
+    let (root, history) = log.history("alice@a.example", 8).await.unwrap();
+    assert!(!history.is_empty());
+    assert_eq!(root.epoch, evidence.root.epoch);
+}
+
+#[tokio::test]
+async fn roots_extend_each_other_and_a_fork_fails_the_append_only_proof() {
+    let log = open(vec!["b.example".into()]).await;
+    for v in 1..=3u8 {
+        let l = list("alice@a.example", u64::from(v), v);
+        log.update("alice@a.example", &l);
+        log.evidence("alice@a.example", &l, None).await.unwrap();
+    }
+    let newest = log.latest(None).await.unwrap().epoch;
+    assert!(newest >= 3);
+    let (roots, proof) = log.audit(1, newest, None).await.unwrap();
+    assert_eq!(roots.len() as u64, newest);
+    verify_append_only(&roots, &proof).await.unwrap();
+
+    // The equivocation hook shows b.example another log: same key, other roots.
+    let forked = log.latest(Some("b.example")).await.unwrap();
+    assert_eq!(forked.epoch, newest);
+    assert_ne!(forked.root_hash, roots.last().unwrap().root_hash);
+    assert!(verify_log_signature(
+        &log.log_key(),
+        &forked.signed_bytes(),
+        &forked.signature
+    ));
+    // Real roots with a forked last one: the proof does not hold.
+    let mut mixed = roots.clone();
+    *mixed.last_mut().unwrap() = forked;
+    assert!(verify_append_only(&mixed, &proof).await.is_err());
+}
