@@ -29,6 +29,16 @@ use zeroize::Zeroizing;
 
 use crate::{engine::KeyUpload, http};
 
+/// A device list as the broker serves it: the signed blob and its key-transparency evidence
+/// (`None` from a domain without a log). Neither is verified yet.
+#[derive(Debug, Clone)]
+pub struct FetchedList {
+    /// The signed list.
+    pub signed: Vec<u8>,
+    /// `sealpost_proto::transparency::Evidence`, encoded.
+    pub evidence: Option<Vec<u8>>,
+}
+
 /// How long one HTTP request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -531,6 +541,11 @@ impl Api {
 
     /// `GET .../device-list`: the signed device list blob, `None` if the account has none.
     pub async fn device_list(&self, handle: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        Ok(self.proved_device_list(handle).await?.map(|l| l.signed))
+    }
+
+    /// `GET .../device-list` with its key-transparency evidence.
+    pub async fn proved_device_list(&self, handle: &str) -> Result<Option<FetchedList>, ApiError> {
         let request = self.request(Method::GET, &format!("/v1/accounts/{handle}/device-list"));
         Self::device_list_answer(request).await
     }
@@ -538,11 +553,69 @@ impl Api {
     /// `GET .../device-list` of the account of `creds`, with its credentials: asked on the
     /// authenticated channel, where the broker knows the account anyway.
     pub async fn own_device_list(&self, creds: &DeviceCreds) -> Result<Option<Vec<u8>>, ApiError> {
+        Ok(self.own_proved_device_list(creds).await?.map(|l| l.signed))
+    }
+
+    /// [`Api::own_device_list`] with its key-transparency evidence.
+    pub async fn own_proved_device_list(
+        &self,
+        creds: &DeviceCreds,
+    ) -> Result<Option<FetchedList>, ApiError> {
         let path = format!("/v1/accounts/{}/device-list", creds.handle);
         Self::device_list_answer(self.authed(Method::GET, &path, creds)).await
     }
 
-    async fn device_list_answer(request: RequestBuilder) -> Result<Option<Vec<u8>>, ApiError> {
+    /// `GET /v1/transparency/audit`: signed roots `from..=to` of `domain`'s log (this broker's
+    /// own with `None`) and the append-only proof between them.
+    pub async fn transparency_audit(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<(Vec<Vec<u8>>, Vec<u8>), ApiError> {
+        const WHAT: &str = "fetching a transparency audit";
+        let request = self
+            .request(Method::GET, "/v1/transparency/audit")
+            .query(&[("domain", domain)])
+            .query(&[("from", from), ("to", to)]);
+        let v: Value = Self::json(Self::check(request.send().await?, WHAT).await?, WHAT).await?;
+        let roots = http::records(&v, "roots").ok_or(ApiError::BadAnswer(WHAT))?;
+        let proof = http::record(&v, "proof").ok_or(ApiError::BadAnswer(WHAT))?;
+        Ok((roots, proof))
+    }
+
+    /// `GET /v1/transparency/cosignatures`: auditors' co-signatures of `domain`'s root at
+    /// `epoch`, as this broker has them.
+    pub async fn transparency_cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<Vec<u8>>, ApiError> {
+        const WHAT: &str = "fetching co-signatures";
+        let request = self
+            .request(Method::GET, "/v1/transparency/cosignatures")
+            .query(&[("domain", domain)])
+            .query(&[("epoch", epoch)]);
+        let v: Value = Self::json(Self::check(request.send().await?, WHAT).await?, WHAT).await?;
+        http::records(&v, "cosignatures").ok_or(ApiError::BadAnswer(WHAT))
+    }
+
+    /// `GET /v1/accounts/{h}/transparency-history`: the history proof of this account's own log entry and
+    /// the root it is for.
+    pub async fn transparency_history(
+        &self,
+        creds: &DeviceCreds,
+    ) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+        const WHAT: &str = "fetching this account's transparency history";
+        let path = format!("/v1/accounts/{}/transparency-history", creds.handle);
+        let request = self.authed(Method::GET, &path, creds);
+        let v: Value = Self::json(Self::check(request.send().await?, WHAT).await?, WHAT).await?;
+        let root = http::record(&v, "root").ok_or(ApiError::BadAnswer(WHAT))?;
+        let proof = http::record(&v, "proof").ok_or(ApiError::BadAnswer(WHAT))?;
+        Ok((root, proof))
+    }
+
+    async fn device_list_answer(request: RequestBuilder) -> Result<Option<FetchedList>, ApiError> {
         const WHAT: &str = "fetching a device list";
         let resp = request.send().await?;
         let resp = match Self::check(resp, WHAT).await {
@@ -557,9 +630,11 @@ impl Api {
             Err(e) => return Err(e),
         };
         let v: Value = Self::json(resp, WHAT).await?;
-        http::signed_list(&v)
-            .map(Some)
-            .ok_or(ApiError::BadAnswer(WHAT))
+        let signed = http::signed_list(&v).ok_or(ApiError::BadAnswer(WHAT))?;
+        Ok(Some(FetchedList {
+            signed,
+            evidence: http::list_evidence(&v),
+        }))
     }
 
     /// `PUT .../device-list`: publishes a signed device list blob.

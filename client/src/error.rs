@@ -79,6 +79,15 @@ pub enum ClientError {
         /// Why.
         error: DeviceListError,
     },
+    /// A device list's key-transparency evidence, or its domain's log, failed a check: the
+    /// list is not used (nothing is sent to that contact) until it verifies.
+    #[error("the keys of {user} could not be verified in the key-transparency log: {error}")]
+    Transparency {
+        /// Whose list.
+        user: String,
+        /// Why.
+        error: crate::crypto::transparency::TransparencyError,
+    },
     /// The account has published no device list.
     #[error("{0} has not published a device list")]
     NoDeviceList(String),

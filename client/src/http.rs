@@ -48,6 +48,27 @@ pub fn signed_list(answer: &Value) -> Option<Vec<u8>> {
     STANDARD.decode(answer["signed"].as_str()?).ok()
 }
 
+/// The key-transparency evidence of a `GET /v1/accounts/{h}/device-list` answer (`None`: the
+/// domain keeps no log, or the field does not decode).
+pub fn list_evidence(answer: &Value) -> Option<Vec<u8>> {
+    STANDARD.decode(answer["evidence"].as_str()?).ok()
+}
+
+/// The records (base64 strings) of a list field of a transparency answer (`roots`,
+/// `cosignatures`); `None` if malformed.
+pub fn records(answer: &Value, field: &str) -> Option<Vec<Vec<u8>>> {
+    answer[field]
+        .as_array()?
+        .iter()
+        .map(|r| STANDARD.decode(r.as_str()?).ok())
+        .collect()
+}
+
+/// One record (base64) of a transparency answer (`root`, `proof`).
+pub fn record(answer: &Value, field: &str) -> Option<Vec<u8>> {
+    STANDARD.decode(answer[field].as_str()?).ok()
+}
+
 /// The body of `PUT /v1/accounts/{h}/delivery-token`: sealed envelopes only from holders of
 /// `token` (none: no sealed envelopes), or from anyone if `unrestricted`.
 pub fn delivery_token_body(token: Option<&[u8]>, unrestricted: bool) -> Value {

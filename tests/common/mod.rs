@@ -35,6 +35,9 @@ const SYNC_FAILPOINT: &str = "fail-sync";
 /// The withholding failpoint's file name in a test broker's directory.
 const WITHHOLD_FAILPOINT: &str = "withhold-next";
 
+/// The equivocation hook's file name in a test broker's directory.
+const EQUIVOCATE_FAILPOINT: &str = "equivocate-to";
+
 /// A broker process.
 pub struct Broker {
     pub dir: tempfile::TempDir,
@@ -92,6 +95,13 @@ impl Broker {
     /// withholding a message would (a test-only hook of debug builds).
     pub fn withhold_next(&self) {
         std::fs::write(self.dir.path().join(WITHHOLD_FAILPOINT), b"").expect("arm withholding");
+    }
+
+    /// Makes the broker, from its next start, show `peers` a forked key-transparency log (a
+    /// split view; a test-only hook of debug builds, read at start).
+    pub fn equivocate_to(&self, peers: &[&str]) {
+        std::fs::write(self.dir.path().join(EQUIVOCATE_FAILPOINT), peers.join("\n"))
+            .expect("arm equivocation");
     }
 
     /// Whether the envelope `withhold_next` asked for was dropped.
@@ -230,7 +240,7 @@ impl Drop for Broker {
 /// Test-friendly defaults, each left out when `args` sets the same flag (clap refuses a flag
 /// given twice).
 fn defaults_not_in(args: &[String]) -> Vec<&'static str> {
-    const DEFAULTS: [(&str, &str); 7] = [
+    const DEFAULTS: [(&str, &str); 9] = [
         ("--domain", "test.example"),
         ("--log-level", "debug"),
         ("--ip-rate", "0"),
@@ -238,6 +248,9 @@ fn defaults_not_in(args: &[String]) -> Vec<&'static str> {
         ("--stranger-rate", "0"),
         ("--claim-rate", "0"),
         ("--shutdown-drain-ms", "200"),
+        // Key transparency: an epoch as soon as a list changes, peers audited often.
+        ("--transparency-epoch-ms", "20"),
+        ("--transparency-audit-ms", "300"),
     ];
     DEFAULTS
         .iter()
@@ -278,6 +291,12 @@ fn spawn(
         .env(
             "SEALPOST_FAILPOINT_WITHHOLD_FILE",
             dir.join(WITHHOLD_FAILPOINT),
+        )
+        // The peers named in this file are shown a forked transparency log (debug builds): see
+        // `Broker::equivocate_to`.
+        .env(
+            "SEALPOST_FAILPOINT_EQUIVOCATE_FILE",
+            dir.join(EQUIVOCATE_FAILPOINT),
         )
         .arg("serve")
         .args(["--listen", &listen])

@@ -17,6 +17,8 @@
 //! - [`link`]: proofs of a link code's secret, for linking a new device.
 //! - [`group`]: group conversations with MLS (`openmls`): members certified by their
 //!   devices' identity keys, KeyPackages, Commits, Welcomes and the group wire format.
+//! - [`transparency`]: key-transparency checks: lookup proofs of device lists, roots that
+//!   only extend each other, auditors' co-signatures, this account's own history.
 //! - [`safety`]: safety numbers derived from both users' handles and master keys.
 //! - [`pins`]: trust-on-first-use pins of contacts' master keys and last device-list versions.
 //! - [`seen`]: envelope ids already handled ([`SeenIds`]), to drop redeliveries.
@@ -92,6 +94,7 @@ pub mod sealed;
 pub mod seen;
 pub mod session;
 pub mod store;
+pub mod transparency;
 
 pub use attachment::{AttachmentError, FileKey, FileRef};
 pub use device_list::{DeviceList, DeviceListError, SeenDeviceList, SignedDeviceList};

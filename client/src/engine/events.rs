@@ -128,6 +128,16 @@ pub enum Event {
         /// Messages from them named and not received.
         count: usize,
     },
+    /// This account's own entry in its domain's key-transparency log holds a master key this
+    /// device never made or saw made (its own devices' keys are known): someone with the
+    /// broker may be impersonating the account. A UI says "a new key for your account was
+    /// published at … — if it wasn't you, your contacts may be talking to someone else".
+    ForeignKeyPublished {
+        /// The log epoch that published it.
+        epoch: u64,
+        /// The entry's version.
+        version: u64,
+    },
     /// Everything queued when the connection opened has been handled.
     QueueEmpty,
     /// The broker refused a sender because this device's queue is full.

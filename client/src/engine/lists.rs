@@ -433,6 +433,8 @@ impl Engine {
         now_ms: u64,
     ) -> Result<(), ClientError> {
         let own = self.state.user().to_owned();
+        let old = self.state.master_key.public_key();
+        self.record.own_masters.push(ByteBuf::from(old.to_vec()));
         self.state.master_key = rotation.master;
         self.state
             .pins

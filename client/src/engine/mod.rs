@@ -62,6 +62,7 @@ pub mod receive;
 pub mod record;
 pub mod schedule;
 pub mod send;
+pub mod transparency;
 
 use std::path::Path;
 

@@ -249,6 +249,15 @@ pub(crate) struct Record {
     /// Contacts' devices' chains to this device, by contact and device.
     #[serde(default)]
     pub(crate) chains_in: BTreeMap<String, BTreeMap<u32, super::chain::ChainIn>>,
+    /// Key transparency: the domains' logs as seen, and auditors' keys.
+    #[serde(default)]
+    pub(crate) logs: crate::crypto::transparency::LogPins,
+    /// The newest version of this account's own log entry already checked.
+    #[serde(default)]
+    pub(crate) own_log_version: u64,
+    /// Master keys this account made (earlier ones stay after a rotation).
+    #[serde(default)]
+    pub(crate) own_masters: Vec<ByteBuf>,
 }
 
 /// A file upload that has not finished.

@@ -6,10 +6,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sealpost_proto::transparency::{MAX_AUDIT_EPOCHS, SignedRoot};
+
 use super::{Client, ClientError, DeviceInfo, Event, now_ms};
 use crate::{
-    api::ClaimAuth,
-    crypto::{DeviceList, SafetyNumber, SignedDeviceList},
+    api::{ApiError, ClaimAuth, FetchedList},
+    crypto::{
+        DeviceList, SafetyNumber, SignedDeviceList,
+        transparency::{Step, TransparencyError},
+    },
     engine::{ClaimWith, KeyChange, check_handle},
 };
 
@@ -85,15 +90,160 @@ impl Client {
         accepted
     }
 
-    /// `user`'s signed device list as the broker has it, not yet verified: our own on the
+    /// `user`'s signed device list as the broker has it, checked against its domain's
+    /// key-transparency log (its signature is checked by the caller): our own on the
     /// authenticated channel, anyone else's on the anonymous one.
-    async fn fetch_signed_list(&self, user: &str) -> Result<Vec<u8>, ClientError> {
-        let signed = if user == self.engine.user() {
-            self.api.own_device_list(&self.creds()).await?
+    async fn fetch_signed_list(&mut self, user: &str) -> Result<Vec<u8>, ClientError> {
+        let fetched = if user == self.engine.user() {
+            self.api.own_proved_device_list(&self.creds()).await?
         } else {
-            self.anon.device_list(user).await?
+            self.anon.proved_device_list(user).await?
         };
-        signed.ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))
+        let fetched = fetched.ok_or_else(|| ClientError::NoDeviceList(user.to_owned()))?;
+        self.verify_in_log(user, &fetched).await?;
+        Ok(fetched.signed)
+    }
+
+    /// The key-transparency checks of a fetched list: its lookup proof, then that its root
+    /// extends the roots seen of its domain (fetching the append-only proof), then the
+    /// auditors' co-signatures of it.
+    async fn verify_in_log(
+        &mut self,
+        user: &str,
+        fetched: &FetchedList,
+    ) -> Result<(), ClientError> {
+        let checked =
+            self.engine
+                .check_transparency(user, &fetched.signed, fetched.evidence.as_deref())?;
+        let Some((root, step)) = checked else {
+            return Ok(());
+        };
+        let fail = |error| ClientError::Transparency {
+            user: user.to_owned(),
+            error,
+        };
+        match step {
+            Step::None => {}
+            Step::Advance { .. } => {
+                let newest = self
+                    .engine
+                    .log_pins()
+                    .newest(&root.domain)
+                    .ok_or_else(|| fail(TransparencyError::Malformed))?;
+                self.verify_roots(user, &root.domain, newest, (root.epoch, root.root_hash))
+                    .await?;
+            }
+            Step::Older { .. } => {
+                let newest = self
+                    .engine
+                    .log_pins()
+                    .newest(&root.domain)
+                    .ok_or_else(|| fail(TransparencyError::Malformed))?;
+                self.verify_roots(user, &root.domain, (root.epoch, root.root_hash), newest)
+                    .await?;
+            }
+        }
+        self.engine.accept_root(&root, now_ms());
+        // Best effort: an unreachable broker leaves the root "not audited yet".
+        if let Ok(cosignatures) = self
+            .anon
+            .transparency_cosignatures(&root.domain, root.epoch)
+            .await
+        {
+            self.engine
+                .check_cosignatures(user, &root, &cosignatures, now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// Fetches and verifies that `domain`'s log went from root `first` to root `last` only by
+    /// appending (signed roots of every epoch between, akd's append-only proofs).
+    async fn verify_roots(
+        &self,
+        user: &str,
+        domain: &str,
+        first: (u64, [u8; 32]),
+        last: (u64, [u8; 32]),
+    ) -> Result<(), ClientError> {
+        let fork = |epoch| ClientError::Transparency {
+            user: user.to_owned(),
+            error: TransparencyError::Fork {
+                domain: domain.to_owned(),
+                epoch,
+            },
+        };
+        let mut at = first;
+        while at.0 < last.0 {
+            let end = (at.0 + MAX_AUDIT_EPOCHS).min(last.0);
+            let (roots, proof) = self.anon.transparency_audit(domain, at.0, end).await?;
+            let roots = roots
+                .iter()
+                .map(|r| SignedRoot::from_bytes(r))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| fork(at.0))?;
+            self.engine
+                .log_pins()
+                .verify_extension(domain, at, &roots, &proof)
+                .await
+                .map_err(|error| ClientError::Transparency {
+                    user: user.to_owned(),
+                    error,
+                })?;
+            match roots.last() {
+                Some(r) if r.epoch == end => at = (r.epoch, r.root_hash),
+                _ => return Err(fork(end)),
+            }
+        }
+        if at != last {
+            return Err(fork(last.0));
+        }
+        Ok(())
+    }
+
+    /// The key-transparency logs as this device has seen them (the newest root of each
+    /// domain, pinned log keys).
+    pub fn transparency(&self) -> &crate::crypto::transparency::LogPins {
+        self.engine.log_pins()
+    }
+
+    /// Checks this account's own entry in its domain's log: warns (an
+    /// [`Event::ForeignKeyPublished`] each) of every master key in it that this account did
+    /// not make, and returns how many it found that it had not warned of before.
+    pub async fn check_own_log(&mut self) -> Result<usize, ClientError> {
+        let (root, proof) = match self.api.transparency_history(&self.creds()).await {
+            Ok(answer) => answer,
+            // A broker without a log (the NATS store) has nothing to check.
+            Err(ApiError::Refused { status: 404, .. }) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let root = SignedRoot::from_bytes(&root).map_err(|_| ClientError::Transparency {
+            user: self.engine.user().to_owned(),
+            error: TransparencyError::Malformed,
+        })?;
+        let own = self.engine.user().to_owned();
+        match self.engine.log_pins().place(&root) {
+            Ok(Step::None) => {}
+            Ok(Step::Advance { from, .. }) => {
+                let newest = self.engine.log_pins().newest(&root.domain);
+                if let Some(newest) = newest.filter(|n| n.0 == from) {
+                    self.verify_roots(&own, &root.domain, newest, (root.epoch, root.root_hash))
+                        .await?;
+                }
+            }
+            Ok(Step::Older { .. }) => {
+                if let Some(newest) = self.engine.log_pins().newest(&root.domain) {
+                    self.verify_roots(&own, &root.domain, (root.epoch, root.root_hash), newest)
+                        .await?;
+                }
+            }
+            Err(error) => return Err(ClientError::Transparency { user: own, error }),
+        }
+        self.engine.accept_root(&root, now_ms());
+        let warnings = self.engine.check_own_history(&root, &proof)?;
+        let found = warnings.len();
+        self.events.extend(warnings);
+        self.save()?;
+        Ok(found)
     }
 
     /// This account's own list as last fetched, whatever its age; fetched (authenticated) only
@@ -116,9 +266,13 @@ impl Client {
         self.own_list_due = Instant::now() + OWN_LIST_REFRESH + jitter;
         let own = self.engine.user().to_owned();
         match self.verified_list(&own, true).await {
-            Ok(_) => self.save(),
+            Ok(_) => {}
+            Err(ClientError::Api(e)) if e.is_transient() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        match self.check_own_log().await {
             Err(ClientError::Api(e)) if e.is_transient() => Ok(()),
-            Err(e) => Err(e),
+            other => other.map(drop),
         }
     }
 

@@ -243,6 +243,12 @@ pub(crate) fn event_lines(event: &Event) -> Vec<Line> {
             if *count == 1 { "it" } else { "they" },
             if *count == 1 { "it" } else { "them" },
         )),
+        Event::ForeignKeyPublished { epoch, version } => Line::Err(format!(
+            "! a new key for your account was published in your domain's key-transparency log \
+             (epoch {epoch}, version {version}) that none of your devices made: if it was not \
+             you (a new device, a key rotation), someone with access to the broker may be \
+             impersonating you; compare safety numbers with your contacts"
+        )),
         Event::Group(g) => return group_event_lines(g),
         _ => return Vec::new(),
     };
