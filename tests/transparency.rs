@@ -25,7 +25,7 @@ use sealpost_client::{
     ClientError, Event,
     crypto::{
         DeviceList, MasterKey,
-        transparency::{Audit, LogPins, Step, TransparencyError},
+        transparency::{Audit, LogPins, LogStatus, Step, TransparencyError},
     },
 };
 use sealpost_proto::transparency::{Cosignature, Evidence, SignedRoot};
@@ -155,6 +155,23 @@ async fn lists_across_domains_are_proved_followed_and_cosigned_by_the_other_doma
     for c in cosignatures(&ba, "a.example", root.epoch).await {
         assert_eq!(c.root_hash, root.root_hash);
     }
+    // Alice's client sees b.example's log audited by the other two domains once they have
+    // co-signed the root it holds.
+    let bob_root = newest_root(&bb).await;
+    until("a and c co-signed b's root", async || {
+        cosignatures(&ba, "b.example", bob_root.epoch).await.len() == 2
+    })
+    .await;
+    alice
+        .client
+        .send_text("bob@b.example", "audited")
+        .await
+        .expect("send");
+    assert_eq!(
+        alice.client.log_status("bob@b.example"),
+        LogStatus::CoSigned(vec!["a.example".into(), "c.example".into()])
+    );
+
     // Alice's own entry holds nothing she did not make.
     assert_eq!(alice.client.check_own_log().await.expect("own log"), 0);
     assert!(!has_foreign_key(&mut alice).await);
@@ -413,10 +430,17 @@ async fn clients_refuse_a_tampered_proof_a_fork_a_rollback_and_a_split_view() {
         c.signature = keys.sign(&c.signed_bytes());
         c.to_bytes()
     };
+    // Not co-signed yet: pending within the grace time, unverified after it.
+    assert_eq!(pins.status("a.example", 2, 1_000), LogStatus::Pending);
+    assert_eq!(pins.status("a.example", 5_000, 1_000), LogStatus::Unaudited);
     let honest = auditor("b.example", 7, &root2);
     assert_eq!(
         pins.check_cosignatures(&root2, std::slice::from_ref(&honest), 3),
         Ok(Audit::CoSigned(vec!["b.example".into()]))
+    );
+    assert_eq!(
+        pins.status("a.example", 5_000, 1_000),
+        LogStatus::CoSigned(vec!["b.example".into()])
     );
     let fooled = auditor("c.example", 8, &forked);
     assert!(matches!(

@@ -143,6 +143,7 @@ impl Local {
                         let evidence = match &state.transparency {
                             Some(log) => match log.evidence(&user, &signed, Some(origin)).await {
                                 Ok(evidence) => evidence.to_bytes(),
+                                Err(crate::transparency::LogError::NotAList) => Vec::new(),
                                 Err(e) => {
                                     warn!(error = %e, "no transparency evidence for a peer's lookup");
                                     return LinkFrame::Refused {

@@ -51,6 +51,7 @@ use crate::{
     crypto::delivery_proof,
     mailbox::UploadKeys,
     store::{DeliveryTokenRecord, KeyKind, LinkCodeRecord, records::RECORD_VERSION},
+    transparency::LogError,
 };
 
 type State = web::Data<Arc<AppState>>;
@@ -370,12 +371,13 @@ async fn get_device_list(
                 .await?
                 .ok_or(ApiError::NotFound)?;
             let evidence = match &state.transparency {
-                Some(log) => Some(
-                    log.evidence(handle.as_str(), &signed, None)
-                        .await
-                        .map_err(super::transparency::unavailable)?
-                        .to_bytes(),
-                ),
+                // Lists are stored opaquely: bytes that are no device list at all have no
+                // entry in the log, and clients refuse them whatever comes with them.
+                Some(log) => match log.evidence(handle.as_str(), &signed, None).await {
+                    Ok(evidence) => Some(evidence.to_bytes()),
+                    Err(LogError::NotAList) => None,
+                    Err(e) => return Err(super::transparency::unavailable(e)),
+                },
                 None => None,
             };
             (signed, evidence)

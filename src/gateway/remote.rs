@@ -14,7 +14,9 @@ use super::{
     error::ApiError,
     json::{DeviceEntry, DeviceList},
 };
-use crate::{federation::messages::Request, store::KeyKind};
+use tracing::warn;
+
+use crate::{federation::messages::Request, store::KeyKind, transparency::audit::check_relayed};
 
 /// The handle named in a path, if it is a user of a peer domain (`None` for anything else,
 /// which the local handlers deal with).
@@ -79,7 +81,20 @@ pub(crate) async fn remote_device_list(
     match remote(state, &handle, Request::GetDeviceList { user }).await? {
         LinkFrame::DeviceList {
             signed, evidence, ..
-        } => Ok((signed, (!evidence.is_empty()).then_some(evidence))),
+        } => {
+            // This broker audits the peer's log: it checks what it relays too. A failure is
+            // logged and counted, and the answer still goes to the client, whose own check
+            // refuses it with a clear error.
+            if let Some(log) = &state.transparency
+                && !evidence.is_empty()
+                && let Err(e) = check_relayed(log, handle.as_str(), &signed, &evidence).await
+            {
+                metrics::counter!("sealpost_transparency_bad_evidence_total", "domain" => handle.domain().to_owned())
+                    .increment(1);
+                warn!(domain = handle.domain(), error = %e, "a peer served a device list its transparency log does not prove");
+            }
+            Ok((signed, (!evidence.is_empty()).then_some(evidence)))
+        }
         _ => Err(ApiError::Unavailable),
     }
 }

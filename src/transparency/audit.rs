@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 use sealpost_proto::{
     ErrorCode,
     federation::{LinkFrame, NEWEST},
-    transparency::{Cosignature, MAX_AUDIT_EPOCHS, SignedRoot},
+    transparency::{Cosignature, Evidence, MAX_AUDIT_EPOCHS, SignedRoot},
 };
 use tracing::{debug, warn};
 
@@ -301,4 +301,54 @@ pub async fn answer_roots(
 
 fn decode(bytes: &[u8]) -> Result<SignedRoot, AuditError> {
     SignedRoot::from_bytes(bytes).map_err(|e| AuditError::Invalid(format!("root: {e}")))
+}
+
+/// Checks a device list a peer's broker served (before it is passed on to a client, who checks
+/// it again): its root is signed by the peer's pinned log key, does not contradict the root
+/// audited for the same epoch, and its lookup proof proves this very list.
+pub async fn check_relayed(
+    log: &Log,
+    user: &str,
+    signed_list: &[u8],
+    evidence: &[u8],
+) -> Result<(), AuditError> {
+    let invalid = |what: &str| AuditError::Invalid(what.to_owned());
+    let evidence =
+        Evidence::from_bytes(evidence).map_err(|_| invalid("evidence does not decode"))?;
+    let root = &evidence.root;
+    let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
+    let audited = match log.store().audited(domain).await? {
+        Some(bytes) => Some(decode(&bytes)?),
+        None => None,
+    };
+    let key = audited.as_ref().map_or(root.log_key, |a| a.log_key);
+    if root.domain != domain
+        || root.log_key != key
+        || !verify_log_signature(&key, &root.signed_bytes(), &root.signature)
+    {
+        return Err(invalid("a root not signed by the domain's log key"));
+    }
+    if let Some(a) = &audited
+        && a.epoch == root.epoch
+        && a.root_hash != root.root_hash
+    {
+        return Err(AuditError::Fork(format!(
+            "epoch {} served with another root hash than the one audited",
+            root.epoch
+        )));
+    }
+    let proof: akd::LookupProof =
+        rmp_serde::from_slice(&evidence.proof).map_err(|_| invalid("proof does not decode"))?;
+    let proved = akd::verify::lookup::lookup_verify::<Config>(
+        &root.vrf_key,
+        root.root_hash,
+        root.epoch,
+        akd::AkdLabel(user.as_bytes().to_vec()),
+        proof,
+    )
+    .map_err(|e| invalid(&format!("lookup proof fails: {e}")))?;
+    if super::list_value(signed_list).map(|v| v.to_vec()) != Some(proved.value.0) {
+        return Err(invalid("the lookup proof is for another list"));
+    }
+    Ok(())
 }

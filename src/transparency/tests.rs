@@ -130,3 +130,38 @@ async fn roots_extend_each_other_and_a_fork_fails_the_append_only_proof() {
     *mixed.last_mut().unwrap() = forked;
     assert!(verify_append_only(&mixed, &proof).await.is_err());
 }
+
+#[tokio::test]
+async fn a_relaying_broker_refuses_a_tampered_proof_a_foreign_list_and_a_forged_root() {
+    use super::audit::check_relayed;
+    let log = open(Vec::new()).await;
+    let alice = list("alice@a.example", 1, 7);
+    let evidence = log.evidence("alice@a.example", &alice, None).await.unwrap();
+    // The auditing broker is another log (here: the same code, as b.example would run it).
+    let auditor = open(Vec::new()).await;
+    check_relayed(&auditor, "alice@a.example", &alice, &evidence.to_bytes())
+        .await
+        .unwrap();
+    let other = list("alice@a.example", 2, 9);
+    assert!(
+        check_relayed(&auditor, "alice@a.example", &other, &evidence.to_bytes())
+            .await
+            .is_err()
+    );
+    let mut tampered = evidence.clone();
+    let mut proof: LookupProof = rmp_serde::from_slice(&tampered.proof).unwrap();
+    proof.existence_vrf_proof[0] ^= 1;
+    tampered.proof = rmp_serde::to_vec(&proof).unwrap();
+    assert!(
+        check_relayed(&auditor, "alice@a.example", &alice, &tampered.to_bytes())
+            .await
+            .is_err()
+    );
+    let mut forged = evidence.clone();
+    forged.root.epoch += 1;
+    assert!(
+        check_relayed(&auditor, "alice@a.example", &alice, &forged.to_bytes())
+            .await
+            .is_err()
+    );
+}

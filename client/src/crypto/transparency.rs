@@ -128,6 +128,24 @@ struct DomainView {
     cosigned_ms: u64,
     /// When the first root that no auditor co-signed yet was seen (0: none is waiting).
     unaudited_since_ms: u64,
+    /// The auditors that co-signed the last co-signed root.
+    #[serde(default)]
+    cosigners: Vec<String>,
+}
+
+/// How far a domain's log is verified, as this client has seen it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogStatus {
+    /// No root of the domain seen: it keeps no log (or none was fetched yet).
+    NoLog,
+    /// Its last co-signed root was co-signed by these auditors, and no root has gone without
+    /// a co-signature for longer than the grace time since.
+    CoSigned(Vec<String>),
+    /// A root was seen that no auditor has co-signed yet, within the grace time.
+    Pending,
+    /// A root has gone without any auditor's co-signature for longer than the grace time:
+    /// the domain's log counts as unverified.
+    Unaudited,
 }
 
 /// The logs this client has seen, and the auditors' keys (persisted with the client's state).
@@ -286,6 +304,7 @@ impl LogPins {
                 root_hash: ByteBuf::from(root.root_hash.to_vec()),
                 cosigned_ms: 0,
                 unaudited_since_ms: 0,
+                cosigners: Vec::new(),
             });
         if root.epoch >= view.epoch {
             view.epoch = root.epoch;
@@ -337,6 +356,7 @@ impl LogPins {
         {
             view.cosigned_ms = now_ms.max(1);
             view.unaudited_since_ms = 0;
+            view.cosigners = by.clone();
         }
         Ok(if by.is_empty() {
             Audit::NotYet
@@ -345,12 +365,21 @@ impl LogPins {
         })
     }
 
-    /// Whether `domain`'s log has gone unaudited for longer than `grace_ms`: a root of it
-    /// was seen that long ago and no auditor has co-signed one since.
-    pub fn unaudited(&self, domain: &str, now_ms: u64, grace_ms: u64) -> bool {
-        self.domains.get(domain).is_some_and(|v| {
-            v.unaudited_since_ms != 0 && now_ms.saturating_sub(v.unaudited_since_ms) > grace_ms
-        })
+    /// How far `domain`'s log is verified: a root that no auditor co-signed within
+    /// `grace_ms` of being seen makes it [`LogStatus::Unaudited`].
+    pub fn status(&self, domain: &str, now_ms: u64, grace_ms: u64) -> LogStatus {
+        let Some(v) = self.domains.get(domain) else {
+            return LogStatus::NoLog;
+        };
+        if v.unaudited_since_ms != 0 {
+            if now_ms.saturating_sub(v.unaudited_since_ms) > grace_ms {
+                return LogStatus::Unaudited;
+            }
+            if v.cosigners.is_empty() {
+                return LogStatus::Pending;
+            }
+        }
+        LogStatus::CoSigned(v.cosigners.clone())
     }
 }
 

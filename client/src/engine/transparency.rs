@@ -13,7 +13,7 @@ use sealpost_proto::transparency::SignedRoot;
 
 use super::{Engine, events::Event};
 use crate::{
-    crypto::transparency::{Audit, LogPins, Step, TransparencyError, own_history},
+    crypto::transparency::{Audit, LogPins, LogStatus, Step, TransparencyError, own_history},
     error::ClientError,
 };
 
@@ -102,9 +102,9 @@ impl Engine {
         Ok(events)
     }
 
-    /// Whether `domain`'s log has had no auditor co-sign a root for longer than `grace_ms`
-    /// after one was seen: its roots count as unverified.
-    pub fn log_unaudited(&self, domain: &str, now_ms: u64, grace_ms: u64) -> bool {
-        self.record.logs.unaudited(domain, now_ms, grace_ms)
+    /// How far `user`'s domain's log is verified (see [`LogStatus`]).
+    pub fn log_status(&self, user: &str, now_ms: u64, grace_ms: u64) -> LogStatus {
+        let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
+        self.record.logs.status(domain, now_ms, grace_ms)
     }
 }

@@ -108,6 +108,9 @@ pub struct Client {
     events: VecDeque<Event>,
     /// While envelopes are held, how often they are tried again.
     held_retry: Duration,
+    /// How long a log root may go without an auditor's co-signature before the log counts as
+    /// unverified ([`Client::log_status`]).
+    audit_grace: Duration,
     /// When they are tried next.
     next_held_retry: Instant,
     /// Consecutive reconnects without a frame in between.
@@ -205,6 +208,7 @@ impl Client {
             inbox: VecDeque::new(),
             events: VecDeque::new(),
             held_retry: Duration::from_secs(30),
+            audit_grace: Duration::from_secs(10 * 60),
             next_held_retry: Instant::now(),
             reconnects: 0,
             own_list_due: Instant::now(),
@@ -312,6 +316,19 @@ impl Client {
     pub fn set_held_retry(&mut self, every: Duration) {
         self.held_retry = every.max(Duration::from_millis(10));
         self.next_held_retry = Instant::now() + self.held_retry;
+    }
+
+    /// Sets how long a key-transparency root may go without an auditor's co-signature before
+    /// its log counts as unverified (default 10 minutes; brokers audit their peers every 10 s).
+    pub fn set_audit_grace(&mut self, grace: Duration) {
+        self.audit_grace = grace;
+    }
+
+    /// How far `user`'s domain's key-transparency log is verified by auditors, as this device
+    /// has seen it.
+    pub fn log_status(&self, user: &str) -> crate::crypto::transparency::LogStatus {
+        let grace = u64::try_from(self.audit_grace.as_millis()).unwrap_or(u64::MAX);
+        self.engine.log_status(user, now_ms(), grace)
     }
 
     /// This account's handle.

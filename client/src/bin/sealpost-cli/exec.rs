@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use sealpost_client::{
     Client,
+    crypto::transparency::LogStatus,
     sdk::{MessageState, PushService},
 };
 use serde::{Deserialize, Serialize};
@@ -208,6 +209,7 @@ pub(crate) async fn exec(
             if verified {
                 answer = answer.out("(verified)");
             }
+            answer = answer.out(log_line(&with, client.log_status(&with)));
             answer.verified = verified;
             answer
         }
@@ -374,4 +376,23 @@ fn conversations(
         }
     }
     Ok(answer)
+}
+
+/// What the key-transparency log says of `with`'s keys, in a line.
+fn log_line(with: &str, status: LogStatus) -> String {
+    let domain = with.rsplit_once('@').map_or(with, |(_, d)| d);
+    match status {
+        LogStatus::NoLog => format!("Key transparency: {domain} keeps no log."),
+        LogStatus::CoSigned(by) => format!(
+            "Key transparency: the key is in {domain}'s log, audited by {}.",
+            by.join(", ")
+        ),
+        LogStatus::Pending => {
+            format!("Key transparency: the key is in {domain}'s log (not audited yet).")
+        }
+        LogStatus::Unaudited => format!(
+            "Key transparency: the key is in {domain}'s log, but no other domain has audited \
+             that log lately: treat it as unverified."
+        ),
+    }
 }
