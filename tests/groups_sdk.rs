@@ -1,7 +1,8 @@
 //! Group conversations end to end: MLS in the real client SDK, real broker processes on three
 //! federated domains. Members with two devices each create a group, talk, add a fourth
 //! member, remove one (who reads nothing after), commit at the same time (one wins, the other
-//! rebases, nobody forks), and a device linked later is added and reads from then on.
+//! rebases, nobody forks), a device linked later is added and reads from then on, and a device
+//! its account removes is taken out of the group and reads nothing after.
 
 mod common;
 
@@ -105,7 +106,7 @@ fn a_group_across_three_domains_talks_grows_shrinks_and_never_forks() {
 }
 
 #[test]
-fn a_device_linked_later_is_added_and_reads_from_then_on() {
+fn a_device_linked_later_is_added_and_reads_from_then_on_and_once_removed_reads_nothing() {
     run(linked_later());
 }
 
@@ -348,4 +349,63 @@ async fn linked_later() {
     until(&mut bob.client, |c| texts(c, &group).len() >= 3).await;
     let info = alice.client.group_info(&group).await.expect("info");
     assert_eq!(info.members.len(), 3);
+    let epoch_with_bob2 = epoch(&mut alice.client, &group);
+
+    // Bob removes that device from his account (a new signed list without it, then the
+    // broker deletes it). Alice's client, before her next text, finds it gone from bob's
+    // verified list and commits its removal: the text is sent in an epoch it is not in.
+    let bob2_id = bob2.client.device_id();
+    bob.client
+        .remove_device(bob2_id)
+        .await
+        .expect("remove bob2");
+    alice
+        .client
+        .send_group_text(&group, "after bob2 was removed")
+        .await
+        .expect("send");
+    let info = alice.client.group_info(&group).await.expect("info");
+    assert!(
+        !info
+            .members
+            .iter()
+            .any(|(u, d, _)| u == "bob@b.example" && *d == bob2_id),
+        "the removed device is out of alice's group: {:?}",
+        info.members
+    );
+    assert_eq!(info.members.len(), 2);
+    assert!(info.epoch > epoch_with_bob2, "a Commit removed it");
+    // Bob's remaining device merged the same Commit and reads the text.
+    until(&mut bob.client, |c| {
+        texts(c, &group)
+            .iter()
+            .any(|(_, t)| t == "after bob2 was removed")
+    })
+    .await;
+    let bob_view = bob.client.group_info(&group).await.expect("info");
+    assert_eq!(bob_view.epoch, info.epoch);
+    assert!(!bob_view.members.iter().any(|(_, d, _)| *d == bob2_id));
+    // The removed device gets nothing more: its connection is refused (`device_revoked`),
+    // and whatever it holds is from before.
+    let end = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match bob2.client.next_event().await {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("the removed device is refused");
+    assert!(
+        matches!(end, sealpost_client::ClientError::DeviceRevoked),
+        "{end:?}"
+    );
+    assert_eq!(
+        texts(&bob2.client, &group)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect::<Vec<_>>(),
+        vec!["after linking", "for both of bob's devices"]
+    );
 }
