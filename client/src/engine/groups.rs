@@ -125,6 +125,20 @@ pub enum GroupEvent {
         /// Its device.
         device: u32,
     },
+    /// A member account's master key changed (its device list is signed by a key other than
+    /// the one pinned), and the user has not accepted the new key. Until they do
+    /// (`Client::accept_master_key_change`, after comparing the new safety number) or remove
+    /// the member, texts to the group are refused with
+    /// [`ClientError::MasterKeyChanged`], as sends to that account are in a 1:1
+    /// conversation: the account's new devices are never added on the new key's word alone.
+    /// Reported once per group and new key, as a notice
+    /// ([`Engine::take_notices`]).
+    KeyChanged {
+        /// The group.
+        group: String,
+        /// The member account.
+        user: String,
+    },
     /// A member account asked to leave; this device committed its removal if it is the
     /// group's remover (see [`Engine::receive_group`]).
     LeaveRequested {
@@ -882,6 +896,33 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// `user`'s master key changed (seen for the first time): a [`GroupEvent::KeyChanged`]
+    /// notice for each group this device is in that has `user` as a member.
+    pub(crate) fn note_group_key_change(&mut self, user: &str) {
+        if user == self.state.user() {
+            return;
+        }
+        let live: Vec<(String, Vec<u8>)> = self
+            .record
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.left)
+            .map(|(k, g)| (k.clone(), g.id.to_vec()))
+            .collect();
+        for (group, id) in live {
+            let Ok(keys) = self.group_keys() else { return };
+            let member = keys
+                .members(&id)
+                .is_ok_and(|ms| ms.iter().any(|m| m.id.user == user));
+            if member {
+                self.notices.push(Event::Group(GroupEvent::KeyChanged {
+                    group,
+                    user: user.to_owned(),
+                }));
+            }
+        }
     }
 
     /// Whether `user`'s `device` in a group is vouched for by the verified list held now.
