@@ -36,8 +36,17 @@ use crate::{
     error::{ClientError, EnvelopeError},
 };
 
-/// Most members (devices) a group may have: what one `group_send` may address.
+/// Most devices one `group_send` may address (the broker's fan-out cap).
 pub use sealpost_proto::limits::MAX_GROUP_DEVICES;
+/// Most member devices of a group in the clients, below the broker's fan-out cap
+/// ([`MAX_GROUP_DEVICES`]): a Welcome carries the group's whole ratchet tree (about 0.3 KiB
+/// a member) and must fit one `group_send` (`MAX_GROUP_CIPHERTEXT_BYTES`, 448 KiB). At 2,000
+/// devices a new member's Welcome is about 560 KiB. Measured by the ignored test
+/// `crypto::group::tests::mls_groups_measured` (README, "A message to a group").
+pub const MAX_GROUP_MEMBER_DEVICES: usize = 1000;
+/// Most devices one Commit adds (the SDK adds more in several): a Commit carries each added
+/// device's KeyPackage, and its Welcome an encrypted secret for each, on top of the tree.
+pub const MAX_ADDS_PER_COMMIT: usize = 250;
 /// Longest group message text, in bytes.
 pub const MAX_GROUP_TEXT_BYTES: usize = 32 * 1024;
 /// Messages kept per group.
@@ -587,9 +596,9 @@ impl Engine {
         }
         let members = self.recipients(&entry.id)?;
         let devices = members.values().map(BTreeSet::len).sum::<usize>() + packages.len();
-        if devices > MAX_GROUP_DEVICES {
+        if devices > MAX_GROUP_MEMBER_DEVICES {
             return Err(ClientError::Invalid(format!(
-                "a group has at most {MAX_GROUP_DEVICES} member devices"
+                "a group has at most {MAX_GROUP_MEMBER_DEVICES} member devices"
             )));
         }
         let commit = self

@@ -19,7 +19,7 @@ use crate::{
     api::ClaimAuth,
     conn::Connection,
     crypto::DeviceList,
-    engine::{GroupChange, GroupInfo, GroupSend},
+    engine::{GroupChange, GroupInfo, GroupSend, MAX_ADDS_PER_COMMIT},
 };
 
 /// KeyPackages kept published per device (topped up when the broker says they run low).
@@ -123,8 +123,20 @@ impl Client {
     }
 
     /// Adds the given devices: claims a KeyPackage of each (checked against its account's
-    /// verified list by the engine), then commits.
+    /// verified list by the engine), then commits, at most [`MAX_ADDS_PER_COMMIT`] devices
+    /// a Commit (so that each Commit and its Welcome fit one `group_send`).
     async fn add_devices(
+        &mut self,
+        group: &str,
+        devices: &[(String, u32)],
+    ) -> Result<(), ClientError> {
+        for batch in devices.chunks(MAX_ADDS_PER_COMMIT) {
+            self.add_batch(group, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_batch(
         &mut self,
         group: &str,
         devices: &[(String, u32)],
