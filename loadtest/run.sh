@@ -9,7 +9,7 @@
 #   DURATION=30s RATE=5000 loadtest/run.sh
 #
 # Knobs (environment, with defaults):
-#   SCENARIOS="appends-gc appends-nogc e2e idle"   (also: federated, not in the default set)
+#   SCENARIOS="appends-gc appends-nogc e2e idle"   (also: federated, fanout, blobs)
 #   DURATION=10s WARMUP=1s SIZE=256
 #   SENDERS=64 RECIPIENTS=100 PIPELINE=32         (appends)
 #   DRAIN=1                (appends: then every recipient connects and drains its queue)
@@ -262,7 +262,8 @@ for scenario in $SCENARIOS; do
                 --devices-per-account "$FANOUT_DEVICES" --broker-pid @BROKER_PID@ ;;
         blobs)
             # The disk's own speed, in the same run and on the same file system as the data
-            # directories: 200 MiB written with O_DIRECT and synced, then read back.
+            # directories: 200 MiB of random bytes (made first, so that /dev/urandom is not
+            # what is timed) copied with O_DIRECT and synced; only the write is timed.
             probe=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-loadtest-data.XXXXXX")
             echo
             echo "=== disk (dd, same file system) ==="

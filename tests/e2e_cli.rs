@@ -751,6 +751,89 @@ fn attachment_bytes(broker: &Broker) -> u64 {
         .unwrap_or(0)
 }
 
+/// A real image: a `width`×`height` RGB PNG (deflate in stored blocks, so its pixels are in
+/// the file as they are), its pixels a deterministic noise over a gradient, so that every
+/// 16-byte run of it is distinctive. Any PNG reader opens it.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend(
+            u32::try_from(data.len())
+                .expect("a small chunk")
+                .to_be_bytes(),
+        );
+        let start = out.len();
+        out.extend(kind);
+        out.extend(data);
+        let crc = crc32(&out[start..]);
+        out.extend(crc.to_be_bytes());
+    }
+    // Scanlines: filter byte 0, then RGB.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut raw = Vec::new();
+    for y in 0..height {
+        raw.push(0);
+        for x in 0..width {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let noise = seed.to_le_bytes();
+            raw.push(x.to_le_bytes()[0].wrapping_add(noise[0] >> 2));
+            raw.push(y.to_le_bytes()[0].wrapping_add(noise[1] >> 2));
+            raw.push(noise[2]);
+        }
+    }
+    // zlib: header, stored blocks of at most 65,535 bytes, Adler-32.
+    let mut zlib = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        zlib.push(u8::from(i + 1 == blocks.len()));
+        let len = u16::try_from(block.len()).expect("at most 65,535");
+        zlib.extend(len.to_le_bytes());
+        zlib.extend((!len).to_le_bytes());
+        zlib.extend(*block);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &byte in &raw {
+        a = (a + u32::from(byte)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    zlib.extend(((b << 16) | a).to_be_bytes());
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8 bits, RGB, deflate, no filter method, no interlace
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &zlib);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// Where a run of 32 bytes of `secret` is in the files under `dir`: (file, offset in it).
+/// Every 32-byte window of `secret` holds one of its 16-byte blocks at offsets divisible by
+/// 16, so it is enough (and stricter) to look for those blocks, all at once.
+fn windows_of_in(secret: &[u8], dir: &Path) -> Option<(PathBuf, usize)> {
+    let blocks: Vec<&[u8]> = secret.chunks_exact(16).collect();
+    let finder = aho_corasick::AhoCorasick::new(&blocks).expect("patterns");
+    files_under(dir)
+        .into_iter()
+        .find_map(|(path, bytes)| finder.find(&bytes).map(|m| (path, m.start())))
+}
+
 #[test]
 fn a_file_resumes_after_the_sender_is_killed_arrives_whole_and_a_changed_one_is_refused() {
     let broker = Broker::start(&[]);
@@ -816,6 +899,42 @@ fn a_file_resumes_after_the_sender_is_killed_arrives_whole_and_a_changed_one_is_
         );
     }
 
+    // A real image: no 32 bytes of it anywhere in the broker's data directory, while its
+    // attachment and its message are stored there; it arrives the same.
+    let image = png(256, 256);
+    let image_path = source.path().join("photo.png");
+    std::fs::write(&image_path, &image).expect("write");
+    let out = ok(
+        a,
+        &[
+            "send-file",
+            "--to",
+            bob_h,
+            image_path.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.contains("Sent"), "{out}");
+    assert_eq!(
+        windows_of_in(&image, &broker.data_dir()),
+        None,
+        "32 bytes of the image in the data directory"
+    );
+    let out = ok(b, &["listen", "--count", "1", "--files-dir", files_arg]);
+    assert!(out.contains("sent a file: photo.png"), "{out}");
+    assert_eq!(
+        std::fs::read(files.join("photo.png")).expect("saved"),
+        image
+    );
+    assert_eq!(windows_of_in(&image, &broker.data_dir()), None);
+    // The audit finds what it looks for: the image's bytes in a file of the data directory.
+    let planted = broker.data_dir().join("planted");
+    std::fs::write(&planted, [&b"xx"[..], &image[1000..1032]].concat()).expect("plant");
+    assert_eq!(
+        windows_of_in(&image, &broker.data_dir()).map(|(p, _)| p),
+        Some(planted.clone())
+    );
+    std::fs::remove_file(&planted).expect("unplant");
+
     // A file changed at the broker is refused, with a clear reason, and not saved.
     let note = source.path().join("note.txt");
     std::fs::write(&note, vec![b'n'; 300_000]).expect("write");
@@ -825,7 +944,9 @@ fn a_file_resumes_after_the_sender_is_killed_arrives_whole_and_a_changed_one_is_
     );
     let (blob, mut bytes) = files_under(&broker.data_dir().join("attachments"))
         .into_iter()
-        .find(|(p, b)| p.extension().is_some_and(|e| e == "blob") && b.len() < 1024 * 1024)
+        .find(|(p, b)| {
+            p.extension().is_some_and(|e| e == "blob") && (300_000..1024 * 1024).contains(&b.len())
+        })
         .expect("the note's blob");
     bytes[100_000] ^= 1;
     std::fs::write(&blob, &bytes).expect("change it");

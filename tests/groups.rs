@@ -244,6 +244,60 @@ async fn sealed_group_sends_admit_each_recipient_by_its_own_token() {
     assert_eq!(got[0].1.ciphertext, b"sealed group message");
     let mut c = Device::connect(&broker, &carol).await;
     assert!(c.backlog().await.is_empty(), "nothing for a wrong token");
+
+    // A sealed Commit takes its epoch at the hub only if a recipient here admits it by a
+    // valid token and none refuses it: junk from someone who only knows the group's id takes
+    // nothing, and the members' own Commit still has the epoch.
+    let hub = "test.example";
+    for (junk, why) in [
+        (
+            vec![with(&carol, b"a wrong token!".to_vec())],
+            "a bad token",
+        ),
+        (vec![recipient(&[&carol])], "no token"),
+        (
+            vec![with(&bob, token(&bob)), with(&carol, b"wrong!".to_vec())],
+            "one bad token",
+        ),
+        (
+            vec![GroupRecipient {
+                to: "dave@elsewhere.example".into(),
+                devices: vec![DeviceId(1)],
+                delivery_token: Some(b"unchecked there".to_vec()),
+            }],
+            "no recipient here",
+        ),
+    ] {
+        let (code, refused, epoch) = result(
+            &mut anon,
+            group_send(eid(), b"junk commit", junk, order(5, 0, hub)),
+        )
+        .await;
+        assert_eq!(
+            (code, refused, epoch),
+            (Some(ErrorCode::BadDeliveryToken), vec![], None),
+            "{why}"
+        );
+    }
+    let (code, refused, _) = result(
+        &mut anon,
+        group_send(
+            eid(),
+            b"the members' commit",
+            vec![with(&bob, token(&bob)), with(&carol, token(&carol))],
+            order(5, 0, hub),
+        ),
+    )
+    .await;
+    assert_eq!((code, refused), (None, vec![]), "epoch 0 is still free");
+    assert_eq!(
+        bodies(&mut b, 1).await,
+        vec![b"the members' commit".to_vec()]
+    );
+    assert_eq!(
+        bodies(&mut c, 1).await,
+        vec![b"the members' commit".to_vec()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

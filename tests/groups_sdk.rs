@@ -1,7 +1,9 @@
 //! Group conversations end to end: MLS in the real client SDK, real broker processes on three
 //! federated domains. Members with two devices each create a group, talk, add a fourth
 //! member, remove one (who reads nothing after), commit at the same time (one wins, the other
-//! rebases, nobody forks), and a device linked later is added and reads from then on.
+//! rebases, nobody forks), a device linked later is added and reads from then on, and a device
+//! its account removes is taken out of the group and reads nothing after. A member whose
+//! master key changes is warned of, and stops the group's texts until the key is accepted.
 
 mod common;
 
@@ -12,7 +14,7 @@ use common::{
     sdk::{Dev, link, next, register},
     site::*,
 };
-use sealpost_client::Client;
+use sealpost_client::{Client, ClientError, Event, engine::GroupEvent};
 
 /// Three domains, each pinning the others.
 async fn domains() -> (Broker, Broker, Broker) {
@@ -105,8 +107,13 @@ fn a_group_across_three_domains_talks_grows_shrinks_and_never_forks() {
 }
 
 #[test]
-fn a_device_linked_later_is_added_and_reads_from_then_on() {
+fn a_device_linked_later_is_added_and_reads_from_then_on_and_once_removed_reads_nothing() {
     run(linked_later());
+}
+
+#[test]
+fn a_members_changed_master_key_is_warned_of_and_holds_the_group_until_accepted() {
+    run(key_changed());
 }
 
 async fn three_domains() {
@@ -348,4 +355,167 @@ async fn linked_later() {
     until(&mut bob.client, |c| texts(c, &group).len() >= 3).await;
     let info = alice.client.group_info(&group).await.expect("info");
     assert_eq!(info.members.len(), 3);
+    let epoch_with_bob2 = epoch(&mut alice.client, &group);
+
+    // Bob removes that device from his account (a new signed list without it, then the
+    // broker deletes it). Alice's client, before her next text, finds it gone from bob's
+    // verified list and commits its removal: the text is sent in an epoch it is not in.
+    let bob2_id = bob2.client.device_id();
+    bob.client
+        .remove_device(bob2_id)
+        .await
+        .expect("remove bob2");
+    alice
+        .client
+        .send_group_text(&group, "after bob2 was removed")
+        .await
+        .expect("send");
+    let info = alice.client.group_info(&group).await.expect("info");
+    assert!(
+        !info
+            .members
+            .iter()
+            .any(|(u, d, _)| u == "bob@b.example" && *d == bob2_id),
+        "the removed device is out of alice's group: {:?}",
+        info.members
+    );
+    assert_eq!(info.members.len(), 2);
+    assert!(info.epoch > epoch_with_bob2, "a Commit removed it");
+    // Bob's remaining device merged the same Commit and reads the text.
+    until(&mut bob.client, |c| {
+        texts(c, &group)
+            .iter()
+            .any(|(_, t)| t == "after bob2 was removed")
+    })
+    .await;
+    let bob_view = bob.client.group_info(&group).await.expect("info");
+    assert_eq!(bob_view.epoch, info.epoch);
+    assert!(!bob_view.members.iter().any(|(_, d, _)| *d == bob2_id));
+    // The removed device gets nothing more: its connection is refused (`device_revoked`),
+    // and whatever it holds is from before.
+    let end = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match bob2.client.next_event().await {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("the removed device is refused");
+    assert!(
+        matches!(end, sealpost_client::ClientError::DeviceRevoked),
+        "{end:?}"
+    );
+    assert_eq!(
+        texts(&bob2.client, &group)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect::<Vec<_>>(),
+        vec!["after linking", "for both of bob's devices"]
+    );
+}
+
+async fn key_changed() {
+    let mut a = Site::new("a.example", "127.0.0.1");
+    let mut b = Site::new("b.example", "127.0.0.2");
+    let ba = a.start(&[&b], &[]);
+    let bb = b.start(&[&a], &[]);
+    wait_up(&ba, "b.example").await;
+    wait_up(&bb, "a.example").await;
+    let mut alice = register(&ba, "alice@a.example").await;
+    let mut bob = register(&bb, "bob@b.example").await;
+    let group = alice
+        .client
+        .create_group("Keys", &["bob@b.example"])
+        .await
+        .expect("create");
+    joined(&mut bob, &group, "Keys").await;
+    alice
+        .client
+        .send_group_text(&group, "before")
+        .await
+        .expect("send");
+    has_texts(&mut bob, &group, 1).await;
+
+    // Bob's account gets a new master key, and under it a new device (what someone who took
+    // over the account at the broker would also show).
+    bob.client.rotate_master_key().await.expect("rotate");
+    let mut bob2 = link(&bb, &mut bob).await;
+    let bob2_id = bob2.client.device_id();
+
+    // Alice's next text finds the change: refused, as a 1:1 send to bob would be, with one
+    // warning naming the group and bob; the new device is not added and nothing is sent.
+    alice
+        .client
+        .set_device_list_max_age(std::time::Duration::ZERO);
+    let refused = alice
+        .client
+        .send_group_text(&group, "while the key is new")
+        .await
+        .expect_err("refused while bob's key change is not accepted");
+    assert!(
+        matches!(&refused, ClientError::MasterKeyChanged { user, .. } if user == "bob@b.example"),
+        "{refused:?}"
+    );
+    let warned = |notices: Vec<Event>| {
+        notices
+            .into_iter()
+            .filter(|e| {
+                matches!(e, Event::Group(GroupEvent::KeyChanged { group: g, user })
+                    if *g == group && user == "bob@b.example")
+            })
+            .count()
+    };
+    assert_eq!(warned(alice.client.take_notices()), 1);
+    // Again: refused again, but warned of once per new key.
+    assert!(matches!(
+        alice.client.send_group_text(&group, "again").await,
+        Err(ClientError::MasterKeyChanged { .. })
+    ));
+    assert_eq!(warned(alice.client.take_notices()), 0);
+    assert!(
+        texts(&alice.client, &group)
+            .iter()
+            .all(|(_, t)| t == "before"),
+        "nothing was encrypted for the group"
+    );
+    let info = alice.client.group_info(&group).await.expect("info");
+    assert!(
+        info.members
+            .iter()
+            .filter(|(u, _, _)| u == "bob@b.example")
+            .all(|(_, d, vouched)| *d != bob2_id && !vouched),
+        "bob's devices show unverified and the new one is not in: {:?}",
+        info.members
+    );
+
+    // Alice compares and accepts the new key: the group follows bob's new list (bob2 added),
+    // and the text goes to both of his devices.
+    let change = alice.client.key_change("bob@b.example").expect("pending");
+    alice
+        .client
+        .accept_master_key_change("bob@b.example", &change.new_master_key)
+        .await
+        .expect("accept");
+    alice
+        .client
+        .send_group_text(&group, "after accepting")
+        .await
+        .expect("send");
+    joined(&mut bob2, &group, "Keys").await;
+    for d in [&mut bob, &mut bob2] {
+        until(&mut d.client, |c| {
+            texts(c, &group).iter().any(|(_, t)| t == "after accepting")
+        })
+        .await;
+        assert!(
+            !texts(&d.client, &group)
+                .iter()
+                .any(|(_, t)| t == "while the key is new")
+        );
+    }
+    let info = alice.client.group_info(&group).await.expect("info");
+    assert_eq!(info.members.len(), 3);
+    assert!(info.members.iter().all(|(_, _, vouched)| *vouched));
 }

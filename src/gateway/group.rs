@@ -34,7 +34,7 @@ use sealpost_proto::{
 use super::{
     AppState,
     pending::{Answer, Pending, PendingGroup},
-    route::{From, Send, check_devices, check_ttl, give_back_on_answer},
+    route::{From, Presented, Send, admit_sealed, check_devices, check_ttl, give_back_on_answer},
 };
 use crate::{
     clock::now_ms,
@@ -135,6 +135,11 @@ impl AppState {
             // Everything a recipient's route would refuse for the send itself is refused
             // before the hub takes an epoch for it: a junk Commit takes none.
             check_ordered(class, ttl_secs, &recipients).map_err(|code| (code, None))?;
+            if let GroupFrom::Sealed { .. } = from {
+                self.admit_sealed_commit(&recipients)
+                    .await
+                    .map_err(|code| (code, None))?;
+            }
             self.order_epoch(&order, id).await?;
         }
         let ciphertext = Arc::new(ciphertext);
@@ -233,6 +238,36 @@ impl AppState {
 }
 
 impl AppState {
+    /// Admits a sealed Commit before its epoch is taken: at least one recipient of this
+    /// domain presents a valid delivery token, and none presents a bad one. A member's
+    /// Commit always does: it addresses the member's own account under its own token, on its
+    /// own broker. Without it, anyone who learnt a group's id could take the group's epochs
+    /// with junk sealed Commits whose every recipient is then refused, and the members'
+    /// own Commits would lose to a winner that never arrives. (Recipients without a token,
+    /// of accounts that accept anyone, are admitted by their route as before: checking them
+    /// here would spend their sender's allowance twice.)
+    async fn admit_sealed_commit(&self, recipients: &[GroupRecipient]) -> Result<(), ErrorCode> {
+        let mut admitted = false;
+        for recipient in recipients {
+            let Some(token) = recipient.delivery_token.as_deref() else {
+                continue;
+            };
+            let Ok(to) = Handle::parse(&recipient.to) else {
+                continue;
+            };
+            if to.domain() != self.settings.domain {
+                continue;
+            }
+            admit_sealed(self, &to, Some(Presented::Token(token)), None).await?;
+            admitted = true;
+        }
+        if admitted {
+            Ok(())
+        } else {
+            Err(ErrorCode::BadDeliveryToken)
+        }
+    }
+
     /// Has `order` taken at the group's hub: here, or asked of the hub's broker over the
     /// federation link. `Err((stale_epoch, Some(current)))` when another Commit has it.
     async fn order_epoch(

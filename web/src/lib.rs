@@ -1461,6 +1461,9 @@ fn group_event_json(event: &engine::GroupEvent) -> Value {
         G::LeaveRequested { group, user } => {
             json!({"event": "group_leave", "group": group, "user": user})
         }
+        G::KeyChanged { group, user } => {
+            json!({"event": "group_key_changed", "group": group, "user": user})
+        }
     }
 }
 

@@ -922,4 +922,207 @@ mod tests {
             Ok(GroupWire::Welcome { .. })
         ));
     }
+
+    /// Real MLS groups of `SEALPOST_MLS_MEMBERS` member devices (default 100, 1,000, 2,000
+    /// and 4,000, the broker's fan-out cap), each member a device with its own identity key
+    /// and credential as in the clients: the Commit that adds everyone at once, the group
+    /// built as the SDK builds it (`MAX_ADDS_PER_COMMIT` devices a Commit), then one more
+    /// device added to the full group (its Welcome carries the whole tree), joining, a 100 B
+    /// text, a removal, and a member's saved state. Prints sizes and times, and whether each
+    /// ciphertext fits a `group_send` (`MAX_GROUP_CIPHERTEXT_BYTES`); up to the clients' cap
+    /// (`MAX_GROUP_MEMBER_DEVICES`) each must. Minutes in a debug build; run it in release:
+    ///
+    /// `cargo test --release -p sealpost-client --lib -- --ignored --nocapture mls_groups_measured`
+    #[test]
+    #[ignore = "a measurement, run in release (see the README, \"A message to a group\")"]
+    #[allow(clippy::print_stdout)] // a measurement prints what it measured
+    fn mls_groups_measured() {
+        use std::time::Instant;
+
+        use sealpost_proto::limits::MAX_GROUP_CIPHERTEXT_BYTES;
+
+        use crate::engine::{MAX_ADDS_PER_COMMIT, MAX_GROUP_MEMBER_DEVICES};
+
+        let sizes: Vec<usize> = std::env::var("SEALPOST_MLS_MEMBERS")
+            .unwrap_or_else(|_| "100,1000,2000,4000".into())
+            .split(',')
+            .map(|n| n.trim().parse().expect("SEALPOST_MLS_MEMBERS: numbers"))
+            .collect();
+        let kib = |n: usize| n as f64 / 1024.0;
+        let fits = |n: usize| {
+            if n <= MAX_GROUP_CIPHERTEXT_BYTES {
+                "fits"
+            } else {
+                "TOO LARGE"
+            }
+        };
+        let welcome_wire = |welcome: &[u8]| {
+            GroupWire::Welcome {
+                welcome: welcome.to_vec(),
+                hub: "a.example".into(),
+            }
+            .to_bytes()
+            .len()
+        };
+        println!(
+            "cap for one group_send ciphertext: {:.0} KiB",
+            kib(MAX_GROUP_CIPHERTEXT_BYTES)
+        );
+        for n in sizes {
+            let (_, owner) = device("owner@a.example", 1);
+            let group = owner.create().unwrap();
+            // The other members: devices of their own, each a KeyPackage as claimed.
+            let members: Vec<(MemberId, GroupKeys, Vec<u8>)> = (1..n)
+                .map(|i| {
+                    // Handles of a realistic length (they are in every leaf's credential).
+                    let who = id(&format!("member{i:04}.name@chat.example.com"), 1);
+                    let (_, keys) = device(&who.user, 1);
+                    let package = keys.key_packages(1).unwrap().remove(0);
+                    (who, keys, package)
+                })
+                .collect();
+            let checked: Vec<KeyPackage> = members
+                .iter()
+                .map(|(who, _, bytes)| owner.check_key_package(bytes, who).unwrap().0)
+                .collect();
+
+            let t = Instant::now();
+            let all = owner.add(&group, checked).unwrap();
+            let build_all = t.elapsed();
+            owner.merge_pending(&group).unwrap();
+            let all_commit = GroupWire::Message(all.commit.clone()).to_bytes().len();
+            let all_welcome = welcome_wire(all.welcome.as_deref().unwrap());
+
+            // The same group built as the SDK builds it: at most `MAX_ADDS_PER_COMMIT` devices
+            // added per Commit.
+            let (_, builder) = device("owner@a.example", 1);
+            let batched = builder.create().unwrap();
+            let (mut batch_commit, mut batch_welcome) = (0, 0);
+            let t = Instant::now();
+            for chunk in members.chunks(MAX_ADDS_PER_COMMIT) {
+                let packages = chunk
+                    .iter()
+                    .map(|(who, keys, _)| {
+                        let bytes = keys.key_packages(1).unwrap().remove(0);
+                        builder.check_key_package(&bytes, who).unwrap().0
+                    })
+                    .collect();
+                let commit = builder.add(&batched, packages).unwrap();
+                builder.merge_pending(&batched).unwrap();
+                batch_commit = batch_commit.max(GroupWire::Message(commit.commit).to_bytes().len());
+                batch_welcome = batch_welcome.max(welcome_wire(&commit.welcome.unwrap()));
+            }
+            let build_batched = t.elapsed();
+
+            // A member joins from the single Welcome and reads a text.
+            let (_, first, _) = &members[0];
+            let t = Instant::now();
+            first.join(all.welcome.as_deref().unwrap()).unwrap();
+            let join_all = t.elapsed();
+
+            // One more device added to the full group.
+            let late = id("late@c.example", 1);
+            let (_, late_keys) = device(&late.user, 1);
+            let package = late_keys.key_packages(1).unwrap().remove(0);
+            let (package, _) = owner.check_key_package(&package, &late).unwrap();
+            let t = Instant::now();
+            let one = owner.add(&group, vec![package]).unwrap();
+            let build_one = t.elapsed();
+            owner.merge_pending(&group).unwrap();
+            let one_commit = GroupWire::Message(one.commit.clone()).to_bytes().len();
+            let one_welcome = welcome_wire(one.welcome.as_deref().unwrap());
+            let t = Instant::now();
+            first.process(&one.commit).unwrap();
+            let process_one = t.elapsed();
+            let t = Instant::now();
+            late_keys.join(one.welcome.as_deref().unwrap()).unwrap();
+            let join_one = t.elapsed();
+
+            // A 100 B text, encrypted once for the whole group.
+            let body = [b'x'; 100];
+            let rounds: u32 = 200;
+            let t = Instant::now();
+            let mut text = Vec::new();
+            for _ in 0..rounds {
+                text = owner.encrypt(&group, &body).unwrap();
+            }
+            let encrypt = t.elapsed() / rounds;
+            let t = Instant::now();
+            let read = late_keys.process(&text).unwrap();
+            let decrypt = t.elapsed();
+            assert_eq!(text_of(read), body.to_vec());
+
+            // A removal, and a member's saved state.
+            let leaf = owner
+                .members(&group)
+                .unwrap()
+                .iter()
+                .find(|m| m.id == members[1].0)
+                .unwrap()
+                .leaf;
+            let t = Instant::now();
+            let removal = owner.remove(&group, &[leaf]).unwrap();
+            let build_removal = t.elapsed();
+            owner.merge_pending(&group).unwrap();
+            let state = late_keys.to_bytes().len();
+            if n <= MAX_GROUP_MEMBER_DEVICES {
+                for (what, size) in [
+                    ("a batch's Commit", batch_commit),
+                    ("a batch's Welcome", batch_welcome),
+                    ("a late member's Welcome", one_welcome),
+                    ("a late member's Commit", one_commit),
+                ] {
+                    assert!(
+                        size <= MAX_GROUP_CIPHERTEXT_BYTES,
+                        "{n} members: {what} is {size} B"
+                    );
+                }
+            }
+
+            println!(
+                "{n} members: Commit adding {} at once {:.0} KiB ({}), built in {} ms; its \
+                 Welcome {:.0} KiB ({}), joined in {} ms",
+                n - 1,
+                kib(all_commit),
+                fits(all_commit),
+                build_all.as_millis(),
+                kib(all_welcome),
+                fits(all_welcome),
+                join_all.as_millis()
+            );
+            println!(
+                "{n} members: built {MAX_ADDS_PER_COMMIT} devices per Commit: largest Commit \
+                 {:.0} KiB ({}), largest Welcome {:.0} KiB ({}), {} ms in all",
+                kib(batch_commit),
+                fits(batch_commit),
+                kib(batch_welcome),
+                fits(batch_welcome),
+                build_batched.as_millis()
+            );
+            println!(
+                "{n} members: one more added: Commit {:.1} KiB built in {} ms (a member \
+                 processes it in {} ms), Welcome {:.0} KiB ({}), joined in {} ms",
+                kib(one_commit),
+                build_one.as_millis(),
+                process_one.as_millis(),
+                kib(one_welcome),
+                fits(one_welcome),
+                join_one.as_millis()
+            );
+            println!(
+                "{n} members: a 100 B text is {} B, encrypted in {} µs, decrypted in {} µs; a \
+                 removal Commit {:.1} KiB built in {} ms; a member's saved MLS state {:.0} KiB",
+                text.len(),
+                encrypt.as_micros(),
+                decrypt.as_micros(),
+                kib(removal.commit.len()),
+                build_removal.as_millis(),
+                kib(state)
+            );
+        }
+    }
+
+    fn text_of(p: Processed) -> Vec<u8> {
+        text(p).1
+    }
 }

@@ -36,8 +36,17 @@ use crate::{
     error::{ClientError, EnvelopeError},
 };
 
-/// Most members (devices) a group may have: what one `group_send` may address.
+/// Most devices one `group_send` may address (the broker's fan-out cap).
 pub use sealpost_proto::limits::MAX_GROUP_DEVICES;
+/// Most member devices of a group in the clients, below the broker's fan-out cap
+/// ([`MAX_GROUP_DEVICES`]): a Welcome carries the group's whole ratchet tree (about 0.3 KiB
+/// a member) and must fit one `group_send` (`MAX_GROUP_CIPHERTEXT_BYTES`, 448 KiB). At 2,000
+/// devices a new member's Welcome is about 560 KiB. Measured by the ignored test
+/// `crypto::group::tests::mls_groups_measured` (README, "A message to a group").
+pub const MAX_GROUP_MEMBER_DEVICES: usize = 1000;
+/// Most devices one Commit adds (the SDK adds more in several): a Commit carries each added
+/// device's KeyPackage, and its Welcome an encrypted secret for each, on top of the tree.
+pub const MAX_ADDS_PER_COMMIT: usize = 250;
 /// Longest group message text, in bytes.
 pub const MAX_GROUP_TEXT_BYTES: usize = 32 * 1024;
 /// Messages kept per group.
@@ -124,6 +133,20 @@ pub enum GroupEvent {
         user: String,
         /// Its device.
         device: u32,
+    },
+    /// A member account's master key changed (its device list is signed by a key other than
+    /// the one pinned), and the user has not accepted the new key. Until they do
+    /// (`Client::accept_master_key_change`, after comparing the new safety number) or remove
+    /// the member, texts to the group are refused with
+    /// [`ClientError::MasterKeyChanged`], as sends to that account are in a 1:1
+    /// conversation: the account's new devices are never added on the new key's word alone.
+    /// Reported once per group and new key, as a notice
+    /// ([`Engine::take_notices`]).
+    KeyChanged {
+        /// The group.
+        group: String,
+        /// The member account.
+        user: String,
     },
     /// A member account asked to leave; this device committed its removal if it is the
     /// group's remover (see [`Engine::receive_group`]).
@@ -573,9 +596,9 @@ impl Engine {
         }
         let members = self.recipients(&entry.id)?;
         let devices = members.values().map(BTreeSet::len).sum::<usize>() + packages.len();
-        if devices > MAX_GROUP_DEVICES {
+        if devices > MAX_GROUP_MEMBER_DEVICES {
             return Err(ClientError::Invalid(format!(
-                "a group has at most {MAX_GROUP_DEVICES} member devices"
+                "a group has at most {MAX_GROUP_MEMBER_DEVICES} member devices"
             )));
         }
         let commit = self
@@ -882,6 +905,33 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// `user`'s master key changed (seen for the first time): a [`GroupEvent::KeyChanged`]
+    /// notice for each group this device is in that has `user` as a member.
+    pub(crate) fn note_group_key_change(&mut self, user: &str) {
+        if user == self.state.user() {
+            return;
+        }
+        let live: Vec<(String, Vec<u8>)> = self
+            .record
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.left)
+            .map(|(k, g)| (k.clone(), g.id.to_vec()))
+            .collect();
+        for (group, id) in live {
+            let Ok(keys) = self.group_keys() else { return };
+            let member = keys
+                .members(&id)
+                .is_ok_and(|ms| ms.iter().any(|m| m.id.user == user));
+            if member {
+                self.notices.push(Event::Group(GroupEvent::KeyChanged {
+                    group,
+                    user: user.to_owned(),
+                }));
+            }
+        }
     }
 
     /// Whether `user`'s `device` in a group is vouched for by the verified list held now.

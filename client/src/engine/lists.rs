@@ -149,11 +149,17 @@ impl Engine {
         let list = match self.state.pins.verify_device_list(user, &signed) {
             Ok(list) => list,
             Err(DeviceListError::MasterKeyMismatch { got, .. }) => {
-                self.record
+                let pending = &mut self
+                    .record
                     .contacts
                     .entry(user.to_owned())
                     .or_default()
-                    .pending_master_key = Some(ByteBuf::from(got.to_vec()));
+                    .pending_master_key;
+                let new_change = pending.as_ref().is_none_or(|p| p.as_slice() != got);
+                *pending = Some(ByteBuf::from(got.to_vec()));
+                if new_change {
+                    self.note_group_key_change(user);
+                }
                 return Err(ClientError::MasterKeyChanged {
                     user: user.to_owned(),
                     new_safety_number: self.safety_number_for(user, &got),

@@ -78,7 +78,10 @@ pub use self::{
         CallSignal, Conversation, ConversationMessage, DeviceInfo, Event, HoldReason, MessageState,
         ReceivedMessage,
     },
-    groups::{GroupChange, GroupEvent, GroupInfo, GroupSend},
+    groups::{
+        GroupChange, GroupEvent, GroupInfo, GroupSend, MAX_ADDS_PER_COMMIT,
+        MAX_GROUP_MEMBER_DEVICES,
+    },
     keys::{KeyUpload, ONE_TIME_KEYS},
     link::{LinkCode, link_secret, split_link_code},
     lists::{BrokerDevice, KeyChange, MasterRotation},

@@ -19,7 +19,7 @@ use crate::{
     api::ClaimAuth,
     conn::Connection,
     crypto::DeviceList,
-    engine::{GroupChange, GroupInfo, GroupSend},
+    engine::{GroupChange, GroupInfo, GroupSend, MAX_ADDS_PER_COMMIT},
 };
 
 /// KeyPackages kept published per device (topped up when the broker says they run low).
@@ -123,8 +123,20 @@ impl Client {
     }
 
     /// Adds the given devices: claims a KeyPackage of each (checked against its account's
-    /// verified list by the engine), then commits.
+    /// verified list by the engine), then commits, at most [`MAX_ADDS_PER_COMMIT`] devices
+    /// a Commit (so that each Commit and its Welcome fit one `group_send`).
     async fn add_devices(
+        &mut self,
+        group: &str,
+        devices: &[(String, u32)],
+    ) -> Result<(), ClientError> {
+        for batch in devices.chunks(MAX_ADDS_PER_COMMIT) {
+            self.add_batch(group, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_batch(
         &mut self,
         group: &str,
         devices: &[(String, u32)],
@@ -185,7 +197,10 @@ impl Client {
     }
 
     /// Sends a text to a group; returns its envelope id. A member account whose devices
-    /// changed is brought up to date (its new devices added, its removed ones removed).
+    /// changed is brought up to date (its new devices added, its removed ones removed). A
+    /// member account whose master key changed and was not accepted refuses the text with
+    /// [`ClientError::MasterKeyChanged`] (see [`crate::engine::GroupEvent::KeyChanged`]):
+    /// accept the new key ([`Client::accept_master_key_change`]) or remove the member.
     pub async fn send_group_text(
         &mut self,
         group: &str,
@@ -220,7 +235,8 @@ impl Client {
 
     /// Brings every member account's devices in the group in line with its verified device
     /// list (fetched when not fresh: see [`Client::set_device_list_max_age`]): a device
-    /// linked since is added, a removed one removed, before anything more is sent.
+    /// linked since is added, a removed one removed, before anything more is sent. A member
+    /// whose master key changed is [`ClientError::MasterKeyChanged`].
     async fn sync_member_devices(&mut self, group: &str) -> Result<(), ClientError> {
         let users: Vec<String> = dedup(
             self.engine
@@ -231,9 +247,17 @@ impl Client {
                 .collect(),
         );
         for user in users {
-            // A list that cannot be had now changes nothing; the next text tries again.
-            if let Ok(list) = self.verified_list(&user, false).await {
-                self.apply_list(group, &user, &list).await?;
+            match self.verified_list(&user, false).await {
+                Ok(list) => self.apply_list(group, &user, &list).await?,
+                // A member's master key changed: nothing goes to the group until the user
+                // accepts the new key or removes the member, as nothing goes to that account
+                // in a 1:1 conversation (the engine told the app: `GroupEvent::KeyChanged`).
+                Err(e @ ClientError::MasterKeyChanged { .. }) => {
+                    self.save()?;
+                    return Err(e);
+                }
+                // A list that cannot be had now changes nothing; the next text tries again.
+                Err(_) => {}
             }
         }
         Ok(())

@@ -312,6 +312,12 @@ fn group_event_lines(event: &GroupEvent) -> Vec<Line> {
         GroupEvent::LeaveRequested { group, user } => {
             vec![Line::Out(format!("* {user} is leaving group {group}"))]
         }
+        GroupEvent::KeyChanged { group, user } => vec![Line::Err(format!(
+            "! in group {group}, the master key of {user} changed: nothing is sent to the \
+             group until you accept the new key (compare: sealpost-cli safety-number --with \
+             {user}, then accept-key --with {user}) or remove them (sealpost-cli group remove \
+             {group} {user})"
+        ))],
     }
 }
 
@@ -334,6 +340,23 @@ mod tests {
             contact.contains("They got only a random placeholder"),
             "{contact}"
         );
+    }
+
+    #[test]
+    fn a_members_key_change_in_a_group_is_a_warning_with_what_to_do() {
+        let event = Event::Group(GroupEvent::KeyChanged {
+            group: "ab12".into(),
+            user: "bob@x.y".into(),
+        });
+        let [Line::Err(line)] = &event_lines(&event)[..] else {
+            panic!("one warning on stderr");
+        };
+        assert!(
+            line.contains("in group ab12, the master key of bob@x.y changed"),
+            "{line}"
+        );
+        assert!(line.contains("safety-number --with bob@x.y"), "{line}");
+        assert!(line.contains("group remove ab12 bob@x.y"), "{line}");
     }
 
     #[test]
