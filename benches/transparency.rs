@@ -64,7 +64,7 @@ async fn publish(log: &Log, from: usize, to: usize, version: u64, step: usize) -
     }
     let last = to - step + (from % step);
     let last = last.max(from);
-    log.evidence(&handle(last), &list(&handle(last), version), None)
+    log.evidence(&handle(last), &list(&handle(last), version), None, true)
         .await
         .expect("published");
     started.elapsed()
@@ -137,7 +137,7 @@ async fn run(accounts: usize) {
         let signed = list(&handle(i), version);
         let t = Instant::now();
         let evidence = log
-            .evidence(&handle(i), &signed, None)
+            .evidence(&handle(i), &signed, None, true)
             .await
             .expect("evidence");
         lookups.push(ms(t.elapsed()));

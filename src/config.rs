@@ -331,7 +331,7 @@ settings! {
     /// no device list changes).
     transparency_epoch_ms: u64 = 1_000, "SEALPOST_TRANSPARENCY_EPOCH_MS";
     /// How long a device-list fetch waits for its list to be in a published epoch, ms.
-    transparency_wait_ms: u64 = 10_000, "SEALPOST_TRANSPARENCY_WAIT_MS";
+    transparency_wait_ms: u64 = 5_000, "SEALPOST_TRANSPARENCY_WAIT_MS";
     /// How often this broker audits each peer's log (and co-signs what it verified), ms.
     transparency_audit_ms: u64 = 10_000, "SEALPOST_TRANSPARENCY_AUDIT_MS";
 }
@@ -458,6 +458,12 @@ impl Settings {
             if v == 0 {
                 return Err(invalid(key, "must be above 0"));
             }
+        }
+        if self.transparency_wait_ms >= self.federation_timeout_ms {
+            return Err(invalid(
+                "transparency_wait_ms",
+                "must be below federation_timeout_ms (a peer's lookup waits for it)",
+            ));
         }
         if self.client_timeout_ms <= self.heartbeat_ms {
             return Err(invalid("client_timeout_ms", "must exceed heartbeat_ms"));

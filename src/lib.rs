@@ -19,6 +19,9 @@
 //!   serves unit tests.
 //! - [`push`]: content-free wake-ups (Web Push, UnifiedPush) for devices that are not
 //!   connected when an envelope arrives; mailboxes ask through [`mailbox::Wakeups`].
+//! - [`transparency`]: this domain's key-transparency log (akd), published in signed epochs,
+//!   the evidence that comes with every device list, and the auditing of peers' logs over the
+//!   federation links (`transparency → {federation, store}`; the gateway serves it).
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //! - [`socket`]: one driver for every server-side WebSocket: frame limits checked at the

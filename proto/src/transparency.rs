@@ -16,15 +16,16 @@
 //! ```text
 //! SignedRoot:  [ u8 = 1, str domain, u64 epoch, bin root_hash (32), bin vrf_key (32),
 //!                bin log_key (32), bin signature (64) ]
-//! Cosignature: [ u8 = 1, str auditor, bin auditor_key (32), str domain, u64 epoch,
-//!                bin root_hash (32), bin signature (64) ]
+//! Cosignature: [ u8 = 1, str auditor, bin auditor_key (32), bin root (a SignedRoot),
+//!                bin signature (64) ]
 //! Evidence:    [ u8 = 1, bin root (a SignedRoot), bin proof (akd LookupProof, MessagePack) ]
 //! value:       u8 = 1 ‖ master_key (32) ‖ BLAKE3(signed device list blob) (32)
 //! ```
 //!
 //! Signatures are Ed25519 over `context ‖ 0x00 ‖ MessagePack[the fields before the
-//! signature, without the format byte]`, with [`ROOT_CONTEXT`] or [`COSIGN_CONTEXT`], so that
-//! neither can be taken for the other or for any other signature.
+//! signature, without the format byte]` (a co-signature's root as the root's own signed
+//! bytes), with [`ROOT_CONTEXT`] or [`COSIGN_CONTEXT`], so that neither can be taken for the
+//! other or for any other signature.
 
 use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_bytes::ByteBuf;
@@ -109,36 +110,33 @@ impl SignedRoot {
     }
 }
 
-/// An auditor's statement: "I verified that `domain`'s log at `epoch` has `root_hash`, and that
-/// it extends every earlier root of it I verified."
+/// An auditor's statement: "I verified that this root of its domain's log extends every
+/// earlier root of it I verified." It carries the audited root itself, signed by that domain's
+/// log key, so that nobody can attribute to a domain a root it never signed: two co-signatures
+/// of one domain and epoch with different root hashes prove that the domain equivocated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cosignature {
     /// The auditing domain.
     pub auditor: String,
     /// Its log key, which made this signature.
     pub auditor_key: [u8; 32],
-    /// The audited domain.
-    pub domain: String,
-    /// The audited epoch.
-    pub epoch: u64,
-    /// The root hash the auditor verified for it.
-    pub root_hash: [u8; 32],
+    /// The audited root, as its domain signed it.
+    pub root: SignedRoot,
     /// Ed25519 over [`Cosignature::signed_bytes`].
     pub signature: [u8; 64],
 }
 
 #[derive(Serialize, Deserialize)]
-struct CosignWire(u8, String, ByteBuf, String, u64, ByteBuf, ByteBuf);
+struct CosignWire(u8, String, ByteBuf, ByteBuf, ByteBuf);
 
 impl Cosignature {
-    /// What the auditor's key signs.
+    /// What the auditor's key signs: its name and key, and the root's signed bytes.
     pub fn signed_bytes(&self) -> Vec<u8> {
+        let root = self.root.signed_bytes();
         let fields = (
             &self.auditor,
             serde_bytes::Bytes::new(&self.auditor_key),
-            &self.domain,
-            self.epoch,
-            serde_bytes::Bytes::new(&self.root_hash),
+            serde_bytes::Bytes::new(&root),
         );
         context_bytes(COSIGN_CONTEXT, &fields)
     }
@@ -149,24 +147,19 @@ impl Cosignature {
             FORMAT,
             self.auditor.clone(),
             ByteBuf::from(self.auditor_key.to_vec()),
-            self.domain.clone(),
-            self.epoch,
-            ByteBuf::from(self.root_hash.to_vec()),
+            ByteBuf::from(self.root.to_bytes()),
             ByteBuf::from(self.signature.to_vec()),
         ))
     }
 
-    /// Decodes [`Cosignature::to_bytes`] (the signature is not checked here).
+    /// Decodes [`Cosignature::to_bytes`] (no signature is checked here).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let CosignWire(format, auditor, auditor_key, domain, epoch, root_hash, signature) =
-            body(bytes)?;
+        let CosignWire(format, auditor, auditor_key, root, signature) = body(bytes)?;
         check_format(format)?;
         Ok(Cosignature {
             auditor,
             auditor_key: fixed(&auditor_key)?,
-            domain,
-            epoch,
-            root_hash: fixed(&root_hash)?,
+            root: SignedRoot::from_bytes(&root)?,
             signature: fixed(&signature)?,
         })
     }
@@ -292,9 +285,7 @@ mod tests {
         let c = Cosignature {
             auditor: "b.example".into(),
             auditor_key: [5; 32],
-            domain: "a.example".into(),
-            epoch: 7,
-            root_hash: [1; 32],
+            root: r.clone(),
             signature: [6; 64],
         };
         assert_eq!(Cosignature::from_bytes(&c.to_bytes()).unwrap(), c);

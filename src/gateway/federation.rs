@@ -130,36 +130,35 @@ impl Local {
                 }
             }
             LinkFrame::GetDeviceList { req_id, user } => {
-                let answer = match self.local_user(&user).await {
-                    Ok(h) => match state.store.directory.device_list(h.as_str()).await {
-                        Ok(Some(signed)) => Ok(signed),
-                        Ok(None) => Err(ErrorCode::NotFound),
-                        Err(_) => Err(ErrorCode::StoreUnavailable),
+                let h = match self.local_user(&user).await {
+                    Ok(h) => h,
+                    Err(code) => return LinkFrame::Refused { req_id, code },
+                };
+                let directory = &*state.store.directory;
+                let answer = match &state.transparency {
+                    Some(log) => match log.evidence_of(directory, h.as_str(), Some(origin)).await {
+                        Ok(found) => Ok(found.map(|(s, e)| (s, e.map(|e| e.to_bytes())))),
+                        Err(e) => {
+                            warn!(error = %e, "no transparency evidence for a peer's lookup");
+                            Err(ErrorCode::StoreUnavailable)
+                        }
                     },
-                    Err(code) => Err(code),
+                    None => directory
+                        .device_list(h.as_str())
+                        .await
+                        .map(|found| found.map(|s| (s, None)))
+                        .map_err(|_| ErrorCode::StoreUnavailable),
                 };
                 match answer {
-                    Ok(signed) => {
-                        let evidence = match &state.transparency {
-                            Some(log) => match log.evidence(&user, &signed, Some(origin)).await {
-                                Ok(evidence) => evidence.to_bytes(),
-                                Err(crate::transparency::LogError::NotAList) => Vec::new(),
-                                Err(e) => {
-                                    warn!(error = %e, "no transparency evidence for a peer's lookup");
-                                    return LinkFrame::Refused {
-                                        req_id,
-                                        code: ErrorCode::StoreUnavailable,
-                                    };
-                                }
-                            },
-                            None => Vec::new(),
-                        };
-                        LinkFrame::DeviceList {
-                            req_id,
-                            signed,
-                            evidence,
-                        }
-                    }
+                    Ok(Some((signed, evidence))) => LinkFrame::DeviceList {
+                        req_id,
+                        signed,
+                        evidence: evidence.unwrap_or_default(),
+                    },
+                    Ok(None) => LinkFrame::Refused {
+                        req_id,
+                        code: ErrorCode::NotFound,
+                    },
                     Err(code) => LinkFrame::Refused { req_id, code },
                 }
             }

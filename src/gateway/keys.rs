@@ -51,7 +51,6 @@ use crate::{
     crypto::delivery_proof,
     mailbox::UploadKeys,
     store::{DeliveryTokenRecord, KeyKind, LinkCodeRecord, records::RECORD_VERSION},
-    transparency::LogError,
 };
 
 type State = web::Data<Arc<AppState>>;
@@ -364,23 +363,24 @@ async fn get_device_list(
         Some(remote) => super::remote::remote_device_list(&state, remote).await?,
         None => {
             let handle = local_handle(&state, &path)?;
-            let signed = state
-                .store
-                .directory
-                .device_list(handle.as_str())
-                .await?
-                .ok_or(ApiError::NotFound)?;
-            let evidence = match &state.transparency {
-                // Lists are stored opaquely: bytes that are no device list at all have no
-                // entry in the log, and clients refuse them whatever comes with them.
-                Some(log) => match log.evidence(handle.as_str(), &signed, None).await {
-                    Ok(evidence) => Some(evidence.to_bytes()),
-                    Err(LogError::NotAList) => None,
-                    Err(e) => return Err(super::transparency::unavailable(e)),
-                },
-                None => None,
-            };
-            (signed, evidence)
+            let directory = &*state.store.directory;
+            match &state.transparency {
+                Some(log) => {
+                    let (signed, evidence) = log
+                        .evidence_of(directory, handle.as_str(), None)
+                        .await
+                        .map_err(super::transparency::unavailable)?
+                        .ok_or(ApiError::NotFound)?;
+                    (signed, evidence.map(|e| e.to_bytes()))
+                }
+                None => (
+                    directory
+                        .device_list(handle.as_str())
+                        .await?
+                        .ok_or(ApiError::NotFound)?,
+                    None,
+                ),
+            }
         }
     };
     Ok(HttpResponse::Ok().json(ProvedList {

@@ -30,6 +30,10 @@ use crate::{
     federation::{Federation, messages::Request},
 };
 
+/// Co-signatures are kept for this many epochs behind the newest audited one (at one epoch a
+/// second, about a day); older ones are dropped.
+pub const KEEP_COSIGNED_EPOCHS: u64 = 100_000;
+
 /// What went wrong auditing a peer (each is logged and counted, none stops the auditor).
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -60,6 +64,16 @@ pub fn start(log: Log, federation: Arc<Federation>, interval: Duration) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if let Ok(own) = log.latest(None).await {
+                let keep_from = own.epoch.saturating_sub(KEEP_COSIGNED_EPOCHS);
+                if let Err(e) = log
+                    .store()
+                    .prune_cosignatures(log.domain(), keep_from)
+                    .await
+                {
+                    warn!(error = %e, "pruning co-signatures failed");
+                }
+            }
             for peer in federation.peer_domains() {
                 match audit_peer(&log, &federation, &peer).await {
                     Ok(fresh) if !fresh.is_empty() => gossip(&federation, fresh).await,
@@ -133,7 +147,9 @@ pub async fn audit_peer(
             if roots.len() == 1 {
                 return Ok(Vec::new());
             }
-            if roots.windows(2).any(|w| w[1].epoch != w[0].epoch + 1)
+            if roots
+                .windows(2)
+                .any(|w| w[0].epoch.checked_add(1) != Some(w[1].epoch))
                 || roots.len() as u64 > MAX_AUDIT_EPOCHS + 1
             {
                 return Err(AuditError::Invalid(
@@ -151,6 +167,9 @@ pub async fn audit_peer(
         made.push(cosignature);
     }
     store.set_audited(peer, newest.to_bytes()).await?;
+    store
+        .prune_cosignatures(peer, newest.epoch.saturating_sub(KEEP_COSIGNED_EPOCHS))
+        .await?;
     metrics::gauge!("sealpost_transparency_audited_epoch", "peer" => peer.to_owned())
         .set(newest.epoch as f64);
     Ok(made)
@@ -160,6 +179,14 @@ pub async fn audit_peer(
 pub async fn verify_append_only(roots: &[SignedRoot], proof: &[u8]) -> Result<(), AuditError> {
     let proof: akd::AppendOnlyProof = rmp_serde::from_slice(proof)
         .map_err(|e| AuditError::Invalid(format!("append-only proof does not decode: {e}")))?;
+    // akd checks each step against the epoch the proof names: it must be the signed one.
+    if proof.epochs.len() + 1 != roots.len()
+        || proof.epochs.iter().zip(roots).any(|(e, r)| *e != r.epoch)
+    {
+        return Err(AuditError::Invalid(
+            "the append-only proof is for other epochs than the roots".into(),
+        ));
+    }
     let hashes = roots.iter().map(|r| r.root_hash).collect();
     akd::auditor::audit_verify::<Config>(hashes, proof)
         .await
@@ -181,40 +208,39 @@ async fn gossip(federation: &Federation, cosignatures: Vec<Cosignature>) {
     }
 }
 
-/// Keeps a co-signature, and reports a split view: another root hash already co-signed (by
-/// anyone) for the same domain and epoch, or, for this domain's own log, a root it never
-/// signed.
+/// Keeps a co-signature whose root is already known to be signed by its domain, and reports
+/// a split view: another root of that domain, signed by it, for the same epoch (co-signed by
+/// anyone, or this domain's own).
 async fn keep(log: &Log, cosignature: &Cosignature) -> Result<(), AuditError> {
     let store = log.store();
-    let known = store
-        .cosignatures(&cosignature.domain, cosignature.epoch)
-        .await?;
+    let root = &cosignature.root;
+    let known = store.cosignatures(&root.domain, root.epoch).await?;
     let conflict = known
         .iter()
         .filter_map(|b| Cosignature::from_bytes(b).ok())
-        .any(|c| c.root_hash != cosignature.root_hash);
-    let own_conflict = if cosignature.domain == log.domain() {
-        let own = store.roots(cosignature.epoch, cosignature.epoch).await?;
+        .any(|c| c.root.root_hash != root.root_hash);
+    let own_conflict = if root.domain == log.domain() {
+        let own = store.roots(root.epoch, root.epoch).await?;
         own.first()
             .and_then(|b| SignedRoot::from_bytes(b).ok())
-            .is_some_and(|r| r.root_hash != cosignature.root_hash)
+            .is_some_and(|r| r.root_hash != root.root_hash)
     } else {
         false
     };
     if conflict || own_conflict {
-        metrics::counter!("sealpost_transparency_split_views_total", "domain" => cosignature.domain.clone())
+        metrics::counter!("sealpost_transparency_split_views_total", "domain" => root.domain.clone())
             .increment(1);
         warn!(
-            domain = %cosignature.domain,
-            epoch = cosignature.epoch,
+            domain = %root.domain,
+            epoch = root.epoch,
             auditor = %cosignature.auditor,
-            "SPLIT VIEW: two different roots were co-signed for one epoch of a transparency log"
+            "SPLIT VIEW: a transparency log signed two different roots for one epoch"
         );
     }
     store
         .put_cosignature(
-            &cosignature.domain,
-            cosignature.epoch,
+            &root.domain,
+            root.epoch,
             &cosignature.auditor,
             cosignature.to_bytes(),
         )
@@ -222,25 +248,42 @@ async fn keep(log: &Log, cosignature: &Cosignature) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// A peer's `Cosign`: keeps those that `origin` made and signed with the log key this broker
-/// pinned for it (co-signatures from a peer not audited yet are dropped; it sends again).
+/// The log key this broker pinned for `domain`: its own, or the one of its first audit.
+async fn pinned_key(log: &Log, domain: &str) -> Option<[u8; 32]> {
+    if domain == log.domain() {
+        return Some(log.log_key());
+    }
+    let bytes = log.store().audited(domain).await.ok()??;
+    SignedRoot::from_bytes(&bytes).ok().map(|r| r.log_key)
+}
+
+/// A peer's `Cosign`: keeps those that `origin` made of another domain's root, signed with the
+/// log key this broker pinned for `origin`, of a root signed by the log key it pinned for that
+/// domain (this one, or one it audits). Anything else is dropped: a peer can neither speak for
+/// another auditor, vouch for itself, nor attribute to a domain a root it did not sign.
 pub async fn receive(log: &Log, origin: &str, cosignatures: Vec<Vec<u8>>) {
-    let pinned = match log.store().audited(origin).await {
-        Ok(Some(bytes)) => match SignedRoot::from_bytes(&bytes) {
-            Ok(root) => root.log_key,
-            Err(_) => return,
-        },
-        _ => return,
+    let Some(origin_key) = pinned_key(log, origin)
+        .await
+        .filter(|_| origin != log.domain())
+    else {
+        return;
     };
     for bytes in cosignatures {
         let Ok(c) = Cosignature::from_bytes(&bytes) else {
             continue;
         };
+        let root = &c.root;
+        let root_key = match pinned_key(log, &root.domain).await {
+            Some(key) if root.domain != origin => key,
+            _ => continue,
+        };
         if c.auditor != origin
-            || c.auditor_key != pinned
-            || !verify_log_signature(&pinned, &c.signed_bytes(), &c.signature)
+            || c.auditor_key != origin_key
+            || !verify_log_signature(&origin_key, &c.signed_bytes(), &c.signature)
+            || root.log_key != root_key
+            || !verify_log_signature(&root_key, &root.signed_bytes(), &root.signature)
         {
-            debug!(origin = %origin, "a co-signature that is not the peer's own was dropped");
+            debug!(origin = %origin, "a co-signature that does not verify was dropped");
             continue;
         }
         if let Err(e) = keep(log, &c).await {

@@ -76,12 +76,17 @@ impl VRFKeyStorage for Vrf {
 /// Why the log could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// akd failed (its storage, or a proof it could not build).
-    #[error("transparency log: {0}")]
-    Akd(String),
+    /// akd failed (its storage, or a proof it could not build). Only where: akd's own
+    /// messages can name handles, and this error is logged.
+    #[error("transparency log: {0} failed")]
+    Akd(&'static str),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The log holds another list for the handle than the one asked about, and nothing is
+    /// pending for it: the caller read the directory before a change; read it again.
+    #[error("the device list changed meanwhile")]
+    Superseded,
     /// The list was not published within the wait (the log is behind or failing).
     #[error("the transparency log has not published this device list yet")]
     NotPublished,
@@ -93,8 +98,13 @@ pub enum LogError {
     BadRange,
 }
 
-fn akd_error(e: impl std::fmt::Display) -> LogError {
-    LogError::Akd(e.to_string())
+/// An akd failure, without akd's message (it can name a handle).
+fn akd(what: &'static str) -> impl FnOnce(akd::errors::AkdError) -> LogError {
+    move |_| LogError::Akd(what)
+}
+
+fn encoding(_: rmp_serde::encode::Error) -> LogError {
+    LogError::Akd("encoding a proof")
 }
 
 /// When epochs are published.
@@ -146,7 +156,7 @@ impl View {
             AzksParallelismConfig::default(),
         )
         .await
-        .map_err(akd_error)?;
+        .map_err(akd("opening the directory"))?;
         Ok(View {
             directory,
             states,
@@ -185,7 +195,7 @@ impl Log {
             .directory
             .get_public_key()
             .await
-            .map_err(akd_error)?
+            .map_err(akd("reading the VRF key"))?
             .as_bytes();
         let fork = if settings.equivocate_to.is_empty() {
             None
@@ -219,7 +229,7 @@ impl Log {
             .directory
             .get_epoch_hash()
             .await
-            .map_err(akd_error)?;
+            .map_err(akd("reading the epoch"))?;
         log.inner.epoch.send_replace(current.0);
         tokio::spawn(log.clone().publisher());
         Ok(log)
@@ -257,9 +267,7 @@ impl Log {
         let mut c = Cosignature {
             auditor: self.inner.domain.clone(),
             auditor_key: self.inner.keys.public(),
-            domain: root.domain.clone(),
-            epoch: root.epoch,
-            root_hash: root.root_hash,
+            root: root.clone(),
             signature: [0; 64],
         };
         c.signature = self.inner.keys.sign(&c.signed_bytes());
@@ -276,7 +284,11 @@ impl Log {
     }
 
     async fn sign_current(&self, view: &View) -> Result<SignedRoot, LogError> {
-        let current = view.directory.get_epoch_hash().await.map_err(akd_error)?;
+        let current = view
+            .directory
+            .get_epoch_hash()
+            .await
+            .map_err(akd("reading the epoch"))?;
         if let Some(root) = view.root(current.0).await? {
             return Ok(root);
         }
@@ -317,12 +329,15 @@ impl Log {
     }
 
     /// The proof that `signed_list` is `handle`'s entry at the newest signed root: waits (up
-    /// to the configured wait) for the epoch that publishes it, queueing it if it is not.
+    /// to the configured wait) for the epoch that publishes it, queueing it if the log has
+    /// nothing for `handle`, or if `requeue` (the caller read the directory again after a
+    /// [`LogError::Superseded`] and still found this list). Use [`Log::evidence_of`].
     pub async fn evidence(
         &self,
         handle: &str,
         signed_list: &[u8],
         peer: Option<&str>,
+        requeue: bool,
     ) -> Result<Evidence, LogError> {
         let wanted = list_value(signed_list).ok_or(LogError::NotAList)?;
         let deadline = Instant::now() + self.inner.settings.wait;
@@ -332,20 +347,58 @@ impl Log {
             if let Some(evidence) = self.lookup(handle, &wanted, peer).await? {
                 return Ok(evidence);
             }
-            let queued = self
+            let label = AkdLabel(handle.as_bytes().to_vec());
+            let held = self.inner.view.states.latest_value(&label).await?;
+            let pending = self
                 .inner
                 .pending
                 .lock()
                 .expect("pending lock")
                 .get(handle)
-                .is_some_and(|v| *v == wanted);
-            if !queued {
-                self.queue(handle, wanted);
+                .copied();
+            match (held, pending) {
+                // Published or on its way: wait for its epoch.
+                (_, Some(v)) if v == wanted => {}
+                (Some(v), _) if v[..] == wanted[..] => {}
+                // The log holds another list and nothing is pending: the caller's list is
+                // older or newer than the log's; only the directory can say which.
+                (Some(_), None) if !requeue => return Err(LogError::Superseded),
+                _ => self.queue(handle, wanted),
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, epochs.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return Err(LogError::NotPublished),
+            }
+        }
+    }
+
+    /// `handle`'s current list in `directory` and its evidence (`None`: no list). A list the
+    /// log holds another value for is read again before it is queued: a fetch that read the
+    /// directory before a change never publishes the older list after the newer one.
+    pub async fn evidence_of(
+        &self,
+        directory: &dyn crate::store::Directory,
+        handle: &str,
+        peer: Option<&str>,
+    ) -> Result<Option<(Vec<u8>, Option<Evidence>)>, LogError> {
+        let Some(mut signed) = directory.device_list(handle).await? else {
+            return Ok(None);
+        };
+        let mut requeue = false;
+        loop {
+            match self.evidence(handle, &signed, peer, requeue).await {
+                Ok(evidence) => return Ok(Some((signed, Some(evidence)))),
+                // Lists are opaque to the broker: bytes that are no device list have no entry.
+                Err(LogError::NotAList) => return Ok(Some((signed, None))),
+                Err(LogError::Superseded) => {
+                    let Some(again) = directory.device_list(handle).await? else {
+                        return Ok(None);
+                    };
+                    requeue = again == signed;
+                    signed = again;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -361,14 +414,18 @@ impl Log {
         if view.states.latest_value(&label).await?.as_deref() != Some(&wanted[..]) {
             return Ok(None);
         }
-        let (proof, epoch) = view.directory.lookup(label).await.map_err(akd_error)?;
+        let (proof, epoch) = view
+            .directory
+            .lookup(label)
+            .await
+            .map_err(akd("a lookup"))?;
         let Some(root) = view.root(epoch.0).await? else {
             return Ok(None); // published, not signed yet: the next signal is for it
         };
         if root.root_hash != epoch.1 || proof.value.0 != wanted[..] {
             return Ok(None);
         }
-        let proof = rmp_serde::to_vec(&proof).map_err(akd_error)?;
+        let proof = rmp_serde::to_vec(&proof).map_err(encoding)?;
         Ok(Some(Evidence { root, proof }))
     }
 
@@ -393,8 +450,12 @@ impl Log {
             .iter()
             .map(|r| decode_root(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let proof = view.directory.audit(from, to).await.map_err(akd_error)?;
-        let proof = rmp_serde::to_vec(&proof).map_err(akd_error)?;
+        let proof = view
+            .directory
+            .audit(from, to)
+            .await
+            .map_err(akd("an audit proof"))?;
+        let proof = rmp_serde::to_vec(&proof).map_err(encoding)?;
         Ok((roots, proof))
     }
 
@@ -411,14 +472,17 @@ impl Log {
             .directory
             .key_history(&label, HistoryParams::MostRecent(versions.max(1)))
             .await
-            .map_err(akd_error)?;
+            .map_err(akd("a history proof"))?;
         let root = view.root(epoch.0).await?.ok_or(LogError::NotPublished)?;
-        Ok((root, rmp_serde::to_vec(&proof).map_err(akd_error)?))
+        Ok((root, rmp_serde::to_vec(&proof).map_err(encoding)?))
     }
 
     /// Publishes what is pending, at most one epoch per interval, until the process ends.
     async fn publisher(self) {
-        let mut last = Instant::now() - self.inner.settings.epoch_interval;
+        let mut last = Instant::now()
+            .checked_sub(self.inner.settings.epoch_interval)
+            .unwrap_or_else(Instant::now);
+        let mut backoff = Duration::from_millis(100);
         loop {
             self.inner.wake.notified().await;
             let since = last.elapsed();
@@ -441,15 +505,20 @@ impl Log {
                         "transparency: epoch published"
                     );
                     self.inner.epoch.send_replace(epoch);
+                    backoff = Duration::from_millis(100);
                 }
                 Ok(None) => {}
                 Err(e) => {
                     warn!(error = %e, updates = batch.len(), "transparency: publishing failed; retrying");
-                    let mut pending = self.inner.pending.lock().expect("pending lock");
-                    for (handle, v) in batch {
-                        pending.entry(handle).or_insert(v);
+                    {
+                        let mut pending = self.inner.pending.lock().expect("pending lock");
+                        for (handle, v) in batch {
+                            pending.entry(handle).or_insert(v);
+                        }
                     }
-                    drop(pending);
+                    // The next round signs what akd may have committed before it takes more.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     self.inner.wake.notify_one();
                 }
             }
@@ -461,6 +530,11 @@ impl Log {
         &self,
         batch: &HashMap<String, [u8; VALUE_BYTES]>,
     ) -> Result<Option<u64>, LogError> {
+        // An epoch akd committed but that was not signed (a failed write of its root) is signed
+        // before anything else: the roots have no gaps.
+        for view in self.views() {
+            self.sign_current(view).await?;
+        }
         let mut updates = Vec::new();
         for (handle, v) in batch {
             let label = AkdLabel(handle.as_bytes().to_vec());
@@ -490,14 +564,18 @@ impl Log {
                     .directory
                     .get_epoch_hash()
                     .await
-                    .map_err(akd_error)?
+                    .map_err(akd("reading the epoch"))?
                     .0;
                 updates.push((
                     AkdLabel(b"equivocation@fork".to_vec()),
                     AkdValue(n.to_be_bytes().to_vec()),
                 ));
             }
-            let published = view.directory.publish(updates).await.map_err(akd_error)?;
+            let published = view
+                .directory
+                .publish(updates)
+                .await
+                .map_err(akd("publishing"))?;
             self.sign_current(view).await?;
             if i == 0 {
                 epoch = published.0;

@@ -62,7 +62,10 @@ async fn a_fetched_list_comes_with_a_lookup_proof_that_verifies_against_a_signed
     let alice = list("alice@a.example", 1, 7);
     log.update("alice@a.example", &alice);
     log.update("bob@a.example", &list("bob@a.example", 1, 8));
-    let evidence = log.evidence("alice@a.example", &alice, None).await.unwrap();
+    let evidence = log
+        .evidence("alice@a.example", &alice, None, true)
+        .await
+        .unwrap();
     let root = &evidence.root;
     assert!(root.epoch >= 1);
     assert!(verify_log_signature(
@@ -92,7 +95,7 @@ async fn a_list_the_log_was_never_told_of_is_published_before_it_is_served() {
     // log): fetching it publishes it, so it is in the log that its owner monitors.
     let injected = list("alice@a.example", 9, 66);
     let evidence = log
-        .evidence("alice@a.example", &injected, None)
+        .evidence("alice@a.example", &injected, None, true)
         .await
         .unwrap();
     let value = verify(&evidence.root, "alice@a.example", &evidence.proof).unwrap();
@@ -108,7 +111,9 @@ async fn roots_extend_each_other_and_a_fork_fails_the_append_only_proof() {
     for v in 1..=3u8 {
         let l = list("alice@a.example", u64::from(v), v);
         log.update("alice@a.example", &l);
-        log.evidence("alice@a.example", &l, None).await.unwrap();
+        log.evidence("alice@a.example", &l, None, true)
+            .await
+            .unwrap();
     }
     let newest = log.latest(None).await.unwrap().epoch;
     assert!(newest >= 3);
@@ -136,7 +141,10 @@ async fn a_relaying_broker_refuses_a_tampered_proof_a_foreign_list_and_a_forged_
     use super::audit::check_relayed;
     let log = open(Vec::new()).await;
     let alice = list("alice@a.example", 1, 7);
-    let evidence = log.evidence("alice@a.example", &alice, None).await.unwrap();
+    let evidence = log
+        .evidence("alice@a.example", &alice, None, true)
+        .await
+        .unwrap();
     // The auditing broker is another log (here: the same code, as b.example would run it).
     let auditor = open(Vec::new()).await;
     check_relayed(&auditor, "alice@a.example", &alice, &evidence.to_bytes())

@@ -587,6 +587,7 @@ async function fetchList(user) {
   }
   let summary;
   try {
+    await checkInLog(user, answer);
     summary = JSON.parse(engine.accept_device_list(user, answer.signed));
   } finally {
     // A changed master key is remembered, and shown, until the user accepts it.
@@ -594,6 +595,37 @@ async function fetchList(user) {
     if (user === current) renderSafety();
   }
   return summary;
+}
+
+// Key transparency: the list must be the one its domain's log publishes (the proof comes with
+// it), and no auditor may have co-signed another root of that log for the same epoch.
+async function checkInLog(user, answer) {
+  const root = engine.check_transparency(user, answer.signed, answer.evidence || '');
+  if (!root) return;
+  const { domain, epoch } = JSON.parse(root);
+  let cosignatures;
+  try {
+    cosignatures = await api('GET',
+      `/v1/transparency/cosignatures?domain=${encodeURIComponent(domain)}&epoch=${epoch}`,
+      { anon: true });
+  } catch (_) {
+    return; // not audited yet, as far as this page can tell
+  }
+  engine.check_cosignatures(user, JSON.stringify(cosignatures));
+}
+
+// This account's own entry in its domain's log: a key none of its devices made is a warning.
+async function checkOwnLog() {
+  let answer;
+  try {
+    answer = await api('GET',
+      `/v1/accounts/${encodeURIComponent(engine.handle())}/transparency-history`, { auth: true });
+  } catch (e) {
+    if (e.status === 404) return; // the server keeps no log
+    throw e;
+  }
+  for (const event of JSON.parse(engine.check_own_history(JSON.stringify(answer)))) onEvent(event);
+  persist();
 }
 
 async function ensureList(user) {
@@ -773,12 +805,14 @@ async function runJobs() {
   if (ownListDue && Date.now() >= ownListDue) {
     ownListDue = Date.now() + OWN_LIST_REFRESH_MS * (1 + Math.random() / 2);
     try { await fetchList(engine.handle()); } catch (e) { if (e.status && e.status < 500) throw e; }
+    try { await checkOwnLog(); } catch (e) { showError(e); }
   }
   if (Date.now() >= engine.lists_refresh_due_ms()) {
     for (const user of JSON.parse(engine.lists_to_refresh())) {
       try {
         const answer = await api('GET', `/v1/accounts/${encodeURIComponent(user)}/device-list`,
           { anon: true });
+        await checkInLog(user, answer);
         const why = engine.refresh_list(user, answer.signed);
         if (why) showError(why);
       } catch (e) {
@@ -967,6 +1001,10 @@ async function handleFrame(bytes, sock) {
 
 function onEvent(event) {
   switch (event.event) {
+    case 'foreign_key_published':
+      debug.foreignKeys = (debug.foreignKeys || 0) + 1;
+      $('foreign-key').hidden = false;
+      break;
     case 'message':
       addContact(event.from);
       debug.messages.push({ from: event.from, text: event.text });
@@ -1519,11 +1557,28 @@ function renderSafety() {
   }
   const k = JSON.parse(known);
   $('safety-number').textContent = k.safety_number;
+  renderLogStatus();
   $('verified-badge').hidden = !k.verified;
   $('unverified-label').hidden = !!k.verified;
   // Once verified, the button gives way to the "Verified ✓" state.
   $('verify').hidden = !!k.verified;
   renderChatSub();
+}
+
+// What the contact's domain's key-transparency log says (in the contact panel).
+const AUDIT_GRACE_MS = 10 * 60 * 1000;
+function renderLogStatus() {
+  const el = $('kt-status');
+  if (!current || !el) return;
+  const domain = current.split('@')[1];
+  const s = JSON.parse(engine.log_status(current, AUDIT_GRACE_MS));
+  el.classList.toggle('warn', s.status === 'unaudited');
+  el.textContent = {
+    none: `${domain} keeps no key-transparency log.`,
+    cosigned: `Their key is in ${domain}'s public key log, checked by ${(s.by || []).join(', ')}.`,
+    pending: `Their key is in ${domain}'s public key log (not checked by other servers yet).`,
+    unaudited: `Their key is in ${domain}'s key log, but no other server has checked that log lately. Treat it as unverified until you compare safety numbers.`,
+  }[s.status] || '';
 }
 
 // sending: not yet on the server; sent: the server has it; delivered: on one of their
@@ -2633,6 +2688,7 @@ async function main() {
   await init();
   registerServiceWorker();
   $('error-close').onclick = clearError;
+  $('foreign-key-close').onclick = () => { $('foreign-key').hidden = true; };
   $('tab-new').onclick = () => showTab(false);
   $('tab-link').onclick = () => showTab(true);
   $('register').onclick = formAction($('register'), $('account-error'), async () => {

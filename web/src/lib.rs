@@ -185,6 +185,9 @@ pub struct Engine {
     /// What came of each list fetched in the running refresh of contacts' lists, for
     /// [`Engine::read_held`]; emptied there.
     refreshed: BTreeMap<String, Refreshed>,
+    /// The key-transparency root of each domain whose co-signatures the page is to fetch
+    /// next ([`Engine::check_transparency`], then [`Engine::check_cosignatures`]).
+    roots: BTreeMap<String, sealpost_proto::transparency::SignedRoot>,
 }
 
 /// What came of one list in a refresh of contacts' lists.
@@ -399,6 +402,7 @@ impl Engine {
         Self {
             core,
             refreshed: BTreeMap::new(),
+            roots: BTreeMap::new(),
         }
     }
 
@@ -571,6 +575,123 @@ impl Engine {
             .accept_device_list(user, &signed, now_ms())
             .map_err(client_err)?;
         self.list_summary(user)
+    }
+
+    /// Checks `user`'s fetched list (`signed`, base64) against its key-transparency evidence
+    /// (`evidence` of `GET …/device-list`, base64; `""` if there is none) before
+    /// [`Engine::accept_device_list`]. Throws if it does not verify (do not use the list).
+    /// Returns `""`, or `{domain, epoch}`: then fetch
+    /// `GET /v1/transparency/cosignatures?domain=&epoch=` and give the answer to
+    /// [`Engine::check_cosignatures`].
+    ///
+    /// The page does not fetch append-only proofs itself (akd's verifier needs a threaded
+    /// runtime): a newer root of a domain is taken as pending until an auditor co-signs it,
+    /// which the auditors do only after verifying every epoch in between.
+    pub fn check_transparency(
+        &mut self,
+        user: &str,
+        signed: &str,
+        evidence: &str,
+    ) -> Result<String, JsError> {
+        let signed = STANDARD
+            .decode(signed)
+            .map_err(|_| err("the list is not base64"))?;
+        let evidence = if evidence.is_empty() {
+            None
+        } else {
+            Some(
+                STANDARD
+                    .decode(evidence)
+                    .map_err(|_| err("evidence is not base64"))?,
+            )
+        };
+        let checked = self
+            .core
+            .check_transparency(user, &signed, evidence.as_deref())
+            .map_err(client_err)?;
+        let Some((root, step)) = checked else {
+            return Ok(String::new());
+        };
+        match step {
+            sealpost_client::crypto::transparency::Step::None => {
+                self.core.accept_root(&root, now_ms())
+            }
+            _ => self.core.accept_root_unproved(&root, now_ms()),
+        }
+        let answer = json!({ "domain": root.domain, "epoch": root.epoch }).to_string();
+        self.roots.insert(root.domain.clone(), root);
+        Ok(answer)
+    }
+
+    /// The answer of `GET /v1/transparency/cosignatures` (JSON text) for the root
+    /// [`Engine::check_transparency`] named for `user`'s domain. Throws on a split view (the
+    /// domain showed another root to an auditor): do not use the list.
+    pub fn check_cosignatures(&mut self, user: &str, answer: &str) -> Result<(), JsError> {
+        let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
+        let Some(root) = self.roots.remove(domain) else {
+            return Ok(());
+        };
+        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
+        let cosignatures = http::records(&v, "cosignatures").unwrap_or_default();
+        self.core
+            .check_cosignatures(user, &root, &cosignatures, now_ms())
+            .map(drop)
+            .map_err(client_err)
+    }
+
+    /// Checks this account's own entry in its domain's log (the answer of
+    /// `GET /v1/accounts/{h}/transparency-history`, JSON text). Returns the events, as
+    /// [`Engine::receive`] does (`foreign_key_published`: a master key none of this account's
+    /// devices made).
+    pub fn check_own_history(&mut self, answer: &str) -> Result<String, JsError> {
+        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
+        let root = http::record(&v, "root").ok_or_else(|| err("no root"))?;
+        let proof = http::record(&v, "proof").ok_or_else(|| err("no proof"))?;
+        let root = sealpost_proto::transparency::SignedRoot::from_bytes(&root)
+            .map_err(|_| err("malformed root"))?;
+        let own = self.core.user().to_owned();
+        let step = self.core.log_pins().place(&root).map_err(|error| {
+            client_err(ClientError::Transparency {
+                user: own.clone(),
+                error,
+            })
+        })?;
+        match step {
+            sealpost_client::crypto::transparency::Step::None => {
+                self.core.accept_root(&root, now_ms())
+            }
+            _ => self.core.accept_root_unproved(&root, now_ms()),
+        }
+        let events = self
+            .core
+            .check_own_history(&root, &proof)
+            .map_err(client_err)?;
+        let events: Vec<Value> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ForeignKeyPublished { epoch, version } => Some(json!({
+                    "event": "foreign_key_published", "epoch": epoch, "version": version,
+                })),
+                _ => None,
+            })
+            .collect();
+        Ok(Value::Array(events).to_string())
+    }
+
+    /// How far `user`'s domain's key-transparency log is audited: `{status: "none" |
+    /// "cosigned" | "pending" | "unaudited", by: [auditor domains]}` (unaudited: no auditor
+    /// co-signed a root of it within `grace_ms` of it being seen).
+    pub fn log_status(&self, user: &str, grace_ms: f64) -> String {
+        use sealpost_client::crypto::transparency::LogStatus;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let grace = grace_ms.max(0.0) as u64;
+        match self.core.log_status(user, now_ms(), grace) {
+            LogStatus::NoLog => json!({ "status": "none" }),
+            LogStatus::CoSigned(by) => json!({ "status": "cosigned", "by": by }),
+            LogStatus::Pending => json!({ "status": "pending" }),
+            LogStatus::Unaudited => json!({ "status": "unaudited" }),
+        }
+        .to_string()
     }
 
     /// `{devices, safety_number, verified, fetched_ms}` for a list accepted before, or `""`.

@@ -98,6 +98,8 @@ test('a device not in the contact\'s signed list is a calm notice when sending, 
   await alice.page.click('#verify');
   await alice.page.waitForSelector('#verified-badge:not([hidden])', { timeout: WAIT_MS });
   assert.equal(await alice.page.locator('#notices li').count(), 0, 'nothing to say yet');
+  // Bob's list came with a proof from localhost's key-transparency log, which the page checked.
+  assert.match(await alice.page.textContent('#kt-status'), /in localhost's public key log/);
 
   // Bob starts linking a second device; the device that showed the code is gone, so the broker
   // has device 2 and bob's signed list does not.

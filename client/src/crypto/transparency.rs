@@ -10,7 +10,7 @@
 //!                                       same epoch, other hash ─▶ Fork
 //!                                       newer ─▶ Step::Advance: fetch roots + append-only proof,
 //!                                                 verify_extension(), then accept()
-//!                                       older ─▶ Step::Older: the same, from it to the newest
+//!                                       older ─▶ Rollback
 //! co-signatures of that root ──check_cosignatures()──▶ another hash co-signed ─▶ SplitView
 //! own entry's history ──own_history()──▶ a master key that is not ours ─▶ ForeignKey
 //! ```
@@ -61,6 +61,15 @@ pub enum TransparencyError {
     /// A domain that had a log served a list without evidence.
     #[error("{0} served a device list without transparency evidence")]
     Missing(String),
+    /// An older root than the newest seen of the domain: a log proves lookups at its newest
+    /// root, so an older one is a rollback (a stale list passed off as current).
+    #[error("the transparency log of {domain} was rolled back to epoch {epoch}")]
+    Rollback {
+        /// The domain.
+        domain: String,
+        /// The epoch shown.
+        epoch: u64,
+    },
     /// A root that does not extend the roots seen before (another hash for a seen epoch, or an
     /// append-only proof that fails).
     #[error("the transparency log of {domain} forked at epoch {epoch}")]
@@ -97,13 +106,6 @@ pub enum Step {
         /// The newest epoch seen.
         from: u64,
         /// The root's epoch.
-        to: u64,
-    },
-    /// It is older than the newest seen (`to`): verify roots `from..=to` the same way.
-    Older {
-        /// The root's epoch.
-        from: u64,
-        /// The newest epoch seen.
         to: u64,
     },
 }
@@ -238,10 +240,12 @@ impl LogPins {
                 from: view.epoch,
                 to: root.epoch,
             },
-            std::cmp::Ordering::Less => Step::Older {
-                from: root.epoch,
-                to: view.epoch,
-            },
+            std::cmp::Ordering::Less => {
+                return Err(TransparencyError::Rollback {
+                    domain: root.domain.clone(),
+                    epoch: root.epoch,
+                });
+            }
         })
     }
 
@@ -278,7 +282,10 @@ impl LogPins {
                 return Err(TransparencyError::LogKeyChanged(domain.to_owned()));
             }
         }
-        if roots.windows(2).any(|w| w[1].epoch != w[0].epoch + 1) {
+        if roots
+            .windows(2)
+            .any(|w| w[0].epoch.checked_add(1) != Some(w[1].epoch))
+        {
             return Err(fork(head.epoch));
         }
         if roots.len() == 1 {
@@ -286,6 +293,12 @@ impl LogPins {
         }
         let proof: akd::AppendOnlyProof =
             rmp_serde::from_slice(proof).map_err(|_| TransparencyError::Malformed)?;
+        // akd checks each step against the epoch the proof names: it must be the signed one.
+        if proof.epochs.len() + 1 != roots.len()
+            || proof.epochs.iter().zip(roots).any(|(e, r)| *e != r.epoch)
+        {
+            return Err(fork(head.epoch));
+        }
         akd::auditor::audit_verify::<Config>(roots.iter().map(|r| r.root_hash).collect(), proof)
             .await
             .map_err(|_| fork(head.epoch))
@@ -315,6 +328,19 @@ impl LogPins {
         }
     }
 
+    /// Makes `root` the newest seen of its domain without this client having verified the
+    /// epochs between (too many to fetch): until an auditor co-signs a root of the domain, its
+    /// log counts as [`LogStatus::Pending`], then [`LogStatus::Unaudited`].
+    pub fn accept_unproved(&mut self, root: &SignedRoot, now_ms: u64) {
+        self.accept(root, now_ms);
+        if let Some(view) = self.domains.get_mut(&root.domain) {
+            view.cosigners.clear();
+            if view.unaudited_since_ms == 0 {
+                view.unaudited_since_ms = now_ms.max(1);
+            }
+        }
+    }
+
     /// Checks auditors' co-signatures of `root` (as the client's broker gave them): any that
     /// co-signs another hash for this epoch is a split view. Auditors' keys are pinned on first
     /// use.
@@ -329,20 +355,33 @@ impl LogPins {
             let Ok(c) = Cosignature::from_bytes(bytes) else {
                 continue;
             };
-            if c.domain != root.domain
-                || c.epoch != root.epoch
+            let theirs = &c.root;
+            // A co-signature of this domain and epoch, by another domain, of a root this
+            // domain signed (with the key pinned for it: `root` passed `place`).
+            if theirs.domain != root.domain
+                || theirs.epoch != root.epoch
+                || c.auditor == root.domain
+                || theirs.log_key != root.log_key
+                || !verify_signature(&root.log_key, &theirs.signed_bytes(), &theirs.signature)
                 || !verify_signature(&c.auditor_key, &c.signed_bytes(), &c.signature)
             {
                 continue;
             }
-            let pinned = self
-                .auditors
-                .entry(c.auditor.clone())
-                .or_insert_with(|| ByteBuf::from(c.auditor_key.to_vec()));
+            // The auditor's key: its own log's if this client has seen that log, else the
+            // first one seen for it.
+            let pinned = match self.domains.get(&c.auditor) {
+                Some(view) => view.log_key.clone(),
+                None => self
+                    .auditors
+                    .entry(c.auditor.clone())
+                    .or_insert_with(|| ByteBuf::from(c.auditor_key.to_vec()))
+                    .clone(),
+            };
             if pinned.as_slice() != c.auditor_key {
                 continue;
             }
-            if c.root_hash != root.root_hash {
+            if theirs.root_hash != root.root_hash {
+                // Two roots of one epoch, both signed by the domain: it equivocated.
                 return Err(TransparencyError::SplitView {
                     domain: root.domain.clone(),
                     epoch: root.epoch,

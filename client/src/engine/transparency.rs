@@ -4,7 +4,7 @@
 //! own history) is the SDK's or the page's:
 //!
 //! ```text
-//! fetch list + evidence ─▶ check_transparency ─▶ Step::Advance/Older: fetch audit, verify_extension
+//! fetch list + evidence ─▶ check_transparency ─▶ Step::Advance: fetch audit, verify_extension
 //!                                              ─▶ accept_root ─▶ fetch co-signatures ─▶ check_cosignatures
 //! periodically: fetch own history ─▶ check_own_history ─▶ Event::ForeignKeyPublished
 //! ```
@@ -53,6 +53,12 @@ impl Engine {
         self.record.logs.accept(root, now_ms);
     }
 
+    /// [`Engine::accept_root`] for a root too far from the newest seen to verify the epochs
+    /// between: the domain's log is pending until an auditor co-signs one of its roots.
+    pub fn accept_root_unproved(&mut self, root: &SignedRoot, now_ms: u64) {
+        self.record.logs.accept_unproved(root, now_ms);
+    }
+
     /// Checks the auditors' co-signatures of `root` (for `user`'s list).
     pub fn check_cosignatures(
         &mut self,
@@ -78,20 +84,31 @@ impl Engine {
         let keys =
             own_history(root, &own, proof, OWN_HISTORY_VERSIONS).map_err(|e| failed(&own, e))?;
         let current = self.state.master_key.public_key();
-        let mut events = Vec::new();
-        let mut newest = self.record.own_log_version;
-        for key in keys {
-            newest = newest.max(key.version);
-            if key.version <= self.record.own_log_version {
-                continue;
-            }
-            let ours = key.master_key == current
+        let ours = |master: &[u8; 32]| {
+            *master == current
                 || self
                     .record
                     .own_masters
                     .iter()
-                    .any(|m| m.as_slice() == key.master_key);
-            if !ours {
+                    .any(|m| m.as_slice() == master)
+        };
+        // A device's first check (a device linked later never saw the keys its account had
+        // before it, e.g. before a master-key rotation): what came before the newest value is
+        // history, if the newest value is this account's own.
+        let baseline = match keys.iter().max_by_key(|k| k.version) {
+            Some(newest) if self.record.own_log_version == 0 && ours(&newest.master_key) => {
+                newest.version
+            }
+            _ => self.record.own_log_version,
+        };
+        let mut events = Vec::new();
+        let mut newest = self.record.own_log_version;
+        for key in keys {
+            newest = newest.max(key.version);
+            if key.version <= baseline {
+                continue;
+            }
+            if !ours(&key.master_key) {
                 events.push(Event::ForeignKeyPublished {
                     epoch: key.epoch,
                     version: key.version,

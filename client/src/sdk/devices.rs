@@ -18,6 +18,14 @@ use crate::{
     engine::{ClaimWith, KeyChange, check_handle},
 };
 
+fn own_domain(user: &str) -> &str {
+    user.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// Most epochs a client follows with append-only proofs it fetches itself; a longer jump is
+/// vouched for by the auditors' co-signatures.
+const CLIENT_AUDIT_EPOCHS: u64 = 4 * MAX_AUDIT_EPOCHS;
+
 /// How often this account's own list is fetched again while connected (plus up to half as
 /// much again, at random).
 const OWN_LIST_REFRESH: Duration = Duration::from_secs(15 * 60);
@@ -118,32 +126,7 @@ impl Client {
         let Some((root, step)) = checked else {
             return Ok(());
         };
-        let fail = |error| ClientError::Transparency {
-            user: user.to_owned(),
-            error,
-        };
-        match step {
-            Step::None => {}
-            Step::Advance { .. } => {
-                let newest = self
-                    .engine
-                    .log_pins()
-                    .newest(&root.domain)
-                    .ok_or_else(|| fail(TransparencyError::Malformed))?;
-                self.verify_roots(user, &root.domain, newest, (root.epoch, root.root_hash))
-                    .await?;
-            }
-            Step::Older { .. } => {
-                let newest = self
-                    .engine
-                    .log_pins()
-                    .newest(&root.domain)
-                    .ok_or_else(|| fail(TransparencyError::Malformed))?;
-                self.verify_roots(user, &root.domain, (root.epoch, root.root_hash), newest)
-                    .await?;
-            }
-        }
-        self.engine.accept_root(&root, now_ms());
+        self.follow_root(user, &root, step).await?;
         // Best effort: an unreachable broker leaves the root "not audited yet".
         if let Ok(cosignatures) = self
             .anon
@@ -152,6 +135,40 @@ impl Client {
         {
             self.engine
                 .check_cosignatures(user, &root, &cosignatures, now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// Moves this device's view of `root`'s domain to `root`, where `step` (from
+    /// [`LogPins::place`](crate::crypto::transparency::LogPins::place)) says it stands.
+    async fn follow_root(
+        &mut self,
+        user: &str,
+        root: &SignedRoot,
+        step: Step,
+    ) -> Result<(), ClientError> {
+        let fail = |error| ClientError::Transparency {
+            user: user.to_owned(),
+            error,
+        };
+        match step {
+            Step::None => self.engine.accept_root(root, now_ms()),
+            // Too many epochs apart to fetch every append-only proof (about 1.6 KiB per
+            // changed list): the auditors, who verify every epoch in order, vouch for the jump
+            // with their co-signatures; until one co-signs, the log is pending.
+            Step::Advance { from, to } if to - from > CLIENT_AUDIT_EPOCHS => {
+                self.engine.accept_root_unproved(root, now_ms());
+            }
+            Step::Advance { .. } => {
+                let newest = self
+                    .engine
+                    .log_pins()
+                    .newest(&root.domain)
+                    .ok_or_else(|| fail(TransparencyError::Malformed))?;
+                self.verify_roots(user, &root.domain, newest, (root.epoch, root.root_hash))
+                    .await?;
+                self.engine.accept_root(root, now_ms());
+            }
         }
         Ok(())
     }
@@ -174,7 +191,7 @@ impl Client {
         };
         let mut at = first;
         while at.0 < last.0 {
-            let end = (at.0 + MAX_AUDIT_EPOCHS).min(last.0);
+            let end = at.0.saturating_add(MAX_AUDIT_EPOCHS).min(last.0);
             let (roots, proof) = self.anon.transparency_audit(domain, at.0, end).await?;
             let roots = roots
                 .iter()
@@ -212,8 +229,17 @@ impl Client {
     pub async fn check_own_log(&mut self) -> Result<usize, ClientError> {
         let (root, proof) = match self.api.transparency_history(&self.creds()).await {
             Ok(answer) => answer,
-            // A broker without a log (the NATS store) has nothing to check.
-            Err(ApiError::Refused { status: 404, .. }) => return Ok(0),
+            // A broker without a log (the NATS store) has nothing to check; one that had a log
+            // and says it has none now is switching this check off.
+            Err(ApiError::Refused { status: 404, .. })
+                if self
+                    .engine
+                    .log_pins()
+                    .newest(own_domain(self.engine.user()))
+                    .is_none() =>
+            {
+                return Ok(0);
+            }
             Err(e) => return Err(e.into()),
         };
         let root = SignedRoot::from_bytes(&root).map_err(|_| ClientError::Transparency {
@@ -221,24 +247,25 @@ impl Client {
             error: TransparencyError::Malformed,
         })?;
         let own = self.engine.user().to_owned();
-        match self.engine.log_pins().place(&root) {
-            Ok(Step::None) => {}
-            Ok(Step::Advance { from, .. }) => {
-                let newest = self.engine.log_pins().newest(&root.domain);
-                if let Some(newest) = newest.filter(|n| n.0 == from) {
-                    self.verify_roots(&own, &root.domain, newest, (root.epoch, root.root_hash))
-                        .await?;
-                }
-            }
-            Ok(Step::Older { .. }) => {
-                if let Some(newest) = self.engine.log_pins().newest(&root.domain) {
-                    self.verify_roots(&own, &root.domain, (root.epoch, root.root_hash), newest)
-                        .await?;
-                }
-            }
-            Err(error) => return Err(ClientError::Transparency { user: own, error }),
+        let step =
+            self.engine
+                .log_pins()
+                .place(&root)
+                .map_err(|error| ClientError::Transparency {
+                    user: own.clone(),
+                    error,
+                })?;
+        self.follow_root(&own, &root, step).await?;
+        // The root this device is shown must be the one auditors verified: a log that shows
+        // this account a clean branch and its contacts another is caught here.
+        if let Ok(cosignatures) = self
+            .anon
+            .transparency_cosignatures(&root.domain, root.epoch)
+            .await
+        {
+            self.engine
+                .check_cosignatures(&own, &root, &cosignatures, now_ms())?;
         }
-        self.engine.accept_root(&root, now_ms());
         let warnings = self.engine.check_own_history(&root, &proof)?;
         let found = warnings.len();
         self.events.extend(warnings);
