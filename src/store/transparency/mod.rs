@@ -1,9 +1,9 @@
 //! The key-transparency log's storage: akd's records (tree nodes, the azks, each handle's value
 //! states), the roots the log signed, and what auditing learned of other domains' logs.
 //!
-//! The log (`crate::transparency`) is the only user. Records are opaque bytes here: akd's
-//! records encoded by the log, and the signed roots and co-signatures of
-//! `sealpost_proto::transparency`.
+//! The key-transparency log (the top-level `transparency` module) is the only user. Records
+//! are opaque bytes here: akd's records encoded by the log, and the signed roots and
+//! co-signatures of `sealpost_proto::transparency`.
 //!
 //! | backend | where |
 //! |---|---|
