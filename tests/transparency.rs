@@ -300,6 +300,81 @@ async fn an_equivocating_broker_is_caught_by_its_auditors_and_by_clients() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_log_is_caught_by_its_auditors_and_by_clients() {
+    if common::nats_store() {
+        return;
+    }
+    let (mut ba, bb, _bc) = three(&[]);
+    let _alice = register(&ba, "alice@a.example").await;
+    let carol = register(&ba, "carol@a.example").await;
+    let mut bob = register(&bb, "bob@b.example").await;
+    bob.client.set_device_list_max_age(Duration::ZERO);
+    // Bob's client checks carol's list against a.example's newest root; b.example audits it.
+    bob.client
+        .send_text("carol@a.example", "hi")
+        .await
+        .expect("send");
+    let (seen, _) = bob
+        .client
+        .transparency()
+        .newest("a.example")
+        .expect("a's root");
+    assert!(seen >= 2, "both accounts are in the log");
+    until("b audited a's newest root", async || {
+        cosignatures(&bb, "a.example", seen)
+            .await
+            .iter()
+            .any(|c| c.auditor == "b.example")
+    })
+    .await;
+    drop(carol);
+
+    // The operator of a.example throws its log away (or restores an old copy): the new log
+    // starts again and publishes lists as they are fetched.
+    assert!(ba.terminate());
+    std::fs::remove_dir_all(ba.data_dir().join("transparency")).expect("wipe the log");
+    ba.restart();
+
+    // Bob's client was shown epoch `seen`; the log now proves carol's list at an earlier
+    // epoch. It refuses, whatever the list.
+    // (b.example's link to a.example comes back first: until then the lookup is refused.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let err = loop {
+        match bob
+            .client
+            .send_text("carol@a.example", "still there?")
+            .await
+        {
+            Err(ClientError::Api(e)) if e.is_transient() => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the link never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("a rolled-back log was accepted"),
+        }
+    };
+    assert!(
+        matches!(
+            &err,
+            ClientError::Transparency {
+                error: TransparencyError::Rollback { .. } | TransparencyError::Fork { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // b.example's auditor finds that a.example no longer extends the root it verified.
+    until("b's auditor reported the fork", async || {
+        String::from_utf8_lossy(&bb.read_logs())
+            .contains("audit of a peer's transparency log failed peer=a.example error=fork")
+    })
+    .await;
+}
+
 /// A log of a.example and a client's view of it, in this process.
 async fn log() -> Log {
     Log::open(
