@@ -381,7 +381,8 @@ pub enum ConfigError {
 ///
 /// - `SEALPOST_FAILPOINT_SYNC_FILE`: while the file exists every flush fails.
 /// - `SEALPOST_FAILPOINT_WITHHOLD_FILE`: while it exists, the next durable envelope is
-///   answered as accepted and dropped (a withholding broker), and the file removed.
+///   answered as accepted and dropped (a withholding broker), and the file removed; if the
+///   file names an account, only that account's next envelope.
 /// - `SEALPOST_FAILPOINT_EQUIVOCATE_FILE`: the peer domains (one a line) this broker shows a
 ///   forked key-transparency log (a split view), read at start.
 fn failpoint_file(var: &str) -> Option<PathBuf> {

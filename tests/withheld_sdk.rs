@@ -9,7 +9,7 @@ use common::{
     Broker,
     sdk::{next, register},
 };
-use sealpost_client::{Client, Event};
+use sealpost_client::{Client, Event, engine::GroupEvent};
 
 const ALICE: &str = "alice@test.example";
 const BOB: &str = "bob@test.example";
@@ -82,4 +82,90 @@ fn missing_now(client: &Client) -> usize {
         .into_iter()
         .find(|c| c.with == ALICE)
         .map_or(0, |c| c.missing)
+}
+
+/// Runs a test on threads with room for openmls's stack frames (large in debug builds).
+fn run(test: impl Future<Output = ()> + Send + 'static) {
+    const STACK: usize = 64 << 20;
+    std::thread::Builder::new()
+        .stack_size(STACK)
+        .spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_stack_size(STACK)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(test)
+        })
+        .expect("thread")
+        .join()
+        .expect("test thread");
+}
+
+/// Reads bob's events until `text` arrives in a group; returns what came on the way.
+async fn until_group_text(client: &mut Client, text: &str) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        let event = next(client).await;
+        let done = matches!(&event, Event::Group(GroupEvent::Message { text: t, .. }) if t == text);
+        seen.push(event);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn group_missing(events: &[Event]) -> Option<usize> {
+    events.iter().rev().find_map(|e| match e {
+        Event::Group(GroupEvent::MaybeMissing { from, count, .. }) if from == ALICE => Some(*count),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_withheld_group_text_is_noticed_by_the_other_members_and_nothing_else_looks_missing() {
+    run(async {
+        let broker = Broker::start(&[]);
+        let mut alice = register(&broker, ALICE).await;
+        let mut bob = register(&broker, BOB).await;
+        let group = alice
+            .client
+            .create_group("Chains", &[BOB])
+            .await
+            .expect("create");
+        // Loss-free: texts arrive, nothing is missing.
+        for text in ["one", "two", "three"] {
+            alice
+                .client
+                .send_group_text(&group, text)
+                .await
+                .expect("send");
+            let events = until_group_text(&mut bob.client, text).await;
+            assert_eq!(group_missing(&events), None, "{events:?}");
+        }
+        // The broker answers bob's copy of "four" as taken and drops it; "five" names it.
+        broker.withhold_next_to(BOB);
+        alice
+            .client
+            .send_group_text(&group, "four")
+            .await
+            .expect("send");
+        assert!(broker.withheld(), "the hook took bob's copy");
+        alice
+            .client
+            .send_group_text(&group, "five")
+            .await
+            .expect("send");
+        let mut events = until_group_text(&mut bob.client, "five").await;
+        assert!(
+            !events.iter().any(
+                |e| matches!(e, Event::Group(GroupEvent::Message { text, .. }) if text == "four")
+            ),
+            "four never arrived"
+        );
+        // The envelope that brought "five" also says one text of alice's may be missing.
+        events.push(next(&mut bob.client).await);
+        assert_eq!(group_missing(&events), Some(1), "{events:?}");
+    });
 }

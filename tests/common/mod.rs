@@ -104,6 +104,11 @@ impl Broker {
             .expect("arm equivocation");
     }
 
+    /// As [`Broker::withhold_next`], for the next envelope to `user` only.
+    pub fn withhold_next_to(&self, user: &str) {
+        std::fs::write(self.dir.path().join(WITHHOLD_FAILPOINT), user).expect("arm withholding");
+    }
+
     /// Whether the envelope `withhold_next` asked for was dropped.
     pub fn withheld(&self) -> bool {
         !self.dir.path().join(WITHHOLD_FAILPOINT).exists()

@@ -2085,6 +2085,12 @@ async function createGroup(name, members) {
 
 function onGroupEvent(e) {
   switch (e.event) {
+    case 'group_maybe_missing':
+      debug.groupMissing = e;
+      if (e.count > 0) {
+        showError(`${e.count === 1 ? 'A message' : `${e.count} messages`} from ${e.from} in this group may be missing: a later one mentions ${e.count === 1 ? 'it' : 'them'}. If it doesn't arrive, the server may have held it back.`);
+      }
+      break;
     case 'group_message':
       debug.groupMessages.push({ group: e.group, from: e.from, text: e.text });
       break;
@@ -2200,6 +2206,12 @@ async function sendGroupText() {
   renderGroups();
   const r = await sendParts(parts);
   if (r.code) throw new Error(`the broker refused the group message: ${r.code}`);
+  // Taken for every member device: the next text names it (a text some devices missed is
+  // never named, so it never looks missing).
+  if (!r.stale.length && parts.length) {
+    engine.group_text_accepted(parts[0].id);
+    persist();
+  }
   // The broker named accounts whose devices changed: the group follows their lists now.
   for (const user of r.stale) await syncMember(group, user, await serial(() => fetchList(user)));
 }

@@ -857,6 +857,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The group text whose first part is `id` (hex) was taken for every member device (no
+    /// part refused, no stale device set): the next text names it (withheld-message
+    /// detection). Save after.
+    pub fn group_text_accepted(&mut self, id: &str) -> Result<(), JsError> {
+        self.core.group_text_accepted(EnvelopeId(unhex::<16>(id)?));
+        Ok(())
+    }
+
     /// A link code to show on this device for linking a new one: `broker_code` from `POST
     /// /v1/accounts/{h}/link-codes`, plus a secret the broker never sees. Valid until
     /// `expires_ms` (from the same answer).
@@ -1584,6 +1592,9 @@ fn group_event_json(event: &engine::GroupEvent) -> Value {
         }
         G::KeyChanged { group, user } => {
             json!({"event": "group_key_changed", "group": group, "user": user})
+        }
+        G::MaybeMissing { group, from, count } => {
+            json!({"event": "group_maybe_missing", "group": group, "from": from, "count": count})
         }
     }
 }

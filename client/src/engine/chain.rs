@@ -108,20 +108,50 @@ impl Engine {
         {
             return;
         }
-        let chain = self.record.chains_out.entry(to.to_owned()).or_default();
+        let text = matches!(payload, Payload::Text { .. });
+        let (message, named) = self.number(to, id, text, expires_ms);
+        set_link(payload, &message, &named);
+    }
+
+    /// The link of a text this device sends to `group` (the text's own id `id`): numbered in
+    /// this device's chain to the group, naming its texts the broker accepted for every
+    /// member ([`Engine::chain_accepted`]) since the last one.
+    pub(crate) fn group_link(
+        &mut self,
+        group: &str,
+        id: EnvelopeId,
+        expires_ms: u64,
+    ) -> Option<Link> {
+        let (message, named) = self.number(&group_key(group), id, true, expires_ms);
+        Some(Link {
+            n: message.n,
+            id: message.id.as_slice().try_into().ok()?,
+            prev: named.iter().filter_map(Numbered::named).collect(),
+        })
+    }
+
+    /// The next message of this device's chain `key`: its number, and for a text what it
+    /// names. It waits for the broker's answer ([`Engine::chain_accepted`]).
+    fn number(
+        &mut self,
+        key: &str,
+        id: EnvelopeId,
+        text: bool,
+        expires_ms: u64,
+    ) -> (Numbered, Vec<Numbered>) {
+        let chain = self.record.chains_out.entry(key.to_owned()).or_default();
         let message = Numbered {
             n: chain.next,
             id: ByteBuf::from(id.0.to_vec()),
             expires_ms,
         };
         chain.next += 1;
-        let named = if matches!(payload, Payload::Text { .. }) {
+        let named: Vec<Numbered> = if text {
             let count = chain.unreferenced.len().min(MAX_LINK_PREV);
             chain.unreferenced.drain(..count).collect()
         } else {
             Vec::new()
         };
-        set_link(payload, &message, &named);
         // Sends never answered (a crash, a lost page) must not pile up: the oldest goes.
         if chain.pending.len() >= MAX_KEPT
             && let Some(oldest) = chain
@@ -132,9 +162,14 @@ impl Engine {
         {
             chain.pending.remove(&oldest);
         }
-        chain
-            .pending
-            .insert(message.id.clone(), PendingSend { message, named });
+        chain.pending.insert(
+            message.id.clone(),
+            PendingSend {
+                message: message.clone(),
+                named: named.clone(),
+            },
+        );
+        (message, named)
     }
 
     /// A send of envelope `id` started again (its first start's state was lost, as a page's
@@ -159,6 +194,13 @@ impl Engine {
                 return;
             }
         }
+    }
+
+    /// The group text sent as `id` (its first part's envelope id) was taken for every member
+    /// device (no part refused, no stale device set): this device's next text to the group
+    /// names it.
+    pub fn group_text_accepted(&mut self, id: EnvelopeId) {
+        self.chain_accepted(id);
     }
 
     /// A driver that keeps no `Send` (a page) gave up sending envelope `id` to `to`: what it
@@ -189,8 +231,47 @@ impl Engine {
         link: Option<&Link>,
         now_ms: u64,
     ) -> Option<Event> {
-        let before = self.missing_from(from);
-        let chains = self.record.chains_in.entry(from.to_owned()).or_default();
+        let (before, after) = self.receive_link(from, device, id, link, now_ms);
+        (after != before).then(|| Event::MaybeMissing {
+            peer: from.to_owned(),
+            count: after,
+        })
+    }
+
+    /// A text from `from`'s `device` in `group`, with its link. Returns the event to report
+    /// if the number of its messages that may be missing changed.
+    pub(crate) fn group_chain_received(
+        &mut self,
+        group: &str,
+        from: &str,
+        device: u32,
+        link: &Link,
+        now_ms: u64,
+    ) -> Option<Event> {
+        let key = group_member_key(group, from);
+        let (before, after) =
+            self.receive_link(&key, device, EnvelopeId(link.id), Some(link), now_ms);
+        (after != before).then(|| {
+            Event::Group(super::groups::GroupEvent::MaybeMissing {
+                group: group.to_owned(),
+                from: from.to_owned(),
+                count: after,
+            })
+        })
+    }
+
+    /// Records a received message of chain `key` (a contact, or a group member) and what its
+    /// link names: (missing before, missing after).
+    fn receive_link(
+        &mut self,
+        key: &str,
+        device: u32,
+        id: EnvelopeId,
+        link: Option<&Link>,
+        now_ms: u64,
+    ) -> (usize, usize) {
+        let before = self.missing_from(key);
+        let chains = self.record.chains_in.entry(key.to_owned()).or_default();
         let chain = chains.entry(device).or_insert_with(|| ChainIn {
             floor: link.map_or(u64::MAX, |l| l.n),
             received: VecDeque::new(),
@@ -219,11 +300,7 @@ impl Engine {
                 }
             }
         }
-        let after = self.missing_from(from);
-        (after != before).then(|| Event::MaybeMissing {
-            peer: from.to_owned(),
-            count: after,
-        })
+        (before, self.missing_from(key))
     }
 
     /// Forgets missing messages the broker would have let expire by now (a disappearing
@@ -239,9 +316,16 @@ impl Engine {
             }
             let after: usize = devices.values().map(|c| c.missing.len()).sum();
             if after != before {
-                events.push(Event::MaybeMissing {
-                    peer: peer.clone(),
-                    count: after,
+                events.push(match split_group_member_key(peer) {
+                    Some((group, from)) => Event::Group(super::groups::GroupEvent::MaybeMissing {
+                        group: group.to_owned(),
+                        from: from.to_owned(),
+                        count: after,
+                    }),
+                    None => Event::MaybeMissing {
+                        peer: peer.clone(),
+                        count: after,
+                    },
                 });
             }
         }
@@ -255,6 +339,21 @@ impl Engine {
             .get(peer)
             .map_or(0, |devices| devices.values().map(|c| c.missing.len()).sum())
     }
+}
+
+/// The chain key of this device's texts to a group (no handle starts with `#`).
+fn group_key(group: &str) -> String {
+    format!("#group:{group}")
+}
+
+/// The chain key of a group member's texts to this device.
+fn group_member_key(group: &str, member: &str) -> String {
+    format!("#group:{group}/{member}")
+}
+
+/// (group, member) of a [`group_member_key`].
+fn split_group_member_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix("#group:")?.split_once('/')
 }
 
 /// Gives a text `message`'s link, naming `named`; a file has no link (the next text names it).

@@ -32,7 +32,10 @@ use super::{
     record::{GroupEntry, GroupMessage, HeldGroupMessage, Secret},
 };
 use crate::{
-    crypto::group::{GroupError, GroupKeys, GroupWire, Member, MemberId, Processed},
+    crypto::{
+        Link, MAX_LINK_PREV, Named,
+        group::{GroupError, GroupKeys, GroupWire, Member, MemberId, Processed},
+    },
     error::{ClientError, EnvelopeError},
 };
 
@@ -59,14 +62,58 @@ const GROUP_TTL_SECS: u32 = 7 * 24 * 3600;
 /// What members say inside a group (MLS application data).
 #[derive(Serialize, Deserialize)]
 enum GroupPayload {
-    /// A text message, with the sender's clock.
-    Text { body: String, sent_ms: u64 },
+    /// A text message, with the sender's clock, and its place in the sending device's chain
+    /// to the group (withheld-message detection; absent from older clients).
+    Text {
+        body: String,
+        sent_ms: u64,
+        #[serde(default)]
+        link: Option<LinkWire>,
+    },
     /// The group's name (sent by whoever adds members, so the new ones learn it).
     Name { name: String },
     /// The sender's account is leaving: another member commits its removal.
     Leave,
     /// The sender account's delivery token: members send to it sealed from then on.
     Token { token: ByteBuf },
+}
+
+/// A [`Link`] inside a group text: number, own id, and the named messages (number, id,
+/// expiry), MessagePack positional as the 1:1 text's.
+#[derive(Serialize, Deserialize)]
+struct LinkWire(u64, ByteBuf, Vec<(u64, ByteBuf, u64)>);
+
+impl LinkWire {
+    fn from_link(link: &Link) -> Self {
+        LinkWire(
+            link.n,
+            ByteBuf::from(link.id.to_vec()),
+            link.prev
+                .iter()
+                .map(|p| (p.n, ByteBuf::from(p.id.to_vec()), p.expires_ms))
+                .collect(),
+        )
+    }
+
+    /// The link, if well formed (a malformed one is ignored: the text still shows).
+    fn to_link(&self) -> Option<Link> {
+        let LinkWire(n, id, prev) = self;
+        Some(Link {
+            n: *n,
+            id: id.as_slice().try_into().ok()?,
+            prev: prev
+                .iter()
+                .take(MAX_LINK_PREV)
+                .map(|(n, id, expires_ms)| {
+                    Some(Named {
+                        n: *n,
+                        id: id.as_slice().try_into().ok()?,
+                        expires_ms: *expires_ms,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?,
+        })
+    }
 }
 
 /// A group as the application sees it.
@@ -155,6 +202,17 @@ pub enum GroupEvent {
         group: String,
         /// The leaving account.
         user: String,
+    },
+    /// Texts of `from` in the group that a later text of theirs names were never received:
+    /// the broker may have withheld them (see the `chain` module). `count` is how many are
+    /// missing now; 0 once they all arrived.
+    MaybeMissing {
+        /// The group.
+        group: String,
+        /// The member account.
+        from: String,
+        /// Its texts named and not received.
+        count: usize,
     },
 }
 
@@ -432,11 +490,16 @@ impl Engine {
             )));
         }
         let entry = self.live_entry(group)?;
+        // The text's own id (the first part's envelope id), numbered in this device's chain.
+        let id = EnvelopeId(rand::random());
+        let expires_ms = now_ms.saturating_add(u64::from(GROUP_TTL_SECS) * 1000);
+        let link = self.group_link(group, id, expires_ms);
         let payload = GroupPayload::Text {
             body: text.to_owned(),
             sent_ms: now_ms,
+            link: link.as_ref().map(LinkWire::from_link),
         };
-        let sends = self.group_payload(&entry, &payload)?;
+        let sends = self.group_payload_as(&entry, &payload, Some(id))?;
         let (user, device) = (self.state.user().to_owned(), self.state.device_id());
         self.push_group_message(group, &user, device, now_ms, text);
         Ok(sends)
@@ -521,6 +584,16 @@ impl Engine {
         entry: &GroupEntry,
         payload: &GroupPayload,
     ) -> Result<Vec<GroupSend>, ClientError> {
+        self.group_payload_as(entry, payload, None)
+    }
+
+    /// [`Engine::group_payload`], its first part sent as envelope `first` if given.
+    fn group_payload_as(
+        &mut self,
+        entry: &GroupEntry,
+        payload: &GroupPayload,
+        mut first: Option<EnvelopeId>,
+    ) -> Result<Vec<GroupSend>, ClientError> {
         let data = Zeroizing::new(
             rmp_serde::to_vec(payload).map_err(|e| ClientError::Invalid(e.to_string()))?,
         );
@@ -535,7 +608,7 @@ impl Engine {
                 .group_keys()?
                 .encrypt(&entry.id, &data)
                 .map_err(group_error)?;
-            let id = EnvelopeId(rand::random());
+            let id = first.take().unwrap_or_else(|| EnvelopeId(rand::random()));
             self.record.seen.insert(id.0);
             let wire = GroupWire::Message(message).to_bytes();
             sends.push(send_frame(id, wire, part, None, is_sealed));
@@ -833,7 +906,22 @@ impl Engine {
                 let payload: GroupPayload = rmp_serde::from_slice(&data)
                     .map_err(|_| GroupError::Malformed("group message"))?;
                 match payload {
-                    GroupPayload::Text { body, sent_ms } => {
+                    GroupPayload::Text {
+                        body,
+                        sent_ms,
+                        link,
+                    } => {
+                        // The sender's clock stands for now when judging what its link names
+                        // (the periodic expiry sweep uses this device's clock).
+                        let missing = link.and_then(|l| l.to_link()).and_then(|link| {
+                            self.group_chain_received(
+                                &key,
+                                &sender.id.user,
+                                sender.id.device,
+                                &link,
+                                sent_ms,
+                            )
+                        });
                         self.push_group_message(
                             &key,
                             &sender.id.user,
@@ -848,6 +936,7 @@ impl Engine {
                             text: body,
                             sent_ms,
                         }));
+                        events.extend(missing);
                     }
                     GroupPayload::Name { name } => {
                         if let Some(entry) = self.record.groups.get_mut(&key) {

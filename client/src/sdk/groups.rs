@@ -227,6 +227,14 @@ impl Client {
                 r.code.as_str()
             )));
         }
+        // Taken for every member device: the next text names it (withheld-message detection).
+        // A text some devices missed (a stale set) is never named, so it never looks missing.
+        if answer.stale.is_empty()
+            && let Some(first) = sends.first()
+        {
+            self.engine.group_text_accepted(first.id);
+            self.save()?;
+        }
         for r in answer.stale {
             self.update_member_devices(group, &r.to).await?;
         }

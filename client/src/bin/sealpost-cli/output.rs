@@ -318,6 +318,21 @@ fn group_event_lines(event: &GroupEvent) -> Vec<Line> {
              {user}, then accept-key --with {user}) or remove them (sealpost-cli group remove \
              {group} {user})"
         ))],
+        GroupEvent::MaybeMissing {
+            group,
+            from,
+            count: 0,
+        } => vec![Line::Out(format!(
+            "* the missing messages from {from} in group {group} arrived"
+        ))],
+        GroupEvent::MaybeMissing { group, from, count } => vec![Line::Err(format!(
+            "! {count} message{} from {from} in group {group} may be missing: a later one names \
+             {}; if {} does not arrive, the broker may be withholding {}",
+            if *count == 1 { "" } else { "s" },
+            if *count == 1 { "it" } else { "them" },
+            if *count == 1 { "it" } else { "they" },
+            if *count == 1 { "it" } else { "them" },
+        ))],
     }
 }
 
