@@ -188,6 +188,9 @@ pub struct Engine {
     /// The key-transparency root of each domain whose co-signatures the page is to fetch
     /// next ([`Engine::check_transparency`], then [`Engine::check_cosignatures`]).
     roots: BTreeMap<String, sealpost_proto::transparency::SignedRoot>,
+    /// Newer roots being verified with append-only proofs, by domain: (the last root verified
+    /// so far, the root to reach).
+    auditing: BTreeMap<String, ((u64, [u8; 32]), sealpost_proto::transparency::SignedRoot)>,
 }
 
 /// What came of one list in a refresh of contacts' lists.
@@ -403,6 +406,7 @@ impl Engine {
             core,
             refreshed: BTreeMap::new(),
             roots: BTreeMap::new(),
+            auditing: BTreeMap::new(),
         }
     }
 
@@ -580,13 +584,13 @@ impl Engine {
     /// Checks `user`'s fetched list (`signed`, base64) against its key-transparency evidence
     /// (`evidence` of `GET …/device-list`, base64; `""` if there is none) before
     /// [`Engine::accept_device_list`]. Throws if it does not verify (do not use the list).
-    /// Returns `""`, or `{domain, epoch}`: then fetch
+    /// Returns `""`, or `{domain, epoch, audit?}`. With `audit: {from, to}` the root is newer
+    /// than the newest seen: fetch `GET /v1/transparency/audit?domain=&from=&to=` in steps of
+    /// at most 64 epochs, give each answer to [`Engine::verify_roots`], then call
+    /// [`Engine::accept_verified_root`]. Then fetch
     /// `GET /v1/transparency/cosignatures?domain=&epoch=` and give the answer to
-    /// [`Engine::check_cosignatures`].
-    ///
-    /// The page does not fetch append-only proofs itself (akd's verifier needs a threaded
-    /// runtime): a newer root of a domain is taken as pending until an auditor co-signs it,
-    /// which the auditors do only after verifying every epoch in between.
+    /// [`Engine::check_cosignatures`]. A jump of more than 256 epochs is taken on the
+    /// auditors' word (pending until one co-signs it), as the SDK does.
     pub fn check_transparency(
         &mut self,
         user: &str,
@@ -612,15 +616,93 @@ impl Engine {
         let Some((root, step)) = checked else {
             return Ok(String::new());
         };
+        use sealpost_client::crypto::transparency::Step;
+        let mut answer = json!({ "domain": root.domain, "epoch": root.epoch });
         match step {
-            sealpost_client::crypto::transparency::Step::None => {
-                self.core.accept_root(&root, now_ms())
+            Step::None => self.core.accept_root(&root, now_ms()),
+            Step::Advance { from, to } if to - from <= 256 => {
+                let newest = self
+                    .core
+                    .log_pins()
+                    .newest(&root.domain)
+                    .ok_or_else(|| err("no root seen"))?;
+                answer["audit"] = json!({ "from": from, "to": to });
+                self.auditing
+                    .insert(root.domain.clone(), (newest, root.clone()));
             }
-            _ => self.core.accept_root_unproved(&root, now_ms()),
+            Step::Advance { .. } => self.core.accept_root_unproved(&root, now_ms()),
         }
-        let answer = json!({ "domain": root.domain, "epoch": root.epoch }).to_string();
         self.roots.insert(root.domain.clone(), root);
-        Ok(answer)
+        Ok(answer.to_string())
+    }
+
+    /// One answer of `GET /v1/transparency/audit` (JSON text) for the root
+    /// [`Engine::check_transparency`] is verifying for `domain`: the roots must run on from
+    /// the last one verified, signed by the domain's log key, with akd's append-only proof.
+    /// Returns the epoch reached (ask from there next); throws on a fork.
+    pub fn verify_roots(&mut self, domain: &str, answer: &str) -> Result<f64, JsError> {
+        let (at, target) = self
+            .auditing
+            .get(domain)
+            .cloned()
+            .ok_or_else(|| err("no root is being verified for this domain"))?;
+        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
+        let roots = http::records(&v, "roots")
+            .ok_or_else(|| err("no roots"))?
+            .iter()
+            .map(|r| sealpost_proto::transparency::SignedRoot::from_bytes(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| err("malformed root"))?;
+        let proof = http::record(&v, "proof").ok_or_else(|| err("no proof"))?;
+        let fork = |error| {
+            client_err(ClientError::Transparency {
+                user: domain.to_owned(),
+                error,
+            })
+        };
+        // akd's verifier spawns tasks: a runtime of this thread's own runs them.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| err(format!("no runtime: {e}")))?;
+        let verified = runtime.block_on(
+            self.core
+                .log_pins()
+                .verify_extension(domain, at, &roots, &proof),
+        );
+        if let Err(error) = verified {
+            self.auditing.remove(domain);
+            return Err(fork(error));
+        }
+        let last = roots.last().ok_or_else(|| err("no roots"))?;
+        if last.epoch > target.epoch
+            || (last.epoch == target.epoch && last.root_hash != target.root_hash)
+        {
+            self.auditing.remove(domain);
+            return Err(fork(
+                sealpost_client::crypto::transparency::TransparencyError::Fork {
+                    domain: domain.to_owned(),
+                    epoch: last.epoch,
+                },
+            ));
+        }
+        if let Some(entry) = self.auditing.get_mut(domain) {
+            entry.0 = (last.epoch, last.root_hash);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(last.epoch as f64)
+    }
+
+    /// Accepts the root [`Engine::verify_roots`] reached for `domain`; throws if it did not.
+    pub fn accept_verified_root(&mut self, domain: &str) -> Result<(), JsError> {
+        let (at, target) = self
+            .auditing
+            .remove(domain)
+            .ok_or_else(|| err("no root is being verified for this domain"))?;
+        if at != (target.epoch, target.root_hash) {
+            return Err(err("the roots were not verified up to the one shown"));
+        }
+        self.core.accept_root(&target, now_ms());
+        Ok(())
     }
 
     /// The answer of `GET /v1/transparency/cosignatures` (JSON text) for the root

@@ -142,6 +142,10 @@ test('a changed master key replaces the safety number with the change and a way 
 
   await sendText(alice, 'still there?');
   await alice.page.waitForSelector('#key-change:not([hidden])', { timeout: WAIT_MS });
+  // The new list came with a newer root of localhost's key log, which the page checked only
+  // adds to the one it had seen (akd's append-only proof, verified in the page).
+  assert.ok(await alice.page.evaluate(() => window.sealpostDebug.rootsVerified >= 1),
+    'the newer root was verified');
   assert.equal(await alice.page.isHidden('#safety'), true, 'no "verified" while it is pending');
   assert.equal(await alice.page.isVisible('#key-changed-badge'), true);
   assert.equal(await alice.page.textContent('#kc-old'), verifiedNumber);
