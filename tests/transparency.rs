@@ -500,7 +500,13 @@ async fn clients_refuse_a_tampered_proof_a_fork_a_rollback_and_a_split_view() {
         c.signature = keys.sign(&c.signed_bytes());
         c.to_bytes()
     };
-    // Not co-signed yet: pending within the grace time, unverified after it.
+    // Not co-signed yet: pending within the grace time, unverified after it. The first root
+    // seen since is the one whose co-signatures are awaited (a busy log's newest root is
+    // rarely co-signed yet).
+    assert_eq!(
+        pins.awaited("a.example").map(|r| r.epoch),
+        Some(root1.epoch)
+    );
     assert_eq!(pins.status("a.example", 2, 1_000), LogStatus::Pending);
     assert_eq!(pins.status("a.example", 5_000, 1_000), LogStatus::Unaudited);
     let honest = auditor("b.example", 7, &root2);
@@ -512,6 +518,7 @@ async fn clients_refuse_a_tampered_proof_a_fork_a_rollback_and_a_split_view() {
         pins.status("a.example", 5_000, 1_000),
         LogStatus::CoSigned(vec!["b.example".into()])
     );
+    assert_eq!(pins.awaited("a.example"), None);
     // Nobody can frame the domain: a co-signature of a root it never signed, or one it
     // makes of itself, counts for nothing.
     let mut unsigned = forked.clone();

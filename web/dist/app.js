@@ -602,7 +602,17 @@ async function fetchList(user) {
 async function checkInLog(user, answer) {
   const root = engine.check_transparency(user, answer.signed, answer.evidence || '');
   if (!root) return;
-  const { domain, epoch, audit } = JSON.parse(root);
+  const { domain, epoch, audit, awaited } = JSON.parse(root);
+  if (awaited !== undefined) {
+    let c = null;
+    try {
+      c = await api('GET',
+        `/v1/transparency/cosignatures?domain=${encodeURIComponent(domain)}&epoch=${awaited}`,
+        { anon: true });
+    } catch (_) { /* unreachable: it stays pending */ }
+    // Throws on a split view.
+    if (c) engine.check_awaited_cosignatures(user, JSON.stringify(c));
+  }
   if (audit) {
     // A newer root: the log must prove it only added to the newest one this page saw.
     let at = audit.from;

@@ -191,6 +191,8 @@ pub struct Engine {
     /// Newer roots being verified with append-only proofs, by domain: (the last root verified
     /// so far, the root to reach).
     auditing: BTreeMap<String, ((u64, [u8; 32]), sealpost_proto::transparency::SignedRoot)>,
+    /// The earliest root of each domain still awaiting auditors' co-signatures.
+    awaited: BTreeMap<String, sealpost_proto::transparency::SignedRoot>,
 }
 
 /// What came of one list in a refresh of contacts' lists.
@@ -407,6 +409,7 @@ impl Engine {
             refreshed: BTreeMap::new(),
             roots: BTreeMap::new(),
             auditing: BTreeMap::new(),
+            awaited: BTreeMap::new(),
         }
     }
 
@@ -618,6 +621,12 @@ impl Engine {
         };
         use sealpost_client::crypto::transparency::Step;
         let mut answer = json!({ "domain": root.domain, "epoch": root.epoch });
+        // The earliest root still awaiting auditors: its co-signatures are asked for too
+        // ([`Engine::check_awaited_cosignatures`]).
+        if let Some(awaited) = self.core.log_pins().awaited(&root.domain) {
+            answer["awaited"] = json!(awaited.epoch);
+            self.awaited.insert(root.domain.clone(), awaited);
+        }
         match step {
             Step::None => self.core.accept_root(&root, now_ms()),
             Step::Advance { from, to } if to - from <= 256 => {
@@ -711,6 +720,21 @@ impl Engine {
     pub fn check_cosignatures(&mut self, user: &str, answer: &str) -> Result<(), JsError> {
         let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
         let Some(root) = self.roots.remove(domain) else {
+            return Ok(());
+        };
+        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
+        let cosignatures = http::records(&v, "cosignatures").unwrap_or_default();
+        self.core
+            .check_cosignatures(user, &root, &cosignatures, now_ms())
+            .map(drop)
+            .map_err(client_err)
+    }
+
+    /// The answer of `GET /v1/transparency/cosignatures` for the `awaited` epoch
+    /// [`Engine::check_transparency`] named for `user`'s domain. Throws on a split view.
+    pub fn check_awaited_cosignatures(&mut self, user: &str, answer: &str) -> Result<(), JsError> {
+        let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
+        let Some(root) = self.awaited.remove(domain) else {
             return Ok(());
         };
         let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;

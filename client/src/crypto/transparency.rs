@@ -133,6 +133,11 @@ struct DomainView {
     /// The auditors that co-signed the last co-signed root.
     #[serde(default)]
     cosigners: Vec<String>,
+    /// The first root seen since the last co-signed one (a `SignedRoot`): its co-signature is
+    /// awaited. A busy log publishes faster than auditors audit, so the newest root is rarely
+    /// co-signed yet; this one soon is ([`LogPins::awaited`]).
+    #[serde(default)]
+    awaited: Option<ByteBuf>,
 }
 
 /// How far a domain's log is verified, as this client has seen it.
@@ -318,6 +323,7 @@ impl LogPins {
                 cosigned_ms: 0,
                 unaudited_since_ms: 0,
                 cosigners: Vec::new(),
+                awaited: None,
             });
         if root.epoch >= view.epoch {
             view.epoch = root.epoch;
@@ -325,7 +331,16 @@ impl LogPins {
         }
         if view.unaudited_since_ms == 0 {
             view.unaudited_since_ms = now_ms.max(1);
+            view.awaited = Some(ByteBuf::from(root.to_bytes()));
         }
+    }
+
+    /// The earliest root of `domain` seen since its last co-signed one, if it is older than
+    /// the newest: ask for its co-signatures too ([`LogPins::check_cosignatures`]).
+    pub fn awaited(&self, domain: &str) -> Option<SignedRoot> {
+        let view = self.domains.get(domain)?;
+        let root = SignedRoot::from_bytes(view.awaited.as_ref()?).ok()?;
+        (root.epoch < view.epoch).then_some(root)
     }
 
     /// Makes `root` the newest seen of its domain without this client having verified the
@@ -337,6 +352,7 @@ impl LogPins {
             view.cosigners.clear();
             if view.unaudited_since_ms == 0 {
                 view.unaudited_since_ms = now_ms.max(1);
+                view.awaited = Some(ByteBuf::from(root.to_bytes()));
             }
         }
     }
@@ -394,8 +410,17 @@ impl LogPins {
             && !by.is_empty()
         {
             view.cosigned_ms = now_ms.max(1);
-            view.unaudited_since_ms = 0;
             view.cosigners = by.clone();
+            // Auditors vouch for the log up to this root: what was awaited up to here is done.
+            let awaited = view
+                .awaited
+                .as_ref()
+                .and_then(|b| SignedRoot::from_bytes(b).ok())
+                .map_or(0, |r| r.epoch);
+            if root.epoch >= awaited {
+                view.unaudited_since_ms = 0;
+                view.awaited = None;
+            }
         }
         Ok(if by.is_empty() {
             Audit::NotYet

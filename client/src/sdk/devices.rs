@@ -126,6 +126,17 @@ impl Client {
         let Some((root, step)) = checked else {
             return Ok(());
         };
+        // The earliest root still awaiting auditors (a busy log publishes faster than it is
+        // audited): its co-signatures vouch for the log up to it.
+        if let Some(awaited) = self.engine.log_pins().awaited(&root.domain)
+            && let Ok(cosignatures) = self
+                .anon
+                .transparency_cosignatures(&awaited.domain, awaited.epoch)
+                .await
+        {
+            self.engine
+                .check_cosignatures(user, &awaited, &cosignatures, now_ms())?;
+        }
         self.follow_root(user, &root, step).await?;
         // Best effort: an unreachable broker leaves the root "not audited yet".
         if let Ok(cosignatures) = self
