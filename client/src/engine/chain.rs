@@ -81,6 +81,13 @@ pub(crate) struct ChainOut {
     pending: BTreeMap<ByteBuf, PendingSend>,
 }
 
+/// How many of a group member's texts may be missing now (see `Engine::expire_missing`).
+pub(crate) struct GroupMissing {
+    pub(crate) group: String,
+    pub(crate) from: String,
+    pub(crate) count: usize,
+}
+
 /// What this device knows of one contact device's chain to it.
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct ChainIn {
@@ -238,8 +245,8 @@ impl Engine {
         })
     }
 
-    /// A text from `from`'s `device` in `group`, with its link. Returns the event to report
-    /// if the number of its messages that may be missing changed.
+    /// A text from `from`'s `device` in `group`, with its link. Returns how many of `from`'s
+    /// texts in the group may be missing now, if that changed.
     pub(crate) fn group_chain_received(
         &mut self,
         group: &str,
@@ -247,17 +254,11 @@ impl Engine {
         device: u32,
         link: &Link,
         now_ms: u64,
-    ) -> Option<Event> {
+    ) -> Option<usize> {
         let key = group_member_key(group, from);
         let (before, after) =
             self.receive_link(&key, device, EnvelopeId(link.id), Some(link), now_ms);
-        (after != before).then(|| {
-            Event::Group(super::groups::GroupEvent::MaybeMissing {
-                group: group.to_owned(),
-                from: from.to_owned(),
-                count: after,
-            })
-        })
+        (after != before).then_some(after)
     }
 
     /// Records a received message of chain `key` (a contact, or a group member) and what its
@@ -305,8 +306,10 @@ impl Engine {
 
     /// Forgets missing messages the broker would have let expire by now (a disappearing
     /// timer, or the usual time-to-live): not having them is no sign of anything any more.
-    pub(crate) fn expire_missing(&mut self, now_ms: u64) -> Vec<Event> {
+    /// Returns the 1:1 events, and the group chains whose count changed.
+    pub(crate) fn expire_missing(&mut self, now_ms: u64) -> (Vec<Event>, Vec<GroupMissing>) {
         let mut events = Vec::new();
+        let mut groups = Vec::new();
         for (peer, devices) in &mut self.record.chains_in {
             let before: usize = devices.values().map(|c| c.missing.len()).sum();
             for chain in devices.values_mut() {
@@ -316,20 +319,20 @@ impl Engine {
             }
             let after: usize = devices.values().map(|c| c.missing.len()).sum();
             if after != before {
-                events.push(match split_group_member_key(peer) {
-                    Some((group, from)) => Event::Group(super::groups::GroupEvent::MaybeMissing {
+                match split_group_member_key(peer) {
+                    Some((group, from)) => groups.push(GroupMissing {
                         group: group.to_owned(),
                         from: from.to_owned(),
                         count: after,
                     }),
-                    None => Event::MaybeMissing {
+                    None => events.push(Event::MaybeMissing {
                         peer: peer.clone(),
                         count: after,
-                    },
-                });
+                    }),
+                }
             }
         }
-        events
+        (events, groups)
     }
 
     /// How many messages from `peer` (any of its devices) were named and not received.

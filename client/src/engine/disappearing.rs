@@ -27,7 +27,7 @@ use sealpost_proto::EnvelopeId;
 use serde_bytes::ByteBuf;
 
 use super::{
-    Engine, Event, MessageState,
+    Engine, Event, GroupEvent, MessageState,
     record::{DisappearingTimer, StoredMessage},
     send::Outgoing,
 };
@@ -166,7 +166,14 @@ impl Engine {
     /// Deletes the messages whose time ran out by `now_ms`, reporting them per conversation.
     /// Save afterwards if anything was returned.
     pub fn expire_messages(&mut self, now_ms: u64) -> Vec<Event> {
-        let mut out = self.expire_missing(now_ms);
+        let (mut out, groups) = self.expire_missing(now_ms);
+        out.extend(groups.into_iter().map(|g| {
+            Event::Group(GroupEvent::MaybeMissing {
+                group: g.group,
+                from: g.from,
+                count: g.count,
+            })
+        }));
         for (peer, contact) in &mut self.record.contacts {
             if !contact
                 .messages

@@ -913,15 +913,24 @@ impl Engine {
                     } => {
                         // The sender's clock stands for now when judging what its link names
                         // (the periodic expiry sweep uses this device's clock).
-                        let missing = link.and_then(|l| l.to_link()).and_then(|link| {
-                            self.group_chain_received(
-                                &key,
-                                &sender.id.user,
-                                sender.id.device,
-                                &link,
-                                sent_ms,
-                            )
-                        });
+                        let missing = link
+                            .and_then(|l| l.to_link())
+                            .and_then(|link| {
+                                self.group_chain_received(
+                                    &key,
+                                    &sender.id.user,
+                                    sender.id.device,
+                                    &link,
+                                    sent_ms,
+                                )
+                            })
+                            .map(|count| {
+                                Event::Group(GroupEvent::MaybeMissing {
+                                    group: key.clone(),
+                                    from: sender.id.user.clone(),
+                                    count,
+                                })
+                            });
                         self.push_group_message(
                             &key,
                             &sender.id.user,
