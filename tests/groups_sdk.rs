@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use common::{
     Broker,
-    sdk::{Dev, link, next, register},
+    sdk::{Dev, link, next, register, run_with_big_stacks},
     site::*,
 };
 use sealpost_client::{Client, ClientError, Event, engine::GroupEvent};
@@ -82,38 +82,19 @@ fn by_sender(texts: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-/// Runs a test on threads with room for openmls's stack frames (large in debug builds).
-fn run(test: impl Future<Output = ()> + Send + 'static) {
-    const STACK: usize = 64 << 20;
-    std::thread::Builder::new()
-        .stack_size(STACK)
-        .spawn(move || {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_stack_size(STACK)
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(test);
-        })
-        .expect("test thread")
-        .join()
-        .expect("the test passed");
-}
-
 #[test]
 fn a_group_across_three_domains_talks_grows_shrinks_and_never_forks() {
-    run(three_domains());
+    run_with_big_stacks(three_domains());
 }
 
 #[test]
 fn a_device_linked_later_is_added_and_reads_from_then_on_and_once_removed_reads_nothing() {
-    run(linked_later());
+    run_with_big_stacks(linked_later());
 }
 
 #[test]
 fn a_members_changed_master_key_is_warned_of_and_holds_the_group_until_accepted() {
-    run(key_changed());
+    run_with_big_stacks(key_changed());
 }
 
 async fn three_domains() {

@@ -7,7 +7,7 @@ mod common;
 
 use common::{
     Broker,
-    sdk::{next, register},
+    sdk::{next, register, run_with_big_stacks},
 };
 use sealpost_client::{Client, Event, engine::GroupEvent};
 
@@ -84,25 +84,6 @@ fn missing_now(client: &Client) -> usize {
         .map_or(0, |c| c.missing)
 }
 
-/// Runs a test on threads with room for openmls's stack frames (large in debug builds).
-fn run(test: impl Future<Output = ()> + Send + 'static) {
-    const STACK: usize = 64 << 20;
-    std::thread::Builder::new()
-        .stack_size(STACK)
-        .spawn(move || {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_stack_size(STACK)
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(test)
-        })
-        .expect("thread")
-        .join()
-        .expect("test thread");
-}
-
 /// Reads bob's events until `text` arrives in a group; returns what came on the way.
 async fn until_group_text(client: &mut Client, text: &str) -> Vec<Event> {
     let mut seen = Vec::new();
@@ -125,7 +106,7 @@ fn group_missing(events: &[Event]) -> Option<usize> {
 
 #[test]
 fn a_withheld_group_text_is_noticed_by_the_other_members_and_nothing_else_looks_missing() {
-    run(async {
+    run_with_big_stacks(async {
         let broker = Broker::start(&[]);
         let mut alice = register(&broker, ALICE).await;
         let mut bob = register(&broker, BOB).await;

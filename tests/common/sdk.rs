@@ -63,3 +63,22 @@ pub async fn next(client: &mut Client) -> Event {
         .expect("timed out waiting for an event")
         .expect("next_event")
 }
+
+/// Runs a test on threads with room for openmls's stack frames (large in debug builds).
+pub fn run_with_big_stacks(test: impl Future<Output = ()> + Send + 'static) {
+    const STACK: usize = 64 << 20;
+    std::thread::Builder::new()
+        .stack_size(STACK)
+        .spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_stack_size(STACK)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(test);
+        })
+        .expect("test thread")
+        .join()
+        .expect("the test passed");
+}

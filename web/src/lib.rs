@@ -80,6 +80,11 @@ use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use zeroize::Zeroizing;
 
+/// The domain of a handle (`""` if it has none).
+fn domain_of(user: &str) -> &str {
+    user.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
 fn now_ms() -> u64 {
     #[cfg(target_arch = "wasm32")]
     {
@@ -458,6 +463,24 @@ impl Engine {
         json!({"id": hex(&id.0), "event": event})
     }
 
+    /// Checks co-signatures (an answer of `GET /v1/transparency/cosignatures`) of `root`.
+    fn cosigned(
+        &mut self,
+        user: &str,
+        root: Option<sealpost_proto::transparency::SignedRoot>,
+        answer: &str,
+    ) -> Result<(), JsError> {
+        let Some(root) = root else {
+            return Ok(());
+        };
+        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
+        let cosignatures = http::records(&v, "cosignatures").unwrap_or_default();
+        self.core
+            .check_cosignatures(user, &root, &cosignatures, now_ms())
+            .map(drop)
+            .map_err(client_err)
+    }
+
     fn list_summary(&self, user: &str) -> Result<String, JsError> {
         let (list, fetched_ms) = self
             .core
@@ -718,31 +741,15 @@ impl Engine {
     /// [`Engine::check_transparency`] named for `user`'s domain. Throws on a split view (the
     /// domain showed another root to an auditor): do not use the list.
     pub fn check_cosignatures(&mut self, user: &str, answer: &str) -> Result<(), JsError> {
-        let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
-        let Some(root) = self.roots.remove(domain) else {
-            return Ok(());
-        };
-        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
-        let cosignatures = http::records(&v, "cosignatures").unwrap_or_default();
-        self.core
-            .check_cosignatures(user, &root, &cosignatures, now_ms())
-            .map(drop)
-            .map_err(client_err)
+        let root = self.roots.remove(domain_of(user));
+        self.cosigned(user, root, answer)
     }
 
     /// The answer of `GET /v1/transparency/cosignatures` for the `awaited` epoch
     /// [`Engine::check_transparency`] named for `user`'s domain. Throws on a split view.
     pub fn check_awaited_cosignatures(&mut self, user: &str, answer: &str) -> Result<(), JsError> {
-        let domain = user.rsplit_once('@').map_or("", |(_, d)| d);
-        let Some(root) = self.awaited.remove(domain) else {
-            return Ok(());
-        };
-        let v: Value = serde_json::from_str(answer).map_err(|_| err("not JSON"))?;
-        let cosignatures = http::records(&v, "cosignatures").unwrap_or_default();
-        self.core
-            .check_cosignatures(user, &root, &cosignatures, now_ms())
-            .map(drop)
-            .map_err(client_err)
+        let root = self.awaited.remove(domain_of(user));
+        self.cosigned(user, root, answer)
     }
 
     /// Checks this account's own entry in its domain's log (the answer of
