@@ -91,6 +91,46 @@ pub struct Named {
 /// Most earlier messages one link names.
 pub const MAX_LINK_PREV: usize = 16;
 
+/// A [`Link`] on the wire (in a 1:1 text and in a group text): number, own id, and the named
+/// messages as (number, id, expiry).
+pub(crate) type LinkFields = (u64, ByteBuf, Vec<(u64, ByteBuf, u64)>);
+
+impl Link {
+    /// The wire fields.
+    pub(crate) fn to_fields(&self) -> LinkFields {
+        (
+            self.n,
+            ByteBuf::from(self.id.to_vec()),
+            self.prev
+                .iter()
+                .map(|p| (p.n, ByteBuf::from(p.id.to_vec()), p.expires_ms))
+                .collect(),
+        )
+    }
+
+    /// From the wire fields; malformed ones (wrong id lengths, too many names) are refused.
+    pub(crate) fn from_fields((n, id, prev): LinkFields) -> Result<Link, PayloadError> {
+        if prev.len() > MAX_LINK_PREV {
+            return Err(PayloadError::Malformed);
+        }
+        let prev = prev
+            .into_iter()
+            .map(|(n, id, expires_ms)| {
+                Ok(Named {
+                    n,
+                    id: id16(&id)?,
+                    expires_ms,
+                })
+            })
+            .collect::<Result<Vec<_>, PayloadError>>()?;
+        Ok(Link {
+            n,
+            id: id16(&id)?,
+            prev,
+        })
+    }
+}
+
 /// A text body on the wire: a plain string (unlinked, as older clients send it) or the text
 /// with its link.
 #[derive(Serialize, Deserialize)]
@@ -415,15 +455,10 @@ impl Payload {
             Payload::Text { body, link } => {
                 let wire = match link {
                     None => TextWire::Plain(body.clone()),
-                    Some(link) => TextWire::Linked(
-                        body.clone(),
-                        link.n,
-                        ByteBuf::from(link.id.to_vec()),
-                        link.prev
-                            .iter()
-                            .map(|p| (p.n, ByteBuf::from(p.id.to_vec()), p.expires_ms))
-                            .collect(),
-                    ),
+                    Some(link) => {
+                        let (n, id, prev) = link.to_fields();
+                        TextWire::Linked(body.clone(), n, id, prev)
+                    }
                 };
                 (KIND_TEXT, rmp_serde::to_vec(&wire))
             }
@@ -572,29 +607,10 @@ impl Payload {
         match u16::from_be_bytes(*kind) {
             KIND_TEXT => match decode_exact(body).ok_or(PayloadError::Malformed)? {
                 TextWire::Plain(body) => Ok(Payload::Text { body, link: None }),
-                TextWire::Linked(body, n, id, prev) => {
-                    if prev.len() > MAX_LINK_PREV {
-                        return Err(PayloadError::Malformed);
-                    }
-                    let prev = prev
-                        .into_iter()
-                        .map(|(n, id, expires_ms)| {
-                            Ok(Named {
-                                n,
-                                id: id16(&id)?,
-                                expires_ms,
-                            })
-                        })
-                        .collect::<Result<Vec<_>, PayloadError>>()?;
-                    Ok(Payload::Text {
-                        body,
-                        link: Some(Link {
-                            n,
-                            id: id16(&id)?,
-                            prev,
-                        }),
-                    })
-                }
+                TextWire::Linked(body, n, id, prev) => Ok(Payload::Text {
+                    body,
+                    link: Some(Link::from_fields((n, id, prev))?),
+                }),
             },
             KIND_FILE => {
                 let file: FileRef = decode_exact(body).ok_or(PayloadError::Malformed)?;

@@ -33,8 +33,9 @@ use super::{
 };
 use crate::{
     crypto::{
-        Link, MAX_LINK_PREV, Named,
+        Link,
         group::{GroupError, GroupKeys, GroupWire, Member, MemberId, Processed},
+        payload::LinkFields,
     },
     error::{ClientError, EnvelopeError},
 };
@@ -68,7 +69,7 @@ enum GroupPayload {
         body: String,
         sent_ms: u64,
         #[serde(default)]
-        link: Option<LinkWire>,
+        link: Option<LinkFields>,
     },
     /// The group's name (sent by whoever adds members, so the new ones learn it).
     Name { name: String },
@@ -76,44 +77,6 @@ enum GroupPayload {
     Leave,
     /// The sender account's delivery token: members send to it sealed from then on.
     Token { token: ByteBuf },
-}
-
-/// A [`Link`] inside a group text: number, own id, and the named messages (number, id,
-/// expiry), MessagePack positional as the 1:1 text's.
-#[derive(Serialize, Deserialize)]
-struct LinkWire(u64, ByteBuf, Vec<(u64, ByteBuf, u64)>);
-
-impl LinkWire {
-    fn from_link(link: &Link) -> Self {
-        LinkWire(
-            link.n,
-            ByteBuf::from(link.id.to_vec()),
-            link.prev
-                .iter()
-                .map(|p| (p.n, ByteBuf::from(p.id.to_vec()), p.expires_ms))
-                .collect(),
-        )
-    }
-
-    /// The link, if well formed (a malformed one is ignored: the text still shows).
-    fn to_link(&self) -> Option<Link> {
-        let LinkWire(n, id, prev) = self;
-        Some(Link {
-            n: *n,
-            id: id.as_slice().try_into().ok()?,
-            prev: prev
-                .iter()
-                .take(MAX_LINK_PREV)
-                .map(|(n, id, expires_ms)| {
-                    Some(Named {
-                        n: *n,
-                        id: id.as_slice().try_into().ok()?,
-                        expires_ms: *expires_ms,
-                    })
-                })
-                .collect::<Option<Vec<_>>>()?,
-        })
-    }
 }
 
 /// A group as the application sees it.
@@ -497,7 +460,7 @@ impl Engine {
         let payload = GroupPayload::Text {
             body: text.to_owned(),
             sent_ms: now_ms,
-            link: link.as_ref().map(LinkWire::from_link),
+            link: link.as_ref().map(Link::to_fields),
         };
         let sends = self.group_payload_as(&entry, &payload, Some(id))?;
         let (user, device) = (self.state.user().to_owned(), self.state.device_id());
@@ -914,7 +877,7 @@ impl Engine {
                         // The sender's clock stands for now when judging what its link names
                         // (the periodic expiry sweep uses this device's clock).
                         let missing = link
-                            .and_then(|l| l.to_link())
+                            .and_then(|l| Link::from_fields(l).ok())
                             .and_then(|link| {
                                 self.group_chain_received(
                                     &key,
