@@ -322,7 +322,16 @@ fn spawn(
     let addr = line
         .trim()
         .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}; see {}", log_path.display()))
+        .unwrap_or_else(|| {
+            // The log lives in a temporary directory that is gone once the test fails: say
+            // what it held (a broker that exits at start says why there).
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "unexpected first line {line:?}; the broker's log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
         .parse()
         .expect("address");
     (child, addr, Arc::new(Mutex::new(Vec::new())))
