@@ -122,25 +122,30 @@ async fn open_store(
                 pod: nats.pod.clone(),
                 timeout: nats.timeout,
             };
-            // NATS may come up after us (a pod starting with its cluster): wait for it, not
-            // ready meanwhile; a configuration error is final.
+            // NATS may come up after us (a pod starting with its cluster), and a fresh
+            // cluster's JetStream may time out while pods create their streams and buckets:
+            // wait for it, not ready meanwhile. A configuration error is final.
             let mut wait = Duration::from_millis(200);
             loop {
-                match NatsStore::connect(&options).await {
-                    Ok(store) => {
+                let opened = async {
+                    let store = NatsStore::connect(&options).await?;
+                    let blobs = store.blobs(nats.replicas).await?;
+                    Ok::<_, crate::store::StoreError>((store, blobs))
+                };
+                match opened.await {
+                    Ok((store, blobs)) => {
                         let live = Arc::new(store.live());
-                        let blobs = Arc::new(store.blobs(nats.replicas).await?);
                         let stores = Stores::from_backend(Arc::new(store.clone()))
                             .with_live(live)
-                            .with_blobs(blobs);
+                            .with_blobs(Arc::new(blobs));
                         break (stores, Some(store));
                     }
-                    Err(e) if e.to_string().contains("cannot reach NATS") => {
+                    Err(e) if nats_config_error(&e) => return Err(e.into()),
+                    Err(e) => {
                         warn!(error = %e, "waiting for NATS");
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(Duration::from_secs(5));
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -170,6 +175,15 @@ async fn open_log(
     let keys = crate::crypto::LogKeys::derive(hasher);
     let log = crate::transparency::Log::open(domain.to_owned(), store, keys, settings).await?;
     Ok(Some(log))
+}
+
+/// Whether opening the NATS store failed for a reason waiting cannot mend (a bad URL or pod
+/// name, a stream of another configuration).
+fn nats_config_error(e: &crate::store::StoreError) -> bool {
+    let text = e.to_string();
+    ["bad NATS URL", "pod name", "wrong configuration"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 /// With the NATS store: keeps this pod marked alive, and adopts the federation outboxes of
