@@ -1136,23 +1136,10 @@ async fn a_full_mailbox_at_the_destination_holds_back_only_its_recipient() {
 /// traffic carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries() {
-    use sealpost::store::{Outbox, OutboxRecord, SledStore, StoreOptions};
+    use sealpost::store::{Outbox, OutboxRecord};
     // It damages the sled data file under a stopped broker: nothing of the kind on NATS.
     if common::nats_store() {
         return;
-    }
-    fn open(dir: std::path::PathBuf) -> SledStore {
-        SledStore::open(&StoreOptions {
-            dir,
-            group_commit: false,
-            fsync: true,
-            cache_bytes: 4 << 20,
-            commit_delay: Duration::ZERO,
-            min_free_bytes: 0,
-            failpoint_sync: None,
-            key_max_age: sealpost::store::sled::DEFAULT_KEY_MAX_AGE,
-        })
-        .expect("open the broker's store")
     }
     let mut a = Site::new("a.example", "127.0.0.1");
     let b = Site::new("b.example", "127.0.0.2"); // never started
@@ -1168,7 +1155,7 @@ async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries()
     drop(dev);
     assert!(ba.terminate());
     {
-        let store = open(ba.data_dir());
+        let store = ba.open_store();
         let unreadable = OutboxRecord {
             version: 99,
             id: [7; 16],
@@ -1204,7 +1191,7 @@ async fn an_unreadable_outbox_refuses_sends_instead_of_overwriting_its_entries()
     pair.round_trip().await;
     drop((dev, pair));
     assert!(ba.terminate());
-    let store = open(ba.data_dir());
+    let store = ba.open_store();
     let entries = store.read("b.example", 1, 1).await.expect("read");
     assert_eq!(
         (entries[0].0, entries[0].1.id),

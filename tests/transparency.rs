@@ -209,18 +209,8 @@ async fn a_key_the_operator_injects_through_the_store_is_caught_by_the_accounts_
     // of a master key they hold, as if she had rotated it.
     assert!(broker.terminate());
     {
-        use sealpost::store::{Directory, SledStore, StoreOptions};
-        let store = SledStore::open(&StoreOptions {
-            dir: broker.data_dir(),
-            group_commit: false,
-            fsync: true,
-            cache_bytes: 4 << 20,
-            commit_delay: Duration::ZERO,
-            min_free_bytes: 0,
-            failpoint_sync: None,
-            key_max_age: sealpost::store::sled::DEFAULT_KEY_MAX_AGE,
-        })
-        .expect("open the broker's store");
+        use sealpost::store::Directory;
+        let store = broker.open_store();
         let theirs = MasterKey::generate();
         let list = DeviceList {
             user: "alice@test.example".into(),

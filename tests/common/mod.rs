@@ -118,6 +118,22 @@ impl Broker {
         self.dir.path().join("data")
     }
 
+    /// The sled store of this broker's data directory, opened as the broker does (stop the
+    /// broker first): what an intruder with the disk, or a damaged disk, would change.
+    pub fn open_store(&self) -> sealpost::store::SledStore {
+        sealpost::store::SledStore::open(&sealpost::store::StoreOptions {
+            dir: self.data_dir(),
+            group_commit: false,
+            fsync: true,
+            cache_bytes: 4 << 20,
+            commit_delay: Duration::ZERO,
+            min_free_bytes: 0,
+            failpoint_sync: None,
+            key_max_age: sealpost::store::sled::DEFAULT_KEY_MAX_AGE,
+        })
+        .expect("open the broker's store")
+    }
+
     pub fn http(&self) -> String {
         format!("http://{}", self.addr)
     }
