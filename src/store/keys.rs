@@ -28,6 +28,7 @@
 //!
 //! ```text
 //! userdevice_head        b'H' H(handle) device:u32            -> HeadRecord (a checkpoint)
+//! user_closed            b'K' H(handle)                       -> empty: the heads are exact
 //! userdeviceseq_envelope b'E' H(handle) device:u32 seq:u64    -> sealed EnvelopeRecord
 //! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
 //! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
@@ -39,9 +40,10 @@
 //! per send: due first when the send's envelopes expire (the sweep finds them through the
 //! dedup record's `stored`), then, if the dedup record outlives them, moved to its expiry.
 //! `X` (one entry per envelope) is layout 2's; the sweep still reads the entries such a data
-//! directory holds, and nothing writes new ones. A head is stored on trims and every
-//! `recovery::CHECKPOINT_EVERY` appends, not with each send: opening a queue counts the
-//! envelopes appended since (`sled::recovery`). A device queue's key prefix (`E` H(handle)
+//! directory holds, and nothing writes new ones. A head is a checkpoint: stored every
+//! `recovery::CHECKPOINT_EVERY` appends and when its writer closes the user's queues, which
+//! then writes `K`; trims store none. Opening the queues takes `K` away; without it (a crash)
+//! they are counted again and their ends found from the dedup records (`sled::recovery`). A device queue's key prefix (`E` H(handle)
 //! device) names it in the keyring.
 //!
 //! Tree `outbox` (federation: envelopes waiting for a destination broker's acknowledgement):
@@ -76,6 +78,7 @@ pub(crate) const GROUP: u8 = b'G';
 pub(crate) const HEAD: u8 = b'H';
 pub(crate) const ENVELOPE: u8 = b'E';
 pub(crate) const DEDUP: u8 = b'D';
+pub(crate) const CLOSED: u8 = b'K';
 pub(crate) const EXPIRY_ENVELOPE: u8 = b'X';
 pub(crate) const EXPIRY_DEDUP: u8 = b'Y';
 pub(crate) const OUTBOX: u8 = b'Q';
@@ -202,10 +205,24 @@ pub(crate) fn envelope_seq(key: &[u8]) -> Option<u64> {
 }
 
 pub(crate) fn dedup(user: &Hashed, id: &Hashed) -> Vec<u8> {
+    let mut k = dedup_prefix(user);
+    k.extend_from_slice(id);
+    k
+}
+
+/// Prefix of all dedup records of a user.
+pub(crate) fn dedup_prefix(user: &Hashed) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
     k.push(DEDUP);
     k.extend_from_slice(user);
-    k.extend_from_slice(id);
+    k
+}
+
+/// The marker that a user's queue heads were stored exact when their writer closed them.
+pub(crate) fn closed(user: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(CLOSED);
+    k.extend_from_slice(user);
     k
 }
 

@@ -300,6 +300,10 @@ pub trait UserInbox: Send + 'static {
             .map_or(1, |(_, end)| end);
         ready(Ok(end))
     }
+    /// The writer is done with the queues (its mailbox stops): state it kept in memory is
+    /// stored, so that the next writer opens them without recounting. Not called when the
+    /// writer crashes; rides the next durable write.
+    fn close(self: Box<Self>) {}
 }
 
 // ---------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 //! all written in an order whose every crash-surviving prefix is consistent (see `queues`),
 //! and made durable by one group commit shared by many appends.
 //!
-//! A delivered envelope costs five writes: its send's expiry index entry, the envelope and the
+//! A delivered envelope costs four writes: its send's expiry index entry, the envelope and the
 //! dedup record (one entry and one record per send, whatever the number of copies), then on
-//! its acknowledgement the envelope's deletion and the head. Heads are checkpoints (see
-//! `recovery`); expiry finds a send's envelopes through its dedup record.
+//! its acknowledgement the envelope's deletion. Heads live in memory and are stored as
+//! checkpoints and when the queues close (see `recovery`); expiry finds a send's envelopes
+//! through its dedup record.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -44,6 +45,8 @@ impl Inbox for SledStore {
             heads,
             pending: Arc::default(),
             checked_new: None,
+            expired: Expired::default(),
+            failed: false,
         });
         // Writes of a previous writer are durable unless a flush failed and none has
         // succeeded since: then what was loaded may hold writes that are not, and nothing
@@ -102,9 +105,52 @@ struct SledUserInbox {
     /// The id [`UserInbox::duplicate`] last found new: its append, which the writer makes
     /// next, need not look it up again.
     checked_new: Option<[u8; 16]>,
+    /// Envelopes the sweep removed, so that a trim need not read whether each acknowledged
+    /// one is still stored.
+    expired: Expired,
+    /// A write failed: what is in memory may not be what is stored, so closing does not
+    /// mark the heads exact.
+    failed: bool,
+}
+
+/// The (device, seq) of envelopes the sweep removed from open queues, until a trim past
+/// them. Bounded: past [`Expired::MAX`] entries it gives up, and trims read the store.
+#[derive(Default)]
+struct Expired {
+    seqs: std::collections::BTreeSet<(u32, u64)>,
+    overflowed: bool,
+}
+
+impl Expired {
+    const MAX: usize = 4096;
+
+    fn insert(&mut self, device: u32, seq: u64) {
+        if self.seqs.len() >= Self::MAX {
+            self.overflowed = true;
+            self.seqs.clear();
+        }
+        if !self.overflowed {
+            self.seqs.insert((device, seq));
+        }
+    }
+
+    /// Whether the envelope at `seq` is known to be stored still (`None`: unknown).
+    fn holds(&mut self, device: u32, seq: u64) -> Option<bool> {
+        if self.overflowed {
+            return None;
+        }
+        Some(!self.seqs.remove(&(device, seq)))
+    }
 }
 
 impl SledUserInbox {
+    /// Applies `write`, noting a failure (see `failed`).
+    fn write(&mut self, write: QueueWrite) -> Result<()> {
+        let written = self.inner.write(write);
+        self.failed |= written.is_err();
+        written
+    }
+
     /// Answers `stored` once everything written so far is durable. A successful flush makes
     /// every earlier write durable too, including writes of sends whose own flush failed:
     /// the answer covers every queue, not only this send's.
@@ -202,7 +248,7 @@ impl UserInbox for SledUserInbox {
             envelope.remember_until_ms,
             &staged,
         );
-        self.inner.write(write)?;
+        self.write(write)?;
         let mut stored = Vec::with_capacity(heads.len());
         for (head, copy) in heads.into_iter().zip(&staged) {
             self.heads.insert(copy.device, head);
@@ -239,21 +285,35 @@ impl UserInbox for SledUserInbox {
         for t in acked {
             // One already gone (expired meanwhile) was taken off the counts then: counting it
             // again would undercount the queue against its quota for good.
-            if !self.inner.holds(&self.user, device, t.seq)? {
+            let held = match self.expired.holds(device, t.seq) {
+                Some(held) => held,
+                None => self.inner.holds(&self.user, device, t.seq)?,
+            };
+            if !held {
                 continue;
             }
             removed.push(t.seq);
             head.count = head.count.saturating_sub(1);
             head.bytes = head.bytes.saturating_sub(t.bytes);
         }
-        let write = recovery::trim_write(&self.user, device, head, &removed);
-        self.inner.write(write)?;
+        let write = recovery::trim_write(&self.user, device, &removed);
+        self.write(write)?;
         self.heads.insert(device, head);
         if head.count == 0 {
             self.inner.drained(&self.user, device);
         }
         // Nobody waits for the deletions: they may share the next send's flush.
         Ok(self.inner.flushed(false))
+    }
+
+    fn close(mut self: Box<Self>) {
+        if self.failed {
+            return;
+        }
+        let write = recovery::close_write(&self.user, &self.heads);
+        if let Err(e) = self.write(write) {
+            tracing::warn!(error = %e, "storing the queue heads at close failed");
+        }
     }
 
     fn drop_queue(&mut self, device: u32) -> Result<StoreFuture<()>> {
@@ -269,7 +329,7 @@ impl UserInbox for SledUserInbox {
             user: self.user.clone(),
             device,
         });
-        self.inner.write(write)?;
+        self.write(write)?;
         self.heads.remove(&device);
         self.inner.drained(&self.user, device);
         Ok(self.inner.sync())
@@ -347,8 +407,19 @@ impl UserInbox for SledUserInbox {
         let Sweep {
             write: removes,
             expired,
-            heads,
+            mut heads,
         } = sweep;
+        // A forgotten dedup record may have been the only word on a queue's end (see
+        // `recovery`): the heads go first then.
+        if removes
+            .ops
+            .iter()
+            .any(|op| matches!(op, QueueOp::ForgetDedup { .. }))
+        {
+            for (device, head) in &self.heads {
+                heads.entry(*device).or_insert(*head);
+            }
+        }
         // Heads first, as in a trim.
         let mut write = QueueWrite {
             ops: heads
@@ -364,7 +435,10 @@ impl UserInbox for SledUserInbox {
         if write.is_empty() {
             return Ok(expired);
         }
-        self.inner.write(write)?;
+        self.write(write)?;
+        for &(device, seq) in &expired {
+            self.expired.insert(device, seq);
+        }
         for (device, head) in &heads {
             if head.count == 0 {
                 self.inner.drained(&self.user, *device);

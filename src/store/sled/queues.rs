@@ -3,6 +3,8 @@
 //! [`crate::store::keys`]; envelopes are sealed under their queue's key (`keyring`), and a
 //! record whose key was destroyed reads as absent (it was deleted before its key went).
 
+use std::collections::BTreeMap;
+
 use zeroize::Zeroizing;
 
 use super::{Inner, by_device, keyring::Keyring};
@@ -53,6 +55,16 @@ pub(super) enum QueueOp {
         device: u32,
         /// New head.
         head: HeadRecord,
+    },
+    /// Mark the user's stored heads exact: its writer closed the queues after storing them.
+    Close {
+        /// Account handle.
+        user: String,
+    },
+    /// Take that mark away: a writer has opened the queues, and its trims store no heads.
+    Open {
+        /// Account handle.
+        user: String,
     },
     /// Delete a device queue's head (the device was removed).
     DropHead {
@@ -169,6 +181,12 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                     Value::Plain(records::encode(&head)),
                 ));
             }
+            QueueOp::Close { user } => {
+                out.push((keys::closed(&keyring.user(&user)), Value::Plain(Vec::new())));
+            }
+            QueueOp::Open { user } => {
+                out.push((keys::closed(&keyring.user(&user)), Value::Delete));
+            }
             QueueOp::DropHead { user, device } => {
                 out.push((keys::head(&keyring.user(&user), device), Value::Delete));
             }
@@ -274,6 +292,40 @@ impl Inner {
     /// All queue heads of `user`.
     pub(super) fn heads(&self, user: &str) -> Result<Vec<(u32, HeadRecord)>> {
         by_device(&self.queues, &keys::head_prefix(&self.keyring.user(user)))
+    }
+
+    /// Whether the user's heads were stored exact when their last writer closed the queues.
+    pub(super) fn closed(&self, user: &str) -> Result<bool> {
+        Ok(self
+            .queues
+            .contains_key(keys::closed(&self.keyring.user(user)))?)
+    }
+
+    /// The highest sequence number each device was given by a send whose dedup record is
+    /// stored: a queue's end, also once acknowledgements have emptied it (its head is a
+    /// checkpoint; see `recovery`). Reads every dedup record of the user.
+    pub(super) fn dedup_ends(&self, user: &str) -> Result<BTreeMap<u32, u64>> {
+        let mut ends = BTreeMap::new();
+        for kv in self
+            .queues
+            .scan_prefix(keys::dedup_prefix(&self.keyring.user(user)))
+        {
+            let (_, v) = kv?;
+            let record: DedupRecord = match records::decode(&v) {
+                Ok(r) => r,
+                Err(StoreError::Corruption(e)) => {
+                    tracing::warn!(error = %e, "a dedup record does not decode");
+                    metrics::counter!("sealpost_corrupt_records_total").increment(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (device, seq) in record.stored {
+                let end = ends.entry(device).or_insert(seq);
+                *end = (*end).max(seq);
+            }
+        }
+        Ok(ends)
     }
 
     /// The envelope with the highest stored sequence number of a device queue (`None` for

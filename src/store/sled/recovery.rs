@@ -17,11 +17,21 @@
 //! # Heads are checkpoints
 //!
 //! A queue's head (next sequence number, count, bytes) lives in the writer's memory. It is
-//! stored when acknowledgements trim the queue (the trim's deletions, then the head) and every
-//! [`CHECKPOINT_EVERY`] appends, not with every send: that was a third of a delivered
-//! envelope's writes. The envelopes appended since the stored head have sequence numbers from
-//! its `next_seq` on, so [`recover_heads`] reads them (fewer than `CHECKPOINT_EVERY`) and
-//! counts them in.
+//! stored every [`CHECKPOINT_EVERY`] appends and when the writer closes the user's queues
+//! ([`close_write`]: the heads, then the user's `closed` mark), never by a trim: that was one
+//! of a delivered envelope's writes. Opening the queues takes the mark away before anything
+//! else is written ([`recover_heads`]), so the mark stands exactly when nothing changed the
+//! queues since their heads were stored:
+//!
+//! - marked: each stored head is exact but for the appends since it (fewer than
+//!   `CHECKPOINT_EVERY`, read and counted in);
+//! - not marked (the writer crashed, or the data directory predates the mark): every queue is
+//!   counted again, and its next sequence number is past its last envelope and past every
+//!   number a committed send gave out (the dedup records name them), so acknowledgements that
+//!   emptied a queue after its checkpoint never let a number be handed out twice.
+//!
+//! The expiry sweep stores the heads before it forgets dedup records, so that what those
+//! records said is in a head first.
 
 use std::collections::BTreeMap;
 
@@ -108,40 +118,58 @@ pub(super) fn send_write(
     (QueueWrite { ops }, heads)
 }
 
-/// The writes of a trim: the queue's new `head` (its counts without the `removed` envelopes),
-/// then their deletions.
-///
-/// The head goes first: the stored one may be up to a checkpoint behind, and deletions that
-/// survived a crash without it could take the queue's end below numbers already handed out.
-/// Deletions cut short by a crash instead leave acknowledged envelopes counted out while still
-/// stored: delivered again, acked again, and the queue undercounts them against its quota until
-/// it drains (an empty queue counts nothing).
-pub(super) fn trim_write(user: &str, device: u32, head: HeadRecord, removed: &[u64]) -> QueueWrite {
-    let mut ops = Vec::with_capacity(removed.len() + 1);
-    ops.push(QueueOp::Head {
+/// The writes of a trim: the deletions alone. The head stays in memory (see the module doc);
+/// deletions cut short by a crash leave acknowledged envelopes stored, delivered again and
+/// acked again.
+pub(super) fn trim_write(user: &str, device: u32, removed: &[u64]) -> QueueWrite {
+    QueueWrite {
+        ops: removed
+            .iter()
+            .map(|&seq| QueueOp::Remove {
+                user: user.to_owned(),
+                device,
+                seq,
+            })
+            .collect(),
+    }
+}
+
+/// The writes that close a user's queues: every head, then the mark that they are exact.
+pub(super) fn close_write(user: &str, heads: &BTreeMap<u32, HeadRecord>) -> QueueWrite {
+    let mut ops: Vec<QueueOp> = heads
+        .iter()
+        .map(|(&device, &head)| QueueOp::Head {
+            user: user.to_owned(),
+            device,
+            head,
+        })
+        .collect();
+    ops.push(QueueOp::Close {
         user: user.to_owned(),
-        device,
-        head,
     });
-    ops.extend(removed.iter().map(|&seq| QueueOp::Remove {
-        user: user.to_owned(),
-        device,
-        seq,
-    }));
     QueueWrite { ops }
 }
 
 /// The queue heads of `user`'s devices, after removing what a crash left of a send whose
-/// dedup record did not survive (and zeroing the counts of empty queues), with the appends
-/// since each stored head counted in. Reads the stored head and fewer than
-/// [`CHECKPOINT_EVERY`] envelopes per device, never the whole queue.
+/// dedup record did not survive (and zeroing the counts of empty queues), for a writer that
+/// opens the queues now (the `closed` mark is taken away). With the mark, this reads the
+/// stored heads and fewer than [`CHECKPOINT_EVERY`] envelopes per device; without it, every
+/// envelope and dedup record of the user (see the module doc).
 pub(super) fn recover_heads(
     store: &Inner,
     user: &str,
     devices: &[u32],
     now_ms: u64,
 ) -> Result<BTreeMap<u32, HeadRecord>> {
+    let closed = store.closed(user)?;
     let stored: BTreeMap<u32, HeadRecord> = store.heads(user)?.into_iter().collect();
+    // The numbers committed sends gave out: only needed when the heads may be behind.
+    let given_out = if closed {
+        BTreeMap::new()
+    } else {
+        metrics::counter!("sealpost_queues_recounted_total").increment(1);
+        store.dedup_ends(user)?
+    };
     let mut heads = BTreeMap::new();
     for &device in devices {
         let mut head = stored.get(&device).copied().unwrap_or_else(empty_head);
@@ -210,6 +238,13 @@ pub(super) fn recover_heads(
                 head.count = 0;
                 head.bytes = 0;
             }
+            // Not closed: the stored counts may include what was acknowledged since.
+            Some(last) if !closed => {
+                let (count, bytes) = store.count_from(user, device, 0)?;
+                head.count = count;
+                head.bytes = bytes;
+                head.next_seq = head.next_seq.max(last + 1);
+            }
             // Appended since the head was stored: counted in. Never reuse their numbers.
             Some(last) if last >= head.next_seq => {
                 let (count, bytes) = store.count_from(user, device, head.next_seq)?;
@@ -219,7 +254,18 @@ pub(super) fn recover_heads(
             }
             Some(_) => {}
         }
+        if let Some(&end) = given_out.get(&device) {
+            head.next_seq = head.next_seq.max(end + 1);
+        }
         heads.insert(device, head);
+    }
+    // A writer opens the queues: from now on its trims store no heads, so the mark goes first.
+    if closed {
+        store.write(QueueWrite {
+            ops: vec![QueueOp::Open {
+                user: user.to_owned(),
+            }],
+        })?;
     }
     Ok(heads)
 }
@@ -417,10 +463,11 @@ mod tests {
     }
 
     /// Every prefix of a trim that acknowledges a queue's whole content, appended after its
-    /// last stored head: the queue's end never goes back below what was handed out.
+    /// last stored head (trims store no head): the queue's end never goes back below what was
+    /// handed out, and the counts are exact.
     #[test]
     fn no_crash_prefix_of_a_trim_takes_the_queue_end_back() {
-        for cut in 0..=4 {
+        for cut in 0..=3 {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
             let mut heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
@@ -429,20 +476,50 @@ mod tests {
                 store.inner().write(write).unwrap();
                 heads = BTreeMap::from([(1, new[0]), (2, new[1])]);
             }
-            let head = HeadRecord {
-                count: 0,
-                bytes: 0,
-                ..heads[&1]
-            };
-            let mut trim = trim_write(USER, 1, head, &[1, 2, 3]);
-            assert_eq!(trim.ops.len(), 4);
+            let mut trim = trim_write(USER, 1, &[1, 2, 3]);
+            assert_eq!(trim.ops.len(), 3);
             trim.ops.truncate(cut);
             store.inner().write(trim).unwrap();
             let recovered = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
             assert_eq!(recovered[&1].next_seq, 4, "cut {cut}");
+            assert_eq!(recovered[&1].count, 3 - cut as u64, "cut {cut}");
+            assert_eq!(recovered[&1].bytes, 10 * (3 - cut as u64), "cut {cut}");
             assert_eq!(recovered[&2].next_seq, 4, "cut {cut}");
             assert_eq!(recovered[&2].count, 3, "cut {cut}");
         }
+    }
+
+    /// Closed queues open from their stored heads without recounting; the mark goes as they
+    /// open, so a writer that then crashes leaves them to be counted again.
+    #[test]
+    fn closed_queues_open_from_their_heads_and_lose_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+        for id in 1..=3 {
+            let (write, new) = send(&store, id, &heads);
+            store.inner().write(write).unwrap();
+            heads = BTreeMap::from([(1, new[0]), (2, new[1])]);
+        }
+        // What the writer holds in memory differs from the queue on purpose: the stored heads
+        // are believed when the mark stands.
+        let believed = HeadRecord {
+            count: 7,
+            ..heads[&1]
+        };
+        heads.insert(1, believed);
+        store.inner().write(close_write(USER, &heads)).unwrap();
+        assert!(store.inner().closed(USER).unwrap());
+        let opened = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+        assert_eq!(opened[&1], believed);
+        assert!(
+            !store.inner().closed(USER).unwrap(),
+            "opening takes the mark"
+        );
+        // Without the mark the queues are counted again.
+        let recounted = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+        assert_eq!(recounted[&1].count, 3);
+        assert_eq!(recounted[&1].next_seq, 4);
     }
 
     #[test]

@@ -1003,9 +1003,9 @@ mod migration {
     }
 }
 
-/// Heads are stored on trims and every `CHECKPOINT_EVERY` appends only: reopening a queue
-/// counts what was appended since its stored head, so its count, bytes and next sequence
-/// number come back exact however many sends came after the last checkpoint.
+/// Heads are stored every `CHECKPOINT_EVERY` appends and at close only: reopening a queue
+/// after a crash (no close) counts it again, so its count, bytes and next sequence number come
+/// back exact however many sends and trims came after the last checkpoint.
 #[test]
 fn reopening_counts_the_appends_since_the_last_stored_head() {
     const USER: &str = "bob@test.example";
@@ -1036,7 +1036,7 @@ fn reopening_counts_the_appends_since_the_last_stored_head() {
                 .await
                 .expect("durable");
             if n == 100 {
-                // Acknowledged: 11..=20 go, and the head is stored with the trim.
+                // Acknowledged: 11..=20 go; no head is stored with the trim.
                 let acked: Vec<crate::store::Trim> = (11..=20)
                     .map(|seq| crate::store::Trim {
                         seq,
@@ -1109,4 +1109,54 @@ fn a_send_whose_envelopes_expire_first_is_still_deduplicated_until_its_record_ex
         assert!(queues.duplicate(&[3; 16]).expect("dup").is_none());
         assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
     });
+}
+
+/// A queue's end survives its dedup records: a send acknowledged (no head stored) and then
+/// forgotten by the sweep leaves no record of the number it was given, so the sweep stores the
+/// heads before it forgets. Reopened after a crash (no close), the queue goes on past it.
+#[test]
+fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::clock::now_ms();
+    let limits = QueueLimits {
+        count: 10,
+        bytes: u64::MAX,
+    };
+    let store = open(dir.path());
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        queues
+            .append(crate::store::NewEnvelope {
+                id: [3; 16],
+                class: 0,
+                accepted_ms: now,
+                expires_ms: now + 10,
+                remember_until_ms: now + 10,
+                copies: vec![(1, &[5u8; 4][..])],
+            })
+            .expect("append")
+            .await
+            .expect("durable");
+        let acked = [crate::store::Trim {
+            seq: 1,
+            expires_ms: now + 10,
+            bytes: 4,
+        }];
+        queues
+            .trim(1, &acked)
+            .expect("trim")
+            .await
+            .expect("durable");
+        let due = store.due(now + 1_000, 100).await.expect("due");
+        assert_eq!(due.len(), 1, "the send's index entry");
+        queues.expire(due).expect("expire");
+        assert!(store.inner().dedup_ends(USER).expect("ends").is_empty());
+        store.inner().sync().await.expect("durable");
+        // The writer crashes: no close.
+        std::mem::forget(queues);
+    });
+    let heads = super::recovery::recover_heads(&store.inner(), USER, &[1], now).expect("heads");
+    assert_eq!(heads[&1].next_seq, 2, "number 1 is never handed out again");
+    assert_eq!(heads[&1].count, 0);
 }
