@@ -494,21 +494,18 @@ impl Service for DeviceSession<'_> {
                         .await;
                     return Ok(());
                 }
-                let unknown = self
-                    .state
-                    .mailboxes
-                    .ack(
-                        self.authed.user.as_str(),
-                        self.authed.device,
-                        self.conn_id,
-                        seqs,
-                    )
-                    .await
-                    .unwrap_or_default();
-                // Report a few; a client acking garbage learns enough from those.
-                for seq in unknown.into_iter().take(8) {
-                    let frame = error_frame(ErrorCode::UnknownSeq, "not outstanding", Some(seq));
-                    let _ = session.binary(frame).await;
+                // Not awaited: the mailbox reports unknown seqs on this connection itself.
+                let acked = self.state.mailboxes.ack_pipelined(
+                    self.authed.user.as_str(),
+                    self.authed.device,
+                    self.conn_id,
+                    seqs,
+                );
+                if acked.await.is_err() {
+                    return Err(Some(Close::new(
+                        CloseCode::GoingAway,
+                        "mailbox unavailable, try again later",
+                    )));
                 }
             }
         }

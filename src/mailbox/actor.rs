@@ -157,6 +157,14 @@ const READ_RETRY: Duration = Duration::from_millis(500);
 const HOLD_MAX_MS: u64 = 10 * 60 * 1000;
 
 impl Mailbox {
+    /// Hands the queues back to the store before the mailbox stops, and before its successor
+    /// can open them (it is forgotten by the registry right after).
+    fn close_inbox(&mut self) {
+        if let Some(inbox) = self.inbox.take() {
+            inbox.close();
+        }
+    }
+
     /// A mailbox for `user`; its state is loaded when it starts.
     pub fn new(
         user: String,
@@ -255,6 +263,7 @@ impl Mailbox {
             && self.held_back.is_empty()
             && now - self.last_activity > self.config.idle
         {
+            self.close_inbox();
             self.registry.forget(&self.user, self.incarnation);
             ctx.stop();
             return false;
@@ -1023,6 +1032,22 @@ impl Handler<Ack> for Mailbox {
                 }
             }
         }
+        if msg.report
+            && let Some(live) = self.devices.get(&msg.device).and_then(|q| q.conn.as_ref())
+            && live.conn.id == msg.conn
+        {
+            // A few: a client acking garbage learns enough from those. Advisory: not sent
+            // when the connection's queue is full.
+            for &seq in unknown.iter().take(8) {
+                telemetry::reject(ErrorCode::UnknownSeq.as_str());
+                let frame = ServerFrame::Error {
+                    code: ErrorCode::UnknownSeq,
+                    message: "not outstanding".into(),
+                    seq: Some(seq),
+                };
+                let _ = live.conn.tx.try_send(Bytes::from(frame.encode()));
+            }
+        }
         self.pump(msg.device, ctx);
         self.watch(ctx);
         MessageResult(unknown)
@@ -1212,6 +1237,7 @@ impl Handler<Retire> for Mailbox {
 
     fn handle(&mut self, _msg: Retire, ctx: &mut Self::Context) {
         // `stopped` sends every connected device away.
+        self.close_inbox();
         self.registry.forget(&self.user, self.incarnation);
         ctx.stop();
     }

@@ -96,6 +96,7 @@ impl Fixture {
             device: DeviceId(device),
             conn,
             seqs,
+            report: false,
         };
         self.registry.call_once(USER, ack).await.expect("mailbox")
     }

@@ -118,7 +118,42 @@ impl Mailboxes {
         conn: ConnId,
         seqs: Vec<u64>,
     ) -> Result<Vec<u64>, MailboxError<()>> {
-        Ok(self.0.call_once(user, Ack { device, conn, seqs }).await?)
+        let ack = Ack {
+            device,
+            conn,
+            seqs,
+            report: false,
+        };
+        Ok(self.0.call_once(user, ack).await?)
+    }
+
+    /// Hands a device's acknowledgements to its mailbox without waiting for it to take them:
+    /// the session goes on reading while the mailbox trims. Sequence numbers that were not
+    /// outstanding are reported on the connection (see [`Ack::report`]). Waits only while the
+    /// mailbox's queue is full, so a device cannot pile acks up in it.
+    pub async fn ack_pipelined(
+        &self,
+        user: &str,
+        device: DeviceId,
+        conn: ConnId,
+        seqs: Vec<u64>,
+    ) -> Result<(), MailboxError<()>> {
+        let ack = Ack {
+            device,
+            conn,
+            seqs,
+            report: true,
+        };
+        let addr = self.0.get_or_spawn(user);
+        match addr.try_send(ack) {
+            Ok(()) => Ok(()),
+            Err(actix::prelude::SendError::Full(ack)) => addr
+                .send(ack)
+                .await
+                .map(drop)
+                .map_err(|_| MailboxError::Unavailable),
+            Err(actix::prelude::SendError::Closed(_)) => Err(MailboxError::Unavailable),
+        }
     }
 
     /// Adds a device to `user`'s account (at most `max_devices`).

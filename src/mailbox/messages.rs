@@ -80,6 +80,9 @@ pub struct Ack {
     pub conn: ConnId,
     /// Acknowledged sequence numbers. The answer lists those that were not outstanding.
     pub seqs: Vec<u64>,
+    /// Also report those (a few) on the connection itself, as `unknown_seq` errors: set when
+    /// nobody waits for the answer.
+    pub report: bool,
 }
 
 /// Add a device to the account.

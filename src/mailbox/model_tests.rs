@@ -264,6 +264,7 @@ async fn run(ops: Vec<Op>, open: impl Fn() -> Broker) {
                             device: DEVICES[d],
                             conn: conn.id,
                             seqs,
+                            report: false,
                         },
                     )
                     .await
@@ -502,6 +503,7 @@ fn a_federation_origin_keeps_its_order_across_a_refusal_as_full() {
                     device: *device,
                     conn: *conn_id,
                     seqs,
+                    report: false,
                 };
                 let unknown = broker.registry.call_once(USER, ack).await;
                 assert!(unknown.expect("mailbox").is_empty());

@@ -51,7 +51,16 @@ impl Writer {
         if self.stalled || self.closed {
             return Err(Gone);
         }
-        let sent = tokio::time::timeout(self.deadline, self.session.binary(bytes.into())).await;
+        let sent = {
+            let mut write = std::pin::pin!(self.session.binary(bytes.into()));
+            // Most writes find room in actix-ws's queue at once: those need no timer.
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+            match first {
+                std::task::Poll::Ready(done) => Ok(done),
+                std::task::Poll::Pending => tokio::time::timeout(self.deadline, write).await,
+            }
+        };
         self.finish_write(sent)
     }
 
