@@ -129,6 +129,7 @@ const COUNTERS: &[&str] = &[
     "sealpost_corrupt_records_total",
     "sealpost_shredded_records_removed_total",
     "sealpost_torn_sends_rolled_back_total",
+    "sealpost_queues_recounted_total",
 ];
 
 /// Gauges that are zero until something happens (the scrape handler sets the rest).
@@ -299,6 +300,10 @@ fn describe() {
     describe_counter!(
         "sealpost_torn_sends_rolled_back_total",
         "Envelopes of sends cut short by a crash, rolled back at open"
+    );
+    describe_counter!(
+        "sealpost_queues_recounted_total",
+        "Users whose queues were counted again on opening: their last writer did not close them (a crash, or an older data directory)"
     );
     describe_gauge!(
         "sealpost_build_info",

@@ -348,3 +348,51 @@ async fn acknowledged_envelopes_stay_deleted_after_kill_9() {
     let again: Vec<_> = b.backlog().await.into_iter().map(|(_, e)| e.id).collect();
     assert_eq!(again, vec![ids[3]], "acknowledged envelopes came back");
 }
+
+/// Heads live in memory (an ack stores none): a graceful restart hands them back and the
+/// next start believes them; after `kill -9` the queues are counted again, and a queue that
+/// acknowledgements emptied goes on after its last number, never reusing it.
+#[tokio::test]
+async fn queue_ends_survive_acks_without_stored_heads() {
+    let mut broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    for _ in 0..5 {
+        a.send_and_wait(eid(), &bob.user, &[bob.device], b"x").await;
+    }
+    drop(a);
+    let mut b = Device::connect(&broker, &bob).await;
+    let backlog = b.backlog().await;
+    b.ack(backlog.iter().map(|(seq, _)| *seq).collect()).await;
+    broker.wait_metric("sealpost_acks_durable_total", 5.0).await;
+    drop(b);
+    assert!(broker.terminate(), "graceful shutdown exits 0");
+    broker.restart();
+    let mut b = Device::connect(&broker, &bob).await;
+    assert!(b.backlog().await.is_empty());
+    assert_eq!(
+        broker.metric("sealpost_queues_recounted_total").await,
+        0.0,
+        "closed queues open from their heads"
+    );
+    let mut a = Device::connect(&broker, &alice).await;
+    a.send_and_wait(eid(), &bob.user, &[bob.device], b"y").await;
+    let (seq, _) = b.deliver().await;
+    assert_eq!(seq, 6);
+    b.ack(vec![seq]).await;
+    broker.wait_metric("sealpost_acks_durable_total", 1.0).await;
+    drop((a, b));
+    broker.kill9();
+    broker.restart();
+    let mut b = Device::connect(&broker, &bob).await;
+    assert!(
+        b.backlog().await.is_empty(),
+        "acknowledged envelopes came back"
+    );
+    assert!(broker.metric("sealpost_queues_recounted_total").await >= 1.0);
+    let mut a = Device::connect(&broker, &alice).await;
+    a.send_and_wait(eid(), &bob.user, &[bob.device], b"z").await;
+    let (seq, _) = b.deliver().await;
+    assert_eq!(seq, 7, "sequence numbers are never handed out twice");
+}
