@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -29,16 +30,20 @@ use crate::{
 /// Idle connections need little read buffer on our side.
 const IDLE_READ_BUFFER: usize = 4 * 1024;
 
+/// What the held sessions count.
 #[derive(Default)]
-struct IdleStats {
+pub(crate) struct IdleStats {
     open: AtomicU64,
-    pings: AtomicU64,
-    frames: AtomicU64,
+    /// Heartbeats the server sent (WebSocket pings, XMPP pings, ...).
+    pub(crate) pings: AtomicU64,
+    /// Anything else it sent.
+    pub(crate) frames: AtomicU64,
     closes: Mutex<BTreeMap<String, u64>>,
 }
 
 impl IdleStats {
-    fn close(&self, reason: String) {
+    /// A session ended before the run did, for `reason`.
+    pub(crate) fn close(&self, reason: String) {
         self.open.fetch_sub(1, Relaxed);
         *self
             .closes
@@ -151,9 +156,49 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         .take(args.connections)
         .collect();
 
+    let opts = ConnectOptions {
+        read_buffer: IDLE_READ_BUFFER,
+        timeout: common.connect_timeout,
+    };
+    let hold = Hold {
+        server_pid: args.broker_pid,
+        settle_timeout: args.settle_timeout,
+        hold: args.hold,
+        concurrency: common.connect_concurrency,
+    };
+    let (targets, devices) = (&targets, &devices);
+    let mut fields = hold_idle(devices.len(), &hold, |i, stats, done| async move {
+        let (ws, _) = connect(&targets.of(i).ws, &devices[i], opts).await?;
+        Ok(tokio::spawn(keep_alive(ws, stats, done)))
+    })
+    .await?;
+    fields["devices_per_account"] = json!(args.devices_per_account);
+    Ok(fields)
+}
+
+/// How [`hold_idle`] measures.
+pub(crate) struct Hold {
+    /// The server's process id, for its RSS and CPU time.
+    pub(crate) server_pid: Option<u32>,
+    pub(crate) settle_timeout: Duration,
+    pub(crate) hold: Duration,
+    /// Connects at once.
+    pub(crate) concurrency: usize,
+}
+
+/// The measuring part of every target's `idle` scenario: waits for the server's RSS to settle,
+/// opens `total` sessions with `open(i, stats, done)` (which connects and authenticates
+/// session `i` and spawns the task that keeps it open, counting into `stats`, until `done`),
+/// waits for RSS to settle again, holds the sessions for `hold.hold`, then closes them and
+/// reports RSS per session (printed, and as JSON fields).
+pub(crate) async fn hold_idle<F, Fut>(total: usize, hold: &Hold, open: F) -> Result<Value>
+where
+    F: Fn(usize, Arc<IdleStats>, watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = Result<JoinHandle<()>>>,
+{
     // Let the broker finish whatever registration left behind before the baseline.
-    let rss_before = match args.broker_pid {
-        Some(pid) => Some(settle(pid, args.settle_timeout).await?.0),
+    let rss_before = match hold.server_pid {
+        Some(pid) => Some(settle(pid, hold.settle_timeout).await?.0),
         None => None,
     };
     if let Some(kib) = rss_before {
@@ -162,30 +207,21 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
 
     let stats = Arc::new(IdleStats::default());
     let (done_tx, done_rx) = watch::channel(false);
-    let opts = ConnectOptions {
-        read_buffer: IDLE_READ_BUFFER,
-        timeout: common.connect_timeout,
-    };
     let started = Instant::now();
-    let total = devices.len();
     let step = (total / 10).max(1);
     let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(total);
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut first_failure: Option<String> = None;
-    let mut attempts = stream::iter(devices.iter().enumerate())
-        .map(|(i, d)| connect(&targets.of(i).ws, d, opts))
-        .buffer_unordered(common.connect_concurrency.max(1));
+    let mut attempts = stream::iter(0..total)
+        .map(|i| open(i, Arc::clone(&stats), done_rx.clone()))
+        .buffer_unordered(hold.concurrency.max(1));
     let mut finished = 0;
     while let Some(result) = attempts.next().await {
         finished += 1;
         match result {
-            Ok((ws, _)) => {
+            Ok(task) => {
                 stats.open.fetch_add(1, Relaxed);
-                tasks.push(tokio::spawn(keep_alive(
-                    ws,
-                    Arc::clone(&stats),
-                    done_rx.clone(),
-                )));
+                tasks.push(task);
             }
             Err(e) => {
                 *failures.entry(e.root_cause().to_string()).or_default() += 1;
@@ -209,30 +245,30 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         println!("  connect failures: {failures:?}; first: {first}");
     }
 
-    let (rss_after, settled) = match args.broker_pid {
+    let (rss_after, settled) = match hold.server_pid {
         Some(pid) => {
-            let (kib, settled) = settle(pid, args.settle_timeout).await?;
+            let (kib, settled) = settle(pid, hold.settle_timeout).await?;
             (Some(kib), settled)
         }
         None => (None, false),
     };
     // What the broker spends on idle connections (pings, timers) while they are held.
-    let cpu_start = args.broker_pid.map(read_cpu_time).transpose()?;
+    let cpu_start = hold.server_pid.map(read_cpu_time).transpose()?;
     let hold_started = Instant::now();
-    if !args.hold.is_zero() {
-        println!("  holding the connections for {}", fmt_duration(args.hold));
-        sleep(args.hold).await;
+    if !hold.hold.is_zero() {
+        println!("  holding the connections for {}", fmt_duration(hold.hold));
+        sleep(hold.hold).await;
     }
     let held = hold_started.elapsed();
-    let cpu_end = args.broker_pid.map(read_cpu_time).transpose()?;
+    let cpu_end = hold.server_pid.map(read_cpu_time).transpose()?;
     let idle_cpu_pct = match (cpu_start, cpu_end) {
-        (Some(start), Some(end)) if !args.hold.is_zero() => {
+        (Some(start), Some(end)) if !hold.hold.is_zero() => {
             let pct = (end - start).as_secs_f64() / held.as_secs_f64() * 100.0;
             Some((pct * 100.0).round() / 100.0)
         }
         _ => None,
     };
-    let rss_end = args.broker_pid.map(read_rss_kib).transpose()?;
+    let rss_end = hold.server_pid.map(read_rss_kib).transpose()?;
     let still_open = stats.open.load(Relaxed);
     let closes = stats
         .closes
@@ -288,7 +324,6 @@ pub(crate) async fn idle(args: &IdleArgs) -> Result<Value> {
         "connected": connected,
         "still_open": still_open,
         "connect_failures": failures,
-        "devices_per_account": args.devices_per_account,
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
         "rss_end_kib": rss_end,

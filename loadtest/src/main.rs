@@ -10,6 +10,9 @@
 //!   client crypto cost per message and delivered messages/s.
 //! - `fanout`: one message to a group of N accounts as one `group_send` and as N `send`s —
 //!   upload bytes, time until every device has it, broker CPU per delivered copy.
+//! - `ejabberd <e2e|appends|idle>` and `nats <e2e|appends|idle>`: the same workloads, measured
+//!   by the same engine, against ejabberd (XMPP over WebSocket) and NATS JetStream, for the
+//!   side-by-side comparison of issue 11 (`loadtest/compare.sh`).
 //!
 //! Every scenario prints human-readable lines and, last, one JSON line `{"scenario":...}`.
 //! Only loopback targets are accepted.
@@ -22,9 +25,12 @@ mod client;
 mod encrypted;
 mod fanout;
 mod idle;
+mod jetstream;
+mod other;
 mod scenarios;
 mod traffic;
 mod util;
+mod xmpp;
 
 use std::time::Duration;
 
@@ -63,6 +69,138 @@ enum Scenario {
     /// Attachments: one large upload in pieces and its download, then many small uploads at
     /// once: MiB/s.
     Blobs(BlobsArgs),
+    /// The same workloads against ejabberd, XMPP over WebSocket (RFC 7395), for issue 11's
+    /// side-by-side comparison (`loadtest/compare.sh`).
+    Ejabberd {
+        #[command(subcommand)]
+        workload: Workload,
+    },
+    /// The same workloads against NATS JetStream (a stream over `dm.<user>`, a pull consumer
+    /// per user), for issue 11's side-by-side comparison (`loadtest/compare.sh`).
+    Nats {
+        #[command(subcommand)]
+        workload: Workload,
+    },
+}
+
+/// A workload of another server (ejabberd, NATS), measured like the Sealpost scenario of the
+/// same name.
+#[derive(Subcommand, Clone)]
+enum Workload {
+    /// Like `e2e`: connected users send to random other users and ack what they receive.
+    E2e(OtherE2eArgs),
+    /// Like `appends`: pipelined senders to users who are offline; with --drain, the users
+    /// then log in and read their queues.
+    Appends(OtherAppendsArgs),
+    /// Like `idle`: many authenticated idle sessions, the server's RSS per session.
+    Idle(OtherIdleArgs),
+}
+
+impl Workload {
+    fn common(&self) -> &OtherCommon {
+        match self {
+            Workload::E2e(a) => &a.common,
+            Workload::Appends(a) => &a.common,
+            Workload::Idle(a) => &a.common,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Workload::E2e(_) => "e2e",
+            Workload::Appends(_) => "appends",
+            Workload::Idle(_) => "idle",
+        }
+    }
+}
+
+// Options of every workload against another server.
+#[derive(Args, Clone)]
+struct OtherCommon {
+    /// The server: ws://127.0.0.1:PORT/ws for ejabberd, nats://127.0.0.1:PORT for NATS
+    /// (loopback only).
+    #[arg(long)]
+    url: String,
+    /// The XMPP domain (ejabberd's host); for NATS it only names the users.
+    #[arg(long, default_value = "localhost")]
+    domain: String,
+    /// Concurrent account registrations (ejabberd) or consumer creations (NATS).
+    #[arg(long, default_value_t = 64)]
+    register_concurrency: usize,
+    /// Concurrent connects (connect + auth + backlog each).
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Upper bound for one connect + auth + backlog drain.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Worker threads of the load generator (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args, Clone)]
+struct OtherE2eArgs {
+    #[command(flatten)]
+    common: OtherCommon,
+    #[command(flatten)]
+    traffic: TrafficArgs,
+    /// Users, one session each.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Payload bytes per message (at least 8; the first 8 carry the send timestamp).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Total sends per second, spread evenly over the users (open loop); 0: closed loop.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Sends outstanding per user [default: 1 in closed loop, 64 (a cap) in open loop].
+    #[arg(long)]
+    pipeline: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct OtherAppendsArgs {
+    #[command(flatten)]
+    common: OtherCommon,
+    #[command(flatten)]
+    traffic: TrafficArgs,
+    /// Sender sessions.
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+    /// Offline recipients.
+    #[arg(long, default_value_t = 1000)]
+    recipients: usize,
+    /// Sends outstanding per sender session.
+    #[arg(long, default_value_t = 32)]
+    pipeline: usize,
+    /// Payload bytes per message (at least 8).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Then every recipient logs in and reads (and acks) its queue: how long that took.
+    #[arg(long)]
+    drain: bool,
+    /// Send exactly this many to every recipient instead of sending for --duration (as
+    /// `appends --per-recipient`).
+    #[arg(long)]
+    per_recipient: Option<u64>,
+}
+
+#[derive(Args, Clone)]
+struct OtherIdleArgs {
+    #[command(flatten)]
+    common: OtherCommon,
+    /// Idle authenticated sessions to open.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// The server's process id, to read its VmRSS from /proc/PID/status.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Bound on waiting for the server's RSS to stop changing (before and after connecting).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    settle_timeout: Duration,
+    /// Keep the sessions open this long after RSS settled.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    hold: Duration,
 }
 
 // Options every scenario takes. (Plain comments on flattened structs: clap would take a doc
@@ -153,6 +291,11 @@ struct AppendsArgs {
     /// reports how long draining all of them took.
     #[arg(long)]
     drain: bool,
+    /// Send exactly this many envelopes to every recipient (send number k to recipient
+    /// k mod --recipients), with no warm-up, instead of sending for --duration (which then
+    /// only caps the run): issue 11's W2 (1,000 offline users x 100).
+    #[arg(long)]
+    per_recipient: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -283,6 +426,7 @@ fn main() -> Result<()> {
         Scenario::Encrypted(a) => a.common.threads,
         Scenario::Fanout(a) => a.common.threads,
         Scenario::Blobs(a) => a.common.threads,
+        Scenario::Ejabberd { workload } | Scenario::Nats { workload } => workload.common().threads,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -301,6 +445,22 @@ fn main() -> Result<()> {
             Scenario::Encrypted(a) => Ok(("encrypted", encrypted::encrypted(a).await?)),
             Scenario::Fanout(a) => Ok(("fanout", fanout::fanout(a).await?)),
             Scenario::Blobs(a) => Ok(("blobs", blobs::blobs(a).await?)),
+            Scenario::Ejabberd { workload } => Ok((
+                match workload.name() {
+                    "e2e" => "ejabberd-e2e",
+                    "appends" => "ejabberd-appends",
+                    _ => "ejabberd-idle",
+                },
+                xmpp::run(workload).await?,
+            )),
+            Scenario::Nats { workload } => Ok((
+                match workload.name() {
+                    "e2e" => "nats-e2e",
+                    "appends" => "nats-appends",
+                    _ => "nats-idle",
+                },
+                jetstream::run(workload).await?,
+            )),
         }
     })?;
     println!("{}", json_line(name, fields));
@@ -423,5 +583,66 @@ mod tests {
         .unwrap();
         assert!(matches!(cli.scenario, Scenario::Fanout(ref a)
             if a.members == [10, 100] && a.broker_pid == Some(7) && a.devices_per_account == 2));
+    }
+
+    #[test]
+    fn cli_parses_the_comparison_invocations() {
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "appends",
+            "--url=http://127.0.0.1:1",
+            "--recipients",
+            "1000",
+            "--per-recipient",
+            "100",
+            "--drain",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.scenario, Scenario::Appends(ref a) if a.per_recipient == Some(100) && a.drain)
+        );
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "ejabberd",
+            "e2e",
+            "--url",
+            "ws://127.0.0.1:5280/ws",
+            "--devices",
+            "1000",
+            "--rate",
+            "1500",
+            "--cpu",
+            "server=42",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario,
+            Scenario::Ejabberd { workload: Workload::E2e(ref a) } if a.rate == 1500 && a.devices == 1000));
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "nats",
+            "appends",
+            "--url",
+            "nats://127.0.0.1:4222",
+            "--per-recipient",
+            "100",
+            "--drain",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario,
+            Scenario::Nats { workload: Workload::Appends(ref a) } if a.recipients == 1000 && a.drain));
+        let cli = Cli::try_parse_from([
+            "sealpost-loadtest",
+            "nats",
+            "idle",
+            "--url",
+            "nats://127.0.0.1:4222",
+            "--connections",
+            "19500",
+            "--server-pid",
+            "7",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario,
+            Scenario::Nats { workload: Workload::Idle(ref a) } if a.server_pid == Some(7)));
     }
 }

@@ -20,7 +20,7 @@ use crate::{
 /// Read buffer for connections that carry traffic.
 const BUSY_READ_BUFFER: usize = 64 * 1024;
 
-fn check_size(size: usize) -> Result<()> {
+pub(crate) fn check_size(size: usize) -> Result<()> {
     ensure!(
         size >= 8,
         "--size must be at least 8 (the send timestamp takes 8 bytes)"
@@ -32,7 +32,7 @@ fn check_size(size: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_traffic(t: &TrafficArgs) -> Result<()> {
+pub(crate) fn check_traffic(t: &TrafficArgs) -> Result<()> {
     ensure!(
         (1..=MAX_ACKS_PER_FRAME).contains(&t.ack_batch),
         "--ack-batch must be 1..={MAX_ACKS_PER_FRAME}"
@@ -45,37 +45,46 @@ fn check_traffic(t: &TrafficArgs) -> Result<()> {
     Ok(())
 }
 
-/// How the traffic of an `e2e` or `federated` run is paced, once its arguments are checked.
-struct Pacing {
+/// How the traffic of an `e2e` or `federated` run (or another server's `e2e`) is paced, once
+/// its arguments are checked.
+pub(crate) struct Pacing {
     /// Sends outstanding per device.
-    pipeline: usize,
+    pub(crate) pipeline: usize,
     /// Open loop: the interval between one device's sends (the total rate spread evenly over
     /// all devices). Closed loop: `None`.
-    interval: Option<Duration>,
+    pub(crate) interval: Option<Duration>,
     /// Says which, for the banner.
-    mode: String,
+    pub(crate) mode: String,
 }
 
 impl Pacing {
     /// Checks the arguments common to `e2e` and `federated` and derives the pacing.
     fn of(e: &E2eArgs) -> Result<Self> {
-        check_size(e.size)?;
-        check_traffic(&e.traffic)?;
-        ensure!(e.devices >= 2, "--devices must be at least 2");
-        check_nofile(u64::try_from(e.devices).unwrap_or(u64::MAX) + 256)?;
-        let open_loop = e.rate > 0;
-        let pipeline = e.pipeline.unwrap_or(if open_loop { 64 } else { 1 });
+        Self::new(e.devices, e.size, e.rate, e.pipeline, &e.traffic)
+    }
+
+    /// Checks an `e2e`-like run's arguments and derives the pacing.
+    pub(crate) fn new(
+        devices: usize,
+        size: usize,
+        rate: u64,
+        pipeline: Option<usize>,
+        traffic: &TrafficArgs,
+    ) -> Result<Self> {
+        check_size(size)?;
+        check_traffic(traffic)?;
+        ensure!(devices >= 2, "--devices must be at least 2");
+        check_nofile(u64::try_from(devices).unwrap_or(u64::MAX) + 256)?;
+        let open_loop = rate > 0;
+        let pipeline = pipeline.unwrap_or(if open_loop { 64 } else { 1 });
         ensure!(pipeline > 0, "--pipeline must be > 0");
         let interval = open_loop.then(|| {
             #[allow(clippy::cast_precision_loss)]
-            let secs = e.devices as f64 / e.rate as f64;
+            let secs = devices as f64 / rate as f64;
             Duration::from_secs_f64(secs)
         });
         let mode = if open_loop {
-            format!(
-                "open loop at {} msg/s total (cap {pipeline} outstanding per device)",
-                e.rate
-            )
+            format!("open loop at {rate} msg/s total (cap {pipeline} outstanding per device)")
         } else {
             format!("closed loop, pipeline {pipeline} per device")
         };
@@ -88,16 +97,26 @@ impl Pacing {
 
     /// The plan of connections sending to `accounts` (each a list of its devices).
     fn plan(&self, e: &E2eArgs, accounts: &[Vec<Account>]) -> Arc<Plan> {
-        let t = &e.traffic;
+        let recipients = accounts
+            .iter()
+            .map(|devs| Recipient {
+                handle: devs[0].handle.clone(),
+                devices: devs.iter().map(|d| d.device).collect(),
+            })
+            .collect();
+        self.plan_to(recipients, e.size, &e.traffic)
+    }
+
+    /// The plan of connections sending `size`-byte messages to `recipients`.
+    pub(crate) fn plan_to(
+        &self,
+        recipients: Vec<Recipient>,
+        size: usize,
+        t: &TrafficArgs,
+    ) -> Arc<Plan> {
         Arc::new(Plan {
-            recipients: accounts
-                .iter()
-                .map(|devs| Recipient {
-                    handle: devs[0].handle.clone(),
-                    devices: devs.iter().map(|d| d.device).collect(),
-                })
-                .collect(),
-            size: e.size,
+            recipients,
+            size,
             ttl_secs: t.ttl_secs,
             pipeline: self.pipeline,
             interval: self.interval,
@@ -108,6 +127,8 @@ impl Pacing {
             drain_timeout: t.drain_timeout,
             wait_for_delivery: true,
             cpu: t.cpu.clone(),
+            total: None,
+            taken: Arc::default(),
         })
     }
 }
@@ -146,16 +167,8 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
     let targets = common.targets()?;
     let apis = Api::each(&targets)?;
     let tag = run_tag();
-    println!(
-        "appends: {} senders -> {} recipient(s), {} B ciphertext, pipeline {}, warm-up {}, \
-         duration {} (run {tag})",
-        args.senders,
-        args.recipients,
-        args.size,
-        args.pipeline,
-        fmt_duration(t.warmup),
-        fmt_duration(t.duration),
-    );
+    let shape = AppendsShape::of(args);
+    print_appends_banner("appends", &shape, t, &tag);
     print_brokers(&targets);
 
     let recipient_handles = (0..args.recipients)
@@ -170,30 +183,137 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
     let senders: Vec<_> = senders.into_iter().flatten().collect();
     let conns = connect(common, &targets, &senders).await?;
 
-    let plan = Arc::new(Plan {
-        recipients: recipients
+    let plan = appends_plan(
+        &shape,
+        recipients
             .iter()
             .map(|devs| Recipient {
                 handle: devs[0].handle.clone(),
                 devices: devs.iter().map(|d| d.device).collect(),
             })
             .collect(),
-        size: args.size,
-        ttl_secs: t.ttl_secs,
-        pipeline: args.pipeline,
-        interval: None,
-        ack_batch: t.ack_batch,
-        ack_delay: t.ack_delay,
-        warmup: t.warmup,
-        duration: t.duration,
-        drain_timeout: t.drain_timeout,
-        wait_for_delivery: false,
-        cpu: t.cpu.clone(),
-    });
+        t,
+    );
     let stats = Arc::new(Stats::new());
     let self_index = vec![None; conns.len()];
     let out = traffic::run(conns, self_index, plan, Arc::clone(&stats)).await;
 
+    let mut fields = report_appends(&shape, &stats, &out);
+    if args.drain {
+        // Every recipient's device connects (as many at once as connects are allowed) and
+        // reads its queue up to `queue_empty`, acking as it goes.
+        let devices: Vec<_> = recipients.iter().map(|a| a[0].clone()).collect();
+        let started = Instant::now();
+        let conns = connect(common, &targets, &devices).await?;
+        let drain_s = started.elapsed().as_secs_f64();
+        println!("  drained {} queues in {drain_s:.2}s", conns.len());
+        fields["drain_s"] = json!(drain_s);
+    }
+    Ok(fields)
+}
+
+/// What an `appends` run (against any target) does, for its banner and report.
+pub(crate) struct AppendsShape {
+    pub(crate) senders: usize,
+    pub(crate) recipients: usize,
+    pub(crate) size: usize,
+    pub(crate) pipeline: usize,
+    /// Zero with a fixed count of sends.
+    pub(crate) warmup: Duration,
+    /// `--per-recipient`: a fixed count of sends (recipients × this) instead of a duration.
+    pub(crate) per_recipient: Option<u64>,
+    pub(crate) total: Option<u64>,
+}
+
+impl AppendsShape {
+    fn of(args: &AppendsArgs) -> Self {
+        Self::new(
+            args.senders,
+            args.recipients,
+            args.size,
+            args.pipeline,
+            args.per_recipient,
+            &args.traffic,
+        )
+    }
+
+    pub(crate) fn new(
+        senders: usize,
+        recipients: usize,
+        size: usize,
+        pipeline: usize,
+        per_recipient: Option<u64>,
+        t: &TrafficArgs,
+    ) -> Self {
+        let total =
+            per_recipient.map(|n| n.saturating_mul(u64::try_from(recipients).unwrap_or(u64::MAX)));
+        AppendsShape {
+            senders,
+            recipients,
+            size,
+            pipeline,
+            warmup: if total.is_some() {
+                Duration::ZERO
+            } else {
+                t.warmup
+            },
+            per_recipient,
+            total,
+        }
+    }
+}
+
+/// The plan of an `appends` run (any target): pipelined senders, nobody waits for delivery.
+pub(crate) fn appends_plan(
+    shape: &AppendsShape,
+    recipients: Vec<Recipient>,
+    t: &TrafficArgs,
+) -> Arc<Plan> {
+    Arc::new(Plan {
+        recipients,
+        size: shape.size,
+        ttl_secs: t.ttl_secs,
+        pipeline: shape.pipeline,
+        interval: None,
+        ack_batch: t.ack_batch,
+        ack_delay: t.ack_delay,
+        warmup: shape.warmup,
+        duration: t.duration,
+        drain_timeout: t.drain_timeout,
+        wait_for_delivery: false,
+        cpu: t.cpu.clone(),
+        total: shape.total,
+        taken: Arc::default(),
+    })
+}
+
+/// The banner of an `appends` run: `name` says which target.
+pub(crate) fn print_appends_banner(name: &str, shape: &AppendsShape, t: &TrafficArgs, tag: &str) {
+    match shape.per_recipient {
+        None => println!(
+            "{name}: {} senders -> {} recipient(s), {} B ciphertext, pipeline {}, warm-up {}, \
+             duration {} (run {tag})",
+            shape.senders,
+            shape.recipients,
+            shape.size,
+            shape.pipeline,
+            fmt_duration(shape.warmup),
+            fmt_duration(t.duration),
+        ),
+        Some(n) => println!(
+            "{name}: {} senders -> {} recipient(s) x {n} each, {} B ciphertext, pipeline {}, \
+             at most {} (run {tag})",
+            shape.senders,
+            shape.recipients,
+            shape.size,
+            shape.pipeline,
+            fmt_duration(t.duration),
+        ),
+    }
+}
+
+/// Prints the figures of an `appends` run (any target) and returns its JSON fields.
+pub(crate) fn report_appends(shape: &AppendsShape, stats: &Stats, out: &Outcome) -> Value {
     let (result_hist, _) = stats.histograms();
     let rejected = stats.rejected.by_name();
     let w = out.window;
@@ -214,15 +334,15 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         fmt_duration(out.window_len),
     );
     println!("{}", latency_line("send->send_result", &result_hist));
-    print_health(&stats, &out);
+    print_health(stats, out);
 
     let mut fields = json!({
-        "senders": args.senders,
-        "recipients": args.recipients,
-        "size": args.size,
-        "pipeline": args.pipeline,
+        "senders": shape.senders,
+        "recipients": shape.recipients,
+        "size": shape.size,
+        "pipeline": shape.pipeline,
         "duration_s": out.window_len.as_secs_f64(),
-        "warmup_s": t.warmup.as_secs_f64(),
+        "warmup_s": shape.warmup.as_secs_f64(),
         "sent": out.total.sent,
         "accepted": out.total.accepted,
         "rejected": rejected,
@@ -233,18 +353,11 @@ pub(crate) async fn appends(args: &AppendsArgs) -> Result<Value> {
         "server_errors": stats.server_errors.by_name(),
         "closed_early": stats.closes(),
     });
-    add_window_cpu(&mut fields, &out);
-    if args.drain {
-        // Every recipient's device connects (as many at once as connects are allowed) and
-        // reads its queue up to `queue_empty`, acking as it goes.
-        let devices: Vec<_> = recipients.iter().map(|a| a[0].clone()).collect();
-        let started = Instant::now();
-        let conns = connect(common, &targets, &devices).await?;
-        let drain_s = started.elapsed().as_secs_f64();
-        println!("  drained {} queues in {drain_s:.2}s", conns.len());
-        fields["drain_s"] = json!(drain_s);
+    if let Some(n) = shape.per_recipient {
+        fields["per_recipient"] = json!(n);
     }
-    Ok(fields)
+    add_window_cpu(&mut fields, out);
+    fields
 }
 
 /// Every device sends to random other accounts and acks what it receives: end-to-end latency.
@@ -254,7 +367,6 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
     let targets = common.targets()?;
     let apis = Api::each(&targets)?;
     let tag = run_tag();
-    let open_loop = args.rate > 0;
     println!(
         "e2e: {} devices, {} B ciphertext, {}, warm-up {}, duration {} (run {tag})",
         args.devices,
@@ -284,6 +396,29 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
     let self_index = (0..conns.len()).map(Some).collect();
     let out = traffic::run(conns, self_index, plan, Arc::clone(&stats)).await;
 
+    let shape = E2eShape {
+        devices: args.devices,
+        size: args.size,
+        rate: args.rate,
+        pipeline: pacing.pipeline,
+        warmup: t.warmup,
+    };
+    Ok(report_e2e(&shape, &stats, &out))
+}
+
+/// What an `e2e` run (against any target) does, for its report.
+pub(crate) struct E2eShape {
+    pub(crate) devices: usize,
+    pub(crate) size: usize,
+    /// 0: closed loop.
+    pub(crate) rate: u64,
+    pub(crate) pipeline: usize,
+    pub(crate) warmup: Duration,
+}
+
+/// Prints the figures of an `e2e` run (any target) and returns its JSON fields.
+pub(crate) fn report_e2e(shape: &E2eShape, stats: &Stats, out: &Outcome) -> Value {
+    let open_loop = shape.rate > 0;
     let (result_hist, deliver_hist) = stats.histograms();
     let rejected = stats.rejected.by_name();
     let late = stats.late_sends.load(std::sync::atomic::Ordering::Relaxed);
@@ -308,20 +443,20 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
     if open_loop {
         println!(
             "  target {} msg/s; sends more than 5 ms behind schedule: {late}",
-            args.rate
+            shape.rate
         );
     }
     println!("{}", latency_line("send->deliver", &deliver_hist));
     println!("{}", latency_line("send->send_result", &result_hist));
-    print_health(&stats, &out);
+    print_health(stats, out);
 
     let mut fields = json!({
-        "devices": args.devices,
-        "size": args.size,
-        "rate": args.rate,
-        "pipeline": pacing.pipeline,
+        "devices": shape.devices,
+        "size": shape.size,
+        "rate": shape.rate,
+        "pipeline": shape.pipeline,
         "duration_s": out.window_len.as_secs_f64(),
-        "warmup_s": t.warmup.as_secs_f64(),
+        "warmup_s": shape.warmup.as_secs_f64(),
         "sent": out.total.sent,
         "durable": out.total.accepted,
         "rejected": rejected,
@@ -336,8 +471,8 @@ pub(crate) async fn e2e(args: &E2eArgs) -> Result<Value> {
         "server_errors": stats.server_errors.by_name(),
         "closed_early": stats.closes(),
     });
-    add_window_cpu(&mut fields, &out);
-    Ok(fields)
+    add_window_cpu(&mut fields, out);
+    fields
 }
 
 /// Devices on two federated brokers, each sending only to accounts of the other domain:
@@ -505,5 +640,12 @@ fn print_health(stats: &Stats, out: &Outcome) {
     let closes = stats.closes();
     if !closes.is_empty() {
         println!("  connections closed before the end: {closes:?}");
+    }
+    let failures = stats
+        .failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !failures.is_empty() {
+        println!("  failures: {failures:?}");
     }
 }

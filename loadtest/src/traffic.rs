@@ -1,4 +1,6 @@
-//! The send/receive engine shared by the `appends` and `e2e` scenarios.
+//! The send/receive engine shared by the `appends` and `e2e` scenarios, and (its pacing,
+//! measured window, counters and timestamps: [`Pacer`], [`drive`], [`Stats`]) by the same
+//! workloads against ejabberd and NATS (`crate::other`).
 //!
 //! Each connection runs two tasks. The writer sends `send` frames (closed loop: as soon as one
 //! of its `pipeline` slots is free; open loop: on a fixed schedule, still capped at `pipeline`
@@ -14,6 +16,7 @@
 
 use std::{
     collections::BTreeMap,
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -33,7 +36,7 @@ use sealpost_proto::{
 use tokio::{
     sync::{Semaphore, mpsc, watch},
     task::JoinHandle,
-    time::{Instant, sleep, sleep_until},
+    time::{Instant, Sleep, sleep, sleep_until},
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -93,6 +96,9 @@ pub(crate) struct Stats {
     pub(crate) late_sends: AtomicU64,
     /// Connections that ended before the run did, by reason.
     pub(crate) closes: Mutex<BTreeMap<String, u64>>,
+    /// Other servers' failed sends or reads that did not end the connection, by reason
+    /// (Sealpost's refusals are in `rejected`).
+    pub(crate) failures: Mutex<BTreeMap<String, u64>>,
     /// send→send_result of accepted sends, µs.
     pub(crate) result_latency: Mutex<Histogram<u64>>,
     /// send→deliver, µs.
@@ -115,6 +121,7 @@ impl Stats {
             decode_errors: AtomicU64::new(0),
             late_sends: AtomicU64::new(0),
             closes: Mutex::new(BTreeMap::new()),
+            failures: Mutex::new(BTreeMap::new()),
             result_latency: Mutex::new(new_histogram()),
             deliver_latency: Mutex::new(new_histogram()),
             record_from_ns: AtomicU64::new(0),
@@ -151,7 +158,17 @@ impl Stats {
         (r, d)
     }
 
-    fn close(&self, reason: String) {
+    /// Counts a failure that did not end the connection.
+    pub(crate) fn fail(&self, reason: String) {
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub(crate) fn close(&self, reason: String) {
         *self
             .closes
             .lock()
@@ -160,7 +177,7 @@ impl Stats {
             .or_default() += 1;
     }
 
-    fn record(&self, hist: &Mutex<Histogram<u64>>, stamp_ns: u64) {
+    pub(crate) fn record(&self, hist: &Mutex<Histogram<u64>>, stamp_ns: u64) {
         if stamp_ns < self.record_from_ns.load(Relaxed) {
             return;
         }
@@ -221,6 +238,11 @@ pub(crate) struct Plan {
     pub(crate) wait_for_delivery: bool,
     /// Processes whose CPU time over the measured window is reported (`--cpu`).
     pub(crate) cpu: Vec<CpuClass>,
+    /// A fixed number of sends for the whole run instead of sending for `duration` (which
+    /// then only caps the run); send number `k` goes to recipient `k mod n`. `None`: timed.
+    pub(crate) total: Option<u64>,
+    /// Sends taken from `total` so far (shared by the connections' [`Pacer`]s).
+    pub(crate) taken: Arc<AtomicU64>,
 }
 
 /// What a run measured.
@@ -246,6 +268,59 @@ pub(crate) async fn run(
     plan: Arc<Plan>,
     stats: Arc<Stats>,
 ) -> Outcome {
+    let spawn_plan = Arc::clone(&plan);
+    let spawn_stats = Arc::clone(&stats);
+    drive(&plan, &stats, move |window, done_rx| {
+        let (plan, stats) = (spawn_plan, spawn_stats);
+        let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(conns.len() * 2);
+        for (ws, me) in conns.into_iter().zip(self_index) {
+            let (sink, stream) = ws.split();
+            let permits = Arc::new(Semaphore::new(plan.pipeline));
+            let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+            tasks.push(tokio::spawn(reader(
+                stream,
+                Arc::clone(&plan),
+                Arc::clone(&stats),
+                Arc::clone(&permits),
+                ack_tx,
+                done_rx.clone(),
+            )));
+            let schedule = Schedule { window, me };
+            tasks.push(tokio::spawn(writer(
+                sink,
+                Arc::clone(&plan),
+                Arc::clone(&stats),
+                permits,
+                ack_rx,
+                done_rx.clone(),
+                schedule,
+            )));
+        }
+        tasks
+    })
+    .await
+}
+
+/// When a run sends: every connection starts at `start` and stops at `stop_at`.
+#[derive(Clone, Copy)]
+pub(crate) struct Window {
+    pub(crate) start: Instant,
+    pub(crate) stop_at: Instant,
+}
+
+/// The measuring part every target shares (Sealpost here, ejabberd in `xmpp`, NATS in
+/// `jetstream`): `spawn` starts the connections' tasks, which send on `Window`'s schedule (see
+/// [`Pacer`]) and count into `stats` until the watch says done. This samples the counters at the
+/// start and end of the measured window, then waits (up to `plan.drain_timeout`) until every
+/// send was answered and, with `plan.wait_for_delivery`, every accepted one delivered.
+///
+/// With `plan.total` (a fixed number of sends instead of a duration), the window starts with
+/// the first send and ends when the last one is answered (or at the `duration` cap).
+pub(crate) async fn drive(
+    plan: &Plan,
+    stats: &Arc<Stats>,
+    spawn: impl FnOnce(Window, watch::Receiver<bool>) -> Vec<JoinHandle<()>>,
+) -> Outcome {
     let start = Instant::now() + Duration::from_millis(100);
     let measure_from = start + plan.warmup;
     let stop_at = measure_from + plan.duration;
@@ -254,35 +329,23 @@ pub(crate) async fn run(
         .store(instant_ns(measure_from.into_std()), Relaxed);
     let (done_tx, done_rx) = watch::channel(false);
 
-    let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(conns.len() * 2);
-    for (ws, me) in conns.into_iter().zip(self_index) {
-        let (sink, stream) = ws.split();
-        let permits = Arc::new(Semaphore::new(plan.pipeline));
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        tasks.push(tokio::spawn(reader(
-            stream,
-            Arc::clone(&plan),
-            Arc::clone(&stats),
-            Arc::clone(&permits),
-            ack_tx,
-            done_rx.clone(),
-        )));
-        let schedule = Schedule { start, stop_at, me };
-        tasks.push(tokio::spawn(writer(
-            sink,
-            Arc::clone(&plan),
-            Arc::clone(&stats),
-            permits,
-            ack_rx,
-            done_rx.clone(),
-            schedule,
-        )));
-    }
+    let tasks = spawn(Window { start, stop_at }, done_rx);
 
     sleep_until(measure_from).await;
     let at_start = stats.snapshot();
     let cpu_start = (!plan.cpu.is_empty()).then(|| cpu_sample(&plan.cpu));
-    sleep_until(stop_at).await;
+    let window_len = match plan.total {
+        None => {
+            sleep_until(stop_at).await;
+            plan.duration
+        }
+        Some(total) => {
+            while stats.results.load(Relaxed) < total && Instant::now() < stop_at {
+                sleep(Duration::from_millis(1)).await;
+            }
+            measure_from.elapsed()
+        }
+    };
     let at_stop = stats.snapshot();
     let window_cpu = match cpu_start {
         None => Vec::new(),
@@ -331,7 +394,7 @@ pub(crate) async fn run(
 
     Outcome {
         window: at_stop.minus(at_start),
-        window_len: plan.duration,
+        window_len,
         window_cpu,
         total,
         drained,
@@ -339,9 +402,112 @@ pub(crate) async fn run(
     }
 }
 
+/// One connection's sending schedule, the same for every target. Closed loop (`interval`
+/// `None`): a send is due whenever a pipeline slot is free. Open loop: sends are due every
+/// `interval`, starting at a random phase so the connections spread evenly; the timestamp a
+/// send carries is its *scheduled* time, so falling behind shows as latency (no coordinated
+/// omission). With a budget (`Plan::total`), sending stops once the run's sends are used up.
+pub(crate) struct Pacer {
+    interval: Option<Duration>,
+    next_due: Instant,
+    due_sleep: Pin<Box<Sleep>>,
+    stop_sleep: Pin<Box<Sleep>>,
+    sending: bool,
+    due: bool,
+    budget: Option<(Arc<AtomicU64>, u64)>,
+}
+
+impl Pacer {
+    pub(crate) fn new(plan: &Plan, window: Window, rng: &mut StdRng) -> Self {
+        let mut next_due = window.start;
+        if let Some(interval) = plan.interval {
+            next_due += interval.mul_f64(rng.gen_range(0.0..1.0));
+        }
+        Pacer {
+            interval: plan.interval,
+            next_due,
+            due_sleep: Box::pin(sleep_until(next_due)),
+            stop_sleep: Box::pin(sleep_until(window.stop_at)),
+            sending: true,
+            due: false,
+            budget: plan.total.map(|t| (Arc::clone(&plan.taken), t)),
+        }
+    }
+
+    /// Whether [`Pacer::tick`] has anything to wait for (select on it only then).
+    pub(crate) fn sending(&self) -> bool {
+        self.sending
+    }
+
+    /// Waits until sending stops or the next send falls due.
+    pub(crate) async fn tick(&mut self) {
+        tokio::select! {
+            biased;
+            () = &mut self.stop_sleep => self.sending = false,
+            () = &mut self.due_sleep, if !self.due => self.due = true,
+        }
+    }
+
+    /// Whether a send is due (then wait for a pipeline slot and call [`Pacer::take`]).
+    pub(crate) fn ready(&self) -> bool {
+        self.sending && self.due
+    }
+
+    /// Takes the due send: its timestamp, and with a budget its number in the run (which
+    /// picks its recipient). `None`: the budget is used up and this connection stops sending
+    /// (give the pipeline slot back).
+    pub(crate) fn take(&mut self, stats: &Stats) -> Option<(u64, Option<u64>)> {
+        let number = match &self.budget {
+            None => None,
+            Some((taken, total)) => {
+                let k = taken.fetch_add(1, Relaxed);
+                if k >= *total {
+                    self.sending = false;
+                    return None;
+                }
+                Some(k)
+            }
+        };
+        let stamp = match self.interval {
+            None => now_ns(),
+            Some(interval) => {
+                let scheduled = self.next_due;
+                if scheduled.elapsed() > Duration::from_millis(5) {
+                    stats.late_sends.fetch_add(1, Relaxed);
+                }
+                self.next_due += interval;
+                self.due_sleep.as_mut().reset(self.next_due);
+                self.due = false;
+                instant_ns(scheduled.into_std())
+            }
+        };
+        Some((stamp, number))
+    }
+}
+
+/// The recipient of a send: number `k` of a budgeted run goes to `k mod n` (so each recipient
+/// gets the same count), otherwise a random one other than `me`.
+pub(crate) fn pick_recipient(
+    n: usize,
+    me: Option<usize>,
+    number: Option<u64>,
+    rng: &mut StdRng,
+) -> usize {
+    if let Some(k) = number {
+        return usize::try_from(k % n as u64).unwrap_or(0);
+    }
+    match me {
+        // Any other account: draw from n - 1 and skip over ourselves.
+        Some(me) if n > 1 => {
+            let i = rng.gen_range(0..n - 1);
+            if i >= me { i + 1 } else { i }
+        }
+        _ => rng.gen_range(0..n),
+    }
+}
+
 struct Schedule {
-    start: Instant,
-    stop_at: Instant,
+    window: Window,
     me: Option<usize>,
 }
 
@@ -357,18 +523,7 @@ async fn writer(
     let mut rng = StdRng::from_entropy();
     let mut template = vec![0u8; plan.size.max(8)];
     rng.fill_bytes(&mut template);
-
-    // Open loop: each connection starts at a random phase so sends are spread evenly.
-    let mut next_due = schedule.start;
-    if let Some(interval) = plan.interval {
-        next_due += interval.mul_f64(rng.gen_range(0.0..1.0));
-    }
-    let due_sleep = sleep_until(next_due);
-    tokio::pin!(due_sleep);
-    let stop_sleep = sleep_until(schedule.stop_at);
-    tokio::pin!(stop_sleep);
-    let mut sending = true;
-    let mut due = false;
+    let mut pacer = Pacer::new(&plan, schedule.window, &mut rng);
 
     loop {
         tokio::select! {
@@ -380,25 +535,12 @@ async fn writer(
                     break;
                 }
             }
-            () = &mut stop_sleep, if sending => sending = false,
-            () = &mut due_sleep, if sending && !due => due = true,
-            permit = Arc::clone(&permits).acquire_owned(), if sending && due => {
+            () = pacer.tick(), if pacer.sending() => {}
+            permit = Arc::clone(&permits).acquire_owned(), if pacer.ready() => {
                 let Ok(permit) = permit else { break };
+                let Some((stamp, number)) = pacer.take(&stats) else { continue };
                 permit.forget();
-                let stamp = match plan.interval {
-                    None => now_ns(),
-                    Some(interval) => {
-                        let scheduled = next_due;
-                        if scheduled.elapsed() > Duration::from_millis(5) {
-                            stats.late_sends.fetch_add(1, Relaxed);
-                        }
-                        next_due += interval;
-                        due_sleep.as_mut().reset(next_due);
-                        due = false;
-                        instant_ns(scheduled.into_std())
-                    }
-                };
-                let frame = send_frame(&plan, schedule.me, &mut rng, &mut template, stamp);
+                let frame = send_frame(&plan, schedule.me, number, &mut rng, &mut template, stamp);
                 if sink.send(message(&frame)).await.is_err() {
                     break;
                 }
@@ -412,19 +554,12 @@ async fn writer(
 fn send_frame(
     plan: &Plan,
     me: Option<usize>,
+    number: Option<u64>,
     rng: &mut StdRng,
     template: &mut [u8],
     stamp: u64,
 ) -> ClientFrame {
-    let n = plan.recipients.len();
-    let to = match me {
-        // Any other account: draw from n - 1 and skip over ourselves.
-        Some(me) if n > 1 => {
-            let i = rng.gen_range(0..n - 1);
-            if i >= me { i + 1 } else { i }
-        }
-        _ => rng.gen_range(0..n),
-    };
+    let to = pick_recipient(plan.recipients.len(), me, number, rng);
     let recipient = &plan.recipients[to];
     template[..8].copy_from_slice(&stamp.to_le_bytes());
     let mut id = [0u8; 16];
@@ -446,7 +581,7 @@ fn send_frame(
     }
 }
 
-fn stamp_of(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn stamp_of(bytes: &[u8]) -> Option<u64> {
     bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())

@@ -103,6 +103,26 @@ impl Target {
     }
 }
 
+/// Checks that `url` (another server's, for the comparison scenarios) uses `scheme` and a
+/// loopback host; returns it unchanged.
+pub(crate) fn loopback_url(url: &str, scheme: &str) -> Result<String> {
+    let parsed = Url::parse(url).with_context(|| format!("invalid --url {url:?}"))?;
+    if parsed.scheme() != scheme {
+        bail!("--url must be {scheme}://, got {url:?}");
+    }
+    let host = parsed.host_str().context("--url has no host")?;
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!("--url must point at a loopback address (127.0.0.0/8, ::1, localhost), got {host}");
+    }
+    Ok(url.to_owned())
+}
+
 /// The brokers a run targets, from `--url`: one, or several pods serving the same domain
 /// over a shared store (NATS JetStream). Account `i` registers through, and its device
 /// connects to, broker `i mod n` (round-robin), so with `n` pods a random recipient sits on
@@ -372,6 +392,10 @@ mod tests {
         assert!(Target::parse("http://10.0.0.1:80").is_err());
         assert!(Target::parse("http://example.com:80").is_err());
         assert!(Target::parse("https://127.0.0.1:443").is_err());
+        assert!(loopback_url("ws://127.0.0.1:5280/ws", "ws").is_ok());
+        assert!(loopback_url("nats://localhost:4222", "nats").is_ok());
+        assert!(loopback_url("nats://10.0.0.1:4222", "nats").is_err());
+        assert!(loopback_url("wss://127.0.0.1:5280/ws", "ws").is_err());
     }
 
     #[test]
