@@ -15,7 +15,7 @@
 //!   after routing what came before it, i.e. after the message was handed to the recipient's
 //!   session or stored by mod_offline (in RAM with compare.sh's set-up). Nothing is on disk.
 //! - Delivery is the `<message>` arriving at the recipient, who acknowledges with `<a h=.../>`
-//!   when ejabberd asks (`<r/>`).
+//!   when ejabberd asks (`<r/>`), `--ack-delay` (5 ms) later, as Sealpost devices batch acks.
 //!
 //! Only loopback `ws://` URLs are accepted. The XML is handled as text: each WebSocket
 //! message is one complete top-level element (RFC 7395), and ejabberd's are predictable.
@@ -209,6 +209,7 @@ impl Server for Ejabberd {
         vec![
             tokio::spawn(reader(
                 stream,
+                plan.ack_delay,
                 Arc::clone(stats),
                 Arc::clone(&permits),
                 Arc::clone(&pending),
@@ -404,8 +405,14 @@ async fn writer(
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
+/// Reads a traffic session: deliveries, ejabberd's acks of our sends (`<a/>`) and its ack
+/// requests (`<r/>`). A request is answered `ack_delay` later (`--ack-delay`, as Sealpost
+/// devices batch their acks): ejabberd asks again only after our answer, so the deliveries
+/// of that time share one `<a/>`.
+#[allow(clippy::too_many_arguments)]
 async fn reader(
     mut stream: SplitStream<Ws>,
+    ack_delay: Duration,
     stats: Arc<Stats>,
     permits: Arc<Semaphore>,
     pending: Arc<Mutex<VecDeque<u64>>>,
@@ -416,10 +423,19 @@ async fn reader(
     // `h` counts every stanza this session sent since <enable/>: the initial presence, then
     // the messages.
     let mut acked: u32 = 1;
+    let ack_sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ack_sleep);
+    let mut armed = false;
     loop {
         tokio::select! {
             biased;
             _ = done.changed() => break,
+            () = &mut ack_sleep, if armed => {
+                armed = false;
+                if out.send(ack(received)).is_err() {
+                    break;
+                }
+            }
             msg = stream.next() => {
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
@@ -467,8 +483,11 @@ async fn reader(
                     stats.results.fetch_add(n, Relaxed);
                     permits.add_permits(stamps.len());
                 } else if text.starts_with("<r ") || text.starts_with("<r/") {
-                    if out.send(ack(received)).is_err() {
-                        break;
+                    if !armed {
+                        ack_sleep
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + ack_delay);
+                        armed = true;
                     }
                 } else if is_stanza(text) {
                     received = received.wrapping_add(1);
