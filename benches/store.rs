@@ -6,6 +6,9 @@
 //!    durable, so every queue drains after every envelope (its key replaced each time).
 //! 2. Start-up with many envelopes queued (default 1,000,000; `SEALPOST_BENCH_ENVELOPES`):
 //!    store open, a mailbox's state load, and the real binary's time to `listening on`.
+//!    With `SEALPOST_BENCH_KEEP_DIR=PATH` the envelopes are filled into the data directory
+//!    PATH (which must not exist yet) and it is kept, with no broker started on it: the fast
+//!    offline fill of `loadtest/backlog.sh`'s `PREFILL` mode, which then runs the broker on it.
 //!
 //! 3. The disk's ceiling for the same work, measured in the same run: a plain append-only
 //!    file, group-committed by one thread (`write` + `fdatasync` per batch), to which each
@@ -181,7 +184,12 @@ fn round_trips(writers: usize, duration: Duration) -> (f64, f64) {
 
 fn startup(count: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
+    // A directory to fill and keep (and then start no broker on), or one that goes with `dir`.
+    let keep = std::env::var_os("SEALPOST_BENCH_KEEP_DIR").map(std::path::PathBuf::from);
+    if let Some(keep) = &keep {
+        assert!(!keep.exists(), "SEALPOST_BENCH_KEEP_DIR must not exist yet");
+    }
+    let data = keep.clone().unwrap_or_else(|| dir.path().join("data"));
     let users = 1000u64;
     let per_user = count / users;
     {
@@ -244,6 +252,10 @@ fn startup(count: u64) {
         opened.as_secs_f64() * 1e3,
         load.as_secs_f64() * 1e3
     );
+    if keep.is_some() {
+        println!("kept {}", data.display());
+        return;
+    }
 
     let t = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
