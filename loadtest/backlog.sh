@@ -15,10 +15,21 @@
 # Prints one line per fill: the backlog stored, delivered/s and p99 before and after the
 # restart, and the restart's start-up time. Needs the release binaries (SKIP_BUILD as in
 # run.sh).
+#
+# Large backlogs: filling through the broker goes at about 10,000 envelopes/s (10,000,000 would
+# take 20 minutes). PREFILL lists envelope counts to fill directly through the store instead
+# (`SEALPOST_BENCH_KEEP_DIR=... cargo bench --bench store -- --startup-only`: the same records
+# a send stores, for 1,000 offline accounts, about 100,000/s), replacing step 1; FILLS is then
+# ignored, and the fill_s column is how long that fill took:
+#
+#   PREFILL="0 1000000 10000000" DURATION=8s loadtest/backlog.sh
+#
+# Each filled directory is removed after its line (10,000,000 envelopes take about 10 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FILLS=${FILLS:-"0 60"}
+PREFILL=${PREFILL:-}
 RECIPIENTS=${RECIPIENTS:-1000}
 DURATION=${DURATION:-8s}
 DEVICES=${DEVICES:-1000}
@@ -30,6 +41,9 @@ LOADTEST=${LOADTEST:-target/release/sealpost-loadtest}
 ulimit -n 65536 2>/dev/null || true
 if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release -p sealpost -p sealpost-loadtest
+    if [[ -n $PREFILL ]]; then
+        cargo bench --bench store --no-run
+    fi
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/sealpost-backlog.XXXXXX")
@@ -48,7 +62,8 @@ start() {
         --max-unauthenticated-per-ip 0 >"$2" 2>&1 &
     pid=$!
     local addr=""
-    for _ in $(seq 3000); do
+    # Up to about 10 minutes: start-up grows with the backlog.
+    for _ in $(seq 60000); do
         addr=$(sed -n 's/^listening on \(127\.0\.0\.1:[0-9][0-9]*\)$/\1/p' "$2" | head -n1)
         [[ -n $addr ]] && break
         kill -0 "$pid" 2>/dev/null || { echo "broker exited" >&2; tail "$2" >&2; exit 1; }
@@ -75,20 +90,46 @@ e2e() {
         --duration "$DURATION" --warmup 1s 2>&1 | grep '^{"scenario"' | tail -n1
 }
 
-printf 'fill_s\tbacklog\tdelivered/s\tp99_ms\tstartup_ms\tafter_restart/s\tp99_ms\n'
-for fill in $FILLS; do
-    dir="$work/data-$fill"
-    mkdir -p "$dir"
-    start "$dir" "$work/broker-$fill.log"
+# prefill N DIR: fills DIR with N envelopes through the store, sets fill and backlog.
+prefill() {
     backlog=0
-    if [[ $fill != 0 ]]; then
-        line=$("$LOADTEST" appends --url "$URL" --senders 64 --recipients "$RECIPIENTS" \
-            --pipeline 32 --duration "${fill}s" --warmup 0s 2>&1 | grep '^{"scenario"' | tail -n1)
-        backlog=$(field "$line" accepted)
+    fill=0
+    if [[ $1 == 0 ]]; then
+        mkdir -p "$2"
+        return
+    fi
+    local out
+    out=$(SEALPOST_BENCH_ENVELOPES=$1 SEALPOST_BENCH_KEEP_DIR=$2 \
+        cargo bench -q --bench store -- --startup-only 2>&1) || { echo "$out" >&2; exit 1; }
+    echo "$out" | grep -E '^(filled|store open)' >&2
+    # "filled N envelopes (U users) in S.Ss, M MiB on disk"
+    backlog=$(echo "$out" | sed -n 's/^filled \([0-9]*\) envelopes.*/\1/p')
+    fill=$(echo "$out" | sed -n 's/^filled .* in \([0-9.]*\)s,.*/\1/p')
+}
+
+printf 'fill_s\tbacklog\tdelivered/s\tp99_ms\tstartup_ms\tafter_restart/s\tp99_ms\n'
+for level in ${PREFILL:-$FILLS}; do
+    dir="$work/data-$level"
+    if [[ -n $PREFILL ]]; then
+        prefill "$level" "$dir"
+    else
+        mkdir -p "$dir"
+        fill=$level
+    fi
+    start "$dir" "$work/broker-$level.log"
+    if [[ -n $PREFILL ]]; then
+        echo "backlog $backlog: first start to \`listening on\`: $STARTUP_MS ms" >&2
+    else
+        backlog=0
+        if [[ $fill != 0 ]]; then
+            line=$("$LOADTEST" appends --url "$URL" --senders 64 --recipients "$RECIPIENTS" \
+                --pipeline 32 --duration "${fill}s" --warmup 0s 2>&1 | grep '^{"scenario"' | tail -n1)
+            backlog=$(field "$line" accepted)
+        fi
     fi
     before=$(e2e)
     stop
-    start "$dir" "$work/broker-$fill.restart.log"
+    start "$dir" "$work/broker-$level.restart.log"
     after=$(e2e)
     stop
     printf '%s\t%s\t%.0f\t%s\t%s\t%.0f\t%s\n' "$fill" "$backlog" \
