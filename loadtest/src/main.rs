@@ -13,6 +13,7 @@
 //! - `ejabberd <e2e|appends|idle>` and `nats <e2e|appends|idle>`: the same workloads, measured
 //!   by the same engine, against ejabberd (XMPP over WebSocket) and NATS JetStream, for the
 //!   side-by-side comparison of issue 11 (`loadtest/compare.sh`).
+//! - `plot`: no load; draws the scaling curves `loadtest/scaling.sh` measured as an SVG.
 //!
 //! Every scenario prints human-readable lines and, last, one JSON line `{"scenario":...}`.
 //! Only loopback targets are accepted.
@@ -27,6 +28,7 @@ mod fanout;
 mod idle;
 mod jetstream;
 mod other;
+mod plot;
 mod scenarios;
 mod traffic;
 mod util;
@@ -81,6 +83,19 @@ enum Scenario {
         #[command(subcommand)]
         workload: Workload,
     },
+    /// No load: draws the scaling curves (delivered/s and p99 against connected devices and
+    /// against envelopes queued) from the CSV `loadtest/scaling.sh` writes, as an SVG.
+    Plot(PlotArgs),
+}
+
+#[derive(Args, Clone)]
+struct PlotArgs {
+    /// The CSV: series,x,delivered_per_s,p99_ms[,startup_ms] (see loadtest/src/plot.rs).
+    #[arg(long, default_value = "loadtest/scaling.csv")]
+    input: std::path::PathBuf,
+    /// The SVG to write.
+    #[arg(long, default_value = "loadtest/scaling.svg")]
+    output: std::path::PathBuf,
 }
 
 /// A workload of another server (ejabberd, NATS), measured like the Sealpost scenario of the
@@ -418,6 +433,9 @@ struct FanoutArgs {
 fn main() -> Result<()> {
     util::init_clock();
     let cli = Cli::parse();
+    if let Scenario::Plot(a) = &cli.scenario {
+        return plot::plot(&a.input, &a.output);
+    }
     let threads = match &cli.scenario {
         Scenario::Appends(a) => a.common.threads,
         Scenario::E2e(a) => a.common.threads,
@@ -427,6 +445,7 @@ fn main() -> Result<()> {
         Scenario::Fanout(a) => a.common.threads,
         Scenario::Blobs(a) => a.common.threads,
         Scenario::Ejabberd { workload } | Scenario::Nats { workload } => workload.common().threads,
+        Scenario::Plot(_) => 1,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -461,6 +480,7 @@ fn main() -> Result<()> {
                 },
                 jetstream::run(workload).await?,
             )),
+            Scenario::Plot(_) => unreachable!("drawn above, without a runtime"),
         }
     })?;
     println!("{}", json_line(name, fields));
