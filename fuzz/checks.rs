@@ -30,6 +30,13 @@ pub(crate) fn client_frame(data: &[u8]) {
 /// Same property as [`client_frame`], for frames from the broker; also, the broker's
 /// clone-free `deliver` encoder agrees with the general one.
 pub(crate) fn server_frame(data: &[u8]) {
+    // A batch reads as its frames, each of which re-encodes into a batch that reads the same.
+    if let Ok(frames) = ServerFrame::decode_all(data) {
+        let encoded: Vec<Vec<u8>> = frames.iter().map(ServerFrame::encode).collect();
+        if let Ok(again) = ServerFrame::decode_all(&ServerFrame::encode_batch(&encoded)) {
+            assert_eq!(again, frames, "batch changed on round trip");
+        }
+    }
     let Ok(frame) = ServerFrame::decode(data) else {
         return;
     };

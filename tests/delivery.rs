@@ -522,3 +522,52 @@ async fn a_client_that_closes_gets_the_closing_handshake() {
     wait_gauge(&broker, "sealpost_websocket_sessions", 0.0).await;
     assert_eq!(broker.metric("sealpost_disconnects_total").await, 1.0);
 }
+
+/// A device that asks for batches (`/v1/ws?batch=1`) gets its backlog in a few `batch`
+/// messages, every frame in order; one that does not gets one frame per message, as before.
+#[tokio::test]
+async fn a_backlog_comes_in_batches_to_a_client_that_asks_for_them() {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    for i in 0..200u8 {
+        a.send_and_wait(eid(), &bob.user, &[bob.device], &[i]).await;
+    }
+
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{}?batch=1", broker.ws_url()))
+        .await
+        .expect("connect");
+    let mut b = Device::authenticate(ws, &bob).await;
+    let (mut messages, mut frames) = (0, Vec::new());
+    while !frames.contains(&ServerFrame::QueueEmpty) {
+        let bytes = match tokio::time::timeout(WAIT, b.ws.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => bytes,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no backlog: {other:?}"),
+        };
+        messages += 1;
+        frames.extend(ServerFrame::decode_all(&bytes).expect("frames decode"));
+    }
+    let seqs: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Deliver { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<u64>>(),
+        "every frame, in order"
+    );
+    assert!(messages < 20, "200 deliveries came in {messages} messages");
+
+    // Without asking: one frame per message (the helper decodes each with `decode`).
+    drop(b);
+    let mut old = Device::connect(&broker, &bob).await;
+    assert_eq!(old.backlog().await.len(), 200);
+}

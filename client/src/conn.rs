@@ -32,6 +32,8 @@ pub use crate::error::ConnError;
 /// One WebSocket connection to the broker.
 pub struct Connection {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The rest of a `batch` message, in order.
+    ready: std::collections::VecDeque<ServerFrame>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -49,7 +51,10 @@ impl Connection {
             .await
             .map_err(|_| ConnError::Timeout)?
             .map_err(|e| ConnError::Transport(e.to_string()))?;
-        Ok(Self { ws })
+        Ok(Self {
+            ws,
+            ready: std::collections::VecDeque::new(),
+        })
     }
 
     /// Opens the anonymous sealed-send endpoint (`ws_url` ends in `/v1/sealed`).
@@ -65,7 +70,8 @@ impl Connection {
             .session_ticket(creds)
             .await
             .map_err(ConnError::from_api)?;
-        let mut conn = Self::open(&api.ws_url("/v1/ws")).await?;
+        // This client reads `batch` messages: a backlog arrives in a few of them.
+        let mut conn = Self::open(&api.ws_url("/v1/ws?batch=1")).await?;
         conn.send(&ClientFrame::Auth {
             user: creds.handle.clone(),
             device: DeviceId(creds.device),
@@ -95,37 +101,41 @@ impl Connection {
     /// The next frame from the broker (control frames are handled underneath).
     pub async fn next(&mut self) -> Result<ServerFrame, ConnError> {
         loop {
-            let message = self.ws.next().await;
-            if let Some(frame) = Self::on_message(message)? {
+            if let Some(frame) = self.ready.pop_front() {
                 return Ok(frame);
             }
+            let message = self.ws.next().await;
+            self.ready.extend(Self::on_message(message)?);
         }
     }
 
     /// The next frame if one has already arrived, without waiting.
     pub fn try_next(&mut self) -> Option<Result<ServerFrame, ConnError>> {
         loop {
+            if let Some(frame) = self.ready.pop_front() {
+                return Some(Ok(frame));
+            }
             let message = self.ws.next().now_or_never()?;
             match Self::on_message(message) {
-                Ok(Some(frame)) => return Some(Ok(frame)),
-                Ok(None) => continue,
+                Ok(frames) => self.ready.extend(frames),
                 Err(e) => return Some(Err(e)),
             }
         }
     }
 
+    /// The frames a message carries: none for a control frame, one, or a `batch`'s.
     fn on_message(
         message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    ) -> Result<Option<ServerFrame>, ConnError> {
+    ) -> Result<Vec<ServerFrame>, ConnError> {
         match message {
-            Some(Ok(Message::Binary(bytes))) => ServerFrame::decode(&bytes)
-                .map(Some)
-                .map_err(|e| ConnError::Decode(e.to_string())),
+            Some(Ok(Message::Binary(bytes))) => {
+                ServerFrame::decode_all(&bytes).map_err(|e| ConnError::Decode(e.to_string()))
+            }
             Some(Ok(Message::Close(close))) => Err(ConnError::Closed {
                 code: close.as_ref().map(|c| u16::from(c.code)),
                 reason: close.map(|c| c.reason.to_string()).unwrap_or_default(),
             }),
-            Some(Ok(_)) => Ok(None),
+            Some(Ok(_)) => Ok(Vec::new()),
             Some(Err(e)) => Err(ConnError::Transport(e.to_string())),
             None => Err(ConnError::Closed {
                 code: None,

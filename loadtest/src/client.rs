@@ -104,8 +104,19 @@ async fn connect_inner(url: &str, account: &Account, opts: ConnectOptions) -> Re
 
     let mut backlog = 0;
     let mut acks = Vec::new();
+    let mut frames = std::collections::VecDeque::new();
+    let mut drained = false;
     loop {
-        match next_frame(&mut ws).await? {
+        if frames.is_empty() {
+            if drained {
+                break;
+            }
+            frames.extend(next_frames(&mut ws).await?);
+        }
+        let Some(frame) = frames.pop_front() else {
+            continue;
+        };
+        match frame {
             ServerFrame::Deliver { seq, .. } => {
                 backlog += 1;
                 acks.push(seq);
@@ -116,7 +127,8 @@ async fn connect_inner(url: &str, account: &Account, opts: ConnectOptions) -> Re
                     .await?;
                 }
             }
-            ServerFrame::QueueEmpty => break,
+            // Deliveries batched behind it are acked too.
+            ServerFrame::QueueEmpty => drained = true,
             ServerFrame::Error { code, message, .. } => {
                 bail!("error while draining the backlog: {code}: {message}")
             }
@@ -129,14 +141,25 @@ async fn connect_inner(url: &str, account: &Account, opts: ConnectOptions) -> Re
     Ok((ws, backlog))
 }
 
-/// The next protocol frame, skipping control frames.
+/// The next protocol frame, skipping control frames (not for a `batch`: see
+/// [`next_frames`]).
 async fn next_frame(ws: &mut Ws) -> Result<ServerFrame> {
+    let mut frames = next_frames(ws).await?;
+    if frames.len() != 1 {
+        bail!("expected one frame, got a batch of {}", frames.len());
+    }
+    Ok(frames.remove(0))
+}
+
+/// The frames of the next message (one, or a `batch`), skipping control frames.
+async fn next_frames(ws: &mut Ws) -> Result<Vec<ServerFrame>> {
     loop {
         match ws.next().await {
             None => bail!("connection ended"),
             Some(Err(e)) => return Err(e).context("reading from the broker"),
             Some(Ok(Message::Binary(bytes))) => {
-                return ServerFrame::decode(&bytes).context("undecodable frame from the broker");
+                return ServerFrame::decode_all(&bytes)
+                    .context("undecodable frame from the broker");
             }
             Some(Ok(Message::Close(frame))) => {
                 bail!(

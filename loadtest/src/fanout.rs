@@ -77,6 +77,7 @@ pub(crate) async fn fanout(args: &FanoutArgs) -> Result<Value> {
             timeout: args.common.connect_timeout,
         };
         let (mut sender_ws, _) = crate::client::connect(&target.ws, &sender, opts).await?;
+        let mut sender_frames = std::collections::VecDeque::new();
         let flat: Vec<Account> = accounts.iter().flatten().cloned().collect();
         let conns = connect_all(
             &crate::util::Targets::one(target.clone()),
@@ -118,7 +119,7 @@ pub(crate) async fn fanout(args: &FanoutArgs) -> Result<Value> {
                 // Every send's answer: all accepted.
                 let mut answers = 0;
                 while answers < frames.len() {
-                    match next(&mut sender_ws).await? {
+                    match next(&mut sender_ws, &mut sender_frames).await? {
                         ServerFrame::SendResult {
                             outcome: SendOutcome::Accepted { .. },
                             ..
@@ -245,14 +246,21 @@ fn frame_id(frame: &ClientFrame) -> EnvelopeId {
     }
 }
 
-async fn next(ws: &mut Ws) -> Result<ServerFrame> {
+/// The next frame, from `buf` (the rest of a batch) or the connection.
+async fn next(
+    ws: &mut Ws,
+    buf: &mut std::collections::VecDeque<ServerFrame>,
+) -> Result<ServerFrame> {
     loop {
+        if let Some(frame) = buf.pop_front() {
+            return Ok(frame);
+        }
         match ws
             .next()
             .await
             .context("the broker closed the connection")??
         {
-            Message::Binary(bytes) => return Ok(ServerFrame::decode(&bytes)?),
+            Message::Binary(bytes) => buf.extend(ServerFrame::decode_all(&bytes)?),
             Message::Close(_) => bail!("the broker closed the connection"),
             _ => {}
         }
@@ -266,7 +274,10 @@ async fn read_and_ack(ws: Ws, arrivals: Arc<Mutex<Arrivals>>, complete: Arc<Noti
         let Message::Binary(bytes) = msg? else {
             continue;
         };
-        if let ServerFrame::Deliver { seq, envelope } = ServerFrame::decode(&bytes)? {
+        for frame in ServerFrame::decode_all(&bytes)? {
+            let ServerFrame::Deliver { seq, envelope } = frame else {
+                continue;
+            };
             {
                 let mut a = arrivals.lock().expect("arrivals");
                 let id = a.alias.get(&envelope.id).copied().unwrap_or(envelope.id);

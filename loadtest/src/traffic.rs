@@ -601,7 +601,7 @@ async fn reader(
     tokio::pin!(ack_sleep);
     let mut armed = false;
 
-    loop {
+    'read: loop {
         tokio::select! {
             biased;
             _ = done.changed() => break,
@@ -628,8 +628,17 @@ async fn reader(
                         break;
                     }
                 };
-                match ServerFrame::decode(&bytes) {
-                    Ok(ServerFrame::SendResult { id, outcome }) => {
+                // One frame, or (`?batch=1`) a batch of them.
+                let frames = match ServerFrame::decode_all(&bytes) {
+                    Ok(frames) => frames,
+                    Err(_) => {
+                        stats.decode_errors.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                };
+                for frame in frames {
+                match frame {
+                    ServerFrame::SendResult { id, outcome } => {
                         match outcome {
                             SendOutcome::Accepted { duplicate } => {
                                 // Only accepted sends: a refusal is not a durable append, and
@@ -647,7 +656,7 @@ async fn reader(
                         stats.results.fetch_add(1, Relaxed);
                         permits.add_permits(1);
                     }
-                    Ok(ServerFrame::Deliver { seq, envelope }) => {
+                    ServerFrame::Deliver { seq, envelope } => {
                         if let Some(stamp) = stamp_of(&envelope.ciphertext) {
                             stats.record(&stats.deliver_latency, stamp);
                         }
@@ -656,21 +665,19 @@ async fn reader(
                         if pending.len() >= plan.ack_batch {
                             armed = false;
                             if acks.send(std::mem::take(&mut pending)).is_err() {
-                                break;
+                                break 'read;
                             }
                         } else if !armed {
                             ack_sleep.as_mut().reset(Instant::now() + plan.ack_delay);
                             armed = true;
                         }
                     }
-                    Ok(ServerFrame::Error { code, .. }) => stats.server_errors.add(code),
-                    Ok(ServerFrame::Notice { .. }) => {
+                    ServerFrame::Error { code, .. } => stats.server_errors.add(code),
+                    ServerFrame::Notice { .. } => {
                         stats.notices.fetch_add(1, Relaxed);
                     }
-                    Ok(_) => {}
-                    Err(_) => {
-                        stats.decode_errors.fetch_add(1, Relaxed);
-                    }
+                    _ => {}
+                }
                 }
             }
         }

@@ -66,7 +66,7 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
 pub(crate) struct Target {
     /// `http://host:port`, without a trailing slash.
     pub(crate) http: String,
-    /// `ws://host:port/v1/ws`.
+    /// `ws://host:port/v1/ws?batch=1`: this client reads `batch` messages.
     pub(crate) ws: String,
 }
 
@@ -98,7 +98,7 @@ impl Target {
         };
         Ok(Target {
             http: format!("http://{authority}"),
-            ws: format!("ws://{authority}/v1/ws"),
+            ws: format!("ws://{authority}/v1/ws?batch=1"),
         })
     }
 }
@@ -383,11 +383,11 @@ mod tests {
     fn targets_are_loopback_only() {
         let t = Target::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!(t.http, "http://127.0.0.1:8080");
-        assert_eq!(t.ws, "ws://127.0.0.1:8080/v1/ws");
+        assert_eq!(t.ws, "ws://127.0.0.1:8080/v1/ws?batch=1");
         assert!(Target::parse("http://localhost:1/").is_ok());
         assert_eq!(
             Target::parse("http://[::1]:9/").unwrap().ws,
-            "ws://[::1]:9/v1/ws"
+            "ws://[::1]:9/v1/ws?batch=1"
         );
         assert!(Target::parse("http://10.0.0.1:80").is_err());
         assert!(Target::parse("http://example.com:80").is_err());
@@ -417,7 +417,7 @@ mod tests {
                 "http://127.0.0.1:2"
             ]
         );
-        assert_eq!(pods.of(4).ws, "ws://127.0.0.1:2/v1/ws");
+        assert_eq!(pods.of(4).ws, "ws://127.0.0.1:2/v1/ws?batch=1");
         // The loopback check holds for every entry; empty entries and repeats are refused.
         assert!(Targets::parse("http://127.0.0.1:1,http://10.0.0.1:2").is_err());
         assert!(Targets::parse("http://127.0.0.1:1,").is_err());

@@ -31,6 +31,13 @@
 //! | 0x86 | `notice`         | kind (u16: 1 mailbox_full, 2 keys_low, 3 key_packages_low), device (u32) |
 //! | 0x87 | `error`          | code (u16), message (str), seq (u64 or nil)             |
 //! | 0x88 | `group_send_result` | id (bin 16), code (u16, 0 = handed to every recipient not listed), refused ([[to str, code u16, current_devices [u32]]]), epoch (u64 or nil) |
+//! | 0x8f | `batch`          | frames ([bin]): each a whole broker-to-device frame above, never a `batch` |
+//!
+//! `batch` goes only to a device that asked for it when it connected (`/v1/ws?batch=1`; an
+//! older client does not, and gets every frame as its own message): frames the broker has ready
+//! for the device at once (a backlog, a burst) travel as one message, in order, at most
+//! [`MAX_BATCH_FRAMES`](crate::limits::MAX_BATCH_FRAMES) of them.
+//! [`ServerFrame::decode_all`] reads a message of either kind.
 //!
 //! `sealed_send` is the only frame accepted on the anonymous endpoint (`/v1/sealed`), and it is
 //! accepted only there: it is not tied to any account, and the recipient's delivery token (or
@@ -418,6 +425,7 @@ const QUEUE_EMPTY: u8 = 0x85;
 const NOTICE: u8 = 0x86;
 const ERROR: u8 = 0x87;
 const GROUP_SEND_RESULT: u8 = 0x88;
+const BATCH: u8 = 0x8f;
 
 // Wire bodies: private, positional, decoupled from the public enums above.
 
@@ -664,6 +672,34 @@ impl ServerFrame {
         #[derive(Serialize)]
         struct DeliverRef<'a>(u64, &'a Envelope);
         encode(DELIVER, &DeliverRef(seq, envelope))
+    }
+
+    /// One `batch` message holding `frames` (each already encoded, in order; none a batch).
+    pub fn encode_batch<F: AsRef<[u8]>>(frames: &[F]) -> Vec<u8> {
+        let frames: Vec<&serde_bytes::Bytes> = frames
+            .iter()
+            .map(|f| serde_bytes::Bytes::new(f.as_ref()))
+            .collect();
+        encode(BATCH, &frames)
+    }
+
+    /// Decodes a WebSocket binary message received from the broker: a `batch` into its frames,
+    /// any other frame into itself alone.
+    pub fn decode_all(bytes: &[u8]) -> Result<Vec<Self>, DecodeError> {
+        let (kind, rest) = header(bytes)?;
+        if kind != BATCH {
+            return Ok(vec![Self::decode(bytes)?]);
+        }
+        let frames: Vec<ByteBuf> = body(rest)?;
+        if frames.is_empty() || frames.len() > crate::limits::MAX_BATCH_FRAMES {
+            return Err(DecodeError::Malformed(format!(
+                "a batch holds 1..={} frames, not {}",
+                crate::limits::MAX_BATCH_FRAMES,
+                frames.len()
+            )));
+        }
+        // `decode` knows no `batch`: a nested one is an unknown frame type.
+        frames.iter().map(|f| Self::decode(f)).collect()
     }
 
     /// Decodes one WebSocket binary message received from the broker.
@@ -956,6 +992,45 @@ mod tests {
                     }
                 }),
         ]
+    }
+
+    #[test]
+    fn a_batch_carries_frames_in_order_and_nothing_else() {
+        let frames = [
+            ServerFrame::Deliver {
+                seq: 1,
+                envelope: envelope(),
+            },
+            ServerFrame::Error {
+                code: ErrorCode::UnknownSeq,
+                message: "not outstanding".into(),
+                seq: Some(9),
+            },
+            ServerFrame::QueueEmpty,
+        ];
+        let encoded: Vec<Vec<u8>> = frames.iter().map(ServerFrame::encode).collect();
+        let batch = ServerFrame::encode_batch(&encoded);
+        assert_eq!(ServerFrame::decode_all(&batch).unwrap(), frames);
+        // A single frame reads as itself; `decode` alone does not know batches.
+        assert_eq!(
+            ServerFrame::decode_all(&encoded[2]).unwrap(),
+            vec![ServerFrame::QueueEmpty]
+        );
+        assert!(matches!(
+            ServerFrame::decode(&batch),
+            Err(DecodeError::UnknownFrameType(0x8f))
+        ));
+        // Nested, empty, too many, or holding junk: refused whole.
+        let nested = ServerFrame::encode_batch(std::slice::from_ref(&batch));
+        assert!(ServerFrame::decode_all(&nested).is_err());
+        let empty: [Vec<u8>; 0] = [];
+        assert!(ServerFrame::decode_all(&ServerFrame::encode_batch(&empty)).is_err());
+        let many = vec![encoded[2].clone(); crate::limits::MAX_BATCH_FRAMES + 1];
+        assert!(ServerFrame::decode_all(&ServerFrame::encode_batch(&many)).is_err());
+        let junk = ServerFrame::encode_batch(&[vec![1u8, 0x83, 0xc1]]);
+        assert!(ServerFrame::decode_all(&junk).is_err());
+        // A batch is a broker-to-device message only.
+        assert!(ClientFrame::decode(&batch).is_err());
     }
 
     #[test]

@@ -22,6 +22,13 @@ pub const MAX_DEVICES_PER_USER: usize = 16;
 /// Largest piece of an attachment upload (one `PATCH`), in bytes.
 pub const MAX_BLOB_PIECE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Most frames one `batch` message carries (the broker to a device that asked for batches).
+pub const MAX_BATCH_FRAMES: usize = 256;
+
+/// Most bytes of frames the broker puts in one `batch` message (one frame alone may be
+/// larger: it is then sent on its own).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
 /// Most sequence numbers one `ack` frame may carry.
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
 

@@ -23,7 +23,7 @@ use rand::Rng;
 use sealpost_proto::{
     ClientFrame, CloseCode, DecodeError, DeviceId, EnvelopeId, ErrorCode, Handle, SendOutcome,
     ServerFrame,
-    limits::{MAX_ACKS_PER_FRAME, MAX_FRAME_BYTES},
+    limits::{MAX_ACKS_PER_FRAME, MAX_BATCH_BYTES, MAX_BATCH_FRAMES, MAX_FRAME_BYTES},
 };
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -55,9 +55,11 @@ pub async fn upgrade(
     let ip = admit(&state, &req)?;
     let slot = admit_unauthenticated(&state, ip)?;
     let state: Arc<AppState> = Arc::clone(state.get_ref());
+    // A client that reads `batch` messages says so (older ones do not: see the protocol doc).
+    let batching = req.query_string().split('&').any(|p| p == "batch=1");
     let (response, socket) =
         Socket::accept(&req, body, state.socket_limits(MAX_FRAME_BYTES)).await?;
-    actix_web::rt::spawn(run(state, socket, slot));
+    actix_web::rt::spawn(run(state, socket, slot, batching));
     Ok(response)
 }
 
@@ -271,7 +273,12 @@ pub(crate) fn decode_close(e: &DecodeError) -> Close {
 
 /// Runs one connection to its end.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Future<Output = ()> {
+fn run(
+    state: Arc<AppState>,
+    mut socket: Socket,
+    slot: PreAuthSlot,
+    batching: bool,
+) -> impl Future<Output = ()> {
     async move {
         let _open = OpenGuard::new(&state);
         // Boxed, here and for the closes below: the task keeps its largest state for its whole
@@ -329,6 +336,7 @@ fn run(state: Arc<AppState>, mut socket: Socket, slot: PreAuthSlot) -> impl Futu
             pushes,
             kick,
             draining: false,
+            batching,
         };
         let mut shutdown = state.shutdown.clone();
         let end = socket.drive(&mut session, &mut shutdown).await;
@@ -375,6 +383,49 @@ struct DeviceSession<'a> {
     kick: oneshot::Receiver<CloseCode>,
     /// Shutdown began: acks are still taken, sends are refused.
     draining: bool,
+    /// The client reads `batch` messages: pushes that are ready together go as one.
+    batching: bool,
+}
+
+impl DeviceSession<'_> {
+    /// Writes a pushed frame, with the others already queued behind it in one `batch` message
+    /// when the client reads those: a backlog or a burst costs one WebSocket message and one
+    /// socket write per batch instead of per frame.
+    async fn write_pushes(&mut self, first: Bytes, out: &mut Writer) -> Flow {
+        if !self.batching {
+            return out.binary(first).await.map_err(|_| None);
+        }
+        let Ok(second) = self.pushes.try_recv() else {
+            return out.binary(first).await.map_err(|_| None);
+        };
+        let mut bytes = first.len() + second.len();
+        if bytes > MAX_BATCH_BYTES {
+            // Large ones (group messages) go on their own.
+            out.binary(first).await.map_err(|_| None)?;
+            return out.binary(second).await.map_err(|_| None);
+        }
+        let mut frames = vec![first, second];
+        let mut left_over = None;
+        while frames.len() < MAX_BATCH_FRAMES {
+            let Ok(next) = self.pushes.try_recv() else {
+                break;
+            };
+            if bytes + next.len() > MAX_BATCH_BYTES {
+                left_over = Some(next);
+                break;
+            }
+            bytes += next.len();
+            frames.push(next);
+        }
+        metrics::histogram!("sealpost_batch_frames").record(frames.len() as f64);
+        let batch = ServerFrame::encode_batch(&frames);
+        drop(frames);
+        out.binary(batch).await.map_err(|_| None)?;
+        match left_over {
+            Some(frame) => out.binary(frame).await.map_err(|_| None),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What the mailbox or the store has for a device session.
@@ -404,7 +455,7 @@ impl Service for DeviceSession<'_> {
             // The mailbox counted the disconnect when it kicked.
             DeviceEvent::Kicked(Some(code)) => Err(Some(Close::code(code).already_counted())),
             DeviceEvent::Kicked(None) => Err(Some(Close::code(CloseCode::GoingAway))),
-            DeviceEvent::Push(Some(frame)) => out.binary(frame).await.map_err(|_| None),
+            DeviceEvent::Push(Some(frame)) => self.write_pushes(frame, out).await,
             DeviceEvent::Push(None) => {
                 Err(Some(Close::new(CloseCode::GoingAway, "mailbox stopped")))
             }
