@@ -2,7 +2,8 @@
 # How cost grows with the work on one node (issue 11, "Scaling with the work"): W1 at several
 # numbers of connected devices, and W1 on fresh accounts beside several stored backlogs (with
 # the start-up time), the broker pinned to BROKER_CPU and the load generator to LOADTEST_CPU.
-# Appends one CSV row per run to OUT and then draws OUT as an SVG (`sealpost-loadtest plot`):
+# Appends one CSV row per run to OUT (delete it first for a fresh set: the plot draws every row)
+# and then draws OUT as an SVG (`sealpost-loadtest plot`):
 #
 #   BROKER_CPU=0 LOADTEST_CPU=1 loadtest/scaling.sh
 #   PARTS=devices DEVICES_LIST="1000 10000" RUNS=3 loadtest/scaling.sh
