@@ -128,6 +128,8 @@ fn panel(
         .y_desc(y_desc)
         .x_labels(6)
         .y_labels(6)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE)
         .label_style(("sans-serif", 11))
         .draw()?;
