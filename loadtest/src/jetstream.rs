@@ -56,12 +56,7 @@ const BATCH: usize = 200;
 
 /// Runs one workload against NATS.
 pub(crate) async fn run(workload: &Workload) -> Result<Value> {
-    let server = Nats::new(workload.common())?;
-    match workload {
-        Workload::E2e(a) => other::e2e(&server, a).await,
-        Workload::Appends(a) => other::appends(&server, a).await,
-        Workload::Idle(a) => other::idle(&server, a).await,
-    }
+    other::run(&Nats::new(workload.common())?, workload).await
 }
 
 /// A NATS server with JetStream on loopback.

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    OtherAppendsArgs, OtherCommon, OtherE2eArgs, OtherIdleArgs,
+    OtherAppendsArgs, OtherCommon, OtherE2eArgs, OtherIdleArgs, Workload,
     idle::{Hold, IdleStats, hold_idle},
     scenarios::{
         AppendsShape, E2eShape, Pacing, appends_plan, check_size, check_traffic,
@@ -29,6 +29,15 @@ use crate::{
     traffic::{Plan, Recipient, Stats, Window, drive},
     util::{check_nofile, fmt_duration, read_rss_kib, run_tag},
 };
+
+/// Runs one workload against `server`.
+pub(crate) async fn run<S: Server>(server: &S, workload: &Workload) -> Result<Value> {
+    match workload {
+        Workload::E2e(a) => e2e(server, a).await,
+        Workload::Appends(a) => appends(server, a).await,
+        Workload::Idle(a) => idle(server, a).await,
+    }
+}
 
 /// What the engine needs from a server.
 pub(crate) trait Server {

@@ -65,12 +65,7 @@ const IDLE_READ_BUFFER: usize = 4 * 1024;
 
 /// Runs one workload against ejabberd.
 pub(crate) async fn run(workload: &Workload) -> Result<Value> {
-    let server = Ejabberd::new(workload.common())?;
-    match workload {
-        Workload::E2e(a) => other::e2e(&server, a).await,
-        Workload::Appends(a) => other::appends(&server, a).await,
-        Workload::Idle(a) => other::idle(&server, a).await,
-    }
+    other::run(&Ejabberd::new(workload.common())?, workload).await
 }
 
 /// An ejabberd server on loopback.

@@ -462,6 +462,17 @@ mod tests {
         }
     }
 
+    /// Sends 1, 2 and 3 to devices 1 and 2 of a fresh store; answers the heads after them.
+    fn sends_1_to_3(store: &SledStore) -> BTreeMap<u32, HeadRecord> {
+        let mut heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+        for id in 1..=3 {
+            let (write, new) = send(store, id, &heads);
+            store.inner().write(write).unwrap();
+            heads = BTreeMap::from([(1, new[0]), (2, new[1])]);
+        }
+        heads
+    }
+
     /// Every prefix of a trim that acknowledges a queue's whole content, appended after its
     /// last stored head (trims store no head): the queue's end never goes back below what was
     /// handed out, and the counts are exact.
@@ -470,12 +481,7 @@ mod tests {
         for cut in 0..=3 {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
-            let mut heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-            for id in 1..=3 {
-                let (write, new) = send(&store, id, &heads);
-                store.inner().write(write).unwrap();
-                heads = BTreeMap::from([(1, new[0]), (2, new[1])]);
-            }
+            sends_1_to_3(&store);
             let mut trim = trim_write(USER, 1, &[1, 2, 3]);
             assert_eq!(trim.ops.len(), 3);
             trim.ops.truncate(cut);
@@ -495,12 +501,7 @@ mod tests {
     fn closed_queues_open_from_their_heads_and_lose_the_mark() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let mut heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
-        for id in 1..=3 {
-            let (write, new) = send(&store, id, &heads);
-            store.inner().write(write).unwrap();
-            heads = BTreeMap::from([(1, new[0]), (2, new[1])]);
-        }
+        let mut heads = sends_1_to_3(&store);
         // What the writer holds in memory differs from the queue on purpose: the stored heads
         // are believed when the mark stands.
         let believed = HeadRecord {
