@@ -105,41 +105,34 @@ struct SledUserInbox {
     /// The id [`UserInbox::duplicate`] last found new: its append, which the writer makes
     /// next, need not look it up again.
     checked_new: Option<[u8; 16]>,
-    /// Envelopes the sweep removed, so that a trim need not read whether each acknowledged
-    /// one is still stored.
+    /// Envelopes the sweep removed lately, so that a trim need not read whether each
+    /// acknowledged one is still stored.
     expired: Expired,
     /// A write failed: what is in memory may not be what is stored, so closing does not
     /// mark the heads exact.
     failed: bool,
 }
 
-/// The (device, seq) of envelopes the sweep removed from open queues, until a trim past
-/// them. Bounded: past [`Expired::MAX`] entries it gives up, and trims read the store.
+/// The (device, seq) of envelopes the sweep removed lately. A mailbox never acknowledges one
+/// of those (it marks the ones in flight as expired, and the rest are never delivered), so a
+/// trim trusts that what it is given is stored, but for these: recent ones, in case an ack
+/// crossed the sweep. Bounded: past [`Expired::MAX`] entries the older ones are forgotten.
 #[derive(Default)]
-struct Expired {
-    seqs: std::collections::BTreeSet<(u32, u64)>,
-    overflowed: bool,
-}
+struct Expired(std::collections::BTreeSet<(u32, u64)>);
 
 impl Expired {
     const MAX: usize = 4096;
 
     fn insert(&mut self, device: u32, seq: u64) {
-        if self.seqs.len() >= Self::MAX {
-            self.overflowed = true;
-            self.seqs.clear();
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
         }
-        if !self.overflowed {
-            self.seqs.insert((device, seq));
-        }
+        self.0.insert((device, seq));
     }
 
-    /// Whether the envelope at `seq` is known to be stored still (`None`: unknown).
-    fn holds(&mut self, device: u32, seq: u64) -> Option<bool> {
-        if self.overflowed {
-            return None;
-        }
-        Some(!self.seqs.remove(&(device, seq)))
+    /// Whether the envelope at `seq` is still stored, as far as trims need to know.
+    fn holds(&mut self, device: u32, seq: u64) -> bool {
+        !self.0.remove(&(device, seq))
     }
 }
 
@@ -285,11 +278,7 @@ impl UserInbox for SledUserInbox {
         for t in acked {
             // One already gone (expired meanwhile) was taken off the counts then: counting it
             // again would undercount the queue against its quota for good.
-            let held = match self.expired.holds(device, t.seq) {
-                Some(held) => held,
-                None => self.inner.holds(&self.user, device, t.seq)?,
-            };
-            if !held {
+            if !self.expired.holds(device, t.seq) {
                 continue;
             }
             removed.push(t.seq);

@@ -418,13 +418,6 @@ impl Inner {
         }
     }
 
-    /// Whether the envelope at `seq` of a device queue is stored.
-    pub(super) fn holds(&self, user: &str, device: u32, seq: u64) -> Result<bool> {
-        Ok(self
-            .queues
-            .contains_key(keys::envelope(&self.keyring.user(user), device, seq))?)
-    }
-
     /// Whether layout 2's per-envelope expiry index entry for the envelope at `seq` exists
     /// (layout 3 indexes sends, through their dedup records).
     pub(super) fn indexed_alone(
