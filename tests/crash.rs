@@ -371,11 +371,15 @@ async fn queue_ends_survive_acks_without_stored_heads() {
     broker.restart();
     let mut b = Device::connect(&broker, &bob).await;
     assert!(b.backlog().await.is_empty());
-    assert_eq!(
-        broker.metric("sealpost_queues_recounted_total").await,
-        0.0,
-        "closed queues open from their heads"
-    );
+    // The sled store's heads (the NATS store keeps its queue ends in the stream itself).
+    let sled = !nats_store();
+    if sled {
+        assert_eq!(
+            broker.metric("sealpost_queues_recounted_total").await,
+            0.0,
+            "closed queues open from their heads"
+        );
+    }
     let mut a = Device::connect(&broker, &alice).await;
     a.send_and_wait(eid(), &bob.user, &[bob.device], b"y").await;
     let (seq, _) = b.deliver().await;
@@ -392,7 +396,9 @@ async fn queue_ends_survive_acks_without_stored_heads() {
         b.backlog().await.is_empty(),
         "acknowledged envelopes came back"
     );
-    assert!(broker.metric("sealpost_queues_recounted_total").await >= 1.0);
+    if sled {
+        assert!(broker.metric("sealpost_queues_recounted_total").await >= 1.0);
+    }
     let mut a = Device::connect(&broker, &alice).await;
     a.send_and_wait(eid(), &bob.user, &[bob.device], b"z").await;
     let (seq, _) = b.deliver().await;
