@@ -564,7 +564,9 @@ async fn a_backlog_comes_in_batches_to_a_client_that_asks_for_them() {
         (1..=200).collect::<Vec<u64>>(),
         "every frame, in order"
     );
-    assert!(messages < 20, "200 deliveries came in {messages} messages");
+    // The mailbox pushes a page of the backlog at once (corked): however slow the machine,
+    // the session finds it all queued.
+    assert!(messages <= 2, "200 deliveries came in {messages} messages");
 
     // Without asking: one frame per message (the helper decodes each with `decode`).
     drop(b);

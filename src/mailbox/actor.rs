@@ -303,6 +303,8 @@ impl Mailbox {
         if live.reading {
             return;
         }
+        // What this pump pushes reaches the session together (one `batch` message).
+        let _cork = live.conn.tx.cork();
         let mut slow = false;
         let mut failed = false;
         while live.in_flight.len() < window && live.cursor < q.durable_next {
@@ -389,6 +391,8 @@ impl Mailbox {
             return;
         };
         live.reading = false;
+        // The page and what the pump adds to it reach the session together.
+        let _cork = live.conn.tx.cork();
         match result {
             Ok(batch) => {
                 if !live.take_batch(&mut q.pushed_hwm, batch, limit, want) {

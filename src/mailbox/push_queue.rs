@@ -6,7 +6,10 @@
 //! buffer exists while frames wait and is given back once the session has drained it.
 //!
 //! The interface is the subset of tokio's `mpsc` the mailbox and the session use: the mailbox
-//! only ever `try_send`s (a full queue means a slow consumer), the session `recv`s.
+//! only ever `try_send`s (a full queue means a slow consumer), the session `recv`s. One
+//! addition: the mailbox can [`cork`](Sender::cork) the queue while it pushes a page of the
+//! backlog, so the session sees the page at once (and writes it as one `batch` message)
+//! instead of racing the mailbox frame by frame.
 
 use std::{
     collections::VecDeque,
@@ -19,6 +22,10 @@ use actix_web::web::Bytes;
 
 struct State {
     queue: VecDeque<Bytes>,
+    /// Frames at the back of `queue` the receiver cannot see yet: queued while corked.
+    held: usize,
+    /// Live [`Cork`]s; the held frames show when the last one goes.
+    corks: u32,
     /// The receiver's waker, while it waits for a frame.
     waker: Option<Waker>,
     sender_alive: bool,
@@ -42,6 +49,8 @@ pub fn channel(capacity: usize) -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
+            held: 0,
+            corks: 0,
             waker: None,
             sender_alive: true,
             receiver_alive: true,
@@ -95,12 +104,25 @@ impl Sender {
                 return Err(TrySendError::Full);
             }
             state.queue.push_back(frame);
+            if state.corks > 0 {
+                state.held += 1;
+                return Ok(());
+            }
             state.waker.take()
         };
         if let Some(waker) = waker {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// Holds back what is sent from now until the returned guard drops; then the receiver
+    /// sees it all at once. Corks nest.
+    pub fn cork(&self) -> Cork {
+        self.shared.lock().corks += 1;
+        Cork {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Free slots.
@@ -111,11 +133,36 @@ impl Sender {
     }
 }
 
+/// Frames sent while this lives are held back; see [`Sender::cork`].
+pub struct Cork {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.corks = state.corks.saturating_sub(1);
+            if state.corks > 0 || state.held == 0 {
+                return;
+            }
+            state.held = 0;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
 impl Drop for Sender {
     fn drop(&mut self) {
         let waker = {
             let mut state = self.shared.lock();
             state.sender_alive = false;
+            // Nothing more is coming: what was held shows now.
+            state.held = 0;
+            state.corks = 0;
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -131,6 +178,9 @@ pub struct Receiver {
 
 impl Receiver {
     fn pop(state: &mut State) -> Option<Bytes> {
+        if state.queue.len() == state.held {
+            return None;
+        }
         let frame = state.queue.pop_front()?;
         if state.queue.is_empty() {
             // Drained: give the buffer back, so an idle connection holds none.
@@ -177,6 +227,7 @@ impl Drop for Receiver {
             let mut state = self.shared.lock();
             state.receiver_alive = false;
             state.waker = None;
+            state.held = 0;
             std::mem::take(&mut state.queue)
         };
         drop(queued);
@@ -232,5 +283,38 @@ mod tests {
             tx.try_send(Bytes::from_static(b"e")),
             Err(TrySendError::Closed)
         );
+    }
+
+    #[test]
+    fn a_cork_shows_what_was_sent_under_it_at_once() {
+        let (tx, mut rx) = channel(8);
+        let flag = Arc::new(Flag(false.into()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        tx.try_send(Bytes::from_static(b"a")).expect("room");
+        let outer = tx.cork();
+        let inner = tx.cork();
+        tx.try_send(Bytes::from_static(b"b")).expect("room");
+        tx.try_send(Bytes::from_static(b"c")).expect("room");
+        assert_eq!(tx.capacity(), 5, "held frames take room");
+        assert_eq!(rx.try_recv(), Ok(Bytes::from_static(b"a")), "sent before");
+        assert!(rx.poll_recv(&mut cx).is_pending(), "held back");
+        drop(inner);
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty), "corks nest");
+        assert!(!flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        drop(outer);
+        assert!(
+            flag.0.load(std::sync::atomic::Ordering::SeqCst),
+            "woken once"
+        );
+        assert_eq!(rx.try_recv(), Ok(Bytes::from_static(b"b")));
+        assert_eq!(rx.try_recv(), Ok(Bytes::from_static(b"c")));
+
+        // A sender that goes while corked leaves nothing hidden.
+        let _cork = tx.cork();
+        tx.try_send(Bytes::from_static(b"d")).expect("room");
+        drop(tx);
+        assert_eq!(rx.try_recv(), Ok(Bytes::from_static(b"d")));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
     }
 }
