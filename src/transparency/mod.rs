@@ -73,6 +73,9 @@ impl VRFKeyStorage for Vrf {
     }
 }
 
+/// How many times [`Log::history`] builds a proof that an epoch published meanwhile spoilt.
+const HISTORY_ATTEMPTS: usize = 8;
+
 /// Why the log could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -468,13 +471,29 @@ impl Log {
     ) -> Result<(SignedRoot, Vec<u8>), LogError> {
         let view = &self.inner.view;
         let label = AkdLabel(handle.as_bytes().to_vec());
-        let (proof, epoch) = view
-            .directory
-            .key_history(&label, HistoryParams::MostRecent(versions.max(1)))
-            .await
-            .map_err(akd("a history proof"))?;
-        let root = view.root(epoch.0).await?.ok_or(LogError::NotPublished)?;
-        Ok((root, rmp_serde::to_vec(&proof).map_err(encoding)?))
+        // akd's `key_history` reads the tree's epoch once for the root it names and again
+        // for each version's proof: an epoch published in between leaves proofs that match
+        // no root. Epochs only grow, so a proof whose epoch is still the newest when it is
+        // done was built at that epoch throughout; otherwise it is built again.
+        for _ in 0..HISTORY_ATTEMPTS {
+            let (proof, epoch) = view
+                .directory
+                .key_history(&label, HistoryParams::MostRecent(versions.max(1)))
+                .await
+                .map_err(akd("a history proof"))?;
+            let now = view
+                .directory
+                .get_epoch_hash()
+                .await
+                .map_err(akd("reading the epoch"))?;
+            if now.0 != epoch.0 {
+                continue;
+            }
+            let root = view.root(epoch.0).await?.ok_or(LogError::NotPublished)?;
+            return Ok((root, rmp_serde::to_vec(&proof).map_err(encoding)?));
+        }
+        // Epochs came faster than proofs could be built: the client asks again later.
+        Err(LogError::NotPublished)
     }
 
     /// Publishes what is pending, at most one epoch per interval, until the process ends.

@@ -9,7 +9,10 @@ use serde_bytes::ByteBuf;
 use super::{Config, Log, LogSettings, audit::verify_append_only};
 use crate::{
     crypto::{LogKeys, verify_log_signature},
-    store::transparency::memory::MemoryTransparency,
+    store::{
+        StoreFuture,
+        transparency::{KtBatch, TransparencyStore, memory::MemoryTransparency},
+    },
 };
 
 /// A signed device-list blob as clients publish it (the signature is not checked by the log).
@@ -172,4 +175,129 @@ async fn a_relaying_broker_refuses_a_tampered_proof_a_foreign_list_and_a_forged_
             .await
             .is_err()
     );
+}
+
+/// The in-memory log store, whose next `states` read can be held at a gate: it says when it
+/// got there and waits to be let through.
+struct Gated {
+    store: MemoryTransparency,
+    gate: std::sync::Mutex<Option<Gate>>,
+}
+
+/// Tells the test a read reached the gate; waits for the test to let it through.
+type Gate = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
+
+impl TransparencyStore for Gated {
+    fn write(&self, batch: KtBatch) -> StoreFuture<()> {
+        self.store.write(batch)
+    }
+    fn records(&self, ids: Vec<Vec<u8>>) -> StoreFuture<Vec<Option<Vec<u8>>>> {
+        self.store.records(ids)
+    }
+    fn states(&self, label: Vec<u8>) -> StoreFuture<Vec<Vec<u8>>> {
+        let gate = self.gate.lock().expect("gate lock").take();
+        let read = self.store.states(label);
+        Box::pin(async move {
+            if let Some((reached, through)) = gate {
+                let _ = reached.send(());
+                let _ = through.await;
+            }
+            read.await
+        })
+    }
+    fn everything(&self) -> StoreFuture<Vec<Vec<u8>>> {
+        self.store.everything()
+    }
+    fn put_root(&self, epoch: u64, root: Vec<u8>) -> StoreFuture<()> {
+        self.store.put_root(epoch, root)
+    }
+    fn roots(&self, from: u64, to: u64) -> StoreFuture<Vec<Vec<u8>>> {
+        self.store.roots(from, to)
+    }
+    fn latest_root(&self) -> StoreFuture<Option<Vec<u8>>> {
+        self.store.latest_root()
+    }
+    fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        auditor: &str,
+        cosignature: Vec<u8>,
+    ) -> StoreFuture<()> {
+        self.store
+            .put_cosignature(domain, epoch, auditor, cosignature)
+    }
+    fn cosignatures(&self, domain: &str, epoch: u64) -> StoreFuture<Vec<Vec<u8>>> {
+        self.store.cosignatures(domain, epoch)
+    }
+    fn prune_cosignatures(&self, domain: &str, before_epoch: u64) -> StoreFuture<()> {
+        self.store.prune_cosignatures(domain, before_epoch)
+    }
+    fn audited(&self, domain: &str) -> StoreFuture<Option<Vec<u8>>> {
+        self.store.audited(domain)
+    }
+    fn set_audited(&self, domain: &str, root: Vec<u8>) -> StoreFuture<()> {
+        self.store.set_audited(domain, root)
+    }
+}
+
+/// akd builds a history proof from several reads of the tree; an epoch published between
+/// them (here, for another user) must not leave a proof that no signed root verifies
+/// (CI once saw a linking device refuse its own account's log for this).
+#[tokio::test]
+async fn a_history_proof_built_across_a_publish_still_verifies() {
+    let store = Arc::new(Gated {
+        store: MemoryTransparency::new(),
+        gate: std::sync::Mutex::default(),
+    });
+    let log = Log::open(
+        "a.example".into(),
+        store.clone(),
+        LogKeys::from_seeds([1; 32], [2; 32]),
+        LogSettings {
+            epoch_interval: Duration::from_millis(1),
+            wait: Duration::from_secs(10),
+            equivocate_to: Vec::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let alice = list("alice@a.example", 1, 7);
+    log.update("alice@a.example", &alice);
+    log.evidence("alice@a.example", &alice, None, true)
+        .await
+        .unwrap();
+
+    // The history read stops between akd's reads of the tree; bob's list is published.
+    let (reached, at_gate) = tokio::sync::oneshot::channel();
+    let (let_through, through) = tokio::sync::oneshot::channel();
+    *store.gate.lock().unwrap() = Some((reached, through));
+    let history = tokio::spawn({
+        let log = log.clone();
+        async move { log.history("alice@a.example", 8).await }
+    });
+    at_gate.await.expect("the history read reached the gate");
+    let before = *log.inner.epoch.borrow();
+    let mut epochs = log.inner.epoch.subscribe();
+    log.update("bob@a.example", &list("bob@a.example", 1, 8));
+    epochs.wait_for(|&e| e > before).await.unwrap();
+    let_through.send(()).unwrap();
+
+    let (root, proof) = history.await.unwrap().unwrap();
+    let proof = rmp_serde::from_slice(&proof).unwrap();
+    let versions = akd::verify::history::key_history_verify::<Config>(
+        &root.vrf_key,
+        root.root_hash,
+        root.epoch,
+        AkdLabel(b"alice@a.example".to_vec()),
+        proof,
+        akd::HistoryVerificationParams::Default {
+            history_params: akd::HistoryParams::MostRecent(8),
+        },
+    )
+    .expect("the proof verifies against the root it came with");
+    assert_eq!(value_master_key(&versions[0].value.0), Some([7; 32]));
 }
