@@ -59,6 +59,8 @@
 //! An envelope names its recipient device (by being in that device's queue) and nothing about
 //! its sender: the sender identity, if any, is inside the ciphertext.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -686,9 +688,19 @@ impl ServerFrame {
     /// Decodes a WebSocket binary message received from the broker: a `batch` into its frames,
     /// any other frame into itself alone.
     pub fn decode_all(bytes: &[u8]) -> Result<Vec<Self>, DecodeError> {
+        Self::unbatch(bytes)?
+            .iter()
+            .map(|frame| Self::decode(frame))
+            .collect()
+    }
+
+    /// The frames of a WebSocket binary message received from the broker, still encoded: a
+    /// `batch`'s frames, or the message itself. For clients that hand each frame on as bytes
+    /// (the browser's page gives them to its engine one at a time).
+    pub fn unbatch(bytes: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, DecodeError> {
         let (kind, rest) = header(bytes)?;
         if kind != BATCH {
-            return Ok(vec![Self::decode(bytes)?]);
+            return Ok(vec![Cow::Borrowed(bytes)]);
         }
         let frames: Vec<ByteBuf> = body(rest)?;
         if frames.is_empty() || frames.len() > crate::limits::MAX_BATCH_FRAMES {
@@ -698,8 +710,14 @@ impl ServerFrame {
                 frames.len()
             )));
         }
-        // `decode` knows no `batch`: a nested one is an unknown frame type.
-        frames.iter().map(|f| Self::decode(f)).collect()
+        // Nested batches are refused here, not left to `decode`: a caller may only split.
+        if frames.iter().any(|f| f.get(1) == Some(&BATCH)) {
+            return Err(DecodeError::Malformed("a batch inside a batch".into()));
+        }
+        Ok(frames
+            .into_iter()
+            .map(|f| Cow::Owned(f.into_vec()))
+            .collect())
     }
 
     /// Decodes one WebSocket binary message received from the broker.
@@ -1031,6 +1049,17 @@ mod tests {
         assert!(ServerFrame::decode_all(&junk).is_err());
         // A batch is a broker-to-device message only.
         assert!(ClientFrame::decode(&batch).is_err());
+        // Split without decoding: the frames' own bytes, or the message itself.
+        let split = ServerFrame::unbatch(&batch).unwrap();
+        assert_eq!(
+            split.iter().map(|f| f.to_vec()).collect::<Vec<_>>(),
+            encoded
+        );
+        assert_eq!(
+            ServerFrame::unbatch(&encoded[0]).unwrap(),
+            vec![&encoded[0][..]]
+        );
+        assert!(ServerFrame::unbatch(&nested).is_err(), "not even split");
     }
 
     #[test]

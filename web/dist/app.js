@@ -10,7 +10,7 @@
 // an identity error.
 
 import init, {
-  PendingAccount, Engine, FileUpload, FileDownload, sdp_fingerprint, fingerprints_match,
+  PendingAccount, Engine, FileUpload, FileDownload, sdp_fingerprint, fingerprints_match, unbatch,
 } from './pkg/sealpost_web.js';
 import { drawQr } from './qr.js';
 
@@ -857,7 +857,8 @@ async function connect() {
   try {
     // The token goes on a short request (its connection closes); the socket gets a ticket.
     ({ ticket } = await api('POST', `/v1/accounts/${encodeURIComponent(engine.handle())}/session-ticket`, { auth: true }));
-    ws = await openSocket('/v1/ws', onFrame);
+    // A backlog (or a burst) comes as one `batch` message of frames.
+    ws = await openSocket('/v1/ws?batch=1', onMessage);
   } catch (e) {
     setOnline(false);
     retryConnect();
@@ -930,6 +931,17 @@ function setOnline(online) {
       }
     }, 2500);
   }
+}
+
+function onMessage(bytes) {
+  let frames;
+  try {
+    frames = unbatch(bytes);
+  } catch (e) {
+    // Not a batch we can split: the engine says what is wrong with it.
+    frames = [bytes];
+  }
+  for (const frame of frames) onFrame(frame);
 }
 
 function onFrame(bytes) {

@@ -1712,6 +1712,19 @@ fn group_event_json(event: &engine::GroupEvent) -> Value {
     }
 }
 
+/// The frames of a message from `/v1/ws` (the page asks for `batch` messages: a backlog or a
+/// burst comes as one), each to give to [`Engine::receive`] in order. (The page's alone: the
+/// host build, for tests, has no JS arrays.)
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen]
+pub fn unbatch(message: &[u8]) -> Result<Vec<js_sys::Uint8Array>, JsError> {
+    Ok(ServerFrame::unbatch(message)
+        .map_err(err)?
+        .iter()
+        .map(|frame| js_sys::Uint8Array::from(&frame[..]))
+        .collect())
+}
+
 /// The DTLS fingerprint (`"sha-256 AB:CD:…"`) of an SDP's `a=fingerprint` line, normalised
 /// (lower-case algorithm, upper-case hex), or `""` if it has none or several different ones.
 #[wasm_bindgen]

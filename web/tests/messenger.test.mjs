@@ -363,14 +363,32 @@ test('a reload asks for the passphrase, refuses a wrong one, and keeps the accou
     "That passphrase isn't right. Check it (and Caps Lock) and try again.");
   await screenshots(bob.page, 'unlock');
   await bob.page.evaluate(() => { window.sealpostDebug.errors.length = 0; });
+  // While Bob is away Alice writes three times; the broker has them all.
+  for (const text of ['One', 'Two', 'Three']) await sendText(alice, text);
+  await alice.page.waitForFunction(() => {
+    const own = [...document.querySelectorAll('#messages li.outgoing')].slice(-3);
+    return own.length === 3 && own.every((li) => li.dataset.state && li.dataset.state !== 'sending');
+  }, null, { timeout: WAIT_MS });
+  // His backlog comes as one `batch` message on his socket.
+  const batches = [];
+  bob.page.on('websocket', (socket) => {
+    if (!socket.url().endsWith('/v1/ws?batch=1')) return;
+    socket.on('framereceived', ({ payload }) => {
+      if (typeof payload !== 'string' && payload[1] === 0x8f) batches.push(payload.length);
+    });
+  });
   await bob.page.fill('#unlock-passphrase', PASSPHRASE);
   await bob.page.click('#unlock-button');
   await bob.page.waitForFunction(() => window.sealpostDebug.online, null, { timeout: WAIT_MS });
   assert.equal(await bob.page.textContent('#me'), 'bob@localhost');
   await bob.page.waitForFunction(() => document.querySelector('#conversations button[data-handle="alice@localhost"] .preview')
-    ?.textContent === 'back online');
+    ?.textContent === 'Three');
+  assert.ok(batches.length >= 1, 'the backlog came batched');
   await bob.page.click('#conversations button[data-handle="alice@localhost"]');
   await waitForMessage(bob, 'Dinner at 8?');
+  const incoming = await bob.page.evaluate(() => [...document.querySelectorAll('#messages li.incoming .text')]
+    .map((el) => el.textContent));
+  assert.deepEqual(incoming.slice(-3), ['One', 'Two', 'Three'], 'in order');
   // The call history is kept too (encrypted, with the page's own state).
   await bob.page.waitForFunction(() => [...document.querySelectorAll('#messages li.event')]
     .some((li) => li.textContent.startsWith('Missed call')));
