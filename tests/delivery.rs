@@ -523,28 +523,19 @@ async fn a_client_that_closes_gets_the_closing_handshake() {
     assert_eq!(broker.metric("sealpost_disconnects_total").await, 1.0);
 }
 
-/// A device that asks for batches (`/v1/ws?batch=1`) gets its backlog in a few `batch`
-/// messages, every frame in order; one that does not gets one frame per message, as before.
-#[tokio::test]
-async fn a_backlog_comes_in_batches_to_a_client_that_asks_for_them() {
+/// Connects `user`'s device asking for batches and reads its backlog: the WebSocket messages
+/// it came in, and the sequence numbers of its deliveries.
+async fn batched_backlog(broker: &Broker, user: &Creds) -> (usize, Vec<u64>) {
     use futures_util::StreamExt as _;
     use tokio_tungstenite::tungstenite::Message;
-
-    let broker = Broker::start(&[]);
-    let alice = register(&broker, "alice@test.example").await;
-    let bob = register(&broker, "bob@test.example").await;
-    let mut a = Device::connect(&broker, &alice).await;
-    for i in 0..200u8 {
-        a.send_and_wait(eid(), &bob.user, &[bob.device], &[i]).await;
-    }
 
     let (ws, _) = tokio_tungstenite::connect_async(format!("{}?batch=1", broker.ws_url()))
         .await
         .expect("connect");
-    let mut b = Device::authenticate(ws, &bob).await;
+    let mut device = Device::authenticate(ws, user).await;
     let (mut messages, mut frames) = (0, Vec::new());
     while !frames.contains(&ServerFrame::QueueEmpty) {
-        let bytes = match tokio::time::timeout(WAIT, b.ws.next()).await {
+        let bytes = match tokio::time::timeout(WAIT, device.ws.next()).await {
             Ok(Some(Ok(Message::Binary(bytes)))) => bytes,
             Ok(Some(Ok(_))) => continue,
             other => panic!("no backlog: {other:?}"),
@@ -552,13 +543,35 @@ async fn a_backlog_comes_in_batches_to_a_client_that_asks_for_them() {
         messages += 1;
         frames.extend(ServerFrame::decode_all(&bytes).expect("frames decode"));
     }
-    let seqs: Vec<u64> = frames
+    let seqs = frames
         .iter()
         .filter_map(|f| match f {
             ServerFrame::Deliver { seq, .. } => Some(*seq),
             _ => None,
         })
         .collect();
+    (messages, seqs)
+}
+
+/// A device that asks for batches (`/v1/ws?batch=1`) gets its backlog in a few `batch`
+/// messages, every frame in order; one that does not gets one frame per message, as before.
+#[tokio::test]
+async fn a_backlog_comes_in_batches_to_a_client_that_asks_for_them() {
+    let broker = Broker::start(&[]);
+    let alice = register(&broker, "alice@test.example").await;
+    let bob = register(&broker, "bob@test.example").await;
+    let carol = register(&broker, "carol@test.example").await;
+    let mut a = Device::connect(&broker, &alice).await;
+    for i in 0..200u8 {
+        a.send_and_wait(eid(), &bob.user, &[bob.device], &[i]).await;
+    }
+    for i in 0..20u8 {
+        let large = vec![i; 60 * 1024];
+        a.send_and_wait(eid(), &carol.user, &[carol.device], &large)
+            .await;
+    }
+
+    let (messages, seqs) = batched_backlog(&broker, &bob).await;
     assert_eq!(
         seqs,
         (1..=200).collect::<Vec<u64>>(),
@@ -568,8 +581,20 @@ async fn a_backlog_comes_in_batches_to_a_client_that_asks_for_them() {
     // the session finds it all queued.
     assert!(messages <= 2, "200 deliveries came in {messages} messages");
 
+    // Large frames: four fit in a batch's 256 KiB, and the one that does not starts the
+    // next batch (not a message of its own).
+    let (messages, seqs) = batched_backlog(&broker, &carol).await;
+    assert_eq!(
+        seqs,
+        (1..=20).collect::<Vec<u64>>(),
+        "every frame, in order"
+    );
+    assert!(
+        messages <= 6,
+        "20 large deliveries came in {messages} messages"
+    );
+
     // Without asking: one frame per message (the helper decodes each with `decode`).
-    drop(b);
     let mut old = Device::connect(&broker, &bob).await;
     assert_eq!(old.backlog().await.len(), 200);
 }

@@ -395,36 +395,38 @@ impl DeviceSession<'_> {
         if !self.batching {
             return out.binary(first).await.map_err(|_| None);
         }
-        let Ok(second) = self.pushes.try_recv() else {
-            return out.binary(first).await.map_err(|_| None);
-        };
-        let mut bytes = first.len() + second.len();
-        if bytes > MAX_BATCH_BYTES {
-            // Large ones (group messages) go on their own.
-            out.binary(first).await.map_err(|_| None)?;
-            return out.binary(second).await.map_err(|_| None);
-        }
-        let mut frames = vec![first, second];
-        let mut left_over = None;
-        while frames.len() < MAX_BATCH_FRAMES {
-            let Ok(next) = self.pushes.try_recv() else {
-                break;
-            };
-            if bytes + next.len() > MAX_BATCH_BYTES {
-                left_over = Some(next);
-                break;
+        // What is queued now (a corked page of a backlog, a burst) goes in as few messages as
+        // the batch limits allow; a frame that does not fit starts the next one.
+        let mut next = Some(first);
+        while let Some(first) = next.take() {
+            let mut bytes = first.len();
+            let mut frames = vec![first];
+            while frames.len() < MAX_BATCH_FRAMES {
+                let Ok(frame) = self.pushes.try_recv() else {
+                    break;
+                };
+                if bytes + frame.len() > MAX_BATCH_BYTES {
+                    next = Some(frame);
+                    break;
+                }
+                bytes += frame.len();
+                frames.push(frame);
             }
-            bytes += next.len();
-            frames.push(next);
+            if frames.len() == MAX_BATCH_FRAMES {
+                next = self.pushes.try_recv().ok();
+            }
+            let message = match frames.len() {
+                // Alone (nothing else was ready, or it is large: a group message).
+                1 => frames.pop().expect("one frame"),
+                n => {
+                    metrics::histogram!("sealpost_batch_frames").record(n as f64);
+                    Bytes::from(ServerFrame::encode_batch(&frames))
+                }
+            };
+            drop(frames);
+            out.binary(message).await.map_err(|_| None)?;
         }
-        metrics::histogram!("sealpost_batch_frames").record(frames.len() as f64);
-        let batch = ServerFrame::encode_batch(&frames);
-        drop(frames);
-        out.binary(batch).await.map_err(|_| None)?;
-        match left_over {
-            Some(frame) => out.binary(frame).await.map_err(|_| None),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 
