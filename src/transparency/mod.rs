@@ -489,7 +489,19 @@ impl Log {
             if now.0 != epoch.0 {
                 continue;
             }
-            let root = view.root(epoch.0).await?.ok_or(LogError::NotPublished)?;
+            let root = match view.root(epoch.0).await? {
+                Some(root) => root,
+                // Published, not signed yet: the publisher signs it next.
+                None => {
+                    let mut epochs = self.inner.epoch.subscribe();
+                    let signed = epochs.wait_for(|&signed| signed >= epoch.0);
+                    match tokio::time::timeout(self.inner.settings.wait, signed).await {
+                        Ok(Ok(_)) => {}
+                        _ => return Err(LogError::NotPublished),
+                    }
+                    view.root(epoch.0).await?.ok_or(LogError::NotPublished)?
+                }
+            };
             return Ok((root, rmp_serde::to_vec(&proof).map_err(encoding)?));
         }
         // Epochs came faster than proofs could be built: the client asks again later.

@@ -32,9 +32,13 @@ fn list(user: &str, version: u64, master: u8) -> Vec<u8> {
 }
 
 async fn open(equivocate_to: Vec<String>) -> Log {
+    open_on(Arc::new(MemoryTransparency::new()), equivocate_to).await
+}
+
+async fn open_on(store: Arc<dyn TransparencyStore>, equivocate_to: Vec<String>) -> Log {
     Log::open(
         "a.example".into(),
-        Arc::new(MemoryTransparency::new()),
+        store,
         LogKeys::from_seeds([1; 32], [2; 32]),
         LogSettings {
             epoch_interval: Duration::from_millis(10),
@@ -177,18 +181,57 @@ async fn a_relaying_broker_refuses_a_tampered_proof_a_foreign_list_and_a_forged_
     );
 }
 
-/// The in-memory log store, whose next `states` read can be held at a gate: it says when it
-/// got there and waits to be let through.
+/// The in-memory log store, whose next `states` read or `put_root` write can be held at a
+/// gate: it says when it got there and waits to be let through.
 struct Gated {
     store: MemoryTransparency,
     gate: std::sync::Mutex<Option<Gate>>,
+    root_gate: std::sync::Mutex<Option<Gate>>,
 }
 
-/// Tells the test a read reached the gate; waits for the test to let it through.
+/// Tells the test a call reached the gate; waits for the test to let it through.
 type Gate = (
     tokio::sync::oneshot::Sender<()>,
     tokio::sync::oneshot::Receiver<()>,
 );
+
+impl Gated {
+    fn new() -> Arc<Gated> {
+        Arc::new(Gated {
+            store: MemoryTransparency::new(),
+            gate: std::sync::Mutex::default(),
+            root_gate: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Arms `gate`: the receiver says when a call got there, the sender lets it through.
+    fn arm(
+        gate: &std::sync::Mutex<Option<Gate>>,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (reached, at_gate) = tokio::sync::oneshot::channel();
+        let (let_through, through) = tokio::sync::oneshot::channel();
+        *gate.lock().expect("gate lock") = Some((reached, through));
+        (at_gate, let_through)
+    }
+}
+
+/// Waits at `gate` if it is armed, then runs `call`.
+fn gated<T: Send + 'static>(
+    gate: &std::sync::Mutex<Option<Gate>>,
+    call: StoreFuture<T>,
+) -> StoreFuture<T> {
+    let gate = gate.lock().expect("gate lock").take();
+    Box::pin(async move {
+        if let Some((reached, through)) = gate {
+            let _ = reached.send(());
+            let _ = through.await;
+        }
+        call.await
+    })
+}
 
 impl TransparencyStore for Gated {
     fn write(&self, batch: KtBatch) -> StoreFuture<()> {
@@ -198,21 +241,18 @@ impl TransparencyStore for Gated {
         self.store.records(ids)
     }
     fn states(&self, label: Vec<u8>) -> StoreFuture<Vec<Vec<u8>>> {
-        let gate = self.gate.lock().expect("gate lock").take();
-        let read = self.store.states(label);
-        Box::pin(async move {
-            if let Some((reached, through)) = gate {
-                let _ = reached.send(());
-                let _ = through.await;
-            }
-            read.await
-        })
+        gated(&self.gate, self.store.states(label))
     }
     fn everything(&self) -> StoreFuture<Vec<Vec<u8>>> {
         self.store.everything()
     }
     fn put_root(&self, epoch: u64, root: Vec<u8>) -> StoreFuture<()> {
-        self.store.put_root(epoch, root)
+        // The memory store writes when called: the write itself must wait.
+        let store = self.store.clone();
+        gated(
+            &self.root_gate,
+            Box::pin(async move { store.put_root(epoch, root).await }),
+        )
     }
     fn roots(&self, from: u64, to: u64) -> StoreFuture<Vec<Vec<u8>>> {
         self.store.roots(from, to)
@@ -249,22 +289,8 @@ impl TransparencyStore for Gated {
 /// (CI once saw a linking device refuse its own account's log for this).
 #[tokio::test]
 async fn a_history_proof_built_across_a_publish_still_verifies() {
-    let store = Arc::new(Gated {
-        store: MemoryTransparency::new(),
-        gate: std::sync::Mutex::default(),
-    });
-    let log = Log::open(
-        "a.example".into(),
-        store.clone(),
-        LogKeys::from_seeds([1; 32], [2; 32]),
-        LogSettings {
-            epoch_interval: Duration::from_millis(1),
-            wait: Duration::from_secs(10),
-            equivocate_to: Vec::new(),
-        },
-    )
-    .await
-    .unwrap();
+    let store = Gated::new();
+    let log = open_on(store.clone(), Vec::new()).await;
     let alice = list("alice@a.example", 1, 7);
     log.update("alice@a.example", &alice);
     log.evidence("alice@a.example", &alice, None, true)
@@ -272,9 +298,7 @@ async fn a_history_proof_built_across_a_publish_still_verifies() {
         .unwrap();
 
     // The history read stops between akd's reads of the tree; bob's list is published.
-    let (reached, at_gate) = tokio::sync::oneshot::channel();
-    let (let_through, through) = tokio::sync::oneshot::channel();
-    *store.gate.lock().unwrap() = Some((reached, through));
+    let (at_gate, let_through) = Gated::arm(&store.gate);
     let history = tokio::spawn({
         let log = log.clone();
         async move { log.history("alice@a.example", 8).await }
@@ -300,4 +324,36 @@ async fn a_history_proof_built_across_a_publish_still_verifies() {
     )
     .expect("the proof verifies against the root it came with");
     assert_eq!(value_master_key(&versions[0].value.0), Some([7; 32]));
+}
+
+/// A history asked for between akd's commit of an epoch and the log's signature of its root
+/// waits for the signature instead of failing.
+#[tokio::test]
+async fn a_history_asked_for_before_its_epoch_is_signed_waits_for_the_signature() {
+    let store = Gated::new();
+    let log = open_on(store.clone(), Vec::new()).await;
+    let alice = list("alice@a.example", 1, 7);
+    log.update("alice@a.example", &alice);
+    log.evidence("alice@a.example", &alice, None, true)
+        .await
+        .unwrap();
+
+    // Bob's epoch is committed; its root is held before it is stored.
+    let (at_gate, let_through) = Gated::arm(&store.root_gate);
+    log.update("bob@a.example", &list("bob@a.example", 1, 8));
+    at_gate
+        .await
+        .expect("the publisher reached the root's write");
+    let waiting = log.inner.epoch.receiver_count();
+    let history = tokio::spawn({
+        let log = log.clone();
+        async move { log.history("alice@a.example", 8).await }
+    });
+    // Once it waits for the signature (it watches the signed epochs), the root is stored.
+    while log.inner.epoch.receiver_count() == waiting && !history.is_finished() {
+        tokio::task::yield_now().await;
+    }
+    let_through.send(()).unwrap();
+    let (root, _) = history.await.unwrap().expect("the history, once signed");
+    assert_eq!(root.epoch, *log.inner.epoch.borrow());
 }
