@@ -829,7 +829,8 @@ async function runJobs() {
   if (ownListDue && Date.now() >= ownListDue) {
     ownListDue = Date.now() + OWN_LIST_REFRESH_MS * (1 + Math.random() / 2);
     try { await fetchList(engine.handle()); } catch (e) { if (e.status && e.status < 500) throw e; }
-    try { await checkOwnLog(); } catch (e) { showError(e); }
+    // A busy log (5xx) is asked again at the next refresh.
+    try { await checkOwnLog(); } catch (e) { if (!e.status || e.status < 500) showError(e); }
   }
   if (Date.now() >= engine.lists_refresh_due_ms()) {
     for (const user of JSON.parse(engine.lists_to_refresh())) {
@@ -933,13 +934,19 @@ function setOnline(online) {
   }
 }
 
+// A `batch` message (kind 0x8f) holds several frames, in order; anything else is one frame.
+const BATCH_KIND = 0x8f;
+
 function onMessage(bytes) {
+  if (bytes[1] !== BATCH_KIND) return onFrame(bytes);
   let frames;
   try {
     frames = unbatch(bytes);
   } catch (e) {
-    // Not a batch we can split: the engine says what is wrong with it.
-    frames = [bytes];
+    // Nothing in it is acknowledged: it comes again on the next connection.
+    showError(e);
+    if (ws && ws.readyState === WebSocket.OPEN) ws.close();
+    return;
   }
   for (const frame of frames) onFrame(frame);
 }

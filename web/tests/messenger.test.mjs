@@ -367,7 +367,8 @@ test('a reload asks for the passphrase, refuses a wrong one, and keeps the accou
   for (const text of ['One', 'Two', 'Three']) await sendText(alice, text);
   await alice.page.waitForFunction(() => {
     const own = [...document.querySelectorAll('#messages li.outgoing')].slice(-3);
-    return own.length === 3 && own.every((li) => li.dataset.state && li.dataset.state !== 'sending');
+    return own.map((li) => li.querySelector('.text')?.textContent).join() === 'One,Two,Three'
+      && own.every((li) => li.dataset.state && li.dataset.state !== 'sending');
   }, null, { timeout: WAIT_MS });
   // His backlog comes as one `batch` message on his socket.
   const batches = [];
@@ -386,9 +387,9 @@ test('a reload asks for the passphrase, refuses a wrong one, and keeps the accou
   assert.ok(batches.length >= 1, 'the backlog came batched');
   await bob.page.click('#conversations button[data-handle="alice@localhost"]');
   await waitForMessage(bob, 'Dinner at 8?');
-  const incoming = await bob.page.evaluate(() => [...document.querySelectorAll('#messages li.incoming .text')]
-    .map((el) => el.textContent));
-  assert.deepEqual(incoming.slice(-3), ['One', 'Two', 'Three'], 'in order');
+  // Handled in the order sent (the chat view sorts by time, so ask the page what it handled).
+  const handled = await bob.page.evaluate(() => window.sealpostDebug.messages.map((m) => m.text));
+  assert.deepEqual(handled.slice(-3), ['One', 'Two', 'Three'], 'in order');
   // The call history is kept too (encrypted, with the page's own state).
   await bob.page.waitForFunction(() => [...document.querySelectorAll('#messages li.event')]
     .some((li) => li.textContent.startsWith('Missed call')));
