@@ -284,11 +284,8 @@ impl TransparencyStore for Gated {
     }
 }
 
-/// akd builds a history proof from several reads of the tree; an epoch published between
-/// them (here, for another user) must not leave a proof that no signed root verifies
-/// (CI once saw a linking device refuse its own account's log for this).
-#[tokio::test]
-async fn a_history_proof_built_across_a_publish_still_verifies() {
+/// A log on a [`Gated`] store whose signed root holds alice's list (master key 7s).
+async fn gated_log_with_alice() -> (Arc<Gated>, Log) {
     let store = Gated::new();
     let log = open_on(store.clone(), Vec::new()).await;
     let alice = list("alice@a.example", 1, 7);
@@ -296,6 +293,15 @@ async fn a_history_proof_built_across_a_publish_still_verifies() {
     log.evidence("alice@a.example", &alice, None, true)
         .await
         .unwrap();
+    (store, log)
+}
+
+/// akd builds a history proof from several reads of the tree; an epoch published between
+/// them (here, for another user) must not leave a proof that no signed root verifies
+/// (CI once saw a linking device refuse its own account's log for this).
+#[tokio::test]
+async fn a_history_proof_built_across_a_publish_still_verifies() {
+    let (store, log) = gated_log_with_alice().await;
 
     // The history read stops between akd's reads of the tree; bob's list is published.
     let (at_gate, let_through) = Gated::arm(&store.gate);
@@ -330,13 +336,7 @@ async fn a_history_proof_built_across_a_publish_still_verifies() {
 /// waits for the signature instead of failing.
 #[tokio::test]
 async fn a_history_asked_for_before_its_epoch_is_signed_waits_for_the_signature() {
-    let store = Gated::new();
-    let log = open_on(store.clone(), Vec::new()).await;
-    let alice = list("alice@a.example", 1, 7);
-    log.update("alice@a.example", &alice);
-    log.evidence("alice@a.example", &alice, None, true)
-        .await
-        .unwrap();
+    let (store, log) = gated_log_with_alice().await;
 
     // Bob's epoch is committed; its root is held before it is stored.
     let (at_gate, let_through) = Gated::arm(&store.root_gate);
