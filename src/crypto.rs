@@ -10,7 +10,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 /// BLAKE3 `derive_key` context for the token-hashing key: hardcoded, globally unique,
 /// application-specific.
@@ -39,33 +39,57 @@ pub const TICKET_NONCE_BYTES: usize = 16;
 const REGISTRATION_CONTEXT: &[u8] = b"sealpost-registration-v1:";
 
 /// A device's 256-bit auth token. Handed to the device once; never stored, logged or printed.
-pub struct DeviceToken(Zeroizing<[u8; 32]>);
+///
+/// Boxed, so that moving a token copies a pointer, not the secret: every copy of the bytes
+/// would be one more place to wipe.
+pub struct DeviceToken(Box<Zeroizing<[u8; 32]>>);
 
 impl DeviceToken {
     /// A fresh random token.
     pub fn generate() -> Self {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        let mut bytes = Box::new(Zeroizing::new([0u8; 32]));
+        rand::rngs::OsRng.fill_bytes(&mut bytes[..]);
         DeviceToken(bytes)
     }
 
     /// A token received from a device; `None` if it is not 32 bytes.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; 32] = bytes.try_into().ok()?;
-        Some(DeviceToken(Zeroizing::new(arr)))
+        if bytes.len() != 32 {
+            return None;
+        }
+        let mut token = Box::new(Zeroizing::new([0u8; 32]));
+        token.copy_from_slice(bytes);
+        Some(DeviceToken(token))
     }
 
     /// A token in its text form (unpadded base64url).
     pub fn from_text(text: &str) -> Option<Self> {
         let bytes = Zeroizing::new(URL_SAFE_NO_PAD.decode(text).ok()?);
-        Self::from_bytes(&bytes)
+        let token = Self::from_bytes(&bytes);
+        // The decoder's working copies are on the stack.
+        wipe_stack();
+        token
     }
 
     /// The text form handed to the device. The returned string is not zeroized.
     pub fn to_text(&self) -> String {
-        URL_SAFE_NO_PAD.encode(self.0.as_ref())
+        URL_SAFE_NO_PAD.encode(&self.0[..])
     }
 }
+
+/// Overwrites the stack below the caller's frame, where the functions it just called left
+/// their locals: copies of a secret that a hash or a decoder made there (no allocator sees
+/// them, so the zeroing allocator cannot wipe them). Called right after such a call.
+#[inline(never)]
+fn wipe_stack() {
+    let mut below = [0u8; WIPED_STACK_BYTES];
+    below.zeroize();
+    std::hint::black_box(&below);
+}
+
+/// How much of the stack [`wipe_stack`] overwrites: more than BLAKE3 and the base64 decoder
+/// use below their caller.
+const WIPED_STACK_BYTES: usize = 8 * 1024;
 
 /// Hashes device tokens under a key derived from the server secret (`server.key` in the data
 /// directory), so a stolen database alone does not let anyone check token guesses offline.
@@ -149,7 +173,10 @@ impl TokenHasher {
 
     /// The stored form of a token.
     pub fn hash(&self, token: &DeviceToken) -> [u8; 32] {
-        *blake3::keyed_hash(&self.key, token.0.as_ref()).as_bytes()
+        let hash = *blake3::keyed_hash(&self.key, &token.0[..]).as_bytes();
+        // BLAKE3 copies its input into blocks on the stack.
+        wipe_stack();
+        hash
     }
 
     /// Whether `token` matches `stored`, in constant time.
@@ -159,7 +186,9 @@ impl TokenHasher {
 
     /// The stored form of a delivery token (any length; clients use 32 random bytes).
     pub fn hash_delivery_token(&self, token: &[u8]) -> [u8; 32] {
-        *blake3::keyed_hash(&self.delivery_key, token).as_bytes()
+        let hash = *blake3::keyed_hash(&self.delivery_key, token).as_bytes();
+        wipe_stack();
+        hash
     }
 
     /// Whether a delivery token matches `stored`, in constant time.
