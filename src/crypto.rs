@@ -10,7 +10,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
-use zeroize::{Zeroize as _, Zeroizing};
+use zeroize::Zeroizing;
 
 /// BLAKE3 `derive_key` context for the token-hashing key: hardcoded, globally unique,
 /// application-specific.
@@ -80,11 +80,12 @@ impl DeviceToken {
 /// Overwrites the stack below the caller's frame, where the functions it just called left
 /// their locals: copies of a secret that a hash or a decoder made there (no allocator sees
 /// them, so the zeroing allocator cannot wipe them). Called right after such a call.
+///
+/// A plain `memset` the optimiser must keep (the array is handed to `black_box`), not
+/// `zeroize`'s byte-by-byte volatile writes: it runs on every sealed send (delivery tokens).
 #[inline(never)]
 fn wipe_stack() {
-    let mut below = [0u8; WIPED_STACK_BYTES];
-    below.zeroize();
-    std::hint::black_box(&below);
+    std::hint::black_box(&mut [0u8; WIPED_STACK_BYTES]);
 }
 
 /// How much of the stack [`wipe_stack`] overwrites: more than BLAKE3 and the base64 decoder
