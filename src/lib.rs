@@ -8,7 +8,8 @@
 //! - [`config`]: settings from defaults, TOML file, environment and flags, checked and parsed
 //!   once into each layer's own settings ([`server::Config`]).
 //! - [`server`]: wires the store, the mailboxes and the gateway together; start and shutdown.
-//! - [`gateway`]: HTTP routes and WebSocket device sessions (actix-web, actix-ws).
+//! - [`gateway`]: HTTP routes (actix-web) and WebSocket device sessions (on the upgraded TCP
+//!   connection, through [`socket`]).
 //! - [`mailbox`]: one actor per user, the single writer of its device queues.
 //! - [`federation`]: one actor per remote domain with a durable outbox, Noise links between
 //!   brokers, and the receiving side of those links.
@@ -24,7 +25,8 @@
 //!   federation links (`transparency → {federation, store}`; the gateway serves it).
 //! - [`crypto`]: device token hashing and platform registration tokens (BLAKE3, Ed25519).
 //! - [`telemetry`]: tracing and Prometheus metrics.
-//! - [`socket`]: one driver for every server-side WebSocket: frame limits checked at the
+//! - [`socket`]: one driver for every server-side WebSocket, on the TCP connection the HTTP
+//!   server hands over with the upgrade request: the handshake, frame limits checked at the
 //!   header, heartbeats, idle timeouts, write deadlines, closing handshakes, shutdown.
 //!
 //! Wire frames live in the `sealpost-proto` crate, shared with clients.

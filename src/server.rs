@@ -9,7 +9,7 @@ use std::{
 };
 
 use actix::Arbiter;
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, rt::net::TcpStream, web};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -317,34 +317,18 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     } else {
         config.workers
     };
-    let data = web::Data::new(state.clone());
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .wrap(actix_web::middleware::from_fn(
-                crate::gateway::secrets::scrub,
-            ))
-            .configure(crate::gateway::routes)
-    })
-    // Small frames must not wait for the peer's delayed ACK (Nagle): that added 40 ms to the
-    // tail latency of deliveries.
-    .on_connect(|conn, _ext| {
-        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-            let _ = tcp.set_nodelay(true);
-        }
-    })
-    .workers(workers)
-    .max_connections(config.max_connections)
-    .backlog(4096)
-    .disable_signals()
-    .shutdown_timeout(shutdown_drain.as_secs() + 6)
-    .bind(config.listen)
-    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let addr = server
-        .addrs()
-        .first()
-        .copied()
-        .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
+    let listener = listen(config.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let server = actix_server::Server::build()
+        .workers(workers)
+        .max_concurrent_connections(config.max_connections)
+        .disable_signals()
+        .shutdown_timeout(shutdown_drain.as_secs() + 6)
+        .listen("sealpost", listener, {
+            let state = state.clone();
+            move || http_service(state.clone(), addr)
+        })?;
     federation.set_public_url(
         config
             .federation_url
@@ -488,5 +472,73 @@ async fn sweep(state: Arc<AppState>, period: Duration) {
                 break;
             }
         }
+    }
+}
+
+/// The listening socket, with the backlog a burst of reconnecting devices needs.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)?.into_std()
+}
+
+/// One worker's HTTP service: actix-web serves every route, and a request for
+/// `Upgrade: websocket` is handed, with its connection, to the gateway, which serves the
+/// WebSocket on the TCP stream itself (`socket::upgrade`). actix-web's `HttpServer` builds the
+/// same service but cannot take an upgrade hook.
+fn http_service(
+    state: Arc<AppState>,
+    addr: SocketAddr,
+) -> impl actix_service::ServiceFactory<
+    TcpStream,
+    Config = (),
+    Response = (),
+    Error = actix_http::error::DispatchError,
+    InitError = (),
+> {
+    {
+        let app = App::new()
+            .app_data(web::Data::new(state.clone()))
+            .wrap(actix_web::middleware::from_fn(
+                crate::gateway::secrets::scrub,
+            ))
+            .configure(crate::gateway::routes);
+        let state = state.clone();
+        let upgrade = actix_service::fn_service(
+            move |(req, framed): (
+                actix_http::Request,
+                actix_codec::Framed<TcpStream, actix_http::h1::Codec>,
+            )| {
+                let upgrade = gateway::serve_upgrade(state.clone(), req, framed);
+                // Boxed: the connection's task holds this for the socket's whole life, and
+                // actix-http keeps it in the same slot as an HTTP connection's state.
+                let upgrade: futures_util::future::LocalBoxFuture<'static, ()> = Box::pin(upgrade);
+                async move {
+                    upgrade.await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            },
+        );
+        actix_http::HttpService::build()
+            // actix-web's defaults.
+            .keep_alive(actix_http::KeepAlive::default())
+            .client_request_timeout(Duration::from_secs(5))
+            .client_disconnect_timeout(Duration::from_secs(1))
+            .local_addr(addr)
+            // Small frames must not wait for the peer's delayed ACK (Nagle): that added 40 ms
+            // to the tail latency of deliveries.
+            .on_connect_ext(|tcp: &TcpStream, _: &mut actix_http::Extensions| {
+                let _ = tcp.set_nodelay(true);
+            })
+            .upgrade(upgrade)
+            // The host and address are for URL generation, which no route uses.
+            .finish(actix_service::map_config(app, |()| {
+                actix_web::dev::AppConfig::default()
+            }))
+            .tcp()
     }
 }

@@ -291,3 +291,78 @@ async fn a_broker_short_of_buffer_memory_refuses_with_try_again_later() {
         Some(CloseCode::ProtocolError.as_u16())
     );
 }
+
+/// Sends `request` as is and reads the answer to the end: (status, body).
+async fn exchange(broker: &Broker, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(broker.addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (status, body.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn websocket_handshakes_are_answered_by_the_socket_and_refusals_are_json() {
+    let broker = Broker::start(&[]);
+    let handshake = |path: &str, version: u8| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\r\n",
+            broker.addr
+        )
+    };
+    // An upgrade to a path no WebSocket is served on.
+    let (status, body) = exchange(&broker, &handshake("/v1/nowhere", 13)).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"not_found\""), "{body}");
+    // An unsupported protocol version.
+    let (status, body) = exchange(&broker, &handshake("/v1/ws", 6)).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"error\""), "{body}");
+    // A WebSocket endpoint asked for as plain HTTP.
+    let plain = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        broker.addr
+    );
+    let (status, body) = exchange(&broker, &plain).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("WebSocket upgrade"), "{body}");
+
+    // A client that sends a frame right behind its request, before our answer: the frame is
+    // the socket's first read, not lost with the HTTP buffers.
+    let mut stream = TcpStream::connect(broker.addr).await.expect("connect");
+    let mut bytes = handshake("/v1/ws", 13).into_bytes();
+    bytes.extend(frame(0x89, b"early"));
+    stream.write_all(&bytes).await.expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.expect("read"),
+            1,
+            "closed early"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut pong = [0u8; 7];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut pong))
+        .await
+        .expect("a pong in time")
+        .expect("read");
+    assert_eq!(&pong, b"\x8a\x05early");
+}

@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use actix_web::{HttpRequest, http::header::HeaderValue};
+use actix_web::{dev::RequestHead, http::header::HeaderValue};
 use ipnet::IpNet;
 
 /// The reverse proxies whose `X-Forwarded-For` is believed.
@@ -33,9 +33,9 @@ impl TrustedProxies {
         self.0.iter().any(|net| net.contains(&ip))
     }
 
-    /// The client address of `req` (`None` only when the peer address is unknown).
-    pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
-        let peer = req.peer_addr()?.ip();
+    /// The client address of a request (`None` only when the peer address is unknown).
+    pub fn client_ip(&self, req: &RequestHead) -> Option<IpAddr> {
+        let peer = req.peer_addr?.ip();
         Some(self.resolve(peer, req.headers().get_all("x-forwarded-for")))
     }
 

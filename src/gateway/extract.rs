@@ -77,7 +77,7 @@ fn admit(state: &AppState, req: &HttpRequest) -> Result<Admitted, ApiError> {
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable);
     }
-    match state.client_ip(req) {
+    match state.client_ip(req.head()) {
         Some(ip) if !state.limits.allow_ip(ip) => Err(ApiError::RateLimited),
         _ => Ok(Admitted),
     }

@@ -11,7 +11,7 @@
 
 use std::{rc::Rc, sync::Arc};
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError as _, web};
 use futures_util::future::LocalBoxFuture;
 use sealpost_proto::{
     DeviceId, ErrorCode, Handle,
@@ -32,21 +32,20 @@ use crate::{
         inbound::{self, LocalDelivery, Routed},
         link::MAX_SEALED_BYTES,
     },
-    socket::{self, Socket},
+    socket::{self, Upgrade},
     store::KeyKind,
 };
 
 type State = web::Data<Arc<AppState>>;
 
-/// `GET /v1/federation`: upgrades and serves an inbound link.
-pub async fn upgrade(
-    state: State,
-    req: HttpRequest,
-    body: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let ip = admit(&state, &req)?;
-    let slot = admit_unauthenticated(&state, ip)?;
-    let state: Arc<AppState> = Arc::clone(state.get_ref());
+/// `GET /v1/federation`: admits the upgrade, answers it, and serves an inbound link on the
+/// connection.
+pub(crate) async fn serve(state: Arc<AppState>, upgrade: Upgrade) {
+    let admitted = admit(&state, upgrade.head()).and_then(|ip| admit_unauthenticated(&state, ip));
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(refused) => return upgrade.refuse(refused.error_response()).await,
+    };
     let settings = state.federation.settings();
     let limits = socket::Limits {
         max_message: MAX_SEALED_BYTES,
@@ -56,22 +55,21 @@ pub async fn upgrade(
         idle_timeout: settings.idle_timeout,
         budget: Arc::clone(&state.socket_budget),
     };
-    let (response, mut socket) = Socket::accept(&req, body, limits).await?;
-    actix_web::rt::spawn(async move {
-        let _open = OpenGuard::new(&state);
-        let end = match inbound::handshake(&state.federation, &mut socket).await {
-            Ok(link) => {
-                drop(slot);
-                let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
-                let shutdown = state.shutdown.clone();
-                link.serve(&state.federation, local, &mut socket, shutdown)
-                    .await
-            }
-            Err(end) => end,
-        };
-        socket.finish(end).await;
-    });
-    Ok(response)
+    let Some(mut socket) = upgrade.accept(limits).await else {
+        return;
+    };
+    let _open = OpenGuard::new(&state);
+    let end = match inbound::handshake(&state.federation, &mut socket).await {
+        Ok(link) => {
+            drop(slot);
+            let local: Rc<dyn LocalDelivery> = Rc::new(Local(state.clone()));
+            let shutdown = state.shutdown.clone();
+            link.serve(&state.federation, local, &mut socket, shutdown)
+                .await
+        }
+        Err(end) => end,
+    };
+    socket.finish(end).await;
 }
 
 /// Local delivery for inbound links.
@@ -357,7 +355,7 @@ pub async fn admin(state: State, req: HttpRequest) -> Result<HttpResponse, ApiEr
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/federation", web::get().to(upgrade))
+    cfg.route("/v1/federation", web::get().to(super::websocket_only))
         .route("/.well-known/sealpost/server", web::get().to(well_known))
         .route("/admin/federation", web::get().to(admin));
 }

@@ -276,7 +276,7 @@ async fn admit_claim(state: &AppState, req: &HttpRequest, target: &Handle) -> Re
         )?)),
         None => None,
     };
-    let ip = state.client_ip(req);
+    let ip = state.client_ip(req.head());
     let presented = token.as_ref().map(|t| Presented::Token(t));
     match admit_sealed(state, target, presented, ip).await {
         Ok(()) => Ok(()),
@@ -309,7 +309,7 @@ async fn remote_admission(
         // The peer checks the token's proof; the token itself stays here.
         return Ok(Admission::Token(delivery_proof(&token).to_vec()));
     }
-    match state.client_ip(req) {
+    match state.client_ip(req.head()) {
         Some(ip) if !state.limits.allow_stranger(ip) => Err(ApiError::RateLimited),
         _ => Ok(Admission::Open),
     }

@@ -9,7 +9,7 @@
 //!   Commits ordered at the group's hub.
 //! - [`http`]: account and device endpoints, health, readiness, metrics.
 //! - [`keys`]: key directory, signed device lists, delivery tokens, link codes.
-//! - [`session`]: one task per WebSocket connection (actix-ws).
+//! - [`session`]: a device's WebSocket session, on the upgraded connection ([`serve_upgrade`]).
 //! - [`pending`]: the sends a connection has handed on, until it has answered them.
 //! - [`error`]: API errors and their status codes.
 //! - [`extract`]: the admission and authentication every HTTP handler starts with.
@@ -73,8 +73,8 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
     use actix_web::web::get;
     cfg.app_data(json::JsonLimit(json::MAX_JSON_BODY))
         .configure(http::routes)
-        .route("/v1/ws", get().to(session::upgrade))
-        .route("/v1/sealed", get().to(sealed::upgrade))
+        .route("/v1/ws", get().to(websocket_only))
+        .route("/v1/sealed", get().to(websocket_only))
         .configure(keys::routes)
         .configure(blobs::routes)
         .configure(federation::routes)
@@ -89,6 +89,50 @@ pub fn routes(cfg: &mut actix_web::web::ServiceConfig) {
 /// Any path no route claims gets the documented JSON error (`not_found`), not an empty 404.
 async fn unknown_path() -> Result<actix_web::HttpResponse, error::ApiError> {
     Err(error::ApiError::NotFound)
+}
+
+/// A WebSocket endpoint asked for without `Upgrade: websocket`. Requests with it never reach
+/// the routes: the HTTP server hands them, with their connection, to [`serve_upgrade`].
+async fn websocket_only() -> Result<actix_web::HttpResponse, error::ApiError> {
+    Err(error::ApiError::BadRequest(
+        "this endpoint takes a WebSocket upgrade (Upgrade: websocket)".into(),
+    ))
+}
+
+/// Serves a WebSocket upgrade request, which the HTTP server hands over with its connection:
+/// `/v1/ws` (device sessions), `/v1/sealed` (sealed sends) and `/v1/federation` (inbound
+/// links). The connection is served here until it closes.
+pub async fn serve_upgrade(
+    state: Arc<AppState>,
+    req: actix_http::Request,
+    connection: actix_codec::Framed<actix_web::rt::net::TcpStream, actix_http::h1::Codec>,
+) {
+    use actix_web::ResponseError as _;
+    let upgrade = socket::Upgrade::new(req, connection);
+    enum Endpoint {
+        Device,
+        Sealed,
+        Federation,
+    }
+    let endpoint = match upgrade.path() {
+        "/v1/ws" => Endpoint::Device,
+        "/v1/sealed" => Endpoint::Sealed,
+        "/v1/federation" => Endpoint::Federation,
+        _ => {
+            return upgrade
+                .refuse(error::ApiError::NotFound.error_response())
+                .await;
+        }
+    };
+    if let Err(why) = upgrade.verify() {
+        let refusal = error::ApiError::BadRequest(why).error_response();
+        return upgrade.refuse(refusal).await;
+    }
+    match endpoint {
+        Endpoint::Device => session::serve(state, upgrade).await,
+        Endpoint::Sealed => sealed::serve(state, upgrade).await,
+        Endpoint::Federation => federation::serve(state, upgrade).await,
+    }
 }
 
 /// State shared by every route and session.
@@ -195,7 +239,7 @@ impl AppState {
     }
 
     /// The client's address: the TCP peer, or what a trusted proxy forwarded.
-    pub fn client_ip(&self, req: &actix_web::HttpRequest) -> Option<std::net::IpAddr> {
+    pub fn client_ip(&self, req: &actix_web::dev::RequestHead) -> Option<std::net::IpAddr> {
         self.settings.trusted_proxies.client_ip(req)
     }
 }

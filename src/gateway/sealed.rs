@@ -8,7 +8,7 @@
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
+use actix_web::{ResponseError as _, web::Bytes};
 use sealpost_proto::{ClientFrame, CloseCode, ErrorCode, ServerFrame, limits::MAX_FRAME_BYTES};
 
 use super::{
@@ -18,31 +18,27 @@ use super::{
     route::{From, Send},
     session::{OpenGuard, accept_decoded, admit, error_frame, refuse_over_rate, reject_send},
 };
-use crate::socket::{Close, Drain, Flow, Service, Socket, Writer};
+use crate::socket::{Close, Drain, Flow, Service, Upgrade, Writer};
 
-/// `GET /v1/sealed`: upgrades and spawns the anonymous session.
-pub async fn upgrade(
-    state: web::Data<Arc<AppState>>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let ip = admit(&state, &req)?;
-    let state: Arc<AppState> = Arc::clone(state.get_ref());
-    let (response, mut socket) =
-        Socket::accept(&req, body, state.socket_limits(MAX_FRAME_BYTES)).await?;
-    actix_web::rt::spawn(async move {
-        let _open = OpenGuard::new(&state);
-        let mut session = SealedSession {
-            state: &state,
-            ip,
-            pending: Pending::default(),
-            violations: 0,
-        };
-        let mut shutdown = state.shutdown.clone();
-        let end = socket.drive(&mut session, &mut shutdown).await;
-        socket.finish(end).await;
-    });
-    Ok(response)
+/// `GET /v1/sealed`: admits the upgrade, answers it, and runs the anonymous session.
+pub(crate) async fn serve(state: Arc<AppState>, upgrade: Upgrade) {
+    let ip = match admit(&state, upgrade.head()) {
+        Ok(ip) => ip,
+        Err(refused) => return upgrade.refuse(refused.error_response()).await,
+    };
+    let Some(mut socket) = upgrade.accept(state.socket_limits(MAX_FRAME_BYTES)).await else {
+        return;
+    };
+    let _open = OpenGuard::new(&state);
+    let mut session = SealedSession {
+        state: &state,
+        ip,
+        pending: Pending::default(),
+        violations: 0,
+    };
+    let mut shutdown = state.shutdown.clone();
+    let end = socket.drive(&mut session, &mut shutdown).await;
+    socket.finish(end).await;
 }
 
 /// An anonymous connection: sealed sends in, their results out.

@@ -18,10 +18,11 @@
 //! connection frees it, zeroed. Requests without a secret (public lookups) keep their
 //! connection alive.
 //!
-//! What stays: a WebSocket frame sits (masked, which hides nothing) in its connection's read
-//! buffer until the connection closes. `auth` frames carry spent tickets; `sealed_send` frames
-//! carry the recipient's delivery token, which admits sealed envelopes to that one account
-//! and nothing else, for as long as the anonymous socket stays open.
+//! WebSocket frames do not stay: the socket reads them from the kernel into a stack buffer it
+//! wipes, and holds their copy only until the message is handled (`socket::reader`); then it
+//! is freed, zeroed. `auth` frames carry one-time tickets anyway; `sealed_send` frames carry
+//! the recipient's delivery token, which admits sealed envelopes to that one account and
+//! nothing else.
 
 use actix_web::{
     Error, HttpMessage as _, HttpRequest,

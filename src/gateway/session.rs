@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use actix_web::{HttpRequest, HttpResponse, web, web::Bytes};
+use actix_web::{ResponseError as _, dev::RequestHead, web::Bytes};
 use rand::Rng;
 use sealpost_proto::{
     ClientFrame, CloseCode, DecodeError, DeviceId, EnvelopeId, ErrorCode, Handle, SendOutcome,
@@ -42,25 +42,22 @@ use crate::{
     clock::now_ms,
     crypto::DeviceToken,
     mailbox::{Conn, MailboxError, push_queue},
-    socket::{Close, Drain, Flow, Service, Socket, Writer},
+    socket::{Close, Drain, Flow, Service, Socket, Upgrade, Writer},
     telemetry,
 };
 
-/// `GET /v1/ws`: upgrades and spawns the session task.
-pub async fn upgrade(
-    state: web::Data<Arc<AppState>>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let ip = admit(&state, &req)?;
-    let slot = admit_unauthenticated(&state, ip)?;
-    let state: Arc<AppState> = Arc::clone(state.get_ref());
+/// `GET /v1/ws`: admits the upgrade, answers it, and runs the session on the connection.
+pub(crate) async fn serve(state: Arc<AppState>, upgrade: Upgrade) {
+    let admitted = admit(&state, upgrade.head()).and_then(|ip| admit_unauthenticated(&state, ip));
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(refused) => return upgrade.refuse(refused.error_response()).await,
+    };
     // A client that reads `batch` messages says so (older ones do not: see the protocol doc).
-    let batching = req.query_string().split('&').any(|p| p == "batch=1");
-    let (response, socket) =
-        Socket::accept(&req, body, state.socket_limits(MAX_FRAME_BYTES)).await?;
-    actix_web::rt::spawn(run(state, socket, slot, batching));
-    Ok(response)
+    let batching = upgrade.query().split('&').any(|p| p == "batch=1");
+    if let Some(socket) = upgrade.accept(state.socket_limits(MAX_FRAME_BYTES)).await {
+        run(state, socket, slot, batching).await;
+    }
 }
 
 /// A slot among the connections that have not authenticated yet: over the per-address cap is
@@ -84,7 +81,7 @@ pub(crate) fn admit_unauthenticated(
 
 /// The admission every WebSocket endpoint shares: refused while shutting down or over the
 /// per-IP rate. Returns the client's address.
-pub(crate) fn admit(state: &AppState, req: &HttpRequest) -> Result<Option<IpAddr>, ApiError> {
+pub(crate) fn admit(state: &AppState, req: &RequestHead) -> Result<Option<IpAddr>, ApiError> {
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable);
     }

@@ -1,24 +1,20 @@
 //! Unit tests of the device and sealed sessions and of inbound federation delivery, on the
-//! in-memory store: a real `AppState` over `MemoryStore` and mailbox actors, the socket fed
-//! masked client frames through a channel and its server frames read off the response body.
+//! in-memory store: a real `AppState` over `MemoryStore` and mailbox actors, each session on
+//! a loopback TCP connection handed over as the HTTP server hands over an upgrade, fed masked
+//! client frames and read back as raw bytes.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use actix::{Arbiter, System};
-use actix_web::{
-    FromRequest,
-    body::MessageBody,
-    dev,
-    error::PayloadError,
-    test::TestRequest,
-    web::{self, Bytes},
-};
-use futures_util::future::poll_fn;
+use actix_web::rt::net::{TcpListener, TcpStream};
 use sealpost_proto::{
     Class, ClientFrame, Copy, DeviceId, EnvelopeId, ErrorCode, SendOutcome, ServerFrame,
     federation::{Admission, FedEnvelope},
 };
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    sync::{mpsc, watch},
+};
 
 use super::{AppState, Settings, federation::Local};
 use crate::{
@@ -105,40 +101,72 @@ async fn harness() -> Harness {
     }
 }
 
-/// A client's end of a session: masked frames in, the response body's frames out.
+/// A client's end of a session: masked frames out, the broker's frames read off the socket.
 struct Client {
-    tx: mpsc::UnboundedSender<Result<Bytes, PayloadError>>,
-    body: actix_web::body::BoxBody,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    read: tokio::net::tcp::OwnedReadHalf,
     buf: Vec<u8>,
 }
 
 impl Client {
-    /// Opens `path` (`/v1/ws` or `/v1/sealed`).
+    /// Opens `/v1/sealed` or `/v1/ws` on a loopback connection served by the session.
     async fn open(state: &Arc<AppState>, sealed: bool) -> Client {
-        let req = TestRequest::get()
+        let path = if sealed { "/v1/sealed" } else { "/v1/ws" };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let req = actix_http::test::TestRequest::with_uri(path)
             .insert_header(("upgrade", "websocket"))
             .insert_header(("connection", "upgrade"))
             .insert_header(("sec-websocket-version", "13"))
             .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
-            .to_http_request();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let stream = tokio_stream_of(rx);
-        let mut payload = dev::Payload::from(stream);
-        let body = web::Payload::from_request(&req, &mut payload)
-            .await
-            .expect("payload");
-        let data = web::Data::new(state.clone());
-        let response = if sealed {
-            super::sealed::upgrade(data, req, body).await
-        } else {
-            super::session::upgrade(data, req, body).await
-        }
-        .expect("upgrade");
-        assert_eq!(response.status(), 101);
-        Client {
+            .finish();
+        let codec = actix_http::h1::Codec::new(actix_http::ServiceConfig::default());
+        let connection = actix_codec::Framed::new(server, codec);
+        actix_web::rt::spawn(super::serve_upgrade(state.clone(), req, connection));
+        let (read, mut write) = client.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        actix_web::rt::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                if write.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut client = Client {
             tx,
-            body: response.into_body(),
+            read,
             buf: Vec::new(),
+        };
+        let head_end = loop {
+            if let Some(at) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            assert!(client.fill().await, "the handshake's answer");
+        };
+        let head: Vec<u8> = client.buf.drain(..head_end).collect();
+        assert!(
+            head.starts_with(b"HTTP/1.1 101 "),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        client
+    }
+
+    /// Reads what the broker sent next into `buf`; false once the connection has ended.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), self.read.read(&mut chunk))
+            .await
+            .expect("bytes in time");
+        match read {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
         }
     }
 
@@ -155,7 +183,7 @@ impl Client {
         }
         out.extend_from_slice(&mask);
         out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
-        self.tx.send(Ok(Bytes::from(out))).expect("session reads");
+        self.tx.send(out).expect("the writer task runs");
     }
 
     /// The next frame from the broker: `Ok(frame)`, or `Err(close code)`.
@@ -171,15 +199,8 @@ impl Client {
                     _ => continue, // pings
                 }
             }
-            let chunk = tokio::time::timeout(
-                Duration::from_secs(5),
-                poll_fn(|cx| Pin::new(&mut self.body).poll_next(cx)),
-            )
-            .await
-            .expect("a frame in time");
-            match chunk {
-                Some(Ok(bytes)) => self.buf.extend_from_slice(&bytes),
-                _ => return Err(None),
+            if !self.fill().await {
+                return Err(None);
             }
         }
     }
@@ -203,12 +224,6 @@ impl Client {
             }
         }
     }
-}
-
-type Stream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, PayloadError>>>>;
-
-fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<Result<Bytes, PayloadError>>) -> Stream {
-    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 /// A server frame at the start of `buf`: (opcode, payload, bytes used).

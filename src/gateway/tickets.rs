@@ -8,9 +8,10 @@
 //!   ◀─ auth_ok                             the ticket is spent
 //! ```
 //!
-//! A WebSocket's first frame stays (masked, which hides nothing) in actix-http's read buffer
-//! for as long as the connection is open; our code cannot wipe that buffer. What a memory dump
-//! finds there is then a spent ticket, worth nothing. The token travels only on the short
+//! A WebSocket's first frame passes through the socket's buffers (`crate::socket`), which
+//! keep it only until it is handled; when actix-http served our WebSockets it stayed in the
+//! connection's read buffer for as long as the connection was open. Either way, what a memory
+//! dump might find of it is a spent ticket, worth nothing. The token travels only on the short
 //! HTTP request, whose buffers are freed and zeroed when the connection closes.
 //!
 //! Tickets are MACs (see [`crate::crypto::TokenHasher::issue_ticket`]): nothing is kept when

@@ -2,7 +2,7 @@
 //! sends (`/v1/sealed`) and inbound federation links (`/v1/federation`).
 //!
 //! ```text
-//! upgrade ─▶ Socket::accept ─▶ first phase (auth, handshake): Socket::recv under a deadline
+//! upgrade ─▶ Upgrade::accept ─▶ first phase (auth, handshake): Socket::recv under a deadline
 //!                           ─▶ Socket::drive(service), until one side ends it:
 //!                                  shutdown            ─▶ Service::on_shutdown (answer what was accepted),
 //!                                                         then go on reading for its drain window
@@ -15,10 +15,12 @@
 //! ```
 //!
 //! Everything a connection does with its socket is written here once; a service only says what
-//! its messages mean. [`reader`] decodes frames with every limit checked at the header, and
-//! [`writer`] puts a deadline on every write.
+//! its messages mean. [`upgrade`] answers the HTTP handshake and takes the TCP connection over,
+//! [`reader`] decodes frames with every limit checked at the header, and [`writer`] puts a
+//! deadline on every write.
 
 pub mod reader;
+pub mod upgrade;
 pub mod writer;
 
 use std::{
@@ -28,15 +30,15 @@ use std::{
 };
 
 use actix_web::{
-    FromRequest, HttpRequest, HttpResponse, dev, web,
+    rt::net::TcpStream,
     web::{Bytes, BytesMut},
 };
-use actix_ws::CloseReason;
 use sealpost_proto::CloseCode;
 use tokio::sync::watch;
 
 pub use self::{
-    reader::{Budget, Message, Reader, Refusal},
+    reader::{Budget, Message, Reader, Refusal, TcpBody},
+    upgrade::Upgrade,
     writer::{Gone, Writer},
 };
 
@@ -139,25 +141,17 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Answers the upgrade request; the response must be returned to actix-web for the
-    /// connection to start.
-    pub async fn accept(
-        req: &HttpRequest,
-        body: web::Payload,
-        limits: Limits,
-    ) -> Result<(HttpResponse, Socket), actix_web::Error> {
-        // actix-ws gives us the handshake and the sending half; its reader would buffer a
-        // whole frame before checking its size, so it gets an empty body and ours the real one.
-        let empty = web::Payload::from_request(req, &mut dev::Payload::None).await?;
-        let (response, session, _unused) = actix_ws::handle(req, empty)?;
-        let reader = Reader::new(Box::pin(body), limits.max_message, limits.budget);
-        let socket = Socket {
-            writer: Writer::new(session, limits.idle_timeout),
-            reader,
+    /// A socket over an upgraded connection; `received` is what arrived behind the upgrade
+    /// request.
+    fn new(io: TcpStream, received: Bytes, limits: Limits) -> Socket {
+        let (read, write) = io.into_split();
+        let body = Box::pin(TcpBody::new(read, received));
+        Socket {
+            writer: Writer::new(write, limits.idle_timeout),
+            reader: Reader::new(body, limits.max_message, limits.budget),
             heartbeat: limits.heartbeat,
             idle_timeout: limits.idle_timeout,
-        };
-        Ok((response, socket))
+        }
     }
 
     /// The sending half.
@@ -297,11 +291,7 @@ impl Socket {
             metrics::counter!("sealpost_disconnects_total", "reason" => close.code.as_str())
                 .increment(1);
         }
-        let reason = CloseReason {
-            code: actix_ws::CloseCode::Other(close.code.as_u16()),
-            description: Some(close.reason.into_owned()),
-        };
-        self.writer.close(reason).await;
+        self.writer.close(close.code.as_u16(), &close.reason).await;
         self.reader.discard(LINGER).await;
     }
 }

@@ -1,8 +1,9 @@
 //! Frames in: an RFC 6455 decoder for the client-to-server direction, with every limit checked
 //! as early as the bytes allow.
 //!
-//! actix-ws checks a frame's size only once the whole frame has arrived, and buffers whatever
-//! comes before that: one header announcing a 1 GiB payload made the broker buffer a gigabyte.
+//! actix-ws (which served our sockets before) checks a frame's size only once the whole frame
+//! has arrived, and buffers whatever comes before that: one header announcing a 1 GiB payload
+//! made the broker buffer a gigabyte.
 //! This reader refuses a message as soon as a header announces more than the limit (counting
 //! the fragments already received), holds at most one message's worth of bytes, and charges
 //! what it holds to a broker-wide [`Budget`].
@@ -30,19 +31,24 @@
 //! a message longer than the limit, whole or in fragments, as soon as a header says so.
 
 use std::{
+    io,
+    mem::MaybeUninit,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
 };
 
-use actix_web::{
-    error::PayloadError,
-    web::{Bytes, BytesMut},
-};
+use actix_web::web::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use sealpost_proto::CloseCode;
+use tokio::{
+    io::{AsyncRead, ReadBuf},
+    net::tcp::OwnedReadHalf,
+};
+use zeroize::Zeroize;
 
 use super::Close;
 
@@ -108,8 +114,53 @@ impl Budget {
     }
 }
 
-/// A WebSocket's incoming bytes: the upgraded request's body.
-pub type Body = Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>;
+/// A WebSocket's incoming bytes, as they arrive.
+pub type Body = Pin<Box<dyn Stream<Item = io::Result<Bytes>>>>;
+
+/// Most bytes taken from the kernel in one read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The bytes of an upgraded TCP connection, read only when the kernel has some: a read waits
+/// for readiness with no buffer, then copies what arrived out of a stack buffer (wiped after).
+/// An idle connection holds no read buffer at all; actix-http's dispatcher held 8 KiB per
+/// connection, idle or not.
+pub struct TcpBody {
+    io: OwnedReadHalf,
+    /// What arrived behind the upgrade request, before the socket was handed over.
+    first: Option<Bytes>,
+}
+
+impl TcpBody {
+    /// Reads `io`, starting with `first`.
+    pub fn new(io: OwnedReadHalf, first: Bytes) -> TcpBody {
+        TcpBody {
+            io,
+            first: (!first.is_empty()).then_some(first),
+        }
+    }
+}
+
+impl Stream for TcpBody {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        let mut space = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut space);
+        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(None),
+            Poll::Ready(Ok(())) => {
+                let chunk = Bytes::copy_from_slice(buf.filled());
+                buf.filled_mut().zeroize();
+                Poll::Ready(Some(Ok(chunk)))
+            }
+        }
+    }
+}
 
 /// Reads whole messages from a WebSocket's request body.
 pub struct Reader {
@@ -154,6 +205,11 @@ impl Reader {
             if self.ended {
                 return None;
             }
+            if self.buf.is_empty() {
+                // Let go of the allocation the last message was cut from: a quiet connection
+                // keeps no buffer.
+                self.buf = BytesMut::new();
+            }
             match self.payload.next().await {
                 Some(Ok(chunk)) => {
                     if !self.charge(self.held() + chunk.len()) {
@@ -162,7 +218,11 @@ impl Reader {
                             "the server is short of memory; try again later",
                         ))));
                     }
-                    self.buf.extend_from_slice(&chunk);
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::from(chunk);
+                    } else {
+                        self.buf.extend_from_slice(&chunk);
+                    }
                 }
                 Some(Err(_)) => return Some(Err(Refusal::Gone)),
                 None => self.ended = true,
@@ -589,6 +649,33 @@ mod tests {
         // What a decoded message held is given back once it is handed out.
         let mut c = reader(vec![frame(0x82, &[1; 500])], &budget);
         assert!(matches!(c.next().await, Some(Ok(Message::Binary(_)))));
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_buffer() {
+        let budget = Budget::new(1 << 20);
+        // Two messages, the first cut across two chunks (so the buffer had to grow), then
+        // silence.
+        let mut bytes = frame(0x82, &[1; 1000]);
+        bytes.extend(frame(0x82, &[2; 10]));
+        let rest = bytes.split_off(600);
+        let chunks = [Ok(Bytes::from(bytes)), Ok(Bytes::from(rest))];
+        let body = futures_util::stream::iter(chunks).chain(futures_util::stream::pending());
+        let mut reader = Reader::new(Box::pin(body), MAX, Arc::clone(&budget));
+        let Some(Ok(Message::Binary(first))) = reader.next().await else {
+            panic!("the first message");
+        };
+        assert_eq!(first.len(), 1000);
+        let Some(Ok(Message::Binary(second))) = reader.next().await else {
+            panic!("the second message");
+        };
+        assert_eq!(&second[..], &[2; 10]);
+        drop((first, second));
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next());
+        assert!(waiting.await.is_err(), "nothing more was sent");
+        // Waiting for the next bytes, the reader keeps nothing of the chunk it cut them from.
+        assert_eq!(reader.buf.capacity(), 0);
         assert_eq!(budget.used(), 0);
     }
 
