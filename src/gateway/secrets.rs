@@ -20,7 +20,9 @@
 //!
 //! WebSocket frames do not stay: the socket reads them from the kernel into a stack buffer it
 //! wipes, and holds their copy only until the message is handled (`socket::reader`); then it
-//! is freed, zeroed. `auth` frames carry one-time tickets anyway; `sealed_send` frames carry
+//! is freed, zeroed. Frames a client sends right behind its upgrade request arrive in
+//! actix-http's buffer with the request; the socket empties the request's head before
+//! actix-http pools it (`socket::upgrade`), so that buffer too is freed once they are read. `auth` frames carry one-time tickets anyway; `sealed_send` frames carry
 //! the recipient's delivery token, which admits sealed envelopes to that one account and
 //! nothing else.
 

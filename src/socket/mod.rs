@@ -167,7 +167,8 @@ impl Socket {
         self.handle_read(read).await
     }
 
-    /// What one read means. Runs outside `select!`: an answer cancelled halfway would be lost.
+    /// What one read means. Best run outside `select!`: an answer cancelled halfway leaves the
+    /// writer unusable (see `writer`).
     async fn handle_read(
         &mut self,
         read: Option<Result<Message, Refusal>>,

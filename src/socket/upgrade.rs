@@ -63,6 +63,7 @@ impl Upgrade {
         let _ = self.framed.feed(Message::Item((head, size))).await;
         let _ = self.framed.feed(Message::Chunk(Some(body))).await;
         let _ = self.framed.send(Message::Chunk(None)).await;
+        forget(&mut self.req);
     }
 
     /// Completes the handshake (`101 Switching Protocols`) and takes the connection over;
@@ -75,10 +76,20 @@ impl Upgrade {
             .send(Message::Item((response, BodySize::None)))
             .await
             .ok()?;
+        forget(&mut self.req);
         let parts = self.framed.into_parts();
         // What the client sent behind its request (frames, if it did not wait for our answer)
         // is the socket's first read; the HTTP buffers go.
         let received = parts.read_buf.freeze();
         Some(Socket::new(parts.io, received, limits))
     }
+}
+
+/// Empties the request before actix-http takes its head back into a pool, where the head's
+/// headers and target would keep the connection's read buffer alive (and in it whatever the
+/// client sent behind the request) until the head is reused.
+fn forget(req: &mut Request) {
+    let head = req.head_mut();
+    head.headers_mut().clear();
+    head.uri = actix_http::Uri::default();
 }

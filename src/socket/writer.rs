@@ -10,14 +10,19 @@
 //! Behind a write are only the kernel's socket buffers. A peer that stops reading fills them,
 //! and from then on a write waits for as long as the peer likes. A task waiting there sees
 //! nothing else: not a kick, not its heartbeat, not shutdown, and it keeps everything it holds
-//! (a device session keeps its queue of pushed envelopes). So every write has a deadline; past
-//! it the writer is *stalled*, every later write fails at once, and the task ends, dropping the
-//! connection without a close frame (a peer that reads nothing would not read that either).
+//! (a device session keeps its queue of pushed envelopes). So the peer must take some of a
+//! frame within a deadline, and again within the deadline after each piece it takes (a slow
+//! link is not a stalled one); past it the writer is *stalled*, every later write fails at
+//! once, and the task ends, dropping the connection without a close frame (a peer that reads
+//! nothing would not read that either).
+//!
+//! A write cancelled halfway (its future dropped inside a `select!`) would leave half a frame
+//! on the wire; the writer notices at its next write and treats the connection as gone.
 
 use std::{future::poll_fn, pin::pin, task::Poll, time::Duration};
 
-use actix_web::web::Buf as _;
-use tokio::{io::AsyncWriteExt as _, net::tcp::OwnedWriteHalf};
+use actix_web::web::Buf;
+use tokio::net::tcp::OwnedWriteHalf;
 
 /// A close frame's payload is at most 125 bytes, two of them the code.
 const MAX_CLOSE_DESCRIPTION: usize = 123;
@@ -40,8 +45,12 @@ pub struct Writer {
     io: OwnedWriteHalf,
     deadline: Duration,
     stalled: bool,
-    /// A close frame was sent (or the peer was too stalled to take one): nothing follows it.
+    /// A close frame was sent (or the peer was too stalled to take one, or the connection
+    /// failed): nothing follows it.
     closed: bool,
+    /// A frame is being written; still true when the next write starts, the last one was
+    /// cancelled partway and the stream is no longer whole.
+    writing: bool,
 }
 
 impl Writer {
@@ -52,6 +61,7 @@ impl Writer {
             deadline,
             stalled: false,
             closed: false,
+            writing: false,
         }
     }
 
@@ -98,24 +108,38 @@ impl Writer {
         self.closed = true;
     }
 
-    /// Writes one whole frame. Most writes find room in the socket's buffer at once: those
-    /// need no timer.
+    /// Writes one whole frame.
     async fn send(&mut self, opcode: Opcode, payload: &[u8]) -> Result<(), Gone> {
+        if self.writing {
+            self.closed = true;
+        }
         if self.stalled || self.closed {
             return Err(Gone);
         }
         let (header, size) = header(opcode, payload.len());
         let mut frame = (&header[..size]).chain(payload);
-        let sent = {
-            let mut write = pin!(self.io.write_all_buf(&mut frame));
+        self.writing = true;
+        while frame.has_remaining() {
+            self.write_some(&mut frame).await?;
+        }
+        self.writing = false;
+        Ok(())
+    }
+
+    /// One write of what is left of `frame`, within the deadline. Most find room in the
+    /// socket's buffer at once: those need no timer.
+    async fn write_some(&mut self, frame: &mut impl Buf) -> Result<(), Gone> {
+        let written = {
+            let mut write = pin!(tokio::io::AsyncWriteExt::write_buf(&mut self.io, frame));
             match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
                 Poll::Ready(done) => Ok(done),
                 Poll::Pending => tokio::time::timeout(self.deadline, write).await,
             }
         };
-        match sent {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_io)) => {
+        match written {
+            Ok(Ok(n)) if n > 0 => Ok(()),
+            Ok(_) => {
+                // An error, or a connection that takes nothing more.
                 self.closed = true;
                 Err(Gone)
             }
@@ -180,6 +204,71 @@ mod tests {
         let cut = truncate_utf8(&long, MAX_CLOSE_DESCRIPTION);
         assert_eq!(cut.len(), 122);
         assert_eq!(cut, "é".repeat(61));
+    }
+
+    /// A writer over loopback whose socket buffers are small, so that a large frame needs the
+    /// peer to read; and the peer's end.
+    async fn small_buffered_pair(deadline: Duration) -> (Writer, tokio::net::TcpStream) {
+        // Accepted connections inherit the listening socket's send buffer size.
+        let listening = tokio::net::TcpSocket::new_v4().expect("socket");
+        listening.set_send_buffer_size(4096).expect("sndbuf");
+        listening
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = listening.listen(4).expect("listen");
+        let connecting = tokio::net::TcpSocket::new_v4().expect("socket");
+        connecting.set_recv_buffer_size(4096).expect("rcvbuf");
+        let peer = connecting
+            .connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        let (_, write) = ours.into_split();
+        (Writer::new(write, deadline), peer)
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_not_a_stalled_one() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut writer, mut peer) = small_buffered_pair(Duration::from_millis(300)).await;
+        let frame = vec![7u8; 512 * 1024];
+        // The peer takes 16 KiB every 20 ms: the frame takes about 650 ms, twice the deadline,
+        // but the peer never leaves the writer waiting for as long as the deadline.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut chunk = vec![0u8; 16 * 1024];
+            while got < 512 * 1024 + 10 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got += peer.read(&mut chunk).await.expect("read");
+            }
+            got
+        });
+        assert!(writer.binary(&frame).await.is_ok());
+        assert!(!writer.stalled());
+        assert_eq!(reader.await.expect("reader"), 512 * 1024 + 10);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_stalls_the_writer() {
+        let (mut writer, _peer) = small_buffered_pair(Duration::from_millis(100)).await;
+        assert!(writer.binary(vec![7u8; 512 * 1024]).await.is_err());
+        assert!(writer.stalled());
+        assert!(writer.binary(b"more").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_write_cancelled_halfway_ends_the_connection() {
+        let (mut writer, _peer) = small_buffered_pair(Duration::from_secs(10)).await;
+        let frame = vec![7u8; 512 * 1024];
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(50), writer.binary(&frame)).await;
+        assert!(
+            cancelled.is_err(),
+            "the peer reads nothing: the write waits"
+        );
+        // Half a frame is on the wire: another frame after it would be garbage.
+        assert!(writer.binary(b"after").await.is_err());
+        assert!(!writer.stalled(), "not the peer's doing");
     }
 
     #[test]
