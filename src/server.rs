@@ -10,6 +10,7 @@ use std::{
 
 use actix::Arbiter;
 use actix_web::{App, rt::net::TcpStream, web};
+use futures_util::future::LocalBoxFuture;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -500,45 +501,42 @@ fn http_service(
     Error = actix_http::error::DispatchError,
     InitError = (),
 > {
-    {
-        let app = App::new()
-            .app_data(web::Data::new(state.clone()))
-            .wrap(actix_web::middleware::from_fn(
-                crate::gateway::secrets::scrub,
-            ))
-            .configure(crate::gateway::routes);
-        let state = state.clone();
-        let upgrade = actix_service::fn_service(
-            move |(req, framed): (
-                actix_http::Request,
-                actix_codec::Framed<TcpStream, actix_http::h1::Codec>,
-            )| {
-                let upgrade = gateway::serve_upgrade(state.clone(), req, framed);
-                // Boxed: the connection's task holds this for the socket's whole life, and
-                // actix-http keeps it in the same slot as an HTTP connection's state.
-                let upgrade: futures_util::future::LocalBoxFuture<'static, ()> = Box::pin(upgrade);
-                async move {
-                    upgrade.await;
-                    Ok::<_, std::convert::Infallible>(())
-                }
-            },
-        );
-        actix_http::HttpService::build()
-            // actix-web's defaults.
-            .keep_alive(actix_http::KeepAlive::default())
-            .client_request_timeout(Duration::from_secs(5))
-            .client_disconnect_timeout(Duration::from_secs(1))
-            .local_addr(addr)
-            // Small frames must not wait for the peer's delayed ACK (Nagle): that added 40 ms
-            // to the tail latency of deliveries.
-            .on_connect_ext(|tcp: &TcpStream, _: &mut actix_http::Extensions| {
-                let _ = tcp.set_nodelay(true);
+    let app = App::new()
+        .app_data(web::Data::new(state.clone()))
+        .wrap(actix_web::middleware::from_fn(
+            crate::gateway::secrets::scrub,
+        ))
+        .configure(crate::gateway::routes);
+    let upgrade = actix_service::fn_service(
+        move |(req, connection): (
+            actix_http::Request,
+            actix_codec::Framed<TcpStream, actix_http::h1::Codec>,
+        )|
+              -> LocalBoxFuture<'static, Result<(), std::convert::Infallible>> {
+            let serve = gateway::serve_upgrade(state.clone(), req, connection);
+            // Boxed: the connection's task holds this for the socket's whole life, and
+            // actix-http keeps it in the same slot as an HTTP connection's state.
+            Box::pin(async move {
+                serve.await;
+                Ok(())
             })
-            .upgrade(upgrade)
-            // The host and address are for URL generation, which no route uses.
-            .finish(actix_service::map_config(app, |()| {
-                actix_web::dev::AppConfig::default()
-            }))
-            .tcp()
-    }
+        },
+    );
+    actix_http::HttpService::build()
+        // actix-web's defaults.
+        .keep_alive(actix_http::KeepAlive::default())
+        .client_request_timeout(Duration::from_secs(5))
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .local_addr(addr)
+        // Small frames must not wait for the peer's delayed ACK (Nagle): that added 40 ms to
+        // the tail latency of deliveries.
+        .on_connect_ext(|tcp: &TcpStream, _: &mut actix_http::Extensions| {
+            let _ = tcp.set_nodelay(true);
+        })
+        .upgrade(upgrade)
+        // The host and address are for URL generation, which no route uses.
+        .finish(actix_service::map_config(app, |()| {
+            actix_web::dev::AppConfig::default()
+        }))
+        .tcp()
 }

@@ -108,12 +108,12 @@ pub async fn serve_upgrade(
     connection: actix_codec::Framed<actix_web::rt::net::TcpStream, actix_http::h1::Codec>,
 ) {
     use actix_web::ResponseError as _;
-    let upgrade = socket::Upgrade::new(req, connection);
     enum Endpoint {
         Device,
         Sealed,
         Federation,
     }
+    let upgrade = socket::Upgrade::new(req, connection);
     let endpoint = match upgrade.path() {
         "/v1/ws" => Endpoint::Device,
         "/v1/sealed" => Endpoint::Sealed,
