@@ -179,8 +179,9 @@ settings! {
     group_commit: bool = true, "SEALPOST_GROUP_COMMIT";
     /// fsync the data file on every commit (sled's own flush is only sync_file_range).
     fsync: bool = true, "SEALPOST_FSYNC";
-    /// Under concurrent load, microseconds a flush lingers for more appends to join it.
-    commit_delay_us: u64 = 0, "SEALPOST_COMMIT_DELAY_US";
+    /// Under load (more than 4,000 sends a second), microseconds a flush lingers for more
+    /// appends to join it; below that rate a flush starts at once. 0: never linger.
+    commit_delay_us: u64 = 1000, "SEALPOST_COMMIT_DELAY_US";
     /// Free disk space, in MiB, below which new envelopes and accounts are refused
     /// (store_unavailable) instead of risking a full disk.
     min_free_disk_mb: u64 = 256, "SEALPOST_MIN_FREE_DISK_MB";

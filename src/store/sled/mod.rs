@@ -61,7 +61,8 @@ pub struct StoreOptions {
     pub fsync: bool,
     /// sled page cache size in bytes.
     pub cache_bytes: u64,
-    /// Under concurrent load, how long a flush waits for more appends to join it.
+    /// Under load (see `committer::LINGER_ABOVE_PER_S`), how long a flush waits for more
+    /// appends to join it; zero: never.
     pub commit_delay: std::time::Duration,
     /// Free disk space below which new envelopes are refused, in bytes.
     pub min_free_bytes: u64,

@@ -1160,3 +1160,30 @@ fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
     assert_eq!(heads[&1].next_seq, 2, "number 1 is never handed out again");
     assert_eq!(heads[&1].count, 0);
 }
+
+#[test]
+fn a_flush_at_a_low_rate_starts_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open_waiting(&StoreOptions {
+        commit_delay: std::time::Duration::from_secs(60),
+        ..StoreOptions::for_tests(dir.path())
+    })
+    .unwrap();
+    let inner = s.inner();
+    block_on(async {
+        // A flush that serves several requests (an acknowledgement's and two sends') made the
+        // next one linger, whatever the rate; only a rate of thousands a second does now.
+        let lazy = inner.flushed(false);
+        let (a, b) = (inner.sync(), inner.sync());
+        for flushed in [lazy, a, b] {
+            flushed.await.unwrap();
+        }
+        let started = std::time::Instant::now();
+        inner.sync().await.unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "lingered {:?}",
+            started.elapsed()
+        );
+    });
+}
