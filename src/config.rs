@@ -28,7 +28,7 @@ use crate::{
     store::StoreOptions,
     transparency::LogSettings,
 };
-pub use crate::{gateway::Registration, telemetry::LogFormat};
+pub use crate::{gateway::Registration, server::CpuPolicy, telemetry::LogFormat};
 
 macro_rules! settings {
     ($($(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal;)*) => {
@@ -139,7 +139,7 @@ macro_rules! show_by_value_name {
         }
     )*};
 }
-show_by_value_name!(Registration, LogFormat);
+show_by_value_name!(Registration, LogFormat, CpuPolicy);
 
 settings! {
     /// Address to listen on (HTTP API, WebSocket, health and metrics).
@@ -171,6 +171,9 @@ settings! {
     workers: usize = 0, "SEALPOST_WORKERS";
     /// Threads running mailbox actors (0 = one per core).
     mailbox_threads: usize = 0, "SEALPOST_MAILBOX_THREADS";
+    /// CPU scheduling of the broker's threads: batch (Linux SCHED_BATCH: a thread that wakes
+    /// does not preempt the one running, so work crosses threads in batches) or normal.
+    cpu_policy: CpuPolicy = CpuPolicy::Batch, "SEALPOST_CPU_POLICY";
     /// Log format: text or json.
     log_format: LogFormat = LogFormat::Text, "SEALPOST_LOG_FORMAT";
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "sealpost=debug".

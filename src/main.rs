@@ -63,7 +63,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = Settings::load(*args)?;
+            // First, before any thread starts: the threads started later inherit it.
+            let policy = sealpost::server::set_cpu_policy(settings.cpu_policy);
             sealpost::telemetry::init_tracing(&settings.log_level, settings.log_format);
+            if let Err(e) = policy {
+                tracing::warn!(error = %e, "setting the CPU scheduling policy failed");
+            }
             let config = settings.into_config()?;
             actix_web::rt::System::new().block_on(sealpost::server::run(config, |addr| {
                 // The one line on stdout: tests and scripts read the bound port from it.

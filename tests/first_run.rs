@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::Broker;
+use sealpost_proto::SendOutcome;
 
 fn sealpost(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sealpost"))
@@ -103,4 +104,41 @@ async fn logs_written_to_a_file_carry_no_colour_codes_and_unknown_paths_get_json
         "ANSI escape codes in a log file: {}",
         String::from_utf8_lossy(&logs)
     );
+}
+
+/// The scheduling policy of every thread of process `pid` (field 41 of its `stat`).
+fn thread_policies(pid: u32) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let stat = std::fs::read_to_string(task.expect("task").path().join("stat")).expect("stat");
+        // The name (field 2) is in parentheses and may hold spaces: count from after it.
+        let after_name = &stat[stat.rfind(')').expect("name") + 2..];
+        let policy = after_name.split(' ').nth(41 - 3).expect("policy field");
+        policies.push(policy.parse().expect("number"));
+    }
+    policies
+}
+
+#[tokio::test]
+async fn every_thread_runs_batched_unless_configured_otherwise() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let broker = Broker::start(&[]);
+    // The store's threads (commit, sled's I/O pool) start with the first durable write.
+    let creds = common::register(&broker, "policy@test.example").await;
+    let mut device = common::Device::connect(&broker, &creds).await;
+    let outcome = device
+        .send_and_wait(common::eid(), &creds.user, &[creds.device], b"x")
+        .await;
+    assert!(
+        matches!(outcome, SendOutcome::Accepted { .. }),
+        "{outcome:?}"
+    );
+    let policies = thread_policies(broker.pid());
+    assert!(policies.len() > 3, "{policies:?}");
+    assert!(policies.iter().all(|&p| p == SCHED_BATCH), "{policies:?}");
+
+    let normal = Broker::start(&["--cpu-policy", "normal"]);
+    let policies = thread_policies(normal.pid());
+    assert!(policies.iter().all(|&p| p == SCHED_OTHER), "{policies:?}");
 }
