@@ -123,6 +123,7 @@ const COUNTERS: &[&str] = &[
     "sealpost_sends_to_changed_devices_total",
     "sealpost_turn_credentials_total",
     "sealpost_store_keys_created_total",
+    "sealpost_store_keys_adopted_total",
     "sealpost_store_keys_destroyed_total",
     "sealpost_store_key_rotations_total",
     "sealpost_store_reopens_total",
@@ -275,7 +276,11 @@ fn describe() {
     );
     describe_counter!(
         "sealpost_store_keys_created_total",
-        "Queue keys created in the keyring (crypto-shredding)"
+        "Queue keys created in the keyring (crypto-shredding), spares included"
+    );
+    describe_counter!(
+        "sealpost_store_keys_adopted_total",
+        "Spare keys taken by new device queues (no keyring sync on the writer's thread)"
     );
     describe_counter!(
         "sealpost_store_keys_destroyed_total",

@@ -33,6 +33,7 @@
 //! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
 //! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
 //! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
+//! slotgeneration_queue   b'A' slot:u32 generation:u64             -> prefix_len:u8 prefix adopted_ms:u64
 //! ```
 //!
 //! The `Y` index lets the expiry sweep find what is due without scanning queues; its value
@@ -45,6 +46,11 @@
 //! then writes `K`; trims store none. Opening the queues takes `K` away; without it (a crash)
 //! they are counted again and their ends found from the dedup records (`sled::recovery`). A device queue's key prefix (`E` H(handle)
 //! device) names it in the keyring.
+//!
+//! `A` names the queue that adopted one of the keyring's spare keys (`sled::keyring`): it is
+//! written before the first record sealed under that key, so a record never survives a crash
+//! without it. It is removed once the keyring file names the slot itself (or the key is gone);
+//! an entry whose generation no longer matches its slot is stale and ignored.
 //!
 //! Tree `outbox` (federation: envelopes waiting for a destination broker's acknowledgement):
 //!
@@ -82,6 +88,7 @@ pub(crate) const CLOSED: u8 = b'K';
 pub(crate) const EXPIRY_ENVELOPE: u8 = b'X';
 pub(crate) const EXPIRY_DEDUP: u8 = b'Y';
 pub(crate) const OUTBOX: u8 = b'Q';
+pub(crate) const ADOPTION: u8 = b'A';
 const SEP: u8 = 0xff;
 
 fn key(tag: u8, user: &str, rest_len: usize) -> Vec<u8> {
@@ -186,6 +193,15 @@ pub(crate) fn head_prefix(user: &Hashed) -> Vec<u8> {
 pub(crate) fn envelope(user: &Hashed, device: u32, seq: u64) -> Vec<u8> {
     let mut k = envelope_prefix(user, device);
     k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The entry naming the queue that adopted the spare key `(slot, generation)`.
+pub(crate) fn adoption(slot: u32, generation: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(ADOPTION);
+    k.extend_from_slice(&slot.to_be_bytes());
+    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 

@@ -11,7 +11,8 @@
 //! requests) that work is gathered for up to [`SETTLE_INTERVAL`] and done once, rather than
 //! after every flush: each settle is an `fdatasync` that delays the next flush and holds the
 //! drained queues' locks. New keys need nothing here: they are synced when created, before anything is
-//! sealed under them, so the keyring is never dirty at a flush.
+//! sealed under them, so the keyring is never dirty at a flush. New device queues adopt spare
+//! keys, which this thread tops up after a flush once few are left.
 
 use std::{
     fs::File,
@@ -214,6 +215,11 @@ impl Committer {
                     let ok = result.is_ok();
                     for w in waiters {
                         let _ = w.send(result.clone());
+                    }
+                    // New queues adopt spare keys: make more here, not on a writer's thread
+                    // (not after a failed flush: the disk may be full).
+                    if ok && let Err(e) = keyring.refill_spares() {
+                        tracing::warn!(error = %e, "making spare keys failed");
                     }
                     let Some(pending) = pending else { continue };
                     settled = Instant::now();

@@ -39,6 +39,14 @@
 //!   generation), synced before anyone may seal under it. A queue that drains after every
 //!   message costs one keyring `fdatasync` per group commit (under load, per
 //!   `committer::SETTLE_INTERVAL`), shared by all queues drained in it, and no slot churn.
+//! - **New** (no key yet: a device's first message, or its first since its key was freed for
+//!   age): the queue adopts a *spare*, a key made and synced ahead of need whose slot names no
+//!   queue. The adoption is an `A` entry in sled (`store::keys`), inserted before the first
+//!   record sealed under the key, so the writer's thread waits for no keyring `fdatasync`
+//!   (with one synced key per new queue, 10,000 new device queues cost the mailbox thread
+//!   10,000 syncs). The committer keeps [`SPARES_LOW`]..[`SPARES`] spares ready; the slot
+//!   names its queue itself once rewritten (replaced on a drain), and the `A` entry goes.
+//!   Outboxes (one per destination domain, rarely new) still get a key synced on the spot.
 //! - **Aged** (its current key is older than `key_max_age`): [`Keyring::rotate`], run by the
 //!   expiry sweep, gives the queue a new current key (synced first), re-seals the survivors
 //!   under it with compare-and-swap (a record deleted meanwhile stays deleted), a bounded
@@ -50,6 +58,11 @@
 //! - A new key is durable before anything is sealed under it: slots are written and synced
 //!   while the queue's lock is held for writing, and sealing takes it for reading. So no
 //!   envelope acknowledged to its sender (or only written) refers to a key a crash can lose.
+//!   A spare is synced when made; which queue adopted it is an `A` entry written in sled's
+//!   log before any record sealed under it. sled recovers a prefix of its log, so a record
+//!   that survives a crash finds its key's queue named, and opening the keyring gives each
+//!   adopted spare its queue again (a spare no `A` entry names was never used: it stays a
+//!   spare). Without the name, draining that queue would never destroy the key.
 //! - A key is destroyed only after the flush that followed the deletions that emptied its
 //!   queue (or moved its records to another key). Should a crash still show a record under a
 //!   destroyed key — a deletion that happened after that flush and was not yet durable, the
@@ -79,7 +92,7 @@ use rand::{RngCore as _, rngs::OsRng};
 use sealpost_seal::{NONCE_LEN, SealKey, TAG_LEN};
 use zeroize::Zeroizing;
 
-use crate::store::{Result, StoreError};
+use crate::store::{Result, StoreError, keys};
 
 /// File name of the keyring in the data directory.
 pub(crate) const FILE: &str = "keyring";
@@ -92,6 +105,10 @@ pub(crate) const SEALED: u8 = 2;
 const HEADER: usize = 1 + 4 + 8 + NONCE_LEN;
 const TAG: usize = TAG_LEN;
 const SHARDS: usize = 64;
+/// Spares the committer tops the keyring up to, one `fdatasync` for all of them.
+pub(super) const SPARES: usize = 256;
+/// Fewer spares than this and the committer makes more.
+pub(super) const SPARES_LOW: usize = 64;
 
 const USER_HASH_CONTEXT: &str = "sealpost 2026-12-06 store handle hash v1";
 const ID_HASH_CONTEXT: &str = "sealpost 2026-12-06 store envelope id hash v1";
@@ -140,6 +157,86 @@ struct Slots {
     retiring: Vec<Retiring>,
     /// Keys whose records all moved: destroyed after the next flush.
     doomed: Vec<(u32, u64)>,
+    /// Spare keys (live, synced, their slot naming no queue), ready to be adopted.
+    spares: Vec<u32>,
+    /// Adopted spares whose queue only their `A` entry names: slot → that entry's generation.
+    adopted: HashMap<u32, u64>,
+}
+
+impl Slots {
+    /// Makes the live key in `slot` a key of the queue `prefix`, created at `created_ms`, as
+    /// the keyring opens. The newest key of a queue (by creation time; generations count per
+    /// slot) is its current one; older ones were being rotated away when the process stopped:
+    /// finish that. Either choice is safe: both keys are live until the records under the
+    /// other one have moved.
+    fn own(&mut self, slot: u32, prefix: Vec<u8>, created_ms: u64) {
+        let Some(live) = self.live[slot as usize].as_mut() else {
+            return;
+        };
+        live.prefix.clone_from(&prefix);
+        live.created_ms = created_ms;
+        let generation = live.generation;
+        let other = self.current.get(&prefix).copied().and_then(|other| {
+            let l = self.live[other as usize].as_ref()?;
+            Some((other, l.generation, l.created_ms))
+        });
+        match other {
+            Some((_, _, other_created)) if other_created >= created_ms => {
+                self.retiring.push(Retiring {
+                    cursor: prefix.clone(),
+                    prefix,
+                    slot,
+                    generation,
+                });
+            }
+            Some((other, other_gen, _)) => {
+                self.retiring.push(Retiring {
+                    cursor: prefix.clone(),
+                    prefix: prefix.clone(),
+                    slot: other,
+                    generation: other_gen,
+                });
+                self.current.insert(prefix, slot);
+            }
+            None => {
+                self.current.insert(prefix, slot);
+            }
+        }
+    }
+
+    /// A slot for a new key: a free one, or one more at the end of the file.
+    fn take_slot(&mut self) -> Result<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Ok(slot);
+        }
+        self.live.push(None);
+        self.gens.push(0);
+        u32::try_from(self.live.len() - 1).map_err(|_| StoreError::Io("keyring full".into()))
+    }
+}
+
+/// The value of an `A` entry: the adopting queue's prefix and when it adopted the key.
+fn adoption_bytes(prefix: &[u8], adopted_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + prefix.len() + 8);
+    v.push(u8::try_from(prefix.len()).expect("prefixes are short"));
+    v.extend_from_slice(prefix);
+    v.extend_from_slice(&adopted_ms.to_be_bytes());
+    v
+}
+
+/// The (slot, generation) an `A` entry's key names.
+fn adoption_key(key: &[u8]) -> Option<(u32, u64)> {
+    let slot = u32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
+    let generation = u64::from_be_bytes(key.get(5..13)?.try_into().ok()?);
+    (key.len() == 13).then_some((slot, generation))
+}
+
+/// The (prefix, adopted_ms) of an `A` entry's value.
+fn adoption_value(value: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let len = usize::from(*value.first()?);
+    let prefix = value.get(1..1 + len)?;
+    let adopted_ms = u64::from_be_bytes(value.get(1 + len..)?.try_into().ok()?);
+    (len > 0 && len <= PREFIX_MAX).then(|| (prefix.to_vec(), adopted_ms))
 }
 
 /// What was pending when a flush began: settled once it succeeded.
@@ -323,6 +420,8 @@ impl Keyring {
             drained: Vec::new(),
             retiring: Vec::new(),
             doomed: Vec::new(),
+            spares: Vec::new(),
+            adopted: HashMap::new(),
         };
         for (n, chunk) in bytes.chunks_exact(SLOT).enumerate().skip(1) {
             let slot = u32::try_from(n).map_err(|_| StoreError::Corruption("keyring".into()))?;
@@ -342,45 +441,41 @@ impl Keyring {
             let mut key = Zeroizing::new([0u8; 32]);
             key.copy_from_slice(&chunk[50..82]);
             let prefix = chunk[2..2 + len].to_vec();
+            let created_ms = u64::from_be_bytes(chunk[42..50].try_into().expect("8 bytes"));
             slots.live.push(Some(Live {
-                prefix: prefix.clone(),
+                prefix: Vec::new(),
                 generation,
-                created_ms: u64::from_be_bytes(chunk[42..50].try_into().expect("8 bytes")),
+                created_ms,
                 cipher: Arc::new(cipher(&key)),
             }));
-            // The newest key of a queue (by creation time; generations count per slot) is
-            // its current one; older ones were being rotated away when the process stopped:
-            // finish that. Either choice is safe: both keys are live until the records under
-            // the other one have moved.
-            let created_ms = u64::from_be_bytes(chunk[42..50].try_into().expect("8 bytes"));
-            let other = slots.current.get(&prefix).copied().and_then(|other| {
-                let l = slots.live[other as usize].as_ref()?;
-                Some((other, l.generation, l.created_ms))
-            });
-            match other {
-                Some((_, _, other_created)) if other_created >= created_ms => {
-                    slots.retiring.push(Retiring {
-                        cursor: prefix.clone(),
-                        prefix,
-                        slot,
-                        generation,
-                    });
-                }
-                Some((other, other_gen, _)) => {
-                    slots.retiring.push(Retiring {
-                        cursor: prefix.clone(),
-                        prefix: prefix.clone(),
-                        slot: other,
-                        generation: other_gen,
-                    });
-                    slots.current.insert(prefix, slot);
-                }
-                None => {
-                    slots.current.insert(prefix, slot);
-                }
+            if prefix.is_empty() {
+                slots.spares.push(slot);
+            } else {
+                slots.own(slot, prefix, created_ms);
             }
         }
-        Ok(Keyring {
+        // Spares that a queue adopted before the process stopped: named by their `A` entry.
+        let mut stale = Vec::new();
+        for entry in queues.scan_prefix([keys::ADOPTION]) {
+            let (k, v) = entry?;
+            match (adoption_key(&k), adoption_value(&v)) {
+                (Some((slot, generation)), Some((prefix, adopted_ms)))
+                    if slots.spares.contains(&slot)
+                        && slots.live[slot as usize]
+                            .as_ref()
+                            .is_some_and(|l| l.generation == generation) =>
+                {
+                    slots.spares.retain(|s| *s != slot);
+                    slots.adopted.insert(slot, generation);
+                    slots.own(slot, prefix, adopted_ms);
+                }
+                _ => stale.push(k),
+            }
+        }
+        for k in stale {
+            queues.remove(k)?;
+        }
+        let keyring = Keyring {
             file,
             slots: Mutex::new(slots),
             shards: (0..SHARDS).map(|_| RwLock::new(())).collect(),
@@ -391,7 +486,9 @@ impl Keyring {
             max_age_ms,
             queues,
             outbox,
-        })
+        };
+        keyring.refill_spares()?;
+        Ok(keyring)
     }
 
     fn state(&self) -> MutexGuard<'_, Slots> {
@@ -444,9 +541,9 @@ impl Keyring {
         String::from_utf8(plain.to_vec()).ok()
     }
 
-    /// Runs `f` with the current key of the queue `prefix` (created, durably, if it has
-    /// none), holding the queue's lock so that the key stays current until `f` returns:
-    /// `f` seals and inserts.
+    /// Runs `f` with the current key of the queue `prefix` (a spare adopted, or for an outbox
+    /// a key created durably, if it has none), holding the queue's lock so that the key stays
+    /// current until `f` returns: `f` seals and inserts.
     pub(super) fn with_sealer<T>(
         &self,
         prefix: &[u8],
@@ -476,8 +573,93 @@ impl Keyring {
             if self.state().current.contains_key(prefix) {
                 continue;
             }
-            self.new_currents(&[prefix.to_vec()], crate::clock::now_ms())?;
+            if tree_tag(prefix) == Some(keys::OUTBOX) {
+                self.new_currents(&[prefix.to_vec()], crate::clock::now_ms())?;
+            } else {
+                self.adopt(prefix, crate::clock::now_ms())?;
+            }
         }
+    }
+
+    /// Makes a spare the current key of the queue `prefix` (whose shard the caller holds for
+    /// writing): its `A` entry first, so that nothing sealed under it is stored before it.
+    /// With no spare left, makes a batch of them here (one `fdatasync`).
+    fn adopt(&self, prefix: &[u8], now_ms: u64) -> Result<()> {
+        let spare = self.state().spares.pop();
+        let slot = match spare {
+            Some(slot) => slot,
+            None => {
+                self.make_spares(SPARES)?;
+                self.state()
+                    .spares
+                    .pop()
+                    .ok_or_else(|| StoreError::Io("keyring: no spare key".into()))?
+            }
+        };
+        let generation = self.state().gens[slot as usize];
+        let named = self.queues.insert(
+            keys::adoption(slot, generation),
+            adoption_bytes(prefix, now_ms),
+        );
+        let mut state = self.state();
+        if let Err(e) = named {
+            state.spares.push(slot);
+            return Err(e.into());
+        }
+        if let Some(live) = state.live[slot as usize].as_mut() {
+            live.prefix = prefix.to_vec();
+            live.created_ms = now_ms;
+        }
+        state.adopted.insert(slot, generation);
+        state.current.insert(prefix.to_vec(), slot);
+        metrics::counter!("sealpost_store_keys_adopted_total").increment(1);
+        Ok(())
+    }
+
+    /// Tops the spares up to [`SPARES`] once fewer than [`SPARES_LOW`] are left (one
+    /// `fdatasync`). Run by the committer, off the writers' threads, and on open.
+    pub(super) fn refill_spares(&self) -> Result<()> {
+        let have = self.state().spares.len();
+        if have >= SPARES_LOW {
+            return Ok(());
+        }
+        self.make_spares(SPARES - have)
+    }
+
+    /// Makes `n` spare keys, synced before any can be adopted.
+    fn make_spares(&self, n: usize) -> Result<()> {
+        let mut made = Vec::with_capacity(n);
+        let mut writes = Vec::with_capacity(n);
+        let now_ms = crate::clock::now_ms();
+        {
+            let mut state = self.state();
+            for _ in 0..n {
+                let slot = state.take_slot()?;
+                let generation = state.gens[slot as usize] + 1;
+                // Taken now, so that nobody else takes it while it is written.
+                state.gens[slot as usize] = generation;
+                let key = fresh_key();
+                writes.push((slot, slot_bytes(Some((&[], &key, now_ms)), generation)));
+                made.push((slot, generation, key));
+            }
+        }
+        let written = self.write_slots(&writes);
+        let mut state = self.state();
+        if let Err(e) = written {
+            state.free.extend(made.iter().map(|(slot, ..)| *slot));
+            return Err(e);
+        }
+        for (slot, generation, key) in made {
+            state.live[slot as usize] = Some(Live {
+                prefix: Vec::new(),
+                generation,
+                created_ms: now_ms,
+                cipher: Arc::new(cipher(&key)),
+            });
+            state.spares.push(slot);
+        }
+        metrics::counter!("sealpost_store_keys_created_total").increment(n as u64);
+        Ok(())
     }
 
     /// Gives each of `prefixes` a new current key in a new slot, all durable (one
@@ -490,15 +672,7 @@ impl Keyring {
             let mut state = self.state();
             for prefix in prefixes {
                 assert!(prefix.len() <= PREFIX_MAX, "queue prefixes are short");
-                let slot = match state.free.pop() {
-                    Some(slot) => slot,
-                    None => {
-                        state.live.push(None);
-                        state.gens.push(0);
-                        u32::try_from(state.live.len() - 1)
-                            .map_err(|_| StoreError::Io("keyring full".into()))?
-                    }
-                };
+                let slot = state.take_slot()?;
                 let generation = state.gens[slot as usize] + 1;
                 let key = fresh_key();
                 writes.push((slot, slot_bytes(Some((prefix, &key, now_ms)), generation)));
@@ -654,6 +828,12 @@ impl Keyring {
         }
         self.write_slots(&writes)?;
         let mut state = self.state();
+        // Adopted spares rewritten now: the file names their queue (or the key is gone), and
+        // their `A` entries are stale.
+        let renamed: Vec<(u32, u64)> = changes
+            .iter()
+            .filter_map(|c| Some((c.slot(), state.adopted.remove(&c.slot())?)))
+            .collect();
         for change in changes {
             match change {
                 Change::Replace(slot, generation, created_ms, key) => {
@@ -678,7 +858,14 @@ impl Keyring {
                 }
             }
         }
+        drop(state);
         metrics::counter!("sealpost_store_keys_destroyed_total").increment(writes.len() as u64);
+        for (slot, generation) in renamed {
+            // A stale entry left behind (this failed, or a crash came first) goes on open.
+            if let Err(e) = self.queues.remove(keys::adoption(slot, generation)) {
+                tracing::warn!(error = %e, "removing a stale key adoption failed");
+            }
+        }
         Ok(())
     }
 
@@ -804,10 +991,21 @@ impl Keyring {
         }
     }
 
-    /// Test hook: live keys.
+    /// Test hook: live keys of queues (spares not counted).
     #[cfg(test)]
     pub(super) fn live_keys(&self) -> usize {
-        self.state().live.iter().flatten().count()
+        self.state()
+            .live
+            .iter()
+            .flatten()
+            .filter(|l| !l.prefix.is_empty())
+            .count()
+    }
+
+    /// Test hook: spare keys ready.
+    #[cfg(test)]
+    pub(super) fn spare_keys(&self) -> usize {
+        self.state().spares.len()
     }
 }
 

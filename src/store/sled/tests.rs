@@ -814,6 +814,104 @@ mod shredding {
             vec![(4, [9; 16])]
         );
     }
+
+    /// A device queue's first message takes a spare key: the keyring file is not written (no
+    /// `fdatasync` on the writer's thread); the committer tops the spares up later.
+    #[test]
+    fn a_new_queue_adopts_a_spare_key_without_writing_the_keyring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let spares = store.inner().keyring.spare_keys();
+        assert_eq!(spares, keyring::SPARES, "spares are made on open");
+        let before = std::fs::read(dir.path().join(keyring::FILE)).expect("keyring");
+        send(&store, 3);
+        let after = std::fs::read(dir.path().join(keyring::FILE)).expect("keyring");
+        assert!(before == after, "the keyring file was written");
+        assert_eq!(store.inner().keyring.live_keys(), 2);
+        assert_eq!(store.inner().keyring.spare_keys(), spares - 2);
+    }
+
+    /// After a crash, a spare a queue adopted is that queue's key again (its `A` entry says
+    /// so): what it sealed is read, and draining the queue destroys it. Were it taken for a
+    /// spare again, nothing would destroy it and it would open every acknowledged envelope.
+    #[test]
+    fn an_adopted_spare_is_its_queues_key_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let sent = send(&store, 4);
+        drop(store);
+        let store = reopen(dir.path(), None);
+        assert_eq!(
+            store.inner().keyring.live_keys(),
+            2,
+            "both queues own their key"
+        );
+        assert_eq!(store.inner().keyring.spare_keys(), keyring::SPARES - 2);
+        let want: Vec<(u64, [u8; 16])> = (1..).zip(sent.iter().map(|s| s.id)).collect();
+        for device in [1, 2] {
+            assert_eq!(queue(&store, device), want, "device {device}");
+        }
+        ack(&store, &sent, 4);
+        settle(&store);
+        let adoptions = store.inner().queues.scan_prefix([keys::ADOPTION]).count();
+        assert_eq!(
+            adoptions, 0,
+            "the file names the replaced keys: no `A` entry is left"
+        );
+        drop(store);
+        assert_shredded(dir.path(), &sent);
+    }
+
+    /// More new queues at once than there are spares: the writer makes a batch itself.
+    #[test]
+    fn more_new_queues_than_spares_are_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let devices: Vec<u32> = (1..=u32::try_from(keyring::SPARES).expect("small") + 44).collect();
+        let mut inbox = block_on(store.open(USER, &devices, LIMITS)).expect("open");
+        let now = crate::clock::now_ms();
+        let copies: Vec<(u32, &[u8])> = devices.iter().map(|d| (*d, &b"to all"[..])).collect();
+        let answer = inbox
+            .append(NewEnvelope {
+                id: [7; 16],
+                class: 0,
+                accepted_ms: now,
+                expires_ms: now + 60_000,
+                remember_until_ms: now + 60_000,
+                copies,
+            })
+            .expect("append");
+        block_on(answer).expect("durable");
+        drop(inbox);
+        drop(store);
+        let store = reopen(dir.path(), None);
+        assert_eq!(store.inner().keyring.live_keys(), devices.len());
+        let inbox = block_on(store.open(USER, &devices, LIMITS)).expect("open");
+        for device in devices {
+            let read = block_on(inbox.read(device, 0, 10)).expect("read");
+            assert_eq!(read.len(), 1, "device {device}");
+            assert_eq!(read[0].1.ciphertext, b"to all");
+        }
+    }
+
+    /// An `A` entry that names no spare (left by a crash between a slot's rewrite and the
+    /// entry's removal) is ignored and removed on open; the spare stays a spare.
+    #[test]
+    fn a_stale_adoption_is_removed_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let stale = keys::adoption(3, 99);
+        let mut value = vec![29u8];
+        value.extend_from_slice(&[b'E'; 29]);
+        value.extend_from_slice(&1u64.to_be_bytes());
+        store.inner().queues.insert(&stale, value).expect("insert");
+        block_on(Health::flush(&store)).expect("flush");
+        drop(store);
+        let store = reopen(dir.path(), None);
+        assert!(store.inner().queues.get(&stale).expect("get").is_none());
+        assert_eq!(store.inner().keyring.live_keys(), 0);
+        assert_eq!(store.inner().keyring.spare_keys(), keyring::SPARES);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
