@@ -10,9 +10,16 @@ use sealpost::config::{ServeArgs, Settings};
 /// `no_thp` (see Cargo.toml); on a host with THP `always`, also set `MIMALLOC_ALLOW_THP=0`.
 /// Wrapped so that every freed block is zeroed first: buffers that carried a token or a
 /// ciphertext do not stay readable in freed memory (see `gateway::secrets`).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: zeroizing_alloc::ZeroAlloc<mimalloc::MiMalloc> =
     zeroizing_alloc::ZeroAlloc(mimalloc::MiMalloc);
+
+/// With `--features system-allocator` (heap profiling): the system allocator, zeroizing too.
+#[cfg(feature = "system-allocator")]
+#[global_allocator]
+static GLOBAL: zeroizing_alloc::ZeroAlloc<std::alloc::System> =
+    zeroizing_alloc::ZeroAlloc(std::alloc::System);
 
 /// Sealpost: a federated broker for end-to-end encrypted messages and call signaling.
 #[derive(Parser)]

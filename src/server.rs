@@ -10,7 +10,7 @@ use std::{
 
 use actix::Arbiter;
 use actix_web::{App, rt::net::TcpStream, web};
-use futures_util::future::LocalBoxFuture;
+use futures_util::{FutureExt as _, future::LocalBoxFuture};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -513,13 +513,10 @@ fn http_service(
             actix_codec::Framed<TcpStream, actix_http::h1::Codec>,
         )|
               -> LocalBoxFuture<'static, Result<(), std::convert::Infallible>> {
-            let serve = gateway::serve_upgrade(state.clone(), req, connection);
-            // Boxed: the connection's task holds this for the socket's whole life, and
-            // actix-http keeps it in the same slot as an HTTP connection's state.
-            Box::pin(async move {
-                serve.await;
-                Ok(())
-            })
+            // Boxed (by the gateway, per endpoint): the connection's task holds this for the
+            // socket's whole life, and actix-http keeps it in the same slot as an HTTP
+            // connection's state.
+            Box::pin(gateway::serve_upgrade(state.clone(), req, connection).map(Ok))
         },
     );
     actix_http::HttpService::build()

@@ -101,12 +101,16 @@ async fn websocket_only() -> Result<actix_web::HttpResponse, error::ApiError> {
 
 /// Serves a WebSocket upgrade request, which the HTTP server hands over with its connection:
 /// `/v1/ws` (device sessions), `/v1/sealed` (sealed sends) and `/v1/federation` (inbound
-/// links). The connection is served here until it closes.
-pub async fn serve_upgrade(
+/// links). The returned future serves the connection until it closes.
+///
+/// Each endpoint's future is boxed on its own: the connection's task holds it for the
+/// socket's whole life, and one future for all three would be as large as the largest
+/// (an inbound federation link's) for every idle device too.
+pub fn serve_upgrade(
     state: Arc<AppState>,
     req: actix_http::Request,
     connection: actix_codec::Framed<actix_web::rt::net::TcpStream, actix_http::h1::Codec>,
-) {
+) -> futures_util::future::LocalBoxFuture<'static, ()> {
     use actix_web::ResponseError as _;
     enum Endpoint {
         Device,
@@ -118,20 +122,16 @@ pub async fn serve_upgrade(
         "/v1/ws" => Endpoint::Device,
         "/v1/sealed" => Endpoint::Sealed,
         "/v1/federation" => Endpoint::Federation,
-        _ => {
-            return upgrade
-                .refuse(error::ApiError::NotFound.error_response())
-                .await;
-        }
+        _ => return Box::pin(upgrade.refuse(error::ApiError::NotFound.error_response())),
     };
     if let Err(why) = upgrade.verify() {
         let refusal = error::ApiError::BadRequest(why).error_response();
-        return upgrade.refuse(refusal).await;
+        return Box::pin(upgrade.refuse(refusal));
     }
     match endpoint {
-        Endpoint::Device => session::serve(state, upgrade).await,
-        Endpoint::Sealed => sealed::serve(state, upgrade).await,
-        Endpoint::Federation => federation::serve(state, upgrade).await,
+        Endpoint::Device => Box::pin(session::serve(state, upgrade)),
+        Endpoint::Sealed => Box::pin(sealed::serve(state, upgrade)),
+        Endpoint::Federation => Box::pin(federation::serve(state, upgrade)),
     }
 }
 

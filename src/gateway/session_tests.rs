@@ -433,3 +433,38 @@ fn inbound_federation_delivery_stores_for_the_devices_that_remain() {
         }
     });
 }
+
+/// What an idle device connection holds for its whole life is its task's future: boxed per
+/// endpoint, a device session's is not as large as an inbound federation link's, which the
+/// three shared while one future served them all (W3: 12.4 KiB per idle session at 19,500
+/// before, about 6 KiB after; README "2026-12-07 (5)").
+#[test]
+fn an_idle_device_connection_holds_no_larger_future_than_its_own() {
+    run(|| async {
+        let h = harness().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut sizes = Vec::new();
+        for path in ["/v1/ws", "/v1/federation"] {
+            let _client = TcpStream::connect(addr).await.expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            let req = actix_http::test::TestRequest::with_uri(path)
+                .insert_header(("upgrade", "websocket"))
+                .insert_header(("connection", "upgrade"))
+                .insert_header(("sec-websocket-version", "13"))
+                .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
+                .finish();
+            let codec = actix_http::h1::Codec::new(actix_http::ServiceConfig::default());
+            let connection = actix_codec::Framed::new(server, codec);
+            let serving = super::serve_upgrade(h.state.clone(), req, connection);
+            sizes.push(std::mem::size_of_val(&*serving));
+        }
+        let [device, federation] = sizes[..] else {
+            unreachable!("two endpoints")
+        };
+        assert!(
+            device < federation,
+            "a device session holds {device} bytes, an inbound link {federation}"
+        );
+    });
+}
