@@ -101,6 +101,25 @@ async fn harness() -> Harness {
     }
 }
 
+/// A WebSocket upgrade request for `path` and its server-side connection, as the HTTP server
+/// hands them over.
+fn handed_over(
+    path: &str,
+    server: TcpStream,
+) -> (
+    actix_http::Request,
+    actix_codec::Framed<TcpStream, actix_http::h1::Codec>,
+) {
+    let req = actix_http::test::TestRequest::with_uri(path)
+        .insert_header(("upgrade", "websocket"))
+        .insert_header(("connection", "upgrade"))
+        .insert_header(("sec-websocket-version", "13"))
+        .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
+        .finish();
+    let codec = actix_http::h1::Codec::new(actix_http::ServiceConfig::default());
+    (req, actix_codec::Framed::new(server, codec))
+}
+
 /// A client's end of a session: masked frames out, the broker's frames read off the socket.
 struct Client {
     tx: mpsc::UnboundedSender<Vec<u8>>,
@@ -117,14 +136,7 @@ impl Client {
             .await
             .expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        let req = actix_http::test::TestRequest::with_uri(path)
-            .insert_header(("upgrade", "websocket"))
-            .insert_header(("connection", "upgrade"))
-            .insert_header(("sec-websocket-version", "13"))
-            .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
-            .finish();
-        let codec = actix_http::h1::Codec::new(actix_http::ServiceConfig::default());
-        let connection = actix_codec::Framed::new(server, codec);
+        let (req, connection) = handed_over(path, server);
         actix_web::rt::spawn(super::serve_upgrade(state.clone(), req, connection));
         let (read, mut write) = client.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -448,14 +460,7 @@ fn an_idle_device_connection_holds_no_larger_future_than_its_own() {
         for path in ["/v1/ws", "/v1/federation"] {
             let _client = TcpStream::connect(addr).await.expect("connect");
             let (server, _) = listener.accept().await.expect("accept");
-            let req = actix_http::test::TestRequest::with_uri(path)
-                .insert_header(("upgrade", "websocket"))
-                .insert_header(("connection", "upgrade"))
-                .insert_header(("sec-websocket-version", "13"))
-                .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
-                .finish();
-            let codec = actix_http::h1::Codec::new(actix_http::ServiceConfig::default());
-            let connection = actix_codec::Framed::new(server, codec);
+            let (req, connection) = handed_over(path, server);
             let serving = super::serve_upgrade(h.state.clone(), req, connection);
             sizes.push(std::mem::size_of_val(&*serving));
         }

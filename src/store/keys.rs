@@ -50,7 +50,8 @@
 //! `A` names the queue that adopted one of the keyring's spare keys (`sled::keyring`): it is
 //! written before the first record sealed under that key, so a record never survives a crash
 //! without it. It is removed once the keyring file names the slot itself (or the key is gone);
-//! an entry whose generation no longer matches its slot is stale and ignored.
+//! an entry whose slot no longer holds that spare (rewritten since: another generation, or
+//! named in the file) is stale, and opening the store removes it.
 //!
 //! Tree `outbox` (federation: envelopes waiting for a destination broker's acknowledgement):
 //!

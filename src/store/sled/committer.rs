@@ -10,9 +10,9 @@
 //! that emptied them are durable by then. Under load (a flush that answers several waiting
 //! requests) that work is gathered for up to [`SETTLE_INTERVAL`] and done once, rather than
 //! after every flush: each settle is an `fdatasync` that delays the next flush and holds the
-//! drained queues' locks. New keys need nothing here: they are synced when created, before anything is
-//! sealed under them, so the keyring is never dirty at a flush. New device queues adopt spare
-//! keys, which this thread tops up after a flush once few are left.
+//! drained queues' locks. New keys are synced when created, before anything is sealed under
+//! them, so the keyring is never dirty at a flush. New device queues adopt spare keys: this
+//! thread makes more after a flush once few are left, so that writers need not.
 
 use std::{
     fs::File,

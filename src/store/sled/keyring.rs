@@ -44,9 +44,13 @@
 //!   queue. The adoption is an `A` entry in sled (`store::keys`), inserted before the first
 //!   record sealed under the key, so the writer's thread waits for no keyring `fdatasync`
 //!   (with one synced key per new queue, 10,000 new device queues cost the mailbox thread
-//!   10,000 syncs). The committer keeps [`SPARES_LOW`]..[`SPARES`] spares ready; the slot
-//!   names its queue itself once rewritten (replaced on a drain), and the `A` entry goes.
-//!   Outboxes (one per destination domain, rarely new) still get a key synced on the spot.
+//!   10,000 syncs). About [`SPARES`] spares are kept ready: the committer makes more after a
+//!   flush once fewer than [`SPARES_LOW`] are left (opening the store, and a writer that
+//!   finds none, make them too). The slot names its queue itself once rewritten (replaced on a
+//!   drain), and the `A` entry goes. Outboxes (one per destination domain, rarely new) still
+//!   get a key synced on the spot. An older build must not open a keyring that has spares: it
+//!   would read them as keys of a queue with an empty name and churn through re-sealing
+//!   (nothing is lost, but shredding waits).
 //! - **Aged** (its current key is older than `key_max_age`): [`Keyring::rotate`], run by the
 //!   expiry sweep, gives the queue a new current key (synced first), re-seals the survivors
 //!   under it with compare-and-swap (a record deleted meanwhile stays deleted), a bounded
@@ -55,11 +59,14 @@
 //!
 //! # Crash ordering
 //!
-//! - A new key is durable before anything is sealed under it: slots are written and synced
-//!   while the queue's lock is held for writing, and sealing takes it for reading. So no
-//!   envelope acknowledged to its sender (or only written) refers to a key a crash can lose.
-//!   A spare is synced when made; which queue adopted it is an `A` entry written in sled's
-//!   log before any record sealed under it. sled recovers a prefix of its log, so a record
+//! - A key is durable before anything is sealed under it. A spare is synced when made, before
+//!   it can be adopted; other new keys (an outbox's, a rotation's, a drained queue's
+//!   replacement) are written and synced while the queue's lock is held for writing, and
+//!   sealing takes it for reading. So no envelope acknowledged to its sender (or only written)
+//!   refers to a key a crash can lose. Opening the keyring syncs it before reading it: what a
+//!   process wrote and did not sync is not taken for a key that exists.
+//! - Which queue adopted a spare is an `A` entry written in sled's log before any record
+//!   sealed under it. sled recovers a prefix of its log, so a record
 //!   that survives a crash finds its key's queue named, and opening the keyring gives each
 //!   adopted spare its queue again (a spare no `A` entry names was never used: it stays a
 //!   spare). Without the name, draining that queue would never destroy the key.
@@ -81,7 +88,7 @@
 //! it needs, sealed under a key derived from the same secret.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::Path,
@@ -401,6 +408,10 @@ impl Keyring {
             .write(true)
             .open(&path)
             .map_err(io)?;
+        // What is read next must be on disk, not only in the page cache: slots an earlier
+        // process (or this one, before a failed sync and a reopen) wrote and did not sync
+        // would otherwise be taken for keys that exist, and records sealed under them lost.
+        file.sync_data().map_err(io)?;
         let bytes = Zeroizing::new(std::fs::read(&path).map_err(io)?);
         if bytes.len() < SLOT || &bytes[..4] != MAGIC || bytes[4] != FORMAT {
             return Err(StoreError::Corruption("keyring header".into()));
@@ -455,23 +466,39 @@ impl Keyring {
             }
         }
         // Spares that a queue adopted before the process stopped: named by their `A` entry.
+        // An entry names a spare if the slot is live, names no queue in the file, and has the
+        // entry's generation; any other entry is stale (its slot was rewritten since).
+        let is_spare = |slots: &Slots, slot: u32, generation: u64| {
+            slots
+                .live
+                .get(slot as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|l| l.prefix.is_empty() && l.generation == generation)
+        };
         let mut stale = Vec::new();
+        let mut taken = HashSet::new();
         for entry in queues.scan_prefix([keys::ADOPTION]) {
             let (k, v) = entry?;
-            match (adoption_key(&k), adoption_value(&v)) {
-                (Some((slot, generation)), Some((prefix, adopted_ms)))
-                    if slots.spares.contains(&slot)
-                        && slots.live[slot as usize]
-                            .as_ref()
-                            .is_some_and(|l| l.generation == generation) =>
-                {
-                    slots.spares.retain(|s| *s != slot);
+            let Some((slot, generation)) = adoption_key(&k) else {
+                stale.push(k);
+                continue;
+            };
+            if !is_spare(&slots, slot, generation) {
+                stale.push(k);
+                continue;
+            }
+            taken.insert(slot);
+            match adoption_value(&v) {
+                Some((prefix, adopted_ms)) => {
                     slots.adopted.insert(slot, generation);
                     slots.own(slot, prefix, adopted_ms);
                 }
-                _ => stale.push(k),
+                // Records may be sealed under it, for a queue no longer known: kept live (not
+                // destroyed, not handed out again) and left as it is.
+                None => tracing::warn!(slot, "a key adoption record does not decode"),
             }
         }
+        slots.spares.retain(|s| !taken.contains(s));
         for k in stale {
             queues.remove(k)?;
         }
@@ -487,7 +514,11 @@ impl Keyring {
             queues,
             outbox,
         };
-        keyring.refill_spares()?;
+        // Best effort: with none left, the first new queue makes them (a full disk fails that
+        // append, not the store's opening).
+        if let Err(e) = keyring.refill_spares() {
+            tracing::warn!(error = %e, "making spare keys failed");
+        }
         Ok(keyring)
     }
 
@@ -585,15 +616,12 @@ impl Keyring {
     /// writing): its `A` entry first, so that nothing sealed under it is stored before it.
     /// With no spare left, makes a batch of them here (one `fdatasync`).
     fn adopt(&self, prefix: &[u8], now_ms: u64) -> Result<()> {
-        let spare = self.state().spares.pop();
-        let slot = match spare {
-            Some(slot) => slot,
-            None => {
-                self.make_spares(SPARES)?;
-                self.state()
-                    .spares
-                    .pop()
-                    .ok_or_else(|| StoreError::Io("keyring: no spare key".into()))?
+        let slot = loop {
+            let spare = self.state().spares.pop();
+            match spare {
+                Some(slot) => break slot,
+                // Others may take what this makes before it pops one: then it makes more.
+                None => self.make_spares(SPARES)?,
             }
         };
         let generation = self.state().gens[slot as usize];
@@ -631,14 +659,15 @@ impl Keyring {
         let mut made = Vec::with_capacity(n);
         let mut writes = Vec::with_capacity(n);
         let now_ms = crate::clock::now_ms();
+        // Drawn before the slots' lock is taken: sealing and opening wait on that lock.
+        let mut keys: Vec<Zeroizing<[u8; 32]>> = (0..n).map(|_| fresh_key()).collect();
         {
             let mut state = self.state();
-            for _ in 0..n {
+            for key in keys.drain(..) {
                 let slot = state.take_slot()?;
                 let generation = state.gens[slot as usize] + 1;
                 // Taken now, so that nobody else takes it while it is written.
                 state.gens[slot as usize] = generation;
-                let key = fresh_key();
                 writes.push((slot, slot_bytes(Some((&[], &key, now_ms)), generation)));
                 made.push((slot, generation, key));
             }
@@ -830,7 +859,7 @@ impl Keyring {
         let mut state = self.state();
         // Adopted spares rewritten now: the file names their queue (or the key is gone), and
         // their `A` entries are stale.
-        let renamed: Vec<(u32, u64)> = changes
+        let rewritten: Vec<(u32, u64)> = changes
             .iter()
             .filter_map(|c| Some((c.slot(), state.adopted.remove(&c.slot())?)))
             .collect();
@@ -860,7 +889,7 @@ impl Keyring {
         }
         drop(state);
         metrics::counter!("sealpost_store_keys_destroyed_total").increment(writes.len() as u64);
-        for (slot, generation) in renamed {
+        for (slot, generation) in rewritten {
             // A stale entry left behind (this failed, or a crash came first) goes on open.
             if let Err(e) = self.queues.remove(keys::adoption(slot, generation)) {
                 tracing::warn!(error = %e, "removing a stale key adoption failed");
