@@ -202,6 +202,11 @@ impl Socket {
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.tick().await;
         let mut last_heard = Instant::now();
+        // One wait for the whole session: made anew in every turn of the loop, it registered
+        // and dropped a waiter on the shutdown channel per frame (1.6 % of the broker's samples
+        // in W1).
+        let shutdown = shutdown.changed();
+        tokio::pin!(shutdown);
         loop {
             if self.writer.stalled() {
                 return None;
@@ -209,7 +214,7 @@ impl Socket {
             let reading = service.reading();
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
+                _ = &mut shutdown => {
                     let drain = Box::pin(service.on_shutdown(&mut self.writer)).await;
                     return Box::pin(self.drain(service, drain)).await;
                 }
