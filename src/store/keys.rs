@@ -33,15 +33,22 @@
 //! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
 //! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
 //! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
+//! secondusernonce_sends  b'Z' due_ms:u64 H(handle) nonce:u64     -> index-sealed handle and H(id)s
 //! slotgeneration_queue   b'A' slot:u32 generation:u64             -> prefix_len:u8 prefix adopted_ms:u64
 //! ```
 //!
-//! The `Y` index lets the expiry sweep find what is due without scanning queues; its value
-//! names the handle whose mailbox expires the entry. Layout 3 (this one) writes one `Y` entry
-//! per send: due first when the send's envelopes expire (the sweep finds them through the
-//! dedup record's `stored`), then, if the dedup record outlives them, moved to its expiry.
-//! `X` (one entry per envelope) is layout 2's; the sweep still reads the entries such a data
-//! directory holds, and nothing writes new ones. A head is a checkpoint: stored every
+//! The expiry index lets the sweep find what is due without scanning queues; its values name
+//! the handle whose mailbox expires the entry. Layout 4 (this one) indexes sends in `Z`
+//! entries, each listing the keyed ids of a user's sends that fall due in one second (`due_ms`
+//! is that second's end; the sweep finds a send's envelopes through its dedup record's
+//! `stored`, and lists a dedup record that outlives its envelopes again for its own expiry).
+//! A writer lists its sends in memory and writes them every `sled::inbox::INDEX_EVERY` sends,
+//! with a sweep of its own, and when it closes the user's queues (before `K`); until then the
+//! sweep asks the writer itself, and after a crash (no `K`) opening the queues lists every
+//! dedup record again (`sled::recovery`). `nonce` is random: entries never overwrite each
+//! other. `Y` (one entry per send, due when its envelopes expire, then moved to its dedup
+//! record's expiry) is layout 3's, and `X` (one entry per envelope) layout 2's: the sweep
+//! still reads the entries such a data directory holds, and nothing writes new ones. A head is a checkpoint: stored every
 //! `recovery::CHECKPOINT_EVERY` appends and when its writer closes the user's queues, which
 //! then writes `K`; trims store none. Opening the queues takes `K` away; without it (a crash)
 //! they are counted again and their ends found from the dedup records (`sled::recovery`). A device queue's key prefix (`E` H(handle)
@@ -88,6 +95,7 @@ pub(crate) const DEDUP: u8 = b'D';
 pub(crate) const CLOSED: u8 = b'K';
 pub(crate) const EXPIRY_ENVELOPE: u8 = b'X';
 pub(crate) const EXPIRY_DEDUP: u8 = b'Y';
+pub(crate) const EXPIRY_SENDS: u8 = b'Z';
 pub(crate) const OUTBOX: u8 = b'Q';
 pub(crate) const ADOPTION: u8 = b'A';
 const SEP: u8 = 0xff;
@@ -259,6 +267,16 @@ pub(crate) fn expiry_dedup(expires_ms: u64, user: &Hashed, id: &Hashed) -> Vec<u
     k.extend_from_slice(&expires_ms.to_be_bytes());
     k.extend_from_slice(user);
     k.extend_from_slice(id);
+    k
+}
+
+/// An entry listing sends of `user` that fall due by `due_ms` (see the top).
+pub(crate) fn expiry_sends(due_ms: u64, user: &Hashed, nonce: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(EXPIRY_SENDS);
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(user);
+    k.extend_from_slice(&nonce.to_be_bytes());
     k
 }
 

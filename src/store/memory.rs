@@ -421,6 +421,8 @@ impl UserInbox for MemoryUserInbox {
                         state.dedup.remove(&key);
                     }
                 }
+                // This backend indexes every envelope and dedup record on its own.
+                Due::Sends { .. } | Due::Unindexed { .. } => {}
             }
         }
         Ok(expired)

@@ -238,13 +238,36 @@ pub enum Due {
         /// Its expiry.
         expires_ms: u64,
     },
+    /// Sends indexed together: those of one user that fall due by `due_ms`.
+    Sends {
+        /// Account handle.
+        user: String,
+        /// When the last of them falls due.
+        due_ms: u64,
+        /// Which of the user's entries this is (sled: a random nonce in its key).
+        entry: u64,
+        /// The envelope ids, or what the backend keys them by (sled: their keyed hashes).
+        ids: Vec<[u8; 16]>,
+        /// The time the sweep asked with: what is due by then goes.
+        now_ms: u64,
+    },
+    /// Sends the user's writer indexes in its own memory, some due by `now_ms`.
+    Unindexed {
+        /// Account handle.
+        user: String,
+        /// The time the sweep asked with.
+        now_ms: u64,
+    },
 }
 
 impl Due {
     /// The account this entry belongs to.
     pub fn user(&self) -> &str {
         match self {
-            Due::Envelope { user, .. } | Due::Dedup { user, .. } => user,
+            Due::Envelope { user, .. }
+            | Due::Dedup { user, .. }
+            | Due::Sends { user, .. }
+            | Due::Unindexed { user, .. } => user,
         }
     }
 }

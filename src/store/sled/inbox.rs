@@ -2,15 +2,19 @@
 //! all written in an order whose every crash-surviving prefix is consistent (see `queues`),
 //! and made durable by one group commit shared by many appends.
 //!
-//! A delivered envelope costs four writes: its send's expiry index entry, the envelope and the
-//! dedup record (one entry and one record per send, whatever the number of copies), then on
-//! its acknowledgement the envelope's deletion. Heads live in memory and are stored as
-//! checkpoints and when the queues close (see `recovery`); expiry finds a send's envelopes
-//! through its dedup record.
+//! A delivered envelope costs three writes: the envelope and its send's dedup record (one per
+//! send, whatever the number of copies), then on its acknowledgement the envelope's deletion.
+//! Heads live in memory and are stored as checkpoints and when the queues close (see
+//! `recovery`). So does the expiry index: the writer lists its sends in memory and stores the
+//! list every [`INDEX_EVERY`] sends and when it closes, one entry per second in which they
+//! fall due ([`Unindexed`]); expiry finds a send's envelopes through its dedup record.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use super::{
@@ -46,6 +50,9 @@ impl Inbox for SledStore {
             pending: Arc::default(),
             checked_new: None,
             expired: Expired::default(),
+            listed: Vec::new(),
+            earliest: None,
+            writer: NEXT_WRITER.fetch_add(1, Ordering::Relaxed),
             failed: false,
         });
         // Writes of a previous writer are durable unless a flush failed and none has
@@ -73,6 +80,54 @@ impl Inbox for SledStore {
             Err(e) => tracing::warn!(error = %e, "key rotation failed"),
         }
         ready(inner.due(now_ms, limit))
+    }
+}
+
+/// A writer stores the sends it lists for the expiry index once it holds this many (and when
+/// it closes the queues): one `Z` entry per second in which they fall due, instead of one per
+/// send. It bounds what a writer keeps in memory (24 bytes a send).
+pub(super) const INDEX_EVERY: usize = 64;
+
+/// Entries of the expiry index list the sends falling due in one second, by its end.
+fn due_second(ms: u64) -> u64 {
+    ms.div_ceil(1000).saturating_mul(1000)
+}
+
+/// Numbers writers, so that one closing never takes a later writer's entry in [`Unindexed`].
+static NEXT_WRITER: AtomicU64 = AtomicU64::new(0);
+
+/// The users whose writers hold sends listed in memory only, with when the first of them falls
+/// due: the sweep asks those writers ([`Due::Unindexed`]), which expire from their lists. A
+/// writer that crashes takes its list along; opening its queues again lists every dedup record
+/// anew (`recovery`).
+#[derive(Default)]
+pub(super) struct Unindexed(Mutex<HashMap<String, (u64, u64)>>);
+
+impl Unindexed {
+    /// Notes when the first send `writer` lists for `user` falls due (`None`: it lists none).
+    fn set(&self, user: &str, writer: u64, earliest: Option<u64>) {
+        // Holds plain numbers: a panic elsewhere cannot leave it half-updated.
+        let mut users = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match (earliest, users.get_mut(user)) {
+            (Some(at), Some(entry)) => *entry = (writer, at),
+            (Some(at), None) => {
+                users.insert(user.to_owned(), (writer, at));
+            }
+            (None, Some(&mut (w, _))) if w == writer => {
+                users.remove(user);
+            }
+            (None, _) => {}
+        }
+    }
+
+    /// The users with a listed send due by `now_ms`.
+    pub(super) fn due(&self, now_ms: u64) -> Vec<String> {
+        let users = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        users
+            .iter()
+            .filter(|(_, (_, at))| *at <= now_ms)
+            .map(|(user, _)| user.clone())
+            .collect()
     }
 }
 
@@ -108,6 +163,12 @@ struct SledUserInbox {
     /// Envelopes the sweep removed lately, so that a trim need not read whether each
     /// acknowledged one is still stored.
     expired: Expired,
+    /// Sends not yet in a stored index entry: (when it falls due, keyed id).
+    listed: Vec<(u64, Hashed)>,
+    /// When the first of `listed` falls due, as noted in [`Unindexed`].
+    earliest: Option<u64>,
+    /// This writer's number in [`Unindexed`].
+    writer: u64,
     /// A write failed: what is in memory may not be what is stored, so closing does not
     /// mark the heads exact.
     failed: bool,
@@ -162,6 +223,45 @@ impl SledUserInbox {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Hashed, Placement>> {
         // Holds only ids; a panic elsewhere cannot leave it half-updated.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lists the send `id` for the expiry index, due at `due_ms`.
+    fn list(&mut self, due_ms: u64, id: Hashed) {
+        self.listed.push((due_ms, id));
+        if self.earliest.is_none_or(|at| due_ms < at) {
+            self.note_earliest(Some(due_ms));
+        }
+    }
+
+    fn note_earliest(&mut self, earliest: Option<u64>) {
+        if self.earliest != earliest {
+            self.earliest = earliest;
+            self.inner.unindexed.set(&self.user, self.writer, earliest);
+        }
+    }
+
+    /// The index entries storing what is listed, which leaves the list.
+    fn index_writes(&mut self) -> Vec<QueueOp> {
+        let mut by_second: BTreeMap<u64, Vec<Hashed>> = BTreeMap::new();
+        for (due_ms, id) in self.listed.drain(..) {
+            by_second.entry(due_second(due_ms)).or_default().push(id);
+        }
+        self.note_earliest(None);
+        by_second
+            .into_iter()
+            .map(|(due_ms, ids)| QueueOp::IndexSends {
+                user: self.user.clone(),
+                due_ms,
+                nonce: rand::random(),
+                ids,
+            })
+            .collect()
+    }
+}
+
+impl Drop for SledUserInbox {
+    fn drop(&mut self) {
+        self.note_earliest(None);
     }
 }
 
@@ -234,8 +334,16 @@ impl UserInbox for SledUserInbox {
             ciphertext: Vec::new(),
         };
         let hashed = self.inner.keyring.id(&envelope.id);
+        // Due first when its envelopes expire (then, if later, when its dedup record does).
+        self.list(envelope.expires_ms, hashed);
+        let index = if self.listed.len() >= INDEX_EVERY {
+            self.index_writes()
+        } else {
+            Vec::new()
+        };
         let (write, heads) = recovery::send_write(
             &self.user,
+            index,
             &template,
             hashed,
             envelope.remember_until_ms,
@@ -299,7 +407,13 @@ impl UserInbox for SledUserInbox {
         if self.failed {
             return;
         }
-        let write = recovery::close_write(&self.user, &self.heads);
+        // The list before the mark: a writer that closed left every send indexed.
+        let mut write = QueueWrite {
+            ops: self.index_writes(),
+        };
+        write
+            .ops
+            .extend(recovery::close_write(&self.user, &self.heads).ops);
         if let Err(e) = self.write(write) {
             tracing::warn!(error = %e, "storing the queue heads at close failed");
         }
@@ -341,6 +455,25 @@ impl UserInbox for SledUserInbox {
                 } => {
                     self.expire_envelope(&mut sweep, device, seq, expires_ms, None)?;
                     sweep.write.ops.push(QueueOp::Unindex(entry));
+                }
+                Due::Sends {
+                    ref ids, now_ms, ..
+                } => {
+                    for id in ids {
+                        self.expire_send(&mut sweep, *id, now_ms)?;
+                    }
+                    sweep.write.ops.push(QueueOp::Unindex(entry));
+                }
+                Due::Unindexed { now_ms, .. } => {
+                    let (due, kept) = std::mem::take(&mut self.listed)
+                        .into_iter()
+                        .partition(|(at, _)| *at <= now_ms);
+                    self.listed = kept;
+                    let earliest = self.listed.iter().map(|(at, _)| *at).min();
+                    self.note_earliest(earliest);
+                    for (_, id) in due {
+                        self.expire_send(&mut sweep, id, now_ms)?;
+                    }
                 }
                 Due::Dedup { id, expires_ms, .. } => {
                     if self.pending().contains_key(&id) {
@@ -403,7 +536,7 @@ impl UserInbox for SledUserInbox {
         if removes
             .ops
             .iter()
-            .any(|op| matches!(op, QueueOp::ForgetDedup { .. }))
+            .any(|op| matches!(op, QueueOp::ForgetDedup { .. } | QueueOp::ForgetSend { .. }))
         {
             for (device, head) in &self.heads {
                 heads.entry(*device).or_insert(*head);
@@ -420,6 +553,11 @@ impl UserInbox for SledUserInbox {
                 })
                 .collect(),
         };
+        // What is listed again goes before the entries that listed it.
+        if self.listed.len() >= INDEX_EVERY {
+            let index = self.index_writes();
+            write.ops.extend(index);
+        }
         write.ops.extend(removes.ops);
         if write.is_empty() {
             return Ok(expired);
@@ -448,6 +586,48 @@ struct Sweep {
 }
 
 impl SledUserInbox {
+    /// Expires what of the send `id` (listed in an index entry, or by this writer) is due by
+    /// `now_ms`: its envelopes, then its dedup record; what is not due yet is listed again.
+    fn expire_send(&mut self, sweep: &mut Sweep, id: Hashed, now_ms: u64) -> Result<()> {
+        if self.pending().contains_key(&id) {
+            // Not durable yet (a send due as soon as it is made): the next sweep sees it.
+            self.list(now_ms, id);
+            return Ok(());
+        }
+        let record = match self.inner.dedup(&self.user, &id) {
+            Ok(Some(record)) => record,
+            // Forgotten already (listed twice), or a send a crash rolled back.
+            Ok(None) => return Ok(()),
+            Err(e @ StoreError::Corruption(_)) => {
+                corrupt(&e);
+                sweep.write.ops.push(QueueOp::ForgetSend {
+                    user: self.user.clone(),
+                    id,
+                });
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // The record goes only with or after its envelopes: a stored envelope without its
+        // dedup record is taken for a torn send (`recovery`).
+        if record.envelopes_expire_ms > now_ms {
+            self.list(record.envelopes_expire_ms, id);
+            return Ok(());
+        }
+        for &(device, seq) in &record.stored {
+            self.expire_envelope(sweep, device, seq, record.envelopes_expire_ms, Some(&id))?;
+        }
+        if record.expires_ms <= now_ms {
+            sweep.write.ops.push(QueueOp::ForgetSend {
+                user: self.user.clone(),
+                id,
+            });
+        } else {
+            self.list(record.expires_ms, id);
+        }
+        Ok(())
+    }
+
     /// Removes the envelope at `seq` of `device` if it is the one that expires at
     /// `expires_ms` (and, when known, has the id whose keyed hash is `id`): the sequence
     /// number may hold nothing, or — after a torn send was rolled back — another envelope. An

@@ -572,6 +572,39 @@ impl Keyring {
         String::from_utf8(plain.to_vec()).ok()
     }
 
+    /// A handle and the keyed ids of its sends, sealed for the expiry index entry `key`
+    /// (`Z`): `handle_len:u16 handle id*`.
+    pub(crate) fn seal_index_list(&self, key: &[u8], handle: &str, ids: &[Hashed]) -> Vec<u8> {
+        let mut plain = Zeroizing::new(Vec::with_capacity(2 + handle.len() + 16 * ids.len()));
+        let len = u16::try_from(handle.len()).expect("handles are short");
+        plain.extend_from_slice(&len.to_be_bytes());
+        plain.extend_from_slice(handle.as_bytes());
+        for id in ids {
+            plain.extend_from_slice(id);
+        }
+        seal_with(&self.index_cipher, 0, 0, key, &plain)
+    }
+
+    /// The handle and keyed ids sealed in the expiry index entry `key` (`Z`).
+    pub(crate) fn open_index_list(
+        &self,
+        key: &[u8],
+        value: &[u8],
+    ) -> Option<(String, Vec<Hashed>)> {
+        let plain = open_with(&self.index_cipher, key, value)?;
+        let len = usize::from(u16::from_be_bytes(plain.get(..2)?.try_into().ok()?));
+        let handle = std::str::from_utf8(plain.get(2..2 + len)?).ok()?.to_owned();
+        let ids = plain.get(2 + len..)?;
+        if ids.len() % 16 != 0 {
+            return None;
+        }
+        let ids = ids
+            .chunks_exact(16)
+            .map(|id| id.try_into().expect("16 bytes"))
+            .collect();
+        Some((handle, ids))
+    }
+
     /// Runs `f` with the current key of the queue `prefix` (a spare adopted, or for an outbox
     /// a key created durably, if it has none), holding the queue's lock so that the key stays
     /// current until `f` returns: `f` seals and inserts.

@@ -126,6 +126,8 @@ struct Inner {
     account_lock: Mutex<()>,
     /// Flush and free-space state.
     health: Arc<DiskHealth>,
+    /// Users whose writers hold index entries in memory, and when the first falls due.
+    unindexed: inbox::Unindexed,
 }
 
 impl SledStore {
@@ -254,6 +256,7 @@ impl Inner {
             keys::DEDUP,
             keys::EXPIRY_ENVELOPE,
             keys::EXPIRY_DEDUP,
+            keys::EXPIRY_SENDS,
         ]
         .iter()
         .any(|tag| queues.scan_prefix([*tag]).next().is_some())
@@ -284,6 +287,7 @@ impl Inner {
             committer,
             account_lock: Mutex::new(()),
             health,
+            unindexed: inbox::Unindexed::default(),
         })
     }
 

@@ -14,11 +14,29 @@ use crate::store::{
     records::{self, DedupRecord, HeadRecord},
 };
 
+/// What [`Inner::dedup_ends`] finds: each device's highest sequence number given out, and
+/// (when it falls due next, keyed id) of every send.
+pub(super) type DedupEnds = (BTreeMap<u32, u64>, Vec<(u64, Hashed)>);
+
 /// One write operation of a [`QueueWrite`] batch.
 #[derive(Debug)]
 pub(super) enum QueueOp {
-    /// Index a send for the expiry sweep at `at_ms` (first its envelopes' expiry): written
-    /// before anything of the send, so nothing stored lacks an index entry.
+    /// Index sends of a user that fall due by `due_ms` in one entry (`Z`): written before
+    /// the user's queues are marked closed and before the sweep forgets what it replaces, so
+    /// every dedup record is listed once its writer is gone (see `sled::inbox`).
+    IndexSends {
+        /// Account handle.
+        user: String,
+        /// The end of the second they fall due in.
+        due_ms: u64,
+        /// The entry's random nonce.
+        nonce: u64,
+        /// Keyed hashes of their envelope ids.
+        ids: Vec<Hashed>,
+    },
+    /// Layout 3's index entry of one send (`Y`), due at `at_ms`: only tests write one now,
+    /// to make such a data directory.
+    #[cfg(test)]
     IndexSend {
         /// Account handle.
         user: String,
@@ -82,8 +100,8 @@ pub(super) enum QueueOp {
         /// The record.
         record: DedupRecord,
     },
-    /// Move a send's index entry to a later time (its envelopes expired; its dedup record
-    /// stays until then): the new entry is written before the old one goes.
+    /// Move a layout-3 send's index entry to a later time (its envelopes expired; its dedup
+    /// record stays until then): the new entry is written before the old one goes.
     Reindex {
         /// Account handle.
         user: String,
@@ -94,7 +112,7 @@ pub(super) enum QueueOp {
         /// Its new time.
         to_ms: u64,
     },
-    /// Forget a dedup record, and its index entry (due at `expires_ms`).
+    /// Forget a dedup record, and its layout-3 index entry (due at `expires_ms`).
     ForgetDedup {
         /// Account handle.
         user: String,
@@ -102,6 +120,13 @@ pub(super) enum QueueOp {
         id: Hashed,
         /// Its index entry's time.
         expires_ms: u64,
+    },
+    /// Forget a dedup record listed in a `Z` entry (the entry goes on its own).
+    ForgetSend {
+        /// Account handle.
+        user: String,
+        /// Keyed hash of the envelope id.
+        id: Hashed,
     },
     /// Delete only an expiry index entry: its record is gone, or was written again with
     /// another expiry (a crash can leave an entry behind, since entries go first).
@@ -138,12 +163,14 @@ pub(super) enum Value {
 /// The key-value writes of a batch, in the order that keeps every crash-surviving prefix
 /// consistent:
 ///
-/// - an expiry index entry is written before what it indexes and removed after it, so nothing
-///   stored lacks its expiry (an entry without its record is skipped by the sweep);
-/// - a send is ordered as its index entry, envelopes, heads (when checkpointed), then the
-///   dedup record, so a surviving dedup record implies its envelopes survived (a retry never
-///   hides a lost envelope), and a send without one is rolled back when its queues are opened
-///   (a retry never stores an envelope twice).
+/// - a stored expiry index entry is written before the `K` mark of a writer that closed and
+///   removed after what it lists (an entry whose record is gone is skipped by the sweep); a
+///   writer that did not close is followed by a recount that lists every dedup record again
+///   (`recovery`), so nothing stored lacks its expiry;
+/// - a send is ordered as the index entries its writer stores then (if any), envelopes, heads
+///   (when checkpointed), then the dedup record, so a surviving dedup record implies its
+///   envelopes survived (a retry never hides a lost envelope), and a send without one is
+///   rolled back when its queues are opened (a retry never stores an envelope twice).
 pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)> {
     let mut out = Vec::with_capacity(write.ops.len() + 1);
     let index = |key: Vec<u8>, user: &str| {
@@ -152,6 +179,20 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
     };
     for op in write.ops {
         match op {
+            QueueOp::IndexSends {
+                user,
+                due_ms,
+                nonce,
+                ids,
+            } => {
+                let key = keys::expiry_sends(due_ms, &keyring.user(&user), nonce);
+                let value = keyring.seal_index_list(&key, &user, &ids);
+                out.push((key, Value::Plain(value)));
+            }
+            QueueOp::ForgetSend { user, id } => {
+                out.push((keys::dedup(&keyring.user(&user), &id), Value::Delete));
+            }
+            #[cfg(test)]
             QueueOp::IndexSend { user, id, at_ms } => {
                 let u = keyring.user(&user);
                 out.push(index(keys::expiry_dedup(at_ms, &u, &id), &user));
@@ -230,6 +271,17 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                 keys::expiry_dedup(expires_ms, &keyring.user(&user), &id),
                 Value::Delete,
             )),
+            QueueOp::Unindex(Due::Sends {
+                user,
+                due_ms,
+                entry,
+                ..
+            }) => out.push((
+                keys::expiry_sends(due_ms, &keyring.user(&user), entry),
+                Value::Delete,
+            )),
+            // Nothing stored: the writer's memory is the index.
+            QueueOp::Unindex(Due::Unindexed { .. }) => {}
         }
     }
     out
@@ -303,29 +355,40 @@ impl Inner {
 
     /// The highest sequence number each device was given by a send whose dedup record is
     /// stored: a queue's end, also once acknowledgements have emptied it (its head is a
-    /// checkpoint; see `recovery`). Reads every dedup record of the user.
-    pub(super) fn dedup_ends(&self, user: &str) -> Result<BTreeMap<u32, u64>> {
+    /// checkpoint; see `recovery`); and every send's keyed id with when it falls due next
+    /// (an undecodable record at once: the sweep removes it). Reads every dedup record of
+    /// the user.
+    pub(super) fn dedup_ends(&self, user: &str) -> Result<DedupEnds> {
         let mut ends = BTreeMap::new();
-        for kv in self
-            .queues
-            .scan_prefix(keys::dedup_prefix(&self.keyring.user(user)))
-        {
-            let (_, v) = kv?;
+        let mut sends = Vec::new();
+        let prefix = keys::dedup_prefix(&self.keyring.user(user));
+        for kv in self.queues.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let Ok(id) = Hashed::try_from(&k[prefix.len()..]) else {
+                continue;
+            };
             let record: DedupRecord = match records::decode(&v) {
                 Ok(r) => r,
                 Err(StoreError::Corruption(e)) => {
                     tracing::warn!(error = %e, "a dedup record does not decode");
                     metrics::counter!("sealpost_corrupt_records_total").increment(1);
+                    sends.push((0, id));
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            // Layout 2's records say 0: their envelopes have index entries of their own.
+            let next = match record.envelopes_expire_ms {
+                0 => record.expires_ms,
+                envelopes => envelopes.min(record.expires_ms),
+            };
+            sends.push((next, id));
             for (device, seq) in record.stored {
                 let end = ends.entry(device).or_insert(seq);
                 *end = (*end).max(seq);
             }
         }
-        Ok(ends)
+        Ok((ends, sends))
     }
 
     /// The envelope with the highest stored sequence number of a device queue (`None` for
@@ -484,6 +547,32 @@ impl Inner {
                     }
                 });
             }
+        }
+        if out.len() < limit {
+            let range = vec![keys::EXPIRY_SENDS]..keys::expiry_until(keys::EXPIRY_SENDS, now_ms);
+            for kv in self.queues.range(range).take(limit - out.len()) {
+                let (k, v) = kv?;
+                let bad = || StoreError::Corruption("bad expiry key".into());
+                let (due_ms, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
+                let entry = u64::from_be_bytes(rest.try_into().map_err(|_| bad())?);
+                let (user, ids) = self.keyring.open_index_list(&k, &v).ok_or_else(bad)?;
+                out.push(Due::Sends {
+                    user,
+                    due_ms,
+                    entry,
+                    ids,
+                    now_ms,
+                });
+            }
+        }
+        if out.len() < limit {
+            out.extend(
+                self.unindexed
+                    .due(now_ms)
+                    .into_iter()
+                    .take(limit - out.len())
+                    .map(|user| Due::Unindexed { user, now_ms }),
+            );
         }
         Ok(out)
     }

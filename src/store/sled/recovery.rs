@@ -1,9 +1,9 @@
 //! How a send is written, and how a mailbox recovers the one send a crash may have torn.
 //!
 //! sled keeps, across a crash, a prefix of the writes that were not yet flushed
-//! (`Inner::write`). A send is written as its expiry index entry, its envelopes, the queue
-//! heads due for a checkpoint, then its dedup record ([`send_write`]), so the dedup record
-//! commits the send:
+//! (`Inner::write`). A send is written as its envelopes, the queue heads due for a
+//! checkpoint, then its dedup record ([`send_write`]; before them, the expiry index entries
+//! its writer stores then, if any), so the dedup record commits the send:
 //!
 //! - a surviving dedup record means every envelope and head of the send survived, so a retry
 //!   that finds it is answered "duplicate" without hiding a lost envelope;
@@ -32,6 +32,14 @@
 //!
 //! The expiry sweep stores the heads before it forgets dedup records, so that what those
 //! records said is in a head first.
+//!
+//! # The expiry index is a checkpoint too
+//!
+//! The writer lists its sends in memory and stores the list in `Z` entries every
+//! `inbox::INDEX_EVERY` sends and when it closes, before the mark. Unmarked queues were
+//! left by a writer whose list may have died with it: the recount, which reads every dedup
+//! record anyway, lists each of them again ([`index_anew`]). An entry listing a send twice
+//! costs the sweep one lookup.
 
 use std::collections::BTreeMap;
 
@@ -59,24 +67,21 @@ pub(super) struct DeviceCopy<'a> {
 pub(super) const CHECKPOINT_EVERY: u64 = 64;
 
 /// The writes of a send, in commit order, and each copy's new head (in the order of
-/// `copies`). `template` is the envelope record without its ciphertext; the send's index
-/// entry falls due when its envelopes expire (then it moves to `dedup_expires_ms`, when the
-/// dedup record goes, if that is later).
+/// `copies`): `index` (the expiry index entries its writer stores now, if any), the
+/// envelopes, the heads due for a checkpoint, the dedup record. `template` is the envelope
+/// record without its ciphertext.
 pub(super) fn send_write(
     user: &str,
+    index: Vec<QueueOp>,
     template: &EnvelopeRecord,
     hashed_id: Hashed,
     dedup_expires_ms: u64,
     copies: &[DeviceCopy<'_>],
 ) -> (QueueWrite, Vec<HeadRecord>) {
-    let mut ops = Vec::with_capacity(copies.len() + 3);
+    let mut ops = index;
+    ops.reserve(copies.len() + 2);
     let mut heads = Vec::with_capacity(copies.len());
     let mut stored = Vec::with_capacity(copies.len());
-    ops.push(QueueOp::IndexSend {
-        user: user.to_owned(),
-        id: hashed_id,
-        at_ms: template.expires_ms,
-    });
     for copy in copies {
         let seq = copy.head.next_seq;
         ops.push(QueueOp::Append {
@@ -168,7 +173,12 @@ pub(super) fn recover_heads(
         BTreeMap::new()
     } else {
         metrics::counter!("sealpost_queues_recounted_total").increment(1);
-        store.dedup_ends(user)?
+        let (ends, sends) = store.dedup_ends(user)?;
+        // The writer's list of sends to index died with it: every dedup record is listed anew.
+        store.write(QueueWrite {
+            ops: index_anew(user, sends),
+        })?;
+        ends
     };
     let mut heads = BTreeMap::new();
     for &device in devices {
@@ -270,6 +280,34 @@ pub(super) fn recover_heads(
     Ok(heads)
 }
 
+/// At most this many sends in one index entry written by [`index_anew`].
+const INDEX_ANEW_MAX: usize = 1024;
+
+/// Index entries listing `sends` ((when it falls due next, keyed id) of every dedup record
+/// of `user`), by the second they fall due in.
+fn index_anew(user: &str, sends: Vec<(u64, Hashed)>) -> Vec<QueueOp> {
+    let mut by_second: BTreeMap<u64, Vec<Hashed>> = BTreeMap::new();
+    for (due_ms, id) in sends {
+        by_second
+            .entry(due_ms.div_ceil(1000).saturating_mul(1000))
+            .or_default()
+            .push(id);
+    }
+    by_second
+        .into_iter()
+        .flat_map(|(due_ms, ids)| {
+            ids.chunks(INDEX_ANEW_MAX)
+                .map(|ids| QueueOp::IndexSends {
+                    user: user.to_owned(),
+                    due_ms,
+                    nonce: rand::random(),
+                    ids: ids.to_vec(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Whether `record`, stored at `seq` of `device`, belongs to a send that was never committed:
 /// its dedup record is missing. A send's dedup record goes only in the sweep step that removes
 /// its envelopes (after them), so one without it was torn — also once it has expired: nothing
@@ -338,7 +376,14 @@ mod tests {
             })
             .collect();
         let hashed = store.inner().keyring.id(&[id; 16]);
-        send_write(USER, &envelope(id), hashed, NOW + 60_000, &copies)
+        // As when the writer's list fills with this send: its index entry goes first.
+        let index = vec![QueueOp::IndexSends {
+            user: USER.into(),
+            due_ms: NOW + 60_000,
+            nonce: u64::from(id),
+            ids: vec![hashed],
+        }];
+        send_write(USER, index, &envelope(id), hashed, NOW + 60_000, &copies)
     }
 
     fn queue(store: &SledStore, device: u32) -> Vec<(u64, [u8; 16])> {
@@ -356,7 +401,7 @@ mod tests {
             .ops
             .iter()
             .map(|op| match op {
-                QueueOp::IndexSend { .. } => "index",
+                QueueOp::IndexSends { .. } => "index",
                 QueueOp::Append { .. } => "append",
                 QueueOp::Head { .. } => "head",
                 QueueOp::Dedup { .. } => "dedup",

@@ -346,6 +346,7 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         assert_eq!(due.len(), 1, "{due:?}");
         assert!(due.iter().all(|e| match e {
             Due::Envelope { expires_ms, .. } | Due::Dedup { expires_ms, .. } => *expires_ms == torn,
+            Due::Sends { .. } | Due::Unindexed { .. } => false,
         }));
         let mut queues = store.open(USER, &[1], limits).await.expect("open");
         assert!(queues.expire(due).expect("expire").is_empty());
@@ -435,7 +436,7 @@ fn a_dropped_append_answer_does_not_keep_its_dedup_record_forever() {
         crate::store::Health::flush(&store).await.expect("flush");
         let due = store.due(now + 10, 100).await.expect("due");
         assert!(
-            due.iter().any(|d| matches!(d, Due::Dedup { .. })),
+            due.iter().any(|d| matches!(d, Due::Unindexed { .. })),
             "{due:?}"
         );
         queues.expire(due).expect("expire");
@@ -1075,16 +1076,22 @@ mod migration {
         // Old ids are still known: a retry is a duplicate.
         let dup = inbox.duplicate(&[2; 16]).expect("dup").expect("known");
         assert_eq!(block_on(dup).expect("durable").stored, vec![(1, 2)]);
-        // The expiry index still names the user.
-        let due = block_on(store.due(now + 60_000, 100)).expect("due");
-        assert_eq!(due.len(), 4, "{due:?}");
+        // The expiry index still names the user; the migrated queues were never closed, so
+        // opening them listed their sends anew too.
+        // (`Z` entries fall due at the end of their second.)
+        let due = block_on(store.due(now + 61_000, 100)).expect("due");
         assert!(due.iter().all(|d| d.user() == USER));
-        assert_eq!(
-            due.iter()
-                .filter(|d| matches!(d, Due::Envelope { .. }))
-                .count(),
-            2
-        );
+        let count = |f: fn(&Due) -> bool| due.iter().filter(|d| f(d)).count();
+        assert_eq!(count(|d| matches!(d, Due::Envelope { .. })), 2, "{due:?}");
+        assert_eq!(count(|d| matches!(d, Due::Dedup { .. })), 2, "{due:?}");
+        let listed: std::collections::BTreeSet<_> = due
+            .iter()
+            .flat_map(|d| match d {
+                Due::Sends { ids, .. } => ids.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(listed.len(), 2, "{due:?}");
         let entries = block_on(store.read("b.example", 0, 10)).expect("outbox");
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].0, 5);
@@ -1284,7 +1291,7 @@ fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
         let due = store.due(now + 1_000, 100).await.expect("due");
         assert_eq!(due.len(), 1, "the send's index entry");
         queues.expire(due).expect("expire");
-        assert!(store.inner().dedup_ends(USER).expect("ends").is_empty());
+        assert!(store.inner().dedup_ends(USER).expect("ends").0.is_empty());
         store.inner().sync().await.expect("durable");
         // The writer crashes: no close.
         std::mem::forget(queues);
@@ -1319,4 +1326,200 @@ fn a_flush_at_a_low_rate_starts_at_once() {
             started.elapsed()
         );
     });
+}
+
+/// Layout 4's expiry index: a writer lists its sends in memory and stores the list in `Z`
+/// entries, one per second they fall due in, every `INDEX_EVERY` sends and when it closes.
+mod index {
+    use super::*;
+    use crate::store::{UserInbox, keys, sled::inbox::INDEX_EVERY};
+
+    const USER: &str = "bob@test.example";
+    const LIMITS: QueueLimits = QueueLimits {
+        count: 10_000,
+        bytes: u64::MAX,
+    };
+
+    /// Appends envelope `n` to device 1, expiring at `expires_ms`, its id remembered until
+    /// `remember_ms`; resolves once it is durable.
+    async fn send(queues: &mut dyn UserInbox, n: u32, expires_ms: u64, remember_ms: u64) {
+        let mut id = [0; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        let answer = queues
+            .append(crate::store::NewEnvelope {
+                id,
+                class: 0,
+                accepted_ms: 0,
+                expires_ms,
+                remember_until_ms: remember_ms,
+                copies: vec![(1, &b"ciphertext"[..])],
+            })
+            .expect("append");
+        answer.await.expect("durable");
+    }
+
+    fn entries(store: &SledStore, tag: u8) -> usize {
+        store.inner().queues.scan_prefix([tag]).count()
+    }
+
+    /// The keyed ids the stored `Z` entries list.
+    fn listed(store: &SledStore) -> Vec<[u8; 16]> {
+        let due = store.inner().due(u64::MAX - 1, 10_000).expect("due");
+        due.into_iter()
+            .flat_map(|d| match d {
+                Due::Sends { ids, .. } => ids,
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sends_share_index_entries_stored_every_index_every_sends_and_at_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            let last = u32::try_from(INDEX_EVERY).expect("small") - 1;
+            for n in 0..last {
+                send(queues.as_mut(), n, now + 60_000, now + 60_000).await;
+            }
+            // No entry of its own per send: the writer holds them.
+            assert_eq!(entries(&store, keys::EXPIRY_DEDUP), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            let due = store.due(now + 61_000, 100).await.expect("due");
+            assert!(
+                matches!(&due[..], [Due::Unindexed { user, .. }] if user == USER),
+                "{due:?}"
+            );
+            assert!(store.due(now, 100).await.expect("due").is_empty());
+            // The list's last send stores it, in one entry per second (here, one or two).
+            send(queues.as_mut(), last, now + 60_000, now + 60_000).await;
+            assert!((1..=2).contains(&entries(&store, keys::EXPIRY_SENDS)));
+            assert_eq!(listed(&store).len(), INDEX_EVERY);
+            assert!(
+                store
+                    .due(now + 61_000, 100)
+                    .await
+                    .expect("due")
+                    .iter()
+                    .all(|d| matches!(d, Due::Sends { .. }))
+            );
+            // Closing stores what it lists since.
+            send(queues.as_mut(), last + 1, now + 60_000, now + 60_000).await;
+            queues.close();
+            assert_eq!(listed(&store).len(), INDEX_EVERY + 1);
+        });
+    }
+
+    #[test]
+    fn sends_listed_in_memory_expire_through_their_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            send(queues.as_mut(), 1, now + 1_000, now + 1_000).await;
+            send(queues.as_mut(), 2, now + 5_000, now + 5_000).await;
+            let due = store.due(now + 1_000, 100).await.expect("due");
+            assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
+            assert_eq!(store.inner().read(USER, 1, 0, 10).expect("read").len(), 1);
+            // The other is still listed, due later.
+            assert!(store.due(now + 4_999, 100).await.expect("due").is_empty());
+            let due = store.due(now + 5_000, 100).await.expect("due");
+            assert_eq!(queues.expire(due).expect("expire"), vec![(1, 2)]);
+            assert_eq!(entries(&store, keys::DEDUP), 0, "dedup records forgotten");
+            assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
+        });
+    }
+
+    #[test]
+    fn a_closed_writers_sends_expire_through_their_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = crate::clock::now_ms();
+        {
+            let store = open(dir.path());
+            block_on(async {
+                let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+                for n in 0..3 {
+                    send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
+                }
+                queues.close();
+            });
+        }
+        let store = open(dir.path());
+        block_on(async {
+            let due = store.due(now + 2_000, 100).await.expect("due");
+            assert!(
+                matches!(&due[..], [Due::Sends { ids, .. }] if ids.len() == 3),
+                "{due:?}"
+            );
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            let mut expired = queues.expire(due).expect("expire");
+            expired.sort_unstable();
+            assert_eq!(expired, vec![(1, 1), (1, 2), (1, 3)]);
+            assert!(store.inner().read(USER, 1, 0, 10).expect("read").is_empty());
+            assert_eq!(entries(&store, keys::DEDUP), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+        });
+    }
+
+    /// A writer that dies without closing takes its list along; opening the queues again
+    /// lists every dedup record anew, so nothing stays stored for ever.
+    #[test]
+    fn a_crashed_writers_sends_are_listed_again_when_the_queues_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = crate::clock::now_ms();
+        {
+            let store = open(dir.path());
+            block_on(async {
+                let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+                for n in 0..3 {
+                    send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
+                }
+                // Dropped without `close`, as in a crash: no `Z` entry, no `K` mark.
+                drop(queues);
+            });
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+        }
+        let store = open(dir.path());
+        block_on(async {
+            assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            assert_eq!(listed(&store).len(), 3);
+            let due = store.due(now + 2_000, 100).await.expect("due");
+            let mut expired = queues.expire(due).expect("expire");
+            expired.sort_unstable();
+            assert_eq!(expired, vec![(1, 1), (1, 2), (1, 3)]);
+            assert_eq!(entries(&store, keys::DEDUP), 0);
+        });
+    }
+
+    /// A dedup record remembered past its envelopes' expiry is listed again for its own.
+    #[test]
+    fn a_dedup_record_outliving_its_envelopes_is_listed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            send(queues.as_mut(), 1, now + 1_000, now + 9_000).await;
+            queues.close();
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            let due = store.due(now + 2_000, 100).await.expect("due");
+            assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(entries(&store, keys::DEDUP), 1, "still remembered");
+            // A retry now is still a duplicate.
+            let mut id = [0; 16];
+            id[..4].copy_from_slice(&1u32.to_be_bytes());
+            assert!(queues.duplicate(&id).expect("dup").is_some());
+            assert!(store.due(now + 8_000, 100).await.expect("due").is_empty());
+            let due = store.due(now + 9_000, 100).await.expect("due");
+            assert!(queues.expire(due).expect("expire").is_empty());
+            assert_eq!(entries(&store, keys::DEDUP), 0);
+            queues.close();
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+        });
+    }
 }
