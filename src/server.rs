@@ -366,7 +366,7 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr)) -> anyhow::
     // Stopped mailboxes hand their queues back (the store keeps their heads), so the next
     // start opens them without counting them again; then one flush makes it all durable.
     if !mailboxes.retire_all(Duration::from_secs(2)).await {
-        warn!("mailboxes did not stop in time; their queues are counted again at the next start");
+        warn!("mailboxes did not stop in time; their queues are counted again when next opened");
     }
     if let Err(e) = store.health.flush().await {
         warn!(error = %e, "final flush failed");

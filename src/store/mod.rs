@@ -37,7 +37,7 @@
 //! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts the writer read at open plus its own appends |
 //! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | batched direct get by subject from the cursor's stream sequence |
 //! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head; a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | a head marker if the queue drains, then delete (with erase) by stream sequence |
-//! | [`Inbox::due`], [`UserInbox::expire`] | the `x`/`y` expiry indexes, swept by the server | nothing due: the stream expires messages by their TTL |
+//! | [`Inbox::due`], [`UserInbox::expire`] | the `Z` expiry index (one entry per user and second, stored by the writer every 64 sends; layouts 2–3's `X`/`Y` still swept), swept by the server | nothing due: the stream expires messages by their TTL |
 //! | [`Directory`] | tree `accounts`, one lock for read-modify-write | KV bucket `sealpost_directory`; create/update on the revision = compare-and-set (device ids, key claims, link codes) |
 //! | [`Outbox`] | tree `outbox`, one key per envelope | stream `SEALPOST_OUTBOX`, a subject per (domain, pod) |
 //! | [`Health`] | free disk space and the last flush | the connection to NATS and the last write |
@@ -238,25 +238,17 @@ pub enum Due {
         /// Its expiry.
         expires_ms: u64,
     },
-    /// Sends indexed together: those of one user that fall due by `due_ms`.
+    /// Sends indexed together: those of one user that fall due by `due_ms` (none: the
+    /// user's writer lists sends in memory, the first due by then).
     Sends {
         /// Account handle.
         user: String,
-        /// When the last of them falls due.
+        /// When they are due: what is due by then goes.
         due_ms: u64,
         /// Which of the user's entries this is (sled: a random nonce in its key).
         entry: u64,
         /// The envelope ids, or what the backend keys them by (sled: their keyed hashes).
         ids: Vec<[u8; 16]>,
-        /// The time the sweep asked with: what is due by then goes.
-        now_ms: u64,
-    },
-    /// Sends the user's writer indexes in its own memory, some due by `now_ms`.
-    Unindexed {
-        /// Account handle.
-        user: String,
-        /// The time the sweep asked with.
-        now_ms: u64,
     },
 }
 
@@ -264,10 +256,7 @@ impl Due {
     /// The account this entry belongs to.
     pub fn user(&self) -> &str {
         match self {
-            Due::Envelope { user, .. }
-            | Due::Dedup { user, .. }
-            | Due::Sends { user, .. }
-            | Due::Unindexed { user, .. } => user,
+            Due::Envelope { user, .. } | Due::Dedup { user, .. } | Due::Sends { user, .. } => user,
         }
     }
 }

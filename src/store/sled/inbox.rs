@@ -7,14 +7,13 @@
 //! Heads live in memory and are stored as checkpoints and when the queues close (see
 //! `recovery`). So does the expiry index: the writer lists its sends in memory and stores the
 //! list every [`INDEX_EVERY`] sends and when it closes, one entry per second in which they
-//! fall due ([`Unindexed`]); expiry finds a send's envelopes through its dedup record.
+//! fall due. Until then one stored *wake* entry (a `Z` entry listing nothing), due when the
+//! first listed send is, brings the sweep to the writer, or after a crash to the recount that
+//! lists every send again. Expiry finds a send's envelopes through its dedup record.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
 use super::{
@@ -51,8 +50,7 @@ impl Inbox for SledStore {
             checked_new: None,
             expired: Expired::default(),
             listed: Vec::new(),
-            earliest: None,
-            writer: NEXT_WRITER.fetch_add(1, Ordering::Relaxed),
+            wake: None,
             failed: false,
         });
         // Writes of a previous writer are durable unless a flush failed and none has
@@ -89,46 +87,8 @@ impl Inbox for SledStore {
 pub(super) const INDEX_EVERY: usize = 64;
 
 /// Entries of the expiry index list the sends falling due in one second, by its end.
-fn due_second(ms: u64) -> u64 {
+pub(super) fn due_second(ms: u64) -> u64 {
     ms.div_ceil(1000).saturating_mul(1000)
-}
-
-/// Numbers writers, so that one closing never takes a later writer's entry in [`Unindexed`].
-static NEXT_WRITER: AtomicU64 = AtomicU64::new(0);
-
-/// The users whose writers hold sends listed in memory only, with when the first of them falls
-/// due: the sweep asks those writers ([`Due::Unindexed`]), which expire from their lists. A
-/// writer that crashes takes its list along; opening its queues again lists every dedup record
-/// anew (`recovery`).
-#[derive(Default)]
-pub(super) struct Unindexed(Mutex<HashMap<String, (u64, u64)>>);
-
-impl Unindexed {
-    /// Notes when the first send `writer` lists for `user` falls due (`None`: it lists none).
-    fn set(&self, user: &str, writer: u64, earliest: Option<u64>) {
-        // Holds plain numbers: a panic elsewhere cannot leave it half-updated.
-        let mut users = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match (earliest, users.get_mut(user)) {
-            (Some(at), Some(entry)) => *entry = (writer, at),
-            (Some(at), None) => {
-                users.insert(user.to_owned(), (writer, at));
-            }
-            (None, Some(&mut (w, _))) if w == writer => {
-                users.remove(user);
-            }
-            (None, _) => {}
-        }
-    }
-
-    /// The users with a listed send due by `now_ms`.
-    pub(super) fn due(&self, now_ms: u64) -> Vec<String> {
-        let users = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        users
-            .iter()
-            .filter(|(_, (_, at))| *at <= now_ms)
-            .map(|(user, _)| user.clone())
-            .collect()
-    }
 }
 
 /// Removes a send from its user's pending sends when dropped.
@@ -165,10 +125,8 @@ struct SledUserInbox {
     expired: Expired,
     /// Sends not yet in a stored index entry: (when it falls due, keyed id).
     listed: Vec<(u64, Hashed)>,
-    /// When the first of `listed` falls due, as noted in [`Unindexed`].
-    earliest: Option<u64>,
-    /// This writer's number in [`Unindexed`].
-    writer: u64,
+    /// The wake entry this writer stored for them: (due second, nonce).
+    wake: Option<(u64, u64)>,
     /// A write failed: what is in memory may not be what is stored, so closing does not
     /// mark the heads exact.
     failed: bool,
@@ -225,43 +183,34 @@ impl SledUserInbox {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Lists the send `id` for the expiry index, due at `due_ms`.
-    fn list(&mut self, due_ms: u64, id: Hashed) {
-        self.listed.push((due_ms, id));
-        if self.earliest.is_none_or(|at| due_ms < at) {
-            self.note_earliest(Some(due_ms));
-        }
-    }
-
-    fn note_earliest(&mut self, earliest: Option<u64>) {
-        if self.earliest != earliest {
-            self.earliest = earliest;
-            self.inner.unindexed.set(&self.user, self.writer, earliest);
-        }
-    }
-
-    /// The index entries storing what is listed, which leaves the list.
+    /// The index entries storing what is listed, which leaves the list; the wake entry goes
+    /// after them.
     fn index_writes(&mut self) -> Vec<QueueOp> {
-        let mut by_second: BTreeMap<u64, Vec<Hashed>> = BTreeMap::new();
-        for (due_ms, id) in self.listed.drain(..) {
-            by_second.entry(due_second(due_ms)).or_default().push(id);
-        }
-        self.note_earliest(None);
-        by_second
-            .into_iter()
-            .map(|(due_ms, ids)| QueueOp::IndexSends {
+        let mut ops = recovery::index_entries(&self.user, self.listed.drain(..));
+        if let Some((due_ms, nonce)) = self.wake.take() {
+            ops.push(QueueOp::Unwake {
                 user: self.user.clone(),
                 due_ms,
-                nonce: rand::random(),
-                ids,
-            })
-            .collect()
+                nonce,
+            });
+        }
+        ops
     }
-}
 
-impl Drop for SledUserInbox {
-    fn drop(&mut self) {
-        self.note_earliest(None);
+    /// A wake entry due when the first listed send is, if the stored one is not due by then.
+    fn wake_write(&mut self) -> Option<QueueOp> {
+        let first = due_second(self.listed.iter().map(|(at, _)| *at).min()?);
+        if self.wake.is_some_and(|(at, _)| at <= first) {
+            return None;
+        }
+        let nonce = rand::random();
+        self.wake = Some((first, nonce));
+        Some(QueueOp::IndexSends {
+            user: self.user.clone(),
+            due_ms: first,
+            nonce,
+            ids: Vec::new(),
+        })
     }
 }
 
@@ -335,11 +284,11 @@ impl UserInbox for SledUserInbox {
         };
         let hashed = self.inner.keyring.id(&envelope.id);
         // Due first when its envelopes expire (then, if later, when its dedup record does).
-        self.list(envelope.expires_ms, hashed);
+        self.listed.push((envelope.expires_ms, hashed));
         let index = if self.listed.len() >= INDEX_EVERY {
             self.index_writes()
         } else {
-            Vec::new()
+            self.wake_write().into_iter().collect()
         };
         let (write, heads) = recovery::send_write(
             &self.user,
@@ -439,11 +388,21 @@ impl UserInbox for SledUserInbox {
     }
 
     fn expire(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>> {
-        let mut sweep = Sweep {
-            write: QueueWrite::default(),
-            expired: Vec::new(),
-            heads: BTreeMap::new(),
-        };
+        let expired = self.sweep(due);
+        // Sends it took off the list may be neither expired nor listed now: the next writer
+        // counts the queues again, which lists them anew.
+        self.failed |= expired.is_err();
+        expired
+    }
+}
+
+impl SledUserInbox {
+    /// [`UserInbox::expire`].
+    fn sweep(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>> {
+        let mut sweep = Sweep::default();
+        // What this writer lists falls due with the entries it is handed (a wake entry is due
+        // when the first is).
+        let mut cut_ms = 0;
         for entry in due {
             match entry {
                 // Layout 2 indexed each envelope on its own.
@@ -457,23 +416,19 @@ impl UserInbox for SledUserInbox {
                     sweep.write.ops.push(QueueOp::Unindex(entry));
                 }
                 Due::Sends {
-                    ref ids, now_ms, ..
+                    ref ids,
+                    due_ms,
+                    entry: nonce,
+                    ..
                 } => {
                     for id in ids {
-                        self.expire_send(&mut sweep, *id, now_ms)?;
+                        self.expire_send(&mut sweep, *id, due_ms)?;
                     }
+                    if self.wake == Some((due_ms, nonce)) {
+                        self.wake = None;
+                    }
+                    cut_ms = cut_ms.max(due_ms);
                     sweep.write.ops.push(QueueOp::Unindex(entry));
-                }
-                Due::Unindexed { now_ms, .. } => {
-                    let (due, kept) = std::mem::take(&mut self.listed)
-                        .into_iter()
-                        .partition(|(at, _)| *at <= now_ms);
-                    self.listed = kept;
-                    let earliest = self.listed.iter().map(|(at, _)| *at).min();
-                    self.note_earliest(earliest);
-                    for (_, id) in due {
-                        self.expire_send(&mut sweep, id, now_ms)?;
-                    }
                 }
                 Due::Dedup { id, expires_ms, .. } => {
                     if self.pending().contains_key(&id) {
@@ -526,10 +481,20 @@ impl UserInbox for SledUserInbox {
                 }
             }
         }
+        if cut_ms > 0 {
+            let (due, kept) = std::mem::take(&mut self.listed)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(at, _)| *at <= cut_ms);
+            self.listed = kept;
+            for (_, id) in due {
+                self.expire_send(&mut sweep, id, cut_ms)?;
+            }
+        }
         let Sweep {
             write: removes,
             expired,
             mut heads,
+            ..
         } = sweep;
         // A forgotten dedup record may have been the only word on a queue's end (see
         // `recovery`): the heads go first then.
@@ -553,10 +518,12 @@ impl UserInbox for SledUserInbox {
                 })
                 .collect(),
         };
-        // What is listed again goes before the entries that listed it.
+        // What is listed again is stored, or woken for, before the entries that listed it go.
         if self.listed.len() >= INDEX_EVERY {
             let index = self.index_writes();
             write.ops.extend(index);
+        } else {
+            write.ops.extend(self.wake_write());
         }
         write.ops.extend(removes.ops);
         if write.is_empty() {
@@ -577,21 +544,30 @@ impl UserInbox for SledUserInbox {
 }
 
 /// What one expiry sweep of a user's queues writes.
+#[derive(Default)]
 struct Sweep {
     write: QueueWrite,
     /// (device, seq) of the envelopes it removes.
     expired: Vec<(u32, u64)>,
     /// The heads it changes.
     heads: BTreeMap<u32, HeadRecord>,
+    /// The envelopes and sends it has dealt with: an entry may list a send another one lists
+    /// too (a recount lists every send again), and its reads do not see its own writes, so a
+    /// second visit would count an envelope off its queue twice.
+    seen: std::collections::HashSet<(u32, u64)>,
+    sends: std::collections::HashSet<Hashed>,
 }
 
 impl SledUserInbox {
     /// Expires what of the send `id` (listed in an index entry, or by this writer) is due by
     /// `now_ms`: its envelopes, then its dedup record; what is not due yet is listed again.
     fn expire_send(&mut self, sweep: &mut Sweep, id: Hashed, now_ms: u64) -> Result<()> {
+        if !sweep.sends.insert(id) {
+            return Ok(());
+        }
         if self.pending().contains_key(&id) {
             // Not durable yet (a send due as soon as it is made): the next sweep sees it.
-            self.list(now_ms, id);
+            self.listed.push((now_ms.saturating_add(1), id));
             return Ok(());
         }
         let record = match self.inner.dedup(&self.user, &id) {
@@ -611,11 +587,14 @@ impl SledUserInbox {
         // The record goes only with or after its envelopes: a stored envelope without its
         // dedup record is taken for a torn send (`recovery`).
         if record.envelopes_expire_ms > now_ms {
-            self.list(record.envelopes_expire_ms, id);
+            self.listed.push((record.envelopes_expire_ms, id));
             return Ok(());
         }
-        for &(device, seq) in &record.stored {
-            self.expire_envelope(sweep, device, seq, record.envelopes_expire_ms, Some(&id))?;
+        // Layout 2's records say 0: their envelopes have index entries of their own.
+        if record.envelopes_expire_ms != 0 {
+            for &(device, seq) in &record.stored {
+                self.expire_envelope(sweep, device, seq, record.envelopes_expire_ms, Some(&id))?;
+            }
         }
         if record.expires_ms <= now_ms {
             sweep.write.ops.push(QueueOp::ForgetSend {
@@ -623,7 +602,7 @@ impl SledUserInbox {
                 id,
             });
         } else {
-            self.list(record.expires_ms, id);
+            self.listed.push((record.expires_ms, id));
         }
         Ok(())
     }
@@ -655,6 +634,9 @@ impl SledUserInbox {
             Err(e) => return Err(e),
         };
         let Some(len) = len else { return Ok(()) };
+        if !sweep.seen.insert((device, seq)) {
+            return Ok(());
+        }
         sweep.write.ops.push(QueueOp::Remove {
             user: self.user.clone(),
             device,

@@ -126,8 +126,6 @@ struct Inner {
     account_lock: Mutex<()>,
     /// Flush and free-space state.
     health: Arc<DiskHealth>,
-    /// Users whose writers hold index entries in memory, and when the first falls due.
-    unindexed: inbox::Unindexed,
 }
 
 impl SledStore {
@@ -287,7 +285,6 @@ impl Inner {
             committer,
             account_lock: Mutex::new(()),
             health,
-            unindexed: inbox::Unindexed::default(),
         })
     }
 

@@ -21,9 +21,8 @@ pub(super) type DedupEnds = (BTreeMap<u32, u64>, Vec<(u64, Hashed)>);
 /// One write operation of a [`QueueWrite`] batch.
 #[derive(Debug)]
 pub(super) enum QueueOp {
-    /// Index sends of a user that fall due by `due_ms` in one entry (`Z`): written before
-    /// the user's queues are marked closed and before the sweep forgets what it replaces, so
-    /// every dedup record is listed once its writer is gone (see `sled::inbox`).
+    /// Index sends of a user that fall due by `due_ms` in one entry (`Z`); with no ids, a
+    /// writer's wake entry (see `sled::inbox`).
     IndexSends {
         /// Account handle.
         user: String,
@@ -121,6 +120,16 @@ pub(super) enum QueueOp {
         /// Its index entry's time.
         expires_ms: u64,
     },
+    /// Delete a writer's wake entry (a `Z` entry listing nothing): the list it stood for is
+    /// stored now.
+    Unwake {
+        /// Account handle.
+        user: String,
+        /// Its due second.
+        due_ms: u64,
+        /// Its nonce.
+        nonce: u64,
+    },
     /// Forget a dedup record listed in a `Z` entry (the entry goes on its own).
     ForgetSend {
         /// Account handle.
@@ -163,10 +172,11 @@ pub(super) enum Value {
 /// The key-value writes of a batch, in the order that keeps every crash-surviving prefix
 /// consistent:
 ///
-/// - a stored expiry index entry is written before the `K` mark of a writer that closed and
-///   removed after what it lists (an entry whose record is gone is skipped by the sweep); a
-///   writer that did not close is followed by a recount that lists every dedup record again
-///   (`recovery`), so nothing stored lacks its expiry;
+/// - nothing stored lacks its expiry: a send a writer lists in memory is written after a wake
+///   entry due no later than it (which brings the sweep to the writer, or to the recount that
+///   lists every dedup record again if the writer died: `recovery`); its list is stored before
+///   that entry goes, and before the `K` mark of a writer that closes; an index entry is
+///   removed after what it lists (one whose record is gone is skipped by the sweep);
 /// - a send is ordered as the index entries its writer stores then (if any), envelopes, heads
 ///   (when checkpointed), then the dedup record, so a surviving dedup record implies its
 ///   envelopes survived (a retry never hides a lost envelope), and a send without one is
@@ -189,6 +199,14 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                 let value = keyring.seal_index_list(&key, &user, &ids);
                 out.push((key, Value::Plain(value)));
             }
+            QueueOp::Unwake {
+                user,
+                due_ms,
+                nonce,
+            } => out.push((
+                keys::expiry_sends(due_ms, &keyring.user(&user), nonce),
+                Value::Delete,
+            )),
             QueueOp::ForgetSend { user, id } => {
                 out.push((keys::dedup(&keyring.user(&user), &id), Value::Delete));
             }
@@ -280,8 +298,6 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                 keys::expiry_sends(due_ms, &keyring.user(&user), entry),
                 Value::Delete,
             )),
-            // Nothing stored: the writer's memory is the index.
-            QueueOp::Unindex(Due::Unindexed { .. }) => {}
         }
     }
     out
@@ -356,9 +372,9 @@ impl Inner {
     /// The highest sequence number each device was given by a send whose dedup record is
     /// stored: a queue's end, also once acknowledgements have emptied it (its head is a
     /// checkpoint; see `recovery`); and every send's keyed id with when it falls due next
-    /// (an undecodable record at once: the sweep removes it). Reads every dedup record of
-    /// the user.
-    pub(super) fn dedup_ends(&self, user: &str) -> Result<DedupEnds> {
+    /// (an undecodable record's: `undecodable_due_ms`). Reads every dedup record of the
+    /// user.
+    pub(super) fn dedup_ends(&self, user: &str, undecodable_due_ms: u64) -> Result<DedupEnds> {
         let mut ends = BTreeMap::new();
         let mut sends = Vec::new();
         let prefix = keys::dedup_prefix(&self.keyring.user(user));
@@ -372,7 +388,7 @@ impl Inner {
                 Err(StoreError::Corruption(e)) => {
                     tracing::warn!(error = %e, "a dedup record does not decode");
                     metrics::counter!("sealpost_corrupt_records_total").increment(1);
-                    sends.push((0, id));
+                    sends.push((undecodable_due_ms, id));
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -482,7 +498,7 @@ impl Inner {
     }
 
     /// Whether layout 2's per-envelope expiry index entry for the envelope at `seq` exists
-    /// (layout 3 indexes sends, through their dedup records).
+    /// (layouts 3 and 4 index sends, through their dedup records).
     pub(super) fn indexed_alone(
         &self,
         user: &str,
@@ -561,18 +577,8 @@ impl Inner {
                     due_ms,
                     entry,
                     ids,
-                    now_ms,
                 });
             }
-        }
-        if out.len() < limit {
-            out.extend(
-                self.unindexed
-                    .due(now_ms)
-                    .into_iter()
-                    .take(limit - out.len())
-                    .map(|user| Due::Unindexed { user, now_ms }),
-            );
         }
         Ok(out)
     }

@@ -38,8 +38,9 @@
 //! The writer lists its sends in memory and stores the list in `Z` entries every
 //! `inbox::INDEX_EVERY` sends and when it closes, before the mark. Unmarked queues were
 //! left by a writer whose list may have died with it: the recount, which reads every dedup
-//! record anyway, lists each of them again ([`index_anew`]). An entry listing a send twice
-//! costs the sweep one lookup.
+//! record anyway, lists each of them again. A send listed twice is dealt with once per sweep
+//! (`inbox`'s `Sweep` remembers what it saw), and an entry listing a send already gone costs
+//! one lookup.
 
 use std::collections::BTreeMap;
 
@@ -173,10 +174,10 @@ pub(super) fn recover_heads(
         BTreeMap::new()
     } else {
         metrics::counter!("sealpost_queues_recounted_total").increment(1);
-        let (ends, sends) = store.dedup_ends(user)?;
+        let (ends, sends) = store.dedup_ends(user, now_ms + UNKNOWN_EXPIRY_MS)?;
         // The writer's list of sends to index died with it: every dedup record is listed anew.
         store.write(QueueWrite {
-            ops: index_anew(user, sends),
+            ops: index_entries(user, sends),
         })?;
         ends
     };
@@ -280,32 +281,39 @@ pub(super) fn recover_heads(
     Ok(heads)
 }
 
-/// At most this many sends in one index entry written by [`index_anew`].
-const INDEX_ANEW_MAX: usize = 1024;
+/// An undecodable dedup record is listed this long after a recount: it cannot say when its
+/// envelopes expire, and it must not go before them (an envelope without its dedup record is
+/// taken for a torn send). Longer than any time-to-live.
+const UNKNOWN_EXPIRY_MS: u64 = 366 * 24 * 3600 * 1000;
 
-/// Index entries listing `sends` ((when it falls due next, keyed id) of every dedup record
-/// of `user`), by the second they fall due in.
-fn index_anew(user: &str, sends: Vec<(u64, Hashed)>) -> Vec<QueueOp> {
+/// At most this many sends in one index entry.
+const INDEX_ENTRY_MAX: usize = 1024;
+
+/// Index entries listing `sends` (when each falls due, keyed id) of `user`, by the second
+/// they fall due in.
+pub(super) fn index_entries(
+    user: &str,
+    sends: impl IntoIterator<Item = (u64, Hashed)>,
+) -> Vec<QueueOp> {
     let mut by_second: BTreeMap<u64, Vec<Hashed>> = BTreeMap::new();
     for (due_ms, id) in sends {
         by_second
-            .entry(due_ms.div_ceil(1000).saturating_mul(1000))
+            .entry(super::inbox::due_second(due_ms))
             .or_default()
             .push(id);
     }
-    by_second
-        .into_iter()
-        .flat_map(|(due_ms, ids)| {
-            ids.chunks(INDEX_ANEW_MAX)
-                .map(|ids| QueueOp::IndexSends {
-                    user: user.to_owned(),
-                    due_ms,
-                    nonce: rand::random(),
-                    ids: ids.to_vec(),
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    let mut ops = Vec::with_capacity(by_second.len());
+    for (due_ms, ids) in by_second {
+        for ids in ids.chunks(INDEX_ENTRY_MAX) {
+            ops.push(QueueOp::IndexSends {
+                user: user.to_owned(),
+                due_ms,
+                nonce: rand::random(),
+                ids: ids.to_vec(),
+            });
+        }
+    }
+    ops
 }
 
 /// Whether `record`, stored at `seq` of `device`, belongs to a send that was never committed:

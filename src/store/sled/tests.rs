@@ -346,7 +346,7 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         assert_eq!(due.len(), 1, "{due:?}");
         assert!(due.iter().all(|e| match e {
             Due::Envelope { expires_ms, .. } | Due::Dedup { expires_ms, .. } => *expires_ms == torn,
-            Due::Sends { .. } | Due::Unindexed { .. } => false,
+            Due::Sends { .. } => false,
         }));
         let mut queues = store.open(USER, &[1], limits).await.expect("open");
         assert!(queues.expire(due).expect("expire").is_empty());
@@ -434,9 +434,10 @@ fn a_dropped_append_answer_does_not_keep_its_dedup_record_forever() {
             .expect("append");
         drop(answer);
         crate::store::Health::flush(&store).await.expect("flush");
-        let due = store.due(now + 10, 100).await.expect("due");
+        // (Layout 4's entries are due at the end of their second.)
+        let due = store.due(now + 1_000, 100).await.expect("due");
         assert!(
-            due.iter().any(|d| matches!(d, Due::Unindexed { .. })),
+            due.iter().any(|d| matches!(d, Due::Sends { .. })),
             "{due:?}"
         );
         queues.expire(due).expect("expire");
@@ -1213,7 +1214,9 @@ fn a_send_whose_envelopes_expire_first_is_still_deduplicated_until_its_record_ex
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     let now = crate::clock::now_ms();
-    let (ring, remember) = (now + 30_000, now + 3_600_000);
+    // Layout 4's entries are due at the end of their second.
+    let second = super::inbox::due_second;
+    let (ring, remember) = (second(now + 30_000), second(now + 3_600_000));
     let limits = QueueLimits {
         count: 10,
         bytes: u64::MAX,
@@ -1291,7 +1294,14 @@ fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
         let due = store.due(now + 1_000, 100).await.expect("due");
         assert_eq!(due.len(), 1, "the send's index entry");
         queues.expire(due).expect("expire");
-        assert!(store.inner().dedup_ends(USER).expect("ends").0.is_empty());
+        assert!(
+            store
+                .inner()
+                .dedup_ends(USER, 0)
+                .expect("ends")
+                .0
+                .is_empty()
+        );
         store.inner().sync().await.expect("durable");
         // The writer crashes: no close.
         std::mem::forget(queues);
@@ -1329,10 +1339,11 @@ fn a_flush_at_a_low_rate_starts_at_once() {
 }
 
 /// Layout 4's expiry index: a writer lists its sends in memory and stores the list in `Z`
-/// entries, one per second they fall due in, every `INDEX_EVERY` sends and when it closes.
+/// entries, one per second they fall due in, every `INDEX_EVERY` sends and when it closes;
+/// until then a wake entry (listing nothing) is due when the first listed send is.
 mod index {
     use super::*;
-    use crate::store::{UserInbox, keys, sled::inbox::INDEX_EVERY};
+    use crate::store::{AppendError, UserInbox, keys, sled::inbox::INDEX_EVERY};
 
     const USER: &str = "bob@test.example";
     const LIMITS: QueueLimits = QueueLimits {
@@ -1340,37 +1351,50 @@ mod index {
         bytes: u64::MAX,
     };
 
-    /// Appends envelope `n` to device 1, expiring at `expires_ms`, its id remembered until
-    /// `remember_ms`; resolves once it is durable.
-    async fn send(queues: &mut dyn UserInbox, n: u32, expires_ms: u64, remember_ms: u64) {
+    fn id(n: u32) -> [u8; 16] {
         let mut id = [0; 16];
         id[..4].copy_from_slice(&n.to_be_bytes());
-        let answer = queues
-            .append(crate::store::NewEnvelope {
-                id,
-                class: 0,
-                accepted_ms: 0,
-                expires_ms,
-                remember_until_ms: remember_ms,
-                copies: vec![(1, &b"ciphertext"[..])],
-            })
-            .expect("append");
+        id
+    }
+
+    /// Appends envelope `n` to device 1, expiring at `expires_ms`, its id remembered until
+    /// `remember_ms`; resolves once it is durable.
+    async fn send(
+        queues: &mut dyn UserInbox,
+        n: u32,
+        expires_ms: u64,
+        remember_ms: u64,
+    ) -> Result<(), AppendError> {
+        let answer = queues.append(crate::store::NewEnvelope {
+            id: id(n),
+            class: 0,
+            accepted_ms: 0,
+            expires_ms,
+            remember_until_ms: remember_ms,
+            copies: vec![(1, &b"ciphertext"[..])],
+        })?;
         answer.await.expect("durable");
+        Ok(())
     }
 
     fn entries(store: &SledStore, tag: u8) -> usize {
         store.inner().queues.scan_prefix([tag]).count()
     }
 
-    /// The keyed ids the stored `Z` entries list.
-    fn listed(store: &SledStore) -> Vec<[u8; 16]> {
+    /// The stored `Z` entries: how many list nothing (wake entries), and the ids the others
+    /// list.
+    fn stored(store: &SledStore) -> (usize, Vec<[u8; 16]>) {
         let due = store.inner().due(u64::MAX - 1, 10_000).expect("due");
-        due.into_iter()
-            .flat_map(|d| match d {
-                Due::Sends { ids, .. } => ids,
-                _ => Vec::new(),
-            })
-            .collect()
+        let mut wakes = 0;
+        let mut ids = Vec::new();
+        for d in due {
+            match d {
+                Due::Sends { ids: listed, .. } if listed.is_empty() => wakes += 1,
+                Due::Sends { ids: listed, .. } => ids.extend(listed),
+                other => panic!("{other:?}"),
+            }
+        }
+        (wakes, ids)
     }
 
     #[test]
@@ -1382,33 +1406,35 @@ mod index {
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
             let last = u32::try_from(INDEX_EVERY).expect("small") - 1;
             for n in 0..last {
-                send(queues.as_mut(), n, now + 60_000, now + 60_000).await;
+                send(queues.as_mut(), n, now + 60_000, now + 60_000)
+                    .await
+                    .expect("append");
             }
-            // No entry of its own per send: the writer holds them.
+            // No entry of its own per send: one wake entry, due with the first.
             assert_eq!(entries(&store, keys::EXPIRY_DEDUP), 0);
-            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(stored(&store), (1, Vec::new()));
             let due = store.due(now + 61_000, 100).await.expect("due");
             assert!(
-                matches!(&due[..], [Due::Unindexed { user, .. }] if user == USER),
+                matches!(&due[..], [Due::Sends { user, ids, .. }] if user == USER && ids.is_empty()),
                 "{due:?}"
             );
             assert!(store.due(now, 100).await.expect("due").is_empty());
-            // The list's last send stores it, in one entry per second (here, one or two).
-            send(queues.as_mut(), last, now + 60_000, now + 60_000).await;
+            // The list's last send stores it, one entry per second (here one or two), and
+            // takes the wake entry away.
+            send(queues.as_mut(), last, now + 60_000, now + 60_000)
+                .await
+                .expect("append");
             assert!((1..=2).contains(&entries(&store, keys::EXPIRY_SENDS)));
-            assert_eq!(listed(&store).len(), INDEX_EVERY);
-            assert!(
-                store
-                    .due(now + 61_000, 100)
-                    .await
-                    .expect("due")
-                    .iter()
-                    .all(|d| matches!(d, Due::Sends { .. }))
-            );
-            // Closing stores what it lists since.
-            send(queues.as_mut(), last + 1, now + 60_000, now + 60_000).await;
+            let (wakes, ids) = stored(&store);
+            assert_eq!((wakes, ids.len()), (0, INDEX_EVERY));
+            // Closing stores what it lists since, and its wake entry goes.
+            send(queues.as_mut(), last + 1, now + 60_000, now + 60_000)
+                .await
+                .expect("append");
+            assert_eq!(stored(&store).0, 1);
             queues.close();
-            assert_eq!(listed(&store).len(), INDEX_EVERY + 1);
+            let (wakes, ids) = stored(&store);
+            assert_eq!((wakes, ids.len()), (0, INDEX_EVERY + 1));
         });
     }
 
@@ -1419,14 +1445,19 @@ mod index {
         let now = crate::clock::now_ms();
         block_on(async {
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            send(queues.as_mut(), 1, now + 1_000, now + 1_000).await;
-            send(queues.as_mut(), 2, now + 5_000, now + 5_000).await;
-            let due = store.due(now + 1_000, 100).await.expect("due");
+            send(queues.as_mut(), 1, now + 1_000, now + 1_000)
+                .await
+                .expect("append");
+            send(queues.as_mut(), 2, now + 5_000, now + 5_000)
+                .await
+                .expect("append");
+            let due = store.due(now + 2_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
             assert_eq!(store.inner().read(USER, 1, 0, 10).expect("read").len(), 1);
-            // The other is still listed, due later.
-            assert!(store.due(now + 4_999, 100).await.expect("due").is_empty());
-            let due = store.due(now + 5_000, 100).await.expect("due");
+            // The other is still listed: a new wake entry is due with it.
+            assert!(store.due(now + 4_000, 100).await.expect("due").is_empty());
+            assert_eq!(stored(&store), (1, Vec::new()));
+            let due = store.due(now + 6_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 2)]);
             assert_eq!(entries(&store, keys::DEDUP), 0, "dedup records forgotten");
             assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
@@ -1442,7 +1473,9 @@ mod index {
             block_on(async {
                 let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
                 for n in 0..3 {
-                    send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
+                    send(queues.as_mut(), n, now + 1_000, now + 1_000)
+                        .await
+                        .expect("append");
                 }
                 queues.close();
             });
@@ -1464,10 +1497,11 @@ mod index {
         });
     }
 
-    /// A writer that dies without closing takes its list along; opening the queues again
-    /// lists every dedup record anew, so nothing stays stored for ever.
+    /// A writer that dies without closing takes its list along. Its wake entry brings the
+    /// sweep to the user (no mailbox open), and opening the queues then lists every dedup
+    /// record anew, so nothing stays stored for ever.
     #[test]
-    fn a_crashed_writers_sends_are_listed_again_when_the_queues_open() {
+    fn a_crashed_writers_sends_are_found_by_its_wake_entry_and_listed_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = crate::clock::now_ms();
         {
@@ -1475,23 +1509,74 @@ mod index {
             block_on(async {
                 let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
                 for n in 0..3 {
-                    send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
+                    send(queues.as_mut(), n, now + 1_000, now + 1_000)
+                        .await
+                        .expect("append");
                 }
-                // Dropped without `close`, as in a crash: no `Z` entry, no `K` mark.
+                // Dropped without `close`, as in a crash: no list stored, no `K` mark.
                 drop(queues);
             });
-            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
         }
         let store = open(dir.path());
         block_on(async {
-            assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
+            let due = store.due(now + 2_000, 100).await.expect("due");
+            assert!(matches!(&due[..], [d] if d.user() == USER), "{due:?}");
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            assert_eq!(listed(&store).len(), 3);
+            assert_eq!(stored(&store).1.len(), 3, "listed anew by the recount");
             let due = store.due(now + 2_000, 100).await.expect("due");
             let mut expired = queues.expire(due).expect("expire");
             expired.sort_unstable();
             assert_eq!(expired, vec![(1, 1), (1, 2), (1, 3)]);
             assert_eq!(entries(&store, keys::DEDUP), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+        });
+    }
+
+    /// A send listed twice (its writer stored its list, then died; the recount lists it
+    /// again) is counted off its queue once.
+    #[test]
+    fn a_send_listed_twice_is_expired_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = crate::clock::now_ms();
+        let listed = u32::try_from(INDEX_EVERY).expect("small");
+        {
+            let store = open(dir.path());
+            block_on(async {
+                let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+                for n in 0..listed {
+                    send(queues.as_mut(), n, now + 1_000, now + 1_000)
+                        .await
+                        .expect("append");
+                }
+                send(queues.as_mut(), listed, now + 100_000, now + 100_000)
+                    .await
+                    .expect("append");
+                drop(queues);
+            });
+        }
+        let store = open(dir.path());
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            assert_eq!(stored(&store).1.len(), 2 * INDEX_EVERY + 1);
+            let due = store.due(now + 2_000, 100).await.expect("due");
+            let mut expired = queues.expire(due).expect("expire");
+            expired.sort_unstable();
+            let once: Vec<_> = (1..=u64::from(listed)).map(|seq| (1, seq)).collect();
+            assert_eq!(expired, once);
+            queues.close();
+            // One envelope is left, and the stored head counts it: a quota of two takes one more.
+            let two = QueueLimits {
+                count: 2,
+                bytes: u64::MAX,
+            };
+            let mut queues = store.open(USER, &[1], two).await.expect("open");
+            send(queues.as_mut(), 1000, now + 100_000, now + 100_000)
+                .await
+                .expect("room for one");
+            assert!(matches!(
+                send(queues.as_mut(), 1001, now + 100_000, now + 100_000).await,
+                Err(AppendError::Full(_))
+            ));
         });
     }
 
@@ -1503,21 +1588,22 @@ mod index {
         let now = crate::clock::now_ms();
         block_on(async {
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            send(queues.as_mut(), 1, now + 1_000, now + 9_000).await;
+            send(queues.as_mut(), 1, now + 1_000, now + 9_000)
+                .await
+                .expect("append");
             queues.close();
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
-            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(stored(&store), (1, Vec::new()), "a wake entry for it");
             assert_eq!(entries(&store, keys::DEDUP), 1, "still remembered");
             // A retry now is still a duplicate.
-            let mut id = [0; 16];
-            id[..4].copy_from_slice(&1u32.to_be_bytes());
-            assert!(queues.duplicate(&id).expect("dup").is_some());
+            assert!(queues.duplicate(&id(1)).expect("dup").is_some());
             assert!(store.due(now + 8_000, 100).await.expect("due").is_empty());
-            let due = store.due(now + 9_000, 100).await.expect("due");
+            let due = store.due(now + 10_000, 100).await.expect("due");
             assert!(queues.expire(due).expect("expire").is_empty());
             assert_eq!(entries(&store, keys::DEDUP), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
             queues.close();
             assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
         });
