@@ -33,7 +33,7 @@
 //! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
 //! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
 //! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
-//! secondusernonce_sends  b'Z' due_ms:u64 H(handle) nonce:u64     -> index-sealed handle and H(id)s
+//! secondusernonce_sends  b'Z' due_ms:u64 H(handle) nonce:u64     -> index-sealed handle and H(id)* (none: a wake entry)
 //! slotgeneration_queue   b'A' slot:u32 generation:u64             -> prefix_len:u8 prefix adopted_ms:u64
 //! ```
 //!
@@ -43,12 +43,15 @@
 //! is that second's end; the sweep finds a send's envelopes through its dedup record's
 //! `stored`, and lists a dedup record that outlives its envelopes again for its own expiry).
 //! A writer lists its sends in memory and writes them every `sled::inbox::INDEX_EVERY` sends,
-//! with a sweep of its own, and when it closes the user's queues (before `K`); until then the
-//! sweep asks the writer itself, and after a crash (no `K`) opening the queues lists every
-//! dedup record again (`sled::recovery`). `nonce` is random: entries never overwrite each
-//! other. `Y` (one entry per send, due when its envelopes expire, then moved to its dedup
-//! record's expiry) is layout 3's, and `X` (one entry per envelope) layout 2's: the sweep
-//! still reads the entries such a data directory holds, and nothing writes new ones. A head is a checkpoint: stored every
+//! with a sweep of its own, and when it closes the user's queues (before `K`). Until then a
+//! *wake* entry, a `Z` entry listing no ids, is due no later than the first listed send: it
+//! brings the sweep to the writer, or, after a crash (no `K`), to the opening of the queues,
+//! which lists every dedup record again (`sled::recovery`). `nonce` is random: entries never
+//! overwrite each other. `Y` (one entry per send, due when its envelopes expire, then moved to
+//! its dedup record's expiry) is layout 3's, and `X` (one entry per envelope) layout 2's: the
+//! sweep still reads the entries such a data directory holds, and nothing writes new ones. An
+//! older build ignores `Z`: it must not open a directory this one has used (nothing is lost,
+//! but nothing indexed there expires). A head is a checkpoint: stored every
 //! `recovery::CHECKPOINT_EVERY` appends and when its writer closes the user's queues, which
 //! then writes `K`; trims store none. Opening the queues takes `K` away; without it (a crash)
 //! they are counted again and their ends found from the dedup records (`sled::recovery`). A device queue's key prefix (`E` H(handle)
@@ -287,8 +290,6 @@ pub(crate) fn expiry_until(tag: u8, now_ms: u64) -> Vec<u8> {
     k
 }
 
-/// Splits an expiry key (after its tag and timestamp) into the expiry and the remainder
-/// after the user's hash.
 /// The `device:u32 seq:u64` that ends envelope and expiry keys (both layouts).
 pub(crate) fn device_seq(rest: &[u8]) -> Option<(u32, u64)> {
     let device = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
@@ -296,6 +297,8 @@ pub(crate) fn device_seq(rest: &[u8]) -> Option<(u32, u64)> {
     Some((device, seq))
 }
 
+/// Splits an expiry key (after its tag and timestamp) into the expiry and the remainder
+/// after the user's hash.
 pub(crate) fn split_expiry(key: &[u8]) -> Option<(u64, &[u8])> {
     let ts = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
     Some((ts, key.get(25..)?))

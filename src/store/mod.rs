@@ -37,7 +37,7 @@
 //! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts the writer read at open plus its own appends |
 //! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | batched direct get by subject from the cursor's stream sequence |
 //! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head; a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | a head marker if the queue drains, then delete (with erase) by stream sequence |
-//! | [`Inbox::due`], [`UserInbox::expire`] | the `Z` expiry index (one entry per user and second, stored by the writer every 64 sends; layouts 2–3's `X`/`Y` still swept), swept by the server | nothing due: the stream expires messages by their TTL |
+//! | [`Inbox::due`], [`UserInbox::expire`] | the `Z` expiry index (entries listing a user's sends by the second they fall due, stored by the writer every 64 sends and at close, a wake entry until then; layouts 2–3's `X`/`Y` still swept), swept by the server | nothing due: the stream expires messages by their TTL |
 //! | [`Directory`] | tree `accounts`, one lock for read-modify-write | KV bucket `sealpost_directory`; create/update on the revision = compare-and-set (device ids, key claims, link codes) |
 //! | [`Outbox`] | tree `outbox`, one key per envelope | stream `SEALPOST_OUTBOX`, a subject per (domain, pod) |
 //! | [`Health`] | free disk space and the last flush | the connection to NATS and the last write |

@@ -36,23 +36,10 @@ impl Inbox for SledStore {
         devices: &[u32],
         limits: QueueLimits,
     ) -> StoreFuture<Box<dyn UserInbox>> {
-        let heads =
-            match recovery::recover_heads(&self.inner(), user, devices, crate::clock::now_ms()) {
-                Ok(heads) => heads,
-                Err(e) => return ready(Err(e)),
-            };
-        let queues: Box<dyn UserInbox> = Box::new(SledUserInbox {
-            inner: self.inner().clone(),
-            user: user.to_owned(),
-            limits,
-            heads,
-            pending: Arc::default(),
-            checked_new: None,
-            expired: Expired::default(),
-            listed: Vec::new(),
-            wake: None,
-            failed: false,
-        });
+        let queues: Box<dyn UserInbox> = match self.writer(user, devices, limits) {
+            Ok(queues) => Box::new(queues),
+            Err(e) => return ready(Err(e)),
+        };
         // Writes of a previous writer are durable unless a flush failed and none has
         // succeeded since: then what was loaded may hold writes that are not, and nothing
         // may be pushed until a flush succeeds.
@@ -89,6 +76,25 @@ pub(super) const INDEX_EVERY: usize = 64;
 /// Entries of the expiry index list the sends falling due in one second, by its end.
 pub(super) fn due_second(ms: u64) -> u64 {
     ms.div_ceil(1000).saturating_mul(1000)
+}
+
+impl SledStore {
+    /// The single writer of `user`'s queues, recovered (see [`Inbox::open`]).
+    fn writer(&self, user: &str, devices: &[u32], limits: QueueLimits) -> Result<SledUserInbox> {
+        let heads = recovery::recover_heads(&self.inner(), user, devices, crate::clock::now_ms())?;
+        Ok(SledUserInbox {
+            inner: self.inner().clone(),
+            user: user.to_owned(),
+            limits,
+            heads,
+            pending: Arc::default(),
+            checked_new: None,
+            expired: Expired::default(),
+            listed: Vec::new(),
+            wake: None,
+            failed: false,
+        })
+    }
 }
 
 /// Removes a send from its user's pending sends when dropped.
@@ -159,7 +165,11 @@ impl SledUserInbox {
     /// Applies `write`, noting a failure (see `failed`).
     fn write(&mut self, write: QueueWrite) -> Result<()> {
         let written = self.inner.write(write);
-        self.failed |= written.is_err();
+        if written.is_err() {
+            self.failed = true;
+            // Whether its wake entry is stored is not known now: the next write stores one.
+            self.wake = None;
+        }
         written
     }
 
@@ -184,33 +194,50 @@ impl SledUserInbox {
     }
 
     /// The index entries storing what is listed, which leaves the list; the wake entry goes
-    /// after them.
+    /// after them (unless the writer failed: see [`UserInbox::expire`]).
     fn index_writes(&mut self) -> Vec<QueueOp> {
         let mut ops = recovery::index_entries(&self.user, self.listed.drain(..));
-        if let Some((due_ms, nonce)) = self.wake.take() {
-            ops.push(QueueOp::Unwake {
-                user: self.user.clone(),
-                due_ms,
-                nonce,
-            });
-        }
+        ops.extend(self.unwake());
         ops
     }
 
-    /// A wake entry due when the first listed send is, if the stored one is not due by then.
-    fn wake_write(&mut self) -> Option<QueueOp> {
-        let first = due_second(self.listed.iter().map(|(at, _)| *at).min()?);
+    /// The deletion of the stored wake entry, if any, unless the writer failed: its memory of
+    /// what is listed may be wrong, so the entry stays for a new writer, which counts again.
+    fn unwake(&mut self) -> Option<QueueOp> {
+        let (due_ms, nonce) = self.wake.take()?;
+        (!self.failed).then(|| QueueOp::Unwake {
+            user: self.user.clone(),
+            due_ms,
+            nonce,
+        })
+    }
+
+    /// A wake entry due with the first listed send, if the stored one is not due by then, and
+    /// the deletion of the one it replaces. `newest` is the send listed last, if that is all
+    /// that changed: only it can be due before the stored entry.
+    fn wake_write(&mut self, newest: Option<u64>) -> Vec<QueueOp> {
+        let first = match (self.wake, newest) {
+            (Some((at, _)), Some(due_ms)) if at <= due_second(due_ms) => return Vec::new(),
+            (Some(_), Some(due_ms)) => due_second(due_ms),
+            _ => match self.listed.iter().map(|(at, _)| *at).min() {
+                Some(at) => due_second(at),
+                None => return Vec::new(),
+            },
+        };
         if self.wake.is_some_and(|(at, _)| at <= first) {
-            return None;
+            return Vec::new();
         }
+        let replaced = self.unwake();
         let nonce = rand::random();
         self.wake = Some((first, nonce));
-        Some(QueueOp::IndexSends {
+        let mut ops = vec![QueueOp::IndexSends {
             user: self.user.clone(),
             due_ms: first,
             nonce,
             ids: Vec::new(),
-        })
+        }];
+        ops.extend(replaced);
+        ops
     }
 }
 
@@ -288,7 +315,7 @@ impl UserInbox for SledUserInbox {
         let index = if self.listed.len() >= INDEX_EVERY {
             self.index_writes()
         } else {
-            self.wake_write().into_iter().collect()
+            self.wake_write(Some(envelope.expires_ms))
         };
         let (write, heads) = recovery::send_write(
             &self.user,
@@ -401,8 +428,23 @@ impl SledUserInbox {
     fn sweep(&mut self, due: Vec<Due>) -> Result<Vec<(u32, u64)>> {
         let mut sweep = Sweep::default();
         // What this writer lists falls due with the entries it is handed (a wake entry is due
-        // when the first is).
-        let mut cut_ms = 0;
+        // when the first is). Taken off the list first: what the entries list again must
+        // stay listed.
+        let cut_ms = due
+            .iter()
+            .filter_map(|d| match d {
+                Due::Sends { due_ms, .. } => Some(*due_ms),
+                _ => None,
+            })
+            .max();
+        let mut listed_due = Vec::new();
+        if let Some(cut_ms) = cut_ms {
+            let (due, kept) = std::mem::take(&mut self.listed)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(at, _)| *at <= cut_ms);
+            self.listed = kept;
+            listed_due = due;
+        }
         for entry in due {
             match entry {
                 // Layout 2 indexed each envelope on its own.
@@ -424,10 +466,14 @@ impl SledUserInbox {
                     for id in ids {
                         self.expire_send(&mut sweep, *id, due_ms)?;
                     }
+                    if ids.is_empty() && self.failed {
+                        // A wake entry stays while this writer's memory may be wrong: once it
+                        // has gone, the entry brings a new writer, which counts again.
+                        continue;
+                    }
                     if self.wake == Some((due_ms, nonce)) {
                         self.wake = None;
                     }
-                    cut_ms = cut_ms.max(due_ms);
                     sweep.write.ops.push(QueueOp::Unindex(entry));
                 }
                 Due::Dedup { id, expires_ms, .. } => {
@@ -481,12 +527,8 @@ impl SledUserInbox {
                 }
             }
         }
-        if cut_ms > 0 {
-            let (due, kept) = std::mem::take(&mut self.listed)
-                .into_iter()
-                .partition::<Vec<_>, _>(|(at, _)| *at <= cut_ms);
-            self.listed = kept;
-            for (_, id) in due {
+        if let Some(cut_ms) = cut_ms {
+            for (_, id) in listed_due {
                 self.expire_send(&mut sweep, id, cut_ms)?;
             }
         }
@@ -523,7 +565,7 @@ impl SledUserInbox {
             let index = self.index_writes();
             write.ops.extend(index);
         } else {
-            write.ops.extend(self.wake_write());
+            write.ops.extend(self.wake_write(None));
         }
         write.ops.extend(removes.ops);
         if write.is_empty() {
@@ -657,4 +699,58 @@ impl SledUserInbox {
 fn corrupt(e: &StoreError) {
     tracing::warn!(error = %e, "an expired record does not decode; deleting it");
     metrics::counter!("sealpost_corrupt_records_total").increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewEnvelope, StoreOptions, keys};
+
+    /// A writer that failed keeps its wake entry: its memory of what it lists may be wrong,
+    /// and the entry is what brings a new writer, which counts the queues again.
+    #[test]
+    fn a_failed_writer_leaves_its_wake_entry_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open_waiting(&StoreOptions::for_tests(dir.path())).expect("open");
+        let limits = QueueLimits {
+            count: 10,
+            bytes: u64::MAX,
+        };
+        let mut writer = store.writer("bob@x", &[1], limits).expect("writer");
+        let now = crate::clock::now_ms();
+        let answer = writer
+            .append(NewEnvelope {
+                id: [1; 16],
+                class: 0,
+                accepted_ms: now,
+                expires_ms: now + 1_000,
+                remember_until_ms: now + 1_000,
+                copies: vec![(1, &b"x"[..])],
+            })
+            .expect("append");
+        drop(answer);
+        let wakes = || {
+            store
+                .inner()
+                .queues
+                .scan_prefix([keys::EXPIRY_SENDS])
+                .count()
+        };
+        assert_eq!(wakes(), 1);
+        // As after a write that failed part-way.
+        writer.failed = true;
+        let due = store.inner().due(now + 2_000, 10).expect("due");
+        assert_eq!(due.len(), 1);
+        writer.expire(due).expect("expire");
+        assert_eq!(wakes(), 1, "the wake entry was taken away");
+        // Nor does storing the list take it away.
+        assert!(
+            writer
+                .index_writes()
+                .iter()
+                .all(|op| !matches!(op, QueueOp::Unwake { .. }))
+        );
+        Box::new(writer).close();
+        assert_eq!(wakes(), 1);
+    }
 }

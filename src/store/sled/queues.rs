@@ -174,9 +174,10 @@ pub(super) enum Value {
 ///
 /// - nothing stored lacks its expiry: a send a writer lists in memory is written after a wake
 ///   entry due no later than it (which brings the sweep to the writer, or to the recount that
-///   lists every dedup record again if the writer died: `recovery`); its list is stored before
-///   that entry goes, and before the `K` mark of a writer that closes; an index entry is
-///   removed after what it lists (one whose record is gone is skipped by the sweep);
+///   lists every dedup record again if the writer died: `recovery`); a wake entry goes only
+///   after the list is stored or a new wake entry is (and never while the writer has failed),
+///   the list before the `K` mark of a writer that closes; an index entry is removed after
+///   what it lists (one whose record is gone is skipped by the sweep);
 /// - a send is ordered as the index entries its writer stores then (if any), envelopes, heads
 ///   (when checkpointed), then the dedup record, so a surviving dedup record implies its
 ///   envelopes survived (a retry never hides a lost envelope), and a send without one is

@@ -3,7 +3,7 @@
 //! sled keeps, across a crash, a prefix of the writes that were not yet flushed
 //! (`Inner::write`). A send is written as its envelopes, the queue heads due for a
 //! checkpoint, then its dedup record ([`send_write`]; before them, the expiry index entries
-//! its writer stores then, if any), so the dedup record commits the send:
+//! its writer stores then or a wake entry, if any), so the dedup record commits the send:
 //!
 //! - a surviving dedup record means every envelope and head of the send survived, so a retry
 //!   that finds it is answered "duplicate" without hiding a lost envelope;
@@ -36,9 +36,10 @@
 //! # The expiry index is a checkpoint too
 //!
 //! The writer lists its sends in memory and stores the list in `Z` entries every
-//! `inbox::INDEX_EVERY` sends and when it closes, before the mark. Unmarked queues were
-//! left by a writer whose list may have died with it: the recount, which reads every dedup
-//! record anyway, lists each of them again. A send listed twice is dealt with once per sweep
+//! `inbox::INDEX_EVERY` sends and when it closes, before the mark; until then a stored wake
+//! entry is due with the first listed send. Unmarked queues were left by a writer whose list
+//! may have died with it: its wake entry brings the sweep, which opens the queues, and the
+//! recount, which reads every dedup record anyway, lists each of them again. A send listed twice is dealt with once per sweep
 //! (`inbox`'s `Sweep` remembers what it saw), and an entry listing a send already gone costs
 //! one lookup.
 

@@ -1580,6 +1580,37 @@ mod index {
         });
     }
 
+    /// One sweep handed two entries: the first lists a send again (its dedup record is
+    /// remembered past its envelopes), due before the second entry is. It stays listed.
+    #[test]
+    fn a_send_listed_again_in_a_sweep_stays_listed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            send(queues.as_mut(), 1, now + 1_000, now + 2_500)
+                .await
+                .expect("append");
+            send(queues.as_mut(), 2, now + 5_000, now + 5_000)
+                .await
+                .expect("append");
+            queues.close();
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            let due = store.due(now + 7_000, 100).await.expect("due");
+            assert_eq!(due.len(), 2, "{due:?}");
+            let mut expired = queues.expire(due).expect("expire");
+            expired.sort_unstable();
+            assert_eq!(expired, vec![(1, 1), (1, 2)]);
+            assert_eq!(entries(&store, keys::DEDUP), 1, "the first is remembered");
+            assert_eq!(stored(&store), (1, Vec::new()), "and woken for");
+            let due = store.due(now + 7_000, 100).await.expect("due");
+            assert!(queues.expire(due).expect("expire").is_empty());
+            assert_eq!(entries(&store, keys::DEDUP), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+        });
+    }
+
     /// A dedup record remembered past its envelopes' expiry is listed again for its own.
     #[test]
     fn a_dedup_record_outliving_its_envelopes_is_listed_again() {
