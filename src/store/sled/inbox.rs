@@ -73,11 +73,6 @@ impl Inbox for SledStore {
 /// send. It bounds what a writer keeps in memory (24 bytes a send).
 pub(super) const INDEX_EVERY: usize = 64;
 
-/// Entries of the expiry index list the sends falling due in one second, by its end.
-pub(super) fn due_second(ms: u64) -> u64 {
-    ms.div_ceil(1000).saturating_mul(1000)
-}
-
 impl SledStore {
     /// The single writer of `user`'s queues, recovered (see [`Inbox::open`]).
     fn writer(&self, user: &str, devices: &[u32], limits: QueueLimits) -> Result<SledUserInbox> {
@@ -217,10 +212,12 @@ impl SledUserInbox {
     /// that changed: only it can be due before the stored entry.
     fn wake_write(&mut self, newest: Option<u64>) -> Vec<QueueOp> {
         let first = match (self.wake, newest) {
-            (Some((at, _)), Some(due_ms)) if at <= due_second(due_ms) => return Vec::new(),
-            (Some(_), Some(due_ms)) => due_second(due_ms),
+            (Some((at, _)), Some(due_ms)) if at <= recovery::due_second(due_ms) => {
+                return Vec::new();
+            }
+            (Some(_), Some(due_ms)) => recovery::due_second(due_ms),
             _ => match self.listed.iter().map(|(at, _)| *at).min() {
-                Some(at) => due_second(at),
+                Some(at) => recovery::due_second(at),
                 None => return Vec::new(),
             },
         };

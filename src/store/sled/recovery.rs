@@ -290,6 +290,11 @@ const UNKNOWN_EXPIRY_MS: u64 = 366 * 24 * 3600 * 1000;
 /// At most this many sends in one index entry.
 const INDEX_ENTRY_MAX: usize = 1024;
 
+/// Entries of the expiry index list the sends falling due in one second, by its end.
+pub(super) fn due_second(ms: u64) -> u64 {
+    ms.div_ceil(1000).saturating_mul(1000)
+}
+
 /// Index entries listing `sends` (when each falls due, keyed id) of `user`, by the second
 /// they fall due in.
 pub(super) fn index_entries(
@@ -298,10 +303,7 @@ pub(super) fn index_entries(
 ) -> Vec<QueueOp> {
     let mut by_second: BTreeMap<u64, Vec<Hashed>> = BTreeMap::new();
     for (due_ms, id) in sends {
-        by_second
-            .entry(super::inbox::due_second(due_ms))
-            .or_default()
-            .push(id);
+        by_second.entry(due_second(due_ms)).or_default().push(id);
     }
     let mut ops = Vec::with_capacity(by_second.len());
     for (due_ms, ids) in by_second {

@@ -1215,7 +1215,7 @@ fn a_send_whose_envelopes_expire_first_is_still_deduplicated_until_its_record_ex
     let store = open(dir.path());
     let now = crate::clock::now_ms();
     // Layout 4's entries are due at the end of their second.
-    let second = super::inbox::due_second;
+    let second = super::recovery::due_second;
     let (ring, remember) = (second(now + 30_000), second(now + 3_600_000));
     let limits = QueueLimits {
         count: 10,
@@ -1359,7 +1359,14 @@ mod index {
 
     /// Appends envelope `n` to device 1, expiring at `expires_ms`, its id remembered until
     /// `remember_ms`; resolves once it is durable.
-    async fn send(
+    async fn send(queues: &mut dyn UserInbox, n: u32, expires_ms: u64, remember_ms: u64) {
+        try_send(queues, n, expires_ms, remember_ms)
+            .await
+            .expect("append");
+    }
+
+    /// [`send`], refusals returned.
+    async fn try_send(
         queues: &mut dyn UserInbox,
         n: u32,
         expires_ms: u64,
@@ -1375,6 +1382,34 @@ mod index {
         })?;
         answer.await.expect("durable");
         Ok(())
+    }
+
+    /// Makes `sends` ((n, expires_ms, remember_ms)) through a writer that closes, then opens
+    /// the queues again.
+    async fn sent_and_closed(store: &SledStore, sends: &[(u32, u64, u64)]) -> Box<dyn UserInbox> {
+        let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+        for &(n, expires_ms, remember_ms) in sends {
+            send(queues.as_mut(), n, expires_ms, remember_ms).await;
+        }
+        queues.close();
+        store.open(USER, &[1], LIMITS).await.expect("open")
+    }
+
+    /// Makes three sends due at `now + 1_000` through a writer that then closes the queues
+    /// (`close`) or is dropped as in a crash, and opens the store again.
+    fn three_sends_then(dir: &std::path::Path, now: u64, close: bool) -> SledStore {
+        let store = open(dir);
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            for n in 0..3 {
+                send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
+            }
+            if close {
+                queues.close();
+            }
+        });
+        drop(store);
+        open(dir)
     }
 
     fn entries(store: &SledStore, tag: u8) -> usize {
@@ -1406,9 +1441,7 @@ mod index {
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
             let last = u32::try_from(INDEX_EVERY).expect("small") - 1;
             for n in 0..last {
-                send(queues.as_mut(), n, now + 60_000, now + 60_000)
-                    .await
-                    .expect("append");
+                send(queues.as_mut(), n, now + 60_000, now + 60_000).await;
             }
             // No entry of its own per send: one wake entry, due with the first.
             assert_eq!(entries(&store, keys::EXPIRY_DEDUP), 0);
@@ -1421,16 +1454,12 @@ mod index {
             assert!(store.due(now, 100).await.expect("due").is_empty());
             // The list's last send stores it, one entry per second (here one or two), and
             // takes the wake entry away.
-            send(queues.as_mut(), last, now + 60_000, now + 60_000)
-                .await
-                .expect("append");
+            send(queues.as_mut(), last, now + 60_000, now + 60_000).await;
             assert!((1..=2).contains(&entries(&store, keys::EXPIRY_SENDS)));
             let (wakes, ids) = stored(&store);
             assert_eq!((wakes, ids.len()), (0, INDEX_EVERY));
             // Closing stores what it lists since, and its wake entry goes.
-            send(queues.as_mut(), last + 1, now + 60_000, now + 60_000)
-                .await
-                .expect("append");
+            send(queues.as_mut(), last + 1, now + 60_000, now + 60_000).await;
             assert_eq!(stored(&store).0, 1);
             queues.close();
             let (wakes, ids) = stored(&store);
@@ -1445,12 +1474,8 @@ mod index {
         let now = crate::clock::now_ms();
         block_on(async {
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            send(queues.as_mut(), 1, now + 1_000, now + 1_000)
-                .await
-                .expect("append");
-            send(queues.as_mut(), 2, now + 5_000, now + 5_000)
-                .await
-                .expect("append");
+            send(queues.as_mut(), 1, now + 1_000, now + 1_000).await;
+            send(queues.as_mut(), 2, now + 5_000, now + 5_000).await;
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
             assert_eq!(store.inner().read(USER, 1, 0, 10).expect("read").len(), 1);
@@ -1468,19 +1493,7 @@ mod index {
     fn a_closed_writers_sends_expire_through_their_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = crate::clock::now_ms();
-        {
-            let store = open(dir.path());
-            block_on(async {
-                let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-                for n in 0..3 {
-                    send(queues.as_mut(), n, now + 1_000, now + 1_000)
-                        .await
-                        .expect("append");
-                }
-                queues.close();
-            });
-        }
-        let store = open(dir.path());
+        let store = three_sends_then(dir.path(), now, true);
         block_on(async {
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert!(
@@ -1504,20 +1517,8 @@ mod index {
     fn a_crashed_writers_sends_are_found_by_its_wake_entry_and_listed_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = crate::clock::now_ms();
-        {
-            let store = open(dir.path());
-            block_on(async {
-                let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-                for n in 0..3 {
-                    send(queues.as_mut(), n, now + 1_000, now + 1_000)
-                        .await
-                        .expect("append");
-                }
-                // Dropped without `close`, as in a crash: no list stored, no `K` mark.
-                drop(queues);
-            });
-        }
-        let store = open(dir.path());
+        // Dropped without `close`, as in a crash: no list stored, no `K` mark.
+        let store = three_sends_then(dir.path(), now, false);
         block_on(async {
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert!(matches!(&due[..], [d] if d.user() == USER), "{due:?}");
@@ -1544,13 +1545,9 @@ mod index {
             block_on(async {
                 let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
                 for n in 0..listed {
-                    send(queues.as_mut(), n, now + 1_000, now + 1_000)
-                        .await
-                        .expect("append");
+                    send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
                 }
-                send(queues.as_mut(), listed, now + 100_000, now + 100_000)
-                    .await
-                    .expect("append");
+                send(queues.as_mut(), listed, now + 100_000, now + 100_000).await;
                 drop(queues);
             });
         }
@@ -1570,11 +1567,11 @@ mod index {
                 bytes: u64::MAX,
             };
             let mut queues = store.open(USER, &[1], two).await.expect("open");
-            send(queues.as_mut(), 1000, now + 100_000, now + 100_000)
+            try_send(queues.as_mut(), 1000, now + 100_000, now + 100_000)
                 .await
                 .expect("room for one");
             assert!(matches!(
-                send(queues.as_mut(), 1001, now + 100_000, now + 100_000).await,
+                try_send(queues.as_mut(), 1001, now + 100_000, now + 100_000).await,
                 Err(AppendError::Full(_))
             ));
         });
@@ -1588,15 +1585,8 @@ mod index {
         let store = open(dir.path());
         let now = crate::clock::now_ms();
         block_on(async {
-            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            send(queues.as_mut(), 1, now + 1_000, now + 2_500)
-                .await
-                .expect("append");
-            send(queues.as_mut(), 2, now + 5_000, now + 5_000)
-                .await
-                .expect("append");
-            queues.close();
-            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            let sends = [(1, now + 1_000, now + 2_500), (2, now + 5_000, now + 5_000)];
+            let mut queues = sent_and_closed(&store, &sends).await;
             let due = store.due(now + 7_000, 100).await.expect("due");
             assert_eq!(due.len(), 2, "{due:?}");
             let mut expired = queues.expire(due).expect("expire");
@@ -1618,12 +1608,7 @@ mod index {
         let store = open(dir.path());
         let now = crate::clock::now_ms();
         block_on(async {
-            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            send(queues.as_mut(), 1, now + 1_000, now + 9_000)
-                .await
-                .expect("append");
-            queues.close();
-            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            let mut queues = sent_and_closed(&store, &[(1, now + 1_000, now + 9_000)]).await;
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
             assert_eq!(stored(&store), (1, Vec::new()), "a wake entry for it");
