@@ -126,6 +126,8 @@ struct Inner {
     account_lock: Mutex<()>,
     /// Flush and free-space state.
     health: Arc<DiskHealth>,
+    /// How many expiry index entries the last scan could not decode (warned once per change).
+    undecodable_index: std::sync::atomic::AtomicU64,
 }
 
 impl SledStore {
@@ -285,6 +287,7 @@ impl Inner {
             committer,
             account_lock: Mutex::new(()),
             health,
+            undecodable_index: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

@@ -534,53 +534,78 @@ impl Inner {
     }
 
     /// Up to `limit` index entries due at or before `now_ms`.
+    ///
+    /// An entry that does not decode (a damaged key or sealed value) names nobody whose
+    /// envelopes could be found from it. It is skipped, not deleted (what cannot be read is
+    /// never destroyed on a guess), and counted: one such entry must not stop every user's
+    /// expiry, as failing the whole scan would. The sends it listed expire when their user's
+    /// queues are next recounted.
     pub(super) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Due>> {
         let mut out = Vec::new();
-        for tag in [keys::EXPIRY_ENVELOPE, keys::EXPIRY_DEDUP] {
+        let mut undecodable = 0u64;
+        // Layouts 2 and 3 first: nothing writes their entries any more, so they run out.
+        for tag in [
+            keys::EXPIRY_ENVELOPE,
+            keys::EXPIRY_DEDUP,
+            keys::EXPIRY_SENDS,
+        ] {
             let range = vec![tag]..keys::expiry_until(tag, now_ms);
-            for kv in self
-                .queues
-                .range(range)
-                .take(limit.saturating_sub(out.len()))
-            {
+            for kv in self.queues.range(range) {
+                if out.len() >= limit {
+                    break;
+                }
                 let (k, v) = kv?;
-                let bad = || StoreError::Corruption("bad expiry key".into());
-                let (expires_ms, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
-                let user = self.keyring.open_index(&k, &v).ok_or_else(bad)?;
-                out.push(if tag == keys::EXPIRY_ENVELOPE {
-                    let (device, seq) = keys::device_seq(rest).ok_or_else(bad)?;
-                    Due::Envelope {
-                        user,
-                        device,
-                        seq,
-                        expires_ms,
-                    }
-                } else {
-                    let id: Hashed = rest.try_into().map_err(|_| bad())?;
-                    Due::Dedup {
-                        user,
-                        id,
-                        expires_ms,
-                    }
-                });
+                match self.due_entry(tag, &k, &v) {
+                    Some(due) => out.push(due),
+                    None => undecodable += 1,
+                }
             }
         }
-        if out.len() < limit {
-            let range = vec![keys::EXPIRY_SENDS]..keys::expiry_until(keys::EXPIRY_SENDS, now_ms);
-            for kv in self.queues.range(range).take(limit - out.len()) {
-                let (k, v) = kv?;
-                let bad = || StoreError::Corruption("bad expiry key".into());
-                let (due_ms, rest) = keys::split_expiry(&k).ok_or_else(bad)?;
-                let entry = u64::from_be_bytes(rest.try_into().map_err(|_| bad())?);
-                let (user, ids) = self.keyring.open_index_list(&k, &v).ok_or_else(bad)?;
-                out.push(Due::Sends {
-                    user,
-                    due_ms,
-                    entry,
-                    ids,
-                });
-            }
+        let before = self
+            .undecodable_index
+            .swap(undecodable, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("sealpost_undecodable_index_entries").set(undecodable as f64);
+        if undecodable != before && undecodable > 0 {
+            tracing::warn!(
+                count = undecodable,
+                "expiry index entries do not decode; skipped"
+            );
         }
         Ok(out)
+    }
+
+    /// What the expiry index entry `key` -> `value` (of layout `tag`) asks for, if it decodes.
+    fn due_entry(&self, tag: u8, key: &[u8], value: &[u8]) -> Option<Due> {
+        let (at_ms, rest) = keys::split_expiry(key)?;
+        match tag {
+            keys::EXPIRY_ENVELOPE => {
+                let user = self.keyring.open_index(key, value)?;
+                let (device, seq) = keys::device_seq(rest)?;
+                Some(Due::Envelope {
+                    user,
+                    device,
+                    seq,
+                    expires_ms: at_ms,
+                })
+            }
+            keys::EXPIRY_DEDUP => {
+                let user = self.keyring.open_index(key, value)?;
+                Some(Due::Dedup {
+                    user,
+                    id: rest.try_into().ok()?,
+                    expires_ms: at_ms,
+                })
+            }
+            _ => {
+                let entry = u64::from_be_bytes(rest.try_into().ok()?);
+                let (user, ids) = self.keyring.open_index_list(key, value)?;
+                Some(Due::Sends {
+                    user,
+                    due_ms: at_ms,
+                    entry,
+                    ids,
+                })
+            }
+        }
     }
 }

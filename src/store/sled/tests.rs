@@ -1490,6 +1490,50 @@ mod index {
     }
 
     #[test]
+    fn undecodable_index_entries_are_skipped_and_the_rest_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        // Damaged entries of each layout, due before the good one: sealed values that do
+        // not open, and a key cut short.
+        let user = store.inner().keyring.user(USER);
+        let damaged = [
+            keys::expiry_envelope(now - 5_000, &user, 1, 1),
+            keys::expiry_dedup(now - 5_000, &user, &[0; 16]),
+            keys::expiry_sends(now - 5_000, &user, 7),
+            vec![keys::EXPIRY_SENDS, 0, 0],
+        ];
+        for key in &damaged {
+            store
+                .inner()
+                .queues
+                .insert(key, &b"not an index entry"[..])
+                .expect("insert");
+        }
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            send(queues.as_mut(), 1, now + 1_000, now + 1_000).await;
+            let due = store.due(now + 2_000, 100).await.expect("the scan goes on");
+            assert!(
+                matches!(&due[..], [Due::Sends { user, .. }] if user == USER),
+                "{due:?}"
+            );
+            assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
+            // Skipped, not deleted: what cannot be read is not destroyed on a guess.
+            for key in &damaged {
+                assert!(store.inner().queues.contains_key(key).expect("read"));
+            }
+            assert_eq!(
+                store
+                    .inner()
+                    .undecodable_index
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                4
+            );
+        });
+    }
+
+    #[test]
     fn a_closed_writers_sends_expire_through_their_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = crate::clock::now_ms();
