@@ -538,8 +538,8 @@ impl Inner {
     /// An entry that does not decode (a damaged key or sealed value) names nobody whose
     /// envelopes could be found from it. It is skipped, not deleted (what cannot be read is
     /// never destroyed on a guess), and counted: one such entry must not stop every user's
-    /// expiry, as failing the whole scan would. The sends it listed expire when their user's
-    /// queues are next recounted.
+    /// expiry, as failing the whole scan would. Sends that only it listed stay until their
+    /// user's queues are next recounted (after an unclean stop).
     pub(super) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Due>> {
         let mut out = Vec::new();
         let mut undecodable = 0u64;
