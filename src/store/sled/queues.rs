@@ -549,15 +549,18 @@ impl Inner {
             keys::EXPIRY_DEDUP,
             keys::EXPIRY_SENDS,
         ] {
+            if out.len() >= limit {
+                break;
+            }
             let range = vec![tag]..keys::expiry_until(tag, now_ms);
             for kv in self.queues.range(range) {
-                if out.len() >= limit {
-                    break;
-                }
                 let (k, v) = kv?;
                 match self.due_entry(tag, &k, &v) {
                     Some(due) => out.push(due),
                     None => undecodable += 1,
+                }
+                if out.len() >= limit {
+                    break;
                 }
             }
         }
