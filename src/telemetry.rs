@@ -134,7 +134,11 @@ const COUNTERS: &[&str] = &[
 ];
 
 /// Gauges that are zero until something happens (the scrape handler sets the rest).
-const GAUGES: &[&str] = &["sealpost_connections", "sealpost_mailboxes"];
+const GAUGES: &[&str] = &[
+    "sealpost_connections",
+    "sealpost_mailboxes",
+    "sealpost_undecodable_index_entries",
+];
 
 /// Histograms, present with empty buckets before their first observation.
 const HISTOGRAMS: &[&str] = &[
@@ -297,6 +301,10 @@ fn describe() {
     describe_counter!(
         "sealpost_corrupt_records_total",
         "Expired records that did not decode, deleted by the expiry sweep"
+    );
+    describe_gauge!(
+        "sealpost_undecodable_index_entries",
+        "Due expiry index entries the last whole scan could not decode (skipped and kept)"
     );
     describe_counter!(
         "sealpost_shredded_records_removed_total",

@@ -597,6 +597,7 @@ async fn fresh_broker_exports_histograms_counters_and_process_metrics_before_tra
         "sealpost_expirations_total",
         "sealpost_flush_failures_total",
         "sealpost_connections",
+        "sealpost_undecodable_index_entries",
         "sealpost_rejects_total{reason=\"store_unavailable\"}",
         "sealpost_rejects_total{reason=\"internal\"}",
         "sealpost_rejects_total{reason=\"unauthorized\"}",

@@ -126,8 +126,9 @@ struct Inner {
     account_lock: Mutex<()>,
     /// Flush and free-space state.
     health: Arc<DiskHealth>,
-    /// How many expiry index entries the last scan could not decode (warned once per change).
-    undecodable_index: std::sync::atomic::AtomicU64,
+    /// How many due expiry index entries the last whole scan could not decode (warned once
+    /// per change).
+    undecodable_index: std::sync::atomic::AtomicUsize,
 }
 
 impl SledStore {
@@ -287,7 +288,7 @@ impl Inner {
             committer,
             account_lock: Mutex::new(()),
             health,
-            undecodable_index: std::sync::atomic::AtomicU64::new(0),
+            undecodable_index: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

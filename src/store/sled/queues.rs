@@ -3,7 +3,7 @@
 //! [`crate::store::keys`]; envelopes are sealed under their queue's key (`keyring`), and a
 //! record whose key was destroyed reads as absent (it was deleted before its key went).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use zeroize::Zeroizing;
 
@@ -536,20 +536,23 @@ impl Inner {
     /// Up to `limit` index entries due at or before `now_ms`.
     ///
     /// An entry that does not decode (a damaged key or sealed value) names nobody whose
-    /// envelopes could be found from it. It is skipped, not deleted (what cannot be read is
-    /// never destroyed on a guess), and counted: one such entry must not stop every user's
-    /// expiry, as failing the whole scan would. Sends that only it listed stay until their
-    /// user's queues are next recounted (after an unclean stop).
+    /// envelopes could be found from it. It is skipped and counted: one such entry must not
+    /// stop every user's expiry, as failing the whole scan would. It is kept, not deleted:
+    /// entries that fail because the keyring is not this directory's decode again once it
+    /// is put back. Sends that only a damaged entry listed stay until their user's queues are
+    /// next recounted (after an unclean stop). A scan passes over at most `limit` of them,
+    /// so that an index that does not decode at all costs no more than a full batch; more
+    /// than that many ahead of the rest hold the rest back, as a single one did before.
     pub(super) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Due>> {
         let mut out = Vec::new();
-        let mut undecodable = 0u64;
+        let mut undecodable = 0usize;
         // Layouts 2 and 3 first: nothing writes their entries any more, so they run out.
-        for tag in [
+        'layouts: for tag in [
             keys::EXPIRY_ENVELOPE,
             keys::EXPIRY_DEDUP,
             keys::EXPIRY_SENDS,
         ] {
-            if out.len() >= limit {
+            if out.len() >= limit || undecodable >= limit {
                 break;
             }
             let range = vec![tag]..keys::expiry_until(tag, now_ms);
@@ -559,20 +562,28 @@ impl Inner {
                     Some(due) => out.push(due),
                     None => undecodable += 1,
                 }
-                if out.len() >= limit {
-                    break;
+                if out.len() >= limit || undecodable >= limit {
+                    break 'layouts;
                 }
             }
         }
-        let before = self
-            .undecodable_index
-            .swap(undecodable, std::sync::atomic::Ordering::Relaxed);
-        metrics::gauge!("sealpost_undecodable_index_entries").set(undecodable as f64);
-        if undecodable != before && undecodable > 0 {
-            tracing::warn!(
-                count = undecodable,
-                "expiry index entries do not decode; skipped"
-            );
+        // A scan that saw every due entry knows how many do not decode; one cut short by the
+        // limit knows at least how many.
+        let whole = out.len() < limit && undecodable < limit;
+        let before = if whole {
+            self.undecodable_index.swap(undecodable, Ordering::Relaxed)
+        } else {
+            self.undecodable_index
+                .fetch_max(undecodable, Ordering::Relaxed)
+        };
+        let known = if whole {
+            undecodable
+        } else {
+            before.max(undecodable)
+        };
+        metrics::gauge!("sealpost_undecodable_index_entries").set(known as f64);
+        if known != before && known > 0 {
+            tracing::warn!(count = known, "expiry index entries do not decode; skipped");
         }
         Ok(out)
     }

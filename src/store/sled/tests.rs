@@ -1534,6 +1534,45 @@ mod index {
     }
 
     #[test]
+    fn a_scan_passes_over_at_most_limit_undecodable_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        let user = store.inner().keyring.user(USER);
+        for nonce in 0..3 {
+            let key = keys::expiry_sends(now - 5_000, &user, nonce);
+            store.inner().queues.insert(key, &b"x"[..]).expect("insert");
+        }
+        let counted = || {
+            store
+                .inner()
+                .undecodable_index
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        block_on(async {
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
+            send(queues.as_mut(), 1, now + 1_000, now + 1_000).await;
+            // Two passed over fill a batch of two: the scan stops, knowing at least two.
+            assert!(store.due(now + 2_000, 2).await.expect("due").is_empty());
+            assert_eq!(counted(), 2);
+            // A batch with room sees them all, and the entry behind them.
+            let due = store.due(now + 2_000, 10).await.expect("due");
+            assert!(matches!(&due[..], [Due::Sends { .. }]), "{due:?}");
+            assert_eq!(counted(), 3);
+            // One that fills the batch with a good entry counts no less than it knew.
+            for nonce in 0..3 {
+                let key = keys::expiry_sends(now - 5_000, &user, nonce);
+                store.inner().queues.remove(key).expect("remove");
+            }
+            assert_eq!(store.due(now + 2_000, 1).await.expect("due").len(), 1);
+            assert_eq!(counted(), 3);
+            // A whole scan again: the count is exact.
+            assert_eq!(store.due(now + 2_000, 10).await.expect("due").len(), 1);
+            assert_eq!(counted(), 0);
+        });
+    }
+
+    #[test]
     fn a_closed_writers_sends_expire_through_their_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = crate::clock::now_ms();
