@@ -87,7 +87,7 @@ pub const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 ///
 /// Distributions are Prometheus histograms, not summaries: quantiles are computed by
 /// `histogram_quantile` over any window and can be aggregated across brokers (scale-out).
-pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
+fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
     PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)?
         .set_buckets_for_metric(
@@ -104,9 +104,10 @@ pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
         )
 }
 
-/// Installs the global Prometheus recorder, keeps it up (see [`keep_up`]), describes every
-/// metric and registers the series that exist from the start (see [`register`]). `None` if
-/// a recorder is already installed (tests start several brokers in one process).
+/// Installs the global Prometheus recorder, keeps it up (`keep_up`), describes every
+/// metric and registers the series that exist from the start (`register`). `None` if
+/// a recorder is already installed (tests start several brokers in one process) or cannot
+/// be built.
 pub fn init_metrics() -> Option<PrometheusHandle> {
     let handle = metrics_builder().ok()?.install_recorder().ok()?;
     keep_up(handle.clone(), METRICS_UPKEEP_EVERY);
@@ -119,9 +120,10 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
 /// on a thread of its own, for as long as the process runs.
 ///
 /// The exporter keeps every sample it is given until then (a scrape does it too, which is
-/// all that did it before): a broker that nobody scraped held two samples per delivered
-/// envelope for good, about 40 bytes with the allocator's share (README, "2026-12-07 (8)").
-pub fn keep_up(handle: PrometheusHandle, every: Duration) {
+/// all that did it before): a broker that nobody scraped held two 16-byte samples per
+/// delivered envelope for good (README, "2026-12-07 (8)").
+fn keep_up(handle: PrometheusHandle, every: Duration) {
+    let every = every.max(Duration::from_millis(1));
     let started = std::thread::Builder::new()
         .name("metrics-upkeep".into())
         .spawn(move || {
