@@ -215,7 +215,9 @@ settings! {
     mailbox_idle_ms: u64 = 60_000, "SEALPOST_MAILBOX_IDLE_MS";
     /// Interval of the expiry sweep, ms.
     expiry_sweep_ms: u64 = 10_000, "SEALPOST_EXPIRY_SWEEP_MS";
-    /// Minimum time a send id is remembered for deduplication, s.
+    /// How long a send id is remembered for deduplication (a retry within it is answered
+    /// as a duplicate), s. The embedded store keeps these ids in memory while a user's
+    /// mailbox is open (about 45 bytes a send).
     dedup_secs: u64 = 24 * 3600, "SEALPOST_DEDUP_SECS";
     /// Sessions close over this window on shutdown, with random jitter, ms.
     shutdown_drain_ms: u64 = 2_000, "SEALPOST_SHUTDOWN_DRAIN_MS";

@@ -45,7 +45,7 @@ pub struct MailboxConfig {
     pub ack_timeout: Duration,
     /// A mailbox with no connection and no traffic for this long stops.
     pub idle: Duration,
-    /// Minimum time a send id is remembered.
+    /// How long a send id is remembered: a retry within it is a duplicate.
     pub dedup_secs: u64,
     /// Testing only (debug builds): while this file exists, the next durable envelope is
     /// answered as accepted and not stored, and the file is removed: a broker withholding one
@@ -915,7 +915,7 @@ impl Mailbox {
             class: msg.class as u8,
             accepted_ms: now,
             expires_ms,
-            remember_until_ms: expires_ms.max(now + self.config.dedup_secs * 1000),
+            remember_until_ms: now + self.config.dedup_secs * 1000,
             copies: copies
                 .iter()
                 .map(|c| (c.device.0, c.ciphertext.as_slice()))

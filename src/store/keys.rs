@@ -38,24 +38,36 @@
 //! ```
 //!
 //! The expiry index lets the sweep find what is due without scanning queues; its values name
-//! the handle whose mailbox expires the entry. Layout 4 (this one) indexes sends in `Z`
-//! entries, each listing the keyed ids of a user's sends that fall due in one second (`due_ms`
-//! is that second's end; the sweep finds a send's envelopes through its dedup record's
-//! `stored`, and lists a dedup record that outlives its envelopes again for its own expiry).
-//! A writer lists its sends in memory and writes them every `sled::inbox::INDEX_EVERY` sends,
-//! with a sweep of its own, and when it closes the user's queues (before `K`). Until then a
-//! *wake* entry, a `Z` entry listing no ids, is due no later than the first listed send: it
-//! brings the sweep to the writer, or, after a crash (no `K`), to the opening of the queues,
-//! which lists every dedup record again (`sled::recovery`). `nonce` is random: entries never
-//! overwrite each other. `Y` (one entry per send, due when its envelopes expire, then moved to
-//! its dedup record's expiry) is layout 3's, and `X` (one entry per envelope) layout 2's: the
-//! sweep still reads the entries such a data directory holds, and nothing writes new ones. An
-//! older build ignores `Z`: it must not open a directory this one has used (nothing is lost,
-//! but nothing indexed there expires). A head is a checkpoint: stored every
-//! `recovery::CHECKPOINT_EVERY` appends and when its writer closes the user's queues, which
-//! then writes `K`; trims store none. Opening the queues takes `K` away; without it (a crash)
-//! they are counted again and their ends found from the dedup records (`sled::recovery`). A device queue's key prefix (`E` H(handle)
-//! device) names it in the keyring.
+//! the handle whose mailbox expires the entry.
+//!
+//! Layout 5 (this one) writes one new key per copy of a send, its envelope, and overwrites one
+//! per user: `L`, written after the envelopes, names every queue's end. It commits the send
+//! (a user's writer writes its sends one after another, so only the last can be torn: an
+//! envelope at or past its queue's end in `L` is that send's, rolled back when the queues
+//! open) and keeps queue ends exact when acknowledgements have emptied a queue. The writer
+//! lists its sends in memory and stores them every `sled::inbox::INDEX_EVERY` sends, and when
+//! it closes the queues, in one `P` page (numbered in order per user), indexed by one `W`
+//! entry due when the page's first envelopes expire, then when its last send is forgotten.
+//! Pages answer retries: the writer loads the recent ones when it opens the queues, and keeps
+//! the ids of its sends in memory (`sled::inbox`). Until a page is stored a *wake* entry, a
+//! `Z` entry listing no ids, is due no later than the first listed send: it brings the sweep
+//! to the writer, or, after a crash (no `K`), to the opening of the queues, which lists again
+//! the envelopes `L` names as not yet paged (`sled::recovery`).
+//!
+//! What older layouts wrote is still read: `D` (one dedup record per send, which layouts 2-4
+//! wrote to commit it, answer retries and find its envelopes), `Z` entries listing the keyed
+//! ids of sends due in one second (layout 4; `nonce` is random: entries never overwrite each
+//! other), `Y` (layout 3, one per send) and `X` (layout 2, one per envelope). Nothing writes
+//! them any more; a user whose `D` records remain is answered from them too, until they
+//! expire. An older build must not open a directory this one has used: it would take every
+//! envelope stored since for a torn send's (`V` names the newest layout that wrote the
+//! directory, so that later builds refuse to open it with an older
+//! one). A head is a checkpoint: stored every `recovery::CHECKPOINT_EVERY` appends and when
+//! its writer closes the user's queues, which then writes `K`; trims store none. Opening the
+//! queues takes `K` away; without it (a crash) they are counted again and their ends taken
+//! from `L` (or, for a user with no send since layout 4, from the dedup records:
+//! `sled::recovery`).
+//! A device queue's key prefix (`E` H(handle) device) names it in the keyring.
 //!
 //! `A` names the queue that adopted one of the keyring's spare keys (`sled::keyring`): it is
 //! written before the first record sealed under that key, so a record never survives a crash
@@ -99,6 +111,9 @@ pub(crate) const CLOSED: u8 = b'K';
 pub(crate) const EXPIRY_ENVELOPE: u8 = b'X';
 pub(crate) const EXPIRY_DEDUP: u8 = b'Y';
 pub(crate) const EXPIRY_SENDS: u8 = b'Z';
+pub(crate) const LAST_SEND: u8 = b'L';
+pub(crate) const PAGE: u8 = b'P';
+pub(crate) const EXPIRY_PAGE: u8 = b'W';
 pub(crate) const OUTBOX: u8 = b'Q';
 pub(crate) const ADOPTION: u8 = b'A';
 const SEP: u8 = 0xff;
@@ -282,6 +297,42 @@ pub(crate) fn expiry_sends(due_ms: u64, user: &Hashed, nonce: u64) -> Vec<u8> {
     k.extend_from_slice(&nonce.to_be_bytes());
     k
 }
+
+/// The record naming a user's queue ends after its last committed send.
+pub(crate) fn last_send(user: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(LAST_SEND);
+    k.extend_from_slice(user);
+    k
+}
+
+/// Prefix of all pages of a user.
+pub(crate) fn page_prefix(user: &Hashed) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(PAGE);
+    k.extend_from_slice(user);
+    k
+}
+
+/// A page of a user's sends.
+pub(crate) fn page(user: &Hashed, page: u64) -> Vec<u8> {
+    let mut k = page_prefix(user);
+    k.extend_from_slice(&page.to_be_bytes());
+    k
+}
+
+/// The expiry index entry of a page, due at `due_ms`.
+pub(crate) fn expiry_page(due_ms: u64, user: &Hashed, page: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(EXPIRY_PAGE);
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(user);
+    k.extend_from_slice(&page.to_be_bytes());
+    k
+}
+
+/// The key naming the newest layout that wrote the data directory.
+pub(crate) const LAYOUT: &[u8] = b"V";
 
 /// Upper bound (exclusive) of the expiry index entries of `tag` due at or before `now_ms`.
 pub(crate) fn expiry_until(tag: u8, now_ms: u64) -> Vec<u8> {

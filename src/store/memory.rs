@@ -422,7 +422,7 @@ impl UserInbox for MemoryUserInbox {
                     }
                 }
                 // This backend indexes every envelope and dedup record on its own.
-                Due::Sends { .. } => {}
+                Due::Sends { .. } | Due::Page { .. } => {}
             }
         }
         Ok(expired)

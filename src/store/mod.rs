@@ -31,13 +31,13 @@
 //!
 //! | seam | sled ([`sled`], the embedded default) | NATS JetStream ([`nats`], scale-out) |
 //! |---|---|---|
-//! | [`Inbox::open`] | reads the heads, rolls back a send a crash tore (a prefix of unsynced writes survives: envelopes, heads, then the dedup record that commits them), waits for a flush if the last one failed | reads each device subject (batched direct get): its envelopes, its end, its head marker; nothing to repair: a publish is atomic |
-//! | [`UserInbox::append`] | envelopes + heads + dedup record, written in commit order; one group commit (flush + fsync) covers many appends | one publish per copy (`sp.in.<p>.<U>.<device>`), `Nats-Msg-Id` = envelope id + device for dedup, `Nats-Expected-Last-Subject-Sequence` so that two pods writing one queue number it without gaps, `Nats-TTL`; resolves on the publish acks (quorum) |
-//! | [`UserInbox::duplicate`] | the dedup record, or a send still being flushed | the writer's memory of recent ids; otherwise the publish itself answers duplicate |
+//! | [`Inbox::open`] | reads the heads, rolls back a send a crash tore (a prefix of unsynced writes survives: envelopes, heads, then the user's `L` record naming the queue ends, which commits them), pages again the sends a crashed writer had not paged, loads the recent pages' ids, waits for a flush if the last one failed | reads each device subject (batched direct get): its envelopes, its end, its head marker; nothing to repair: a publish is atomic |
+//! | [`UserInbox::append`] | envelopes + heads + `L` (one per user, overwritten), written in commit order, and every 64 sends a page listing them; one group commit (flush + fsync) covers many appends | one publish per copy (`sp.in.<p>.<U>.<device>`), `Nats-Msg-Id` = envelope id + device for dedup, `Nats-Expected-Last-Subject-Sequence` so that two pods writing one queue number it without gaps, `Nats-TTL`; resolves on the publish acks (quorum) |
+//! | [`UserInbox::duplicate`] | the writer's memory of the dedup window's ids (its sends, and the recent pages), or a send still being flushed; layout 4's dedup records while a user has them | the writer's memory of recent ids; otherwise the publish itself answers duplicate |
 //! | quota ([`AppendError::Full`]) | per-device count and bytes in the heads | counts the writer read at open plus its own appends |
 //! | [`UserInbox::read`] | range scan of `userdeviceseq_envelope` | batched direct get by subject from the cursor's stream sequence |
-//! | [`UserInbox::trim`] | delete envelopes and their expiry entries, update the head; a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | a head marker if the queue drains, then delete (with erase) by stream sequence |
-//! | [`Inbox::due`], [`UserInbox::expire`] | the `Z` expiry index (entries listing a user's sends by the second they fall due, stored by the writer every 64 sends and at close, a wake entry until then; layouts 2–3's `X`/`Y` still swept), swept by the server | nothing due: the stream expires messages by their TTL |
+//! | [`UserInbox::trim`] | delete the envelopes (the head stays in memory: a checkpoint); a queue left empty has its key destroyed after the next flush (envelopes are sealed under a key per queue: crypto-shredding, `sled::keyring`) | a head marker if the queue drains, then delete (with erase) by stream sequence |
+//! | [`Inbox::due`], [`UserInbox::expire`] | the `W` expiry index (one entry per page of sends, due when its first envelopes expire; a `Z` wake entry until the writer stores its page; layouts 2–4's `X`/`Y`/`Z` still swept), swept by the server | nothing due: the stream expires messages by their TTL |
 //! | [`Directory`] | tree `accounts`, one lock for read-modify-write | KV bucket `sealpost_directory`; create/update on the revision = compare-and-set (device ids, key claims, link codes) |
 //! | [`Outbox`] | tree `outbox`, one key per envelope | stream `SEALPOST_OUTBOX`, a subject per (domain, pod) |
 //! | [`Health`] | free disk space and the last flush | the connection to NATS and the last write |
@@ -166,7 +166,8 @@ pub struct NewEnvelope<'a> {
     pub accepted_ms: u64,
     /// When it expires, ms since the Unix epoch.
     pub expires_ms: u64,
-    /// Until when its id is remembered for deduplication (at least `expires_ms`).
+    /// Until when a retry of its id is answered as a duplicate (the dedup window; its
+    /// envelopes may expire before or after).
     pub remember_until_ms: u64,
     /// (device, ciphertext) per copy; every device's queue is open.
     pub copies: Vec<(u32, &'a [u8])>,
@@ -180,7 +181,8 @@ pub type Placement = Vec<(u32, u64)>;
 pub struct Appended {
     /// True when the envelope id had been appended before: nothing new was stored.
     pub duplicate: bool,
-    /// (device, seq) of each stored copy (for a duplicate, the original's, where known).
+    /// (device, seq) of each stored copy (for a duplicate, the original's where the backend
+    /// still has it; possibly none).
     pub stored: Placement,
     /// (device, seq): every envelope of that device queue below `seq` is durable now. Covers
     /// at least `stored`, and may cover earlier appends whose own answer was a failure (their
@@ -250,13 +252,25 @@ pub enum Due {
         /// The envelope ids, or what the backend keys them by (sled: their keyed hashes).
         ids: Vec<[u8; 16]>,
     },
+    /// A page of sends listed together (sled: `P`), due at `due_ms`.
+    Page {
+        /// Account handle.
+        user: String,
+        /// When it is due.
+        due_ms: u64,
+        /// Which of the user's pages.
+        page: u64,
+    },
 }
 
 impl Due {
     /// The account this entry belongs to.
     pub fn user(&self) -> &str {
         match self {
-            Due::Envelope { user, .. } | Due::Dedup { user, .. } | Due::Sends { user, .. } => user,
+            Due::Envelope { user, .. }
+            | Due::Dedup { user, .. }
+            | Due::Sends { user, .. }
+            | Due::Page { user, .. } => user,
         }
     }
 }

@@ -115,6 +115,74 @@ pub struct DedupRecord {
     pub envelopes_expire_ms: u64,
 }
 
+/// The sled backend's word on a user's queues after its last committed send (layout 5; one
+/// per user, overwritten by every send after its envelopes): every queue's end, so that
+/// envelopes past it are known for a torn send's and no sequence number is handed out twice;
+/// and the sends not yet listed in a page, so that a crash forgets none of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastSendRecord {
+    /// Record version.
+    pub version: u8,
+    /// Per device queue: (device, next sequence number, first sequence number not listed in
+    /// a page).
+    pub queues: Vec<(u32, u64, u64)>,
+    /// The keyed ids of the sends not yet listed in a page, 16 bytes each, in order.
+    #[serde(with = "serde_bytes")]
+    pub unpaged: Vec<u8>,
+    /// How long a retry of the last send is answered as a duplicate (the dedup window).
+    pub dedup_window_ms: u64,
+}
+
+impl LastSendRecord {
+    /// The next sequence number of `device`'s queue, if this record names the queue.
+    pub fn end(&self, device: u32) -> Option<u64> {
+        self.queues
+            .iter()
+            .find(|(d, _, _)| *d == device)
+            .map(|(_, end, _)| *end)
+    }
+
+    /// The first sequence number of `device`'s queue not listed in a page (0 if this record
+    /// does not name the queue).
+    pub fn paged_from(&self, device: u32) -> u64 {
+        self.queues
+            .iter()
+            .find(|(d, _, _)| *d == device)
+            .map_or(0, |(_, _, paged)| *paged)
+    }
+
+    /// The keyed ids of the sends not yet listed in a page.
+    pub fn unpaged(&self) -> impl Iterator<Item = [u8; 16]> + '_ {
+        self.unpaged
+            .chunks_exact(16)
+            .filter_map(|id| id.try_into().ok())
+    }
+}
+
+/// Sends of one user listed together (sled layout 5): what the expiry sweep needs to find
+/// their envelopes, and what the user's writer remembers to deduplicate retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRecord {
+    /// Record version.
+    pub version: u8,
+    /// The sends, in the order they were made.
+    pub sends: Vec<PagedSend>,
+}
+
+/// One send in a [`PageRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedSend {
+    /// The keyed hash of its envelope id.
+    #[serde(with = "serde_bytes")]
+    pub id: [u8; 16],
+    /// Until when a retry of it is answered as a duplicate.
+    pub dedup_until_ms: u64,
+    /// When its envelopes expire.
+    pub envelopes_expire_ms: u64,
+    /// (device, seq) of its envelopes; empty once the sweep has expired them.
+    pub stored: Vec<(u32, u64)>,
+}
+
 /// A device's fallback key: handed out when its one-time keys run out, and not consumed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FallbackKeyRecord {
@@ -355,6 +423,8 @@ versioned!(
     HeadRecord,
     EnvelopeRecord,
     DedupRecord,
+    LastSendRecord,
+    PageRecord,
     FallbackKeyRecord,
     DeliveryTokenRecord,
     LinkCodeRecord,

@@ -1,16 +1,17 @@
-//! [`Inbox`] on tree `queues`: envelopes, queue heads, dedup records and the expiry index,
+//! [`Inbox`] on tree `queues`: envelopes, queue heads, pages of sends and the expiry index,
 //! all written in an order whose every crash-surviving prefix is consistent (see `queues`),
 //! and made durable by one group commit shared by many appends.
 //!
-//! A delivered envelope costs three writes: the envelope and its send's dedup record (one per
-//! send, whatever the number of copies), then on its acknowledgement the envelope's deletion.
-//! Heads live in memory and are stored as checkpoints and when the queues close (see
-//! `recovery`). So does the expiry index: the writer lists its sends in memory and stores the
-//! list every [`INDEX_EVERY`] sends and when it closes, one entry per second in which they
-//! fall due. Until then one stored *wake* entry (a `Z` entry listing nothing), due when the
-//! first listed send is, brings the sweep to the writer, or after a crash to the recount that
-//! lists every send again. Expiry finds a send's envelopes through its dedup record.
-
+//! A delivered envelope costs two new keys: the envelope, then on its acknowledgement its
+//! deletion. Each send also overwrites the user's `L` record, which commits it (see
+//! `recovery`). Heads live in memory and are stored as checkpoints and when the queues close.
+//! So do the writer's sends: it lists them in memory and stores the list every
+//! [`INDEX_EVERY`] sends and when it closes, as one page with one expiry index entry. Until
+//! then one stored *wake* entry (a `Z` entry listing nothing), due when the first listed send
+//! is, brings the sweep to the writer, or after a crash to the recount that pages again what
+//! is queued of them. Expiry finds a send's envelopes through its page. Retries are answered
+//! from memory: the ids of the sends of the dedup window (the writer's own, and those of the
+//! recent pages it loads when it opens the queues).
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -26,7 +27,7 @@ use crate::store::{
     StoreError, StoreFuture, Trim, UserInbox,
     keys::Hashed,
     ready,
-    records::{self, HeadRecord},
+    records::{self, HeadRecord, PagedSend},
 };
 
 impl Inbox for SledStore {
@@ -68,20 +69,39 @@ impl Inbox for SledStore {
     }
 }
 
-/// A writer stores the sends it lists for the expiry index once it holds this many (and when
-/// it closes the queues): one `Z` entry per second in which they fall due, instead of one per
-/// send. It bounds what a writer keeps in memory (24 bytes a send).
+/// A writer stores the sends it lists once it holds this many (and when it closes the
+/// queues): one page and its expiry index entry, instead of a record per send. It bounds
+/// what a crash makes the next writer page again.
 pub(super) const INDEX_EVERY: usize = 64;
 
 impl SledStore {
     /// The single writer of `user`'s queues, recovered (see [`Inbox::open`]).
     fn writer(&self, user: &str, devices: &[u32], limits: QueueLimits) -> Result<SledUserInbox> {
-        let heads = recovery::recover_heads(&self.inner(), user, devices, crate::clock::now_ms())?;
+        let inner = self.inner();
+        let now = crate::clock::now_ms();
+        let heads = recovery::recover_heads(&inner, user, devices, now)?;
+        let mut recent = Vec::new();
+        // Pages are numbered in the order their sends were made: the recent ones are last,
+        // and the first page none of whose sends is remembered any more ends the window.
+        let next_page = inner.pages_back(user, |_, page| {
+            let before = recent.len();
+            recent.extend(page.sends.into_iter().filter(|s| s.dedup_until_ms > now));
+            recent.len() > before
+        })?;
+        let mut remembered = Remembered::default();
+        for send in recent {
+            remembered.insert(send.id, send.dedup_until_ms, now);
+        }
         Ok(SledUserInbox {
-            inner: self.inner().clone(),
+            inner: inner.clone(),
             user: user.to_owned(),
             limits,
+            paged_from: heads.iter().map(|(d, h)| (*d, h.next_seq)).collect(),
             heads,
+            unpaged: Vec::new(),
+            next_page,
+            remembered,
+            legacy_dedup: inner.has_dedup_records(user)?,
             pending: Arc::default(),
             checked_new: None,
             expired: Expired::default(),
@@ -115,22 +135,61 @@ struct SledUserInbox {
     /// The stored head of each open queue (next sequence number, count, bytes).
     heads: BTreeMap<u32, HeadRecord>,
     /// Sends written but not yet durable, by the keyed hash of their envelope id, with where
-    /// they were stored: a retry waits for durability like the original, and the sweep keeps
-    /// their dedup records.
+    /// they were stored: a retry waits for durability like the original, and the sweep leaves
+    /// them for later.
     pending: Arc<Mutex<HashMap<Hashed, Placement>>>,
+    /// Sends of the dedup window, answering retries.
+    remembered: Remembered,
+    /// The user has dedup records of layouts 2-4: a retry not remembered is looked up there.
+    legacy_dedup: bool,
+    /// Sends listed but not yet in a stored page.
+    unpaged: Vec<PagedSend>,
+    /// Per queue, the first sequence number whose send is not in a stored page.
+    paged_from: BTreeMap<u32, u64>,
+    /// The number of the next page this writer stores.
+    next_page: u64,
     /// The id [`UserInbox::duplicate`] last found new: its append, which the writer makes
     /// next, need not look it up again.
     checked_new: Option<[u8; 16]>,
     /// Envelopes the sweep removed lately, so that a trim need not read whether each
     /// acknowledged one is still stored.
     expired: Expired,
-    /// Sends not yet in a stored index entry: (when it falls due, keyed id).
+    /// Layout 4's sends (which have dedup records) not yet in a stored index entry: (when
+    /// it falls due, keyed id).
     listed: Vec<(u64, Hashed)>,
     /// The wake entry this writer stored for them: (due second, nonce).
     wake: Option<(u64, u64)>,
     /// A write failed: what is in memory may not be what is stored, so closing does not
     /// mark the heads exact.
     failed: bool,
+}
+
+/// The sends whose retries are answered as duplicates: by keyed id, until when. About 45
+/// bytes a send, for the sends of the dedup window (`dedup_secs`) while the mailbox is open;
+/// no placement (a duplicate's is answered while the writer still lists the send).
+#[derive(Default)]
+struct Remembered {
+    sends: HashMap<Hashed, u64>,
+    /// How many were remembered after the last pass that forgot what is past its window.
+    kept: usize,
+}
+
+impl Remembered {
+    /// Remembers a send until `until_ms`; forgets what is past its window at `now_ms` once
+    /// the map has doubled since the last time (amortized: one pass per send remembered).
+    fn insert(&mut self, id: Hashed, until_ms: u64, now_ms: u64) {
+        self.sends.insert(id, until_ms);
+        if self.sends.len() >= 2 * self.kept.max(512) {
+            self.sends.retain(|_, until| *until > now_ms);
+            self.sends.shrink_to_fit();
+            self.kept = self.sends.len();
+        }
+    }
+
+    /// Whether the send `id` is remembered at `now_ms`.
+    fn holds(&self, id: &Hashed, now_ms: u64) -> bool {
+        self.sends.get(id).is_some_and(|until| *until > now_ms)
+    }
 }
 
 /// The (device, seq) of envelopes the sweep removed lately. A mailbox never acknowledges one
@@ -188,12 +247,36 @@ impl SledUserInbox {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The index entries storing what is listed, which leaves the list; the wake entry goes
-    /// after them (unless the writer failed: see [`UserInbox::expire`]).
-    fn index_writes(&mut self) -> Vec<QueueOp> {
+    /// The writes storing what is listed, which leaves the list: layout 4's index entries and
+    /// a page of sends; the wake entry goes after them (unless the writer failed: see
+    /// [`UserInbox::expire`]). `heads` are the queue heads once the writes are made (this
+    /// writer's, if `None`).
+    fn index_writes(&mut self, heads: Option<&BTreeMap<u32, HeadRecord>>) -> Vec<QueueOp> {
         let mut ops = recovery::index_entries(&self.user, self.listed.drain(..));
+        if let Some((page, sends)) = self.next_page() {
+            ops.extend(recovery::page_write(&self.user, page, sends));
+            self.paged(heads);
+        }
         ops.extend(self.unwake());
         ops
+    }
+
+    /// The page that would list the sends not yet paged: its number and the sends. Nothing
+    /// changes until [`Self::paged`] says it is written.
+    fn next_page(&self) -> Option<(u64, Vec<PagedSend>)> {
+        (!self.unpaged.is_empty()).then(|| (self.next_page, self.unpaged.clone()))
+    }
+
+    /// The page [`Self::next_page`] made is written: its sends leave the list, and the queues'
+    /// unpaged sends begin at their ends in `heads` (this writer's, if `None`).
+    fn paged(&mut self, heads: Option<&BTreeMap<u32, HeadRecord>>) {
+        self.unpaged.clear();
+        self.next_page += 1;
+        self.paged_from = heads
+            .unwrap_or(&self.heads)
+            .iter()
+            .map(|(d, h)| (*d, h.next_seq))
+            .collect();
     }
 
     /// The deletion of the stored wake entry, if any, unless the writer failed: its memory of
@@ -216,7 +299,13 @@ impl SledUserInbox {
                 return Vec::new();
             }
             (Some(_), Some(due_ms)) => recovery::due_second(due_ms),
-            _ => match self.listed.iter().map(|(at, _)| *at).min() {
+            _ => match self
+                .listed
+                .iter()
+                .map(|(at, _)| *at)
+                .chain(self.unpaged.iter().map(|s| s.envelopes_expire_ms))
+                .min()
+            {
                 Some(at) => recovery::due_second(at),
                 None => return Vec::new(),
             },
@@ -244,10 +333,13 @@ impl UserInbox for SledUserInbox {
     }
 
     fn add_queue(&mut self, device: u32) -> u64 {
-        self.heads
+        let end = self
+            .heads
             .entry(device)
             .or_insert_with(recovery::empty_head)
-            .next_seq
+            .next_seq;
+        self.paged_from.entry(device).or_insert(end);
+        end
     }
 
     fn duplicate(&mut self, id: &[u8; 16]) -> Result<Option<StoreFuture<Appended>>> {
@@ -255,9 +347,18 @@ impl UserInbox for SledUserInbox {
         if let Some(stored) = self.pending().get(&hashed).cloned() {
             return Ok(Some(self.when_durable(true, stored)));
         }
-        let original = self.inner.dedup(&self.user, &hashed)?;
+        let original = if self.remembered.holds(&hashed, crate::clock::now_ms()) {
+            let listed = self.unpaged.iter().rev().find(|s| s.id == hashed);
+            Some(listed.map(|s| s.stored.clone()).unwrap_or_default())
+        } else if self.legacy_dedup {
+            self.inner
+                .dedup(&self.user, &hashed)?
+                .map(|record| record.stored)
+        } else {
+            None
+        };
         self.checked_new = original.is_none().then_some(*id);
-        Ok(original.map(|record| self.when_durable(true, record.stored)))
+        Ok(original.map(|stored| self.when_durable(true, stored)))
     }
 
     fn append(&mut self, envelope: NewEnvelope<'_>) -> Result<StoreFuture<Appended>, AppendError> {
@@ -307,28 +408,57 @@ impl UserInbox for SledUserInbox {
             ciphertext: Vec::new(),
         };
         let hashed = self.inner.keyring.id(&envelope.id);
-        // Due first when its envelopes expire (then, if later, when its dedup record does).
-        self.listed.push((envelope.expires_ms, hashed));
-        let index = if self.listed.len() >= INDEX_EVERY {
-            self.index_writes()
-        } else {
-            self.wake_write(Some(envelope.expires_ms))
-        };
-        let (write, heads) = recovery::send_write(
+        let stored: Placement = staged
+            .iter()
+            .map(|copy| (copy.device, copy.head.next_seq))
+            .collect();
+        self.unpaged.push(PagedSend {
+            id: hashed,
+            dedup_until_ms: envelope.remember_until_ms,
+            envelopes_expire_ms: envelope.expires_ms,
+            stored: stored.clone(),
+        });
+        let index = self.wake_write(Some(envelope.expires_ms));
+        let (mut write, heads) = recovery::send_write(&self.user, index, &template, &staged);
+        let mut after = self.heads.clone();
+        after.extend(staged.iter().map(|c| c.device).zip(heads.iter().copied()));
+        write.ops.push(recovery::last_send(
             &self.user,
-            index,
-            &template,
-            hashed,
-            envelope.remember_until_ms,
-            &staged,
-        );
-        self.write(write)?;
-        let mut stored = Vec::with_capacity(heads.len());
+            &after,
+            &self.paged_from,
+            &self.unpaged,
+            envelope
+                .remember_until_ms
+                .saturating_sub(envelope.accepted_ms),
+        ));
+        // The page goes after `L`: it must never list a send that `L` does not commit.
+        let page = (self.unpaged.len() >= INDEX_EVERY || self.listed.len() >= INDEX_EVERY)
+            .then(|| self.next_page())
+            .flatten();
+        if let Some((number, sends)) = page.clone() {
+            write
+                .ops
+                .extend(recovery::index_entries(&self.user, self.listed.drain(..)));
+            write
+                .ops
+                .extend(recovery::page_write(&self.user, number, sends));
+            write.ops.extend(self.unwake());
+        }
+        if let Err(e) = self.write(write) {
+            // Not listed: a page written later must not name it (a retry would be taken for
+            // a duplicate of what may not be stored).
+            self.unpaged.pop();
+            return Err(e.into());
+        }
+        if page.is_some() {
+            self.paged(Some(&after));
+        }
         for (head, copy) in heads.into_iter().zip(&staged) {
             self.heads.insert(copy.device, head);
             metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
-            stored.push((copy.device, head.next_seq - 1));
         }
+        self.remembered
+            .insert(hashed, envelope.remember_until_ms, envelope.accepted_ms);
         self.pending().insert(hashed, stored.clone());
         let answer = self.when_durable(false, stored);
         // The id leaves `pending` when the answer resolves, or if the caller drops it unawaited.
@@ -382,7 +512,7 @@ impl UserInbox for SledUserInbox {
         }
         // The list before the mark: a writer that closed left every send indexed.
         let mut write = QueueWrite {
-            ops: self.index_writes(),
+            ops: self.index_writes(None),
         };
         write
             .ops
@@ -407,6 +537,7 @@ impl UserInbox for SledUserInbox {
         });
         self.write(write)?;
         self.heads.remove(&device);
+        self.paged_from.remove(&device);
         self.inner.drained(&self.user, device);
         Ok(self.inner.sync())
     }
@@ -435,12 +566,25 @@ impl SledUserInbox {
             })
             .max();
         let mut listed_due = Vec::new();
+        // Sends not yet paged that are due are paged now, and their page swept at once. What
+        // to put back if the write fails: the sends and where the unpaged ones began.
+        let mut paged = Vec::new();
+        let mut undo = None;
         if let Some(cut_ms) = cut_ms {
             let (due, kept) = std::mem::take(&mut self.listed)
                 .into_iter()
                 .partition::<Vec<_>, _>(|(at, _)| *at <= cut_ms);
             self.listed = kept;
             listed_due = due;
+            if self.unpaged.iter().any(|s| s.envelopes_expire_ms <= cut_ms)
+                && let Some((page, sends)) = self.next_page()
+            {
+                let due_ms = recovery::page_due(&sends);
+                paged = recovery::page_write(&self.user, page, sends.clone());
+                undo = Some((sends.clone(), self.paged_from.clone()));
+                self.expire_page(&mut sweep, page, sends, cut_ms, due_ms)?;
+                self.paged(None);
+            }
         }
         for entry in due {
             match entry {
@@ -473,6 +617,21 @@ impl SledUserInbox {
                     }
                     sweep.write.ops.push(QueueOp::Unindex(entry));
                 }
+                Due::Page { due_ms, page, .. } => match self.inner.page(&self.user, page) {
+                    Ok(Some(record)) => {
+                        self.expire_page(&mut sweep, page, record.sends, due_ms, Some(due_ms))?;
+                    }
+                    Ok(None) => sweep.write.ops.push(QueueOp::Unindex(entry)),
+                    Err(e @ StoreError::Corruption(_)) => {
+                        corrupt(&e);
+                        sweep.write.ops.push(QueueOp::DropPage {
+                            user: self.user.clone(),
+                            page,
+                        });
+                        sweep.write.ops.push(QueueOp::Unindex(entry));
+                    }
+                    Err(e) => return Err(e),
+                },
                 Due::Dedup { id, expires_ms, .. } => {
                     if self.pending().contains_key(&id) {
                         continue;
@@ -557,9 +716,11 @@ impl SledUserInbox {
                 })
                 .collect(),
         };
+        // A page made now is stored before what its sweep writes.
+        write.ops.extend(paged);
         // What is listed again is stored, or woken for, before the entries that listed it go.
         if self.listed.len() >= INDEX_EVERY {
-            let index = self.index_writes();
+            let index = self.index_writes(None);
             write.ops.extend(index);
         } else {
             write.ops.extend(self.wake_write(None));
@@ -568,7 +729,14 @@ impl SledUserInbox {
         if write.is_empty() {
             return Ok(expired);
         }
-        self.write(write)?;
+        if let Err(e) = self.write(write) {
+            if let Some((sends, paged_from)) = undo {
+                self.unpaged = sends;
+                self.paged_from = paged_from;
+                self.next_page -= 1;
+            }
+            return Err(e);
+        }
         for &(device, seq) in &expired {
             self.expired.insert(device, seq);
         }
@@ -598,6 +766,79 @@ struct Sweep {
 }
 
 impl SledUserInbox {
+    /// Expires what of the page `page`'s sends is due by `now_ms`: their envelopes; a send
+    /// whose envelopes are gone stays listed until its dedup window ends, and the page goes
+    /// with its last send. `entry_ms` is when its index entry that brought the sweep is due
+    /// (`None` for a page stored by this sweep): a new entry replaces it if the page is due
+    /// at another time.
+    fn expire_page(
+        &mut self,
+        sweep: &mut Sweep,
+        page: u64,
+        mut sends: Vec<PagedSend>,
+        now_ms: u64,
+        entry_ms: Option<u64>,
+    ) -> Result<()> {
+        let before = sends.len();
+        let mut changed = false;
+        for send in &mut sends {
+            if send.stored.is_empty()
+                || send.envelopes_expire_ms > now_ms
+                || self.pending().contains_key(&send.id)
+            {
+                continue;
+            }
+            if sweep.sends.insert(send.id) {
+                for &(device, seq) in &send.stored {
+                    self.expire_envelope(
+                        sweep,
+                        device,
+                        seq,
+                        send.envelopes_expire_ms,
+                        Some(&send.id),
+                    )?;
+                }
+            }
+            send.stored.clear();
+            changed = true;
+        }
+        sends.retain(|s| !s.stored.is_empty() || s.dedup_until_ms > now_ms);
+        changed |= sends.len() != before;
+        let user = || self.user.clone();
+        let due_ms = recovery::page_due(&sends);
+        let ops = &mut sweep.write.ops;
+        match due_ms {
+            None => ops.push(QueueOp::DropPage { user: user(), page }),
+            Some(due_ms) => {
+                if changed {
+                    ops.push(QueueOp::Page {
+                        user: user(),
+                        page,
+                        record: records::PageRecord {
+                            version: records::RECORD_VERSION,
+                            sends,
+                        },
+                    });
+                }
+                if entry_ms != Some(due_ms) {
+                    ops.push(QueueOp::PageDue {
+                        user: user(),
+                        page,
+                        due_ms,
+                    });
+                }
+            }
+        }
+        if let Some(entry_ms) = entry_ms.filter(|at| due_ms != Some(*at)) {
+            ops.push(QueueOp::Unindex(Due::Page {
+                user: user(),
+                due_ms: entry_ms,
+                page,
+            }));
+        }
+        Ok(())
+    }
+
     /// Expires what of the send `id` (listed in an index entry, or by this writer) is due by
     /// `now_ms`: its envelopes, then its dedup record; what is not due yet is listed again.
     fn expire_send(&mut self, sweep: &mut Sweep, id: Hashed, now_ms: u64) -> Result<()> {
@@ -743,7 +984,7 @@ mod tests {
         // Nor does storing the list take it away.
         assert!(
             writer
-                .index_writes()
+                .index_writes(None)
                 .iter()
                 .all(|op| !matches!(op, QueueOp::Unwake { .. }))
         );

@@ -258,6 +258,9 @@ impl Inner {
             keys::EXPIRY_ENVELOPE,
             keys::EXPIRY_DEDUP,
             keys::EXPIRY_SENDS,
+            keys::LAST_SEND,
+            keys::PAGE,
+            keys::EXPIRY_PAGE,
         ]
         .iter()
         .any(|tag| queues.scan_prefix([*tag]).next().is_some())
@@ -270,6 +273,7 @@ impl Inner {
             has_data,
         )?);
         migrate::layout_1(&db, &options.dir, &queues, &outbox, &keyring)?;
+        claim_layout(&queues)?;
         let health = Arc::new(DiskHealth {
             flush_ok: AtomicBool::new(true),
             disk_ok: AtomicBool::new(true),
@@ -322,6 +326,26 @@ impl Inner {
                 Box::pin(async move { durable.await.map(|()| value) })
             }
             Err(e) => super::ready(Err(e)),
+        }
+    }
+}
+
+/// The key layout this build writes (`keys`).
+const LAYOUT: u8 = 5;
+
+/// Refuses a data directory a newer build wrote (its layout may mean something this build
+/// would take for damage, or roll back), and marks it as this layout's: from now on no
+/// build older than this one may open it (builds before layout 5 do not read the mark).
+fn claim_layout(queues: &::sled::Tree) -> Result<()> {
+    match queues.get(keys::LAYOUT)?.as_deref() {
+        Some(&[found]) if found > LAYOUT => Err(StoreError::Corruption(format!(
+            "the data directory was written by a newer build (layout {found}; this build \
+             writes layout {LAYOUT}); run that build or a newer one"
+        ))),
+        Some(&[LAYOUT]) => Ok(()),
+        _ => {
+            queues.insert(keys::LAYOUT, &[LAYOUT])?;
+            Ok(())
         }
     }
 }

@@ -11,7 +11,7 @@ use super::{Inner, by_device, keyring::Keyring};
 use crate::store::{
     Due, EnvelopeRecord, Result, StoreError,
     keys::{self, Hashed},
-    records::{self, DedupRecord, HeadRecord},
+    records::{self, DedupRecord, HeadRecord, LastSendRecord, PageRecord},
 };
 
 /// What [`Inner::dedup_ends`] finds: each device's highest sequence number given out, and
@@ -90,7 +90,41 @@ pub(super) enum QueueOp {
         /// Device id.
         device: u32,
     },
-    /// Remember an accepted send for deduplication: the record that commits it.
+    /// Name every queue's end after a send: the record that commits it (layout 5).
+    LastSend {
+        /// Account handle.
+        user: String,
+        /// The record.
+        record: LastSendRecord,
+    },
+    /// Store (or rewrite) a page of sends.
+    Page {
+        /// Account handle.
+        user: String,
+        /// The page's number.
+        page: u64,
+        /// The record.
+        record: PageRecord,
+    },
+    /// Index a page, due at `due_ms`.
+    PageDue {
+        /// Account handle.
+        user: String,
+        /// The page's number.
+        page: u64,
+        /// When it falls due.
+        due_ms: u64,
+    },
+    /// Delete a page (every send it lists is expired and forgotten).
+    DropPage {
+        /// Account handle.
+        user: String,
+        /// The page's number.
+        page: u64,
+    },
+    /// Remember an accepted send for deduplication: the record that commits it (layouts
+    /// 2-4; only tests write one now, to make such a data directory).
+    #[cfg(test)]
     Dedup {
         /// Account handle.
         user: String,
@@ -174,14 +208,17 @@ pub(super) enum Value {
 ///
 /// - nothing stored lacks its expiry: a send a writer lists in memory is written after a wake
 ///   entry due no later than it (which brings the sweep to the writer, or to the recount that
-///   lists every dedup record again if the writer died: `recovery`); a wake entry goes only
-///   after the list is stored or a new wake entry is (and never while the writer has failed),
-///   the list before the `K` mark of a writer that closes; an index entry is removed after
-///   what it lists (one whose record is gone is skipped by the sweep);
-/// - a send is ordered as the index entries its writer stores then (if any), envelopes, heads
-///   (when checkpointed), then the dedup record, so a surviving dedup record implies its
-///   envelopes survived (a retry never hides a lost envelope), and a send without one is
-///   rolled back when its queues are opened (a retry never stores an envelope twice).
+///   lists the sends not yet paged again if the writer died: `recovery`); a wake entry goes
+///   only after the list is stored or a new wake entry is (and never while the writer has
+///   failed), the list before the `K` mark of a writer that closes; an index entry is removed
+///   after what it lists, and a page is rewritten after the envelopes it no longer lists are
+///   removed;
+/// - a send is ordered as the wake entry its writer stores then (if any), envelopes, heads
+///   (when checkpointed), then `L` naming the queue ends past it, and only then the page
+///   listing it (if the writer stores its list now). A surviving `L` implies the envelopes
+///   survived (a retry never hides a lost envelope), a send past the ends it names is rolled
+///   back when its queues are opened (a retry never stores an envelope twice), and a page
+///   never lists a send that was rolled back (a retry of it would be taken for a duplicate).
 pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)> {
     let mut out = Vec::with_capacity(write.ops.len() + 1);
     let index = |key: Vec<u8>, user: &str| {
@@ -250,6 +287,22 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
             QueueOp::DropHead { user, device } => {
                 out.push((keys::head(&keyring.user(&user), device), Value::Delete));
             }
+            QueueOp::LastSend { user, record } => out.push((
+                keys::last_send(&keyring.user(&user)),
+                Value::Plain(records::encode(&record)),
+            )),
+            QueueOp::Page { user, page, record } => out.push((
+                keys::page(&keyring.user(&user), page),
+                Value::Plain(records::encode(&record)),
+            )),
+            QueueOp::PageDue { user, page, due_ms } => {
+                let key = keys::expiry_page(due_ms, &keyring.user(&user), page);
+                out.push(index(key, &user));
+            }
+            QueueOp::DropPage { user, page } => {
+                out.push((keys::page(&keyring.user(&user), page), Value::Delete));
+            }
+            #[cfg(test)]
             QueueOp::Dedup { user, id, record } => {
                 let u = keyring.user(&user);
                 out.push((keys::dedup(&u, &id), Value::Plain(records::encode(&record))));
@@ -288,6 +341,10 @@ pub(super) fn plan(keyring: &Keyring, write: QueueWrite) -> Vec<(Vec<u8>, Value)
                 expires_ms,
             }) => out.push((
                 keys::expiry_dedup(expires_ms, &keyring.user(&user), &id),
+                Value::Delete,
+            )),
+            QueueOp::Unindex(Due::Page { user, due_ms, page }) => out.push((
+                keys::expiry_page(due_ms, &keyring.user(&user), page),
                 Value::Delete,
             )),
             QueueOp::Unindex(Due::Sends {
@@ -525,6 +582,63 @@ impl Inner {
             .collect()
     }
 
+    /// What names `user`'s queue ends after its last committed send, if any send was made
+    /// since layout 4.
+    pub(super) fn last_send(&self, user: &str) -> Result<Option<LastSendRecord>> {
+        self.queues
+            .get(keys::last_send(&self.keyring.user(user)))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    /// A page of `user`'s sends.
+    pub(super) fn page(&self, user: &str, page: u64) -> Result<Option<PageRecord>> {
+        self.queues
+            .get(keys::page(&self.keyring.user(user), page))?
+            .map(|v| records::decode(&v))
+            .transpose()
+    }
+
+    /// `user`'s pages, newest first, as long as `more` asks for the next one; and the number
+    /// a new page gets. An undecodable page is counted and passed over.
+    pub(super) fn pages_back(
+        &self,
+        user: &str,
+        mut more: impl FnMut(u64, PageRecord) -> bool,
+    ) -> Result<u64> {
+        let prefix = keys::page_prefix(&self.keyring.user(user));
+        let mut next = 0;
+        for kv in self.queues.scan_prefix(&prefix).rev() {
+            let (k, v) = kv?;
+            let page = keys::envelope_seq(&k)
+                .ok_or_else(|| StoreError::Corruption("short page key".into()))?;
+            next = next.max(page + 1);
+            match records::decode(&v) {
+                Ok(record) => {
+                    if !more(page, record) {
+                        break;
+                    }
+                }
+                Err(StoreError::Corruption(e)) => {
+                    tracing::warn!(error = %e, "a page of sends does not decode");
+                    metrics::counter!("sealpost_corrupt_records_total").increment(1);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(next)
+    }
+
+    /// Whether `user` has dedup records of layouts 2-4.
+    pub(super) fn has_dedup_records(&self, user: &str) -> Result<bool> {
+        Ok(self
+            .queues
+            .scan_prefix(keys::dedup_prefix(&self.keyring.user(user)))
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
     /// The dedup record of a send, by the keyed hash of its id.
     pub(super) fn dedup(&self, user: &str, id: &Hashed) -> Result<Option<DedupRecord>> {
         self.queues
@@ -546,11 +660,12 @@ impl Inner {
     pub(super) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Due>> {
         let mut out = Vec::new();
         let mut undecodable = 0usize;
-        // Layouts 2 and 3 first: nothing writes their entries any more, so they run out.
+        // Layouts 2 to 4 first: nothing writes their entries any more, so they run out.
         'layouts: for tag in [
             keys::EXPIRY_ENVELOPE,
             keys::EXPIRY_DEDUP,
             keys::EXPIRY_SENDS,
+            keys::EXPIRY_PAGE,
         ] {
             if out.len() >= limit || undecodable >= limit {
                 break;
@@ -608,6 +723,14 @@ impl Inner {
                     user,
                     id: rest.try_into().ok()?,
                     expires_ms: at_ms,
+                })
+            }
+            keys::EXPIRY_PAGE => {
+                let user = self.keyring.open_index(key, value)?;
+                Some(Due::Page {
+                    user,
+                    due_ms: at_ms,
+                    page: u64::from_be_bytes(rest.try_into().ok()?),
                 })
             }
             _ => {

@@ -2,17 +2,20 @@
 //!
 //! sled keeps, across a crash, a prefix of the writes that were not yet flushed
 //! (`Inner::write`). A send is written as its envelopes, the queue heads due for a
-//! checkpoint, then its dedup record ([`send_write`]; before them, the expiry index entries
-//! its writer stores then or a wake entry, if any), so the dedup record commits the send:
+//! checkpoint, then the user's `L` record naming every queue's end past them ([`send_write`];
+//! before them the writer's wake entry, if it stores one then). A user's queues have one
+//! writer, which writes its sends one after another, so only its last send can be torn, and
+//! `L` commits it:
 //!
-//! - a surviving dedup record means every envelope and head of the send survived, so a retry
-//!   that finds it is answered "duplicate" without hiding a lost envelope;
-//! - a send whose dedup record did not survive was never acknowledged (its sender hears back
-//!   only after the flush) nor delivered (pushes stop at the durable point), so
-//!   [`recover_heads`], run when the queues are opened, removes what survived of it. Its retry then stores it exactly once.
+//! - a surviving `L` naming the send's ends means every envelope and head of the send
+//!   survived;
+//! - a send past the ends `L` names was never acknowledged (its sender hears back only after
+//!   the flush) nor delivered (pushes stop at the durable point), so [`recover_heads`], run
+//!   when the queues are opened, removes what survived of it: envelopes at or past their
+//!   queue's end. Its retry then stores it exactly once.
 //!
-//! A user's queues have one writer, which writes its sends one after another, so only its last send can be torn: at most
-//! the last envelope of each device queue.
+//! A user with no send since layout 4 has no `L`: a send of theirs was committed by its
+//! dedup record, and an envelope without one is taken for torn.
 //!
 //! # Heads are checkpoints
 //!
@@ -27,21 +30,21 @@
 //!   `CHECKPOINT_EVERY`, read and counted in);
 //! - not marked (the writer crashed, or the data directory predates the mark): every queue is
 //!   counted again, and its next sequence number is past its last envelope and past every
-//!   number a committed send gave out (the dedup records name them), so acknowledgements that
-//!   emptied a queue after its checkpoint never let a number be handed out twice.
+//!   number a committed send gave out (`L` names them, and layout 4's dedup records), so
+//!   acknowledgements that emptied a queue after its checkpoint never let a number be handed
+//!   out twice.
 //!
-//! The expiry sweep stores the heads before it forgets dedup records, so that what those
-//! records said is in a head first.
+//! # The list of sends is a checkpoint too
 //!
-//! # The expiry index is a checkpoint too
-//!
-//! The writer lists its sends in memory and stores the list in `Z` entries every
+//! The writer lists its sends in memory (for the expiry sweep, which finds a send's envelopes
+//! through it, and to answer retries) and stores the list in a page every
 //! `inbox::INDEX_EVERY` sends and when it closes, before the mark; until then a stored wake
-//! entry is due with the first listed send. Unmarked queues were left by a writer whose list
-//! may have died with it: its wake entry brings the sweep, which opens the queues, and the
-//! recount, which reads every dedup record anyway, lists each of them again. A send listed twice is dealt with once per sweep
-//! (`inbox`'s `Sweep` remembers what it saw), and an entry listing a send already gone costs
-//! one lookup.
+//! entry is due with the first listed send. `L` names, per queue, where the sends not yet
+//! paged begin. Unmarked queues were left by a writer whose list may have died with it: its
+//! wake entry brings the sweep, which opens the queues, and the recount pages again what is
+//! still queued of those sends ([`page_again`]). A send paged twice is dealt with once per
+//! sweep (`inbox`'s `Sweep` remembers what it saw); the sweep removes an envelope only if it
+//! still holds the id and expiry the page lists.
 
 use std::collections::BTreeMap;
 
@@ -54,7 +57,7 @@ use super::{
 use crate::store::{
     EnvelopeRecord, Result,
     keys::Hashed,
-    records::{DedupRecord, HeadRecord},
+    records::{HeadRecord, LastSendRecord, PageRecord, PagedSend},
 };
 
 /// One device's copy of a send: the device, its queue head before the send, the ciphertext.
@@ -69,21 +72,18 @@ pub(super) struct DeviceCopy<'a> {
 pub(super) const CHECKPOINT_EVERY: u64 = 64;
 
 /// The writes of a send, in commit order, and each copy's new head (in the order of
-/// `copies`): `index` (the expiry index entries its writer stores now, if any), the
-/// envelopes, the heads due for a checkpoint, the dedup record. `template` is the envelope
-/// record without its ciphertext.
+/// `copies`): `index` (the wake entry its writer stores now, if any), the envelopes, the heads
+/// due for a checkpoint. [`last_send`] follows them: it commits the send. `template` is the
+/// envelope record without its ciphertext.
 pub(super) fn send_write(
     user: &str,
     index: Vec<QueueOp>,
     template: &EnvelopeRecord,
-    hashed_id: Hashed,
-    dedup_expires_ms: u64,
     copies: &[DeviceCopy<'_>],
 ) -> (QueueWrite, Vec<HeadRecord>) {
     let mut ops = index;
     ops.reserve(copies.len() + 2);
     let mut heads = Vec::with_capacity(copies.len());
-    let mut stored = Vec::with_capacity(copies.len());
     for copy in copies {
         let seq = copy.head.next_seq;
         ops.push(QueueOp::Append {
@@ -101,7 +101,6 @@ pub(super) fn send_write(
             bytes: copy.head.bytes + copy.ciphertext.len() as u64,
             ..copy.head
         });
-        stored.push((copy.device, seq));
     }
     for (copy, head) in copies.iter().zip(&heads) {
         if head.next_seq % CHECKPOINT_EVERY == 0 {
@@ -112,17 +111,33 @@ pub(super) fn send_write(
             });
         }
     }
-    ops.push(QueueOp::Dedup {
-        user: user.to_owned(),
-        id: hashed_id,
-        record: DedupRecord {
-            version: crate::store::records::RECORD_VERSION,
-            expires_ms: dedup_expires_ms,
-            stored,
-            envelopes_expire_ms: template.expires_ms,
-        },
-    });
     (QueueWrite { ops }, heads)
+}
+
+/// The write that commits a send: `heads`, every open queue's head after it; `paged_from`,
+/// where each queue's sends not yet in a page begin; `unpaged`, those sends (this one last).
+pub(super) fn last_send(
+    user: &str,
+    heads: &BTreeMap<u32, HeadRecord>,
+    paged_from: &BTreeMap<u32, u64>,
+    unpaged: &[PagedSend],
+    dedup_window_ms: u64,
+) -> QueueOp {
+    QueueOp::LastSend {
+        user: user.to_owned(),
+        record: LastSendRecord {
+            version: crate::store::records::RECORD_VERSION,
+            queues: heads
+                .iter()
+                .map(|(&device, head)| {
+                    let paged = paged_from.get(&device).copied().unwrap_or(0);
+                    (device, head.next_seq, paged)
+                })
+                .collect(),
+            unpaged: unpaged.iter().flat_map(|s| s.id).collect(),
+            dedup_window_ms,
+        },
+    }
 }
 
 /// The writes of a trim: the deletions alone. The head stays in memory (see the module doc);
@@ -157,11 +172,12 @@ pub(super) fn close_write(user: &str, heads: &BTreeMap<u32, HeadRecord>) -> Queu
     QueueWrite { ops }
 }
 
-/// The queue heads of `user`'s devices, after removing what a crash left of a send whose
-/// dedup record did not survive (and zeroing the counts of empty queues), for a writer that
-/// opens the queues now (the `closed` mark is taken away). With the mark, this reads the
-/// stored heads and fewer than [`CHECKPOINT_EVERY`] envelopes per device; without it, every
-/// envelope and dedup record of the user (see the module doc).
+/// The queue heads of `user`'s devices, after removing what a crash left of a send that was
+/// not committed (and zeroing the counts of empty queues), for a writer that opens the
+/// queues now (the `closed` mark is taken away). With the mark, this reads the stored heads
+/// and fewer than [`CHECKPOINT_EVERY`] envelopes per device; without it, every envelope of
+/// the user (and any layout-4 dedup record), and it pages the sends `L` names as not yet
+/// paged (see the module doc).
 pub(super) fn recover_heads(
     store: &Inner,
     user: &str,
@@ -169,17 +185,22 @@ pub(super) fn recover_heads(
     now_ms: u64,
 ) -> Result<BTreeMap<u32, HeadRecord>> {
     let closed = store.closed(user)?;
+    let last = store.last_send(user)?;
     let stored: BTreeMap<u32, HeadRecord> = store.heads(user)?.into_iter().collect();
     // The numbers committed sends gave out: only needed when the heads may be behind.
     let given_out = if closed {
         BTreeMap::new()
     } else {
         metrics::counter!("sealpost_queues_recounted_total").increment(1);
-        let (ends, sends) = store.dedup_ends(user, now_ms + UNKNOWN_EXPIRY_MS)?;
-        // The writer's list of sends to index died with it: every dedup record is listed anew.
+        // Layout 4's writer listed its sends' dedup records in memory: each is listed anew.
+        let (mut ends, sends) = store.dedup_ends(user, now_ms + UNKNOWN_EXPIRY_MS)?;
         store.write(QueueWrite {
             ops: index_entries(user, sends),
         })?;
+        for &(device, end, _) in last.iter().flat_map(|l| &l.queues) {
+            let given = ends.entry(device).or_insert(0);
+            *given = (*given).max(end.saturating_sub(1));
+        }
         ends
     };
     let mut heads = BTreeMap::new();
@@ -215,7 +236,7 @@ pub(super) fn recover_heads(
                 metrics::counter!("sealpost_shredded_records_removed_total").increment(1);
                 continue;
             };
-            if !torn(store, user, device, seq, &record, now_ms)? {
+            if !torn(store, user, device, seq, &record, now_ms, last.as_ref())? {
                 break Some(seq);
             }
             // The head goes back first: should this be cut short too, the envelope is still
@@ -271,6 +292,23 @@ pub(super) fn recover_heads(
         }
         heads.insert(device, head);
     }
+    // The writer's list of sends not yet paged died with it: `L` names them, and they are
+    // paged now.
+    if let (false, Some(last)) = (closed, &last) {
+        let mut ops = page_again(store, user, devices, last, now_ms)?;
+        if !ops.is_empty() {
+            // Then `L` says they are paged, so that another crash does not page them again.
+            let paged_from = heads.iter().map(|(d, h)| (*d, h.next_seq)).collect();
+            ops.push(last_send(
+                user,
+                &heads,
+                &paged_from,
+                &[],
+                last.dedup_window_ms,
+            ));
+            store.write(QueueWrite { ops })?;
+        }
+    }
     // A writer opens the queues: from now on its trims store no heads, so the mark goes first.
     if closed {
         store.write(QueueWrite {
@@ -319,8 +357,95 @@ pub(super) fn index_entries(
     ops
 }
 
+/// The page listing the sends of `user` that `last` names as not yet paged, and its index
+/// entry: with the envelopes still queued of each (found from where `last` says the queues'
+/// unpaged sends begin), remembered for the dedup window from when they were accepted; a
+/// send all of whose envelopes are gone is remembered for the window from `now_ms`.
+fn page_again(
+    store: &Inner,
+    user: &str,
+    devices: &[u32],
+    last: &LastSendRecord,
+    now_ms: u64,
+) -> Result<Vec<QueueOp>> {
+    let window = last.dedup_window_ms;
+    let mut sends: Vec<PagedSend> = last
+        .unpaged()
+        .map(|id| PagedSend {
+            id,
+            dedup_until_ms: now_ms.saturating_add(window),
+            envelopes_expire_ms: 0,
+            stored: Vec::new(),
+        })
+        .collect();
+    let mut by_id: std::collections::HashMap<Hashed, usize> =
+        sends.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    for &device in devices {
+        for (seq, record) in store.read(user, device, last.paged_from(device), usize::MAX)? {
+            let id = store.keyring.id(&record.id);
+            let at = *by_id.entry(id).or_insert_with(|| {
+                sends.push(PagedSend {
+                    id,
+                    dedup_until_ms: 0,
+                    envelopes_expire_ms: 0,
+                    stored: Vec::new(),
+                });
+                sends.len() - 1
+            });
+            let send = &mut sends[at];
+            send.dedup_until_ms = record.accepted_ms.saturating_add(window);
+            send.envelopes_expire_ms = record.expires_ms;
+            send.stored.push((device, seq));
+        }
+    }
+    if sends.is_empty() {
+        return Ok(Vec::new());
+    }
+    metrics::counter!("sealpost_sends_paged_again_total").increment(sends.len() as u64);
+    let first = store.pages_back(user, |_, _| false)?;
+    let mut ops = Vec::new();
+    for (page, chunk) in (first..).zip(sends.chunks(INDEX_ENTRY_MAX)) {
+        ops.extend(page_write(user, page, chunk.to_vec()));
+    }
+    Ok(ops)
+}
+
+/// The writes storing a new page of `sends` and its index entry.
+pub(super) fn page_write(user: &str, page: u64, sends: Vec<PagedSend>) -> Vec<QueueOp> {
+    let due_ms = page_due(&sends);
+    let mut ops = vec![QueueOp::Page {
+        user: user.to_owned(),
+        page,
+        record: PageRecord {
+            version: crate::store::records::RECORD_VERSION,
+            sends,
+        },
+    }];
+    if let Some(due_ms) = due_ms {
+        ops.push(QueueOp::PageDue {
+            user: user.to_owned(),
+            page,
+            due_ms,
+        });
+    }
+    ops
+}
+
+/// When a page next needs the sweep: when its first envelopes still stored expire, or once
+/// all have, when its last send is forgotten (then it goes). `None` for an empty page.
+pub(super) fn page_due(sends: &[PagedSend]) -> Option<u64> {
+    sends
+        .iter()
+        .filter(|s| !s.stored.is_empty())
+        .map(|s| s.envelopes_expire_ms)
+        .min()
+        .or_else(|| sends.iter().map(|s| s.dedup_until_ms).max())
+}
+
 /// Whether `record`, stored at `seq` of `device`, belongs to a send that was never committed:
-/// its dedup record is missing. A send's dedup record goes only in the sweep step that removes
+/// it is at or past its queue's end in `last`, the record naming the queue ends after the
+/// user's last committed send. For a user with no send since layout 4 (no `last`): its dedup
+/// record is missing. A send's dedup record goes only in the sweep step that removes
 /// its envelopes (after them), so one without it was torn — also once it has expired: nothing
 /// indexes it then, and it would stay for ever. Layout 2 is the exception: it forgot an
 /// expired envelope's dedup record apart from the envelope, which its own index entry still
@@ -332,7 +457,11 @@ fn torn(
     seq: u64,
     record: &EnvelopeRecord,
     now_ms: u64,
+    last: Option<&LastSendRecord>,
 ) -> Result<bool> {
+    if let Some(last) = last {
+        return Ok(last.end(device).is_none_or(|end| seq >= end));
+    }
     if store.dedup(user, &store.keyring.id(&record.id))?.is_some() {
         return Ok(false);
     }
@@ -350,7 +479,7 @@ pub(super) fn empty_head() -> HeadRecord {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::store::{SledStore, StoreOptions};
 
@@ -372,7 +501,8 @@ mod tests {
         }
     }
 
-    /// The writes of a send of envelope `id` to devices 1 and 2, given their current heads.
+    /// The writes of a send of envelope `id` to devices 1 and 2, given their current heads,
+    /// as when the writer's list fills with it: its wake entry first, its page last.
     fn send(
         store: &SledStore,
         id: u8,
@@ -387,14 +517,79 @@ mod tests {
             })
             .collect();
         let hashed = store.inner().keyring.id(&[id; 16]);
-        // As when the writer's list fills with this send: its index entry goes first.
         let index = vec![QueueOp::IndexSends {
             user: USER.into(),
             due_ms: NOW + 60_000,
             nonce: u64::from(id),
-            ids: vec![hashed],
+            ids: Vec::new(),
         }];
-        send_write(USER, index, &envelope(id), hashed, NOW + 60_000, &copies)
+        let (mut write, new) = send_write(USER, index, &envelope(id), &copies);
+        let sends = vec![PagedSend {
+            id: hashed,
+            dedup_until_ms: NOW + 60_000,
+            envelopes_expire_ms: NOW + 60_000,
+            stored: heads.iter().map(|(d, h)| (*d, h.next_seq)).collect(),
+        }];
+        let after = heads.keys().copied().zip(new.iter().copied()).collect();
+        // Where the unpaged sends begin: at this one.
+        let paged_from = heads.iter().map(|(d, h)| (*d, h.next_seq)).collect();
+        write
+            .ops
+            .push(last_send(USER, &after, &paged_from, &sends, 60_000));
+        write.ops.extend(page_write(USER, u64::from(id), sends));
+        (write, new)
+    }
+
+    /// The writes of a send of envelope `id` to the queues `heads` as layout 4 made it: the
+    /// envelopes, then the dedup record that commits it.
+    pub(in crate::store::sled) fn layout_4_send(
+        store: &SledStore,
+        user: &str,
+        id: [u8; 16],
+        expires_ms: u64,
+        heads: &BTreeMap<u32, HeadRecord>,
+    ) -> QueueWrite {
+        let mut ops = Vec::new();
+        let mut stored = Vec::new();
+        for (&device, head) in heads {
+            ops.push(QueueOp::Append {
+                user: user.into(),
+                device,
+                seq: head.next_seq,
+                record: EnvelopeRecord {
+                    id,
+                    expires_ms,
+                    ciphertext: vec![7; 10],
+                    ..envelope(0)
+                },
+            });
+            stored.push((device, head.next_seq));
+        }
+        ops.push(QueueOp::Dedup {
+            user: user.into(),
+            id: store.inner().keyring.id(&id),
+            record: crate::store::records::DedupRecord {
+                version: 1,
+                expires_ms,
+                stored,
+                envelopes_expire_ms: expires_ms,
+            },
+        });
+        QueueWrite { ops }
+    }
+
+    /// Whether a stored page lists the send of envelope `id`.
+    fn paged(store: &SledStore, id: u8) -> bool {
+        let hashed = store.inner().keyring.id(&[id; 16]);
+        let mut found = false;
+        store
+            .inner()
+            .pages_back(USER, |_, page| {
+                found |= page.sends.iter().any(|s| s.id == hashed);
+                true
+            })
+            .unwrap();
+        found
     }
 
     fn queue(store: &SledStore, device: u32) -> Vec<(u64, [u8; 16])> {
@@ -415,7 +610,9 @@ mod tests {
                 QueueOp::IndexSends { .. } => "index",
                 QueueOp::Append { .. } => "append",
                 QueueOp::Head { .. } => "head",
-                QueueOp::Dedup { .. } => "dedup",
+                QueueOp::LastSend { .. } => "last",
+                QueueOp::Page { .. } => "page",
+                QueueOp::PageDue { .. } => "page due",
                 _ => "other",
             })
             .collect()
@@ -437,12 +634,15 @@ mod tests {
     }
 
     #[test]
-    fn a_send_is_written_index_envelopes_checkpoints_then_its_dedup_record() {
+    fn a_send_is_written_wake_envelopes_checkpoints_the_ends_then_its_page() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let heads = BTreeMap::from([(1, empty_head()), (2, empty_head())]);
         let (write, new_heads) = send(&store, 1, &heads);
-        assert_eq!(kinds(&write), ["index", "append", "append", "dedup"]);
+        assert_eq!(
+            kinds(&write),
+            ["index", "append", "append", "last", "page", "page due"]
+        );
         assert!(
             new_heads
                 .iter()
@@ -456,20 +656,23 @@ mod tests {
         let (write, _) = send(&store, 2, &BTreeMap::from([(1, at), (2, at)]));
         assert_eq!(
             kinds(&write),
-            ["index", "append", "append", "head", "head", "dedup"]
+            [
+                "index", "append", "append", "head", "head", "last", "page", "page due"
+            ]
         );
     }
 
     /// Every prefix of a send's writes that a crash can leave: after recovery, each device
-    /// holds the send exactly once if its dedup record survived (a retry is a duplicate), and
-    /// not at all otherwise (a retry stores it once). The committed send before it is intact,
+    /// holds the send exactly once, and a page lists it (a retry is a duplicate), if the
+    /// record naming the queue ends past it survived; otherwise neither (a retry stores it
+    /// once). The committed send before it is intact,
     /// and counted although no head was stored with it. Both for a send that checkpoints the
     /// heads and one that does not.
     #[test]
     fn every_crash_prefix_of_a_send_recovers_to_all_or_nothing() {
         for start in [1, CHECKPOINT_EVERY - 2] {
-            // index, two envelopes, (two heads), the dedup record
-            let ops = if start == 1 { 4 } else { 6 };
+            // wake, two envelopes, (two heads), the queue ends, the page and its index entry
+            let ops = if start == 1 { 6 } else { 8 };
             for cut in 0..=ops {
                 let dir = tempfile::tempdir().unwrap();
                 let store = open(dir.path());
@@ -487,16 +690,8 @@ mod tests {
                 // same (nothing would ever expire it), a committed one is left to the sweep.
                 let at = if cut % 2 == 0 { NOW } else { NOW + 120_000 };
                 let heads = recover_heads(&store.inner(), USER, &[1, 2], at).unwrap();
-                let committed = cut == ops;
-                assert_eq!(
-                    store
-                        .inner()
-                        .dedup(USER, &store.inner().keyring.id(&[2; 16]))
-                        .unwrap()
-                        .is_some(),
-                    committed,
-                    "cut {cut}"
-                );
+                let committed = cut >= ops - 2;
+                assert_eq!(paged(&store, 2), committed, "cut {cut}");
                 for device in [1, 2] {
                     let mut want = vec![(start, [1; 16])];
                     if committed {
@@ -613,7 +808,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
             let heads = recover_heads(&store.inner(), USER, &[1], NOW).unwrap();
-            let (write, _) = send(&store, 1, &heads);
+            let write = layout_4_send(&store, USER, [1; 16], NOW + 60_000, &heads);
             store.inner().write(write).unwrap();
             store
                 .inner()

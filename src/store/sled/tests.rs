@@ -6,7 +6,7 @@ use super::{
 };
 use crate::store::{
     DeviceRecord, Directory, Due, EnvelopeRecord, Inbox, Outbox, OutboxEntry, OutboxRecord,
-    QueueLimits, StoreError,
+    QueueLimits, StoreError, keys,
     records::{DedupRecord, HeadRecord},
 };
 
@@ -346,7 +346,7 @@ fn stale_expiry_entries_left_by_a_crash_expire_nothing_else() {
         assert_eq!(due.len(), 1, "{due:?}");
         assert!(due.iter().all(|e| match e {
             Due::Envelope { expires_ms, .. } | Due::Dedup { expires_ms, .. } => *expires_ms == torn,
-            Due::Sends { .. } => false,
+            Due::Sends { .. } | Due::Page { .. } => false,
         }));
         let mut queues = store.open(USER, &[1], limits).await.expect("open");
         assert!(queues.expire(due).expect("expire").is_empty());
@@ -1245,20 +1245,23 @@ fn a_send_whose_envelopes_expire_first_is_still_deduplicated_until_its_record_ex
             .duplicate(&[3; 16])
             .expect("dup")
             .expect("still known");
-        assert_eq!(retry.await.expect("durable").stored, vec![(1, 1), (2, 1)]);
+        assert!(retry.await.expect("durable").duplicate);
         let due = store.due(remember, 100).await.expect("due");
         assert_eq!(due.len(), 1, "{due:?}");
         assert!(queues.expire(due).expect("expire").is_empty());
-        assert!(queues.duplicate(&[3; 16]).expect("dup").is_none());
         assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
+        // Its page is gone: a writer that opens the queues anew no longer knows it.
+        queues.close();
+        let mut queues = store.open(USER, &[1, 2], limits).await.expect("open");
+        assert!(queues.duplicate(&[3; 16]).expect("dup").is_none());
     });
 }
 
-/// A queue's end survives its dedup records: a send acknowledged (no head stored) and then
-/// forgotten by the sweep leaves no record of the number it was given, so the sweep stores the
-/// heads before it forgets. Reopened after a crash (no close), the queue goes on past it.
+/// A queue's end survives the send that reached it: a send acknowledged (no head stored), then
+/// expired and forgotten by the sweep, leaves its number in `L`. Reopened after a crash (no
+/// close), the queue goes on past it.
 #[test]
-fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
+fn a_queue_end_outlives_the_sends_the_sweep_forgets() {
     const USER: &str = "bob@test.example";
     let dir = tempfile::tempdir().expect("tempdir");
     let now = crate::clock::now_ms();
@@ -1291,17 +1294,12 @@ fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
             .expect("trim")
             .await
             .expect("durable");
-        let due = store.due(now + 1_000, 100).await.expect("due");
-        assert_eq!(due.len(), 1, "the send's index entry");
+        // Its wake entry is due at the end of the second it falls due in.
+        let due = store.due(now + 2_000, 100).await.expect("due");
+        assert_eq!(due.len(), 1, "the send's wake entry");
         queues.expire(due).expect("expire");
-        assert!(
-            store
-                .inner()
-                .dedup_ends(USER, 0)
-                .expect("ends")
-                .0
-                .is_empty()
-        );
+        let pages = store.inner().queues.scan_prefix([keys::PAGE]).count();
+        assert_eq!(pages, 0, "the send is forgotten");
         store.inner().sync().await.expect("durable");
         // The writer crashes: no close.
         std::mem::forget(queues);
@@ -1309,6 +1307,166 @@ fn a_queue_end_outlives_the_dedup_records_the_sweep_forgets() {
     let heads = super::recovery::recover_heads(&store.inner(), USER, &[1], now).expect("heads");
     assert_eq!(heads[&1].next_seq, 2, "number 1 is never handed out again");
     assert_eq!(heads[&1].count, 0);
+}
+
+/// A send whose envelopes were all acknowledged before its writer crashed, and before it was
+/// listed in a page, is still known after the crash: `L` lists it. A retry of it is answered
+/// as a duplicate and stored nowhere again.
+#[test]
+fn a_retry_after_a_crash_of_a_send_acknowledged_before_its_page_is_a_duplicate() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::clock::now_ms();
+    let limits = QueueLimits {
+        count: 10,
+        bytes: u64::MAX,
+    };
+    let store = open(dir.path());
+    let send = |n: u8| crate::store::NewEnvelope {
+        id: [n; 16],
+        class: 0,
+        accepted_ms: now,
+        expires_ms: now + 3_600_000,
+        remember_until_ms: now + 3_600_000,
+        copies: vec![(1, &[5u8; 4][..])],
+    };
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        for n in 1..=3 {
+            queues
+                .append(send(n))
+                .expect("append")
+                .await
+                .expect("durable");
+        }
+        let acked: Vec<_> = (1..=2)
+            .map(|seq| crate::store::Trim {
+                seq,
+                expires_ms: now + 3_600_000,
+                bytes: 4,
+            })
+            .collect();
+        queues
+            .trim(1, &acked)
+            .expect("trim")
+            .await
+            .expect("durable");
+        assert_eq!(store.inner().queues.scan_prefix([keys::PAGE]).count(), 0);
+        // The writer crashes: dropped without a close.
+        drop(queues);
+    });
+    drop(store);
+    let store = open(dir.path());
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        for n in 1..=3 {
+            let retry = queues
+                .append(send(n))
+                .expect("append")
+                .await
+                .expect("durable");
+            assert!(retry.duplicate, "send {n} forgotten");
+        }
+        assert_eq!(queues.ends(), vec![(1, 4)]);
+        let queued = store.inner().read(USER, 1, 0, 10).expect("read");
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].0, 3);
+    });
+}
+
+/// A user whose sends layout 4 stored (a dedup record each, no `L`) keeps them after the
+/// upgrade: a retry is a duplicate, a crash rolls back neither them nor the sends after.
+#[test]
+fn sends_stored_by_layout_4_are_kept_and_deduplicated() {
+    const USER: &str = "bob@test.example";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::clock::now_ms();
+    let limits = QueueLimits {
+        count: 10,
+        bytes: u64::MAX,
+    };
+    let store = open(dir.path());
+    let heads = std::collections::BTreeMap::from([(1, super::recovery::empty_head())]);
+    let old = super::recovery::tests::layout_4_send(&store, USER, [4; 16], now + 60_000, &heads);
+    store.inner().write(old).expect("write");
+    let send = |n: u8| crate::store::NewEnvelope {
+        id: [n; 16],
+        class: 0,
+        accepted_ms: now,
+        expires_ms: now + 60_000,
+        remember_until_ms: now + 60_000,
+        copies: vec![(1, &[5u8; 4][..])],
+    };
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        assert_eq!(queues.ends(), vec![(1, 2)], "the layout-4 send is kept");
+        let retry = queues
+            .append(send(4))
+            .expect("append")
+            .await
+            .expect("durable");
+        assert!(retry.duplicate);
+        assert_eq!(retry.stored, vec![(1, 1)]);
+        let new = queues
+            .append(send(5))
+            .expect("append")
+            .await
+            .expect("durable");
+        assert_eq!(new.stored, vec![(1, 2)]);
+        // Dropped without a close, as in a crash.
+        drop(queues);
+    });
+    drop(store);
+    let store = open(dir.path());
+    block_on(async {
+        let mut queues = store.open(USER, &[1], limits).await.expect("open");
+        assert_eq!(queues.ends(), vec![(1, 3)]);
+        let ids: Vec<_> = store
+            .inner()
+            .read(USER, 1, 0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|(seq, r)| (seq, r.id[0]))
+            .collect();
+        assert_eq!(ids, vec![(1, 4), (2, 5)]);
+        for n in [4, 5] {
+            let retry = queues
+                .append(send(n))
+                .expect("append")
+                .await
+                .expect("durable");
+            assert!(retry.duplicate, "send {n}");
+        }
+    });
+}
+
+/// The data directory names the layout that wrote it: a build refuses one a newer build
+/// wrote, rather than taking what it does not know for damage.
+#[test]
+fn a_directory_a_newer_layout_wrote_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    assert_eq!(
+        store
+            .inner()
+            .queues
+            .get(keys::LAYOUT)
+            .expect("get")
+            .as_deref(),
+        Some(&[5u8][..])
+    );
+    store
+        .inner()
+        .queues
+        .insert(keys::LAYOUT, &[6u8])
+        .expect("insert");
+    store.inner().db.flush().expect("flush");
+    drop(store);
+    let refused = SledStore::open_waiting(&StoreOptions::for_tests(dir.path()));
+    let Err(StoreError::Corruption(why)) = refused else {
+        panic!("opened a layout-6 directory");
+    };
+    assert!(why.contains("newer build"), "{why}");
 }
 
 #[test]
@@ -1338,9 +1496,9 @@ fn a_flush_at_a_low_rate_starts_at_once() {
     });
 }
 
-/// Layout 4's expiry index: a writer lists its sends in memory and stores the list in `Z`
-/// entries, one per second they fall due in, every `INDEX_EVERY` sends and when it closes;
-/// until then a wake entry (listing nothing) is due when the first listed send is.
+/// Layout 5's pages: a writer lists its sends in memory and stores the list in a page with
+/// one `W` index entry every `INDEX_EVERY` sends and when it closes; until then a wake entry
+/// (a `Z` entry listing nothing) is due when the first listed send is.
 mod index {
     use super::*;
     use crate::store::{AppendError, UserInbox, keys, sled::inbox::INDEX_EVERY};
@@ -1416,8 +1574,8 @@ mod index {
         store.inner().queues.scan_prefix([tag]).count()
     }
 
-    /// The stored `Z` entries: how many list nothing (wake entries), and the ids the others
-    /// list.
+    /// The stored index entries: how many are wake entries, and the keyed ids the others
+    /// list (through their pages).
     fn stored(store: &SledStore) -> (usize, Vec<[u8; 16]>) {
         let due = store.inner().due(u64::MAX - 1, 10_000).expect("due");
         let mut wakes = 0;
@@ -1425,11 +1583,23 @@ mod index {
         for d in due {
             match d {
                 Due::Sends { ids: listed, .. } if listed.is_empty() => wakes += 1,
-                Due::Sends { ids: listed, .. } => ids.extend(listed),
+                Due::Page { page, .. } => {
+                    let page = store
+                        .inner()
+                        .page(USER, page)
+                        .expect("page")
+                        .expect("stored");
+                    ids.extend(page.sends.iter().map(|s| s.id));
+                }
                 other => panic!("{other:?}"),
             }
         }
         (wakes, ids)
+    }
+
+    /// The keyed id of envelope `n`.
+    fn hashed(store: &SledStore, n: u32) -> [u8; 16] {
+        store.inner().keyring.id(&id(n))
     }
 
     #[test]
@@ -1452,10 +1622,13 @@ mod index {
                 "{due:?}"
             );
             assert!(store.due(now, 100).await.expect("due").is_empty());
-            // The list's last send stores it, one entry per second (here one or two), and
-            // takes the wake entry away.
+            // The list's last send stores it, one page and its entry, and takes the wake
+            // entry away. No send stored a record of its own besides its envelope.
             send(queues.as_mut(), last, now + 60_000, now + 60_000).await;
-            assert!((1..=2).contains(&entries(&store, keys::EXPIRY_SENDS)));
+            assert_eq!(entries(&store, keys::PAGE), 1);
+            assert_eq!(entries(&store, keys::EXPIRY_PAGE), 1);
+            assert_eq!(entries(&store, keys::DEDUP), 0);
+            assert_eq!(entries(&store, keys::LAST_SEND), 1);
             let (wakes, ids) = stored(&store);
             assert_eq!((wakes, ids.len()), (0, INDEX_EVERY));
             // Closing stores what it lists since, and its wake entry goes.
@@ -1479,12 +1652,16 @@ mod index {
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
             assert_eq!(store.inner().read(USER, 1, 0, 10).expect("read").len(), 1);
-            // The other is still listed: a new wake entry is due with it.
+            // The wake entry paged both; the page lists the other, due with it.
             assert!(store.due(now + 4_000, 100).await.expect("due").is_empty());
-            assert_eq!(stored(&store), (1, Vec::new()));
+            assert_eq!(stored(&store), (0, vec![hashed(&store, 2)]));
             let due = store.due(now + 6_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 2)]);
-            assert_eq!(entries(&store, keys::DEDUP), 0, "dedup records forgotten");
+            assert_eq!(
+                entries(&store, keys::PAGE),
+                0,
+                "the page went with its sends"
+            );
             assert!(store.due(u64::MAX - 1, 100).await.expect("due").is_empty());
         });
     }
@@ -1579,23 +1756,21 @@ mod index {
         let store = three_sends_then(dir.path(), now, true);
         block_on(async {
             let due = store.due(now + 2_000, 100).await.expect("due");
-            assert!(
-                matches!(&due[..], [Due::Sends { ids, .. }] if ids.len() == 3),
-                "{due:?}"
-            );
+            assert!(matches!(&due[..], [Due::Page { .. }]), "{due:?}");
+            assert_eq!(stored(&store).1.len(), 3);
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
             let mut expired = queues.expire(due).expect("expire");
             expired.sort_unstable();
             assert_eq!(expired, vec![(1, 1), (1, 2), (1, 3)]);
             assert!(store.inner().read(USER, 1, 0, 10).expect("read").is_empty());
-            assert_eq!(entries(&store, keys::DEDUP), 0);
-            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(entries(&store, keys::PAGE), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_PAGE), 0);
         });
     }
 
     /// A writer that dies without closing takes its list along. Its wake entry brings the
-    /// sweep to the user (no mailbox open), and opening the queues then lists every dedup
-    /// record anew, so nothing stays stored for ever.
+    /// sweep to the user (no mailbox open), and opening the queues then pages what is queued
+    /// past the last page `L` names, so nothing stays stored for ever.
     #[test]
     fn a_crashed_writers_sends_are_found_by_its_wake_entry_and_listed_again() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1606,18 +1781,22 @@ mod index {
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert!(matches!(&due[..], [d] if d.user() == USER), "{due:?}");
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            assert_eq!(stored(&store).1.len(), 3, "listed anew by the recount");
+            assert_eq!(stored(&store).1.len(), 3, "paged by the recount");
+            // What was queued of them is remembered: a retry is a duplicate.
+            assert!(queues.duplicate(&id(2)).expect("dup").is_some());
             let due = store.due(now + 2_000, 100).await.expect("due");
             let mut expired = queues.expire(due).expect("expire");
             expired.sort_unstable();
             assert_eq!(expired, vec![(1, 1), (1, 2), (1, 3)]);
-            assert_eq!(entries(&store, keys::DEDUP), 0);
+            assert_eq!(entries(&store, keys::PAGE), 0);
             assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_PAGE), 0);
         });
     }
 
-    /// A send listed twice (its writer stored its list, then died; the recount lists it
-    /// again) is counted off its queue once.
+    /// A send paged twice (its writer stored its list in the send that filled it, whose `L`
+    /// still names the sends as not paged, then died; the recount pages them again) is
+    /// counted off its queue once.
     #[test]
     fn a_send_listed_twice_is_expired_once() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1627,21 +1806,22 @@ mod index {
             let store = open(dir.path());
             block_on(async {
                 let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-                for n in 0..listed {
+                send(queues.as_mut(), 0, now + 100_000, now + 100_000).await;
+                for n in 1..listed {
                     send(queues.as_mut(), n, now + 1_000, now + 1_000).await;
                 }
-                send(queues.as_mut(), listed, now + 100_000, now + 100_000).await;
+                assert_eq!(entries(&store, keys::PAGE), 1);
                 drop(queues);
             });
         }
         let store = open(dir.path());
         block_on(async {
             let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
-            assert_eq!(stored(&store).1.len(), 2 * INDEX_EVERY + 1);
+            assert_eq!(stored(&store).1.len(), 2 * INDEX_EVERY);
             let due = store.due(now + 2_000, 100).await.expect("due");
             let mut expired = queues.expire(due).expect("expire");
             expired.sort_unstable();
-            let once: Vec<_> = (1..=u64::from(listed)).map(|seq| (1, seq)).collect();
+            let once: Vec<_> = (2..=u64::from(listed)).map(|seq| (1, seq)).collect();
             assert_eq!(expired, once);
             queues.close();
             // One envelope is left, and the stored head counts it: a quota of two takes one more.
@@ -1660,10 +1840,10 @@ mod index {
         });
     }
 
-    /// One sweep handed two entries: the first lists a send again (its dedup record is
-    /// remembered past its envelopes), due before the second entry is. It stays listed.
+    /// A page is swept as its sends fall due: each send's envelopes when they expire, the
+    /// page once the last send's dedup window has ended too.
     #[test]
-    fn a_send_listed_again_in_a_sweep_stays_listed() {
+    fn a_page_is_swept_as_its_sends_fall_due() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
         let now = crate::clock::now_ms();
@@ -1671,22 +1851,20 @@ mod index {
             let sends = [(1, now + 1_000, now + 2_500), (2, now + 5_000, now + 5_000)];
             let mut queues = sent_and_closed(&store, &sends).await;
             let due = store.due(now + 7_000, 100).await.expect("due");
-            assert_eq!(due.len(), 2, "{due:?}");
-            let mut expired = queues.expire(due).expect("expire");
-            expired.sort_unstable();
-            assert_eq!(expired, vec![(1, 1), (1, 2)]);
-            assert_eq!(entries(&store, keys::DEDUP), 1, "the first is remembered");
-            assert_eq!(stored(&store), (1, Vec::new()), "and woken for");
+            assert_eq!(due.len(), 1, "{due:?}");
+            assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
+            let both = vec![hashed(&store, 1), hashed(&store, 2)];
+            assert_eq!(stored(&store), (0, both), "both still listed");
             let due = store.due(now + 7_000, 100).await.expect("due");
-            assert!(queues.expire(due).expect("expire").is_empty());
-            assert_eq!(entries(&store, keys::DEDUP), 0);
-            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(queues.expire(due).expect("expire"), vec![(1, 2)]);
+            assert_eq!(entries(&store, keys::PAGE), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_PAGE), 0);
         });
     }
 
-    /// A dedup record remembered past its envelopes' expiry is listed again for its own.
+    /// A send remembered past its envelopes' expiry keeps its page until its window ends.
     #[test]
-    fn a_dedup_record_outliving_its_envelopes_is_listed_again() {
+    fn a_send_remembered_past_its_envelopes_keeps_its_page() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
         let now = crate::clock::now_ms();
@@ -1694,15 +1872,17 @@ mod index {
             let mut queues = sent_and_closed(&store, &[(1, now + 1_000, now + 9_000)]).await;
             let due = store.due(now + 2_000, 100).await.expect("due");
             assert_eq!(queues.expire(due).expect("expire"), vec![(1, 1)]);
-            assert_eq!(stored(&store), (1, Vec::new()), "a wake entry for it");
-            assert_eq!(entries(&store, keys::DEDUP), 1, "still remembered");
-            // A retry now is still a duplicate.
+            assert_eq!(stored(&store), (0, vec![hashed(&store, 1)]), "still listed");
+            // A retry now is still a duplicate, also for a writer that opens the queues anew.
+            assert!(queues.duplicate(&id(1)).expect("dup").is_some());
+            queues.close();
+            let mut queues = store.open(USER, &[1], LIMITS).await.expect("open");
             assert!(queues.duplicate(&id(1)).expect("dup").is_some());
             assert!(store.due(now + 8_000, 100).await.expect("due").is_empty());
             let due = store.due(now + 10_000, 100).await.expect("due");
             assert!(queues.expire(due).expect("expire").is_empty());
-            assert_eq!(entries(&store, keys::DEDUP), 0);
-            assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
+            assert_eq!(entries(&store, keys::PAGE), 0);
+            assert_eq!(entries(&store, keys::EXPIRY_PAGE), 0);
             queues.close();
             assert_eq!(entries(&store, keys::EXPIRY_SENDS), 0);
         });
