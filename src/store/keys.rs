@@ -20,7 +20,7 @@
 //! group_hub              b'G' group_id:[16..=32]         -> GroupRecord (at the group's hub)
 //! ```
 //!
-//! Tree `queues` (one tree, so that a send's writes commit in one atomic batch). `H(handle)`
+//! Tree `queues` (one tree, so that a send's writes survive a crash as one ordered prefix). `H(handle)`
 //! and `H(id)` are 16-byte keyed BLAKE3 hashes (`sled::keyring`), so the data file does not
 //! list who has mail nor which envelope ids were seen; values marked *sealed* are
 //! XChaCha20-Poly1305 under a key of the queue (destroyed once it drains: crypto-shredding),
@@ -30,10 +30,14 @@
 //! userdevice_head        b'H' H(handle) device:u32            -> HeadRecord (a checkpoint)
 //! user_closed            b'K' H(handle)                       -> empty: the heads are exact
 //! userdeviceseq_envelope b'E' H(handle) device:u32 seq:u64    -> sealed EnvelopeRecord
-//! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord
-//! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle
-//! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle
+//! user_lastsend          b'L' H(handle)                       -> LastSendRecord (queue ends, unpaged sends)
+//! userpage_sends         b'P' H(handle) page:u64              -> PageRecord (sends: H(id), times, copies)
+//! expiryuserpage         b'W' due_ms:u64 H(handle) page:u64   -> index-sealed handle
 //! secondusernonce_sends  b'Z' due_ms:u64 H(handle) nonce:u64     -> index-sealed handle and H(id)* (none: a wake entry)
+//! layout                 b'V'                                 -> layout:u8 (the newest that wrote here)
+//! userid_dedup           b'D' H(handle) H(id)                  -> DedupRecord (layouts 2-4, read only)
+//! expiryuserid           b'Y' expires_ms:u64 H(handle) H(id)   -> index-sealed handle (layout 3, read only)
+//! expiryuserdeviceseq    b'X' expires_ms:u64 H(handle) device:u32 seq:u64 -> index-sealed handle (layout 2, read only)
 //! slotgeneration_queue   b'A' slot:u32 generation:u64             -> prefix_len:u8 prefix adopted_ms:u64
 //! ```
 //!
@@ -58,16 +62,16 @@
 //! wrote to commit it, answer retries and find its envelopes), `Z` entries listing the keyed
 //! ids of sends due in one second (layout 4; `nonce` is random: entries never overwrite each
 //! other), `Y` (layout 3, one per send) and `X` (layout 2, one per envelope). Nothing writes
-//! them any more; a user whose `D` records remain is answered from them too, until they
-//! expire. An older build must not open a directory this one has used: it would take every
-//! envelope stored since for a torn send's (`V` names the newest layout that wrote the
-//! directory, so that later builds refuse to open it with an older
-//! one). A head is a checkpoint: stored every `recovery::CHECKPOINT_EVERY` appends and when
-//! its writer closes the user's queues, which then writes `K`; trims store none. Opening the
-//! queues takes `K` away; without it (a crash) they are counted again and their ends taken
-//! from `L` (or, for a user with no send since layout 4, from the dedup records:
-//! `sled::recovery`).
-//! A device queue's key prefix (`E` H(handle) device) names it in the keyring.
+//! them any more; a user whose `D` records remain is answered from them too, until they expire.
+//! A build older than layout 5 must not open a directory this one has used: it would take every
+//! envelope stored since for a torn send's and delete it. `V` names the newest layout that
+//! wrote the directory; this build and later ones refuse a directory a newer layout wrote
+//! (builds before layout 5 do not read it). A head is a checkpoint: stored every
+//! `recovery::CHECKPOINT_EVERY` appends and when its writer closes the user's queues, which
+//! then writes `K`; trims store none. Opening the queues takes `K` away; without it (a crash)
+//! they are counted again and their ends taken from `L` (or, for a user with no send since
+//! layout 4, from the dedup records: `sled::recovery`). A device queue's key prefix (`E`
+//! H(handle) device) names it in the keyring.
 //!
 //! `A` names the queue that adopted one of the keyring's spare keys (`sled::keyring`): it is
 //! written before the first record sealed under that key, so a record never survives a crash

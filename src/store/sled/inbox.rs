@@ -249,13 +249,12 @@ impl SledUserInbox {
 
     /// The writes storing what is listed, which leaves the list: layout 4's index entries and
     /// a page of sends; the wake entry goes after them (unless the writer failed: see
-    /// [`UserInbox::expire`]). `heads` are the queue heads once the writes are made (this
-    /// writer's, if `None`).
-    fn index_writes(&mut self, heads: Option<&BTreeMap<u32, HeadRecord>>) -> Vec<QueueOp> {
+    /// [`UserInbox::expire`]).
+    fn index_writes(&mut self) -> Vec<QueueOp> {
         let mut ops = recovery::index_entries(&self.user, self.listed.drain(..));
         if let Some((page, sends)) = self.next_page() {
             ops.extend(recovery::page_write(&self.user, page, sends));
-            self.paged(heads);
+            self.paged();
         }
         ops.extend(self.unwake());
         ops
@@ -268,15 +267,11 @@ impl SledUserInbox {
     }
 
     /// The page [`Self::next_page`] made is written: its sends leave the list, and the queues'
-    /// unpaged sends begin at their ends in `heads` (this writer's, if `None`).
-    fn paged(&mut self, heads: Option<&BTreeMap<u32, HeadRecord>>) {
+    /// unpaged sends begin at their ends.
+    fn paged(&mut self) {
         self.unpaged.clear();
         self.next_page += 1;
-        self.paged_from = heads
-            .unwrap_or(&self.heads)
-            .iter()
-            .map(|(d, h)| (*d, h.next_seq))
-            .collect();
+        self.paged_from = self.heads.iter().map(|(d, h)| (*d, h.next_seq)).collect();
     }
 
     /// The deletion of the stored wake entry, if any, unless the writer failed: its memory of
@@ -422,6 +417,7 @@ impl UserInbox for SledUserInbox {
         let (mut write, heads) = recovery::send_write(&self.user, index, &template, &staged);
         let mut after = self.heads.clone();
         after.extend(staged.iter().map(|c| c.device).zip(heads.iter().copied()));
+        // Last: it commits the send.
         write.ops.push(recovery::last_send(
             &self.user,
             &after,
@@ -431,31 +427,32 @@ impl UserInbox for SledUserInbox {
                 .remember_until_ms
                 .saturating_sub(envelope.accepted_ms),
         ));
-        // The page goes after `L`: it must never list a send that `L` does not commit.
-        let page = (self.unpaged.len() >= INDEX_EVERY || self.listed.len() >= INDEX_EVERY)
-            .then(|| self.next_page())
-            .flatten();
-        if let Some((number, sends)) = page.clone() {
-            write
-                .ops
-                .extend(recovery::index_entries(&self.user, self.listed.drain(..)));
-            write
-                .ops
-                .extend(recovery::page_write(&self.user, number, sends));
-            write.ops.extend(self.unwake());
-        }
         if let Err(e) = self.write(write) {
-            // Not listed: a page written later must not name it (a retry would be taken for
-            // a duplicate of what may not be stored).
+            // Not committed (`L` goes last, and a failed write stops where it failed): a page
+            // written later must not list it, or a retry would be taken for a duplicate of
+            // what is not stored.
             self.unpaged.pop();
             return Err(e.into());
-        }
-        if page.is_some() {
-            self.paged(Some(&after));
         }
         for (head, copy) in heads.into_iter().zip(&staged) {
             self.heads.insert(copy.device, head);
             metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
+        }
+        // The page goes after `L` (it must never list a send that `L` does not commit), in
+        // a write of its own: the send is committed whatever becomes of it.
+        if self.unpaged.len() >= INDEX_EVERY || self.listed.len() >= INDEX_EVERY {
+            let mut ops = recovery::index_entries(&self.user, self.listed.drain(..));
+            let page = self.next_page();
+            if let Some((number, sends)) = page.clone() {
+                ops.extend(recovery::page_write(&self.user, number, sends));
+            }
+            ops.extend(self.unwake());
+            match self.write(QueueWrite { ops }) {
+                Ok(()) if page.is_some() => self.paged(),
+                Ok(()) => {}
+                // Its sends stay listed, and named in `L`: the next send tries again.
+                Err(e) => tracing::warn!(error = %e, "storing a page of sends failed"),
+            }
         }
         self.remembered
             .insert(hashed, envelope.remember_until_ms, envelope.accepted_ms);
@@ -512,7 +509,7 @@ impl UserInbox for SledUserInbox {
         }
         // The list before the mark: a writer that closed left every send indexed.
         let mut write = QueueWrite {
-            ops: self.index_writes(None),
+            ops: self.index_writes(),
         };
         write
             .ops
@@ -583,7 +580,7 @@ impl SledUserInbox {
                 paged = recovery::page_write(&self.user, page, sends.clone());
                 undo = Some((sends.clone(), self.paged_from.clone()));
                 self.expire_page(&mut sweep, page, sends, cut_ms, due_ms)?;
-                self.paged(None);
+                self.paged();
             }
         }
         for entry in due {
@@ -720,7 +717,7 @@ impl SledUserInbox {
         write.ops.extend(paged);
         // What is listed again is stored, or woken for, before the entries that listed it go.
         if self.listed.len() >= INDEX_EVERY {
-            let index = self.index_writes(None);
+            let index = self.index_writes();
             write.ops.extend(index);
         } else {
             write.ops.extend(self.wake_write(None));
@@ -788,16 +785,10 @@ impl SledUserInbox {
             {
                 continue;
             }
-            if sweep.sends.insert(send.id) {
-                for &(device, seq) in &send.stored {
-                    self.expire_envelope(
-                        sweep,
-                        device,
-                        seq,
-                        send.envelopes_expire_ms,
-                        Some(&send.id),
-                    )?;
-                }
+            // Not deduplicated by id: a retry after the dedup window is another send with the
+            // same id. `Sweep::seen` keeps an envelope listed twice from counting twice.
+            for &(device, seq) in &send.stored {
+                self.expire_envelope(sweep, device, seq, send.envelopes_expire_ms, Some(&send.id))?;
             }
             send.stored.clear();
             changed = true;
@@ -810,6 +801,14 @@ impl SledUserInbox {
         match due_ms {
             None => ops.push(QueueOp::DropPage { user: user(), page }),
             Some(due_ms) => {
+                // The new entry first: a page is never left without one.
+                if entry_ms != Some(due_ms) {
+                    ops.push(QueueOp::PageDue {
+                        user: user(),
+                        page,
+                        due_ms,
+                    });
+                }
                 if changed {
                     ops.push(QueueOp::Page {
                         user: user(),
@@ -818,13 +817,6 @@ impl SledUserInbox {
                             version: records::RECORD_VERSION,
                             sends,
                         },
-                    });
-                }
-                if entry_ms != Some(due_ms) {
-                    ops.push(QueueOp::PageDue {
-                        user: user(),
-                        page,
-                        due_ms,
                     });
                 }
             }
@@ -984,7 +976,7 @@ mod tests {
         // Nor does storing the list take it away.
         assert!(
             writer
-                .index_writes(None)
+                .index_writes()
                 .iter()
                 .all(|op| !matches!(op, QueueOp::Unwake { .. }))
         );

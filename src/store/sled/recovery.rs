@@ -55,7 +55,7 @@ use super::{
     queues::{QueueOp, QueueWrite},
 };
 use crate::store::{
-    EnvelopeRecord, Result,
+    EnvelopeRecord, Result, StoreError,
     keys::Hashed,
     records::{HeadRecord, LastSendRecord, PageRecord, PagedSend},
 };
@@ -185,7 +185,26 @@ pub(super) fn recover_heads(
     now_ms: u64,
 ) -> Result<BTreeMap<u32, HeadRecord>> {
     let closed = store.closed(user)?;
-    let last = store.last_send(user)?;
+    let (last, ends) = match store.last_send(user) {
+        Ok(Some(last)) => (Some(last), Ends::Named),
+        Ok(None) => (None, Ends::Layout4),
+        // Our own record, damaged on disk: nothing is rolled back (a torn send's envelope
+        // stays, and is delivered although its sender was never answered: the client drops
+        // a retry's copy by its id), and it is written anew below.
+        Err(StoreError::Corruption(e)) => {
+            tracing::warn!(error = %e, "the record of a user's queue ends does not decode");
+            metrics::counter!("sealpost_corrupt_records_total").increment(1);
+            let every = devices.iter().map(|&device| (device, 0, 0)).collect();
+            let repair = LastSendRecord {
+                version: crate::store::records::RECORD_VERSION,
+                queues: every,
+                unpaged: Vec::new(),
+                dedup_window_ms: 0,
+            };
+            (Some(repair), Ends::Unknown)
+        }
+        Err(e) => return Err(e),
+    };
     let stored: BTreeMap<u32, HeadRecord> = store.heads(user)?.into_iter().collect();
     // The numbers committed sends gave out: only needed when the heads may be behind.
     let given_out = if closed {
@@ -236,7 +255,12 @@ pub(super) fn recover_heads(
                 metrics::counter!("sealpost_shredded_records_removed_total").increment(1);
                 continue;
             };
-            if !torn(store, user, device, seq, &record, now_ms, last.as_ref())? {
+            let torn = match ends {
+                Ends::Named => last.as_ref().is_some_and(|l| past_end(l, device, seq)),
+                Ends::Unknown => false,
+                Ends::Layout4 => torn(store, user, device, seq, &record, now_ms)?,
+            };
+            if !torn {
                 break Some(seq);
             }
             // The head goes back first: should this be cut short too, the envelope is still
@@ -293,10 +317,11 @@ pub(super) fn recover_heads(
         heads.insert(device, head);
     }
     // The writer's list of sends not yet paged died with it: `L` names them, and they are
-    // paged now.
-    if let (false, Some(last)) = (closed, &last) {
+    // paged now (with a damaged `L`, everything queued is, and `L` is written anew).
+    let repair = matches!(ends, Ends::Unknown);
+    if let Some(last) = last.as_ref().filter(|_| !closed || repair) {
         let mut ops = page_again(store, user, devices, last, now_ms)?;
-        if !ops.is_empty() {
+        if !ops.is_empty() || repair {
             // Then `L` says they are paged, so that another crash does not page them again.
             let paged_from = heads.iter().map(|(d, h)| (*d, h.next_seq)).collect();
             ops.push(last_send(
@@ -358,9 +383,11 @@ pub(super) fn index_entries(
 }
 
 /// The page listing the sends of `user` that `last` names as not yet paged, and its index
-/// entry: with the envelopes still queued of each (found from where `last` says the queues'
-/// unpaged sends begin), remembered for the dedup window from when they were accepted; a
-/// send all of whose envelopes are gone is remembered for the window from `now_ms`.
+/// entry: the ids `last` lists, remembered for the dedup window from `now_ms` (when they were
+/// accepted is not stored with them), and the envelopes still queued past where `last` says
+/// each queue's unpaged sends begin (in `devices` and any queue `last` names: a device whose
+/// removal a crash cut short), by send: by id and acceptance time, since a retry after the
+/// dedup window is another send with the same id.
 fn page_again(
     store: &Inner,
     user: &str,
@@ -378,24 +405,32 @@ fn page_again(
             stored: Vec::new(),
         })
         .collect();
-    let mut by_id: std::collections::HashMap<Hashed, usize> =
+    let mut queues: Vec<u32> = devices.to_vec();
+    queues.extend(last.queues.iter().map(|(device, _, _)| *device));
+    queues.sort_unstable();
+    queues.dedup();
+    // The ids `last` lists, not yet matched with their envelopes.
+    let mut listed: std::collections::HashMap<Hashed, usize> =
         sends.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-    for &device in devices {
+    let mut by_send: std::collections::HashMap<(Hashed, u64), usize> = Default::default();
+    for device in queues {
         for (seq, record) in store.read(user, device, last.paged_from(device), usize::MAX)? {
             let id = store.keyring.id(&record.id);
-            let at = *by_id.entry(id).or_insert_with(|| {
-                sends.push(PagedSend {
-                    id,
-                    dedup_until_ms: 0,
-                    envelopes_expire_ms: 0,
-                    stored: Vec::new(),
+            let at = *by_send.entry((id, record.accepted_ms)).or_insert_with(|| {
+                let at = listed.remove(&id).unwrap_or_else(|| {
+                    sends.push(PagedSend {
+                        id,
+                        dedup_until_ms: 0,
+                        envelopes_expire_ms: 0,
+                        stored: Vec::new(),
+                    });
+                    sends.len() - 1
                 });
-                sends.len() - 1
+                sends[at].dedup_until_ms = record.accepted_ms.saturating_add(window);
+                sends[at].envelopes_expire_ms = record.expires_ms;
+                at
             });
-            let send = &mut sends[at];
-            send.dedup_until_ms = record.accepted_ms.saturating_add(window);
-            send.envelopes_expire_ms = record.expires_ms;
-            send.stored.push((device, seq));
+            sends[at].stored.push((device, seq));
         }
     }
     if sends.is_empty() {
@@ -410,24 +445,25 @@ fn page_again(
     Ok(ops)
 }
 
-/// The writes storing a new page of `sends` and its index entry.
+/// The writes storing a new page of `sends`: its index entry first (one whose page is
+/// missing is dropped by the sweep; a page without one would stay for ever), then the page.
 pub(super) fn page_write(user: &str, page: u64, sends: Vec<PagedSend>) -> Vec<QueueOp> {
-    let due_ms = page_due(&sends);
-    let mut ops = vec![QueueOp::Page {
-        user: user.to_owned(),
-        page,
-        record: PageRecord {
-            version: crate::store::records::RECORD_VERSION,
-            sends,
-        },
-    }];
-    if let Some(due_ms) = due_ms {
+    let mut ops = Vec::with_capacity(2);
+    if let Some(due_ms) = page_due(&sends) {
         ops.push(QueueOp::PageDue {
             user: user.to_owned(),
             page,
             due_ms,
         });
     }
+    ops.push(QueueOp::Page {
+        user: user.to_owned(),
+        page,
+        record: PageRecord {
+            version: crate::store::records::RECORD_VERSION,
+            sends,
+        },
+    });
     ops
 }
 
@@ -442,10 +478,25 @@ pub(super) fn page_due(sends: &[PagedSend]) -> Option<u64> {
         .or_else(|| sends.iter().map(|s| s.dedup_until_ms).max())
 }
 
-/// Whether `record`, stored at `seq` of `device`, belongs to a send that was never committed:
-/// it is at or past its queue's end in `last`, the record naming the queue ends after the
-/// user's last committed send. For a user with no send since layout 4 (no `last`): its dedup
-/// record is missing. A send's dedup record goes only in the sweep step that removes
+/// What tells a torn send's envelopes at open.
+#[derive(Clone, Copy)]
+enum Ends {
+    /// `L`: they are at or past their queue's end in it.
+    Named,
+    /// `L` does not decode: none is taken for torn.
+    Unknown,
+    /// No send since layout 4: their dedup record is missing ([`torn`]).
+    Layout4,
+}
+
+/// Whether the envelope at `seq` of `device` is at or past the queue's end in `last` (the
+/// record naming the queue ends after the user's last committed send): a torn send's.
+fn past_end(last: &LastSendRecord, device: u32, seq: u64) -> bool {
+    last.end(device).is_none_or(|end| seq >= end)
+}
+
+/// Whether `record`, stored at `seq` of `device`, belongs to a send layout 4 never
+/// committed: its dedup record is missing. A send's dedup record goes only in the sweep step that removes
 /// its envelopes (after them), so one without it was torn — also once it has expired: nothing
 /// indexes it then, and it would stay for ever. Layout 2 is the exception: it forgot an
 /// expired envelope's dedup record apart from the envelope, which its own index entry still
@@ -457,11 +508,7 @@ fn torn(
     seq: u64,
     record: &EnvelopeRecord,
     now_ms: u64,
-    last: Option<&LastSendRecord>,
 ) -> Result<bool> {
-    if let Some(last) = last {
-        return Ok(last.end(device).is_none_or(|end| seq >= end));
-    }
     if store.dedup(user, &store.keyring.id(&record.id))?.is_some() {
         return Ok(false);
     }
@@ -641,7 +688,7 @@ pub(super) mod tests {
         let (write, new_heads) = send(&store, 1, &heads);
         assert_eq!(
             kinds(&write),
-            ["index", "append", "append", "last", "page", "page due"]
+            ["index", "append", "append", "last", "page due", "page"]
         );
         assert!(
             new_heads
@@ -657,7 +704,7 @@ pub(super) mod tests {
         assert_eq!(
             kinds(&write),
             [
-                "index", "append", "append", "head", "head", "last", "page", "page due"
+                "index", "append", "append", "head", "head", "last", "page due", "page"
             ]
         );
     }
@@ -772,6 +819,61 @@ pub(super) mod tests {
         let recounted = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
         assert_eq!(recounted[&1].count, 3);
         assert_eq!(recounted[&1].next_seq, 4);
+    }
+
+    /// A damaged `L` does not keep the user's queues from opening: nothing is rolled back
+    /// (a torn send is kept rather than anything committed lost), everything queued is paged,
+    /// and `L` is written anew.
+    #[test]
+    fn a_damaged_queue_end_record_rolls_nothing_back_and_is_written_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let heads = sends_1_to_3(&store);
+        // A fourth send torn after its envelopes, then `L` damaged.
+        let (mut fourth, _) = send(&store, 4, &heads);
+        fourth.ops.truncate(3);
+        store.inner().write(fourth).unwrap();
+        let u = store.inner().keyring.user(USER);
+        store
+            .inner()
+            .queues
+            .insert(crate::store::keys::last_send(&u), &[0xc1][..])
+            .unwrap();
+        let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+        let ids: Vec<u8> = queue(&store, 1).iter().map(|(_, id)| id[0]).collect();
+        assert_eq!(ids, [1, 2, 3, 4]);
+        assert_eq!(heads[&1].next_seq, 5);
+        let last = store
+            .inner()
+            .last_send(USER)
+            .unwrap()
+            .expect("written anew");
+        assert_eq!(last.end(1), Some(5));
+        assert!(paged(&store, 4));
+    }
+
+    /// Envelopes of a send not yet paged on a queue that is no longer opened (its device's
+    /// removal was cut short by a crash) are paged all the same: they expire.
+    #[test]
+    fn unpaged_envelopes_of_a_queue_no_longer_opened_are_paged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let heads = recover_heads(&store.inner(), USER, &[1, 2], NOW).unwrap();
+        let (mut write, _) = send(&store, 1, &heads);
+        // Committed, not paged: the page and its entry did not survive.
+        write.ops.truncate(write.ops.len() - 2);
+        store.inner().write(write).unwrap();
+        recover_heads(&store.inner(), USER, &[1], NOW).unwrap();
+        let mut copies = Vec::new();
+        store
+            .inner()
+            .pages_back(USER, |_, page| {
+                copies.extend(page.sends.into_iter().flat_map(|s| s.stored));
+                true
+            })
+            .unwrap();
+        copies.sort_unstable();
+        assert_eq!(copies, [(1, 1), (2, 1)]);
     }
 
     #[test]

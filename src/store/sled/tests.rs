@@ -1862,6 +1862,26 @@ mod index {
         });
     }
 
+    /// A send made again with the same id after its dedup window is another send: the
+    /// envelopes of both expire, also when one sweep finds both due.
+    #[test]
+    fn two_sends_with_one_id_both_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let now = crate::clock::now_ms();
+        block_on(async {
+            // Remembered until `now`: the second is not a duplicate.
+            let sends = [(1, now + 1_000, now), (1, now + 1_000, now)];
+            let mut queues = sent_and_closed(&store, &sends).await;
+            assert_eq!(store.inner().read(USER, 1, 0, 10).expect("read").len(), 2);
+            let due = store.due(now + 3_000, 100).await.expect("due");
+            let mut expired = queues.expire(due).expect("expire");
+            expired.sort_unstable();
+            assert_eq!(expired, vec![(1, 1), (1, 2)]);
+            assert_eq!(entries(&store, keys::PAGE), 0);
+        });
+    }
+
     /// A send remembered past its envelopes' expiry keeps its page until its window ends.
     #[test]
     fn a_send_remembered_past_its_envelopes_keeps_its_page() {
