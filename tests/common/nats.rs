@@ -29,27 +29,35 @@ pub struct NatsCluster {
 }
 
 /// A port for a server of the cluster, below the kernel's ephemeral range (32768 and up here)
-/// and never the same twice in a test process: a port taken from `bind(0)` and released can be
-/// handed straight to an outgoing connection or to the next `bind(0)`, and a server that cannot
-/// listen never becomes healthy. Servers restart on the same ports, so these stay reserved.
+/// and not the same twice in a test process (until the range wraps): a port taken from
+/// `bind(0)` and released can be handed straight to an outgoing connection or to the next
+/// `bind(0)`, and a server that cannot listen never becomes healthy. Servers restart on the same ports, so these stay reserved.
 fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    // Each test process starts at its own place in 12000..32000 so parallel test binaries
-    // (and a second CI job on the same machine) do not walk the same ports.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 12_000;
+    const RANGE: u32 = 20_000;
+    const UNSET: u32 = u32::MAX;
+    static NEXT: AtomicU32 = AtomicU32::new(UNSET);
+    // Each test process starts at its own place in the range so parallel test binaries (and a
+    // second CI job on the same machine) do not walk the same ports, and wraps around: a
+    // process that starts near the end still has the whole range (CI once ran out there).
     let _ = NEXT.compare_exchange(
-        0,
-        12_000 + (std::process::id() % 1_000) as u16 * 20,
+        UNSET,
+        std::process::id() % 1_000 * 20,
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(port < 32_000, "ran out of test ports for nats-server");
+    for _ in 0..RANGE {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % RANGE;
+        let port = u16::try_from(FIRST + offset).expect("below 32000");
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!(
+        "no free test port for nats-server in {FIRST}..{}",
+        FIRST + RANGE
+    );
 }
 
 /// Tests that start clusters run one at a time in a test binary: several 3-node clusters and
