@@ -168,8 +168,20 @@ impl NatsStore {
                 timeout: options.timeout,
             }),
         };
-        // Alive before it takes any traffic: no other pod may take its outboxes over.
-        store.heartbeat().await?;
+        // Alive before it takes any traffic: no other pod may take its outboxes over. On a
+        // fresh cluster the pod bucket's stream may not be known yet to the server this pod
+        // talks to ("no stream found for given subject", seen in CI): tried again, as above.
+        loop {
+            match store.heartbeat().await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, "the first heartbeat failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(store)
     }
 }

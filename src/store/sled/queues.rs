@@ -210,12 +210,12 @@ pub(super) enum Value {
 ///   entry due no later than it (which brings the sweep to the writer, or to the recount that
 ///   lists the sends not yet paged again if the writer died: `recovery`); a wake entry goes
 ///   only after the list is stored or a new wake entry is (and never while the writer has
-///   failed), the list before the `K` mark of a writer that closes; an index entry is removed
-///   after what it lists, and a page is rewritten after the envelopes it no longer lists are
-///   removed;
+///   failed), the list before the `K` mark of a writer that closes; a page's index entry is
+///   written before the page, and removed after what it lists; a page is rewritten after the
+///   envelopes it no longer lists are removed;
 /// - a send is ordered as the wake entry its writer stores then (if any), envelopes, heads
-///   (when checkpointed), then `L` naming the queue ends past it, and only then the page
-///   listing it (if the writer stores its list now). A surviving `L` implies the envelopes
+///   (when checkpointed), then `L` naming the queue ends past it; the page listing it (when
+///   the writer stores its list) goes in a later write. A surviving `L` implies the envelopes
 ///   survived (a retry never hides a lost envelope), a send past the ends it names is rolled
 ///   back when its queues are opened (a retry never stores an envelope twice), and a page
 ///   never lists a send that was rolled back (a retry of it would be taken for a duplicate).
