@@ -83,7 +83,7 @@ impl SledStore {
         let mut recent = Vec::new();
         // Pages are numbered in the order their sends were made: the recent ones are last,
         // and the first page none of whose sends is remembered any more ends the window.
-        let next_page = inner.pages_back(user, |_, page| {
+        let next_page = inner.pages_back(user, |page| {
             let before = recent.len();
             recent.extend(page.sends.into_iter().filter(|s| s.dedup_until_ms > now));
             recent.len() > before

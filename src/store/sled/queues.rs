@@ -604,7 +604,7 @@ impl Inner {
     pub(super) fn pages_back(
         &self,
         user: &str,
-        mut more: impl FnMut(u64, PageRecord) -> bool,
+        mut more: impl FnMut(PageRecord) -> bool,
     ) -> Result<u64> {
         let prefix = keys::page_prefix(&self.keyring.user(user));
         let mut next = 0;
@@ -615,7 +615,7 @@ impl Inner {
             next = next.max(page + 1);
             match records::decode(&v) {
                 Ok(record) => {
-                    if !more(page, record) {
+                    if !more(record) {
                         break;
                     }
                 }

@@ -437,7 +437,7 @@ fn page_again(
         return Ok(Vec::new());
     }
     metrics::counter!("sealpost_sends_paged_again_total").increment(sends.len() as u64);
-    let first = store.pages_back(user, |_, _| false)?;
+    let first = store.pages_back(user, |_| false)?;
     let mut ops = Vec::new();
     for (page, chunk) in (first..).zip(sends.chunks(INDEX_ENTRY_MAX)) {
         ops.extend(page_write(user, page, chunk.to_vec()));
@@ -631,7 +631,7 @@ pub(super) mod tests {
         let mut found = false;
         store
             .inner()
-            .pages_back(USER, |_, page| {
+            .pages_back(USER, |page| {
                 found |= page.sends.iter().any(|s| s.id == hashed);
                 true
             })
@@ -867,7 +867,7 @@ pub(super) mod tests {
         let mut copies = Vec::new();
         store
             .inner()
-            .pages_back(USER, |_, page| {
+            .pages_back(USER, |page| {
                 copies.extend(page.sends.into_iter().flat_map(|s| s.stored));
                 true
             })
