@@ -59,8 +59,9 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const FRAMING_NS: &str = "urn:ietf:params:xml:ns:xmpp-framing";
 /// Asks the server to acknowledge what it has handled (XEP-0198).
 const ACK_REQUEST: &str = "<r xmlns='urn:xmpp:sm:3'/>";
-/// Read buffer of sessions that carry traffic, and of idle ones.
-const BUSY_READ_BUFFER: usize = 64 * 1024;
+/// Read buffer of sessions that carry traffic (small: see `scenarios::BUSY_READ_BUFFER`), and
+/// of idle ones.
+const BUSY_READ_BUFFER: usize = crate::scenarios::BUSY_READ_BUFFER;
 const IDLE_READ_BUFFER: usize = 4 * 1024;
 
 /// Runs one workload against ejabberd.
