@@ -138,20 +138,12 @@ impl NatsStore {
         // Several pods starting at once on a fresh cluster make its meta leader busy creating
         // R3 streams: a request may time out or find a stream half made. That is tried again
         // (for a minute); a stream with the wrong configuration is final.
-        let deadline = tokio::time::Instant::now() + options.timeout * 12;
-        let mut wait = Duration::from_millis(100);
+        let mut patience = Patience::for_a_minute(options.timeout);
         let (directory, link_codes, tickets) = loop {
             match setup(&js, options).await {
                 Ok(buckets) => break buckets,
-                Err(e)
-                    if !e.to_string().contains("wrong configuration")
-                        && tokio::time::Instant::now() + wait < deadline =>
-                {
-                    tracing::warn!(error = %e, "setting up the NATS streams; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
+                Err(e) if e.to_string().contains("wrong configuration") => return Err(e),
+                Err(e) => patience.pause("setting up the NATS streams", e).await?,
             }
         };
         let store = NatsStore {
@@ -171,18 +163,39 @@ impl NatsStore {
         // Alive before it takes any traffic: no other pod may take its outboxes over. On a
         // fresh cluster the pod bucket's stream may not be known yet to the server this pod
         // talks to ("no stream found for given subject", seen in CI): tried again, as above.
-        loop {
-            match store.heartbeat().await {
-                Ok(()) => break,
-                Err(e) if tokio::time::Instant::now() + wait < deadline => {
-                    tracing::warn!(error = %e, "the first heartbeat failed; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
-            }
+        while let Err(e) = store.heartbeat().await {
+            patience.pause("the first heartbeat", e).await?;
         }
         Ok(store)
+    }
+}
+
+/// How long start-up keeps trying the steps a fresh cluster may not be ready for: a doubling
+/// pause (up to 2 s) between tries, until one deadline for all of them.
+struct Patience {
+    deadline: tokio::time::Instant,
+    wait: Duration,
+}
+
+impl Patience {
+    /// Twelve request timeouts (a minute with the default).
+    fn for_a_minute(timeout: Duration) -> Self {
+        Patience {
+            deadline: tokio::time::Instant::now() + timeout * 12,
+            wait: Duration::from_millis(100),
+        }
+    }
+
+    /// Waits before `step` is tried again after `error`, or gives the error back if the
+    /// deadline would pass first.
+    async fn pause(&mut self, step: &str, error: StoreError) -> Result<()> {
+        if tokio::time::Instant::now() + self.wait >= self.deadline {
+            return Err(error);
+        }
+        tracing::warn!(error = %error, step, "a start-up step failed; trying again");
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(Duration::from_secs(2));
+        Ok(())
     }
 }
 
