@@ -26,11 +26,11 @@ fn held(region: &Region<'_, std::alloc::System>) -> isize {
 fn histogram_samples_do_not_accumulate_without_a_scrape() {
     let _handle = init_metrics().expect("the first recorder of this process");
     // The first sample starts the exporter's clock; count from after it.
-    metrics::histogram!("sealpost_append_seconds").record(0.001);
+    metrics::histogram!("sealpost_flush_seconds").record(0.001);
     std::thread::sleep(Duration::from_millis(50));
     let region = Region::new(GLOBAL);
     for i in 0..SAMPLES {
-        metrics::histogram!("sealpost_append_seconds").record(0.0005 * (i % 7) as f64);
+        metrics::histogram!("sealpost_flush_seconds").record(0.0005 * (i % 7) as f64);
     }
     let recorded = held(&region);
     let deadline = Instant::now() + 3 * METRICS_UPKEEP_EVERY;
@@ -47,6 +47,6 @@ fn histogram_samples_do_not_accumulate_without_a_scrape() {
         // Traffic goes on, a sample every 10 ms: the exporter frees the blocks it drained
         // through crossbeam's epochs, which move on only as threads record.
         std::thread::sleep(Duration::from_millis(10));
-        metrics::histogram!("sealpost_append_seconds").record(0.001);
+        metrics::histogram!("sealpost_flush_seconds").record(0.001);
     }
 }

@@ -1247,7 +1247,7 @@ impl FederationPeer {
                 .map(move |result, act, _| match result {
                     Ok(()) => {
                         act.durable_next = act.durable_next.max(covered);
-                        metrics::histogram!("sealpost_append_seconds").record(started.elapsed());
+                        crate::telemetry::APPEND_SECONDS.record_duration(started.elapsed());
                         answer(Ok(duplicate));
                         act.pump();
                     }

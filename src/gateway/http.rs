@@ -274,6 +274,7 @@ async fn metrics(state: State) -> HttpResponse {
                 .set(state.socket_budget.used() as f64);
             metrics::gauge!("sealpost_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
             let mut body = handle.render();
+            body.push_str(&crate::telemetry::fixed_histograms());
             body.push_str(&crate::telemetry::process_metrics());
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4")

@@ -416,7 +416,7 @@ impl DeviceSession<'_> {
                 // Alone (nothing else was ready, or it is large: a group message).
                 1 => frames.pop().expect("one frame"),
                 n => {
-                    metrics::histogram!("sealpost_batch_frames").record(n as f64);
+                    crate::telemetry::BATCH_FRAMES.record(n as f64);
                     Bytes::from(ServerFrame::encode_batch(&frames))
                 }
             };

@@ -843,7 +843,7 @@ impl Handler<Submit> for Mailbox {
                             }
                         }
                         act.watch(ctx);
-                        metrics::histogram!("sealpost_append_seconds").record(started.elapsed());
+                        crate::telemetry::APPEND_SECONDS.record_duration(started.elapsed());
                         SendOutcome::Accepted {
                             duplicate: appended.duplicate,
                         }

@@ -13,12 +13,13 @@
 //! from memory: the ids of the sends of the dedup window (the writer's own, and those of the
 //! recent pages it loads when it opens the queues).
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
 };
 
 use super::{
     Inner, SledStore,
+    keyring::HashedMap,
     queues::{QueueOp, QueueWrite},
     recovery,
 };
@@ -114,7 +115,7 @@ impl SledStore {
 
 /// Removes a send from its user's pending sends when dropped.
 struct LeavesPending {
-    pending: Arc<Mutex<HashMap<Hashed, Placement>>>,
+    pending: Arc<Mutex<HashedMap<Placement>>>,
     id: Hashed,
 }
 
@@ -137,7 +138,7 @@ struct SledUserInbox {
     /// Sends written but not yet durable, by the keyed hash of their envelope id, with where
     /// they were stored: a retry waits for durability like the original, and the sweep leaves
     /// them for later.
-    pending: Arc<Mutex<HashMap<Hashed, Placement>>>,
+    pending: Arc<Mutex<HashedMap<Placement>>>,
     /// Sends of the dedup window, answering retries.
     remembered: Remembered,
     /// The user has dedup records of layouts 2-4: a retry not remembered is looked up there.
@@ -169,7 +170,7 @@ struct SledUserInbox {
 /// no placement (a duplicate's is answered while the writer still lists the send).
 #[derive(Default)]
 struct Remembered {
-    sends: HashMap<Hashed, u64>,
+    sends: HashedMap<u64>,
     /// How many were remembered after the last pass that forgot what is past its window.
     kept: usize,
 }
@@ -242,7 +243,7 @@ impl SledUserInbox {
         })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Hashed, Placement>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashedMap<Placement>> {
         // Holds only ids; a panic elsewhere cannot leave it half-updated.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -436,7 +437,7 @@ impl UserInbox for SledUserInbox {
         }
         for (head, copy) in heads.into_iter().zip(&staged) {
             self.heads.insert(copy.device, head);
-            metrics::histogram!("sealpost_queue_depth").record(head.count as f64);
+            crate::telemetry::QUEUE_DEPTH.record(head.count as f64);
         }
         // The page goes after `L` (it must never list a send that `L` does not commit), in
         // a write of its own: the send is committed whatever becomes of it.

@@ -125,6 +125,12 @@ const INDEX_SEAL_CONTEXT: &str = "sealpost 2026-12-06 store expiry index seal v1
 /// A 16-byte keyed hash that stands for a handle, an envelope id or a domain in sled keys.
 pub(crate) type Hashed = [u8; 16];
 
+/// A hash map keyed by [`Hashed`] values. They are keyed BLAKE3 output: uniform, and not
+/// predictable without the keyring's key, so FxHash spreads them as well as SipHash would
+/// (at a fraction of its cost: these maps are looked up on every send), and nobody can pick
+/// ids that collide.
+pub(crate) type HashedMap<V> = std::collections::HashMap<Hashed, V, rustc_hash::FxBuildHasher>;
+
 /// How a drained queue's key is settled.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Drain {
