@@ -547,7 +547,8 @@ pub enum CpuPolicy {
     /// connection's, the mailbox's, the commit thread, sled's I/O pool), and with the default
     /// policy each hand-off could preempt the thread that handed over, one context switch per
     /// message; batched, each thread works through what has queued for it. On one core this
-    /// cut the CPU per delivered envelope by a quarter to a third (README, "2026-12-07 (4)").
+    /// cut the CPU per delivered envelope by a quarter to a third (`loadtest/JOURNAL.md`,
+    /// "2026-12-07 (4)").
     /// Threads still share the CPU fairly, and an idle core runs a woken thread at once.
     Batch,
     /// The kernel's default (`SCHED_OTHER`).

@@ -22,8 +22,9 @@ use crate::{
 /// Small on purpose: tungstenite zeroes the free part of its read buffer before every read
 /// (`FrameCodec::read_in`), including reads that find nothing. At 64 KiB that was a quarter of
 /// the generator's CPU: in W1 against the in-memory store it used 93 % of its core, at the
-/// edge of measuring itself (README, "2026-12-08 (10)"). A frame longer than this still
-/// arrives in one read: tungstenite reserves room for a whole frame once it has its header.
+/// edge of measuring itself (`loadtest/JOURNAL.md`, "2026-12-08 (10)"). A frame longer than
+/// this still arrives in one read: tungstenite reserves room for a whole frame once it has
+/// its header.
 pub(crate) const BUSY_READ_BUFFER: usize = 8 * 1024;
 
 pub(crate) fn check_size(size: usize) -> Result<()> {

@@ -449,7 +449,7 @@ fn inbound_federation_delivery_stores_for_the_devices_that_remain() {
 /// What an idle device connection holds for its whole life is its task's future: boxed per
 /// endpoint, a device session's is not as large as an inbound federation link's, which the
 /// three shared while one future served them all (W3: 12.4 KiB per idle session at 19,500
-/// before, about 6 KiB after; README "2026-12-07 (5)").
+/// before, about 6 KiB after; `loadtest/JOURNAL.md`, "2026-12-07 (5)").
 #[test]
 fn an_idle_device_connection_holds_no_larger_future_than_its_own() {
     run(|| async {

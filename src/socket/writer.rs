@@ -5,7 +5,7 @@
 //! vectored write of its header and payload: nothing is buffered here, so an idle connection
 //! holds no write buffer. (Queueing frames until the driver had nothing else ready, then
 //! writing them together, cut the writes per delivered envelope from 1.8 to 1.4 in W1, but
-//! not the CPU per envelope: see the README's performance notes.)
+//! not the CPU per envelope: see `loadtest/JOURNAL.md`.)
 //!
 //! Behind a write are only the kernel's socket buffers. A peer that stops reading fills them,
 //! and from then on a write waits for as long as the peer likes. A task waiting there sees

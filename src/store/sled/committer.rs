@@ -254,7 +254,7 @@ impl Committer {
 /// it starts. At 1,500 sends a second a flush serves one send, and lingering would only add
 /// to its latency. Under W1's load on one core (about 11,000 sends a second) a 1 ms linger
 /// cut the flushes from about 1,700 to 400 a second and the CPU per delivered envelope by a
-/// sixth (see the README, "2026-12-07 (4)").
+/// sixth (see `loadtest/JOURNAL.md`, "2026-12-07 (4)").
 const LINGER_ABOVE_PER_S: f64 = 4_000.0;
 
 /// How far back [`Rate`] looks: its estimate follows a change of load within a few of these.

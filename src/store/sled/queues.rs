@@ -380,8 +380,9 @@ impl Inner {
     fn write_in_order(&self, write: QueueWrite) -> Result<()> {
         // One insert or remove at a time, in order. sled's batches and transactions take a
         // global write lock that also waits for every running flush, which cut durable
-        // throughput by two thirds here (see the README); single writes do not, and sled's
-        // recovery replays a prefix of its log, so ordered writes survive a crash as a prefix.
+        // throughput by two thirds here (`loadtest/JOURNAL.md`, "Durable appends"); single
+        // writes do not, and sled's recovery replays a prefix of its log, so ordered writes
+        // survive a crash as a prefix.
         for (k, v) in plan(&self.keyring, write) {
             match v {
                 Value::Plain(v) => {
