@@ -195,11 +195,11 @@ impl FixedHistogram {
         let mut total = 0;
         for (i, count) in self.counts[..=self.bounds.len()].iter().enumerate() {
             total += count.load(Ordering::Relaxed);
-            match self.bounds.get(i) {
+            // Writing to a String cannot fail.
+            let _ = match self.bounds.get(i) {
                 Some(bound) => writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {total}"),
                 None => writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}"),
-            }
-            .expect("writing to a String");
+            };
         }
         let sum = self.sum.load(Ordering::Relaxed) as f64 / self.scale;
         let _ = write!(out, "{name}_sum {sum}\n{name}_count {total}\n\n");
